@@ -1,0 +1,624 @@
+"""The batching engine: per-key lanes, a time window, a size trigger, one worker thread.
+
+Every batching face is a thin layer over :class:`BatchEngine`. The engine owns the
+buffers (lanes), decides when a batch is due, takes it, and hands it to the face's
+``deliver(key, items)`` on its one daemon worker thread. Nothing else in the library
+runs a batching loop.
+
+Locking: ``_lock`` guards every field of the engine and of its lanes, with three
+exceptions: producers on the lock-free path call ``lane.append`` and ``len(lane)``
+without it (single C calls, atomic under the GIL) and then call :meth:`kick` when the
+length reaches ``lane.trigger``. The worker re-arms ``trigger`` *before* it looks at a
+lane's length, so an append is either seen by the worker or followed by a kick.
+``deliver``, ``on_drop``, ``on_skip`` and ``on_abandon`` are face (and so user) code:
+they are always called with ``_lock`` released.
+
+Time: every wait is computed from one deadline on ``time.monotonic()``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from typing import Any, Generic, Literal, TypeVar
+
+from threaddispatch import _lifecycle
+from threaddispatch._lanes import INACTIVE, FifoLane, Lane
+from threaddispatch.errors import ConfigurationError, DispatcherClosedError, QueueFullError
+
+__all__ = ["OVERFLOW_POLICIES", "BatchEngine", "Overflow", "check_positive_int"]
+
+T = TypeVar("T")
+
+Overflow = Literal["drop_newest", "drop_oldest", "block", "raise"]
+OVERFLOW_POLICIES: tuple[str, ...] = ("drop_newest", "drop_oldest", "block", "raise")
+
+_UNBOUNDED = 1 << 62
+
+_log = logging.getLogger("threaddispatch")
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """Return ``value`` if it is an int >= 1, else raise ConfigurationError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+Deliver = Callable[[Hashable, list[Any]], "Future[Any] | None"]
+
+
+class BatchEngine(Generic[T]):
+    """Buffers entries per key and delivers them in batches on one daemon thread.
+
+    A lane's window opens when an entry arrives in it while it is empty and closes
+    ``window`` seconds later; the lane's entries then go in batches of at most
+    ``max_batch_size``. A lane holding ``max_batch_size`` entries goes at once.
+    ``deliver(key, items)`` returns None once the batch is settled, or a Future that
+    settles it when done (faces that run sends on a pool). Thread-safe.
+    """
+
+    def __init__(
+        self,
+        deliver: Deliver,
+        *,
+        name: str,
+        window: float,
+        max_batch_size: int,
+        max_queue_size: int | None = None,
+        overflow: Overflow = "drop_newest",
+        on_drop: Callable[[list[T]], None] | None = None,
+        gate: Callable[[Hashable], bool] | None = None,
+        on_skip: Callable[[Hashable, int], None] | None = None,
+        on_abandon: Callable[[Hashable, list[T]], None] | None = None,
+        lane_factory: Callable[[Hashable], Lane[T]] = FifoLane,
+    ) -> None:
+        if overflow not in OVERFLOW_POLICIES:
+            raise ConfigurationError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}; got {overflow!r}")
+        self.name = name
+        self.window = window
+        self.max_batch_size = max_batch_size
+        self.max_queue_size = max_queue_size
+        self.overflow = overflow
+        self._deliver = deliver
+        self._on_drop = on_drop
+        self._gate = gate
+        self._on_skip = on_skip
+        self._on_abandon = on_abandon
+        self._lane_factory = lane_factory
+        # Above this length a producer on the lock-free path must kick: the overflow check.
+        self._cap_trigger = _UNBOUNDED if max_queue_size is None else max_queue_size + 1
+        self._init_state()
+        _lifecycle.register(self)
+
+    def _init_state(self, default_lane: Lane[T] | None = None) -> None:
+        # _lock guards all state below (see the module docstring for the lock-free exception).
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)  # the worker waits here
+        self._space = threading.Condition(self._lock)  # producers blocked by overflow="block"
+        self._settled = threading.Condition(self._lock)  # flush() and close() wait here
+        self._lanes: dict[Hashable, Lane[T]] = {}
+        if default_lane is None:
+            self.default_lane: Lane[T] = self._new_lane(None)
+        else:
+            # After fork: the same object (faces cache it), emptied and re-armed.
+            self.default_lane = default_lane
+            while len(default_lane):
+                default_lane.take(len(default_lane))
+            default_lane.trigger = INACTIVE
+            default_lane.deadline = None
+            default_lane.due = False
+            self._lanes[None] = default_lane
+        # Lanes with an open window, in the order their windows close (all windows are equally long).
+        self._open: dict[Lane[T], None] = {}
+        self._due: dict[Lane[T], None] = {}  # lanes to send now, in the order they became due
+        self._scheduled: list[tuple[float, int, Hashable, T]] = []  # heap of put_later entries
+        self._serial = itertools.count()
+        self._batch_seq = 0
+        self._unsettled: set[int] = set()
+        self._flush_requested = 0
+        self._flush_taken = 0
+        self._flush_target_seq = 0
+        self._flush_quota: dict[Lane[T], int] = {}
+        self._space_waiters = 0
+        self._settle_waiters = 0
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._worker_waiting = False
+        self.batches = 0
+        self.taken = 0
+        self.dropped = 0
+        self.skipped = 0
+
+    # -- producers ---------------------------------------------------------------------------
+
+    def _new_lane(self, key: Hashable) -> Lane[T]:
+        lane = self._lane_factory(key)
+        self._lanes[key] = lane
+        return lane
+
+    def kick(self, lane: Lane[T]) -> None:
+        """Called by a lock-free producer whose append took ``lane`` to its trigger."""
+        dropped: list[T] | None = None
+        with self._lock:
+            if self.max_queue_size is not None and len(lane) > self.max_queue_size:
+                dropped = self._trim(lane)
+            self._arm(lane)
+        if dropped:
+            self._report_dropped(dropped)
+
+    def put(self, item: T, key: Hashable = None, *, timeout: float | None = None) -> bool:
+        """Add ``item`` to the lane of ``key`` under the lock; returns False if it was dropped.
+
+        Blocks only with ``overflow="block"`` while the lane is full, up to ``timeout``
+        seconds (None: until there is room), then raises QueueFullError. Raises
+        DispatcherClosedError once the engine is closing.
+        """
+        dropped: list[T] | None = None
+        accepted = True
+        with self._lock:
+            if self._closing:
+                raise DispatcherClosedError(f"{self.name} is closed; {item!r} was not accepted")
+            lane = self._lanes.get(key)
+            if lane is None:
+                lane = self._new_lane(key)
+            limit = self.max_queue_size
+            if limit is not None and len(lane) >= limit:
+                if self.overflow == "raise":
+                    raise QueueFullError(f"{self.name}: queue is full ({limit} entries); {item!r} was not accepted")
+                if self.overflow == "block":
+                    self._wait_for_space(lane, limit, timeout, item)
+                elif self.overflow == "drop_oldest":
+                    dropped = [lane.drop_oldest()]
+                    self.dropped += 1
+                else:
+                    dropped = [item]
+                    self.dropped += 1
+                    accepted = False
+            if accepted:
+                lane.append(item)
+                self._arm(lane)
+        if dropped:
+            self._report_dropped(dropped)
+        return accepted
+
+    def _wait_for_space(self, lane: Lane[T], limit: int, timeout: float | None, item: T) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._space_waiters += 1
+        try:
+            while len(lane) >= limit and not self._closing:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise QueueFullError(
+                        f"{self.name}: queue stayed full ({limit} entries) for {timeout}s; {item!r} was not accepted"
+                    )
+                self._space.wait(remaining)
+        finally:
+            self._space_waiters -= 1
+        if self._closing:
+            raise DispatcherClosedError(f"{self.name} closed while {item!r} waited for room")
+
+    def put_later(self, item: T, key: Hashable, delay: float) -> None:
+        """Add ``item`` to the lane of ``key`` after ``delay`` seconds (used for retries)."""
+        with self._lock:
+            if self._closing:
+                raise DispatcherClosedError(f"{self.name} is closed")
+            heapq.heappush(self._scheduled, (time.monotonic() + delay, next(self._serial), key, item))
+            self._ensure_worker()
+            self._wakeup.notify()
+
+    def _trim(self, lane: Lane[T]) -> list[T]:
+        """Apply a drop policy to a lane over its limit; caller holds _lock."""
+        assert self.max_queue_size is not None
+        excess = len(lane) - self.max_queue_size
+        drop = lane.drop_oldest if self.overflow == "drop_oldest" else lane.drop_newest
+        dropped = [drop() for _ in range(excess)]
+        self.dropped += excess
+        if self._space_waiters:
+            self._space.notify_all()
+        return dropped
+
+    def _report_dropped(self, items: list[T]) -> None:
+        if self._on_drop is not None:
+            try:
+                self._on_drop(items)
+            except Exception:  # noqa: BLE001 - a broken drop hook must not fail the producer
+                _log.exception("%s: on_drop hook raised", self.name)
+
+    def _arm(self, lane: Lane[T]) -> None:
+        """Open a window for a lane that has entries, or make it due when full; caller holds _lock."""
+        count = len(lane)
+        if not count:
+            return
+        if lane.deadline is None and not lane.due:
+            lane.deadline = time.monotonic() + self.window
+            lane.trigger = self.max_batch_size
+            self._open[lane] = None
+            self._notify_worker()
+        if count >= self.max_batch_size and not lane.due:
+            self._make_due(lane)
+            self._notify_worker()
+
+    def _make_due(self, lane: Lane[T]) -> None:
+        lane.due = True
+        lane.trigger = self._cap_trigger
+        self._open.pop(lane, None)
+        self._due[lane] = None
+
+    def _notify_worker(self) -> None:
+        if self._thread is None:
+            self._ensure_worker()
+        elif self._worker_waiting:
+            self._wakeup.notify()
+
+    def _ensure_worker(self) -> None:
+        """Start the worker if it is not running; caller holds _lock. No thread starts during exit."""
+        if self._thread is not None or _lifecycle.exiting():
+            return
+        thread = threading.Thread(target=self._run, name=f"threaddispatch-{self.name}", daemon=True)
+        self._thread = thread
+        thread.start()
+
+    # -- the worker --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        """The one batching loop: wait for a due lane, take batches, deliver them, repeat."""
+        try:
+            while True:
+                with self._lock:
+                    work = self._next_work()
+                    if work is None:
+                        return
+                batches, skipped = work
+                for key, count in skipped:
+                    if self._on_skip is not None:
+                        try:
+                            self._on_skip(key, count)
+                        except Exception:  # noqa: BLE001 - face hook errors are logged, the loop lives
+                            _log.exception("%s: on_skip hook raised", self.name)
+                for key, seq, items in batches:
+                    self._deliver_one(key, seq, items)
+        finally:
+            with self._lock:
+                if self._thread is threading.current_thread():
+                    self._thread = None
+                self._settled.notify_all()
+
+    def _deliver_one(self, key: Hashable, seq: int, items: list[T]) -> None:
+        try:
+            pending = self._deliver(key, items)
+        except Exception:  # noqa: BLE001 - faces report their own errors; this is the last guard
+            _log.exception("%s: delivering a batch of %d entries raised", self.name, len(items))
+            pending = None
+        if pending is None:
+            self._settle(seq)
+        else:
+            pending.add_done_callback(lambda _f, seq=seq: self._settle(seq))
+
+    def _settle(self, seq: int) -> None:
+        with self._lock:
+            self._unsettled.discard(seq)
+            if self._settle_waiters:
+                self._settled.notify_all()
+
+    def _next_work(
+        self,
+    ) -> tuple[list[tuple[Hashable, int, list[T]]], list[tuple[Hashable, int]]] | None:
+        """Wait until a lane is due and take its batch; None when closed and empty. Holds _lock."""
+        while True:
+            now = time.monotonic()
+            self._release_scheduled(now)
+            if self._flush_requested > self._flush_taken:
+                self._start_flush()
+            while self._open:
+                lane = next(iter(self._open))
+                if lane.deadline is not None and lane.deadline > now and not self._closing:
+                    break
+                self._make_due(lane)
+            if self._due:
+                return self._take_due(now)
+            if self._closing and not self._scheduled:
+                return None
+            timeout = None
+            if self._open:
+                first = next(iter(self._open))
+                assert first.deadline is not None
+                timeout = first.deadline - now
+            if self._scheduled:
+                until = self._scheduled[0][0] - now
+                timeout = until if timeout is None else min(timeout, until)
+            self._worker_waiting = True
+            try:
+                self._wakeup.wait(timeout)
+            finally:
+                self._worker_waiting = False
+
+    def _release_scheduled(self, now: float) -> None:
+        scheduled = self._scheduled
+        while scheduled and (scheduled[0][0] <= now or self._closing):
+            _when, _serial, key, item = heapq.heappop(scheduled)
+            lane = self._lanes.get(key)
+            if lane is None:
+                lane = self._new_lane(key)
+            lane.append(item)
+            self._arm(lane)
+
+    def _start_flush(self) -> None:
+        # Everything in a lane now was enqueued before the flush; send that many from each lane.
+        for lane in list(self._lanes.values()):
+            count = len(lane)
+            if count:
+                self._flush_quota[lane] = count
+                self._arm(lane)
+                if not lane.due:
+                    self._make_due(lane)
+        self._flush_taken = self._flush_requested
+        if not self._flush_quota:
+            self._flush_target_seq = self._batch_seq
+            if self._settle_waiters:
+                self._settled.notify_all()
+
+    def _take_due(
+        self, now: float
+    ) -> tuple[list[tuple[Hashable, int, list[T]]], list[tuple[Hashable, int]]]:
+        batches: list[tuple[Hashable, int, list[T]]] = []
+        skipped: list[tuple[Hashable, int]] = []
+        due = list(self._due)
+        self._due.clear()
+        for lane in due:
+            lane.due = False
+            if not len(lane):
+                self._rearm(lane, now)
+                continue
+            if self._gate is not None and not self._closing and not self._gate(lane.key):
+                skipped.append((lane.key, len(lane)))
+                self.skipped += 1
+                # Held back: try again when its next window closes.
+                lane.deadline = now + self.window
+                self._open[lane] = None
+                continue
+            items = lane.take(self.max_batch_size)
+            self._batch_seq += 1
+            self._unsettled.add(self._batch_seq)
+            self.batches += 1
+            self.taken += len(items)
+            batches.append((lane.key, self._batch_seq, items))
+            quota = self._flush_quota.get(lane)
+            if quota is not None:
+                if quota <= len(items):
+                    del self._flush_quota[lane]
+                else:
+                    self._flush_quota[lane] = quota - len(items)
+            self._rearm(lane, now)
+        if self._flush_taken and not self._flush_quota and self._flush_target_seq < self._batch_seq:
+            self._flush_target_seq = self._batch_seq
+            if self._settle_waiters:
+                self._settled.notify_all()
+        if self._space_waiters:
+            self._space.notify_all()
+        return batches, skipped
+
+    def _rearm(self, lane: Lane[T], now: float) -> None:
+        """After a take: close the lane's window if it is empty, or open the next one. Holds _lock."""
+        # Order matters: trigger first, then the length, so a concurrent append is never missed.
+        lane.trigger = INACTIVE
+        count = len(lane)
+        if not count:
+            lane.deadline = None
+            self._open.pop(lane, None)
+            if lane is not self.default_lane and lane.key in self._lanes:
+                del self._lanes[lane.key]
+            return
+        lane.trigger = self.max_batch_size
+        if count >= self.max_batch_size or self._closing or lane in self._flush_quota:
+            self._make_due(lane)
+        else:
+            # The next window starts now: at most one partial batch per window.
+            lane.deadline = now + self.window
+            self._open.pop(lane, None)
+            self._open[lane] = None
+
+    # -- flush, close, exit, fork ------------------------------------------------------------
+
+    def pending(self) -> int:
+        """Entries waiting in lanes or scheduled, not yet taken by the worker."""
+        with self._lock:
+            return sum(len(lane) for lane in self._lanes.values()) + len(self._scheduled)
+
+    def in_flight(self) -> int:
+        """Batches taken and not yet settled."""
+        with self._lock:
+            return len(self._unsettled)
+
+    def lane_length(self, key: Hashable) -> int:
+        """How many entries wait in the lane of ``key``."""
+        with self._lock:
+            lane = self._lanes.get(key)
+            return 0 if lane is None else len(lane)
+
+    def keys_with_entries(self) -> list[Hashable]:
+        """Keys whose lanes hold entries now."""
+        with self._lock:
+            return [key for key, lane in self._lanes.items() if len(lane)]
+
+    def take_now(self, key: Hashable, count: int) -> tuple[int, list[T]]:
+        """Take up to ``count`` entries of ``key``'s lane for the caller to send; settle with :meth:`settle`."""
+        with self._lock:
+            lane = self._lanes.get(key)
+            if lane is None or not len(lane):
+                return 0, []
+            items = lane.take(count)
+            self._batch_seq += 1
+            self._unsettled.add(self._batch_seq)
+            self.batches += 1
+            self.taken += len(items)
+            if lane.due:
+                self._due.pop(lane, None)
+                lane.due = False
+            self._rearm(lane, time.monotonic())
+            return self._batch_seq, items
+
+    def settle(self, seq: int) -> None:
+        """Mark a batch taken by :meth:`take_now` as done."""
+        self._settle(seq)
+
+    def on_worker_thread(self) -> bool:
+        """Whether the caller is the engine's worker thread."""
+        return threading.current_thread() is self._thread
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Send every entry enqueued before this call and wait until those batches settle.
+
+        Blocks up to ``timeout`` seconds (None: no limit); returns whether all were settled.
+        Called from the worker thread itself (inside ``deliver``) it cannot wait and returns False.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self.on_worker_thread():
+            return False
+        with self._lock:
+            if self._thread is None and not self._unsettled and not self._has_entries():
+                return True
+            self._flush_requested += 1
+            generation = self._flush_requested
+            if self._thread is None and _lifecycle.exiting():
+                inline = True
+            else:
+                inline = False
+                self._ensure_worker()
+                self._wakeup.notify()
+        if inline:
+            return self._drain_inline(deadline)
+        with self._lock:
+            self._settle_waiters += 1
+            try:
+                while self._flush_taken < generation or self._flush_quota:
+                    if not self._wait_settled(deadline):
+                        return False
+                target = self._flush_target_seq
+                while any(seq <= target for seq in self._unsettled):
+                    if not self._wait_settled(deadline):
+                        return False
+                return True
+            finally:
+                self._settle_waiters -= 1
+
+    def _wait_settled(self, deadline: float | None) -> bool:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return False
+        self._settled.wait(remaining)
+        return True
+
+    @property
+    def closing(self) -> bool:
+        """Whether :meth:`close` (or the exit drain) has begun."""
+        return self._closing
+
+    def begin_close(self) -> None:
+        """Stop intake and wake the worker to drain everything; returns at once."""
+        abandoned: list[tuple[Hashable, list[T]]] = []
+        with self._lock:
+            if not self._closing:
+                self._closing = True
+                if self._on_abandon is not None:
+                    by_key: dict[Hashable, list[T]] = {}
+                    for _when, _serial, key, item in sorted(self._scheduled):
+                        by_key.setdefault(key, []).append(item)
+                    abandoned = list(by_key.items())
+                    self._scheduled.clear()
+                for lane in self._lanes.values():
+                    if len(lane) and not lane.due:
+                        self._make_due(lane)
+                self._space.notify_all()
+                if self._due or self._scheduled:
+                    self._ensure_worker()
+                self._wakeup.notify()
+        for key, items in abandoned:
+            try:
+                assert self._on_abandon is not None
+                self._on_abandon(key, items)
+            except Exception:  # noqa: BLE001 - the drain goes on whatever the hook does
+                _log.exception("%s: on_abandon hook raised", self.name)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop intake, deliver everything pending, and stop the worker; idempotent.
+
+        Blocks up to ``timeout`` seconds (None: no limit); returns whether everything was
+        delivered and settled in time. A hung ``deliver`` does not stretch the wait.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.begin_close()
+        with self._lock:
+            thread = self._thread
+        if thread is None and _lifecycle.exiting():
+            return self._drain_inline(deadline)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            self._settle_waiters += 1
+            try:
+                while self._unsettled:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        break
+                    self._settled.wait(remaining)
+                return not self._unsettled and self._thread is None and not self._has_entries()
+            finally:
+                self._settle_waiters -= 1
+
+    def _has_entries(self) -> bool:
+        return any(len(lane) for lane in self._lanes.values()) or bool(self._scheduled)
+
+    def _drain_inline(self, deadline: float | None) -> bool:
+        """Run the batching loop on this thread (exit drain with no worker: no new thread)."""
+        with self._lock:
+            if self._thread is not None:
+                return False
+            self._thread = threading.current_thread()
+            self._closing = True
+            for lane in self._lanes.values():
+                if len(lane) and not lane.due:
+                    self._make_due(lane)
+        try:
+            while True:
+                with self._lock:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        break
+                    if not self._due:
+                        self._release_scheduled(time.monotonic())
+                    if not self._due:
+                        break
+                    batches, _skipped = self._take_due(time.monotonic())
+                for key, seq, items in batches:
+                    self._deliver_one(key, seq, items)
+        finally:
+            with self._lock:
+                self._thread = None
+        with self._lock:
+            return not self._has_entries() and not self._unsettled
+
+    def drain_at_exit(self, deadline: float) -> tuple[int, int]:
+        """Close against the global exit deadline; returns (entries delivered, entries lost)."""
+        taken_before = self.taken
+        self.close(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            lost = sum(len(lane) for lane in self._lanes.values()) + len(self._scheduled)
+        return self.taken - taken_before, lost
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: forget the parent's entries (the parent delivers them) and worker."""
+        closing = self._closing
+        self._init_state(self.default_lane)
+        self._closing = closing
+
+    # The lifecycle registry calls these two.
+    def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
+        return self.drain_at_exit(deadline)
+
+    def _reset_after_fork(self) -> None:
+        self.reset_after_fork()

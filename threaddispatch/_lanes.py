@@ -1,0 +1,137 @@
+"""Lanes: the per-key buffers of the batching engine.
+
+A lane holds the entries waiting for one key and the trigger the lock-free
+``enqueue`` compares its length with. The engine's lock guards every field except
+``append`` and ``len`` on a FIFO lane, which producers call without it (both are
+single C calls, atomic under the GIL).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable, Hashable
+from typing import Any, Generic, Protocol, TypeVar
+
+from threaddispatch.errors import DispatcherClosedError
+
+__all__ = ["ClosedLane", "FifoLane", "Lane", "PriorityLane"]
+
+T = TypeVar("T")
+
+INACTIVE = 1  # trigger of a lane with no open window: the first append opens one
+
+
+class Lane(Protocol[T]):
+    """What the engine needs of a per-key buffer."""
+
+    key: Hashable
+    trigger: int
+    deadline: float | None
+    due: bool
+
+    def append(self, item: T, /) -> None: ...
+    def __len__(self) -> int: ...
+    def take(self, count: int) -> list[T]: ...
+    def drop_newest(self) -> T: ...
+    def drop_oldest(self) -> T: ...
+
+
+class FifoLane(deque[Any]):
+    """First in, first out. ``append`` and ``len`` are safe without the engine lock."""
+
+    __slots__ = ("deadline", "due", "key", "trigger")
+
+    def __init__(self, key: Hashable = None) -> None:
+        super().__init__()
+        self.key = key
+        self.trigger = INACTIVE
+        self.deadline: float | None = None  # when the open window closes; None: no window
+        self.due = False  # send without waiting for the window (size trigger, flush, close)
+
+    def take(self, count: int) -> list[Any]:
+        # popleft through iter() runs at C speed; only the engine worker removes entries,
+        # so the lane holds at least ``count`` here.
+        count = min(count, len(self))
+        return list(itertools.islice(iter(self.popleft, _NEVER), count))
+
+    def drop_newest(self) -> Any:
+        return self.pop()
+
+    def drop_oldest(self) -> Any:
+        return self.popleft()
+
+    def __hash__(self) -> int:  # lanes are identities, used as dict keys by the engine
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+_NEVER = object()
+
+
+class PriorityLane(Generic[T]):
+    """Highest priority first, first in first out within a priority. Needs the engine lock throughout."""
+
+    __slots__ = ("_heap", "_priority_of", "_serial", "deadline", "due", "key", "trigger")
+
+    def __init__(self, key: Hashable, priority_of: Callable[[T], int]) -> None:
+        self.key = key
+        self.trigger = INACTIVE
+        self.deadline: float | None = None
+        self.due = False
+        self._priority_of = priority_of
+        self._heap: list[tuple[int, int, T]] = []
+        self._serial = itertools.count()
+
+    def append(self, item: T, /) -> None:
+        heapq.heappush(self._heap, (-self._priority_of(item), next(self._serial), item))
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def __bool__(self) -> bool:
+        return bool(self._heap)
+
+    def take(self, count: int) -> list[T]:
+        heap = self._heap
+        return [heapq.heappop(heap)[2] for _ in range(min(count, len(heap)))]
+
+    def drop_newest(self) -> T:
+        # The newest of the lowest priority: what would be sent last.
+        index = max(range(len(self._heap)), key=lambda i: (self._heap[i][0], self._heap[i][1]))
+        item = self._heap[index][2]
+        self._heap[index] = self._heap[-1]
+        self._heap.pop()
+        heapq.heapify(self._heap)
+        return item
+
+    def drop_oldest(self) -> T:
+        return heapq.heappop(self._heap)[2]
+
+    def items(self) -> list[T]:
+        """The waiting items in send order (a copy)."""
+        return [entry[2] for entry in sorted(self._heap)]
+
+
+class ClosedLane:
+    """Stands in for a lane after close: every ``append`` raises."""
+
+    __slots__ = ("name",)
+    trigger = 0
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def append(self, item: object, /) -> None:
+        raise DispatcherClosedError(f"{self.name} is closed; entry {_short(item)} was not accepted")
+
+    def __len__(self) -> int:
+        return 0
+
+
+def _short(item: object) -> str:
+    text = repr(item)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,177 @@
+"""The one worker pool used by faces that run user work concurrently.
+
+Not ``concurrent.futures.ThreadPoolExecutor``: once interpreter shutdown begins, an
+executor refuses new work before ``atexit`` hooks run, which would break the exit
+drain. This pool keeps accepting work during the drain (its threads already exist)
+and, if it has no thread at all then, runs the work on the caller instead of
+starting one. Threads start lazily, are daemons named ``threaddispatch-<name>-<n>``,
+and leave after ``idle_timeout`` seconds without work.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from threaddispatch import _lifecycle
+from threaddispatch.errors import ConfigurationError, DispatcherClosedError
+
+__all__ = ["WorkerPool"]
+
+R = TypeVar("R")
+
+_log = logging.getLogger("threaddispatch.pool")
+
+
+class _PoolState:
+    """Everything the worker threads touch; they hold this, never the pool, so the pool can be collected."""
+
+    def __init__(self, name: str, max_workers: int, idle_timeout: float) -> None:
+        self.name = name
+        self.max_workers = max_workers
+        self.idle_timeout = idle_timeout
+        # mutex guards every field below; work_ready and all_idle are conditions on it.
+        self.mutex = threading.Lock()
+        self.work_ready = threading.Condition(self.mutex)
+        self.all_idle = threading.Condition(self.mutex)
+        self.tasks: deque[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = deque()
+        self.threads: set[threading.Thread] = set()
+        self.idle = 0
+        self.running = 0
+        self.shutdown = False
+        self.serial = 0
+
+    def worker(self) -> None:
+        while True:
+            with self.mutex:
+                self.idle += 1
+                deadline = time.monotonic() + self.idle_timeout
+                while not self.tasks and not self.shutdown:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or not self.work_ready.wait(remaining):
+                        if not self.tasks:
+                            break
+                self.idle -= 1
+                if not self.tasks:
+                    self.threads.discard(threading.current_thread())
+                    self.all_idle.notify_all()
+                    return
+                future, fn, args = self.tasks.popleft()
+                self.running += 1
+            run_task(future, fn, args)
+            with self.mutex:
+                self.running -= 1
+                if not self.running and not self.tasks:
+                    self.all_idle.notify_all()
+
+
+def run_task(future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    """Run ``fn(*args)`` into ``future`` unless it was cancelled; never raises."""
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        result = fn(*args)
+    except BaseException as error:  # noqa: BLE001 - delivered to the future's owner
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class WorkerPool:
+    """Runs callables on up to ``max_workers`` daemon threads; ``submit`` never blocks.
+
+    Thread-safe. Work queues without limit: callers bound it themselves (faces count
+    what they have in flight).
+    """
+
+    def __init__(self, max_workers: int, *, name: str, idle_timeout: float = 30.0) -> None:
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+            raise ConfigurationError(f"max_workers must be an int >= 1, got {max_workers!r}")
+        self._state = _PoolState(name, max_workers, idle_timeout)
+        _lifecycle.register(self)
+
+    @property
+    def max_workers(self) -> int:
+        return self._state.max_workers
+
+    def submit(self, fn: Callable[..., R], /, *args: Any) -> Future[R]:
+        """Schedule ``fn(*args)``; the Future carries its result or exception.
+
+        Raises DispatcherClosedError after :meth:`shutdown`.
+        """
+        future: Future[R] = Future()
+        state = self._state
+        with state.mutex:
+            if state.shutdown:
+                raise DispatcherClosedError(f"worker pool {state.name!r} is shut down")
+            state.tasks.append((future, fn, args))
+            if state.idle > len(state.tasks) - 1:
+                state.work_ready.notify()
+                return future
+            if len(state.threads) < state.max_workers and not _lifecycle.exiting():
+                state.serial += 1
+                thread = threading.Thread(
+                    target=state.worker, name=f"threaddispatch-{state.name}-{state.serial}", daemon=True
+                )
+                state.threads.add(thread)
+                thread.start()
+                return future
+            run_inline = not state.threads
+            if run_inline:
+                state.tasks.pop()
+        if run_inline:
+            # Exit drain with no thread left: do the work here rather than start a thread.
+            run_task(future, fn, args)
+        return future
+
+    def busy(self) -> int:
+        """How many tasks are running or queued now."""
+        with self._state.mutex:
+            return self._state.running + len(self._state.tasks)
+
+    def wait_idle(self, deadline: float) -> bool:
+        """Block until nothing runs or waits, or until ``deadline`` (monotonic); returns whether idle."""
+        state = self._state
+        with state.mutex:
+            while state.running or state.tasks:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                state.all_idle.wait(remaining)
+            return True
+
+    def shutdown(self, timeout: float | None = None, *, cancel_pending: bool = False) -> bool:
+        """Refuse new work, let queued work finish and threads leave; idempotent.
+
+        Blocks up to ``timeout`` seconds (None: until done). Returns whether every
+        thread left in time. With ``cancel_pending``, queued work is cancelled instead.
+        """
+        state = self._state
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with state.mutex:
+            state.shutdown = True
+            if cancel_pending:
+                while state.tasks:
+                    state.tasks.popleft()[0].cancel()
+            state.work_ready.notify_all()
+            threads = list(state.threads)
+        _lifecycle.unregister(self)
+        for thread in threads:
+            if thread is threading.current_thread():
+                continue
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            thread.join(remaining)
+        return not any(thread.is_alive() for thread in threads if thread is not threading.current_thread())
+
+    def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
+        return (0, 0) if self.wait_idle(deadline) else (0, self.busy())
+
+    def _reset_after_fork(self) -> None:
+        old = self._state
+        self._state = _PoolState(old.name, old.max_workers, old.idle_timeout)
+        self._state.shutdown = old.shutdown

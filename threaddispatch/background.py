@@ -1,0 +1,285 @@
+"""BackgroundDispatcher: entries batched over a time window and handed to one function.
+
+The face of Zuplo's BackgroundDispatcher on the shared :class:`~threaddispatch._engine.BatchEngine`.
+``enqueue`` is lock-free: an append and a length check, with the engine's lock taken
+only when a window opens, a batch fills, or the buffer overflows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import weakref
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+from threaddispatch._engine import OVERFLOW_POLICIES, BatchEngine, Overflow, check_positive_int
+from threaddispatch._lanes import ClosedLane, Lane
+from threaddispatch.backoff import RetryPolicy
+from threaddispatch.errors import ConfigurationError, QueueFullError
+
+__all__ = ["BackgroundDispatcher", "FailedBatch"]
+
+T = TypeVar("T")
+
+_log = logging.getLogger("threaddispatch")
+_names = iter(range(1, 1 << 62))
+
+
+@dataclass(frozen=True)
+class FailedBatch(Generic[T]):
+    """A batch whose send failed for good: its entries, the last error, and how many attempts were made."""
+
+    entries: list[T]
+    error: BaseException
+    attempts: int = 1
+
+
+class _Submitted:
+    """An entry offered with :meth:`BackgroundDispatcher.submit`, carried with its Future."""
+
+    __slots__ = ("entry", "future")
+
+    def __init__(self, entry: object, future: Future[None]) -> None:
+        self.entry = entry
+        self.future = future
+
+
+class _Sender(Generic[T]):
+    """Calls ``send_batch`` for the engine: retries, error reporting, futures, counters.
+
+    Holds no reference to the dispatcher, so an unreferenced dispatcher can be collected
+    while its worker still drains. Counters are written by the worker thread only.
+    """
+
+    def __init__(
+        self,
+        send_batch: Callable[[list[T]], object],
+        on_error: Callable[[FailedBatch[T]], object] | None,
+        retry: RetryPolicy | None,
+        name: str,
+    ) -> None:
+        self.send_batch = send_batch
+        self.on_error = on_error
+        self.retry = retry
+        self.name = name
+        self.closing = threading.Event()  # set by close(): cut backoff waits short
+        self.has_submitted = False
+        self.sent = 0
+        self.failed = 0
+        self.failed_batches = 0
+        self.retries = 0
+        self.calls = 0
+
+    def deliver(self, _key: Hashable, items: list[Any]) -> None:
+        futures: list[Future[None]] = []
+        entries: list[T] = items
+        if self.has_submitted:
+            entries = []
+            for item in items:
+                if type(item) is _Submitted:
+                    entries.append(item.entry)  # type: ignore[arg-type]
+                    futures.append(item.future)
+                else:
+                    entries.append(item)
+        attempts = 0
+        while True:
+            attempts += 1
+            self.calls += 1
+            try:
+                self.send_batch(entries)
+            except Exception as error:  # noqa: BLE001 - reported through on_error / the log
+                if self.retry is not None and self.retry.should_retry(attempts, error):
+                    self.retries += 1
+                    # close() cuts the wait short: the next attempt goes at once.
+                    self.closing.wait(self.retry.delay(attempts))
+                    continue
+                self._report(entries, error, attempts, futures)
+                return
+            self.sent += len(entries)
+            for future in futures:
+                if future.set_running_or_notify_cancel():
+                    future.set_result(None)
+            return
+
+    def _report(self, entries: list[T], error: BaseException, attempts: int, futures: list[Future[None]]) -> None:
+        self.failed += len(entries)
+        self.failed_batches += 1
+        for future in futures:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
+        if self.on_error is None:
+            _log.error(
+                "%s: send_batch failed for %d entries after %d attempt(s); they are lost",
+                self.name,
+                len(entries),
+                attempts,
+                exc_info=error,
+            )
+            return
+        try:
+            self.on_error(FailedBatch(entries, error, attempts))
+        except Exception:  # noqa: BLE001 - the worker must live whatever on_error does
+            _log.exception("%s: on_error raised while reporting %d failed entries", self.name, len(entries))
+
+    def on_drop(self, items: list[Any]) -> None:
+        for item in items:
+            if type(item) is _Submitted and item.future.set_running_or_notify_cancel():
+                item.future.set_exception(QueueFullError(f"{self.name}: entry dropped, the queue was full"))
+
+
+class BackgroundDispatcher(Generic[T]):
+    """Batches entries and calls ``send_batch(entries)`` at most once per ``ms_delay`` window.
+
+    ``send_batch`` runs on the dispatcher's daemon thread ``threaddispatch-<name>``,
+    never with an empty list and never with more than ``max_batch_size`` entries;
+    entries keep their order. All methods are thread-safe.
+    """
+
+    def __init__(
+        self,
+        send_batch: Callable[[list[T]], object],
+        ms_delay: float = 100,
+        *,
+        max_batch_size: int = 1000,
+        max_queue_size: int = 10_000,
+        overflow: Overflow = "drop_newest",
+        on_error: Callable[[FailedBatch[T]], object] | None = None,
+        retry: RetryPolicy | None = None,
+        name: str | None = None,
+    ) -> None:
+        if not callable(send_batch):
+            raise ConfigurationError(f"send_batch must be callable, got {send_batch!r}")
+        if isinstance(ms_delay, bool) or not isinstance(ms_delay, (int, float)) or not (
+            math.isfinite(ms_delay) and ms_delay > 0
+        ):
+            raise ConfigurationError(f"ms_delay must be a finite number > 0, got {ms_delay!r}")
+        check_positive_int("max_batch_size", max_batch_size)
+        check_positive_int("max_queue_size", max_queue_size)
+        if max_queue_size < max_batch_size:
+            raise ConfigurationError(
+                f"max_queue_size ({max_queue_size!r}) must be >= max_batch_size ({max_batch_size!r})"
+            )
+        if overflow not in OVERFLOW_POLICIES:
+            raise ConfigurationError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}; got {overflow!r}")
+        if on_error is not None and not callable(on_error):
+            raise ConfigurationError(f"on_error must be callable, got {on_error!r}")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
+        if name is None:
+            name = f"background-{next(_names)}"
+        self.name = name
+        self.ms_delay = ms_delay
+        self._sender: _Sender[T] = _Sender(send_batch, on_error, retry, name)
+        self._engine: BatchEngine[Any] = BatchEngine(
+            self._sender.deliver,
+            name=name,
+            window=ms_delay / 1000.0,
+            max_batch_size=max_batch_size,
+            max_queue_size=max_queue_size,
+            overflow=overflow,
+            on_drop=self._sender.on_drop,
+        )
+        self._lane: Lane[Any] | ClosedLane = self._engine.default_lane
+        self._close_lock = threading.Lock()
+        if overflow in ("block", "raise"):
+            # These policies must decide before the entry is in the buffer: the locked path.
+            self.enqueue = self._enqueue_locked  # type: ignore[method-assign]
+        # An unreferenced dispatcher drains in the background and its worker then leaves.
+        weakref.finalize(self, self._engine.begin_close)
+
+    def enqueue(self, entry: T, timeout: float | None = None) -> None:
+        """Add ``entry`` to the next batch. O(1), never calls ``send_batch`` on this thread.
+
+        Never blocks with the drop policies; with ``overflow="block"`` waits up to
+        ``timeout`` seconds for room, then raises QueueFullError; with ``"raise"``
+        raises QueueFullError at once when full. Raises DispatcherClosedError after close.
+        """
+        lane = self._lane
+        lane.append(entry)
+        if len(lane) >= lane.trigger:
+            self._engine.kick(lane)  # type: ignore[arg-type]
+
+    def _enqueue_locked(self, entry: T, timeout: float | None = None) -> None:
+        if isinstance(self._lane, ClosedLane):
+            self._lane.append(entry)
+        self._engine.put(entry, None, timeout=timeout)
+
+    def submit(self, entry: T, timeout: float | None = None) -> Future[None]:
+        """Like :meth:`enqueue`, and return a Future resolved when the batch holding ``entry`` was sent.
+
+        The Future's exception is the send error, or QueueFullError if the entry was dropped.
+        """
+        future: Future[None] = Future()
+        self._sender.has_submitted = True
+        self.enqueue(_Submitted(entry, future), timeout)  # type: ignore[arg-type]
+        return future
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Send everything enqueued before this call and wait for it and for sends in progress.
+
+        Blocks up to ``timeout`` seconds (None: no limit), even if ``send_batch`` hangs.
+        Returns whether all of it was handed to ``send_batch`` (and returned) in time;
+        failures are reported through ``on_error``.
+        """
+        return self._engine.flush(timeout)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop accepting entries, send everything pending, stop the worker. Idempotent.
+
+        Blocks up to ``timeout`` seconds (None: no limit), even if ``send_batch`` hangs.
+        Returns whether everything was delivered in time without a failed send.
+        """
+        with self._close_lock:
+            if not isinstance(self._lane, ClosedLane):
+                self._lane = ClosedLane(f"BackgroundDispatcher {self.name!r}")
+                self._sender.closing.set()
+            failed_before = self._sender.failed
+        drained = self._engine.close(timeout)
+        return drained and self._sender.failed == failed_before
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return isinstance(self._lane, ClosedLane)
+
+    @property
+    def total_dropped(self) -> int:
+        """Entries dropped by the overflow policy since the dispatcher was made."""
+        return self._engine.dropped
+
+    def stats(self) -> dict[str, int]:
+        """Counters: enqueued, sent, failed, dropped, pending, batches, calls, retries, failed_batches."""
+        engine = self._engine
+        pending = engine.pending()
+        return {
+            "enqueued": engine.taken + pending + engine.dropped,
+            "sent": self._sender.sent,
+            "failed": self._sender.failed,
+            "dropped": engine.dropped,
+            "pending": pending,
+            "in_flight": engine.in_flight(),
+            "batches": engine.batches,
+            "calls": self._sender.calls,
+            "retries": self._sender.retries,
+            "failed_batches": self._sender.failed_batches,
+        }
+
+    def __enter__(self) -> BackgroundDispatcher[T]:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<BackgroundDispatcher {self.name!r} ms_delay={self.ms_delay} {state}>"

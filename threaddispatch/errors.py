@@ -1,0 +1,87 @@
+"""Exceptions raised by threaddispatch, and the flow signals user code may raise.
+
+Every class here derives from :class:`ThreadDispatchError` and, where a built-in
+category fits, from that built-in too, so ``except ValueError`` keeps working for
+bad configuration and ``except TimeoutError`` for timeouts.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+__all__ = [
+    "Cancel",
+    "CancelledError",
+    "ConfigurationError",
+    "DispatchTimeoutError",
+    "DispatcherClosedError",
+    "InvalidStateError",
+    "JobNotFoundError",
+    "NoStoreError",
+    "PayloadError",
+    "QueueFullError",
+    "Retry",
+    "StoreError",
+    "StoreUnavailableError",
+    "ThreadDispatchError",
+]
+
+
+class ThreadDispatchError(Exception):
+    """Root of every exception threaddispatch raises on its own account."""
+
+
+class ConfigurationError(ThreadDispatchError, ValueError):
+    """A constructor or method received a bad value; the message names it."""
+
+
+class DispatcherClosedError(ThreadDispatchError, RuntimeError):
+    """Work was offered to a dispatcher after ``close()``/``stop()``/``shutdown()``."""
+
+
+class QueueFullError(ThreadDispatchError):
+    """A bounded buffer had no room (``overflow="raise"``, or a ``put`` timed out)."""
+
+
+class DispatchTimeoutError(ThreadDispatchError, TimeoutError):
+    """A wait for a result ran past its timeout."""
+
+
+class CancelledError(ThreadDispatchError, concurrent.futures.CancelledError):
+    """Work was cancelled; also an instance of ``concurrent.futures.CancelledError``."""
+
+
+class NoStoreError(ThreadDispatchError, ValueError):
+    """A :class:`~threaddispatch.JobEngine` was built without a store."""
+
+
+class StoreError(ThreadDispatchError):
+    """A job store failed to carry out an operation."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store cannot be reached (server down, file locked); callers may retry."""
+
+
+class JobNotFoundError(ThreadDispatchError, LookupError):
+    """No job (or dead letter, or cron entry) has the given id."""
+
+
+class InvalidStateError(ThreadDispatchError):
+    """The operation does not apply to the object's current state."""
+
+
+class PayloadError(ThreadDispatchError, ValueError):
+    """A payload cannot be stored: not serialisable, or too large."""
+
+
+class Retry(Exception):  # noqa: N818 - a flow signal, named for what user code asks for
+    """Raised by user code to ask for another attempt, optionally after ``delay`` seconds."""
+
+    def __init__(self, delay: float | None = None, reason: str = "") -> None:
+        super().__init__(reason or (f"retry requested after {delay}s" if delay is not None else "retry requested"))
+        self.delay = delay
+
+
+class Cancel(Exception):  # noqa: N818 - a flow signal, named for what user code asks for
+    """Raised by user code to stop the work for good: no further attempt is made."""

@@ -1,0 +1,126 @@
+"""A small thread-safe event emitter shared by every face.
+
+Listeners are called synchronously on the emitting thread, in the order they were
+added, never with the emitter's lock held. A listener that raises is logged and
+counted; the other listeners still run and the emitter's caller never sees it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["EventEmitter", "Listener"]
+
+Listener = Callable[..., object]
+
+_log = logging.getLogger("threaddispatch.events")
+
+
+class _Once:
+    """Wraps a listener added with ``once``; ``off(fn)`` finds it by ``fn``."""
+
+    __slots__ = ("fn", "fired", "lock")
+
+    def __init__(self, fn: Listener) -> None:
+        self.fn = fn
+        self.fired = False
+        self.lock = threading.Lock()
+
+
+class EventEmitter:
+    """``on``/``once``/``off``/``emit`` with listener errors contained.
+
+    Thread-safe. ``emit`` blocks for as long as the listeners take; nothing else blocks.
+    """
+
+    def __init__(self, *, known_events: frozenset[str] | None = None) -> None:
+        # _listeners_lock guards _listeners; emit copies the list under it and calls outside it.
+        self._listeners_lock = threading.Lock()
+        self._listeners: dict[str, list[Listener | _Once]] = {}
+        self._known_events = known_events
+        self.listener_errors = 0
+
+    def _check_event(self, event: str) -> None:
+        if not isinstance(event, str) or not event:
+            raise TypeError(f"event must be a non-empty str, got {event!r}")
+        if self._known_events is not None and event not in self._known_events:
+            known = ", ".join(sorted(self._known_events))
+            raise ValueError(f"unknown event {event!r}; known events: {known}")
+
+    def on(self, event: str, listener: Listener) -> Callable[[], None]:
+        """Call ``listener(*args)`` on every ``emit(event, *args)``; returns a function that removes it."""
+        self._check_event(event)
+        if not callable(listener):
+            raise TypeError(f"listener must be callable, got {listener!r}")
+        with self._listeners_lock:
+            self._listeners.setdefault(event, []).append(listener)
+        return lambda: self.off(event, listener)
+
+    add_listener = on
+
+    def once(self, event: str, listener: Listener) -> Callable[[], None]:
+        """Like :meth:`on`, but the listener runs at most once."""
+        self._check_event(event)
+        if not callable(listener):
+            raise TypeError(f"listener must be callable, got {listener!r}")
+        with self._listeners_lock:
+            self._listeners.setdefault(event, []).append(_Once(listener))
+        return lambda: self.off(event, listener)
+
+    def off(self, event: str, listener: Listener) -> bool:
+        """Remove one registration of ``listener`` for ``event``; returns whether one was found."""
+        with self._listeners_lock:
+            listeners = self._listeners.get(event, [])
+            for index, registered in enumerate(listeners):
+                if registered is listener or (isinstance(registered, _Once) and registered.fn is listener):
+                    del listeners[index]
+                    if not listeners:
+                        del self._listeners[event]
+                    return True
+        return False
+
+    remove_listener = off
+
+    def remove_all_listeners(self, event: str | None = None) -> None:
+        """Remove every listener of ``event``, or of every event when it is None."""
+        with self._listeners_lock:
+            if event is None:
+                self._listeners.clear()
+            else:
+                self._listeners.pop(event, None)
+
+    def listener_count(self, event: str) -> int:
+        """How many listeners ``event`` has now."""
+        with self._listeners_lock:
+            return len(self._listeners.get(event, ()))
+
+    def has_listeners(self, event: str) -> bool:
+        """Cheap check so emitters can skip building a payload nobody reads."""
+        return event in self._listeners
+
+    def emit(self, event: str, *args: Any) -> bool:
+        """Call the listeners of ``event`` in order on this thread; returns whether there were any."""
+        with self._listeners_lock:
+            listeners = self._listeners.get(event)
+            if not listeners:
+                return False
+            snapshot = list(listeners)
+        for registered in snapshot:
+            if isinstance(registered, _Once):
+                with registered.lock:
+                    if registered.fired:
+                        continue
+                    registered.fired = True
+                self.off(event, registered.fn)
+                fn = registered.fn
+            else:
+                fn = registered
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - a listener must never break the emitter
+                self.listener_errors += 1
+                _log.exception("listener %r for event %r raised", fn, event)
+        return True
