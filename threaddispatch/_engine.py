@@ -11,18 +11,26 @@ without it (single C calls, atomic under the GIL) and then call :meth:`kick` whe
 length reaches ``lane.trigger``. The worker re-arms ``trigger`` *before* it looks at a
 lane's length, so an append is either seen by the worker or followed by a kick.
 ``deliver``, ``on_drop``, ``on_skip`` and ``on_abandon`` are face (and so user) code:
-they are always called with ``_lock`` released.
+they are always called with ``_lock`` released. ``gate`` is the exception: it runs with
+``_lock`` held, so it must be cheap, run no user code, and read engine state only through
+:attr:`BatchEngine.unsettled`.
+
+A lane the gate holds back waits for capacity: it is retried when a batch settles (one
+held lane per settled batch, oldest first) or when its next window closes, whichever
+comes first; reaching ``max_batch_size`` meanwhile does not retry it again.
 
 Time: every wait is computed from one deadline on ``time.monotonic()``.
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from typing import Any, Generic, Literal, TypeVar
@@ -117,6 +125,7 @@ class BatchEngine(Generic[T]):
         # Lanes with an open window, in the order their windows close (all windows are equally long).
         self._open: dict[Lane[T], None] = {}
         self._due: dict[Lane[T], None] = {}  # lanes to send now, in the order they became due
+        self._held: OrderedDict[Lane[T], None] = OrderedDict()  # lanes the gate held back, oldest first
         self._scheduled: list[tuple[float, int, Hashable, T]] = []  # heap of put_later entries
         self._serial = itertools.count()
         self._batch_seq = 0
@@ -240,7 +249,7 @@ class BatchEngine(Generic[T]):
             lane.trigger = self.max_batch_size
             self._open[lane] = None
             self._notify_worker()
-        if count >= self.max_batch_size and not lane.due:
+        if count >= self.max_batch_size and not lane.due and lane not in self._held:
             self._make_due(lane)
             self._notify_worker()
 
@@ -276,11 +285,7 @@ class BatchEngine(Generic[T]):
                         return
                 batches, skipped = work
                 for key, count in skipped:
-                    if self._on_skip is not None:
-                        try:
-                            self._on_skip(key, count)
-                        except Exception:  # noqa: BLE001 - face hook errors are logged, the loop lives
-                            _log.exception("%s: on_skip hook raised", self.name)
+                    self._report_skipped(key, count)
                 for key, seq, items in batches:
                     self._deliver_one(key, seq, items)
         finally:
@@ -288,6 +293,13 @@ class BatchEngine(Generic[T]):
                 if self._thread is threading.current_thread():
                     self._thread = None
                 self._settled.notify_all()
+
+    def _report_skipped(self, key: Hashable, count: int) -> None:
+        if self._on_skip is not None:
+            try:
+                self._on_skip(key, count)
+            except Exception:  # noqa: BLE001 - face hook errors are logged, the loop lives
+                _log.exception("%s: on_skip hook raised", self.name)
 
     def _deliver_one(self, key: Hashable, seq: int, items: list[T]) -> None:
         try:
@@ -298,13 +310,27 @@ class BatchEngine(Generic[T]):
         if pending is None:
             self._settle(seq)
         else:
-            pending.add_done_callback(lambda _f, seq=seq: self._settle(seq))
+            pending.add_done_callback(functools.partial(self._settle_future, seq))
+
+    def _settle_future(self, seq: int, _future: Future[Any]) -> None:
+        self._settle(seq)
 
     def _settle(self, seq: int) -> None:
         with self._lock:
             self._unsettled.discard(seq)
+            self._release_held()
             if self._settle_waiters:
                 self._settled.notify_all()
+
+    def _release_held(self) -> None:
+        """A batch settled and freed the capacity the gate waits for: retry the oldest held lane. Holds _lock."""
+        held = self._held
+        while held:
+            lane, _ = held.popitem(last=False)
+            if len(lane) and not lane.due:
+                self._make_due(lane)
+                self._notify_worker()
+                return
 
     def _next_work(
         self,
@@ -363,9 +389,7 @@ class BatchEngine(Generic[T]):
             if self._settle_waiters:
                 self._settled.notify_all()
 
-    def _take_due(
-        self, now: float
-    ) -> tuple[list[tuple[Hashable, int, list[T]]], list[tuple[Hashable, int]]]:
+    def _take_due(self, now: float) -> tuple[list[tuple[Hashable, int, list[T]]], list[tuple[Hashable, int]]]:
         batches: list[tuple[Hashable, int, list[T]]] = []
         skipped: list[tuple[Hashable, int]] = []
         due = list(self._due)
@@ -378,30 +402,40 @@ class BatchEngine(Generic[T]):
             if self._gate is not None and not self._closing and not self._gate(lane.key):
                 skipped.append((lane.key, len(lane)))
                 self.skipped += 1
-                # Held back: try again when its next window closes.
+                # Held back: try again when a batch settles or its next window closes.
+                self._held[lane] = None
                 lane.deadline = now + self.window
                 self._open[lane] = None
                 continue
             items = lane.take(self.max_batch_size)
-            self._batch_seq += 1
-            self._unsettled.add(self._batch_seq)
-            self.batches += 1
-            self.taken += len(items)
-            batches.append((lane.key, self._batch_seq, items))
-            quota = self._flush_quota.get(lane)
-            if quota is not None:
-                if quota <= len(items):
-                    del self._flush_quota[lane]
-                else:
-                    self._flush_quota[lane] = quota - len(items)
+            batches.append((lane.key, self._start_batch(lane, items), items))
             self._rearm(lane, now)
+        self._flush_progress()
+        if self._space_waiters:
+            self._space.notify_all()
+        return batches, skipped
+
+    def _start_batch(self, lane: Lane[T], items: list[T]) -> int:
+        """Count ``items``, just taken from ``lane``, as a batch in flight; returns its seq. Holds _lock."""
+        self._batch_seq += 1
+        self._unsettled.add(self._batch_seq)
+        self.batches += 1
+        self.taken += len(items)
+        self._held.pop(lane, None)
+        quota = self._flush_quota.get(lane)
+        if quota is not None:
+            if quota <= len(items):
+                del self._flush_quota[lane]
+            else:
+                self._flush_quota[lane] = quota - len(items)
+        return self._batch_seq
+
+    def _flush_progress(self) -> None:
+        """Once a flush's quotas are all taken, fix the last batch it waits for. Holds _lock."""
         if self._flush_taken and not self._flush_quota and self._flush_target_seq < self._batch_seq:
             self._flush_target_seq = self._batch_seq
             if self._settle_waiters:
                 self._settled.notify_all()
-        if self._space_waiters:
-            self._space.notify_all()
-        return batches, skipped
 
     def _rearm(self, lane: Lane[T], now: float) -> None:
         """After a take: close the lane's window if it is empty, or open the next one. Holds _lock."""
@@ -446,22 +480,41 @@ class BatchEngine(Generic[T]):
         with self._lock:
             return [key for key, lane in self._lanes.items() if len(lane)]
 
+    def snapshot(self) -> tuple[dict[Hashable, int], int, int]:
+        """One consistent view: ({key: entries} of lanes holding entries, batches in flight, entries scheduled)."""
+        with self._lock:
+            lengths = {key: len(lane) for key, lane in self._lanes.items() if len(lane)}
+            return lengths, len(self._unsettled), len(self._scheduled)
+
+    @property
+    def unsettled(self) -> int:
+        """Batches taken and not yet settled, read without the lock: for ``gate``, which runs with it held."""
+        return len(self._unsettled)
+
     def take_now(self, key: Hashable, count: int) -> tuple[int, list[T]]:
-        """Take up to ``count`` entries of ``key``'s lane for the caller to send; settle with :meth:`settle`."""
+        """Take up to ``count`` entries of ``key``'s lane for the caller to send; settle with :meth:`settle`.
+
+        Returns ``(0, [])`` when the lane is empty, or when the gate holds it back: then
+        ``on_skip`` is called on this thread, as the worker would, and the entries stay.
+        """
         with self._lock:
             lane = self._lanes.get(key)
             if lane is None or not len(lane):
                 return 0, []
-            items = lane.take(count)
-            self._batch_seq += 1
-            self._unsettled.add(self._batch_seq)
-            self.batches += 1
-            self.taken += len(items)
-            if lane.due:
-                self._due.pop(lane, None)
-                lane.due = False
-            self._rearm(lane, time.monotonic())
-            return self._batch_seq, items
+            if self._gate is not None and not self._closing and not self._gate(key):
+                self.skipped += 1
+                held_back = len(lane)
+            else:
+                items = lane.take(count)
+                if lane.due:
+                    self._due.pop(lane, None)
+                    lane.due = False
+                seq = self._start_batch(lane, items)
+                self._rearm(lane, time.monotonic())
+                self._flush_progress()
+                return seq, items
+        self._report_skipped(key, held_back)
+        return 0, []
 
     def settle(self, seq: int) -> None:
         """Mark a batch taken by :meth:`take_now` as done."""

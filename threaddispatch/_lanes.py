@@ -16,7 +16,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from threaddispatch.errors import DispatcherClosedError
 
-__all__ = ["ClosedLane", "FifoLane", "Lane", "PriorityLane"]
+__all__ = ["ClosedFifoLane", "FifoLane", "Lane", "PriorityLane"]
 
 T = TypeVar("T")
 
@@ -41,20 +41,21 @@ class Lane(Protocol[T]):
 class FifoLane(deque[Any]):
     """First in, first out. ``append`` and ``len`` are safe without the engine lock."""
 
-    __slots__ = ("deadline", "due", "key", "trigger")
+    __slots__ = ("deadline", "due", "key", "owner", "trigger")
 
-    def __init__(self, key: Hashable = None) -> None:
+    def __init__(self, key: Hashable = None, owner: str = "dispatcher") -> None:
         super().__init__()
         self.key = key
+        self.owner = owner  # names the dispatcher in ClosedFifoLane's error
         self.trigger = INACTIVE
         self.deadline: float | None = None  # when the open window closes; None: no window
         self.due = False  # send without waiting for the window (size trigger, flush, close)
 
     def take(self, count: int) -> list[Any]:
-        # popleft through iter() runs at C speed; only the engine worker removes entries,
-        # so the lane holds at least ``count`` here.
+        # starmap calls popleft at C speed with no per-item comparison; only the engine
+        # worker removes entries, so the lane holds at least ``count`` here.
         count = min(count, len(self))
-        return list(itertools.islice(iter(self.popleft, _NEVER), count))
+        return list(itertools.starmap(self.popleft, itertools.repeat((), count)))
 
     def drop_newest(self) -> Any:
         return self.pop()
@@ -62,14 +63,25 @@ class FifoLane(deque[Any]):
     def drop_oldest(self) -> Any:
         return self.popleft()
 
-    def __hash__(self) -> int:  # lanes are identities, used as dict keys by the engine
+    def __hash__(self) -> int:  # type: ignore[override]  # lanes are identities, used as dict keys by the engine
         return id(self)
 
     def __eq__(self, other: object) -> bool:
         return self is other
 
 
-_NEVER = object()
+class ClosedFifoLane(FifoLane):
+    """What a closed dispatcher's lane becomes (``lane.__class__ = ClosedFifoLane``): ``append`` raises.
+
+    Swapping the class of the one lane object, rather than replacing the object, also
+    closes enqueue callables that hold the lane itself. The worker still takes what the
+    lane held before the swap.
+    """
+
+    __slots__ = ()
+
+    def append(self, item: Any, /) -> None:
+        raise DispatcherClosedError(f"{self.owner} is closed; entry {_short(item)} was not accepted")
 
 
 class PriorityLane(Generic[T]):
@@ -114,22 +126,6 @@ class PriorityLane(Generic[T]):
     def items(self) -> list[T]:
         """The waiting items in send order (a copy)."""
         return [entry[2] for entry in sorted(self._heap)]
-
-
-class ClosedLane:
-    """Stands in for a lane after close: every ``append`` raises."""
-
-    __slots__ = ("name",)
-    trigger = 0
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def append(self, item: object, /) -> None:
-        raise DispatcherClosedError(f"{self.name} is closed; entry {_short(item)} was not accepted")
-
-    def __len__(self) -> int:
-        return 0
 
 
 def _short(item: object) -> str:

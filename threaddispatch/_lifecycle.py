@@ -41,6 +41,7 @@ _components: weakref.WeakSet[Lifecycle] = weakref.WeakSet()
 _hook_installed = False
 _exit_timeout = 5.0
 _exiting = threading.Event()
+_MAX_EXIT_PASSES = 5
 
 
 def set_exit_timeout(seconds: float) -> None:
@@ -82,21 +83,35 @@ def _snapshot() -> list[Lifecycle]:
         return list(_components)
 
 
+def _drain_order(component: Lifecycle) -> int:
+    """A component that feeds others (an AsyncDispatcher feeding a BatchedDispatcher) sets an
+    optional ``_drain_order`` below 0 so it drains while what it feeds still accepts work."""
+    order = getattr(component, "_drain_order", 0)
+    return order if isinstance(order, int) else 0
+
+
 def _drain_all_at_exit() -> None:
     _exiting.set()
-    components = _snapshot()
+    components = sorted(_snapshot(), key=_drain_order)
     if not components:
         return
     deadline = time.monotonic() + _exit_timeout
     delivered = lost = 0
-    for component in components:
-        try:
-            sent, missed = component._drain_at_exit(deadline)
-        except Exception:  # noqa: BLE001 - one broken component must not stop the others draining
-            _log.exception("threaddispatch: exit drain of %r failed", component)
-            continue
-        delivered += sent
-        lost += missed
+    # A component's delivery may feed another (a send that logs through a batching
+    # handler): drain in passes until a pass delivers nothing or the deadline passes.
+    for _pass in range(_MAX_EXIT_PASSES):
+        delivered_this_pass = lost = 0
+        for component in components:
+            try:
+                sent, missed = component._drain_at_exit(deadline)
+            except Exception:  # noqa: BLE001 - one broken component must not stop the others draining
+                _log.exception("threaddispatch: exit drain of %r failed", component)
+                continue
+            delivered_this_pass += sent
+            lost += missed
+        delivered += delivered_this_pass
+        if not delivered_this_pass or time.monotonic() >= deadline:
+            break
     if lost:
         _log.warning(
             "threaddispatch: exit drain delivered %d entries and lost %d (exit timeout %.3gs)",

@@ -53,9 +53,8 @@ class _PoolState:
                 deadline = time.monotonic() + self.idle_timeout
                 while not self.tasks and not self.shutdown:
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0 or not self.work_ready.wait(remaining):
-                        if not self.tasks:
-                            break
+                    if (remaining <= 0 or not self.work_ready.wait(remaining)) and not self.tasks:
+                        break
                 self.idle -= 1
                 if not self.tasks:
                     self.threads.discard(threading.current_thread())

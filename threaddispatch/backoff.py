@@ -87,8 +87,10 @@ class Exponential:
     def __post_init__(self) -> None:
         check_seconds("initial", self.initial)
         check_seconds("max", self.max)
-        if isinstance(self.factor, bool) or not isinstance(self.factor, (int, float)) or not (
-            math.isfinite(self.factor) and self.factor >= 1
+        if (
+            isinstance(self.factor, bool)
+            or not isinstance(self.factor, (int, float))
+            or not (math.isfinite(self.factor) and self.factor >= 1)
         ):
             raise ConfigurationError(f"factor must be a finite number >= 1, got {self.factor!r}")
 
@@ -120,9 +122,7 @@ class ExponentialJitter:
 
     def __post_init__(self) -> None:
         Exponential(self.initial, self.factor, self.max)  # same validation
-        if isinstance(self.jitter, bool) or not isinstance(self.jitter, (int, float)) or not (
-            0 <= self.jitter <= 1
-        ):
+        if isinstance(self.jitter, bool) or not isinstance(self.jitter, (int, float)) or not (0 <= self.jitter <= 1):
             raise ConfigurationError(f"jitter must be a number in [0, 1], got {self.jitter!r}")
 
     def __call__(self, attempt: int) -> float:

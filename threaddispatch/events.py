@@ -22,7 +22,7 @@ _log = logging.getLogger("threaddispatch.events")
 class _Once:
     """Wraps a listener added with ``once``; ``off(fn)`` finds it by ``fn``."""
 
-    __slots__ = ("fn", "fired", "lock")
+    __slots__ = ("fired", "fn", "lock")
 
     def __init__(self, fn: Listener) -> None:
         self.fn = fn
@@ -50,7 +50,7 @@ class EventEmitter:
             known = ", ".join(sorted(self._known_events))
             raise ValueError(f"unknown event {event!r}; known events: {known}")
 
-    def on(self, event: str, listener: Listener) -> Callable[[], None]:
+    def on(self, event: str, listener: Listener) -> Callable[[], bool]:
         """Call ``listener(*args)`` on every ``emit(event, *args)``; returns a function that removes it."""
         self._check_event(event)
         if not callable(listener):
@@ -61,7 +61,7 @@ class EventEmitter:
 
     add_listener = on
 
-    def once(self, event: str, listener: Listener) -> Callable[[], None]:
+    def once(self, event: str, listener: Listener) -> Callable[[], bool]:
         """Like :meth:`on`, but the listener runs at most once."""
         self._check_event(event)
         if not callable(listener):

@@ -1,0 +1,514 @@
+"""BackgroundDispatcher: windows, size trigger, overflow, errors, retries, futures, flush and close."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import logging
+import math
+import threading
+import time
+import weakref
+from typing import Any
+
+import pytest
+
+from threaddispatch import (
+    BackgroundDispatcher,
+    ConfigurationError,
+    Constant,
+    DispatcherClosedError,
+    FailedBatch,
+    QueueFullError,
+    RetryPolicy,
+)
+from threaddispatch.testing import wait_for
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Sink:
+    """A thread-safe send_batch that records batches and when they arrived."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.batches: list[list[Any]] = []
+        self.times: list[float] = []
+
+    def __call__(self, entries: list[Any]) -> None:
+        with self.lock:
+            self.batches.append(list(entries))
+            self.times.append(time.monotonic())
+
+    @property
+    def entries(self) -> list[Any]:
+        with self.lock:
+            return [e for batch in self.batches for e in batch]
+
+
+class Gate:
+    """A send_batch that blocks on its first call until released, recording every batch."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.sink = Sink()
+
+    def __call__(self, entries: list[Any]) -> None:
+        self.entered.set()
+        assert self.release.wait(20), "test never released the gate"
+        self.sink(entries)
+
+
+@pytest.mark.parametrize("bad", [0, -1, math.nan, math.inf, "10", None, True])
+def test_ms_delay_must_be_a_finite_positive_number(bad: Any) -> None:
+    """A bad ms_delay is refused at construction with the value in the message."""
+    with pytest.raises(ConfigurationError, match=repr(bad).replace("(", r"\(")):
+        BackgroundDispatcher(Sink(), ms_delay=bad)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"max_batch_size": 0}, "max_batch_size"),
+        ({"max_queue_size": -5}, "max_queue_size"),
+        ({"max_batch_size": 10, "max_queue_size": 5}, "max_queue_size"),
+        ({"overflow": "spill"}, "spill"),
+        ({"on_error": 42}, "on_error"),
+        ({"retry": 3}, "retry"),
+    ],
+)
+def test_bad_options_are_refused_at_construction(kwargs: dict[str, Any], needle: str) -> None:
+    """Every bad option raises ConfigurationError naming the option or value."""
+    with pytest.raises(ConfigurationError, match=needle):
+        BackgroundDispatcher(Sink(), 10, **kwargs)
+
+
+def test_send_batch_must_be_callable() -> None:
+    """A non-callable send function is refused at once."""
+    with pytest.raises(ConfigurationError, match="send_batch"):
+        BackgroundDispatcher("not callable", 10)  # type: ignore[arg-type]
+
+
+def test_nothing_enqueued_means_no_call() -> None:
+    """flush and close with an empty buffer never call send_batch."""
+    sink = Sink()
+    d = BackgroundDispatcher(sink, ms_delay=5)
+    assert d.flush(1.0)
+    assert d.close(1.0)
+    assert sink.batches == []
+
+
+def test_one_entry_is_sent_alone_after_the_window() -> None:
+    """A single entry goes in a one-entry batch, no earlier than ms_delay after it arrived."""
+    sink = Sink()
+    with BackgroundDispatcher(sink, ms_delay=50) as d:
+        enqueued_at = time.monotonic()
+        d.enqueue("only")
+        wait_for(lambda: sink.batches, message="the batch")
+    assert sink.batches == [["only"]]
+    assert sink.times[0] - enqueued_at >= 0.045
+
+
+@pytest.mark.timeout(30)
+def test_at_most_one_call_per_window_under_a_trickle() -> None:
+    """With entries arriving all the time, consecutive partial batches are at least ms_delay apart."""
+    sink = Sink()
+    d = BackgroundDispatcher(sink, ms_delay=40, max_batch_size=10_000)
+    stop = time.monotonic() + 0.5
+    count = 0
+    while time.monotonic() < stop:
+        d.enqueue(count)
+        count += 1
+        time.sleep(0.001)  # producer pacing, not a wait for the dispatcher
+    with sink.lock:
+        window_times = list(sink.times)  # close() then sends the rest at once, by design
+    assert d.close(5.0)
+    assert sink.entries == list(range(count))
+    gaps = [b - a for a, b in itertools.pairwise(window_times)]
+    assert len(window_times) >= 5
+    assert min(gaps) >= 0.035, gaps
+
+
+def test_a_full_batch_goes_at_once_without_waiting_for_the_window() -> None:
+    """max_batch_size waiting entries are sent immediately even with a one-minute window."""
+    sink = Sink()
+    d = BackgroundDispatcher(sink, ms_delay=60_000, max_batch_size=10)
+    for i in range(25):
+        d.enqueue(i)
+    wait_for(lambda: len(sink.batches) >= 2, message="two full batches")
+    assert sink.batches[:2] == [list(range(10)), list(range(10, 20))]
+    assert d.stats()["pending"] == 5  # the partial batch still waits for its window
+    assert d.close(5.0)
+    assert sink.batches[2] == list(range(20, 25))
+
+
+def test_order_is_kept_and_no_batch_exceeds_the_maximum() -> None:
+    """Entries from one producer arrive in order, in batches of at most max_batch_size."""
+    sink = Sink()
+    d = BackgroundDispatcher(sink, ms_delay=5, max_batch_size=64, max_queue_size=20_000)
+    for i in range(10_000):
+        d.enqueue(i)
+    assert d.close(10.0)
+    assert sink.entries == list(range(10_000))
+    assert all(0 < len(b) <= 64 for b in sink.batches)
+
+
+def _fill_behind_a_blocked_send(overflow: str) -> tuple[BackgroundDispatcher[int], Gate]:
+    gate = Gate()
+    d: BackgroundDispatcher[int] = BackgroundDispatcher(
+        gate,
+        ms_delay=1,
+        max_batch_size=5,
+        max_queue_size=10,
+        overflow=overflow,  # type: ignore[arg-type]
+    )
+    for i in range(5):
+        d.enqueue(i)
+    assert gate.entered.wait(5), "first batch never started"
+    return d, gate
+
+
+def test_drop_newest_keeps_the_oldest_and_counts_the_rest() -> None:
+    """Past max_queue_size, new entries are dropped and counted in total_dropped."""
+    d, gate = _fill_behind_a_blocked_send("drop_newest")
+    for i in range(5, 25):
+        d.enqueue(i)
+    assert d.total_dropped == 10
+    gate.release.set()
+    assert d.close(5.0)
+    assert gate.sink.entries == list(range(15))
+    assert d.stats()["dropped"] == 10
+
+
+def test_drop_oldest_keeps_the_newest() -> None:
+    """With drop_oldest the buffer keeps the latest max_queue_size entries."""
+    d, gate = _fill_behind_a_blocked_send("drop_oldest")
+    for i in range(5, 25):
+        d.enqueue(i)
+    assert d.total_dropped == 10
+    gate.release.set()
+    assert d.close(5.0)
+    assert gate.sink.entries == list(range(5)) + list(range(15, 25))
+
+
+def test_raise_policy_refuses_the_entry_that_does_not_fit() -> None:
+    """overflow='raise' raises QueueFullError naming the entry, and keeps what fitted."""
+    d, gate = _fill_behind_a_blocked_send("raise")
+    for i in range(5, 15):
+        d.enqueue(i)
+    with pytest.raises(QueueFullError, match="15"):
+        d.enqueue(15)
+    gate.release.set()
+    assert d.close(5.0)
+    assert gate.sink.entries == list(range(15))
+    assert d.total_dropped == 0
+
+
+def test_block_policy_waits_for_room_then_times_out() -> None:
+    """overflow='block' blocks a full enqueue; it times out with QueueFullError or proceeds when room appears."""
+    d, gate = _fill_behind_a_blocked_send("block")
+    for i in range(5, 15):
+        d.enqueue(i)
+    started = time.monotonic()
+    with pytest.raises(QueueFullError):
+        d.enqueue(99, timeout=0.2)
+    assert time.monotonic() - started >= 0.19
+    done = threading.Event()
+
+    def blocked_producer() -> None:
+        d.enqueue(15)
+        done.set()
+
+    producer = threading.Thread(target=blocked_producer)
+    producer.start()
+    assert not done.wait(0.05)  # still blocked while the buffer is full
+    gate.release.set()
+    assert done.wait(5)
+    producer.join()
+    assert d.close(5.0)
+    assert gate.sink.entries == list(range(16))
+
+
+def test_enqueue_and_submit_after_close_raise() -> None:
+    """Work offered after close raises DispatcherClosedError; close is idempotent."""
+    d = BackgroundDispatcher(Sink(), ms_delay=5)
+    assert d.close(1.0)
+    with pytest.raises(DispatcherClosedError, match="closed"):
+        d.enqueue(1)
+    with pytest.raises(DispatcherClosedError):
+        d.submit(1)
+    assert d.close(1.0)
+    assert d.closed
+
+
+@pytest.mark.parametrize("overflow", ["block", "raise"])
+def test_locked_policies_also_refuse_after_close(overflow: str) -> None:
+    """The locked enqueue path of block/raise raises DispatcherClosedError after close too."""
+    d = BackgroundDispatcher(Sink(), ms_delay=5, overflow=overflow)  # type: ignore[arg-type]
+    d.close(1.0)
+    with pytest.raises(DispatcherClosedError):
+        d.enqueue(1)
+
+
+def test_flush_sends_now_and_waits() -> None:
+    """flush sends what is queued without waiting for the window and returns once it was sent."""
+    sink = Sink()
+    d = BackgroundDispatcher(sink, ms_delay=60_000)
+    for i in range(3):
+        d.enqueue(i)
+    assert d.flush(5.0)
+    assert sink.entries == [0, 1, 2]
+    d.enqueue(3)
+    assert d.flush(5.0)
+    assert sink.batches == [[0, 1, 2], [3]]
+    assert d.close(1.0)
+
+
+def test_flush_and_close_honour_their_timeouts_with_a_hung_send() -> None:
+    """A send that hangs cannot stretch flush or close past their timeouts; both report False."""
+    gate = Gate()
+    d = BackgroundDispatcher(gate, ms_delay=1)
+    d.enqueue("stuck")
+    assert gate.entered.wait(5)
+    d.enqueue("behind")
+    started = time.monotonic()
+    assert d.flush(0.2) is False
+    assert d.close(0.2) is False
+    elapsed = time.monotonic() - started
+    assert 0.35 <= elapsed < 2.0
+    gate.release.set()
+    assert d.close(5.0)  # once the send returns, the rest drains
+    assert gate.sink.entries == ["stuck", "behind"]
+
+
+def test_failed_batches_reach_on_error_and_the_worker_lives() -> None:
+    """A raising send reports FailedBatch(entries, error); later batches are still sent."""
+    failures: list[FailedBatch[Any]] = []
+    sink = Sink()
+
+    def send(entries: list[Any]) -> None:
+        if "bad" in entries:
+            raise ConnectionError("remote down")
+        sink(entries)
+
+    d = BackgroundDispatcher(send, ms_delay=1, on_error=failures.append)
+    d.enqueue("bad")
+    assert d.flush(5.0)
+    d.enqueue("good")
+    assert d.close(5.0) is True
+    assert [f.entries for f in failures] == [["bad"]]
+    assert isinstance(failures[0].error, ConnectionError)
+    assert failures[0].attempts == 1
+    assert sink.entries == ["good"]
+    stats = d.stats()
+    assert (stats["sent"], stats["failed"], stats["failed_batches"]) == (1, 1, 1)
+
+
+def test_failures_without_on_error_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """Without on_error a failed batch is logged at ERROR with its size; nothing is silent."""
+
+    def send(entries: list[Any]) -> None:
+        raise ValueError("nope")
+
+    d = BackgroundDispatcher(send, ms_delay=1, name="logged")
+    with caplog.at_level(logging.ERROR, logger="threaddispatch"):
+        d.enqueue(1)
+        d.enqueue(2)
+        assert d.close(5.0) is False
+    assert any("logged" in r.getMessage() and "2 entries" in r.getMessage() for r in caplog.records)
+
+
+def test_a_raising_on_error_is_contained(caplog: pytest.LogCaptureFixture) -> None:
+    """on_error raising is logged; the worker goes on sending."""
+    sink = Sink()
+
+    def send(entries: list[Any]) -> None:
+        if entries == ["bad"]:
+            raise RuntimeError("send failed")
+        sink(entries)
+
+    def broken_handler(_failed: FailedBatch[Any]) -> None:
+        raise RuntimeError("handler failed")
+
+    d = BackgroundDispatcher(send, ms_delay=1, on_error=broken_handler)
+    with caplog.at_level(logging.ERROR, logger="threaddispatch"):
+        d.enqueue("bad")
+        assert d.flush(5.0)
+        d.enqueue("after")
+        d.close(5.0)
+    assert sink.entries == ["after"]
+    assert any("on_error raised" in r.getMessage() for r in caplog.records)
+
+
+def test_retry_policy_retries_a_failed_batch_until_it_succeeds() -> None:
+    """With retry, a batch failing twice is sent on the third attempt, spaced by the backoff."""
+    attempts: list[float] = []
+    sink = Sink()
+
+    def flaky(entries: list[Any]) -> None:
+        attempts.append(time.monotonic())
+        if len(attempts) < 3:
+            raise TimeoutError("flaky")
+        sink(entries)
+
+    d = BackgroundDispatcher(flaky, ms_delay=1, retry=RetryPolicy(max_attempts=3, backoff=Constant(0.05)))
+    d.enqueue("x")
+    assert d.flush(5.0)
+    assert sink.entries == ["x"]
+    assert all(b - a >= 0.045 for a, b in itertools.pairwise(attempts))
+    assert d.stats()["retries"] == 2
+    assert d.close(1.0)
+
+
+def test_retry_gives_up_after_max_attempts_or_when_the_predicate_says_no() -> None:
+    """Exhausted retries and non-retryable errors end in one FailedBatch with the attempt count."""
+    failures: list[FailedBatch[Any]] = []
+
+    def send(entries: list[Any]) -> None:
+        raise (KeyError if entries == ["fatal"] else TimeoutError)("x")
+
+    policy = RetryPolicy(max_attempts=3, backoff=Constant(0.0), retry_on=lambda e: isinstance(e, TimeoutError))
+    d = BackgroundDispatcher(send, ms_delay=1, retry=policy, on_error=failures.append)
+    d.enqueue("transient")
+    assert d.flush(5.0)
+    d.enqueue("fatal")
+    d.close(5.0)
+    assert [(f.entries, f.attempts) for f in failures] == [(["transient"], 3), (["fatal"], 1)]
+
+
+def test_close_cuts_a_retry_backoff_short() -> None:
+    """close() does not wait out a long backoff: the last attempts go at once."""
+    calls: list[Any] = []
+
+    def send(entries: list[Any]) -> None:
+        calls.append(entries)
+        raise TimeoutError("down")
+
+    d = BackgroundDispatcher(send, ms_delay=1, retry=RetryPolicy(max_attempts=3, backoff=Constant(30.0)))
+    d.enqueue("x")
+    wait_for(lambda: calls, message="first attempt")
+    started = time.monotonic()
+    assert d.close(5.0) is False
+    assert time.monotonic() - started < 4.0
+    assert len(calls) == 3
+
+
+def test_submit_futures_carry_success_failure_and_drops() -> None:
+    """submit's Future resolves after the send, fails with the send error, or with QueueFullError when dropped."""
+
+    def send(entries: list[Any]) -> None:
+        if "boom" in entries:
+            raise OSError("boom")
+
+    d = BackgroundDispatcher(send, ms_delay=1)
+    ok = d.submit("fine")
+    assert ok.result(5) is None
+    bad = d.submit("boom")
+    with pytest.raises(OSError, match="boom"):
+        bad.result(5)
+    d.close(1.0)
+
+    d2, gate = _fill_behind_a_blocked_send("drop_newest")
+    kept = [d2.submit(i) for i in range(5, 15)]
+    dropped = d2.submit(15)
+    with pytest.raises(QueueFullError):
+        dropped.result(5)
+    gate.release.set()
+    assert d2.close(5.0)
+    assert all(f.result(5) is None for f in kept)
+
+
+def test_mixed_enqueue_and_submit_deliver_plain_entries() -> None:
+    """send_batch always receives the entries themselves, never wrappers."""
+    sink = Sink()
+    d = BackgroundDispatcher(sink, ms_delay=60_000, max_batch_size=4)
+    futures = [d.submit("a"), None, d.submit("c")]
+    d.enqueue("b")
+    d.enqueue("d")
+    wait_for(lambda: sink.batches, message="full batch")
+    assert sink.batches == [["a", "c", "b", "d"]]
+    assert futures[0] is not None and futures[0].result(1) is None
+    d.close(1.0)
+
+
+@pytest.mark.timeout(60)
+def test_many_producers_lose_nothing() -> None:
+    """8 threads x 20,000 entries: every entry arrives exactly once, batches within bounds."""
+    sink = Sink()
+    d = BackgroundDispatcher(sink, ms_delay=2, max_batch_size=256, max_queue_size=200_000)
+    barrier = threading.Barrier(8)
+
+    def produce(base: int) -> None:
+        barrier.wait()
+        for i in range(20_000):
+            d.enqueue(base + i)
+
+    threads = [threading.Thread(target=produce, args=(n * 1_000_000,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert d.close(30.0)
+    got = sink.entries
+    assert len(got) == 160_000
+    assert set(got) == {n * 1_000_000 + i for n in range(8) for i in range(20_000)}
+    assert all(len(b) <= 256 for b in sink.batches)
+    for n in range(8):  # each producer's own entries keep their order
+        mine = [e for e in got if e // 1_000_000 == n]
+        assert mine == sorted(mine)
+    stats = d.stats()
+    assert stats["enqueued"] == stats["sent"] == 160_000
+
+
+def test_context_manager_drains_on_exit() -> None:
+    """Leaving the with-block closes the dispatcher after delivering everything."""
+    sink = Sink()
+    with BackgroundDispatcher(sink, ms_delay=60_000) as d:
+        d.enqueue(1)
+        d.enqueue(2)
+    assert sink.entries == [1, 2]
+    assert d.closed
+
+
+def test_stats_add_up() -> None:
+    """enqueued == sent + failed + dropped + pending at rest."""
+    d, gate = _fill_behind_a_blocked_send("drop_newest")
+    for i in range(5, 30):
+        d.enqueue(i)
+    s = d.stats()
+    assert s["enqueued"] == 30
+    assert s["pending"] == 10 and s["dropped"] == 15 and s["in_flight"] == 1
+    gate.release.set()
+    assert d.close(5.0)
+    s = d.stats()
+    assert s["enqueued"] == s["sent"] + s["failed"] + s["dropped"] + s["pending"] == 30
+
+
+def test_an_unreferenced_dispatcher_is_collected_and_its_entries_still_go() -> None:
+    """Dropping the last reference collects the dispatcher; pending entries are still delivered."""
+    sink = Sink()
+    d = BackgroundDispatcher(sink, ms_delay=60_000)
+    d.enqueue("pending")
+    ref = weakref.ref(d)
+    del d
+    gc.collect()
+    assert ref() is None
+    wait_for(lambda: sink.entries == ["pending"], message="drain after collection")
+
+
+def test_an_idle_dispatcher_without_entries_is_collected_with_no_thread() -> None:
+    """A dispatcher that never received anything starts no thread and is collected."""
+    d = BackgroundDispatcher(Sink(), ms_delay=10)
+    ref = weakref.ref(d)
+    del d
+    gc.collect()
+    assert ref() is None
+
+
+def test_repr_names_the_dispatcher() -> None:
+    """repr shows the name, the window and the state."""
+    d = BackgroundDispatcher(Sink(), ms_delay=10, name="audit")
+    assert "audit" in repr(d) and "open" in repr(d)
+    d.close()
+    assert "closed" in repr(d)

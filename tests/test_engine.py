@@ -1,0 +1,173 @@
+"""The shared BatchEngine, through its internal API: keys, gates, scheduled entries, async settling."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Hashable
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+
+from threaddispatch import DispatcherClosedError
+from threaddispatch._engine import BatchEngine
+from threaddispatch._lanes import PriorityLane
+from threaddispatch.testing import wait_for
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.batches: list[tuple[Hashable, list[Any]]] = []
+
+    def __call__(self, key: Hashable, items: list[Any]) -> None:
+        with self.lock:
+            self.batches.append((key, list(items)))
+
+
+def test_batches_never_mix_keys_and_respect_the_size() -> None:
+    """Entries put under different keys go in separate batches of at most max_batch_size."""
+    rec = Recorder()
+    engine: BatchEngine[int] = BatchEngine(rec, name="test-engine", window=0.01, max_batch_size=3)
+    for i in range(10):
+        engine.put(i, key=i % 2)
+    assert engine.close(5)
+    assert all(len(items) <= 3 for _k, items in rec.batches)
+    for key in (0, 1):
+        sent = [x for k, items in rec.batches if k == key for x in items]
+        assert sent == [i for i in range(10) if i % 2 == key]
+        assert all(x % 2 == key for k, items in rec.batches if k == key for x in items)
+
+
+def test_a_closed_gate_skips_and_keeps_the_entries() -> None:
+    """While the gate says no, the lane is skipped (on_skip) and its entries stay; they go once it opens."""
+    rec = Recorder()
+    open_gate = threading.Event()
+    skips: list[tuple[Hashable, int]] = []
+    engine: BatchEngine[str] = BatchEngine(
+        rec,
+        name="test-engine",
+        window=0.01,
+        max_batch_size=10,
+        gate=lambda key: open_gate.is_set(),
+        on_skip=lambda key, count: skips.append((key, count)),
+    )
+    engine.put("a", key="k")
+    wait_for(lambda: skips, message="a skip")
+    assert skips[0] == ("k", 1)
+    assert rec.batches == []
+    assert engine.lane_length("k") == 1
+    open_gate.set()
+    wait_for(lambda: rec.batches, message="delivery after the gate opened")
+    assert rec.batches == [("k", ["a"])]
+    assert engine.close(5)
+
+
+def test_put_later_enters_the_lane_after_its_delay() -> None:
+    """A scheduled entry is not sent before its delay has passed."""
+    rec = Recorder()
+    times: list[float] = []
+
+    def deliver(key: Hashable, items: list[Any]) -> None:
+        times.append(time.monotonic())
+        rec(key, items)
+
+    engine: BatchEngine[str] = BatchEngine(deliver, name="test-engine", window=0.001, max_batch_size=10)
+    t0 = time.monotonic()
+    engine.put_later("later", "k", 0.1)
+    wait_for(lambda: rec.batches, message="the scheduled entry")
+    assert times[0] - t0 >= 0.095
+    assert engine.close(5)
+
+
+def test_close_hands_scheduled_entries_to_on_abandon() -> None:
+    """Entries still scheduled at close are given to on_abandon instead of being sent."""
+    rec = Recorder()
+    abandoned: list[tuple[Hashable, list[Any]]] = []
+    engine: BatchEngine[str] = BatchEngine(
+        rec,
+        name="test-engine",
+        window=0.001,
+        max_batch_size=10,
+        on_abandon=lambda key, items: abandoned.append((key, items)),
+    )
+    engine.put_later("retry-me", "k", 60)
+    assert engine.close(5)
+    assert abandoned == [("k", ["retry-me"])]
+    assert rec.batches == []
+    with pytest.raises(DispatcherClosedError):
+        engine.put("x")
+    with pytest.raises(DispatcherClosedError):
+        engine.put_later("x", "k", 1)
+
+
+def test_async_delivery_settles_when_the_future_completes() -> None:
+    """A deliver returning a Future keeps flush() waiting until that Future is done."""
+    pending: list[Future[None]] = []
+
+    def deliver(key: Hashable, items: list[Any]) -> Future[None]:
+        future: Future[None] = Future()
+        pending.append(future)
+        return future
+
+    engine: BatchEngine[int] = BatchEngine(deliver, name="test-engine", window=60, max_batch_size=10)
+    engine.put(1)
+    flushed: list[bool] = []
+    flusher = threading.Thread(target=lambda: flushed.append(engine.flush(10)))
+    flusher.start()
+    wait_for(lambda: pending, message="the batch handed over")
+    assert engine.in_flight() == 1
+    flusher.join(0.05)
+    assert flusher.is_alive()  # still waiting for the send to finish
+    pending[0].set_result(None)
+    flusher.join(5)
+    assert flushed == [True]
+    assert engine.close(5)
+
+
+def test_take_now_sends_synchronously_and_settles() -> None:
+    """take_now hands the caller a batch (in priority order with a PriorityLane) to settle itself."""
+    rec = Recorder()
+    engine: BatchEngine[tuple[int, str]] = BatchEngine(
+        rec,
+        name="test-engine",
+        window=60,
+        max_batch_size=10,
+        lane_factory=lambda key: PriorityLane(key, lambda item: item[0]),
+    )
+    for item in [(0, "low"), (5, "high"), (0, "low2"), (5, "high2")]:
+        engine.put(item, key="ep")
+    seq, items = engine.take_now("ep", 3)
+    assert items == [(5, "high"), (5, "high2"), (0, "low")]
+    assert engine.in_flight() == 1
+    engine.settle(seq)
+    assert engine.in_flight() == 0
+    assert engine.lane_length("ep") == 1
+    assert engine.take_now("missing", 3) == (0, [])
+    assert engine.close(5)
+    assert rec.batches == [("ep", [(0, "low2")])]
+
+
+def test_per_lane_limit_with_drop_oldest_in_the_locked_path() -> None:
+    """The locked put applies the overflow policy per lane and reports dropped items."""
+    dropped: list[Any] = []
+    gate = threading.Event()
+    engine: BatchEngine[int] = BatchEngine(
+        lambda k, items: None,
+        name="test-engine",
+        window=60,
+        max_batch_size=100,
+        max_queue_size=3,
+        overflow="drop_oldest",
+        on_drop=dropped.extend,
+        gate=lambda key: gate.is_set(),
+    )
+    for i in range(5):
+        engine.put(i, key="a")
+    assert dropped == [0, 1]
+    assert engine.lane_length("a") == 3
+    gate.set()
+    assert engine.close(5)

@@ -1,0 +1,125 @@
+"""EventEmitter: ordering, once, off, contained listener errors."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+
+from threaddispatch import EventEmitter
+
+
+def test_listeners_run_in_order_with_the_arguments() -> None:
+    """emit calls every listener of the event in registration order and reports whether there were any."""
+    emitter = EventEmitter()
+    calls: list[tuple[str, object]] = []
+    emitter.on("sent", lambda payload: calls.append(("a", payload)))
+    emitter.on("sent", lambda payload: calls.append(("b", payload)))
+    assert emitter.emit("sent", {"n": 1}) is True
+    assert emitter.emit("other") is False
+    assert calls == [("a", {"n": 1}), ("b", {"n": 1})]
+
+
+def test_once_fires_once_even_under_concurrent_emits() -> None:
+    """A once-listener runs exactly once when many threads emit at the same time."""
+    emitter = EventEmitter()
+    hits: list[int] = []
+    emitter.once("tick", lambda: hits.append(1))
+    barrier = threading.Barrier(8)
+
+    def fire() -> None:
+        barrier.wait()
+        emitter.emit("tick")
+
+    threads = [threading.Thread(target=fire) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert hits == [1]
+    assert emitter.listener_count("tick") == 0
+
+
+def test_off_and_the_returned_unsubscribe_remove_a_listener() -> None:
+    """off(fn) and the callable returned by on() both remove the registration."""
+    emitter = EventEmitter()
+    calls: list[str] = []
+
+    def a() -> None:
+        calls.append("a")
+
+    unsubscribe = emitter.on("e", lambda: calls.append("b"))
+    emitter.on("e", a)
+    assert emitter.off("e", a) is True
+    assert emitter.off("e", a) is False
+    assert unsubscribe() is True
+    emitter.emit("e")
+    assert calls == []
+
+
+def test_off_removes_a_once_listener_by_its_function() -> None:
+    """A listener added with once() can be removed with off(fn) before it fires."""
+    emitter = EventEmitter()
+    calls: list[int] = []
+
+    def fn() -> None:
+        calls.append(1)
+
+    emitter.once("e", fn)
+    assert emitter.off("e", fn)
+    emitter.emit("e")
+    assert calls == []
+
+
+def test_a_raising_listener_is_logged_and_the_rest_still_run(caplog: pytest.LogCaptureFixture) -> None:
+    """Listener errors never reach the emitter's caller; later listeners run; the error is counted."""
+    emitter = EventEmitter()
+    calls: list[str] = []
+
+    def broken() -> None:
+        raise RuntimeError("listener bug")
+
+    emitter.on("e", broken)
+    emitter.on("e", lambda: calls.append("after"))
+    with caplog.at_level(logging.ERROR, logger="threaddispatch.events"):
+        assert emitter.emit("e")
+    assert calls == ["after"]
+    assert emitter.listener_errors == 1
+    assert "listener bug" in caplog.text
+
+
+def test_remove_all_listeners_for_one_event_or_all() -> None:
+    """remove_all_listeners(event) clears one event; without an argument clears all."""
+    emitter = EventEmitter()
+    emitter.on("a", lambda: None)
+    emitter.on("b", lambda: None)
+    emitter.remove_all_listeners("a")
+    assert (emitter.listener_count("a"), emitter.listener_count("b")) == (0, 1)
+    emitter.remove_all_listeners()
+    assert emitter.listener_count("b") == 0
+
+
+def test_known_events_and_bad_listeners_are_checked() -> None:
+    """An unknown event name or a non-callable listener raises at on()."""
+    emitter = EventEmitter(known_events=frozenset({"sent"}))
+    with pytest.raises(ValueError, match="nope"):
+        emitter.on("nope", lambda: None)
+    with pytest.raises(TypeError, match="callable"):
+        emitter.on("sent", 5)  # type: ignore[arg-type]
+
+
+def test_a_listener_may_remove_itself_while_being_called() -> None:
+    """Emitting works on a snapshot: a listener removing itself does not skip the next one."""
+    emitter = EventEmitter()
+    calls: list[str] = []
+
+    def first() -> None:
+        calls.append("first")
+        emitter.off("e", first)
+
+    emitter.on("e", first)
+    emitter.on("e", lambda: calls.append("second"))
+    emitter.emit("e")
+    emitter.emit("e")
+    assert calls == ["first", "second", "second"]

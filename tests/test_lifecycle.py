@@ -1,0 +1,170 @@
+"""Exit drain and fork handling, in real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import threaddispatch
+from threaddispatch import ConfigurationError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def run_script(source: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(source)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_entries_are_drained_when_a_script_simply_ends() -> None:
+    """A script that enqueues and falls off the end still delivers every entry (one-minute window)."""
+    result = run_script(
+        """
+        import sys
+        from threaddispatch import BackgroundDispatcher
+        got = []
+        def send(entries):
+            got.extend(entries)
+        def report():
+            sys.stdout.write(f"delivered={len(got)}\\n")
+        import atexit
+        atexit.register(report)  # registered first, so it runs after threaddispatch's drain
+        d = BackgroundDispatcher(send, ms_delay=60_000)
+        for i in range(1000):
+            d.enqueue(i)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "delivered=1000" in result.stdout
+
+
+def test_exit_drain_is_bounded_by_the_exit_timeout_and_reports_the_loss() -> None:
+    """A hung send cannot hold the process past set_exit_timeout; the loss is logged."""
+    started = time.monotonic()
+    result = run_script(
+        """
+        import logging, threading
+        import threaddispatch
+        from threaddispatch import BackgroundDispatcher
+        logging.basicConfig(level=logging.INFO)
+        threaddispatch.set_exit_timeout(0.5)
+        never = threading.Event()
+        d = BackgroundDispatcher(lambda entries: never.wait(), ms_delay=1, max_batch_size=1)
+        for i in range(5):
+            d.enqueue(i)
+        """
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert elapsed < 15
+    assert "lost" in result.stderr
+
+
+def test_exit_drain_starts_no_thread_and_drains_what_one_dispatcher_feeds_another() -> None:
+    """A send that enqueues into a second, thread-less dispatcher during the exit drain starts no thread.
+
+    The second dispatcher's entries are delivered on the exiting main thread, whatever
+    order the drain visits the two in.
+    """
+    result = run_script(
+        """
+        import atexit, threading, sys
+        seen = []
+        def report():
+            sys.stdout.write(repr(seen) + "\\n")
+        atexit.register(report)  # before threaddispatch's hook, so it runs after the drain
+        from threaddispatch import BackgroundDispatcher
+        downstream = BackgroundDispatcher(
+            lambda entries: seen.append((threading.current_thread().name, list(entries))), ms_delay=60_000
+        )
+        def forward(entries):
+            for entry in entries:
+                downstream.enqueue(entry + "-forwarded")
+        upstream = BackgroundDispatcher(forward, ms_delay=60_000)
+        upstream.enqueue("late")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "[('MainThread', ['late-forwarded'])]" in result.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_starts_clean_and_parent_entries_go_out_once() -> None:
+    """After fork the child has an empty buffer and a working worker; the parent delivers its own entries."""
+    result = run_script(
+        """
+        import json, os, sys
+        from threaddispatch import BackgroundDispatcher
+        r, w = os.pipe()
+        got = []
+        d = BackgroundDispatcher(got.extend, ms_delay=60_000)
+        for i in range(5):
+            d.enqueue(("parent", i))
+        pid = os.fork()
+        if pid == 0:
+            d.enqueue(("child", 0))
+            d.enqueue(("child", 1))
+            ok = d.close(5.0)
+            os.write(w, json.dumps({"ok": ok, "got": got}).encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        child = json.loads(os.read(r, 65536).decode())
+        ok = d.close(5.0)
+        print(json.dumps({"child": child, "parent": {"ok": ok, "got": got}}))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["child"] == {"ok": True, "got": [["child", 0], ["child", 1]]}
+    assert report["parent"] == {"ok": True, "got": [["parent", i] for i in range(5)]}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_fork_while_the_worker_is_running_gives_the_child_a_fresh_worker() -> None:
+    """A child forked while the parent's worker is alive can still deliver (its own worker starts)."""
+    result = run_script(
+        """
+        import json, os
+        from threaddispatch import BackgroundDispatcher
+        got = []
+        d = BackgroundDispatcher(got.extend, ms_delay=1)
+        d.enqueue("warm")
+        assert d.flush(5.0)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            d.enqueue("from-child")
+            flushed = d.flush(5.0)
+            os.write(w, json.dumps({"flushed": flushed, "got": got}).encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print(os.read(r, 65536).decode())
+        d.close(5.0)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"flushed": True, "got": ["warm", "from-child"]}
+
+
+def test_set_exit_timeout_validates_and_round_trips() -> None:
+    """set_exit_timeout refuses bad values and get_exit_timeout reads it back."""
+    before = threaddispatch.get_exit_timeout()
+    try:
+        threaddispatch.set_exit_timeout(2.5)
+        assert threaddispatch.get_exit_timeout() == 2.5
+        with pytest.raises(ConfigurationError, match="-1"):
+            threaddispatch.set_exit_timeout(-1)
+    finally:
+        threaddispatch.set_exit_timeout(before)

@@ -1,0 +1,94 @@
+"""The shared WorkerPool: bounded threads, futures, shutdown."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from threaddispatch import ConfigurationError, DispatcherClosedError
+from threaddispatch._pool import WorkerPool
+from threaddispatch.testing import wait_for
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_results_and_errors_travel_through_futures() -> None:
+    """submit returns a Future carrying the callable's result or exception."""
+    pool = WorkerPool(2, name="test-pool")
+    assert pool.submit(lambda a, b: a + b, 2, 3).result(5) == 5
+
+    def fail() -> None:
+        raise KeyError("missing")
+
+    with pytest.raises(KeyError):
+        pool.submit(fail).result(5)
+    assert pool.shutdown(5)
+
+
+def test_never_more_than_max_workers_run_at_once() -> None:
+    """With 3 workers and 12 blocking tasks, at most 3 run concurrently and all finish."""
+    pool = WorkerPool(3, name="test-pool")
+    lock = threading.Lock()
+    running = peak = 0
+    release = threading.Event()
+
+    def task() -> None:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        release.wait(10)
+        with lock:
+            running -= 1
+
+    futures = [pool.submit(task) for _ in range(12)]
+    try:
+        wait_for(lambda: running == 3, message="three tasks running")
+        assert pool.busy() == 12  # 3 running, 9 waiting for a thread
+    finally:
+        release.set()
+    for f in futures:
+        f.result(10)
+    assert peak == 3
+    assert pool.wait_idle(time.monotonic() + 5)
+    assert pool.shutdown(5)
+
+
+def test_thread_names_and_daemon_flag() -> None:
+    """Pool threads are daemons named threaddispatch-<name>-<n>."""
+    pool = WorkerPool(1, name="named")
+    info = pool.submit(lambda: (threading.current_thread().name, threading.current_thread().daemon)).result(5)
+    assert info == ("threaddispatch-named-1", True)
+    pool.shutdown(5)
+
+
+def test_shutdown_is_idempotent_and_refuses_new_work() -> None:
+    """After shutdown, submit raises DispatcherClosedError; a second shutdown returns True."""
+    pool = WorkerPool(1, name="test-pool")
+    pool.submit(lambda: None).result(5)
+    assert pool.shutdown(5)
+    assert pool.shutdown(5)
+    with pytest.raises(DispatcherClosedError):
+        pool.submit(lambda: None)
+
+
+def test_shutdown_returns_within_its_timeout_with_a_hung_task() -> None:
+    """A task that hangs cannot stretch shutdown past its timeout."""
+    pool = WorkerPool(1, name="test-pool")
+    release = threading.Event()
+    started = threading.Event()
+    pool.submit(lambda: (started.set(), release.wait(20)))
+    assert started.wait(5)
+    t0 = time.monotonic()
+    assert pool.shutdown(0.2) is False
+    assert time.monotonic() - t0 < 2
+    release.set()
+    assert pool.shutdown(5)
+
+
+def test_bad_max_workers_is_refused() -> None:
+    """max_workers must be an int >= 1."""
+    with pytest.raises(ConfigurationError, match="0"):
+        WorkerPool(0, name="x")

@@ -1,0 +1,89 @@
+"""BatchingHandler: a ``logging.Handler`` that ships records in batches through a BackgroundDispatcher.
+
+For scripts and web apps that send logs to a remote service: the logging call only
+appends to a buffer; ``send_records(records)`` runs on the dispatcher's thread at most
+once per ``ms_delay`` window.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from threaddispatch._engine import Overflow
+from threaddispatch.background import BackgroundDispatcher, FailedBatch
+from threaddispatch.backoff import RetryPolicy
+
+__all__ = ["BatchingHandler"]
+
+
+class BatchingHandler(logging.Handler):
+    """Batches log records to ``send_records(list[LogRecord])`` on a background thread.
+
+    ``emit`` never raises into the logging call and never blocks (the default
+    ``overflow="drop_newest"`` drops records past ``max_queue_size`` and counts them).
+    Records are prepared as ``logging.handlers.QueueHandler`` does: the message is
+    formatted on the caller's thread and ``args``/``exc_info`` are cleared, so records
+    are safe to send later. Records logged *by* ``send_records`` itself (on the
+    dispatcher's thread) are not queued again, so a handler that logs to its own logger
+    cannot feed itself; they are counted in ``self_records_skipped``.
+    """
+
+    def __init__(
+        self,
+        send_records: Callable[[list[logging.LogRecord]], object],
+        ms_delay: float = 100,
+        *,
+        level: int | str = logging.NOTSET,
+        max_batch_size: int = 1000,
+        max_queue_size: int = 10_000,
+        overflow: Overflow = "drop_newest",
+        retry: RetryPolicy | None = None,
+        on_error: Callable[[FailedBatch[logging.LogRecord]], object] | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(level)
+        self.dispatcher: BackgroundDispatcher[logging.LogRecord] = BackgroundDispatcher(
+            send_records,
+            ms_delay,
+            max_batch_size=max_batch_size,
+            max_queue_size=max_queue_size,
+            overflow=overflow,
+            on_error=on_error,
+            retry=retry,
+            name=name or "logging",
+        )
+        self.self_records_skipped = 0
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        """Format the message now and strip what cannot travel (args, exc_info)."""
+        message = self.format(record)
+        record.message = message
+        record.msg = message
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+        record.stack_info = None
+        return record
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Queue ``record``; O(1), never raises (errors go to ``handleError``), never blocks with drop policies."""
+        try:
+            if self.dispatcher._engine.on_worker_thread():
+                self.self_records_skipped += 1
+                return
+            self.dispatcher.enqueue(self.prepare(record))
+        except Exception:  # noqa: BLE001 - a logging call must never raise
+            self.handleError(record)
+
+    def flush(self, timeout: float | None = 5.0) -> None:
+        """Send the queued records and wait up to ``timeout`` seconds for them."""
+        if not self.dispatcher.closed:
+            self.dispatcher.flush(timeout)
+
+    def close(self, timeout: float | None = 5.0) -> None:
+        """Send the queued records, stop the thread (up to ``timeout`` seconds), and close the handler."""
+        try:
+            self.dispatcher.close(timeout)
+        finally:
+            super().close()
