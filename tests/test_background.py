@@ -512,3 +512,20 @@ def test_repr_names_the_dispatcher() -> None:
     assert "audit" in repr(d) and "open" in repr(d)
     d.close()
     assert "closed" in repr(d)
+
+
+def test_close_from_inside_send_batch_returns_instead_of_deadlocking() -> None:
+    """send_batch calling close() on its own dispatcher gets False at once; the dispatcher still closes."""
+    results: list[bool] = []
+    holder: list[BackgroundDispatcher[int]] = []
+
+    def send(entries: list[int]) -> None:
+        results.append(holder[0].close())
+
+    d = BackgroundDispatcher(send, ms_delay=1)
+    holder.append(d)
+    d.enqueue(1)
+    wait_for(lambda: results, message="close called from send_batch")
+    assert results == [False]
+    assert d.close(5.0)
+    holder.clear()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from threaddispatch._lifecycle import get_exit_timeout, set_exit_timeout
 from threaddispatch.background import BackgroundDispatcher, FailedBatch
 from threaddispatch.backoff import Constant, Exponential, ExponentialJitter, Linear, RetryPolicy
+from threaddispatch.endpoint import BatchStats, DispatchJob, EndpointBatchDispatcher, WebhookBatch
 from threaddispatch.errors import (
     Cancel,
     CancelledError,
@@ -32,12 +33,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackgroundDispatcher",
+    "BatchStats",
     "Cancel",
     "CancelledError",
     "ConfigurationError",
     "Constant",
+    "DispatchJob",
     "DispatchTimeoutError",
     "DispatcherClosedError",
+    "EndpointBatchDispatcher",
     "EventEmitter",
     "Exponential",
     "ExponentialJitter",
@@ -53,6 +57,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailableError",
     "ThreadDispatchError",
+    "WebhookBatch",
     "__version__",
     "get_exit_timeout",
     "set_exit_timeout",

@@ -606,6 +606,9 @@ class BatchEngine(Generic[T]):
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         self.begin_close()
+        if self.on_worker_thread():
+            # Called from inside deliver: the batch in hand cannot settle while we wait for it.
+            return False
         with self._lock:
             thread = self._thread
         if thread is None and _lifecycle.exiting():
