@@ -8,7 +8,9 @@ counted; the other listeners still run and the emitter's caller never sees it.
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +19,15 @@ __all__ = ["EventEmitter", "Listener"]
 Listener = Callable[..., object]
 
 _log = logging.getLogger("threaddispatch.events")
+
+# Every live emitter, so one fork hook can give each a fresh lock in the child (a lock
+# held by another parent thread at fork time would never be released there).
+_emitters: weakref.WeakSet[EventEmitter] = weakref.WeakSet()
+
+
+def _reset_locks_after_fork() -> None:
+    for emitter in list(_emitters):
+        emitter._listeners_lock = threading.Lock()
 
 
 class _Once:
@@ -42,6 +53,7 @@ class EventEmitter:
         self._listeners: dict[str, list[Listener | _Once]] = {}
         self._known_events = known_events
         self.listener_errors = 0
+        _emitters.add(self)
 
     def _check_event(self, event: str) -> None:
         if not isinstance(event, str) or not event:
@@ -124,3 +136,7 @@ class EventEmitter:
                 self.listener_errors += 1
                 _log.exception("listener %r for event %r raised", fn, event)
         return True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_locks_after_fork)
