@@ -10,6 +10,8 @@ from __future__ import annotations
 from threaddispatch._lifecycle import get_exit_timeout, set_exit_timeout
 from threaddispatch.background import BackgroundDispatcher, FailedBatch
 from threaddispatch.backoff import Constant, Exponential, ExponentialJitter, Linear, RetryPolicy
+from threaddispatch.batched import BatchedDispatcher
+from threaddispatch.buffered import AsyncDispatcher, Dispatcher, FailedMessage, Sender, SubmittingDispatcher
 from threaddispatch.endpoint import BatchStats, DispatchJob, EndpointBatchDispatcher, WebhookBatch
 from threaddispatch.errors import (
     Cancel,
@@ -28,37 +30,77 @@ from threaddispatch.errors import (
     ThreadDispatchError,
 )
 from threaddispatch.events import EventEmitter
+from threaddispatch.jobs import Config, JobContext, JobDefinition, JobEngine, QueueConfig
+from threaddispatch.middleware import LoggingMiddleware, Middleware, RecoverMiddleware, TimeoutMiddleware
+from threaddispatch.request_storage import MemoryRequestStorage, RequestStorage, SQLiteRequestStorage, StoredRequest
+from threaddispatch.requests import (
+    CancellationToken,
+    QueuedRequest,
+    QueueSnapshot,
+    RequestDispatcher,
+    RequestEvent,
+    RequestHandle,
+    default_dedupe_key,
+    default_queue_key,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncDispatcher",
     "BackgroundDispatcher",
     "BatchStats",
+    "BatchedDispatcher",
     "Cancel",
+    "CancellationToken",
     "CancelledError",
+    "Config",
     "ConfigurationError",
     "Constant",
     "DispatchJob",
     "DispatchTimeoutError",
+    "Dispatcher",
     "DispatcherClosedError",
     "EndpointBatchDispatcher",
     "EventEmitter",
     "Exponential",
     "ExponentialJitter",
     "FailedBatch",
+    "FailedMessage",
     "InvalidStateError",
+    "JobContext",
+    "JobDefinition",
+    "JobEngine",
     "JobNotFoundError",
     "Linear",
+    "LoggingMiddleware",
+    "MemoryRequestStorage",
+    "Middleware",
     "NoStoreError",
     "PayloadError",
+    "QueueConfig",
     "QueueFullError",
+    "QueueSnapshot",
+    "QueuedRequest",
+    "RecoverMiddleware",
+    "RequestDispatcher",
+    "RequestEvent",
+    "RequestHandle",
+    "RequestStorage",
     "Retry",
     "RetryPolicy",
+    "SQLiteRequestStorage",
+    "Sender",
     "StoreError",
     "StoreUnavailableError",
+    "StoredRequest",
+    "SubmittingDispatcher",
     "ThreadDispatchError",
+    "TimeoutMiddleware",
     "WebhookBatch",
     "__version__",
+    "default_dedupe_key",
+    "default_queue_key",
     "get_exit_timeout",
     "set_exit_timeout",
 ]

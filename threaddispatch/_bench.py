@@ -180,6 +180,41 @@ def _deque_floor(sink: _Sink, capacity: int) -> _Contender:
     return _Contender(buffer.append, close, lambda: thread)
 
 
+def _async_direct(sink: _Sink, capacity: int) -> _Contender:
+    from threaddispatch.buffered import AsyncDispatcher
+
+    class _One:
+        def dispatch(self, message: Any, target: str, *, delay_seconds: int | None = None) -> None:
+            sink.one(message)
+
+    ad: AsyncDispatcher[Any] = AsyncDispatcher(_One(), "bench")
+    send = ad.setup(capacity)
+    ad.start()
+    return _Contender(send.put, lambda: ad.stop(5.0), lambda: ad._state.dispatch_thread)
+
+
+def _async_batched(sink: _Sink, capacity: int) -> _Contender:
+    from threaddispatch.batched import BatchedDispatcher
+    from threaddispatch.buffered import AsyncDispatcher
+
+    def send_batch(target: str, messages: list[Any]) -> list[Any]:
+        sink.batch(messages)
+        return [None] * len(messages)
+
+    bd: BatchedDispatcher[Any] = BatchedDispatcher(
+        send_batch, max_batch_size=BATCH, flush_interval=WINDOW_MS / 1000, name="bench"
+    )
+    ad: AsyncDispatcher[Any] = AsyncDispatcher(bd, "bench", max_in_flight=capacity)
+    send = ad.setup(capacity)
+    ad.start()
+
+    def close() -> None:
+        ad.stop(5.0)
+        bd.close(5.0)
+
+    return _Contender(send.put, close, lambda: ad._state.dispatch_thread)
+
+
 CONTENDERS: dict[str, tuple[str, Callable[[_Sink, int], _Contender], str | None]] = {
     "threaddispatch": ("threaddispatch BackgroundDispatcher", _threaddispatch, None),
     "otel": ("OpenTelemetry BatchSpanProcessor", _otel, "opentelemetry.sdk"),
@@ -187,6 +222,8 @@ CONTENDERS: dict[str, tuple[str, Callable[[_Sink, int], _Contender], str | None]
     "simplequeue": ("queue.SimpleQueue + thread", lambda s, c: _queue_thread(s, c, simple=True), None),
     "queuelistener": ("logging QueueHandler/QueueListener", _queue_listener, None),
     "floor": ("deque.append floor", _deque_floor, None),
+    "async": ("threaddispatch AsyncDispatcher", _async_direct, None),
+    "async-batched": ("threaddispatch AsyncDispatcher + BatchedDispatcher", _async_batched, None),
 }
 
 

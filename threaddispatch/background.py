@@ -223,7 +223,9 @@ class BackgroundDispatcher(Generic[T]):
         else:
             self.enqueue = _lock_free_enqueue(lane, self._engine.kick)  # type: ignore[method-assign]
         # An unreferenced dispatcher drains in the background and its worker then leaves.
-        weakref.finalize(self, self._engine.begin_close)
+        # At exit the lifecycle drain has it instead (and may start no thread).
+        self._finalizer = weakref.finalize(self, self._engine.begin_close)
+        self._finalizer.atexit = False
 
     def enqueue(self, entry: T, timeout: float | None = None) -> None:
         """Add ``entry`` to the next batch. O(1), never calls ``send_batch`` on this thread.
@@ -274,6 +276,7 @@ class BackgroundDispatcher(Generic[T]):
                 # From here every append to the lane raises, through any enqueue reference.
                 self._lane.__class__ = ClosedFifoLane
                 self._sender.closing.set()
+                self._finalizer.detach()  # closed: nothing left for the collector to do
             failed_before = self._sender.failed
         drained = self._engine.close(timeout)
         return drained and self._sender.failed == failed_before

@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     bench = sub.add_parser("bench", help="run the enqueue benchmark against the peers and print the table")
-    bench.add_argument("--entries", type=_positive_int, default=400_000, help="entries per run (default 400000)")
+    bench.add_argument("--entries", type=_positive_int, default=200_000, help="entries per run (default 200000)")
     bench.add_argument("--producers", type=_producer_list, default=[1, 4], help="producer counts (default 1,4)")
     bench.add_argument("--repeats", type=_positive_int, default=3, help="fresh-process runs per cell (default 3)")
     bench.add_argument("--contenders", default="", help="comma-separated subset (default: all installed)")
@@ -97,12 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quiet", action="store_true", help="no progress lines")
     bench.set_defaults(handler=_cmd_bench)
 
-    for extension in ("threaddispatch._cli_worker", "threaddispatch._cli_admin"):
-        try:
-            module = __import__(extension, fromlist=["add_parsers"])
-        except ImportError:
-            continue
-        module.add_parsers(sub)
+    from threaddispatch._cli_admin import add_parsers as add_admin_parsers
+    from threaddispatch._cli_worker import add_worker_parser
+
+    add_worker_parser(sub)
+    add_admin_parsers(sub)
     return parser
 
 
@@ -110,8 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Subcommands set ``handler`` (this module's convention) or ``func`` (the worker's).
+    handler = getattr(args, "handler", None) or args.func
     try:
-        return int(args.handler(args))
+        return int(handler(args))
     except CommandError as error:
         print(f"threaddispatch {args.command}: {error}", file=sys.stderr)
         return 2

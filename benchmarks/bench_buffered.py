@@ -1,0 +1,186 @@
+"""Messages/s through AsyncDispatcher (direct and batched), beside a plain queue.Queue + thread hand-off.
+
+One producer thread puts N small dicts into a bounded buffer (1,000 messages); a
+consumer hands each to a "dispatcher". Measured: first put to the moment every
+message was handed over and the consumer stopped (end-to-end messages/s), median of
+``--repeat`` runs. Two workloads:
+
+* ``0 ms``: the dispatcher does nothing; this is the cost of the hand-off itself.
+* ``--latency`` ms per call (default 1 ms, a fast network round trip): one call per
+  message for the direct contenders, one call per batch for the batched ones. This is
+  what batching behind the same interface buys.
+
+Every run checks that exactly N messages arrived. Prints a reStructuredText table
+fragment for the README. Usage::
+
+    python benchmarks/bench_buffered.py [--messages 200000] [--latency-messages 3000] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from threaddispatch.batched import BatchedDispatcher
+from threaddispatch.buffered import AsyncDispatcher
+
+BUFFER = 1000
+MESSAGE = {"event": "order.created", "id": 1}
+
+
+class _Sink:
+    """Counts messages handed over; sleeps ``latency`` seconds per call (thread-safe)."""
+
+    def __init__(self, latency: float) -> None:
+        self.latency = latency
+        self.lock = threading.Lock()
+        self.count = 0
+        self.calls = 0
+
+    def one(self, _message: Any, _target: str, *, delay_seconds: int | None = None) -> str:
+        if self.latency:
+            time.sleep(self.latency)
+        with self.lock:
+            self.count += 1
+            self.calls += 1
+        return "id"
+
+    def batch(self, _target: str, messages: list[Any]) -> list[str | BaseException | None]:
+        if self.latency:
+            time.sleep(self.latency)
+        with self.lock:
+            self.count += len(messages)
+            self.calls += 1
+        return ["id"] * len(messages)
+
+
+class _Direct:
+    def __init__(self, sink: _Sink) -> None:
+        self.dispatch = sink.one
+
+
+def run_queue(n: int, sink: _Sink) -> float:
+    """queue.Queue(maxsize=BUFFER) and one consumer thread calling the sink per message."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=BUFFER)
+    stop = object()
+
+    def consume() -> None:
+        while True:
+            item = q.get()
+            if item is stop:
+                return
+            sink.one(item, "bench")
+
+    consumer = threading.Thread(target=consume, name="bench-queue-consumer", daemon=True)
+    consumer.start()
+    started = time.perf_counter()
+    for _ in range(n):
+        q.put(MESSAGE)
+    q.put(stop)
+    consumer.join()
+    return time.perf_counter() - started
+
+
+def run_async(n: int, dispatcher: Any, flush: Callable[[], object] | None = None) -> float:
+    """AsyncDispatcher(dispatcher).setup(BUFFER): put n messages, then stop() (which drains)."""
+    ad: AsyncDispatcher[Any] = AsyncDispatcher(dispatcher, "bench", max_in_flight=max(BUFFER, 1000))
+    send = ad.setup(BUFFER)
+    ad.start()
+    started = time.perf_counter()
+    put = send.put
+    for _ in range(n):
+        put(MESSAGE)
+    if not ad.stop(120):
+        raise RuntimeError("AsyncDispatcher did not drain in 120 s")
+    elapsed = time.perf_counter() - started
+    if flush is not None:
+        flush()
+    return elapsed
+
+
+def contenders(latency: float) -> list[tuple[str, Callable[[int], tuple[float, _Sink]]]]:
+    def queue_run(n: int) -> tuple[float, _Sink]:
+        sink = _Sink(latency)
+        return run_queue(n, sink), sink
+
+    def direct_run(n: int) -> tuple[float, _Sink]:
+        sink = _Sink(latency)
+        return run_async(n, _Direct(sink)), sink
+
+    def batched_run(size: int) -> Callable[[int], tuple[float, _Sink]]:
+        def run(n: int) -> tuple[float, _Sink]:
+            sink = _Sink(latency)
+            bd: BatchedDispatcher[Any] = BatchedDispatcher(
+                sink.batch, max_batch_size=size, flush_interval=0.05, max_concurrent_sends=4, name=f"bench-{size}"
+            )
+            try:
+                return run_async(n, bd), sink
+            finally:
+                bd.close(10)
+
+        return run
+
+    return [
+        ("queue.Queue + thread (baseline)", queue_run),
+        ("AsyncDispatcher, direct", direct_run),
+        ("AsyncDispatcher + BatchedDispatcher(10)", batched_run(10)),
+        ("AsyncDispatcher + BatchedDispatcher(100)", batched_run(100)),
+    ]
+
+
+def measure(latency: float, n: int, repeat: int) -> dict[str, tuple[float, int]]:
+    results: dict[str, tuple[float, int]] = {}
+    for name, run in contenders(latency):
+        rates = []
+        calls = 0
+        for _ in range(repeat):
+            elapsed, sink = run(n)
+            if sink.count != n:
+                raise RuntimeError(f"{name}: {sink.count} of {n} messages arrived")
+            rates.append(n / elapsed)
+            calls = sink.calls
+        results[name] = (statistics.median(rates), calls)
+        print(f"  {name:<42} {results[name][0]:>12,.0f} msg/s  ({calls} calls)", file=sys.stderr)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--messages", type=int, default=200_000, help="messages per run, 0 ms workload")
+    parser.add_argument("--latency-messages", type=int, default=3_000, help="messages per run, latency workload")
+    parser.add_argument("--latency", type=float, default=1.0, help="ms per dispatcher call in the second workload")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per contender; the median is reported")
+    args = parser.parse_args(argv)
+
+    print(f"0 ms per call, {args.messages:,} messages:", file=sys.stderr)
+    fast = measure(0.0, args.messages, args.repeat)
+    print(f"{args.latency:g} ms per call, {args.latency_messages:,} messages:", file=sys.stderr)
+    slow = measure(args.latency / 1000.0, args.latency_messages, args.repeat)
+
+    headers = ["Hand-off", "msg/s, 0 ms per call", f"msg/s, {args.latency:g} ms per call", "calls (latency run)"]
+    rows = [[name, f"{fast[name][0]:,.0f}", f"{slow[name][0]:,.0f}", f"{slow[name][1]:,}"] for name in fast]
+    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
+    rule = "  ".join("=" * w for w in widths)
+    print(rule)
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    print(rule)
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    print(rule)
+    print(
+        f"\nPython {sys.version.split()[0]}, one producer, buffer {BUFFER}, median of {args.repeat} runs; "
+        f"BatchedDispatcher flush_interval=0.05, max_concurrent_sends=4."
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""JobEngine on SQLiteStore side by side with huey's SqliteHuey (thread workers), in one run.
+
+Measures, for N no-op jobs (default 10,000) on a SQLite file in a temp dir:
+
+1. enqueue: jobs/s to enqueue them one call per job (both libraries), and for
+   threaddispatch also ``enqueue_many`` (one transaction);
+2. run: jobs/s to run them all with 4 worker threads, from worker start to the last
+   job done (each handler counts itself; the clock stops when the count reaches N).
+
+Both stores are durable files in WAL mode. threaddispatch uses ``synchronous=NORMAL``
+(its default); huey leaves SQLite's default (``FULL``, an fsync per commit) unless
+``--huey-fsync off``. Run ``python benchmarks/bench_jobs.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from threaddispatch.jobs import JobEngine
+from threaddispatch.stores import SQLiteStore
+
+_serial = itertools.count()
+
+
+class Counter:
+    """Counts handler runs; sets ``done`` when ``target`` is reached."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.count = 0
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+
+    def hit(self) -> None:
+        with self.lock:
+            self.count += 1
+            if self.count >= self.target:
+                self.done.set()
+
+
+def bench_threaddispatch(directory: str, jobs: int, workers: int, *, many: bool) -> tuple[float, float]:
+    store = SQLiteStore(os.path.join(directory, f"td-{next(_serial)}.db"))
+    engine = JobEngine(store, concurrency=workers, poll_interval=0.01, max_poll_interval=0.1, heartbeat_interval=5.0)
+    counter = Counter(jobs)
+
+    @engine.job("noop", max_retries=0, timeout=None)
+    def noop(ctx: object, payload: object) -> None:
+        counter.hit()
+
+    start = time.perf_counter()
+    if many:
+        engine.enqueue_many("noop", [None] * jobs)
+    else:
+        for _ in range(jobs):
+            engine.enqueue("noop")
+    enqueue_rate = jobs / (time.perf_counter() - start)
+
+    start = time.perf_counter()
+    engine.start()
+    if not counter.done.wait(300):
+        raise RuntimeError(f"threaddispatch ran only {counter.count} of {jobs} jobs")
+    run_rate = jobs / (time.perf_counter() - start)
+    engine.stop(10)
+    if engine.counts()["completed"] != jobs:
+        raise RuntimeError(f"threaddispatch: {engine.counts()}")
+    store.close()
+    return enqueue_rate, run_rate
+
+
+def bench_huey(directory: str, jobs: int, workers: int, *, fsync: bool | None) -> tuple[float, float]:
+    import logging
+
+    from huey import SqliteHuey  # type: ignore[import-untyped]
+
+    logging.getLogger("huey").setLevel(logging.WARNING)
+    huey = SqliteHuey("bench", filename=os.path.join(directory, f"huey-{next(_serial)}.db"), fsync=fsync)
+    counter = Counter(jobs)
+
+    @huey.task()  # type: ignore[untyped-decorator]
+    def noop() -> None:
+        counter.hit()
+
+    start = time.perf_counter()
+    for _ in range(jobs):
+        noop()
+    enqueue_rate = jobs / (time.perf_counter() - start)
+
+    consumer = huey.create_consumer(
+        workers=workers, worker_type="thread", periodic=False, initial_delay=0.01, max_delay=0.1
+    )
+    start = time.perf_counter()
+    consumer.start()
+    if not counter.done.wait(300):
+        raise RuntimeError(f"huey ran only {counter.count} of {jobs} jobs")
+    run_rate = jobs / (time.perf_counter() - start)
+    consumer.stop(graceful=True)
+    return enqueue_rate, run_rate
+
+
+def best_of(repeat: int, fn: Callable[[], tuple[float, float]]) -> tuple[float, float]:
+    results = [fn() for _ in range(repeat)]
+    return max(r[0] for r in results), max(r[1] for r in results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=3, help="best of this many runs (default 3)")
+    parser.add_argument("--huey-fsync", choices=["default", "off"], default="default")
+    parser.add_argument("--only", choices=["threaddispatch", "huey"], default=None)
+    args = parser.parse_args()
+
+    fsync = None if args.huey_fsync == "default" else False
+    print(f"{args.jobs} no-op jobs, {args.workers} worker threads, SQLite {__import__('sqlite3').sqlite_version}, "
+          f"best of {args.repeat}")
+    with tempfile.TemporaryDirectory() as directory:
+        rows = []
+        if args.only in (None, "threaddispatch"):
+            one = best_of(args.repeat, lambda: bench_threaddispatch(directory, args.jobs, args.workers, many=False))
+            rows.append(("threaddispatch enqueue()", one))
+            many = best_of(args.repeat, lambda: bench_threaddispatch(directory, args.jobs, args.workers, many=True))
+            rows.append(("threaddispatch enqueue_many()", many))
+        if args.only in (None, "huey"):
+            huey = best_of(args.repeat, lambda: bench_huey(directory, args.jobs, args.workers, fsync=fsync))
+            rows.append((f"huey SqliteHuey (fsync={args.huey_fsync})", huey))
+        print(f"{'':36} {'enqueue jobs/s':>15} {'run jobs/s':>12}")
+        for name, (enqueue, run) in rows:
+            print(f"{name:36} {enqueue:15,.0f} {run:12,.0f}")
+        if len(rows) == 3:
+            h_enqueue, h_run = rows[2][1]
+            print(f"ratio enqueue() / huey:       {rows[0][1][0] / h_enqueue:6.2f}x")
+            print(f"ratio enqueue_many() / huey:  {rows[1][1][0] / h_enqueue:6.2f}x")
+            print(f"ratio run / huey:             {rows[0][1][1] / h_run:6.2f}x")
+
+
+if __name__ == "__main__":
+    main()

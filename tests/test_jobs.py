@@ -1,0 +1,605 @@
+"""JobEngine in one process: jobs, order, retries, dead letters, hooks, limits, timeouts, stop, cron."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from threaddispatch.backoff import Constant
+from threaddispatch.errors import (
+    Cancel,
+    CancelledError,
+    ConfigurationError,
+    DispatchTimeoutError,
+    InvalidStateError,
+    JobNotFoundError,
+    NoStoreError,
+    PayloadError,
+    Retry,
+)
+from threaddispatch.jobs import Config, JobContext, JobEngine, QueueConfig
+from threaddispatch.middleware import Middleware
+from threaddispatch.stores import MemoryStore, SQLiteStore, Store
+from threaddispatch.testing import wait_for
+
+FAST: dict[str, Any] = {
+    "poll_interval": 0.01,
+    "max_poll_interval": 0.05,
+    "heartbeat_interval": 0.05,
+    "stale_job_threshold": 0.3,
+    "shutdown_timeout": 5.0,
+    "backoff": Constant(0.01),
+}
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """Both embedded stores; SQLite is a real file."""
+    made: Store = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "jobs.db")
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    """A SQLite store in a temp file."""
+    made = SQLiteStore(tmp_path / "jobs.db")
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def make_engine() -> Iterator[Callable[..., JobEngine]]:
+    """Build engines with short intervals; every one is stopped at teardown."""
+    engines: list[JobEngine] = []
+
+    def make(store: Store, **options: Any) -> JobEngine:
+        engine = JobEngine(store, **{**FAST, **options})
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop(5)
+
+
+class Recorder:
+    """An extension recording every hook call in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+
+    def _add(self, hook: str, job: Any) -> None:
+        with self.lock:
+            self.calls.append((hook, job.id))
+
+    def on_job_enqueued(self, job: Any) -> None:
+        self._add("enqueued", job)
+
+    def on_job_started(self, job: Any) -> None:
+        self._add("started", job)
+
+    def on_job_completed(self, job: Any, result: object) -> None:
+        self._add("completed", job)
+
+    def on_job_retrying(self, job: Any, error: BaseException, delay: float) -> None:
+        self._add("retrying", job)
+
+    def on_job_failed(self, job: Any, error: BaseException) -> None:
+        self._add("failed", job)
+
+    def on_job_dlq(self, job: Any, letter: Any) -> None:
+        self._add("dlq", job)
+
+    def on_shutdown(self) -> None:
+        with self.lock:
+            self.calls.append(("shutdown", ""))
+
+
+# -- construction ---------------------------------------------------------------------------------
+
+
+def test_engine_without_store_raises_no_store_error() -> None:
+    """JobEngine() needs a store."""
+    with pytest.raises(NoStoreError):
+        JobEngine()
+
+
+def test_config_defaults_mirror_the_design() -> None:
+    """Config.default() has the documented defaults and validates."""
+    config = Config.default().validate()
+    assert (config.concurrency, config.queues, config.poll_interval, config.max_poll_interval) == (
+        10, ("default",), 1.0, 30.0,
+    )  # fmt: skip
+    assert (config.shutdown_timeout, config.heartbeat_interval, config.stale_job_threshold) == (30.0, 10.0, 30.0)
+    engine = JobEngine.from_config(MemoryStore(), Config(concurrency=3))
+    assert engine.config.concurrency == 3
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("concurrency", 0),
+        ("poll_interval", -1),
+        ("max_poll_interval", 0.001),
+        ("queues", "default"),
+        ("queues", []),
+        ("stale_job_threshold", 5.0),
+        ("queue_configs", [QueueConfig("a"), QueueConfig("a")]),
+    ],
+)
+def test_bad_options_raise_naming_the_value(option: str, value: object) -> None:
+    """Bad constructor arguments raise ConfigurationError at the call."""
+    with pytest.raises(ConfigurationError, match=option):
+        JobEngine(MemoryStore(), **{option: value})  # type: ignore[arg-type]
+
+
+def test_queue_config_validates() -> None:
+    """QueueConfig refuses bad limits."""
+    with pytest.raises(ConfigurationError, match="max_concurrency"):
+        QueueConfig("q", max_concurrency=0)
+    with pytest.raises(ConfigurationError, match="rate_limit"):
+        QueueConfig("q", rate_limit=-1)
+
+
+# -- enqueue --------------------------------------------------------------------------------------
+
+
+def test_enqueue_refuses_unknown_names_and_bad_payloads(make_engine: Callable[..., JobEngine]) -> None:
+    """Unregistered names, non-JSON and oversized payloads, and bad options are refused at enqueue."""
+    engine = make_engine(MemoryStore(), max_payload_size=100)
+    engine.register("known", lambda ctx, payload: None)
+    with pytest.raises(ConfigurationError, match="'unknown'"):
+        engine.enqueue("unknown", {})
+    with pytest.raises(PayloadError, match="not JSON"):
+        engine.enqueue("known", {"when": object()})
+    with pytest.raises(PayloadError, match="not JSON"):
+        engine.enqueue("known", float("nan"))
+    with pytest.raises(PayloadError, match="max_payload_size"):
+        engine.enqueue("known", "x" * 200)
+    with pytest.raises(PayloadError, match="#1"):
+        engine.enqueue_many("known", [1, {1, 2}])
+    with pytest.raises(ConfigurationError, match="both"):
+        engine.enqueue("known", delay=1, run_at=time.time())
+    with pytest.raises(ConfigurationError, match="priority"):
+        engine.enqueue("known", priority="high")  # type: ignore[arg-type]
+    assert engine.counts()["pending"] == 0
+
+
+def test_unique_key_returns_the_pending_jobs_id(make_engine: Callable[..., JobEngine]) -> None:
+    """A second enqueue with the same unique_key returns the first job's id and creates nothing."""
+    engine = make_engine(MemoryStore())
+    engine.register("sync", lambda ctx, payload: None)
+    first = engine.enqueue("sync", {"user": 1}, unique_key="sync:1")
+    assert engine.enqueue("sync", {"user": 1}, unique_key="sync:1") == first
+    assert engine.enqueue("sync", {"user": 2}, unique_key="sync:2") != first
+    assert engine.counts()["pending"] == 2
+
+
+# -- running --------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_200_jobs_each_run_exactly_once(store: Store, make_engine: Callable[..., JobEngine]) -> None:
+    """200 jobs enqueued before and while running are each handled exactly once."""
+    engine = make_engine(store, concurrency=8)
+    runs: list[int] = []
+    lock = threading.Lock()
+
+    @engine.job("count")
+    def count(ctx: JobContext, payload: int) -> int:
+        with lock:
+            runs.append(payload)
+        return payload * 2
+
+    before = engine.enqueue_many("count", range(100))
+    engine.start()
+    during = [engine.enqueue("count", n) for n in range(100, 200)]
+    assert [engine.result(job_id, timeout=30) for job_id in before + during] == [n * 2 for n in range(200)]
+    assert sorted(runs) == list(range(200))
+    assert engine.counts()["completed"] == 200
+
+
+@pytest.mark.timeout(30)
+def test_priority_then_run_at_order(store: Store, make_engine: Callable[..., JobEngine]) -> None:
+    """With one worker, higher priority runs first, then earlier run_at, then enqueue order."""
+    engine = make_engine(store, concurrency=1)
+    order: list[str] = []
+    engine.register("record", lambda ctx, payload: order.append(payload))
+    now = time.time()
+    engine.enqueue("record", "low", priority=0, run_at=now - 5)
+    engine.enqueue("record", "high-late", priority=10, run_at=now - 1)
+    engine.enqueue("record", "high-early", priority=10, run_at=now - 3)
+    engine.enqueue("record", "mid-a", priority=5)
+    last = engine.enqueue("record", "mid-b", priority=5)
+    delayed = engine.enqueue("record", "delayed", priority=99, delay=0.3)
+    engine.start()
+    engine.result(last, timeout=10)
+    engine.result(delayed, timeout=10)
+    assert order == ["high-early", "high-late", "mid-a", "mid-b", "low", "delayed"]
+    delayed_job = engine.get_job(delayed)
+    assert delayed_job.started_at is not None and delayed_job.started_at >= delayed_job.run_at
+
+
+@pytest.mark.timeout(30)
+def test_retries_then_dead_letter_with_hooks_in_order(store: Store, make_engine: Callable[..., JobEngine]) -> None:
+    """max_retries=2 gives 3 attempts with hooks started/retrying x2, started/failed/dlq, then a dead letter."""
+    recorder = Recorder()
+    engine = make_engine(store, extensions=[recorder])
+    attempts: list[int] = []
+
+    def flaky(ctx: JobContext, payload: object) -> float:
+        attempts.append(ctx.attempt)
+        return 1 / 0
+
+    engine.register("flaky", flaky, max_retries=2)
+    job_id = engine.enqueue("flaky", {"x": 1})
+    engine.start()
+    with pytest.raises(InvalidStateError, match="ZeroDivisionError"):
+        engine.result(job_id, timeout=10)
+    wait_for(lambda: ("dlq", job_id) in recorder.calls, 5)
+    assert attempts == [1, 2, 3]
+    hooks = [hook for hook, jid in recorder.calls if jid == job_id]
+    assert hooks == ["enqueued", "started", "retrying", "started", "retrying", "started", "failed", "dlq"]
+    (letter,) = engine.dlq()
+    assert (letter.job_id, letter.attempts, letter.name) == (job_id, 3, "flaky")
+    assert "ZeroDivisionError" in (letter.error or "")
+    job = engine.get_job(job_id)
+    assert job.state == "failed" and job.attempts == 3
+
+
+@pytest.mark.timeout(30)
+def test_replay_and_retry_run_failed_jobs_again(sqlite_store: Store, make_engine: Callable[..., JobEngine]) -> None:
+    """replay(dead_letter) enqueues a new job; retry(job) requeues the failed one; both can succeed."""
+    engine = make_engine(sqlite_store)
+    fail = threading.Event()
+    fail.set()
+
+    def sometimes(ctx: JobContext, payload: object) -> str:
+        if fail.is_set():
+            raise RuntimeError("down")
+        return "ok"
+
+    engine.register("sometimes", sometimes, max_retries=0)
+    first, second = engine.enqueue("sometimes"), engine.enqueue("sometimes")
+    engine.start()
+    for job_id in (first, second):
+        with pytest.raises(InvalidStateError):
+            engine.result(job_id, timeout=10)
+    fail.clear()
+    letter = next(letter for letter in engine.dlq() if letter.job_id == first)
+    replayed = engine.replay(letter.id)
+    assert replayed != first and engine.result(replayed, timeout=10) == "ok"
+    engine.retry(second)
+    assert engine.result(second, timeout=10) == "ok"
+    assert engine.dlq() == []
+    with pytest.raises(InvalidStateError):
+        engine.retry(second)
+    with pytest.raises(JobNotFoundError):
+        engine.replay("missing")
+
+
+@pytest.mark.timeout(30)
+def test_retry_and_cancel_flow_signals(make_engine: Callable[..., JobEngine]) -> None:
+    """Retry(delay) asks for another attempt after delay; Cancel ends the job as cancelled, no dead letter."""
+    engine = make_engine(MemoryStore())
+    seen: list[int] = []
+
+    def retry_once(ctx: JobContext, payload: object) -> int:
+        seen.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise Retry(delay=0.05)
+        return ctx.attempt
+
+    engine.register("retry_once", retry_once)
+    engine.register("give_up", lambda ctx, payload: (_ for _ in ()).throw(Cancel("no point")))
+    retried = engine.enqueue("retry_once")
+    cancelled = engine.enqueue("give_up")
+    engine.start()
+    assert engine.result(retried, timeout=10) == 2
+    job = engine.get_job(retried)
+    assert job.started_at is not None
+    with pytest.raises(CancelledError):
+        engine.result(cancelled, timeout=10)
+    assert engine.get_job(cancelled).state == "cancelled" and engine.dlq() == []
+
+
+@pytest.mark.timeout(30)
+def test_result_timeout_and_unknown_job(make_engine: Callable[..., JobEngine]) -> None:
+    """result() raises DispatchTimeoutError on time and JobNotFoundError for an unknown id."""
+    engine = make_engine(MemoryStore())
+    engine.register("never", lambda ctx, payload: None)
+    job_id = engine.enqueue("never")  # not started: stays pending
+    started = time.monotonic()
+    with pytest.raises(DispatchTimeoutError):
+        engine.result(job_id, timeout=0.2)
+    assert time.monotonic() - started < 3
+    with pytest.raises(JobNotFoundError):
+        engine.result("missing", timeout=1)
+
+
+@pytest.mark.timeout(30)
+def test_enqueue_wakes_an_idle_fetcher_at_once(make_engine: Callable[..., JobEngine]) -> None:
+    """With 5 s polling, an in-process enqueue still runs within well under a poll interval."""
+    engine = make_engine(MemoryStore(), poll_interval=5.0, max_poll_interval=5.0)
+    engine.register("ping", lambda ctx, payload: "pong")
+    engine.start()
+    wait_for(lambda: engine.stats()["idle_polls"] >= 1, 5, message="fetcher idle")
+    started = time.monotonic()
+    assert engine.result(engine.enqueue("ping"), timeout=4) == "pong"
+    assert time.monotonic() - started < 2.5
+
+
+# -- timeouts and stop ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_timeout_sets_cancelled_and_counts_as_failed_attempt(make_engine: Callable[..., JobEngine]) -> None:
+    """A handler past its timeout sees ctx.cancelled; the attempt fails and the job is dead-lettered."""
+    engine = make_engine(MemoryStore())
+    saw_cancel = threading.Event()
+
+    def slow(ctx: JobContext, payload: object) -> None:
+        if ctx.wait(10):
+            saw_cancel.set()
+
+    engine.register("slow", slow, timeout=0.2, max_retries=0)
+    job_id = engine.enqueue("slow")
+    engine.start()
+    with pytest.raises(InvalidStateError, match="timed out"):
+        engine.result(job_id, timeout=10)
+    assert saw_cancel.wait(5)
+    assert engine.stats()["timed_out"] == 1
+
+
+@pytest.mark.timeout(30)
+def test_hung_handler_does_not_stretch_stop(sqlite_store: Store, make_engine: Callable[..., JobEngine]) -> None:
+    """stop(0.5) returns in time with a handler stuck; its job is handed back to pending."""
+    engine = make_engine(sqlite_store)
+    release = threading.Event()
+    running = threading.Event()
+
+    def hang(ctx: JobContext, payload: object) -> None:
+        running.set()
+        release.wait(20)
+
+    engine.register("hang", hang, timeout=None)
+    job_id = engine.enqueue("hang")
+    engine.start()
+    assert running.wait(10)
+    started = time.monotonic()
+    clean = engine.stop(0.5)
+    elapsed = time.monotonic() - started
+    release.set()
+    assert not clean
+    assert elapsed < 2.0
+    job = engine.get_job(job_id)
+    assert job.state == "pending" and job.worker_id is None
+
+
+@pytest.mark.timeout(30)
+def test_stop_is_idempotent_and_enqueue_after_stop_waits_in_store(
+    sqlite_store: Store, make_engine: Callable[..., JobEngine]
+) -> None:
+    """stop() twice is fine; a job enqueued after stop runs when the engine starts again."""
+    recorder = Recorder()
+    engine = make_engine(sqlite_store, extensions=[recorder])
+    engine.register("echo", lambda ctx, payload: payload)
+    engine.start()
+    assert engine.stop(2) and engine.stop(2)
+    job_id = engine.enqueue("echo", "later")
+    assert engine.get_job(job_id).state == "pending"
+    engine.start()
+    assert engine.result(job_id, timeout=10) == "later"
+    assert ("shutdown", "") in recorder.calls
+    with pytest.raises(InvalidStateError):
+        engine.start()
+
+
+@pytest.mark.timeout(30)
+def test_cancel_running_job_sets_ctx_cancelled(make_engine: Callable[..., JobEngine]) -> None:
+    """engine.cancel on a running job sets ctx.cancelled; the job ends cancelled."""
+    engine = make_engine(MemoryStore())
+    running = threading.Event()
+    noticed = threading.Event()
+
+    def long(ctx: JobContext, payload: object) -> None:
+        running.set()
+        if ctx.wait(10):
+            noticed.set()
+
+    engine.register("long", long)
+    job_id = engine.enqueue("long")
+    engine.start()
+    assert running.wait(10)
+    engine.cancel(job_id)
+    assert noticed.wait(5)
+    with pytest.raises(CancelledError):
+        engine.result(job_id, timeout=5)
+    with pytest.raises(InvalidStateError):
+        engine.cancel(job_id)
+
+
+# -- limits -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_queue_max_concurrency_holds(sqlite_store: Store, make_engine: Callable[..., JobEngine]) -> None:
+    """With concurrency 8 and max_concurrency 2 on the queue, at most 2 handlers overlap (measured inside)."""
+    engine = make_engine(sqlite_store, concurrency=8, queue_configs=[QueueConfig("default", max_concurrency=2)])
+    active = 0
+    peak = 0
+    lock = threading.Lock()
+
+    def work(ctx: JobContext, payload: object) -> None:
+        nonlocal active, peak
+        with lock:
+            active += 1
+            peak = max(peak, active)
+        ctx.wait(0.02)
+        with lock:
+            active -= 1
+
+    engine.register("work", work)
+    ids = engine.enqueue_many("work", range(20))
+    engine.start()
+    for job_id in ids:
+        engine.result(job_id, timeout=20)
+    assert peak == 2
+
+
+@pytest.mark.timeout(30)
+def test_rate_limit_holds_and_is_not_a_failed_attempt(make_engine: Callable[..., JobEngine]) -> None:
+    """rate_limit=20/s with burst 1: 8 jobs take at least ~7/20 s, every job in one attempt."""
+    engine = make_engine(MemoryStore(), concurrency=4, queue_configs=[QueueConfig("default", rate_limit=20)])
+    starts: list[float] = []
+    engine.register("tick", lambda ctx, payload: starts.append(time.monotonic()))
+    ids = engine.enqueue_many("tick", range(8))
+    engine.start()
+    for job_id in ids:
+        engine.result(job_id, timeout=20)
+    starts.sort()
+    assert starts[-1] - starts[0] >= 7 / 20 * 0.8
+    assert all(engine.get_job(job_id).attempts == 1 for job_id in ids)
+
+
+@pytest.mark.timeout(30)
+def test_pause_and_resume_a_queue(make_engine: Callable[..., JobEngine]) -> None:
+    """A paused queue's jobs wait (other queues run); resume lets them run."""
+    engine = make_engine(MemoryStore(), queues=["a", "b"])
+    engine.register("job_a", lambda ctx, payload: "a", queue="a")
+    engine.register("job_b", lambda ctx, payload: "b", queue="b")
+    engine.pause_queue("a")
+    assert engine.paused_queues() == {"a"}
+    engine.start()
+    held = engine.enqueue("job_a")
+    assert engine.result(engine.enqueue("job_b"), timeout=10) == "b"
+    assert engine.get_job(held).state == "pending"
+    engine.resume_queue("a")
+    assert engine.result(held, timeout=10) == "a"
+
+
+# -- middleware and extensions ----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_middleware_order_and_failing_hooks_are_contained(make_engine: Callable[..., JobEngine]) -> None:
+    """User middleware runs in order around the handler; a raising hook or extension never affects the job."""
+    events: list[str] = []
+
+    class Tag(Middleware):
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def before_job(self, ctx: JobContext) -> None:
+            events.append(f"{self.name}:before")
+
+        def after_job(self, ctx: JobContext, result: object, error: BaseException | None) -> None:
+            events.append(f"{self.name}:after:{result}")
+
+    class Broken(Middleware):
+        def before_job(self, ctx: JobContext) -> None:
+            raise RuntimeError("middleware bug")
+
+    class BrokenExtension:
+        def on_job_started(self, job: object) -> None:
+            raise RuntimeError("extension bug")
+
+    engine = make_engine(MemoryStore(), middleware=[Tag("outer"), Broken(), Tag("inner")],
+                         extensions=[BrokenExtension()])  # fmt: skip
+
+    def handler(ctx: JobContext, payload: object) -> str:
+        events.append("handler")
+        return "done"
+
+    engine.register("handler", handler)
+    job_id = engine.enqueue("handler")
+    engine.start()
+    assert engine.result(job_id, timeout=10) == "done"
+    assert events == ["outer:before", "inner:before", "handler", "inner:after:done", "outer:after:done"]
+    assert engine.events.listener_errors == 1
+    with pytest.raises(ConfigurationError):
+        engine.add_extension(object())
+
+
+@pytest.mark.timeout(30)
+def test_recover_turns_system_exit_into_a_failed_attempt(make_engine: Callable[..., JobEngine]) -> None:
+    """A handler calling sys.exit fails its attempt; the worker lives on to run the next job."""
+    engine = make_engine(MemoryStore(), concurrency=1)
+
+    def exits(ctx: JobContext, payload: object) -> None:
+        raise SystemExit(3)
+
+    engine.register("exits", exits, max_retries=0)
+    engine.register("fine", lambda ctx, payload: "fine")
+    bad = engine.enqueue("exits")
+    engine.start()
+    with pytest.raises(InvalidStateError, match="SystemExit"):
+        engine.result(bad, timeout=10)
+    assert engine.result(engine.enqueue("fine"), timeout=10) == "fine"
+
+
+# -- retention, cron, collection ------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_finished_jobs_are_purged_after_retention(sqlite_store: Store, make_engine: Callable[..., JobEngine]) -> None:
+    """With a tiny retention the heartbeat thread deletes finished jobs."""
+    engine = make_engine(sqlite_store, retention=0.0)
+    engine.register("quick", lambda ctx, payload: 1)
+    job_id = engine.enqueue("quick")
+    engine.start()
+    assert engine.result(job_id, timeout=10) == 1
+    wait_for(lambda: sqlite_store.get(job_id) is None, 10, message="purge")
+
+
+@pytest.mark.timeout(30)
+def test_cron_refuses_invalid_expressions_and_unknown_jobs(make_engine: Callable[..., JobEngine]) -> None:
+    """engine.cron validates its expression and job name."""
+    engine = make_engine(MemoryStore())
+    engine.register("report", lambda ctx, payload: None)
+    with pytest.raises(ConfigurationError, match="'61 \\* \\* \\* \\*'"):
+        engine.cron("61 * * * *", "report")
+    with pytest.raises(ConfigurationError, match="unknown job"):
+        engine.cron("@hourly", "nope")
+    entry = engine.cron("@hourly", "report", {"kind": "hourly"})
+    assert entry.name == "report@@hourly" and [c.name for c in engine.crons()] == [entry.name]
+    assert engine.remove_cron(entry.name)
+
+
+@pytest.mark.timeout(60)
+def test_cron_fires_once_per_tick_with_two_engines_on_one_file(
+    tmp_path: Path, make_engine: Callable[..., JobEngine]
+) -> None:
+    """Two engines sharing a SQLite file fire each '@every 0.2s' tick once in total."""
+    stores = [SQLiteStore(tmp_path / "cron.db"), SQLiteStore(tmp_path / "cron.db")]
+    engines = [make_engine(store) for store in stores]
+    for engine in engines:
+        engine.register("tick", lambda ctx, payload: None)
+        engine.cron("@every 0.2s", "tick")
+        engine.start()
+    wait_for(lambda: engines[0].counts()["completed"] >= 6, 30, message="cron ticks")
+    for engine in engines:
+        engine.stop(5)
+    keys = [job.unique_key for job in engines[0].list_jobs(limit=1000)]
+    ticks = sorted(float(key.rsplit(":", 1)[1]) for key in keys if key)
+    assert len(ticks) >= 6 and len(ticks) == len(set(ticks))
+    for store in stores:
+        store.close()
+
+
+def test_unstarted_engine_is_collected_when_unreferenced() -> None:
+    """An engine that never started holds no thread and is garbage-collected."""
+    engine = JobEngine(MemoryStore())
+    ref = weakref.ref(engine)
+    del engine
+    gc.collect()
+    assert ref() is None

@@ -1,0 +1,446 @@
+"""The management subcommands of the ``threaddispatch`` command line: jobs, dead letters, migrate, serve.
+
+``threaddispatch.cli`` calls :func:`add_parsers`. Every subcommand takes ``--store URL``
+(default: the ``THREADDISPATCH_STORE`` environment variable) and ``--json`` (machine
+output). Bad input (a bad URL, an unknown id, a bad state name, a missing token) is a
+one-line error with exit code 2; a store that fails at run time exits 1, also with one
+line; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import signal
+import sqlite3
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+from threaddispatch.cli import CommandError
+from threaddispatch.errors import StoreError, StoreUnavailableError, ThreadDispatchError
+from threaddispatch.stores.base import JobState
+
+if TYPE_CHECKING:
+    from threaddispatch.jobs import JobEngine
+    from threaddispatch.stores.base import DeadLetter, JobRecord, Store
+
+__all__ = ["add_parsers"]
+
+STORE_ENV = "THREADDISPATCH_STORE"
+TOKEN_ENV = "THREADDISPATCH_TOKEN"
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _StoreFailedError(Exception):
+    """The store failed at run time (not the user's input): one line, exit code 1."""
+
+
+# -- argument types ---------------------------------------------------------------------------------
+
+
+def _state(text: str) -> JobState:
+    try:
+        return JobState(text.strip().lower())
+    except ValueError:
+        known = ", ".join(s.value for s in JobState)
+        raise argparse.ArgumentTypeError(f"unknown job state {text!r}; known: {known}") from None
+
+
+def _count(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected a number from {low} to {high}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _name(text: str) -> str:
+    if not text or text != text.strip():
+        raise argparse.ArgumentTypeError(f"expected a non-empty name without surrounding spaces, got {text!r}")
+    return text
+
+
+def _base_path(text: str) -> str:
+    if text and (not text.startswith("/") or text == "/"):
+        raise argparse.ArgumentTypeError(f"expected '' or a path starting with '/', got {text!r}")
+    return text.rstrip("/")
+
+
+# -- store and engine ---------------------------------------------------------------------------------
+
+
+def _sqlite_path(url: str) -> str | None:
+    """The file of a ``sqlite:///`` URL (as :func:`~threaddispatch.stores.open_store` reads it), else None."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "sqlite" or parts.netloc:
+        return None
+    path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+    return path or None
+
+
+def _open(args: argparse.Namespace, *, create: bool = False) -> Store:
+    from threaddispatch.stores import open_store
+
+    url = args.store or os.environ.get(STORE_ENV, "")
+    if not url:
+        raise CommandError(f"no store: give --store URL or set {STORE_ENV} (e.g. sqlite:///jobs.db)")
+    path = _sqlite_path(url)
+    if path is not None and not create and not os.path.exists(path):
+        raise CommandError(f"no store file {path!r}; create it with: threaddispatch migrate --store {url}")
+    if path is not None and not os.path.isdir(os.path.dirname(path) or "."):
+        raise CommandError(f"no directory {os.path.dirname(path)!r} for the store file {path!r}")
+    try:
+        return open_store(url)
+    except StoreUnavailableError as error:
+        raise _StoreFailedError(f"cannot open store {_redact(url)}: {error}") from None
+    except (ThreadDispatchError, OSError, sqlite3.Error) as error:
+        raise CommandError(f"cannot open store {_redact(url)}: {error}") from None
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+@contextmanager
+def _engine(args: argparse.Namespace, *, create: bool = False) -> Iterator[JobEngine]:
+    """An engine over the store of ``args`` (not started: the store is all management needs)."""
+    from threaddispatch.jobs import JobEngine
+
+    store = _open(args, create=create)
+    try:
+        yield JobEngine(store)
+    finally:
+        store.close()
+
+
+def _command(handler: Handler) -> Handler:
+    """Turn library errors into one-line errors: bad input exits 2, a failing store exits 1."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except (CommandError, KeyboardInterrupt):
+            raise
+        except (_StoreFailedError, StoreError) as error:
+            print(f"threaddispatch {args.command}: {error}", file=sys.stderr)
+            return 1
+        except (ThreadDispatchError, ValueError) as error:
+            raise CommandError(str(error)) from None
+        except (OSError, sqlite3.Error) as error:
+            print(f"threaddispatch {args.command}: {type(error).__name__}: {error}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+# -- output -------------------------------------------------------------------------------------------
+
+
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, default=str, ensure_ascii=False))
+
+
+def _when(epoch: float | None) -> str:
+    if epoch is None or not math.isfinite(epoch):
+        return "-"
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _last_line(text: str | None, width: int = 60) -> str:
+    lines = (text or "").strip().splitlines()
+    line = lines[-1] if lines else "-"
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in cells)
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _show_job(job: JobRecord) -> None:
+    data = job.to_dict()
+    for key in ("created_at", "updated_at", "run_at", "started_at", "finished_at", "heartbeat_at"):
+        data[key] = _when(data[key])
+    error = data.pop("error")
+    for key, value in data.items():
+        shown = json.dumps(value, ensure_ascii=False) if key in ("payload", "result") else value
+        print(f"{key + ':':<14}{'-' if value is None else shown}")
+    if error:
+        print(f"{'error:':<14}\n{error.rstrip()}")
+
+
+def _job_rows(jobs: Sequence[JobRecord]) -> list[list[object]]:
+    return [[j.id, j.name, j.queue, j.state.value, j.attempts, _when(j.created_at)] for j in jobs]
+
+
+def _letter_rows(letters: Sequence[DeadLetter]) -> list[list[object]]:
+    return [[d.id, d.job_id, d.name, d.queue, d.attempts, _when(d.failed_at), _last_line(d.error)] for d in letters]
+
+
+# -- jobs ---------------------------------------------------------------------------------------------
+
+
+@_command
+def _jobs_list(args: argparse.Namespace) -> int:
+    with _engine(args) as engine:
+        jobs = engine.list_jobs(state=args.state, queue=args.queue, limit=args.limit, offset=args.offset)
+        if args.json:
+            _print_json([job.to_dict() for job in jobs])
+        elif jobs:
+            print(_table(["ID", "NAME", "QUEUE", "STATE", "ATTEMPTS", "CREATED"], _job_rows(jobs)))
+        else:
+            print("no jobs")
+    return 0
+
+
+@_command
+def _jobs_show(args: argparse.Namespace) -> int:
+    with _engine(args) as engine:
+        job = engine.get_job(args.id)
+        if args.json:
+            _print_json(job.to_dict())
+        else:
+            _show_job(job)
+    return 0
+
+
+@_command
+def _jobs_retry(args: argparse.Namespace) -> int:
+    with _engine(args) as engine:
+        engine.retry(args.id)
+        job = engine.get_job(args.id)
+        if args.json:
+            _print_json(job.to_dict())
+        else:
+            print(f"job {job.id} ({job.name}) is {job.state.value} again")
+    return 0
+
+
+@_command
+def _jobs_cancel(args: argparse.Namespace) -> int:
+    with _engine(args) as engine:
+        engine.cancel(args.id)
+        job = engine.get_job(args.id)
+        if args.json:
+            _print_json(job.to_dict())
+        else:
+            print(f"job {job.id} ({job.name}) cancelled")
+    return 0
+
+
+@_command
+def _jobs_counts(args: argparse.Namespace) -> int:
+    with _engine(args) as engine:
+        counts = engine.counts(queue=args.queue)
+        if args.json:
+            _print_json(counts)
+        else:
+            print(_table(["STATE", "JOBS"], [[state, count] for state, count in counts.items()]))
+    return 0
+
+
+# -- dead letters -------------------------------------------------------------------------------------
+
+
+@_command
+def _dlq_list(args: argparse.Namespace) -> int:
+    with _engine(args) as engine:
+        letters = engine.dlq(limit=args.limit, offset=args.offset, queue=args.queue)
+        if args.json:
+            _print_json([letter.to_dict() for letter in letters])
+        elif letters:
+            headers = ["ID", "JOB", "NAME", "QUEUE", "ATTEMPTS", "FAILED", "ERROR"]
+            print(_table(headers, _letter_rows(letters)))
+        else:
+            print("no dead letters")
+    return 0
+
+
+@_command
+def _dlq_replay(args: argparse.Namespace) -> int:
+    if args.all == bool(args.ids):
+        raise CommandError("give dead letter ids, or --all (not both)")
+    if args.queue is not None and not args.all:
+        raise CommandError("--queue goes with --all")
+    with _engine(args) as engine:
+        if args.all:
+            job_ids = engine.replay_all(args.queue)
+        else:
+            missing = [i for i in args.ids if engine.store.get_dead_letter(i) is None]
+            if missing:
+                raise CommandError(f"no dead letter with id {missing[0]!r}")
+            job_ids = [engine.replay(i) for i in args.ids]
+        if args.json:
+            _print_json({"replayed": len(job_ids), "job_ids": job_ids})
+        else:
+            print(f"replayed {len(job_ids)} dead letter(s)")
+            for job_id in job_ids:
+                print(f"  new job {job_id}")
+    return 0
+
+
+@_command
+def _dlq_purge(args: argparse.Namespace) -> int:
+    if args.all == (args.older_than is not None):
+        raise CommandError("give --older-than SECONDS, or --all to delete every dead letter")
+    with _engine(args) as engine:
+        purged = engine.purge_dlq(args.older_than)
+        if args.json:
+            _print_json({"purged": purged})
+        else:
+            print(f"purged {purged} dead letter(s)")
+    return 0
+
+
+# -- migrate and serve --------------------------------------------------------------------------------
+
+
+@_command
+def _migrate(args: argparse.Namespace) -> int:
+    store = _open(args, create=True)
+    try:
+        version = store.migrate()
+        described = dict(store.describe())
+    finally:
+        store.close()
+    if args.json:
+        _print_json({"version": version, "store": described})
+    else:
+        print(f"{described.get('kind', 'store')}: schema at version {version}")
+    return 0
+
+
+@_command
+def _serve(args: argparse.Namespace) -> int:
+    from threaddispatch.admin import make_server, make_wsgi_app
+
+    token = os.environ.get(TOKEN_ENV) or None
+    if token is None and not args.allow_unauthenticated:
+        raise CommandError(f"set {TOKEN_ENV} to the bearer token clients must send (or --allow-unauthenticated)")
+    if token is None and args.host not in _LOOPBACK:
+        raise CommandError(f"refusing to serve without a token on {args.host}; set {TOKEN_ENV}")
+    with _engine(args) as engine:
+        app = make_wsgi_app(engine, args.base_path, token, allow_unauthenticated=args.allow_unauthenticated)
+        try:
+            server = make_server(app, args.host, args.port)
+        except OSError as error:
+            raise CommandError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
+        stop = threading.Event()
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, lambda *_: stop.set())
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                                  name="threaddispatch-admin-server", daemon=True)  # fmt: skip
+        thread.start()
+        try:
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            print(f"threaddispatch serve: admin API on http://{host}:{server.server_port}{args.base_path}/",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            stop.wait()
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        print("threaddispatch serve: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+# -- parsers ------------------------------------------------------------------------------------------
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--store", metavar="URL", default=None,
+                        help=f"store URL: sqlite:///path.db, postgresql://... (default: ${STORE_ENV})")  # fmt: skip
+    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+    return common
+
+
+def add_parsers(subparsers: Any) -> None:
+    """Add the ``jobs``, ``dlq``, ``migrate`` and ``serve`` subcommands to the CLI's subparsers."""
+    common = _common()
+    paging = argparse.ArgumentParser(add_help=False)
+    paging.add_argument("--queue", type=_name, default=None, help="only this queue")
+    paging.add_argument("--limit", type=_count(1, 100_000), default=50, help="at most this many (default 50)")
+    paging.add_argument("--offset", type=_count(0, 10**12), default=0, help="skip this many first (default 0)")
+
+    jobs = subparsers.add_parser("jobs", help="list, inspect, retry and cancel jobs")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", metavar="ACTION")
+    jobs_sub.required = True
+    p = jobs_sub.add_parser("list", parents=[common, paging], help="jobs, newest first")
+    p.add_argument("--state", type=_state, default=None, help="only jobs in this state")
+    p.set_defaults(handler=_jobs_list)
+    for action, handler, text in (
+        ("show", _jobs_show, "one job in full"),
+        ("retry", _jobs_retry, "run a failed or cancelled job again"),
+        ("cancel", _jobs_cancel, "cancel a pending, retrying or running job"),
+    ):
+        p = jobs_sub.add_parser(action, parents=[common], help=text)
+        p.add_argument("id", help="the job id")
+        p.set_defaults(handler=handler)
+    p = jobs_sub.add_parser("counts", parents=[common], help="jobs per state")
+    p.add_argument("--queue", type=_name, default=None, help="only this queue")
+    p.set_defaults(handler=_jobs_counts)
+
+    dlq = subparsers.add_parser("dlq", help="list, replay and purge dead letters")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", metavar="ACTION")
+    dlq_sub.required = True
+    p = dlq_sub.add_parser("list", parents=[common, paging], help="dead letters, newest first")
+    p.set_defaults(handler=_dlq_list)
+    p = dlq_sub.add_parser("replay", parents=[common], help="enqueue dead letters again as new jobs")
+    p.add_argument("ids", nargs="*", metavar="ID", help="dead letter ids")
+    p.add_argument("--all", action="store_true", help="replay every dead letter")
+    p.add_argument("--queue", type=_name, default=None, help="with --all: only this queue")
+    p.set_defaults(handler=_dlq_replay)
+    p = dlq_sub.add_parser("purge", parents=[common], help="delete dead letters")
+    p.add_argument("--older-than", type=_seconds, default=None, metavar="SECONDS", help="only those older than this")
+    p.add_argument("--all", action="store_true", help="delete every dead letter")
+    p.set_defaults(handler=_dlq_purge)
+
+    p = subparsers.add_parser("migrate", parents=[common], help="create or upgrade the store's schema")
+    p.set_defaults(handler=_migrate)
+
+    p = subparsers.add_parser("serve", parents=[common],
+                              help=f"serve the admin API over HTTP (token from ${TOKEN_ENV})")  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=_count(0, 65535), default=8080, help="port (default 8080; 0: any free port)")
+    p.add_argument("--base-path", type=_base_path, default="/api/dispatch", help="URL prefix (default /api/dispatch)")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="serve without a token (only on a loopback host)")  # fmt: skip
+    p.set_defaults(handler=_serve)

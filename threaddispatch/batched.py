@@ -1,0 +1,400 @@
+"""BatchedDispatcher: a Dispatcher that groups messages per target and sends them in batches.
+
+The face of TypeQueue's ``BatchedDispatcher`` on the shared
+:class:`~threaddispatch._engine.BatchEngine`: one lane per target, the engine's window is
+``flush_interval`` and its size trigger ``max_batch_size``. The engine's worker hands
+each batch to :meth:`_BatchState.deliver`, which runs ``send_batch(target, messages)`` on
+the shared :class:`~threaddispatch._pool.WorkerPool` and returns the pool's Future, so
+the engine settles the batch (and ``flush()`` waits for it) when the send is done.
+
+Concurrency cap and back-pressure: ``deliver`` takes one of ``max_concurrent_sends``
+send slots before it submits, and blocks the engine worker while every slot is busy.
+This is deliberate, instead of the engine's ``gate``: the gate holds a lane back for a
+whole window each time it says no (adding latency even when a slot frees a moment
+later), and the engine ignores it while closing, so the cap would not hold during a
+drain. A blocked worker holds the cap always; meanwhile lanes keep filling, so batches
+grow fuller under load. Only a ``close()`` deadline ends the wait: past it, what is
+still queued fails with DispatchTimeoutError instead of waiting for a hung send.
+
+Each message carries its own Future, which gets its id or its exception.
+``send_batch`` returns one result per message (an id, None, or an exception), as SQS
+``SendMessageBatch`` does, so a partial failure fails only its messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from concurrent.futures import Future
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+from threaddispatch import _lifecycle
+from threaddispatch._engine import BatchEngine, check_positive_int
+from threaddispatch._pool import WorkerPool
+from threaddispatch.backoff import check_seconds
+from threaddispatch.errors import (
+    ConfigurationError,
+    DispatcherClosedError,
+    DispatchTimeoutError,
+    ThreadDispatchError,
+)
+
+__all__ = ["BatchedDispatcher", "SendBatch"]
+
+T = TypeVar("T")
+
+#: ``send_batch(target, messages)``: returns one result per message, an id (or None) or an exception.
+SendBatch = Callable[[str, list[T]], Sequence["str | BaseException | None"]]
+
+_log = logging.getLogger("threaddispatch")
+_names = iter(range(1, 1 << 62))
+
+# Send threads leave after this long without work. Short, so the threads of a dispatcher
+# that was garbage-collected (not closed) do not linger; starting one again is cheap.
+_SEND_IDLE_TIMEOUT = 2.0
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _Pending(Generic[T]):
+    """A message in a lane, with the Future its sender waits on."""
+
+    __slots__ = ("future", "message")
+
+    def __init__(self, message: T, future: Future[str | None]) -> None:
+        self.message = message
+        self.future = future
+
+    def __repr__(self) -> str:
+        return f"message {_short(self.message)}"
+
+
+class _BatchState(Generic[T]):
+    """What the engine worker and the send threads touch: never the BatchedDispatcher itself.
+
+    Registered with the lifecycle registry for the fork reset (the send-slot count of the
+    parent means nothing in the child); the engine and the pool drain themselves at exit.
+    """
+
+    def __init__(self, send_batch: Callable[[str, list[T]], object], name: str, max_concurrent_sends: int) -> None:
+        self.send_batch = send_batch
+        self.name = name
+        self.max_concurrent_sends = max_concurrent_sends
+        self.pool = WorkerPool(max_concurrent_sends, name=f"{name}-send", idle_timeout=_SEND_IDLE_TIMEOUT)
+        self.closed = False
+        self.give_up_at: float | None = None  # close()'s deadline: queued batches fail after it
+        self.failed_at_close = 0
+        self.sent = 0
+        self.failed = 0
+        self.cancelled = 0
+        self.calls = 0
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        # mutex must be held whenever a field of this object changes; slot_free is a condition on it.
+        self.mutex = threading.Lock()
+        self.slot_free = threading.Condition(self.mutex)
+        self.sending = 0  # send slots taken: sends submitted to the pool and not returned yet
+
+    def _past_give_up(self) -> bool:
+        return self.give_up_at is not None and time.monotonic() >= self.give_up_at
+
+    def deliver(self, target: Hashable, items: list[_Pending[T]]) -> Future[None] | None:
+        """The engine's ``deliver``: take a send slot (waiting while all are busy) and submit the send.
+
+        Runs on the engine worker. Returns the pool's Future (the engine settles the batch
+        when it is done), or None when nothing is left to send.
+        """
+        batch = [pending for pending in items if pending.future.set_running_or_notify_cancel()]
+        if len(batch) != len(items):
+            with self.mutex:
+                self.cancelled += len(items) - len(batch)
+        if not batch:
+            return None
+        with self.mutex:
+            while self.sending >= self.max_concurrent_sends and not self._past_give_up():
+                # Back-pressure: the engine keeps buffering while we wait. Only close() ends
+                # this wait early (it sets give_up_at and notifies).
+                remaining = None if self.give_up_at is None else self.give_up_at - time.monotonic()
+                self.slot_free.wait(remaining)
+            give_up = self._past_give_up()
+            if not give_up:
+                self.sending += 1
+        if give_up:
+            self._fail(
+                batch,
+                DispatchTimeoutError(
+                    f"{self.name}: closed and its timeout passed before a batch of {len(batch)} message(s) "
+                    f"to {target!r} could be sent"
+                ),
+            )
+            return None
+        try:
+            return self.pool.submit(self.send, target, batch)
+        except DispatcherClosedError as error:
+            self._release()
+            self._fail(batch, error)
+            return None
+
+    def _release(self, *, called: bool = False) -> None:
+        with self.mutex:
+            self.sending -= 1
+            self.calls += called
+            self.slot_free.notify()
+
+    def send(self, target: str, batch: list[_Pending[T]]) -> None:
+        """Run ``send_batch`` for one batch (on a pool thread) and resolve each message's Future."""
+        messages = [pending.message for pending in batch]
+        try:
+            try:
+                results = self.send_batch(target, messages)
+            finally:
+                self._release(called=True)
+        except Exception as error:  # noqa: BLE001 - the whole batch failed; each Future gets the error
+            self._fail(batch, error)
+            return
+        except BaseException as error:
+            self._fail(batch, error)
+            raise
+        outcomes = self._outcomes(target, batch, results)
+        if outcomes is None:
+            return
+        sent = failed = 0
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                failed += 1
+                pending.future.set_exception(outcome)
+            else:
+                sent += 1
+                pending.future.set_result(outcome)
+        with self.mutex:
+            self.sent += sent
+            self.failed += failed
+
+    def _outcomes(self, target: str, batch: list[_Pending[T]], results: object) -> list[Any] | None:
+        """Check ``send_batch``'s return value: one result per message, or fail the whole batch."""
+        problem = None
+        outcomes: list[Any] = []
+        if results is None or isinstance(results, (str, bytes, bytearray)) or not isinstance(results, Iterable):
+            problem = f"returned {type(results).__name__}"
+        else:
+            try:
+                outcomes = list(results)
+            except Exception as error:  # noqa: BLE001 - a broken iterable fails the batch like a raise would
+                self._fail(batch, error)
+                return None
+            if len(outcomes) != len(batch):
+                problem = f"returned {len(outcomes)} result(s)"
+        if problem is None:
+            return outcomes
+        self._fail(
+            batch,
+            ThreadDispatchError(
+                f"{self.name}: send_batch({target!r}, <{len(batch)} messages>) {problem}; it must return a list "
+                f"with one result (an id, None or an exception) per message, so none of them counts as sent"
+            ),
+        )
+        return None
+
+    def _fail(self, batch: list[_Pending[T]], error: BaseException) -> None:
+        for pending in batch:
+            pending.future.set_exception(error)
+        with self.mutex:
+            self.failed += len(batch)
+
+    def begin_close(self, deadline: float | None) -> None:
+        with self.mutex:
+            if self.closed:
+                return
+            self.closed = True
+            self.failed_at_close = self.failed
+            self.give_up_at = deadline
+            self.slot_free.notify_all()
+
+    def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
+        return 0, 0  # the engine and the pool are registered themselves and drain at exit
+
+    def _reset_after_fork(self) -> None:
+        self._init_runtime()
+
+
+class BatchedDispatcher(Generic[T]):
+    """A :class:`~threaddispatch.buffered.Dispatcher` that sends messages in batches per target.
+
+    ``send_batch(target, messages)`` runs on up to ``max_concurrent_sends`` daemon threads
+    (``threaddispatch-<name>-send-<n>``) and returns one result per message: an id (or
+    None) for a sent message, an exception for a failed one. A target's batch goes when
+    it holds ``max_batch_size`` messages or ``flush_interval`` seconds after its first
+    message arrived, whichever comes first; batches never mix targets. Plug it into
+    :class:`~threaddispatch.buffered.AsyncDispatcher` to batch behind a buffered hand-off.
+    All methods are thread-safe.
+    """
+
+    def __init__(
+        self,
+        send_batch: SendBatch[T],
+        *,
+        max_batch_size: int = 10,
+        flush_interval: float = 0.05,
+        max_concurrent_sends: int = 4,
+        name: str | None = None,
+    ) -> None:
+        if not callable(send_batch):
+            raise ConfigurationError(f"send_batch must be callable, got {send_batch!r}")
+        check_positive_int("max_batch_size", max_batch_size)
+        flush_interval = check_seconds("flush_interval", flush_interval)
+        check_positive_int("max_concurrent_sends", max_concurrent_sends)
+        if name is None:
+            name = f"batched-{next(_names)}"
+        elif not isinstance(name, str) or not name:
+            raise ConfigurationError(f"name must be a non-empty str, got {name!r}")
+        self.name = name
+        self._state: _BatchState[T] = _BatchState(send_batch, name, max_concurrent_sends)
+        self._engine: BatchEngine[_Pending[T]] = BatchEngine(
+            self._state.deliver,
+            name=name,
+            window=flush_interval,
+            max_batch_size=max_batch_size,
+        )
+        _lifecycle.register(self._state)
+        # An unreferenced dispatcher drains in the background; its worker then leaves and its
+        # send threads time out. At interpreter exit the lifecycle drain handles it instead.
+        finalizer = weakref.finalize(self, self._engine.begin_close)
+        finalizer.atexit = False
+
+    @property
+    def max_batch_size(self) -> int:
+        """The most messages one ``send_batch`` call gets."""
+        return self._engine.max_batch_size
+
+    @property
+    def flush_interval(self) -> float:
+        """Seconds a target's first message waits before a partial batch goes."""
+        return self._engine.window
+
+    @property
+    def max_concurrent_sends(self) -> int:
+        """The most ``send_batch`` calls running at once."""
+        return self._state.max_concurrent_sends
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._state.closed
+
+    def submit(self, message: T, target: str, *, delay_seconds: float | None = None) -> Future[str | None]:
+        """Queue ``message`` for ``target`` and return a Future that gets its id or its exception.
+
+        Never blocks. With ``delay_seconds``, the message joins its target's batches only
+        after that delay (a delayed message still waiting at ``close()`` is sent at once).
+        Cancelling the Future before the batch is sent keeps the message out of it.
+        Raises DispatcherClosedError after :meth:`close`.
+        """
+        if not isinstance(target, str) or not target:
+            raise ConfigurationError(f"target must be a non-empty str, got {target!r}")
+        delay = 0.0 if delay_seconds is None else check_seconds("delay_seconds", delay_seconds)
+        if self._state.closed:
+            raise DispatcherClosedError(
+                f"BatchedDispatcher {self.name!r} is closed; {_short(message)} was not accepted"
+            )
+        future: Future[str | None] = Future()
+        pending = _Pending(message, future)
+        if delay:
+            self._engine.put_later(pending, target, delay)
+        else:
+            self._engine.put(pending, target)
+        return future
+
+    def dispatch(
+        self, message: T, target: str, *, delay_seconds: int | None = None, timeout: float | None = None
+    ) -> str | None:
+        """Send ``message`` to ``target`` in the next batch and return its id; raise its error on failure.
+
+        Blocks until the batch holding it was sent, up to ``timeout`` seconds (None: no
+        limit), then raises DispatchTimeoutError (the message may still be sent later).
+        Do not call it from inside ``send_batch``: the batch could wait for its own slot.
+        Raises DispatcherClosedError after :meth:`close`.
+        """
+        if timeout is not None:
+            timeout = check_seconds("timeout", timeout)
+        future = self.submit(message, target, delay_seconds=delay_seconds)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            if future.done():
+                raise  # send_batch's own TimeoutError for this message
+            raise DispatchTimeoutError(
+                f"BatchedDispatcher {self.name!r}: {_short(message)} was not sent within {timeout}s"
+            ) from None
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Send every message queued before this call now and wait until those sends are done.
+
+        Blocks up to ``timeout`` seconds (None: no limit), even if ``send_batch`` hangs.
+        Returns whether all of them were sent (or failed, each Future says which) in time.
+        """
+        if timeout is not None:
+            timeout = check_seconds("timeout", timeout)
+        return self._engine.flush(timeout)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop accepting messages, send everything queued, and stop the threads. Idempotent.
+
+        Blocks up to ``timeout`` seconds (None: no limit), even if ``send_batch`` hangs;
+        messages still queued when the timeout passes fail with DispatchTimeoutError.
+        Returns whether everything was sent in time and no message failed during the close.
+        """
+        deadline = None if timeout is None else time.monotonic() + check_seconds("timeout", timeout)
+        state = self._state
+        state.begin_close(deadline)
+        drained = self._engine.close(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        pool_done = state.pool.shutdown(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if drained and pool_done:
+            _lifecycle.unregister(state)
+        with state.mutex:
+            return drained and pool_done and state.failed == state.failed_at_close
+
+    def stats(self) -> dict[str, int]:
+        """Counters and gauges: submitted, sent, failed, cancelled, batches, calls, pending, in_flight, sending."""
+        engine = self._engine
+        state = self._state
+        pending = engine.pending()
+        with state.mutex:
+            return {
+                "submitted": engine.taken + pending,
+                "sent": state.sent,
+                "failed": state.failed,
+                "cancelled": state.cancelled,
+                "batches": engine.batches,
+                "calls": state.calls,
+                "pending": pending,
+                "in_flight": engine.in_flight(),
+                "sending": state.sending,
+            }
+
+    def __enter__(self) -> BatchedDispatcher[T]:
+        """Return self; leaving the block closes it without a time limit."""
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close, sending everything queued."""
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return (
+            f"<BatchedDispatcher {self.name!r} max_batch_size={self.max_batch_size} "
+            f"flush_interval={self.flush_interval} max_concurrent_sends={self.max_concurrent_sends} {state}>"
+        )

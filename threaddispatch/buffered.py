@@ -1,0 +1,699 @@
+"""AsyncDispatcher: a bounded buffer handed to a dispatcher one message at a time, with a failure loop.
+
+The face of TypeQueue's ``AsyncDispatcher``. Producers ``put`` messages into a bounded
+buffer through a :class:`Sender`; the dispatch loop (daemon thread
+``threaddispatch-async-<target>``) hands each one to a :class:`Dispatcher`; the failure
+loop (``threaddispatch-async-<target>-failures``) calls the error handler for every
+message that failed for good, so a slow handler never stalls dispatch.
+
+Why this face has its own loop instead of the shared BatchEngine: it is a one-by-one
+hand-off, not a batcher. There is no time window and no batch; what it needs is a
+bounded buffer whose ``put`` blocks while it is full (back-pressure, with a timeout)
+and a strict count of what is waiting, which the engine's lanes (drop/raise/block
+per lane, batches taken by a window) do not model. When the dispatcher offers
+``submit`` (as :class:`~threaddispatch.batched.BatchedDispatcher` does), the loop hands
+messages over without waiting for each send and batching happens behind it, on the
+engine; failures come back through the Futures and reach the same failure loop.
+
+Locking (model: CPython ``queue.py``): one mutex, ``_AsyncState.mutex``, must be held
+whenever the buffer, the retry heap, the failure queue, the flags or the counters
+change; three Conditions share it. User code (the dispatcher, the error handler, the
+retry policy's predicate and backoff) is always called with it released.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import itertools
+import logging
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Generic, Protocol, TypeVar
+
+from threaddispatch import _lifecycle
+from threaddispatch.backoff import RetryPolicy, check_seconds
+from threaddispatch.errors import (
+    CancelledError,
+    ConfigurationError,
+    DispatcherClosedError,
+    InvalidStateError,
+    QueueFullError,
+)
+
+__all__ = ["AsyncDispatcher", "Dispatcher", "FailedMessage", "Sender", "SubmittingDispatcher"]
+
+T = TypeVar("T")
+T_contra = TypeVar("T_contra", contravariant=True)
+
+_log = logging.getLogger("threaddispatch")
+
+# Returned by _next_job instead of a message: call the dispatcher's flush() now.
+_FLUSH: Any = object()
+
+
+class Dispatcher(Protocol[T_contra]):
+    """Sends one message to a target and returns its id (or None); raises on failure.
+
+    ``dispatch`` is synchronous: it returns once the message was accepted by the target.
+    """
+
+    def dispatch(self, message: T_contra, target: str, *, delay_seconds: int | None = None) -> str | None:
+        """Send ``message`` to ``target`` (optionally delayed by ``delay_seconds``); return its id."""
+        ...
+
+
+class SubmittingDispatcher(Dispatcher[T_contra], Protocol[T_contra]):
+    """A :class:`Dispatcher` that can also take a message without waiting for its send.
+
+    :class:`AsyncDispatcher` uses ``submit`` when the dispatcher has it, so the dispatcher
+    may batch messages behind it; a ``flush(timeout)`` method, if present, is called by
+    :meth:`AsyncDispatcher.stop`.
+    """
+
+    def submit(self, message: T_contra, target: str) -> Future[str | None]:
+        """Take ``message`` for ``target`` and return a Future that gets its id or its error."""
+        ...
+
+
+@dataclass(frozen=True)
+class FailedMessage(Generic[T]):
+    """A message that failed for good: the message, the last error, its target and the attempts made."""
+
+    message: T
+    error: BaseException
+    target_queue: str
+    attempts: int = 1
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _AsyncState(Generic[T]):
+    """Everything the two loops touch. They hold this, never the AsyncDispatcher, so it can be collected.
+
+    Also the object registered with the lifecycle registry (exit drain, fork reset): it
+    lives as long as a loop runs, even when nobody references the dispatcher any more.
+    """
+
+    # Drain at exit before the components we feed (a BatchedDispatcher's engine and pool).
+    _drain_order = -10
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher[T],
+        target: str,
+        error_handler: Callable[[FailedMessage[T]], object] | None,
+        retry: RetryPolicy | None,
+        max_in_flight: int,
+    ) -> None:
+        self.dispatcher = dispatcher
+        submit = getattr(dispatcher, "submit", None)
+        flush = getattr(dispatcher, "flush", None)
+        self.submit: Callable[[T, str], Future[Any]] | None = submit if callable(submit) else None
+        self.flush: Callable[[float | None], object] | None = flush if callable(flush) else None
+        self.target = target
+        self.error_handler = error_handler
+        self.retry = retry
+        self.max_in_flight = max_in_flight
+        self.capacity = 0  # set by setup(); 0 until then
+        self.is_setup = False
+        self.started = False
+        self.restart_on_put = False  # a forked child restarts its loops lazily
+        self.closing = False
+        self.stop_deadline: float | None = None
+        self.failed_at_stop = 0
+        self.abandon_reported = False  # the "never started" warning is logged once
+        self.serial = itertools.count()
+        self.buffered = 0
+        self.sent = 0
+        self.failed = 0
+        self.retried = 0
+        self.rejected = 0
+        self.handler_errors = 0
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        # mutex must be held whenever any field below, a flag above or a counter changes.
+        self.mutex = threading.Lock()
+        self.work_ready = threading.Condition(self.mutex)  # the dispatch loop waits here
+        self.not_full = threading.Condition(self.mutex)  # producers blocked by a full buffer
+        self.failure_ready = threading.Condition(self.mutex)  # the failure loop waits here
+        self.buffer: deque[T] = deque()
+        # Messages waiting to be retried: (due, serial, message, attempts made). Counted in in_flight.
+        self.retries: list[tuple[float, int, T, int]] = []
+        self.failures: deque[FailedMessage[T]] = deque()
+        # Taken from the buffer and not settled yet: being sent, submitted, or waiting to retry.
+        self.in_flight = 0
+        self.put_waiters = 0
+        self.loop_waiting = False
+        self.submitted = 0
+        self.flushed_at = 0
+        self.dispatch_thread: threading.Thread | None = None
+        self.failure_thread: threading.Thread | None = None
+        self.dispatch_done = False
+        self.failures_done = False
+
+    # -- producers (called with nothing held) --------------------------------------------------
+
+    def put(self, message: T, timeout: float | None) -> None:
+        with self.mutex:
+            if self.closing:
+                raise DispatcherClosedError(f"{self.describe()} is stopped; {_short(message)} was not accepted")
+            if len(self.buffer) >= self.capacity:
+                self._wait_for_room(message, timeout)
+            self._append(message)
+
+    def try_put(self, message: T) -> bool:
+        with self.mutex:
+            if self.closing:
+                raise DispatcherClosedError(f"{self.describe()} is stopped; {_short(message)} was not accepted")
+            if len(self.buffer) >= self.capacity:
+                self.rejected += 1
+                return False
+            self._append(message)
+            return True
+
+    def _wait_for_room(self, message: T, timeout: float | None) -> None:
+        """Wait until the buffer has room; holds mutex. Raises QueueFullError or DispatcherClosedError."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.put_waiters += 1
+        try:
+            while len(self.buffer) >= self.capacity:
+                if self.closing:
+                    raise DispatcherClosedError(
+                        f"{self.describe()} stopped while {_short(message)} waited for room; it was not accepted"
+                    )
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    self.rejected += 1
+                    raise QueueFullError(
+                        f"{self.describe()}: buffer stayed full ({self.capacity} messages) for {timeout}s; "
+                        f"{_short(message)} was not accepted"
+                    )
+                self.not_full.wait(remaining)
+        finally:
+            self.put_waiters -= 1
+        if self.closing:
+            # Room appeared, but stop() began while we waited: the dispatch loop may
+            # already have drained and left, so refuse rather than strand the message.
+            raise DispatcherClosedError(
+                f"{self.describe()} stopped while {_short(message)} waited for room; it was not accepted"
+            )
+
+    def _append(self, message: T) -> None:
+        """Add an accepted message; holds mutex."""
+        if self.restart_on_put:
+            self.start_threads()  # may raise (interpreter exiting): before the message is accepted
+        self.buffer.append(message)
+        self.buffered += 1
+        if self.loop_waiting:
+            self.work_ready.notify()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def describe(self) -> str:
+        return f"AsyncDispatcher for {self.target!r}"
+
+    def start_threads(self) -> None:
+        """Start both loops; holds mutex. No thread starts during interpreter exit."""
+        if _lifecycle.exiting():
+            raise DispatcherClosedError(f"{self.describe()}: the interpreter is exiting; no loop may start")
+        self.started = True
+        self.restart_on_put = False
+        name = f"threaddispatch-async-{self.target}"
+        self.dispatch_thread = threading.Thread(target=self.run_dispatch, name=name, daemon=True)
+        self.failure_thread = threading.Thread(target=self.run_failures, name=f"{name}-failures", daemon=True)
+        self.dispatch_thread.start()
+        self.failure_thread.start()
+
+    def begin_stop(self, deadline: float | None, *, start_if_idle: bool) -> None:
+        """Stop intake and wake everyone; the loops drain and leave. Returns at once."""
+        abandoned = 0
+        with self.mutex:
+            if not self.closing:
+                self.closing = True
+                self.stop_deadline = deadline
+                self.failed_at_stop = self.failed
+                self.work_ready.notify_all()
+                self.not_full.notify_all()
+                self.failure_ready.notify_all()
+            if not self.started and self.buffer:
+                if start_if_idle and not _lifecycle.exiting():
+                    # Stopped before start: the buffer is still delivered, not dropped.
+                    self.start_threads()
+                elif not self.abandon_reported:
+                    self.abandon_reported = True
+                    abandoned = len(self.buffer)
+        if abandoned:
+            _log.warning(
+                "%s stopped without ever starting; %d buffered message(s) were not dispatched",
+                self.describe(),
+                abandoned,
+            )
+
+    def join(self, deadline: float | None) -> None:
+        """Wait for both loops to leave, until ``deadline`` (monotonic; None: no limit).
+
+        Called on the dispatch loop itself (stop() inside ``dispatch``) it returns at once:
+        the failure loop waits for the dispatch loop, so waiting for it would never end.
+        """
+        if threading.current_thread() is self.dispatch_thread:
+            return
+        for thread in (self.dispatch_thread, self.failure_thread):
+            if thread is None or thread is threading.current_thread():
+                continue
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def finished(self) -> bool:
+        """Whether everything accepted was dispatched or reported and both loops have left."""
+        with self.mutex:
+            loops_done = not self.started or (self.dispatch_done and self.failures_done)
+            return loops_done and not self.buffer and not self.in_flight and not self.failures
+
+    def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
+        sent_before = self.sent
+        self.begin_stop(deadline, start_if_idle=False)
+        self.join(deadline)
+        with self.mutex:
+            lost = len(self.buffer) + self.in_flight + len(self.failures)
+        return self.sent - sent_before, lost
+
+    def _reset_after_fork(self) -> None:
+        # The parent's buffered messages are the parent's to deliver; the child starts empty.
+        was_running = self.started and not self.closing
+        self._init_runtime()
+        self.started = False
+        self.restart_on_put = was_running
+
+    # -- the dispatch loop ---------------------------------------------------------------------
+
+    def run_dispatch(self) -> None:
+        """Take messages one at a time and hand each to the dispatcher, until stopped and drained."""
+        delivered = 0  # direct sends that succeeded, counted at the next lock
+        holding: tuple[T, int] | None = None  # the message this loop is handling, for _abandon
+        try:
+            while True:
+                with self.mutex:
+                    if delivered:
+                        self.in_flight -= delivered
+                        self.sent += delivered
+                        delivered = 0
+                    job = self._next_job()
+                if job is None:
+                    return
+                if job is _FLUSH:
+                    self._flush()
+                    continue
+                holding = job
+                message, attempts = job
+                if self.submit is not None:
+                    self._submit(message, attempts + 1)
+                else:
+                    try:
+                        self.dispatcher.dispatch(message, self.target)
+                    except Exception as error:  # noqa: BLE001 - reported through the failure loop
+                        self._settle(message, attempts + 1, error)
+                    else:
+                        delivered += 1
+                holding = None
+        except BaseException as error:
+            _log.critical("%s: the dispatch loop died; reporting what it held as failed", self.describe())
+            self._abandon(error, holding, delivered)
+            raise
+        finally:
+            with self.mutex:
+                self.dispatch_done = True
+                self.failure_ready.notify_all()
+
+    def _next_job(self) -> tuple[T, int] | Any | None:
+        """Wait for the next message (or flush) to send; None once stopped and drained. Holds mutex."""
+        while True:
+            now = time.monotonic()
+            retries = self.retries
+            if retries and (self.closing or retries[0][0] <= now):
+                _due, _serial, message, attempts = heapq.heappop(retries)
+                if self.submit is not None:
+                    self.submitted += 1
+                return message, attempts
+            if self.buffer and self.in_flight < self.max_in_flight:
+                message = self.buffer.popleft()
+                self.in_flight += 1
+                if self.submit is not None:
+                    self.submitted += 1
+                if self.put_waiters:
+                    self.not_full.notify()
+                return message, 0
+            if self.closing:
+                if not self.buffer and not retries and not self.in_flight:
+                    return None
+                if self.flush is not None and self.submitted != self.flushed_at:
+                    # Everything handed over so far must go now, not when a window closes.
+                    self.flushed_at = self.submitted
+                    return _FLUSH
+            timeout = retries[0][0] - now if retries else None
+            self.loop_waiting = True
+            try:
+                self.work_ready.wait(timeout)
+            finally:
+                self.loop_waiting = False
+
+    def _flush(self) -> None:
+        assert self.flush is not None
+        deadline = self.stop_deadline
+        try:
+            self.flush(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except Exception:  # noqa: BLE001 - a failing flush must not stop the drain
+            _log.exception("%s: flush() of the dispatcher raised", self.describe())
+
+    def _submit(self, message: T, attempt: int) -> None:
+        assert self.submit is not None
+        try:
+            future = self.submit(message, self.target)
+        except Exception as error:  # noqa: BLE001 - reported through the failure loop
+            self._settle(message, attempt, error)
+            return
+        future.add_done_callback(functools.partial(self._on_done, message, attempt))
+
+    def _on_done(self, message: T, attempt: int, future: Future[Any]) -> None:
+        """Done-callback of a submitted message's Future (any thread, nothing held)."""
+        error: BaseException | None
+        if future.cancelled():
+            error = CancelledError(f"the Future of {_short(message)} was cancelled before it was sent")
+        else:
+            error = future.exception()
+        if error is None:
+            with self.mutex:
+                self.in_flight -= 1
+                self.sent += 1
+                if self.loop_waiting:
+                    self.work_ready.notify()
+                if self.dispatch_done:
+                    self.failure_ready.notify()
+        else:
+            self._settle(message, attempt, error)
+
+    def _settle(self, message: T, attempt: int, error: BaseException) -> None:
+        """A send of ``message`` failed: schedule a retry or queue it for the failure loop. Nothing held."""
+        retry = self.retry
+        if retry is not None and retry.should_retry(attempt, error):
+            try:
+                delay = retry.delay(attempt)
+            except Exception:  # noqa: BLE001 - a broken backoff makes this failure final
+                _log.exception("%s: the retry backoff raised; the failure is final", self.describe())
+            else:
+                with self.mutex:
+                    self.retried += 1
+                    heapq.heappush(self.retries, (time.monotonic() + delay, next(self.serial), message, attempt))
+                    if self.loop_waiting:
+                        self.work_ready.notify()
+                return
+        failed = FailedMessage(message, error, self.target, attempt)
+        with self.mutex:
+            self.in_flight -= 1
+            self.failed += 1
+            self.failures.append(failed)
+            self.failure_ready.notify()
+            if self.loop_waiting:
+                self.work_ready.notify()
+
+    def _abandon(self, error: BaseException, holding: tuple[T, int] | None, delivered: int) -> None:
+        """The dispatch loop is dying: report everything it still held as failed."""
+        with self.mutex:
+            self.in_flight -= delivered
+            self.sent += delivered
+            left = [(message, attempts) for _due, _serial, message, attempts in self.retries]
+            left += [(message, 0) for message in self.buffer]
+            self.in_flight -= len(self.retries)
+            if holding is not None:
+                left.insert(0, holding)
+                self.in_flight -= 1
+            self.buffer.clear()
+            self.retries.clear()
+            self.failed += len(left)
+            self.failures.extend(FailedMessage(message, error, self.target, attempts) for message, attempts in left)
+            self.failure_ready.notify_all()
+
+    # -- the failure loop ----------------------------------------------------------------------
+
+    def run_failures(self) -> None:
+        """Report every failed message to the error handler, until the dispatch loop left and all settled."""
+        try:
+            while True:
+                with self.mutex:
+                    while not self.failures:
+                        if self.dispatch_done and not self.in_flight:
+                            return
+                        self.failure_ready.wait()
+                    failed = self.failures.popleft()
+                self._report(failed)
+        finally:
+            with self.mutex:
+                self.failures_done = True
+
+    def _report(self, failed: FailedMessage[T]) -> None:
+        handler = self.error_handler
+        if handler is None:
+            _log.error(
+                "%s: %s failed after %d attempt(s); it is lost",
+                self.describe(),
+                _short(failed.message),
+                failed.attempts,
+                exc_info=failed.error,
+            )
+            return
+        try:
+            handler(failed)
+        except Exception:  # noqa: BLE001 - the failure loop must live whatever the handler does
+            with self.mutex:
+                self.handler_errors += 1
+            _log.exception("%s: error_handler raised while reporting %s", self.describe(), _short(failed.message))
+
+
+class Sender(Generic[T]):
+    """The producer side of an :class:`AsyncDispatcher`, returned by :meth:`AsyncDispatcher.setup`.
+
+    Thread-safe: any number of threads may put. Holds its AsyncDispatcher, so keeping
+    the sender keeps the dispatcher alive.
+    """
+
+    __slots__ = ("_dispatcher", "_state")
+
+    def __init__(self, dispatcher: AsyncDispatcher[T], state: _AsyncState[T]) -> None:
+        self._dispatcher = dispatcher
+        self._state = state
+
+    def put(self, message: T, timeout: float | None = None) -> None:
+        """Add ``message`` to the buffer, waiting for room while it is full (back-pressure).
+
+        Blocks up to ``timeout`` seconds (None: until there is room), then raises
+        QueueFullError. Raises DispatcherClosedError after ``stop()``, including when the
+        dispatcher stops while this call waits: a message is either accepted (and then
+        dispatched or reported to the error handler) or refused with an exception.
+        """
+        if timeout is not None:
+            timeout = check_seconds("timeout", timeout)
+        self._state.put(message, timeout)
+
+    def try_put(self, message: T) -> bool:
+        """Add ``message`` if the buffer has room; return False if it is full. Never blocks.
+
+        Raises DispatcherClosedError after ``stop()``.
+        """
+        return self._state.try_put(message)
+
+    @property
+    def dispatcher(self) -> AsyncDispatcher[T]:
+        """The AsyncDispatcher this sender feeds."""
+        return self._dispatcher
+
+    def __len__(self) -> int:
+        """Messages waiting in the buffer now (not counting one being sent)."""
+        return len(self._state.buffer)
+
+    def __repr__(self) -> str:
+        return f"<Sender to {self._state.target!r} buffer={len(self)}/{self._state.capacity}>"
+
+
+class AsyncDispatcher(Generic[T]):
+    """Buffers messages and hands them one at a time to ``dispatcher`` on a daemon thread.
+
+    ``setup(buffer_len)`` returns the :class:`Sender` producers put messages into;
+    ``start()`` starts the dispatch loop and the failure loop; ``stop()`` drains and
+    stops them. Every message that fails for good (after ``retry``, if given) reaches
+    ``error_handler(FailedMessage(message, error, target_queue))`` on the failure loop;
+    without a handler it is logged. All methods are thread-safe.
+
+    When ``dispatcher`` has ``submit(message, target) -> Future`` (a
+    :class:`~threaddispatch.batched.BatchedDispatcher` does), the loop uses it and does
+    not wait for each send; at most ``max_in_flight`` messages are handed over and not
+    yet settled at a time, so memory stays bounded end to end. ``stop()`` calls the
+    dispatcher's ``flush(timeout)`` if it has one; it never closes the dispatcher.
+    """
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher[T],
+        target_queue: str,
+        error_handler: Callable[[FailedMessage[T]], object] | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        max_in_flight: int = 1000,
+    ) -> None:
+        if not callable(getattr(dispatcher, "dispatch", None)):
+            raise ConfigurationError(f"dispatcher must have a dispatch(message, target) method, got {dispatcher!r}")
+        if not isinstance(target_queue, str) or not target_queue:
+            raise ConfigurationError(f"target_queue must be a non-empty str, got {target_queue!r}")
+        if error_handler is not None and not callable(error_handler):
+            raise ConfigurationError(f"error_handler must be callable, got {error_handler!r}")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
+        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise ConfigurationError(f"max_in_flight must be an int >= 1, got {max_in_flight!r}")
+        self._state: _AsyncState[T] = _AsyncState(dispatcher, target_queue, error_handler, retry, max_in_flight)
+        self._sender: Sender[T] | None = None
+        _lifecycle.register(self._state)
+        # An unreferenced dispatcher stops: its loops drain what they hold and leave. At
+        # interpreter exit the lifecycle drain handles it instead (in its order).
+        finalizer = weakref.finalize(self, self._state.begin_stop, None, start_if_idle=False)
+        finalizer.atexit = False
+
+    def setup(self, buffer_len: int) -> Sender[T]:
+        """Create the buffer, ``buffer_len`` messages long, and return the Sender that fills it.
+
+        Call once, before or after ``start()``. ``buffer_len`` counts messages waiting,
+        not the one being sent. Raises InvalidStateError if called twice and
+        DispatcherClosedError after ``stop()``. Never blocks.
+        """
+        if isinstance(buffer_len, bool) or not isinstance(buffer_len, int) or buffer_len < 1:
+            raise ConfigurationError(f"buffer_len must be an int >= 1, got {buffer_len!r}")
+        state = self._state
+        with state.mutex:
+            if state.closing:
+                raise DispatcherClosedError(f"{state.describe()} is stopped")
+            if state.is_setup:
+                raise InvalidStateError(f"{state.describe()}: setup() was already called")
+            state.capacity = buffer_len
+            state.is_setup = True
+            self._sender = Sender(self, state)
+            return self._sender
+
+    def start(self) -> None:
+        """Start the dispatch loop and the failure loop (two daemon threads). Idempotent; never blocks.
+
+        Raises InvalidStateError before ``setup()`` and DispatcherClosedError after ``stop()``.
+        """
+        state = self._state
+        with state.mutex:
+            if state.closing:
+                raise DispatcherClosedError(f"{state.describe()} is stopped; it cannot start again")
+            if not state.is_setup:
+                raise InvalidStateError(f"{state.describe()}: call setup(buffer_len) before start()")
+            if not state.started:
+                state.start_threads()
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop intake, dispatch what is buffered, report every failure, and stop both loops. Idempotent.
+
+        Flushes a dispatcher that has ``flush()``. Blocks up to ``timeout`` seconds
+        (None: no limit), even if the dispatcher or the error handler hangs; the loops then
+        finish in the background. Returns whether everything was dispatched and every
+        failure reported in time, with no message failing during the stop. A stop before
+        ``start()`` still dispatches what was buffered.
+        """
+        deadline = None if timeout is None else time.monotonic() + check_seconds("timeout", timeout)
+        state = self._state
+        state.begin_stop(deadline, start_if_idle=True)
+        state.join(deadline)
+        finished = state.finished()
+        if finished:
+            _lifecycle.unregister(state)
+        with state.mutex:
+            return finished and state.failed == state.failed_at_stop
+
+    @property
+    def target_queue(self) -> str:
+        """The target every message is dispatched to."""
+        return self._state.target
+
+    @property
+    def dispatcher(self) -> Dispatcher[T]:
+        """The dispatcher messages are handed to."""
+        return self._state.dispatcher
+
+    @property
+    def sender(self) -> Sender[T] | None:
+        """The Sender returned by :meth:`setup`, or None before it."""
+        return self._sender
+
+    @property
+    def running(self) -> bool:
+        """Whether the loops were started and ``stop()`` was not called."""
+        return self._state.started and not self._state.closing
+
+    @property
+    def stopped(self) -> bool:
+        """Whether ``stop()`` was called."""
+        return self._state.closing
+
+    @property
+    def sent(self) -> int:
+        """Messages dispatched successfully."""
+        return self._state.sent
+
+    @property
+    def failed(self) -> int:
+        """Messages that failed for good (each reported once to the error handler)."""
+        return self._state.failed
+
+    @property
+    def retried(self) -> int:
+        """Retries scheduled (a message retried twice counts two)."""
+        return self._state.retried
+
+    @property
+    def buffered(self) -> int:
+        """Messages accepted into the buffer since setup."""
+        return self._state.buffered
+
+    def stats(self) -> dict[str, int]:
+        """Counters and gauges: buffered, sent, failed, retried, rejected, handler_errors, waiting, in_flight."""
+        state = self._state
+        with state.mutex:
+            return {
+                "buffered": state.buffered,
+                "sent": state.sent,
+                "failed": state.failed,
+                "retried": state.retried,
+                "rejected": state.rejected,
+                "handler_errors": state.handler_errors,
+                "waiting": len(state.buffer),
+                "in_flight": state.in_flight,
+            }
+
+    def __enter__(self) -> AsyncDispatcher[T]:
+        """Start the loops (``setup()`` must have been called) and return self."""
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop, draining without a time limit."""
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = self._state
+        status = "stopped" if state.closing else "running" if state.started else "not started"
+        return f"<AsyncDispatcher {state.target!r} {status} buffer={len(state.buffer)}/{state.capacity}>"

@@ -1,0 +1,838 @@
+"""EndpointBatchDispatcher: per-endpoint webhook batches with retries, a concurrency limit, stats and events.
+
+The face of k-msg's webhook ``BatchDispatcher`` on the shared
+:class:`~threaddispatch._engine.BatchEngine`: one keyed lane per endpoint (a priority lane),
+the engine's window as ``batch_timeout``, its gate as the ``max_concurrent_batches`` limit,
+``put_later`` as the retry timer and ``take_now``/``settle`` for the synchronous
+``process_*`` calls. The engine's worker takes the batches; they are sent on a
+:class:`~threaddispatch._pool.WorkerPool` of ``max_concurrent_batches`` threads.
+
+Every job is in exactly one place at a time (an endpoint's queue, a batch being sent, the
+retry schedule, or finished: delivered, exhausted or cancelled at shutdown), and it moves
+between them under the engine's lock, so the dispatcher never loses a job and never sends
+one twice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from operator import attrgetter
+from types import TracebackType
+from typing import Any, Literal
+
+from threaddispatch import _lifecycle
+from threaddispatch._engine import BatchEngine, check_positive_int
+from threaddispatch._lanes import FifoLane, Lane, PriorityLane
+from threaddispatch._pool import WorkerPool
+from threaddispatch.backoff import Exponential, RetryPolicy, check_seconds
+from threaddispatch.errors import ConfigurationError, DispatcherClosedError, InvalidStateError, ThreadDispatchError
+from threaddispatch.events import EventEmitter, Listener
+
+__all__ = ["EVENTS", "BatchStats", "DispatchJob", "EndpointBatchDispatcher", "WebhookBatch"]
+
+_log = logging.getLogger("threaddispatch")
+
+EVENTS: frozenset[str] = frozenset(
+    {
+        "job_added",
+        "batch_skipped",
+        "batch_started",
+        "batch_executed",
+        "batch_completed",
+        "batch_failed",
+        "job_exhausted",
+        "shutdown",
+    }
+)
+
+JobStatus = Literal["new", "pending", "processing", "retrying", "delivered", "exhausted", "cancelled"]
+BatchStatus = Literal["pending", "processing", "completed", "failed"]
+
+#: ``send_batch(endpoint_id, jobs)``: raise (every job failed), return None (every job was
+#: delivered), or return one outcome per job: None/True delivered, False/an exception failed.
+SendBatch = Callable[[Any, "list[DispatchJob]"], "Sequence[object] | None"]
+
+# The default retry: exponential from 1 s (doubling, capped at 60 s). Its max_attempts does not
+# bind: each job's own max_attempts does.
+_DEFAULT_RETRY = RetryPolicy(max_attempts=sys.maxsize, backoff=Exponential(initial=1.0))
+
+_names = iter(range(1, 1 << 62))
+
+
+# Ids are a random per-process prefix and a counter: unique across processes (and, re-seeded
+# in a forked child, across forks), usable as idempotency keys, and cheap (no syscall per job).
+_id_prefix = ""
+_id_serial = itertools.count()
+
+
+def _seed_ids() -> None:
+    global _id_prefix, _id_serial
+    _id_prefix = os.urandom(7).hex()
+    _id_serial = itertools.count(1)
+
+
+_seed_ids()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_seed_ids)
+
+
+def _new_id() -> str:
+    return f"{_id_prefix}{next(_id_serial):010x}"
+
+
+def _check_endpoint_id(endpoint_id: object) -> None:
+    if type(endpoint_id) is str and endpoint_id and not endpoint_id[0].isspace():
+        return  # the common case, checked cheaply
+    if (
+        endpoint_id is None
+        or isinstance(endpoint_id, bool)
+        or (isinstance(endpoint_id, str) and not endpoint_id.strip())
+    ):
+        raise ConfigurationError(f"endpoint_id must be a non-empty str (or another hashable id), got {endpoint_id!r}")
+    try:
+        hash(endpoint_id)
+    except TypeError:
+        raise ConfigurationError(f"endpoint_id must be hashable, got {endpoint_id!r}") from None
+
+
+class DispatchJob:
+    """One payload for one endpoint, and the record of its delivery.
+
+    ``id`` is generated when not given (unique across processes); ``created_at`` is set at
+    construction (``time.time()``). Bad values raise ConfigurationError naming them. From
+    ``add_job`` on, the dispatcher owns the job and updates ``status`` (new, pending,
+    processing, retrying, then delivered, exhausted or cancelled), ``attempts``,
+    ``last_attempt_at``, ``next_retry_at``, ``finished_at`` and ``last_error``: read them,
+    do not write them. A job can be added once.
+    """
+
+    __slots__ = (
+        "attempts",
+        "created_at",
+        "endpoint_id",
+        "finished_at",
+        "id",
+        "last_attempt_at",
+        "last_error",
+        "max_attempts",
+        "next_retry_at",
+        "payload",
+        "priority",
+        "status",
+    )
+
+    def __init__(
+        self, endpoint_id: Hashable, payload: Any, priority: int = 0, max_attempts: int = 3, id: str | None = None
+    ) -> None:
+        _check_endpoint_id(endpoint_id)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ConfigurationError(f"priority must be an int, got {priority!r}")
+        check_positive_int("max_attempts", max_attempts)
+        if id is None:
+            id = _new_id()
+        elif not isinstance(id, str) or not id:
+            raise ConfigurationError(f"id must be a non-empty str or None, got {id!r}")
+        self.endpoint_id = endpoint_id
+        self.payload = payload
+        self.priority = priority
+        self.max_attempts = max_attempts
+        self.id = id
+        self.created_at = time.time()
+        self.attempts = 0
+        self.status: JobStatus = "new"
+        self.last_attempt_at: float | None = None
+        self.next_retry_at: float | None = None
+        self.finished_at: float | None = None
+        self.last_error: BaseException | None = None
+
+    def __repr__(self) -> str:
+        # No payload: it may be large or sensitive, and this repr ends up in logs.
+        return (
+            f"DispatchJob(id={self.id!r}, endpoint_id={self.endpoint_id!r}, priority={self.priority}, "
+            f"attempts={self.attempts}/{self.max_attempts}, status={self.status!r})"
+        )
+
+
+@dataclass(eq=False)
+class WebhookBatch:
+    """The record of one batch: its jobs (in send order), status and timestamps (``time.time()``).
+
+    ``status`` goes ``pending`` (taken, waiting for a sending thread), ``processing``, then
+    ``completed`` (every job delivered) or ``failed`` (``failed`` of its jobs were not;
+    ``error`` is set when the whole batch failed: ``send_batch`` raised or returned a bad result).
+    """
+
+    id: str
+    endpoint_id: Hashable
+    jobs: tuple[DispatchJob, ...]
+    created_at: float
+    status: BatchStatus = "pending"
+    started_at: float | None = None
+    completed_at: float | None = None
+    successful: int = 0
+    failed: int = 0
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """A consistent snapshot of the queues (all fields read at one instant).
+
+    ``pending_jobs_count`` counts jobs queued for sending (not those waiting for a retry, which
+    ``retrying_jobs_count`` counts); ``average_queue_size`` is over endpoints that have jobs.
+    """
+
+    pending_jobs_count: int
+    active_batches_count: int
+    endpoints_with_pending_jobs: int
+    average_queue_size: float
+    retrying_jobs_count: int = 0
+
+
+def _priority_lane(key: Hashable) -> Lane[DispatchJob]:
+    return PriorityLane(key, _priority_of)
+
+
+_priority_of: Callable[[DispatchJob], int] = attrgetter("priority")
+
+
+def _outcomes(result: object, count: int, endpoint_id: Hashable) -> list[object]:
+    """``result`` as a list of ``count`` outcomes; TypeError or ValueError saying what is wrong with it."""
+    if isinstance(result, (str, bytes, bytearray)) or not isinstance(result, Sequence):
+        raise TypeError(
+            f"send_batch for endpoint {endpoint_id!r} returned {_short(result)}; "
+            f"expected None or a sequence of {count} outcomes (one per job)"
+        )
+    outcomes = list(result)
+    if len(outcomes) != count:
+        raise ValueError(
+            f"send_batch for endpoint {endpoint_id!r} returned {len(outcomes)} outcomes for a batch of "
+            f"{count} jobs; expected None or exactly {count}"
+        )
+    for index, outcome in enumerate(outcomes):
+        if not (outcome is None or outcome is True or outcome is False or isinstance(outcome, BaseException)):
+            raise TypeError(
+                f"send_batch for endpoint {endpoint_id!r} returned outcome {_short(outcome)} at index {index}; "
+                "expected None or True (delivered), False or an exception (failed)"
+            )
+    return outcomes
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _Core:
+    """Everything the engine's worker and the sending threads use.
+
+    Never refers to the dispatcher, so an unreferenced dispatcher can be collected while its
+    threads drain. Thread-safe: ``lock`` guards ``closed``, ``adding`` and the counters below it.
+    """
+
+    def __init__(
+        self,
+        send_batch: SendBatch,
+        *,
+        name: str,
+        max_batch_size: int,
+        batch_timeout: float,
+        max_concurrent_batches: int,
+        enable_prioritization: bool,
+        retry: RetryPolicy,
+    ) -> None:
+        self.send_batch = send_batch
+        self.name = name
+        self.label = f"EndpointBatchDispatcher {name!r}"
+        self.max_batch_size = max_batch_size
+        self.max_concurrent_batches = max_concurrent_batches
+        self.retry = retry
+        self.events = EventEmitter(known_events=EVENTS)
+        self._init_locks()
+        self.pool = WorkerPool(max_concurrent_batches, name=f"{name}-send")
+        self.engine: BatchEngine[DispatchJob] = BatchEngine(
+            self.deliver,
+            name=name,
+            window=batch_timeout,
+            max_batch_size=max_batch_size,
+            gate=self.gate,
+            on_skip=self.on_skip,
+            on_abandon=self.on_abandon,
+            lane_factory=_priority_lane if enable_prioritization else FifoLane,
+        )
+        _lifecycle.register(self)
+
+    def _init_locks(self) -> None:
+        self.lock = threading.Lock()
+        self.adds_done = threading.Condition(self.lock)  # shutdown waits here for announced adds
+        # Sends running now, whoever runs them. The gate keeps it from blocking while open;
+        # during the shutdown drain (no gate) it keeps a process_* call in progress and the
+        # pool's threads together within the limit.
+        self.permits = threading.BoundedSemaphore(self.max_concurrent_batches)
+        self.local = threading.local()  # .sending / .adding: what this thread is in the middle of
+        self.closed = False
+        self.adding = 0  # add_job calls between their job_added event and their put
+        self.shutdown_emitted = False
+        self.exhausted = 0
+        self.cancelled: list[DispatchJob] = []
+        self.exhausted_at_close = 0
+
+    # -- engine hooks ------------------------------------------------------------------------
+
+    def gate(self, _endpoint_id: Hashable) -> bool:
+        # Runs with the engine's lock held: a read, no user code.
+        return self.engine.unsettled < self.max_concurrent_batches
+
+    def on_skip(self, endpoint_id: Hashable, pending: int) -> None:
+        if self.events.has_listeners("batch_skipped"):
+            self.events.emit(
+                "batch_skipped",
+                {
+                    "endpoint_id": endpoint_id,
+                    "pending_jobs": pending,
+                    "active_batches": self.engine.in_flight(),
+                    "max_concurrent_batches": self.max_concurrent_batches,
+                    "reason": "max_concurrent_batches",
+                },
+            )
+
+    def on_abandon(self, _endpoint_id: Hashable, jobs: list[DispatchJob]) -> None:
+        self.cancel(jobs)
+
+    def cancel(self, jobs: list[DispatchJob]) -> None:
+        """Retries that can no longer happen (shutdown): the jobs are not delivered."""
+        now = time.time()
+        for job in jobs:
+            job.status = "cancelled"
+            job.next_retry_at = None
+            job.finished_at = now
+        with self.lock:
+            self.cancelled.extend(jobs)
+        _log.warning(
+            "%s: shut down with %d job(s) waiting for a retry; they were not delivered: %s",
+            self.label,
+            len(jobs),
+            ", ".join(job.id for job in jobs[:10]) + (", ..." if len(jobs) > 10 else ""),
+        )
+
+    def deliver(self, endpoint_id: Hashable, jobs: list[DispatchJob]) -> Future[None] | None:
+        batch = WebhookBatch(_new_id(), endpoint_id, tuple(jobs), time.time())
+        try:
+            return self.pool.submit(self.run_batch, batch)
+        except DispatcherClosedError:
+            # The pool was shut down while the engine still drains: send here rather than lose it.
+            self.run_batch(batch)
+            return None
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def run_batch(self, batch: WebhookBatch) -> None:
+        """Send one batch on this thread and settle its jobs; events fire here, in order."""
+        local = self.local
+        self.permits.acquire()
+        local.sending = getattr(local, "sending", 0) + 1
+        try:
+            self._send(batch)
+        finally:
+            local.sending -= 1
+            self.permits.release()
+
+    def _send(self, batch: WebhookBatch) -> None:
+        events = self.events
+        jobs = batch.jobs
+        endpoint_id = batch.endpoint_id
+        started = time.time()
+        batch.started_at = started
+        batch.status = "processing"
+        for job in jobs:
+            job.attempts += 1
+            job.status = "processing"
+            job.last_attempt_at = started
+            job.next_retry_at = None
+        error: BaseException | None = None
+        interrupt: BaseException | None = None
+        outcomes: list[object] | None = None  # None: every job delivered (unless error)
+        try:
+            if events.has_listeners("batch_started"):
+                events.emit(
+                    "batch_started",
+                    {
+                        "batch_id": batch.id,
+                        "endpoint_id": endpoint_id,
+                        "job_count": len(jobs),
+                        "job_ids": [job.id for job in jobs],
+                        "batch": batch,
+                    },
+                )
+            result = self.send_batch(endpoint_id, list(jobs))
+        except BaseException as exc:  # noqa: BLE001 - the whole batch failed; non-Exceptions re-raised below
+            error = exc
+            if not isinstance(exc, Exception):
+                interrupt = exc
+        else:
+            if result is not None:
+                try:
+                    outcomes = _outcomes(result, len(jobs), endpoint_id)
+                except Exception as exc:  # noqa: BLE001 - a bad result fails the batch; reported below
+                    error = exc
+                    _log.error("%s: %s; the batch is treated as failed", self.label, exc)
+
+        delivered: Sequence[DispatchJob] = ()
+        failed: list[tuple[DispatchJob, BaseException]] = []
+        if error is not None:
+            failed = [(job, error) for job in jobs]
+        elif outcomes is None:
+            delivered = jobs
+        else:
+            delivered = []
+            for job, outcome in zip(jobs, outcomes, strict=True):
+                if outcome is None or outcome is True:
+                    delivered.append(job)
+                else:
+                    failed.append((job, outcome if isinstance(outcome, BaseException) else _not_delivered(job)))
+
+        finished = time.time()
+        for job in delivered:
+            job.status = "delivered"
+            job.finished_at = finished
+            job.last_error = None
+        retries: list[tuple[DispatchJob, float]] = []
+        exhausted: list[DispatchJob] = []
+        for job, job_error in failed:
+            job.last_error = job_error
+            if job.attempts < job.max_attempts and self.retry.should_retry(job.attempts, job_error):
+                delay = self._delay(job)
+                job.status = "retrying"
+                job.next_retry_at = finished + delay
+                retries.append((job, delay))
+            else:
+                job.status = "exhausted"
+                job.finished_at = finished
+                exhausted.append(job)
+        batch.successful = len(delivered)
+        batch.failed = len(failed)
+        batch.error = error
+        batch.completed_at = finished
+        batch.status = "failed" if failed else "completed"
+        if exhausted:
+            with self.lock:
+                self.exhausted += len(exhausted)
+
+        try:
+            self._report(batch, failed, retries, exhausted)
+        finally:
+            # After the events, so a retry never overtakes the report of the attempt before it;
+            # in a finally, so no listener can lose a job.
+            cancelled: list[DispatchJob] = []
+            for job, delay in retries:
+                try:
+                    self.engine.put_later(job, endpoint_id, delay)
+                except DispatcherClosedError:
+                    cancelled.append(job)
+            if cancelled:
+                self.cancel(cancelled)
+        if interrupt is not None:
+            raise interrupt
+
+    def _delay(self, job: DispatchJob) -> float:
+        try:
+            return self.retry.delay(job.attempts)
+        except Exception:  # noqa: BLE001 - a broken backoff must not lose the job: use the default one
+            _log.exception("%s: the retry backoff raised for attempt %d; using the default", self.label, job.attempts)
+            return _DEFAULT_RETRY.delay(job.attempts)
+
+    def _report(
+        self,
+        batch: WebhookBatch,
+        failed: list[tuple[DispatchJob, BaseException]],
+        retries: list[tuple[DispatchJob, float]],
+        exhausted: list[DispatchJob],
+    ) -> None:
+        events = self.events
+        endpoint_id = batch.endpoint_id
+        if events.has_listeners("batch_executed"):
+            events.emit(
+                "batch_executed",
+                {
+                    "batch_id": batch.id,
+                    "endpoint_id": endpoint_id,
+                    "total": len(batch.jobs),
+                    "successful": batch.successful,
+                    "failed": batch.failed,
+                    "batch": batch,
+                },
+            )
+        if not failed:
+            if events.has_listeners("batch_completed"):
+                events.emit(
+                    "batch_completed",
+                    {"batch_id": batch.id, "endpoint_id": endpoint_id, "job_count": len(batch.jobs), "batch": batch},
+                )
+        elif events.has_listeners("batch_failed"):
+            events.emit(
+                "batch_failed",
+                {
+                    "batch_id": batch.id,
+                    "endpoint_id": endpoint_id,
+                    "error": batch.error,
+                    "failed": batch.failed,
+                    "failed_job_ids": [job.id for job, _ in failed],
+                    "retrying": len(retries),
+                    "exhausted": len(exhausted),
+                    "batch": batch,
+                },
+            )
+        if exhausted and events.has_listeners("job_exhausted"):
+            for job in exhausted:
+                events.emit(
+                    "job_exhausted",
+                    {
+                        "job_id": job.id,
+                        "endpoint_id": endpoint_id,
+                        "attempts": job.attempts,
+                        "error": job.last_error,
+                        "job": job,
+                    },
+                )
+
+    # -- adding ------------------------------------------------------------------------------
+
+    def add_announced(self, job: DispatchJob) -> None:
+        """Emit ``job_added`` and then queue the job, so the event precedes any batch holding it.
+
+        Counted in ``adding`` meanwhile: shutdown waits for these before it closes the engine,
+        so a job whose ``job_added`` was emitted is always accepted.
+        """
+        local = self.local
+        with self.lock:
+            if self.closed:
+                raise DispatcherClosedError(f"{self.label} is shut down; {job!r} was not accepted")
+            self.adding += 1
+        local.adding = getattr(local, "adding", 0) + 1
+        try:
+            self.events.emit(
+                "job_added",
+                {
+                    "job_id": job.id,
+                    "endpoint_id": job.endpoint_id,
+                    "priority": job.priority,
+                    "queue_size": self.engine.lane_length(job.endpoint_id) + 1,
+                    "job": job,
+                },
+            )
+            self.engine.put(job, job.endpoint_id)
+        finally:
+            local.adding -= 1
+            with self.lock:
+                self.adding -= 1
+                if self.closed and not self.adding:
+                    self.adds_done.notify_all()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
+        return 0, 0  # the engine is registered too and drains the jobs
+
+    def _reset_after_fork(self) -> None:
+        # A parent thread may have held these locks at fork time; the engine and pool reset themselves.
+        closed = self.closed
+        self._init_locks()
+        self.closed = closed
+
+
+def _not_delivered(job: DispatchJob) -> ThreadDispatchError:
+    return ThreadDispatchError(f"send_batch reported job {job.id!r} as not delivered (False)")
+
+
+def _close_unreferenced(engine: BatchEngine[DispatchJob], pool: WorkerPool) -> None:
+    """Drain a dispatcher nobody references any more, then let its threads leave."""
+    if _lifecycle.exiting():
+        return  # the exit drain has the engine
+
+    def drain() -> None:
+        engine.close(None)
+        pool.shutdown(None)
+
+    # The collector may run this on a thread that holds the engine's lock: never wait for it here.
+    threading.Thread(target=drain, name=f"threaddispatch-{engine.name}-close", daemon=True).start()
+
+
+class EndpointBatchDispatcher:
+    """Batches jobs per endpoint and calls ``send_batch(endpoint_id, jobs)`` for each batch.
+
+    A batch holds jobs of one endpoint only, at most ``max_batch_size`` of them, highest
+    ``priority`` first and first in first out within a priority. An endpoint's queue goes at
+    once when it holds ``max_batch_size`` jobs, otherwise ``batch_timeout`` seconds after its
+    first job arrived. At most ``max_concurrent_batches`` batches are in flight: a batch over
+    the limit is skipped (``batch_skipped``), its jobs stay queued, and it goes when a batch
+    finishes or its next window closes. Batches are sent on up to ``max_concurrent_batches``
+    daemon threads ``threaddispatch-<name>-send-<n>``, taken by one thread ``threaddispatch-<name>``.
+    The limit is over all endpoints, so two batches of one endpoint may be in flight together:
+    jobs keep their order within a batch, not across batches.
+
+    ``send_batch`` raises (every job failed), returns None (every job delivered), or returns
+    one outcome per job: None or True (delivered), False or an exception (failed). A result
+    of another length or kind fails the whole batch, with an error naming what was wrong.
+    Failed jobs, and only they, rejoin their endpoint's queue after ``retry``'s backoff
+    (default: exponential from 1 s, doubling, capped at 60 s) and go with its next batch, until
+    the job's ``max_attempts`` (or ``retry.max_attempts``, or ``retry.retry_on``) says stop:
+    then ``job_exhausted``.
+
+    Events, with one dict argument, fire synchronously on the thread doing the work:
+    ``job_added`` (the caller of add_job, before the job can be in a batch),
+    ``batch_skipped``, then per batch ``batch_started``, ``batch_executed`` and
+    ``batch_completed`` or ``batch_failed``, then ``job_exhausted`` per exhausted job;
+    ``shutdown`` once. A listener that raises is logged and changes nothing else.
+    All methods are thread-safe.
+    """
+
+    def __init__(
+        self,
+        send_batch: SendBatch,
+        *,
+        max_batch_size: int = 100,
+        batch_timeout: float = 5.0,
+        max_concurrent_batches: int = 10,
+        enable_prioritization: bool = True,
+        retry: RetryPolicy | None = None,
+        name: str | None = None,
+    ) -> None:
+        if not callable(send_batch):
+            raise ConfigurationError(f"send_batch must be callable, got {send_batch!r}")
+        check_positive_int("max_batch_size", max_batch_size)
+        batch_timeout = check_seconds("batch_timeout", batch_timeout, allow_zero=False)
+        check_positive_int("max_concurrent_batches", max_concurrent_batches)
+        if not isinstance(enable_prioritization, bool):
+            raise ConfigurationError(f"enable_prioritization must be a bool, got {enable_prioritization!r}")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
+        if name is None:
+            name = f"endpoint-{next(_names)}"
+        elif not isinstance(name, str) or not name:
+            raise ConfigurationError(f"name must be a non-empty str, got {name!r}")
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.batch_timeout = batch_timeout
+        self.max_concurrent_batches = max_concurrent_batches
+        self.enable_prioritization = enable_prioritization
+        self.retry = _DEFAULT_RETRY if retry is None else retry
+        self._core = _Core(
+            send_batch,
+            name=name,
+            max_batch_size=max_batch_size,
+            batch_timeout=batch_timeout,
+            max_concurrent_batches=max_concurrent_batches,
+            enable_prioritization=enable_prioritization,
+            retry=self.retry,
+        )
+        # An unreferenced dispatcher drains in the background, then its threads leave.
+        self._finalizer = weakref.finalize(self, _close_unreferenced, self._core.engine, self._core.pool)
+        self._finalizer.atexit = False  # at exit the lifecycle drain has it, and no thread may start
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def add_job(self, job: DispatchJob) -> str:
+        """Queue ``job`` for its endpoint and return its id. Never sends on this thread.
+
+        Does not block (beyond ``job_added`` listeners). Raises TypeError for a non-job,
+        InvalidStateError for a job already added, DispatcherClosedError after shutdown.
+        """
+        if not isinstance(job, DispatchJob):
+            raise TypeError(f"add_job takes a DispatchJob, got {_short(job)}")
+        if job.status != "new":
+            raise InvalidStateError(
+                f"{job!r} was already added; to send it again add DispatchJob(job.endpoint_id, job.payload, id=job.id)"
+            )
+        core = self._core
+        job.status = "pending"
+        try:
+            if core.events.has_listeners("job_added"):
+                core.add_announced(job)
+            else:
+                if core.closed:
+                    raise DispatcherClosedError(f"{core.label} is shut down; {job!r} was not accepted")
+                core.engine.put(job, job.endpoint_id)
+        except BaseException:
+            job.status = "new"  # not queued: the caller may add it elsewhere
+            raise
+        return job.id
+
+    def process_batch_for_endpoint(self, endpoint_id: Hashable) -> WebhookBatch | None:
+        """Send the next batch of ``endpoint_id`` now, on this thread, and return its record.
+
+        Blocks for the send. Returns None when the endpoint has no pending job, or when
+        ``max_concurrent_batches`` batches are in flight (then ``batch_skipped`` fires and the
+        jobs stay queued). Raises DispatcherClosedError after shutdown.
+        """
+        _check_endpoint_id(endpoint_id)
+        self._check_open()
+        return self._process(endpoint_id)
+
+    def process_all_batches(self) -> list[WebhookBatch]:
+        """Send one batch for every endpoint with pending jobs, now, on this thread, one after another.
+
+        Blocks for the sends. Returns the records of the batches sent (endpoints skipped for
+        the concurrency limit are not in it). Raises DispatcherClosedError after shutdown.
+        """
+        self._check_open()
+        batches = []
+        for endpoint_id in self._core.engine.keys_with_entries():
+            batch = self._process(endpoint_id)
+            if batch is not None:
+                batches.append(batch)
+        return batches
+
+    def _process(self, endpoint_id: Hashable) -> WebhookBatch | None:
+        core = self._core
+        seq, jobs = core.engine.take_now(endpoint_id, core.max_batch_size)
+        if not jobs:
+            return None
+        batch = WebhookBatch(_new_id(), endpoint_id, tuple(jobs), time.time())
+        try:
+            core.run_batch(batch)
+        finally:
+            core.engine.settle(seq)
+        return batch
+
+    def _check_open(self) -> None:
+        if self._core.closed:
+            raise DispatcherClosedError(f"{self._core.label} is shut down")
+
+    # -- stats -------------------------------------------------------------------------------
+
+    def get_batch_stats(self) -> BatchStats:
+        """Pending jobs, batches in flight, endpoints with jobs, average queue size: one snapshot."""
+        lengths, in_flight, scheduled = self._core.engine.snapshot()
+        pending = sum(lengths.values())
+        endpoints = len(lengths)
+        return BatchStats(
+            pending_jobs_count=pending,
+            active_batches_count=in_flight,
+            endpoints_with_pending_jobs=endpoints,
+            average_queue_size=pending / endpoints if endpoints else 0.0,
+            retrying_jobs_count=scheduled,
+        )
+
+    def get_pending_job_count(self, endpoint_id: Hashable) -> int:
+        """Jobs queued for ``endpoint_id`` now (not in flight, not waiting for a retry)."""
+        _check_endpoint_id(endpoint_id)
+        return self._core.engine.lane_length(endpoint_id)
+
+    # -- events ------------------------------------------------------------------------------
+
+    def on(self, event: str, listener: Listener) -> Callable[[], bool]:
+        """Call ``listener(payload)`` on every ``event``; returns a function that removes it."""
+        return self._core.events.on(event, listener)
+
+    def once(self, event: str, listener: Listener) -> Callable[[], bool]:
+        """Like :meth:`on`, for the next ``event`` only."""
+        return self._core.events.once(event, listener)
+
+    def off(self, event: str, listener: Listener) -> bool:
+        """Remove one registration of ``listener``; returns whether there was one."""
+        return self._core.events.off(event, listener)
+
+    def emit(self, event: str, *args: Any) -> bool:
+        """Call the listeners of ``event`` on this thread; returns whether there were any."""
+        return self._core.events.emit(event, *args)
+
+    def remove_all_listeners(self, event: str | None = None) -> None:
+        """Remove the listeners of ``event``, or of every event."""
+        self._core.events.remove_all_listeners(event)
+
+    add_listener = on
+    remove_listener = off
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`shutdown` was called."""
+        return self._core.closed
+
+    def shutdown(self, timeout: float | None = 30.0) -> bool:
+        """Stop intake, send every pending job, wait for active batches, cancel pending retries.
+
+        Blocks up to ``timeout`` seconds (None: no limit), even if ``send_batch`` hangs.
+        Retries not yet due are cancelled and their jobs reported as not delivered. Emits
+        ``shutdown`` with the counts (once) and returns whether every job pending, in flight
+        or waiting for a retry was delivered. Idempotent: a later call waits again and
+        returns the state then. Called from ``send_batch`` or a listener, it cannot wait for
+        the batch it runs in: it starts the drain and returns False.
+        """
+        if timeout is not None:
+            timeout = check_seconds("timeout", timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        core = self._core
+        local = core.local
+        with core.lock:
+            first = not core.closed
+            if first:
+                core.closed = True
+                core.exhausted_at_close = core.exhausted
+            # Jobs announced by job_added are accepted: wait for their puts (not our own).
+            own = getattr(local, "adding", 0)
+            while core.adding > own:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                core.adds_done.wait(remaining)
+        if getattr(local, "sending", 0):
+            core.engine.begin_close()
+            drained = False
+        else:
+            drained = core.engine.close(_remaining(deadline))
+            core.pool.shutdown(_remaining(deadline))
+            self._finalizer.detach()  # closed: nothing left for the collector to do
+        lengths, in_flight, _scheduled = core.engine.snapshot()
+        pending = sum(lengths.values())
+        with core.lock:
+            cancelled = list(core.cancelled)
+            exhausted = core.exhausted - core.exhausted_at_close
+            emit = not core.shutdown_emitted
+            core.shutdown_emitted = True
+        delivered = drained and not pending and not in_flight and not cancelled and not exhausted
+        if emit and core.events.has_listeners("shutdown"):
+            core.events.emit(
+                "shutdown",
+                {
+                    "delivered": delivered,
+                    "pending_jobs": pending,
+                    "active_batches": in_flight,
+                    "cancelled_retries": len(cancelled),
+                    "cancelled_jobs": cancelled,
+                    "exhausted_jobs": exhausted,
+                },
+            )
+        return delivered
+
+    def __enter__(self) -> EndpointBatchDispatcher:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        state = "shut down" if self.closed else "open"
+        return (
+            f"<EndpointBatchDispatcher {self.name!r} max_batch_size={self.max_batch_size} "
+            f"batch_timeout={self.batch_timeout} max_concurrent_batches={self.max_concurrent_batches} {state}>"
+        )
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())

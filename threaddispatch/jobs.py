@@ -1,0 +1,1700 @@
+"""JobEngine: persistent jobs run by worker threads, on a pluggable store.
+
+The face of xraph's dispatch on plain threads. Producers ``enqueue`` jobs into a
+:class:`~threaddispatch.stores.Store` (the store IS the queue); workers claim them
+atomically, run their handlers, and record the outcome, retrying with backoff and
+dead-lettering after ``max_retries + 1`` attempts. A worker process that dies loses
+nothing: its jobs stop heartbeating and go back to pending (at-least-once delivery).
+
+Threads of a started engine, all daemons:
+
+- ``threaddispatch-jobs-fetcher`` claims at most as many jobs as there are free worker
+  slots, honouring paused queues and per-queue ``max_concurrency`` / ``rate_limit``.
+  When idle it polls, backing off from ``poll_interval`` to ``max_poll_interval``; an
+  enqueue in this process wakes it at once.
+- ``threaddispatch-jobs-worker-<n>``: ``concurrency`` threads of the shared
+  :class:`~threaddispatch._pool.WorkerPool` that run handlers through the middleware.
+- ``threaddispatch-jobs-heartbeat`` heartbeats running jobs, enforces timeouts,
+  recovers stale jobs of dead workers and purges finished jobs past ``retention``.
+- ``threaddispatch-jobs-cron`` (only with cron entries) fires recurring jobs while it
+  holds the store's cron leader lease; each tick fires once across every process.
+
+The engine's own loop is not the shared batching engine: jobs are not batched by a
+time window but claimed from a store against free slots, limits and leases.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import FrameType, TracebackType
+from typing import Any, TypeVar
+
+from threaddispatch import _lifecycle
+from threaddispatch._pool import WorkerPool
+from threaddispatch._ratelimit import TokenBucket
+from threaddispatch.backoff import Backoff, ExponentialJitter, check_seconds
+from threaddispatch.cron import CronSchedule
+from threaddispatch.cron import parse as parse_cron
+from threaddispatch.errors import (
+    Cancel,
+    CancelledError,
+    ConfigurationError,
+    DispatcherClosedError,
+    DispatchTimeoutError,
+    InvalidStateError,
+    JobNotFoundError,
+    NoStoreError,
+    PayloadError,
+    Retry,
+    StoreError,
+)
+from threaddispatch.events import EventEmitter
+from threaddispatch.middleware import (
+    LoggingMiddleware,
+    Middleware,
+    RecoverMiddleware,
+    TimeoutMiddleware,
+    compile_chain,
+)
+from threaddispatch.stores.base import CronEntry, DeadLetter, JobRecord, JobState, Store
+
+__all__ = [
+    "EXTENSION_HOOKS",
+    "Config",
+    "JobContext",
+    "JobDefinition",
+    "JobEngine",
+    "QueueConfig",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+Handler = Callable[["JobContext", Any], object]
+
+_log = logging.getLogger("threaddispatch.jobs")
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_CRON_LEASE = "cron-leader"
+_MAX_ERROR_TEXT = 8000
+
+#: Extension hook names and the event each one listens to (an extension implements any subset).
+EXTENSION_HOOKS: Mapping[str, str] = {
+    "on_job_enqueued": "job_enqueued",  # (job)
+    "on_job_started": "job_started",  # (job)
+    "on_job_completed": "job_completed",  # (job, result)
+    "on_job_failed": "job_failed",  # (job, error) - the last attempt failed; a dead letter follows
+    "on_job_retrying": "job_retrying",  # (job, error, delay_seconds)
+    "on_job_dlq": "job_dlq",  # (job, dead_letter)
+    "on_job_cancelled": "job_cancelled",  # (job, error_or_None)
+    "on_shutdown": "shutdown",  # ()
+}
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_queue(value: object, what: str = "queue") -> str:
+    if not isinstance(value, str) or not value or value != value.strip():
+        raise ConfigurationError(f"{what} must be a non-empty str without surrounding spaces, got {value!r}")
+    return value
+
+
+def _check_timeout(value: object) -> float | None:
+    if value is None:
+        return None
+    return check_seconds("timeout", value, allow_zero=False)
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """Limits for one queue, per engine (per worker process).
+
+    ``max_concurrency``: at most that many of its jobs run at once (None: only the
+    engine's ``concurrency`` bounds it). ``rate_limit``: at most that many jobs start
+    per second, as a token bucket holding ``rate_burst`` tokens. A job held back by a
+    limit stays pending: it is not a failed attempt. Immutable.
+    """
+
+    name: str
+    max_concurrency: int | None = None
+    rate_limit: float | None = None
+    rate_burst: int = 1
+
+    def __post_init__(self) -> None:
+        _check_queue(self.name, "QueueConfig name")
+        if self.max_concurrency is not None:
+            _check_int("max_concurrency", self.max_concurrency, 1)
+        if self.rate_limit is not None:
+            TokenBucket(self.rate_limit, self.rate_burst)  # validates both
+        else:
+            _check_int("rate_burst", self.rate_burst, 1)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The engine's tuning, with the defaults of the design; ``JobEngine(**vars)`` mirrors it.
+
+    Durations are float seconds. ``retention``: finished jobs older than that are
+    purged (None keeps them). ``max_payload_size``: bytes of JSON a payload may take.
+    Immutable; :meth:`validate` raises ConfigurationError naming a bad value.
+    """
+
+    concurrency: int = 10
+    queues: tuple[str, ...] = ("default",)
+    poll_interval: float = 1.0
+    max_poll_interval: float = 30.0
+    shutdown_timeout: float = 30.0
+    heartbeat_interval: float = 10.0
+    stale_job_threshold: float = 30.0
+    backoff: Backoff = field(default_factory=lambda: ExponentialJitter(initial=1.0, max=60.0))
+    queue_configs: tuple[QueueConfig, ...] = ()
+    retention: float | None = 7 * 86400.0
+    max_payload_size: int = 1 << 20
+
+    @classmethod
+    def default(cls) -> Config:
+        """A Config with every default."""
+        return cls()
+
+    def validate(self) -> Config:
+        """Check every field; returns self. Raises ConfigurationError naming the first bad value."""
+        _check_int("concurrency", self.concurrency, 1)
+        if isinstance(self.queues, str) or not isinstance(self.queues, (tuple, list)) or not self.queues:
+            raise ConfigurationError(f"queues must be a non-empty list of queue names, got {self.queues!r}")
+        for queue in self.queues:
+            _check_queue(queue)
+        check_seconds("poll_interval", self.poll_interval, allow_zero=False)
+        check_seconds("max_poll_interval", self.max_poll_interval, allow_zero=False)
+        if self.max_poll_interval < self.poll_interval:
+            raise ConfigurationError(
+                f"max_poll_interval ({self.max_poll_interval!r}) must be >= poll_interval ({self.poll_interval!r})"
+            )
+        check_seconds("shutdown_timeout", self.shutdown_timeout)
+        check_seconds("heartbeat_interval", self.heartbeat_interval, allow_zero=False)
+        check_seconds("stale_job_threshold", self.stale_job_threshold, allow_zero=False)
+        if self.stale_job_threshold <= self.heartbeat_interval:
+            raise ConfigurationError(
+                f"stale_job_threshold ({self.stale_job_threshold!r}) must be > heartbeat_interval "
+                f"({self.heartbeat_interval!r}), or live jobs would be taken for dead ones"
+            )
+        if not callable(self.backoff):
+            raise ConfigurationError(f"backoff must be a callable attempt -> seconds, got {self.backoff!r}")
+        names = set()
+        for config in self.queue_configs:
+            if not isinstance(config, QueueConfig):
+                raise ConfigurationError(f"queue_configs must hold QueueConfig objects, got {config!r}")
+            if config.name in names:
+                raise ConfigurationError(f"queue_configs names queue {config.name!r} twice")
+            names.add(config.name)
+        if self.retention is not None:
+            check_seconds("retention", self.retention)
+        _check_int("max_payload_size", self.max_payload_size, 2)
+        return self
+
+
+@dataclass(frozen=True)
+class JobDefinition:
+    """A registered job: its handler ``fn(ctx, payload)`` and default options. Immutable."""
+
+    name: str
+    fn: Handler
+    max_retries: int = 3
+    timeout: float | None = 300.0
+    queue: str = "default"
+    priority: int = 0
+    backoff: Backoff | None = None
+
+
+class JobContext:
+    """What a handler gets besides its payload: the job, its attempt, and cancellation.
+
+    ``ctx.cancelled`` becomes True (a ``threading.Event`` underneath) when the job times
+    out, is cancelled by an operator, is lost to another worker, or the engine hands it
+    back at stop. Long handlers should check it, or sleep with :meth:`wait`. Thread-safe.
+    """
+
+    __slots__ = ("_cancel", "attempt", "deadline", "engine", "job", "logger", "started", "timeout")
+
+    def __init__(self, job: JobRecord, engine: JobEngine, logger: logging.Logger) -> None:
+        self.job = job
+        self.engine = engine
+        self.attempt = job.attempts
+        self.timeout = job.timeout
+        self.logger = logger
+        self.deadline: float | None = None
+        self.started = time.monotonic()
+        self._cancel = threading.Event()
+
+    @property
+    def id(self) -> str:
+        """The job's id."""
+        return self.job.id
+
+    @property
+    def name(self) -> str:
+        """The job's name."""
+        return self.job.name
+
+    @property
+    def queue(self) -> str:
+        """The job's queue."""
+        return self.job.queue
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the job should stop now (timed out, cancelled, lost, or handed back)."""
+        return self._cancel.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to ``timeout`` seconds, waking early on cancellation; returns ``cancelled``."""
+        return self._cancel.wait(timeout)
+
+    def raise_if_cancelled(self) -> None:
+        """Raise CancelledError if the job was cancelled (a convenient check point)."""
+        if self._cancel.is_set():
+            raise CancelledError(f"job {self.job.id} was cancelled")
+
+    def _arm_deadline(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.engine._deadline_armed(deadline)
+
+    def __repr__(self) -> str:
+        return f"<JobContext {self.job.name} {self.job.id} attempt={self.attempt}>"
+
+
+class _Slot:
+    """One claimed job in this process. Fields change under the engine's lock."""
+
+    __slots__ = ("abandoned", "ctx", "definition", "job", "settled", "started")
+
+    def __init__(self, job: JobRecord, ctx: JobContext, definition: JobDefinition | None) -> None:
+        self.job = job
+        self.ctx = ctx
+        self.definition = definition
+        self.started = False  # a worker thread began it (else stop may release it)
+        # settled: its outcome is decided (recorded, timed out, handed back, lost); the
+        # handler's own outcome, if it comes later, is discarded.
+        self.settled = False
+        # abandoned: settled without the handler's outcome (timed out, lost, cancelled, handed
+        # back); its thread may still be running the handler.
+        self.abandoned = False
+
+
+def new_job_id() -> str:
+    """A new job id: 32 hex digits, the time in nanoseconds then 64 random bits, so ids sort by creation."""
+    return f"{time.time_ns():016x}{os.urandom(8).hex()}"
+
+
+def _error_text(error: BaseException) -> str:
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return text if len(text) <= _MAX_ERROR_TEXT else "...\n" + text[-_MAX_ERROR_TEXT:]
+
+
+def _to_epoch(name: str, value: object) -> float:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ConfigurationError(f"{name} must be timezone-aware, got naive {value!r}")
+        return value.timestamp()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigurationError(f"{name} must be an aware datetime or epoch seconds, got {value!r}")
+    return float(value)
+
+
+class JobEngine:
+    """Persistent jobs on a store, run by worker threads (see the module docstring).
+
+    ``store`` is required (NoStoreError otherwise). Every keyword mirrors a
+    :class:`Config` field (``JobEngine.from_config`` takes one). ``middleware`` runs
+    inside the built-ins; ``extensions`` are objects with any of the hooks in
+    :data:`EXTENSION_HOOKS`; a failing hook is logged and never affects the job.
+
+    All methods are thread-safe. Producer methods (``enqueue``, ``get_job``, ...) work
+    whether or not the engine is started, and after ``stop()`` too: the store is the
+    queue, so a job enqueued after stop waits there for a worker.
+    """
+
+    def __init__(
+        self,
+        store: Store | None = None,
+        *,
+        concurrency: int = 10,
+        queues: Sequence[str] = ("default",),
+        poll_interval: float = 1.0,
+        max_poll_interval: float = 30.0,
+        shutdown_timeout: float = 30.0,
+        heartbeat_interval: float = 10.0,
+        stale_job_threshold: float = 30.0,
+        backoff: Backoff | None = None,
+        queue_configs: Iterable[QueueConfig] = (),
+        retention: float | None = 7 * 86400.0,
+        max_payload_size: int = 1 << 20,
+        middleware: Iterable[Middleware] = (),
+        extensions: Iterable[object] = (),
+        logger: logging.Logger | None = None,
+    ) -> None:
+        if store is None:
+            raise NoStoreError("JobEngine needs a store, e.g. JobEngine(SQLiteStore('jobs.db'))")
+        if not isinstance(store, Store):
+            raise ConfigurationError(f"store must be a threaddispatch.stores.Store, got {store!r}")
+        if isinstance(queues, str):
+            raise ConfigurationError(f"queues must be a list of queue names, not the str {queues!r}")
+        self.config = Config(
+            concurrency=concurrency,
+            queues=tuple(queues),
+            poll_interval=poll_interval,
+            max_poll_interval=max_poll_interval,
+            shutdown_timeout=shutdown_timeout,
+            heartbeat_interval=heartbeat_interval,
+            stale_job_threshold=stale_job_threshold,
+            backoff=backoff if backoff is not None else ExponentialJitter(initial=1.0, max=60.0),
+            queue_configs=tuple(queue_configs),
+            retention=retention,
+            max_payload_size=max_payload_size,
+        ).validate()
+        self.store = store
+        self.logger = logger or _log
+        middleware = list(middleware)
+        for item in middleware:
+            if not isinstance(item, Middleware):
+                raise ConfigurationError(f"middleware must be Middleware instances, got {item!r}")
+        self._chain: tuple[Middleware, ...] = (
+            RecoverMiddleware(),
+            TimeoutMiddleware(),
+            LoggingMiddleware(self.logger),
+            *middleware,
+        )
+        self._steps = compile_chain(self._chain)
+        self.events = EventEmitter(known_events=frozenset(EXTENSION_HOOKS.values()))
+        self.extensions: list[object] = []
+        for extension in extensions:
+            self.add_extension(extension)
+        self._definitions: dict[str, JobDefinition] = {}
+        self._crons: dict[str, tuple[CronSchedule, CronEntry]] = {}
+        self._init_runtime()
+        _lifecycle.register(self)
+
+    @classmethod
+    def from_config(
+        cls,
+        store: Store | None,
+        config: Config,
+        *,
+        middleware: Iterable[Middleware] = (),
+        extensions: Iterable[object] = (),
+        logger: logging.Logger | None = None,
+    ) -> JobEngine:
+        """Build an engine from a :class:`Config` (plus the non-tuning options)."""
+        if not isinstance(config, Config):
+            raise ConfigurationError(f"config must be a Config, got {config!r}")
+        return cls(
+            store,
+            concurrency=config.concurrency,
+            queues=config.queues,
+            poll_interval=config.poll_interval,
+            max_poll_interval=config.max_poll_interval,
+            shutdown_timeout=config.shutdown_timeout,
+            heartbeat_interval=config.heartbeat_interval,
+            stale_job_threshold=config.stale_job_threshold,
+            backoff=config.backoff,
+            queue_configs=config.queue_configs,
+            retention=config.retention,
+            max_payload_size=config.max_payload_size,
+            middleware=middleware,
+            extensions=extensions,
+            logger=logger,
+        )
+
+    def _init_runtime(self) -> None:
+        # _lock guards every field below. _wake (fetcher), _maint (heartbeat thread) and
+        # _idle (stop waiting for in-flight jobs) are conditions on it. User code (handlers,
+        # middleware, hooks) and store calls never run with it held.
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._maint = threading.Condition(self._lock)
+        self._idle = threading.Condition(self._lock)
+        self._state = "new"  # new -> running -> stopping -> stopped (-> running again)
+        self._stop_event = threading.Event()
+        self._wake_pending = False
+        self._next_due = math.inf  # earliest run_at (epoch) this process knows of
+        self._inflight: dict[str, _Slot] = {}
+        self._queue_running: dict[str, int] = {}
+        self._waiters: dict[str, set[threading.Event]] = {}
+        # _done: finished jobs waiting for the group commit (slot, result JSON, note, result).
+        self._done: list[tuple[_Slot, str | None, str | None, object]] = []
+        self._flush_lock = threading.Lock()  # one group commit at a time, in order
+        self._threads_stop = False  # set by stop() once the heartbeat/cron threads may leave
+        self._threads: list[threading.Thread] = []
+        self._cron_thread: threading.Thread | None = None
+        self._unsubscribe: Callable[[], None] | None = None  # the store's wake-ups (LISTEN/NOTIFY)
+        self._pool: WorkerPool | None = None
+        self._queues: tuple[str, ...] = self.config.queues
+        self._concurrency = self.config.concurrency
+        self._limits: dict[str, QueueConfig] = {}
+        self._buckets: dict[str, TokenBucket] = {}
+        self._paused: set[str] = set()
+        self._paused_checked = -math.inf
+        self._rotation = 0
+        self.worker_id = ""
+        self._stats = dict.fromkeys(
+            (
+                "claimed", "completed", "failed", "retried", "cancelled", "timed_out", "lost", "released", "reaped",
+                "idle_polls",
+            ),
+            0,
+        )
+
+    # -- registration ------------------------------------------------------------------------------
+
+    def register(
+        self,
+        name: str,
+        fn: Handler,
+        *,
+        max_retries: int = 3,
+        timeout: float | None = 300.0,
+        queue: str = "default",
+        priority: int = 0,
+        backoff: Backoff | None = None,
+    ) -> JobDefinition:
+        """Register handler ``fn(ctx, payload)`` as job ``name`` with default options; returns the definition.
+
+        ``timeout`` None means no timeout; ``backoff`` None uses the engine's. Registering
+        a name again replaces it. Non-blocking.
+        """
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"job name must be a non-empty str, got {name!r}")
+        if not callable(fn):
+            raise ConfigurationError(f"job {name!r}: handler must be callable fn(ctx, payload), got {fn!r}")
+        if backoff is not None and not callable(backoff):
+            raise ConfigurationError(f"job {name!r}: backoff must be callable attempt -> seconds, got {backoff!r}")
+        definition = JobDefinition(
+            name,
+            fn,
+            max_retries=_check_int("max_retries", max_retries, 0),
+            timeout=_check_timeout(timeout),
+            queue=_check_queue(queue),
+            priority=_check_int("priority", priority, -(1 << 62)),
+            backoff=backoff,
+        )
+        with self._lock:
+            self._definitions[name] = definition
+        return definition
+
+    def job(
+        self,
+        name: str | None = None,
+        *,
+        max_retries: int = 3,
+        timeout: float | None = 300.0,
+        queue: str = "default",
+        priority: int = 0,
+        backoff: Backoff | None = None,
+    ) -> Callable[[F], F]:
+        """Decorator form of :meth:`register`; ``name`` defaults to the function's name."""
+
+        def decorate(fn: F) -> F:
+            self.register(
+                name or fn.__name__, fn, max_retries=max_retries, timeout=timeout, queue=queue, priority=priority,
+                backoff=backoff,
+            )  # fmt: skip
+            return fn
+
+        return decorate
+
+    def definitions(self) -> dict[str, JobDefinition]:
+        """The registered jobs by name (a copy)."""
+        with self._lock:
+            return dict(self._definitions)
+
+    def add_extension(self, extension: object) -> None:
+        """Subscribe ``extension``'s hook methods (any of :data:`EXTENSION_HOOKS`) to the engine's events."""
+        found = False
+        for hook, event in EXTENSION_HOOKS.items():
+            method = getattr(extension, hook, None)
+            if method is not None:
+                if not callable(method):
+                    raise ConfigurationError(f"extension {extension!r}: {hook} must be callable")
+                self.events.on(event, method)
+                found = True
+        if not found:
+            raise ConfigurationError(
+                f"extension {extension!r} has none of the hooks {', '.join(EXTENSION_HOOKS)}"
+            )
+        self.extensions.append(extension)
+
+    # -- producing -----------------------------------------------------------------------------------
+
+    def _definition(self, name: str) -> JobDefinition:
+        definition = self._definitions.get(name)
+        if definition is None:
+            known = ", ".join(sorted(self._definitions)) or "none"
+            raise ConfigurationError(f"unknown job name {name!r}: register it first (registered: {known})")
+        return definition
+
+    def _encode(self, what: str, value: object) -> str:
+        try:
+            text = _ENCODER.encode(value)
+        except (TypeError, ValueError) as error:
+            raise PayloadError(f"{what} is not JSON-serialisable: {error}") from error
+        if len(text) > self.config.max_payload_size:
+            raise PayloadError(
+                f"{what} is {len(text)} bytes of JSON, more than max_payload_size={self.config.max_payload_size}"
+            )
+        return text
+
+    def _build(
+        self,
+        name: str,
+        payload_text: str,
+        definition: JobDefinition,
+        *,
+        queue: str | None,
+        priority: int | None,
+        run_at: float,
+        max_retries: int | None,
+        unique_key: str | None,
+        now: float,
+    ) -> JobRecord:
+        return JobRecord(
+            id=new_job_id(),
+            name=name,
+            payload=payload_text,
+            queue=definition.queue if queue is None else queue,
+            state=JobState.PENDING,
+            priority=definition.priority if priority is None else priority,
+            attempts=0,
+            max_retries=definition.max_retries if max_retries is None else max_retries,
+            timeout=definition.timeout,
+            run_at=run_at,
+            created_at=now,
+            updated_at=now,
+            unique_key=unique_key,
+        )
+
+    def _options(
+        self,
+        *,
+        queue: str | None,
+        priority: int | None,
+        run_at: object,
+        delay: object,
+        max_retries: int | None,
+        unique_key: str | None,
+        now: float,
+    ) -> float:
+        if queue is not None:
+            _check_queue(queue)
+        if priority is not None:
+            _check_int("priority", priority, -(1 << 62))
+        if max_retries is not None:
+            _check_int("max_retries", max_retries, 0)
+        if unique_key is not None and (not isinstance(unique_key, str) or not unique_key):
+            raise ConfigurationError(f"unique_key must be a non-empty str, got {unique_key!r}")
+        if run_at is not None and delay is not None:
+            raise ConfigurationError(f"give run_at or delay, not both (run_at={run_at!r}, delay={delay!r})")
+        if run_at is not None:
+            return _to_epoch("run_at", run_at)
+        if delay is not None:
+            return now + check_seconds("delay", delay)
+        return now
+
+    def enqueue(
+        self,
+        name: str,
+        payload: object = None,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        run_at: datetime | float | None = None,
+        delay: float | None = None,
+        max_retries: int | None = None,
+        unique_key: str | None = None,
+    ) -> str:
+        """Store a job for ``name`` with a JSON ``payload``; returns its id.
+
+        Options default to the job's registration. ``run_at`` (aware datetime or epoch
+        seconds) or ``delay`` (seconds) postpone it. With ``unique_key``, while a job
+        with that key is pending, retrying or running no second one is created: its id
+        is returned. Raises ConfigurationError for an unregistered name or a bad option,
+        PayloadError for a payload that is not JSON or too large. Blocks for one store
+        write. Works before start and after stop (the job waits in the store).
+        """
+        now = time.time()
+        definition = self._definition(name)
+        due = self._options(
+            queue=queue, priority=priority, run_at=run_at, delay=delay, max_retries=max_retries,
+            unique_key=unique_key, now=now,
+        )
+        text = self._encode(f"payload of job {name!r}", payload)
+        job = self._build(
+            name, text, definition, queue=queue, priority=priority, run_at=due, max_retries=max_retries,
+            unique_key=unique_key, now=now,
+        )  # fmt: skip
+        job_id = self.store.enqueue((job,))[0]
+        if job_id == job.id:
+            self._enqueued((job,))
+        return job_id
+
+    def enqueue_many(
+        self,
+        name: str,
+        payloads: Iterable[object],
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        run_at: datetime | float | None = None,
+        delay: float | None = None,
+        max_retries: int | None = None,
+    ) -> list[str]:
+        """Store one ``name`` job per payload in ONE store transaction; returns their ids in order.
+
+        All payloads are checked before anything is stored (one bad payload refuses the
+        batch with PayloadError naming its index). Blocks for one store write.
+        """
+        now = time.time()
+        definition = self._definition(name)
+        due = self._options(
+            queue=queue, priority=priority, run_at=run_at, delay=delay, max_retries=max_retries,
+            unique_key=None, now=now,
+        )
+        texts = [self._encode(f"payload #{index} of job {name!r}", payload) for index, payload in enumerate(payloads)]
+        jobs = [
+            self._build(
+                name, text, definition, queue=queue, priority=priority, run_at=due, max_retries=max_retries,
+                unique_key=None, now=now,
+            )
+            for text in texts
+        ]
+        ids = self.store.enqueue(jobs)
+        self._enqueued(jobs)
+        return ids
+
+    def _enqueued(self, jobs: Sequence[JobRecord]) -> None:
+        if self.events.has_listeners("job_enqueued"):
+            for job in jobs:
+                self.events.emit("job_enqueued", job)
+        if self._state != "running":
+            return
+        due = min(job.run_at for job in jobs)
+        if any(job.queue in self._queues for job in jobs):
+            with self._lock:
+                self._wake_pending = True
+                self._next_due = min(self._next_due, due)
+                self._wake.notify()
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """Whether the workers run (between start() and stop())."""
+        return self._state == "running"
+
+    def start(self, *, queues: Sequence[str] | None = None, concurrency: int | None = None) -> None:
+        """Start the worker threads; ``queues``/``concurrency`` override the configured ones for this run.
+
+        Non-blocking (starts threads). Raises InvalidStateError if already running or
+        stopping, or during interpreter exit. An engine can be started again after stop().
+        """
+        if queues is not None:
+            if isinstance(queues, str) or not queues:
+                raise ConfigurationError(f"queues must be a non-empty list of queue names, got {queues!r}")
+            for queue in queues:
+                _check_queue(queue)
+        if concurrency is not None:
+            _check_int("concurrency", concurrency, 1)
+        if _lifecycle.exiting():
+            raise InvalidStateError("the interpreter is exiting; JobEngine cannot start")
+        with self._lock:
+            if self._state in ("running", "stopping"):
+                raise InvalidStateError(f"JobEngine is already {self._state}")
+            self._state = "running"
+            self._stop_event = threading.Event()
+            self._queues = tuple(dict.fromkeys(queues)) if queues is not None else self.config.queues
+            self._concurrency = concurrency if concurrency is not None else self.config.concurrency
+            self._limits = {c.name: c for c in self.config.queue_configs if c.name in self._queues}
+            self._buckets = {
+                c.name: TokenBucket(c.rate_limit, c.rate_burst) for c in self._limits.values() if c.rate_limit
+            }
+            self._wake_pending = True
+            self._threads_stop = False
+            self._next_due = math.inf
+            self._paused_checked = -math.inf
+            self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+            self._pool = WorkerPool(self._concurrency, name="jobs-worker")
+            self._threads = [
+                threading.Thread(target=self._fetch_loop, name="threaddispatch-jobs-fetcher", daemon=True),
+                threading.Thread(target=self._maintenance_loop, name="threaddispatch-jobs-heartbeat", daemon=True),
+            ]
+            self._cron_thread = None
+            threads = list(self._threads)
+            start_cron = bool(self._crons)
+        for thread in threads:
+            thread.start()
+        if start_cron:
+            self._ensure_cron_thread()
+        try:
+            unsubscribe = self.store.subscribe_wakeups(self._store_wakeup)
+        except StoreError:
+            self.logger.warning("store wake-ups unavailable; polling only", exc_info=True)
+        else:
+            with self._lock:
+                self._unsubscribe = unsubscribe
+
+    def _store_wakeup(self, queue: str | None, run_at: float | None) -> None:
+        """The store saw jobs arrive on ``queue`` (None: anywhere), due from ``run_at``: wake the fetcher.
+
+        Called on a store thread (e.g. PostgresStore's LISTEN thread); takes the lock briefly.
+        """
+        if queue is not None and queue not in self._queues:
+            return
+        with self._lock:
+            if self._state != "running":
+                return
+            if run_at is not None and run_at > time.time():
+                self._next_due = min(self._next_due, run_at)
+            self._wake_pending = True
+            self._wake.notify()
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop the workers; idempotent. Returns whether every started job finished in time.
+
+        Claimed jobs that have not started go back to pending at once. Running jobs get
+        until ``timeout`` (default ``shutdown_timeout``) seconds to finish; those still
+        running then get ``ctx.cancelled`` set and are handed back to pending (another
+        worker will run them again). Blocks at most ``timeout`` seconds plus one store
+        call, even if a handler hangs (its thread cannot be killed and is left behind,
+        as a daemon). Enqueueing keeps working after stop: jobs wait in the store.
+        """
+        budget = self.config.shutdown_timeout if timeout is None else check_seconds("timeout", timeout)
+        deadline = time.monotonic() + budget
+        with self._lock:
+            if self._state != "running":
+                if self._state == "stopping":
+                    # Another thread is stopping: wait for it within our own budget.
+                    while self._state == "stopping":
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            return False
+                        self._idle.wait(remaining)
+                return True
+            self._state = "stopping"
+            self._stop_event.set()
+            self._wake.notify_all()
+            fetcher = self._threads[0]
+            pool = self._pool
+        if fetcher is not threading.current_thread():
+            fetcher.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            unsubscribe, self._unsubscribe = self._unsubscribe, None
+        if unsubscribe is not None:
+            unsubscribe()
+        self._flush_completions()  # workers queue no more once the state left "running"
+        self._release_unstarted()
+        clean = self._wait_inflight(deadline)
+        handed_back = self._hand_back_running()
+        with self._lock:
+            self._threads_stop = True
+            self._maint.notify_all()
+            threads = [*self._threads[1:], *([self._cron_thread] if self._cron_thread else [])]
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        if pool is not None:
+            pool.shutdown(max(0.0, deadline - time.monotonic()))
+        try:
+            self.store.release_lease(_CRON_LEASE, holder=self.worker_id)
+        except StoreError:
+            self.logger.warning("could not release the cron lease at stop", exc_info=True)
+        with self._lock:
+            self._state = "stopped"
+            self._idle.notify_all()
+        self.events.emit("shutdown")
+        return clean and not handed_back
+
+    def _release_unstarted(self) -> None:
+        with self._lock:
+            slots = [slot for slot in self._inflight.values() if not slot.started and not slot.settled]
+            for slot in slots:
+                slot.settled = True
+                self._forget(slot)
+        if slots:
+            try:
+                self.store.release([slot.job.id for slot in slots], worker_id=self.worker_id, now=time.time())
+            except StoreError:
+                self.logger.exception("could not release %d unstarted jobs; they will be reaped as stale", len(slots))
+            with self._lock:
+                self._stats["released"] += len(slots)
+
+    def _wait_inflight(self, deadline: float) -> bool:
+        with self._lock:
+            while any(not slot.abandoned for slot in self._inflight.values()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+            return not self._inflight
+
+    def _hand_back_running(self) -> int:
+        with self._lock:
+            slots = [slot for slot in self._inflight.values() if not slot.settled]
+            for slot in slots:
+                slot.settled = slot.abandoned = True
+                slot.ctx._cancel.set()
+        if not slots:
+            return 0
+        self.logger.warning(
+            "stop: %d job(s) still running at the shutdown timeout are handed back: %s",
+            len(slots), ", ".join(f"{slot.job.name} {slot.job.id}" for slot in slots),
+        )  # fmt: skip
+        try:
+            self.store.release(
+                [slot.job.id for slot in slots], worker_id=self.worker_id, now=time.time(), refund_attempt=False
+            )
+        except StoreError:
+            self.logger.exception("could not hand back %d running jobs; they will be reaped as stale", len(slots))
+        with self._lock:
+            self._stats["released"] += len(slots)
+        return len(slots)
+
+    def run(self, *, queues: Sequence[str] | None = None, concurrency: int | None = None) -> bool:
+        """Start, block until SIGINT/SIGTERM (or :meth:`stop` from another thread), then stop.
+
+        Signal handlers are installed only when called on the main thread, and restored
+        afterwards. Returns what :meth:`stop` returned.
+        """
+        requested = threading.Event()
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+
+            def on_signal(signum: int, _frame: FrameType | None) -> None:  # runs on the main thread
+                self.logger.info("received signal %d: stopping", signum)
+                requested.set()
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, on_signal)
+        try:
+            self.start(queues=queues, concurrency=concurrency)
+            while not requested.wait(0.2):
+                if self._state != "running":
+                    break
+            return self.stop()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def __enter__(self) -> JobEngine:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
+        with self._lock:
+            if self._state != "running":
+                return (0, 0)
+            before = self._stats["completed"] + self._stats["failed"] + self._stats["retried"]
+        self.stop(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            done = self._stats["completed"] + self._stats["failed"] + self._stats["retried"] - before
+            # Handed back, not lost: another worker runs them. Reported as "lost" to this process.
+            return (done, len(self._inflight))
+
+    def _reset_after_fork(self) -> None:
+        # The child has none of the parent's threads; its claims stay the parent's.
+        self._init_runtime()
+
+    # -- fetching -------------------------------------------------------------------------------------
+
+    def _refresh_paused(self) -> None:
+        now = time.monotonic()
+        if now - self._paused_checked < max(self.config.poll_interval, 1.0):
+            return
+        self._paused_checked = now
+        try:
+            paused = self.store.paused_queues()
+        except StoreError:
+            self.logger.warning("could not read paused queues", exc_info=True)
+            return
+        with self._lock:
+            self._paused = paused
+
+    def _plan(self, free: int) -> tuple[list[tuple[list[str], int, TokenBucket | None]], float]:
+        """Claims to make now as (queues, limit, bucket); and how soon a rate limit frees a token."""
+        plans: list[tuple[list[str], int, TokenBucket | None]] = []
+        unlimited: list[str] = []
+        rate_wait = math.inf
+        for queue in self._queues:
+            if queue in self._paused:
+                continue
+            limits = self._limits.get(queue)
+            if limits is None:
+                unlimited.append(queue)
+                continue
+            room = free
+            if limits.max_concurrency is not None:
+                room = min(room, limits.max_concurrency - self._queue_running.get(queue, 0))
+            if room <= 0:
+                continue
+            bucket = self._buckets.get(queue)
+            if bucket is not None:
+                room = bucket.take(room)
+                if room <= 0:
+                    rate_wait = min(rate_wait, bucket.wait_time())
+                    continue
+            plans.append(([queue], room, bucket))
+        if unlimited:
+            plans.append((unlimited, free, None))
+        if len(plans) > 1:
+            # Rotate so no queue always claims first and starves the others.
+            self._rotation = (self._rotation + 1) % len(plans)
+            plans = plans[self._rotation :] + plans[: self._rotation]
+        return plans, rate_wait
+
+    def _fetch_loop(self) -> None:
+        idle = self.config.poll_interval
+        poll = self.config.poll_interval
+        while True:
+            self._refresh_paused()
+            with self._lock:
+                if self._state != "running":
+                    return
+                batch, self._done = self._done, []
+                # Slots of jobs in the batch are free once it is written (in the claim's transaction).
+                free = self._concurrency - len(self._inflight) + len(batch)
+                if free <= 0:
+                    # Woken by a finishing job (or stop); nothing to claim meanwhile.
+                    self._wake.wait(poll)
+                    continue
+                self._wake_pending = False
+                plans, rate_wait = self._plan(free)
+            claimed: list[JobRecord] = []
+            failed_store = False
+            for queues, planned, bucket in plans:
+                limit = min(planned, free - len(claimed))
+                if limit <= 0:
+                    if bucket is not None:
+                        bucket.give_back(planned)
+                    continue
+                try:
+                    if batch:
+                        # Group commit: the finished jobs and the next claim share one transaction.
+                        applied, jobs = self.store.complete_and_claim(
+                            self._outcomes(batch), queues, limit, worker_id=self.worker_id, now=time.time()
+                        )
+                        self._finish_batch(batch, applied)
+                        batch = []
+                    else:
+                        jobs = self.store.claim(queues, limit, worker_id=self.worker_id, now=time.time())
+                except StoreError:
+                    self.logger.warning("claiming jobs failed; retrying after %.3gs", idle, exc_info=True)
+                    jobs = []
+                    failed_store = True
+                    if batch:
+                        self._finish_batch(batch, None)
+                        batch = []
+                if bucket is not None:
+                    bucket.give_back(planned - len(jobs))
+                claimed.extend(jobs)
+            if batch:
+                self._write_batch(batch)
+            if claimed:
+                self._dispatch(claimed)
+                idle = poll
+                continue
+            with self._lock:
+                if self._state != "running":
+                    return
+                if (self._wake_pending or self._done) and not failed_store:
+                    continue
+                wait = min(idle, rate_wait)
+                if self._next_due < math.inf:
+                    wait = min(wait, max(0.0, self._next_due - time.time()))
+                    if self._next_due <= time.time():
+                        self._next_due = math.inf  # due now; the next claim takes it (or it was taken)
+                self._stats["idle_polls"] += 1
+                self._wake.wait(wait)
+                woken = self._wake_pending
+            idle = poll if woken else min(idle * 2, self.config.max_poll_interval)
+
+    def _dispatch(self, jobs: list[JobRecord]) -> None:
+        slots = []
+        with self._lock:
+            stopping = self._state != "running"
+            if not stopping:
+                for job in jobs:
+                    slot = _Slot(job, JobContext(job, self, self.logger), self._definitions.get(job.name))
+                    self._inflight[job.id] = slot
+                    self._queue_running[job.queue] = self._queue_running.get(job.queue, 0) + 1
+                    slots.append(slot)
+                self._stats["claimed"] += len(jobs)
+            pool = self._pool
+        if stopping or pool is None:
+            # Claimed while stop() began: give them straight back.
+            try:
+                self.store.release([job.id for job in jobs], worker_id=self.worker_id, now=time.time())
+            except StoreError:
+                self.logger.exception("could not release %d jobs at stop; they will be reaped as stale", len(jobs))
+            return
+        for slot in slots:
+            pool.submit(self._execute, slot)
+
+    # -- executing ------------------------------------------------------------------------------------
+
+    def _execute(self, slot: _Slot) -> None:
+        with self._lock:
+            if slot.settled:
+                return  # released at stop before it started
+            slot.started = True
+        job = slot.job
+        ctx = slot.ctx
+        ctx.started = time.monotonic()
+        if self.events.has_listeners("job_started"):
+            self.events.emit("job_started", job)
+        definition = slot.definition
+        error: BaseException | None = None
+        result: object = None
+        text = note = None
+        if definition is None:
+            error = ConfigurationError(f"no handler registered for job name {job.name!r} in this worker")
+        else:
+            try:
+                result = self._call_chain(ctx, definition.fn, job.decoded_payload())
+            except BaseException as caught:  # noqa: BLE001 - every handler outcome is recorded
+                error = caught
+        if error is None:
+            text, note = self._encode_result(job, result)
+        with self._lock:
+            if slot.settled:
+                # Timed out, lost or handed back meanwhile: that outcome stands; this one is discarded.
+                self._forget(slot)
+                return
+            slot.settled = True
+            if error is None and self._state == "running":
+                # Group commit: the fetcher writes every finished job in one transaction before
+                # its next claim. The slot stays in flight (and its job running) until then.
+                self._done.append((slot, text, note, result))
+                self._wake_pending = True
+                self._wake.notify()
+                return
+        try:
+            if error is None:
+                self._record_success(slot, text, note, result)
+            else:
+                self._record_failure(slot, error)
+        finally:
+            with self._lock:
+                self._forget(slot)
+
+    def _encode_result(self, job: JobRecord, result: object) -> tuple[str | None, str | None]:
+        if result is None:
+            return None, None
+        try:
+            return _ENCODER.encode(result), None
+        except (TypeError, ValueError) as error:
+            note = f"result not stored: not JSON-serialisable ({error})"
+            self.logger.error("job %s %s: %s", job.name, job.id, note)
+            return None, note
+
+    def _flush_completions(self) -> None:
+        """Write the completions the workers queued, in one store transaction (any thread; no lock held)."""
+        with self._lock:
+            batch, self._done = self._done, []
+        if batch:
+            self._write_batch(batch)
+
+    def _outcomes(self, batch: list[tuple[_Slot, str | None, str | None, object]]) -> list[
+        tuple[str, str, int, str | None, str | None]
+    ]:
+        return [(slot.job.id, self.worker_id, slot.job.attempts, text, note) for slot, text, note, _ in batch]
+
+    def _write_batch(self, batch: list[tuple[_Slot, str | None, str | None, object]]) -> None:
+        applied: set[str] | None
+        try:
+            applied = self.store.complete_many(self._outcomes(batch), now=time.time())
+        except StoreError:
+            applied = None
+        self._finish_batch(batch, applied)
+
+    def _finish_batch(
+        self, batch: list[tuple[_Slot, str | None, str | None, object]], applied: set[str] | None
+    ) -> None:
+        """After a group commit: count, free the slots, report lost claims; ``applied`` None = write failed."""
+        if applied is None:
+            self.logger.error(
+                "%d jobs ran but their completion was not stored; they will be reaped and may run again", len(batch)
+            )
+        now = time.time()
+        completed = []
+        for slot, text, note, result in batch:
+            if applied is not None and slot.job.id in applied:
+                job = slot.job
+                job.state, job.result, job.finished_at, job.error = JobState.COMPLETED, text, now, note
+                completed.append((job, result))
+        with self._lock:
+            self._stats["completed"] += len(completed)
+            for slot, _, _, _ in batch:
+                self._forget(slot)
+            pool = self._pool
+        for slot, _, _, _ in batch:
+            if applied is not None and slot.job.id not in applied:
+                self._lost(slot)
+        if completed and self.events.has_listeners("job_completed"):
+            # Hooks are user code: run them on a worker thread, never on the fetcher.
+            if pool is not None:
+                try:
+                    pool.submit(self._emit_completed, completed)
+                    return
+                except DispatcherClosedError:
+                    pass
+            self._emit_completed(completed)
+
+    def _emit_completed(self, completed: list[tuple[JobRecord, object]]) -> None:
+        for job, result in completed:
+            self.events.emit("job_completed", job, result)
+
+    def _call_chain(self, ctx: JobContext, fn: Handler, payload: Any) -> object:
+        steps = self._steps
+
+        def call(index: int) -> object:
+            if index == len(steps):
+                return fn(ctx, payload)
+            return steps[index](ctx, lambda: call(index + 1))
+
+        return call(0)
+
+    def _forget(self, slot: _Slot) -> None:
+        """Drop a slot from the in-flight table (lock held); wake the fetcher, stop() and result() waiters."""
+        if self._inflight.pop(slot.job.id, None) is None:
+            return
+        queue = slot.job.queue
+        left = self._queue_running.get(queue, 1) - 1
+        if left:
+            self._queue_running[queue] = left
+        else:
+            self._queue_running.pop(queue, None)
+        self._wake.notify()
+        if self._state != "running":
+            self._idle.notify_all()
+        for waiter in self._waiters.get(slot.job.id, ()):
+            waiter.set()
+
+    def _record_success(self, slot: _Slot, text: str | None, note: str | None, result: object) -> None:
+        job = slot.job
+        now = time.time()
+        try:
+            applied = self.store.complete(
+                job.id, worker_id=self.worker_id, attempts=job.attempts, result=text, now=now, error=note
+            )
+        except StoreError:
+            self.logger.exception("job %s %s ran but its completion was not stored; it may run again", job.name, job.id)
+            return
+        if not applied:
+            self._lost(slot)
+            return
+        job.state, job.result, job.finished_at, job.error = JobState.COMPLETED, text, now, note
+        with self._lock:
+            self._stats["completed"] += 1
+        if self.events.has_listeners("job_completed"):
+            self.events.emit("job_completed", job, result)
+
+    def _record_failure(self, slot: _Slot, error: BaseException) -> None:
+        job = slot.job
+        now = time.time()
+        text = _error_text(error)
+        try:
+            if isinstance(error, Cancel):
+                if self.store.cancel(job.id, now=now, worker_id=self.worker_id, attempts=job.attempts, error=text):
+                    job.state, job.error, job.finished_at = JobState.CANCELLED, text, now
+                    self._count("cancelled")
+                    self.events.emit("job_cancelled", job, error)
+                else:
+                    self._lost(slot)
+                return
+            if job.attempts <= job.max_retries:
+                if isinstance(error, Retry) and error.delay is not None:
+                    delay = check_seconds("Retry.delay", error.delay)
+                else:
+                    backoff = (slot.definition.backoff if slot.definition else None) or self.config.backoff
+                    delay = self._backoff(backoff, job.attempts)
+                if self.store.retry_later(
+                    job.id, worker_id=self.worker_id, attempts=job.attempts, run_at=now + delay, error=text, now=now
+                ):
+                    job.state, job.error, job.run_at = JobState.RETRYING, text, now + delay
+                    with self._lock:
+                        self._stats["retried"] += 1
+                        if job.queue in self._queues:
+                            self._next_due = min(self._next_due, now + delay)
+                            self._wake.notify()
+                    self.events.emit("job_retrying", job, error, delay)
+                else:
+                    self._lost(slot)
+                return
+            letter = self.store.fail(job.id, worker_id=self.worker_id, attempts=job.attempts, error=text, now=now)
+            if letter is None:
+                self._lost(slot)
+                return
+            job.state, job.error, job.finished_at = JobState.FAILED, text, now
+            self._count("failed")
+            self.events.emit("job_failed", job, error)
+            self.events.emit("job_dlq", job, letter)
+        except StoreError:
+            self.logger.exception(
+                "job %s %s failed (%s) but the failure was not stored; it will be reaped and run again",
+                job.name, job.id, type(error).__name__,
+            )  # fmt: skip
+
+    def _backoff(self, backoff: Backoff, attempt: int) -> float:
+        try:
+            seconds = float(backoff(attempt))
+        except Exception:  # a broken backoff must not lose the job
+            self.logger.exception("backoff %r raised; retrying after 1s", backoff)
+            return 1.0
+        if not math.isfinite(seconds) or seconds < 0:
+            return 0.0 if not seconds > 0 else 86400.0
+        return seconds
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self._stats[name] += 1
+
+    def _lost(self, slot: _Slot) -> None:
+        """The store says the job is no longer our claim (cancelled, reaped, re-claimed)."""
+        slot.ctx._cancel.set()
+        self._count("lost")
+        self.logger.info("job %s %s is no longer this worker's claim; its outcome is discarded",
+                         slot.job.name, slot.job.id)  # fmt: skip
+
+    # -- heartbeat, timeouts, reaping -------------------------------------------------------------------
+
+    def _deadline_armed(self, deadline: float) -> None:
+        with self._lock:
+            self._maint.notify()
+
+    def _maintenance_loop(self) -> None:
+        interval = self.config.heartbeat_interval
+        retention = self.config.retention
+        purge_every = max(interval, min(3600.0, (retention or 0.0) / 2))
+        next_beat = time.monotonic()
+        next_purge = time.monotonic()
+        while True:
+            with self._lock:
+                if self._threads_stop:
+                    return
+                now = time.monotonic()
+                deadlines = [s.ctx.deadline for s in self._inflight.values() if s.ctx.deadline and not s.settled]
+                wake_at = min([next_beat, *deadlines])
+                if wake_at > now:
+                    self._maint.wait(wake_at - now)
+                    continue
+                expired = [
+                    slot
+                    for slot in self._inflight.values()
+                    if not slot.settled and slot.ctx.deadline is not None and slot.ctx.deadline <= now
+                ]
+                for slot in expired:
+                    slot.settled = slot.abandoned = True
+                beat = now >= next_beat
+                stopping = self._state == "stopping"
+            for slot in expired:
+                self._time_out(slot)
+            if not beat:
+                continue
+            next_beat = time.monotonic() + interval
+            self._heartbeat()
+            if not stopping:
+                self._reap()
+                if retention is not None and time.monotonic() >= next_purge:
+                    next_purge = time.monotonic() + purge_every
+                    try:
+                        purged = self.store.purge_finished(older_than=time.time() - retention)
+                    except StoreError:
+                        self.logger.warning("purging finished jobs failed", exc_info=True)
+                    else:
+                        if purged:
+                            self.logger.info("purged %d finished jobs older than %.3gs", purged, retention)
+
+    def _time_out(self, slot: _Slot) -> None:
+        slot.ctx._cancel.set()
+        self._count("timed_out")
+        error = DispatchTimeoutError(f"job {slot.job.name} {slot.job.id} timed out after {slot.ctx.timeout}s")
+        self.logger.warning("%s; its thread keeps running until the handler returns", error)
+        self._record_failure(slot, error)
+
+    def _heartbeat(self) -> None:
+        with self._lock:
+            ids = [job_id for job_id, slot in self._inflight.items() if not slot.settled]
+        if not ids:
+            return
+        try:
+            alive = self.store.heartbeat(ids, worker_id=self.worker_id, now=time.time())
+        except StoreError:
+            self.logger.warning("heartbeat failed for %d jobs", len(ids), exc_info=True)
+            return
+        if len(alive) == len(ids):
+            return
+        with self._lock:
+            lost = [self._inflight[i] for i in ids if i not in alive and i in self._inflight]
+            lost = [slot for slot in lost if not slot.settled]
+            for slot in lost:
+                slot.settled = slot.abandoned = True
+        for slot in lost:
+            self._lost(slot)
+
+    def _reap(self) -> None:
+        now = time.time()
+        try:
+            reaped = self.store.reap_stale(older_than=now - self.config.stale_job_threshold, now=now)
+        except StoreError:
+            self.logger.warning("recovering stale jobs failed", exc_info=True)
+            return
+        if reaped:
+            with self._lock:
+                self._stats["reaped"] += len(reaped)
+                self._next_due = min(self._next_due, now)
+                self._wake_pending = True
+                self._wake.notify()
+            self.logger.warning("recovered %d stale job(s) of dead workers: %s", len(reaped), ", ".join(reaped))
+
+    # -- cron ------------------------------------------------------------------------------------------
+
+    def cron(
+        self,
+        expression: str,
+        job_name: str,
+        payload: object = None,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        name: str | None = None,
+        tz: Any = None,
+    ) -> CronEntry:
+        """Enqueue ``job_name`` with ``payload`` at every tick of ``expression``; returns the stored entry.
+
+        ``expression`` is a 5-field cron line (UTC unless ``tz`` is given), a macro
+        (``@hourly``...) or ``@every 30s`` (see :mod:`threaddispatch.cron`); an invalid one
+        raises ConfigurationError naming it. ``name`` (default ``"<job_name>@<expression>"``)
+        identifies the entry across processes: each tick fires once in total, by whichever
+        engine holds the store's cron leader lease. A new entry first fires at the next
+        tick; missed ticks (all engines down) are not caught up, only the latest fires.
+        Blocks for one store write.
+        """
+        schedule = parse_cron(expression, tz=tz)
+        definition = self._definition(job_name)
+        entry_name = name if name is not None else f"{job_name}@{expression}"
+        if not isinstance(entry_name, str) or not entry_name:
+            raise ConfigurationError(f"cron name must be a non-empty str, got {name!r}")
+        if queue is not None:
+            _check_queue(queue)
+        if priority is not None:
+            _check_int("priority", priority, -(1 << 62))
+        now = time.time()
+        entry = CronEntry(
+            name=entry_name,
+            expression=expression,
+            job_name=job_name,
+            payload=self._encode(f"payload of cron {entry_name!r}", payload),
+            queue=definition.queue if queue is None else queue,
+            priority=definition.priority if priority is None else priority,
+            last_tick=schedule.last_at(now),
+        )
+        stored = self.store.upsert_cron(entry, now=now)
+        with self._lock:
+            self._crons[entry_name] = (schedule, stored)
+            start = self._state == "running" and self._cron_thread is None
+        if start:
+            self._ensure_cron_thread()
+        return stored
+
+    def crons(self) -> list[CronEntry]:
+        """Every cron entry in the store (declared by any process)."""
+        return self.store.list_crons()
+
+    def remove_cron(self, name: str) -> bool:
+        """Delete a cron entry from the store and from this engine; returns whether the store had it."""
+        with self._lock:
+            self._crons.pop(name, None)
+        return self.store.delete_cron(name)
+
+    def disable_cron(self, name: str) -> CronEntry:
+        """Stop the cron entry ``name`` firing, in every process sharing the store, until enabled again.
+
+        Persistent (survives restarts and re-declaration with :meth:`cron`). Raises
+        JobNotFoundError for an unknown name. Blocks for a store write.
+        """
+        return self.store.set_cron_enabled(name, False, now=time.time())
+
+    def enable_cron(self, name: str) -> CronEntry:
+        """Let a disabled cron entry fire again from its next tick (missed ticks are not caught up).
+
+        Raises JobNotFoundError for an unknown name. Blocks for a store write.
+        """
+        return self.store.set_cron_enabled(name, True, now=time.time())
+
+    def _ensure_cron_thread(self) -> None:
+        with self._lock:
+            if self._cron_thread is not None or self._state != "running":
+                return
+            self._cron_thread = threading.Thread(target=self._cron_loop, name="threaddispatch-jobs-cron", daemon=True)
+            thread = self._cron_thread
+        thread.start()
+
+    def _cron_loop(self) -> None:
+        ttl = max(self.config.stale_job_threshold, 0.1)
+        stop = self._stop_event
+        fired_up_to: dict[str, float] = {}
+        while not stop.is_set():
+            now = time.time()
+            with self._lock:
+                crons = list(self._crons.items())
+            wait = ttl / 3
+            try:
+                leader = self.store.acquire_lease(_CRON_LEASE, holder=self.worker_id, ttl=ttl, now=now)
+            except StoreError:
+                self.logger.warning("cron: could not take the leader lease", exc_info=True)
+                leader = False
+            if leader:
+                for name, (schedule, entry) in crons:
+                    tick = schedule.last_at(now)
+                    if tick > fired_up_to.get(name, -math.inf):
+                        self._fire(entry, tick, now)
+                        fired_up_to[name] = tick
+                    wait = min(wait, schedule.next_after(now) - time.time())
+            stop.wait(max(wait, 0.001))
+
+    def _fire(self, entry: CronEntry, tick: float, now: float) -> None:
+        definition = self._definitions.get(entry.job_name)
+        if definition is None:
+            return
+        job = JobRecord(
+            id=new_job_id(),
+            name=entry.job_name,
+            payload=entry.payload,
+            queue=entry.queue,
+            priority=entry.priority,
+            max_retries=definition.max_retries,
+            timeout=definition.timeout,
+            run_at=now,
+            created_at=now,
+            updated_at=now,
+            unique_key=f"cron:{entry.name}:{tick!r}",
+        )
+        try:
+            fired = self.store.fire_cron(entry.name, tick=tick, job=job)
+        except (StoreError, JobNotFoundError):
+            self.logger.warning("cron %r: firing tick %r failed", entry.name, tick, exc_info=True)
+            return
+        if fired:
+            self._enqueued((job,))
+
+    # -- results and management ---------------------------------------------------------------------------
+
+    def result(self, job_id: str, timeout: float | None = None) -> Any:
+        """Wait for the job to finish and return its handler's (JSON-decoded) return value.
+
+        Blocks up to ``timeout`` seconds (None: no limit): woken at once when this
+        process finishes the job, otherwise polling the store. Raises
+        DispatchTimeoutError when time runs out, JobNotFoundError for an unknown (or
+        purged) job, CancelledError for a cancelled job and InvalidStateError carrying
+        the error text for a failed one.
+        """
+        deadline = None if timeout is None else time.monotonic() + check_seconds("timeout", timeout)
+        poll = min(self.config.poll_interval, 0.25)
+        event = threading.Event()
+        with self._lock:
+            self._waiters.setdefault(job_id, set()).add(event)
+        try:
+            while True:
+                event.clear()
+                job = self.store.get(job_id)
+                if job is None:
+                    raise JobNotFoundError(f"no job with id {job_id!r}")
+                if job.state is JobState.COMPLETED:
+                    return job.decoded_result()
+                if job.state is JobState.FAILED:
+                    last_line = (job.error or "").strip().splitlines()[-1:] or ["unknown error"]
+                    raise InvalidStateError(f"job {job.name} {job_id} failed: {last_line[0]}")
+                if job.state is JobState.CANCELLED:
+                    raise CancelledError(f"job {job.name} {job_id} was cancelled")
+                wait = poll
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise DispatchTimeoutError(f"job {job_id} not finished within {timeout}s (it is {job.state})")
+                    wait = min(wait, remaining)
+                event.wait(wait)
+        finally:
+            with self._lock:
+                events = self._waiters.get(job_id)
+                if events is not None:
+                    events.discard(event)
+                    if not events:
+                        del self._waiters[job_id]
+
+    def get_job(self, job_id: str) -> JobRecord:
+        """The job's current record. Raises JobNotFoundError. One store read."""
+        job = self.store.get(job_id)
+        if job is None:
+            raise JobNotFoundError(f"no job with id {job_id!r}")
+        return job
+
+    def list_jobs(
+        self, state: JobState | str | None = None, queue: str | None = None, limit: int = 50, offset: int = 0
+    ) -> list[JobRecord]:
+        """Jobs, newest first, filtered by ``state`` and ``queue``. One store read."""
+        if state is not None:
+            try:
+                state = JobState(state)
+            except ValueError:
+                raise ConfigurationError(
+                    f"unknown job state {state!r}; known: {', '.join(s.value for s in JobState)}"
+                ) from None
+        return self.store.list_jobs(state=state, queue=queue, limit=limit, offset=offset)
+
+    def counts(self, queue: str | None = None) -> dict[str, int]:
+        """``{state: count}`` for every state (0 included), for one queue or all. One store read."""
+        return {state.value: count for state, count in self.store.counts(queue=queue).items()}
+
+    def cancel(self, job_id: str) -> None:
+        """Cancel a pending, retrying or running job. A running one gets ``ctx.cancelled`` set.
+
+        Its handler is not interrupted (threads cannot be), and its outcome is discarded.
+        Raises JobNotFoundError, or InvalidStateError when the job already finished.
+        """
+        if not self.store.cancel(job_id, now=time.time(), error="cancelled by an operator"):
+            job = self.get_job(job_id)
+            raise InvalidStateError(f"job {job_id!r} is already {job.state.value}; it cannot be cancelled")
+        with self._lock:
+            slot = self._inflight.get(job_id)
+            if slot is not None and not slot.settled:
+                slot.settled = slot.abandoned = True
+            else:
+                slot = None
+        if slot is not None:
+            slot.ctx._cancel.set()
+            self._count("cancelled")
+
+    def retry(self, job_id: str) -> None:
+        """Run a failed or cancelled job again from scratch (attempts reset; its dead letters removed).
+
+        Raises JobNotFoundError, or InvalidStateError for a job in another state.
+        """
+        self.store.requeue(job_id, now=time.time())
+        job = self.store.get(job_id)
+        if job is not None:
+            self._enqueued((job,))
+
+    def dlq(self, limit: int = 50, offset: int = 0, queue: str | None = None) -> list[DeadLetter]:
+        """Dead letters, newest first. One store read."""
+        return self.store.list_dead_letters(queue=queue, limit=limit, offset=offset)
+
+    def replay(self, dead_letter_id: str) -> str:
+        """Enqueue a dead letter's job again as a new job and delete the dead letter; returns the new id.
+
+        Raises JobNotFoundError for an unknown dead letter.
+        """
+        letter = self.store.get_dead_letter(dead_letter_id)
+        if letter is None:
+            raise JobNotFoundError(f"no dead letter with id {dead_letter_id!r}")
+        definition = self._definitions.get(letter.name)
+        now = time.time()
+        job = JobRecord(
+            id=new_job_id(),
+            name=letter.name,
+            payload=letter.payload,
+            queue=letter.queue,
+            priority=letter.priority,
+            max_retries=letter.max_retries,
+            timeout=definition.timeout if definition is not None else None,
+            run_at=now,
+            created_at=now,
+            updated_at=now,
+        )
+        job_id = self.store.replay_dead_letter(dead_letter_id, job=job)
+        self._enqueued((job,))
+        return job_id
+
+    def replay_all(self, queue: str | None = None, *, limit: int | None = None) -> list[str]:
+        """:meth:`replay` every dead letter (of ``queue``) there is when called, oldest first; returns the new ids.
+
+        ``limit`` caps how many are replayed, taking the newest (None: all). Dead letters replayed or purged
+        by someone else meanwhile are skipped. Blocks for one store read per 500 dead
+        letters and one write per replay.
+        """
+        if limit is not None:
+            _check_int("limit", limit, 0)
+        letters: list[DeadLetter] = []
+        while limit is None or len(letters) < limit:
+            page = self.store.list_dead_letters(queue=queue, limit=500, offset=len(letters))
+            letters.extend(page)
+            if len(page) < 500:
+                break
+        chosen = letters[::-1] if limit is None else letters[::-1][:limit]
+        replayed = []
+        for letter in chosen:
+            try:
+                replayed.append(self.replay(letter.id))
+            except JobNotFoundError:
+                continue
+        return replayed
+
+    def purge_dlq(self, older_than: float | None = None) -> int:
+        """Delete dead letters older than ``older_than`` seconds (all when None); returns how many."""
+        cutoff = None if older_than is None else time.time() - check_seconds("older_than", older_than)
+        return self.store.purge_dead_letters(older_than=cutoff)
+
+    def pause_queue(self, queue: str) -> None:
+        """Stop claiming jobs of ``queue`` in every engine sharing the store (running jobs finish).
+
+        Takes effect here at once, elsewhere within their ``poll_interval``.
+        """
+        _check_queue(queue)
+        self.store.set_queue_paused(queue, True, now=time.time())
+        with self._lock:
+            self._paused.add(queue)
+
+    def resume_queue(self, queue: str) -> None:
+        """Claim jobs of ``queue`` again (see :meth:`pause_queue`)."""
+        _check_queue(queue)
+        self.store.set_queue_paused(queue, False, now=time.time())
+        with self._lock:
+            self._paused.discard(queue)
+            self._wake_pending = True
+            self._wake.notify()
+
+    def paused_queues(self) -> set[str]:
+        """The queues paused now (read from the store)."""
+        return self.store.paused_queues()
+
+    def stats(self) -> dict[str, Any]:
+        """This engine's counters since it was made, plus its running state; no store access."""
+        with self._lock:
+            data: dict[str, Any] = dict(self._stats)
+            data.update(
+                state=self._state,
+                worker_id=self.worker_id,
+                in_flight=len(self._inflight),
+                concurrency=self._concurrency,
+                queues=list(self._queues),
+                running_by_queue=dict(self._queue_running),
+                paused=sorted(self._paused),
+            )
+        return data
+
+    def __repr__(self) -> str:
+        return f"<JobEngine {self._state} store={type(self.store).__name__} queues={list(self._queues)}>"

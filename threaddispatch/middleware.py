@@ -1,0 +1,182 @@
+"""Job middleware: code that runs around every job handler of a :class:`~threaddispatch.JobEngine`.
+
+A middleware subclasses :class:`Middleware` and overrides any of its no-op hooks:
+``before_job(ctx)`` and ``after_job(ctx, result, error)``. A hook that raises is
+logged and contained: the job goes on as if the hook had returned (as in dramatiq).
+For full control (a transaction around the handler, say) override :meth:`Middleware.wrap`
+instead; an exception escaping ``wrap`` is the job's error.
+
+The engine always installs the built-ins, outermost first: :class:`RecoverMiddleware`,
+:class:`TimeoutMiddleware`, :class:`LoggingMiddleware`; user middleware runs inside
+them, in the order given. Middleware runs on the worker thread with no engine lock
+held. Instances are shared by every worker thread, so they must be thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from threaddispatch.errors import Cancel, Retry
+
+if TYPE_CHECKING:
+    from threaddispatch.jobs import JobContext
+
+__all__ = ["LoggingMiddleware", "Middleware", "RecoverMiddleware", "TimeoutMiddleware", "compile_chain"]
+
+_log = logging.getLogger("threaddispatch.jobs")
+
+
+class Middleware:
+    """Base class with no-op hooks around a job handler. Override what you need.
+
+    Hooks run on the worker thread, block for as long as they take, and must be
+    thread-safe (one instance serves every worker).
+    """
+
+    def before_job(self, ctx: JobContext) -> None:
+        """Called before the handler runs (and before inner middleware)."""
+
+    def after_job(self, ctx: JobContext, result: object, error: BaseException | None) -> None:
+        """Called after the handler returned ``result`` or raised ``error`` (then ``result`` is None)."""
+
+    def wrap(self, ctx: JobContext, call_next: Callable[[], object]) -> object:
+        """Run ``call_next()`` (the inner middleware and the handler) between the hooks.
+
+        Hook exceptions are logged and contained; the handler's outcome passes through.
+        """
+        _contained(self.before_job, ctx)
+        try:
+            result = call_next()
+        except BaseException as error:
+            _contained(self.after_job, ctx, None, error)
+            raise
+        _contained(self.after_job, ctx, result, None)
+        return result
+
+
+Step = Callable[["JobContext", Callable[[], object]], object]
+
+
+def compile_chain(chain: Sequence[Middleware]) -> list[Step]:
+    """Turn middleware (outermost first) into call steps, skipping hooks left as the no-op defaults.
+
+    A middleware that overrides :meth:`Middleware.wrap` is one step; a run of middleware
+    that only override hooks collapses into one step that calls their ``before_job``
+    hooks in order and their ``after_job`` hooks in reverse order: the same calls, in the
+    same order, as nesting their ``wrap`` methods, with less overhead per job.
+    """
+    steps: list[Step] = []
+    befores: list[Callable[[JobContext], None]] = []
+    afters: list[Callable[[JobContext, object, BaseException | None], None]] = []
+
+    def close_run() -> None:
+        if befores or afters:
+            steps.append(_hook_step(tuple(befores), tuple(reversed(afters))))
+        befores.clear()
+        afters.clear()
+
+    for middleware in chain:
+        cls = type(middleware)
+        if cls.wrap is not Middleware.wrap:
+            close_run()
+            steps.append(middleware.wrap)
+            continue
+        if cls.before_job is not Middleware.before_job:
+            befores.append(middleware.before_job)
+        if cls.after_job is not Middleware.after_job:
+            afters.append(middleware.after_job)
+    close_run()
+    return steps
+
+
+def _hook_step(
+    befores: tuple[Callable[[JobContext], None], ...],
+    afters: tuple[Callable[[JobContext, object, BaseException | None], None], ...],
+) -> Step:
+    def step(ctx: JobContext, call_next: Callable[[], object]) -> object:
+        for before in befores:
+            _contained(before, ctx)
+        try:
+            result = call_next()
+        except BaseException as error:
+            for after in afters:
+                _contained(after, ctx, None, error)
+            raise
+        for after in afters:
+            _contained(after, ctx, result, None)
+        return result
+
+    return step
+
+
+def _contained(hook: Callable[..., object], *args: object) -> None:
+    try:
+        hook(*args)
+    except Exception:  # noqa: BLE001 - a failing hook is logged and never affects the job
+        _log.exception("middleware hook %r raised; the job continues", hook)
+
+
+class RecoverMiddleware(Middleware):
+    """Turns a ``BaseException`` that is not an ``Exception`` (``SystemExit``, ``KeyboardInterrupt``,
+    ``GeneratorExit`` raised by a handler) into a ``RuntimeError`` failure of the attempt.
+
+    So a handler calling ``sys.exit()`` fails its attempt (and is retried) instead of
+    killing the worker thread. Outermost built-in. Thread-safe.
+    """
+
+    def wrap(self, ctx: JobContext, call_next: Callable[[], object]) -> object:
+        """Run the chain; re-raise a non-``Exception`` as ``RuntimeError`` (chained)."""
+        try:
+            return call_next()
+        except Exception:
+            raise
+        except BaseException as error:
+            raise RuntimeError(f"job handler raised {type(error).__name__}: {error}") from error
+
+
+class TimeoutMiddleware(Middleware):
+    """Arms the job's timeout: at ``ctx.timeout`` seconds the engine sets ``ctx.cancelled``
+    and records a failed attempt (then retries or dead-letters the job).
+
+    Python cannot kill a thread: a handler that ignores ``ctx.cancelled`` keeps running
+    (and keeps its worker thread busy) until it returns; its outcome is then discarded.
+    Handlers doing long work should check ``ctx.cancelled`` or wait with ``ctx.wait()``.
+    Thread-safe.
+    """
+
+    def before_job(self, ctx: JobContext) -> None:
+        """Start the clock for ``ctx.timeout`` (no-op when the job has none)."""
+        if ctx.timeout is not None:
+            ctx._arm_deadline(time.monotonic() + ctx.timeout)
+
+
+class LoggingMiddleware(Middleware):
+    """Logs each job's start (DEBUG) and its end: DEBUG when done, WARNING with the traceback when failed.
+
+    Cheap when the logger is not enabled for DEBUG. Thread-safe.
+    """
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self.logger = logger or _log
+
+    def before_job(self, ctx: JobContext) -> None:
+        """Log the start at DEBUG."""
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("job %s %s started (attempt %d)", ctx.name, ctx.id, ctx.attempt)
+
+    def after_job(self, ctx: JobContext, result: object, error: BaseException | None) -> None:
+        """Log the end: DEBUG with the duration, or WARNING with the error."""
+        if error is not None:
+            self.logger.warning(
+                "job %s %s attempt %d raised %s: %s", ctx.name, ctx.id, ctx.attempt, type(error).__name__, error,
+                exc_info=error if not _is_flow_signal(error) else None,
+            )  # fmt: skip
+        elif self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("job %s %s done in %.3fs", ctx.name, ctx.id, time.monotonic() - ctx.started)
+
+
+def _is_flow_signal(error: BaseException) -> bool:
+    return isinstance(error, (Retry, Cancel))

@@ -1,0 +1,582 @@
+"""The job store contract: the :class:`Store` base class, whose docstrings ARE the contract.
+
+A store keeps jobs, dead letters, cron entries, queue pause flags and leases. The
+engine is its only writer of job state; the admin app and the CLI read it and call the
+few management methods. Every store passes the one contract suite in
+``tests/test_stores.py`` (``TestStoreContract``); a new store joins it by adding its
+factory to the ``store`` fixture.
+
+Conventions every method follows:
+
+- Times are float seconds since the Unix epoch, **always passed in by the caller**
+  (``now=``); a store never reads the clock, so the engine (and tests) decide what
+  "now" is and every backend compares times the same way.
+- Payloads and results are JSON **text**; a store stores and returns the text and never
+  decodes it. ``JobRecord.decoded_payload()`` / ``decoded_result()`` decode.
+- Records returned are snapshots (fresh objects); changing one changes nothing stored.
+- Job ids are strings chosen by the caller (the engine uses ``uuid4().hex``); dead
+  letter ids are strings chosen by the store.
+- Every method is thread-safe, and safe from several processes where the backend is
+  shared (SQLite file, PostgreSQL). Each method is one short transaction: a store never
+  holds a lock or a transaction open between calls.
+- Errors: an unreachable or locked backend raises ``StoreUnavailableError`` (callers
+  may retry); any other backend failure ``StoreError``. Methods that name one object
+  raise ``JobNotFoundError`` when it does not exist, except where a return value says so.
+- A "worker" is a string id; a claimed job carries it in ``worker_id``. Methods that
+  finish a running job take the ``worker_id`` and the ``attempts`` value the claim
+  returned, and change nothing (returning False / None) when the job is no longer that
+  claim (it was reaped, cancelled or re-claimed meanwhile): a late worker never
+  overwrites newer state.
+
+Schema changes are versioned: ``migrate()`` applies the numbered migrations in order and
+records each in a ``dispatch_schema_version`` table (see ``SQLiteStore.MIGRATIONS`` for
+the reference list a SQL backend mirrors).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, TypeVar
+
+from threaddispatch.errors import ConfigurationError, JobNotFoundError
+
+_R = TypeVar("_R")
+
+__all__ = [
+    "ACTIVE_STATES",
+    "FINAL_STATES",
+    "READY_STATES",
+    "CronEntry",
+    "DeadLetter",
+    "JobRecord",
+    "JobState",
+    "Store",
+]
+
+
+class JobState(str, Enum):
+    """The states of a job. ``str`` values are what stores persist."""
+
+    PENDING = "pending"
+    """Waiting for its ``run_at``, then for a worker."""
+    RUNNING = "running"
+    """Claimed by a worker (``worker_id``), which heartbeats it."""
+    COMPLETED = "completed"
+    """The handler returned; ``result`` holds its JSON value."""
+    FAILED = "failed"
+    """Every attempt failed (or the handler raised a non-retryable error); a dead letter exists."""
+    RETRYING = "retrying"
+    """An attempt failed; waits for ``run_at`` (now + backoff), then runs again."""
+    CANCELLED = "cancelled"
+    """Cancelled by an operator or by the handler raising ``Cancel``; never runs again."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: States a worker may claim from (when ``run_at`` has come).
+READY_STATES = frozenset({JobState.PENDING, JobState.RETRYING})
+#: States that hold a ``unique_key``: a second job with the same key is not created meanwhile.
+ACTIVE_STATES = frozenset({JobState.PENDING, JobState.RETRYING, JobState.RUNNING})
+#: States a job never leaves on its own; purged after the engine's retention.
+FINAL_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
+
+
+@dataclass
+class JobRecord:
+    """One job as stored. Built by the engine at enqueue; returned as a snapshot by stores.
+
+    ``attempts`` counts the claims that started an attempt (the first run is attempt 1);
+    a job gets ``max_retries + 1`` attempts. ``timeout`` is the handler's time budget in
+    seconds (None: none). Not thread-safe to mutate; stores hand out fresh copies.
+    """
+
+    id: str
+    name: str
+    payload: str
+    queue: str = "default"
+    state: JobState = JobState.PENDING
+    priority: int = 0
+    attempts: int = 0
+    max_retries: int = 3
+    timeout: float | None = None
+    run_at: float = 0.0
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    heartbeat_at: float | None = None
+    worker_id: str | None = None
+    unique_key: str | None = None
+    result: str | None = None
+    error: str | None = None
+
+    def decoded_payload(self) -> Any:
+        """The payload decoded from its JSON text."""
+        return json.loads(self.payload)
+
+    def decoded_result(self) -> Any:
+        """The handler's return value decoded from JSON (None when there is none)."""
+        return None if self.result is None else json.loads(self.result)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (payload and result decoded), for admin APIs and the CLI."""
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        data["state"] = self.state.value
+        data["payload"] = self.decoded_payload()
+        data["result"] = self.decoded_result()
+        return data
+
+
+@dataclass
+class DeadLetter:
+    """A job that failed for good, kept for inspection and replay.
+
+    It copies what replay needs (name, queue, payload, priority, max_retries), so it
+    outlives the purge of its job. Created by :meth:`Store.fail` (and by
+    :meth:`Store.reap_stale` for a job out of attempts) in the same transaction.
+    """
+
+    id: str
+    job_id: str
+    name: str
+    queue: str
+    payload: str
+    priority: int
+    max_retries: int
+    attempts: int
+    error: str | None
+    failed_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (payload decoded)."""
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        data["payload"] = json.loads(self.payload)
+        return data
+
+
+@dataclass
+class CronEntry:
+    """A recurring job: ``job_name`` with ``payload`` enqueued on ``queue`` at every tick of ``expression``.
+
+    ``name`` identifies the entry across processes (every engine that declares the same
+    name shares one entry); ``last_tick`` is the tick most recently fired (epoch seconds).
+    A disabled entry (:meth:`Store.set_cron_enabled`) has ``last_tick = math.inf``, so no
+    tick is ever later and :meth:`Store.fire_cron` never fires it.
+    """
+
+    name: str
+    expression: str
+    job_name: str
+    payload: str
+    queue: str = "default"
+    priority: int = 0
+    last_tick: float | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the entry fires (False once disabled with :meth:`Store.set_cron_enabled`)."""
+        return self.last_tick != math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (payload decoded, ``enabled`` added; ``last_tick`` None while disabled)."""
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        data["payload"] = json.loads(self.payload)
+        data["enabled"] = self.enabled
+        if not self.enabled:
+            data["last_tick"] = None
+        return data
+
+
+def _page_after(
+    fetch: Callable[[int, int], Sequence[_R]],
+    key: Callable[[_R], tuple[str, float]],
+    after: tuple[str, float],
+    position: int,
+    limit: int,
+) -> list[_R]:
+    """The ``limit`` records that follow the anchor ``after = (id, time)`` in a newest-first listing.
+
+    ``fetch(limit, offset)`` reads the listing. The scan starts a little before the
+    ``position`` hint (where the anchor was last seen) and falls back to the start when
+    the listing moved past it. With the anchor present the page is exact whatever was
+    inserted or removed before it; with the anchor gone, the page starts at the first
+    record older than it (records sharing its time are all included: repeats, never gaps).
+    """
+    chunk = min(max(2 * limit, 100), 1000)
+    for start in (max(0, position - chunk), 0) if position > 0 else (0,):
+        found = False
+        ties: list[_R] = []
+        out: list[_R] = []
+        offset = start
+        while len(out) < limit:
+            batch = fetch(chunk, offset)
+            if offset == start and start > 0 and (not batch or key(batch[0])[1] < after[1] or (
+                key(batch[0])[1] == after[1] and key(batch[0])[0] != after[0]
+            )):
+                break  # the hint may be past the anchor's place: rescan from the start
+            for record in batch:
+                record_id, record_time = key(record)
+                if found:
+                    out.append(record)
+                elif record_id == after[0]:
+                    found, ties = True, []
+                elif record_time < after[1]:
+                    found = True
+                    out.extend(ties)
+                    out.append(record)
+                elif record_time == after[1]:
+                    ties.append(record)
+            offset += len(batch)
+            if len(batch) < chunk:
+                return (out if found else ties)[:limit]
+        else:
+            return out[:limit]
+    return []
+
+
+class Store(abc.ABC):
+    """A persistent home for jobs. Abstract: the docstrings below are the contract.
+
+    See the module docstring for the conventions (caller-supplied times, JSON text,
+    snapshots, thread and process safety, errors, claim fencing). Implementations must be
+    usable from many threads at once and must not reuse a connection across ``fork()``.
+    """
+
+    #: Whether several processes can share this store (an engine in each).
+    shared_between_processes: bool = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def migrate(self) -> int:
+        """Create or upgrade the schema to the newest version; returns that version. Idempotent.
+
+        Safe to call from several processes at once. Stores call it on first use unless
+        built with ``migrate=False``.
+        """
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release connections and handles. Idempotent; a closed store raises StoreError when used."""
+
+    # -- jobs: producers ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def enqueue(self, jobs: Sequence[JobRecord]) -> list[str]:
+        """Insert ``jobs`` in ONE transaction; returns one id per job, in order.
+
+        A job whose ``unique_key`` is held by an ACTIVE job (pending, retrying, running)
+        is not inserted: its returned id is the holder's. Two jobs in the same call with
+        the same key behave the same way (the second gets the first's id). Blocks for one
+        short transaction. Raises StoreError if a job id already exists.
+        """
+
+    # -- jobs: workers -----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def claim(self, queues: Sequence[str], limit: int, *, worker_id: str, now: float) -> list[JobRecord]:
+        """Atomically claim up to ``limit`` ready jobs from ``queues`` for ``worker_id``.
+
+        Ready: state pending or retrying and ``run_at <= now``. Order: ``priority``
+        descending, then ``run_at``, then insertion order. Claimed jobs become running
+        with ``worker_id``, ``started_at = heartbeat_at = now`` and ``attempts + 1``; the
+        returned records show that. A job is never handed to two claims, whatever the
+        number of threads and processes claiming. Returns [] when nothing is ready (and for
+        ``limit <= 0`` or no queues). Blocks for one short write transaction.
+        """
+
+    @abc.abstractmethod
+    def heartbeat(self, job_ids: Sequence[str], *, worker_id: str, now: float) -> set[str]:
+        """Set ``heartbeat_at = now`` on those of ``job_ids`` still running for ``worker_id``.
+
+        Returns the ids that were updated; an id missing from the result is no longer this
+        worker's claim (cancelled, reaped, finished), which tells the worker to give up on it.
+        """
+
+    @abc.abstractmethod
+    def reap_stale(self, *, older_than: float, now: float) -> list[str]:
+        """Recover running jobs whose ``heartbeat_at < older_than`` (their worker died).
+
+        A job with attempts left goes back to pending (``run_at = now``, worker cleared);
+        one that used all ``max_retries + 1`` attempts becomes failed with a dead letter
+        (error "worker lost"). Returns the ids recovered either way. One transaction.
+        """
+
+    @abc.abstractmethod
+    def complete(self, job_id: str, *, worker_id: str, attempts: int, result: str | None, now: float,
+                 error: str | None = None) -> bool:
+        """Mark the claim ``(job_id, worker_id, attempts)`` completed with ``result`` (JSON text).
+
+        ``finished_at = now``; ``error`` may carry a note (e.g. an unstorable result).
+        Returns False, changing nothing, if the job is no longer that claim.
+        """
+
+    @abc.abstractmethod
+    def complete_many(
+        self, outcomes: Sequence[tuple[str, str, int, str | None, str | None]], *, now: float
+    ) -> set[str]:
+        """:meth:`complete` for many ``(job_id, worker_id, attempts, result, error)`` in ONE transaction.
+
+        Returns the ids that applied (claims no longer current are skipped). The engine's
+        workers group-commit their completions through this call.
+        """
+
+    def complete_and_claim(
+        self,
+        outcomes: Sequence[tuple[str, str, int, str | None, str | None]],
+        queues: Sequence[str],
+        limit: int,
+        *,
+        worker_id: str,
+        now: float,
+    ) -> tuple[set[str], list[JobRecord]]:
+        """:meth:`complete_many` then :meth:`claim`; returns (ids completed, jobs claimed).
+
+        The engine's fetcher writes the jobs its workers finished and claims their
+        successors with this call. This default makes two transactions; a backend may
+        override it to make one (SQLiteStore does), which is where most throughput comes from.
+        """
+        return self.complete_many(outcomes, now=now), self.claim(queues, limit, worker_id=worker_id, now=now)
+
+    @abc.abstractmethod
+    def retry_later(self, job_id: str, *, worker_id: str, attempts: int, run_at: float, error: str | None,
+                    now: float) -> bool:
+        """Move the claim back to retrying, due at ``run_at``, recording ``error``.
+
+        The worker is cleared; ``attempts`` keeps its value (the next claim adds one).
+        Returns False, changing nothing, if the job is no longer that claim.
+        """
+
+    @abc.abstractmethod
+    def fail(self, job_id: str, *, worker_id: str | None, attempts: int | None, error: str | None,
+             now: float) -> DeadLetter | None:
+        """Mark the job failed and push a dead letter for it, in one transaction.
+
+        With ``worker_id``/``attempts`` it applies only to that claim (None and nothing
+        changed otherwise). Returns the new dead letter.
+        """
+
+    @abc.abstractmethod
+    def release(self, job_ids: Sequence[str], *, worker_id: str, now: float, refund_attempt: bool = True) -> int:
+        """Give claims back: those of ``job_ids`` running for ``worker_id`` become pending.
+
+        Used at stop for claimed jobs that never started (``refund_attempt=True`` takes the
+        claim's attempt back) and for hung ones handed back (``False``). ``run_at = now``.
+        Returns how many were released.
+        """
+
+    # -- jobs: management --------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def get(self, job_id: str) -> JobRecord | None:
+        """The job with ``job_id``, or None."""
+
+    @abc.abstractmethod
+    def list_jobs(self, *, state: JobState | None = None, queue: str | None = None, limit: int = 50,
+                  offset: int = 0) -> list[JobRecord]:
+        """Jobs filtered by state and queue, newest first (by ``created_at``, then insertion)."""
+
+    @abc.abstractmethod
+    def counts(self, *, queue: str | None = None) -> dict[JobState, int]:
+        """``{state: number of jobs}`` with every state present (0 when none), for one queue or all."""
+
+    @abc.abstractmethod
+    def cancel(self, job_id: str, *, now: float, worker_id: str | None = None, attempts: int | None = None,
+               error: str | None = None) -> bool:
+        """Cancel a job that has not finished: pending, retrying or running become cancelled.
+
+        Returns False if it was already completed, failed or cancelled (nothing changes).
+        With ``worker_id``/``attempts`` (a handler raised ``Cancel``) it applies only to
+        that claim. A running job cancelled by an operator stops being its worker's claim:
+        the worker's next heartbeat learns it. Raises JobNotFoundError for an unknown id.
+        """
+
+    @abc.abstractmethod
+    def requeue(self, job_id: str, *, now: float) -> None:
+        """Run a failed or cancelled job again: pending, ``attempts = 0``, ``run_at = now``.
+
+        Its dead letters are deleted in the same transaction. Raises JobNotFoundError for an
+        unknown id, InvalidStateError for a job in any other state, and leaves the job as
+        it is if its ``unique_key`` is held by another active job (InvalidStateError).
+        """
+
+    @abc.abstractmethod
+    def purge_finished(self, *, older_than: float) -> int:
+        """Delete completed, failed and cancelled jobs with ``finished_at < older_than``; returns how many."""
+
+    # -- dead letters ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def list_dead_letters(self, *, queue: str | None = None, limit: int = 50, offset: int = 0) -> list[DeadLetter]:
+        """Dead letters, newest first."""
+
+    @abc.abstractmethod
+    def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
+        """The dead letter with that id, or None."""
+
+    @abc.abstractmethod
+    def replay_dead_letter(self, dead_letter_id: str, *, job: JobRecord) -> str:
+        """Insert ``job`` (built by the caller from the dead letter) and delete the dead letter, atomically.
+
+        Returns the new job's id. Raises JobNotFoundError for an unknown dead letter.
+        """
+
+    @abc.abstractmethod
+    def purge_dead_letters(self, *, older_than: float | None = None) -> int:
+        """Delete dead letters with ``failed_at < older_than`` (all when None); returns how many."""
+
+    # -- queues --------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def set_queue_paused(self, queue: str, paused: bool, *, now: float) -> None:
+        """Record that ``queue`` is paused (workers claim nothing from it) or resumed."""
+
+    @abc.abstractmethod
+    def paused_queues(self) -> set[str]:
+        """The queues paused now."""
+
+    # -- cron and leases ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def acquire_lease(self, name: str, *, holder: str, ttl: float, now: float) -> bool:
+        """Take or renew the named lease for ``holder`` until ``now + ttl``; returns whether held.
+
+        Succeeds when the lease is free, expired (``expires_at <= now``) or already
+        ``holder``'s. Atomic across processes. Used as the cron leader lock.
+        """
+
+    @abc.abstractmethod
+    def release_lease(self, name: str, *, holder: str) -> None:
+        """Give the lease up if ``holder`` has it (so another process can lead at once)."""
+
+    @abc.abstractmethod
+    def upsert_cron(self, entry: CronEntry, *, now: float) -> CronEntry:
+        """Create the cron entry, or update its expression/job/payload/queue/priority keeping ``last_tick``.
+
+        A new entry is stored with the ``last_tick`` given (the engine passes the tick at
+        or before now, so a new entry does not fire for a tick that passed before it
+        existed). Returns the stored entry.
+        """
+
+    @abc.abstractmethod
+    def list_crons(self) -> list[CronEntry]:
+        """Every cron entry, by name."""
+
+    @abc.abstractmethod
+    def delete_cron(self, name: str) -> bool:
+        """Delete the cron entry; returns whether it existed."""
+
+    @abc.abstractmethod
+    def fire_cron(self, name: str, *, tick: float, job: JobRecord) -> bool:
+        """Fire the entry for ``tick`` at most once across every process, atomically.
+
+        If the entry's ``last_tick`` is None or ``< tick``: set it to ``tick`` and insert
+        ``job`` (unique-key rules as :meth:`enqueue`) in one transaction, and return True.
+        Otherwise (another process fired this tick) change nothing and return False.
+        """
+
+    # -- admin helpers, with default implementations on the methods above ---------------------------
+
+    def list_jobs_after(
+        self,
+        after: tuple[str, float] | None,
+        *,
+        state: JobState | None = None,
+        queue: str | None = None,
+        limit: int = 50,
+        position: int = 0,
+    ) -> list[JobRecord]:
+        """Keyset page of :meth:`list_jobs`: the jobs that follow ``after = (job id, created_at)``.
+
+        ``after`` None gives the first page. ``position`` is a hint: the anchor's offset
+        when it was listed. Unlike an offset, the anchor keeps its place when jobs are
+        inserted, claimed, finished or purged meanwhile: no job is skipped; a job whose
+        state changed into the filter while paging may be missed, as in any live listing.
+        The default reads :meth:`list_jobs` in chunks from about ``position``; a store may
+        override it with a keyset query. Blocks for one or a few short reads.
+        """
+        self._check_limit(limit, position)
+        if after is None:
+            return self.list_jobs(state=state, queue=queue, limit=limit)
+        return _page_after(
+            lambda n, offset: self.list_jobs(state=state, queue=queue, limit=n, offset=offset),
+            lambda job: (job.id, job.created_at), after, position, limit,
+        )  # fmt: skip
+
+    def list_dead_letters_after(
+        self, after: tuple[str, float] | None, *, queue: str | None = None, limit: int = 50, position: int = 0
+    ) -> list[DeadLetter]:
+        """Keyset page of :meth:`list_dead_letters` after ``after = (dead letter id, failed_at)``.
+
+        Same rules and default as :meth:`list_jobs_after`.
+        """
+        self._check_limit(limit, position)
+        if after is None:
+            return self.list_dead_letters(queue=queue, limit=limit)
+        return _page_after(
+            lambda n, offset: self.list_dead_letters(queue=queue, limit=n, offset=offset),
+            lambda letter: (letter.id, letter.failed_at), after, position, limit,
+        )  # fmt: skip
+
+    def set_cron_enabled(self, name: str, enabled: bool, *, now: float) -> CronEntry:
+        """Disable a cron entry, or enable it again; returns the stored entry. Idempotent.
+
+        Disabled: ``last_tick = math.inf``, so :meth:`fire_cron` refuses every tick in
+        every process, and it stays so across restarts (:meth:`upsert_cron` keeps
+        ``last_tick``). Enabled again: ``last_tick = now``, so ticks that passed while it
+        was disabled are not caught up; the next one fires. Raises JobNotFoundError for an
+        unknown name. The default replaces the entry (delete, then upsert: two short
+        transactions; a tick fired in between is refused and logged, ``created_at``
+        restarts); a store may override it with one update.
+        """
+        entry = next((e for e in self.list_crons() if e.name == name), None)
+        if entry is None:
+            raise JobNotFoundError(f"no cron entry named {name!r}")
+        if entry.enabled == bool(enabled):
+            return entry
+        self.delete_cron(name)
+        return self.upsert_cron(dataclasses.replace(entry, last_tick=now if enabled else math.inf), now=now)
+
+    # -- helpers shared by implementations ------------------------------------------------------
+
+    @staticmethod
+    def _check_limit(limit: int, offset: int) -> None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ConfigurationError(f"limit must be an int >= 0, got {limit!r}")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ConfigurationError(f"offset must be an int >= 0, got {offset!r}")
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def describe(self) -> Mapping[str, object]:
+        """A short description for logs and the admin app (kind, location); no secrets."""
+        return {"kind": type(self).__name__}
+
+    def subscribe_wakeups(self, callback: Callable[[str | None, float | None], None]) -> Callable[[], None]:
+        """Have ``callback(queue, run_at)`` called when jobs become ready in the store, from any process.
+
+        ``queue`` is the queue of the new jobs and ``run_at`` the earliest time they are
+        due; ``(None, None)`` means "something may have changed: look now". The callback
+        runs on a store thread and must be quick (engines just wake their fetcher).
+        Returns an idempotent unsubscribe function. Non-blocking. This default has no
+        signal to offer: it calls nothing and returns a no-op, and engines poll
+        (PostgresStore overrides it with LISTEN/NOTIFY).
+        """
+        return _no_op
+
+
+def _no_op() -> None:
+    """The unsubscribe function of a store without wake-ups."""

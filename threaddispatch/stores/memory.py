@@ -1,0 +1,507 @@
+"""MemoryStore: the job store in a dict, for tests and single-process use.
+
+Nothing survives the process; a forked child starts with an empty store (the parent's
+jobs stay the parent's). Claims use a heap per queue (priority, run_at, insertion) and
+a heap of delayed jobs, so a claim costs O(k log n) for k jobs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import os
+import threading
+from collections.abc import Mapping, Sequence
+
+from threaddispatch import _lifecycle
+from threaddispatch.errors import InvalidStateError, JobNotFoundError, StoreError
+from threaddispatch.stores.base import (
+    ACTIVE_STATES,
+    FINAL_STATES,
+    READY_STATES,
+    CronEntry,
+    DeadLetter,
+    JobRecord,
+    JobState,
+    Store,
+)
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore(Store):
+    """A :class:`~threaddispatch.stores.Store` held in memory. Thread-safe; one lock, short holds."""
+
+    shared_between_processes = False
+
+    def __init__(self) -> None:
+        self._init_state()
+        _lifecycle.register(self)
+
+    def _init_state(self) -> None:
+        # _lock guards every field below. Invariants: a job id is in _running iff its state is
+        # running; _unique[key] is the id of the ACTIVE job holding key; a job is claimable iff
+        # its heap entry's token equals _tokens[id] and its state is ready.
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._closed = False
+        self._jobs: dict[str, JobRecord] = {}
+        self._order: dict[str, int] = {}
+        self._tokens: dict[str, int] = {}
+        self._ready: dict[str, list[tuple[int, float, int, str, int]]] = {}
+        self._delayed: list[tuple[float, int, str, int]] = []
+        self._running: set[str] = set()
+        self._unique: dict[str, str] = {}
+        self._dead: dict[str, DeadLetter] = {}
+        self._crons: dict[str, CronEntry] = {}
+        self._leases: dict[str, tuple[str, float]] = {}
+        self._paused: set[str] = set()
+        self._serial = itertools.count(1)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def migrate(self) -> int:
+        """Nothing to create; returns 1. Non-blocking."""
+        return 1
+
+    def close(self) -> None:
+        """Drop everything; later calls raise StoreError. Idempotent."""
+        with self._lock:
+            self._closed = True
+            self._jobs.clear()
+        _lifecycle.unregister(self)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("MemoryStore is closed")
+
+    def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
+        return (0, 0)
+
+    def _reset_after_fork(self) -> None:
+        self._init_state()
+
+    # -- internal helpers (call with _lock held) ---------------------------------------------------
+
+    def _schedule(self, job: JobRecord) -> None:
+        token = self._tokens.get(job.id, 0) + 1
+        self._tokens[job.id] = token
+        heapq.heappush(self._delayed, (job.run_at, self._order[job.id], job.id, token))
+
+    def _set_state(self, job: JobRecord, state: JobState, now: float) -> None:
+        if job.unique_key is not None:
+            if state in ACTIVE_STATES:
+                self._unique[job.unique_key] = job.id
+            elif self._unique.get(job.unique_key) == job.id:
+                del self._unique[job.unique_key]
+        if state is JobState.RUNNING:
+            self._running.add(job.id)
+        else:
+            self._running.discard(job.id)
+        job.state = state
+        job.updated_at = now
+        if state in FINAL_STATES:
+            job.finished_at = now
+        if state in READY_STATES:
+            job.worker_id = None
+            self._schedule(job)
+
+    def _insert(self, job: JobRecord) -> str:
+        if job.unique_key is not None and job.unique_key in self._unique:
+            return self._unique[job.unique_key]
+        if job.id in self._jobs:
+            raise StoreError(f"job id {job.id!r} already exists")
+        stored = dataclasses.replace(job)
+        self._jobs[job.id] = stored
+        self._order[job.id] = next(self._serial)
+        self._set_state(stored, stored.state, stored.updated_at or stored.created_at)
+        return job.id
+
+    def _claim_of(self, job_id: str, worker_id: str | None, attempts: int | None) -> JobRecord | None:
+        job = self._jobs.get(job_id)
+        if job is None or job.state is not JobState.RUNNING:
+            return None
+        if worker_id is not None and job.worker_id != worker_id:
+            return None
+        if attempts is not None and job.attempts != attempts:
+            return None
+        return job
+
+    def _dead_letter(self, job: JobRecord, error: str | None, now: float) -> DeadLetter:
+        letter = DeadLetter(
+            id=f"dl-{next(self._serial)}",
+            job_id=job.id,
+            name=job.name,
+            queue=job.queue,
+            payload=job.payload,
+            priority=job.priority,
+            max_retries=job.max_retries,
+            attempts=job.attempts,
+            error=error,
+            failed_at=now,
+        )
+        self._dead[letter.id] = letter
+        return dataclasses.replace(letter)
+
+    # -- producers ---------------------------------------------------------------------------------
+
+    def enqueue(self, jobs: Sequence[JobRecord]) -> list[str]:
+        """See :meth:`Store.enqueue`. Holds the lock for the whole batch (all or nothing)."""
+        with self._lock:
+            self._check_open()
+            ids = {job.id for job in jobs}
+            clash = next((job.id for job in jobs if job.id in self._jobs), None)
+            if clash is not None or len(ids) != len(jobs):
+                raise StoreError(f"job id {clash!r} already exists" if clash else "duplicate job ids in one batch")
+            return [self._insert(job) for job in jobs]
+
+    # -- workers -------------------------------------------------------------------------------------
+
+    def claim(self, queues: Sequence[str], limit: int, *, worker_id: str, now: float) -> list[JobRecord]:
+        """See :meth:`Store.claim`."""
+        claimed: list[JobRecord] = []
+        if limit <= 0 or not queues:
+            return claimed
+        with self._lock:
+            self._check_open()
+            delayed = self._delayed
+            while delayed and delayed[0][0] <= now:
+                run_at, order, job_id, token = heapq.heappop(delayed)
+                job = self._jobs.get(job_id)
+                if job is None or self._tokens.get(job_id) != token or job.state not in READY_STATES:
+                    continue
+                heapq.heappush(self._ready.setdefault(job.queue, []), (-job.priority, run_at, order, job_id, token))
+            heaps = [heap for queue in dict.fromkeys(queues) if (heap := self._ready.get(queue))]
+            while len(claimed) < limit:
+                best: list[tuple[int, float, int, str, int]] | None = None
+                for heap in heaps:
+                    while heap:
+                        _, _, _, job_id, token = heap[0]
+                        job = self._jobs.get(job_id)
+                        if job is not None and self._tokens.get(job_id) == token and job.state in READY_STATES:
+                            break
+                        heapq.heappop(heap)
+                    if heap and (best is None or heap[0] < best[0]):
+                        best = heap
+                if best is None:
+                    break
+                job = self._jobs[heapq.heappop(best)[3]]
+                self._tokens[job.id] += 1
+                self._set_state(job, JobState.RUNNING, now)
+                job.worker_id = worker_id
+                job.attempts += 1
+                job.started_at = job.heartbeat_at = now
+                claimed.append(dataclasses.replace(job))
+        return claimed
+
+    def heartbeat(self, job_ids: Sequence[str], *, worker_id: str, now: float) -> set[str]:
+        """See :meth:`Store.heartbeat`."""
+        alive: set[str] = set()
+        with self._lock:
+            self._check_open()
+            for job_id in job_ids:
+                job = self._claim_of(job_id, worker_id, None)
+                if job is not None:
+                    job.heartbeat_at = now
+                    alive.add(job_id)
+        return alive
+
+    def reap_stale(self, *, older_than: float, now: float) -> list[str]:
+        """See :meth:`Store.reap_stale`."""
+        reaped: list[str] = []
+        with self._lock:
+            self._check_open()
+            for job_id in list(self._running):
+                job = self._jobs[job_id]
+                if job.heartbeat_at is not None and job.heartbeat_at >= older_than:
+                    continue
+                reaped.append(job_id)
+                if job.attempts >= job.max_retries + 1:
+                    job.error = "worker lost: heartbeat older than the stale threshold"
+                    self._set_state(job, JobState.FAILED, now)
+                    self._dead_letter(job, job.error, now)
+                else:
+                    job.run_at = now
+                    self._set_state(job, JobState.PENDING, now)
+        return reaped
+
+    def complete(self, job_id: str, *, worker_id: str, attempts: int, result: str | None, now: float,
+                 error: str | None = None) -> bool:
+        """See :meth:`Store.complete`."""
+        with self._lock:
+            self._check_open()
+            job = self._claim_of(job_id, worker_id, attempts)
+            if job is None:
+                return False
+            job.result = result
+            job.error = error
+            self._set_state(job, JobState.COMPLETED, now)
+            return True
+
+    def complete_many(
+        self, outcomes: Sequence[tuple[str, str, int, str | None, str | None]], *, now: float
+    ) -> set[str]:
+        """See :meth:`Store.complete_many`."""
+        done: set[str] = set()
+        with self._lock:
+            self._check_open()
+            for job_id, worker_id, attempts, result, error in outcomes:
+                job = self._claim_of(job_id, worker_id, attempts)
+                if job is not None:
+                    job.result = result
+                    job.error = error
+                    self._set_state(job, JobState.COMPLETED, now)
+                    done.add(job_id)
+        return done
+
+    def retry_later(self, job_id: str, *, worker_id: str, attempts: int, run_at: float, error: str | None,
+                    now: float) -> bool:
+        """See :meth:`Store.retry_later`."""
+        with self._lock:
+            self._check_open()
+            job = self._claim_of(job_id, worker_id, attempts)
+            if job is None:
+                return False
+            job.error = error
+            job.run_at = run_at
+            self._set_state(job, JobState.RETRYING, now)
+            return True
+
+    def fail(self, job_id: str, *, worker_id: str | None, attempts: int | None, error: str | None,
+             now: float) -> DeadLetter | None:
+        """See :meth:`Store.fail`."""
+        with self._lock:
+            self._check_open()
+            if worker_id is None and attempts is None:
+                job = self._jobs.get(job_id)
+                if job is None:
+                    raise JobNotFoundError(f"no job with id {job_id!r}")
+            else:
+                job = self._claim_of(job_id, worker_id, attempts)
+                if job is None:
+                    return None
+            job.error = error
+            self._set_state(job, JobState.FAILED, now)
+            return self._dead_letter(job, error, now)
+
+    def release(self, job_ids: Sequence[str], *, worker_id: str, now: float, refund_attempt: bool = True) -> int:
+        """See :meth:`Store.release`."""
+        released = 0
+        with self._lock:
+            self._check_open()
+            for job_id in job_ids:
+                job = self._claim_of(job_id, worker_id, None)
+                if job is None:
+                    continue
+                if refund_attempt:
+                    job.attempts = max(0, job.attempts - 1)
+                job.run_at = now
+                self._set_state(job, JobState.PENDING, now)
+                released += 1
+        return released
+
+    # -- management --------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobRecord | None:
+        """See :meth:`Store.get`."""
+        with self._lock:
+            self._check_open()
+            job = self._jobs.get(job_id)
+            return None if job is None else dataclasses.replace(job)
+
+    def list_jobs(self, *, state: JobState | None = None, queue: str | None = None, limit: int = 50,
+                  offset: int = 0) -> list[JobRecord]:
+        """See :meth:`Store.list_jobs`. O(n log n) over the stored jobs."""
+        self._check_limit(limit, offset)
+        with self._lock:
+            self._check_open()
+            jobs = [
+                job
+                for job in self._jobs.values()
+                if (state is None or job.state is JobState(state)) and (queue is None or job.queue == queue)
+            ]
+            jobs.sort(key=lambda job: (job.created_at, self._order[job.id]), reverse=True)
+            return [dataclasses.replace(job) for job in jobs[offset : offset + limit]]
+
+    def counts(self, *, queue: str | None = None) -> dict[JobState, int]:
+        """See :meth:`Store.counts`. O(n)."""
+        result = dict.fromkeys(JobState, 0)
+        with self._lock:
+            self._check_open()
+            for job in self._jobs.values():
+                if queue is None or job.queue == queue:
+                    result[job.state] += 1
+        return result
+
+    def cancel(self, job_id: str, *, now: float, worker_id: str | None = None, attempts: int | None = None,
+               error: str | None = None) -> bool:
+        """See :meth:`Store.cancel`."""
+        with self._lock:
+            self._check_open()
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise JobNotFoundError(f"no job with id {job_id!r}")
+            if worker_id is not None or attempts is not None:
+                if self._claim_of(job_id, worker_id, attempts) is None:
+                    return False
+            elif job.state in FINAL_STATES:
+                return False
+            if error is not None:
+                job.error = error
+            self._set_state(job, JobState.CANCELLED, now)
+            return True
+
+    def requeue(self, job_id: str, *, now: float) -> None:
+        """See :meth:`Store.requeue`."""
+        with self._lock:
+            self._check_open()
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise JobNotFoundError(f"no job with id {job_id!r}")
+            if job.state not in (JobState.FAILED, JobState.CANCELLED):
+                raise InvalidStateError(f"job {job_id!r} is {job.state.value}; only failed or cancelled jobs requeue")
+            if job.unique_key is not None and job.unique_key in self._unique:
+                holder = self._unique[job.unique_key]
+                raise InvalidStateError(
+                    f"job {job_id!r}: unique_key {job.unique_key!r} is held by active job {holder!r}"
+                )
+            for letter_id in [k for k, letter in self._dead.items() if letter.job_id == job_id]:
+                del self._dead[letter_id]
+            job.attempts = 0
+            job.run_at = now
+            job.finished_at = None
+            job.result = None
+            self._set_state(job, JobState.PENDING, now)
+
+    def purge_finished(self, *, older_than: float) -> int:
+        """See :meth:`Store.purge_finished`."""
+        with self._lock:
+            self._check_open()
+            doomed = [
+                job.id
+                for job in self._jobs.values()
+                if job.state in FINAL_STATES and job.finished_at is not None and job.finished_at < older_than
+            ]
+            for job_id in doomed:
+                del self._jobs[job_id]
+                del self._order[job_id]
+                self._tokens.pop(job_id, None)
+            return len(doomed)
+
+    # -- dead letters ------------------------------------------------------------------------------
+
+    def list_dead_letters(self, *, queue: str | None = None, limit: int = 50, offset: int = 0) -> list[DeadLetter]:
+        """See :meth:`Store.list_dead_letters`."""
+        self._check_limit(limit, offset)
+        with self._lock:
+            self._check_open()
+            letters = [letter for letter in reversed(self._dead.values()) if queue is None or letter.queue == queue]
+            return [dataclasses.replace(letter) for letter in letters[offset : offset + limit]]
+
+    def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
+        """See :meth:`Store.get_dead_letter`."""
+        with self._lock:
+            self._check_open()
+            letter = self._dead.get(dead_letter_id)
+            return None if letter is None else dataclasses.replace(letter)
+
+    def replay_dead_letter(self, dead_letter_id: str, *, job: JobRecord) -> str:
+        """See :meth:`Store.replay_dead_letter`."""
+        with self._lock:
+            self._check_open()
+            if dead_letter_id not in self._dead:
+                raise JobNotFoundError(f"no dead letter with id {dead_letter_id!r}")
+            job_id = self._insert(job)
+            del self._dead[dead_letter_id]
+            return job_id
+
+    def purge_dead_letters(self, *, older_than: float | None = None) -> int:
+        """See :meth:`Store.purge_dead_letters`."""
+        with self._lock:
+            self._check_open()
+            doomed = [k for k, letter in self._dead.items() if older_than is None or letter.failed_at < older_than]
+            for letter_id in doomed:
+                del self._dead[letter_id]
+            return len(doomed)
+
+    # -- queues ------------------------------------------------------------------------------------
+
+    def set_queue_paused(self, queue: str, paused: bool, *, now: float) -> None:
+        """See :meth:`Store.set_queue_paused`."""
+        with self._lock:
+            self._check_open()
+            if paused:
+                self._paused.add(queue)
+            else:
+                self._paused.discard(queue)
+
+    def paused_queues(self) -> set[str]:
+        """See :meth:`Store.paused_queues`."""
+        with self._lock:
+            self._check_open()
+            return set(self._paused)
+
+    # -- cron and leases ----------------------------------------------------------------------------
+
+    def acquire_lease(self, name: str, *, holder: str, ttl: float, now: float) -> bool:
+        """See :meth:`Store.acquire_lease`."""
+        with self._lock:
+            self._check_open()
+            current = self._leases.get(name)
+            if current is not None and current[0] != holder and current[1] > now:
+                return False
+            self._leases[name] = (holder, now + ttl)
+            return True
+
+    def release_lease(self, name: str, *, holder: str) -> None:
+        """See :meth:`Store.release_lease`."""
+        with self._lock:
+            current = self._leases.get(name)
+            if current is not None and current[0] == holder:
+                del self._leases[name]
+
+    def upsert_cron(self, entry: CronEntry, *, now: float) -> CronEntry:
+        """See :meth:`Store.upsert_cron`."""
+        with self._lock:
+            self._check_open()
+            current = self._crons.get(entry.name)
+            stored = dataclasses.replace(entry, updated_at=now)
+            if current is None:
+                stored.created_at = now
+            else:
+                stored.created_at = current.created_at
+                stored.last_tick = current.last_tick
+            self._crons[entry.name] = stored
+            return dataclasses.replace(stored)
+
+    def list_crons(self) -> list[CronEntry]:
+        """See :meth:`Store.list_crons`."""
+        with self._lock:
+            self._check_open()
+            return [dataclasses.replace(self._crons[name]) for name in sorted(self._crons)]
+
+    def delete_cron(self, name: str) -> bool:
+        """See :meth:`Store.delete_cron`."""
+        with self._lock:
+            self._check_open()
+            return self._crons.pop(name, None) is not None
+
+    def fire_cron(self, name: str, *, tick: float, job: JobRecord) -> bool:
+        """See :meth:`Store.fire_cron`."""
+        with self._lock:
+            self._check_open()
+            entry = self._crons.get(name)
+            if entry is None:
+                raise JobNotFoundError(f"no cron entry named {name!r}")
+            if entry.last_tick is not None and entry.last_tick >= tick:
+                return False
+            entry.last_tick = tick
+            entry.updated_at = job.created_at
+            self._insert(job)
+            return True
+
+    def describe(self) -> Mapping[str, object]:
+        """``{"kind": "MemoryStore", "jobs": n}``."""
+        with self._lock:
+            return {"kind": "MemoryStore", "jobs": len(self._jobs)}

@@ -1,0 +1,801 @@
+"""SQLiteStore: the embedded default job store, one file shared by threads and processes.
+
+- WAL journal, ``synchronous=NORMAL`` (durable across process crashes; a power cut
+  may lose the last commits, never corrupt the file), ``busy_timeout``.
+- One connection per thread per process: connections live in a ``threading.local``
+  tagged with the pid, so a forked child opens its own and never touches the parent's
+  (the huey pid guard).
+- Short transactions; every write that reads first runs under ``BEGIN IMMEDIATE`` so
+  two processes never both decide from the same snapshot. A claim is ONE
+  ``UPDATE ... RETURNING`` statement (SQLite >= 3.35).
+- Versioned migrations (:attr:`SQLiteStore.MIGRATIONS`, recorded in
+  ``dispatch_schema_version``); a SQL backend mirrors the list with its own DDL.
+
+SQLite serialises writers: throughput is bounded by one writer at a time, which is
+ample for one machine. Use PostgreSQL for several machines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+from threaddispatch import _lifecycle
+from threaddispatch.backoff import check_seconds
+from threaddispatch.errors import (
+    ConfigurationError,
+    InvalidStateError,
+    JobNotFoundError,
+    StoreError,
+    StoreUnavailableError,
+)
+from threaddispatch.stores.base import CronEntry, DeadLetter, JobRecord, JobState, Store
+
+__all__ = ["SQLiteStore"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_MIN_VERSION = (3, 35, 0)  # UPDATE ... RETURNING
+# Column order matches JobRecord's fields, so JobRecord(*row) builds a record.
+_JOB_COLUMNS = (
+    "id, name, payload, queue, state, priority, attempts, max_retries, timeout, run_at, created_at, "
+    "updated_at, started_at, finished_at, heartbeat_at, worker_id, unique_key, result, error"
+)
+_LETTER_COLUMNS = "id, job_id, name, queue, payload, priority, max_retries, attempts, error, failed_at"
+_CRON_COLUMNS = "name, expression, job_name, payload, queue, priority, last_tick, created_at, updated_at"
+_ACTIVE = "('pending', 'retrying', 'running')"
+_FINAL = "('completed', 'failed', 'cancelled')"
+_CHUNK = 500  # ids per statement, far below SQLite's variable limit
+_WORKER_LOST = "worker lost: heartbeat older than the stale threshold"
+
+_SCHEMA_V1 = (
+    """CREATE TABLE IF NOT EXISTS dispatch_jobs (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        queue TEXT NOT NULL,
+        state TEXT NOT NULL,
+        priority INTEGER NOT NULL DEFAULT 0,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        max_retries INTEGER NOT NULL,
+        timeout REAL,
+        run_at REAL NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        heartbeat_at REAL,
+        worker_id TEXT,
+        unique_key TEXT,
+        result TEXT,
+        error TEXT)""",
+    # The claim index: ready jobs of a queue in claim order (seq is the implicit last key).
+    """CREATE INDEX IF NOT EXISTS dispatch_jobs_ready ON dispatch_jobs (queue, priority DESC, run_at)
+        WHERE state IN ('pending', 'retrying')""",
+    "CREATE INDEX IF NOT EXISTS dispatch_jobs_running ON dispatch_jobs (heartbeat_at) WHERE state = 'running'",
+    f"CREATE INDEX IF NOT EXISTS dispatch_jobs_finished ON dispatch_jobs (finished_at) WHERE state IN {_FINAL}",
+    f"""CREATE UNIQUE INDEX IF NOT EXISTS dispatch_jobs_unique ON dispatch_jobs (unique_key)
+        WHERE unique_key IS NOT NULL AND state IN {_ACTIVE}""",
+    """CREATE TABLE IF NOT EXISTS dispatch_dead_letters (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        job_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        queue TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        max_retries INTEGER NOT NULL,
+        attempts INTEGER NOT NULL,
+        error TEXT,
+        failed_at REAL NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS dispatch_dead_letters_job ON dispatch_dead_letters (job_id)",
+    """CREATE TABLE IF NOT EXISTS dispatch_crons (
+        name TEXT PRIMARY KEY,
+        expression TEXT NOT NULL,
+        job_name TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        queue TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        last_tick REAL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS dispatch_leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        expires_at REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS dispatch_queues (
+        queue TEXT PRIMARY KEY,
+        paused INTEGER NOT NULL,
+        updated_at REAL NOT NULL)""",
+)
+
+
+def _job(row: Sequence[Any]) -> JobRecord:
+    job = JobRecord(*row)
+    job.state = JobState(job.state)
+    return job
+
+
+def _letter(row: Sequence[Any]) -> DeadLetter:
+    return DeadLetter(*row)
+
+
+def _cron(row: Sequence[Any]) -> CronEntry:
+    return CronEntry(*row)
+
+
+def _chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(ids), _CHUNK):
+        yield ids[start : start + _CHUNK]
+
+
+def _marks(count: int) -> str:
+    return ", ".join("?" * count)
+
+
+def _translate(fn: F) -> F:
+    """Turn sqlite3 errors into StoreUnavailableError (locked/busy) or StoreError."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except sqlite3.OperationalError as error:
+            text = str(error).lower()
+            if "locked" in text or "busy" in text or "unable to open" in text:
+                raise StoreUnavailableError(f"SQLite store unavailable: {error}") from error
+            raise StoreError(f"SQLite store error: {error}") from error
+        except sqlite3.Error as error:
+            raise StoreError(f"SQLite store error: {error}") from error
+
+    return wrapper  # type: ignore[return-value]
+
+
+class _Immediate:
+    """``with _Immediate(conn):`` runs the block in a BEGIN IMMEDIATE transaction (write lock first)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            try:
+                self.conn.execute("COMMIT")
+                return
+            except BaseException:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+
+class SQLiteStore(Store):
+    """A :class:`~threaddispatch.stores.Store` in one SQLite file (see the module docstring).
+
+    ``path`` is a file path (``":memory:"`` is refused: every thread needs the same
+    database). ``busy_timeout`` is how long a statement waits for another writer before
+    raising StoreUnavailableError. ``synchronous`` is SQLite's ``PRAGMA synchronous``
+    (``"NORMAL"`` default; ``"FULL"`` to survive power loss at the cost of an fsync per
+    commit). ``migrate=False`` skips creating/upgrading the schema at construction.
+    Thread-safe and multi-process-safe; every method blocks for one short transaction
+    (plus up to ``busy_timeout`` waiting for the write lock).
+    """
+
+    shared_between_processes = True
+
+    #: Numbered schema migrations: ``(version, description, statements)``, applied in order.
+    MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = ((1, "initial schema", _SCHEMA_V1),)
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = 5.0,
+        synchronous: str = "NORMAL",
+        migrate: bool = True,
+    ) -> None:
+        if sqlite3.sqlite_version_info < _MIN_VERSION:
+            raise ConfigurationError(
+                f"SQLiteStore needs SQLite >= 3.35 (UPDATE ... RETURNING); this Python has {sqlite3.sqlite_version}"
+            )
+        if not isinstance(path, (str, os.PathLike)) or str(path) in ("", ":memory:"):
+            raise ConfigurationError(f"SQLiteStore path must be a file path, got {path!r}")
+        if str(synchronous).upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ConfigurationError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, got {synchronous!r}")
+        self.path = os.fspath(path)
+        self.busy_timeout = check_seconds("busy_timeout", busy_timeout)
+        self.synchronous = str(synchronous).upper()
+        self._closed = False
+        self._init_connections()
+        _lifecycle.register(self)
+        if migrate:
+            self.migrate()
+
+    def _init_connections(self) -> None:
+        # _conns_lock guards _conns (every connection this process opened, for close()).
+        self._conns_lock = threading.Lock()
+        self._conns: list[sqlite3.Connection] = []
+        self._local = threading.local()
+        self._pid = os.getpid()
+
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection in this process, opened on first use."""
+        local = self._local
+        conn: sqlite3.Connection | None = getattr(local, "conn", None)
+        pid = os.getpid()
+        if conn is not None and local.pid == pid:
+            return conn
+        if self._closed:
+            raise StoreError(f"SQLiteStore {self.path!r} is closed")
+        if pid != self._pid:
+            # Forked without the lifecycle hook having run: never reuse the parent's connections.
+            self._init_connections()
+            local = self._local
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
+        try:
+            self._set_wal(conn)
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        except BaseException:
+            conn.close()
+            raise
+        local.conn = conn
+        local.pid = pid
+        with self._conns_lock:
+            self._conns.append(conn)
+        return conn
+
+    def _set_wal(self, conn: sqlite3.Connection) -> None:
+        # Switching a new file to WAL needs a moment of exclusive access; retry within busy_timeout.
+        deadline = time.monotonic() + self.busy_timeout
+        delay = 0.001
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error).lower() or time.monotonic() >= deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @_translate
+    def migrate(self) -> int:
+        """Apply the migrations newer than the file's version; returns the version. Idempotent, multi-process safe."""
+        conn = self._conn()
+        with _Immediate(conn):
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS dispatch_schema_version ("
+                "version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at REAL NOT NULL)"
+            )
+            current = conn.execute("SELECT coalesce(max(version), 0) FROM dispatch_schema_version").fetchone()[0]
+            for version, description, statements in self.MIGRATIONS:
+                if version <= current:
+                    continue
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO dispatch_schema_version (version, description, applied_at) VALUES (?, ?, ?)",
+                    (version, description, time.time()),
+                )
+                current = version
+        return int(current)
+
+    def schema_version(self) -> int:
+        """The schema version of the file (0 before :meth:`migrate`)."""
+        conn = self._conn()
+        try:
+            return int(conn.execute("SELECT coalesce(max(version), 0) FROM dispatch_schema_version").fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0
+
+    def close(self) -> None:
+        """Close every connection this process opened. Idempotent; later use raises StoreError.
+
+        Call it after the engines using the store have stopped.
+        """
+        self._closed = True
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        if os.getpid() == self._pid:
+            for conn in conns:
+                with contextlib.suppress(sqlite3.Error):  # closing is best effort
+                    conn.close()
+        self._local = threading.local()
+        _lifecycle.unregister(self)
+
+    def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
+        return (0, 0)
+
+    def _reset_after_fork(self) -> None:
+        # Abandon (never close) the parent's connections: closing one in the child could
+        # disturb the parent's locks on the file.
+        self._init_connections()
+
+    def describe(self) -> Mapping[str, object]:
+        """``{"kind": "SQLiteStore", "path": ...}``."""
+        return {"kind": "SQLiteStore", "path": self.path}
+
+    # -- producers --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _job_params(job: JobRecord) -> tuple[Any, ...]:
+        return (
+            job.id, job.name, job.payload, job.queue, job.state.value, job.priority, job.attempts, job.max_retries,
+            job.timeout, job.run_at, job.created_at, job.updated_at, job.started_at, job.finished_at,
+            job.heartbeat_at, job.worker_id, job.unique_key, job.result, job.error,
+        )  # fmt: skip
+
+    _INSERT = f"INSERT INTO dispatch_jobs ({_JOB_COLUMNS}) VALUES ({_marks(19)})"
+
+    def _insert_unique(self, conn: sqlite3.Connection, job: JobRecord) -> str:
+        """Insert a job with a unique_key inside the caller's IMMEDIATE transaction."""
+        row = conn.execute(
+            f"SELECT id FROM dispatch_jobs WHERE unique_key = ? AND state IN {_ACTIVE}", (job.unique_key,)
+        ).fetchone()
+        if row is not None:
+            return str(row[0])
+        conn.execute(self._INSERT, self._job_params(job))
+        return job.id
+
+    @_translate
+    def enqueue(self, jobs: Sequence[JobRecord]) -> list[str]:
+        """See :meth:`Store.enqueue`. One IMMEDIATE transaction; plain jobs go in one executemany."""
+        if not jobs:
+            return []
+        conn = self._conn()
+        try:
+            if len(jobs) == 1 and jobs[0].unique_key is None:
+                # One statement is its own atomic transaction: skip BEGIN/COMMIT round trips.
+                conn.execute(self._INSERT, self._job_params(jobs[0]))
+                return [jobs[0].id]
+            with _Immediate(conn):
+                plain = [job for job in jobs if job.unique_key is None]
+                if len(plain) == 1:
+                    conn.execute(self._INSERT, self._job_params(plain[0]))
+                elif plain:
+                    conn.executemany(self._INSERT, [self._job_params(job) for job in plain])
+                if len(plain) == len(jobs):
+                    return [job.id for job in jobs]
+                return [job.id if job.unique_key is None else self._insert_unique(conn, job) for job in jobs]
+        except sqlite3.IntegrityError as error:
+            raise StoreError(f"could not insert jobs: {error} (a job id already exists?)") from error
+
+    # -- workers -------------------------------------------------------------------------------------
+
+    @_translate
+    def claim(self, queues: Sequence[str], limit: int, *, worker_id: str, now: float) -> list[JobRecord]:
+        """See :meth:`Store.claim`: one ``UPDATE ... RETURNING`` under BEGIN IMMEDIATE."""
+        conn = self._conn()
+        with _Immediate(conn):
+            return self._claim_in(conn, queues, limit, worker_id, now)
+
+    @staticmethod
+    def _claim_in(
+        conn: sqlite3.Connection, queues: Sequence[str], limit: int, worker_id: str, now: float
+    ) -> list[JobRecord]:
+        if limit <= 0 or not queues:
+            return []
+        sql = (
+            "UPDATE dispatch_jobs SET state = 'running', worker_id = ?, attempts = attempts + 1, "
+            "started_at = ?, heartbeat_at = ?, updated_at = ? "
+            "WHERE seq IN (SELECT seq FROM dispatch_jobs WHERE state IN ('pending', 'retrying') "
+            f"AND queue IN ({_marks(len(queues))}) AND run_at <= ? "
+            "ORDER BY priority DESC, run_at, seq LIMIT ?) "
+            f"RETURNING {_JOB_COLUMNS}"
+        )
+        jobs = [_job(row) for row in conn.execute(sql, (worker_id, now, now, now, *queues, now, limit)).fetchall()]
+        # RETURNING gives rows in no particular order; hand them out in claim order.
+        jobs.sort(key=lambda job: (-job.priority, job.run_at))
+        return jobs
+
+    @_translate
+    def complete_and_claim(
+        self,
+        outcomes: Sequence[tuple[str, str, int, str | None, str | None]],
+        queues: Sequence[str],
+        limit: int,
+        *,
+        worker_id: str,
+        now: float,
+    ) -> tuple[set[str], list[JobRecord]]:
+        """See :meth:`Store.complete_and_claim`: ONE IMMEDIATE transaction for both."""
+        done: set[str] = set()
+        conn = self._conn()
+        sql = self._COMPLETE
+        with _Immediate(conn):
+            for job_id, job_worker, attempts, result, error in outcomes:
+                if conn.execute(sql, (result, error, now, now, job_id, job_worker, attempts)).rowcount == 1:
+                    done.add(job_id)
+            jobs = self._claim_in(conn, queues, limit, worker_id, now)
+        return done, jobs
+
+    @_translate
+    def heartbeat(self, job_ids: Sequence[str], *, worker_id: str, now: float) -> set[str]:
+        """See :meth:`Store.heartbeat`."""
+        alive: set[str] = set()
+        if not job_ids:
+            return alive
+        conn = self._conn()
+        with _Immediate(conn):
+            for chunk in _chunks(list(job_ids)):
+                rows = conn.execute(
+                    f"UPDATE dispatch_jobs SET heartbeat_at = ? WHERE id IN ({_marks(len(chunk))}) "
+                    "AND state = 'running' AND worker_id = ? RETURNING id",
+                    (now, *chunk, worker_id),
+                ).fetchall()
+                alive.update(row[0] for row in rows)
+        return alive
+
+    def _push_dead_letter(self, conn: sqlite3.Connection, job_id: str, error: str | None, now: float) -> DeadLetter:
+        letter_id = uuid.uuid4().hex
+        conn.execute(
+            f"INSERT INTO dispatch_dead_letters ({_LETTER_COLUMNS}) "
+            "SELECT ?, id, name, queue, payload, priority, max_retries, attempts, ?, ? FROM dispatch_jobs WHERE id = ?",
+            (letter_id, error, now, job_id),
+        )
+        row = conn.execute(f"SELECT {_LETTER_COLUMNS} FROM dispatch_dead_letters WHERE id = ?", (letter_id,)).fetchone()
+        return _letter(row)
+
+    @_translate
+    def reap_stale(self, *, older_than: float, now: float) -> list[str]:
+        """See :meth:`Store.reap_stale`."""
+        conn = self._conn()
+        with _Immediate(conn):
+            rows = conn.execute(
+                "SELECT id, attempts, max_retries FROM dispatch_jobs WHERE state = 'running' "
+                "AND (heartbeat_at IS NULL OR heartbeat_at < ?)",
+                (older_than,),
+            ).fetchall()
+            for job_id, attempts, max_retries in rows:
+                if attempts >= max_retries + 1:
+                    conn.execute(
+                        "UPDATE dispatch_jobs SET state = 'failed', error = ?, finished_at = ?, updated_at = ? "
+                        "WHERE id = ?",
+                        (_WORKER_LOST, now, now, job_id),
+                    )
+                    self._push_dead_letter(conn, job_id, _WORKER_LOST, now)
+                else:
+                    conn.execute(
+                        "UPDATE dispatch_jobs SET state = 'pending', worker_id = NULL, run_at = ?, updated_at = ? "
+                        "WHERE id = ?",
+                        (now, now, job_id),
+                    )
+        return [row[0] for row in rows]
+
+    _COMPLETE = (
+        "UPDATE dispatch_jobs SET state = 'completed', result = ?, error = ?, finished_at = ?, updated_at = ? "
+        "WHERE id = ? AND state = 'running' AND worker_id = ? AND attempts = ?"
+    )
+
+    @_translate
+    def complete(self, job_id: str, *, worker_id: str, attempts: int, result: str | None, now: float,
+                 error: str | None = None) -> bool:
+        """See :meth:`Store.complete`: one statement (its own transaction)."""
+        cursor = self._conn().execute(self._COMPLETE, (result, error, now, now, job_id, worker_id, attempts))
+        return cursor.rowcount == 1
+
+    @_translate
+    def complete_many(
+        self, outcomes: Sequence[tuple[str, str, int, str | None, str | None]], *, now: float
+    ) -> set[str]:
+        """See :meth:`Store.complete_many`: one IMMEDIATE transaction, one statement per job."""
+        done: set[str] = set()
+        if not outcomes:
+            return done
+        conn = self._conn()
+        sql = self._COMPLETE
+        with _Immediate(conn):
+            for job_id, worker_id, attempts, result, error in outcomes:
+                if conn.execute(sql, (result, error, now, now, job_id, worker_id, attempts)).rowcount == 1:
+                    done.add(job_id)
+        return done
+
+    @_translate
+    def retry_later(self, job_id: str, *, worker_id: str, attempts: int, run_at: float, error: str | None,
+                    now: float) -> bool:
+        """See :meth:`Store.retry_later`."""
+        cursor = self._conn().execute(
+            "UPDATE dispatch_jobs SET state = 'retrying', worker_id = NULL, run_at = ?, error = ?, updated_at = ? "
+            "WHERE id = ? AND state = 'running' AND worker_id = ? AND attempts = ?",
+            (run_at, error, now, job_id, worker_id, attempts),
+        )
+        return cursor.rowcount == 1
+
+    @_translate
+    def fail(self, job_id: str, *, worker_id: str | None, attempts: int | None, error: str | None,
+             now: float) -> DeadLetter | None:
+        """See :meth:`Store.fail`."""
+        conn = self._conn()
+        with _Immediate(conn):
+            if worker_id is None and attempts is None:
+                cursor = conn.execute(
+                    "UPDATE dispatch_jobs SET state = 'failed', error = ?, finished_at = ?, updated_at = ? "
+                    "WHERE id = ?",
+                    (error, now, now, job_id),
+                )
+                if cursor.rowcount != 1:
+                    raise JobNotFoundError(f"no job with id {job_id!r}")
+            else:
+                cursor = conn.execute(
+                    "UPDATE dispatch_jobs SET state = 'failed', error = ?, finished_at = ?, updated_at = ? "
+                    "WHERE id = ? AND state = 'running' AND worker_id IS ? AND attempts IS ?",
+                    (error, now, now, job_id, worker_id, attempts),
+                )
+                if cursor.rowcount != 1:
+                    return None
+            return self._push_dead_letter(conn, job_id, error, now)
+
+    @_translate
+    def release(self, job_ids: Sequence[str], *, worker_id: str, now: float, refund_attempt: bool = True) -> int:
+        """See :meth:`Store.release`."""
+        if not job_ids:
+            return 0
+        released = 0
+        conn = self._conn()
+        with _Immediate(conn):
+            for chunk in _chunks(list(job_ids)):
+                cursor = conn.execute(
+                    "UPDATE dispatch_jobs SET state = 'pending', worker_id = NULL, run_at = ?, updated_at = ?, "
+                    f"attempts = max(0, attempts - ?) WHERE id IN ({_marks(len(chunk))}) "
+                    "AND state = 'running' AND worker_id = ?",
+                    (now, now, 1 if refund_attempt else 0, *chunk, worker_id),
+                )
+                released += cursor.rowcount
+        return released
+
+    # -- management --------------------------------------------------------------------------------
+
+    @_translate
+    def get(self, job_id: str) -> JobRecord | None:
+        """See :meth:`Store.get`."""
+        row = self._conn().execute(f"SELECT {_JOB_COLUMNS} FROM dispatch_jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else _job(row)
+
+    @_translate
+    def list_jobs(self, *, state: JobState | None = None, queue: str | None = None, limit: int = 50,
+                  offset: int = 0) -> list[JobRecord]:
+        """See :meth:`Store.list_jobs`."""
+        self._check_limit(limit, offset)
+        where: list[str] = []
+        params: list[Any] = []
+        if state is not None:
+            where.append("state = ?")
+            params.append(JobState(state).value)
+        if queue is not None:
+            where.append("queue = ?")
+            params.append(queue)
+        clause = f"WHERE {' AND '.join(where)} " if where else ""
+        rows = self._conn().execute(
+            f"SELECT {_JOB_COLUMNS} FROM dispatch_jobs {clause}ORDER BY created_at DESC, seq DESC LIMIT ? OFFSET ?",
+            (*params, limit, offset),
+        ).fetchall()
+        return [_job(row) for row in rows]
+
+    @_translate
+    def counts(self, *, queue: str | None = None) -> dict[JobState, int]:
+        """See :meth:`Store.counts`."""
+        result = dict.fromkeys(JobState, 0)
+        if queue is None:
+            rows = self._conn().execute("SELECT state, count(*) FROM dispatch_jobs GROUP BY state").fetchall()
+        else:
+            rows = self._conn().execute(
+                "SELECT state, count(*) FROM dispatch_jobs WHERE queue = ? GROUP BY state", (queue,)
+            ).fetchall()
+        for state, count in rows:
+            result[JobState(state)] = int(count)
+        return result
+
+    @_translate
+    def cancel(self, job_id: str, *, now: float, worker_id: str | None = None, attempts: int | None = None,
+               error: str | None = None) -> bool:
+        """See :meth:`Store.cancel`."""
+        conn = self._conn()
+        with _Immediate(conn):
+            row = conn.execute(
+                "SELECT state, worker_id, attempts FROM dispatch_jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+            if row is None:
+                raise JobNotFoundError(f"no job with id {job_id!r}")
+            state, current_worker, current_attempts = row
+            if worker_id is not None or attempts is not None:
+                if state != "running" or (worker_id is not None and current_worker != worker_id) or (
+                    attempts is not None and current_attempts != attempts
+                ):
+                    return False
+            elif JobState(state) not in (JobState.PENDING, JobState.RETRYING, JobState.RUNNING):
+                return False
+            conn.execute(
+                "UPDATE dispatch_jobs SET state = 'cancelled', error = coalesce(?, error), finished_at = ?, "
+                "updated_at = ? WHERE id = ?",
+                (error, now, now, job_id),
+            )
+            return True
+
+    @_translate
+    def requeue(self, job_id: str, *, now: float) -> None:
+        """See :meth:`Store.requeue`."""
+        conn = self._conn()
+        with _Immediate(conn):
+            row = conn.execute("SELECT state, unique_key FROM dispatch_jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFoundError(f"no job with id {job_id!r}")
+            state, unique_key = row
+            if state not in ("failed", "cancelled"):
+                raise InvalidStateError(f"job {job_id!r} is {state}; only failed or cancelled jobs requeue")
+            if unique_key is not None:
+                holder = conn.execute(
+                    f"SELECT id FROM dispatch_jobs WHERE unique_key = ? AND state IN {_ACTIVE}", (unique_key,)
+                ).fetchone()
+                if holder is not None:
+                    raise InvalidStateError(
+                        f"job {job_id!r}: unique_key {unique_key!r} is held by active job {holder[0]!r}"
+                    )
+            conn.execute(
+                "UPDATE dispatch_jobs SET state = 'pending', attempts = 0, run_at = ?, finished_at = NULL, "
+                "result = NULL, worker_id = NULL, updated_at = ? WHERE id = ?",
+                (now, now, job_id),
+            )
+            conn.execute("DELETE FROM dispatch_dead_letters WHERE job_id = ?", (job_id,))
+
+    @_translate
+    def purge_finished(self, *, older_than: float) -> int:
+        """See :meth:`Store.purge_finished`: deletes in chunks of short transactions."""
+        conn = self._conn()
+        total = 0
+        while True:
+            with _Immediate(conn):
+                cursor = conn.execute(
+                    "DELETE FROM dispatch_jobs WHERE seq IN (SELECT seq FROM dispatch_jobs "
+                    f"WHERE state IN {_FINAL} AND finished_at < ? LIMIT 1000)",
+                    (older_than,),
+                )
+            total += cursor.rowcount
+            if cursor.rowcount < 1000:
+                return total
+
+    # -- dead letters ------------------------------------------------------------------------------
+
+    @_translate
+    def list_dead_letters(self, *, queue: str | None = None, limit: int = 50, offset: int = 0) -> list[DeadLetter]:
+        """See :meth:`Store.list_dead_letters`."""
+        self._check_limit(limit, offset)
+        clause = "WHERE queue = ? " if queue is not None else ""
+        params: tuple[Any, ...] = (queue,) if queue is not None else ()
+        rows = self._conn().execute(
+            f"SELECT {_LETTER_COLUMNS} FROM dispatch_dead_letters {clause}ORDER BY seq DESC LIMIT ? OFFSET ?",
+            (*params, limit, offset),
+        ).fetchall()
+        return [_letter(row) for row in rows]
+
+    @_translate
+    def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
+        """See :meth:`Store.get_dead_letter`."""
+        row = self._conn().execute(
+            f"SELECT {_LETTER_COLUMNS} FROM dispatch_dead_letters WHERE id = ?", (dead_letter_id,)
+        ).fetchone()
+        return None if row is None else _letter(row)
+
+    @_translate
+    def replay_dead_letter(self, dead_letter_id: str, *, job: JobRecord) -> str:
+        """See :meth:`Store.replay_dead_letter`."""
+        conn = self._conn()
+        with _Immediate(conn):
+            cursor = conn.execute("DELETE FROM dispatch_dead_letters WHERE id = ?", (dead_letter_id,))
+            if cursor.rowcount != 1:
+                raise JobNotFoundError(f"no dead letter with id {dead_letter_id!r}")
+            if job.unique_key is not None:
+                return self._insert_unique(conn, job)
+            conn.execute(self._INSERT, self._job_params(job))
+            return job.id
+
+    @_translate
+    def purge_dead_letters(self, *, older_than: float | None = None) -> int:
+        """See :meth:`Store.purge_dead_letters`."""
+        if older_than is None:
+            cursor = self._conn().execute("DELETE FROM dispatch_dead_letters")
+        else:
+            cursor = self._conn().execute("DELETE FROM dispatch_dead_letters WHERE failed_at < ?", (older_than,))
+        return cursor.rowcount
+
+    # -- queues ------------------------------------------------------------------------------------
+
+    @_translate
+    def set_queue_paused(self, queue: str, paused: bool, *, now: float) -> None:
+        """See :meth:`Store.set_queue_paused`."""
+        self._conn().execute(
+            "INSERT INTO dispatch_queues (queue, paused, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (queue) DO UPDATE SET paused = excluded.paused, updated_at = excluded.updated_at",
+            (queue, 1 if paused else 0, now),
+        )
+
+    @_translate
+    def paused_queues(self) -> set[str]:
+        """See :meth:`Store.paused_queues`."""
+        return {row[0] for row in self._conn().execute("SELECT queue FROM dispatch_queues WHERE paused = 1")}
+
+    # -- cron and leases ---------------------------------------------------------------------------
+
+    @_translate
+    def acquire_lease(self, name: str, *, holder: str, ttl: float, now: float) -> bool:
+        """See :meth:`Store.acquire_lease`."""
+        conn = self._conn()
+        with _Immediate(conn):
+            conn.execute(
+                "INSERT INTO dispatch_leases (name, holder, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at "
+                "WHERE dispatch_leases.holder = excluded.holder OR dispatch_leases.expires_at <= ?",
+                (name, holder, now + ttl, now),
+            )
+            row = conn.execute("SELECT holder FROM dispatch_leases WHERE name = ?", (name,)).fetchone()
+        return row is not None and row[0] == holder
+
+    @_translate
+    def release_lease(self, name: str, *, holder: str) -> None:
+        """See :meth:`Store.release_lease`."""
+        self._conn().execute("DELETE FROM dispatch_leases WHERE name = ? AND holder = ?", (name, holder))
+
+    @_translate
+    def upsert_cron(self, entry: CronEntry, *, now: float) -> CronEntry:
+        """See :meth:`Store.upsert_cron`."""
+        conn = self._conn()
+        with _Immediate(conn):
+            conn.execute(
+                f"INSERT INTO dispatch_crons ({_CRON_COLUMNS}) VALUES ({_marks(9)}) ON CONFLICT (name) DO UPDATE SET "
+                "expression = excluded.expression, job_name = excluded.job_name, payload = excluded.payload, "
+                "queue = excluded.queue, priority = excluded.priority, updated_at = excluded.updated_at",
+                (entry.name, entry.expression, entry.job_name, entry.payload, entry.queue, entry.priority,
+                 entry.last_tick, now, now),
+            )  # fmt: skip
+            row = conn.execute(f"SELECT {_CRON_COLUMNS} FROM dispatch_crons WHERE name = ?", (entry.name,)).fetchone()
+        return _cron(row)
+
+    @_translate
+    def list_crons(self) -> list[CronEntry]:
+        """See :meth:`Store.list_crons`."""
+        rows = self._conn().execute(f"SELECT {_CRON_COLUMNS} FROM dispatch_crons ORDER BY name").fetchall()
+        return [_cron(row) for row in rows]
+
+    @_translate
+    def delete_cron(self, name: str) -> bool:
+        """See :meth:`Store.delete_cron`."""
+        return self._conn().execute("DELETE FROM dispatch_crons WHERE name = ?", (name,)).rowcount == 1
+
+    @_translate
+    def fire_cron(self, name: str, *, tick: float, job: JobRecord) -> bool:
+        """See :meth:`Store.fire_cron`: compare-and-set of ``last_tick`` and the insert in one transaction."""
+        conn = self._conn()
+        with _Immediate(conn):
+            cursor = conn.execute(
+                "UPDATE dispatch_crons SET last_tick = ?, updated_at = ? WHERE name = ? "
+                "AND (last_tick IS NULL OR last_tick < ?)",
+                (tick, job.created_at, name, tick),
+            )
+            if cursor.rowcount != 1:
+                if conn.execute("SELECT 1 FROM dispatch_crons WHERE name = ?", (name,)).fetchone() is None:
+                    raise JobNotFoundError(f"no cron entry named {name!r}")
+                return False
+            if job.unique_key is not None:
+                self._insert_unique(conn, job)
+            else:
+                conn.execute(self._INSERT, self._job_params(job))
+            return True
