@@ -162,25 +162,32 @@ class ThreadDispatch:
                 owned.close()
                 raise
         state = _AppState(app.name, engine, owned)
-        path = config.get("THREADDISPATCH_ADMIN_PATH")
-        if path:
-            prefix = check_prefix("THREADDISPATCH_ADMIN_PATH", path)
-            if engine is None:
-                state.close(0)
-                raise ConfigurationError(
-                    "THREADDISPATCH_ADMIN_PATH needs an engine: set THREADDISPATCH_STORE "
-                    "or pass ThreadDispatch(engine=...)"
-                )
-            try:
-                state.admin = make_wsgi_app(
-                    engine, "", config.get("THREADDISPATCH_TOKEN") or None,
-                    allow_unauthenticated=bool(config.get("THREADDISPATCH_ALLOW_UNAUTHENTICATED", False)),
-                )  # fmt: skip
-            except ConfigurationError as error:
-                state.close(0)
-                raise ConfigurationError(f"{error} (Flask config THREADDISPATCH_TOKEN)") from None
-            app.wsgi_app = PrefixMount(app.wsgi_app, prefix, state.admin)  # type: ignore[method-assign]
+        try:
+            self._mount(app, state)
+        except BaseException:
+            state.close(0)
+            raise
         app.extensions[EXTENSION_KEY] = state
+
+    @staticmethod
+    def _mount(app: Flask, state: _AppState) -> None:
+        config = app.config
+        path = config.get("THREADDISPATCH_ADMIN_PATH")
+        if not path:
+            return
+        prefix = check_prefix("THREADDISPATCH_ADMIN_PATH", path)
+        if state.engine is None:
+            raise ConfigurationError(
+                "THREADDISPATCH_ADMIN_PATH needs an engine: set THREADDISPATCH_STORE or pass ThreadDispatch(engine=...)"
+            )
+        try:
+            state.admin = make_wsgi_app(
+                state.engine, "", config.get("THREADDISPATCH_TOKEN") or None,
+                allow_unauthenticated=bool(config.get("THREADDISPATCH_ALLOW_UNAUTHENTICATED", False)),
+            )  # fmt: skip
+        except ConfigurationError as error:
+            raise ConfigurationError(f"{error} (Flask config THREADDISPATCH_TOKEN)") from None
+        app.wsgi_app = PrefixMount(app.wsgi_app, prefix, state.admin)  # type: ignore[method-assign]
 
     def _state(self) -> _AppState:
         if has_app_context():

@@ -412,6 +412,7 @@ class _Listener:
         selector = selectors.DefaultSelector()
         selector.register(self._reader, selectors.EVENT_READ)
         conn: _Conn | None = None
+        fd = -1  # conn's socket, as registered (a lost connection no longer tells it)
         schema: str | None = None
         failures = 0
         backoff = ExponentialJitter(initial=0.05, max=self.store.reconnect_max)
@@ -427,7 +428,8 @@ class _Listener:
                                      self.store._dsn.scrub(str(error)), delay)  # fmt: skip
                         self._sleep(selector, delay)
                         continue
-                    selector.register(conn.fileno(), selectors.EVENT_READ)
+                    fd = conn.fileno()
+                    selector.register(fd, selectors.EVENT_READ)
                     if failures:
                         _log.info("PostgresStore listener: reconnected to %s", self.store._dsn.where)
                     failures = 0
@@ -446,7 +448,7 @@ class _Listener:
                     _log.warning("PostgresStore listener: connection lost (%s); reconnecting",
                                  self.store._dsn.scrub(str(error)))  # fmt: skip
                     with contextlib.suppress(KeyError, ValueError, OSError):
-                        selector.unregister(conn.fileno())
+                        selector.unregister(fd)
                     _close_quietly(conn)
                     conn = None
                     failures = 1
