@@ -1,7 +1,7 @@
 """The ``threaddispatch worker module:engine`` subcommand.
 
-``cli.py`` owns ``main()``; it wires this in with :func:`add_worker_parser` and then
-calls ``args.func(args)``. :func:`main` runs the subcommand on its own (tests, or
+``cli.py`` owns ``main()``; it wires this in with :func:`add_parsers` and then calls
+``args.handler(args)``. :func:`main` runs the subcommand on its own (tests, or
 ``python -m threaddispatch._cli_worker module:engine``).
 """
 

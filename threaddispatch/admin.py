@@ -340,6 +340,7 @@ class AdminApp:
             query=str(environ.get("QUERY_STRING", "")),
             authorization=environ.get("HTTP_AUTHORIZATION"),
             body=body,
+            content_type=environ.get("CONTENT_TYPE"),
             script_name=script_name,
         )
 
@@ -353,19 +354,24 @@ class AdminApp:
         query: str = "",
         authorization: str | None = None,
         body: bytes = b"",
+        content_type: str | None = None,
         script_name: str = "",
     ) -> AdminResponse:
         """Answer one request given its parts; used by the WSGI entry point and by framework glue.
 
         ``path`` is relative to the app (``/jobs/abc``, base path already removed);
-        ``script_name`` is where the app is mounted (only echoed in the route list).
+        ``body`` holds POST parameters as a JSON object or a urlencoded form (per
+        ``content_type``); ``script_name`` is where the app is mounted (only echoed in
+        the route list).
         Never raises: every failure is a JSON error response.
         """
         try:
             if len(body) > MAX_BODY_SIZE:
                 raise _HttpError(413, "body_too_large", f"request body over {MAX_BODY_SIZE} bytes")
             self._authenticate(authorization)
-            return self._dispatch(method.upper(), path, query, body, script_name)
+            return self._dispatch(
+                method.upper(), path, query, body, content_type=content_type or "", script_name=script_name
+            )
         except _HttpError as error:
             return _error_response(error)
 
@@ -382,7 +388,9 @@ class AdminApp:
             invalid = [("WWW-Authenticate", 'Bearer realm="threaddispatch", error="invalid_token"')]
             raise _HttpError(401, "unauthorized", "invalid bearer token", headers=invalid)
 
-    def _dispatch(self, method: str, path: str, query: str, body: bytes, script_name: str) -> AdminResponse:
+    def _dispatch(
+        self, method: str, path: str, query: str, body: bytes, *, content_type: str, script_name: str
+    ) -> AdminResponse:
         if len(path) > 1 and path.endswith("/"):
             path = path[:-1]
         for route in _ROUTES:
@@ -395,7 +403,7 @@ class AdminApp:
                 raise _HttpError(405, "method_not_allowed", f"{method} is not allowed on {route.template}; "
                                  f"allowed: {allowed}", headers=[("Allow", allowed)])  # fmt: skip
             handler, accepted = entry
-            params = self._params(method, query, body)
+            params = self._params(method, query, body, content_type)
             unknown = sorted(set(params) - accepted)
             if unknown:
                 raise _bad(unknown[0], f"unknown parameter {unknown[0]!r} for {method} {route.template}")
@@ -423,23 +431,41 @@ class AdminApp:
         raise _HttpError(404, "not_found", f"no such route: {path}")
 
     @staticmethod
-    def _params(method: str, query: str, body: bytes) -> dict[str, object]:
-        params: dict[str, object] = {}
+    def _form(text: str, what: str) -> dict[str, object]:
         try:
-            parsed = parse_qs(query, keep_blank_values=True, strict_parsing=False, errors="strict")
+            parsed = parse_qs(text, keep_blank_values=True, strict_parsing=False, errors="strict")
         except (UnicodeDecodeError, ValueError):
-            raise _HttpError(400, "bad_request", "the query string is not valid UTF-8") from None
+            raise _HttpError(400, "bad_request", f"the {what} is not valid UTF-8") from None
+        params: dict[str, object] = {}
         for name, values in parsed.items():
             if len(values) > 1:
                 raise _bad(name, f"parameter {name!r} is given {len(values)} times")
             params[name] = values[0]
-        if body.strip():
+        return params
+
+    @classmethod
+    def _params(cls, method: str, query: str, body: bytes, content_type: str) -> dict[str, object]:
+        params = cls._form(query, "query string")
+        stripped = body.strip()
+        if stripped:
             if method != "POST":
                 raise _HttpError(400, "bad_request", f"{method} takes no request body")
-            try:
-                data = json.loads(body)
-            except (UnicodeDecodeError, ValueError):
-                raise _bad("body", "the request body is not JSON") from None
+            media = content_type.partition(";")[0].strip().lower()
+            data: object
+            # JSON whatever the declared type: ``curl -d '{...}'`` labels it as a form.
+            if stripped[:1] in (b"{", b"[") or media in ("", "application/json"):
+                try:
+                    data = json.loads(body)
+                except (UnicodeDecodeError, ValueError):
+                    raise _bad("body", "the request body is not JSON") from None
+            elif media == "application/x-www-form-urlencoded":
+                try:
+                    data = cls._form(body.decode("utf-8"), "request body")
+                except UnicodeDecodeError:
+                    raise _HttpError(400, "bad_request", "the request body is not valid UTF-8") from None
+            else:
+                raise _HttpError(415, "unsupported_media_type",
+                                 f"send parameters as JSON or a form, not {media}")  # fmt: skip
             if not isinstance(data, dict):
                 raise _bad("body", "the request body must be a JSON object of parameters")
             for name, value in data.items():

@@ -97,11 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quiet", action="store_true", help="no progress lines")
     bench.set_defaults(handler=_cmd_bench)
 
-    from threaddispatch._cli_admin import add_parsers as add_admin_parsers
-    from threaddispatch._cli_worker import add_worker_parser
+    from threaddispatch import _cli_admin, _cli_worker
 
-    add_worker_parser(sub)
-    add_admin_parsers(sub)
+    _cli_worker.add_parsers(sub)
+    _cli_admin.add_parsers(sub)
     return parser
 
 
@@ -109,10 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    # Subcommands set ``handler`` (this module's convention) or ``func`` (the worker's).
-    handler = getattr(args, "handler", None) or args.func
     try:
-        return int(handler(args))
+        return int(args.handler(args))
     except CommandError as error:
         print(f"threaddispatch {args.command}: {error}", file=sys.stderr)
         return 2

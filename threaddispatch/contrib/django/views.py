@@ -19,12 +19,17 @@ def admin_api(request: HttpRequest, path: str) -> HttpResponse:
     """
     full = request.path
     script_name = full[: len(full) - len(path)] if path and full.endswith(path) else full
+    body, content_type = request.body, request.content_type
+    if request.method == "POST" and content_type == "multipart/form-data":
+        # Django parsed the form already; hand its fields on as a urlencoded form.
+        body, content_type = request.POST.urlencode().encode("utf-8"), "application/x-www-form-urlencoded"
     answer = get_admin_app().handle(
         request.method or "GET",
         "/" + path,
         query=request.META.get("QUERY_STRING", ""),
         authorization=request.META.get("HTTP_AUTHORIZATION"),
-        body=request.body,
+        body=body,
+        content_type=content_type,
         script_name=script_name.rstrip("/"),
     )
     response = HttpResponse(answer.body if request.method != "HEAD" else b"", status=answer.status)
