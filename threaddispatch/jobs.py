@@ -751,7 +751,12 @@ class JobEngine:
             self.logger.warning("store wake-ups unavailable; polling only", exc_info=True)
         else:
             with self._lock:
-                self._unsubscribe = unsubscribe
+                # A stop() that raced this start has already looked for a subscription to end.
+                keep = self._state == "running" and self._unsubscribe is None
+                if keep:
+                    self._unsubscribe = unsubscribe
+            if not keep:
+                unsubscribe()
 
     def _store_wakeup(self, queue: str | None, run_at: float | None) -> None:
         """The store saw jobs arrive on ``queue`` (None: anywhere), due from ``run_at``: wake the fetcher.

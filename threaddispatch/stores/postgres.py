@@ -49,7 +49,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 try:
@@ -58,9 +58,7 @@ try:
     from psycopg.conninfo import conninfo_to_dict
     from psycopg.pq import TransactionStatus
 except ImportError as _error:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        "PostgresStore needs psycopg 3: pip install 'threaddispatch[postgres]'"
-    ) from _error
+    raise ImportError("PostgresStore needs psycopg 3: pip install 'threaddispatch[postgres]'") from _error
 
 from threaddispatch import _lifecycle
 from threaddispatch.backoff import ExponentialJitter, check_seconds
@@ -178,8 +176,7 @@ _SCHEMA_V1 = (
 
 _INSERT = f"INSERT INTO dispatch_jobs ({_JOB_COLUMNS}) VALUES ({', '.join(['%s'] * 19)})"
 _INSERT_UNIQUE = (
-    f"{_INSERT} ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN {_ACTIVE} "
-    "DO NOTHING RETURNING id"
+    f"{_INSERT} ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN {_ACTIVE} DO NOTHING RETURNING id"
 )
 _COPY = f"COPY dispatch_jobs ({_JOB_COLUMNS}) FROM STDIN"
 
@@ -391,6 +388,7 @@ class _Listener:
     def __init__(self, store: PostgresStore) -> None:
         self.store = store
         self._stopping = False
+        self._schema: str | None = None
         self._reader, self._writer = socket.socketpair()
         self._reader.setblocking(False)
         self._writer.setblocking(False)
@@ -413,14 +411,13 @@ class _Listener:
         selector.register(self._reader, selectors.EVENT_READ)
         conn: _Conn | None = None
         fd = -1  # conn's socket, as registered (a lost connection no longer tells it)
-        schema: str | None = None
         failures = 0
         backoff = ExponentialJitter(initial=0.05, max=self.store.reconnect_max)
         try:
             while not self._should_stop():
                 if conn is None:
                     try:
-                        conn, schema = self._connect()
+                        conn = self._connect()
                     except Exception as error:  # noqa: BLE001 - keep trying until the server is back or we stop
                         failures += 1
                         delay = backoff(failures)
@@ -439,11 +436,9 @@ class _Listener:
                     if any(key.fileobj is self._reader for key, _ in events):
                         self._drain_wakeups()
                         continue
-                    if events:
-                        self._deliver(conn, schema)
-                    else:
+                    if not events:
                         conn.execute("SELECT 1")  # keepalive: find a dead server even when nothing happens
-                        self._deliver(conn, schema)
+                    self._deliver(conn)
                 except psycopg.Error as error:
                     _log.warning("PostgresStore listener: connection lost (%s); reconnecting",
                                  self.store._dsn.scrub(str(error)))  # fmt: skip
@@ -461,15 +456,14 @@ class _Listener:
             self._writer.close()
             self.store._listener_exited(self)
 
-    def _connect(self) -> tuple[_Conn, str | None]:
+    def _connect(self) -> _Conn:
         conn = self.store._connect()
         try:
             conn.execute(f"LISTEN {CHANNEL}")
-            schema = self.store._table_schema(conn)
         except BaseException:
             _close_quietly(conn)
             raise
-        return conn, schema
+        return conn
 
     def _sleep(self, selector: selectors.BaseSelector, delay: float) -> None:
         """Wait ``delay`` seconds, or less if stop() is called."""
@@ -487,7 +481,12 @@ class _Listener:
             while self._reader.recv(512):
                 pass
 
-    def _deliver(self, conn: _Conn, schema: str | None) -> None:
+    def _deliver(self, conn: _Conn) -> None:
+        if self._schema is None:
+            # Our tables' schema, to ignore other schemas' jobs in the same database. Until the
+            # tables exist (first use migrates them) every notification counts: a spare wake-up.
+            self._schema = self.store.schema or self.store._table_schema(conn)
+        schema = self._schema
         due: dict[str | None, float | None] = {}
         for note in conn.notifies(timeout=0):
             try:
@@ -620,24 +619,24 @@ class PostgresStore(Store):
         text = self._dsn.scrub(str(error).strip()) or type(error).__name__
         return StoreError(f"PostgreSQL store at {self._dsn.host}:{self._dsn.port}: {what} failed: {text}")
 
-    def _chain(self, new: StoreError, error: BaseException) -> StoreError:
-        """Keep ``error`` as the cause unless its text would show a password."""
-        new.__cause__ = error if self._dsn.scrub(str(error)) == str(error) else None
-        new.__suppress_context__ = True
-        return new
+    def _raise(self, new: StoreError, error: BaseException) -> NoReturn:
+        """Raise ``new`` from ``error``, unless ``error``'s text would show a password (then from None)."""
+        if self._dsn.scrub(str(error)) == str(error):
+            raise new from error
+        raise new from None
 
     def _connect(self) -> _Conn:
         """A new autocommit connection with the session settings; StoreUnavailableError if it fails."""
         try:
             conn: _Conn = psycopg.connect(self._dsn.conninfo, **self._connect_kwargs)
         except psycopg.Error as error:
-            raise self._chain(self._unavailable("connecting", error), error) from None
+            self._raise(self._unavailable("connecting", error), error)
         if self._session_sql is not None:
             try:
                 conn.execute(self._session_sql)
             except psycopg.Error as error:
                 _close_quietly(conn)
-                raise self._chain(self._unavailable("setting up the session", error), error) from None
+                self._raise(self._unavailable("setting up the session", error), error)
         return conn
 
     def _check_pid(self) -> None:
@@ -735,10 +734,10 @@ class PostgresStore(Store):
                     _log.info("PostgresStore: connection lost during %s (%s); retrying on a new connection",
                               what, self._dsn.scrub(str(error).strip()))  # fmt: skip
                     continue
-                raise self._chain(self._unavailable(what, error), error) from None
+                self._raise(self._unavailable(what, error), error)
             except psycopg.Error as error:
                 discard = _broken(conn)
-                raise self._chain(self._failed(what, error), error) from None
+                self._raise(self._failed(what, error), error)
             except BaseException:
                 discard = _broken(conn)
                 raise
@@ -1025,8 +1024,9 @@ class PostgresStore(Store):
 
         return self._run("recovering stale jobs", op, idempotent=True)
 
-    def complete(self, job_id: str, *, worker_id: str, attempts: int, result: str | None, now: float,
-                 error: str | None = None) -> bool:
+    def complete(
+        self, job_id: str, *, worker_id: str, attempts: int, result: str | None, now: float, error: str | None = None
+    ) -> bool:
         """See :meth:`Store.complete`: one statement."""
 
         def op(conn: _Conn) -> bool:
@@ -1035,9 +1035,7 @@ class PostgresStore(Store):
         return self._run("completing a job", op, idempotent=True)
 
     @staticmethod
-    def _outcome_params(
-        outcomes: Sequence[tuple[str, str, int, str | None, str | None]], now: float
-    ) -> dict[str, Any]:
+    def _outcome_params(outcomes: Sequence[tuple[str, str, int, str | None, str | None]], now: float) -> dict[str, Any]:
         return {
             "now": now,
             "ids": [o[0] for o in outcomes],
@@ -1060,8 +1058,9 @@ class PostgresStore(Store):
 
         return self._run("completing jobs", op, idempotent=True)
 
-    def retry_later(self, job_id: str, *, worker_id: str, attempts: int, run_at: float, error: str | None,
-                    now: float) -> bool:
+    def retry_later(
+        self, job_id: str, *, worker_id: str, attempts: int, run_at: float, error: str | None, now: float
+    ) -> bool:
         """See :meth:`Store.retry_later`: one statement."""
 
         def op(conn: _Conn) -> bool:
@@ -1074,8 +1073,9 @@ class PostgresStore(Store):
 
         return self._run("scheduling a retry", op, idempotent=True)
 
-    def fail(self, job_id: str, *, worker_id: str | None, attempts: int | None, error: str | None,
-             now: float) -> DeadLetter | None:
+    def fail(
+        self, job_id: str, *, worker_id: str | None, attempts: int | None, error: str | None, now: float
+    ) -> DeadLetter | None:
         """See :meth:`Store.fail`: one statement marks the job failed and inserts its dead letter."""
         fenced = worker_id is not None or attempts is not None
         params = {"id": job_id, "error": error, "now": now, "letter": uuid.uuid4().hex, "worker": worker_id,
@@ -1121,8 +1121,9 @@ class PostgresStore(Store):
 
         return self._run("reading a job", op, idempotent=True)
 
-    def list_jobs(self, *, state: JobState | None = None, queue: str | None = None, limit: int = 50,
-                  offset: int = 0) -> list[JobRecord]:
+    def list_jobs(
+        self, *, state: JobState | None = None, queue: str | None = None, limit: int = 50, offset: int = 0
+    ) -> list[JobRecord]:
         """See :meth:`Store.list_jobs`."""
         self._check_limit(limit, offset)
         where: list[str] = []
@@ -1160,8 +1161,15 @@ class PostgresStore(Store):
 
         return self._run("counting jobs", op, idempotent=True)
 
-    def cancel(self, job_id: str, *, now: float, worker_id: str | None = None, attempts: int | None = None,
-               error: str | None = None) -> bool:
+    def cancel(
+        self,
+        job_id: str,
+        *,
+        now: float,
+        worker_id: str | None = None,
+        attempts: int | None = None,
+        error: str | None = None,
+    ) -> bool:
         """See :meth:`Store.cancel`: one conditional update (plus an existence check when it changes nothing)."""
         fenced = worker_id is not None or attempts is not None
         condition = _CLAIM_FENCE if fenced else f"AND state IN {_ACTIVE}"
