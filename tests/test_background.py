@@ -529,3 +529,19 @@ def test_close_from_inside_send_batch_returns_instead_of_deadlocking() -> None:
     assert results == [False]
     assert d.close(5.0)
     holder.clear()
+
+
+@pytest.mark.timeout(20)
+def test_collection_while_this_thread_holds_the_engine_lock_does_not_deadlock() -> None:
+    """A dispatcher in a reference cycle collected by a thread holding its engine's lock still drains."""
+    sink = Sink()
+    d = BackgroundDispatcher(sink, ms_delay=60_000)
+    d.enqueue("in a cycle")
+    engine = d._engine
+    d.cycle = d  # type: ignore[attr-defined]  # only the cycle collector can free it now
+    ref = weakref.ref(d)
+    del d
+    with engine._lock:
+        gc.collect()  # the finalizer runs here, on a thread that holds the engine's lock
+    assert ref() is None
+    wait_for(lambda: sink.entries == ["in a cycle"], message="the background drain")

@@ -247,8 +247,13 @@ class BatchEngine(Generic[T]):
         if lane.deadline is None and not lane.due:
             lane.deadline = time.monotonic() + self.window
             lane.trigger = self.max_batch_size
+            # Windows are equally long: a new one closes after those already open, so only
+            # the first open window changes how long the worker sleeps. Waking it for every
+            # other one (each lane of a keyed face) would only contend for the lock and GIL.
+            wake = not self._open
             self._open[lane] = None
-            self._notify_worker()
+            if wake or self._thread is None:
+                self._notify_worker()
         if count >= self.max_batch_size and not lane.due and lane not in self._held:
             self._make_due(lane)
             self._notify_worker()
@@ -571,6 +576,29 @@ class BatchEngine(Generic[T]):
     def closing(self) -> bool:
         """Whether :meth:`close` (or the exit drain) has begun."""
         return self._closing
+
+    def close_unreferenced(self, then: Callable[[], object] | None = None) -> None:
+        """What a face's ``weakref.finalize`` calls: drain in the background; never blocks.
+
+        The collector may run a finalizer on a thread that already holds this engine's
+        lock (a collection inside a locked section), so nothing here waits for the lock:
+        when it is free the close begins on this thread, otherwise a short-lived daemon
+        thread begins it. ``then`` (e.g. shutting down a face's pool) runs after the
+        drain, on a daemon thread. At exit the lifecycle drain has the engine instead.
+        """
+        if _lifecycle.exiting():
+            return
+        if then is None and self._lock.acquire(blocking=False):
+            self._lock.release()
+            self.begin_close()
+            return
+
+        def close_in_background() -> None:
+            self.close(None)
+            if then is not None:
+                then()
+
+        threading.Thread(target=close_in_background, name=f"threaddispatch-{self.name}-close", daemon=True).start()
 
     def begin_close(self) -> None:
         """Stop intake and wake the worker to drain everything; returns at once."""

@@ -8,7 +8,7 @@ single C calls, atomic under the GIL).
 
 from __future__ import annotations
 
-import heapq
+import bisect
 import itertools
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -85,9 +85,14 @@ class ClosedFifoLane(FifoLane):
 
 
 class PriorityLane(Generic[T]):
-    """Highest priority first, first in first out within a priority. Needs the engine lock throughout."""
+    """Highest priority first, first in first out within a priority. Needs the engine lock throughout.
 
-    __slots__ = ("_heap", "_priority_of", "_serial", "deadline", "due", "key", "trigger")
+    One deque per priority present, and those priorities highest first: ``append`` and
+    ``take`` are deque operations at C speed with no per-item tuple, so the engine's lock
+    is held briefly (a Python loop under it can lose the GIL midway and convoy producers).
+    """
+
+    __slots__ = ("_buckets", "_order", "_priority_of", "_size", "deadline", "due", "key", "trigger")
 
     def __init__(self, key: Hashable, priority_of: Callable[[T], int]) -> None:
         self.key = key
@@ -95,37 +100,62 @@ class PriorityLane(Generic[T]):
         self.deadline: float | None = None
         self.due = False
         self._priority_of = priority_of
-        self._heap: list[tuple[int, int, T]] = []
-        self._serial = itertools.count()
+        self._buckets: dict[int, deque[T]] = {}  # priority -> its items, oldest first
+        self._order: list[int] = []  # the negated priorities of the buckets, ascending
+        self._size = 0
 
     def append(self, item: T, /) -> None:
-        heapq.heappush(self._heap, (-self._priority_of(item), next(self._serial), item))
+        priority = self._priority_of(item)
+        bucket = self._buckets.get(priority)
+        if bucket is None:
+            bucket = self._buckets[priority] = deque()
+            bisect.insort(self._order, -priority)
+        bucket.append(item)
+        self._size += 1
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return self._size
 
     def __bool__(self) -> bool:
-        return bool(self._heap)
+        return self._size > 0
 
     def take(self, count: int) -> list[T]:
-        heap = self._heap
-        return [heapq.heappop(heap)[2] for _ in range(min(count, len(heap)))]
+        count = min(count, self._size)
+        self._size -= count
+        taken: list[T] = []
+        while count:
+            priority = -self._order[0]
+            bucket = self._buckets[priority]
+            if len(bucket) <= count:
+                count -= len(bucket)
+                taken.extend(bucket)
+                del self._buckets[priority]
+                del self._order[0]
+            else:
+                taken.extend(itertools.starmap(bucket.popleft, itertools.repeat((), count)))
+                count = 0
+        return taken
+
+    def _pop_bucket(self, index: int) -> deque[T]:
+        priority = -self._order[index]
+        bucket = self._buckets[priority]
+        if len(bucket) == 1:
+            del self._buckets[priority]
+            del self._order[index]
+        self._size -= 1
+        return bucket
 
     def drop_newest(self) -> T:
         # The newest of the lowest priority: what would be sent last.
-        index = max(range(len(self._heap)), key=lambda i: (self._heap[i][0], self._heap[i][1]))
-        item = self._heap[index][2]
-        self._heap[index] = self._heap[-1]
-        self._heap.pop()
-        heapq.heapify(self._heap)
-        return item
+        return self._pop_bucket(-1).pop()
 
     def drop_oldest(self) -> T:
-        return heapq.heappop(self._heap)[2]
+        # The oldest of the highest priority: what would be sent first.
+        return self._pop_bucket(0).popleft()
 
     def items(self) -> list[T]:
         """The waiting items in send order (a copy)."""
-        return [entry[2] for entry in sorted(self._heap)]
+        return [item for negated in self._order for item in self._buckets[-negated]]
 
 
 def _short(item: object) -> str:

@@ -224,7 +224,7 @@ class BackgroundDispatcher(Generic[T]):
             self.enqueue = _lock_free_enqueue(lane, self._engine.kick)  # type: ignore[method-assign]
         # An unreferenced dispatcher drains in the background and its worker then leaves.
         # At exit the lifecycle drain has it instead (and may start no thread).
-        self._finalizer = weakref.finalize(self, self._engine.begin_close)
+        self._finalizer = weakref.finalize(self, self._engine.close_unreferenced)
         self._finalizer.atexit = False
 
     def enqueue(self, entry: T, timeout: float | None = None) -> None:

@@ -266,7 +266,7 @@ class BatchedDispatcher(Generic[T]):
         _lifecycle.register(self._state)
         # An unreferenced dispatcher drains in the background; its worker then leaves and its
         # send threads time out. At interpreter exit the lifecycle drain handles it instead.
-        finalizer = weakref.finalize(self, self._engine.begin_close)
+        finalizer = weakref.finalize(self, self._engine.close_unreferenced)
         finalizer.atexit = False
 
     @property

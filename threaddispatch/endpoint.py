@@ -553,19 +553,6 @@ def _not_delivered(job: DispatchJob) -> ThreadDispatchError:
     return ThreadDispatchError(f"send_batch reported job {job.id!r} as not delivered (False)")
 
 
-def _close_unreferenced(engine: BatchEngine[DispatchJob], pool: WorkerPool) -> None:
-    """Drain a dispatcher nobody references any more, then let its threads leave."""
-    if _lifecycle.exiting():
-        return  # the exit drain has the engine
-
-    def drain() -> None:
-        engine.close(None)
-        pool.shutdown(None)
-
-    # The collector may run this on a thread that holds the engine's lock: never wait for it here.
-    threading.Thread(target=drain, name=f"threaddispatch-{engine.name}-close", daemon=True).start()
-
-
 class EndpointBatchDispatcher:
     """Batches jobs per endpoint and calls ``send_batch(endpoint_id, jobs)`` for each batch.
 
@@ -593,6 +580,10 @@ class EndpointBatchDispatcher:
     ``batch_completed`` or ``batch_failed``, then ``job_exhausted`` per exhausted job;
     ``shutdown`` once. A listener that raises is logged and changes nothing else.
     All methods are thread-safe.
+
+    Pending jobs are sent at interpreter exit, and when a dispatcher nobody references is
+    collected; a listener or ``send_batch`` that refers to the dispatcher keeps it alive
+    until :meth:`shutdown`.
     """
 
     def __init__(
@@ -635,7 +626,7 @@ class EndpointBatchDispatcher:
             retry=self.retry,
         )
         # An unreferenced dispatcher drains in the background, then its threads leave.
-        self._finalizer = weakref.finalize(self, _close_unreferenced, self._core.engine, self._core.pool)
+        self._finalizer = weakref.finalize(self, self._core.engine.close_unreferenced, self._core.pool.shutdown)
         self._finalizer.atexit = False  # at exit the lifecycle drain has it, and no thread may start
 
     # -- jobs --------------------------------------------------------------------------------

@@ -1,0 +1,317 @@
+"""Jobs/s through 1,000 endpoints: EndpointBatchDispatcher beside the seed's algorithm and a hand-off floor.
+
+The workload, the same for every contender: ``--jobs`` DispatchJobs (built before the clock
+starts, so only the dispatching is measured) spread round-robin over 1,000 endpoints with
+priorities 0-2, added by ``--producers`` threads; a no-op ``send_batch`` that only counts;
+batches of at most 100 jobs, the default 5 s window, at most 10 batches in flight; once the
+producers are done the contender drains what is left (``shutdown()`` for the dispatcher).
+Every job must arrive exactly once, in single-endpoint batches (checked). Measured from the
+first add to the last job handed to the sender:
+
+* ``jobs/s``: end to end;
+* ``CPU ns/job``: process CPU time (all threads) over the same span, per job;
+* ``add ns``: wall time of the producers' add loop, per job (the caller's cost);
+* ``calls``: send_batch calls (200 jobs per endpoint make 2,000 full batches at best).
+
+Contenders:
+
+* ``EndpointBatchDispatcher``: the defaults (priority lanes, batches sent on a pool of 10
+  threads); then without prioritization; then with a ``job_added`` listener (the announced
+  path, which orders that event before the job's batch).
+* ``seed algorithm``: k-msg's ``BatchDispatcher`` ported to threads: per-endpoint lists under
+  one lock with insertion by priority, a full queue sent on the adding thread, a timer thread
+  every window, the same limit of 10 active batches. No retries, no events, no records.
+* ``SimpleQueue + thread``: one C-level put per job, one consumer grouping by endpoint and
+  sending at 100. No priority, no window, no limit: a floor for the hand-off itself.
+
+Each cell is the median of ``--repeats`` runs, each in a fresh interpreter. Prints a
+reStructuredText table for the README. Usage::
+
+    python benchmarks/bench_endpoint.py [--jobs 200000] [--producers 1,4] [--repeats 3] [--latency-ms 0]
+
+``--latency-ms`` makes every send_batch call take that long (a network round trip): then
+what counts is how many batches are in flight at once, not the per-job overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import queue
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from threaddispatch.endpoint import DispatchJob, EndpointBatchDispatcher  # noqa: E402
+
+ENDPOINTS = 1000
+BATCH = 100
+WINDOW = 5.0  # the default batch_timeout
+LIMIT = 10
+
+
+class Counter:
+    """The sender: counts jobs and calls, checks batch size and endpoint, signals when all arrived.
+
+    With ``latency`` it waits that long per call first, as a network round trip would.
+    """
+
+    def __init__(self, expected: int, latency: float = 0.0) -> None:
+        self.expected = expected
+        self.latency = latency
+        self.lock = threading.Lock()
+        self.jobs = 0
+        self.calls = 0
+        self.max_batch = 0
+        self.mixed = 0
+        self.done = threading.Event()
+        self.finished_at = 0.0
+
+    def __call__(self, endpoint_id: Any, jobs: list[Any]) -> None:
+        if self.latency:
+            time.sleep(self.latency)
+        n = len(jobs)
+        mixed = jobs[0].endpoint_id != endpoint_id or jobs[-1].endpoint_id != endpoint_id
+        with self.lock:
+            self.jobs += n
+            self.calls += 1
+            self.max_batch = max(self.max_batch, n)
+            self.mixed += mixed
+            if self.jobs >= self.expected and not self.done.is_set():
+                self.finished_at = time.perf_counter()
+                self.done.set()
+
+
+# -- contenders: each returns (add, finish); finish() stops its threads ---------------------
+
+
+def endpoint_dispatcher(counter: Counter, **options: Any) -> tuple[Callable[[Any], Any], Callable[[], None]]:
+    listener = options.pop("listener", False)
+    d = EndpointBatchDispatcher(
+        counter, max_batch_size=BATCH, batch_timeout=WINDOW, max_concurrent_batches=LIMIT, **options
+    )
+    if listener:
+        d.on("job_added", lambda payload: None)
+    return d.add_job, lambda: d.shutdown(60) or None
+
+
+class SeedPort:
+    """k-msg's BatchDispatcher algorithm on threads (see the module docstring)."""
+
+    def __init__(self, send: Callable[[Any, list[Any]], None]) -> None:
+        self.send = send
+        self.lock = threading.Lock()
+        self.pending: dict[Any, list[Any]] = {}
+        self.active = 0
+        self.stop = threading.Event()
+        self.timer = threading.Thread(target=self._tick, daemon=True)
+        self.timer.start()
+
+    def add_job(self, job: Any) -> None:
+        with self.lock:
+            jobs = self.pending.setdefault(job.endpoint_id, [])
+            bisect.insort_right(jobs, job, key=_neg_priority)  # FIFO within a priority
+            full = len(jobs) >= BATCH
+        if full:
+            self.process(job.endpoint_id)
+
+    def process(self, endpoint_id: Any) -> None:
+        with self.lock:
+            jobs = self.pending.get(endpoint_id)
+            if not jobs or self.active >= LIMIT:
+                return  # skipped: stays queued for the next tick
+            batch = jobs[:BATCH]
+            del jobs[:BATCH]
+            if not jobs:
+                del self.pending[endpoint_id]
+            self.active += 1
+        try:
+            self.send(endpoint_id, batch)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+    def _tick(self) -> None:
+        while not self.stop.wait(WINDOW):
+            with self.lock:
+                endpoints = list(self.pending)
+            for endpoint_id in endpoints:
+                self.process(endpoint_id)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.timer.join(5)
+        while self.pending:  # the drain
+            for endpoint_id in list(self.pending):
+                self.process(endpoint_id)
+
+
+def _neg_priority(job: Any) -> int:
+    return -job.priority
+
+
+def seed_port(counter: Counter) -> tuple[Callable[[Any], Any], Callable[[], None]]:
+    port = SeedPort(counter)
+    return port.add_job, port.close
+
+
+def simple_queue(counter: Counter) -> tuple[Callable[[Any], Any], Callable[[], None]]:
+    q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    end = object()
+
+    def consume() -> None:
+        groups: dict[Any, list[Any]] = {}
+        while True:
+            job = q.get()
+            if job is end:
+                break
+            group = groups.setdefault(job.endpoint_id, [])
+            group.append(job)
+            if len(group) >= BATCH:
+                del groups[job.endpoint_id]
+                counter(job.endpoint_id, group)
+        for endpoint_id, group in groups.items():
+            counter(endpoint_id, group)
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+
+    def finish() -> None:
+        q.put(end)
+        consumer.join(30)
+
+    return q.put, finish
+
+
+CONTENDERS: dict[str, Callable[[Counter], tuple[Callable[[Any], Any], Callable[[], None]]]] = {
+    "EndpointBatchDispatcher": endpoint_dispatcher,
+    "... enable_prioritization=False": lambda c: endpoint_dispatcher(c, enable_prioritization=False),
+    "... with a job_added listener": lambda c: endpoint_dispatcher(c, listener=True),
+    "seed algorithm (k-msg, threaded)": seed_port,
+    "SimpleQueue + thread (floor)": simple_queue,
+}
+
+
+# -- one cell, in its own interpreter -------------------------------------------------------
+
+
+def run_cell(name: str, jobs_total: int, producers: int, latency: float) -> dict[str, Any]:
+    jobs = [DispatchJob(f"endpoint-{i % ENDPOINTS}", {"n": i}, priority=i % 3) for i in range(jobs_total)]
+    slices = [jobs[p::producers] for p in range(producers)]
+    counter = Counter(jobs_total, latency)
+    add, finish = CONTENDERS[name](counter)
+    add_times: list[float] = []
+    barrier = threading.Barrier(producers + 1)
+
+    def produce(mine: list[Any]) -> None:
+        barrier.wait()
+        t0 = time.perf_counter()
+        for job in mine:
+            add(job)
+        add_times.append((time.perf_counter() - t0) / len(mine))
+
+    threads = [threading.Thread(target=produce, args=(s,)) for s in slices]
+    for t in threads:
+        t.start()
+    cpu0 = time.process_time()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    finish()  # drains what is left: the clock stops at the last job delivered
+    complete = counter.done.wait(300)
+    cpu = time.process_time() - cpu0
+    elapsed = counter.finished_at - start if complete else float("nan")
+    return {
+        "jobs_per_s": jobs_total / elapsed,
+        "cpu_ns_per_job": cpu / jobs_total * 1e9,
+        "add_ns": statistics.mean(add_times) * 1e9,
+        "calls": counter.calls,
+        "complete": complete and counter.jobs == jobs_total and counter.max_batch <= BATCH and not counter.mixed,
+    }
+
+
+def construction_ns(count: int = 100_000) -> float:
+    t0 = time.perf_counter()
+    for i in range(count):
+        DispatchJob("endpoint-1", i, priority=1)
+    return (time.perf_counter() - t0) / count * 1e9
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=200_000)
+    parser.add_argument("--producers", default="1,4")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="time each send_batch call takes")
+    parser.add_argument("--cell", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.cell:
+        print(json.dumps(run_cell(args.cell, args.jobs, int(args.producers), args.latency_ms / 1000)))
+        return 0
+
+    # Round-robin over the cells, one run of each per round: a load change on the machine
+    # then affects every contender alike instead of whichever happened to be running.
+    cells = [(name, int(p)) for p in args.producers.split(",") for name in CONTENDERS]
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {cell: [] for cell in cells}
+    for round_ in range(args.repeats):
+        for name, producers in cells:
+            out = subprocess.run(
+                [
+                    *(sys.executable, __file__, "--cell", name, "--jobs", str(args.jobs)),
+                    *("--producers", str(producers), "--latency-ms", str(args.latency_ms)),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=600,
+            )
+            runs[(name, producers)].append(json.loads(out.stdout))
+            print(f"round {round_ + 1}: {name} x{producers}: {out.stdout.strip()}", file=sys.stderr, flush=True)
+    rows = []
+    for (name, producers), results in runs.items():
+        row: dict[str, Any] = {"name": name, "producers": producers}
+        for key in ("jobs_per_s", "cpu_ns_per_job", "add_ns", "calls"):
+            row[key] = statistics.median(r[key] for r in results)
+        row["complete"] = all(r["complete"] for r in results)
+        rows.append(row)
+    ok = all(row["complete"] for row in rows)
+
+    seed = {r["producers"]: r["jobs_per_s"] for r in rows if r["name"].startswith("seed")}
+    header = ["contender", "prod", "jobs/s", "x seed", "CPU ns/job", "add ns", "calls", "ok"]
+    table = [
+        [
+            r["name"],
+            str(r["producers"]),
+            f"{r['jobs_per_s'] / 1e3:.0f}k",
+            f"{r['jobs_per_s'] / seed[r['producers']]:.2f}",
+            f"{r['cpu_ns_per_job']:.0f}",
+            f"{r['add_ns']:.0f}",
+            f"{r['calls']:.0f}",
+            "yes" if r["complete"] else "NO",
+        ]
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
+    rule = "  ".join("=" * w for w in widths)
+    print(rule)
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+    print(rule)
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    print(rule)
+    print(f"\nDispatchJob(...) construction, not in the figures above: {construction_ns():.0f} ns per job")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

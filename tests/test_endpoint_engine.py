@@ -1,0 +1,232 @@
+"""The engine behaviour EndpointBatchDispatcher relies on: held lanes, a gated take_now, snapshots, PriorityLane."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Hashable
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+
+from threaddispatch._engine import BatchEngine
+from threaddispatch._lanes import PriorityLane
+from threaddispatch.testing import wait_for
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class AsyncSends:
+    """A deliver that returns a Future per batch, completed by the test."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.batches: list[tuple[Hashable, list[Any], Future[None]]] = []
+        self.auto = False  # complete every later batch at once
+
+    def __call__(self, key: Hashable, items: list[Any]) -> Future[None]:
+        future: Future[None] = Future()
+        with self.lock:
+            self.batches.append((key, list(items), future))
+            if self.auto:
+                future.set_result(None)
+        return future
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.batches)
+
+    def finish(self, index: int) -> None:
+        with self.lock:
+            future = self.batches[index][2]
+        future.set_result(None)
+
+    def finish_all(self) -> None:
+        with self.lock:
+            self.auto = True
+            futures = [future for _key, _items, future in self.batches if not future.done()]
+        for future in futures:
+            future.set_result(None)
+
+
+def limited_engine(sends: AsyncSends, skips: list[tuple[Hashable, int]], limit: int, **kwargs: Any) -> BatchEngine[Any]:
+    engine: BatchEngine[Any]
+    engine = BatchEngine(
+        sends,
+        name="test-held",
+        gate=lambda key: engine.unsettled < limit,
+        on_skip=lambda key, count: skips.append((key, count)),
+        **kwargs,
+    )
+    return engine
+
+
+def test_a_held_lane_goes_when_a_batch_settles_not_a_window_later() -> None:
+    """A lane the gate held back is retried as soon as a batch settles, long before its next window."""
+    sends = AsyncSends()
+    skips: list[tuple[Hashable, int]] = []
+    engine = limited_engine(sends, skips, 1, window=60, max_batch_size=2)
+    for key in ("a", "b", "c"):
+        engine.put(1, key)
+        engine.put(2, key)  # full: due at once
+    wait_for(lambda: sends.count() == 1 and len(skips) >= 2, message="one batch sent, two lanes held")
+    t0 = time.monotonic()
+    sends.finish(0)
+    wait_for(lambda: sends.count() == 2, message="the oldest held lane sent after the settle")
+    sends.finish(1)
+    wait_for(lambda: sends.count() == 3, message="the next held lane sent after the settle")
+    assert time.monotonic() - t0 < 10  # not the 60 s window
+    assert [key for key, _items, _f in sends.batches] == ["a", "b", "c"]
+    sends.finish(2)
+    assert engine.close(5)
+
+
+def test_a_held_lane_is_not_skipped_again_on_every_put() -> None:
+    """Entries added to a held lane do not make it due again: one skip, not one per put."""
+    sends = AsyncSends()
+    skips: list[tuple[Hashable, int]] = []
+    engine = limited_engine(sends, skips, 1, window=60, max_batch_size=2)
+    engine.put(1, "busy")
+    engine.put(2, "busy")
+    wait_for(lambda: sends.count() == 1, message="the first batch")
+    engine.put(1, "held")
+    engine.put(2, "held")
+    wait_for(lambda: skips, message="the held lane skipped")
+    for i in range(3, 20):
+        engine.put(i, "held")
+    # A lane made due after those puts: once it is skipped, the worker has seen them all.
+    engine.put(1, "other")
+    engine.put(2, "other")
+    wait_for(lambda: ("other", 2) in skips, message="the marker lane skipped")
+    assert engine.lane_length("held") == 19
+    assert skips == [("held", 2), ("other", 2)]
+    sends.finish(0)
+    wait_for(lambda: sends.count() >= 2, message="the held lane after the settle")
+    assert sends.batches[1][:2] == ("held", [1, 2])
+    sends.finish_all()
+    assert engine.close(5)
+
+
+def test_take_now_asks_the_gate_and_reports_the_skip_on_the_caller() -> None:
+    """take_now refuses a batch the gate holds back: on_skip runs on the calling thread, entries stay."""
+    skip_threads: list[str] = []
+    engine: BatchEngine[int] = BatchEngine(
+        lambda key, items: None,
+        name="test-take-gate",
+        window=60,
+        max_batch_size=10,
+        gate=lambda key: False,
+        on_skip=lambda key, count: skip_threads.append(threading.current_thread().name),
+    )
+    engine.put(1, "k")
+    assert engine.take_now("k", 10) == (0, [])
+    assert skip_threads == [threading.current_thread().name]
+    assert engine.lane_length("k") == 1
+    assert engine.close(5)  # closing bypasses the gate: the entry is delivered
+
+
+def test_take_now_counts_towards_a_flush_in_progress() -> None:
+    """Entries a flush waits for but take_now took are settled by take_now's batch: flush returns True."""
+    engine: BatchEngine[int]
+    skipped = threading.Event()
+    engine = BatchEngine(
+        lambda key, items: None,
+        name="test-take-flush",
+        window=60,
+        max_batch_size=10,
+        gate=lambda key: not engine.on_worker_thread(),  # the worker is always held back
+        on_skip=lambda key, count: skipped.set(),
+    )
+    for i in range(3):
+        engine.put(i, "k")
+    result: list[bool] = []
+    flusher = threading.Thread(target=lambda: result.append(engine.flush(5)))
+    flusher.start()
+    assert skipped.wait(5)
+    seq, items = engine.take_now("k", 10)
+    assert items == [0, 1, 2]
+    engine.settle(seq)
+    flusher.join(10)
+    assert result == [True]
+    assert engine.close(5)
+
+
+def test_snapshot_is_one_consistent_view() -> None:
+    """snapshot() gives lane lengths, batches in flight and scheduled entries together."""
+    sends = AsyncSends()
+    engine: BatchEngine[int] = BatchEngine(sends, name="test-snapshot", window=60, max_batch_size=2)
+    engine.put(1, "a")
+    engine.put(2, "b")
+    engine.put(3, "b")
+    engine.put_later(4, "c", 60)
+    wait_for(lambda: sends.count() == 1, message="b's full batch")
+    assert engine.snapshot() == ({"a": 1}, 1, 1)
+    sends.finish(0)
+    assert engine.snapshot() == ({"a": 1}, 0, 1)
+    engine.close(0)
+    wait_for(lambda: sends.count() == 3, message="the drain")
+    sends.finish(1)
+    sends.finish(2)
+    assert engine.close(5)
+
+
+def test_priority_lane_matches_a_sorted_reference() -> None:
+    """PriorityLane gives highest priority first, FIFO within one, under any mix of appends, takes and drops."""
+    rng = random.Random(7)
+    lane: PriorityLane[tuple[int, int]] = PriorityLane("k", lambda item: item[0])
+    model: list[tuple[int, int]] = []  # (priority, serial), kept in send order
+    serial = 0
+
+    def send_order() -> list[tuple[int, int]]:
+        return sorted(model, key=lambda item: (-item[0], item[1]))
+
+    for _ in range(3000):
+        action = rng.random()
+        if action < 0.6:
+            serial += 1
+            item = (rng.randint(-2, 3), serial)
+            lane.append(item)
+            model.append(item)
+        elif action < 0.8:
+            count = rng.randint(1, 7)
+            expected = send_order()[:count]
+            assert lane.take(count) == expected
+            for item in expected:
+                model.remove(item)
+        elif model and action < 0.9:
+            expected_first = send_order()[0]
+            assert lane.drop_oldest() == expected_first
+            model.remove(expected_first)
+        elif model:
+            expected_last = send_order()[-1]
+            assert lane.drop_newest() == expected_last
+            model.remove(expected_last)
+        assert len(lane) == len(model)
+        assert bool(lane) == bool(model)
+    assert lane.items() == send_order()
+    assert lane.take(10_000) == send_order()
+    assert len(lane) == 0 and lane.take(3) == []
+
+
+def test_opening_more_windows_does_not_wake_the_sleeping_worker() -> None:
+    """Windows are equally long: a lane opening one after another is open cannot close earlier, so no wake-up."""
+    engine: BatchEngine[int] = BatchEngine(lambda key, items: None, name="test-wakeups", window=60, max_batch_size=10)
+    engine.put(0, "first")
+    wait_for(lambda: engine._worker_waiting, message="the worker asleep until the first window closes")
+    wakeups: list[int] = []
+    notify = engine._wakeup.notify
+
+    def counting_notify(n: int = 1) -> None:
+        wakeups.append(n)
+        notify(n)
+
+    engine._wakeup.notify = counting_notify  # type: ignore[method-assign]
+    for i in range(100):
+        engine.put(i, f"lane-{i}")
+    assert wakeups == []
+    for i in range(10):
+        engine.put(i, "full")  # a full lane still wakes it at once
+    assert len(wakeups) == 1
+    assert engine.close(5)
