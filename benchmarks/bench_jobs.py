@@ -121,8 +121,10 @@ def main() -> None:
     args = parser.parse_args()
 
     fsync = None if args.huey_fsync == "default" else False
-    print(f"{args.jobs} no-op jobs, {args.workers} worker threads, SQLite {__import__('sqlite3').sqlite_version}, "
-          f"best of {args.repeat}")
+    print(
+        f"{args.jobs} no-op jobs, {args.workers} worker threads, SQLite {__import__('sqlite3').sqlite_version}, "
+        f"best of {args.repeat}"
+    )
     with tempfile.TemporaryDirectory() as directory:
         rows = []
         if args.only in (None, "threaddispatch"):

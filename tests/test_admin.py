@@ -609,7 +609,7 @@ def test_mounting_under_a_prefix_uses_script_name(engine: JobEngine, serve: Call
     def outer(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ["PATH_INFO"]
         assert path.startswith("/outer")
-        environ = {**environ, "SCRIPT_NAME": "/outer", "PATH_INFO": path[len("/outer"):]}
+        environ = {**environ, "SCRIPT_NAME": "/outer", "PATH_INFO": path[len("/outer") :]}
         return inner(environ, start_response)
 
     server = serve(outer)

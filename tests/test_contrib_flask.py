@@ -60,8 +60,9 @@ def init(extensions: list[ThreadDispatch], app: Any, ext: ThreadDispatch | None 
     return ext
 
 
-def test_engine_from_config_and_admin_api_through_the_test_client(tmp_path: Path,
-                                                                  extensions: list[ThreadDispatch]) -> None:
+def test_engine_from_config_and_admin_api_through_the_test_client(
+    tmp_path: Path, extensions: list[ThreadDispatch]
+) -> None:
     """THREADDISPATCH_STORE builds the engine; the admin API is mounted at THREADDISPATCH_ADMIN_PATH with the token."""
     app = make_app(tmp_path, THREADDISPATCH_ADMIN_PATH="/ops/dispatch", THREADDISPATCH_TOKEN="tok")
     ext = init(extensions, app)
@@ -107,8 +108,9 @@ def test_admin_api_over_a_real_socket_under_the_app(tmp_path: Path, extensions: 
         thread.join(10)
 
 
-def test_admin_not_mounted_without_a_path_and_refused_without_a_token(tmp_path: Path,
-                                                                      extensions: list[ThreadDispatch]) -> None:
+def test_admin_not_mounted_without_a_path_and_refused_without_a_token(
+    tmp_path: Path, extensions: list[ThreadDispatch]
+) -> None:
     """No THREADDISPATCH_ADMIN_PATH: nothing mounted. A path without a token raises, unless explicitly allowed."""
     app = make_app(tmp_path)
     ext = init(extensions, app)
@@ -144,8 +146,9 @@ def test_bad_configuration_is_refused(tmp_path: Path) -> None:
         ext.init_app(nothing)
 
 
-def test_background_dispatchers_are_flushed_and_closed_by_close(tmp_path: Path,
-                                                                extensions: list[ThreadDispatch]) -> None:
+def test_background_dispatchers_are_flushed_and_closed_by_close(
+    tmp_path: Path, extensions: list[ThreadDispatch]
+) -> None:
     """``background()`` makes app-owned dispatchers; ``close()`` delivers what they hold and stops their threads."""
     app = make_app(tmp_path)
     ext = init(extensions, app)

@@ -213,7 +213,6 @@ class _Request:
             raise _bad("state", f"unknown job state {value!r}; known: {known}") from None
 
 
-
 # -- cursors ------------------------------------------------------------------------------------------
 
 
@@ -329,9 +328,7 @@ class AdminApp:
             except ValueError:
                 return _error_response(_HttpError(400, "bad_request", "Content-Length is not a number"))
             if length > MAX_BODY_SIZE:
-                return _error_response(
-                    _HttpError(413, "body_too_large", f"request body over {MAX_BODY_SIZE} bytes")
-                )
+                return _error_response(_HttpError(413, "body_too_large", f"request body over {MAX_BODY_SIZE} bytes"))
             if length > 0:
                 body = environ["wsgi.input"].read(length)
         return self.handle(

@@ -450,7 +450,15 @@ class JobEngine:
         self.worker_id = ""
         self._stats = dict.fromkeys(
             (
-                "claimed", "completed", "failed", "retried", "cancelled", "timed_out", "lost", "released", "reaped",
+                "claimed",
+                "completed",
+                "failed",
+                "retried",
+                "cancelled",
+                "timed_out",
+                "lost",
+                "released",
+                "reaped",
                 "idle_polls",
             ),
             0,
@@ -530,9 +538,7 @@ class JobEngine:
                 self.events.on(event, method)
                 found = True
         if not found:
-            raise ConfigurationError(
-                f"extension {extension!r} has none of the hooks {', '.join(EXTENSION_HOOKS)}"
-            )
+            raise ConfigurationError(f"extension {extension!r} has none of the hooks {', '.join(EXTENSION_HOOKS)}")
         self.extensions.append(extension)
 
     # -- producing -----------------------------------------------------------------------------------
@@ -635,8 +641,13 @@ class JobEngine:
         now = time.time()
         definition = self._definition(name)
         due = self._options(
-            queue=queue, priority=priority, run_at=run_at, delay=delay, max_retries=max_retries,
-            unique_key=unique_key, now=now,
+            queue=queue,
+            priority=priority,
+            run_at=run_at,
+            delay=delay,
+            max_retries=max_retries,
+            unique_key=unique_key,
+            now=now,
         )
         text = self._encode(f"payload of job {name!r}", payload)
         job = self._build(
@@ -667,14 +678,26 @@ class JobEngine:
         now = time.time()
         definition = self._definition(name)
         due = self._options(
-            queue=queue, priority=priority, run_at=run_at, delay=delay, max_retries=max_retries,
-            unique_key=None, now=now,
+            queue=queue,
+            priority=priority,
+            run_at=run_at,
+            delay=delay,
+            max_retries=max_retries,
+            unique_key=None,
+            now=now,
         )
         texts = [self._encode(f"payload #{index} of job {name!r}", payload) for index, payload in enumerate(payloads)]
         jobs = [
             self._build(
-                name, text, definition, queue=queue, priority=priority, run_at=due, max_retries=max_retries,
-                unique_key=None, now=now,
+                name,
+                text,
+                definition,
+                queue=queue,
+                priority=priority,
+                run_at=due,
+                max_retries=max_retries,
+                unique_key=None,
+                now=now,
             )
             for text in texts
         ]
@@ -1123,9 +1146,9 @@ class JobEngine:
         if batch:
             self._write_batch(batch)
 
-    def _outcomes(self, batch: list[tuple[_Slot, str | None, str | None, object]]) -> list[
-        tuple[str, str, int, str | None, str | None]
-    ]:
+    def _outcomes(
+        self, batch: list[tuple[_Slot, str | None, str | None, object]]
+    ) -> list[tuple[str, str, int, str | None, str | None]]:
         return [(slot.job.id, self.worker_id, slot.job.attempts, text, note) for slot, text, note, _ in batch]
 
     def _write_batch(self, batch: list[tuple[_Slot, str | None, str | None, object]]) -> None:

@@ -56,6 +56,4 @@ def open_store(url: str) -> Store:
             ) from None
         store: Store = postgres.PostgresStore(url)
         return store
-    raise ConfigurationError(
-        f"unsupported store URL {url!r}: expected memory://, sqlite:///path or postgresql://..."
-    )
+    raise ConfigurationError(f"unsupported store URL {url!r}: expected memory://, sqlite:///path or postgresql://...")

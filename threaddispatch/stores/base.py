@@ -219,9 +219,15 @@ def _page_after(
         offset = start
         while len(out) < limit:
             batch = fetch(chunk, offset)
-            if offset == start and start > 0 and (not batch or key(batch[0])[1] < after[1] or (
-                key(batch[0])[1] == after[1] and key(batch[0])[0] != after[0]
-            )):
+            if (
+                offset == start
+                and start > 0
+                and (
+                    not batch
+                    or key(batch[0])[1] < after[1]
+                    or (key(batch[0])[1] == after[1] and key(batch[0])[0] != after[0])
+                )
+            ):
                 break  # the hint may be past the anchor's place: rescan from the start
             for record in batch:
                 record_id, record_time = key(record)
@@ -312,8 +318,9 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def complete(self, job_id: str, *, worker_id: str, attempts: int, result: str | None, now: float,
-                 error: str | None = None) -> bool:
+    def complete(
+        self, job_id: str, *, worker_id: str, attempts: int, result: str | None, now: float, error: str | None = None
+    ) -> bool:
         """Mark the claim ``(job_id, worker_id, attempts)`` completed with ``result`` (JSON text).
 
         ``finished_at = now``; ``error`` may carry a note (e.g. an unstorable result).
@@ -348,8 +355,9 @@ class Store(abc.ABC):
         return self.complete_many(outcomes, now=now), self.claim(queues, limit, worker_id=worker_id, now=now)
 
     @abc.abstractmethod
-    def retry_later(self, job_id: str, *, worker_id: str, attempts: int, run_at: float, error: str | None,
-                    now: float) -> bool:
+    def retry_later(
+        self, job_id: str, *, worker_id: str, attempts: int, run_at: float, error: str | None, now: float
+    ) -> bool:
         """Move the claim back to retrying, due at ``run_at``, recording ``error``.
 
         The worker is cleared; ``attempts`` keeps its value (the next claim adds one).
@@ -357,8 +365,9 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def fail(self, job_id: str, *, worker_id: str | None, attempts: int | None, error: str | None,
-             now: float) -> DeadLetter | None:
+    def fail(
+        self, job_id: str, *, worker_id: str | None, attempts: int | None, error: str | None, now: float
+    ) -> DeadLetter | None:
         """Mark the job failed and push a dead letter for it, in one transaction.
 
         With ``worker_id``/``attempts`` it applies only to that claim (None and nothing
@@ -381,8 +390,9 @@ class Store(abc.ABC):
         """The job with ``job_id``, or None."""
 
     @abc.abstractmethod
-    def list_jobs(self, *, state: JobState | None = None, queue: str | None = None, limit: int = 50,
-                  offset: int = 0) -> list[JobRecord]:
+    def list_jobs(
+        self, *, state: JobState | None = None, queue: str | None = None, limit: int = 50, offset: int = 0
+    ) -> list[JobRecord]:
         """Jobs filtered by state and queue, newest first (by ``created_at``, then insertion)."""
 
     @abc.abstractmethod
@@ -390,8 +400,15 @@ class Store(abc.ABC):
         """``{state: number of jobs}`` with every state present (0 when none), for one queue or all."""
 
     @abc.abstractmethod
-    def cancel(self, job_id: str, *, now: float, worker_id: str | None = None, attempts: int | None = None,
-               error: str | None = None) -> bool:
+    def cancel(
+        self,
+        job_id: str,
+        *,
+        now: float,
+        worker_id: str | None = None,
+        attempts: int | None = None,
+        error: str | None = None,
+    ) -> bool:
         """Cancel a job that has not finished: pending, retrying or running become cancelled.
 
         Returns False if it was already completed, failed or cancelled (nothing changes).

@@ -226,8 +226,9 @@ class MemoryStore(Store):
                     self._set_state(job, JobState.PENDING, now)
         return reaped
 
-    def complete(self, job_id: str, *, worker_id: str, attempts: int, result: str | None, now: float,
-                 error: str | None = None) -> bool:
+    def complete(
+        self, job_id: str, *, worker_id: str, attempts: int, result: str | None, now: float, error: str | None = None
+    ) -> bool:
         """See :meth:`Store.complete`."""
         with self._lock:
             self._check_open()
@@ -255,8 +256,9 @@ class MemoryStore(Store):
                     done.add(job_id)
         return done
 
-    def retry_later(self, job_id: str, *, worker_id: str, attempts: int, run_at: float, error: str | None,
-                    now: float) -> bool:
+    def retry_later(
+        self, job_id: str, *, worker_id: str, attempts: int, run_at: float, error: str | None, now: float
+    ) -> bool:
         """See :meth:`Store.retry_later`."""
         with self._lock:
             self._check_open()
@@ -268,8 +270,9 @@ class MemoryStore(Store):
             self._set_state(job, JobState.RETRYING, now)
             return True
 
-    def fail(self, job_id: str, *, worker_id: str | None, attempts: int | None, error: str | None,
-             now: float) -> DeadLetter | None:
+    def fail(
+        self, job_id: str, *, worker_id: str | None, attempts: int | None, error: str | None, now: float
+    ) -> DeadLetter | None:
         """See :meth:`Store.fail`."""
         with self._lock:
             self._check_open()
@@ -310,8 +313,9 @@ class MemoryStore(Store):
             job = self._jobs.get(job_id)
             return None if job is None else dataclasses.replace(job)
 
-    def list_jobs(self, *, state: JobState | None = None, queue: str | None = None, limit: int = 50,
-                  offset: int = 0) -> list[JobRecord]:
+    def list_jobs(
+        self, *, state: JobState | None = None, queue: str | None = None, limit: int = 50, offset: int = 0
+    ) -> list[JobRecord]:
         """See :meth:`Store.list_jobs`. O(n log n) over the stored jobs."""
         self._check_limit(limit, offset)
         with self._lock:
@@ -334,8 +338,15 @@ class MemoryStore(Store):
                     result[job.state] += 1
         return result
 
-    def cancel(self, job_id: str, *, now: float, worker_id: str | None = None, attempts: int | None = None,
-               error: str | None = None) -> bool:
+    def cancel(
+        self,
+        job_id: str,
+        *,
+        now: float,
+        worker_id: str | None = None,
+        attempts: int | None = None,
+        error: str | None = None,
+    ) -> bool:
         """See :meth:`Store.cancel`."""
         with self._lock:
             self._check_open()

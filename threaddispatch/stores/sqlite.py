@@ -488,8 +488,9 @@ class SQLiteStore(Store):
     )
 
     @_translate
-    def complete(self, job_id: str, *, worker_id: str, attempts: int, result: str | None, now: float,
-                 error: str | None = None) -> bool:
+    def complete(
+        self, job_id: str, *, worker_id: str, attempts: int, result: str | None, now: float, error: str | None = None
+    ) -> bool:
         """See :meth:`Store.complete`: one statement (its own transaction)."""
         cursor = self._conn().execute(self._COMPLETE, (result, error, now, now, job_id, worker_id, attempts))
         return cursor.rowcount == 1
@@ -511,8 +512,9 @@ class SQLiteStore(Store):
         return done
 
     @_translate
-    def retry_later(self, job_id: str, *, worker_id: str, attempts: int, run_at: float, error: str | None,
-                    now: float) -> bool:
+    def retry_later(
+        self, job_id: str, *, worker_id: str, attempts: int, run_at: float, error: str | None, now: float
+    ) -> bool:
         """See :meth:`Store.retry_later`."""
         cursor = self._conn().execute(
             "UPDATE dispatch_jobs SET state = 'retrying', worker_id = NULL, run_at = ?, error = ?, updated_at = ? "
@@ -522,8 +524,9 @@ class SQLiteStore(Store):
         return cursor.rowcount == 1
 
     @_translate
-    def fail(self, job_id: str, *, worker_id: str | None, attempts: int | None, error: str | None,
-             now: float) -> DeadLetter | None:
+    def fail(
+        self, job_id: str, *, worker_id: str | None, attempts: int | None, error: str | None, now: float
+    ) -> DeadLetter | None:
         """See :meth:`Store.fail`."""
         conn = self._conn()
         with _Immediate(conn):
@@ -572,8 +575,9 @@ class SQLiteStore(Store):
         return None if row is None else _job(row)
 
     @_translate
-    def list_jobs(self, *, state: JobState | None = None, queue: str | None = None, limit: int = 50,
-                  offset: int = 0) -> list[JobRecord]:
+    def list_jobs(
+        self, *, state: JobState | None = None, queue: str | None = None, limit: int = 50, offset: int = 0
+    ) -> list[JobRecord]:
         """See :meth:`Store.list_jobs`."""
         self._check_limit(limit, offset)
         where: list[str] = []
@@ -585,10 +589,14 @@ class SQLiteStore(Store):
             where.append("queue = ?")
             params.append(queue)
         clause = f"WHERE {' AND '.join(where)} " if where else ""
-        rows = self._conn().execute(
-            f"SELECT {_JOB_COLUMNS} FROM dispatch_jobs {clause}ORDER BY created_at DESC, seq DESC LIMIT ? OFFSET ?",
-            (*params, limit, offset),
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(
+                f"SELECT {_JOB_COLUMNS} FROM dispatch_jobs {clause}ORDER BY created_at DESC, seq DESC LIMIT ? OFFSET ?",
+                (*params, limit, offset),
+            )
+            .fetchall()
+        )
         return [_job(row) for row in rows]
 
     @_translate
@@ -598,16 +606,25 @@ class SQLiteStore(Store):
         if queue is None:
             rows = self._conn().execute("SELECT state, count(*) FROM dispatch_jobs GROUP BY state").fetchall()
         else:
-            rows = self._conn().execute(
-                "SELECT state, count(*) FROM dispatch_jobs WHERE queue = ? GROUP BY state", (queue,)
-            ).fetchall()
+            rows = (
+                self._conn()
+                .execute("SELECT state, count(*) FROM dispatch_jobs WHERE queue = ? GROUP BY state", (queue,))
+                .fetchall()
+            )
         for state, count in rows:
             result[JobState(state)] = int(count)
         return result
 
     @_translate
-    def cancel(self, job_id: str, *, now: float, worker_id: str | None = None, attempts: int | None = None,
-               error: str | None = None) -> bool:
+    def cancel(
+        self,
+        job_id: str,
+        *,
+        now: float,
+        worker_id: str | None = None,
+        attempts: int | None = None,
+        error: str | None = None,
+    ) -> bool:
         """See :meth:`Store.cancel`."""
         conn = self._conn()
         with _Immediate(conn):
@@ -618,8 +635,10 @@ class SQLiteStore(Store):
                 raise JobNotFoundError(f"no job with id {job_id!r}")
             state, current_worker, current_attempts = row
             if worker_id is not None or attempts is not None:
-                if state != "running" or (worker_id is not None and current_worker != worker_id) or (
-                    attempts is not None and current_attempts != attempts
+                if (
+                    state != "running"
+                    or (worker_id is not None and current_worker != worker_id)
+                    or (attempts is not None and current_attempts != attempts)
                 ):
                     return False
             elif JobState(state) not in (JobState.PENDING, JobState.RETRYING, JobState.RUNNING):
@@ -681,18 +700,24 @@ class SQLiteStore(Store):
         self._check_limit(limit, offset)
         clause = "WHERE queue = ? " if queue is not None else ""
         params: tuple[Any, ...] = (queue,) if queue is not None else ()
-        rows = self._conn().execute(
-            f"SELECT {_LETTER_COLUMNS} FROM dispatch_dead_letters {clause}ORDER BY seq DESC LIMIT ? OFFSET ?",
-            (*params, limit, offset),
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(
+                f"SELECT {_LETTER_COLUMNS} FROM dispatch_dead_letters {clause}ORDER BY seq DESC LIMIT ? OFFSET ?",
+                (*params, limit, offset),
+            )
+            .fetchall()
+        )
         return [_letter(row) for row in rows]
 
     @_translate
     def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
         """See :meth:`Store.get_dead_letter`."""
-        row = self._conn().execute(
-            f"SELECT {_LETTER_COLUMNS} FROM dispatch_dead_letters WHERE id = ?", (dead_letter_id,)
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute(f"SELECT {_LETTER_COLUMNS} FROM dispatch_dead_letters WHERE id = ?", (dead_letter_id,))
+            .fetchone()
+        )
         return None if row is None else _letter(row)
 
     @_translate
