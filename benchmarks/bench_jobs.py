@@ -7,9 +7,10 @@ Measures, for N no-op jobs (default 10,000) on a SQLite file in a temp dir:
 2. run: jobs/s to run them all with 4 worker threads, from worker start to the last
    job done (each handler counts itself; the clock stops when the count reaches N).
 
-Both stores are durable files in WAL mode. threaddispatch uses ``synchronous=NORMAL``
-(its default); huey leaves SQLite's default (``FULL``, an fsync per commit) unless
-``--huey-fsync off``. Run ``python benchmarks/bench_jobs.py --help``.
+Both stores are files in WAL mode. By default each library keeps its own setting:
+threaddispatch ``synchronous=NORMAL`` (no fsync per commit, one at each checkpoint), huey
+SQLite's ``FULL`` (an fsync per commit). ``--fsync off`` runs both without fsync, to compare
+the code on equal terms. Run ``python benchmarks/bench_jobs.py --help``.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ class Counter:
                 self.done.set()
 
 
-def bench_threaddispatch(directory: str, jobs: int, workers: int, *, many: bool) -> tuple[float, float]:
-    store = SQLiteStore(os.path.join(directory, f"td-{next(_serial)}.db"))
+def bench_threaddispatch(
+    directory: str, jobs: int, workers: int, *, many: bool, synchronous: str = "NORMAL"
+) -> tuple[float, float]:
+    store = SQLiteStore(os.path.join(directory, f"td-{next(_serial)}.db"), synchronous=synchronous)
     engine = JobEngine(store, concurrency=workers, poll_interval=0.01, max_poll_interval=0.1, heartbeat_interval=5.0)
     counter = Counter(jobs)
 
@@ -116,11 +119,17 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3, help="best of this many runs (default 3)")
-    parser.add_argument("--huey-fsync", choices=["default", "off"], default="default")
+    parser.add_argument(
+        "--fsync",
+        choices=["default", "off"],
+        default="default",
+        help="default: each library's own setting (threaddispatch NORMAL, huey FULL); off: neither syncs",
+    )
     parser.add_argument("--only", choices=["threaddispatch", "huey"], default=None)
     args = parser.parse_args()
 
-    fsync = None if args.huey_fsync == "default" else False
+    fsync = None if args.fsync == "default" else False
+    synchronous = "NORMAL" if args.fsync == "default" else "OFF"
     print(
         f"{args.jobs} no-op jobs, {args.workers} worker threads, SQLite {__import__('sqlite3').sqlite_version}, "
         f"best of {args.repeat}"
@@ -128,13 +137,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         rows = []
         if args.only in (None, "threaddispatch"):
-            one = best_of(args.repeat, lambda: bench_threaddispatch(directory, args.jobs, args.workers, many=False))
+            one = best_of(
+                args.repeat,
+                lambda: bench_threaddispatch(directory, args.jobs, args.workers, many=False, synchronous=synchronous),
+            )
             rows.append(("threaddispatch enqueue()", one))
-            many = best_of(args.repeat, lambda: bench_threaddispatch(directory, args.jobs, args.workers, many=True))
+            many = best_of(
+                args.repeat,
+                lambda: bench_threaddispatch(directory, args.jobs, args.workers, many=True, synchronous=synchronous),
+            )
             rows.append(("threaddispatch enqueue_many()", many))
         if args.only in (None, "huey"):
             huey = best_of(args.repeat, lambda: bench_huey(directory, args.jobs, args.workers, fsync=fsync))
-            rows.append((f"huey SqliteHuey (fsync={args.huey_fsync})", huey))
+            rows.append((f"huey SqliteHuey (fsync={args.fsync})", huey))
         print(f"{'':36} {'enqueue jobs/s':>15} {'run jobs/s':>12}")
         for name, (enqueue, run) in rows:
             print(f"{name:36} {enqueue:15,.0f} {run:12,.0f}")
