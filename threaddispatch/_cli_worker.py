@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from threaddispatch.cli import positive_int
 from threaddispatch.errors import ConfigurationError
 from threaddispatch.jobs import JobEngine
 
@@ -56,16 +57,6 @@ def _queues(text: str) -> list[str]:
     return queues
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
-    return value
-
-
 def add_worker_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``worker`` subcommand to an ``argparse`` subparsers object; returns its parser.
 
@@ -85,7 +76,7 @@ def add_worker_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--queues", type=_queues, default=None, help="comma-separated queues to process (default: the engine's)"
     )
     parser.add_argument(
-        "--concurrency", type=_positive_int, default=None, help="worker threads (default: the engine's)"
+        "--concurrency", type=positive_int, default=None, help="worker threads (default: the engine's)"
     )
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level"

@@ -18,7 +18,8 @@ class CommandError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (shared by every subcommand)."""
     try:
         value = int(text)
     except ValueError:
@@ -88,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     bench = sub.add_parser("bench", help="run the enqueue benchmark against the peers and print the table")
-    bench.add_argument("--entries", type=_positive_int, default=200_000, help="entries per run (default 200000)")
+    bench.add_argument("--entries", type=positive_int, default=200_000, help="entries per run (default 200000)")
     bench.add_argument("--producers", type=_producer_list, default=[1, 4], help="producer counts (default 1,4)")
-    bench.add_argument("--repeats", type=_positive_int, default=3, help="fresh-process runs per cell (default 3)")
+    bench.add_argument("--repeats", type=positive_int, default=3, help="fresh-process runs per cell (default 3)")
     bench.add_argument("--contenders", default="", help="comma-separated subset (default: all installed)")
     bench.add_argument("--chart", default="threaddispatch-bench.png", help="PNG chart path ('' for none)")
     bench.add_argument("--json", action="store_true", help="print JSON instead of the table")
