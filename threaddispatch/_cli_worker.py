@@ -75,9 +75,7 @@ def add_worker_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--queues", type=_queues, default=None, help="comma-separated queues to process (default: the engine's)"
     )
-    parser.add_argument(
-        "--concurrency", type=positive_int, default=None, help="worker threads (default: the engine's)"
-    )
+    parser.add_argument("--concurrency", type=positive_int, default=None, help="worker threads (default: the engine's)")
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level"
     )

@@ -86,6 +86,8 @@ READY_STATES = frozenset({JobState.PENDING, JobState.RETRYING})
 ACTIVE_STATES = frozenset({JobState.PENDING, JobState.RETRYING, JobState.RUNNING})
 #: States a job never leaves on its own; purged after the engine's retention.
 FINAL_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
+#: The ``error`` :meth:`Store.reap_stale` records on a job that used all its attempts (and its dead letter).
+WORKER_LOST_ERROR = "worker lost: heartbeat older than the stale threshold"
 
 
 @dataclass
@@ -571,6 +573,10 @@ class Store(abc.ABC):
             raise ConfigurationError(f"limit must be an int >= 0, got {limit!r}")
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ConfigurationError(f"offset must be an int >= 0, got {offset!r}")
+
+    def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
+        """The exit drain of ``threaddispatch._lifecycle``: a store holds no pending work, so (0, 0)."""
+        return (0, 0)
 
     def __enter__(self) -> Store:
         return self

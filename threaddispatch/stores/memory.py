@@ -20,6 +20,7 @@ from threaddispatch.stores.base import (
     ACTIVE_STATES,
     FINAL_STATES,
     READY_STATES,
+    WORKER_LOST_ERROR,
     CronEntry,
     DeadLetter,
     JobRecord,
@@ -76,9 +77,6 @@ class MemoryStore(Store):
         if self._closed:
             raise StoreError("MemoryStore is closed")
 
-    def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
-        return (0, 0)
-
     def _reset_after_fork(self) -> None:
         self._init_state()
 
@@ -127,6 +125,17 @@ class MemoryStore(Store):
         if attempts is not None and job.attempts != attempts:
             return None
         return job
+
+    def _complete_claim(
+        self, job_id: str, worker_id: str, attempts: int, *, result: str | None, error: str | None, now: float
+    ) -> bool:
+        job = self._claim_of(job_id, worker_id, attempts)
+        if job is None:
+            return False
+        job.result = result
+        job.error = error
+        self._set_state(job, JobState.COMPLETED, now)
+        return True
 
     def _dead_letter(self, job: JobRecord, error: str | None, now: float) -> DeadLetter:
         letter = DeadLetter(
@@ -218,7 +227,7 @@ class MemoryStore(Store):
                     continue
                 reaped.append(job_id)
                 if job.attempts >= job.max_retries + 1:
-                    job.error = "worker lost: heartbeat older than the stale threshold"
+                    job.error = WORKER_LOST_ERROR
                     self._set_state(job, JobState.FAILED, now)
                     self._dead_letter(job, job.error, now)
                 else:
@@ -232,13 +241,7 @@ class MemoryStore(Store):
         """See :meth:`Store.complete`."""
         with self._lock:
             self._check_open()
-            job = self._claim_of(job_id, worker_id, attempts)
-            if job is None:
-                return False
-            job.result = result
-            job.error = error
-            self._set_state(job, JobState.COMPLETED, now)
-            return True
+            return self._complete_claim(job_id, worker_id, attempts, result=result, error=error, now=now)
 
     def complete_many(
         self, outcomes: Sequence[tuple[str, str, int, str | None, str | None]], *, now: float
@@ -248,11 +251,7 @@ class MemoryStore(Store):
         with self._lock:
             self._check_open()
             for job_id, worker_id, attempts, result, error in outcomes:
-                job = self._claim_of(job_id, worker_id, attempts)
-                if job is not None:
-                    job.result = result
-                    job.error = error
-                    self._set_state(job, JobState.COMPLETED, now)
+                if self._complete_claim(job_id, worker_id, attempts, result=result, error=error, now=now):
                     done.add(job_id)
         return done
 

@@ -38,6 +38,7 @@ Needs PostgreSQL >= 13 (``gen_random_uuid()``, transition tables).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -69,7 +70,9 @@ from threaddispatch.errors import (
     StoreError,
     StoreUnavailableError,
 )
-from threaddispatch.stores.base import CronEntry, DeadLetter, JobRecord, JobState, Store
+from threaddispatch.stores import _sql
+from threaddispatch.stores._sql import Statements, cron_from_row, job_from_row, job_params, letter_from_row
+from threaddispatch.stores.base import WORKER_LOST_ERROR, CronEntry, DeadLetter, JobRecord, JobState, Store
 
 __all__ = ["PostgresStore", "migrate"]
 
@@ -82,16 +85,6 @@ _log = logging.getLogger("threaddispatch.stores.postgres")
 #: The NOTIFY channel; payloads are JSON ``{"schema", "queue", "run_at"}``.
 CHANNEL = "threaddispatch"
 
-# Column order matches JobRecord's fields, so JobRecord(*row) builds a record.
-_JOB_COLUMNS = (
-    "id, name, payload, queue, state, priority, attempts, max_retries, timeout, run_at, created_at, "
-    "updated_at, started_at, finished_at, heartbeat_at, worker_id, unique_key, result, error"
-)
-_LETTER_COLUMNS = "id, job_id, name, queue, payload, priority, max_retries, attempts, error, failed_at"
-_CRON_COLUMNS = "name, expression, job_name, payload, queue, priority, last_tick, created_at, updated_at"
-_ACTIVE = "('pending', 'retrying', 'running')"
-_FINAL = "('completed', 'failed', 'cancelled')"
-_WORKER_LOST = "worker lost: heartbeat older than the stale threshold"
 _COPY_MIN = 16  # from this many plain jobs, enqueue uses COPY rather than a pipelined executemany
 _PURGE_CHUNK = 1000
 # SQLSTATEs that mean the server ended the session before running what we sent
@@ -124,9 +117,9 @@ _SCHEMA_V1 = (
     """CREATE INDEX IF NOT EXISTS dispatch_jobs_ready ON dispatch_jobs (queue, priority DESC, run_at, seq)
         WHERE state IN ('pending', 'retrying')""",
     "CREATE INDEX IF NOT EXISTS dispatch_jobs_running ON dispatch_jobs (heartbeat_at) WHERE state = 'running'",
-    f"CREATE INDEX IF NOT EXISTS dispatch_jobs_finished ON dispatch_jobs (finished_at) WHERE state IN {_FINAL}",
+    f"CREATE INDEX IF NOT EXISTS dispatch_jobs_finished ON dispatch_jobs (finished_at) WHERE state IN {_sql.FINAL}",
     f"""CREATE UNIQUE INDEX IF NOT EXISTS dispatch_jobs_unique ON dispatch_jobs (unique_key)
-        WHERE unique_key IS NOT NULL AND state IN {_ACTIVE}""",
+        WHERE unique_key IS NOT NULL AND state IN {_sql.ACTIVE}""",
     """CREATE TABLE IF NOT EXISTS dispatch_dead_letters (
         seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         id TEXT NOT NULL UNIQUE,
@@ -174,11 +167,15 @@ _SCHEMA_V1 = (
 
 # -- SQL -------------------------------------------------------------------------------------------
 
-_INSERT = f"INSERT INTO dispatch_jobs ({_JOB_COLUMNS}) VALUES ({', '.join(['%s'] * 19)})"
+_SQL = Statements("%s")
+_INSERT = _SQL.insert_job
 _INSERT_UNIQUE = (
-    f"{_INSERT} ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN {_ACTIVE} DO NOTHING RETURNING id"
+    f"{_INSERT} ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN {_sql.ACTIVE} "
+    "DO NOTHING RETURNING id"
 )
-_COPY = f"COPY dispatch_jobs ({_JOB_COLUMNS}) FROM STDIN"
+_COPY = f"COPY dispatch_jobs ({_sql.JOB_COLUMNS}) FROM STDIN"
+_ACQUIRE_LEASE = f"{_SQL.acquire_lease} RETURNING holder"
+_UPSERT_CRON = f"{_SQL.upsert_cron} RETURNING {_sql.CRON_COLUMNS}"
 
 
 def _claim_cte(queue_match: str) -> str:
@@ -189,7 +186,7 @@ def _claim_cte(queue_match: str) -> str:
         "WHERE seq IN (SELECT seq FROM dispatch_jobs WHERE state IN ('pending', 'retrying') "
         f"AND {queue_match} AND run_at <= %(now)s "
         "ORDER BY priority DESC, run_at, seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
-        f"RETURNING seq, {_JOB_COLUMNS}"
+        f"RETURNING seq, {_sql.JOB_COLUMNS}"
     )
 
 
@@ -198,10 +195,7 @@ def _claim_cte(queue_match: str) -> str:
 _CLAIM_ONE = _claim_cte("queue = %(queues)s")
 _CLAIM_ANY = _claim_cte("queue = ANY(%(queues)s)")
 
-_COMPLETE = (
-    "UPDATE dispatch_jobs SET state = 'completed', result = %s, error = %s, finished_at = %s, updated_at = %s "
-    "WHERE id = %s AND state = 'running' AND worker_id = %s AND attempts = %s"
-)
+_COMPLETE = _SQL.complete
 _COMPLETE_MANY_CTE = (
     "UPDATE dispatch_jobs AS j SET state = 'completed', result = v.result, error = v.error, "
     "finished_at = %(now)s, updated_at = %(now)s "
@@ -240,7 +234,7 @@ WITH stale AS (
     FROM stale WHERE j.seq = stale.seq
     RETURNING j.id, j.name, j.queue, j.payload, j.priority, j.max_retries, j.attempts, j.state
 ), letters AS (
-    INSERT INTO dispatch_dead_letters ({_LETTER_COLUMNS})
+    INSERT INTO dispatch_dead_letters ({_sql.LETTER_COLUMNS})
     SELECT replace(gen_random_uuid()::text, '-', ''), id, name, queue, payload, priority, max_retries, attempts,
            %(lost)s, %(now)s
     FROM moved WHERE state = 'failed'
@@ -254,9 +248,9 @@ WITH failed AS (
     WHERE id = %(id)s {{fence}}
     RETURNING id, name, queue, payload, priority, max_retries, attempts
 )
-INSERT INTO dispatch_dead_letters ({_LETTER_COLUMNS})
+INSERT INTO dispatch_dead_letters ({_sql.LETTER_COLUMNS})
 SELECT %(letter)s, id, name, queue, payload, priority, max_retries, attempts, %(error)s, %(now)s FROM failed
-RETURNING {_LETTER_COLUMNS}
+RETURNING {_sql.LETTER_COLUMNS}
 """
 _CLAIM_FENCE = (
     "AND state = 'running' AND (%(worker)s::text IS NULL OR worker_id = %(worker)s) "
@@ -271,32 +265,17 @@ _WAKE = (
 )
 
 
-def _job(row: Sequence[Any]) -> JobRecord:
-    job = JobRecord(*row)
-    job.state = JobState(job.state)
-    return job
-
-
-def _letter(row: Sequence[Any]) -> DeadLetter:
-    return DeadLetter(*row)
-
-
-def _cron(row: Sequence[Any]) -> CronEntry:
-    return CronEntry(*row)
-
-
 def _job_params(job: JobRecord) -> tuple[Any, ...]:
-    return (
-        job.id, job.name, job.payload, job.queue, JobState(job.state).value, job.priority, job.attempts,
-        job.max_retries, job.timeout, job.run_at, job.created_at, job.updated_at, job.started_at, job.finished_at,
-        job.heartbeat_at, job.worker_id, job.unique_key, job.result, job.error,
-    )  # fmt: skip
+    """:func:`~threaddispatch.stores._sql.job_params`; this store also takes a ``state`` given as its str value."""
+    if type(job.state) is not JobState:
+        job = dataclasses.replace(job, state=JobState(job.state))
+    return job_params(job)
 
 
 def _claimed(rows: Sequence[Sequence[Any]]) -> list[JobRecord]:
     """Claimed rows ``(seq, *job columns)`` as records in claim order (RETURNING has no order)."""
     ordered = sorted(rows, key=lambda row: (-row[6], row[10], row[0]))  # priority, run_at, seq
-    return [_job(row[1:]) for row in ordered]
+    return [job_from_row(row[1:]) for row in ordered]
 
 
 def _broken(conn: _Conn) -> bool:
@@ -763,19 +742,7 @@ class PostgresStore(Store):
                     "CREATE TABLE IF NOT EXISTS dispatch_schema_version ("
                     "version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)"
                 )
-                row = conn.execute("SELECT coalesce(max(version), 0) FROM dispatch_schema_version").fetchone()
-                current = int(row[0]) if row else 0
-                for version, description, statements in self.MIGRATIONS:
-                    if version <= current:
-                        continue
-                    for statement in statements:
-                        conn.execute(statement)
-                    conn.execute(
-                        "INSERT INTO dispatch_schema_version (version, description, applied_at) VALUES (%s, %s, %s)",
-                        (version, description, time.time()),
-                    )
-                    current = version
-                return current
+                return _SQL.apply_migrations(conn, self.MIGRATIONS)
 
         with self._migrate_lock:
             version = self._run("migrating the schema", op, idempotent=True, setup=False)
@@ -788,7 +755,7 @@ class PostgresStore(Store):
         def op(conn: _Conn) -> int:
             if conn.execute("SELECT to_regclass('dispatch_schema_version')").fetchone() == (None,):
                 return 0
-            row = conn.execute("SELECT coalesce(max(version), 0) FROM dispatch_schema_version").fetchone()
+            row = conn.execute(_SQL.schema_version).fetchone()
             return int(row[0]) if row else 0
 
         return self._run("reading the schema version", op, idempotent=True, setup=False)
@@ -813,9 +780,6 @@ class PostgresStore(Store):
             for conn, _since in idle:
                 _close_quietly(conn)
         _lifecycle.unregister(self)
-
-    def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
-        return (0, 0)
 
     def _reset_after_fork(self) -> None:
         # The child abandons (never closes) the parent's connections: closing one would end
@@ -943,6 +907,14 @@ class PostgresStore(Store):
                 raise StoreError(f"could not insert jobs: a job id already exists ({error})") from error.__cause__
             raise
 
+    @classmethod
+    def _insert(cls, conn: _Conn, job: JobRecord) -> str:
+        """Insert one job; returns its id, or the id of the active job holding its unique_key."""
+        if job.unique_key is not None:
+            return cls._insert_unique(conn, job)
+        conn.execute(_INSERT, _job_params(job))
+        return job.id
+
     @staticmethod
     def _insert_unique(conn: _Conn, job: JobRecord) -> str:
         """Insert a job with a unique_key unless an active job holds the key; returns the id that holds it."""
@@ -950,9 +922,7 @@ class PostgresStore(Store):
             row = conn.execute(_INSERT_UNIQUE, _job_params(job)).fetchone()
             if row is not None:
                 return job.id
-            holder = conn.execute(
-                f"SELECT id FROM dispatch_jobs WHERE unique_key = %s AND state IN {_ACTIVE}", (job.unique_key,)
-            ).fetchone()
+            holder = conn.execute(_SQL.active_holder, (job.unique_key,)).fetchone()
             if holder is not None:
                 return str(holder[0])
             # The holder finished between the two statements: try the insert again.
@@ -1018,7 +988,7 @@ class PostgresStore(Store):
         """See :meth:`Store.reap_stale`: one statement; rows another reaper holds are skipped, not waited for."""
 
         def op(conn: _Conn) -> list[str]:
-            rows = conn.execute(_REAP, {"older": older_than, "now": now, "lost": _WORKER_LOST}).fetchall()
+            rows = conn.execute(_REAP, {"older": older_than, "now": now, "lost": WORKER_LOST_ERROR}).fetchall()
             self._wake(conn, [row[1] for row in rows if row[2] == "pending"], now)
             return [str(row[0]) for row in rows]
 
@@ -1064,12 +1034,7 @@ class PostgresStore(Store):
         """See :meth:`Store.retry_later`: one statement."""
 
         def op(conn: _Conn) -> bool:
-            cursor = conn.execute(
-                "UPDATE dispatch_jobs SET state = 'retrying', worker_id = NULL, run_at = %s, error = %s, "
-                "updated_at = %s WHERE id = %s AND state = 'running' AND worker_id = %s AND attempts = %s",
-                (run_at, error, now, job_id, worker_id, attempts),
-            )
-            return cursor.rowcount == 1
+            return conn.execute(_SQL.retry_later, (run_at, error, now, job_id, worker_id, attempts)).rowcount == 1
 
         return self._run("scheduling a retry", op, idempotent=True)
 
@@ -1087,7 +1052,7 @@ class PostgresStore(Store):
                 if fenced:
                     return None
                 raise JobNotFoundError(f"no job with id {job_id!r}")
-            return _letter(row)
+            return letter_from_row(row)
 
         # A fenced fail is safe to repeat (the second finds no claim); an unfenced one would
         # push a second dead letter.
@@ -1116,8 +1081,8 @@ class PostgresStore(Store):
         """See :meth:`Store.get`."""
 
         def op(conn: _Conn) -> JobRecord | None:
-            row = conn.execute(f"SELECT {_JOB_COLUMNS} FROM dispatch_jobs WHERE id = %s", (job_id,)).fetchone()
-            return None if row is None else _job(row)
+            row = conn.execute(_SQL.get_job, (job_id,)).fetchone()
+            return None if row is None else job_from_row(row)
 
         return self._run("reading a job", op, idempotent=True)
 
@@ -1126,21 +1091,10 @@ class PostgresStore(Store):
     ) -> list[JobRecord]:
         """See :meth:`Store.list_jobs`."""
         self._check_limit(limit, offset)
-        where: list[str] = []
-        params: list[Any] = []
-        if state is not None:
-            where.append("state = %s")
-            params.append(JobState(state).value)
-        if queue is not None:
-            where.append("queue = %s")
-            params.append(queue)
-        clause = f"WHERE {' AND '.join(where)} " if where else ""
-        query = (
-            f"SELECT {_JOB_COLUMNS} FROM dispatch_jobs {clause}ORDER BY created_at DESC, seq DESC LIMIT %s OFFSET %s"
-        )
+        query, params = _SQL.list_jobs(state, queue, limit, offset)
 
         def op(conn: _Conn) -> list[JobRecord]:
-            return [_job(row) for row in conn.execute(query, (*params, limit, offset)).fetchall()]
+            return [job_from_row(row) for row in conn.execute(query, params).fetchall()]
 
         return self._run("listing jobs", op, idempotent=True)
 
@@ -1148,16 +1102,9 @@ class PostgresStore(Store):
         """See :meth:`Store.counts`."""
 
         def op(conn: _Conn) -> dict[JobState, int]:
-            result = dict.fromkeys(JobState, 0)
             if queue is None:
-                rows = conn.execute("SELECT state, count(*) FROM dispatch_jobs GROUP BY state").fetchall()
-            else:
-                rows = conn.execute(
-                    "SELECT state, count(*) FROM dispatch_jobs WHERE queue = %s GROUP BY state", (queue,)
-                ).fetchall()
-            for state, count in rows:
-                result[JobState(state)] = int(count)
-            return result
+                return _sql.counts_from_rows(conn.execute(_SQL.count_all).fetchall())
+            return _sql.counts_from_rows(conn.execute(_SQL.count_queue, (queue,)).fetchall())
 
         return self._run("counting jobs", op, idempotent=True)
 
@@ -1172,7 +1119,7 @@ class PostgresStore(Store):
     ) -> bool:
         """See :meth:`Store.cancel`: one conditional update (plus an existence check when it changes nothing)."""
         fenced = worker_id is not None or attempts is not None
-        condition = _CLAIM_FENCE if fenced else f"AND state IN {_ACTIVE}"
+        condition = _CLAIM_FENCE if fenced else f"AND state IN {_sql.ACTIVE}"
         query = (
             "UPDATE dispatch_jobs SET state = 'cancelled', error = coalesce(%(error)s, error), "
             f"finished_at = %(now)s, updated_at = %(now)s WHERE id = %(id)s {condition} RETURNING id"
@@ -1199,28 +1146,15 @@ class PostgresStore(Store):
                 if row is None:
                     raise JobNotFoundError(f"no job with id {job_id!r}")
                 state, unique_key, queue = row
-                if state not in ("failed", "cancelled"):
-                    raise InvalidStateError(f"job {job_id!r} is {state}; only failed or cancelled jobs requeue")
-                if unique_key is not None:
-                    holder = conn.execute(
-                        f"SELECT id FROM dispatch_jobs WHERE unique_key = %s AND state IN {_ACTIVE}", (unique_key,)
-                    ).fetchone()
-                    if holder is not None:
-                        raise InvalidStateError(
-                            f"job {job_id!r}: unique_key {unique_key!r} is held by active job {holder[0]!r}"
-                        )
+                _SQL.check_requeue(conn, job_id, state, unique_key)
                 try:
                     with conn.transaction():  # a savepoint: a racing holder fails only this statement
-                        conn.execute(
-                            "UPDATE dispatch_jobs SET state = 'pending', attempts = 0, run_at = %s, "
-                            "finished_at = NULL, result = NULL, worker_id = NULL, updated_at = %s WHERE id = %s",
-                            (now, now, job_id),
-                        )
+                        conn.execute(_SQL.requeue, (now, now, job_id))
                 except psycopg.errors.UniqueViolation:
                     raise InvalidStateError(
                         f"job {job_id!r}: unique_key {unique_key!r} is held by another active job"
                     ) from None
-                conn.execute("DELETE FROM dispatch_dead_letters WHERE job_id = %s", (job_id,))
+                conn.execute(_SQL.delete_job_letters, (job_id,))
                 self._wake(conn, [queue], now)
 
         self._run("requeueing a job", op, idempotent=False)
@@ -1231,7 +1165,7 @@ class PostgresStore(Store):
         def op(conn: _Conn) -> int:
             return conn.execute(
                 "DELETE FROM dispatch_jobs WHERE seq IN (SELECT seq FROM dispatch_jobs "
-                f"WHERE state IN {_FINAL} AND finished_at < %s LIMIT {_PURGE_CHUNK} FOR UPDATE SKIP LOCKED)",
+                f"WHERE state IN {_sql.FINAL} AND finished_at < %s LIMIT {_PURGE_CHUNK} FOR UPDATE SKIP LOCKED)",
                 (older_than,),
             ).rowcount
 
@@ -1247,12 +1181,10 @@ class PostgresStore(Store):
     def list_dead_letters(self, *, queue: str | None = None, limit: int = 50, offset: int = 0) -> list[DeadLetter]:
         """See :meth:`Store.list_dead_letters`."""
         self._check_limit(limit, offset)
-        clause = "WHERE queue = %s " if queue is not None else ""
-        params: tuple[Any, ...] = (queue,) if queue is not None else ()
-        query = f"SELECT {_LETTER_COLUMNS} FROM dispatch_dead_letters {clause}ORDER BY seq DESC LIMIT %s OFFSET %s"
+        query, params = _SQL.list_dead_letters(queue, limit, offset)
 
         def op(conn: _Conn) -> list[DeadLetter]:
-            return [_letter(row) for row in conn.execute(query, (*params, limit, offset)).fetchall()]
+            return [letter_from_row(row) for row in conn.execute(query, params).fetchall()]
 
         return self._run("listing dead letters", op, idempotent=True)
 
@@ -1260,10 +1192,8 @@ class PostgresStore(Store):
         """See :meth:`Store.get_dead_letter`."""
 
         def op(conn: _Conn) -> DeadLetter | None:
-            row = conn.execute(
-                f"SELECT {_LETTER_COLUMNS} FROM dispatch_dead_letters WHERE id = %s", (dead_letter_id,)
-            ).fetchone()
-            return None if row is None else _letter(row)
+            row = conn.execute(_SQL.get_letter, (dead_letter_id,)).fetchone()
+            return None if row is None else letter_from_row(row)
 
         return self._run("reading a dead letter", op, idempotent=True)
 
@@ -1272,12 +1202,9 @@ class PostgresStore(Store):
 
         def op(conn: _Conn) -> str:
             with conn.transaction():
-                if conn.execute("DELETE FROM dispatch_dead_letters WHERE id = %s", (dead_letter_id,)).rowcount != 1:
+                if conn.execute(_SQL.delete_letter, (dead_letter_id,)).rowcount != 1:
                     raise JobNotFoundError(f"no dead letter with id {dead_letter_id!r}")
-                if job.unique_key is not None:
-                    return self._insert_unique(conn, job)
-                conn.execute(_INSERT, _job_params(job))
-                return job.id
+                return self._insert(conn, job)
 
         return self._run("replaying a dead letter", op, idempotent=False)
 
@@ -1286,8 +1213,8 @@ class PostgresStore(Store):
 
         def op(conn: _Conn) -> int:
             if older_than is None:
-                return conn.execute("DELETE FROM dispatch_dead_letters").rowcount
-            return conn.execute("DELETE FROM dispatch_dead_letters WHERE failed_at < %s", (older_than,)).rowcount
+                return conn.execute(_SQL.purge_all_letters).rowcount
+            return conn.execute(_SQL.purge_letters_before, (older_than,)).rowcount
 
         return self._run("purging dead letters", op, idempotent=True)
 
@@ -1297,11 +1224,7 @@ class PostgresStore(Store):
         """See :meth:`Store.set_queue_paused`: one upsert."""
 
         def op(conn: _Conn) -> None:
-            conn.execute(
-                "INSERT INTO dispatch_queues (queue, paused, updated_at) VALUES (%s, %s, %s) "
-                "ON CONFLICT (queue) DO UPDATE SET paused = excluded.paused, updated_at = excluded.updated_at",
-                (queue, bool(paused), now),
-            )
+            conn.execute(_SQL.pause_queue, (queue, bool(paused), now))
             if not paused:
                 self._wake(conn, [queue], now)
 
@@ -1321,13 +1244,7 @@ class PostgresStore(Store):
         """See :meth:`Store.acquire_lease`: one upsert whose row lock makes it atomic across processes."""
 
         def op(conn: _Conn) -> bool:
-            row = conn.execute(
-                "INSERT INTO dispatch_leases (name, holder, expires_at) VALUES (%s, %s, %s) "
-                "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at "
-                "WHERE dispatch_leases.holder = excluded.holder OR dispatch_leases.expires_at <= %s "
-                "RETURNING holder",
-                (name, holder, now + ttl, now),
-            ).fetchone()
+            row = conn.execute(_ACQUIRE_LEASE, (name, holder, now + ttl, now)).fetchone()
             return row is not None and row[0] == holder
 
         return self._run("taking a lease", op, idempotent=True)
@@ -1336,7 +1253,7 @@ class PostgresStore(Store):
         """See :meth:`Store.release_lease`."""
 
         def op(conn: _Conn) -> None:
-            conn.execute("DELETE FROM dispatch_leases WHERE name = %s AND holder = %s", (name, holder))
+            conn.execute(_SQL.release_lease, (name, holder))
 
         self._run("releasing a lease", op, idempotent=True)
 
@@ -1344,16 +1261,9 @@ class PostgresStore(Store):
         """See :meth:`Store.upsert_cron`: one upsert."""
 
         def op(conn: _Conn) -> CronEntry:
-            row = conn.execute(
-                f"INSERT INTO dispatch_crons ({_CRON_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (name) DO UPDATE SET expression = excluded.expression, job_name = excluded.job_name, "
-                "payload = excluded.payload, queue = excluded.queue, priority = excluded.priority, "
-                f"updated_at = excluded.updated_at RETURNING {_CRON_COLUMNS}",
-                (entry.name, entry.expression, entry.job_name, entry.payload, entry.queue, entry.priority,
-                 entry.last_tick, now, now),
-            ).fetchone()  # fmt: skip
+            row = conn.execute(_UPSERT_CRON, _sql.cron_params(entry, now)).fetchone()
             assert row is not None  # an upsert always returns its row
-            return _cron(row)
+            return cron_from_row(row)
 
         return self._run("storing a cron entry", op, idempotent=True)
 
@@ -1361,7 +1271,7 @@ class PostgresStore(Store):
         """See :meth:`Store.list_crons`."""
 
         def op(conn: _Conn) -> list[CronEntry]:
-            return [_cron(row) for row in conn.execute(f"SELECT {_CRON_COLUMNS} FROM dispatch_crons ORDER BY name")]
+            return [cron_from_row(row) for row in conn.execute(_SQL.list_crons)]
 
         return self._run("listing cron entries", op, idempotent=True)
 
@@ -1369,7 +1279,7 @@ class PostgresStore(Store):
         """See :meth:`Store.delete_cron`."""
 
         def op(conn: _Conn) -> bool:
-            return conn.execute("DELETE FROM dispatch_crons WHERE name = %s", (name,)).rowcount == 1
+            return conn.execute(_SQL.delete_cron, (name,)).rowcount == 1
 
         return self._run("deleting a cron entry", op, idempotent=False)
 
@@ -1381,8 +1291,8 @@ class PostgresStore(Store):
             change = "last_tick = 'Infinity' WHERE name = %(name)s AND last_tick IS DISTINCT FROM 'Infinity'"
         # The second SELECT sees the row as it was before the update: used only when nothing changed.
         query = (
-            f"WITH changed AS (UPDATE dispatch_crons SET updated_at = %(now)s, {change} RETURNING {_CRON_COLUMNS}) "
-            f"SELECT {_CRON_COLUMNS} FROM changed UNION ALL SELECT {_CRON_COLUMNS} FROM dispatch_crons "
+            f"WITH changed AS (UPDATE dispatch_crons SET updated_at = %(now)s, {change} RETURNING {_sql.CRON_COLUMNS}) "
+            f"SELECT {_sql.CRON_COLUMNS} FROM changed UNION ALL SELECT {_sql.CRON_COLUMNS} FROM dispatch_crons "
             "WHERE name = %(name)s AND NOT EXISTS (SELECT 1 FROM changed)"
         )
 
@@ -1390,7 +1300,7 @@ class PostgresStore(Store):
             row = conn.execute(query, {"now": now, "name": name}).fetchone()
             if row is None:
                 raise JobNotFoundError(f"no cron entry named {name!r}")
-            return _cron(row)
+            return cron_from_row(row)
 
         return self._run("enabling a cron entry" if enabled else "disabling a cron entry", op, idempotent=True)
 
@@ -1400,19 +1310,9 @@ class PostgresStore(Store):
 
         def op(conn: _Conn) -> bool:
             with conn.transaction():
-                cursor = conn.execute(
-                    "UPDATE dispatch_crons SET last_tick = %s, updated_at = %s WHERE name = %s "
-                    "AND (last_tick IS NULL OR last_tick < %s)",
-                    (tick, job.created_at, name, tick),
-                )
-                if cursor.rowcount != 1:
-                    if conn.execute("SELECT 1 FROM dispatch_crons WHERE name = %s", (name,)).fetchone() is None:
-                        raise JobNotFoundError(f"no cron entry named {name!r}")
+                if not _SQL.advance_cron(conn, name, tick, job.created_at):
                     return False
-                if job.unique_key is not None:
-                    self._insert_unique(conn, job)
-                else:
-                    conn.execute(_INSERT, _job_params(job))
+                self._insert(conn, job)
                 return True
 
         # Safe to repeat: the second run finds last_tick == tick and fires nothing.

@@ -32,29 +32,24 @@ from threaddispatch import _lifecycle
 from threaddispatch.backoff import check_seconds
 from threaddispatch.errors import (
     ConfigurationError,
-    InvalidStateError,
     JobNotFoundError,
     StoreError,
     StoreUnavailableError,
 )
-from threaddispatch.stores.base import CronEntry, DeadLetter, JobRecord, JobState, Store
+from threaddispatch.stores import _sql
+from threaddispatch.stores._sql import Statements, cron_from_row, job_from_row, job_params, letter_from_row
+from threaddispatch.stores.base import WORKER_LOST_ERROR, CronEntry, DeadLetter, JobRecord, JobState, Store
 
 __all__ = ["SQLiteStore"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 _MIN_VERSION = (3, 35, 0)  # UPDATE ... RETURNING
-# Column order matches JobRecord's fields, so JobRecord(*row) builds a record.
-_JOB_COLUMNS = (
-    "id, name, payload, queue, state, priority, attempts, max_retries, timeout, run_at, created_at, "
-    "updated_at, started_at, finished_at, heartbeat_at, worker_id, unique_key, result, error"
-)
-_LETTER_COLUMNS = "id, job_id, name, queue, payload, priority, max_retries, attempts, error, failed_at"
-_CRON_COLUMNS = "name, expression, job_name, payload, queue, priority, last_tick, created_at, updated_at"
-_ACTIVE = "('pending', 'retrying', 'running')"
-_FINAL = "('completed', 'failed', 'cancelled')"
 _CHUNK = 500  # ids per statement, far below SQLite's variable limit
-_WORKER_LOST = "worker lost: heartbeat older than the stale threshold"
+_SQL = Statements("?")
+_INSERT = _SQL.insert_job
+_COMPLETE = _SQL.complete
+_GET_CRON = f"SELECT {_sql.CRON_COLUMNS} FROM dispatch_crons WHERE name = ?"
 
 _SCHEMA_V1 = (
     """CREATE TABLE IF NOT EXISTS dispatch_jobs (
@@ -82,9 +77,9 @@ _SCHEMA_V1 = (
     """CREATE INDEX IF NOT EXISTS dispatch_jobs_ready ON dispatch_jobs (queue, priority DESC, run_at)
         WHERE state IN ('pending', 'retrying')""",
     "CREATE INDEX IF NOT EXISTS dispatch_jobs_running ON dispatch_jobs (heartbeat_at) WHERE state = 'running'",
-    f"CREATE INDEX IF NOT EXISTS dispatch_jobs_finished ON dispatch_jobs (finished_at) WHERE state IN {_FINAL}",
+    f"CREATE INDEX IF NOT EXISTS dispatch_jobs_finished ON dispatch_jobs (finished_at) WHERE state IN {_sql.FINAL}",
     f"""CREATE UNIQUE INDEX IF NOT EXISTS dispatch_jobs_unique ON dispatch_jobs (unique_key)
-        WHERE unique_key IS NOT NULL AND state IN {_ACTIVE}""",
+        WHERE unique_key IS NOT NULL AND state IN {_sql.ACTIVE}""",
     """CREATE TABLE IF NOT EXISTS dispatch_dead_letters (
         seq INTEGER PRIMARY KEY,
         id TEXT NOT NULL UNIQUE,
@@ -117,20 +112,6 @@ _SCHEMA_V1 = (
         paused INTEGER NOT NULL,
         updated_at REAL NOT NULL)""",
 )
-
-
-def _job(row: Sequence[Any]) -> JobRecord:
-    job = JobRecord(*row)
-    job.state = JobState(job.state)
-    return job
-
-
-def _letter(row: Sequence[Any]) -> DeadLetter:
-    return DeadLetter(*row)
-
-
-def _cron(row: Sequence[Any]) -> CronEntry:
-    return CronEntry(*row)
 
 
 def _chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -287,24 +268,13 @@ class SQLiteStore(Store):
                 "CREATE TABLE IF NOT EXISTS dispatch_schema_version ("
                 "version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at REAL NOT NULL)"
             )
-            current = conn.execute("SELECT coalesce(max(version), 0) FROM dispatch_schema_version").fetchone()[0]
-            for version, description, statements in self.MIGRATIONS:
-                if version <= current:
-                    continue
-                for statement in statements:
-                    conn.execute(statement)
-                conn.execute(
-                    "INSERT INTO dispatch_schema_version (version, description, applied_at) VALUES (?, ?, ?)",
-                    (version, description, time.time()),
-                )
-                current = version
-        return int(current)
+            return _SQL.apply_migrations(conn, self.MIGRATIONS)
 
     def schema_version(self) -> int:
         """The schema version of the file (0 before :meth:`migrate`)."""
         conn = self._conn()
         try:
-            return int(conn.execute("SELECT coalesce(max(version), 0) FROM dispatch_schema_version").fetchone()[0])
+            return int(conn.execute(_SQL.schema_version).fetchone()[0])
         except sqlite3.OperationalError:
             return 0
 
@@ -323,9 +293,6 @@ class SQLiteStore(Store):
         self._local = threading.local()
         _lifecycle.unregister(self)
 
-    def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
-        return (0, 0)
-
     def _reset_after_fork(self) -> None:
         # Abandon (never close) the parent's connections: closing one in the child could
         # disturb the parent's locks on the file.
@@ -338,23 +305,13 @@ class SQLiteStore(Store):
     # -- producers --------------------------------------------------------------------------------
 
     @staticmethod
-    def _job_params(job: JobRecord) -> tuple[Any, ...]:
-        return (
-            job.id, job.name, job.payload, job.queue, job.state.value, job.priority, job.attempts, job.max_retries,
-            job.timeout, job.run_at, job.created_at, job.updated_at, job.started_at, job.finished_at,
-            job.heartbeat_at, job.worker_id, job.unique_key, job.result, job.error,
-        )  # fmt: skip
-
-    _INSERT = f"INSERT INTO dispatch_jobs ({_JOB_COLUMNS}) VALUES ({_marks(19)})"
-
-    def _insert_unique(self, conn: sqlite3.Connection, job: JobRecord) -> str:
-        """Insert a job with a unique_key inside the caller's IMMEDIATE transaction."""
-        row = conn.execute(
-            f"SELECT id FROM dispatch_jobs WHERE unique_key = ? AND state IN {_ACTIVE}", (job.unique_key,)
-        ).fetchone()
-        if row is not None:
-            return str(row[0])
-        conn.execute(self._INSERT, self._job_params(job))
+    def _insert(conn: sqlite3.Connection, job: JobRecord) -> str:
+        """Insert a job in the caller's IMMEDIATE transaction; returns its id, or the id of its key's active holder."""
+        if job.unique_key is not None:
+            row = conn.execute(_SQL.active_holder, (job.unique_key,)).fetchone()
+            if row is not None:
+                return str(row[0])
+        conn.execute(_INSERT, job_params(job))
         return job.id
 
     @_translate
@@ -366,17 +323,17 @@ class SQLiteStore(Store):
         try:
             if len(jobs) == 1 and jobs[0].unique_key is None:
                 # One statement is its own atomic transaction: skip BEGIN/COMMIT round trips.
-                conn.execute(self._INSERT, self._job_params(jobs[0]))
+                conn.execute(_INSERT, job_params(jobs[0]))
                 return [jobs[0].id]
             with _Immediate(conn):
                 plain = [job for job in jobs if job.unique_key is None]
                 if len(plain) == 1:
-                    conn.execute(self._INSERT, self._job_params(plain[0]))
+                    conn.execute(_INSERT, job_params(plain[0]))
                 elif plain:
-                    conn.executemany(self._INSERT, [self._job_params(job) for job in plain])
+                    conn.executemany(_INSERT, [job_params(job) for job in plain])
                 if len(plain) == len(jobs):
                     return [job.id for job in jobs]
-                return [job.id if job.unique_key is None else self._insert_unique(conn, job) for job in jobs]
+                return [job.id if job.unique_key is None else self._insert(conn, job) for job in jobs]
         except sqlite3.IntegrityError as error:
             raise StoreError(f"could not insert jobs: {error} (a job id already exists?)") from error
 
@@ -401,9 +358,10 @@ class SQLiteStore(Store):
             "WHERE seq IN (SELECT seq FROM dispatch_jobs WHERE state IN ('pending', 'retrying') "
             f"AND queue IN ({_marks(len(queues))}) AND run_at <= ? "
             "ORDER BY priority DESC, run_at, seq LIMIT ?) "
-            f"RETURNING {_JOB_COLUMNS}"
+            f"RETURNING {_sql.JOB_COLUMNS}"
         )
-        jobs = [_job(row) for row in conn.execute(sql, (worker_id, now, now, now, *queues, now, limit)).fetchall()]
+        rows = conn.execute(sql, (worker_id, now, now, now, *queues, now, limit)).fetchall()
+        jobs = [job_from_row(row) for row in rows]
         # RETURNING gives rows in no particular order; hand them out in claim order.
         jobs.sort(key=lambda job: (-job.priority, job.run_at))
         return jobs
@@ -421,7 +379,7 @@ class SQLiteStore(Store):
         """See :meth:`Store.complete_and_claim`: ONE IMMEDIATE transaction for both."""
         done: set[str] = set()
         conn = self._conn()
-        sql = self._COMPLETE
+        sql = _COMPLETE
         with _Immediate(conn):
             for job_id, job_worker, attempts, result, error in outcomes:
                 if conn.execute(sql, (result, error, now, now, job_id, job_worker, attempts)).rowcount == 1:
@@ -449,12 +407,11 @@ class SQLiteStore(Store):
     def _push_dead_letter(self, conn: sqlite3.Connection, job_id: str, error: str | None, now: float) -> DeadLetter:
         letter_id = uuid.uuid4().hex
         conn.execute(
-            f"INSERT INTO dispatch_dead_letters ({_LETTER_COLUMNS}) "
+            f"INSERT INTO dispatch_dead_letters ({_sql.LETTER_COLUMNS}) "
             "SELECT ?, id, name, queue, payload, priority, max_retries, attempts, ?, ? FROM dispatch_jobs WHERE id = ?",
             (letter_id, error, now, job_id),
         )
-        row = conn.execute(f"SELECT {_LETTER_COLUMNS} FROM dispatch_dead_letters WHERE id = ?", (letter_id,)).fetchone()
-        return _letter(row)
+        return letter_from_row(conn.execute(_SQL.get_letter, (letter_id,)).fetchone())
 
     @_translate
     def reap_stale(self, *, older_than: float, now: float) -> list[str]:
@@ -471,9 +428,9 @@ class SQLiteStore(Store):
                     conn.execute(
                         "UPDATE dispatch_jobs SET state = 'failed', error = ?, finished_at = ?, updated_at = ? "
                         "WHERE id = ?",
-                        (_WORKER_LOST, now, now, job_id),
+                        (WORKER_LOST_ERROR, now, now, job_id),
                     )
-                    self._push_dead_letter(conn, job_id, _WORKER_LOST, now)
+                    self._push_dead_letter(conn, job_id, WORKER_LOST_ERROR, now)
                 else:
                     conn.execute(
                         "UPDATE dispatch_jobs SET state = 'pending', worker_id = NULL, run_at = ?, updated_at = ? "
@@ -482,17 +439,12 @@ class SQLiteStore(Store):
                     )
         return [row[0] for row in rows]
 
-    _COMPLETE = (
-        "UPDATE dispatch_jobs SET state = 'completed', result = ?, error = ?, finished_at = ?, updated_at = ? "
-        "WHERE id = ? AND state = 'running' AND worker_id = ? AND attempts = ?"
-    )
-
     @_translate
     def complete(
         self, job_id: str, *, worker_id: str, attempts: int, result: str | None, now: float, error: str | None = None
     ) -> bool:
         """See :meth:`Store.complete`: one statement (its own transaction)."""
-        cursor = self._conn().execute(self._COMPLETE, (result, error, now, now, job_id, worker_id, attempts))
+        cursor = self._conn().execute(_COMPLETE, (result, error, now, now, job_id, worker_id, attempts))
         return cursor.rowcount == 1
 
     @_translate
@@ -504,7 +456,7 @@ class SQLiteStore(Store):
         if not outcomes:
             return done
         conn = self._conn()
-        sql = self._COMPLETE
+        sql = _COMPLETE
         with _Immediate(conn):
             for job_id, worker_id, attempts, result, error in outcomes:
                 if conn.execute(sql, (result, error, now, now, job_id, worker_id, attempts)).rowcount == 1:
@@ -516,11 +468,7 @@ class SQLiteStore(Store):
         self, job_id: str, *, worker_id: str, attempts: int, run_at: float, error: str | None, now: float
     ) -> bool:
         """See :meth:`Store.retry_later`."""
-        cursor = self._conn().execute(
-            "UPDATE dispatch_jobs SET state = 'retrying', worker_id = NULL, run_at = ?, error = ?, updated_at = ? "
-            "WHERE id = ? AND state = 'running' AND worker_id = ? AND attempts = ?",
-            (run_at, error, now, job_id, worker_id, attempts),
-        )
+        cursor = self._conn().execute(_SQL.retry_later, (run_at, error, now, job_id, worker_id, attempts))
         return cursor.rowcount == 1
 
     @_translate
@@ -571,8 +519,8 @@ class SQLiteStore(Store):
     @_translate
     def get(self, job_id: str) -> JobRecord | None:
         """See :meth:`Store.get`."""
-        row = self._conn().execute(f"SELECT {_JOB_COLUMNS} FROM dispatch_jobs WHERE id = ?", (job_id,)).fetchone()
-        return None if row is None else _job(row)
+        row = self._conn().execute(_SQL.get_job, (job_id,)).fetchone()
+        return None if row is None else job_from_row(row)
 
     @_translate
     def list_jobs(
@@ -580,40 +528,17 @@ class SQLiteStore(Store):
     ) -> list[JobRecord]:
         """See :meth:`Store.list_jobs`."""
         self._check_limit(limit, offset)
-        where: list[str] = []
-        params: list[Any] = []
-        if state is not None:
-            where.append("state = ?")
-            params.append(JobState(state).value)
-        if queue is not None:
-            where.append("queue = ?")
-            params.append(queue)
-        clause = f"WHERE {' AND '.join(where)} " if where else ""
-        rows = (
-            self._conn()
-            .execute(
-                f"SELECT {_JOB_COLUMNS} FROM dispatch_jobs {clause}ORDER BY created_at DESC, seq DESC LIMIT ? OFFSET ?",
-                (*params, limit, offset),
-            )
-            .fetchall()
-        )
-        return [_job(row) for row in rows]
+        rows = self._conn().execute(*_SQL.list_jobs(state, queue, limit, offset)).fetchall()
+        return [job_from_row(row) for row in rows]
 
     @_translate
     def counts(self, *, queue: str | None = None) -> dict[JobState, int]:
         """See :meth:`Store.counts`."""
-        result = dict.fromkeys(JobState, 0)
         if queue is None:
-            rows = self._conn().execute("SELECT state, count(*) FROM dispatch_jobs GROUP BY state").fetchall()
+            rows = self._conn().execute(_SQL.count_all).fetchall()
         else:
-            rows = (
-                self._conn()
-                .execute("SELECT state, count(*) FROM dispatch_jobs WHERE queue = ? GROUP BY state", (queue,))
-                .fetchall()
-            )
-        for state, count in rows:
-            result[JobState(state)] = int(count)
-        return result
+            rows = self._conn().execute(_SQL.count_queue, (queue,)).fetchall()
+        return _sql.counts_from_rows(rows)
 
     @_translate
     def cancel(
@@ -658,23 +583,9 @@ class SQLiteStore(Store):
             row = conn.execute("SELECT state, unique_key FROM dispatch_jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise JobNotFoundError(f"no job with id {job_id!r}")
-            state, unique_key = row
-            if state not in ("failed", "cancelled"):
-                raise InvalidStateError(f"job {job_id!r} is {state}; only failed or cancelled jobs requeue")
-            if unique_key is not None:
-                holder = conn.execute(
-                    f"SELECT id FROM dispatch_jobs WHERE unique_key = ? AND state IN {_ACTIVE}", (unique_key,)
-                ).fetchone()
-                if holder is not None:
-                    raise InvalidStateError(
-                        f"job {job_id!r}: unique_key {unique_key!r} is held by active job {holder[0]!r}"
-                    )
-            conn.execute(
-                "UPDATE dispatch_jobs SET state = 'pending', attempts = 0, run_at = ?, finished_at = NULL, "
-                "result = NULL, worker_id = NULL, updated_at = ? WHERE id = ?",
-                (now, now, job_id),
-            )
-            conn.execute("DELETE FROM dispatch_dead_letters WHERE job_id = ?", (job_id,))
+            _SQL.check_requeue(conn, job_id, *row)
+            conn.execute(_SQL.requeue, (now, now, job_id))
+            conn.execute(_SQL.delete_job_letters, (job_id,))
 
     @_translate
     def purge_finished(self, *, older_than: float) -> int:
@@ -685,7 +596,7 @@ class SQLiteStore(Store):
             with _Immediate(conn):
                 cursor = conn.execute(
                     "DELETE FROM dispatch_jobs WHERE seq IN (SELECT seq FROM dispatch_jobs "
-                    f"WHERE state IN {_FINAL} AND finished_at < ? LIMIT 1000)",
+                    f"WHERE state IN {_sql.FINAL} AND finished_at < ? LIMIT 1000)",
                     (older_than,),
                 )
             total += cursor.rowcount
@@ -698,48 +609,32 @@ class SQLiteStore(Store):
     def list_dead_letters(self, *, queue: str | None = None, limit: int = 50, offset: int = 0) -> list[DeadLetter]:
         """See :meth:`Store.list_dead_letters`."""
         self._check_limit(limit, offset)
-        clause = "WHERE queue = ? " if queue is not None else ""
-        params: tuple[Any, ...] = (queue,) if queue is not None else ()
-        rows = (
-            self._conn()
-            .execute(
-                f"SELECT {_LETTER_COLUMNS} FROM dispatch_dead_letters {clause}ORDER BY seq DESC LIMIT ? OFFSET ?",
-                (*params, limit, offset),
-            )
-            .fetchall()
-        )
-        return [_letter(row) for row in rows]
+        rows = self._conn().execute(*_SQL.list_dead_letters(queue, limit, offset)).fetchall()
+        return [letter_from_row(row) for row in rows]
 
     @_translate
     def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
         """See :meth:`Store.get_dead_letter`."""
-        row = (
-            self._conn()
-            .execute(f"SELECT {_LETTER_COLUMNS} FROM dispatch_dead_letters WHERE id = ?", (dead_letter_id,))
-            .fetchone()
-        )
-        return None if row is None else _letter(row)
+        row = self._conn().execute(_SQL.get_letter, (dead_letter_id,)).fetchone()
+        return None if row is None else letter_from_row(row)
 
     @_translate
     def replay_dead_letter(self, dead_letter_id: str, *, job: JobRecord) -> str:
         """See :meth:`Store.replay_dead_letter`."""
         conn = self._conn()
         with _Immediate(conn):
-            cursor = conn.execute("DELETE FROM dispatch_dead_letters WHERE id = ?", (dead_letter_id,))
+            cursor = conn.execute(_SQL.delete_letter, (dead_letter_id,))
             if cursor.rowcount != 1:
                 raise JobNotFoundError(f"no dead letter with id {dead_letter_id!r}")
-            if job.unique_key is not None:
-                return self._insert_unique(conn, job)
-            conn.execute(self._INSERT, self._job_params(job))
-            return job.id
+            return self._insert(conn, job)
 
     @_translate
     def purge_dead_letters(self, *, older_than: float | None = None) -> int:
         """See :meth:`Store.purge_dead_letters`."""
         if older_than is None:
-            cursor = self._conn().execute("DELETE FROM dispatch_dead_letters")
+            cursor = self._conn().execute(_SQL.purge_all_letters)
         else:
-            cursor = self._conn().execute("DELETE FROM dispatch_dead_letters WHERE failed_at < ?", (older_than,))
+            cursor = self._conn().execute(_SQL.purge_letters_before, (older_than,))
         return cursor.rowcount
 
     # -- queues ------------------------------------------------------------------------------------
@@ -747,11 +642,7 @@ class SQLiteStore(Store):
     @_translate
     def set_queue_paused(self, queue: str, paused: bool, *, now: float) -> None:
         """See :meth:`Store.set_queue_paused`."""
-        self._conn().execute(
-            "INSERT INTO dispatch_queues (queue, paused, updated_at) VALUES (?, ?, ?) "
-            "ON CONFLICT (queue) DO UPDATE SET paused = excluded.paused, updated_at = excluded.updated_at",
-            (queue, 1 if paused else 0, now),
-        )
+        self._conn().execute(_SQL.pause_queue, (queue, 1 if paused else 0, now))
 
     @_translate
     def paused_queues(self) -> set[str]:
@@ -765,62 +656,41 @@ class SQLiteStore(Store):
         """See :meth:`Store.acquire_lease`."""
         conn = self._conn()
         with _Immediate(conn):
-            conn.execute(
-                "INSERT INTO dispatch_leases (name, holder, expires_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at "
-                "WHERE dispatch_leases.holder = excluded.holder OR dispatch_leases.expires_at <= ?",
-                (name, holder, now + ttl, now),
-            )
+            conn.execute(_SQL.acquire_lease, (name, holder, now + ttl, now))
             row = conn.execute("SELECT holder FROM dispatch_leases WHERE name = ?", (name,)).fetchone()
         return row is not None and row[0] == holder
 
     @_translate
     def release_lease(self, name: str, *, holder: str) -> None:
         """See :meth:`Store.release_lease`."""
-        self._conn().execute("DELETE FROM dispatch_leases WHERE name = ? AND holder = ?", (name, holder))
+        self._conn().execute(_SQL.release_lease, (name, holder))
 
     @_translate
     def upsert_cron(self, entry: CronEntry, *, now: float) -> CronEntry:
         """See :meth:`Store.upsert_cron`."""
         conn = self._conn()
         with _Immediate(conn):
-            conn.execute(
-                f"INSERT INTO dispatch_crons ({_CRON_COLUMNS}) VALUES ({_marks(9)}) ON CONFLICT (name) DO UPDATE SET "
-                "expression = excluded.expression, job_name = excluded.job_name, payload = excluded.payload, "
-                "queue = excluded.queue, priority = excluded.priority, updated_at = excluded.updated_at",
-                (entry.name, entry.expression, entry.job_name, entry.payload, entry.queue, entry.priority,
-                 entry.last_tick, now, now),
-            )  # fmt: skip
-            row = conn.execute(f"SELECT {_CRON_COLUMNS} FROM dispatch_crons WHERE name = ?", (entry.name,)).fetchone()
-        return _cron(row)
+            conn.execute(_SQL.upsert_cron, _sql.cron_params(entry, now))
+            row = conn.execute(_GET_CRON, (entry.name,)).fetchone()
+        return cron_from_row(row)
 
     @_translate
     def list_crons(self) -> list[CronEntry]:
         """See :meth:`Store.list_crons`."""
-        rows = self._conn().execute(f"SELECT {_CRON_COLUMNS} FROM dispatch_crons ORDER BY name").fetchall()
-        return [_cron(row) for row in rows]
+        rows = self._conn().execute(_SQL.list_crons).fetchall()
+        return [cron_from_row(row) for row in rows]
 
     @_translate
     def delete_cron(self, name: str) -> bool:
         """See :meth:`Store.delete_cron`."""
-        return self._conn().execute("DELETE FROM dispatch_crons WHERE name = ?", (name,)).rowcount == 1
+        return self._conn().execute(_SQL.delete_cron, (name,)).rowcount == 1
 
     @_translate
     def fire_cron(self, name: str, *, tick: float, job: JobRecord) -> bool:
         """See :meth:`Store.fire_cron`: compare-and-set of ``last_tick`` and the insert in one transaction."""
         conn = self._conn()
         with _Immediate(conn):
-            cursor = conn.execute(
-                "UPDATE dispatch_crons SET last_tick = ?, updated_at = ? WHERE name = ? "
-                "AND (last_tick IS NULL OR last_tick < ?)",
-                (tick, job.created_at, name, tick),
-            )
-            if cursor.rowcount != 1:
-                if conn.execute("SELECT 1 FROM dispatch_crons WHERE name = ?", (name,)).fetchone() is None:
-                    raise JobNotFoundError(f"no cron entry named {name!r}")
+            if not _SQL.advance_cron(conn, name, tick, job.created_at):
                 return False
-            if job.unique_key is not None:
-                self._insert_unique(conn, job)
-            else:
-                conn.execute(self._INSERT, self._job_params(job))
+            self._insert(conn, job)
             return True

@@ -1,0 +1,244 @@
+"""The SQL and row mapping the SQL stores (SQLiteStore, PostgresStore) share: its one job.
+
+Both keep the same tables, so the column lists, row -> record mapping, listing filters and
+every statement whose text differs only in its placeholder live here, written once.
+:class:`Statements` builds them for one placeholder style (``"?"`` for sqlite3, ``"%s"``
+for psycopg) once, at import of the store. What differs between the backends (claims,
+transactions and locking, RETURNING and CTE forms, COPY, NOTIFY, the schema DDL) stays in
+its own store.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal, Protocol
+
+from threaddispatch.errors import InvalidStateError, JobNotFoundError
+from threaddispatch.stores.base import CronEntry, DeadLetter, JobRecord, JobState
+
+# Column order matches JobRecord's fields, so JobRecord(*row) builds a record.
+JOB_COLUMNS = (
+    "id, name, payload, queue, state, priority, attempts, max_retries, timeout, run_at, created_at, "
+    "updated_at, started_at, finished_at, heartbeat_at, worker_id, unique_key, result, error"
+)
+# Likewise DeadLetter's and CronEntry's fields.
+LETTER_COLUMNS = "id, job_id, name, queue, payload, priority, max_retries, attempts, error, failed_at"
+CRON_COLUMNS = "name, expression, job_name, payload, queue, priority, last_tick, created_at, updated_at"
+#: SQL lists of the ACTIVE_STATES and FINAL_STATES.
+ACTIVE = "('pending', 'retrying', 'running')"
+FINAL = "('completed', 'failed', 'cancelled')"
+
+_LIST_JOBS = (
+    f"SELECT {JOB_COLUMNS} FROM dispatch_jobs {{where}}ORDER BY created_at DESC, seq DESC LIMIT {{m}} OFFSET {{m}}"
+)
+_LIST_LETTERS = (
+    f"SELECT {LETTER_COLUMNS} FROM dispatch_dead_letters {{where}}ORDER BY seq DESC LIMIT {{m}} OFFSET {{m}}"
+)
+
+Mark = Literal["?", "%s"]
+
+
+class _Connection(Protocol):
+    """What :class:`Statements`' methods need of a connection: sqlite3's and psycopg's both fit."""
+
+    def execute(self, query: str, params: Sequence[Any] = ..., /) -> Any: ...
+
+
+def job_from_row(row: Sequence[Any]) -> JobRecord:
+    """A :class:`JobRecord` from a row of :data:`JOB_COLUMNS`."""
+    job = JobRecord(*row)
+    job.state = JobState(job.state)
+    return job
+
+
+def letter_from_row(row: Sequence[Any]) -> DeadLetter:
+    """A :class:`DeadLetter` from a row of :data:`LETTER_COLUMNS`."""
+    return DeadLetter(*row)
+
+
+def cron_from_row(row: Sequence[Any]) -> CronEntry:
+    """A :class:`CronEntry` from a row of :data:`CRON_COLUMNS`."""
+    return CronEntry(*row)
+
+
+def job_params(job: JobRecord) -> tuple[Any, ...]:
+    """The values of :data:`JOB_COLUMNS` for ``job`` (``state`` as its str value)."""
+    return (
+        job.id, job.name, job.payload, job.queue, job.state.value, job.priority, job.attempts, job.max_retries,
+        job.timeout, job.run_at, job.created_at, job.updated_at, job.started_at, job.finished_at,
+        job.heartbeat_at, job.worker_id, job.unique_key, job.result, job.error,
+    )  # fmt: skip
+
+
+def cron_params(entry: CronEntry, now: float) -> tuple[Any, ...]:
+    """The values of :data:`CRON_COLUMNS` for :attr:`Statements.upsert_cron` (created and updated ``now``)."""
+    return (entry.name, entry.expression, entry.job_name, entry.payload, entry.queue, entry.priority,
+            entry.last_tick, now, now)  # fmt: skip
+
+
+def counts_from_rows(rows: Iterable[Sequence[Any]]) -> dict[JobState, int]:
+    """``Store.counts`` (every state present) from rows ``(state, count)`` of ``count_all`` or ``count_queue``."""
+    result = dict.fromkeys(JobState, 0)
+    for state, count in rows:
+        result[JobState(state)] = int(count)
+    return result
+
+
+class Statements:
+    """The shared statements, built once for one placeholder style ``mark`` (``"?"`` or ``"%s"``).
+
+    Its methods run the few steps that are the same statements in the same order in both
+    stores, inside the transaction the calling store holds.
+    """
+
+    # Statements without parameters: the same for every placeholder style.
+    schema_version = "SELECT coalesce(max(version), 0) FROM dispatch_schema_version"
+    count_all = "SELECT state, count(*) FROM dispatch_jobs GROUP BY state"
+    list_crons = f"SELECT {CRON_COLUMNS} FROM dispatch_crons ORDER BY name"
+    purge_all_letters = "DELETE FROM dispatch_dead_letters"
+
+    __slots__ = (
+        "_list_jobs",
+        "_list_letters",
+        "acquire_lease",
+        "active_holder",
+        "complete",
+        "count_queue",
+        "cron_exists",
+        "delete_cron",
+        "delete_job_letters",
+        "delete_letter",
+        "fire_cron",
+        "get_job",
+        "get_letter",
+        "insert_job",
+        "pause_queue",
+        "purge_letters_before",
+        "record_version",
+        "release_lease",
+        "requeue",
+        "retry_later",
+        "upsert_cron",
+    )
+
+    def __init__(self, mark: Mark) -> None:
+        m = mark
+        # Insert one job; parameters :func:`job_params`.
+        self.insert_job = f"INSERT INTO dispatch_jobs ({JOB_COLUMNS}) VALUES ({', '.join([m] * 19)})"
+        # The id of the active job holding a unique key.
+        self.active_holder = f"SELECT id FROM dispatch_jobs WHERE unique_key = {m} AND state IN {ACTIVE}"
+        # Complete one claim: (result, error, now, now, job_id, worker_id, attempts).
+        self.complete = (
+            f"UPDATE dispatch_jobs SET state = 'completed', result = {m}, error = {m}, finished_at = {m}, "
+            f"updated_at = {m} WHERE id = {m} AND state = 'running' AND worker_id = {m} AND attempts = {m}"
+        )
+        # Send one claim back to retrying: (run_at, error, now, job_id, worker_id, attempts).
+        self.retry_later = (
+            f"UPDATE dispatch_jobs SET state = 'retrying', worker_id = NULL, run_at = {m}, error = {m}, "
+            f"updated_at = {m} WHERE id = {m} AND state = 'running' AND worker_id = {m} AND attempts = {m}"
+        )
+        self.get_job = f"SELECT {JOB_COLUMNS} FROM dispatch_jobs WHERE id = {m}"
+        self.count_queue = f"SELECT state, count(*) FROM dispatch_jobs WHERE queue = {m} GROUP BY state"
+        # Make a finished job pending again: (now, now, job_id).
+        self.requeue = (
+            f"UPDATE dispatch_jobs SET state = 'pending', attempts = 0, run_at = {m}, finished_at = NULL, "
+            f"result = NULL, worker_id = NULL, updated_at = {m} WHERE id = {m}"
+        )
+        self.delete_job_letters = f"DELETE FROM dispatch_dead_letters WHERE job_id = {m}"
+        self.get_letter = f"SELECT {LETTER_COLUMNS} FROM dispatch_dead_letters WHERE id = {m}"
+        self.delete_letter = f"DELETE FROM dispatch_dead_letters WHERE id = {m}"
+        self.purge_letters_before = f"DELETE FROM dispatch_dead_letters WHERE failed_at < {m}"
+        self.pause_queue = (
+            f"INSERT INTO dispatch_queues (queue, paused, updated_at) VALUES ({m}, {m}, {m}) "
+            "ON CONFLICT (queue) DO UPDATE SET paused = excluded.paused, updated_at = excluded.updated_at"
+        )
+        # Take or renew a lease: (name, holder, now + ttl, now). PostgresStore appends RETURNING.
+        self.acquire_lease = (
+            f"INSERT INTO dispatch_leases (name, holder, expires_at) VALUES ({m}, {m}, {m}) "
+            "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at "
+            f"WHERE dispatch_leases.holder = excluded.holder OR dispatch_leases.expires_at <= {m}"
+        )
+        self.release_lease = f"DELETE FROM dispatch_leases WHERE name = {m} AND holder = {m}"
+        # Create or update a cron entry, keeping its ``last_tick``: :func:`cron_params`.
+        # PostgresStore appends RETURNING.
+        self.upsert_cron = (
+            f"INSERT INTO dispatch_crons ({CRON_COLUMNS}) VALUES ({', '.join([m] * 9)}) ON CONFLICT (name) DO UPDATE "
+            "SET expression = excluded.expression, job_name = excluded.job_name, payload = excluded.payload, "
+            "queue = excluded.queue, priority = excluded.priority, updated_at = excluded.updated_at"
+        )
+        self.delete_cron = f"DELETE FROM dispatch_crons WHERE name = {m}"
+        # Compare-and-set ``last_tick``: (tick, now, name, tick).
+        self.fire_cron = (
+            f"UPDATE dispatch_crons SET last_tick = {m}, updated_at = {m} WHERE name = {m} "
+            f"AND (last_tick IS NULL OR last_tick < {m})"
+        )
+        self.cron_exists = f"SELECT 1 FROM dispatch_crons WHERE name = {m}"
+        self.record_version = (
+            f"INSERT INTO dispatch_schema_version (version, description, applied_at) VALUES ({m}, {m}, {m})"
+        )
+        where_state, where_queue = f"state = {m}", f"queue = {m}"
+        self._list_jobs = {
+            (False, False): _LIST_JOBS.format(where="", m=m),
+            (True, False): _LIST_JOBS.format(where=f"WHERE {where_state} ", m=m),
+            (False, True): _LIST_JOBS.format(where=f"WHERE {where_queue} ", m=m),
+            (True, True): _LIST_JOBS.format(where=f"WHERE {where_state} AND {where_queue} ", m=m),
+        }
+        self._list_letters = (
+            _LIST_LETTERS.format(where="", m=m),
+            _LIST_LETTERS.format(where=f"WHERE {where_queue} ", m=m),
+        )
+
+    def list_jobs(
+        self, state: JobState | None, queue: str | None, limit: int, offset: int
+    ) -> tuple[str, tuple[Any, ...]]:
+        """``(query, params)`` for ``Store.list_jobs`` (rows of :data:`JOB_COLUMNS`, newest first)."""
+        params: tuple[Any, ...] = () if state is None else (JobState(state).value,)
+        if queue is not None:
+            params += (queue,)
+        return self._list_jobs[state is not None, queue is not None], (*params, limit, offset)
+
+    def list_dead_letters(self, queue: str | None, limit: int, offset: int) -> tuple[str, tuple[Any, ...]]:
+        """``(query, params)`` for ``Store.list_dead_letters`` (rows of :data:`LETTER_COLUMNS`, newest first)."""
+        if queue is None:
+            return self._list_letters[0], (limit, offset)
+        return self._list_letters[1], (queue, limit, offset)
+
+    def apply_migrations(self, conn: _Connection, migrations: Sequence[tuple[int, str, Sequence[str]]]) -> int:
+        """Run the ``migrations`` newer than the recorded version, recording each; returns the version reached.
+
+        The caller holds the backend's transaction and migration lock and has created
+        ``dispatch_schema_version``.
+        """
+        row = conn.execute(self.schema_version).fetchone()
+        current = int(row[0]) if row else 0
+        for version, description, statements in migrations:
+            if version <= current:
+                continue
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute(self.record_version, (version, description, time.time()))
+            current = version
+        return current
+
+    def check_requeue(self, conn: _Connection, job_id: str, state: str, unique_key: str | None) -> None:
+        """``Store.requeue``'s checks of a job's ``state`` and ``unique_key``: InvalidStateError unless it may rerun."""
+        if state not in ("failed", "cancelled"):
+            raise InvalidStateError(f"job {job_id!r} is {state}; only failed or cancelled jobs requeue")
+        if unique_key is not None:
+            holder = conn.execute(self.active_holder, (unique_key,)).fetchone()
+            if holder is not None:
+                raise InvalidStateError(
+                    f"job {job_id!r}: unique_key {unique_key!r} is held by active job {holder[0]!r}"
+                )
+
+    def advance_cron(self, conn: _Connection, name: str, tick: float, now: float) -> bool:
+        """``Store.fire_cron``'s compare-and-set: ``last_tick = tick`` if it is earlier (or None).
+
+        Returns False when another process fired this tick already; JobNotFoundError for an unknown entry.
+        """
+        if conn.execute(self.fire_cron, (tick, now, name, tick)).rowcount == 1:
+            return True
+        if conn.execute(self.cron_exists, (name,)).fetchone() is None:
+            raise JobNotFoundError(f"no cron entry named {name!r}")
+        return False
