@@ -27,6 +27,7 @@ from threaddispatch.errors import (
 from threaddispatch.jobs import Config, JobContext, JobEngine, QueueConfig
 from threaddispatch.middleware import Middleware
 from threaddispatch.stores import MemoryStore, SQLiteStore, Store
+from threaddispatch.stores.base import JobRecord
 from threaddispatch.testing import wait_for
 
 FAST: dict[str, Any] = {
@@ -603,3 +604,43 @@ def test_unstarted_engine_is_collected_when_unreferenced() -> None:
     del engine
     gc.collect()
     assert ref() is None
+
+
+def test_context_wait_and_cancel_from_another_thread(make_engine: Callable[..., JobEngine]) -> None:
+    """ctx.wait() sleeps until cancelled (set from another thread), before or after the wait began."""
+    engine = make_engine(MemoryStore())
+    ctx = JobContext(JobRecord(id="j1", name="n", payload="null", attempts=1), engine, engine.logger)
+    assert not ctx.cancelled and not ctx.wait(0.01)
+    ctx.raise_if_cancelled()
+    threading.Timer(0.05, ctx._cancel).start()
+    started = time.monotonic()
+    assert ctx.wait(5) is True
+    assert time.monotonic() - started < 4
+    assert ctx.cancelled
+    with pytest.raises(CancelledError):
+        ctx.raise_if_cancelled()
+    early = JobContext(JobRecord(id="j2", name="n", payload="null", attempts=1), engine, engine.logger)
+    early._cancel()  # before anyone waits: no Event yet, the first wait sees it at once
+    assert early.cancelled and early.wait(5) is True
+
+
+@pytest.mark.timeout(60)
+def test_stop_racing_a_start_on_another_thread_never_fails(make_engine: Callable[..., JobEngine]) -> None:
+    """stop() called the moment another thread's start() made the engine running joins every thread cleanly."""
+    engine = make_engine(MemoryStore())
+    for _ in range(30):
+        errors: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                engine.start()
+            except BaseException as error:  # reported to the test thread
+                errors.append(error)
+
+        starter = threading.Thread(target=start)
+        starter.start()
+        wait_for(lambda: engine.running or not starter.is_alive(), message="engine running")
+        assert engine.stop(5)
+        starter.join(5)
+        assert errors == []
+        assert not engine.running

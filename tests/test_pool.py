@@ -92,3 +92,43 @@ def test_bad_max_workers_is_refused() -> None:
     """max_workers must be an int >= 1."""
     with pytest.raises(ConfigurationError, match="0"):
         WorkerPool(0, name="x")
+
+
+def test_run_is_fire_and_forget_and_logs_errors(caplog: pytest.LogCaptureFixture) -> None:
+    """run() schedules without a Future; an exception escaping the task is logged, the pool goes on."""
+    pool = WorkerPool(2, name="test-pool")
+    done = threading.Event()
+
+    def fail() -> None:
+        raise KeyError("missing")
+
+    assert pool.run(fail) is None
+    pool.run(done.set)
+    assert done.wait(5)
+    wait_for(lambda: "raised" in caplog.text, timeout=5)
+    assert pool.wait_idle(time.monotonic() + 5)
+    assert pool.shutdown(5)
+    with pytest.raises(DispatcherClosedError):
+        pool.run(done.set)
+
+
+def test_shutdown_cancel_pending_drops_queued_runs_and_cancels_futures() -> None:
+    """Queued run() tasks are dropped and queued submit() futures cancelled by shutdown(cancel_pending=True)."""
+    pool = WorkerPool(1, name="test-pool")
+    release = threading.Event()
+    started = threading.Event()
+    ran: list[int] = []
+
+    def block() -> None:
+        started.set()
+        release.wait(5)
+
+    pool.run(block)
+    assert started.wait(5)
+    pool.run(ran.append, 1)
+    future = pool.submit(ran.append, 2)
+    assert pool.busy() == 3
+    threading.Timer(0.1, release.set).start()
+    assert pool.shutdown(5, cancel_pending=True)
+    assert future.cancelled()
+    assert ran == []

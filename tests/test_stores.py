@@ -191,6 +191,27 @@ class TestStoreContract:
         }
         assert store.counts()[JobState.COMPLETED] == 4
 
+    def test_group_commit_of_many_checks_each_claim(self, store: Store) -> None:
+        """A large group commit (several statements' worth) applies exactly the outcomes that are live claims."""
+        jobs = [job() for _ in range(250)]
+        store.enqueue(jobs)
+        claimed = store.claim(["default"], 250, worker_id="w", now=T0)
+        assert len(claimed) == 250
+        outcomes = [
+            (j.id, "w" if i % 3 else "other", j.attempts if i % 5 else j.attempts + 1, str(i), None)
+            for i, j in enumerate(claimed)
+        ]
+        expected = {j.id for i, j in enumerate(claimed) if i % 3 and i % 5}
+        assert store.complete_many(outcomes, now=T0 + 1) == expected
+        for i, j in enumerate(claimed):
+            stored = store.get(j.id)
+            assert stored is not None
+            if j.id in expected:
+                assert (stored.state, stored.result, stored.finished_at) == (JobState.COMPLETED, str(i), T0 + 1)
+            else:
+                assert stored.state is JobState.RUNNING and stored.result is None
+        assert store.complete_many(outcomes, now=T0 + 2) == set()
+
     def test_retry_later_then_claimable_when_due_with_attempts_kept(self, store: Store) -> None:
         """A retrying job waits for its run_at and its next claim is attempt 2."""
         j = job()

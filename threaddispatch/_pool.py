@@ -35,38 +35,77 @@ class _PoolState:
         self.name = name
         self.max_workers = max_workers
         self.idle_timeout = idle_timeout
-        # mutex guards every field below; work_ready and all_idle are conditions on it.
+        # mutex guards every field below; all_idle is a condition on it.
         self.mutex = threading.Lock()
-        self.work_ready = threading.Condition(self.mutex)
         self.all_idle = threading.Condition(self.mutex)
-        self.tasks: deque[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = deque()
+        # Idle threads wait on their own lock, listed here (most recent last); wake_one() pops and
+        # releases one. waking: threads so woken that have not taken the mutex back yet. Work is
+        # handed on in a chain: a woken thread that leaves tasks behind wakes the next idle thread,
+        # so whoever queues a burst wakes one thread, not one per task.
+        self.sleepers: list[threading.Lock] = []
+        self.waking = 0
+        # (future, fn, args); future None for fire-and-forget work (WorkerPool.run).
+        self.tasks: deque[tuple[Future[Any] | None, Callable[..., Any], tuple[Any, ...]]] = deque()
         self.threads: set[threading.Thread] = set()
         self.idle = 0
         self.running = 0
         self.shutdown = False
         self.serial = 0
 
+    def wake_one(self) -> None:
+        """Wake the most recently idle thread (mutex held; sleepers not empty)."""
+        self.waking += 1
+        self.sleepers.pop().release()
+
+    def sleep(self, wake_lock: threading.Lock, timeout: float) -> None:
+        """Wait (mutex held, released meanwhile) until woken by wake_one or ``timeout``; mutex held again after."""
+        self.sleepers.append(wake_lock)
+        self.mutex.release()
+        try:
+            woken = wake_lock.acquire(True, timeout)
+        finally:
+            self.mutex.acquire()
+        if not woken:
+            if wake_lock in self.sleepers:
+                self.sleepers.remove(wake_lock)  # timed out
+                return
+            wake_lock.acquire()  # woken as the wait timed out: wake_one released it (under the mutex)
+        self.waking -= 1
+
     def worker(self) -> None:
+        tasks = self.tasks
+        wake_lock = threading.Lock()  # held while awake; released by wake_one
+        wake_lock.acquire()
+        finished = False  # whether this thread just ran a task (counted in running until the lock is held)
         while True:
             with self.mutex:
-                self.idle += 1
-                deadline = time.monotonic() + self.idle_timeout
-                while not self.tasks and not self.shutdown:
-                    remaining = deadline - time.monotonic()
-                    if (remaining <= 0 or not self.work_ready.wait(remaining)) and not self.tasks:
-                        break
-                self.idle -= 1
-                if not self.tasks:
-                    self.threads.discard(threading.current_thread())
-                    self.all_idle.notify_all()
-                    return
-                future, fn, args = self.tasks.popleft()
+                if finished:
+                    # One lock round trip per task: account for the last one and take the next.
+                    self.running -= 1
+                    if not self.running and not tasks:
+                        self.all_idle.notify_all()
+                if not tasks:
+                    self.idle += 1
+                    deadline = time.monotonic() + self.idle_timeout
+                    while not tasks and not self.shutdown:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self.sleep(wake_lock, remaining)
+                    self.idle -= 1
+                    if not tasks:
+                        self.threads.discard(threading.current_thread())
+                        self.all_idle.notify_all()
+                        return
+                future, fn, args = tasks.popleft()
                 self.running += 1
-            run_task(future, fn, args)
-            with self.mutex:
-                self.running -= 1
-                if not self.running and not self.tasks:
-                    self.all_idle.notify_all()
+                if tasks and self.sleepers and not self.waking:
+                    self.wake_one()  # the chain: the next idle thread comes for the rest
+            if future is None:
+                run_detached(fn, args)
+            else:
+                run_task(future, fn, args)
+            finished = True
 
 
 def run_task(future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
@@ -79,6 +118,14 @@ def run_task(future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...])
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+def run_detached(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    """Run fire-and-forget ``fn(*args)``; an exception escaping it is logged; never raises."""
+    try:
+        fn(*args)
+    except BaseException:  # noqa: BLE001 - nobody waits for it: log it
+        _log.exception("worker pool task %r raised", fn)
 
 
 class WorkerPool:
@@ -104,14 +151,32 @@ class WorkerPool:
         Raises DispatcherClosedError after :meth:`shutdown`.
         """
         future: Future[R] = Future()
+        if self._schedule(future, fn, args):
+            # Exit drain with no thread left: do the work here rather than start a thread.
+            run_task(future, fn, args)
+        return future
+
+    def run(self, fn: Callable[..., object], /, *args: Any) -> None:
+        """Schedule ``fn(*args)`` fire-and-forget: no Future; an exception escaping ``fn`` is logged.
+
+        Cheaper than :meth:`submit` for work that reports its own outcome. Raises
+        DispatcherClosedError after :meth:`shutdown`.
+        """
+        if self._schedule(None, fn, args):
+            run_detached(fn, args)
+
+    def _schedule(self, future: Future[Any] | None, fn: Callable[..., Any], args: tuple[Any, ...]) -> bool:
+        """Queue the task for a thread; returns True when the caller must run it inline (exit drain)."""
         state = self._state
         with state.mutex:
             if state.shutdown:
                 raise DispatcherClosedError(f"worker pool {state.name!r} is shut down")
-            state.tasks.append((future, fn, args))
-            if state.idle > len(state.tasks) - 1:
-                state.work_ready.notify()
-                return future
+            tasks = state.tasks
+            tasks.append((future, fn, args))
+            if state.idle >= len(tasks):
+                if state.sleepers and not state.waking:
+                    state.wake_one()  # else a thread already on its way takes it, or hands it on
+                return False
             if len(state.threads) < state.max_workers and not _lifecycle.exiting():
                 state.serial += 1
                 thread = threading.Thread(
@@ -119,14 +184,11 @@ class WorkerPool:
                 )
                 state.threads.add(thread)
                 thread.start()
-                return future
-            run_inline = not state.threads
-            if run_inline:
-                state.tasks.pop()
-        if run_inline:
-            # Exit drain with no thread left: do the work here rather than start a thread.
-            run_task(future, fn, args)
-        return future
+                return False
+            if state.threads:
+                return False
+            tasks.pop()
+        return True
 
     def busy(self) -> int:
         """How many tasks are running or queued now."""
@@ -156,8 +218,11 @@ class WorkerPool:
             state.shutdown = True
             if cancel_pending:
                 while state.tasks:
-                    state.tasks.popleft()[0].cancel()
-            state.work_ready.notify_all()
+                    future = state.tasks.popleft()[0]
+                    if future is not None:
+                        future.cancel()
+            while state.sleepers:
+                state.wake_one()
             threads = list(state.threads)
         _lifecycle.unregister(self)
         for thread in threads:

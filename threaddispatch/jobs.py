@@ -38,6 +38,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
@@ -86,6 +87,7 @@ _log = logging.getLogger("threaddispatch.jobs")
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 _CRON_LEASE = "cron-leader"
 _MAX_ERROR_TEXT = 8000
+_CTX_LOCK = threading.Lock()  # guards JobContext._cancelled/_event (held for a few instructions)
 
 #: Extension hook names and the event each one listens to (an extension implements any subset).
 EXTENSION_HOOKS: Mapping[str, str] = {
@@ -221,12 +223,12 @@ class JobDefinition:
 class JobContext:
     """What a handler gets besides its payload: the job, its attempt, and cancellation.
 
-    ``ctx.cancelled`` becomes True (a ``threading.Event`` underneath) when the job times
+    ``ctx.cancelled`` becomes True (a ``threading.Event`` behind :meth:`wait`) when the job times
     out, is cancelled by an operator, is lost to another worker, or the engine hands it
     back at stop. Long handlers should check it, or sleep with :meth:`wait`. Thread-safe.
     """
 
-    __slots__ = ("_cancel", "attempt", "deadline", "engine", "job", "logger", "started", "timeout")
+    __slots__ = ("_cancelled", "_event", "attempt", "deadline", "engine", "job", "logger", "started", "timeout")
 
     def __init__(self, job: JobRecord, engine: JobEngine, logger: logging.Logger) -> None:
         self.job = job
@@ -236,7 +238,10 @@ class JobContext:
         self.logger = logger
         self.deadline: float | None = None
         self.started = time.monotonic()
-        self._cancel = threading.Event()
+        # The cancellation flag; the Event behind wait() is made only when someone waits
+        # (most jobs never do). Both change under _CTX_LOCK, so a wait never misses a cancel.
+        self._cancelled = False
+        self._event: threading.Event | None = None
 
     @property
     def id(self) -> str:
@@ -256,16 +261,32 @@ class JobContext:
     @property
     def cancelled(self) -> bool:
         """Whether the job should stop now (timed out, cancelled, lost, or handed back)."""
-        return self._cancel.is_set()
+        return self._cancelled
 
     def wait(self, timeout: float) -> bool:
         """Sleep up to ``timeout`` seconds, waking early on cancellation; returns ``cancelled``."""
-        return self._cancel.wait(timeout)
+        event = self._event
+        if event is None:
+            with _CTX_LOCK:
+                event = self._event
+                if event is None:
+                    event = self._event = threading.Event()
+                    if self._cancelled:
+                        event.set()
+        return event.wait(timeout)
 
     def raise_if_cancelled(self) -> None:
         """Raise CancelledError if the job was cancelled (a convenient check point)."""
-        if self._cancel.is_set():
+        if self._cancelled:
             raise CancelledError(f"job {self.job.id} was cancelled")
+
+    def _cancel(self) -> None:
+        """Set ``cancelled`` and wake a :meth:`wait` (any thread)."""
+        with _CTX_LOCK:
+            self._cancelled = True
+            event = self._event
+        if event is not None:
+            event.set()
 
     def _arm_deadline(self, deadline: float) -> None:
         self.deadline = deadline
@@ -762,10 +783,12 @@ class JobEngine:
                 threading.Thread(target=self._maintenance_loop, name="threaddispatch-jobs-heartbeat", daemon=True),
             ]
             self._cron_thread = None
-            threads = list(self._threads)
+            # Started under the lock: a stop() racing this start (it reads _threads under the
+            # lock) must never find a thread it cannot join yet. Thread.start() only waits for
+            # the thread to exist, not for it to take the lock, so this cannot deadlock.
+            for thread in self._threads:
+                thread.start()
             start_cron = bool(self._crons)
-        for thread in threads:
-            thread.start()
         if start_cron:
             self._ensure_cron_thread()
         try:
@@ -880,7 +903,7 @@ class JobEngine:
             slots = [slot for slot in self._inflight.values() if not slot.settled]
             for slot in slots:
                 slot.settled = slot.abandoned = True
-                slot.ctx._cancel.set()
+                slot.ctx._cancel()
         if not slots:
             return 0
         self.logger.warning(
@@ -1080,7 +1103,7 @@ class JobEngine:
                 self.logger.exception("could not release %d jobs at stop; they will be reaped as stale", len(jobs))
             return
         for slot in slots:
-            pool.submit(self._execute, slot)
+            pool.run(self._execute, slot)
 
     # -- executing ------------------------------------------------------------------------------------
 
@@ -1102,7 +1125,8 @@ class JobEngine:
             error = ConfigurationError(f"no handler registered for job name {job.name!r} in this worker")
         else:
             try:
-                result = self._call_chain(ctx, definition.fn, job.decoded_payload())
+                raw = job.payload  # decoded as job.decoded_payload() does; "null" (no payload) without json
+                result = self._call_chain(ctx, definition.fn, None if raw == "null" else json.loads(raw))
             except BaseException as caught:  # noqa: BLE001 - every handler outcome is recorded
                 error = caught
         if error is None:
@@ -1186,7 +1210,7 @@ class JobEngine:
             # Hooks are user code: run them on a worker thread, never on the fetcher.
             if pool is not None:
                 try:
-                    pool.submit(self._emit_completed, completed)
+                    pool.run(self._emit_completed, completed)
                     return
                 except DispatcherClosedError:
                     pass
@@ -1197,14 +1221,12 @@ class JobEngine:
             self.events.emit("job_completed", job, result)
 
     def _call_chain(self, ctx: JobContext, fn: Handler, payload: Any) -> object:
-        steps = self._steps
-
-        def call(index: int) -> object:
-            if index == len(steps):
-                return fn(ctx, payload)
-            return steps[index](ctx, lambda: call(index + 1))
-
-        return call(0)
+        # Each step gets ctx and a zero-argument call of the rest; partial objects do it without
+        # a Python frame per level.
+        call_next: Callable[[], object] = partial(fn, ctx, payload)
+        for step in reversed(self._steps):
+            call_next = partial(step, ctx, call_next)
+        return call_next()
 
     def _forget(self, slot: _Slot) -> None:
         """Drop a slot from the in-flight table (lock held); wake the fetcher, stop() and result() waiters."""
@@ -1303,7 +1325,7 @@ class JobEngine:
 
     def _lost(self, slot: _Slot) -> None:
         """The store says the job is no longer our claim (cancelled, reaped, re-claimed)."""
-        slot.ctx._cancel.set()
+        slot.ctx._cancel()
         self._count("lost")
         self.logger.info("job %s %s is no longer this worker's claim; its outcome is discarded",
                          slot.job.name, slot.job.id)  # fmt: skip
@@ -1358,7 +1380,7 @@ class JobEngine:
                             self.logger.info("purged %d finished jobs older than %.3gs", purged, retention)
 
     def _time_out(self, slot: _Slot) -> None:
-        slot.ctx._cancel.set()
+        slot.ctx._cancel()
         self._count("timed_out")
         error = DispatchTimeoutError(f"job {slot.job.name} {slot.job.id} timed out after {slot.ctx.timeout}s")
         self.logger.warning("%s; its thread keeps running until the handler returns", error)
@@ -1479,8 +1501,7 @@ class JobEngine:
             if self._cron_thread is not None or self._state != "running":
                 return
             self._cron_thread = threading.Thread(target=self._cron_loop, name="threaddispatch-jobs-cron", daemon=True)
-            thread = self._cron_thread
-        thread.start()
+            self._cron_thread.start()  # under the lock, for the same reason as in start()
 
     def _cron_loop(self) -> None:
         ttl = max(self.config.stale_job_threshold, 0.1)
@@ -1614,7 +1635,7 @@ class JobEngine:
             else:
                 slot = None
         if slot is not None:
-            slot.ctx._cancel.set()
+            slot.ctx._cancel()
             self._count("cancelled")
 
     def retry(self, job_id: str) -> None:

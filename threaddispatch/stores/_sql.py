@@ -45,10 +45,14 @@ class _Connection(Protocol):
     def execute(self, query: str, params: Sequence[Any] = ..., /) -> Any: ...
 
 
+_STATES: dict[str, JobState] = {state.value: state for state in JobState}
+
+
 def job_from_row(row: Sequence[Any]) -> JobRecord:
     """A :class:`JobRecord` from a row of :data:`JOB_COLUMNS`."""
     job = JobRecord(*row)
-    job.state = JobState(job.state)
+    state = _STATES.get(job.state)
+    job.state = JobState(job.state) if state is None else state
     return job
 
 

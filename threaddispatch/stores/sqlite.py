@@ -123,6 +123,60 @@ def _marks(count: int) -> str:
     return ", ".join("?" * count)
 
 
+def _claim_sql(queue_count: int) -> str:
+    """The claim statement for ``queue_count`` queues: (worker_id, now, now, now, *queues, now, limit)."""
+    return (
+        "UPDATE dispatch_jobs SET state = 'running', worker_id = ?, attempts = attempts + 1, "
+        "started_at = ?, heartbeat_at = ?, updated_at = ? "
+        "WHERE seq IN (SELECT seq FROM dispatch_jobs WHERE state IN ('pending', 'retrying') "
+        f"AND queue IN ({_marks(queue_count)}) AND run_at <= ? "
+        "ORDER BY priority DESC, run_at, seq LIMIT ?) "
+        f"RETURNING {_sql.JOB_COLUMNS}"
+    )
+
+
+_CLAIM_SQL: dict[int, str] = {}  # _claim_sql by number of queues, built on first use
+
+
+_COMPLETE_ROWS = 100  # outcomes per completion statement (5 variables each)
+_COMPLETE_SQL: dict[int, str] = {}  # _complete_sql by number of outcomes, built on first use
+
+
+def _complete_sql(count: int) -> str:
+    """Complete ``count`` claims in one statement: (now, now, *(job_id, worker_id, attempts, result, error)...).
+
+    A claim is completed only while it is still that worker's running attempt, as :data:`_COMPLETE`.
+    """
+    rows = ", ".join(["(?, ?, ?, ?, ?)"] * count)
+    return (
+        "UPDATE dispatch_jobs SET state = 'completed', result = v.column4, error = v.column5, finished_at = ?, "
+        f"updated_at = ? FROM (VALUES {rows}) AS v WHERE dispatch_jobs.id = v.column1 "
+        "AND dispatch_jobs.state = 'running' AND dispatch_jobs.worker_id = v.column2 "
+        "AND dispatch_jobs.attempts = v.column3 RETURNING dispatch_jobs.id"
+    )
+
+
+def _complete_in(
+    conn: sqlite3.Connection, outcomes: Sequence[tuple[str, str, int, str | None, str | None]], now: float
+) -> set[str]:
+    """Complete ``outcomes`` (job_id, worker_id, attempts, result, error) in the open transaction; the ids applied."""
+    done: set[str] = set()
+    for start in range(0, len(outcomes), _COMPLETE_ROWS):
+        chunk = outcomes[start : start + _COMPLETE_ROWS]
+        sql = _COMPLETE_SQL.get(len(chunk))
+        if sql is None:
+            sql = _COMPLETE_SQL.setdefault(len(chunk), _complete_sql(len(chunk)))
+        params: list[Any] = [now, now]
+        for outcome in chunk:
+            params.extend(outcome)
+        done.update(row[0] for row in conn.execute(sql, params).fetchall())
+    return done
+
+
+def _claim_order(job: JobRecord) -> tuple[int, float]:
+    return (-job.priority, job.run_at)
+
+
 def _translate(fn: F) -> F:
     """Turn sqlite3 errors into StoreUnavailableError (locked/busy) or StoreError."""
 
@@ -352,18 +406,14 @@ class SQLiteStore(Store):
     ) -> list[JobRecord]:
         if limit <= 0 or not queues:
             return []
-        sql = (
-            "UPDATE dispatch_jobs SET state = 'running', worker_id = ?, attempts = attempts + 1, "
-            "started_at = ?, heartbeat_at = ?, updated_at = ? "
-            "WHERE seq IN (SELECT seq FROM dispatch_jobs WHERE state IN ('pending', 'retrying') "
-            f"AND queue IN ({_marks(len(queues))}) AND run_at <= ? "
-            "ORDER BY priority DESC, run_at, seq LIMIT ?) "
-            f"RETURNING {_sql.JOB_COLUMNS}"
-        )
+        sql = _CLAIM_SQL.get(len(queues))
+        if sql is None:
+            sql = _CLAIM_SQL.setdefault(len(queues), _claim_sql(len(queues)))
         rows = conn.execute(sql, (worker_id, now, now, now, *queues, now, limit)).fetchall()
         jobs = [job_from_row(row) for row in rows]
-        # RETURNING gives rows in no particular order; hand them out in claim order.
-        jobs.sort(key=lambda job: (-job.priority, job.run_at))
+        if len(jobs) > 1:
+            # RETURNING gives rows in no particular order; hand them out in claim order.
+            jobs.sort(key=_claim_order)
         return jobs
 
     @_translate
@@ -377,13 +427,9 @@ class SQLiteStore(Store):
         now: float,
     ) -> tuple[set[str], list[JobRecord]]:
         """See :meth:`Store.complete_and_claim`: ONE IMMEDIATE transaction for both."""
-        done: set[str] = set()
         conn = self._conn()
-        sql = _COMPLETE
         with _Immediate(conn):
-            for job_id, job_worker, attempts, result, error in outcomes:
-                if conn.execute(sql, (result, error, now, now, job_id, job_worker, attempts)).rowcount == 1:
-                    done.add(job_id)
+            done = _complete_in(conn, outcomes, now)
             jobs = self._claim_in(conn, queues, limit, worker_id, now)
         return done, jobs
 
@@ -451,17 +497,12 @@ class SQLiteStore(Store):
     def complete_many(
         self, outcomes: Sequence[tuple[str, str, int, str | None, str | None]], *, now: float
     ) -> set[str]:
-        """See :meth:`Store.complete_many`: one IMMEDIATE transaction, one statement per job."""
-        done: set[str] = set()
+        """See :meth:`Store.complete_many`: one IMMEDIATE transaction, one statement per 100 jobs."""
         if not outcomes:
-            return done
+            return set()
         conn = self._conn()
-        sql = _COMPLETE
         with _Immediate(conn):
-            for job_id, worker_id, attempts, result, error in outcomes:
-                if conn.execute(sql, (result, error, now, now, job_id, worker_id, attempts)).rowcount == 1:
-                    done.add(job_id)
-        return done
+            return _complete_in(conn, outcomes, now)
 
     @_translate
     def retry_later(
