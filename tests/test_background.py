@@ -545,3 +545,82 @@ def test_collection_while_this_thread_holds_the_engine_lock_does_not_deadlock() 
         gc.collect()  # the finalizer runs here, on a thread that holds the engine's lock
     assert ref() is None
     wait_for(lambda: sink.entries == ["in a cycle"], message="the background drain")
+
+
+@pytest.mark.timeout(10)
+def test_a_raising_retry_backoff_makes_the_failure_final_not_silent() -> None:
+    """A backoff that raises must not lose the batch: on_error gets it and submit's Future fails."""
+    failures: list[FailedBatch[Any]] = []
+
+    def send(entries: list[Any]) -> None:
+        raise TimeoutError("down")
+
+    def broken_backoff(_attempt: int) -> float:
+        raise ZeroDivisionError("broken backoff")
+
+    d = BackgroundDispatcher(
+        send, ms_delay=1, retry=RetryPolicy(max_attempts=3, backoff=broken_backoff), on_error=failures.append
+    )
+    future = d.submit("x")
+    with pytest.raises(TimeoutError):
+        future.result(5.0)
+    assert [(f.entries, type(f.error)) for f in failures] == [(["x"], TimeoutError)]
+    assert d.stats()["failed"] == 1
+    assert d.close(5.0) is True
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -1.0, "1"])
+def test_flush_close_and_blocking_enqueue_refuse_a_bad_timeout_at_the_call(bad: Any) -> None:
+    """A NaN, infinite, negative or non-number timeout raises ConfigurationError at once, before any wait."""
+    release = threading.Event()
+    started = threading.Event()
+
+    def send(entries: list[Any]) -> None:
+        started.set()
+        release.wait(5.0)
+
+    d = BackgroundDispatcher(send, ms_delay=1, max_batch_size=1, max_queue_size=1, overflow="block")
+    try:
+        d.enqueue("busy")
+        assert started.wait(5.0)
+        d.enqueue("fills the queue")
+        began = time.monotonic()
+        with pytest.raises(ConfigurationError, match="timeout"):
+            d.flush(bad)
+        with pytest.raises(ConfigurationError, match="timeout"):
+            d.enqueue("x", timeout=bad)
+        with pytest.raises(ConfigurationError, match="timeout"):
+            d.close(bad)
+        assert time.monotonic() - began < 1.0
+        assert not d.closed
+    finally:
+        release.set()
+        assert d.close(5.0)
+
+
+@pytest.mark.timeout(15)
+def test_send_batch_calling_sys_exit_neither_kills_the_worker_nor_hangs_close() -> None:
+    """A BaseException (sys.exit) from send_batch is contained: the batch is reported failed, later
+    entries are still sent, and close(None) returns instead of waiting forever for the dead batch."""
+    failures: list[FailedBatch[Any]] = []
+    sink = Sink()
+
+    def send(entries: list[Any]) -> None:
+        if entries == ["exit"]:
+            raise SystemExit(3)
+        sink(entries)
+
+    d = BackgroundDispatcher(send, ms_delay=1, on_error=failures.append)
+    future = d.submit("exit")
+    with pytest.raises(SystemExit):
+        future.result(5.0)
+    assert [f.entries for f in failures] == [["exit"]]
+    d.enqueue("after")
+    assert d.flush(5.0)
+    assert sink.entries == ["after"]
+    result: list[bool] = []
+    closer = threading.Thread(target=lambda: result.append(d.close(None)), daemon=True)
+    closer.start()
+    closer.join(5.0)
+    assert result == [True]

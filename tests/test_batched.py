@@ -550,3 +550,27 @@ def test_exit_drain_sends_what_is_queued() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert f"RESULT {list(range(13))}" in result.stdout
+
+
+@pytest.mark.timeout(20)
+def test_flush_and_close_called_from_inside_send_batch_return_instead_of_waiting_for_themselves() -> None:
+    """flush()/close() without a timeout, called by send_batch, cannot wait for the batch they run in:
+    they return False at once (as BackgroundDispatcher does) instead of hanging forever."""
+    results: list[tuple[str, bool]] = []
+    done = threading.Event()
+    holder: list[BatchedDispatcher[str]] = []
+
+    def send(target: str, messages: list[str]) -> list[str]:
+        if messages == ["reenter"]:
+            results.append(("flush", holder[0].flush()))
+            results.append(("close", holder[0].close()))
+            done.set()
+        return messages
+
+    bd: BatchedDispatcher[str] = BatchedDispatcher(send, flush_interval=0.001, name="reenter")
+    holder.append(bd)
+    bd.submit("reenter", "t")
+    assert done.wait(5.0), "flush()/close() inside send_batch waited for their own batch"
+    assert results == [("flush", False), ("close", False)]
+    assert bd.close(5.0)
+    holder.clear()

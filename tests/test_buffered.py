@@ -984,3 +984,51 @@ def test_a_collected_never_started_dispatcher_warns_about_its_buffer(caplog: pyt
         del ad, sender
         gc.collect()
     assert any("2 buffered message(s) were not dispatched" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.timeout(20)
+def test_collection_while_a_thread_holds_the_state_mutex_does_not_deadlock() -> None:
+    """An AsyncDispatcher collected by a thread holding its mutex (a GC inside a locked section) stops
+    without deadlocking that thread, and still dispatches what was buffered."""
+    recorder: RecordingDispatcher[int] = RecordingDispatcher()
+    ad: AsyncDispatcher[int] = AsyncDispatcher(recorder, "gc-locked")
+    sender = ad.setup(10)
+    ad.start()
+    sender.put(1)
+    recorder.wait_for_count(1)
+    state = ad._state
+    ref = weakref.ref(ad)
+    del ad, sender  # the AsyncDispatcher <-> Sender cycle: only the cycle collector frees it
+    collected = threading.Event()
+
+    def collect_holding_the_mutex() -> None:
+        with state.mutex:
+            gc.collect()  # the finalizer runs here, on a thread that holds the state's mutex
+        collected.set()
+
+    threading.Thread(target=collect_holding_the_mutex, daemon=True).start()
+    assert collected.wait(5.0), "the finalizer deadlocked on the state's mutex"
+    assert ref() is None
+    wait_for(state.finished, message="the loops drained and left")
+    assert recorder.messages() == [1]
+
+
+@pytest.mark.timeout(20)
+def test_an_error_handler_calling_sys_exit_does_not_end_the_failure_loop() -> None:
+    """A BaseException (sys.exit) from error_handler is contained like any error: the failure loop lives,
+    every later failed message still reaches the handler, and stop() reports a clean drain of the loops."""
+    reported: list[int] = []
+
+    def handler(failed: FailedMessage[int]) -> None:
+        reported.append(failed.message)
+        if failed.message == 1:
+            raise SystemExit(2)
+
+    ad: AsyncDispatcher[int] = AsyncDispatcher(RecordingDispatcher(fail=[1, 2]), "exit-handler", handler)
+    sender = ad.setup(10)
+    ad.start()
+    sender.put(1)
+    sender.put(2)
+    wait_for(lambda: reported == [1, 2], timeout=5.0, message="both failures reported")
+    assert ad.stats()["handler_errors"] == 1
+    assert ad.stop(5.0) is True

@@ -235,3 +235,9 @@ def test_every_subcommand_has_help() -> None:
     for argv in (("jobs", "list"), ("dlq", "replay"), ("serve",), ("migrate",)):
         result = run(*argv, "--help")
         assert result.returncode == 0 and "--store" in result.stdout, argv
+
+
+def test_worker_target_naming_a_callable_that_needs_arguments_is_a_user_error() -> None:
+    """``worker json:dumps`` (a callable that is no engine factory) is a one-line error, exit 2, no traceback."""
+    result = run("worker", "json:dumps")
+    assert_user_error(result, "json:dumps")

@@ -123,3 +123,21 @@ def test_a_listener_may_remove_itself_while_being_called() -> None:
     emitter.emit("e")
     emitter.emit("e")
     assert calls == ["first", "second", "second"]
+
+
+@pytest.mark.timeout(10)
+def test_a_once_listener_firing_does_not_remove_the_same_function_added_with_on() -> None:
+    """When ``once(fn)`` fires, it removes its own registration, not an ``on(fn)`` of the same function."""
+    emitter = EventEmitter()
+    calls: list[int] = []
+
+    def listener(n: int) -> None:
+        calls.append(n)
+
+    emitter.on("tick", listener)
+    emitter.once("tick", listener)
+    emitter.emit("tick", 1)
+    assert calls == [1, 1]
+    assert emitter.listener_count("tick") == 1
+    emitter.emit("tick", 2)
+    assert calls == [1, 1, 2]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import threading
 import time
 import weakref
@@ -644,3 +645,101 @@ def test_stop_racing_a_start_on_another_thread_never_fails(make_engine: Callable
         starter.join(5)
         assert errors == []
         assert not engine.running
+
+
+@pytest.mark.timeout(30)
+def test_replay_all_with_limit_replays_the_newest_dead_letters(
+    store: Store, make_engine: Callable[..., JobEngine]
+) -> None:
+    """replay_all(limit=n) replays the n newest dead letters (as documented), leaving the older ones."""
+    engine = make_engine(store)
+
+    def boom(ctx: JobContext, payload: object) -> None:
+        raise RuntimeError("down")
+
+    engine.register("boom", boom, max_retries=0)
+    engine.start()
+    for number in range(5):
+        job_id = engine.enqueue("boom", number)
+        with pytest.raises(InvalidStateError):
+            engine.result(job_id, timeout=10)
+    letters = engine.dlq()  # newest first
+    assert [json.loads(letter.payload) for letter in letters] == [4, 3, 2, 1, 0]
+    engine.stop(5)
+    engine.replay_all(limit=2)
+    assert sorted(json.loads(letter.payload) for letter in engine.dlq()) == [0, 1, 2]
+
+
+@pytest.mark.timeout(30)
+def test_replay_by_an_engine_without_the_handler_keeps_the_jobs_timeout(
+    store: Store, make_engine: Callable[..., JobEngine]
+) -> None:
+    """A dead letter replayed by a management engine (CLI, admin: no handlers) keeps the job's timeout."""
+    worker = make_engine(store)
+
+    def boom(ctx: JobContext, payload: object) -> None:
+        raise RuntimeError("down")
+
+    worker.register("boom", boom, max_retries=0, timeout=7.0)
+    worker.start()
+    job_id = worker.enqueue("boom")
+    with pytest.raises(InvalidStateError):
+        worker.result(job_id, timeout=10)
+    worker.stop(5)
+    manager = make_engine(store)  # as `threaddispatch dlq replay` builds it: no job registered
+    (letter,) = manager.dlq()
+    replayed = manager.replay(letter.id)
+    assert manager.get_job(replayed).timeout == 7.0
+
+
+@pytest.mark.timeout(60)
+def test_crons_declared_by_different_engines_on_one_store_all_fire(
+    tmp_path: Path, make_engine: Callable[..., JobEngine]
+) -> None:
+    """Each engine's own cron fires, even when another engine sharing the store declared other crons."""
+    stores = [SQLiteStore(tmp_path / "cron.db"), SQLiteStore(tmp_path / "cron.db")]
+    engines = []
+    for store, name in zip(stores, ("a", "b"), strict=True):
+        engine = make_engine(store, queues=[name])
+        engine.register(name, lambda ctx, payload: None, queue=name)
+        engine.cron("@every 0.2s", name)
+        engines.append(engine)
+    for engine in engines:
+        engine.start()
+    wait_for(
+        lambda: all(engine.counts(queue=name)["completed"] >= 2 for engine, name in zip(engines, "ab", strict=True)),
+        30,
+        message="both engines' crons fired",
+    )
+    for engine in engines:
+        engine.stop(5)
+    for store in stores:
+        store.close()
+
+
+@pytest.mark.timeout(30)
+def test_retry_claimed_while_the_timed_out_attempt_still_runs_keeps_its_slot(
+    make_engine: Callable[..., JobEngine],
+) -> None:
+    """A timed-out attempt's thread finishing late must not drop the retry's slot (its timeout, heartbeat)."""
+    engine = make_engine(MemoryStore(), concurrency=2, stale_job_threshold=5.0, backoff=Constant(0))
+    release_first = threading.Event()
+    release_second = threading.Event()
+
+    def hang(ctx: JobContext, payload: object) -> None:
+        if ctx.attempt == 1:
+            release_first.wait(10)  # ignores ctx.cancelled: still running when the retry starts
+        else:
+            release_first.set()  # the first attempt's thread now finishes, while this one runs
+            release_second.wait(8)
+
+    engine.register("hang", hang, timeout=0.3, max_retries=1)
+    job_id = engine.enqueue("hang")
+    engine.start()
+    try:
+        with pytest.raises(InvalidStateError, match="timed out"):
+            engine.result(job_id, timeout=5)
+        assert engine.stats()["timed_out"] == 2
+    finally:
+        release_first.set()
+        release_second.set()

@@ -248,6 +248,25 @@ class TestStoreContract:
         assert store.purge_dead_letters(older_than=T0) == 0
         assert store.purge_dead_letters() == 1
 
+    def test_dead_letter_pages_list_each_once_when_failed_at_is_out_of_insertion_order(self, store: Store) -> None:
+        """Keyset pages of dead letters give each once, even when failures were recorded out of time order."""
+        jobs = [job() for _ in range(4)]
+        store.enqueue(jobs)
+        store.claim(["default"], 4, worker_id="w", now=T0)
+        for j, offset in zip(jobs, (3, 1, 0, 2), strict=True):  # worker threads may record failures out of order
+            assert store.fail(j.id, worker_id="w", attempts=1, error="bad", now=T0 + offset) is not None
+        seen: list[str] = []
+        after: tuple[str, float] | None = None
+        position = 0
+        for _ in range(12):
+            letters = store.list_dead_letters_after(after, limit=2, position=position)
+            page = letters[:1]
+            seen.extend(letter.job_id for letter in page)
+            if len(letters) <= 1:
+                break
+            after, position = (page[-1].id, page[-1].failed_at), position + 1
+        assert sorted(seen) == sorted(j.id for j in jobs)
+
     def test_release_gives_claims_back_with_or_without_refund(self, store: Store) -> None:
         """Released claims become pending; refund takes the attempt back."""
         a, b = job(), job()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import logging
 import os
 import sys
@@ -44,6 +45,14 @@ def load_engine(target: str) -> JobEngine:
         except AttributeError:
             raise ConfigurationError(f"{target!r}: module {module_name!r} has no attribute {attribute!r}") from None
     if not isinstance(obj, JobEngine) and callable(obj):
+        try:
+            inspect.signature(obj).bind()
+        except TypeError:
+            raise ConfigurationError(
+                f"{target!r} is not a JobEngine nor a callable taking no argument that returns one"
+            ) from None
+        except ValueError:
+            pass  # no signature to check (some builtins): just call it
         obj = obj()
     if not isinstance(obj, JobEngine):
         raise ConfigurationError(f"{target!r} is not a JobEngine (got {type(obj).__name__})")

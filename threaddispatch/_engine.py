@@ -306,10 +306,19 @@ class BatchEngine(Generic[T]):
             except Exception:  # noqa: BLE001 - face hook errors are logged, the loop lives
                 _log.exception("%s: on_skip hook raised", self.name)
 
-    def _deliver_one(self, key: Hashable, seq: int, items: list[T]) -> None:
+    def _deliver_one(self, key: Hashable, seq: int, items: list[T], *, inline: bool = False) -> None:
         try:
             pending = self._deliver(key, items)
         except Exception:  # noqa: BLE001 - faces report their own errors; this is the last guard
+            _log.exception("%s: delivering a batch of %d entries raised", self.name, len(items))
+            pending = None
+        except BaseException:
+            # sys.exit() in a deliver: on our worker thread it would end the thread silently and
+            # leave the batch unsettled forever (close/flush would never return): contain it.
+            # Run inline (the exit drain, on the caller's thread) it propagates, batch settled.
+            if inline:
+                self._settle(seq)
+                raise
             _log.exception("%s: delivering a batch of %d entries raised", self.name, len(items))
             pending = None
         if pending is None:
@@ -679,7 +688,7 @@ class BatchEngine(Generic[T]):
                         break
                     batches, _skipped = self._take_due(time.monotonic())
                 for key, seq, items in batches:
-                    self._deliver_one(key, seq, items)
+                    self._deliver_one(key, seq, items, inline=True)
         finally:
             with self._lock:
                 self._thread = None

@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 
 from threaddispatch._engine import OVERFLOW_POLICIES, BatchEngine, Overflow, check_positive_int
 from threaddispatch._lanes import ClosedFifoLane, FifoLane
-from threaddispatch.backoff import RetryPolicy
+from threaddispatch.backoff import RetryPolicy, check_seconds
 from threaddispatch.errors import ConfigurationError, QueueFullError
 
 __all__ = ["BackgroundDispatcher", "FailedBatch"]
@@ -94,12 +94,21 @@ class _Sender(Generic[T]):
                 self.send_batch(entries)
             except Exception as error:  # noqa: BLE001 - reported through on_error / the log
                 if self.retry is not None and self.retry.should_retry(attempts, error):
-                    self.retries += 1
-                    # close() cuts the wait short: the next attempt goes at once.
-                    self.closing.wait(self.retry.delay(attempts))
-                    continue
+                    try:
+                        delay = self.retry.delay(attempts)
+                    except Exception:  # noqa: BLE001 - a broken backoff makes this failure final
+                        _log.exception("%s: the retry backoff raised; the failure is final", self.name)
+                    else:
+                        self.retries += 1
+                        # close() cuts the wait short: the next attempt goes at once.
+                        self.closing.wait(delay)
+                        continue
                 self._report(entries, error, attempts, futures)
                 return
+            except BaseException as error:
+                # sys.exit() and the like: the batch failed; report it, then let the engine decide.
+                self._report(entries, error, attempts, futures)
+                raise
             self.sent += len(entries)
             for future in futures:
                 if future.set_running_or_notify_cancel():
@@ -241,6 +250,8 @@ class BackgroundDispatcher(Generic[T]):
             self._engine.kick(lane)
 
     def _enqueue_locked(self, entry: T, timeout: float | None = None) -> None:
+        if timeout is not None:
+            timeout = check_seconds("timeout", timeout)
         if self._closed:
             self._lane.append(entry)  # raises DispatcherClosedError naming the entry
         self._engine.put(entry, None, timeout=timeout)
@@ -262,6 +273,8 @@ class BackgroundDispatcher(Generic[T]):
         Returns whether all of it was handed to ``send_batch`` (and returned) in time;
         failures are reported through ``on_error``.
         """
+        if timeout is not None:
+            timeout = check_seconds("timeout", timeout)
         return self._engine.flush(timeout)
 
     def close(self, timeout: float | None = None) -> bool:
@@ -270,6 +283,8 @@ class BackgroundDispatcher(Generic[T]):
         Blocks up to ``timeout`` seconds (None: no limit), even if ``send_batch`` hangs.
         Returns whether everything was delivered in time without a failed send.
         """
+        if timeout is not None:
+            timeout = check_seconds("timeout", timeout)
         with self._close_lock:
             if not self._closed:
                 self._closed = True

@@ -95,6 +95,7 @@ class _BatchState(Generic[T]):
         self.failed = 0
         self.cancelled = 0
         self.calls = 0
+        self.local = threading.local()  # .sending: how many send_batch calls this thread is inside
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -152,10 +153,13 @@ class _BatchState(Generic[T]):
     def send(self, target: str, batch: list[_Pending[T]]) -> None:
         """Run ``send_batch`` for one batch (on a pool thread) and resolve each message's Future."""
         messages = [pending.message for pending in batch]
+        local = self.local
         try:
+            local.sending = getattr(local, "sending", 0) + 1
             try:
                 results = self.send_batch(target, messages)
             finally:
+                local.sending -= 1
                 self._release(called=True)
         except Exception as error:  # noqa: BLE001 - the whole batch failed; each Future gets the error
             self._fail(batch, error)
@@ -208,6 +212,10 @@ class _BatchState(Generic[T]):
             pending.future.set_exception(error)
         with self.mutex:
             self.failed += len(batch)
+
+    def in_send(self) -> bool:
+        """Whether the calling thread is inside ``send_batch`` (it cannot wait for its own batch)."""
+        return bool(getattr(self.local, "sending", 0))
 
     def begin_close(self, deadline: float | None) -> None:
         with self.mutex:
@@ -339,9 +347,12 @@ class BatchedDispatcher(Generic[T]):
 
         Blocks up to ``timeout`` seconds (None: no limit), even if ``send_batch`` hangs.
         Returns whether all of them were sent (or failed, each Future says which) in time.
+        Called from inside ``send_batch`` it cannot wait for its own batch and returns False.
         """
         if timeout is not None:
             timeout = check_seconds("timeout", timeout)
+        if self._state.in_send():
+            return False  # called by send_batch: the batch it runs in cannot settle while we wait
         return self._engine.flush(timeout)
 
     def close(self, timeout: float | None = None) -> bool:
@@ -350,10 +361,15 @@ class BatchedDispatcher(Generic[T]):
         Blocks up to ``timeout`` seconds (None: no limit), even if ``send_batch`` hangs;
         messages still queued when the timeout passes fail with DispatchTimeoutError.
         Returns whether everything was sent in time and no message failed during the close.
+        Called from inside ``send_batch`` it starts the close and returns False at once.
         """
         deadline = None if timeout is None else time.monotonic() + check_seconds("timeout", timeout)
         state = self._state
         state.begin_close(deadline)
+        if state.in_send():
+            # Called by send_batch: the batch it runs in cannot finish while we wait for it.
+            self._engine.begin_close()
+            return False
         drained = self._engine.close(None if deadline is None else max(0.0, deadline - time.monotonic()))
         pool_done = state.pool.shutdown(None if deadline is None else max(0.0, deadline - time.monotonic()))
         if drained and pool_done:

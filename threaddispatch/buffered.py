@@ -260,6 +260,28 @@ class _AsyncState(Generic[T]):
                 abandoned,
             )
 
+    def stop_unreferenced(self) -> None:
+        """What the AsyncDispatcher's finalizer calls: begin the stop without ever waiting for ``mutex``.
+
+        The cycle collector may run the finalizer on a thread that holds ``mutex`` already
+        (a collection inside a locked section, e.g. on a loop thread); waiting for it there
+        would deadlock. When the mutex is free the stop begins here, otherwise on a
+        short-lived daemon thread (none during interpreter exit: the exit drain stops us).
+        """
+        if self.mutex.acquire(blocking=False):
+            self.mutex.release()
+            self.begin_stop(None, start_if_idle=False)
+            return
+        if _lifecycle.exiting():
+            return
+        threading.Thread(
+            target=self.begin_stop,
+            args=(None,),
+            kwargs={"start_if_idle": False},
+            name=f"threaddispatch-async-{self.target}-stop",
+            daemon=True,
+        ).start()
+
     def join(self, deadline: float | None) -> None:
         """Wait for both loops to leave, until ``deadline`` (monotonic; None: no limit).
 
@@ -472,7 +494,9 @@ class _AsyncState(Generic[T]):
             return
         try:
             handler(failed)
-        except Exception:  # noqa: BLE001 - the failure loop must live whatever the handler does
+        except BaseException:  # noqa: BLE001 - the failure loop must live whatever the handler does
+            # BaseException too: sys.exit() here would end this thread silently (threading swallows
+            # SystemExit) and every later failure would go unreported.
             with self.mutex:
                 self.handler_errors += 1
             _log.exception("%s: error_handler raised while reporting %s", self.describe(), _short(failed.message))
@@ -563,7 +587,7 @@ class AsyncDispatcher(Generic[T]):
         _lifecycle.register(self._state)
         # An unreferenced dispatcher stops: its loops drain what they hold and leave. At
         # interpreter exit the lifecycle drain handles it instead (in its order).
-        finalizer = weakref.finalize(self, self._state.begin_stop, None, start_if_idle=False)
+        finalizer = weakref.finalize(self, self._state.stop_unreferenced)
         finalizer.atexit = False
 
     def setup(self, buffer_len: int) -> Sender[T]:

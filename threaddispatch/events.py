@@ -96,6 +96,17 @@ class EventEmitter:
 
     remove_listener = off
 
+    def _remove_registration(self, event: str, registered: _Once) -> None:
+        """Remove this very ``once`` wrapper (not another registration of the same function)."""
+        with self._listeners_lock:
+            listeners = self._listeners.get(event, [])
+            for index, candidate in enumerate(listeners):
+                if candidate is registered:
+                    del listeners[index]
+                    if not listeners:
+                        del self._listeners[event]
+                    return
+
     def remove_all_listeners(self, event: str | None = None) -> None:
         """Remove every listener of ``event``, or of every event when it is None."""
         with self._listeners_lock:
@@ -126,7 +137,7 @@ class EventEmitter:
                     if registered.fired:
                         continue
                     registered.fired = True
-                self.off(event, registered.fn)
+                self._remove_registration(event, registered)
                 fn = registered.fn
             else:
                 fn = registered

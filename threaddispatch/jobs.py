@@ -86,8 +86,25 @@ Handler = Callable[["JobContext", Any], object]
 _log = logging.getLogger("threaddispatch.jobs")
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 _CRON_LEASE = "cron-leader"
+
+
+def _cron_lease(name: str) -> str:
+    """The store lease whose holder fires the cron entry ``name``."""
+    return f"{_CRON_LEASE}:{name}"
+
+
 _MAX_ERROR_TEXT = 8000
 _CTX_LOCK = threading.Lock()  # guards JobContext._cancelled/_event (held for a few instructions)
+
+
+def _new_ctx_lock_after_fork() -> None:
+    # A worker of the parent may have held it at fork time; the child's copy would stay held.
+    global _CTX_LOCK
+    _CTX_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_ctx_lock_after_fork)
 
 #: Extension hook names and the event each one listens to (an extension implements any subset).
 EXTENSION_HOOKS: Mapping[str, str] = {
@@ -451,6 +468,9 @@ class JobEngine:
         self._wake_pending = False
         self._next_due = math.inf  # earliest run_at (epoch) this process knows of
         self._inflight: dict[str, _Slot] = {}
+        # Abandoned slots (timed out, cancelled, lost) whose job this process claimed again while
+        # their thread still runs: out of _inflight (the new claim's slot is there), still counted.
+        self._orphans: set[_Slot] = set()
         self._queue_running: dict[str, int] = {}
         self._waiters: dict[str, set[threading.Event]] = {}
         # _done: finished jobs waiting for the group commit (slot, result JSON, note, result).
@@ -865,10 +885,15 @@ class JobEngine:
                 thread.join(max(0.0, deadline - time.monotonic()))
         if pool is not None:
             pool.shutdown(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            cron_names = list(self._crons)
         try:
-            self.store.release_lease(_CRON_LEASE, holder=self.worker_id)
+            for index, cron_name in enumerate(cron_names):
+                if index and time.monotonic() >= deadline:
+                    break  # out of time: the rest expire after their ttl
+                self.store.release_lease(_cron_lease(cron_name), holder=self.worker_id)
         except StoreError:
-            self.logger.warning("could not release the cron lease at stop", exc_info=True)
+            self.logger.warning("could not release the cron leases at stop", exc_info=True)
         with self._lock:
             self._state = "stopped"
             self._idle.notify_all()
@@ -896,7 +921,7 @@ class JobEngine:
                 if remaining <= 0:
                     return False
                 self._idle.wait(remaining)
-            return not self._inflight
+            return not self._inflight and not self._orphans
 
     def _hand_back_running(self) -> int:
         with self._lock:
@@ -964,7 +989,7 @@ class JobEngine:
         with self._lock:
             done = self._stats["completed"] + self._stats["failed"] + self._stats["retried"] - before
             # Handed back, not lost: another worker runs them. Reported as "lost" to this process.
-            return (done, len(self._inflight))
+            return (done, len(self._inflight) + len(self._orphans))
 
     def _reset_after_fork(self) -> None:
         # The child has none of the parent's threads; its claims stay the parent's.
@@ -1027,7 +1052,7 @@ class JobEngine:
                     return
                 batch, self._done = self._done, []
                 # Slots of jobs in the batch are free once it is written (in the claim's transaction).
-                free = self._concurrency - len(self._inflight) + len(batch)
+                free = self._concurrency - len(self._inflight) - len(self._orphans) + len(batch)
                 if free <= 0:
                     # Woken by a finishing job (or stop); nothing to claim meanwhile.
                     self._wake.wait(poll)
@@ -1090,6 +1115,9 @@ class JobEngine:
             if not stopping:
                 for job in jobs:
                     slot = _Slot(job, JobContext(job, self, self.logger), self._definitions.get(job.name))
+                    previous = self._inflight.get(job.id)
+                    if previous is not None:
+                        self._orphans.add(previous)  # its handler still runs; the new claim takes its key
                     self._inflight[job.id] = slot
                     self._queue_running[job.queue] = self._queue_running.get(job.queue, 0) + 1
                     slots.append(slot)
@@ -1230,7 +1258,11 @@ class JobEngine:
 
     def _forget(self, slot: _Slot) -> None:
         """Drop a slot from the in-flight table (lock held); wake the fetcher, stop() and result() waiters."""
-        if self._inflight.pop(slot.job.id, None) is None:
+        if self._inflight.get(slot.job.id) is slot:
+            del self._inflight[slot.job.id]
+        elif slot in self._orphans:
+            self._orphans.discard(slot)
+        else:
             return
         queue = slot.job.queue
         left = self._queue_running.get(queue, 1) - 1
@@ -1512,13 +1544,15 @@ class JobEngine:
             with self._lock:
                 crons = list(self._crons.items())
             wait = ttl / 3
-            try:
-                leader = self.store.acquire_lease(_CRON_LEASE, holder=self.worker_id, ttl=ttl, now=now)
-            except StoreError:
-                self.logger.warning("cron: could not take the leader lease", exc_info=True)
-                leader = False
-            if leader:
-                for name, (schedule, entry) in crons:
+            for name, (schedule, entry) in crons:
+                # One lease per entry: an engine leads the entries it declared, so an entry
+                # declared only by another process sharing the store still fires there.
+                try:
+                    leader = self.store.acquire_lease(_cron_lease(name), holder=self.worker_id, ttl=ttl, now=now)
+                except StoreError:
+                    self.logger.warning("cron %r: could not take the leader lease", name, exc_info=True)
+                    leader = False
+                if leader:
                     tick = schedule.last_at(now)
                     if tick > fired_up_to.get(name, -math.inf):
                         self._fire(entry, tick, now)
@@ -1661,6 +1695,12 @@ class JobEngine:
         if letter is None:
             raise JobNotFoundError(f"no dead letter with id {dead_letter_id!r}")
         definition = self._definitions.get(letter.name)
+        if definition is not None:
+            timeout = definition.timeout
+        else:
+            # A management engine (CLI, admin) has no handlers: keep the failed job's timeout.
+            original = self.store.get(letter.job_id)
+            timeout = original.timeout if original is not None else None
         now = time.time()
         job = JobRecord(
             id=new_job_id(),
@@ -1669,7 +1709,7 @@ class JobEngine:
             queue=letter.queue,
             priority=letter.priority,
             max_retries=letter.max_retries,
-            timeout=definition.timeout if definition is not None else None,
+            timeout=timeout,
             run_at=now,
             created_at=now,
             updated_at=now,
@@ -1693,7 +1733,7 @@ class JobEngine:
             letters.extend(page)
             if len(page) < 500:
                 break
-        chosen = letters[::-1] if limit is None else letters[::-1][:limit]
+        chosen = (letters if limit is None else letters[:limit])[::-1]  # the newest `limit`, oldest first
         replayed = []
         for letter in chosen:
             try:
@@ -1737,7 +1777,7 @@ class JobEngine:
             data.update(
                 state=self._state,
                 worker_id=self.worker_id,
-                in_flight=len(self._inflight),
+                in_flight=len(self._inflight) + len(self._orphans),
                 concurrency=self._concurrency,
                 queues=list(self._queues),
                 running_by_queue=dict(self._queue_running),

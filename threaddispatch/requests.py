@@ -37,6 +37,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import secrets
 import threading
 import time
@@ -157,6 +158,16 @@ def default_dedupe_key(request: object) -> str:
 
 # Guards the lazy creation of CancellationToken events (rare: only when send waits on one).
 _token_lock = threading.Lock()
+
+
+def _new_token_lock_after_fork() -> None:
+    # A thread of the parent may have held it at fork time; the child's copy would stay held.
+    global _token_lock
+    _token_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_token_lock_after_fork)
 
 
 class CancellationToken:

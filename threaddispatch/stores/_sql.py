@@ -33,7 +33,8 @@ _LIST_JOBS = (
     f"SELECT {JOB_COLUMNS} FROM dispatch_jobs {{where}}ORDER BY created_at DESC, seq DESC LIMIT {{m}} OFFSET {{m}}"
 )
 _LIST_LETTERS = (
-    f"SELECT {LETTER_COLUMNS} FROM dispatch_dead_letters {{where}}ORDER BY seq DESC LIMIT {{m}} OFFSET {{m}}"
+    f"SELECT {LETTER_COLUMNS} FROM dispatch_dead_letters {{where}}ORDER BY failed_at DESC, seq DESC "
+    "LIMIT {m} OFFSET {m}"
 )
 
 Mark = Literal["?", "%s"]

@@ -406,7 +406,10 @@ class MemoryStore(Store):
         self._check_limit(limit, offset)
         with self._lock:
             self._check_open()
-            letters = [letter for letter in reversed(self._dead.values()) if queue is None or letter.queue == queue]
+            # Newest first by failed_at (then insertion), as the SQL stores: keyset pages rely on it.
+            matching = [(letter.failed_at, n, letter) for n, letter in enumerate(self._dead.values())]
+            matching.sort(key=lambda item: (item[0], item[1]), reverse=True)
+            letters = [letter for _, _, letter in matching if queue is None or letter.queue == queue]
             return [dataclasses.replace(letter) for letter in letters[offset : offset + limit]]
 
     def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
