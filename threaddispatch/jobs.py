@@ -1564,18 +1564,16 @@ class JobEngine:
         definition = self._definitions.get(entry.job_name)
         if definition is None:
             return
-        job = JobRecord(
-            id=new_job_id(),
-            name=entry.job_name,
-            payload=entry.payload,
+        job = self._build(
+            entry.job_name,
+            entry.payload,
+            definition,
             queue=entry.queue,
             priority=entry.priority,
-            max_retries=definition.max_retries,
-            timeout=definition.timeout,
             run_at=now,
-            created_at=now,
-            updated_at=now,
+            max_retries=None,
             unique_key=f"cron:{entry.name}:{tick!r}",
+            now=now,
         )
         try:
             fired = self.store.fire_cron(entry.name, tick=tick, job=job)
