@@ -171,3 +171,63 @@ def test_per_lane_limit_with_drop_oldest_in_the_locked_path() -> None:
     assert engine.lane_length("a") == 3
     gate.set()
     assert engine.close(5)
+
+
+class SteppedDeliver:
+    """A deliver that blocks in every call until the test allows one more to return."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Semaphore(0)
+        self.allowed = threading.Semaphore(0)
+        self.batches: list[list[Any]] = []
+
+    def __call__(self, key: Hashable, items: list[Any]) -> None:
+        self.batches.append(list(items))
+        self.entered.release()
+        assert self.allowed.acquire(timeout=20), "the test never let deliver return"
+
+    def wait_entered(self) -> None:
+        assert self.entered.acquire(timeout=10), "deliver was not called"
+
+    def allow(self, calls: int = 1) -> None:
+        for _ in range(calls):
+            self.allowed.release()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("overflow", ["drop_newest", "drop_oldest"])
+def test_entries_dropped_after_a_flush_counted_them_leave_no_stale_quota(overflow: str) -> None:
+    """The lock-free path overshoots max_queue_size until its kick trims; a flush that counted the
+    overshoot must not wait for the dropped entries: it returns, and a later flush returns too."""
+    deliver = SteppedDeliver()
+    engine: BatchEngine[int] = BatchEngine(
+        deliver,
+        name="test-engine",
+        window=60,
+        max_batch_size=5,
+        max_queue_size=10,
+        overflow=overflow,  # type: ignore[arg-type]
+    )
+    lane = engine.default_lane
+    for i in range(5):
+        lane.append(i)  # the lock-free enqueue: append, then kick at the trigger
+    engine.kick(lane)
+    deliver.wait_entered()  # the first batch is in deliver
+    for i in range(5, 25):
+        lane.append(i)  # producers appended past the limit; their kicks have not run yet
+    flushed: list[bool] = []
+    flusher = threading.Thread(target=lambda: flushed.append(engine.flush(20)), daemon=True)
+    flusher.start()
+    wait_for(lambda: engine._flush_requested == 1, message="the flush request")
+    deliver.allow()  # the worker starts the flush with all 20 entries counted, and takes 5
+    deliver.wait_entered()
+    engine.kick(lane)  # the late kick drops what is over the limit
+    assert engine.dropped == 5
+    deliver.allow(3)  # the 10 kept entries go in two batches
+    flusher.join(10)
+    assert flushed == [True]
+    assert engine.pending() == 0
+    assert engine.flush(5) is True
+    assert sum(len(b) for b in deliver.batches) == 20
+    deliver.allow(10)
+    assert engine.close(5)

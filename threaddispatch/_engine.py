@@ -133,6 +133,11 @@ class BatchEngine(Generic[T]):
         self._flush_requested = 0
         self._flush_taken = 0
         self._flush_target_seq = 0
+        # Entries a flush still has to take from each lane. Invariant: 0 < quota <= len(lane)
+        # for every lane here. Entries leave a lane only under _lock, by a take (which lowers
+        # the quota by what it took: _start_batch) or a drop (which lowers it to what is left:
+        # _drop); lock-free appends only lengthen a lane. So a lane that empties (and may then
+        # be deleted) has no quota, and a flush never waits for entries that are gone.
         self._flush_quota: dict[Lane[T], int] = {}
         self._space_waiters = 0
         self._settle_waiters = 0
@@ -183,8 +188,7 @@ class BatchEngine(Generic[T]):
                 if self.overflow == "block":
                     self._wait_for_space(lane, limit, timeout, item)
                 elif self.overflow == "drop_oldest":
-                    dropped = [lane.drop_oldest()]
-                    self.dropped += 1
+                    dropped = self._drop(lane, 1)
                 else:
                     dropped = [item]
                     self.dropped += 1
@@ -224,12 +228,29 @@ class BatchEngine(Generic[T]):
     def _trim(self, lane: Lane[T]) -> list[T]:
         """Apply a drop policy to a lane over its limit; caller holds _lock."""
         assert self.max_queue_size is not None
-        excess = len(lane) - self.max_queue_size
-        drop = lane.drop_oldest if self.overflow == "drop_oldest" else lane.drop_newest
-        dropped = [drop() for _ in range(excess)]
-        self.dropped += excess
+        dropped = self._drop(lane, len(lane) - self.max_queue_size)
         if self._space_waiters:
             self._space.notify_all()
+        return dropped
+
+    def _drop(self, lane: Lane[T], count: int) -> list[T]:
+        """Drop ``count`` entries of ``lane`` by the overflow policy; caller holds _lock.
+
+        Keeps the flush-quota invariant (see ``_init_state``): a flush may have counted
+        entries the lock-free path appended past the limit, which are dropped only now.
+        """
+        drop = lane.drop_oldest if self.overflow == "drop_oldest" else lane.drop_newest
+        dropped = [drop() for _ in range(count)]
+        self.dropped += count
+        quota = self._flush_quota.get(lane)
+        if quota is not None and quota > len(lane):
+            if len(lane):
+                self._flush_quota[lane] = len(lane)
+            else:
+                del self._flush_quota[lane]
+                self._flush_progress()
+                if self._settle_waiters:
+                    self._settled.notify_all()  # the flush may have been waiting on this quota
         return dropped
 
     def _report_dropped(self, items: list[T]) -> None:
