@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from threaddispatch import DispatcherClosedError
+from threaddispatch import DispatcherClosedError, QueueFullError
 from threaddispatch._engine import BatchEngine
 from threaddispatch._lanes import PriorityLane
 from threaddispatch.testing import wait_for
@@ -231,3 +231,30 @@ def test_entries_dropped_after_a_flush_counted_them_leave_no_stale_quota(overflo
     assert sum(len(b) for b in deliver.batches) == 20
     deliver.allow(10)
     assert engine.close(5)
+
+
+@pytest.mark.timeout(30)
+def test_a_blocked_put_lands_in_the_live_lane_of_its_key() -> None:
+    """A keyed put that waited for room while the worker emptied (and so deleted) its lane goes into
+    the key's live lane: pending() counts it and the limit still holds for the next put."""
+    deliver = SteppedDeliver()
+    engine: BatchEngine[int] = BatchEngine(
+        deliver, name="test-engine", window=60, max_batch_size=1, max_queue_size=1, overflow="block"
+    )
+    engine.put(1, key="k")
+    deliver.wait_entered()  # [1] is in deliver; the emptied lane of "k" was deleted
+    engine.put(2, key="k")  # a new lane for "k", now full
+    producer = threading.Thread(target=engine.put, args=(3, "k"), daemon=True)
+    producer.start()
+    wait_for(lambda: engine._space_waiters == 1, message="the producer waiting for room")
+    deliver.allow()  # the worker takes [2], emptying that lane too, and waits in deliver again
+    deliver.wait_entered()
+    producer.join(10)
+    assert not producer.is_alive()
+    assert engine.pending() == 1
+    assert engine.lane_length("k") == 1
+    with pytest.raises(QueueFullError):
+        engine.put(4, key="k", timeout=0)
+    deliver.allow(10)
+    assert engine.close(5)
+    assert deliver.batches == [[1], [2], [3]]

@@ -178,15 +178,13 @@ class BatchEngine(Generic[T]):
         with self._lock:
             if self._closing:
                 raise DispatcherClosedError(f"{self.name} is closed; {item!r} was not accepted")
-            lane = self._lanes.get(key)
-            if lane is None:
-                lane = self._new_lane(key)
+            lane = self._lane_of(key)
             limit = self.max_queue_size
             if limit is not None and len(lane) >= limit:
                 if self.overflow == "raise":
                     raise QueueFullError(f"{self.name}: queue is full ({limit} entries); {item!r} was not accepted")
                 if self.overflow == "block":
-                    self._wait_for_space(lane, limit, timeout, item)
+                    lane = self._wait_for_space(key, limit, timeout, item)
                 elif self.overflow == "drop_oldest":
                     dropped = self._drop(lane, 1)
                 else:
@@ -200,11 +198,26 @@ class BatchEngine(Generic[T]):
             self._report_dropped(dropped)
         return accepted
 
-    def _wait_for_space(self, lane: Lane[T], limit: int, timeout: float | None, item: T) -> None:
+    def _lane_of(self, key: Hashable) -> Lane[T]:
+        """The live lane of ``key``, made if it has none; caller holds _lock."""
+        lane = self._lanes.get(key)
+        return self._new_lane(key) if lane is None else lane
+
+    def _wait_for_space(self, key: Hashable, limit: int, timeout: float | None, item: T) -> Lane[T]:
+        """Wait until the lane of ``key`` has room and return it; caller holds _lock (released meanwhile).
+
+        The lane is looked up again after every wait: the worker deletes a keyed lane it
+        empties, and an entry put in a deleted lane would be counted nowhere.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         self._space_waiters += 1
         try:
-            while len(lane) >= limit and not self._closing:
+            while True:
+                if self._closing:
+                    raise DispatcherClosedError(f"{self.name} closed while {item!r} waited for room")
+                lane = self._lane_of(key)
+                if len(lane) < limit:
+                    return lane
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise QueueFullError(
@@ -213,8 +226,6 @@ class BatchEngine(Generic[T]):
                 self._space.wait(remaining)
         finally:
             self._space_waiters -= 1
-        if self._closing:
-            raise DispatcherClosedError(f"{self.name} closed while {item!r} waited for room")
 
     def put_later(self, item: T, key: Hashable, delay: float) -> None:
         """Add ``item`` to the lane of ``key`` after ``delay`` seconds (used for retries)."""
@@ -403,9 +414,7 @@ class BatchEngine(Generic[T]):
         scheduled = self._scheduled
         while scheduled and (scheduled[0][0] <= now or self._closing):
             _when, _serial, key, item = heapq.heappop(scheduled)
-            lane = self._lanes.get(key)
-            if lane is None:
-                lane = self._new_lane(key)
+            lane = self._lane_of(key)
             lane.append(item)
             self._arm(lane)
 
