@@ -53,6 +53,7 @@ from urllib.parse import urlencode
 
 from threaddispatch import _lifecycle
 from threaddispatch._pool import WorkerPool
+from threaddispatch._request_future import LazyFuture
 from threaddispatch.backoff import check_seconds
 from threaddispatch.errors import Cancel, CancelledError, ConfigurationError, DispatcherClosedError, Retry
 from threaddispatch.events import EventEmitter
@@ -385,7 +386,7 @@ class _Outbox:
     def __init__(self) -> None:
         self.launch: list[tuple[_Request, CancellationToken]] = []
         self.events: list[RequestEvent] = []
-        self.settle: list[tuple[Future[Any], str, Any]] = []
+        self.settle: list[tuple[LazyFuture, str, Any]] = []
         self.unstore: list[tuple[str, str]] = []
         self.closed = False
 
@@ -393,18 +394,18 @@ class _Outbox:
         return bool(self.launch or self.events or self.settle or self.unstore or self.closed)
 
 
-class _RequestFuture(Future[Any]):
+class _RequestFuture(LazyFuture):
     """A request's Future: cancelling it (as its holder may) deletes the request from its queue.
 
     The dispatcher settles it through the base class's methods, so its own cancellations
-    do not come back here.
+    do not come back here. Its Condition is made only if something waits on it.
     """
 
     _owner: tuple[_Core[Any, Any], str, str] | None = None  # (core, queue key, request id)
 
     def cancel(self) -> bool:
         """Cancel the Future and delete its request (setting its token if it runs); see ``Future.cancel``."""
-        cancelled = Future.cancel(self)
+        cancelled = LazyFuture.cancel(self)
         owner = self._owner
         if cancelled and owner is not None:
             owner[0].delete(owner[1], owner[2])
@@ -926,7 +927,7 @@ class _Core(Generic[RequestT, ResponseT]):
                 elif how == "exception":
                     future.set_exception(value)
                 else:
-                    Future.cancel(future)  # not _RequestFuture.cancel: the request is already removed
+                    LazyFuture.cancel(future)  # not _RequestFuture.cancel: the request is already removed
             except FutureStateError:
                 pass  # its holder cancelled the Future meanwhile
         if out.launch:
@@ -951,7 +952,7 @@ class _Core(Generic[RequestT, ResponseT]):
             while pending:
                 req, token = pending.popleft()
                 try:
-                    self.pool.submit(self.run_attempt, req, token)
+                    self.pool.run(self.run_attempt, req, token)  # run_attempt reports its own outcome
                 except DispatcherClosedError:
                     token._cancel()  # close gave up on it (its timeout passed)
                     self._finish_attempt(req, token, None, None, None)
