@@ -29,6 +29,7 @@ import time
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -335,7 +336,9 @@ class BatchedDispatcher(Generic[T]):
         future = self.submit(message, target, delay_seconds=delay_seconds)
         try:
             return future.result(timeout)
-        except TimeoutError:
+        except (TimeoutError, FutureTimeoutError):
+            # Both: before 3.11, Future.result raises concurrent.futures.TimeoutError, which
+            # is not the builtin; from 3.11 on the two are one class.
             if future.done():
                 raise  # send_batch's own TimeoutError for this message
             raise DispatchTimeoutError(
