@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hmac
 import itertools
 import json
@@ -28,7 +29,7 @@ from threaddispatch.testing import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
-TOKEN = "s3cret-token-\u00e9"  # non-ASCII on purpose: compared as UTF-8 bytes
+TOKEN = "s3cret-token-\u00e9"  # non-ASCII on purpose: sent and compared as UTF-8 bytes
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 BASE = "/api/dispatch"
 _priorities = itertools.count(1 << 40)
@@ -88,15 +89,16 @@ class Server:
         """Send one request and read the whole answer (a fresh connection each time)."""
         if params:
             path = f"{path}?{urlencode(params)}"
-        sent = dict(headers or {})
+        sent: dict[str, str | bytes] = dict(headers or {})
         if token is not None:
-            sent["Authorization"] = f"Bearer {token}"
+            # Raw UTF-8 bytes, as curl and browsers send them (http.client would encode a str as latin-1).
+            sent["Authorization"] = f"Bearer {token}".encode()
         data: bytes | None
         if body is None or isinstance(body, bytes):
             data = body
         else:
             data = json.dumps(body).encode()
-            sent["Content-Type"] = "application/json"
+            sent.setdefault("Content-Type", "application/json")
         conn = HTTPConnection("127.0.0.1", self.port, timeout=10)
         try:
             conn.request(method, path, body=data, headers=sent)
@@ -352,8 +354,37 @@ def test_cancel_pending_or_retrying_only(engine: JobEngine, api: Server) -> None
         assert engine.get_job(job_id).state is JobState.CANCELLED
     for job_id, state in ((running, "running"), (completed, "completed"), (pending, "cancelled")):
         message = assert_error(api.request("POST", f"{BASE}/jobs/{job_id}/cancel"), 409, "conflict")
-        assert f"is {state}" in message and "only pending or retrying" in message
+        assert state in message and "only pending or retrying" in message
     assert engine.get_job(running).state is JobState.RUNNING
+
+
+def test_cancel_never_cancels_a_job_claimed_during_the_request(
+    engine: JobEngine, api: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker claiming the job while the cancel request is served: 409 and the job runs on, or 200 and it never ran.
+
+    The claim is made the moment the route first reads the job, the window a check-then-cancel route leaves open.
+    """
+    job_id = engine.enqueue("noop", {"n": 1}, priority=_top())
+    real_get_job = engine.get_job
+    claimed: list[JobRecord] = []
+
+    def get_job_then_a_worker_claims(wanted: str) -> JobRecord:
+        record = real_get_job(wanted)
+        if not claimed and record.state is JobState.PENDING:
+            claimed.extend(engine.store.claim([record.queue], 1, worker_id="w", now=time.time() + 1))
+            assert [job.id for job in claimed] == [wanted]
+        return record
+
+    monkeypatch.setattr(engine, "get_job", get_job_then_a_worker_claims)
+    reply = api.request("POST", f"{BASE}/jobs/{job_id}/cancel")
+    monkeypatch.undo()
+    if claimed:  # the worker won: its handler runs, so the cancel must be refused
+        assert "running" in assert_error(reply, 409, "conflict")
+        assert engine.get_job(job_id).state is JobState.RUNNING
+    else:  # the cancel won: no worker can claim the job any more
+        assert reply.status == 200 and reply.body["job"]["state"] == "cancelled"
+        assert engine.store.claim(["default"], 1, worker_id="w", now=time.time() + 1) == []
 
 
 def test_retry_failed_only(engine: JobEngine, api: Server) -> None:
@@ -430,7 +461,23 @@ def test_purge_all_or_older_than(engine: JobEngine, api: Server) -> None:
     assert_error(api.request("POST", f"{BASE}/dlq/purge", body={"older_than": "soon"}), 400, "bad_parameter",
                  "older_than")  # fmt: skip
     assert len(engine.dlq()) == 3
-    assert api.request("POST", f"{BASE}/dlq/purge").body == {"purged": 3}
+    assert api.request("POST", f"{BASE}/dlq/purge", body={"all": True}).body == {"purged": 3}
+    assert engine.dlq() == []
+
+
+def test_purge_needs_an_explicit_age_or_all(engine: JobEngine, api: Server) -> None:
+    """No parameter, a null older_than, all=false or both given: 400 and nothing purged; all=true purges everything."""
+    failed_job(engine, {"i": 0})
+    purge = f"{BASE}/dlq/purge"
+    assert_error(api.request("POST", purge), 400, "bad_parameter", "older_than")
+    assert_error(api.request("POST", purge, body={}), 400, "bad_parameter", "older_than")
+    assert_error(api.request("POST", purge, body={"older_than": None}), 400, "bad_parameter", "older_than")
+    assert_error(api.request("POST", purge, body={"all": None}), 400, "bad_parameter", "all")
+    assert_error(api.request("POST", purge, body={"all": False}), 400, "bad_parameter", "all")
+    assert_error(api.request("POST", purge, body={"all": "yes"}), 400, "bad_parameter", "all")
+    assert_error(api.request("POST", purge, body={"all": True, "older_than": 0}), 400, "bad_parameter", "all")
+    assert len(engine.dlq()) == 1
+    assert api.request("POST", purge, params={"all": "true"}).body == {"purged": 1}
     assert engine.dlq() == []
 
 
@@ -549,8 +596,10 @@ def test_head_answers_headers_only(api: Server) -> None:
 
 
 def test_request_bodies_must_be_small_json_objects(engine: JobEngine, api: Server) -> None:
-    """POST bodies are JSON objects or forms; not JSON, not an object, too large, another type or clashing: refused."""
-    assert_error(api.request("POST", f"{BASE}/dlq/purge", body=b"{nope"), 400, "bad_parameter", "body")
+    """POST bodies are JSON objects (application/json); not JSON, not an object, too large, another type: refused."""
+    json_type = {"Content-Type": "application/json; charset=utf-8"}
+    assert_error(api.request("POST", f"{BASE}/dlq/purge", body=b"{nope", headers=json_type), 400, "bad_parameter",
+                 "body")  # fmt: skip
     assert_error(api.request("POST", f"{BASE}/dlq/purge", body=[1, 2]), 400, "bad_parameter", "body")
     assert_error(api.request("POST", f"{BASE}/dlq/purge", body=b"x" * (admin_module.MAX_BODY_SIZE + 1)), 413,
                  "body_too_large")  # fmt: skip
@@ -558,12 +607,15 @@ def test_request_bodies_must_be_small_json_objects(engine: JobEngine, api: Serve
                  "bad_parameter", "older_than")  # fmt: skip
     assert_error(api.request("POST", f"{BASE}/dlq/purge", body={"everything": True}), 400, "bad_parameter",
                  "everything")  # fmt: skip
-    form = {"Content-Type": "application/x-www-form-urlencoded"}
-    assert api.request("POST", f"{BASE}/dlq/purge", body=b"older_than=3600", headers=form).body == {"purged": 0}
-    # curl -d '{...}' labels JSON as a form: JSON is still recognised.
-    assert api.request("POST", f"{BASE}/dlq/purge", body=b'{"older_than": 60}', headers=form).body == {"purged": 0}
-    assert_error(api.request("POST", f"{BASE}/dlq/purge", body=b"older_than", headers={"Content-Type": "text/plain"}),
-                 415, "unsupported_media_type")  # fmt: skip
+    assert api.request("POST", f"{BASE}/dlq/purge", body=b'{"older_than": 60}', headers=json_type).body == {
+        "purged": 0
+    }  # fmt: skip
+    # Any other type (a form, text/plain, none at all) is what a cross-site HTML form can send: 415.
+    for media in ("application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x", None):
+        headers = {} if media is None else {"Content-Type": media}
+        for body in (b"older_than=3600", b'{"older_than": 60}'):
+            reply = api.request("POST", f"{BASE}/dlq/purge", body=body, headers=headers)
+            assert_error(reply, 415, "unsupported_media_type")
 
 
 def test_unexpected_failures_answer_500_without_details(
@@ -634,6 +686,157 @@ def test_concurrent_requests_are_served_in_parallel(engine: JobEngine, api: Serv
     for thread in threads:
         thread.join(20)
     assert results == [5] * 16
+
+
+# -- cross-site requests ---------------------------------------------------------------------------------------------
+
+
+def test_a_cross_site_text_plain_post_cannot_purge_an_unauthenticated_api(
+    engine: JobEngine, serve: Callable[..., Server]
+) -> None:
+    """The classic CSRF form post (text/plain JSON, from another origin) to an app without a token changes nothing."""
+    failed_job(engine)
+    server = serve(make_wsgi_app(engine, allow_unauthenticated=True))
+    purge = f"{BASE}/dlq/purge"
+    reply = server.request("POST", purge, token=None, body=b'{"older_than":0}', headers={"Content-Type": "text/plain"})
+    assert_error(reply, 415, "unsupported_media_type")
+    browser = {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site", "Content-Type": "text/plain"}
+    assert_error(server.request("POST", purge, token=None, body=b'{"older_than":0}', headers=browser), 403,
+                 "cross_site_request")  # fmt: skip
+    assert len(engine.dlq()) == 1
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "https://evil.example"},
+        {"Origin": "http://localhost:{port}"},  # same port, another host name: another origin
+        {"Origin": "http://127.0.0.1:1"},
+        {"Origin": "null"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Sec-Fetch-Site": "cross-site", "Origin": "http://127.0.0.1:{port}"},
+    ],
+)
+def test_cross_site_browser_mutations_get_403(
+    engine: JobEngine, serve: Callable[..., Server], headers: dict[str, str]
+) -> None:
+    """A POST whose Origin is another host:port or whose Sec-Fetch-Site is not same-origin/none: 403, nothing done."""
+    server = serve(make_wsgi_app(engine, allow_unauthenticated=True))
+    sent = {name: value.format(port=server.port) for name, value in headers.items()}
+    reply = server.request("POST", f"{BASE}/queues/mail/pause", token=None, headers=sent)
+    assert "cross-site" in assert_error(reply, 403, "cross_site_request")
+    assert engine.paused_queues() == set()
+    # Reading is not a mutation: a cross-site GET is still answered (the browser keeps it from the other site).
+    assert server.request("GET", f"{BASE}/health", token=None, headers=sent).status == 200
+
+
+def test_same_origin_and_non_browser_mutations_pass(engine: JobEngine, api: Server) -> None:
+    """Same-origin browser requests (Origin equal to Host, Sec-Fetch-Site same-origin or none) and bare clients pass."""
+    for headers in (
+        {},
+        {"Origin": f"http://127.0.0.1:{api.port}", "Sec-Fetch-Site": "same-origin"},
+        {"Origin": f"HTTP://127.0.0.1:{api.port}"},
+        {"Sec-Fetch-Site": "none"},
+    ):
+        reply = api.request("POST", f"{BASE}/queues/mail/pause", headers=headers)
+        assert reply.status == 200, (headers, reply)
+    origin_https = make_wsgi_app(engine, token=TOKEN).handle(
+        "POST", "/queues/mail/resume", authorization=f"Bearer {TOKEN}".encode().decode("latin-1"),
+        origin="https://admin.example", host="admin.example",
+    )  # fmt: skip
+    assert origin_https.status == 200, origin_https.json()  # no port in Host: the origin's default port
+
+
+# -- hostile input: 400, never 500, never an exception out of handle() ---------------------------------------------
+
+
+def _cursor(**fields: object) -> str:
+    data = {"v": 1, "k": "jobs", "f": [None, None], "a": ["x", 1.0], "p": 0, **fields}
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+
+def test_deeply_nested_json_is_a_400_not_a_recursion_error(engine: JobEngine, api: Server) -> None:
+    """A 60 KB body of nested arrays (or a cursor of nested arrays): 400, and handle() itself does not raise."""
+    nested = b"[" * 60_000
+    assert len(nested) <= admin_module.MAX_BODY_SIZE
+    json_type = {"Content-Type": "application/json"}
+    assert_error(api.request("POST", f"{BASE}/dlq/purge", body=nested, headers=json_type), 400, "bad_parameter",
+                 "body")  # fmt: skip
+    app = make_wsgi_app(engine, allow_unauthenticated=True)
+    response = app.handle("POST", "/dlq/purge", body=nested, content_type="application/json")
+    assert response.status == 400
+    deep_cursor = base64.urlsafe_b64encode(b"[" * 30_000).decode()
+    assert app.handle("GET", "/jobs", query=urlencode({"cursor": deep_cursor})).status == 400
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "body", "parameter"),
+    [
+        ("/jobs", {"cursor": _cursor(p=2**63)}, None, "cursor"),
+        ("/jobs", {"cursor": _cursor(p=10**400)}, None, "cursor"),
+        ("/jobs", {"cursor": _cursor(a=["x", 10**400])}, None, "cursor"),
+        ("/dlq/purge", None, b'{"older_than": ' + b"9" * 400 + b"}", "older_than"),
+        ("/dlq/purge", {"older_than": "9" * 400}, None, "older_than"),
+        ("/dlq/purge", None, b'{"older_than": 9223372036854775808}', "older_than"),
+        ("/dlq/replay-all", None, b'{"limit": ' + b"9" * 400 + b"}", "limit"),
+        ("/dlq/replay-all", None, b'{"queue": "\\ud800"}', "queue"),  # a lone surrogate
+        ("/jobs/counts", {"queue": "a\x00b"}, None, "queue"),
+    ],
+    ids=[
+        "p-2**63",
+        "p-400-digits",
+        "anchor-400-digits",
+        "json-400-digits",
+        "query-400-digits",
+        "json-2**63",
+        "limit-400-digits",
+        "surrogate",
+        "nul",
+    ],
+)
+def test_out_of_range_numbers_and_bad_text_are_400(
+    api: Server, path: str, params: dict[str, object] | None, body: bytes | None, parameter: str
+) -> None:
+    """Cursor positions past signed 64-bit, 400-digit numbers, lone surrogates, NUL: 400 naming the parameter."""
+    method = "GET" if path.startswith("/jobs") else "POST"
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    reply = api.request(method, f"{BASE}{path}", params=params, body=body, headers=headers)
+    assert_error(reply, 400, "bad_parameter", parameter)
+
+
+def test_handle_never_raises(
+    engine: JobEngine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anything unexpected anywhere in handle() or the WSGI entry: a logged JSON 500, never an exception."""
+    app = make_wsgi_app(engine, allow_unauthenticated=True)
+
+    def broken(*args: object, **kwargs: object) -> dict[str, object]:
+        raise RecursionError("deep internals")
+
+    monkeypatch.setattr(AdminApp, "_params", broken)
+    response = app.handle("POST", "/dlq/purge", body=b"{}", content_type="application/json")
+    assert response.status == 500 and response.json()["error"]["code"] == "internal_error"
+    assert "deep internals" in caplog.text and "deep internals" not in response.body.decode()
+    monkeypatch.undo()
+
+    class FailingInput:
+        def read(self, size: int = -1) -> bytes:
+            raise OSError("client went away")
+
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/api/dispatch/dlq/purge", "CONTENT_LENGTH": "2",
+               "CONTENT_TYPE": "application/json", "wsgi.input": FailingInput()}  # fmt: skip
+    assert app.handle_environ(environ).status == 400
+    for length in ("-1", "x", str(2**70)):
+        assert app.handle_environ({**environ, "CONTENT_LENGTH": length}).status in (400, 413)
+    assert app.handle_environ({**environ, "CONTENT_LENGTH": str(admin_module.MAX_BODY_SIZE + 1)}).status == 413
+
+
+def test_a_non_ascii_token_sent_as_utf8_matches(api: Server) -> None:
+    """The header arrives latin-1-decoded (PEP 3333): its bytes, re-encoded, are compared with the UTF-8 token."""
+    assert api.request("GET", f"{BASE}/health").status == 200  # sent as UTF-8 bytes, like curl
+    latin1 = {"Authorization": f"Bearer {TOKEN}"}  # http.client encodes a str as latin-1: other bytes
+    assert_error(api.request("GET", f"{BASE}/health", token=None, headers=latin1), 401, "unauthorized")
 
 
 # -- the store helpers behind the admin (base-class defaults) ------------------------------------------------------

@@ -8,13 +8,15 @@ GET      ``/``                           the route list
 GET      ``/jobs``                       jobs, newest first: ``state``, ``queue``, ``limit``, ``cursor``
 GET      ``/jobs/counts``                ``{state: count}`` (``queue``)
 GET      ``/jobs/{id}``                  one job
-POST     ``/jobs/{id}/cancel``           cancel a pending or retrying job (else 409)
+POST     ``/jobs/{id}/cancel``           cancel a pending or retrying job (else 409, also
+                                        when a worker claimed it meanwhile)
 POST     ``/jobs/{id}/retry``            run a failed job again (else 409)
 GET      ``/dlq``                        dead letters, newest first: ``queue``, ``limit``, ``cursor``
 GET      ``/dlq/{id}``                   one dead letter
 POST     ``/dlq/{id}/replay``            enqueue it again as a new job
 POST     ``/dlq/replay-all``             replay every dead letter (``queue``, ``limit``)
-POST     ``/dlq/purge``                  delete dead letters (``older_than`` seconds; all without it)
+POST     ``/dlq/purge``                  delete dead letters older than ``older_than`` seconds,
+                                        or every one with ``all=true`` (one of the two)
 GET      ``/crons``                      cron entries
 POST     ``/crons/{name}/enable|disable`` let a cron entry fire, or stop it
 GET      ``/queues``                     known queues with counts, limits and pause state
@@ -23,13 +25,39 @@ GET      ``/stats``                      the engine's counters, job counts, the 
 GET      ``/health``                     200 when the store answers, else 503
 =======  ==============================  ===============================================
 
-Every request needs ``Authorization: Bearer <token>`` (compared in constant time),
-unless the app was built with ``allow_unauthenticated=True`` and no token. Responses
-are JSON; errors are ``{"error": {"code": ..., "message": ...}}`` with 400 (a bad
-parameter, named in ``error.parameter``), 401, 404 (unknown route or id), 405 (with
-``Allow``), 409 (the job's state forbids it), 413, 503 (store unreachable) or 500.
-POST parameters come from the query string or a JSON object body. Pages carry an opaque
-``next_cursor`` (keyset: no item is skipped when jobs arrive or leave while paging).
+Every request needs ``Authorization: Bearer <token>`` (its bytes compared with the
+token's UTF-8 bytes in constant time), unless the app was built with
+``allow_unauthenticated=True`` and no token. Responses are JSON; errors are
+``{"error": {"code": ..., "message": ...}}`` with 400 (a bad parameter, named in
+``error.parameter``), 401, 403 (a cross-site request), 404 (unknown route or id), 405
+(with ``Allow``), 409 (the job's state forbids it), 413 (a body over
+:data:`MAX_BODY_SIZE`), 415 (a body that is not ``application/json``), 503 (store
+unreachable) or 500 (logged; the details stay in the server log). :meth:`AdminApp.handle`
+never raises.
+
+Parameters come from the query string or a JSON object body. A parameter given as JSON
+``null`` is refused (400): leave it out instead, so that no ``null`` can widen an
+operation (``{"older_than": null}`` does not purge everything). Integers and seconds
+must fit a signed 64-bit integer. Pages carry an opaque ``next_cursor`` (keyset: no
+item is skipped when jobs arrive or leave while paging).
+
+Cross-site requests. A browser on another site can make a user's browser send simple
+requests (an HTML form, ``fetch`` with ``mode: "no-cors"``) carrying the user's cookies
+or network position, though never an ``Authorization: Bearer`` header it was not
+given. So that such a request cannot change anything, also when the app relies on
+``allow_unauthenticated=True`` behind cookie or network authentication:
+
+- a request with a (non-blank) body must declare ``Content-Type: application/json``
+  (parameters allowed, like ``; charset=utf-8``), which no form can send; else 415;
+- a mutation (POST, PUT, PATCH, DELETE) is refused with 403 when it carries
+  ``Sec-Fetch-Site`` other than ``same-origin`` or ``none``, or an ``Origin`` whose
+  host and port differ from the request's ``Host`` (the port defaulting to the
+  origin's scheme: 80 or 443). Behind a proxy that rewrites ``Host``, have it keep
+  the original. A non-browser client (curl, a script) sends neither header and passes.
+
+The Django view (:mod:`threaddispatch.contrib.django.views`) skips Django's CSRF check
+only for requests authenticated by this app's bearer token; every other request (an
+unauthenticated app behind Django's session login) goes through ``csrf_protect``.
 
 Mounting: the app strips ``base_path`` from ``PATH_INFO`` and appends it to
 ``SCRIPT_NAME``; mounted under a prefix by another WSGI app (``base_path=""``), it
@@ -51,7 +79,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 from wsgiref.simple_server import make_server as _wsgiref_make_server
 
@@ -80,6 +108,10 @@ MAX_LIMIT = 500
 #: The largest request body accepted (bytes); larger ones get 413.
 MAX_BODY_SIZE = 64 * 1024
 _MAX_REPLAY_ALL = 100_000
+#: Every number a request gives must fit a signed 64-bit integer (the stores' INTEGER).
+_INT64_MAX = 2**63 - 1
+_MUTATIONS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_SAME_ORIGIN_FETCH_SITES = frozenset({"same-origin", "none"})
 
 
 class _HttpError(Exception):
@@ -99,6 +131,22 @@ class _HttpError(Exception):
 
 def _bad(parameter: str, message: str) -> _HttpError:
     return _HttpError(400, "bad_parameter", message, parameter=parameter)
+
+
+def _shorten(value: object, width: int = 60) -> str:
+    """``repr(value)`` cut to ``width`` characters, for echoing a bad value in a message."""
+    text = repr(value)
+    return text if len(text) <= width else f"{text[: width - 3]}..."
+
+
+def _check_text(name: str, value: str) -> None:
+    """Refuse text no store can hold: a NUL character or a lone surrogate (not encodable as UTF-8)."""
+    if "\x00" in value:
+        raise _bad(name, f"{name} must not contain a NUL character, got {_shorten(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad(name, f"{name} must be valid Unicode text (no lone surrogates), got {_shorten(value)}") from None
 
 
 @dataclass(frozen=True)
@@ -128,7 +176,18 @@ def _json_default(value: object) -> object:
 
 
 def _encode_json(data: object) -> bytes:
-    return json.dumps(data, default=_json_default, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text = json.dumps(data, default=_json_default, separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8", "backslashreplace")  # a lone surrogate must not fail the answer
+
+
+def _load_json(raw: bytes | str) -> object:
+    """``json.loads``; raises ValueError for anything it cannot decode, too deep nesting included."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(str(error)) from None
 
 
 def _respond(status: int, data: object, headers: Iterable[tuple[str, str]] = ()) -> AdminResponse:
@@ -153,6 +212,10 @@ def _error_response(error: _HttpError) -> AdminResponse:
     return _respond(error.status, {"error": detail}, error.headers)
 
 
+# Built once: answering it cannot fail.
+_INTERNAL_ERROR = _error_response(_HttpError(500, "internal_error", "internal error; see the server log"))
+
+
 class _Request:
     """One parsed request: method, path (relative to the app), parameters, mount prefix."""
 
@@ -171,7 +234,19 @@ class _Request:
             return None
         if not isinstance(value, str) or not value or value != value.strip():
             raise _bad(name, f"{name} must be a non-empty string without surrounding spaces, got {value!r}")
+        _check_text(name, value)
         return value
+
+    def flag(self, name: str) -> bool | None:
+        """A boolean parameter: JSON true/false or the text "true"/"false"; None when absent."""
+        value = self.raw(name)
+        if value is None:
+            return None
+        if isinstance(value, bool):
+            return value
+        if value in ("true", "false"):
+            return value == "true"
+        raise _bad(name, f"{name} must be true or false, got {value!r}")
 
     def integer(self, name: str, default: int | None, low: int, high: int) -> int | None:
         value = self.raw(name)
@@ -183,7 +258,7 @@ class _Request:
         elif isinstance(value, str) and re.fullmatch(r"[0-9]{1,9}", value):
             number = int(value)
         if number is None or not low <= number <= high:
-            raise _bad(name, f"{name} must be a whole number from {low} to {high}, got {value!r}")
+            raise _bad(name, f"{name} must be a whole number from {low} to {high}, got {_shorten(value)}")
         return number
 
     def seconds(self, name: str) -> float | None:
@@ -191,15 +266,17 @@ class _Request:
         if value is None:
             return None
         number: float | None = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = float(value) if 0 <= value <= _INT64_MAX else None  # float() of a huge int overflows
+        elif isinstance(value, float):
+            number = value
+        elif isinstance(value, str) and len(value) <= 40:
             try:
                 number = float(value)
             except ValueError:
                 number = None
-        if number is None or not math.isfinite(number) or number < 0:
-            raise _bad(name, f"{name} must be a number of seconds >= 0, got {value!r}")
+        if number is None or not math.isfinite(number) or not 0 <= number <= _INT64_MAX:
+            raise _bad(name, f"{name} must be a number of seconds from 0 to {_INT64_MAX}, got {_shorten(value)}")
         return number
 
     def state(self) -> JobState | None:
@@ -225,20 +302,25 @@ def _encode_cursor(kind: str, filters: list[object], anchor: tuple[str, float], 
 def _decode_cursor(text: str, kind: str, filters: list[object]) -> tuple[tuple[str, float], int]:
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        data = json.loads(raw)
+        data = _load_json(raw)
+        if not isinstance(data, dict):
+            raise TypeError("not an object")
         anchor_id, anchor_time = data["a"]
         position = data["p"]
         valid = (
             data.get("v") == 1 and data.get("k") == kind and isinstance(anchor_id, str)
             and isinstance(anchor_time, (int, float)) and not isinstance(anchor_time, bool)
-            and math.isfinite(anchor_time)
-            and isinstance(position, int) and not isinstance(position, bool) and position >= 0
+            and math.isfinite(anchor_time)  # OverflowError for an int past float
+            and isinstance(position, int) and not isinstance(position, bool) and 0 <= position <= _INT64_MAX
         )  # fmt: skip
-    except (binascii.Error, ValueError, TypeError, KeyError, UnicodeDecodeError):
+        if valid:
+            _check_text("cursor", anchor_id)
+        given_filters = data.get("f")
+    except (binascii.Error, ValueError, TypeError, KeyError, OverflowError, _HttpError):
         valid = False
     if not valid:
         raise _bad("cursor", "cursor is not a cursor this listing returned")
-    if data.get("f") != filters:
+    if given_filters != filters:
         raise _bad("cursor", "cursor was returned for other filters; repeat the same filters or drop the cursor")
     return (anchor_id, float(anchor_time)), position
 
@@ -303,42 +385,51 @@ class AdminApp:
         self.base_path = base_path.rstrip("/")
         self._token = None if token is None else token.encode("utf-8")
 
+    @property
+    def requires_token(self) -> bool:
+        """Whether requests must carry the bearer token (False only for an unauthenticated app)."""
+        return self._token is not None
+
     # -- WSGI -------------------------------------------------------------------------------------
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """The WSGI entry point: answers every request with a JSON body."""
         response = self.handle_environ(environ)
         start_response(response.status_line, response.headers)
-        return [] if environ.get("REQUEST_METHOD", "GET").upper() == "HEAD" else [response.body]
+        return [] if str(environ.get("REQUEST_METHOD", "GET")).upper() == "HEAD" else [response.body]
 
     def handle_environ(self, environ: WSGIEnvironment) -> AdminResponse:
-        """Answer the request in a WSGI ``environ`` (reads ``wsgi.input`` for POST)."""
+        """Answer the request in a WSGI ``environ``; reads at most MAX_BODY_SIZE + 1 bytes of ``wsgi.input``.
+
+        Never raises: every failure is a JSON error response.
+        """
+        try:
+            return self._handle_environ(environ)
+        except _HttpError as error:
+            return _error_response(error)
+        except Exception:  # noqa: BLE001 - documented never to raise: a 500, logged
+            _log.exception("admin request failed: %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
+            return _INTERNAL_ERROR
+
+    def _handle_environ(self, environ: WSGIEnvironment) -> AdminResponse:
         script_name = _from_wsgi(str(environ.get("SCRIPT_NAME", "")))
         path = _from_wsgi(str(environ.get("PATH_INFO", ""))) or "/"
         if self.base_path:
             if path != self.base_path and not path.startswith(self.base_path + "/"):
-                return _error_response(_HttpError(404, "not_found", f"no such route: {path}"))
+                raise _HttpError(404, "not_found", f"no such route: {path}")
             script_name += self.base_path
             path = path[len(self.base_path) :] or "/"
-        method = str(environ.get("REQUEST_METHOD", "GET")).upper()
-        body = b""
-        if method == "POST":
-            try:
-                length = int(environ.get("CONTENT_LENGTH") or 0)
-            except ValueError:
-                return _error_response(_HttpError(400, "bad_request", "Content-Length is not a number"))
-            if length > MAX_BODY_SIZE:
-                return _error_response(_HttpError(413, "body_too_large", f"request body over {MAX_BODY_SIZE} bytes"))
-            if length > 0:
-                body = environ["wsgi.input"].read(length)
         return self.handle(
-            method,
+            str(environ.get("REQUEST_METHOD", "GET")),
             path,
             query=str(environ.get("QUERY_STRING", "")),
             authorization=environ.get("HTTP_AUTHORIZATION"),
-            body=body,
+            body=_read_body(environ),
             content_type=environ.get("CONTENT_TYPE"),
             script_name=script_name,
+            origin=environ.get("HTTP_ORIGIN"),
+            sec_fetch_site=environ.get("HTTP_SEC_FETCH_SITE"),
+            host=_wsgi_host(environ),
         )
 
     # -- the framework-free core -----------------------------------------------------------------------
@@ -353,24 +444,34 @@ class AdminApp:
         body: bytes = b"",
         content_type: str | None = None,
         script_name: str = "",
+        origin: str | None = None,
+        sec_fetch_site: str | None = None,
+        host: str | None = None,
     ) -> AdminResponse:
         """Answer one request given its parts; used by the WSGI entry point and by framework glue.
 
         ``path`` is relative to the app (``/jobs/abc``, base path already removed);
-        ``body`` holds POST parameters as a JSON object or a urlencoded form (per
-        ``content_type``); ``script_name`` is where the app is mounted (only echoed in
-        the route list).
-        Never raises: every failure is a JSON error response.
+        ``body`` holds POST parameters as a JSON object (``content_type`` must be
+        ``application/json``); ``script_name`` is where the app is mounted (only echoed
+        in the route list). ``authorization`` is the header as WSGI hands it (its bytes
+        decoded as latin-1, PEP 3333). ``origin``, ``sec_fetch_site`` and ``host`` are the
+        ``Origin``, ``Sec-Fetch-Site`` and ``Host`` headers, for the cross-site check of
+        mutations (None: absent). Blocks for the route's store calls. Never raises: every
+        failure is a JSON error response (an unexpected one a 500, logged).
         """
         try:
             if len(body) > MAX_BODY_SIZE:
                 raise _HttpError(413, "body_too_large", f"request body over {MAX_BODY_SIZE} bytes")
             self._authenticate(authorization)
-            return self._dispatch(
-                method.upper(), path, query, body, content_type=content_type or "", script_name=script_name
-            )
+            method = method.upper()
+            if method in _MUTATIONS:
+                _refuse_cross_site(origin, sec_fetch_site, host)
+            return self._dispatch(method, path, query, body, content_type=content_type or "", script_name=script_name)
         except _HttpError as error:
             return _error_response(error)
+        except Exception:  # noqa: BLE001 - documented never to raise: a 500, logged
+            _log.exception("admin %r %r failed", method, path)
+            return _INTERNAL_ERROR
 
     def _authenticate(self, authorization: str | None) -> None:
         if self._token is None:
@@ -381,7 +482,7 @@ class AdminApp:
                              headers=challenge)  # fmt: skip
         scheme, _, credentials = authorization.strip().partition(" ")
         # compare_digest on bytes: constant time in the token's content, whatever it holds.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.strip().encode("utf-8"), self._token):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(_header_bytes(credentials.strip()), self._token):
             invalid = [("WWW-Authenticate", 'Bearer realm="threaddispatch", error="invalid_token"')]
             raise _HttpError(401, "unauthorized", "invalid bearer token", headers=invalid)
 
@@ -404,6 +505,8 @@ class AdminApp:
             unknown = sorted(set(params) - accepted)
             if unknown:
                 raise _bad(unknown[0], f"unknown parameter {unknown[0]!r} for {method} {route.template}")
+            for group in match.groups():
+                _check_text("path", group)
             request = _Request(method, path, params, script_name)
             try:
                 status, data = handler(self, request, match.groups())
@@ -443,32 +546,28 @@ class AdminApp:
     @classmethod
     def _params(cls, method: str, query: str, body: bytes, content_type: str) -> dict[str, object]:
         params = cls._form(query, "query string")
-        stripped = body.strip()
-        if stripped:
-            if method != "POST":
-                raise _HttpError(400, "bad_request", f"{method} takes no request body")
-            media = content_type.partition(";")[0].strip().lower()
-            data: object
-            # JSON whatever the declared type: ``curl -d '{...}'`` labels it as a form.
-            if stripped[:1] in (b"{", b"[") or media in ("", "application/json"):
-                try:
-                    data = json.loads(body)
-                except (UnicodeDecodeError, ValueError):
-                    raise _bad("body", "the request body is not JSON") from None
-            elif media == "application/x-www-form-urlencoded":
-                try:
-                    data = cls._form(body.decode("utf-8"), "request body")
-                except UnicodeDecodeError:
-                    raise _HttpError(400, "bad_request", "the request body is not valid UTF-8") from None
-            else:
-                raise _HttpError(415, "unsupported_media_type",
-                                 f"send parameters as JSON or a form, not {media}")  # fmt: skip
-            if not isinstance(data, dict):
-                raise _bad("body", "the request body must be a JSON object of parameters")
-            for name, value in data.items():
-                if name in params and params[name] != value:
-                    raise _bad(name, f"parameter {name!r} is given in the query string and the body")
-                params[name] = value
+        if not body.strip():
+            return params
+        if method != "POST":
+            raise _HttpError(400, "bad_request", f"{method} takes no request body")
+        # Only JSON: an HTML form (urlencoded, multipart, text/plain) from another site cannot send it.
+        media = content_type.partition(";")[0].strip().lower()
+        if media != "application/json":
+            raise _HttpError(415, "unsupported_media_type", "send a request body as a JSON object with "
+                             f"Content-Type: application/json (got {media or 'no Content-Type'}), "
+                             "or give the parameters in the query string")  # fmt: skip
+        try:
+            data = _load_json(body)
+        except ValueError:
+            raise _bad("body", "the request body is not JSON (or is nested too deeply)") from None
+        if not isinstance(data, dict):
+            raise _bad("body", "the request body must be a JSON object of parameters")
+        for name, value in data.items():
+            if value is None:
+                raise _bad(name, f"parameter {name!r} is null; leave it out or give a value")
+            if name in params and params[name] != value:
+                raise _bad(name, f"parameter {name!r} is given in the query string and the body")
+            params[name] = value
         return params
 
     # -- jobs ---------------------------------------------------------------------------------------------
@@ -507,15 +606,13 @@ class AdminApp:
 
     @_route("/jobs/{id}/cancel", r"/jobs/([^/]+)/cancel", "POST")
     def _cancel_job(self, request: _Request, groups: tuple[str, ...]) -> tuple[int, object]:
-        job = self.engine.get_job(groups[0])
-        if job.state not in (JobState.PENDING, JobState.RETRYING):
-            raise _HttpError(
-                409, "conflict", f"job {job.id!r} is {job.state.value}; only pending or retrying jobs can be cancelled"
-            )
-        # A worker may claim it between the check and the cancel: the engine then cancels the
-        # running job (its ctx.cancelled is set and its outcome discarded), which is still safe.
-        self.engine.cancel(job.id)
-        return 200, {"job": self.engine.get_job(job.id).to_dict()}
+        # One conditional store statement, no check before it: a job a worker claimed meanwhile
+        # is running, so it is refused (its handler runs) rather than cancelled under the handler.
+        try:
+            self.engine.cancel(groups[0], running=False)
+        except InvalidStateError as error:
+            raise _HttpError(409, "conflict", f"{error} (only pending or retrying jobs can be cancelled)") from None
+        return 200, {"job": self.engine.get_job(groups[0]).to_dict()}
 
     @_route("/jobs/{id}/retry", r"/jobs/([^/]+)/retry", "POST")
     def _retry_job(self, request: _Request, groups: tuple[str, ...]) -> tuple[int, object]:
@@ -550,9 +647,17 @@ class AdminApp:
         job_ids = self.engine.replay_all(queue, limit=limit)
         return 200, {"replayed": len(job_ids), "job_ids": job_ids}
 
-    @_route("/dlq/purge", r"/dlq/purge", "POST", ("older_than",))
+    @_route("/dlq/purge", r"/dlq/purge", "POST", ("older_than", "all"))
     def _purge_dlq(self, request: _Request, groups: tuple[str, ...]) -> tuple[int, object]:
+        # Purging everything takes an explicit all=true: no missing or null parameter widens it.
         older_than = request.seconds("older_than")
+        everything = request.flag("all")
+        if everything is False:
+            raise _bad("all", "all must be true to purge every dead letter; to purge by age give only older_than")
+        if everything and older_than is not None:
+            raise _bad("all", "give older_than or all=true, not both")
+        if older_than is None and not everything:
+            raise _bad("older_than", "give older_than (seconds) to purge older dead letters, or all=true for every one")
         return 200, {"purged": self.engine.purge_dlq(older_than)}
 
     @_route("/dlq/{id}", r"/dlq/([^/]+)", "GET")
@@ -657,6 +762,76 @@ def _from_wsgi(text: str) -> str:
         return text.encode("latin-1").decode("utf-8")
     except (UnicodeEncodeError, UnicodeDecodeError):
         return text
+
+
+def _header_bytes(value: str) -> bytes:
+    """The bytes of a header value as WSGI hands it (latin-1 decoded, PEP 3333).
+
+    A str holding characters past U+00FF was not decoded that way (framework glue passed
+    real text): its UTF-8 bytes then.
+    """
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape")
+
+
+def _read_body(environ: WSGIEnvironment) -> bytes:
+    """At most MAX_BODY_SIZE + 1 bytes of the body: Content-Length of them, or to the end when terminated."""
+    declared = str(environ.get("CONTENT_LENGTH") or "").strip()
+    if declared:
+        if not re.fullmatch(r"[0-9]+", declared):
+            raise _HttpError(400, "bad_request", f"Content-Length is not a whole number: {_shorten(declared)}")
+        length = int(declared) if len(declared) <= 18 else MAX_BODY_SIZE + 1
+        if length > MAX_BODY_SIZE:
+            raise _HttpError(413, "body_too_large", f"request body over {MAX_BODY_SIZE} bytes")
+    elif environ.get("wsgi.input_terminated"):
+        length = MAX_BODY_SIZE + 1  # no length (chunked): read to the end, at most one byte too many
+    else:
+        return b""
+    if length == 0:
+        return b""
+    try:
+        body = environ["wsgi.input"].read(length)
+    except (OSError, ValueError) as error:
+        raise _HttpError(400, "bad_request", f"the request body could not be read: {error}") from None
+    if not isinstance(body, bytes):
+        raise TypeError(f"wsgi.input.read() returned {type(body).__name__}, not bytes")
+    return body
+
+
+def _wsgi_host(environ: WSGIEnvironment) -> str | None:
+    """The request's host[:port]: the Host header, else SERVER_NAME:SERVER_PORT (PEP 3333)."""
+    host = environ.get("HTTP_HOST")
+    if host:
+        return str(host)
+    name, port = environ.get("SERVER_NAME"), environ.get("SERVER_PORT")
+    return f"{name}:{port}" if name and port else None
+
+
+def _refuse_cross_site(origin: str | None, sec_fetch_site: str | None, host: str | None) -> None:
+    """403 for a mutation a browser sent from another site (see "Cross-site requests" above)."""
+    if sec_fetch_site is not None and sec_fetch_site.strip().lower() not in _SAME_ORIGIN_FETCH_SITES:
+        raise _HttpError(403, "cross_site_request", f"refused a cross-site request (Sec-Fetch-Site: "
+                         f"{_shorten(sec_fetch_site)}); send it from the same origin or without a browser")  # fmt: skip
+    if origin is not None and not _same_origin(origin, host):
+        raise _HttpError(403, "cross_site_request", f"refused a cross-site request: Origin {_shorten(origin)} is "
+                         f"not this host ({_shorten(host)})")  # fmt: skip
+
+
+def _same_origin(origin: str, host: str | None) -> bool:
+    """Whether ``Origin`` names the host and port of ``Host`` (ports defaulting to the origin's scheme)."""
+    if not host or any(c in host for c in "/\\@?#"):
+        return False
+    try:
+        source = urlsplit(origin.strip())
+        target = urlsplit(f"//{host.strip()}")
+        if source.scheme.lower() not in ("http", "https") or not source.hostname or source.path not in ("", "/"):
+            return False
+        default = 443 if source.scheme.lower() == "https" else 80
+        return source.hostname == target.hostname and (source.port or default) == (target.port or default)
+    except ValueError:  # a port that is no number or out of range
+        return False
 
 
 def make_wsgi_app(
