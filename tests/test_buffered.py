@@ -1032,3 +1032,100 @@ def test_an_error_handler_calling_sys_exit_does_not_end_the_failure_loop() -> No
     wait_for(lambda: reported == [1, 2], timeout=5.0, message="both failures reported")
     assert ad.stats()["handler_errors"] == 1
     assert ad.stop(5.0) is True
+
+
+# -- BaseException from user code ---------------------------------------------------------------
+
+
+class RaisingOnce:
+    """A dispatcher that raises ``error`` for the message ``"boom"`` and records every other message."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+        self.recorder: RecordingDispatcher[str] = RecordingDispatcher()
+
+    def dispatch(self, message: str, target: str, *, delay_seconds: int | None = None) -> str | None:
+        if message == "boom":
+            raise self.error
+        return self.recorder.dispatch(message, target)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), SystemExit(3), GeneratorExit()], ids=type)
+def test_a_base_exception_from_dispatch_fails_that_message_and_the_loop_goes_on(
+    error: BaseException, cleanup: list[Callable[[], object]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """KeyboardInterrupt/SystemExit/GeneratorExit raised by dispatch fail that message only: it reaches the
+    error handler with that error, later messages are dispatched, and stop() reports a clean drain."""
+    dispatcher = RaisingOnce(error)
+    ad, sender, failures = make(dispatcher, cleanup)
+    with caplog.at_level(logging.ERROR, logger="threaddispatch"):
+        sender.put("before")
+        sender.put("boom")
+        sender.put("after")
+        wait_for(lambda: len(failures) == 1, timeout=5.0, message="the failure reported")
+        dispatcher.recorder.wait_for_count(2)
+        sender.put("later")
+        dispatcher.recorder.wait_for_count(3)
+        assert ad.stop(5.0) is True
+    assert [(f.message, f.error, f.attempts) for f in failures] == [("boom", error, 1)]
+    assert dispatcher.recorder.messages() == ["before", "after", "later"]
+    assert (ad.sent, ad.failed) == (3, 1)
+    assert not [r for r in caplog.records if r.levelno >= logging.CRITICAL]
+
+
+@pytest.mark.timeout(20)
+def test_a_base_exception_from_dispatch_goes_through_the_retry_policy(cleanup: list[Callable[[], object]]) -> None:
+    """A SystemExit from dispatch is a failure like any other: retried under the policy, then final."""
+    dispatcher = RaisingOnce(SystemExit(1))
+    ad, sender, failures = make(dispatcher, cleanup, retry=RetryPolicy(max_attempts=3, backoff=Constant(0.0)))
+    sender.put("boom")
+    sender.put("ok")
+    wait_for(lambda: len(failures) == 1, timeout=5.0, message="the final failure reported")
+    assert ad.stop(5.0) is True
+    assert [(f.message, f.attempts) for f in failures] == [("boom", 3)]
+    assert (ad.retried, ad.sent, ad.failed) == (2, 1, 1)
+
+
+class RaisingSubmitter(ManualSubmitter):
+    """A submitting dispatcher whose submit raises KeyboardInterrupt for ``"boom"``."""
+
+    def submit(self, message: Any, target: str) -> Future[str | None]:
+        if message == "boom":
+            raise KeyboardInterrupt
+        return super().submit(message, target)
+
+
+@pytest.mark.timeout(20)
+def test_a_base_exception_from_submit_fails_that_message_and_the_loop_goes_on(
+    cleanup: list[Callable[[], object]],
+) -> None:
+    """A KeyboardInterrupt from submit() fails that message; later messages are still submitted."""
+    submitter = RaisingSubmitter()
+    ad, sender, failures = make(submitter, cleanup)
+    sender.put("boom")
+    sender.put("after")
+    wait_for(lambda: submitter.count() == 1, timeout=5.0, message="the later message submitted")
+    submitter.resolve_all()
+    assert ad.stop(5.0) is True
+    assert [(f.message, type(f.error)) for f in failures] == [("boom", KeyboardInterrupt)]
+    assert (ad.sent, ad.failed) == (1, 1)
+
+
+@pytest.mark.timeout(20)
+def test_a_retry_predicate_raising_system_exit_makes_the_failure_final(
+    cleanup: list[Callable[[], object]],
+) -> None:
+    """retry_on raising SystemExit does not kill the loop: the failure is final and reported."""
+
+    def retry_on(_error: BaseException) -> bool:
+        raise SystemExit(4)
+
+    recorder: RecordingDispatcher[str] = RecordingDispatcher(fail={"bad"})
+    ad, sender, failures = make(recorder, cleanup, retry=RetryPolicy(max_attempts=3, retry_on=retry_on))
+    sender.put("bad")
+    sender.put("good")
+    wait_for(lambda: len(failures) == 1, timeout=5.0, message="the failure reported")
+    recorder.wait_for_count(1)
+    assert ad.stop(5.0) is True
+    assert [f.message for f in failures] == ["bad"] and recorder.messages() == ["good"]

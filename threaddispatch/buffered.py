@@ -342,12 +342,13 @@ class _AsyncState(Generic[T]):
                 else:
                     try:
                         self.dispatcher.dispatch(message, self.target)
-                    except Exception as error:  # noqa: BLE001 - reported through the failure loop
+                    except BaseException as error:  # noqa: BLE001 - user code: this message failed, the loop lives
                         self._settle(message, attempts + 1, error)
                     else:
                         delivered += 1
                 holding = None
         except BaseException as error:
+            # Only a fault of this loop's own code gets here: user code's errors fail their message.
             _log.critical("%s: the dispatch loop died; reporting what it held as failed", self.describe())
             self._abandon(error, holding, delivered)
             raise
@@ -393,14 +394,14 @@ class _AsyncState(Generic[T]):
         deadline = self.stop_deadline
         try:
             self.flush(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        except Exception:  # noqa: BLE001 - a failing flush must not stop the drain
+        except BaseException:  # noqa: BLE001 - a failing flush (even sys.exit) must not stop the drain
             _log.exception("%s: flush() of the dispatcher raised", self.describe())
 
     def _submit(self, message: T, attempt: int) -> None:
         assert self.submit is not None
         try:
             future = self.submit(message, self.target)
-        except Exception as error:  # noqa: BLE001 - reported through the failure loop
+        except BaseException as error:  # noqa: BLE001 - user code: this message failed, the loop lives
             self._settle(message, attempt, error)
             return
         future.add_done_callback(functools.partial(self._on_done, message, attempt))
@@ -426,10 +427,10 @@ class _AsyncState(Generic[T]):
     def _settle(self, message: T, attempt: int, error: BaseException) -> None:
         """A send of ``message`` failed: schedule a retry or queue it for the failure loop. Nothing held."""
         retry = self.retry
-        if retry is not None and retry.should_retry(attempt, error):
+        if retry is not None and self._should_retry(retry, attempt, error):
             try:
                 delay = retry.delay(attempt)
-            except Exception:  # noqa: BLE001 - a broken backoff makes this failure final
+            except BaseException:  # noqa: BLE001 - a broken backoff (even sys.exit) makes this failure final
                 _log.exception("%s: the retry backoff raised; the failure is final", self.describe())
             else:
                 with self.mutex:
@@ -446,6 +447,15 @@ class _AsyncState(Generic[T]):
             self.failure_ready.notify()
             if self.loop_waiting:
                 self.work_ready.notify()
+
+    def _should_retry(self, retry: RetryPolicy, attempt: int, error: BaseException) -> bool:
+        # should_retry contains an Exception from retry_on; a BaseException (sys.exit) would
+        # end the calling thread (a loop, or a BatchedDispatcher's send thread): contain it too.
+        try:
+            return retry.should_retry(attempt, error)
+        except BaseException:  # noqa: BLE001 - a broken predicate makes this failure final
+            _log.exception("%s: the retry predicate raised; the failure is final", self.describe())
+            return False
 
     def _abandon(self, error: BaseException, holding: tuple[T, int] | None, delivered: int) -> None:
         """The dispatch loop is dying: report everything it still held as failed."""
@@ -561,6 +571,14 @@ class AsyncDispatcher(Generic[T]):
     not wait for each send; at most ``max_in_flight`` messages are handed over and not
     yet settled at a time, so memory stays bounded end to end. ``stop()`` calls the
     dispatcher's ``flush(timeout)`` if it has one; it never closes the dispatcher.
+
+    A BaseException that is not an Exception (``KeyboardInterrupt``, ``SystemExit``,
+    ``GeneratorExit``) raised by user code on a loop (``dispatch``, ``submit``, ``flush``,
+    the retry predicate or backoff, the error handler) is contained like any error:
+    raised by ``dispatch`` or ``submit`` it fails that message, which is retried or
+    reported with that error as its ``FailedMessage.error``, and the loops go on. A loop
+    thread cannot get a KeyboardInterrupt from the user pressing Ctrl-C (Python delivers
+    it to the main thread only), so one raised on a loop came from user code.
     """
 
     def __init__(
