@@ -109,6 +109,51 @@ def test_admin_urls_serve_the_api_with_bearer_auth_and_no_csrf(engine: JobEngine
     assert client.get("/hello").json() == {"hello": "world"}
 
 
+def test_csrf_still_protects_an_unauthenticated_api_behind_session_login(tmp_path: Path) -> None:
+    """ALLOW_UNAUTHENTICATED behind the project's login: a POST without a CSRF token is refused, with one passes."""
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    with override_settings(THREADDISPATCH={"STORE": url, "ALLOW_UNAUTHENTICATED": True}):
+        client = Client(enforce_csrf_checks=True)
+        refused = client.post("/ops/dispatch/queues/default/pause")
+        assert refused.status_code == 403
+        assert get_engine().paused_queues() == set()
+        # A bearer header does not exempt it: this app has no token, so nothing checks the header.
+        assert client.post("/ops/dispatch/queues/default/pause", **AUTH).status_code == 403
+        secret = "a" * 32
+        client.cookies["csrftoken"] = secret
+        passed = client.post("/ops/dispatch/queues/default/pause", HTTP_X_CSRFTOKEN=secret)
+        assert passed.status_code == 200, passed.content
+        assert get_engine().paused_queues() == {"default"}
+        assert client.get("/ops/dispatch/health").status_code == 200  # reading needs no CSRF token
+        reset()
+
+
+def test_cross_site_and_non_json_posts_are_refused(engine: JobEngine) -> None:
+    """Through Django too: a text/plain or form body is 415, an Origin of another host 403; nothing is changed."""
+    client = Client()
+    purge = "/ops/dispatch/dlq/purge"
+    plain = client.post(purge, data=b'{"all": true}', content_type="text/plain", **AUTH)
+    assert plain.status_code == 415 and plain.json()["error"]["code"] == "unsupported_media_type"
+    form = client.post(purge, data={"all": "true"}, **AUTH)  # multipart, the test client's default
+    assert form.status_code == 415
+    evil = client.post("/ops/dispatch/queues/default/pause", HTTP_ORIGIN="https://evil.example", **AUTH)
+    assert evil.status_code == 403 and evil.json()["error"]["code"] == "cross_site_request"
+    same = client.post("/ops/dispatch/queues/default/pause", HTTP_ORIGIN="http://testserver", **AUTH)
+    assert same.status_code == 200, same.content
+    assert engine.paused_queues() == {"default"}
+    big = client.post(purge, data=b" " * 70_000 + b"{}", content_type="application/json", **AUTH)
+    assert big.status_code == 413
+
+
+def test_a_non_ascii_token_sent_as_utf8_matches(engine: JobEngine) -> None:
+    """The Authorization header reaches META latin-1-decoded (PEP 3333): a UTF-8 token sent by curl matches."""
+    token = "t\u00f8k-\u20ac"
+    with override_settings(THREADDISPATCH={"ENGINE": f"{__name__}.project_engine", "TOKEN": token}):
+        as_wsgi = ("Bearer " + token).encode().decode("latin-1")
+        assert Client().get("/ops/dispatch/health", HTTP_AUTHORIZATION=as_wsgi).status_code == 200
+        assert Client().get("/ops/dispatch/health", HTTP_AUTHORIZATION="Bearer t\u00f8k-").status_code == 401
+
+
 def test_project_over_a_real_socket(engine: JobEngine) -> None:
     """The project's WSGI application served by wsgiref on 127.0.0.1 answers the admin API."""
     server = make_server(get_wsgi_application(), "127.0.0.1", 0)
