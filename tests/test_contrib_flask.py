@@ -125,6 +125,41 @@ def test_admin_not_mounted_without_a_path_and_refused_without_a_token(
     assert open_app.test_client().get("/admin/health").get_json()["status"] == "ok"
 
 
+def test_an_unauthenticated_admin_refuses_cross_site_and_non_json_posts(
+    tmp_path: Path, extensions: list[ThreadDispatch]
+) -> None:
+    """Behind the app's own (cookie) login: a text/plain or form POST is 415, another Origin 403; same origin passes."""
+    app = make_app(tmp_path, THREADDISPATCH_ADMIN_PATH="/admin", THREADDISPATCH_ALLOW_UNAUTHENTICATED=True)
+    ext = init(extensions, app)
+    client = app.test_client()
+    pause = "/admin/queues/default/pause"
+    plain = client.post("/admin/dlq/purge", data='{"all": true}', content_type="text/plain")
+    assert plain.status_code == 415 and plain.get_json()["error"]["code"] == "unsupported_media_type"
+    assert client.post("/admin/dlq/purge", data={"all": "true"}).status_code == 415  # a form
+    for headers in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
+        refused = client.post(pause, headers=headers)
+        assert refused.status_code == 403 and refused.get_json()["error"]["code"] == "cross_site_request"
+    with app.app_context():
+        assert ext.engine.paused_queues() == set()
+    same = client.post(pause, headers={"Origin": "http://localhost", "Sec-Fetch-Site": "same-origin"})
+    assert same.status_code == 200, same.get_json()
+    purged = client.post("/admin/dlq/purge", json={"all": True})
+    assert purged.get_json() == {"purged": 0}
+    with app.app_context():
+        assert ext.engine.paused_queues() == {"default"}
+
+
+def test_a_non_ascii_token_sent_as_utf8_matches(tmp_path: Path, extensions: list[ThreadDispatch]) -> None:
+    """The header arrives latin-1-decoded (PEP 3333): a UTF-8 token, as curl sends it, matches; its latin-1 form not."""
+    token = "t\u00f8k-\u20ac"
+    app = make_app(tmp_path, THREADDISPATCH_ADMIN_PATH="/admin", THREADDISPATCH_TOKEN=token)
+    init(extensions, app)
+    client = app.test_client()
+    as_wsgi = ("Bearer " + token).encode().decode("latin-1")
+    assert client.get("/admin/health", headers={"Authorization": as_wsgi}).status_code == 200
+    assert client.get("/admin/health", headers={"Authorization": "Bearer t\u00f8k-"}).status_code == 401
+
+
 def test_bad_configuration_is_refused(tmp_path: Path) -> None:
     """Unknown THREADDISPATCH_* keys, a bad path, a bad store URL, an admin path with no engine: ConfigurationError."""
     with pytest.raises(ConfigurationError, match="THREADDISPATCH_STOR"):

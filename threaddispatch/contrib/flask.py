@@ -16,7 +16,9 @@ Configuration keys (``app.config``):
 - ``THREADDISPATCH_ADMIN_PATH``: mount the admin API there (e.g. ``/api/dispatch``);
   unset or empty: not mounted.
 - ``THREADDISPATCH_TOKEN``: the admin API's bearer token (required when mounted, unless
-  ``THREADDISPATCH_ALLOW_UNAUTHENTICATED`` is true).
+  ``THREADDISPATCH_ALLOW_UNAUTHENTICATED`` is true: then protect the prefix with your own
+  authentication; the admin app refuses cross-site browser mutations and non-JSON bodies
+  itself, see :mod:`threaddispatch.admin`, since Flask has no CSRF protection of its own).
 - ``THREADDISPATCH_EXIT_TIMEOUT``: seconds the exit drain may take
   (:func:`threaddispatch.set_exit_timeout`, process-wide).
 
