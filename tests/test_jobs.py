@@ -743,3 +743,115 @@ def test_retry_claimed_while_the_timed_out_attempt_still_runs_keeps_its_slot(
     finally:
         release_first.set()
         release_second.set()
+
+
+# -- issue 11: engine defects -----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_enqueue_many_of_nothing_returns_no_ids_on_a_running_engine(
+    store: Store, make_engine: Callable[..., JobEngine]
+) -> None:
+    """enqueue_many(name, []) returns [] (running engine or not) and stores nothing."""
+    engine = make_engine(store)
+    engine.register("noop", lambda ctx, payload: None)
+    assert engine.enqueue_many("noop", []) == []
+    engine.start()
+    assert engine.enqueue_many("noop", []) == []
+    assert engine.enqueue_many("noop", iter(())) == []
+    assert engine.list_jobs() == []
+
+
+@pytest.mark.parametrize(
+    "delay",
+    [-1, -0.5, float("nan"), float("inf"), "soon", True, 10**400],
+    ids=["-1", "-0.5", "nan", "inf", "str", "bool", "10**400"],
+)
+def test_retry_refuses_a_bad_delay_when_constructed(delay: object) -> None:
+    """Retry(delay) raises ConfigurationError naming the delay for a negative, NaN, infinite or non-number one."""
+    with pytest.raises(ConfigurationError, match="delay"):
+        Retry(delay=delay)  # type: ignore[arg-type]
+    assert Retry(delay=0).delay == 0
+    assert Retry().delay is None
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("mutate", [False, True], ids=["constructed", "mutated"])
+def test_retry_with_a_bad_delay_is_recorded_as_a_failed_attempt_at_once(
+    store: Store, make_engine: Callable[..., JobEngine], mutate: bool
+) -> None:
+    """A handler raising Retry(bad delay) fails its attempt through the normal retry/fail path, never left running.
+
+    The stale threshold is far away, so only the engine recording the failure ends the job in time.
+    """
+    engine = make_engine(store, heartbeat_interval=10.0, stale_job_threshold=60.0)
+
+    def bad_retry(ctx: JobContext, payload: object) -> None:
+        if mutate:
+            signal = Retry(delay=1.0)
+            signal.delay = float("nan")  # a bad delay set after construction: the engine must cope
+            raise signal
+        raise Retry(delay=-1)
+
+    engine.register("bad_retry", bad_retry, max_retries=1)
+    job_id = engine.enqueue("bad_retry")
+    engine.start()
+    with pytest.raises(InvalidStateError):
+        engine.result(job_id, timeout=10)
+    job = engine.get_job(job_id)
+    assert job.state == "failed" and job.attempts == 2
+    if not mutate:
+        assert "Retry delay must be a finite number" in (job.error or "")
+    assert [letter.job_id for letter in engine.dlq()] == [job_id]
+    assert engine.stats()["reaped"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_stop_from_inside_a_handler_returns_false_at_once_and_keeps_its_job(
+    store: Store, make_engine: Callable[..., JobEngine]
+) -> None:
+    """stop() on a worker thread returns False without waiting on itself; the engine stops; its job completes."""
+    engine = make_engine(store)
+    returned: list[bool] = []
+    stop_returned = threading.Event()
+    runs: list[int] = []
+
+    def stopper(ctx: JobContext, payload: object) -> str:
+        runs.append(ctx.attempt)
+        returned.append(engine.stop(timeout=30))
+        stop_returned.set()
+        return "done"
+
+    engine.register("stopper", stopper)
+    job_id = engine.enqueue("stopper")
+    engine.start()
+    assert stop_returned.wait(10), "stop() inside the handler waited on its own job"
+    assert returned == [False]
+    wait_for(lambda: engine.stats()["state"] == "stopped", timeout=10)
+    assert engine.stop(5)
+    job = engine.get_job(job_id)
+    assert job.state == "completed" and job.decoded_result() == "done"
+    assert runs == [1] and engine.stats()["released"] == 0
+
+
+class _RetryLaterBreaks(MemoryStore):
+    """A store whose retry_later has a bug (raises something other than StoreError)."""
+
+    def retry_later(self, job_id: str, **kwargs: Any) -> bool:  # type: ignore[override]
+        raise RuntimeError("retry_later is broken")
+
+
+@pytest.mark.timeout(30)
+def test_a_failure_that_cannot_be_recorded_normally_still_fails_the_job_at_once(
+    make_engine: Callable[..., JobEngine],
+) -> None:
+    """Any exception while deciding/recording a failed attempt still records a failure: dead letter, never running."""
+    engine = make_engine(_RetryLaterBreaks(), heartbeat_interval=10.0, stale_job_threshold=60.0)
+    engine.register("boom", lambda ctx, payload: 1 / 0, max_retries=3)
+    job_id = engine.enqueue("boom")
+    engine.start()
+    with pytest.raises(InvalidStateError, match="retry_later is broken"):
+        engine.result(job_id, timeout=10)
+    job = engine.get_job(job_id)
+    assert job.state == "failed" and "ZeroDivisionError" in (job.error or "")
+    assert [letter.job_id for letter in engine.dlq()] == [job_id]

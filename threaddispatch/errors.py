@@ -76,9 +76,17 @@ class PayloadError(ThreadDispatchError, ValueError):
 
 
 class Retry(Exception):  # noqa: N818 - a flow signal, named for what user code asks for
-    """Raised by user code to ask for another attempt, optionally after ``delay`` seconds."""
+    """Raised by user code to ask for another attempt, optionally after ``delay`` seconds.
+
+    ``delay`` must be None or a finite number >= 0: anything else raises ConfigurationError
+    here, at construction (inside a handler, that is simply the attempt failing with it).
+    """
 
     def __init__(self, delay: float | None = None, reason: str = "") -> None:
+        if delay is not None:
+            from threaddispatch._validate import check_seconds  # here: _validate imports this module
+
+            check_seconds("Retry delay", delay)
         super().__init__(reason or (f"retry requested after {delay}s" if delay is not None else "retry requested"))
         self.delay = delay
 

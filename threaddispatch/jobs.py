@@ -45,7 +45,8 @@ from typing import Any, TypeVar
 from threaddispatch import _lifecycle
 from threaddispatch._pool import WorkerPool
 from threaddispatch._ratelimit import TokenBucket
-from threaddispatch.backoff import Backoff, ExponentialJitter, check_seconds
+from threaddispatch._validate import check_seconds
+from threaddispatch.backoff import Backoff, ExponentialJitter
 from threaddispatch.cron import CronSchedule
 from threaddispatch.cron import parse as parse_cron
 from threaddispatch.errors import (
@@ -728,6 +729,8 @@ class JobEngine:
             now=now,
         )
         texts = [self._encode(f"payload #{index} of job {name!r}", payload) for index, payload in enumerate(payloads)]
+        if not texts:
+            return []
         jobs = [
             self._build(
                 name,
@@ -747,6 +750,8 @@ class JobEngine:
         return ids
 
     def _enqueued(self, jobs: Sequence[JobRecord]) -> None:
+        if not jobs:
+            return
         if self.events.has_listeners("job_enqueued"):
             for job in jobs:
                 self.events.emit("job_enqueued", job)
@@ -1296,6 +1301,49 @@ class JobEngine:
             self.events.emit("job_completed", job, result)
 
     def _record_failure(self, slot: _Slot, error: BaseException) -> None:
+        """Record a failed attempt: cancelled, retrying, or failed with a dead letter. Never raises.
+
+        When deciding or recording the outcome raises (anything but a StoreError, which leaves
+        the job to the reaper), the attempt still ends: the job fails for good with a dead letter.
+        """
+        try:
+            self._settle_failure(slot, error)
+        except Exception as broken:  # a job must never be left running by a bug here
+            self.logger.exception(
+                "job %s %s: recording its failure (%s) raised; failing it for good", slot.job.name, slot.job.id,
+                type(error).__name__,
+            )  # fmt: skip
+            self._fail_for_good(slot, error, broken)
+
+    def _fail_for_good(self, slot: _Slot, error: BaseException, broken: Exception) -> None:
+        """The fallback of :meth:`_record_failure`: fail the claim with a dead letter carrying both errors."""
+        job = slot.job
+        now = time.time()
+        try:
+            text = f"{_error_text(error)}\nwhile recording it: {_error_text(broken)}"
+            letter = self.store.fail(job.id, worker_id=self.worker_id, attempts=job.attempts, error=text, now=now)
+        except Exception:  # nothing is left to try: the reaper recovers the job
+            self.logger.exception("job %s %s: its failure was not stored; it will be reaped", job.name, job.id)
+            return
+        if letter is None:
+            self._lost(slot)
+            return
+        job.state, job.error, job.finished_at = JobState.FAILED, text, now
+        self._count("failed")
+
+    def _retry_delay(self, slot: _Slot, error: BaseException) -> tuple[float, BaseException]:
+        """Seconds before the next attempt, and the error to record (a bad ``Retry.delay`` becomes one)."""
+        if isinstance(error, Retry) and error.delay is not None:
+            try:
+                return check_seconds("Retry delay", error.delay), error
+            except ConfigurationError as bad:
+                # Set on the Retry after construction (the constructor checks it): the attempt fails with that.
+                bad.__cause__ = error
+                error = bad
+        backoff = (slot.definition.backoff if slot.definition else None) or self.config.backoff
+        return self._backoff(backoff, slot.job.attempts), error
+
+    def _settle_failure(self, slot: _Slot, error: BaseException) -> None:
         job = slot.job
         now = time.time()
         text = _error_text(error)
@@ -1309,11 +1357,8 @@ class JobEngine:
                     self._lost(slot)
                 return
             if job.attempts <= job.max_retries:
-                if isinstance(error, Retry) and error.delay is not None:
-                    delay = check_seconds("Retry.delay", error.delay)
-                else:
-                    backoff = (slot.definition.backoff if slot.definition else None) or self.config.backoff
-                    delay = self._backoff(backoff, job.attempts)
+                delay, error = self._retry_delay(slot, error)
+                text = _error_text(error)
                 if self.store.retry_later(
                     job.id, worker_id=self.worker_id, attempts=job.attempts, run_at=now + delay, error=text, now=now
                 ):

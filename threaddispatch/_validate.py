@@ -1,0 +1,62 @@
+"""Argument checks for the job engine and its stores: one function per check.
+
+Each returns the checked value or raises :class:`~threaddispatch.errors.ConfigurationError`
+naming the argument and the bad value (shortened when long). Integers are bounded by the
+stores' signed 64-bit columns, so a value that passes here never overflows a store.
+"""
+
+from __future__ import annotations
+
+import math
+
+from threaddispatch.errors import ConfigurationError
+
+__all__ = ["INT64_MAX", "INT64_MIN", "check_int", "check_seconds", "check_text", "show"]
+
+#: The range of the stores' integer columns (SQLite INTEGER, PostgreSQL BIGINT).
+INT64_MIN = -(1 << 63)
+INT64_MAX = (1 << 63) - 1
+_SHOWN = 200  # characters of a bad value quoted in a message
+
+
+def show(value: object) -> str:
+    """``repr(value)`` for an error message, shortened past 200 characters (huge ints included)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 600:
+        return f"<int of {value.bit_length()} bits>"  # repr may exceed sys.get_int_max_str_digits
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the real error
+        text = f"<{type(value).__name__} object>"
+    return text if len(text) <= _SHOWN else f"{text[: _SHOWN - 3]}..."
+
+
+def check_int(name: str, value: object, minimum: int = INT64_MIN, maximum: int = INT64_MAX) -> int:
+    """``value`` if it is an int (not a bool) in ``[minimum, maximum]``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ConfigurationError(f"{name} must be an int from {minimum} to {maximum}, got {show(value)}")
+    return value
+
+
+def check_seconds(name: str, value: object, *, allow_zero: bool = True) -> float:
+    """``value`` as float seconds: a finite real number >= 0 (> 0 unless ``allow_zero``), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError(f"{name} must be a number of seconds, got {show(value)}")
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigurationError(f"{name} must be a finite number {bound}, got {show(value)}")
+    return seconds
+
+
+def check_text(name: str, value: object, *, strip: bool = False) -> str:
+    """``value`` if it is a non-empty str without NUL characters (and, with ``strip``, without surrounding spaces).
+
+    NUL is refused for every store: PostgreSQL cannot store it in text, so SQLite and memory refuse it too.
+    """
+    if not isinstance(value, str) or not value or "\x00" in value or (strip and value != value.strip()):
+        extra = " or surrounding spaces" if strip else ""
+        raise ConfigurationError(f"{name} must be a non-empty str without NUL characters{extra}, got {show(value)}")
+    return value
