@@ -155,10 +155,15 @@ def test_order_is_kept_and_no_batch_exceeds_the_maximum() -> None:
 
 
 def _fill_behind_a_blocked_send(overflow: str) -> tuple[BackgroundDispatcher[int], Gate]:
+    """A dispatcher whose first batch, exactly entries 0-4, is held in send_batch until gate.release.
+
+    The window is a minute long, so that batch goes by the size trigger alone: however the
+    threads are scheduled, it holds all five (a short window could close on fewer).
+    """
     gate = Gate()
     d: BackgroundDispatcher[int] = BackgroundDispatcher(
         gate,
-        ms_delay=1,
+        ms_delay=60_000,
         max_batch_size=5,
         max_queue_size=10,
         overflow=overflow,  # type: ignore[arg-type]
@@ -210,10 +215,9 @@ def test_block_policy_waits_for_room_then_times_out() -> None:
     d, gate = _fill_behind_a_blocked_send("block")
     for i in range(5, 15):
         d.enqueue(i)
-    started = time.monotonic()
-    with pytest.raises(QueueFullError):
+    assert d.stats()["pending"] == 10
+    with pytest.raises(QueueFullError, match="stayed full"):
         d.enqueue(99, timeout=0.2)
-    assert time.monotonic() - started >= 0.19
     done = threading.Event()
 
     def blocked_producer() -> None:
@@ -222,7 +226,8 @@ def test_block_policy_waits_for_room_then_times_out() -> None:
 
     producer = threading.Thread(target=blocked_producer)
     producer.start()
-    assert not done.wait(0.05)  # still blocked while the buffer is full
+    wait_for(lambda: d._engine._space_waiters == 1, message="the producer waiting for room")
+    assert not done.is_set()  # room appears only when the held send returns
     gate.release.set()
     assert done.wait(5)
     producer.join()
