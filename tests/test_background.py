@@ -6,6 +6,7 @@ import gc
 import itertools
 import logging
 import math
+import re
 import threading
 import time
 import weakref
@@ -629,3 +630,23 @@ def test_send_batch_calling_sys_exit_neither_kills_the_worker_nor_hangs_close() 
     closer.start()
     closer.join(5.0)
     assert result == [True]
+
+
+@pytest.mark.parametrize("overflow", ["drop_newest", "drop_oldest", "block", "raise"])
+@pytest.mark.parametrize("bad", [-1, -0.001, math.nan, math.inf, "1", True, False, [1]])
+def test_enqueue_and_submit_refuse_a_bad_timeout_under_every_policy(overflow: str, bad: Any) -> None:
+    """A negative, NaN, infinite, non-number or bool timeout raises ConfigurationError naming it, whatever
+    the overflow policy (the drop policies never wait, but a bad argument is still a bug at the call)."""
+    sink = Sink()
+    d: BackgroundDispatcher[str] = BackgroundDispatcher(sink, ms_delay=60_000, overflow=overflow)  # type: ignore[arg-type]
+    needle = f"timeout.*{re.escape(repr(bad))}"
+    with pytest.raises(ConfigurationError, match=needle):
+        d.enqueue("refused", timeout=bad)
+    with pytest.raises(ConfigurationError, match=needle):
+        d.submit("refused too", timeout=bad)
+    assert d.stats()["pending"] == 0
+    d.enqueue("a", timeout=1.5)
+    d.enqueue("b", timeout=0)
+    assert d.submit("c", timeout=2).done() is False
+    assert d.close(5.0)
+    assert sink.entries == ["a", "b", "c"]

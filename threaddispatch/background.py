@@ -148,7 +148,9 @@ def _lock_free_enqueue(lane: FifoLane, kick: Callable[[FifoLane], None]) -> Call
     this measured about 15% cheaper per call than the equivalent method. ``lane.append``
     is looked up on each call so that closing (a class swap of the lane) takes effect
     here too. The engine re-arms ``lane.trigger`` before reading the length, so an entry
-    is either seen by the worker or followed by a kick.
+    is either seen by the worker or followed by a kick. ``timeout`` is never waited on
+    under the drop policies, but a bad one is refused all the same: the usual call
+    passes none and pays one ``is not None`` test for it.
     """
 
     def enqueue(
@@ -158,6 +160,8 @@ def _lock_free_enqueue(lane: FifoLane, kick: Callable[[FifoLane], None]) -> Call
         _len: Callable[[FifoLane], int] = len,
         _kick: Callable[[FifoLane], None] = kick,
     ) -> None:
+        if timeout is not None:
+            check_seconds("timeout", timeout)
         _lane.append(entry)
         if _len(_lane) >= _lane.trigger:
             _kick(_lane)
@@ -241,9 +245,13 @@ class BackgroundDispatcher(Generic[T]):
 
         Never blocks with the drop policies; with ``overflow="block"`` waits up to
         ``timeout`` seconds for room, then raises QueueFullError; with ``"raise"``
-        raises QueueFullError at once when full. Raises DispatcherClosedError after close.
+        raises QueueFullError at once when full. Raises DispatcherClosedError after close,
+        and ConfigurationError for a ``timeout`` that is not None nor a finite number >= 0
+        (under every policy).
         """
         # The instance replaces this with a faster closure of the same behaviour (see __init__).
+        if timeout is not None:
+            check_seconds("timeout", timeout)
         lane = self._lane
         lane.append(entry)
         if len(lane) >= lane.trigger:
