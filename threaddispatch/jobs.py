@@ -95,6 +95,9 @@ def _cron_lease(name: str) -> str:
 
 
 _MAX_ERROR_TEXT = 8000
+# .runtime: the runtime token (JobEngine._runtime) of the engine whose thread this is, while it runs
+# the engine's loops or work; stop() there must not wait for itself. Thread-local: no lock.
+_ENGINE_THREAD = threading.local()
 _CTX_LOCK = threading.Lock()  # guards JobContext._cancelled/_event (held for a few instructions)
 
 
@@ -317,13 +320,14 @@ class JobContext:
 class _Slot:
     """One claimed job in this process. Fields change under the engine's lock."""
 
-    __slots__ = ("abandoned", "ctx", "definition", "job", "settled", "started")
+    __slots__ = ("abandoned", "ctx", "definition", "job", "settled", "started", "thread")
 
     def __init__(self, job: JobRecord, ctx: JobContext, definition: JobDefinition | None) -> None:
         self.job = job
         self.ctx = ctx
         self.definition = definition
         self.started = False  # a worker thread began it (else stop may release it)
+        self.thread: threading.Thread | None = None  # the worker thread running it, once started
         # settled: its outcome is decided (recorded, timed out, handed back, lost); the
         # handler's own outcome, if it comes later, is discarded.
         self.settled = False
@@ -461,6 +465,7 @@ class JobEngine:
         # _idle (stop waiting for in-flight jobs) are conditions on it. User code (handlers,
         # middleware, hooks) and store calls never run with it held.
         self._lock = threading.Lock()
+        self._runtime = object()  # marks this runtime's threads in _ENGINE_THREAD (a new one after fork)
         self._wake = threading.Condition(self._lock)
         self._maint = threading.Condition(self._lock)
         self._idle = threading.Condition(self._lock)
@@ -853,12 +858,20 @@ class JobEngine:
         worker will run them again). Blocks at most ``timeout`` seconds plus one store
         call, even if a handler hangs (its thread cannot be killed and is left behind,
         as a daemon). Enqueueing keeps working after stop: jobs wait in the store.
+
+        Called on one of the engine's own threads (in a handler, middleware or hook) it cannot
+        wait for the jobs, its own among them: it begins the stop, lets it finish on a
+        ``threaddispatch-jobs-stop`` thread and returns False at once. The calling job is not
+        handed back; it is recorded when its handler returns.
         """
         budget = self.config.shutdown_timeout if timeout is None else check_seconds("timeout", timeout)
         deadline = time.monotonic() + budget
+        on_engine_thread = getattr(_ENGINE_THREAD, "runtime", None) is self._runtime
         with self._lock:
             if self._state != "running":
                 if self._state == "stopping":
+                    if on_engine_thread:
+                        return False  # the stopper may be waiting for this very thread
                     # Another thread is stopping: wait for it within our own budget.
                     while self._state == "stopping":
                         remaining = deadline - time.monotonic()
@@ -871,6 +884,24 @@ class JobEngine:
             self._wake.notify_all()
             fetcher = self._threads[0]
             pool = self._pool
+        if not on_engine_thread:
+            return self._finish_stop(deadline, fetcher, pool, None)
+        stopper = threading.Thread(
+            target=self._finish_stop,
+            args=(deadline, fetcher, pool, threading.current_thread()),
+            name="threaddispatch-jobs-stop",
+            daemon=True,
+        )
+        try:
+            stopper.start()
+        except RuntimeError:  # interpreter shutdown: the exit drain finishes the stop
+            self.logger.warning("stop() on an engine thread during interpreter exit: left to the exit drain")
+        return False
+
+    def _finish_stop(
+        self, deadline: float, fetcher: threading.Thread, pool: WorkerPool | None, caller: threading.Thread | None
+    ) -> bool:
+        """The rest of :meth:`stop` once the state is "stopping"; ``caller``: an engine thread whose job stays."""
         if fetcher is not threading.current_thread():
             fetcher.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
@@ -880,7 +911,7 @@ class JobEngine:
         self._flush_completions()  # workers queue no more once the state left "running"
         self._release_unstarted()
         clean = self._wait_inflight(deadline)
-        handed_back = self._hand_back_running()
+        handed_back = self._hand_back_running(caller)
         with self._lock:
             self._threads_stop = True
             self._maint.notify_all()
@@ -928,9 +959,13 @@ class JobEngine:
                 self._idle.wait(remaining)
             return not self._inflight and not self._orphans
 
-    def _hand_back_running(self) -> int:
+    def _hand_back_running(self, caller: threading.Thread | None) -> int:
         with self._lock:
-            slots = [slot for slot in self._inflight.values() if not slot.settled]
+            slots = [
+                slot
+                for slot in self._inflight.values()
+                if not slot.settled and (caller is None or slot.thread is not caller)
+            ]
             for slot in slots:
                 slot.settled = slot.abandoned = True
                 slot.ctx._cancel()
@@ -1048,6 +1083,7 @@ class JobEngine:
         return plans, rate_wait
 
     def _fetch_loop(self) -> None:
+        _ENGINE_THREAD.runtime = self._runtime
         idle = self.config.poll_interval
         poll = self.config.poll_interval
         while True:
@@ -1141,10 +1177,20 @@ class JobEngine:
     # -- executing ------------------------------------------------------------------------------------
 
     def _execute(self, slot: _Slot) -> None:
+        # Usually on a pool thread; on the caller when the pool runs work inline (exit drain).
+        previous = getattr(_ENGINE_THREAD, "runtime", None)
+        _ENGINE_THREAD.runtime = self._runtime
+        try:
+            self._run_slot(slot)
+        finally:
+            _ENGINE_THREAD.runtime = previous
+
+    def _run_slot(self, slot: _Slot) -> None:
         with self._lock:
             if slot.settled:
                 return  # released at stop before it started
             slot.started = True
+            slot.thread = threading.current_thread()
         job = slot.job
         ctx = slot.ctx
         ctx.started = time.monotonic()
@@ -1250,8 +1296,13 @@ class JobEngine:
             self._emit_completed(completed)
 
     def _emit_completed(self, completed: list[tuple[JobRecord, object]]) -> None:
-        for job, result in completed:
-            self.events.emit("job_completed", job, result)
+        previous = getattr(_ENGINE_THREAD, "runtime", None)
+        _ENGINE_THREAD.runtime = self._runtime
+        try:
+            for job, result in completed:
+                self.events.emit("job_completed", job, result)
+        finally:
+            _ENGINE_THREAD.runtime = previous
 
     def _call_chain(self, ctx: JobContext, fn: Handler, payload: Any) -> object:
         # Each step gets ctx and a zero-argument call of the rest; partial objects do it without
@@ -1414,6 +1465,7 @@ class JobEngine:
             self._maint.notify()
 
     def _maintenance_loop(self) -> None:
+        _ENGINE_THREAD.runtime = self._runtime
         interval = self.config.heartbeat_interval
         retention = self.config.retention
         purge_every = max(interval, min(3600.0, (retention or 0.0) / 2))
@@ -1581,6 +1633,7 @@ class JobEngine:
             self._cron_thread.start()  # under the lock, for the same reason as in start()
 
     def _cron_loop(self) -> None:
+        _ENGINE_THREAD.runtime = self._runtime
         ttl = max(self.config.stale_job_threshold, 0.1)
         stop = self._stop_event
         fired_up_to: dict[str, float] = {}
