@@ -387,6 +387,47 @@ def test_cancel_never_cancels_a_job_claimed_during_the_request(
         assert engine.store.claim(["default"], 1, worker_id="w", now=time.time() + 1) == []
 
 
+@pytest.mark.timeout(60)
+def test_cancels_racing_real_workers_answer_200_only_for_jobs_that_never_ran(
+    store: Store, serve: Callable[..., Server]
+) -> None:
+    """Cancel requests racing a running engine's claims: 200 exactly for the jobs whose handler never ran, else 409."""
+    ran: set[str] = set()
+    lock = threading.Lock()
+
+    def record(ctx: Any, payload: object) -> None:
+        with lock:
+            ran.add(ctx.id)
+
+    engine = JobEngine(store, concurrency=2, poll_interval=0.01, max_poll_interval=0.05)
+    engine.register("record", record)
+    server = serve(make_wsgi_app(engine, token=TOKEN))
+    ids = engine.enqueue_many("record", list(range(40)))
+    statuses: dict[str, int] = {}
+
+    def cancel_each(chunk: list[str]) -> None:
+        for job_id in chunk:
+            statuses[job_id] = server.request("POST", f"{BASE}/jobs/{job_id}/cancel").status
+
+    clients = [threading.Thread(target=cancel_each, args=(ids[i::2],), name=f"test-canceller-{i}") for i in range(2)]
+    engine.start()
+    try:
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(30)
+        finished = (JobState.COMPLETED, JobState.CANCELLED)
+        wait_for(lambda: all(engine.get_job(i).state in finished for i in ids), timeout=20, message="all finished")
+    finally:
+        assert engine.stop(5)
+    for job_id in ids:
+        state = engine.get_job(job_id).state
+        if statuses[job_id] == 200:
+            assert state is JobState.CANCELLED and job_id not in ran, job_id
+        else:
+            assert statuses[job_id] == 409 and state is JobState.COMPLETED and job_id in ran, (job_id, statuses[job_id])
+
+
 def test_retry_failed_only(engine: JobEngine, api: Server) -> None:
     """POST /jobs/{id}/retry runs a failed job again (its dead letter goes); others get 409."""
     failed, letter = failed_job(engine, {"x": 1})

@@ -3,27 +3,27 @@
 :func:`make_wsgi_app` builds an :class:`AdminApp`, a WSGI callable with no framework
 dependency, serving these routes under its ``base_path`` (default ``/api/dispatch``):
 
-=======  ==============================  ===============================================
-GET      ``/``                           the route list
-GET      ``/jobs``                       jobs, newest first: ``state``, ``queue``, ``limit``, ``cursor``
-GET      ``/jobs/counts``                ``{state: count}`` (``queue``)
-GET      ``/jobs/{id}``                  one job
-POST     ``/jobs/{id}/cancel``           cancel a pending or retrying job (else 409, also
-                                        when a worker claimed it meanwhile)
-POST     ``/jobs/{id}/retry``            run a failed job again (else 409)
-GET      ``/dlq``                        dead letters, newest first: ``queue``, ``limit``, ``cursor``
-GET      ``/dlq/{id}``                   one dead letter
-POST     ``/dlq/{id}/replay``            enqueue it again as a new job
-POST     ``/dlq/replay-all``             replay every dead letter (``queue``, ``limit``)
-POST     ``/dlq/purge``                  delete dead letters older than ``older_than`` seconds,
-                                        or every one with ``all=true`` (one of the two)
-GET      ``/crons``                      cron entries
-POST     ``/crons/{name}/enable|disable`` let a cron entry fire, or stop it
-GET      ``/queues``                     known queues with counts, limits and pause state
-POST     ``/queues/{name}/pause|resume`` stop or restart claiming from a queue
-GET      ``/stats``                      the engine's counters, job counts, the store
-GET      ``/health``                     200 when the store answers, else 503
-=======  ==============================  ===============================================
+=======  ================================  ===============================================
+GET      ``/``                             the route list
+GET      ``/jobs``                         jobs, newest first: ``state``, ``queue``, ``limit``, ``cursor``
+GET      ``/jobs/counts``                  ``{state: count}`` (``queue``)
+GET      ``/jobs/{id}``                    one job
+POST     ``/jobs/{id}/cancel``             cancel a pending or retrying job (else 409, also
+                                           when a worker claimed it meanwhile)
+POST     ``/jobs/{id}/retry``              run a failed job again (else 409)
+GET      ``/dlq``                          dead letters, newest first: ``queue``, ``limit``, ``cursor``
+GET      ``/dlq/{id}``                     one dead letter
+POST     ``/dlq/{id}/replay``              enqueue it again as a new job
+POST     ``/dlq/replay-all``               replay every dead letter (``queue``, ``limit``)
+POST     ``/dlq/purge``                    delete dead letters older than ``older_than`` seconds,
+                                           or every one with ``all=true`` (one of the two)
+GET      ``/crons``                        cron entries
+POST     ``/crons/{name}/enable|disable``  let a cron entry fire, or stop it
+GET      ``/queues``                       known queues with counts, limits and pause state
+POST     ``/queues/{name}/pause|resume``   stop or restart claiming from a queue
+GET      ``/stats``                        the engine's counters, job counts, the store
+GET      ``/health``                       200 when the store answers, else 503
+=======  ================================  ===============================================
 
 Every request needs ``Authorization: Bearer <token>`` (its bytes compared with the
 token's UTF-8 bytes in constant time), unless the app was built with
@@ -41,7 +41,7 @@ operation (``{"older_than": null}`` does not purge everything). Integers and sec
 must fit a signed 64-bit integer. Pages carry an opaque ``next_cursor`` (keyset: no
 item is skipped when jobs arrive or leave while paging).
 
-Cross-site requests. A browser on another site can make a user's browser send simple
+Cross-site requests. A page on another site can make the user's browser send simple
 requests (an HTML form, ``fetch`` with ``mode: "no-cors"``) carrying the user's cookies
 or network position, though never an ``Authorization: Bearer`` header it was not
 given. So that such a request cannot change anything, also when the app relies on
