@@ -14,19 +14,31 @@ baseline with the same number of workers (8):
   first call to every caller holding its response. ``--latency`` (default 1 ms)
   gives each send a network-like duration, which is what deduplication saves.
 
+* Add cost: the caller's time per ``add`` and the memory each pending request holds,
+  beside ``ThreadPoolExecutor.submit`` in the same run. Every worker is held busy, so
+  what is measured is the intake alone (no worker competes with the caller) and every
+  request stays pending until the memory is read (``tracemalloc``, a separate pass).
+* Depth curve: ``queued`` mode on one key, N requests added while the queue is paused,
+  then started; the time from ``start`` to the last response, per request, for N from
+  10 to 100,000 (``--long``: to 1,000,000). Flat means the per-request cost does not
+  grow with the queue's depth.
+
 Every run checks the count of sends and of responses. Median of ``--repeat`` runs.
-Prints a reStructuredText table fragment for the README. Usage::
+Prints reStructuredText table fragments for the README. Usage::
 
     python benchmarks/bench_requests.py [--requests 50000] [--callers 10000] [--latency 1] [--repeat 3]
+                                        [--pending 20000] [--long] [--only add,depth]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
@@ -136,6 +148,106 @@ def fanout_dispatcher(callers: int, latency: float) -> tuple[float, float, int]:
     return ended - began, added - began, sink.count
 
 
+def add_cost_executor(n: int, measure_memory: bool) -> float:
+    """µs per ``submit`` (or bytes per pending task) with every worker held busy."""
+    gate = threading.Event()
+    pool = ThreadPoolExecutor(WORKERS)
+    try:
+        for _ in range(WORKERS):
+            pool.submit(gate.wait, 60)
+        return _intake(lambda: pool.submit(len, REQUEST), n, measure_memory)
+    finally:
+        gate.set()
+        pool.shutdown()
+
+
+def add_cost_dispatcher(n: int, measure_memory: bool) -> float:
+    """µs per ``add`` (or bytes per pending request) with every worker held busy."""
+    gate = threading.Event()
+    rd: RequestDispatcher[Any, Any] = RequestDispatcher(lambda request, token: gate.wait(60), max_workers=WORKERS)
+    try:
+        for _ in range(WORKERS):
+            rd.add(REQUEST, queue_key="busy")
+        return _intake(lambda: rd.add(REQUEST, queue_key="k"), n, measure_memory)
+    finally:
+        gate.set()
+        rd.close(60)
+
+
+def _intake(call: Callable[[], object], n: int, measure_memory: bool) -> float:
+    kept: list[object] = []  # what the caller holds (the Future/handle): pending work stays alive
+    gc.collect()
+    if measure_memory:
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+    began = time.perf_counter()
+    for _ in range(n):
+        kept.append(call())
+    ended = time.perf_counter()
+    if measure_memory:
+        used = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        return used / n
+    return (ended - began) / n * 1e6
+
+
+def depth_run(n: int) -> float:
+    """µs per request to drain ``n`` queued requests on one key, from ``start`` to the last response."""
+    sink = _Counter(n)
+    rd: RequestDispatcher[Any, int] = RequestDispatcher(sink, max_workers=WORKERS)
+    try:
+        rd.pause("k")
+        for _ in range(n):
+            rd.add(REQUEST, queue_key="k", mode="queued")
+        began = time.perf_counter()
+        rd.start("k")
+        if not sink.done.wait(max(120.0, n / 2000)):
+            raise SystemExit(f"queued depth {n}: {sink.count} of {n} sent in time")
+        ended = time.perf_counter()
+    finally:
+        rd.close(60)
+    return (ended - began) / n * 1e6
+
+
+def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    rule = "  ".join("=" * w for w in widths)
+    print(rule)
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print(rule)
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    print(rule)
+    print()
+
+
+def add_table(n: int, repeat: int) -> None:
+    rows: list[tuple[str, ...]] = []
+    results: dict[str, float] = {}
+    for name, run in (("ThreadPoolExecutor.submit", add_cost_executor), ("RequestDispatcher.add", add_cost_dispatcher)):
+        micros = statistics.median(run(n, False) for _ in range(repeat))
+        memory = run(n, True)
+        results[name] = micros
+        rows.append((name, f"{n:,} pending", f"{micros:.1f}", f"{memory / 1024:.2f}"))
+    ratio = results["RequestDispatcher.add"] / results["ThreadPoolExecutor.submit"]
+    print(f"Intake with every worker busy; add/submit time ratio {ratio:.2f}.\n")
+    _table(("Call", "Workload", "µs per call", "KB per pending"), rows)
+
+
+def depth_table(long: bool, repeat: int) -> None:
+    depths = [10, 100, 1_000, 10_000, 100_000] + ([1_000_000] if long else [])
+    rows: list[tuple[str, ...]] = []
+    base = 0.0
+    for n in depths:
+        runs = repeat if n <= 100_000 else 1
+        micros = statistics.median(depth_run(n) for _ in range(runs))
+        if n == 1_000:
+            base = micros
+        rows.append((f"{n:,}", f"{micros:.1f}", f"{micros / base:.2f}" if base else ""))
+    print("RequestDispatcher queued mode, one key: drain time per request by queue depth (vs 1,000).\n")
+    _table(("Depth", "µs per request", "vs 1,000"), rows)
+
+
 def _median(runs: list[tuple[float, float, int]]) -> tuple[float, float, int]:
     return (
         statistics.median(r[0] for r in runs),
@@ -150,10 +262,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--callers", type=int, default=10_000)
     parser.add_argument("--latency", type=float, default=1.0, help="ms per send in the fan-out workload")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--pending", type=int, default=20_000, help="requests held pending in the add-cost workload")
+    parser.add_argument("--long", action="store_true", help="extend the depth curve to 1,000,000 requests")
+    parser.add_argument(
+        "--only", default="throughput,fanout,add,depth", help="comma-separated workloads: throughput,fanout,add,depth"
+    )
     args = parser.parse_args(argv)
+    only = set(args.only.split(","))
+    print(f"Python {sys.version.split()[0]}, {WORKERS} workers, median of {args.repeat} runs.\n")
+    if "add" in only:
+        add_table(args.pending, args.repeat)
+    if "depth" in only:
+        depth_table(args.long, args.repeat)
+    if not only & {"throughput", "fanout"}:
+        return
 
-    rows: list[tuple[str, str, str, str, str]] = []
-    for name, run in THROUGHPUT.items():
+    rows: list[tuple[str, ...]] = []
+    for name, run in THROUGHPUT.items() if "throughput" in only else ():
         total, loop, sends = _median([run(args.requests) for _ in range(args.repeat)])
         if sends != args.requests:
             raise SystemExit(f"{name}: {sends} sends for {args.requests} requests")
@@ -167,10 +292,11 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
     latency = args.latency / 1000.0
-    for name, fanout, expected in (
+    fanouts = (
         ("ThreadPoolExecutor.submit, one call each", fanout_executor, args.callers),
         ("RequestDispatcher, deduplicate=True", fanout_dispatcher, 1),
-    ):
+    )
+    for name, fanout, expected in fanouts if "fanout" in only else ():
         total, loop, sends = _median([fanout(args.callers, latency) for _ in range(args.repeat)])
         if sends != expected:
             raise SystemExit(f"{name}: {sends} sends, expected {expected}")
@@ -184,16 +310,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
 
-    headers = ("Contender", "Workload", "Sends", "Caller µs/request", "End to end")
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    rule = "  ".join("=" * w for w in widths)
-    print(f"Python {sys.version.split()[0]}, {WORKERS} workers, median of {args.repeat} runs.\n")
-    print(rule)
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
-    print(rule)
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
-    print(rule)
+    _table(("Contender", "Workload", "Sends", "Caller µs/request", "End to end"), rows)
 
 
 if __name__ == "__main__":

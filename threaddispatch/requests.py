@@ -364,11 +364,16 @@ class _Request:
 class _Queue:
     """One queue key's requests in order, its status and counters; guarded by the core's lock."""
 
-    __slots__ = ("inflight", "key", "queued", "requests", "status", "waiting")
+    __slots__ = ("inflight", "key", "order", "queued", "requests", "status", "waiting")
 
     def __init__(self, key: str) -> None:
         self.key = key
         self.requests: dict[str, _Request] = {}  # insertion order is queue order
+        # The same requests in queue order, plus removed ("done") ones not dropped yet: the head
+        # is popped when it leaves, the rest is compacted once removed entries outnumber the live
+        # ones. Scheduling walks this, not the dict: a dict drained from the front keeps its holes
+        # until it is resized, so walking it from the start costs one step per past removal.
+        self.order: deque[_Request] = deque()
         self.status: str = _STARTED
         self.waiting = 0  # requests in state "waiting"
         self.queued = 0  # requests of mode "queued"
@@ -611,6 +616,7 @@ class _Core(Generic[RequestT, ResponseT]):
                 self._cancel(other, out, "cancelled", refilled=True)
         req.queue = queue
         queue.requests[req.request_id] = req
+        queue.order.append(req)
         self._set_state(req, _WAITING)
         if req.mode == "queued":
             queue.queued += 1
@@ -709,15 +715,23 @@ class _Core(Generic[RequestT, ResponseT]):
         if hint is not None and queue.waiting == 1 and not queue.queued and hint.state == _WAITING:
             return (hint,)  # the common add: nothing else waits, no queued-mode request in the way
         ready: list[_Request] = []
-        for req in queue.requests.values():
+        unseen = queue.waiting  # once every waiting request was seen, nothing further can start
+        for req in queue.order:
+            state = req.state
+            if state == _DONE:
+                continue
+            if state == _WAITING:
+                unseen -= 1
             if req.mode == "queued":
-                if req.state == _STOPPED:
+                if state == _STOPPED:
                     continue
-                if req.state == _WAITING and not req.inflight and not queue.inflight and not ready:
+                if state == _WAITING and not req.inflight and not queue.inflight and not ready:
                     ready.append(req)
                 break
-            if req.state == _WAITING and not req.inflight:
+            if state == _WAITING and not req.inflight:
                 ready.append(req)
+            if not unseen:
+                break
         return ready
 
     def _remove(self, req: _Request, out: _Outbox, reason: str, *, refilled: bool = False) -> None:
@@ -728,6 +742,13 @@ class _Core(Generic[RequestT, ResponseT]):
         queue = req.queue
         del queue.requests[req.request_id]
         self._set_state(req, _DONE)
+        order = queue.order
+        if order[0] is req:
+            order.popleft()
+            while order and order[0].state == _DONE:
+                order.popleft()
+        elif len(order) > 2 * len(queue.requests) + 64:
+            queue.order = deque(queue.requests.values())  # amortised: after as many removals as it copies
         if req.mode == "queued":
             queue.queued -= 1
         if req.dedupe_key is not None and self.dedupe.get(req.dedupe_key) is req:
@@ -942,7 +963,20 @@ class _Core(Generic[RequestT, ResponseT]):
         During the exit drain the pool runs work on the caller when it has no thread
         left; each finished attempt then launches the next from inside the previous
         one, so a long ``queued`` chain would otherwise recurse once per request.
+        Before the exit drain the pool never runs work inline: no guard is needed.
         """
+        if not _lifecycle.exiting():
+            run = self.pool.run
+            for index, (req, token) in enumerate(launches):
+                try:
+                    run(self.run_attempt, req, token)  # run_attempt reports its own outcome
+                except DispatcherClosedError:
+                    self._launch_guarded(launches[index:])  # each failure may launch the next: guarded
+                    return
+            return
+        self._launch_guarded(launches)
+
+    def _launch_guarded(self, launches: list[tuple[_Request, CancellationToken]]) -> None:
         pending: deque[tuple[_Request, CancellationToken]] | None = getattr(_local, "launches", None)
         if pending is not None:
             pending.extend(launches)
