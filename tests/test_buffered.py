@@ -128,6 +128,9 @@ def make(
         ({"retry": 3}, "retry"),
         ({"max_in_flight": 0}, "max_in_flight"),
         ({"max_in_flight": True}, "max_in_flight"),
+        ({"max_failures_pending": 0}, "max_failures_pending"),
+        ({"max_failures_pending": 2.5}, "max_failures_pending"),
+        ({"max_failures_pending": False}, "max_failures_pending"),
     ],
 )
 def test_bad_constructor_arguments_raise_configuration_error_naming_them(kwargs: dict[str, Any], bad: str) -> None:
@@ -733,6 +736,8 @@ def test_counters_and_stats(cleanup: list[Callable[[], object]]) -> None:
         "handler_errors": 0,
         "waiting": 0,
         "in_flight": 0,
+        "failures_waiting": 0,
+        "failure_stalls": 0,
     }
     assert failures == []
     assert "stopped" in repr(ad) and "orders" in repr(sender)
@@ -1129,3 +1134,161 @@ def test_a_retry_predicate_raising_system_exit_makes_the_failure_final(
     recorder.wait_for_count(1)
     assert ad.stop(5.0) is True
     assert [f.message for f in failures] == ["bad"] and recorder.messages() == ["good"]
+
+
+# -- the bounded failure backlog ------------------------------------------------------------------
+
+
+class BlockedHandler:
+    """An error handler that blocks on every call until released; records what it got, in order."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.entered = 0
+        self.reported: list[Any] = []
+
+    def __call__(self, failed: FailedMessage[Any]) -> None:
+        with self.lock:
+            self.entered += 1
+        if not self.release.wait(30):
+            raise AssertionError("BlockedHandler was never released")
+        with self.lock:
+            self.reported.append(failed.message)
+
+    def entered_count(self) -> int:
+        with self.lock:
+            return self.entered
+
+
+@pytest.mark.timeout(30)
+def test_the_failure_backlog_is_bounded_by_buffer_len_and_holds_the_dispatch_loop(
+    cleanup: list[Callable[[], object]],
+) -> None:
+    """With the error handler blocked, at most buffer_len failures wait for it; the dispatch loop then waits
+    (back-pressure reaches put), and once the handler goes on every message is reported, none lost."""
+    handler = BlockedHandler()
+    cleanup.append(handler.release.set)
+    recorder: RecordingDispatcher[int] = RecordingDispatcher(fail=lambda _m: True)
+    ad, sender, _ = make(recorder, cleanup, buffer_len=10, error_handler=handler)
+    for i in range(21):  # 1 in the handler, 10 failures waiting for it, 10 in the buffer
+        sender.put(i, timeout=10.0)
+    held = {"failures_waiting": 10, "waiting": 10, "failed": 11, "in_flight": 0}
+    wait_for(
+        lambda: (
+            {k: v for k, v in ad.stats().items() if k in held} == held
+            and ad.stats()["failure_stalls"] >= 1
+            and handler.entered_count() == 1
+        ),
+        timeout=5.0,
+        message="the dispatch loop held back by a full failure backlog",
+    )
+    assert sender.try_put(99) is False
+    with pytest.raises(QueueFullError):
+        sender.put(99, timeout=0.05)
+    handler.release.set()
+    wait_for(lambda: len(handler.reported) == 21, timeout=10.0, message="every failure reported")
+    assert ad.stop(10.0) is True
+    assert handler.reported == list(range(21))
+    assert (ad.failed, ad.stats()["failures_waiting"]) == (21, 0)
+
+
+@pytest.mark.timeout(30)
+def test_max_failures_pending_sets_the_bound(cleanup: list[Callable[[], object]]) -> None:
+    """max_failures_pending=3 lets 3 failures wait for a blocked handler, whatever buffer_len is."""
+    handler = BlockedHandler()
+    cleanup.append(handler.release.set)
+    recorder: RecordingDispatcher[int] = RecordingDispatcher(fail=lambda _m: True)
+    ad, sender, _ = make(recorder, cleanup, buffer_len=100, error_handler=handler, max_failures_pending=3)
+    for i in range(50):
+        sender.put(i)
+    held = {"failures_waiting": 3, "failed": 4, "waiting": 46, "in_flight": 0}
+    wait_for(
+        lambda: (
+            {k: v for k, v in ad.stats().items() if k in held} == held
+            and ad.stats()["failure_stalls"] >= 1
+            and handler.entered_count() == 1
+        ),
+        timeout=5.0,
+        message="the dispatch loop held back by a full failure backlog",
+    )
+    handler.release.set()
+    wait_for(lambda: len(handler.reported) == 50, timeout=10.0, message="every failure reported")
+    assert ad.stop(10.0) is True
+    assert handler.reported == list(range(50))
+
+
+@pytest.mark.timeout(30)
+def test_the_failure_backlog_bound_holds_with_a_submitting_dispatcher(cleanup: list[Callable[[], object]]) -> None:
+    """With submit, the loop hands nothing over while the backlog is full; what was in flight may still
+    fail into it, so it holds at most max_failures_pending + max_in_flight - 1, and nothing is lost."""
+    handler = BlockedHandler()
+    cleanup.append(handler.release.set)
+    submitter = ManualSubmitter()
+    ad, sender, _ = make(
+        submitter, cleanup, buffer_len=50, error_handler=handler, max_failures_pending=2, max_in_flight=4
+    )
+    for i in range(30):
+        sender.put(i)
+    most = 0
+
+    def fail_until_held() -> bool:
+        nonlocal most
+        submitter.resolve_all(fail=lambda _m: True)
+        stats = ad.stats()
+        most = max(most, stats["failures_waiting"])
+        return stats["in_flight"] == 0 and stats["failures_waiting"] >= 2
+
+    wait_for(fail_until_held, timeout=10.0, message="the dispatch loop held back by a full failure backlog")
+    assert most <= 2 + 4 - 1
+    handed_over = submitter.count()
+    assert handed_over == ad.failed < 30  # all handed over failed; the rest waits in the buffer
+    assert ad.stats()["waiting"] == 30 - handed_over
+    handler.release.set()
+
+    def succeed_until_all_handed_over() -> bool:
+        submitter.resolve_all()
+        return submitter.count() == 30 and ad.stats()["in_flight"] == 0
+
+    wait_for(succeed_until_all_handed_over, timeout=10.0, message="the rest handed over and sent")
+    assert ad.stop(10.0) is True
+    assert sorted(handler.reported) == list(range(handed_over))
+    assert (ad.sent, ad.failed) == (30 - handed_over, handed_over)
+
+
+@pytest.mark.timeout(30)
+def test_an_error_handler_putting_into_a_full_buffer_gets_queue_full_not_a_deadlock(
+    cleanup: list[Callable[[], object]],
+) -> None:
+    """A handler that puts a message while the buffer is full is refused at once (QueueFullError):
+    waiting would deadlock, as the dispatch loop may be waiting for the handler."""
+    outcomes: list[str] = []
+    sender_box: list[Sender[int]] = []
+    release = threading.Event()
+    cleanup.append(release.set)
+
+    def handler(failed: FailedMessage[int]) -> None:
+        release.wait(30)
+        try:
+            sender_box[0].put(failed.message + 1000)
+        except QueueFullError:
+            outcomes.append("full")
+        else:
+            outcomes.append("accepted")
+
+    recorder: RecordingDispatcher[int] = RecordingDispatcher(fail=lambda m: m < 1000)
+    ad, sender, _ = make(recorder, cleanup, buffer_len=2, error_handler=handler, max_failures_pending=1)
+    sender_box.append(sender)
+    for i in range(4):  # 1 in the handler, 1 failure waiting, 2 in the buffer
+        sender.put(i, timeout=10.0)
+    held = {"failures_waiting": 1, "waiting": 2, "in_flight": 0}
+    wait_for(
+        lambda: {k: v for k, v in ad.stats().items() if k in held} == held,
+        timeout=5.0,
+        message="the dispatch loop held back by a full failure backlog",
+    )
+    release.set()
+    wait_for(lambda: len(outcomes) == 4, timeout=10.0, message="every failure reported")
+    assert ad.stop(10.0) is True
+    assert outcomes[0] == "full"
+    assert ad.failed == 4 and ad.sent == outcomes.count("accepted")

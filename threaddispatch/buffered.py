@@ -112,8 +112,10 @@ class _AsyncState(Generic[T]):
         dispatcher: Dispatcher[T],
         target: str,
         error_handler: Callable[[FailedMessage[T]], object] | None,
+        *,
         retry: RetryPolicy | None,
         max_in_flight: int,
+        max_failures_pending: int | None,
     ) -> None:
         self.dispatcher = dispatcher
         submit = getattr(dispatcher, "submit", None)
@@ -125,6 +127,9 @@ class _AsyncState(Generic[T]):
         self.retry = retry
         self.max_in_flight = max_in_flight
         self.capacity = 0  # set by setup(); 0 until then
+        # The failure backlog the dispatch loop may fill before it waits for the handler;
+        # None until setup() (then buffer_len unless max_failures_pending was given).
+        self.failure_capacity = max_failures_pending
         self.is_setup = False
         self.started = False
         self.restart_on_put = False  # a forked child restarts its loops lazily
@@ -139,6 +144,7 @@ class _AsyncState(Generic[T]):
         self.retried = 0
         self.rejected = 0
         self.handler_errors = 0
+        self.failure_stalls = 0  # times the dispatch loop waited for the failure backlog to shrink
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -150,6 +156,8 @@ class _AsyncState(Generic[T]):
         self.buffer: deque[T] = deque()
         # Messages waiting to be retried: (due, serial, message, attempts made). Counted in in_flight.
         self.retries: list[tuple[float, int, T, int]] = []
+        # Failed for good, waiting for the failure loop. The dispatch loop takes no message while
+        # it holds failure_capacity or more (back-pressure, as the seed's bounded failure channel).
         self.failures: deque[FailedMessage[T]] = deque()
         # Taken from the buffer and not settled yet: being sent, submitted, or waiting to retry.
         self.in_flight = 0
@@ -169,6 +177,13 @@ class _AsyncState(Generic[T]):
             if self.closing:
                 raise DispatcherClosedError(f"{self.describe()} is stopped; {_short(message)} was not accepted")
             if len(self.buffer) >= self.capacity:
+                if threading.current_thread() is self.failure_thread:
+                    self.rejected += 1
+                    raise QueueFullError(
+                        f"{self.describe()}: buffer is full ({self.capacity} messages) and put() was called "
+                        f"from the error handler, which cannot wait for room (the dispatch loop may be waiting "
+                        f"for the handler); {_short(message)} was not accepted"
+                    )
                 self._wait_for_room(message, timeout)
             self._append(message)
 
@@ -362,6 +377,12 @@ class _AsyncState(Generic[T]):
         while True:
             now = time.monotonic()
             retries = self.retries
+            assert self.failure_capacity is not None  # set by setup(), before any loop starts
+            if len(self.failures) >= self.failure_capacity and (retries or self.buffer):
+                # The handler fell behind: hold everything back (stop() included) until it catches up.
+                self.failure_stalls += 1
+                self._wait_for_work(None)
+                continue
             if retries and (self.closing or retries[0][0] <= now):
                 _due, _serial, message, attempts = heapq.heappop(retries)
                 if self.submit is not None:
@@ -382,12 +403,15 @@ class _AsyncState(Generic[T]):
                     # Everything handed over so far must go now, not when a window closes.
                     self.flushed_at = self.submitted
                     return _FLUSH
-            timeout = retries[0][0] - now if retries else None
-            self.loop_waiting = True
-            try:
-                self.work_ready.wait(timeout)
-            finally:
-                self.loop_waiting = False
+            self._wait_for_work(retries[0][0] - now if retries else None)
+
+    def _wait_for_work(self, timeout: float | None) -> None:
+        """Wait until notified (a message, a settled send, a reported failure, stop) or ``timeout``; holds mutex."""
+        self.loop_waiting = True
+        try:
+            self.work_ready.wait(timeout)
+        finally:
+            self.loop_waiting = False
 
     def _flush(self) -> None:
         assert self.flush is not None
@@ -486,6 +510,8 @@ class _AsyncState(Generic[T]):
                             return
                         self.failure_ready.wait()
                     failed = self.failures.popleft()
+                    if self.loop_waiting:
+                        self.work_ready.notify()  # it may be held back by a full backlog
                 self._report(failed)
         finally:
             with self.mutex:
@@ -572,6 +598,15 @@ class AsyncDispatcher(Generic[T]):
     yet settled at a time, so memory stays bounded end to end. ``stop()`` calls the
     dispatcher's ``flush(timeout)`` if it has one; it never closes the dispatcher.
 
+    The failure backlog is bounded too: while ``max_failures_pending`` failed messages
+    (default: ``buffer_len``) wait for the error handler, the dispatch loop takes no
+    message (back-pressure: the buffer fills and ``put`` blocks), as the seed's bounded
+    failure channel blocks its dispatch loop. With a plain dispatcher the backlog never
+    exceeds the bound; with ``submit``, messages already handed over may still fail into
+    it, so it holds at most ``max_failures_pending + max_in_flight - 1``. The error
+    handler must not wait for room in the buffer (the loop may be waiting for it):
+    ``put`` called from the handler on a full buffer raises QueueFullError at once.
+
     A BaseException that is not an Exception (``KeyboardInterrupt``, ``SystemExit``,
     ``GeneratorExit``) raised by user code on a loop (``dispatch``, ``submit``, ``flush``,
     the retry predicate or backoff, the error handler) is contained like any error:
@@ -589,6 +624,7 @@ class AsyncDispatcher(Generic[T]):
         *,
         retry: RetryPolicy | None = None,
         max_in_flight: int = 1000,
+        max_failures_pending: int | None = None,
     ) -> None:
         if not callable(getattr(dispatcher, "dispatch", None)):
             raise ConfigurationError(f"dispatcher must have a dispatch(message, target) method, got {dispatcher!r}")
@@ -600,7 +636,20 @@ class AsyncDispatcher(Generic[T]):
             raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise ConfigurationError(f"max_in_flight must be an int >= 1, got {max_in_flight!r}")
-        self._state: _AsyncState[T] = _AsyncState(dispatcher, target_queue, error_handler, retry, max_in_flight)
+        if max_failures_pending is not None and (
+            isinstance(max_failures_pending, bool)
+            or not isinstance(max_failures_pending, int)
+            or max_failures_pending < 1
+        ):
+            raise ConfigurationError(f"max_failures_pending must be an int >= 1 or None, got {max_failures_pending!r}")
+        self._state: _AsyncState[T] = _AsyncState(
+            dispatcher,
+            target_queue,
+            error_handler,
+            retry=retry,
+            max_in_flight=max_in_flight,
+            max_failures_pending=max_failures_pending,
+        )
         self._sender: Sender[T] | None = None
         _lifecycle.register(self._state)
         # An unreferenced dispatcher stops: its loops drain what they hold and leave. At
@@ -624,6 +673,8 @@ class AsyncDispatcher(Generic[T]):
             if state.is_setup:
                 raise InvalidStateError(f"{state.describe()}: setup() was already called")
             state.capacity = buffer_len
+            if state.failure_capacity is None:
+                state.failure_capacity = buffer_len
             state.is_setup = True
             self._sender = Sender(self, state)
             return self._sender
@@ -707,7 +758,13 @@ class AsyncDispatcher(Generic[T]):
         return self._state.buffered
 
     def stats(self) -> dict[str, int]:
-        """Counters and gauges: buffered, sent, failed, retried, rejected, handler_errors, waiting, in_flight."""
+        """Counters and gauges, read at one instant.
+
+        Counters: buffered, sent, failed, retried, rejected, handler_errors, and
+        failure_stalls (times the dispatch loop waited for the error handler to catch up).
+        Gauges: waiting (in the buffer), in_flight (taken, not settled) and
+        failures_waiting (failed for good, not yet handed to the error handler).
+        """
         state = self._state
         with state.mutex:
             return {
@@ -719,6 +776,8 @@ class AsyncDispatcher(Generic[T]):
                 "handler_errors": state.handler_errors,
                 "waiting": len(state.buffer),
                 "in_flight": state.in_flight,
+                "failures_waiting": len(state.failures),
+                "failure_stalls": state.failure_stalls,
             }
 
     def __enter__(self) -> AsyncDispatcher[T]:
