@@ -11,12 +11,14 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from threaddispatch.errors import ConfigurationError, InvalidStateError, JobNotFoundError, StoreError
+from threaddispatch.jobs import JobContext, JobEngine
 from threaddispatch.stores import (
     CronEntry,
     JobRecord,
@@ -26,6 +28,8 @@ from threaddispatch.stores import (
     Store,
     open_store,
 )
+from threaddispatch.stores.base import FINAL_STATES
+from threaddispatch.testing import wait_for
 
 T0 = 1_700_000_000.0
 
@@ -390,6 +394,109 @@ class TestStoreContract:
         store.close()
         with pytest.raises(StoreError):
             store.get("x")
+
+    # -- cancelling only waiting jobs (issue 11 item 9) ------------------------------------------------
+
+    def test_cancel_without_running_cancels_only_pending_or_retrying_jobs(self, store: Store) -> None:
+        """include_running=False cancels pending and retrying jobs; running and finished ones stay as they are."""
+        pending, retrying, running = job(), job(priority=9), job(priority=5)
+        store.enqueue([pending, retrying, running])
+        first = store.claim(["default"], 1, worker_id="w", now=T0)[0]
+        assert first.id == retrying.id
+        assert store.retry_later(retrying.id, worker_id="w", attempts=1, run_at=T0 + 60, error="x", now=T0)
+        assert store.claim(["default"], 1, worker_id="w", now=T0)[0].id == running.id
+        assert not store.cancel(running.id, now=T0, include_running=False)
+        assert store.get(running.id).state is JobState.RUNNING  # type: ignore[union-attr]
+        assert store.heartbeat([running.id], worker_id="w", now=T0 + 1) == {running.id}
+        assert store.cancel(pending.id, now=T0, include_running=False, error="stop")
+        assert store.cancel(retrying.id, now=T0, include_running=False)
+        for cancelled in (pending, retrying):
+            assert store.get(cancelled.id).state is JobState.CANCELLED  # type: ignore[union-attr]
+        assert not store.cancel(pending.id, now=T0, include_running=False)
+        with pytest.raises(JobNotFoundError):
+            store.cancel("missing", now=T0, include_running=False)
+
+    @pytest.mark.timeout(120)
+    def test_cancel_without_running_racing_a_claim_is_one_or_the_other(self, store: Store) -> None:
+        """A claim racing cancel(include_running=False) either gets the job (cancel False) or not (cancel True)."""
+        for _ in range(40):
+            raced = job()
+            store.enqueue([raced])
+            barrier = threading.Barrier(2, timeout=30)
+            outcome: dict[str, object] = {}
+
+            def claimer() -> None:
+                barrier.wait()
+                outcome["claimed"] = [c.id for c in store.claim(["default"], 1, worker_id="w", now=T0)]
+
+            def canceller() -> None:
+                barrier.wait()
+                outcome["cancelled"] = store.cancel(raced.id, now=T0, include_running=False)
+
+            threads = [threading.Thread(target=claimer), threading.Thread(target=canceller)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            claimed = raced.id in outcome["claimed"]  # type: ignore[operator]
+            assert claimed != outcome["cancelled"], outcome
+            state = store.get(raced.id).state  # type: ignore[union-attr]
+            assert state is (JobState.RUNNING if claimed else JobState.CANCELLED)
+
+    @pytest.mark.timeout(120)
+    def test_engine_cancel_of_waiting_jobs_never_cancels_one_whose_handler_ran(self, store: Store) -> None:
+        """JobEngine.cancel(running=False) racing the engine's claims: cancelled before it ran, or refused."""
+        engine = JobEngine(
+            store, concurrency=4, poll_interval=0.001, max_poll_interval=0.01, heartbeat_interval=0.05,
+            stale_job_threshold=10.0, shutdown_timeout=10.0,
+        )  # fmt: skip
+        ran: set[str] = set()
+        lock = threading.Lock()
+
+        def work(ctx: JobContext, payload: object) -> None:
+            with lock:
+                ran.add(ctx.id)
+
+        engine.register("work", work)
+        engine.start()
+        try:
+            outcomes: dict[str, str] = {}
+            for _ in range(60):
+                job_id = engine.enqueue("work")
+                try:
+                    engine.cancel(job_id, running=False)
+                except InvalidStateError as error:
+                    assert job_id in str(error) and ("running" in str(error) or "completed" in str(error))
+                    outcomes[job_id] = "refused"
+                else:
+                    outcomes[job_id] = "cancelled"
+            wait_for(lambda: all(engine.get_job(i).state in FINAL_STATES for i in outcomes), timeout=60)
+        finally:
+            assert engine.stop(10)
+        for job_id, outcome in outcomes.items():
+            state = engine.get_job(job_id).state
+            if outcome == "cancelled":
+                assert job_id not in ran and state is JobState.CANCELLED
+            else:
+                assert job_id in ran and state is JobState.COMPLETED
+
+    def test_engine_cancel_without_running_names_the_state_it_refuses(self, store: Store) -> None:
+        """cancel(running=False) of a running or finished job raises InvalidStateError saying its state."""
+        engine = JobEngine(store)
+        engine.register("work", lambda ctx, payload: None)
+        running, done = engine.enqueue("work"), engine.enqueue("work")
+        store.claim(["default"], 2, worker_id="w", now=time.time())
+        assert store.complete(done, worker_id="w", attempts=1, result=None, now=time.time())
+        with pytest.raises(InvalidStateError, match=f"'{running}' is running"):
+            engine.cancel(running, running=False)
+        with pytest.raises(InvalidStateError, match=f"'{done}' is completed"):
+            engine.cancel(done, running=False)
+        with pytest.raises(JobNotFoundError):
+            engine.cancel("missing", running=False)
+        with pytest.raises(ConfigurationError, match="running"):
+            engine.cancel(running, running="no")  # type: ignore[arg-type]
+        engine.cancel(running)  # running=True (the default) still cancels a running job
+        assert engine.get_job(running).state is JobState.CANCELLED
 
 
 @pytest.mark.timeout(60)

@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 from threaddispatch import _lifecycle
 from threaddispatch._pool import WorkerPool
 from threaddispatch._ratelimit import TokenBucket
-from threaddispatch._validate import check_seconds
+from threaddispatch._validate import check_seconds, show
 from threaddispatch.backoff import Backoff, ExponentialJitter
 from threaddispatch.cron import CronSchedule
 from threaddispatch.cron import parse as parse_cron
@@ -70,7 +70,15 @@ from threaddispatch.middleware import (
     TimeoutMiddleware,
     compile_chain,
 )
-from threaddispatch.stores.base import CronEntry, DeadLetter, JobRecord, JobState, Store
+from threaddispatch.stores.base import (
+    ACTIVE_STATES,
+    READY_STATES,
+    CronEntry,
+    DeadLetter,
+    JobRecord,
+    JobState,
+    Store,
+)
 
 __all__ = [
     "EXTENSION_HOOKS",
@@ -1749,15 +1757,19 @@ class JobEngine:
         """``{state: count}`` for every state (0 included), for one queue or all. One store read."""
         return {state.value: count for state, count in self.store.counts(queue=queue).items()}
 
-    def cancel(self, job_id: str) -> None:
-        """Cancel a pending, retrying or running job. A running one gets ``ctx.cancelled`` set.
+    def cancel(self, job_id: str, *, running: bool = True) -> None:
+        """Cancel a pending or retrying job, or (``running=True``) a running one, which gets ``ctx.cancelled`` set.
 
-        Its handler is not interrupted (threads cannot be), and its outcome is discarded.
-        Raises JobNotFoundError, or InvalidStateError when the job already finished.
+        A running job's handler is not interrupted (threads cannot be), and its outcome is
+        discarded. With ``running=False`` the check and the cancel are one conditional store
+        statement: a job a worker claims meanwhile is refused, never cancelled under its
+        handler. Raises JobNotFoundError, or InvalidStateError naming the state of a job that
+        cannot be cancelled (finished; or running, with ``running=False``). Blocks for one
+        store write (and a read when refused).
         """
-        if not self.store.cancel(job_id, now=time.time(), error="cancelled by an operator"):
-            job = self.get_job(job_id)
-            raise InvalidStateError(f"job {job_id!r} is already {job.state.value}; it cannot be cancelled")
+        if not isinstance(running, bool):
+            raise ConfigurationError(f"running must be a bool, got {show(running)}")
+        self._cancel_in_store(job_id, running)
         with self._lock:
             slot = self._inflight.get(job_id)
             if slot is not None and not slot.settled:
@@ -1767,6 +1779,22 @@ class JobEngine:
         if slot is not None:
             slot.ctx._cancel()
             self._count("cancelled")
+
+    def _cancel_in_store(self, job_id: str, running: bool) -> None:
+        cancellable = ACTIVE_STATES if running else READY_STATES
+        for _ in range(3):
+            now = time.time()
+            if running:  # without the keyword: a store written before it existed still cancels
+                cancelled = self.store.cancel(job_id, now=now, error="cancelled by an operator")
+            else:
+                cancelled = self.store.cancel(job_id, now=now, error="cancelled by an operator", include_running=False)
+            if cancelled:
+                return
+            state = self.get_job(job_id).state
+            if state not in cancellable:
+                raise InvalidStateError(f"job {job_id!r} is {state.value}; it cannot be cancelled")
+            # It changed state between the refused write and the read (retried, released): try again.
+        raise InvalidStateError(f"job {job_id!r} kept changing state; it was not cancelled")
 
     def retry(self, job_id: str) -> None:
         """Run a failed or cancelled job again from scratch (attempts reset; its dead letters removed).

@@ -25,8 +25,9 @@ JOB_COLUMNS = (
 # Likewise DeadLetter's and CronEntry's fields.
 LETTER_COLUMNS = "id, job_id, name, queue, payload, priority, max_retries, attempts, error, failed_at"
 CRON_COLUMNS = "name, expression, job_name, payload, queue, priority, last_tick, created_at, updated_at"
-#: SQL lists of the ACTIVE_STATES and FINAL_STATES.
+#: SQL lists of the ACTIVE_STATES, READY_STATES and FINAL_STATES.
 ACTIVE = "('pending', 'retrying', 'running')"
+READY = "('pending', 'retrying')"
 FINAL = "('completed', 'failed', 'cancelled')"
 
 _LIST_JOBS = (

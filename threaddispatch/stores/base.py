@@ -410,13 +410,19 @@ class Store(abc.ABC):
         worker_id: str | None = None,
         attempts: int | None = None,
         error: str | None = None,
+        include_running: bool = True,
     ) -> bool:
         """Cancel a job that has not finished: pending, retrying or running become cancelled.
 
         Returns False if it was already completed, failed or cancelled (nothing changes).
-        With ``worker_id``/``attempts`` (a handler raised ``Cancel``) it applies only to
-        that claim. A running job cancelled by an operator stops being its worker's claim:
-        the worker's next heartbeat learns it. Raises JobNotFoundError for an unknown id.
+        With ``include_running=False`` only a pending or retrying job is cancelled, and a
+        running one is left as it is (False): the state check and the change are ONE
+        conditional statement, so a job claimed concurrently is either cancelled before
+        its claim or refused, never cancelled after its handler started. With
+        ``worker_id``/``attempts`` (a handler raised ``Cancel``) it applies only to that
+        claim (``include_running`` is then ignored). A running job cancelled by an operator
+        stops being its worker's claim: the worker's next heartbeat learns it. Raises
+        JobNotFoundError for an unknown id.
         """
 
     @abc.abstractmethod

@@ -345,8 +345,9 @@ class MemoryStore(Store):
         worker_id: str | None = None,
         attempts: int | None = None,
         error: str | None = None,
+        include_running: bool = True,
     ) -> bool:
-        """See :meth:`Store.cancel`."""
+        """See :meth:`Store.cancel`. The check and the change happen under one hold of the lock."""
         with self._lock:
             self._check_open()
             job = self._jobs.get(job_id)
@@ -355,7 +356,7 @@ class MemoryStore(Store):
             if worker_id is not None or attempts is not None:
                 if self._claim_of(job_id, worker_id, attempts) is None:
                     return False
-            elif job.state in FINAL_STATES:
+            elif job.state in FINAL_STATES or (job.state is JobState.RUNNING and not include_running):
                 return False
             if error is not None:
                 job.error = error

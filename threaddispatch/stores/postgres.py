@@ -1116,10 +1116,12 @@ class PostgresStore(Store):
         worker_id: str | None = None,
         attempts: int | None = None,
         error: str | None = None,
+        include_running: bool = True,
     ) -> bool:
         """See :meth:`Store.cancel`: one conditional update (plus an existence check when it changes nothing)."""
         fenced = worker_id is not None or attempts is not None
-        condition = _CLAIM_FENCE if fenced else f"AND state IN {_sql.ACTIVE}"
+        states = _sql.ACTIVE if include_running else _sql.READY
+        condition = _CLAIM_FENCE if fenced else f"AND state IN {states}"
         query = (
             "UPDATE dispatch_jobs SET state = 'cancelled', error = coalesce(%(error)s, error), "
             f"finished_at = %(now)s, updated_at = %(now)s WHERE id = %(id)s {condition} RETURNING id"

@@ -590,31 +590,26 @@ class SQLiteStore(Store):
         worker_id: str | None = None,
         attempts: int | None = None,
         error: str | None = None,
+        include_running: bool = True,
     ) -> bool:
-        """See :meth:`Store.cancel`."""
+        """See :meth:`Store.cancel`: one conditional update (plus an existence check when it changes nothing)."""
+        params: tuple[Any, ...] = (error, now, now, job_id)
+        if worker_id is not None or attempts is not None:
+            condition = "state = 'running' AND (? IS NULL OR worker_id = ?) AND (? IS NULL OR attempts = ?)"
+            params += (worker_id, worker_id, attempts, attempts)
+        else:
+            condition = f"state IN {_sql.ACTIVE if include_running else _sql.READY}"
         conn = self._conn()
-        with _Immediate(conn):
-            row = conn.execute(
-                "SELECT state, worker_id, attempts FROM dispatch_jobs WHERE id = ?", (job_id,)
-            ).fetchone()
-            if row is None:
-                raise JobNotFoundError(f"no job with id {job_id!r}")
-            state, current_worker, current_attempts = row
-            if worker_id is not None or attempts is not None:
-                if (
-                    state != "running"
-                    or (worker_id is not None and current_worker != worker_id)
-                    or (attempts is not None and current_attempts != attempts)
-                ):
-                    return False
-            elif JobState(state) not in (JobState.PENDING, JobState.RETRYING, JobState.RUNNING):
-                return False
-            conn.execute(
-                "UPDATE dispatch_jobs SET state = 'cancelled', error = coalesce(?, error), finished_at = ?, "
-                "updated_at = ? WHERE id = ?",
-                (error, now, now, job_id),
-            )
+        cursor = conn.execute(
+            "UPDATE dispatch_jobs SET state = 'cancelled', error = coalesce(?, error), finished_at = ?, "
+            f"updated_at = ? WHERE id = ? AND {condition}",
+            params,
+        )
+        if cursor.rowcount == 1:
             return True
+        if conn.execute("SELECT 1 FROM dispatch_jobs WHERE id = ?", (job_id,)).fetchone() is None:
+            raise JobNotFoundError(f"no job with id {job_id!r}")
+        return False
 
     @_translate
     def requeue(self, job_id: str, *, now: float) -> None:
