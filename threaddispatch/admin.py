@@ -395,7 +395,7 @@ class AdminApp:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """The WSGI entry point: answers every request with a JSON body."""
         response = self.handle_environ(environ)
-        start_response(response.status_line, response.headers)
+        start_response(response.status_line, list(response.headers))  # a copy: servers may add headers to it
         return [] if str(environ.get("REQUEST_METHOD", "GET")).upper() == "HEAD" else [response.body]
 
     def handle_environ(self, environ: WSGIEnvironment) -> AdminResponse:
