@@ -37,13 +37,12 @@ import itertools
 import json
 import logging
 import math
-import os
 import secrets
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import InvalidStateError as FutureStateError
 from dataclasses import dataclass
@@ -54,8 +53,10 @@ from urllib.parse import urlencode
 from threaddispatch import _lifecycle
 from threaddispatch._pool import WorkerPool
 from threaddispatch._request_future import LazyFuture
+from threaddispatch._request_online import Connectivity, check_offline_on
+from threaddispatch._request_token import CancellationToken
 from threaddispatch.backoff import check_seconds
-from threaddispatch.errors import Cancel, CancelledError, ConfigurationError, DispatcherClosedError, Retry
+from threaddispatch.errors import Cancel, ConfigurationError, DispatcherClosedError, Retry
 from threaddispatch.events import EventEmitter
 from threaddispatch.request_storage import RequestStorage, StoredRequest
 
@@ -83,7 +84,20 @@ MODES: tuple[str, ...] = ("concurrent", "queued", "cancelable")
 QueueStatus = Literal["started", "paused", "stopped"]
 RequestState = Literal["waiting", "running", "retrying", "stopped"]
 EVENTS: frozenset[str] = frozenset(
-    {"loading", "response", "error", "abort", "deduplicated", "remove", "queue_change", "queue_status", "drained"}
+    {
+        "loading",
+        "response",
+        "error",
+        "abort",
+        "deduplicated",
+        "remove",
+        "queue_change",
+        "queue_status",
+        "drained",
+        "upload_progress",
+        "download_progress",
+        "cache",
+    }
 )
 
 _log = logging.getLogger("threaddispatch.requests")
@@ -157,66 +171,6 @@ def default_dedupe_key(request: object) -> str:
         return repr(request)
 
 
-# Guards the lazy creation of CancellationToken events (rare: only when send waits on one).
-_token_lock = threading.Lock()
-
-
-def _new_token_lock_after_fork() -> None:
-    # A thread of the parent may have held it at fork time; the child's copy would stay held.
-    global _token_lock
-    _token_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_token_lock_after_fork)
-
-
-class CancellationToken:
-    """Tells a running ``send`` that its attempt was stopped or cancelled.
-
-    Set by ``stop``, ``stop_request``, ``delete``, ``clear*``, a newer request in
-    ``cancelable`` mode, and ``close`` at its timeout. Each attempt gets a new token.
-    Thread-safe; only :meth:`wait` blocks. Its ``threading.Event`` is made only when
-    something waits on it: most sends never do, and an attempt is then cheaper.
-    """
-
-    __slots__ = ("_cancelled", "_event")
-
-    def __init__(self) -> None:
-        self._cancelled = False
-        self._event: threading.Event | None = None
-
-    @property
-    def cancelled(self) -> bool:
-        """Whether the attempt was cancelled."""
-        return self._cancelled
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the attempt is cancelled or ``timeout`` seconds pass; return whether it was cancelled."""
-        with _token_lock:
-            if self._cancelled:
-                return True
-            if self._event is None:
-                self._event = threading.Event()
-            event = self._event
-        return event.wait(timeout)
-
-    def raise_if_cancelled(self) -> None:
-        """Raise :class:`threaddispatch.errors.CancelledError` if the attempt was cancelled."""
-        if self._cancelled:
-            raise CancelledError("the request was cancelled")
-
-    def _cancel(self) -> None:
-        with _token_lock:
-            self._cancelled = True
-            event = self._event
-        if event is not None:
-            event.set()
-
-    def __repr__(self) -> str:
-        return f"<CancellationToken cancelled={self.cancelled}>"
-
-
 @dataclass(frozen=True, slots=True)
 class RequestEvent:
     """What a listener receives. Fields that do not apply to an event keep their defaults.
@@ -228,6 +182,8 @@ class RequestEvent:
     ``reason`` says why a request left its queue (``remove``): ``"resolved"``,
     ``"failed"``, ``"cancelled"`` or ``"closed"``. ``status`` is the queue's status
     (``queue_status``); ``size`` the number of requests in the queue (``queue_change``).
+    ``loaded`` and ``total`` (None: unknown) are what ``token.progress`` reported
+    (``upload_progress``, ``download_progress``).
     """
 
     event: str
@@ -241,6 +197,8 @@ class RequestEvent:
     reason: str | None = None
     status: QueueStatus | None = None
     size: int = 0
+    loaded: float = 0
+    total: float | None = None
 
 
 @dataclass(frozen=True)
@@ -262,11 +220,17 @@ class QueuedRequest:
 
 @dataclass(frozen=True)
 class QueueSnapshot:
-    """A snapshot of one queue: its status and its requests in queue order."""
+    """A snapshot of one queue: its status and its requests in queue order; iterating it yields the requests."""
 
     queue_key: str
     status: QueueStatus
     requests: tuple[QueuedRequest, ...]
+
+    def __iter__(self) -> Iterator[QueuedRequest]:
+        return iter(self.requests)
+
+    def __len__(self) -> int:
+        return len(self.requests)
 
 
 class RequestHandle(Generic[ResponseT]):
@@ -451,8 +415,12 @@ class _Core(Generic[RequestT, ResponseT]):
         dedupe_key: Callable[[RequestT], str],
         retry_on_error: Callable[[Exception], bool] | None,
         on_update_storage: Callable[[str, list[StoredRequest]], object] | None,
+        connectivity: Connectivity | None = None,
+        offline_on: tuple[type[BaseException], ...] = (),
     ) -> None:
         self.send = send
+        self.connectivity = connectivity
+        self.offline_on = offline_on
         self.name = name
         self.storage = storage
         self.queue_key_fn = queue_key
@@ -480,6 +448,7 @@ class _Core(Generic[RequestT, ResponseT]):
         self.dedupe: dict[tuple[str, str], _Request] = {}  # ongoing requests that may be joined
         self.heap: list[tuple[float, int, _Request]] = []  # (due, serial, request) of retries
         self.timer: threading.Thread | None = None
+        self.next_poll = 0.0  # monotonic time the connectivity probe is due (with a connectivity)
         self.online = True
         self.closing = False  # intake stopped (the one field also written without lock: see begin_close)
         self.done = False  # nothing starts any more; what was left has been cancelled
@@ -617,6 +586,8 @@ class _Core(Generic[RequestT, ResponseT]):
         req.queue = queue
         queue.requests[req.request_id] = req
         queue.order.append(req)
+        if self.timer is None and self.connectivity is not None:
+            self._start_timer()  # a forked child's first request brings the probe back
         self._set_state(req, _WAITING)
         if req.mode == "queued":
             queue.queued += 1
@@ -689,6 +660,7 @@ class _Core(Generic[RequestT, ResponseT]):
         """
         for req in self._startable(queue, hint):
             token = CancellationToken()
+            token._bind(self, req)  # unbound when the attempt ends (the pair is a reference cycle)
             req.token = token
             self._set_state(req, _RUNNING)
             req.inflight = True
@@ -808,7 +780,11 @@ class _Core(Generic[RequestT, ResponseT]):
             self.timer_wakeup.notify()
             if self.closing:
                 self.done_changed.notify_all()  # close releases retries itself during the exit drain
-        if self.timer is None and not _lifecycle.exiting():
+        self._start_timer()
+
+    def _start_timer(self) -> None:
+        """Start the timer thread unless it runs (or the exit drain began); caller holds lock."""
+        if self.timer is None and not self.done and not _lifecycle.exiting():
             thread = threading.Thread(target=self._timer_loop, name=f"threaddispatch-{self.name}-timer", daemon=True)
             self.timer = thread
             thread.start()
@@ -828,12 +804,14 @@ class _Core(Generic[RequestT, ResponseT]):
             self._schedule(queue, out)
 
     def _timer_loop(self) -> None:
-        """The retry timer: wait for the earliest due retry, release it, leave when none is pending."""
+        """The timer: release due retries and poll the connectivity probe; leave when neither is pending."""
+        connectivity = self.connectivity
         while True:
             out = _Outbox()
+            probe = False
             with self.lock:
                 while True:
-                    if self.done or not self.retrying or not self.heap:
+                    if self.done or not (connectivity is not None or (self.retrying and self.heap)):
                         if self.timer is threading.current_thread():
                             self.timer = None
                         return
@@ -841,8 +819,20 @@ class _Core(Generic[RequestT, ResponseT]):
                     if self.heap and self.heap[0][0] <= now:
                         self._release_due(now, out)
                         break
-                    self.timer_wakeup.wait(self.heap[0][0] - now)
+                    if connectivity is not None and self.next_poll <= now:
+                        self.next_poll = now + connectivity.interval
+                        probe = True
+                        break
+                    due = self.heap[0][0] if self.heap else math.inf
+                    if connectivity is not None:
+                        due = min(due, self.next_poll)
+                    self.timer_wakeup.wait(due - now)
             self._dispatch(out)
+            if probe:
+                assert connectivity is not None
+                online = connectivity.probe()  # user code: no lock held
+                if online is not None and online != self.online:
+                    self.set_online(online)
 
     # -- attempts (worker threads) -----------------------------------------------------------
 
@@ -864,6 +854,21 @@ class _Core(Generic[RequestT, ResponseT]):
             _local.core = previous
         delay = None if error is None or token.cancelled else self._retry_delay(req, error)
         self._finish_attempt(req, token, response, error, delay)
+
+    def progress(
+        self, req: _Request, token: CancellationToken, loaded: float, total: float | None, direction: str
+    ) -> None:
+        """Emit a progress event for ``req`` if ``token`` is its running attempt's (``CancellationToken.progress``)."""
+        name = "upload_progress" if direction == "upload" else "download_progress"
+        if name not in self.watched:
+            return
+        with self.lock:
+            if req.token is not token or req.state != _RUNNING:
+                return
+            attempt = req.attempts
+        self._emit(
+            RequestEvent(name, req.queue_key, req.request_id, req.request, attempt=attempt, loaded=loaded, total=total)
+        )
 
     def _retry_delay(self, req: _Request, error: BaseException) -> float | None:
         """Seconds before the next attempt after ``error``, or None for no retry. Calls ``retry_on_error``."""
@@ -889,12 +894,15 @@ class _Core(Generic[RequestT, ResponseT]):
         error: BaseException | None,
         delay: float | None,
     ) -> None:
+        token._bind(None, None)
         out = _Outbox()
         with self.lock:
             queue = req.queue
             req.inflight = False
             queue.inflight -= 1
             self.running -= 1
+            if error is not None and self.offline_on and isinstance(error, self.offline_on) and not token.cancelled:
+                self.online = False  # the connection is lost: until the probe or set_online brings it back
             if token.cancelled or req.token is not token or req.state != _RUNNING:
                 # Stopped or cancelled while it ran: the outcome is dropped.
                 if req.state == _RUNNING:
@@ -1122,6 +1130,11 @@ class _Core(Generic[RequestT, ResponseT]):
         self._dispatch(out)
         return len(out.launch)
 
+    def start_probe(self) -> None:
+        """Start the timer thread that polls the connectivity probe (first poll at once)."""
+        with self.lock:
+            self._start_timer()
+
     def set_online(self, online: bool) -> None:
         out = _Outbox()
         with self.lock:
@@ -1326,6 +1339,9 @@ class RequestDispatcher(Generic[RequestT, ResponseT]):
         on_initialization: Callable[[RequestDispatcher[RequestT, ResponseT], list[RequestHandle[ResponseT]]], object]
         | None = None,
         on_update_storage: Callable[[str, list[StoredRequest]], object] | None = None,
+        is_online: Callable[[], object] | None = None,
+        online_check_interval: float = 5.0,
+        offline_on: tuple[type[BaseException], ...] = (),
         name: str | None = None,
     ) -> None:
         for label, fn in (("send", send), ("queue_key", queue_key), ("dedupe_key", dedupe_key)):
@@ -1345,6 +1361,7 @@ class RequestDispatcher(Generic[RequestT, ResponseT]):
         elif not isinstance(name, str) or not name:
             raise ConfigurationError(f"name must be a non-empty str, got {name!r}")
         self.name = name
+        connectivity = None if is_online is None else Connectivity(is_online, online_check_interval, name)
         self._core: _Core[RequestT, ResponseT] = _Core(
             send,
             max_workers=max_workers,
@@ -1354,6 +1371,8 @@ class RequestDispatcher(Generic[RequestT, ResponseT]):
             dedupe_key=dedupe_key,
             retry_on_error=retry_on_error,
             on_update_storage=on_update_storage,
+            connectivity=connectivity,
+            offline_on=check_offline_on(offline_on),
         )
         # An unreferenced dispatcher stops intake; what can run still runs, then its threads leave.
         # (The finalizer holds the core: a send or listener referring to this object keeps it
@@ -1372,6 +1391,8 @@ class RequestDispatcher(Generic[RequestT, ResponseT]):
             except Exception:  # noqa: BLE001 - user callback errors are contained; the requests still start
                 _log.exception("%s: on_initialization raised", name)
         self._core.flush(None)
+        if connectivity is not None:
+            self._core.start_probe()
 
     # -- intake ---------------------------------------------------------------------------
 
