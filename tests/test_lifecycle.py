@@ -168,3 +168,99 @@ def test_set_exit_timeout_validates_and_round_trips() -> None:
             threaddispatch.set_exit_timeout(-1)
     finally:
         threaddispatch.set_exit_timeout(before)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_fork_hooks_quiesce_before_the_fork_and_resume_in_reverse_order_in_the_parent_only() -> None:
+    """The registry calls ``_prepare_for_fork`` on every component before fork, then ``_resume_after_fork``
+    in reverse order in the parent; the child gets ``_reset_after_fork`` instead."""
+    result = run_script(
+        """
+        import json, os
+        from threaddispatch import _lifecycle
+
+        calls = []
+
+        class Component:
+            def __init__(self, name):
+                self.name = name
+            def _drain_at_exit(self, deadline):
+                return (0, 0)
+            def _prepare_for_fork(self):
+                calls.append(("prepare", self.name))
+            def _resume_after_fork(self):
+                calls.append(("resume", self.name))
+            def _reset_after_fork(self):
+                calls.append(("reset", self.name))
+
+        class Plain:  # no prepare/resume: only reset
+            def _drain_at_exit(self, deadline):
+                return (0, 0)
+            def _reset_after_fork(self):
+                calls.append(("reset", "plain"))
+
+        components = [Component("a"), Component("b"), Plain()]
+        for component in components:
+            _lifecycle.register(component)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(w, json.dumps(calls).encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        child = json.loads(os.read(r, 65536).decode())
+        print(json.dumps({"parent": calls, "child": child}))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    prepared = [name for kind, name in report["parent"] if kind == "prepare"]
+    assert sorted(prepared) == ["a", "b"]
+    resumed = [name for kind, name in report["parent"] if kind == "resume"]
+    assert resumed == prepared[::-1]
+    assert [kind for kind, _ in report["parent"]] == ["prepare", "prepare", "resume", "resume"]
+    child_resets = [name for kind, name in report["child"][2:] if kind == "reset"]
+    assert report["child"][:2] == [["prepare", name] for name in prepared]
+    assert sorted(child_resets) == ["a", "b", "plain"]
+    assert len(report["child"]) == 5
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_failing_fork_preparation_is_logged_and_the_fork_goes_on() -> None:
+    """A component whose ``_prepare_for_fork`` raises is logged; the others are prepared and resumed."""
+    result = run_script(
+        """
+        import json, os, logging
+        from threaddispatch import _lifecycle
+        logging.basicConfig(level=logging.ERROR)
+        calls = []
+
+        class Broken:
+            def _drain_at_exit(self, deadline):
+                return (0, 0)
+            def _prepare_for_fork(self):
+                raise RuntimeError("cannot prepare")
+            def _resume_after_fork(self):
+                calls.append("broken resumed")
+            def _reset_after_fork(self):
+                pass
+
+        class Good(Broken):
+            def _prepare_for_fork(self):
+                calls.append("good prepared")
+            def _resume_after_fork(self):
+                calls.append("good resumed")
+
+        components = [Broken(), Good()]
+        for component in components:
+            _lifecycle.register(component)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print(json.dumps(calls))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == ["good prepared", "good resumed"]
+    assert "cannot prepare" in result.stderr

@@ -5,6 +5,14 @@ one alive. At interpreter exit one ``atexit`` hook drains every live component
 against a single global deadline and logs what was delivered and what was lost.
 After ``fork()`` every live component is reset in the child (empty buffers, fresh
 locks, a fresh worker), so the parent's work is delivered once, by the parent.
+
+Fork hook order: just before ``fork()`` every component that has ``_prepare_for_fork``
+quiesces (a store takes its own locks so that no thread is inside a library call that
+the child could inherit half-done); after the fork the parent calls
+``_resume_after_fork`` on those components in reverse order, and the child calls
+``_reset_after_fork`` on every component. A ``_prepare_for_fork`` takes only its own
+component's locks, never while holding another's, and no thread holds two components'
+locks at once: so the order components are prepared in cannot deadlock.
 """
 
 from __future__ import annotations
@@ -34,6 +42,12 @@ class Lifecycle(Protocol):
         """In a forked child: drop the parent's pending work and state; make the component usable."""
 
 
+# Optional, looked up with getattr (a component without them is only reset in the child):
+#   _prepare_for_fork(self) -> None: just before fork(), in the forking thread; quiesce and
+#       take the component's own locks, each wait bounded; never call user code.
+#   _resume_after_fork(self) -> None: in the parent after fork(); release what prepare took.
+
+
 # _registry_lock guards _components and _hook_installed. It is replaced in the forked
 # child, where a copy held by another parent thread at fork time would never be released.
 _registry_lock = threading.Lock()
@@ -42,6 +56,10 @@ _hook_installed = False
 _exit_timeout = 5.0
 _exiting = threading.Event()
 _MAX_EXIT_PASSES = 5
+# The components prepared for a fork in progress, by forking thread (two threads may fork
+# at once: the second one's preparation waits on the locks the first one holds). Each
+# entry is touched only by its own thread, between its before and after hooks.
+_prepared: dict[int, list[Lifecycle]] = {}
 
 
 def set_exit_timeout(seconds: float) -> None:
@@ -68,7 +86,11 @@ def register(component: Lifecycle) -> None:
         if not _hook_installed:
             atexit.register(_drain_all_at_exit)
             if hasattr(os, "register_at_fork"):
-                os.register_at_fork(after_in_child=_reset_all_after_fork)
+                os.register_at_fork(
+                    before=_prepare_all_for_fork,
+                    after_in_parent=_resume_all_after_fork,
+                    after_in_child=_reset_all_after_fork,
+                )
             _hook_installed = True
 
 
@@ -123,9 +145,33 @@ def _drain_all_at_exit() -> None:
         _log.info("threaddispatch: exit drain delivered %d entries", delivered)
 
 
+def _prepare_all_for_fork() -> None:
+    prepared: list[Lifecycle] = []
+    _prepared[threading.get_ident()] = prepared
+    for component in _snapshot():
+        prepare = getattr(component, "_prepare_for_fork", None)
+        if prepare is None:
+            continue
+        try:
+            prepare()
+        except Exception:  # noqa: BLE001 - the fork goes on whatever one component does
+            _log.exception("threaddispatch: preparing %r for fork failed", component)
+            continue
+        prepared.append(component)
+
+
+def _resume_all_after_fork() -> None:
+    for component in reversed(_prepared.pop(threading.get_ident(), [])):
+        try:
+            component._resume_after_fork()  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - the parent must keep running whatever one component does
+            _log.exception("threaddispatch: resuming %r after fork failed", component)
+
+
 def _reset_all_after_fork() -> None:
     global _registry_lock
     _registry_lock = threading.Lock()
+    _prepared.clear()  # the child resets every component, prepared or not
     _exiting.clear()
     for component in list(_components):
         try:

@@ -5,6 +5,13 @@
 - One connection per thread per process: connections live in a ``threading.local``
   tagged with the pid, so a forked child opens its own and never touches the parent's
   (the huey pid guard).
+- Safe to ``fork()`` while threads use the store (a JobEngine running, gunicorn
+  ``--preload``): just before the fork the lifecycle hook takes every thread's connection
+  lock, which each thread holds around all its sqlite3 calls, so no thread is inside
+  SQLite (whose own mutexes a child would inherit held); it then closes every connection
+  in the parent, so the child inherits none, nor SQLite's per-file lock state. Both
+  processes reopen connections on next use; the child never touches a parent's
+  connection, not even to close it.
 - Short transactions; every write that reads first runs under ``BEGIN IMMEDIATE`` so
   two processes never both decide from the same snapshot. A claim is ONE
   ``UPDATE ... RETURNING`` statement (SQLite >= 3.35).
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import sqlite3
 import threading
@@ -43,6 +51,13 @@ from threaddispatch.stores.base import WORKER_LOST_ERROR, CronEntry, DeadLetter,
 __all__ = ["SQLiteStore"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+_log = logging.getLogger("threaddispatch.stores.sqlite")
+# How long, past busy_timeout, fork preparation and close() wait for a thread to leave its SQLite call.
+_QUIESCE_GRACE = 10.0
+# Connections a forked child found still open (their thread was inside SQLite past the wait):
+# referenced for the life of the child so that deallocating them never closes them there.
+_ABANDONED: list[sqlite3.Connection] = []
 
 _MIN_VERSION = (3, 35, 0)  # UPDATE ... RETURNING
 _CHUNK = 500  # ids per statement, far below SQLite's variable limit
@@ -178,21 +193,39 @@ def _claim_order(job: JobRecord) -> tuple[int, float]:
 
 
 def _translate(fn: F) -> F:
-    """Turn sqlite3 errors into StoreUnavailableError (locked/busy) or StoreError."""
+    """A store method: run it holding this thread's connection lock (see :class:`_Slot`) and
+    turn sqlite3 errors into StoreUnavailableError (locked/busy) or StoreError."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except sqlite3.OperationalError as error:
-            text = str(error).lower()
-            if "locked" in text or "busy" in text or "unable to open" in text:
-                raise StoreUnavailableError(f"SQLite store unavailable: {error}") from error
-            raise StoreError(f"SQLite store error: {error}") from error
-        except sqlite3.Error as error:
-            raise StoreError(f"SQLite store error: {error}") from error
+    def wrapper(self: SQLiteStore, *args: Any, **kwargs: Any) -> Any:
+        with self._slot().lock:
+            try:
+                return fn(self, *args, **kwargs)
+            except sqlite3.OperationalError as error:
+                text = str(error).lower()
+                if "locked" in text or "busy" in text or "unable to open" in text:
+                    raise StoreUnavailableError(f"SQLite store unavailable: {error}") from error
+                raise StoreError(f"SQLite store error: {error}") from error
+            except sqlite3.Error as error:
+                raise StoreError(f"SQLite store error: {error}") from error
 
     return wrapper  # type: ignore[return-value]
+
+
+class _Slot:
+    """One thread's connection to the store in one process.
+
+    ``lock`` is held around every sqlite3 call on ``conn`` (opening it included): by the
+    thread for the length of a store method, by the fork hook from just before fork()
+    until just after, and by close(). It is re-entrant so a store method may call another.
+    """
+
+    __slots__ = ("conn", "lock", "pid")
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.conn: sqlite3.Connection | None = None
+        self.pid = os.getpid()
 
 
 class _Immediate:
@@ -265,25 +298,37 @@ class SQLiteStore(Store):
             self.migrate()
 
     def _init_connections(self) -> None:
-        # _conns_lock guards _conns (every connection this process opened, for close()).
-        self._conns_lock = threading.Lock()
-        self._conns: list[sqlite3.Connection] = []
+        # _slots_lock guards _slots (every thread's slot in this process, for close() and the
+        # fork hook). Lock order: _slots_lock, then slot locks; never the other way round.
+        self._slots_lock = threading.Lock()
+        self._slots: list[_Slot] = []
         self._local = threading.local()
         self._pid = os.getpid()
+        # Set by _prepare_for_fork under _slots_lock, read by _resume_after_fork before releasing it.
+        self._fork_held: list[_Slot] = []
+        self._fork_stuck = 0
+
+    def _slot(self) -> _Slot:
+        """This thread's slot in this process, made on first use."""
+        slot: _Slot | None = getattr(self._local, "slot", None)
+        if slot is not None and slot.pid == os.getpid():
+            return slot
+        if os.getpid() != self._pid:
+            # Forked without the lifecycle hook having run: never use the parent's connections.
+            self._reset_after_fork()
+        slot = _Slot()
+        with self._slots_lock:
+            self._slots.append(slot)
+        self._local.slot = slot
+        return slot
 
     def _conn(self) -> sqlite3.Connection:
-        """This thread's connection in this process, opened on first use."""
-        local = self._local
-        conn: sqlite3.Connection | None = getattr(local, "conn", None)
-        pid = os.getpid()
-        if conn is not None and local.pid == pid:
-            return conn
+        """This thread's connection, opened on first use; only with the slot's lock held (a ``@_translate`` method)."""
+        slot = self._slot()
+        if slot.conn is not None:
+            return slot.conn
         if self._closed:
             raise StoreError(f"SQLiteStore {self.path!r} is closed")
-        if pid != self._pid:
-            # Forked without the lifecycle hook having run: never reuse the parent's connections.
-            self._init_connections()
-            local = self._local
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
         try:
             self._set_wal(conn)
@@ -291,11 +336,16 @@ class SQLiteStore(Store):
         except BaseException:
             conn.close()
             raise
-        local.conn = conn
-        local.pid = pid
-        with self._conns_lock:
-            self._conns.append(conn)
+        slot.conn = conn
         return conn
+
+    @staticmethod
+    def _close_slot(slot: _Slot) -> None:
+        """Close the slot's connection; the caller holds ``slot.lock``, in the process that opened it."""
+        conn, slot.conn = slot.conn, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):  # closing is best effort
+                conn.close()
 
     def _set_wal(self, conn: sqlite3.Connection) -> None:
         # Switching a new file to WAL needs a moment of exclusive access; retry within busy_timeout.
@@ -326,31 +376,84 @@ class SQLiteStore(Store):
 
     def schema_version(self) -> int:
         """The schema version of the file (0 before :meth:`migrate`)."""
-        conn = self._conn()
-        try:
-            return int(conn.execute(_SQL.schema_version).fetchone()[0])
-        except sqlite3.OperationalError:
-            return 0
+        with self._slot().lock:
+            conn = self._conn()
+            try:
+                return int(conn.execute(_SQL.schema_version).fetchone()[0])
+            except sqlite3.OperationalError:
+                return 0
 
     def close(self) -> None:
         """Close every connection this process opened. Idempotent; later use raises StoreError.
 
-        Call it after the engines using the store have stopped.
+        Call it after the engines using the store have stopped. Waits for a thread still
+        inside a store call, up to ``busy_timeout`` plus 10 seconds; such a thread's
+        connection is left open if it does not finish by then.
         """
         self._closed = True
-        with self._conns_lock:
-            conns, self._conns = self._conns, []
-        if os.getpid() == self._pid:
-            for conn in conns:
-                with contextlib.suppress(sqlite3.Error):  # closing is best effort
-                    conn.close()
-        self._local = threading.local()
+        with self._slots_lock:
+            slots = list(self._slots)
+        deadline = time.monotonic() + self.busy_timeout + _QUIESCE_GRACE
+        for slot in slots:
+            if not slot.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                continue  # still listed, so a fork never lets the child close it
+            try:
+                self._close_slot(slot)
+            finally:
+                slot.lock.release()
+            with self._slots_lock:
+                self._slots.remove(slot)
         _lifecycle.unregister(self)
 
+    def _prepare_for_fork(self) -> None:
+        """Just before fork(): wait until no thread is inside SQLite on this store, then close every connection.
+
+        Called by the lifecycle's fork hook in the forking thread. Takes ``_slots_lock``
+        (no new slot meanwhile) and every slot's lock, each wait bounded by one deadline
+        (``busy_timeout`` plus 10 s); they stay held across the fork, released by
+        :meth:`_resume_after_fork` in the parent and replaced in the child. The connections
+        are closed here, in the parent that opened them, so the child inherits none of
+        them nor SQLite's lock state for the file. Raises StoreError, preparing nothing, if
+        ``_slots_lock`` stays taken (another thread's fork) past the deadline.
+        """
+        deadline = time.monotonic() + self.busy_timeout + _QUIESCE_GRACE
+        if not self._slots_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise StoreError(f"SQLiteStore {self.path!r}: could not quiesce for fork (another fork in progress?)")
+        held: list[_Slot] = []
+        for slot in self._slots:
+            if slot.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                held.append(slot)
+                self._close_slot(slot)
+        self._fork_held = held
+        self._fork_stuck = len(self._slots) - len(held)
+
+    def _resume_after_fork(self) -> None:
+        """In the parent after fork(): release what :meth:`_prepare_for_fork` took; connections reopen on use."""
+        held, self._fork_held = self._fork_held, []
+        stuck = self._fork_stuck
+        for slot in reversed(held):
+            slot.lock.release()
+        self._slots_lock.release()
+        if stuck:
+            self._log_stuck(stuck)
+
     def _reset_after_fork(self) -> None:
-        # Abandon (never close) the parent's connections: closing one in the child could
-        # disturb the parent's locks on the file.
+        """In the child: fresh locks and slots. A parent connection still open here (its thread was inside
+        SQLite past the fork wait) is kept referenced, never closed, never used."""
+        stuck = [slot.conn for slot in self._slots if slot.conn is not None]
+        _ABANDONED.extend(stuck)
         self._init_connections()
+        if stuck:
+            self._log_stuck(len(stuck))
+
+    def _log_stuck(self, count: int) -> None:
+        _log.warning(
+            "SQLiteStore %r: forked while %d thread(s) were inside a SQLite call for over %.3gs; "
+            "the child may inherit SQLite's locks held",
+            self.path,
+            count,
+            self.busy_timeout + _QUIESCE_GRACE,
+        )
 
     def describe(self) -> Mapping[str, object]:
         """``{"kind": "SQLiteStore", "path": ...}``."""
