@@ -8,7 +8,9 @@ that carries queued requests across a process restart.
 
 Two storages ship here: :class:`MemoryRequestStorage` (a dict; survives a dispatcher,
 not the process) and :class:`SQLiteRequestStorage` (one file, WAL, stdlib ``sqlite3``).
-Any object with the members of :class:`RequestStorage` is a storage too.
+Any object with the members of :class:`RequestStorage` is a storage too. A SQLite
+storage also keeps the dispatcher's response cache, in a table of the same file
+(:meth:`SQLiteRequestStorage.response_cache`).
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import sqlite3
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
+from threaddispatch._request_cache import CachedResponse
 from threaddispatch.errors import ConfigurationError, PayloadError, StoreError, StoreUnavailableError
 
-__all__ = ["MemoryRequestStorage", "RequestStorage", "SQLiteRequestStorage", "StoredRequest"]
+__all__ = ["MemoryRequestStorage", "RequestStorage", "SQLiteRequestStorage", "SQLiteResponseCache", "StoredRequest"]
 
 _repr = reprlib.Repr()
 _repr.maxstring = 60
@@ -150,6 +153,13 @@ CREATE TABLE IF NOT EXISTS threaddispatch_requests (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS threaddispatch_requests_queue ON threaddispatch_requests (queue_key, seq);
+CREATE TABLE IF NOT EXISTS threaddispatch_request_cache (
+    key TEXT PRIMARY KEY,
+    response TEXT NOT NULL,
+    stored_at REAL NOT NULL,
+    fresh_until REAL NOT NULL,
+    stale_until REAL NOT NULL
+);
 """
 
 _COLUMNS = "request_id, queue_key, request, mode, deduplicate, deduplicate_time, retry, retry_time, offline, created_at"
@@ -303,8 +313,80 @@ class SQLiteRequestStorage:
                 raise _store_error(self.path, "count", error) from error
             return int(count)
 
+    def response_cache(self) -> SQLiteResponseCache:
+        """A response cache kept in this file (its own table), sharing this storage's connection and lock."""
+        return SQLiteResponseCache(self)
+
+    def _execute(self, action: str, sql: str, params: Sequence[object] = ()) -> tuple[list[Any], int]:
+        """Run one statement under the lock: ``(rows, rowcount)``; errors become StoreError naming ``action``."""
+        with self._guard():
+            try:
+                cursor = self._connection().execute(sql, params)
+                return cursor.fetchall(), cursor.rowcount
+            except sqlite3.Error as error:
+                raise _store_error(self.path, action, error) from error
+
     def __repr__(self) -> str:
         return f"<SQLiteRequestStorage {self.path!r}>"
+
+
+class SQLiteResponseCache:
+    """RequestDispatcher's response cache in a SQLiteRequestStorage's file: survives a restart.
+
+    Responses must be JSON-serialisable (``put`` raises PayloadError otherwise) and come
+    back as JSON does (tuples as lists). Every method is one short statement on the
+    storage's connection, under its lock. Thread-safe. ``close`` closes the storage's
+    connection (it reopens on the next call).
+    """
+
+    def __init__(self, storage: SQLiteRequestStorage) -> None:
+        self.storage = storage
+
+    def get(self, key: str, now: float) -> CachedResponse | None:
+        """The unexpired entry of ``key`` or None; an expired one is deleted."""
+        rows, _count = self.storage._execute(
+            "read cache",
+            "SELECT response, stored_at, fresh_until, stale_until FROM threaddispatch_request_cache WHERE key = ?",
+            (key,),
+        )
+        if not rows:
+            return None
+        payload, stored_at, fresh_until, stale_until = rows[0]
+        if stale_until <= now:
+            self.storage._execute("expire cache", "DELETE FROM threaddispatch_request_cache WHERE key = ?", (key,))
+            return None
+        return CachedResponse(key, json.loads(payload), stored_at, fresh_until, stale_until)
+
+    def put(self, entry: CachedResponse) -> None:
+        """Store ``entry``; PayloadError naming the key if its response is not JSON-serialisable."""
+        try:
+            payload = json.dumps(entry.response, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+        except (TypeError, ValueError, RecursionError) as error:
+            raise PayloadError(
+                f"the response for {entry.key!r} ({_repr.repr(entry.response)}) is not JSON-serialisable: {error}"
+            ) from error
+        self.storage._execute(
+            "write cache",
+            "INSERT OR REPLACE INTO threaddispatch_request_cache (key, response, stored_at, fresh_until, stale_until) "
+            "VALUES (?,?,?,?,?)",
+            (entry.key, payload, entry.stored_at, entry.fresh_until, entry.stale_until),
+        )
+
+    def invalidate(self, prefix: str) -> int:
+        """Delete the entries whose key starts with ``prefix``; returns how many."""
+        _rows, count = self.storage._execute(
+            "invalidate cache",
+            "DELETE FROM threaddispatch_request_cache WHERE substr(key, 1, ?) = ?",
+            (len(prefix), prefix),
+        )
+        return max(count, 0)
+
+    def close(self) -> None:
+        """Close the storage's connection; idempotent."""
+        self.storage.close()
+
+    def __repr__(self) -> str:
+        return f"<SQLiteResponseCache {self.storage.path!r}>"
 
 
 def _entry(row: _Row) -> StoredRequest:

@@ -52,13 +52,14 @@ from urllib.parse import urlencode
 
 from threaddispatch import _lifecycle
 from threaddispatch._pool import WorkerPool
+from threaddispatch._request_cache import CachedResponse, MemoryResponseCache, RequestCache, ResponseCache
 from threaddispatch._request_future import LazyFuture
 from threaddispatch._request_online import Connectivity, check_offline_on
 from threaddispatch._request_token import CancellationToken
 from threaddispatch.backoff import check_seconds
 from threaddispatch.errors import Cancel, ConfigurationError, DispatcherClosedError, Retry
 from threaddispatch.events import EventEmitter
-from threaddispatch.request_storage import RequestStorage, StoredRequest
+from threaddispatch.request_storage import RequestStorage, SQLiteRequestStorage, StoredRequest
 
 __all__ = [
     "EVENTS",
@@ -183,7 +184,9 @@ class RequestEvent:
     ``"failed"``, ``"cancelled"`` or ``"closed"``. ``status`` is the queue's status
     (``queue_status``); ``size`` the number of requests in the queue (``queue_change``).
     ``loaded`` and ``total`` (None: unknown) are what ``token.progress`` reported
-    (``upload_progress``, ``download_progress``).
+    (``upload_progress``, ``download_progress``). ``cache`` events carry ``cache_key`` and
+    a ``reason``: ``"stored"`` (a response entered the cache), ``"hit"`` (an add was
+    answered from it) or ``"invalidated"`` (``size`` entries dropped; no request).
     """
 
     event: str
@@ -199,6 +202,7 @@ class RequestEvent:
     size: int = 0
     loaded: float = 0
     total: float | None = None
+    cache_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -237,20 +241,29 @@ class RequestHandle(Generic[ResponseT]):
     """What ``add`` returns: the request id, the Future of the response, and ``cancel()``.
 
     Callers deduplicated onto one request get handles with the same ``request_id``
-    and the same ``future`` (``deduplicated`` is True for all but the first).
+    and the same ``future`` (``deduplicated`` is True for all but the first). A
+    handle answered from the response cache has ``cached`` True and a settled Future.
     Thread-safe.
     """
 
-    __slots__ = ("_core", "deduplicated", "future", "queue_key", "request_id")
+    __slots__ = ("_core", "cached", "deduplicated", "future", "queue_key", "request_id")
 
     def __init__(
-        self, core: _Core[Any, Any], request_id: str, queue_key: str, future: Future[ResponseT], deduplicated: bool
+        self,
+        core: _Core[Any, Any],
+        request_id: str,
+        queue_key: str,
+        future: Future[ResponseT],
+        deduplicated: bool,
+        *,
+        cached: bool = False,
     ) -> None:
         self._core = core
         self.request_id = request_id
         self.queue_key = queue_key
         self.future = future
         self.deduplicated = deduplicated
+        self.cached = cached  # answered from the response cache: nothing was queued
 
     def cancel(self) -> bool:
         """Delete the request from its queue: its token is set if it runs, its Future is cancelled.
@@ -272,6 +285,7 @@ class _Request:
     __slots__ = (
         "added_at",
         "attempts",
+        "cache",
         "dedupe_key",
         "deduplicate_time",
         "failures",
@@ -323,6 +337,7 @@ class _Request:
         self.retry_serial = 0  # matches the live entry of the retry heap
         self.added_at = 0.0  # core.clock() at add, for deduplicate_time
         self.stored = False
+        self.cache: tuple[str, float, float] | None = None  # (cache key, cache_time, stale_time) when cached
 
 
 class _Queue:
@@ -350,17 +365,18 @@ _UNQUEUED = _Queue("")  # the queue of a request not queued yet
 class _Outbox:
     """What was decided under the lock, carried out after it is released (where user code may run)."""
 
-    __slots__ = ("closed", "events", "launch", "settle", "unstore")
+    __slots__ = ("cached", "closed", "events", "launch", "settle", "unstore")
 
     def __init__(self) -> None:
         self.launch: list[tuple[_Request, CancellationToken]] = []
         self.events: list[RequestEvent] = []
         self.settle: list[tuple[LazyFuture, str, Any]] = []
         self.unstore: list[tuple[str, str]] = []
+        self.cached: list[tuple[_Request, object]] | None = None  # responses to cache (made when needed)
         self.closed = False
 
     def __bool__(self) -> bool:
-        return bool(self.launch or self.events or self.settle or self.unstore or self.closed)
+        return bool(self.launch or self.events or self.settle or self.unstore or self.cached or self.closed)
 
 
 class _RequestFuture(LazyFuture):
@@ -417,8 +433,12 @@ class _Core(Generic[RequestT, ResponseT]):
         on_update_storage: Callable[[str, list[StoredRequest]], object] | None,
         connectivity: Connectivity | None = None,
         offline_on: tuple[type[BaseException], ...] = (),
+        cache: RequestCache | None = None,
     ) -> None:
         self.send = send
+        self.cache = cache
+        self.cache_by_default = cache is not None and bool(cache.cache_time or cache.stale_time)
+        self.wall_clock: Callable[[], float] = time.time  # cache entry times; tests may replace it
         self.connectivity = connectivity
         self.offline_on = offline_on
         self.name = name
@@ -471,6 +491,9 @@ class _Core(Generic[RequestT, ResponseT]):
         retry: int,
         retry_time: float,
         offline: bool,
+        cache_key: str | None = None,
+        cache_time: float | None = None,
+        stale_time: float | None = None,
     ) -> _Request:
         """Validate ``add``'s arguments and build the request; the key functions run here, unlocked."""
         if mode not in MODES:
@@ -494,8 +517,12 @@ class _Core(Generic[RequestT, ResponseT]):
             if not isinstance(key, str):
                 raise ConfigurationError(f"the dedupe_key function returned {key!r}; it must return a str")
             dedupe_key = (queue_key, key)
+        plan = None
+        if self.cache_by_default or not (cache_time is None and stale_time is None and cache_key is None):
+            assert self.cache is not None
+            plan = self.cache.plan(request, cache_key, cache_time, stale_time)
         request_id = f"{self.id_prefix}-{next(self.ids)}"
-        return _Request(
+        req = _Request(
             request_id,
             queue_key,
             request,
@@ -506,9 +533,15 @@ class _Core(Generic[RequestT, ResponseT]):
             retry_time=retry_time,
             offline=bool(offline),
         )
+        req.cache = plan
+        return req
 
     def add(self, req: _Request) -> RequestHandle[ResponseT]:
         """Queue ``req``, or join an ongoing duplicate; writes the storage (if any) on this thread."""
+        if req.cache is not None and req.cache[1] > 0:
+            hit = self._from_cache(req)
+            if hit is not None:
+                return hit
         out = _Outbox()
         if req.dedupe_key is not None:
             req.added_at = self.clock()
@@ -539,6 +572,44 @@ class _Core(Generic[RequestT, ResponseT]):
         if joined is not None:
             return joined
         return RequestHandle(self, req.request_id, req.queue_key, req.future, False)
+
+    def _from_cache(self, req: _Request) -> RequestHandle[ResponseT] | None:
+        """A settled handle if the cache holds a fresh response for ``req``; reads the cache on this thread."""
+        assert self.cache is not None and req.cache is not None
+        if self.closing:
+            raise DispatcherClosedError(f"RequestDispatcher {self.name!r} is closed")
+        entry = self.cache.lookup(req.cache[0], self.wall_clock())
+        if entry is None:
+            return None
+        if "cache" in self.watched:
+            self._emit(self._cache_event(req, entry, "hit"))
+        req.future.set_result(entry.response)
+        return RequestHandle(self, req.request_id, req.queue_key, req.future, False, cached=True)
+
+    @staticmethod
+    def _cache_event(req: _Request, entry: CachedResponse, reason: str) -> RequestEvent:
+        return RequestEvent(
+            "cache", req.queue_key, req.request_id, req.request, entry.response, reason=reason, cache_key=entry.key
+        )
+
+    def get_cached(self, key: str) -> CachedResponse | None:
+        """The cached entry of ``key``, fresh or stale, or None; store errors propagate."""
+        if not isinstance(key, str):
+            raise ConfigurationError(f"key must be a str, got {key!r}")
+        return self._cache().get(key, self.wall_clock())
+
+    def invalidate(self, prefix: str) -> int:
+        """Drop the cache entries whose key starts with ``prefix``; emits ``cache`` (reason "invalidated")."""
+        if not isinstance(prefix, str):
+            raise ConfigurationError(f"key_or_prefix must be a str, got {prefix!r}")
+        count = self._cache().store.invalidate(prefix)
+        if "cache" in self.watched:
+            self._emit(RequestEvent("cache", "", reason="invalidated", cache_key=prefix, size=count))
+        return count
+
+    def _cache(self) -> RequestCache:
+        assert self.cache is not None  # the public dispatcher always makes one
+        return self.cache
 
     def _join(self, req: _Request, out: _Outbox) -> RequestHandle[ResponseT] | None:
         """A handle on an ongoing duplicate of ``req`` if there is one to join; caller holds lock."""
@@ -914,6 +985,8 @@ class _Core(Generic[RequestT, ResponseT]):
                         RequestEvent("response", queue.key, req.request_id, req.request, response, attempt=req.attempts)
                     )
                 self._remove(req, out, "resolved")
+                if req.cache is not None:
+                    out.cached = [(req, response)]
                 out.settle.append((req.future, "result", response))
             elif req.offline and not self.online and not isinstance(error, Cancel):
                 self._error_event(req, error, out, final=False)
@@ -945,6 +1018,8 @@ class _Core(Generic[RequestT, ResponseT]):
 
     def _dispatch(self, out: _Outbox) -> None:
         """Carry out what was decided under the lock. Never called with the lock held."""
+        if out.cached:
+            self._save_responses(out.cached)  # before the Future settles: a caller that saw it sees the cache
         if out.unstore:
             self._unstore(out.unstore)
         for event in out.events:
@@ -964,6 +1039,14 @@ class _Core(Generic[RequestT, ResponseT]):
         if out.closed:
             self.pool.shutdown(0)  # its idle threads leave now; close() joins them if it waits
             _lifecycle.unregister(self)
+
+    def _save_responses(self, responses: list[tuple[_Request, object]]) -> None:
+        cache = self._cache()
+        for req, response in responses:
+            assert req.cache is not None
+            entry = cache.save(req.cache, response, self.wall_clock())
+            if entry is not None and "cache" in self.watched:
+                self._emit(self._cache_event(req, entry, "stored"))
 
     def _launch(self, launches: list[tuple[_Request, CancellationToken]]) -> None:
         """Hand attempts to the pool. Re-entered on one thread, it queues instead of recursing.
@@ -1274,6 +1357,11 @@ class _Core(Generic[RequestT, ResponseT]):
             timer = self.timer
         if timer is not None and timer is not threading.current_thread():
             timer.join(left())
+        if self.cache is not None:
+            try:
+                self.cache.store.close()
+            except Exception:  # noqa: BLE001 - closing must finish whatever the cache does
+                _log.exception("%s: closing the response cache failed", self.name)
         if self.storage is not None:
             try:
                 self.storage.close()
@@ -1342,6 +1430,10 @@ class RequestDispatcher(Generic[RequestT, ResponseT]):
         is_online: Callable[[], object] | None = None,
         online_check_interval: float = 5.0,
         offline_on: tuple[type[BaseException], ...] = (),
+        cache: ResponseCache | None = None,
+        cache_key: Callable[[RequestT], str] | None = None,
+        cache_time: float = 0.0,
+        stale_time: float = 0.0,
         name: str | None = None,
     ) -> None:
         for label, fn in (("send", send), ("queue_key", queue_key), ("dedupe_key", dedupe_key)):
@@ -1362,6 +1454,15 @@ class RequestDispatcher(Generic[RequestT, ResponseT]):
             raise ConfigurationError(f"name must be a non-empty str, got {name!r}")
         self.name = name
         connectivity = None if is_online is None else Connectivity(is_online, online_check_interval, name)
+        if cache is None:
+            cache = storage.response_cache() if isinstance(storage, SQLiteRequestStorage) else MemoryResponseCache()
+        request_cache = RequestCache(
+            cache,
+            cast("Callable[[object], str]", dedupe_key if cache_key is None else cache_key),
+            cache_time=cache_time,
+            stale_time=stale_time,
+            name=name,
+        )
         self._core: _Core[RequestT, ResponseT] = _Core(
             send,
             max_workers=max_workers,
@@ -1373,6 +1474,7 @@ class RequestDispatcher(Generic[RequestT, ResponseT]):
             on_update_storage=on_update_storage,
             connectivity=connectivity,
             offline_on=check_offline_on(offline_on),
+            cache=request_cache,
         )
         # An unreferenced dispatcher stops intake; what can run still runs, then its threads leave.
         # (The finalizer holds the core: a send or listener referring to this object keeps it
@@ -1407,6 +1509,9 @@ class RequestDispatcher(Generic[RequestT, ResponseT]):
         retry: int = 0,
         retry_time: float = 0.5,
         offline: bool = True,
+        cache_key: str | None = None,
+        cache_time: float | None = None,
+        stale_time: float | None = None,
     ) -> RequestHandle[ResponseT]:
         """Queue ``request`` and return its handle; ``send`` runs later on a worker thread.
 
@@ -1431,6 +1536,9 @@ class RequestDispatcher(Generic[RequestT, ResponseT]):
             retry=retry,
             retry_time=retry_time,
             offline=offline,
+            cache_key=cache_key,
+            cache_time=cache_time,
+            stale_time=stale_time,
         )
         return self._core.add(req)
 
@@ -1495,6 +1603,19 @@ class RequestDispatcher(Generic[RequestT, ResponseT]):
     def online(self) -> bool:
         """Whether the dispatcher is online (it starts requests)."""
         return self._core.online
+
+    # -- response cache ---------------------------------------------------------------------
+
+    def get_cached(self, key: str) -> CachedResponse | None:
+        """The cached response of cache key ``key`` (fresh or stale), or None. Reads the cache on this thread."""
+        return self._core.get_cached(key)
+
+    def invalidate(self, key_or_prefix: str) -> int:
+        """Drop the cache entry ``key_or_prefix`` and every entry whose key starts with it; returns how many.
+
+        ``""`` empties the cache. Emits ``cache`` (reason ``"invalidated"``). Does not touch queued requests.
+        """
+        return self._core.invalidate(key_or_prefix)
 
     # -- inspection -------------------------------------------------------------------------
 
