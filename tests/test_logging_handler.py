@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 from typing import Any
@@ -106,3 +107,32 @@ def test_level_filtering_applies(logger: logging.Logger) -> None:
     logger.warning("kept")
     handler.close()
     assert [r.getMessage() for b in batches for r in b] == ["kept"]
+
+
+def test_later_handlers_see_the_record_unchanged(logger: logging.Logger) -> None:
+    """The handler prepares a copy (bpo-35726): a StreamHandler after it prints its own format, args, traceback."""
+    batches: list[list[logging.LogRecord]] = []
+    batching = BatchingHandler(batches.append, ms_delay=60_000)
+    batching.setFormatter(logging.Formatter("BATCH %(levelname)s %(message)s"))
+    stream = io.StringIO()
+    printing = logging.StreamHandler(stream)
+    printing.setFormatter(logging.Formatter("STREAM %(message)s"))
+    seen: list[logging.LogRecord] = []
+    logger.addHandler(batching)
+    logger.addHandler(printing)
+    logger.addFilter(lambda record: seen.append(record) or True)
+    try:
+        raise ValueError("kaput")
+    except ValueError:
+        logger.exception("value %s", 42)
+    batching.flush()
+    printed = stream.getvalue()
+    assert printed.startswith("STREAM value 42\n"), printed
+    assert "BATCH" not in printed
+    assert "ValueError: kaput" in printed
+    (original,) = seen
+    assert original.args == (42,) and original.msg == "value %s" and original.exc_info is not None
+    (shipped,) = batches[0]
+    assert shipped is not original
+    assert shipped.getMessage().startswith("BATCH ERROR value 42") and "ValueError: kaput" in shipped.getMessage()
+    assert shipped.args is None and shipped.exc_info is None and shipped.exc_text is None

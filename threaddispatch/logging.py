@@ -7,6 +7,7 @@ once per ``ms_delay`` window.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 
@@ -23,8 +24,9 @@ class BatchingHandler(logging.Handler):
     ``emit`` never raises into the logging call and never blocks (the default
     ``overflow="drop_newest"`` drops records past ``max_queue_size`` and counts them).
     Records are prepared as ``logging.handlers.QueueHandler`` does: the message is
-    formatted on the caller's thread and ``args``/``exc_info`` are cleared, so records
-    are safe to send later. Records logged *by* ``send_records`` itself (on the
+    formatted on the caller's thread into a copy of the record whose ``args``/``exc_info``
+    are cleared, so it is safe to send later; the original goes on unchanged to the
+    logger's other handlers. Records logged *by* ``send_records`` itself (on the
     dispatcher's thread) are not queued again, so a handler that logs to its own logger
     cannot feed itself; they are counted in ``self_records_skipped``.
     """
@@ -56,8 +58,13 @@ class BatchingHandler(logging.Handler):
         self.self_records_skipped = 0
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        """Format the message now and strip what cannot travel (args, exc_info)."""
+        """A copy of ``record`` with the message formatted now and what cannot travel (args, exc_info) stripped.
+
+        The record itself is left as it was: later handlers on the logger format it
+        their own way (the bug ``QueueHandler.prepare`` fixed in bpo-35726).
+        """
         message = self.format(record)
+        record = copy.copy(record)
         record.message = message
         record.msg = message
         record.args = None
