@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import gc
 import itertools
+import json
 import logging
 import math
+import os
 import re
+import select
+import signal
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -650,3 +655,102 @@ def test_enqueue_and_submit_refuse_a_bad_timeout_under_every_policy(overflow: st
     assert d.submit("c", timeout=2).done() is False
     assert d.close(5.0)
     assert sink.entries == ["a", "b", "c"]
+
+
+def _run_in_forked_child(child: Callable[[], dict[str, Any]], timeout: float = 20.0) -> dict[str, Any]:
+    """Fork; run ``child`` in the child and return the dict it reports through a pipe.
+
+    The child writes its report and leaves with ``os._exit`` whatever happens; a child that
+    reports nothing within ``timeout`` is killed and the test fails.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            os.close(read_end)
+            try:
+                report = child()
+            except BaseException as error:  # reported to the parent
+                report = {"error": repr(error)}
+            os.write(write_end, json.dumps(report).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        chunks: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            ready, _, _ = select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                pytest.fail("the forked child reported nothing in time")
+            chunk = os.read(read_end, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    result: dict[str, Any] = json.loads(b"".join(chunks).decode())
+    return result
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_has_its_own_counters_fresh_locks_and_a_working_dispatcher() -> None:
+    """Forked while it had sent 100 entries, held 3 more, and another thread held its close lock, the
+    child's dispatcher counts from zero, holds none of the parent's entries, sends its own, and closes;
+    the parent sends its 3 pending entries once."""
+    sink = Sink()
+    d: BackgroundDispatcher[Any] = BackgroundDispatcher(sink, ms_delay=60_000)
+    for i in range(100):
+        d.enqueue(i)
+    assert d.flush(10)
+    pending_future = d.submit("pending-1")
+    d.enqueue("pending-2")
+    d.enqueue("pending-3")
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold_the_close_lock() -> None:
+        with d._close_lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold_the_close_lock, daemon=True)
+    holder.start()
+    assert held.wait(10)
+
+    def child() -> dict[str, Any]:
+        report: dict[str, Any] = {"stats_at_fork": d.stats(), "close_lock_held": d._close_lock.locked()}
+        d.enqueue("child-1")
+        future = d.submit("child-2")
+        report["flushed"] = d.flush(10)
+        report["future_done"] = future.done() and future.exception() is None
+        report["stats_after"] = d.stats()
+        closed: list[bool] = []
+        closer = threading.Thread(target=lambda: closed.append(d.close(10)), daemon=True)
+        closer.start()
+        closer.join(15)
+        report["closed"] = closed
+        report["sent"] = sink.entries
+        return report
+
+    try:
+        report = _run_in_forked_child(child)
+    finally:
+        release.set()
+        holder.join(10)
+    zero = dict.fromkeys(d.stats(), 0)
+    assert report.get("error") is None, report
+    assert report["stats_at_fork"] == zero
+    assert report["close_lock_held"] is False
+    assert report["flushed"] is True and report["future_done"] is True
+    assert report["stats_after"] == {**zero, "enqueued": 2, "sent": 2, "batches": 1, "calls": 1}
+    assert report["closed"] == [True]
+    assert report["sent"] == [*range(100), "child-1", "child-2"]  # the sink list was copied at fork
+    # The parent still holds its own pending entries and sends them once.
+    assert d.close(10)
+    assert sink.entries == [*range(100), "pending-1", "pending-2", "pending-3"]
+    assert pending_future.result(5) is None
+    assert d.stats()["sent"] == 103

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
+from threaddispatch import _lifecycle
 from threaddispatch._engine import OVERFLOW_POLICIES, BatchEngine, Overflow, check_positive_int
 from threaddispatch._lanes import ClosedFifoLane, FifoLane
 from threaddispatch.backoff import RetryPolicy, check_seconds
@@ -67,8 +68,14 @@ class _Sender(Generic[T]):
         self.on_error = on_error
         self.retry = retry
         self.name = name
-        self.closing = threading.Event()  # set by close(): cut backoff waits short
         self.has_submitted = False
+        self.reset(closing=False)
+
+    def reset(self, *, closing: bool) -> None:
+        """Fresh counters and a fresh ``closing`` Event (at construction, and in a forked child)."""
+        self.closing = threading.Event()  # set by close(): cut backoff waits short
+        if closing:
+            self.closing.set()
         self.sent = 0
         self.failed = 0
         self.failed_batches = 0
@@ -176,6 +183,12 @@ class BackgroundDispatcher(Generic[T]):
     ``send_batch`` runs on the dispatcher's daemon thread ``threaddispatch-<name>``,
     never with an empty list and never with more than ``max_batch_size`` entries;
     entries keep their order. All methods are thread-safe.
+
+    After ``os.fork()`` the child's dispatcher starts empty, with its own counters from
+    zero and a fresh worker: entries pending or being sent at fork are the parent's to
+    send (and their ``submit()`` Futures the parent's to resolve; the child's copies of
+    those Futures never resolve). A dispatcher closed, or closing, at fork is closed in
+    the child.
     """
 
     def __init__(
@@ -229,6 +242,7 @@ class BackgroundDispatcher(Generic[T]):
         lane.owner = f"BackgroundDispatcher {name!r}"
         self._lane = lane
         self._closed = False
+        # Guards the open -> closed transition (_closed, the lane's class, the sender's closing).
         self._close_lock = threading.Lock()
         if overflow in ("block", "raise"):
             # These policies must decide before the entry is in the buffer: the locked path.
@@ -239,6 +253,7 @@ class BackgroundDispatcher(Generic[T]):
         # At exit the lifecycle drain has it instead (and may start no thread).
         self._finalizer = weakref.finalize(self, self._engine.close_unreferenced)
         self._finalizer.atexit = False
+        _lifecycle.register(self)  # for the fork reset; held weakly, so it never keeps self alive
 
     def enqueue(self, entry: T, timeout: float | None = None) -> None:
         """Add ``entry`` to the next batch. O(1), never calls ``send_batch`` on this thread.
@@ -330,6 +345,23 @@ class BackgroundDispatcher(Generic[T]):
             "retries": self._sender.retries,
             "failed_batches": self._sender.failed_batches,
         }
+
+    def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
+        return 0, 0  # the engine is registered itself and drains the entries
+
+    def _reset_after_fork(self) -> None:
+        """In a forked child: a fresh close lock and the child's own counters, from zero.
+
+        The engine resets itself (empty buffer, fresh locks, a fresh worker on the next
+        entry). Entries pending or being sent at fork are the parent's: the parent sends
+        them and resolves their ``submit()`` Futures; the child neither sends nor counts
+        them, and its copies of those Futures are never resolved.
+        """
+        self._close_lock = threading.Lock()  # a parent thread may have held it at fork time
+        if self._closed:
+            # Forked in the middle of close(): finish the transition it had begun.
+            self._lane.__class__ = ClosedFifoLane
+        self._sender.reset(closing=self._closed)
 
     def __enter__(self) -> BackgroundDispatcher[T]:
         return self
