@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from threaddispatch.errors import ConfigurationError, InvalidStateError, JobNotFoundError, StoreError
+from threaddispatch.errors import ConfigurationError, InvalidStateError, JobNotFoundError, PayloadError, StoreError
 from threaddispatch.jobs import JobContext, JobEngine
 from threaddispatch.stores import (
     CronEntry,
@@ -62,6 +62,74 @@ def job(**fields: object) -> JobRecord:
     }
     values.update(fields)
     return JobRecord(**values)  # type: ignore[arg-type]
+
+
+def _noop(ctx: JobContext, payload: object) -> None:
+    """A handler that does nothing."""
+
+
+def _deep(depth: int) -> list[object]:
+    """A list nested ``depth`` levels deep."""
+    outer: list[object] = []
+    inner = outer
+    for _ in range(depth):
+        nested: list[object] = []
+        inner.append(nested)
+        inner = nested
+    return outer
+
+
+_DEEP = _deep(100_000)
+_HUGE = 10**30
+
+#: (id, call on an engine with job "job" registered, exception, text its message must hold).
+BAD_CALLS: list[tuple[str, Callable[[JobEngine], object], type[Exception], str]] = [
+    ("register-name-int", lambda e: e.register(123, _noop), ConfigurationError, "job name"),  # type: ignore[arg-type]
+    ("register-name-empty", lambda e: e.register("", _noop), ConfigurationError, "job name"),
+    ("register-name-nul", lambda e: e.register("a\x00b", _noop), ConfigurationError, "job name"),
+    ("register-priority-huge", lambda e: e.register("x", _noop, priority=_HUGE), ConfigurationError, "priority"),
+    ("register-priority-2**63", lambda e: e.register("x", _noop, priority=2**63), ConfigurationError, "priority"),
+    ("register-priority-bool", lambda e: e.register("x", _noop, priority=True), ConfigurationError, "priority"),
+    ("register-retries-2**63", lambda e: e.register("x", _noop, max_retries=2**63), ConfigurationError, "max_retries"),
+    ("register-timeout-huge", lambda e: e.register("x", _noop, timeout=10**400), ConfigurationError, "timeout"),
+    ("register-queue-nul", lambda e: e.register("x", _noop, queue="q\x00"), ConfigurationError, "queue"),
+    ("job-decorator-name-empty", lambda e: e.job("")(_noop), ConfigurationError, "job name"),
+    ("enqueue-name-int", lambda e: e.enqueue(123), ConfigurationError, "job name"),  # type: ignore[arg-type]
+    ("enqueue-name-nul", lambda e: e.enqueue("job\x00"), ConfigurationError, "job name"),
+    ("enqueue-priority-2**63", lambda e: e.enqueue("job", priority=2**63), ConfigurationError, "priority"),
+    ("enqueue-priority--2**63", lambda e: e.enqueue("job", priority=-(2**63)), ConfigurationError, "priority"),
+    ("enqueue-retries-2**63", lambda e: e.enqueue("job", max_retries=2**63), ConfigurationError, "max_retries"),
+    ("enqueue-retries-bool", lambda e: e.enqueue("job", max_retries=True), ConfigurationError, "max_retries"),
+    ("enqueue-queue-nul", lambda e: e.enqueue("job", queue="q\x00"), ConfigurationError, "queue"),
+    ("enqueue-unique_key-nul", lambda e: e.enqueue("job", unique_key="k\x00"), ConfigurationError, "unique_key"),
+    ("enqueue-unique_key-int", lambda e: e.enqueue("job", unique_key=7), ConfigurationError, "unique_key"),  # type: ignore[arg-type]
+    ("enqueue-delay-huge", lambda e: e.enqueue("job", delay=10**400), ConfigurationError, "delay"),
+    ("enqueue-run_at-huge", lambda e: e.enqueue("job", run_at=10**400), ConfigurationError, "run_at"),
+    ("enqueue-payload-deep", lambda e: e.enqueue("job", _DEEP), PayloadError, "payload of job 'job'"),
+    ("enqueue_many-priority", lambda e: e.enqueue_many("job", [1], priority=2**63), ConfigurationError, "priority"),
+    ("enqueue_many-queue-nul", lambda e: e.enqueue_many("job", [1], queue="\x00"), ConfigurationError, "queue"),
+    ("enqueue_many-payload-deep", lambda e: e.enqueue_many("job", [1, _DEEP]), PayloadError, "payload #1"),
+    ("list_jobs-limit", lambda e: e.list_jobs(limit=2**70), ConfigurationError, "limit"),
+    ("list_jobs-offset", lambda e: e.list_jobs(offset=2**63), ConfigurationError, "offset"),
+    ("list_jobs-limit-bool", lambda e: e.list_jobs(limit=True), ConfigurationError, "limit"),
+    ("list_jobs-queue-nul", lambda e: e.list_jobs(queue="q\x00"), ConfigurationError, "queue"),
+    ("counts-queue-nul", lambda e: e.counts(queue="q\x00"), ConfigurationError, "queue"),
+    ("dlq-limit", lambda e: e.dlq(limit=2**70), ConfigurationError, "limit"),
+    ("dlq-offset", lambda e: e.dlq(offset=-1), ConfigurationError, "offset"),
+    ("dlq-queue-nul", lambda e: e.dlq(queue="q\x00"), ConfigurationError, "queue"),
+    ("replay_all-limit", lambda e: e.replay_all(limit=2**63), ConfigurationError, "limit"),
+    ("purge_dlq-older_than", lambda e: e.purge_dlq(older_than=10**400), ConfigurationError, "older_than"),
+    ("cron-priority", lambda e: e.cron("@hourly", "job", priority=2**63), ConfigurationError, "priority"),
+    ("cron-name-nul", lambda e: e.cron("@hourly", "job", name="c\x00"), ConfigurationError, "cron name"),
+    ("cron-queue-nul", lambda e: e.cron("@hourly", "job", queue="q\x00"), ConfigurationError, "queue"),
+    ("disable_cron-nul", lambda e: e.disable_cron("c\x00"), ConfigurationError, "cron name"),
+    ("remove_cron-int", lambda e: e.remove_cron(5), ConfigurationError, "cron name"),  # type: ignore[arg-type]
+    ("pause_queue-nul", lambda e: e.pause_queue("q\x00"), ConfigurationError, "queue"),
+    ("get_job-nul", lambda e: e.get_job("id\x00"), ConfigurationError, "job id"),
+    ("cancel-nul", lambda e: e.cancel("id\x00"), ConfigurationError, "job id"),
+    ("retry-int", lambda e: e.retry(5), ConfigurationError, "job id"),  # type: ignore[arg-type]
+    ("replay-nul", lambda e: e.replay("dl\x00"), ConfigurationError, "dead letter id"),
+]
 
 
 class TestStoreContract:
@@ -489,7 +557,7 @@ class TestStoreContract:
         assert store.complete(done, worker_id="w", attempts=1, result=None, now=time.time())
         with pytest.raises(InvalidStateError, match=f"'{running}' is running"):
             engine.cancel(running, running=False)
-        with pytest.raises(InvalidStateError, match=f"'{done}' is completed"):
+        with pytest.raises(InvalidStateError, match=f"'{done}' is already completed"):
             engine.cancel(done, running=False)
         with pytest.raises(JobNotFoundError):
             engine.cancel("missing", running=False)
@@ -497,6 +565,37 @@ class TestStoreContract:
             engine.cancel(running, running="no")  # type: ignore[arg-type]
         engine.cancel(running)  # running=True (the default) still cancels a running job
         assert engine.get_job(running).state is JobState.CANCELLED
+
+    # -- bad input refused at the call, for every store (issue 11 item 16) ------------------------------
+
+    @pytest.mark.parametrize(("call", "error", "names"), [pytest.param(*row[1:], id=row[0]) for row in BAD_CALLS])
+    def test_engine_refuses_bad_input_at_the_call_naming_the_argument(
+        self, store: Store, call: Callable[[JobEngine], object], error: type[Exception], names: str
+    ) -> None:
+        """Bad names, NUL characters, out-of-range ints, bools and over-deep payloads raise at the call, naming it."""
+        engine = JobEngine(store)
+        engine.register("job", _noop)
+        with pytest.raises(error) as caught:
+            call(engine)
+        assert names in str(caught.value)
+        assert store.list_jobs() == []
+
+    @pytest.mark.parametrize(("limit", "offset"), [(2**70, 0), (0, 2**63), (True, 0), (-1, 0)])
+    def test_store_listings_refuse_limits_outside_64_bits(self, store: Store, limit: int, offset: int) -> None:
+        """list_jobs and list_dead_letters refuse a limit or offset that is not an int in 0..2**63-1."""
+        for listing in (store.list_jobs, store.list_dead_letters):
+            with pytest.raises(ConfigurationError, match="limit" if offset == 0 else "offset"):
+                listing(limit=limit, offset=offset)
+
+    def test_engine_accepts_the_64_bit_extremes(self, store: Store) -> None:
+        """The largest priority and max_retries the stores hold pass and round-trip."""
+        engine = JobEngine(store)
+        engine.register("job", _noop, priority=-(2**63 - 1), max_retries=2**63 - 2)
+        low = engine.get_job(engine.enqueue("job"))
+        high = engine.get_job(engine.enqueue("job", priority=2**63 - 1, unique_key="k"))
+        assert (low.priority, low.max_retries) == (-(2**63 - 1), 2**63 - 2)
+        assert high.priority == 2**63 - 1
+        assert len(engine.list_jobs(limit=2**63 - 1, offset=0)) == 2
 
 
 @pytest.mark.timeout(60)

@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 from threaddispatch import _lifecycle
 from threaddispatch._pool import WorkerPool
 from threaddispatch._ratelimit import TokenBucket
-from threaddispatch._validate import check_seconds, show
+from threaddispatch._validate import INT64_MAX, check_int, check_seconds, check_text, show
 from threaddispatch.backoff import Backoff, ExponentialJitter
 from threaddispatch.cron import CronSchedule
 from threaddispatch.cron import parse as parse_cron
@@ -72,6 +72,7 @@ from threaddispatch.middleware import (
 )
 from threaddispatch.stores.base import (
     ACTIVE_STATES,
+    FINAL_STATES,
     READY_STATES,
     CronEntry,
     DeadLetter,
@@ -132,21 +133,37 @@ EXTENSION_HOOKS: Mapping[str, str] = {
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigurationError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+    return check_int(name, value, minimum)
 
 
 def _check_queue(value: object, what: str = "queue") -> str:
-    if not isinstance(value, str) or not value or value != value.strip():
-        raise ConfigurationError(f"{what} must be a non-empty str without surrounding spaces, got {value!r}")
-    return value
+    return check_text(what, value, strip=True)
 
 
 def _check_timeout(value: object) -> float | None:
     if value is None:
         return None
     return check_seconds("timeout", value, allow_zero=False)
+
+
+def _check_priority(value: object) -> int:
+    # Symmetric, so negating a priority (claim order) never leaves the 64-bit range.
+    return check_int("priority", value, -INT64_MAX, INT64_MAX)
+
+
+def _check_max_retries(value: object) -> int:
+    # attempts reaches max_retries + 1, which must fit the 64-bit column too.
+    return check_int("max_retries", value, 0, INT64_MAX - 1)
+
+
+def _check_limit(limit: object, offset: object) -> None:
+    check_int("limit", limit, 0)
+    check_int("offset", offset, 0)
+
+
+def _check_optional_queue(value: object) -> None:
+    if value is not None:
+        check_text("queue", value, strip=True)
 
 
 @dataclass(frozen=True)
@@ -350,7 +367,8 @@ def new_job_id() -> str:
 
 
 def _error_text(error: BaseException) -> str:
-    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    # NUL spelled out: PostgreSQL cannot store it in text, and an unstorable error would strand the job.
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__)).replace("\x00", "\\x00")
     return text if len(text) <= _MAX_ERROR_TEXT else "...\n" + text[-_MAX_ERROR_TEXT:]
 
 
@@ -359,9 +377,13 @@ def _to_epoch(name: str, value: object) -> float:
         if value.tzinfo is None:
             raise ConfigurationError(f"{name} must be timezone-aware, got naive {value!r}")
         return value.timestamp()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigurationError(f"{name} must be an aware datetime or epoch seconds, got {value!r}")
-    return float(value)
+    if not isinstance(value, bool) and isinstance(value, (int, float)):
+        try:
+            if math.isfinite(value):
+                return float(value)
+        except OverflowError:  # an int too large for a float
+            pass
+    raise ConfigurationError(f"{name} must be an aware datetime or finite epoch seconds, got {show(value)}")
 
 
 class JobEngine:
@@ -537,8 +559,7 @@ class JobEngine:
         ``timeout`` None means no timeout; ``backoff`` None uses the engine's. Registering
         a name again replaces it. Non-blocking.
         """
-        if not isinstance(name, str) or not name:
-            raise ConfigurationError(f"job name must be a non-empty str, got {name!r}")
+        check_text("job name", name)
         if not callable(fn):
             raise ConfigurationError(f"job {name!r}: handler must be callable fn(ctx, payload), got {fn!r}")
         if backoff is not None and not callable(backoff):
@@ -546,10 +567,10 @@ class JobEngine:
         definition = JobDefinition(
             name,
             fn,
-            max_retries=_check_int("max_retries", max_retries, 0),
+            max_retries=_check_max_retries(max_retries),
             timeout=_check_timeout(timeout),
             queue=_check_queue(queue),
-            priority=_check_int("priority", priority, -(1 << 62)),
+            priority=_check_priority(priority),
             backoff=backoff,
         )
         with self._lock:
@@ -570,8 +591,8 @@ class JobEngine:
 
         def decorate(fn: F) -> F:
             self.register(
-                name or fn.__name__, fn, max_retries=max_retries, timeout=timeout, queue=queue, priority=priority,
-                backoff=backoff,
+                fn.__name__ if name is None else name, fn, max_retries=max_retries, timeout=timeout, queue=queue,
+                priority=priority, backoff=backoff,
             )  # fmt: skip
             return fn
 
@@ -599,6 +620,7 @@ class JobEngine:
     # -- producing -----------------------------------------------------------------------------------
 
     def _definition(self, name: str) -> JobDefinition:
+        check_text("job name", name)
         definition = self._definitions.get(name)
         if definition is None:
             known = ", ".join(sorted(self._definitions)) or "none"
@@ -610,6 +632,8 @@ class JobEngine:
             text = _ENCODER.encode(value)
         except (TypeError, ValueError) as error:
             raise PayloadError(f"{what} is not JSON-serialisable: {error}") from error
+        except RecursionError:
+            raise PayloadError(f"{what} is nested too deeply to encode as JSON") from None
         if len(text) > self.config.max_payload_size:
             raise PayloadError(
                 f"{what} is {len(text)} bytes of JSON, more than max_payload_size={self.config.max_payload_size}"
@@ -659,11 +683,11 @@ class JobEngine:
         if queue is not None:
             _check_queue(queue)
         if priority is not None:
-            _check_int("priority", priority, -(1 << 62))
+            _check_priority(priority)
         if max_retries is not None:
-            _check_int("max_retries", max_retries, 0)
-        if unique_key is not None and (not isinstance(unique_key, str) or not unique_key):
-            raise ConfigurationError(f"unique_key must be a non-empty str, got {unique_key!r}")
+            _check_max_retries(max_retries)
+        if unique_key is not None:
+            check_text("unique_key", unique_key)
         if run_at is not None and delay is not None:
             raise ConfigurationError(f"give run_at or delay, not both (run_at={run_at!r}, delay={delay!r})")
         if run_at is not None:
@@ -1245,7 +1269,7 @@ class JobEngine:
             return None, None
         try:
             return _ENCODER.encode(result), None
-        except (TypeError, ValueError) as error:
+        except (TypeError, ValueError, RecursionError) as error:
             note = f"result not stored: not JSON-serialisable ({error})"
             self.logger.error("job %s %s: %s", job.name, job.id, note)
             return None, note
@@ -1584,12 +1608,10 @@ class JobEngine:
         schedule = parse_cron(expression, tz=tz)
         definition = self._definition(job_name)
         entry_name = name if name is not None else f"{job_name}@{expression}"
-        if not isinstance(entry_name, str) or not entry_name:
-            raise ConfigurationError(f"cron name must be a non-empty str, got {name!r}")
-        if queue is not None:
-            _check_queue(queue)
+        check_text("cron name", entry_name)
+        _check_optional_queue(queue)
         if priority is not None:
-            _check_int("priority", priority, -(1 << 62))
+            _check_priority(priority)
         now = time.time()
         entry = CronEntry(
             name=entry_name,
@@ -1614,6 +1636,7 @@ class JobEngine:
 
     def remove_cron(self, name: str) -> bool:
         """Delete a cron entry from the store and from this engine; returns whether the store had it."""
+        check_text("cron name", name)
         with self._lock:
             self._crons.pop(name, None)
         return self.store.delete_cron(name)
@@ -1624,6 +1647,7 @@ class JobEngine:
         Persistent (survives restarts and re-declaration with :meth:`cron`). Raises
         JobNotFoundError for an unknown name. Blocks for a store write.
         """
+        check_text("cron name", name)
         return self.store.set_cron_enabled(name, False, now=time.time())
 
     def enable_cron(self, name: str) -> CronEntry:
@@ -1631,6 +1655,7 @@ class JobEngine:
 
         Raises JobNotFoundError for an unknown name. Blocks for a store write.
         """
+        check_text("cron name", name)
         return self.store.set_cron_enabled(name, True, now=time.time())
 
     def _ensure_cron_thread(self) -> None:
@@ -1700,6 +1725,7 @@ class JobEngine:
         purged) job, CancelledError for a cancelled job and InvalidStateError carrying
         the error text for a failed one.
         """
+        check_text("job id", job_id)
         deadline = None if timeout is None else time.monotonic() + check_seconds("timeout", timeout)
         poll = min(self.config.poll_interval, 0.25)
         event = threading.Event()
@@ -1735,6 +1761,7 @@ class JobEngine:
 
     def get_job(self, job_id: str) -> JobRecord:
         """The job's current record. Raises JobNotFoundError. One store read."""
+        check_text("job id", job_id)
         job = self.store.get(job_id)
         if job is None:
             raise JobNotFoundError(f"no job with id {job_id!r}")
@@ -1744,6 +1771,8 @@ class JobEngine:
         self, state: JobState | str | None = None, queue: str | None = None, limit: int = 50, offset: int = 0
     ) -> list[JobRecord]:
         """Jobs, newest first, filtered by ``state`` and ``queue``. One store read."""
+        _check_limit(limit, offset)
+        _check_optional_queue(queue)
         if state is not None:
             try:
                 state = JobState(state)
@@ -1755,6 +1784,7 @@ class JobEngine:
 
     def counts(self, queue: str | None = None) -> dict[str, int]:
         """``{state: count}`` for every state (0 included), for one queue or all. One store read."""
+        _check_optional_queue(queue)
         return {state.value: count for state, count in self.store.counts(queue=queue).items()}
 
     def cancel(self, job_id: str, *, running: bool = True) -> None:
@@ -1767,6 +1797,7 @@ class JobEngine:
         cannot be cancelled (finished; or running, with ``running=False``). Blocks for one
         store write (and a read when refused).
         """
+        check_text("job id", job_id)
         if not isinstance(running, bool):
             raise ConfigurationError(f"running must be a bool, got {show(running)}")
         self._cancel_in_store(job_id, running)
@@ -1792,7 +1823,8 @@ class JobEngine:
                 return
             state = self.get_job(job_id).state
             if state not in cancellable:
-                raise InvalidStateError(f"job {job_id!r} is {state.value}; it cannot be cancelled")
+                already = "already " if state in FINAL_STATES else ""
+                raise InvalidStateError(f"job {job_id!r} is {already}{state.value}; it cannot be cancelled")
             # It changed state between the refused write and the read (retried, released): try again.
         raise InvalidStateError(f"job {job_id!r} kept changing state; it was not cancelled")
 
@@ -1801,6 +1833,7 @@ class JobEngine:
 
         Raises JobNotFoundError, or InvalidStateError for a job in another state.
         """
+        check_text("job id", job_id)
         self.store.requeue(job_id, now=time.time())
         job = self.store.get(job_id)
         if job is not None:
@@ -1808,6 +1841,8 @@ class JobEngine:
 
     def dlq(self, limit: int = 50, offset: int = 0, queue: str | None = None) -> list[DeadLetter]:
         """Dead letters, newest first. One store read."""
+        _check_limit(limit, offset)
+        _check_optional_queue(queue)
         return self.store.list_dead_letters(queue=queue, limit=limit, offset=offset)
 
     def replay(self, dead_letter_id: str) -> str:
@@ -1815,6 +1850,7 @@ class JobEngine:
 
         Raises JobNotFoundError for an unknown dead letter.
         """
+        check_text("dead letter id", dead_letter_id)
         letter = self.store.get_dead_letter(dead_letter_id)
         if letter is None:
             raise JobNotFoundError(f"no dead letter with id {dead_letter_id!r}")
@@ -1851,6 +1887,7 @@ class JobEngine:
         """
         if limit is not None:
             _check_int("limit", limit, 0)
+        _check_optional_queue(queue)
         letters: list[DeadLetter] = []
         while limit is None or len(letters) < limit:
             page = self.store.list_dead_letters(queue=queue, limit=500, offset=len(letters))

@@ -44,7 +44,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypeVar
 
-from threaddispatch.errors import ConfigurationError, JobNotFoundError
+from threaddispatch._validate import check_int
+from threaddispatch.errors import JobNotFoundError
 
 _R = TypeVar("_R")
 
@@ -575,10 +576,9 @@ class Store(abc.ABC):
 
     @staticmethod
     def _check_limit(limit: int, offset: int) -> None:
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise ConfigurationError(f"limit must be an int >= 0, got {limit!r}")
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise ConfigurationError(f"offset must be an int >= 0, got {offset!r}")
+        # Bounded by 64 bits: LIMIT/OFFSET are 64-bit integers in SQLite and PostgreSQL.
+        check_int("limit", limit, 0)
+        check_int("offset", offset, 0)
 
     def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
         """The exit drain of ``threaddispatch._lifecycle``: a store holds no pending work, so (0, 0)."""
