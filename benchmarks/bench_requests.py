@@ -148,7 +148,10 @@ def fanout_dispatcher(callers: int, latency: float) -> tuple[float, float, int]:
     return ended - began, added - began, sink.count
 
 
-def add_cost_executor(n: int, measure_memory: bool) -> float:
+Cost = tuple[float, float]  # (wall µs, CPU µs) per call or request
+
+
+def add_cost_executor(n: int, measure_memory: bool) -> Cost:
     """µs per ``submit`` (or bytes per pending task) with every worker held busy."""
     gate = threading.Event()
     pool = ThreadPoolExecutor(WORKERS)
@@ -161,7 +164,7 @@ def add_cost_executor(n: int, measure_memory: bool) -> float:
         pool.shutdown()
 
 
-def add_cost_dispatcher(n: int, measure_memory: bool) -> float:
+def add_cost_dispatcher(n: int, measure_memory: bool) -> Cost:
     """µs per ``add`` (or bytes per pending request) with every worker held busy."""
     gate = threading.Event()
     rd: RequestDispatcher[Any, Any] = RequestDispatcher(lambda request, token: gate.wait(60), max_workers=WORKERS)
@@ -174,39 +177,40 @@ def add_cost_dispatcher(n: int, measure_memory: bool) -> float:
         rd.close(60)
 
 
-def _intake(call: Callable[[], object], n: int, measure_memory: bool) -> float:
+def _intake(call: Callable[[], object], n: int, measure_memory: bool) -> Cost:
+    """(wall µs, caller-thread CPU µs) per call, or (bytes, 0) per pending call with ``measure_memory``."""
     kept: list[object] = []  # what the caller holds (the Future/handle): pending work stays alive
     gc.collect()
     if measure_memory:
         tracemalloc.start()
         before = tracemalloc.get_traced_memory()[0]
-    began = time.perf_counter()
+    began, began_cpu = time.perf_counter(), time.thread_time()
     for _ in range(n):
         kept.append(call())
-    ended = time.perf_counter()
+    ended, ended_cpu = time.perf_counter(), time.thread_time()
     if measure_memory:
         used = tracemalloc.get_traced_memory()[0] - before
         tracemalloc.stop()
-        return used / n
-    return (ended - began) / n * 1e6
+        return used / n, 0.0
+    return (ended - began) / n * 1e6, (ended_cpu - began_cpu) / n * 1e6
 
 
-def depth_run(n: int) -> float:
-    """µs per request to drain ``n`` queued requests on one key, from ``start`` to the last response."""
+def depth_run(n: int) -> Cost:
+    """(wall, process CPU) µs per request to drain ``n`` queued requests on one key, ``start`` to last response."""
     sink = _Counter(n)
     rd: RequestDispatcher[Any, int] = RequestDispatcher(sink, max_workers=WORKERS)
     try:
         rd.pause("k")
         for _ in range(n):
             rd.add(REQUEST, queue_key="k", mode="queued")
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         rd.start("k")
         if not sink.done.wait(max(120.0, n / 2000)):
             raise SystemExit(f"queued depth {n}: {sink.count} of {n} sent in time")
-        ended = time.perf_counter()
+        ended, ended_cpu = time.perf_counter(), time.process_time()
     finally:
         rd.close(60)
-    return (ended - began) / n * 1e6
+    return (ended - began) / n * 1e6, (ended_cpu - began_cpu) / n * 1e6
 
 
 def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
@@ -223,29 +227,38 @@ def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 
 def add_table(n: int, repeat: int) -> None:
     rows: list[tuple[str, ...]] = []
-    results: dict[str, float] = {}
-    for name, run in (("ThreadPoolExecutor.submit", add_cost_executor), ("RequestDispatcher.add", add_cost_dispatcher)):
-        micros = statistics.median(run(n, False) for _ in range(repeat))
-        memory = run(n, True)
-        results[name] = micros
-        rows.append((name, f"{n:,} pending", f"{micros:.1f}", f"{memory / 1024:.2f}"))
-    ratio = results["RequestDispatcher.add"] / results["ThreadPoolExecutor.submit"]
-    print(f"Intake with every worker busy; add/submit time ratio {ratio:.2f}.\n")
-    _table(("Call", "Workload", "µs per call", "KB per pending"), rows)
+    results: dict[str, Cost] = {}
+    contenders = (("ThreadPoolExecutor.submit", add_cost_executor), ("RequestDispatcher.add", add_cost_dispatcher))
+    runs: dict[str, list[Cost]] = {name: [] for name, _run in contenders}
+    for _ in range(repeat):  # interleaved, so both see the same machine load
+        for name, run in contenders:
+            runs[name].append(run(n, False))
+    for name, run in contenders:
+        wall = statistics.median(r[0] for r in runs[name])
+        cpu = statistics.median(r[1] for r in runs[name])
+        memory = run(n, True)[0]
+        results[name] = (wall, cpu)
+        rows.append((name, f"{n:,} pending", f"{wall:.1f}", f"{cpu:.1f}", f"{memory / 1024:.2f}"))
+    add, submit = results["RequestDispatcher.add"], results["ThreadPoolExecutor.submit"]
+    ratios = f"{add[0] / submit[0]:.2f} wall, {add[1] / submit[1]:.2f} CPU"
+    print(f"Intake with every worker busy; add/submit ratio {ratios}.\n")
+    _table(("Call", "Workload", "µs per call", "CPU µs per call", "KB per pending"), rows)
 
 
 def depth_table(long: bool, repeat: int) -> None:
     depths = [10, 100, 1_000, 10_000, 100_000] + ([1_000_000] if long else [])
     rows: list[tuple[str, ...]] = []
-    base = 0.0
+    base = (0.0, 0.0)
     for n in depths:
-        runs = repeat if n <= 100_000 else 1
-        micros = statistics.median(depth_run(n) for _ in range(runs))
+        runs = [depth_run(n) for _ in range(repeat if n <= 100_000 else 1)]
+        wall = statistics.median(r[0] for r in runs)
+        cpu = statistics.median(r[1] for r in runs)
         if n == 1_000:
-            base = micros
-        rows.append((f"{n:,}", f"{micros:.1f}", f"{micros / base:.2f}" if base else ""))
-    print("RequestDispatcher queued mode, one key: drain time per request by queue depth (vs 1,000).\n")
-    _table(("Depth", "µs per request", "vs 1,000"), rows)
+            base = (wall, cpu)
+        vs = (f"{wall / base[0]:.2f}", f"{cpu / base[1]:.2f}") if base[0] else ("", "")
+        rows.append((f"{n:,}", f"{wall:.1f}", f"{cpu:.1f}", *vs))
+    print("RequestDispatcher queued mode, one key: drain cost per request by queue depth (vs 1,000).\n")
+    _table(("Depth", "µs per request", "CPU µs per request", "wall vs 1,000", "CPU vs 1,000"), rows)
 
 
 def _median(runs: list[tuple[float, float, int]]) -> tuple[float, float, int]:

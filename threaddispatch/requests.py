@@ -305,12 +305,11 @@ class _Request:
         "token",
     )
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 - positional: one per add
         self,
         request_id: str,
         queue_key: str,
         request: object,
-        *,
         mode: str,
         dedupe_key: tuple[str, str] | None,
         deduplicate_time: float | None,
@@ -480,10 +479,9 @@ class _Core(Generic[RequestT, ResponseT]):
 
     # -- intake -----------------------------------------------------------------------------
 
-    def new_request(
+    def new_request(  # noqa: PLR0917 - positional: this runs once per add, and keywords cost
         self,
         request: RequestT,
-        *,
         queue_key: str | None,
         mode: str,
         deduplicate: bool,
@@ -491,9 +489,9 @@ class _Core(Generic[RequestT, ResponseT]):
         retry: int,
         retry_time: float,
         offline: bool,
-        cache_key: str | None = None,
-        cache_time: float | None = None,
-        stale_time: float | None = None,
+        cache_key: str | None,
+        cache_time: float | None,
+        stale_time: float | None,
     ) -> _Request:
         """Validate ``add``'s arguments and build the request; the key functions run here, unlocked."""
         if mode not in MODES:
@@ -523,15 +521,7 @@ class _Core(Generic[RequestT, ResponseT]):
             plan = self.cache.plan(request, cache_key, cache_time, stale_time)
         request_id = f"{self.id_prefix}-{next(self.ids)}"
         req = _Request(
-            request_id,
-            queue_key,
-            request,
-            mode=mode,
-            dedupe_key=dedupe_key,
-            deduplicate_time=deduplicate_time,
-            retry=retry,
-            retry_time=retry_time,
-            offline=bool(offline),
+            request_id, queue_key, request, mode, dedupe_key, deduplicate_time, retry, retry_time, bool(offline)
         )
         req.cache = plan
         return req
@@ -1527,20 +1517,22 @@ class RequestDispatcher(Generic[RequestT, ResponseT]):
         thread. Raises ConfigurationError for a bad argument, PayloadError if a
         persistent storage cannot keep the request, DispatcherClosedError after close.
         """
-        req = self._core.new_request(
-            request,
-            queue_key=queue_key,
-            mode=mode,
-            deduplicate=deduplicate,
-            deduplicate_time=deduplicate_time,
-            retry=retry,
-            retry_time=retry_time,
-            offline=offline,
-            cache_key=cache_key,
-            cache_time=cache_time,
-            stale_time=stale_time,
+        core = self._core
+        return core.add(
+            core.new_request(
+                request,
+                queue_key,
+                mode,
+                deduplicate,
+                deduplicate_time,
+                retry,
+                retry_time,
+                offline,
+                cache_key,
+                cache_time,
+                stale_time,
+            )
         )
-        return self._core.add(req)
 
     # -- control ----------------------------------------------------------------------------
 
