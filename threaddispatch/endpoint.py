@@ -11,6 +11,11 @@ Every job is in exactly one place at a time (an endpoint's queue, a batch being 
 retry schedule, or finished: delivered, exhausted or cancelled at shutdown), and it moves
 between them under the engine's lock, so the dispatcher never loses a job and never sends
 one twice.
+
+Memory is bounded by ``max_pending_jobs``: the jobs held (accepted and not finished, so
+queued, in a batch or waiting for a retry) are counted under ``_Core.lock``, and
+``add_job`` applies the overflow policy of :class:`~threaddispatch.BackgroundDispatcher`
+when the count is at the bound. A retry never counts again: the job is held already.
 """
 
 from __future__ import annotations
@@ -30,11 +35,17 @@ from types import TracebackType
 from typing import Any, Literal
 
 from threaddispatch import _lifecycle
-from threaddispatch._engine import BatchEngine, check_positive_int
+from threaddispatch._engine import OVERFLOW_POLICIES, BatchEngine, Overflow, check_positive_int
 from threaddispatch._lanes import FifoLane, Lane, PriorityLane
 from threaddispatch._pool import WorkerPool
 from threaddispatch.backoff import Exponential, RetryPolicy, check_seconds
-from threaddispatch.errors import ConfigurationError, DispatcherClosedError, InvalidStateError, ThreadDispatchError
+from threaddispatch.errors import (
+    ConfigurationError,
+    DispatcherClosedError,
+    InvalidStateError,
+    QueueFullError,
+    ThreadDispatchError,
+)
 from threaddispatch.events import EventEmitter, Listener
 
 __all__ = ["EVENTS", "BatchStats", "DispatchJob", "EndpointBatchDispatcher", "WebhookBatch"]
@@ -50,11 +61,12 @@ EVENTS: frozenset[str] = frozenset(
         "batch_completed",
         "batch_failed",
         "job_exhausted",
+        "job_dropped",
         "shutdown",
     }
 )
 
-JobStatus = Literal["new", "pending", "processing", "retrying", "delivered", "exhausted", "cancelled"]
+JobStatus = Literal["new", "pending", "processing", "retrying", "delivered", "exhausted", "cancelled", "dropped"]
 BatchStatus = Literal["pending", "processing", "completed", "failed"]
 
 #: ``send_batch(endpoint_id, jobs)``: raise (every job failed), return None (every job was
@@ -66,6 +78,13 @@ SendBatch = Callable[[Any, "list[DispatchJob]"], "Sequence[object] | None"]
 _DEFAULT_RETRY = RetryPolicy(max_attempts=sys.maxsize, backoff=Exponential(initial=1.0))
 
 _names = iter(range(1, 1 << 62))
+
+# The default max_pending_jobs. A held job costs its DispatchJob (about 200 bytes) plus its
+# payload: 100_000 jobs of 1 KiB are about 120 MB, a bound a service notices before the
+# kernel does. And at the default max_batch_size (100) and max_concurrent_batches (10) it
+# is 100 full rounds of batches: a backlog that large means the endpoints are down or far
+# too slow, and more buffering would only postpone the failure.
+DEFAULT_MAX_PENDING_JOBS = 100_000
 
 
 # Ids are a random per-process prefix and a counter: unique across processes (and, re-seeded
@@ -110,7 +129,8 @@ class DispatchJob:
     ``id`` is generated when not given (unique across processes); ``created_at`` is set at
     construction (``time.time()``). Bad values raise ConfigurationError naming them. From
     ``add_job`` on, the dispatcher owns the job and updates ``status`` (new, pending,
-    processing, retrying, then delivered, exhausted or cancelled), ``attempts``,
+    processing, retrying, then delivered, exhausted, cancelled, or dropped by the
+    overflow policy), ``attempts``,
     ``last_attempt_at``, ``next_retry_at``, ``finished_at`` and ``last_error``: read them,
     do not write them. A job can be added once.
     """
@@ -249,6 +269,8 @@ class _Core:
         max_concurrent_batches: int,
         enable_prioritization: bool,
         retry: RetryPolicy,
+        max_pending_jobs: int,
+        overflow: Overflow,
     ) -> None:
         self.send_batch = send_batch
         self.name = name
@@ -256,6 +278,8 @@ class _Core:
         self.max_batch_size = max_batch_size
         self.max_concurrent_batches = max_concurrent_batches
         self.retry = retry
+        self.max_pending_jobs = max_pending_jobs
+        self.overflow = overflow
         self.events = EventEmitter(known_events=EVENTS)
         self._init_locks()
         self.pool = WorkerPool(max_concurrent_batches, name=f"{name}-send")
@@ -268,12 +292,16 @@ class _Core:
             on_skip=self.on_skip,
             on_abandon=self.on_abandon,
             lane_factory=_priority_lane if enable_prioritization else FifoLane,
+            # No per-lane bound (max_pending_jobs is over all endpoints, applied by add_job); the
+            # policy only tells the engine which end of a lane _drop_head() takes.
+            overflow="drop_oldest",
         )
         _lifecycle.register(self)
 
     def _init_locks(self) -> None:
         self.lock = threading.Lock()
         self.adds_done = threading.Condition(self.lock)  # shutdown waits here for announced adds
+        self.room = threading.Condition(self.lock)  # add_job waits here with overflow="block"
         # Sends running now, whoever runs them. The gate keeps it from blocking while open;
         # during the shutdown drain (no gate) it keeps a process_* call in progress and the
         # pool's threads together within the limit.
@@ -285,6 +313,11 @@ class _Core:
         self.exhausted = 0
         self.cancelled: list[DispatchJob] = []
         self.exhausted_at_close = 0
+        # Jobs accepted and not finished (queued, in a batch, or waiting for a retry): never
+        # above max_pending_jobs. A job finishes delivered, exhausted, cancelled or dropped.
+        self.held = 0
+        self.dropped = 0
+        self.room_waiters = 0
 
     # -- engine hooks ------------------------------------------------------------------------
 
@@ -317,6 +350,7 @@ class _Core:
             job.finished_at = now
         with self.lock:
             self.cancelled.extend(jobs)
+            self._release_held(len(jobs))
         _log.warning(
             "%s: shut down with %d job(s) waiting for a retry; they were not delivered: %s",
             self.label,
@@ -423,9 +457,10 @@ class _Core:
         batch.error = error
         batch.completed_at = finished
         batch.status = "failed" if failed else "completed"
-        if exhausted:
+        if delivered or exhausted:
             with self.lock:
                 self.exhausted += len(exhausted)
+                self._release_held(len(delivered) + len(exhausted))
 
         try:
             self._report(batch, failed, retries, exhausted)
@@ -504,6 +539,114 @@ class _Core:
                     },
                 )
 
+    # -- the bound ---------------------------------------------------------------------------
+
+    def _release_held(self, count: int) -> None:
+        """``count`` held jobs finished: make room for as many adds. Holds lock."""
+        self.held -= count
+        if self.room_waiters:
+            self.room.notify(count)
+
+    def admit(self, job: DispatchJob, timeout: float | None) -> bool:
+        """Count ``job`` as held, by the overflow policy: True if it is to be queued, False if dropped.
+
+        Raises QueueFullError (``"raise"``, or ``"block"`` past ``timeout``) and
+        DispatcherClosedError; the job is then not counted. A True answer must be followed
+        by a put, or by :meth:`unadmit` if the put fails.
+        """
+        with self.lock:
+            if self.closed:
+                raise DispatcherClosedError(f"{self.label} is shut down; {job!r} was not accepted")
+            if self.held < self.max_pending_jobs:
+                self.held += 1
+                return True
+            overflow = self.overflow
+            if overflow == "raise":
+                raise QueueFullError(self._full_message(job))
+            if overflow == "block":
+                self._wait_for_room(job, timeout)
+                self.held += 1
+                return True
+        if overflow == "drop_oldest" and self._drop_queued(job.endpoint_id):
+            return True  # a held job was dropped: this one takes its place in the count
+        self._finish_dropped(job)
+        return False
+
+    def unadmit(self) -> None:
+        """An admitted job's put failed: it is not held after all."""
+        with self.lock:
+            self._release_held(1)
+
+    def _full_message(self, job: DispatchJob) -> str:
+        return (
+            f"{self.label}: max_pending_jobs ({self.max_pending_jobs}) jobs are queued, in flight or "
+            f"waiting for a retry; {job!r} was not accepted"
+        )
+
+    def _wait_for_room(self, job: DispatchJob, timeout: float | None) -> None:
+        """Wait until fewer than max_pending_jobs are held; holds lock (released meanwhile)."""
+        if getattr(self.local, "sending", 0):
+            # Inside send_batch or a batch listener: the room we would wait for may be held by
+            # the batch this thread runs, which cannot finish while we wait.
+            raise QueueFullError(self._full_message(job) + "; add_job inside send_batch or a listener cannot wait")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.room_waiters += 1
+        try:
+            while self.held >= self.max_pending_jobs:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise QueueFullError(
+                        f"{self.label}: the bound of {self.max_pending_jobs} held jobs stayed full for "
+                        f"{timeout}s; {job!r} was not accepted"
+                    )
+                self.room.wait(remaining)
+                if self.closed:
+                    raise DispatcherClosedError(f"{self.label} shut down while {job!r} waited for room")
+        finally:
+            self.room_waiters -= 1
+
+    def _drop_queued(self, endpoint_id: Hashable) -> bool:
+        """Drop the queued job that would be sent first: of ``endpoint_id`` if it has one queued,
+        else of the longest queue. Returns whether a job was dropped. Nothing held."""
+        lengths, _in_flight, _scheduled = self.engine.snapshot()
+        for key in [endpoint_id, *sorted(lengths, key=lengths.__getitem__, reverse=True)]:
+            victim = self._drop_head(key)
+            if victim is not None:
+                self._finish_dropped(victim)
+                return True
+        return False
+
+    def _drop_head(self, key: Hashable) -> DispatchJob | None:
+        # The engine has no public drop of one queued entry, so this reaches into it, under its
+        # lock: engine._drop keeps the engine's counters and flush quota right, and takes
+        # lane.drop_oldest (the engine's policy, see __init__): the job the lane sends first.
+        engine = self.engine
+        with engine._lock:
+            lane = engine._lanes.get(key)
+            if lane is None or not len(lane):
+                return None
+            return engine._drop(lane, 1)[0]
+
+    def _finish_dropped(self, job: DispatchJob) -> None:
+        """Mark ``job`` dropped by the overflow policy, count it, emit ``job_dropped``. Nothing held."""
+        job.status = "dropped"
+        job.next_retry_at = None
+        job.finished_at = time.time()
+        with self.lock:
+            self.dropped += 1
+        if self.events.has_listeners("job_dropped"):
+            self.events.emit(
+                "job_dropped",
+                {
+                    "job_id": job.id,
+                    "endpoint_id": job.endpoint_id,
+                    "reason": "max_pending_jobs",
+                    "overflow": self.overflow,
+                    "max_pending_jobs": self.max_pending_jobs,
+                    "job": job,
+                },
+            )
+
     # -- adding ------------------------------------------------------------------------------
 
     def add_announced(self, job: DispatchJob) -> None:
@@ -581,6 +724,19 @@ class EndpointBatchDispatcher:
     ``shutdown`` once. A listener that raises is logged and changes nothing else.
     All methods are thread-safe.
 
+    At most ``max_pending_jobs`` jobs (default 100_000) are held: queued, in a batch, or
+    waiting for a retry. At the bound ``add_job`` applies ``overflow``, the policies of
+    :class:`~threaddispatch.BackgroundDispatcher`: ``"raise"`` (the default) raises
+    QueueFullError; ``"block"`` waits up to ``add_job``'s ``timeout`` for a job to finish,
+    then raises QueueFullError (at once on a thread inside ``send_batch`` or a batch
+    listener, whose own batch may hold the room); ``"drop_newest"`` drops the new job;
+    ``"drop_oldest"`` drops the queued job its endpoint would send first (or, if that
+    endpoint has none queued, the one of the longest queue), and drops the new job when no
+    job is queued. A dropped job gets status ``"dropped"``, is counted in ``total_dropped``
+    and ``stats()``, and fires ``job_dropped`` on the thread of the add_job that dropped it.
+    A retry never counts twice, and a job waiting for its retry is never dropped (back in
+    its queue, it is a queued job like the others).
+
     Pending jobs are sent at interpreter exit, and when a dispatcher nobody references is
     collected; a listener or ``send_batch`` that refers to the dispatcher keeps it alive
     until :meth:`shutdown`.
@@ -596,10 +752,15 @@ class EndpointBatchDispatcher:
         enable_prioritization: bool = True,
         retry: RetryPolicy | None = None,
         name: str | None = None,
+        max_pending_jobs: int = DEFAULT_MAX_PENDING_JOBS,
+        overflow: Overflow = "raise",
     ) -> None:
         if not callable(send_batch):
             raise ConfigurationError(f"send_batch must be callable, got {send_batch!r}")
         check_positive_int("max_batch_size", max_batch_size)
+        check_positive_int("max_pending_jobs", max_pending_jobs)
+        if not isinstance(overflow, str) or overflow not in OVERFLOW_POLICIES:
+            raise ConfigurationError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}; got {overflow!r}")
         batch_timeout = check_seconds("batch_timeout", batch_timeout, allow_zero=False)
         check_positive_int("max_concurrent_batches", max_concurrent_batches)
         if not isinstance(enable_prioritization, bool):
@@ -615,6 +776,8 @@ class EndpointBatchDispatcher:
         self.batch_timeout = batch_timeout
         self.max_concurrent_batches = max_concurrent_batches
         self.enable_prioritization = enable_prioritization
+        self.max_pending_jobs = max_pending_jobs
+        self.overflow: Overflow = overflow
         self.retry = _DEFAULT_RETRY if retry is None else retry
         self._core = _Core(
             send_batch,
@@ -624,6 +787,8 @@ class EndpointBatchDispatcher:
             max_concurrent_batches=max_concurrent_batches,
             enable_prioritization=enable_prioritization,
             retry=self.retry,
+            max_pending_jobs=max_pending_jobs,
+            overflow=overflow,
         )
         # An unreferenced dispatcher drains in the background, then its threads leave.
         self._finalizer = weakref.finalize(self, self._core.engine.close_unreferenced, self._core.pool.shutdown)
@@ -631,12 +796,20 @@ class EndpointBatchDispatcher:
 
     # -- jobs --------------------------------------------------------------------------------
 
-    def add_job(self, job: DispatchJob) -> str:
+    def add_job(self, job: DispatchJob, timeout: float | None = None) -> str:
         """Queue ``job`` for its endpoint and return its id. Never sends on this thread.
 
-        Does not block (beyond ``job_added`` listeners). Raises TypeError for a non-job,
-        InvalidStateError for a job already added, DispatcherClosedError after shutdown.
+        Does not block (beyond ``job_added`` listeners), except with ``overflow="block"``
+        at the ``max_pending_jobs`` bound: then it waits up to ``timeout`` seconds (None:
+        no limit) for room, then raises QueueFullError. With ``"raise"`` it raises
+        QueueFullError at the bound; with the drop policies it returns the id of a job
+        that may have been dropped (``job.status == "dropped"``). Raises TypeError for a
+        non-job, InvalidStateError for a job already added, DispatcherClosedError after
+        shutdown, ConfigurationError for a bad ``timeout``. A job refused with an
+        exception keeps status ``"new"``.
         """
+        if timeout is not None:
+            timeout = check_seconds("timeout", timeout)
         if not isinstance(job, DispatchJob):
             raise TypeError(f"add_job takes a DispatchJob, got {_short(job)}")
         if job.status != "new":
@@ -644,6 +817,8 @@ class EndpointBatchDispatcher:
                 f"{job!r} was already added; to send it again add DispatchJob(job.endpoint_id, job.payload, id=job.id)"
             )
         core = self._core
+        if not core.admit(job, timeout):
+            return job.id  # dropped by the overflow policy
         job.status = "pending"
         try:
             if core.events.has_listeners("job_added"):
@@ -654,6 +829,7 @@ class EndpointBatchDispatcher:
                 core.engine.put(job, job.endpoint_id)
         except BaseException:
             job.status = "new"  # not queued: the caller may add it elsewhere
+            core.unadmit()
             raise
         return job.id
 
@@ -713,6 +889,31 @@ class EndpointBatchDispatcher:
             retrying_jobs_count=scheduled,
         )
 
+    @property
+    def total_dropped(self) -> int:
+        """Jobs dropped by the overflow policy since the dispatcher was made."""
+        return self._core.dropped
+
+    def stats(self) -> dict[str, int]:
+        """Gauges and counters. ``held``: jobs queued, in a batch or waiting for a retry (what
+        ``max_pending_jobs`` bounds); ``pending``, ``active_batches``, ``retrying``: as in
+        :meth:`get_batch_stats`; ``dropped``, ``exhausted``, ``cancelled``: jobs so far.
+
+        The queue gauges are one snapshot; ``held`` and the counters are read just after it.
+        """
+        core = self._core
+        lengths, in_flight, scheduled = core.engine.snapshot()
+        with core.lock:
+            return {
+                "held": core.held,
+                "pending": sum(lengths.values()),
+                "active_batches": in_flight,
+                "retrying": scheduled,
+                "dropped": core.dropped,
+                "exhausted": core.exhausted,
+                "cancelled": len(core.cancelled),
+            }
+
     def get_pending_job_count(self, endpoint_id: Hashable) -> int:
         """Jobs queued for ``endpoint_id`` now (not in flight, not waiting for a retry)."""
         _check_endpoint_id(endpoint_id)
@@ -770,6 +971,7 @@ class EndpointBatchDispatcher:
             if first:
                 core.closed = True
                 core.exhausted_at_close = core.exhausted
+                core.room.notify_all()  # adds waiting for room are refused now
             # Jobs announced by job_added are accepted: wait for their puts (not our own).
             own = getattr(local, "adding", 0)
             while core.adding > own:
