@@ -855,3 +855,26 @@ def test_a_failure_that_cannot_be_recorded_normally_still_fails_the_job_at_once(
     job = engine.get_job(job_id)
     assert job.state == "failed" and "ZeroDivisionError" in (job.error or "")
     assert [letter.job_id for letter in engine.dlq()] == [job_id]
+
+
+@pytest.mark.timeout(30)
+def test_a_result_nested_too_deeply_completes_the_job_with_a_note(
+    store: Store, make_engine: Callable[..., JobEngine]
+) -> None:
+    """A handler result too deep to encode is not stored, as any unstorable result: the job completes with a note."""
+    engine = make_engine(store, heartbeat_interval=10.0, stale_job_threshold=60.0)
+
+    def deep(ctx: JobContext, payload: object) -> list[object]:
+        outer: list[object] = []
+        inner = outer
+        for _ in range(100_000):
+            nested: list[object] = []
+            inner.append(nested)
+            inner = nested
+        return outer
+
+    engine.register("deep", deep)
+    job_id = engine.enqueue("deep")
+    engine.start()
+    assert engine.result(job_id, timeout=10) is None
+    assert "not JSON-serialisable" in (engine.get_job(job_id).error or "")

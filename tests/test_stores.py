@@ -580,6 +580,25 @@ class TestStoreContract:
         assert names in str(caught.value)
         assert store.list_jobs() == []
 
+    @pytest.mark.timeout(60)
+    def test_engine_records_a_failure_whose_error_text_holds_a_nul(self, store: Store) -> None:
+        """An exception message with a NUL is stored (spelled out) on every store: the job fails, never stranded."""
+        engine = JobEngine(store, poll_interval=0.01, max_poll_interval=0.05, heartbeat_interval=5.0,
+                           stale_job_threshold=60.0, shutdown_timeout=10.0)  # fmt: skip
+
+        def nul_error(ctx: JobContext, payload: object) -> None:
+            raise ValueError("bad\x00byte")
+
+        engine.register("nul_error", nul_error, max_retries=0)
+        job_id = engine.enqueue("nul_error")
+        engine.start()
+        try:
+            with pytest.raises(InvalidStateError, match="ValueError"):
+                engine.result(job_id, timeout=20)
+        finally:
+            assert engine.stop(10)
+        assert "bad\\x00byte" in (engine.get_job(job_id).error or "")
+
     @pytest.mark.parametrize(("limit", "offset"), [(2**70, 0), (0, 2**63), (True, 0), (-1, 0)])
     def test_store_listings_refuse_limits_outside_64_bits(self, store: Store, limit: int, offset: int) -> None:
         """list_jobs and list_dead_letters refuse a limit or offset that is not an int in 0..2**63-1."""
