@@ -9,10 +9,16 @@ from typing import Any
 
 import pytest
 
-from threaddispatch._request_cache import CachedResponse, MemoryResponseCache
 from threaddispatch.errors import ConfigurationError
 from threaddispatch.request_storage import SQLiteRequestStorage
-from threaddispatch.requests import CancellationToken, RequestDispatcher, RequestEvent, default_dedupe_key
+from threaddispatch.requests import (
+    CachedResponse,
+    CancellationToken,
+    MemoryResponseCache,
+    RequestDispatcher,
+    RequestEvent,
+    default_dedupe_key,
+)
 
 pytestmark = pytest.mark.timeout(30)
 

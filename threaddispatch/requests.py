@@ -15,7 +15,13 @@ marks it running, and the caller hands it to the pool after releasing the lock. 
 thread looping over the queues would only re-discover what those calls already know.
 The one thing that is due by time, a retry after ``retry_time``, is handled by one
 lazily started daemon timer thread (``threaddispatch-<name>-timer``) that waits on a
-heap of due times and leaves when the heap is empty.
+heap of due times and leaves when the heap is empty. With an ``is_online`` probe the
+same thread also polls it (:mod:`threaddispatch._request_online`) and stays until close.
+
+Per-request extras live in their own modules: the request Future
+(:mod:`threaddispatch._request_future`), the attempt's token and its progress reports
+(:mod:`threaddispatch._request_token`), the response cache
+(:mod:`threaddispatch._request_cache`).
 
 Locking: ``_Core.lock`` guards every field of the core, of its queues and of its
 requests (counters, states, the dedupe index, the retry heap). User code (``send``,
@@ -34,7 +40,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import json
 import logging
 import math
 import secrets
@@ -42,20 +47,29 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import InvalidStateError as FutureStateError
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Generic, Literal, TypeVar, cast
-from urllib.parse import urlencode
+from typing import Any, Final, Generic, TypeVar, cast
 
 from threaddispatch import _lifecycle
 from threaddispatch._pool import WorkerPool
 from threaddispatch._request_cache import CachedResponse, MemoryResponseCache, RequestCache, ResponseCache
 from threaddispatch._request_future import LazyFuture
+from threaddispatch._request_keys import default_dedupe_key, default_queue_key
 from threaddispatch._request_online import Connectivity, check_offline_on
 from threaddispatch._request_token import CancellationToken
+from threaddispatch._request_types import (
+    EVENTS,
+    MODES,
+    Mode,
+    QueuedRequest,
+    QueueSnapshot,
+    QueueStatus,
+    RequestEvent,
+    RequestState,
+)
 from threaddispatch.backoff import check_seconds
 from threaddispatch.errors import Cancel, ConfigurationError, DispatcherClosedError, Retry
 from threaddispatch.events import EventEmitter
@@ -64,7 +78,9 @@ from threaddispatch.request_storage import RequestStorage, SQLiteRequestStorage,
 __all__ = [
     "EVENTS",
     "MODES",
+    "CachedResponse",
     "CancellationToken",
+    "MemoryResponseCache",
     "Mode",
     "QueueSnapshot",
     "QueueStatus",
@@ -73,33 +89,13 @@ __all__ = [
     "RequestEvent",
     "RequestHandle",
     "RequestState",
+    "ResponseCache",
     "default_dedupe_key",
     "default_queue_key",
 ]
 
 RequestT = TypeVar("RequestT")
 ResponseT = TypeVar("ResponseT")
-
-Mode = Literal["concurrent", "queued", "cancelable"]
-MODES: tuple[str, ...] = ("concurrent", "queued", "cancelable")
-QueueStatus = Literal["started", "paused", "stopped"]
-RequestState = Literal["waiting", "running", "retrying", "stopped"]
-EVENTS: frozenset[str] = frozenset(
-    {
-        "loading",
-        "response",
-        "error",
-        "abort",
-        "deduplicated",
-        "remove",
-        "queue_change",
-        "queue_status",
-        "drained",
-        "upload_progress",
-        "download_progress",
-        "cache",
-    }
-)
 
 _log = logging.getLogger("threaddispatch.requests")
 
@@ -115,126 +111,6 @@ _QUEUE_STOPPED: Final = "stopped"
 
 _serials = itertools.count(1)
 _local = threading.local()
-
-
-def default_queue_key(request: object) -> str:
-    """The queue key of a request: method, endpoint and sorted query, as in ``"GET /users?a=1&b=2"``.
-
-    A mapping is read through its ``method`` (default ``"GET"``), ``endpoint`` (or
-    ``url``) and ``query`` (or ``params``: a mapping, pairs, or a string) items; any
-    other object through attributes of those names; a ``str`` request is its own key.
-    Query parameters are sorted, so their order does not split a queue. Raises
-    ConfigurationError for a request with no endpoint: pass ``queue_key=`` then.
-    Pure and thread-safe.
-    """
-    if isinstance(request, str):
-        return request
-
-    def field(*names: str) -> object:
-        for name in names:
-            value = request.get(name) if isinstance(request, Mapping) else getattr(request, name, None)
-            if value is not None:
-                return value
-        return None
-
-    endpoint = field("endpoint", "url")
-    if not isinstance(endpoint, str):
-        raise ConfigurationError(
-            f"cannot derive a queue key from {request!r}: it has no str endpoint (or url); pass queue_key="
-        )
-    method = field("method")
-    key = f"{str(method).upper() if method is not None else 'GET'} {endpoint}"
-    query = field("query", "params")
-    if query:
-        if isinstance(query, str):
-            pairs = sorted(part for part in query.lstrip("?").split("&") if part)
-            encoded = "&".join(pairs)
-        else:
-            items = query.items() if isinstance(query, Mapping) else query
-            encoded = urlencode(sorted((str(k), str(v)) for k, v in cast("Sequence[tuple[object, object]]", items)))
-        if encoded:
-            key += ("&" if "?" in endpoint else "?") + encoded
-    return key
-
-
-def default_dedupe_key(request: object) -> str:
-    """What makes two requests of one queue the same call: the request's canonical JSON (sorted keys), or its ``repr``.
-
-    A ``str`` request is its own key. Two requests whose keys differ are never joined,
-    so a ``repr`` that includes an address only loses deduplication, never mixes calls.
-    Pure and thread-safe.
-    """
-    if isinstance(request, str):
-        return request
-    try:
-        return json.dumps(request, sort_keys=True, separators=(",", ":"), default=repr)
-    except (TypeError, ValueError, RecursionError):
-        return repr(request)
-
-
-@dataclass(frozen=True, slots=True)
-class RequestEvent:
-    """What a listener receives. Fields that do not apply to an event keep their defaults.
-
-    ``event`` is the event name; ``request_id`` and ``request`` are None for the queue
-    events (``queue_status``, ``drained``). ``attempt`` counts the sends started for the
-    request so far. ``error`` is set for ``error``; ``final`` says whether that failure
-    settled the Future (False: a retry follows, or the request waits to be online).
-    ``reason`` says why a request left its queue (``remove``): ``"resolved"``,
-    ``"failed"``, ``"cancelled"`` or ``"closed"``. ``status`` is the queue's status
-    (``queue_status``); ``size`` the number of requests in the queue (``queue_change``).
-    ``loaded`` and ``total`` (None: unknown) are what ``token.progress`` reported
-    (``upload_progress``, ``download_progress``). ``cache`` events carry ``cache_key`` and
-    a ``reason``: ``"stored"`` (a response entered the cache), ``"hit"`` (an add was
-    answered from it) or ``"invalidated"`` (``size`` entries dropped; no request).
-    """
-
-    event: str
-    queue_key: str
-    request_id: str | None = None
-    request: object = None
-    response: object = None
-    error: BaseException | None = None
-    attempt: int = 0
-    final: bool = True
-    reason: str | None = None
-    status: QueueStatus | None = None
-    size: int = 0
-    loaded: float = 0
-    total: float | None = None
-    cache_key: str | None = None
-
-
-@dataclass(frozen=True)
-class QueuedRequest:
-    """A snapshot of one queued request (from ``get_request``, ``get_queue``, ``running_requests``)."""
-
-    request_id: str
-    queue_key: str
-    request: object
-    mode: Mode
-    state: RequestState
-    attempts: int
-    retry: int
-    retry_time: float
-    deduplicate: bool
-    offline: bool
-    future: Future[Any]
-
-
-@dataclass(frozen=True)
-class QueueSnapshot:
-    """A snapshot of one queue: its status and its requests in queue order; iterating it yields the requests."""
-
-    queue_key: str
-    status: QueueStatus
-    requests: tuple[QueuedRequest, ...]
-
-    def __iter__(self) -> Iterator[QueuedRequest]:
-        return iter(self.requests)
-
-    def __len__(self) -> int:
-        return len(self.requests)
 
 
 class RequestHandle(Generic[ResponseT]):
@@ -1393,6 +1269,14 @@ class RequestDispatcher(Generic[RequestT, ResponseT]):
     ``Cancel`` raised by ``send`` force a retry or forbid one). ``dedupe_key``
     (default :func:`default_dedupe_key`) says which requests of a queue are the same call.
 
+    Response cache: ``cache_time``/``stale_time`` (defaults for every ``add``; 0: no
+    caching) and ``cache_key`` (default: the ``dedupe_key`` function) say what is cached
+    and for how long; ``cache`` is the store (default: the SQLite storage's file when
+    ``storage`` is a :class:`~threaddispatch.request_storage.SQLiteRequestStorage`, else
+    memory). Connectivity: ``is_online()`` is polled every ``online_check_interval``
+    seconds on the timer thread and sets :attr:`online`; a send failing with one of
+    ``offline_on`` (exception classes) takes the dispatcher offline until then.
+
     Every method is thread-safe and returns without waiting for ``send``, except
     :meth:`close`. User code (``send``, listeners, key functions, callbacks, the
     storage) is never called with the dispatcher's lock held. Worker threads are
@@ -1514,8 +1398,13 @@ class RequestDispatcher(Generic[RequestT, ResponseT]):
         nothing new is sent. A failure is retried ``retry`` times, ``retry_time``
         seconds apart; while offline, a failure with ``offline=True`` waits in the
         queue instead. Does not wait for ``send``; with a storage, writes it on this
-        thread. Raises ConfigurationError for a bad argument, PayloadError if a
-        persistent storage cannot keep the request, DispatcherClosedError after close.
+        thread. With ``cache_time`` > 0 (default: the constructor's), a fresh cached
+        response for the request's cache key (``cache_key``, default the constructor's
+        ``cache_key(request)``) answers it at once: the handle has ``cached`` True and a
+        settled Future, nothing is queued. A response is cached for ``cache_time`` seconds,
+        then kept stale ``stale_time`` seconds more. Raises ConfigurationError for a bad
+        argument, PayloadError if a persistent storage cannot keep the request,
+        DispatcherClosedError after close.
         """
         core = self._core
         return core.add(
@@ -1644,7 +1533,8 @@ class RequestDispatcher(Generic[RequestT, ResponseT]):
         ``abort`` (a running attempt stopped, or a request cancelled), ``deduplicated``
         (a caller joined a request), ``remove`` (a request left its queue),
         ``queue_change``, ``queue_status`` and ``drained`` (a queue became empty, once
-        each time). Listeners run on the thread that caused the event, with no lock
+        each time), ``upload_progress``/``download_progress`` (``token.progress`` in
+        ``send``), ``cache`` (stored, hit, invalidated). Listeners run on the thread that caused the event, with no lock
         held, before the request's Future is settled; their errors are logged. Returns
         a function that unsubscribes (idempotent). Raises ConfigurationError for an
         unknown event.
