@@ -558,6 +558,8 @@ class Sender(Generic[T]):
         QueueFullError. Raises DispatcherClosedError after ``stop()``, including when the
         dispatcher stops while this call waits: a message is either accepted (and then
         dispatched or reported to the error handler) or refused with an exception.
+        Called from the error handler it never waits: on a full buffer it raises
+        QueueFullError at once (the dispatch loop may be waiting for the handler).
         """
         if timeout is not None:
             timeout = check_seconds("timeout", timeout)
