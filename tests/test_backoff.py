@@ -84,3 +84,10 @@ def test_retry_policy_clamps_bad_backoff_results() -> None:
     """A user backoff returning a negative or NaN delay is clamped to 0."""
     assert RetryPolicy(backoff=lambda n: -5.0).delay(1) == 0.0
     assert RetryPolicy(backoff=lambda n: math.nan).delay(1) == 0.0
+
+
+@pytest.mark.parametrize("delay", [10**400, -(10**400)], ids=["huge", "minus-huge"])
+def test_an_int_too_large_for_a_float_is_a_configuration_error(delay: int) -> None:
+    """Seconds given as an int past float range raise ConfigurationError naming the argument, not OverflowError."""
+    with pytest.raises(ConfigurationError, match="delay"):
+        Constant(delay)

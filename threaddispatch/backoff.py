@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from threaddispatch._validate import check_seconds
 from threaddispatch.errors import ConfigurationError
 
 __all__ = [
@@ -25,17 +26,6 @@ __all__ = [
 ]
 
 Backoff = Callable[[int], float]
-
-
-def check_seconds(name: str, value: object, *, allow_zero: bool = True) -> float:
-    """Return ``value`` as float seconds, or raise ConfigurationError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigurationError(f"{name} must be a number of seconds, got {value!r}")
-    seconds = float(value)
-    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigurationError(f"{name} must be a finite number {bound}, got {value!r}")
-    return seconds
 
 
 def _check_attempt(attempt: int) -> int:
