@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
+from threaddispatch._redact import redact, scrub
 from threaddispatch.cli import CommandError
 from threaddispatch.errors import StoreError, StoreUnavailableError, ThreadDispatchError
 from threaddispatch.stores.base import JobState
@@ -103,32 +104,28 @@ def _sqlite_path(url: str) -> str | None:
     return path or None
 
 
+def _store_url(args: argparse.Namespace) -> str:
+    """The store URL the command was given (``--store``, else the environment), or ''."""
+    return getattr(args, "store", None) or os.environ.get(STORE_ENV, "")
+
+
 def _open(args: argparse.Namespace, *, create: bool = False) -> Store:
     from threaddispatch.stores import open_store
 
-    url = args.store or os.environ.get(STORE_ENV, "")
+    url = _store_url(args)
     if not url:
         raise CommandError(f"no store: give --store URL or set {STORE_ENV} (e.g. sqlite:///jobs.db)")
     path = _sqlite_path(url)
     if path is not None and not create and not os.path.exists(path):
-        raise CommandError(f"no store file {path!r}; create it with: threaddispatch migrate --store {url}")
+        raise CommandError(f"no store file {path!r}; create it with: threaddispatch migrate --store {redact(url)}")
     if path is not None and not os.path.isdir(os.path.dirname(path) or "."):
         raise CommandError(f"no directory {os.path.dirname(path)!r} for the store file {path!r}")
     try:
         return open_store(url)
     except StoreUnavailableError as error:
-        raise _StoreFailedError(f"cannot open store {_redact(url)}: {error}") from None
+        raise _StoreFailedError(f"cannot open store {redact(url)}: {scrub(str(error), url)}") from None
     except (ThreadDispatchError, OSError, sqlite3.Error) as error:
-        raise CommandError(f"cannot open store {_redact(url)}: {error}") from None
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+        raise CommandError(f"cannot open store {redact(url)}: {scrub(str(error), url)}") from None
 
 
 @contextmanager
@@ -152,13 +149,15 @@ def _command(handler: Handler) -> Handler:
             return handler(args)
         except (CommandError, KeyboardInterrupt):
             raise
+        # Errors from the store may quote its URL: every message is scrubbed of its password.
         except (_StoreFailedError, StoreError) as error:
-            print(f"threaddispatch {args.command}: {error}", file=sys.stderr)
+            print(f"threaddispatch {args.command}: {scrub(str(error), _store_url(args))}", file=sys.stderr)
             return 1
         except (ThreadDispatchError, ValueError) as error:
-            raise CommandError(str(error)) from None
+            raise CommandError(scrub(str(error), _store_url(args))) from None
         except (OSError, sqlite3.Error) as error:
-            print(f"threaddispatch {args.command}: {type(error).__name__}: {error}", file=sys.stderr)
+            shown = scrub(str(error), _store_url(args))
+            print(f"threaddispatch {args.command}: {type(error).__name__}: {shown}", file=sys.stderr)
             return 1
 
     return run

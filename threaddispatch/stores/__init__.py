@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from urllib.parse import unquote, urlsplit
 
+from threaddispatch._redact import redact
 from threaddispatch.errors import ConfigurationError
 from threaddispatch.stores.base import CronEntry, DeadLetter, JobRecord, JobState, Store
 from threaddispatch.stores.memory import MemoryStore
@@ -31,10 +32,11 @@ def open_store(url: str) -> Store:
 
     ``postgresql://...`` is accepted once the PostgreSQL store is installed
     (``threaddispatch.stores.postgres``). Anything else raises ConfigurationError naming
-    the URL. Opening a SQLite file creates it and its schema; blocks for that.
+    the URL with its password masked (never the password itself). Opening a SQLite file
+    creates it and its schema; blocks for that.
     """
     if not isinstance(url, str):
-        raise ConfigurationError(f"store URL must be a str, got {url!r}")
+        raise ConfigurationError(f"store URL must be a str, got {type(url).__name__}")
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme == "memory":
@@ -42,9 +44,10 @@ def open_store(url: str) -> Store:
     if scheme == "sqlite":
         # sqlite:///jobs.db -> "jobs.db"; sqlite:////var/lib/jobs.db -> "/var/lib/jobs.db"
         path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
-        if parts.netloc or not path:
+        if parts.netloc or not path or parts.query or parts.fragment:
             raise ConfigurationError(
-                f"invalid SQLite store URL {url!r}: use sqlite:///relative/path.db or sqlite:////absolute/path.db"
+                f"invalid SQLite store URL {redact(url)!r}: use sqlite:///relative/path.db or "
+                "sqlite:////absolute/path.db (no host, query or fragment)"
             )
         return SQLiteStore(path)
     if scheme in ("postgres", "postgresql"):
@@ -52,8 +55,11 @@ def open_store(url: str) -> Store:
             from threaddispatch.stores import postgres  # type: ignore[attr-defined,unused-ignore]
         except ImportError:
             raise ConfigurationError(
-                f"store URL {url!r} needs the PostgreSQL store (threaddispatch.stores.postgres, extra 'postgres')"
+                f"store URL {redact(url)!r} needs the PostgreSQL store "
+                "(threaddispatch.stores.postgres, extra 'postgres')"
             ) from None
         store: Store = postgres.PostgresStore(url)
         return store
-    raise ConfigurationError(f"unsupported store URL {url!r}: expected memory://, sqlite:///path or postgresql://...")
+    raise ConfigurationError(
+        f"unsupported store URL {redact(url)!r}: expected memory://, sqlite:///path or postgresql://..."
+    )
