@@ -12,6 +12,7 @@ Without PostgreSQL binaries (or psycopg) these tests skip with a message; with
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import os
 import signal
@@ -45,6 +46,7 @@ pytestmark = [pytest.mark.postgres]
 
 T0 = test_stores.T0
 WORKER = Path(__file__).with_name("pg_worker.py")
+CLAIM_FAILED = "claiming jobs failed; retrying after %.3gs"  # JobEngine's log line for a failed claim
 
 
 def _missing(reason: str) -> None:
@@ -346,16 +348,25 @@ def test_running_engine_survives_server_restart(
 def test_server_down_raises_unavailable_and_worker_backs_off_then_resumes(
     pg_server: PostgresServer, make_store: Callable[..., PostgresStore]
 ) -> None:
-    """While the server is down calls raise StoreUnavailableError (host, no password) and the worker backs off."""
+    """While the server is down calls raise StoreUnavailableError (host, no password) and the worker backs off.
+
+    Only the fetcher's claim failures are counted (the heartbeat, the reaper and the
+    paused-queue refresh log their own failures too): each names the delay before the
+    next claim, which doubles from one failure to the next up to ``max_poll_interval``.
+    """
     secret = "s3cret-Passw0rd"
     store = make_store(dsn=pg_server.dsn.replace("postgres@", f"postgres:{secret}@"))  # trust auth ignores it
     engine, ran = _engine(store)
-    failures: list[logging.LogRecord] = []
+    cap = engine.config.max_poll_interval
+    warnings: list[logging.LogRecord] = []  # every warning, to check none shows the password
+    claim_delays: list[float] = []  # the delay named by each failed claim, in order
 
     class Collect(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            if record.exc_info and isinstance(record.exc_info[1], StoreUnavailableError):
-                failures.append(record)
+            warnings.append(record)
+            unavailable = record.exc_info is not None and isinstance(record.exc_info[1], StoreUnavailableError)
+            if unavailable and record.msg == CLAIM_FAILED:
+                claim_delays.append(record.args[0])  # type: ignore[index]
 
     handler = Collect(level=logging.WARNING)
     logging.getLogger("threaddispatch.jobs").addHandler(handler)
@@ -374,11 +385,16 @@ def test_server_down_raises_unavailable_and_worker_backs_off_then_resumes(
             assert f"127.0.0.1:{pg_server.port}" in str(info.value)
             assert not [e for e in chain if secret in str(e) or secret in repr(e)]
             assert secret not in repr(store) and secret not in str(store.describe())
-            wait_for(lambda: len(failures) >= 3, 20, message="the fetcher failed 3 claims and kept going")
+            wait_for(
+                lambda: len(claim_delays) >= 3 and claim_delays[-1] >= cap,
+                30,
+                message="the fetcher failed 3 claims, backing off up to max_poll_interval, and kept going",
+            )
             assert engine.running
-            assert not [r for r in failures if secret in r.getMessage() or secret in str(r.exc_info)]
-            delays = [r.args[0] for r in failures if isinstance(r.args, tuple) and r.args]
-            assert delays == sorted(delays) and delays[-1] > delays[0], f"no backoff between retries: {delays}"
+            delays = list(claim_delays)
+            doubled = [later == pytest.approx(min(2 * earlier, cap)) for earlier, later in itertools.pairwise(delays)]
+            assert all(doubled), f"no backoff between claims: {delays}"
+            assert not [r for r in warnings if secret in r.getMessage() or secret in str(r.exc_info)]
         finally:
             pg_server.start_again()
         assert engine.result(engine.enqueue("record", {"n": 2}), timeout=30) == 2
