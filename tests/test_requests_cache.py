@@ -224,3 +224,17 @@ def test_explicit_cache_object_and_bad_options(backend: Backend) -> None:
         RequestDispatcher(backend, cache="memory")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="cache_key"):
         RequestDispatcher(backend, cache_key="k")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_expired_entries_of_keys_never_read_again_are_swept(kind: str, tmp_path: Path) -> None:
+    """Puts sweep expired entries now and then: keys nobody asks for again do not pile up."""
+    store: Any = MemoryResponseCache() if kind == "memory" else SQLiteRequestStorage(tmp_path / "c.db").response_cache()
+    try:
+        for i in range(store.SWEEP_EVERY - 1):
+            store.put(CachedResponse(f"old/{i}", i, 0.0, 1.0, 2.0))
+        store.put(CachedResponse("new", "n", 10.0, 20.0, 30.0))  # the sweeping put, at time 10
+        assert store.invalidate("old/") == 0
+        assert store.get("new", 10.0) is not None
+    finally:
+        store.close()

@@ -58,11 +58,18 @@ class ResponseCache(Protocol):
 
 
 class MemoryResponseCache:
-    """Cached responses in a dict (the default store). Thread-safe; blocks only on a short internal lock."""
+    """Cached responses in a dict (the default store). Thread-safe; blocks only on a short internal lock.
+
+    Expired entries are dropped when read, and swept every ``SWEEP_EVERY`` puts, so
+    keys that are never asked for again do not accumulate.
+    """
+
+    SWEEP_EVERY = 256
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # guards _entries
+        self._lock = threading.Lock()  # guards _entries and _puts
         self._entries: dict[str, CachedResponse] = {}
+        self._puts = 0
 
     def get(self, key: str, now: float) -> CachedResponse | None:
         """The unexpired entry of ``key``, or None (an expired one is dropped)."""
@@ -74,9 +81,14 @@ class MemoryResponseCache:
             return entry
 
     def put(self, entry: CachedResponse) -> None:
-        """Keep ``entry``."""
+        """Keep ``entry``; every ``SWEEP_EVERY`` puts, drop what expired by its ``stored_at``."""
         with self._lock:
             self._entries[entry.key] = entry
+            self._puts += 1
+            if self._puts % self.SWEEP_EVERY == 0:
+                now = entry.stored_at
+                for key in [key for key, kept in self._entries.items() if kept.stale_until <= now]:
+                    del self._entries[key]
 
     def invalidate(self, prefix: str) -> int:
         """Drop the entries whose key starts with ``prefix``."""

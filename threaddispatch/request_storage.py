@@ -15,6 +15,7 @@ storage also keeps the dispatcher's response cache, in a table of the same file
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import reprlib
@@ -339,8 +340,11 @@ class SQLiteResponseCache:
     connection (it reopens on the next call).
     """
 
+    SWEEP_EVERY = 256
+
     def __init__(self, storage: SQLiteRequestStorage) -> None:
         self.storage = storage
+        self._puts = itertools.count(1)  # every SWEEP_EVERY puts, expired rows are deleted
 
     def get(self, key: str, now: float) -> CachedResponse | None:
         """The unexpired entry of ``key`` or None; an expired one is deleted."""
@@ -371,6 +375,10 @@ class SQLiteResponseCache:
             "VALUES (?,?,?,?,?)",
             (entry.key, payload, entry.stored_at, entry.fresh_until, entry.stale_until),
         )
+        if next(self._puts) % self.SWEEP_EVERY == 0:
+            self.storage._execute(
+                "sweep cache", "DELETE FROM threaddispatch_request_cache WHERE stale_until <= ?", (entry.stored_at,)
+            )
 
     def invalidate(self, prefix: str) -> int:
         """Delete the entries whose key starts with ``prefix``; returns how many."""
