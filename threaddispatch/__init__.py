@@ -32,14 +32,23 @@ from threaddispatch.errors import (
 from threaddispatch.events import EventEmitter
 from threaddispatch.jobs import Config, JobContext, JobDefinition, JobEngine, QueueConfig
 from threaddispatch.middleware import LoggingMiddleware, Middleware, RecoverMiddleware, TimeoutMiddleware
-from threaddispatch.request_storage import MemoryRequestStorage, RequestStorage, SQLiteRequestStorage, StoredRequest
+from threaddispatch.request_storage import (
+    MemoryRequestStorage,
+    RequestStorage,
+    SQLiteRequestStorage,
+    SQLiteResponseCache,
+    StoredRequest,
+)
 from threaddispatch.requests import (
+    CachedResponse,
     CancellationToken,
+    MemoryResponseCache,
     QueuedRequest,
     QueueSnapshot,
     RequestDispatcher,
     RequestEvent,
     RequestHandle,
+    ResponseCache,
     default_dedupe_key,
     default_queue_key,
 )
@@ -51,6 +60,7 @@ __all__ = [
     "BackgroundDispatcher",
     "BatchStats",
     "BatchedDispatcher",
+    "CachedResponse",
     "Cancel",
     "CancellationToken",
     "CancelledError",
@@ -75,6 +85,7 @@ __all__ = [
     "Linear",
     "LoggingMiddleware",
     "MemoryRequestStorage",
+    "MemoryResponseCache",
     "Middleware",
     "NoStoreError",
     "PayloadError",
@@ -87,9 +98,11 @@ __all__ = [
     "RequestEvent",
     "RequestHandle",
     "RequestStorage",
+    "ResponseCache",
     "Retry",
     "RetryPolicy",
     "SQLiteRequestStorage",
+    "SQLiteResponseCache",
     "Sender",
     "StoreError",
     "StoreUnavailableError",
