@@ -209,6 +209,16 @@ def test_bad_settings_are_improperly_configured(setting: dict[str, Any], message
         get_settings()
 
 
+def test_a_bad_token_or_store_setting_is_named_by_type_never_echoed() -> None:
+    """A TOKEN or STORE of the wrong type is reported by its type name; its value (a secret) never appears."""
+    secret = b"s3cret-token-value"
+    for key in ("TOKEN", "STORE"):
+        with override_settings(THREADDISPATCH={"STORE": "memory://", key: secret}):
+            with pytest.raises(ImproperlyConfigured, match=f"{key} must be a non-empty str, got bytes") as caught:
+                get_settings()
+            assert "s3cret" not in str(caught.value)
+
+
 def test_engine_resolution_errors() -> None:
     """No ENGINE nor STORE, a bad ENGINE path or object, a bad URL, a missing TOKEN: ImproperlyConfigured."""
     cases: list[tuple[dict[str, Any], str]] = [

@@ -73,7 +73,7 @@ def get_settings() -> DispatchSettings:
     for key in ("ENGINE", "STORE", "TOKEN"):
         value = raw.get(key)
         if value is not None and (not isinstance(value, str) or not value):
-            raise _fail(f"{key} must be a non-empty str, got {value!r}")
+            raise _fail(f"{key} must be a non-empty str, got {type(value).__name__}")  # never echo a token or DSN
     options = raw.get("ENGINE_OPTIONS")
     if options is not None and not isinstance(options, Mapping):
         raise _fail(f"ENGINE_OPTIONS must be a dict, got {options!r}")
