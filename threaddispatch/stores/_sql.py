@@ -3,32 +3,151 @@
 Both keep the same tables, so the column lists, row -> record mapping, listing filters and
 every statement whose text differs only in its placeholder live here, written once.
 :class:`Statements` builds them for one placeholder style (``"?"`` for sqlite3, ``"%s"``
-for psycopg) once, at import of the store. What differs between the backends (claims,
-transactions and locking, RETURNING and CTE forms, COPY, NOTIFY, the schema DDL) stays in
-its own store.
+for psycopg) once, at import of the store. The schema DDL is one column list
+(:data:`TABLES`) that :func:`schema_v1` spells in each backend's types. What differs
+between the backends (claims, transactions and locking, RETURNING and CTE forms, COPY,
+NOTIFY) stays in its own store.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypedDict
 
 from threaddispatch.errors import InvalidStateError, JobNotFoundError
 from threaddispatch.stores.base import CronEntry, DeadLetter, JobRecord, JobState
 
-# Column order matches JobRecord's fields, so JobRecord(*row) builds a record.
-JOB_COLUMNS = (
-    "id, name, payload, queue, state, priority, attempts, max_retries, timeout, run_at, created_at, "
-    "updated_at, started_at, finished_at, heartbeat_at, worker_id, unique_key, result, error"
+Column = tuple[str, str, str]  # (name, generic type, constraints)
+
+#: Every table both SQL stores create, and its columns in order. Types are generic: SEQ (the
+#: insertion-order primary key), INT (64-bit), REAL and BOOL, spelled by each backend's
+#: :class:`Types`; TEXT and INTEGER (32-bit) are spelled alike by both. The columns after
+#: ``seq`` follow JobRecord's, DeadLetter's and CronEntry's fields, so ``JobRecord(*row)``
+#: builds a record from a row of :data:`JOB_COLUMNS`.
+TABLES: dict[str, tuple[Column, ...]] = {
+    "dispatch_jobs": (
+        ("seq", "SEQ", ""),
+        ("id", "TEXT", "NOT NULL UNIQUE"),
+        ("name", "TEXT", "NOT NULL"),
+        ("payload", "TEXT", "NOT NULL"),
+        ("queue", "TEXT", "NOT NULL"),
+        ("state", "TEXT", "NOT NULL"),
+        ("priority", "INT", "NOT NULL DEFAULT 0"),
+        ("attempts", "INT", "NOT NULL DEFAULT 0"),
+        ("max_retries", "INT", "NOT NULL"),
+        ("timeout", "REAL", ""),
+        ("run_at", "REAL", "NOT NULL"),
+        ("created_at", "REAL", "NOT NULL"),
+        ("updated_at", "REAL", "NOT NULL"),
+        ("started_at", "REAL", ""),
+        ("finished_at", "REAL", ""),
+        ("heartbeat_at", "REAL", ""),
+        ("worker_id", "TEXT", ""),
+        ("unique_key", "TEXT", ""),
+        ("result", "TEXT", ""),
+        ("error", "TEXT", ""),
+    ),
+    "dispatch_dead_letters": (
+        ("seq", "SEQ", ""),
+        ("id", "TEXT", "NOT NULL UNIQUE"),
+        ("job_id", "TEXT", "NOT NULL"),
+        ("name", "TEXT", "NOT NULL"),
+        ("queue", "TEXT", "NOT NULL"),
+        ("payload", "TEXT", "NOT NULL"),
+        ("priority", "INT", "NOT NULL"),
+        ("max_retries", "INT", "NOT NULL"),
+        ("attempts", "INT", "NOT NULL"),
+        ("error", "TEXT", ""),
+        ("failed_at", "REAL", "NOT NULL"),
+    ),
+    "dispatch_crons": (
+        ("name", "TEXT", "PRIMARY KEY"),
+        ("expression", "TEXT", "NOT NULL"),
+        ("job_name", "TEXT", "NOT NULL"),
+        ("payload", "TEXT", "NOT NULL"),
+        ("queue", "TEXT", "NOT NULL"),
+        ("priority", "INT", "NOT NULL"),
+        ("last_tick", "REAL", ""),
+        ("created_at", "REAL", "NOT NULL"),
+        ("updated_at", "REAL", "NOT NULL"),
+    ),
+    "dispatch_leases": (
+        ("name", "TEXT", "PRIMARY KEY"),
+        ("holder", "TEXT", "NOT NULL"),
+        ("expires_at", "REAL", "NOT NULL"),
+    ),
+    "dispatch_queues": (
+        ("queue", "TEXT", "PRIMARY KEY"),
+        ("paused", "BOOL", "NOT NULL"),
+        ("updated_at", "REAL", "NOT NULL"),
+    ),
+}
+#: The migration ledger, created before any migration runs (so not part of one).
+VERSION_TABLE: tuple[Column, ...] = (
+    ("version", "INTEGER", "PRIMARY KEY"),
+    ("description", "TEXT", "NOT NULL"),
+    ("applied_at", "REAL", "NOT NULL"),
 )
-# Likewise DeadLetter's and CronEntry's fields.
-LETTER_COLUMNS = "id, job_id, name, queue, payload, priority, max_retries, attempts, error, failed_at"
-CRON_COLUMNS = "name, expression, job_name, payload, queue, priority, last_tick, created_at, updated_at"
+
+
+class Types(TypedDict):
+    """One backend's spelling of the generic column types of :data:`TABLES`."""
+
+    SEQ: str
+    INT: str
+    REAL: str
+    BOOL: str
+
+
+def _names(table: str) -> str:
+    return ", ".join(name for name, _type, _constraints in TABLES[table] if name != "seq")
+
+
+JOB_COLUMNS = _names("dispatch_jobs")
+LETTER_COLUMNS = _names("dispatch_dead_letters")
+CRON_COLUMNS = _names("dispatch_crons")
 #: SQL lists of the ACTIVE_STATES, READY_STATES and FINAL_STATES.
 ACTIVE = "('pending', 'retrying', 'running')"
 READY = "('pending', 'retrying')"
 FINAL = "('completed', 'failed', 'cancelled')"
+
+
+def _create_table(table: str, columns: Sequence[Column], types: Types) -> str:
+    spelled = {"TEXT": "TEXT", "INTEGER": "INTEGER", "SEQ": types["SEQ"], "INT": types["INT"],
+               "REAL": types["REAL"], "BOOL": types["BOOL"]}  # fmt: skip
+    lines = [f"{name} {spelled[kind]} {constraints}".rstrip() for name, kind, constraints in columns]
+    body = ",\n        ".join(lines)
+    return f"CREATE TABLE IF NOT EXISTS {table} (\n        {body})"
+
+
+def version_table(types: Types) -> str:
+    """The ``CREATE TABLE IF NOT EXISTS dispatch_schema_version`` statement in ``types``."""
+    return _create_table("dispatch_schema_version", VERSION_TABLE, types)
+
+
+def schema_v1(types: Types, *, ready_keys: str) -> tuple[str, ...]:
+    """Migration 1's statements: the tables of :data:`TABLES` in ``types``, and their indexes.
+
+    ``ready_keys`` are the claim index's keys, which must give the claim order (priority
+    descending, run_at, seq) to a backend's ready-jobs scan.
+    """
+    table = {name: _create_table(name, columns, types) for name, columns in TABLES.items()}
+    return (
+        table["dispatch_jobs"],
+        # The claim index: ready jobs of a queue in claim order.
+        f"CREATE INDEX IF NOT EXISTS dispatch_jobs_ready ON dispatch_jobs ({ready_keys}) WHERE state IN {READY}",
+        "CREATE INDEX IF NOT EXISTS dispatch_jobs_running ON dispatch_jobs (heartbeat_at) WHERE state = 'running'",
+        f"CREATE INDEX IF NOT EXISTS dispatch_jobs_finished ON dispatch_jobs (finished_at) WHERE state IN {FINAL}",
+        f"CREATE UNIQUE INDEX IF NOT EXISTS dispatch_jobs_unique ON dispatch_jobs (unique_key) "
+        f"WHERE unique_key IS NOT NULL AND state IN {ACTIVE}",
+        table["dispatch_dead_letters"],
+        "CREATE INDEX IF NOT EXISTS dispatch_dead_letters_job ON dispatch_dead_letters (job_id)",
+        table["dispatch_crons"],
+        table["dispatch_leases"],
+        table["dispatch_queues"],
+    )
+
 
 _LIST_JOBS = (
     f"SELECT {JOB_COLUMNS} FROM dispatch_jobs {{where}}ORDER BY created_at DESC, seq DESC LIMIT {{m}} OFFSET {{m}}"

@@ -66,67 +66,9 @@ _INSERT = _SQL.insert_job
 _COMPLETE = _SQL.complete
 _GET_CRON = f"SELECT {_sql.CRON_COLUMNS} FROM dispatch_crons WHERE name = ?"
 
-_SCHEMA_V1 = (
-    """CREATE TABLE IF NOT EXISTS dispatch_jobs (
-        seq INTEGER PRIMARY KEY,
-        id TEXT NOT NULL UNIQUE,
-        name TEXT NOT NULL,
-        payload TEXT NOT NULL,
-        queue TEXT NOT NULL,
-        state TEXT NOT NULL,
-        priority INTEGER NOT NULL DEFAULT 0,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        max_retries INTEGER NOT NULL,
-        timeout REAL,
-        run_at REAL NOT NULL,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        started_at REAL,
-        finished_at REAL,
-        heartbeat_at REAL,
-        worker_id TEXT,
-        unique_key TEXT,
-        result TEXT,
-        error TEXT)""",
-    # The claim index: ready jobs of a queue in claim order (seq is the implicit last key).
-    """CREATE INDEX IF NOT EXISTS dispatch_jobs_ready ON dispatch_jobs (queue, priority DESC, run_at)
-        WHERE state IN ('pending', 'retrying')""",
-    "CREATE INDEX IF NOT EXISTS dispatch_jobs_running ON dispatch_jobs (heartbeat_at) WHERE state = 'running'",
-    f"CREATE INDEX IF NOT EXISTS dispatch_jobs_finished ON dispatch_jobs (finished_at) WHERE state IN {_sql.FINAL}",
-    f"""CREATE UNIQUE INDEX IF NOT EXISTS dispatch_jobs_unique ON dispatch_jobs (unique_key)
-        WHERE unique_key IS NOT NULL AND state IN {_sql.ACTIVE}""",
-    """CREATE TABLE IF NOT EXISTS dispatch_dead_letters (
-        seq INTEGER PRIMARY KEY,
-        id TEXT NOT NULL UNIQUE,
-        job_id TEXT NOT NULL,
-        name TEXT NOT NULL,
-        queue TEXT NOT NULL,
-        payload TEXT NOT NULL,
-        priority INTEGER NOT NULL,
-        max_retries INTEGER NOT NULL,
-        attempts INTEGER NOT NULL,
-        error TEXT,
-        failed_at REAL NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS dispatch_dead_letters_job ON dispatch_dead_letters (job_id)",
-    """CREATE TABLE IF NOT EXISTS dispatch_crons (
-        name TEXT PRIMARY KEY,
-        expression TEXT NOT NULL,
-        job_name TEXT NOT NULL,
-        payload TEXT NOT NULL,
-        queue TEXT NOT NULL,
-        priority INTEGER NOT NULL,
-        last_tick REAL,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS dispatch_leases (
-        name TEXT PRIMARY KEY,
-        holder TEXT NOT NULL,
-        expires_at REAL NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS dispatch_queues (
-        queue TEXT PRIMARY KEY,
-        paused INTEGER NOT NULL,
-        updated_at REAL NOT NULL)""",
-)
+_TYPES: _sql.Types = {"SEQ": "INTEGER PRIMARY KEY", "INT": "INTEGER", "REAL": "REAL", "BOOL": "INTEGER"}
+# The claim index's keys: seq is the implicit last key of a SQLite index.
+_SCHEMA_V1 = _sql.schema_v1(_TYPES, ready_keys="queue, priority DESC, run_at")
 
 
 def _chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -368,10 +310,7 @@ class SQLiteStore(Store):
         """Apply the migrations newer than the file's version; returns the version. Idempotent, multi-process safe."""
         conn = self._conn()
         with _Immediate(conn):
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS dispatch_schema_version ("
-                "version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at REAL NOT NULL)"
-            )
+            conn.execute(_sql.version_table(_TYPES))
             return _SQL.apply_migrations(conn, self.MIGRATIONS)
 
     def schema_version(self) -> int:
