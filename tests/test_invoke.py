@@ -9,6 +9,8 @@ import os
 import select
 import signal
 import threading
+import time
+import types
 import warnings
 from collections.abc import Callable, Generator
 from typing import Any
@@ -99,6 +101,37 @@ def test_a_plain_function_returning_an_awaitable_has_it_awaited() -> None:
     """A plain function returning a coroutine, or any awaitable, gets the awaited value."""
     assert on_thread(lambda: call(lambda: double(5))).value == 10
     assert on_thread(lambda: call(Awaitable42)).value == 42
+
+
+def test_a_generator_based_coroutine_is_awaited_and_a_plain_generator_is_a_value() -> None:
+    """A @types.coroutine generator is awaited; a plain generator is returned as is, every time."""
+
+    @types.coroutine
+    def old_style() -> Generator[Any, None, str]:
+        yield from asyncio.sleep(0).__await__()
+        return "old"
+
+    def numbers() -> Generator[int, None, None]:
+        yield 1
+
+    def both() -> tuple[Outcome, Outcome, Outcome]:
+        return call(numbers), call(old_style), call(numbers)
+
+    first, old, again = on_thread(both)
+    assert old.value == "old"
+    assert isinstance(first.value, types.GeneratorType) and isinstance(again.value, types.GeneratorType)
+    assert types.GeneratorType not in _invoke._plain_types
+
+
+def test_a_type_seen_as_plain_still_awaits_other_types() -> None:
+    """The per-type shortcut for plain results never hides an awaitable of another type."""
+
+    def sometimes(n: int) -> object:
+        return n if n % 2 else double(n)
+
+    values = on_thread(lambda: [call(sometimes, n).value for n in range(6)])
+    assert values == [0, 1, 4, 3, 8, 5]
+    assert _invoke._plain_types.get(int) is False
 
 
 def test_exceptions_are_classified() -> None:
@@ -373,9 +406,13 @@ def test_a_waiting_caller_runs_when_an_abandoned_call_ends_in_time(closing: list
     caller = make(closing, 0.05, max_abandoned=1)
     release = threading.Event()
     assert caller.call(release.wait, 30).timed_out
-    caller.timeout = 30.0  # the waiting call's deadline is far; the release comes first
     result: list[Outcome] = []
-    waiter = threading.Thread(target=lambda: result.append(caller.call(lambda: "ran")), name="test-waiter")
+
+    def wait_then_run() -> None:
+        # This call's deadline is far: the release comes first.
+        result.append(caller.call_until(time.monotonic() + 30, lambda: "ran"))
+
+    waiter = threading.Thread(target=wait_then_run, name="test-waiter")
     waiter.start()
     wait_for(lambda: caller._state.slot_waiters == 1, timeout=10, message="caller waits for a slot")
     release.set()
@@ -450,6 +487,21 @@ def test_an_unreferenced_caller_lets_its_runners_go() -> None:
     assert not runner.is_alive()
 
 
+def test_a_runner_that_cannot_start_fails_the_call(closing: list[TimedCaller], monkeypatch: pytest.MonkeyPatch) -> None:
+    """When no thread can be started, the call fails with that RuntimeError and nothing is left registered."""
+    caller = make(closing, 30.0)
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    outcome = caller.call(lambda: 1)
+    assert outcome.kind == ERROR and "can't start" in str(outcome.error)
+    assert not caller._state.runners
+    monkeypatch.undo()
+    assert caller.call(lambda: 2).value == 2
+
+
 def test_during_the_exit_drain_no_runner_is_started(
     closing: list[TimedCaller], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -511,8 +563,7 @@ def test_a_forked_child_starts_with_no_runner(closing: list[TimedCaller]) -> Non
     """A child forked while the parent has a runner and an abandoned call starts clean and can call."""
     caller = make(closing, 0.05)
     release = threading.Event()
-    parent_runner = caller.call(threading.current_thread).value
-    caller.timeout = 0.05
+    parent_runner = caller.call_until(time.monotonic() + 30, threading.current_thread).value
     assert caller.call(release.wait, 30).timed_out
     assert caller.abandoned == 1
 
@@ -525,9 +576,8 @@ def test_a_forked_child_starts_with_no_runner(closing: list[TimedCaller]) -> Non
             "late_results": 0,
         }
         clean = not caller._state.idle and not caller._state.runners
-        caller.timeout = 30.0
-        runner = caller.call(threading.current_thread).value
-        async_ok = caller.call(double, 3).value == 6
+        runner = caller.call_until(time.monotonic() + 30, threading.current_thread).value
+        async_ok = caller.call_until(time.monotonic() + 30, double, 3).value == 6
         return fresh and clean and runner is not parent_runner and async_ok and caller.close(10)
 
     try:
@@ -535,8 +585,7 @@ def test_a_forked_child_starts_with_no_runner(closing: list[TimedCaller]) -> Non
     finally:
         release.set()
     wait_for(lambda: caller.abandoned == 0, timeout=10, message="parent's abandoned call ended")
-    caller.timeout = 30.0
-    assert caller.call(double, 5).value == 10  # the parent is unaffected
+    assert caller.call_until(time.monotonic() + 30, double, 5).value == 10  # the parent is unaffected
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

@@ -39,9 +39,10 @@ import os
 import selectors
 import threading
 import time
+import types
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeGuard
 
 from threaddispatch import _lifecycle
 from threaddispatch._validate import check_int, check_seconds, check_text, show
@@ -222,6 +223,23 @@ def close_thread_loop(timeout: float = 1.0) -> None:
         loop.close()
 
 
+# Result types known not to be awaitable, to skip inspect.isawaitable (the costliest step of a
+# plain call) for them. Bounded; GeneratorType never enters (a generator-based coroutine is one).
+# Written without a lock: a lost or repeated insert only costs a later slow check.
+_plain_types: dict[type, bool] = {type(None): False}
+_MAX_PLAIN_TYPES = 512
+
+
+def _awaitable(result: object) -> TypeGuard[Awaitable[Any]]:
+    """Whether ``result`` must be awaited (``inspect.isawaitable``, cached per type when it is not)."""
+    if inspect.isawaitable(result):
+        return True
+    cls = type(result)
+    if cls is not types.GeneratorType and len(_plain_types) < _MAX_PLAIN_TYPES:
+        _plain_types[cls] = False
+    return False
+
+
 def _check_no_running_loop(awaitable: Awaitable[Any]) -> None:
     if asyncio._get_running_loop() is not None:
         if inspect.iscoroutine(awaitable):
@@ -245,9 +263,9 @@ def invoke(fn: Callable[..., Any], *args: Any) -> Any:
     loop is running, an awaitable raises RuntimeError instead (no loop is nested).
     """
     result = fn(*args)
-    if result is None or not inspect.isawaitable(result):
-        return result
-    return _await(result)
+    if _plain_types.get(type(result), True) and _awaitable(result):
+        return _await(result)
+    return result
 
 
 def call(fn: Callable[..., Any], *args: Any) -> Outcome:
@@ -259,7 +277,7 @@ def call(fn: Callable[..., Any], *args: Any) -> Outcome:
     """
     try:
         result = fn(*args)
-        if result is not None and inspect.isawaitable(result):
+        if _plain_types.get(type(result), True) and _awaitable(result):
             result = _await(result)
     except BaseException as error:  # noqa: BLE001 - classified and handed to the face
         return _classify(error)
@@ -363,7 +381,7 @@ class _CallerState:
         """Run one call on this runner thread, publishing a coroutine's Task so the caller can cancel it."""
         try:
             result = work.fn(*work.args)
-            if result is not None and inspect.isawaitable(result):
+            if _plain_types.get(type(result), True) and _awaitable(result):
                 _check_no_running_loop(result)
                 loop = _thread_loop()
                 task = asyncio.ensure_future(result, loop=loop)
@@ -455,7 +473,10 @@ class TimedCaller:
                 return Outcome(TIMEOUT, None, self._timeout_error(fn, "waiting for one of the abandoned calls to end"))
             if state.closed:  # closed while this call waited for a slot
                 raise DispatcherClosedError(f"the {state.component} caller is closed")
-            runner = self._hand_over(state, work)
+            try:
+                runner = self._hand_over(state, work)
+            except RuntimeError as error:
+                return Outcome(ERROR, None, error)
         if runner is None:  # exit drain and no idle runner: no thread may start
             return call(fn, *args)
         with state.mutex:
@@ -501,7 +522,11 @@ class TimedCaller:
         )
         runner.thread = thread
         state.runners.add(runner)
-        thread.start()  # the thread waits for the mutex we hold; start() does not
+        try:
+            thread.start()  # the thread waits for the mutex we hold; start() does not
+        except RuntimeError:  # "can't start new thread": the call fails, nothing is left behind
+            state.runners.discard(runner)
+            raise
         return runner
 
     def _abandon(self, state: _CallerState, runner: _Runner, work: _Call) -> Outcome:
