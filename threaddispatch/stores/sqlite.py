@@ -32,6 +32,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -162,12 +163,18 @@ class _Slot:
     until just after, and by close(). It is re-entrant so a store method may call another.
     """
 
-    __slots__ = ("conn", "lock", "pid")
+    __slots__ = ("conn", "lock", "pid", "thread")
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.conn: sqlite3.Connection | None = None
         self.pid = os.getpid()
+        self.thread = weakref.ref(threading.current_thread())
+
+    def orphaned(self) -> bool:
+        """Whether the thread that made the slot has ended (its connection can never be used again)."""
+        thread = self.thread()
+        return thread is None or not thread.is_alive()
 
 
 class _Immediate:
@@ -260,9 +267,27 @@ class SQLiteStore(Store):
             self._reset_after_fork()
         slot = _Slot()
         with self._slots_lock:
+            self._close_orphans()
             self._slots.append(slot)
         self._local.slot = slot
         return slot
+
+    def _close_orphans(self) -> None:
+        """Close the connections of threads that have ended; the caller holds ``_slots_lock``.
+
+        Done under that lock, which the fork hook takes first, so no fork happens while one
+        of these connections is being closed.
+        """
+        kept: list[_Slot] = []
+        for slot in self._slots:
+            if slot.orphaned() and slot.lock.acquire(blocking=False):
+                try:
+                    self._close_slot(slot)
+                finally:
+                    slot.lock.release()
+            else:
+                kept.append(slot)
+        self._slots = kept
 
     def _conn(self) -> sqlite3.Connection:
         """This thread's connection, opened on first use; only with the slot's lock held (a ``@_translate`` method)."""
