@@ -178,7 +178,8 @@ class _LoopHolder:
     def __del__(self) -> None:
         loop = self.loop
         if not loop.is_closed() and not loop.is_running():
-            loop.close()
+            with contextlib.suppress(Exception):  # at interpreter exit the loop's modules may be gone
+                loop.close()
 
 
 # .holder: the thread's _LoopHolder, once the thread ran an awaitable. Thread-local: no lock.
