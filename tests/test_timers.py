@@ -109,6 +109,27 @@ def test_many_cancellations_compact_the_heap() -> None:
         assert q.pop_due() == [0]
 
 
+def test_pop_next_takes_one_due_entry_per_turn() -> None:
+    """pop_next returns the earliest due handle (None items included) or None; now=inf drains regardless."""
+    q: DelayQueue[str | None]
+    clock = FakeClock()
+    q = DelayQueue(clock=clock)
+    with q.condition:
+        assert q.pop_next() is None
+        skipped = q.push("skipped", 0.5)
+        q.push(None, 1.0)
+        q.push("later", 9.0)
+        q.cancel(skipped)
+        assert q.pop_next() is None  # nothing due yet
+        clock.now += 1.0
+        first = q.pop_next()
+        assert first is not None and first.item is None and not first.active
+        assert q.pop_next() is None
+        last = q.pop_next(now=math.inf)
+        assert last is not None and last.item == "later"
+        assert not q and q.pop_next(now=math.inf) is None
+
+
 def test_pop_all_returns_everything_in_due_order() -> None:
     """pop_all (close and drain) takes due and not-due entries alike, earliest first, cancelled ones excluded."""
     q, _ = make()

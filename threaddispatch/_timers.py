@@ -163,6 +163,18 @@ class DelayQueue(Generic[T]):
                 due.append(handle.item)
         return due
 
+    def pop_next(self, now: float | None = None) -> TimerHandle[T] | None:
+        """Remove and return the earliest entry if it is due by ``now`` (default: the clock; ``math.inf``:
+        whatever its time, as a drain does), else None. For loops that take one entry per turn."""
+        self._prune()
+        heap = self._heap
+        if not heap or heap[0][0] > (self.clock() if now is None else now):
+            return None
+        handle = heapq.heappop(heap)[2]
+        handle.active = False
+        self._live -= 1
+        return handle
+
     def pop_all(self) -> list[T]:
         """Remove and return every item, due or not, earliest first (for close and drain)."""
         entries = sorted(entry for entry in self._heap if entry[2].active)
