@@ -74,6 +74,7 @@ from threaddispatch.stores.base import (
     ACTIVE_STATES,
     FINAL_STATES,
     READY_STATES,
+    Completion,
     CronEntry,
     DeadLetter,
     JobRecord,
@@ -1281,10 +1282,8 @@ class JobEngine:
         if batch:
             self._write_batch(batch)
 
-    def _outcomes(
-        self, batch: list[tuple[_Slot, str | None, str | None, object]]
-    ) -> list[tuple[str, str, int, str | None, str | None]]:
-        return [(slot.job.id, self.worker_id, slot.job.attempts, text, note) for slot, text, note, _ in batch]
+    def _outcomes(self, batch: list[tuple[_Slot, str | None, str | None, object]]) -> list[Completion]:
+        return [Completion(slot.job.id, self.worker_id, slot.job.attempts, text, note) for slot, text, note, _ in batch]
 
     def _write_batch(self, batch: list[tuple[_Slot, str | None, str | None, object]]) -> None:
         applied: set[str] | None

@@ -42,7 +42,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from threaddispatch._validate import check_int
 from threaddispatch.errors import JobNotFoundError
@@ -53,6 +53,7 @@ __all__ = [
     "ACTIVE_STATES",
     "FINAL_STATES",
     "READY_STATES",
+    "Completion",
     "CronEntry",
     "DeadLetter",
     "JobRecord",
@@ -89,6 +90,17 @@ ACTIVE_STATES = frozenset({JobState.PENDING, JobState.RETRYING, JobState.RUNNING
 FINAL_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
 #: The ``error`` :meth:`Store.reap_stale` records on a job that used all its attempts (and its dead letter).
 WORKER_LOST_ERROR = "worker lost: heartbeat older than the stale threshold"
+
+
+class Completion(NamedTuple):
+    """One finished claim for :meth:`Store.complete_many`: the claim ``(job_id, worker_id, attempts)``
+    and what to store, ``result`` (JSON text) and ``error`` (a note or None)."""
+
+    job_id: str
+    worker_id: str
+    attempts: int
+    result: str | None
+    error: str | None
 
 
 @dataclass
@@ -260,9 +272,6 @@ class Store(abc.ABC):
     usable from many threads at once and must not reuse a connection across ``fork()``.
     """
 
-    #: Whether several processes can share this store (an engine in each).
-    shared_between_processes: bool = False
-
     # -- lifecycle ---------------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -331,9 +340,7 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def complete_many(
-        self, outcomes: Sequence[tuple[str, str, int, str | None, str | None]], *, now: float
-    ) -> set[str]:
+    def complete_many(self, outcomes: Sequence[Completion], *, now: float) -> set[str]:
         """:meth:`complete` for many ``(job_id, worker_id, attempts, result, error)`` in ONE transaction.
 
         Returns the ids that applied (claims no longer current are skipped). The engine's
@@ -342,7 +349,7 @@ class Store(abc.ABC):
 
     def complete_and_claim(
         self,
-        outcomes: Sequence[tuple[str, str, int, str | None, str | None]],
+        outcomes: Sequence[Completion],
         queues: Sequence[str],
         limit: int,
         *,

@@ -21,6 +21,7 @@ from threaddispatch.stores.base import (
     FINAL_STATES,
     READY_STATES,
     WORKER_LOST_ERROR,
+    Completion,
     CronEntry,
     DeadLetter,
     JobRecord,
@@ -33,8 +34,6 @@ __all__ = ["MemoryStore"]
 
 class MemoryStore(Store):
     """A :class:`~threaddispatch.stores.Store` held in memory. Thread-safe; one lock, short holds."""
-
-    shared_between_processes = False
 
     def __init__(self) -> None:
         self._init_state()
@@ -243,9 +242,7 @@ class MemoryStore(Store):
             self._check_open()
             return self._complete_claim(job_id, worker_id, attempts, result=result, error=error, now=now)
 
-    def complete_many(
-        self, outcomes: Sequence[tuple[str, str, int, str | None, str | None]], *, now: float
-    ) -> set[str]:
+    def complete_many(self, outcomes: Sequence[Completion], *, now: float) -> set[str]:
         """See :meth:`Store.complete_many`."""
         done: set[str] = set()
         with self._lock:

@@ -72,7 +72,15 @@ from threaddispatch.errors import (
 )
 from threaddispatch.stores import _sql
 from threaddispatch.stores._sql import Statements, cron_from_row, job_from_row, job_params, letter_from_row
-from threaddispatch.stores.base import WORKER_LOST_ERROR, CronEntry, DeadLetter, JobRecord, JobState, Store
+from threaddispatch.stores.base import (
+    WORKER_LOST_ERROR,
+    Completion,
+    CronEntry,
+    DeadLetter,
+    JobRecord,
+    JobState,
+    Store,
+)
 
 __all__ = ["PostgresStore", "migrate"]
 
@@ -506,8 +514,6 @@ class PostgresStore(Store):
     connection; a server that cannot be reached raises StoreUnavailableError naming its
     host and port.
     """
-
-    shared_between_processes = True
 
     #: Numbered schema migrations ``(version, description, statements)``, as SQLiteStore's.
     MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = ((1, "initial schema", _SCHEMA_V1),)
@@ -946,7 +952,7 @@ class PostgresStore(Store):
 
     def complete_and_claim(
         self,
-        outcomes: Sequence[tuple[str, str, int, str | None, str | None]],
+        outcomes: Sequence[Completion],
         queues: Sequence[str],
         limit: int,
         *,
@@ -1005,7 +1011,7 @@ class PostgresStore(Store):
         return self._run("completing a job", op, idempotent=True)
 
     @staticmethod
-    def _outcome_params(outcomes: Sequence[tuple[str, str, int, str | None, str | None]], now: float) -> dict[str, Any]:
+    def _outcome_params(outcomes: Sequence[Completion], now: float) -> dict[str, Any]:
         return {
             "now": now,
             "ids": [o[0] for o in outcomes],
@@ -1015,9 +1021,7 @@ class PostgresStore(Store):
             "errors": [o[4] for o in outcomes],
         }
 
-    def complete_many(
-        self, outcomes: Sequence[tuple[str, str, int, str | None, str | None]], *, now: float
-    ) -> set[str]:
+    def complete_many(self, outcomes: Sequence[Completion], *, now: float) -> set[str]:
         """See :meth:`Store.complete_many`: one statement over arrays of the outcomes."""
         if not outcomes:
             return set()

@@ -47,7 +47,15 @@ from threaddispatch.errors import (
 )
 from threaddispatch.stores import _sql
 from threaddispatch.stores._sql import Statements, cron_from_row, job_from_row, job_params, letter_from_row
-from threaddispatch.stores.base import WORKER_LOST_ERROR, CronEntry, DeadLetter, JobRecord, JobState, Store
+from threaddispatch.stores.base import (
+    WORKER_LOST_ERROR,
+    Completion,
+    CronEntry,
+    DeadLetter,
+    JobRecord,
+    JobState,
+    Store,
+)
 
 __all__ = ["SQLiteStore"]
 
@@ -114,9 +122,7 @@ def _complete_sql(count: int) -> str:
     )
 
 
-def _complete_in(
-    conn: sqlite3.Connection, outcomes: Sequence[tuple[str, str, int, str | None, str | None]], now: float
-) -> set[str]:
+def _complete_in(conn: sqlite3.Connection, outcomes: Sequence[Completion], now: float) -> set[str]:
     """Complete ``outcomes`` (job_id, worker_id, attempts, result, error) in the open transaction; the ids applied."""
     done: set[str] = set()
     for start in range(0, len(outcomes), _COMPLETE_ROWS):
@@ -215,8 +221,6 @@ class SQLiteStore(Store):
     Thread-safe and multi-process-safe; every method blocks for one short transaction
     (plus up to ``busy_timeout`` waiting for the write lock).
     """
-
-    shared_between_processes = True
 
     #: Numbered schema migrations: ``(version, description, statements)``, applied in order.
     MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = ((1, "initial schema", _SCHEMA_V1),)
@@ -486,7 +490,7 @@ class SQLiteStore(Store):
     @_translate
     def complete_and_claim(
         self,
-        outcomes: Sequence[tuple[str, str, int, str | None, str | None]],
+        outcomes: Sequence[Completion],
         queues: Sequence[str],
         limit: int,
         *,
@@ -561,9 +565,7 @@ class SQLiteStore(Store):
         return cursor.rowcount == 1
 
     @_translate
-    def complete_many(
-        self, outcomes: Sequence[tuple[str, str, int, str | None, str | None]], *, now: float
-    ) -> set[str]:
+    def complete_many(self, outcomes: Sequence[Completion], *, now: float) -> set[str]:
         """See :meth:`Store.complete_many`: one IMMEDIATE transaction, one statement per 100 jobs."""
         if not outcomes:
             return set()
