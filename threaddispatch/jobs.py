@@ -167,6 +167,31 @@ def _check_optional_queue(value: object) -> None:
         check_text("queue", value, strip=True)
 
 
+def _check_state_filter(value: object) -> JobState | None:
+    """A ``state`` filter: None, a JobState or its value."""
+    if value is None or isinstance(value, JobState):
+        return value
+    try:
+        return JobState(value)
+    except ValueError:
+        known = ", ".join(state.value for state in JobState)
+        raise ConfigurationError(f"unknown job state {show(value)}; known: {known}") from None
+
+
+def _check_page(after: object, limit: object, position: object) -> tuple[str, float] | None:
+    """The arguments of a keyset page: ``after`` None or ``(id, epoch seconds)``, limit and position >= 0."""
+    check_int("limit", limit, 0)
+    check_int("position", position, 0)
+    if after is None:
+        return None
+    if not isinstance(after, tuple) or len(after) != 2:
+        raise ConfigurationError(f"after must be None or an (id, timestamp) tuple, got {show(after)}")
+    anchor_id, anchor_time = after
+    if isinstance(anchor_time, bool) or not isinstance(anchor_time, (int, float)) or not math.isfinite(anchor_time):
+        raise ConfigurationError(f"after timestamp must be finite epoch seconds, got {show(anchor_time)}")
+    return check_text("after id", anchor_id), float(anchor_time)
+
+
 @dataclass(frozen=True)
 class QueueConfig:
     """Limits for one queue, per engine (per worker process).
@@ -1929,6 +1954,78 @@ class JobEngine:
     def paused_queues(self) -> set[str]:
         """The queues paused now (read from the store)."""
         return self.store.paused_queues()
+
+    # -- management reads (the admin app's) ----------------------------------------------------------
+
+    def list_jobs_after(
+        self,
+        after: tuple[str, float] | None,
+        *,
+        state: JobState | str | None = None,
+        queue: str | None = None,
+        limit: int = 50,
+        position: int = 0,
+    ) -> list[JobRecord]:
+        """Keyset page of :meth:`list_jobs`: the jobs after ``after = (job id, created_at)``; None: the first page.
+
+        ``position`` is a hint: the anchor's offset when it was listed. No job is skipped
+        when jobs arrive or leave while paging (see :meth:`Store.list_jobs_after`). Raises
+        ConfigurationError for a bad argument. Blocks for one or a few store reads.
+        """
+        anchor = _check_page(after, limit, position)
+        _check_optional_queue(queue)
+        checked = _check_state_filter(state)
+        return self.store.list_jobs_after(anchor, state=checked, queue=queue, limit=limit, position=position)
+
+    def list_dead_letters_after(
+        self, after: tuple[str, float] | None, *, queue: str | None = None, limit: int = 50, position: int = 0
+    ) -> list[DeadLetter]:
+        """Keyset page of :meth:`dlq` after ``after = (dead letter id, failed_at)``; as :meth:`list_jobs_after`."""
+        anchor = _check_page(after, limit, position)
+        _check_optional_queue(queue)
+        return self.store.list_dead_letters_after(anchor, queue=queue, limit=limit, position=position)
+
+    def get_dead_letter(self, dead_letter_id: str) -> DeadLetter:
+        """The dead letter ``dead_letter_id``. Raises JobNotFoundError. One store read."""
+        letter = self.store.get_dead_letter(check_text("dead letter id", dead_letter_id))
+        if letter is None:
+            raise JobNotFoundError(f"no dead letter with id {dead_letter_id!r}")
+        return letter
+
+    def queue_stats(self) -> list[dict[str, Any]]:
+        """Every queue this engine knows, by name: its counts, pause state, limits, and what runs here.
+
+        Known: the configured queues, those with limits, those served or paused, and the
+        queues of job definitions and cron entries. Blocks for three store reads (paused
+        queues, cron entries, the counts of every queue at once).
+        """
+        stats = self.stats()
+        served = set(stats["queues"]) if stats["state"] == "running" else set()
+        limits = {config.name: config for config in self.config.queue_configs}
+        paused = self.paused_queues()
+        names = {*self.config.queues, *limits, *served, *paused}
+        names.update(definition.queue for definition in self.definitions().values())
+        names.update(entry.queue for entry in self.crons())
+        ordered = sorted(names)
+        counts = self.store.counts_by_queue(ordered)
+        queues = []
+        for name in ordered:
+            config = limits.get(name)
+            queues.append({
+                "name": name,
+                "paused": name in paused,
+                "counts": {state.value: count for state, count in counts[name].items()},
+                "served_here": name in served,
+                "running_here": stats["running_by_queue"].get(name, 0),
+                "max_concurrency": None if config is None else config.max_concurrency,
+                "rate_limit": None if config is None else config.rate_limit,
+                "rate_burst": None if config is None else config.rate_burst,
+            })  # fmt: skip
+        return queues
+
+    def describe_store(self) -> dict[str, object]:
+        """The store's description (kind, location; no secrets). Non-blocking for the built-in stores."""
+        return dict(self.store.describe())
 
     def stats(self) -> dict[str, Any]:
         """This engine's counters since it was made, plus its running state; no store access."""

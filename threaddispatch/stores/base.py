@@ -560,6 +560,15 @@ class Store(abc.ABC):
             lambda letter: (letter.id, letter.failed_at), after, position, limit,
         )  # fmt: skip
 
+    def counts_by_queue(self, queues: Sequence[str]) -> dict[str, dict[JobState, int]]:
+        """``{queue: counts(queue=queue)}`` for each of ``queues``, every state present (0 when none).
+
+        For listing many queues at once (the admin's ``/queues``). The default makes one
+        :meth:`counts` read per queue; a store should override it with one read (a
+        ``GROUP BY queue, state``). Blocks for that read or those reads.
+        """
+        return {queue: self.counts(queue=queue) for queue in queues}
+
     def set_cron_enabled(self, name: str, enabled: bool, *, now: float) -> CronEntry:
         """Disable a cron entry, or enable it again; returns the stored entry. Idempotent.
 

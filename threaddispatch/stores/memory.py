@@ -334,6 +334,17 @@ class MemoryStore(Store):
                     result[job.state] += 1
         return result
 
+    def counts_by_queue(self, queues: Sequence[str]) -> dict[str, dict[JobState, int]]:
+        """See :meth:`Store.counts_by_queue`: one pass over the jobs under the lock. O(n)."""
+        result = {queue: dict.fromkeys(JobState, 0) for queue in queues}
+        with self._lock:
+            self._check_open()
+            for job in self._jobs.values():
+                counts = result.get(job.queue)
+                if counts is not None:
+                    counts[job.state] += 1
+        return result
+
     def cancel(
         self,
         job_id: str,

@@ -1,0 +1,185 @@
+"""The admin app's route handlers: each reads its request's parameters and makes the engine calls it answers with.
+
+A handler is ``handler(app, request) -> (status, data)``, ``app`` being the
+:class:`AdminContext` (the app: its engine and route table). Handlers manage through the
+:class:`~threaddispatch.jobs.JobEngine` API only, never its store; they raise
+:class:`~threaddispatch._wsgi.HttpError` or the engine's errors, which the app turns into
+answers. Each blocks for the engine's store calls (one to a few short ones).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Protocol
+
+from threaddispatch._admin_cursor import keyset_page
+from threaddispatch._admin_params import Request
+from threaddispatch._wsgi import HttpError, bad
+from threaddispatch.errors import InvalidStateError, StoreError
+from threaddispatch.stores.base import JobState
+
+if TYPE_CHECKING:
+    from threaddispatch._admin_routes import RouteTable
+    from threaddispatch.jobs import JobEngine
+
+_log = logging.getLogger("threaddispatch.admin")
+_MAX_REPLAY_ALL = 100_000
+Answer = tuple[int, object]
+
+
+class AdminContext(Protocol):
+    """What a handler sees of the app: the engine it manages and the routes it serves."""
+
+    @property
+    def engine(self) -> JobEngine: ...
+
+    @property
+    def routes(self) -> RouteTable[AdminContext]: ...
+
+
+def index(app: AdminContext, request: Request) -> Answer:
+    return 200, {"routes": app.routes.listing(request.script_name)}
+
+
+# -- jobs -----------------------------------------------------------------------------------------------
+
+
+def list_jobs(app: AdminContext, request: Request) -> Answer:
+    state = request.state()
+    queue = request.text("queue")
+    page, next_cursor = keyset_page(
+        request, "jobs", [None if state is None else state.value, queue],
+        lambda after, limit, position: app.engine.list_jobs_after(
+            after, state=state, queue=queue, limit=limit, position=position
+        ),
+        lambda job: (job.id, job.created_at),
+    )  # fmt: skip
+    return 200, {"jobs": [job.to_dict() for job in page], "next_cursor": next_cursor}
+
+
+def job_counts(app: AdminContext, request: Request) -> Answer:
+    counts = app.engine.counts(queue=request.text("queue"))
+    return 200, {"counts": counts, "total": sum(counts.values())}
+
+
+def get_job(app: AdminContext, request: Request) -> Answer:
+    return 200, {"job": app.engine.get_job(request.groups[0]).to_dict()}
+
+
+def cancel_job(app: AdminContext, request: Request) -> Answer:
+    # One conditional store statement, no check before it: a job a worker claimed meanwhile
+    # is running, so it is refused (its handler runs) rather than cancelled under the handler.
+    job_id = request.groups[0]
+    try:
+        app.engine.cancel(job_id, running=False)
+    except InvalidStateError as error:
+        raise HttpError(409, "conflict", f"{error} (only pending or retrying jobs can be cancelled)") from None
+    return 200, {"job": app.engine.get_job(job_id).to_dict()}
+
+
+def retry_job(app: AdminContext, request: Request) -> Answer:
+    job = app.engine.get_job(request.groups[0])
+    if job.state is not JobState.FAILED:
+        raise HttpError(409, "conflict", f"job {job.id!r} is {job.state.value}; only failed jobs can be retried")
+    app.engine.retry(job.id)
+    return 200, {"job": app.engine.get_job(job.id).to_dict()}
+
+
+# -- dead letters ---------------------------------------------------------------------------------------
+
+
+def list_dead_letters(app: AdminContext, request: Request) -> Answer:
+    queue = request.text("queue")
+    page, next_cursor = keyset_page(
+        request, "dlq", [queue],
+        lambda after, limit, position: app.engine.list_dead_letters_after(
+            after, queue=queue, limit=limit, position=position
+        ),
+        lambda letter: (letter.id, letter.failed_at),
+    )  # fmt: skip
+    return 200, {"dead_letters": [letter.to_dict() for letter in page], "next_cursor": next_cursor}
+
+
+def replay_all(app: AdminContext, request: Request) -> Answer:
+    queue = request.text("queue")
+    limit = request.integer("limit", None, 1, _MAX_REPLAY_ALL)
+    job_ids = app.engine.replay_all(queue, limit=limit)
+    return 200, {"replayed": len(job_ids), "job_ids": job_ids}
+
+
+def purge_dead_letters(app: AdminContext, request: Request) -> Answer:
+    # Purging everything takes an explicit all=true: no missing or null parameter widens it.
+    older_than = request.seconds("older_than")
+    everything = request.flag("all")
+    if everything is False:
+        raise bad("all", "all must be true to purge every dead letter; to purge by age give only older_than")
+    if everything and older_than is not None:
+        raise bad("all", "give older_than or all=true, not both")
+    if older_than is None and not everything:
+        raise bad("older_than", "give older_than (seconds) to purge older dead letters, or all=true for every one")
+    return 200, {"purged": app.engine.purge_dlq(older_than)}
+
+
+def get_dead_letter(app: AdminContext, request: Request) -> Answer:
+    return 200, {"dead_letter": app.engine.get_dead_letter(request.groups[0]).to_dict()}
+
+
+def replay(app: AdminContext, request: Request) -> Answer:
+    return 200, {"job_id": app.engine.replay(request.groups[0])}
+
+
+# -- crons ----------------------------------------------------------------------------------------------
+
+
+def list_crons(app: AdminContext, request: Request) -> Answer:
+    return 200, {"crons": [entry.to_dict() for entry in app.engine.crons()]}
+
+
+def enable_cron(app: AdminContext, request: Request) -> Answer:
+    return 200, {"cron": app.engine.enable_cron(request.groups[0]).to_dict()}
+
+
+def disable_cron(app: AdminContext, request: Request) -> Answer:
+    return 200, {"cron": app.engine.disable_cron(request.groups[0]).to_dict()}
+
+
+# -- queues ---------------------------------------------------------------------------------------------
+
+
+def list_queues(app: AdminContext, request: Request) -> Answer:
+    return 200, {"queues": app.engine.queue_stats()}
+
+
+def pause_queue(app: AdminContext, request: Request) -> Answer:
+    name = _queue_name(request)
+    app.engine.pause_queue(name)
+    return 200, {"queue": name, "paused": True}
+
+
+def resume_queue(app: AdminContext, request: Request) -> Answer:
+    name = _queue_name(request)
+    app.engine.resume_queue(name)
+    return 200, {"queue": name, "paused": False}
+
+
+def _queue_name(request: Request) -> str:
+    name = request.groups[0]
+    if not name or name != name.strip():
+        raise bad("name", f"queue name must be non-empty without surrounding spaces, got {name!r}")
+    return name
+
+
+# -- stats and health -----------------------------------------------------------------------------------
+
+
+def stats(app: AdminContext, request: Request) -> Answer:
+    return 200, {"engine": app.engine.stats(), "counts": app.engine.counts(), "store": app.engine.describe_store()}
+
+
+def health(app: AdminContext, request: Request) -> Answer:
+    try:
+        app.engine.paused_queues()  # one cheap read: does the store answer?
+    except StoreError as error:
+        _log.warning("admin health check: the store does not answer: %s", error)
+        return 503, {"status": "unavailable", "store": "unavailable", "engine": app.engine.stats()["state"]}
+    return 200, {"status": "ok", "store": "ok", "engine": app.engine.stats()["state"]}
