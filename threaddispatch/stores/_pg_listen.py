@@ -1,0 +1,259 @@
+"""PostgresStore's wake-ups: a process's subscribers and the LISTEN thread serving them: its one job.
+
+Jobs inserted anywhere NOTIFY ``threaddispatch`` (the insert trigger of
+:mod:`threaddispatch.stores._pg_sql`; released, reaped or requeued jobs are notified by the
+store). :class:`Wakeups` keeps the process's subscribers; while it has any, a listener
+thread (``threaddispatch-pg-listener``) holds one LISTEN connection from the pool's DSN
+and passes each notification on, so an enqueue on one machine starts work on another
+within milliseconds. Engines keep polling as the fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import psycopg
+
+from threaddispatch.backoff import ExponentialJitter
+from threaddispatch.errors import StoreError
+from threaddispatch.stores._pg_pool import Conn, Pool, close_quietly
+from threaddispatch.stores._pg_sql import CHANNEL
+
+__all__ = ["WakeupCallback", "Wakeups"]
+
+WakeupCallback = Callable[[str | None, float | None], None]
+
+_log = logging.getLogger("threaddispatch.stores.postgres")
+
+
+class Wakeups:
+    """This process's wake-up subscribers, and the listener thread that runs while there are any.
+
+    ``find_schema(conn)`` names the schema whose jobs count (None: every schema's);
+    ``keepalive`` is how often the idle listener checks its connection, ``reconnect_max``
+    caps its reconnection backoff. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        *,
+        find_schema: Callable[[Conn], str | None],
+        keepalive: float,
+        reconnect_max: float,
+    ) -> None:
+        self.pool = pool
+        self.find_schema = find_schema
+        self.keepalive = keepalive
+        self.reconnect_max = reconnect_max
+        self._closed = False
+        self._init_process_state()
+
+    def _init_process_state(self) -> None:
+        # _lock guards _closed, _subscribers, _next_token and _listener. Callbacks never run
+        # with it held.
+        self._lock = threading.Lock()
+        self._generation = getattr(self, "_generation", 0) + 1
+        self._subscribers: dict[int, WakeupCallback] = {}
+        self._next_token = 0
+        self._listener: _Listener | None = None
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: no subscribers and no listener (its thread does not exist there)."""
+        self._init_process_state()
+
+    def subscribe(self, callback: WakeupCallback) -> Callable[[], None]:
+        """Add ``callback``, starting the listener if it is the first; returns an idempotent unsubscribe."""
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"PostgresStore {self.pool.dsn.where} is closed")
+            token = self._next_token
+            self._next_token += 1
+            self._subscribers[token] = callback
+            generation = self._generation
+            listener = None
+            if self._listener is None:
+                listener = self._listener = _Listener(self)
+        if listener is not None:
+            listener.start()
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if generation != self._generation:
+                    return
+                self._subscribers.pop(token, None)
+                stop = self._listener if not self._subscribers else None
+                if stop is not None:
+                    self._listener = None
+            if stop is not None:
+                stop.stop()
+
+        return unsubscribe
+
+    def close(self) -> None:
+        """Drop every subscriber and stop the listener (without waiting for it). Idempotent."""
+        with self._lock:
+            self._closed = True
+            listener, self._listener = self._listener, None
+            self._subscribers.clear()
+        if listener is not None:
+            listener.stop()
+
+    def has_subscribers(self, listener: _Listener) -> bool:
+        """Whether ``listener`` is still the current one and has someone to serve."""
+        with self._lock:
+            return self._listener is listener and bool(self._subscribers)
+
+    def listener_exited(self, listener: _Listener) -> None:
+        with self._lock:
+            if self._listener is listener:
+                self._listener = None
+
+    def wake(self, due: Sequence[tuple[str | None, float | None]]) -> None:
+        """Call every subscriber with each ``(queue, run_at)`` of ``due``; a failing one is logged."""
+        with self._lock:
+            callbacks = list(self._subscribers.values())
+        for callback in callbacks:  # no lock held: callbacks take their own
+            for queue, run_at in due:
+                try:
+                    callback(queue, run_at)
+                except Exception:  # noqa: BLE001 - one broken subscriber must not stop the others
+                    _log.exception("PostgresStore: wake-up callback %r failed", callback)
+
+
+class _Listener:
+    """One LISTEN connection and its thread, passing NOTIFYs on to the subscribers of ``wakeups``.
+
+    Stops when asked (:meth:`stop`, from any thread: a byte on a socket pair wakes its
+    select) or when no subscriber is left. Reconnects with backoff when the connection is
+    lost and then tells every subscriber to look (``(None, None)``): notifications may have
+    been missed meanwhile.
+    """
+
+    def __init__(self, wakeups: Wakeups) -> None:
+        self.wakeups = wakeups
+        self._stopping = False
+        self._schema: str | None = None
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+        self.thread = threading.Thread(target=self._run, name="threaddispatch-pg-listener", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Ask the thread to leave (non-blocking, idempotent)."""
+        self._stopping = True
+        with contextlib.suppress(OSError):  # full (already woken) or closed (already gone)
+            self._writer.send(b"x")
+
+    def _should_stop(self) -> bool:
+        return self._stopping or not self.wakeups.has_subscribers(self)
+
+    def _run(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self._reader, selectors.EVENT_READ)
+        conn: Conn | None = None
+        fd = -1  # conn's socket, as registered (a lost connection no longer tells it)
+        failures = 0
+        backoff = ExponentialJitter(initial=0.05, max=self.wakeups.reconnect_max)
+        dsn = self.wakeups.pool.dsn
+        try:
+            while not self._should_stop():
+                if conn is None:
+                    try:
+                        conn = self._connect()
+                    except Exception as error:  # noqa: BLE001 - keep trying until the server is back or we stop
+                        failures += 1
+                        delay = backoff(failures)
+                        _log.warning("PostgresStore listener: cannot connect (%s); retrying in %.2gs",
+                                     dsn.scrub(str(error)), delay)  # fmt: skip
+                        self._sleep(selector, delay)
+                        continue
+                    fd = conn.fileno()
+                    selector.register(fd, selectors.EVENT_READ)
+                    if failures:
+                        _log.info("PostgresStore listener: reconnected to %s", dsn.where)
+                    failures = 0
+                    self.wakeups.wake([(None, None)])  # anything may have arrived meanwhile
+                events = selector.select(self.wakeups.keepalive)
+                try:
+                    if any(key.fileobj is self._reader for key, _ in events):
+                        self._drain_wakeups()
+                        continue
+                    if not events:
+                        conn.execute("SELECT 1")  # keepalive: find a dead server even when nothing happens
+                    self._deliver(conn)
+                except psycopg.Error as error:
+                    _log.warning("PostgresStore listener: connection lost (%s); reconnecting",
+                                 dsn.scrub(str(error)))  # fmt: skip
+                    with contextlib.suppress(KeyError, ValueError, OSError):
+                        selector.unregister(fd)
+                    close_quietly(conn)
+                    conn = None
+                    failures = 1
+                    self._sleep(selector, backoff(1))
+        finally:
+            if conn is not None:
+                close_quietly(conn)
+            selector.close()
+            self._reader.close()
+            self._writer.close()
+            self.wakeups.listener_exited(self)
+
+    def _connect(self) -> Conn:
+        conn = self.wakeups.pool.connect()
+        try:
+            conn.execute(f"LISTEN {CHANNEL}")
+        except BaseException:
+            close_quietly(conn)
+            raise
+        return conn
+
+    def _sleep(self, selector: selectors.BaseSelector, delay: float) -> None:
+        """Wait ``delay`` seconds, or less if stop() is called."""
+        deadline = time.monotonic() + delay
+        while not self._should_stop():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            for key, _ in selector.select(remaining):
+                if key.fileobj is self._reader:
+                    self._drain_wakeups()
+
+    def _drain_wakeups(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            while self._reader.recv(512):
+                pass
+
+    def _deliver(self, conn: Conn) -> None:
+        if self._schema is None:
+            # Our tables' schema, to ignore other schemas' jobs in the same database. Until the
+            # tables exist (first use migrates them) every notification counts: a spare wake-up.
+            self._schema = self.wakeups.find_schema(conn)
+        schema = self._schema
+        due: dict[str | None, float | None] = {}
+        for note in conn.notifies(timeout=0):
+            try:
+                data = json.loads(note.payload)
+                queue = data["queue"]
+                run_at = data.get("run_at")
+                if schema is not None and data.get("schema") != schema:
+                    continue  # another schema's jobs, same database
+            except (ValueError, KeyError, TypeError):
+                queue, run_at = None, None
+            if queue not in due or run_at is None:
+                due[queue] = run_at
+            else:
+                earlier = due[queue]
+                due[queue] = None if earlier is None else min(earlier, float(run_at))
+        if due:
+            self.wakeups.wake(list(due.items()))

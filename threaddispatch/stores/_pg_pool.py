@@ -1,0 +1,293 @@
+"""PostgresStore's connections: the DSN, opening a session, and the per-process pool: its one job.
+
+The pool keeps ``min_size`` connections while idle and opens at most ``max_size``. It is
+not ``psycopg_pool``: that pool waits its whole timeout while its background threads
+reconnect, hiding why ("couldn't get a connection"), and its threads do not survive
+``fork()``. This one connects on demand on the caller's thread, so a server that is down
+raises :class:`~threaddispatch.errors.StoreUnavailableError` at once, naming the DSN's host
+and port (never the password). A pooled connection is checked for a message from the
+server before reuse (one non-blocking ``poll``, no round trip): after a server restart the
+dead ones are dropped and new ones opened. Connections carry the pool generation (and pid)
+that opened them: after a fork the child starts a new generation and never closes or uses
+the parent's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import select
+import threading
+import time
+from typing import Any, NoReturn
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import TransactionStatus
+
+from threaddispatch.errors import ConfigurationError, StoreError, StoreUnavailableError
+
+__all__ = ["Conn", "Dsn", "Pool", "broken", "close_quietly"]
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+
+def broken(conn: Conn) -> bool:
+    """Whether ``conn`` is closed or known to be broken (no I/O)."""
+    return bool(conn.closed or conn.broken)
+
+
+def has_input(conn: Conn) -> bool:
+    """Whether the server sent anything to this idle connection (a termination notice, EOF): dead.
+
+    An idle autocommit connection that does not LISTEN receives nothing, so readable means
+    the server ended the session (shutdown, restart, idle timeout). One non-blocking poll.
+    """
+    try:
+        fd = conn.fileno()
+    except psycopg.Error:
+        return True
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(0))
+    readable, _, _ = select.select([fd], [], [], 0)  # pragma: no cover - platforms without poll()
+    return bool(readable)
+
+
+def close_quietly(conn: Conn) -> None:
+    """Close ``conn``, ignoring errors (closing a dead connection is best effort)."""
+    with contextlib.suppress(Exception):
+        conn.close()
+
+
+class Dsn:
+    """A DSN split into what we connect with and what we may show (never the password)."""
+
+    def __init__(self, dsn: str) -> None:
+        if not isinstance(dsn, str) or not dsn.strip():
+            raise ConfigurationError("PostgresStore needs a DSN, e.g. 'postgresql://user@host:5432/dbname'")
+        conninfo, schema = self._take_schema(dsn)
+        try:
+            params = conninfo_to_dict(conninfo)
+        except psycopg.Error:
+            # libpq's parse errors can quote the DSN (and its password): never repeat them.
+            raise ConfigurationError(
+                "invalid PostgreSQL DSN (not shown: it may hold a password); expected "
+                "'postgresql://user:password@host:port/dbname' or 'host=... dbname=...'"
+            ) from None
+        self.conninfo = conninfo
+        self.schema = schema
+        self.params = params
+        self.host = str(params.get("host") or params.get("hostaddr") or os.environ.get("PGHOST") or "localhost")
+        self.port = str(params.get("port") or os.environ.get("PGPORT") or "5432")
+        self.dbname = str(params.get("dbname") or os.environ.get("PGDATABASE") or params.get("user") or "")
+        secrets = {str(params.get("password") or ""), os.environ.get("PGPASSWORD", "")}
+        secrets |= {urlsplit(dsn).password or ""} if "://" in dsn else set()
+        self.secrets = sorted((s for s in secrets if s), key=len, reverse=True)
+
+    @staticmethod
+    def _take_schema(dsn: str) -> tuple[str, str | None]:
+        """Strip our own ``schema=`` query parameter from a URL DSN (libpq does not know it)."""
+        if "://" not in dsn:
+            return dsn, None
+        parts = urlsplit(dsn)
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        schemas = [value for key, value in pairs if key == "schema"]
+        if not schemas:
+            return dsn, None
+        rest = [(key, value) for key, value in pairs if key != "schema"]
+        return urlunsplit(parts._replace(query=urlencode(rest))), schemas[-1]
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every password occurrence masked."""
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    @property
+    def where(self) -> str:
+        """``host:port/dbname`` for messages (no user, no password)."""
+        return f"{self.host}:{self.port}/{self.dbname}" if self.dbname else f"{self.host}:{self.port}"
+
+    def unavailable(self, what: str, error: BaseException) -> StoreUnavailableError:
+        """The StoreUnavailableError for ``error`` while doing ``what`` (its text scrubbed)."""
+        text = self.scrub(str(error).strip()) or type(error).__name__
+        return StoreUnavailableError(f"PostgreSQL store at {self.host}:{self.port} is unavailable ({what}): {text}")
+
+    def failed(self, what: str, error: BaseException) -> StoreError:
+        """The StoreError for ``error`` while doing ``what`` (its text scrubbed)."""
+        text = self.scrub(str(error).strip()) or type(error).__name__
+        return StoreError(f"PostgreSQL store at {self.host}:{self.port}: {what} failed: {text}")
+
+    def raise_from(self, new: StoreError, error: BaseException) -> NoReturn:
+        """Raise ``new`` from ``error``, unless ``error``'s text would show a password (then from None)."""
+        if self.scrub(str(error)) == str(error):
+            raise new from error
+        raise new from None
+
+
+def session_setup(schema: str | None, synchronous_commit: str | None) -> sql.Composed | None:
+    """The statement a new session runs first (search_path, synchronous_commit), or None."""
+    statements: list[sql.Composable] = []
+    if schema is not None:
+        statements.append(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+    if synchronous_commit is not None:
+        statements.append(sql.SQL("SET synchronous_commit TO {}").format(sql.Identifier(synchronous_commit)))
+    return sql.SQL("; ").join(statements) if statements else None
+
+
+class Pool:
+    """This process's connections to one server: ``min_size`` kept while idle, at most ``max_size``.
+
+    Idle connections unused for ``max_idle`` seconds are closed (down to ``min_size``); a
+    caller that finds every connection busy waits up to ``pool_timeout`` seconds, then gets
+    StoreUnavailableError. Thread-safe. :meth:`reset_after_fork` starts a new generation in a
+    forked child.
+    """
+
+    def __init__(
+        self,
+        dsn: Dsn,
+        *,
+        min_size: int,
+        max_size: int,
+        max_idle: float,
+        pool_timeout: float,
+        connect_timeout: float,
+        session_sql: sql.Composed | None,
+    ) -> None:
+        self.dsn = dsn
+        self.min_size = min_size
+        self.max_size = max_size
+        self.max_idle = max_idle
+        self.pool_timeout = pool_timeout
+        self._session_sql = session_sql
+        self._connect_kwargs: dict[str, Any] = {"autocommit": True}
+        if "connect_timeout" not in dsn.params:
+            self._connect_kwargs["connect_timeout"] = max(1, math.ceil(connect_timeout))
+        if "application_name" not in dsn.params:
+            self._connect_kwargs["fallback_application_name"] = "threaddispatch"
+        self.closed = False
+        self._init_process_state()
+
+    def _init_process_state(self) -> None:
+        # _lock guards _idle, _size and closed; _available is a condition on it (a connection
+        # came back or a slot freed). Connect, close and queries never run with it held.
+        # Invariant: _size = len(_idle) + connections checked out of this generation <= max_size.
+        self._lock = threading.Lock()
+        self._available = threading.Condition(self._lock)
+        self.pid = os.getpid()
+        self._generation = getattr(self, "_generation", 0) + 1
+        self._idle: list[tuple[Conn, float]] = []  # (connection, idle since), most recent last
+        self._size = 0
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: abandon (never close) the parent's connections and start empty.
+
+        Closing one would end the parent's session on the shared socket; psycopg also only
+        closes a connection in the process that opened it.
+        """
+        self._init_process_state()
+
+    def connect(self) -> Conn:
+        """A new autocommit connection with the session settings; StoreUnavailableError if it fails."""
+        try:
+            conn: Conn = psycopg.connect(self.dsn.conninfo, **self._connect_kwargs)
+        except psycopg.Error as error:
+            self.dsn.raise_from(self.dsn.unavailable("connecting", error), error)
+        if self._session_sql is not None:
+            try:
+                conn.execute(self._session_sql)
+            except psycopg.Error as error:
+                close_quietly(conn)
+                self.dsn.raise_from(self.dsn.unavailable("setting up the session", error), error)
+        return conn
+
+    def acquire(self) -> tuple[Conn, int]:
+        """A connection for this thread's call and the pool generation it belongs to (for :meth:`release`)."""
+        deadline = time.monotonic() + self.pool_timeout
+        dead: list[Conn] = []
+        try:
+            with self._lock:
+                while True:
+                    if self.closed:
+                        raise StoreError(f"PostgresStore {self.dsn.where} is closed")
+                    while self._idle:
+                        conn, _since = self._idle.pop()
+                        if broken(conn) or has_input(conn):
+                            dead.append(conn)
+                            self._size -= 1
+                            continue
+                        self._prune_idle(dead)
+                        return conn, self._generation
+                    if self._size < self.max_size:
+                        self._size += 1
+                        generation = self._generation
+                        break
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise StoreUnavailableError(
+                            f"PostgreSQL store at {self.dsn.host}:{self.dsn.port}: all {self.max_size} pooled "
+                            f"connections stayed busy for {self.pool_timeout}s (raise max_size?)"
+                        )
+                    self._available.wait(remaining)
+        finally:
+            for conn in dead:
+                close_quietly(conn)
+        try:
+            return self.connect(), generation
+        except BaseException:
+            with self._lock:
+                if generation == self._generation:
+                    self._size -= 1
+                    self._available.notify()
+            raise
+
+    def _prune_idle(self, dead: list[Conn]) -> None:
+        """Close (via ``dead``) the oldest idle connections past ``max_idle``, keeping ``min_size``. Lock held."""
+        now = time.monotonic()
+        while self._idle and self._size > self.min_size and now - self._idle[0][1] > self.max_idle:
+            dead.append(self._idle.pop(0)[0])
+            self._size -= 1
+
+    def release(self, conn: Conn, generation: int, *, discard: bool) -> None:
+        """Give back a connection from :meth:`acquire`; ``discard`` (or a bad state) closes it instead."""
+        if not discard and not broken(conn):
+            status = conn.info.transaction_status
+            if status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+                try:
+                    conn.rollback()
+                except psycopg.Error:
+                    discard = True
+            elif status != TransactionStatus.IDLE:
+                discard = True  # interrupted mid-query: its state is unknown
+        with self._lock:
+            if generation != self._generation:
+                return  # the parent's, in a forked child: neither reuse nor close it
+            if discard or broken(conn) or self.closed:
+                self._size -= 1
+                self._available.notify()
+            else:
+                self._idle.append((conn, time.monotonic()))
+                self._available.notify()
+                return
+        close_quietly(conn)
+
+    def close(self) -> None:
+        """Close the idle connections (in the process that opened them); later :meth:`acquire` raises.
+
+        Connections in use are closed when released. Idempotent.
+        """
+        with self._lock:
+            self.closed = True
+            idle, self._idle = self._idle, []
+            self._size -= len(idle)
+            same_process = os.getpid() == self.pid
+            self._available.notify_all()
+        if same_process:
+            for conn, _since in idle:
+                close_quietly(conn)

@@ -1,0 +1,239 @@
+"""The SQL text PostgresStore runs, and the shaping of its parameters and rows: its one job.
+
+Statements the SQL stores share come from :mod:`threaddispatch.stores._sql` (built here for
+psycopg's ``%s``); this module adds what is PostgreSQL's own: the schema's types and NOTIFY
+trigger, the one-statement claim (``FOR UPDATE SKIP LOCKED``) and group commit, the reaper
+and fail CTEs, COPY, and the wake-up NOTIFY. Pure text: it imports no driver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from threaddispatch.stores import _sql
+from threaddispatch.stores._sql import Statements, job_from_row, job_params
+from threaddispatch.stores.base import Completion, JobRecord, JobState
+
+#: The NOTIFY channel; payloads are JSON ``{"schema", "queue", "run_at"}``.
+CHANNEL = "threaddispatch"
+
+PURGE_CHUNK = 1000  # finished jobs deleted per statement
+
+TYPES: _sql.Types = {
+    "SEQ": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+    "INT": "BIGINT",
+    "REAL": "DOUBLE PRECISION",
+    "BOOL": "BOOLEAN",
+}
+
+# Migration 1: the shared tables (seq is an explicit last key of the claim index), then the
+# wake-ups: one NOTIFY per queue per inserting statement (enqueue, COPY, cron, replay).
+SCHEMA_V1 = (
+    *_sql.schema_v1(TYPES, ready_keys="queue, priority DESC, run_at, seq"),
+    f"""CREATE OR REPLACE FUNCTION dispatch_jobs_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('{CHANNEL}', json_build_object(
+                'schema', TG_TABLE_SCHEMA, 'queue', queue, 'run_at', min_run_at)::text)
+            FROM (SELECT queue, min(run_at) AS min_run_at FROM dispatch_new_jobs GROUP BY queue) AS queues;
+            RETURN NULL;
+        END $$""",
+    "DROP TRIGGER IF EXISTS dispatch_jobs_notify ON dispatch_jobs",
+    """CREATE TRIGGER dispatch_jobs_notify AFTER INSERT ON dispatch_jobs
+        REFERENCING NEW TABLE AS dispatch_new_jobs
+        FOR EACH STATEMENT EXECUTE FUNCTION dispatch_jobs_notify()""",
+)
+
+# -- lifecycle -------------------------------------------------------------------------------------
+
+VERSION_TABLE = _sql.version_table(TYPES)
+MIGRATE_LOCK = "SELECT pg_advisory_xact_lock(hashtext('threaddispatch.migrate'))"
+VERSION_TABLE_EXISTS = "SELECT to_regclass('dispatch_schema_version')"
+# The schema holding dispatch_jobs as the session's search_path resolves it (no row before migrating).
+TABLE_SCHEMA = (
+    "SELECT n.nspname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE c.oid = to_regclass('dispatch_jobs')"
+)
+
+# -- producers -------------------------------------------------------------------------------------
+
+SQL = Statements("%s")
+INSERT = SQL.insert_job
+INSERT_UNIQUE = (
+    f"{INSERT} ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN {_sql.ACTIVE} DO NOTHING RETURNING id"
+)
+COPY = f"COPY dispatch_jobs ({_sql.JOB_COLUMNS}) FROM STDIN"
+
+# -- workers ---------------------------------------------------------------------------------------
+
+
+def _claim_cte(queue_match: str) -> str:
+    """The claim, as an UPDATE usable alone or inside WITH. Named parameters: worker, now, queues, limit."""
+    return (
+        "UPDATE dispatch_jobs SET state = 'running', worker_id = %(worker)s, attempts = attempts + 1, "
+        "started_at = %(now)s, heartbeat_at = %(now)s, updated_at = %(now)s "
+        "WHERE seq IN (SELECT seq FROM dispatch_jobs WHERE state IN ('pending', 'retrying') "
+        f"AND {queue_match} AND run_at <= %(now)s "
+        "ORDER BY priority DESC, run_at, seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
+        f"RETURNING seq, {_sql.JOB_COLUMNS}"
+    )
+
+
+# One queue: an equality, so the ready index yields rows in claim order (no sort), also in
+# a generic prepared plan. Several: = ANY(array).
+CLAIM_ONE = _claim_cte("queue = %(queues)s")
+CLAIM_ANY = _claim_cte("queue = ANY(%(queues)s)")
+
+COMPLETE = SQL.complete
+# Parameters: :func:`outcome_params`.
+COMPLETE_MANY = (
+    "UPDATE dispatch_jobs AS j SET state = 'completed', result = v.result, error = v.error, "
+    "finished_at = %(now)s, updated_at = %(now)s "
+    "FROM unnest(%(ids)s::text[], %(workers)s::text[], %(attempts)s::bigint[], %(results)s::text[], "
+    "%(errors)s::text[]) AS v(id, worker_id, attempts, result, error) "
+    "WHERE j.id = v.id AND j.state = 'running' AND j.worker_id = v.worker_id AND j.attempts = v.attempts "
+    "RETURNING j.id"
+)
+
+
+def _complete_and_claim_sql(claim: str) -> str:
+    # Both UPDATEs see one snapshot and touch disjoint rows (running vs ready); the LEFT JOIN
+    # keeps the completed ids when nothing was claimed.
+    return (
+        f"WITH done AS ({COMPLETE_MANY}), claimed AS ({claim}) "
+        "SELECT d.ids, c.* FROM (SELECT array_agg(id) AS ids FROM done) AS d LEFT JOIN claimed AS c ON true"
+    )
+
+
+COMPLETE_AND_CLAIM_ONE = _complete_and_claim_sql(CLAIM_ONE)
+COMPLETE_AND_CLAIM_ANY = _complete_and_claim_sql(CLAIM_ANY)
+
+HEARTBEAT = (
+    "UPDATE dispatch_jobs SET heartbeat_at = %s WHERE id = ANY(%s) AND state = 'running' "
+    "AND worker_id = %s RETURNING id"
+)
+
+REAP = f"""
+WITH stale AS (
+    SELECT seq FROM dispatch_jobs
+    WHERE state = 'running' AND (heartbeat_at IS NULL OR heartbeat_at < %(older)s)
+    FOR UPDATE SKIP LOCKED
+), moved AS (
+    UPDATE dispatch_jobs AS j SET
+        state = CASE WHEN j.attempts >= j.max_retries + 1 THEN 'failed' ELSE 'pending' END,
+        error = CASE WHEN j.attempts >= j.max_retries + 1 THEN %(lost)s ELSE j.error END,
+        finished_at = CASE WHEN j.attempts >= j.max_retries + 1 THEN %(now)s ELSE j.finished_at END,
+        worker_id = CASE WHEN j.attempts >= j.max_retries + 1 THEN j.worker_id ELSE NULL END,
+        run_at = CASE WHEN j.attempts >= j.max_retries + 1 THEN j.run_at ELSE %(now)s END,
+        updated_at = %(now)s
+    FROM stale WHERE j.seq = stale.seq
+    RETURNING j.id, j.name, j.queue, j.payload, j.priority, j.max_retries, j.attempts, j.state
+), letters AS (
+    INSERT INTO dispatch_dead_letters ({_sql.LETTER_COLUMNS})
+    SELECT replace(gen_random_uuid()::text, '-', ''), id, name, queue, payload, priority, max_retries, attempts,
+           %(lost)s, %(now)s
+    FROM moved WHERE state = 'failed'
+)
+SELECT id, queue, state FROM moved
+"""
+
+_FAIL = f"""
+WITH failed AS (
+    UPDATE dispatch_jobs SET state = 'failed', error = %(error)s, finished_at = %(now)s, updated_at = %(now)s
+    WHERE id = %(id)s {{fence}}
+    RETURNING id, name, queue, payload, priority, max_retries, attempts
+)
+INSERT INTO dispatch_dead_letters ({_sql.LETTER_COLUMNS})
+SELECT %(letter)s, id, name, queue, payload, priority, max_retries, attempts, %(error)s, %(now)s FROM failed
+RETURNING {_sql.LETTER_COLUMNS}
+"""
+# Only while the job is still the claim (worker, attempts), either of which may be NULL: any.
+CLAIM_FENCE = (
+    "AND state = 'running' AND (%(worker)s::text IS NULL OR worker_id = %(worker)s) "
+    "AND (%(attempts)s::bigint IS NULL OR attempts = %(attempts)s)"
+)
+FAIL_ANY = _FAIL.format(fence="")
+FAIL_CLAIM = _FAIL.format(fence=CLAIM_FENCE)
+
+RELEASE = (
+    "UPDATE dispatch_jobs SET state = 'pending', worker_id = NULL, run_at = %s, updated_at = %s, "
+    "attempts = greatest(0, attempts - %s) WHERE id = ANY(%s) AND state = 'running' AND worker_id = %s "
+    "RETURNING queue"
+)
+
+# -- management ------------------------------------------------------------------------------------
+
+JOB_EXISTS = "SELECT 1 FROM dispatch_jobs WHERE id = %s"
+LOCK_FOR_REQUEUE = "SELECT state, unique_key, queue FROM dispatch_jobs WHERE id = %s FOR UPDATE"
+PURGE_FINISHED = (
+    "DELETE FROM dispatch_jobs WHERE seq IN (SELECT seq FROM dispatch_jobs "
+    f"WHERE state IN {_sql.FINAL} AND finished_at < %s LIMIT {PURGE_CHUNK} FOR UPDATE SKIP LOCKED)"
+)
+PAUSED_QUEUES = "SELECT queue FROM dispatch_queues WHERE paused"
+
+
+def cancel_sql(*, fenced: bool, include_running: bool) -> str:
+    """``Store.cancel``'s conditional update. Named parameters: id, error, now, worker, attempts."""
+    states = _sql.ACTIVE if include_running else _sql.READY
+    condition = CLAIM_FENCE if fenced else f"AND state IN {states}"
+    return (
+        "UPDATE dispatch_jobs SET state = 'cancelled', error = coalesce(%(error)s, error), "
+        f"finished_at = %(now)s, updated_at = %(now)s WHERE id = %(id)s {condition} RETURNING id"
+    )
+
+
+# -- cron and leases -------------------------------------------------------------------------------
+
+ACQUIRE_LEASE = f"{SQL.acquire_lease} RETURNING holder"
+UPSERT_CRON = f"{SQL.upsert_cron} RETURNING {_sql.CRON_COLUMNS}"
+
+
+def set_cron_enabled_sql(enabled: bool) -> str:
+    """``Store.set_cron_enabled`` as one statement returning the entry. Named parameters: now, name."""
+    if enabled:
+        change = "last_tick = %(now)s WHERE name = %(name)s AND last_tick = 'Infinity'"
+    else:
+        change = "last_tick = 'Infinity' WHERE name = %(name)s AND last_tick IS DISTINCT FROM 'Infinity'"
+    # The second SELECT sees the row as it was before the update: used only when nothing changed.
+    return (
+        f"WITH changed AS (UPDATE dispatch_crons SET updated_at = %(now)s, {change} RETURNING {_sql.CRON_COLUMNS}) "
+        f"SELECT {_sql.CRON_COLUMNS} FROM changed UNION ALL SELECT {_sql.CRON_COLUMNS} FROM dispatch_crons "
+        "WHERE name = %(name)s AND NOT EXISTS (SELECT 1 FROM changed)"
+    )
+
+
+# -- wake-ups --------------------------------------------------------------------------------------
+
+# NOTIFY (schema, run_at, queues): one notification per queue, as the insert trigger sends.
+WAKE = (
+    f"SELECT pg_notify('{CHANNEL}', json_build_object('schema', %s::text, 'queue', q, 'run_at', %s::float8)::text) "
+    "FROM unnest(%s::text[]) AS q"
+)
+
+# -- parameters and rows ---------------------------------------------------------------------------
+
+
+def pg_job_params(job: JobRecord) -> tuple[Any, ...]:
+    """:func:`~threaddispatch.stores._sql.job_params`; this store also takes a ``state`` given as its str value."""
+    if type(job.state) is not JobState:
+        job = dataclasses.replace(job, state=JobState(job.state))
+    return job_params(job)
+
+
+def claimed(rows: Sequence[Sequence[Any]]) -> list[JobRecord]:
+    """Claimed rows ``(seq, *job columns)`` as records in claim order (RETURNING has no order)."""
+    ordered = sorted(rows, key=lambda row: (-row[6], row[10], row[0]))  # priority, run_at, seq
+    return [job_from_row(row[1:]) for row in ordered]
+
+
+def outcome_params(outcomes: Sequence[Completion], now: float) -> dict[str, Any]:
+    """The named parameters of :data:`COMPLETE_MANY`: one array per field of the outcomes."""
+    return {
+        "now": now,
+        "ids": [o[0] for o in outcomes],
+        "workers": [o[1] for o in outcomes],
+        "attempts": [o[2] for o in outcomes],
+        "results": [o[3] for o in outcomes],
+        "errors": [o[4] for o in outcomes],
+    }
