@@ -1,5 +1,7 @@
 """The job store contract: the :class:`Store` base class, whose docstrings ARE the contract.
 
+(That is why it runs past 600 lines: most of it is those docstrings, and the records.)
+
 A store keeps jobs, dead letters, cron entries, queue pause flags and leases. The
 engine is its only writer of job state; the admin app and the CLI read it and call the
 few management methods. Every store passes the one contract suite in
