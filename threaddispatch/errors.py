@@ -2,7 +2,10 @@
 
 Every class here derives from :class:`ThreadDispatchError` and, where a built-in
 category fits, from that built-in too, so ``except ValueError`` keeps working for
-bad configuration and ``except TimeoutError`` for timeouts.
+bad configuration and ``except TimeoutError`` for timeouts. The exceptions:
+``CancelledError`` is the standard library's ``concurrent.futures.CancelledError``
+(what a cancelled Future raises), and the flow signals ``Retry`` and ``Cancel`` are
+plain ``Exception`` subclasses that user code raises.
 """
 
 from __future__ import annotations
@@ -47,8 +50,10 @@ class DispatchTimeoutError(ThreadDispatchError, TimeoutError):
     """A wait for a result ran past its timeout."""
 
 
-class CancelledError(ThreadDispatchError, concurrent.futures.CancelledError):
-    """Work was cancelled; also an instance of ``concurrent.futures.CancelledError``."""
+#: Work was cancelled. This is :class:`concurrent.futures.CancelledError` itself (not a
+#: subclass), so ``except threaddispatch.CancelledError`` also catches what a cancelled
+#: ``Future.result()`` raises. The one class here that is not a ThreadDispatchError.
+CancelledError = concurrent.futures.CancelledError
 
 
 class NoStoreError(ThreadDispatchError, ValueError):
