@@ -578,6 +578,38 @@ def test_crons_list_disable_and_enable(engine: JobEngine, api: Server) -> None:
     assert_error(api.request("GET", f"{BASE}/crons/simple/enable"), 405, "method_not_allowed")
 
 
+def test_get_and_delete_one_cron(engine: JobEngine, api: Server) -> None:
+    """GET /crons/{name} answers one entry; DELETE removes it (then 404); unknown names are 404; names may hold '/'."""
+    entry = engine.cron("*/5 * * * *", "noop", {"k": 1})
+    engine.cron("@every 30s", "noop", name="simple")
+    path = f"{BASE}/crons/{quote(entry.name, safe='')}"
+    got = api.request("GET", path)
+    assert got.status == 200
+    assert (got.body["cron"]["name"], got.body["cron"]["payload"]) == (entry.name, {"k": 1})
+    assert_error(api.request("GET", f"{BASE}/crons/nope"), 404, "not_found")
+    assert_error(api.request("DELETE", f"{BASE}/crons/nope"), 404, "not_found")
+    deleted = api.request("DELETE", path)
+    assert (deleted.status, deleted.body) == (200, {"deleted": entry.name})
+    assert [c["name"] for c in api.request("GET", f"{BASE}/crons").body["crons"]] == ["simple"]
+    assert_error(api.request("GET", path), 404, "not_found")
+    assert_error(api.request("DELETE", path), 404, "not_found")
+    routes = api.request("GET", f"{BASE}/").body["routes"]
+    assert f"GET {BASE}/crons/{{name}}" in routes and f"DELETE {BASE}/crons/{{name}}" in routes
+
+
+def test_dlq_count(engine: JobEngine, api: Server) -> None:
+    """GET /dlq/count counts dead letters, in all queues or in one (``queue``); it is not read as a letter id."""
+    assert api.request("GET", f"{BASE}/dlq/count").body == {"count": 0}
+    failed_job(engine, 1)
+    failed_job(engine, 2)
+    failed_job(engine, 3, queue="other")
+    assert api.request("GET", f"{BASE}/dlq/count").body == {"count": 3}
+    assert api.request("GET", f"{BASE}/dlq/count", params={"queue": "other"}).body == {"count": 1}
+    assert api.request("GET", f"{BASE}/dlq/count", params={"queue": "none"}).body == {"count": 0}
+    assert_error(api.request("GET", f"{BASE}/dlq/count", params={"limit": 1}), 400, "bad_parameter", "limit")
+    assert f"GET {BASE}/dlq/count" in api.request("GET", f"{BASE}/").body["routes"]
+
+
 # -- queues, stats, health -----------------------------------------------------------------------------------------
 
 

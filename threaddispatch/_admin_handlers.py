@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 from threaddispatch._admin_cursor import keyset_page
 from threaddispatch._admin_params import Request
 from threaddispatch._wsgi import HttpError, bad
-from threaddispatch.errors import InvalidStateError, StoreError
+from threaddispatch.errors import InvalidStateError, JobNotFoundError, StoreError
 from threaddispatch.stores.base import JobState
 
 if TYPE_CHECKING:
@@ -100,6 +100,10 @@ def list_dead_letters(app: AdminContext, request: Request) -> Answer:
     return 200, {"dead_letters": [letter.to_dict() for letter in page], "next_cursor": next_cursor}
 
 
+def count_dead_letters(app: AdminContext, request: Request) -> Answer:
+    return 200, {"count": app.engine.dlq_count(request.text("queue"))}
+
+
 def replay_all(app: AdminContext, request: Request) -> Answer:
     queue = request.text("queue")
     limit = request.integer("limit", None, 1, _MAX_REPLAY_ALL)
@@ -133,6 +137,17 @@ def replay(app: AdminContext, request: Request) -> Answer:
 
 def list_crons(app: AdminContext, request: Request) -> Answer:
     return 200, {"crons": [entry.to_dict() for entry in app.engine.crons()]}
+
+
+def get_cron(app: AdminContext, request: Request) -> Answer:
+    return 200, {"cron": app.engine.get_cron(request.groups[0]).to_dict()}
+
+
+def delete_cron(app: AdminContext, request: Request) -> Answer:
+    name = request.groups[0]
+    if not app.engine.remove_cron(name):
+        raise JobNotFoundError(f"no cron entry named {name!r}")
+    return 200, {"deleted": name}
 
 
 def enable_cron(app: AdminContext, request: Request) -> Answer:

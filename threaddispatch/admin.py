@@ -12,12 +12,17 @@ POST     ``/jobs/{id}/cancel``             cancel a pending or retrying job (els
                                            when a worker claimed it meanwhile)
 POST     ``/jobs/{id}/retry``              run a failed job again (else 409)
 GET      ``/dlq``                          dead letters, newest first: ``queue``, ``limit``, ``cursor``
+GET      ``/dlq/count``                    ``{"count": n}`` dead letters (``queue``)
 GET      ``/dlq/{id}``                     one dead letter
 POST     ``/dlq/{id}/replay``              enqueue it again as a new job
 POST     ``/dlq/replay-all``               replay every dead letter (``queue``, ``limit``)
 POST     ``/dlq/purge``                    delete dead letters older than ``older_than`` seconds,
                                            or every one with ``all=true`` (one of the two)
 GET      ``/crons``                        cron entries
+GET      ``/crons/{name}``                 one cron entry (else 404)
+DELETE   ``/crons/{name}``                 delete a cron entry from the store (else 404); a
+                                           process that declares it in code stores it
+                                           again at its next ``cron()`` call (restart)
 POST     ``/crons/{name}/enable|disable``  let a cron entry fire, or stop it
 GET      ``/queues``                       known queues with counts, limits and pause state
 POST     ``/queues/{name}/pause|resume``   stop or restart claiming from a queue
@@ -137,6 +142,7 @@ class AdminApp:
         route("POST", "/jobs/{id}/cancel", r"/jobs/([^/]+)/cancel", handlers.cancel_job),
         route("POST", "/jobs/{id}/retry", r"/jobs/([^/]+)/retry", handlers.retry_job),
         route("GET", "/dlq", r"/dlq", handlers.list_dead_letters, ("queue", "limit", "cursor")),
+        route("GET", "/dlq/count", r"/dlq/count", handlers.count_dead_letters, ("queue",)),
         route("POST", "/dlq/replay-all", r"/dlq/replay-all", handlers.replay_all, ("queue", "limit")),
         route("POST", "/dlq/purge", r"/dlq/purge", handlers.purge_dead_letters, ("older_than", "all")),
         route("GET", "/dlq/{id}", r"/dlq/([^/]+)", handlers.get_dead_letter),
@@ -144,6 +150,8 @@ class AdminApp:
         route("GET", "/crons", r"/crons", handlers.list_crons),
         route("POST", "/crons/{name}/enable", r"/crons/(.+)/enable", handlers.enable_cron),
         route("POST", "/crons/{name}/disable", r"/crons/(.+)/disable", handlers.disable_cron),
+        route("GET", "/crons/{name}", r"/crons/(.+)", handlers.get_cron),
+        route("DELETE", "/crons/{name}", r"/crons/(.+)", handlers.delete_cron),
         route("GET", "/queues", r"/queues", handlers.list_queues),
         route("POST", "/queues/{name}/pause", r"/queues/(.+)/pause", handlers.pause_queue),
         route("POST", "/queues/{name}/resume", r"/queues/(.+)/resume", handlers.resume_queue),

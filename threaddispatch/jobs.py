@@ -105,6 +105,7 @@ def _cron_lease(name: str) -> str:
 
 
 _MAX_ERROR_TEXT = 8000
+_COUNT_PAGE = 1000  # dead letters read per store call by dlq_count()
 # .runtime: the runtime token (JobEngine._runtime) of the engine whose thread this is, while it runs
 # the engine's loops or work; stop() there must not wait for itself. Thread-local: no lock.
 _ENGINE_THREAD = threading.local()
@@ -1658,6 +1659,14 @@ class JobEngine:
         """Every cron entry in the store (declared by any process)."""
         return self.store.list_crons()
 
+    def get_cron(self, name: str) -> CronEntry:
+        """The stored cron entry ``name`` (declared by any process). Raises JobNotFoundError. One store read."""
+        check_text("cron name", name)
+        entry = next((e for e in self.store.list_crons() if e.name == name), None)
+        if entry is None:
+            raise JobNotFoundError(f"no cron entry named {name!r}")
+        return entry
+
     def remove_cron(self, name: str) -> bool:
         """Delete a cron entry from the store and from this engine; returns whether the store had it."""
         check_text("cron name", name)
@@ -1868,6 +1877,18 @@ class JobEngine:
         _check_limit(limit, offset)
         _check_optional_queue(queue)
         return self.store.list_dead_letters(queue=queue, limit=limit, offset=offset)
+
+    def dlq_count(self, queue: str | None = None) -> int:
+        """How many dead letters there are, in ``queue`` or in all queues. Reads the store in pages."""
+        _check_optional_queue(queue)
+        total = 0
+        after: tuple[str, float] | None = None
+        while True:
+            page = self.store.list_dead_letters_after(after, queue=queue, limit=_COUNT_PAGE, position=total)
+            total += len(page)
+            if len(page) < _COUNT_PAGE:
+                return total
+            after = (page[-1].id, page[-1].failed_at)
 
     def replay(self, dead_letter_id: str) -> str:
         """Enqueue a dead letter's job again as a new job and delete the dead letter; returns the new id.
