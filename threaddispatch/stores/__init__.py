@@ -1,12 +1,14 @@
 """Job stores: where the :class:`~threaddispatch.JobEngine` keeps its jobs.
 
 :class:`Store` is the contract (its docstrings); :class:`MemoryStore` and
-:class:`SQLiteStore` are the embedded implementations. :func:`open_store` builds one
-from a URL.
+:class:`SQLiteStore` are the embedded implementations; :class:`PostgresStore` is a lazy
+attribute (importing this package does not import psycopg: the first use of the name
+imports ``threaddispatch.stores.postgres``). :func:`open_store` builds one from a URL.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from threaddispatch._redact import redact
@@ -15,16 +17,30 @@ from threaddispatch.stores.base import CronEntry, DeadLetter, JobRecord, JobStat
 from threaddispatch.stores.memory import MemoryStore
 from threaddispatch.stores.sqlite import SQLiteStore
 
+if TYPE_CHECKING:
+    from threaddispatch.stores.postgres import PostgresStore
+
 __all__ = [
     "CronEntry",
     "DeadLetter",
     "JobRecord",
     "JobState",
     "MemoryStore",
+    "PostgresStore",
     "SQLiteStore",
     "Store",
     "open_store",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``PostgresStore``, imported on first use (so psycopg stays an optional dependency)."""
+    if name == "PostgresStore":
+        from threaddispatch.stores.postgres import PostgresStore
+
+        globals()["PostgresStore"] = PostgresStore
+        return PostgresStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_store(url: str) -> Store:
