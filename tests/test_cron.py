@@ -384,3 +384,20 @@ def test_times_must_be_finite() -> None:
                 schedule.next_after(bad)
             with pytest.raises(ConfigurationError, match="finite"):
                 schedule.last_at(bad)
+
+
+def test_a_cron_tz_prefix_names_the_zone() -> None:
+    """``CRON_TZ=<zone> <expression>`` (as in Vixie cron and robfig/cron) reads the fields in that zone."""
+    prefixed = parse("CRON_TZ=Europe/Berlin 30 2 * * *")
+    plain = parse("30 2 * * *", tz="Europe/Berlin")
+    assert prefixed.tz == plain.tz and prefixed.expression == "CRON_TZ=Europe/Berlin 30 2 * * *"
+    for when in (0.0, ts("2024-03-31T00:00:00Z"), ts("2024-10-27T00:00:00Z")):
+        assert prefixed.next_after(when) == plain.next_after(when)
+    assert parse("TZ=UTC @hourly").next_after(0.0) == 3600.0
+    assert parse("CRON_TZ=Europe/Berlin 0 * * * *", tz=ZoneInfo("Europe/Berlin")).tz == ZoneInfo("Europe/Berlin")
+    with pytest.raises(ConfigurationError, match="Mars/Base"):
+        parse("CRON_TZ=Mars/Base 0 * * * *")
+    with pytest.raises(ConfigurationError, match="CRON_TZ"):
+        parse("CRON_TZ=Europe/Berlin 0 * * * *", tz="UTC")
+    with pytest.raises(ConfigurationError, match="expected 5 fields"):
+        parse("CRON_TZ=UTC")

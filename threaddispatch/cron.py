@@ -17,7 +17,9 @@ same expression, which is what lets the engine fire each tick once across proces
   1 ms); ticks are the multiples of the duration since the Unix epoch.
 
 The five fields are read in UTC unless a ``tz`` is given (a ``tzinfo`` such as
-``zoneinfo.ZoneInfo``, or an IANA name like ``"Europe/Berlin"``). Where that zone's
+``zoneinfo.ZoneInfo``, or an IANA name like ``"Europe/Berlin"``) or the expression
+starts with ``CRON_TZ=<IANA name>`` (``TZ=`` too), as in Vixie cron and robfig/cron:
+``CRON_TZ=Europe/Berlin 30 2 * * *``. The job engine stores a cron's zone that way. Where that zone's
 clock jumps, the ticks follow Vixie cron's rules, which depend on the expression:
 
 - A *wildcard* expression (its minute or hour field starts with ``*``: ``*/5 * * * *``,
@@ -76,6 +78,7 @@ _SEARCH_YEARS = 401
 # Days each month can have (February 29 in leap years).
 _MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 _MINUTE = timedelta(minutes=1)
+_TZ_PREFIXES = ("CRON_TZ=", "TZ=")
 
 
 def parse_duration(text: str) -> float:
@@ -322,12 +325,21 @@ def parse(expression: str, *, tz: tzinfo | str | None = None) -> CronSchedule:
     """Parse a cron expression (see the module docstring); ConfigurationError names a bad one and its field.
 
     ``tz`` is the zone the five fields are read in: a ``tzinfo`` or an IANA name
-    (default UTC); ``@every`` ignores it.
+    (default UTC); ``@every`` ignores it. A ``CRON_TZ=<IANA name>`` (or ``TZ=``) first
+    word names the zone inside the expression (a ``tz`` naming another one is refused).
     """
     if not isinstance(expression, str):
         raise ConfigurationError(f"cron expression must be a str, got {expression!r}")
+    words = expression.split()
     zone = _zone(tz)
-    text = " ".join(expression.split()).lower()
+    if words and words[0].upper().startswith(_TZ_PREFIXES):
+        prefixed = _zone(words[0].split("=", 1)[1])
+        if tz is not None and prefixed != zone:
+            raise ConfigurationError(
+                f"invalid cron expression {expression!r}: its CRON_TZ= prefix and tz={tz!r} name different zones"
+            )
+        zone, words = prefixed, words[1:]
+    text = " ".join(words).lower()
     if text.startswith("@every"):
         rest = text[len("@every") :].strip()
         if not rest:
