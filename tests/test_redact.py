@@ -91,13 +91,9 @@ def exception_texts(error: BaseException) -> list[str]:
     return texts
 
 
-# PostgresStore's repr and messages show libpq's reading of the raw '@' form, host "4dor@127.0.0.1".
-_LIBPQ_HOST = pytest.mark.xfail(reason="stores/postgres.py shows libpq's host, the password's tail", strict=True)
-
-
 @pytest.mark.parametrize(
     ("dsn", "secret", "kept"),
-    [pytest.param(*form, marks=[_LIBPQ_HOST] if form[0] == RAW_AT_SIGN else []) for form in FORMS],
+    FORMS,
 )
 def test_open_store_errors_never_carry_the_password(
     dsn: str, secret: list[str], kept: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -28,6 +28,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
+from threaddispatch._redact import MASK, passwords, scrub
 from threaddispatch.errors import ConfigurationError, StoreError, StoreUnavailableError
 
 __all__ = ["Conn", "Dsn", "Pool", "broken", "close_quietly"]
@@ -82,12 +83,15 @@ class Dsn:
         self.conninfo = conninfo
         self.schema = schema
         self.params = params
-        self.host = str(params.get("host") or params.get("hostaddr") or os.environ.get("PGHOST") or "localhost")
-        self.port = str(params.get("port") or os.environ.get("PGPORT") or "5432")
-        self.dbname = str(params.get("dbname") or os.environ.get("PGDATABASE") or params.get("user") or "")
-        secrets = {str(params.get("password") or ""), os.environ.get("PGPASSWORD", "")}
-        secrets |= {urlsplit(dsn).password or ""} if "://" in dsn else set()
+        # The secrets as libpq read them and as _redact reads the text (a raw '@', '/' or ':'
+        # in a URL password makes the two differ); everything shown passes through scrub().
+        secrets = {str(params.get("password") or ""), os.environ.get("PGPASSWORD", ""), *passwords(dsn)}
         self.secrets = sorted((s for s in secrets if s), key=len, reverse=True)
+        self._dsn = dsn
+        host = str(params.get("host") or params.get("hostaddr") or os.environ.get("PGHOST") or "localhost")
+        self.host = self.scrub(host)
+        self.port = self.scrub(str(params.get("port") or os.environ.get("PGPORT") or "5432"))
+        self.dbname = self.scrub(str(params.get("dbname") or os.environ.get("PGDATABASE") or params.get("user") or ""))
 
     @staticmethod
     def _take_schema(dsn: str) -> tuple[str, str | None]:
@@ -103,10 +107,10 @@ class Dsn:
         return urlunsplit(parts._replace(query=urlencode(rest))), schemas[-1]
 
     def scrub(self, text: str) -> str:
-        """``text`` with every password occurrence masked."""
+        """``text`` with every password occurrence masked (the one redaction of ``_redact``)."""
         for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
+            text = text.replace(secret, MASK)
+        return scrub(text, self._dsn)
 
     @property
     def where(self) -> str:
@@ -124,10 +128,19 @@ class Dsn:
         return StoreError(f"PostgreSQL store at {self.host}:{self.port}: {what} failed: {text}")
 
     def raise_from(self, new: StoreError, error: BaseException) -> NoReturn:
-        """Raise ``new`` from ``error``, unless ``error``'s text would show a password (then from None)."""
-        if self.scrub(str(error)) == str(error):
-            raise new from error
-        raise new from None
+        """Raise ``new`` from ``error``, with ``error``'s own text scrubbed first.
+
+        Called inside the ``except`` that caught ``error``, so ``error`` stays reachable as
+        ``new.__context__`` whatever ``from`` says: its args are rewritten rather than hidden.
+        """
+        text = str(error)
+        clean = self.scrub(text)
+        if clean != text:
+            with contextlib.suppress(Exception):  # an exception type whose args cannot be set
+                error.args = (clean,)
+            if str(error) != clean:
+                error.args = ()
+        raise new from error
 
 
 def session_setup(schema: str | None, synchronous_commit: str | None) -> sql.Composed | None:
