@@ -402,6 +402,15 @@ class TestStoreContract:
         assert store.purge_finished(older_than=T0 + 10) == 1
         assert store.get(old.id) is None and store.get(recent.id) is not None and store.get(pending.id) is not None
 
+    def test_counts_by_queue_is_counts_for_each_queue(self, store: Store) -> None:
+        """counts_by_queue answers counts(queue=q) for every asked queue, every state present, unknown queues 0."""
+        store.enqueue([job(queue="a"), job(queue="a"), job(queue="b"), job(queue="other")])
+        asked = ["a", "b", "none"]
+        answer = store.counts_by_queue(asked)
+        assert answer == {q: store.counts(queue=q) for q in asked}
+        assert answer["a"][JobState.PENDING] == 2 and set(answer["none"]) == set(JobState)
+        assert store.counts_by_queue([]) == {}
+
     def test_counts_and_list_jobs_filters_and_order(self, store: Store) -> None:
         """counts has every state; list_jobs is newest first and filters by state and queue."""
         a = job(created_at=T0)

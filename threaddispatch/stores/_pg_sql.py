@@ -64,6 +64,7 @@ INSERT_UNIQUE = (
     f"{INSERT} ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN {_sql.ACTIVE} DO NOTHING RETURNING id"
 )
 COPY = f"COPY dispatch_jobs ({_sql.JOB_COLUMNS}) FROM STDIN"
+COUNT_QUEUES = "SELECT queue, state, count(*) FROM dispatch_jobs WHERE queue = ANY(%s) GROUP BY queue, state"
 
 # -- workers ---------------------------------------------------------------------------------------
 

@@ -496,6 +496,18 @@ class PostgresStore(Store):
 
         return self._run("counting jobs", op, idempotent=True)
 
+    def counts_by_queue(self, queues: Sequence[str]) -> dict[str, dict[JobState, int]]:
+        """See :meth:`Store.counts_by_queue`: one ``GROUP BY queue, state`` read over the asked queues."""
+        names = list(queues)
+
+        def op(conn: Conn) -> dict[str, dict[JobState, int]]:
+            by_queue: dict[str, list[tuple[str, int]]] = {name: [] for name in names}
+            for queue, state, count in conn.execute(q.COUNT_QUEUES, (names,)).fetchall():
+                by_queue[queue].append((state, count))
+            return {name: _sql.counts_from_rows(found) for name, found in by_queue.items()}
+
+        return self._run("counting jobs by queue", op, idempotent=True) if names else {}
+
     def cancel(
         self,
         job_id: str,
