@@ -16,8 +16,10 @@ Threads of a started engine, all daemons:
   :class:`~threaddispatch._pool.WorkerPool` that run handlers through the middleware.
 - ``threaddispatch-jobs-heartbeat`` heartbeats running jobs, enforces timeouts,
   recovers stale jobs of dead workers and purges finished jobs past ``retention``.
-- ``threaddispatch-jobs-cron`` (only with cron entries) fires recurring jobs while it
-  holds the store's cron leader lease; each tick fires once across every process.
+- ``threaddispatch-jobs-cron`` fires the cron entries of the store whose job this
+  engine registered, whichever process declared them, each while it holds that entry's
+  leader lease; each tick fires once across every process. It lists the store's entries
+  at every turn (a tick, or a third of ``stale_job_threshold``).
 
 The engine's own loop is not the shared batching engine: jobs are not batched by a
 time window but claimed from a store against free slots, limits and leases.
@@ -37,7 +39,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from functools import partial
 from types import FrameType, TracebackType
 from typing import Any, TypeVar
@@ -130,6 +132,7 @@ EXTENSION_HOOKS: Mapping[str, str] = {
     "on_job_retrying": "job_retrying",  # (job, error, delay_seconds)
     "on_job_dlq": "job_dlq",  # (job, dead_letter)
     "on_job_cancelled": "job_cancelled",  # (job, error_or_None)
+    "on_cron_fired": "cron_fired",  # (cron_name, job_id) - this engine enqueued a cron entry's tick
     "on_shutdown": "shutdown",  # ()
 }
 
@@ -399,6 +402,24 @@ def _error_text(error: BaseException) -> str:
     return text if len(text) <= _MAX_ERROR_TEXT else "...\n" + text[-_MAX_ERROR_TEXT:]
 
 
+def _zoned_expression(expression: str, schedule: CronSchedule, tz: object) -> str:
+    """``expression`` as stored: prefixed ``CRON_TZ=<zone>`` when ``tz`` gives its zone, for every process.
+
+    ConfigurationError for a ``tz`` without an IANA name (a fixed-offset ``timezone``): another
+    process reading the entry could not know it.
+    """
+    if tz is None or schedule.interval is not None or expression.lstrip().upper().startswith(("CRON_TZ=", "TZ=")):
+        return expression
+    zone = schedule.tz
+    name = "UTC" if zone is timezone.utc else getattr(zone, "key", None)
+    if not isinstance(name, str):
+        raise ConfigurationError(
+            f"cron tz {tz!r} has no IANA name: give one (e.g. 'Europe/Berlin') or a zoneinfo.ZoneInfo, "
+            "so that every process sharing the store reads the entry in the same zone"
+        )
+    return f"CRON_TZ={name} {expression}"
+
+
 def _to_epoch(name: str, value: object) -> float:
     if isinstance(value, datetime):
         if value.tzinfo is None:
@@ -483,6 +504,7 @@ class JobEngine:
             self.add_extension(extension)
         self._definitions: dict[str, JobDefinition] = {}
         self._crons: dict[str, tuple[CronSchedule, CronEntry]] = {}
+        self._cron_warned: set[str] = set()  # stored cron entries this engine said it cannot fire
         self._init_runtime()
         _lifecycle.register(self)
 
@@ -542,6 +564,7 @@ class JobEngine:
         self._threads_stop = False  # set by stop() once the heartbeat/cron threads may leave
         self._threads: list[threading.Thread] = []
         self._cron_thread: threading.Thread | None = None
+        self._cron_leased: set[str] = set()  # cron entries whose leader lease the cron loop took
         self._unsubscribe: Callable[[], None] | None = None  # the store's wake-ups (LISTEN/NOTIFY)
         self._pool: WorkerPool | None = None
         self._queues: tuple[str, ...] = self.config.queues
@@ -877,9 +900,7 @@ class JobEngine:
             # the thread to exist, not for it to take the lock, so this cannot deadlock.
             for thread in self._threads:
                 thread.start()
-            start_cron = bool(self._crons)
-        if start_cron:
-            self._ensure_cron_thread()
+        self._ensure_cron_thread()
         try:
             unsubscribe = self.store.subscribe_wakeups(self._store_wakeup)
         except StoreError:
@@ -981,7 +1002,8 @@ class JobEngine:
         if pool is not None:
             pool.shutdown(max(0.0, deadline - time.monotonic()))
         with self._lock:
-            cron_names = list(self._crons)
+            cron_names = sorted({*self._crons, *self._cron_leased})
+            self._cron_leased.clear()
         try:
             for index, cron_name in enumerate(cron_names):
                 if index and time.monotonic() >= deadline:
@@ -1624,13 +1646,16 @@ class JobEngine:
 
         ``expression`` is a 5-field cron line (UTC unless ``tz`` is given), a macro
         (``@hourly``...) or ``@every 30s`` (see :mod:`threaddispatch.cron`); an invalid one
-        raises ConfigurationError naming it. ``name`` (default ``"<job_name>@<expression>"``)
+        raises ConfigurationError naming it. A zone is stored in the entry's expression
+        (``CRON_TZ=Europe/Berlin 30 2 * * *``), so ``tz`` must be an IANA name or a
+        ``ZoneInfo``. ``name`` (default ``"<job_name>@<expression>"``)
         identifies the entry across processes: each tick fires once in total, by whichever
         engine holds the store's cron leader lease. A new entry first fires at the next
         tick; missed ticks (all engines down) are not caught up, only the latest fires.
         Blocks for one store write.
         """
         schedule = parse_cron(expression, tz=tz)
+        stored_expression = _zoned_expression(expression, schedule, tz)
         definition = self._definition(job_name)
         entry_name = name if name is not None else f"{job_name}@{expression}"
         check_text("cron name", entry_name)
@@ -1640,7 +1665,7 @@ class JobEngine:
         now = time.time()
         entry = CronEntry(
             name=entry_name,
-            expression=expression,
+            expression=stored_expression,
             job_name=job_name,
             payload=self._encode(f"payload of cron {entry_name!r}", payload),
             queue=definition.queue if queue is None else queue,
@@ -1703,26 +1728,79 @@ class JobEngine:
         ttl = max(self.config.stale_job_threshold, 0.1)
         stop = self._stop_event
         fired_up_to: dict[str, float] = {}
+        schedules: dict[str, CronSchedule | None] = {}  # stored expression -> its schedule (None: invalid)
         while not stop.is_set():
-            now = time.time()
-            with self._lock:
-                crons = list(self._crons.items())
             wait = ttl / 3
-            for name, (schedule, entry) in crons:
-                # One lease per entry: an engine leads the entries it declared, so an entry
-                # declared only by another process sharing the store still fires there.
+            plan, schedules = self._cron_plan(schedules)
+            now = time.time()
+            for name, schedule, entry in plan:
+                # One lease per entry: whichever engine holds it fires the entry, so an entry
+                # fires as long as some engine that registered its job runs.
                 try:
                     leader = self.store.acquire_lease(_cron_lease(name), holder=self.worker_id, ttl=ttl, now=now)
                 except StoreError:
                     self.logger.warning("cron %r: could not take the leader lease", name, exc_info=True)
                     leader = False
                 if leader:
+                    with self._lock:
+                        self._cron_leased.add(name)
                     tick = schedule.last_at(now)
-                    if tick > fired_up_to.get(name, -math.inf):
+                    stored_tick = -math.inf if entry.last_tick is None else entry.last_tick
+                    if tick > max(fired_up_to.get(name, -math.inf), stored_tick):
                         self._fire(entry, tick, now)
                         fired_up_to[name] = tick
                     wait = min(wait, schedule.next_after(now) - time.time())
             stop.wait(max(wait, 0.001))
+
+    def _cron_plan(
+        self, schedules: dict[str, CronSchedule | None]
+    ) -> tuple[list[tuple[str, CronSchedule, CronEntry]], dict[str, CronSchedule | None]]:
+        """The enabled stored cron entries this engine can fire, with their schedules; one store read.
+
+        ``schedules`` caches parsed stored expressions between turns (the returned dict
+        replaces it). When the store cannot be read, this engine's own declarations stand in.
+        """
+        with self._lock:
+            declared = dict(self._crons)
+            registered = set(self._definitions)
+        try:
+            stored = self.store.list_crons()
+        except StoreError:
+            self.logger.warning("could not list the stored cron entries; firing this engine's own", exc_info=True)
+            return [(name, schedule, entry) for name, (schedule, entry) in declared.items()], schedules
+        plan = []
+        used: dict[str, CronSchedule | None] = {}
+        for entry in stored:
+            if not entry.enabled:
+                continue
+            if entry.job_name not in registered:
+                self._cannot_fire(entry, f"its job {entry.job_name!r} is not registered here")
+                continue
+            local = declared.get(entry.name)
+            if local is not None and local[1].expression == entry.expression:
+                schedule: CronSchedule | None = local[0]
+            elif entry.expression in schedules:
+                schedule = schedules[entry.expression]
+            else:
+                try:
+                    schedule = parse_cron(entry.expression)
+                except ConfigurationError as error:
+                    self._cannot_fire(entry, str(error))
+                    schedule = None
+            used[entry.expression] = schedule
+            if schedule is not None:
+                plan.append((entry.name, schedule, entry))
+        return plan, used
+
+    def _cannot_fire(self, entry: CronEntry, reason: str) -> None:
+        """Warn, once per engine and entry name, that a stored cron entry does not fire here."""
+        with self._lock:
+            if entry.name in self._cron_warned:
+                return
+            self._cron_warned.add(entry.name)
+        self.logger.warning(
+            "cron %r is stored but cannot fire in this engine (%s); engines that can fire it do", entry.name, reason
+        )
 
     def _fire(self, entry: CronEntry, tick: float, now: float) -> None:
         definition = self._definitions.get(entry.job_name)
@@ -1746,6 +1824,8 @@ class JobEngine:
             return
         if fired:
             self._enqueued((job,))
+            if self.events.has_listeners("cron_fired"):
+                self.events.emit("cron_fired", entry.name, job.id)
 
     # -- results and management ---------------------------------------------------------------------------
 
