@@ -249,7 +249,7 @@ def test_jobs_get_an_id_and_timestamps() -> None:
     assert all(before <= job.created_at <= after for job in jobs)
     named = DispatchJob("ep", "x", id="evt-42")
     assert named.id == "evt-42"
-    assert (named.priority, named.max_attempts, named.attempts, named.status) == (0, 3, 0, "new")
+    assert (named.priority, named.max_attempts, named.attempts, named.status) == (0, None, 0, "new")
     assert "evt-42" in repr(named) and "'x'" not in repr(named)  # the payload stays out of logs
 
     sink = Sink()
@@ -613,13 +613,14 @@ def test_jobs_are_retried_until_max_attempts_then_exhausted() -> None:
 
 
 def test_retry_policy_caps_attempts_and_retry_on_stops_at_once() -> None:
-    """retry.max_attempts bounds attempts along with the job's; retry_on returning False exhausts at once."""
+    """retry.max_attempts bounds a job that has none of its own; retry_on returning False exhausts at once,
+    even a job whose own max_attempts would allow more."""
     sink = Sink(lambda ep, jobs: [ValueError("bad payload") if j.payload == "bad" else False for j in jobs])
     policy = RetryPolicy(max_attempts=2, backoff=Constant(0.0), retry_on=lambda e: not isinstance(e, ValueError))
     d = make(sink, retry=policy, batch_timeout=0.01)
     exhausted: list[DispatchJob] = []
     d.on("job_exhausted", lambda p: exhausted.append(p["job"]))
-    flaky = DispatchJob("ep", "flaky", max_attempts=10)
+    flaky = DispatchJob("ep", "flaky")
     bad = DispatchJob("ep", "bad", max_attempts=10)
     d.add_job(flaky)
     d.add_job(bad)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import sys
 import threading
 import time
 import weakref
@@ -73,9 +72,9 @@ BatchStatus = Literal["pending", "processing", "completed", "failed"]
 #: delivered), or return one outcome per job: None/True delivered, False/an exception failed.
 SendBatch = Callable[[Any, "list[DispatchJob]"], "Sequence[object] | None"]
 
-# The default retry: exponential from 1 s (doubling, capped at 60 s). Its max_attempts does not
-# bind: each job's own max_attempts does.
-_DEFAULT_RETRY = RetryPolicy(max_attempts=sys.maxsize, backoff=Exponential(initial=1.0))
+# The default retry: 3 attempts, exponential from 1 s (doubling, capped at 60 s). A job's own
+# max_attempts, when it has one, overrides the policy's.
+_DEFAULT_RETRY = RetryPolicy(max_attempts=3, backoff=Exponential(initial=1.0))
 
 _names = iter(range(1, 1 << 62))
 
@@ -127,10 +126,11 @@ class DispatchJob:
     """One payload for one endpoint, and the record of its delivery.
 
     ``id`` is generated when not given (unique across processes); ``created_at`` is set at
-    construction (``time.time()``). Bad values raise ConfigurationError naming them. From
-    ``add_job`` on, the dispatcher owns the job and updates ``status`` (new, pending,
-    processing, retrying, then delivered, exhausted, cancelled, or dropped by the
-    overflow policy), ``attempts``,
+    construction (``time.time()``). ``max_attempts`` (None: the dispatcher's
+    ``retry.max_attempts``) counts every try, the first included, and when given overrides
+    the policy's. Bad values raise ConfigurationError naming them. From ``add_job`` on, the
+    dispatcher owns the job and updates ``status`` (new, pending, processing, retrying, then
+    delivered, exhausted, cancelled, or dropped by the overflow policy), ``attempts``,
     ``last_attempt_at``, ``next_retry_at``, ``finished_at`` and ``last_error``: read them,
     do not write them. A job can be added once.
     """
@@ -151,12 +151,18 @@ class DispatchJob:
     )
 
     def __init__(
-        self, endpoint_id: Hashable, payload: Any, priority: int = 0, max_attempts: int = 3, id: str | None = None
+        self,
+        endpoint_id: Hashable,
+        payload: Any,
+        priority: int = 0,
+        max_attempts: int | None = None,
+        id: str | None = None,
     ) -> None:
         _check_endpoint_id(endpoint_id)
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ConfigurationError(f"priority must be an int, got {priority!r}")
-        check_positive_int("max_attempts", max_attempts)
+        if max_attempts is not None:
+            check_positive_int("max_attempts", max_attempts)
         if id is None:
             id = _new_id()
         elif not isinstance(id, str) or not id:
@@ -164,7 +170,7 @@ class DispatchJob:
         self.endpoint_id = endpoint_id
         self.payload = payload
         self.priority = priority
-        self.max_attempts = max_attempts
+        self.max_attempts: int | None = max_attempts
         self.id = id
         self.created_at = time.time()
         self.attempts = 0
@@ -178,7 +184,8 @@ class DispatchJob:
         # No payload: it may be large or sensitive, and this repr ends up in logs.
         return (
             f"DispatchJob(id={self.id!r}, endpoint_id={self.endpoint_id!r}, priority={self.priority}, "
-            f"attempts={self.attempts}/{self.max_attempts}, status={self.status!r})"
+            f"attempts={self.attempts}/{'policy' if self.max_attempts is None else self.max_attempts}, "
+            f"status={self.status!r})"
         )
 
 
@@ -443,7 +450,7 @@ class _Core:
         exhausted: list[DispatchJob] = []
         for job, job_error in failed:
             job.last_error = job_error
-            if job.attempts < job.max_attempts and self.retry.should_retry(job.attempts, job_error):
+            if self._should_retry(job, job_error):
                 delay = self._delay(job)
                 job.status = "retrying"
                 job.next_retry_at = finished + delay
@@ -477,6 +484,18 @@ class _Core:
                 self.cancel(cancelled)
         if interrupt is not None:
             raise interrupt
+
+    def _should_retry(self, job: DispatchJob, error: BaseException) -> bool:
+        """Whether ``job`` gets another attempt: its own max_attempts (else the policy's), then retry_on."""
+        policy = self.retry
+        if job.max_attempts is None:
+            return policy.should_retry(job.attempts, error)
+        if job.attempts >= job.max_attempts:
+            return False
+        try:
+            return bool(policy.retry_on(error))
+        except Exception:  # noqa: BLE001 - as RetryPolicy.should_retry: a broken predicate means no retry
+            return False
 
     def _delay(self, job: DispatchJob) -> float:
         try:
@@ -713,9 +732,9 @@ class EndpointBatchDispatcher:
     one outcome per job: None or True (delivered), False or an exception (failed). A result
     of another length or kind fails the whole batch, with an error naming what was wrong.
     Failed jobs, and only they, rejoin their endpoint's queue after ``retry``'s backoff
-    (default: exponential from 1 s, doubling, capped at 60 s) and go with its next batch, until
-    the job's ``max_attempts`` (or ``retry.max_attempts``, or ``retry.retry_on``) says stop:
-    then ``job_exhausted``.
+    (default: 3 attempts, exponential from 1 s, doubling, capped at 60 s) and go with its next
+    batch, until ``retry.max_attempts`` (or the job's own ``max_attempts``, which overrides it
+    when given) or ``retry.retry_on`` says stop: then ``job_exhausted``.
 
     Events, with one dict argument, fire synchronously on the thread doing the work:
     ``job_added`` (the caller of add_job, before the job can be in a batch),
