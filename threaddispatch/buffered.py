@@ -23,6 +23,7 @@ retry policy's predicate and backoff) is always called with it released.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import heapq
 import itertools
@@ -33,7 +34,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -57,11 +58,17 @@ _log = logging.getLogger("threaddispatch")
 # Returned by _next_job instead of a message: call the dispatcher's flush() now.
 _FLUSH: Any = object()
 
+# A buffered message: (message, delay_seconds or None, the producer's context captured at put(),
+# or None without carry_context).
+_Entry = tuple[T, "int | None", "contextvars.Context | None"]
+
 
 class Dispatcher(Protocol[T_contra]):
     """Sends one message to a target and returns its id (or None); raises on failure.
 
     ``dispatch`` is synchronous: it returns once the message was accepted by the target.
+    :class:`AsyncDispatcher` passes ``delay_seconds`` only for a message put with one, so a
+    ``dispatch(message, target)`` without the keyword keeps working for undelayed messages.
     """
 
     def dispatch(self, message: T_contra, target: str, *, delay_seconds: int | None = None) -> str | None:
@@ -77,24 +84,48 @@ class SubmittingDispatcher(Dispatcher[T_contra], Protocol[T_contra]):
     :meth:`AsyncDispatcher.stop`.
     """
 
-    def submit(self, message: T_contra, target: str) -> Future[str | None]:
-        """Take ``message`` for ``target`` and return a Future that gets its id or its error."""
+    def submit(self, message: T_contra, target: str, *, delay_seconds: int | None = None) -> Future[str | None]:
+        """Take ``message`` for ``target`` and return a Future that gets its id or its error.
+
+        Called with ``delay_seconds`` only for a message put with one (as ``dispatch``).
+        """
         ...
 
 
 @dataclass(frozen=True)
 class FailedMessage(Generic[T]):
-    """A message that failed for good: the message, the last error, its target and the attempts made."""
+    """A message that failed for good: the message, the last error, its target and the attempts made.
+
+    ``delay_seconds`` is the delay it was put with (None: none), so a handler can put it
+    again as it was; ``context`` the producer's :class:`contextvars.Context` captured at
+    ``put()`` (the error handler already runs in a copy of it).
+    """
 
     message: T
     error: BaseException
     target_queue: str
     attempts: int = 1
+    delay_seconds: int | None = None
+    context: contextvars.Context | None = field(default=None, compare=False, repr=False)
 
 
 def _short(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_delay(value: object) -> int | None:
+    """``delay_seconds`` as given: None, or whole seconds as an int >= 0 (SQS ``DelaySeconds``), not a bool."""
+    if value is None:
+        return None
+    if not isinstance(value, bool) and isinstance(value, int) and value >= 0:
+        return int(value)
+    raise ConfigurationError(f"delay_seconds must be None or an int >= 0 (whole seconds), got {_short(value)}")
+
+
+def _failed(entry: _Entry[T], error: BaseException, target: str, attempts: int) -> FailedMessage[T]:
+    message, delay, context = entry
+    return FailedMessage(message, error, target, attempts, delay, context)
 
 
 class _AsyncState(Generic[T]):
@@ -120,7 +151,7 @@ class _AsyncState(Generic[T]):
         self.dispatcher = dispatcher
         submit = getattr(dispatcher, "submit", None)
         flush = getattr(dispatcher, "flush", None)
-        self.submit: Callable[[T, str], Future[Any]] | None = submit if callable(submit) else None
+        self.submit: Callable[..., Future[Any]] | None = submit if callable(submit) else None
         self.flush: Callable[[float | None], object] | None = flush if callable(flush) else None
         self.target = target
         self.error_handler = error_handler
@@ -153,9 +184,9 @@ class _AsyncState(Generic[T]):
         self.work_ready = threading.Condition(self.mutex)  # the dispatch loop waits here
         self.not_full = threading.Condition(self.mutex)  # producers blocked by a full buffer
         self.failure_ready = threading.Condition(self.mutex)  # the failure loop waits here
-        self.buffer: deque[T] = deque()
-        # Messages waiting to be retried: (due, serial, message, attempts made). Counted in in_flight.
-        self.retries: list[tuple[float, int, T, int]] = []
+        self.buffer: deque[_Entry[T]] = deque()
+        # Messages waiting to be retried: (due, serial, entry, attempts made). Counted in in_flight.
+        self.retries: list[tuple[float, int, _Entry[T], int]] = []
         # Failed for good, waiting for the failure loop. The dispatch loop takes no message while
         # it holds failure_capacity or more (back-pressure, as the seed's bounded failure channel).
         self.failures: deque[FailedMessage[T]] = deque()
@@ -172,29 +203,29 @@ class _AsyncState(Generic[T]):
 
     # -- producers (called with nothing held) --------------------------------------------------
 
-    def put(self, message: T, timeout: float | None) -> None:
+    def put(self, entry: _Entry[T], timeout: float | None) -> None:
         with self.mutex:
             if self.closing:
-                raise DispatcherClosedError(f"{self.describe()} is stopped; {_short(message)} was not accepted")
+                raise DispatcherClosedError(f"{self.describe()} is stopped; {_short(entry[0])} was not accepted")
             if len(self.buffer) >= self.capacity:
                 if threading.current_thread() is self.failure_thread:
                     self.rejected += 1
                     raise QueueFullError(
                         f"{self.describe()}: buffer is full ({self.capacity} messages) and put() was called "
                         f"from the error handler, which cannot wait for room (the dispatch loop may be waiting "
-                        f"for the handler); {_short(message)} was not accepted"
+                        f"for the handler); {_short(entry[0])} was not accepted"
                     )
-                self._wait_for_room(message, timeout)
-            self._append(message)
+                self._wait_for_room(entry[0], timeout)
+            self._append(entry)
 
-    def try_put(self, message: T) -> bool:
+    def try_put(self, entry: _Entry[T]) -> bool:
         with self.mutex:
             if self.closing:
-                raise DispatcherClosedError(f"{self.describe()} is stopped; {_short(message)} was not accepted")
+                raise DispatcherClosedError(f"{self.describe()} is stopped; {_short(entry[0])} was not accepted")
             if len(self.buffer) >= self.capacity:
                 self.rejected += 1
                 return False
-            self._append(message)
+            self._append(entry)
             return True
 
     def _wait_for_room(self, message: T, timeout: float | None) -> None:
@@ -224,11 +255,11 @@ class _AsyncState(Generic[T]):
                 f"{self.describe()} stopped while {_short(message)} waited for room; it was not accepted"
             )
 
-    def _append(self, message: T) -> None:
+    def _append(self, entry: _Entry[T]) -> None:
         """Add an accepted message; holds mutex."""
         if self.restart_on_put:
             self.start_threads()  # may raise (interpreter exiting): before the message is accepted
-        self.buffer.append(message)
+        self.buffer.append(entry)
         self.buffered += 1
         if self.loop_waiting:
             self.work_ready.notify()
@@ -336,7 +367,7 @@ class _AsyncState(Generic[T]):
     def run_dispatch(self) -> None:
         """Take messages one at a time and hand each to the dispatcher, until stopped and drained."""
         delivered = 0  # direct sends that succeeded, counted at the next lock
-        holding: tuple[T, int] | None = None  # the message this loop is handling, for _abandon
+        holding: tuple[_Entry[T], int] | None = None  # the message this loop is handling, for _abandon
         try:
             while True:
                 with self.mutex:
@@ -351,14 +382,18 @@ class _AsyncState(Generic[T]):
                     self._flush()
                     continue
                 holding = job
-                message, attempts = job
+                entry, attempts = job
                 if self.submit is not None:
-                    self._submit(message, attempts + 1)
+                    self._submit(entry, attempts + 1)
                 else:
+                    message, delay, context = entry
                     try:
-                        self.dispatcher.dispatch(message, self.target)
+                        if delay is None and context is None:
+                            self.dispatcher.dispatch(message, self.target)  # the common case, inline
+                        else:
+                            self._dispatch(message, delay, context)
                     except BaseException as error:  # noqa: BLE001 - user code: this message failed, the loop lives
-                        self._settle(message, attempts + 1, error)
+                        self._settle(entry, attempts + 1, error)
                     else:
                         delivered += 1
                 holding = None
@@ -372,7 +407,7 @@ class _AsyncState(Generic[T]):
                 self.dispatch_done = True
                 self.failure_ready.notify_all()
 
-    def _next_job(self) -> tuple[T, int] | Any | None:
+    def _next_job(self) -> tuple[_Entry[T], int] | Any | None:
         """Wait for the next message (or flush) to send; None once stopped and drained. Holds mutex."""
         while True:
             now = time.monotonic()
@@ -384,18 +419,18 @@ class _AsyncState(Generic[T]):
                 self._wait_for_work(None)
                 continue
             if retries and (self.closing or retries[0][0] <= now):
-                _due, _serial, message, attempts = heapq.heappop(retries)
+                _due, _serial, entry, attempts = heapq.heappop(retries)
                 if self.submit is not None:
                     self.submitted += 1
-                return message, attempts
+                return entry, attempts
             if self.buffer and self.in_flight < self.max_in_flight:
-                message = self.buffer.popleft()
+                entry = self.buffer.popleft()
                 self.in_flight += 1
                 if self.submit is not None:
                     self.submitted += 1
                 if self.put_waiters:
                     self.not_full.notify()
-                return message, 0
+                return entry, 0
             if self.closing:
                 if not self.buffer and not retries and not self.in_flight:
                     return None
@@ -404,6 +439,16 @@ class _AsyncState(Generic[T]):
                     self.flushed_at = self.submitted
                     return _FLUSH
             self._wait_for_work(retries[0][0] - now if retries else None)
+
+    def _dispatch(self, message: T, delay: int | None, context: contextvars.Context | None) -> None:
+        """Call ``dispatch`` with the delay, in the producer's context when it was captured. Nothing held."""
+        dispatch = self.dispatcher.dispatch
+        if context is None:
+            dispatch(message, self.target, delay_seconds=delay)
+        elif delay is None:
+            context.run(dispatch, message, self.target)
+        else:
+            context.run(dispatch, message, self.target, delay_seconds=delay)
 
     def _wait_for_work(self, timeout: float | None) -> None:
         """Wait until notified (a message, a settled send, a reported failure, stop) or ``timeout``; holds mutex."""
@@ -421,20 +466,27 @@ class _AsyncState(Generic[T]):
         except BaseException:  # noqa: BLE001 - a failing flush (even sys.exit) must not stop the drain
             _log.exception("%s: flush() of the dispatcher raised", self.describe())
 
-    def _submit(self, message: T, attempt: int) -> None:
+    def _submit(self, entry: _Entry[T], attempt: int) -> None:
         assert self.submit is not None
+        message, delay, context = entry
+        submit = self.submit
+        kwargs = {} if delay is None else {"delay_seconds": delay}
         try:
-            future = self.submit(message, self.target)
+            # In the producer's context: a BatchedDispatcher captures it from here for its envelope.
+            if context is None:
+                future = submit(message, self.target, **kwargs)
+            else:
+                future = context.run(submit, message, self.target, **kwargs)
         except BaseException as error:  # noqa: BLE001 - user code: this message failed, the loop lives
-            self._settle(message, attempt, error)
+            self._settle(entry, attempt, error)
             return
-        future.add_done_callback(functools.partial(self._on_done, message, attempt))
+        future.add_done_callback(functools.partial(self._on_done, entry, attempt))
 
-    def _on_done(self, message: T, attempt: int, future: Future[Any]) -> None:
+    def _on_done(self, entry: _Entry[T], attempt: int, future: Future[Any]) -> None:
         """Done-callback of a submitted message's Future (any thread, nothing held)."""
         error: BaseException | None
         if future.cancelled():
-            error = CancelledError(f"the Future of {_short(message)} was cancelled before it was sent")
+            error = CancelledError(f"the Future of {_short(entry[0])} was cancelled before it was sent")
         else:
             error = future.exception()
         if error is None:
@@ -446,9 +498,9 @@ class _AsyncState(Generic[T]):
                 if self.dispatch_done:
                     self.failure_ready.notify()
         else:
-            self._settle(message, attempt, error)
+            self._settle(entry, attempt, error)
 
-    def _settle(self, message: T, attempt: int, error: BaseException) -> None:
+    def _settle(self, entry: _Entry[T], attempt: int, error: BaseException) -> None:
         """A send of ``message`` failed: schedule a retry or queue it for the failure loop. Nothing held."""
         retry = self.retry
         if retry is not None and self._should_retry(retry, attempt, error):
@@ -459,11 +511,11 @@ class _AsyncState(Generic[T]):
             else:
                 with self.mutex:
                     self.retried += 1
-                    heapq.heappush(self.retries, (time.monotonic() + delay, next(self.serial), message, attempt))
+                    heapq.heappush(self.retries, (time.monotonic() + delay, next(self.serial), entry, attempt))
                     if self.loop_waiting:
                         self.work_ready.notify()
                 return
-        failed = FailedMessage(message, error, self.target, attempt)
+        failed = _failed(entry, error, self.target, attempt)
         with self.mutex:
             self.in_flight -= 1
             self.failed += 1
@@ -481,13 +533,13 @@ class _AsyncState(Generic[T]):
             _log.exception("%s: the retry predicate raised; the failure is final", self.describe())
             return False
 
-    def _abandon(self, error: BaseException, holding: tuple[T, int] | None, delivered: int) -> None:
+    def _abandon(self, error: BaseException, holding: tuple[_Entry[T], int] | None, delivered: int) -> None:
         """The dispatch loop is dying: report everything it still held as failed."""
         with self.mutex:
             self.in_flight -= delivered
             self.sent += delivered
-            left = [(message, attempts) for _due, _serial, message, attempts in self.retries]
-            left += [(message, 0) for message in self.buffer]
+            left = [(entry, attempts) for _due, _serial, entry, attempts in self.retries]
+            left += [(entry, 0) for entry in self.buffer]
             self.in_flight -= len(self.retries)
             if holding is not None:
                 left.insert(0, holding)
@@ -495,7 +547,7 @@ class _AsyncState(Generic[T]):
             self.buffer.clear()
             self.retries.clear()
             self.failed += len(left)
-            self.failures.extend(FailedMessage(message, error, self.target, attempts) for message, attempts in left)
+            self.failures.extend(_failed(entry, error, self.target, attempts) for entry, attempts in left)
             self.failure_ready.notify_all()
 
     # -- the failure loop ----------------------------------------------------------------------
@@ -529,7 +581,12 @@ class _AsyncState(Generic[T]):
             )
             return
         try:
-            handler(failed)
+            # In a copy of the producer's context (its log lines keep the trace id). A copy: the
+            # dispatch loop may still be inside that context (a submit that failed synchronously).
+            if failed.context is None:
+                handler(failed)
+            else:
+                failed.context.copy().run(handler, failed)
         except BaseException:  # noqa: BLE001 - the failure loop must live whatever the handler does
             # BaseException too: sys.exit() here would end this thread silently (threading swallows
             # SystemExit) and every later failure would go unreported.
@@ -545,14 +602,20 @@ class Sender(Generic[T]):
     the sender keeps the dispatcher alive.
     """
 
-    __slots__ = ("_dispatcher", "_state")
+    __slots__ = ("_carry_context", "_dispatcher", "_state")
 
-    def __init__(self, dispatcher: AsyncDispatcher[T], state: _AsyncState[T]) -> None:
+    def __init__(self, dispatcher: AsyncDispatcher[T], state: _AsyncState[T], carry_context: bool) -> None:
         self._dispatcher = dispatcher
         self._state = state
+        self._carry_context = carry_context
 
-    def put(self, message: T, timeout: float | None = None) -> None:
+    def put(self, message: T, timeout: float | None = None, *, delay_seconds: int | None = None) -> None:
         """Add ``message`` to the buffer, waiting for room while it is full (back-pressure).
+
+        ``delay_seconds`` (None, or whole seconds >= 0) is not held here: it is passed to
+        the dispatcher with the message (``dispatch(message, target, delay_seconds=...)``),
+        as SQS ``DelaySeconds``. With ``carry_context=True`` the caller's :mod:`contextvars`
+        context is captured here and the dispatch runs in it.
 
         Blocks up to ``timeout`` seconds (None: until there is room), then raises
         QueueFullError. Raises DispatcherClosedError after ``stop()``, including when the
@@ -563,14 +626,21 @@ class Sender(Generic[T]):
         """
         if timeout is not None:
             timeout = check_seconds("timeout", timeout)
-        self._state.put(message, timeout)
+        if delay_seconds is not None:
+            delay_seconds = _check_delay(delay_seconds)
+        context = contextvars.copy_context() if self._carry_context else None
+        self._state.put((message, delay_seconds, context), timeout)
 
-    def try_put(self, message: T) -> bool:
+    def try_put(self, message: T, *, delay_seconds: int | None = None) -> bool:
         """Add ``message`` if the buffer has room; return False if it is full. Never blocks.
 
+        ``delay_seconds`` (and with ``carry_context``, the caller's context) go with it, as for :meth:`put`.
         Raises DispatcherClosedError after ``stop()``.
         """
-        return self._state.try_put(message)
+        if delay_seconds is not None:
+            delay_seconds = _check_delay(delay_seconds)
+        context = contextvars.copy_context() if self._carry_context else None
+        return self._state.try_put((message, delay_seconds, context))
 
     @property
     def dispatcher(self) -> AsyncDispatcher[T]:
@@ -609,6 +679,17 @@ class AsyncDispatcher(Generic[T]):
     handler must not wait for room in the buffer (the loop may be waiting for it):
     ``put`` called from the handler on a full buffer raises QueueFullError at once.
 
+    Per message, ``Sender.put(message, delay_seconds=n)`` passes the delay on to the
+    dispatcher (``dispatch(message, target, delay_seconds=n)``, or ``submit`` likewise; the
+    keyword is left out for a message put without one); it is never held here. With
+    ``carry_context=True``, ``put`` captures the producer's :mod:`contextvars` context
+    (``copy_context()``) and the dispatch or submit of that message runs in it, so
+    logging and tracing context (a trace id in a ContextVar) reach the send; the error
+    handler runs in a copy of it, and what ``dispatch`` sets in a ContextVar stays in
+    that message's context. It is opt-in because it costs about a fifth of the hand-off
+    per message (benchmarks/bench_buffered.py); without it, dispatch runs in the dispatch
+    loop's own context.
+
     A BaseException that is not an Exception (``KeyboardInterrupt``, ``SystemExit``,
     ``GeneratorExit``) raised by user code on a loop (``dispatch``, ``submit``, ``flush``,
     the retry predicate or backoff, the error handler) is contained like any error:
@@ -627,6 +708,7 @@ class AsyncDispatcher(Generic[T]):
         retry: RetryPolicy | None = None,
         max_in_flight: int = 1000,
         max_failures_pending: int | None = None,
+        carry_context: bool = False,
     ) -> None:
         if not callable(getattr(dispatcher, "dispatch", None)):
             raise ConfigurationError(f"dispatcher must have a dispatch(message, target) method, got {dispatcher!r}")
@@ -644,6 +726,9 @@ class AsyncDispatcher(Generic[T]):
             or max_failures_pending < 1
         ):
             raise ConfigurationError(f"max_failures_pending must be an int >= 1 or None, got {max_failures_pending!r}")
+        if not isinstance(carry_context, bool):
+            raise ConfigurationError(f"carry_context must be a bool, got {carry_context!r}")
+        self._carry_context = carry_context
         self._state: _AsyncState[T] = _AsyncState(
             dispatcher,
             target_queue,
@@ -678,7 +763,7 @@ class AsyncDispatcher(Generic[T]):
             if state.failure_capacity is None:
                 state.failure_capacity = buffer_len
             state.is_setup = True
-            self._sender = Sender(self, state)
+            self._sender = Sender(self, state, self._carry_context)
             return self._sender
 
     def start(self) -> None:

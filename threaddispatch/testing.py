@@ -57,14 +57,15 @@ def _default_error(message: object) -> BaseException:
 class RecordingDispatcher(Generic[T]):
     """A :class:`~threaddispatch.buffered.Dispatcher` for tests: records messages per target, fails chosen ones.
 
-    ``dispatch`` records the message under its target and returns an id (``"msg-1"``,
-    ``"msg-2"``, ...), or raises for a message chosen to fail. Choose with ``fail``: a
-    predicate ``message -> bool`` or a collection of messages (compared by equality).
-    ``fail_times`` makes a chosen message fail that many times and then go through
-    (None: fail every time); ``error`` builds the exception raised for a message (default:
-    a RuntimeError naming it). With ``with_submit=True`` it also has
-    ``submit(message, target) -> Future``, resolved before it returns, so
-    :class:`~threaddispatch.buffered.AsyncDispatcher` takes its submit path.
+    ``dispatch`` records the message under its target (and its ``delay_seconds``, see
+    :meth:`delays`) and returns an id (``"msg-1"``, ``"msg-2"``, ...), or raises for a
+    message chosen to fail. Choose with ``fail``: a predicate ``message -> bool`` or a
+    collection of messages (compared by equality). ``fail_times`` makes a chosen message
+    fail that many times and then go through (None: fail every time); ``error`` builds
+    the exception raised for a message (default: a RuntimeError naming it). With
+    ``with_submit=True`` it also has ``submit(message, target) -> Future``, resolved
+    before it returns, so :class:`~threaddispatch.buffered.AsyncDispatcher` takes its
+    submit path.
 
     Thread-safe; nothing blocks except :meth:`wait_for_count`. The predicate and
     ``error`` are called without the recorder's lock held.
@@ -83,6 +84,7 @@ class RecordingDispatcher(Generic[T]):
         # _lock guards every field below; fail rules are swapped whole under it.
         self._lock = threading.Lock()
         self._sent: list[tuple[str, T]] = []
+        self._delays: list[tuple[str, int | None]] = []  # one per entry of _sent
         self._failures: list[tuple[str, T, BaseException]] = []
         self._attempts: dict[object, int] = {}
         self._serial = 0
@@ -139,6 +141,7 @@ class RecordingDispatcher(Generic[T]):
             if not chosen or (fail_times is not None and attempt > fail_times):
                 self._serial += 1
                 self._sent.append((target, message))
+                self._delays.append((target, delay_seconds))
                 return f"msg-{self._serial}"
         error = make_error(message)
         with self._lock:
@@ -165,6 +168,11 @@ class RecordingDispatcher(Generic[T]):
         """Messages dispatched successfully to ``target`` (None: to any target), in arrival order."""
         with self._lock:
             return [message for to, message in self._sent if target is None or to == target]
+
+    def delays(self, target: str | None = None) -> list[int | None]:
+        """The ``delay_seconds`` each message of :meth:`messages` came with (None: none), in the same order."""
+        with self._lock:
+            return [delay for to, delay in self._delays if target is None or to == target]
 
     def targets(self) -> list[str]:
         """Targets that received at least one message, in order of their first message."""
@@ -199,6 +207,7 @@ class RecordingDispatcher(Generic[T]):
         """Forget every record and attempt count (the failure rules stay)."""
         with self._lock:
             self._sent.clear()
+            self._delays.clear()
             self._failures.clear()
             self._attempts.clear()
 
