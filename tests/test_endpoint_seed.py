@@ -11,6 +11,7 @@ import pytest
 
 from threaddispatch import Constant, RetryPolicy
 from threaddispatch.endpoint import EVENTS, DispatchJob, EndpointBatchDispatcher
+from threaddispatch.testing import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -65,6 +66,127 @@ def make(send: Any, **kwargs: Any) -> EndpointBatchDispatcher:
 
 def status(job: DispatchJob) -> str:
     return job.status
+
+
+# -- batch_execution_error -------------------------------------------------------------------
+
+
+def test_a_raising_send_fires_batch_execution_error() -> None:
+    """send_batch raising: batch_execution_error (batch id, endpoint, the exception) after batch_executed."""
+    error = ConnectionError("endpoint down")
+
+    def send(_endpoint_id: Hashable, _jobs: list[DispatchJob]) -> None:
+        raise error
+
+    d = make(send, retry=RetryPolicy(max_attempts=1))
+    events = Events(d)
+    jobs = [DispatchJob("ep", i) for i in range(2)]
+    for job in jobs:
+        d.add_job(job)
+    batch = d.process_batch_for_endpoint("ep")
+    assert batch is not None
+    (payload,) = events.of("batch_execution_error")
+    assert payload == {"batch_id": batch.id, "endpoint_id": "ep", "error": error, "job_count": 2, "batch": batch}
+    names = [name for name in events.names() if name.startswith("batch_")]
+    assert names == ["batch_started", "batch_executed", "batch_execution_error", "batch_failed"]
+    assert [status(job) for job in jobs] == ["exhausted", "exhausted"]
+    assert d.shutdown(5)  # exhausted before shutdown began
+
+
+def test_a_bad_result_fires_batch_execution_error_and_a_partial_failure_does_not() -> None:
+    """A result of the wrong length fails the batch with an error (the event fires); per-job failures do not."""
+    d = make(Recorder(lambda jobs: [None] * (len(jobs) + 1)), retry=RetryPolicy(max_attempts=1))
+    events = Events(d)
+    d.add_job(DispatchJob("ep", 1))
+    d.process_batch_for_endpoint("ep")
+    (payload,) = events.of("batch_execution_error")
+    assert isinstance(payload["error"], ValueError) and "2 outcomes" in str(payload["error"])
+    d.shutdown(5)
+
+    partial = make(Recorder(lambda jobs: [False] * len(jobs)), retry=RetryPolicy(max_attempts=1))
+    events = Events(partial)
+    partial.add_job(DispatchJob("ep", 1))
+    partial.process_batch_for_endpoint("ep")
+    assert len(events.of("batch_failed")) == 1
+    assert events.of("batch_execution_error") == []
+    partial.shutdown(5)
+
+
+# -- requeue_error ---------------------------------------------------------------------------
+
+
+def test_a_requeue_failure_fires_requeue_error_and_exhausts_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed job whose retry cannot be scheduled: requeue_error, then job_exhausted; never lost or stuck."""
+    d = make(Recorder(lambda jobs: [False] * len(jobs)), retry=RetryPolicy(max_attempts=5, backoff=Constant(0.0)))
+    events = Events(d)
+    broken = RuntimeError("the retry schedule is broken")
+
+    def put_later(_item: object, _key: Hashable, _delay: float) -> None:
+        raise broken
+
+    monkeypatch.setattr(d._core.engine, "put_later", put_later)
+    job = DispatchJob("ep", "x")
+    d.add_job(job)
+    d.process_batch_for_endpoint("ep")  # the requeue failure is reported, not raised here
+    (payload,) = events.of("requeue_error")
+    assert payload == {"job_id": job.id, "endpoint_id": "ep", "error": broken, "attempts": 1, "job": job}
+    assert status(job) == "exhausted" and job.attempts == 1
+    assert isinstance(job.last_error, Exception) and job.last_error is not broken  # the delivery's error stays
+    names = events.names()
+    assert names.index("batch_failed") < names.index("requeue_error") < names.index("job_exhausted")
+    stats = d.stats()
+    assert (stats["held"], stats["exhausted"], stats["retrying"]) == (0, 1, 0)
+    monkeypatch.undo()
+    assert d.shutdown(5)  # exhausted before shutdown began
+
+
+# -- processor_error -------------------------------------------------------------------------
+
+
+def test_a_processor_failure_fires_processor_error_and_the_batch_still_goes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batching thread cannot hand a batch to a sending thread: processor_error, and it sends it itself."""
+    sink = Recorder()
+    d = make(sink, batch_timeout=0.01)
+    events = Events(d)
+    broken = RuntimeError("can't start new thread")
+
+    def submit(*_args: object) -> None:
+        raise broken
+
+    monkeypatch.setattr(d._core.pool, "submit", submit)
+    job = DispatchJob("ep", "x")
+    d.add_job(job)
+    wait_for(lambda: status(job) == "delivered", timeout=10, message="the batch sent despite the failure")
+    (payload,) = events.of("processor_error")
+    assert payload["error"] is broken
+    assert (payload["endpoint_id"], payload["job_count"]) == ("ep", 1)
+    assert payload["batch"].jobs == (job,) and payload["batch_id"] == payload["batch"].id
+    monkeypatch.undo()
+    assert d.shutdown(5)
+
+
+def test_a_sending_thread_failure_fires_processor_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error escaping the batch machinery on a sending thread is reported, not lost in a Future."""
+    d = make(Recorder(), batch_timeout=0.01)
+    reported = threading.Event()
+    payloads: list[dict[str, Any]] = []
+
+    def on_error(payload: dict[str, Any]) -> None:
+        payloads.append(payload)
+        reported.set()
+
+    d.on("processor_error", on_error)
+    broken = RuntimeError("bug")
+
+    def send(_batch: object) -> None:
+        raise broken
+
+    monkeypatch.setattr(d._core, "_send", send)
+    d.add_job(DispatchJob("ep", "x"))
+    assert reported.wait(10)
+    assert payloads[0]["error"] is broken and payloads[0]["endpoint_id"] == "ep"
+    monkeypatch.undo()
+    d.shutdown(5)
 
 
 # -- max_attempts ----------------------------------------------------------------------------

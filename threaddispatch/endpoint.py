@@ -57,10 +57,13 @@ EVENTS: frozenset[str] = frozenset(
         "batch_skipped",
         "batch_started",
         "batch_executed",
+        "batch_execution_error",
         "batch_completed",
         "batch_failed",
         "job_exhausted",
         "job_dropped",
+        "requeue_error",
+        "processor_error",
         "shutdown",
     }
 )
@@ -367,12 +370,41 @@ class _Core:
 
     def deliver(self, endpoint_id: Hashable, jobs: list[DispatchJob]) -> Future[None] | None:
         batch = WebhookBatch(_new_id(), endpoint_id, tuple(jobs), time.time())
+        # Whoever acquires the claim sends the batch: a submit that raised may still have queued it.
+        claim = threading.Lock()
         try:
-            return self.pool.submit(self.run_batch, batch)
+            return self.pool.submit(self.run_pooled, batch, claim)
         except DispatcherClosedError:
-            # The pool was shut down while the engine still drains: send here rather than lose it.
+            pass  # the pool was shut down while the engine still drains: send here rather than lose it
+        except Exception as exc:  # noqa: BLE001 - e.g. no thread could start: report it, send here
+            self.processor_failed(exc, batch, "could not hand a batch to a sending thread; sending it here")
+        if claim.acquire(blocking=False):
             self.run_batch(batch)
-            return None
+        return None
+
+    def run_pooled(self, batch: WebhookBatch, claim: threading.Lock) -> None:
+        """``run_batch`` on a sending thread; what escapes it is reported, not left in a Future."""
+        if not claim.acquire(blocking=False):
+            return
+        try:
+            self.run_batch(batch)
+        except Exception as exc:  # noqa: BLE001 - send_batch's errors are handled inside: this is a bug
+            self.processor_failed(exc, batch, "sending a batch failed outside send_batch")
+
+    def processor_failed(self, error: Exception, batch: WebhookBatch, what: str) -> None:
+        """The batching machinery itself failed around ``batch``: log it and emit ``processor_error``."""
+        _log.error("%s: %s (batch %s, endpoint %r)", self.label, what, batch.id, batch.endpoint_id, exc_info=error)
+        if self.events.has_listeners("processor_error"):
+            self.events.emit(
+                "processor_error",
+                {
+                    "error": error,
+                    "endpoint_id": batch.endpoint_id,
+                    "batch_id": batch.id,
+                    "job_count": len(batch.jobs),
+                    "batch": batch,
+                },
+            )
 
     # -- sending -----------------------------------------------------------------------------
 
@@ -474,14 +506,7 @@ class _Core:
         finally:
             # After the events, so a retry never overtakes the report of the attempt before it;
             # in a finally, so no listener can lose a job.
-            cancelled: list[DispatchJob] = []
-            for job, delay in retries:
-                try:
-                    self.engine.put_later(job, endpoint_id, delay)
-                except DispatcherClosedError:
-                    cancelled.append(job)
-            if cancelled:
-                self.cancel(cancelled)
+            self._requeue(endpoint_id, retries)
         if interrupt is not None:
             raise interrupt
 
@@ -496,6 +521,61 @@ class _Core:
             return bool(policy.retry_on(error))
         except Exception:  # noqa: BLE001 - as RetryPolicy.should_retry: a broken predicate means no retry
             return False
+
+    def _requeue(self, endpoint_id: Hashable, retries: list[tuple[DispatchJob, float]]) -> None:
+        """Schedule the retries. One the engine refuses as closed is cancelled (as shutdown cancels
+        pending retries); one it fails to schedule otherwise is exhausted, with ``requeue_error``."""
+        cancelled: list[DispatchJob] = []
+        failed: list[tuple[DispatchJob, Exception]] = []
+        for job, delay in retries:
+            try:
+                self.engine.put_later(job, endpoint_id, delay)
+            except DispatcherClosedError:
+                cancelled.append(job)
+            except Exception as exc:  # noqa: BLE001 - the job must finish, not stay "retrying" forever
+                failed.append((job, exc))
+        if cancelled:
+            self.cancel(cancelled)
+        if failed:
+            self._requeue_failed(endpoint_id, failed)
+
+    def _requeue_failed(self, endpoint_id: Hashable, failed: list[tuple[DispatchJob, Exception]]) -> None:
+        finished = time.time()
+        for job, _error in failed:
+            job.status = "exhausted"
+            job.next_retry_at = None
+            job.finished_at = finished
+        with self.lock:
+            self.exhausted += len(failed)
+            self._release_held(len(failed))
+        events = self.events
+        for job, error in failed:
+            _log.error("%s: the retry of %r could not be scheduled; it is given up", self.label, job, exc_info=error)
+            if events.has_listeners("requeue_error"):
+                events.emit(
+                    "requeue_error",
+                    {
+                        "job_id": job.id,
+                        "endpoint_id": endpoint_id,
+                        "error": error,
+                        "attempts": job.attempts,
+                        "job": job,
+                    },
+                )
+            self._emit_exhausted(job, endpoint_id)
+
+    def _emit_exhausted(self, job: DispatchJob, endpoint_id: Hashable) -> None:
+        if self.events.has_listeners("job_exhausted"):
+            self.events.emit(
+                "job_exhausted",
+                {
+                    "job_id": job.id,
+                    "endpoint_id": endpoint_id,
+                    "attempts": job.attempts,
+                    "error": job.last_error,
+                    "job": job,
+                },
+            )
 
     def _delay(self, job: DispatchJob) -> float:
         try:
@@ -525,6 +605,17 @@ class _Core:
                     "batch": batch,
                 },
             )
+        if batch.error is not None and events.has_listeners("batch_execution_error"):
+            events.emit(
+                "batch_execution_error",
+                {
+                    "batch_id": batch.id,
+                    "endpoint_id": endpoint_id,
+                    "error": batch.error,
+                    "job_count": len(batch.jobs),
+                    "batch": batch,
+                },
+            )
         if not failed:
             if events.has_listeners("batch_completed"):
                 events.emit(
@@ -545,18 +636,8 @@ class _Core:
                     "batch": batch,
                 },
             )
-        if exhausted and events.has_listeners("job_exhausted"):
-            for job in exhausted:
-                events.emit(
-                    "job_exhausted",
-                    {
-                        "job_id": job.id,
-                        "endpoint_id": endpoint_id,
-                        "attempts": job.attempts,
-                        "error": job.last_error,
-                        "job": job,
-                    },
-                )
+        for job in exhausted:
+            self._emit_exhausted(job, endpoint_id)
 
     # -- the bound ---------------------------------------------------------------------------
 
@@ -734,12 +815,18 @@ class EndpointBatchDispatcher:
     Failed jobs, and only they, rejoin their endpoint's queue after ``retry``'s backoff
     (default: 3 attempts, exponential from 1 s, doubling, capped at 60 s) and go with its next
     batch, until ``retry.max_attempts`` (or the job's own ``max_attempts``, which overrides it
-    when given) or ``retry.retry_on`` says stop: then ``job_exhausted``.
+    when given) or ``retry.retry_on`` says stop: then ``job_exhausted``. A job whose retry
+    cannot be scheduled (an error of the dispatcher itself) is given up the same way, after
+    ``requeue_error``.
 
     Events, with one dict argument, fire synchronously on the thread doing the work:
     ``job_added`` (the caller of add_job, before the job can be in a batch),
-    ``batch_skipped``, then per batch ``batch_started``, ``batch_executed`` and
-    ``batch_completed`` or ``batch_failed``, then ``job_exhausted`` per exhausted job;
+    ``batch_skipped``, then per batch ``batch_started``, ``batch_executed``,
+    ``batch_execution_error`` (only when the whole batch failed with an error: send_batch
+    raised or returned a bad result), and ``batch_completed`` or ``batch_failed``, then
+    ``requeue_error`` per job whose retry could not be scheduled and ``job_exhausted`` per
+    exhausted job; ``processor_error`` when the machinery around ``send_batch`` failed
+    (a batch could not be handed to a sending thread: it is then sent on the batching thread);
     ``shutdown`` once. A listener that raises is logged and changes nothing else.
     All methods are thread-safe.
 
