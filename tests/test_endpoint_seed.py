@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Hashable
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 
-from threaddispatch import Constant, RetryPolicy
+from threaddispatch import ConfigurationError, Constant, RetryPolicy
 from threaddispatch.endpoint import EVENTS, DispatchJob, EndpointBatchDispatcher
+from threaddispatch.errors import QueueFullError
 from threaddispatch.testing import wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -187,6 +190,102 @@ def test_a_sending_thread_failure_fires_processor_error(monkeypatch: pytest.Monk
     assert payloads[0]["error"] is broken and payloads[0]["endpoint_id"] == "ep"
     monkeypatch.undo()
     d.shutdown(5)
+
+
+# -- scheduled_at ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["soon", True, math.nan, math.inf, -math.inf, datetime(2030, 1, 1)],  # the datetime: naive
+)
+def test_bad_scheduled_at_raises_naming_it(value: object) -> None:
+    """scheduled_at is epoch seconds (time.time()) or an aware datetime; anything else is refused."""
+    with pytest.raises(ConfigurationError, match="scheduled_at"):
+        DispatchJob("ep", 1, scheduled_at=value)  # type: ignore[arg-type]
+
+
+def test_scheduled_at_set_after_construction_is_checked_at_add_job() -> None:
+    job = DispatchJob("ep", 1)
+    job.scheduled_at = "tomorrow"  # type: ignore[assignment]
+    d = make(Recorder())
+    with pytest.raises(ConfigurationError, match=r"scheduled_at.*tomorrow"):
+        d.add_job(job)
+    assert job.status == "new"
+    assert d.stats()["held"] == 0
+    assert d.shutdown(5)
+
+
+def test_scheduled_at_more_than_a_year_ahead_is_refused_at_add_job() -> None:
+    """No thread can wait that long (its timeout overflows), and no process holds a job that long."""
+    d = make(Recorder())
+    job = DispatchJob("ep", 1, scheduled_at=time.time() + 1e10)
+    with pytest.raises(ConfigurationError, match="scheduled_at must be at most 365 days ahead"):
+        d.add_job(job)
+    assert job.status == "new" and d.stats()["held"] == 0
+    d.add_job(DispatchJob("ep", 2, scheduled_at=time.time() + 300 * 86400))  # within the year: accepted
+    assert d.shutdown(5) is False  # and cancelled, not yet due
+
+
+def test_scheduled_at_takes_epoch_seconds_or_an_aware_datetime() -> None:
+    when = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    assert DispatchJob("ep", 1, scheduled_at=when).scheduled_at == when.timestamp()
+    assert DispatchJob("ep", 1, scheduled_at=1_900_000_000).scheduled_at == 1_900_000_000.0
+    assert DispatchJob("ep", 1).scheduled_at is None
+
+
+def test_a_job_not_yet_due_is_not_sent_and_shutdown_reports_it() -> None:
+    """A job scheduled an hour ahead waits: not queued, not sent by process_*, held; cancelled at shutdown."""
+    sink = Recorder()
+    d = make(sink)
+    events = Events(d)
+    later = DispatchJob("ep", "later", scheduled_at=time.time() + 3600)
+    now = DispatchJob("ep", "now", scheduled_at=datetime.now(timezone.utc) - timedelta(seconds=10))
+    d.add_job(later)
+    d.add_job(now)
+    assert status(later) == "scheduled" and status(now) == "pending"
+    assert events.of("job_added")[0]["scheduled_at"] == later.scheduled_at
+    assert d.get_pending_job_count("ep") == 1
+    assert [batch.jobs for batch in d.process_all_batches()] == [(now,)]
+    assert d.process_all_batches() == []
+    stats = d.stats()
+    assert (stats["held"], stats["pending"], stats["retrying"]) == (1, 0, 1)
+    assert d.get_batch_stats().retrying_jobs_count == 1
+    assert d.shutdown(5) is False
+    assert sink.calls == [(["now"], sink.calls[0][1])]
+    assert status(later) == "cancelled" and later.attempts == 0
+    (payload,) = events.of("shutdown")
+    assert payload["cancelled_jobs"] == [later] and payload["delivered"] is False
+
+
+def test_a_scheduled_job_goes_once_due_and_not_before() -> None:
+    """The job is sent by the dispatcher's own batching once scheduled_at has passed, never before."""
+    sink = Recorder()
+    d = make(sink, batch_timeout=0.01)
+    job = DispatchJob("ep", "x", scheduled_at=time.time() + 0.2)
+    d.add_job(job)
+    wait_for(lambda: status(job) == "delivered", timeout=20, message="the scheduled job delivered")
+    assert job.scheduled_at is not None
+    (_payloads, sent_at), *_ = sink.calls
+    assert sent_at >= job.scheduled_at - 0.005  # never before its time (the clocks may differ by a hair)
+    assert d.shutdown(5)
+
+
+def test_a_scheduled_job_counts_toward_max_pending_jobs_and_is_never_dropped() -> None:
+    """Held while it waits: it fills the bound, and drop_oldest drops the new job rather than it."""
+    d = make(Recorder(), max_pending_jobs=1)
+    d.add_job(DispatchJob("ep", "later", scheduled_at=time.time() + 3600))
+    with pytest.raises(QueueFullError):
+        d.add_job(DispatchJob("ep", "now"))
+    d.shutdown(5)
+
+    dropping = make(Recorder(), max_pending_jobs=1, overflow="drop_oldest")
+    later = DispatchJob("ep", "later", scheduled_at=time.time() + 3600)
+    dropping.add_job(later)
+    new = DispatchJob("ep", "now")
+    dropping.add_job(new)
+    assert (status(later), status(new)) == ("scheduled", "dropped")
+    dropping.shutdown(5)
 
 
 # -- max_attempts ----------------------------------------------------------------------------

@@ -3,25 +3,28 @@
 The face of k-msg's webhook ``BatchDispatcher`` on the shared
 :class:`~threaddispatch._engine.BatchEngine`: one keyed lane per endpoint (a priority lane),
 the engine's window as ``batch_timeout``, its gate as the ``max_concurrent_batches`` limit,
-``put_later`` as the retry timer and ``take_now``/``settle`` for the synchronous
-``process_*`` calls. The engine's worker takes the batches; they are sent on a
-:class:`~threaddispatch._pool.WorkerPool` of ``max_concurrent_batches`` threads.
+``put_later`` as the timer of retries and of jobs with a ``scheduled_at``, and
+``take_now``/``settle`` for the synchronous ``process_*`` calls. The engine's worker takes
+the batches; they are sent on a :class:`~threaddispatch._pool.WorkerPool` of
+``max_concurrent_batches`` threads.
 
 Every job is in exactly one place at a time (an endpoint's queue, a batch being sent, the
-retry schedule, or finished: delivered, exhausted or cancelled at shutdown), and it moves
-between them under the engine's lock, so the dispatcher never loses a job and never sends
-one twice.
+schedule of retries and not-yet-due jobs, or finished: delivered, exhausted, dropped, or
+cancelled at shutdown), and it moves between them under the engine's lock, so the
+dispatcher never loses a job and never sends one twice.
 
 Memory is bounded by ``max_pending_jobs``: the jobs held (accepted and not finished, so
-queued, in a batch or waiting for a retry) are counted under ``_Core.lock``, and
-``add_job`` applies the overflow policy of :class:`~threaddispatch.BackgroundDispatcher`
-when the count is at the bound. A retry never counts again: the job is held already.
+queued, in a batch, or waiting for a retry or their ``scheduled_at``) are counted under
+``_Core.lock``, and ``add_job`` applies the overflow policy of
+:class:`~threaddispatch.BackgroundDispatcher` when the count is at the bound. A retry never
+counts again: the job is held already.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -29,6 +32,7 @@ import weakref
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from datetime import datetime
 from operator import attrgetter
 from types import TracebackType
 from typing import Any, Literal
@@ -68,7 +72,9 @@ EVENTS: frozenset[str] = frozenset(
     }
 )
 
-JobStatus = Literal["new", "pending", "processing", "retrying", "delivered", "exhausted", "cancelled", "dropped"]
+JobStatus = Literal[
+    "new", "pending", "scheduled", "processing", "retrying", "delivered", "exhausted", "cancelled", "dropped"
+]
 BatchStatus = Literal["pending", "processing", "completed", "failed"]
 
 #: ``send_batch(endpoint_id, jobs)``: raise (every job failed), return None (every job was
@@ -125,15 +131,39 @@ def _check_endpoint_id(endpoint_id: object) -> None:
         raise ConfigurationError(f"endpoint_id must be hashable, got {endpoint_id!r}") from None
 
 
+# How far ahead add_job accepts a scheduled_at: jobs wait in memory, and no process lives long
+# enough to send a job due later (nor can a thread wait that long: the timeout overflows).
+MAX_SCHEDULE_AHEAD = 365 * 24 * 3600.0
+
+
+def _check_scheduled_at(value: object) -> float | None:
+    """``value`` as epoch seconds: None, a finite int or float (``time.time()``), or an aware datetime."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+        if math.isfinite(seconds):
+            return seconds
+    elif isinstance(value, datetime) and value.utcoffset() is not None:
+        return value.timestamp()
+    raise ConfigurationError(
+        "scheduled_at must be None, epoch seconds (a finite number, as time.time() returns) "
+        f"or a timezone-aware datetime, got {_short(value)}"
+    )
+
+
 class DispatchJob:
     """One payload for one endpoint, and the record of its delivery.
 
     ``id`` is generated when not given (unique across processes); ``created_at`` is set at
     construction (``time.time()``). ``max_attempts`` (None: the dispatcher's
     ``retry.max_attempts``) counts every try, the first included, and when given overrides
-    the policy's. Bad values raise ConfigurationError naming them. From ``add_job`` on, the
-    dispatcher owns the job and updates ``status`` (new, pending, processing, retrying, then
-    delivered, exhausted, cancelled, or dropped by the overflow policy), ``attempts``,
+    the policy's. ``scheduled_at`` (None: at once) is the earliest time the job may be sent:
+    epoch seconds on the ``time.time()`` clock, or a timezone-aware datetime (stored as epoch
+    seconds); the wait is fixed at ``add_job`` from ``time.time()`` then. Bad values raise
+    ConfigurationError naming them. From ``add_job`` on, the dispatcher owns the job and
+    updates ``status`` (new, pending or scheduled, processing, retrying, then delivered,
+    exhausted, cancelled, or dropped by the overflow policy), ``attempts``,
     ``last_attempt_at``, ``next_retry_at``, ``finished_at`` and ``last_error``: read them,
     do not write them. A job can be added once.
     """
@@ -150,6 +180,7 @@ class DispatchJob:
         "next_retry_at",
         "payload",
         "priority",
+        "scheduled_at",
         "status",
     )
 
@@ -160,12 +191,15 @@ class DispatchJob:
         priority: int = 0,
         max_attempts: int | None = None,
         id: str | None = None,
+        *,
+        scheduled_at: float | datetime | None = None,
     ) -> None:
         _check_endpoint_id(endpoint_id)
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ConfigurationError(f"priority must be an int, got {priority!r}")
         if max_attempts is not None:
             check_positive_int("max_attempts", max_attempts)
+        self.scheduled_at: float | None = _check_scheduled_at(scheduled_at)
         if id is None:
             id = _new_id()
         elif not isinstance(id, str) or not id:
@@ -217,8 +251,9 @@ class WebhookBatch:
 class BatchStats:
     """A consistent snapshot of the queues (all fields read at one instant).
 
-    ``pending_jobs_count`` counts jobs queued for sending (not those waiting for a retry, which
-    ``retrying_jobs_count`` counts); ``average_queue_size`` is over endpoints that have jobs.
+    ``pending_jobs_count`` counts jobs queued for sending (not those waiting for a retry or for
+    their ``scheduled_at``, which ``retrying_jobs_count`` counts); ``average_queue_size`` is
+    over endpoints that have jobs.
     """
 
     pending_jobs_count: int
@@ -352,7 +387,7 @@ class _Core:
         self.cancel(jobs)
 
     def cancel(self, jobs: list[DispatchJob]) -> None:
-        """Retries that can no longer happen (shutdown): the jobs are not delivered."""
+        """Retries (or scheduled first sends) that can no longer happen (shutdown): the jobs are not delivered."""
         now = time.time()
         for job in jobs:
             job.status = "cancelled"
@@ -362,7 +397,7 @@ class _Core:
             self.cancelled.extend(jobs)
             self._release_held(len(jobs))
         _log.warning(
-            "%s: shut down with %d job(s) waiting for a retry; they were not delivered: %s",
+            "%s: shut down with %d job(s) waiting for a retry or their scheduled_at; they were not delivered: %s",
             self.label,
             len(jobs),
             ", ".join(job.id for job in jobs[:10]) + (", ..." if len(jobs) > 10 else ""),
@@ -749,7 +784,14 @@ class _Core:
 
     # -- adding ------------------------------------------------------------------------------
 
-    def add_announced(self, job: DispatchJob) -> None:
+    def queue(self, job: DispatchJob, delay: float) -> None:
+        """Put an admitted job in its endpoint's queue, or, with ``delay`` > 0, in the schedule until then."""
+        if delay > 0:
+            self.engine.put_later(job, job.endpoint_id, delay)
+        else:
+            self.engine.put(job, job.endpoint_id)
+
+    def add_announced(self, job: DispatchJob, delay: float) -> None:
         """Emit ``job_added`` and then queue the job, so the event precedes any batch holding it.
 
         Counted in ``adding`` meanwhile: shutdown waits for these before it closes the engine,
@@ -768,11 +810,12 @@ class _Core:
                     "job_id": job.id,
                     "endpoint_id": job.endpoint_id,
                     "priority": job.priority,
-                    "queue_size": self.engine.lane_length(job.endpoint_id) + 1,
+                    "queue_size": self.engine.lane_length(job.endpoint_id) + (0 if delay > 0 else 1),
+                    "scheduled_at": job.scheduled_at,
                     "job": job,
                 },
             )
-            self.engine.put(job, job.endpoint_id)
+            self.queue(job, delay)
         finally:
             local.adding -= 1
             with self.lock:
@@ -819,6 +862,10 @@ class EndpointBatchDispatcher:
     cannot be scheduled (an error of the dispatcher itself) is given up the same way, after
     ``requeue_error``.
 
+    A job with a ``scheduled_at`` in the future waits for it, held but not queued (so neither
+    the batching nor ``process_*`` sends it, and the overflow policy never drops it), then
+    joins its endpoint's queue like a retry; one in the past is queued at once.
+
     Events, with one dict argument, fire synchronously on the thread doing the work:
     ``job_added`` (the caller of add_job, before the job can be in a batch),
     ``batch_skipped``, then per batch ``batch_started``, ``batch_executed``,
@@ -831,17 +878,18 @@ class EndpointBatchDispatcher:
     All methods are thread-safe.
 
     At most ``max_pending_jobs`` jobs (default 100_000) are held: queued, in a batch, or
-    waiting for a retry. At the bound ``add_job`` applies ``overflow``, the policies of
-    :class:`~threaddispatch.BackgroundDispatcher`: ``"raise"`` (the default) raises
-    QueueFullError; ``"block"`` waits up to ``add_job``'s ``timeout`` for a job to finish,
-    then raises QueueFullError (at once on a thread inside ``send_batch`` or a batch
-    listener, whose own batch may hold the room); ``"drop_newest"`` drops the new job;
+    waiting for a retry or their ``scheduled_at``. At the bound ``add_job`` applies
+    ``overflow``, the policies of :class:`~threaddispatch.BackgroundDispatcher`: ``"raise"``
+    (the default) raises QueueFullError; ``"block"`` waits up to ``add_job``'s ``timeout``
+    for a job to finish, then raises QueueFullError (at once on a thread inside
+    ``send_batch`` or a batch listener, whose own batch may hold the room);
+    ``"drop_newest"`` drops the new job;
     ``"drop_oldest"`` drops the queued job its endpoint would send first (or, if that
     endpoint has none queued, the one of the longest queue), and drops the new job when no
     job is queued. A dropped job gets status ``"dropped"``, is counted in ``total_dropped``
     and ``stats()``, and fires ``job_dropped`` on the thread of the add_job that dropped it.
-    A retry never counts twice, and a job waiting for its retry is never dropped (back in
-    its queue, it is a queued job like the others).
+    A retry never counts twice, and a job waiting for its retry or its ``scheduled_at`` is
+    never dropped (once in its queue, it is a queued job like the others).
 
     Pending jobs are sent at interpreter exit, and when a dispatcher nobody references is
     collected; a listener or ``send_batch`` that refers to the dispatcher keeps it alive
@@ -905,14 +953,16 @@ class EndpointBatchDispatcher:
     def add_job(self, job: DispatchJob, timeout: float | None = None) -> str:
         """Queue ``job`` for its endpoint and return its id. Never sends on this thread.
 
-        Does not block (beyond ``job_added`` listeners), except with ``overflow="block"``
+        A job whose ``scheduled_at`` is still ahead (by ``time.time()`` now; at most 365 days)
+        waits for it in the schedule, with status ``"scheduled"``; it is held from now on. Does not block
+        (beyond ``job_added`` listeners), except with ``overflow="block"``
         at the ``max_pending_jobs`` bound: then it waits up to ``timeout`` seconds (None:
         no limit) for room, then raises QueueFullError. With ``"raise"`` it raises
         QueueFullError at the bound; with the drop policies it returns the id of a job
         that may have been dropped (``job.status == "dropped"``). Raises TypeError for a
         non-job, InvalidStateError for a job already added, DispatcherClosedError after
-        shutdown, ConfigurationError for a bad ``timeout``. A job refused with an
-        exception keeps status ``"new"``.
+        shutdown, ConfigurationError for a bad ``timeout`` or ``job.scheduled_at``. A job
+        refused with an exception keeps status ``"new"``.
         """
         if timeout is not None:
             timeout = check_seconds("timeout", timeout)
@@ -922,17 +972,25 @@ class EndpointBatchDispatcher:
             raise InvalidStateError(
                 f"{job!r} was already added; to send it again add DispatchJob(job.endpoint_id, job.payload, id=job.id)"
             )
+        scheduled_at = _check_scheduled_at(job.scheduled_at)  # it may have been set after construction
+        delay = 0.0 if scheduled_at is None else scheduled_at - time.time()
+        if delay > MAX_SCHEDULE_AHEAD:
+            raise ConfigurationError(
+                f"scheduled_at must be at most {MAX_SCHEDULE_AHEAD / 86400:.0f} days ahead, got {scheduled_at!r} "
+                f"({delay / 86400:.0f} days from now); {job!r} was not accepted"
+            )
         core = self._core
         if not core.admit(job, timeout):
             return job.id  # dropped by the overflow policy
-        job.status = "pending"
+        job.scheduled_at = scheduled_at
+        job.status = "scheduled" if delay > 0 else "pending"
         try:
             if core.events.has_listeners("job_added"):
-                core.add_announced(job)
+                core.add_announced(job, delay)
             else:
                 if core.closed:
                     raise DispatcherClosedError(f"{core.label} is shut down; {job!r} was not accepted")
-                core.engine.put(job, job.endpoint_id)
+                core.queue(job, delay)
         except BaseException:
             job.status = "new"  # not queued: the caller may add it elsewhere
             core.unadmit()
@@ -1001,9 +1059,10 @@ class EndpointBatchDispatcher:
         return self._core.dropped
 
     def stats(self) -> dict[str, int]:
-        """Gauges and counters. ``held``: jobs queued, in a batch or waiting for a retry (what
-        ``max_pending_jobs`` bounds); ``pending``, ``active_batches``, ``retrying``: as in
-        :meth:`get_batch_stats`; ``dropped``, ``exhausted``, ``cancelled``: jobs so far.
+        """Gauges and counters. ``held``: jobs queued, in a batch or waiting for a retry or their
+        ``scheduled_at`` (what ``max_pending_jobs`` bounds); ``pending``, ``active_batches``,
+        ``retrying`` (retries and scheduled jobs not yet due): as in :meth:`get_batch_stats`;
+        ``dropped``, ``exhausted``, ``cancelled``: jobs so far.
 
         The queue gauges are one snapshot; ``held`` and the counters are read just after it.
         """
@@ -1061,11 +1120,13 @@ class EndpointBatchDispatcher:
         """Stop intake, send every pending job, wait for active batches, cancel pending retries.
 
         Blocks up to ``timeout`` seconds (None: no limit), even if ``send_batch`` hangs.
-        Retries not yet due are cancelled and their jobs reported as not delivered. Emits
-        ``shutdown`` with the counts (once) and returns whether every job pending, in flight
-        or waiting for a retry was delivered. Idempotent: a later call waits again and
-        returns the state then. Called from ``send_batch`` or a listener, it cannot wait for
-        the batch it runs in: it starts the drain and returns False.
+        Retries and scheduled jobs not yet due are cancelled (status ``"cancelled"``) and
+        reported as not delivered, together: ``cancelled_retries`` and ``cancelled_jobs`` in
+        the ``shutdown`` event count both (a scheduled job never sent has ``attempts == 0``).
+        Emits ``shutdown`` with the counts (once) and returns whether every job pending, in
+        flight or waiting (for a retry or its ``scheduled_at``) was delivered. Idempotent: a
+        later call waits again and returns the state then. Called from ``send_batch`` or a
+        listener, it cannot wait for the batch it runs in: it starts the drain and returns False.
         """
         if timeout is not None:
             timeout = check_seconds("timeout", timeout)
