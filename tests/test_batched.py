@@ -215,15 +215,17 @@ def test_dispatch_reraises_send_batchs_own_timeout_error(cleanup: list[Callable[
     assert not isinstance(info.value, DispatchTimeoutError)
 
 
-def test_delay_seconds_holds_a_message_back(cleanup: list[Callable[[], object]]) -> None:
-    """A message with delay_seconds joins a batch only after the delay; others go before it."""
+def test_hold_delays_holds_a_message_back_until_close(cleanup: list[Callable[[], object]]) -> None:
+    """With hold_delays=True a delayed message stays out of the batches; close() sends it at once."""
     send = Recorder()
-    bd = make(send, cleanup, max_batch_size=10, flush_interval=0.01)
-    late = bd.submit("late", "q", delay_seconds=0.3)
+    bd = make(send, cleanup, max_batch_size=10, flush_interval=0.01, hold_delays=True)
+    late = bd.submit("late", "q", delay_seconds=600)
     early = bd.submit("early", "q")
     assert early.result(10) == "q:early"
+    assert bd.flush(10) is True  # flush() sends what is in the lanes; a held message is not there yet
     assert not late.done()
-    assert late.result(10) == "q:late"
+    assert bd.close(10) is True
+    assert late.result(0) == "q:late"
     assert [batch for _t, batch in send.calls] == [["early"], ["late"]]
 
 

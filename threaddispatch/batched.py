@@ -19,10 +19,16 @@ still queued fails with DispatchTimeoutError instead of waiting for a hung send.
 Each message carries its own Future, which gets its id or its exception.
 ``send_batch`` returns one result per message (an id, None, or an exception), as SQS
 ``SendMessageBatch`` does, so a partial failure fails only its messages.
+
+Each message also carries its ``delay_seconds`` and the submitter's contextvars context
+(captured at ``submit``; one ``copy_context()``, small beside the Future and the lane
+append). With ``envelopes=True`` both reach ``send_batch`` on an :class:`Envelope` per
+message; ``send_batch`` itself runs in a copy of the first message's context.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -30,6 +36,7 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -44,12 +51,31 @@ from threaddispatch.errors import (
     ThreadDispatchError,
 )
 
-__all__ = ["BatchedDispatcher", "SendBatch"]
+__all__ = ["BatchedDispatcher", "Envelope", "SendBatch", "SendEnvelopes"]
 
 T = TypeVar("T")
 
+
+@dataclass(frozen=True, slots=True)
+class Envelope(Generic[T]):
+    """One message as ``send_batch`` sees it with ``envelopes=True``.
+
+    ``delay_seconds`` is the delay it was submitted with, as given (an int stays an int),
+    to pass on per entry (SQS ``SendMessageBatch``'s ``DelaySeconds``); None: no delay was
+    asked for, or ``hold_delays=True`` already held it here. ``context`` is the submitter's
+    :class:`contextvars.Context`, captured at ``submit``: ``envelope.context.run(fn)``
+    runs ``fn`` in it (a trace id, a logging context).
+    """
+
+    message: T
+    delay_seconds: float | None
+    context: contextvars.Context = field(compare=False, repr=False)
+
+
 #: ``send_batch(target, messages)``: returns one result per message, an id (or None) or an exception.
 SendBatch = Callable[[str, list[T]], Sequence["str | BaseException | None"]]
+#: ``send_batch(target, envelopes)`` with ``envelopes=True``: one :class:`Envelope` per message, same results.
+SendEnvelopes = Callable[[str, list[Envelope[T]]], Sequence["str | BaseException | None"]]
 
 _log = logging.getLogger("threaddispatch")
 _names = iter(range(1, 1 << 62))
@@ -65,13 +91,17 @@ def _short(value: object) -> str:
 
 
 class _Pending(Generic[T]):
-    """A message in a lane, with the Future its sender waits on."""
+    """A message in a lane, with the Future its sender waits on, its delay to pass on and its submitter's context."""
 
-    __slots__ = ("future", "message")
+    __slots__ = ("context", "delay", "future", "message")
 
-    def __init__(self, message: T, future: Future[str | None]) -> None:
+    def __init__(
+        self, message: T, future: Future[str | None], delay: float | None, context: contextvars.Context
+    ) -> None:
         self.message = message
         self.future = future
+        self.delay = delay
+        self.context = context
 
     def __repr__(self) -> str:
         return f"message {_short(self.message)}"
@@ -84,8 +114,11 @@ class _BatchState(Generic[T]):
     parent means nothing in the child); the engine and the pool drain themselves at exit.
     """
 
-    def __init__(self, send_batch: Callable[[str, list[T]], object], name: str, max_concurrent_sends: int) -> None:
+    def __init__(
+        self, send_batch: Callable[[str, list[Any]], object], name: str, max_concurrent_sends: int, envelopes: bool
+    ) -> None:
         self.send_batch = send_batch
+        self.envelopes = envelopes  # send_batch gets Envelopes instead of bare messages
         self.name = name
         self.max_concurrent_sends = max_concurrent_sends
         self.pool = WorkerPool(max_concurrent_sends, name=f"{name}-send", idle_timeout=_SEND_IDLE_TIMEOUT)
@@ -153,12 +186,18 @@ class _BatchState(Generic[T]):
 
     def send(self, target: str, batch: list[_Pending[T]]) -> None:
         """Run ``send_batch`` for one batch (on a pool thread) and resolve each message's Future."""
-        messages = [pending.message for pending in batch]
+        payload: list[Any]
+        if self.envelopes:
+            payload = [Envelope(pending.message, pending.delay, pending.context) for pending in batch]
+        else:
+            payload = [pending.message for pending in batch]
+        # A copy: send_batch may run an envelope's own context (the first one's included).
+        context = batch[0].context.copy()
         local = self.local
         try:
             local.sending = getattr(local, "sending", 0) + 1
             try:
-                results = self.send_batch(target, messages)
+                results = context.run(self.send_batch, target, payload)
             finally:
                 local.sending -= 1
                 self._release(called=True)
@@ -244,16 +283,39 @@ class BatchedDispatcher(Generic[T]):
     message arrived, whichever comes first; batches never mix targets. Plug it into
     :class:`~threaddispatch.buffered.AsyncDispatcher` to batch behind a buffered hand-off.
     All methods are thread-safe.
+
+    Per-message delay (SQS ``DelaySeconds`` is per entry). ``send_batch(target, messages)``
+    cannot see a delay, so by default ``submit(..., delay_seconds=n)`` raises
+    ConfigurationError; choose one of:
+
+    * ``envelopes=True``: ``send_batch(target, envelopes)`` gets one :class:`Envelope`
+      ``(message, delay_seconds, context)`` per message, and passes the delay on itself.
+      The message goes in the next batch; nothing is held here.
+    * ``hold_delays=True``: the message is held in this process and joins its target's
+      batches after the delay. A held message is lost if the process dies; ``flush()``
+      does not send it (it is not in a batch yet) and ``close()`` sends it at once,
+      early. Its envelope says ``delay_seconds=None`` (the delay was spent here).
+
+    Existing ``send_batch(target, messages)`` callables keep working unchanged; only a
+    delay needs a choice. ``delay_seconds=None`` always means no delay.
+
+    Context: ``submit`` captures the caller's :mod:`contextvars` context. ``send_batch``
+    runs in a copy of the first message's context (so a one-request batch logs with that
+    request's trace id); with ``envelopes=True`` each message's own context is on its
+    envelope. Behind an :class:`~threaddispatch.buffered.AsyncDispatcher` that context is
+    the producer's only with ``AsyncDispatcher(..., carry_context=True)``.
     """
 
     def __init__(
         self,
-        send_batch: SendBatch[T],
+        send_batch: SendBatch[T] | SendEnvelopes[T],
         *,
         max_batch_size: int = 10,
         flush_interval: float = 0.05,
         max_concurrent_sends: int = 4,
         name: str | None = None,
+        envelopes: bool = False,
+        hold_delays: bool = False,
     ) -> None:
         if not callable(send_batch):
             raise ConfigurationError(f"send_batch must be callable, got {send_batch!r}")
@@ -264,8 +326,12 @@ class BatchedDispatcher(Generic[T]):
             name = f"batched-{next(_names)}"
         elif not isinstance(name, str) or not name:
             raise ConfigurationError(f"name must be a non-empty str, got {name!r}")
+        for flag, value in (("envelopes", envelopes), ("hold_delays", hold_delays)):
+            if not isinstance(value, bool):
+                raise ConfigurationError(f"{flag} must be a bool, got {value!r}")
         self.name = name
-        self._state: _BatchState[T] = _BatchState(send_batch, name, max_concurrent_sends)
+        self._hold_delays = hold_delays
+        self._state: _BatchState[T] = _BatchState(send_batch, name, max_concurrent_sends, envelopes)
         self._engine: BatchEngine[_Pending[T]] = BatchEngine(
             self._state.deliver,
             name=name,
@@ -301,25 +367,41 @@ class BatchedDispatcher(Generic[T]):
     def submit(self, message: T, target: str, *, delay_seconds: float | None = None) -> Future[str | None]:
         """Queue ``message`` for ``target`` and return a Future that gets its id or its exception.
 
-        Never blocks. With ``delay_seconds``, the message joins its target's batches only
-        after that delay (a delayed message still waiting at ``close()`` is sent at once).
-        Cancelling the Future before the batch is sent keeps the message out of it.
-        Raises DispatcherClosedError after :meth:`close`.
+        Never blocks. ``delay_seconds`` (a finite number >= 0) goes to ``send_batch`` on the
+        message's envelope with ``envelopes=True``, or is held here with ``hold_delays=True``
+        (see the class docstring); otherwise a delay raises ConfigurationError. The caller's
+        contextvars context is captured with the message. Cancelling the Future before the
+        batch is sent keeps the message out of it. Raises DispatcherClosedError after
+        :meth:`close`.
         """
         if not isinstance(target, str) or not target:
             raise ConfigurationError(f"target must be a non-empty str, got {target!r}")
-        delay = 0.0 if delay_seconds is None else check_seconds("delay_seconds", delay_seconds)
+        delay = None if delay_seconds is None else self._check_delay(delay_seconds)
         if self._state.closed:
             raise DispatcherClosedError(
                 f"BatchedDispatcher {self.name!r} is closed; {_short(message)} was not accepted"
             )
         future: Future[str | None] = Future()
-        pending = _Pending(message, future)
-        if delay:
-            self._engine.put_later(pending, target, delay)
+        if self._hold_delays:
+            pending = _Pending(message, future, None, contextvars.copy_context())
+            if delay:
+                self._engine.put_later(pending, target, delay)
+                return future
         else:
-            self._engine.put(pending, target)
+            pending = _Pending(message, future, delay, contextvars.copy_context())
+        self._engine.put(pending, target)
         return future
+
+    def _check_delay(self, delay_seconds: object) -> float:
+        """``delay_seconds`` as given when valid and this dispatcher can honour it; else ConfigurationError."""
+        seconds = check_seconds("delay_seconds", delay_seconds)
+        if not self._hold_delays and not self._state.envelopes:
+            raise ConfigurationError(
+                f"BatchedDispatcher {self.name!r}: delay_seconds={delay_seconds!r} cannot reach "
+                f"send_batch(target, messages); create it with envelopes=True to get the delay per message, "
+                f"or hold_delays=True to hold the message in this process"
+            )
+        return delay_seconds if isinstance(delay_seconds, int) else seconds
 
     def dispatch(
         self, message: T, target: str, *, delay_seconds: int | None = None, timeout: float | None = None
