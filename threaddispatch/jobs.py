@@ -241,6 +241,7 @@ class Config:
     queue_configs: tuple[QueueConfig, ...] = ()
     retention: float | None = 7 * 86400.0
     max_payload_size: int = 1 << 20
+    immediate: bool = False
 
     @classmethod
     def default(cls) -> Config:
@@ -280,6 +281,8 @@ class Config:
         if self.retention is not None:
             check_seconds("retention", self.retention)
         _check_int("max_payload_size", self.max_payload_size, 2)
+        if not isinstance(self.immediate, bool):
+            raise ConfigurationError(f"immediate must be True or False, got {self.immediate!r}")
         return self
 
 
@@ -445,6 +448,20 @@ class JobEngine:
     All methods are thread-safe. Producer methods (``enqueue``, ``get_job``, ...) work
     whether or not the engine is started, and after ``stop()`` too: the store is the
     queue, so a job enqueued after stop waits there for a worker.
+
+    ``immediate=True`` (tests, serverless) runs work on the caller's thread: ``enqueue``
+    stores the job as usual, then runs it, with every attempt it takes, before returning
+    its id. Middleware, hooks, ``unique_key``, results and dead letters behave as in
+    normal mode, and ``get_job``/``result`` read the outcome from the store. Differences:
+    a failed attempt with retries left is retried at once (the backoff and a
+    ``Retry(delay=...)`` are not waited for; ``on_job_retrying`` gets delay 0.0); a
+    job timeout cannot interrupt the caller, so it is checked when the handler returns
+    (an attempt that ran too long fails with DispatchTimeoutError, its result dropped);
+    a job due later (``delay``/``run_at``) stays pending until :meth:`run_pending` runs
+    the jobs due by then. Before running its job, ``enqueue`` runs any job of that queue
+    the store would hand out first (higher priority, or due earlier). Such an engine
+    never starts threads: ``start()``/``run()`` raise InvalidStateError, and crons do
+    not fire in it.
     """
 
     def __init__(
@@ -462,6 +479,7 @@ class JobEngine:
         queue_configs: Iterable[QueueConfig] = (),
         retention: float | None = 7 * 86400.0,
         max_payload_size: int = 1 << 20,
+        immediate: bool = False,
         middleware: Iterable[Middleware] = (),
         extensions: Iterable[object] = (),
         logger: logging.Logger | None = None,
@@ -484,6 +502,7 @@ class JobEngine:
             queue_configs=tuple(queue_configs),
             retention=retention,
             max_payload_size=max_payload_size,
+            immediate=immediate,
         ).validate()
         self.store = store
         self.logger = logger or _log
@@ -534,6 +553,7 @@ class JobEngine:
             queue_configs=config.queue_configs,
             retention=config.retention,
             max_payload_size=config.max_payload_size,
+            immediate=config.immediate,
             middleware=middleware,
             extensions=extensions,
             logger=logger,
@@ -786,6 +806,8 @@ class JobEngine:
         job_id = self.store.enqueue((job,))[0]
         if job_id == job.id:
             self._enqueued((job,))
+            if self.config.immediate and job.run_at <= time.time():
+                self._run_until_done(job)
         return job_id
 
     def enqueue_many(
@@ -834,6 +856,9 @@ class JobEngine:
         ]
         ids = self.store.enqueue(jobs)
         self._enqueued(jobs)
+        if self.config.immediate and due <= time.time():
+            for job in jobs:
+                self._run_until_done(job)
         return ids
 
     def _enqueued(self, jobs: Sequence[JobRecord]) -> None:
@@ -850,6 +875,58 @@ class JobEngine:
                 self._wake_pending = True
                 self._next_due = min(self._next_due, due)
                 self._wake.notify()
+
+    # -- running on the caller's thread (immediate mode) ---------------------------------------------
+
+    def run_pending(self, *, queues: Sequence[str] | None = None) -> int:
+        """Run every job of ``queues`` (default: the configured ones) that is due now, on this thread.
+
+        Retries come at once when the engine is immediate, else when their backoff has
+        passed (a later call runs them). Returns how many attempts ran. Raises
+        InvalidStateError while the engine's workers run (they claim the same jobs).
+        Blocks for the jobs' handlers and a few store calls per attempt.
+        """
+        if queues is not None:
+            if isinstance(queues, str) or not queues:
+                raise ConfigurationError(f"queues must be a non-empty list of queue names, got {queues!r}")
+            for queue in queues:
+                _check_queue(queue)
+        names = tuple(dict.fromkeys(queues)) if queues is not None else self.config.queues
+        if self._state in ("running", "stopping"):
+            raise InvalidStateError("run_pending() runs jobs without workers; this JobEngine's workers are running")
+        ran = 0
+        while (claimed := self._claim_one(names)) is not None:
+            self._run_claimed(claimed)
+            ran += 1
+        return ran
+
+    def _run_until_done(self, job: JobRecord) -> None:
+        """Run ``job`` (just enqueued, due) and its retries here, and what the store hands out before it."""
+        while (claimed := self._claim_one((job.queue,))) is not None:
+            finished = self._run_claimed(claimed)
+            if claimed.id == job.id and finished.state is not JobState.RETRYING:
+                return  # done, failed, cancelled, or no longer this engine's claim
+
+    def _claim_one(self, queues: Sequence[str]) -> JobRecord | None:
+        with self._lock:
+            if not self.worker_id:
+                self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+            worker_id = self.worker_id
+        claimed = self.store.claim(queues, 1, worker_id=worker_id, now=time.time())
+        return claimed[0] if claimed else None
+
+    def _run_claimed(self, job: JobRecord) -> JobRecord:
+        """Run one claimed job on this thread and record its outcome; returns its record as this engine left it."""
+        with self._lock:
+            slot = _Slot(job, JobContext(job, self, self.logger), self._definitions.get(job.name))
+            previous = self._inflight.get(job.id)
+            if previous is not None:
+                self._orphans.add(previous)
+            self._inflight[job.id] = slot
+            self._queue_running[job.queue] = self._queue_running.get(job.queue, 0) + 1
+            self._stats["claimed"] += 1
+        self._execute(slot)
+        return slot.job
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -871,6 +948,11 @@ class JobEngine:
                 _check_queue(queue)
         if concurrency is not None:
             _check_int("concurrency", concurrency, 1)
+        if self.config.immediate:
+            raise InvalidStateError(
+                "an immediate JobEngine runs work in enqueue() and run_pending(), on the caller's thread: "
+                "it does not start"
+            )
         if _lifecycle.exiting():
             raise InvalidStateError("the interpreter is exiting; JobEngine cannot start")
         with self._lock:
@@ -1093,7 +1175,8 @@ class JobEngine:
                 signal.signal(signum, handler)
 
     def __enter__(self) -> JobEngine:
-        self.start()
+        if not self.config.immediate:
+            self.start()
         return self
 
     def __exit__(
@@ -1289,6 +1372,9 @@ class JobEngine:
                 result = self._call_chain(ctx, definition.fn, None if raw == "null" else json.loads(raw))
             except BaseException as caught:  # noqa: BLE001 - every handler outcome is recorded
                 error = caught
+            if self.config.immediate and ctx.deadline is not None and time.monotonic() > ctx.deadline:
+                # Nothing interrupted the caller's thread: the attempt counts as timed out, as it would have.
+                error, result = DispatchTimeoutError(f"job {job.name} {job.id} timed out after {ctx.timeout}s"), None
         if error is None:
             text, note = self._encode_result(job, result)
         with self._lock:
@@ -1488,6 +1574,8 @@ class JobEngine:
                 return
             if job.attempts <= job.max_retries:
                 delay, error = self._retry_delay(slot, error)
+                if self.config.immediate:
+                    delay = 0.0  # immediate mode retries at once
                 text = _error_text(error)
                 if self.store.retry_later(
                     job.id, worker_id=self.worker_id, attempts=job.attempts, run_at=now + delay, error=text, now=now
