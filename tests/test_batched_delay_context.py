@@ -163,6 +163,7 @@ def test_async_over_batched_carries_delay_and_context_to_the_envelope(cleanup: l
     """Sender.put(m, delay_seconds=d) in a traced request reaches send_batch's envelope with d and the trace."""
     send = EnvelopeRecorder()
     bd = make_batched(send, cleanup, envelopes=True, max_batch_size=10, flush_interval=60.0)
+    assert bd.accepts_delay_seconds is True
     ad, sender, failures = make_async(bd, cleanup)
     in_trace("req-42", sender.put, "order", delay_seconds=15)
     sender.put("other")
@@ -170,3 +171,24 @@ def test_async_over_batched_carries_delay_and_context_to_the_envelope(cleanup: l
     assert failures == []
     got = [(e.message, e.delay_seconds, e.context.run(TRACE_ID.get)) for e in send.envelopes()]
     assert got == [("order", 15, "req-42"), ("other", None, "none")]
+
+
+def test_a_delay_the_batcher_cannot_pass_on_is_refused_at_put(cleanup: list[Callable[[], object]]) -> None:
+    """Over a BatchedDispatcher with a plain send_batch, put(m, delay_seconds=n) raises at the put, not later."""
+    sent: list[Any] = []
+
+    def send_batch(_target: str, messages: list[Any]) -> list[None]:
+        sent.extend(messages)
+        return [None] * len(messages)
+
+    bd = make_batched(send_batch, cleanup)
+    ad, sender, failures = make_async(bd, cleanup)
+    assert bd.accepts_delay_seconds is False
+    with pytest.raises(ConfigurationError, match=r"delay_seconds.*envelopes=True"):
+        sender.put("m", delay_seconds=5)
+    with pytest.raises(ConfigurationError, match="delay_seconds"):
+        sender.try_put("m", delay_seconds=5)
+    sender.put("plain")
+    assert ad.stop(10) is True
+    assert failures == []
+    assert sent == ["plain"]

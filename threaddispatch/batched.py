@@ -360,6 +360,14 @@ class BatchedDispatcher(Generic[T]):
         return self._state.max_concurrent_sends
 
     @property
+    def accepts_delay_seconds(self) -> bool:
+        """Whether ``submit`` takes a ``delay_seconds`` (``envelopes=True`` or ``hold_delays=True``).
+
+        :class:`~threaddispatch.buffered.AsyncDispatcher` reads it to refuse a delay at ``put``.
+        """
+        return self._hold_delays or self._state.envelopes
+
+    @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
         return self._state.closed
@@ -395,7 +403,7 @@ class BatchedDispatcher(Generic[T]):
     def _check_delay(self, delay_seconds: object) -> float:
         """``delay_seconds`` as given when valid and this dispatcher can honour it; else ConfigurationError."""
         seconds = check_seconds("delay_seconds", delay_seconds)
-        if not self._hold_delays and not self._state.envelopes:
+        if not self.accepts_delay_seconds:
             raise ConfigurationError(
                 f"BatchedDispatcher {self.name!r}: delay_seconds={delay_seconds!r} cannot reach "
                 f"send_batch(target, messages); create it with envelopes=True to get the delay per message, "

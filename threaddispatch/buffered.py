@@ -69,6 +69,8 @@ class Dispatcher(Protocol[T_contra]):
     ``dispatch`` is synchronous: it returns once the message was accepted by the target.
     :class:`AsyncDispatcher` passes ``delay_seconds`` only for a message put with one, so a
     ``dispatch(message, target)`` without the keyword keeps working for undelayed messages.
+    A dispatcher whose ``accepts_delay_seconds`` attribute is False (a BatchedDispatcher
+    without ``envelopes`` or ``hold_delays``) has a delayed ``put`` refused at the call.
     """
 
     def dispatch(self, message: T_contra, target: str, *, delay_seconds: int | None = None) -> str | None:
@@ -202,6 +204,16 @@ class _AsyncState(Generic[T]):
         self.failures_done = False
 
     # -- producers (called with nothing held) --------------------------------------------------
+
+    def check_delay(self, value: object) -> int | None:
+        """``delay_seconds`` for a put; ConfigurationError for a bad value or a dispatcher that cannot take one."""
+        delay = _check_delay(value)
+        if not getattr(self.dispatcher, "accepts_delay_seconds", True):
+            raise ConfigurationError(
+                f"{self.describe()}: delay_seconds={value!r} cannot be passed on by {_short(self.dispatcher)} "
+                f"(accepts_delay_seconds is False; a BatchedDispatcher needs envelopes=True or hold_delays=True)"
+            )
+        return delay
 
     def put(self, entry: _Entry[T], timeout: float | None) -> None:
         with self.mutex:
@@ -627,7 +639,7 @@ class Sender(Generic[T]):
         if timeout is not None:
             timeout = check_seconds("timeout", timeout)
         if delay_seconds is not None:
-            delay_seconds = _check_delay(delay_seconds)
+            delay_seconds = self._state.check_delay(delay_seconds)
         context = contextvars.copy_context() if self._carry_context else None
         self._state.put((message, delay_seconds, context), timeout)
 
@@ -638,7 +650,7 @@ class Sender(Generic[T]):
         Raises DispatcherClosedError after ``stop()``.
         """
         if delay_seconds is not None:
-            delay_seconds = _check_delay(delay_seconds)
+            delay_seconds = self._state.check_delay(delay_seconds)
         context = contextvars.copy_context() if self._carry_context else None
         return self._state.try_put((message, delay_seconds, context))
 
