@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from threaddispatch import DispatcherClosedError, QueueFullError
+from threaddispatch import ConfigurationError, DispatcherClosedError, QueueFullError
 from threaddispatch._engine import BatchEngine
-from threaddispatch._lanes import PriorityLane
+from threaddispatch._lanes import ClosedFifoLane, FifoLane, PriorityLane
 from threaddispatch.testing import wait_for
 
 pytestmark = pytest.mark.timeout(30)
@@ -258,3 +258,102 @@ def test_a_blocked_put_lands_in_the_live_lane_of_its_key() -> None:
     deliver.allow(10)
     assert engine.close(5)
     assert deliver.batches == [[1], [2], [3]]
+
+
+def test_a_queue_smaller_than_the_batch_size_makes_it_the_batch_size() -> None:
+    """max_queue_size below max_batch_size is meaningful: the smaller one is the batch size in effect,
+    so a full lane goes at once and the lock-free path never overshoots the limit by a whole batch."""
+    engine: BatchEngine[int] = BatchEngine(
+        Recorder(), name="test-engine", window=60, max_batch_size=1000, max_queue_size=3
+    )
+    assert engine.max_batch_size == 3
+    unbounded: BatchEngine[int] = BatchEngine(Recorder(), name="test-engine", window=60, max_batch_size=1000)
+    assert unbounded.max_batch_size == 1000
+    assert engine.close(5) and unbounded.close(5)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("overflow", ["drop_newest", "drop_oldest", "block", "raise"])
+def test_drop_first_drops_the_entry_a_lane_would_send_first(overflow: str) -> None:
+    """drop_first takes the oldest entry of a key's lane whatever the overflow policy, counts it as
+    dropped, leaves on_drop to the caller, and returns None for an empty or unknown lane."""
+    on_drop: list[list[int]] = []
+    engine: BatchEngine[int] = BatchEngine(
+        Recorder(),
+        name="test-engine",
+        window=60,
+        max_batch_size=10,
+        overflow=overflow,
+        on_drop=on_drop.append,  # type: ignore[arg-type]
+    )
+    for i in range(3):
+        engine.put(i, key="k")
+    assert engine.drop_first("k") == 0
+    assert engine.drop_first("k") == 1
+    assert engine.lane_length("k") == 1
+    assert engine.drop_first("missing") is None
+    assert engine.drop_first("k") == 2
+    assert engine.drop_first("k") is None
+    assert engine.dropped == 3
+    assert on_drop == []
+    assert engine.flush(5) is True
+    assert engine.close(5)
+
+
+@pytest.mark.timeout(30)
+def test_drop_first_keeps_a_running_flush_quota_right() -> None:
+    """A flush counted five entries and the worker took two; dropping the other three with drop_first
+    must release the flush (no quota left waiting for entries that are gone)."""
+    deliver = SteppedDeliver()
+    engine: BatchEngine[int] = BatchEngine(deliver, name="test-engine", window=60, max_batch_size=2)
+    engine.put(0)
+    engine.put(1)
+    deliver.wait_entered()  # [0, 1] is in deliver
+    for i in range(2, 7):
+        engine.put(i)
+    flushed: list[bool] = []
+    flusher = threading.Thread(target=lambda: flushed.append(engine.flush(20)), daemon=True)
+    flusher.start()
+    wait_for(lambda: engine._flush_requested == 1, message="the flush request")
+    deliver.allow()  # the worker starts the flush (five counted), takes [2, 3], and blocks in deliver
+    deliver.wait_entered()
+    assert [engine.drop_first(None) for _ in range(4)] == [4, 5, 6, None]
+    deliver.allow(10)
+    flusher.join(20)
+    assert flushed == [True]
+    assert deliver.batches == [[0, 1], [2, 3]]
+    assert engine.close(5)
+
+
+@pytest.mark.timeout(30)
+def test_drop_first_makes_room_for_a_blocked_put() -> None:
+    """Under overflow="block" the room drop_first makes wakes a producer waiting for it."""
+    deliver = SteppedDeliver()
+    engine: BatchEngine[int] = BatchEngine(
+        deliver, name="test-engine", window=60, max_batch_size=1, max_queue_size=1, overflow="block"
+    )
+    engine.put(1)
+    deliver.wait_entered()  # [1] is in deliver
+    engine.put(2)  # the lane is full
+    producer = threading.Thread(target=engine.put, args=(3,), kwargs={"timeout": 20}, daemon=True)
+    producer.start()
+    wait_for(lambda: engine._space_waiters == 1, message="the producer waiting for room")
+    assert engine.drop_first(None) == 2
+    producer.join(20)
+    assert not producer.is_alive()
+    assert engine.lane_length(None) == 1
+    deliver.allow(10)
+    assert engine.close(5)
+    assert deliver.batches == [[1], [3]]
+
+
+@pytest.mark.parametrize("cls", [BatchEngine, FifoLane, ClosedFifoLane, PriorityLane])
+def test_repr_never_raises_for_a_half_made_instance(cls: type[Any]) -> None:
+    """Engine and lanes: an instance whose __init__ failed (or never ran) still has a repr."""
+    obj = cls.__new__(cls)
+    with pytest.raises((ConfigurationError, TypeError)):
+        if cls is BatchEngine:
+            obj.__init__(Recorder(), name="half", window=1, max_batch_size=1, overflow="spill")
+        else:
+            obj.__init__(1, 2, 3, 4)
+    assert cls.__name__ in repr(obj)

@@ -66,7 +66,9 @@ class BatchEngine(Generic[T]):
 
     A lane's window opens when an entry arrives in it while it is empty and closes
     ``window`` seconds later; the lane's entries then go in batches of at most
-    ``max_batch_size``. A lane holding ``max_batch_size`` entries goes at once.
+    ``max_batch_size``. A lane holding ``max_batch_size`` entries goes at once. A
+    ``max_queue_size`` below ``max_batch_size`` is the batch size in effect (a lane never
+    holds more), and :attr:`max_batch_size` says so.
     ``deliver(key, items)`` returns None once the batch is settled, or a Future that
     settles it when done (faces that run sends on a pool). Thread-safe.
     """
@@ -90,7 +92,9 @@ class BatchEngine(Generic[T]):
             raise ConfigurationError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}; got {overflow!r}")
         self.name = name
         self.window = window
-        self.max_batch_size = max_batch_size
+        # A lane never holds more than max_queue_size, so no batch can be larger: the size
+        # trigger must fire there, or the lock-free path would overshoot the limit by a batch.
+        self.max_batch_size = max_batch_size if max_queue_size is None else min(max_batch_size, max_queue_size)
         self.max_queue_size = max_queue_size
         self.overflow = overflow
         self._deliver = deliver
@@ -244,13 +248,31 @@ class BatchEngine(Generic[T]):
             self._space.notify_all()
         return dropped
 
-    def _drop(self, lane: Lane[T], count: int) -> list[T]:
-        """Drop ``count`` entries of ``lane`` by the overflow policy; caller holds _lock.
+    def drop_first(self, key: Hashable) -> T | None:
+        """Drop the entry the lane of ``key`` would send first and return it; None if the lane is empty.
 
-        Keeps the flush-quota invariant (see ``_init_state``): a flush may have counted
-        entries the lock-free path appended past the limit, which are dropped only now.
+        Counted in :attr:`dropped`, whatever the overflow policy; ``on_drop`` is not called
+        (the caller has the entry). Wakes a producer waiting for room.
         """
-        drop = lane.drop_oldest if self.overflow == "drop_oldest" else lane.drop_newest
+        with self._lock:
+            lane = self._lanes.get(key)
+            if lane is None or not len(lane):
+                return None
+            dropped = self._drop(lane, 1, oldest=True)
+            if self._space_waiters:
+                self._space.notify_all()
+        return dropped[0]
+
+    def _drop(self, lane: Lane[T], count: int, *, oldest: bool | None = None) -> list[T]:
+        """Drop ``count`` entries of ``lane``: the oldest or newest (None: by the overflow policy); holds _lock.
+
+        Every drop goes through here. Keeps the flush-quota invariant (see ``_init_state``):
+        a flush may have counted entries the lock-free path appended past the limit, which
+        are dropped only now.
+        """
+        if oldest is None:
+            oldest = self.overflow == "drop_oldest"
+        drop = lane.drop_oldest if oldest else lane.drop_newest
         dropped = [drop() for _ in range(count)]
         self.dropped += count
         quota = self._flush_quota.get(lane)
