@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import inspect
 import itertools
 import json
 import logging
@@ -78,7 +79,8 @@ def test_ms_delay_must_be_a_finite_positive_number(bad: Any) -> None:
     [
         ({"max_batch_size": 0}, "max_batch_size"),
         ({"max_queue_size": -5}, "max_queue_size"),
-        ({"max_batch_size": 10, "max_queue_size": 5}, "max_queue_size"),
+        ({"name": 7}, "name"),
+        ({"name": ""}, "name"),
         ({"overflow": "spill"}, "spill"),
         ({"on_error": 42}, "on_error"),
         ({"retry": 3}, "retry"),
@@ -88,6 +90,28 @@ def test_bad_options_are_refused_at_construction(kwargs: dict[str, Any], needle:
     """Every bad option raises ConfigurationError naming the option or value."""
     with pytest.raises(ConfigurationError, match=needle):
         BackgroundDispatcher(Sink(), 10, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "effective"),
+    [
+        ({"max_queue_size": 3}, 3),
+        ({"max_batch_size": 100_000}, 10_000),
+        ({"max_batch_size": 4, "max_queue_size": 4}, 4),
+    ],
+)
+def test_a_queue_smaller_than_the_batch_size_is_accepted_and_caps_the_batch(
+    kwargs: dict[str, Any], effective: int
+) -> None:
+    """A tiny buffer, or a batch size meant never to trigger, is accepted: the batch size in effect
+    is the smaller of the two, so a full buffer goes at once (long before the minute-long window)."""
+    sink = Sink()
+    d = BackgroundDispatcher(sink, ms_delay=60_000, **kwargs)
+    for i in range(effective):
+        d.enqueue(i)
+    wait_for(lambda: sink.batches, timeout=10, message="the size-triggered batch")
+    assert sink.batches == [list(range(effective))]
+    assert d.close(10)
 
 
 def test_send_batch_must_be_callable() -> None:
@@ -520,6 +544,56 @@ def test_repr_names_the_dispatcher() -> None:
     assert "audit" in repr(d) and "open" in repr(d)
     d.close()
     assert "closed" in repr(d)
+
+
+@pytest.mark.parametrize("overflow", ["drop_newest", "drop_oldest", "block", "raise"])
+def test_timeout_is_keyword_only_on_enqueue_and_submit(overflow: str) -> None:
+    """A second positional argument (a ported Zuplo ``enqueue(entry, context)``, or an old positional
+    timeout) is a TypeError under every policy, and nothing is enqueued; timeout= still works."""
+    sink = Sink()
+    d = BackgroundDispatcher(sink, ms_delay=60_000, max_queue_size=10, overflow=overflow)  # type: ignore[arg-type]
+    context = {"requestId": "r-1"}
+    for call in (d.enqueue, d.submit):
+        for second in (context, 5, None):
+            with pytest.raises(TypeError, match="positional"):
+                call("ported", second)  # type: ignore[misc]
+    with pytest.raises(TypeError, match="positional"):
+        d.enqueue("ported", [], None, None, None)  # type: ignore[call-arg]
+    assert d.stats()["pending"] == 0
+    d.enqueue("a", timeout=1)
+    assert d.submit("b", timeout=None).done() is False
+    for call in (d.enqueue, d.submit):
+        parameter = inspect.signature(call).parameters["timeout"]
+        assert parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    assert d.close(10)
+    assert sink.entries == ["a", "b"]
+
+
+class _Refused(Exception):
+    pass
+
+
+def _fail_engine(*args: Any, **kwargs: Any) -> Any:
+    raise _Refused("no engine")
+
+
+@pytest.mark.parametrize("failure", ["bad option", "engine"])
+def test_repr_never_raises_for_a_dispatcher_whose_constructor_failed(
+    failure: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An instance left half-made by a failing __init__ (seen in tracebacks, debuggers, log lines)
+    still has a repr, saying it was never made."""
+    d = BackgroundDispatcher.__new__(BackgroundDispatcher)
+    if failure == "engine":
+        monkeypatch.setattr("threaddispatch.background.BatchEngine", _fail_engine)
+        with pytest.raises(_Refused):
+            d.__init__(Sink(), 10, name="half")  # type: ignore[misc]
+        assert "'half'" in repr(d)
+    else:
+        with pytest.raises(ConfigurationError):
+            d.__init__(Sink(), 10, max_batch_size=0)  # type: ignore[misc]
+    assert "not constructed" in repr(d)
+    assert repr(BackgroundDispatcher.__new__(BackgroundDispatcher)).startswith("<BackgroundDispatcher")
 
 
 def test_close_from_inside_send_batch_returns_instead_of_deadlocking() -> None:

@@ -51,6 +51,10 @@ class FifoLane(deque[Any]):
         self.deadline: float | None = None  # when the open window closes; None: no window
         self.due = False  # send without waiting for the window (size trigger, flush, close)
 
+    # The lock-free enqueue appends through this name, which only lanes have: a stray
+    # positional argument bound in a lane's place raises AttributeError (see background.py).
+    lock_free_append = deque.append
+
     def take(self, count: int) -> list[Any]:
         # starmap calls popleft at C speed with no per-item comparison; only the engine
         # worker removes entries, so the lane holds at least ``count`` here.
@@ -82,6 +86,8 @@ class ClosedFifoLane(FifoLane):
 
     def append(self, item: Any, /) -> None:
         raise DispatcherClosedError(f"{self.owner} is closed; entry {_short(item)} was not accepted")
+
+    lock_free_append = append
 
 
 class PriorityLane(Generic[T]):
