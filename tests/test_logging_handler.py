@@ -136,3 +136,27 @@ def test_later_handlers_see_the_record_unchanged(logger: logging.Logger) -> None
     assert shipped is not original
     assert shipped.getMessage().startswith("BATCH ERROR value 42") and "ValueError: kaput" in shipped.getMessage()
     assert shipped.args is None and shipped.exc_info is None and shipped.exc_text is None
+
+
+def test_a_queue_smaller_than_the_batch_size_is_accepted() -> None:
+    """A tiny buffer is accepted (it caps the batch size) rather than refused."""
+    batches: list[list[logging.LogRecord]] = []
+    handler = BatchingHandler(batches.append, ms_delay=60_000, max_queue_size=3)
+    try:
+        for i in range(3):
+            handler.emit(logging.makeLogRecord({"msg": f"m{i}"}))
+        wait_for(lambda: batches, timeout=10, message="the size-triggered batch")
+        assert [r.getMessage() for r in batches[0]] == ["m0", "m1", "m2"]
+    finally:
+        handler.close()
+
+
+@pytest.mark.parametrize("bad", [{"level": "NO SUCH LEVEL"}, {"max_batch_size": 0}])
+def test_repr_never_raises_for_a_handler_whose_constructor_failed(bad: dict[str, Any]) -> None:
+    """A handler left half-made by a failing __init__ still has a repr."""
+    handler = BatchingHandler.__new__(BatchingHandler)
+    with pytest.raises((ValueError, TypeError)):
+        handler.__init__(lambda records: None, **bad)  # type: ignore[misc]
+    assert repr(handler).startswith("<BatchingHandler")
+    handler.flush()  # logging.shutdown() flushes and closes every handler made, even half-made ones
+    handler.close()

@@ -85,12 +85,28 @@ class BatchingHandler(logging.Handler):
 
     def flush(self, timeout: float | None = 5.0) -> None:
         """Send the queued records and wait up to ``timeout`` seconds for them."""
-        if not self.dispatcher.closed:
-            self.dispatcher.flush(timeout)
+        dispatcher = self._dispatcher()
+        if dispatcher is not None and not dispatcher.closed:
+            dispatcher.flush(timeout)
 
     def close(self, timeout: float | None = 5.0) -> None:
         """Send the queued records, stop the thread (up to ``timeout`` seconds), and close the handler."""
         try:
-            self.dispatcher.close(timeout)
+            dispatcher = self._dispatcher()
+            if dispatcher is not None:
+                dispatcher.close(timeout)
         finally:
             super().close()
+
+    def _dispatcher(self) -> BackgroundDispatcher[logging.LogRecord] | None:
+        # None for a handler whose __init__ failed before making it: logging.shutdown()
+        # still flushes and closes every handler that got as far as logging.Handler.__init__.
+        return getattr(self, "dispatcher", None)
+
+    def __repr__(self) -> str:
+        # Never raises: an instance whose __init__ failed part-way lacks some attributes.
+        level = logging.getLevelName(getattr(self, "level", logging.NOTSET))
+        dispatcher = self._dispatcher()
+        if dispatcher is None:
+            return f"<BatchingHandler ({level}) not constructed>"
+        return f"<BatchingHandler {dispatcher.name!r} ({level})>"
