@@ -200,7 +200,8 @@ class BackgroundDispatcher(Generic[T]):
 
     ``send_batch`` runs on the dispatcher's daemon thread ``threaddispatch-<name>``,
     never with an empty list and never with more than ``max_batch_size`` entries;
-    entries keep their order. All methods are thread-safe.
+    entries keep their order. A ``max_queue_size`` smaller than ``max_batch_size`` is
+    the batch size in effect: a full buffer goes at once. All methods are thread-safe.
 
     After ``os.fork()`` the child's dispatcher starts empty, with its own counters from
     zero and a fresh worker: entries pending or being sent at fork are the parent's to
