@@ -320,6 +320,17 @@ class TestStoreContract:
         assert store.purge_dead_letters(older_than=T0) == 0
         assert store.purge_dead_letters() == 1
 
+    def test_count_dead_letters_in_one_queue_or_all(self, store: Store) -> None:
+        """count_dead_letters counts the letters of one queue, or of all; the base class default agrees."""
+        jobs = [job(queue="mail"), job(queue="mail"), job()]
+        store.enqueue(jobs)
+        assert store.count_dead_letters() == 0
+        for j in jobs:
+            store.fail(j.id, worker_id=None, attempts=None, error="forced", now=T0)
+        for queue, expected in ((None, 3), ("mail", 2), ("default", 1), ("none", 0)):
+            assert store.count_dead_letters(queue=queue) == expected
+            assert Store.count_dead_letters(store, queue=queue) == expected
+
     def test_dead_letter_pages_list_each_once_when_failed_at_is_out_of_insertion_order(self, store: Store) -> None:
         """Keyset pages of dead letters give each once, even when failures were recorded out of time order."""
         jobs = [job() for _ in range(4)]

@@ -107,7 +107,6 @@ def _cron_lease(name: str) -> str:
 
 
 _MAX_ERROR_TEXT = 8000
-_COUNT_PAGE = 1000  # dead letters read per store call by dlq_count()
 # .runtime: the runtime token (JobEngine._runtime) of the engine whose thread this is, while it runs
 # the engine's loops or work; stop() there must not wait for itself. Thread-local: no lock.
 _ENGINE_THREAD = threading.local()
@@ -2047,16 +2046,9 @@ class JobEngine:
         return self.store.list_dead_letters(queue=queue, limit=limit, offset=offset)
 
     def dlq_count(self, queue: str | None = None) -> int:
-        """How many dead letters there are, in ``queue`` or in all queues. Reads the store in pages."""
+        """How many dead letters there are, in ``queue`` or in all queues. One store read."""
         _check_optional_queue(queue)
-        total = 0
-        after: tuple[str, float] | None = None
-        while True:
-            page = self.store.list_dead_letters_after(after, queue=queue, limit=_COUNT_PAGE, position=total)
-            total += len(page)
-            if len(page) < _COUNT_PAGE:
-                return total
-            after = (page[-1].id, page[-1].failed_at)
+        return self.store.count_dead_letters(queue=queue)
 
     def replay(self, dead_letter_id: str) -> str:
         """Enqueue a dead letter's job again as a new job and delete the dead letter; returns the new id.

@@ -220,6 +220,7 @@ class Statements:
     # Statements without parameters: the same for every placeholder style.
     schema_version = "SELECT coalesce(max(version), 0) FROM dispatch_schema_version"
     count_all = "SELECT state, count(*) FROM dispatch_jobs GROUP BY state"
+    count_letters = "SELECT count(*) FROM dispatch_dead_letters"
     list_crons = f"SELECT {CRON_COLUMNS} FROM dispatch_crons ORDER BY name"
     purge_all_letters = "DELETE FROM dispatch_dead_letters"
 
@@ -229,6 +230,7 @@ class Statements:
         "acquire_lease",
         "active_holder",
         "complete",
+        "count_letters_queue",
         "count_queue",
         "cron_exists",
         "delete_cron",
@@ -246,6 +248,10 @@ class Statements:
         "retry_later",
         "upsert_cron",
     )
+
+    def count_dead_letters(self, queue: str | None) -> tuple[str, tuple[object, ...]]:
+        """The statement and parameters counting dead letters, in ``queue`` or in all."""
+        return (self.count_letters, ()) if queue is None else (self.count_letters_queue, (queue,))
 
     def __init__(self, mark: Mark) -> None:
         m = mark
@@ -272,6 +278,7 @@ class Statements:
         )
         self.delete_job_letters = f"DELETE FROM dispatch_dead_letters WHERE job_id = {m}"
         self.get_letter = f"SELECT {LETTER_COLUMNS} FROM dispatch_dead_letters WHERE id = {m}"
+        self.count_letters_queue = f"SELECT count(*) FROM dispatch_dead_letters WHERE queue = {m}"
         self.delete_letter = f"DELETE FROM dispatch_dead_letters WHERE id = {m}"
         self.purge_letters_before = f"DELETE FROM dispatch_dead_letters WHERE failed_at < {m}"
         self.pause_queue = (

@@ -562,6 +562,21 @@ class Store(abc.ABC):
             lambda letter: (letter.id, letter.failed_at), after, position, limit,
         )  # fmt: skip
 
+    def count_dead_letters(self, *, queue: str | None = None) -> int:
+        """How many dead letters there are, in ``queue`` or in every queue.
+
+        The default pages through :meth:`list_dead_letters_after` (one read per 1,000
+        letters); a store should override it with one ``COUNT``. Blocks for those reads.
+        """
+        total = 0
+        after: tuple[str, float] | None = None
+        while True:
+            page = self.list_dead_letters_after(after, queue=queue, limit=1000, position=total)
+            total += len(page)
+            if len(page) < 1000:
+                return total
+            after = (page[-1].id, page[-1].failed_at)
+
     def counts_by_queue(self, queues: Sequence[str]) -> dict[str, dict[JobState, int]]:
         """``{queue: counts(queue=queue)}`` for each of ``queues``, every state present (0 when none).
 

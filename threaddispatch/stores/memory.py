@@ -421,6 +421,12 @@ class MemoryStore(Store):
             letters = [letter for _, _, letter in matching if queue is None or letter.queue == queue]
             return [dataclasses.replace(letter) for letter in letters[offset : offset + limit]]
 
+    def count_dead_letters(self, *, queue: str | None = None) -> int:
+        """See :meth:`Store.count_dead_letters`: one pass under the lock."""
+        with self._lock:
+            self._check_open()
+            return sum(1 for letter in self._dead.values() if queue is None or letter.queue == queue)
+
     def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
         """See :meth:`Store.get_dead_letter`."""
         with self._lock:

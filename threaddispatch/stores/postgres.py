@@ -579,6 +579,16 @@ class PostgresStore(Store):
 
         return self._run("listing dead letters", op, idempotent=True)
 
+    def count_dead_letters(self, *, queue: str | None = None) -> int:
+        """See :meth:`Store.count_dead_letters`: one ``COUNT``."""
+        query, params = SQL.count_dead_letters(queue)
+
+        def op(conn: Conn) -> int:
+            row = conn.execute(query, params).fetchone()
+            return int(row[0]) if row is not None else 0
+
+        return self._run("counting dead letters", op, idempotent=True)
+
     def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
         """See :meth:`Store.get_dead_letter`."""
 

@@ -728,6 +728,11 @@ class SQLiteStore(Store):
         return [letter_from_row(row) for row in rows]
 
     @_translate
+    def count_dead_letters(self, *, queue: str | None = None) -> int:
+        """See :meth:`Store.count_dead_letters`: one ``COUNT``."""
+        return int(self._conn().execute(*_SQL.count_dead_letters(queue)).fetchone()[0])
+
+    @_translate
     def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
         """See :meth:`Store.get_dead_letter`."""
         row = self._conn().execute(_SQL.get_letter, (dead_letter_id,)).fetchone()
