@@ -337,9 +337,7 @@ class _Core:
             on_skip=self.on_skip,
             on_abandon=self.on_abandon,
             lane_factory=_priority_lane if enable_prioritization else FifoLane,
-            # No per-lane bound (max_pending_jobs is over all endpoints, applied by add_job); the
-            # policy only tells the engine which end of a lane _drop_head() takes.
-            overflow="drop_oldest",
+            # No per-lane bound: max_pending_jobs is over all endpoints, applied by add_job.
         )
         _lifecycle.register(self)
 
@@ -745,22 +743,11 @@ class _Core:
         else of the longest queue. Returns whether a job was dropped. Nothing held."""
         lengths, _in_flight, _scheduled = self.engine.snapshot()
         for key in [endpoint_id, *sorted(lengths, key=lengths.__getitem__, reverse=True)]:
-            victim = self._drop_head(key)
+            victim = self.engine.drop_first(key)  # the job the lane sends first, under the engine's lock
             if victim is not None:
                 self._finish_dropped(victim)
                 return True
         return False
-
-    def _drop_head(self, key: Hashable) -> DispatchJob | None:
-        # The engine has no public drop of one queued entry, so this reaches into it, under its
-        # lock: engine._drop keeps the engine's counters and flush quota right, and takes
-        # lane.drop_oldest (the engine's policy, see __init__): the job the lane sends first.
-        engine = self.engine
-        with engine._lock:
-            lane = engine._lanes.get(key)
-            if lane is None or not len(lane):
-                return None
-            return engine._drop(lane, 1)[0]
 
     def _finish_dropped(self, job: DispatchJob) -> None:
         """Mark ``job`` dropped by the overflow policy, count it, emit ``job_dropped``. Nothing held."""
