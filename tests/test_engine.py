@@ -83,6 +83,21 @@ def test_put_later_enters_the_lane_after_its_delay() -> None:
     assert engine.close(5)
 
 
+@pytest.mark.timeout(30)
+def test_a_far_future_put_later_does_not_kill_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry scheduled past what a thread wait accepts (1e10 s) neither crashes the worker nor blocks the next."""
+    crashes: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: crashes.append(args.exc_value))
+    rec = Recorder()
+    engine: BatchEngine[str] = BatchEngine(rec, name="test-engine", window=0.001, max_batch_size=10)
+    engine.put_later("someday", "k", 1e10)
+    engine.put("now", "k")
+    wait_for(lambda: rec.batches, message="the entry put after a far-future one")
+    assert rec.batches == [("k", ["now"])]
+    engine.close(5)
+    assert crashes == []
+
+
 def test_close_hands_scheduled_entries_to_on_abandon() -> None:
     """Entries still scheduled at close are given to on_abandon instead of being sent."""
     rec = Recorder()

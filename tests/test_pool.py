@@ -130,3 +130,22 @@ def test_shutdown_cancel_pending_drops_queued_runs_and_cancels_futures() -> None
     assert pool.shutdown(5, cancel_pending=True)
     assert future.cancelled()
     assert ran == []
+
+
+def test_a_thread_that_cannot_start_leaves_no_task_or_thread_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the first worker thread cannot start, submit raises, and the task is not run later by another thread."""
+    pool = WorkerPool(2, name="test-pool")
+    real_start = threading.Thread.start
+    ran: list[str] = []
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    with pytest.raises(RuntimeError, match="can't start"):
+        pool.submit(ran.append, "lost")
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    assert pool.busy() == 0
+    assert pool.submit(ran.append, "later").result(5) is None
+    assert ran == ["later"]
+    assert pool.shutdown(5)

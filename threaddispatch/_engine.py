@@ -47,6 +47,7 @@ Overflow = Literal["drop_newest", "drop_oldest", "block", "raise"]
 OVERFLOW_POLICIES: tuple[str, ...] = ("drop_newest", "drop_oldest", "block", "raise")
 
 _UNBOUNDED = 1 << 62
+_MAX_WAIT = 3600.0  # the longest single wait of the worker (seconds); a later due time is waited for in turns
 
 _log = logging.getLogger("threaddispatch")
 
@@ -426,6 +427,9 @@ class BatchEngine(Generic[T]):
             if self._scheduled:
                 until = self._scheduled[0][0] - now
                 timeout = until if timeout is None else min(timeout, until)
+            if timeout is not None:
+                # A wait past threading.TIMEOUT_MAX raises; the loop works out the rest again.
+                timeout = min(timeout, _MAX_WAIT)
             self._worker_waiting = True
             try:
                 self._wakeup.wait(timeout)

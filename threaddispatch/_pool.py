@@ -183,7 +183,15 @@ class WorkerPool:
                     target=state.worker, name=f"threaddispatch-{state.name}-{state.serial}", daemon=True
                 )
                 state.threads.add(thread)
-                thread.start()
+                try:
+                    thread.start()
+                except BaseException:
+                    # No thread will ever run from this one: forget it, and take the task
+                    # back unless a running thread will reach it (the caller gets the error).
+                    state.threads.discard(thread)
+                    if not state.threads:
+                        tasks.pop()
+                        raise
                 return False
             if state.threads:
                 return False
