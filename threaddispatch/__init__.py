@@ -10,7 +10,7 @@ from __future__ import annotations
 from threaddispatch._lifecycle import get_exit_timeout, set_exit_timeout
 from threaddispatch.background import BackgroundDispatcher, FailedBatch
 from threaddispatch.backoff import Constant, Exponential, ExponentialJitter, Linear, RetryPolicy
-from threaddispatch.batched import BatchedDispatcher
+from threaddispatch.batched import BatchedDispatcher, Envelope
 from threaddispatch.buffered import AsyncDispatcher, Dispatcher, FailedMessage, Sender, SubmittingDispatcher
 from threaddispatch.endpoint import BatchStats, DispatchJob, EndpointBatchDispatcher, WebhookBatch
 from threaddispatch.errors import (
@@ -72,6 +72,7 @@ __all__ = [
     "Dispatcher",
     "DispatcherClosedError",
     "EndpointBatchDispatcher",
+    "Envelope",
     "EventEmitter",
     "Exponential",
     "ExponentialJitter",
