@@ -7,7 +7,16 @@ import random
 
 import pytest
 
-from threaddispatch import ConfigurationError, Constant, Exponential, ExponentialJitter, Linear, RetryPolicy
+from threaddispatch import (
+    Cancel,
+    ConfigurationError,
+    Constant,
+    Exponential,
+    ExponentialJitter,
+    Linear,
+    Retry,
+    RetryPolicy,
+)
 
 
 def test_constant_linear_exponential_schedules() -> None:
@@ -91,3 +100,51 @@ def test_an_int_too_large_for_a_float_is_a_configuration_error(delay: int) -> No
     """Seconds given as an int past float range raise ConfigurationError naming the argument, not OverflowError."""
     with pytest.raises(ConfigurationError, match="delay"):
         Constant(delay)
+
+
+class TestNextDelay:
+    """RetryPolicy.next_delay: the one retry decision every face asks."""
+
+    policy = RetryPolicy(max_attempts=3, backoff=Constant(2.0), retry_on=lambda e: not isinstance(e, KeyError))
+
+    def test_an_ordinary_error_retries_after_the_backoff_until_the_limit(self) -> None:
+        """Attempts 1 and 2 of 3 retry after the backoff; the third is final."""
+        assert self.policy.next_delay(1, TimeoutError()) == 2.0
+        assert self.policy.next_delay(2, TimeoutError()) == 2.0
+        assert self.policy.next_delay(3, TimeoutError()) is None
+
+    def test_retry_on_saying_no_is_final(self) -> None:
+        """An error the predicate refuses is final at once."""
+        assert self.policy.next_delay(1, KeyError("x")) is None
+
+    def test_cancel_is_final_at_once(self) -> None:
+        """Cancel ends the work whatever the attempts left."""
+        assert self.policy.next_delay(1, Cancel()) is None
+
+    def test_retry_overrides_the_backoff_and_the_predicate_within_the_limit(self) -> None:
+        """Retry(delay) sets the delay, Retry() takes the backoff; neither passes the attempt limit."""
+        strict = RetryPolicy(max_attempts=3, backoff=Constant(2.0), retry_on=lambda e: False)
+        assert strict.next_delay(1, Retry(delay=0.25)) == 0.25
+        assert strict.next_delay(1, Retry()) == 2.0
+        assert strict.next_delay(3, Retry(delay=0.25)) is None
+
+    @pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf, "soon", True])
+    def test_a_retry_whose_delay_went_bad_is_final(self, bad: object) -> None:
+        """A Retry whose delay was changed after construction to a bad value makes the failure final."""
+        signal = Retry(delay=1.0)
+        signal.delay = bad  # type: ignore[assignment]
+        assert self.policy.next_delay(1, signal) is None
+
+    def test_a_jobs_own_limit_replaces_the_policys(self) -> None:
+        """max_attempts= overrides the policy's limit, higher or lower."""
+        assert self.policy.next_delay(3, TimeoutError(), max_attempts=5) == 2.0
+        assert self.policy.next_delay(1, TimeoutError(), max_attempts=1) is None
+
+    def test_a_raising_backoff_or_predicate_makes_the_failure_final(self) -> None:
+        """next_delay never raises: a broken backoff or predicate gives None."""
+
+        def broken(_: object) -> float:
+            raise RuntimeError("bug")
+
+        assert RetryPolicy(backoff=broken).next_delay(1, TimeoutError()) is None
+        assert RetryPolicy(retry_on=broken).next_delay(1, TimeoutError()) is None  # type: ignore[arg-type]

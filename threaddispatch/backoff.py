@@ -7,13 +7,14 @@ such callables, immutable and thread-safe.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from threaddispatch._validate import check_seconds
-from threaddispatch.errors import ConfigurationError
+from threaddispatch._validate import check_seconds, show
+from threaddispatch.errors import Cancel, ConfigurationError, Retry
 
 __all__ = [
     "Backoff",
@@ -26,6 +27,17 @@ __all__ = [
 ]
 
 Backoff = Callable[[int], float]
+
+_log = logging.getLogger("threaddispatch")
+
+
+def _retry_delay(delay: object) -> float | None:
+    """A ``Retry``'s delay as seconds, or None (final) when it is not a finite number >= 0."""
+    try:
+        return check_seconds("Retry delay", delay)
+    except ConfigurationError:
+        _log.warning("Retry(delay=%s) is not a finite number of seconds >= 0; the failure is final", show(delay))
+        return None
 
 
 def _check_attempt(attempt: int) -> int:
@@ -149,12 +161,39 @@ class RetryPolicy:
 
         A predicate that raises is treated as "do not retry" (the original error stands).
         """
-        if attempts_made >= self.max_attempts:
-            return False
+        return attempts_made < self.max_attempts and self._wants_retry(error)
+
+    def _wants_retry(self, error: BaseException) -> bool:
+        """``retry_on(error)``; a predicate that raises means "do not retry" (logged)."""
         try:
             return bool(self.retry_on(error))
         except Exception:  # noqa: BLE001 - a broken predicate must not hide the original error
+            _log.exception("retry_on %r raised; the failure is final", self.retry_on)
             return False
+
+    def next_delay(self, attempts_made: int, error: BaseException, *, max_attempts: int | None = None) -> float | None:
+        """The one retry decision: seconds before the next attempt, or None to give up. Never raises.
+
+        ``attempts_made`` tries ended in ``error``; ``max_attempts`` (a job's own limit)
+        replaces the policy's when given. ``Cancel`` is final at once. ``Retry(delay)``
+        retries whatever ``retry_on`` says, after ``delay`` seconds (the backoff when None),
+        within the attempt limit; a bad delay (negative, NaN, infinite, not a number) makes
+        the failure final. Any other error retries when ``retry_on`` says so, after the
+        backoff. A backoff or predicate that raises makes the failure final (logged).
+        """
+        limit = self.max_attempts if max_attempts is None else max_attempts
+        if isinstance(error, Cancel) or attempts_made >= limit:
+            return None
+        if isinstance(error, Retry):
+            if error.delay is not None:
+                return _retry_delay(error.delay)
+        elif not self._wants_retry(error):
+            return None
+        try:
+            return self.delay(attempts_made)
+        except Exception:  # noqa: BLE001 - a broken backoff must not hide the original error
+            _log.exception("backoff %r raised; the failure is final", self.backoff)
+            return None
 
     def delay(self, attempts_made: int) -> float:
         """Seconds to wait before the next attempt, after ``attempts_made`` tries (>= 0, finite)."""
