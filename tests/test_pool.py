@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
 import pytest
 
 from threaddispatch import ConfigurationError, DispatcherClosedError
+from threaddispatch._invoke import invoke
 from threaddispatch._pool import WorkerPool
 from threaddispatch.testing import wait_for
 
@@ -148,4 +150,26 @@ def test_a_thread_that_cannot_start_leaves_no_task_or_thread_behind(monkeypatch:
     assert pool.busy() == 0
     assert pool.submit(ran.append, "later").result(5) is None
     assert ran == ["later"]
+    assert pool.shutdown(5)
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_closes_its_event_loop_as_it_ends() -> None:
+    """A pool thread that ran a coroutine closes its private loop on leaving: left-behind tasks are cancelled."""
+    pool = WorkerPool(1, name="test-pool", idle_timeout=0.05)
+    cancelled = threading.Event()
+
+    async def linger() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def leave_a_task_behind() -> None:
+        asyncio.get_running_loop().create_task(linger())
+        await asyncio.sleep(0)  # let it start
+
+    pool.submit(invoke, leave_a_task_behind).result(5)
+    assert cancelled.wait(10), "the thread's loop was not closed with close_thread_loop"
     assert pool.shutdown(5)

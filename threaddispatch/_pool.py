@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from threaddispatch import _lifecycle
+from threaddispatch._invoke import close_thread_loop
 from threaddispatch.errors import ConfigurationError, DispatcherClosedError
 
 __all__ = ["WorkerPool"]
@@ -73,6 +74,12 @@ class _PoolState:
         self.waking -= 1
 
     def worker(self) -> None:
+        try:
+            self._work()
+        finally:
+            close_thread_loop()  # the private event loop of the coroutines this thread ran
+
+    def _work(self) -> None:
         tasks = self.tasks
         wake_lock = threading.Lock()  # held while awake; released by wake_one
         wake_lock.acquire()
