@@ -16,8 +16,8 @@ from threaddispatch.errors import ConfigurationError
 
 
 def ts(text: str) -> float:
-    """Epoch seconds of an ISO UTC time."""
-    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
+    """Epoch seconds of an ISO UTC time (a trailing Z allowed: Python 3.10's fromisoformat refuses it)."""
+    return datetime.fromisoformat(text.removesuffix("Z")).replace(tzinfo=timezone.utc).timestamp()
 
 
 def iso(seconds: float) -> str:
