@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import threading
+from collections.abc import Coroutine
+from typing import Any
 
 import pytest
 
@@ -141,3 +145,133 @@ def test_a_once_listener_firing_does_not_remove_the_same_function_added_with_on(
     assert emitter.listener_count("tick") == 1
     emitter.emit("tick", 2)
     assert calls == [1, 1, 2]
+
+
+# -- the contract: async listeners, contained BaseExceptions, fork -------------------------------
+
+
+def test_async_listeners_are_awaited_in_order_on_the_emitting_thread() -> None:
+    """``async def`` listeners (``on`` and ``once``) run to completion before emit returns, in order."""
+    emitter = EventEmitter()
+    calls: list[tuple[str, object, str]] = []
+
+    async def first(payload: object) -> None:
+        await asyncio.sleep(0)
+        calls.append(("first", payload, threading.current_thread().name))
+
+    async def once(payload: object) -> None:
+        calls.append(("once", payload, threading.current_thread().name))
+
+    emitter.on("e", first)
+    emitter.once("e", once)
+    emitter.on("e", lambda payload: calls.append(("plain", payload, threading.current_thread().name)))
+    assert emitter.emit("e", 1)
+    assert emitter.emit("e", 2)
+    here = threading.current_thread().name
+    assert calls == [
+        ("first", 1, here),
+        ("once", 1, here),
+        ("plain", 1, here),
+        ("first", 2, here),
+        ("plain", 2, here),
+    ]
+    assert emitter.listener_errors == 0
+
+
+def test_a_plain_listener_returning_an_awaitable_has_it_awaited() -> None:
+    emitter = EventEmitter()
+    done: list[int] = []
+
+    async def work(n: int) -> None:
+        done.append(n)
+
+    def plain(n: int) -> Coroutine[Any, Any, None]:
+        return work(n)  # not an async def itself: what it returns is awaited
+
+    emitter.on("e", plain)
+    emitter.emit("e", 7)
+    assert done == [7]
+
+
+def test_an_async_listener_that_raises_is_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    emitter = EventEmitter()
+    calls: list[str] = []
+
+    async def broken() -> None:
+        await asyncio.sleep(0)
+        raise RuntimeError("async listener bug")
+
+    emitter.on("e", broken)
+    emitter.on("e", lambda: calls.append("after"))
+    with caplog.at_level(logging.ERROR, logger="threaddispatch.events"):
+        assert emitter.emit("e")
+    assert calls == ["after"]
+    assert emitter.listener_errors == 1
+    assert "async listener bug" in caplog.text
+
+
+@pytest.mark.parametrize("error", [SystemExit(2), KeyboardInterrupt(), GeneratorExit()])
+def test_a_base_exception_from_a_listener_is_contained(error: BaseException, caplog: pytest.LogCaptureFixture) -> None:
+    """SystemExit, KeyboardInterrupt, GeneratorExit from a listener: logged and counted, never raised to emit."""
+    emitter = EventEmitter()
+    calls: list[str] = []
+
+    def broken() -> None:
+        raise error
+
+    emitter.on("e", broken)
+    emitter.on("e", lambda: calls.append("after"))
+    with caplog.at_level(logging.ERROR, logger="threaddispatch.events"):
+        assert emitter.emit("e")
+    assert calls == ["after"]
+    assert emitter.listener_errors == 1
+    assert type(error).__name__ in caplog.text
+
+
+def test_an_async_listener_on_a_thread_with_a_running_loop_is_an_error_not_a_hang() -> None:
+    """Emitting from inside a running event loop cannot nest a loop: the listener fails, counted."""
+    emitter = EventEmitter()
+
+    async def listener() -> None:
+        pass
+
+    emitter.on("e", listener)
+
+    async def main() -> None:
+        emitter.emit("e")
+
+    asyncio.run(main())
+    assert emitter.listener_errors == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.timeout(30)
+def test_a_forked_child_gets_a_fresh_listener_lock() -> None:
+    """A lock held by another thread at fork time is replaced in the child: emit and on work there."""
+    emitter = EventEmitter()
+    emitter.on("e", lambda: None)
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with emitter._listeners_lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        pid = os.fork()
+        if pid == 0:  # the child: exit at once, whatever happens
+            code = 1
+            try:
+                emitter.on("e", lambda: None)
+                code = 0 if emitter.emit("e") and emitter.listener_count("e") == 2 else 1
+            finally:
+                os._exit(code)
+    finally:
+        release.set()
+        holder.join(10)
+    _, wait_status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(wait_status) == 0

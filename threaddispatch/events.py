@@ -1,33 +1,33 @@
 """A small thread-safe event emitter shared by every face.
 
 Listeners are called synchronously on the emitting thread, in the order they were
-added, never with the emitter's lock held. A listener that raises is logged and
-counted; the other listeners still run and the emitter's caller never sees it.
+added, never with the emitter's lock held, through :func:`threaddispatch._invoke.call`:
+an ``async def`` listener (or one returning an awaitable) is awaited on the emitting
+thread's private event loop before the next listener runs. A listener that raises,
+whatever it raises (SystemExit and KeyboardInterrupt included, and a coroutine's
+exception), is logged and counted; the other listeners still run and the emitter's
+caller never sees it.
+
+Fork: every emitter is registered with the :mod:`~threaddispatch._lifecycle` registry,
+which gives it a fresh lock in a forked child (a lock held by another parent thread at
+fork time would never be released there).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
-import weakref
 from collections.abc import Callable
 from typing import Any
+
+from threaddispatch import _lifecycle
+from threaddispatch._invoke import call
 
 __all__ = ["EventEmitter", "Listener"]
 
 Listener = Callable[..., object]
 
 _log = logging.getLogger("threaddispatch.events")
-
-# Every live emitter, so one fork hook can give each a fresh lock in the child (a lock
-# held by another parent thread at fork time would never be released there).
-_emitters: weakref.WeakSet[EventEmitter] = weakref.WeakSet()
-
-
-def _reset_locks_after_fork() -> None:
-    for emitter in list(_emitters):
-        emitter._listeners_lock = threading.Lock()
 
 
 class _Once:
@@ -53,7 +53,7 @@ class EventEmitter:
         self._listeners: dict[str, list[Listener | _Once]] = {}
         self._known_events = known_events
         self.listener_errors = 0
-        _emitters.add(self)
+        _lifecycle.register(self)  # by weak reference: the fork reset, below
 
     def _check_event(self, event: str) -> None:
         if not isinstance(event, str) or not event:
@@ -141,13 +141,16 @@ class EventEmitter:
                 fn = registered.fn
             else:
                 fn = registered
-            try:
-                fn(*args)
-            except Exception:  # noqa: BLE001 - a listener must never break the emitter
+            outcome = call(fn, *args)  # never raises: a listener must never break the emitter
+            if not outcome.ok:
                 self.listener_errors += 1
-                _log.exception("listener %r for event %r raised", fn, event)
+                _log.error("listener %r for event %r raised", fn, event, exc_info=outcome.error)
         return True
 
+    # -- lifecycle (see threaddispatch._lifecycle) -----------------------------------------------
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_locks_after_fork)
+    def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
+        return (0, 0)  # an emitter holds no work
+
+    def _reset_after_fork(self) -> None:
+        self._listeners_lock = threading.Lock()
