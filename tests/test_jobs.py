@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from threaddispatch._cancel import CancelToken
 from threaddispatch.backoff import Constant
 from threaddispatch.errors import (
     Cancel,
@@ -762,6 +763,19 @@ def test_enqueue_many_of_nothing_returns_no_ids_on_a_running_engine(
     assert engine.list_jobs() == []
 
 
+def test_context_is_the_shared_cancel_token(make_engine: Callable[..., JobEngine]) -> None:
+    """JobContext is a CancelToken: the same wait/cancel contract, its message naming the job."""
+    engine = make_engine(MemoryStore())
+    ctx = JobContext(JobRecord(id="j3", name="n", payload="null", attempts=1), engine, engine.logger)
+    assert isinstance(ctx, CancelToken)
+    assert not hasattr(ctx, "__dict__")  # slots only
+    assert ctx._cancel() is True and ctx._cancel() is False
+    assert ctx.wait() is True
+    with pytest.raises(CancelledError, match="job j3 was cancelled"):
+        ctx.raise_if_cancelled()
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     "delay",
     [-1, -0.5, float("nan"), float("inf"), "soon", True, 10**400],

@@ -45,6 +45,7 @@ from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
 from threaddispatch import _lifecycle
+from threaddispatch._cancel import CancelToken
 from threaddispatch._pool import WorkerPool
 from threaddispatch._ratelimit import TokenBucket
 from threaddispatch._validate import INT64_MAX, check_int, check_seconds, check_text, show
@@ -110,17 +111,6 @@ _MAX_ERROR_TEXT = 8000
 # .runtime: the runtime token (JobEngine._runtime) of the engine whose thread this is, while it runs
 # the engine's loops or work; stop() there must not wait for itself. Thread-local: no lock.
 _ENGINE_THREAD = threading.local()
-_CTX_LOCK = threading.Lock()  # guards JobContext._cancelled/_event (held for a few instructions)
-
-
-def _new_ctx_lock_after_fork() -> None:
-    # A worker of the parent may have held it at fork time; the child's copy would stay held.
-    global _CTX_LOCK
-    _CTX_LOCK = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_ctx_lock_after_fork)
 
 #: Extension hook names and the event each one listens to (an extension implements any subset).
 EXTENSION_HOOKS: Mapping[str, str] = {
@@ -298,7 +288,7 @@ class JobDefinition:
     backoff: Backoff | None = None
 
 
-class JobContext:
+class JobContext(CancelToken):
     """What a handler gets besides its payload: the job, its attempt, and cancellation.
 
     ``ctx.cancelled`` becomes True (a ``threading.Event`` behind :meth:`wait`) when the job times
@@ -306,9 +296,10 @@ class JobContext:
     back at stop. Long handlers should check it, or sleep with :meth:`wait`. Thread-safe.
     """
 
-    __slots__ = ("_cancelled", "_event", "attempt", "deadline", "engine", "job", "logger", "started", "timeout")
+    __slots__ = ("attempt", "deadline", "engine", "job", "logger", "started", "timeout")
 
     def __init__(self, job: JobRecord, engine: JobEngine, logger: logging.Logger) -> None:
+        super().__init__()
         self.job = job
         self.engine = engine
         self.attempt = job.attempts
@@ -316,10 +307,6 @@ class JobContext:
         self.logger = logger
         self.deadline: float | None = None
         self.started = time.monotonic()
-        # The cancellation flag; the Event behind wait() is made only when someone waits
-        # (most jobs never do). Both change under _CTX_LOCK, so a wait never misses a cancel.
-        self._cancelled = False
-        self._event: threading.Event | None = None
 
     @property
     def id(self) -> str:
@@ -341,30 +328,8 @@ class JobContext:
         """Whether the job should stop now (timed out, cancelled, lost, or handed back)."""
         return self._cancelled
 
-    def wait(self, timeout: float) -> bool:
-        """Sleep up to ``timeout`` seconds, waking early on cancellation; returns ``cancelled``."""
-        event = self._event
-        if event is None:
-            with _CTX_LOCK:
-                event = self._event
-                if event is None:
-                    event = self._event = threading.Event()
-                    if self._cancelled:
-                        event.set()
-        return event.wait(timeout)
-
-    def raise_if_cancelled(self) -> None:
-        """Raise CancelledError if the job was cancelled (a convenient check point)."""
-        if self._cancelled:
-            raise CancelledError(f"job {self.job.id} was cancelled")
-
-    def _cancel(self) -> None:
-        """Set ``cancelled`` and wake a :meth:`wait` (any thread)."""
-        with _CTX_LOCK:
-            self._cancelled = True
-            event = self._event
-        if event is not None:
-            event.set()
+    def _cancelled_message(self) -> str:
+        return f"job {self.job.id} was cancelled"
 
     def _arm_deadline(self, deadline: float) -> None:
         self.deadline = deadline
