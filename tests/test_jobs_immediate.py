@@ -254,3 +254,22 @@ def test_run_pending_runs_what_another_producer_stored(store: Store) -> None:
     worker.register("add", lambda ctx, payload: payload + 1)
     assert worker.run_pending() == 3
     assert [worker.result(job_id, timeout=0) for job_id in ids] == [1, 2, 3]
+
+
+def test_a_backoff_that_raises_makes_the_failure_final(store: Store, hooks: Hooks) -> None:
+    """The retry decision is RetryPolicy.next_delay's: a broken backoff fails the job for good, logged, never lost."""
+
+    def broken_backoff(attempt: int) -> float:
+        raise ZeroDivisionError("bad backoff")
+
+    engine = JobEngine(store, immediate=True, backoff=broken_backoff, extensions=[hooks])
+    engine.register("boom", _raise_runtime_error, max_retries=3)
+    job_id = engine.enqueue("boom")
+    job = engine.get_job(job_id)
+    assert (job.state, job.attempts) == (JobState.FAILED, 1)
+    assert "handler failed" in (job.error or "")
+    assert hooks.names() == ["enqueued", "started", "failed", "dlq"]
+
+
+def _raise_runtime_error(ctx: JobContext, payload: object) -> None:
+    raise RuntimeError("handler failed")

@@ -49,7 +49,7 @@ from threaddispatch._cancel import CancelToken
 from threaddispatch._pool import WorkerPool
 from threaddispatch._ratelimit import TokenBucket
 from threaddispatch._validate import INT64_MAX, check_int, check_seconds, check_text, show
-from threaddispatch.backoff import Backoff, ExponentialJitter
+from threaddispatch.backoff import Backoff, ExponentialJitter, RetryPolicy
 from threaddispatch.cron import CronSchedule
 from threaddispatch.cron import parse as parse_cron
 from threaddispatch.errors import (
@@ -558,6 +558,9 @@ class JobEngine:
         self._paused: set[str] = set()
         self._paused_checked = -math.inf
         self._rotation = 0
+        # The retry policy of each backoff in use (RetryPolicy is immutable). Written without the
+        # lock: a lost or repeated insert only builds an equal policy again.
+        self._policies: dict[Backoff, RetryPolicy] = {}
         self.worker_id = ""
         self._stats = dict.fromkeys(
             (
@@ -1511,17 +1514,29 @@ class JobEngine:
         job.state, job.error, job.finished_at = JobState.FAILED, text, now
         self._count("failed")
 
-    def _retry_delay(self, slot: _Slot, error: BaseException) -> tuple[float, BaseException]:
-        """Seconds before the next attempt, and the error to record (a bad ``Retry.delay`` becomes one)."""
+    def _retry_delay(self, slot: _Slot, error: BaseException) -> tuple[float | None, BaseException]:
+        """Seconds before the next attempt (None: fail for good), and the error to record.
+
+        The decision is :meth:`RetryPolicy.next_delay`'s, with the job's own limit
+        (``max_retries + 1`` attempts) and the definition's backoff or the engine's. A
+        ``Retry`` whose delay is bad (set after construction: the constructor checks it)
+        fails the attempt with that ConfigurationError, which is then retried like any error.
+        """
         if isinstance(error, Retry) and error.delay is not None:
             try:
-                return check_seconds("Retry delay", error.delay), error
+                check_seconds("Retry delay", error.delay)
             except ConfigurationError as bad:
-                # Set on the Retry after construction (the constructor checks it): the attempt fails with that.
                 bad.__cause__ = error
                 error = bad
         backoff = (slot.definition.backoff if slot.definition else None) or self.config.backoff
-        return self._backoff(backoff, slot.job.attempts), error
+        try:
+            policy = self._policies.get(backoff)
+            if policy is None:
+                policy = self._policies[backoff] = RetryPolicy(backoff=backoff)
+        except TypeError:  # an unhashable backoff: no cache
+            policy = RetryPolicy(backoff=backoff)
+        job = slot.job
+        return policy.next_delay(job.attempts, error, max_attempts=job.max_retries + 1), error
 
     def _settle_failure(self, slot: _Slot, error: BaseException) -> None:
         job = slot.job
@@ -1536,11 +1551,11 @@ class JobEngine:
                 else:
                     self._lost(slot)
                 return
-            if job.attempts <= job.max_retries:
-                delay, error = self._retry_delay(slot, error)
+            delay, error = self._retry_delay(slot, error)
+            text = _error_text(error)
+            if delay is not None:
                 if self.config.immediate:
                     delay = 0.0  # immediate mode retries at once
-                text = _error_text(error)
                 if self.store.retry_later(
                     job.id, worker_id=self.worker_id, attempts=job.attempts, run_at=now + delay, error=text, now=now
                 ):
@@ -1567,16 +1582,6 @@ class JobEngine:
                 "job %s %s failed (%s) but the failure was not stored; it will be reaped and run again",
                 job.name, job.id, type(error).__name__,
             )  # fmt: skip
-
-    def _backoff(self, backoff: Backoff, attempt: int) -> float:
-        try:
-            seconds = float(backoff(attempt))
-        except Exception:  # a broken backoff must not lose the job
-            self.logger.exception("backoff %r raised; retrying after 1s", backoff)
-            return 1.0
-        if not math.isfinite(seconds) or seconds < 0:
-            return 0.0 if not seconds > 0 else 86400.0
-        return seconds
 
     def _count(self, name: str) -> None:
         with self._lock:
