@@ -2,7 +2,8 @@
 
 Holds the validated ``is_online``/``online_check_interval``/``offline_on`` options and
 calls the probe. The dispatcher's timer thread (the one that releases retries) polls
-it every ``interval`` seconds, with no lock held, and applies the answer through
+it every ``interval`` seconds, with no lock held (an ``async def`` probe is awaited on
+that thread's private loop), and applies the answer through
 ``set_online``; a send failing with one of ``offline_on`` takes the dispatcher offline
 until the probe (or ``set_online(True)``) brings it back.
 """
@@ -13,6 +14,7 @@ import logging
 import math
 from collections.abc import Callable
 
+from threaddispatch import _invoke
 from threaddispatch.errors import ConfigurationError
 
 __all__ = ["Connectivity", "check_offline_on"]
@@ -45,8 +47,8 @@ class Connectivity:
 
     def probe(self) -> bool | None:
         """Call the probe (never with a lock held): whether the connection is up, or None if the probe raised."""
-        try:
-            return bool(self.is_online())
-        except Exception:  # noqa: BLE001 - a broken probe is logged; the dispatcher keeps its state
-            _log.exception("%s: is_online raised; keeping the current online state", self.name)
+        outcome = _invoke.call(self.is_online)  # never raises; an async probe is awaited
+        if outcome.error is not None:  # a broken probe is logged; the dispatcher keeps its state
+            _log.error("%s: is_online raised; keeping the current online state", self.name, exc_info=outcome.error)
             return None
+        return bool(outcome.value)

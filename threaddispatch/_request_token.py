@@ -1,21 +1,37 @@
 """CancellationToken: handed to RequestDispatcher's ``send`` to learn of cancellation and to report progress.
 
-One token per attempt. The dispatcher binds it to the attempt (``_bind``) so that
-:meth:`CancellationToken.progress` reaches the dispatcher's listeners; a token made
-by hand (in a test) is bound to nothing and its progress goes nowhere.
+One token per attempt, a :class:`threaddispatch._cancel.CancelToken` (its lock, lazy
+event and fork handling are the shared ones). The dispatcher binds it to the attempt
+(``_bind``) so that :meth:`CancellationToken.progress` reaches the dispatcher's
+listeners; a token made by hand (in a test) is bound to nothing and its progress goes
+nowhere.
+
+An ``async def`` send: while its coroutine runs, the task running it on the worker's
+private loop is attached to the token (``_attach``/``_detach``, on that loop's thread);
+``_cancel`` from any thread then schedules ``task.cancel()`` on that loop with
+``call_soon_threadsafe``, so the coroutine sees ``asyncio.CancelledError`` at its next
+``await``. No lock: ``_attach`` stores the task and then reads ``cancelled``, and
+``_cancel`` sets ``cancelled`` and then reads the task; whichever runs second sees the
+other's write, so a cancel racing the attach is never lost (at worst the task is
+cancelled twice, which is harmless). A cancel scheduled for a task that finished
+meanwhile is a no-op, and one whose loop was closed meanwhile is dropped.
 """
 
 from __future__ import annotations
 
-import os
-import threading
-from typing import Any, Protocol
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+from typing import Any, Protocol, TypeVar
 
-from threaddispatch.errors import CancelledError, ConfigurationError
+from threaddispatch._cancel import CancelToken
+from threaddispatch.errors import ConfigurationError
 
-__all__ = ["CancellationToken"]
+__all__ = ["CancellationToken", "watched"]
 
 DIRECTIONS: tuple[str, ...] = ("upload", "download")
+
+T = TypeVar("T")
 
 
 class _ProgressSink(Protocol):
@@ -23,36 +39,21 @@ class _ProgressSink(Protocol):
         """Report one progress step of ``req``'s attempt ``token`` (called with no lock held)."""
 
 
-# Guards the lazy creation of CancellationToken events (rare: only when send waits on one).
-_token_lock = threading.Lock()
-
-
-def _new_token_lock_after_fork() -> None:
-    # A thread of the parent may have held it at fork time; the child's copy would stay held.
-    global _token_lock
-    _token_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_token_lock_after_fork)
-
-
-class CancellationToken:
+class CancellationToken(CancelToken):
     """Tells a running ``send`` that its attempt was stopped or cancelled.
 
     Set by ``stop``, ``stop_request``, ``delete``, ``clear*``, a newer request in
     ``cancelable`` mode, and ``close`` at its timeout. Each attempt gets a new token.
-    Thread-safe; only :meth:`wait` blocks. Its ``threading.Event`` is made only when
-    something waits on it: most sends never do, and an attempt is then cheaper.
+    Thread-safe; only :meth:`wait` blocks. An async send's task is cancelled with it.
     """
 
-    __slots__ = ("_cancelled", "_event", "_req", "_sink")
+    __slots__ = ("_req", "_sink", "_task")
 
     def __init__(self) -> None:
-        self._cancelled = False
-        self._event: threading.Event | None = None
+        super().__init__()
         self._sink: _ProgressSink | None = None  # the dispatcher core, once bound
         self._req: Any = None
+        self._task: asyncio.Task[Any] | None = None  # the running async send's task (see the module docstring)
 
     def _bind(self, sink: _ProgressSink | None, req: object) -> None:
         self._sink = sink
@@ -77,32 +78,28 @@ class CancellationToken:
         if sink is not None and not self._cancelled:
             sink.progress(self._req, self, loaded, total, direction)
 
-    @property
-    def cancelled(self) -> bool:
-        """Whether the attempt was cancelled."""
-        return self._cancelled
+    def _cancelled_message(self) -> str:
+        return "the request was cancelled"
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the attempt is cancelled or ``timeout`` seconds pass; return whether it was cancelled."""
-        with _token_lock:
-            if self._cancelled:
-                return True
-            if self._event is None:
-                self._event = threading.Event()
-            event = self._event
-        return event.wait(timeout)
+    def _cancel(self) -> bool:
+        first = super()._cancel()
+        task = self._task
+        if task is not None:
+            with contextlib.suppress(RuntimeError):  # its loop was closed meanwhile: nothing runs to cancel
+                task.get_loop().call_soon_threadsafe(task.cancel)
+        return first
 
-    def raise_if_cancelled(self) -> None:
-        """Raise :class:`threaddispatch.errors.CancelledError` if the attempt was cancelled."""
-        if self._cancelled:
-            raise CancelledError("the request was cancelled")
+    def _attach(self, task: asyncio.Task[Any] | None) -> None:
+        """On the send's loop: ``task`` runs the send now (None: it ended). Cancels it if already cancelled."""
+        self._task = task
+        if task is not None and self._cancelled:
+            task.cancel()
 
-    def _cancel(self) -> None:
-        with _token_lock:
-            self._cancelled = True
-            event = self._event
-        if event is not None:
-            event.set()
 
-    def __repr__(self) -> str:
-        return f"<CancellationToken cancelled={self.cancelled}>"
+async def watched(awaitable: Awaitable[T], token: CancellationToken) -> T:
+    """Await ``awaitable`` with its task attached to ``token``, so cancelling the token cancels it."""
+    token._attach(asyncio.current_task())
+    try:
+        return await awaitable
+    finally:
+        token._attach(None)

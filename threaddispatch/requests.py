@@ -14,9 +14,21 @@ function, :meth:`_Core._schedule`, under the lock; it decides what may start and
 marks it running, and the caller hands it to the pool after releasing the lock. A
 thread looping over the queues would only re-discover what those calls already know.
 The one thing that is due by time, a retry after ``retry_time``, is handled by one
-lazily started daemon timer thread (``threaddispatch-<name>-timer``) that waits on a
-heap of due times and leaves when the heap is empty. With an ``is_online`` probe the
-same thread also polls it (:mod:`threaddispatch._request_online`) and stays until close.
+lazily started daemon timer thread (``threaddispatch-<name>-timer``) that waits on the
+retry :class:`~threaddispatch._timers.DelayQueue` (under the core's lock) and leaves
+when it is empty. With an ``is_online`` probe the same thread also polls it
+(:mod:`threaddispatch._request_online`) and stays until close.
+
+User code is called through :mod:`threaddispatch._invoke`: ``send``, ``retry_on_error``,
+``is_online``, ``on_initialization`` and ``on_update_storage`` may be ``async def`` (or
+return an awaitable), awaited on the calling thread's private loop. An async send's task
+is attached to its attempt's token, so stopping or cancelling the attempt cancels the
+task (:mod:`threaddispatch._request_token`). Whether a failure is retried, and after how
+long, is asked of a :class:`~threaddispatch.backoff.RetryPolicy` equivalent to the
+request's ``retry``/``retry_time`` and the dispatcher's ``retry_on_error``
+(``RetryPolicy.next_delay``, the one retry decision). A BaseException from ``send``
+(SystemExit, KeyboardInterrupt, an ``asyncio.CancelledError`` it let out) fails the
+attempt like an error, never retried, and never ends the worker.
 
 Per-request extras live in their own modules: the request Future
 (:mod:`threaddispatch._request_future`), the attempt's token and its progress reports
@@ -24,7 +36,7 @@ Per-request extras live in their own modules: the request Future
 (:mod:`threaddispatch._request_cache`).
 
 Locking: ``_Core.lock`` guards every field of the core, of its queues and of its
-requests (counters, states, the dedupe index, the retry heap). User code (``send``,
+requests (counters, states, the dedupe index, the retry queue). User code (``send``,
 ``retry_on_error``, the key functions, listeners, the storage, ``on_*`` callbacks and
 Future callbacks) is only ever called with it released: work decided under the lock
 is collected in an :class:`_Outbox` and carried out after it is released.
@@ -38,7 +50,7 @@ kept in a storage stay in it, so a dispatcher on the same storage re-queues them
 
 from __future__ import annotations
 
-import heapq
+import inspect
 import itertools
 import logging
 import math
@@ -53,13 +65,13 @@ from concurrent.futures import InvalidStateError as FutureStateError
 from types import TracebackType
 from typing import Any, Final, Generic, TypeVar, cast
 
-from threaddispatch import _lifecycle
+from threaddispatch import _invoke, _lifecycle
 from threaddispatch._pool import WorkerPool
 from threaddispatch._request_cache import CachedResponse, MemoryResponseCache, RequestCache, ResponseCache
 from threaddispatch._request_future import LazyFuture
 from threaddispatch._request_keys import default_dedupe_key, default_queue_key
 from threaddispatch._request_online import Connectivity, check_offline_on
-from threaddispatch._request_token import CancellationToken
+from threaddispatch._request_token import CancellationToken, watched
 from threaddispatch._request_types import (
     EVENTS,
     MODES,
@@ -70,8 +82,10 @@ from threaddispatch._request_types import (
     RequestEvent,
     RequestState,
 )
-from threaddispatch.backoff import check_seconds
-from threaddispatch.errors import Cancel, ConfigurationError, DispatcherClosedError, Retry
+from threaddispatch._timers import DelayQueue, TimerHandle
+from threaddispatch._validate import check_seconds
+from threaddispatch.backoff import Constant, RetryPolicy
+from threaddispatch.errors import Cancel, ConfigurationError, DispatcherClosedError
 from threaddispatch.events import EventEmitter
 from threaddispatch.request_storage import RequestStorage, SQLiteRequestStorage, StoredRequest
 
@@ -109,8 +123,9 @@ _STARTED: Final = "started"
 _PAUSED: Final = "paused"
 _QUEUE_STOPPED: Final = "stopped"
 
-_serials = itertools.count(1)
 _local = threading.local()
+# The retry policies a core keeps, one per distinct retry_time, at most (more are built per failure).
+_MAX_POLICIES = 64
 
 
 class RequestHandle(Generic[ResponseT]):
@@ -174,7 +189,7 @@ class _Request:
         "request",
         "request_id",
         "retry",
-        "retry_serial",
+        "retry_handle",
         "retry_time",
         "state",
         "stored",
@@ -209,7 +224,7 @@ class _Request:
         self.inflight = False  # an attempt runs, or was cancelled and has not returned yet
         self.attempts = 0  # sends started
         self.failures = 0  # failed attempts counted against ``retry``
-        self.retry_serial = 0  # matches the live entry of the retry heap
+        self.retry_handle: TimerHandle[_Request] | None = None  # its entry in core.retries while retrying
         self.added_at = 0.0  # core.clock() at add, for deduplicate_time
         self.stored = False
         self.cache: tuple[str, float, float] | None = None  # (cache key, cache_time, stale_time) when cached
@@ -322,6 +337,9 @@ class _Core(Generic[RequestT, ResponseT]):
         self.dedupe_key_fn = dedupe_key
         self.retry_on_error = retry_on_error
         self.on_update_storage = on_update_storage
+        # RetryPolicy per retry_time (the attempt limit is passed per request). Written without
+        # the lock from worker threads: a lost or repeated insert only builds a policy again.
+        self.policies: dict[float, RetryPolicy] = {}
         self.pool = WorkerPool(max_workers, name=name)
         self.emitter = EventEmitter()
         self.id_prefix = secrets.token_hex(4)
@@ -341,7 +359,7 @@ class _Core(Generic[RequestT, ResponseT]):
         self.done_changed = threading.Condition(self.lock)
         self.queues: dict[str, _Queue] = {}
         self.dedupe: dict[tuple[str, str], _Request] = {}  # ongoing requests that may be joined
-        self.heap: list[tuple[float, int, _Request]] = []  # (due, serial, request) of retries
+        self.retries: DelayQueue[_Request] = DelayQueue(self.timer_wakeup)  # exactly the requests "retrying"
         self.timer: threading.Thread | None = None
         self.next_poll = 0.0  # monotonic time the connectivity probe is due (with a connectivity)
         self.online = True
@@ -581,6 +599,10 @@ class _Core(Generic[RequestT, ResponseT]):
             req.queue.waiting -= 1
         elif old == _RETRYING:
             self.retrying -= 1
+            handle = req.retry_handle
+            if handle is not None:  # stopped, deleted or closed while it waited: unschedule it
+                req.retry_handle = None
+                self.retries.cancel(handle)
         if state == _WAITING:
             req.queue.waiting += 1
         elif state == _RETRYING:
@@ -702,21 +724,17 @@ class _Core(Generic[RequestT, ResponseT]):
                     self.lost += 1
         if forced:
             self.clean = False
-        self.heap.clear()
+        self.retries.clear()
         self.timer_wakeup.notify_all()
         self.done_changed.notify_all()
         out.closed = True
 
     def _push_retry(self, req: _Request, delay: float) -> None:
-        """Put ``req`` on the retry heap, due in ``delay`` seconds; caller holds lock."""
-        serial = next(_serials)
-        req.retry_serial = serial
+        """Schedule a retry of ``req`` in ``delay`` seconds (push wakes the timer if earliest); caller holds lock."""
         self._set_state(req, _RETRYING)
-        heapq.heappush(self.heap, (time.monotonic() + delay, serial, req))
-        if self.heap[0][2] is req:
-            self.timer_wakeup.notify()
-            if self.closing:
-                self.done_changed.notify_all()  # close releases retries itself during the exit drain
+        handle = req.retry_handle = self.retries.push(req, delay)
+        if self.closing and self.retries.next_due() == handle.due:
+            self.done_changed.notify_all()  # close releases retries itself during the exit drain
         self._start_timer()
 
     def _start_timer(self) -> None:
@@ -728,48 +746,53 @@ class _Core(Generic[RequestT, ResponseT]):
 
     def _release_due(self, now: float, out: _Outbox) -> None:
         """Make the retries due by ``now`` waiting again and schedule their queues; caller holds lock."""
-        heap = self.heap
         touched: dict[int, _Queue] = {}
-        while heap and heap[0][0] <= now:
-            _due, serial, req = heapq.heappop(heap)
-            if req.state == _RETRYING and req.retry_serial == serial:
-                self._set_state(req, _WAITING)
-                touched[id(req.queue)] = req.queue
-        if not self.retrying:
-            heap.clear()  # what is left is stale: stopped or deleted while waiting
+        for req in self.retries.pop_due(now):  # all "retrying": leaving that state unschedules
+            req.retry_handle = None
+            self._set_state(req, _WAITING)
+            touched[id(req.queue)] = req.queue
         for queue in touched.values():
             self._schedule(queue, out)
 
     def _timer_loop(self) -> None:
-        """The timer: release due retries and poll the connectivity probe; leave when neither is pending."""
+        """The timer thread: :meth:`_tick` until it leaves, then close the loop an async probe made here."""
+        try:
+            while self._tick():
+                pass
+        finally:
+            _invoke.close_thread_loop()
+
+    def _tick(self) -> bool:
+        """Release due retries or poll the connectivity probe, waiting for either; False: leave."""
         connectivity = self.connectivity
-        while True:
-            out = _Outbox()
-            probe = False
-            with self.lock:
-                while True:
-                    if self.done or not (connectivity is not None or (self.retrying and self.heap)):
-                        if self.timer is threading.current_thread():
-                            self.timer = None
-                        return
-                    now = time.monotonic()
-                    if self.heap and self.heap[0][0] <= now:
-                        self._release_due(now, out)
-                        break
-                    if connectivity is not None and self.next_poll <= now:
-                        self.next_poll = now + connectivity.interval
-                        probe = True
-                        break
-                    due = self.heap[0][0] if self.heap else math.inf
-                    if connectivity is not None:
-                        due = min(due, self.next_poll)
-                    self.timer_wakeup.wait(due - now)
-            self._dispatch(out)
-            if probe:
-                assert connectivity is not None
-                online = connectivity.probe()  # user code: no lock held
-                if online is not None and online != self.online:
-                    self.set_online(online)
+        out = _Outbox()
+        probe = False
+        with self.lock:
+            while True:
+                next_retry = self.retries.next_due()
+                if self.done or not (connectivity is not None or next_retry is not None):
+                    if self.timer is threading.current_thread():
+                        self.timer = None
+                    return False
+                now = time.monotonic()
+                if next_retry is not None and next_retry <= now:
+                    self._release_due(now, out)
+                    break
+                if connectivity is not None and self.next_poll <= now:
+                    self.next_poll = now + connectivity.interval
+                    probe = True
+                    break
+                due = math.inf if next_retry is None else next_retry
+                if connectivity is not None:
+                    due = min(due, self.next_poll)
+                self.timer_wakeup.wait(due - now)
+        self._dispatch(out)
+        if probe:
+            assert connectivity is not None
+            online = connectivity.probe()  # user code: no lock held
+            if online is not None and online != self.online:
+                self.set_online(online)
+        return True
 
     # -- attempts (worker threads) -----------------------------------------------------------
 
@@ -783,14 +806,19 @@ class _Core(Generic[RequestT, ResponseT]):
         previous = getattr(_local, "core", None)
         _local.core = self
         try:
-            response: object = self.send(cast(RequestT, req.request), token)
-            error: BaseException | None = None
-        except BaseException as caught:  # noqa: BLE001 - delivered to the request's Future and listeners
-            response, error = None, caught
+            outcome = _invoke.call(self._send, req.request, token)  # never raises
         finally:
             _local.core = previous
+        error = outcome.error
         delay = None if error is None or token.cancelled else self._retry_delay(req, error)
-        self._finish_attempt(req, token, response, error, delay)
+        self._finish_attempt(req, token, outcome.value, error, delay)
+
+    def _send(self, request: object, token: CancellationToken) -> object:
+        """Call ``send``; a coroutine it returns is awaited with its task attached to ``token``."""
+        result = self.send(cast(RequestT, request), token)
+        if inspect.iscoroutine(result):
+            return watched(result, token)  # _invoke.call awaits it on this thread's loop
+        return result
 
     def progress(
         self, req: _Request, token: CancellationToken, loaded: float, total: float | None, direction: str
@@ -808,20 +836,35 @@ class _Core(Generic[RequestT, ResponseT]):
         )
 
     def _retry_delay(self, req: _Request, error: BaseException) -> float | None:
-        """Seconds before the next attempt after ``error``, or None for no retry. Calls ``retry_on_error``."""
-        if isinstance(error, Cancel) or not isinstance(error, Exception) or req.failures >= req.retry:
+        """Seconds before the next attempt after ``error``, or None for no retry: ``RetryPolicy.next_delay``.
+
+        A BaseException that is not an Exception (SystemExit, KeyboardInterrupt, ...) is final.
+        """
+        if not isinstance(error, Exception):
             return None
-        if isinstance(error, Retry):
-            delay = error.delay
-            return req.retry_time if delay is None or not 0 <= delay < math.inf else float(delay)
-        if self.retry_on_error is not None:
-            try:
-                if not self.retry_on_error(error):
-                    return None
-            except Exception:  # noqa: BLE001 - a broken predicate means "do not retry"; the error stands
-                _log.exception("%s: retry_on_error raised; not retrying request %s", self.name, req.request_id)
-                return None
-        return req.retry_time
+        return self._policy(req.retry_time).next_delay(req.failures + 1, error, max_attempts=req.retry + 1)
+
+    def _policy(self, retry_time: float) -> RetryPolicy:
+        """The policy for ``retry_time``: a constant backoff, ``retry_on_error`` as its predicate."""
+        policy = self.policies.get(retry_time)
+        if policy is None:
+            backoff = Constant(retry_time)
+            if self.retry_on_error is None:
+                policy = RetryPolicy(backoff=backoff)
+            else:
+                policy = RetryPolicy(backoff=backoff, retry_on=self._retry_on)
+            if len(self.policies) < _MAX_POLICIES:
+                self.policies[retry_time] = policy
+        return policy
+
+    def _retry_on(self, error: BaseException) -> bool:
+        """``retry_on_error(error)``, awaited if async; anything it raises means "do not retry" (logged)."""
+        assert self.retry_on_error is not None
+        outcome = _invoke.call(self.retry_on_error, error)
+        if outcome.error is not None:
+            _log.error("%s: retry_on_error raised; the failure is final", self.name, exc_info=outcome.error)
+            return False
+        return bool(outcome.value)
 
     def _finish_attempt(
         self,
@@ -974,9 +1017,13 @@ class _Core(Generic[RequestT, ResponseT]):
         assert self.storage is not None
         for key in keys:
             try:
-                callback(key, self.storage.get_queue(key))
-            except Exception:  # noqa: BLE001 - user callback errors are contained
-                _log.exception("%s: on_update_storage raised for queue %r", self.name, key)
+                entries = self.storage.get_queue(key)
+            except Exception:  # noqa: BLE001 - a failing storage must not break delivery; it is logged
+                _log.exception("%s: reading queue %r from the storage failed", self.name, key)
+                continue
+            outcome = _invoke.call(callback, key, entries)  # never raises; async callbacks are awaited
+            if outcome.error is not None:
+                _log.error("%s: on_update_storage raised for queue %r", self.name, key, exc_info=outcome.error)
 
     # -- control ------------------------------------------------------------------------------
 
@@ -1209,8 +1256,8 @@ class _Core(Generic[RequestT, ResponseT]):
                     if remaining is not None and remaining <= 0:
                         self._finish(out, forced=True)
                     else:
-                        if self.heap:
-                            due_in = max(0.0, self.heap[0][0] - now)
+                        due_in = self.retries.timeout(now)
+                        if due_in is not None:
                             remaining = due_in if remaining is None else min(remaining, due_in)
                         self.done_changed.wait(remaining)
             self._dispatch(out)
@@ -1266,7 +1313,12 @@ class RequestDispatcher(Generic[RequestT, ResponseT]):
     entries)`` is called after the storage content of a queue changed. The dispatcher
     owns its storage and closes it in :meth:`close`. ``retry_on_error(exc)`` decides
     whether a failed attempt is retried (default: every ``Exception``; ``Retry`` and
-    ``Cancel`` raised by ``send`` force a retry or forbid one). ``dedupe_key``
+    ``Cancel`` raised by ``send`` force a retry or forbid one; a ``Retry`` whose delay is
+    not a finite number >= 0 makes the failure final, logged). A BaseException from
+    ``send`` (SystemExit, KeyboardInterrupt) fails the request, is never retried, and
+    leaves the worker running. ``send`` and every callback may be ``async def``: it is
+    awaited on the calling worker's private event loop, and stopping or cancelling the
+    attempt cancels an async send's task there. ``dedupe_key``
     (default :func:`default_dedupe_key`) says which requests of a queue are the same call.
 
     Response cache: ``cache_time``/``stale_time`` (defaults for every ``add``; 0: no
@@ -1362,10 +1414,9 @@ class RequestDispatcher(Generic[RequestT, ResponseT]):
                 self._core.close(0)
                 raise
         if on_initialization is not None:
-            try:
-                on_initialization(self, restored)
-            except Exception:  # noqa: BLE001 - user callback errors are contained; the requests still start
-                _log.exception("%s: on_initialization raised", name)
+            outcome = _invoke.call(on_initialization, self, restored)  # never raises; awaited if async
+            if outcome.error is not None:  # contained: the requests still start
+                _log.error("%s: on_initialization raised", name, exc_info=outcome.error)
         self._core.flush(None)
         if connectivity is not None:
             self._core.start_probe()
