@@ -160,7 +160,7 @@ def test_error_handler_runs_in_the_producers_context(cleanup: list[Callable[[], 
         SubmitSeen(fail=True), cleanup, error_handler=lambda f: handled.append((f.message, TRACE_ID.get()))
     )
     in_trace("trace-f", sender.put, "a")
-    assert ad.stop(10) is False
+    ad.stop(10)  # its result depends on whether "a" failed before the stop began: not the point here
     assert handled == [("a", "trace-f")]
 
 

@@ -738,6 +738,8 @@ def test_counters_and_stats(cleanup: list[Callable[[], object]]) -> None:
         "in_flight": 0,
         "failures_waiting": 0,
         "failure_stalls": 0,
+        "abandoned_calls": 0,
+        "call_timeouts": 0,
     }
     assert failures == []
     assert "stopped" in repr(ad) and "orders" in repr(sender)

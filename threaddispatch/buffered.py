@@ -16,7 +16,7 @@ messages over without waiting for each send and batching happens behind it, on t
 engine; failures come back through the Futures and reach the same failure loop.
 
 Locking (model: CPython ``queue.py``): one mutex, ``_AsyncState.mutex``, must be held
-whenever the buffer, the retry heap, the failure queue, the flags or the counters
+whenever the buffer, the retry queue (a DelayQueue on work_ready), the failure queue, the flags or the counters
 change; three Conditions share it. User code (the dispatcher, the error handler, the
 retry policy's predicate and backoff) is always called with it released.
 """
@@ -25,21 +25,24 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import heapq
-import itertools
+import inspect
 import logging
+import math
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
 from threaddispatch import _lifecycle
-from threaddispatch.backoff import RetryPolicy, check_seconds
+from threaddispatch._invoke import Outcome, TimedCaller, call, close_thread_loop
+from threaddispatch._timers import DelayQueue
+from threaddispatch._validate import check_seconds
+from threaddispatch.backoff import RetryPolicy
 from threaddispatch.errors import (
     CancelledError,
     ConfigurationError,
@@ -57,6 +60,9 @@ _log = logging.getLogger("threaddispatch")
 
 # Returned by _next_job instead of a message: call the dispatcher's flush() now.
 _FLUSH: Any = object()
+
+# The longest single wait of the dispatch loop (a retry due far ahead is waited for in steps).
+_MAX_WAIT = 3600.0
 
 # A buffered message: (message, delay_seconds or None, the producer's context captured at put(),
 # or None without carry_context).
@@ -125,6 +131,25 @@ def _check_delay(value: object) -> int | None:
     raise ConfigurationError(f"delay_seconds must be None or an int >= 0 (whole seconds), got {_short(value)}")
 
 
+def in_context(context: contextvars.Context, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in ``context`` on a TimedCaller's runner; an awaitable result sees the context's values.
+
+    The runner awaits what this returns on its own loop, in its own Task (which it cancels
+    at the timeout); the Task starts with the runner's context, so the wrapper sets the
+    captured values in it first.
+    """
+    result = context.run(fn, *args)
+    if inspect.isawaitable(result):
+        return _with_values(context, result)
+    return result
+
+
+async def _with_values(context: contextvars.Context, awaitable: Awaitable[Any]) -> Any:
+    for var, value in context.items():
+        var.set(value)
+    return await awaitable
+
+
 def _failed(entry: _Entry[T], error: BaseException, target: str, attempts: int) -> FailedMessage[T]:
     message, delay, context = entry
     return FailedMessage(message, error, target, attempts, delay, context)
@@ -149,6 +174,7 @@ class _AsyncState(Generic[T]):
         retry: RetryPolicy | None,
         max_in_flight: int,
         max_failures_pending: int | None,
+        dispatch_timeout: float | None,
     ) -> None:
         self.dispatcher = dispatcher
         submit = getattr(dispatcher, "submit", None)
@@ -170,7 +196,6 @@ class _AsyncState(Generic[T]):
         self.stop_deadline: float | None = None
         self.failed_at_stop = 0
         self.abandon_reported = False  # the "never started" warning is logged once
-        self.serial = itertools.count()
         self.buffered = 0
         self.sent = 0
         self.failed = 0
@@ -178,6 +203,10 @@ class _AsyncState(Generic[T]):
         self.rejected = 0
         self.handler_errors = 0
         self.failure_stalls = 0  # times the dispatch loop waited for the failure backlog to shrink
+        # dispatch and submit run through it: on the dispatch loop without a timeout, else on its runners.
+        self.caller = TimedCaller(f"async-{target}", timeout=dispatch_timeout)
+        # What a plain dispatch goes through: call() itself when there is no timeout (one hop fewer).
+        self.call: Callable[..., Outcome] = call if dispatch_timeout is None else self.caller.call
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -187,8 +216,8 @@ class _AsyncState(Generic[T]):
         self.not_full = threading.Condition(self.mutex)  # producers blocked by a full buffer
         self.failure_ready = threading.Condition(self.mutex)  # the failure loop waits here
         self.buffer: deque[_Entry[T]] = deque()
-        # Messages waiting to be retried: (due, serial, entry, attempts made). Counted in in_flight.
-        self.retries: list[tuple[float, int, _Entry[T], int]] = []
+        # Messages waiting to be retried: (entry, attempts made), due by time. Counted in in_flight.
+        self.retries: DelayQueue[tuple[_Entry[T], int]] = DelayQueue(self.work_ready)
         # Failed for good, waiting for the failure loop. The dispatch loop takes no message while
         # it holds failure_capacity or more (back-pressure, as the seed's bounded failure channel).
         self.failures: deque[FailedMessage[T]] = deque()
@@ -399,15 +428,14 @@ class _AsyncState(Generic[T]):
                     self._submit(entry, attempts + 1)
                 else:
                     message, delay, context = entry
-                    try:
-                        if delay is None and context is None:
-                            self.dispatcher.dispatch(message, self.target)  # the common case, inline
-                        else:
-                            self._dispatch(message, delay, context)
-                    except BaseException as error:  # noqa: BLE001 - user code: this message failed, the loop lives
-                        self._settle(entry, attempts + 1, error)
+                    if delay is None and context is None:  # the common case, inline
+                        outcome = self.call(self.dispatcher.dispatch, message, self.target)
                     else:
+                        outcome = self._dispatch(message, delay, context)
+                    if outcome.error is None:
                         delivered += 1
+                    else:  # user code failed this message (an error, a timeout); the loop lives
+                        self._settle(entry, attempts + 1, outcome.error)
                 holding = None
         except BaseException as error:
             # Only a fault of this loop's own code gets here: user code's errors fail their message.
@@ -418,6 +446,8 @@ class _AsyncState(Generic[T]):
             with self.mutex:
                 self.dispatch_done = True
                 self.failure_ready.notify_all()
+            self.caller.close(0)  # no dispatch or submit follows; stop() joins its runners
+            close_thread_loop()
 
     def _next_job(self) -> tuple[_Entry[T], int] | Any | None:
         """Wait for the next message (or flush) to send; None once stopped and drained. Holds mutex."""
@@ -430,8 +460,9 @@ class _AsyncState(Generic[T]):
                 self.failure_stalls += 1
                 self._wait_for_work(None)
                 continue
-            if retries and (self.closing or retries[0][0] <= now):
-                _due, _serial, entry, attempts = heapq.heappop(retries)
+            due = retries.pop_next(math.inf if self.closing else now) if retries else None
+            if due is not None:
+                entry, attempts = due.item
                 if self.submit is not None:
                     self.submitted += 1
                 return entry, attempts
@@ -450,17 +481,27 @@ class _AsyncState(Generic[T]):
                     # Everything handed over so far must go now, not when a window closes.
                     self.flushed_at = self.submitted
                     return _FLUSH
-            self._wait_for_work(retries[0][0] - now if retries else None)
+            until = retries.timeout(now)
+            self._wait_for_work(None if until is None else min(until, _MAX_WAIT))
 
-    def _dispatch(self, message: T, delay: int | None, context: contextvars.Context | None) -> None:
+    def _dispatch(self, message: T, delay: int | None, context: contextvars.Context | None) -> Outcome:
         """Call ``dispatch`` with the delay, in the producer's context when it was captured. Nothing held."""
-        dispatch = self.dispatcher.dispatch
+        dispatch: Callable[..., Any] = self.dispatcher.dispatch
+        if delay is not None:
+            dispatch = functools.partial(dispatch, delay_seconds=delay)
+        return self._run(context, dispatch, message, self.target)
+
+    def _run(self, context: contextvars.Context | None, fn: Callable[..., Any], *args: Any) -> Outcome:
+        """``fn(*args)`` through the caller (the timeout), in ``context`` when one was captured; never raises.
+
+        Without a timeout it runs in ``context`` itself (what it sets in a ContextVar stays
+        there); with one, in a copy on the caller's runner (an abandoned call may still be in it).
+        """
         if context is None:
-            dispatch(message, self.target, delay_seconds=delay)
-        elif delay is None:
-            context.run(dispatch, message, self.target)
-        else:
-            context.run(dispatch, message, self.target, delay_seconds=delay)
+            return self.call(fn, *args)
+        if self.caller.timeout is None:
+            return context.run(call, fn, *args)
+        return self.caller.call(in_context, context.copy(), fn, *args)
 
     def _wait_for_work(self, timeout: float | None) -> None:
         """Wait until notified (a message, a settled send, a reported failure, stop) or ``timeout``; holds mutex."""
@@ -473,26 +514,27 @@ class _AsyncState(Generic[T]):
     def _flush(self) -> None:
         assert self.flush is not None
         deadline = self.stop_deadline
-        try:
-            self.flush(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        except BaseException:  # noqa: BLE001 - a failing flush (even sys.exit) must not stop the drain
-            _log.exception("%s: flush() of the dispatcher raised", self.describe())
+        # A failing flush (even sys.exit) must not stop the drain: call() contains it.
+        outcome = call(self.flush, None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if outcome.error is not None:
+            _log.error("%s: flush() of the dispatcher raised", self.describe(), exc_info=outcome.error)
 
     def _submit(self, entry: _Entry[T], attempt: int) -> None:
         assert self.submit is not None
         message, delay, context = entry
-        submit = self.submit
-        kwargs = {} if delay is None else {"delay_seconds": delay}
-        try:
-            # In the producer's context: a BatchedDispatcher captures it from here for its envelope.
-            if context is None:
-                future = submit(message, self.target, **kwargs)
-            else:
-                future = context.run(submit, message, self.target, **kwargs)
-        except BaseException as error:  # noqa: BLE001 - user code: this message failed, the loop lives
+        submit: Callable[..., Any] = self.submit
+        if delay is not None:
+            submit = functools.partial(submit, delay_seconds=delay)
+        # In the producer's context: a BatchedDispatcher captures it from here for its envelope.
+        outcome = self._run(context, submit, message, self.target)
+        future = outcome.value
+        if outcome.error is not None:  # user code: this message failed, the loop lives
+            self._settle(entry, attempt, outcome.error)
+        elif not isinstance(future, Future):
+            error = TypeError(f"submit() of {_short(self.dispatcher)} returned {_short(future)}, not a Future")
             self._settle(entry, attempt, error)
-            return
-        future.add_done_callback(functools.partial(self._on_done, entry, attempt))
+        else:
+            future.add_done_callback(functools.partial(self._on_done, entry, attempt))
 
     def _on_done(self, entry: _Entry[T], attempt: int, future: Future[Any]) -> None:
         """Done-callback of a submitted message's Future (any thread, nothing held)."""
@@ -515,18 +557,12 @@ class _AsyncState(Generic[T]):
     def _settle(self, entry: _Entry[T], attempt: int, error: BaseException) -> None:
         """A send of ``message`` failed: schedule a retry or queue it for the failure loop. Nothing held."""
         retry = self.retry
-        if retry is not None and self._should_retry(retry, attempt, error):
-            try:
-                delay = retry.delay(attempt)
-            except BaseException:  # noqa: BLE001 - a broken backoff (even sys.exit) makes this failure final
-                _log.exception("%s: the retry backoff raised; the failure is final", self.describe())
-            else:
-                with self.mutex:
-                    self.retried += 1
-                    heapq.heappush(self.retries, (time.monotonic() + delay, next(self.serial), entry, attempt))
-                    if self.loop_waiting:
-                        self.work_ready.notify()
-                return
+        delay = None if retry is None else self._next_delay(retry, attempt, error)
+        if delay is not None:
+            with self.mutex:
+                self.retried += 1
+                self.retries.push((entry, attempt), delay)  # notifies work_ready when it is the earliest
+            return
         failed = _failed(entry, error, self.target, attempt)
         with self.mutex:
             self.in_flight -= 1
@@ -536,28 +572,28 @@ class _AsyncState(Generic[T]):
             if self.loop_waiting:
                 self.work_ready.notify()
 
-    def _should_retry(self, retry: RetryPolicy, attempt: int, error: BaseException) -> bool:
-        # should_retry contains an Exception from retry_on; a BaseException (sys.exit) would
-        # end the calling thread (a loop, or a BatchedDispatcher's send thread): contain it too.
+    def _next_delay(self, retry: RetryPolicy, attempt: int, error: BaseException) -> float | None:
+        """The policy's one decision (Cancel final, Retry(delay) honoured, a bad delay final); None: final."""
+        # next_delay contains an Exception from retry_on or the backoff; a BaseException (sys.exit)
+        # would end the calling thread (a loop, or a BatchedDispatcher's send thread): contain it too.
         try:
-            return retry.should_retry(attempt, error)
-        except BaseException:  # noqa: BLE001 - a broken predicate makes this failure final
-            _log.exception("%s: the retry predicate raised; the failure is final", self.describe())
-            return False
+            return retry.next_delay(attempt, error)
+        except BaseException:  # noqa: BLE001 - a broken predicate or backoff makes this failure final
+            _log.exception("%s: the retry policy raised; the failure is final", self.describe())
+            return None
 
     def _abandon(self, error: BaseException, holding: tuple[_Entry[T], int] | None, delivered: int) -> None:
         """The dispatch loop is dying: report everything it still held as failed."""
         with self.mutex:
             self.in_flight -= delivered
             self.sent += delivered
-            left = [(entry, attempts) for _due, _serial, entry, attempts in self.retries]
+            left = self.retries.pop_all()
+            self.in_flight -= len(left)
             left += [(entry, 0) for entry in self.buffer]
-            self.in_flight -= len(self.retries)
             if holding is not None:
                 left.insert(0, holding)
                 self.in_flight -= 1
             self.buffer.clear()
-            self.retries.clear()
             self.failed += len(left)
             self.failures.extend(_failed(entry, error, self.target, attempts) for entry, attempts in left)
             self.failure_ready.notify_all()
@@ -580,6 +616,7 @@ class _AsyncState(Generic[T]):
         finally:
             with self.mutex:
                 self.failures_done = True
+            close_thread_loop()
 
     def _report(self, failed: FailedMessage[T]) -> None:
         handler = self.error_handler
@@ -592,19 +629,21 @@ class _AsyncState(Generic[T]):
                 exc_info=failed.error,
             )
             return
-        try:
-            # In a copy of the producer's context (its log lines keep the trace id). A copy: the
-            # dispatch loop may still be inside that context (a submit that failed synchronously).
-            if failed.context is None:
-                handler(failed)
-            else:
-                failed.context.copy().run(handler, failed)
-        except BaseException:  # noqa: BLE001 - the failure loop must live whatever the handler does
-            # BaseException too: sys.exit() here would end this thread silently (threading swallows
-            # SystemExit) and every later failure would go unreported.
+        # In a copy of the producer's context (its log lines keep the trace id). A copy: the
+        # dispatch loop may still be inside that context (a submit that failed synchronously).
+        # call() contains a BaseException too: sys.exit() here would end this thread silently
+        # (threading swallows SystemExit) and every later failure would go unreported.
+        context = failed.context
+        outcome = call(handler, failed) if context is None else context.copy().run(call, handler, failed)
+        if outcome.error is not None:
             with self.mutex:
                 self.handler_errors += 1
-            _log.exception("%s: error_handler raised while reporting %s", self.describe(), _short(failed.message))
+            _log.error(
+                "%s: error_handler raised while reporting %s",
+                self.describe(),
+                _short(failed.message),
+                exc_info=outcome.error,
+            )
 
 
 class Sender(Generic[T]):
@@ -702,6 +741,21 @@ class AsyncDispatcher(Generic[T]):
     per message (benchmarks/bench_buffered.py); without it, dispatch runs in the dispatch
     loop's own context.
 
+    User code may be ``async def`` (or return an awaitable): ``dispatch``, ``submit`` (its
+    awaited value is the Future), ``flush`` and the error handler; it is awaited on the
+    calling loop thread's private event loop. The retry policy's predicate and backoff are
+    called synchronously. With ``dispatch_timeout`` (seconds), each ``dispatch`` or
+    ``submit`` runs on a helper thread and fails with DispatchTimeoutError past it (retried
+    by ``retry`` or reported like any failure); a coroutine is cancelled, a plain call's
+    thread is abandoned (left to finish, its late result logged and ignored; at most 4 at a
+    time, past that later calls wait within their own timeout) and dispatch goes on.
+    ``stats()`` counts them. Without it, dispatch runs on the dispatch loop itself.
+
+    Retries: every failure goes to ``retry.next_delay`` (the one decision): ``Cancel`` is
+    final at once; ``Retry(delay)`` retries after that delay, within ``max_attempts``; a bad
+    delay is final (logged; the message reaches the error handler with its Retry error).
+    A message waiting for its retry waits on the dispatch loop's delay queue.
+
     A BaseException that is not an Exception (``KeyboardInterrupt``, ``SystemExit``,
     ``GeneratorExit``) raised by user code on a loop (``dispatch``, ``submit``, ``flush``,
     the retry predicate or backoff, the error handler) is contained like any error:
@@ -721,6 +775,7 @@ class AsyncDispatcher(Generic[T]):
         max_in_flight: int = 1000,
         max_failures_pending: int | None = None,
         carry_context: bool = False,
+        dispatch_timeout: float | None = None,
     ) -> None:
         if not callable(getattr(dispatcher, "dispatch", None)):
             raise ConfigurationError(f"dispatcher must have a dispatch(message, target) method, got {dispatcher!r}")
@@ -740,6 +795,8 @@ class AsyncDispatcher(Generic[T]):
             raise ConfigurationError(f"max_failures_pending must be an int >= 1 or None, got {max_failures_pending!r}")
         if not isinstance(carry_context, bool):
             raise ConfigurationError(f"carry_context must be a bool, got {carry_context!r}")
+        if dispatch_timeout is not None:
+            dispatch_timeout = check_seconds("dispatch_timeout", dispatch_timeout, allow_zero=False)
         self._carry_context = carry_context
         self._state: _AsyncState[T] = _AsyncState(
             dispatcher,
@@ -748,6 +805,7 @@ class AsyncDispatcher(Generic[T]):
             retry=retry,
             max_in_flight=max_in_flight,
             max_failures_pending=max_failures_pending,
+            dispatch_timeout=dispatch_timeout,
         )
         self._sender: Sender[T] | None = None
         _lifecycle.register(self._state)
@@ -805,6 +863,8 @@ class AsyncDispatcher(Generic[T]):
         state = self._state
         state.begin_stop(deadline, start_if_idle=True)
         state.join(deadline)
+        # The dispatch loop closed the caller as it left; this waits for its idle runners to go.
+        state.caller.close(None if deadline is None else max(0.0, deadline - time.monotonic()))
         finished = state.finished()
         if finished:
             _lifecycle.unregister(state)
@@ -863,8 +923,11 @@ class AsyncDispatcher(Generic[T]):
         failure_stalls (times the dispatch loop waited for the error handler to catch up).
         Gauges: waiting (in the buffer), in_flight (taken, not settled) and
         failures_waiting (failed for good, not yet handed to the error handler).
+        With ``dispatch_timeout``: call_timeouts (calls that ran past it) and the gauge
+        abandoned_calls (their threads still running); both 0 without it.
         """
         state = self._state
+        calls = state.caller.stats()
         with state.mutex:
             return {
                 "buffered": state.buffered,
@@ -877,6 +940,8 @@ class AsyncDispatcher(Generic[T]):
                 "in_flight": state.in_flight,
                 "failures_waiting": len(state.failures),
                 "failure_stalls": state.failure_stalls,
+                "abandoned_calls": calls["abandoned_calls"],
+                "call_timeouts": calls["call_timeouts"],
             }
 
     def __enter__(self) -> AsyncDispatcher[T]:

@@ -1,0 +1,257 @@
+"""AsyncDispatcher on the user-code contract: async callables, a per-call timeout, flow signals via RetryPolicy."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+
+from threaddispatch.backoff import Constant, RetryPolicy
+from threaddispatch.buffered import AsyncDispatcher, FailedMessage
+from threaddispatch.errors import Cancel, ConfigurationError, DispatchTimeoutError, Retry
+from threaddispatch.testing import wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[Callable[[], object]]]:
+    calls: list[Callable[[], object]] = []
+    yield calls
+    for call in reversed(calls):
+        call()
+
+
+class Failures:
+    """An error handler that records what it was given."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.items: list[FailedMessage[Any]] = []
+
+    def __call__(self, failed: FailedMessage[Any]) -> None:
+        with self.lock:
+            self.items.append(failed)
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.items)
+
+
+def start(
+    dispatcher: Any, cleanup: list[Callable[[], object]], handler: Any = None, **kwargs: Any
+) -> tuple[AsyncDispatcher[Any], Any]:
+    async_dispatcher: AsyncDispatcher[Any] = AsyncDispatcher(dispatcher, "q", handler, **kwargs)
+    sender = async_dispatcher.setup(100)
+    async_dispatcher.start()
+    cleanup.append(lambda: async_dispatcher.stop(10))
+    return async_dispatcher, sender
+
+
+# -- AsyncDispatcher: async callables ---------------------------------------------------------------
+
+
+class AsyncSink:
+    def __init__(self) -> None:
+        self.got: list[Any] = []
+
+    async def dispatch(self, message: Any, target: str, *, delay_seconds: int | None = None) -> str:
+        await asyncio.sleep(0)
+        self.got.append(message)
+        return f"id-{message}"
+
+
+def test_an_async_dispatch_is_awaited(cleanup: list[Callable[[], object]]) -> None:
+    sink = AsyncSink()
+    dispatcher, sender = start(sink, cleanup)
+    for n in range(5):
+        sender.put(n)
+    assert dispatcher.stop(10)
+    assert sink.got == [0, 1, 2, 3, 4]
+    assert dispatcher.sent == 5
+
+
+def test_an_async_dispatch_that_raises_fails_its_message(cleanup: list[Callable[[], object]]) -> None:
+    class Raising:
+        async def dispatch(self, message: Any, target: str, *, delay_seconds: int | None = None) -> str:
+            raise SystemExit(3)
+
+    failures = Failures()
+    dispatcher, sender = start(Raising(), cleanup, failures)
+    sender.put("a")
+    sender.put("b")
+    assert not dispatcher.stop(10)
+    assert [(f.message, type(f.error)) for f in failures.items] == [("a", SystemExit), ("b", SystemExit)]
+
+
+def test_an_async_error_handler_is_awaited(cleanup: list[Callable[[], object]]) -> None:
+    class Failing:
+        def dispatch(self, message: Any, target: str, *, delay_seconds: int | None = None) -> str:
+            raise ValueError(message)
+
+    seen: list[Any] = []
+
+    async def handler(failed: FailedMessage[Any]) -> None:
+        await asyncio.sleep(0)
+        seen.append(failed.message)
+
+    dispatcher, sender = start(Failing(), cleanup, handler)
+    sender.put("x")
+    dispatcher.stop(10)
+    assert seen == ["x"]
+    assert dispatcher.stats()["handler_errors"] == 0
+
+
+def test_an_async_submit_is_awaited_for_its_future(cleanup: list[Callable[[], object]]) -> None:
+    class AsyncSubmitter:
+        def dispatch(self, message: Any, target: str, *, delay_seconds: int | None = None) -> str:
+            raise AssertionError("submit exists")
+
+        async def submit(self, message: Any, target: str) -> Future[str | None]:
+            future: Future[str | None] = Future()
+            future.set_result(f"id-{message}")
+            return future
+
+    dispatcher, sender = start(AsyncSubmitter(), cleanup)
+    sender.put(1)
+    assert dispatcher.stop(10)
+    assert dispatcher.sent == 1
+
+
+# -- AsyncDispatcher: per-call timeout ----------------------------------------------------------------
+
+
+class Hangs:
+    """Hangs on the first message until released; sends the rest."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.got: list[Any] = []
+        self.first = True
+
+    def dispatch(self, message: Any, target: str, *, delay_seconds: int | None = None) -> str:
+        if self.first:
+            self.first = False
+            self.release.wait(30)
+            return "late"
+        self.got.append(message)
+        return f"id-{message}"
+
+
+@pytest.mark.timeout(30)
+def test_a_hung_dispatch_times_out_and_delivery_goes_on(cleanup: list[Callable[[], object]]) -> None:
+    hangs = Hangs()
+    cleanup.append(hangs.release.set)
+    failures = Failures()
+    dispatcher, sender = start(hangs, cleanup, failures, dispatch_timeout=0.1)
+    for n in range(3):
+        sender.put(n)
+    wait_for(lambda: failures.count() == 1 and dispatcher.sent == 2, timeout=10)
+    assert isinstance(failures.items[0].error, DispatchTimeoutError)
+    assert failures.items[0].message == 0
+    assert hangs.got == [1, 2]
+    stats = dispatcher.stats()
+    assert stats["call_timeouts"] == 1
+    assert stats["abandoned_calls"] == 1
+    hangs.release.set()
+    wait_for(lambda: dispatcher.stats()["abandoned_calls"] == 0, timeout=10)
+
+
+@pytest.mark.timeout(30)
+def test_a_timed_out_dispatch_is_retried(cleanup: list[Callable[[], object]]) -> None:
+    hangs = Hangs()
+    cleanup.append(hangs.release.set)
+    dispatcher, sender = start(
+        hangs, cleanup, dispatch_timeout=0.1, retry=RetryPolicy(max_attempts=2, backoff=Constant(0))
+    )
+    sender.put("a")
+    wait_for(lambda: dispatcher.sent == 1, timeout=10)
+    assert hangs.got == ["a"]
+    assert dispatcher.retried == 1
+    hangs.release.set()
+
+
+@pytest.mark.parametrize("bad", [0, -1, "1", True])
+def test_a_bad_dispatch_timeout_raises_configuration_error(bad: Any) -> None:
+    with pytest.raises(ConfigurationError, match="timeout"):
+        AsyncDispatcher(AsyncSink(), "q", dispatch_timeout=bad)
+
+
+def test_stats_have_the_call_counters_without_a_timeout(cleanup: list[Callable[[], object]]) -> None:
+    dispatcher, _sender = start(AsyncSink(), cleanup)
+    stats = dispatcher.stats()
+    assert stats["abandoned_calls"] == 0
+    assert stats["call_timeouts"] == 0
+
+
+# -- AsyncDispatcher: flow signals through RetryPolicy.next_delay -------------------------------------
+
+
+class Signals:
+    """Raises ``errors`` in turn (then sends), recording when each attempt was made."""
+
+    def __init__(self, *errors: BaseException) -> None:
+        self.errors = list(errors)
+        self.times: list[float] = []
+        self.sent: list[Any] = []
+
+    def dispatch(self, message: Any, target: str, *, delay_seconds: int | None = None) -> str:
+        self.times.append(time.monotonic())
+        if self.errors:
+            raise self.errors.pop(0)
+        self.sent.append(message)
+        return "id"
+
+
+def test_retry_with_a_delay_waits_that_long_before_the_next_attempt(cleanup: list[Callable[[], object]]) -> None:
+    signals = Signals(Retry(delay=0.2))
+    dispatcher, sender = start(signals, cleanup, retry=RetryPolicy(max_attempts=3, backoff=Constant(0)))
+    sender.put("m")
+    wait_for(lambda: dispatcher.sent == 1, timeout=10)
+    assert signals.sent == ["m"]
+    assert signals.times[1] - signals.times[0] >= 0.2
+
+
+def test_cancel_is_final_at_once(cleanup: list[Callable[[], object]]) -> None:
+    failures = Failures()
+    signals = Signals(Cancel("no"))
+    dispatcher, sender = start(signals, cleanup, failures, retry=RetryPolicy(max_attempts=5, backoff=Constant(0)))
+    sender.put("m")
+    wait_for(lambda: failures.count() == 1, timeout=10)
+    assert failures.items[0].attempts == 1
+    assert isinstance(failures.items[0].error, Cancel)
+    assert dispatcher.retried == 0
+
+
+@pytest.mark.parametrize("delay", [-1, float("nan"), "soon"])
+def test_a_bad_retry_delay_is_final_and_reported(delay: Any, cleanup: list[Callable[[], object]]) -> None:
+    failures = Failures()
+    bad = Retry()
+    bad.delay = delay  # Retry() refuses a bad delay; one set afterwards must still not lose the message
+    signals = Signals(bad, bad, bad)
+    dispatcher, sender = start(signals, cleanup, failures, retry=RetryPolicy(max_attempts=3, backoff=Constant(0)))
+    sender.put("m")
+    wait_for(lambda: failures.count() == 1, timeout=10)
+    assert failures.items[0].attempts == 1
+    assert failures.items[0].message == "m"
+    assert dispatcher.retried == 0
+
+
+def test_a_retry_predicate_that_raises_system_exit_makes_the_failure_final(
+    cleanup: list[Callable[[], object]],
+) -> None:
+    def predicate(_error: BaseException) -> bool:
+        raise SystemExit(1)
+
+    failures = Failures()
+    signals = Signals(ValueError("x"))
+    dispatcher, sender = start(signals, cleanup, failures, retry=RetryPolicy(max_attempts=3, retry_on=predicate))
+    sender.put("m")
+    sender.put("n")
+    wait_for(lambda: failures.count() == 1 and dispatcher.sent == 1, timeout=10)
+    assert failures.items[0].message == "m"
