@@ -36,6 +36,7 @@ from concurrent.futures import Future
 from typing import Any, Generic, Literal, TypeVar
 
 from threaddispatch import _lifecycle
+from threaddispatch._invoke import close_thread_loop
 from threaddispatch._lanes import INACTIVE, FifoLane, Lane
 from threaddispatch.errors import ConfigurationError, DispatcherClosedError, QueueFullError
 
@@ -134,7 +135,8 @@ class BatchEngine(Generic[T]):
         self._scheduled: list[tuple[float, int, Hashable, T]] = []  # heap of put_later entries
         self._serial = itertools.count()
         self._batch_seq = 0
-        self._unsettled: set[int] = set()
+        self._unsettled: dict[int, int] = {}  # seq -> entries, of every batch taken and not yet settled
+        self.settled_entries = 0  # entries of the batches settled (their deliver done), since start
         self._flush_requested = 0
         self._flush_taken = 0
         self._flush_target_seq = 0
@@ -353,6 +355,7 @@ class BatchEngine(Generic[T]):
                 if self._thread is threading.current_thread():
                     self._thread = None
                 self._settled.notify_all()
+            close_thread_loop()  # the loop an async deliver (or send) made on this thread
 
     def _report_skipped(self, key: Hashable, count: int) -> None:
         if self._on_skip is not None:
@@ -386,7 +389,7 @@ class BatchEngine(Generic[T]):
 
     def _settle(self, seq: int) -> None:
         with self._lock:
-            self._unsettled.discard(seq)
+            self.settled_entries += self._unsettled.pop(seq, 0)
             self._release_held()
             if self._settle_waiters:
                 self._settled.notify_all()
@@ -441,7 +444,7 @@ class BatchEngine(Generic[T]):
         while scheduled and (scheduled[0][0] <= now or self._closing):
             _when, _serial, key, item = heapq.heappop(scheduled)
             lane = self._lane_of(key)
-            lane.append(item)
+            lane.requeue(item)  # a closed lane refuses producers, not the engine's own entries
             self._arm(lane)
 
     def _start_flush(self) -> None:
@@ -488,7 +491,7 @@ class BatchEngine(Generic[T]):
     def _start_batch(self, lane: Lane[T], items: list[T]) -> int:
         """Count ``items``, just taken from ``lane``, as a batch in flight; returns its seq. Holds _lock."""
         self._batch_seq += 1
-        self._unsettled.add(self._batch_seq)
+        self._unsettled[self._batch_seq] = len(items)
         self.batches += 1
         self.taken += len(items)
         self._held.pop(lane, None)
@@ -752,12 +755,19 @@ class BatchEngine(Generic[T]):
             return not self._has_entries() and not self._unsettled
 
     def drain_at_exit(self, deadline: float) -> tuple[int, int]:
-        """Close against the global exit deadline; returns (entries delivered, entries lost)."""
-        taken_before = self.taken
+        """Close against the global exit deadline; returns (entries delivered, entries lost).
+
+        Delivered counts only batches that settled meanwhile: a batch whose deliver is
+        still running (a hung send, an abandoned call) is lost, like the entries that
+        were never taken.
+        """
+        with self._lock:
+            settled_before = self.settled_entries
         self.close(max(0.0, deadline - time.monotonic()))
         with self._lock:
             lost = sum(len(lane) for lane in self._lanes.values()) + len(self._scheduled)
-        return self.taken - taken_before, lost
+            lost += sum(self._unsettled.values())
+            return self.settled_entries - settled_before, lost
 
     def reset_after_fork(self) -> None:
         """In a forked child: forget the parent's entries (the parent delivers them) and worker."""

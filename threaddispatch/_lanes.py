@@ -32,6 +32,9 @@ class Lane(Protocol[T]):
     due: bool
 
     def append(self, item: T, /) -> None: ...
+    def requeue(self, item: T, /) -> None:
+        """Append for the engine itself (a ``put_later`` entry coming due): allowed on a closed lane."""
+
     def __len__(self) -> int: ...
     def take(self, count: int) -> list[T]: ...
     def drop_newest(self) -> T: ...
@@ -54,6 +57,7 @@ class FifoLane(deque[Any]):
     # The lock-free enqueue appends through this name, which only lanes have: a stray
     # positional argument bound in a lane's place raises AttributeError (see background.py).
     lock_free_append = deque.append
+    requeue = deque.append  # not overridden by ClosedFifoLane: the engine's own entries still go
 
     def take(self, count: int) -> list[Any]:
         # starmap calls popleft at C speed with no per-item comparison; only the engine
@@ -118,6 +122,8 @@ class PriorityLane(Generic[T]):
             bisect.insort(self._order, -priority)
         bucket.append(item)
         self._size += 1
+
+    requeue = append
 
     def __len__(self) -> int:
         return self._size

@@ -11,6 +11,7 @@ import inspect
 import logging
 import math
 import threading
+import time
 import weakref
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
@@ -20,9 +21,11 @@ from typing import Any, Generic, TypeVar
 
 from threaddispatch import _lifecycle
 from threaddispatch._engine import OVERFLOW_POLICIES, BatchEngine, Overflow, check_positive_int
+from threaddispatch._invoke import Outcome, TimedCaller, call
 from threaddispatch._lanes import ClosedFifoLane, FifoLane
-from threaddispatch.backoff import RetryPolicy, check_seconds
-from threaddispatch.errors import ConfigurationError, QueueFullError
+from threaddispatch._validate import check_seconds
+from threaddispatch.backoff import RetryPolicy
+from threaddispatch.errors import ConfigurationError, DispatcherClosedError, QueueFullError
 
 __all__ = ["BackgroundDispatcher", "FailedBatch"]
 
@@ -51,9 +54,28 @@ class _Submitted:
         self.future = future
 
 
+class _Retrying:
+    """A batch waiting for its next attempt: scheduled with the engine's ``put_later``.
+
+    ``done`` is the Future the engine holds for the batch's first delivery: it settles
+    that batch (so flush() and close() wait for it) once the batch is sent or fails for good.
+    """
+
+    __slots__ = ("attempts", "done", "entries", "futures")
+
+    def __init__(self, entries: list[Any], futures: list[Future[None]], attempts: int, done: Future[None]) -> None:
+        self.entries = entries
+        self.futures = futures
+        self.attempts = attempts
+        self.done = done
+
+
 class _Sender(Generic[T]):
     """Calls ``send_batch`` for the engine: retries, error reporting, futures, counters.
 
+    Every user callable (``send_batch``, ``on_error``) goes through ``_invoke``: it may be
+    ``async def``, and whatever it raises (BaseException included) is the call's failure.
+    A retry waits on the engine's timer (``put_later``), never on the worker thread.
     Holds no reference to the dispatcher, so an unreferenced dispatcher can be collected
     while its worker still drains. Counters are written by the worker thread only.
     """
@@ -64,17 +86,20 @@ class _Sender(Generic[T]):
         on_error: Callable[[FailedBatch[T]], object] | None,
         retry: RetryPolicy | None,
         name: str,
+        caller: TimedCaller,
     ) -> None:
         self.send_batch = send_batch
         self.on_error = on_error
         self.retry = retry
         self.name = name
+        self.caller = caller
+        self.engine: BatchEngine[Any] | None = None  # set by the dispatcher once the engine exists
         self.has_submitted = False
         self.reset(closing=False)
 
     def reset(self, *, closing: bool) -> None:
         """Fresh counters and a fresh ``closing`` Event (at construction, and in a forked child)."""
-        self.closing = threading.Event()  # set by close(): cut backoff waits short
+        self.closing = threading.Event()  # set by close(): retries go at once instead of waiting
         if closing:
             self.closing.set()
         self.sent = 0
@@ -83,45 +108,77 @@ class _Sender(Generic[T]):
         self.retries = 0
         self.calls = 0
 
-    def deliver(self, _key: Hashable, items: list[Any]) -> None:
+    def deliver(self, key: Hashable, items: list[Any]) -> Future[None] | None:
+        if self.has_submitted or self.retry is not None:
+            return self._deliver_mixed(key, items)
+        self._attempt(key, items, [], 1, None)
+        return None
+
+    def _deliver_mixed(self, key: Hashable, items: list[Any]) -> Future[None] | None:
+        """Split a batch into its plain entries (one send) and the retried batches it carries (one send each)."""
         futures: list[Future[None]] = []
-        entries: list[T] = items
-        if self.has_submitted:
-            entries = []
-            for item in items:
-                if type(item) is _Submitted:
-                    entries.append(item.entry)  # type: ignore[arg-type]
-                    futures.append(item.future)
-                else:
-                    entries.append(item)
-        attempts = 0
+        entries: list[Any] = []
+        retried: list[_Retrying] = []
+        for item in items:
+            kind = type(item)
+            if kind is _Submitted:
+                entries.append(item.entry)
+                futures.append(item.future)
+            elif kind is _Retrying:
+                retried.append(item)
+            else:
+                entries.append(item)
+        for batch in retried:
+            self._attempt(key, batch.entries, batch.futures, batch.attempts + 1, batch.done)
+        if not entries:
+            return None
+        return self._attempt(key, entries, futures, 1, None)
+
+    def _attempt(
+        self, key: Hashable, entries: list[Any], futures: list[Future[None]], attempts: int, done: Future[None] | None
+    ) -> Future[None] | None:
+        """Send once; on a failure that retries, schedule the next attempt and return what settles the batch."""
         while True:
-            attempts += 1
             self.calls += 1
-            try:
-                self.send_batch(entries)
-            except Exception as error:  # noqa: BLE001 - reported through on_error / the log
-                if self.retry is not None and self.retry.should_retry(attempts, error):
-                    try:
-                        delay = self.retry.delay(attempts)
-                    except Exception:  # noqa: BLE001 - a broken backoff makes this failure final
-                        _log.exception("%s: the retry backoff raised; the failure is final", self.name)
-                    else:
-                        self.retries += 1
-                        # close() cuts the wait short: the next attempt goes at once.
-                        self.closing.wait(delay)
-                        continue
+            outcome = self._call_send(entries)
+            if outcome.ok:
+                self.sent += len(entries)
+                for future in futures:
+                    if future.set_running_or_notify_cancel():
+                        future.set_result(None)
+                break
+            error = outcome.error
+            assert error is not None
+            delay = None if self.retry is None else self.retry.next_delay(attempts, error)
+            if delay is None:
                 self._report(entries, error, attempts, futures)
-                return
-            except BaseException as error:
-                # sys.exit() and the like: the batch failed; report it, then let the engine decide.
-                self._report(entries, error, attempts, futures)
-                raise
-            self.sent += len(entries)
-            for future in futures:
-                if future.set_running_or_notify_cancel():
-                    future.set_result(None)
-            return
+                break
+            self.retries += 1
+            batch = _Retrying(entries, futures, attempts, Future() if done is None else done)
+            if self._schedule(key, batch, delay):
+                # The first delivery's batch settles when batch.done does; a retry's own batch now.
+                return batch.done if done is None else None
+            attempts += 1  # closing: the next attempt goes at once
+        if done is not None:
+            done.set_result(None)
+        return None
+
+    def _call_send(self, entries: list[Any]) -> Outcome:
+        try:
+            return self.caller.call(self.send_batch, entries)
+        except DispatcherClosedError:  # close() timed out and closed the caller: send without a timeout
+            return call(self.send_batch, entries)
+
+    def _schedule(self, key: Hashable, batch: _Retrying, delay: float) -> bool:
+        """Put ``batch`` on the engine's timer; False when closing (the caller retries at once)."""
+        engine = self.engine
+        if engine is None or self.closing.is_set():
+            return False
+        try:
+            engine.put_later(batch, key, delay)
+        except DispatcherClosedError:
+            return False
+        return True
 
     def _report(self, entries: list[T], error: BaseException, attempts: int, futures: list[Future[None]]) -> None:
         self.failed += len(entries)
@@ -138,10 +195,14 @@ class _Sender(Generic[T]):
                 exc_info=error,
             )
             return
-        try:
-            self.on_error(FailedBatch(entries, error, attempts))
-        except Exception:  # noqa: BLE001 - the worker must live whatever on_error does
-            _log.exception("%s: on_error raised while reporting %d failed entries", self.name, len(entries))
+        outcome = call(self.on_error, FailedBatch(entries, error, attempts))
+        if not outcome.ok:  # the worker lives whatever on_error does
+            _log.error(
+                "%s: on_error raised while reporting %d failed entries",
+                self.name,
+                len(entries),
+                exc_info=outcome.error,
+            )
 
     def on_drop(self, items: list[Any]) -> None:
         for item in items:
@@ -221,6 +282,7 @@ class BackgroundDispatcher(Generic[T]):
         on_error: Callable[[FailedBatch[T]], object] | None = None,
         retry: RetryPolicy | None = None,
         name: str | None = None,
+        send_timeout: float | None = None,
     ) -> None:
         if not callable(send_batch):
             raise ConfigurationError(f"send_batch must be callable, got {send_batch!r}")
@@ -243,9 +305,13 @@ class BackgroundDispatcher(Generic[T]):
             name = f"background-{next(_names)}"
         elif not isinstance(name, str) or not name:
             raise ConfigurationError(f"name must be a non-empty str, got {name!r}")
+        if send_timeout is not None:
+            send_timeout = check_seconds("send_timeout", send_timeout, allow_zero=False)
         self.name = name
         self.ms_delay = ms_delay
-        self._sender: _Sender[T] = _Sender(send_batch, on_error, retry, name)
+        self.send_timeout = send_timeout
+        self._caller = TimedCaller(name, timeout=send_timeout)
+        self._sender: _Sender[T] = _Sender(send_batch, on_error, retry, name, self._caller)
         self._engine: BatchEngine[Any] = BatchEngine(
             self._sender.deliver,
             name=name,
@@ -255,6 +321,7 @@ class BackgroundDispatcher(Generic[T]):
             overflow=overflow,
             on_drop=self._sender.on_drop,
         )
+        self._sender.engine = self._engine
         lane = self._engine.default_lane
         assert isinstance(lane, FifoLane)
         lane.owner = f"BackgroundDispatcher {name!r}"
@@ -340,7 +407,10 @@ class BackgroundDispatcher(Generic[T]):
                 self._sender.closing.set()
                 self._finalizer.detach()  # closed: nothing left for the collector to do
             failed_before = self._sender.failed
+        deadline = None if timeout is None else time.monotonic() + timeout
         drained = self._engine.close(timeout)
+        # Last: a send still running past close()'s timeout falls back to an untimed call.
+        self._caller.close(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return drained and self._sender.failed == failed_before
 
     @property
@@ -354,9 +424,11 @@ class BackgroundDispatcher(Generic[T]):
         return self._engine.dropped
 
     def stats(self) -> dict[str, int]:
-        """Counters: enqueued, sent, failed, dropped, pending, batches, calls, retries, failed_batches."""
+        """Counters: enqueued, sent, failed, dropped, pending, batches, calls, retries, failed_batches,
+        abandoned_calls (timed-out sends whose threads still run), call_timeouts."""
         engine = self._engine
         pending = engine.pending()
+        caller = self._caller.stats()
         return {
             "enqueued": engine.taken + pending + engine.dropped,
             "sent": self._sender.sent,
@@ -368,6 +440,8 @@ class BackgroundDispatcher(Generic[T]):
             "calls": self._sender.calls,
             "retries": self._sender.retries,
             "failed_batches": self._sender.failed_batches,
+            "abandoned_calls": caller["abandoned_calls"],
+            "call_timeouts": caller["call_timeouts"],
         }
 
     def _drain_at_exit(self, deadline: float) -> tuple[int, int]:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 from collections.abc import Callable
 
 from threaddispatch._engine import Overflow
+from threaddispatch._invoke import invoke
 from threaddispatch.background import BackgroundDispatcher, FailedBatch
 from threaddispatch.backoff import RetryPolicy
 
@@ -29,6 +31,10 @@ class BatchingHandler(logging.Handler):
     logger's other handlers. Records logged *by* ``send_records`` itself (on the
     dispatcher's thread) are not queued again, so a handler that logs to its own logger
     cannot feed itself; they are counted in ``self_records_skipped``.
+
+    ``send_records`` (and ``on_error``) may be ``async def``: the coroutine is awaited on
+    the sending thread. ``send_timeout`` is the dispatcher's per-call timeout: a send past
+    it fails with DispatchTimeoutError (to ``on_error``/``retry``) and later batches go.
     """
 
     def __init__(
@@ -43,10 +49,13 @@ class BatchingHandler(logging.Handler):
         retry: RetryPolicy | None = None,
         on_error: Callable[[FailedBatch[logging.LogRecord]], object] | None = None,
         name: str | None = None,
+        send_timeout: float | None = None,
     ) -> None:
         super().__init__(level)
+        # True on a thread while it runs send_records: the worker, or a send_timeout runner thread.
+        self._sending = threading.local()
         self.dispatcher: BackgroundDispatcher[logging.LogRecord] = BackgroundDispatcher(
-            send_records,
+            self._sender_of(send_records),
             ms_delay,
             max_batch_size=max_batch_size,
             max_queue_size=max_queue_size,
@@ -54,8 +63,26 @@ class BatchingHandler(logging.Handler):
             on_error=on_error,
             retry=retry,
             name=name or "logging",
+            send_timeout=send_timeout,
         )
         self.self_records_skipped = 0
+
+    def _sender_of(
+        self, send_records: Callable[[list[logging.LogRecord]], object]
+    ) -> Callable[[list[logging.LogRecord]], object]:
+        """``send_records`` run (and awaited) with this thread marked as sending, whichever thread runs it."""
+        if not callable(send_records):
+            return send_records  # the dispatcher refuses it, naming it
+        sending = self._sending
+
+        def send(records: list[logging.LogRecord]) -> object:
+            sending.active = True
+            try:
+                return invoke(send_records, records)
+            finally:
+                sending.active = False
+
+        return send
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         """A copy of ``record`` with the message formatted now and what cannot travel (args, exc_info) stripped.
@@ -76,7 +103,7 @@ class BatchingHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         """Queue ``record``; O(1), never raises (errors go to ``handleError``), never blocks with drop policies."""
         try:
-            if self.dispatcher._engine.on_worker_thread():
+            if getattr(self._sending, "active", False):
                 self.self_records_skipped += 1
                 return
             self.dispatcher.enqueue(self.prepare(record))
