@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
+import select
+import signal
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from threaddispatch import _request_future
 from threaddispatch._request_future import LazyFuture
 from threaddispatch.requests import CancellationToken, RequestDispatcher
 
@@ -205,3 +209,44 @@ def test_wait_returns_when_the_dispatcher_cancels_a_request(gate: threading.Even
         thread.join(10)
     finally:
         rd.close(5)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_gets_a_fresh_lazy_lock() -> None:
+    """The module lock, held by a parent thread at fork time, is replaced in the child: Futures settle there."""
+    held = _request_future._lazy_lock
+    entered = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with held:
+            entered.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold, name="test-holder")
+    holder.start()
+    assert entered.wait(5)
+    read_end, write_end = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: settling a Future takes the module lock
+            code = 1
+            try:
+                future = LazyFuture()
+                future.set_result(7)
+                code = 0 if future.result(0) == 7 and _request_future._lazy_lock is not held else 2
+            finally:
+                os.write(write_end, bytes([code]))
+                os._exit(code)
+        os.close(write_end)
+        ready, _, _ = select.select([read_end], [], [], 20)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)  # hung on the parent's lock copy
+        status = os.read(read_end, 1) if ready else b"hung"
+        _, wait_status = os.waitpid(pid, 0)
+    finally:
+        release.set()
+        holder.join(10)
+        os.close(read_end)
+    assert status == b"\x00"
+    assert os.waitstatus_to_exitcode(wait_status) == 0

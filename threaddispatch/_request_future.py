@@ -47,6 +47,10 @@ def _new_lock_after_fork() -> None:
     _lazy_lock = threading.Lock()
 
 
+# Its own hook, not the _lifecycle registry: that registry holds components (weakly, with an
+# exit drain), in no set order, while this lock must be fresh before any component's reset
+# in the child could settle a Future; an os.register_at_fork made at import runs before the
+# registry's hook, which is installed when the first component registers.
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_lock_after_fork)
 
