@@ -571,24 +571,6 @@ def test_a_result_that_breaks_when_read_fails_the_batch_not_the_dispatcher() -> 
     assert d.shutdown(5)
 
 
-def test_a_backoff_that_raises_falls_back_to_the_default(caplog: pytest.LogCaptureFixture) -> None:
-    """A broken backoff is logged and the default delay used: the job still waits and is retried."""
-
-    def broken(attempt: int) -> float:
-        raise ZeroDivisionError("backoff bug")
-
-    d = make(Sink(lambda ep, jobs: [False] * len(jobs)), retry=RetryPolicy(backoff=broken))
-    job = DispatchJob("ep", 1)
-    d.add_job(job)
-    with caplog.at_level(logging.ERROR, logger="threaddispatch"):
-        d.process_batch_for_endpoint("ep")
-    assert "backoff bug" in caplog.text
-    assert status(job) == "retrying"
-    assert job.next_retry_at is not None and job.last_attempt_at is not None
-    assert job.next_retry_at - job.last_attempt_at == pytest.approx(1.0, abs=0.05)
-    assert not d.shutdown(5)  # the retry, a second away, is cancelled and reported
-
-
 def test_jobs_are_retried_until_max_attempts_then_exhausted() -> None:
     """A job that keeps failing is sent max_attempts times, then job_exhausted fires after batch_failed."""
     sink = Sink(lambda ep, jobs: [False] * len(jobs))

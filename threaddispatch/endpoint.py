@@ -39,9 +39,11 @@ from typing import Any, Literal
 
 from threaddispatch import _lifecycle
 from threaddispatch._engine import OVERFLOW_POLICIES, BatchEngine, Overflow, check_positive_int
+from threaddispatch._invoke import BASE, ERROR, Outcome, TimedCaller
 from threaddispatch._lanes import FifoLane, Lane, PriorityLane
 from threaddispatch._pool import WorkerPool
-from threaddispatch.backoff import Exponential, RetryPolicy, check_seconds
+from threaddispatch._validate import check_seconds, show
+from threaddispatch.backoff import Exponential, RetryPolicy
 from threaddispatch.errors import (
     ConfigurationError,
     DispatcherClosedError,
@@ -79,7 +81,8 @@ BatchStatus = Literal["pending", "processing", "completed", "failed"]
 
 #: ``send_batch(endpoint_id, jobs)``: raise (every job failed), return None (every job was
 #: delivered), or return one outcome per job: None/True delivered, False/an exception failed.
-SendBatch = Callable[[Any, "list[DispatchJob]"], "Sequence[object] | None"]
+#: It may be an ``async def`` function (awaited on the sending thread's private loop).
+SendBatch = Callable[[Any, "list[DispatchJob]"], object]
 
 # The default retry: 3 attempts, exponential from 1 s (doubling, capped at 60 s). A job's own
 # max_attempts, when it has one, overrides the policy's.
@@ -316,6 +319,7 @@ class _Core:
         retry: RetryPolicy,
         max_pending_jobs: int,
         overflow: Overflow,
+        send_timeout: float | None,
     ) -> None:
         self.send_batch = send_batch
         self.name = name
@@ -327,6 +331,8 @@ class _Core:
         self.overflow = overflow
         self.events = EventEmitter(known_events=EVENTS)
         self._init_locks()
+        # Calls send_batch (on the sending thread itself when send_timeout is None).
+        self.caller = TimedCaller(f"{name}-send", timeout=send_timeout)
         self.pool = WorkerPool(max_concurrent_batches, name=f"{name}-send")
         self.engine: BatchEngine[DispatchJob] = BatchEngine(
             self.deliver,
@@ -441,18 +447,23 @@ class _Core:
 
     # -- sending -----------------------------------------------------------------------------
 
-    def run_batch(self, batch: WebhookBatch) -> None:
-        """Send one batch on this thread and settle its jobs; events fire here, in order."""
+    def run_batch(self, batch: WebhookBatch) -> BaseException | None:
+        """Send one batch on this thread and settle its jobs; events fire here, in order.
+
+        Returns the BaseException that is not an Exception (SystemExit, KeyboardInterrupt, ...)
+        send_batch raised, if it did: the batch failed with it like with any error, and it was
+        logged; the synchronous ``process_*`` calls re-raise it to their caller.
+        """
         local = self.local
         self.permits.acquire()
         local.sending = getattr(local, "sending", 0) + 1
         try:
-            self._send(batch)
+            return self._send(batch)
         finally:
             local.sending -= 1
             self.permits.release()
 
-    def _send(self, batch: WebhookBatch) -> None:
+    def _send(self, batch: WebhookBatch) -> BaseException | None:
         events = self.events
         jobs = batch.jobs
         endpoint_id = batch.endpoint_id
@@ -465,32 +476,29 @@ class _Core:
             job.last_attempt_at = started
             job.next_retry_at = None
         error: BaseException | None = None
-        interrupt: BaseException | None = None
         outcomes: list[object] | None = None  # None: every job delivered (unless error)
-        try:
-            if events.has_listeners("batch_started"):
-                events.emit(
-                    "batch_started",
-                    {
-                        "batch_id": batch.id,
-                        "endpoint_id": endpoint_id,
-                        "job_count": len(jobs),
-                        "job_ids": [job.id for job in jobs],
-                        "batch": batch,
-                    },
-                )
-            result = self.send_batch(endpoint_id, list(jobs))
-        except BaseException as exc:  # noqa: BLE001 - the whole batch failed; non-Exceptions re-raised below
-            error = exc
-            if not isinstance(exc, Exception):
-                interrupt = exc
-        else:
-            if result is not None:
-                try:
-                    outcomes = _outcomes(result, len(jobs), endpoint_id)
-                except Exception as exc:  # noqa: BLE001 - a bad result fails the batch; reported below
-                    error = exc
-                    _log.error("%s: %s; the batch is treated as failed", self.label, exc)
+        if events.has_listeners("batch_started"):
+            events.emit(
+                "batch_started",
+                {
+                    "batch_id": batch.id,
+                    "endpoint_id": endpoint_id,
+                    "job_count": len(jobs),
+                    "job_ids": [job.id for job in jobs],
+                    "batch": batch,
+                },
+            )
+        sent = self._call_send(endpoint_id, list(jobs))
+        if not sent.ok:
+            error = sent.error
+            if sent.kind == BASE:
+                _log.error("%s: send_batch raised %s; the batch failed", self.label, show(error), exc_info=error)
+        elif sent.value is not None:
+            try:
+                outcomes = _outcomes(sent.value, len(jobs), endpoint_id)
+            except Exception as exc:  # noqa: BLE001 - a bad result fails the batch; reported below
+                error = exc
+                _log.error("%s: %s; the batch is treated as failed", self.label, exc)
 
         delivered: Sequence[DispatchJob] = ()
         failed: list[tuple[DispatchJob, BaseException]] = []
@@ -515,8 +523,9 @@ class _Core:
         exhausted: list[DispatchJob] = []
         for job, job_error in failed:
             job.last_error = job_error
-            if self._should_retry(job, job_error):
-                delay = self._delay(job)
+            # The one retry decision: Cancel final, Retry(delay) honoured, a bad delay final.
+            delay = self.retry.next_delay(job.attempts, job_error, max_attempts=job.max_attempts)
+            if delay is not None:
                 job.status = "retrying"
                 job.next_retry_at = finished + delay
                 retries.append((job, delay))
@@ -540,20 +549,14 @@ class _Core:
             # After the events, so a retry never overtakes the report of the attempt before it;
             # in a finally, so no listener can lose a job.
             self._requeue(endpoint_id, retries)
-        if interrupt is not None:
-            raise interrupt
+        return error if sent.kind == BASE else None
 
-    def _should_retry(self, job: DispatchJob, error: BaseException) -> bool:
-        """Whether ``job`` gets another attempt: its own max_attempts (else the policy's), then retry_on."""
-        policy = self.retry
-        if job.max_attempts is None:
-            return policy.should_retry(job.attempts, error)
-        if job.attempts >= job.max_attempts:
-            return False
+    def _call_send(self, endpoint_id: Hashable, jobs: list[DispatchJob]) -> Outcome:
+        """``send_batch(endpoint_id, jobs)`` within send_timeout; never raises."""
         try:
-            return bool(policy.retry_on(error))
-        except Exception:  # noqa: BLE001 - as RetryPolicy.should_retry: a broken predicate means no retry
-            return False
+            return self.caller.call(self.send_batch, endpoint_id, jobs)
+        except DispatcherClosedError as exc:  # shut down (its wait timed out) while this batch still went
+            return Outcome(ERROR, None, exc)
 
     def _requeue(self, endpoint_id: Hashable, retries: list[tuple[DispatchJob, float]]) -> None:
         """Schedule the retries. One the engine refuses as closed is cancelled (as shutdown cancels
@@ -609,13 +612,6 @@ class _Core:
                     "job": job,
                 },
             )
-
-    def _delay(self, job: DispatchJob) -> float:
-        try:
-            return self.retry.delay(job.attempts)
-        except Exception:  # noqa: BLE001 - a broken backoff must not lose the job: use the default one
-            _log.exception("%s: the retry backoff raised for attempt %d; using the default", self.label, job.attempts)
-            return _DEFAULT_RETRY.delay(job.attempts)
 
     def _report(
         self,
@@ -812,6 +808,11 @@ class _Core:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    def release_threads(self) -> None:
+        """After the drain of an unreferenced dispatcher: let the sending and send_timeout threads leave."""
+        self.pool.shutdown()
+        self.caller.close(0.0)  # a runner busy with a hung send leaves after it
+
     def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
         return 0, 0  # the engine is registered too and drains the jobs
 
@@ -842,12 +843,27 @@ class EndpointBatchDispatcher:
     ``send_batch`` raises (every job failed), returns None (every job delivered), or returns
     one outcome per job: None or True (delivered), False or an exception (failed). A result
     of another length or kind fails the whole batch, with an error naming what was wrong.
+    ``send_batch`` may be an ``async def`` function (or return an awaitable): it is awaited on
+    the sending thread's private event loop, and its result or exception counts the same.
     Failed jobs, and only they, rejoin their endpoint's queue after ``retry``'s backoff
     (default: 3 attempts, exponential from 1 s, doubling, capped at 60 s) and go with its next
     batch, until ``retry.max_attempts`` (or the job's own ``max_attempts``, which overrides it
-    when given) or ``retry.retry_on`` says stop: then ``job_exhausted``. A job whose retry
-    cannot be scheduled (an error of the dispatcher itself) is given up the same way, after
-    ``requeue_error``.
+    when given) or ``retry.retry_on`` says stop: then ``job_exhausted``. The decision is
+    :meth:`RetryPolicy.next_delay`'s: ``Retry(delay)`` (raised by send_batch, or a job's
+    outcome) retries after ``delay`` instead of the backoff, within the attempt limit;
+    ``Cancel`` exhausts at once; a bad ``Retry`` delay, or a backoff that raises, makes the
+    failure final (logged). A job whose retry cannot be scheduled (an error of the dispatcher
+    itself) is given up the same way, after ``requeue_error``.
+
+    ``send_timeout`` (None: no limit) bounds each call of ``send_batch``: a call past it fails
+    the batch with DispatchTimeoutError (retried like any failure); its thread is abandoned
+    (left to finish on its own, its late result logged and ignored) and later batches go on
+    fresh threads ``threaddispatch-<name>-send-call``. At most 4 abandoned calls run at once
+    (``stats()["abandoned_calls"]``); past that a send waits for one to end, within its own
+    timeout. A BaseException that is not an Exception (SystemExit, KeyboardInterrupt) from
+    ``send_batch`` fails the batch like an error and is logged; no sending thread dies of it,
+    and ``process_*``, which send on the caller's thread, re-raise it to their caller after the
+    batch's jobs are settled.
 
     A job with a ``scheduled_at`` in the future waits for it, held but not queued (so neither
     the batching nor ``process_*`` sends it, and the overflow policy never drops it), then
@@ -861,7 +877,8 @@ class EndpointBatchDispatcher:
     ``requeue_error`` per job whose retry could not be scheduled and ``job_exhausted`` per
     exhausted job; ``processor_error`` when the machinery around ``send_batch`` failed
     (a batch could not be handed to a sending thread: it is then sent on the batching thread);
-    ``shutdown`` once. A listener that raises is logged and changes nothing else.
+    ``shutdown`` once. Listeners may be ``async def`` (awaited on the emitting thread's
+    private loop). A listener that raises, whatever it raises, is logged and changes nothing else.
     All methods are thread-safe.
 
     At most ``max_pending_jobs`` jobs (default 100_000) are held: queued, in a batch, or
@@ -895,6 +912,7 @@ class EndpointBatchDispatcher:
         name: str | None = None,
         max_pending_jobs: int = DEFAULT_MAX_PENDING_JOBS,
         overflow: Overflow = "raise",
+        send_timeout: float | None = None,
     ) -> None:
         if not callable(send_batch):
             raise ConfigurationError(f"send_batch must be callable, got {send_batch!r}")
@@ -903,6 +921,8 @@ class EndpointBatchDispatcher:
         if not isinstance(overflow, str) or overflow not in OVERFLOW_POLICIES:
             raise ConfigurationError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}; got {overflow!r}")
         batch_timeout = check_seconds("batch_timeout", batch_timeout, allow_zero=False)
+        if send_timeout is not None:
+            send_timeout = check_seconds("send_timeout", send_timeout, allow_zero=False)
         check_positive_int("max_concurrent_batches", max_concurrent_batches)
         if not isinstance(enable_prioritization, bool):
             raise ConfigurationError(f"enable_prioritization must be a bool, got {enable_prioritization!r}")
@@ -919,6 +939,7 @@ class EndpointBatchDispatcher:
         self.enable_prioritization = enable_prioritization
         self.max_pending_jobs = max_pending_jobs
         self.overflow: Overflow = overflow
+        self.send_timeout = send_timeout
         self.retry = _DEFAULT_RETRY if retry is None else retry
         self._core = _Core(
             send_batch,
@@ -930,9 +951,10 @@ class EndpointBatchDispatcher:
             retry=self.retry,
             max_pending_jobs=max_pending_jobs,
             overflow=overflow,
+            send_timeout=send_timeout,
         )
         # An unreferenced dispatcher drains in the background, then its threads leave.
-        self._finalizer = weakref.finalize(self, self._core.engine.close_unreferenced, self._core.pool.shutdown)
+        self._finalizer = weakref.finalize(self, self._core.engine.close_unreferenced, self._core.release_threads)
         self._finalizer.atexit = False  # at exit the lifecycle drain has it, and no thread may start
 
     # -- jobs --------------------------------------------------------------------------------
@@ -1016,9 +1038,11 @@ class EndpointBatchDispatcher:
             return None
         batch = WebhookBatch(_new_id(), endpoint_id, tuple(jobs), time.time())
         try:
-            core.run_batch(batch)
+            interrupt = core.run_batch(batch)
         finally:
             core.engine.settle(seq)
+        if interrupt is not None:
+            raise interrupt  # this is the caller's own thread: a KeyboardInterrupt is for it
         return batch
 
     def _check_open(self) -> None:
@@ -1049,12 +1073,15 @@ class EndpointBatchDispatcher:
         """Gauges and counters. ``held``: jobs queued, in a batch or waiting for a retry or their
         ``scheduled_at`` (what ``max_pending_jobs`` bounds); ``pending``, ``active_batches``,
         ``retrying`` (retries and scheduled jobs not yet due): as in :meth:`get_batch_stats`;
-        ``dropped``, ``exhausted``, ``cancelled``: jobs so far.
+        ``dropped``, ``exhausted``, ``cancelled``: jobs so far. ``abandoned_calls``: sends past
+        ``send_timeout`` whose threads still run (at most 4; past that a send waits for one to
+        end, within its own timeout); ``call_timeouts``: sends that timed out so far.
 
         The queue gauges are one snapshot; ``held`` and the counters are read just after it.
         """
         core = self._core
         lengths, in_flight, scheduled = core.engine.snapshot()
+        calls = core.caller.stats()
         with core.lock:
             return {
                 "held": core.held,
@@ -1064,6 +1091,8 @@ class EndpointBatchDispatcher:
                 "dropped": core.dropped,
                 "exhausted": core.exhausted,
                 "cancelled": len(core.cancelled),
+                "abandoned_calls": calls["abandoned_calls"],
+                "call_timeouts": calls["call_timeouts"],
             }
 
     def get_pending_job_count(self, endpoint_id: Hashable) -> int:
@@ -1139,6 +1168,7 @@ class EndpointBatchDispatcher:
         else:
             drained = core.engine.close(_remaining(deadline))
             core.pool.shutdown(_remaining(deadline))
+            core.caller.close(_remaining(deadline))  # abandoned sends are left to end on their own
             self._finalizer.detach()  # closed: nothing left for the collector to do
         lengths, in_flight, _scheduled = core.engine.snapshot()
         pending = sum(lengths.values())
