@@ -42,8 +42,10 @@ from typing import Any, Generic, TypeVar
 
 from threaddispatch import _lifecycle
 from threaddispatch._engine import BatchEngine, check_positive_int
+from threaddispatch._invoke import ERROR, Outcome, TimedCaller, call
 from threaddispatch._pool import WorkerPool
-from threaddispatch.backoff import check_seconds
+from threaddispatch._validate import check_seconds
+from threaddispatch.buffered import in_context
 from threaddispatch.errors import (
     ConfigurationError,
     DispatcherClosedError,
@@ -115,13 +117,20 @@ class _BatchState(Generic[T]):
     """
 
     def __init__(
-        self, send_batch: Callable[[str, list[Any]], object], name: str, max_concurrent_sends: int, envelopes: bool
+        self,
+        send_batch: Callable[[str, list[Any]], object],
+        name: str,
+        max_concurrent_sends: int,
+        envelopes: bool,
+        send_timeout: float | None,
     ) -> None:
         self.send_batch = send_batch
         self.envelopes = envelopes  # send_batch gets Envelopes instead of bare messages
         self.name = name
         self.max_concurrent_sends = max_concurrent_sends
         self.pool = WorkerPool(max_concurrent_sends, name=f"{name}-send", idle_timeout=_SEND_IDLE_TIMEOUT)
+        # send_batch runs through it: on the pool thread without a timeout, else on its runners.
+        self.caller = TimedCaller(f"{name}-send", timeout=send_timeout, idle_timeout=_SEND_IDLE_TIMEOUT)
         self.closed = False
         self.give_up_at: float | None = None  # close()'s deadline: queued batches fail after it
         self.failed_at_close = 0
@@ -194,20 +203,16 @@ class _BatchState(Generic[T]):
         # A copy: send_batch may run an envelope's own context (the first one's included).
         context = batch[0].context.copy()
         local = self.local
+        local.sending = getattr(local, "sending", 0) + 1
         try:
-            local.sending = getattr(local, "sending", 0) + 1
-            try:
-                results = context.run(self.send_batch, target, payload)
-            finally:
-                local.sending -= 1
-                self._release(called=True)
-        except Exception as error:  # noqa: BLE001 - the whole batch failed; each Future gets the error
-            self._fail(batch, error)
+            outcome = self._call(context, target, payload)
+        finally:
+            local.sending -= 1
+            self._release(called=True)
+        if outcome.error is not None:  # the whole batch failed (a BaseException and a timeout too)
+            self._fail(batch, outcome.error)
             return
-        except BaseException as error:
-            self._fail(batch, error)
-            raise
-        outcomes = self._outcomes(target, batch, results)
+        outcomes = self._outcomes(target, batch, outcome.value)
         if outcomes is None:
             return
         sent = failed = 0
@@ -221,6 +226,16 @@ class _BatchState(Generic[T]):
         with self.mutex:
             self.sent += sent
             self.failed += failed
+
+    def _call(self, context: contextvars.Context, target: str, payload: list[Any]) -> Outcome:
+        """``send_batch(target, payload)`` in ``context`` (this batch's own copy), within the timeout; never raises."""
+        caller = self.caller
+        if caller.timeout is None:
+            return context.run(call, self.send_batch, target, payload)
+        try:
+            return caller.call(in_context, context, self.send_batch, target, payload)
+        except DispatcherClosedError as error:  # close() passed its deadline while this send was queued
+            return Outcome(ERROR, None, error)
 
     def _outcomes(self, target: str, batch: list[_Pending[T]], results: object) -> list[Any] | None:
         """Check ``send_batch``'s return value: one result per message, or fail the whole batch."""
@@ -296,6 +311,15 @@ class BatchedDispatcher(Generic[T]):
       does not send it (it is not in a batch yet) and ``close()`` sends it at once,
       early. Its envelope says ``delay_seconds=None`` (the delay was spent here).
 
+    ``send_batch`` may be ``async def`` (or return an awaitable): it is awaited on the send
+    thread's private event loop. With ``send_timeout`` (seconds) each call runs on a helper
+    thread and, past it, the batch's Futures fail with DispatchTimeoutError: a coroutine is
+    cancelled, a plain call's thread is abandoned (left to finish, its late result logged and
+    ignored; at most 4 at a time, past that later sends wait within their own timeout) and
+    the send slot is free again, so later batches go. ``stats()`` counts them. A
+    BaseException (SystemExit, KeyboardInterrupt) from ``send_batch`` fails its batch with
+    that error, like any exception; the send thread lives on.
+
     Existing ``send_batch(target, messages)`` callables keep working unchanged; only a
     delay needs a choice. ``delay_seconds=None`` always means no delay.
 
@@ -316,6 +340,7 @@ class BatchedDispatcher(Generic[T]):
         name: str | None = None,
         envelopes: bool = False,
         hold_delays: bool = False,
+        send_timeout: float | None = None,
     ) -> None:
         if not callable(send_batch):
             raise ConfigurationError(f"send_batch must be callable, got {send_batch!r}")
@@ -329,9 +354,11 @@ class BatchedDispatcher(Generic[T]):
         for flag, value in (("envelopes", envelopes), ("hold_delays", hold_delays)):
             if not isinstance(value, bool):
                 raise ConfigurationError(f"{flag} must be a bool, got {value!r}")
+        if send_timeout is not None:
+            send_timeout = check_seconds("send_timeout", send_timeout, allow_zero=False)
         self.name = name
         self._hold_delays = hold_delays
-        self._state: _BatchState[T] = _BatchState(send_batch, name, max_concurrent_sends, envelopes)
+        self._state: _BatchState[T] = _BatchState(send_batch, name, max_concurrent_sends, envelopes, send_timeout)
         self._engine: BatchEngine[_Pending[T]] = BatchEngine(
             self._state.deliver,
             name=name,
@@ -465,16 +492,23 @@ class BatchedDispatcher(Generic[T]):
             return False
         drained = self._engine.close(None if deadline is None else max(0.0, deadline - time.monotonic()))
         pool_done = state.pool.shutdown(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        # Its idle runners leave; an abandoned call is left to end on its own (not waited for).
+        state.caller.close(None if deadline is None else max(0.0, deadline - time.monotonic()))
         if drained and pool_done:
             _lifecycle.unregister(state)
         with state.mutex:
             return drained and pool_done and state.failed == state.failed_at_close
 
     def stats(self) -> dict[str, int]:
-        """Counters and gauges: submitted, sent, failed, cancelled, batches, calls, pending, in_flight, sending."""
+        """Counters and gauges: submitted, sent, failed, cancelled, batches, calls, pending, in_flight, sending.
+
+        With ``send_timeout``: call_timeouts (sends that ran past it) and the gauge
+        abandoned_calls (their threads still running); both 0 without it.
+        """
         engine = self._engine
         state = self._state
         pending = engine.pending()
+        calls = state.caller.stats()
         with state.mutex:
             return {
                 "submitted": engine.taken + pending,
@@ -486,6 +520,8 @@ class BatchedDispatcher(Generic[T]):
                 "pending": pending,
                 "in_flight": engine.in_flight(),
                 "sending": state.sending,
+                "abandoned_calls": calls["abandoned_calls"],
+                "call_timeouts": calls["call_timeouts"],
             }
 
     def __enter__(self) -> BatchedDispatcher[T]:
