@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import math
+import os
 import threading
 import weakref
 from collections.abc import Hashable
@@ -364,3 +365,30 @@ def test_an_unreferenced_dispatcher_with_a_send_timeout_is_collected_and_its_thr
         lambda: not [t for t in live_dispatch_threads() if t.name.startswith("threaddispatch-timed-orphan")],
         message="every thread of the collected dispatcher left",
     )
+
+
+# -- fork --------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.timeout(30)
+def test_job_ids_are_reseeded_in_a_forked_child_even_without_a_dispatcher() -> None:
+    """The lifecycle registry re-seeds the id prefix in a child: its ids never repeat the parent's."""
+    before = DispatchJob("ep", 0).id
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: exit at once, whatever happens
+        try:
+            os.write(write_end, DispatchJob("ep", 0).id.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        child_id = os.read(read_end, 100).decode()
+    finally:
+        os.close(read_end)
+    _, wait_status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(wait_status) == 0
+    after = DispatchJob("ep", 0).id
+    assert len(child_id) == len(before) and child_id[:14] != before[:14]
+    assert after[:14] == before[:14] and after != before  # the parent's own ids go on
