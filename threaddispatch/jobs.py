@@ -27,6 +27,9 @@ time window but claimed from a store against free slots, limits and leases.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
 import json
 import logging
 import math
@@ -37,7 +40,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
@@ -46,6 +49,7 @@ from typing import Any, TypeVar
 
 from threaddispatch import _lifecycle
 from threaddispatch._cancel import CancelToken
+from threaddispatch._invoke import call
 from threaddispatch._pool import WorkerPool
 from threaddispatch._ratelimit import TokenBucket
 from threaddispatch._validate import INT64_MAX, check_int, check_seconds, check_text, show
@@ -67,6 +71,7 @@ from threaddispatch.errors import (
 )
 from threaddispatch.events import EventEmitter
 from threaddispatch.middleware import (
+    HandlerCall,
     LoggingMiddleware,
     Middleware,
     RecoverMiddleware,
@@ -296,7 +301,7 @@ class JobContext(CancelToken):
     back at stop. Long handlers should check it, or sleep with :meth:`wait`. Thread-safe.
     """
 
-    __slots__ = ("attempt", "deadline", "engine", "job", "logger", "started", "timeout")
+    __slots__ = ("_task", "_timed_out", "attempt", "deadline", "engine", "job", "logger", "started", "timeout")
 
     def __init__(self, job: JobRecord, engine: JobEngine, logger: logging.Logger) -> None:
         super().__init__()
@@ -307,6 +312,10 @@ class JobContext(CancelToken):
         self.logger = logger
         self.deadline: float | None = None
         self.started = time.monotonic()
+        # The loop and Task of the job's coroutine while one runs (set and cleared on the worker
+        # thread, read by _cancel on any thread: set before the flag is read, so no cancel is missed).
+        self._task: tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = None
+        self._timed_out = False  # immediate mode: the coroutine was cancelled at the deadline
 
     @property
     def id(self) -> str:
@@ -331,12 +340,86 @@ class JobContext(CancelToken):
     def _cancelled_message(self) -> str:
         return f"job {self.job.id} was cancelled"
 
+    def _cancel(self) -> bool:
+        """Set ``cancelled``, wake :meth:`wait`, and cancel the job's coroutine if one runs (any thread)."""
+        first = super()._cancel()
+        running = self._task
+        if running is not None:
+            loop, task = running
+            with contextlib.suppress(RuntimeError):  # the loop closed: the coroutine ended meanwhile
+                loop.call_soon_threadsafe(task.cancel)
+        return first
+
+    async def _guard(self, awaitable: Awaitable[Any]) -> Any:
+        """Await the job's ``awaitable`` (its handler or async middleware) as a cancellable task.
+
+        A cancel (timeout on the heartbeat thread, operator cancel, lost claim, stop) cancels
+        it. In immediate mode nothing else watches the deadline: it cancels the task itself,
+        and the attempt fails with DispatchTimeoutError.
+        """
+        task = asyncio.current_task()
+        if task is None:  # not run as a Task (invoke always makes one): nothing to cancel
+            return await awaitable
+        loop = asyncio.get_running_loop()
+        self._task = (loop, task)
+        timer = None
+        try:
+            if self._cancelled:
+                if inspect.iscoroutine(awaitable):
+                    awaitable.close()
+                self.raise_if_cancelled()
+            if self.engine.config.immediate and self.deadline is not None:
+                timer = loop.call_at(loop.time() + max(0.0, self.deadline - time.monotonic()), self._time_out_task)
+            return await awaitable
+        except asyncio.CancelledError:
+            if self._timed_out:
+                raise self._timeout_error() from None
+            raise
+        finally:
+            self._task = None
+            if timer is not None:
+                timer.cancel()
+
+    def _time_out_task(self) -> None:
+        running = self._task
+        if running is not None:
+            self._timed_out = True
+            running[1].cancel()
+
+    def _timeout_error(self) -> DispatchTimeoutError:
+        return DispatchTimeoutError(f"job {self.job.name} {self.job.id} timed out after {self.timeout}s")
+
     def _arm_deadline(self, deadline: float) -> None:
         self.deadline = deadline
         self.engine._deadline_armed(deadline)
 
     def __repr__(self) -> str:
         return f"<JobContext {self.job.name} {self.job.id} attempt={self.attempt}>"
+
+
+class _Hook:
+    """An extension hook as an event listener: sync or async (awaited on this thread's private loop).
+
+    A BaseException that is not an Exception (SystemExit, ...) becomes a RuntimeError, so
+    the emitter logs it like any failing listener and the thread goes on.
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., object]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> None:
+        outcome = call(self.fn, *args)
+        error = outcome.error
+        if error is None:
+            return
+        if isinstance(error, Exception):
+            raise error
+        raise RuntimeError(f"extension hook {show(self.fn)} raised {type(error).__name__}: {error}") from error
+
+    def __repr__(self) -> str:
+        return repr(self.fn)
 
 
 class _Slot:
@@ -408,6 +491,12 @@ class JobEngine:
     :class:`Config` field (``JobEngine.from_config`` takes one). ``middleware`` runs
     inside the built-ins; ``extensions`` are objects with any of the hooks in
     :data:`EXTENSION_HOOKS`; a failing hook is logged and never affects the job.
+
+    Handlers, middleware hooks and extension hooks may be ``async def`` functions (or
+    return an awaitable): they are awaited on the worker thread's private event loop. A
+    coroutine is cancelled when its job times out, is cancelled, lost, or handed back at
+    stop; in immediate mode too (at its deadline). A BaseException such as SystemExit
+    from a handler fails the attempt (RecoverMiddleware); from a hook it is logged.
 
     All methods are thread-safe. Producer methods (``enqueue``, ``get_job``, ...) work
     whether or not the engine is started, and after ``stop()`` too: the store is the
@@ -648,7 +737,7 @@ class JobEngine:
             if method is not None:
                 if not callable(method):
                     raise ConfigurationError(f"extension {extension!r}: {hook} must be callable")
-                self.events.on(event, method)
+                self.events.on(event, _Hook(method))
                 found = True
         if not found:
             raise ConfigurationError(f"extension {extension!r} has none of the hooks {', '.join(EXTENSION_HOOKS)}")
@@ -1341,7 +1430,7 @@ class JobEngine:
                 error = caught
             if self.config.immediate and ctx.deadline is not None and time.monotonic() > ctx.deadline:
                 # Nothing interrupted the caller's thread: the attempt counts as timed out, as it would have.
-                error, result = DispatchTimeoutError(f"job {job.name} {job.id} timed out after {ctx.timeout}s"), None
+                error, result = ctx._timeout_error(), None
         if error is None:
             text, note = self._encode_result(job, result)
         with self._lock:
@@ -1439,7 +1528,7 @@ class JobEngine:
     def _call_chain(self, ctx: JobContext, fn: Handler, payload: Any) -> object:
         # Each step gets ctx and a zero-argument call of the rest; partial objects do it without
         # a Python frame per level.
-        call_next: Callable[[], object] = partial(fn, ctx, payload)
+        call_next: Callable[[], object] = HandlerCall(fn, ctx, payload)
         for step in reversed(self._steps):
             call_next = partial(step, ctx, call_next)
         return call_next()

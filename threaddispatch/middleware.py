@@ -10,21 +10,39 @@ The engine always installs the built-ins, outermost first: :class:`RecoverMiddle
 :class:`TimeoutMiddleware`, :class:`LoggingMiddleware`; user middleware runs inside
 them, in the order given. Middleware runs on the worker thread with no engine lock
 held. Instances are shared by every worker thread, so they must be thread-safe.
+
+Any hook, and ``wrap``, may be an ``async def`` method (or return an awaitable): it is
+awaited on the worker thread's private event loop (:mod:`threaddispatch._invoke`). In an
+``async def wrap``, ``call_next()`` returns an awaitable: ``result = await call_next()``.
+Everything inside an async ``wrap`` runs in that coroutine, so a middleware after it may
+override hooks (sync or async) or an async ``wrap``, but not a plain ``wrap``
+(ConfigurationError when the engine is built).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
-from threaddispatch.errors import Cancel, Retry
+from threaddispatch._invoke import invoke
+from threaddispatch._validate import show
+from threaddispatch.errors import Cancel, ConfigurationError, Retry
 
 if TYPE_CHECKING:
     from threaddispatch.jobs import JobContext
 
-__all__ = ["LoggingMiddleware", "Middleware", "RecoverMiddleware", "TimeoutMiddleware", "compile_chain"]
+__all__ = [
+    "HandlerCall",
+    "LoggingMiddleware",
+    "Middleware",
+    "RecoverMiddleware",
+    "TimeoutMiddleware",
+    "compile_chain",
+]
 
 _log = logging.getLogger("threaddispatch.jobs")
 
@@ -58,6 +76,34 @@ class Middleware:
 
 
 Step = Callable[["JobContext", Callable[[], object]], object]
+Before = Callable[["JobContext"], object]
+After = Callable[["JobContext", object, "BaseException | None"], object]
+
+
+class HandlerCall:
+    """The innermost ``call_next`` of the chain: the job's handler ``fn(ctx, payload)``.
+
+    Calling it returns the handler's value; an awaitable result is awaited on this
+    thread's private loop through ``ctx._guard`` (which lets a timeout or a cancel
+    cancel its task). :meth:`begin` only starts it, for an async ``wrap`` to await.
+    """
+
+    __slots__ = ("ctx", "fn", "payload")
+
+    def __init__(self, fn: Callable[[JobContext, Any], object], ctx: JobContext, payload: object) -> None:
+        self.fn = fn
+        self.ctx = ctx
+        self.payload = payload
+
+    def __call__(self) -> object:
+        result = self.fn(self.ctx, self.payload)
+        if inspect.isawaitable(result):
+            return invoke(self.ctx._guard, result)
+        return result
+
+    def begin(self) -> object:
+        """Call the handler and return what it returned, awaitable or not."""
+        return self.fn(self.ctx, self.payload)
 
 
 def compile_chain(chain: Sequence[Middleware]) -> list[Step]:
@@ -66,11 +112,13 @@ def compile_chain(chain: Sequence[Middleware]) -> list[Step]:
     A middleware that overrides :meth:`Middleware.wrap` is one step; a run of middleware
     that only override hooks collapses into one step that calls their ``before_job``
     hooks in order and their ``after_job`` hooks in reverse order: the same calls, in the
-    same order, as nesting their ``wrap`` methods, with less overhead per job.
+    same order, as nesting their ``wrap`` methods, with less overhead per job. From the
+    first async ``wrap`` on, the rest of the chain is one step: a coroutine (see the
+    module docstring), which receives the :class:`HandlerCall` as its ``call_next``.
     """
     steps: list[Step] = []
-    befores: list[Callable[[JobContext], None]] = []
-    afters: list[Callable[[JobContext, object, BaseException | None], None]] = []
+    befores: list[Before] = []
+    afters: list[After] = []
 
     def close_run() -> None:
         if befores or afters:
@@ -78,11 +126,14 @@ def compile_chain(chain: Sequence[Middleware]) -> list[Step]:
         befores.clear()
         afters.clear()
 
-    for middleware in chain:
+    for index, middleware in enumerate(chain):
         cls = type(middleware)
         if cls.wrap is not Middleware.wrap:
             close_run()
-            steps.append(middleware.wrap)
+            if inspect.iscoroutinefunction(middleware.wrap):
+                steps.append(_async_tail(_layers(chain[index:])))
+                return steps
+            steps.append(partial(invoke, middleware.wrap))
             continue
         if cls.before_job is not Middleware.before_job:
             befores.append(middleware.before_job)
@@ -92,15 +143,12 @@ def compile_chain(chain: Sequence[Middleware]) -> list[Step]:
     return steps
 
 
-def _hook_step(
-    befores: tuple[Callable[[JobContext], None], ...],
-    afters: tuple[Callable[[JobContext, object, BaseException | None], None], ...],
-) -> Step:
+def _hook_step(befores: tuple[Before, ...], afters: tuple[After, ...]) -> Step:
     def step(ctx: JobContext, call_next: Callable[[], object]) -> object:
         # _contained inlined for the common (no failure) path: one frame less per hook.
         for before in befores:
             try:
-                before(ctx)
+                invoke(before, ctx)
             except Exception:  # noqa: BLE001 - a failing hook is logged and never affects the job
                 _log.exception("middleware hook %r raised; the job continues", before)
         try:
@@ -111,7 +159,7 @@ def _hook_step(
             raise
         for after in afters:
             try:
-                after(ctx, result, None)
+                invoke(after, ctx, result, None)
             except Exception:  # noqa: BLE001 - a failing hook is logged and never affects the job
                 _log.exception("middleware hook %r raised; the job continues", after)
         return result
@@ -121,7 +169,87 @@ def _hook_step(
 
 def _contained(hook: Callable[..., object], *args: object) -> None:
     try:
-        hook(*args)
+        invoke(hook, *args)
+    except Exception:  # noqa: BLE001 - a failing hook is logged and never affects the job
+        _log.exception("middleware hook %r raised; the job continues", hook)
+
+
+# -- the async tail: the chain from the first async wrap on, as one coroutine --------------------------
+
+
+class _Hooks:
+    """A run of hook-only middleware inside the async tail (afters already reversed)."""
+
+    __slots__ = ("afters", "befores")
+
+    def __init__(self, befores: tuple[Before, ...], afters: tuple[After, ...]) -> None:
+        self.befores = befores
+        self.afters = afters
+
+
+def _layers(chain: Sequence[Middleware]) -> tuple[Callable[[JobContext, Callable[[], Any]], Any] | _Hooks, ...]:
+    """The async tail's layers, outermost first; a plain ``wrap`` among them is refused."""
+    layers: list[Callable[[JobContext, Callable[[], Any]], Any] | _Hooks] = []
+    for middleware in chain:
+        cls = type(middleware)
+        if cls.wrap is not Middleware.wrap:
+            if not inspect.iscoroutinefunction(middleware.wrap):
+                raise ConfigurationError(
+                    f"middleware {show(middleware)} has a plain wrap() inside an async wrap(): "
+                    "make it async def, or put it before the async one"
+                )
+            layers.append(middleware.wrap)
+            continue
+        before = () if cls.before_job is Middleware.before_job else (middleware.before_job,)
+        after = () if cls.after_job is Middleware.after_job else (middleware.after_job,)
+        if before or after:
+            layers.append(_Hooks(before, after))
+    return tuple(layers)
+
+
+def _async_tail(layers: tuple[Callable[[JobContext, Callable[[], Any]], Any] | _Hooks, ...]) -> Step:
+    def step(ctx: JobContext, call_next: Callable[[], object]) -> object:
+        if not isinstance(call_next, HandlerCall):  # the tail is always the last step
+            raise TypeError(f"the async middleware tail needs the HandlerCall, got {show(call_next)}")
+        return invoke(ctx._guard, _run_layers(layers, 0, ctx, call_next))
+
+    return step
+
+
+async def _settle(value: object) -> object:
+    """``value``, awaited when it is awaitable."""
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+async def _run_layers(
+    layers: tuple[Callable[[JobContext, Callable[[], Any]], Any] | _Hooks, ...],
+    index: int,
+    ctx: JobContext,
+    handler: HandlerCall,
+) -> object:
+    if index == len(layers):
+        return await _settle(handler.begin())
+    layer = layers[index]
+    if not isinstance(layer, _Hooks):
+        return await _settle(layer(ctx, partial(_run_layers, layers, index + 1, ctx, handler)))
+    for before in layer.befores:
+        await _contained_async(before, ctx)
+    try:
+        result = await _run_layers(layers, index + 1, ctx, handler)
+    except BaseException as error:
+        for after in layer.afters:
+            await _contained_async(after, ctx, None, error)
+        raise
+    for after in layer.afters:
+        await _contained_async(after, ctx, result, None)
+    return result
+
+
+async def _contained_async(hook: Callable[..., object], *args: object) -> None:
+    try:
+        await _settle(hook(*args))
     except Exception:  # noqa: BLE001 - a failing hook is logged and never affects the job
         _log.exception("middleware hook %r raised; the job continues", hook)
 
@@ -151,6 +279,7 @@ class TimeoutMiddleware(Middleware):
     Python cannot kill a thread: a handler that ignores ``ctx.cancelled`` keeps running
     (and keeps its worker thread busy) until it returns; its outcome is then discarded.
     Handlers doing long work should check ``ctx.cancelled`` or wait with ``ctx.wait()``.
+    An ``async def`` handler is cancelled instead (its task gets ``CancelledError``).
     Thread-safe.
     """
 
