@@ -6,8 +6,9 @@ baseline with the same number of workers (8):
 * Throughput: one producer thread adds N requests; ``send`` only counts them. Measured
   from the first ``add``/``submit`` to the moment the N-th send returned (end-to-end
   requests/s) and the caller's time per ``add`` (the loop included). Contenders:
-  the executor; the dispatcher in ``concurrent`` mode on one queue key and spread over
-  1,000 keys; in ``queued`` mode (one at a time, in order) on one key.
+  the executor; the dispatcher in ``concurrent`` mode on one queue key (with a plain
+  send, and with an ``async def`` one: the cost of awaiting it on the worker's loop) and
+  spread over 1,000 keys; in ``queued`` mode (one at a time, in order) on one key.
 * Fan-out: N callers ask for the same thing while it is in flight. With
   ``deduplicate=True`` the dispatcher makes one send and every caller gets the same
   Future; the executor baseline makes N calls. Measured: caller time per request and
@@ -88,10 +89,15 @@ def run_executor(n: int) -> tuple[float, float, int]:
     return ended - began, added - began, sink.count
 
 
-def _run_dispatcher(n: int, keys: int, mode: str) -> tuple[float, float, int]:
+def _run_dispatcher(n: int, keys: int, mode: str, *, asynchronous: bool = False) -> tuple[float, float, int]:
     sink = _Counter(n)
     names = [f"key-{i}" for i in range(keys)]
-    rd: RequestDispatcher[Any, int] = RequestDispatcher(sink, max_workers=WORKERS)
+
+    async def send_async(request: Any, token: CancellationToken) -> int:
+        return sink(request, token)
+
+    send: Callable[[Any, CancellationToken], Any] = send_async if asynchronous else sink
+    rd: RequestDispatcher[Any, int] = RequestDispatcher(send, max_workers=WORKERS)
     try:
         began = time.perf_counter()
         for i in range(n):
@@ -107,6 +113,9 @@ def _run_dispatcher(n: int, keys: int, mode: str) -> tuple[float, float, int]:
 THROUGHPUT: dict[str, Run] = {
     "ThreadPoolExecutor.submit": run_executor,
     "RequestDispatcher, concurrent, 1 key": lambda n: _run_dispatcher(n, 1, "concurrent"),
+    "RequestDispatcher, concurrent, 1 key, async send": lambda n: _run_dispatcher(
+        n, 1, "concurrent", asynchronous=True
+    ),
     "RequestDispatcher, concurrent, 1,000 keys": lambda n: _run_dispatcher(n, 1000, "concurrent"),
     "RequestDispatcher, queued, 1 key": lambda n: _run_dispatcher(n, 1, "queued"),
 }

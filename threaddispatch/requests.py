@@ -50,7 +50,6 @@ kept in a storage stay in it, so a dispatcher on the same storage re-queues them
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 import math
@@ -62,7 +61,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import InvalidStateError as FutureStateError
-from types import TracebackType
+from types import CoroutineType, TracebackType
 from typing import Any, Final, Generic, TypeVar, cast
 
 from threaddispatch import _invoke, _lifecycle
@@ -816,7 +815,7 @@ class _Core(Generic[RequestT, ResponseT]):
     def _send(self, request: object, token: CancellationToken) -> object:
         """Call ``send``; a coroutine it returns is awaited with its task attached to ``token``."""
         result = self.send(cast(RequestT, request), token)
-        if inspect.iscoroutine(result):
+        if isinstance(result, CoroutineType):  # inspect.iscoroutine, without its frame
             return watched(result, token)  # _invoke.call awaits it on this thread's loop
         return result
 
