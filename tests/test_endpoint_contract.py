@@ -392,3 +392,54 @@ def test_job_ids_are_reseeded_in_a_forked_child_even_without_a_dispatcher() -> N
     after = DispatchJob("ep", 0).id
     assert len(child_id) == len(before) and child_id[:14] != before[:14]
     assert after[:14] == before[:14] and after != before  # the parent's own ids go on
+
+
+# -- a send on a send_timeout runner thread is still "inside send_batch" ----------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_shutdown_from_inside_a_timed_send_returns_instead_of_waiting_for_itself(is_async: bool) -> None:
+    """With send_timeout the send runs on a runner thread: shutdown there still knows it is inside its batch."""
+    results: list[bool] = []
+    holder: list[EndpointBatchDispatcher] = []
+
+    def plain(ep: Hashable, jobs: list[DispatchJob]) -> None:
+        if not results:
+            results.append(holder[0].shutdown(None))  # waiting for its own batch would never end
+
+    async def coroutine(ep: Hashable, jobs: list[DispatchJob]) -> None:
+        plain(ep, jobs)
+
+    d = make(coroutine if is_async else plain, send_timeout=10)
+    holder.append(d)
+    d.add_job(DispatchJob("ep", 1))
+    d.add_job(DispatchJob("ep2", 2))
+    batch = d.process_batch_for_endpoint("ep")
+    assert results == [False]
+    assert batch is not None and batch.error is None and batch.status == "completed"
+    assert d.shutdown(5) is True
+
+
+@pytest.mark.timeout(30)
+def test_block_inside_a_timed_send_raises_at_once_instead_of_waiting() -> None:
+    """add_job(overflow="block") from inside a send on a runner thread raises QueueFullError at once."""
+    from threaddispatch import QueueFullError
+
+    outcomes: list[str] = []
+    box: list[EndpointBatchDispatcher] = []
+
+    def send(_ep: Hashable, jobs: list[DispatchJob]) -> None:
+        if jobs[0].payload == 0:
+            try:
+                box[0].add_job(DispatchJob("ep", "from inside"), timeout=None)
+            except QueueFullError:
+                outcomes.append("full")
+
+    d = make(send, max_pending_jobs=1, overflow="block", send_timeout=10)
+    box.append(d)
+    d.add_job(DispatchJob("ep", 0))
+    batch = d.process_batch_for_endpoint("ep")
+    assert outcomes == ["full"]
+    assert batch is not None and batch.error is None
+    assert d.shutdown(5)

@@ -22,6 +22,7 @@ counts again: the job is held already.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import math
@@ -29,7 +30,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
@@ -331,8 +332,10 @@ class _Core:
         self.overflow = overflow
         self.events = EventEmitter(known_events=EVENTS)
         self._init_locks()
-        # Calls send_batch (on the sending thread itself when send_timeout is None).
+        # Calls send_batch (on the sending thread itself when send_timeout is None; else on a
+        # runner thread, marked as sending like the sending thread: _send_on_runner).
         self.caller = TimedCaller(f"{name}-send", timeout=send_timeout)
+        self.send_target: Callable[..., object] = send_batch if send_timeout is None else self._send_on_runner
         self.pool = WorkerPool(max_concurrent_batches, name=f"{name}-send")
         self.engine: BatchEngine[DispatchJob] = BatchEngine(
             self.deliver,
@@ -554,9 +557,31 @@ class _Core:
     def _call_send(self, endpoint_id: Hashable, jobs: list[DispatchJob]) -> Outcome:
         """``send_batch(endpoint_id, jobs)`` within send_timeout; never raises."""
         try:
-            return self.caller.call(self.send_batch, endpoint_id, jobs)
+            return self.caller.call(self.send_target, endpoint_id, jobs)
         except DispatcherClosedError as exc:  # shut down (its wait timed out) while this batch still went
             return Outcome(ERROR, None, exc)
+
+    def _send_on_runner(self, endpoint_id: Hashable, jobs: list[DispatchJob]) -> object:
+        """``send_batch`` on a send_timeout runner thread, which counts as sending meanwhile (so
+        shutdown or a blocking add_job inside it does not wait for its own batch); an awaitable
+        it returns is wrapped to keep the mark while the runner awaits it."""
+        local = self.local
+        local.sending = getattr(local, "sending", 0) + 1
+        try:
+            result = self.send_batch(endpoint_id, jobs)
+        finally:
+            local.sending -= 1
+        if inspect.isawaitable(result):
+            return self._await_sending(result)
+        return result
+
+    async def _await_sending(self, awaitable: Awaitable[object]) -> object:
+        local = self.local
+        local.sending = getattr(local, "sending", 0) + 1
+        try:
+            return await awaitable
+        finally:
+            local.sending -= 1
 
     def _requeue(self, endpoint_id: Hashable, retries: list[tuple[DispatchJob, float]]) -> None:
         """Schedule the retries. One the engine refuses as closed is cancelled (as shutdown cancels
