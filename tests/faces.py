@@ -377,7 +377,11 @@ class _JobHooks:
 
 
 class Jobs(Face):
-    """JobEngine on a MemoryStore: jobs enqueued after stop wait in the store, and stop hands queued jobs back."""
+    """JobEngine on a MemoryStore: jobs enqueued after stop wait in the store, and stop hands queued jobs back.
+
+    Its timeout is the job's (``register(timeout=)``): an attempt past it fails, and the hung
+    handler keeps its worker thread (the engine has 4) until it returns.
+    """
 
     name = "jobs"
     refuses_after_stop = False
@@ -385,7 +389,6 @@ class Jobs(Face):
     collected_running = False
 
     def _build(self, one: Callable[[str], Any], timeout: float | None) -> None:
-        assert timeout is None
         self.face = JobEngine(
             MemoryStore(),
             concurrency=4,
@@ -406,7 +409,9 @@ class Jobs(Face):
             def handler(_ctx: JobContext, payload: str) -> None:
                 one(payload)
 
-        self.face.register("work", handler, max_retries=self.attempts - 1, timeout=None, backoff=Constant(self.backoff))
+        self.face.register(
+            "work", handler, max_retries=self.attempts - 1, timeout=timeout, backoff=Constant(self.backoff)
+        )
         self.face.start()
 
     def give(self, item: str) -> None:

@@ -268,6 +268,25 @@ def test_a_call_past_its_timeout_is_abandoned_and_later_work_still_goes(face: Fa
     assert list(face.failures) == ["hang"]  # the hung call's late end changed nothing: reported once, as timed out
 
 
+@pytest.mark.timeout(60)
+@faces(where=lambda f: f.name == "jobs")
+def test_a_job_past_its_timeout_fails_and_later_jobs_still_go(face: Face) -> None:
+    """JobEngine's own timeout semantics: a job hung past its timeout fails as timed out, the next job runs on
+    another worker while it still hangs, and the hung handler's late end changes nothing."""
+    started = threading.Event()
+    face.make(hang_on("hang", started=started), timeout=0.2)
+    face.give("hang")
+    assert started.wait(10)
+    face.give("next")
+    face.wait_delivered("next")
+    assert "timed out" in described(face.wait_failed("hang"))
+    assert face.stats()["timed_out"] == 1
+    release.set()
+    wait_for(lambda: "hang" in face.delivered, message="the hung handler returned")
+    assert face.stop(10)
+    assert list(face.failures) == ["hang"]
+
+
 def _calls_recorded() -> tuple[list[float], Callable[[Callable[[int], None]], Callable[[str], None]]]:
     """A list of the start times of the calls for ``"item"``, and a maker of ``work`` from ``raise_on(call_number)``."""
     starts: list[float] = []
@@ -332,7 +351,7 @@ def test_a_bad_retry_delay_is_reported_not_lost(face: Face, bad: object) -> None
 
     def bad_retry(_call: int) -> None:
         signal = Retry(delay=1.0)
-        signal.delay = bad  # type: ignore[assignment] - the face must cope with what user code set
+        signal.delay = bad  # type: ignore[assignment]  # the face must cope with what user code set
         raise signal
 
     face.make(make(bad_retry), attempts=5, backoff=0.01)
