@@ -49,7 +49,8 @@ class Face:
     work given after stop raises DispatcherClosedError. ``drains_queued``: stop sends work
     still queued (JobEngine hands queued jobs back to the store instead).
     ``collected_running``: a running face nobody references is collected (a started
-    JobEngine is held by its threads until stopped).
+    JobEngine is held by its threads until stopped). ``reports_to_a_callback``: failures reach
+    a user callback (not only a Future).
     """
 
     name: ClassVar[str]
@@ -58,6 +59,7 @@ class Face:
     refuses_after_stop: ClassVar[bool] = True
     drains_queued: ClassVar[bool] = True
     collected_running: ClassVar[bool] = True
+    reports_to_a_callback: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self.lock = threading.Lock()  # guards delivered, failures, loops
@@ -76,10 +78,16 @@ class Face:
         attempts: int = 1,
         backoff: float = 60.0,
         timeout: float | None = None,
+        async_reports: bool = False,
     ) -> Face:
-        """Build the face around ``work``: ``attempts`` tries per item, ``backoff`` seconds apart."""
+        """Build the face around ``work``: ``attempts`` tries per item, ``backoff`` seconds apart.
+
+        ``work`` may be an ``async def`` itself. With ``async_reports``, the face's failure
+        callback (on_error, error_handler, event listener, job hook) is an ``async def``.
+        """
         self.attempts = attempts
         self.backoff = backoff
+        self.async_reports = async_reports
         self._build(self._wrap(work, asynchronous), timeout)
         return self
 
@@ -91,6 +99,15 @@ class Face:
             with self.lock:
                 self.delivered.append(item)
 
+        if asyncio.iscoroutinefunction(work):
+
+            async def deliver_awaited(item: str) -> None:
+                await work(item)
+                with self.lock:
+                    self.loops.add(id(asyncio.get_running_loop()))
+                    self.delivered.append(item)
+
+            return deliver_awaited
         if not asynchronous:
             return deliver
 
@@ -115,6 +132,17 @@ class Face:
     def failed_batch(self, failed: FailedBatch[Any], item_of: Callable[[Any], str] = str) -> None:
         for entry in failed.entries:
             self.failed(item_of(entry), failed.error)
+
+    def reporter(self, report: Callable[[Any], None]) -> Callable[[Any], Any]:
+        """``report`` as the face's failure callback: an ``async def`` one with ``make(async_reports=True)``."""
+        if not self.async_reports:
+            return report
+
+        async def report_async(argument: Any) -> None:
+            await asyncio.sleep(0)  # only an awaited callback gets past here
+            report(argument)
+
+        return report_async
 
     # -- using ------------------------------------------------------------------------------
 
@@ -160,7 +188,7 @@ class Background(Face):
             _batch_of(one),
             ms_delay=1,
             max_batch_size=1,
-            on_error=self.failed_batch,
+            on_error=self.reporter(self.failed_batch),
             retry=self.policy(),
             **options,
         )
@@ -190,7 +218,7 @@ class Logging(Face):
             ms_delay=1,
             max_batch_size=1,
             retry=self.policy(),
-            on_error=lambda failed: self.failed_batch(failed, logging.LogRecord.getMessage),
+            on_error=self.reporter(lambda failed: self.failed_batch(failed, logging.LogRecord.getMessage)),
         )
 
     def give(self, item: str) -> None:
@@ -230,7 +258,7 @@ class Endpoint(Face):
         self.face = EndpointBatchDispatcher(
             send_batch, max_batch_size=1, batch_timeout=0.001, retry=self.policy(), **options
         )
-        self.face.on("job_exhausted", lambda event: self.failed(event["job"].payload, event["error"]))
+        self.face.on("job_exhausted", self.reporter(lambda event: self.failed(event["job"].payload, event["error"])))
 
     def give(self, item: str) -> None:
         self.face.add_job(DispatchJob("endpoint", item))
@@ -269,7 +297,7 @@ class Async(Face):
         self.face = AsyncDispatcher(
             _Target(one),
             "contract",
-            lambda failed: self.failed(failed.message, failed.error),
+            self.reporter(lambda failed: self.failed(failed.message, failed.error)),
             retry=self.policy(),
             **options,
         )
@@ -292,6 +320,7 @@ class Batched(Face):
 
     name = "batched"
     retries = False
+    reports_to_a_callback = False
     call_timeout = True
 
     def _build(self, one: Callable[[str], Any], timeout: float | None) -> None:
@@ -329,6 +358,7 @@ class Requests(Face):
     """RequestDispatcher: ``add(retry=attempts - 1, retry_time=backoff)``; the handle's Future is the failure path."""
 
     name = "requests"
+    reports_to_a_callback = False
 
     def _build(self, one: Callable[[str], Any], timeout: float | None) -> None:
         assert timeout is None
@@ -376,6 +406,18 @@ class _JobHooks:
         self.face.failed(json.loads(job.payload), error if error is not None else (job.error or "cancelled"))
 
 
+class _AsyncJobHooks(_JobHooks):
+    """The same hooks as ``async def`` methods (awaited by the engine)."""
+
+    async def on_job_failed(self, job: Any, error: BaseException | str | None) -> None:  # type: ignore[override]
+        await asyncio.sleep(0)
+        super().on_job_failed(job, error)
+
+    async def on_job_cancelled(self, job: Any, error: BaseException | str | None) -> None:  # type: ignore[override]
+        await asyncio.sleep(0)
+        super().on_job_cancelled(job, error)
+
+
 class Jobs(Face):
     """JobEngine on a MemoryStore: jobs enqueued after stop wait in the store, and stop hands queued jobs back.
 
@@ -396,7 +438,7 @@ class Jobs(Face):
             max_poll_interval=0.05,
             heartbeat_interval=0.05,
             stale_job_threshold=30.0,
-            extensions=[_JobHooks(self)],
+            extensions=[(_AsyncJobHooks if self.async_reports else _JobHooks)(self)],
         )
         if asyncio.iscoroutinefunction(one):
 

@@ -46,6 +46,8 @@ def face(request: pytest.FixtureRequest) -> Iterator[Face]:
     release.clear()
 
 
+SYNC_OR_ASYNC = pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+
 release = threading.Event()  # set at teardown: every call blocked by hang_on() returns
 
 
@@ -125,15 +127,19 @@ def test_a_hung_user_function_does_not_stretch_stop(face: Face) -> None:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("error", [SystemExit, KeyboardInterrupt, GeneratorExit], ids=lambda e: e.__name__)
+@SYNC_OR_ASYNC
 @faces()
-def test_a_base_exception_fails_the_call_and_the_worker_goes_on(face: Face, error: type[BaseException]) -> None:
-    """A SystemExit, KeyboardInterrupt or GeneratorExit from user code fails that call, reported; later work goes."""
+def test_a_base_exception_fails_the_call_and_the_worker_goes_on(
+    face: Face, error: type[BaseException], asynchronous: bool
+) -> None:
+    """A SystemExit, KeyboardInterrupt or GeneratorExit from user code (a plain function or a coroutine) fails
+    that call, reported; later work goes."""
 
     def work(item: str) -> None:
         if item == "boom":
             raise error("from user code")
 
-    face.make(work)
+    face.make(work, asynchronous=asynchronous)
     face.give("boom")
     reported = face.wait_failed("boom")
     assert error.__name__ in described(reported)
@@ -287,6 +293,50 @@ def test_a_job_past_its_timeout_fails_and_later_jobs_still_go(face: Face) -> Non
     assert list(face.failures) == ["hang"]
 
 
+@pytest.mark.timeout(60)
+@faces(where=lambda f: f.call_timeout)
+def test_a_coroutine_past_its_timeout_is_cancelled_and_later_work_still_goes(face: Face) -> None:
+    """An ``async def`` call past the per-call timeout fails with DispatchTimeoutError and its task is cancelled
+    (it sees CancelledError); the next item is delivered."""
+    cancelled = threading.Event()
+
+    async def work(item: str) -> None:
+        if item == "hang":
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+    face.make(work, timeout=0.2)
+    face.give("hang")
+    face.give("next")
+    face.wait_delivered("next")
+    assert "DispatchTimeoutError" in described(face.wait_failed("hang"))
+    assert cancelled.wait(10)
+    wait_for(lambda: face.stats()["abandoned_calls"] == 0, message="the cancelled call ended")
+    assert face.stats()["call_timeouts"] == 1
+    assert face.stop(10)
+    assert face.delivered == ["next"]
+
+
+@pytest.mark.timeout(30)
+@faces(where=lambda f: f.reports_to_a_callback)
+def test_an_async_failure_callback_is_awaited(face: Face) -> None:
+    """The face's failure callback (on_error, error_handler, job_exhausted listener, job hook) may be ``async def``:
+    it is awaited, and the failure reaches it like a plain one's."""
+
+    def work(item: str) -> None:
+        if item == "bad":
+            raise ValueError("refused")
+
+    face.make(work, async_reports=True)
+    face.give("bad")
+    assert "ValueError: refused" in described(face.wait_failed("bad"))
+    face.give("good")
+    face.wait_delivered("good")
+
+
 def _calls_recorded() -> tuple[list[float], Callable[[Callable[[int], None]], Callable[[str], None]]]:
     """A list of the start times of the calls for ``"item"``, and a maker of ``work`` from ``raise_on(call_number)``."""
     starts: list[float] = []
@@ -304,8 +354,9 @@ def _calls_recorded() -> tuple[list[float], Callable[[Callable[[int], None]], Ca
 
 
 @pytest.mark.timeout(60)
+@SYNC_OR_ASYNC
 @faces(where=lambda f: f.retries)
-def test_retry_with_a_delay_overrides_the_backoff_and_the_delay_is_observed(face: Face) -> None:
+def test_retry_with_a_delay_overrides_the_backoff_and_the_delay_is_observed(face: Face, asynchronous: bool) -> None:
     """Retry(delay=0.3) on the first call: the item is tried again no sooner than 0.3 s later, not after the
     60 s backoff, and then delivered."""
     starts, make = _calls_recorded()
@@ -314,7 +365,7 @@ def test_retry_with_a_delay_overrides_the_backoff_and_the_delay_is_observed(face
         if call == 1:
             raise Retry(delay=0.3)
 
-    face.make(make(first_asks_for_a_retry), attempts=3, backoff=60.0)
+    face.make(make(first_asks_for_a_retry), asynchronous=asynchronous, attempts=3, backoff=60.0)
     face.give("item")
     face.wait_delivered("item", timeout=30)  # far below the backoff: only the Retry delay can bring it this soon
     assert len(starts) == 2
@@ -323,15 +374,16 @@ def test_retry_with_a_delay_overrides_the_backoff_and_the_delay_is_observed(face
 
 
 @pytest.mark.timeout(60)
+@SYNC_OR_ASYNC
 @faces(where=lambda f: f.retries)
-def test_cancel_is_final(face: Face) -> None:
+def test_cancel_is_final(face: Face, asynchronous: bool) -> None:
     """Cancel from user code ends the item at once, with attempts left: reported after one call, never retried."""
     starts, make = _calls_recorded()
 
     def always_cancel(_call: int) -> None:
         raise Cancel("no more")
 
-    face.make(make(always_cancel), attempts=5, backoff=0.01)
+    face.make(make(always_cancel), asynchronous=asynchronous, attempts=5, backoff=0.01)
     face.give("item")
     face.wait_failed("item")  # reported only once final: after 5 quick calls if Cancel were not final
     assert len(starts) == 1
