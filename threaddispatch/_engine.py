@@ -25,8 +25,6 @@ Time: every wait is computed from one deadline on ``time.monotonic()``.
 from __future__ import annotations
 
 import functools
-import heapq
-import itertools
 import logging
 import threading
 import time
@@ -38,6 +36,7 @@ from typing import Any, Generic, Literal, TypeVar
 from threaddispatch import _lifecycle
 from threaddispatch._invoke import close_thread_loop
 from threaddispatch._lanes import INACTIVE, FifoLane, Lane
+from threaddispatch._timers import DelayQueue
 from threaddispatch.errors import ConfigurationError, DispatcherClosedError, QueueFullError
 
 __all__ = ["OVERFLOW_POLICIES", "BatchEngine", "Overflow", "check_positive_int"]
@@ -132,8 +131,8 @@ class BatchEngine(Generic[T]):
         self._open: dict[Lane[T], None] = {}
         self._due: dict[Lane[T], None] = {}  # lanes to send now, in the order they became due
         self._held: OrderedDict[Lane[T], None] = OrderedDict()  # lanes the gate held back, oldest first
-        self._scheduled: list[tuple[float, int, Hashable, T]] = []  # heap of put_later entries
-        self._serial = itertools.count()
+        # put_later entries as (key, item), on the shared delay queue under _lock (its pushes wake the worker).
+        self._scheduled: DelayQueue[tuple[Hashable, T]] = DelayQueue(self._wakeup)
         self._batch_seq = 0
         self._unsettled: dict[int, int] = {}  # seq -> entries, of every batch taken and not yet settled
         self.settled_entries = 0  # entries of the batches settled (their deliver done), since start
@@ -239,9 +238,9 @@ class BatchEngine(Generic[T]):
         with self._lock:
             if self._closing:
                 raise DispatcherClosedError(f"{self.name} is closed")
-            heapq.heappush(self._scheduled, (time.monotonic() + delay, next(self._serial), key, item))
+            # A delay <= 0 is due at once; push_at notifies the worker when this is the earliest entry.
+            self._scheduled.push_at((key, item), time.monotonic() + delay)
             self._ensure_worker()
-            self._wakeup.notify()
 
     def _trim(self, lane: Lane[T]) -> list[T]:
         """Apply a drop policy to a lane over its limit; caller holds _lock."""
@@ -427,8 +426,9 @@ class BatchEngine(Generic[T]):
                 first = next(iter(self._open))
                 assert first.deadline is not None
                 timeout = first.deadline - now
-            if self._scheduled:
-                until = self._scheduled[0][0] - now
+            due = self._scheduled.next_due()
+            if due is not None:
+                until = due - now
                 timeout = until if timeout is None else min(timeout, until)
             if timeout is not None:
                 # A wait past threading.TIMEOUT_MAX raises; the loop works out the rest again.
@@ -441,8 +441,9 @@ class BatchEngine(Generic[T]):
 
     def _release_scheduled(self, now: float) -> None:
         scheduled = self._scheduled
-        while scheduled and (scheduled[0][0] <= now or self._closing):
-            _when, _serial, key, item = heapq.heappop(scheduled)
+        if not scheduled:
+            return
+        for key, item in scheduled.pop_all() if self._closing else scheduled.pop_due(now):
             lane = self._lane_of(key)
             lane.requeue(item)  # a closed lane refuses producers, not the engine's own entries
             self._arm(lane)
@@ -676,10 +677,9 @@ class BatchEngine(Generic[T]):
                 self._closing = True
                 if self._on_abandon is not None:
                     by_key: dict[Hashable, list[T]] = {}
-                    for _when, _serial, key, item in sorted(self._scheduled):
+                    for key, item in self._scheduled.pop_all():
                         by_key.setdefault(key, []).append(item)
                     abandoned = list(by_key.items())
-                    self._scheduled.clear()
                 for lane in self._lanes.values():
                     if len(lane) and not lane.due:
                         self._make_due(lane)
