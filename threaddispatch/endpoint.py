@@ -152,7 +152,7 @@ def _check_scheduled_at(value: object) -> float | None:
         return value.timestamp()
     raise ConfigurationError(
         "scheduled_at must be None, epoch seconds (a finite number, as time.time() returns) "
-        f"or a timezone-aware datetime, got {_short(value)}"
+        f"or a timezone-aware datetime, got {show(value)}"
     )
 
 
@@ -278,7 +278,7 @@ def _outcomes(result: object, count: int, endpoint_id: Hashable) -> list[object]
     """``result`` as a list of ``count`` outcomes; TypeError or ValueError saying what is wrong with it."""
     if isinstance(result, (str, bytes, bytearray)) or not isinstance(result, Sequence):
         raise TypeError(
-            f"send_batch for endpoint {endpoint_id!r} returned {_short(result)}; "
+            f"send_batch for endpoint {endpoint_id!r} returned {show(result)}; "
             f"expected None or a sequence of {count} outcomes (one per job)"
         )
     outcomes = list(result)
@@ -290,15 +290,10 @@ def _outcomes(result: object, count: int, endpoint_id: Hashable) -> list[object]
     for index, outcome in enumerate(outcomes):
         if not (outcome is None or outcome is True or outcome is False or isinstance(outcome, BaseException)):
             raise TypeError(
-                f"send_batch for endpoint {endpoint_id!r} returned outcome {_short(outcome)} at index {index}; "
+                f"send_batch for endpoint {endpoint_id!r} returned outcome {show(outcome)} at index {index}; "
                 "expected None or True (delivered), False or an exception (failed)"
             )
     return outcomes
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class _Core:
@@ -1001,7 +996,7 @@ class EndpointBatchDispatcher:
         if timeout is not None:
             timeout = check_seconds("timeout", timeout)
         if not isinstance(job, DispatchJob):
-            raise TypeError(f"add_job takes a DispatchJob, got {_short(job)}")
+            raise TypeError(f"add_job takes a DispatchJob, got {show(job)}")
         if job.status != "new":
             raise InvalidStateError(
                 f"{job!r} was already added; to send it again add DispatchJob(job.endpoint_id, job.payload, id=job.id)"
