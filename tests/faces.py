@@ -50,7 +50,7 @@ class Face:
     still queued (JobEngine hands queued jobs back to the store instead).
     ``collected_running``: a running face nobody references is collected (a started
     JobEngine is held by its threads until stopped). ``reports_to_a_callback``: failures reach
-    a user callback (not only a Future).
+    a user callback (not only a Future). ``senders``: how many calls the face runs at once.
     """
 
     name: ClassVar[str]
@@ -60,6 +60,7 @@ class Face:
     drains_queued: ClassVar[bool] = True
     collected_running: ClassVar[bool] = True
     reports_to_a_callback: ClassVar[bool] = True
+    senders: ClassVar[int] = 1
 
     def __init__(self) -> None:
         self.lock = threading.Lock()  # guards delivered, failures, loops
@@ -238,6 +239,7 @@ class Logging(Face):
 
 class Endpoint(Face):
     name = "endpoint"
+    senders = 10  # max_concurrent_batches' default
     call_timeout = True
 
     def _build(self, one: Callable[[str], Any], timeout: float | None) -> None:
@@ -321,6 +323,7 @@ class Batched(Face):
     name = "batched"
     retries = False
     reports_to_a_callback = False
+    senders = 4  # max_concurrent_sends' default
     call_timeout = True
 
     def _build(self, one: Callable[[str], Any], timeout: float | None) -> None:
@@ -359,6 +362,7 @@ class Requests(Face):
 
     name = "requests"
     reports_to_a_callback = False
+    senders = 4
 
     def _build(self, one: Callable[[str], Any], timeout: float | None) -> None:
         assert timeout is None
@@ -429,6 +433,7 @@ class Jobs(Face):
     refuses_after_stop = False
     drains_queued = False
     collected_running = False
+    senders = 4
 
     def _build(self, one: Callable[[str], Any], timeout: float | None) -> None:
         self.face = JobEngine(

@@ -295,6 +295,36 @@ def test_a_job_past_its_timeout_fails_and_later_jobs_still_go(face: Face) -> Non
 
 @pytest.mark.timeout(60)
 @faces(where=lambda f: f.call_timeout)
+def test_abandoned_calls_are_bounded(face: Face) -> None:
+    """More calls hung past the timeout than the bound: each fails with DispatchTimeoutError, but a call finding 4
+    abandoned threads waits for one, then times out without running, so no more than 4 plus the face's concurrent
+    senders ever run hung user code (calls already running when they time out are abandoned too); once they end,
+    work goes."""
+    bound = 4 + face.senders
+    hung = [f"hang-{i}" for i in range(bound + 2)]
+    starts: list[str] = []
+
+    def work(item: str) -> None:
+        if item in hung:
+            starts.append(item)
+            release.wait(30)
+
+    face.make(work, timeout=0.1)
+    for item in hung:
+        face.give(item)
+    for item in hung:
+        assert "DispatchTimeoutError" in described(face.wait_failed(item))
+    assert len(starts) <= bound
+    assert face.stats()["abandoned_calls"] <= bound
+    release.set()
+    wait_for(lambda: face.stats()["abandoned_calls"] == 0, message="the abandoned calls ended")
+    face.give("next")
+    face.wait_delivered("next")
+    assert face.stop(10)
+
+
+@pytest.mark.timeout(60)
+@faces(where=lambda f: f.call_timeout)
 def test_a_coroutine_past_its_timeout_is_cancelled_and_later_work_still_goes(face: Face) -> None:
     """An ``async def`` call past the per-call timeout fails with DispatchTimeoutError and its task is cancelled
     (it sees CancelledError); the next item is delivered."""
