@@ -33,7 +33,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field
@@ -74,10 +74,12 @@ class Envelope(Generic[T]):
     context: contextvars.Context = field(compare=False, repr=False)
 
 
-#: ``send_batch(target, messages)``: returns one result per message, an id (or None) or an exception.
-SendBatch = Callable[[str, list[T]], Sequence["str | BaseException | None"]]
+_Results = Sequence["str | BaseException | None"]
+#: ``send_batch(target, messages)``: returns one result per message, an id (or None) or an exception
+#: (an ``async def`` one returns them from its coroutine).
+SendBatch = Callable[[str, list[T]], "_Results | Awaitable[_Results]"]
 #: ``send_batch(target, envelopes)`` with ``envelopes=True``: one :class:`Envelope` per message, same results.
-SendEnvelopes = Callable[[str, list[Envelope[T]]], Sequence["str | BaseException | None"]]
+SendEnvelopes = Callable[[str, list[Envelope[T]]], "_Results | Awaitable[_Results]"]
 
 _log = logging.getLogger("threaddispatch")
 _names = iter(range(1, 1 << 62))

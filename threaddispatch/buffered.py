@@ -39,7 +39,7 @@ from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
 from threaddispatch import _lifecycle
-from threaddispatch._invoke import Outcome, TimedCaller, call, close_thread_loop
+from threaddispatch._invoke import Outcome, TimedCaller, call, close_thread_loop, invoke
 from threaddispatch._timers import DelayQueue
 from threaddispatch._validate import check_seconds
 from threaddispatch.backoff import RetryPolicy
@@ -79,8 +79,13 @@ class Dispatcher(Protocol[T_contra]):
     without ``envelopes`` or ``hold_delays``) has a delayed ``put`` refused at the call.
     """
 
-    def dispatch(self, message: T_contra, target: str, *, delay_seconds: int | None = None) -> str | None:
-        """Send ``message`` to ``target`` (optionally delayed by ``delay_seconds``); return its id."""
+    def dispatch(
+        self, message: T_contra, target: str, *, delay_seconds: int | None = None
+    ) -> str | Awaitable[str | None] | None:
+        """Send ``message`` to ``target`` (optionally delayed by ``delay_seconds``); return its id.
+
+        May be ``async def`` (or return an awaitable): it is awaited on the dispatch loop's own event loop.
+        """
         ...
 
 
@@ -92,8 +97,10 @@ class SubmittingDispatcher(Dispatcher[T_contra], Protocol[T_contra]):
     :meth:`AsyncDispatcher.stop`.
     """
 
-    def submit(self, message: T_contra, target: str, *, delay_seconds: int | None = None) -> Future[str | None]:
-        """Take ``message`` for ``target`` and return a Future that gets its id or its error.
+    def submit(
+        self, message: T_contra, target: str, *, delay_seconds: int | None = None
+    ) -> Future[str | None] | Awaitable[Future[str | None]]:
+        """Take ``message`` for ``target`` and return a Future that gets its id or its error (or an awaitable of it).
 
         Called with ``delay_seconds`` only for a message put with one (as ``dispatch``).
         """
@@ -129,6 +136,10 @@ def _check_delay(value: object) -> int | None:
     if not isinstance(value, bool) and isinstance(value, int) and value >= 0:
         return int(value)
     raise ConfigurationError(f"delay_seconds must be None or an int >= 0 (whole seconds), got {_short(value)}")
+
+
+def _same(value: T) -> T:
+    return value
 
 
 def in_context(context: contextvars.Context, fn: Callable[..., Any], *args: Any) -> Any:
@@ -205,7 +216,7 @@ class _AsyncState(Generic[T]):
         self.failure_stalls = 0  # times the dispatch loop waited for the failure backlog to shrink
         # dispatch and submit run through it: on the dispatch loop without a timeout, else on its runners.
         self.caller = TimedCaller(f"async-{target}", timeout=dispatch_timeout)
-        # What a plain dispatch goes through: call() itself when there is no timeout (one hop fewer).
+        # What a dispatch goes through: call() itself when there is no timeout (one hop fewer).
         self.call: Callable[..., Outcome] = call if dispatch_timeout is None else self.caller.call
         self._init_runtime()
 
@@ -218,6 +229,8 @@ class _AsyncState(Generic[T]):
         self.buffer: deque[_Entry[T]] = deque()
         # Messages waiting to be retried: (entry, attempts made), due by time. Counted in in_flight.
         self.retries: DelayQueue[tuple[_Entry[T], int]] = DelayQueue(self.work_ready)
+        # == len(retries), kept beside it: the dispatch loop reads it once per message, a plain int is cheaper.
+        self.retrying = 0
         # Failed for good, waiting for the failure loop. The dispatch loop takes no message while
         # it holds failure_capacity or more (back-pressure, as the seed's bounded failure channel).
         self.failures: deque[FailedMessage[T]] = deque()
@@ -408,6 +421,7 @@ class _AsyncState(Generic[T]):
     def run_dispatch(self) -> None:
         """Take messages one at a time and hand each to the dispatcher, until stopped and drained."""
         delivered = 0  # direct sends that succeeded, counted at the next lock
+        inline = self.caller.timeout is None  # no timeout: a plain dispatch runs right here
         holding: tuple[_Entry[T], int] | None = None  # the message this loop is handling, for _abandon
         try:
             while True:
@@ -428,10 +442,18 @@ class _AsyncState(Generic[T]):
                     self._submit(entry, attempts + 1)
                 else:
                     message, delay, context = entry
-                    if delay is None and context is None:  # the common case, inline
-                        outcome = self.call(self.dispatcher.dispatch, message, self.target)
-                    else:
-                        outcome = self._dispatch(message, delay, context)
+                    if delay is None and context is None and inline:  # the common case, inline
+                        try:
+                            result = self.dispatcher.dispatch(message, self.target)
+                            if result is not None and type(result) is not str:
+                                invoke(_same, result)  # an awaitable (an async dispatch) is awaited here
+                        except BaseException as error:  # noqa: BLE001 - user code: this message failed
+                            self._settle(entry, attempts + 1, error)
+                        else:
+                            delivered += 1
+                        holding = None
+                        continue
+                    outcome = self._dispatch(message, delay, context)
                     if outcome.error is None:
                         delivered += 1
                     else:  # user code failed this message (an error, a timeout); the loop lives
@@ -454,14 +476,16 @@ class _AsyncState(Generic[T]):
         while True:
             now = time.monotonic()
             retries = self.retries
+            retrying = self.retrying
             assert self.failure_capacity is not None  # set by setup(), before any loop starts
-            if len(self.failures) >= self.failure_capacity and (retries or self.buffer):
+            if len(self.failures) >= self.failure_capacity and (retrying or self.buffer):
                 # The handler fell behind: hold everything back (stop() included) until it catches up.
                 self.failure_stalls += 1
                 self._wait_for_work(None)
                 continue
-            due = retries.pop_next(math.inf if self.closing else now) if retries else None
+            due = retries.pop_next(math.inf if self.closing else now) if retrying else None
             if due is not None:
+                self.retrying -= 1
                 entry, attempts = due.item
                 if self.submit is not None:
                     self.submitted += 1
@@ -475,13 +499,13 @@ class _AsyncState(Generic[T]):
                     self.not_full.notify()
                 return entry, 0
             if self.closing:
-                if not self.buffer and not retries and not self.in_flight:
+                if not self.buffer and not retrying and not self.in_flight:
                     return None
                 if self.flush is not None and self.submitted != self.flushed_at:
                     # Everything handed over so far must go now, not when a window closes.
                     self.flushed_at = self.submitted
                     return _FLUSH
-            until = retries.timeout(now)
+            until = retries.timeout(now) if retrying else None
             self._wait_for_work(None if until is None else min(until, _MAX_WAIT))
 
     def _dispatch(self, message: T, delay: int | None, context: contextvars.Context | None) -> Outcome:
@@ -562,6 +586,7 @@ class _AsyncState(Generic[T]):
             with self.mutex:
                 self.retried += 1
                 self.retries.push((entry, attempt), delay)  # notifies work_ready when it is the earliest
+                self.retrying += 1
             return
         failed = _failed(entry, error, self.target, attempt)
         with self.mutex:
@@ -588,6 +613,7 @@ class _AsyncState(Generic[T]):
             self.in_flight -= delivered
             self.sent += delivered
             left = self.retries.pop_all()
+            self.retrying = 0
             self.in_flight -= len(left)
             left += [(entry, 0) for entry in self.buffer]
             if holding is not None:
