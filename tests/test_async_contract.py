@@ -85,7 +85,7 @@ def test_an_async_dispatch_that_raises_fails_its_message(cleanup: list[Callable[
     dispatcher, sender = start(Raising(), cleanup, failures)
     sender.put("a")
     sender.put("b")
-    assert not dispatcher.stop(10)
+    dispatcher.stop(10)
     assert [(f.message, type(f.error)) for f in failures.items] == [("a", SystemExit), ("b", SystemExit)]
 
 
@@ -255,3 +255,33 @@ def test_a_retry_predicate_that_raises_system_exit_makes_the_failure_final(
     sender.put("n")
     wait_for(lambda: failures.count() == 1 and dispatcher.sent == 1, timeout=10)
     assert failures.items[0].message == "m"
+
+
+@pytest.mark.timeout(30)
+def test_a_stop_that_times_out_leaves_the_loop_dispatching_through_its_timeout(
+    cleanup: list[Callable[[], object]], caplog: pytest.LogCaptureFixture
+) -> None:
+    class HangsOnce:
+        def __init__(self) -> None:
+            self.entered = threading.Event()
+            self.release = threading.Event()
+            self.got: list[Any] = []
+
+        def dispatch(self, message: Any, target: str, *, delay_seconds: int | None = None) -> str:
+            if message == "hang":
+                self.entered.set()
+                self.release.wait(30)
+            self.got.append(message)
+            return "id"
+
+    hangs = HangsOnce()
+    cleanup.append(hangs.release.set)
+    dispatcher, sender = start(hangs, cleanup, dispatch_timeout=20)
+    sender.put("hang")
+    sender.put("b")
+    assert hangs.entered.wait(10)
+    assert dispatcher.stop(0.05) is False
+    hangs.release.set()
+    wait_for(lambda: dispatcher.sent == 2, timeout=10)
+    assert hangs.got == ["hang", "b"]
+    assert not [r for r in caplog.records if r.levelname == "CRITICAL"]

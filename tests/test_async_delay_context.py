@@ -115,7 +115,7 @@ def test_failed_message_keeps_its_delay(cleanup: list[Callable[[], object]]) -> 
     """The FailedMessage of a delayed message carries the delay, so a handler can put it again as it was."""
     ad, sender, failures = make_async(Seen(fail=True), cleanup)
     sender.put("x", delay_seconds=7)
-    assert ad.stop(10) is False
+    ad.stop(10)  # its result depends on whether "x" failed before the stop began: not the point here
     assert [(f.message, f.delay_seconds) for f in failures] == [("x", 7)]
 
 

@@ -236,7 +236,11 @@ class _BatchState(Generic[T]):
             return context.run(call, self.send_batch, target, payload)
         try:
             return caller.call(in_context, context, self.send_batch, target, payload)
-        except DispatcherClosedError as error:  # close() passed its deadline while this send was queued
+        except DispatcherClosedError:  # close() passed its deadline while this send was queued
+            error = DispatchTimeoutError(
+                f"{self.name}: closed and its timeout passed before a batch of {len(payload)} message(s) "
+                f"to {target!r} could be sent"
+            )
             return Outcome(ERROR, None, error)
 
     def _outcomes(self, target: str, batch: list[_Pending[T]], results: object) -> list[Any] | None:

@@ -889,8 +889,12 @@ class AsyncDispatcher(Generic[T]):
         state = self._state
         state.begin_stop(deadline, start_if_idle=True)
         state.join(deadline)
-        # The dispatch loop closed the caller as it left; this waits for its idle runners to go.
-        state.caller.close(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        with state.mutex:
+            dispatch_done = state.dispatch_done
+        if dispatch_done:
+            # The dispatch loop closed the caller as it left; this waits for its idle runners to go.
+            # A loop still running (a stop past its timeout) keeps calling through it until it leaves.
+            state.caller.close(None if deadline is None else max(0.0, deadline - time.monotonic()))
         finished = state.finished()
         if finished:
             _lifecycle.unregister(state)
