@@ -342,7 +342,7 @@ class Batched(Face):
                     one(message)
                 return [None] * len(messages)
 
-        self.face = BatchedDispatcher(send_batch, max_batch_size=1, flush_interval=0.001, **options)  # type: ignore[arg-type]
+        self.face = BatchedDispatcher(send_batch, max_batch_size=1, flush_interval=0.001, **options)
 
     def give(self, item: str) -> None:
         future: Future[str | None] = self.face.submit(item, "contract")

@@ -192,8 +192,20 @@ def _run_in_forked_child(child: Callable[[], dict[str, Any]], timeout: float = 3
 def test_a_forked_child_starts_clean(face: Face) -> None:
     """Forked while a call hangs in the parent, the child has no dispatch thread, delivers its own work and stops
     cleanly; the hung call is the parent's alone, which still delivers it once released."""
+    _fork_while_a_call_hangs(face, timeout=None)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@faces(where=lambda f: f.call_timeout)
+def test_a_forked_child_starts_clean_with_a_per_call_timeout(face: Face) -> None:
+    """The same with a per-call timeout: the hung call runs on a runner thread, which the child does not have."""
+    _fork_while_a_call_hangs(face, timeout=60.0)
+
+
+def _fork_while_a_call_hangs(face: Face, timeout: float | None) -> None:
     started = threading.Event()
-    face.make(hang_on("parent-hung", started=started))
+    face.make(hang_on("parent-hung", started=started), timeout=timeout)
     face.give("parent-first")
     face.wait_delivered("parent-first")
     face.give("parent-hung")
