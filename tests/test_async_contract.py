@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -285,3 +286,30 @@ def test_a_stop_that_times_out_leaves_the_loop_dispatching_through_its_timeout(
     wait_for(lambda: dispatcher.sent == 2, timeout=10)
     assert hangs.got == ["hang", "b"]
     assert not [r for r in caplog.records if r.levelname == "CRITICAL"]
+
+
+TRACE: contextvars.ContextVar[str] = contextvars.ContextVar("TRACE", default="none")
+
+
+@pytest.mark.parametrize("dispatch_timeout", [None, 10.0])
+def test_an_async_dispatch_sees_the_producers_context(
+    dispatch_timeout: float | None, cleanup: list[Callable[[], object]]
+) -> None:
+    seen: list[tuple[Any, str]] = []
+
+    class Traced:
+        async def dispatch(self, message: Any, target: str, *, delay_seconds: int | None = None) -> str:
+            await asyncio.sleep(0)
+            seen.append((message, TRACE.get()))
+            return "id"
+
+    dispatcher, sender = start(Traced(), cleanup, carry_context=True, dispatch_timeout=dispatch_timeout)
+
+    def put_in_trace(trace: str, message: Any) -> None:
+        TRACE.set(trace)
+        sender.put(message)
+
+    contextvars.copy_context().run(put_in_trace, "t-1", "a")
+    sender.put("b")
+    assert dispatcher.stop(10)
+    assert seen == [("a", "t-1"), ("b", "none")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -123,3 +124,27 @@ def test_batched_stats_have_the_call_counters(cleanup: list[Callable[[], object]
     stats = batched.stats()
     assert stats["abandoned_calls"] == 0
     assert stats["call_timeouts"] == 0
+
+
+TRACE: contextvars.ContextVar[str] = contextvars.ContextVar("TRACE", default="none")
+
+
+@pytest.mark.parametrize("send_timeout", [None, 10.0])
+def test_an_async_send_batch_sees_the_first_messages_context(
+    send_timeout: float | None, cleanup: list[Callable[[], object]]
+) -> None:
+    seen: list[str] = []
+
+    async def send(target: str, messages: list[Any]) -> list[str]:
+        await asyncio.sleep(0)
+        seen.append(TRACE.get())
+        return ["ok" for _ in messages]
+
+    batched = make_batched(send, cleanup, send_timeout=send_timeout)
+
+    def submit_in_trace() -> Any:
+        TRACE.set("t-9")
+        return batched.submit(1, "t")
+
+    assert contextvars.copy_context().run(submit_in_trace).result(10) == "ok"
+    assert seen == ["t-9"]
