@@ -264,6 +264,16 @@ class BackgroundDispatcher(Generic[T]):
     entries keep their order. A ``max_queue_size`` smaller than ``max_batch_size`` is
     the batch size in effect: a full buffer goes at once. All methods are thread-safe.
 
+    ``send_batch`` and ``on_error`` may be ``async def`` (awaited on the worker's private
+    event loop). Whatever ``send_batch`` raises fails the batch, a BaseException
+    (SystemExit, KeyboardInterrupt) included: it goes to ``retry``/``on_error`` and the
+    ``submit()`` Futures, and the worker goes on. With ``send_timeout`` (seconds), a send
+    running past it fails with DispatchTimeoutError; its thread is abandoned (at most 4
+    at once; ``stats()["abandoned_calls"]``) and later batches still go. With ``retry``,
+    ``RetryPolicy.next_delay`` decides (``Retry(delay)`` honoured, ``Cancel`` final); a
+    failed batch waits for its next attempt on the engine's timer while later batches
+    are sent, so a retried batch may arrive after them. close() sends pending retries at once.
+
     After ``os.fork()`` the child's dispatcher starts empty, with its own counters from
     zero and a fresh worker: entries pending or being sent at fork are the parent's to
     send (and their ``submit()`` Futures the parent's to resolve; the child's copies of
