@@ -97,7 +97,7 @@ class HandlerCall:
 
     def __call__(self) -> object:
         result = self.fn(self.ctx, self.payload)
-        if inspect.isawaitable(result):
+        if result is not None and inspect.isawaitable(result):
             return invoke(self.ctx._guard, result)
         return result
 
@@ -133,7 +133,7 @@ def compile_chain(chain: Sequence[Middleware]) -> list[Step]:
             if inspect.iscoroutinefunction(middleware.wrap):
                 steps.append(_async_tail(_layers(chain[index:])))
                 return steps
-            steps.append(partial(invoke, middleware.wrap))
+            steps.append(middleware.wrap if cls is RecoverMiddleware else partial(invoke, middleware.wrap))
             continue
         if cls.before_job is not Middleware.before_job:
             befores.append(middleware.before_job)
@@ -148,7 +148,9 @@ def _hook_step(befores: tuple[Before, ...], afters: tuple[After, ...]) -> Step:
         # _contained inlined for the common (no failure) path: one frame less per hook.
         for before in befores:
             try:
-                invoke(before, ctx)
+                # Hooks return None: only an awaitable result costs a call of invoke.
+                if (late := before(ctx)) is not None and inspect.isawaitable(late):
+                    invoke(_same, late)
             except Exception:  # noqa: BLE001 - a failing hook is logged and never affects the job
                 _log.exception("middleware hook %r raised; the job continues", before)
         try:
@@ -159,12 +161,17 @@ def _hook_step(befores: tuple[Before, ...], afters: tuple[After, ...]) -> Step:
             raise
         for after in afters:
             try:
-                invoke(after, ctx, result, None)
+                if (late := after(ctx, result, None)) is not None and inspect.isawaitable(late):
+                    invoke(_same, late)
             except Exception:  # noqa: BLE001 - a failing hook is logged and never affects the job
                 _log.exception("middleware hook %r raised; the job continues", after)
         return result
 
     return step
+
+
+def _same(value: object) -> object:
+    return value
 
 
 def _contained(hook: Callable[..., object], *args: object) -> None:
