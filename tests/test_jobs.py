@@ -794,9 +794,11 @@ def test_retry_refuses_a_bad_delay_when_constructed(delay: object) -> None:
 def test_retry_with_a_bad_delay_is_recorded_as_a_failed_attempt_at_once(
     store: Store, make_engine: Callable[..., JobEngine], mutate: bool
 ) -> None:
-    """A handler raising Retry(bad delay) fails its attempt through the normal retry/fail path, never left running.
+    """A handler raising Retry(bad delay) is recorded at once, never left running.
 
-    The stale threshold is far away, so only the engine recording the failure ends the job in time.
+    Retry(delay=-1) raises ConfigurationError in the handler: an ordinary failure, retried. A Retry whose delay
+    went bad after construction makes the failure final at the first attempt. The stale threshold is far away, so
+    only the engine recording the failure ends the job in time.
     """
     engine = make_engine(store, heartbeat_interval=10.0, stale_job_threshold=60.0)
 
@@ -813,9 +815,8 @@ def test_retry_with_a_bad_delay_is_recorded_as_a_failed_attempt_at_once(
     with pytest.raises(InvalidStateError):
         engine.result(job_id, timeout=10)
     job = engine.get_job(job_id)
-    assert job.state == "failed" and job.attempts == 2
-    if not mutate:
-        assert "Retry delay must be a finite number" in (job.error or "")
+    assert job.state == "failed" and job.attempts == (1 if mutate else 2)
+    assert "Retry delay must be" in (job.error or "")
     assert [letter.job_id for letter in engine.dlq()] == [job_id]
     assert engine.stats()["reaped"] == 0
 

@@ -1609,14 +1609,16 @@ class JobEngine:
         The decision is :meth:`RetryPolicy.next_delay`'s, with the job's own limit
         (``max_retries + 1`` attempts) and the definition's backoff or the engine's. A
         ``Retry`` whose delay is bad (set after construction: the constructor checks it)
-        fails the attempt with that ConfigurationError, which is then retried like any error.
+        makes the failure final at once, recorded with that ConfigurationError, as
+        ``next_delay`` rules. (``Retry(delay=-1)`` itself raises in the handler: an
+        ordinary error, retried like any other.)
         """
         if isinstance(error, Retry) and error.delay is not None:
             try:
                 check_seconds("Retry delay", error.delay)
             except ConfigurationError as bad:
                 bad.__cause__ = error
-                error = bad
+                return None, bad
         backoff = (slot.definition.backoff if slot.definition else None) or self.config.backoff
         try:
             policy = self._policies.get(backoff)
