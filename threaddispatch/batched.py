@@ -44,7 +44,7 @@ from threaddispatch import _lifecycle
 from threaddispatch._engine import BatchEngine, check_positive_int
 from threaddispatch._invoke import ERROR, Outcome, TimedCaller, call
 from threaddispatch._pool import WorkerPool
-from threaddispatch._validate import check_seconds
+from threaddispatch._validate import check_seconds, show
 from threaddispatch.buffered import in_context
 from threaddispatch.errors import (
     ConfigurationError,
@@ -89,11 +89,6 @@ _names = iter(range(1, 1 << 62))
 _SEND_IDLE_TIMEOUT = 2.0
 
 
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 class _Pending(Generic[T]):
     """A message in a lane, with the Future its sender waits on, its delay to pass on and its submitter's context."""
 
@@ -108,7 +103,7 @@ class _Pending(Generic[T]):
         self.context = context
 
     def __repr__(self) -> str:
-        return f"message {_short(self.message)}"
+        return f"message {show(self.message)}"
 
 
 class _BatchState(Generic[T]):
@@ -419,9 +414,7 @@ class BatchedDispatcher(Generic[T]):
             raise ConfigurationError(f"target must be a non-empty str, got {target!r}")
         delay = None if delay_seconds is None else self._check_delay(delay_seconds)
         if self._state.closed:
-            raise DispatcherClosedError(
-                f"BatchedDispatcher {self.name!r} is closed; {_short(message)} was not accepted"
-            )
+            raise DispatcherClosedError(f"BatchedDispatcher {self.name!r} is closed; {show(message)} was not accepted")
         future: Future[str | None] = Future()
         if self._hold_delays:
             pending = _Pending(message, future, None, contextvars.copy_context())
@@ -465,7 +458,7 @@ class BatchedDispatcher(Generic[T]):
             if future.done():
                 raise  # send_batch's own TimeoutError for this message
             raise DispatchTimeoutError(
-                f"BatchedDispatcher {self.name!r}: {_short(message)} was not sent within {timeout}s"
+                f"BatchedDispatcher {self.name!r}: {show(message)} was not sent within {timeout}s"
             ) from None
 
     def flush(self, timeout: float | None = None) -> bool:

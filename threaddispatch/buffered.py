@@ -41,7 +41,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from threaddispatch import _lifecycle
 from threaddispatch._invoke import Outcome, TimedCaller, call, close_thread_loop, invoke
 from threaddispatch._timers import DelayQueue
-from threaddispatch._validate import check_seconds
+from threaddispatch._validate import check_seconds, show
 from threaddispatch.backoff import RetryPolicy
 from threaddispatch.errors import (
     CancelledError,
@@ -124,18 +124,13 @@ class FailedMessage(Generic[T]):
     context: contextvars.Context | None = field(default=None, compare=False, repr=False)
 
 
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def _check_delay(value: object) -> int | None:
     """``delay_seconds`` as given: None, or whole seconds as an int >= 0 (SQS ``DelaySeconds``), not a bool."""
     if value is None:
         return None
     if not isinstance(value, bool) and isinstance(value, int) and value >= 0:
         return int(value)
-    raise ConfigurationError(f"delay_seconds must be None or an int >= 0 (whole seconds), got {_short(value)}")
+    raise ConfigurationError(f"delay_seconds must be None or an int >= 0 (whole seconds), got {show(value)}")
 
 
 def _same(value: T) -> T:
@@ -252,7 +247,7 @@ class _AsyncState(Generic[T]):
         delay = _check_delay(value)
         if not getattr(self.dispatcher, "accepts_delay_seconds", True):
             raise ConfigurationError(
-                f"{self.describe()}: delay_seconds={value!r} cannot be passed on by {_short(self.dispatcher)} "
+                f"{self.describe()}: delay_seconds={value!r} cannot be passed on by {show(self.dispatcher)} "
                 f"(accepts_delay_seconds is False; a BatchedDispatcher needs envelopes=True or hold_delays=True)"
             )
         return delay
@@ -260,14 +255,14 @@ class _AsyncState(Generic[T]):
     def put(self, entry: _Entry[T], timeout: float | None) -> None:
         with self.mutex:
             if self.closing:
-                raise DispatcherClosedError(f"{self.describe()} is stopped; {_short(entry[0])} was not accepted")
+                raise DispatcherClosedError(f"{self.describe()} is stopped; {show(entry[0])} was not accepted")
             if len(self.buffer) >= self.capacity:
                 if threading.current_thread() is self.failure_thread:
                     self.rejected += 1
                     raise QueueFullError(
                         f"{self.describe()}: buffer is full ({self.capacity} messages) and put() was called "
                         f"from the error handler, which cannot wait for room (the dispatch loop may be waiting "
-                        f"for the handler); {_short(entry[0])} was not accepted"
+                        f"for the handler); {show(entry[0])} was not accepted"
                     )
                 self._wait_for_room(entry[0], timeout)
             self._append(entry)
@@ -275,7 +270,7 @@ class _AsyncState(Generic[T]):
     def try_put(self, entry: _Entry[T]) -> bool:
         with self.mutex:
             if self.closing:
-                raise DispatcherClosedError(f"{self.describe()} is stopped; {_short(entry[0])} was not accepted")
+                raise DispatcherClosedError(f"{self.describe()} is stopped; {show(entry[0])} was not accepted")
             if len(self.buffer) >= self.capacity:
                 self.rejected += 1
                 return False
@@ -290,14 +285,14 @@ class _AsyncState(Generic[T]):
             while len(self.buffer) >= self.capacity:
                 if self.closing:
                     raise DispatcherClosedError(
-                        f"{self.describe()} stopped while {_short(message)} waited for room; it was not accepted"
+                        f"{self.describe()} stopped while {show(message)} waited for room; it was not accepted"
                     )
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     self.rejected += 1
                     raise QueueFullError(
                         f"{self.describe()}: buffer stayed full ({self.capacity} messages) for {timeout}s; "
-                        f"{_short(message)} was not accepted"
+                        f"{show(message)} was not accepted"
                     )
                 self.not_full.wait(remaining)
         finally:
@@ -306,7 +301,7 @@ class _AsyncState(Generic[T]):
             # Room appeared, but stop() began while we waited: the dispatch loop may
             # already have drained and left, so refuse rather than strand the message.
             raise DispatcherClosedError(
-                f"{self.describe()} stopped while {_short(message)} waited for room; it was not accepted"
+                f"{self.describe()} stopped while {show(message)} waited for room; it was not accepted"
             )
 
     def _append(self, entry: _Entry[T]) -> None:
@@ -555,7 +550,7 @@ class _AsyncState(Generic[T]):
         if outcome.error is not None:  # user code: this message failed, the loop lives
             self._settle(entry, attempt, outcome.error)
         elif not isinstance(future, Future):
-            error = TypeError(f"submit() of {_short(self.dispatcher)} returned {_short(future)}, not a Future")
+            error = TypeError(f"submit() of {show(self.dispatcher)} returned {show(future)}, not a Future")
             self._settle(entry, attempt, error)
         else:
             future.add_done_callback(functools.partial(self._on_done, entry, attempt))
@@ -564,7 +559,7 @@ class _AsyncState(Generic[T]):
         """Done-callback of a submitted message's Future (any thread, nothing held)."""
         error: BaseException | None
         if future.cancelled():
-            error = CancelledError(f"the Future of {_short(entry[0])} was cancelled before it was sent")
+            error = CancelledError(f"the Future of {show(entry[0])} was cancelled before it was sent")
         else:
             error = future.exception()
         if error is None:
@@ -650,7 +645,7 @@ class _AsyncState(Generic[T]):
             _log.error(
                 "%s: %s failed after %d attempt(s); it is lost",
                 self.describe(),
-                _short(failed.message),
+                show(failed.message),
                 failed.attempts,
                 exc_info=failed.error,
             )
@@ -667,7 +662,7 @@ class _AsyncState(Generic[T]):
             _log.error(
                 "%s: error_handler raised while reporting %s",
                 self.describe(),
-                _short(failed.message),
+                show(failed.message),
                 exc_info=outcome.error,
             )
 
