@@ -436,9 +436,7 @@ def test_cancel_is_final(face: Face, asynchronous: bool) -> None:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), "soon"], ids=["negative", "nan", "not-a-number"])
-# Left out: jobs. JobEngine turns a bad Retry delay into a ConfigurationError that is then retried like any
-# error (JobEngine._retry_delay), so the job is reported only after its last attempt, not at once.
-@faces(where=lambda f: f.retries, leave_out=("jobs",))
+@faces(where=lambda f: f.retries)
 def test_a_bad_retry_delay_is_reported_not_lost(face: Face, bad: object) -> None:
     """A Retry whose delay went bad after construction is a final failure, reported after one call; nothing is lost."""
     starts, make = _calls_recorded()
