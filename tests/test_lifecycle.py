@@ -264,3 +264,115 @@ def test_a_failing_fork_preparation_is_logged_and_the_fork_goes_on() -> None:
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == ["good prepared", "good resumed"]
     assert "cannot prepare" in result.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_at_fork_child_hooks_run_in_the_child_only_in_order_and_before_component_resets() -> None:
+    """Module state renewed by ``at_fork_child`` is fresh before any component's reset, even a hook
+    registered after the component, and even when one hook raises (logged, the rest still run)."""
+    result = run_script(
+        """
+        import json, os, logging
+        from threaddispatch import _lifecycle
+        logging.basicConfig(level=logging.ERROR)
+        calls = []
+
+        class Component:
+            def _drain_at_exit(self, deadline):
+                return (0, 0)
+            def _reset_after_fork(self):
+                calls.append("reset")
+
+        component = Component()
+        _lifecycle.register(component)
+
+        def broken():
+            raise RuntimeError("hook broke")
+
+        _lifecycle.at_fork_child(lambda: calls.append("first"))
+        _lifecycle.at_fork_child(broken)
+        _lifecycle.at_fork_child(lambda: calls.append("second"))
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(w, json.dumps(calls).encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print(json.dumps({"parent": calls, "child": json.loads(os.read(r, 65536).decode())}))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"parent": [], "child": ["first", "second", "reset"]}
+    assert "hook broke" in result.stderr
+
+
+def test_importing_the_package_installs_no_atexit_hook_before_the_users() -> None:
+    """The exit drain is installed at the first dispatcher, not at import: so a user's atexit hook
+    registered after import but before the first dispatcher still runs after the drain."""
+    result = run_script(
+        """
+        import atexit
+        import threaddispatch
+        from threaddispatch import _lifecycle
+        atexit.register(lambda: print("user hook; drained first:", _lifecycle.exiting(), flush=True))
+        d = threaddispatch.BackgroundDispatcher(lambda batch: None, ms_delay=10_000)
+        d.enqueue(1)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "user hook; drained first: True" in result.stdout
+
+
+def test_closing_mixin_begins_once_finishes_each_time_and_validates_the_timeout() -> None:
+    from threaddispatch._lifecycle import Closing
+    from threaddispatch.errors import ConfigurationError as _ConfigurationError
+
+    calls: list[object] = []
+
+    class Toy(Closing):
+        def __init__(self) -> None:
+            self._init_closing()
+
+        def _begin_close(self) -> None:
+            calls.append("begin")
+
+        def _finish_close(self, deadline: float | None) -> bool:
+            calls.append(deadline is None)
+            return True
+
+    with Toy() as toy:
+        assert not toy.closed
+    assert toy.closed
+    assert toy.close(1.0) is True
+    assert calls == ["begin", True, False]
+    with pytest.raises(_ConfigurationError, match="-1"):
+        toy.close(-1)
+    assert calls == ["begin", True, False]
+
+
+def test_closing_mixin_closes_an_unreferenced_face_through_its_collect_callback() -> None:
+    import gc
+
+    from threaddispatch._lifecycle import Closing
+
+    collected: list[str] = []
+
+    class Toy(Closing):
+        def __init__(self) -> None:
+            self._init_closing(collected.append, "collected")
+
+        def _begin_close(self) -> None:
+            pass
+
+        def _finish_close(self, deadline: float | None) -> bool:
+            return True
+
+    Toy()
+    gc.collect()
+    assert collected == ["collected"]
+    closed = Toy()
+    closed.close()
+    del closed
+    gc.collect()
+    assert collected == ["collected"]  # a closed face's finalizer was detached

@@ -17,9 +17,9 @@ where a copy held by another parent thread at fork time would never be released.
 from __future__ import annotations
 
 import math
-import os
 import threading
 
+from threaddispatch import _lifecycle
 from threaddispatch._validate import show
 from threaddispatch.errors import CancelledError, ConfigurationError
 
@@ -33,8 +33,7 @@ def _new_lock_after_fork() -> None:
     _lock = threading.Lock()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_lock_after_fork)
+_lifecycle.at_fork_child(_new_lock_after_fork)
 
 
 def _wait_seconds(timeout: float | None) -> float | None:

@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import os
 import selectors
 import threading
 import time
@@ -156,8 +155,7 @@ def _new_generation_after_fork() -> None:
     _generation += 1
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_generation_after_fork)
+_lifecycle.at_fork_child(_new_generation_after_fork)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

@@ -1,4 +1,4 @@
-"""Process lifecycle shared by every component: one exit drain and one fork hook.
+"""Process lifecycle shared by every component: one exit drain, one fork hook, one way to close.
 
 Components register themselves here by weak reference, so registration never keeps
 one alive. At interpreter exit one ``atexit`` hook drains every live component
@@ -13,6 +13,18 @@ the child could inherit half-done); after the fork the parent calls
 ``_reset_after_fork`` on every component. A ``_prepare_for_fork`` takes only its own
 component's locks, never while holding another's, and no thread holds two components'
 locks at once: so the order components are prepared in cannot deadlock.
+
+Module state that a forked child must renew (a module-wide lock, an id prefix, a loop
+generation) registers a function with :func:`at_fork_child`; in the child those run
+first, in registration order, then the components reset: so a component's reset may
+rely on fresh module state. The one ``os.register_at_fork`` is installed when this
+module is imported; the ``atexit`` drain only when the first component registers, so
+importing the package never puts a hook ahead of the user's own ``atexit`` hooks.
+
+:class:`Closing` is the one implementation of what every face does to be closed: a
+context manager, an idempotent ``close(timeout)`` that validates its timeout, a
+``closed`` property, and a close begun by the garbage collector (never at exit, where
+the drain has the component) that must not block nor take a lock.
 """
 
 from __future__ import annotations
@@ -23,11 +35,21 @@ import os
 import threading
 import time
 import weakref
-from typing import Protocol
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Protocol, TypeVar
 
-from threaddispatch.backoff import check_seconds
+from threaddispatch._validate import check_seconds
 
-__all__ = ["Lifecycle", "exiting", "get_exit_timeout", "register", "set_exit_timeout"]
+__all__ = [
+    "Closing",
+    "Lifecycle",
+    "at_fork_child",
+    "exiting",
+    "get_exit_timeout",
+    "register",
+    "set_exit_timeout",
+]
 
 _log = logging.getLogger("threaddispatch")
 
@@ -48,11 +70,15 @@ class Lifecycle(Protocol):
 #   _resume_after_fork(self) -> None: in the parent after fork(); release what prepare took.
 
 
-# _registry_lock guards _components and _hook_installed. It is replaced in the forked
+# _registry_lock guards _components and _atexit_installed. It is replaced in the forked
 # child, where a copy held by another parent thread at fork time would never be released.
 _registry_lock = threading.Lock()
 _components: weakref.WeakSet[Lifecycle] = weakref.WeakSet()
-_hook_installed = False
+_atexit_installed = False
+# Called in a forked child before any component resets, in registration order. Appended
+# only at import time of the modules that own the state (under the import lock), read
+# only in the child: no lock.
+_child_hooks: list[Callable[[], None]] = []
 _exit_timeout = 5.0
 _exiting = threading.Event()
 _MAX_EXIT_PASSES = 5
@@ -78,20 +104,26 @@ def exiting() -> bool:
     return _exiting.is_set()
 
 
+def at_fork_child(renew: Callable[[], None]) -> None:
+    """Call ``renew()`` in every forked child, before any component resets. Never blocks.
+
+    For module state a child must not inherit (a lock a parent thread may hold at fork
+    time, a per-process id prefix). ``renew`` must not raise; if it does, the error is
+    logged and the other hooks still run.
+    """
+    _child_hooks.append(renew)
+
+
 def register(component: Lifecycle) -> None:
     """Include ``component`` in the exit drain and the fork reset for as long as it lives."""
-    global _hook_installed
+    global _atexit_installed
     with _registry_lock:
         _components.add(component)
-        if not _hook_installed:
+        if not _atexit_installed:
+            # Installed at first use, not at import: atexit runs hooks last-in first-out,
+            # so the drain runs before the atexit hooks the user registered before it.
             atexit.register(_drain_all_at_exit)
-            if hasattr(os, "register_at_fork"):
-                os.register_at_fork(
-                    before=_prepare_all_for_fork,
-                    after_in_parent=_resume_all_after_fork,
-                    after_in_child=_reset_all_after_fork,
-                )
-            _hook_installed = True
+            _atexit_installed = True
 
 
 def unregister(component: Lifecycle) -> None:
@@ -173,8 +205,101 @@ def _reset_all_after_fork() -> None:
     _registry_lock = threading.Lock()
     _prepared.clear()  # the child resets every component, prepared or not
     _exiting.clear()
+    for renew in _child_hooks:
+        try:
+            renew()
+        except Exception:  # noqa: BLE001 - the child must keep running whatever one hook does
+            _log.exception("threaddispatch: fork hook %r failed", renew)
     for component in list(_components):
         try:
             component._reset_after_fork()
         except Exception:  # noqa: BLE001 - the child must keep running whatever one component does
             _log.exception("threaddispatch: reset of %r after fork failed", component)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_prepare_all_for_fork,
+        after_in_parent=_resume_all_after_fork,
+        after_in_child=_reset_all_after_fork,
+    )
+
+
+_Self = TypeVar("_Self", bound="Closing")
+
+
+class Closing:
+    """Mixin: context manager, idempotent ``close(timeout)``, and close from a finalizer.
+
+    A face implements two methods and calls :meth:`_init_closing` in its constructor:
+
+    - ``_begin_close()``: runs once, under ``_close_lock``, at the first ``close()``: stop
+      intake (so no entry is accepted after it). It must not call user code nor wait.
+    - ``_finish_close(deadline)``: runs at every ``close()``, without the lock: deliver
+      what is pending and stop the workers by ``deadline`` (monotonic, or None for no
+      limit); return whether everything was delivered without a failure.
+
+    ``_init_closing(on_collect, *args)`` arms a ``weakref.finalize``: if the face is
+    collected unclosed, ``on_collect(*args)`` begins a close in the background. It runs
+    on whatever thread the collector runs on (perhaps one holding the face's locks), so
+    it must neither block nor take a lock; it never runs at interpreter exit, where the
+    exit drain has the component. ``on_collect`` must not refer to the face itself.
+    """
+
+    _closed: bool
+    _close_lock: threading.Lock
+    _finalizer: weakref.finalize[Any, Any] | None
+
+    def _init_closing(self, on_collect: Callable[..., object] | None = None, *args: object) -> None:
+        self._closed = False
+        # Guards the open -> closed transition: _closed and what _begin_close changes.
+        self._close_lock = threading.Lock()
+        self._finalizer = None
+        if on_collect is not None:
+            finalizer = weakref.finalize(self, on_collect, *args)
+            finalizer.atexit = False  # at exit the lifecycle drain has it, and no thread may start
+            self._finalizer = finalizer
+
+    def _begin_close(self) -> None:
+        raise NotImplementedError
+
+    def _finish_close(self, deadline: float | None) -> bool:
+        raise NotImplementedError
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop accepting work, deliver what is pending and stop the workers. Idempotent.
+
+        Blocks up to ``timeout`` seconds (None: no limit), whatever user code does.
+        Returns whether everything was delivered in time without a failure. Raises
+        ConfigurationError for a ``timeout`` that is not None nor a finite number >= 0.
+        """
+        if timeout is not None:
+            timeout = check_seconds("timeout", timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._close_lock:
+            if not self._closed:
+                self._closed = True
+                self._begin_close()
+                if self._finalizer is not None:
+                    self._finalizer.detach()  # closed: nothing left for the collector to do
+        return self._finish_close(deadline)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def _reset_closing_after_fork(self) -> None:
+        """In a forked child: a fresh close lock (a parent thread may have held it at fork)."""
+        self._close_lock = threading.Lock()
+
+    def __enter__(self: _Self) -> _Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

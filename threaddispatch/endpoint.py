@@ -112,8 +112,7 @@ def _seed_ids() -> None:
 
 
 _seed_ids()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_seed_ids)
+_lifecycle.at_fork_child(_seed_ids)
 
 
 def _new_id() -> str:

@@ -31,7 +31,7 @@ request's ``retry``/``retry_time`` and the dispatcher's ``retry_on_error``
 attempt like an error, never retried, and never ends the worker.
 
 Per-request extras live in their own modules: the request Future
-(:mod:`threaddispatch._request_future`), the attempt's token and its progress reports
+(:mod:`threaddispatch._future`), the attempt's token and its progress reports
 (:mod:`threaddispatch._request_token`), the response cache
 (:mod:`threaddispatch._request_cache`).
 
@@ -65,9 +65,9 @@ from types import CoroutineType, TracebackType
 from typing import Any, Final, Generic, TypeVar, cast
 
 from threaddispatch import _invoke, _lifecycle
+from threaddispatch._future import LazyFuture
 from threaddispatch._pool import WorkerPool
 from threaddispatch._request_cache import CachedResponse, MemoryResponseCache, RequestCache, ResponseCache
-from threaddispatch._request_future import LazyFuture
 from threaddispatch._request_keys import default_dedupe_key, default_queue_key
 from threaddispatch._request_online import Connectivity, check_offline_on
 from threaddispatch._request_token import CancellationToken, watched

@@ -1,8 +1,8 @@
 """LazyFuture: a ``concurrent.futures.Future`` that makes its Condition only when something waits on it.
 
 A stock Future allocates a ``Condition`` (with its ``RLock`` and waiter deque) and two
-lists at construction; RequestDispatcher makes one per request, and most are settled
-without anyone ever blocking on them (callers check ``done()``, add a callback, or
+lists at construction; RequestDispatcher makes one per request, the batching faces one
+per ``submit``, and most are settled without anyone ever blocking on them (callers check ``done()``, add a callback, or
 read the result after the fact). This subclass keeps the full Future contract
 (``result``/``exception`` with timeouts, ``add_done_callback``, ``cancel``,
 ``concurrent.futures.wait`` and ``as_completed``) but builds the Condition on first
@@ -25,13 +25,14 @@ the tests exercise every path against them.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import InvalidStateError as FutureStateError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import Any
+
+from threaddispatch import _lifecycle
 
 __all__ = ["LazyFuture"]
 
@@ -47,12 +48,8 @@ def _new_lock_after_fork() -> None:
     _lazy_lock = threading.Lock()
 
 
-# Its own hook, not the _lifecycle registry: that registry holds components (weakly, with an
-# exit drain), in no set order, while this lock must be fresh before any component's reset
-# in the child could settle a Future; an os.register_at_fork made at import runs before the
-# registry's hook, which is installed when the first component registers.
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_lock_after_fork)
+# Renewed before any component resets in the child, since a reset may settle a Future.
+_lifecycle.at_fork_child(_new_lock_after_fork)
 
 _DONE_STATES = frozenset({CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED})
 _CANCELLED_STATES = frozenset({CANCELLED, CANCELLED_AND_NOTIFIED})

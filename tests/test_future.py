@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from threaddispatch import _request_future
-from threaddispatch._request_future import LazyFuture
+from threaddispatch import _future
+from threaddispatch._future import LazyFuture
 from threaddispatch.requests import CancellationToken, RequestDispatcher
 
 pytestmark = pytest.mark.timeout(30)
@@ -214,7 +214,7 @@ def test_wait_returns_when_the_dispatcher_cancels_a_request(gate: threading.Even
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_forked_child_gets_a_fresh_lazy_lock() -> None:
     """The module lock, held by a parent thread at fork time, is replaced in the child: Futures settle there."""
-    held = _request_future._lazy_lock
+    held = _future._lazy_lock
     entered = threading.Event()
     release = threading.Event()
 
@@ -234,7 +234,7 @@ def test_a_forked_child_gets_a_fresh_lazy_lock() -> None:
             try:
                 future = LazyFuture()
                 future.set_result(7)
-                code = 0 if future.result(0) == 7 and _request_future._lazy_lock is not held else 2
+                code = 0 if future.result(0) == 7 and _future._lazy_lock is not held else 2
             finally:
                 os.write(write_end, bytes([code]))
                 os._exit(code)
