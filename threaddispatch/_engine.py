@@ -39,7 +39,7 @@ from threaddispatch._lanes import INACTIVE, FifoLane, Lane
 from threaddispatch._timers import DelayQueue
 from threaddispatch.errors import ConfigurationError, DispatcherClosedError, QueueFullError
 
-__all__ = ["OVERFLOW_POLICIES", "BatchEngine", "Overflow", "check_positive_int"]
+__all__ = ["OVERFLOW_POLICIES", "BatchEngine", "Overflow"]
 
 T = TypeVar("T")
 
@@ -50,13 +50,6 @@ _UNBOUNDED = 1 << 62
 _MAX_WAIT = 3600.0  # the longest single wait of the worker (seconds); a later due time is waited for in turns
 
 _log = logging.getLogger("threaddispatch")
-
-
-def check_positive_int(name: str, value: object) -> int:
-    """Return ``value`` if it is an int >= 1, else raise ConfigurationError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{name} must be an int >= 1, got {value!r}")
-    return value
 
 
 Deliver = Callable[[Hashable, list[Any]], "Future[Any] | None"]

@@ -37,6 +37,13 @@ def check_int(name: str, value: object, minimum: int = INT64_MIN, maximum: int =
     return value
 
 
+def check_positive_int(name: str, value: object) -> int:
+    """``value`` if it is an int >= 1 (not a bool), else ConfigurationError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name} must be an int >= 1, got {show(value)}")
+    return value
+
+
 def check_seconds(name: str, value: object, *, allow_zero: bool = True) -> float:
     """``value`` as float seconds: a finite real number >= 0 (> 0 unless ``allow_zero``), not a bool."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

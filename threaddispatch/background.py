@@ -20,10 +20,10 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from threaddispatch import _lifecycle
-from threaddispatch._engine import OVERFLOW_POLICIES, BatchEngine, Overflow, check_positive_int
+from threaddispatch._engine import OVERFLOW_POLICIES, BatchEngine, Overflow
 from threaddispatch._invoke import Outcome, TimedCaller, call
 from threaddispatch._lanes import ClosedFifoLane, FifoLane
-from threaddispatch._validate import check_seconds
+from threaddispatch._validate import check_positive_int, check_seconds
 from threaddispatch.backoff import RetryPolicy
 from threaddispatch.errors import ConfigurationError, DispatcherClosedError, QueueFullError
 

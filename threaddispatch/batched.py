@@ -41,10 +41,10 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from threaddispatch import _lifecycle
-from threaddispatch._engine import BatchEngine, check_positive_int
+from threaddispatch._engine import BatchEngine
 from threaddispatch._invoke import ERROR, Outcome, TimedCaller, call
 from threaddispatch._pool import WorkerPool
-from threaddispatch._validate import check_seconds, show
+from threaddispatch._validate import check_positive_int, check_seconds, show
 from threaddispatch.buffered import in_context
 from threaddispatch.errors import (
     ConfigurationError,

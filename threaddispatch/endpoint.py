@@ -39,11 +39,11 @@ from types import TracebackType
 from typing import Any, Literal
 
 from threaddispatch import _lifecycle
-from threaddispatch._engine import OVERFLOW_POLICIES, BatchEngine, Overflow, check_positive_int
+from threaddispatch._engine import OVERFLOW_POLICIES, BatchEngine, Overflow
 from threaddispatch._invoke import BASE, ERROR, Outcome, TimedCaller
 from threaddispatch._lanes import FifoLane, Lane, PriorityLane
 from threaddispatch._pool import WorkerPool
-from threaddispatch._validate import check_seconds, show
+from threaddispatch._validate import check_positive_int, check_seconds, show
 from threaddispatch.backoff import Exponential, RetryPolicy
 from threaddispatch.errors import (
     ConfigurationError,
