@@ -635,3 +635,106 @@ def test_complete_and_claim_over_several_queues_in_one_statement(make_store: Cal
     assert [j.id for j in next_jobs] == [later[0].id, later[1].id]
     assert store.get(first[0].id).decoded_result() == "ok"  # type: ignore[union-attr]
     assert store.complete_and_claim([], ["c"], 1, worker_id="w", now=T0 + 2)[1][0].id == later[2].id
+
+
+# -- claims over several queues, and the schema's upgrade path ---------------------------------------------
+
+
+def _claim_scan_rows(store: PostgresStore, queues: list[str], limit: int) -> int:
+    """The most rows any scan of dispatch_jobs produced in the store's claim over ``queues`` (rolled back)."""
+    from threaddispatch.stores import _pg_sql
+
+    params = {"worker": "w", "now": T0 + 10, "limit": limit, "queues": queues}
+    with psycopg.connect(store._dsn.conninfo, autocommit=True, options=f"-c search_path={store.schema}") as conn:
+        conn.execute("ANALYZE dispatch_jobs")
+        with conn.transaction(force_rollback=True):
+            plan = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + _pg_sql.CLAIM_ANY, params).fetchone()[0]  # type: ignore[index]
+
+    def scans(node: dict[str, Any]) -> Iterator[int]:
+        if "Scan" in node["Node Type"] and node.get("Relation Name") == "dispatch_jobs":
+            yield int(node["Actual Rows"] * node["Actual Loops"])
+        for child in node.get("Plans", ()):
+            yield from scans(child)
+
+    return max(scans(plan[0]["Plan"]))
+
+
+@pytest.mark.timeout(60)
+def test_claim_over_several_queues_reads_only_the_head_of_each_queue(make_store: Callable[..., PostgresStore]) -> None:
+    """3,000 ready jobs over three queues: claiming 4 reads at most 4 ready rows per queue, not the whole set."""
+    store = make_store()
+    store.enqueue([test_stores.job(queue=f"q{n % 3}", priority=n % 5, run_at=T0 + n % 7) for n in range(3000)])
+    assert _claim_scan_rows(store, ["q0", "q1", "q2"], 4) <= 3 * 4
+
+
+@pytest.mark.timeout(60)
+def test_claim_over_several_queues_gives_the_single_queue_claims_merged_in_claim_order(
+    make_store: Callable[..., PostgresStore],
+) -> None:
+    """Jobs of mixed priorities and run_at over three queues (some not due, one other queue) come out
+    of multi-queue claims in the order of the three single-queue orders merged: priority, run_at, seq."""
+    store = make_store()
+    jobs = [test_stores.job(queue=f"q{n % 3}" if n % 11 else "other", priority=(n * 7) % 4,
+                            run_at=T0 + (n * 13) % 9) for n in range(90)]  # fmt: skip
+    store.enqueue(jobs)
+    now = T0 + 6
+    due = [(j, n) for n, j in enumerate(jobs) if j.queue != "other" and j.run_at <= now]
+    expected = [j.id for j, n in sorted(due, key=lambda pair: (-pair[0].priority, pair[0].run_at, pair[1]))]
+    got: list[str] = []
+    while batch := store.claim(["q2", "q0", "q1", "q0"], 7, worker_id="w", now=now):
+        got.extend(job.id for job in batch)
+    assert got == expected
+    assert store.counts(queue="other")[JobState.PENDING] == sum(j.queue == "other" for j in jobs)
+
+
+@pytest.mark.timeout(60)
+def test_claim_over_several_queues_skips_rows_another_session_holds_and_never_double_claims(
+    pg_server: PostgresServer, make_store: Callable[..., PostgresStore], schema: str
+) -> None:
+    """Rows locked by another session are skipped, not waited for; two sessions claiming the same
+    queues at once hand out every job exactly once."""
+    store, other = make_store(), make_store()
+    jobs = [test_stores.job(queue=f"q{n % 3}", priority=n % 3) for n in range(300)]
+    store.enqueue(jobs)
+    with psycopg.connect(pg_server.dsn, options=f"-c search_path={schema}") as holder:
+        held = {row[0] for row in holder.execute(
+            "SELECT id FROM dispatch_jobs WHERE queue = 'q0' ORDER BY priority DESC, run_at, seq LIMIT 3 FOR UPDATE"
+        ).fetchall()}  # fmt: skip
+        first = store.claim(["q0", "q1", "q2"], 5, worker_id="w1", now=T0)
+        assert len(first) == 5 and not held & {job.id for job in first}
+        holder.rollback()
+    barrier = threading.Barrier(2)
+    claims: dict[str, list[str]] = {"w1": [job.id for job in first], "w2": []}
+
+    def drain(claimer: PostgresStore, worker: str) -> None:
+        barrier.wait()
+        while batch := claimer.claim(["q0", "q1", "q2"], 4, worker_id=worker, now=T0):
+            claims[worker].extend(job.id for job in batch)
+
+    threads = [threading.Thread(target=drain, args=pair) for pair in ((store, "w1"), (other, "w2"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(40)
+    every = claims["w1"] + claims["w2"]
+    assert len(every) == len(set(every)) == len(jobs)
+    assert store.counts()[JobState.RUNNING] == len(jobs)
+
+
+@pytest.mark.timeout(60)
+def test_engine_on_several_queues_leaves_a_paused_queue_alone(make_store: Callable[..., PostgresStore]) -> None:
+    """A JobEngine serving three queues, one paused in the store, runs the other two queues' jobs only."""
+    store = make_store()
+    store.set_queue_paused("b", True, now=time.time())
+    engine, ran = _engine(store, queues=["a", "b", "c"])
+    producer = _producer(store)
+    ids = {queue: [producer.enqueue("record", {"n": n}, queue=queue) for n in range(base, base + 5)]
+           for queue, base in (("a", 0), ("b", 100), ("c", 200))}  # fmt: skip
+    engine.start()
+    try:
+        for job_id in ids["a"] + ids["c"]:
+            assert engine.result(job_id, timeout=20) is not None
+        assert ran == set(range(5)) | set(range(200, 205))
+        assert store.counts(queue="b")[JobState.PENDING] == 5
+    finally:
+        engine.stop(10)

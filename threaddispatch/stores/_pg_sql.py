@@ -69,22 +69,37 @@ COUNT_QUEUES = "SELECT queue, state, count(*) FROM dispatch_jobs WHERE queue = A
 # -- workers ---------------------------------------------------------------------------------------
 
 
-def _claim_cte(queue_match: str) -> str:
-    """The claim, as an UPDATE usable alone or inside WITH. Named parameters: worker, now, queues, limit."""
+_READY = "state IN ('pending', 'retrying') AND run_at <= %(now)s"
+_CLAIM_ORDER = "ORDER BY priority DESC, run_at, seq"
+
+
+def _claim_cte(pick: str) -> str:
+    """The claim of the rows ``pick`` selects (and locks), as an UPDATE usable alone or inside WITH."""
     return (
         "UPDATE dispatch_jobs SET state = 'running', worker_id = %(worker)s, attempts = attempts + 1, "
         "started_at = %(now)s, heartbeat_at = %(now)s, updated_at = %(now)s "
-        "WHERE seq IN (SELECT seq FROM dispatch_jobs WHERE state IN ('pending', 'retrying') "
-        f"AND {queue_match} AND run_at <= %(now)s "
-        "ORDER BY priority DESC, run_at, seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
-        f"RETURNING seq, {_sql.JOB_COLUMNS}"
+        f"WHERE seq IN ({pick}) RETURNING seq, {_sql.JOB_COLUMNS}"
     )
 
 
-# One queue: an equality, so the ready index yields rows in claim order (no sort), also in
-# a generic prepared plan. Several: = ANY(array).
-CLAIM_ONE = _claim_cte("queue = %(queues)s")
-CLAIM_ANY = _claim_cte("queue = ANY(%(queues)s)")
+# Named parameters of both claims: worker, now, queues (one name, or an array of distinct
+# names), limit. One queue: an equality, so the ready index yields rows in claim order (no
+# sort), also in a generic prepared plan. Several: the same index-ordered LIMIT once per
+# queue (LATERAL over the array), then the top ``limit`` of those few rows. Each queue's
+# first ``limit`` ready rows hold every row of the global first ``limit`` from that queue,
+# so the order is the one ``queue = ANY(...) ORDER BY ... LIMIT`` gives, without reading
+# and sorting the whole ready set (an external sort at 75k ready jobs). The rows a queue's
+# scan locked but the top-N left out are unlocked when the statement ends.
+CLAIM_ONE = _claim_cte(
+    f"SELECT seq FROM dispatch_jobs WHERE queue = %(queues)s AND {_READY} {_CLAIM_ORDER} "
+    "LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
+)
+CLAIM_ANY = _claim_cte(
+    "SELECT head.seq FROM unnest(%(queues)s::text[]) AS asked(queue) CROSS JOIN LATERAL ("
+    f"SELECT seq, priority, run_at FROM dispatch_jobs WHERE queue = asked.queue AND {_READY} {_CLAIM_ORDER} "
+    "LIMIT %(limit)s FOR UPDATE SKIP LOCKED) AS head ORDER BY head.priority DESC, head.run_at, head.seq "
+    "LIMIT %(limit)s"
+)
 
 COMPLETE = SQL.complete
 # Parameters: :func:`outcome_params`.

@@ -11,8 +11,9 @@ with its docstring; splitting the class across modules would scatter one contrac
   statement costs one round trip; a method that needs several runs them in one
   explicit transaction. Claiming is ONE statement,
   ``UPDATE ... WHERE seq IN (SELECT seq ... ORDER BY priority DESC, run_at, seq
-  FOR UPDATE SKIP LOCKED LIMIT n) RETURNING ...``: concurrent claimers skip each other's
-  rows instead of waiting, and no job is handed out twice. The engine's group commit
+  LIMIT n FOR UPDATE SKIP LOCKED) RETURNING ...`` (over several queues: that LIMIT once
+  per queue, LATERAL, then the top n): concurrent claimers skip each other's rows
+  instead of waiting, and no job is handed out twice. The engine's group commit
   (:meth:`PostgresStore.complete_and_claim`) writes the finished jobs and claims the next
   ones in that same single statement.
 - Wake-ups: an ``AFTER INSERT`` statement trigger sends ``NOTIFY threaddispatch`` with the
@@ -343,8 +344,9 @@ class PostgresStore(Store):
         """See :meth:`Store.claim`: ONE ``UPDATE ... FOR UPDATE SKIP LOCKED ... RETURNING`` statement."""
         if limit <= 0 or not queues:
             return []
-        one = len(set(queues)) == 1
-        params = {"worker": worker_id, "now": now, "limit": limit, "queues": queues[0] if one else list(queues)}
+        names = list(dict.fromkeys(queues))  # the claim over several takes distinct names
+        one = len(names) == 1
+        params = {"worker": worker_id, "now": now, "limit": limit, "queues": names[0] if one else names}
 
         def op(conn: Conn) -> list[JobRecord]:
             return claimed(conn.execute(q.CLAIM_ONE if one else q.CLAIM_ANY, params).fetchall())
@@ -367,9 +369,10 @@ class PostgresStore(Store):
             return set(), self.claim(queues, limit, worker_id=worker_id, now=now)
         if limit <= 0 or not queues:
             return self.complete_many(outcomes, now=now), []
-        one = len(set(queues)) == 1
+        names = list(dict.fromkeys(queues))
+        one = len(names) == 1
         params = outcome_params(outcomes, now)
-        params.update(worker=worker_id, limit=limit, queues=queues[0] if one else list(queues))
+        params.update(worker=worker_id, limit=limit, queues=names[0] if one else names)
 
         def op(conn: Conn) -> tuple[set[str], list[JobRecord]]:
             rows = conn.execute(q.COMPLETE_AND_CLAIM_ONE if one else q.COMPLETE_AND_CLAIM_ANY, params).fetchall()
