@@ -10,41 +10,26 @@ line; never a traceback.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
 import signal
-import sqlite3
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
 
-from threaddispatch._redact import redact, scrub
-from threaddispatch.cli import CommandError
-from threaddispatch.errors import StoreError, StoreUnavailableError, ThreadDispatchError
+from threaddispatch._cli_common import STORE_ENV, CommandError, command, count, open_engine, open_store, print_json
 from threaddispatch.stores.base import JobState
 
 if TYPE_CHECKING:
-    from threaddispatch.jobs import JobEngine
-    from threaddispatch.stores.base import DeadLetter, JobRecord, Store
+    from threaddispatch.stores.base import DeadLetter, JobRecord
 
 __all__ = ["add_parsers"]
 
-STORE_ENV = "THREADDISPATCH_STORE"
 TOKEN_ENV = "THREADDISPATCH_TOKEN"
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
-
-Handler = Callable[[argparse.Namespace], int]
-
-
-class _StoreFailedError(Exception):
-    """The store failed at run time (not the user's input): one line, exit code 1."""
-
 
 # -- argument types ---------------------------------------------------------------------------------
 
@@ -55,19 +40,6 @@ def _state(text: str) -> JobState:
     except ValueError:
         known = ", ".join(s.value for s in JobState)
         raise argparse.ArgumentTypeError(f"unknown job state {text!r}; known: {known}") from None
-
-
-def _count(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected a number from {low} to {high}, got {text!r}")
-        return value
-
-    return parse
 
 
 def _seconds(text: str) -> float:
@@ -92,82 +64,7 @@ def _base_path(text: str) -> str:
     return text.rstrip("/")
 
 
-# -- store and engine ---------------------------------------------------------------------------------
-
-
-def _sqlite_path(url: str) -> str | None:
-    """The file of a ``sqlite:///`` URL (as :func:`~threaddispatch.stores.open_store` reads it), else None."""
-    parts = urlsplit(url)
-    if parts.scheme.lower() != "sqlite" or parts.netloc:
-        return None
-    path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
-    return path or None
-
-
-def _store_url(args: argparse.Namespace) -> str:
-    """The store URL the command was given (``--store``, else the environment), or ''."""
-    return getattr(args, "store", None) or os.environ.get(STORE_ENV, "")
-
-
-def _open(args: argparse.Namespace, *, create: bool = False) -> Store:
-    from threaddispatch.stores import open_store
-
-    url = _store_url(args)
-    if not url:
-        raise CommandError(f"no store: give --store URL or set {STORE_ENV} (e.g. sqlite:///jobs.db)")
-    path = _sqlite_path(url)
-    if path is not None and not create and not os.path.exists(path):
-        raise CommandError(f"no store file {path!r}; create it with: threaddispatch migrate --store {redact(url)}")
-    if path is not None and not os.path.isdir(os.path.dirname(path) or "."):
-        raise CommandError(f"no directory {os.path.dirname(path)!r} for the store file {path!r}")
-    try:
-        return open_store(url)
-    except StoreUnavailableError as error:
-        raise _StoreFailedError(f"cannot open store {redact(url)}: {scrub(str(error), url)}") from None
-    except (ThreadDispatchError, OSError, sqlite3.Error) as error:
-        raise CommandError(f"cannot open store {redact(url)}: {scrub(str(error), url)}") from None
-
-
-@contextmanager
-def _engine(args: argparse.Namespace, *, create: bool = False) -> Iterator[JobEngine]:
-    """An engine over the store of ``args`` (not started: the store is all management needs)."""
-    from threaddispatch.jobs import JobEngine
-
-    store = _open(args, create=create)
-    try:
-        yield JobEngine(store)
-    finally:
-        store.close()
-
-
-def _command(handler: Handler) -> Handler:
-    """Turn library errors into one-line errors: bad input exits 2, a failing store exits 1."""
-
-    @functools.wraps(handler)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return handler(args)
-        except (CommandError, KeyboardInterrupt):
-            raise
-        # Errors from the store may quote its URL: every message is scrubbed of its password.
-        except (_StoreFailedError, StoreError) as error:
-            print(f"threaddispatch {args.command}: {scrub(str(error), _store_url(args))}", file=sys.stderr)
-            return 1
-        except (ThreadDispatchError, ValueError) as error:
-            raise CommandError(scrub(str(error), _store_url(args))) from None
-        except (OSError, sqlite3.Error) as error:
-            shown = scrub(str(error), _store_url(args))
-            print(f"threaddispatch {args.command}: {type(error).__name__}: {shown}", file=sys.stderr)
-            return 1
-
-    return run
-
-
 # -- output -------------------------------------------------------------------------------------------
-
-
-def _print_json(data: object) -> None:
-    print(json.dumps(data, indent=2, default=str, ensure_ascii=False))
 
 
 def _when(epoch: float | None) -> str:
@@ -212,12 +109,12 @@ def _letter_rows(letters: Sequence[DeadLetter]) -> list[list[object]]:
 # -- jobs ---------------------------------------------------------------------------------------------
 
 
-@_command
+@command
 def _jobs_list(args: argparse.Namespace) -> int:
-    with _engine(args) as engine:
+    with open_engine(args) as engine:
         jobs = engine.list_jobs(state=args.state, queue=args.queue, limit=args.limit, offset=args.offset)
         if args.json:
-            _print_json([job.to_dict() for job in jobs])
+            print_json([job.to_dict() for job in jobs])
         elif jobs:
             print(_table(["ID", "NAME", "QUEUE", "STATE", "ATTEMPTS", "CREATED"], _job_rows(jobs)))
         else:
@@ -225,47 +122,47 @@ def _jobs_list(args: argparse.Namespace) -> int:
     return 0
 
 
-@_command
+@command
 def _jobs_show(args: argparse.Namespace) -> int:
-    with _engine(args) as engine:
+    with open_engine(args) as engine:
         job = engine.get_job(args.id)
         if args.json:
-            _print_json(job.to_dict())
+            print_json(job.to_dict())
         else:
             _show_job(job)
     return 0
 
 
-@_command
+@command
 def _jobs_retry(args: argparse.Namespace) -> int:
-    with _engine(args) as engine:
+    with open_engine(args) as engine:
         engine.retry(args.id)
         job = engine.get_job(args.id)
         if args.json:
-            _print_json(job.to_dict())
+            print_json(job.to_dict())
         else:
             print(f"job {job.id} ({job.name}) is {job.state.value} again")
     return 0
 
 
-@_command
+@command
 def _jobs_cancel(args: argparse.Namespace) -> int:
-    with _engine(args) as engine:
+    with open_engine(args) as engine:
         engine.cancel(args.id)
         job = engine.get_job(args.id)
         if args.json:
-            _print_json(job.to_dict())
+            print_json(job.to_dict())
         else:
             print(f"job {job.id} ({job.name}) cancelled")
     return 0
 
 
-@_command
+@command
 def _jobs_counts(args: argparse.Namespace) -> int:
-    with _engine(args) as engine:
+    with open_engine(args) as engine:
         counts = engine.counts(queue=args.queue)
         if args.json:
-            _print_json(counts)
+            print_json(counts)
         else:
             print(_table(["STATE", "JOBS"], [[state, count] for state, count in counts.items()]))
     return 0
@@ -274,12 +171,12 @@ def _jobs_counts(args: argparse.Namespace) -> int:
 # -- dead letters -------------------------------------------------------------------------------------
 
 
-@_command
+@command
 def _dlq_list(args: argparse.Namespace) -> int:
-    with _engine(args) as engine:
+    with open_engine(args) as engine:
         letters = engine.dlq(limit=args.limit, offset=args.offset, queue=args.queue)
         if args.json:
-            _print_json([letter.to_dict() for letter in letters])
+            print_json([letter.to_dict() for letter in letters])
         elif letters:
             headers = ["ID", "JOB", "NAME", "QUEUE", "ATTEMPTS", "FAILED", "ERROR"]
             print(_table(headers, _letter_rows(letters)))
@@ -288,13 +185,13 @@ def _dlq_list(args: argparse.Namespace) -> int:
     return 0
 
 
-@_command
+@command
 def _dlq_replay(args: argparse.Namespace) -> int:
     if args.all == bool(args.ids):
         raise CommandError("give dead letter ids, or --all (not both)")
     if args.queue is not None and not args.all:
         raise CommandError("--queue goes with --all")
-    with _engine(args) as engine:
+    with open_engine(args) as engine:
         if args.all:
             job_ids = engine.replay_all(args.queue)
         else:
@@ -303,7 +200,7 @@ def _dlq_replay(args: argparse.Namespace) -> int:
                 raise CommandError(f"no dead letter with id {missing[0]!r}")
             job_ids = [engine.replay(i) for i in args.ids]
         if args.json:
-            _print_json({"replayed": len(job_ids), "job_ids": job_ids})
+            print_json({"replayed": len(job_ids), "job_ids": job_ids})
         else:
             print(f"replayed {len(job_ids)} dead letter(s)")
             for job_id in job_ids:
@@ -311,14 +208,14 @@ def _dlq_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-@_command
+@command
 def _dlq_purge(args: argparse.Namespace) -> int:
     if args.all == (args.older_than is not None):
         raise CommandError("give --older-than SECONDS, or --all to delete every dead letter")
-    with _engine(args) as engine:
+    with open_engine(args) as engine:
         purged = engine.purge_dlq(args.older_than)
         if args.json:
-            _print_json({"purged": purged})
+            print_json({"purged": purged})
         else:
             print(f"purged {purged} dead letter(s)")
     return 0
@@ -327,22 +224,22 @@ def _dlq_purge(args: argparse.Namespace) -> int:
 # -- migrate and serve --------------------------------------------------------------------------------
 
 
-@_command
+@command
 def _migrate(args: argparse.Namespace) -> int:
-    store = _open(args, create=True)
+    store = open_store(args, create=True)
     try:
         version = store.migrate()
         described = dict(store.describe())
     finally:
         store.close()
     if args.json:
-        _print_json({"version": version, "store": described})
+        print_json({"version": version, "store": described})
     else:
         print(f"{described.get('kind', 'store')}: schema at version {version}")
     return 0
 
 
-@_command
+@command
 def _serve(args: argparse.Namespace) -> int:
     from threaddispatch.admin import make_server, make_wsgi_app
 
@@ -351,7 +248,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise CommandError(f"set {TOKEN_ENV} to the bearer token clients must send (or --allow-unauthenticated)")
     if token is None and args.host not in _LOOPBACK:
         raise CommandError(f"refusing to serve without a token on {args.host}; set {TOKEN_ENV}")
-    with _engine(args) as engine:
+    with open_engine(args) as engine:
         app = make_wsgi_app(engine, args.base_path, token, allow_unauthenticated=args.allow_unauthenticated)
         try:
             server = make_server(app, args.host, args.port)
@@ -396,8 +293,8 @@ def add_parsers(subparsers: Any) -> None:
     common = _common()
     paging = argparse.ArgumentParser(add_help=False)
     paging.add_argument("--queue", type=_name, default=None, help="only this queue")
-    paging.add_argument("--limit", type=_count(1, 100_000), default=50, help="at most this many (default 50)")
-    paging.add_argument("--offset", type=_count(0, 10**12), default=0, help="skip this many first (default 0)")
+    paging.add_argument("--limit", type=count(1, 100_000), default=50, help="at most this many (default 50)")
+    paging.add_argument("--offset", type=count(0, 10**12), default=0, help="skip this many first (default 0)")
 
     jobs = subparsers.add_parser("jobs", help="list, inspect, retry and cancel jobs")
     jobs_sub = jobs.add_subparsers(dest="jobs_command", metavar="ACTION")
@@ -438,7 +335,7 @@ def add_parsers(subparsers: Any) -> None:
     p = subparsers.add_parser("serve", parents=[common],
                               help=f"serve the admin API over HTTP (token from ${TOKEN_ENV})")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=_count(0, 65535), default=8080, help="port (default 8080; 0: any free port)")
+    p.add_argument("--port", type=count(0, 65535), default=8080, help="port (default 8080; 0: any free port)")
     p.add_argument("--base-path", type=_base_path, default="/api/dispatch", help="URL prefix (default /api/dispatch)")
     p.add_argument("--allow-unauthenticated", action="store_true",
                    help="serve without a token (only on a loopback host)")  # fmt: skip

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from threaddispatch.cli import positive_int
+from threaddispatch._cli_common import fail, positive_int
 from threaddispatch.errors import ConfigurationError
 from threaddispatch.jobs import JobEngine
 
@@ -106,8 +106,7 @@ def run_worker(args: argparse.Namespace) -> int:
     try:
         engine = load_engine(args.target)
     except ConfigurationError as error:
-        print(f"threaddispatch worker: {error}", file=sys.stderr)
-        return 2
+        return fail("worker", str(error), 2)
     log = logging.getLogger("threaddispatch.worker")
     log.info(
         "worker starting: %s on %s, queues=%s, concurrency=%s",

@@ -1,6 +1,8 @@
-"""The ``threaddispatch`` command line (also ``python -m threaddispatch``).
+"""The ``threaddispatch`` command line (also ``python -m threaddispatch``): ``main``, the parser, ``bench``.
 
-Bad input gives a one-line error and exit code 2, never a traceback.
+The subcommands live in ``_cli_admin`` (jobs, dlq, migrate, serve) and ``_cli_worker``
+(worker); what they share is in ``_cli_common``, which imports neither. Bad input gives a
+one-line error and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -11,22 +13,10 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 
+from threaddispatch import _cli_admin, _cli_worker
+from threaddispatch._cli_common import CommandError, fail, positive_int
+
 __all__ = ["build_parser", "main"]
-
-
-class CommandError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1 (shared by every subcommand)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}")
-    return value
 
 
 def _producer_list(text: str) -> list[int]:
@@ -98,8 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quiet", action="store_true", help="no progress lines")
     bench.set_defaults(handler=_cmd_bench)
 
-    from threaddispatch import _cli_admin, _cli_worker
-
     _cli_worker.add_parsers(sub)
     _cli_admin.add_parsers(sub)
     return parser
@@ -112,8 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except CommandError as error:
-        print(f"threaddispatch {args.command}: {error}", file=sys.stderr)
-        return 2
+        return fail(args.command, str(error), 2)
     except KeyboardInterrupt:
         return 130
 
