@@ -27,9 +27,6 @@ time window but claimed from a store against free slots, limits and leases.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import inspect
 import json
 import logging
 import math
@@ -40,22 +37,36 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
 from functools import partial
 from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
 from threaddispatch import _lifecycle
-from threaddispatch._cancel import CancelToken
-from threaddispatch._invoke import call
+from threaddispatch._job_config import (
+    EXTENSION_HOOKS,
+    Config,
+    ExtensionHook,
+    Handler,
+    JobDefinition,
+    QueueConfig,
+    check_limit,
+    check_max_retries,
+    check_optional_queue,
+    check_page,
+    check_priority,
+    check_queue,
+    check_queues,
+    check_state_filter,
+    define,
+)
+from threaddispatch._job_context import JobContext
+from threaddispatch._job_cron import CronRunner
 from threaddispatch._pool import WorkerPool
 from threaddispatch._ratelimit import TokenBucket
-from threaddispatch._validate import INT64_MAX, check_int, check_seconds, check_text, show
-from threaddispatch.backoff import Backoff, ExponentialJitter, RetryPolicy
-from threaddispatch.cron import CronSchedule
-from threaddispatch.cron import parse as parse_cron
+from threaddispatch._validate import check_int, check_seconds, check_text, show
+from threaddispatch.backoff import Backoff, RetryPolicy
 from threaddispatch.errors import (
     Cancel,
     CancelledError,
@@ -100,326 +111,15 @@ __all__ = [
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
-Handler = Callable[["JobContext", Any], object]
 
 _log = logging.getLogger("threaddispatch.jobs")
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
-_CRON_LEASE = "cron-leader"
-
-
-def _cron_lease(name: str) -> str:
-    """The store lease whose holder fires the cron entry ``name``."""
-    return f"{_CRON_LEASE}:{name}"
 
 
 _MAX_ERROR_TEXT = 8000
 # .runtime: the runtime token (JobEngine._runtime) of the engine whose thread this is, while it runs
 # the engine's loops or work; stop() there must not wait for itself. Thread-local: no lock.
 _ENGINE_THREAD = threading.local()
-
-#: Extension hook names and the event each one listens to (an extension implements any subset).
-EXTENSION_HOOKS: Mapping[str, str] = {
-    "on_job_enqueued": "job_enqueued",  # (job)
-    "on_job_started": "job_started",  # (job)
-    "on_job_completed": "job_completed",  # (job, result)
-    "on_job_failed": "job_failed",  # (job, error) - the last attempt failed; a dead letter follows
-    "on_job_retrying": "job_retrying",  # (job, error, delay_seconds)
-    "on_job_dlq": "job_dlq",  # (job, dead_letter)
-    "on_job_cancelled": "job_cancelled",  # (job, error_or_None)
-    "on_cron_fired": "cron_fired",  # (cron_name, job_id) - this engine enqueued a cron entry's tick
-    "on_shutdown": "shutdown",  # ()
-}
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    return check_int(name, value, minimum)
-
-
-def _check_queue(value: object, what: str = "queue") -> str:
-    return check_text(what, value, strip=True)
-
-
-def _check_timeout(value: object) -> float | None:
-    if value is None:
-        return None
-    return check_seconds("timeout", value, allow_zero=False)
-
-
-def _check_priority(value: object) -> int:
-    # Symmetric, so negating a priority (claim order) never leaves the 64-bit range.
-    return check_int("priority", value, -INT64_MAX, INT64_MAX)
-
-
-def _check_max_retries(value: object) -> int:
-    # attempts reaches max_retries + 1, which must fit the 64-bit column too.
-    return check_int("max_retries", value, 0, INT64_MAX - 1)
-
-
-def _check_limit(limit: object, offset: object) -> None:
-    check_int("limit", limit, 0)
-    check_int("offset", offset, 0)
-
-
-def _check_optional_queue(value: object) -> None:
-    if value is not None:
-        check_text("queue", value, strip=True)
-
-
-def _check_state_filter(value: object) -> JobState | None:
-    """A ``state`` filter: None, a JobState or its value."""
-    if value is None or isinstance(value, JobState):
-        return value
-    try:
-        return JobState(value)
-    except ValueError:
-        known = ", ".join(state.value for state in JobState)
-        raise ConfigurationError(f"unknown job state {show(value)}; known: {known}") from None
-
-
-def _check_page(after: object, limit: object, position: object) -> tuple[str, float] | None:
-    """The arguments of a keyset page: ``after`` None or ``(id, epoch seconds)``, limit and position >= 0."""
-    check_int("limit", limit, 0)
-    check_int("position", position, 0)
-    if after is None:
-        return None
-    if not isinstance(after, tuple) or len(after) != 2:
-        raise ConfigurationError(f"after must be None or an (id, timestamp) tuple, got {show(after)}")
-    anchor_id, anchor_time = after
-    if isinstance(anchor_time, bool) or not isinstance(anchor_time, (int, float)) or not math.isfinite(anchor_time):
-        raise ConfigurationError(f"after timestamp must be finite epoch seconds, got {show(anchor_time)}")
-    return check_text("after id", anchor_id), float(anchor_time)
-
-
-@dataclass(frozen=True)
-class QueueConfig:
-    """Limits for one queue, per engine (per worker process).
-
-    ``max_concurrency``: at most that many of its jobs run at once (None: only the
-    engine's ``concurrency`` bounds it). ``rate_limit``: at most that many jobs start
-    per second, as a token bucket holding ``rate_burst`` tokens. A job held back by a
-    limit stays pending: it is not a failed attempt. Immutable.
-    """
-
-    name: str
-    max_concurrency: int | None = None
-    rate_limit: float | None = None
-    rate_burst: int = 1
-
-    def __post_init__(self) -> None:
-        _check_queue(self.name, "QueueConfig name")
-        if self.max_concurrency is not None:
-            _check_int("max_concurrency", self.max_concurrency, 1)
-        if self.rate_limit is not None:
-            TokenBucket(self.rate_limit, self.rate_burst)  # validates both
-        else:
-            _check_int("rate_burst", self.rate_burst, 1)
-
-
-@dataclass(frozen=True)
-class Config:
-    """The engine's tuning, with the defaults of the design; ``JobEngine(**vars)`` mirrors it.
-
-    Durations are float seconds. ``retention``: finished jobs older than that are
-    purged (None keeps them). ``max_payload_size``: bytes of JSON a payload may take.
-    Immutable; :meth:`validate` raises ConfigurationError naming a bad value.
-    """
-
-    concurrency: int = 10
-    queues: tuple[str, ...] = ("default",)
-    poll_interval: float = 1.0
-    max_poll_interval: float = 30.0
-    shutdown_timeout: float = 30.0
-    heartbeat_interval: float = 10.0
-    stale_job_threshold: float = 30.0
-    backoff: Backoff = field(default_factory=lambda: ExponentialJitter(initial=1.0, max=60.0))
-    queue_configs: tuple[QueueConfig, ...] = ()
-    retention: float | None = 7 * 86400.0
-    max_payload_size: int = 1 << 20
-    immediate: bool = False
-
-    @classmethod
-    def default(cls) -> Config:
-        """A Config with every default."""
-        return cls()
-
-    def validate(self) -> Config:
-        """Check every field; returns self. Raises ConfigurationError naming the first bad value."""
-        _check_int("concurrency", self.concurrency, 1)
-        if isinstance(self.queues, str) or not isinstance(self.queues, (tuple, list)) or not self.queues:
-            raise ConfigurationError(f"queues must be a non-empty list of queue names, got {self.queues!r}")
-        for queue in self.queues:
-            _check_queue(queue)
-        check_seconds("poll_interval", self.poll_interval, allow_zero=False)
-        check_seconds("max_poll_interval", self.max_poll_interval, allow_zero=False)
-        if self.max_poll_interval < self.poll_interval:
-            raise ConfigurationError(
-                f"max_poll_interval ({self.max_poll_interval!r}) must be >= poll_interval ({self.poll_interval!r})"
-            )
-        check_seconds("shutdown_timeout", self.shutdown_timeout)
-        check_seconds("heartbeat_interval", self.heartbeat_interval, allow_zero=False)
-        check_seconds("stale_job_threshold", self.stale_job_threshold, allow_zero=False)
-        if self.stale_job_threshold <= self.heartbeat_interval:
-            raise ConfigurationError(
-                f"stale_job_threshold ({self.stale_job_threshold!r}) must be > heartbeat_interval "
-                f"({self.heartbeat_interval!r}), or live jobs would be taken for dead ones"
-            )
-        if not callable(self.backoff):
-            raise ConfigurationError(f"backoff must be a callable attempt -> seconds, got {self.backoff!r}")
-        names = set()
-        for config in self.queue_configs:
-            if not isinstance(config, QueueConfig):
-                raise ConfigurationError(f"queue_configs must hold QueueConfig objects, got {config!r}")
-            if config.name in names:
-                raise ConfigurationError(f"queue_configs names queue {config.name!r} twice")
-            names.add(config.name)
-        if self.retention is not None:
-            check_seconds("retention", self.retention)
-        _check_int("max_payload_size", self.max_payload_size, 2)
-        if not isinstance(self.immediate, bool):
-            raise ConfigurationError(f"immediate must be True or False, got {self.immediate!r}")
-        return self
-
-
-@dataclass(frozen=True)
-class JobDefinition:
-    """A registered job: its handler ``fn(ctx, payload)`` and default options. Immutable."""
-
-    name: str
-    fn: Handler
-    max_retries: int = 3
-    timeout: float | None = 300.0
-    queue: str = "default"
-    priority: int = 0
-    backoff: Backoff | None = None
-
-
-class JobContext(CancelToken):
-    """What a handler gets besides its payload: the job, its attempt, and cancellation.
-
-    ``ctx.cancelled`` becomes True (a ``threading.Event`` behind :meth:`wait`) when the job times
-    out, is cancelled by an operator, is lost to another worker, or the engine hands it
-    back at stop. Long handlers should check it, or sleep with :meth:`wait`. Thread-safe.
-    """
-
-    __slots__ = ("_task", "_timed_out", "attempt", "deadline", "engine", "job", "logger", "started", "timeout")
-
-    def __init__(self, job: JobRecord, engine: JobEngine, logger: logging.Logger) -> None:
-        super().__init__()
-        self.job = job
-        self.engine = engine
-        self.attempt = job.attempts
-        self.timeout = job.timeout
-        self.logger = logger
-        self.deadline: float | None = None
-        self.started = time.monotonic()
-        # The loop and Task of the job's coroutine while one runs (set and cleared on the worker
-        # thread, read by _cancel on any thread: set before the flag is read, so no cancel is missed).
-        self._task: tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = None
-        self._timed_out = False  # immediate mode: the coroutine was cancelled at the deadline
-
-    @property
-    def id(self) -> str:
-        """The job's id."""
-        return self.job.id
-
-    @property
-    def name(self) -> str:
-        """The job's name."""
-        return self.job.name
-
-    @property
-    def queue(self) -> str:
-        """The job's queue."""
-        return self.job.queue
-
-    @property
-    def cancelled(self) -> bool:
-        """Whether the job should stop now (timed out, cancelled, lost, or handed back)."""
-        return self._cancelled
-
-    def _cancelled_message(self) -> str:
-        return f"job {self.job.id} was cancelled"
-
-    def _cancel(self) -> bool:
-        """Set ``cancelled``, wake :meth:`wait`, and cancel the job's coroutine if one runs (any thread)."""
-        first = super()._cancel()
-        running = self._task
-        if running is not None:
-            loop, task = running
-            with contextlib.suppress(RuntimeError):  # the loop closed: the coroutine ended meanwhile
-                loop.call_soon_threadsafe(task.cancel)
-        return first
-
-    async def _guard(self, awaitable: Awaitable[Any]) -> Any:
-        """Await the job's ``awaitable`` (its handler or async middleware) as a cancellable task.
-
-        A cancel (timeout on the heartbeat thread, operator cancel, lost claim, stop) cancels
-        it. In immediate mode nothing else watches the deadline: it cancels the task itself,
-        and the attempt fails with DispatchTimeoutError.
-        """
-        task = asyncio.current_task()
-        if task is None:  # not run as a Task (invoke always makes one): nothing to cancel
-            return await awaitable
-        loop = asyncio.get_running_loop()
-        self._task = (loop, task)
-        timer = None
-        try:
-            if self._cancelled:
-                if inspect.iscoroutine(awaitable):
-                    awaitable.close()
-                self.raise_if_cancelled()
-            if self.engine.config.immediate and self.deadline is not None:
-                timer = loop.call_at(loop.time() + max(0.0, self.deadline - time.monotonic()), self._time_out_task)
-            return await awaitable
-        except asyncio.CancelledError:
-            if self._timed_out:
-                raise self._timeout_error() from None
-            raise
-        finally:
-            self._task = None
-            if timer is not None:
-                timer.cancel()
-
-    def _time_out_task(self) -> None:
-        running = self._task
-        if running is not None:
-            self._timed_out = True
-            running[1].cancel()
-
-    def _timeout_error(self) -> DispatchTimeoutError:
-        return DispatchTimeoutError(f"job {self.job.name} {self.job.id} timed out after {self.timeout}s")
-
-    def _arm_deadline(self, deadline: float) -> None:
-        self.deadline = deadline
-        self.engine._deadline_armed(deadline)
-
-    def __repr__(self) -> str:
-        return f"<JobContext {self.job.name} {self.job.id} attempt={self.attempt}>"
-
-
-class _Hook:
-    """An extension hook as an event listener: sync or async (awaited on this thread's private loop).
-
-    A BaseException that is not an Exception (SystemExit, ...) becomes a RuntimeError, so
-    the emitter logs it like any failing listener and the thread goes on.
-    """
-
-    __slots__ = ("fn",)
-
-    def __init__(self, fn: Callable[..., object]) -> None:
-        self.fn = fn
-
-    def __call__(self, *args: Any) -> None:
-        outcome = call(self.fn, *args)
-        error = outcome.error
-        if error is None:
-            return
-        if isinstance(error, Exception):
-            raise error
-        raise RuntimeError(f"extension hook {show(self.fn)} raised {type(error).__name__}: {error}") from error
-
-    def __repr__(self) -> str:
-        return repr(self.fn)
 
 
 class _Slot:
@@ -450,24 +150,6 @@ def _error_text(error: BaseException) -> str:
     # NUL spelled out: PostgreSQL cannot store it in text, and an unstorable error would strand the job.
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__)).replace("\x00", "\\x00")
     return text if len(text) <= _MAX_ERROR_TEXT else "...\n" + text[-_MAX_ERROR_TEXT:]
-
-
-def _zoned_expression(expression: str, schedule: CronSchedule, tz: object) -> str:
-    """``expression`` as stored: prefixed ``CRON_TZ=<zone>`` when ``tz`` gives its zone, for every process.
-
-    ConfigurationError for a ``tz`` without an IANA name (a fixed-offset ``timezone``): another
-    process reading the entry could not know it.
-    """
-    if tz is None or schedule.interval is not None or expression.lstrip().upper().startswith(("CRON_TZ=", "TZ=")):
-        return expression
-    zone = schedule.tz
-    name = "UTC" if zone is timezone.utc else getattr(zone, "key", None)
-    if not isinstance(name, str):
-        raise ConfigurationError(
-            f"cron tz {tz!r} has no IANA name: give one (e.g. 'Europe/Berlin') or a zoneinfo.ZoneInfo, "
-            "so that every process sharing the store reads the entry in the same zone"
-        )
-    return f"CRON_TZ={name} {expression}"
 
 
 def _to_epoch(name: str, value: object) -> float:
@@ -521,42 +203,16 @@ class JobEngine:
         self,
         store: Store | None = None,
         *,
-        concurrency: int = 10,
-        queues: Sequence[str] = ("default",),
-        poll_interval: float = 1.0,
-        max_poll_interval: float = 30.0,
-        shutdown_timeout: float = 30.0,
-        heartbeat_interval: float = 10.0,
-        stale_job_threshold: float = 30.0,
-        backoff: Backoff | None = None,
-        queue_configs: Iterable[QueueConfig] = (),
-        retention: float | None = 7 * 86400.0,
-        max_payload_size: int = 1 << 20,
-        immediate: bool = False,
         middleware: Iterable[Middleware] = (),
         extensions: Iterable[object] = (),
         logger: logging.Logger | None = None,
+        **options: Any,
     ) -> None:
         if store is None:
             raise NoStoreError("JobEngine needs a store, e.g. JobEngine(SQLiteStore('jobs.db'))")
         if not isinstance(store, Store):
             raise ConfigurationError(f"store must be a threaddispatch.stores.Store, got {store!r}")
-        if isinstance(queues, str):
-            raise ConfigurationError(f"queues must be a list of queue names, not the str {queues!r}")
-        self.config = Config(
-            concurrency=concurrency,
-            queues=tuple(queues),
-            poll_interval=poll_interval,
-            max_poll_interval=max_poll_interval,
-            shutdown_timeout=shutdown_timeout,
-            heartbeat_interval=heartbeat_interval,
-            stale_job_threshold=stale_job_threshold,
-            backoff=backoff if backoff is not None else ExponentialJitter(initial=1.0, max=60.0),
-            queue_configs=tuple(queue_configs),
-            retention=retention,
-            max_payload_size=max_payload_size,
-            immediate=immediate,
-        ).validate()
+        self.config = Config.from_options(options)
         self.store = store
         self.logger = logger or _log
         middleware = list(middleware)
@@ -575,8 +231,16 @@ class JobEngine:
         for extension in extensions:
             self.add_extension(extension)
         self._definitions: dict[str, JobDefinition] = {}
-        self._crons: dict[str, tuple[CronSchedule, CronEntry]] = {}
-        self._cron_warned: set[str] = set()  # stored cron entries this engine said it cannot fire
+        self._cron = CronRunner(
+            store,
+            self.logger,
+            self.events,
+            definitions=self.definitions,
+            lookup=self._definition,
+            encode=self._encode,
+            build=self._cron_job,
+            enqueued=self._enqueued,
+        )
         self._init_runtime()
         _lifecycle.register(self)
 
@@ -595,18 +259,7 @@ class JobEngine:
             raise ConfigurationError(f"config must be a Config, got {config!r}")
         return cls(
             store,
-            concurrency=config.concurrency,
-            queues=config.queues,
-            poll_interval=config.poll_interval,
-            max_poll_interval=config.max_poll_interval,
-            shutdown_timeout=config.shutdown_timeout,
-            heartbeat_interval=config.heartbeat_interval,
-            stale_job_threshold=config.stale_job_threshold,
-            backoff=config.backoff,
-            queue_configs=config.queue_configs,
-            retention=config.retention,
-            max_payload_size=config.max_payload_size,
-            immediate=config.immediate,
+            **config.options(),
             middleware=middleware,
             extensions=extensions,
             logger=logger,
@@ -637,7 +290,6 @@ class JobEngine:
         self._threads_stop = False  # set by stop() once the heartbeat/cron threads may leave
         self._threads: list[threading.Thread] = []
         self._cron_thread: threading.Thread | None = None
-        self._cron_leased: set[str] = set()  # cron entries whose leader lease the cron loop took
         self._unsubscribe: Callable[[], None] | None = None  # the store's wake-ups (LISTEN/NOTIFY)
         self._pool: WorkerPool | None = None
         self._queues: tuple[str, ...] = self.config.queues
@@ -685,19 +337,8 @@ class JobEngine:
         ``timeout`` None means no timeout; ``backoff`` None uses the engine's. Registering
         a name again replaces it. Non-blocking.
         """
-        check_text("job name", name)
-        if not callable(fn):
-            raise ConfigurationError(f"job {name!r}: handler must be callable fn(ctx, payload), got {fn!r}")
-        if backoff is not None and not callable(backoff):
-            raise ConfigurationError(f"job {name!r}: backoff must be callable attempt -> seconds, got {backoff!r}")
-        definition = JobDefinition(
-            name,
-            fn,
-            max_retries=_check_max_retries(max_retries),
-            timeout=_check_timeout(timeout),
-            queue=_check_queue(queue),
-            priority=_check_priority(priority),
-            backoff=backoff,
+        definition = define(
+            name, fn, max_retries=max_retries, timeout=timeout, queue=queue, priority=priority, backoff=backoff
         )
         with self._lock:
             self._definitions[name] = definition
@@ -737,7 +378,7 @@ class JobEngine:
             if method is not None:
                 if not callable(method):
                     raise ConfigurationError(f"extension {extension!r}: {hook} must be callable")
-                self.events.on(event, _Hook(method))
+                self.events.on(event, ExtensionHook(method))
                 found = True
         if not found:
             raise ConfigurationError(f"extension {extension!r} has none of the hooks {', '.join(EXTENSION_HOOKS)}")
@@ -807,11 +448,11 @@ class JobEngine:
         now: float,
     ) -> float:
         if queue is not None:
-            _check_queue(queue)
+            check_queue(queue)
         if priority is not None:
-            _check_priority(priority)
+            check_priority(priority)
         if max_retries is not None:
-            _check_max_retries(max_retries)
+            check_max_retries(max_retries)
         if unique_key is not None:
             check_text("unique_key", unique_key)
         if run_at is not None and delay is not None:
@@ -942,12 +583,7 @@ class JobEngine:
         InvalidStateError while the engine's workers run (they claim the same jobs).
         Blocks for the jobs' handlers and a few store calls per attempt.
         """
-        if queues is not None:
-            if isinstance(queues, str) or not queues:
-                raise ConfigurationError(f"queues must be a non-empty list of queue names, got {queues!r}")
-            for queue in queues:
-                _check_queue(queue)
-        names = tuple(dict.fromkeys(queues)) if queues is not None else self.config.queues
+        names = check_queues(queues) or self.config.queues
         if self._state in ("running", "stopping"):
             raise InvalidStateError("run_pending() runs jobs without workers; this JobEngine's workers are running")
         ran = 0
@@ -974,7 +610,7 @@ class JobEngine:
     def _run_claimed(self, job: JobRecord) -> JobRecord:
         """Run one claimed job on this thread and record its outcome; returns its record as this engine left it."""
         with self._lock:
-            slot = _Slot(job, JobContext(job, self, self.logger), self._definitions.get(job.name))
+            slot = _Slot(job, self._context(job), self._definitions.get(job.name))
             previous = self._inflight.get(job.id)
             if previous is not None:
                 self._orphans.add(previous)
@@ -997,13 +633,9 @@ class JobEngine:
         Non-blocking (starts threads). Raises InvalidStateError if already running or
         stopping, or during interpreter exit. An engine can be started again after stop().
         """
-        if queues is not None:
-            if isinstance(queues, str) or not queues:
-                raise ConfigurationError(f"queues must be a non-empty list of queue names, got {queues!r}")
-            for queue in queues:
-                _check_queue(queue)
+        served = check_queues(queues)
         if concurrency is not None:
-            _check_int("concurrency", concurrency, 1)
+            check_int("concurrency", concurrency, 1)
         if self.config.immediate:
             raise InvalidStateError(
                 "an immediate JobEngine runs work in enqueue() and run_pending(), on the caller's thread: "
@@ -1016,7 +648,7 @@ class JobEngine:
                 raise InvalidStateError(f"JobEngine is already {self._state}")
             self._state = "running"
             self._stop_event = threading.Event()
-            self._queues = tuple(dict.fromkeys(queues)) if queues is not None else self.config.queues
+            self._queues = served or self.config.queues
             self._concurrency = concurrency if concurrency is not None else self.config.concurrency
             self._limits = {c.name: c for c in self.config.queue_configs if c.name in self._queues}
             self._buckets = {
@@ -1139,16 +771,7 @@ class JobEngine:
                 thread.join(max(0.0, deadline - time.monotonic()))
         if pool is not None:
             pool.shutdown(max(0.0, deadline - time.monotonic()))
-        with self._lock:
-            cron_names = sorted({*self._crons, *self._cron_leased})
-            self._cron_leased.clear()
-        try:
-            for index, cron_name in enumerate(cron_names):
-                if index and time.monotonic() >= deadline:
-                    break  # out of time: the rest expire after their ttl
-                self.store.release_lease(_cron_lease(cron_name), holder=self.worker_id)
-        except StoreError:
-            self.logger.warning("could not release the cron leases at stop", exc_info=True)
+        self._cron.release_leases(self.worker_id, deadline)
         with self._lock:
             self._state = "stopped"
             self._idle.notify_all()
@@ -1375,7 +998,7 @@ class JobEngine:
             stopping = self._state != "running"
             if not stopping:
                 for job in jobs:
-                    slot = _Slot(job, JobContext(job, self, self.logger), self._definitions.get(job.name))
+                    slot = _Slot(job, self._context(job), self._definitions.get(job.name))
                     previous = self._inflight.get(job.id)
                     if previous is not None:
                         self._orphans.add(previous)  # its handler still runs; the new claim takes its key
@@ -1687,6 +1310,9 @@ class JobEngine:
 
     # -- heartbeat, timeouts, reaping -------------------------------------------------------------------
 
+    def _context(self, job: JobRecord) -> JobContext:
+        return JobContext(job, self, self.logger, immediate=self.config.immediate, on_deadline=self._deadline_armed)
+
     def _deadline_armed(self, deadline: float) -> None:
         with self._lock:
             self._maint.notify()
@@ -1802,27 +1428,8 @@ class JobEngine:
         tick; missed ticks (all engines down) are not caught up, only the latest fires.
         Blocks for one store write.
         """
-        schedule = parse_cron(expression, tz=tz)
-        stored_expression = _zoned_expression(expression, schedule, tz)
-        definition = self._definition(job_name)
-        entry_name = name if name is not None else f"{job_name}@{expression}"
-        check_text("cron name", entry_name)
-        _check_optional_queue(queue)
-        if priority is not None:
-            _check_priority(priority)
-        now = time.time()
-        entry = CronEntry(
-            name=entry_name,
-            expression=stored_expression,
-            job_name=job_name,
-            payload=self._encode(f"payload of cron {entry_name!r}", payload),
-            queue=definition.queue if queue is None else queue,
-            priority=definition.priority if priority is None else priority,
-            last_tick=schedule.last_at(now),
-        )
-        stored = self.store.upsert_cron(entry, now=now)
+        stored = self._cron.declare(expression, job_name, payload, queue=queue, priority=priority, name=name, tz=tz)
         with self._lock:
-            self._crons[entry_name] = (schedule, stored)
             start = self._state == "running" and self._cron_thread is None
         if start:
             self._ensure_cron_thread()
@@ -1843,8 +1450,7 @@ class JobEngine:
     def remove_cron(self, name: str) -> bool:
         """Delete a cron entry from the store and from this engine; returns whether the store had it."""
         check_text("cron name", name)
-        with self._lock:
-            self._crons.pop(name, None)
+        self._cron.forget(name)
         return self.store.delete_cron(name)
 
     def disable_cron(self, name: str) -> CronEntry:
@@ -1873,88 +1479,11 @@ class JobEngine:
 
     def _cron_loop(self) -> None:
         _ENGINE_THREAD.runtime = self._runtime
-        ttl = max(self.config.stale_job_threshold, 0.1)
-        stop = self._stop_event
-        fired_up_to: dict[str, float] = {}
-        schedules: dict[str, CronSchedule | None] = {}  # stored expression -> its schedule (None: invalid)
-        while not stop.is_set():
-            wait = ttl / 3
-            plan, schedules = self._cron_plan(schedules)
-            now = time.time()
-            for name, schedule, entry in plan:
-                # One lease per entry: whichever engine holds it fires the entry, so an entry
-                # fires as long as some engine that registered its job runs.
-                try:
-                    leader = self.store.acquire_lease(_cron_lease(name), holder=self.worker_id, ttl=ttl, now=now)
-                except StoreError:
-                    self.logger.warning("cron %r: could not take the leader lease", name, exc_info=True)
-                    leader = False
-                if leader:
-                    with self._lock:
-                        self._cron_leased.add(name)
-                    tick = schedule.last_at(now)
-                    stored_tick = -math.inf if entry.last_tick is None else entry.last_tick
-                    if tick > max(fired_up_to.get(name, -math.inf), stored_tick):
-                        self._fire(entry, tick, now)
-                        fired_up_to[name] = tick
-                    wait = min(wait, schedule.next_after(now) - time.time())
-            stop.wait(max(wait, 0.001))
+        self._cron.run(self.worker_id, self._stop_event, max(self.config.stale_job_threshold, 0.1))
 
-    def _cron_plan(
-        self, schedules: dict[str, CronSchedule | None]
-    ) -> tuple[list[tuple[str, CronSchedule, CronEntry]], dict[str, CronSchedule | None]]:
-        """The enabled stored cron entries this engine can fire, with their schedules; one store read.
-
-        ``schedules`` caches parsed stored expressions between turns (the returned dict
-        replaces it). When the store cannot be read, this engine's own declarations stand in.
-        """
-        with self._lock:
-            declared = dict(self._crons)
-            registered = set(self._definitions)
-        try:
-            stored = self.store.list_crons()
-        except StoreError:
-            self.logger.warning("could not list the stored cron entries; firing this engine's own", exc_info=True)
-            return [(name, schedule, entry) for name, (schedule, entry) in declared.items()], schedules
-        plan = []
-        used: dict[str, CronSchedule | None] = {}
-        for entry in stored:
-            if not entry.enabled:
-                continue
-            if entry.job_name not in registered:
-                self._cannot_fire(entry, f"its job {entry.job_name!r} is not registered here")
-                continue
-            local = declared.get(entry.name)
-            if local is not None and local[1].expression == entry.expression:
-                schedule: CronSchedule | None = local[0]
-            elif entry.expression in schedules:
-                schedule = schedules[entry.expression]
-            else:
-                try:
-                    schedule = parse_cron(entry.expression)
-                except ConfigurationError as error:
-                    self._cannot_fire(entry, str(error))
-                    schedule = None
-            used[entry.expression] = schedule
-            if schedule is not None:
-                plan.append((entry.name, schedule, entry))
-        return plan, used
-
-    def _cannot_fire(self, entry: CronEntry, reason: str) -> None:
-        """Warn, once per engine and entry name, that a stored cron entry does not fire here."""
-        with self._lock:
-            if entry.name in self._cron_warned:
-                return
-            self._cron_warned.add(entry.name)
-        self.logger.warning(
-            "cron %r is stored but cannot fire in this engine (%s); engines that can fire it do", entry.name, reason
-        )
-
-    def _fire(self, entry: CronEntry, tick: float, now: float) -> None:
-        definition = self._definitions.get(entry.job_name)
-        if definition is None:
-            return
-        job = self._build(
+    def _cron_job(self, entry: CronEntry, definition: JobDefinition, tick: float, now: float) -> JobRecord:
+        """The job of ``entry``'s ``tick``: unique per tick, so a tick fired twice stores one job."""
+        return self._build(
             entry.job_name,
             entry.payload,
             definition,
@@ -1965,15 +1494,6 @@ class JobEngine:
             unique_key=f"cron:{entry.name}:{tick!r}",
             now=now,
         )
-        try:
-            fired = self.store.fire_cron(entry.name, tick=tick, job=job)
-        except (StoreError, JobNotFoundError):
-            self.logger.warning("cron %r: firing tick %r failed", entry.name, tick, exc_info=True)
-            return
-        if fired:
-            self._enqueued((job,))
-            if self.events.has_listeners("cron_fired"):
-                self.events.emit("cron_fired", entry.name, job.id)
 
     # -- results and management ---------------------------------------------------------------------------
 
@@ -2032,20 +1552,14 @@ class JobEngine:
         self, state: JobState | str | None = None, queue: str | None = None, limit: int = 50, offset: int = 0
     ) -> list[JobRecord]:
         """Jobs, newest first, filtered by ``state`` and ``queue``. One store read."""
-        _check_limit(limit, offset)
-        _check_optional_queue(queue)
-        if state is not None:
-            try:
-                state = JobState(state)
-            except ValueError:
-                raise ConfigurationError(
-                    f"unknown job state {state!r}; known: {', '.join(s.value for s in JobState)}"
-                ) from None
-        return self.store.list_jobs(state=state, queue=queue, limit=limit, offset=offset)
+        check_limit(limit, offset)
+        check_optional_queue(queue)
+        checked = check_state_filter(state)
+        return self.store.list_jobs(state=checked, queue=queue, limit=limit, offset=offset)
 
     def counts(self, queue: str | None = None) -> dict[str, int]:
         """``{state: count}`` for every state (0 included), for one queue or all. One store read."""
-        _check_optional_queue(queue)
+        check_optional_queue(queue)
         return {state.value: count for state, count in self.store.counts(queue=queue).items()}
 
     def cancel(self, job_id: str, *, running: bool = True) -> None:
@@ -2102,13 +1616,13 @@ class JobEngine:
 
     def dlq(self, limit: int = 50, offset: int = 0, queue: str | None = None) -> list[DeadLetter]:
         """Dead letters, newest first. One store read."""
-        _check_limit(limit, offset)
-        _check_optional_queue(queue)
+        check_limit(limit, offset)
+        check_optional_queue(queue)
         return self.store.list_dead_letters(queue=queue, limit=limit, offset=offset)
 
     def dlq_count(self, queue: str | None = None) -> int:
         """How many dead letters there are, in ``queue`` or in all queues. One store read."""
-        _check_optional_queue(queue)
+        check_optional_queue(queue)
         return self.store.count_dead_letters(queue=queue)
 
     def replay(self, dead_letter_id: str) -> str:
@@ -2152,8 +1666,8 @@ class JobEngine:
         letters and one write per replay.
         """
         if limit is not None:
-            _check_int("limit", limit, 0)
-        _check_optional_queue(queue)
+            check_int("limit", limit, 0)
+        check_optional_queue(queue)
         letters: list[DeadLetter] = []
         while limit is None or len(letters) < limit:
             page = self.store.list_dead_letters(queue=queue, limit=500, offset=len(letters))
@@ -2179,14 +1693,14 @@ class JobEngine:
 
         Takes effect here at once, elsewhere within their ``poll_interval``.
         """
-        _check_queue(queue)
+        check_queue(queue)
         self.store.set_queue_paused(queue, True, now=time.time())
         with self._lock:
             self._paused.add(queue)
 
     def resume_queue(self, queue: str) -> None:
         """Claim jobs of ``queue`` again (see :meth:`pause_queue`)."""
-        _check_queue(queue)
+        check_queue(queue)
         self.store.set_queue_paused(queue, False, now=time.time())
         with self._lock:
             self._paused.discard(queue)
@@ -2214,17 +1728,17 @@ class JobEngine:
         when jobs arrive or leave while paging (see :meth:`Store.list_jobs_after`). Raises
         ConfigurationError for a bad argument. Blocks for one or a few store reads.
         """
-        anchor = _check_page(after, limit, position)
-        _check_optional_queue(queue)
-        checked = _check_state_filter(state)
+        anchor = check_page(after, limit, position)
+        check_optional_queue(queue)
+        checked = check_state_filter(state)
         return self.store.list_jobs_after(anchor, state=checked, queue=queue, limit=limit, position=position)
 
     def list_dead_letters_after(
         self, after: tuple[str, float] | None, *, queue: str | None = None, limit: int = 50, position: int = 0
     ) -> list[DeadLetter]:
         """Keyset page of :meth:`dlq` after ``after = (dead letter id, failed_at)``; as :meth:`list_jobs_after`."""
-        anchor = _check_page(after, limit, position)
-        _check_optional_queue(queue)
+        anchor = check_page(after, limit, position)
+        check_optional_queue(queue)
         return self.store.list_dead_letters_after(anchor, queue=queue, limit=limit, position=position)
 
     def get_dead_letter(self, dead_letter_id: str) -> DeadLetter:

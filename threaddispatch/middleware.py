@@ -26,14 +26,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from threaddispatch._invoke import invoke
+from threaddispatch._job_context import JobContext
 from threaddispatch._validate import show
 from threaddispatch.errors import Cancel, ConfigurationError, Retry
-
-if TYPE_CHECKING:
-    from threaddispatch.jobs import JobContext
 
 __all__ = [
     "HandlerCall",

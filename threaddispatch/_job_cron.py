@@ -1,0 +1,236 @@
+"""The JobEngine's cron runner: declares cron entries and fires the stored ones under leader leases.
+
+One :class:`CronRunner` per engine holds the entries this engine declared; while the engine
+runs, its ``threaddispatch-jobs-cron`` thread calls :meth:`CronRunner.run`, which lists the
+store's entries at every turn and fires each entry whose job this engine registered while it
+holds that entry's lease, so each tick fires once across every process. Cron expressions
+themselves are :mod:`threaddispatch.cron`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timezone
+from typing import Any
+
+from threaddispatch._job_config import JobDefinition, check_optional_queue, check_priority
+from threaddispatch._validate import check_text
+from threaddispatch.cron import CronSchedule
+from threaddispatch.cron import parse as parse_cron
+from threaddispatch.errors import ConfigurationError, JobNotFoundError, StoreError
+from threaddispatch.events import EventEmitter
+from threaddispatch.stores.base import CronEntry, JobRecord, Store
+
+__all__ = ["CronRunner", "cron_lease"]
+
+_CRON_LEASE = "cron-leader"
+
+#: Builds the job of a cron tick: (entry, its job's definition, tick, now) -> the record to store.
+BuildTick = Callable[[CronEntry, JobDefinition, float, float], JobRecord]
+
+
+def cron_lease(name: str) -> str:
+    """The store lease whose holder fires the cron entry ``name``."""
+    return f"{_CRON_LEASE}:{name}"
+
+
+def zoned_expression(expression: str, schedule: CronSchedule, tz: object) -> str:
+    """``expression`` as stored: prefixed ``CRON_TZ=<zone>`` when ``tz`` gives its zone, for every process.
+
+    ConfigurationError for a ``tz`` without an IANA name (a fixed-offset ``timezone``): another
+    process reading the entry could not know it.
+    """
+    if tz is None or schedule.interval is not None or expression.lstrip().upper().startswith(("CRON_TZ=", "TZ=")):
+        return expression
+    zone = schedule.tz
+    name = "UTC" if zone is timezone.utc else getattr(zone, "key", None)
+    if not isinstance(name, str):
+        raise ConfigurationError(
+            f"cron tz {tz!r} has no IANA name: give one (e.g. 'Europe/Berlin') or a zoneinfo.ZoneInfo, "
+            "so that every process sharing the store reads the entry in the same zone"
+        )
+    return f"CRON_TZ={name} {expression}"
+
+
+class CronRunner:
+    """An engine's cron entries: what it declared, and the loop that fires the stored ones.
+
+    ``definitions`` returns the engine's registered jobs and ``lookup`` one of them (ConfigurationError
+    for an unknown name); ``encode`` makes a payload's JSON text (PayloadError); ``build`` makes a
+    tick's job record; ``enqueued`` tells the engine a tick's job was stored. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        logger: logging.Logger,
+        events: EventEmitter,
+        *,
+        definitions: Callable[[], Mapping[str, JobDefinition]],
+        lookup: Callable[[str], JobDefinition],
+        encode: Callable[[str, object], str],
+        build: BuildTick,
+        enqueued: Callable[[Sequence[JobRecord]], None],
+    ) -> None:
+        self._store = store
+        self._logger = logger
+        self._events = events
+        self._definitions = definitions
+        self._lookup = lookup
+        self._encode = encode
+        self._build = build
+        self._enqueued = enqueued
+        # _lock guards the three fields below; no store call or user code runs with it held.
+        self._lock = threading.Lock()
+        self._declared: dict[str, tuple[CronSchedule, CronEntry]] = {}
+        self._warned: set[str] = set()  # stored entries this engine said it cannot fire
+        self._leased: set[str] = set()  # entries whose leader lease a run took
+
+    def declare(
+        self,
+        expression: str,
+        job_name: str,
+        payload: object,
+        *,
+        queue: str | None,
+        priority: int | None,
+        name: str | None,
+        tz: Any,
+    ) -> CronEntry:
+        """Check and store the entry of :meth:`JobEngine.cron <threaddispatch.JobEngine.cron>`; returns it as stored."""
+        schedule = parse_cron(expression, tz=tz)
+        stored_expression = zoned_expression(expression, schedule, tz)
+        definition = self._lookup(job_name)
+        entry_name = name if name is not None else f"{job_name}@{expression}"
+        check_text("cron name", entry_name)
+        check_optional_queue(queue)
+        if priority is not None:
+            check_priority(priority)
+        now = time.time()
+        entry = CronEntry(
+            name=entry_name,
+            expression=stored_expression,
+            job_name=job_name,
+            payload=self._encode(f"payload of cron {entry_name!r}", payload),
+            queue=definition.queue if queue is None else queue,
+            priority=definition.priority if priority is None else priority,
+            last_tick=schedule.last_at(now),
+        )
+        stored = self._store.upsert_cron(entry, now=now)
+        with self._lock:
+            self._declared[entry_name] = (schedule, stored)
+        return stored
+
+    def forget(self, name: str) -> None:
+        """Drop ``name`` from this engine's declarations (the store entry is the caller's)."""
+        with self._lock:
+            self._declared.pop(name, None)
+
+    def run(self, worker_id: str, stop: threading.Event, ttl: float) -> None:
+        """Fire due ticks as ``worker_id`` until ``stop`` is set (the cron thread's loop)."""
+        fired_up_to: dict[str, float] = {}
+        schedules: dict[str, CronSchedule | None] = {}  # stored expression -> its schedule (None: invalid)
+        while not stop.is_set():
+            wait = ttl / 3
+            plan, schedules = self._plan(schedules)
+            now = time.time()
+            for name, schedule, entry in plan:
+                # One lease per entry: whichever engine holds it fires the entry, so an entry
+                # fires as long as some engine that registered its job runs.
+                try:
+                    leader = self._store.acquire_lease(cron_lease(name), holder=worker_id, ttl=ttl, now=now)
+                except StoreError:
+                    self._logger.warning("cron %r: could not take the leader lease", name, exc_info=True)
+                    leader = False
+                if leader:
+                    with self._lock:
+                        self._leased.add(name)
+                    tick = schedule.last_at(now)
+                    stored_tick = -math.inf if entry.last_tick is None else entry.last_tick
+                    if tick > max(fired_up_to.get(name, -math.inf), stored_tick):
+                        self._fire(entry, tick, now)
+                        fired_up_to[name] = tick
+                    wait = min(wait, schedule.next_after(now) - time.time())
+            stop.wait(max(wait, 0.001))
+
+    def release_leases(self, worker_id: str, deadline: float) -> None:
+        """Give back every lease ``worker_id`` may hold, until ``deadline`` (the rest expire after their ttl)."""
+        with self._lock:
+            names = sorted({*self._declared, *self._leased})
+            self._leased.clear()
+        try:
+            for index, name in enumerate(names):
+                if index and time.monotonic() >= deadline:
+                    break
+                self._store.release_lease(cron_lease(name), holder=worker_id)
+        except StoreError:
+            self._logger.warning("could not release the cron leases at stop", exc_info=True)
+
+    def _plan(
+        self, schedules: dict[str, CronSchedule | None]
+    ) -> tuple[list[tuple[str, CronSchedule, CronEntry]], dict[str, CronSchedule | None]]:
+        """The enabled stored cron entries this engine can fire, with their schedules; one store read.
+
+        ``schedules`` caches parsed stored expressions between turns (the returned dict
+        replaces it). When the store cannot be read, this engine's own declarations stand in.
+        """
+        with self._lock:
+            declared = dict(self._declared)
+        registered = self._definitions()
+        try:
+            stored = self._store.list_crons()
+        except StoreError:
+            self._logger.warning("could not list the stored cron entries; firing this engine's own", exc_info=True)
+            return [(name, schedule, entry) for name, (schedule, entry) in declared.items()], schedules
+        plan = []
+        used: dict[str, CronSchedule | None] = {}
+        for entry in stored:
+            if not entry.enabled:
+                continue
+            if entry.job_name not in registered:
+                self._cannot_fire(entry, f"its job {entry.job_name!r} is not registered here")
+                continue
+            local = declared.get(entry.name)
+            if local is not None and local[1].expression == entry.expression:
+                schedule: CronSchedule | None = local[0]
+            elif entry.expression in schedules:
+                schedule = schedules[entry.expression]
+            else:
+                try:
+                    schedule = parse_cron(entry.expression)
+                except ConfigurationError as error:
+                    self._cannot_fire(entry, str(error))
+                    schedule = None
+            used[entry.expression] = schedule
+            if schedule is not None:
+                plan.append((entry.name, schedule, entry))
+        return plan, used
+
+    def _cannot_fire(self, entry: CronEntry, reason: str) -> None:
+        """Warn, once per engine and entry name, that a stored cron entry does not fire here."""
+        with self._lock:
+            if entry.name in self._warned:
+                return
+            self._warned.add(entry.name)
+        self._logger.warning(
+            "cron %r is stored but cannot fire in this engine (%s); engines that can fire it do", entry.name, reason
+        )
+
+    def _fire(self, entry: CronEntry, tick: float, now: float) -> None:
+        definition = self._definitions().get(entry.job_name)
+        if definition is None:
+            return
+        job = self._build(entry, definition, tick, now)
+        try:
+            fired = self._store.fire_cron(entry.name, tick=tick, job=job)
+        except (StoreError, JobNotFoundError):
+            self._logger.warning("cron %r: firing tick %r failed", entry.name, tick, exc_info=True)
+            return
+        if fired:
+            self._enqueued((job,))
+            if self._events.has_listeners("cron_fired"):
+                self._events.emit("cron_fired", entry.name, job.id)
