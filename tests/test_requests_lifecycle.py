@@ -335,3 +335,17 @@ def test_close_releases_retries_itself_when_no_timer_may_start(monkeypatch: pyte
     assert rd.close(5) is True
     assert handle.future.result(0) == "retried"
     assert attempts[1] - attempts[0] >= 0.05 - 0.01
+
+
+def test_a_collection_inside_a_locked_section_still_ends_the_close() -> None:
+    """The finalizer, run on a thread holding the dispatcher's lock, neither waits for it nor leaves the close undone.
+
+    Before, it waited 0.1 s for the lock, gave up, and an idle dispatcher then never finished closing.
+    """
+    rd: RequestDispatcher[str, str] = RequestDispatcher(lambda request, token: request, name="locked-gc")
+    assert rd.add("x", queue_key="k").future.result(5) == "x"
+    core = rd._core
+    with core.lock:  # as if the collector ran inside a locked section of this thread
+        rd._finalizer()  # type: ignore[misc]
+    wait_for(lambda: core.done, timeout=10, message="the close finished")
+    assert rd.close(5) is True

@@ -12,15 +12,15 @@ meaning across a restart.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from threaddispatch._validate import check_seconds, show
 from threaddispatch.errors import ConfigurationError
 
-__all__ = ["CachedResponse", "MemoryResponseCache", "RequestCache", "ResponseCache", "check_cache_seconds"]
+__all__ = ["CachedResponse", "MemoryResponseCache", "RequestCache", "ResponseCache"]
 
 _log = logging.getLogger("threaddispatch.requests")
 
@@ -106,13 +106,6 @@ class MemoryResponseCache:
             return len(self._entries)
 
 
-def check_cache_seconds(name: str, value: object) -> float:
-    """``value`` as seconds >= 0 (finite), or ConfigurationError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-        raise ConfigurationError(f"{name} must be a number of seconds >= 0, got {value!r}")
-    return float(value)
-
-
 class RequestCache:
     """A store bound to the key function and the defaults; the dispatcher's one entry to its cache. Thread-safe."""
 
@@ -128,29 +121,29 @@ class RequestCache:
         name: str,
     ) -> None:
         if not isinstance(store, ResponseCache):
-            raise ConfigurationError(f"cache must implement ResponseCache (or be None), got {store!r}")
+            raise ConfigurationError(f"cache must implement ResponseCache (or be None), got {show(store)}")
         if not callable(key_fn):
-            raise ConfigurationError(f"cache_key must be callable or None, got {key_fn!r}")
+            raise ConfigurationError(f"cache_key must be callable or None, got {show(key_fn)}")
         self.store = store
         self.key_fn = key_fn
-        self.cache_time = check_cache_seconds("cache_time", cache_time)
-        self.stale_time = check_cache_seconds("stale_time", stale_time)
+        self.cache_time = check_seconds("cache_time", cache_time)
+        self.stale_time = check_seconds("stale_time", stale_time)
         self.name = name
 
     def plan(
         self, request: object, cache_key: str | None, cache_time: float | None, stale_time: float | None
     ) -> tuple[str, float, float] | None:
         """``(key, cache_time, stale_time)`` for a request that uses the cache, else None. Calls the key function."""
-        fresh = self.cache_time if cache_time is None else check_cache_seconds("cache_time", cache_time)
-        stale = self.stale_time if stale_time is None else check_cache_seconds("stale_time", stale_time)
+        fresh = self.cache_time if cache_time is None else check_seconds("cache_time", cache_time)
+        stale = self.stale_time if stale_time is None else check_seconds("stale_time", stale_time)
         if cache_key is not None and not isinstance(cache_key, str):
-            raise ConfigurationError(f"cache_key must be a str, got {cache_key!r}")
+            raise ConfigurationError(f"cache_key must be a str, got {show(cache_key)}")
         if not (fresh or stale):
             return None
         if cache_key is None:
             cache_key = self.key_fn(request)
             if not isinstance(cache_key, str):
-                raise ConfigurationError(f"the cache_key function returned {cache_key!r}; it must return a str")
+                raise ConfigurationError(f"the cache_key function returned {show(cache_key)}; it must return a str")
         return cache_key, fresh, stale
 
     def lookup(self, key: str, now: float) -> CachedResponse | None:

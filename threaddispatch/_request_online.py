@@ -11,10 +11,10 @@ until the probe (or ``set_online(True)``) brings it back.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 
 from threaddispatch import _invoke
+from threaddispatch._validate import check_seconds, show
 from threaddispatch.errors import ConfigurationError
 
 __all__ = ["Connectivity", "check_offline_on"]
@@ -27,7 +27,7 @@ def check_offline_on(offline_on: object) -> tuple[type[BaseException], ...]:
     if not isinstance(offline_on, tuple) or not all(
         isinstance(kind, type) and issubclass(kind, BaseException) for kind in offline_on
     ):
-        raise ConfigurationError(f"offline_on must be a tuple of exception classes, got {offline_on!r}")
+        raise ConfigurationError(f"offline_on must be a tuple of exception classes, got {show(offline_on)}")
     return offline_on
 
 
@@ -38,11 +38,9 @@ class Connectivity:
 
     def __init__(self, is_online: Callable[[], object], interval: float, name: str) -> None:
         if not callable(is_online):
-            raise ConfigurationError(f"is_online must be callable or None, got {is_online!r}")
-        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 < interval < math.inf:
-            raise ConfigurationError(f"online_check_interval must be a number of seconds > 0, got {interval!r}")
+            raise ConfigurationError(f"is_online must be callable or None, got {show(is_online)}")
         self.is_online = is_online
-        self.interval = float(interval)
+        self.interval = check_seconds("online_check_interval", interval, allow_zero=False)
         self.name = name
 
     def probe(self) -> bool | None:

@@ -1,0 +1,584 @@
+"""RequestDispatcher's core: the threads and the user code around the scheduler.
+
+:class:`Core` is a :class:`~threaddispatch._request_scheduler.Scheduler` (the state and
+every decision, under the lock) plus what may not happen under the lock: it takes the
+lock, lets the scheduler decide into an :class:`~threaddispatch._request_records.Outbox`,
+releases it and carries the outbox out (:meth:`Core._dispatch`): hands attempts to the
+shared :class:`~threaddispatch._pool.WorkerPool`, emits events, settles Futures, writes
+the storage and the cache. It runs the attempts on the worker threads, the retry timer
+(and connectivity probe) thread, and the close, the exit drain and the fork reset.
+Worker and timer threads hold the core, never the public dispatcher, so an unreferenced
+dispatcher can be collected.
+
+The one thing due by time, a retry after ``retry_time``, is handled by one lazily
+started daemon timer thread (``threaddispatch-<name>-timer``) that waits on the retry
+:class:`~threaddispatch._timers.DelayQueue` and leaves when it is empty. With an
+``is_online`` probe the same thread also polls it and stays until close.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import InvalidStateError as FutureStateError
+from types import CoroutineType
+from typing import Any, Generic, TypeVar, cast
+
+from threaddispatch import _invoke, _lifecycle
+from threaddispatch._future import LazyFuture
+from threaddispatch._pool import WorkerPool
+from threaddispatch._request_cache import CachedResponse, RequestCache
+from threaddispatch._request_events import RequestEvents
+from threaddispatch._request_online import Connectivity
+from threaddispatch._request_persist import StorageLink
+from threaddispatch._request_records import (
+    QUEUE_STOPPED,
+    RUNNING,
+    STARTED,
+    STOPPED,
+    WAITING,
+    Outbox,
+    PendingRequest,
+    RequestHandle,
+)
+from threaddispatch._request_scheduler import Scheduler
+from threaddispatch._request_token import CancellationToken, watched
+from threaddispatch._request_types import QueuedRequest, QueueSnapshot, QueueStatus, RequestEvent
+from threaddispatch.backoff import Constant, RetryPolicy
+from threaddispatch.errors import DispatcherClosedError
+
+__all__ = ["Core"]
+
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
+
+_log = logging.getLogger("threaddispatch.requests")
+_local = threading.local()  # .core: the core whose send runs on this thread; .launches: see _launch_guarded
+_MAX_POLICIES = 64  # retry policies kept, one per distinct retry_time (more are built per failure)
+
+
+class Core(Scheduler, Generic[RequestT, ResponseT]):
+    """The scheduler plus its threads and user code. Thread-safe; user code runs with no lock held."""
+
+    def __init__(
+        self,
+        send: Callable[[RequestT, CancellationToken], ResponseT],
+        *,
+        max_workers: int,
+        name: str,
+        dedupe_key: Callable[[RequestT], str],
+        retry_on_error: Callable[[Exception], bool] | None,
+        events: RequestEvents,
+        cache: RequestCache,
+        storage: StorageLink | None = None,
+        connectivity: Connectivity | None = None,
+        offline_on: tuple[type[BaseException], ...] = (),
+    ) -> None:
+        self.send = send
+        self.name = name
+        self.dedupe_key_fn = dedupe_key
+        self.retry_on_error = retry_on_error
+        self.events = events
+        self.watched = events.watched
+        self.cache = cache
+        self.cache_by_default = bool(cache.cache_time or cache.stale_time)
+        self.wall_clock: Callable[[], float] = time.time  # cache entry times; tests may replace it
+        self.storage = storage
+        self.persistent = storage is not None and storage.persistent
+        self.connectivity = connectivity
+        self.offline_on = offline_on
+        # RetryPolicy per retry_time (the attempt limit is passed per request). Written without
+        # the lock from worker threads: a lost or repeated insert only builds a policy again.
+        self.policies: dict[float, RetryPolicy] = {}
+        self.pool = WorkerPool(max_workers, name=name)
+        self.id_prefix = secrets.token_hex(4)
+        self.ids = itertools.count(1)
+        self.clock: Callable[[], float] = time.monotonic  # ages for deduplicate_time; tests may replace it
+        self._init_state()
+        _lifecycle.register(self)
+
+    def new_id(self) -> str:
+        """A request id unique to this dispatcher (and process)."""
+        return f"{self.id_prefix}-{next(self.ids)}"
+
+    # -- intake --------------------------------------------------------------------------------
+
+    def add(self, req: PendingRequest) -> RequestHandle[ResponseT]:
+        """Queue ``req``, or join an ongoing duplicate; writes the storage (if any) on this thread."""
+        if req.cache is not None and req.cache[1] > 0:
+            hit = self._from_cache(req)
+            if hit is not None:
+                return hit
+        out = Outbox()
+        if req.dedupe_key is not None:
+            req.added_at = self.clock()
+            with self.lock:
+                if self.closing:
+                    raise DispatcherClosedError(f"RequestDispatcher {self.name!r} is closed")
+                joined = self._join(req, out)
+            if joined is not None:
+                self._dispatch(out)
+                return cast("RequestHandle[ResponseT]", joined)
+        if self.storage is not None:
+            # Stored before it is visible: its removal, on completion, always comes after.
+            self.storage.keep(req)
+        req.future._owner = (self, req.queue_key, req.request_id)
+        with self.lock:
+            closed = self.closing
+            joined = None
+            if not closed:
+                if req.dedupe_key is not None:
+                    joined = self._join(req, out)  # a duplicate queued while we were storing
+                if joined is None:
+                    self._insert(req, out)
+        if req.stored and (closed or joined is not None):
+            assert self.storage is not None
+            self.storage.forget([(req.queue_key, req.request_id)])
+        if closed:
+            raise DispatcherClosedError(f"RequestDispatcher {self.name!r} is closed")
+        self._dispatch(out)
+        if joined is not None:
+            return cast("RequestHandle[ResponseT]", joined)
+        return RequestHandle(self, req.request_id, req.queue_key, req.future, False)
+
+    def _from_cache(self, req: PendingRequest) -> RequestHandle[ResponseT] | None:
+        """A settled handle if the cache holds a fresh response for ``req``; reads the cache on this thread."""
+        assert req.cache is not None
+        if self.closing:
+            raise DispatcherClosedError(f"RequestDispatcher {self.name!r} is closed")
+        entry = self.cache.lookup(req.cache[0], self.wall_clock())
+        if entry is None:
+            return None
+        if "cache" in self.watched:
+            self.events.emit(_cache_event(req, entry, "hit"))
+        req.future.set_result(entry.response)
+        return RequestHandle(self, req.request_id, req.queue_key, req.future, False, cached=True)
+
+    def restore(self) -> list[RequestHandle[ResponseT]]:
+        """Queue what the storage holds, in order, without starting any of it (``flush`` does)."""
+        assert self.storage is not None
+        requests = self.storage.load(cast("Callable[[object], str]", self.dedupe_key_fn))
+        now = self.clock()
+        out = Outbox()
+        with self.lock:
+            for req in requests:
+                req.added_at = now
+                req.future._owner = (self, req.queue_key, req.request_id)
+                self._insert(req, out, schedule=False)
+        self._dispatch(out)
+        return [RequestHandle(self, r.request_id, r.queue_key, r.future, False) for r in requests]
+
+    # -- the timer thread ------------------------------------------------------------------------
+
+    def _timer_loop(self) -> None:
+        """The timer thread: :meth:`_tick` until it leaves, then close the loop an async probe made here."""
+        try:
+            while self._tick():
+                pass
+        finally:
+            _invoke.close_thread_loop()
+
+    def _tick(self) -> bool:
+        """Release due retries or poll the connectivity probe, waiting for either; False: leave."""
+        connectivity = self.connectivity
+        out = Outbox()
+        probe = False
+        with self.lock:
+            while True:
+                next_retry = self.retries.next_due()
+                if self.done or not (connectivity is not None or next_retry is not None):
+                    if self.timer is threading.current_thread():
+                        self.timer = None
+                    return False
+                now = time.monotonic()
+                if next_retry is not None and next_retry <= now:
+                    self._release_due(now, out)
+                    break
+                if connectivity is not None and self.next_poll <= now:
+                    self.next_poll = now + connectivity.interval
+                    probe = True
+                    break
+                due = math.inf if next_retry is None else next_retry
+                if connectivity is not None:
+                    due = min(due, self.next_poll)
+                self.timer_wakeup.wait(due - now)
+        self._dispatch(out)
+        if probe:
+            assert connectivity is not None
+            online = connectivity.probe()  # user code: no lock held
+            if online is not None and online != self.online:
+                self.set_online(online)
+        return True
+
+    # -- attempts (worker threads) ---------------------------------------------------------------
+
+    def run_attempt(self, req: PendingRequest, token: CancellationToken) -> None:
+        """One send of ``req`` on a worker thread, and what follows from its outcome."""
+        if token.cancelled:  # stopped or cancelled while it waited for a worker
+            self._finish_attempt(req, token, None, None)
+            return
+        if "loading" in self.watched:
+            self.events.emit(RequestEvent("loading", req.queue_key, req.request_id, req.request, attempt=req.attempts))
+        previous = getattr(_local, "core", None)
+        _local.core = self
+        try:
+            outcome = _invoke.call(self._send, req.request, token)  # never raises
+        finally:
+            _local.core = previous
+        error = outcome.error
+        delay = None if error is None or token.cancelled else self._retry_delay(req, error)
+        self._finish_attempt(req, token, outcome, delay)
+
+    def _send(self, request: object, token: CancellationToken) -> object:
+        """Call ``send``; a coroutine it returns is awaited with its task attached to ``token``."""
+        result = self.send(cast(RequestT, request), token)
+        if isinstance(result, CoroutineType):  # inspect.iscoroutine, without its frame
+            return watched(result, token)  # _invoke.call awaits it on this thread's loop
+        return result
+
+    def progress(
+        self, req: PendingRequest, token: CancellationToken, loaded: float, total: float | None, direction: str
+    ) -> None:
+        """Emit a progress event for ``req`` if ``token`` is its running attempt's (``CancellationToken.progress``)."""
+        name = "upload_progress" if direction == "upload" else "download_progress"
+        if name not in self.watched:
+            return
+        with self.lock:
+            if req.token is not token or req.state != RUNNING:
+                return
+            attempt = req.attempts
+        self.events.emit(
+            RequestEvent(name, req.queue_key, req.request_id, req.request, attempt=attempt, loaded=loaded, total=total)
+        )
+
+    def _retry_delay(self, req: PendingRequest, error: BaseException) -> float | None:
+        """Seconds before the next attempt after ``error``, or None for no retry: ``RetryPolicy.next_delay``.
+
+        A BaseException that is not an Exception (SystemExit, KeyboardInterrupt, ...) is final.
+        """
+        if not isinstance(error, Exception):
+            return None
+        policy = self.policies.get(req.retry_time)
+        if policy is None:
+            backoff = Constant(req.retry_time)
+            if self.retry_on_error is None:
+                policy = RetryPolicy(backoff=backoff)
+            else:
+                policy = RetryPolicy(backoff=backoff, retry_on=self._retry_on)
+            if len(self.policies) < _MAX_POLICIES:
+                self.policies[req.retry_time] = policy
+        return policy.next_delay(req.failures + 1, error, max_attempts=req.retry + 1)
+
+    def _retry_on(self, error: BaseException) -> bool:
+        """``retry_on_error(error)``, awaited if async; anything it raises means "do not retry" (logged)."""
+        assert self.retry_on_error is not None
+        outcome = _invoke.call(self.retry_on_error, error)
+        if outcome.error is not None:
+            _log.error("%s: retry_on_error raised; the failure is final", self.name, exc_info=outcome.error)
+            return False
+        return bool(outcome.value)
+
+    def _finish_attempt(
+        self, req: PendingRequest, token: CancellationToken, outcome: _invoke.Outcome | None, delay: float | None
+    ) -> None:
+        """Apply an ended (or never started: ``outcome`` None) attempt's outcome, then carry out what follows."""
+        token._bind(None, None)
+        out = Outbox()
+        with self.lock:
+            if outcome is None:
+                self._settle_attempt(req, token, None, None, None, out)
+            else:
+                self._settle_attempt(req, token, outcome.value, outcome.error, delay, out)
+        self._dispatch(out)
+
+    # -- after the lock --------------------------------------------------------------------------
+
+    def _dispatch(self, out: Outbox) -> None:
+        """Carry out what was decided under the lock. Never called with the lock held."""
+        if out.cached:
+            self._save_responses(out.cached)  # before the Future settles: a caller that saw it sees the cache
+        if out.unstore:
+            assert self.storage is not None
+            self.storage.forget(out.unstore)
+        for event in out.events:
+            self.events.emit(event)
+        for future, how, value in out.settle:
+            _settle(future, how, value)
+        if out.launch:
+            self._launch(out.launch)
+        if out.closed:
+            self.pool.shutdown(0)  # its idle threads leave now; close() joins them if it waits
+            _lifecycle.unregister(self)
+
+    def _save_responses(self, responses: list[tuple[PendingRequest, object]]) -> None:
+        for req, response in responses:
+            assert req.cache is not None
+            entry = self.cache.save(req.cache, response, self.wall_clock())
+            if entry is not None and "cache" in self.watched:
+                self.events.emit(_cache_event(req, entry, "stored"))
+
+    def _launch(self, launches: list[tuple[PendingRequest, CancellationToken]]) -> None:
+        """Hand attempts to the pool. Re-entered on one thread, it queues instead of recursing.
+
+        During the exit drain the pool runs work on the caller when it has no thread
+        left; each finished attempt then launches the next from inside the previous
+        one, so a long ``queued`` chain would otherwise recurse once per request.
+        Before the exit drain the pool never runs work inline: no guard is needed.
+        """
+        if not _lifecycle.exiting():
+            run = self.pool.run
+            for index, (req, token) in enumerate(launches):
+                try:
+                    run(self.run_attempt, req, token)  # run_attempt reports its own outcome
+                except DispatcherClosedError:
+                    self._launch_guarded(launches[index:])  # each failure may launch the next: guarded
+                    return
+            return
+        self._launch_guarded(launches)
+
+    def _launch_guarded(self, launches: list[tuple[PendingRequest, CancellationToken]]) -> None:
+        pending: deque[tuple[PendingRequest, CancellationToken]] | None = getattr(_local, "launches", None)
+        if pending is not None:
+            pending.extend(launches)
+            return
+        _local.launches = pending = deque(launches)
+        try:
+            while pending:
+                req, token = pending.popleft()
+                try:
+                    self.pool.run(self.run_attempt, req, token)  # run_attempt reports its own outcome
+                except DispatcherClosedError:
+                    token._cancel()  # close gave up on it (its timeout passed)
+                    self._finish_attempt(req, token, None, None)
+        finally:
+            _local.launches = None
+
+    # -- control -------------------------------------------------------------------------------
+
+    def set_status(self, key: str, status: str) -> None:
+        """``start``/``pause``/``stop`` a queue; stop also aborts its running requests (they stay queued)."""
+        out = Outbox()
+        with self.lock:
+            queue = self._queue(key)
+            if queue.status != status:
+                queue.status = status
+                if "queue_status" in self.watched:
+                    out.events.append(RequestEvent("queue_status", key, status=cast(QueueStatus, status)))
+            if status == QUEUE_STOPPED:
+                for req in queue.requests.values():
+                    if req.state == RUNNING:
+                        self._abort(req, out)
+                        self._set_state(req, WAITING)
+            self._schedule(queue, out)
+        self._dispatch(out)
+
+    def stop_request(self, key: str, request_id: str, *, stop: bool) -> bool:
+        """Stop one request (``stop``) or let a stopped one run again; returns whether it is queued."""
+        out = Outbox()
+        with self.lock:
+            req = self._find(key, request_id)
+            if req is None:
+                return False
+            if stop and req.state != STOPPED:
+                if req.state == RUNNING:
+                    self._abort(req, out)
+                self._set_state(req, STOPPED)
+                self._unreserve(req)  # a stopped request is not joined
+            elif not stop and req.state == STOPPED:
+                self._set_state(req, WAITING)
+                if req.dedupe_key is not None and req.dedupe_key not in self.dedupe:
+                    self.dedupe[req.dedupe_key] = req
+            else:
+                return True
+            self._queue_changed(req, out)
+            self._schedule(req.queue, out)
+        self._dispatch(out)
+        return True
+
+    def delete(self, key: str, request_id: str) -> bool:
+        """Cancel one request (token set if it runs, Future cancelled); returns whether it was queued."""
+        out = Outbox()
+        with self.lock:
+            req = self._find(key, request_id)
+            if req is None:
+                return False
+            self._cancel(req, out, "cancelled")
+            self._schedule(req.queue, out)
+        self._dispatch(out)
+        return True
+
+    def clear(self, key: str | None) -> int:
+        """Cancel every request of one queue (or of all); returns how many."""
+        out = Outbox()
+        count = 0
+        with self.lock:
+            for queue in self._selected(key):
+                for req in list(queue.requests.values()):
+                    self._cancel(req, out, "cancelled")
+                    count += 1
+                self._schedule(queue, out)
+        self._dispatch(out)
+        return count
+
+    def flush(self, key: str | None) -> int:
+        """Start what may start in one queue (or in all); returns how many started."""
+        out = Outbox()
+        with self.lock:
+            for queue in self._selected(key):
+                self._schedule(queue, out)
+        self._dispatch(out)
+        return len(out.launch)
+
+    def start_probe(self) -> None:
+        """Start the timer thread that polls the connectivity probe (first poll at once)."""
+        with self.lock:
+            self._start_timer()
+
+    def set_online(self, online: bool) -> None:
+        """Go offline, or online (every queue is scheduled)."""
+        out = Outbox()
+        with self.lock:
+            self.online = bool(online)
+            if self.online:
+                for queue in list(self.queues.values()):
+                    self._schedule(queue, out)
+        self._dispatch(out)
+
+    # -- snapshots -------------------------------------------------------------------------------
+
+    def get_queue(self, key: str) -> QueueSnapshot:
+        with self.lock:
+            queue = self.queues.get(key)
+            if queue is None:
+                return QueueSnapshot(key, STARTED, ())
+            requests = tuple(r.snapshot() for r in queue.requests.values())
+            return QueueSnapshot(key, cast(QueueStatus, queue.status), requests)
+
+    def get_queue_keys(self) -> list[str]:
+        with self.lock:
+            return [k for k, q in self.queues.items() if q.requests or q.status != STARTED]
+
+    def get_request(self, key: str, request_id: str) -> QueuedRequest | None:
+        with self.lock:
+            req = self._find(key, request_id)
+            return None if req is None else req.snapshot()
+
+    def running_requests(self, key: str | None) -> list[QueuedRequest]:
+        with self.lock:
+            return [r.snapshot() for q in self._selected(key) for r in q.requests.values() if r.state == RUNNING]
+
+    # -- close, exit, fork -----------------------------------------------------------------------
+
+    def stop_intake(self) -> None:
+        """Refuse further adds; the close finishes once nothing runs (:meth:`close`). Never waits."""
+        with self.lock:
+            self.closing = True
+
+    def collect(self) -> None:
+        """The dispatcher's finalizer: stop intake; what can run still runs, then the threads leave.
+
+        The collector may run it on a thread that holds the lock (a collection inside a
+        locked section), so it never waits for the lock: when the lock is taken, a
+        short-lived daemon thread ends the close instead. At exit the drain has the core.
+        """
+        self.closing = True  # unlocked write: any later _schedule finishes the close too
+        if not _lifecycle.exiting() and not self._end_if_idle(blocking=False):
+            threading.Thread(target=self._end_if_idle, name=f"threaddispatch-{self.name}-close", daemon=True).start()
+
+    def _end_if_idle(self, blocking: bool = True) -> bool:
+        """Finish the close if nothing runs nor waits for a retry; False if the lock was not free (not ``blocking``)."""
+        if not self.lock.acquire(blocking):
+            return False
+        out = Outbox()
+        try:
+            if not self.done and not self.running and not self.retrying:
+                self._finish(out, forced=False)
+        finally:
+            self.lock.release()
+        self._dispatch(out)
+        return True
+
+    def close(self, deadline: float | None) -> bool:
+        """Stop intake, drain what can run by ``deadline`` (monotonic), cancel the rest, stop the threads."""
+        self.stop_intake()
+        if getattr(_local, "core", None) is self:
+            return False  # called from send: waiting for our own attempt would never end
+        while True:
+            out = Outbox()
+            with self.lock:
+                if self.done:
+                    break
+                now = time.monotonic()
+                self._release_due(now, out)  # the timer may be missing (exit drain)
+                if not self.done and not self.running and not self.retrying:
+                    self._finish(out, forced=False)
+                elif not out:
+                    remaining = None if deadline is None else deadline - now
+                    if remaining is not None and remaining <= 0:
+                        self._finish(out, forced=True)
+                    else:
+                        due_in = self.retries.timeout(now)
+                        if due_in is not None:
+                            remaining = due_in if remaining is None else min(remaining, due_in)
+                        self.done_changed.wait(remaining)
+            self._dispatch(out)
+        self._stop_threads(deadline)
+        return self.clean
+
+    def _stop_threads(self, deadline: float | None) -> None:
+        """Join the pool and the timer by ``deadline``, then close the cache and the storage (errors logged)."""
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        self.pool.shutdown(left())
+        with self.lock:
+            timer = self.timer
+        if timer is not None and timer is not threading.current_thread():
+            timer.join(left())
+        try:
+            self.cache.store.close()
+        except Exception:  # noqa: BLE001 - closing must finish whatever the cache does
+            _log.exception("%s: closing the response cache failed", self.name)
+        if self.storage is not None:
+            self.storage.close()
+
+    def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
+        completed = self.completed
+        self.close(deadline)
+        return self.completed - completed, self.lost
+
+    def _reset_after_fork(self) -> None:
+        # The parent delivers its requests; the child starts with none (its pool resets itself)
+        # but keeps the configuration: online flag and paused or stopped queues.
+        closing, done, online = self.closing, self.done, self.online
+        statuses = {key: queue.status for key, queue in self.queues.items() if queue.status != STARTED}
+        self._init_state()
+        self.closing, self.done, self.online = closing, done, online
+        for key, status in statuses.items():
+            self._queue(key).status = status
+
+
+def _settle(future: LazyFuture, how: str, value: Any) -> None:
+    """Set ``future``'s result or exception, or cancel it (``how``); a Future its holder cancelled stays so."""
+    try:
+        if how == "result":
+            future.set_result(value)
+        elif how == "exception":
+            future.set_exception(value)
+        else:
+            LazyFuture.cancel(future)  # not RequestFuture.cancel: the request is already removed
+    except FutureStateError:
+        pass  # its holder cancelled the Future meanwhile
+
+
+def _cache_event(req: PendingRequest, entry: CachedResponse, reason: str) -> RequestEvent:
+    return RequestEvent(
+        "cache", req.queue_key, req.request_id, req.request, entry.response, reason=reason, cache_key=entry.key
+    )

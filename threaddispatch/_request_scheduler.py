@@ -1,0 +1,378 @@
+"""RequestDispatcher's scheduler: the queues' state and every decision taken on it, all under one lock.
+
+:class:`Scheduler` is the state machine of the dispatcher: which requests are queued,
+in which state, which may start, what a finished attempt, a stop or a close changes.
+Every method here is called with ``lock`` held, never calls user code, never waits and
+never releases the lock: what it decides that must happen outside the lock (hand an
+attempt to the pool, emit an event, settle a Future, touch the storage or the cache) is
+appended to an :class:`~threaddispatch._request_records.Outbox`, which the caller
+(:class:`~threaddispatch._request_core.Core`, the subclass that owns the threads) carries
+out after releasing the lock.
+
+The one scheduling function is :meth:`Scheduler._schedule`: every change that can let a
+request start calls it (an add, a completion, a status change, a retry coming due,
+going online), so no thread has to loop over the queues to find startable work.
+
+Locking: ``lock`` guards every field set in :meth:`Scheduler._init_state` and every
+field of every queue and request; ``timer_wakeup`` and ``done_changed`` are conditions
+on it. ``closing`` is also written without it, once, by a finalizer (see the core).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Sequence
+
+from threaddispatch import _lifecycle
+from threaddispatch._request_online import Connectivity
+from threaddispatch._request_records import (
+    DONE,
+    RETRYING,
+    RUNNING,
+    STARTED,
+    STOPPED,
+    WAITING,
+    KeyQueue,
+    Outbox,
+    PendingRequest,
+    RequestHandle,
+)
+from threaddispatch._request_token import CancellationToken
+from threaddispatch._request_types import RequestEvent
+from threaddispatch._timers import DelayQueue
+from threaddispatch.errors import Cancel
+
+__all__ = ["Scheduler"]
+
+
+class Scheduler:
+    """The dispatcher's state and its transitions. Not thread-safe by itself: every method needs ``lock`` held."""
+
+    name: str
+    watched: dict[str, int]  # listener counts per event name (see _request_events): read without lock
+    connectivity: Connectivity | None
+    offline_on: tuple[type[BaseException], ...]
+    persistent: bool  # whether the storage keeps what close cancels
+
+    def _init_state(self) -> None:
+        self.lock = threading.Lock()
+        self.timer_wakeup = threading.Condition(self.lock)
+        self.done_changed = threading.Condition(self.lock)
+        self.queues: dict[str, KeyQueue] = {}
+        # Ongoing requests that may be joined, by (queue key, dedupe key).
+        self.dedupe: dict[tuple[str, str], PendingRequest] = {}
+        self.retries: DelayQueue[PendingRequest] = DelayQueue(self.timer_wakeup)  # exactly the "retrying" requests
+        self.timer: threading.Thread | None = None
+        self.next_poll = 0.0  # monotonic time the connectivity probe is due (with a connectivity)
+        self.online = True
+        self.closing = False  # intake stopped
+        self.done = False  # nothing starts any more; what was left has been cancelled
+        self.clean = True  # close cancelled nothing
+        self.running = 0  # attempts in flight, all queues
+        self.retrying = 0  # requests in state "retrying"
+        self.completed = 0  # requests settled by their send (response or final error)
+        self.lost = 0  # requests close cancelled that no storage keeps
+
+    def delete(self, key: str, request_id: str) -> bool:
+        raise NotImplementedError  # the core's: it carries out the outbox
+
+    def _timer_loop(self) -> None:
+        raise NotImplementedError  # the core's: the timer thread's body
+
+    def progress(
+        self, req: PendingRequest, token: CancellationToken, loaded: float, total: float | None, direction: str
+    ) -> None:
+        raise NotImplementedError  # the core's: a token bound here reports its progress through it
+
+    # -- intake --------------------------------------------------------------------------------
+
+    def _join(self, req: PendingRequest, out: Outbox) -> RequestHandle[object] | None:
+        """A handle on an ongoing duplicate of ``req`` if there is one to join."""
+        assert req.dedupe_key is not None
+        ongoing = self.dedupe.get(req.dedupe_key)
+        if ongoing is None:
+            return None
+        if req.deduplicate_time is not None and req.added_at - ongoing.added_at >= req.deduplicate_time:
+            return None
+        if "deduplicated" in self.watched:
+            out.events.append(
+                RequestEvent("deduplicated", req.queue_key, ongoing.request_id, req.request, attempt=ongoing.attempts)
+            )
+        return RequestHandle(self, ongoing.request_id, req.queue_key, ongoing.future, True)
+
+    def _unreserve(self, req: PendingRequest) -> None:
+        """Drop ``req`` from the dedupe index (it may no longer be joined)."""
+        if req.dedupe_key is not None and self.dedupe.get(req.dedupe_key) is req:
+            del self.dedupe[req.dedupe_key]
+
+    def _insert(self, req: PendingRequest, out: Outbox, *, schedule: bool = True) -> None:
+        """Put ``req`` at the end of its queue (a cancelable one first empties it)."""
+        key = req.queue_key
+        queue = self.queues.get(key)
+        if queue is None:
+            queue = self.queues[key] = KeyQueue(key)
+        if req.mode == "cancelable":
+            for other in list(queue.requests.values()):
+                self._cancel(other, out, "cancelled", refilled=True)
+        req.queue = queue
+        queue.requests[req.request_id] = req
+        queue.order.append(req)
+        if self.timer is None and self.connectivity is not None:
+            self._start_timer()  # a forked child's first request brings the probe back
+        self._set_state(req, WAITING)
+        if req.mode == "queued":
+            queue.queued += 1
+        if req.dedupe_key is not None:
+            self.dedupe[req.dedupe_key] = req
+        if "queue_change" in self.watched:
+            out.events.append(RequestEvent("queue_change", key, req.request_id, req.request, size=len(queue.requests)))
+        if schedule:
+            self._schedule(queue, out, req)
+
+    # -- scheduling ----------------------------------------------------------------------------
+
+    def _set_state(self, req: PendingRequest, state: str) -> None:
+        """Change ``req``'s state and the counters that follow it."""
+        old = req.state
+        if old == WAITING:
+            req.queue.waiting -= 1
+        elif old == RETRYING:
+            self.retrying -= 1
+            handle = req.retry_handle
+            if handle is not None:  # stopped, deleted or closed while it waited: unschedule it
+                req.retry_handle = None
+                self.retries.cancel(handle)
+        if state == WAITING:
+            req.queue.waiting += 1
+        elif state == RETRYING:
+            self.retrying += 1
+        req.state = state
+
+    def _schedule(self, queue: KeyQueue, out: Outbox, hint: PendingRequest | None = None) -> None:
+        """The scheduling function: start what may start in ``queue``, then tidy up.
+
+        Called after every state change. It marks what starts as running (so the
+        decision holds once the lock is released) and leaves the hand-off to the pool
+        to the outbox. It also drops an empty, started, idle queue, and finishes a
+        close once nothing runs and no retry is pending.
+        """
+        for req in self._startable(queue, hint):
+            token = CancellationToken()
+            token._bind(self, req)  # unbound when the attempt ends (the pair is a reference cycle)
+            req.token = token
+            self._set_state(req, RUNNING)
+            req.inflight = True
+            req.attempts += 1
+            queue.inflight += 1
+            self.running += 1
+            out.launch.append((req, token))
+        if not (queue.requests or queue.inflight or queue.status != STARTED) and self.queues.get(queue.key) is queue:
+            del self.queues[queue.key]
+        if self.closing and not self.done and not self.running and not self.retrying:
+            self._finish(out, forced=False)
+
+    def _startable(self, queue: KeyQueue, hint: PendingRequest | None) -> Sequence[PendingRequest]:
+        """Which waiting requests of ``queue`` may start now, in queue order.
+
+        Nothing starts in a paused or stopped queue, while offline, or after close.
+        ``concurrent`` and ``cancelable`` requests start at once. A ``queued`` request
+        runs alone: it waits until nothing of its queue is in flight, and the requests
+        behind it wait for it (retries included: a scheduled retry keeps its place).
+        A request stopped on its own neither runs nor holds its place.
+        """
+        if self.done or not queue.waiting or queue.status != STARTED or not self.online:
+            return ()
+        if hint is not None and queue.waiting == 1 and not queue.queued and hint.state == WAITING:
+            return (hint,)  # the common add: nothing else waits, no queued-mode request in the way
+        ready: list[PendingRequest] = []
+        unseen = queue.waiting  # once every waiting request was seen, nothing further can start
+        for req in queue.order:
+            state = req.state
+            if state == DONE:
+                continue
+            if state == WAITING:
+                unseen -= 1
+            if req.mode == "queued":
+                if state == STOPPED:
+                    continue
+                if state == WAITING and not req.inflight and not queue.inflight and not ready:
+                    ready.append(req)
+                break
+            if state == WAITING and not req.inflight:
+                ready.append(req)
+            if not unseen:
+                break
+        return ready
+
+    def _remove(self, req: PendingRequest, out: Outbox, reason: str, *, refilled: bool = False) -> None:
+        """Take ``req`` out of its queue (the caller settles its Future).
+
+        ``refilled``: a request is about to take its place, so the queue does not drain.
+        """
+        queue = req.queue
+        del queue.requests[req.request_id]
+        self._set_state(req, DONE)
+        order = queue.order
+        if order[0] is req:
+            order.popleft()
+            while order and order[0].state == DONE:
+                order.popleft()
+        elif len(order) > 2 * len(queue.requests) + 64:
+            queue.order = deque(queue.requests.values())  # amortised: after as many removals as it copies
+        if req.mode == "queued":
+            queue.queued -= 1
+        if req.dedupe_key is not None and self.dedupe.get(req.dedupe_key) is req:
+            del self.dedupe[req.dedupe_key]
+        if req.stored and reason != "closed":
+            out.unstore.append((queue.key, req.request_id))
+        watched = self.watched
+        if "remove" in watched:
+            out.events.append(
+                RequestEvent("remove", queue.key, req.request_id, req.request, attempt=req.attempts, reason=reason)
+            )
+        if "queue_change" in watched:
+            out.events.append(
+                RequestEvent("queue_change", queue.key, req.request_id, req.request, size=len(queue.requests))
+            )
+        if not queue.requests and not refilled and "drained" in watched:
+            out.events.append(RequestEvent("drained", queue.key))
+
+    def _abort(self, req: PendingRequest, out: Outbox) -> None:
+        """Set a running request's token and report the abort."""
+        if req.state == RUNNING:
+            assert req.token is not None
+            req.token._cancel()
+        if "abort" in self.watched:
+            out.events.append(RequestEvent("abort", req.queue_key, req.request_id, req.request, attempt=req.attempts))
+
+    def _cancel(self, req: PendingRequest, out: Outbox, reason: str, *, refilled: bool = False) -> None:
+        """Abort ``req``, take it out of its queue and cancel its Future."""
+        self._abort(req, out)
+        self._remove(req, out, reason, refilled=refilled)
+        out.settle.append((req.future, "cancel", None))
+
+    def _finish(self, out: Outbox, *, forced: bool) -> None:
+        """End the close: cancel what is left (storages keep it), stop the timer."""
+        self.done = True
+        for queue in list(self.queues.values()):
+            for req in list(queue.requests.values()):
+                self._cancel(req, out, "closed")
+                self.clean = False
+                if not (req.stored and self.persistent):
+                    self.lost += 1
+        if forced:
+            self.clean = False
+        self.retries.clear()
+        self.timer_wakeup.notify_all()
+        self.done_changed.notify_all()
+        out.closed = True
+
+    # -- retries and the timer -------------------------------------------------------------------
+
+    def _push_retry(self, req: PendingRequest, delay: float) -> None:
+        """Schedule a retry of ``req`` in ``delay`` seconds (push wakes the timer if it is the earliest)."""
+        self._set_state(req, RETRYING)
+        handle = req.retry_handle = self.retries.push(req, delay)
+        if self.closing and self.retries.next_due() == handle.due:
+            self.done_changed.notify_all()  # close releases retries itself during the exit drain
+        self._start_timer()
+
+    def _start_timer(self) -> None:
+        """Start the timer thread unless it runs (or the exit drain began)."""
+        if self.timer is None and not self.done and not _lifecycle.exiting():
+            thread = threading.Thread(target=self._timer_loop, name=f"threaddispatch-{self.name}-timer", daemon=True)
+            self.timer = thread
+            thread.start()
+
+    def _release_due(self, now: float, out: Outbox) -> None:
+        """Make the retries due by ``now`` waiting again and schedule their queues."""
+        touched: dict[int, KeyQueue] = {}
+        for req in self.retries.pop_due(now):  # all "retrying": leaving that state unschedules
+            req.retry_handle = None
+            self._set_state(req, WAITING)
+            touched[id(req.queue)] = req.queue
+        for queue in touched.values():
+            self._schedule(queue, out)
+
+    # -- attempts ------------------------------------------------------------------------------
+
+    def _settle_attempt(  # noqa: PLR0917 - positional: once per attempt
+        self,
+        req: PendingRequest,
+        token: CancellationToken,
+        response: object,
+        error: BaseException | None,
+        delay: float | None,
+        out: Outbox,
+    ) -> None:
+        """Apply an ended attempt's outcome: response, retry after ``delay``, wait offline, or final failure."""
+        queue = req.queue
+        req.inflight = False
+        queue.inflight -= 1
+        self.running -= 1
+        if error is not None and self.offline_on and isinstance(error, self.offline_on) and not token.cancelled:
+            self.online = False  # the connection is lost: until the probe or set_online brings it back
+        if token.cancelled or req.token is not token or req.state != RUNNING:
+            # Stopped or cancelled while it ran: the outcome is dropped.
+            if req.state == RUNNING:
+                self._set_state(req, WAITING)
+        elif error is None:
+            self.completed += 1
+            if "response" in self.watched:
+                out.events.append(
+                    RequestEvent("response", queue.key, req.request_id, req.request, response, attempt=req.attempts)
+                )
+            self._remove(req, out, "resolved")
+            if req.cache is not None:
+                out.cached = [(req, response)]
+            out.settle.append((req.future, "result", response))
+        elif req.offline and not self.online and not isinstance(error, Cancel):
+            self._error_event(req, error, out, final=False)
+            self._set_state(req, WAITING)  # offline: it waits to be online; not a counted failure
+        elif delay is not None:
+            req.failures += 1
+            self._error_event(req, error, out, final=False)
+            if delay > 0:
+                self._push_retry(req, delay)
+            else:
+                self._set_state(req, WAITING)
+        else:
+            self.completed += 1
+            self._error_event(req, error, out, final=True)
+            self._remove(req, out, "failed")
+            out.settle.append((req.future, "exception", error))
+        self._schedule(queue, out)
+
+    def _error_event(self, req: PendingRequest, error: BaseException, out: Outbox, *, final: bool) -> None:
+        if "error" in self.watched:
+            out.events.append(
+                RequestEvent(
+                    "error", req.queue_key, req.request_id, req.request, error=error, attempt=req.attempts, final=final
+                )
+            )
+
+    # -- control -------------------------------------------------------------------------------
+
+    def _find(self, key: str, request_id: str) -> PendingRequest | None:
+        queue = self.queues.get(key)
+        return None if queue is None else queue.requests.get(request_id)
+
+    def _queue(self, key: str) -> KeyQueue:
+        queue = self.queues.get(key)
+        if queue is None:
+            queue = self.queues[key] = KeyQueue(key)
+        return queue
+
+    def _selected(self, key: str | None) -> list[KeyQueue]:
+        """Every queue (``key`` None) or the queue of ``key`` if it exists."""
+        if key is None:
+            return list(self.queues.values())
+        queue = self.queues.get(key)
+        return [] if queue is None else [queue]
+
+    def _queue_changed(self, req: PendingRequest, out: Outbox) -> None:
+        if "queue_change" in self.watched:
+            out.events.append(
+                RequestEvent("queue_change", req.queue_key, req.request_id, req.request, size=len(req.queue.requests))
+            )
