@@ -1,13 +1,57 @@
-"""Shared fixtures: every test must leave no threaddispatch thread running."""
+"""Shared fixtures: every test must leave no threaddispatch thread running; every store kind, one by one.
+
+``STORE_FACTORIES`` names every Store the engine, admin, CLI and store-contract suites run
+on. A test asking for ``store`` (or ``make_store``, or ``store_url``) runs once per kind:
+
+- ``memory``: a MemoryStore (each one made is separate: memory stores share nothing);
+- ``sqlite``: a SQLiteStore on a real file in ``tmp_path``;
+- ``postgresql``: a PostgresStore on the session's PostgreSQL server (tests/pg_server.py,
+  started on first use, one per session), in one schema whose tables are emptied
+  (TRUNCATE) after each test: measured cheaper than a fresh schema per test (migration plus
+  DROP SCHEMA), and far cheaper than CREATE DATABASE ... TEMPLATE. Without server binaries
+  or psycopg these params skip; with ``CI`` set in the environment they fail instead.
+
+A module whose tests are about some kinds only overrides ``store_kind`` with those params.
+"""
 
 from __future__ import annotations
 
 import gc
+import os
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from threaddispatch.stores import MemoryStore, SQLiteStore, Store
 from threaddispatch.testing import live_dispatch_threads
+
+#: The schema the PostgreSQL params share, emptied after each test.
+PG_SCHEMA = "t_suite"
+
+
+def _postgres_store(url: str) -> Store:
+    from threaddispatch.stores.postgres import PostgresStore
+
+    return PostgresStore(url)
+
+
+#: Store kind -> a function opening a store of that kind at a test's ``store_url``.
+STORE_FACTORIES: dict[str, Callable[[str], Store]] = {
+    "memory": lambda url: MemoryStore(),
+    "sqlite": lambda url: SQLiteStore(url.removeprefix("sqlite:///")),
+    "postgresql": _postgres_store,
+}
+
+#: The pytest params for the store kinds (PostgreSQL ones carry the ``postgres`` mark).
+STORE_PARAMS = [
+    pytest.param(kind, marks=[pytest.mark.postgres] if kind == "postgresql" else [], id=kind)
+    for kind in sorted(STORE_FACTORIES)
+]
+#: The kinds whose stores, opened twice, share one database (two engines on one store).
+SHARED_STORE_PARAMS = [param for param in STORE_PARAMS if param.id != "memory"]
 
 
 @pytest.fixture(autouse=True)
@@ -24,3 +68,98 @@ def no_thread_left_behind() -> object:
             pytest.fail(f"test left threads running: {[t.name for t in left]}")
         gc.collect()
         left[0].join(0.05)
+
+
+# -- PostgreSQL -------------------------------------------------------------------------------------
+
+
+def missing_postgres(reason: str) -> None:
+    """Skip the test (no PostgreSQL here), or fail it when ``CI`` is set: CI must run them."""
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(f"{reason}; CI is set, so the PostgreSQL tests must run")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """A PostgreSQL server for the whole session, in a temporary directory (as a non-root user)."""
+    from pg_server import PostgresServer, find_bindir
+
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        missing_postgres("psycopg is not installed: pip install 'threaddispatch[postgres]'")
+    bindir = find_bindir()
+    if bindir is None:
+        missing_postgres("no PostgreSQL server binaries (initdb, pg_ctl) found on PATH, in /usr/local/bin or "
+                         "/usr/lib/postgresql/*/bin; install PostgreSQL or set PG_BINDIR")  # fmt: skip
+    server = PostgresServer(bindir)
+    try:
+        server.start()
+    except Exception as error:
+        server.stop()
+        pytest.fail(f"could not start PostgreSQL from {bindir}: {error}")
+    yield server
+    server.stop()
+
+
+def _empty_schema(dsn: str, schema: str) -> None:
+    """TRUNCATE every table of ``schema`` but the schema version (a no-op before the first migration)."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(dsn, autocommit=True, options="-c lock_timeout=10000") as conn:
+        query = "SELECT tablename FROM pg_tables WHERE schemaname = %s AND tablename <> 'dispatch_schema_version'"
+        tables = [row[0] for row in conn.execute(query, (schema,)).fetchall()]
+        if tables:
+            names = sql.SQL(", ").join(sql.Identifier(schema, table) for table in tables)
+            conn.execute(sql.SQL("TRUNCATE {} RESTART IDENTITY").format(names))
+
+
+@pytest.fixture
+def pg_url(pg_server: Any) -> Iterator[str]:
+    """A URL for an empty job store on the session's server (tables emptied after the test)."""
+    yield pg_server.url(schema=PG_SCHEMA)
+    _empty_schema(pg_server.dsn, PG_SCHEMA)
+
+
+# -- every store ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=STORE_PARAMS)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """The kind of store the test runs on (a key of STORE_FACTORIES)."""
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+def store_url(store_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where the test's store lives, as a URL ``open_store`` and the CLI accept (``memory://`` for memory)."""
+    if store_kind == "memory":
+        return "memory://"
+    if store_kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+@pytest.fixture
+def make_store(store_kind: str, store_url: str) -> Iterator[Callable[[], Store]]:
+    """Open stores of the test's kind at its ``store_url`` (SQLite and PostgreSQL share data); closed at the end."""
+    made: list[Store] = []
+
+    def make() -> Store:
+        opened = STORE_FACTORIES[store_kind](store_url)
+        made.append(opened)
+        return opened
+
+    yield make
+    for opened in made:
+        opened.close()
+
+
+@pytest.fixture
+def store(make_store: Callable[[], Store]) -> Store:
+    """A fresh, empty store of every kind in turn."""
+    return make_store()

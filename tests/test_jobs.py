@@ -8,10 +8,10 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import SHARED_STORE_PARAMS
 
 from threaddispatch._cancel import CancelToken
 from threaddispatch.backoff import Constant
@@ -28,7 +28,7 @@ from threaddispatch.errors import (
 )
 from threaddispatch.jobs import Config, JobContext, JobEngine, QueueConfig
 from threaddispatch.middleware import Middleware
-from threaddispatch.stores import MemoryStore, SQLiteStore, Store
+from threaddispatch.stores import MemoryStore, Store
 from threaddispatch.stores.base import JobRecord
 from threaddispatch.testing import wait_for
 
@@ -40,22 +40,6 @@ FAST: dict[str, Any] = {
     "shutdown_timeout": 5.0,
     "backoff": Constant(0.01),
 }
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """Both embedded stores; SQLite is a real file."""
-    made: Store = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "jobs.db")
-    yield made
-    made.close()
-
-
-@pytest.fixture
-def sqlite_store(tmp_path: Path) -> Iterator[SQLiteStore]:
-    """A SQLite store in a temp file."""
-    made = SQLiteStore(tmp_path / "jobs.db")
-    yield made
-    made.close()
 
 
 @pytest.fixture
@@ -156,9 +140,9 @@ def test_queue_config_validates() -> None:
 # -- enqueue --------------------------------------------------------------------------------------
 
 
-def test_enqueue_refuses_unknown_names_and_bad_payloads(make_engine: Callable[..., JobEngine]) -> None:
+def test_enqueue_refuses_unknown_names_and_bad_payloads(store: Store, make_engine: Callable[..., JobEngine]) -> None:
     """Unregistered names, non-JSON and oversized payloads, and bad options are refused at enqueue."""
-    engine = make_engine(MemoryStore(), max_payload_size=100)
+    engine = make_engine(store, max_payload_size=100)
     engine.register("known", lambda ctx, payload: None)
     with pytest.raises(ConfigurationError, match="'unknown'"):
         engine.enqueue("unknown", {})
@@ -177,9 +161,9 @@ def test_enqueue_refuses_unknown_names_and_bad_payloads(make_engine: Callable[..
     assert engine.counts()["pending"] == 0
 
 
-def test_unique_key_returns_the_pending_jobs_id(make_engine: Callable[..., JobEngine]) -> None:
+def test_unique_key_returns_the_pending_jobs_id(store: Store, make_engine: Callable[..., JobEngine]) -> None:
     """A second enqueue with the same unique_key returns the first job's id and creates nothing."""
-    engine = make_engine(MemoryStore())
+    engine = make_engine(store)
     engine.register("sync", lambda ctx, payload: None)
     first = engine.enqueue("sync", {"user": 1}, unique_key="sync:1")
     assert engine.enqueue("sync", {"user": 1}, unique_key="sync:1") == first
@@ -260,9 +244,9 @@ def test_retries_then_dead_letter_with_hooks_in_order(store: Store, make_engine:
 
 
 @pytest.mark.timeout(30)
-def test_replay_and_retry_run_failed_jobs_again(sqlite_store: Store, make_engine: Callable[..., JobEngine]) -> None:
+def test_replay_and_retry_run_failed_jobs_again(store: Store, make_engine: Callable[..., JobEngine]) -> None:
     """replay(dead_letter) enqueues a new job; retry(job) requeues the failed one; both can succeed."""
-    engine = make_engine(sqlite_store)
+    engine = make_engine(store)
     fail = threading.Event()
     fail.set()
 
@@ -291,9 +275,9 @@ def test_replay_and_retry_run_failed_jobs_again(sqlite_store: Store, make_engine
 
 
 @pytest.mark.timeout(30)
-def test_retry_and_cancel_flow_signals(make_engine: Callable[..., JobEngine]) -> None:
+def test_retry_and_cancel_flow_signals(store: Store, make_engine: Callable[..., JobEngine]) -> None:
     """Retry(delay) asks for another attempt after delay; Cancel ends the job as cancelled, no dead letter."""
-    engine = make_engine(MemoryStore())
+    engine = make_engine(store)
     seen: list[int] = []
 
     def retry_once(ctx: JobContext, payload: object) -> int:
@@ -316,9 +300,9 @@ def test_retry_and_cancel_flow_signals(make_engine: Callable[..., JobEngine]) ->
 
 
 @pytest.mark.timeout(30)
-def test_result_timeout_and_unknown_job(make_engine: Callable[..., JobEngine]) -> None:
+def test_result_timeout_and_unknown_job(store: Store, make_engine: Callable[..., JobEngine]) -> None:
     """result() raises DispatchTimeoutError on time and JobNotFoundError for an unknown id."""
-    engine = make_engine(MemoryStore())
+    engine = make_engine(store)
     engine.register("never", lambda ctx, payload: None)
     job_id = engine.enqueue("never")  # not started: stays pending
     started = time.monotonic()
@@ -330,9 +314,9 @@ def test_result_timeout_and_unknown_job(make_engine: Callable[..., JobEngine]) -
 
 
 @pytest.mark.timeout(30)
-def test_enqueue_wakes_an_idle_fetcher_at_once(make_engine: Callable[..., JobEngine]) -> None:
+def test_enqueue_wakes_an_idle_fetcher_at_once(store: Store, make_engine: Callable[..., JobEngine]) -> None:
     """With 5 s polling, an in-process enqueue still runs within well under a poll interval."""
-    engine = make_engine(MemoryStore(), poll_interval=5.0, max_poll_interval=5.0)
+    engine = make_engine(store, poll_interval=5.0, max_poll_interval=5.0)
     engine.register("ping", lambda ctx, payload: "pong")
     engine.start()
     wait_for(lambda: engine.stats()["idle_polls"] >= 1, 5, message="fetcher idle")
@@ -345,9 +329,11 @@ def test_enqueue_wakes_an_idle_fetcher_at_once(make_engine: Callable[..., JobEng
 
 
 @pytest.mark.timeout(30)
-def test_timeout_sets_cancelled_and_counts_as_failed_attempt(make_engine: Callable[..., JobEngine]) -> None:
+def test_timeout_sets_cancelled_and_counts_as_failed_attempt(
+    store: Store, make_engine: Callable[..., JobEngine]
+) -> None:
     """A handler past its timeout sees ctx.cancelled; the attempt fails and the job is dead-lettered."""
-    engine = make_engine(MemoryStore())
+    engine = make_engine(store)
     saw_cancel = threading.Event()
 
     def slow(ctx: JobContext, payload: object) -> None:
@@ -364,9 +350,9 @@ def test_timeout_sets_cancelled_and_counts_as_failed_attempt(make_engine: Callab
 
 
 @pytest.mark.timeout(30)
-def test_hung_handler_does_not_stretch_stop(sqlite_store: Store, make_engine: Callable[..., JobEngine]) -> None:
+def test_hung_handler_does_not_stretch_stop(store: Store, make_engine: Callable[..., JobEngine]) -> None:
     """stop(0.5) returns in time with a handler stuck; its job is handed back to pending."""
-    engine = make_engine(sqlite_store)
+    engine = make_engine(store)
     release = threading.Event()
     running = threading.Event()
 
@@ -390,11 +376,11 @@ def test_hung_handler_does_not_stretch_stop(sqlite_store: Store, make_engine: Ca
 
 @pytest.mark.timeout(30)
 def test_stop_is_idempotent_and_enqueue_after_stop_waits_in_store(
-    sqlite_store: Store, make_engine: Callable[..., JobEngine]
+    store: Store, make_engine: Callable[..., JobEngine]
 ) -> None:
     """stop() twice is fine; a job enqueued after stop runs when the engine starts again."""
     recorder = Recorder()
-    engine = make_engine(sqlite_store, extensions=[recorder])
+    engine = make_engine(store, extensions=[recorder])
     engine.register("echo", lambda ctx, payload: payload)
     engine.start()
     assert engine.stop(2) and engine.stop(2)
@@ -408,9 +394,9 @@ def test_stop_is_idempotent_and_enqueue_after_stop_waits_in_store(
 
 
 @pytest.mark.timeout(30)
-def test_cancel_running_job_sets_ctx_cancelled(make_engine: Callable[..., JobEngine]) -> None:
+def test_cancel_running_job_sets_ctx_cancelled(store: Store, make_engine: Callable[..., JobEngine]) -> None:
     """engine.cancel on a running job sets ctx.cancelled; the job ends cancelled."""
-    engine = make_engine(MemoryStore())
+    engine = make_engine(store)
     running = threading.Event()
     noticed = threading.Event()
 
@@ -435,9 +421,9 @@ def test_cancel_running_job_sets_ctx_cancelled(make_engine: Callable[..., JobEng
 
 
 @pytest.mark.timeout(30)
-def test_queue_max_concurrency_holds(sqlite_store: Store, make_engine: Callable[..., JobEngine]) -> None:
+def test_queue_max_concurrency_holds(store: Store, make_engine: Callable[..., JobEngine]) -> None:
     """With concurrency 8 and max_concurrency 2 on the queue, at most 2 handlers overlap (measured inside)."""
-    engine = make_engine(sqlite_store, concurrency=8, queue_configs=[QueueConfig("default", max_concurrency=2)])
+    engine = make_engine(store, concurrency=8, queue_configs=[QueueConfig("default", max_concurrency=2)])
     active = 0
     peak = 0
     lock = threading.Lock()
@@ -460,9 +446,9 @@ def test_queue_max_concurrency_holds(sqlite_store: Store, make_engine: Callable[
 
 
 @pytest.mark.timeout(30)
-def test_rate_limit_holds_and_is_not_a_failed_attempt(make_engine: Callable[..., JobEngine]) -> None:
+def test_rate_limit_holds_and_is_not_a_failed_attempt(store: Store, make_engine: Callable[..., JobEngine]) -> None:
     """rate_limit=20/s with burst 1: 8 jobs take at least ~7/20 s, every job in one attempt."""
-    engine = make_engine(MemoryStore(), concurrency=4, queue_configs=[QueueConfig("default", rate_limit=20)])
+    engine = make_engine(store, concurrency=4, queue_configs=[QueueConfig("default", rate_limit=20)])
     starts: list[float] = []
     engine.register("tick", lambda ctx, payload: starts.append(time.monotonic()))
     ids = engine.enqueue_many("tick", range(8))
@@ -475,9 +461,9 @@ def test_rate_limit_holds_and_is_not_a_failed_attempt(make_engine: Callable[...,
 
 
 @pytest.mark.timeout(30)
-def test_pause_and_resume_a_queue(make_engine: Callable[..., JobEngine]) -> None:
+def test_pause_and_resume_a_queue(store: Store, make_engine: Callable[..., JobEngine]) -> None:
     """A paused queue's jobs wait (other queues run); resume lets them run."""
-    engine = make_engine(MemoryStore(), queues=["a", "b"])
+    engine = make_engine(store, queues=["a", "b"])
     engine.register("job_a", lambda ctx, payload: "a", queue="a")
     engine.register("job_b", lambda ctx, payload: "b", queue="b")
     engine.pause_queue("a")
@@ -494,7 +480,7 @@ def test_pause_and_resume_a_queue(make_engine: Callable[..., JobEngine]) -> None
 
 
 @pytest.mark.timeout(30)
-def test_middleware_order_and_failing_hooks_are_contained(make_engine: Callable[..., JobEngine]) -> None:
+def test_middleware_order_and_failing_hooks_are_contained(store: Store, make_engine: Callable[..., JobEngine]) -> None:
     """User middleware runs in order around the handler; a raising hook or extension never affects the job."""
     events: list[str] = []
 
@@ -516,7 +502,7 @@ def test_middleware_order_and_failing_hooks_are_contained(make_engine: Callable[
         def on_job_started(self, job: object) -> None:
             raise RuntimeError("extension bug")
 
-    engine = make_engine(MemoryStore(), middleware=[Tag("outer"), Broken(), Tag("inner")],
+    engine = make_engine(store, middleware=[Tag("outer"), Broken(), Tag("inner")],
                          extensions=[BrokenExtension()])  # fmt: skip
 
     def handler(ctx: JobContext, payload: object) -> str:
@@ -534,9 +520,9 @@ def test_middleware_order_and_failing_hooks_are_contained(make_engine: Callable[
 
 
 @pytest.mark.timeout(30)
-def test_recover_turns_system_exit_into_a_failed_attempt(make_engine: Callable[..., JobEngine]) -> None:
+def test_recover_turns_system_exit_into_a_failed_attempt(store: Store, make_engine: Callable[..., JobEngine]) -> None:
     """A handler calling sys.exit fails its attempt; the worker lives on to run the next job."""
-    engine = make_engine(MemoryStore(), concurrency=1)
+    engine = make_engine(store, concurrency=1)
 
     def exits(ctx: JobContext, payload: object) -> None:
         raise SystemExit(3)
@@ -554,20 +540,20 @@ def test_recover_turns_system_exit_into_a_failed_attempt(make_engine: Callable[.
 
 
 @pytest.mark.timeout(30)
-def test_finished_jobs_are_purged_after_retention(sqlite_store: Store, make_engine: Callable[..., JobEngine]) -> None:
+def test_finished_jobs_are_purged_after_retention(store: Store, make_engine: Callable[..., JobEngine]) -> None:
     """With a tiny retention the heartbeat thread deletes finished jobs."""
-    engine = make_engine(sqlite_store, retention=0.0)
+    engine = make_engine(store, retention=0.0)
     engine.register("quick", lambda ctx, payload: 1)
     job_id = engine.enqueue("quick")
     engine.start()
     assert engine.result(job_id, timeout=10) == 1
-    wait_for(lambda: sqlite_store.get(job_id) is None, 10, message="purge")
+    wait_for(lambda: store.get(job_id) is None, 10, message="purge")
 
 
 @pytest.mark.timeout(30)
-def test_cron_refuses_invalid_expressions_and_unknown_jobs(make_engine: Callable[..., JobEngine]) -> None:
+def test_cron_refuses_invalid_expressions_and_unknown_jobs(store: Store, make_engine: Callable[..., JobEngine]) -> None:
     """engine.cron validates its expression and job name."""
-    engine = make_engine(MemoryStore())
+    engine = make_engine(store)
     engine.register("report", lambda ctx, payload: None)
     with pytest.raises(ConfigurationError, match="'61 \\* \\* \\* \\*'"):
         engine.cron("61 * * * *", "report")
@@ -579,11 +565,12 @@ def test_cron_refuses_invalid_expressions_and_unknown_jobs(make_engine: Callable
 
 
 @pytest.mark.timeout(60)
-def test_cron_fires_once_per_tick_with_two_engines_on_one_file(
-    tmp_path: Path, make_engine: Callable[..., JobEngine]
+@pytest.mark.parametrize("store_kind", SHARED_STORE_PARAMS)  # two stores on one database: not memory
+def test_cron_fires_once_per_tick_with_two_engines_on_one_store(
+    make_store: Callable[[], Store], make_engine: Callable[..., JobEngine]
 ) -> None:
-    """Two engines sharing a SQLite file fire each '@every 0.2s' tick once in total."""
-    stores = [SQLiteStore(tmp_path / "cron.db"), SQLiteStore(tmp_path / "cron.db")]
+    """Two engines, each with its own store on one database, fire each '@every 0.2s' tick once in total."""
+    stores = [make_store(), make_store()]
     engines = [make_engine(store) for store in stores]
     for engine in engines:
         engine.register("tick", lambda ctx, payload: None)
@@ -595,22 +582,20 @@ def test_cron_fires_once_per_tick_with_two_engines_on_one_file(
     keys = [job.unique_key for job in engines[0].list_jobs(limit=1000)]
     ticks = sorted(float(key.rsplit(":", 1)[1]) for key in keys if key)
     assert len(ticks) >= 6 and len(ticks) == len(set(ticks))
-    for store in stores:
-        store.close()
 
 
 def test_unstarted_engine_is_collected_when_unreferenced() -> None:
     """An engine that never started holds no thread and is garbage-collected."""
-    engine = JobEngine(MemoryStore())
+    engine = JobEngine(MemoryStore())  # about the engine object: any store does
     ref = weakref.ref(engine)
     del engine
     gc.collect()
     assert ref() is None
 
 
-def test_context_wait_and_cancel_from_another_thread(make_engine: Callable[..., JobEngine]) -> None:
+def test_context_wait_and_cancel_from_another_thread(store: Store, make_engine: Callable[..., JobEngine]) -> None:
     """ctx.wait() sleeps until cancelled (set from another thread), before or after the wait began."""
-    engine = make_engine(MemoryStore())
+    engine = make_engine(store)
     ctx = JobContext(JobRecord(id="j1", name="n", payload="null", attempts=1), engine, engine.logger)
     assert not ctx.cancelled and not ctx.wait(0.01)
     ctx.raise_if_cancelled()
@@ -627,9 +612,9 @@ def test_context_wait_and_cancel_from_another_thread(make_engine: Callable[..., 
 
 
 @pytest.mark.timeout(60)
-def test_stop_racing_a_start_on_another_thread_never_fails(make_engine: Callable[..., JobEngine]) -> None:
+def test_stop_racing_a_start_on_another_thread_never_fails(store: Store, make_engine: Callable[..., JobEngine]) -> None:
     """stop() called the moment another thread's start() made the engine running joins every thread cleanly."""
-    engine = make_engine(MemoryStore())
+    engine = make_engine(store)
     for _ in range(30):
         errors: list[BaseException] = []
 
@@ -694,11 +679,12 @@ def test_replay_by_an_engine_without_the_handler_keeps_the_jobs_timeout(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("store_kind", SHARED_STORE_PARAMS)  # two stores on one database: not memory
 def test_crons_declared_by_different_engines_on_one_store_all_fire(
-    tmp_path: Path, make_engine: Callable[..., JobEngine]
+    make_store: Callable[[], Store], make_engine: Callable[..., JobEngine]
 ) -> None:
     """Each engine's own cron fires, even when another engine sharing the store declared other crons."""
-    stores = [SQLiteStore(tmp_path / "cron.db"), SQLiteStore(tmp_path / "cron.db")]
+    stores = [make_store(), make_store()]
     engines = []
     for store, name in zip(stores, ("a", "b"), strict=True):
         engine = make_engine(store, queues=[name])
@@ -714,16 +700,15 @@ def test_crons_declared_by_different_engines_on_one_store_all_fire(
     )
     for engine in engines:
         engine.stop(5)
-    for store in stores:
-        store.close()
 
 
 @pytest.mark.timeout(30)
 def test_retry_claimed_while_the_timed_out_attempt_still_runs_keeps_its_slot(
+    store: Store,
     make_engine: Callable[..., JobEngine],
 ) -> None:
     """A timed-out attempt's thread finishing late must not drop the retry's slot (its timeout, heartbeat)."""
-    engine = make_engine(MemoryStore(), concurrency=2, stale_job_threshold=5.0, backoff=Constant(0))
+    engine = make_engine(store, concurrency=2, stale_job_threshold=5.0, backoff=Constant(0))
     release_first = threading.Event()
     release_second = threading.Event()
 
@@ -763,9 +748,9 @@ def test_enqueue_many_of_nothing_returns_no_ids_on_a_running_engine(
     assert engine.list_jobs() == []
 
 
-def test_context_is_the_shared_cancel_token(make_engine: Callable[..., JobEngine]) -> None:
+def test_context_is_the_shared_cancel_token(store: Store, make_engine: Callable[..., JobEngine]) -> None:
     """JobContext is a CancelToken: the same wait/cancel contract, its message naming the job."""
-    engine = make_engine(MemoryStore())
+    engine = make_engine(store)
     ctx = JobContext(JobRecord(id="j3", name="n", payload="null", attempts=1), engine, engine.logger)
     assert isinstance(ctx, CancelToken)
     assert not hasattr(ctx, "__dict__")  # slots only
@@ -850,7 +835,7 @@ def test_stop_from_inside_a_handler_returns_false_at_once_and_keeps_its_job(
 
 
 class _RetryLaterBreaks(MemoryStore):
-    """A store whose retry_later has a bug (raises something other than StoreError)."""
+    """A store whose retry_later has a bug (raises something other than StoreError): the engine's code, on memory."""
 
     def retry_later(self, job_id: str, **kwargs: Any) -> bool:  # type: ignore[override]
         raise RuntimeError("retry_later is broken")

@@ -1,7 +1,8 @@
 """The store contract: ONE test class run against every store.
 
-A new store joins by adding a factory to ``STORE_FACTORIES`` (a PostgreSQL one can skip
-itself locally when no server runs and fail on CI), nothing else.
+The ``store`` fixture (tests/conftest.py) gives each kind of ``STORE_FACTORIES`` in turn:
+memory, SQLite on a real file, PostgreSQL on the session's server. A new store joins by
+adding a factory there, nothing else.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,20 +33,6 @@ from threaddispatch.stores.base import FINAL_STATES
 from threaddispatch.testing import wait_for
 
 T0 = 1_700_000_000.0
-
-STORE_FACTORIES: dict[str, Callable[[Path], Store]] = {
-    "memory": lambda tmp: MemoryStore(),
-    "sqlite": lambda tmp: SQLiteStore(tmp / "jobs.db"),
-}
-
-
-@pytest.fixture(params=sorted(STORE_FACTORIES))
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """Every store kind, fresh and empty."""
-    made = STORE_FACTORIES[request.param](tmp_path)
-    yield made
-    made.close()
-
 
 _ids = iter(range(1, 1 << 40))
 
