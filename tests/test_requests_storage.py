@@ -328,3 +328,82 @@ def test_sqlite_storage_opens_a_new_connection_in_a_forked_child(tmp_path: Path)
     assert storage._conn is parent_connection
     assert [e.request_id for e in storage.load()] == ["parent", "child"]
     storage.close()
+
+
+class _SlowFirstAdd(MemoryRequestStorage):
+    """A memory storage whose first ``add`` waits for the test, recording every add it is asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storing = threading.Event()
+        self.release = threading.Event()
+        self.asked: list[str] = []
+
+    def add(self, entry: StoredRequest) -> None:
+        self.asked.append(entry.request_id)
+        if len(self.asked) == 1:
+            self.storing.set()
+            self.release.wait(10)
+        super().add(entry)
+
+
+@pytest.mark.timeout(30)
+def test_two_adds_of_one_dedupe_key_at_once_store_one_request() -> None:
+    """A duplicate added while the first is being stored joins it: the storage never sees the loser."""
+    storage = _SlowFirstAdd()
+    rd: RequestDispatcher[str, str] = RequestDispatcher(lambda request, token: request, storage=storage)
+    try:
+        first: list[RequestHandle[str]] = []
+        adder = threading.Thread(target=lambda: first.append(rd.add("same", queue_key="k", deduplicate=True)))
+        adder.start()
+        assert storage.storing.wait(10)
+        second = rd.add("same", queue_key="k", deduplicate=True)  # while the first is inside storage.add
+        storage.release.set()
+        adder.join(10)
+        assert second.deduplicated and not first[0].deduplicated
+        assert second.request_id == first[0].request_id
+        assert second.future is first[0].future
+        assert storage.asked == [first[0].request_id]
+        assert second.future.result(5) == "same"
+    finally:
+        storage.release.set()
+        rd.close(5)
+
+
+class _FailingFirstAdd(_SlowFirstAdd):
+    """The same, but the first add fails once the test lets it go on."""
+
+    def add(self, entry: StoredRequest) -> None:
+        super().add(entry)
+        if len(self.asked) == 1:
+            raise PayloadError(f"cannot keep {entry.request_id}")
+
+
+@pytest.mark.timeout(30)
+def test_a_duplicate_joined_while_the_first_store_fails_gets_the_failure() -> None:
+    """If storing the first request fails, its add raises and a caller that joined it meanwhile gets the error."""
+    storage = _FailingFirstAdd()
+    rd: RequestDispatcher[str, str] = RequestDispatcher(lambda request, token: request, storage=storage)
+    try:
+        raised: list[BaseException] = []
+
+        def first() -> None:
+            try:
+                rd.add("same", queue_key="k", deduplicate=True)
+            except PayloadError as error:
+                raised.append(error)
+
+        adder = threading.Thread(target=first)
+        adder.start()
+        assert storage.storing.wait(10)
+        joined = rd.add("same", queue_key="k", deduplicate=True)
+        storage.release.set()
+        adder.join(10)
+        assert joined.deduplicated and len(raised) == 1
+        with pytest.raises(PayloadError, match="cannot keep"):
+            joined.future.result(5)
+        assert rd.get_queue_keys() == []
+        assert rd.add("same", queue_key="k", deduplicate=True).future.result(5) == "same"  # not joined to the failure
+    finally:
+        storage.release.set()
+        rd.close(5)

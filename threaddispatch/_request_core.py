@@ -110,42 +110,61 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
     # -- intake --------------------------------------------------------------------------------
 
     def add(self, req: PendingRequest) -> RequestHandle[ResponseT]:
-        """Queue ``req``, or join an ongoing duplicate; writes the storage (if any) on this thread."""
+        """Queue ``req``, or join an ongoing duplicate; writes the storage (if any) on this thread.
+
+        Dedupe decides before anything is stored: with a storage, ``req`` is reserved in
+        the dedupe index while it is written, so a duplicate added meanwhile joins it and
+        the storage only ever sees the request that is queued.
+        """
         if req.cache is not None and req.cache[1] > 0:
             hit = self._from_cache(req)
             if hit is not None:
                 return hit
-        out = Outbox()
-        if req.dedupe_key is not None:
+        key = req.dedupe_key
+        if key is not None:
             req.added_at = self.clock()
-            with self.lock:
-                if self.closing:
-                    raise DispatcherClosedError(f"RequestDispatcher {self.name!r} is closed")
-                joined = self._join(req, out)
-            if joined is not None:
-                self._dispatch(out)
-                return cast("RequestHandle[ResponseT]", joined)
-        if self.storage is not None:
-            # Stored before it is visible: its removal, on completion, always comes after.
-            self.storage.keep(req)
         req.future._owner = (self, req.queue_key, req.request_id)
+        link = self.storage
+        out = Outbox()
         with self.lock:
-            closed = self.closing
-            joined = None
-            if not closed:
-                if req.dedupe_key is not None:
-                    joined = self._join(req, out)  # a duplicate queued while we were storing
-                if joined is None:
+            if self.closing:
+                raise DispatcherClosedError(f"RequestDispatcher {self.name!r} is closed")
+            joined = None if key is None else self._join(req, out)
+            if joined is None:
+                if link is None:
                     self._insert(req, out)
-        if req.stored and (closed or joined is not None):
-            assert self.storage is not None
-            self.storage.forget([(req.queue_key, req.request_id)])
-        if closed:
-            raise DispatcherClosedError(f"RequestDispatcher {self.name!r} is closed")
+                elif key is not None:
+                    self.dedupe[key] = req  # reserved: joined, not stored again, while it is written
+        if joined is None and link is not None:
+            self._store_then_insert(req, link, out)
         self._dispatch(out)
         if joined is not None:
             return cast("RequestHandle[ResponseT]", joined)
         return RequestHandle(self, req.request_id, req.queue_key, req.future, False)
+
+    def _store_then_insert(self, req: PendingRequest, link: StorageLink, out: Outbox) -> None:
+        """Store ``req`` (no lock held; stored before it is visible), then queue it unless close began meanwhile."""
+        try:
+            link.keep(req)
+        except BaseException as error:
+            with self.lock:
+                self._unreserve(req)
+            # Callers that joined the reservation hold its Future: they learn why it failed.
+            _settle(req.future, "exception" if isinstance(error, Exception) else "cancel", error)
+            raise
+        with self.lock:
+            closed = self.closing
+            if closed or req.future.cancelled():  # a joined caller cancelled the Future meanwhile
+                self._unreserve(req)
+                queued = False
+            else:
+                self._insert(req, out)
+                queued = True
+        if not queued:
+            link.forget([(req.queue_key, req.request_id)])
+            _settle(req.future, "cancel", None)
+        if closed:
+            raise DispatcherClosedError(f"RequestDispatcher {self.name!r} is closed")
 
     def _from_cache(self, req: PendingRequest) -> RequestHandle[ResponseT] | None:
         """A settled handle if the cache holds a fresh response for ``req``; reads the cache on this thread."""

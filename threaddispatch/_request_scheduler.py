@@ -60,7 +60,8 @@ class Scheduler:
         self.timer_wakeup = threading.Condition(self.lock)
         self.done_changed = threading.Condition(self.lock)
         self.queues: dict[str, KeyQueue] = {}
-        # Ongoing requests that may be joined, by (queue key, dedupe key).
+        # Ongoing requests that may be joined, by (queue key, dedupe key); with a storage, a
+        # request is here from before it is stored (reserved), so a racing duplicate joins it.
         self.dedupe: dict[tuple[str, str], PendingRequest] = {}
         self.retries: DelayQueue[PendingRequest] = DelayQueue(self.timer_wakeup)  # exactly the "retrying" requests
         self.timer: threading.Thread | None = None
@@ -88,7 +89,7 @@ class Scheduler:
     # -- intake --------------------------------------------------------------------------------
 
     def _join(self, req: PendingRequest, out: Outbox) -> RequestHandle[object] | None:
-        """A handle on an ongoing duplicate of ``req`` if there is one to join."""
+        """A handle on an ongoing (or reserved) duplicate of ``req`` if there is one to join."""
         assert req.dedupe_key is not None
         ongoing = self.dedupe.get(req.dedupe_key)
         if ongoing is None:
@@ -102,7 +103,7 @@ class Scheduler:
         return RequestHandle(self, ongoing.request_id, req.queue_key, ongoing.future, True)
 
     def _unreserve(self, req: PendingRequest) -> None:
-        """Drop ``req`` from the dedupe index (it may no longer be joined)."""
+        """Drop ``req`` from the dedupe index (it was reserved and is not queued after all)."""
         if req.dedupe_key is not None and self.dedupe.get(req.dedupe_key) is req:
             del self.dedupe[req.dedupe_key]
 
