@@ -89,9 +89,9 @@ class _Direct:
         self.dispatch = sink.one_async if use_async else sink.one
 
 
-def run_queue(n: int, sink: _Sink) -> float:
-    """queue.Queue(maxsize=BUFFER) and one consumer thread calling the sink per message."""
-    q: queue.Queue[Any] = queue.Queue(maxsize=BUFFER)
+def run_queue(n: int, sink: _Sink, *, simple: bool = False) -> float:
+    """queue.Queue(maxsize=BUFFER), or an unbounded SimpleQueue, and a consumer thread calling the sink per message."""
+    q: Any = queue.SimpleQueue() if simple else queue.Queue(maxsize=BUFFER)
     stop = object()
 
     def consume() -> None:
@@ -129,9 +129,12 @@ def run_async(n: int, dispatcher: Any, flush: Callable[[], object] | None = None
 
 
 def contenders(latency: float) -> list[tuple[str, Callable[[int], tuple[float, _Sink]]]]:
-    def queue_run(n: int) -> tuple[float, _Sink]:
-        sink = _Sink(latency)
-        return run_queue(n, sink), sink
+    def queue_run(simple: bool) -> Callable[[int], tuple[float, _Sink]]:
+        def run(n: int) -> tuple[float, _Sink]:
+            sink = _Sink(latency)
+            return run_queue(n, sink, simple=simple), sink
+
+        return run
 
     def direct_run(use_async: bool) -> Callable[[int], tuple[float, _Sink]]:
         def run(n: int) -> tuple[float, _Sink]:
@@ -158,7 +161,8 @@ def contenders(latency: float) -> list[tuple[str, Callable[[int], tuple[float, _
         return run
 
     return [
-        ("queue.Queue + thread (baseline)", queue_run),
+        ("queue.Queue + thread (baseline)", queue_run(False)),
+        ("SimpleQueue + thread (unbounded)", queue_run(True)),
         ("AsyncDispatcher, direct", direct_run(False)),
         ("AsyncDispatcher, direct, async dispatch", direct_run(True)),
         ("AsyncDispatcher + BatchedDispatcher(10)", batched_run(10)),

@@ -21,6 +21,7 @@ from typing import Any, Generic, TypeVar
 
 from threaddispatch import _lifecycle
 from threaddispatch._engine import OVERFLOW_POLICIES, BatchEngine, Overflow
+from threaddispatch._future import LazyFuture
 from threaddispatch._invoke import Outcome, TimedCaller, call
 from threaddispatch._lanes import ClosedFifoLane, FifoLane
 from threaddispatch._validate import check_positive_int, check_seconds
@@ -154,7 +155,7 @@ class _Sender(Generic[T]):
                 self._report(entries, error, attempts, futures)
                 break
             self.retries += 1
-            batch = _Retrying(entries, futures, attempts, Future() if done is None else done)
+            batch = _Retrying(entries, futures, attempts, LazyFuture() if done is None else done)
             if self._schedule(key, batch, delay):
                 # The first delivery's batch settles when batch.done does; a retry's own batch now.
                 return batch.done if done is None else None
@@ -340,8 +341,8 @@ class BackgroundDispatcher(Generic[T]):
         # Guards the open -> closed transition (_closed, the lane's class, the sender's closing).
         self._close_lock = threading.Lock()
         if overflow in ("block", "raise"):
-            # These policies must decide before the entry is in the buffer: the locked path.
-            self.enqueue = self._enqueue_locked  # type: ignore[method-assign]
+            # Lossless and lock-free while there is room: the engine takes the lock only at the bound.
+            self.enqueue = self._engine.lossless_enqueue(lane, _positional_timeout)  # type: ignore[method-assign]
         else:
             self.enqueue = _lock_free_enqueue(lane, self._engine.kick)  # type: ignore[method-assign]
         # An unreferenced dispatcher drains in the background and its worker then leaves.
@@ -368,20 +369,13 @@ class BackgroundDispatcher(Generic[T]):
         if len(lane) >= lane.trigger:
             self._engine.kick(lane)
 
-    def _enqueue_locked(self, entry: T, *, timeout: float | None = None) -> None:
-        if timeout is not None:
-            timeout = check_seconds("timeout", timeout)
-        if self._closed:
-            self._lane.append(entry)  # raises DispatcherClosedError naming the entry
-        self._engine.put(entry, None, timeout=timeout)
-
     def submit(self, entry: T, *, timeout: float | None = None) -> Future[None]:
         """Like :meth:`enqueue`, and return a Future resolved when the batch holding ``entry`` was sent.
 
         The Future's exception is the send error, or QueueFullError if the entry was dropped.
         ``timeout`` is keyword-only, as for :meth:`enqueue`.
         """
-        future: Future[None] = Future()
+        future: Future[None] = LazyFuture()  # its Condition is made only if someone waits
         self._sender.has_submitted = True
         item: Any = _Submitted(entry, future)
         if timeout is None:

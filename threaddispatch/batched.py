@@ -42,6 +42,7 @@ from typing import Any, Generic, TypeVar
 
 from threaddispatch import _lifecycle
 from threaddispatch._engine import BatchEngine
+from threaddispatch._future import LazyFuture
 from threaddispatch._invoke import ERROR, Outcome, TimedCaller, call
 from threaddispatch._pool import WorkerPool
 from threaddispatch._validate import check_positive_int, check_seconds, show
@@ -90,20 +91,38 @@ _SEND_IDLE_TIMEOUT = 2.0
 
 
 class _Pending(Generic[T]):
-    """A message in a lane, with the Future its sender waits on, its delay to pass on and its submitter's context."""
+    """A message in a lane, with how its outcome is reported, its delay to pass on and its submitter's context.
 
-    __slots__ = ("context", "delay", "future", "message")
+    A submitted message has a ``future``. A message handed over by an AsyncDispatcher
+    (:meth:`BatchedDispatcher._hand_off`) has none: ``settle`` gets the outcomes of a
+    whole batch at once, each beside its ``token`` (no Future, no lock per message).
+    """
+
+    __slots__ = ("context", "delay", "future", "message", "settle", "token")
 
     def __init__(
-        self, message: T, future: Future[str | None], delay: float | None, context: contextvars.Context
+        self,
+        message: T,
+        future: Future[str | None] | None,
+        delay: float | None,
+        context: contextvars.Context,
+        *,
+        settle: Settle | None = None,
+        token: object = None,
     ) -> None:
         self.message = message
         self.future = future
         self.delay = delay
         self.context = context
+        self.settle = settle
+        self.token = token
 
     def __repr__(self) -> str:
         return f"message {show(self.message)}"
+
+
+#: What a hand-off's ``settle`` gets once per batch: ``(token, error or None)`` for each of its messages.
+Settle = Callable[[list[tuple[Any, "BaseException | None"]]], object]
 
 
 class _BatchState(Generic[T]):
@@ -153,7 +172,9 @@ class _BatchState(Generic[T]):
         Runs on the engine worker. Returns the pool's Future (the engine settles the batch
         when it is done), or None when nothing is left to send.
         """
-        batch = [pending for pending in items if pending.future.set_running_or_notify_cancel()]
+        batch = [
+            pending for pending in items if pending.future is None or pending.future.set_running_or_notify_cancel()
+        ]
         if len(batch) != len(items):
             with self.mutex:
                 self.cancelled += len(items) - len(batch)
@@ -210,19 +231,8 @@ class _BatchState(Generic[T]):
             self._fail(batch, outcome.error)
             return
         outcomes = self._outcomes(target, batch, outcome.value)
-        if outcomes is None:
-            return
-        sent = failed = 0
-        for pending, outcome in zip(batch, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                failed += 1
-                pending.future.set_exception(outcome)
-            else:
-                sent += 1
-                pending.future.set_result(outcome)
-        with self.mutex:
-            self.sent += sent
-            self.failed += failed
+        if outcomes is not None:
+            self._resolve(batch, outcomes)
 
     def _call(self, context: contextvars.Context, target: str, payload: list[Any]) -> Outcome:
         """``send_batch(target, payload)`` in ``context`` (this batch's own copy), within the timeout; never raises."""
@@ -264,10 +274,38 @@ class _BatchState(Generic[T]):
         return None
 
     def _fail(self, batch: list[_Pending[T]], error: BaseException) -> None:
-        for pending in batch:
-            pending.future.set_exception(error)
+        self._resolve(batch, [error] * len(batch))
+
+    def _resolve(self, batch: list[_Pending[T]], outcomes: list[Any]) -> None:
+        """Give each message its outcome (an id, None or an exception): its Future, or its hand-off's
+        ``settle`` once per batch. Nothing held: Future callbacks and ``settle`` are user-side code."""
+        sent = failed = 0
+        handed: dict[Settle, list[tuple[Any, BaseException | None]]] | None = None
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            error = outcome if isinstance(outcome, BaseException) else None
+            if error is None:
+                sent += 1
+            else:
+                failed += 1
+            future = pending.future
+            if future is not None:
+                if error is None:
+                    future.set_result(outcome)
+                else:
+                    future.set_exception(error)
+                continue
+            assert pending.settle is not None
+            if handed is None:
+                handed = {}
+            handed.setdefault(pending.settle, []).append((pending.token, error))
         with self.mutex:
-            self.failed += len(batch)
+            self.sent += sent
+            self.failed += failed
+        if handed is not None:
+            for settle, settled in handed.items():
+                outcome = call(settle, settled)
+                if outcome.error is not None:
+                    _log.error("%s: a hand-off's settle raised", self.name, exc_info=outcome.error)
 
     def in_send(self) -> bool:
         """Whether the calling thread is inside ``send_batch`` (it cannot wait for its own batch)."""
@@ -413,18 +451,42 @@ class BatchedDispatcher(Generic[T]):
         if not isinstance(target, str) or not target:
             raise ConfigurationError(f"target must be a non-empty str, got {target!r}")
         delay = None if delay_seconds is None else self._check_delay(delay_seconds)
+        future: Future[str | None] = LazyFuture()
+        self._accept(_Pending(message, future, delay, contextvars.copy_context()), target)
+        return future
+
+    def _hand_off(
+        self,
+        handed: tuple[T, int | None, contextvars.Context | None],
+        target: str,
+        settle: Settle,
+        token: object,
+    ) -> None:
+        """:meth:`submit` without a Future, for :class:`~threaddispatch.buffered.AsyncDispatcher`.
+
+        ``handed`` is ``(message, delay_seconds or None, context or None)``. Once the batch
+        holding the message was sent or failed, ``settle`` gets ``[(token, error or None), ...]``
+        for that batch's hand-offs that share it, on a send thread (or, past close()'s
+        deadline, on the thread that fails them). The message runs in ``context`` (None:
+        the caller's). Raises as :meth:`submit` does.
+        """
+        message, delay_seconds, context = handed
+        delay = None if delay_seconds is None else self._check_delay(delay_seconds)
+        captured = contextvars.copy_context() if context is None else context
+        self._accept(_Pending(message, None, delay, captured, settle=settle, token=token), target)
+
+    def _accept(self, pending: _Pending[T], target: str) -> None:
+        """Queue ``pending`` for ``target`` (held first when it carries a delay and ``hold_delays``)."""
         if self._state.closed:
-            raise DispatcherClosedError(f"BatchedDispatcher {self.name!r} is closed; {show(message)} was not accepted")
-        future: Future[str | None] = Future()
+            raise DispatcherClosedError(
+                f"BatchedDispatcher {self.name!r} is closed; {show(pending.message)} was not accepted"
+            )
         if self._hold_delays:
-            pending = _Pending(message, future, None, contextvars.copy_context())
+            delay, pending.delay = pending.delay, None
             if delay:
                 self._engine.put_later(pending, target, delay)
-                return future
-        else:
-            pending = _Pending(message, future, delay, contextvars.copy_context())
+                return
         self._engine.put(pending, target)
-        return future
 
     def _check_delay(self, delay_seconds: object) -> float:
         """``delay_seconds`` as given when valid and this dispatcher can honour it; else ConfigurationError."""

@@ -64,6 +64,10 @@ _FLUSH: Any = object()
 # The longest single wait of the dispatch loop (a retry due far ahead is waited for in steps).
 _MAX_WAIT = 3600.0
 
+# The most buffered messages the dispatch loop takes under one lock for a hand-off (which never
+# blocks): fewer lock round trips with the producers, and the buffer still frees room steadily.
+_HAND_CHUNK = 64
+
 # A buffered message: (message, delay_seconds or None, the producer's context captured at put(),
 # or None without carry_context).
 _Entry = tuple[T, "int | None", "contextvars.Context | None"]
@@ -186,6 +190,11 @@ class _AsyncState(Generic[T]):
         submit = getattr(dispatcher, "submit", None)
         flush = getattr(dispatcher, "flush", None)
         self.submit: Callable[..., Future[Any]] | None = submit if callable(submit) else None
+        # A BatchedDispatcher's Future-free hand-off (settled once per batch); only without a
+        # dispatch_timeout, which it would not need (it never blocks) but which submit honours.
+        hand_off = getattr(dispatcher, "_hand_off", None) if dispatch_timeout is None else None
+        self.hand_off: Callable[..., None] | None = hand_off if callable(hand_off) else None
+        self.on_handed = self._on_handed  # made once: the hand-off groups a batch's messages by it
         self.flush: Callable[[float | None], object] | None = flush if callable(flush) else None
         self.target = target
         self.error_handler = error_handler
@@ -417,7 +426,8 @@ class _AsyncState(Generic[T]):
         """Take messages one at a time and hand each to the dispatcher, until stopped and drained."""
         delivered = 0  # direct sends that succeeded, counted at the next lock
         inline = self.caller.timeout is None  # no timeout: a plain dispatch runs right here
-        holding: tuple[_Entry[T], int] | None = None  # the message this loop is handling, for _abandon
+        # The messages this loop is handling, for _abandon; a hand-off chunk is held last-first.
+        holding: list[tuple[_Entry[T], int]] = []
         try:
             while True:
                 with self.mutex:
@@ -426,12 +436,20 @@ class _AsyncState(Generic[T]):
                         self.sent += delivered
                         delivered = 0
                     job = self._next_job()
+                    if self.hand_off is not None and job is not None and job is not _FLUSH:
+                        holding = self._take_more(job)
                 if job is None:
                     return
                 if job is _FLUSH:
                     self._flush()
                     continue
-                holding = job
+                if holding:
+                    while holding:
+                        entry, attempts = holding[-1]
+                        self._hand(entry, attempts + 1)
+                        holding.pop()
+                    continue
+                holding = [job]
                 entry, attempts = job
                 if self.submit is not None:
                     self._submit(entry, attempts + 1)
@@ -446,14 +464,14 @@ class _AsyncState(Generic[T]):
                             self._settle(entry, attempts + 1, error)
                         else:
                             delivered += 1
-                        holding = None
+                        holding = []
                         continue
                     outcome = self._dispatch(message, delay, context)
                     if outcome.error is None:
                         delivered += 1
                     else:  # user code failed this message (an error, a timeout); the loop lives
                         self._settle(entry, attempts + 1, outcome.error)
-                holding = None
+                holding = []
         except BaseException as error:
             # Only a fault of this loop's own code gets here: user code's errors fail their message.
             _log.critical("%s: the dispatch loop died; reporting what it held as failed", self.describe())
@@ -502,6 +520,29 @@ class _AsyncState(Generic[T]):
                     return _FLUSH
             until = retries.timeout(now) if retrying else None
             self._wait_for_work(None if until is None else min(until, _MAX_WAIT))
+
+    def _take_more(self, job: tuple[_Entry[T], int]) -> list[tuple[_Entry[T], int]]:
+        """``job`` and up to ``_HAND_CHUNK - 1`` more buffered messages, for the hand-off, last first. Holds mutex.
+
+        Takes only what ``_next_job`` would take next: not while the failure backlog is full
+        nor past ``max_in_flight``; a retry due now is taken by the next ``_next_job``.
+        """
+        taken = [job]
+        buffer = self.buffer
+        assert self.failure_capacity is not None
+        if not buffer or len(self.failures) >= self.failure_capacity:
+            return taken
+        count = min(len(buffer), _HAND_CHUNK - 1, self.max_in_flight - self.in_flight)
+        if count <= 0:
+            return taken
+        popleft = buffer.popleft
+        taken += [(popleft(), 0) for _ in range(count)]
+        self.in_flight += count
+        self.submitted += count
+        if self.put_waiters:
+            self.not_full.notify(count)
+        taken.reverse()
+        return taken
 
     def _dispatch(self, message: T, delay: int | None, context: contextvars.Context | None) -> Outcome:
         """Call ``dispatch`` with the delay, in the producer's context when it was captured. Nothing held."""
@@ -555,6 +596,31 @@ class _AsyncState(Generic[T]):
         else:
             future.add_done_callback(functools.partial(self._on_done, entry, attempt))
 
+    def _hand(self, entry: _Entry[T], attempt: int) -> None:
+        """Hand ``entry`` to the BatchedDispatcher without a Future; :meth:`_on_handed` settles it."""
+        assert self.hand_off is not None
+        try:
+            self.hand_off(entry, self.target, self.on_handed, (entry, attempt))
+        except BaseException as error:  # noqa: BLE001 - refused (closed, a bad delay): this message failed
+            self._settle(entry, attempt, error)
+
+    def _on_handed(self, settled: list[tuple[tuple[_Entry[T], int], BaseException | None]]) -> None:
+        """A batch of handed messages was sent or failed (a send thread, nothing held): one lock for its successes."""
+        sent = 0
+        for (entry, attempt), error in settled:
+            if error is None:
+                sent += 1
+            else:
+                self._settle(entry, attempt, error)
+        if sent:
+            with self.mutex:
+                self.in_flight -= sent
+                self.sent += sent
+                if self.loop_waiting:
+                    self.work_ready.notify()
+                if self.dispatch_done:
+                    self.failure_ready.notify()
+
     def _on_done(self, entry: _Entry[T], attempt: int, future: Future[Any]) -> None:
         """Done-callback of a submitted message's Future (any thread, nothing held)."""
         error: BaseException | None
@@ -602,7 +668,7 @@ class _AsyncState(Generic[T]):
             _log.exception("%s: the retry policy raised; the failure is final", self.describe())
             return None
 
-    def _abandon(self, error: BaseException, holding: tuple[_Entry[T], int] | None, delivered: int) -> None:
+    def _abandon(self, error: BaseException, holding: list[tuple[_Entry[T], int]], delivered: int) -> None:
         """The dispatch loop is dying: report everything it still held as failed."""
         with self.mutex:
             self.in_flight -= delivered
@@ -611,9 +677,8 @@ class _AsyncState(Generic[T]):
             self.retrying = 0
             self.in_flight -= len(left)
             left += [(entry, 0) for entry in self.buffer]
-            if holding is not None:
-                left.insert(0, holding)
-                self.in_flight -= 1
+            left[:0] = reversed(holding)
+            self.in_flight -= len(holding)
             self.buffer.clear()
             self.failed += len(left)
             self.failures.extend(_failed(entry, error, self.target, attempts) for entry, attempts in left)
