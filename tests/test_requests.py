@@ -582,7 +582,7 @@ def test_pause_lets_running_requests_finish_and_holds_the_rest(h: Harness) -> No
 
     rd = h.make(send)
     running = rd.add("running", queue_key="k")
-    started.wait(5)
+    assert started.wait(5)
     rd.pause("k")
     waiting = rd.add("waiting", queue_key="k")
     h.release.set()
@@ -618,7 +618,7 @@ def test_stop_cancels_running_requests_which_stay_queued_and_run_again_on_start(
     assert not handle.future.done()
     assert rd.get_request("k", handle.request_id).state == "waiting"  # type: ignore[union-attr]
     assert len(events.of("abort")) == 1
-    returned.wait(5)
+    assert returned.wait(5)
     rd.start("k")
     assert handle.future.result(5) == "req on attempt 2"
     assert not tokens[1].cancelled
@@ -726,7 +726,7 @@ def test_failure_while_offline_stays_queued_until_online(h: Harness) -> None:
     rd = h.make(send)
     events = Recorder(rd, "error")
     handle = rd.add("r", queue_key="k", retry=0)
-    started.wait(5)
+    assert started.wait(5)
     rd.set_online(False)
     h.release.set()
     wait_for(lambda: events.of("error"), message="the failure was reported")
@@ -749,7 +749,7 @@ def test_failure_while_offline_with_offline_false_follows_retry_rules(h: Harness
 
     rd = h.make(send)
     handle = rd.add("r", queue_key="k", offline=False)
-    started.wait(5)
+    assert started.wait(5)
     rd.set_online(False)
     h.release.set()
     with pytest.raises(ConnectionError):
@@ -835,7 +835,7 @@ def test_queue_change_loading_and_snapshots(h: Harness) -> None:
     events = Recorder(rd, "queue_change", "loading")
     running = rd.add("run", queue_key="k", retry=2, retry_time=0.1)
     queued = rd.add("queued", queue_key="k", mode="queued")
-    started.wait(5)
+    assert started.wait(5)
     snapshot = rd.get_queue("k")
     assert [(r.request_id, r.state, r.mode) for r in snapshot.requests] == [
         (running.request_id, "running", "concurrent"),

@@ -48,16 +48,13 @@ def test_close_drains_running_and_waiting_requests() -> None:
     assert [handle.future.result(0) for handle in handles] == [0, 1, 2, 3, 9]
 
 
-def test_close_is_idempotent_and_add_after_close_raises() -> None:
-    """A second close returns the first one's result; add, even deduplicated, raises DispatcherClosedError."""
+def test_a_deduplicated_add_after_close_raises() -> None:
+    """add with deduplicate (another path than a plain add: tests/test_face_contract.py) raises after close too."""
     rd: RequestDispatcher[str, str] = RequestDispatcher(lambda request, token: request)
-    assert rd.add("x", queue_key="k").future.result(5) == "x"
-    assert rd.close(5) is True
+    assert rd.add("x", queue_key="k", deduplicate=True).future.result(5) == "x"
     assert rd.close(5) is True
     with pytest.raises(DispatcherClosedError, match="closed"):
-        rd.add("y", queue_key="k")
-    with pytest.raises(DispatcherClosedError):
-        rd.add("y", queue_key="k", deduplicate=True)
+        rd.add("x", queue_key="k", deduplicate=True)
     assert "closed" in repr(rd)
 
 
@@ -75,8 +72,11 @@ def test_close_cancels_requests_that_cannot_run() -> None:
     assert removed == ["closed", "closed"]
 
 
-def test_close_returns_within_its_timeout_when_send_hangs_and_ignores_its_token() -> None:
-    """A send that ignores its token cannot stretch close past its timeout; its Future is cancelled."""
+def test_close_at_its_timeout_sets_a_hung_sends_token_and_cancels_its_future() -> None:
+    """At close's timeout a send that ignores its token is given up: token set, Future cancelled, close False.
+
+    That close returns within its timeout at all is the cross-face contract's (tests/test_face_contract.py).
+    """
     hang = threading.Event()
     started = threading.Event()
     tokens: list[CancellationToken] = []
@@ -89,11 +89,9 @@ def test_close_returns_within_its_timeout_when_send_hangs_and_ignores_its_token(
 
     rd: RequestDispatcher[str, str] = RequestDispatcher(send)
     handle = rd.add("hung", queue_key="k")
-    started.wait(5)
-    began = time.monotonic()
+    assert started.wait(5)
     try:
         assert rd.close(0.3) is False
-        assert time.monotonic() - began < 5.0
         assert tokens[0].cancelled
         assert handle.future.cancelled()
     finally:
@@ -157,8 +155,7 @@ def test_unreferenced_dispatcher_is_collected_and_its_request_still_delivered() 
         release.wait(10)
         return request
 
-    rd: RequestDispatcher[str, str] | None = RequestDispatcher(send, name="orphan")
-    assert rd is not None
+    rd: RequestDispatcher[str, str] = RequestDispatcher(send, name="orphan")
     handle = rd.add("still sent", queue_key="k")
     ref = weakref.ref(rd)
     del rd
@@ -171,8 +168,7 @@ def test_unreferenced_dispatcher_is_collected_and_its_request_still_delivered() 
 
 def test_listener_holding_the_dispatcher_does_not_keep_a_closed_one_alive() -> None:
     """After close, a dispatcher referenced only by its own listener is collected with it."""
-    rd: RequestDispatcher[str, str] | None = RequestDispatcher(lambda request, token: request)
-    assert rd is not None
+    rd: RequestDispatcher[str, str] = RequestDispatcher(lambda request, token: request)
     rd.on("response", lambda e, rd=rd: rd.online)  # type: ignore[misc]
     rd.add("x", queue_key="k").future.result(5)
     rd.close(5)
@@ -198,7 +194,7 @@ def test_forked_child_starts_clean() -> None:
     rd.pause("held")
     held = [rd.add(f"held {i}", queue_key="held") for i in range(2)]
     blocking = rd.add("blocking", queue_key="busy")
-    started.wait(5)
+    assert started.wait(5)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         code = 1
