@@ -187,6 +187,18 @@ def measure(latency: float, n: int, repeat: int) -> dict[str, tuple[float, int]]
     return results
 
 
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    """A reStructuredText simple table."""
+    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
+    rule = "  ".join("=" * w for w in widths)
+    print(rule)
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    print(rule)
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    print(rule)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--messages", type=int, default=200_000, help="messages per run, 0 ms workload")
@@ -202,14 +214,7 @@ def main(argv: list[str] | None = None) -> None:
 
     headers = ["Hand-off", "msg/s, 0 ms per call", f"msg/s, {args.latency:g} ms per call", "calls (latency run)"]
     rows = [[name, f"{fast[name][0]:,.0f}", f"{slow[name][0]:,.0f}", f"{slow[name][1]:,}"] for name in fast]
-    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
-    rule = "  ".join("=" * w for w in widths)
-    print(rule)
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
-    print(rule)
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
-    print(rule)
+    print_table(headers, rows)
     print(
         f"\nPython {sys.version.split()[0]}, one producer, buffer {BUFFER}, median of {args.repeat} runs; "
         f"BatchedDispatcher flush_interval=0.05, max_concurrent_sends=4."

@@ -215,14 +215,10 @@ def _print_table(results: dict[str, dict[str, dict[str, float]]], trees: list[st
             before = by_tree.get("before") or by_tree["now"]
             cells.append(f"{before['cpu_us'] / by_tree['now']['cpu_us']:.2f}x")
         rows.append(cells)
-    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-    rule = "  ".join("=" * w for w in widths)
-    print(rule)
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
-    print(rule)
-    for cells in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)))
-    print(rule)
+    sys.path.insert(0, str(HERE.parent))
+    from bench_buffered import print_table
+
+    print_table(headers, rows)
     print(f"\nPython {sys.version.split()[0]}; per-call rows: bytes per pending entry; end-to-end rows: msg/s.")
 
 
