@@ -1,6 +1,7 @@
 """Enqueue and end-to-end throughput of BackgroundDispatcher against its peers, side by side.
 
 Usage: python benchmarks/bench_enqueue.py [--entries 1000000] [--repeats 5] [--producers 1,4]
+       python benchmarks/bench_enqueue.py --policies [--before DIR] [--entries 1000000] [--repeats 5]
        python benchmarks/bench_enqueue.py --send-overhead [--batches 20000] [--repeats 5]
 
 Every cell is the median of ``--repeats`` runs, each in a fresh interpreter; see
@@ -11,18 +12,35 @@ table comes from this script's output on the reference machine.
 against a plain one: BackgroundDispatcher sends ``--batches`` one-entry batches through
 each (the coroutine awaits nothing, so the difference is the calling contract's: making
 the coroutine and running it on the worker's private event loop), median of the repeats.
+
+``--policies`` measures BackgroundDispatcher's enqueue under each ``overflow`` policy with
+room to spare (``max_queue_size`` = every entry of the run, so nothing is dropped nor
+refused), beside OpenTelemetry's BatchSpanProcessor, queue.Queue + thread and logging's
+QueueListener, in the same run, round-robin (one fresh interpreter per cell and round).
+``--before DIR`` adds the same policy rows run against another copy of the package (e.g.
+``git archive HEAD threaddispatch | tar -x -C DIR``): before/after ratios from one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if "--tree" in sys.argv:  # a cell run against another copy of the package (--before)
+    sys.path.insert(0, sys.argv[sys.argv.index("--tree") + 1])
 
 from threaddispatch import BackgroundDispatcher, _bench
+
+POLICIES = ("drop_newest", "drop_oldest", "block", "raise")
+PEERS = ("otel", "queue", "queuelistener")
 
 
 def _sync_send(entries: list[int]) -> None:
@@ -61,6 +79,62 @@ def send_overhead(batches: int, repeats: int) -> int:
     return 0
 
 
+def _policy_contender(policy: str) -> Any:
+    def make(sink: Any, capacity: int) -> Any:
+        d: BackgroundDispatcher[Any] = BackgroundDispatcher(
+            sink.batch,
+            ms_delay=_bench.WINDOW_MS,
+            max_batch_size=_bench.BATCH,
+            max_queue_size=capacity,
+            overflow=policy,  # type: ignore[arg-type]
+            name="bench",
+        )
+        return _bench._Contender(d.enqueue, lambda: d.close(5.0), lambda: d._engine._thread)
+
+    return make
+
+
+def run_cell(name: str, producers: int, per_producer: int) -> dict[str, Any]:
+    """One run in this process: ``policy:<overflow>`` or one of _bench's contenders."""
+    for policy in POLICIES:
+        _bench.CONTENDERS[f"policy:{policy}"] = (f"overflow={policy!r}", _policy_contender(policy), None)
+    return _bench.run_once(name, producers, per_producer, 0.0)
+
+
+def policies(entries: int, producers: int, repeats: int, before: str | None) -> int:
+    cells: list[tuple[str, str | None]] = [(f"policy:{p}", None) for p in POLICIES]
+    if before:
+        cells += [(f"policy:{p}", before) for p in POLICIES]
+    cells += [(peer, None) for peer in PEERS]
+    runs: dict[tuple[str, str | None], list[dict[str, Any]]] = {cell: [] for cell in cells}
+    per_producer = entries // producers
+    for round_ in range(repeats):
+        for name, tree in cells:
+            command = [sys.executable, __file__, "--cell", name, "--producers", str(producers)]
+            command += ["--entries", str(per_producer)] + (["--tree", tree] if tree else [])
+            out = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
+            runs[(name, tree)].append(json.loads(out.stdout))
+            print(f"round {round_ + 1}: {name} {tree or ''}: {out.stdout.strip()}", file=sys.stderr, flush=True)
+    med = {
+        cell: {k: statistics.median(r[k] for r in rs) for k in ("cpu_ns_per_enqueue", "entries_per_s")}
+        for cell, rs in runs.items()
+    }
+    base = med[("policy:drop_newest", None)]["cpu_ns_per_enqueue"]
+    print(f"{producers} producers, {entries} entries, median of {repeats} (CPU ns per enqueue, all threads' share)")
+    print(f"{'contender':<34} {'CPU ns':>8} {'x drop_newest':>14} {'x before':>9} {'M/s':>6} {'complete':>8}")
+    for (name, tree), m in med.items():
+        label = name.removeprefix("policy:") if name.startswith("policy:") else _bench.CONTENDERS[name][0]
+        label = f"{'before: ' if tree else ''}{label}"
+        was = med.get((name, before)) if before and not tree else None
+        ratio = f"{m['cpu_ns_per_enqueue'] / was['cpu_ns_per_enqueue']:.2f}" if was else "-"
+        done = all(r["complete"] for r in runs[(name, tree)])
+        print(
+            f"{label:<34} {m['cpu_ns_per_enqueue']:>8.0f} {m['cpu_ns_per_enqueue'] / base:>14.2f} {ratio:>9} "
+            f"{m['entries_per_s'] / 1e6:>6.2f} {'yes' if done else 'NO':>8}"
+        )
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, default=1_000_000)
@@ -69,7 +143,17 @@ def main() -> int:
     parser.add_argument("--chart", default=str(Path(__file__).with_name("enqueue.png")))
     parser.add_argument("--send-overhead", action="store_true", help="async vs sync send_batch cost per batch")
     parser.add_argument("--batches", type=int, default=20_000)
+    parser.add_argument("--policies", action="store_true", help="each overflow policy beside the peers")
+    parser.add_argument("--before", help="with --policies: also run the policies against this package copy")
+    parser.add_argument("--cell", help=argparse.SUPPRESS)
+    parser.add_argument("--tree", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cell:
+        print(json.dumps(run_cell(args.cell, int(args.producers), args.entries)))
+        return 0
+    if args.policies:
+        producers = int(args.producers.split(",")[-1])
+        return policies(args.entries, producers, args.repeats, args.before)
     if args.send_overhead:
         return send_overhead(args.batches, args.repeats)
     results = _bench.run_matrix(

@@ -372,3 +372,125 @@ def test_repr_never_raises_for_a_half_made_instance(cls: type[Any]) -> None:
         else:
             obj.__init__(1, 2, 3, 4)
     assert cls.__name__ in repr(obj)
+
+
+class Gated:
+    """A deliver that holds every batch until released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.entries = 0
+
+    def __call__(self, key: Hashable, items: list[Any]) -> None:
+        assert self.release.wait(20), "the test never released deliver"
+        with self.lock:
+            self.entries += len(items)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("overflow", ["block", "raise"])
+def test_lossless_enqueue_never_holds_more_than_max_queue_size(overflow: str) -> None:
+    """Four producers racing on the lock-free lossless path: the lane never holds more than
+    max_queue_size, and every entry is either delivered or refused with QueueFullError."""
+    deliver = Gated()
+    engine: BatchEngine[int] = BatchEngine(
+        deliver,
+        name="test-lossless",
+        window=60,
+        max_batch_size=1000,
+        max_queue_size=50,
+        overflow=overflow,  # type: ignore[arg-type]
+    )
+    lane = engine.default_lane
+    assert isinstance(lane, FifoLane)
+    enqueue = engine.lossless_enqueue(lane, lambda: TypeError("positional timeout"))
+    refused = [0] * 4
+    longest = [0]
+    start = threading.Barrier(4)
+
+    def produce(index: int) -> None:
+        start.wait()
+        for i in range(2000):
+            try:
+                enqueue(i, timeout=0)
+            except QueueFullError:
+                refused[index] += 1
+            longest[0] = max(longest[0], len(lane))
+
+    threads = [threading.Thread(target=produce, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert longest[0] <= 50
+    assert sum(refused)  # the bound was reached
+    deliver.release.set()
+    assert engine.close(10)
+    assert deliver.entries + sum(refused) == 8000
+
+
+@pytest.mark.timeout(30)
+def test_lossless_enqueue_blocks_at_the_bound_until_a_take_and_refuses_misuse() -> None:
+    """At the bound a "block" enqueue waits for room (up to its timeout); a stray positional
+    argument is the face's misuse error; a closed lane refuses and gives its slot back."""
+    deliver = Gated()
+    engine: BatchEngine[int] = BatchEngine(
+        deliver, name="test-lossless-block", window=60, max_batch_size=2, max_queue_size=2, overflow="block"
+    )
+    lane = engine.default_lane
+    assert isinstance(lane, FifoLane)
+    enqueue = engine.lossless_enqueue(lane, lambda: TypeError("positional timeout"))
+    with pytest.raises(TypeError, match="positional timeout"):
+        enqueue(1, 5.0)
+    assert lane.reserved == []
+    enqueue(1)
+    enqueue(2)  # full: the batch is taken and held in deliver
+    wait_for(lambda: len(lane) == 0, message="the first batch taken")
+    enqueue(3)
+    enqueue(4)  # the lane is full again (its batch waits for the one in deliver)
+    with pytest.raises(QueueFullError, match="stayed full"):
+        enqueue(5, timeout=0.01)
+    assert len(lane.reserved or []) == 2
+    done = threading.Event()
+    def blocked() -> None:
+        enqueue(6, timeout=20)
+        done.set()
+
+    threading.Thread(target=blocked, daemon=True).start()
+    deliver.release.set()  # the held batch settles, the next is taken: room
+    assert done.wait(20)
+    assert engine.close(10)
+    assert deliver.entries == 5
+    lane.__class__ = ClosedFifoLane
+    with pytest.raises(DispatcherClosedError):
+        enqueue(7)
+    assert lane.reserved == []
+
+
+def test_a_shut_gate_is_asked_once_not_once_per_due_lane() -> None:
+    """With many lanes due and the gate refusing, one take asks the gate once and leaves the
+    other lanes due, in order, untried (the cost of a take does not grow with the lanes)."""
+    calls = [0]
+
+    def gate(_key: Hashable) -> bool:
+        calls[0] += 1
+        return False
+
+    engine: BatchEngine[int] = BatchEngine(
+        lambda key, items: None, name="test-gate", window=60, max_batch_size=2, gate=gate
+    )
+    with engine._lock:
+        engine._thread = threading.current_thread()  # no worker: the test takes
+    for key in range(1000):
+        engine.put(1, key)
+        engine.put(2, key)  # full: due
+    with engine._lock:
+        batches, skipped = engine._take_due(time.monotonic())
+        assert next(iter(engine._due)).key == 1
+        assert len(engine._due) == 999
+    assert (batches, skipped, calls[0]) == ([], [(0, 2)], 1)
+    with engine._lock:
+        engine._thread = None
+    assert engine.close(5)  # closing bypasses the gate: everything goes
+    assert engine.pending() == 0

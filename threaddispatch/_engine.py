@@ -15,9 +15,26 @@ they are always called with ``_lock`` released. ``gate`` is the exception: it ru
 ``_lock`` held, so it must be cheap, run no user code, and read engine state only through
 :attr:`BatchEngine.unsettled`.
 
-A lane the gate holds back waits for capacity: it is retried when a batch settles (one
-held lane per settled batch, oldest first) or when its next window closes, whichever
-comes first; reaching ``max_batch_size`` meanwhile does not retry it again.
+The gate is one capacity for all lanes: once it refuses a lane, the worker stops taking
+(the other due lanes wait in order, untried) until something may have changed its answer:
+a batch settles, or a lane becomes due (a window closes, a size trigger, a flush). The
+lane it refused is held: retried when a batch settles (one held lane per settled batch,
+oldest first, ahead of the lanes waiting) or when its next window closes, whichever comes
+first; reaching ``max_batch_size`` meanwhile does not retry it again. So a shut gate costs
+one refusal per such event, not one per due lane.
+
+Cost does not grow with the number of lanes: the open windows and the due lanes are
+OrderedDicts (a linked order: O(1) to find, pop or move the head, where a plain dict used
+as a FIFO rescans the dead slots its pops leave), and a shut gate stops the take loop.
+
+A bounded lossless engine (``max_queue_size`` with ``overflow="block"`` or ``"raise"``)
+keeps the bound exact without the lock on the hot path: see :meth:`BatchEngine.lossless_enqueue`
+and ``reserved`` in :mod:`threaddispatch._lanes`.
+
+Why one module of ~800 lines: it is one object whose every method reads or writes state
+under the one ``_lock``, with invariants (the flush quotas, the trigger/length order, the
+gate) that span producers, the worker, flush and close; split across modules, each part
+would have to restate them.
 
 Time: every wait is computed from one deadline on ``time.monotonic()``.
 """
@@ -25,6 +42,7 @@ Time: every wait is computed from one deadline on ``time.monotonic()``.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import threading
 import time
@@ -37,6 +55,7 @@ from threaddispatch import _lifecycle
 from threaddispatch._invoke import close_thread_loop
 from threaddispatch._lanes import INACTIVE, FifoLane, Lane
 from threaddispatch._timers import DelayQueue
+from threaddispatch._validate import check_seconds
 from threaddispatch.errors import ConfigurationError, DispatcherClosedError, QueueFullError
 
 __all__ = ["OVERFLOW_POLICIES", "BatchEngine", "Overflow"]
@@ -53,6 +72,14 @@ _log = logging.getLogger("threaddispatch")
 
 
 Deliver = Callable[[Hashable, list[Any]], "Future[Any] | None"]
+
+_ENQUEUE_SIGNATURE = inspect.Signature(
+    [
+        inspect.Parameter("entry", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("timeout", inspect.Parameter.KEYWORD_ONLY, default=None),
+    ],
+    return_annotation=None,
+)
 
 
 class BatchEngine(Generic[T]):
@@ -99,6 +126,8 @@ class BatchEngine(Generic[T]):
         self._lane_factory = lane_factory
         # Above this length a producer on the lock-free path must kick: the overflow check.
         self._cap_trigger = _UNBOUNDED if max_queue_size is None else max_queue_size + 1
+        # Lanes keep an exact bound with slot reservations (FifoLane.reserved) instead of a drop.
+        self._reserving = max_queue_size is not None and overflow in ("block", "raise")
         self._init_state()
         _lifecycle.register(self)
 
@@ -119,11 +148,16 @@ class BatchEngine(Generic[T]):
             default_lane.trigger = INACTIVE
             default_lane.deadline = None
             default_lane.due = False
+            reserved = getattr(default_lane, "reserved", None)
+            if reserved is not None:
+                reserved.clear()  # placeholders of parent threads that do not exist here
             self._lanes[None] = default_lane
         # Lanes with an open window, in the order their windows close (all windows are equally long).
-        self._open: dict[Lane[T], None] = {}
-        self._due: dict[Lane[T], None] = {}  # lanes to send now, in the order they became due
+        self._open: OrderedDict[Lane[T], None] = OrderedDict()
+        self._due: OrderedDict[Lane[T], None] = OrderedDict()  # lanes to send now, in the order they became due
         self._held: OrderedDict[Lane[T], None] = OrderedDict()  # lanes the gate held back, oldest first
+        # The gate refused and nothing that could change its answer happened since: take nothing.
+        self._gate_shut = False
         # put_later entries as (key, item), on the shared delay queue under _lock (its pushes wake the worker).
         self._scheduled: DelayQueue[tuple[Hashable, T]] = DelayQueue(self._wakeup)
         self._batch_seq = 0
@@ -152,6 +186,8 @@ class BatchEngine(Generic[T]):
 
     def _new_lane(self, key: Hashable) -> Lane[T]:
         lane = self._lane_factory(key)
+        if self._reserving and isinstance(lane, FifoLane):
+            lane.reserved = []
         self._lanes[key] = lane
         return lane
 
@@ -159,11 +195,55 @@ class BatchEngine(Generic[T]):
         """Called by a lock-free producer whose append took ``lane`` to its trigger."""
         dropped: list[T] | None = None
         with self._lock:
-            if self.max_queue_size is not None and len(lane) > self.max_queue_size:
+            # A lossless lane is never trimmed: past its bound only by the engine's own requeues.
+            if self.max_queue_size is not None and len(lane) > self.max_queue_size and not self._reserving:
                 dropped = self._trim(lane)
             self._arm(lane)
         if dropped:
             self._report_dropped(dropped)
+
+    def lossless_enqueue(self, lane: FifoLane, misuse: Callable[[], Exception]) -> Callable[..., None]:
+        """The hot path of ``enqueue(entry, *, timeout=None)`` into ``lane`` under ``"block"``/``"raise"``.
+
+        Lock-free while there is room: reserve a slot (a placeholder appended to
+        ``lane.reserved``, then its length read: see :mod:`threaddispatch._lanes`), append,
+        compare the length with the trigger, as the drop policies' path does. Only a
+        producer that finds the lane at ``max_queue_size`` gives its slot back and takes
+        the locked :meth:`put`, which waits (``"block"``, up to ``timeout``) or raises
+        QueueFullError. The bound is exact: the lane never holds more than
+        ``max_queue_size`` producers' entries. A second positional argument lands in
+        ``_lane``, which has no ``lock_free_append``: that AttributeError becomes
+        ``misuse()``. A closed lane (``ClosedFifoLane``) raises DispatcherClosedError.
+        """
+        reserved = lane.reserved
+        limit = self.max_queue_size
+        if reserved is None or limit is None:
+            raise ConfigurationError(f"{self.name}: lossless_enqueue needs a lane of a bounded block/raise engine")
+        key, put, kick, length = lane.key, self.put, self.kick, len
+        reserve, unreserve = reserved.append, reserved.pop
+
+        # Only ``_lane`` is a parameter with a default (the rest are closure cells, about as
+        # cheap): a stray positional argument lands there, and more than one is Python's TypeError.
+        def enqueue(entry: object, _lane: FifoLane = lane, timeout: float | None = None) -> None:
+            if timeout is not None:
+                timeout = check_seconds("timeout", timeout)
+            reserve(None)
+            if length(reserved) > limit:
+                unreserve()  # no room: the locked path decides, exactly
+                put(entry, key, timeout=timeout)  # type: ignore[arg-type]
+                return
+            try:
+                _lane.lock_free_append(entry)
+            except BaseException as exc:
+                unreserve()
+                if isinstance(exc, AttributeError):
+                    raise misuse() from None
+                raise
+            if length(_lane) >= _lane.trigger:
+                kick(_lane)
+
+        enqueue.__signature__ = _ENQUEUE_SIGNATURE  # type: ignore[attr-defined]
+        return enqueue
 
     def put(self, item: T, key: Hashable = None, *, timeout: float | None = None) -> bool:
         """Add ``item`` to the lane of ``key`` under the lock; returns False if it was dropped.
@@ -179,7 +259,7 @@ class BatchEngine(Generic[T]):
                 raise DispatcherClosedError(f"{self.name} is closed; {item!r} was not accepted")
             lane = self._lane_of(key)
             limit = self.max_queue_size
-            if limit is not None and len(lane) >= limit:
+            if limit is not None and not self._take_slot(lane, limit):
                 if self.overflow == "raise":
                     raise QueueFullError(f"{self.name}: queue is full ({limit} entries); {item!r} was not accepted")
                 if self.overflow == "block":
@@ -191,11 +271,31 @@ class BatchEngine(Generic[T]):
                     self.dropped += 1
                     accepted = False
             if accepted:
-                lane.append(item)
+                try:
+                    lane.append(item)
+                except BaseException:
+                    self._give_slot_back(lane)
+                    raise
                 self._arm(lane)
         if dropped:
             self._report_dropped(dropped)
         return accepted
+
+    def _take_slot(self, lane: Lane[T], limit: int) -> bool:
+        """Whether ``lane`` has room for one more entry; on a reserving lane, reserve it. Holds _lock."""
+        reserved = getattr(lane, "reserved", None)
+        if reserved is None:
+            return len(lane) < limit
+        reserved.append(None)
+        if len(reserved) > limit:
+            reserved.pop()
+            return False
+        return True
+
+    def _give_slot_back(self, lane: Lane[T]) -> None:
+        reserved = getattr(lane, "reserved", None)
+        if reserved is not None:
+            reserved.pop()
 
     def _lane_of(self, key: Hashable) -> Lane[T]:
         """The live lane of ``key``, made if it has none; caller holds _lock."""
@@ -215,7 +315,7 @@ class BatchEngine(Generic[T]):
                 if self._closing:
                     raise DispatcherClosedError(f"{self.name} closed while {item!r} waited for room")
                 lane = self._lane_of(key)
-                if len(lane) < limit:
+                if self._take_slot(lane, limit):
                     return lane
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -312,6 +412,7 @@ class BatchEngine(Generic[T]):
         lane.trigger = self._cap_trigger
         self._open.pop(lane, None)
         self._due[lane] = None
+        self._gate_shut = False  # a lane newly due: ask the gate again (one refusal at most)
 
     def _notify_worker(self) -> None:
         if self._thread is None:
@@ -383,6 +484,10 @@ class BatchEngine(Generic[T]):
         with self._lock:
             self.settled_entries += self._unsettled.pop(seq, 0)
             self._release_held()
+            if self._gate_shut:
+                self._gate_shut = False  # capacity freed: the waiting due lanes may go
+                if self._due:
+                    self._notify_worker()
             if self._settle_waiters:
                 self._settled.notify_all()
 
@@ -393,6 +498,7 @@ class BatchEngine(Generic[T]):
             lane, _ = held.popitem(last=False)
             if len(lane) and not lane.due:
                 self._make_due(lane)
+                self._due.move_to_end(lane, last=False)  # it waited longest: ahead of the untried
                 self._notify_worker()
                 return
 
@@ -410,7 +516,7 @@ class BatchEngine(Generic[T]):
                 if lane.deadline is not None and lane.deadline > now and not self._closing:
                     break
                 self._make_due(lane)
-            if self._due:
+            if self._due and not self._gate_shut:
                 return self._take_due(now)
             if self._closing and not self._scheduled:
                 return None
@@ -459,21 +565,25 @@ class BatchEngine(Generic[T]):
     def _take_due(self, now: float) -> tuple[list[tuple[Hashable, int, list[T]]], list[tuple[Hashable, int]]]:
         batches: list[tuple[Hashable, int, list[T]]] = []
         skipped: list[tuple[Hashable, int]] = []
-        due = list(self._due)
-        self._due.clear()
-        for lane in due:
+        due = self._due
+        gate = None if self._closing else self._gate
+        # One batch per lane due now: a lane made due again by its take (_rearm) goes next time.
+        for _ in range(len(due)):
+            lane, _ = due.popitem(last=False)
             lane.due = False
             if not len(lane):
                 self._rearm(lane, now)
                 continue
-            if self._gate is not None and not self._closing and not self._gate(lane.key):
+            if gate is not None and not gate(lane.key):
                 skipped.append((lane.key, len(lane)))
                 self.skipped += 1
-                # Held back: try again when a batch settles or its next window closes.
+                # Held back: try again when a batch settles or its next window closes. The
+                # gate is one capacity for every lane: the lanes still due wait, untried.
                 self._held[lane] = None
                 lane.deadline = now + self.window
                 self._open[lane] = None
-                continue
+                self._gate_shut = True
+                break
             items = lane.take(self.max_batch_size)
             batches.append((lane.key, self._start_batch(lane, items), items))
             self._rearm(lane, now)
@@ -668,6 +778,7 @@ class BatchEngine(Generic[T]):
         with self._lock:
             if not self._closing:
                 self._closing = True
+                self._gate_shut = False  # closing bypasses the gate
                 if self._on_abandon is not None:
                     by_key: dict[Hashable, list[T]] = {}
                     for key, item in self._scheduled.pop_all():
