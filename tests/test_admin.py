@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from http.client import HTTPConnection
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -23,7 +22,7 @@ from threaddispatch.backoff import Constant
 from threaddispatch.contrib._mount import PrefixMount
 from threaddispatch.errors import ConfigurationError, JobNotFoundError
 from threaddispatch.jobs import JobEngine
-from threaddispatch.stores import MemoryStore, SQLiteStore, Store
+from threaddispatch.stores import Store
 from threaddispatch.stores.base import JobRecord, JobState
 from threaddispatch.testing import wait_for
 
@@ -38,14 +37,6 @@ _priorities = itertools.count(1 << 40)
 def _top() -> int:
     """A priority above every job made before: the next claim takes this job."""
     return next(_priorities)
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """Both embedded stores; SQLite is a real file."""
-    made: Store = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "jobs.db")
-    yield made
-    made.close()
 
 
 @pytest.fixture

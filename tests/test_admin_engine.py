@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,18 +11,10 @@ import pytest
 from threaddispatch.admin import make_wsgi_app
 from threaddispatch.errors import ConfigurationError, JobNotFoundError
 from threaddispatch.jobs import JobEngine, QueueConfig
-from threaddispatch.stores import MemoryStore, SQLiteStore, Store
+from threaddispatch.stores import Store
 from threaddispatch.stores.base import JobState
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """Both embedded stores; SQLite is a real file."""
-    made: Store = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "jobs.db")
-    yield made
-    made.close()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +13,7 @@ from threaddispatch.backoff import Constant
 from threaddispatch.errors import ConfigurationError, InvalidStateError
 from threaddispatch.jobs import JobContext, JobEngine
 from threaddispatch.middleware import Middleware
-from threaddispatch.stores import MemoryStore, SQLiteStore, Store
+from threaddispatch.stores import Store
 from threaddispatch.stores.base import JobState
 
 pytestmark = pytest.mark.timeout(60)
@@ -27,13 +26,6 @@ FAST: dict[str, Any] = {
     "shutdown_timeout": 5.0,
     "backoff": Constant(0.01),
 }
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    made: Store = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "jobs.db")
-    yield made
-    made.close()
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,18 +12,10 @@ from threaddispatch.backoff import Constant
 from threaddispatch.errors import Cancel, CancelledError, InvalidStateError, Retry
 from threaddispatch.jobs import Config, JobContext, JobEngine
 from threaddispatch.middleware import Middleware
-from threaddispatch.stores import MemoryStore, SQLiteStore, Store
+from threaddispatch.stores import Store
 from threaddispatch.stores.base import JobState
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """Both embedded stores; SQLite is a real file."""
-    made: Store = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "jobs.db")
-    yield made
-    made.close()
 
 
 class Hooks:
