@@ -407,3 +407,30 @@ def test_a_duplicate_joined_while_the_first_store_fails_gets_the_failure() -> No
     finally:
         storage.release.set()
         rd.close(5)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_and_its_parent_never_make_the_same_request_id(tmp_path: Path) -> None:
+    """Request ids made after a fork differ between the processes: on one SQLite file neither replaces the other's."""
+    path = tmp_path / "r.db"
+    rd: RequestDispatcher[str, str] = RequestDispatcher(
+        lambda request, token: request, storage=SQLiteRequestStorage(path)
+    )
+    rd.pause("k")  # what is added stays stored
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            rd.add("child", queue_key="k")
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    rd.add("parent", queue_key="k")
+    reader = SQLiteRequestStorage(path)
+    try:
+        assert sorted(e.request for e in reader.load()) == ["child", "parent"]
+    finally:
+        reader.close()
+        rd.close(5)

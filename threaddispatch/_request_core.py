@@ -575,7 +575,9 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
 
     def _reset_after_fork(self) -> None:
         # The parent delivers its requests; the child starts with none (its pool resets itself)
-        # but keeps the configuration: online flag and paused or stopped queues.
+        # but keeps the configuration: online flag and paused or stopped queues. Its ids get a
+        # prefix of their own: the parent goes on counting from the same one.
+        self.id_prefix = secrets.token_hex(4)
         closing, done, online = self.closing, self.done, self.online
         statuses = {key: queue.status for key, queue in self.queues.items() if queue.status != STARTED}
         self._init_state()
