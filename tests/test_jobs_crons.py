@@ -6,16 +6,16 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import SHARED_STORE_PARAMS
 
 from threaddispatch.backoff import Constant
 from threaddispatch.cron import parse
 from threaddispatch.errors import ConfigurationError
 from threaddispatch.jobs import JobEngine
-from threaddispatch.stores import SQLiteStore
+from threaddispatch.stores import Store
 from threaddispatch.testing import wait_for
 
 FAST: dict[str, Any] = {
@@ -28,24 +28,26 @@ FAST: dict[str, Any] = {
 }
 
 
+@pytest.fixture(params=SHARED_STORE_PARAMS)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """The stores that two engines can share, each with its own store object (not memory)."""
+    kind: str = request.param
+    return kind
+
+
 @pytest.fixture
-def make_engine(tmp_path: Path) -> Iterator[Callable[..., JobEngine]]:
-    """Engines on one SQLite file (each its own store, as two processes would have); all stopped at teardown."""
+def make_engine(make_store: Callable[[], Store]) -> Iterator[Callable[..., JobEngine]]:
+    """Engines on one database (each its own store, as two processes would have); all stopped at teardown."""
     engines: list[JobEngine] = []
-    stores: list[SQLiteStore] = []
 
     def make(**options: Any) -> JobEngine:
-        store = SQLiteStore(tmp_path / "cron.db")
-        stores.append(store)
-        engine = JobEngine(store, **{**FAST, **options})
+        engine = JobEngine(make_store(), **{**FAST, **options})
         engines.append(engine)
         return engine
 
     yield make
     for engine in engines:
         engine.stop(5)
-    for store in stores:
-        store.close()
 
 
 class CronRecorder:

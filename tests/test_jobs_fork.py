@@ -1,5 +1,8 @@
-"""JobEngine and SQLiteStore across fork(), while the engine runs: the child never reuses the
-parent's connections or threads, its engine is left stopped, and ``engine.start()`` there works."""
+"""JobEngine and its store across fork(), while the engine runs: the child never reuses the
+parent's connections or threads, its engine is left stopped, and ``engine.start()`` there works.
+
+On the stores a parent and its child share (SQLite, PostgreSQL); the many-forks stress is
+about SQLite's own mutexes and stays on SQLite."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_STORE_PARAMS
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -18,15 +22,16 @@ pytestmark = [
 ]
 
 
-def test_a_child_forked_while_the_engine_runs_starts_its_own_engine_and_the_parent_goes_on(tmp_path: Path) -> None:
+@pytest.mark.parametrize("store_kind", SHARED_STORE_PARAMS)
+def test_a_child_forked_while_the_engine_runs_starts_its_own_engine_and_the_parent_goes_on(store_url: str) -> None:
     """The parent forks while its engine runs; the child's engine is stopped, starts, runs a job; both see it."""
     script = textwrap.dedent(
         f"""
         import json, os, sys
         from threaddispatch import JobEngine
-        from threaddispatch.stores import SQLiteStore
+        from threaddispatch.stores import open_store
 
-        store = SQLiteStore({str(tmp_path / "jobs.db")!r})
+        store = open_store({store_url!r})
         engine = JobEngine(store, concurrency=2, poll_interval=0.01, heartbeat_interval=0.05)
 
         @engine.job("double")

@@ -1,4 +1,7 @@
-"""JobEngine across processes: a SIGKILLed worker loses nothing; SIGTERM stops a worker cleanly."""
+"""JobEngine across processes: a SIGKILLed worker loses nothing; SIGTERM stops a worker cleanly.
+
+On the stores processes share: SQLite and PostgreSQL.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_STORE_PARAMS
 
 from threaddispatch.jobs import JobEngine
-from threaddispatch.stores import SQLiteStore
+from threaddispatch.stores import Store
 from threaddispatch.testing import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,11 +28,11 @@ WORKER_MODULE = textwrap.dedent(
     from pathlib import Path
 
     from threaddispatch.jobs import JobEngine
-    from threaddispatch.stores import SQLiteStore
+    from threaddispatch.stores import open_store
 
     MARKERS = Path(os.environ["MARKERS"])
     engine = JobEngine(
-        SQLiteStore(os.environ["DB"]), concurrency=2, poll_interval=0.02, max_poll_interval=0.05,
+        open_store(os.environ["STORE"]), concurrency=2, poll_interval=0.02, max_poll_interval=0.05,
         heartbeat_interval=0.05, stale_job_threshold=0.3, shutdown_timeout=10.0,
     )
 
@@ -44,6 +48,13 @@ WORKER_MODULE = textwrap.dedent(
 )
 
 
+@pytest.fixture(params=SHARED_STORE_PARAMS)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """The stores worker processes share (not memory)."""
+    kind: str = request.param
+    return kind
+
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Iterator[Path]:
     """A directory with the worker module and a markers folder."""
@@ -52,12 +63,12 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
 
 
-def spawn(workdir: Path, role: str) -> subprocess.Popen[bytes]:
+def spawn(workdir: Path, store_url: str, role: str) -> subprocess.Popen[bytes]:
     """Start `threaddispatch worker jobsmod:engine` in a subprocess."""
     env = {
         **os.environ,
         "PYTHONPATH": f"{ROOT}{os.pathsep}{workdir}",
-        "DB": str(workdir / "jobs.db"),
+        "STORE": store_url,
         "MARKERS": str(workdir / "markers"),
         "ROLE": role,
     }
@@ -68,20 +79,19 @@ def spawn(workdir: Path, role: str) -> subprocess.Popen[bytes]:
     )
 
 
-def producer(workdir: Path) -> tuple[SQLiteStore, JobEngine]:
+def producer(store: Store) -> JobEngine:
     """An engine in the test process used only to enqueue and read results."""
-    store = SQLiteStore(workdir / "jobs.db")
     engine = JobEngine(store, poll_interval=0.02)
     engine.register("work", lambda ctx, payload: None, timeout=None)
-    return store, engine
+    return engine
 
 
 @pytest.mark.timeout(60)
-def test_killed_worker_job_is_completed_by_another_process(workdir: Path) -> None:
+def test_killed_worker_job_is_completed_by_another_process(workdir: Path, store: Store, store_url: str) -> None:
     """SIGKILL mid-job: the job's heartbeat goes stale and a second worker process completes it."""
-    store, engine = producer(workdir)
+    engine = producer(store)
     job_id = engine.enqueue("work", "k")
-    victim = spawn(workdir, "hang")
+    victim = spawn(workdir, store_url, "hang")
     try:
         wait_for(lambda: list((workdir / "markers").glob("started-k-*")), 20, message="victim started the job")
         victim.kill()
@@ -90,7 +100,7 @@ def test_killed_worker_job_is_completed_by_another_process(workdir: Path) -> Non
         if victim.poll() is None:
             victim.kill()
     assert engine.get_job(job_id).state == "running"
-    rescuer = spawn(workdir, "ok")
+    rescuer = spawn(workdir, store_url, "ok")
     try:
         result = engine.result(job_id, timeout=30)
         assert result == rescuer.pid != victim.pid
@@ -101,15 +111,14 @@ def test_killed_worker_job_is_completed_by_another_process(workdir: Path) -> Non
     finally:
         if rescuer.poll() is None:
             rescuer.kill()
-    store.close()
 
 
 @pytest.mark.timeout(60)
-def test_sigterm_stops_worker_after_running_job_finishes(workdir: Path) -> None:
+def test_sigterm_stops_worker_after_running_job_finishes(workdir: Path, store: Store, store_url: str) -> None:
     """SIGTERM during a job: run() stops, the running job completes first, the process exits 0."""
-    store, engine = producer(workdir)
+    engine = producer(store)
     job_id = engine.enqueue("work", {"seconds": 0.5})
-    worker = spawn(workdir, "ok")
+    worker = spawn(workdir, store_url, "ok")
     try:
         wait_for(lambda: list((workdir / "markers").glob("started-*")), 20, message="worker started the job")
         worker.send_signal(signal.SIGTERM)
@@ -119,7 +128,6 @@ def test_sigterm_stops_worker_after_running_job_finishes(workdir: Path) -> None:
             worker.kill()
     assert engine.get_job(job_id).state == "completed"
     assert engine.result(job_id, timeout=1) == worker.pid
-    store.close()
 
 
 def test_worker_cli_rejects_a_bad_target(workdir: Path) -> None:
