@@ -12,11 +12,9 @@ import logging
 import math
 import threading
 import time
-import weakref
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from threaddispatch import _lifecycle
@@ -257,7 +255,7 @@ def _lock_free_enqueue(lane: FifoLane, kick: Callable[[FifoLane], None]) -> Call
     return enqueue
 
 
-class BackgroundDispatcher(Generic[T]):
+class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
     """Batches entries and calls ``send_batch(entries)`` at most once per ``ms_delay`` window.
 
     ``send_batch`` runs on the dispatcher's daemon thread ``threaddispatch-<name>``,
@@ -310,12 +308,12 @@ class BackgroundDispatcher(Generic[T]):
             raise ConfigurationError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}; got {overflow!r}")
         if on_error is not None and not callable(on_error):
             raise ConfigurationError(f"on_error must be callable, got {on_error!r}")
-        if retry is not None and not isinstance(retry, RetryPolicy):
-            raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
         if name is None:
             name = f"background-{next(_names)}"
         elif not isinstance(name, str) or not name:
             raise ConfigurationError(f"name must be a non-empty str, got {name!r}")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
         if send_timeout is not None:
             send_timeout = check_seconds("send_timeout", send_timeout, allow_zero=False)
         self.name = name
@@ -337,18 +335,14 @@ class BackgroundDispatcher(Generic[T]):
         assert isinstance(lane, FifoLane)
         lane.owner = f"BackgroundDispatcher {name!r}"
         self._lane = lane
-        self._closed = False
-        # Guards the open -> closed transition (_closed, the lane's class, the sender's closing).
-        self._close_lock = threading.Lock()
+        # An unreferenced dispatcher drains in the background and its worker then leaves.
+        # _close_lock guards the open -> closed transition (_closed, the lane's class, the sender's closing).
+        self._init_closing(self._engine.close_unreferenced)
         if overflow in ("block", "raise"):
             # Lossless and lock-free while there is room: the engine takes the lock only at the bound.
             self.enqueue = self._engine.lossless_enqueue(lane, _positional_timeout)  # type: ignore[method-assign]
         else:
             self.enqueue = _lock_free_enqueue(lane, self._engine.kick)  # type: ignore[method-assign]
-        # An unreferenced dispatcher drains in the background and its worker then leaves.
-        # At exit the lifecycle drain has it instead (and may start no thread).
-        self._finalizer = weakref.finalize(self, self._engine.close_unreferenced)
-        self._finalizer.atexit = False
         _lifecycle.register(self)  # for the fork reset; held weakly, so it never keeps self alive
 
     def enqueue(self, entry: T, *, timeout: float | None = None) -> None:
@@ -395,32 +389,18 @@ class BackgroundDispatcher(Generic[T]):
             timeout = check_seconds("timeout", timeout)
         return self._engine.flush(timeout)
 
-    def close(self, timeout: float | None = None) -> bool:
-        """Stop accepting entries, send everything pending, stop the worker. Idempotent.
+    def _begin_close(self) -> None:
+        """The first close(): from here every append to the lane raises, through any enqueue reference."""
+        self._lane.__class__ = ClosedFifoLane
+        self._sender.closing.set()
 
-        Blocks up to ``timeout`` seconds (None: no limit), even if ``send_batch`` hangs.
-        Returns whether everything was delivered in time without a failed send.
-        """
-        if timeout is not None:
-            timeout = check_seconds("timeout", timeout)
-        with self._close_lock:
-            if not self._closed:
-                self._closed = True
-                # From here every append to the lane raises, through any enqueue reference.
-                self._lane.__class__ = ClosedFifoLane
-                self._sender.closing.set()
-                self._finalizer.detach()  # closed: nothing left for the collector to do
-            failed_before = self._sender.failed
-        deadline = None if timeout is None else time.monotonic() + timeout
-        drained = self._engine.close(timeout)
+    def _finish_close(self, deadline: float | None) -> bool:
+        """Send everything pending and stop the worker by ``deadline``; whether all went without a failed send."""
+        failed_before = self._sender.failed
+        drained = self._engine.close(None if deadline is None else max(0.0, deadline - time.monotonic()))
         # Last: a send still running past close()'s timeout falls back to an untimed call.
         self._caller.close(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return drained and self._sender.failed == failed_before
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._closed
 
     @property
     def total_dropped(self) -> int:
@@ -459,22 +439,11 @@ class BackgroundDispatcher(Generic[T]):
         them and resolves their ``submit()`` Futures; the child neither sends nor counts
         them, and its copies of those Futures are never resolved.
         """
-        self._close_lock = threading.Lock()  # a parent thread may have held it at fork time
+        self._reset_closing_after_fork()
         if self._closed:
             # Forked in the middle of close(): finish the transition it had begun.
             self._lane.__class__ = ClosedFifoLane
         self._sender.reset(closing=self._closed)
-
-    def __enter__(self) -> BackgroundDispatcher[T]:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         # Never raises: an instance whose __init__ failed part-way lacks some attributes.

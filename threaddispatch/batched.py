@@ -32,12 +32,10 @@ import contextvars
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from threaddispatch import _lifecycle
@@ -149,6 +147,7 @@ class _BatchState(Generic[T]):
         self.caller = TimedCaller(f"{name}-send", timeout=send_timeout, idle_timeout=_SEND_IDLE_TIMEOUT)
         self.closed = False
         self.give_up_at: float | None = None  # close()'s deadline: queued batches fail after it
+        self.deadline_set = False  # give_up_at was set by the first close()
         self.failed_at_close = 0
         self.sent = 0
         self.failed = 0
@@ -311,12 +310,18 @@ class _BatchState(Generic[T]):
         """Whether the calling thread is inside ``send_batch`` (it cannot wait for its own batch)."""
         return bool(getattr(self.local, "sending", 0))
 
-    def begin_close(self, deadline: float | None) -> None:
+    def stop_intake(self) -> None:
+        """The first close(): refuse new messages; failures from here on count against the close."""
         with self.mutex:
-            if self.closed:
-                return
             self.closed = True
             self.failed_at_close = self.failed
+
+    def give_up_by(self, deadline: float | None) -> None:
+        """Fail what is still queued once ``deadline`` passes (the first close()'s; later ones keep it)."""
+        with self.mutex:
+            if self.deadline_set:
+                return
+            self.deadline_set = True
             self.give_up_at = deadline
             self.slot_free.notify_all()
 
@@ -327,7 +332,7 @@ class _BatchState(Generic[T]):
         self._init_runtime()
 
 
-class BatchedDispatcher(Generic[T]):
+class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
     """A :class:`~threaddispatch.buffered.Dispatcher` that sends messages in batches per target.
 
     ``send_batch(target, messages)`` runs on up to ``max_concurrent_sends`` daemon threads
@@ -361,6 +366,10 @@ class BatchedDispatcher(Generic[T]):
 
     Existing ``send_batch(target, messages)`` callables keep working unchanged; only a
     delay needs a choice. ``delay_seconds=None`` always means no delay.
+
+    ``close(timeout)`` stops intake, sends what is queued and stops the threads; messages
+    still queued when its timeout passes fail with DispatchTimeoutError. Called from inside
+    ``send_batch`` it starts the close and returns False at once.
 
     Context: ``submit`` captures the caller's :mod:`contextvars` context. ``send_batch``
     runs in a copy of the first message's context (so a one-request batch logs with that
@@ -407,8 +416,8 @@ class BatchedDispatcher(Generic[T]):
         _lifecycle.register(self._state)
         # An unreferenced dispatcher drains in the background; its worker then leaves and its
         # send threads time out. At interpreter exit the lifecycle drain handles it instead.
-        finalizer = weakref.finalize(self, self._engine.close_unreferenced)
-        finalizer.atexit = False
+        self._init_closing(self._engine.close_unreferenced)
+        _lifecycle.register(self)  # for the fork reset and the immediate switch; held weakly
 
     @property
     def max_batch_size(self) -> int:
@@ -432,11 +441,6 @@ class BatchedDispatcher(Generic[T]):
         :class:`~threaddispatch.buffered.AsyncDispatcher` reads it to refuse a delay at ``put``.
         """
         return self._hold_delays or self._state.envelopes
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._state.closed
 
     def submit(self, message: T, target: str, *, delay_seconds: float | None = None) -> Future[str | None]:
         """Queue ``message`` for ``target`` and return a Future that gets its id or its exception.
@@ -536,17 +540,14 @@ class BatchedDispatcher(Generic[T]):
             return False  # called by send_batch: the batch it runs in cannot settle while we wait
         return self._engine.flush(timeout)
 
-    def close(self, timeout: float | None = None) -> bool:
-        """Stop accepting messages, send everything queued, and stop the threads. Idempotent.
+    def _begin_close(self) -> None:
+        self._state.stop_intake()
 
-        Blocks up to ``timeout`` seconds (None: no limit), even if ``send_batch`` hangs;
-        messages still queued when the timeout passes fail with DispatchTimeoutError.
-        Returns whether everything was sent in time and no message failed during the close.
-        Called from inside ``send_batch`` it starts the close and returns False at once.
-        """
-        deadline = None if timeout is None else time.monotonic() + check_seconds("timeout", timeout)
+    def _finish_close(self, deadline: float | None) -> bool:
+        """Send everything queued and stop the threads by ``deadline``; past it, queued messages fail
+        with DispatchTimeoutError. Called from inside ``send_batch`` it starts the close and returns False."""
         state = self._state
-        state.begin_close(deadline)
+        state.give_up_by(deadline)
         if state.in_send():
             # Called by send_batch: the batch it runs in cannot finish while we wait for it.
             self._engine.begin_close()
@@ -585,21 +586,17 @@ class BatchedDispatcher(Generic[T]):
                 "call_timeouts": calls["call_timeouts"],
             }
 
-    def __enter__(self) -> BatchedDispatcher[T]:
-        """Return self; leaving the block closes it without a time limit."""
-        return self
+    def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
+        return 0, 0  # the engine and the pool are registered themselves and drain the messages
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Close, sending everything queued."""
-        self.close()
+    def _reset_after_fork(self) -> None:
+        """In a forked child: a fresh close lock (the state, engine and pool reset themselves)."""
+        self._reset_closing_after_fork()
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else "open"
+        if getattr(self, "_closed", None) is None:  # never raises, even for a failed constructor
+            return f"<BatchedDispatcher {getattr(self, 'name', None)!r} not constructed>"
+        state = "closed" if self._closed else "open"
         return (
             f"<BatchedDispatcher {self.name!r} max_batch_size={self.max_batch_size} "
             f"flush_interval={self.flush_interval} max_concurrent_sends={self.max_concurrent_sends} {state}>"

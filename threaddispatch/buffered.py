@@ -30,18 +30,16 @@ import logging
 import math
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
 from threaddispatch import _lifecycle
 from threaddispatch._invoke import Outcome, TimedCaller, call, close_thread_loop, invoke
 from threaddispatch._timers import DelayQueue
-from threaddispatch._validate import check_seconds, show
+from threaddispatch._validate import check_int, check_positive_int, check_seconds, show
 from threaddispatch.backoff import RetryPolicy
 from threaddispatch.errors import (
     CancelledError,
@@ -130,11 +128,7 @@ class FailedMessage(Generic[T]):
 
 def _check_delay(value: object) -> int | None:
     """``delay_seconds`` as given: None, or whole seconds as an int >= 0 (SQS ``DelaySeconds``), not a bool."""
-    if value is None:
-        return None
-    if not isinstance(value, bool) and isinstance(value, int) and value >= 0:
-        return int(value)
-    raise ConfigurationError(f"delay_seconds must be None or an int >= 0 (whole seconds), got {show(value)}")
+    return None if value is None else int(check_int("delay_seconds (None or whole seconds)", value, 0))
 
 
 def _same(value: T) -> T:
@@ -792,7 +786,7 @@ class Sender(Generic[T]):
         return f"<Sender to {self._state.target!r} buffer={len(self)}/{self._state.capacity}>"
 
 
-class AsyncDispatcher(Generic[T]):
+class AsyncDispatcher(_lifecycle.Closing, Generic[T]):
     """Buffers messages and hands them one at a time to ``dispatcher`` on a daemon thread.
 
     ``setup(buffer_len)`` returns the :class:`Sender` producers put messages into;
@@ -871,14 +865,9 @@ class AsyncDispatcher(Generic[T]):
             raise ConfigurationError(f"error_handler must be callable, got {error_handler!r}")
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
-        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
-            raise ConfigurationError(f"max_in_flight must be an int >= 1, got {max_in_flight!r}")
-        if max_failures_pending is not None and (
-            isinstance(max_failures_pending, bool)
-            or not isinstance(max_failures_pending, int)
-            or max_failures_pending < 1
-        ):
-            raise ConfigurationError(f"max_failures_pending must be an int >= 1 or None, got {max_failures_pending!r}")
+        check_positive_int("max_in_flight", max_in_flight)
+        if max_failures_pending is not None:
+            check_positive_int("max_failures_pending (or None)", max_failures_pending)
         if not isinstance(carry_context, bool):
             raise ConfigurationError(f"carry_context must be a bool, got {carry_context!r}")
         if dispatch_timeout is not None:
@@ -897,8 +886,7 @@ class AsyncDispatcher(Generic[T]):
         _lifecycle.register(self._state)
         # An unreferenced dispatcher stops: its loops drain what they hold and leave. At
         # interpreter exit the lifecycle drain handles it instead (in its order).
-        finalizer = weakref.finalize(self, self._state.stop_unreferenced)
-        finalizer.atexit = False
+        self._init_closing(self._state.stop_unreferenced)
 
     def setup(self, buffer_len: int) -> Sender[T]:
         """Create the buffer, ``buffer_len`` messages long, and return the Sender that fills it.
@@ -907,8 +895,7 @@ class AsyncDispatcher(Generic[T]):
         not the one being sent. Raises InvalidStateError if called twice and
         DispatcherClosedError after ``stop()``. Never blocks.
         """
-        if isinstance(buffer_len, bool) or not isinstance(buffer_len, int) or buffer_len < 1:
-            raise ConfigurationError(f"buffer_len must be an int >= 1, got {buffer_len!r}")
+        check_positive_int("buffer_len", buffer_len)
         state = self._state
         with state.mutex:
             if state.closing:
@@ -943,9 +930,15 @@ class AsyncDispatcher(Generic[T]):
         (None: no limit), even if the dispatcher or the error handler hangs; the loops then
         finish in the background. Returns whether everything was dispatched and every
         failure reported in time, with no message failing during the stop. A stop before
-        ``start()`` still dispatches what was buffered.
+        ``start()`` still dispatches what was buffered. ``close(timeout)`` is the same call.
         """
-        deadline = None if timeout is None else time.monotonic() + check_seconds("timeout", timeout)
+        return self.close(timeout)
+
+    def _begin_close(self) -> None:
+        """Nothing here: intake stops in :meth:`_finish_close`, where ``begin_stop`` sets the flag
+        together with the deadline the loops drain by (a loop that saw the flag alone could flush unbounded)."""
+
+    def _finish_close(self, deadline: float | None) -> bool:
         state = self._state
         state.begin_stop(deadline, start_if_idle=True)
         state.join(deadline)
@@ -1035,18 +1028,9 @@ class AsyncDispatcher(Generic[T]):
             }
 
     def __enter__(self) -> AsyncDispatcher[T]:
-        """Start the loops (``setup()`` must have been called) and return self."""
+        """Start the loops (``setup()`` must have been called) and return self; leaving the block stops them."""
         self.start()
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Stop, draining without a time limit."""
-        self.stop()
 
     def __repr__(self) -> str:
         state = self._state
