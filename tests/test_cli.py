@@ -1,4 +1,8 @@
-"""The management command line as subprocesses (``python -m threaddispatch``) on a real SQLite file."""
+"""The management command line as subprocesses (``python -m threaddispatch``).
+
+The commands that read or change jobs run against a SQLite file and a PostgreSQL URL
+(conftest's stores a process can reach; not memory, which no other process sees).
+"""
 
 from __future__ import annotations
 
@@ -10,14 +14,17 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from http.client import HTTPConnection
 from pathlib import Path
+from typing import Any
 
 import pytest
+from conftest import SHARED_STORE_PARAMS
 
 from threaddispatch.jobs import JobEngine
-from threaddispatch.stores import SQLiteStore
+from threaddispatch.stores import SQLiteStore, Store
 from threaddispatch.stores.base import JobState
 
 pytestmark = pytest.mark.timeout(60)
@@ -46,17 +53,21 @@ def assert_user_error(result: subprocess.CompletedProcess[str], *fragments: str)
         assert fragment in last, last
 
 
+@pytest.fixture(params=SHARED_STORE_PARAMS)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """The stores the CLI, another process, can open by URL."""
+    kind: str = request.param
+    return kind
+
+
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[tuple[str, JobEngine]]:
-    """A SQLite store file (URL) and an engine on it in this process, with jobs ``noop`` and ``boom``."""
-    path = tmp_path / "jobs.db"
-    store = SQLiteStore(path)
+def db(store: Store, store_url: str) -> Iterator[tuple[str, JobEngine]]:
+    """A store's URL and an engine on it in this process, with jobs ``noop`` and ``boom``."""
     engine = JobEngine(store)
     engine.register("noop", lambda ctx, payload: payload)
     engine.register("boom", lambda ctx, payload: payload, max_retries=0)
-    yield f"sqlite:///{path}", engine
+    yield store_url, engine
     engine.stop(5)
-    store.close()
 
 
 def failed(engine: JobEngine, payload: object = None) -> tuple[str, str]:
@@ -79,6 +90,28 @@ def test_migrate_creates_the_store_and_is_idempotent(tmp_path: Path) -> None:
     again = run("migrate", "--json", store=url)
     assert again.returncode == 0
     assert json.loads(again.stdout)["version"] == SQLiteStore(tmp_path / "new.db").schema_version()
+
+
+@pytest.mark.postgres
+def test_migrate_creates_a_postgresql_schema_and_is_idempotent(pg_server: Any) -> None:
+    """``migrate`` on a PostgreSQL URL creates the schema it names with its tables; again is a no-op."""
+    import psycopg
+    from psycopg import sql
+
+    from threaddispatch.stores.postgres import PostgresStore
+
+    schema = f"t_cli_{uuid.uuid4().hex[:12]}"
+    url = pg_server.url(schema=schema)
+    try:
+        first = run("migrate", "--json", store=url)
+        assert first.returncode == 0, first.stderr
+        report = json.loads(first.stdout)
+        assert report["store"]["schema"] == schema and report["version"] == PostgresStore.MIGRATIONS[-1][0]
+        again = run("migrate", store=url)
+        assert again.returncode == 0 and f"schema at version {report['version']}" in again.stdout
+    finally:
+        with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 
 def test_store_errors_are_one_line_exit_2(tmp_path: Path) -> None:
@@ -183,9 +216,9 @@ def test_dlq_list_replay_and_purge(db: tuple[str, JobEngine]) -> None:
     assert run("dlq", "purge", "--all", store=url).stdout.strip() == "purged 1 dead letter(s)"
 
 
-def test_serve_needs_a_token(db: tuple[str, JobEngine]) -> None:
+def test_serve_needs_a_token(tmp_path: Path) -> None:
     """``serve`` without THREADDISPATCH_TOKEN refuses to start (exit 2); never unauthenticated off loopback."""
-    url, _ = db
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"  # refused before the store is opened: any URL does
     assert_user_error(run("serve", "--port", "0", store=url), "THREADDISPATCH_TOKEN")
     assert_user_error(run("serve", "--allow-unauthenticated", "--host", "0.0.0.0", "--port", "0", store=url),
                       "refusing")  # fmt: skip
