@@ -1,0 +1,171 @@
+"""SQLiteStore(durability=...): its validation, and the group commit of ``durability="full"``."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from threaddispatch.errors import ConfigurationError, StoreError
+from threaddispatch.stores import JobRecord, SQLiteStore
+from threaddispatch.testing import wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _job(job_id: str | None = None) -> JobRecord:
+    now = time.time()
+    return JobRecord(
+        id=job_id or uuid.uuid4().hex, name="noop", payload="null", run_at=now, created_at=now, updated_at=now
+    )
+
+
+@pytest.mark.parametrize("durability", ["fast", "FULL", "", None, ["full"], 1])
+def test_an_unknown_durability_is_refused_naming_it(tmp_path: Path, durability: object) -> None:
+    with pytest.raises(ConfigurationError, match="durability") as caught:
+        SQLiteStore(tmp_path / "jobs.db", durability=durability)  # type: ignore[arg-type]
+    assert repr(durability) in str(caught.value)
+
+
+def test_full_durability_refuses_a_weaker_synchronous(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="'NORMAL'"):
+        SQLiteStore(tmp_path / "jobs.db", durability="full", synchronous="NORMAL")
+
+
+def test_an_unknown_synchronous_is_refused_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="'sometimes'"):
+        SQLiteStore(tmp_path / "jobs.db", synchronous="sometimes")
+
+
+_LEVELS = [("normal", None, 1), ("full", None, 2), ("normal", "full", 2), ("full", "EXTRA", 3)]
+
+
+@pytest.mark.parametrize(("durability", "synchronous", "level"), _LEVELS)
+def test_the_durability_sets_each_connections_synchronous(
+    tmp_path: Path, durability: str, synchronous: str | None, level: int
+) -> None:
+    store = SQLiteStore(tmp_path / "jobs.db", durability=durability, synchronous=synchronous)
+    try:
+        assert store.describe()["durability"] == durability
+        with store._connections.slot().lock:
+            assert store._conn().execute("PRAGMA synchronous").fetchone()[0] == level
+    finally:
+        store.close()
+
+
+@pytest.mark.timeout(120)
+def test_group_commit_keeps_every_job_of_four_threads_each_committed_before_its_enqueue_returns(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "jobs.db"
+    store = SQLiteStore(path, durability="full")
+    missing: list[str] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def produce() -> None:
+        check = sqlite3.connect(path, timeout=30)
+        try:
+            start.wait(30)
+            for _ in range(40):
+                job = _job()
+                store.enqueue([job])
+                # Another connection sees it at once: the enqueue returned after its own commit.
+                if check.execute("SELECT 1 FROM dispatch_jobs WHERE id = ?", (job.id,)).fetchone() is None:
+                    missing.append(job.id)
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            check.close()
+
+    threads = [threading.Thread(target=produce, name=f"producer-{n}") for n in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(100)
+            assert not thread.is_alive()
+        assert errors == []
+        assert missing == []
+        assert store.counts()["pending"] == 160
+    finally:
+        store.close()
+
+
+class _HeldFirstCommit:
+    """Wraps a store's ``_write_jobs``: the first call waits for ``release``; records each group's size."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.inner = store._write_jobs
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.groups: list[int] = []
+
+    def __call__(self, requests: Sequence[Sequence[JobRecord]]) -> list[list[str]]:
+        self.groups.append(len(requests))
+        if len(self.groups) == 1:
+            self.entered.set()
+            assert self.release.wait(30)
+        return self.inner(requests)
+
+
+def _enqueue_in_threads(store: SQLiteStore, batches: list[list[JobRecord]]) -> list[object]:
+    """Enqueue each batch on its own thread while a first commit is held; each thread's ids or error."""
+    held = _HeldFirstCommit(store)
+    store._write_jobs = held  # type: ignore[method-assign]
+    outcomes: list[object] = [None] * len(batches)
+
+    def run(index: int) -> None:
+        try:
+            outcomes[index] = store.enqueue(batches[index])
+        except StoreError as error:
+            outcomes[index] = error
+
+    first = threading.Thread(target=run, args=(0,), name="leader")
+    first.start()
+    assert held.entered.wait(30)
+    others = [threading.Thread(target=run, args=(n,), name=f"follower-{n}") for n in range(1, len(batches))]
+    for thread in others:
+        thread.start()
+    assert store._committer is not None
+    committer = store._committer
+    wait_for(lambda: len(committer._queue) == len(others), 30, message="the followers to queue")
+    held.release.set()
+    for thread in (first, *others):
+        thread.join(30)
+        assert not thread.is_alive()
+    assert held.groups[:2] == [1, len(others)]  # the followers shared one commit
+    return outcomes
+
+
+@pytest.mark.timeout(120)
+def test_enqueues_queued_during_a_commit_share_the_next_one(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "jobs.db", durability="full")
+    try:
+        batches = [[_job()] for _ in range(4)]
+        outcomes = _enqueue_in_threads(store, batches)
+        assert outcomes == [[batch[0].id] for batch in batches]
+        assert store.counts()["pending"] == 4
+    finally:
+        store.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_bad_enqueue_in_a_group_fails_only_its_caller(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "jobs.db", durability="full")
+    try:
+        taken = _job()
+        store.enqueue([taken])
+        batches = [[_job()], [_job()], [_job(taken.id)], [_job()]]
+        outcomes = _enqueue_in_threads(store, batches)
+        assert isinstance(outcomes[2], StoreError)
+        for index in (0, 1, 3):
+            assert outcomes[index] == [batches[index][0].id]
+        assert store.counts()["pending"] == 4
+    finally:
+        store.close()

@@ -1,0 +1,174 @@
+"""SQLiteStore's wake-ups across processes: the watcher thread and what it tells an engine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from threaddispatch.jobs import JobEngine
+from threaddispatch.stores import JobState, SQLiteStore
+from threaddispatch.testing import live_dispatch_threads, wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+_ROOT = Path(__file__).resolve().parents[1]
+_WATCH = "threaddispatch-sqlite-watch"
+
+
+def _enqueue_elsewhere(path: Path, *, queue: str = "default", delay: float | None = None) -> str:
+    """Enqueue job ``record`` from another Python process on the SQLite file at ``path``; its id."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(_ROOT)!r})
+        from threaddispatch.jobs import JobEngine
+        from threaddispatch.stores import SQLiteStore
+        store = SQLiteStore({str(path)!r})
+        engine = JobEngine(store)
+        engine.register("record", lambda ctx, payload: None)
+        print(engine.enqueue("record", {{"from": "elsewhere"}}, queue={queue!r}, delay={delay!r}))
+        store.close()
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True)
+    return done.stdout.strip().splitlines()[-1]
+
+
+def _watchers() -> list[threading.Thread]:
+    return [thread for thread in live_dispatch_threads() if thread.name == _WATCH]
+
+
+class _Wakeups:
+    """A wake-up subscriber recording each ``(queue, run_at)``; ``wait(queue)`` blocks until one for it came."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str | None, float | None]] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, queue: str | None, run_at: float | None) -> None:
+        with self._cond:
+            self.seen.append((queue, run_at))
+            self._cond.notify_all()
+
+    def wait(self, queue: str | None, timeout: float = 20.0) -> float | None:
+        """The run_at of the first wake-up for ``queue`` (None: the watcher's "look now")."""
+        with self._cond:
+            assert self._cond.wait_for(lambda: any(seen == queue for seen, _ in self.seen), timeout), (
+                f"no wake-up for {queue!r} within {timeout}s; saw {self.seen}"
+            )
+            return next(run_at for seen, run_at in self.seen if seen == queue)
+
+
+@pytest.fixture
+def watched(tmp_path: Path) -> Iterator[tuple[Path, SQLiteStore, _Wakeups]]:
+    """A store on ``jobs.db`` with a recording subscriber: (path, store, wakeups)."""
+    path = tmp_path / "jobs.db"
+    store = SQLiteStore(path)
+    wakeups = _Wakeups()
+    unsubscribe = store.subscribe_wakeups(wakeups)
+    yield path, store, wakeups
+    unsubscribe()
+    store.close()
+
+
+def test_a_job_enqueued_by_another_process_reaches_the_subscriber(watched: tuple[Path, SQLiteStore, _Wakeups]) -> None:
+    path, _store, wakeups = watched
+    _enqueue_elsewhere(path, queue="mail")
+    wakeups.wait("mail")
+
+
+def test_jobs_this_process_enqueued_are_not_announced_again(watched: tuple[Path, SQLiteStore, _Wakeups]) -> None:
+    """The engine that enqueues wakes its own fetcher; the watcher only tells of other processes' jobs."""
+    path, store, wakeups = watched
+    wakeups.wait(None)  # the watcher's first look: rows from here on are news
+    engine = JobEngine(store)
+    engine.register("record", lambda ctx, payload: None)
+    engine.enqueue("record", queue="own")
+    # Committed after the own job, so any scan that finds it has found the own job too.
+    _enqueue_elsewhere(path, queue="mail")
+    wakeups.wait("mail")
+    assert "own" not in [queue for queue, _ in wakeups.seen]
+
+
+def test_a_delayed_job_from_another_process_is_announced_once_due(watched: tuple[Path, SQLiteStore, _Wakeups]) -> None:
+    path, store, wakeups = watched
+    job_id = _enqueue_elsewhere(path, queue="later", delay=0.3)
+    run_at = wakeups.wait("later")
+    job = store.get(job_id)
+    assert job is not None
+    assert run_at == job.run_at
+
+
+def test_the_watcher_thread_runs_while_subscribed_and_stops_with_the_last_unsubscribe(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "jobs.db")
+    try:
+        assert _watchers() == []
+        first = store.subscribe_wakeups(lambda queue, run_at: None)
+        second = store.subscribe_wakeups(lambda queue, run_at: None)
+        assert len(_watchers()) == 1
+        first()
+        first()  # idempotent
+        assert len(_watchers()) == 1
+        second()
+        wait_for(lambda: not _watchers(), 10, message="the watcher thread to stop after the last unsubscribe")
+    finally:
+        store.close()
+
+
+def test_close_stops_the_watcher_thread(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "jobs.db")
+    unsubscribe = store.subscribe_wakeups(lambda queue, run_at: None)
+    assert len(_watchers()) == 1
+    store.close()
+    wait_for(lambda: not _watchers(), 10, message="the watcher thread to stop at close")
+    unsubscribe()  # after close: a no-op
+
+
+def _wait_completed(store: SQLiteStore, job_id: str) -> None:
+    def completed() -> bool:
+        job = store.get(job_id)
+        return job is not None and job.state is JobState.COMPLETED
+
+    wait_for(completed, 20, message=f"job {job_id} to complete")
+
+
+def _idle_engine(store: SQLiteStore) -> JobEngine:
+    """A started engine whose poll would take a minute: only a wake-up makes it look sooner."""
+    engine = JobEngine(store, poll_interval=60.0, max_poll_interval=60.0)
+    engine.register("record", lambda ctx, payload: None)
+    engine.start()
+    return engine
+
+
+@pytest.mark.timeout(90)
+def test_an_idle_engine_runs_a_job_another_process_enqueued_without_waiting_for_its_poll(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    store = SQLiteStore(path)
+    engine = _idle_engine(store)
+    try:
+        wait_for(lambda: engine.stats()["idle_polls"] >= 1, 20, message="the engine's fetcher to go idle")
+        _wait_completed(store, _enqueue_elsewhere(path))
+    finally:
+        engine.stop(10)
+        store.close()
+
+
+@pytest.mark.timeout(90)
+def test_an_engine_runs_a_delayed_job_enqueued_before_it_started_without_waiting_for_its_poll(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "jobs.db"
+    job_id = _enqueue_elsewhere(path, delay=1.0)
+    store = SQLiteStore(path)
+    engine = _idle_engine(store)
+    try:
+        _wait_completed(store, job_id)
+    finally:
+        engine.stop(10)
+        store.close()

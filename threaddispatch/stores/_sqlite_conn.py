@@ -1,0 +1,312 @@
+"""SQLiteStore's connections: one per thread per process, their pragmas, and fork safety: its one job.
+
+- Connections live in a ``threading.local`` tagged with the pid (:class:`Slot`), so a forked
+  child opens its own and never touches the parent's (the huey pid guard).
+- Safe to ``fork()`` while threads use the store: just before the fork
+  :meth:`Connections.prepare_for_fork` takes every thread's slot lock, which each thread
+  holds around all its sqlite3 calls, so no thread is inside SQLite (whose own mutexes a
+  child would inherit held); it then closes every connection in the parent, so the child
+  inherits none, nor SQLite's per-file lock state. Both processes reopen connections on
+  next use; the child never touches a parent's connection, not even to close it.
+- One writer at a time in this process: every write transaction holds
+  :attr:`Connections.write_lock`, so this process's writers queue on a Python lock (handed
+  over at once) instead of sleeping in SQLite's busy handler (1, 2, 5, 10 ms ... between
+  tries). Other processes still meet ``busy_timeout``.
+- Checkpoints stay off the commit path: connections checkpoint on their own only past
+  :data:`AUTOCHECKPOINT_PAGES` (a backstop); the store's watcher thread runs PASSIVE
+  checkpoints while an engine is subscribed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from types import TracebackType
+from typing import Any, Protocol, TypeVar
+
+from threaddispatch.errors import StoreError, StoreUnavailableError
+
+__all__ = ["AUTOCHECKPOINT_PAGES", "Connections", "Immediate", "Slot", "reads", "writes"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_log = logging.getLogger("threaddispatch.stores.sqlite")
+# How long, past busy_timeout, fork preparation and close() wait for a thread to leave its SQLite call.
+_QUIESCE_GRACE = 10.0
+# Connections a forked child found still open (their thread was inside SQLite past the wait):
+# referenced for the life of the child so that deallocating them never closes them there.
+_ABANDONED: list[sqlite3.Connection] = []
+#: WAL pages after which a committing connection checkpoints itself (SQLite's default is 1000,
+#: a checkpoint every ~50 ms under load, each one stalling the commit that triggers it).
+AUTOCHECKPOINT_PAGES = 10_000
+
+
+class Slot:
+    """One thread's connection to the store in one process.
+
+    ``lock`` is held around every sqlite3 call on ``conn`` (opening it included): by the
+    thread for the length of a store method, by the fork hook from just before fork()
+    until just after, and by close(). It is re-entrant so a store method may call another.
+    """
+
+    __slots__ = ("conn", "lock", "pid", "thread")
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.conn: sqlite3.Connection | None = None
+        self.pid = os.getpid()
+        self.thread = weakref.ref(threading.current_thread())
+
+    def orphaned(self) -> bool:
+        """Whether the thread that made the slot has ended (its connection can never be used again)."""
+        thread = self.thread()
+        return thread is None or not thread.is_alive()
+
+
+class Immediate:
+    """``with Immediate(conn):`` runs the block in a BEGIN IMMEDIATE transaction (write lock first)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            try:
+                self.conn.execute("COMMIT")
+                return
+            except BaseException:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+
+def _set_wal(conn: sqlite3.Connection, busy_timeout: float) -> None:
+    # Switching a new file to WAL needs a moment of exclusive access; retry within busy_timeout.
+    deadline = time.monotonic() + busy_timeout
+    delay = 0.001
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error).lower() or time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+
+class Connections:
+    """Every thread's connection to the SQLite file ``path`` in this process (see the module docstring)."""
+
+    def __init__(self, path: str, *, busy_timeout: float, synchronous: str, on_fork: Callable[[], None]) -> None:
+        self.path = path
+        self.on_fork = on_fork  # resets the owner (this object included) in a forked child
+        self.busy_timeout = busy_timeout
+        self.synchronous = synchronous
+        self.closed = False
+        self._init_process_state()
+
+    def _init_process_state(self) -> None:
+        # _slots_lock guards _slots (every thread's slot in this process, for close() and the
+        # fork hook). Lock order: _slots_lock, then slot locks, then write_lock; never back.
+        self._slots_lock = threading.Lock()
+        self._slots: list[Slot] = []
+        self._local = threading.local()
+        self._pid = os.getpid()
+        # Held (inside a slot lock) for the length of every write transaction of this process.
+        self.write_lock = threading.RLock()
+        # Set by prepare_for_fork under _slots_lock, read by resume_after_fork before releasing it.
+        self._fork_held: list[Slot] = []
+        self._fork_stuck = 0
+
+    def slot(self) -> Slot:
+        """This thread's slot in this process, made on first use."""
+        slot: Slot | None = getattr(self._local, "slot", None)
+        if slot is not None and slot.pid == os.getpid():
+            return slot
+        if os.getpid() != self._pid:
+            # Forked without the lifecycle hook having run: never use the parent's connections.
+            self.on_fork()
+        slot = Slot()
+        with self._slots_lock:
+            self._close_orphans()
+            self._slots.append(slot)
+        self._local.slot = slot
+        return slot
+
+    def _close_orphans(self) -> None:
+        """Close the connections of threads that have ended; the caller holds ``_slots_lock``.
+
+        Done under that lock, which the fork hook takes first, so no fork happens while one
+        of these connections is being closed.
+        """
+        kept: list[Slot] = []
+        for slot in self._slots:
+            if slot.orphaned() and slot.lock.acquire(blocking=False):
+                try:
+                    self._close_slot(slot)
+                finally:
+                    slot.lock.release()
+            else:
+                kept.append(slot)
+        self._slots = kept
+
+    def conn(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use; only with the slot's lock held (see :func:`reads`)."""
+        slot = self.slot()
+        if slot.conn is not None:
+            return slot.conn
+        if self.closed:
+            raise StoreError(f"SQLiteStore {self.path!r} is closed")
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
+        try:
+            _set_wal(conn, self.busy_timeout)
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            conn.execute(f"PRAGMA wal_autocheckpoint = {AUTOCHECKPOINT_PAGES}")
+        except BaseException:
+            conn.close()
+            raise
+        slot.conn = conn
+        return conn
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold this process's write lock, waiting up to ``busy_timeout`` (StoreUnavailableError past it)."""
+        if not self.write_lock.acquire(timeout=self.busy_timeout):
+            raise StoreUnavailableError(
+                f"SQLite store unavailable: another thread of this process held the write lock "
+                f"for over {self.busy_timeout:.3g}s"
+            )
+        try:
+            yield
+        finally:
+            self.write_lock.release()
+
+    @staticmethod
+    def _close_slot(slot: Slot) -> None:
+        """Close the slot's connection; the caller holds ``slot.lock``, in the process that opened it."""
+        conn, slot.conn = slot.conn, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):  # closing is best effort
+                conn.close()
+
+    def close(self) -> None:
+        """Close every connection; waits for a thread inside a call up to ``busy_timeout`` plus 10 s."""
+        self.closed = True
+        with self._slots_lock:
+            slots = list(self._slots)
+        deadline = time.monotonic() + self.busy_timeout + _QUIESCE_GRACE
+        for slot in slots:
+            if not slot.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                continue  # still listed, so a fork never lets the child close it
+            try:
+                self._close_slot(slot)
+            finally:
+                slot.lock.release()
+            with self._slots_lock:
+                self._slots.remove(slot)
+
+    def prepare_for_fork(self) -> None:
+        """Just before fork(): wait until no thread is inside SQLite on this file, then close every connection.
+
+        Takes ``_slots_lock`` (no new slot meanwhile) and every slot's lock, each wait bounded
+        by one deadline (``busy_timeout`` plus 10 s); they stay held across the fork, released
+        by :meth:`resume_after_fork` in the parent and replaced in the child. Raises
+        StoreError, preparing nothing, if ``_slots_lock`` stays taken past the deadline.
+        """
+        deadline = time.monotonic() + self.busy_timeout + _QUIESCE_GRACE
+        if not self._slots_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise StoreError(f"SQLiteStore {self.path!r}: could not quiesce for fork (another fork in progress?)")
+        held: list[Slot] = []
+        for slot in self._slots:
+            if slot.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                held.append(slot)
+                self._close_slot(slot)
+        self._fork_held = held
+        self._fork_stuck = len(self._slots) - len(held)
+
+    def resume_after_fork(self) -> None:
+        """In the parent after fork(): release what :meth:`prepare_for_fork` took; connections reopen on use."""
+        held, self._fork_held = self._fork_held, []
+        stuck = self._fork_stuck
+        for slot in reversed(held):
+            slot.lock.release()
+        self._slots_lock.release()
+        if stuck:
+            self._log_stuck(stuck)
+
+    def reset_after_fork(self) -> None:
+        """In the child: fresh locks and slots. A parent connection still open here (its thread was inside
+        SQLite past the fork wait) is kept referenced, never closed, never used."""
+        stuck = [slot.conn for slot in self._slots if slot.conn is not None]
+        _ABANDONED.extend(stuck)
+        self._init_process_state()
+        if stuck:
+            self._log_stuck(len(stuck))
+
+    def _log_stuck(self, count: int) -> None:
+        _log.warning(
+            "SQLiteStore %r: forked while %d thread(s) were inside a SQLite call for over %.3gs; "
+            "the child may inherit SQLite's locks held",
+            self.path,
+            count,
+            self.busy_timeout + _QUIESCE_GRACE,
+        )
+
+
+class _HasConnections(Protocol):
+    _connections: Connections
+
+
+def _run_translated(self: _HasConnections, fn: Callable[..., Any], write: bool, *args: Any, **kwargs: Any) -> Any:
+    with self._connections.slot().lock:
+        try:
+            if not write:
+                return fn(self, *args, **kwargs)
+            with self._connections.writing():
+                return fn(self, *args, **kwargs)
+        except sqlite3.OperationalError as error:
+            text = str(error).lower()
+            if "locked" in text or "busy" in text or "unable to open" in text:
+                raise StoreUnavailableError(f"SQLite store unavailable: {error}") from error
+            raise StoreError(f"SQLite store error: {error}") from error
+        except sqlite3.Error as error:
+            raise StoreError(f"SQLite store error: {error}") from error
+
+
+def reads(fn: F) -> F:
+    """A store method: run it holding this thread's slot lock (see :class:`Slot`) and turn sqlite3
+    errors into StoreUnavailableError (locked/busy) or StoreError."""
+
+    @functools.wraps(fn)
+    def wrapper(self: _HasConnections, *args: Any, **kwargs: Any) -> Any:
+        return _run_translated(self, fn, False, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def writes(fn: F) -> F:
+    """A store method that writes: as :func:`reads`, also holding the process's write lock."""
+
+    @functools.wraps(fn)
+    def wrapper(self: _HasConnections, *args: Any, **kwargs: Any) -> Any:
+        return _run_translated(self, fn, True, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

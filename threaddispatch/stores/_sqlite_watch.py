@@ -1,0 +1,267 @@
+"""SQLiteStore's wake-ups: a process's subscribers and the watcher thread serving them: its one job.
+
+SQLite has no NOTIFY. While an engine of this process is subscribed, one daemon thread per
+store (``threaddispatch-sqlite-watch``) reads ``PRAGMA data_version`` every
+:data:`TICK` seconds on its own connection: a few microseconds, touching only the WAL index
+in shared memory, and it changes exactly when another connection (any process) committed.
+On a change it reads the rows inserted since it last looked (``seq`` above the last one
+seen, by the rowid: only the new rows) and
+
+- for another process's ready job, calls every subscriber with ``(queue, run_at)`` at once
+  (this process's own enqueues already woke its engines: the store notes their ``seq``
+  ranges with :meth:`Watcher.note_own` and the watcher skips them);
+- for a job due later (from any process, and those pending when the watcher started),
+  keeps ``(run_at, queue)`` and calls the subscribers when it falls due (the thread sleeps
+  until then, so a delayed job is announced within a millisecond or so of its ``run_at``).
+
+It also runs the PASSIVE WAL checkpoints (at most every :data:`CHECKPOINT_EVERY` seconds,
+after changes), so no commit of this process stalls on one. Jobs another process made ready
+again by an update (release, reap, requeue, a retry) are not seen: engines keep polling as
+the fallback. Started by the first subscriber, stopped by the last unsubscribe and by close;
+a forked child starts with none.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from threaddispatch.errors import StoreError
+
+__all__ = ["CHECKPOINT_EVERY", "TICK", "WakeupCallback", "WatchSource", "Watcher"]
+
+WakeupCallback = Callable[[str | None, float | None], None]
+
+_log = logging.getLogger("threaddispatch.stores.sqlite")
+
+#: How often the watcher reads ``PRAGMA data_version`` (seconds).
+TICK = 0.01
+#: The fewest seconds between two PASSIVE checkpoints by the watcher.
+CHECKPOINT_EVERY = 0.1
+_ROWS = 2_000  # new rows read per tick at most (a bigger batch is read over the next ticks)
+_DUE_CAP = 1_024  # delayed jobs kept in memory; past it the earliest are kept and the rest re-read later
+_RETRY = 1.0  # seconds between tries while the store fails
+
+
+class WatchSource(Protocol):
+    """The reads the watcher runs on its own connection (SQLiteStore's ``_watch_*`` methods)."""
+
+    def _watch_version(self) -> int: ...
+
+    def _watch_rows(self, after_seq: int, limit: int) -> tuple[int, list[tuple[int, str, float]]]: ...
+
+    def _watch_later(self, after: float, limit: int) -> list[tuple[float, str]]: ...
+
+    def _watch_checkpoint(self) -> None: ...
+
+
+class Watcher:
+    """This process's wake-up subscribers on one store, and the thread that runs while there are any.
+
+    Thread-safe. Callbacks run on the watcher thread with no lock held.
+    """
+
+    def __init__(self, source: WatchSource, *, where: str) -> None:
+        self.source = source
+        self.where = where
+        self._closed = False
+        self._init_process_state()
+
+    def _init_process_state(self) -> None:
+        # _lock guards _closed, _subscribers, _next_token, _run and _own.
+        self._lock = threading.Lock()
+        self._generation = getattr(self, "_generation", 0) + 1
+        self._subscribers: dict[int, WakeupCallback] = {}
+        self._next_token = 0
+        self._run: _Run | None = None
+        # This process's inserted rows as sorted, disjoint [first, last] seq ranges, noted after
+        # their commit while a watcher runs; the watcher drops those it has passed.
+        self._own: list[list[int]] = []
+
+    @property
+    def active(self) -> bool:
+        """Whether a watcher thread runs (so :meth:`note_own` is worth calling)."""
+        return self._run is not None
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: no subscribers and no thread (it does not exist there)."""
+        self._init_process_state()
+
+    def subscribe(self, callback: WakeupCallback) -> Callable[[], None]:
+        """Add ``callback``, starting the thread if it is the first; returns an idempotent unsubscribe."""
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"SQLiteStore {self.where!r} is closed")
+            token = self._next_token
+            self._next_token += 1
+            self._subscribers[token] = callback
+            generation = self._generation
+            if self._run is None:
+                self._run = _Run(self)
+                self._run.thread.start()  # only waits for the thread to exist, never for this lock
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if generation != self._generation:
+                    return
+                self._subscribers.pop(token, None)
+                run = self._run if not self._subscribers else None
+                if run is not None:
+                    self._run = None
+            if run is not None:
+                run.stop()
+
+        return unsubscribe
+
+    def close(self, timeout: float) -> None:
+        """Drop every subscriber and stop the thread, waiting up to ``timeout`` for it. Idempotent."""
+        with self._lock:
+            self._closed = True
+            run, self._run = self._run, None
+            self._subscribers.clear()
+        if run is not None:
+            run.stop(timeout)
+
+    def note_own(self, first: int, last: int) -> None:
+        """Rows ``first..last`` (seq) were inserted and committed by this process."""
+        with self._lock:
+            if self._own and self._own[-1][1] + 1 == first:
+                self._own[-1][1] = last
+            else:
+                bisect.insort(self._own, [first, last])
+
+    def _own_ranges(self, passed: int) -> list[list[int]]:
+        """The own ranges; those wholly at or below ``passed`` (read for good) are forgotten for next time."""
+        with self._lock:
+            ranges = [list(span) for span in self._own]
+            self._own = [span for span in self._own if span[1] > passed]
+        return ranges
+
+    def _is_current(self, run: _Run) -> bool:
+        with self._lock:
+            return self._run is run
+
+    def wake(self, due: Sequence[tuple[str | None, float | None]]) -> None:
+        """Call every subscriber with each ``(queue, run_at)`` of ``due``; a failing one is logged."""
+        with self._lock:
+            callbacks = list(self._subscribers.values())
+        for callback in callbacks:  # no lock held: callbacks take their own
+            for queue, run_at in due:
+                try:
+                    callback(queue, run_at)
+                except Exception:  # noqa: BLE001 - one broken subscriber must not stop the others
+                    _log.exception("SQLiteStore: wake-up callback %r failed", callback)
+
+
+def _owned(seq: int, ranges: list[list[int]]) -> bool:
+    index = bisect.bisect_right(ranges, [seq, float("inf")]) - 1
+    return index >= 0 and ranges[index][0] <= seq <= ranges[index][1]
+
+
+class _Run:
+    """One watcher thread's state; only that thread touches the fields below ``_stop``."""
+
+    def __init__(self, watcher: Watcher) -> None:
+        self.watcher = watcher
+        self._stop = threading.Event()
+        self._version: int | None = None
+        self._seq = -1  # the highest seq seen (-1: not read yet)
+        self._later: list[tuple[float, str]] = []  # delayed jobs, sorted by run_at, at most _DUE_CAP
+        self._reread: float | None = None  # later jobs were dropped past this run_at: read them again
+        self._checkpointed = 0.0
+        self._dirty = False  # a change since the last checkpoint
+        self.thread = threading.Thread(target=self._main, name="threaddispatch-sqlite-watch", daemon=True)
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Ask the thread to leave; wait for it up to ``timeout`` unless called on it."""
+        self._stop.set()
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout)
+
+    def _main(self) -> None:
+        wait = 0.0
+        failing = False
+        while not self._stop.wait(wait) and self.watcher._is_current(self):
+            try:
+                self._step()
+            except StoreError as error:
+                if not failing:
+                    _log.warning("SQLiteStore %r watcher: %s; retrying every %.3gs", self.watcher.where, error, _RETRY)
+                failing = True
+                wait = _RETRY
+                continue
+            failing = False
+            wait = TICK
+            if self._later:
+                wait = min(wait, max(0.0, self._later[0][0] - time.time()))
+
+    def _step(self) -> None:
+        source = self.watcher.source
+        if self._seq < 0:
+            self._start(source)
+        version = source._watch_version()
+        if version != self._version:
+            self._version = version
+            self._dirty = True
+            self._read_new(source)
+        self._announce_due(source)
+        if self._dirty and time.monotonic() - self._checkpointed >= CHECKPOINT_EVERY:
+            source._watch_checkpoint()
+            self._checkpointed = time.monotonic()
+            self._dirty = False
+
+    def _start(self, source: WatchSource) -> None:
+        """First step: the rows present are not news, but the jobs already waiting for a later run_at are."""
+        self._version = source._watch_version()
+        self._seq, _rows = source._watch_rows(2**63 - 1, 0)
+        self._keep_later(source._watch_later(time.time(), _DUE_CAP + 1))
+        # Jobs committed between the engine's first claim and this read: have it look once.
+        self.watcher.wake([(None, None)])
+
+    def _read_new(self, source: WatchSource) -> None:
+        highest, rows = source._watch_rows(self._seq, _ROWS)
+        if highest < self._seq:
+            # The newest rows were deleted and their seqs may be in use again: look everywhere.
+            self._seq = highest
+            self.watcher.wake([(None, None)])
+            return
+        self._seq = rows[-1][0] if len(rows) >= _ROWS else highest
+        if len(rows) >= _ROWS:
+            self._version = None  # more to read next tick
+        own = self.watcher._own_ranges(self._seq)
+        now = time.time()
+        ready: dict[str, float] = {}
+        later: list[tuple[float, str]] = []
+        for seq, queue, run_at in rows:
+            if run_at > now:
+                later.append((run_at, queue))
+            elif not _owned(seq, own):
+                ready[queue] = min(run_at, ready.get(queue, run_at))
+        self._keep_later(later)
+        if ready:
+            self.watcher.wake(list(ready.items()))
+
+    def _keep_later(self, jobs: list[tuple[float, str]]) -> None:
+        for job in jobs:
+            bisect.insort(self._later, job)
+        if len(self._later) > _DUE_CAP:
+            dropped = self._later[_DUE_CAP][0]
+            del self._later[_DUE_CAP:]
+            self._reread = dropped if self._reread is None else min(self._reread, dropped)
+
+    def _announce_due(self, source: WatchSource) -> None:
+        now = time.time()
+        count = bisect.bisect_right(self._later, (now, "\U0010ffff"))
+        if count:
+            due: dict[str | None, float | None] = {}
+            for run_at, queue in self._later[:count]:
+                due.setdefault(queue, run_at)
+            del self._later[:count]
+            self.watcher.wake(list(due.items()))
+        if not self._later and self._reread is not None:
+            after, self._reread = self._reread, None
+            self._keep_later(source._watch_later(min(after, now) - 1e-6, _DUE_CAP + 1))
