@@ -1,6 +1,11 @@
 """The benchmark harness behind ``threaddispatch bench`` and ``benchmarks/bench_enqueue.py``.
 
-One workload for every contender: ``producers`` threads each enqueue ``per_producer``
+``threaddispatch bench`` runs the enqueue race below, then a few scaling curves
+(``_bench_curves``: EndpointBatchDispatcher by endpoints and by depth, RequestDispatcher
+queued by depth), prints both as tables (the curves also as ASCII bars) and draws them in
+one PNG. ``--quick`` is a ~20 s smoke run of the same.
+
+The race: one workload for every contender: ``producers`` threads each enqueue ``per_producer``
 copies of one small dict; a sink counts what arrives; 10 ms window; batches of 512;
 nothing may be dropped (the count is verified). Each run happens in a fresh
 interpreter (``python -m threaddispatch._bench --run ...``) so no contender inherits
@@ -34,7 +39,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["CONTENDERS", "BenchResult", "main", "run_matrix"]
+from threaddispatch import _bench_curves
+from threaddispatch._bench_curves import CurvePoint
+
+__all__ = ["CONTENDERS", "BenchResult", "build_parser", "main", "run_matrix", "run_plan", "write_chart"]
 
 WINDOW_MS = 10
 BATCH = 512
@@ -278,22 +286,14 @@ def run_once(name: str, producers: int, per_producer: int, idle_seconds: float) 
     enqueue, item = contender.enqueue, contender.item
     rss_before = _rss_kib()
     cpu_ns = [0] * producers
-    start = threading.Barrier(producers + 1)
 
     def produce(index: int) -> None:
-        start.wait()
         t0 = time.thread_time_ns()
         for _ in itertools.repeat(None, per_producer):
             enqueue(item)
         cpu_ns[index] = time.thread_time_ns() - t0
 
-    threads = [threading.Thread(target=produce, args=(i,), name=f"bench-producer-{i}") for i in range(producers)]
-    for thread in threads:
-        thread.start()
-    start.wait()
-    wall0 = time.perf_counter()
-    for thread in threads:
-        thread.join()
+    wall0 = _bench_curves.run_producers(producers, produce)
     delivered = sink.done.wait(60.0)
     wall = time.perf_counter() - wall0
     wakeups = _thread_wakeups(contender.consumer(), idle_seconds) if idle_seconds > 0 else None
@@ -453,8 +453,11 @@ def format_table(results: list[BenchResult]) -> str:
     return "\n".join(lines)
 
 
-def write_chart(results: list[BenchResult], path: str) -> bool:
-    """Write a PNG bar chart of CPU ns/enqueue and entries/s; False when matplotlib is missing."""
+def write_chart(results: list[BenchResult], path: str, curves: list[CurvePoint] | None = None) -> bool:
+    """Write a PNG: bars of CPU ns/enqueue and entries/s, and the curves beside them when given.
+
+    Returns False when matplotlib is missing.
+    """
     try:
         import matplotlib
 
@@ -464,7 +467,9 @@ def write_chart(results: list[BenchResult], path: str) -> bool:
         return False
     producer_counts = sorted({r.producers for r in results})
     labels = list(dict.fromkeys(r.label for r in results))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    fig = plt.figure(figsize=(13, 10.5 if curves else 5))
+    grid = fig.add_gridspec(2 if curves else 1, 2)
+    axes = [fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])]
     width = 0.8 / max(1, len(producer_counts))
     for offset, producers in enumerate(producer_counts):
         by_label = {r.label: r for r in results if r.producers == producers}
@@ -489,33 +494,183 @@ def write_chart(results: list[BenchResult], path: str) -> bool:
         ax.set_xticks([i + width * (len(producer_counts) - 1) / 2 for i in range(len(labels))])
         ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
         ax.legend()
+    if curves:
+        _bench_curves.plot_curves(fig.add_subplot(grid[1, :]), curves)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
 
+# The curves ``threaddispatch bench`` draws: a subset of benchmarks/bench_scaling.py's that fits its budget.
+DEFAULT_CURVES: dict[str, list[int]] = {
+    "endpoints": [10, 1_000, 100_000],
+    "depth": [1_000, 100_000],
+    "requests-queued": [1_000, 100_000],
+}
+QUICK_CURVES: dict[str, list[int]] = {"endpoints": [10, 1_000], "depth": [1_000, 10_000], "requests-queued": [1_000]}
+
+
+def producer_list(text: str) -> list[int]:
+    """argparse type: comma-separated producer counts >= 1."""
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not counts or any(c < 1 for c in counts):
+        raise argparse.ArgumentTypeError(f"expected producer counts >= 1, got {text!r}")
+    return counts
+
+
+def parse_curves(text: str) -> dict[str, list[int]]:
+    """argparse type: ``series=n,n,...;series=...`` (``none`` for no curves); names from ``_bench_curves.CURVES``."""
+    if text.strip().lower() == "none":
+        return {}
+    curves: dict[str, list[int]] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, _, sizes = part.partition("=")
+        name = name.strip()
+        if name not in _bench_curves.CURVES:
+            known = ", ".join(_bench_curves.CURVES)
+            raise argparse.ArgumentTypeError(f"unknown curve {name!r} in {text!r}; known: {known}")
+        try:
+            counts = [int(n) for n in sizes.split(",") if n.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {name}=whole numbers, got {part!r}") from None
+        if not counts or any(n < 1 for n in counts):
+            raise argparse.ArgumentTypeError(f"expected {name}=sizes >= 1, got {part!r}")
+        curves[name] = counts
+    return curves
+
+
+def build_parser(prog: str = "threaddispatch bench") -> argparse.ArgumentParser:
+    """The parser of ``threaddispatch bench`` (cli.py forwards its arguments to :func:`main`)."""
+    from threaddispatch._cli_common import positive_int
+
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="The enqueue race against the peers, then the scaling curves; prints tables, writes a PNG.",
+    )
+    add = parser.add_argument
+    add("--entries", type=positive_int, default=None, help="entries per race run (default 200000; --quick 20000)")
+    add("--producers", type=producer_list, default=[1, 4], help="race producer counts (default 1,4)")
+    add("--repeats", type=positive_int, default=3, help="fresh-process runs per race cell (default 3)")
+    add("--contenders", default="", help="comma-separated subset of the race (default: all installed)")
+    add("--curves", type=parse_curves, default=None, help="e.g. 'endpoints=10,1000;depth=1000' or 'none'")
+    add("--curve-repeats", type=positive_int, default=1, help="fresh-process runs per curve point (default 1)")
+    add("--curve-timeout", type=float, default=10.0, help="seconds a curve point may take (default 10)")
+    add("--quick", action="store_true", help="a ~20 s smoke run: small race, one run each, short curves")
+    add("--chart", default="threaddispatch-bench.png", help="PNG chart path ('' for none)")
+    add("--json", action="store_true", help="print JSON instead of the tables")
+    add("--quiet", action="store_true", help="no progress lines")
+    add("--run", choices=sorted(CONTENDERS), help=argparse.SUPPRESS)  # one race run in this process (a child)
+    add("--per-producer", type=int, default=100_000, help=argparse.SUPPRESS)
+    add("--idle", type=float, default=0.0, help=argparse.SUPPRESS)
+    return parser
+
+
+@dataclass
+class Plan:
+    """What one ``threaddispatch bench`` run does (``--quick`` shrinks it)."""
+
+    contenders: list[str]
+    producer_counts: list[int]
+    entries: int
+    repeats: int
+    idle_seconds: float
+    curves: dict[str, list[int]]
+    curve_repeats: int
+    curve_timeout: float
+    curve_jobs: int
+
+
+def plan_from_args(args: argparse.Namespace) -> Plan:
+    """The run's plan; raises ValueError naming an unknown contender."""
+    contenders = args.contenders.split(",") if args.contenders else list(CONTENDERS)
+    unknown = [c for c in contenders if c not in CONTENDERS]
+    if unknown:
+        raise ValueError(f"unknown contender(s) {', '.join(unknown)}; known: {', '.join(CONTENDERS)}")
+    curves = args.curves if args.curves is not None else (QUICK_CURVES if args.quick else DEFAULT_CURVES)
+    if args.quick:
+        entries = args.entries or 20_000
+        return Plan(contenders, args.producers, entries, 1, 0.0, curves, 1, min(args.curve_timeout, 5.0), 20_000)
+    return Plan(
+        *(contenders, args.producers, args.entries or 200_000, args.repeats, 1.0),
+        *(curves, args.curve_repeats, args.curve_timeout, 100_000),
+    )
+
+
+def run_plan(plan: Plan, progress: Callable[[str], None] | None = None) -> tuple[list[BenchResult], list[CurvePoint]]:
+    """The race, then the curves."""
+    results = run_matrix(
+        plan.contenders,
+        producer_counts=plan.producer_counts,
+        total_entries=plan.entries,
+        repeats=plan.repeats,
+        idle_seconds=plan.idle_seconds,
+        progress=progress,
+    )
+    curves = _bench_curves.run_curves(
+        plan.curves, repeats=plan.curve_repeats, timeout=plan.curve_timeout, jobs=plan.curve_jobs, progress=progress
+    )
+    return results, curves
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m threaddispatch._bench``: one run (``--run``) or a whole matrix."""
-    parser = argparse.ArgumentParser(prog="threaddispatch-bench")
-    parser.add_argument("--run", choices=sorted(CONTENDERS), help="run one contender once, print JSON")
-    parser.add_argument("--producers", type=int, default=1)
-    parser.add_argument("--per-producer", type=int, default=100_000)
-    parser.add_argument("--idle", type=float, default=0.0)
+    """``threaddispatch bench`` (and ``python -m threaddispatch._bench``): the race, the curves, the chart.
+
+    Exit code 1 when a race contender lost entries or a curve point failed, 2 on bad arguments.
+    """
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.run:
-        print(json.dumps(run_once(args.run, args.producers, args.per_producer, args.idle)))
+        print(json.dumps(run_once(args.run, args.producers[0], args.per_producer, args.idle)))
         return 0
-    results = run_matrix(
-        list(CONTENDERS),
-        producer_counts=[1, 4],
-        total_entries=1_000_000,
-        repeats=3,
-        progress=lambda s: print(s, file=sys.stderr),
+    try:
+        plan = plan_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    def progress(line: str) -> None:
+        if not args.quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    progress(
+        f"threaddispatch bench: {plan.entries:,} entries per run, producers {plan.producer_counts}, "
+        f"{plan.repeats} fresh-process run(s) each, window {WINDOW_MS} ms, batches of {BATCH}; then the curves"
     )
-    print(format_table(results))
-    print(json.dumps([asdict(r) for r in results], indent=1), file=sys.stderr)
-    return 0
+    began = time.perf_counter()
+    results, curves = run_plan(plan, progress)
+    took = time.perf_counter() - began
+    if args.json:
+        report = {"race": [asdict(r) for r in results], "curves": [asdict(p) for p in curves], "seconds": took}
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_table(results))
+        if curves:
+            print()
+            print(_bench_curves.format_curves(curves))
+            print()
+            print(_bench_curves.sparkbars(curves))
+    if args.chart and write_chart(results, args.chart, curves):
+        progress(f"chart written to {args.chart}")
+    elif args.chart:
+        progress("matplotlib is not installed: no chart (pip install 'threaddispatch[bench]')")
+    progress(f"threaddispatch bench: took {_minutes(took)}")
+    late = [f"{p.label} n={p.n:,}" for p in curves if not p.complete and not p.error]
+    if late:
+        progress(f"curve points that did not finish in {plan.curve_timeout:.0f} s: {'; '.join(late)}")
+    failed = [f"{p.label} n={p.n:,}: {p.error}" for p in curves if p.error]
+    if failed:
+        print(f"threaddispatch bench: curve points failed: {'; '.join(failed)}", file=sys.stderr)
+    incomplete = [r.label for r in results if not r.complete]
+    if incomplete:
+        print(f"threaddispatch bench: entries were lost by: {', '.join(incomplete)}", file=sys.stderr)
+    return 1 if incomplete or failed else 0
 
 
 if __name__ == "__main__":
