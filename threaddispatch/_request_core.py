@@ -26,12 +26,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import InvalidStateError as FutureStateError
 from types import CoroutineType
-from typing import Any, Generic, TypeVar, cast
+from typing import Generic, TypeVar, cast
 
 from threaddispatch import _invoke, _lifecycle
-from threaddispatch._future import LazyFuture
 from threaddispatch._pool import WorkerPool
 from threaddispatch._request_cache import CachedResponse, RequestCache
 from threaddispatch._request_events import RequestEvents
@@ -46,6 +44,7 @@ from threaddispatch._request_records import (
     Outbox,
     PendingRequest,
     RequestHandle,
+    settle,
 )
 from threaddispatch._request_scheduler import Scheduler
 from threaddispatch._request_token import CancellationToken, watched
@@ -150,7 +149,7 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
             with self.lock:
                 self._unreserve(req)
             # Callers that joined the reservation hold its Future: they learn why it failed.
-            _settle(req.future, "exception" if isinstance(error, Exception) else "cancel", error)
+            settle(req.future, "exception" if isinstance(error, Exception) else "cancel", error)
             raise
         with self.lock:
             closed = self.closing
@@ -162,7 +161,7 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
                 queued = True
         if not queued:
             link.forget([(req.queue_key, req.request_id)])
-            _settle(req.future, "cancel", None)
+            settle(req.future, "cancel", None)
         if closed:
             raise DispatcherClosedError(f"RequestDispatcher {self.name!r} is closed")
 
@@ -328,7 +327,7 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
         for event in out.events:
             self.events.emit(event)
         for future, how, value in out.settle:
-            _settle(future, how, value)
+            settle(future, how, value)
         if out.launch:
             self._launch(out.launch)
         if out.closed:
@@ -584,19 +583,6 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
         self.closing, self.done, self.online = closing, done, online
         for key, status in statuses.items():
             self._queue(key).status = status
-
-
-def _settle(future: LazyFuture, how: str, value: Any) -> None:
-    """Set ``future``'s result or exception, or cancel it (``how``); a Future its holder cancelled stays so."""
-    try:
-        if how == "result":
-            future.set_result(value)
-        elif how == "exception":
-            future.set_exception(value)
-        else:
-            LazyFuture.cancel(future)  # not RequestFuture.cancel: the request is already removed
-    except FutureStateError:
-        pass  # its holder cancelled the Future meanwhile
 
 
 def _cache_event(req: PendingRequest, entry: CachedResponse, reason: str) -> RequestEvent:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import Future
+from concurrent.futures import InvalidStateError as FutureStateError
 from typing import Any, Final, Generic, Protocol, TypeVar, cast
 
 from threaddispatch._future import LazyFuture
@@ -32,6 +33,7 @@ __all__ = [
     "PendingRequest",
     "RequestFuture",
     "RequestHandle",
+    "settle",
 ]
 
 ResponseT = TypeVar("ResponseT")
@@ -226,3 +228,16 @@ class Outbox:
 
     def __bool__(self) -> bool:
         return bool(self.launch or self.events or self.settle or self.unstore or self.cached or self.closed)
+
+
+def settle(future: LazyFuture, how: str, value: Any) -> None:
+    """Set ``future``'s result or exception, or cancel it (``how``); a Future its holder cancelled stays so."""
+    try:
+        if how == "result":
+            future.set_result(value)
+        elif how == "exception":
+            future.set_exception(value)
+        else:
+            LazyFuture.cancel(future)  # not RequestFuture.cancel: the request is already removed
+    except FutureStateError:
+        pass  # its holder cancelled the Future meanwhile
