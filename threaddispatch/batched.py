@@ -39,12 +39,12 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from threaddispatch import _lifecycle
+from threaddispatch._buffered_types import in_context
 from threaddispatch._engine import BatchEngine
 from threaddispatch._future import LazyFuture
 from threaddispatch._invoke import ERROR, Outcome, TimedCaller, call
 from threaddispatch._pool import WorkerPool
 from threaddispatch._validate import check_positive_int, check_seconds, show
-from threaddispatch.buffered import in_context
 from threaddispatch.errors import (
     ConfigurationError,
     DispatcherClosedError,

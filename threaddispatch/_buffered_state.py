@@ -1,0 +1,628 @@
+"""The runtime of an AsyncDispatcher: its bounded buffer, its dispatch loop and its failure loop.
+
+:class:`_AsyncState` is everything the two loops touch; they hold it, never the
+AsyncDispatcher, so an unreferenced dispatcher can be collected while its loops drain.
+Producers ``put`` into the buffer; the dispatch loop (daemon thread
+``threaddispatch-async-<target>``) hands each message to the dispatcher (``dispatch``,
+``submit``, or a BatchedDispatcher's Future-free hand-off, taken from the buffer in
+chunks); failures go to ``RetryPolicy.next_delay`` and, when final, to the failure loop
+(``threaddispatch-async-<target>-failures``), which calls the error handler, so a slow
+handler never stalls dispatch.
+
+Why this face has its own loop instead of the shared BatchEngine: it is a one-by-one
+hand-off, not a batcher. There is no time window and no batch; what it needs is a
+bounded buffer whose ``put`` blocks while it is full (back-pressure, with a timeout)
+and a strict count of what is waiting, which the engine's lanes (drop/raise/block
+per lane, batches taken by a window) do not model.
+
+Locking (model: CPython ``queue.py``): one mutex, ``_AsyncState.mutex``, must be held
+whenever the buffer, the retry queue (a DelayQueue on work_ready), the failure queue, the
+flags or the counters change; three Conditions share it. User code (the dispatcher, the
+error handler, the retry policy's predicate and backoff) is always called with it released.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, Generic, TypeVar
+
+from threaddispatch import _lifecycle
+from threaddispatch._buffered_types import Dispatcher, FailedMessage, _check_delay, _Entry, _failed, in_context
+from threaddispatch._invoke import Outcome, TimedCaller, call, close_thread_loop, invoke
+from threaddispatch._timers import DelayQueue
+from threaddispatch._validate import show
+from threaddispatch.backoff import RetryPolicy
+from threaddispatch.errors import CancelledError, ConfigurationError, DispatcherClosedError, QueueFullError
+
+T = TypeVar("T")
+
+_log = logging.getLogger("threaddispatch")
+
+# Returned by _next_job instead of a message: call the dispatcher's flush() now.
+_FLUSH: Any = object()
+
+# The longest single wait of the dispatch loop (a retry due far ahead is waited for in steps).
+_MAX_WAIT = 3600.0
+
+# The most buffered messages the dispatch loop takes under one lock for a hand-off (which never
+# blocks): fewer lock round trips with the producers, and the buffer still frees room steadily.
+_HAND_CHUNK = 64
+
+
+def _same(value: T) -> T:
+    return value
+
+
+class _AsyncState(Generic[T]):
+    """Everything the two loops touch. They hold this, never the AsyncDispatcher, so it can be collected.
+
+    Also the object registered with the lifecycle registry (exit drain, fork reset): it
+    lives as long as a loop runs, even when nobody references the dispatcher any more.
+    """
+
+    # Drain at exit before the components we feed (a BatchedDispatcher's engine and pool).
+    _drain_order = -10
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher[T],
+        target: str,
+        error_handler: Callable[[FailedMessage[T]], object] | None,
+        *,
+        retry: RetryPolicy | None,
+        max_in_flight: int,
+        max_failures_pending: int | None,
+        dispatch_timeout: float | None,
+    ) -> None:
+        self.dispatcher = dispatcher
+        submit = getattr(dispatcher, "submit", None)
+        flush = getattr(dispatcher, "flush", None)
+        self.submit: Callable[..., Future[Any]] | None = submit if callable(submit) else None
+        # A BatchedDispatcher's Future-free hand-off (settled once per batch); only without a
+        # dispatch_timeout, which it would not need (it never blocks) but which submit honours.
+        hand_off = getattr(dispatcher, "_hand_off", None) if dispatch_timeout is None else None
+        self.hand_off: Callable[..., None] | None = hand_off if callable(hand_off) else None
+        self.on_handed = self._on_handed  # made once: the hand-off groups a batch's messages by it
+        self.flush: Callable[[float | None], object] | None = flush if callable(flush) else None
+        self.target = target
+        self.error_handler = error_handler
+        self.retry = retry
+        self.max_in_flight = max_in_flight
+        self.capacity = 0  # set by setup(); 0 until then
+        # The failure backlog the dispatch loop may fill before it waits for the handler;
+        # None until setup() (then buffer_len unless max_failures_pending was given).
+        self.failure_capacity = max_failures_pending
+        self.is_setup = False
+        self.started = False
+        self.restart_on_put = False  # a forked child restarts its loops lazily
+        self.closing = False
+        self.stop_deadline: float | None = None
+        self.failed_at_stop = 0
+        self.abandon_reported = False  # the "never started" warning is logged once
+        self.buffered = 0
+        self.sent = 0
+        self.failed = 0
+        self.retried = 0
+        self.rejected = 0
+        self.handler_errors = 0
+        self.failure_stalls = 0  # times the dispatch loop waited for the failure backlog to shrink
+        # dispatch and submit run through it: on the dispatch loop without a timeout, else on its runners.
+        self.caller = TimedCaller(f"async-{target}", timeout=dispatch_timeout)
+        # What a dispatch goes through: call() itself when there is no timeout (one hop fewer).
+        self.call: Callable[..., Outcome] = call if dispatch_timeout is None else self.caller.call
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        # mutex must be held whenever any field below, a flag above or a counter changes.
+        self.mutex = threading.Lock()
+        self.work_ready = threading.Condition(self.mutex)  # the dispatch loop waits here
+        self.not_full = threading.Condition(self.mutex)  # producers blocked by a full buffer
+        self.failure_ready = threading.Condition(self.mutex)  # the failure loop waits here
+        self.buffer: deque[_Entry[T]] = deque()
+        # Messages waiting to be retried: (entry, attempts made), due by time. Counted in in_flight.
+        self.retries: DelayQueue[tuple[_Entry[T], int]] = DelayQueue(self.work_ready)
+        # == len(retries), kept beside it: the dispatch loop reads it once per message, a plain int is cheaper.
+        self.retrying = 0
+        # Failed for good, waiting for the failure loop. The dispatch loop takes no message while
+        # it holds failure_capacity or more (back-pressure, as the seed's bounded failure channel).
+        self.failures: deque[FailedMessage[T]] = deque()
+        # Taken from the buffer and not settled yet: being sent, submitted, or waiting to retry.
+        self.in_flight = 0
+        self.put_waiters = 0
+        self.loop_waiting = False
+        self.submitted = 0
+        self.flushed_at = 0
+        self.dispatch_thread: threading.Thread | None = None
+        self.failure_thread: threading.Thread | None = None
+        self.dispatch_done = False
+        self.failures_done = False
+
+    # -- producers (called with nothing held) --------------------------------------------------
+
+    def check_delay(self, value: object) -> int | None:
+        """``delay_seconds`` for a put; ConfigurationError for a bad value or a dispatcher that cannot take one."""
+        delay = _check_delay(value)
+        if not getattr(self.dispatcher, "accepts_delay_seconds", True):
+            raise ConfigurationError(
+                f"{self.describe()}: delay_seconds={value!r} cannot be passed on by {show(self.dispatcher)} "
+                f"(accepts_delay_seconds is False; a BatchedDispatcher needs envelopes=True or hold_delays=True)"
+            )
+        return delay
+
+    def put(self, entry: _Entry[T], timeout: float | None) -> None:
+        with self.mutex:
+            if self.closing:
+                raise DispatcherClosedError(f"{self.describe()} is stopped; {show(entry[0])} was not accepted")
+            if len(self.buffer) >= self.capacity:
+                if threading.current_thread() is self.failure_thread:
+                    self.rejected += 1
+                    raise QueueFullError(
+                        f"{self.describe()}: buffer is full ({self.capacity} messages) and put() was called "
+                        f"from the error handler, which cannot wait for room (the dispatch loop may be waiting "
+                        f"for the handler); {show(entry[0])} was not accepted"
+                    )
+                self._wait_for_room(entry[0], timeout)
+            self._append(entry)
+
+    def try_put(self, entry: _Entry[T]) -> bool:
+        with self.mutex:
+            if self.closing:
+                raise DispatcherClosedError(f"{self.describe()} is stopped; {show(entry[0])} was not accepted")
+            if len(self.buffer) >= self.capacity:
+                self.rejected += 1
+                return False
+            self._append(entry)
+            return True
+
+    def _wait_for_room(self, message: T, timeout: float | None) -> None:
+        """Wait until the buffer has room; holds mutex. Raises QueueFullError or DispatcherClosedError."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.put_waiters += 1
+        try:
+            while len(self.buffer) >= self.capacity:
+                if self.closing:
+                    raise DispatcherClosedError(
+                        f"{self.describe()} stopped while {show(message)} waited for room; it was not accepted"
+                    )
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    self.rejected += 1
+                    raise QueueFullError(
+                        f"{self.describe()}: buffer stayed full ({self.capacity} messages) for {timeout}s; "
+                        f"{show(message)} was not accepted"
+                    )
+                self.not_full.wait(remaining)
+        finally:
+            self.put_waiters -= 1
+        if self.closing:
+            # Room appeared, but stop() began while we waited: the dispatch loop may
+            # already have drained and left, so refuse rather than strand the message.
+            raise DispatcherClosedError(
+                f"{self.describe()} stopped while {show(message)} waited for room; it was not accepted"
+            )
+
+    def _append(self, entry: _Entry[T]) -> None:
+        """Add an accepted message; holds mutex."""
+        if self.restart_on_put:
+            self.start_threads()  # may raise (interpreter exiting): before the message is accepted
+        self.buffer.append(entry)
+        self.buffered += 1
+        if self.loop_waiting:
+            self.work_ready.notify()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def describe(self) -> str:
+        return f"AsyncDispatcher for {self.target!r}"
+
+    def start_threads(self) -> None:
+        """Start both loops; holds mutex. No thread starts during interpreter exit."""
+        if _lifecycle.exiting():
+            raise DispatcherClosedError(f"{self.describe()}: the interpreter is exiting; no loop may start")
+        self.started = True
+        self.restart_on_put = False
+        name = f"threaddispatch-async-{self.target}"
+        self.dispatch_thread = threading.Thread(target=self.run_dispatch, name=name, daemon=True)
+        self.failure_thread = threading.Thread(target=self.run_failures, name=f"{name}-failures", daemon=True)
+        self.dispatch_thread.start()
+        self.failure_thread.start()
+
+    def begin_stop(self, deadline: float | None, *, start_if_idle: bool) -> None:
+        """Stop intake and wake everyone; the loops drain and leave. Returns at once."""
+        abandoned = 0
+        with self.mutex:
+            if not self.closing:
+                self.closing = True
+                self.stop_deadline = deadline
+                self.failed_at_stop = self.failed
+                self.work_ready.notify_all()
+                self.not_full.notify_all()
+                self.failure_ready.notify_all()
+            if not self.started and self.buffer:
+                if start_if_idle and not _lifecycle.exiting():
+                    # Stopped before start: the buffer is still delivered, not dropped.
+                    self.start_threads()
+                elif not self.abandon_reported:
+                    self.abandon_reported = True
+                    abandoned = len(self.buffer)
+        if abandoned:
+            _log.warning(
+                "%s stopped without ever starting; %d buffered message(s) were not dispatched",
+                self.describe(),
+                abandoned,
+            )
+
+    def stop_unreferenced(self) -> None:
+        """What the AsyncDispatcher's finalizer calls: begin the stop without ever waiting for ``mutex``.
+
+        The cycle collector may run the finalizer on a thread that holds ``mutex`` already
+        (a collection inside a locked section, e.g. on a loop thread); waiting for it there
+        would deadlock. When the mutex is free the stop begins here, otherwise on a
+        short-lived daemon thread (none during interpreter exit: the exit drain stops us).
+        """
+        if self.mutex.acquire(blocking=False):
+            self.mutex.release()
+            self.begin_stop(None, start_if_idle=False)
+            return
+        if _lifecycle.exiting():
+            return
+        threading.Thread(
+            target=self.begin_stop,
+            args=(None,),
+            kwargs={"start_if_idle": False},
+            name=f"threaddispatch-async-{self.target}-stop",
+            daemon=True,
+        ).start()
+
+    def join(self, deadline: float | None) -> None:
+        """Wait for both loops to leave, until ``deadline`` (monotonic; None: no limit).
+
+        Called on the dispatch loop itself (stop() inside ``dispatch``) it returns at once:
+        the failure loop waits for the dispatch loop, so waiting for it would never end.
+        """
+        if threading.current_thread() is self.dispatch_thread:
+            return
+        for thread in (self.dispatch_thread, self.failure_thread):
+            if thread is None or thread is threading.current_thread():
+                continue
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def finished(self) -> bool:
+        """Whether everything accepted was dispatched or reported and both loops have left."""
+        with self.mutex:
+            loops_done = not self.started or (self.dispatch_done and self.failures_done)
+            return loops_done and not self.buffer and not self.in_flight and not self.failures
+
+    def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
+        sent_before = self.sent
+        self.begin_stop(deadline, start_if_idle=False)
+        self.join(deadline)
+        with self.mutex:
+            lost = len(self.buffer) + self.in_flight + len(self.failures)
+        return self.sent - sent_before, lost
+
+    def _reset_after_fork(self) -> None:
+        # The parent's buffered messages are the parent's to deliver; the child starts empty.
+        was_running = self.started and not self.closing
+        self._init_runtime()
+        self.started = False
+        self.restart_on_put = was_running
+
+    # -- the dispatch loop ---------------------------------------------------------------------
+
+    def run_dispatch(self) -> None:
+        """Take messages one at a time and hand each to the dispatcher, until stopped and drained."""
+        delivered = 0  # direct sends that succeeded, counted at the next lock
+        inline = self.caller.timeout is None  # no timeout: a plain dispatch runs right here
+        # The messages this loop is handling, for _abandon; a hand-off chunk is held last-first.
+        holding: list[tuple[_Entry[T], int]] = []
+        try:
+            while True:
+                with self.mutex:
+                    if delivered:
+                        self.in_flight -= delivered
+                        self.sent += delivered
+                        delivered = 0
+                    job = self._next_job()
+                    if self.hand_off is not None and job is not None and job is not _FLUSH:
+                        holding = self._take_more(job)
+                if job is None:
+                    return
+                if job is _FLUSH:
+                    self._flush()
+                    continue
+                if holding:
+                    while holding:
+                        entry, attempts = holding[-1]
+                        self._hand(entry, attempts + 1)
+                        holding.pop()
+                    continue
+                holding = [job]
+                entry, attempts = job
+                if self.submit is not None:
+                    self._submit(entry, attempts + 1)
+                else:
+                    message, delay, context = entry
+                    if delay is None and context is None and inline:  # the common case, inline
+                        try:
+                            result = self.dispatcher.dispatch(message, self.target)
+                            if result is not None and type(result) is not str:
+                                invoke(_same, result)  # an awaitable (an async dispatch) is awaited here
+                        except BaseException as error:  # noqa: BLE001 - user code: this message failed
+                            self._settle(entry, attempts + 1, error)
+                        else:
+                            delivered += 1
+                        holding = []
+                        continue
+                    outcome = self._dispatch(message, delay, context)
+                    if outcome.error is None:
+                        delivered += 1
+                    else:  # user code failed this message (an error, a timeout); the loop lives
+                        self._settle(entry, attempts + 1, outcome.error)
+                holding = []
+        except BaseException as error:
+            # Only a fault of this loop's own code gets here: user code's errors fail their message.
+            _log.critical("%s: the dispatch loop died; reporting what it held as failed", self.describe())
+            self._abandon(error, holding, delivered)
+            raise
+        finally:
+            with self.mutex:
+                self.dispatch_done = True
+                self.failure_ready.notify_all()
+            self.caller.close(0)  # no dispatch or submit follows; stop() joins its runners
+            close_thread_loop()
+
+    def _next_job(self) -> tuple[_Entry[T], int] | Any | None:
+        """Wait for the next message (or flush) to send; None once stopped and drained. Holds mutex."""
+        while True:
+            now = time.monotonic()
+            retries = self.retries
+            retrying = self.retrying
+            assert self.failure_capacity is not None  # set by setup(), before any loop starts
+            if len(self.failures) >= self.failure_capacity and (retrying or self.buffer):
+                # The handler fell behind: hold everything back (stop() included) until it catches up.
+                self.failure_stalls += 1
+                self._wait_for_work(None)
+                continue
+            due = retries.pop_next(math.inf if self.closing else now) if retrying else None
+            if due is not None:
+                self.retrying -= 1
+                entry, attempts = due.item
+                if self.submit is not None:
+                    self.submitted += 1
+                return entry, attempts
+            if self.buffer and self.in_flight < self.max_in_flight:
+                entry = self.buffer.popleft()
+                self.in_flight += 1
+                if self.submit is not None:
+                    self.submitted += 1
+                if self.put_waiters:
+                    self.not_full.notify()
+                return entry, 0
+            if self.closing:
+                if not self.buffer and not retrying and not self.in_flight:
+                    return None
+                if self.flush is not None and self.submitted != self.flushed_at:
+                    # Everything handed over so far must go now, not when a window closes.
+                    self.flushed_at = self.submitted
+                    return _FLUSH
+            until = retries.timeout(now) if retrying else None
+            self._wait_for_work(None if until is None else min(until, _MAX_WAIT))
+
+    def _take_more(self, job: tuple[_Entry[T], int]) -> list[tuple[_Entry[T], int]]:
+        """``job`` and up to ``_HAND_CHUNK - 1`` more buffered messages, for the hand-off, last first. Holds mutex.
+
+        Takes only what ``_next_job`` would take next: not while the failure backlog is full
+        nor past ``max_in_flight``; a retry due now is taken by the next ``_next_job``.
+        """
+        taken = [job]
+        buffer = self.buffer
+        assert self.failure_capacity is not None
+        if not buffer or len(self.failures) >= self.failure_capacity:
+            return taken
+        count = min(len(buffer), _HAND_CHUNK - 1, self.max_in_flight - self.in_flight)
+        if count <= 0:
+            return taken
+        popleft = buffer.popleft
+        taken += [(popleft(), 0) for _ in range(count)]
+        self.in_flight += count
+        self.submitted += count
+        if self.put_waiters:
+            self.not_full.notify(count)
+        taken.reverse()
+        return taken
+
+    def _dispatch(self, message: T, delay: int | None, context: contextvars.Context | None) -> Outcome:
+        """Call ``dispatch`` with the delay, in the producer's context when it was captured. Nothing held."""
+        dispatch: Callable[..., Any] = self.dispatcher.dispatch
+        if delay is not None:
+            dispatch = functools.partial(dispatch, delay_seconds=delay)
+        return self._run(context, dispatch, message, self.target)
+
+    def _run(self, context: contextvars.Context | None, fn: Callable[..., Any], *args: Any) -> Outcome:
+        """``fn(*args)`` through the caller (the timeout), in ``context`` when one was captured; never raises.
+
+        Without a timeout it runs in ``context`` itself (what it sets in a ContextVar stays
+        there); with one, in a copy on the caller's runner (an abandoned call may still be in it).
+        """
+        if context is None:
+            return self.call(fn, *args)
+        if self.caller.timeout is None:
+            return context.run(call, fn, *args)
+        return self.caller.call(in_context, context.copy(), fn, *args)
+
+    def _wait_for_work(self, timeout: float | None) -> None:
+        """Wait until notified (a message, a settled send, a reported failure, stop) or ``timeout``; holds mutex."""
+        self.loop_waiting = True
+        try:
+            self.work_ready.wait(timeout)
+        finally:
+            self.loop_waiting = False
+
+    def _flush(self) -> None:
+        assert self.flush is not None
+        deadline = self.stop_deadline
+        # A failing flush (even sys.exit) must not stop the drain: call() contains it.
+        outcome = call(self.flush, None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if outcome.error is not None:
+            _log.error("%s: flush() of the dispatcher raised", self.describe(), exc_info=outcome.error)
+
+    def _submit(self, entry: _Entry[T], attempt: int) -> None:
+        assert self.submit is not None
+        message, delay, context = entry
+        submit: Callable[..., Any] = self.submit
+        if delay is not None:
+            submit = functools.partial(submit, delay_seconds=delay)
+        # In the producer's context: a BatchedDispatcher captures it from here for its envelope.
+        outcome = self._run(context, submit, message, self.target)
+        future = outcome.value
+        if outcome.error is not None:  # user code: this message failed, the loop lives
+            self._settle(entry, attempt, outcome.error)
+        elif not isinstance(future, Future):
+            error = TypeError(f"submit() of {show(self.dispatcher)} returned {show(future)}, not a Future")
+            self._settle(entry, attempt, error)
+        else:
+            future.add_done_callback(functools.partial(self._on_done, entry, attempt))
+
+    def _hand(self, entry: _Entry[T], attempt: int) -> None:
+        """Hand ``entry`` to the BatchedDispatcher without a Future; :meth:`_on_handed` settles it."""
+        assert self.hand_off is not None
+        try:
+            self.hand_off(entry, self.target, self.on_handed, (entry, attempt))
+        except BaseException as error:  # noqa: BLE001 - refused (closed, a bad delay): this message failed
+            self._settle(entry, attempt, error)
+
+    def _on_handed(self, settled: list[tuple[tuple[_Entry[T], int], BaseException | None]]) -> None:
+        """A batch of handed messages was sent or failed (a send thread, nothing held): one lock for its successes."""
+        sent = 0
+        for (entry, attempt), error in settled:
+            if error is None:
+                sent += 1
+            else:
+                self._settle(entry, attempt, error)
+        if sent:
+            with self.mutex:
+                self.in_flight -= sent
+                self.sent += sent
+                if self.loop_waiting:
+                    self.work_ready.notify()
+                if self.dispatch_done:
+                    self.failure_ready.notify()
+
+    def _on_done(self, entry: _Entry[T], attempt: int, future: Future[Any]) -> None:
+        """Done-callback of a submitted message's Future (any thread, nothing held)."""
+        error: BaseException | None
+        if future.cancelled():
+            error = CancelledError(f"the Future of {show(entry[0])} was cancelled before it was sent")
+        else:
+            error = future.exception()
+        if error is None:
+            with self.mutex:
+                self.in_flight -= 1
+                self.sent += 1
+                if self.loop_waiting:
+                    self.work_ready.notify()
+                if self.dispatch_done:
+                    self.failure_ready.notify()
+        else:
+            self._settle(entry, attempt, error)
+
+    def _settle(self, entry: _Entry[T], attempt: int, error: BaseException) -> None:
+        """A send of ``message`` failed: schedule a retry or queue it for the failure loop. Nothing held."""
+        retry = self.retry
+        delay = None if retry is None else self._next_delay(retry, attempt, error)
+        if delay is not None:
+            with self.mutex:
+                self.retried += 1
+                self.retries.push((entry, attempt), delay)  # notifies work_ready when it is the earliest
+                self.retrying += 1
+            return
+        failed = _failed(entry, error, self.target, attempt)
+        with self.mutex:
+            self.in_flight -= 1
+            self.failed += 1
+            self.failures.append(failed)
+            self.failure_ready.notify()
+            if self.loop_waiting:
+                self.work_ready.notify()
+
+    def _next_delay(self, retry: RetryPolicy, attempt: int, error: BaseException) -> float | None:
+        """The policy's one decision (Cancel final, Retry(delay) honoured, a bad delay final); None: final."""
+        # next_delay contains an Exception from retry_on or the backoff; a BaseException (sys.exit)
+        # would end the calling thread (a loop, or a BatchedDispatcher's send thread): contain it too.
+        try:
+            return retry.next_delay(attempt, error)
+        except BaseException:  # noqa: BLE001 - a broken predicate or backoff makes this failure final
+            _log.exception("%s: the retry policy raised; the failure is final", self.describe())
+            return None
+
+    def _abandon(self, error: BaseException, holding: list[tuple[_Entry[T], int]], delivered: int) -> None:
+        """The dispatch loop is dying: report everything it still held as failed."""
+        with self.mutex:
+            self.in_flight -= delivered
+            self.sent += delivered
+            left = self.retries.pop_all()
+            self.retrying = 0
+            self.in_flight -= len(left)
+            left += [(entry, 0) for entry in self.buffer]
+            left[:0] = reversed(holding)
+            self.in_flight -= len(holding)
+            self.buffer.clear()
+            self.failed += len(left)
+            self.failures.extend(_failed(entry, error, self.target, attempts) for entry, attempts in left)
+            self.failure_ready.notify_all()
+
+    # -- the failure loop ----------------------------------------------------------------------
+
+    def run_failures(self) -> None:
+        """Report every failed message to the error handler, until the dispatch loop left and all settled."""
+        try:
+            while True:
+                with self.mutex:
+                    while not self.failures:
+                        if self.dispatch_done and not self.in_flight:
+                            return
+                        self.failure_ready.wait()
+                    failed = self.failures.popleft()
+                    if self.loop_waiting:
+                        self.work_ready.notify()  # it may be held back by a full backlog
+                self._report(failed)
+        finally:
+            with self.mutex:
+                self.failures_done = True
+            close_thread_loop()
+
+    def _report(self, failed: FailedMessage[T]) -> None:
+        handler = self.error_handler
+        if handler is None:
+            _log.error(
+                "%s: %s failed after %d attempt(s); it is lost",
+                self.describe(),
+                show(failed.message),
+                failed.attempts,
+                exc_info=failed.error,
+            )
+            return
+        # In a copy of the producer's context (its log lines keep the trace id). A copy: the
+        # dispatch loop may still be inside that context (a submit that failed synchronously).
+        # call() contains a BaseException too: sys.exit() here would end this thread silently
+        # (threading swallows SystemExit) and every later failure would go unreported.
+        context = failed.context
+        outcome = call(handler, failed) if context is None else context.copy().run(call, handler, failed)
+        if outcome.error is not None:
+            with self.mutex:
+                self.handler_errors += 1
+            _log.error(
+                "%s: error_handler raised while reporting %s",
+                self.describe(),
+                show(failed.message),
+                exc_info=outcome.error,
+            )
