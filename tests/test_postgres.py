@@ -534,7 +534,7 @@ def test_forked_child_opens_its_own_connections_and_leaves_the_parents_alone(
 def test_migrations_are_versioned_and_safe_from_many_sessions_at_once(
     pg_server: PostgresServer, make_store: Callable[..., PostgresStore], schema: str
 ) -> None:
-    """Six stores migrating one new schema at once: one applies version 1, the others find it done."""
+    """Six stores migrating one new schema at once: one applies every version, the others find it done."""
     stores = [make_store(migrate=False) for _ in range(6)]
     assert stores[0].schema_version() == 0
     barrier = threading.Barrier(len(stores))
@@ -551,10 +551,11 @@ def test_migrations_are_versioned_and_safe_from_many_sessions_at_once(
         thread.join(30)
     latest = PostgresStore.MIGRATIONS[-1][0]
     assert versions == [latest] * len(stores)
-    rows = _admin_execute(pg_server, f'SELECT version FROM "{schema}".dispatch_schema_version')
-    assert rows == [(latest,)]
+    rows = _admin_execute(pg_server, f'SELECT version FROM "{schema}".dispatch_schema_version ORDER BY version')
+    assert rows == [(version,) for version in range(1, latest + 1)]
     assert migrate(pg_server.url(schema=schema)) == latest
-    assert [m[0] for m in PostgresStore.MIGRATIONS] == [m[0] for m in test_stores.SQLiteStore.MIGRATIONS]
+    # Each backend numbers its own migrations 1, 2, ... (a version may change one backend only).
+    assert [m[0] for m in PostgresStore.MIGRATIONS] == list(range(1, latest + 1))
 
 
 @pytest.mark.timeout(30)
@@ -738,3 +739,53 @@ def test_engine_on_several_queues_leaves_a_paused_queue_alone(make_store: Callab
         assert store.counts(queue="b")[JobState.PENDING] == 5
     finally:
         engine.stop(10)
+
+
+def test_claims_and_completions_are_prepared_statements_from_their_first_use(
+    make_store: Callable[..., PostgresStore],
+) -> None:
+    """The claim (one queue, several), the group commit and complete_many are planned once per connection."""
+    store = make_store(max_size=1)
+    store.enqueue([test_stores.job(queue=queue) for queue in ("a", "a", "b", "b")])
+    first = store.claim(["a"], 1, worker_id="w", now=T0)
+    second = store.claim(["a", "b"], 1, worker_id="w", now=T0)
+    store.complete_and_claim([(first[0].id, "w", 1, None, None)], ["b"], 1, worker_id="w", now=T0)
+    store.complete_many([(second[0].id, "w", 1, None, None)], now=T0)
+
+    def prepared(conn: Any) -> list[str]:
+        return [row[0] for row in conn.execute("SELECT statement FROM pg_prepared_statements").fetchall()]
+
+    statements = store._run("listing prepared statements", prepared, idempotent=True)
+    assert sum(text.startswith("UPDATE dispatch_jobs SET state = 'running'") for text in statements) == 2
+    assert sum(text.startswith("WITH done AS") for text in statements) == 1
+    assert sum(text.startswith("UPDATE dispatch_jobs AS j SET state = 'completed'") for text in statements) == 1
+
+
+@pytest.mark.timeout(60)
+def test_migrating_a_version_1_database_with_jobs_keeps_them_and_tunes_autovacuum(
+    pg_server: PostgresServer, make_store: Callable[..., PostgresStore], schema: str
+) -> None:
+    """A schema made by version 1 (jobs pending, running, completed in it) upgrades to the latest in place."""
+
+    class Version1Store(PostgresStore):
+        MIGRATIONS = PostgresStore.MIGRATIONS[:1]
+
+    old = Version1Store(pg_server.dsn, schema=schema)
+    try:
+        assert old.migrate() == 1
+        jobs = [test_stores.job(queue=queue, priority=n) for n, queue in enumerate("ababa")]
+        old.enqueue(jobs)
+        running = old.claim(["a", "b"], 2, worker_id="w", now=T0)
+        old.complete(running[0].id, worker_id="w", attempts=1, result='"ok"', now=T0)
+        before = {job.id: old.get(job.id) for job in jobs}
+    finally:
+        old.close()
+    store = make_store()
+    assert store.migrate() == PostgresStore.MIGRATIONS[-1][0] == 2
+    assert {job.id: store.get(job.id) for job in jobs} == before
+    assert [job.id for job in store.claim(["a", "b"], 5, worker_id="w2", now=T0)] == [j.id for j in jobs[2::-1]]
+    options = _admin_execute(pg_server, "SELECT reloptions FROM pg_class WHERE oid = %s::regclass",
+                             (f'"{schema}".dispatch_jobs',))[0][0]  # fmt: skip
+    assert "autovacuum_vacuum_scale_factor=0.01" in options and "vacuum_index_cleanup=on" in options
+    rows = _admin_execute(pg_server, f'SELECT version FROM "{schema}".dispatch_schema_version ORDER BY version')
+    assert rows == [(1,), (2,)]
