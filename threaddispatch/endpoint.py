@@ -1,12 +1,23 @@
 """EndpointBatchDispatcher: per-endpoint webhook batches with retries, a concurrency limit, stats and events.
 
-The face of k-msg's webhook ``BatchDispatcher`` on the shared
-:class:`~threaddispatch._engine.BatchEngine`: one keyed lane per endpoint (a priority lane),
-the engine's window as ``batch_timeout``, its gate as the ``max_concurrent_batches`` limit,
-``put_later`` as the timer of retries and of jobs with a ``scheduled_at``, and
-``take_now``/``settle`` for the synchronous ``process_*`` calls. The engine's worker takes
-the batches; they are sent on a :class:`~threaddispatch._pool.WorkerPool` of
-``max_concurrent_batches`` threads.
+The face of k-msg's webhook ``BatchDispatcher``: its constructor's checks, ``add_job``, the
+synchronous ``process_*`` calls, stats, events and shutdown. It is one of three modules:
+
+- :mod:`threaddispatch._endpoint_records`: what users build and read (``DispatchJob``,
+  ``WebhookBatch``, ``BatchStats``, the event names) and the checks of a job's values;
+- :mod:`threaddispatch._endpoint_core`: the scheduler core the worker and the sending
+  threads run (the engine's hooks, one batch's send and settling, retries, the bound);
+- this module: the face, over one core. Everything the package exported from
+  ``threaddispatch.endpoint`` is still importable from here.
+
+The core runs on the shared :class:`~threaddispatch._engine.BatchEngine`: one keyed lane per
+endpoint (a priority lane), the engine's window as ``batch_timeout``, its gate as the
+``max_concurrent_batches`` limit, ``put_later`` as the timer of retries and of jobs with a
+``scheduled_at``, and ``take_now``/``settle`` for the synchronous ``process_*`` calls. The
+engine's worker takes the batches; they are sent on a
+:class:`~threaddispatch._pool.WorkerPool` of ``max_concurrent_batches`` threads. Closing
+(``close``/``shutdown``, ``with``, the close of an unreferenced dispatcher) is the shared
+:class:`~threaddispatch._lifecycle.Closing`.
 
 Every job is in exactly one place at a time (an endpoint's queue, a batch being sent, the
 schedule of retries and not-yet-due jobs, or finished: delivered, exhausted, dropped, or
@@ -15,75 +26,51 @@ dispatcher never loses a job and never sends one twice.
 
 Memory is bounded by ``max_pending_jobs``: the jobs held (accepted and not finished, so
 queued, in a batch, or waiting for a retry or their ``scheduled_at``) are counted under
-``_Core.lock``, and ``add_job`` applies the overflow policy of
+``Core.lock``, and ``add_job`` applies the overflow policy of
 :class:`~threaddispatch.BackgroundDispatcher` when the count is at the bound. A retry never
 counts again: the job is held already.
 """
 
 from __future__ import annotations
 
-import inspect
-import itertools
-import logging
-import math
-import os
-import threading
 import time
-import weakref
-from collections.abc import Awaitable, Callable, Hashable, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass
-from datetime import datetime
-from operator import attrgetter
-from types import TracebackType
-from typing import Any, Literal
+from collections.abc import Callable, Hashable
+from typing import Any
 
-from threaddispatch import _lifecycle
-from threaddispatch._engine import OVERFLOW_POLICIES, BatchEngine, Overflow
-from threaddispatch._invoke import BASE, ERROR, Outcome, TimedCaller
-from threaddispatch._lanes import FifoLane, Lane, PriorityLane
-from threaddispatch._pool import WorkerPool
+from threaddispatch import _immediate
+from threaddispatch._endpoint_core import Core
+from threaddispatch._endpoint_records import (
+    EVENTS,
+    MAX_SCHEDULE_AHEAD,
+    BatchStats,
+    BatchStatus,
+    DispatchJob,
+    JobStatus,
+    SendBatch,
+    WebhookBatch,
+    check_endpoint_id,
+    check_scheduled_at,
+    new_id,
+)
+from threaddispatch._engine import OVERFLOW_POLICIES, Overflow
+from threaddispatch._lifecycle import Closing
 from threaddispatch._validate import check_positive_int, check_seconds, show
 from threaddispatch.backoff import Exponential, RetryPolicy
-from threaddispatch.errors import (
-    ConfigurationError,
-    DispatcherClosedError,
-    InvalidStateError,
-    QueueFullError,
-    ThreadDispatchError,
-)
-from threaddispatch.events import EventEmitter, Listener
+from threaddispatch.errors import ConfigurationError, DispatcherClosedError, InvalidStateError
+from threaddispatch.events import Listener
 
-__all__ = ["EVENTS", "BatchStats", "DispatchJob", "EndpointBatchDispatcher", "WebhookBatch"]
-
-_log = logging.getLogger("threaddispatch")
-
-EVENTS: frozenset[str] = frozenset(
-    {
-        "job_added",
-        "batch_skipped",
-        "batch_started",
-        "batch_executed",
-        "batch_execution_error",
-        "batch_completed",
-        "batch_failed",
-        "job_exhausted",
-        "job_dropped",
-        "requeue_error",
-        "processor_error",
-        "shutdown",
-    }
-)
-
-JobStatus = Literal[
-    "new", "pending", "scheduled", "processing", "retrying", "delivered", "exhausted", "cancelled", "dropped"
+__all__ = [
+    "DEFAULT_MAX_PENDING_JOBS",
+    "EVENTS",
+    "MAX_SCHEDULE_AHEAD",
+    "BatchStats",
+    "BatchStatus",
+    "DispatchJob",
+    "EndpointBatchDispatcher",
+    "JobStatus",
+    "SendBatch",
+    "WebhookBatch",
 ]
-BatchStatus = Literal["pending", "processing", "completed", "failed"]
-
-#: ``send_batch(endpoint_id, jobs)``: raise (every job failed), return None (every job was
-#: delivered), or return one outcome per job: None/True delivered, False/an exception failed.
-#: It may be an ``async def`` function (awaited on the sending thread's private loop).
-SendBatch = Callable[[Any, "list[DispatchJob]"], object]
 
 # The default retry: 3 attempts, exponential from 1 s (doubling, capped at 60 s). A job's own
 # max_attempts, when it has one, overrides the policy's.
@@ -99,754 +86,7 @@ _names = iter(range(1, 1 << 62))
 DEFAULT_MAX_PENDING_JOBS = 100_000
 
 
-# Ids are a random per-process prefix and a counter: unique across processes (and, re-seeded
-# in a forked child, across forks), usable as idempotency keys, and cheap (no syscall per job).
-_id_prefix = ""
-_id_serial = itertools.count()
-
-
-def _seed_ids() -> None:
-    global _id_prefix, _id_serial
-    _id_prefix = os.urandom(7).hex()
-    _id_serial = itertools.count(1)
-
-
-_seed_ids()
-_lifecycle.at_fork_child(_seed_ids)
-
-
-def _new_id() -> str:
-    return f"{_id_prefix}{next(_id_serial):010x}"
-
-
-def _check_endpoint_id(endpoint_id: object) -> None:
-    if type(endpoint_id) is str and endpoint_id and not endpoint_id[0].isspace():
-        return  # the common case, checked cheaply
-    if (
-        endpoint_id is None
-        or isinstance(endpoint_id, bool)
-        or (isinstance(endpoint_id, str) and not endpoint_id.strip())
-    ):
-        raise ConfigurationError(f"endpoint_id must be a non-empty str (or another hashable id), got {endpoint_id!r}")
-    try:
-        hash(endpoint_id)
-    except TypeError:
-        raise ConfigurationError(f"endpoint_id must be hashable, got {endpoint_id!r}") from None
-
-
-# How far ahead add_job accepts a scheduled_at: jobs wait in memory, and no process lives long
-# enough to send a job due later (nor can a thread wait that long: the timeout overflows).
-MAX_SCHEDULE_AHEAD = 365 * 24 * 3600.0
-
-
-def _check_scheduled_at(value: object) -> float | None:
-    """``value`` as epoch seconds: None, a finite int or float (``time.time()``), or an aware datetime."""
-    if value is None:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-        if math.isfinite(seconds):
-            return seconds
-    elif isinstance(value, datetime) and value.utcoffset() is not None:
-        return value.timestamp()
-    raise ConfigurationError(
-        "scheduled_at must be None, epoch seconds (a finite number, as time.time() returns) "
-        f"or a timezone-aware datetime, got {show(value)}"
-    )
-
-
-class DispatchJob:
-    """One payload for one endpoint, and the record of its delivery.
-
-    ``id`` is generated when not given (unique across processes); ``created_at`` is set at
-    construction (``time.time()``). ``max_attempts`` (None: the dispatcher's
-    ``retry.max_attempts``) counts every try, the first included, and when given overrides
-    the policy's. ``scheduled_at`` (None: at once) is the earliest time the job may be sent:
-    epoch seconds on the ``time.time()`` clock, or a timezone-aware datetime (stored as epoch
-    seconds); the wait is fixed at ``add_job`` from ``time.time()`` then. Bad values raise
-    ConfigurationError naming them. From ``add_job`` on, the dispatcher owns the job and
-    updates ``status`` (new, pending or scheduled, processing, retrying, then delivered,
-    exhausted, cancelled, or dropped by the overflow policy), ``attempts``,
-    ``last_attempt_at``, ``next_retry_at``, ``finished_at`` and ``last_error``: read them,
-    do not write them. A job can be added once.
-    """
-
-    __slots__ = (
-        "attempts",
-        "created_at",
-        "endpoint_id",
-        "finished_at",
-        "id",
-        "last_attempt_at",
-        "last_error",
-        "max_attempts",
-        "next_retry_at",
-        "payload",
-        "priority",
-        "scheduled_at",
-        "status",
-    )
-
-    def __init__(
-        self,
-        endpoint_id: Hashable,
-        payload: Any,
-        priority: int = 0,
-        max_attempts: int | None = None,
-        id: str | None = None,
-        *,
-        scheduled_at: float | datetime | None = None,
-    ) -> None:
-        _check_endpoint_id(endpoint_id)
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise ConfigurationError(f"priority must be an int, got {priority!r}")
-        if max_attempts is not None:
-            check_positive_int("max_attempts", max_attempts)
-        self.scheduled_at: float | None = _check_scheduled_at(scheduled_at)
-        if id is None:
-            id = _new_id()
-        elif not isinstance(id, str) or not id:
-            raise ConfigurationError(f"id must be a non-empty str or None, got {id!r}")
-        self.endpoint_id = endpoint_id
-        self.payload = payload
-        self.priority = priority
-        self.max_attempts: int | None = max_attempts
-        self.id = id
-        self.created_at = time.time()
-        self.attempts = 0
-        self.status: JobStatus = "new"
-        self.last_attempt_at: float | None = None
-        self.next_retry_at: float | None = None
-        self.finished_at: float | None = None
-        self.last_error: BaseException | None = None
-
-    def __repr__(self) -> str:
-        # No payload: it may be large or sensitive, and this repr ends up in logs.
-        return (
-            f"DispatchJob(id={self.id!r}, endpoint_id={self.endpoint_id!r}, priority={self.priority}, "
-            f"attempts={self.attempts}/{'policy' if self.max_attempts is None else self.max_attempts}, "
-            f"status={self.status!r})"
-        )
-
-
-@dataclass(eq=False)
-class WebhookBatch:
-    """The record of one batch: its jobs (in send order), status and timestamps (``time.time()``).
-
-    ``status`` goes ``pending`` (taken, waiting for a sending thread), ``processing``, then
-    ``completed`` (every job delivered) or ``failed`` (``failed`` of its jobs were not;
-    ``error`` is set when the whole batch failed: ``send_batch`` raised or returned a bad result).
-    """
-
-    id: str
-    endpoint_id: Hashable
-    jobs: tuple[DispatchJob, ...]
-    created_at: float
-    status: BatchStatus = "pending"
-    started_at: float | None = None
-    completed_at: float | None = None
-    successful: int = 0
-    failed: int = 0
-    error: BaseException | None = None
-
-
-@dataclass(frozen=True)
-class BatchStats:
-    """A consistent snapshot of the queues (all fields read at one instant).
-
-    ``pending_jobs_count`` counts jobs queued for sending (not those waiting for a retry or for
-    their ``scheduled_at``, which ``retrying_jobs_count`` counts); ``average_queue_size`` is
-    over endpoints that have jobs.
-    """
-
-    pending_jobs_count: int
-    active_batches_count: int
-    endpoints_with_pending_jobs: int
-    average_queue_size: float
-    retrying_jobs_count: int = 0
-
-
-def _priority_lane(key: Hashable) -> Lane[DispatchJob]:
-    return PriorityLane(key, _priority_of)
-
-
-_priority_of: Callable[[DispatchJob], int] = attrgetter("priority")
-
-
-def _outcomes(result: object, count: int, endpoint_id: Hashable) -> list[object]:
-    """``result`` as a list of ``count`` outcomes; TypeError or ValueError saying what is wrong with it."""
-    if isinstance(result, (str, bytes, bytearray)) or not isinstance(result, Sequence):
-        raise TypeError(
-            f"send_batch for endpoint {endpoint_id!r} returned {show(result)}; "
-            f"expected None or a sequence of {count} outcomes (one per job)"
-        )
-    outcomes = list(result)
-    if len(outcomes) != count:
-        raise ValueError(
-            f"send_batch for endpoint {endpoint_id!r} returned {len(outcomes)} outcomes for a batch of "
-            f"{count} jobs; expected None or exactly {count}"
-        )
-    for index, outcome in enumerate(outcomes):
-        if not (outcome is None or outcome is True or outcome is False or isinstance(outcome, BaseException)):
-            raise TypeError(
-                f"send_batch for endpoint {endpoint_id!r} returned outcome {show(outcome)} at index {index}; "
-                "expected None or True (delivered), False or an exception (failed)"
-            )
-    return outcomes
-
-
-class _Core:
-    """Everything the engine's worker and the sending threads use.
-
-    Never refers to the dispatcher, so an unreferenced dispatcher can be collected while its
-    threads drain. Thread-safe: ``lock`` guards ``closed``, ``adding`` and the counters below it.
-    """
-
-    def __init__(
-        self,
-        send_batch: SendBatch,
-        *,
-        name: str,
-        max_batch_size: int,
-        batch_timeout: float,
-        max_concurrent_batches: int,
-        enable_prioritization: bool,
-        retry: RetryPolicy,
-        max_pending_jobs: int,
-        overflow: Overflow,
-        send_timeout: float | None,
-    ) -> None:
-        self.send_batch = send_batch
-        self.name = name
-        self.label = f"EndpointBatchDispatcher {name!r}"
-        self.max_batch_size = max_batch_size
-        self.max_concurrent_batches = max_concurrent_batches
-        self.retry = retry
-        self.max_pending_jobs = max_pending_jobs
-        self.overflow = overflow
-        self.events = EventEmitter(known_events=EVENTS)
-        self._init_locks()
-        # Calls send_batch (on the sending thread itself when send_timeout is None; else on a
-        # runner thread, marked as sending like the sending thread: _send_on_runner).
-        self.caller = TimedCaller(f"{name}-send", timeout=send_timeout)
-        self.send_target: Callable[..., object] = send_batch if send_timeout is None else self._send_on_runner
-        self.pool = WorkerPool(max_concurrent_batches, name=f"{name}-send")
-        self.engine: BatchEngine[DispatchJob] = BatchEngine(
-            self.deliver,
-            name=name,
-            window=batch_timeout,
-            max_batch_size=max_batch_size,
-            gate=self.gate,
-            on_skip=self.on_skip,
-            on_abandon=self.on_abandon,
-            lane_factory=_priority_lane if enable_prioritization else FifoLane,
-            # No per-lane bound: max_pending_jobs is over all endpoints, applied by add_job.
-        )
-        _lifecycle.register(self)
-
-    def _init_locks(self) -> None:
-        self.lock = threading.Lock()
-        self.adds_done = threading.Condition(self.lock)  # shutdown waits here for announced adds
-        self.room = threading.Condition(self.lock)  # add_job waits here with overflow="block"
-        # Sends running now, whoever runs them. The gate keeps it from blocking while open;
-        # during the shutdown drain (no gate) it keeps a process_* call in progress and the
-        # pool's threads together within the limit.
-        self.permits = threading.BoundedSemaphore(self.max_concurrent_batches)
-        self.local = threading.local()  # .sending / .adding: what this thread is in the middle of
-        self.closed = False
-        self.adding = 0  # add_job calls between their job_added event and their put
-        self.shutdown_emitted = False
-        self.exhausted = 0
-        self.cancelled: list[DispatchJob] = []
-        self.exhausted_at_close = 0
-        # Jobs accepted and not finished (queued, in a batch, or waiting for a retry): never
-        # above max_pending_jobs. A job finishes delivered, exhausted, cancelled or dropped.
-        self.held = 0
-        self.dropped = 0
-        self.room_waiters = 0
-
-    # -- engine hooks ------------------------------------------------------------------------
-
-    def gate(self, _endpoint_id: Hashable) -> bool:
-        # Runs with the engine's lock held: a read, no user code.
-        return self.engine.unsettled < self.max_concurrent_batches
-
-    def on_skip(self, endpoint_id: Hashable, pending: int) -> None:
-        if self.events.has_listeners("batch_skipped"):
-            self.events.emit(
-                "batch_skipped",
-                {
-                    "endpoint_id": endpoint_id,
-                    "pending_jobs": pending,
-                    "active_batches": self.engine.in_flight(),
-                    "max_concurrent_batches": self.max_concurrent_batches,
-                    "reason": "max_concurrent_batches",
-                },
-            )
-
-    def on_abandon(self, _endpoint_id: Hashable, jobs: list[DispatchJob]) -> None:
-        self.cancel(jobs)
-
-    def cancel(self, jobs: list[DispatchJob]) -> None:
-        """Retries (or scheduled first sends) that can no longer happen (shutdown): the jobs are not delivered."""
-        now = time.time()
-        for job in jobs:
-            job.status = "cancelled"
-            job.next_retry_at = None
-            job.finished_at = now
-        with self.lock:
-            self.cancelled.extend(jobs)
-            self._release_held(len(jobs))
-        _log.warning(
-            "%s: shut down with %d job(s) waiting for a retry or their scheduled_at; they were not delivered: %s",
-            self.label,
-            len(jobs),
-            ", ".join(job.id for job in jobs[:10]) + (", ..." if len(jobs) > 10 else ""),
-        )
-
-    def deliver(self, endpoint_id: Hashable, jobs: list[DispatchJob]) -> Future[None] | None:
-        batch = WebhookBatch(_new_id(), endpoint_id, tuple(jobs), time.time())
-        # Whoever acquires the claim sends the batch: a submit that raised may still have queued it.
-        claim = threading.Lock()
-        try:
-            return self.pool.submit(self.run_pooled, batch, claim)
-        except DispatcherClosedError:
-            pass  # the pool was shut down while the engine still drains: send here rather than lose it
-        except Exception as exc:  # noqa: BLE001 - e.g. no thread could start: report it, send here
-            self.processor_failed(exc, batch, "could not hand a batch to a sending thread; sending it here")
-        if claim.acquire(blocking=False):
-            self.run_batch(batch)
-        return None
-
-    def run_pooled(self, batch: WebhookBatch, claim: threading.Lock) -> None:
-        """``run_batch`` on a sending thread; what escapes it is reported, not left in a Future."""
-        if not claim.acquire(blocking=False):
-            return
-        try:
-            self.run_batch(batch)
-        except Exception as exc:  # noqa: BLE001 - send_batch's errors are handled inside: this is a bug
-            self.processor_failed(exc, batch, "sending a batch failed outside send_batch")
-
-    def processor_failed(self, error: Exception, batch: WebhookBatch, what: str) -> None:
-        """The batching machinery itself failed around ``batch``: log it and emit ``processor_error``."""
-        _log.error("%s: %s (batch %s, endpoint %r)", self.label, what, batch.id, batch.endpoint_id, exc_info=error)
-        if self.events.has_listeners("processor_error"):
-            self.events.emit(
-                "processor_error",
-                {
-                    "error": error,
-                    "endpoint_id": batch.endpoint_id,
-                    "batch_id": batch.id,
-                    "job_count": len(batch.jobs),
-                    "batch": batch,
-                },
-            )
-
-    # -- sending -----------------------------------------------------------------------------
-
-    def run_batch(self, batch: WebhookBatch) -> BaseException | None:
-        """Send one batch on this thread and settle its jobs; events fire here, in order.
-
-        Returns the BaseException that is not an Exception (SystemExit, KeyboardInterrupt, ...)
-        send_batch raised, if it did: the batch failed with it like with any error, and it was
-        logged; the synchronous ``process_*`` calls re-raise it to their caller.
-        """
-        local = self.local
-        self.permits.acquire()
-        local.sending = getattr(local, "sending", 0) + 1
-        try:
-            return self._send(batch)
-        finally:
-            local.sending -= 1
-            self.permits.release()
-
-    def _send(self, batch: WebhookBatch) -> BaseException | None:
-        events = self.events
-        jobs = batch.jobs
-        endpoint_id = batch.endpoint_id
-        started = time.time()
-        batch.started_at = started
-        batch.status = "processing"
-        for job in jobs:
-            job.attempts += 1
-            job.status = "processing"
-            job.last_attempt_at = started
-            job.next_retry_at = None
-        error: BaseException | None = None
-        outcomes: list[object] | None = None  # None: every job delivered (unless error)
-        if events.has_listeners("batch_started"):
-            events.emit(
-                "batch_started",
-                {
-                    "batch_id": batch.id,
-                    "endpoint_id": endpoint_id,
-                    "job_count": len(jobs),
-                    "job_ids": [job.id for job in jobs],
-                    "batch": batch,
-                },
-            )
-        sent = self._call_send(endpoint_id, list(jobs))
-        if not sent.ok:
-            error = sent.error
-            if sent.kind == BASE:
-                _log.error("%s: send_batch raised %s; the batch failed", self.label, show(error), exc_info=error)
-        elif sent.value is not None:
-            try:
-                outcomes = _outcomes(sent.value, len(jobs), endpoint_id)
-            except Exception as exc:  # noqa: BLE001 - a bad result fails the batch; reported below
-                error = exc
-                _log.error("%s: %s; the batch is treated as failed", self.label, exc)
-
-        delivered: Sequence[DispatchJob] = ()
-        failed: list[tuple[DispatchJob, BaseException]] = []
-        if error is not None:
-            failed = [(job, error) for job in jobs]
-        elif outcomes is None:
-            delivered = jobs
-        else:
-            delivered = []
-            for job, outcome in zip(jobs, outcomes, strict=True):
-                if outcome is None or outcome is True:
-                    delivered.append(job)
-                else:
-                    failed.append((job, outcome if isinstance(outcome, BaseException) else _not_delivered(job)))
-
-        finished = time.time()
-        for job in delivered:
-            job.status = "delivered"
-            job.finished_at = finished
-            job.last_error = None
-        retries: list[tuple[DispatchJob, float]] = []
-        exhausted: list[DispatchJob] = []
-        for job, job_error in failed:
-            job.last_error = job_error
-            # The one retry decision: Cancel final, Retry(delay) honoured, a bad delay final.
-            delay = self.retry.next_delay(job.attempts, job_error, max_attempts=job.max_attempts)
-            if delay is not None:
-                job.status = "retrying"
-                job.next_retry_at = finished + delay
-                retries.append((job, delay))
-            else:
-                job.status = "exhausted"
-                job.finished_at = finished
-                exhausted.append(job)
-        batch.successful = len(delivered)
-        batch.failed = len(failed)
-        batch.error = error
-        batch.completed_at = finished
-        batch.status = "failed" if failed else "completed"
-        if delivered or exhausted:
-            with self.lock:
-                self.exhausted += len(exhausted)
-                self._release_held(len(delivered) + len(exhausted))
-
-        try:
-            self._report(batch, failed, retries, exhausted)
-        finally:
-            # After the events, so a retry never overtakes the report of the attempt before it;
-            # in a finally, so no listener can lose a job.
-            self._requeue(endpoint_id, retries)
-        return error if sent.kind == BASE else None
-
-    def _call_send(self, endpoint_id: Hashable, jobs: list[DispatchJob]) -> Outcome:
-        """``send_batch(endpoint_id, jobs)`` within send_timeout; never raises."""
-        try:
-            return self.caller.call(self.send_target, endpoint_id, jobs)
-        except DispatcherClosedError as exc:  # shut down (its wait timed out) while this batch still went
-            return Outcome(ERROR, None, exc)
-
-    def _send_on_runner(self, endpoint_id: Hashable, jobs: list[DispatchJob]) -> object:
-        """``send_batch`` on a send_timeout runner thread, which counts as sending meanwhile (so
-        shutdown or a blocking add_job inside it does not wait for its own batch); an awaitable
-        it returns is wrapped to keep the mark while the runner awaits it."""
-        local = self.local
-        local.sending = getattr(local, "sending", 0) + 1
-        try:
-            result = self.send_batch(endpoint_id, jobs)
-        finally:
-            local.sending -= 1
-        if inspect.isawaitable(result):
-            return self._await_sending(result)
-        return result
-
-    async def _await_sending(self, awaitable: Awaitable[object]) -> object:
-        local = self.local
-        local.sending = getattr(local, "sending", 0) + 1
-        try:
-            return await awaitable
-        finally:
-            local.sending -= 1
-
-    def _requeue(self, endpoint_id: Hashable, retries: list[tuple[DispatchJob, float]]) -> None:
-        """Schedule the retries. One the engine refuses as closed is cancelled (as shutdown cancels
-        pending retries); one it fails to schedule otherwise is exhausted, with ``requeue_error``."""
-        cancelled: list[DispatchJob] = []
-        failed: list[tuple[DispatchJob, Exception]] = []
-        for job, delay in retries:
-            try:
-                self.engine.put_later(job, endpoint_id, delay)
-            except DispatcherClosedError:
-                cancelled.append(job)
-            except Exception as exc:  # noqa: BLE001 - the job must finish, not stay "retrying" forever
-                failed.append((job, exc))
-        if cancelled:
-            self.cancel(cancelled)
-        if failed:
-            self._requeue_failed(endpoint_id, failed)
-
-    def _requeue_failed(self, endpoint_id: Hashable, failed: list[tuple[DispatchJob, Exception]]) -> None:
-        finished = time.time()
-        for job, _error in failed:
-            job.status = "exhausted"
-            job.next_retry_at = None
-            job.finished_at = finished
-        with self.lock:
-            self.exhausted += len(failed)
-            self._release_held(len(failed))
-        events = self.events
-        for job, error in failed:
-            _log.error("%s: the retry of %r could not be scheduled; it is given up", self.label, job, exc_info=error)
-            if events.has_listeners("requeue_error"):
-                events.emit(
-                    "requeue_error",
-                    {
-                        "job_id": job.id,
-                        "endpoint_id": endpoint_id,
-                        "error": error,
-                        "attempts": job.attempts,
-                        "job": job,
-                    },
-                )
-            self._emit_exhausted(job, endpoint_id)
-
-    def _emit_exhausted(self, job: DispatchJob, endpoint_id: Hashable) -> None:
-        if self.events.has_listeners("job_exhausted"):
-            self.events.emit(
-                "job_exhausted",
-                {
-                    "job_id": job.id,
-                    "endpoint_id": endpoint_id,
-                    "attempts": job.attempts,
-                    "error": job.last_error,
-                    "job": job,
-                },
-            )
-
-    def _report(
-        self,
-        batch: WebhookBatch,
-        failed: list[tuple[DispatchJob, BaseException]],
-        retries: list[tuple[DispatchJob, float]],
-        exhausted: list[DispatchJob],
-    ) -> None:
-        events = self.events
-        endpoint_id = batch.endpoint_id
-        if events.has_listeners("batch_executed"):
-            events.emit(
-                "batch_executed",
-                {
-                    "batch_id": batch.id,
-                    "endpoint_id": endpoint_id,
-                    "total": len(batch.jobs),
-                    "successful": batch.successful,
-                    "failed": batch.failed,
-                    "batch": batch,
-                },
-            )
-        if batch.error is not None and events.has_listeners("batch_execution_error"):
-            events.emit(
-                "batch_execution_error",
-                {
-                    "batch_id": batch.id,
-                    "endpoint_id": endpoint_id,
-                    "error": batch.error,
-                    "job_count": len(batch.jobs),
-                    "batch": batch,
-                },
-            )
-        if not failed:
-            if events.has_listeners("batch_completed"):
-                events.emit(
-                    "batch_completed",
-                    {"batch_id": batch.id, "endpoint_id": endpoint_id, "job_count": len(batch.jobs), "batch": batch},
-                )
-        elif events.has_listeners("batch_failed"):
-            events.emit(
-                "batch_failed",
-                {
-                    "batch_id": batch.id,
-                    "endpoint_id": endpoint_id,
-                    "error": batch.error,
-                    "failed": batch.failed,
-                    "failed_job_ids": [job.id for job, _ in failed],
-                    "retrying": len(retries),
-                    "exhausted": len(exhausted),
-                    "batch": batch,
-                },
-            )
-        for job in exhausted:
-            self._emit_exhausted(job, endpoint_id)
-
-    # -- the bound ---------------------------------------------------------------------------
-
-    def _release_held(self, count: int) -> None:
-        """``count`` held jobs finished: make room for as many adds. Holds lock."""
-        self.held -= count
-        if self.room_waiters:
-            self.room.notify(count)
-
-    def admit(self, job: DispatchJob, timeout: float | None) -> bool:
-        """Count ``job`` as held, by the overflow policy: True if it is to be queued, False if dropped.
-
-        Raises QueueFullError (``"raise"``, or ``"block"`` past ``timeout``) and
-        DispatcherClosedError; the job is then not counted. A True answer must be followed
-        by a put, or by :meth:`unadmit` if the put fails.
-        """
-        with self.lock:
-            if self.closed:
-                raise DispatcherClosedError(f"{self.label} is shut down; {job!r} was not accepted")
-            if self.held < self.max_pending_jobs:
-                self.held += 1
-                return True
-            overflow = self.overflow
-            if overflow == "raise":
-                raise QueueFullError(self._full_message(job))
-            if overflow == "block":
-                self._wait_for_room(job, timeout)
-                self.held += 1
-                return True
-        if overflow == "drop_oldest" and self._drop_queued(job.endpoint_id):
-            return True  # a held job was dropped: this one takes its place in the count
-        self._finish_dropped(job)
-        return False
-
-    def unadmit(self) -> None:
-        """An admitted job's put failed: it is not held after all."""
-        with self.lock:
-            self._release_held(1)
-
-    def _full_message(self, job: DispatchJob) -> str:
-        return (
-            f"{self.label}: max_pending_jobs ({self.max_pending_jobs}) jobs are queued, in flight or "
-            f"waiting for a retry; {job!r} was not accepted"
-        )
-
-    def _wait_for_room(self, job: DispatchJob, timeout: float | None) -> None:
-        """Wait until fewer than max_pending_jobs are held; holds lock (released meanwhile)."""
-        if getattr(self.local, "sending", 0):
-            # Inside send_batch or a batch listener: the room we would wait for may be held by
-            # the batch this thread runs, which cannot finish while we wait.
-            raise QueueFullError(self._full_message(job) + "; add_job inside send_batch or a listener cannot wait")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self.room_waiters += 1
-        try:
-            while self.held >= self.max_pending_jobs:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise QueueFullError(
-                        f"{self.label}: the bound of {self.max_pending_jobs} held jobs stayed full for "
-                        f"{timeout}s; {job!r} was not accepted"
-                    )
-                self.room.wait(remaining)
-                if self.closed:
-                    raise DispatcherClosedError(f"{self.label} shut down while {job!r} waited for room")
-        finally:
-            self.room_waiters -= 1
-
-    def _drop_queued(self, endpoint_id: Hashable) -> bool:
-        """Drop the queued job that would be sent first: of ``endpoint_id`` if it has one queued,
-        else of the longest queue. Returns whether a job was dropped. Nothing held."""
-        lengths, _in_flight, _scheduled = self.engine.snapshot()
-        for key in [endpoint_id, *sorted(lengths, key=lengths.__getitem__, reverse=True)]:
-            victim = self.engine.drop_first(key)  # the job the lane sends first, under the engine's lock
-            if victim is not None:
-                self._finish_dropped(victim)
-                return True
-        return False
-
-    def _finish_dropped(self, job: DispatchJob) -> None:
-        """Mark ``job`` dropped by the overflow policy, count it, emit ``job_dropped``. Nothing held."""
-        job.status = "dropped"
-        job.next_retry_at = None
-        job.finished_at = time.time()
-        with self.lock:
-            self.dropped += 1
-        if self.events.has_listeners("job_dropped"):
-            self.events.emit(
-                "job_dropped",
-                {
-                    "job_id": job.id,
-                    "endpoint_id": job.endpoint_id,
-                    "reason": "max_pending_jobs",
-                    "overflow": self.overflow,
-                    "max_pending_jobs": self.max_pending_jobs,
-                    "job": job,
-                },
-            )
-
-    # -- adding ------------------------------------------------------------------------------
-
-    def queue(self, job: DispatchJob, delay: float) -> None:
-        """Put an admitted job in its endpoint's queue, or, with ``delay`` > 0, in the schedule until then."""
-        if delay > 0:
-            self.engine.put_later(job, job.endpoint_id, delay)
-        else:
-            self.engine.put(job, job.endpoint_id)
-
-    def add_announced(self, job: DispatchJob, delay: float) -> None:
-        """Emit ``job_added`` and then queue the job, so the event precedes any batch holding it.
-
-        Counted in ``adding`` meanwhile: shutdown waits for these before it closes the engine,
-        so a job whose ``job_added`` was emitted is always accepted.
-        """
-        local = self.local
-        with self.lock:
-            if self.closed:
-                raise DispatcherClosedError(f"{self.label} is shut down; {job!r} was not accepted")
-            self.adding += 1
-        local.adding = getattr(local, "adding", 0) + 1
-        try:
-            self.events.emit(
-                "job_added",
-                {
-                    "job_id": job.id,
-                    "endpoint_id": job.endpoint_id,
-                    "priority": job.priority,
-                    "queue_size": self.engine.lane_length(job.endpoint_id) + (0 if delay > 0 else 1),
-                    "scheduled_at": job.scheduled_at,
-                    "job": job,
-                },
-            )
-            self.queue(job, delay)
-        finally:
-            local.adding -= 1
-            with self.lock:
-                self.adding -= 1
-                if self.closed and not self.adding:
-                    self.adds_done.notify_all()
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    def release_threads(self) -> None:
-        """After the drain of an unreferenced dispatcher: let the sending and send_timeout threads leave."""
-        self.pool.shutdown()
-        self.caller.close(0.0)  # a runner busy with a hung send leaves after it
-
-    def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
-        return 0, 0  # the engine is registered too and drains the jobs
-
-    def _reset_after_fork(self) -> None:
-        # A parent thread may have held these locks at fork time; the engine and pool reset themselves.
-        closed = self.closed
-        self._init_locks()
-        self.closed = closed
-
-
-def _not_delivered(job: DispatchJob) -> ThreadDispatchError:
-    return ThreadDispatchError(f"send_batch reported job {job.id!r} as not delivered (False)")
-
-
-class EndpointBatchDispatcher:
+class EndpointBatchDispatcher(Closing):
     """Batches jobs per endpoint and calls ``send_batch(endpoint_id, jobs)`` for each batch.
 
     A batch holds jobs of one endpoint only, at most ``max_batch_size`` of them, highest
@@ -960,7 +200,7 @@ class EndpointBatchDispatcher:
         self.overflow: Overflow = overflow
         self.send_timeout = send_timeout
         self.retry = _DEFAULT_RETRY if retry is None else retry
-        self._core = _Core(
+        self._core = Core(
             send_batch,
             name=name,
             max_batch_size=max_batch_size,
@@ -973,8 +213,9 @@ class EndpointBatchDispatcher:
             send_timeout=send_timeout,
         )
         # An unreferenced dispatcher drains in the background, then its threads leave.
-        self._finalizer = weakref.finalize(self, self._core.engine.close_unreferenced, self._core.release_threads)
-        self._finalizer.atexit = False  # at exit the lifecycle drain has it, and no thread may start
+        self._init_closing(self._core.engine.close_unreferenced, self._core.release_threads)
+        if _immediate.active():
+            self._set_immediate(True)
 
     # -- jobs --------------------------------------------------------------------------------
 
@@ -991,6 +232,14 @@ class EndpointBatchDispatcher:
         non-job, InvalidStateError for a job already added, DispatcherClosedError after
         shutdown, ConfigurationError for a bad ``timeout`` or ``job.scheduled_at``. A job
         refused with an exception keeps status ``"new"``.
+
+        In immediate mode (``threaddispatch.testing.immediate()``, for tests and serverless
+        handlers) ``add_job`` sends the job itself, as a batch of one on this thread, and
+        returns once it is delivered or exhausted: the same events, stats and retry
+        decision, with the waits skipped (a retry is the next attempt at once; a future
+        ``scheduled_at`` is not waited for). ``max_concurrent_batches`` still applies: the
+        send waits for a free slot. A BaseException such as KeyboardInterrupt from
+        ``send_batch`` is re-raised here once the job is settled.
         """
         if timeout is not None:
             timeout = check_seconds("timeout", timeout)
@@ -1000,7 +249,7 @@ class EndpointBatchDispatcher:
             raise InvalidStateError(
                 f"{job!r} was already added; to send it again add DispatchJob(job.endpoint_id, job.payload, id=job.id)"
             )
-        scheduled_at = _check_scheduled_at(job.scheduled_at)  # it may have been set after construction
+        scheduled_at = check_scheduled_at(job.scheduled_at)  # it may have been set after construction
         delay = 0.0 if scheduled_at is None else scheduled_at - time.time()
         if delay > MAX_SCHEDULE_AHEAD:
             raise ConfigurationError(
@@ -1010,20 +259,36 @@ class EndpointBatchDispatcher:
         core = self._core
         if not core.admit(job, timeout):
             return job.id  # dropped by the overflow policy
+        immediate = core.immediate
+        if immediate:
+            delay = 0.0  # sent now: immediate mode waits for nothing
         job.scheduled_at = scheduled_at
         job.status = "scheduled" if delay > 0 else "pending"
         try:
             if core.events.has_listeners("job_added"):
-                core.add_announced(job, delay)
+                core.add_announced(job, delay, queue=not immediate)
             else:
                 if core.closed:
                     raise DispatcherClosedError(f"{core.label} is shut down; {job!r} was not accepted")
-                core.queue(job, delay)
+                if not immediate:
+                    core.queue(job, delay)
         except BaseException:
             job.status = "new"  # not queued: the caller may add it elsewhere
             core.unadmit()
             raise
+        if immediate:
+            interrupt = core.send_now(job)
+            if interrupt is not None:
+                raise interrupt  # this is the caller's own thread: a KeyboardInterrupt is for it
         return job.id
+
+    def _set_immediate(self, on: bool) -> None:
+        """While ``on``, :meth:`add_job` sends each job on its caller's thread (see there).
+
+        Jobs queued before are sent as usual, by the worker. The switch reaches the
+        dispatcher through its core, which is the component registered with the lifecycle.
+        """
+        self._core._set_immediate(on)
 
     def process_batch_for_endpoint(self, endpoint_id: Hashable) -> WebhookBatch | None:
         """Send the next batch of ``endpoint_id`` now, on this thread, and return its record.
@@ -1032,7 +297,7 @@ class EndpointBatchDispatcher:
         ``max_concurrent_batches`` batches are in flight (then ``batch_skipped`` fires and the
         jobs stay queued). Raises DispatcherClosedError after shutdown.
         """
-        _check_endpoint_id(endpoint_id)
+        check_endpoint_id(endpoint_id)
         self._check_open()
         return self._process(endpoint_id)
 
@@ -1055,7 +320,7 @@ class EndpointBatchDispatcher:
         seq, jobs = core.engine.take_now(endpoint_id, core.max_batch_size)
         if not jobs:
             return None
-        batch = WebhookBatch(_new_id(), endpoint_id, tuple(jobs), time.time())
+        batch = WebhookBatch(new_id(), endpoint_id, tuple(jobs), time.time())
         try:
             interrupt = core.run_batch(batch)
         finally:
@@ -1065,7 +330,7 @@ class EndpointBatchDispatcher:
         return batch
 
     def _check_open(self) -> None:
-        if self._core.closed:
+        if self._closed:
             raise DispatcherClosedError(f"{self._core.label} is shut down")
 
     # -- stats -------------------------------------------------------------------------------
@@ -1116,7 +381,7 @@ class EndpointBatchDispatcher:
 
     def get_pending_job_count(self, endpoint_id: Hashable) -> int:
         """Jobs queued for ``endpoint_id`` now (not in flight, not waiting for a retry)."""
-        _check_endpoint_id(endpoint_id)
+        check_endpoint_id(endpoint_id)
         return self._core.engine.lane_length(endpoint_id)
 
     # -- events ------------------------------------------------------------------------------
@@ -1146,11 +411,6 @@ class EndpointBatchDispatcher:
 
     # -- shutdown ----------------------------------------------------------------------------
 
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`shutdown` was called."""
-        return self._core.closed
-
     def shutdown(self, timeout: float | None = 30.0) -> bool:
         """Stop intake, send every pending job, wait for active batches, cancel pending retries.
 
@@ -1162,65 +422,16 @@ class EndpointBatchDispatcher:
         flight or waiting (for a retry or its ``scheduled_at``) was delivered. Idempotent: a
         later call waits again and returns the state then. Called from ``send_batch`` or a
         listener, it cannot wait for the batch it runs in: it starts the drain and returns False.
+        :meth:`close` (and leaving a ``with`` block) is the same with no limit by default.
         """
-        if timeout is not None:
-            timeout = check_seconds("timeout", timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        core = self._core
-        local = core.local
-        with core.lock:
-            first = not core.closed
-            if first:
-                core.closed = True
-                core.exhausted_at_close = core.exhausted
-                core.room.notify_all()  # adds waiting for room are refused now
-            # Jobs announced by job_added are accepted: wait for their puts (not our own).
-            own = getattr(local, "adding", 0)
-            while core.adding > own:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    break
-                core.adds_done.wait(remaining)
-        if getattr(local, "sending", 0):
-            core.engine.begin_close()
-            drained = False
-        else:
-            drained = core.engine.close(_remaining(deadline))
-            core.pool.shutdown(_remaining(deadline))
-            core.caller.close(_remaining(deadline))  # abandoned sends are left to end on their own
-            self._finalizer.detach()  # closed: nothing left for the collector to do
-        lengths, in_flight, _scheduled = core.engine.snapshot()
-        pending = sum(lengths.values())
-        with core.lock:
-            cancelled = list(core.cancelled)
-            exhausted = core.exhausted - core.exhausted_at_close
-            emit = not core.shutdown_emitted
-            core.shutdown_emitted = True
-        delivered = drained and not pending and not in_flight and not cancelled and not exhausted
-        if emit and core.events.has_listeners("shutdown"):
-            core.events.emit(
-                "shutdown",
-                {
-                    "delivered": delivered,
-                    "pending_jobs": pending,
-                    "active_batches": in_flight,
-                    "cancelled_retries": len(cancelled),
-                    "cancelled_jobs": cancelled,
-                    "exhausted_jobs": exhausted,
-                },
-            )
-        return delivered
+        return self.close(timeout)
 
-    def __enter__(self) -> EndpointBatchDispatcher:
-        return self
+    def _begin_close(self) -> None:
+        # Closing.close, once, under _close_lock: refuse adds from now on; no wait, no user code.
+        self._core.begin_close()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.shutdown()
+    def _finish_close(self, deadline: float | None) -> bool:
+        return self._core.finish_close(deadline)
 
     def __repr__(self) -> str:
         state = "shut down" if self.closed else "open"
@@ -1228,7 +439,3 @@ class EndpointBatchDispatcher:
             f"<EndpointBatchDispatcher {self.name!r} max_batch_size={self.max_batch_size} "
             f"batch_timeout={self.batch_timeout} max_concurrent_batches={self.max_concurrent_batches} {state}>"
         )
-
-
-def _remaining(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -1,0 +1,715 @@
+"""The scheduler core of EndpointBatchDispatcher: the engine's hooks, sending, retries, the bound.
+
+:class:`Core` is everything the engine's worker and the sending threads use: the
+:class:`~threaddispatch._engine.BatchEngine` (one keyed lane per endpoint, its gate as the
+``max_concurrent_batches`` limit, ``put_later`` as the timer of retries and scheduled jobs),
+the :class:`~threaddispatch._pool.WorkerPool` the batches are sent on, the send of one batch
+and the settling of its jobs (events, the one retry decision, requeues), and the
+``max_pending_jobs`` bound with its overflow policies. It never refers to the face
+(:mod:`threaddispatch.endpoint`), so an unreferenced dispatcher can be collected while its
+threads drain.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from concurrent.futures import Future
+from operator import attrgetter
+
+from threaddispatch import _lifecycle
+from threaddispatch._endpoint_records import EVENTS, DispatchJob, SendBatch, WebhookBatch, new_id
+from threaddispatch._engine import BatchEngine, Overflow
+from threaddispatch._invoke import BASE, ERROR, Outcome, TimedCaller
+from threaddispatch._lanes import FifoLane, Lane, PriorityLane
+from threaddispatch._pool import WorkerPool
+from threaddispatch._validate import show
+from threaddispatch.backoff import RetryPolicy
+from threaddispatch.errors import DispatcherClosedError, QueueFullError, ThreadDispatchError
+from threaddispatch.events import EventEmitter
+
+__all__ = ["Core"]
+
+_log = logging.getLogger("threaddispatch")
+
+
+def _priority_lane(key: Hashable) -> Lane[DispatchJob]:
+    return PriorityLane(key, _priority_of)
+
+
+_priority_of: Callable[[DispatchJob], int] = attrgetter("priority")
+
+
+def _outcomes(result: object, count: int, endpoint_id: Hashable) -> list[object]:
+    """``result`` as a list of ``count`` outcomes; TypeError or ValueError saying what is wrong with it."""
+    if isinstance(result, (str, bytes, bytearray)) or not isinstance(result, Sequence):
+        raise TypeError(
+            f"send_batch for endpoint {endpoint_id!r} returned {show(result)}; "
+            f"expected None or a sequence of {count} outcomes (one per job)"
+        )
+    outcomes = list(result)
+    if len(outcomes) != count:
+        raise ValueError(
+            f"send_batch for endpoint {endpoint_id!r} returned {len(outcomes)} outcomes for a batch of "
+            f"{count} jobs; expected None or exactly {count}"
+        )
+    for index, outcome in enumerate(outcomes):
+        if not (outcome is None or outcome is True or outcome is False or isinstance(outcome, BaseException)):
+            raise TypeError(
+                f"send_batch for endpoint {endpoint_id!r} returned outcome {show(outcome)} at index {index}; "
+                "expected None or True (delivered), False or an exception (failed)"
+            )
+    return outcomes
+
+
+class Core:
+    """Everything the engine's worker and the sending threads use.
+
+    Never refers to the dispatcher, so an unreferenced dispatcher can be collected while its
+    threads drain. Thread-safe: ``lock`` guards ``closed``, ``adding`` and the counters below it.
+    """
+
+    def __init__(
+        self,
+        send_batch: SendBatch,
+        *,
+        name: str,
+        max_batch_size: int,
+        batch_timeout: float,
+        max_concurrent_batches: int,
+        enable_prioritization: bool,
+        retry: RetryPolicy,
+        max_pending_jobs: int,
+        overflow: Overflow,
+        send_timeout: float | None,
+    ) -> None:
+        self.send_batch = send_batch
+        self.name = name
+        self.label = f"EndpointBatchDispatcher {name!r}"
+        self.max_batch_size = max_batch_size
+        self.max_concurrent_batches = max_concurrent_batches
+        self.retry = retry
+        self.max_pending_jobs = max_pending_jobs
+        self.overflow = overflow
+        self.events = EventEmitter(known_events=EVENTS)
+        self.immediate = False  # add_job sends on its caller's thread (the immediate switch)
+        self._init_locks()
+        # Calls send_batch (on the sending thread itself when send_timeout is None; else on a
+        # runner thread, marked as sending like the sending thread: _send_on_runner).
+        self.caller = TimedCaller(f"{name}-send", timeout=send_timeout)
+        self.send_target: Callable[..., object] = send_batch if send_timeout is None else self._send_on_runner
+        self.pool = WorkerPool(max_concurrent_batches, name=f"{name}-send")
+        self.engine: BatchEngine[DispatchJob] = BatchEngine(
+            self.deliver,
+            name=name,
+            window=batch_timeout,
+            max_batch_size=max_batch_size,
+            gate=self.gate,
+            on_skip=self.on_skip,
+            on_abandon=self.on_abandon,
+            lane_factory=_priority_lane if enable_prioritization else FifoLane,
+            # No per-lane bound: max_pending_jobs is over all endpoints, applied by add_job.
+        )
+        _lifecycle.register(self)
+
+    def _init_locks(self) -> None:
+        self.lock = threading.Lock()
+        self.adds_done = threading.Condition(self.lock)  # shutdown waits here for announced adds
+        self.room = threading.Condition(self.lock)  # add_job waits here with overflow="block"
+        # Sends running now, whoever runs them. The gate keeps it from blocking while open;
+        # during the shutdown drain (no gate) it keeps a process_* call in progress and the
+        # pool's threads together within the limit.
+        self.permits = threading.BoundedSemaphore(self.max_concurrent_batches)
+        self.local = threading.local()  # .sending / .adding: what this thread is in the middle of
+        self.closed = False
+        self.adding = 0  # add_job calls between their job_added event and their put
+        self.shutdown_emitted = False
+        self.exhausted = 0
+        self.cancelled: list[DispatchJob] = []
+        self.exhausted_at_close = 0
+        # Jobs accepted and not finished (queued, in a batch, or waiting for a retry): never
+        # above max_pending_jobs. A job finishes delivered, exhausted, cancelled or dropped.
+        self.held = 0
+        self.dropped = 0
+        self.room_waiters = 0
+
+    # -- engine hooks ------------------------------------------------------------------------
+
+    def gate(self, _endpoint_id: Hashable) -> bool:
+        # Runs with the engine's lock held: a read, no user code.
+        return self.engine.unsettled < self.max_concurrent_batches
+
+    def on_skip(self, endpoint_id: Hashable, pending: int) -> None:
+        if self.events.has_listeners("batch_skipped"):
+            self.events.emit(
+                "batch_skipped",
+                {
+                    "endpoint_id": endpoint_id,
+                    "pending_jobs": pending,
+                    "active_batches": self.engine.in_flight(),
+                    "max_concurrent_batches": self.max_concurrent_batches,
+                    "reason": "max_concurrent_batches",
+                },
+            )
+
+    def on_abandon(self, _endpoint_id: Hashable, jobs: list[DispatchJob]) -> None:
+        self.cancel(jobs)
+
+    def cancel(self, jobs: list[DispatchJob]) -> None:
+        """Retries (or scheduled first sends) that can no longer happen (shutdown): the jobs are not delivered."""
+        now = time.time()
+        for job in jobs:
+            job.status = "cancelled"
+            job.next_retry_at = None
+            job.finished_at = now
+        with self.lock:
+            self.cancelled.extend(jobs)
+            self._release_held(len(jobs))
+        _log.warning(
+            "%s: shut down with %d job(s) waiting for a retry or their scheduled_at; they were not delivered: %s",
+            self.label,
+            len(jobs),
+            ", ".join(job.id for job in jobs[:10]) + (", ..." if len(jobs) > 10 else ""),
+        )
+
+    def deliver(self, endpoint_id: Hashable, jobs: list[DispatchJob]) -> Future[None] | None:
+        batch = WebhookBatch(new_id(), endpoint_id, tuple(jobs), time.time())
+        # Whoever acquires the claim sends the batch: a submit that raised may still have queued it.
+        claim = threading.Lock()
+        try:
+            return self.pool.submit(self.run_pooled, batch, claim)
+        except DispatcherClosedError:
+            pass  # the pool was shut down while the engine still drains: send here rather than lose it
+        except Exception as exc:  # noqa: BLE001 - e.g. no thread could start: report it, send here
+            self.processor_failed(exc, batch, "could not hand a batch to a sending thread; sending it here")
+        if claim.acquire(blocking=False):
+            self.run_batch(batch)
+        return None
+
+    def run_pooled(self, batch: WebhookBatch, claim: threading.Lock) -> None:
+        """``run_batch`` on a sending thread; what escapes it is reported, not left in a Future."""
+        if not claim.acquire(blocking=False):
+            return
+        try:
+            self.run_batch(batch)
+        except Exception as exc:  # noqa: BLE001 - send_batch's errors are handled inside: this is a bug
+            self.processor_failed(exc, batch, "sending a batch failed outside send_batch")
+
+    def processor_failed(self, error: Exception, batch: WebhookBatch, what: str) -> None:
+        """The batching machinery itself failed around ``batch``: log it and emit ``processor_error``."""
+        _log.error("%s: %s (batch %s, endpoint %r)", self.label, what, batch.id, batch.endpoint_id, exc_info=error)
+        if self.events.has_listeners("processor_error"):
+            self.events.emit(
+                "processor_error",
+                {
+                    "error": error,
+                    "endpoint_id": batch.endpoint_id,
+                    "batch_id": batch.id,
+                    "job_count": len(batch.jobs),
+                    "batch": batch,
+                },
+            )
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def run_batch(
+        self, batch: WebhookBatch, retries: list[tuple[DispatchJob, float]] | None = None
+    ) -> BaseException | None:
+        """Send one batch on this thread and settle its jobs; events fire here, in order.
+
+        Returns the BaseException that is not an Exception (SystemExit, KeyboardInterrupt, ...)
+        send_batch raised, if it did: the batch failed with it like with any error, and it was
+        logged; the synchronous ``process_*`` calls re-raise it to their caller. The jobs to
+        retry are scheduled on the engine's timer, or, given a ``retries`` list, added to it
+        for the caller to run (immediate mode).
+        """
+        local = self.local
+        self.permits.acquire()
+        local.sending = getattr(local, "sending", 0) + 1
+        try:
+            return self._send(batch, retries)
+        finally:
+            local.sending -= 1
+            self.permits.release()
+
+    def send_now(self, job: DispatchJob) -> BaseException | None:
+        """Immediate mode: send ``job`` as a batch of one on this thread, its retries at once.
+
+        The same events, stats and retry decision as a batch the worker sends; only the
+        waits are skipped: a retry (after the backoff or a ``Retry(delay)``) is the next
+        attempt, a new batch of one, until the job is delivered or exhausted. Returns the
+        BaseException that is not an Exception send_batch raised (the job is then settled
+        as for any failure: retried or exhausted), for the caller to re-raise.
+        """
+        jobs = [job]
+        while jobs:
+            retries: list[tuple[DispatchJob, float]] = []
+            interrupt = self.run_batch(WebhookBatch(new_id(), job.endpoint_id, tuple(jobs), time.time()), retries)
+            if interrupt is not None:
+                self._requeue_now(job.endpoint_id, [retry for retry, _delay in retries])
+                return interrupt
+            jobs = [retry for retry, _delay in retries]
+        return None
+
+    def _set_immediate(self, on: bool) -> None:
+        """The immediate switch (:mod:`threaddispatch._immediate`): ``add_job`` sends on its caller's thread."""
+        self.immediate = on
+
+    def _send(
+        self, batch: WebhookBatch, inline_retries: list[tuple[DispatchJob, float]] | None = None
+    ) -> BaseException | None:
+        events = self.events
+        jobs = batch.jobs
+        endpoint_id = batch.endpoint_id
+        started = time.time()
+        batch.started_at = started
+        batch.status = "processing"
+        for job in jobs:
+            job.attempts += 1
+            job.status = "processing"
+            job.last_attempt_at = started
+            job.next_retry_at = None
+        error: BaseException | None = None
+        outcomes: list[object] | None = None  # None: every job delivered (unless error)
+        if events.has_listeners("batch_started"):
+            events.emit(
+                "batch_started",
+                {
+                    "batch_id": batch.id,
+                    "endpoint_id": endpoint_id,
+                    "job_count": len(jobs),
+                    "job_ids": [job.id for job in jobs],
+                    "batch": batch,
+                },
+            )
+        sent = self._call_send(endpoint_id, list(jobs))
+        if not sent.ok:
+            error = sent.error
+            if sent.kind == BASE:
+                _log.error("%s: send_batch raised %s; the batch failed", self.label, show(error), exc_info=error)
+        elif sent.value is not None:
+            try:
+                outcomes = _outcomes(sent.value, len(jobs), endpoint_id)
+            except Exception as exc:  # noqa: BLE001 - a bad result fails the batch; reported below
+                error = exc
+                _log.error("%s: %s; the batch is treated as failed", self.label, exc)
+
+        delivered: Sequence[DispatchJob] = ()
+        failed: list[tuple[DispatchJob, BaseException]] = []
+        if error is not None:
+            failed = [(job, error) for job in jobs]
+        elif outcomes is None:
+            delivered = jobs
+        else:
+            delivered = []
+            for job, outcome in zip(jobs, outcomes, strict=True):
+                if outcome is None or outcome is True:
+                    delivered.append(job)
+                else:
+                    failed.append((job, outcome if isinstance(outcome, BaseException) else _not_delivered(job)))
+
+        finished = time.time()
+        for job in delivered:
+            job.status = "delivered"
+            job.finished_at = finished
+            job.last_error = None
+        retries: list[tuple[DispatchJob, float]] = []
+        exhausted: list[DispatchJob] = []
+        for job, job_error in failed:
+            job.last_error = job_error
+            # The one retry decision: Cancel final, Retry(delay) honoured, a bad delay final.
+            delay = self.retry.next_delay(job.attempts, job_error, max_attempts=job.max_attempts)
+            if delay is not None:
+                job.status = "retrying"
+                job.next_retry_at = finished + delay
+                retries.append((job, delay))
+            else:
+                job.status = "exhausted"
+                job.finished_at = finished
+                exhausted.append(job)
+        batch.successful = len(delivered)
+        batch.failed = len(failed)
+        batch.error = error
+        batch.completed_at = finished
+        batch.status = "failed" if failed else "completed"
+        if delivered or exhausted:
+            with self.lock:
+                self.exhausted += len(exhausted)
+                self._release_held(len(delivered) + len(exhausted))
+
+        try:
+            self._report(batch, failed, retries, exhausted)
+        finally:
+            # After the events, so a retry never overtakes the report of the attempt before it;
+            # in a finally, so no listener can lose a job.
+            if inline_retries is None:
+                self._requeue(endpoint_id, retries)
+            else:
+                inline_retries.extend(retries)
+        return error if sent.kind == BASE else None
+
+    def _call_send(self, endpoint_id: Hashable, jobs: list[DispatchJob]) -> Outcome:
+        """``send_batch(endpoint_id, jobs)`` within send_timeout; never raises."""
+        try:
+            return self.caller.call(self.send_target, endpoint_id, jobs)
+        except DispatcherClosedError as exc:  # shut down (its wait timed out) while this batch still went
+            return Outcome(ERROR, None, exc)
+
+    def _send_on_runner(self, endpoint_id: Hashable, jobs: list[DispatchJob]) -> object:
+        """``send_batch`` on a send_timeout runner thread, which counts as sending meanwhile (so
+        shutdown or a blocking add_job inside it does not wait for its own batch); an awaitable
+        it returns is wrapped to keep the mark while the runner awaits it."""
+        local = self.local
+        local.sending = getattr(local, "sending", 0) + 1
+        try:
+            result = self.send_batch(endpoint_id, jobs)
+        finally:
+            local.sending -= 1
+        if inspect.isawaitable(result):
+            return self._await_sending(result)
+        return result
+
+    async def _await_sending(self, awaitable: Awaitable[object]) -> object:
+        local = self.local
+        local.sending = getattr(local, "sending", 0) + 1
+        try:
+            return await awaitable
+        finally:
+            local.sending -= 1
+
+    def _requeue(self, endpoint_id: Hashable, retries: list[tuple[DispatchJob, float]]) -> None:
+        """Schedule the retries. One the engine refuses as closed is cancelled (as shutdown cancels
+        pending retries); one it fails to schedule otherwise is exhausted, with ``requeue_error``."""
+        cancelled: list[DispatchJob] = []
+        failed: list[tuple[DispatchJob, Exception]] = []
+        for job, delay in retries:
+            try:
+                self.engine.put_later(job, endpoint_id, delay)
+            except DispatcherClosedError:
+                cancelled.append(job)
+            except Exception as exc:  # noqa: BLE001 - the job must finish, not stay "retrying" forever
+                failed.append((job, exc))
+        if cancelled:
+            self.cancel(cancelled)
+        if failed:
+            self._requeue_failed(endpoint_id, failed)
+
+    def _requeue_now(self, endpoint_id: Hashable, jobs: list[DispatchJob]) -> None:
+        """Queue retries for the worker at once (the immediate caller was interrupted); cancel them once closed."""
+        for index, job in enumerate(jobs):
+            try:
+                self.engine.put(job, endpoint_id)
+            except DispatcherClosedError:
+                self.cancel(jobs[index:])
+                return
+
+    def _requeue_failed(self, endpoint_id: Hashable, failed: list[tuple[DispatchJob, Exception]]) -> None:
+        finished = time.time()
+        for job, _error in failed:
+            job.status = "exhausted"
+            job.next_retry_at = None
+            job.finished_at = finished
+        with self.lock:
+            self.exhausted += len(failed)
+            self._release_held(len(failed))
+        events = self.events
+        for job, error in failed:
+            _log.error("%s: the retry of %r could not be scheduled; it is given up", self.label, job, exc_info=error)
+            if events.has_listeners("requeue_error"):
+                events.emit(
+                    "requeue_error",
+                    {
+                        "job_id": job.id,
+                        "endpoint_id": endpoint_id,
+                        "error": error,
+                        "attempts": job.attempts,
+                        "job": job,
+                    },
+                )
+            self._emit_exhausted(job, endpoint_id)
+
+    def _emit_exhausted(self, job: DispatchJob, endpoint_id: Hashable) -> None:
+        if self.events.has_listeners("job_exhausted"):
+            self.events.emit(
+                "job_exhausted",
+                {
+                    "job_id": job.id,
+                    "endpoint_id": endpoint_id,
+                    "attempts": job.attempts,
+                    "error": job.last_error,
+                    "job": job,
+                },
+            )
+
+    def _report(
+        self,
+        batch: WebhookBatch,
+        failed: list[tuple[DispatchJob, BaseException]],
+        retries: list[tuple[DispatchJob, float]],
+        exhausted: list[DispatchJob],
+    ) -> None:
+        events = self.events
+        endpoint_id = batch.endpoint_id
+        if events.has_listeners("batch_executed"):
+            events.emit(
+                "batch_executed",
+                {
+                    "batch_id": batch.id,
+                    "endpoint_id": endpoint_id,
+                    "total": len(batch.jobs),
+                    "successful": batch.successful,
+                    "failed": batch.failed,
+                    "batch": batch,
+                },
+            )
+        if batch.error is not None and events.has_listeners("batch_execution_error"):
+            events.emit(
+                "batch_execution_error",
+                {
+                    "batch_id": batch.id,
+                    "endpoint_id": endpoint_id,
+                    "error": batch.error,
+                    "job_count": len(batch.jobs),
+                    "batch": batch,
+                },
+            )
+        if not failed:
+            if events.has_listeners("batch_completed"):
+                events.emit(
+                    "batch_completed",
+                    {"batch_id": batch.id, "endpoint_id": endpoint_id, "job_count": len(batch.jobs), "batch": batch},
+                )
+        elif events.has_listeners("batch_failed"):
+            events.emit(
+                "batch_failed",
+                {
+                    "batch_id": batch.id,
+                    "endpoint_id": endpoint_id,
+                    "error": batch.error,
+                    "failed": batch.failed,
+                    "failed_job_ids": [job.id for job, _ in failed],
+                    "retrying": len(retries),
+                    "exhausted": len(exhausted),
+                    "batch": batch,
+                },
+            )
+        for job in exhausted:
+            self._emit_exhausted(job, endpoint_id)
+
+    # -- the bound ---------------------------------------------------------------------------
+
+    def _release_held(self, count: int) -> None:
+        """``count`` held jobs finished: make room for as many adds. Holds lock."""
+        self.held -= count
+        if self.room_waiters:
+            self.room.notify(count)
+
+    def admit(self, job: DispatchJob, timeout: float | None) -> bool:
+        """Count ``job`` as held, by the overflow policy: True if it is to be queued, False if dropped.
+
+        Raises QueueFullError (``"raise"``, or ``"block"`` past ``timeout``) and
+        DispatcherClosedError; the job is then not counted. A True answer must be followed
+        by a put, or by :meth:`unadmit` if the put fails.
+        """
+        with self.lock:
+            if self.closed:
+                raise DispatcherClosedError(f"{self.label} is shut down; {job!r} was not accepted")
+            if self.held < self.max_pending_jobs:
+                self.held += 1
+                return True
+            overflow = self.overflow
+            if overflow == "raise":
+                raise QueueFullError(self._full_message(job))
+            if overflow == "block":
+                self._wait_for_room(job, timeout)
+                self.held += 1
+                return True
+        if overflow == "drop_oldest" and self._drop_queued(job.endpoint_id):
+            return True  # a held job was dropped: this one takes its place in the count
+        self._finish_dropped(job)
+        return False
+
+    def unadmit(self) -> None:
+        """An admitted job's put failed: it is not held after all."""
+        with self.lock:
+            self._release_held(1)
+
+    def _full_message(self, job: DispatchJob) -> str:
+        return (
+            f"{self.label}: max_pending_jobs ({self.max_pending_jobs}) jobs are queued, in flight or "
+            f"waiting for a retry; {job!r} was not accepted"
+        )
+
+    def _wait_for_room(self, job: DispatchJob, timeout: float | None) -> None:
+        """Wait until fewer than max_pending_jobs are held; holds lock (released meanwhile)."""
+        if getattr(self.local, "sending", 0):
+            # Inside send_batch or a batch listener: the room we would wait for may be held by
+            # the batch this thread runs, which cannot finish while we wait.
+            raise QueueFullError(self._full_message(job) + "; add_job inside send_batch or a listener cannot wait")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.room_waiters += 1
+        try:
+            while self.held >= self.max_pending_jobs:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise QueueFullError(
+                        f"{self.label}: the bound of {self.max_pending_jobs} held jobs stayed full for "
+                        f"{timeout}s; {job!r} was not accepted"
+                    )
+                self.room.wait(remaining)
+                if self.closed:
+                    raise DispatcherClosedError(f"{self.label} shut down while {job!r} waited for room")
+        finally:
+            self.room_waiters -= 1
+
+    def _drop_queued(self, endpoint_id: Hashable) -> bool:
+        """Drop the queued job that would be sent first: of ``endpoint_id`` if it has one queued,
+        else of the longest queue. Returns whether a job was dropped. Nothing held."""
+        lengths, _in_flight, _scheduled = self.engine.snapshot()
+        for key in [endpoint_id, *sorted(lengths, key=lengths.__getitem__, reverse=True)]:
+            victim = self.engine.drop_first(key)  # the job the lane sends first, under the engine's lock
+            if victim is not None:
+                self._finish_dropped(victim)
+                return True
+        return False
+
+    def _finish_dropped(self, job: DispatchJob) -> None:
+        """Mark ``job`` dropped by the overflow policy, count it, emit ``job_dropped``. Nothing held."""
+        job.status = "dropped"
+        job.next_retry_at = None
+        job.finished_at = time.time()
+        with self.lock:
+            self.dropped += 1
+        if self.events.has_listeners("job_dropped"):
+            self.events.emit(
+                "job_dropped",
+                {
+                    "job_id": job.id,
+                    "endpoint_id": job.endpoint_id,
+                    "reason": "max_pending_jobs",
+                    "overflow": self.overflow,
+                    "max_pending_jobs": self.max_pending_jobs,
+                    "job": job,
+                },
+            )
+
+    # -- adding ------------------------------------------------------------------------------
+
+    def queue(self, job: DispatchJob, delay: float) -> None:
+        """Put an admitted job in its endpoint's queue, or, with ``delay`` > 0, in the schedule until then."""
+        if delay > 0:
+            self.engine.put_later(job, job.endpoint_id, delay)
+        else:
+            self.engine.put(job, job.endpoint_id)
+
+    def add_announced(self, job: DispatchJob, delay: float, *, queue: bool = True) -> None:
+        """Emit ``job_added`` and then queue the job, so the event precedes any batch holding it.
+
+        Counted in ``adding`` meanwhile: shutdown waits for these before it closes the engine,
+        so a job whose ``job_added`` was emitted is always accepted.
+        """
+        local = self.local
+        with self.lock:
+            if self.closed:
+                raise DispatcherClosedError(f"{self.label} is shut down; {job!r} was not accepted")
+            self.adding += 1
+        local.adding = getattr(local, "adding", 0) + 1
+        try:
+            self.events.emit(
+                "job_added",
+                {
+                    "job_id": job.id,
+                    "endpoint_id": job.endpoint_id,
+                    "priority": job.priority,
+                    "queue_size": self.engine.lane_length(job.endpoint_id) + (0 if delay > 0 else 1),
+                    "scheduled_at": job.scheduled_at,
+                    "job": job,
+                },
+            )
+            if queue:
+                self.queue(job, delay)
+        finally:
+            local.adding -= 1
+            with self.lock:
+                self.adding -= 1
+                if self.closed and not self.adding:
+                    self.adds_done.notify_all()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def begin_close(self) -> None:
+        """Refuse adds from now on; wake the adds waiting for room (they are refused too). Never waits."""
+        with self.lock:
+            self.closed = True
+            self.exhausted_at_close = self.exhausted
+            self.room.notify_all()
+
+    def finish_close(self, deadline: float | None) -> bool:
+        """Deliver what is held and stop the threads by ``deadline``; emit ``shutdown`` once.
+
+        Returns whether every job pending, in flight or waiting was delivered. On a thread
+        inside ``send_batch`` or a listener it only starts the drain (it cannot wait for its
+        own batch) and returns False.
+        """
+        local = self.local
+        with self.lock:
+            # Jobs announced by job_added are accepted: wait for their puts (not our own).
+            own = getattr(local, "adding", 0)
+            while self.adding > own:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self.adds_done.wait(remaining)
+        if getattr(local, "sending", 0):
+            self.engine.begin_close()
+            drained = False
+        else:
+            drained = self.engine.close(_remaining(deadline))
+            self.pool.shutdown(_remaining(deadline))
+            self.caller.close(_remaining(deadline))  # abandoned sends are left to end on their own
+        lengths, in_flight, _scheduled = self.engine.snapshot()
+        pending = sum(lengths.values())
+        with self.lock:
+            cancelled = list(self.cancelled)
+            exhausted = self.exhausted - self.exhausted_at_close
+            emit = not self.shutdown_emitted
+            self.shutdown_emitted = True
+        delivered = drained and not pending and not in_flight and not cancelled and not exhausted
+        if emit and self.events.has_listeners("shutdown"):
+            self.events.emit(
+                "shutdown",
+                {
+                    "delivered": delivered,
+                    "pending_jobs": pending,
+                    "active_batches": in_flight,
+                    "cancelled_retries": len(cancelled),
+                    "cancelled_jobs": cancelled,
+                    "exhausted_jobs": exhausted,
+                },
+            )
+        return delivered
+
+    def release_threads(self) -> None:
+        """After the drain of an unreferenced dispatcher: let the sending and send_timeout threads leave."""
+        self.pool.shutdown()
+        self.caller.close(0.0)  # a runner busy with a hung send leaves after it
+
+    def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
+        return 0, 0  # the engine is registered too and drains the jobs
+
+    def _reset_after_fork(self) -> None:
+        # A parent thread may have held these locks at fork time; the engine and pool reset themselves.
+        closed = self.closed
+        self._init_locks()
+        self.closed = closed
+
+
+def _not_delivered(job: DispatchJob) -> ThreadDispatchError:
+    return ThreadDispatchError(f"send_batch reported job {job.id!r} as not delivered (False)")
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
