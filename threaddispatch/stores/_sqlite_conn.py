@@ -31,9 +31,19 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
-from threaddispatch.errors import StoreError, StoreUnavailableError
+from threaddispatch._validate import show
+from threaddispatch.errors import ConfigurationError, StoreError, StoreUnavailableError
 
-__all__ = ["AUTOCHECKPOINT_PAGES", "Connections", "Immediate", "Slot", "reads", "writes"]
+__all__ = [
+    "AUTOCHECKPOINT_PAGES",
+    "DURABILITY",
+    "Connections",
+    "Immediate",
+    "Slot",
+    "reads",
+    "synchronous_for",
+    "writes",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,6 +56,25 @@ _ABANDONED: list[sqlite3.Connection] = []
 #: WAL pages after which a committing connection checkpoints itself (SQLite's default is 1000,
 #: a checkpoint every ~50 ms under load, each one stalling the commit that triggers it).
 AUTOCHECKPOINT_PAGES = 10_000
+
+
+#: ``durability`` -> its PRAGMA synchronous.
+DURABILITY = {"normal": "NORMAL", "full": "FULL"}
+_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+def synchronous_for(durability: object, synchronous: object) -> str:
+    """The PRAGMA synchronous for ``durability`` and an explicit ``synchronous`` (None: the durability's)."""
+    if not isinstance(durability, str) or durability not in DURABILITY:
+        raise ConfigurationError(f"durability must be 'normal' or 'full', got {show(durability)}")
+    if synchronous is None:
+        return DURABILITY[durability]
+    level = str(synchronous).upper()
+    if level not in _SYNCHRONOUS:
+        raise ConfigurationError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, got {show(synchronous)}")
+    if durability == "full" and level not in ("FULL", "EXTRA"):
+        raise ConfigurationError(f"durability='full' needs synchronous FULL or EXTRA, got {show(synchronous)}")
+    return level
 
 
 class Slot:

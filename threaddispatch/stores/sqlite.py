@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from threaddispatch import _lifecycle
@@ -37,7 +37,8 @@ from threaddispatch.errors import ConfigurationError, JobNotFoundError, StoreErr
 from threaddispatch.stores import _sql
 from threaddispatch.stores._sql import Statements, cron_from_row, job_from_row, job_params, letter_from_row
 from threaddispatch.stores._sqlite_commit import GroupCommitter
-from threaddispatch.stores._sqlite_conn import Connections, Immediate, reads, writes
+from threaddispatch.stores._sqlite_conn import Connections, Immediate, reads, synchronous_for, writes
+from threaddispatch.stores._sqlite_sql import SCHEMA_V1, TYPES, chunks, claim_in, complete_in, marks
 from threaddispatch.stores._sqlite_watch import WakeupCallback, Watcher
 from threaddispatch.stores.base import (
     WORKER_LOST_ERROR,
@@ -52,93 +53,20 @@ from threaddispatch.stores.base import (
 __all__ = ["SQLiteStore"]
 
 _MIN_VERSION = (3, 35, 0)  # UPDATE ... RETURNING
-_CHUNK = 500  # ids per statement, far below SQLite's variable limit
 _SQL = Statements("?")
 _INSERT = _SQL.insert_job
 _COMPLETE = _SQL.complete
 _GET_CRON = f"SELECT {_sql.CRON_COLUMNS} FROM dispatch_crons WHERE name = ?"
-_DURABILITY = {"normal": "NORMAL", "full": "FULL"}  # durability -> its PRAGMA synchronous
-_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+# The watcher's reads: the newest seq; ready jobs above a seq; ready jobs due after a time.
+_HIGHEST_SEQ = "SELECT coalesce(max(seq), 0) FROM dispatch_jobs"
+_NEW_READY = (
+    f"SELECT seq, queue, run_at FROM dispatch_jobs WHERE seq > ? AND seq <= ? AND state IN {_sql.READY} "
+    "ORDER BY seq LIMIT ?"
+)
+_LATER_READY = (
+    f"SELECT run_at, queue FROM dispatch_jobs WHERE state IN {_sql.READY} AND run_at > ? ORDER BY run_at LIMIT ?"
+)
 _WATCH_JOIN = 2.0  # seconds close() waits for the watcher thread
-
-_TYPES: _sql.Types = {"SEQ": "INTEGER PRIMARY KEY", "INT": "INTEGER", "REAL": "REAL", "BOOL": "INTEGER"}
-# The claim index's keys: seq is the implicit last key of a SQLite index.
-_SCHEMA_V1 = _sql.schema_v1(_TYPES, ready_keys="queue, priority DESC, run_at")
-
-
-def _chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
-    for start in range(0, len(ids), _CHUNK):
-        yield ids[start : start + _CHUNK]
-
-
-def _marks(count: int) -> str:
-    return ", ".join("?" * count)
-
-
-def _claim_sql(queue_count: int) -> str:
-    """The claim statement for ``queue_count`` queues: (worker_id, now, now, now, *queues, now, limit)."""
-    return (
-        "UPDATE dispatch_jobs SET state = 'running', worker_id = ?, attempts = attempts + 1, "
-        "started_at = ?, heartbeat_at = ?, updated_at = ? "
-        "WHERE seq IN (SELECT seq FROM dispatch_jobs WHERE state IN ('pending', 'retrying') "
-        f"AND queue IN ({_marks(queue_count)}) AND run_at <= ? "
-        "ORDER BY priority DESC, run_at, seq LIMIT ?) "
-        f"RETURNING {_sql.JOB_COLUMNS}"
-    )
-
-
-_CLAIM_SQL: dict[int, str] = {}  # _claim_sql by number of queues, built on first use
-
-
-_COMPLETE_ROWS = 100  # outcomes per completion statement (5 variables each)
-_COMPLETE_SQL: dict[int, str] = {}  # _complete_sql by number of outcomes, built on first use
-
-
-def _complete_sql(count: int) -> str:
-    """Complete ``count`` claims in one statement: (now, now, *(job_id, worker_id, attempts, result, error)...).
-
-    A claim is completed only while it is still that worker's running attempt, as :data:`_COMPLETE`.
-    """
-    rows = ", ".join(["(?, ?, ?, ?, ?)"] * count)
-    return (
-        "UPDATE dispatch_jobs SET state = 'completed', result = v.column4, error = v.column5, finished_at = ?, "
-        f"updated_at = ? FROM (VALUES {rows}) AS v WHERE dispatch_jobs.id = v.column1 "
-        "AND dispatch_jobs.state = 'running' AND dispatch_jobs.worker_id = v.column2 "
-        "AND dispatch_jobs.attempts = v.column3 RETURNING dispatch_jobs.id"
-    )
-
-
-def _complete_in(conn: sqlite3.Connection, outcomes: Sequence[Completion], now: float) -> set[str]:
-    """Complete ``outcomes`` (job_id, worker_id, attempts, result, error) in the open transaction; the ids applied."""
-    done: set[str] = set()
-    for start in range(0, len(outcomes), _COMPLETE_ROWS):
-        chunk = outcomes[start : start + _COMPLETE_ROWS]
-        sql = _COMPLETE_SQL.get(len(chunk))
-        if sql is None:
-            sql = _COMPLETE_SQL.setdefault(len(chunk), _complete_sql(len(chunk)))
-        params: list[Any] = [now, now]
-        for outcome in chunk:
-            params.extend(outcome)
-        done.update(row[0] for row in conn.execute(sql, params).fetchall())
-    return done
-
-
-def _claim_order(job: JobRecord) -> tuple[int, float]:
-    return (-job.priority, job.run_at)
-
-
-def _synchronous_for(durability: object, synchronous: object) -> str:
-    """The PRAGMA synchronous for ``durability`` and an explicit ``synchronous`` (None: the durability's)."""
-    if not isinstance(durability, str) or durability not in _DURABILITY:
-        raise ConfigurationError(f"durability must be 'normal' or 'full', got {show(durability)}")
-    if synchronous is None:
-        return _DURABILITY[durability]
-    level = str(synchronous).upper()
-    if level not in _SYNCHRONOUS:
-        raise ConfigurationError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, got {show(synchronous)}")
-    if durability == "full" and level not in ("FULL", "EXTRA"):
-        raise ConfigurationError(f"durability='full' needs synchronous FULL or EXTRA, got {show(synchronous)}")
-    return level
 
 
 class SQLiteStore(Store):
@@ -167,7 +95,7 @@ class SQLiteStore(Store):
     """
 
     #: Numbered schema migrations: ``(version, description, statements)``, applied in order.
-    MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = ((1, "initial schema", _SCHEMA_V1),)
+    MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = ((1, "initial schema", SCHEMA_V1),)
 
     def __init__(
         self,
@@ -184,7 +112,7 @@ class SQLiteStore(Store):
             )
         if not isinstance(path, (str, os.PathLike)) or str(path) in ("", ":memory:"):
             raise ConfigurationError(f"SQLiteStore path must be a file path, got {path!r}")
-        self.synchronous = _synchronous_for(durability, synchronous)
+        self.synchronous = synchronous_for(durability, synchronous)
         self.durability = durability
         self.path = os.fspath(path)
         self.busy_timeout = check_seconds("busy_timeout", busy_timeout)
@@ -211,7 +139,7 @@ class SQLiteStore(Store):
         """Apply the migrations newer than the file's version; returns the version. Idempotent, multi-process safe."""
         conn = self._conn()
         with Immediate(conn):
-            conn.execute(_sql.version_table(_TYPES))
+            conn.execute(_sql.version_table(TYPES))
             return _SQL.apply_migrations(conn, self.MIGRATIONS)
 
     def schema_version(self) -> int:
@@ -280,21 +208,15 @@ class SQLiteStore(Store):
     def _watch_rows(self, after_seq: int, limit: int) -> tuple[int, list[tuple[int, str, float]]]:
         """The highest seq, and up to ``limit`` ready jobs above ``after_seq`` up to it: (seq, queue, run_at)."""
         conn = self._conn()
-        highest = int(conn.execute("SELECT coalesce(max(seq), 0) FROM dispatch_jobs").fetchone()[0])
+        highest = int(conn.execute(_HIGHEST_SEQ).fetchone()[0])
         if limit <= 0 or highest <= after_seq:
             return highest, []
-        rows = conn.execute(
-            f"SELECT seq, queue, run_at FROM dispatch_jobs WHERE seq > ? AND seq <= ? AND state IN {_sql.READY} "
-            "ORDER BY seq LIMIT ?",
-            (after_seq, highest, limit),
-        ).fetchall()
-        return highest, rows
+        return highest, conn.execute(_NEW_READY, (after_seq, highest, limit)).fetchall()
 
     @reads
     def _watch_later(self, after: float, limit: int) -> list[tuple[float, str]]:
         """Up to ``limit`` ready jobs due after ``after`` (epoch), earliest first: (run_at, queue)."""
-        sql = f"SELECT run_at, queue FROM dispatch_jobs WHERE state IN {_sql.READY} AND run_at > ? ORDER BY run_at"
-        return self._conn().execute(f"{sql} LIMIT ?", (after, limit)).fetchall()
+        return self._conn().execute(_LATER_READY, (after, limit)).fetchall()
 
     @reads
     def _watch_checkpoint(self) -> None:
@@ -365,23 +287,7 @@ class SQLiteStore(Store):
         """See :meth:`Store.claim`: one ``UPDATE ... RETURNING`` under BEGIN IMMEDIATE."""
         conn = self._conn()
         with Immediate(conn):
-            return self._claim_in(conn, queues, limit, worker_id, now)
-
-    @staticmethod
-    def _claim_in(
-        conn: sqlite3.Connection, queues: Sequence[str], limit: int, worker_id: str, now: float
-    ) -> list[JobRecord]:
-        if limit <= 0 or not queues:
-            return []
-        sql = _CLAIM_SQL.get(len(queues))
-        if sql is None:
-            sql = _CLAIM_SQL.setdefault(len(queues), _claim_sql(len(queues)))
-        rows = conn.execute(sql, (worker_id, now, now, now, *queues, now, limit)).fetchall()
-        jobs = [job_from_row(row) for row in rows]
-        if len(jobs) > 1:
-            # RETURNING gives rows in no particular order; hand them out in claim order.
-            jobs.sort(key=_claim_order)
-        return jobs
+            return claim_in(conn, queues, limit, worker_id, now)
 
     @writes
     def complete_and_claim(
@@ -396,8 +302,8 @@ class SQLiteStore(Store):
         """See :meth:`Store.complete_and_claim`: ONE IMMEDIATE transaction for both."""
         conn = self._conn()
         with Immediate(conn):
-            done = _complete_in(conn, outcomes, now)
-            jobs = self._claim_in(conn, queues, limit, worker_id, now)
+            done = complete_in(conn, outcomes, now)
+            jobs = claim_in(conn, queues, limit, worker_id, now)
         return done, jobs
 
     @writes
@@ -408,9 +314,9 @@ class SQLiteStore(Store):
             return alive
         conn = self._conn()
         with Immediate(conn):
-            for chunk in _chunks(list(job_ids)):
+            for chunk in chunks(list(job_ids)):
                 rows = conn.execute(
-                    f"UPDATE dispatch_jobs SET heartbeat_at = ? WHERE id IN ({_marks(len(chunk))}) "
+                    f"UPDATE dispatch_jobs SET heartbeat_at = ? WHERE id IN ({marks(len(chunk))}) "
                     "AND state = 'running' AND worker_id = ? RETURNING id",
                     (now, *chunk, worker_id),
                 ).fetchall()
@@ -467,7 +373,7 @@ class SQLiteStore(Store):
             return set()
         conn = self._conn()
         with Immediate(conn):
-            return _complete_in(conn, outcomes, now)
+            return complete_in(conn, outcomes, now)
 
     @writes
     def retry_later(
@@ -510,10 +416,10 @@ class SQLiteStore(Store):
         released = 0
         conn = self._conn()
         with Immediate(conn):
-            for chunk in _chunks(list(job_ids)):
+            for chunk in chunks(list(job_ids)):
                 cursor = conn.execute(
                     "UPDATE dispatch_jobs SET state = 'pending', worker_id = NULL, run_at = ?, updated_at = ?, "
-                    f"attempts = max(0, attempts - ?) WHERE id IN ({_marks(len(chunk))}) "
+                    f"attempts = max(0, attempts - ?) WHERE id IN ({marks(len(chunk))}) "
                     "AND state = 'running' AND worker_id = ?",
                     (now, now, 1 if refund_attempt else 0, *chunk, worker_id),
                 )

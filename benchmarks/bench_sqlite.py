@@ -1,0 +1,284 @@
+"""SQLiteStore's slow paths, measured in one run (issue 14's SQLite rows), with huey side by side.
+
+1. pickup: a second process enqueues one job every ``--gap`` seconds while this process's
+   JobEngine idles (default ``max_poll_interval``, 30 s): the time from the enqueue (the
+   job's ``created_at``, set in the other process) to its handler starting; p50/p99.
+2. delayed: the other process enqueues jobs with ``delay``; how late each starts after its
+   ``run_at``; p50/p99. Then the same for delayed jobs this process enqueued.
+3. enqueue with a worker running: ``JobEngine.enqueue`` one job at a time while 4 worker
+   threads run them; wall and CPU (thread_time) per call, p50/p99.
+4. equal durability against huey: ``SQLiteStore(durability="full")`` and ``SqliteHuey(fsync=True)``
+   (both ``synchronous=FULL``, an fsync per commit) with 1 and 4 producer threads: enqueue
+   jobs/s, and run jobs/s with 4 worker threads; ratios. ``durability="normal"`` is shown
+   for reference.
+
+The machine may be shared: run it twice to see the spread. ``python benchmarks/bench_sqlite.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from threaddispatch.jobs import JobContext, JobEngine
+from threaddispatch.stores import SQLiteStore
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_serial = itertools.count()
+
+
+def _quantiles(values: list[float]) -> str:
+    ordered = sorted(values)
+    if not ordered:
+        return "no samples"
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return f"p50 {statistics.median(ordered) * 1e3:8.2f} ms   p99 {p99 * 1e3:8.2f} ms   (n={len(ordered)})"
+
+
+def _producer(path: str, count: int, gap: float, delay: float | None) -> subprocess.Popen[bytes]:
+    """Another process enqueuing ``count`` jobs ``record``, one every ``gap`` seconds."""
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        sys.path.insert(0, {_ROOT!r})
+        from threaddispatch.jobs import JobEngine
+        from threaddispatch.stores import SQLiteStore
+        store = SQLiteStore({path!r})
+        engine = JobEngine(store)
+        engine.register("record", lambda ctx, payload: None)
+        for _ in range({count}):
+            engine.enqueue("record", delay={delay!r})
+            time.sleep({gap!r})
+        store.close()
+        """
+    )
+    return subprocess.Popen([sys.executable, "-c", script])
+
+
+class _Starts:
+    """Handler ``record``: notes each job's start minus its ``created_at`` (or ``run_at``)."""
+
+    def __init__(self, target: int, *, since_run_at: bool) -> None:
+        self.target = target
+        self.since_run_at = since_run_at
+        self.delays: list[float] = []
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+
+    def __call__(self, ctx: JobContext, payload: object) -> None:
+        started = time.time()
+        job = ctx.job
+        with self.lock:
+            self.delays.append(started - (job.run_at if self.since_run_at else job.created_at))
+            if len(self.delays) >= self.target:
+                self.done.set()
+
+
+def bench_cross_process(directory: str, count: int, gap: float, delay: float | None) -> list[float]:
+    path = os.path.join(directory, f"pickup-{next(_serial)}.db")
+    store = SQLiteStore(path)
+    engine = JobEngine(store, concurrency=4)
+    starts = _Starts(count, since_run_at=delay is not None)
+    engine.register("record", starts, max_retries=0)
+    engine.start()
+    producer = _producer(path, count, gap, delay)
+    try:
+        if not starts.done.wait(60 + count * (gap + (delay or 0)) * 2):
+            print(f"  only {len(starts.delays)} of {count} jobs started", file=sys.stderr)
+    finally:
+        producer.wait(60)
+        engine.stop(10)
+        store.close()
+    return starts.delays
+
+
+def bench_own_delayed(directory: str, count: int, gap: float, delay: float) -> list[float]:
+    store = SQLiteStore(os.path.join(directory, f"own-{next(_serial)}.db"))
+    engine = JobEngine(store, concurrency=4)
+    starts = _Starts(count, since_run_at=True)
+    engine.register("record", starts, max_retries=0)
+    engine.start()
+    try:
+        for _ in range(count):
+            engine.enqueue("record", delay=delay)
+            time.sleep(gap)
+        starts.done.wait(60 + delay * 2)
+    finally:
+        engine.stop(10)
+        store.close()
+    return starts.delays
+
+
+def bench_enqueue_with_worker(directory: str, count: int) -> tuple[list[float], list[float], list[float]]:
+    store = SQLiteStore(os.path.join(directory, f"enqueue-{next(_serial)}.db"))
+    engine = JobEngine(store, concurrency=4, poll_interval=0.01, max_poll_interval=0.1)
+    engine.register("noop", lambda ctx, payload: None, max_retries=0)
+    engine.start()
+    walls: list[float] = []
+    cpus: list[float] = []
+    floor: list[float] = []  # the machine's own noise: a GIL hand-off timed in the same loop
+    try:
+        for index in range(count):
+            wall, cpu = time.perf_counter(), time.thread_time()
+            engine.enqueue("noop")
+            cpus.append(time.thread_time() - cpu)
+            walls.append(time.perf_counter() - wall)
+            wall = time.perf_counter()
+            time.sleep(0)
+            floor.append(time.perf_counter() - wall)
+            if index % 10 == 9:
+                time.sleep(0.001)  # a producer that also does other work
+    finally:
+        engine.stop(10)
+        store.close()
+    return walls, cpus, floor
+
+
+class _Counter:
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.count = 0
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+
+    def hit(self) -> None:
+        with self.lock:
+            self.count += 1
+            if self.count >= self.target:
+                self.done.set()
+
+
+def _produce(producers: int, jobs: int, enqueue: Callable[[], object]) -> float:
+    """Enqueue ``jobs`` in all from ``producers`` threads; jobs/s."""
+    per = jobs // producers
+    barrier = threading.Barrier(producers + 1)
+
+    def run() -> None:
+        barrier.wait()
+        for _ in range(per):
+            enqueue()
+
+    threads = [threading.Thread(target=run) for _ in range(producers)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return per * producers / (time.perf_counter() - start)
+
+
+def bench_threaddispatch(directory: str, jobs: int, producers: int, durability: str) -> tuple[float, float]:
+    store = SQLiteStore(os.path.join(directory, f"td-{next(_serial)}.db"), durability=durability)
+    engine = JobEngine(store, concurrency=4, poll_interval=0.01, max_poll_interval=0.1, heartbeat_interval=5.0)
+    counter = _Counter(jobs // producers * producers)
+    engine.register("noop", lambda ctx, payload: counter.hit(), max_retries=0, timeout=None)
+    enqueue_rate = _produce(producers, jobs, lambda: engine.enqueue("noop"))
+    start = time.perf_counter()
+    engine.start()
+    if not counter.done.wait(600):
+        raise RuntimeError(f"threaddispatch ran only {counter.count} jobs")
+    run_rate = counter.target / (time.perf_counter() - start)
+    engine.stop(10)
+    store.close()
+    return enqueue_rate, run_rate
+
+
+def bench_huey(directory: str, jobs: int, producers: int) -> tuple[float, float]:
+    from huey import SqliteHuey  # type: ignore[import-untyped]
+
+    logging.getLogger("huey").setLevel(logging.WARNING)
+    huey = SqliteHuey("bench", filename=os.path.join(directory, f"huey-{next(_serial)}.db"), fsync=True)
+    counter = _Counter(jobs // producers * producers)
+
+    @huey.task()  # type: ignore[untyped-decorator]
+    def noop() -> None:
+        counter.hit()
+
+    enqueue_rate = _produce(producers, jobs, noop)
+    consumer = huey.create_consumer(workers=4, worker_type="thread", periodic=False, initial_delay=0.01, max_delay=0.1)
+    start = time.perf_counter()
+    consumer.start()
+    if not counter.done.wait(600):
+        raise RuntimeError(f"huey ran only {counter.count} jobs")
+    run_rate = counter.target / (time.perf_counter() - start)
+    consumer.stop(graceful=True)
+    return enqueue_rate, run_rate
+
+
+def _latency_sections(directory: str, args: argparse.Namespace) -> None:
+    print(f"1. cross-process pickup, engine idle (max_poll_interval 30 s), one job every {args.gap}s")
+    print(
+        f"   SQLiteStore                      {_quantiles(bench_cross_process(directory, args.count, args.gap, None))}"
+    )
+    print(f"2. delayed jobs (delay={args.delay}s): lateness after run_at")
+    lateness = bench_cross_process(directory, args.count, args.gap, args.delay)
+    print(f"   enqueued by another process      {_quantiles(lateness)}")
+    own = bench_own_delayed(directory, args.count, args.gap, args.delay)
+    print(f"   enqueued by this process         {_quantiles(own)}")
+    walls, cpus, floor = bench_enqueue_with_worker(directory, args.enqueues)
+    print("3. JobEngine.enqueue with 4 workers running")
+    print(f"   wall                             {_quantiles(walls)}")
+    print(f"   CPU (thread_time)                {_quantiles(cpus)}")
+    print(f"   floor: time.sleep(0), same loop  {_quantiles(floor)}")
+
+
+def _durability_section(directory: str, args: argparse.Namespace) -> None:
+    print(f"4. equal durability (fsync per commit), {args.jobs} no-op jobs, 4 worker threads, best of {args.repeat}")
+    print(f"   {'':40} {'enqueue jobs/s':>15} {'run jobs/s':>12}")
+    for producers in (1, 4):
+        rows: dict[str, tuple[float, float]] = {}
+        runs: dict[str, Callable[[], tuple[float, float]]] = {
+            "threaddispatch durability='full'": lambda: bench_threaddispatch(directory, args.jobs, producers, "full"),
+            "huey SqliteHuey(fsync=True)": lambda: bench_huey(directory, args.jobs, producers),
+            "threaddispatch durability='normal'": lambda: bench_threaddispatch(
+                directory, args.jobs, producers, "normal"
+            ),
+        }
+        results: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+        for _ in range(args.repeat):  # interleaved, so noise hits every peer alike
+            for name, run in runs.items():
+                results[name].append(run())
+        for name, found in results.items():
+            rows[name] = (max(r[0] for r in found), max(r[1] for r in found))
+            label = f"{name}, {producers} producer{'s' if producers > 1 else ''}"
+            print(f"   {label:40} {rows[name][0]:15,.0f} {rows[name][1]:12,.0f}")
+        full, huey = rows["threaddispatch durability='full'"], rows["huey SqliteHuey(fsync=True)"]
+        ratios = f"enqueue {full[0] / huey[0]:5.2f}x   run {full[1] / huey[1]:5.2f}x"
+        print(f"   ratio full / huey, {producers} producer(s):   {ratios}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=100, help="jobs per pickup/delayed run (default 100)")
+    parser.add_argument("--gap", type=float, default=0.05, help="seconds between the other process's enqueues")
+    parser.add_argument("--delay", type=float, default=0.5, help="delay of the delayed jobs (default 0.5 s)")
+    parser.add_argument("--enqueues", type=int, default=5_000, help="enqueues with a worker running")
+    parser.add_argument("--jobs", type=int, default=2_000, help="jobs per durability run (default 2,000)")
+    parser.add_argument("--repeat", type=int, default=2, help="durability runs per peer, best kept (default 2)")
+    parser.add_argument("--only", choices=["latency", "durability"], default=None)
+    args = parser.parse_args()
+    import sqlite3
+
+    print(f"SQLite {sqlite3.sqlite_version}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
+    with tempfile.TemporaryDirectory() as directory:
+        if args.only in (None, "latency"):
+            _latency_sections(directory, args)
+        if args.only in (None, "durability"):
+            _durability_section(directory, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The SQL only SQLiteStore runs: its schema spelling, the claim and the batched completion: its one job.
+
+The statements both SQL stores share are in :mod:`threaddispatch.stores._sql`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from threaddispatch.stores import _sql
+from threaddispatch.stores._sql import job_from_row
+from threaddispatch.stores.base import Completion, JobRecord
+
+__all__ = ["SCHEMA_V1", "TYPES", "chunks", "claim_in", "complete_in", "marks"]
+
+_CHUNK = 500  # ids per statement, far below SQLite's variable limit
+
+TYPES: _sql.Types = {"SEQ": "INTEGER PRIMARY KEY", "INT": "INTEGER", "REAL": "REAL", "BOOL": "INTEGER"}
+# The claim index's keys: seq is the implicit last key of a SQLite index.
+SCHEMA_V1 = _sql.schema_v1(TYPES, ready_keys="queue, priority DESC, run_at")
+
+
+def chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
+    """``ids`` in slices of at most 500 (an IN list far below SQLite's variable limit)."""
+    for start in range(0, len(ids), _CHUNK):
+        yield ids[start : start + _CHUNK]
+
+
+def marks(count: int) -> str:
+    """``count`` comma-separated ``?`` placeholders."""
+    return ", ".join("?" * count)
+
+
+def _claim_sql(queue_count: int) -> str:
+    """The claim statement for ``queue_count`` queues: (worker_id, now, now, now, *queues, now, limit)."""
+    return (
+        "UPDATE dispatch_jobs SET state = 'running', worker_id = ?, attempts = attempts + 1, "
+        "started_at = ?, heartbeat_at = ?, updated_at = ? "
+        "WHERE seq IN (SELECT seq FROM dispatch_jobs WHERE state IN ('pending', 'retrying') "
+        f"AND queue IN ({marks(queue_count)}) AND run_at <= ? "
+        "ORDER BY priority DESC, run_at, seq LIMIT ?) "
+        f"RETURNING {_sql.JOB_COLUMNS}"
+    )
+
+
+_CLAIM_SQL: dict[int, str] = {}  # _claim_sql by number of queues, built on first use
+
+
+_COMPLETE_ROWS = 100  # outcomes per completion statement (5 variables each)
+_COMPLETE_SQL: dict[int, str] = {}  # _complete_sql by number of outcomes, built on first use
+
+
+def _complete_sql(count: int) -> str:
+    """Complete ``count`` claims in one statement: (now, now, *(job_id, worker_id, attempts, result, error)...).
+
+    A claim is completed only while it is still that worker's running attempt, as ``Statements.complete``.
+    """
+    rows = ", ".join(["(?, ?, ?, ?, ?)"] * count)
+    return (
+        "UPDATE dispatch_jobs SET state = 'completed', result = v.column4, error = v.column5, finished_at = ?, "
+        f"updated_at = ? FROM (VALUES {rows}) AS v WHERE dispatch_jobs.id = v.column1 "
+        "AND dispatch_jobs.state = 'running' AND dispatch_jobs.worker_id = v.column2 "
+        "AND dispatch_jobs.attempts = v.column3 RETURNING dispatch_jobs.id"
+    )
+
+
+def complete_in(conn: sqlite3.Connection, outcomes: Sequence[Completion], now: float) -> set[str]:
+    """Complete ``outcomes`` (job_id, worker_id, attempts, result, error) in the open transaction; the ids applied."""
+    done: set[str] = set()
+    for start in range(0, len(outcomes), _COMPLETE_ROWS):
+        chunk = outcomes[start : start + _COMPLETE_ROWS]
+        sql = _COMPLETE_SQL.get(len(chunk))
+        if sql is None:
+            sql = _COMPLETE_SQL.setdefault(len(chunk), _complete_sql(len(chunk)))
+        params: list[Any] = [now, now]
+        for outcome in chunk:
+            params.extend(outcome)
+        done.update(row[0] for row in conn.execute(sql, params).fetchall())
+    return done
+
+
+def _claim_order(job: JobRecord) -> tuple[int, float]:
+    return (-job.priority, job.run_at)
+
+
+def claim_in(
+    conn: sqlite3.Connection, queues: Sequence[str], limit: int, worker_id: str, now: float
+) -> list[JobRecord]:
+    """Claim up to ``limit`` due jobs of ``queues`` for ``worker_id`` in the open transaction, in claim order."""
+    if limit <= 0 or not queues:
+        return []
+    sql = _CLAIM_SQL.get(len(queues))
+    if sql is None:
+        sql = _CLAIM_SQL.setdefault(len(queues), _claim_sql(len(queues)))
+    rows = conn.execute(sql, (worker_id, now, now, now, *queues, now, limit)).fetchall()
+    jobs = [job_from_row(row) for row in rows]
+    if len(jobs) > 1:
+        # RETURNING gives rows in no particular order; hand them out in claim order.
+        jobs.sort(key=_claim_order)
+    return jobs
