@@ -8,6 +8,7 @@ the package on their own.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -159,6 +160,18 @@ def test_bench_main_bad_arguments_exit_2(argv: list[str], named: str, capsys: py
         _bench.main(argv)
     assert exit_info.value.code == 2
     assert named in capsys.readouterr().err
+
+
+def test_options_wire_into_a_cli_subcommand() -> None:
+    parser = argparse.ArgumentParser(prog="threaddispatch")
+    bench = parser.add_subparsers(dest="command").add_parser("bench")
+    _bench.add_arguments(bench)
+    args = parser.parse_args(["bench", "--quick", "--contenders", "queue,otel", "--curves", "depth=5"])
+    plan = _bench.plan_from_args(args)
+    assert (plan.contenders, plan.entries, plan.repeats, plan.curves) == (["queue", "otel"], 20_000, 1, {"depth": [5]})
+    default = _bench.plan_from_args(parser.parse_args(["bench"]))
+    assert (default.entries, default.repeats, default.curves) == (200_000, 3, _bench.DEFAULT_CURVES)
+    assert default.contenders == list(_bench.CONTENDERS)
 
 
 def test_parse_curves() -> None:

@@ -42,7 +42,17 @@ from typing import Any
 from threaddispatch import _bench_curves
 from threaddispatch._bench_curves import CurvePoint
 
-__all__ = ["CONTENDERS", "BenchResult", "build_parser", "main", "run_matrix", "run_plan", "write_chart"]
+__all__ = [
+    "CONTENDERS",
+    "BenchResult",
+    "add_arguments",
+    "build_parser",
+    "main",
+    "run_command",
+    "run_matrix",
+    "run_plan",
+    "write_chart",
+]
 
 WINDOW_MS = 10
 BATCH = 512
@@ -543,19 +553,26 @@ def parse_curves(text: str) -> dict[str, list[int]]:
     return curves
 
 
-def build_parser(prog: str = "threaddispatch bench") -> argparse.ArgumentParser:
-    """The parser of ``threaddispatch bench`` (cli.py forwards its arguments to :func:`main`)."""
+def contender_list(text: str) -> list[str]:
+    """argparse type: comma-separated race contenders (names of ``CONTENDERS``)."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in CONTENDERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown contender(s) {', '.join(unknown) or repr(text)}; known: {', '.join(CONTENDERS)}"
+        )
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``threaddispatch bench`` to ``parser`` (cli.py's subparser, or :func:`build_parser`)."""
     from threaddispatch._cli_common import positive_int
 
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="The enqueue race against the peers, then the scaling curves; prints tables, writes a PNG.",
-    )
     add = parser.add_argument
     add("--entries", type=positive_int, default=None, help="entries per race run (default 200000; --quick 20000)")
     add("--producers", type=producer_list, default=[1, 4], help="race producer counts (default 1,4)")
     add("--repeats", type=positive_int, default=3, help="fresh-process runs per race cell (default 3)")
-    add("--contenders", default="", help="comma-separated subset of the race (default: all installed)")
+    add("--contenders", type=contender_list, default=None, help="comma-separated race subset (default: all)")
     add("--curves", type=parse_curves, default=None, help="e.g. 'endpoints=10,1000;depth=1000' or 'none'")
     add("--curve-repeats", type=positive_int, default=1, help="fresh-process runs per curve point (default 1)")
     add("--curve-timeout", type=float, default=10.0, help="seconds a curve point may take (default 10)")
@@ -563,6 +580,16 @@ def build_parser(prog: str = "threaddispatch bench") -> argparse.ArgumentParser:
     add("--chart", default="threaddispatch-bench.png", help="PNG chart path ('' for none)")
     add("--json", action="store_true", help="print JSON instead of the tables")
     add("--quiet", action="store_true", help="no progress lines")
+
+
+def build_parser(prog: str = "threaddispatch bench") -> argparse.ArgumentParser:
+    """The parser of ``python -m threaddispatch._bench``: ``threaddispatch bench``'s, and a child's ``--run``."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="The enqueue race against the peers, then the scaling curves; prints tables, writes a PNG.",
+    )
+    add_arguments(parser)
+    add = parser.add_argument
     add("--run", choices=sorted(CONTENDERS), help=argparse.SUPPRESS)  # one race run in this process (a child)
     add("--per-producer", type=int, default=100_000, help=argparse.SUPPRESS)
     add("--idle", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -585,11 +612,8 @@ class Plan:
 
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
-    """The run's plan; raises ValueError naming an unknown contender."""
-    contenders = args.contenders.split(",") if args.contenders else list(CONTENDERS)
-    unknown = [c for c in contenders if c not in CONTENDERS]
-    if unknown:
-        raise ValueError(f"unknown contender(s) {', '.join(unknown)}; known: {', '.join(CONTENDERS)}")
+    """The run's plan from the options :func:`add_arguments` defines."""
+    contenders = args.contenders or list(CONTENDERS)
     curves = args.curves if args.curves is not None else (QUICK_CURVES if args.quick else DEFAULT_CURVES)
     if args.quick:
         entries = args.entries or 20_000
@@ -621,19 +645,20 @@ def _minutes(seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``threaddispatch bench`` (and ``python -m threaddispatch._bench``): the race, the curves, the chart.
-
-    Exit code 1 when a race contender lost entries or a curve point failed, 2 on bad arguments.
-    """
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """``python -m threaddispatch._bench``: ``threaddispatch bench`` (see :func:`run_command`), or a child's run."""
+    args = build_parser().parse_args(argv)
     if args.run:
         print(json.dumps(run_once(args.run, args.producers[0], args.per_producer, args.idle)))
         return 0
-    try:
-        plan = plan_from_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
+    return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``threaddispatch bench``: the race, the curves, the tables and the chart.
+
+    Exit code 1 when a race contender lost entries or a curve point failed.
+    """
+    plan = plan_from_args(args)
 
     def progress(line: str) -> None:
         if not args.quiet:
