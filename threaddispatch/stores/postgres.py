@@ -1,11 +1,12 @@
 """PostgresStore: the job store for many worker processes and machines on one PostgreSQL.
 
-This module is the :class:`~threaddispatch.stores.Store` methods; the SQL text is in
+This module is the connection handling and the :class:`~threaddispatch.stores.Store`
+methods on jobs; the methods on dead letters, paused queues, leases and cron entries are
+in :mod:`~threaddispatch.stores._pg_admin` (a mixin), the SQL text in
 :mod:`~threaddispatch.stores._pg_sql`, the DSN and connection pool in
 :mod:`~threaddispatch.stores._pg_pool`, the LISTEN thread in
-:mod:`~threaddispatch.stores._pg_listen`. It runs to about 700 lines because the contract
-has some thirty methods, each a short ``op(conn)`` handed to :meth:`PostgresStore._run`
-with its docstring; splitting the class across modules would scatter one contract.
+:mod:`~threaddispatch.stores._pg_listen`. Each method is a short ``op(conn)`` handed to
+:meth:`PostgresStore._run` with its docstring.
 
 - psycopg 3 (extra ``postgres``). Connections are autocommit: a method that is one
   statement costs one round trip; a method that needs several runs them in one
@@ -61,14 +62,14 @@ from threaddispatch.backoff import check_seconds
 from threaddispatch.errors import ConfigurationError, InvalidStateError, JobNotFoundError, StoreError
 from threaddispatch.stores import _pg_sql as q
 from threaddispatch.stores import _sql
+from threaddispatch.stores._pg_admin import AdminMethods
 from threaddispatch.stores._pg_listen import WakeupCallback, Wakeups
 from threaddispatch.stores._pg_pool import Conn, Dsn, Pool, broken, session_setup
 from threaddispatch.stores._pg_sql import SQL, claimed, outcome_params, pg_job_params
-from threaddispatch.stores._sql import cron_from_row, job_from_row, letter_from_row
+from threaddispatch.stores._sql import job_from_row, letter_from_row
 from threaddispatch.stores.base import (
     WORKER_LOST_ERROR,
     Completion,
-    CronEntry,
     DeadLetter,
     JobRecord,
     JobState,
@@ -94,7 +95,7 @@ def _table_schema(conn: Conn) -> str | None:
     return None if row is None else str(row[0])
 
 
-class PostgresStore(Store):
+class PostgresStore(AdminMethods, Store):
     """A :class:`~threaddispatch.stores.Store` on PostgreSQL, shared by processes and machines.
 
     ``dsn`` is a libpq connection string or URL (``postgresql://user:pw@host:5432/db``);
@@ -577,149 +578,6 @@ class PostgresStore(Store):
             total += deleted
             if deleted < q.PURGE_CHUNK:
                 return total
-
-    # -- dead letters ------------------------------------------------------------------------------------
-
-    def list_dead_letters(self, *, queue: str | None = None, limit: int = 50, offset: int = 0) -> list[DeadLetter]:
-        """See :meth:`Store.list_dead_letters`."""
-        self._check_limit(limit, offset)
-        query, params = SQL.list_dead_letters(queue, limit, offset)
-
-        def op(conn: Conn) -> list[DeadLetter]:
-            return [letter_from_row(row) for row in conn.execute(query, params).fetchall()]
-
-        return self._run("listing dead letters", op, idempotent=True)
-
-    def count_dead_letters(self, *, queue: str | None = None) -> int:
-        """See :meth:`Store.count_dead_letters`: one ``COUNT``."""
-        query, params = SQL.count_dead_letters(queue)
-
-        def op(conn: Conn) -> int:
-            row = conn.execute(query, params).fetchone()
-            return int(row[0]) if row is not None else 0
-
-        return self._run("counting dead letters", op, idempotent=True)
-
-    def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
-        """See :meth:`Store.get_dead_letter`."""
-
-        def op(conn: Conn) -> DeadLetter | None:
-            row = conn.execute(SQL.get_letter, (dead_letter_id,)).fetchone()
-            return None if row is None else letter_from_row(row)
-
-        return self._run("reading a dead letter", op, idempotent=True)
-
-    def replay_dead_letter(self, dead_letter_id: str, *, job: JobRecord) -> str:
-        """See :meth:`Store.replay_dead_letter`: delete and insert in one transaction."""
-
-        def op(conn: Conn) -> str:
-            with conn.transaction():
-                if conn.execute(SQL.delete_letter, (dead_letter_id,)).rowcount != 1:
-                    raise JobNotFoundError(f"no dead letter with id {dead_letter_id!r}")
-                return self._insert(conn, job)
-
-        return self._run("replaying a dead letter", op, idempotent=False)
-
-    def purge_dead_letters(self, *, older_than: float | None = None) -> int:
-        """See :meth:`Store.purge_dead_letters`: one statement."""
-
-        def op(conn: Conn) -> int:
-            if older_than is None:
-                return conn.execute(SQL.purge_all_letters).rowcount
-            return conn.execute(SQL.purge_letters_before, (older_than,)).rowcount
-
-        return self._run("purging dead letters", op, idempotent=True)
-
-    # -- queues --------------------------------------------------------------------------------------------
-
-    def set_queue_paused(self, queue: str, paused: bool, *, now: float) -> None:
-        """See :meth:`Store.set_queue_paused`: one upsert."""
-
-        def op(conn: Conn) -> None:
-            conn.execute(SQL.pause_queue, (queue, bool(paused), now))
-            if not paused:
-                self._wake(conn, [queue], now)
-
-        self._run("pausing a queue", op, idempotent=True)
-
-    def paused_queues(self) -> set[str]:
-        """See :meth:`Store.paused_queues`."""
-
-        def op(conn: Conn) -> set[str]:
-            return {str(row[0]) for row in conn.execute(q.PAUSED_QUEUES).fetchall()}
-
-        return self._run("reading paused queues", op, idempotent=True)
-
-    # -- cron and leases -----------------------------------------------------------------------------------
-
-    def acquire_lease(self, name: str, *, holder: str, ttl: float, now: float) -> bool:
-        """See :meth:`Store.acquire_lease`: one upsert whose row lock makes it atomic across processes."""
-
-        def op(conn: Conn) -> bool:
-            row = conn.execute(q.ACQUIRE_LEASE, (name, holder, now + ttl, now)).fetchone()
-            return row is not None and row[0] == holder
-
-        return self._run("taking a lease", op, idempotent=True)
-
-    def release_lease(self, name: str, *, holder: str) -> None:
-        """See :meth:`Store.release_lease`."""
-
-        def op(conn: Conn) -> None:
-            conn.execute(SQL.release_lease, (name, holder))
-
-        self._run("releasing a lease", op, idempotent=True)
-
-    def upsert_cron(self, entry: CronEntry, *, now: float) -> CronEntry:
-        """See :meth:`Store.upsert_cron`: one upsert."""
-
-        def op(conn: Conn) -> CronEntry:
-            row = conn.execute(q.UPSERT_CRON, _sql.cron_params(entry, now)).fetchone()
-            assert row is not None  # an upsert always returns its row
-            return cron_from_row(row)
-
-        return self._run("storing a cron entry", op, idempotent=True)
-
-    def list_crons(self) -> list[CronEntry]:
-        """See :meth:`Store.list_crons`."""
-
-        def op(conn: Conn) -> list[CronEntry]:
-            return [cron_from_row(row) for row in conn.execute(SQL.list_crons)]
-
-        return self._run("listing cron entries", op, idempotent=True)
-
-    def delete_cron(self, name: str) -> bool:
-        """See :meth:`Store.delete_cron`."""
-
-        def op(conn: Conn) -> bool:
-            return conn.execute(SQL.delete_cron, (name,)).rowcount == 1
-
-        return self._run("deleting a cron entry", op, idempotent=False)
-
-    def set_cron_enabled(self, name: str, enabled: bool, *, now: float) -> CronEntry:
-        """See :meth:`Store.set_cron_enabled`: one statement (disabled: ``last_tick = Infinity``)."""
-        query = q.set_cron_enabled_sql(enabled)
-
-        def op(conn: Conn) -> CronEntry:
-            row = conn.execute(query, {"now": now, "name": name}).fetchone()
-            if row is None:
-                raise JobNotFoundError(f"no cron entry named {name!r}")
-            return cron_from_row(row)
-
-        return self._run("enabling a cron entry" if enabled else "disabling a cron entry", op, idempotent=True)
-
-    def fire_cron(self, name: str, *, tick: float, job: JobRecord) -> bool:
-        """See :meth:`Store.fire_cron`: a compare-and-set of ``last_tick`` (its row lock serialises
-        the processes) and the insert, in one transaction."""
-
-        def op(conn: Conn) -> bool:
-            with conn.transaction():
-                if not SQL.advance_cron(conn, name, tick, job.created_at):
-                    return False
-                self._insert(conn, job)
-                return True
-
-        # Safe to repeat: the second run finds last_tick == tick and fires nothing.
-        return self._run("firing a cron entry", op, idempotent=True)
 
 
 def migrate(dsn: str, *, schema: str | None = None) -> int:
