@@ -28,12 +28,12 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from threaddispatch.jobs import JobContext, JobEngine
-from threaddispatch.stores import SQLiteStore
+from threaddispatch.stores import JobRecord, SQLiteStore
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _serial = itertools.count()
@@ -54,7 +54,7 @@ def _producer(path: str, count: int, gap: float, delay: float | None) -> subproc
         import sys, time
         sys.path.insert(0, {_ROOT!r})
         from threaddispatch.jobs import JobEngine
-        from threaddispatch.stores import SQLiteStore
+        from threaddispatch.stores import JobRecord, SQLiteStore
         store = SQLiteStore({path!r})
         engine = JobEngine(store)
         engine.register("record", lambda ctx, payload: None)
@@ -180,8 +180,25 @@ def _produce(producers: int, jobs: int, enqueue: Callable[[], object]) -> float:
     return per * producers / (time.perf_counter() - start)
 
 
+_COMMITS: dict[int, list[int]] = {}  # producers -> jobs per enqueue commit of durability='full' runs
+
+
+def _count_commits(store: SQLiteStore, producers: int) -> None:
+    """Note how many enqueues each of ``store``'s commits held (the group commit's yield, whatever the disk)."""
+    inner = store._write_jobs
+    sizes = _COMMITS.setdefault(producers, [])
+
+    def counted(requests: Sequence[Sequence[JobRecord]]) -> list[list[str]]:
+        sizes.append(len(requests))
+        return inner(requests)
+
+    store._write_jobs = counted  # type: ignore[method-assign]
+
+
 def bench_threaddispatch(directory: str, jobs: int, producers: int, durability: str) -> tuple[float, float]:
     store = SQLiteStore(os.path.join(directory, f"td-{next(_serial)}.db"), durability=durability)
+    if durability == "full":
+        _count_commits(store, producers)
     engine = JobEngine(store, concurrency=4, poll_interval=0.01, max_poll_interval=0.1, heartbeat_interval=5.0)
     counter = _Counter(jobs // producers * producers)
     engine.register("noop", lambda ctx, payload: counter.hit(), max_retries=0, timeout=None)
@@ -258,6 +275,9 @@ def _durability_section(directory: str, args: argparse.Namespace) -> None:
         full, huey = rows["threaddispatch durability='full'"], rows["huey SqliteHuey(fsync=True)"]
         ratios = f"enqueue {full[0] / huey[0]:5.2f}x   run {full[1] / huey[1]:5.2f}x"
         print(f"   ratio full / huey, {producers} producer(s):   {ratios}")
+        sizes = _COMMITS.get(producers, [])
+        if sizes:
+            print(f"   durability='full': {sum(sizes) / len(sizes):.2f} enqueues per commit (huey: 1)")
 
 
 def main() -> None:

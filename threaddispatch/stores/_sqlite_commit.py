@@ -5,7 +5,10 @@ writers committing one by one are bounded by the disk. :class:`GroupCommitter` j
 an enqueuing thread queues its jobs; if no commit is running it becomes the leader, takes
 everything queued so far and writes it in ONE transaction on its own connection; threads
 that queue meanwhile wait, and when the commit ends the next of them leads with all that
-queued while it ran. Each caller returns only after the commit holding its own jobs (or
+queued while it ran. A leader whose group would be smaller than the last one waits up to
+:data:`LINGER` for the callers the last commit released to queue again (PostgreSQL's
+``commit_delay``/``commit_siblings``): without it, groups alternate between a few callers and
+the rest. Each caller returns only after the commit holding its own jobs (or
 with its own error: a failed group is retried one request at a time, so one bad job fails
 only its caller). No extra thread.
 """
@@ -19,7 +22,10 @@ from collections.abc import Callable, Sequence
 from threaddispatch.errors import StoreUnavailableError
 from threaddispatch.stores.base import JobRecord
 
-__all__ = ["Commit", "GroupCommitter"]
+__all__ = ["LINGER", "Commit", "GroupCommitter"]
+
+#: Seconds a leader waits for the last group's callers to queue again (far below an fsync).
+LINGER = 0.001
 
 #: Writes the requests' jobs in one transaction on the calling thread's connection; each request's ids.
 Commit = Callable[[Sequence[Sequence[JobRecord]]], list[list[str]]]
@@ -45,12 +51,14 @@ class GroupCommitter:
         self._init_process_state()
 
     def _init_process_state(self) -> None:
-        # _lock guards _queue, _leading and every _Request's taken/done/ids/error; _settled
-        # (on it) is notified when a leader's batch is settled.
+        # _lock guards _queue, _leading, _last_group and every _Request's taken/done/ids/error.
+        # On it, _settled is notified when a leader's batch is settled, _queued when a request queues.
         self._lock = threading.Lock()
         self._settled = threading.Condition(self._lock)
+        self._queued = threading.Condition(self._lock)
         self._queue: list[_Request] = []
         self._leading = False
+        self._last_group = 1  # requests in the last commit
 
     def reset_after_fork(self) -> None:
         """In a forked child: nothing queued, nobody leading (those threads do not exist there)."""
@@ -62,6 +70,7 @@ class GroupCommitter:
         deadline = time.monotonic() + self.timeout
         with self._lock:
             self._queue.append(request)
+            self._queued.notify()
             while self._leading and not request.done:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -69,14 +78,25 @@ class GroupCommitter:
                 self._settled.wait(remaining)
             if not request.done:
                 self._leading = True
-                batch, self._queue = self._queue, []
-                for queued in batch:
-                    queued.taken = True
+                batch = self._take(min(deadline, time.monotonic() + LINGER))
         if not request.done:
             self._lead(batch, commit)
         if request.error is not None:
             raise request.error
         return request.ids
+
+    def _take(self, linger_until: float) -> list[_Request]:
+        """As the new leader (``_lock`` held): what has queued, after lingering for the last group's size."""
+        while len(self._queue) < self._last_group:
+            remaining = linger_until - time.monotonic()
+            if remaining <= 0:
+                break
+            self._queued.wait(remaining)
+        batch, self._queue = self._queue, []
+        self._last_group = len(batch)
+        for queued in batch:
+            queued.taken = True
+        return batch
 
     def _give_up(self, request: _Request) -> list[str]:
         """The caller's deadline passed while others committed; the caller holds ``_lock``."""
