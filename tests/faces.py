@@ -51,6 +51,7 @@ class Face:
     ``collected_running``: a running face nobody references is collected (a started
     JobEngine is held by its threads until stopped). ``reports_to_a_callback``: failures reach
     a user callback (not only a Future). ``senders``: how many calls the face runs at once.
+    ``immediate``: ``threaddispatch.testing.immediate()`` runs its work on the caller's thread.
     """
 
     name: ClassVar[str]
@@ -61,6 +62,7 @@ class Face:
     collected_running: ClassVar[bool] = True
     reports_to_a_callback: ClassVar[bool] = True
     senders: ClassVar[int] = 1
+    immediate: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self.lock = threading.Lock()  # guards delivered, failures, loops
@@ -363,6 +365,7 @@ class Requests(Face):
     name = "requests"
     reports_to_a_callback = False
     senders = 4
+    immediate = False  # not a batching face
 
     def _build(self, one: Callable[[str], Any], timeout: float | None) -> None:
         assert timeout is None
@@ -434,6 +437,7 @@ class Jobs(Face):
     drains_queued = False
     collected_running = False
     senders = 4
+    immediate = False  # JobEngine(immediate=True) is its own switch (tests/test_jobs_immediate.py)
 
     def _build(self, one: Callable[[str], Any], timeout: float | None) -> None:
         self.face = JobEngine(

@@ -21,7 +21,7 @@ import pytest
 from faces import FACES, Face, described
 
 from threaddispatch.errors import Cancel, DispatcherClosedError, Retry
-from threaddispatch.testing import live_dispatch_threads, wait_for
+from threaddispatch.testing import immediate, live_dispatch_threads, wait_for
 
 
 def faces(
@@ -452,3 +452,37 @@ def test_a_bad_retry_delay_is_reported_not_lost(face: Face, bad: object) -> None
     assert len(starts) == 1
     face.give("after")
     face.wait_delivered("after")
+
+
+# -- immediate mode (testing.immediate()) -------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@SYNC_OR_ASYNC
+@faces(where=lambda f: f.immediate)
+def test_immediate_mode_runs_work_on_the_callers_thread_with_the_same_retries_and_reports(
+    face: Face, asynchronous: bool
+) -> None:
+    """Inside testing.immediate() each item is delivered, or reported failed, before the call that gave it returns,
+    on the caller's thread; a retrying face retries at once (its 60 s backoff skipped)."""
+    threads: set[int] = set()
+    calls: dict[str, int] = {}
+
+    def work(item: str) -> None:
+        threads.add(threading.get_ident())
+        calls[item] = calls.get(item, 0) + 1
+        if item == "bad" or (item == "flaky" and calls[item] < 3):
+            raise RuntimeError(item)
+
+    with immediate():
+        face.make(work, asynchronous=asynchronous, attempts=3, backoff=60.0)
+        face.give("ok")
+        assert face.delivered == ["ok"]
+        if face.retries:
+            face.give("flaky")
+            assert face.delivered == ["ok", "flaky"] and calls["flaky"] == 3
+        face.give("bad")
+        assert "bad" in face.failures
+        assert calls["bad"] == (3 if face.retries else 1)
+        assert threads == {threading.get_ident()}
+        assert face.stop(10)

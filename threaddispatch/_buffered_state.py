@@ -35,6 +35,7 @@ from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
 
 from threaddispatch import _lifecycle
+from threaddispatch._batched_immediate import call_here
 from threaddispatch._buffered_types import Dispatcher, FailedMessage, _check_delay, _Entry, _failed, in_context
 from threaddispatch._invoke import Outcome, TimedCaller, call, close_thread_loop, invoke
 from threaddispatch._timers import DelayQueue
@@ -144,6 +145,9 @@ class _AsyncState(Generic[T]):
         self.failure_thread: threading.Thread | None = None
         self.dispatch_done = False
         self.failures_done = False
+        # Immediate mode: messages are dispatched by the putting threads, one at a time under this
+        # lock (reentrant: a dispatch may put to its own sender). Never held with mutex.
+        self.immediate_lock = threading.RLock()
 
     # -- producers (called with nothing held) --------------------------------------------------
 
@@ -579,6 +583,75 @@ class _AsyncState(Generic[T]):
             self.failed += len(left)
             self.failures.extend(_failed(entry, error, self.target, attempts) for entry, attempts in left)
             self.failure_ready.notify_all()
+
+    # -- immediate mode (testing.immediate()) -------------------------------------------------
+
+    def _set_immediate(self, on: bool) -> None:
+        """Swap ``put``/``try_put`` for the immediate ones (on) or back; idempotent, never blocks.
+
+        Called by the immediate switch on any thread, and by the AsyncDispatcher's
+        constructor inside a block. The normal path pays nothing: only instance attributes change.
+        """
+        if on:
+            self.put = self._put_now  # type: ignore[method-assign]
+            self.try_put = self._try_put_now  # type: ignore[method-assign]
+        else:
+            self.__dict__.pop("put", None)
+            self.__dict__.pop("try_put", None)
+
+    def _put_now(self, entry: _Entry[T], timeout: float | None) -> None:
+        """Immediate ``put``: never waits for room (nothing stays buffered), so ``timeout`` is not used."""
+        del timeout
+        self._run_now(entry)
+
+    def _try_put_now(self, entry: _Entry[T]) -> bool:
+        self._run_now(entry)
+        return True
+
+    def _run_now(self, entry: _Entry[T]) -> None:
+        """Immediate put: what is buffered goes first, in order, then ``entry``; all on this thread."""
+        with self.mutex:
+            if self.closing:
+                raise DispatcherClosedError(f"{self.describe()} is stopped; {show(entry[0])} was not accepted")
+            entries = [*self.buffer, entry]
+            self.buffer.clear()
+            self.buffered += 1
+            self.in_flight += len(entries)
+            if self.put_waiters:
+                self.not_full.notify_all()
+        with self.immediate_lock:
+            for each in entries:
+                self._dispatch_now(each)
+
+    def _dispatch_now(self, entry: _Entry[T]) -> None:
+        """Dispatch ``entry`` with its retries at once (their delay skipped), then report a final failure here."""
+        attempt = 0
+        while True:
+            attempt += 1
+            error = self._call_now(entry).error
+            if error is None:
+                with self.mutex:
+                    self.in_flight -= 1
+                    self.sent += 1
+                return
+            delay = None if self.retry is None else self._next_delay(self.retry, attempt, error)
+            if delay is None:
+                break
+            with self.mutex:
+                self.retried += 1
+        with self.mutex:
+            self.in_flight -= 1
+            self.failed += 1
+        self._report(_failed(entry, error, self.target, attempt))
+
+    def _call_now(self, entry: _Entry[T]) -> Outcome:
+        """``dispatch`` on this thread, with the delay, in the producer's context when captured; never raises."""
+        message, delay, context = entry
+        dispatch: Callable[..., Any] = self.dispatcher.dispatch
+        if delay is not None:
+            dispatch = functools.partial(dispatch, delay_seconds=delay)
+        args = (self.caller.timeout, f"{self.describe()}: dispatch", dispatch, message, self.target)
+        return call_here(*args) if context is None else context.run(call_here, *args)
 
     # -- the failure loop ----------------------------------------------------------------------
 

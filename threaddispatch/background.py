@@ -17,7 +17,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from threaddispatch import _lifecycle
+from threaddispatch import _immediate, _lifecycle
+from threaddispatch._batched_immediate import call_here
 from threaddispatch._engine import OVERFLOW_POLICIES, BatchEngine, Overflow
 from threaddispatch._future import LazyFuture
 from threaddispatch._invoke import Outcome, TimedCaller, call
@@ -94,6 +95,10 @@ class _Sender(Generic[T]):
         self.caller = caller
         self.engine: BatchEngine[Any] | None = None  # set by the dispatcher once the engine exists
         self.has_submitted = False
+        # Immediate mode (testing.immediate()): sends run on the callers' threads, one at a
+        # time under this lock, which then guards the counters; retries go at once.
+        self.immediate = False
+        self.immediate_lock = threading.RLock()  # reentrant: a send may enqueue to its own dispatcher
         self.reset(closing=False)
 
     def reset(self, *, closing: bool) -> None:
@@ -106,8 +111,13 @@ class _Sender(Generic[T]):
         self.failed_batches = 0
         self.retries = 0
         self.calls = 0
+        self.immediate_entries = 0  # entries sent in immediate mode, never in the engine
+        self.immediate_batches = 0
 
     def deliver(self, key: Hashable, items: list[Any]) -> Future[None] | None:
+        if self.immediate:  # a retry scheduled before the switch: one send at a time, as the callers'
+            with self.immediate_lock:
+                return self._deliver_mixed(key, items)
         if self.has_submitted or self.retry is not None:
             return self._deliver_mixed(key, items)
         self._attempt(key, items, [], 1, None)
@@ -162,16 +172,25 @@ class _Sender(Generic[T]):
             done.set_result(None)
         return None
 
+    def send_now(self, entry: Any, future: Future[None] | None) -> None:
+        """Immediate mode: send ``entry`` (its retries at once) and report it, on this thread."""
+        with self.immediate_lock:
+            self.immediate_entries += 1
+            self.immediate_batches += 1
+            self._attempt(None, [entry], [] if future is None else [future], 1, None)
+
     def _call_send(self, entries: list[Any]) -> Outcome:
+        if self.immediate:
+            return call_here(self.caller.timeout, f"{self.name}: send_batch", self.send_batch, entries)
         try:
             return self.caller.call(self.send_batch, entries)
         except DispatcherClosedError:  # close() timed out and closed the caller: send without a timeout
             return call(self.send_batch, entries)
 
     def _schedule(self, key: Hashable, batch: _Retrying, delay: float) -> bool:
-        """Put ``batch`` on the engine's timer; False when closing (the caller retries at once)."""
+        """Put ``batch`` on the engine's timer; False when closing or immediate (the caller retries at once)."""
         engine = self.engine
-        if engine is None or self.closing.is_set():
+        if engine is None or self.closing.is_set() or self.immediate:
             return False
         try:
             engine.put_later(batch, key, delay)
@@ -343,7 +362,11 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
             self.enqueue = self._engine.lossless_enqueue(lane, _positional_timeout)  # type: ignore[method-assign]
         else:
             self.enqueue = _lock_free_enqueue(lane, self._engine.kick)  # type: ignore[method-assign]
-        _lifecycle.register(self)  # for the fork reset; held weakly, so it never keeps self alive
+        self._enqueue_queued = self.enqueue  # what _set_immediate(False) puts back
+        # For the fork reset and the immediate switch; held weakly, so it never keeps self alive.
+        _lifecycle.register(self)
+        if _immediate.active():
+            self._set_immediate(True)
 
     def enqueue(self, entry: T, *, timeout: float | None = None) -> None:
         """Add ``entry`` to the next batch. O(1), never calls ``send_batch`` on this thread.
@@ -377,6 +400,41 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
         else:
             self.enqueue(item, timeout=timeout)
         return future
+
+    def _set_immediate(self, on: bool) -> None:
+        """Swap ``enqueue``/``submit`` for the immediate ones (on) or back; idempotent, never blocks.
+
+        Called by the immediate switch (testing.immediate()) on any thread, and by the
+        constructor inside a block. The normal path pays nothing for it: only these two
+        instance attributes change.
+        """
+        self._sender.immediate = on
+        if on:
+            self.enqueue = self._enqueue_now  # type: ignore[method-assign]
+            self.submit = self._submit_now  # type: ignore[method-assign]
+        else:
+            self.enqueue = self._enqueue_queued  # type: ignore[method-assign]
+            self.__dict__.pop("submit", None)
+
+    def _enqueue_now(self, entry: T, *, timeout: float | None = None) -> None:
+        """Immediate ``enqueue``: entries still in the engine go first, then this one is sent here."""
+        self._send_now(entry, None, timeout)
+
+    def _submit_now(self, entry: T, *, timeout: float | None = None) -> Future[None]:
+        """Immediate ``submit``: as :meth:`_enqueue_now`; the Future is settled when it returns."""
+        future: Future[None] = LazyFuture()
+        self._send_now(entry, future, timeout)
+        return future
+
+    def _send_now(self, entry: T, future: Future[None] | None, timeout: float | None) -> None:
+        if timeout is not None:
+            check_seconds("timeout", timeout)
+        if self._closed:
+            self._lane.append(entry)  # raises DispatcherClosedError naming the entry
+        engine = self._engine
+        if (engine.pending() or engine.in_flight()) and not engine.on_worker_thread():
+            engine.flush(None)  # what was enqueued before the switch goes first, in order
+        self._sender.send_now(entry, future)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Send everything enqueued before this call and wait for it and for sends in progress.
@@ -413,14 +471,15 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
         engine = self._engine
         pending = engine.pending()
         caller = self._caller.stats()
+        sender = self._sender
         return {
-            "enqueued": engine.taken + pending + engine.dropped,
+            "enqueued": engine.taken + pending + engine.dropped + sender.immediate_entries,
             "sent": self._sender.sent,
             "failed": self._sender.failed,
             "dropped": engine.dropped,
             "pending": pending,
             "in_flight": engine.in_flight(),
-            "batches": engine.batches,
+            "batches": engine.batches + sender.immediate_batches,
             "calls": self._sender.calls,
             "retries": self._sender.retries,
             "failed_batches": self._sender.failed_batches,

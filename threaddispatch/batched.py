@@ -38,7 +38,8 @@ from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from threaddispatch import _lifecycle
+from threaddispatch import _immediate, _lifecycle
+from threaddispatch._batched_immediate import call_here
 from threaddispatch._buffered_types import in_context
 from threaddispatch._engine import BatchEngine
 from threaddispatch._future import LazyFuture
@@ -211,7 +212,23 @@ class _BatchState(Generic[T]):
             self.slot_free.notify()
 
     def send(self, target: str, batch: list[_Pending[T]]) -> None:
-        """Run ``send_batch`` for one batch (on a pool thread) and resolve each message's Future."""
+        """Run ``send_batch`` for one batch (on a pool thread, holding a send slot) and settle its messages."""
+        try:
+            outcome = self._send_batch(target, batch, self._call)
+        finally:
+            self._release(called=True)
+        self._settle(target, batch, outcome)
+
+    def send_now(self, target: str, batch: list[_Pending[T]]) -> None:
+        """Immediate mode: run ``send_batch`` on this thread (no slot, the timeout checked on return) and settle."""
+        outcome = self._send_batch(target, batch, self._call_here)
+        with self.mutex:
+            self.calls += 1
+        self._settle(target, batch, outcome)
+
+    def _send_batch(
+        self, target: str, batch: list[_Pending[T]], how: Callable[[contextvars.Context, str, list[Any]], Outcome]
+    ) -> Outcome:
         payload: list[Any]
         if self.envelopes:
             payload = [Envelope(pending.message, pending.delay, pending.context) for pending in batch]
@@ -222,16 +239,21 @@ class _BatchState(Generic[T]):
         local = self.local
         local.sending = getattr(local, "sending", 0) + 1
         try:
-            outcome = self._call(context, target, payload)
+            return how(context, target, payload)
         finally:
             local.sending -= 1
-            self._release(called=True)
+
+    def _settle(self, target: str, batch: list[_Pending[T]], outcome: Outcome) -> None:
         if outcome.error is not None:  # the whole batch failed (a BaseException and a timeout too)
             self._fail(batch, outcome.error)
             return
         outcomes = self._outcomes(target, batch, outcome.value)
         if outcomes is not None:
             self._resolve(batch, outcomes)
+
+    def _call_here(self, context: contextvars.Context, target: str, payload: list[Any]) -> Outcome:
+        what = f"{self.name}: send_batch({target!r}, <{len(payload)} messages>)"
+        return context.run(call_here, self.caller.timeout, what, self.send_batch, target, payload)
 
     def _call(self, context: contextvars.Context, target: str, payload: list[Any]) -> Outcome:
         """``send_batch(target, payload)`` in ``context`` (this batch's own copy), within the timeout; never raises."""
@@ -418,6 +440,8 @@ class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
         # send threads time out. At interpreter exit the lifecycle drain handles it instead.
         self._init_closing(self._engine.close_unreferenced)
         _lifecycle.register(self)  # for the fork reset and the immediate switch; held weakly
+        if _immediate.active():
+            self._set_immediate(True)
 
     @property
     def max_batch_size(self) -> int:
@@ -491,6 +515,42 @@ class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
                 self._engine.put_later(pending, target, delay)
                 return
         self._engine.put(pending, target)
+
+    def _set_immediate(self, on: bool) -> None:
+        """Swap ``submit`` for the immediate one (on) or back; idempotent, never blocks.
+
+        Called by the immediate switch (testing.immediate()) on any thread, and by the
+        constructor inside a block; the normal path pays nothing for it. ``_hand_off`` is
+        left alone: an immediate AsyncDispatcher calls ``dispatch`` (which submits) instead.
+        """
+        if on:
+            self.submit = self._submit_now  # type: ignore[method-assign]
+        else:
+            self.__dict__.pop("submit", None)
+
+    def _submit_now(self, message: T, target: str, *, delay_seconds: float | None = None) -> Future[str | None]:
+        """Immediate ``submit``: what is queued goes first, then ``send_batch(target, [message])`` runs here.
+
+        A ``hold_delays`` delay is not waited for; with ``envelopes`` it is on the envelope.
+        """
+        if not isinstance(target, str) or not target:
+            raise ConfigurationError(f"target must be a non-empty str, got {target!r}")
+        delay = None if delay_seconds is None else self._check_delay(delay_seconds)
+        future: Future[str | None] = LazyFuture()
+        delay = None if self._hold_delays else delay
+        self._send_now(_Pending(message, future, delay, contextvars.copy_context()), target)
+        return future
+
+    def _send_now(self, pending: _Pending[T], target: str) -> None:
+        state = self._state
+        if state.closed:
+            raise DispatcherClosedError(
+                f"BatchedDispatcher {self.name!r} is closed; {show(pending.message)} was not accepted"
+            )
+        engine = self._engine
+        if (engine.pending() or engine.in_flight()) and not state.in_send():
+            engine.flush(None)  # what was queued before the switch goes first, in order
+        state.send_now(target, [pending])
 
     def _check_delay(self, delay_seconds: object) -> float:
         """``delay_seconds`` as given when valid and this dispatcher can honour it; else ConfigurationError."""

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from threaddispatch import _lifecycle
+from threaddispatch import _immediate, _lifecycle
 from threaddispatch._buffered_state import _AsyncState
 from threaddispatch._buffered_types import (
     Dispatcher,
@@ -195,6 +195,8 @@ class AsyncDispatcher(_lifecycle.Closing, Generic[T]):
         # An unreferenced dispatcher stops: its loops drain what they hold and leave. At
         # interpreter exit the lifecycle drain handles it instead (in its order).
         self._init_closing(self._state.stop_unreferenced)
+        if _immediate.active():  # the state is registered, so the switch reaches it from now on
+            self._state._set_immediate(True)
 
     def setup(self, buffer_len: int) -> Sender[T]:
         """Create the buffer, ``buffer_len`` messages long, and return the Sender that fills it.

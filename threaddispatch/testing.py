@@ -5,15 +5,18 @@ Public and supported: import them in your own test suite.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Collection
 from concurrent.futures import Future
+from types import TracebackType
 from typing import Generic, TypeVar
 
+from threaddispatch import _immediate
 from threaddispatch.errors import ConfigurationError, DispatchTimeoutError
 
-__all__ = ["RecordingDispatcher", "live_dispatch_threads", "wait_for"]
+__all__ = ["RecordingDispatcher", "immediate", "live_dispatch_threads", "wait_for"]
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -34,6 +37,42 @@ def wait_for(predicate: Callable[[], R], timeout: float = 5.0, *, interval: floa
         if remaining <= 0:
             raise DispatchTimeoutError(f"condition not met within {timeout}s: {message or predicate!r}")
         time.sleep(min(interval, remaining))
+
+
+class _Immediate(contextlib.ContextDecorator):
+    """What :func:`immediate` returns: a context manager, and a decorator (each call opens a block)."""
+
+    def __enter__(self) -> _Immediate:
+        _immediate.switch(True)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        _immediate.switch(False)
+
+
+def immediate() -> _Immediate:
+    """Run the batching faces' work on the caller's thread while the block is open (tests, serverless).
+
+    ``with immediate():`` (or ``@immediate()`` on a function) makes every
+    BackgroundDispatcher (and so every logging BatchingHandler), BatchedDispatcher and
+    AsyncDispatcher, live or made inside the block, send each entry before the call that
+    gave it (``enqueue``, ``submit``, ``emit``, ``put``) returns, on that thread, as
+    ``JobEngine(immediate=True)`` does for jobs. Retries, ``Retry``/``Cancel``, error
+    handlers, ``submit()`` Futures and ``stats()`` behave as usual, with these differences:
+    a retry goes at once (the backoff and a ``Retry(delay=...)`` are not waited for); a
+    per-call timeout cannot interrupt the caller, so a call that ran past it fails with
+    DispatchTimeoutError when it returns; a BatchedDispatcher's ``hold_delays`` delay is
+    not waited for (the message is sent at once). Entries a face holds when the block
+    opens go first, in order, at its first call inside the block. Blocks may nest and
+    may be open on several threads: the switch is process-wide and stays on until the
+    last one closes. Opening and closing never block.
+    """
+    return _Immediate()
 
 
 def live_dispatch_threads() -> list[threading.Thread]:
