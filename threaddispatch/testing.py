@@ -8,9 +8,8 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future
-from types import TracebackType
 from typing import Generic, TypeVar
 
 from threaddispatch import _immediate
@@ -39,23 +38,8 @@ def wait_for(predicate: Callable[[], R], timeout: float = 5.0, *, interval: floa
         time.sleep(min(interval, remaining))
 
 
-class _Immediate(contextlib.ContextDecorator):
-    """What :func:`immediate` returns: a context manager, and a decorator (each call opens a block)."""
-
-    def __enter__(self) -> _Immediate:
-        _immediate.switch(True)
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        _immediate.switch(False)
-
-
-def immediate() -> _Immediate:
+@contextlib.contextmanager
+def immediate() -> Iterator[None]:
     """Run the batching faces' work on the caller's thread while the block is open (tests, serverless).
 
     ``with immediate():`` (or ``@immediate()`` on a function) makes every
@@ -72,7 +56,11 @@ def immediate() -> _Immediate:
     may be open on several threads: the switch is process-wide and stays on until the
     last one closes. Opening and closing never block.
     """
-    return _Immediate()
+    _immediate.switch(True)
+    try:
+        yield
+    finally:
+        _immediate.switch(False)
 
 
 def live_dispatch_threads() -> list[threading.Thread]:
