@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -172,3 +173,57 @@ def test_an_engine_runs_a_delayed_job_enqueued_before_it_started_without_waiting
     finally:
         engine.stop(10)
         store.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+@pytest.mark.timeout(90)
+def test_a_forked_child_starts_without_the_parents_watcher_and_its_own_hears_the_parent(tmp_path: Path) -> None:
+    """Forked while subscribed: the child has no subscribers; its own subscription hears the parent's jobs."""
+    script = textwrap.dedent(
+        f"""
+        import os, sys, threading
+        sys.path.insert(0, {str(_ROOT)!r})
+        from threaddispatch.jobs import JobEngine
+        from threaddispatch.stores import SQLiteStore
+
+        store = SQLiteStore({str(tmp_path / "jobs.db")!r})
+        looked = threading.Event()
+        unsubscribe = store.subscribe_wakeups(lambda queue, run_at: looked.set())
+        assert looked.wait(20)  # the parent's watcher runs
+        ready_read, ready_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                assert not store._watcher.active, "the child inherited the parent's watcher state"
+                heard = threading.Event()
+                watching = threading.Event()
+
+                def on_wakeup(queue, run_at):
+                    (heard if queue == "to-child" else watching).set()
+
+                stop = store.subscribe_wakeups(on_wakeup)
+                assert watching.wait(20), "the child's watcher never looked"
+                os.write(ready_write, b"x")
+                assert heard.wait(20), "the child never heard of the parent's job"
+                stop()
+                store.close()
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(ready_write)  # a child that fails early closes the pipe: the read ends
+        if os.read(ready_read, 1) != b"x":
+            print("child exit", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+            sys.exit(0)
+        engine = JobEngine(store)
+        engine.register("record", lambda ctx, payload: None)
+        engine.enqueue("record", queue="to-child")
+        _, status = os.waitpid(pid, 0)
+        unsubscribe()
+        store.close()
+        print("child exit", os.waitstatus_to_exitcode(status))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=80, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "child exit 0", done.stderr
