@@ -170,6 +170,11 @@ class CronRunner:
         except StoreError:
             self._logger.warning("could not release the cron leases at stop", exc_info=True)
 
+    def reset_after_fork(self) -> None:
+        """In a forked child: a fresh lock (a parent thread may have held it), no leases (they are the parent's)."""
+        self._lock = threading.Lock()
+        self._leased = set()
+
     def _plan(
         self, schedules: dict[str, CronSchedule | None]
     ) -> tuple[list[tuple[str, CronSchedule, CronEntry]], dict[str, CronSchedule | None]]:

@@ -1,0 +1,229 @@
+"""JobEngine's runtime: one completion path for every outcome, and the run objects a start() makes.
+
+A spy store records which thread wrote each outcome, and with which call: while the
+engine runs, successes AND failures (retrying, failed, cancelled, timed out) are written
+by the fetcher, the group commit; after stop, or in immediate mode, by whoever finished
+the job, through the same ``complete_many`` (never the single-job ``complete``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from threaddispatch import JobEngine
+from threaddispatch.errors import Cancel, Retry
+from threaddispatch.jobs import JobContext
+from threaddispatch.stores import MemoryStore
+from threaddispatch.stores.base import Completion, DeadLetter, JobState
+from threaddispatch.testing import wait_for
+
+FETCHER = "threaddispatch-jobs-fetcher"
+
+
+class SpyStore(MemoryStore):
+    """A MemoryStore that records (method, thread name) for every outcome write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[tuple[str, str]] = []
+        self._spy_lock = threading.Lock()
+
+    def _note(self, method: str) -> None:
+        with self._spy_lock:
+            self.writes.append((method, threading.current_thread().name))
+
+    def written(self) -> list[tuple[str, str]]:
+        with self._spy_lock:
+            return list(self.writes)
+
+    def complete(self, job_id: str, **kwargs: Any) -> bool:
+        self._note("complete")
+        return super().complete(job_id, **kwargs)
+
+    def complete_many(self, outcomes: Sequence[Completion], *, now: float) -> set[str]:
+        if outcomes:
+            self._note("complete_many")
+        return super().complete_many(outcomes, now=now)
+
+    def complete_and_claim(
+        self, outcomes: Sequence[Completion], queues: Sequence[str], limit: int, *, worker_id: str, now: float
+    ) -> tuple[set[str], list[Any]]:
+        self._note("complete_and_claim")
+        return super().complete_and_claim(outcomes, queues, limit, worker_id=worker_id, now=now)
+
+    def retry_later(self, job_id: str, **kwargs: Any) -> bool:
+        self._note("retry_later")
+        return super().retry_later(job_id, **kwargs)
+
+    def fail(self, job_id: str, **kwargs: Any) -> DeadLetter | None:
+        self._note("fail")
+        return super().fail(job_id, **kwargs)
+
+    def cancel(self, job_id: str, **kwargs: Any) -> bool:
+        if kwargs.get("worker_id") is not None:  # a handler's Cancel, not an operator's
+            self._note("cancel")
+        return super().cancel(job_id, **kwargs)
+
+
+def _engine(store: SpyStore, **options: Any) -> JobEngine:
+    defaults: dict[str, Any] = {"concurrency": 2, "poll_interval": 0.01, "max_poll_interval": 0.05}
+    return JobEngine(store, **{**defaults, **options})
+
+
+@pytest.mark.timeout(30)
+def test_every_outcome_while_running_is_written_by_the_fetcher() -> None:
+    """Success, retry, final failure and Cancel: all written on the fetcher thread (the group commit)."""
+    store = SpyStore()
+    engine = _engine(store)
+    attempts: dict[str, int] = {}
+
+    @engine.job("ok", max_retries=0)
+    def ok(ctx: JobContext, payload: object) -> str:
+        return "done"
+
+    @engine.job("flaky", max_retries=1)
+    def flaky(ctx: JobContext, payload: object) -> None:
+        attempts["flaky"] = attempts.get("flaky", 0) + 1
+        if attempts["flaky"] == 1:
+            raise Retry(delay=0)
+
+    @engine.job("broken", max_retries=0)
+    def broken(ctx: JobContext, payload: object) -> None:
+        raise ValueError("broken")
+
+    @engine.job("quits", max_retries=3)
+    def quits(ctx: JobContext, payload: object) -> None:
+        raise Cancel("not wanted")
+
+    ids = [engine.enqueue(name) for name in ("ok", "flaky", "broken", "quits")]
+    with engine:
+        wait_for(lambda: all(engine.get_job(job_id).state.value in ("completed", "failed", "cancelled")
+                             for job_id in ids), timeout=20)  # fmt: skip
+    states = [engine.get_job(job_id).state for job_id in ids]
+    assert states == [JobState.COMPLETED, JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED]
+    writes = store.written()
+    methods = {method for method, _ in writes}
+    assert {"retry_later", "fail", "cancel"} <= methods
+    assert "complete" not in methods
+    assert {thread for method, thread in writes if method != "complete_and_claim"} <= {FETCHER}
+    assert {thread for _, thread in writes} == {FETCHER}
+
+
+@pytest.mark.timeout(30)
+def test_a_job_finishing_during_stop_is_written_through_complete_many_by_its_worker() -> None:
+    """After stop began, the worker writes its own outcome, through the same batch write (not complete())."""
+    store = SpyStore()
+    engine = _engine(store, concurrency=1)
+    started = threading.Event()
+    release = threading.Event()
+
+    @engine.job("slow", max_retries=0, timeout=None)
+    def slow(ctx: JobContext, payload: object) -> int:
+        started.set()
+        release.wait(20)
+        return 7
+
+    job_id = engine.enqueue("slow")
+    engine.start()
+    assert started.wait(10)
+    stopping = threading.Thread(target=engine.stop, args=(20,), name="test-stopper")
+    stopping.start()
+    wait_for(lambda: engine.stats()["state"] == "stopping", timeout=10)
+    release.set()
+    stopping.join(20)
+    assert not stopping.is_alive()
+    assert engine.result(job_id, timeout=5) == 7
+    writes = store.written()
+    assert ("complete", "threaddispatch-jobs-worker-1") not in writes
+    assert [method for method, _ in writes] == ["complete_many"]
+    assert writes[0][1].startswith("threaddispatch-jobs-worker-")
+
+
+@pytest.mark.timeout(30)
+def test_a_timeout_while_running_is_written_by_the_fetcher_and_its_hook_runs_on_a_worker() -> None:
+    """A timed-out attempt goes the one path too: written by the fetcher; its hook is not on the heartbeat thread."""
+    store = SpyStore()
+    engine = _engine(store, heartbeat_interval=0.05, stale_job_threshold=5.0)
+    hooked: list[str] = []
+    done = threading.Event()
+    release = threading.Event()
+
+    class Hooks:
+        def on_job_failed(self, job: Any, error: BaseException) -> None:
+            hooked.append(threading.current_thread().name)
+            done.set()
+
+    engine.add_extension(Hooks())
+
+    @engine.job("hangs", max_retries=0, timeout=0.05)
+    def hangs(ctx: JobContext, payload: object) -> None:
+        release.wait(20)
+
+    job_id = engine.enqueue("hangs")
+    engine.start()
+    try:
+        assert done.wait(20)
+        assert engine.get_job(job_id).state is JobState.FAILED
+    finally:
+        release.set()
+        engine.stop(10)
+    assert [method for method, _ in store.written()] == ["fail"]
+    assert store.written()[0][1] == FETCHER
+    assert hooked and hooked[0].startswith("threaddispatch-jobs-worker-")
+
+
+@pytest.mark.timeout(30)
+def test_immediate_mode_writes_on_the_callers_thread_through_the_same_path() -> None:
+    """Immediate mode: the caller writes (complete_many for a success), hooks run there, no thread starts."""
+    store = SpyStore()
+    engine = _engine(store, immediate=True)
+    seen: list[str] = []
+
+    class Hooks:
+        def on_job_completed(self, job: Any, result: object) -> None:
+            seen.append(threading.current_thread().name)
+
+        def on_job_retrying(self, job: Any, error: BaseException, delay: float) -> None:
+            seen.append(threading.current_thread().name)
+
+    engine.add_extension(Hooks())
+    calls = []
+
+    @engine.job("twice", max_retries=1)
+    def twice(ctx: JobContext, payload: object) -> str:
+        calls.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise RuntimeError("first")
+        return "ok"
+
+    job_id = engine.enqueue("twice")
+    assert engine.get_job(job_id).decoded_result() == "ok"
+    me = threading.current_thread().name
+    assert store.written() == [("retry_later", me), ("complete_many", me)]
+    assert seen == [me, me]
+
+
+@pytest.mark.timeout(30)
+def test_each_start_makes_a_new_run_with_its_own_worker_id_and_counters_carry_over() -> None:
+    """start() after stop() is a new run (new worker id); stats() counts across runs."""
+    store = SpyStore()
+    engine = _engine(store)
+
+    @engine.job("ok", max_retries=0)
+    def ok(ctx: JobContext, payload: object) -> None:
+        return None
+
+    ids = []
+    workers = []
+    for _ in range(2):
+        with engine:
+            ids.append(engine.enqueue("ok"))
+            wait_for(lambda: engine.get_job(ids[-1]).state is JobState.COMPLETED, timeout=10)
+            workers.append(engine.worker_id)
+    assert workers[0] != workers[1]
+    assert engine.stats()["completed"] == 2
+    assert engine.stats()["state"] == "stopped"

@@ -1,0 +1,130 @@
+"""The upkeep of a running JobEngine's claims: heartbeats, job timeouts, reaping stale jobs, purging.
+
+One :class:`Maintenance` per runtime; its loop is the ``threaddispatch-jobs-heartbeat``
+thread. It heartbeats the jobs running here (learning which are no longer this worker's
+claim), times out jobs at their deadline, recovers the stale jobs of dead workers and
+purges finished jobs past ``retention``. It decides; the runtime records (a timeout goes
+through the one completion path like any outcome).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+from threaddispatch._job_shared import Shared, Slot
+from threaddispatch.errors import StoreError
+
+__all__ = ["Host", "Maintenance"]
+
+
+class Host(Protocol):
+    """What the maintenance loop needs of its runtime. Fields are read with the shared lock held."""
+
+    shared: Shared
+    worker_id: str
+    inflight: dict[str, Slot]
+
+    def leaving(self) -> bool:
+        """Whether the loop should end now (lock held)."""
+
+    def stopping(self) -> bool:
+        """Whether the runtime is stopping (lock held): no reaping or purging then."""
+
+    def time_out(self, slot: Slot) -> None:
+        """Record that ``slot`` (already settled and abandoned) ran past its deadline."""
+
+    def lose(self, slot: Slot) -> None:
+        """``slot`` is no longer this worker's claim (already settled and abandoned)."""
+
+    def reaped(self, job_ids: list[str], now: float) -> None:
+        """The store put back ``job_ids`` of dead workers at ``now``: claim them."""
+
+
+class Maintenance:
+    """The heartbeat thread's work for one runtime (see the module docstring)."""
+
+    def __init__(self, host: Host) -> None:
+        self._host = host
+
+    def run(self) -> None:
+        """The loop: wake at the next heartbeat or job deadline, whichever comes first, until stop lets go."""
+        host = self._host
+        shared = host.shared
+        config = shared.config
+        interval = config.heartbeat_interval
+        retention = config.retention
+        purge_every = max(interval, min(3600.0, (retention or 0.0) / 2))
+        next_beat = time.monotonic()
+        next_purge = time.monotonic()
+        while True:
+            with shared.lock:
+                if host.leaving():
+                    return
+                now = time.monotonic()
+                slots = [slot for slot in host.inflight.values() if not slot.settled]
+                deadlines = [slot.ctx.deadline for slot in slots if slot.ctx.deadline]
+                wake_at = min([next_beat, *deadlines])
+                if wake_at > now:
+                    shared.maint.wait(wake_at - now)
+                    continue
+                expired = [slot for slot in slots if slot.ctx.deadline is not None and slot.ctx.deadline <= now]
+                for slot in expired:
+                    slot.settled = slot.abandoned = True
+                beat = now >= next_beat
+                stopping = host.stopping()
+            for slot in expired:
+                host.time_out(slot)
+            if not beat:
+                continue
+            next_beat = time.monotonic() + interval
+            self._heartbeat()
+            if not stopping:
+                self._reap()
+                if retention is not None and time.monotonic() >= next_purge:
+                    next_purge = time.monotonic() + purge_every
+                    self._purge(retention)
+
+    def _heartbeat(self) -> None:
+        host = self._host
+        shared = host.shared
+        with shared.lock:
+            ids = [job_id for job_id, slot in host.inflight.items() if not slot.settled]
+        if not ids:
+            return
+        try:
+            alive = shared.store.heartbeat(ids, worker_id=host.worker_id, now=time.time())
+        except StoreError:
+            shared.logger.warning("heartbeat failed for %d jobs", len(ids), exc_info=True)
+            return
+        if len(alive) == len(ids):
+            return
+        with shared.lock:
+            lost = [host.inflight[i] for i in ids if i not in alive and i in host.inflight]
+            lost = [slot for slot in lost if not slot.settled]
+            for slot in lost:
+                slot.settled = slot.abandoned = True
+        for slot in lost:
+            host.lose(slot)
+
+    def _reap(self) -> None:
+        shared = self._host.shared
+        now = time.time()
+        try:
+            reaped = shared.store.reap_stale(older_than=now - shared.config.stale_job_threshold, now=now)
+        except StoreError:
+            shared.logger.warning("recovering stale jobs failed", exc_info=True)
+            return
+        if reaped:
+            self._host.reaped(reaped, now)
+            shared.logger.warning("recovered %d stale job(s) of dead workers: %s", len(reaped), ", ".join(reaped))
+
+    def _purge(self, retention: float) -> None:
+        shared = self._host.shared
+        try:
+            purged = shared.store.purge_finished(older_than=time.time() - retention)
+        except StoreError:
+            shared.logger.warning("purging finished jobs failed", exc_info=True)
+        else:
+            if purged:
+                shared.logger.info("purged %d finished jobs older than %.3gs", purged, retention)

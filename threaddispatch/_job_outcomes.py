@@ -1,0 +1,270 @@
+"""The one write path of job outcomes: a batch of finished attempts becomes store writes.
+
+Every outcome (a handler's success or failure, a timeout, in normal or immediate mode,
+while running or after stop) is an :class:`Outcome`, and every batch of them is written by
+:meth:`Recorder.write`: failures one store call each (cancelled, retrying, or failed with a
+dead letter), successes in ONE ``complete_many`` (the group commit), or in one
+``complete_and_claim`` with the fetcher's next claim. The writer updates each job record
+as stored and returns what follows (:class:`Effects`); the runtime applies those to its
+in-flight table and emits the events. Never called with the shared lock held.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from threaddispatch._job_shared import Shared, Slot
+from threaddispatch._validate import check_seconds
+from threaddispatch.backoff import RetryPolicy
+from threaddispatch.errors import Cancel, ConfigurationError, Retry, StoreError
+from threaddispatch.stores.base import Completion, JobRecord, JobState
+
+__all__ = ["Effects", "Outcome", "Recorder", "encode_result"]
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_MAX_ERROR_TEXT = 8000
+
+
+def error_text(error: BaseException) -> str:
+    """``error`` with its traceback as stored: NUL spelled out, at most the last 8,000 characters."""
+    # NUL spelled out: PostgreSQL cannot store it in text, and an unstorable error would strand the job.
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__)).replace("\x00", "\\x00")
+    return text if len(text) <= _MAX_ERROR_TEXT else "...\n" + text[-_MAX_ERROR_TEXT:]
+
+
+def encode_result(shared: Shared, job: JobRecord, result: object) -> tuple[str | None, str | None]:
+    """A handler's result as stored: (JSON text, None), or (None, a note) when it is not JSON."""
+    if result is None:
+        return None, None
+    try:
+        return _ENCODER.encode(result), None
+    except (TypeError, ValueError, RecursionError) as error:
+        note = f"result not stored: not JSON-serialisable ({error})"
+        shared.logger.error("job %s %s: %s", job.name, job.id, note)
+        return None, note
+
+
+class Outcome:
+    """One finished attempt: ``error`` None for a success (``text``/``note``/``result`` then hold it).
+
+    ``ends_slot``: the handler is done, so the slot leaves the in-flight table once written;
+    False for a timeout, whose thread still runs the handler (that thread ends the slot).
+    """
+
+    __slots__ = ("ends_slot", "error", "note", "result", "slot", "text")
+
+    def __init__(
+        self,
+        slot: Slot,
+        error: BaseException | None,
+        *,
+        text: str | None = None,
+        note: str | None = None,
+        result: object = None,
+        ends_slot: bool = True,
+    ) -> None:
+        self.slot = slot
+        self.error = error
+        self.text = text
+        self.note = note
+        self.result = result
+        self.ends_slot = ends_slot
+
+
+class Effects:
+    """What a written batch leads to: counters to add, claims found lost, events to emit in order.
+
+    ``store_failed``: the success write (and the claim with it) raised StoreError.
+    """
+
+    __slots__ = ("counts", "events", "lost", "store_failed")
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.lost: list[Slot] = []
+        self.events: list[tuple[str, tuple[Any, ...]]] = []
+        self.store_failed = False
+
+    def add(self, counter: str) -> None:
+        self.counts[counter] = self.counts.get(counter, 0) + 1
+
+
+class Recorder:
+    """Writes batches of outcomes for the claims of ``worker_id`` (see the module docstring)."""
+
+    def __init__(self, shared: Shared, worker_id: str) -> None:
+        self._shared = shared
+        self._worker_id = worker_id
+
+    def write(
+        self, batch: Sequence[Outcome], claim: tuple[Sequence[str], int] | None = None
+    ) -> tuple[Effects, list[JobRecord]]:
+        """Write ``batch``; with ``claim = (queues, limit)`` also claim that many jobs in the success write.
+
+        Returns the effects and the jobs claimed. A StoreError on a failure's write leaves that
+        job to the reaper; on the success write, every success of the batch (``store_failed``).
+        """
+        effects = Effects()
+        successes = []
+        for outcome in batch:
+            if outcome.error is None:
+                successes.append(outcome)
+            else:
+                self._failure(outcome.slot, outcome.error, effects)
+        claimed: list[JobRecord] = []
+        if successes or claim is not None:
+            claimed = self._successes(successes, claim, effects)
+        return effects, claimed
+
+    # -- successes -------------------------------------------------------------------------------------
+
+    def _successes(
+        self, batch: list[Outcome], claim: tuple[Sequence[str], int] | None, effects: Effects
+    ) -> list[JobRecord]:
+        store = self._shared.store
+        completions = [Completion(o.slot.job.id, self._worker_id, o.slot.job.attempts, o.text, o.note) for o in batch]
+        now = time.time()
+        claimed: list[JobRecord] = []
+        try:
+            if claim is None:
+                applied = store.complete_many(completions, now=now)
+            elif completions:
+                # Group commit: the finished jobs and the next claim share one transaction.
+                queues, limit = claim
+                applied, claimed = store.complete_and_claim(
+                    completions, queues, limit, worker_id=self._worker_id, now=now
+                )
+            else:
+                queues, limit = claim
+                applied = set()
+                claimed = store.claim(queues, limit, worker_id=self._worker_id, now=now)
+        except StoreError:
+            effects.store_failed = True
+            if batch:
+                self._shared.logger.error(
+                    "%d jobs ran but their completion was not stored; they will be reaped and may run again",
+                    len(batch),
+                    exc_info=True,
+                )
+            return []
+        listening = self._shared.events.has_listeners("job_completed")
+        for outcome in batch:
+            job = outcome.slot.job
+            if job.id not in applied:
+                effects.lost.append(outcome.slot)
+                continue
+            job.state, job.result, job.finished_at, job.error = JobState.COMPLETED, outcome.text, now, outcome.note
+            effects.add("completed")
+            if listening:
+                effects.events.append(("job_completed", (job, outcome.result)))
+        return claimed
+
+    # -- failures --------------------------------------------------------------------------------------
+
+    def _failure(self, slot: Slot, error: BaseException, effects: Effects) -> None:
+        """Record a failed attempt: cancelled, retrying, or failed with a dead letter. Never raises.
+
+        When deciding or recording the outcome raises (anything but a StoreError, which leaves
+        the job to the reaper), the attempt still ends: the job fails for good with a dead letter.
+        """
+        try:
+            self._settle_failure(slot, error, effects)
+        except Exception as broken:  # a job must never be left running by a bug here
+            self._shared.logger.exception(
+                "job %s %s: recording its failure (%s) raised; failing it for good", slot.job.name, slot.job.id,
+                type(error).__name__,
+            )  # fmt: skip
+            self._fail_for_good(slot, error, broken, effects)
+
+    def _fail_for_good(self, slot: Slot, error: BaseException, broken: Exception, effects: Effects) -> None:
+        """The fallback of :meth:`_failure`: fail the claim with a dead letter carrying both errors."""
+        job = slot.job
+        now = time.time()
+        try:
+            text = f"{error_text(error)}\nwhile recording it: {error_text(broken)}"
+            letter = self._shared.store.fail(
+                job.id, worker_id=self._worker_id, attempts=job.attempts, error=text, now=now
+            )
+        except Exception:  # nothing is left to try: the reaper recovers the job
+            self._shared.logger.exception("job %s %s: its failure was not stored; it will be reaped", job.name, job.id)
+            return
+        if letter is None:
+            effects.lost.append(slot)
+            return
+        job.state, job.error, job.finished_at = JobState.FAILED, text, now
+        effects.add("failed")
+
+    def _retry_delay(self, slot: Slot, error: BaseException) -> tuple[float | None, BaseException]:
+        """Seconds before the next attempt (None: fail for good), and the error to record.
+
+        The decision is :meth:`RetryPolicy.next_delay`'s, with the job's own limit
+        (``max_retries + 1`` attempts) and the definition's backoff or the engine's. A
+        ``Retry`` whose delay is bad (set after construction: the constructor checks it)
+        makes the failure final at once, recorded with that ConfigurationError, as
+        ``next_delay`` rules. (``Retry(delay=-1)`` itself raises in the handler: an
+        ordinary error, retried like any other.)
+        """
+        if isinstance(error, Retry) and error.delay is not None:
+            try:
+                check_seconds("Retry delay", error.delay)
+            except ConfigurationError as bad:
+                bad.__cause__ = error
+                return None, bad
+        backoff = (slot.definition.backoff if slot.definition else None) or self._shared.config.backoff
+        policies = self._shared.policies
+        try:
+            policy = policies.get(backoff)
+            if policy is None:
+                policy = policies[backoff] = RetryPolicy(backoff=backoff)
+        except TypeError:  # an unhashable backoff: no cache
+            policy = RetryPolicy(backoff=backoff)
+        job = slot.job
+        return policy.next_delay(job.attempts, error, max_attempts=job.max_retries + 1), error
+
+    def _settle_failure(self, slot: Slot, error: BaseException, effects: Effects) -> None:
+        store = self._shared.store
+        job = slot.job
+        now = time.time()
+        text = error_text(error)
+        worker_id = self._worker_id
+        try:
+            if isinstance(error, Cancel):
+                if store.cancel(job.id, now=now, worker_id=worker_id, attempts=job.attempts, error=text):
+                    job.state, job.error, job.finished_at = JobState.CANCELLED, text, now
+                    effects.add("cancelled")
+                    effects.events.append(("job_cancelled", (job, error)))
+                else:
+                    effects.lost.append(slot)
+                return
+            delay, error = self._retry_delay(slot, error)
+            text = error_text(error)
+            if delay is not None:
+                if self._shared.config.immediate:
+                    delay = 0.0  # immediate mode retries at once
+                run_at = now + delay
+                if store.retry_later(
+                    job.id, worker_id=worker_id, attempts=job.attempts, run_at=run_at, error=text, now=now
+                ):
+                    job.state, job.error, job.run_at = JobState.RETRYING, text, run_at
+                    effects.add("retried")
+                    effects.events.append(("job_retrying", (job, error, delay)))
+                else:
+                    effects.lost.append(slot)
+                return
+            letter = store.fail(job.id, worker_id=worker_id, attempts=job.attempts, error=text, now=now)
+            if letter is None:
+                effects.lost.append(slot)
+                return
+            job.state, job.error, job.finished_at = JobState.FAILED, text, now
+            effects.add("failed")
+            effects.events.append(("job_failed", (job, error)))
+            effects.events.append(("job_dlq", (job, letter)))
+        except StoreError:
+            self._shared.logger.exception(
+                "job %s %s failed (%s) but the failure was not stored; it will be reaped and run again",
+                job.name, job.id, type(error).__name__,
+            )  # fmt: skip

@@ -1,0 +1,629 @@
+"""The runtime of a JobEngine run: fetch -> execute -> one completion path, and the stop of it all.
+
+``JobEngine.start()`` makes one :class:`Runtime` (a new one per start), which owns that run's
+threads, worker id, in-flight table and group commit:
+
+- the fetcher (``threaddispatch-jobs-fetcher``) claims at most as many jobs as there are
+  free worker slots, honouring paused queues and per-queue limits, and hands them to the
+  worker pool; before each claim it writes the outcomes queued since the last one, in the
+  claim's own transaction (:meth:`Recorder.write <threaddispatch._job_outcomes.Recorder.write>`);
+- the worker pool runs each job's handler through the middleware and queues its outcome;
+- the heartbeat thread (:mod:`threaddispatch._job_maintenance`) and the cron thread
+  (:mod:`threaddispatch._job_cron`).
+
+Every outcome goes through :meth:`Runtime.record`: while the run is running the fetcher
+writes it; otherwise (stopping, stopped, or an inline runtime) whoever records it writes it
+at once, with any still queued. Immediate mode and ``run_pending`` use an inline runtime,
+which starts no thread and runs jobs on the caller's. (A little over 600 lines: the fetch
+loop, the completion path and the stop protocol all work one in-flight table, under one lock.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+from threaddispatch._job_context import JobContext
+from threaddispatch._job_cron import CronRunner
+from threaddispatch._job_maintenance import Maintenance
+from threaddispatch._job_outcomes import Effects, Outcome, Recorder, encode_result
+from threaddispatch._job_plan import ClaimPlanner
+from threaddispatch._job_shared import Shared, Slot
+from threaddispatch._pool import WorkerPool
+from threaddispatch.errors import ConfigurationError, DispatcherClosedError, DispatchTimeoutError, StoreError
+from threaddispatch.middleware import HandlerCall
+from threaddispatch.stores.base import JobRecord, JobState
+
+__all__ = ["Runtime", "on_engine_thread"]
+
+# .runtime: the Runtime whose thread this is, while it runs that runtime's loops or work;
+# stop() there must not wait for itself. Thread-local: no lock.
+_ENGINE_THREAD = threading.local()
+
+
+def on_engine_thread(runtime: Runtime | None) -> bool:
+    """Whether the calling thread is one of ``runtime``'s (a worker, its fetcher, heartbeat or cron thread)."""
+    return runtime is not None and getattr(_ENGINE_THREAD, "runtime", None) is runtime
+
+
+def _new_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+class Runtime:
+    """One run of an engine (see the module docstring). Fields are guarded by ``shared.lock``.
+
+    ``previous``: the runtime of the engine's last run, whose abandoned handlers may still
+    run; they count against this run's ``concurrency`` until they return.
+    """
+
+    def __init__(
+        self,
+        shared: Shared,
+        cron: CronRunner,
+        *,
+        queues: tuple[str, ...],
+        concurrency: int,
+        previous: Runtime | None = None,
+        inline: bool = False,
+    ) -> None:
+        config = shared.config
+        self.shared = shared
+        self.worker_id = _new_worker_id()
+        self.queues = queues
+        self.concurrency = concurrency
+        self._cron = cron
+        self._recorder = Recorder(shared, self.worker_id)
+        self._previous = previous
+        # "inline" (no threads: immediate mode, run_pending) or running -> stopping -> stopped.
+        self.state = "inline" if inline else "running"
+        self.stop_event = threading.Event()
+        self.inflight: dict[str, Slot] = {}
+        # Abandoned slots (timed out, cancelled, lost) whose job this process claimed again while
+        # their thread still runs: out of inflight (the new claim's slot is there), still counted.
+        self.orphans: set[Slot] = set()
+        self.queue_running: dict[str, int] = {}
+        # Outcomes waiting for the fetcher's group commit (only while running).
+        self._done: list[Outcome] = []
+        self._wake_pending = True
+        self._next_due = math.inf  # earliest run_at (epoch) this process knows of
+        self._threads_stop = False  # set by stop() once the heartbeat/cron threads may leave
+        self._unsubscribe: Callable[[], None] | None = None  # the store's wake-ups (LISTEN/NOTIFY)
+        self._planner = ClaimPlanner(queues, config.queue_configs)
+        self._paused_checked = -math.inf
+        self._pool: WorkerPool | None = None
+        self._fetcher: threading.Thread | None = None
+        self._helpers: list[threading.Thread] = []  # the heartbeat and cron threads
+        if not inline:
+            self._pool = WorkerPool(concurrency, name="jobs-worker")
+            self._fetcher = threading.Thread(target=self._fetch_loop, name="threaddispatch-jobs-fetcher", daemon=True)
+            self._helpers = [
+                threading.Thread(
+                    target=self._marked, args=(Maintenance(self).run,), name="threaddispatch-jobs-heartbeat",
+                    daemon=True,
+                ),
+                threading.Thread(target=self._marked, args=(self._run_crons,), name="threaddispatch-jobs-cron",
+                                 daemon=True),
+            ]  # fmt: skip
+
+    # -- starting --------------------------------------------------------------------------------------
+
+    def start_threads(self) -> None:
+        """Start the fetcher, heartbeat and cron threads (shared lock held).
+
+        Started under the lock: a stop() racing this start must never find a thread it
+        cannot join yet. Thread.start() only waits for the thread to exist, not for it to
+        take the lock, so this cannot deadlock.
+        """
+        for thread in (self._fetcher, *self._helpers):
+            if thread is not None:
+                thread.start()
+
+    def subscribe(self) -> None:
+        """Take the store's wake-ups for this run, if it offers them (no lock held)."""
+        shared = self.shared
+        try:
+            unsubscribe = shared.store.subscribe_wakeups(self._store_wakeup)
+        except StoreError:
+            shared.logger.warning("store wake-ups unavailable; polling only", exc_info=True)
+            return
+        with shared.lock:
+            # A stop() that raced this start has already looked for a subscription to end.
+            keep = self.state == "running" and self._unsubscribe is None
+            if keep:
+                self._unsubscribe = unsubscribe
+        if not keep:
+            unsubscribe()
+
+    def _marked(self, loop: Callable[[], None]) -> None:
+        _ENGINE_THREAD.runtime = self
+        loop()
+
+    def _run_crons(self) -> None:
+        self._cron.run(self.worker_id, self.stop_event, max(self.shared.config.stale_job_threshold, 0.1))
+
+    # -- what the engine tells a run -----------------------------------------------------------------
+
+    def jobs_arrived(self, jobs: Sequence[JobRecord]) -> None:
+        """Jobs were enqueued in this process: wake the fetcher if it serves one of them."""
+        if self.state != "running" or not any(job.queue in self.queues for job in jobs):
+            return
+        due = min(job.run_at for job in jobs)
+        with self.shared.lock:
+            self._wake_fetcher(due)
+
+    def wake(self) -> None:
+        """Make the fetcher look at the store again now (a queue was resumed)."""
+        with self.shared.lock:
+            self._wake_fetcher()
+
+    def _store_wakeup(self, queue: str | None, run_at: float | None) -> None:
+        """The store saw jobs arrive on ``queue`` (None: anywhere), due from ``run_at``: wake the fetcher.
+
+        Called on a store thread (e.g. PostgresStore's LISTEN thread); takes the lock briefly.
+        """
+        if queue is not None and queue not in self.queues:
+            return
+        with self.shared.lock:
+            if self.state == "running":
+                self._wake_fetcher(run_at if run_at is not None and run_at > time.time() else None)
+
+    def _wake_fetcher(self, due: float | None = None) -> None:
+        """Lock held: the fetcher claims again at once (and by ``due``, epoch seconds, when given)."""
+        if due is not None:
+            self._next_due = min(self._next_due, due)
+        self._wake_pending = True
+        self.shared.wake.notify()
+
+    def busy(self) -> int:
+        """How many handlers of this run (and earlier runs) hold a slot (lock held)."""
+        previous = self._previous
+        if previous is not None:
+            earlier = previous.busy()
+            if earlier:
+                return len(self.inflight) + len(self.orphans) + earlier
+            self._previous = None  # every earlier handler returned
+        return len(self.inflight) + len(self.orphans)
+
+    def cancel_running(self, job_id: str) -> bool:
+        """The operator cancelled ``job_id`` in the store: settle its slot here and cancel its ctx."""
+        shared = self.shared
+        with shared.lock:
+            slot = self.inflight.get(job_id)
+            if slot is None or slot.settled:
+                return False
+            slot.settled = slot.abandoned = True
+        slot.ctx._cancel()
+        shared.count("cancelled")
+        return True
+
+    # -- inline (immediate mode, run_pending) -------------------------------------------------------
+
+    def claim_one(self, queues: Sequence[str]) -> JobRecord | None:
+        """Claim one due job of ``queues`` for this runtime, or None."""
+        claimed = self.shared.store.claim(queues, 1, worker_id=self.worker_id, now=time.time())
+        return claimed[0] if claimed else None
+
+    def run_claimed(self, job: JobRecord) -> JobRecord:
+        """Run one claimed job on this thread and record its outcome; returns its record as left."""
+        with self.shared.lock:
+            slot = self._admit(job)
+            self.shared.stats["claimed"] += 1
+        self._execute(slot)
+        return slot.job
+
+    # -- fetching --------------------------------------------------------------------------------------
+
+    def _refresh_paused(self) -> None:
+        shared = self.shared
+        now = time.monotonic()
+        if now - self._paused_checked < max(shared.config.poll_interval, 1.0):
+            return
+        self._paused_checked = now
+        try:
+            paused = shared.store.paused_queues()
+        except StoreError:
+            shared.logger.warning("could not read paused queues", exc_info=True)
+            return
+        with shared.lock:
+            shared.paused.clear()
+            shared.paused.update(paused)
+
+    def _fetch_loop(self) -> None:
+        _ENGINE_THREAD.runtime = self
+        shared = self.shared
+        lock = shared.lock
+        config = shared.config
+        poll = config.poll_interval
+        idle = poll
+        while True:
+            self._refresh_paused()
+            with lock:
+                if self.state != "running":
+                    return
+                batch, self._done = self._done, []
+                # Slots of finished jobs in the batch are free once it is written (in the claim's transaction).
+                free = self.concurrency - self.busy() + sum(1 for outcome in batch if outcome.ends_slot)
+                if free <= 0 and not batch:
+                    # Woken by a finishing job (or stop); nothing to claim meanwhile.
+                    shared.wake.wait(poll)
+                    continue
+                self._wake_pending = False
+                plans, rate_wait = (
+                    self._planner.plan(free, shared.paused, self.queue_running) if free > 0 else ([], math.inf)
+                )
+            claimed: list[JobRecord] = []
+            failed_store = False
+            for queues, planned, bucket in plans:
+                limit = min(planned, free - len(claimed))
+                if limit <= 0:
+                    if bucket is not None:
+                        bucket.give_back(planned)
+                    continue
+                effects, jobs = self._recorder.write(batch, (queues, limit))
+                self._settle(batch, effects)
+                batch = []
+                if effects.store_failed:
+                    shared.logger.warning("claiming jobs failed; retrying after %.3gs", idle, exc_info=True)
+                    failed_store = True
+                if bucket is not None:
+                    bucket.give_back(planned - len(jobs))
+                claimed.extend(jobs)
+            if batch:
+                self._write(batch)
+            if claimed:
+                self._dispatch(claimed)
+                idle = poll
+                continue
+            with lock:
+                if self.state != "running":
+                    return
+                if (self._wake_pending or self._done) and not failed_store:
+                    continue
+                wait = min(idle, rate_wait)
+                if self._next_due < math.inf:
+                    wait = min(wait, max(0.0, self._next_due - time.time()))
+                    if self._next_due <= time.time():
+                        self._next_due = math.inf  # due now; the next claim takes it (or it was taken)
+                shared.stats["idle_polls"] += 1
+                shared.wake.wait(wait)
+                woken = self._wake_pending
+            idle = poll if woken else min(idle * 2, config.max_poll_interval)
+
+    def _admit(self, job: JobRecord) -> Slot:
+        """A slot for the claimed ``job`` in the in-flight table (lock held)."""
+        shared = self.shared
+        ctx = JobContext(
+            job, shared.engine, shared.logger, immediate=shared.config.immediate, on_deadline=self._deadline_armed
+        )
+        slot = Slot(job, ctx, shared.definitions.get(job.name))
+        previous = self.inflight.get(job.id)
+        if previous is not None:
+            self.orphans.add(previous)  # its handler still runs; the new claim takes its key
+        self.inflight[job.id] = slot
+        self.queue_running[job.queue] = self.queue_running.get(job.queue, 0) + 1
+        return slot
+
+    def _dispatch(self, jobs: list[JobRecord]) -> None:
+        shared = self.shared
+        with shared.lock:
+            stopping = self.state != "running"
+            slots = [] if stopping else [self._admit(job) for job in jobs]
+            if not stopping:
+                shared.stats["claimed"] += len(jobs)
+            pool = self._pool
+        if stopping or pool is None:
+            # Claimed while stop() began: give them straight back.
+            try:
+                shared.store.release([job.id for job in jobs], worker_id=self.worker_id, now=time.time())
+            except StoreError:
+                shared.logger.exception("could not release %d jobs at stop; they will be reaped as stale", len(jobs))
+            return
+        for slot in slots:
+            pool.run(self._execute, slot)
+
+    def _deadline_armed(self, deadline: float) -> None:
+        with self.shared.lock:
+            self.shared.maint.notify()
+
+    # -- executing -------------------------------------------------------------------------------------
+
+    def _execute(self, slot: Slot) -> None:
+        # Usually on a pool thread; on the caller in an inline runtime or when the pool runs work inline.
+        previous = getattr(_ENGINE_THREAD, "runtime", None)
+        _ENGINE_THREAD.runtime = self
+        try:
+            self._run_slot(slot)
+        finally:
+            _ENGINE_THREAD.runtime = previous
+
+    def _run_slot(self, slot: Slot) -> None:
+        shared = self.shared
+        with shared.lock:
+            if slot.settled:
+                return  # released at stop before it started
+            slot.started = True
+            slot.thread = threading.current_thread()
+        job = slot.job
+        ctx = slot.ctx
+        ctx.started = time.monotonic()
+        if shared.events.has_listeners("job_started"):
+            shared.events.emit("job_started", job)
+        outcome = self._attempt(slot)
+        with shared.lock:
+            if slot.settled:
+                # Timed out, lost or handed back meanwhile: that outcome stands; this one is discarded.
+                self._forget(slot)
+                return
+            slot.settled = True
+        self.record(outcome)
+
+    def _attempt(self, slot: Slot) -> Outcome:
+        """Run the job's handler through the middleware; its outcome (no lock held)."""
+        job = slot.job
+        ctx = slot.ctx
+        definition = slot.definition
+        if definition is None:
+            return Outcome(slot, ConfigurationError(f"no handler registered for job name {job.name!r} in this worker"))
+        error: BaseException | None = None
+        result: object = None
+        try:
+            raw = job.payload  # decoded as job.decoded_payload() does; "null" (no payload) without json
+            result = self._call_chain(ctx, definition.fn, None if raw == "null" else json.loads(raw))
+        except BaseException as caught:  # noqa: BLE001 - every handler outcome is recorded
+            error = caught
+        if self.shared.config.immediate and ctx.deadline is not None and time.monotonic() > ctx.deadline:
+            # Nothing interrupted the caller's thread: the attempt counts as timed out, as it would have.
+            return Outcome(slot, ctx._timeout_error())
+        if error is not None:
+            return Outcome(slot, error)
+        text, note = encode_result(self.shared, job, result)
+        return Outcome(slot, None, text=text, note=note, result=result)
+
+    def _call_chain(self, ctx: JobContext, fn: Callable[[JobContext, Any], object], payload: Any) -> object:
+        # Each step gets ctx and a zero-argument call of the rest; partial objects do it without
+        # a Python frame per level.
+        call_next: Callable[[], object] = HandlerCall(fn, ctx, payload)
+        for step in reversed(self.shared.steps):
+            call_next = partial(step, ctx, call_next)
+        return call_next()
+
+    # -- the one completion path -------------------------------------------------------------------------
+
+    def record(self, outcome: Outcome) -> None:
+        """Record a settled slot's outcome (any thread, no lock held): the only way an outcome is written.
+
+        While running, the fetcher writes it with its next claim (the group commit), and the
+        slot stays in flight (its job running) until then; otherwise it is written here, now,
+        with any outcome still queued.
+        """
+        shared = self.shared
+        with shared.lock:
+            if self.state == "running":
+                self._done.append(outcome)
+                self._wake_fetcher()
+                return
+            batch, self._done = [*self._done, outcome], []
+        self._write(batch)
+
+    def time_out(self, slot: Slot) -> None:
+        """``slot`` (settled, abandoned) ran past its deadline: cancel it and record the timeout."""
+        slot.ctx._cancel()
+        self.shared.count("timed_out")
+        error = DispatchTimeoutError(f"job {slot.job.name} {slot.job.id} timed out after {slot.ctx.timeout}s")
+        self.shared.logger.warning("%s; its thread keeps running until the handler returns", error)
+        self.record(Outcome(slot, error, ends_slot=False))
+
+    def _write(self, batch: list[Outcome]) -> None:
+        effects, _ = self._recorder.write(batch)
+        self._settle(batch, effects)
+
+    def _flush(self) -> None:
+        """Write the outcomes queued for the fetcher (at stop, once it has left)."""
+        with self.shared.lock:
+            batch, self._done = self._done, []
+        if batch:
+            self._write(batch)
+
+    def _settle(self, batch: list[Outcome], effects: Effects) -> None:
+        """After a batch was written: count, free the slots, report lost claims, emit the events."""
+        if not batch:
+            return
+        shared = self.shared
+        with shared.lock:
+            for name, amount in effects.counts.items():
+                shared.stats[name] += amount
+            for outcome in batch:
+                job = outcome.slot.job
+                if job.state is JobState.RETRYING and job.queue in self.queues and self.state == "running":
+                    self._next_due = min(self._next_due, job.run_at)
+                    shared.wake.notify()
+                if outcome.ends_slot:
+                    self._forget(outcome.slot)
+            pool = self._pool
+        for slot in effects.lost:
+            self.lose(slot)
+        if effects.events:
+            self._emit(effects.events, pool)
+
+    def _emit(self, events: list[tuple[str, tuple[Any, ...]]], pool: WorkerPool | None) -> None:
+        # Hooks are user code: the fetcher hands them to a worker thread; any other writer (a
+        # worker, the heartbeat thread, stop(), an inline caller) runs them itself, as it wrote.
+        if pool is not None and threading.current_thread() is self._fetcher:
+            try:
+                pool.run(self._emit_now, events)
+                return
+            except DispatcherClosedError:
+                pass
+        self._emit_now(events)
+
+    def _emit_now(self, events: list[tuple[str, tuple[Any, ...]]]) -> None:
+        previous = getattr(_ENGINE_THREAD, "runtime", None)
+        _ENGINE_THREAD.runtime = self
+        try:
+            for name, args in events:
+                self.shared.events.emit(name, *args)
+        finally:
+            _ENGINE_THREAD.runtime = previous
+
+    def _forget(self, slot: Slot) -> None:
+        """Drop a slot from the in-flight table (lock held); wake the fetcher, stop() and result() waiters."""
+        if self.inflight.get(slot.job.id) is slot:
+            del self.inflight[slot.job.id]
+        elif slot in self.orphans:
+            self.orphans.discard(slot)
+        else:
+            return
+        queue = slot.job.queue
+        left = self.queue_running.get(queue, 1) - 1
+        if left:
+            self.queue_running[queue] = left
+        else:
+            self.queue_running.pop(queue, None)
+        shared = self.shared
+        shared.wake.notify()
+        if self.state != "running":
+            shared.idle.notify_all()
+        shared.wake_waiters(slot.job.id)
+
+    def lose(self, slot: Slot) -> None:
+        """The store says the job is no longer our claim (cancelled, reaped, re-claimed)."""
+        slot.ctx._cancel()
+        self.shared.count("lost")
+        self.shared.logger.info("job %s %s is no longer this worker's claim; its outcome is discarded",
+                                slot.job.name, slot.job.id)  # fmt: skip
+
+    # -- for the maintenance loop ------------------------------------------------------------------------
+
+    def leaving(self) -> bool:
+        return self._threads_stop
+
+    def stopping(self) -> bool:
+        return self.state == "stopping"
+
+    def reaped(self, job_ids: list[str], now: float) -> None:
+        with self.shared.lock:
+            self.shared.stats["reaped"] += len(job_ids)
+            self._wake_fetcher(now)
+
+    # -- stopping --------------------------------------------------------------------------------------
+
+    def stop(self, deadline: float) -> bool:
+        """Stop this run by ``deadline`` (monotonic); see ``JobEngine.stop`` for the contract."""
+        shared = self.shared
+        on_own_thread = on_engine_thread(self)
+        with shared.lock:
+            if self.state != "running":
+                if self.state == "stopping":
+                    if on_own_thread:
+                        return False  # the stopper may be waiting for this very thread
+                    # Another thread is stopping: wait for it within our own budget.
+                    while self.state == "stopping":
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            return False
+                        shared.idle.wait(remaining)
+                return True
+            self.state = "stopping"
+            self.stop_event.set()
+            shared.wake.notify_all()
+        if not on_own_thread:
+            return self._finish_stop(deadline, None)
+        stopper = threading.Thread(
+            target=self._finish_stop,
+            args=(deadline, threading.current_thread()),
+            name="threaddispatch-jobs-stop",
+            daemon=True,
+        )
+        try:
+            stopper.start()
+        except RuntimeError:  # interpreter shutdown: the exit drain finishes the stop
+            shared.logger.warning("stop() on an engine thread during interpreter exit: left to the exit drain")
+        return False
+
+    def _finish_stop(self, deadline: float, caller: threading.Thread | None) -> bool:
+        """The rest of :meth:`stop` once the state is "stopping"; ``caller``: an engine thread whose job stays."""
+        shared = self.shared
+        fetcher = self._fetcher
+        if fetcher is not None and fetcher is not threading.current_thread():
+            fetcher.join(max(0.0, deadline - time.monotonic()))
+        with shared.lock:
+            unsubscribe, self._unsubscribe = self._unsubscribe, None
+        if unsubscribe is not None:
+            unsubscribe()
+        self._flush()  # workers queue no more once the state left "running"
+        self._release_unstarted()
+        clean = self._wait_inflight(deadline)
+        handed_back = self._hand_back_running(caller)
+        with shared.lock:
+            self._threads_stop = True
+            shared.maint.notify_all()
+        for thread in self._helpers:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        if self._pool is not None:
+            self._pool.shutdown(max(0.0, deadline - time.monotonic()))
+        self._cron.release_leases(self.worker_id, deadline)
+        with shared.lock:
+            self.state = "stopped"
+            shared.idle.notify_all()
+        shared.events.emit("shutdown")
+        return clean and not handed_back
+
+    def _release_unstarted(self) -> None:
+        shared = self.shared
+        with shared.lock:
+            slots = [slot for slot in self.inflight.values() if not slot.started and not slot.settled]
+            for slot in slots:
+                slot.settled = True
+                self._forget(slot)
+        if slots:
+            try:
+                shared.store.release([slot.job.id for slot in slots], worker_id=self.worker_id, now=time.time())
+            except StoreError:
+                shared.logger.exception("could not release %d unstarted jobs; they will be reaped as stale", len(slots))
+            shared.count("released", len(slots))
+
+    def _wait_inflight(self, deadline: float) -> bool:
+        shared = self.shared
+        with shared.lock:
+            while any(not slot.abandoned for slot in self.inflight.values()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                shared.idle.wait(remaining)
+            return not self.inflight and not self.orphans
+
+    def _hand_back_running(self, caller: threading.Thread | None) -> int:
+        shared = self.shared
+        with shared.lock:
+            slots = [
+                slot
+                for slot in self.inflight.values()
+                if not slot.settled and (caller is None or slot.thread is not caller)
+            ]
+            for slot in slots:
+                slot.settled = slot.abandoned = True
+                slot.ctx._cancel()
+        if not slots:
+            return 0
+        shared.logger.warning(
+            "stop: %d job(s) still running at the shutdown timeout are handed back: %s",
+            len(slots), ", ".join(f"{slot.job.name} {slot.job.id}" for slot in slots),
+        )  # fmt: skip
+        try:
+            shared.store.release(
+                [slot.job.id for slot in slots], worker_id=self.worker_id, now=time.time(), refund_attempt=False
+            )
+        except StoreError:
+            shared.logger.exception("could not hand back %d running jobs; they will be reaped as stale", len(slots))
+        shared.count("released", len(slots))
+        return len(slots)
