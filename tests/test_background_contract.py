@@ -13,18 +13,15 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from typing import Any
 
 import pytest
 
 from threaddispatch import (
     BackgroundDispatcher,
-    Cancel,
     Constant,
     DispatchTimeoutError,
     FailedBatch,
-    Retry,
     RetryPolicy,
 )
 from threaddispatch.logging import BatchingHandler
@@ -65,24 +62,6 @@ def test_an_async_send_batch_that_raises_fails_the_batch() -> None:
     assert [(f.entries, type(f.error)) for f in failures] == [(["x"], ValueError)]
     assert d.stats()["failed"] == 1 and d.stats()["sent"] == 0
     assert d.close(5.0) is True
-
-
-def test_an_async_on_error_is_awaited() -> None:
-    """on_error may be ``async def``: it is awaited on the worker."""
-    reported: list[list[Any]] = []
-
-    def send(entries: list[Any]) -> None:
-        raise OSError("down")
-
-    async def on_error(failed: FailedBatch[Any]) -> None:
-        await asyncio.sleep(0)
-        reported.append(failed.entries)
-
-    d = BackgroundDispatcher(send, ms_delay=1, on_error=on_error)
-    d.enqueue("x")
-    assert d.flush(5.0)
-    assert reported == [["x"]]
-    d.close(5.0)
 
 
 @pytest.mark.timeout(30)
@@ -163,82 +142,6 @@ def test_flush_waits_for_a_batch_being_retried() -> None:
     assert sent == ["x"]
     assert d.stats()["retries"] == 2
     assert d.stats()["pending"] == 0
-    assert d.close(5.0)
-
-
-def test_retry_delay_overrides_the_backoff() -> None:
-    """``Retry(delay)`` retries after that delay, not the backoff's (30 s here); the delay is observed."""
-    times: list[float] = []
-
-    def send(entries: list[Any]) -> None:
-        times.append(time.monotonic())
-        if len(times) == 1:
-            raise Retry(delay=0.2)
-
-    d = BackgroundDispatcher(send, ms_delay=1, retry=RetryPolicy(max_attempts=3, backoff=Constant(30.0)))
-    d.enqueue("x")
-    assert d.flush(10.0)
-    assert len(times) == 2
-    assert times[1] - times[0] >= 0.2
-    assert d.close(5.0)
-
-
-def test_cancel_is_final() -> None:
-    """``Cancel`` makes the failure final at once, whatever attempts are left."""
-    failures: list[FailedBatch[Any]] = []
-    calls: list[Any] = []
-
-    def send(entries: list[Any]) -> None:
-        calls.append(entries)
-        raise Cancel("give up")
-
-    d = BackgroundDispatcher(
-        send, ms_delay=1, retry=RetryPolicy(max_attempts=5, backoff=Constant(0.0)), on_error=failures.append
-    )
-    d.enqueue("x")
-    assert d.flush(5.0)
-    assert len(calls) == 1
-    assert [(f.entries, f.attempts, type(f.error)) for f in failures] == [(["x"], 1, Cancel)]
-    d.close(5.0)
-
-
-@pytest.mark.parametrize("bad", [-1, float("nan"), "soon"])
-def test_a_bad_retry_delay_is_final_and_reported(bad: Any) -> None:
-    """A Retry whose delay went bad (set after construction, which refuses it) is a final failure,
-    reported to on_error with that Retry: never a lost batch, never a retry."""
-    failures: list[FailedBatch[Any]] = []
-
-    def send(entries: list[Any]) -> None:
-        signal = Retry()
-        signal.delay = bad
-        raise signal
-
-    d = BackgroundDispatcher(
-        send, ms_delay=1, retry=RetryPolicy(max_attempts=5, backoff=Constant(0.0)), on_error=failures.append
-    )
-    d.enqueue("x")
-    assert d.flush(5.0)
-    assert [(f.entries, f.attempts, type(f.error)) for f in failures] == [(["x"], 1, Retry)]
-    assert d.stats()["failed"] == 1
-    d.close(5.0)
-
-
-def test_a_keyboard_interrupt_from_send_fails_the_batch_and_the_worker_lives() -> None:
-    failures: list[FailedBatch[Any]] = []
-    sent: list[Any] = []
-
-    def send(entries: list[Any]) -> None:
-        if entries == ["boom"]:
-            raise KeyboardInterrupt
-        sent.extend(entries)
-
-    d = BackgroundDispatcher(send, ms_delay=1, on_error=failures.append)
-    d.enqueue("boom")
-    assert d.flush(5.0)
-    d.enqueue("after")
-    assert d.flush(5.0)
-    assert sent == ["after"]
-    assert [type(f.error) for f in failures] == [KeyboardInterrupt]
     assert d.close(5.0)
 
 

@@ -53,24 +53,6 @@ def test_an_async_send_batch_that_raises_fails_its_batch(cleanup: list[Callable[
         future.result(10)
 
 
-def test_a_base_exception_from_send_batch_fails_its_batch_and_later_batches_go(
-    cleanup: list[Callable[[], object]],
-) -> None:
-    calls: list[int] = []
-
-    def send(target: str, messages: list[Any]) -> list[str]:
-        calls.append(len(calls))
-        if len(calls) == 1:
-            raise SystemExit(2)
-        return ["ok" for _ in messages]
-
-    batched = make_batched(send, cleanup, max_concurrent_sends=1)
-    first = batched.submit(1, "t")
-    with pytest.raises(SystemExit):
-        first.result(10)
-    assert batched.submit(2, "t").result(10) == "ok"
-
-
 @pytest.mark.timeout(30)
 def test_a_hung_send_batch_times_out_and_later_batches_go(cleanup: list[Callable[[], object]]) -> None:
     release = threading.Event()
@@ -93,24 +75,6 @@ def test_a_hung_send_batch_times_out_and_later_batches_go(cleanup: list[Callable
     assert stats["abandoned_calls"] == 1
     release.set()
     wait_for(lambda: batched.stats()["abandoned_calls"] == 0, timeout=10)
-
-
-@pytest.mark.timeout(30)
-def test_a_hung_async_send_batch_is_cancelled_at_its_timeout(cleanup: list[Callable[[], object]]) -> None:
-    cancelled = threading.Event()
-
-    async def send(target: str, messages: list[Any]) -> list[str]:
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        return ["late" for _ in messages]
-
-    batched = make_batched(send, cleanup, send_timeout=0.1)
-    with pytest.raises(DispatchTimeoutError):
-        batched.submit(1, "t").result(10)
-    assert cancelled.wait(10)
 
 
 @pytest.mark.parametrize("bad", [0, -1, "1", True])
