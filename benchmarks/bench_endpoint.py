@@ -34,6 +34,16 @@ reStructuredText table for the README. Usage::
 
 ``--latency-ms`` makes every send_batch call take that long (a network round trip): then
 what counts is how many batches are in flight at once, not the per-job overhead.
+
+``--curves`` instead runs the scaling curves of :mod:`threaddispatch._bench_curves` (one
+fresh interpreter per point and round, round-robin): the per-job cost by number of endpoints
+(10 -> 100k, ``--jobs`` jobs round-robin, at least one per endpoint), by depth on one endpoint
+(10 -> 1M jobs queued behind a sender holding every in-flight slot), and the slowest
+``add_job`` with one job per endpoint while the in-flight limit is reached. ``--before DIR``
+runs every point against another copy of the package too (``git archive HEAD threaddispatch
+| tar -x -C DIR``), so the before/after ratios come from one run::
+
+    python benchmarks/bench_endpoint.py --curves [--before DIR] [--jobs 100000] [--repeats 3] [--timeout 60]
 """
 
 from __future__ import annotations
@@ -115,7 +125,11 @@ def endpoint_dispatcher(counter: Counter, **options: Any) -> tuple[Callable[[Any
     )
     if listener:
         d.on("job_added", lambda payload: None)
-    return d.add_job, lambda: d.shutdown(60) or None
+
+    def finish() -> None:
+        d.shutdown(60)
+
+    return d.add_job, finish
 
 
 class SeedPort:
@@ -170,7 +184,7 @@ class SeedPort:
 
 
 def _neg_priority(job: Any) -> int:
-    return -job.priority
+    return -int(job.priority)
 
 
 def seed_port(counter: Counter) -> tuple[Callable[[Any], Any], Callable[[], None]]:
@@ -263,14 +277,91 @@ def construction_ns(count: int = 100_000) -> float:
     return (time.perf_counter() - t0) / count * 1e9
 
 
+CURVE_POINTS: dict[str, list[int]] = {
+    "endpoints": [10, 1_000, 10_000, 100_000],
+    "depth": [10, 1_000, 100_000, 1_000_000],
+    "endpoints-limit": [1_000, 10_000, 100_000],
+}
+
+# A point run in a fresh interpreter against the package in argv[1]; the curve module comes
+# from this checkout when that copy predates it (it uses only the faces' public API).
+_POINT = """
+import runpy, sys
+tree, here = sys.argv[1], sys.argv[2]
+sys.path.insert(0, tree)
+import threaddispatch
+threaddispatch.__path__.append(here)
+sys.argv = ["bench-point", *sys.argv[3:]]
+runpy.run_module("threaddispatch._bench_curves", run_name="__main__")
+"""
+
+
+def _point(tree: str, series: str, n: int, ops: int, timeout: float) -> dict[str, Any]:
+    command = [sys.executable, "-c", _POINT, tree, str(ROOT / "threaddispatch"), "--curve", series]
+    command += ["--n", str(n), "--ops", str(ops), "--timeout", str(timeout)]
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=timeout + 30, check=True)
+    except (subprocess.TimeoutExpired, subprocess.CalledProcessError) as exc:  # blocked past the deadline, or died
+        print(f"{series} n={n} in {tree}: {type(exc).__name__}: {str(exc.stderr or '')[-300:]}", file=sys.stderr)
+        return {"complete": False, "cpu_ns": float("nan"), "max_call_ms": float("nan"), "delivered": 0}
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def curves(jobs: int, repeats: int, timeout: float, before: str | None) -> int:
+    trees = [("after", str(ROOT))] + ([("before", before)] if before else [])
+    plan = [
+        (series, n, max(n, jobs) if series == "endpoints" else n) for series, ns in CURVE_POINTS.items() for n in ns
+    ]
+    runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for round_ in range(repeats):
+        for series, n, ops in plan:
+            for name, tree in trees:
+                result = _point(tree, series, n, ops, timeout)
+                runs.setdefault((name, series, n), []).append(result)
+                print(f"round {round_ + 1}: {name} {series} n={n}: {json.dumps(result)}", file=sys.stderr, flush=True)
+
+    def median(name: str, series: str, n: int, key: str) -> float:
+        values = [r[key] for r in runs[(name, series, n)] if r["complete"]]
+        return statistics.median(values) if values else float("nan")
+
+    def done(name: str, series: str, n: int) -> str:
+        results = runs[(name, series, n)]
+        return "yes" if all(r["complete"] for r in results) else f"NO ({min(r['delivered'] for r in results)})"
+
+    header = f"{'curve':<16} {'n':>9} {'CPU ns/job':>11} {'x first':>8} {'slowest add ms':>15}  done"
+    for name, _tree in trees:
+        print(f"\n{name} (median of {repeats}; a point not done within {timeout:.0f}s has no figure)")
+        print(header)
+        for series, ns in CURVE_POINTS.items():
+            first = median(name, series, ns[0], "cpu_ns")
+            for n in ns:
+                cpu, slowest = median(name, series, n, "cpu_ns"), median(name, series, n, "max_call_ms")
+                print(
+                    f"{series:<16} {n:>9,} {cpu:>11.0f} {cpu / first:>8.2f} {slowest:>15.2f}  {done(name, series, n)}"
+                )
+    if before:
+        print("\nafter / before, per point (CPU ns per job; slowest add_job)")
+        for series, n, _ops in plan:
+            cpu = median("after", series, n, "cpu_ns") / median("before", series, n, "cpu_ns")
+            slow = median("after", series, n, "max_call_ms") / median("before", series, n, "max_call_ms")
+            print(f"{series:<16} {n:>9,} {cpu:>8.2f} {slow:>8.3f}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=200_000)
+    parser.add_argument("--curves", action="store_true", help="the scaling curves (endpoints, depth, in-flight limit)")
+    parser.add_argument("--before", help="with --curves: also run every point against this package copy")
+    parser.add_argument("--timeout", type=float, default=60.0, help="with --curves: seconds per point")
     parser.add_argument("--producers", default="1,4")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--latency-ms", type=float, default=0.0, help="time each send_batch call takes")
     parser.add_argument("--cell", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.curves:
+        return curves(args.jobs if args.jobs != 200_000 else 100_000, args.repeats, args.timeout, args.before)
     if args.cell:
         print(json.dumps(run_cell(args.cell, args.jobs, int(args.producers), args.latency_ms / 1000)))
         return 0
@@ -322,8 +413,8 @@ def main() -> int:
     print(rule)
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
     print(rule)
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    for table_row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(table_row, widths)).rstrip())
     print(rule)
     print(f"\nDispatchJob(...) construction, not in the figures above: {construction_ns():.0f} ns per job")
     return 0 if ok else 1

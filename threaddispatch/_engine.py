@@ -16,12 +16,12 @@ they are always called with ``_lock`` released. ``gate`` is the exception: it ru
 :attr:`BatchEngine.unsettled`.
 
 The gate is one capacity for all lanes: once it refuses a lane, the worker stops taking
-(the other due lanes wait in order, untried) until something may have changed its answer:
-a batch settles, or a lane becomes due (a window closes, a size trigger, a flush). The
-lane it refused is held: retried when a batch settles (one held lane per settled batch,
-oldest first, ahead of the lanes waiting) or when its next window closes, whichever comes
-first; reaching ``max_batch_size`` meanwhile does not retry it again. So a shut gate costs
-one refusal per such event, not one per due lane.
+(the other due lanes, and those that become due meanwhile, wait in order, untried, with no
+``on_skip``) until a batch settles. The lane it refused is held: retried when a batch
+settles (one held lane per settled batch, oldest first, ahead of the lanes waiting) or when
+its next window closes (the gate may open without a settle), whichever comes first;
+reaching ``max_batch_size`` meanwhile does not retry it again. So a shut gate costs one
+refusal per settle or held window, not one per due lane.
 
 Cost does not grow with the number of lanes: the open windows and the due lanes are
 OrderedDicts (a linked order: O(1) to find, pop or move the head, where a plain dict used
@@ -66,6 +66,9 @@ Overflow = Literal["drop_newest", "drop_oldest", "block", "raise"]
 OVERFLOW_POLICIES: tuple[str, ...] = ("drop_newest", "drop_oldest", "block", "raise")
 
 _UNBOUNDED = 1 << 62
+# The most windows one turn of the worker closes while it holds the lock: many lanes whose
+# windows close together (a keyed face with 100k keys) would otherwise keep producers out.
+_WINDOWS_PER_TURN = 256
 _MAX_WAIT = 3600.0  # the longest single wait of the worker (seconds); a later due time is waited for in turns
 
 _log = logging.getLogger("threaddispatch")
@@ -412,7 +415,6 @@ class BatchEngine(Generic[T]):
         lane.trigger = self._cap_trigger
         self._open.pop(lane, None)
         self._due[lane] = None
-        self._gate_shut = False  # a lane newly due: ask the gate again (one refusal at most)
 
     def _notify_worker(self) -> None:
         if self._thread is None:
@@ -511,13 +513,21 @@ class BatchEngine(Generic[T]):
             self._release_scheduled(now)
             if self._flush_requested > self._flush_taken:
                 self._start_flush()
-            while self._open:
+            closed_windows = 0
+            while self._open and closed_windows < _WINDOWS_PER_TURN:
                 lane = next(iter(self._open))
                 if lane.deadline is not None and lane.deadline > now and not self._closing:
                     break
                 self._make_due(lane)
+                if lane in self._held:
+                    # A held lane's window closed: ask the gate again, for it first.
+                    self._due.move_to_end(lane, last=False)
+                    self._gate_shut = False
+                closed_windows += 1
             if self._due and not self._gate_shut:
                 return self._take_due(now)
+            if closed_windows == _WINDOWS_PER_TURN:
+                return [], []  # more windows closed: the next turn, after producers had the lock
             if self._closing and not self._scheduled:
                 return None
             timeout = None
