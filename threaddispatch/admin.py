@@ -28,11 +28,15 @@ GET      ``/queues``                       known queues with counts, limits and 
 POST     ``/queues/{name}/pause|resume``   stop or restart claiming from a queue
 GET      ``/stats``                        the engine's counters, job counts, the store
 GET      ``/health``                       200 when the store answers, else 503
+GET      ``/ready``                        the same check, for readiness probes
 =======  ================================  ===============================================
 
 Every request needs ``Authorization: Bearer <token>`` (its bytes compared with the
 token's UTF-8 bytes in constant time), unless the app was built with
-``allow_unauthenticated=True`` and no token. Responses are JSON; errors are
+``allow_unauthenticated=True`` and no token. With ``health_public=True``, ``GET``
+and ``HEAD`` of ``/health`` and ``/ready`` need no token (load-balancer and
+Kubernetes probes cannot send one); without the token they answer only
+``{"status": ...}``, nothing about the engine or the store beyond whether it answers. Responses are JSON; errors are
 ``{"error": {"code": ..., "message": ...}}`` with 400 (a bad parameter, named in
 ``error.parameter``), 401, 403 (a cross-site request), 404 (unknown route or id), 405
 (with ``Allow``), 409 (the job's state forbids it), 413 (a body over
@@ -87,6 +91,7 @@ from threaddispatch._admin_cursor import DEFAULT_LIMIT, MAX_LIMIT
 from threaddispatch._admin_handlers import AdminContext
 from threaddispatch._admin_params import Request, parse_params
 from threaddispatch._admin_routes import RouteTable, route
+from threaddispatch._validate import show
 from threaddispatch._wsgi import (
     INTERNAL_ERROR,
     MAX_BODY_SIZE,
@@ -157,10 +162,17 @@ class AdminApp:
         route("POST", "/queues/{name}/resume", r"/queues/(.+)/resume", handlers.resume_queue),
         route("GET", "/stats", r"/stats", handlers.stats),
         route("GET", "/health", r"/health", handlers.health),
+        route("GET", "/ready", r"/ready", handlers.health),
     ])  # fmt: skip
 
     def __init__(
-        self, engine: JobEngine, *, base_path: str, token: str | None, allow_unauthenticated: bool = False
+        self,
+        engine: JobEngine,
+        *,
+        base_path: str,
+        token: str | None,
+        allow_unauthenticated: bool = False,
+        health_public: bool = False,
     ) -> None:
         from threaddispatch.jobs import JobEngine
 
@@ -175,8 +187,11 @@ class AdminApp:
                 "the admin API needs a bearer token (token=...); pass allow_unauthenticated=True to serve it "
                 "without one, only behind your own authentication"
             )
+        if not isinstance(health_public, bool):
+            raise ConfigurationError(f"health_public must be True or False, got {show(health_public)}")
         self.engine = engine
         self.base_path = base_path.rstrip("/")
+        self.health_public = health_public
         self._token = None if token is None else token.encode("utf-8")
 
     @property
@@ -256,8 +271,10 @@ class AdminApp:
         try:
             if len(body) > MAX_BODY_SIZE:
                 raise HttpError(413, "body_too_large", f"request body over {MAX_BODY_SIZE} bytes")
-            self._authenticate(authorization)
             method = method.upper()
+            if self._is_public_probe(method, path, authorization):
+                return self._probe()
+            self._authenticate(authorization)
             if method in _MUTATIONS:
                 refuse_cross_site(origin, sec_fetch_site, host)
             return self._dispatch(method, path, query, body, content_type=content_type or "", script_name=script_name)
@@ -266,6 +283,21 @@ class AdminApp:
         except Exception:  # noqa: BLE001 - documented never to raise: a 500, logged
             _log.exception("admin %r %r failed", method, path)
             return INTERNAL_ERROR
+
+    def _is_public_probe(self, method: str, path: str, authorization: str | None) -> bool:
+        """A tokenless GET/HEAD of /health or /ready on an app built with ``health_public=True``."""
+        return (
+            self.health_public
+            and self._token is not None
+            and not authorization
+            and method in ("GET", "HEAD")
+            and path.rstrip("/") in ("/health", "/ready")
+        )
+
+    def _probe(self) -> AdminResponse:
+        """The public probe's answer: the store's reachability and nothing else."""
+        status, _data = handlers.health(self, Request("GET", "/health", {}, "", ()))
+        return respond(status, {"status": "ok" if status == 200 else "unavailable"})
 
     def _authenticate(self, authorization: str | None) -> None:
         if self._token is None:
@@ -327,12 +359,20 @@ def make_wsgi_app(
     token: str | None = None,
     *,
     allow_unauthenticated: bool = False,
+    health_public: bool = False,
 ) -> AdminApp:
     """Build the admin WSGI app for ``engine`` under ``base_path`` (``""`` when mounted by another app).
 
     ``token`` is the bearer token every request must carry. Without one this raises
     ConfigurationError, unless ``allow_unauthenticated=True`` (serve it only behind
-    your own authentication). The engine need not be started: the admin reads and
-    manages the store. Non-blocking; the app is thread-safe.
+    your own authentication). ``health_public=True`` answers ``GET /health`` and
+    ``GET /ready`` without the token, with ``{"status": ...}`` only. The engine need not
+    be started: the admin reads and manages the store. Non-blocking; the app is thread-safe.
     """
-    return AdminApp(engine, base_path=base_path, token=token, allow_unauthenticated=allow_unauthenticated)
+    return AdminApp(
+        engine,
+        base_path=base_path,
+        token=token,
+        allow_unauthenticated=allow_unauthenticated,
+        health_public=health_public,
+    )
