@@ -11,7 +11,21 @@ processes P, in a fresh schema:
    a cheap EXISTS on a separate connection); all N must then be completed.
 
 Printed per P: enqueue jobs/s (step 2 alone) and end-to-end jobs/s (steps 2-3), best of
-``--repeat``. The server runs with its defaults except ``fsync`` (``--fsync off`` by
+``--repeat``. Then (``--parts``):
+
+- ``claims``: one claim of 4 jobs with 75k ready jobs over three queues, on one queue and
+  on all three, by the store and by the claim of schema 1 (``queue = ANY(...)``, one sort
+  over the whole ready set) side by side; then claim+complete (``complete_and_claim`` of 4)
+  and an idle claim as retained finished rows grow (``--retained``, default 1k, 100k, 1M,
+  loaded with ``INSERT ... SELECT generate_series``), not vacuumed and vacuumed (see
+  :func:`retained`). Per operation:
+  wall time, this process's CPU and the server backend's CPU (from ``/proc``, when the
+  server is local), and the ratios to the smallest case.
+- ``pickup``: a job enqueued in this process, run by an idle JobEngine worker in another
+  (polling every 30 s, so only LISTEN/NOTIFY wakes it): enqueue-to-start latency, p50/p99.
+
+No peer queue (pgqueuer, procrastinate) is installed here, so none runs side by side.
+The server runs with its defaults except ``fsync`` (``--fsync off`` by
 default: this measures the engine and the SQL, not the disk; pass ``--fsync on`` for a
 durable server) and ``max_connections``. Run ``python benchmarks/bench_postgres.py --help``.
 """
@@ -27,7 +41,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -38,20 +54,27 @@ from threaddispatch.stores import JobState  # noqa: E402
 from threaddispatch.stores.postgres import PostgresStore  # noqa: E402
 
 
-def worker(dsn: str, schema: str, ready: Path, concurrency: int) -> int:
-    """A worker process: run no-op jobs until SIGTERM."""
+def worker(dsn: str, schema: str, ready: Path, concurrency: int, idle: bool = False) -> int:
+    """A worker process: run no-op jobs until SIGTERM (``idle``: polling every 30 s, woken by NOTIFY)."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     store = PostgresStore(dsn, schema=schema, max_size=4)
-    engine = JobEngine(store, concurrency=concurrency, poll_interval=0.05, max_poll_interval=0.2,
+    poll = (30.0, 30.0) if idle else (0.05, 0.2)
+    engine = JobEngine(store, concurrency=concurrency, poll_interval=poll[0], max_poll_interval=poll[1],
                        heartbeat_interval=5.0, stale_job_threshold=60.0)  # fmt: skip
     engine.register("noop", lambda ctx, payload: None, max_retries=0, timeout=None)
+    engine.register("stamp", stamp, max_retries=0, timeout=None)
     engine.start()
     ready.write_text("ready")
     stop.wait()
     engine.stop(10)
     store.close()
     return 0
+
+
+def stamp(ctx: object, payload: float) -> float:
+    """The pickup job: how long after its enqueue (``payload``, a time.time()) it started."""
+    return time.time() - payload
 
 
 def run_once(dsn: str, jobs: int, processes: int, concurrency: int, workdir: Path) -> tuple[float, float]:
@@ -103,6 +126,182 @@ def run_once(dsn: str, jobs: int, processes: int, concurrency: int, workdir: Pat
     return jobs / (enqueued - start), jobs / (done - start)
 
 
+# -- claims -----------------------------------------------------------------------------------------------
+
+# The claim over several queues of schema version 1, for the side-by-side rows: one ORDER BY
+# over every ready row of the queues (a sort of the whole ready set).
+V1_CLAIM_ANY = (
+    "UPDATE dispatch_jobs SET state = 'running', worker_id = %(worker)s, attempts = attempts + 1, "
+    "started_at = %(now)s, heartbeat_at = %(now)s, updated_at = %(now)s "
+    "WHERE seq IN (SELECT seq FROM dispatch_jobs WHERE state IN ('pending', 'retrying') "
+    "AND queue = ANY(%(queues)s) AND run_at <= %(now)s "
+    "ORDER BY priority DESC, run_at, seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED) RETURNING id"
+)
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def backend_cpu(pid: int) -> float:
+    """CPU seconds the server process ``pid`` has used (nan when it is not on this machine)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def per_op(op: Callable[[], object], count: int, pid: int) -> tuple[float, float, float]:
+    """``op`` run ``count`` times: (wall, client CPU, server backend CPU) in microseconds per call."""
+    server, wall, cpu = backend_cpu(pid), time.perf_counter(), time.process_time()
+    for _ in range(count):
+        op()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return wall / count * 1e6, cpu / count * 1e6, (backend_cpu(pid) - server) / count * 1e6
+
+
+def fresh_store(dsn: str) -> tuple[PostgresStore, str, int]:
+    """A store on a new schema with one connection: (store, schema, its backend pid)."""
+    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    store = PostgresStore(dsn, schema=schema, min_size=1, max_size=1)
+    store.migrate()
+    pid = store._run("reading the backend pid", lambda conn: conn.info.backend_pid, idempotent=True)
+    return store, schema, pid
+
+
+def load(conn: Any, state: str, count: int, queues: int, start: int = 0) -> None:
+    """``count`` jobs in ``state`` over ``queues`` queues, random priorities 0-4, due in the past."""
+    finished = "extract(epoch FROM now()) - 500" if state == "completed" else "NULL"
+    conn.execute(
+        "INSERT INTO dispatch_jobs (id, name, payload, queue, state, priority, attempts, max_retries, run_at, "
+        "created_at, updated_at, finished_at) SELECT md5(random()::text || g), 'noop', 'null', "
+        "'q' || (g %% %(queues)s), %(state)s, floor(random() * 5), 0, 0, extract(epoch FROM now()) - 1000 + g * 1e-6, "
+        f"extract(epoch FROM now()) - 1000, extract(epoch FROM now()), {finished} "
+        "FROM generate_series(%(start)s::bigint, %(end)s::bigint) AS g",
+        {"queues": queues, "state": state, "start": start, "end": start + count - 1},
+    )
+
+
+def row(label: str, cost: tuple[float, float, float], base: tuple[float, float, float] | None = None) -> None:
+    ratio = "" if base is None else f"  x{cost[0] / base[0]:5.2f} wall  x{cost[2] / base[2]:5.2f} server"
+    print(f"  {label:<58} {cost[0]:>9,.0f} {cost[1]:>9,.0f} {cost[2]:>9,.0f}{ratio}", flush=True)
+
+
+def header(title: str) -> None:
+    print(f"\n{title}\n  {'':<58} {'wall us':>9} {'client':>9} {'server':>9}  (per operation)")
+
+
+def multi_queue(dsn: str, ready: int = 75_000, count: int = 200) -> None:
+    """One claim of 4 over 1 and 3 queues with ``ready`` ready jobs: this store's claim and schema 1's."""
+    import psycopg
+
+    store, schema, pid = fresh_store(dsn)
+    try:
+        with psycopg.connect(dsn, autocommit=True, options=f"-c search_path={schema}") as conn:
+            load(conn, "pending", ready, 3)
+            conn.execute("VACUUM ANALYZE dispatch_jobs")
+            old_pid = conn.info.backend_pid
+            header(f"claim of 4, {ready:,} ready jobs over 3 queues")
+            three = ["q0", "q1", "q2"]
+
+            def claim(queues: list[str]) -> Callable[[], object]:
+                return lambda: store.claim(queues, 4, worker_id="w", now=time.time())
+
+            def v1_claim() -> object:
+                params = {"worker": "w", "now": time.time(), "limit": 4, "queues": three}
+                return conn.execute(V1_CLAIM_ANY, params).fetchall()
+
+            one = per_op(claim(["q0"]), count, pid)
+            row("store, one queue", one)
+            row("store, three queues (LATERAL per queue)", per_op(claim(three), count, pid), one)
+            row("schema 1 claim, three queues (= ANY, one sort)", per_op(v1_claim, max(5, count // 10), old_pid), one)
+    finally:
+        store.close()
+        drop(dsn, schema)
+
+
+def retained(dsn: str, sizes: list[int], ready: int = 2_000) -> None:
+    """Claim+complete and an idle claim as finished rows grow, before and after a vacuum.
+
+    The finished rows get there as the engine's do (pending, then running, then completed:
+    bulk UPDATEs), over two queues: q0 also holds ``ready`` jobs to claim and complete 4 at
+    a time, q1 none (its claims are idle). Each finished job leaves dead row versions and a
+    dead claim-index entry until a vacuum; autovacuum is off during the measurement and
+    ``VACUUM`` stands for it. Schema 1 left the default threshold (a vacuum after 20% of the
+    table changed: 200k rows at 1M), schema 2 vacuums after 1%.
+    """
+    import psycopg
+
+    header(f"as finished rows grow ({ready // 2:,} jobs claimed+completed 4 at a time, 200 idle claims)")
+    base: dict[str, tuple[float, float, float]] = {}
+    for size in sizes:
+        store, schema, pid = fresh_store(dsn)
+        try:
+            with psycopg.connect(dsn, autocommit=True, options=f"-c search_path={schema}") as conn:
+                conn.execute("ALTER TABLE dispatch_jobs SET (autovacuum_enabled = off)")
+                load(conn, "pending", size, 2)
+                conn.execute("UPDATE dispatch_jobs SET state = 'running', worker_id = 'w'")
+                conn.execute("UPDATE dispatch_jobs SET state = 'completed', finished_at = updated_at")
+                load(conn, "pending", ready, 1, start=size)
+                conn.execute("ANALYZE dispatch_jobs")
+                jobs = store.claim(["q0"], 4, worker_id="w", now=time.time())
+
+                def claim_complete() -> None:
+                    nonlocal jobs
+                    outcomes = [(job.id, "w", job.attempts, None, None) for job in jobs]
+                    jobs = store.complete_and_claim(outcomes, ["q0"], 4, worker_id="w", now=time.time())[1]
+
+                def idle() -> None:
+                    store.claim(["q1"], 4, worker_id="w", now=time.time())
+
+                for vacuumed in (False, True):
+                    if vacuumed:
+                        conn.execute("VACUUM dispatch_jobs")
+                    when = "vacuumed (schema 2: at 1%)" if vacuumed else "not vacuumed (schema 1: at 20%)"
+                    cost = per_op(claim_complete, ready // 8 - 1, pid)
+                    row(f"claim+complete, {size:,}, {when}", cost, base.setdefault("cc", cost))
+                    cost = per_op(idle, 200, pid)
+                    row(f"idle claim, {size:,}, {when}", cost, base.setdefault("idle", cost))
+        finally:
+            store.close()
+            drop(dsn, schema)
+
+
+def drop(dsn: str, schema: str) -> None:
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def pickup(dsn: str, workdir: Path, samples: int = 100) -> None:
+    """Enqueue here, run in an idle worker process: latency from enqueue to the job's start."""
+    store, schema, _ = fresh_store(dsn)
+    producer = JobEngine(store)
+    producer.register("stamp", stamp, max_retries=0, timeout=None)
+    ready = workdir / f"ready-{schema}"
+    proc = subprocess.Popen([sys.executable, __file__, "--worker", dsn, schema, str(ready), "4", "--idle"])
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("worker did not start")
+            time.sleep(0.02)
+        time.sleep(0.5)  # its listener connects
+        latencies = []
+        for _ in range(samples):
+            job_id = producer.enqueue("stamp", time.time())
+            latencies.append(producer.result(job_id, timeout=60))
+            time.sleep(0.02)  # the worker is idle again
+        latencies.sort()
+        p50, p99 = latencies[len(latencies) // 2], latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+        print(f"\ncross-process pickup, idle worker polling every 30 s ({samples} jobs): "
+              f"p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms", flush=True)  # fmt: skip
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        store.close()
+        drop(dsn, schema)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=10_000)
@@ -111,11 +310,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="best of this many runs (default 3)")
     parser.add_argument("--dsn", default=None, help="use this server instead of starting one")
     parser.add_argument("--fsync", choices=["on", "off"], default="off")
+    parser.add_argument("--parts", nargs="+", choices=["throughput", "claims", "pickup"],
+                        default=["throughput", "claims", "pickup"])  # fmt: skip
+    parser.add_argument("--retained", type=int, nargs="+", default=[1_000, 100_000, 1_000_000],
+                        help="finished rows kept in the table for the claim curve")  # fmt: skip
     parser.add_argument("--worker", nargs=4, metavar=("DSN", "SCHEMA", "READY", "CONCURRENCY"), help=argparse.SUPPRESS)
+    parser.add_argument("--idle", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         dsn, schema, ready, concurrency = args.worker
-        sys.exit(worker(dsn, schema, Path(ready), int(concurrency)))
+        sys.exit(worker(dsn, schema, Path(ready), int(concurrency), args.idle))
 
     server = None
     dsn = args.dsn
@@ -135,14 +339,20 @@ def main() -> None:
         print(f"PostgreSQL {version[0] if version else '?'}, fsync={args.fsync}, {os.cpu_count()} CPUs, "
               f"Python {sys.version.split()[0]}, {args.jobs} no-op jobs, {args.concurrency} threads per process, "
               f"best of {args.repeat}")  # fmt: skip
-        print(f"{'processes':>9}  {'enqueue jobs/s':>14}  {'end-to-end jobs/s':>17}")
         with tempfile.TemporaryDirectory() as workdir:
-            for processes in args.processes:
-                results = [run_once(dsn, args.jobs, processes, args.concurrency, Path(workdir))
-                           for _ in range(args.repeat)]  # fmt: skip
-                enqueue = max(r[0] for r in results)
-                end_to_end = max(r[1] for r in results)
-                print(f"{processes:>9}  {enqueue:>14,.0f}  {end_to_end:>17,.0f}", flush=True)
+            if "throughput" in args.parts:
+                print(f"{'processes':>9}  {'enqueue jobs/s':>14}  {'end-to-end jobs/s':>17}")
+                for processes in args.processes:
+                    results = [run_once(dsn, args.jobs, processes, args.concurrency, Path(workdir))
+                               for _ in range(args.repeat)]  # fmt: skip
+                    enqueue = max(r[0] for r in results)
+                    end_to_end = max(r[1] for r in results)
+                    print(f"{processes:>9}  {enqueue:>14,.0f}  {end_to_end:>17,.0f}", flush=True)
+            if "claims" in args.parts:
+                multi_queue(dsn)
+                retained(dsn, args.retained)
+            if "pickup" in args.parts:
+                pickup(dsn, Path(workdir))
     finally:
         if server is not None:
             server.stop()
