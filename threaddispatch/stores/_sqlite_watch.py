@@ -1,9 +1,10 @@
 """SQLiteStore's wake-ups: a process's subscribers and the watcher thread serving them: its one job.
 
 SQLite has no NOTIFY. While an engine of this process is subscribed, one daemon thread per
-store (``threaddispatch-sqlite-watch``) reads ``PRAGMA data_version`` every
-:data:`TICK` seconds on its own connection: a few microseconds, touching only the WAL index
-in shared memory, and it changes exactly when another connection (any process) committed.
+store (``threaddispatch-sqlite-watch``) reads ``PRAGMA data_version`` on its own
+connection every :data:`TICK` seconds after a change, backing off to :data:`IDLE_TICK`
+while nothing changes: a few microseconds, touching only the WAL index in shared memory,
+and it changes exactly when another connection (any process) committed.
 On a change it reads the rows inserted since it last looked (``seq`` above the last one
 seen, by the rowid: only the new rows) and
 
@@ -32,14 +33,16 @@ from typing import Protocol
 
 from threaddispatch.errors import StoreError
 
-__all__ = ["CHECKPOINT_EVERY", "TICK", "WakeupCallback", "WatchSource", "Watcher"]
+__all__ = ["CHECKPOINT_EVERY", "IDLE_TICK", "TICK", "WakeupCallback", "WatchSource", "Watcher"]
 
 WakeupCallback = Callable[[str | None, float | None], None]
 
 _log = logging.getLogger("threaddispatch.stores.sqlite")
 
-#: How often the watcher reads ``PRAGMA data_version`` (seconds).
+#: How often the watcher reads ``PRAGMA data_version`` (seconds) after a change ...
 TICK = 0.01
+#: ... growing by half each quiet look up to this (a new job waits at most this long for its wake-up).
+IDLE_TICK = 0.05
 #: The fewest seconds between two PASSIVE checkpoints by the watcher.
 CHECKPOINT_EVERY = 0.1
 _ROWS = 2_000  # new rows read per tick at most (a bigger batch is read over the next ticks)
@@ -184,10 +187,11 @@ class _Run:
 
     def _main(self) -> None:
         wait = 0.0
+        tick = TICK
         failing = False
         while not self._stop.wait(wait) and self.watcher._is_current(self):
             try:
-                self._step()
+                changed = self._step()
             except StoreError as error:
                 if not failing:
                     _log.warning("SQLiteStore %r watcher: %s; retrying every %.3gs", self.watcher.where, error, _RETRY)
@@ -195,16 +199,19 @@ class _Run:
                 wait = _RETRY
                 continue
             failing = False
-            wait = TICK
+            tick = TICK if changed else min(tick * 1.5, IDLE_TICK)
+            wait = tick
             if self._later:
                 wait = min(wait, max(0.0, self._later[0][0] - time.time()))
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One look; whether anything was committed since the last."""
         source = self.watcher.source
         if self._seq < 0:
             self._start(source)
         version = source._watch_version()
-        if version != self._version:
+        changed = version != self._version
+        if changed:
             self._version = version
             self._dirty = True
             self._read_new(source)
@@ -213,6 +220,7 @@ class _Run:
             source._watch_checkpoint()
             self._checkpointed = time.monotonic()
             self._dirty = False
+        return changed
 
     def _start(self, source: WatchSource) -> None:
         """First step: the rows present are not news, but the jobs already waiting for a later run_at are."""
