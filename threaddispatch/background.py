@@ -98,11 +98,11 @@ class _Sender(Generic[T]):
         # Immediate mode (testing.immediate()): sends run on the callers' threads, one at a
         # time under this lock, which then guards the counters; retries go at once.
         self.immediate = False
-        self.immediate_lock = threading.RLock()  # reentrant: a send may enqueue to its own dispatcher
         self.reset(closing=False)
 
     def reset(self, *, closing: bool) -> None:
-        """Fresh counters and a fresh ``closing`` Event (at construction, and in a forked child)."""
+        """Fresh counters, lock and ``closing`` Event (at construction, and in a forked child)."""
+        self.immediate_lock = threading.RLock()  # reentrant: a send may enqueue to its own dispatcher
         self.closing = threading.Event()  # set by close(): retries go at once instead of waiting
         if closing:
             self.closing.set()
