@@ -495,3 +495,26 @@ def test_a_shut_gate_is_asked_once_not_once_per_due_lane() -> None:
         engine._thread = None
     assert engine.close(5)  # closing bypasses the gate: everything goes
     assert engine.pending() == 0
+
+
+def test_while_the_gate_is_shut_only_the_held_lane_is_retried() -> None:
+    """Window after window with the gate shut, the one held lane is asked again, not a new lane each
+    time: the lanes due behind it wait untried, so the refusals do not grow with the lanes."""
+    engine: BatchEngine[int] = BatchEngine(
+        lambda key, items: None, name="test-held", window=0.01, max_batch_size=2, gate=lambda key: False
+    )
+    with engine._lock:
+        engine._thread = threading.current_thread()  # no worker: the test runs its turns
+    for key in range(100):
+        engine.put(1, key)
+        engine.put(2, key)
+    refused: list[Hashable] = []
+    with engine._lock:
+        for _turn in range(5):
+            work = engine._next_work()  # returns at the held lane's next window, refused again
+            assert work is not None
+            refused += [key for key, _count in work[1]]
+        assert len(engine._held) == 1
+        engine._thread = None
+    assert refused == [0] * 5
+    assert engine.close(5)
