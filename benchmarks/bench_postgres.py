@@ -13,7 +13,7 @@ processes P, in a fresh schema:
 Printed per P: enqueue jobs/s (step 2 alone) and end-to-end jobs/s (steps 2-3), best of
 ``--repeat``. Then (``--parts``):
 
-- ``claims``: one claim of 4 jobs with 75k ready jobs over three queues, on one queue and
+- ``claims``: one claim of 4 (and of 32) jobs with 75k ready jobs over three queues, on one queue and
   on all three, by the store and by the claim of schema 1 (``queue = ANY(...)``, one sort
   over the whole ready set) side by side; then claim+complete (``complete_and_claim`` of 4)
   and an idle claim as retained finished rows grow (``--retained``, default 1k, 100k, 1M,
@@ -190,7 +190,7 @@ def header(title: str) -> None:
 
 
 def multi_queue(dsn: str, ready: int = 75_000, count: int = 200) -> None:
-    """One claim of 4 over 1 and 3 queues with ``ready`` ready jobs: this store's claim and schema 1's."""
+    """Claims of 4 and of 32 over 1 and 3 queues with ``ready`` ready jobs: this store's claim and schema 1's."""
     import psycopg
 
     store, schema, pid = fresh_store(dsn)
@@ -199,20 +199,25 @@ def multi_queue(dsn: str, ready: int = 75_000, count: int = 200) -> None:
             load(conn, "pending", ready, 3)
             conn.execute("VACUUM ANALYZE dispatch_jobs")
             old_pid = conn.info.backend_pid
-            header(f"claim of 4, {ready:,} ready jobs over 3 queues")
             three = ["q0", "q1", "q2"]
+            for limit in (4, 32):
+                header(f"claim of {limit}, {ready:,} ready jobs over 3 queues")
 
-            def claim(queues: list[str]) -> Callable[[], object]:
-                return lambda: store.claim(queues, 4, worker_id="w", now=time.time())
+                def claim(queues: list[str], limit: int = limit) -> Callable[[], object]:
+                    return lambda: store.claim(queues, limit, worker_id="w", now=time.time())
 
-            def v1_claim() -> object:
-                params = {"worker": "w", "now": time.time(), "limit": 4, "queues": three}
-                return conn.execute(V1_CLAIM_ANY, params).fetchall()
+                def v1_claim(limit: int = limit) -> object:
+                    params = {"worker": "w", "now": time.time(), "limit": limit, "queues": three}
+                    return conn.execute(V1_CLAIM_ANY, params).fetchall()
 
-            one = per_op(claim(["q0"]), count, pid)
-            row("store, one queue", one)
-            row("store, three queues (LATERAL per queue)", per_op(claim(three), count, pid), one)
-            row("schema 1 claim, three queues (= ANY, one sort)", per_op(v1_claim, max(5, count // 10), old_pid), one)
+                one = per_op(claim(["q0"]), count, pid)
+                row("store, one queue", one)
+                row("store, three queues (LATERAL per queue)", per_op(claim(three), count, pid), one)
+                row(
+                    "schema 1 claim, three queues (= ANY, one sort)",
+                    per_op(v1_claim, max(5, count // 10), old_pid),
+                    one,
+                )
     finally:
         store.close()
         drop(dsn, schema)
