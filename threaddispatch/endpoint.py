@@ -92,10 +92,13 @@ class EndpointBatchDispatcher(Closing):
     A batch holds jobs of one endpoint only, at most ``max_batch_size`` of them, highest
     ``priority`` first and first in first out within a priority. An endpoint's queue goes at
     once when it holds ``max_batch_size`` jobs, otherwise ``batch_timeout`` seconds after its
-    first job arrived. At most ``max_concurrent_batches`` batches are in flight: a batch over
-    the limit is skipped (``batch_skipped``), its jobs stay queued, and it goes when a batch
-    finishes or its next window closes. Batches are sent on up to ``max_concurrent_batches``
-    daemon threads ``threaddispatch-<name>-send-<n>``, taken by one thread ``threaddispatch-<name>``.
+    first job arrived. At most ``max_concurrent_batches`` batches are in flight: the first
+    batch over the limit is skipped (``batch_skipped``), its jobs stay queued, and it goes when
+    a batch finishes (or is retried when its next window closes); batches that come due while
+    it waits queue up behind it, in order, untried and without an event of their own, so a
+    full limit costs the same with 10 endpoints or 100,000. Batches are sent on up to
+    ``max_concurrent_batches`` daemon threads ``threaddispatch-<name>-send-<n>``, taken by one
+    thread ``threaddispatch-<name>``.
     The limit is over all endpoints, so two batches of one endpoint may be in flight together:
     jobs keep their order within a batch, not across batches.
 
