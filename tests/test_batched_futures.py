@@ -10,6 +10,7 @@ import pytest
 
 from threaddispatch import AsyncDispatcher, BackgroundDispatcher, BatchedDispatcher
 from threaddispatch.backoff import Constant, RetryPolicy
+from threaddispatch.errors import DispatcherClosedError
 from threaddispatch.testing import wait_for
 
 pytestmark = pytest.mark.timeout(30)
@@ -104,3 +105,19 @@ def test_a_handed_message_in_a_batch_whose_send_raises_is_retried_then_reported(
         wait_for(lambda: failed == ["x"], 10, message="x reported")
         assert ad.stop(10)
         assert sum(batch.count("x") for batch in calls) == 2
+
+
+def test_a_message_handed_to_a_closed_batched_dispatcher_fails_and_the_rest_still_settle() -> None:
+    """A hand-off the BatchedDispatcher refuses (it is closed) fails that message only: it reaches the error
+    handler with DispatcherClosedError, and the AsyncDispatcher still stops cleanly."""
+    failed: list[Any] = []
+    bd: BatchedDispatcher[str] = BatchedDispatcher(lambda _t, ms: [None] * len(ms), flush_interval=0.001)
+    assert bd.close(10)
+    ad: AsyncDispatcher[str] = AsyncDispatcher(bd, "q", lambda fm: failed.append((fm.message, type(fm.error))))
+    sender = ad.setup(10)
+    ad.start()
+    for message in ("a", "b"):
+        sender.put(message, timeout=5)
+    wait_for(lambda: len(failed) == 2, 10, message="both reported")
+    assert failed == [("a", DispatcherClosedError), ("b", DispatcherClosedError)]
+    assert ad.stop(10)

@@ -90,7 +90,7 @@ class _AsyncState(Generic[T]):
         # A BatchedDispatcher's Future-free hand-off (settled once per batch); only without a
         # dispatch_timeout, which it would not need (it never blocks) but which submit honours.
         hand_off = getattr(dispatcher, "_hand_off", None) if dispatch_timeout is None else None
-        self.hand_off: Callable[..., None] | None = hand_off if callable(hand_off) else None
+        self.hand_off: Callable[..., list[tuple[Any, BaseException]]] | None = hand_off if callable(hand_off) else None
         self.on_handed = self._on_handed  # made once: the hand-off groups a batch's messages by it
         self.flush: Callable[[float | None], object] | None = flush if callable(flush) else None
         self.target = target
@@ -326,7 +326,8 @@ class _AsyncState(Generic[T]):
         """Take messages one at a time and hand each to the dispatcher, until stopped and drained."""
         delivered = 0  # direct sends that succeeded, counted at the next lock
         inline = self.caller.timeout is None  # no timeout: a plain dispatch runs right here
-        # The messages this loop is handling, for _abandon; a hand-off chunk is held last-first.
+        # The messages this loop is handling, for _abandon (a fault inside a hand-off may report some
+        # of its chunk failed that were handed over: better than losing them).
         holding: list[tuple[_Entry[T], int]] = []
         try:
             while True:
@@ -344,10 +345,8 @@ class _AsyncState(Generic[T]):
                     self._flush()
                     continue
                 if holding:
-                    while holding:
-                        entry, attempts = holding[-1]
-                        self._hand(entry, attempts + 1)
-                        holding.pop()
+                    self._hand(holding)
+                    holding = []
                     continue
                 holding = [job]
                 entry, attempts = job
@@ -422,7 +421,7 @@ class _AsyncState(Generic[T]):
             self._wait_for_work(None if until is None else min(until, _MAX_WAIT))
 
     def _take_more(self, job: tuple[_Entry[T], int]) -> list[tuple[_Entry[T], int]]:
-        """``job`` and up to ``_HAND_CHUNK - 1`` more buffered messages, for the hand-off, last first. Holds mutex.
+        """``job`` and up to ``_HAND_CHUNK - 1`` more buffered messages, in order, for the hand-off. Holds mutex.
 
         Takes only what ``_next_job`` would take next: not while the failure backlog is full
         nor past ``max_in_flight``; a retry due now is taken by the next ``_next_job``.
@@ -441,7 +440,6 @@ class _AsyncState(Generic[T]):
         self.submitted += count
         if self.put_waiters:
             self.not_full.notify(count)
-        taken.reverse()
         return taken
 
     def _dispatch(self, message: T, delay: int | None, context: contextvars.Context | None) -> Outcome:
@@ -496,13 +494,12 @@ class _AsyncState(Generic[T]):
         else:
             future.add_done_callback(functools.partial(self._on_done, entry, attempt))
 
-    def _hand(self, entry: _Entry[T], attempt: int) -> None:
-        """Hand ``entry`` to the BatchedDispatcher without a Future; :meth:`_on_handed` settles it."""
+    def _hand(self, taken: list[tuple[_Entry[T], int]]) -> None:
+        """Hand ``taken`` to the BatchedDispatcher in one call, without Futures; :meth:`_on_handed` settles them."""
         assert self.hand_off is not None
-        try:
-            self.hand_off(entry, self.target, self.on_handed, (entry, attempt))
-        except BaseException as error:  # noqa: BLE001 - refused (closed, a bad delay): this message failed
-            self._settle(entry, attempt, error)
+        handed = [(entry, (entry, attempts + 1)) for entry, attempts in taken]
+        for (entry, attempt), error in self.hand_off(handed, self.target, self.on_handed):
+            self._settle(entry, attempt, error)  # refused (closed, a bad delay): this message failed
 
     def _on_handed(self, settled: list[tuple[tuple[_Entry[T], int], BaseException | None]]) -> None:
         """A batch of handed messages was sent or failed (a send thread, nothing held): one lock for its successes."""
@@ -577,7 +574,7 @@ class _AsyncState(Generic[T]):
             self.retrying = 0
             self.in_flight -= len(left)
             left += [(entry, 0) for entry in self.buffer]
-            left[:0] = reversed(holding)
+            left[:0] = holding
             self.in_flight -= len(holding)
             self.buffer.clear()
             self.failed += len(left)

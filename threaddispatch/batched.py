@@ -485,23 +485,33 @@ class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
 
     def _hand_off(
         self,
-        handed: tuple[T, int | None, contextvars.Context | None],
+        handed: list[tuple[tuple[T, int | None, contextvars.Context | None], object]],
         target: str,
         settle: Settle,
-        token: object,
-    ) -> None:
-        """:meth:`submit` without a Future, for :class:`~threaddispatch.buffered.AsyncDispatcher`.
+    ) -> list[tuple[object, BaseException]]:
+        """:meth:`submit` without Futures, for :class:`~threaddispatch.buffered.AsyncDispatcher`, in order.
 
-        ``handed`` is ``(message, delay_seconds or None, context or None)``. Once the batch
-        holding the message was sent or failed, ``settle`` gets ``[(token, error or None), ...]``
-        for that batch's hand-offs that share it, on a send thread (or, past close()'s
-        deadline, on the thread that fails them). The message runs in ``context`` (None:
-        the caller's). Raises as :meth:`submit` does.
+        ``handed`` holds ``((message, delay_seconds or None, context or None), token)``. Once
+        the batch holding a message was sent or failed, ``settle`` gets ``[(token, error or
+        None), ...]`` for that batch's hand-offs that share it, on a send thread (or, past
+        close()'s deadline, on the thread that fails them). A message runs in its
+        ``context`` (None: the caller's). Returns ``(token, error)`` for each message
+        refused as :meth:`submit` would refuse it (closed, a delay it cannot take); never raises.
         """
-        message, delay_seconds, context = handed
-        delay = None if delay_seconds is None else self._check_delay(delay_seconds)
-        captured = contextvars.copy_context() if context is None else context
-        self._accept(_Pending(message, None, delay, captured, settle=settle, token=token), target)
+        refused: list[tuple[object, BaseException]] = []
+        put = self._engine.put
+        state = self._state
+        for (message, delay_seconds, context), token in handed:
+            captured = contextvars.copy_context() if context is None else context
+            try:
+                if delay_seconds is None and not state.closed:  # the common case: straight to the lane
+                    put(_Pending(message, None, None, captured, settle=settle, token=token), target)
+                    continue
+                delay = None if delay_seconds is None else self._check_delay(delay_seconds)
+                self._accept(_Pending(message, None, delay, captured, settle=settle, token=token), target)
+            except Exception as error:  # noqa: BLE001 - refused: that message fails, the others go on
+                refused.append((token, error))
+        return refused
 
     def _accept(self, pending: _Pending[T], target: str) -> None:
         """Queue ``pending`` for ``target`` (held first when it carries a delay and ``hold_delays``)."""
