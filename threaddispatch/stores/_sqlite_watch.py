@@ -42,7 +42,7 @@ _log = logging.getLogger("threaddispatch.stores.sqlite")
 #: How often the watcher reads ``PRAGMA data_version`` (seconds) after a change ...
 TICK = 0.01
 #: ... growing by half each quiet look up to this (a new job waits at most this long for its wake-up).
-IDLE_TICK = 0.05
+IDLE_TICK = 0.03
 #: The fewest seconds between two PASSIVE checkpoints by the watcher.
 CHECKPOINT_EVERY = 0.1
 _ROWS = 2_000  # new rows read per tick at most (a bigger batch is read over the next ticks)

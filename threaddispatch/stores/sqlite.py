@@ -13,7 +13,7 @@ needs; the per-thread connections, pragmas, fork safety and the process's write 
   ``UPDATE ... RETURNING`` statement (SQLite >= 3.35). This process's writers take turns
   on a Python lock, never in SQLite's sleeping busy handler.
 - Wake-ups (:meth:`SQLiteStore.subscribe_wakeups`): a watcher thread per store, running
-  while an engine is subscribed, announces jobs other processes enqueue within about 10 ms
+  while an engine is subscribed, announces jobs other processes enqueue within 10 to 30 ms
   and delayed jobs when they fall due. Engines keep polling as the fallback.
 - Versioned migrations (:attr:`SQLiteStore.MIGRATIONS`, recorded in
   ``dispatch_schema_version``); a SQL backend mirrors the list with its own DDL.
