@@ -96,15 +96,12 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
         # the lock from worker threads: a lost or repeated insert only builds a policy again.
         self.policies: dict[float, RetryPolicy] = {}
         self.pool = WorkerPool(max_workers, name=name)
+        # Request ids are f"{id_prefix}-{next(ids)}" (made by the dispatcher's add and by nothing else).
         self.id_prefix = secrets.token_hex(4)
         self.ids = itertools.count(1)
         self.clock: Callable[[], float] = time.monotonic  # ages for deduplicate_time; tests may replace it
         self._init_state()
         _lifecycle.register(self)
-
-    def new_id(self) -> str:
-        """A request id unique to this dispatcher (and process)."""
-        return f"{self.id_prefix}-{next(self.ids)}"
 
     # -- intake --------------------------------------------------------------------------------
 

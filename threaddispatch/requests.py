@@ -282,8 +282,9 @@ class RequestDispatcher(_lifecycle.Closing, Generic[RequestT, ResponseT]):
                 raise ConfigurationError(f"the dedupe_key function returned {show(key)}; it must return a str")
             dedupe_key = (queue_key, key)
         core = self._core
+        request_id = f"{core.id_prefix}-{next(core.ids)}"
         req = PendingRequest(
-            core.new_id(), queue_key, request, mode, dedupe_key, deduplicate_time, retry, retry_time, bool(offline)
+            request_id, queue_key, request, mode, dedupe_key, deduplicate_time, retry, retry_time, bool(offline)
         )
         if core.cache_by_default or not (cache_time is None and stale_time is None and cache_key is None):
             req.cache = self._cache.plan(request, cache_key, cache_time, stale_time)
