@@ -112,8 +112,6 @@ def cycles(graph: Mapping[str, set[str]]) -> list[list[str]]:
 #: Circles whose removal is under way in modules this suite's owner does not edit, each xfailed
 #: below; the main test ignores the edges between the pair so it still guards everything else.
 PENDING: dict[tuple[str, str], str] = {
-    (f"{PACKAGE}.jobs", f"{PACKAGE}.middleware"): "middleware imports JobContext from jobs (TYPE_CHECKING) "
-    "until JobContext gets its own module (issue 13, the jobs split)",
     (f"{PACKAGE}._validate", f"{PACKAGE}.errors"): "errors.Retry imports _validate.check_seconds lazily while "
     "_validate imports errors: Retry must check its delay without _validate (errors.py is not edited here)",
 }
