@@ -345,3 +345,24 @@ def test_a_collection_inside_a_locked_section_still_ends_the_close() -> None:
         rd._finalizer()  # type: ignore[misc]
     wait_for(lambda: core.done, timeout=10, message="the close finished")
     assert rd.close(5) is True
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_can_close_though_its_close_lock_was_held_at_fork() -> None:
+    """A close lock held by a parent thread at fork (in the middle of a close) is a fresh one in the child."""
+    rd: RequestDispatcher[str, str] = RequestDispatcher(lambda request, token: request)
+    with rd._close_lock:  # as a parent thread inside close() would hold it
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 1
+            try:
+                closer = threading.Thread(target=rd.close, args=(5,), daemon=True)
+                closer.start()
+                closer.join(10)
+                if not closer.is_alive() and rd.closed:
+                    code = 0
+            finally:
+                os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert rd.close(5)

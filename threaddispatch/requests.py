@@ -212,6 +212,7 @@ class RequestDispatcher(_lifecycle.Closing, Generic[RequestT, ResponseT]):
         # (The finalizer holds the core: a send or listener referring to this object keeps it
         # alive until close, which detaches the finalizer.)
         self._init_closing(self._core.collect)
+        _lifecycle.register(self)  # for the fork reset of the close lock; held weakly
         restored: list[RequestHandle[ResponseT]] = []
         if storage is not None:
             try:
@@ -429,6 +430,13 @@ class RequestDispatcher(_lifecycle.Closing, Generic[RequestT, ResponseT]):
 
     def _finish_close(self, deadline: float | None) -> bool:
         return self._core.close(deadline)
+
+    def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
+        return 0, 0  # the core is registered itself and drains the requests
+
+    def _reset_after_fork(self) -> None:
+        """In a forked child: a fresh close lock (the core resets itself)."""
+        self._reset_closing_after_fork()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("online" if self.online else "offline")
