@@ -1,14 +1,17 @@
-"""SQLiteStore's per-thread connections: closed once their thread has ended."""
+"""SQLiteStore's per-thread connections: closed once their thread has ended; they never checkpoint on commit."""
 
 from __future__ import annotations
 
 import os
 import threading
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 
-from threaddispatch.stores import SQLiteStore
+from threaddispatch.stores import JobRecord, SQLiteStore
+from threaddispatch.testing import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -51,3 +54,31 @@ def test_the_connections_of_ended_threads_are_closed_when_a_new_thread_connects(
     finally:
         store.close()
     assert _open_files_on(path) == 0
+
+
+def _jobs(count: int) -> list[JobRecord]:
+    now = time.time()
+    return [
+        JobRecord(id=uuid.uuid4().hex, name="noop", payload="null", run_at=now, created_at=now, updated_at=now)
+        for _ in range(count)
+    ]
+
+
+def test_commits_do_not_checkpoint_the_watcher_does(tmp_path: Path) -> None:
+    """Enqueues leave the WAL to the watcher: no commit copies pages into the database file (the stall
+    behind enqueue's p99); once an engine subscribes, the watcher's PASSIVE checkpoint does."""
+    path = tmp_path / "jobs.db"
+    store = SQLiteStore(path)
+    try:
+        before = path.stat().st_size
+        for job in _jobs(600):  # some 1,800 WAL pages: past SQLite's default autocheckpoint of 1,000
+            store.enqueue([job])
+        assert path.stat().st_size == before, "a commit checkpointed the WAL into the database file"
+        unsubscribe = store.subscribe_wakeups(lambda queue, run_at: None)
+        try:
+            store.enqueue(_jobs(1))
+            wait_for(lambda: path.stat().st_size > before, 20, message="the watcher to checkpoint")
+        finally:
+            unsubscribe()
+    finally:
+        store.close()

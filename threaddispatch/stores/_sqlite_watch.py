@@ -176,7 +176,7 @@ class _Run:
         self._later: list[tuple[float, str]] = []  # delayed jobs, sorted by run_at, at most _DUE_CAP
         self._reread: float | None = None  # later jobs were dropped past this run_at: read them again
         self._checkpointed = 0.0
-        self._dirty = False  # a change since the last checkpoint
+        self._dirty = True  # a change since the last checkpoint (at start: what others left in the WAL)
         self.thread = threading.Thread(target=self._main, name="threaddispatch-sqlite-watch", daemon=True)
 
     def stop(self, timeout: float = 1.0) -> None:
