@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -227,3 +228,39 @@ def test_a_forked_child_starts_without_the_parents_watcher_and_its_own_hears_the
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=80, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "child exit 0", done.stderr
+
+
+class _FakeSource:
+    """A WatchSource with no new rows and ``later`` delayed jobs (run_at, queue) pending from the start."""
+
+    def __init__(self, later: list[tuple[float, str]]) -> None:
+        self.later = sorted(later)
+
+    def _watch_version(self) -> int:
+        return 1
+
+    def _watch_rows(self, after_seq: int, limit: int) -> tuple[int, list[tuple[int, str, float]]]:
+        return 0, []
+
+    def _watch_later(self, after: float, limit: int) -> list[tuple[float, str]]:
+        return [job for job in self.later if job[0] > after][:limit]
+
+    def _watch_checkpoint(self) -> None:
+        pass
+
+
+def test_delayed_jobs_past_the_memory_cap_are_read_again_and_all_announced(monkeypatch: pytest.MonkeyPatch) -> None:
+    from threaddispatch.stores import _sqlite_watch
+
+    monkeypatch.setattr(_sqlite_watch, "_DUE_CAP", 3)
+    start = time.time() + 0.2
+    source = _FakeSource([(start + n * 0.01, f"q{n}") for n in range(10)])
+    watcher = _sqlite_watch.Watcher(source, where="fake")
+    wakeups = _Wakeups()
+    unsubscribe = watcher.subscribe(wakeups)
+    try:
+        for n in range(10):
+            assert wakeups.wait(f"q{n}") == start + n * 0.01
+    finally:
+        unsubscribe()
+        watcher.close(5)

@@ -254,8 +254,10 @@ class _Run:
             self.watcher.wake(list(ready.items()))
 
     def _keep_later(self, jobs: list[tuple[float, str]]) -> None:
-        for job in jobs:
-            bisect.insort(self._later, job)
+        if not jobs:
+            return
+        self._later.extend(jobs)
+        self._later.sort()
         if len(self._later) > _DUE_CAP:
             dropped = self._later[_DUE_CAP][0]
             del self._later[_DUE_CAP:]
