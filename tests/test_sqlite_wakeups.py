@@ -20,7 +20,7 @@ from threaddispatch.testing import live_dispatch_threads, wait_for
 pytestmark = pytest.mark.timeout(60)
 
 _ROOT = Path(__file__).resolve().parents[1]
-_WATCH = "threaddispatch-sqlite-watch"
+_WATCH = ("threaddispatch-sqlite-watch", "threaddispatch-sqlite-checkpoint")
 
 
 def _enqueue_elsewhere(path: Path, *, queue: str = "default", delay: float | None = None) -> str:
@@ -43,7 +43,8 @@ def _enqueue_elsewhere(path: Path, *, queue: str = "default", delay: float | Non
 
 
 def _watchers() -> list[threading.Thread]:
-    return [thread for thread in live_dispatch_threads() if thread.name == _WATCH]
+    """The live watcher and checkpoint threads."""
+    return [thread for thread in live_dispatch_threads() if thread.name in _WATCH]
 
 
 class _Wakeups:
@@ -113,10 +114,10 @@ def test_the_watcher_thread_runs_while_subscribed_and_stops_with_the_last_unsubs
         assert _watchers() == []
         first = store.subscribe_wakeups(lambda queue, run_at: None)
         second = store.subscribe_wakeups(lambda queue, run_at: None)
-        assert len(_watchers()) == 1
+        assert len(_watchers()) == 2
         first()
         first()  # idempotent
-        assert len(_watchers()) == 1
+        assert len(_watchers()) == 2
         second()
         wait_for(lambda: not _watchers(), 10, message="the watcher thread to stop after the last unsubscribe")
     finally:
@@ -126,7 +127,7 @@ def test_the_watcher_thread_runs_while_subscribed_and_stops_with_the_last_unsubs
 def test_close_stops_the_watcher_thread(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "jobs.db")
     unsubscribe = store.subscribe_wakeups(lambda queue, run_at: None)
-    assert len(_watchers()) == 1
+    assert len(_watchers()) == 2
     store.close()
     wait_for(lambda: not _watchers(), 10, message="the watcher thread to stop at close")
     unsubscribe()  # after close: a no-op

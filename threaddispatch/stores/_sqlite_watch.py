@@ -15,8 +15,9 @@ seen, by the rowid: only the new rows) and
   keeps ``(run_at, queue)`` and calls the subscribers when it falls due (the thread sleeps
   until then, so a delayed job is announced within a millisecond or so of its ``run_at``).
 
-It also runs the PASSIVE WAL checkpoints (at most every :data:`CHECKPOINT_EVERY` seconds,
-after changes), so no commit of this process stalls on one. Jobs another process made ready
+It also has the PASSIVE WAL checkpoints run (at most every :data:`CHECKPOINT_EVERY` seconds,
+after changes) on a second thread, ``threaddispatch-sqlite-checkpoint``, so no commit of this
+process stalls on one, nor an announcement behind a slow fsync. Jobs another process made ready
 again by an update (release, reap, requeue, a retry) are not seen: engines keep polling as
 the fallback. Started by the first subscriber, stopped by the last unsubscribe and by close;
 a forked child starts with none.
@@ -105,7 +106,7 @@ class Watcher:
             generation = self._generation
             if self._run is None:
                 self._run = _Run(self)
-                self._run.thread.start()  # only waits for the thread to exist, never for this lock
+                self._run.start()  # only waits for the threads to exist, never for this lock
 
         def unsubscribe() -> None:
             with self._lock:
@@ -166,24 +167,48 @@ def _owned(seq: int, ranges: list[list[int]]) -> bool:
 
 
 class _Run:
-    """One watcher thread's state; only that thread touches the fields below ``_stop``."""
+    """One watcher thread's state, and its checkpoint thread; only the watcher thread touches the
+    fields below ``_checkpoint``."""
 
     def __init__(self, watcher: Watcher) -> None:
         self.watcher = watcher
         self._stop = threading.Event()
+        self._checkpoint = threading.Event()  # set: the checkpoint thread should run one
         self._version: int | None = None
         self._seq = -1  # the highest seq seen (-1: not read yet)
         self._later: list[tuple[float, str]] = []  # delayed jobs, sorted by run_at, at most _DUE_CAP
         self._reread: float | None = None  # later jobs were dropped past this run_at: read them again
         self._checkpointed = 0.0
         self._dirty = True  # a change since the last checkpoint (at start: what others left in the WAL)
-        self.thread = threading.Thread(target=self._main, name="threaddispatch-sqlite-watch", daemon=True)
+        self.threads = (
+            threading.Thread(target=self._main, name="threaddispatch-sqlite-watch", daemon=True),
+            threading.Thread(target=self._checkpoints, name="threaddispatch-sqlite-checkpoint", daemon=True),
+        )
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
 
     def stop(self, timeout: float = 1.0) -> None:
-        """Ask the thread to leave; wait for it up to ``timeout`` unless called on it."""
+        """Ask the threads to leave; wait for them up to ``timeout`` in all (not for the calling one)."""
         self._stop.set()
-        if threading.current_thread() is not self.thread:
-            self.thread.join(timeout)
+        self._checkpoint.set()
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _checkpoints(self) -> None:
+        while not self._stop.is_set():
+            if not self._checkpoint.wait(_RETRY):
+                continue
+            self._checkpoint.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.watcher.source._watch_checkpoint()
+            except StoreError as error:
+                _log.debug("SQLiteStore %r: checkpoint failed: %s", self.watcher.where, error)
 
     def _main(self) -> None:
         wait = 0.0
@@ -217,7 +242,7 @@ class _Run:
             self._read_new(source)
         self._announce_due(source)
         if self._dirty and time.monotonic() - self._checkpointed >= CHECKPOINT_EVERY:
-            source._watch_checkpoint()
+            self._checkpoint.set()
             self._checkpointed = time.monotonic()
             self._dirty = False
         return changed

@@ -152,7 +152,7 @@ class SQLiteStore(Store):
                 return 0
 
     def close(self) -> None:
-        """Stop the watcher thread and close every connection this process opened. Idempotent; later use
+        """Stop the watcher threads and close every connection this process opened. Idempotent; later use
         raises StoreError.
 
         Call it after the engines using the store have stopped. Waits for a thread still
@@ -188,7 +188,8 @@ class SQLiteStore(Store):
     def subscribe_wakeups(self, callback: WakeupCallback) -> Callable[[], None]:
         """Have ``callback(queue, run_at)`` called when other processes' jobs arrive, and when delayed jobs fall due.
 
-        Runs on this store's watcher thread (``threaddispatch-sqlite-watch``, see
+        Runs on this store's watcher thread (``threaddispatch-sqlite-watch``, with
+        ``threaddispatch-sqlite-checkpoint`` beside it; see
         :mod:`~threaddispatch.stores._sqlite_watch`), started by the first subscriber and
         stopped with the last and by :meth:`close`. ``(None, None)`` means "look now".
         Returns an idempotent unsubscribe function. Non-blocking.
