@@ -13,7 +13,7 @@
   over at once) instead of sleeping in SQLite's busy handler (1, 2, 5, 10 ms ... between
   tries). Other processes still meet ``busy_timeout``.
 - Checkpoints stay off the commit path: connections checkpoint on their own only past
-  :data:`AUTOCHECKPOINT_PAGES` (a backstop); the store's watcher thread runs PASSIVE
+  :data:`AUTOCHECKPOINT_PAGES` (a backstop); the store's checkpoint thread runs PASSIVE
   checkpoints while an engine is subscribed.
 """
 
