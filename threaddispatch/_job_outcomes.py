@@ -152,15 +152,18 @@ class Recorder:
                 )
             return []
         listening = self._shared.events.has_listeners("job_completed")
+        completed = 0
         for outcome in batch:
             job = outcome.slot.job
             if job.id not in applied:
                 effects.lost.append(outcome.slot)
                 continue
             job.state, job.result, job.finished_at, job.error = JobState.COMPLETED, outcome.text, now, outcome.note
-            effects.add("completed")
+            completed += 1
             if listening:
                 effects.events.append(("job_completed", (job, outcome.result)))
+        if completed:
+            effects.counts["completed"] = completed
         return claimed
 
     # -- failures --------------------------------------------------------------------------------------

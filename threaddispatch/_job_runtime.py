@@ -357,14 +357,7 @@ class Runtime:
         ctx.started = time.monotonic()
         if shared.events.has_listeners("job_started"):
             shared.events.emit("job_started", job)
-        outcome = self._attempt(slot)
-        with shared.lock:
-            if slot.settled:
-                # Timed out, lost or handed back meanwhile: that outcome stands; this one is discarded.
-                self._forget(slot)
-                return
-            slot.settled = True
-        self.record(outcome)
+        self.record(self._attempt(slot), handler_done=True)
 
     def _attempt(self, slot: Slot) -> Outcome:
         """Run the job's handler through the middleware; its outcome (no lock held)."""
@@ -398,18 +391,28 @@ class Runtime:
 
     # -- the one completion path -------------------------------------------------------------------------
 
-    def record(self, outcome: Outcome) -> None:
-        """Record a settled slot's outcome (any thread, no lock held): the only way an outcome is written.
+    def record(self, outcome: Outcome, *, handler_done: bool = False) -> None:
+        """Record a slot's outcome (any thread, no lock held): the only way an outcome is written.
 
-        While running, the fetcher writes it with its next claim (the group commit), and the
-        slot stays in flight (its job running) until then; otherwise it is written here, now,
-        with any outcome still queued.
+        ``handler_done``: the outcome is the handler's own, and settles the slot, unless the slot
+        was settled meanwhile (timed out, lost or handed back: that outcome stands, this one is
+        discarded); otherwise the caller has settled the slot (a timeout). While running, the
+        fetcher writes the outcome with its next claim (the group commit), and the slot stays
+        in flight (its job running) until then; otherwise it is written here, now, with any
+        outcome still queued.
         """
         shared = self.shared
-        with shared.lock:
+        slot = outcome.slot
+        with shared.lock:  # one critical section per outcome: the hot path of every job
+            if handler_done:
+                if slot.settled:
+                    self._forget(slot)
+                    return
+                slot.settled = True
             if self.state == "running":
                 self._done.append(outcome)
-                self._wake_fetcher()
+                self._wake_pending = True
+                shared.wake.notify()
                 return
             batch, self._done = [*self._done, outcome], []
         self._write(batch)
@@ -492,7 +495,8 @@ class Runtime:
         shared.wake.notify()
         if self.state != "running":
             shared.idle.notify_all()
-        shared.wake_waiters(slot.job.id)
+        if shared.waiters:
+            shared.wake_waiters(slot.job.id)
 
     def lose(self, slot: Slot) -> None:
         """The store says the job is no longer our claim (cancelled, reaped, re-claimed)."""
