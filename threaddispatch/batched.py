@@ -2,19 +2,9 @@
 
 The face of TypeQueue's ``BatchedDispatcher`` on the shared
 :class:`~threaddispatch._engine.BatchEngine`: one lane per target, the engine's window is
-``flush_interval`` and its size trigger ``max_batch_size``. The engine's worker hands
-each batch to :meth:`_BatchState.deliver`, which runs ``send_batch(target, messages)`` on
-the shared :class:`~threaddispatch._pool.WorkerPool` and returns the pool's Future, so
-the engine settles the batch (and ``flush()`` waits for it) when the send is done.
-
-Concurrency cap and back-pressure: ``deliver`` takes one of ``max_concurrent_sends``
-send slots before it submits, and blocks the engine worker while every slot is busy.
-This is deliberate, instead of the engine's ``gate``: the gate holds a lane back for a
-whole window each time it says no (adding latency even when a slot frees a moment
-later), and the engine ignores it while closing, so the cap would not hold during a
-drain. A blocked worker holds the cap always; meanwhile lanes keep filling, so batches
-grow fuller under load. Only a ``close()`` deadline ends the wait: past it, what is
-still queued fails with DispatchTimeoutError instead of waiting for a hung send.
+``flush_interval`` and its size trigger ``max_batch_size``. What runs the sends (send
+slots, the pool, settling outcomes) is ``_batched_state._BatchState``; this module is
+the public face (submit, dispatch, flush, close, immediate mode).
 
 Each message carries its own Future, which gets its id or its exception.
 ``send_batch`` returns one result per message (an id, None, or an exception), as SQS
@@ -29,50 +19,22 @@ message; ``send_batch`` itself runs in a copy of the first message's context.
 from __future__ import annotations
 
 import contextvars
-import logging
-import threading
 import time
-from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from threaddispatch import _immediate, _lifecycle
-from threaddispatch._batched_immediate import call_here
-from threaddispatch._buffered_types import in_context
+from threaddispatch._batched_state import Envelope, Settle, _BatchState, _Pending
 from threaddispatch._engine import BatchEngine
 from threaddispatch._future import LazyFuture
-from threaddispatch._invoke import ERROR, Outcome, TimedCaller, call
-from threaddispatch._pool import WorkerPool
 from threaddispatch._validate import check_positive_int, check_seconds, show
-from threaddispatch.errors import (
-    ConfigurationError,
-    DispatcherClosedError,
-    DispatchTimeoutError,
-    ThreadDispatchError,
-)
+from threaddispatch.errors import ConfigurationError, DispatcherClosedError, DispatchTimeoutError
 
 __all__ = ["BatchedDispatcher", "Envelope", "SendBatch", "SendEnvelopes"]
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Envelope(Generic[T]):
-    """One message as ``send_batch`` sees it with ``envelopes=True``.
-
-    ``delay_seconds`` is the delay it was submitted with, as given (an int stays an int),
-    to pass on per entry (SQS ``SendMessageBatch``'s ``DelaySeconds``); None: no delay was
-    asked for, or ``hold_delays=True`` already held it here. ``context`` is the submitter's
-    :class:`contextvars.Context`, captured at ``submit``: ``envelope.context.run(fn)``
-    runs ``fn`` in it (a trace id, a logging context).
-    """
-
-    message: T
-    delay_seconds: float | None
-    context: contextvars.Context = field(compare=False, repr=False)
-
 
 _Results = Sequence["str | BaseException | None"]
 #: ``send_batch(target, messages)``: returns one result per message, an id (or None) or an exception
@@ -81,277 +43,7 @@ SendBatch = Callable[[str, list[T]], "_Results | Awaitable[_Results]"]
 #: ``send_batch(target, envelopes)`` with ``envelopes=True``: one :class:`Envelope` per message, same results.
 SendEnvelopes = Callable[[str, list[Envelope[T]]], "_Results | Awaitable[_Results]"]
 
-_log = logging.getLogger("threaddispatch")
 _names = iter(range(1, 1 << 62))
-
-# Send threads leave after this long without work. Short, so the threads of a dispatcher
-# that was garbage-collected (not closed) do not linger; starting one again is cheap.
-_SEND_IDLE_TIMEOUT = 2.0
-
-
-class _Pending(Generic[T]):
-    """A message in a lane, with how its outcome is reported, its delay to pass on and its submitter's context.
-
-    A submitted message has a ``future``. A message handed over by an AsyncDispatcher
-    (:meth:`BatchedDispatcher._hand_off`) has none: ``settle`` gets the outcomes of a
-    whole batch at once, each beside its ``token`` (no Future, no lock per message).
-    """
-
-    __slots__ = ("context", "delay", "future", "message", "settle", "token")
-
-    def __init__(
-        self,
-        message: T,
-        future: Future[str | None] | None,
-        delay: float | None,
-        context: contextvars.Context,
-        *,
-        settle: Settle | None = None,
-        token: object = None,
-    ) -> None:
-        self.message = message
-        self.future = future
-        self.delay = delay
-        self.context = context
-        self.settle = settle
-        self.token = token
-
-    def __repr__(self) -> str:
-        return f"message {show(self.message)}"
-
-
-#: What a hand-off's ``settle`` gets once per batch: ``(token, error or None)`` for each of its messages.
-Settle = Callable[[list[tuple[Any, "BaseException | None"]]], object]
-
-
-class _BatchState(Generic[T]):
-    """What the engine worker and the send threads touch: never the BatchedDispatcher itself.
-
-    Registered with the lifecycle registry for the fork reset (the send-slot count of the
-    parent means nothing in the child); the engine and the pool drain themselves at exit.
-    """
-
-    def __init__(
-        self,
-        send_batch: Callable[[str, list[Any]], object],
-        name: str,
-        max_concurrent_sends: int,
-        envelopes: bool,
-        send_timeout: float | None,
-    ) -> None:
-        self.send_batch = send_batch
-        self.envelopes = envelopes  # send_batch gets Envelopes instead of bare messages
-        self.name = name
-        self.max_concurrent_sends = max_concurrent_sends
-        self.pool = WorkerPool(max_concurrent_sends, name=f"{name}-send", idle_timeout=_SEND_IDLE_TIMEOUT)
-        # send_batch runs through it: on the pool thread without a timeout, else on its runners.
-        self.caller = TimedCaller(f"{name}-send", timeout=send_timeout, idle_timeout=_SEND_IDLE_TIMEOUT)
-        self.closed = False
-        self.give_up_at: float | None = None  # close()'s deadline: queued batches fail after it
-        self.deadline_set = False  # give_up_at was set by the first close()
-        self.failed_at_close = 0
-        self.sent = 0
-        self.failed = 0
-        self.cancelled = 0
-        self.calls = 0
-        self.local = threading.local()  # .sending: how many send_batch calls this thread is inside
-        self._init_runtime()
-
-    def _init_runtime(self) -> None:
-        # mutex must be held whenever a field of this object changes; slot_free is a condition on it.
-        self.mutex = threading.Lock()
-        self.slot_free = threading.Condition(self.mutex)
-        self.sending = 0  # send slots taken: sends submitted to the pool and not returned yet
-
-    def _past_give_up(self) -> bool:
-        return self.give_up_at is not None and time.monotonic() >= self.give_up_at
-
-    def deliver(self, target: Hashable, items: list[_Pending[T]]) -> Future[None] | None:
-        """The engine's ``deliver``: take a send slot (waiting while all are busy) and submit the send.
-
-        Runs on the engine worker. Returns the pool's Future (the engine settles the batch
-        when it is done), or None when nothing is left to send.
-        """
-        batch = [
-            pending for pending in items if pending.future is None or pending.future.set_running_or_notify_cancel()
-        ]
-        if len(batch) != len(items):
-            with self.mutex:
-                self.cancelled += len(items) - len(batch)
-        if not batch:
-            return None
-        with self.mutex:
-            while self.sending >= self.max_concurrent_sends and not self._past_give_up():
-                # Back-pressure: the engine keeps buffering while we wait. Only close() ends
-                # this wait early (it sets give_up_at and notifies).
-                remaining = None if self.give_up_at is None else self.give_up_at - time.monotonic()
-                self.slot_free.wait(remaining)
-            give_up = self._past_give_up()
-            if not give_up:
-                self.sending += 1
-        if give_up:
-            self._fail(
-                batch,
-                DispatchTimeoutError(
-                    f"{self.name}: closed and its timeout passed before a batch of {len(batch)} message(s) "
-                    f"to {target!r} could be sent"
-                ),
-            )
-            return None
-        try:
-            return self.pool.submit(self.send, target, batch)
-        except DispatcherClosedError as error:
-            self._release()
-            self._fail(batch, error)
-            return None
-
-    def _release(self, *, called: bool = False) -> None:
-        with self.mutex:
-            self.sending -= 1
-            self.calls += called
-            self.slot_free.notify()
-
-    def send(self, target: str, batch: list[_Pending[T]]) -> None:
-        """Run ``send_batch`` for one batch (on a pool thread, holding a send slot) and settle its messages."""
-        try:
-            outcome = self._send_batch(target, batch, self._call)
-        finally:
-            self._release(called=True)
-        self._settle(target, batch, outcome)
-
-    def send_now(self, target: str, batch: list[_Pending[T]]) -> None:
-        """Immediate mode: run ``send_batch`` on this thread (no slot, the timeout checked on return) and settle."""
-        outcome = self._send_batch(target, batch, self._call_here)
-        with self.mutex:
-            self.calls += 1
-        self._settle(target, batch, outcome)
-
-    def _send_batch(
-        self, target: str, batch: list[_Pending[T]], how: Callable[[contextvars.Context, str, list[Any]], Outcome]
-    ) -> Outcome:
-        payload: list[Any]
-        if self.envelopes:
-            payload = [Envelope(pending.message, pending.delay, pending.context) for pending in batch]
-        else:
-            payload = [pending.message for pending in batch]
-        # A copy: send_batch may run an envelope's own context (the first one's included).
-        context = batch[0].context.copy()
-        local = self.local
-        local.sending = getattr(local, "sending", 0) + 1
-        try:
-            return how(context, target, payload)
-        finally:
-            local.sending -= 1
-
-    def _settle(self, target: str, batch: list[_Pending[T]], outcome: Outcome) -> None:
-        if outcome.error is not None:  # the whole batch failed (a BaseException and a timeout too)
-            self._fail(batch, outcome.error)
-            return
-        outcomes = self._outcomes(target, batch, outcome.value)
-        if outcomes is not None:
-            self._resolve(batch, outcomes)
-
-    def _call_here(self, context: contextvars.Context, target: str, payload: list[Any]) -> Outcome:
-        what = f"{self.name}: send_batch({target!r}, <{len(payload)} messages>)"
-        return context.run(call_here, self.caller.timeout, what, self.send_batch, target, payload)
-
-    def _call(self, context: contextvars.Context, target: str, payload: list[Any]) -> Outcome:
-        """``send_batch(target, payload)`` in ``context`` (this batch's own copy), within the timeout; never raises."""
-        caller = self.caller
-        if caller.timeout is None:
-            return context.run(call, self.send_batch, target, payload)
-        try:
-            return caller.call(in_context, context, self.send_batch, target, payload)
-        except DispatcherClosedError:  # close() passed its deadline while this send was queued
-            error = DispatchTimeoutError(
-                f"{self.name}: closed and its timeout passed before a batch of {len(payload)} message(s) "
-                f"to {target!r} could be sent"
-            )
-            return Outcome(ERROR, None, error)
-
-    def _outcomes(self, target: str, batch: list[_Pending[T]], results: object) -> list[Any] | None:
-        """Check ``send_batch``'s return value: one result per message, or fail the whole batch."""
-        problem = None
-        outcomes: list[Any] = []
-        if results is None or isinstance(results, (str, bytes, bytearray)) or not isinstance(results, Iterable):
-            problem = f"returned {type(results).__name__}"
-        else:
-            try:
-                outcomes = list(results)
-            except Exception as error:  # noqa: BLE001 - a broken iterable fails the batch like a raise would
-                self._fail(batch, error)
-                return None
-            if len(outcomes) != len(batch):
-                problem = f"returned {len(outcomes)} result(s)"
-        if problem is None:
-            return outcomes
-        self._fail(
-            batch,
-            ThreadDispatchError(
-                f"{self.name}: send_batch({target!r}, <{len(batch)} messages>) {problem}; it must return a list "
-                f"with one result (an id, None or an exception) per message, so none of them counts as sent"
-            ),
-        )
-        return None
-
-    def _fail(self, batch: list[_Pending[T]], error: BaseException) -> None:
-        self._resolve(batch, [error] * len(batch))
-
-    def _resolve(self, batch: list[_Pending[T]], outcomes: list[Any]) -> None:
-        """Give each message its outcome (an id, None or an exception): its Future, or its hand-off's
-        ``settle`` once per batch. Nothing held: Future callbacks and ``settle`` are user-side code."""
-        sent = failed = 0
-        handed: dict[Settle, list[tuple[Any, BaseException | None]]] | None = None
-        for pending, outcome in zip(batch, outcomes, strict=True):
-            error = outcome if isinstance(outcome, BaseException) else None
-            if error is None:
-                sent += 1
-            else:
-                failed += 1
-            future = pending.future
-            if future is not None:
-                if error is None:
-                    future.set_result(outcome)
-                else:
-                    future.set_exception(error)
-                continue
-            assert pending.settle is not None
-            if handed is None:
-                handed = {}
-            handed.setdefault(pending.settle, []).append((pending.token, error))
-        with self.mutex:
-            self.sent += sent
-            self.failed += failed
-        if handed is not None:
-            for settle, settled in handed.items():
-                outcome = call(settle, settled)
-                if outcome.error is not None:
-                    _log.error("%s: a hand-off's settle raised", self.name, exc_info=outcome.error)
-
-    def in_send(self) -> bool:
-        """Whether the calling thread is inside ``send_batch`` (it cannot wait for its own batch)."""
-        return bool(getattr(self.local, "sending", 0))
-
-    def stop_intake(self) -> None:
-        """The first close(): refuse new messages; failures from here on count against the close."""
-        with self.mutex:
-            self.closed = True
-            self.failed_at_close = self.failed
-
-    def give_up_by(self, deadline: float | None) -> None:
-        """Fail what is still queued once ``deadline`` passes (the first close()'s; later ones keep it)."""
-        with self.mutex:
-            if self.deadline_set:
-                return
-            self.deadline_set = True
-            self.give_up_at = deadline
-            self.slot_free.notify_all()
-
-    def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
-        return 0, 0  # the engine and the pool are registered themselves and drain at exit
-
-    def _reset_after_fork(self) -> None:
-        self._init_runtime()
 
 
 class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
