@@ -177,16 +177,19 @@ def _point(n: int, cpu_ns: float, *, complete: bool = True, series: str = "depth
 
 
 def test_sparkbars_scale_within_a_series() -> None:
-    bars = _bench_curves.sparkbars([_point(10, 100.0), _point(100, 100.0), _point(1000, 200.0)], width=10)
-    lines = bars.splitlines()
-    assert lines[1].endswith("|#####       100")
-    assert lines[2].endswith("|#####       100")
-    assert lines[3].endswith("|##########  200")
+    points = [_point(10, 900.0), _point(1000, 100.0), _point(2000, 100.0), _point(3000, 200.0)]
+    lines = _bench_curves.sparkbars(points, width=10).splitlines()
+    assert lines[1].endswith("|##########+  900")  # under 1,000 operations: off the scale
+    assert lines[2].endswith("|#####        100")
+    assert lines[3].endswith("|#####        100")
+    assert lines[4].endswith("|##########   200")
 
 
-def test_curve_table_ratio_to_the_first_point_marks_unfinished() -> None:
-    table = _bench_curves.format_curves([_point(10, 100.0), _point(1000, 250.0, complete=False)])
-    assert "2.50+" in table and "NO: 0 of 1,000 in 5 s" in table
+def test_curve_table_ratio_to_the_base_point_marks_unfinished() -> None:
+    points = [_point(10, 900.0), _point(1000, 100.0), _point(3000, 250.0, complete=False)]
+    table = _bench_curves.format_curves(points)
+    assert "9.00" in table and "1.00" in table and "2.50+" in table
+    assert "NO: 0 of 3,000 in 5 s" in table
 
 
 def test_handoff_table_ratios_to_queue_and_executor() -> None:

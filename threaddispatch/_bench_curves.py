@@ -551,12 +551,31 @@ def _done(p: CurvePoint) -> str:
     return f"NO: {p.delivered:,} of {p.ops:,} in {p.timeout_s:.0f} s"
 
 
+BASE_OPS = 1_000  # a point with fewer operations mostly measures start-up (threads, the first window)
+
+
+def _by_series(points: list[CurvePoint]) -> dict[str, list[CurvePoint]]:
+    groups: dict[str, list[CurvePoint]] = {}
+    for p in points:
+        groups.setdefault(p.series, []).append(p)
+    return groups
+
+
+def _base(group: list[CurvePoint]) -> CurvePoint:
+    """The point a series' ratios are to: its first with at least ``BASE_OPS`` operations (else its first)."""
+    return next((p for p in group if p.ops >= BASE_OPS and not math.isnan(p.cpu_ns)), group[0])
+
+
 def format_curves(points: list[CurvePoint]) -> str:
-    """The curve points as a simple reStructuredText table; ``x first`` is CPU per op over the series' first point."""
-    first: dict[str, CurvePoint] = {}
+    """The curve points as a simple reStructuredText table.
+
+    ``x base`` is CPU per op over the series' base point's (see :func:`_base`); ``+`` marks
+    a lower bound (the point did not finish).
+    """
+    bases = {series: _base(group) for series, group in _by_series(points).items()}
     rows = []
     for p in points:
-        base = first.setdefault(p.series, p)
+        base = bases[p.series]
         ratio = p.cpu_ns / base.cpu_ns if base.cpu_ns > 0 else float("nan")
         rows.append(
             (
@@ -571,7 +590,7 @@ def format_curves(points: list[CurvePoint]) -> str:
                 _done(p),
             )
         )
-    header = ("curve", "n", "ops", "CPU ns/op", "x first", "wall ns/op", "caller ns/op", "max call ms", "finished")
+    header = ("curve", "n", "ops", "CPU ns/op", "x base", "wall ns/op", "caller ns/op", "max call ms", "finished")
     return _table(header, rows)
 
 
@@ -602,30 +621,26 @@ def format_handoffs(points: list[CurvePoint]) -> str:
 def sparkbars(points: list[CurvePoint], width: int = 40) -> str:
     """ASCII bars of CPU ns/op per curve point, scaled per series: a flat curve is bars of one length.
 
-    A point that did not finish ends in ``>`` (its figure is a lower bound).
+    The scale is the largest point with at least ``BASE_OPS`` operations; a larger one is cut
+    at full width and ends in ``+``. A point that did not finish ends in ``>`` (a lower bound).
     """
     lines: list[str] = []
-    by_series: dict[str, list[CurvePoint]] = {}
-    for p in points:
-        by_series.setdefault(p.series, []).append(p)
-    for series, group in by_series.items():
-        values = [p.cpu_ns for p in group if not math.isnan(p.cpu_ns)]
-        top = max(values, default=0.0) or 1.0
+    for series, group in _by_series(points).items():
+        measured = [p for p in group if not math.isnan(p.cpu_ns)]
+        top = max((p.cpu_ns for p in measured if p.ops >= BASE_OPS), default=0.0)
+        top = top or max((p.cpu_ns for p in measured), default=0.0) or 1.0
         lines.append(f"{group[0].label} (CPU ns/op, {CURVES.get(series, ('', 'n'))[1]}):")
         for p in group:
             size = 0 if math.isnan(p.cpu_ns) else max(1, round(p.cpu_ns / top * width))
-            bar = "#" * size + (">" if not p.complete else "")
+            bar = "#" * min(size, width) + ("+" if size > width else "") + (">" if not p.complete else "")
             figure = "failed" if p.error else _ns(p.cpu_ns)
-            lines.append(f"  {p.n:>10,} |{bar.ljust(width + 1)} {figure}")
+            lines.append(f"  {p.n:>10,} |{bar.ljust(width + 2)} {figure}")
     return "\n".join(lines)
 
 
 def plot_curves(ax: Any, points: list[CurvePoint]) -> None:
     """Draw the curves on a matplotlib Axes: CPU ns/op by n, log-log; unfinished points as open triangles."""
-    by_series: dict[str, list[CurvePoint]] = {}
-    for p in points:
-        by_series.setdefault(p.series, []).append(p)
-    for group in by_series.values():
+    for group in _by_series(points).values():
         xs = [p.n for p in group]
         ys = [p.cpu_ns for p in group]
         (line,) = ax.plot(xs, ys, marker="o", label=group[0].label)
