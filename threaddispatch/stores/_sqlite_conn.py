@@ -8,10 +8,6 @@
   child would inherit held); it then closes every connection in the parent, so the child
   inherits none, nor SQLite's per-file lock state. Both processes reopen connections on
   next use; the child never touches a parent's connection, not even to close it.
-- One writer at a time in this process: every write transaction holds
-  :attr:`Connections.write_lock`, so this process's writers queue on a Python lock (handed
-  over at once) instead of sleeping in SQLite's busy handler (1, 2, 5, 10 ms ... between
-  tries). Other processes still meet ``busy_timeout``.
 - Checkpoints stay off the commit path: connections checkpoint on their own only past
   :data:`AUTOCHECKPOINT_PAGES` (a backstop); the store's checkpoint thread runs PASSIVE
   checkpoints while an engine is subscribed.
@@ -27,7 +23,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
@@ -40,9 +36,8 @@ __all__ = [
     "Connections",
     "Immediate",
     "Slot",
-    "reads",
     "synchronous_for",
-    "writes",
+    "translate",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -154,13 +149,11 @@ class Connections:
 
     def _init_process_state(self) -> None:
         # _slots_lock guards _slots (every thread's slot in this process, for close() and the
-        # fork hook). Lock order: _slots_lock, then slot locks, then write_lock; never back.
+        # fork hook). Lock order: _slots_lock, then slot locks; never the other way round.
         self._slots_lock = threading.Lock()
         self._slots: list[Slot] = []
         self._local = threading.local()
         self._pid = os.getpid()
-        # Held (inside a slot lock) for the length of every write transaction of this process.
-        self.write_lock = threading.RLock()
         # Set by prepare_for_fork under _slots_lock, read by resume_after_fork before releasing it.
         self._fork_held: list[Slot] = []
         self._fork_stuck = 0
@@ -198,7 +191,7 @@ class Connections:
         self._slots = kept
 
     def conn(self) -> sqlite3.Connection:
-        """This thread's connection, opened on first use; only with the slot's lock held (see :func:`reads`)."""
+        """This thread's connection, opened on first use; only with the slot's lock held (see :func:`translate`)."""
         slot = self.slot()
         if slot.conn is not None:
             return slot.conn
@@ -214,19 +207,6 @@ class Connections:
             raise
         slot.conn = conn
         return conn
-
-    @contextlib.contextmanager
-    def writing(self) -> Iterator[None]:
-        """Hold this process's write lock, waiting up to ``busy_timeout`` (StoreUnavailableError past it)."""
-        if not self.write_lock.acquire(timeout=self.busy_timeout):
-            raise StoreUnavailableError(
-                f"SQLite store unavailable: another thread of this process held the write lock "
-                f"for over {self.busy_timeout:.3g}s"
-            )
-        try:
-            yield
-        finally:
-            self.write_lock.release()
 
     @staticmethod
     def _close_slot(slot: Slot) -> None:
@@ -304,38 +284,21 @@ class _HasConnections(Protocol):
     _connections: Connections
 
 
-def _run_translated(self: _HasConnections, fn: Callable[..., Any], write: bool, *args: Any, **kwargs: Any) -> Any:
-    with self._connections.slot().lock:
-        try:
-            if not write:
-                return fn(self, *args, **kwargs)
-            with self._connections.writing():
-                return fn(self, *args, **kwargs)
-        except sqlite3.OperationalError as error:
-            text = str(error).lower()
-            if "locked" in text or "busy" in text or "unable to open" in text:
-                raise StoreUnavailableError(f"SQLite store unavailable: {error}") from error
-            raise StoreError(f"SQLite store error: {error}") from error
-        except sqlite3.Error as error:
-            raise StoreError(f"SQLite store error: {error}") from error
-
-
-def reads(fn: F) -> F:
+def translate(fn: F) -> F:
     """A store method: run it holding this thread's slot lock (see :class:`Slot`) and turn sqlite3
     errors into StoreUnavailableError (locked/busy) or StoreError."""
 
     @functools.wraps(fn)
     def wrapper(self: _HasConnections, *args: Any, **kwargs: Any) -> Any:
-        return _run_translated(self, fn, False, *args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def writes(fn: F) -> F:
-    """A store method that writes: as :func:`reads`, also holding the process's write lock."""
-
-    @functools.wraps(fn)
-    def wrapper(self: _HasConnections, *args: Any, **kwargs: Any) -> Any:
-        return _run_translated(self, fn, True, *args, **kwargs)
+        with self._connections.slot().lock:
+            try:
+                return fn(self, *args, **kwargs)
+            except sqlite3.OperationalError as error:
+                text = str(error).lower()
+                if "locked" in text or "busy" in text or "unable to open" in text:
+                    raise StoreUnavailableError(f"SQLite store unavailable: {error}") from error
+                raise StoreError(f"SQLite store error: {error}") from error
+            except sqlite3.Error as error:
+                raise StoreError(f"SQLite store error: {error}") from error
 
     return wrapper  # type: ignore[return-value]

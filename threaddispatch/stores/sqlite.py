@@ -1,7 +1,7 @@
 """SQLiteStore: the embedded default job store, one file shared by threads and processes.
 
 This module is the :class:`~threaddispatch.stores.Store` methods and the SQL only SQLite
-needs; the per-thread connections, pragmas, fork safety and the process's write lock are in
+needs; the per-thread connections, pragmas and fork safety are in
 :mod:`~threaddispatch.stores._sqlite_conn`, the cross-process wake-ups and checkpoints in
 :mod:`~threaddispatch.stores._sqlite_watch`, the group commit of ``durability="full"`` in
 :mod:`~threaddispatch.stores._sqlite_commit`.
@@ -10,8 +10,8 @@ needs; the per-thread connections, pragmas, fork safety and the process's write 
   opens its own); ``fork()`` is safe while threads use the store.
 - Short transactions; every write that reads first runs under ``BEGIN IMMEDIATE`` so
   two processes never both decide from the same snapshot. A claim is ONE
-  ``UPDATE ... RETURNING`` statement (SQLite >= 3.35). This process's writers take turns
-  on a Python lock, never in SQLite's sleeping busy handler.
+  ``UPDATE ... RETURNING`` statement (SQLite >= 3.35). No commit runs a checkpoint
+  (the watcher's checkpoint thread does).
 - Wake-ups (:meth:`SQLiteStore.subscribe_wakeups`): a watcher thread per store, running
   while an engine is subscribed, announces jobs other processes enqueue within 10 to 30 ms
   and delayed jobs when they fall due. Engines keep polling as the fallback.
@@ -37,7 +37,7 @@ from threaddispatch.errors import ConfigurationError, JobNotFoundError, StoreErr
 from threaddispatch.stores import _sql
 from threaddispatch.stores._sql import Statements, cron_from_row, job_from_row, job_params, letter_from_row
 from threaddispatch.stores._sqlite_commit import GroupCommitter
-from threaddispatch.stores._sqlite_conn import Connections, Immediate, reads, synchronous_for, writes
+from threaddispatch.stores._sqlite_conn import Connections, Immediate, synchronous_for, translate
 from threaddispatch.stores._sqlite_sql import SCHEMA_V1, TYPES, chunks, claim_in, complete_in, marks
 from threaddispatch.stores._sqlite_watch import WakeupCallback, Watcher
 from threaddispatch.stores.base import (
@@ -129,12 +129,12 @@ class SQLiteStore(Store):
             self.migrate()
 
     def _conn(self) -> sqlite3.Connection:
-        """This thread's connection, opened on first use; only inside a ``@reads``/``@writes`` method."""
+        """This thread's connection, opened on first use; only inside a ``@translate`` method."""
         return self._connections.conn()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    @writes
+    @translate
     def migrate(self) -> int:
         """Apply the migrations newer than the file's version; returns the version. Idempotent, multi-process safe."""
         conn = self._conn()
@@ -200,12 +200,12 @@ class SQLiteStore(Store):
             self._reset_after_fork()
         return self._watcher.subscribe(callback)
 
-    @reads
+    @translate
     def _watch_version(self) -> int:
         """``PRAGMA data_version`` of the calling thread's connection: changes when another connection commits."""
         return int(self._conn().execute("PRAGMA data_version").fetchone()[0])
 
-    @reads
+    @translate
     def _watch_rows(self, after_seq: int, limit: int) -> tuple[int, list[tuple[int, str, float]]]:
         """The highest seq, and up to ``limit`` ready jobs above ``after_seq`` up to it: (seq, queue, run_at)."""
         conn = self._conn()
@@ -214,12 +214,12 @@ class SQLiteStore(Store):
             return highest, []
         return highest, conn.execute(_NEW_READY, (after_seq, highest, limit)).fetchall()
 
-    @reads
+    @translate
     def _watch_later(self, after: float, limit: int) -> list[tuple[float, str]]:
         """Up to ``limit`` ready jobs due after ``after`` (epoch), earliest first: (run_at, queue)."""
         return self._conn().execute(_LATER_READY, (after, limit)).fetchall()
 
-    @reads
+    @translate
     def _watch_checkpoint(self) -> None:
         """A PASSIVE WAL checkpoint (copies what it can, waits for nobody)."""
         self._conn().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
@@ -236,7 +236,7 @@ class SQLiteStore(Store):
         conn.execute(_INSERT, job_params(job))
         return job.id
 
-    @reads
+    @translate
     def enqueue(self, jobs: Sequence[JobRecord]) -> list[str]:
         """See :meth:`Store.enqueue`. One IMMEDIATE transaction (shared by concurrent callers with
         ``durability="full"``); plain jobs go in one executemany."""
@@ -252,23 +252,22 @@ class SQLiteStore(Store):
     def _write_jobs(self, requests: Sequence[Sequence[JobRecord]]) -> list[list[str]]:
         """Insert every request's jobs in one transaction on this thread's connection; each request's ids."""
         conn = self._conn()
-        with self._connections.writing():
-            first = requests[0]
-            if len(requests) == 1 and len(first) == 1 and first[0].unique_key is None:
-                # One statement is its own atomic transaction: skip BEGIN/COMMIT round trips.
-                cursor = conn.execute(_INSERT, job_params(first[0]))
-                if self._watcher.active and cursor.lastrowid is not None:
-                    self._watcher.note_own(cursor.lastrowid, cursor.lastrowid)
-                return [[first[0].id]]
-            before = conn.total_changes
-            with Immediate(conn):
-                ids = [self._insert_many(conn, jobs) for jobs in requests]
-                inserted = conn.total_changes - before
-                last = int(conn.execute("SELECT last_insert_rowid()").fetchone()[0]) if inserted else 0
-            if inserted and self._watcher.active:
-                # One writer inserting: the transaction's rows took consecutive seqs.
-                self._watcher.note_own(last - inserted + 1, last)
-            return ids
+        first = requests[0]
+        if len(requests) == 1 and len(first) == 1 and first[0].unique_key is None:
+            # One statement is its own atomic transaction: skip BEGIN/COMMIT round trips.
+            cursor = conn.execute(_INSERT, job_params(first[0]))
+            if self._watcher.active and cursor.lastrowid is not None:
+                self._watcher.note_own(cursor.lastrowid, cursor.lastrowid)
+            return [[first[0].id]]
+        before = conn.total_changes
+        with Immediate(conn):
+            ids = [self._insert_many(conn, jobs) for jobs in requests]
+            inserted = conn.total_changes - before
+            last = int(conn.execute("SELECT last_insert_rowid()").fetchone()[0]) if inserted else 0
+        if inserted and self._watcher.active:
+            # One writer inserting: the transaction's rows took consecutive seqs.
+            self._watcher.note_own(last - inserted + 1, last)
+        return ids
 
     def _insert_many(self, conn: sqlite3.Connection, jobs: Sequence[JobRecord]) -> list[str]:
         """Insert ``jobs`` in the open transaction; their ids (a unique key's active holder for a duplicate)."""
@@ -283,14 +282,14 @@ class SQLiteStore(Store):
 
     # -- workers -------------------------------------------------------------------------------------
 
-    @writes
+    @translate
     def claim(self, queues: Sequence[str], limit: int, *, worker_id: str, now: float) -> list[JobRecord]:
         """See :meth:`Store.claim`: one ``UPDATE ... RETURNING`` under BEGIN IMMEDIATE."""
         conn = self._conn()
         with Immediate(conn):
             return claim_in(conn, queues, limit, worker_id, now)
 
-    @writes
+    @translate
     def complete_and_claim(
         self,
         outcomes: Sequence[Completion],
@@ -307,7 +306,7 @@ class SQLiteStore(Store):
             jobs = claim_in(conn, queues, limit, worker_id, now)
         return done, jobs
 
-    @writes
+    @translate
     def heartbeat(self, job_ids: Sequence[str], *, worker_id: str, now: float) -> set[str]:
         """See :meth:`Store.heartbeat`."""
         alive: set[str] = set()
@@ -333,7 +332,7 @@ class SQLiteStore(Store):
         )
         return letter_from_row(conn.execute(_SQL.get_letter, (letter_id,)).fetchone())
 
-    @writes
+    @translate
     def reap_stale(self, *, older_than: float, now: float) -> list[str]:
         """See :meth:`Store.reap_stale`."""
         conn = self._conn()
@@ -359,7 +358,7 @@ class SQLiteStore(Store):
                     )
         return [row[0] for row in rows]
 
-    @writes
+    @translate
     def complete(
         self, job_id: str, *, worker_id: str, attempts: int, result: str | None, now: float, error: str | None = None
     ) -> bool:
@@ -367,7 +366,7 @@ class SQLiteStore(Store):
         cursor = self._conn().execute(_COMPLETE, (result, error, now, now, job_id, worker_id, attempts))
         return cursor.rowcount == 1
 
-    @writes
+    @translate
     def complete_many(self, outcomes: Sequence[Completion], *, now: float) -> set[str]:
         """See :meth:`Store.complete_many`: one IMMEDIATE transaction, one statement per 100 jobs."""
         if not outcomes:
@@ -376,7 +375,7 @@ class SQLiteStore(Store):
         with Immediate(conn):
             return complete_in(conn, outcomes, now)
 
-    @writes
+    @translate
     def retry_later(
         self, job_id: str, *, worker_id: str, attempts: int, run_at: float, error: str | None, now: float
     ) -> bool:
@@ -384,7 +383,7 @@ class SQLiteStore(Store):
         cursor = self._conn().execute(_SQL.retry_later, (run_at, error, now, job_id, worker_id, attempts))
         return cursor.rowcount == 1
 
-    @writes
+    @translate
     def fail(
         self, job_id: str, *, worker_id: str | None, attempts: int | None, error: str | None, now: float
     ) -> DeadLetter | None:
@@ -409,7 +408,7 @@ class SQLiteStore(Store):
                     return None
             return self._push_dead_letter(conn, job_id, error, now)
 
-    @writes
+    @translate
     def release(self, job_ids: Sequence[str], *, worker_id: str, now: float, refund_attempt: bool = True) -> int:
         """See :meth:`Store.release`."""
         if not job_ids:
@@ -429,13 +428,13 @@ class SQLiteStore(Store):
 
     # -- management --------------------------------------------------------------------------------
 
-    @reads
+    @translate
     def get(self, job_id: str) -> JobRecord | None:
         """See :meth:`Store.get`."""
         row = self._conn().execute(_SQL.get_job, (job_id,)).fetchone()
         return None if row is None else job_from_row(row)
 
-    @reads
+    @translate
     def list_jobs(
         self, *, state: JobState | None = None, queue: str | None = None, limit: int = 50, offset: int = 0
     ) -> list[JobRecord]:
@@ -444,7 +443,7 @@ class SQLiteStore(Store):
         rows = self._conn().execute(*_SQL.list_jobs(state, queue, limit, offset)).fetchall()
         return [job_from_row(row) for row in rows]
 
-    @reads
+    @translate
     def counts(self, *, queue: str | None = None) -> dict[JobState, int]:
         """See :meth:`Store.counts`."""
         if queue is None:
@@ -453,7 +452,7 @@ class SQLiteStore(Store):
             rows = self._conn().execute(_SQL.count_queue, (queue,)).fetchall()
         return _sql.counts_from_rows(rows)
 
-    @reads
+    @translate
     def counts_by_queue(self, queues: Sequence[str]) -> dict[str, dict[JobState, int]]:
         """See :meth:`Store.counts_by_queue`: one ``GROUP BY queue, state`` read over every queue."""
         rows = self._conn().execute("SELECT queue, state, count(*) FROM dispatch_jobs GROUP BY queue, state")
@@ -463,7 +462,7 @@ class SQLiteStore(Store):
                 by_queue[queue].append((state, count))
         return {queue: _sql.counts_from_rows(found) for queue, found in by_queue.items()}
 
-    @writes
+    @translate
     def cancel(
         self,
         job_id: str,
@@ -493,7 +492,7 @@ class SQLiteStore(Store):
             raise JobNotFoundError(f"no job with id {job_id!r}")
         return False
 
-    @writes
+    @translate
     def requeue(self, job_id: str, *, now: float) -> None:
         """See :meth:`Store.requeue`."""
         conn = self._conn()
@@ -505,7 +504,7 @@ class SQLiteStore(Store):
             conn.execute(_SQL.requeue, (now, now, job_id))
             conn.execute(_SQL.delete_job_letters, (job_id,))
 
-    @writes
+    @translate
     def purge_finished(self, *, older_than: float) -> int:
         """See :meth:`Store.purge_finished`: deletes in chunks of short transactions."""
         conn = self._conn()
@@ -523,25 +522,25 @@ class SQLiteStore(Store):
 
     # -- dead letters ------------------------------------------------------------------------------
 
-    @reads
+    @translate
     def list_dead_letters(self, *, queue: str | None = None, limit: int = 50, offset: int = 0) -> list[DeadLetter]:
         """See :meth:`Store.list_dead_letters`."""
         self._check_limit(limit, offset)
         rows = self._conn().execute(*_SQL.list_dead_letters(queue, limit, offset)).fetchall()
         return [letter_from_row(row) for row in rows]
 
-    @reads
+    @translate
     def count_dead_letters(self, *, queue: str | None = None) -> int:
         """See :meth:`Store.count_dead_letters`: one ``COUNT``."""
         return int(self._conn().execute(*_SQL.count_dead_letters(queue)).fetchone()[0])
 
-    @reads
+    @translate
     def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
         """See :meth:`Store.get_dead_letter`."""
         row = self._conn().execute(_SQL.get_letter, (dead_letter_id,)).fetchone()
         return None if row is None else letter_from_row(row)
 
-    @writes
+    @translate
     def replay_dead_letter(self, dead_letter_id: str, *, job: JobRecord) -> str:
         """See :meth:`Store.replay_dead_letter`."""
         conn = self._conn()
@@ -551,7 +550,7 @@ class SQLiteStore(Store):
                 raise JobNotFoundError(f"no dead letter with id {dead_letter_id!r}")
             return self._insert(conn, job)
 
-    @writes
+    @translate
     def purge_dead_letters(self, *, older_than: float | None = None) -> int:
         """See :meth:`Store.purge_dead_letters`."""
         if older_than is None:
@@ -562,19 +561,19 @@ class SQLiteStore(Store):
 
     # -- queues ------------------------------------------------------------------------------------
 
-    @writes
+    @translate
     def set_queue_paused(self, queue: str, paused: bool, *, now: float) -> None:
         """See :meth:`Store.set_queue_paused`."""
         self._conn().execute(_SQL.pause_queue, (queue, 1 if paused else 0, now))
 
-    @reads
+    @translate
     def paused_queues(self) -> set[str]:
         """See :meth:`Store.paused_queues`."""
         return {row[0] for row in self._conn().execute("SELECT queue FROM dispatch_queues WHERE paused = 1")}
 
     # -- cron and leases ---------------------------------------------------------------------------
 
-    @writes
+    @translate
     def acquire_lease(self, name: str, *, holder: str, ttl: float, now: float) -> bool:
         """See :meth:`Store.acquire_lease`."""
         conn = self._conn()
@@ -583,12 +582,12 @@ class SQLiteStore(Store):
             row = conn.execute("SELECT holder FROM dispatch_leases WHERE name = ?", (name,)).fetchone()
         return row is not None and row[0] == holder
 
-    @writes
+    @translate
     def release_lease(self, name: str, *, holder: str) -> None:
         """See :meth:`Store.release_lease`."""
         self._conn().execute(_SQL.release_lease, (name, holder))
 
-    @writes
+    @translate
     def upsert_cron(self, entry: CronEntry, *, now: float) -> CronEntry:
         """See :meth:`Store.upsert_cron`."""
         conn = self._conn()
@@ -597,18 +596,18 @@ class SQLiteStore(Store):
             row = conn.execute(_GET_CRON, (entry.name,)).fetchone()
         return cron_from_row(row)
 
-    @reads
+    @translate
     def list_crons(self) -> list[CronEntry]:
         """See :meth:`Store.list_crons`."""
         rows = self._conn().execute(_SQL.list_crons).fetchall()
         return [cron_from_row(row) for row in rows]
 
-    @writes
+    @translate
     def delete_cron(self, name: str) -> bool:
         """See :meth:`Store.delete_cron`."""
         return self._conn().execute(_SQL.delete_cron, (name,)).rowcount == 1
 
-    @writes
+    @translate
     def fire_cron(self, name: str, *, tick: float, job: JobRecord) -> bool:
         """See :meth:`Store.fire_cron`: compare-and-set of ``last_tick`` and the insert in one transaction."""
         conn = self._conn()
