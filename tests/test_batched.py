@@ -572,3 +572,9 @@ def test_flush_and_close_called_from_inside_send_batch_return_instead_of_waiting
     assert results == [("flush", False), ("close", False)]
     assert bd.close(5.0)
     holder.clear()
+
+
+def test_repr_never_raises_for_an_instance_whose_constructor_did_not_finish() -> None:
+    """repr() of a BatchedDispatcher whose __init__ never ran (or failed early) names it instead of raising."""
+    half: BatchedDispatcher[Any] = BatchedDispatcher.__new__(BatchedDispatcher)
+    assert "not constructed" in repr(half)
