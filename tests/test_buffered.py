@@ -1271,3 +1271,9 @@ def test_an_error_handler_putting_into_a_full_buffer_gets_queue_full_not_a_deadl
     assert ad.stop(10.0) is True
     assert outcomes[0] == "full"
     assert ad.failed == 4 and ad.sent == outcomes.count("accepted")
+
+
+def test_repr_never_raises_for_an_instance_whose_constructor_did_not_finish() -> None:
+    """repr() of an AsyncDispatcher whose __init__ never ran (or failed early) says so instead of raising."""
+    half: AsyncDispatcher[Any] = AsyncDispatcher.__new__(AsyncDispatcher)
+    assert "not constructed" in repr(half)

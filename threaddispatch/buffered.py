@@ -343,6 +343,8 @@ class AsyncDispatcher(_lifecycle.Closing, Generic[T]):
         return self
 
     def __repr__(self) -> str:
-        state = self._state
+        state = getattr(self, "_state", None)  # never raises, even for a failed constructor
+        if state is None:
+            return "<AsyncDispatcher not constructed>"
         status = "stopped" if state.closing else "running" if state.started else "not started"
         return f"<AsyncDispatcher {state.target!r} {status} buffer={len(state.buffer)}/{state.capacity}>"
