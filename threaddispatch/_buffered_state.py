@@ -330,9 +330,10 @@ class _AsyncState(Generic[T]):
         """Take messages one at a time and hand each to the dispatcher, until stopped and drained."""
         delivered = 0  # direct sends that succeeded, counted at the next lock
         inline = self.caller.timeout is None  # no timeout: a plain dispatch runs right here
-        # The messages this loop is handling, for _abandon (a fault inside a hand-off may report some
-        # of its chunk failed that were handed over: better than losing them).
-        holding: list[tuple[_Entry[T], int]] = []
+        # What this loop is handling, for _abandon: one message, or a hand-off's chunk (a fault
+        # inside a hand-off may report some of it failed that were handed over: better than losing them).
+        holding: tuple[_Entry[T], int] | None = None
+        chunk: list[tuple[_Entry[T], int]] = []
         try:
             while True:
                 with self.mutex:
@@ -342,17 +343,17 @@ class _AsyncState(Generic[T]):
                         delivered = 0
                     job = self._next_job()
                     if self.hand_off is not None and job is not None and job is not _FLUSH:
-                        holding = self._take_more(job)
+                        chunk = self._take_more(job)
                 if job is None:
                     return
                 if job is _FLUSH:
                     self._flush()
                     continue
-                if holding:
-                    self._hand(holding)
-                    holding = []
+                if chunk:
+                    self._hand(chunk)
+                    chunk = []
                     continue
-                holding = [job]
+                holding = job
                 entry, attempts = job
                 if self.submit is not None:
                     self._submit(entry, attempts + 1)
@@ -367,18 +368,18 @@ class _AsyncState(Generic[T]):
                             self._settle(entry, attempts + 1, error)
                         else:
                             delivered += 1
-                        holding = []
+                        holding = None
                         continue
                     outcome = self._dispatch(message, delay, context)
                     if outcome.error is None:
                         delivered += 1
                     else:  # user code failed this message (an error, a timeout); the loop lives
                         self._settle(entry, attempts + 1, outcome.error)
-                holding = []
+                holding = None
         except BaseException as error:
             # Only a fault of this loop's own code gets here: user code's errors fail their message.
             _log.critical("%s: the dispatch loop died; reporting what it held as failed", self.describe())
-            self._abandon(error, holding, delivered)
+            self._abandon(error, chunk if holding is None else [holding], delivered)
             raise
         finally:
             with self.mutex:
