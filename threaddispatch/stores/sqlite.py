@@ -10,11 +10,12 @@ needs; the per-thread connections, pragmas and fork safety are in
   opens its own); ``fork()`` is safe while threads use the store.
 - Short transactions; every write that reads first runs under ``BEGIN IMMEDIATE`` so
   two processes never both decide from the same snapshot. A claim is ONE
-  ``UPDATE ... RETURNING`` statement (SQLite >= 3.35). No commit runs a checkpoint
-  (the watcher's checkpoint thread does).
+  ``UPDATE ... RETURNING`` statement (SQLite >= 3.35). A commit checkpoints only past
+  10,000 WAL pages (a backstop); while an engine is subscribed, a checkpoint thread does.
 - Wake-ups (:meth:`SQLiteStore.subscribe_wakeups`): a watcher thread per store, running
   while an engine is subscribed, announces jobs other processes enqueue within 10 to 30 ms
-  and delayed jobs when they fall due. Engines keep polling as the fallback.
+  and delayed jobs when they fall due. Jobs another process makes ready again by an update
+  (release, reap, requeue, retry) are found by the engines' polling, the fallback.
 - Versioned migrations (:attr:`SQLiteStore.MIGRATIONS`, recorded in
   ``dispatch_schema_version``); a SQL backend mirrors the list with its own DDL.
 
