@@ -8,6 +8,7 @@ Each tuning field is listed once, in :class:`Config`: ``JobEngine(**options)`` a
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,16 @@ from threaddispatch.backoff import Backoff, ExponentialJitter
 from threaddispatch.errors import ConfigurationError
 from threaddispatch.stores.base import JobState
 
-__all__ = ["EXTENSION_HOOKS", "Config", "ExtensionHook", "Handler", "JobDefinition", "QueueConfig", "define"]
+__all__ = [
+    "EXTENSION_HOOKS",
+    "Config",
+    "ExtensionHook",
+    "Handler",
+    "JobDefinition",
+    "QueueConfig",
+    "define",
+    "options_signature",
+]
 
 #: A job handler: ``fn(ctx, payload)`` with ctx a :class:`~threaddispatch.JobContext`.
 Handler = Callable[[Any, Any], object]
@@ -292,3 +302,23 @@ class ExtensionHook:
 
     def __repr__(self) -> str:
         return repr(self.fn)
+
+
+def options_signature(signature: inspect.Signature) -> inspect.Signature:
+    """``signature`` (of ``JobEngine.__init__``, ending in ``**options``) with that catch-all spelled out.
+
+    Every :class:`Config` field becomes a keyword-only parameter with its default (None for
+    ``backoff``: the engine's default), so ``help(JobEngine)`` and runtime introspection list
+    them, while the fields themselves stay listed once, in Config.
+    """
+    fixed = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    fields = [
+        inspect.Parameter(
+            item.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None if item.default is dataclasses.MISSING else item.default,
+            annotation=item.type,
+        )
+        for item in dataclasses.fields(Config)
+    ]
+    return signature.replace(parameters=[*fixed, *fields])

@@ -42,6 +42,7 @@ time window but claimed from a store against free slots, limits and leases.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -71,6 +72,7 @@ from threaddispatch._job_config import (
     check_queues,
     check_state_filter,
     define,
+    options_signature,
 )
 from threaddispatch._job_context import JobContext
 from threaddispatch._job_cron import CronRunner
@@ -1020,3 +1022,7 @@ class JobEngine:
         runtime = self._runtime
         queues = list(self.config.queues if runtime is None else runtime.queues)
         return f"<JobEngine {self._state} store={type(self.store).__name__} queues={queues}>"
+
+
+# help(JobEngine) lists every Config field as a keyword (the fields themselves are listed once, in Config).
+JobEngine.__init__.__signature__ = options_signature(inspect.signature(JobEngine.__init__))  # type: ignore[attr-defined]
