@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Protocol
 
-from threaddispatch._admin_cursor import keyset_page
+from threaddispatch._admin_cursor import Anchor, keyset_page
 from threaddispatch._admin_params import Request
 from threaddispatch._wsgi import HttpError, bad
 from threaddispatch.errors import InvalidStateError, JobNotFoundError, StoreError
-from threaddispatch.stores.base import JobState
+from threaddispatch.stores.base import JobRecord, JobState
 
 if TYPE_CHECKING:
     from threaddispatch._admin_routes import RouteTable
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger("threaddispatch.admin")
 _MAX_REPLAY_ALL = 100_000
+_NAME_SCAN_CHUNK = 500  # jobs per store read while filtering by name
 Answer = tuple[int, object]
 
 
@@ -47,14 +48,36 @@ def index(app: AdminContext, request: Request) -> Answer:
 def list_jobs(app: AdminContext, request: Request) -> Answer:
     state = request.state()
     queue = request.text("queue")
-    page, next_cursor = keyset_page(
-        request, "jobs", [None if state is None else state.value, queue],
-        lambda after, limit, position: app.engine.list_jobs_after(
-            after, state=state, queue=queue, limit=limit, position=position
-        ),
-        lambda job: (job.id, job.created_at),
-    )  # fmt: skip
+    name = request.text("name")
+
+    def fetch(after: Anchor | None, limit: int, position: int) -> list[JobRecord]:
+        if name is None:
+            return app.engine.list_jobs_after(after, state=state, queue=queue, limit=limit, position=position)
+        return _jobs_named(app.engine, name, after, state=state, queue=queue, limit=limit)
+
+    filters: list[object] = [None if state is None else state.value, queue]
+    if name is not None:
+        filters.append(name)  # a cursor of the unnamed listing keeps its two filters
+    page, next_cursor = keyset_page(request, "jobs", filters, fetch, lambda job: (job.id, job.created_at))
     return 200, {"jobs": [job.to_dict() for job in page], "next_cursor": next_cursor}
+
+
+def _jobs_named(
+    engine: JobEngine, name: str, after: Anchor | None, *, state: JobState | None, queue: str | None, limit: int
+) -> list[JobRecord]:
+    """The first ``limit`` jobs named ``name`` after ``after``: the store has no name filter, so this scans.
+
+    The scan reads keyset pages of _NAME_SCAN_CHUNK jobs (the other filters applied by
+    the store) until ``limit`` match or the listing ends: a rare name costs a read of the
+    whole filtered listing, in bounded chunks.
+    """
+    found: list[JobRecord] = []
+    while True:
+        chunk = engine.list_jobs_after(after, state=state, queue=queue, limit=_NAME_SCAN_CHUNK)
+        found.extend(job for job in chunk if job.name == name)
+        if len(found) >= limit or len(chunk) < _NAME_SCAN_CHUNK:
+            return found[:limit]
+        after = (chunk[-1].id, chunk[-1].created_at)
 
 
 def job_counts(app: AdminContext, request: Request) -> Answer:

@@ -4,8 +4,9 @@
 dependency, serving these routes under its ``base_path`` (default ``/api/dispatch``):
 
 =======  ================================  ===============================================
-GET      ``/``                             the route list
-GET      ``/jobs``                         jobs, newest first: ``state``, ``queue``, ``limit``, ``cursor``
+GET      ``/``                             the route list (a browser preferring HTML gets the dashboard)
+GET      ``/jobs``                         jobs, newest first: ``state``, ``queue``, ``name``, ``limit``,
+                                           ``cursor``
 GET      ``/jobs/counts``                  ``{state: count}`` (``queue``)
 GET      ``/jobs/{id}``                    one job
 POST     ``/jobs/{id}/cancel``             cancel a pending or retrying job (else 409, also
@@ -31,7 +32,15 @@ GET      ``/health``                       200 when the store answers, else 503
 GET      ``/ready``                        the same check, for readiness probes
 =======  ================================  ===============================================
 
-Every request needs ``Authorization: Bearer <token>`` (its bytes compared with the
+The dashboard. ``GET {base}/`` from a browser (``Accept`` ranking ``text/html`` above
+``application/json``) answers the web dashboard's HTML, and ``{base}/ui/dashboard.js`` and
+``{base}/ui/dashboard.css`` its assets (:mod:`threaddispatch._dashboard`): static files
+holding nothing secret, served without the token, under a Content-Security-Policy that
+allows only this origin's script. The page asks for the token, keeps it in the tab's
+``sessionStorage`` and sends it with every API call; its mutations are same-origin
+``fetch`` calls, which pass the cross-site check below.
+
+Every other request needs ``Authorization: Bearer <token>`` (its bytes compared with the
 token's UTF-8 bytes in constant time), unless the app was built with
 ``allow_unauthenticated=True`` and no token. With ``health_public=True``, ``GET``
 and ``HEAD`` of ``/health`` and ``/ready`` need no token (load-balancer and
@@ -87,6 +96,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, ClassVar
 
 from threaddispatch import _admin_handlers as handlers
+from threaddispatch import _dashboard as dashboard
 from threaddispatch._admin_cursor import DEFAULT_LIMIT, MAX_LIMIT
 from threaddispatch._admin_handlers import AdminContext
 from threaddispatch._admin_params import Request, parse_params
@@ -141,7 +151,7 @@ class AdminApp:
     #: (a cron's default name is "<job>@<expression>"): it is everything up to the last segment.
     routes: ClassVar[RouteTable[AdminContext]] = RouteTable([
         route("GET", "/", r"/", handlers.index),
-        route("GET", "/jobs", r"/jobs", handlers.list_jobs, ("state", "queue", "limit", "cursor")),
+        route("GET", "/jobs", r"/jobs", handlers.list_jobs, ("state", "queue", "name", "limit", "cursor")),
         route("GET", "/jobs/counts", r"/jobs/counts", handlers.job_counts, ("queue",)),
         route("GET", "/jobs/{id}", r"/jobs/([^/]+)", handlers.get_job),
         route("POST", "/jobs/{id}/cancel", r"/jobs/([^/]+)/cancel", handlers.cancel_job),
@@ -202,7 +212,7 @@ class AdminApp:
     # -- WSGI -------------------------------------------------------------------------------------
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        """The WSGI entry point: answers every request with a JSON body."""
+        """The WSGI entry point: answers every request with a JSON body (or one of the dashboard's files)."""
         response = self.handle_environ(environ)
         start_response(response.status_line, list(response.headers))  # a copy: servers may add headers to it
         return [] if str(environ.get("REQUEST_METHOD", "GET")).upper() == "HEAD" else [response.body]
@@ -239,6 +249,7 @@ class AdminApp:
             origin=environ.get("HTTP_ORIGIN"),
             sec_fetch_site=environ.get("HTTP_SEC_FETCH_SITE"),
             host=wsgi_host(environ),
+            accept=environ.get("HTTP_ACCEPT"),
         )
 
     # -- the framework-free core -----------------------------------------------------------------------
@@ -256,6 +267,7 @@ class AdminApp:
         origin: str | None = None,
         sec_fetch_site: str | None = None,
         host: str | None = None,
+        accept: str | None = None,
     ) -> AdminResponse:
         """Answer one request given its parts; used by the WSGI entry point and by framework glue.
 
@@ -265,13 +277,18 @@ class AdminApp:
         in the route list). ``authorization`` is the header as WSGI hands it (its bytes
         decoded as latin-1, PEP 3333). ``origin``, ``sec_fetch_site`` and ``host`` are the
         ``Origin``, ``Sec-Fetch-Site`` and ``Host`` headers, for the cross-site check of
-        mutations (None: absent). Blocks for the route's store calls. Never raises: every
+        mutations (None: absent). ``accept`` is the ``Accept`` header: a browser asking for
+        ``/`` gets the dashboard's HTML. Blocks for the route's store calls. Never raises: every
         failure is a JSON error response (an unexpected one a 500, logged).
         """
         try:
             if len(body) > MAX_BODY_SIZE:
                 raise HttpError(413, "body_too_large", f"request body over {MAX_BODY_SIZE} bytes")
             method = method.upper()
+            if dashboard.is_asset(method, path):
+                return dashboard.asset(path)
+            if dashboard.wants_page(method, path, accept):
+                return dashboard.page(script_name)
             if self._is_public_probe(method, path, authorization):
                 return self._probe()
             self._authenticate(authorization)
