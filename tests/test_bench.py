@@ -55,6 +55,7 @@ def test_curve_point_delivers_every_operation(series: str, n: int, ops: int) -> 
     assert (result["ops"], result["delivered"]) == (ops, ops)
     assert result["cpu_ns"] > 0 and result["wall_ns"] > 0 and result["caller_ns"] > 0
     assert result["max_call_ms"] >= 0
+    assert 1 <= result["sink_calls"] <= ops
 
 
 @pytest.mark.timeout(60)
@@ -126,6 +127,7 @@ def test_bench_main_json_and_chart(elsewhere: Path, capsys: pytest.CaptureFixtur
     assert (race["contender"], race["entries"], race["complete"]) == ("threaddispatch", 700, True)
     assert [(c["series"], c["n"], c["complete"], c["delivered"]) for c in report["curves"]] == [("depth", 20, True, 20)]
     fields = {"series", "label", "n", "ops", "runs", "complete", "delivered", "cpu_ns", "wall_ns", "caller_ns"}
+    fields |= {"sink_calls", "max_call_ms"}
     assert fields <= set(report["curves"][0])
     assert chart.exists() == HAS_MATPLOTLIB
 

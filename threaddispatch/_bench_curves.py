@@ -6,7 +6,9 @@ passed (then it is reported as not finished, with what arrived). Measured per op
 ``cpu_ns``, the process CPU time (every thread: callers, engine, senders) from the first call
 to the last delivery over ``ops``; ``wall_ns``, the same span's wall time over ``ops``;
 ``caller_ns``, the calling thread's CPU time (``thread_time``) in its loop over ``ops``; and
-``max_call_ms``, the slowest single call (each call is timed, which the caller figure includes).
+``max_call_ms``, the slowest single call (each call is timed, which the caller figure includes);
+``ops/batch``, operations per sink call (with many endpoints the batches are small, so the
+per-job cost then carries more per-batch work).
 
 * ``endpoints``: EndpointBatchDispatcher, ``ops`` jobs round-robin over ``n`` endpoints,
   batches of 100, a 10 ms window, 10 batches in flight.
@@ -70,14 +72,16 @@ class _Count:
 
     def __init__(self, target: int) -> None:
         self.target = target
-        self.lock = threading.Lock()  # guards count and last
+        self.lock = threading.Lock()  # guards count, calls and last
         self.count = 0
+        self.calls = 0  # how many deliveries (sink calls) brought ``count``
         self.last = 0.0
         self.done = threading.Event()
 
     def add(self, n: int) -> None:
         with self.lock:
             self.count += n
+            self.calls += 1
             if self.count >= self.target and not self.done.is_set():
                 self.last = time.perf_counter()
                 self.done.set()
@@ -97,6 +101,7 @@ class _Span:
     wall_s: float
     caller_cpu_per_call_s: float
     max_call_s: float
+    sink_calls: int
 
 
 def _timed_calls(call: Callable[[Any], Any], items: Iterator[Any], deadline: float) -> tuple[float, float, int]:
@@ -155,7 +160,8 @@ def _span(
     """The span from ``cpu0``/``wall0`` to the last delivery (to now when the point did not finish)."""
     cpu0, wall0 = start
     end = count.last if complete else time.perf_counter()
-    return _Span(ops, count.count, complete, time.process_time() - cpu0, end - wall0, per_call, slowest)
+    cpu = time.process_time() - cpu0
+    return _Span(ops, count.count, complete, cpu, end - wall0, per_call, slowest, count.calls)
 
 
 def _requests_run(ops: int, mode: Literal["queued", "concurrent"], *, deadline: float) -> _Span:
@@ -232,6 +238,7 @@ def _curve_result(series: str, n: int, span: _Span) -> dict[str, Any]:
         "wall_ns": span.wall_s / span.ops * 1e9,
         "caller_ns": span.caller_cpu_per_call_s * 1e9,
         "max_call_ms": span.max_call_s * 1e3,
+        "sink_calls": span.sink_calls,
         "seconds": span.wall_s,
     }
 
@@ -408,6 +415,7 @@ class CurvePoint:
     max_call_ms: float | None = None
     ops_per_s: float | None = None
     timeout_s: float | None = None
+    sink_calls: float | None = None  # deliveries (batches) the sink saw, median
     error: str | None = None  # the last line a failed child wrote to stderr
 
 
@@ -461,6 +469,7 @@ def _median_point(label: str, runs: list[dict[str, Any]], timeout: float) -> Cur
         caller_ns=median("caller_ns"),
         max_call_ms=median("max_call_ms"),
         ops_per_s=median("ops_per_s"),
+        sink_calls=median("sink_calls"),
         timeout_s=timeout,
         error=next((r["error"] for r in runs if r.get("error")), None),
     )
@@ -586,11 +595,13 @@ def format_curves(points: list[CurvePoint]) -> str:
                 "-" if math.isnan(ratio) else f"{ratio:.2f}" + ("+" if not p.complete else ""),
                 _ns(p.wall_ns),
                 _ns(p.caller_ns),
+                "-" if not p.sink_calls else f"{p.delivered / p.sink_calls:.1f}",
                 "-" if p.max_call_ms is None else f"{p.max_call_ms:.2f}",
                 _done(p),
             )
         )
-    header = ("curve", "n", "ops", "CPU ns/op", "x base", "wall ns/op", "caller ns/op", "max call ms", "finished")
+    header: tuple[str, ...] = ("curve", "n", "ops", "CPU ns/op", "x base", "wall ns/op", "caller ns/op")
+    header += ("ops/batch", "max call ms", "finished")
     return _table(header, rows)
 
 
