@@ -13,17 +13,26 @@ Configuration keys (``app.config``):
 
 - ``THREADDISPATCH_STORE``: the store URL of the engine (unless ``engine=`` is given).
 - ``THREADDISPATCH_ENGINE_OPTIONS``: keyword arguments for that ``JobEngine`` (dict).
-- ``THREADDISPATCH_ADMIN_PATH``: mount the admin API there (e.g. ``/api/dispatch``);
-  unset or empty: not mounted.
-- ``THREADDISPATCH_TOKEN``: the admin API's bearer token (required when mounted, unless
+- ``THREADDISPATCH_ADMIN_PATH``: serve the admin API (and its dashboard) there, e.g.
+  ``/api/dispatch``, as the Blueprint ``threaddispatch`` (endpoint ``threaddispatch.api``,
+  listed by ``flask routes``); unset or empty: not served.
+- ``THREADDISPATCH_ADMIN_AUTH``: who authenticates admin requests. ``"token"`` (the
+  default): the bearer token ``THREADDISPATCH_TOKEN``. ``"app"``: the app's own
+  ``before_request`` functions (app-wide, or registered for the blueprint with
+  ``app.before_request_funcs.setdefault("threaddispatch", []).append(fn)``) decide, as
+  for any other view, and no token is used; a request is refused (403) while the app
+  has no ``before_request`` function at all, so that the admin is never left open by mistake.
+- ``THREADDISPATCH_TOKEN``: the admin API's bearer token (required with ``"token"``, unless
   ``THREADDISPATCH_ALLOW_UNAUTHENTICATED`` is true: then protect the prefix with your own
-  authentication; the admin app refuses cross-site browser mutations and non-JSON bodies
-  itself, see :mod:`threaddispatch.admin`, since Flask has no CSRF protection of its own).
+  authentication). The admin app refuses cross-site browser mutations and non-JSON bodies
+  itself, see :mod:`threaddispatch.admin`, since Flask has no CSRF protection of its own.
 - ``THREADDISPATCH_EXIT_TIMEOUT``: seconds the exit drain may take
   (:func:`threaddispatch.set_exit_timeout`, process-wide).
 
-The engine's workers are not started here: run ``threaddispatch worker module:engine``
-(or call ``dispatch.engine.start()``). At interpreter exit (or :meth:`ThreadDispatch.close`)
+The engine's workers are not started here: run ``flask threaddispatch worker`` (the CLI
+group ``init_app`` adds to ``app.cli``: ``worker --queues a,b --concurrency N --log-level
+LEVEL``, ``jobs list``), ``threaddispatch worker module:engine``, or call
+``dispatch.engine.start()``. At interpreter exit (or :meth:`ThreadDispatch.close`)
 the dispatchers made by :meth:`ThreadDispatch.background` are flushed and closed, and a
 store opened from ``THREADDISPATCH_STORE`` is closed after the engine stopped.
 """
@@ -31,32 +40,38 @@ store opened from ``THREADDISPATCH_STORE`` is closed after the engine stopped.
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from flask import Flask, current_app, has_app_context
+from flask import Blueprint, Flask, Response, current_app, has_app_context, request
 
 from threaddispatch import _lifecycle
 from threaddispatch.admin import AdminApp, make_wsgi_app
 from threaddispatch.background import BackgroundDispatcher
 from threaddispatch.backoff import check_seconds
-from threaddispatch.contrib._mount import PrefixMount, check_prefix
+from threaddispatch.contrib._mount import check_prefix
 from threaddispatch.errors import ConfigurationError
 from threaddispatch.jobs import JobEngine
 from threaddispatch.stores import Store, open_store
 
-__all__ = ["EXTENSION_KEY", "ThreadDispatch"]
+__all__ = ["BLUEPRINT_NAME", "EXTENSION_KEY", "ThreadDispatch", "current_engine"]
 
 T = TypeVar("T")
 
 #: Where the per-app state lives: ``app.extensions[EXTENSION_KEY]``.
 EXTENSION_KEY = "threaddispatch"
+#: The name of the admin API's Blueprint (its endpoint is ``threaddispatch.api``).
+BLUEPRINT_NAME = "threaddispatch"
+#: The values of ``THREADDISPATCH_ADMIN_AUTH``.
+ADMIN_AUTH_MODES = ("token", "app")
+_ADMIN_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]  # HEAD and OPTIONS: Flask adds them
 
 _KNOWN_KEYS = frozenset({
     "THREADDISPATCH_STORE", "THREADDISPATCH_ENGINE_OPTIONS", "THREADDISPATCH_ADMIN_PATH", "THREADDISPATCH_TOKEN",
-    "THREADDISPATCH_ALLOW_UNAUTHENTICATED", "THREADDISPATCH_EXIT_TIMEOUT",
+    "THREADDISPATCH_ALLOW_UNAUTHENTICATED", "THREADDISPATCH_EXIT_TIMEOUT", "THREADDISPATCH_ADMIN_AUTH",
 })  # fmt: skip
 _serial = itertools.count(1)
 
@@ -75,6 +90,8 @@ class _AppState:
         self.engine = engine
         self.owned_store = owned_store
         self.admin: AdminApp | None = None
+        self.admin_prefix = ""
+        self.admin_auth = "token"
         self.dispatchers: list[BackgroundDispatcher[Any]] = []
         self.closed = False
         self._lock = threading.Lock()
@@ -166,6 +183,9 @@ class ThreadDispatch:
         state = _AppState(app.name, engine, owned)
         try:
             self._mount(app, state)
+            from threaddispatch.contrib._flask_cli import cli_group
+
+            app.cli.add_command(cli_group())
         except BaseException:
             state.close(0)
             raise
@@ -182,14 +202,22 @@ class ThreadDispatch:
             raise ConfigurationError(
                 "THREADDISPATCH_ADMIN_PATH needs an engine: set THREADDISPATCH_STORE or pass ThreadDispatch(engine=...)"
             )
+        auth = _admin_auth(config)
+        token = config.get("THREADDISPATCH_TOKEN") or None
+        if auth == "app" and token is not None:
+            raise ConfigurationError(
+                "THREADDISPATCH_TOKEN is not used with THREADDISPATCH_ADMIN_AUTH='app' (the app's before_request "
+                "decides): remove one of the two"
+            )
         try:
             state.admin = make_wsgi_app(
-                state.engine, "", config.get("THREADDISPATCH_TOKEN") or None,
-                allow_unauthenticated=bool(config.get("THREADDISPATCH_ALLOW_UNAUTHENTICATED", False)),
+                state.engine, "", token,
+                allow_unauthenticated=auth == "app" or bool(config.get("THREADDISPATCH_ALLOW_UNAUTHENTICATED", False)),
             )  # fmt: skip
         except ConfigurationError as error:
             raise ConfigurationError(f"{error} (Flask config THREADDISPATCH_TOKEN)") from None
-        app.wsgi_app = PrefixMount(app.wsgi_app, prefix, state.admin)  # type: ignore[method-assign]
+        state.admin_prefix, state.admin_auth = prefix, auth
+        app.register_blueprint(_admin_blueprint(), url_prefix=prefix)
 
     def _state(self) -> _AppState:
         if has_app_context():
@@ -198,10 +226,7 @@ class ThreadDispatch:
             app = self._app
         else:
             raise RuntimeError("ThreadDispatch: no app (use it inside an app context, or pass the app)")
-        state = app.extensions.get(EXTENSION_KEY)
-        if not isinstance(state, _AppState):
-            raise RuntimeError(f"ThreadDispatch is not initialised on app {app.name!r}: call init_app(app)")
-        return state
+        return _app_state(app)
 
     @property
     def engine(self) -> JobEngine:
@@ -239,3 +264,74 @@ class ThreadDispatch:
 
     def __repr__(self) -> str:
         return f"<ThreadDispatch engine={self._engine!r}>"
+
+
+def current_engine() -> JobEngine:
+    """The engine of the current Flask app (inside an app context, as ``flask`` commands run).
+
+    Takes no argument, so ``threaddispatch worker threaddispatch.contrib.flask:current_engine``
+    can name it too. Raises RuntimeError outside an app context or before ``init_app``,
+    ConfigurationError when the app has no engine.
+    """
+    if not has_app_context():
+        raise RuntimeError("current_engine() needs a Flask app context")
+    state = _app_state(current_app._get_current_object())  # type: ignore[attr-defined]
+    if state.engine is None:
+        raise ConfigurationError("no job engine: set THREADDISPATCH_STORE or pass ThreadDispatch(engine=...)")
+    return state.engine
+
+
+def _app_state(app: Flask) -> _AppState:
+    state = app.extensions.get(EXTENSION_KEY)
+    if not isinstance(state, _AppState):
+        raise RuntimeError(f"ThreadDispatch is not initialised on app {app.name!r}: call init_app(app)")
+    return state
+
+
+def _admin_auth(config: Mapping[str, Any]) -> str:
+    auth = config.get("THREADDISPATCH_ADMIN_AUTH") or "token"
+    if auth not in ADMIN_AUTH_MODES:
+        raise ConfigurationError(f"THREADDISPATCH_ADMIN_AUTH must be 'token' or 'app', got {auth!r}")
+    return str(auth)
+
+
+def _admin_blueprint() -> Blueprint:
+    """A new Blueprint (one per app) whose one view hands every request below the prefix to the admin app."""
+    blueprint = Blueprint(BLUEPRINT_NAME, __name__)
+    for rule in ("", "/", "/<path:path>"):
+        blueprint.add_url_rule(rule, "api", _admin_view, methods=_ADMIN_METHODS, strict_slashes=False)
+    return blueprint
+
+
+def _admin_view(path: str = "") -> Response:
+    """Answer one admin request: the request's WSGI environ, remounted below the prefix, goes to the admin app.
+
+    Runs after the app's ``before_request`` functions, like any view. Blocks for the admin
+    app's store calls.
+    """
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    state = _app_state(app)
+    admin = state.admin
+    if admin is None:  # the blueprint is registered only with an admin app: an app copied without its state
+        return Response(status=404)
+    if state.admin_auth == "app" and not _has_before_request(app):
+        return _refuse_unguarded()
+    environ = dict(request.environ)
+    full = str(environ.get("PATH_INFO", "") or "")
+    environ["SCRIPT_NAME"] = str(environ.get("SCRIPT_NAME", "")) + state.admin_prefix
+    environ["PATH_INFO"] = full[len(state.admin_prefix) :] if full.startswith(state.admin_prefix) else "/" + path
+    answer = admin.handle_environ(environ)
+    return Response(answer.body, status=answer.status, headers=list(answer.headers))
+
+
+def _has_before_request(app: Flask) -> bool:
+    funcs = app.before_request_funcs
+    return bool(funcs.get(None)) or bool(funcs.get(BLUEPRINT_NAME))
+
+
+def _refuse_unguarded() -> Response:
+    message = (
+        "THREADDISPATCH_ADMIN_AUTH is 'app' but the app has no before_request function to authenticate admin requests"
+    )
+    body = json.dumps({"error": {"code": "forbidden", "message": message}})
+    return Response(body, status=403, content_type="application/json")

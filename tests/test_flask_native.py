@@ -1,0 +1,161 @@
+"""The Flask extension the Flask way: the admin API as a Blueprint, the app's own login, ``flask threaddispatch``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+flask = pytest.importorskip("flask")
+from flask.cli import routes_command  # noqa: E402
+
+from tests.apps import run_one_job_in_a_worker_thread  # noqa: E402
+from threaddispatch.contrib.flask import ThreadDispatch, current_engine  # noqa: E402
+from threaddispatch.errors import ConfigurationError  # noqa: E402
+
+pytestmark = pytest.mark.timeout(30)
+
+AUTH = {"Authorization": "Bearer tok"}
+
+
+@pytest.fixture
+def make(tmp_path: Path) -> Iterator[Any]:
+    """``make(**config)``: a Flask app with ThreadDispatch on a SQLite file; every one is closed at teardown."""
+    made: list[tuple[Any, ThreadDispatch]] = []
+
+    def build(**config: Any) -> Any:
+        app = flask.Flask(f"shop{len(made)}")
+        app.config.update({"THREADDISPATCH_STORE": f"sqlite:///{tmp_path / f'jobs{len(made)}.db'}", **config})
+        ext = ThreadDispatch(app)
+        made.append((app, ext))
+        with app.app_context():
+            ext.engine.register("noop", lambda ctx, payload: payload)
+        return app
+
+    yield build
+    for app, ext in made:
+        with app.app_context():
+            ext.close(5)
+
+
+def engine_of(app: Any) -> Any:
+    with app.app_context():
+        return current_engine()
+
+
+def test_the_admin_api_is_a_blueprint_listed_by_flask_routes(make: Any) -> None:
+    """``flask routes`` lists the blueprint's endpoint under the prefix; its requests go through the app's hooks."""
+    app = make(THREADDISPATCH_ADMIN_PATH="/ops/dispatch", THREADDISPATCH_TOKEN="tok")
+    seen: list[str | None] = []
+
+    @app.before_request
+    def record() -> None:
+        seen.append(flask.request.blueprint)
+
+    routes = app.test_cli_runner().invoke(routes_command)
+    assert routes.exit_code == 0, routes.output
+    assert "threaddispatch.api" in routes.output and "/ops/dispatch/<path:path>" in routes.output
+    client = app.test_client()
+    assert client.get("/ops/dispatch/jobs", headers=AUTH).status_code == 200
+    assert seen == ["threaddispatch"]
+    assert client.get("/ops/dispatch/jobs").status_code == 401  # the token is still the default
+    listing = client.get("/ops/dispatch", headers=AUTH).get_json()  # no redirect to the slash
+    assert "GET /ops/dispatch/jobs" in listing["routes"]
+    page = client.get("/ops/dispatch/", headers={"Accept": "text/html"})
+    assert page.status_code == 200 and b'data-base="/ops/dispatch"' in page.data
+
+
+def test_admin_auth_app_lets_the_apps_before_request_decide(make: Any) -> None:
+    """THREADDISPATCH_ADMIN_AUTH="app": no token; the app's login hook refuses or lets through."""
+    app = make(THREADDISPATCH_ADMIN_PATH="/admin", THREADDISPATCH_ADMIN_AUTH="app")
+    app.secret_key = "test"
+
+    @app.post("/login")
+    def login() -> str:
+        flask.session["user"] = "ops"
+        return "ok"
+
+    @app.before_request
+    def require_login() -> Any:
+        if flask.request.blueprint == "threaddispatch" and "user" not in flask.session:
+            return {"error": "log in first"}, 401
+        return None
+
+    engine = engine_of(app)
+    job_id = engine.enqueue("noop", {"n": 1})
+    client = app.test_client()
+    assert client.get(f"/admin/jobs/{job_id}").status_code == 401
+    client.post("/login")
+    assert client.get(f"/admin/jobs/{job_id}").get_json()["job"]["payload"] == {"n": 1}
+    paused = client.post("/admin/queues/default/pause", headers={"Sec-Fetch-Site": "same-origin"})
+    assert paused.status_code == 200 and engine.paused_queues() == {"default"}
+    refused = client.post("/admin/queues/default/resume", headers={"Sec-Fetch-Site": "cross-site"})
+    assert refused.status_code == 403 and engine.paused_queues() == {"default"}
+
+
+def test_admin_auth_app_without_any_before_request_refuses(make: Any) -> None:
+    """An app that says it authenticates but registered nothing to do it gets 403, never an open admin."""
+    app = make(THREADDISPATCH_ADMIN_PATH="/admin", THREADDISPATCH_ADMIN_AUTH="app")
+    reply = app.test_client().get("/admin/jobs")
+    assert reply.status_code == 403 and "before_request" in reply.get_json()["error"]["message"]
+    app.before_request_funcs.setdefault("threaddispatch", []).append(lambda: None)  # a blueprint-only hook counts
+    assert app.test_client().get("/admin/jobs").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"THREADDISPATCH_ADMIN_AUTH": "session"}, "THREADDISPATCH_ADMIN_AUTH must be 'token' or 'app', got 'session'"),
+        ({"THREADDISPATCH_ADMIN_AUTH": "app", "THREADDISPATCH_TOKEN": "tok"}, "THREADDISPATCH_TOKEN is not used"),
+    ],
+)
+def test_bad_admin_auth_settings_are_refused(tmp_path: Path, config: dict[str, str], message: str) -> None:
+    app = flask.Flask("bad")
+    app.config.update(
+        THREADDISPATCH_STORE=f"sqlite:///{tmp_path / 'jobs.db'}", THREADDISPATCH_ADMIN_PATH="/a", **config
+    )
+    with pytest.raises(ConfigurationError, match=message):
+        ThreadDispatch(app)
+
+
+def test_flask_threaddispatch_jobs_list(make: Any) -> None:
+    """``flask threaddispatch jobs list`` shows the app's jobs as a table, or JSON, filtered by state."""
+    app = make()
+    engine = engine_of(app)
+    job_id = engine.enqueue("noop", {"n": 1}, queue="emails")
+    runner = app.test_cli_runner()
+    table = runner.invoke(args=["threaddispatch", "jobs", "list"])
+    assert table.exit_code == 0, table.output
+    assert table.output.splitlines()[0].split() == ["ID", "NAME", "QUEUE", "STATE", "ATTEMPTS", "CREATED"]
+    assert job_id in table.output and "emails" in table.output
+    as_json = runner.invoke(args=["threaddispatch", "jobs", "list", "--json", "--state", "pending"])
+    assert [job["id"] for job in json.loads(as_json.output)] == [job_id]
+    assert runner.invoke(args=["threaddispatch", "jobs", "list", "--state", "completed"]).output.strip() == "no jobs"
+    bad = runner.invoke(args=["threaddispatch", "jobs", "list", "--state", "done"])
+    assert bad.exit_code == 2 and "'done' is not one of" in bad.output
+
+
+def test_flask_threaddispatch_worker_runs_the_apps_jobs(make: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """``flask threaddispatch worker --queues --concurrency --log-level`` runs the app's engine, logging as the CLI."""
+    app = make()
+    engine = engine_of(app)
+    runner = app.test_cli_runner()
+    args = ["threaddispatch", "worker", "--queues", "default", "--concurrency", "2", "--log-level", "debug"]
+    caplog.set_level("INFO", logger="threaddispatch.worker")
+    result = run_one_job_in_a_worker_thread(engine, lambda: runner.invoke(args=args))
+    assert result.exit_code == 0, result.output
+    messages = [record.getMessage() for record in caplog.records if record.name == "threaddispatch.worker"]
+    assert any(m.startswith("worker starting: threaddispatch.contrib.flask:current_engine") for m in messages)
+    assert "queues=['default'], concurrency=2" in messages[0] and messages[-1] == "worker stopped (clean)"
+
+
+def test_worker_options_are_checked(make: Any) -> None:
+    app = make()
+    runner = app.test_cli_runner()
+    for args, text in ((["--concurrency", "0"], "--concurrency"), (["--queues", " , "], "queue names"),
+                       (["--log-level", "LOUD"], "--log-level")):  # fmt: skip
+        result = runner.invoke(args=["threaddispatch", "worker", *args])
+        assert result.exit_code == 2 and text in result.output
