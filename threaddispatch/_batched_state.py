@@ -36,6 +36,7 @@ from threaddispatch._invoke import ERROR, Outcome, TimedCaller, call
 from threaddispatch._pool import WorkerPool
 from threaddispatch._validate import show
 from threaddispatch.errors import DispatcherClosedError, DispatchTimeoutError, ThreadDispatchError
+from threaddispatch.metrics import FaceRecorder
 
 T = TypeVar("T")
 
@@ -128,6 +129,7 @@ class _BatchState(Generic[T]):
         self.cancelled = 0
         self.calls = 0
         self.local = threading.local()  # .sending: how many send_batch calls this thread is inside
+        self.recorder: FaceRecorder | None = None  # set by the dispatcher when metrics are on
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -186,15 +188,23 @@ class _BatchState(Generic[T]):
 
     def send(self, target: str, batch: list[_Pending[T]]) -> None:
         """Run ``send_batch`` for one batch (on a pool thread, holding a send slot) and settle its messages."""
+        recorder = self.recorder
+        started = 0.0 if recorder is None else time.perf_counter()
         try:
             outcome = self._send_batch(target, batch, self._call)
         finally:
             self._release(called=True)
+        if recorder is not None:  # metrics on: one recording per send, never per message
+            recorder.send(len(batch), started, outcome.error, target)
         self._settle(target, batch, outcome)
 
     def send_now(self, target: str, batch: list[_Pending[T]]) -> None:
         """Immediate mode: run ``send_batch`` on this thread (no slot, the timeout checked on return) and settle."""
+        recorder = self.recorder
+        started = 0.0 if recorder is None else time.perf_counter()
         outcome = self._send_batch(target, batch, self._call_here)
+        if recorder is not None:
+            recorder.send(len(batch), started, outcome.error, target)
         with self.mutex:
             self.calls += 1
         self._settle(target, batch, outcome)

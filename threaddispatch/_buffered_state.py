@@ -46,6 +46,7 @@ from threaddispatch._timers import DelayQueue
 from threaddispatch._validate import show
 from threaddispatch.backoff import RetryPolicy
 from threaddispatch.errors import CancelledError, ConfigurationError, DispatcherClosedError, QueueFullError
+from threaddispatch.metrics import FaceRecorder
 
 T = TypeVar("T")
 
@@ -123,6 +124,9 @@ class _AsyncState(Generic[T]):
         self.caller = TimedCaller(f"async-{target}", timeout=dispatch_timeout)
         # What a dispatch goes through: call() itself when there is no timeout (one hop fewer).
         self.call: Callable[..., Outcome] = call if dispatch_timeout is None else self.caller.call
+        # Set by the AsyncDispatcher when metrics are on (before any loop starts): each direct
+        # dispatch is then timed; a submit or hand-off is timed by the dispatcher it goes to.
+        self.recorder: FaceRecorder | None = None
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -329,7 +333,8 @@ class _AsyncState(Generic[T]):
     def run_dispatch(self) -> None:
         """Take messages one at a time and hand each to the dispatcher, until stopped and drained."""
         delivered = 0  # direct sends that succeeded, counted at the next lock
-        inline = self.caller.timeout is None  # no timeout: a plain dispatch runs right here
+        # No timeout and no metrics: a plain dispatch runs right here.
+        inline = self.caller.timeout is None and self.recorder is None
         # What this loop is handling, for _abandon: one message, or a hand-off's chunk (a fault
         # inside a hand-off may report some of it failed that were handed over: better than losing them).
         holding: tuple[_Entry[T], int] | None = None
@@ -452,7 +457,13 @@ class _AsyncState(Generic[T]):
         dispatch: Callable[..., Any] = self.dispatcher.dispatch
         if delay is not None:
             dispatch = functools.partial(dispatch, delay_seconds=delay)
-        return self._run(context, dispatch, message, self.target)
+        recorder = self.recorder
+        if recorder is None:
+            return self._run(context, dispatch, message, self.target)
+        started = time.perf_counter()
+        outcome = self._run(context, dispatch, message, self.target)
+        recorder.send(1, started, outcome.error)
+        return outcome
 
     def _run(self, context: contextvars.Context | None, fn: Callable[..., Any], *args: Any) -> Outcome:
         """``fn(*args)`` through the caller (the timeout), in ``context`` when one was captured; never raises.

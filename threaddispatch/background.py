@@ -26,6 +26,7 @@ from threaddispatch._lanes import ClosedFifoLane, FifoLane
 from threaddispatch._validate import check_positive_int, check_seconds
 from threaddispatch.backoff import RetryPolicy
 from threaddispatch.errors import ConfigurationError, DispatcherClosedError, QueueFullError
+from threaddispatch.metrics import FaceRecorder, Metrics, check_metrics
 
 __all__ = ["BackgroundDispatcher", "FailedBatch"]
 
@@ -94,6 +95,7 @@ class _Sender(Generic[T]):
         self.name = name
         self.caller = caller
         self.engine: BatchEngine[Any] | None = None  # set by the dispatcher once the engine exists
+        self.recorder: FaceRecorder | None = None  # set by the dispatcher when metrics are on
         self.has_submitted = False
         # Immediate mode (testing.immediate()): sends run on the callers' threads, one at a
         # time under this lock, which then guards the counters; retries go at once.
@@ -149,7 +151,13 @@ class _Sender(Generic[T]):
         """Send once; on a failure that retries, schedule the next attempt and return what settles the batch."""
         while True:
             self.calls += 1
-            outcome = self._call_send(entries)
+            recorder = self.recorder
+            if recorder is None:
+                outcome = self._call_send(entries)
+            else:  # metrics on: one recording per send, never per entry
+                started = time.perf_counter()
+                outcome = self._call_send(entries)
+                recorder.send(len(entries), started, outcome.error)
             if outcome.ok:
                 self.sent += len(entries)
                 for future in futures:
@@ -292,6 +300,11 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
     failed batch waits for its next attempt on the engine's timer while later batches
     are sent, so a retried batch may arrive after them. close() sends pending retries at once.
 
+    ``metrics`` (a :class:`~threaddispatch.metrics.Metrics`, such as
+    :class:`~threaddispatch.otel.OTelMetrics`; None: none) gets the batch size and the
+    duration of each send, and reads ``stats()`` when it collects; without it the send
+    path pays one ``is None`` test per batch and ``enqueue`` nothing.
+
     After ``os.fork()`` the child's dispatcher starts empty, with its own counters from
     zero and a fresh worker: entries pending or being sent at fork are the parent's to
     send (and their ``submit()`` Futures the parent's to resolve; the child's copies of
@@ -311,9 +324,11 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
         retry: RetryPolicy | None = None,
         name: str | None = None,
         send_timeout: float | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if not callable(send_batch):
             raise ConfigurationError(f"send_batch must be callable, got {send_batch!r}")
+        checked_metrics = check_metrics(metrics)
         if (
             isinstance(ms_delay, bool)
             or not isinstance(ms_delay, (int, float))
@@ -350,6 +365,7 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
             on_drop=self._sender.on_drop,
         )
         self._sender.engine = self._engine
+        self._sender.recorder = checked_metrics.bind(self)
         lane = self._engine.default_lane
         assert isinstance(lane, FifoLane)
         lane.owner = f"BackgroundDispatcher {name!r}"

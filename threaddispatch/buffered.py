@@ -28,6 +28,7 @@ from threaddispatch._buffered_types import (
 from threaddispatch._validate import check_positive_int, check_seconds
 from threaddispatch.backoff import RetryPolicy
 from threaddispatch.errors import ConfigurationError, DispatcherClosedError, InvalidStateError
+from threaddispatch.metrics import Metrics, check_metrics
 
 __all__ = ["AsyncDispatcher", "Dispatcher", "FailedMessage", "Sender", "SubmittingDispatcher"]
 
@@ -139,6 +140,10 @@ class AsyncDispatcher(_lifecycle.Closing, Generic[T]):
     time, past that later calls wait within their own timeout) and dispatch goes on.
     ``stats()`` counts them. Without it, dispatch runs on the dispatch loop itself.
 
+    ``metrics`` (a :class:`~threaddispatch.metrics.Metrics`; None: none) reads ``stats()``
+    when it collects and times each ``dispatch`` call; a ``submit`` (a BatchedDispatcher)
+    is timed by that dispatcher's own ``metrics``.
+
     Retries: every failure goes to ``retry.next_delay`` (the one decision): ``Cancel`` is
     final at once; ``Retry(delay)`` retries after that delay, within ``max_attempts``; a bad
     delay is final (logged; the message reaches the error handler with its Retry error).
@@ -164,6 +169,7 @@ class AsyncDispatcher(_lifecycle.Closing, Generic[T]):
         max_failures_pending: int | None = None,
         carry_context: bool = False,
         dispatch_timeout: float | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if not callable(getattr(dispatcher, "dispatch", None)):
             raise ConfigurationError(f"dispatcher must have a dispatch(message, target) method, got {dispatcher!r}")
@@ -180,6 +186,7 @@ class AsyncDispatcher(_lifecycle.Closing, Generic[T]):
             raise ConfigurationError(f"carry_context must be a bool, got {carry_context!r}")
         if dispatch_timeout is not None:
             dispatch_timeout = check_seconds("dispatch_timeout", dispatch_timeout, allow_zero=False)
+        checked_metrics = check_metrics(metrics)
         self._carry_context = carry_context
         self._state: _AsyncState[T] = _AsyncState(
             dispatcher,
@@ -191,6 +198,7 @@ class AsyncDispatcher(_lifecycle.Closing, Generic[T]):
             dispatch_timeout=dispatch_timeout,
         )
         self._sender: Sender[T] | None = None
+        self._state.recorder = checked_metrics.bind(self)
         _lifecycle.register(self._state)
         # An unreferenced dispatcher stops: its loops drain what they hold and leave. At
         # interpreter exit the lifecycle drain handles it instead (in its order).

@@ -16,6 +16,7 @@ from threaddispatch._engine import Overflow
 from threaddispatch._invoke import invoke
 from threaddispatch.background import BackgroundDispatcher, FailedBatch
 from threaddispatch.backoff import RetryPolicy
+from threaddispatch.metrics import Metrics
 
 __all__ = ["BatchingHandler"]
 
@@ -35,6 +36,7 @@ class BatchingHandler(logging.Handler):
     ``send_records`` (and ``on_error``) may be ``async def``: the coroutine is awaited on
     the sending thread. ``send_timeout`` is the dispatcher's per-call timeout: a send past
     it fails with DispatchTimeoutError (to ``on_error``/``retry``) and later batches go.
+    ``metrics`` is the dispatcher's (see :class:`~threaddispatch.background.BackgroundDispatcher`).
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class BatchingHandler(logging.Handler):
         on_error: Callable[[FailedBatch[logging.LogRecord]], object] | None = None,
         name: str | None = None,
         send_timeout: float | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__(level)
         # True on a thread while it runs send_records: the worker, or a send_timeout runner thread.
@@ -64,6 +67,7 @@ class BatchingHandler(logging.Handler):
             retry=retry,
             name=name or "logging",
             send_timeout=send_timeout,
+            metrics=metrics,
         )
         self.self_records_skipped = 0
 
