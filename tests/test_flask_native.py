@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,9 +15,17 @@ import pytest
 flask = pytest.importorskip("flask")
 from flask.cli import routes_command  # noqa: E402
 
-from tests.apps import run_one_job_in_a_worker_thread  # noqa: E402
+from tests.apps import (  # noqa: E402
+    ROOT,
+    Processes,
+    count_runs,
+    http,
+    run_one_job_in_a_worker_thread,
+    wait_until_completed,
+)
 from threaddispatch.contrib.flask import ThreadDispatch, current_engine  # noqa: E402
 from threaddispatch.errors import ConfigurationError  # noqa: E402
+from threaddispatch.stores.base import JobState  # noqa: E402
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -159,3 +170,49 @@ def test_worker_options_are_checked(make: Any) -> None:
                        (["--log-level", "LOUD"], "--log-level")):  # fmt: skip
         result = runner.invoke(args=["threaddispatch", "worker", *args])
         assert result.exit_code == 2 and text in result.output
+
+
+# -- a real server: gunicorn --preload -w 2, a worker process ----------------------------------------------
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    """The processes a test starts: every one is stopped at teardown."""
+    started = Processes(tmp_path)
+    yield started
+    started.stop_all()
+
+
+@pytest.mark.timeout(180)
+def test_gunicorn_serves_the_app_and_a_worker_process_runs_each_job_once(tmp_path: Path, processes: Processes) -> None:
+    """gunicorn --preload -w 2 on 127.0.0.1 takes the orders; ``flask threaddispatch worker`` runs each job once."""
+    pytest.importorskip("gunicorn")
+    env = {"SHOP_DIR": str(tmp_path)}
+    flask_app = ["--app", "tests.apps.flask_shop:create_app()"]
+    routes = subprocess.run([sys.executable, "-m", "flask", *flask_app, "routes"], cwd=ROOT, env={**os.environ, **env},
+                            capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    assert "threaddispatch.api" in routes.stdout and "/ops/dispatch/<path:path>" in routes.stdout
+    server, port = processes.gunicorn("gunicorn", "tests.apps.flask_shop:create_app()", cwd=ROOT, env=env)
+    orders = 20
+    job_ids = []
+    for n in range(orders):
+        status, _headers, body = http(port, "POST", f"/orders/{n}")
+        assert status == 200, body
+        job_ids.append(json.loads(body)["job"])
+    assert len(set(job_ids)) == orders
+    worker_argv = [sys.executable, "-m", "flask", *flask_app, "threaddispatch", "worker", "--concurrency", "4"]
+    worker = processes.start("worker", worker_argv, cwd=ROOT, env=env)
+    engine = wait_until_completed(f"sqlite:///{tmp_path / 'jobs.db'}", orders)
+    try:
+        jobs = [engine.get_job(job_id) for job_id in job_ids]
+        assert {job.state for job in jobs} == {JobState.COMPLETED} and {job.attempts for job in jobs} == {1}
+        assert engine.counts().get("completed") == orders
+    finally:
+        engine.store.close()
+    assert count_runs(tmp_path / "runs.db") == dict.fromkeys(range(orders), 1)
+    status, _headers, body = http(port, "GET", "/ops/dispatch/jobs/counts", headers=AUTH)  # read by a web worker
+    assert status == 200 and json.loads(body)["counts"]["completed"] == orders
+    assert processes.stop(worker) == 0, processes.log(worker)
+    log = processes.log(worker)
+    assert "worker starting: threaddispatch.contrib.flask:current_engine" in log and "worker stopped (clean)" in log
+    assert processes.stop(server) == 0, processes.log(server)

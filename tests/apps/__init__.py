@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
+from contextlib import closing
+from http.client import HTTPConnection
+from pathlib import Path
 from typing import Any
 
 from threaddispatch.jobs import JobEngine
+from threaddispatch.stores import open_store
 from threaddispatch.stores.base import JobState
 from threaddispatch.testing import wait_for
 
@@ -43,3 +53,101 @@ def run_one_job_in_a_worker_thread(engine: JobEngine, command: Callable[[], Any]
     if failures:
         raise failures[0]
     return outcome[0]
+
+
+# -- real servers and worker processes ----------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: where ``tests.apps`` imports from
+_LISTENING = re.compile(r"Listening at: http://127\.0\.0\.1:(\d+)")
+
+
+class Processes:
+    """The processes a test started, each logging to a file; :meth:`stop_all` ends every one (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.started: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def start(self, name: str, argv: list[str], *, cwd: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """Start ``argv`` with its stdout and stderr in ``<directory>/<name>.log``."""
+        log = self.directory / f"{name}.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+        self.started.append((process, log))
+        return process
+
+    def log(self, process: subprocess.Popen[bytes]) -> str:
+        """What ``process`` wrote so far."""
+        path = next(log for started, log in self.started if started is process)
+        return path.read_text(errors="replace")
+
+    def gunicorn(
+        self, name: str, target: str, *, cwd: Path, env: dict[str, str]
+    ) -> tuple[subprocess.Popen[bytes], int]:
+        """gunicorn ``--preload -w 2`` serving ``target`` on 127.0.0.1 (a free port); returns it and its port.
+
+        Returns once both workers booted and the port is known (deadline 60 s).
+        """
+        argv = [sys.executable, "-m", "gunicorn", "--preload", "-w", "2", "-b", "127.0.0.1:0",
+                "--graceful-timeout", "10", target]  # fmt: skip
+        process = self.start(name, argv, cwd=cwd, env=env)
+
+        def ready() -> int | None:
+            if process.poll() is not None:
+                raise AssertionError(f"gunicorn exited with {process.returncode}:\n{self.log(process)}")
+            text = self.log(process)
+            found = _LISTENING.search(text)
+            return int(found.group(1)) if found and text.count("Booting worker") >= 2 else None
+
+        return process, wait_for(ready, timeout=60, interval=0.05, message="gunicorn listening with 2 workers")
+
+    def stop(self, process: subprocess.Popen[bytes], timeout: float = 20) -> int:
+        """SIGTERM ``process`` and wait for it (SIGKILL past ``timeout``); returns its exit code."""
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait(timeout)
+
+    def stop_all(self) -> None:
+        for process, _log in reversed(self.started):
+            self.stop(process)
+
+
+def http(port: int, method: str, path: str, *, headers: dict[str, str] | None = None, body: bytes | None = None,
+         ) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
+    """One request on a new connection to 127.0.0.1:``port``: (status, headers, body)."""
+    conn = HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        reply = conn.getresponse()
+        return reply.status, {k.lower(): v for k, v in reply.getheaders()}, reply.read()
+    finally:
+        conn.close()
+
+
+def count_runs(path: Path) -> dict[int, int]:
+    """``{n: times the handler ran for n}`` from the handler's own table (see :func:`record_run`)."""
+    with closing(sqlite3.connect(path, timeout=30)) as conn:
+        return dict(conn.execute("SELECT n, COUNT(*) FROM runs GROUP BY n").fetchall())
+
+
+def record_run(path: Path, n: int) -> None:
+    """What the fixture apps' job handler does: one row per run, in its own SQLite file."""
+    with closing(sqlite3.connect(path, timeout=30)) as conn, conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS runs (n INTEGER NOT NULL, pid INTEGER NOT NULL)")
+        conn.execute("INSERT INTO runs (n, pid) VALUES (?, ?)", (n, os.getpid()))
+
+
+def wait_until_completed(store_url: str, count: int, timeout: float = 90) -> JobEngine:
+    """Poll the store (from this process) until ``count`` jobs completed; returns an engine on it (close its store)."""
+    engine = JobEngine(open_store(store_url))
+    try:
+        wait_for(lambda: engine.counts().get("completed", 0) >= count, timeout=timeout, interval=0.05,
+                 message=f"{count} jobs completed")  # fmt: skip
+    except BaseException:
+        engine.store.close()
+        raise
+    return engine
