@@ -27,7 +27,7 @@ from threaddispatch.jobs import JobEngine
 from threaddispatch.stores import SQLiteStore, Store
 from threaddispatch.stores.base import JobState
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(180)  # a hang guard: a test makes ~15 CLI processes, slow on a busy machine
 
 ROOT = Path(__file__).resolve().parent.parent
 _priorities = itertools.count()
