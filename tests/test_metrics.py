@@ -231,10 +231,13 @@ def test_watched_job_engine_counts_outcomes_and_states(otel: Reader) -> None:
     assert otel.value("threaddispatch.jobs.running", **attrs) == 0
 
 
-def test_watched_endpoint_dispatcher_reads_its_stats(otel: Reader) -> None:
-    endpoint = EndpointBatchDispatcher(lambda endpoint, jobs: None, name="hooks")
+@pytest.mark.parametrize("how", ["watch", "metrics="])
+def test_watched_endpoint_dispatcher_reads_its_stats(otel: Reader, how: str) -> None:
+    options: dict[str, Any] = {"metrics": otel.metrics} if how == "metrics=" else {}
+    endpoint = EndpointBatchDispatcher(lambda endpoint, jobs: None, name="hooks", **options)
     try:
-        otel.metrics.watch(endpoint)
+        if how == "watch":
+            otel.metrics.watch(endpoint)
         attrs = face("EndpointBatchDispatcher", "hooks")
         assert otel.value("threaddispatch.dropped", **attrs) == 0
         assert [p for p in otel.points("threaddispatch.queue.depth") if p.attributes == {**_dots(attrs)}]
@@ -267,7 +270,7 @@ def test_no_metrics_is_the_default_and_binds_nothing() -> None:
     NO_METRICS.histogram("h").record(1.0)
 
 
-@pytest.mark.parametrize("make", [BackgroundDispatcher, BatchedDispatcher])
+@pytest.mark.parametrize("make", [BackgroundDispatcher, BatchedDispatcher, EndpointBatchDispatcher])
 def test_metrics_must_be_a_metrics(make: Any) -> None:
     with pytest.raises(ConfigurationError, match="metrics must be"):
         make(lambda *args: None, metrics="otel")

@@ -58,6 +58,7 @@ from threaddispatch._validate import check_positive_int, check_seconds, show
 from threaddispatch.backoff import Exponential, RetryPolicy
 from threaddispatch.errors import ConfigurationError, DispatcherClosedError, InvalidStateError
 from threaddispatch.events import Listener
+from threaddispatch.metrics import Metrics, check_metrics
 
 __all__ = [
     "DEFAULT_MAX_PENDING_JOBS",
@@ -159,7 +160,8 @@ class EndpointBatchDispatcher(Closing):
 
     Pending jobs are sent at interpreter exit, and when a dispatcher nobody references is
     collected; a listener or ``send_batch`` that refers to the dispatcher keeps it alive
-    until :meth:`shutdown`.
+    until :meth:`shutdown`. ``metrics`` (a :class:`~threaddispatch.metrics.Metrics`) reads
+    ``stats()`` when it collects.
     """
 
     def __init__(
@@ -175,9 +177,11 @@ class EndpointBatchDispatcher(Closing):
         max_pending_jobs: int = DEFAULT_MAX_PENDING_JOBS,
         overflow: Overflow = "raise",
         send_timeout: float | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if not callable(send_batch):
             raise ConfigurationError(f"send_batch must be callable, got {send_batch!r}")
+        checked_metrics = check_metrics(metrics)
         check_positive_int("max_batch_size", max_batch_size)
         check_positive_int("max_pending_jobs", max_pending_jobs)
         if not isinstance(overflow, str) or overflow not in OVERFLOW_POLICIES:
@@ -215,6 +219,7 @@ class EndpointBatchDispatcher(Closing):
             overflow=overflow,
             send_timeout=send_timeout,
         )
+        checked_metrics.watch(self)  # stats() read at collection time; no histograms here yet
         # An unreferenced dispatcher drains in the background, then its threads leave.
         self._init_closing(self._core.engine.close_unreferenced, self._core.release_threads)
         if _immediate.active():
