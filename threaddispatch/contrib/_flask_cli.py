@@ -9,12 +9,14 @@ list`` lists the app's jobs. Both run inside the app context the ``flask`` comma
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import click
 from flask.cli import AppGroup
 
 from threaddispatch import _cli_admin, _cli_worker
 from threaddispatch._cli_common import print_json
+from threaddispatch.jobs import JobEngine
 from threaddispatch.stores.base import JobState
 
 __all__ = ["cli_group"]
@@ -33,8 +35,11 @@ def _queues(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
     return queues
 
 
-def cli_group() -> AppGroup:
-    """A new ``threaddispatch`` group (one per app): ``worker`` and ``jobs list``."""
+def cli_group(current_engine: Callable[[], JobEngine]) -> AppGroup:
+    """A new ``threaddispatch`` group (one per app): ``worker`` and ``jobs list``.
+
+    ``current_engine`` returns the current app's engine (the commands run in its app context).
+    """
     group = AppGroup("threaddispatch", help="Run and inspect this app's threaddispatch jobs.")
 
     @group.command("worker")
@@ -61,8 +66,6 @@ def cli_group() -> AppGroup:
     @click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")
     def list_jobs(state: str | None, queue: str | None, limit: int, offset: int, as_json: bool) -> None:
         """The app's jobs, newest first (as ``threaddispatch jobs list``)."""
-        from threaddispatch.contrib.flask import current_engine
-
         found = current_engine().list_jobs(
             state=None if state is None else JobState(state), queue=queue, limit=limit, offset=offset
         )

@@ -52,6 +52,7 @@ from threaddispatch import _lifecycle
 from threaddispatch.admin import AdminApp, make_wsgi_app
 from threaddispatch.background import BackgroundDispatcher
 from threaddispatch.backoff import check_seconds
+from threaddispatch.contrib._flask_cli import cli_group
 from threaddispatch.contrib._mount import check_prefix
 from threaddispatch.errors import ConfigurationError
 from threaddispatch.jobs import JobEngine
@@ -183,9 +184,7 @@ class ThreadDispatch:
         state = _AppState(app.name, engine, owned)
         try:
             self._mount(app, state)
-            from threaddispatch.contrib._flask_cli import cli_group
-
-            app.cli.add_command(cli_group())
+            app.cli.add_command(cli_group(current_engine))
         except BaseException:
             state.close(0)
             raise
