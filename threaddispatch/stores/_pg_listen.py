@@ -17,29 +17,29 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import psycopg
 
 from threaddispatch.backoff import ExponentialJitter
-from threaddispatch.errors import StoreError
 from threaddispatch.stores._pg_pool import Conn, Pool, close_quietly
 from threaddispatch.stores._pg_sql import CHANNEL
+from threaddispatch.stores._wakeups import Subscribers, WakeupCallback
 
 __all__ = ["WakeupCallback", "Wakeups"]
-
-WakeupCallback = Callable[[str | None, float | None], None]
 
 _log = logging.getLogger("threaddispatch.stores.postgres")
 
 
-class Wakeups:
+class Wakeups(Subscribers["_Listener"]):
     """This process's wake-up subscribers, and the listener thread that runs while there are any.
 
     ``find_schema(conn)`` names the schema whose jobs count (None: every schema's);
     ``keepalive`` is how often the idle listener checks its connection, ``reconnect_max``
     caps its reconnection backoff. Thread-safe.
     """
+
+    kind = "PostgresStore"
 
     def __init__(
         self,
@@ -53,79 +53,10 @@ class Wakeups:
         self.find_schema = find_schema
         self.keepalive = keepalive
         self.reconnect_max = reconnect_max
-        self._closed = False
-        self._init_process_state()
+        super().__init__(where=pool.dsn.where, log=_log)
 
-    def _init_process_state(self) -> None:
-        # _lock guards _closed, _subscribers, _next_token and _listener. Callbacks never run
-        # with it held.
-        self._lock = threading.Lock()
-        self._generation = getattr(self, "_generation", 0) + 1
-        self._subscribers: dict[int, WakeupCallback] = {}
-        self._next_token = 0
-        self._listener: _Listener | None = None
-
-    def reset_after_fork(self) -> None:
-        """In a forked child: no subscribers and no listener (its thread does not exist there)."""
-        self._init_process_state()
-
-    def subscribe(self, callback: WakeupCallback) -> Callable[[], None]:
-        """Add ``callback``, starting the listener if it is the first; returns an idempotent unsubscribe."""
-        with self._lock:
-            if self._closed:
-                raise StoreError(f"PostgresStore {self.pool.dsn.where} is closed")
-            token = self._next_token
-            self._next_token += 1
-            self._subscribers[token] = callback
-            generation = self._generation
-            listener = None
-            if self._listener is None:
-                listener = self._listener = _Listener(self)
-        if listener is not None:
-            listener.start()
-
-        def unsubscribe() -> None:
-            with self._lock:
-                if generation != self._generation:
-                    return
-                self._subscribers.pop(token, None)
-                stop = self._listener if not self._subscribers else None
-                if stop is not None:
-                    self._listener = None
-            if stop is not None:
-                stop.stop()
-
-        return unsubscribe
-
-    def close(self) -> None:
-        """Drop every subscriber and stop the listener (without waiting for it). Idempotent."""
-        with self._lock:
-            self._closed = True
-            listener, self._listener = self._listener, None
-            self._subscribers.clear()
-        if listener is not None:
-            listener.stop()
-
-    def has_subscribers(self, listener: _Listener) -> bool:
-        """Whether ``listener`` is still the current one and has someone to serve."""
-        with self._lock:
-            return self._listener is listener and bool(self._subscribers)
-
-    def listener_exited(self, listener: _Listener) -> None:
-        with self._lock:
-            if self._listener is listener:
-                self._listener = None
-
-    def wake(self, due: Sequence[tuple[str | None, float | None]]) -> None:
-        """Call every subscriber with each ``(queue, run_at)`` of ``due``; a failing one is logged."""
-        with self._lock:
-            callbacks = list(self._subscribers.values())
-        for callback in callbacks:  # no lock held: callbacks take their own
-            for queue, run_at in due:
-                try:
-                    callback(queue, run_at)
-                except Exception:  # noqa: BLE001 - one broken subscriber must not stop the others
-                    _log.exception("PostgresStore: wake-up callback %r failed", callback)
+    def _new_worker(self) -> _Listener:
+        return _Listener(self)
 
 
 class _Listener:
@@ -149,8 +80,8 @@ class _Listener:
     def start(self) -> None:
         self.thread.start()
 
-    def stop(self) -> None:
-        """Ask the thread to leave (non-blocking, idempotent)."""
+    def stop(self, timeout: float = 0.0) -> None:
+        """Ask the thread to leave (non-blocking, whatever ``timeout``; idempotent)."""
         self._stopping = True
         with contextlib.suppress(OSError):  # full (already woken) or closed (already gone)
             self._writer.send(b"x")
@@ -207,7 +138,7 @@ class _Listener:
             selector.close()
             self._reader.close()
             self._writer.close()
-            self.wakeups.listener_exited(self)
+            self.wakeups.worker_exited(self)
 
     def _connect(self) -> Conn:
         conn = self.wakeups.pool.connect()

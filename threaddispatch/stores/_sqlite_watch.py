@@ -29,14 +29,12 @@ import bisect
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from threaddispatch.errors import StoreError
+from threaddispatch.stores._wakeups import Subscribers, WakeupCallback
 
 __all__ = ["CHECKPOINT_EVERY", "IDLE_TICK", "TICK", "WakeupCallback", "WatchSource", "Watcher"]
-
-WakeupCallback = Callable[[str | None, float | None], None]
 
 _log = logging.getLogger("threaddispatch.stores.sqlite")
 
@@ -63,72 +61,27 @@ class WatchSource(Protocol):
     def _watch_checkpoint(self) -> None: ...
 
 
-class Watcher:
-    """This process's wake-up subscribers on one store, and the thread that runs while there are any.
+class Watcher(Subscribers["_Run"]):
+    """This process's wake-up subscribers on one store, and the watcher thread that runs while there are any.
 
     Thread-safe. Callbacks run on the watcher thread with no lock held.
     """
 
+    kind = "SQLiteStore"
+    stop_wait = 1.0  # the last unsubscribe waits for the threads: a stopped engine leaves none behind
+
     def __init__(self, source: WatchSource, *, where: str) -> None:
         self.source = source
-        self.where = where
-        self._closed = False
-        self._init_process_state()
+        super().__init__(where=repr(where), log=_log)
 
     def _init_process_state(self) -> None:
-        # _lock guards _closed, _subscribers, _next_token, _run and _own.
-        self._lock = threading.Lock()
-        self._generation = getattr(self, "_generation", 0) + 1
-        self._subscribers: dict[int, WakeupCallback] = {}
-        self._next_token = 0
-        self._run: _Run | None = None
-        # This process's inserted rows as sorted, disjoint [first, last] seq ranges, noted after
-        # their commit while a watcher runs; the watcher drops those it has passed.
+        super()._init_process_state()
+        # Guarded by _lock: this process's inserted rows as sorted, disjoint [first, last] seq
+        # ranges, noted after their commit while a watcher runs; the watcher drops those it has passed.
         self._own: list[list[int]] = []
 
-    @property
-    def active(self) -> bool:
-        """Whether a watcher thread runs (so :meth:`note_own` is worth calling)."""
-        return self._run is not None
-
-    def reset_after_fork(self) -> None:
-        """In a forked child: no subscribers and no thread (it does not exist there)."""
-        self._init_process_state()
-
-    def subscribe(self, callback: WakeupCallback) -> Callable[[], None]:
-        """Add ``callback``, starting the thread if it is the first; returns an idempotent unsubscribe."""
-        with self._lock:
-            if self._closed:
-                raise StoreError(f"SQLiteStore {self.where!r} is closed")
-            token = self._next_token
-            self._next_token += 1
-            self._subscribers[token] = callback
-            generation = self._generation
-            if self._run is None:
-                self._run = _Run(self)
-                self._run.start()  # only waits for the threads to exist, never for this lock
-
-        def unsubscribe() -> None:
-            with self._lock:
-                if generation != self._generation:
-                    return
-                self._subscribers.pop(token, None)
-                run = self._run if not self._subscribers else None
-                if run is not None:
-                    self._run = None
-            if run is not None:
-                run.stop()
-
-        return unsubscribe
-
-    def close(self, timeout: float) -> None:
-        """Drop every subscriber and stop the thread, waiting up to ``timeout`` for it. Idempotent."""
-        with self._lock:
-            self._closed = True
-            run, self._run = self._run, None
-            self._subscribers.clear()
-        if run is not None:
-            run.stop(timeout)
+    def _new_worker(self) -> _Run:
+        return _Run(self)
 
     def note_own(self, first: int, last: int) -> None:
         """Rows ``first..last`` (seq) were inserted and committed by this process."""
@@ -144,21 +97,6 @@ class Watcher:
             ranges = [list(span) for span in self._own]
             self._own = [span for span in self._own if span[1] > passed]
         return ranges
-
-    def _is_current(self, run: _Run) -> bool:
-        with self._lock:
-            return self._run is run
-
-    def wake(self, due: Sequence[tuple[str | None, float | None]]) -> None:
-        """Call every subscriber with each ``(queue, run_at)`` of ``due``; a failing one is logged."""
-        with self._lock:
-            callbacks = list(self._subscribers.values())
-        for callback in callbacks:  # no lock held: callbacks take their own
-            for queue, run_at in due:
-                try:
-                    callback(queue, run_at)
-                except Exception:  # noqa: BLE001 - one broken subscriber must not stop the others
-                    _log.exception("SQLiteStore: wake-up callback %r failed", callback)
 
 
 def _owned(seq: int, ranges: list[list[int]]) -> bool:
@@ -208,18 +146,18 @@ class _Run:
             try:
                 self.watcher.source._watch_checkpoint()
             except StoreError as error:
-                _log.debug("SQLiteStore %r: checkpoint failed: %s", self.watcher.where, error)
+                _log.debug("SQLiteStore %s: checkpoint failed: %s", self.watcher.where, error)
 
     def _main(self) -> None:
         wait = 0.0
         tick = TICK
         failing = False
-        while not self._stop.wait(wait) and self.watcher._is_current(self):
+        while not self._stop.wait(wait) and self.watcher.is_current(self):
             try:
                 changed = self._step()
             except StoreError as error:
                 if not failing:
-                    _log.warning("SQLiteStore %r watcher: %s; retrying every %.3gs", self.watcher.where, error, _RETRY)
+                    _log.warning("SQLiteStore %s watcher: %s; retrying every %.3gs", self.watcher.where, error, _RETRY)
                 failing = True
                 wait = _RETRY
                 continue
