@@ -227,3 +227,31 @@ def test_each_start_makes_a_new_run_with_its_own_worker_id_and_counters_carry_ov
     assert workers[0] != workers[1]
     assert engine.stats()["completed"] == 2
     assert engine.stats()["state"] == "stopped"
+
+
+@pytest.mark.timeout(60)
+def test_every_delayed_job_of_this_process_wakes_the_idle_fetcher_not_only_the_earliest() -> None:
+    """Two delayed jobs enqueued here: the idle fetcher wakes for each due time, so the later job does
+    not wait for the next poll (max_poll_interval 60 s here, far past the test's 20 s deadline).
+    Before the fix only the earliest due time was kept: the later one was forgotten once it passed."""
+    store = MemoryStore()  # no store wake-ups: only the fetcher's own due times can wake it
+    engine = JobEngine(store, poll_interval=30, max_poll_interval=60)
+    done = threading.Event()
+    ran: list[int] = []
+
+    def record(ctx: JobContext, payload: Any) -> None:
+        ran.append(payload["n"])
+        if len(ran) == 3:
+            done.set()
+
+    engine.register("record", record)
+    engine.start()
+    try:
+        # Let the fetcher go idle first (its first claim finds nothing), then enqueue.
+        wait_for(lambda: engine.stats()["idle_polls"] >= 1, 20, message="the fetcher went idle")
+        for n, delay in enumerate((0.2, 0.4, 0.6)):
+            engine.enqueue("record", {"n": n}, delay=delay)
+        assert done.wait(20), f"only {ran} ran: a later due time was forgotten"
+        assert sorted(ran) == [0, 1, 2]
+    finally:
+        assert engine.stop(10)

@@ -78,16 +78,17 @@ class Outcome:
 class Effects:
     """What a written batch leads to: counters to add, claims found lost, events to emit in order.
 
-    ``store_failed``: the success write (and the claim with it) raised StoreError.
+    ``store_failed``: the success write (and the claim with it) raised ``store_error``.
     """
 
-    __slots__ = ("counts", "events", "lost", "store_failed")
+    __slots__ = ("counts", "events", "lost", "store_error", "store_failed")
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
         self.lost: list[Slot] = []
         self.events: list[tuple[str, tuple[Any, ...]]] = []
         self.store_failed = False
+        self.store_error: StoreError | None = None
 
     def add(self, counter: str) -> None:
         self.counts[counter] = self.counts.get(counter, 0) + 1
@@ -142,8 +143,9 @@ class Recorder:
                 queues, limit = claim
                 applied = set()
                 claimed = store.claim(queues, limit, worker_id=self._worker_id, now=now)
-        except StoreError:
+        except StoreError as error:
             effects.store_failed = True
+            effects.store_error = error
             if batch:
                 self._shared.logger.error(
                     "%d jobs ran but their completion was not stored; they will be reaped and may run again",

@@ -20,6 +20,7 @@ loop, the completion path and the stop protocol all work one in-flight table, un
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import os
@@ -47,6 +48,7 @@ __all__ = ["Runtime", "on_engine_thread"]
 # .runtime: the Runtime whose thread this is, while it runs that runtime's loops or work;
 # stop() there must not wait for itself. Thread-local: no lock.
 _ENGINE_THREAD = threading.local()
+_MAX_DUE = 4_096  # due times the fetcher keeps (a later one past it is found by the poll)
 
 
 def on_engine_thread(runtime: Runtime | None) -> bool:
@@ -94,7 +96,9 @@ class Runtime:
         # Outcomes waiting for the fetcher's group commit (only while running).
         self._done: list[Outcome] = []
         self._wake_pending = True
-        self._next_due = math.inf  # earliest run_at (epoch) this process knows of
+        # The run_at (epoch) of every delayed or retrying job this process knows of, as a heap
+        # (lock held): the idle fetcher wakes at the earliest; each due time is popped once passed.
+        self._due: list[float] = []
         self._threads_stop = False  # set by stop() once the heartbeat/cron threads may leave
         self._unsubscribe: Callable[[], None] | None = None  # the store's wake-ups (LISTEN/NOTIFY)
         self._planner = ClaimPlanner(queues, config.queue_configs)
@@ -179,9 +183,29 @@ class Runtime:
     def _wake_fetcher(self, due: float | None = None) -> None:
         """Lock held: the fetcher claims again at once (and by ``due``, epoch seconds, when given)."""
         if due is not None:
-            self._next_due = min(self._next_due, due)
+            self._remember_due(due)
         self._wake_pending = True
         self.shared.wake.notify()
+
+    def _remember_due(self, due: float) -> None:
+        """Lock held: wake the idle fetcher at ``due`` (epoch seconds)."""
+        heapq.heappush(self._due, due)
+        if len(self._due) > _MAX_DUE:
+            # Keep the earliest half: a forgotten later one is found by the poll, as any job of another process.
+            self._due = heapq.nsmallest(_MAX_DUE // 2, self._due)
+
+    def _until_due(self) -> float:
+        """Lock held: seconds until the earliest known due time (0 if one has passed, inf if none);
+        due times passed are forgotten (the claim that follows takes their jobs, or they were taken)."""
+        due = self._due
+        if not due:
+            return math.inf
+        now = time.time()
+        if due[0] > now:
+            return due[0] - now
+        while due and due[0] <= now:
+            heapq.heappop(due)
+        return 0.0
 
     def busy(self) -> int:
         """How many handlers of this run (and earlier runs) hold a slot (lock held)."""
@@ -272,7 +296,8 @@ class Runtime:
                 self._settle(batch, effects)
                 batch = []
                 if effects.store_failed:
-                    shared.logger.warning("claiming jobs failed; retrying after %.3gs", idle, exc_info=True)
+                    error = effects.store_error
+                    shared.logger.warning("claiming jobs failed; retrying after %.3gs", idle, exc_info=error)
                     failed_store = True
                 if bucket is not None:
                     bucket.give_back(planned - len(jobs))
@@ -288,11 +313,7 @@ class Runtime:
                     return
                 if (self._wake_pending or self._done) and not failed_store:
                     continue
-                wait = min(idle, rate_wait)
-                if self._next_due < math.inf:
-                    wait = min(wait, max(0.0, self._next_due - time.time()))
-                    if self._next_due <= time.time():
-                        self._next_due = math.inf  # due now; the next claim takes it (or it was taken)
+                wait = min(idle, rate_wait, self._until_due())
                 shared.stats["idle_polls"] += 1
                 shared.wake.wait(wait)
                 woken = self._wake_pending
@@ -447,7 +468,7 @@ class Runtime:
             for outcome in batch:
                 job = outcome.slot.job
                 if job.state is JobState.RETRYING and job.queue in self.queues and self.state == "running":
-                    self._next_due = min(self._next_due, job.run_at)
+                    self._remember_due(job.run_at)
                     shared.wake.notify()
                 if outcome.ends_slot:
                     self._forget(outcome.slot)
