@@ -97,6 +97,7 @@ def test_background_delivered_batches_and_depth(otel: Reader) -> None:
             "messaging.client.operation.duration", **attrs, messaging__operation__name="send"
         )
         assert count == len(sent) and seconds >= 0
+        assert all("messaging.system" not in p.attributes for p in otel.points("threaddispatch.batch.size"))
         assert otel.value("messaging.client.sent.messages", **attrs, error__type="_OTHER") == 0
 
 

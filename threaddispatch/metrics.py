@@ -257,40 +257,44 @@ class FaceRecorder:
     """One face's per-batch histograms: batch size and send duration, with the face's attributes.
 
     A face holds one only when metrics are on; it calls :meth:`send` once per batch sent.
-    The attribute dicts are made here, once (per destination), never per call.
+    The attribute dicts are made here, once (per destination), never per call. The
+    duration carries the semantic conventions' required ``messaging.*`` attributes; the
+    batch size only the face's own (the SDK's cost per record grows with each attribute).
     """
 
-    __slots__ = ("_by_destination", "_durations", "_ok", "_sizes")
+    __slots__ = ("_by_destination", "_durations", "_face", "_sizes")
 
     def __init__(self, sizes: Histogram, durations: Histogram, attributes: dict[str, str]) -> None:
         self._sizes = sizes
         self._durations = durations
-        self._ok: dict[str, str] = {
-            "messaging.system": "threaddispatch",
-            "messaging.operation.name": "send",
-            "messaging.operation.type": "send",
-            **attributes,
-        }
-        self._by_destination: dict[str, dict[str, str]] = {}
+        self._face = dict(attributes)
+        # destination (None: the face has none) -> (batch-size attributes, duration attributes)
+        self._by_destination: dict[str | None, tuple[dict[str, str], dict[str, str]]] = {}
+        self._by_destination[None] = self._attributes(None)
 
     def send(
         self, size: int, started: float, error: BaseException | None = None, destination: str | None = None
     ) -> None:
         """Record one send of ``size`` entries that began at ``started`` (``time.perf_counter()``) and ends now."""
         seconds = time.perf_counter() - started
-        attributes = self._ok if destination is None else self._for(destination)
-        self._sizes.record(size, attributes)
+        found = self._by_destination.get(destination)
+        sizes, durations = self._attributes(destination) if found is None else found
+        self._sizes.record(size, sizes)
         if error is not None:
-            attributes = {**attributes, "error.type": type(error).__qualname__}
-        self._durations.record(seconds, attributes)
+            durations = {**durations, "error.type": type(error).__qualname__}
+        self._durations.record(seconds, durations)
 
-    def _for(self, destination: str) -> dict[str, str]:
-        attributes = self._by_destination.get(destination)
-        if attributes is None:
-            attributes = {**self._ok, "messaging.destination.name": destination}
-            if len(self._by_destination) < 1000:  # a bound: targets are few; past it, made per call
-                self._by_destination[destination] = attributes
-        return attributes
+    def _attributes(self, destination: str | None) -> tuple[dict[str, str], dict[str, str]]:
+        sizes = self._face if destination is None else {**self._face, "messaging.destination.name": destination}
+        durations = {
+            "messaging.system": "threaddispatch",
+            "messaging.operation.name": "send",
+            "messaging.operation.type": "send",
+            **sizes,
+        }
+        if len(self._by_destination) < 1000:  # a bound: targets are few; past it, made per call
+            self._by_destination[destination] = (sizes, durations)
+        return sizes, durations
 
 
 class Metrics:
