@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from threaddispatch._validate import show
 from threaddispatch.errors import ConfigurationError
 
 __all__ = [
@@ -373,10 +374,5 @@ def check_metrics(metrics: object) -> Metrics:
     if metrics is None:
         return NO_METRICS
     if not isinstance(metrics, Metrics):
-        raise ConfigurationError(f"metrics must be a threaddispatch.metrics.Metrics, got {metrics!r}")
+        raise ConfigurationError(f"metrics must be a threaddispatch.metrics.Metrics, got {show(metrics)}")
     return metrics
-
-
-def bind(metrics: object, face: object) -> FaceRecorder | None:
-    """What a face's constructor calls: check ``metrics`` and bind ``face`` to it."""
-    return check_metrics(metrics).bind(face)
