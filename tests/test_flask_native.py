@@ -18,14 +18,13 @@ from flask.cli import routes_command  # noqa: E402
 from tests.apps import (  # noqa: E402
     ROOT,
     Processes,
-    count_runs,
+    check_each_job_ran_once,
     http,
+    place_orders,
     run_one_job_in_a_worker_thread,
-    wait_until_completed,
 )
 from threaddispatch.contrib.flask import ThreadDispatch, current_engine  # noqa: E402
 from threaddispatch.errors import ConfigurationError  # noqa: E402
-from threaddispatch.stores.base import JobState  # noqa: E402
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -178,9 +177,8 @@ def test_worker_options_are_checked(make: Any) -> None:
 @pytest.fixture
 def processes(tmp_path: Path) -> Iterator[Processes]:
     """The processes a test starts: every one is stopped at teardown."""
-    started = Processes(tmp_path)
-    yield started
-    started.stop_all()
+    with Processes(tmp_path) as started:
+        yield started
 
 
 @pytest.mark.timeout(180)
@@ -193,25 +191,12 @@ def test_gunicorn_serves_the_app_and_a_worker_process_runs_each_job_once(tmp_pat
                             capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
     assert "threaddispatch.api" in routes.stdout and "/ops/dispatch/<path:path>" in routes.stdout
     server, port = processes.gunicorn("gunicorn", "tests.apps.flask_shop:create_app()", cwd=ROOT, env=env)
-    orders = 20
-    job_ids = []
-    for n in range(orders):
-        status, _headers, body = http(port, "POST", f"/orders/{n}")
-        assert status == 200, body
-        job_ids.append(json.loads(body)["job"])
-    assert len(set(job_ids)) == orders
+    job_ids = place_orders(port, 20)
     worker_argv = [sys.executable, "-m", "flask", *flask_app, "threaddispatch", "worker", "--concurrency", "4"]
     worker = processes.start("worker", worker_argv, cwd=ROOT, env=env)
-    engine = wait_until_completed(f"sqlite:///{tmp_path / 'jobs.db'}", orders)
-    try:
-        jobs = [engine.get_job(job_id) for job_id in job_ids]
-        assert {job.state for job in jobs} == {JobState.COMPLETED} and {job.attempts for job in jobs} == {1}
-        assert engine.counts().get("completed") == orders
-    finally:
-        engine.store.close()
-    assert count_runs(tmp_path / "runs.db") == dict.fromkeys(range(orders), 1)
+    check_each_job_ran_once(tmp_path, job_ids)
     status, _headers, body = http(port, "GET", "/ops/dispatch/jobs/counts", headers=AUTH)  # read by a web worker
-    assert status == 200 and json.loads(body)["counts"]["completed"] == orders
+    assert status == 200 and json.loads(body)["counts"]["completed"] == len(job_ids)
     assert processes.stop(worker) == 0, processes.log(worker)
     log = processes.log(worker)
     assert "worker starting: threaddispatch.contrib.flask:current_engine" in log and "worker stopped (clean)" in log

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -11,7 +12,8 @@ import sys
 import threading
 from collections.abc import Callable
 from contextlib import closing
-from http.client import HTTPConnection
+from http.client import HTTPConnection, HTTPMessage
+from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
 
@@ -115,17 +117,31 @@ class Processes:
         for process, _log in reversed(self.started):
             self.stop(process)
 
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop_all()
+
 
 def http(port: int, method: str, path: str, *, headers: dict[str, str] | None = None, body: bytes | None = None,
-         ) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
+         ) -> tuple[int, HTTPMessage, bytes]:  # fmt: skip
     """One request on a new connection to 127.0.0.1:``port``: (status, headers, body)."""
     conn = HTTPConnection("127.0.0.1", port, timeout=30)
     try:
         conn.request(method, path, body=body, headers=headers or {})
         reply = conn.getresponse()
-        return reply.status, {k.lower(): v for k, v in reply.getheaders()}, reply.read()
+        return reply.status, reply.msg, reply.read()
     finally:
         conn.close()
+
+
+def cookies(headers: HTTPMessage) -> dict[str, str]:
+    """The cookies a response sets: ``{name: value}``."""
+    jar: SimpleCookie = SimpleCookie()
+    for header in headers.get_all("Set-Cookie") or []:
+        jar.load(header)
+    return {name: morsel.value for name, morsel in jar.items()}
 
 
 def count_runs(path: Path) -> dict[int, int]:
@@ -151,3 +167,27 @@ def wait_until_completed(store_url: str, count: int, timeout: float = 90) -> Job
         engine.store.close()
         raise
     return engine
+
+
+def place_orders(port: int, count: int) -> list[str]:
+    """``POST /orders/<n>`` for n in range(count) (the fixture apps enqueue one ``record`` job each); the job ids."""
+    job_ids = []
+    for n in range(count):
+        status, _headers, body = http(port, "POST", f"/orders/{n}")
+        assert status == 200, body
+        job_ids.append(json.loads(body)["job"])
+    assert len(set(job_ids)) == count
+    return job_ids
+
+
+def check_each_job_ran_once(directory: Path, job_ids: list[str]) -> None:
+    """Wait until every job completed (polling the SQLite store in ``directory``), then check each ran exactly once:
+    completed at its first attempt, and one row per order in the handler's table."""
+    engine = wait_until_completed(f"sqlite:///{directory / 'jobs.db'}", len(job_ids))
+    try:
+        jobs = [engine.get_job(job_id) for job_id in job_ids]
+        assert {job.state for job in jobs} == {JobState.COMPLETED} and {job.attempts for job in jobs} == {1}
+        assert engine.counts().get("completed") == len(job_ids)
+    finally:
+        engine.store.close()
+    assert count_runs(directory / "runs.db") == dict.fromkeys(range(len(job_ids)), 1)

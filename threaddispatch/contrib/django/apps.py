@@ -6,7 +6,8 @@ from django.apps import AppConfig
 
 
 class ThreadDispatchConfig(AppConfig):
-    """Checks the ``THREADDISPATCH`` setting at startup (without opening the store) and applies ``EXIT_TIMEOUT``."""
+    """Checks the ``THREADDISPATCH`` setting at startup (without opening the store), applies ``EXIT_TIMEOUT``,
+    registers the system checks and imports each installed app's ``tasks`` module (``AUTODISCOVER``)."""
 
     name = "threaddispatch.contrib.django"
     label = "threaddispatch"
@@ -14,7 +15,16 @@ class ThreadDispatchConfig(AppConfig):
     default = True
 
     def ready(self) -> None:
-        """Validate the settings; raises ImproperlyConfigured naming a bad key. Non-blocking."""
+        """Validate the settings (raises ImproperlyConfigured naming a bad key), then autodiscover.
+
+        Imports the ``tasks`` modules (what they do at import, registering jobs, runs now);
+        opens no store itself.
+        """
+        from django.utils.module_loading import autodiscover_modules
+
+        from threaddispatch.contrib.django import checks  # noqa: F401 - registers the checks
         from threaddispatch.contrib.django.conf import apply_settings
 
-        apply_settings()
+        config = apply_settings()
+        if config.autodiscover is not None:
+            autodiscover_modules(config.autodiscover)

@@ -9,7 +9,15 @@ Keys of the ``THREADDISPATCH`` dict (all optional, but the engine needs ENGINE o
   admin API, which only manages the store).
 - ``ENGINE_OPTIONS``: keyword arguments for that engine (dict).
 - ``TOKEN``: the admin API's bearer token; required by the urls unless
-  ``ALLOW_UNAUTHENTICATED`` is true.
+  ``ALLOW_UNAUTHENTICATED`` is true or ``ADMIN_AUTH`` is ``"staff"``.
+- ``ADMIN_AUTH``: who authenticates requests to the urls. ``"token"`` (the default): the
+  bearer token. ``"staff"``: Django's session, as for the Django admin: the view is wrapped
+  in ``staff_member_required`` (others are redirected to the admin login), CSRF-protected
+  like any session view, and no token is used (``django.contrib.admin``, ``auth`` and
+  ``sessions`` must be installed).
+- ``AUTODISCOVER``: import the ``tasks`` module of every installed app at startup, so that
+  the jobs they register exist in every process (the web's and the worker's), as celery
+  and huey do; ``True`` (the default), ``False``, or another module name.
 - ``EXIT_TIMEOUT``: seconds the exit drain may take (process-wide).
 - ``QUEUES`` / ``CONCURRENCY``: defaults of the ``threaddispatch_worker`` command.
 
@@ -36,12 +44,23 @@ from threaddispatch.errors import ConfigurationError
 from threaddispatch.jobs import JobEngine
 from threaddispatch.stores import Store, open_store
 
-__all__ = ["DispatchSettings", "apply_settings", "get_admin_app", "get_engine", "get_settings", "reset"]
+__all__ = [
+    "DispatchSettings",
+    "apply_settings",
+    "get_admin_app",
+    "get_engine",
+    "get_settings",
+    "import_engine_target",
+    "reset",
+]
 
 SETTING = "THREADDISPATCH"
 _KEYS = frozenset({
     "ENGINE", "STORE", "ENGINE_OPTIONS", "TOKEN", "ALLOW_UNAUTHENTICATED", "EXIT_TIMEOUT", "QUEUES", "CONCURRENCY",
+    "ADMIN_AUTH", "AUTODISCOVER",
 })  # fmt: skip
+#: The values of ``ADMIN_AUTH``.
+ADMIN_AUTH_MODES = ("token", "staff")
 
 
 @dataclass(frozen=True)
@@ -56,6 +75,8 @@ class DispatchSettings:
     exit_timeout: float | None = None
     queues: tuple[str, ...] | None = None
     concurrency: int | None = None
+    admin_auth: str = "token"
+    autodiscover: str | None = "tasks"
 
 
 def _fail(message: str) -> ImproperlyConfigured:
@@ -95,6 +116,8 @@ def get_settings() -> DispatchSettings:
     ):
         raise _fail(f"CONCURRENCY must be an int >= 1, got {concurrency!r}")
     return DispatchSettings(
+        admin_auth=_admin_auth(raw),
+        autodiscover=_autodiscover(raw),
         engine=raw.get("ENGINE"),
         store=raw.get("STORE"),
         engine_options=options,
@@ -104,6 +127,26 @@ def get_settings() -> DispatchSettings:
         queues=None if queues is None else tuple(queues),
         concurrency=concurrency,
     )
+
+
+def _admin_auth(raw: Mapping[str, Any]) -> str:
+    auth = raw.get("ADMIN_AUTH", "token")
+    if auth not in ADMIN_AUTH_MODES:
+        raise _fail(f"ADMIN_AUTH must be 'token' or 'staff', got {auth!r}")
+    if auth == "staff" and raw.get("TOKEN") is not None:
+        raise _fail("TOKEN is not used with ADMIN_AUTH 'staff' (the Django session decides): remove one of the two")
+    return str(auth)
+
+
+def _autodiscover(raw: Mapping[str, Any]) -> str | None:
+    value = raw.get("AUTODISCOVER", True)
+    if value is True:
+        return "tasks"
+    if value is False:
+        return None
+    if not isinstance(value, str) or not value.isidentifier():
+        raise _fail(f"AUTODISCOVER must be True, False or a module name like 'tasks', got {value!r}")
+    return value
 
 
 def apply_settings() -> DispatchSettings:
@@ -121,12 +164,17 @@ _owned_store: Store | None = None
 _admin: AdminApp | None = None
 
 
+def import_engine_target(path: str) -> object:
+    """What the ENGINE path names (imported, not called); raises ImproperlyConfigured when it cannot be imported."""
+    try:
+        return import_string(path)
+    except ImportError as error:
+        raise _fail(f"ENGINE {path!r} cannot be imported: {error}") from None
+
+
 def _make_engine(config: DispatchSettings) -> tuple[JobEngine, Store | None]:
     if config.engine is not None:
-        try:
-            target = import_string(config.engine)
-        except ImportError as error:
-            raise _fail(f"ENGINE {config.engine!r} cannot be imported: {error}") from None
+        target = import_engine_target(config.engine)
         engine = target if isinstance(target, JobEngine) else target() if callable(target) else target
         if not isinstance(engine, JobEngine):
             raise _fail(f"ENGINE {config.engine!r} is not a JobEngine (got {type(engine).__name__})")
@@ -164,7 +212,10 @@ def get_admin_app() -> AdminApp:
         if _admin is None or _admin.engine is not engine:
             config = get_settings()
             try:
-                _admin = make_wsgi_app(engine, "", config.token, allow_unauthenticated=config.allow_unauthenticated)
+                _admin = make_wsgi_app(
+                    engine, "", config.token,
+                    allow_unauthenticated=config.allow_unauthenticated or config.admin_auth == "staff",
+                )  # fmt: skip
             except ConfigurationError as error:
                 raise _fail(f"TOKEN: {error}") from None
         return _admin

@@ -8,15 +8,22 @@ browser adds that header to a cross-site request. Every other request (an app bu
 ``csrf_protect``, as any Django view relying on cookies does. The admin app's own
 cross-site checks (JSON-only bodies, ``Origin``/``Sec-Fetch-Site`` on mutations) apply
 to both; see :mod:`threaddispatch.admin`.
+
+With ``ADMIN_AUTH = "staff"`` the Django session decides instead of the token: the view
+is ``staff_member_required`` (anyone else is redirected to the admin login) and
+``csrf_protect``; a page the admin app serves (the dashboard) sets the CSRF cookie, and a
+mutation must send it back as ``X-CSRFToken``, as for any Django session view.
 """
 
 from __future__ import annotations
 
+from django.contrib.admin.views.decorators import staff_member_required
 from django.http import HttpRequest, HttpResponse
+from django.middleware.csrf import get_token
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
 
 from threaddispatch.admin import MAX_BODY_SIZE
-from threaddispatch.contrib.django.conf import get_admin_app
+from threaddispatch.contrib.django.conf import get_admin_app, get_settings
 
 __all__ = ["admin_api"]
 
@@ -28,6 +35,8 @@ def admin_api(request: HttpRequest, path: str) -> HttpResponse:
     Blocks for the admin app's store calls (and reads at most MAX_BODY_SIZE + 1 bytes of
     the body). Exempt from CSRF only when the bearer token authenticates the request.
     """
+    if get_settings().admin_auth == "staff":
+        return _answer_staff(request, path)
     if get_admin_app().requires_token and _carries_bearer(request):
         return _answer(request, path)
     return _answer_csrf_protected(request, path)
@@ -53,7 +62,10 @@ def _answer(request: HttpRequest, path: str) -> HttpResponse:
         origin=meta.get("HTTP_ORIGIN"),
         sec_fetch_site=meta.get("HTTP_SEC_FETCH_SITE"),
         host=request.get_host(),  # honours ALLOWED_HOSTS and USE_X_FORWARDED_HOST
+        accept=meta.get("HTTP_ACCEPT"),
     )
+    if any(name.lower() == "content-type" and value.startswith("text/html") for name, value in answer.headers):
+        get_token(request)  # the page's mutations send the CSRF cookie back (a session-authenticated page)
     response = HttpResponse(answer.body if request.method != "HEAD" else b"", status=answer.status)
     for name, value in answer.headers:
         if name.lower() != "content-length":
@@ -62,6 +74,7 @@ def _answer(request: HttpRequest, path: str) -> HttpResponse:
 
 
 _answer_csrf_protected = csrf_protect(_answer)
+_answer_staff = staff_member_required(_answer_csrf_protected)
 
 
 def _body(request: HttpRequest) -> bytes:
