@@ -7,17 +7,24 @@ dead letter), successes in ONE ``complete_many`` (the group commit), or in one
 ``complete_and_claim`` with the fetcher's next claim. The writer updates each job record
 as stored and returns what follows (:class:`Effects`); the runtime applies those to its
 in-flight table and emits the events. Never called with the shared lock held.
+
+Each outcome, once stored, is logged here, one line a job with :func:`job_fields` as
+``extra``: done (INFO), a retry asked for with ``Retry`` (INFO) or after an error (WARNING,
+the error's one-line summary; its traceback at DEBUG), dead-lettered (WARNING, with the
+traceback of the final failure), cancelled by ``Cancel`` (INFO, no traceback).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import traceback
 from collections.abc import Sequence
 from typing import Any
 
 from threaddispatch._job_shared import Shared, Slot
+from threaddispatch._log_json import log_job
 from threaddispatch._validate import check_seconds
 from threaddispatch.backoff import RetryPolicy
 from threaddispatch.errors import Cancel, ConfigurationError, Retry, StoreError
@@ -48,14 +55,36 @@ def encode_result(shared: Shared, job: JobRecord, result: object) -> tuple[str |
         return None, note
 
 
+def span_text(seconds: float) -> str:
+    """``seconds`` for a log line: ``0 s``, ``0.4 ms``, ``12 ms``, ``4 s``, ``12.5 s``, ``3600 s``."""
+    if seconds <= 0:
+        return "0 s"
+    if seconds < 0.01:
+        return f"{seconds * 1000:.1f} ms"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    return f"{seconds:.3g} s" if seconds < 100 else f"{seconds:.0f} s"
+
+
+def summary(error: BaseException) -> str:
+    """``error`` on one line: its type and the first line of its message."""
+    message = str(error).strip().partition("\n")[0]
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
 class Outcome:
     """One finished attempt: ``error`` None for a success (``text``/``note``/``result`` then hold it).
 
     ``ends_slot``: the handler is done, so the slot leaves the in-flight table once written;
     False for a timeout, whose thread still runs the handler (that thread ends the slot).
+    ``elapsed``: seconds from the attempt's start to this outcome (for the log line).
     """
 
-    __slots__ = ("ends_slot", "error", "note", "result", "slot", "text")
+    __slots__ = ("elapsed", "ends_slot", "error", "note", "result", "slot", "text")
 
     def __init__(
         self,
@@ -73,6 +102,7 @@ class Outcome:
         self.note = note
         self.result = result
         self.ends_slot = ends_slot
+        self.elapsed = time.monotonic() - slot.ctx.started
 
 
 class Effects:
@@ -115,7 +145,7 @@ class Recorder:
             if outcome.error is None:
                 successes.append(outcome)
             else:
-                self._failure(outcome.slot, outcome.error, effects)
+                self._failure(outcome, outcome.error, effects)
         claimed: list[JobRecord] = []
         if successes or claim is not None:
             claimed = self._successes(successes, claim, effects)
@@ -154,6 +184,8 @@ class Recorder:
                 )
             return []
         listening = self._shared.events.has_listeners("job_completed")
+        logger = self._shared.logger
+        logging_done = logger.isEnabledFor(logging.INFO)
         completed = 0
         for outcome in batch:
             job = outcome.slot.job
@@ -164,20 +196,24 @@ class Recorder:
             completed += 1
             if listening:
                 effects.events.append(("job_completed", (job, outcome.result)))
+            if logging_done:
+                log_job(logger, logging.INFO, job, "done", f"done in {span_text(outcome.elapsed)}",
+                        duration_ms=round(outcome.elapsed * 1000, 3))  # fmt: skip
         if completed:
             effects.counts["completed"] = completed
         return claimed
 
     # -- failures --------------------------------------------------------------------------------------
 
-    def _failure(self, slot: Slot, error: BaseException, effects: Effects) -> None:
+    def _failure(self, outcome: Outcome, error: BaseException, effects: Effects) -> None:
         """Record a failed attempt: cancelled, retrying, or failed with a dead letter. Never raises.
 
         When deciding or recording the outcome raises (anything but a StoreError, which leaves
         the job to the reaper), the attempt still ends: the job fails for good with a dead letter.
         """
+        slot = outcome.slot
         try:
-            self._settle_failure(slot, error, effects)
+            self._settle_failure(outcome, error, effects)
         except Exception as broken:  # a job must never be left running by a bug here
             self._shared.logger.exception(
                 "job %s %s: recording its failure (%s) raised; failing it for good", slot.job.name, slot.job.id,
@@ -202,6 +238,7 @@ class Recorder:
             return
         job.state, job.error, job.finished_at = JobState.FAILED, text, now
         effects.add("failed")
+        self._log_dead_letter(job, error, None)
 
     def _retry_delay(self, slot: Slot, error: BaseException) -> tuple[float | None, BaseException]:
         """Seconds before the next attempt (None: fail for good), and the error to record.
@@ -230,8 +267,9 @@ class Recorder:
         job = slot.job
         return policy.next_delay(job.attempts, error, max_attempts=job.max_retries + 1), error
 
-    def _settle_failure(self, slot: Slot, error: BaseException, effects: Effects) -> None:
+    def _settle_failure(self, outcome: Outcome, error: BaseException, effects: Effects) -> None:
         store = self._shared.store
+        slot = outcome.slot
         job = slot.job
         now = time.time()
         text = error_text(error)
@@ -242,6 +280,7 @@ class Recorder:
                     job.state, job.error, job.finished_at = JobState.CANCELLED, text, now
                     effects.add("cancelled")
                     effects.events.append(("job_cancelled", (job, error)))
+                    self._log_cancelled(job, error)
                 else:
                     effects.lost.append(slot)
                 return
@@ -257,6 +296,7 @@ class Recorder:
                     job.state, job.error, job.run_at = JobState.RETRYING, text, run_at
                     effects.add("retried")
                     effects.events.append(("job_retrying", (job, error, delay)))
+                    self._log_retrying(outcome, error, delay)
                 else:
                     effects.lost.append(slot)
                 return
@@ -268,8 +308,37 @@ class Recorder:
             effects.add("failed")
             effects.events.append(("job_failed", (job, error)))
             effects.events.append(("job_dlq", (job, letter)))
+            self._log_dead_letter(job, error, outcome.elapsed)
         except StoreError:
             self._shared.logger.exception(
                 "job %s %s failed (%s) but the failure was not stored; it will be reaped and run again",
                 job.name, job.id, type(error).__name__,
             )  # fmt: skip
+
+    # -- the log lines of failures -----------------------------------------------------------------
+
+    def _log_cancelled(self, job: JobRecord, error: BaseException) -> None:
+        """A deliberate ``Cancel``: INFO, no traceback."""
+        logger = self._shared.logger
+        if logger.isEnabledFor(logging.INFO):
+            log_job(logger, logging.INFO, job, "cancelled", f"cancelled: {summary(error)}")
+
+    def _log_retrying(self, outcome: Outcome, error: BaseException, delay: float) -> None:
+        """A retry: INFO when the handler asked for it (``Retry``), else WARNING with the error's
+        summary; the traceback at DEBUG, in a line of its own."""
+        logger = self._shared.logger
+        job = outcome.slot.job
+        asked = isinstance(error, Retry)
+        level = logging.INFO if asked else logging.WARNING
+        if logger.isEnabledFor(level):
+            what = "asked for a retry" if asked else "failed"
+            log_job(logger, level, job, "retrying", f"{what} after {span_text(outcome.elapsed)} ({summary(error)}), "
+                    f"retry in {span_text(delay)}", error=summary(error), retry_in=delay)  # fmt: skip
+        if not asked and logger.isEnabledFor(logging.DEBUG):
+            log_job(logger, logging.DEBUG, job, "retrying", "traceback of the failed attempt", exc_info=error)
+
+    def _log_dead_letter(self, job: JobRecord, error: BaseException, elapsed: float | None) -> None:
+        """The final failure: WARNING, with its traceback (the operator's one place to find it)."""
+        took = "" if elapsed is None else f" after {span_text(elapsed)}"
+        text = f"failed{took} ({summary(error)}), dead-lettered after {_plural(job.attempts, 'attempt')}"
+        log_job(self._shared.logger, logging.WARNING, job, "dead_lettered", text, exc_info=error, error=summary(error))

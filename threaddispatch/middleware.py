@@ -30,8 +30,9 @@ from typing import Any
 
 from threaddispatch._invoke import invoke
 from threaddispatch._job_context import JobContext
+from threaddispatch._log_json import log_job
 from threaddispatch._validate import show
-from threaddispatch.errors import Cancel, ConfigurationError, Retry
+from threaddispatch.errors import ConfigurationError
 
 __all__ = [
     "HandlerCall",
@@ -295,29 +296,18 @@ class TimeoutMiddleware(Middleware):
 
 
 class LoggingMiddleware(Middleware):
-    """Logs each job's start (DEBUG) and its end: DEBUG when done, WARNING with the traceback when failed.
+    """Logs each attempt's start at INFO: ``job <name> <id> (queue <q>, attempt <n>) started``,
+    with the job's id, name, queue and attempt as ``extra`` fields (see ``job_fields``).
 
-    Cheap when the logger is not enabled for DEBUG. Thread-safe.
+    The attempt's outcome (done, retrying, dead-lettered, cancelled) is logged by the engine
+    once it is stored, to the same logger. Cheap when the logger is not enabled for INFO.
+    Thread-safe.
     """
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self.logger = logger or _log
 
     def before_job(self, ctx: JobContext) -> None:
-        """Log the start at DEBUG."""
-        if self.logger.isEnabledFor(logging.DEBUG):
-            self.logger.debug("job %s %s started (attempt %d)", ctx.name, ctx.id, ctx.attempt)
-
-    def after_job(self, ctx: JobContext, result: object, error: BaseException | None) -> None:
-        """Log the end: DEBUG with the duration, or WARNING with the error."""
-        if error is not None:
-            self.logger.warning(
-                "job %s %s attempt %d raised %s: %s", ctx.name, ctx.id, ctx.attempt, type(error).__name__, error,
-                exc_info=error if not _is_flow_signal(error) else None,
-            )  # fmt: skip
-        elif self.logger.isEnabledFor(logging.DEBUG):
-            self.logger.debug("job %s %s done in %.3fs", ctx.name, ctx.id, time.monotonic() - ctx.started)
-
-
-def _is_flow_signal(error: BaseException) -> bool:
-    return isinstance(error, (Retry, Cancel))
+        """Log the start at INFO."""
+        if self.logger.isEnabledFor(logging.INFO):
+            log_job(self.logger, logging.INFO, ctx.job, "started", "started")
