@@ -53,7 +53,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from types import FrameType, TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 from threaddispatch import _lifecycle
 from threaddispatch._job_config import (
@@ -76,6 +76,7 @@ from threaddispatch._job_config import (
 )
 from threaddispatch._job_context import JobContext
 from threaddispatch._job_cron import CronRunner
+from threaddispatch._job_handle import JobHandle, PayloadT, ResultT
 from threaddispatch._job_runtime import Runtime
 from threaddispatch._job_shared import Shared
 from threaddispatch._validate import check_int, check_seconds, check_text, show
@@ -114,10 +115,9 @@ __all__ = [
     "JobContext",
     "JobDefinition",
     "JobEngine",
+    "JobHandle",
     "QueueConfig",
 ]
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 _log = logging.getLogger("threaddispatch.jobs")
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
@@ -278,15 +278,20 @@ class JobEngine:
         queue: str = "default",
         priority: int = 0,
         backoff: Backoff | None = None,
-    ) -> Callable[[F], F]:
-        """Decorator form of :meth:`register`; ``name`` defaults to the function's name."""
+    ) -> Callable[[Callable[[JobContext, PayloadT], ResultT]], JobHandle[PayloadT, ResultT]]:
+        """Decorator form of :meth:`register`; ``name`` defaults to the function's name.
 
-        def decorate(fn: F) -> F:
-            self.register(
+        Returns a :class:`~threaddispatch.JobHandle`, typed from the handler's payload and
+        result annotations: ``handle.enqueue(payload, ...)`` and ``handle.enqueue_many``
+        enqueue the job without spelling its name, and calling the handle calls the handler.
+        """
+
+        def decorate(fn: Callable[[JobContext, PayloadT], ResultT]) -> JobHandle[PayloadT, ResultT]:
+            definition = self.register(
                 fn.__name__ if name is None else name, fn, max_retries=max_retries, timeout=timeout, queue=queue,
                 priority=priority, backoff=backoff,
             )  # fmt: skip
-            return fn
+            return JobHandle(definition, fn, self.enqueue, self.enqueue_many)
 
         return decorate
 
