@@ -2,9 +2,11 @@
 
 One :class:`Maintenance` per runtime; its loop is the ``threaddispatch-jobs-heartbeat``
 thread. It heartbeats the jobs running here (learning which are no longer this worker's
-claim), times out jobs at their deadline, recovers the stale jobs of dead workers and
-purges finished jobs past ``retention``. It decides; the runtime records (a timeout goes
-through the one completion path like any outcome).
+claim) and refreshes the run's worker-registry row with their count
+(:mod:`threaddispatch._job_workers`), times out jobs at their deadline, recovers the stale
+jobs (and deletes the stale registry rows) of dead workers and purges finished jobs past
+``retention``. It decides; the runtime records (a timeout goes through the one completion
+path like any outcome).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from typing import Protocol
 
 from threaddispatch._job_shared import Shared, Slot
+from threaddispatch._job_workers import Registration
 from threaddispatch.errors import StoreError
 
 __all__ = ["Host", "Maintenance"]
@@ -24,6 +27,7 @@ class Host(Protocol):
     shared: Shared
     worker_id: str
     inflight: dict[str, Slot]
+    registration: Registration  # its own lock; beaten without the shared lock
 
     def leaving(self) -> bool:
         """Whether the loop should end now (lock held)."""
@@ -90,6 +94,7 @@ class Maintenance:
         shared = host.shared
         with shared.lock:
             ids = [job_id for job_id, slot in host.inflight.items() if not slot.settled]
+        host.registration.beat(len(ids))
         if not ids:
             return
         try:
@@ -118,6 +123,13 @@ class Maintenance:
         if reaped:
             self._host.reaped(reaped, now)
             shared.logger.warning("recovered %d stale job(s) of dead workers: %s", len(reaped), ", ".join(reaped))
+        try:
+            gone = shared.store.reap_workers(older_than=now - shared.config.stale_job_threshold)
+        except StoreError:
+            shared.logger.warning("deleting stale worker rows failed", exc_info=True)
+        else:
+            if gone:
+                shared.logger.info("deleted %d stale worker row(s)", gone)
 
     def _purge(self, retention: float) -> None:
         shared = self._host.shared

@@ -38,6 +38,7 @@ from threaddispatch._job_maintenance import Maintenance
 from threaddispatch._job_outcomes import Effects, Outcome, Recorder, encode_result
 from threaddispatch._job_plan import ClaimPlanner
 from threaddispatch._job_shared import Shared, Slot
+from threaddispatch._job_workers import Registration
 from threaddispatch._pool import WorkerPool
 from threaddispatch.errors import ConfigurationError, DispatcherClosedError, DispatchTimeoutError, StoreError
 from threaddispatch.middleware import HandlerCall
@@ -84,6 +85,7 @@ class Runtime:
         self.concurrency = concurrency
         self._cron = cron
         self._recorder = Recorder(shared, self.worker_id)
+        self.registration = Registration(shared, self.worker_id, queues, concurrency)  # the worker-registry row
         self._previous = previous
         # "inline" (no threads: immediate mode, run_pending) or running -> stopping -> stopped.
         self.state = "inline" if inline else "running"
@@ -132,7 +134,8 @@ class Runtime:
                 thread.start()
 
     def subscribe(self) -> None:
-        """Take the store's wake-ups for this run, if it offers them (no lock held)."""
+        """Register this run in the store's worker registry, and take its wake-ups if it offers them (no lock held)."""
+        self.registration.register()
         shared = self.shared
         try:
             unsubscribe = shared.store.subscribe_wakeups(self._store_wakeup)
@@ -594,6 +597,7 @@ class Runtime:
         for thread in self._helpers:
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
+        self.registration.remove()
         if self._pool is not None:
             self._pool.shutdown(max(0.0, deadline - time.monotonic()))
         self._cron.release_leases(self.worker_id, deadline)

@@ -16,7 +16,7 @@ from threaddispatch.stores import _sql
 from threaddispatch.stores._pg_pool import Conn
 from threaddispatch.stores._pg_sql import SQL
 from threaddispatch.stores._sql import cron_from_row, letter_from_row
-from threaddispatch.stores.base import CronEntry, DeadLetter, JobRecord
+from threaddispatch.stores.base import CronEntry, DeadLetter, JobRecord, WorkerInfo
 
 __all__ = ["AdminMethods"]
 
@@ -180,3 +180,45 @@ class AdminMethods:
 
         # Safe to repeat: the second run finds last_tick == tick and fires nothing.
         return self._run("firing a cron entry", op, idempotent=True)
+
+    # -- the worker registry: one statement each --------------------------------------------------
+
+    def register_worker(self, info: WorkerInfo) -> None:
+        """See :meth:`Store.register_worker`: one upsert."""
+
+        def op(conn: Conn) -> None:
+            conn.execute(SQL.register_worker, _sql.worker_params(info))
+
+        self._run("registering a worker", op, idempotent=True)
+
+    def heartbeat_worker(self, worker_id: str, *, running: int, now: float) -> bool:
+        """See :meth:`Store.heartbeat_worker`."""
+
+        def op(conn: Conn) -> bool:
+            return bool(conn.execute(SQL.heartbeat_worker, (running, now, worker_id)).rowcount == 1)
+
+        return self._run("heartbeating a worker", op, idempotent=True)
+
+    def remove_worker(self, worker_id: str) -> bool:
+        """See :meth:`Store.remove_worker`."""
+
+        def op(conn: Conn) -> bool:
+            return bool(conn.execute(SQL.remove_worker, (worker_id,)).rowcount == 1)
+
+        return self._run("removing a worker", op, idempotent=False)
+
+    def list_workers(self, *, now: float, stale_after: float) -> list[WorkerInfo]:
+        """See :meth:`Store.list_workers`."""
+
+        def op(conn: Conn) -> list[WorkerInfo]:
+            return [_sql.worker_from_row(row) for row in conn.execute(SQL.list_workers, (now - stale_after,))]
+
+        return self._run("listing workers", op, idempotent=True)
+
+    def reap_workers(self, *, older_than: float) -> int:
+        """See :meth:`Store.reap_workers`."""
+
+        def op(conn: Conn) -> int:
+            return int(conn.execute(SQL.reap_workers, (older_than,)).rowcount)
+
+        return self._run("reaping stale workers", op, idempotent=True)

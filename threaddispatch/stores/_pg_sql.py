@@ -57,6 +57,9 @@ SCHEMA_V2 = (
     "autovacuum_analyze_scale_factor = 0.02, vacuum_index_cleanup = on)",
 )
 
+# Migration 3: the worker registry (SQLite's migration 2).
+SCHEMA_V3 = _sql.schema_workers(TYPES)
+
 # -- lifecycle -------------------------------------------------------------------------------------
 
 VERSION_TABLE = _sql.version_table(TYPES)

@@ -11,12 +11,13 @@ NOTIFY) stays in its own store.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal, Protocol, TypedDict
 
 from threaddispatch.errors import InvalidStateError, JobNotFoundError
-from threaddispatch.stores.base import CronEntry, DeadLetter, JobRecord, JobState
+from threaddispatch.stores.base import CronEntry, DeadLetter, JobRecord, JobState, WorkerInfo
 
 Column = tuple[str, str, str]  # (name, generic type, constraints)
 
@@ -82,6 +83,18 @@ TABLES: dict[str, tuple[Column, ...]] = {
         ("paused", "BOOL", "NOT NULL"),
         ("updated_at", "REAL", "NOT NULL"),
     ),
+    # The worker registry (a later migration: see schema_workers); its columns follow WorkerInfo's
+    # fields, ``queues`` as a JSON list.
+    "dispatch_workers": (
+        ("id", "TEXT", "PRIMARY KEY"),
+        ("host", "TEXT", "NOT NULL"),
+        ("pid", "INT", "NOT NULL"),
+        ("queues", "TEXT", "NOT NULL"),
+        ("concurrency", "INT", "NOT NULL"),
+        ("started_at", "REAL", "NOT NULL"),
+        ("heartbeat_at", "REAL", "NOT NULL"),
+        ("running", "INT", "NOT NULL"),
+    ),
 }
 #: The migration ledger, created before any migration runs (so not part of one).
 VERSION_TABLE: tuple[Column, ...] = (
@@ -107,6 +120,7 @@ def _names(table: str) -> str:
 JOB_COLUMNS = _names("dispatch_jobs")
 LETTER_COLUMNS = _names("dispatch_dead_letters")
 CRON_COLUMNS = _names("dispatch_crons")
+WORKER_COLUMNS = _names("dispatch_workers")
 #: SQL lists of the ACTIVE_STATES, READY_STATES and FINAL_STATES.
 ACTIVE = "('pending', 'retrying', 'running')"
 READY = "('pending', 'retrying')"
@@ -146,6 +160,14 @@ def schema_v1(types: Types, *, ready_keys: str) -> tuple[str, ...]:
         table["dispatch_crons"],
         table["dispatch_leases"],
         table["dispatch_queues"],
+    )
+
+
+def schema_workers(types: Types) -> tuple[str, ...]:
+    """The worker registry's migration: its table in ``types``, and the reaper's index."""
+    return (
+        _create_table("dispatch_workers", TABLES["dispatch_workers"], types),
+        "CREATE INDEX IF NOT EXISTS dispatch_workers_heartbeat ON dispatch_workers (heartbeat_at)",
     )
 
 
@@ -202,6 +224,19 @@ def cron_params(entry: CronEntry, now: float) -> tuple[Any, ...]:
             entry.last_tick, now, now)  # fmt: skip
 
 
+def worker_params(info: WorkerInfo) -> tuple[Any, ...]:
+    """The values of :data:`WORKER_COLUMNS` for ``info`` (``queues`` as JSON text)."""
+    return (info.id, info.host, info.pid, json.dumps(list(info.queues)), info.concurrency, info.started_at,
+            info.heartbeat_at, info.running)  # fmt: skip
+
+
+def worker_from_row(row: Sequence[Any]) -> WorkerInfo:
+    """A :class:`WorkerInfo` from a row of :data:`WORKER_COLUMNS`."""
+    worker_id, host, pid, queues, concurrency, started_at, heartbeat_at, running = row
+    return WorkerInfo(worker_id, host, int(pid), tuple(json.loads(queues)), int(concurrency), started_at,
+                      heartbeat_at, int(running))  # fmt: skip
+
+
 def counts_from_rows(rows: Iterable[Sequence[Any]]) -> dict[JobState, int]:
     """``Store.counts`` (every state present) from rows ``(state, count)`` of ``count_all`` or ``count_queue``."""
     result = dict.fromkeys(JobState, 0)
@@ -239,11 +274,16 @@ class Statements:
         "fire_cron",
         "get_job",
         "get_letter",
+        "heartbeat_worker",
         "insert_job",
+        "list_workers",
         "pause_queue",
         "purge_letters_before",
+        "reap_workers",
         "record_version",
+        "register_worker",
         "release_lease",
+        "remove_worker",
         "requeue",
         "retry_later",
         "upsert_cron",
@@ -309,6 +349,20 @@ class Statements:
         self.record_version = (
             f"INSERT INTO dispatch_schema_version (version, description, applied_at) VALUES ({m}, {m}, {m})"
         )
+        # The worker registry: insert or replace a row (worker_params); heartbeat (running, now, id);
+        # remove (id); list the live (oldest heartbeat kept); reap the stale (older_than).
+        self.register_worker = (
+            f"INSERT INTO dispatch_workers ({WORKER_COLUMNS}) VALUES ({', '.join([m] * 8)}) ON CONFLICT (id) "
+            "DO UPDATE SET host = excluded.host, pid = excluded.pid, queues = excluded.queues, "
+            "concurrency = excluded.concurrency, started_at = excluded.started_at, "
+            "heartbeat_at = excluded.heartbeat_at, running = excluded.running"
+        )
+        self.heartbeat_worker = f"UPDATE dispatch_workers SET running = {m}, heartbeat_at = {m} WHERE id = {m}"
+        self.remove_worker = f"DELETE FROM dispatch_workers WHERE id = {m}"
+        self.list_workers = (
+            f"SELECT {WORKER_COLUMNS} FROM dispatch_workers WHERE heartbeat_at >= {m} ORDER BY started_at, id"
+        )
+        self.reap_workers = f"DELETE FROM dispatch_workers WHERE heartbeat_at < {m}"
         where_state, where_queue = f"state = {m}", f"queue = {m}"
         self._list_jobs = {
             (False, False): _LIST_JOBS.format(where="", m=m),

@@ -13,13 +13,14 @@ from threaddispatch.stores import _sql
 from threaddispatch.stores._sql import job_from_row
 from threaddispatch.stores.base import Completion, JobRecord
 
-__all__ = ["SCHEMA_V1", "TYPES", "chunks", "claim_in", "complete_in", "marks"]
+__all__ = ["SCHEMA_V1", "SCHEMA_V2", "TYPES", "chunks", "claim_in", "complete_in", "marks"]
 
 _CHUNK = 500  # ids per statement, far below SQLite's variable limit
 
 TYPES: _sql.Types = {"SEQ": "INTEGER PRIMARY KEY", "INT": "INTEGER", "REAL": "REAL", "BOOL": "INTEGER"}
 # The claim index's keys: seq is the implicit last key of a SQLite index.
 SCHEMA_V1 = _sql.schema_v1(TYPES, ready_keys="queue, priority DESC, run_at")
+SCHEMA_V2 = _sql.schema_workers(TYPES)  # the worker registry
 
 
 def chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:

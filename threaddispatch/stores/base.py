@@ -61,6 +61,7 @@ __all__ = [
     "JobRecord",
     "JobState",
     "Store",
+    "WorkerInfo",
 ]
 
 
@@ -210,6 +211,30 @@ class CronEntry:
         data["enabled"] = self.enabled
         if not self.enabled:
             data["last_tick"] = None
+        return data
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One running JobEngine, as its worker-registry row (:meth:`Store.register_worker`).
+
+    ``id`` is the run's worker id (the ``worker_id`` its claims carry); ``queues`` the queues
+    it serves; ``running`` the jobs it ran at its last heartbeat; times are epoch seconds.
+    """
+
+    id: str
+    host: str
+    pid: int
+    queues: tuple[str, ...]
+    concurrency: int
+    started_at: float
+    heartbeat_at: float
+    running: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (``queues`` as a list)."""
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        data["queues"] = list(self.queues)
         return data
 
 
@@ -586,6 +611,27 @@ class Store(abc.ABC):
         """
         return {queue: self.counts(queue=queue) for queue in queues}
 
+    def throughput(self, *, since: float, now: float, bucket: float = 60.0) -> list[tuple[int, JobState, int]]:
+        """How many jobs completed and failed in each ``bucket`` seconds of ``[since, now)``, by ``finished_at``.
+
+        Rows ``(bucket index, state, count)`` (index 0 starts at ``since``), nonzero ones
+        only, in any order; for the admin's throughput chart. The default pages through
+        :meth:`list_jobs` of both states (one read per 1,000 jobs; paging by offset, it may
+        miss or repeat a job finishing meanwhile); a store should override it with one
+        ``GROUP BY``. Blocks for those reads.
+        """
+        found: dict[tuple[int, JobState], int] = {}
+        for state in (JobState.COMPLETED, JobState.FAILED):
+            offset, full = 0, True
+            while full:
+                page = self.list_jobs(state=state, limit=1000, offset=offset)
+                for job in page:
+                    if job.finished_at is not None and since <= job.finished_at < now:
+                        key = (int((job.finished_at - since) // bucket), state)
+                        found[key] = found.get(key, 0) + 1
+                offset, full = offset + 1000, len(page) == 1000
+        return [(index, state, count) for (index, state), count in found.items()]
+
     def set_cron_enabled(self, name: str, enabled: bool, *, now: float) -> CronEntry:
         """Disable a cron entry, or enable it again; returns the stored entry. Idempotent.
 
@@ -604,6 +650,33 @@ class Store(abc.ABC):
             return entry
         self.delete_cron(name)
         return self.upsert_cron(dataclasses.replace(entry, last_tick=now if enabled else math.inf), now=now)
+
+    # -- the worker registry ---------------------------------------------------------------------
+    # A store without a registry may keep these defaults: nothing is registered, none listed.
+
+    def register_worker(self, info: WorkerInfo) -> None:
+        """Insert or replace the registry row of worker ``info.id``. One short write."""
+        return None
+
+    def heartbeat_worker(self, worker_id: str, *, running: int, now: float) -> bool:
+        """Set worker ``worker_id``'s ``heartbeat_at = now`` and ``running``; False when it has no row.
+
+        (A row deleted meanwhile, e.g. reaped while its process was paused, is not made
+        again here: the engine registers anew.) One short write. The default returns True.
+        """
+        return True
+
+    def remove_worker(self, worker_id: str) -> bool:
+        """Delete worker ``worker_id``'s row; whether there was one. Idempotent. One short write."""
+        return False
+
+    def list_workers(self, *, now: float, stale_after: float) -> list[WorkerInfo]:
+        """The workers whose heartbeat is at most ``stale_after`` seconds before ``now``, oldest start first."""
+        return []
+
+    def reap_workers(self, *, older_than: float) -> int:
+        """Delete the rows of workers whose last heartbeat is before ``older_than``; how many. One write."""
+        return 0
 
     # -- helpers shared by implementations ------------------------------------------------------
 

@@ -27,6 +27,7 @@ from threaddispatch.stores.base import (
     JobRecord,
     JobState,
     Store,
+    WorkerInfo,
 )
 
 __all__ = ["MemoryStore"]
@@ -57,6 +58,7 @@ class MemoryStore(Store):
         self._crons: dict[str, CronEntry] = {}
         self._leases: dict[str, tuple[str, float]] = {}
         self._paused: set[str] = set()
+        self._workers: dict[str, WorkerInfo] = {}  # the worker registry, by worker id
         self._serial = itertools.count(1)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -345,6 +347,18 @@ class MemoryStore(Store):
                     counts[job.state] += 1
         return result
 
+    def throughput(self, *, since: float, now: float, bucket: float = 60.0) -> list[tuple[int, JobState, int]]:
+        """See :meth:`Store.throughput`: one pass over the jobs under the lock. O(n)."""
+        found: dict[tuple[int, JobState], int] = {}
+        with self._lock:
+            self._check_open()
+            for job in self._jobs.values():
+                done = job.finished_at
+                if job.state in (JobState.COMPLETED, JobState.FAILED) and done is not None and since <= done < now:
+                    key = (int((done - since) // bucket), job.state)
+                    found[key] = found.get(key, 0) + 1
+        return [(index, state, count) for (index, state), count in found.items()]
+
     def cancel(
         self,
         job_id: str,
@@ -528,6 +542,46 @@ class MemoryStore(Store):
             entry.updated_at = job.created_at
             self._insert(job)
             return True
+
+    # -- the worker registry ------------------------------------------------------------------
+
+    def register_worker(self, info: WorkerInfo) -> None:
+        """See :meth:`Store.register_worker`."""
+        with self._lock:
+            self._check_open()
+            self._workers[info.id] = info
+
+    def heartbeat_worker(self, worker_id: str, *, running: int, now: float) -> bool:
+        """See :meth:`Store.heartbeat_worker`."""
+        with self._lock:
+            self._check_open()
+            info = self._workers.get(worker_id)
+            if info is None:
+                return False
+            self._workers[worker_id] = dataclasses.replace(info, heartbeat_at=now, running=running)
+            return True
+
+    def remove_worker(self, worker_id: str) -> bool:
+        """See :meth:`Store.remove_worker`."""
+        with self._lock:
+            self._check_open()
+            return self._workers.pop(worker_id, None) is not None
+
+    def list_workers(self, *, now: float, stale_after: float) -> list[WorkerInfo]:
+        """See :meth:`Store.list_workers`."""
+        with self._lock:
+            self._check_open()
+            live = [info for info in self._workers.values() if info.heartbeat_at >= now - stale_after]
+        return sorted(live, key=lambda info: (info.started_at, info.id))
+
+    def reap_workers(self, *, older_than: float) -> int:
+        """See :meth:`Store.reap_workers`."""
+        with self._lock:
+            self._check_open()
+            stale = [worker_id for worker_id, info in self._workers.items() if info.heartbeat_at < older_than]
+            for worker_id in stale:
+                del self._workers[worker_id]
+            return len(stale)
 
     def describe(self) -> Mapping[str, object]:
         """``{"kind": "MemoryStore", "jobs": n}``."""

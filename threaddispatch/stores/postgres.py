@@ -121,6 +121,7 @@ class PostgresStore(AdminMethods, Store):
     MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         (1, "initial schema", q.SCHEMA_V1),
         (2, "vacuum the jobs table often, with its indexes", q.SCHEMA_V2),
+        (3, "worker registry", q.SCHEMA_V3),
     )
 
     def __init__(

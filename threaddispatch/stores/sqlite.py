@@ -39,7 +39,7 @@ from threaddispatch.stores import _sql
 from threaddispatch.stores._sql import Statements, cron_from_row, job_from_row, job_params, letter_from_row
 from threaddispatch.stores._sqlite_commit import GroupCommitter
 from threaddispatch.stores._sqlite_conn import Connections, Immediate, synchronous_for, translate
-from threaddispatch.stores._sqlite_sql import SCHEMA_V1, TYPES, chunks, claim_in, complete_in, marks
+from threaddispatch.stores._sqlite_sql import SCHEMA_V1, SCHEMA_V2, TYPES, chunks, claim_in, complete_in, marks
 from threaddispatch.stores._sqlite_watch import WakeupCallback, Watcher
 from threaddispatch.stores.base import (
     WORKER_LOST_ERROR,
@@ -49,6 +49,7 @@ from threaddispatch.stores.base import (
     JobRecord,
     JobState,
     Store,
+    WorkerInfo,
 )
 
 __all__ = ["SQLiteStore"]
@@ -96,7 +97,10 @@ class SQLiteStore(Store):
     """
 
     #: Numbered schema migrations: ``(version, description, statements)``, applied in order.
-    MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = ((1, "initial schema", SCHEMA_V1),)
+    MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+        (1, "initial schema", SCHEMA_V1),
+        (2, "worker registry", SCHEMA_V2),
+    )
 
     def __init__(
         self,
@@ -464,6 +468,17 @@ class SQLiteStore(Store):
         return {queue: _sql.counts_from_rows(found) for queue, found in by_queue.items()}
 
     @translate
+    def throughput(self, *, since: float, now: float, bucket: float = 60.0) -> list[tuple[int, JobState, int]]:
+        """See :meth:`Store.throughput`: one ``GROUP BY`` over the finished-jobs index."""
+        rows = self._conn().execute(
+            "SELECT CAST((finished_at - ?) / ? AS INTEGER), state, count(*) FROM dispatch_jobs "
+            f"WHERE state IN {_sql.FINAL} AND finished_at >= ? AND finished_at < ? AND state <> 'cancelled' "
+            "GROUP BY 1, 2",
+            (since, bucket, since, now),
+        )
+        return [(int(index), JobState(state), int(count)) for index, state, count in rows.fetchall()]
+
+    @translate
     def cancel(
         self,
         job_id: str,
@@ -587,6 +602,32 @@ class SQLiteStore(Store):
     def release_lease(self, name: str, *, holder: str) -> None:
         """See :meth:`Store.release_lease`."""
         self._conn().execute(_SQL.release_lease, (name, holder))
+
+    @translate
+    def register_worker(self, info: WorkerInfo) -> None:
+        """See :meth:`Store.register_worker`."""
+        self._conn().execute(_SQL.register_worker, _sql.worker_params(info))
+
+    @translate
+    def heartbeat_worker(self, worker_id: str, *, running: int, now: float) -> bool:
+        """See :meth:`Store.heartbeat_worker`."""
+        return bool(self._conn().execute(_SQL.heartbeat_worker, (running, now, worker_id)).rowcount == 1)
+
+    @translate
+    def remove_worker(self, worker_id: str) -> bool:
+        """See :meth:`Store.remove_worker`."""
+        return bool(self._conn().execute(_SQL.remove_worker, (worker_id,)).rowcount == 1)
+
+    @translate
+    def list_workers(self, *, now: float, stale_after: float) -> list[WorkerInfo]:
+        """See :meth:`Store.list_workers`."""
+        rows = self._conn().execute(_SQL.list_workers, (now - stale_after,)).fetchall()
+        return [_sql.worker_from_row(row) for row in rows]
+
+    @translate
+    def reap_workers(self, *, older_than: float) -> int:
+        """See :meth:`Store.reap_workers`."""
+        return int(self._conn().execute(_SQL.reap_workers, (older_than,)).rowcount)
 
     @translate
     def upsert_cron(self, entry: CronEntry, *, now: float) -> CronEntry:
