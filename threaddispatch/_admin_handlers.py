@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger("threaddispatch.admin")
 _MAX_REPLAY_ALL = 100_000
+_MAX_THROUGHPUT_MINUTES = 24 * 60
 _NAME_SCAN_CHUNK = 500  # jobs per store read while filtering by name
 Answer = tuple[int, object]
 
@@ -212,6 +213,12 @@ def _queue_name(request: Request) -> str:
 
 def stats(app: AdminContext, request: Request) -> Answer:
     return 200, {"engine": app.engine.stats(), "counts": app.engine.counts(), "store": app.engine.describe_store()}
+
+
+def throughput(app: AdminContext, request: Request) -> Answer:
+    minutes = request.integer("minutes", 60, 1, _MAX_THROUGHPUT_MINUTES)
+    assert minutes is not None
+    return 200, {"minutes": minutes, "buckets": app.engine.throughput(minutes)}
 
 
 def health(app: AdminContext, request: Request) -> Answer:

@@ -28,6 +28,8 @@ POST     ``/crons/{name}/enable|disable``  let a cron entry fire, or stop it
 GET      ``/queues``                       known queues with counts, limits and pause state
 POST     ``/queues/{name}/pause|resume``   stop or restart claiming from a queue
 GET      ``/stats``                        the engine's counters, job counts, the store
+GET      ``/stats/throughput``             jobs completed and failed per minute, oldest first,
+                                           the current minute last (``minutes``: 1-1440, 60)
 GET      ``/health``                       200 when the store answers, else 503
 GET      ``/ready``                        the same check, for readiness probes
 =======  ================================  ===============================================
@@ -171,6 +173,7 @@ class AdminApp:
         route("POST", "/queues/{name}/pause", r"/queues/(.+)/pause", handlers.pause_queue),
         route("POST", "/queues/{name}/resume", r"/queues/(.+)/resume", handlers.resume_queue),
         route("GET", "/stats", r"/stats", handlers.stats),
+        route("GET", "/stats/throughput", r"/stats/throughput", handlers.throughput, ("minutes",)),
         route("GET", "/health", r"/health", handlers.health),
         route("GET", "/ready", r"/ready", handlers.health),
     ])  # fmt: skip

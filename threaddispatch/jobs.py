@@ -1028,6 +1028,24 @@ class JobEngine:
         queues = list(self.config.queues if runtime is None else runtime.queues)
         return f"<JobEngine {self._state} store={type(self.store).__name__} queues={queues}>"
 
+    def throughput(self, minutes: int = 60) -> list[dict[str, float]]:
+        """Jobs completed and failed per minute over the last ``minutes`` (1 to 1440), by finish time.
+
+        ``[{"start": epoch seconds, "completed": n, "failed": n}, ...]``, oldest minute
+        first, the current (partial) minute last. Raises ConfigurationError for a bad
+        ``minutes``. Blocks for one store read (:meth:`Store.throughput`).
+        """
+        check_int("minutes", minutes, 1, 24 * 60)
+        now = time.time()
+        since = (now // 60 - minutes + 1) * 60
+        buckets: list[dict[str, float]] = [
+            {"start": since + 60 * i, "completed": 0, "failed": 0} for i in range(minutes)
+        ]
+        for index, state, count in self.store.throughput(since=since, now=now, bucket=60.0):
+            if 0 <= index < minutes and state.value in ("completed", "failed"):
+                buckets[index][state.value] += count
+        return buckets
+
 
 # help(JobEngine) lists every Config field as a keyword (the fields themselves are listed once, in Config).
 JobEngine.__init__.__signature__ = options_signature(inspect.signature(JobEngine.__init__))  # type: ignore[attr-defined]
