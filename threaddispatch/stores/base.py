@@ -632,27 +632,6 @@ class Store(abc.ABC):
                 offset, full = offset + 1000, len(page) == 1000
         return [(index, state, count) for (index, state), count in found.items()]
 
-    def throughput(self, *, since: float, now: float, bucket: float = 60.0) -> list[tuple[int, JobState, int]]:
-        """How many jobs completed and failed in each ``bucket`` seconds of ``[since, now)``, by ``finished_at``.
-
-        Rows ``(bucket index, state, count)`` (index 0 starts at ``since``), nonzero ones
-        only, in any order; for the admin's throughput chart. The default pages through
-        :meth:`list_jobs` of both states (one read per 1,000 jobs; paging by offset, it may
-        miss or repeat a job finishing meanwhile); a store should override it with one
-        ``GROUP BY``. Blocks for those reads.
-        """
-        found: dict[tuple[int, JobState], int] = {}
-        for state in (JobState.COMPLETED, JobState.FAILED):
-            offset, full = 0, True
-            while full:
-                page = self.list_jobs(state=state, limit=1000, offset=offset)
-                for job in page:
-                    if job.finished_at is not None and since <= job.finished_at < now:
-                        key = (int((job.finished_at - since) // bucket), state)
-                        found[key] = found.get(key, 0) + 1
-                offset, full = offset + 1000, len(page) == 1000
-        return [(index, state, count) for (index, state), count in found.items()]
-
     def set_cron_enabled(self, name: str, enabled: bool, *, now: float) -> CronEntry:
         """Disable a cron entry, or enable it again; returns the stored entry. Idempotent.
 

@@ -359,18 +359,6 @@ class MemoryStore(Store):
                     found[key] = found.get(key, 0) + 1
         return [(index, state, count) for (index, state), count in found.items()]
 
-    def throughput(self, *, since: float, now: float, bucket: float = 60.0) -> list[tuple[int, JobState, int]]:
-        """See :meth:`Store.throughput`: one pass over the jobs under the lock. O(n)."""
-        found: dict[tuple[int, JobState], int] = {}
-        with self._lock:
-            self._check_open()
-            for job in self._jobs.values():
-                done = job.finished_at
-                if job.state in (JobState.COMPLETED, JobState.FAILED) and done is not None and since <= done < now:
-                    key = (int((done - since) // bucket), job.state)
-                    found[key] = found.get(key, 0) + 1
-        return [(index, state, count) for (index, state), count in found.items()]
-
     def cancel(
         self,
         job_id: str,

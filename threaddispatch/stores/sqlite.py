@@ -479,17 +479,6 @@ class SQLiteStore(Store):
         return [(int(index), JobState(state), int(count)) for index, state, count in rows.fetchall()]
 
     @translate
-    def throughput(self, *, since: float, now: float, bucket: float = 60.0) -> list[tuple[int, JobState, int]]:
-        """See :meth:`Store.throughput`: one ``GROUP BY`` over the finished-jobs index."""
-        rows = self._conn().execute(
-            "SELECT CAST((finished_at - ?) / ? AS INTEGER), state, count(*) FROM dispatch_jobs "
-            f"WHERE state IN {_sql.FINAL} AND finished_at >= ? AND finished_at < ? AND state <> 'cancelled' "
-            "GROUP BY 1, 2",
-            (since, bucket, since, now),
-        )
-        return [(int(index), JobState(state), int(count)) for index, state, count in rows.fetchall()]
-
-    @translate
     def cancel(
         self,
         job_id: str,
