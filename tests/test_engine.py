@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from threaddispatch import ConfigurationError, DispatcherClosedError, QueueFullError
-from threaddispatch._engine import BatchEngine
+from threaddispatch._engine import BatchEngine, lossless_margin
 from threaddispatch._lanes import ClosedFifoLane, FifoLane, PriorityLane
 from threaddispatch.testing import wait_for
 
@@ -388,46 +388,56 @@ class Gated:
             self.entries += len(items)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("overflow", ["block", "raise"])
-def test_lossless_enqueue_never_holds_more_than_max_queue_size(overflow: str) -> None:
-    """Four producers racing on the lock-free lossless path: the lane never holds more than
-    max_queue_size, and every entry is either delivered or refused with QueueFullError."""
+@pytest.mark.parametrize(("limit", "producers"), [(50, 4), (256, 8)])
+def test_lossless_enqueue_keeps_the_documented_bound(overflow: str, limit: int, producers: int) -> None:
+    """Producers racing on the lossless path: a buffer too small for a lock-free path (50) never
+    holds more than max_queue_size; one with a margin (256: lock-free below 256 - 32) never more
+    than max_queue_size + producers - 1. Every entry is delivered or refused with QueueFullError."""
+    bound = limit if lossless_margin(limit) == limit else limit + producers - 1
     deliver = Gated()
     engine: BatchEngine[int] = BatchEngine(
         deliver,
         name="test-lossless",
         window=60,
         max_batch_size=1000,
-        max_queue_size=50,
+        max_queue_size=limit,
         overflow=overflow,  # type: ignore[arg-type]
     )
     lane = engine.default_lane
     assert isinstance(lane, FifoLane)
     enqueue = engine.lossless_enqueue(lane, lambda: TypeError("positional timeout"))
-    refused = [0] * 4
+    refused = [0] * producers
     longest = [0]
-    start = threading.Barrier(4)
+    start = threading.Barrier(producers)
 
     def produce(index: int) -> None:
         start.wait()
-        for i in range(2000):
+        for i in range(3000):
             try:
                 enqueue(i, timeout=0)
             except QueueFullError:
                 refused[index] += 1
             longest[0] = max(longest[0], len(lane))
 
-    threads = [threading.Thread(target=produce, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=produce, args=(i,)) for i in range(producers)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(30)
-    assert longest[0] <= 50
+        thread.join(60)
+    assert limit <= longest[0] <= bound
     assert sum(refused)  # the bound was reached
     deliver.release.set()
     assert engine.close(10)
-    assert deliver.entries + sum(refused) == 8000
+    assert deliver.entries + sum(refused) == producers * 3000
+
+
+def test_lossless_margin_leaves_small_buffers_always_locked() -> None:
+    """Under 128 entries the margin is the whole buffer (always locked: an exact bound); above,
+    an eighth of it, at most 1024."""
+    assert [lossless_margin(n) for n in (1, 50, 127)] == [1, 50, 127]
+    assert [lossless_margin(n) for n in (128, 8000, 10**6)] == [16, 1000, 1024]
 
 
 @pytest.mark.timeout(30)
@@ -443,7 +453,7 @@ def test_lossless_enqueue_blocks_at_the_bound_until_a_take_and_refuses_misuse() 
     enqueue = engine.lossless_enqueue(lane, lambda: TypeError("positional timeout"))
     with pytest.raises(TypeError, match="positional timeout"):
         enqueue(1, 5.0)
-    assert lane.reserved == []
+    assert len(lane) == 0
     enqueue(1)
     enqueue(2)  # full: the batch is taken and held in deliver
     wait_for(lambda: len(lane) == 0, message="the first batch taken")
@@ -451,7 +461,7 @@ def test_lossless_enqueue_blocks_at_the_bound_until_a_take_and_refuses_misuse() 
     enqueue(4)  # the lane is full again (its batch waits for the one in deliver)
     with pytest.raises(QueueFullError, match="stayed full"):
         enqueue(5, timeout=0.01)
-    assert len(lane.reserved or []) == 2
+    assert len(lane) == 2
     done = threading.Event()
 
     def blocked() -> None:
@@ -466,7 +476,7 @@ def test_lossless_enqueue_blocks_at_the_bound_until_a_take_and_refuses_misuse() 
     lane.__class__ = ClosedFifoLane
     with pytest.raises(DispatcherClosedError):
         enqueue(7)
-    assert lane.reserved == []
+    assert len(lane) == 0
 
 
 def test_a_shut_gate_is_asked_once_not_once_per_due_lane() -> None:

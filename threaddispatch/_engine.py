@@ -28,8 +28,7 @@ OrderedDicts (a linked order: O(1) to find, pop or move the head, where a plain 
 as a FIFO rescans the dead slots its pops leave), and a shut gate stops the take loop.
 
 A bounded lossless engine (``max_queue_size`` with ``overflow="block"`` or ``"raise"``)
-keeps the bound exact without the lock on the hot path: see :meth:`BatchEngine.lossless_enqueue`
-and ``reserved`` in :mod:`threaddispatch._lanes`.
+takes the lock only near the bound: see :meth:`BatchEngine.lossless_enqueue` for the bound it keeps.
 
 Why one module of ~800 lines: it is one object whose every method reads or writes state
 under the one ``_lock``, with invariants (the flush quotas, the trigger/length order, the
@@ -85,6 +84,17 @@ _ENQUEUE_SIGNATURE = inspect.Signature(
 )
 
 
+def lossless_margin(max_queue_size: int) -> int:
+    """How far below ``max_queue_size`` a lossless enqueue leaves the lock-free path.
+
+    An eighth of the buffer, at most 1024; a buffer under 128 entries has no lock-free
+    path at all (its margin is the whole buffer), so its bound is exact.
+    """
+    if max_queue_size < 128:
+        return max_queue_size
+    return min(1024, max_queue_size // 8)
+
+
 class BatchEngine(Generic[T]):
     """Buffers entries per key and delivers them in batches on one daemon thread.
 
@@ -129,8 +139,8 @@ class BatchEngine(Generic[T]):
         self._lane_factory = lane_factory
         # Above this length a producer on the lock-free path must kick: the overflow check.
         self._cap_trigger = _UNBOUNDED if max_queue_size is None else max_queue_size + 1
-        # Lanes keep an exact bound with slot reservations (FifoLane.reserved) instead of a drop.
-        self._reserving = max_queue_size is not None and overflow in ("block", "raise")
+        # A bounded lossless engine refuses or waits at the bound instead of dropping.
+        self._lossless = max_queue_size is not None and overflow in ("block", "raise")
         self._init_state()
         _lifecycle.register(self)
 
@@ -151,9 +161,6 @@ class BatchEngine(Generic[T]):
             default_lane.trigger = INACTIVE
             default_lane.deadline = None
             default_lane.due = False
-            reserved = getattr(default_lane, "reserved", None)
-            if reserved is not None:
-                reserved.clear()  # placeholders of parent threads that do not exist here
             self._lanes[None] = default_lane
         # Lanes with an open window, in the order their windows close (all windows are equally long).
         self._open: OrderedDict[Lane[T], None] = OrderedDict()
@@ -189,8 +196,6 @@ class BatchEngine(Generic[T]):
 
     def _new_lane(self, key: Hashable) -> Lane[T]:
         lane = self._lane_factory(key)
-        if self._reserving and isinstance(lane, FifoLane):
-            lane.reserved = []
         self._lanes[key] = lane
         return lane
 
@@ -198,8 +203,8 @@ class BatchEngine(Generic[T]):
         """Called by a lock-free producer whose append took ``lane`` to its trigger."""
         dropped: list[T] | None = None
         with self._lock:
-            # A lossless lane is never trimmed: past its bound only by the engine's own requeues.
-            if self.max_queue_size is not None and len(lane) > self.max_queue_size and not self._reserving:
+            # A lossless lane is never trimmed (see lossless_enqueue for how far past its bound it may go).
+            if self.max_queue_size is not None and len(lane) > self.max_queue_size and not self._lossless:
                 dropped = self._trim(lane)
             self._arm(lane)
         if dropped:
@@ -208,42 +213,57 @@ class BatchEngine(Generic[T]):
     def lossless_enqueue(self, lane: FifoLane, misuse: Callable[[], Exception]) -> Callable[..., None]:
         """The hot path of ``enqueue(entry, *, timeout=None)`` into ``lane`` under ``"block"``/``"raise"``.
 
-        Lock-free while there is room: reserve a slot (a placeholder appended to
-        ``lane.reserved``, then its length read: see :mod:`threaddispatch._lanes`), append,
-        compare the length with the trigger, as the drop policies' path does. Only a
-        producer that finds the lane at ``max_queue_size`` gives its slot back and takes
-        the locked :meth:`put`, which waits (``"block"``, up to ``timeout``) or raises
-        QueueFullError. The bound is exact: the lane never holds more than
-        ``max_queue_size`` producers' entries. A second positional argument lands in
-        ``_lane``, which has no ``lock_free_append``: that AttributeError becomes
-        ``misuse()``. A closed lane (``ClosedFifoLane``) raises DispatcherClosedError.
-        """
-        reserved = lane.reserved
-        limit = self.max_queue_size
-        if reserved is None or limit is None:
-            raise ConfigurationError(f"{self.name}: lossless_enqueue needs a lane of a bounded block/raise engine")
-        key, put, kick, length = lane.key, self.put, self.kick, len
-        reserve, unreserve = reserved.append, reserved.pop
+        Lock-free while the lane is below ``max_queue_size - margin`` (see :func:`lossless_margin`):
+        a length check, the append, the trigger check, as the drop policies' path does.
+        From there up the locked :meth:`put` decides, and waits (``"block"``, up to
+        ``timeout``) or raises QueueFullError at the bound. A buffer too small for a
+        margin is always on the locked path.
 
-        # Only ``_lane`` is a parameter with a default (the rest are closure cells, about as
-        # cheap): a stray positional argument lands there, and more than one is Python's TypeError.
-        def enqueue(entry: object, _lane: FifoLane = lane, timeout: float | None = None) -> None:
+        The bound: every append follows a check that saw the lane below ``max_queue_size``,
+        and each producer thread has at most one append pending, so the lane holds at most
+        ``max_queue_size + producers - 1`` entries (producers: threads enqueueing at the
+        same time). It is exact with one producer, and on a buffer too small for a margin;
+        with several producers it is passed only when one of them is paused (by the GIL)
+        between its check and its append while the others fill the whole margin.
+
+        A second positional argument lands in ``_lane``, which has no ``lock_free_append``:
+        that AttributeError becomes ``misuse()``. A closed lane (``ClosedFifoLane``) raises
+        DispatcherClosedError.
+        """
+        limit = self.max_queue_size
+        if not self._lossless or limit is None:
+            raise ConfigurationError(f"{self.name}: lossless_enqueue needs a bounded block/raise engine")
+        key, put = lane.key, self.put
+
+        def near_the_bound(entry: object, given: object, timeout: float | None) -> None:
+            if given is not lane:
+                raise misuse() from None
+            put(entry, key, timeout=timeout)  # type: ignore[arg-type]
+
+        # Everything comes in as a positional default, none as a closure cell (a frame copies
+        # its cells on every call): see background._lock_free_enqueue. A stray positional
+        # argument lands in ``_lane`` (more than one also in ``_len``...): misuse().
+        def enqueue(
+            entry: object,
+            _lane: FifoLane = lane,
+            _len: Callable[[FifoLane], int] = len,
+            _kick: Callable[[FifoLane], None] = self.kick,
+            _below: int = limit - lossless_margin(limit),  # lock-free while len(lane) < _below
+            _locked: Callable[[object, object, float | None], None] = near_the_bound,
+            timeout: float | None = None,
+        ) -> None:
             if timeout is not None:
                 timeout = check_seconds("timeout", timeout)
-            reserve(None)
-            if length(reserved) > limit:
-                unreserve()  # no room: the locked path decides, exactly
-                put(entry, key, timeout=timeout)  # type: ignore[arg-type]
-                return
             try:
-                _lane.lock_free_append(entry)
-            except BaseException as exc:
-                unreserve()
-                if isinstance(exc, AttributeError):
-                    raise misuse() from None
-                raise
-            if length(_lane) >= _lane.trigger:
-                kick(_lane)
+                if _len(_lane) < _below:
+                    _lane.lock_free_append(entry)
+                    if _len(_lane) >= _lane.trigger:
+                        _kick(_lane)
+                    return
+            except (AttributeError, TypeError):
+                if isinstance(_lane, FifoLane):
+                    raise
+            _locked(entry, _lane, timeout)  # near the bound, or misuse() when _lane is not the lane
 
         enqueue.__signature__ = _ENQUEUE_SIGNATURE  # type: ignore[attr-defined]
         return enqueue
@@ -262,7 +282,7 @@ class BatchEngine(Generic[T]):
                 raise DispatcherClosedError(f"{self.name} is closed; {item!r} was not accepted")
             lane = self._lane_of(key)
             limit = self.max_queue_size
-            if limit is not None and not self._take_slot(lane, limit):
+            if limit is not None and len(lane) >= limit:
                 if self.overflow == "raise":
                     raise QueueFullError(f"{self.name}: queue is full ({limit} entries); {item!r} was not accepted")
                 if self.overflow == "block":
@@ -274,31 +294,11 @@ class BatchEngine(Generic[T]):
                     self.dropped += 1
                     accepted = False
             if accepted:
-                try:
-                    lane.append(item)
-                except BaseException:
-                    self._give_slot_back(lane)
-                    raise
+                lane.append(item)
                 self._arm(lane)
         if dropped:
             self._report_dropped(dropped)
         return accepted
-
-    def _take_slot(self, lane: Lane[T], limit: int) -> bool:
-        """Whether ``lane`` has room for one more entry; on a reserving lane, reserve it. Holds _lock."""
-        reserved = getattr(lane, "reserved", None)
-        if reserved is None:
-            return len(lane) < limit
-        reserved.append(None)
-        if len(reserved) > limit:
-            reserved.pop()
-            return False
-        return True
-
-    def _give_slot_back(self, lane: Lane[T]) -> None:
-        reserved = getattr(lane, "reserved", None)
-        if reserved is not None:
-            reserved.pop()
 
     def _lane_of(self, key: Hashable) -> Lane[T]:
         """The live lane of ``key``, made if it has none; caller holds _lock."""
@@ -318,7 +318,7 @@ class BatchEngine(Generic[T]):
                 if self._closing:
                     raise DispatcherClosedError(f"{self.name} closed while {item!r} waited for room")
                 lane = self._lane_of(key)
-                if self._take_slot(lane, limit):
+                if len(lane) < limit:
                     return lane
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:

@@ -3,15 +3,8 @@
 A lane holds the entries waiting for one key and the trigger the lock-free
 ``enqueue`` compares its length with. The engine's lock guards every field except
 ``append`` and ``len`` on a FIFO lane, which producers call without it (both are
-single C calls, atomic under the GIL), and ``reserved`` (below).
+single C calls, atomic under the GIL).
 
-``reserved`` is how a bounded lossless lane (``overflow="block"`` or ``"raise"``) keeps
-its bound exactly without the lock: a list with one placeholder per entry the lane holds
-or a producer is about to append. A producer appends a placeholder, then reads the list's
-length (two C calls, each atomic): at most ``max_queue_size`` means its slot is its own,
-more means it pops a placeholder (any: they are all alike) and takes the locked path. The
-lane removes one placeholder per entry it gives up (a take, a drop), after the entry left,
-so ``len(reserved) >= len(lane)`` at every instant and the bound holds at every instant.
 """
 
 from __future__ import annotations
@@ -52,7 +45,7 @@ class Lane(Protocol[T]):
 class FifoLane(deque[Any]):
     """First in, first out. ``append`` and ``len`` are safe without the engine lock."""
 
-    __slots__ = ("deadline", "due", "key", "owner", "reserved", "trigger")
+    __slots__ = ("deadline", "due", "key", "owner", "trigger")
 
     def __init__(self, key: Hashable = None, owner: str = "dispatcher") -> None:
         super().__init__()
@@ -61,43 +54,22 @@ class FifoLane(deque[Any]):
         self.trigger = INACTIVE
         self.deadline: float | None = None  # when the open window closes; None: no window
         self.due = False  # send without waiting for the window (size trigger, flush, close)
-        # One placeholder per slot taken, on a bounded lossless lane (see the module docstring).
-        self.reserved: list[None] | None = None
 
     # The lock-free enqueue appends through this name, which only lanes have: a stray
     # positional argument bound in a lane's place raises AttributeError (see background.py).
     lock_free_append = deque.append
 
-    def requeue(self, item: Any, /) -> None:
-        # Not overridden by ClosedFifoLane: the engine's own entries still go. A requeued
-        # entry takes a slot too (it may take the lane past its bound: producers then wait).
-        if self.reserved is not None:
-            self.reserved.append(None)
-        deque.append(self, item)
+    # Not overridden by ClosedFifoLane: the engine's own entries still go.
+    requeue = deque.append
 
     def take(self, count: int) -> list[Any]:
         # starmap calls popleft at C speed with no per-item comparison; only the engine
         # worker removes entries, so the lane holds at least ``count`` here.
         count = min(count, len(self))
-        taken = list(itertools.starmap(self.popleft, itertools.repeat((), count)))
-        self._release(count)
-        return taken
+        return list(itertools.starmap(self.popleft, itertools.repeat((), count)))
 
-    def _release(self, count: int) -> None:
-        # After the entries left. ``del [-count:]`` is one C call (O(count), no memmove):
-        # concurrent placeholder appends and pops at the end cannot interleave with it.
-        if self.reserved is not None and count:
-            del self.reserved[-count:]
-
-    def drop_newest(self) -> Any:
-        item = self.pop()
-        self._release(1)
-        return item
-
-    def drop_oldest(self) -> Any:
-        item = self.popleft()
-        self._release(1)
-        return item
+    drop_newest = deque.pop
+    drop_oldest = deque.popleft
 
     def __hash__(self) -> int:  # type: ignore[override]  # lanes are identities, used as dict keys by the engine
         return id(self)
