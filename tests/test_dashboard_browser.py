@@ -118,9 +118,17 @@ def page(driver: Any, site: Site) -> Any:
 
 
 def _until(driver: Any, condition: Callable[[Any], Any], message: str) -> Any:
+    """Wait for ``condition``; an element a refresh replaced meanwhile (stale) is looked up again."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, WAIT).until(condition, message)
+    ignored = (NoSuchElementException, StaleElementReferenceException)
+    return WebDriverWait(driver, WAIT, ignored_exceptions=ignored).until(condition, message)
+
+
+def _click(driver: Any, selector: str) -> None:
+    """Click the element at ``selector``, found again when a refresh replaced it before the click."""
+    _until(driver, lambda d: d.find_element("css selector", selector).click() or True, f"{selector} clicked")
 
 
 def _visible(driver: Any, element_id: str) -> Any:
@@ -187,16 +195,17 @@ def test_an_operator_session(page: Any, site: Site, tmp_path: Path) -> None:
     _until(page, lambda d: d.find_element("css selector", '#counts [data-state="failed"] b').text == "1", "counts")
 
     # A job's detail shows its payload as text: the markup in it is not rendered.
-    page.find_element("css selector", f'#jobs a[data-id="{site.xss_job}"]').click()
+    _click(page, f'#jobs a[data-id="{site.xss_job}"]')
     _until(page, lambda d: XSS in d.find_element("id", "detail-payload").text, "the payload shown as text")
     assert page.find_elements("css selector", "img") == []
     assert page.execute_script("return window.__pwned === undefined")
     assert '"sent": true' in page.find_element("id", "detail-result").text
-    assert page.find_element("css selector", '#detail-fields [data-field="state"]').text == "completed"
+    state = '#detail-fields [data-field="state"]'
+    _until(page, lambda d: d.find_element("css selector", state).text == "completed", "the job's state")
 
     # Replay the dead letter by clicking: a new job appears in the store and on the page.
     letter = site.engine.dlq()[0]
-    page.find_element("css selector", f'#dlq tr[data-dead-letter="{letter.id}"] button.replay').click()
+    _click(page, f'#dlq tr[data-dead-letter="{letter.id}"] button.replay')
 
     def replays() -> list[str]:
         return [job.id for job in site.engine.list_jobs() if job.name == "boom" and job.id != site.failed]
@@ -205,16 +214,22 @@ def test_an_operator_session(page: Any, site: Site, tmp_path: Path) -> None:
     _css(page, f'#jobs tr[data-job="{replayed[0]}"]')
 
     # Pause a queue: the store says paused, the page too.
-    page.find_element("css selector", '#queues tr[data-queue="reports"] button').click()
+    _click(page, '#queues tr[data-queue="reports"] button')
     wait_for(lambda: "reports" in site.engine.paused_queues(), WAIT, message="queue paused")
     state = '#queues tr[data-queue="reports"] .queue-state'
     _until(page, lambda d: d.find_element("css selector", state).text == "paused", "paused shown")
 
     # Disable the cron entry.
-    page.find_element("css selector", '#crons tr[data-cron="nightly-report"] button').click()
+    _click(page, '#crons tr[data-cron="nightly-report"] button')
     wait_for(lambda: not site.engine.get_cron("nightly-report").enabled, WAIT, message="cron disabled")
     state = '#crons tr[data-cron="nightly-report"] .cron-state'
     _until(page, lambda d: d.find_element("css selector", state).text == "disabled", "disabled shown")
+
+    # The throughput chart holds this minute's jobs; the workers panel shows only where GET /workers answers.
+    _css(page, "#throughput svg rect.bar-completed")
+    _css(page, "#throughput svg rect.bar-failed")
+    workers_route = _status(site.url + "workers", TOKEN) == 200
+    _until(page, lambda d: d.find_element("id", "workers-panel").is_displayed() == workers_route, "the workers panel")
 
     page.execute_script("window.scrollTo(0, 0)")
     screenshot = tmp_path / "dashboard.png"

@@ -265,10 +265,12 @@
 
   function drawChart(buckets) {
     const NS = "http://www.w3.org/2000/svg";
-    const width = 600, height = 120, pad = 18;
+    const width = 600, height = 120;
     const svg = document.createElementNS(NS, "svg");
-    svg.setAttribute("viewBox", "0 0 " + width + " " + (height + pad));
+    svg.setAttribute("viewBox", "0 0 " + width + " " + height);
+    svg.setAttribute("preserveAspectRatio", "none");
     svg.setAttribute("width", "100%");
+    svg.setAttribute("height", "120");
     svg.setAttribute("role", "img");
     const top = Math.max(1, ...buckets.map((b) => b.completed + b.failed));
     const step = buckets.length ? width / buckets.length : width;
@@ -291,12 +293,12 @@
         }
       }
     });
-    const label = document.createElementNS(NS, "text");
-    label.setAttribute("x", "0");
-    label.setAttribute("y", String(height + 14));
-    label.textContent = "peak " + top + " per minute";
-    svg.append(label);
-    $("throughput").replaceChildren(svg);
+    const total = (kind) => buckets.reduce((sum, bucket) => sum + bucket[kind], 0);
+    const first = buckets.length ? new Date(buckets[0].start * 1000).toLocaleTimeString() : "";
+    const legend = el("p", { className: "chart-legend" },
+      el("span", {}, first), el("span", {}, "peak " + top + " per minute; " + total("completed") + " completed, "
+        + total("failed") + " failed"), el("span", {}, "now"));
+    $("throughput").replaceChildren(svg, legend);
   }
 
   // -- mutations and the refresh loop ---------------------------------------------------------------
