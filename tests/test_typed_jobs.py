@@ -178,7 +178,7 @@ def _expected_errors(source: str) -> list[tuple[int, str]]:
 def _mypy(tmp_path: Path, source: str, *targets: str) -> tuple[str, int]:
     api = pytest.importorskip("mypy.api")
     config = tmp_path / "mypy.ini"
-    config.write_text("[mypy]\nstrict = True\npython_version = 3.10\n", encoding="utf-8")
+    config.write_text(f"[mypy]\nstrict = True\npython_version = 3.10\nmypy_path = {ROOT}\n", encoding="utf-8")
     args = ["--config-file", str(config), "--cache-dir", str(tmp_path / "cache"), "--no-error-summary"]
     args += ["--show-error-codes", "--hide-error-context", "--no-pretty", *targets]
     stdout, stderr, status = api.run(args)

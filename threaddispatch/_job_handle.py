@@ -38,22 +38,27 @@ class JobHandle(Generic[PayloadT, ResultT]):
         enqueue: Callable[..., str],
         enqueue_many: Callable[..., list[str]],
     ) -> None:
+        functools.update_wrapper(self, fn)  # __name__, __doc__, __wrapped__ (so inspect.signature is fn's)
         # The engine's bound enqueue methods, not the engine: this module does not import jobs.py.
         self._enqueue = enqueue
         self._enqueue_many = enqueue_many
         self._fn = fn
-        self.definition = definition
-        functools.update_wrapper(self, fn)  # __name__, __doc__, __wrapped__ (so inspect.signature is fn's)
+        self._definition = definition
+
+    @property
+    def definition(self) -> JobDefinition:
+        """The registration that made the handle: handler, default queue, priority, retries, timeout."""
+        return self._definition
 
     @property
     def name(self) -> str:
         """The job name the handle enqueues."""
-        return self.definition.name
+        return self._definition.name
 
     @property
     def queue(self) -> str:
         """The job's default queue."""
-        return self.definition.queue
+        return self._definition.queue
 
     def __call__(self, ctx: JobContext, payload: PayloadT) -> ResultT:
         """Call the handler directly (no store, no middleware), as the undecorated function."""
