@@ -181,6 +181,25 @@ def test_a_job_without_retries_is_dead_lettered_after_one_attempt(collect: tuple
     assert letter.job_id == job_id
 
 
+def test_a_job_failed_for_good_because_recording_broke_is_logged_as_dead_lettered(
+    collect: tuple[logging.Logger, Collect], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    logger, handler = collect
+    store = MemoryStore()
+    engine = JobEngine(store, immediate=True, logger=logger, backoff=Constant(3600.0))
+
+    def broken_retry_later(*args: object, **kwargs: object) -> bool:
+        raise TypeError("a bug in the store")
+
+    monkeypatch.setattr(store, "retry_later", broken_retry_later)
+    engine.register("flaky", raising(ValueError("transient")), max_retries=3)
+    job_id = engine.enqueue("flaky")
+    final = handler.one(job_id, "dead_lettered")
+    assert final.levelno == logging.WARNING and final.exc_info is not None and final.exc_info[0] is ValueError
+    assert final.getMessage().endswith("failed (ValueError: transient), dead-lettered after 1 attempt")
+    assert engine.dlq_count() == 1
+
+
 def test_a_cancel_is_info_without_a_traceback(collect: tuple[logging.Logger, Collect]) -> None:
     logger, handler = collect
     engine = immediate(logger)
