@@ -268,9 +268,9 @@ class ThreadDispatch:
 def current_engine() -> JobEngine:
     """The engine of the current Flask app (inside an app context, as ``flask`` commands run).
 
-    Takes no argument, so ``threaddispatch worker threaddispatch.contrib.flask:current_engine``
-    can name it too. Raises RuntimeError outside an app context or before ``init_app``,
-    ConfigurationError when the app has no engine.
+    Takes no argument: ``flask threaddispatch worker`` hands it, by name, to the CLI worker,
+    which calls it inside the command's app context. Raises RuntimeError outside an app
+    context or before ``init_app``, ConfigurationError when the app has no engine.
     """
     if not has_app_context():
         raise RuntimeError("current_engine() needs a Flask app context")
