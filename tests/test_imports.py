@@ -112,8 +112,6 @@ def cycles(graph: Mapping[str, set[str]]) -> list[list[str]]:
 #: Circles in modules this suite's owner does not edit, each xfailed below until its module is
 #: fixed; the main test ignores the edges between the pair so it still guards everything else.
 PENDING: dict[tuple[str, str], str] = {
-    (f"{PACKAGE}.contrib._flask_cli", f"{PACKAGE}.contrib.flask"): "flask imports its CLI group from _flask_cli "
-    "(lazily), which imports current_engine from flask (lazily): pass current_engine to the group instead",
     (f"{PACKAGE}._validate", f"{PACKAGE}.errors"): "errors.Retry imports _validate.check_seconds lazily while "
     "_validate imports errors: Retry must check its delay without _validate (errors.py is not edited here)",
 }

@@ -211,7 +211,8 @@ def test_priority_then_run_at_order(store: Store, make_engine: Callable[..., Job
     engine.start()
     engine.result(last, timeout=10)
     engine.result(delayed, timeout=10)
-    assert order == ["high-early", "high-late", "mid-a", "mid-b", "low", "delayed"]
+    # Where "delayed" falls depends on how long the others take (a busy machine): only its start is checked.
+    assert [name for name in order if name != "delayed"] == ["high-early", "high-late", "mid-a", "mid-b", "low"]
     delayed_job = engine.get_job(delayed)
     assert delayed_job.started_at is not None and delayed_job.started_at >= delayed_job.run_at
 
