@@ -4,7 +4,8 @@ Both keep the same tables, so the column lists, row -> record mapping, listing f
 every statement whose text differs only in its placeholder live here, written once.
 :class:`Statements` builds them for one placeholder style (``"?"`` for sqlite3, ``"%s"``
 for psycopg) once, at import of the store. The schema DDL is one column list
-(:data:`TABLES`) that :func:`schema_v1` spells in each backend's types. What differs
+(:data:`TABLES`) that :func:`schema_v1` (and, for the later worker registry,
+:func:`schema_workers`) spells in each backend's types. What differs
 between the backends (claims, transactions and locking, RETURNING and CTE forms, COPY,
 NOTIFY) stays in its own store.
 """
