@@ -4,9 +4,9 @@
 
 A store keeps jobs, dead letters, cron entries, queue pause flags, leases and the worker
 registry (one row per running engine, :class:`WorkerInfo`). The engine is its only writer
-of job state; the admin app and the CLI read it and call the few management methods. Every store passes the one contract suite in
-``tests/test_stores.py`` (``TestStoreContract``); a new store joins it by adding its
-factory to the ``store`` fixture.
+of job state; the admin app and the CLI read it and call the few management methods.
+Every store passes the one contract suite in ``tests/test_stores.py``
+(``TestStoreContract``); a new store joins it by adding its factory to the ``store`` fixture.
 
 Conventions every method follows:
 
