@@ -14,8 +14,6 @@ import ast
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-import pytest
-
 import threaddispatch
 
 PACKAGE = "threaddispatch"
@@ -109,33 +107,9 @@ def cycles(graph: Mapping[str, set[str]]) -> list[list[str]]:
     return sorted(found)
 
 
-#: Circles in modules this suite's owner does not edit, each xfailed below until its module is
-#: fixed; the main test ignores the edges between the pair so it still guards everything else.
-PENDING: dict[tuple[str, str], str] = {
-    (f"{PACKAGE}._validate", f"{PACKAGE}.errors"): "errors.Retry imports _validate.check_seconds lazily while "
-    "_validate imports errors: Retry must check its delay without _validate (errors.py is not edited here)",
-}
-
-
 def test_no_import_cycle_in_the_package() -> None:
     """No two modules of ``threaddispatch`` import each other, directly or through others."""
-    graph = import_graph()
-    for first, second in PENDING:
-        graph[first].discard(second)
-        graph[second].discard(first)
-    assert cycles(graph) == []
-
-
-@pytest.mark.parametrize(
-    "pair",
-    [
-        pytest.param(pair, marks=pytest.mark.xfail(strict=False, reason=why), id="-".join(pair))
-        for pair, why in PENDING.items()
-    ],
-)
-def test_pending_circle_is_gone(pair: tuple[str, str]) -> None:
-    """The pair is in no import cycle."""
-    assert not [cycle for cycle in cycles(import_graph()) if set(pair) <= set(cycle)]
+    assert cycles(import_graph()) == []
 
 
 def test_the_checker_sees_lazy_relative_and_type_checking_imports() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from threaddispatch._show import show
 from threaddispatch.errors import ConfigurationError
 
 __all__ = ["INT64_MAX", "INT64_MIN", "check_int", "check_seconds", "check_text", "show"]
@@ -16,18 +17,6 @@ __all__ = ["INT64_MAX", "INT64_MIN", "check_int", "check_seconds", "check_text",
 #: The range of the stores' integer columns (SQLite INTEGER, PostgreSQL BIGINT).
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
-_SHOWN = 200  # characters of a bad value quoted in a message
-
-
-def show(value: object) -> str:
-    """``repr(value)`` for an error message, shortened past 200 characters (huge ints included)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 600:
-        return f"<int of {value.bit_length()} bits>"  # repr may exceed sys.get_int_max_str_digits
-    try:
-        text = repr(value)
-    except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the real error
-        text = f"<{type(value).__name__} object>"
-    return text if len(text) <= _SHOWN else f"{text[: _SHOWN - 3]}..."
 
 
 def check_int(name: str, value: object, minimum: int = INT64_MIN, maximum: int = INT64_MAX) -> int:

@@ -11,6 +11,9 @@ plain ``Exception`` subclasses that user code raises.
 from __future__ import annotations
 
 import concurrent.futures
+import math
+
+from threaddispatch._show import show
 
 __all__ = [
     "Cancel",
@@ -80,6 +83,19 @@ class PayloadError(ThreadDispatchError, ValueError):
     """A payload cannot be stored: not serialisable, or too large."""
 
 
+def _check_retry_delay(delay: object) -> None:
+    """``_validate.check_seconds("Retry delay", delay)``, inline: ``_validate`` imports this module,
+    so this one must not import it (the package has no import cycle). Same rule, same wording."""
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)):
+        raise ConfigurationError(f"Retry delay must be a number of seconds, got {show(delay)}")
+    try:
+        seconds = float(delay)
+    except OverflowError:  # an int too large for a float
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigurationError(f"Retry delay must be a finite number >= 0, got {show(delay)}")
+
+
 class Retry(Exception):  # noqa: N818 - a flow signal, named for what user code asks for
     """Raised by user code to ask for another attempt, optionally after ``delay`` seconds.
 
@@ -89,9 +105,7 @@ class Retry(Exception):  # noqa: N818 - a flow signal, named for what user code 
 
     def __init__(self, delay: float | None = None, reason: str = "") -> None:
         if delay is not None:
-            from threaddispatch._validate import check_seconds  # here: _validate imports this module
-
-            check_seconds("Retry delay", delay)
+            _check_retry_delay(delay)
         super().__init__(reason or (f"retry requested after {delay}s" if delay is not None else "retry requested"))
         self.delay = delay
 
