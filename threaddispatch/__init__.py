@@ -30,7 +30,7 @@ from threaddispatch.errors import (
     ThreadDispatchError,
 )
 from threaddispatch.events import EventEmitter
-from threaddispatch.jobs import Config, JobContext, JobDefinition, JobEngine, QueueConfig
+from threaddispatch.jobs import Config, JobContext, JobDefinition, JobEngine, JobHandle, QueueConfig
 from threaddispatch.middleware import LoggingMiddleware, Middleware, RecoverMiddleware, TimeoutMiddleware
 from threaddispatch.request_storage import (
     MemoryRequestStorage,
@@ -82,6 +82,7 @@ __all__ = [
     "JobContext",
     "JobDefinition",
     "JobEngine",
+    "JobHandle",
     "JobNotFoundError",
     "Linear",
     "LoggingMiddleware",

@@ -215,6 +215,10 @@ def stats(app: AdminContext, request: Request) -> Answer:
     return 200, {"engine": app.engine.stats(), "counts": app.engine.counts(), "store": app.engine.describe_store()}
 
 
+def list_workers(app: AdminContext, request: Request) -> Answer:
+    return 200, {"workers": [worker.to_dict() for worker in app.engine.workers()]}
+
+
 def throughput(app: AdminContext, request: Request) -> Answer:
     minutes = request.integer("minutes", 60, 1, _MAX_THROUGHPUT_MINUTES)
     assert minutes is not None

@@ -225,6 +225,26 @@ def _dlq_purge(args: argparse.Namespace) -> int:
 
 
 @command
+def _workers(args: argparse.Namespace) -> int:
+    from threaddispatch._job_workers import list_workers
+
+    with open_engine(args) as engine:
+        if args.stale_after is None:
+            found = engine.workers()
+        else:
+            found = list_workers(engine.store, stale_after=args.stale_after)
+        if args.json:
+            print_json([worker.to_dict() for worker in found])
+        elif found:
+            rows = [[w.id, w.host, w.pid, ",".join(w.queues), f"{w.running}/{w.concurrency}", _when(w.started_at),
+                     _when(w.heartbeat_at)] for w in found]  # fmt: skip
+            print(_table(["ID", "HOST", "PID", "QUEUES", "RUNNING", "STARTED", "HEARTBEAT"], rows))
+        else:
+            print("no workers")
+    return 0
+
+
+@command
 def _migrate(args: argparse.Namespace) -> int:
     store = open_store(args, create=True)
     try:
@@ -328,6 +348,11 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--older-than", type=_seconds, default=None, metavar="SECONDS", help="only those older than this")
     p.add_argument("--all", action="store_true", help="delete every dead letter")
     p.set_defaults(handler=_dlq_purge)
+
+    p = subparsers.add_parser("workers", parents=[common], help="the live workers of the store")
+    p.add_argument("--stale-after", type=_seconds, default=None, metavar="SECONDS",
+                   help="listed while the last heartbeat is this recent (default 30)")  # fmt: skip
+    p.set_defaults(handler=_workers)
 
     p = subparsers.add_parser("migrate", parents=[common], help="create or upgrade the store's schema")
     p.set_defaults(handler=_migrate)

@@ -88,6 +88,10 @@ def add_worker_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level"
     )
+    parser.add_argument(
+        "--log-format", default="text", choices=["text", "json"],
+        help="log lines as text, or as one JSON object per line (for containers)",
+    )  # fmt: skip
     parser.set_defaults(func=run_worker)
     return parser
 
@@ -102,7 +106,14 @@ def run_worker(args: argparse.Namespace) -> int:
 
     0 when every job finished cleanly at stop, 1 when some were handed back, 2 for a bad target.
     """
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    if getattr(args, "log_format", "text") == "json":
+        from threaddispatch._log_json import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level, handlers=[handler])
     try:
         engine = load_engine(args.target)
     except ConfigurationError as error:

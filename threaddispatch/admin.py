@@ -30,6 +30,7 @@ POST     ``/queues/{name}/pause|resume``   stop or restart claiming from a queue
 GET      ``/stats``                        the engine's counters, job counts, the store
 GET      ``/stats/throughput``             jobs completed and failed per minute, oldest first,
                                            the current minute last (``minutes``: 1-1440, 60)
+GET      ``/workers``                      the live workers of the store (every process's)
 GET      ``/health``                       200 when the store answers, else 503
 GET      ``/ready``                        the same check, for readiness probes
 =======  ================================  ===============================================
@@ -174,6 +175,7 @@ class AdminApp:
         route("POST", "/queues/{name}/resume", r"/queues/(.+)/resume", handlers.resume_queue),
         route("GET", "/stats", r"/stats", handlers.stats),
         route("GET", "/stats/throughput", r"/stats/throughput", handlers.throughput, ("minutes",)),
+        route("GET", "/workers", r"/workers", handlers.list_workers),
         route("GET", "/health", r"/health", handlers.health),
         route("GET", "/ready", r"/ready", handlers.health),
     ])  # fmt: skip

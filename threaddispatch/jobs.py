@@ -79,6 +79,7 @@ from threaddispatch._job_cron import CronRunner
 from threaddispatch._job_handle import JobHandle, PayloadT, ResultT
 from threaddispatch._job_runtime import Runtime
 from threaddispatch._job_shared import Shared
+from threaddispatch._job_workers import list_workers
 from threaddispatch._validate import check_int, check_seconds, check_text, show
 from threaddispatch.backoff import Backoff
 from threaddispatch.errors import (
@@ -107,6 +108,7 @@ from threaddispatch.stores.base import (
     JobRecord,
     JobState,
     Store,
+    WorkerInfo,
 )
 
 __all__ = [
@@ -1027,6 +1029,14 @@ class JobEngine:
         runtime = self._runtime
         queues = list(self.config.queues if runtime is None else runtime.queues)
         return f"<JobEngine {self._state} store={type(self.store).__name__} queues={queues}>"
+
+    def workers(self) -> list[WorkerInfo]:
+        """The live workers of this engine's store (every process's), oldest start first; one store read.
+
+        Live: a heartbeat within ``stale_job_threshold`` seconds (default 30), the same point
+        at which a dead worker's jobs are reaped.
+        """
+        return list_workers(self.store, stale_after=self.config.stale_job_threshold)
 
     def throughput(self, minutes: int = 60) -> list[dict[str, float]]:
         """Jobs completed and failed per minute over the last ``minutes`` (1 to 1440), by finish time.

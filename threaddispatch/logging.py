@@ -14,11 +14,12 @@ from collections.abc import Callable
 
 from threaddispatch._engine import Overflow
 from threaddispatch._invoke import invoke
+from threaddispatch._log_json import JsonFormatter
 from threaddispatch.background import BackgroundDispatcher, FailedBatch
 from threaddispatch.backoff import RetryPolicy
 from threaddispatch.metrics import Metrics
 
-__all__ = ["BatchingHandler"]
+__all__ = ["BatchingHandler", "JsonFormatter"]
 
 
 class BatchingHandler(logging.Handler):

@@ -13,7 +13,7 @@ from urllib.parse import unquote, urlsplit
 
 from threaddispatch._redact import redact
 from threaddispatch.errors import ConfigurationError
-from threaddispatch.stores.base import CronEntry, DeadLetter, JobRecord, JobState, Store
+from threaddispatch.stores.base import CronEntry, DeadLetter, JobRecord, JobState, Store, WorkerInfo
 from threaddispatch.stores.memory import MemoryStore
 from threaddispatch.stores.sqlite import SQLiteStore
 
@@ -29,6 +29,7 @@ __all__ = [
     "PostgresStore",
     "SQLiteStore",
     "Store",
+    "WorkerInfo",
     "open_store",
 ]
 
