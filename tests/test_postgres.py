@@ -781,11 +781,12 @@ def test_migrating_a_version_1_database_with_jobs_keeps_them_and_tunes_autovacuu
     finally:
         old.close()
     store = make_store()
-    assert store.migrate() == PostgresStore.MIGRATIONS[-1][0] == 2
+    latest = PostgresStore.MIGRATIONS[-1][0]
+    assert store.migrate() == latest >= 2
     assert {job.id: store.get(job.id) for job in jobs} == before
     assert [job.id for job in store.claim(["a", "b"], 5, worker_id="w2", now=T0)] == [j.id for j in jobs[2::-1]]
     options = _admin_execute(pg_server, "SELECT reloptions FROM pg_class WHERE oid = %s::regclass",
                              (f'"{schema}".dispatch_jobs',))[0][0]  # fmt: skip
     assert "autovacuum_vacuum_scale_factor=0.01" in options and "vacuum_index_cleanup=on" in options
     rows = _admin_execute(pg_server, f'SELECT version FROM "{schema}".dispatch_schema_version ORDER BY version')
-    assert rows == [(1,), (2,)]
+    assert rows == [(version,) for version in range(1, latest + 1)]
