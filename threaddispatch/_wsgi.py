@@ -16,6 +16,8 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from threaddispatch._show import show
+
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
 
@@ -45,8 +47,8 @@ def bad(parameter: str, message: str) -> HttpError:
 
 
 def shorten(value: object, width: int = 60) -> str:
-    """``repr(value)`` cut to ``width`` characters, for echoing a bad value in a message."""
-    text = repr(value)
+    """``show(value)`` (a repr that never raises) cut to ``width`` characters, for an HTTP error message."""
+    text = show(value)
     return text if len(text) <= width else f"{text[: width - 3]}..."
 
 
