@@ -8,6 +8,9 @@ and the settling of its jobs (events, the one retry decision, requeues), and the
 ``max_pending_jobs`` bound with its overflow policies. It never refers to the face
 (:mod:`threaddispatch.endpoint`), so an unreferenced dispatcher can be collected while its
 threads drain.
+
+It runs past 600 lines because it is one object under one lock: splitting the send, the
+settling and the bound apart would spread that lock's invariants over several modules.
 """
 
 from __future__ import annotations

@@ -17,10 +17,14 @@ needs; the per-thread connections, pragmas and fork safety are in
   and delayed jobs when they fall due. Jobs another process makes ready again by an update
   (release, reap, requeue, retry) are found by the engines' polling, the fallback.
 - Versioned migrations (:attr:`SQLiteStore.MIGRATIONS`, recorded in
-  ``dispatch_schema_version``); a SQL backend mirrors the list with its own DDL.
+  ``dispatch_schema_version``); each SQL backend numbers its own migrations.
 
 SQLite serialises writers: throughput is bounded by one writer at a time, which is
 ample for one machine. Use PostgreSQL for several machines.
+
+This module holds the Store methods only (connections, the watcher, group commit and the
+SQL text have their own modules); it runs past 600 lines because the Store interface has
+that many methods, each one statement and its translation of errors.
 """
 
 from __future__ import annotations
