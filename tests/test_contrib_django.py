@@ -59,7 +59,7 @@ urlpatterns = [
     path("ops/dispatch/", include("threaddispatch.contrib.django.urls")),
 ]
 
-AUTH = {"HTTP_AUTHORIZATION": "Bearer tok"}
+AUTH = {"Authorization": "Bearer tok"}
 _current: dict[str, JobEngine] = {}
 
 
@@ -86,26 +86,26 @@ def test_admin_urls_serve_the_api_with_bearer_auth_and_no_csrf(engine: JobEngine
     """The included urls answer the admin routes; the token is required; POSTs need no CSRF token."""
     job_id = engine.enqueue("noop", {"n": 1})
     client = Client(enforce_csrf_checks=True)
-    reply = client.get(f"/ops/dispatch/jobs/{job_id}", **AUTH)
+    reply = client.get(f"/ops/dispatch/jobs/{job_id}", headers=AUTH)
     assert reply.status_code == 200
     assert reply.json()["job"]["payload"] == {"n": 1}
     assert client.get("/ops/dispatch/jobs").status_code == 401
     assert client.get("/ops/dispatch/jobs", HTTP_AUTHORIZATION="Bearer nope").status_code == 401
-    cancelled = client.post(f"/ops/dispatch/jobs/{job_id}/cancel", **AUTH)
+    cancelled = client.post(f"/ops/dispatch/jobs/{job_id}/cancel", headers=AUTH)
     assert cancelled.status_code == 200, cancelled.content
     assert engine.get_job(job_id).state is JobState.CANCELLED
-    conflict = client.post(f"/ops/dispatch/jobs/{job_id}/cancel", **AUTH)
+    conflict = client.post(f"/ops/dispatch/jobs/{job_id}/cancel", headers=AUTH)
     assert conflict.status_code == 409 and conflict.json()["error"]["code"] == "conflict"
     purge = client.post("/ops/dispatch/dlq/purge", data=json.dumps({"older_than": 60}),
-                        content_type="application/json", **AUTH)  # fmt: skip
+                        content_type="application/json", headers=AUTH)  # fmt: skip
     assert purge.json() == {"purged": 0}
-    listed = client.get("/ops/dispatch/jobs", {"state": "cancelled", "limit": "5"}, **AUTH).json()["jobs"]
+    listed = client.get("/ops/dispatch/jobs", {"state": "cancelled", "limit": "5"}, headers=AUTH).json()["jobs"]
     assert [job["id"] for job in listed] == [job_id]
-    bad = client.get("/ops/dispatch/jobs", {"limit": "x"}, **AUTH)
+    bad = client.get("/ops/dispatch/jobs", {"limit": "x"}, headers=AUTH)
     assert bad.status_code == 400 and bad.json()["error"]["parameter"] == "limit"
-    assert client.get("/ops/dispatch/nope", **AUTH).status_code == 404
-    assert client.put("/ops/dispatch/jobs", **AUTH).status_code == 405
-    assert "GET /ops/dispatch/jobs" in client.get("/ops/dispatch/", **AUTH).json()["routes"]
+    assert client.get("/ops/dispatch/nope", headers=AUTH).status_code == 404
+    assert client.put("/ops/dispatch/jobs", headers=AUTH).status_code == 405
+    assert "GET /ops/dispatch/jobs" in client.get("/ops/dispatch/", headers=AUTH).json()["routes"]
     assert client.get("/hello").json() == {"hello": "world"}
 
 
@@ -118,7 +118,7 @@ def test_csrf_still_protects_an_unauthenticated_api_behind_session_login(tmp_pat
         assert refused.status_code == 403
         assert get_engine().paused_queues() == set()
         # A bearer header does not exempt it: this app has no token, so nothing checks the header.
-        assert client.post("/ops/dispatch/queues/default/pause", **AUTH).status_code == 403
+        assert client.post("/ops/dispatch/queues/default/pause", headers=AUTH).status_code == 403
         secret = "a" * 32
         client.cookies["csrftoken"] = secret
         passed = client.post("/ops/dispatch/queues/default/pause", HTTP_X_CSRFTOKEN=secret)
@@ -132,16 +132,16 @@ def test_cross_site_and_non_json_posts_are_refused(engine: JobEngine) -> None:
     """Through Django too: a text/plain or form body is 415, an Origin of another host 403; nothing is changed."""
     client = Client()
     purge = "/ops/dispatch/dlq/purge"
-    plain = client.post(purge, data=b'{"all": true}', content_type="text/plain", **AUTH)
+    plain = client.post(purge, data=b'{"all": true}', content_type="text/plain", headers=AUTH)
     assert plain.status_code == 415 and plain.json()["error"]["code"] == "unsupported_media_type"
-    form = client.post(purge, data={"all": "true"}, **AUTH)  # multipart, the test client's default
+    form = client.post(purge, data={"all": "true"}, headers=AUTH)  # multipart, the test client's default
     assert form.status_code == 415
-    evil = client.post("/ops/dispatch/queues/default/pause", HTTP_ORIGIN="https://evil.example", **AUTH)
+    evil = client.post("/ops/dispatch/queues/default/pause", HTTP_ORIGIN="https://evil.example", headers=AUTH)
     assert evil.status_code == 403 and evil.json()["error"]["code"] == "cross_site_request"
-    same = client.post("/ops/dispatch/queues/default/pause", HTTP_ORIGIN="http://testserver", **AUTH)
+    same = client.post("/ops/dispatch/queues/default/pause", HTTP_ORIGIN="http://testserver", headers=AUTH)
     assert same.status_code == 200, same.content
     assert engine.paused_queues() == {"default"}
-    big = client.post(purge, data=b" " * 70_000 + b"{}", content_type="application/json", **AUTH)
+    big = client.post(purge, data=b" " * 70_000 + b"{}", content_type="application/json", headers=AUTH)
     assert big.status_code == 413
 
 
@@ -184,7 +184,7 @@ def test_store_only_settings_make_an_engine_and_changes_drop_it(tmp_path: Path) 
         first = get_engine()
         assert get_engine() is first and first.config.concurrency == 3
         assert get_admin_app().engine is first
-        assert Client().get("/ops/dispatch/health", **AUTH).json()["status"] == "ok"
+        assert Client().get("/ops/dispatch/health", headers=AUTH).json()["status"] == "ok"
     with pytest.raises(Exception, match="closed"):
         first.store.counts()
     with override_settings(THREADDISPATCH={"STORE": url, "TOKEN": "tok"}):
