@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from threaddispatch.jobs import JobEngine  # noqa: E402
 from threaddispatch.stores import JobState  # noqa: E402
+from threaddispatch.stores.base import Completion  # noqa: E402
 from threaddispatch.stores.postgres import PostgresStore  # noqa: E402
 
 
@@ -251,7 +252,7 @@ def retained(dsn: str, sizes: list[int], ready: int = 2_000) -> None:
 
                 def claim_complete() -> None:
                     nonlocal jobs
-                    outcomes = [(job.id, "w", job.attempts, None, None) for job in jobs]
+                    outcomes = [Completion(job.id, "w", job.attempts, None, None) for job in jobs]
                     jobs = store.complete_and_claim(outcomes, ["q0"], 4, worker_id="w", now=time.time())[1]
 
                 def idle() -> None:

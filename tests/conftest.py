@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -73,7 +73,7 @@ def no_thread_left_behind() -> object:
 # -- PostgreSQL -------------------------------------------------------------------------------------
 
 
-def missing_postgres(reason: str) -> None:
+def missing_postgres(reason: str) -> NoReturn:
     """Skip the test (no PostgreSQL here), or fail it when ``CI`` is set: CI must run them."""
     if os.environ.get("CI", "").lower() not in ("", "0", "false"):
         pytest.fail(f"{reason}; CI is set, so the PostgreSQL tests must run")

@@ -90,6 +90,11 @@ class PostgresServer:
         return self.root / "data"
 
     @property
+    def log_file(self) -> Path:
+        assert self.root is not None  # set by start(), the only way to a running server
+        return self.root / "server.log"
+
+    @property
     def dsn(self) -> str:
         """A URL for the ``postgres`` database as the ``postgres`` superuser over TCP."""
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
@@ -144,7 +149,7 @@ class PostgresServer:
         return self
 
     def _start(self) -> None:
-        self._run("pg_ctl", "-D", str(self.datadir), "-l", str(self.root / "server.log"), "-w", "-t", "60", "start")
+        self._run("pg_ctl", "-D", str(self.datadir), "-l", str(self.log_file), "-w", "-t", "60", "start")
         self.wait_ready()
 
     def wait_ready(self, timeout: float = _START_TIMEOUT) -> None:
@@ -163,7 +168,7 @@ class PostgresServer:
 
     def restart(self) -> None:
         """``pg_ctl restart -m fast``: every session is terminated; blocks until the server is back."""
-        self._run("pg_ctl", "-D", str(self.datadir), "-l", str(self.root / "server.log"), "-w", "-t", "60",
+        self._run("pg_ctl", "-D", str(self.datadir), "-l", str(self.log_file), "-w", "-t", "60",
                   "-m", "fast", "restart")  # fmt: skip
         self.wait_ready()
 

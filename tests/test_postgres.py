@@ -24,7 +24,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, cast
 
 import pytest
 import test_stores
@@ -32,12 +32,14 @@ from pg_server import PostgresServer, find_bindir
 
 from threaddispatch.errors import ConfigurationError, JobNotFoundError, StoreError, StoreUnavailableError
 from threaddispatch.jobs import JobContext, JobEngine
-from threaddispatch.stores import JobRecord, JobState, open_store
+from threaddispatch.stores import CronEntry, JobRecord, JobState, open_store
+from threaddispatch.stores.base import Completion
 from threaddispatch.testing import live_dispatch_threads, wait_for
 
 try:
     import psycopg
 
+    from threaddispatch.stores._pg_pool import Conn
     from threaddispatch.stores.postgres import PostgresStore, migrate
 except ImportError:  # the 'postgres' extra is not installed
     psycopg = None  # type: ignore[assignment]
@@ -49,7 +51,7 @@ WORKER = Path(__file__).with_name("pg_worker.py")
 CLAIM_FAILED = "claiming jobs failed; retrying after %.3gs"  # JobEngine's log line for a failed claim
 
 
-def _missing(reason: str) -> None:
+def _missing(reason: str) -> NoReturn:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{reason}; CI=true, so the PostgreSQL tests must run (see .ci/run)")
     pytest.skip(reason)
@@ -77,7 +79,7 @@ def pg_server() -> Iterator[PostgresServer]:
 def _admin_execute(pg_server: PostgresServer, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     """Run one statement on a fresh connection (survives server restarts); returns its rows."""
     with psycopg.connect(pg_server.dsn, autocommit=True, options="-c lock_timeout=10000") as conn:
-        cursor = conn.execute(query, params)  # type: ignore[arg-type]
+        cursor = conn.execute(query, params)
         return cursor.fetchall() if cursor.description else []
 
 
@@ -257,7 +259,7 @@ def test_cron_tick_fires_once_across_three_processes(
 def test_fire_cron_from_many_sessions_at_once_fires_each_tick_once(make_store: Callable[..., PostgresStore]) -> None:
     """Six stores (six sessions) race fire_cron on the same ticks: the row lock lets exactly one win each."""
     stores = [make_store() for _ in range(6)]
-    stores[0].upsert_cron(test_stores.CronEntry("race", "@every 1s", "tick", "null", last_tick=T0), now=T0)
+    stores[0].upsert_cron(CronEntry("race", "@every 1s", "tick", "null", last_tick=T0), now=T0)
     barrier = threading.Barrier(len(stores))
     wins: list[float] = []
     lock = threading.Lock()
@@ -366,7 +368,8 @@ def test_server_down_raises_unavailable_and_worker_backs_off_then_resumes(
             warnings.append(record)
             unavailable = record.exc_info is not None and isinstance(record.exc_info[1], StoreUnavailableError)
             if unavailable and record.msg == CLAIM_FAILED:
-                claim_delays.append(record.args[0])  # type: ignore[index]
+                assert isinstance(record.args, tuple)  # CLAIM_FAILED is formatted with positional arguments
+                claim_delays.append(cast(float, record.args[0]))
 
     handler = Collect(level=logging.WARNING)
     logging.getLogger("threaddispatch.jobs").addHandler(handler)
@@ -512,9 +515,13 @@ def test_forked_child_opens_its_own_connections_and_leaves_the_parents_alone(
     """After fork the child gets new sessions; the parent's pooled session survives the child's exit."""
     store = make_store(max_size=1)
 
+    def read_pid(conn: Conn) -> int:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        assert row is not None  # a SELECT without FROM returns exactly one row
+        return int(row[0])
+
     def backend_pid() -> int:
-        return int(store._run("reading the backend pid", lambda c: c.execute("SELECT pg_backend_pid()").fetchone()[0],
-                              idempotent=True))  # fmt: skip
+        return store._run("reading the backend pid", read_pid, idempotent=True)
 
     parent_session = backend_pid()
     child = os.fork()
@@ -607,12 +614,12 @@ def test_job_record_fields_survive_postgres_types(make_store: Callable[..., Post
 def test_set_cron_enabled_is_one_idempotent_update(make_store: Callable[..., PostgresStore]) -> None:
     """Disable stores last_tick = Infinity (fire_cron refuses every tick); enable sets it to now; unknown raises."""
     store = make_store()
-    store.upsert_cron(test_stores.CronEntry("c", "@hourly", "tick", "null", last_tick=T0), now=T0)
+    store.upsert_cron(CronEntry("c", "@hourly", "tick", "null", last_tick=T0), now=T0)
     disabled = store.set_cron_enabled("c", False, now=T0 + 1)
     assert not disabled.enabled and disabled.updated_at == T0 + 1
     assert store.set_cron_enabled("c", False, now=T0 + 2) == disabled  # already disabled: unchanged
     assert not store.fire_cron("c", tick=T0 + 10**9, job=test_stores.job())
-    store.upsert_cron(test_stores.CronEntry("c", "@daily", "tick", "null", last_tick=None), now=T0 + 3)
+    store.upsert_cron(CronEntry("c", "@daily", "tick", "null", last_tick=None), now=T0 + 3)
     assert not store.list_crons()[0].enabled  # a re-declaration keeps it disabled
     enabled = store.set_cron_enabled("c", True, now=T0 + 4)
     assert enabled.enabled and enabled.last_tick == T0 + 4 and enabled.expression == "@daily"
@@ -630,7 +637,8 @@ def test_complete_and_claim_over_several_queues_in_one_statement(make_store: Cal
     claimed = store.claim(["a", "b"], 2, worker_id="w", now=T0)
     later = [test_stores.job(queue="b", priority=2), test_stores.job(queue="a", priority=1), test_stores.job(queue="c")]
     store.enqueue(later)
-    outcomes = [(j.id, "w", j.attempts, '"ok"', None) for j in claimed] + [(later[2].id, "w", 1, None, None)]
+    outcomes = [Completion(j.id, "w", j.attempts, '"ok"', None) for j in claimed]
+    outcomes.append(Completion(later[2].id, "w", 1, None, None))
     done, next_jobs = store.complete_and_claim(outcomes, ["a", "b"], 5, worker_id="w", now=T0 + 1)
     assert done == {j.id for j in first}
     assert [j.id for j in next_jobs] == [later[0].id, later[1].id]
@@ -749,8 +757,8 @@ def test_claims_and_completions_are_prepared_statements_from_their_first_use(
     store.enqueue([test_stores.job(queue=queue) for queue in ("a", "a", "b", "b")])
     first = store.claim(["a"], 1, worker_id="w", now=T0)
     second = store.claim(["a", "b"], 1, worker_id="w", now=T0)
-    store.complete_and_claim([(first[0].id, "w", 1, None, None)], ["b"], 1, worker_id="w", now=T0)
-    store.complete_many([(second[0].id, "w", 1, None, None)], now=T0)
+    store.complete_and_claim([Completion(first[0].id, "w", 1, None, None)], ["b"], 1, worker_id="w", now=T0)
+    store.complete_many([Completion(second[0].id, "w", 1, None, None)], now=T0)
 
     def prepared(conn: Any) -> list[str]:
         return [row[0] for row in conn.execute("SELECT statement FROM pg_prepared_statements").fetchall()]

@@ -29,7 +29,7 @@ from threaddispatch.stores import (
     Store,
     open_store,
 )
-from threaddispatch.stores.base import FINAL_STATES
+from threaddispatch.stores.base import FINAL_STATES, Completion
 from threaddispatch.testing import wait_for
 
 T0 = 1_700_000_000.0
@@ -241,11 +241,12 @@ class TestStoreContract:
         jobs = [job() for _ in range(4)]
         store.enqueue(jobs)
         first = store.claim(["default"], 2, worker_id="w", now=T0)
-        outcomes = [(j.id, "w", j.attempts, "1", None) for j in first] + [("missing", "w", 1, None, None)]
+        outcomes = [Completion(j.id, "w", j.attempts, "1", None) for j in first]
+        outcomes.append(Completion("missing", "w", 1, None, None))
         applied, claimed = store.complete_and_claim(outcomes, ["default"], 5, worker_id="w", now=T0 + 1)
         assert applied == {j.id for j in first}
         assert {j.id for j in claimed} == {j.id for j in jobs} - applied
-        assert store.complete_many([(j.id, "w", 1, None, "note") for j in claimed], now=T0 + 2) == {
+        assert store.complete_many([Completion(j.id, "w", 1, None, "note") for j in claimed], now=T0 + 2) == {
             j.id for j in claimed
         }
         assert store.counts()[JobState.COMPLETED] == 4
@@ -257,7 +258,7 @@ class TestStoreContract:
         claimed = store.claim(["default"], 250, worker_id="w", now=T0)
         assert len(claimed) == 250
         outcomes = [
-            (j.id, "w" if i % 3 else "other", j.attempts if i % 5 else j.attempts + 1, str(i), None)
+            Completion(j.id, "w" if i % 3 else "other", j.attempts if i % 5 else j.attempts + 1, str(i), None)
             for i, j in enumerate(claimed)
         ]
         expected = {j.id for i, j in enumerate(claimed) if i % 3 and i % 5}
