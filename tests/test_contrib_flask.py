@@ -12,14 +12,15 @@ from typing import Any
 
 import pytest
 
-flask = pytest.importorskip("flask")
+pytest.importorskip("flask")
+import flask
 
-from threaddispatch import _lifecycle  # noqa: E402 - after the skip when Flask is missing
-from threaddispatch.admin import make_server  # noqa: E402
-from threaddispatch.contrib.flask import EXTENSION_KEY, ThreadDispatch  # noqa: E402
-from threaddispatch.errors import ConfigurationError  # noqa: E402
-from threaddispatch.jobs import JobEngine  # noqa: E402
-from threaddispatch.stores import MemoryStore  # noqa: E402
+from threaddispatch import _lifecycle
+from threaddispatch.admin import make_server
+from threaddispatch.contrib.flask import EXTENSION_KEY, ThreadDispatch
+from threaddispatch.errors import ConfigurationError
+from threaddispatch.jobs import JobEngine
+from threaddispatch.stores import MemoryStore
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -239,4 +240,4 @@ def test_a_given_engine_serves_every_app_and_the_current_app_is_resolved(extensi
         _ = ext.engine
     assert second.test_client().get("/admin/stats", headers=AUTH).get_json()["store"]["kind"] == "MemoryStore"
     with pytest.raises(ConfigurationError, match="JobEngine"):
-        ThreadDispatch(engine=store)  # type: ignore[arg-type]
+        ThreadDispatch(engine=store)

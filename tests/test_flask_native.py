@@ -6,16 +6,17 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-flask = pytest.importorskip("flask")
-from flask.cli import routes_command  # noqa: E402
+pytest.importorskip("flask")
+import flask
+from flask.cli import routes_command
 
-from tests.apps import (  # noqa: E402
+from tests.apps import (
     ROOT,
     Processes,
     check_each_job_ran_once,
@@ -23,8 +24,10 @@ from tests.apps import (  # noqa: E402
     place_orders,
     run_one_job_in_a_worker_thread,
 )
-from threaddispatch.contrib.flask import ThreadDispatch, current_engine  # noqa: E402
-from threaddispatch.errors import ConfigurationError  # noqa: E402
+from threaddispatch.contrib.flask import ThreadDispatch, current_engine
+from threaddispatch.errors import ConfigurationError
+
+MakeApp = Callable[..., flask.Flask]  # the make fixture: make(**config) builds one app
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -32,11 +35,11 @@ AUTH = {"Authorization": "Bearer tok"}
 
 
 @pytest.fixture
-def make(tmp_path: Path) -> Iterator[Any]:
+def make(tmp_path: Path) -> Iterator[MakeApp]:
     """``make(**config)``: a Flask app with ThreadDispatch on a SQLite file; every one is closed at teardown."""
-    made: list[tuple[Any, ThreadDispatch]] = []
+    made: list[tuple[flask.Flask, ThreadDispatch]] = []
 
-    def build(**config: Any) -> Any:
+    def build(**config: Any) -> flask.Flask:
         app = flask.Flask(f"shop{len(made)}")
         app.config.update({"THREADDISPATCH_STORE": f"sqlite:///{tmp_path / f'jobs{len(made)}.db'}", **config})
         ext = ThreadDispatch(app)
@@ -56,7 +59,7 @@ def engine_of(app: Any) -> Any:
         return current_engine()
 
 
-def test_the_admin_api_is_a_blueprint_listed_by_flask_routes(make: Any) -> None:
+def test_the_admin_api_is_a_blueprint_listed_by_flask_routes(make: MakeApp) -> None:
     """``flask routes`` lists the blueprint's endpoint under the prefix; its requests go through the app's hooks."""
     app = make(THREADDISPATCH_ADMIN_PATH="/ops/dispatch", THREADDISPATCH_TOKEN="tok")
     seen: list[str | None] = []
@@ -78,7 +81,7 @@ def test_the_admin_api_is_a_blueprint_listed_by_flask_routes(make: Any) -> None:
     assert page.status_code == 200 and b'data-base="/ops/dispatch"' in page.data
 
 
-def test_admin_auth_app_lets_the_apps_before_request_decide(make: Any) -> None:
+def test_admin_auth_app_lets_the_apps_before_request_decide(make: MakeApp) -> None:
     """THREADDISPATCH_ADMIN_AUTH="app": no token; the app's login hook refuses or lets through."""
     app = make(THREADDISPATCH_ADMIN_PATH="/admin", THREADDISPATCH_ADMIN_AUTH="app")
     app.secret_key = "test"
@@ -106,7 +109,7 @@ def test_admin_auth_app_lets_the_apps_before_request_decide(make: Any) -> None:
     assert refused.status_code == 403 and engine.paused_queues() == {"default"}
 
 
-def test_admin_auth_app_without_any_before_request_refuses(make: Any) -> None:
+def test_admin_auth_app_without_any_before_request_refuses(make: MakeApp) -> None:
     """An app that says it authenticates but registered nothing to do it gets 403, never an open admin."""
     app = make(THREADDISPATCH_ADMIN_PATH="/admin", THREADDISPATCH_ADMIN_AUTH="app")
     reply = app.test_client().get("/admin/jobs")
@@ -131,7 +134,7 @@ def test_bad_admin_auth_settings_are_refused(tmp_path: Path, config: dict[str, s
         ThreadDispatch(app)
 
 
-def test_flask_threaddispatch_jobs_list(make: Any) -> None:
+def test_flask_threaddispatch_jobs_list(make: MakeApp) -> None:
     """``flask threaddispatch jobs list`` shows the app's jobs as a table, or JSON, filtered by state."""
     app = make()
     engine = engine_of(app)
@@ -148,7 +151,7 @@ def test_flask_threaddispatch_jobs_list(make: Any) -> None:
     assert bad.exit_code == 2 and "'done' is not one of" in bad.output
 
 
-def test_flask_threaddispatch_worker_runs_the_apps_jobs(make: Any, caplog: pytest.LogCaptureFixture) -> None:
+def test_flask_threaddispatch_worker_runs_the_apps_jobs(make: MakeApp, caplog: pytest.LogCaptureFixture) -> None:
     """``flask threaddispatch worker --queues --concurrency --log-level`` runs the app's engine, logging as the CLI."""
     app = make()
     engine = engine_of(app)
@@ -162,7 +165,7 @@ def test_flask_threaddispatch_worker_runs_the_apps_jobs(make: Any, caplog: pytes
     assert "queues=['default'], concurrency=2" in messages[0] and messages[-1] == "worker stopped (clean)"
 
 
-def test_worker_options_are_checked(make: Any) -> None:
+def test_worker_options_are_checked(make: MakeApp) -> None:
     app = make()
     runner = app.test_cli_runner()
     for args, text in ((["--concurrency", "0"], "--concurrency"), (["--queues", " , "], "queue names"),
