@@ -142,7 +142,11 @@ def main() -> int:
             forks += 1
             # Fork only while the parent's workers are busy: some jobs completed since the last fork.
             done = engine.stats()["completed"]
-            wait_for(lambda done=done: engine.stats()["completed"] >= done + 5, timeout=30, message="parent load")
+
+            def loaded(done: int = done) -> bool:
+                return int(engine.stats()["completed"]) >= done + 5
+
+            wait_for(loaded, timeout=30, message="parent load")
             outcome = fork_once(engine, args.child_timeout, dump=args.dump)
             if outcome.get("hung"):
                 hangs += 1

@@ -556,9 +556,9 @@ def test_timeout_is_keyword_only_on_enqueue_and_submit(overflow: str) -> None:
     for call in (d.enqueue, d.submit):
         for second in (context, 5, None):
             with pytest.raises(TypeError, match="positional"):
-                call("ported", second)  # type: ignore[misc]
+                call("ported", second)  # type: ignore[call-arg, arg-type]
     with pytest.raises(TypeError, match="positional"):
-        d.enqueue("ported", [], None, None, None)  # type: ignore[call-arg]
+        d.enqueue("ported", [], None, None, None)  # type: ignore[call-arg, arg-type]
     assert d.stats()["pending"] == 0
     d.enqueue("a", timeout=1)
     assert d.submit("b", timeout=None).done() is False

@@ -100,7 +100,7 @@ def test_send_timeout_is_validated() -> None:
 
     for bad in (0, -1, float("nan"), "1", True):
         with pytest.raises(ConfigurationError, match="timeout"):
-            BackgroundDispatcher(print, send_timeout=bad)
+            BackgroundDispatcher(print, send_timeout=bad)  # type: ignore[arg-type]  # "1" is wrong on purpose
 
 
 @pytest.mark.timeout(30)

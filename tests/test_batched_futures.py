@@ -23,7 +23,7 @@ def _no_condition_yet(future: Future[Any]) -> bool:
 
 def test_background_submit_futures_make_no_condition_until_waited() -> None:
     """BackgroundDispatcher.submit's Future settles without building a Condition; result() still waits."""
-    with BackgroundDispatcher(lambda _batch: None, ms_delay=1) as dispatcher:
+    with BackgroundDispatcher[object](lambda _batch: None, ms_delay=1) as dispatcher:
         futures = [dispatcher.submit(i) for i in range(50)]
         assert dispatcher.flush(10)
         assert all(future.done() and _no_condition_yet(future) for future in futures)

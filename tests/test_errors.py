@@ -18,7 +18,7 @@ def test_cancelled_error_is_the_standard_librarys_class() -> None:
 @pytest.mark.timeout(30)
 def test_except_cancelled_error_catches_a_cancelled_request_future() -> None:
     """A request cancelled before it ran: its Future raises what ``except threaddispatch.CancelledError`` catches."""
-    with RequestDispatcher(lambda request, token: "sent") as rd:
+    with RequestDispatcher[dict[str, int], str](lambda request, token: "sent") as rd:
         rd.pause("k")
         handle = rd.add({"n": 1}, queue_key="k")
         assert handle.cancel()

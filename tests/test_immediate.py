@@ -128,7 +128,7 @@ def test_background_a_send_past_send_timeout_fails_when_it_returns() -> None:
 def test_enqueue_after_close_still_raises_in_immediate_mode() -> None:
     """The block changes when work runs, not what is accepted."""
     with immediate():
-        dispatcher = BackgroundDispatcher(lambda _b: None, ms_delay=LONG)
+        dispatcher = BackgroundDispatcher[str](lambda _b: None, ms_delay=LONG)
         dispatcher.close()
         with pytest.raises(DispatcherClosedError):
             dispatcher.enqueue("late")
@@ -213,7 +213,7 @@ def test_async_put_dispatches_on_the_callers_thread_with_retries_and_the_error_h
     failed: list[FailedMessage[str]] = []
 
     class Target:
-        def dispatch(self, message: str, _target: str) -> str:
+        def dispatch(self, message: str, target: str, *, delay_seconds: int | None = None) -> str:
             threads.add(threading.get_ident())
             attempts[message] = attempts.get(message, 0) + 1
             if message == "bad" or (message == "flaky" and attempts[message] < 3):
@@ -245,7 +245,7 @@ def test_async_buffered_messages_go_first_in_order() -> None:
     seen: list[str] = []
 
     class Target:
-        def dispatch(self, message: str, _target: str) -> None:
+        def dispatch(self, message: str, target: str, *, delay_seconds: int | None = None) -> None:
             seen.append(message)
 
     ad: AsyncDispatcher[str] = AsyncDispatcher(Target(), "q")

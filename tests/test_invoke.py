@@ -43,6 +43,13 @@ from threaddispatch.testing import live_dispatch_threads, wait_for
 pytestmark = pytest.mark.timeout(60)
 
 
+def ran_on(caller: TimedCaller) -> threading.Thread:
+    """The runner thread that served one call (the call returns its ``current_thread()``)."""
+    runner = caller.call(threading.current_thread).value
+    assert isinstance(runner, threading.Thread)  # the call succeeded: its value is what the function returned
+    return runner
+
+
 def on_thread(fn: Callable[[], Any], *, close_loop: bool = True) -> Any:
     """Run ``fn`` on a fresh thread (a stand-in for a worker); return what it returned or raise what it raised."""
     box: list[Any] = []
@@ -248,7 +255,12 @@ def test_close_thread_loop_closes_and_cancels_leftover_tasks() -> None:
 
 def test_close_thread_loop_without_a_loop_is_a_no_op() -> None:
     """A thread that never ran a coroutine has nothing to close; a second close is harmless too."""
-    on_thread(lambda: (close_thread_loop(), close_thread_loop()))
+
+    def close_twice() -> None:
+        close_thread_loop()
+        close_thread_loop()
+
+    on_thread(close_twice)
 
 
 def test_the_loop_is_closed_when_the_thread_ends_without_close() -> None:
@@ -460,7 +472,7 @@ def test_concurrent_callers_get_their_own_runners(closing: list[TimedCaller]) ->
 def test_close_stops_the_runners_and_refuses_later_calls(closing: list[TimedCaller]) -> None:
     """close() lets runners leave, returns True, is idempotent; a call after it raises DispatcherClosedError."""
     caller = make(closing, 30.0)
-    runner = caller.call(threading.current_thread).value
+    runner = ran_on(caller)
     assert caller.close(10) is True
     assert not runner.is_alive()
     assert caller.close(10) is True
@@ -471,7 +483,7 @@ def test_close_stops_the_runners_and_refuses_later_calls(closing: list[TimedCall
 def test_idle_runners_leave_after_idle_timeout(closing: list[TimedCaller]) -> None:
     """A runner without work for idle_timeout seconds ends; the next call starts a new one."""
     caller = make(closing, 30.0, idle_timeout=0.01)
-    first = caller.call(threading.current_thread).value
+    first = ran_on(caller)
     first.join(10)
     assert not first.is_alive()
     assert caller.call(lambda: 1).value == 1
@@ -480,7 +492,7 @@ def test_idle_runners_leave_after_idle_timeout(closing: list[TimedCaller]) -> No
 def test_an_unreferenced_caller_lets_its_runners_go() -> None:
     """A TimedCaller nobody references is collected and its runner threads leave."""
     caller = TimedCaller("test", timeout=30.0)
-    runner = caller.call(threading.current_thread).value
+    runner = ran_on(caller)
     del caller
     gc.collect()
     runner.join(10)

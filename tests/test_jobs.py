@@ -839,7 +839,7 @@ def test_stop_from_inside_a_handler_returns_false_at_once_and_keeps_its_job(
 class _RetryLaterBreaks(MemoryStore):
     """A store whose retry_later has a bug (raises something other than StoreError): the engine's code, on memory."""
 
-    def retry_later(self, job_id: str, **kwargs: Any) -> bool:  # type: ignore[override]
+    def retry_later(self, job_id: str, **kwargs: Any) -> bool:
         raise RuntimeError("retry_later is broken")
 
 

@@ -120,7 +120,12 @@ def test_later_handlers_see_the_record_unchanged(logger: logging.Logger) -> None
     seen: list[logging.LogRecord] = []
     logger.addHandler(batching)
     logger.addHandler(printing)
-    logger.addFilter(lambda record: seen.append(record) or True)
+
+    def keep(record: logging.LogRecord) -> bool:
+        seen.append(record)
+        return True
+
+    logger.addFilter(keep)
     try:
         raise ValueError("kaput")
     except ValueError:

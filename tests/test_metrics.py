@@ -51,10 +51,12 @@ class Reader:
     def value(self, name: str, **attributes: str) -> float:
         """The sum of ``name``'s points whose attributes include ``attributes`` (dots spelled ``__``)."""
         wanted = {key.replace("__", "."): value for key, value in attributes.items()}
-        return sum(
-            point.value
-            for point in self.points(name)
-            if all(point.attributes.get(key) == value for key, value in wanted.items())
+        return float(
+            sum(
+                point.value
+                for point in self.points(name)
+                if all(point.attributes.get(key) == value for key, value in wanted.items())
+            )
         )
 
     def histogram(self, name: str, **attributes: str) -> tuple[int, float]:
@@ -251,7 +253,7 @@ def _dots(attributes: dict[str, str]) -> dict[str, str]:
 
 
 def test_a_collected_face_leaves_the_readings(otel: Reader) -> None:
-    dispatcher = BackgroundDispatcher(lambda batch: None, name="gone", metrics=otel.metrics)
+    dispatcher = BackgroundDispatcher[object](lambda batch: None, name="gone", metrics=otel.metrics)
     dispatcher.close(10)
     del dispatcher
     gc.collect()
@@ -261,7 +263,7 @@ def test_a_collected_face_leaves_the_readings(otel: Reader) -> None:
 
 
 def test_no_metrics_is_the_default_and_binds_nothing() -> None:
-    with BackgroundDispatcher(lambda batch: None, name="plain") as dispatcher:
+    with BackgroundDispatcher[object](lambda batch: None, name="plain") as dispatcher:
         assert dispatcher._sender.recorder is None
     with BatchedDispatcher(lambda t, m: [None] * len(m), metrics=NO_METRICS) as batched:
         assert batched._state.recorder is None
@@ -301,7 +303,7 @@ def test_a_metrics_of_ones_own_gets_the_histograms() -> None:
         up_down_counter = counter
         histogram = counter
 
-    with BackgroundDispatcher(lambda batch: None, 1, name="mine", metrics=Mine()) as dispatcher:
+    with BackgroundDispatcher[int](lambda batch: None, 1, name="mine", metrics=Mine()) as dispatcher:
         dispatcher.enqueue(1)
         assert dispatcher.flush(10)
     sizes = [(amount, attrs) for name, amount, attrs in recorded if name == "threaddispatch.batch.size"]

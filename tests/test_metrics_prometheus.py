@@ -97,7 +97,7 @@ def test_a_job_engine_and_faces_added_later() -> None:
 
 
 def test_a_collected_face_leaves_the_scrape() -> None:
-    dispatcher = BackgroundDispatcher(lambda batch: None, name="gone")
+    dispatcher = BackgroundDispatcher[object](lambda batch: None, name="gone")
     registry = CollectorRegistry()
     registry.register(ThreadDispatchCollector(dispatcher))
     assert sample(registry, "threaddispatch_enqueued_total", labels("BackgroundDispatcher", "gone")) == 0

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from threaddispatch.errors import ConfigurationError, StoreError
-from threaddispatch.stores import JobRecord, SQLiteStore
+from threaddispatch.stores import JobRecord, JobState, SQLiteStore
 from threaddispatch.testing import wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -92,7 +92,7 @@ def test_group_commit_keeps_every_job_of_four_threads_each_committed_before_its_
             assert not thread.is_alive()
         assert errors == []
         assert missing == []
-        assert store.counts()["pending"] == 160
+        assert store.counts()[JobState.PENDING] == 160
     finally:
         store.close()
 
@@ -150,7 +150,7 @@ def test_enqueues_queued_during_a_commit_share_the_next_one(tmp_path: Path) -> N
         batches = [[_job()] for _ in range(4)]
         outcomes = _enqueue_in_threads(store, batches)
         assert outcomes == [[batch[0].id] for batch in batches]
-        assert store.counts()["pending"] == 4
+        assert store.counts()[JobState.PENDING] == 4
     finally:
         store.close()
 
@@ -166,6 +166,6 @@ def test_a_bad_enqueue_in_a_group_fails_only_its_caller(tmp_path: Path) -> None:
         assert isinstance(outcomes[2], StoreError)
         for index in (0, 1, 3):
             assert outcomes[index] == [batches[index][0].id]
-        assert store.counts()["pending"] == 4
+        assert store.counts()[JobState.PENDING] == 4
     finally:
         store.close()

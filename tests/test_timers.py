@@ -98,7 +98,8 @@ def test_cancel_refuses_a_handle_of_another_queue() -> None:
 
 def test_many_cancellations_compact_the_heap() -> None:
     """Cancelled entries do not pile up: past half cancelled, the heap is rebuilt without them."""
-    q, clock = make()
+    clock = FakeClock()
+    q: DelayQueue[int] = DelayQueue(clock=clock)
     with q.condition:
         handles = [q.push(i, 10.0 + i) for i in range(1000)]
         for handle in handles[1:]:

@@ -38,7 +38,7 @@ def test_decorator_returns_a_handle_with_name_queue_and_definition() -> None:
     assert send_email.queue == "mail"
     assert send_email.definition == engine.definitions()["send_email"]
     assert (send_email.definition.priority, send_email.definition.max_retries) == (3, 1)
-    assert send_email.__name__ == "send_email"
+    assert send_email.__name__ == "send_email"  # type: ignore[attr-defined]  # set by functools.update_wrapper
     assert send_email.__doc__ == "Send one email."
     assert list(inspect.signature(send_email).parameters) == ["ctx", "payload"]
     assert "send_email" in repr(send_email)
@@ -54,7 +54,7 @@ def test_name_defaults_to_the_function_name_and_the_handle_stays_callable() -> N
 
     assert double.name == "double"
     assert double(None, 21) == 42  # type: ignore[arg-type]
-    assert engine.definitions()["double"].fn is double.__wrapped__
+    assert engine.definitions()["double"].fn is double.__wrapped__  # type: ignore[attr-defined]  # update_wrapper
 
 
 def test_enqueue_through_the_handle_runs_the_job() -> None:

@@ -101,7 +101,9 @@ class Processes:
             found = _LISTENING.search(text)
             return int(found.group(1)) if found and text.count("Booting worker") >= 2 else None
 
-        return process, wait_for(ready, timeout=60, interval=0.05, message="gunicorn listening with 2 workers")
+        port = wait_for(ready, timeout=60, interval=0.05, message="gunicorn listening with 2 workers")
+        assert port is not None  # wait_for returns only a truthy value
+        return process, port
 
     def stop(self, process: subprocess.Popen[bytes], timeout: float = 20) -> int:
         """SIGTERM ``process`` and wait for it (SIGKILL past ``timeout``); returns its exit code."""
