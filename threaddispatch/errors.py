@@ -27,6 +27,7 @@ __all__ = [
     "PayloadError",
     "QueueFullError",
     "Retry",
+    "SpoolOwnedError",
     "StoreError",
     "StoreUnavailableError",
     "ThreadDispatchError",
@@ -69,6 +70,10 @@ class StoreError(ThreadDispatchError):
 
 class StoreUnavailableError(StoreError):
     """The store cannot be reached (server down, file locked); callers may retry."""
+
+
+class SpoolOwnedError(StoreUnavailableError):
+    """A dispatcher's spool file is owned by another dispatcher (this process or another); the message names its pid."""
 
 
 class JobNotFoundError(ThreadDispatchError, LookupError):
