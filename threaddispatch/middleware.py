@@ -24,7 +24,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -53,11 +53,13 @@ class Middleware:
     thread-safe (one instance serves every worker).
     """
 
-    def before_job(self, ctx: JobContext) -> None:
-        """Called before the handler runs (and before inner middleware)."""
+    def before_job(self, ctx: JobContext) -> Awaitable[None] | None:
+        """Called before the handler runs (and before inner middleware); may be ``async def``."""
+        return None
 
-    def after_job(self, ctx: JobContext, result: object, error: BaseException | None) -> None:
-        """Called after the handler returned ``result`` or raised ``error`` (then ``result`` is None)."""
+    def after_job(self, ctx: JobContext, result: object, error: BaseException | None) -> Awaitable[None] | None:
+        """Called after the handler returned ``result`` or raised ``error`` (then ``result`` is None); may be async."""
+        return None
 
     def wrap(self, ctx: JobContext, call_next: Callable[[], object]) -> object:
         """Run ``call_next()`` (the inner middleware and the handler) between the hooks.
