@@ -1,11 +1,17 @@
-"""The management command line as subprocesses (``python -m threaddispatch``).
+"""The management command line: ``threaddispatch.cli.main`` in this process, and ``python -m threaddispatch``.
 
+Most commands run in-process (``run``: ``main(argv)`` with stdout, stderr and the
+environment captured, SystemExit turned into the exit code), which is what the entry
+point calls; a few run as real subprocesses (``run_process``) to prove the entry point
+itself: its exit codes, ``--help``, ``serve`` stopped by SIGTERM, and a bad worker target.
 The commands that read or change jobs run against a SQLite file and a PostgreSQL URL
 (conftest's stores a process can reach; not memory, which no other process sees).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import json
 import os
@@ -23,17 +29,18 @@ from typing import Any
 import pytest
 from conftest import SHARED_STORE_PARAMS
 
+from threaddispatch.cli import main
 from threaddispatch.jobs import JobEngine
 from threaddispatch.stores import SQLiteStore, Store
 from threaddispatch.stores.base import JobState
 
-pytestmark = pytest.mark.timeout(180)  # a hang guard: a test makes ~15 CLI processes, slow on a busy machine
+pytestmark = pytest.mark.timeout(60)  # a hang guard (a subprocess test starts at most two interpreters)
 
 ROOT = Path(__file__).resolve().parent.parent
 _priorities = itertools.count()
 
 
-def run(*args: str, store: str | None = None, env: dict[str, str] | None = None, timeout: float = 30) -> (
+def run_process(*args: str, store: str | None = None, env: dict[str, str] | None = None, timeout: float = 30) -> (
     subprocess.CompletedProcess[str]
 ):  # fmt: skip
     """Run ``python -m threaddispatch *args`` (with ``--store`` when given) and capture its output."""
@@ -42,6 +49,32 @@ def run(*args: str, store: str | None = None, env: dict[str, str] | None = None,
     environ.update(env or {})
     argv = [sys.executable, "-m", "threaddispatch", *args, *(["--store", store] if store else [])]
     return subprocess.run(argv, capture_output=True, text=True, env=environ, timeout=timeout, cwd=ROOT, check=False)
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` without any THREADDISPATCH_ variable but those of ``env``; restored afterwards."""
+    saved = dict(os.environ)
+    try:
+        for key in [key for key in os.environ if key.startswith("THREADDISPATCH_")]:
+            del os.environ[key]
+        os.environ.update(env)
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def run(*args: str, store: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``main([*args])`` (with ``--store`` when given) in this process, as ``run_process`` runs the entry point."""
+    argv = [*args, *(["--store", store] if store else [])]
+    out, err = io.StringIO(), io.StringIO()
+    with _environment(env or {}), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exit_:  # argparse: --help, --version and usage errors
+            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def assert_user_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
@@ -116,7 +149,7 @@ def test_migrate_creates_a_postgresql_schema_and_is_idempotent(pg_server: Any) -
 
 def test_store_errors_are_one_line_exit_2(tmp_path: Path) -> None:
     """No store, a bad URL, a missing SQLite file or directory: exit 2 with one clear line and no traceback."""
-    assert_user_error(run("jobs", "list"), "THREADDISPATCH_STORE")
+    assert_user_error(run_process("jobs", "list"), "THREADDISPATCH_STORE")  # the entry point's exit code
     assert_user_error(run("jobs", "list", store="redis://x"), "unsupported store URL")
     assert_user_error(run("jobs", "list", store=f"sqlite:///{tmp_path / 'missing.db'}"), "no store file", "migrate")
     assert_user_error(run("migrate", store=f"sqlite:///{tmp_path / 'no' / 'dir.db'}"), "no directory")
@@ -261,7 +294,7 @@ def test_serve_answers_over_http_and_stops_on_sigterm(db: tuple[str, JobEngine])
 
 def test_every_subcommand_has_help() -> None:
     """``--help`` works for the management subcommands and lists them at the top level."""
-    top = run("--help")
+    top = run_process("--help")
     assert top.returncode == 0
     for command in ("jobs", "dlq", "migrate", "serve", "worker"):
         assert command in top.stdout
@@ -272,5 +305,5 @@ def test_every_subcommand_has_help() -> None:
 
 def test_worker_target_naming_a_callable_that_needs_arguments_is_a_user_error() -> None:
     """``worker json:dumps`` (a callable that is no engine factory) is a one-line error, exit 2, no traceback."""
-    result = run("worker", "json:dumps")
+    result = run_process("worker", "json:dumps")
     assert_user_error(result, "json:dumps")
