@@ -23,7 +23,8 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import Future
 from operator import attrgetter
 
-from threaddispatch import _lifecycle
+from threaddispatch import _drop_log, _lifecycle
+from threaddispatch._drop_log import DropLog
 from threaddispatch._endpoint_records import EVENTS, DispatchJob, SendBatch, WebhookBatch, new_id
 from threaddispatch._engine import BatchEngine, Overflow
 from threaddispatch._invoke import BASE, ERROR, Outcome, TimedCaller
@@ -115,8 +116,15 @@ class Core:
             on_abandon=self.on_abandon,
             lane_factory=_priority_lane if enable_prioritization else FifoLane,
             # No per-lane bound: max_pending_jobs is over all endpoints, applied by add_job.
+            drop_log=self._new_drop_log(),
         )
         _lifecycle.register(self)
+
+    def _new_drop_log(self) -> DropLog:
+        """The log of this dispatcher's drops (by ``max_pending_jobs``); the engine notes each delivered batch."""
+        policy = f"overflow={self.overflow!r}, max_pending_jobs={self.max_pending_jobs}"
+        self.drop_log = DropLog(_log, self.label, policy, interval=_drop_log.INTERVAL)
+        return self.drop_log
 
     def _init_locks(self) -> None:
         self.lock = threading.Lock()
@@ -586,6 +594,7 @@ class Core:
         job.finished_at = time.time()
         with self.lock:
             self.dropped += 1
+        self.drop_log.dropped()
         if self.events.has_listeners("job_dropped"):
             self.events.emit(
                 "job_dropped",
@@ -708,6 +717,7 @@ class Core:
         closed = self.closed
         self._init_locks()
         self.closed = closed
+        self.engine.use_drop_log(self._new_drop_log())
 
 
 def _not_delivered(job: DispatchJob) -> ThreadDispatchError:

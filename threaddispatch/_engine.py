@@ -50,7 +50,8 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from typing import Any, Generic, Literal, TypeVar
 
-from threaddispatch import _lifecycle
+from threaddispatch import _drop_log, _lifecycle
+from threaddispatch._drop_log import DropLog
 from threaddispatch._invoke import close_thread_loop
 from threaddispatch._lanes import INACTIVE, FifoLane, Lane
 from threaddispatch._timers import DelayQueue
@@ -121,6 +122,7 @@ class BatchEngine(Generic[T]):
         on_skip: Callable[[Hashable, int], None] | None = None,
         on_abandon: Callable[[Hashable, list[T]], None] | None = None,
         lane_factory: Callable[[Hashable], Lane[T]] = FifoLane,
+        drop_log: DropLog | None = None,
     ) -> None:
         if overflow not in OVERFLOW_POLICIES:
             raise ConfigurationError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}; got {overflow!r}")
@@ -137,6 +139,10 @@ class BatchEngine(Generic[T]):
         self._on_skip = on_skip
         self._on_abandon = on_abandon
         self._lane_factory = lane_factory
+        # Says in the log that entries are dropped (and when that stops). None until the first
+        # drop, unless the face brings its own (one that also counts its own drops).
+        self._drop_log = drop_log
+        self._own_drop_log = drop_log is None  # made here, so renewed here after fork
         # Above this length a producer on the lock-free path must kick: the overflow check.
         self._cap_trigger = _UNBOUNDED if max_queue_size is None else max_queue_size + 1
         # A bounded lossless engine refuses or waits at the bound instead of dropping.
@@ -385,11 +391,32 @@ class BatchEngine(Generic[T]):
         return dropped
 
     def _report_dropped(self, items: list[T]) -> None:
+        """After a drop by the overflow policy, with _lock released: log it, then the face's ``on_drop``."""
+        self.drop_log.dropped(len(items))
         if self._on_drop is not None:
             try:
                 self._on_drop(items)
             except Exception:  # noqa: BLE001 - a broken drop hook must not fail the producer
                 _log.exception("%s: on_drop hook raised", self.name)
+
+    @property
+    def drop_log(self) -> DropLog:
+        """The log of this engine's drops: the face's own, or one made at the first drop."""
+        log = self._drop_log
+        if log is None:
+            with self._lock:
+                if self._drop_log is None:
+                    self._drop_log = DropLog(_log, self._label(), self._policy(), interval=_drop_log.INTERVAL)
+                log = self._drop_log
+        return log
+
+    def _label(self) -> str:
+        # A face names its default lane's owner (e.g. "BackgroundDispatcher 'audit'") after construction.
+        owner = getattr(self.default_lane, "owner", "dispatcher")
+        return owner if owner != "dispatcher" else f"dispatcher {self.name!r}"
+
+    def _policy(self) -> str:
+        return f"overflow={self.overflow!r}, max_queue_size={self.max_queue_size}"
 
     def _arm(self, lane: Lane[T]) -> None:
         """Open a window for a lane that has entries, or make it due when full; caller holds _lock."""
@@ -483,6 +510,11 @@ class BatchEngine(Generic[T]):
         self._settle(seq)
 
     def _settle(self, seq: int) -> None:
+        # The batch was delivered: a dropping episode may end here (before the settle, so a
+        # flush that sees the batch settled also sees the recovery logged).
+        drop_log = self._drop_log
+        if drop_log is not None:
+            drop_log.delivered()
         with self._lock:
             self.settled_entries += self._unsettled.pop(seq, 0)
             self._release_held()
@@ -888,6 +920,13 @@ class BatchEngine(Generic[T]):
         closing = self._closing
         self._init_state(self.default_lane)
         self._closing = closing
+        if self._own_drop_log:
+            self._drop_log = None  # its lock may have been held at fork; the next drop makes a new one
+
+    def use_drop_log(self, drop_log: DropLog) -> None:
+        """Log drops (and recoveries) to ``drop_log`` from now on: a face's own, renewed after fork."""
+        self._own_drop_log = False
+        self._drop_log = drop_log
 
     # The lifecycle registry calls these two.
     def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
