@@ -1,12 +1,13 @@
-"""PostgresStore against a real PostgreSQL server that this module starts (initdb + pg_ctl, see pg_server.py).
+"""PostgresStore: what only a server shared by sessions and processes can show.
 
-The shared store contract runs here (``TestPostgresContract``), each test in a fresh
-schema; then what only a server shared by processes can show: worker processes sharing
-jobs, a SIGKILLed worker, a restarted or stopped server, cron across processes,
-LISTEN/NOTIFY wake-ups, fork safety and concurrent migrations.
+The store contract runs on PostgreSQL in tests/test_stores.py (conftest's ``store``
+params); here are the rest, on conftest's session server and its shared schema (emptied
+after each test): worker processes sharing jobs, a SIGKILLed worker, a restarted or
+stopped server, cron across processes, LISTEN/NOTIFY wake-ups, fork safety, query plans,
+and migrations (those on a schema of their own, ``new_schema``).
 
-Without PostgreSQL binaries (or psycopg) these tests skip with a message; with
-``CI=true`` they fail instead.
+Without PostgreSQL binaries (or psycopg) these tests skip with a message; with ``CI``
+set they fail instead (conftest's ``missing_postgres``).
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn, cast
+from typing import Any, cast
 
 import pytest
 import test_stores
-from pg_server import PostgresServer, find_bindir
+from conftest import PG_SCHEMA, missing_postgres
+from pg_server import PostgresServer
 
 from threaddispatch.errors import ConfigurationError, JobNotFoundError, StoreError, StoreUnavailableError
 from threaddispatch.jobs import JobContext, JobEngine
@@ -51,31 +53,6 @@ WORKER = Path(__file__).with_name("pg_worker.py")
 CLAIM_FAILED = "claiming jobs failed; retrying after %.3gs"  # JobEngine's log line for a failed claim
 
 
-def _missing(reason: str) -> NoReturn:
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason}; CI=true, so the PostgreSQL tests must run (see .ci/run)")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PostgresServer]:
-    """A PostgreSQL server for the whole session, in a temporary directory (as a non-root user)."""
-    if psycopg is None:
-        _missing("psycopg is not installed: pip install 'threaddispatch[postgres]'")
-    bindir = find_bindir()
-    if bindir is None:
-        _missing("no PostgreSQL server binaries (initdb, pg_ctl) found on PATH, in /usr/local/bin or "
-                 "/usr/lib/postgresql/*/bin; install PostgreSQL or set PG_BINDIR")  # fmt: skip
-    server = PostgresServer(bindir)
-    try:
-        server.start()
-    except Exception as error:
-        server.stop()
-        pytest.fail(f"could not start PostgreSQL from {bindir}: {error}")
-    yield server
-    server.stop()
-
-
 def _admin_execute(pg_server: PostgresServer, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     """Run one statement on a fresh connection (survives server restarts); returns its rows."""
     with psycopg.connect(pg_server.dsn, autocommit=True, options="-c lock_timeout=10000") as conn:
@@ -84,8 +61,14 @@ def _admin_execute(pg_server: PostgresServer, query: str, params: tuple[Any, ...
 
 
 @pytest.fixture
-def schema(pg_server: PostgresServer) -> Iterator[str]:
-    """A fresh schema name for one test (created by the store's migration), dropped afterwards."""
+def schema(pg_url: str) -> str:
+    """The schema of the test's stores: conftest's shared one (``pg_url`` empties it after the test)."""
+    return PG_SCHEMA
+
+
+@pytest.fixture
+def new_schema(pg_server: PostgresServer) -> Iterator[str]:
+    """A schema no store has migrated yet (for the migration tests), dropped afterwards."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     yield name
     _admin_execute(pg_server, f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
@@ -93,26 +76,17 @@ def schema(pg_server: PostgresServer) -> Iterator[str]:
 
 @pytest.fixture
 def make_store(pg_server: PostgresServer, schema: str) -> Iterator[Callable[..., PostgresStore]]:
-    """Build PostgresStores on the test's schema; every one is closed at the end."""
+    """Build PostgresStores (on the test's schema unless ``schema=`` says otherwise); all closed at the end."""
     made: list[PostgresStore] = []
 
     def make(**options: Any) -> PostgresStore:
-        store = PostgresStore(options.pop("dsn", pg_server.dsn), schema=schema, **options)
+        store = PostgresStore(options.pop("dsn", pg_server.dsn), schema=options.pop("schema", schema), **options)
         made.append(store)
         return store
 
     yield make
     for store in made:
         store.close()
-
-
-class TestPostgresContract(test_stores.TestStoreContract):
-    """The shared store contract, run against PostgresStore."""
-
-    @pytest.fixture
-    def store(self, make_store: Callable[..., PostgresStore]) -> PostgresStore:
-        """A PostgresStore on a fresh, empty schema."""
-        return make_store()
 
 
 # -- worker processes -----------------------------------------------------------------------------------
@@ -411,7 +385,7 @@ def test_server_down_raises_unavailable_and_worker_backs_off_then_resumes(
 def test_unreachable_server_error_names_host_and_port_but_never_the_password() -> None:
     """Nothing listening: StoreUnavailableError at once, naming host:port; the password appears nowhere."""
     if psycopg is None:
-        _missing("psycopg is not installed: pip install 'threaddispatch[postgres]'")
+        missing_postgres("psycopg is not installed: pip install 'threaddispatch[postgres]'")
     import socket
 
     with socket.socket() as sock:
@@ -433,7 +407,7 @@ def test_unreachable_server_error_names_host_and_port_but_never_the_password() -
 def test_invalid_dsn_is_refused_without_repeating_it() -> None:
     """A DSN libpq cannot parse raises ConfigurationError that does not quote it (it may hold a password)."""
     if psycopg is None:
-        _missing("psycopg is not installed: pip install 'threaddispatch[postgres]'")
+        missing_postgres("psycopg is not installed: pip install 'threaddispatch[postgres]'")
     with pytest.raises(ConfigurationError) as info:
         PostgresStore("host=localhost password=topsecret nonsense_option=1")
     assert "topsecret" not in str(info.value)
@@ -539,10 +513,10 @@ def test_forked_child_opens_its_own_connections_and_leaves_the_parents_alone(
 
 @pytest.mark.timeout(60)
 def test_migrations_are_versioned_and_safe_from_many_sessions_at_once(
-    pg_server: PostgresServer, make_store: Callable[..., PostgresStore], schema: str
+    pg_server: PostgresServer, make_store: Callable[..., PostgresStore], new_schema: str
 ) -> None:
     """Six stores migrating one new schema at once: one applies every version, the others find it done."""
-    stores = [make_store(migrate=False) for _ in range(6)]
+    stores = [make_store(schema=new_schema, migrate=False) for _ in range(6)]
     assert stores[0].schema_version() == 0
     barrier = threading.Barrier(len(stores))
     versions: list[int] = []
@@ -558,9 +532,9 @@ def test_migrations_are_versioned_and_safe_from_many_sessions_at_once(
         thread.join(30)
     latest = PostgresStore.MIGRATIONS[-1][0]
     assert versions == [latest] * len(stores)
-    rows = _admin_execute(pg_server, f'SELECT version FROM "{schema}".dispatch_schema_version ORDER BY version')
+    rows = _admin_execute(pg_server, f'SELECT version FROM "{new_schema}".dispatch_schema_version ORDER BY version')
     assert rows == [(version,) for version in range(1, latest + 1)]
-    assert migrate(pg_server.url(schema=schema)) == latest
+    assert migrate(pg_server.url(schema=new_schema)) == latest
     # Each backend numbers its own migrations 1, 2, ... (a version may change one backend only).
     assert [m[0] for m in PostgresStore.MIGRATIONS] == list(range(1, latest + 1))
 
@@ -771,14 +745,14 @@ def test_claims_and_completions_are_prepared_statements_from_their_first_use(
 
 @pytest.mark.timeout(60)
 def test_migrating_a_version_1_database_with_jobs_keeps_them_and_tunes_autovacuum(
-    pg_server: PostgresServer, make_store: Callable[..., PostgresStore], schema: str
+    pg_server: PostgresServer, make_store: Callable[..., PostgresStore], new_schema: str
 ) -> None:
     """A schema made by version 1 (jobs pending, running, completed in it) upgrades to the latest in place."""
 
     class Version1Store(PostgresStore):
         MIGRATIONS = PostgresStore.MIGRATIONS[:1]
 
-    old = Version1Store(pg_server.dsn, schema=schema)
+    old = Version1Store(pg_server.dsn, schema=new_schema)
     try:
         assert old.migrate() == 1
         jobs = [test_stores.job(queue=queue, priority=n) for n, queue in enumerate("ababa")]
@@ -788,13 +762,13 @@ def test_migrating_a_version_1_database_with_jobs_keeps_them_and_tunes_autovacuu
         before = {job.id: old.get(job.id) for job in jobs}
     finally:
         old.close()
-    store = make_store()
+    store = make_store(schema=new_schema)
     latest = PostgresStore.MIGRATIONS[-1][0]
     assert store.migrate() == latest >= 2
     assert {job.id: store.get(job.id) for job in jobs} == before
     assert [job.id for job in store.claim(["a", "b"], 5, worker_id="w2", now=T0)] == [j.id for j in jobs[2::-1]]
     options = _admin_execute(pg_server, "SELECT reloptions FROM pg_class WHERE oid = %s::regclass",
-                             (f'"{schema}".dispatch_jobs',))[0][0]  # fmt: skip
+                             (f'"{new_schema}".dispatch_jobs',))[0][0]  # fmt: skip
     assert "autovacuum_vacuum_scale_factor=0.01" in options and "vacuum_index_cleanup=on" in options
-    rows = _admin_execute(pg_server, f'SELECT version FROM "{schema}".dispatch_schema_version ORDER BY version')
+    rows = _admin_execute(pg_server, f'SELECT version FROM "{new_schema}".dispatch_schema_version ORDER BY version')
     assert rows == [(version,) for version in range(1, latest + 1)]
