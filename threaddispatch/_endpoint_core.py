@@ -30,6 +30,7 @@ from threaddispatch._engine import BatchEngine, Overflow
 from threaddispatch._invoke import BASE, ERROR, Outcome, TimedCaller
 from threaddispatch._lanes import FifoLane, Lane, PriorityLane
 from threaddispatch._pool import WorkerPool
+from threaddispatch._trace import Tracing
 from threaddispatch._validate import show
 from threaddispatch.backoff import RetryPolicy
 from threaddispatch.errors import DispatcherClosedError, QueueFullError, ThreadDispatchError
@@ -89,8 +90,10 @@ class Core:
         max_pending_jobs: int,
         overflow: Overflow,
         send_timeout: float | None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.send_batch = send_batch
+        self.tracing = tracing  # None: no tracer_provider, nothing captured or opened
         self.name = name
         self.label = f"EndpointBatchDispatcher {name!r}"
         self.max_batch_size = max_batch_size
@@ -296,7 +299,10 @@ class Core:
                     "batch": batch,
                 },
             )
-        sent = self._call_send(endpoint_id, list(jobs))
+        if self.tracing is None:
+            sent = self._call_send(endpoint_id, list(jobs))
+        else:
+            sent = self._traced_send(self.tracing, endpoint_id, jobs)
         if not sent.ok:
             error = sent.error
             if sent.kind == BASE:
@@ -361,6 +367,25 @@ class Core:
             else:
                 inline_retries.extend(retries)
         return error if sent.kind == BASE else None
+
+    def _traced_send(self, tracing: Tracing, endpoint_id: Hashable, jobs: Sequence[DispatchJob]) -> Outcome:
+        """``_call_send`` inside a PRODUCER span linked to the spans that added the jobs (messaging conventions)."""
+        attributes = {
+            "messaging.system": "threaddispatch",
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "send",
+            "messaging.destination.name": str(endpoint_id),
+            "messaging.batch.message_count": len(jobs),
+        }
+        contexts = [job._trace_context for job in jobs]
+        with tracing.send_span(f"send {self.name}", contexts, attributes) as span:
+            sent = self._call_send(endpoint_id, list(jobs))
+            if not sent.ok and sent.error is not None:
+                from opentelemetry.trace import Status, StatusCode
+
+                span.record_exception(sent.error)
+                span.set_status(Status(StatusCode.ERROR, f"send_batch raised {type(sent.error).__name__}"))
+        return sent
 
     def _call_send(self, endpoint_id: Hashable, jobs: list[DispatchJob]) -> Outcome:
         """``send_batch(endpoint_id, jobs)`` within send_timeout; never raises."""

@@ -132,6 +132,7 @@ class DispatchJob:
     """
 
     __slots__ = (
+        "_trace_context",
         "attempts",
         "created_at",
         "endpoint_id",
@@ -179,6 +180,8 @@ class DispatchJob:
         self.next_retry_at: float | None = None
         self.finished_at: float | None = None
         self.last_error: BaseException | None = None
+        # The span context of the code that added the job (only with a tracer_provider): the send links to it.
+        self._trace_context: Any = None
 
     def __repr__(self) -> str:
         # No payload: it may be large or sensitive, and this repr ends up in logs.
