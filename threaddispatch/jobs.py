@@ -80,6 +80,7 @@ from threaddispatch._job_handle import JobHandle, PayloadT, ResultT
 from threaddispatch._job_runtime import Runtime
 from threaddispatch._job_shared import Shared
 from threaddispatch._job_workers import list_workers
+from threaddispatch._trace import current_traceparent
 from threaddispatch._validate import check_int, check_seconds, check_text, show
 from threaddispatch.backoff import Backoff
 from threaddispatch.errors import (
@@ -351,8 +352,13 @@ class JobEngine:
         run_at: float,
         now: float,
         unique_key: str | None = None,
+        trace_context: str | None = None,
     ) -> JobRecord:
-        """The record of a new pending job: what enqueue, enqueue_many, cron ticks and replay store."""
+        """The record of a new pending job: what enqueue, enqueue_many, cron ticks and replay store.
+
+        ``trace_context``: the traceparent to store (the caller reads :func:`current_traceparent`
+        once per call, or replay keeps the dead letter's).
+        """
         return JobRecord(
             id=new_job_id(),
             name=name,
@@ -367,6 +373,7 @@ class JobEngine:
             created_at=now,
             updated_at=now,
             unique_key=unique_key,
+            trace_context=trace_context,
         )
 
     def enqueue(
@@ -452,6 +459,7 @@ class JobEngine:
         texts = [self._encode(what(index), payload) for index, payload in enumerate(payloads)]
         if not texts:
             return []
+        trace_context = current_traceparent()
         jobs = [
             self._build(
                 name,
@@ -463,6 +471,7 @@ class JobEngine:
                 run_at=due,
                 now=now,
                 unique_key=unique_key,
+                trace_context=trace_context,
             )
             for text in texts
         ]
@@ -719,6 +728,7 @@ class JobEngine:
             run_at=now,
             now=now,
             unique_key=f"cron:{entry.name}:{tick!r}",
+            trace_context=current_traceparent(),
         )
 
     # -- results and management ---------------------------------------------------------------------------
@@ -872,6 +882,7 @@ class JobEngine:
             timeout=timeout,
             run_at=now,
             now=now,
+            trace_context=letter.trace_context,
         )
         job_id = self.store.replay_dead_letter(dead_letter_id, job=job)
         self._enqueued((job,))

@@ -60,6 +60,9 @@ SCHEMA_V2 = (
 # Migration 3: the worker registry (SQLite's migration 2).
 SCHEMA_V3 = _sql.schema_workers(TYPES)
 
+# Migration 4: the enqueuing span's traceparent, on jobs and dead letters (SQLite's migration 3).
+SCHEMA_V4 = _sql.schema_trace_context(TYPES)
+
 # -- lifecycle -------------------------------------------------------------------------------------
 
 VERSION_TABLE = _sql.version_table(TYPES)
@@ -159,11 +162,11 @@ WITH stale AS (
         run_at = CASE WHEN j.attempts >= j.max_retries + 1 THEN j.run_at ELSE %(now)s END,
         updated_at = %(now)s
     FROM stale WHERE j.seq = stale.seq
-    RETURNING j.id, j.name, j.queue, j.payload, j.priority, j.max_retries, j.attempts, j.state
+    RETURNING j.id, j.name, j.queue, j.payload, j.priority, j.max_retries, j.attempts, j.state, j.trace_context
 ), letters AS (
     INSERT INTO dispatch_dead_letters ({_sql.LETTER_COLUMNS})
     SELECT replace(gen_random_uuid()::text, '-', ''), id, name, queue, payload, priority, max_retries, attempts,
-           %(lost)s, %(now)s
+           %(lost)s, %(now)s, trace_context
     FROM moved WHERE state = 'failed'
 )
 SELECT id, queue, state FROM moved
@@ -173,10 +176,11 @@ _FAIL = f"""
 WITH failed AS (
     UPDATE dispatch_jobs SET state = 'failed', error = %(error)s, finished_at = %(now)s, updated_at = %(now)s
     WHERE id = %(id)s {{fence}}
-    RETURNING id, name, queue, payload, priority, max_retries, attempts
+    RETURNING id, name, queue, payload, priority, max_retries, attempts, trace_context
 )
 INSERT INTO dispatch_dead_letters ({_sql.LETTER_COLUMNS})
-SELECT %(letter)s, id, name, queue, payload, priority, max_retries, attempts, %(error)s, %(now)s FROM failed
+SELECT %(letter)s, id, name, queue, payload, priority, max_retries, attempts, %(error)s, %(now)s, trace_context
+FROM failed
 RETURNING {_sql.LETTER_COLUMNS}
 """
 # Only while the job is still the claim (worker, attempts), either of which may be NULL: any.

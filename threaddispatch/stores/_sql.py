@@ -49,6 +49,7 @@ TABLES: dict[str, tuple[Column, ...]] = {
         ("unique_key", "TEXT", ""),
         ("result", "TEXT", ""),
         ("error", "TEXT", ""),
+        ("trace_context", "TEXT", ""),  # added by a later migration (LATER_COLUMNS)
     ),
     "dispatch_dead_letters": (
         ("seq", "SEQ", ""),
@@ -62,6 +63,7 @@ TABLES: dict[str, tuple[Column, ...]] = {
         ("attempts", "INT", "NOT NULL"),
         ("error", "TEXT", ""),
         ("failed_at", "REAL", "NOT NULL"),
+        ("trace_context", "TEXT", ""),  # added by a later migration (LATER_COLUMNS)
     ),
     "dispatch_crons": (
         ("name", "TEXT", "PRIMARY KEY"),
@@ -97,6 +99,13 @@ TABLES: dict[str, tuple[Column, ...]] = {
         ("running", "INT", "NOT NULL"),
     ),
 }
+#: The columns of :data:`TABLES` that later migrations add to tables created before them (by
+#: :func:`add_columns`), by table; :func:`schema_v1` leaves them out. Each must be nullable or
+#: have a default, so the rows already stored stay valid.
+LATER_COLUMNS: dict[str, tuple[str, ...]] = {
+    "dispatch_jobs": ("trace_context",),
+    "dispatch_dead_letters": ("trace_context",),
+}
 #: The migration ledger, created before any migration runs (so not part of one).
 VERSION_TABLE: tuple[Column, ...] = (
     ("version", "INTEGER", "PRIMARY KEY"),
@@ -119,6 +128,7 @@ def _names(table: str) -> str:
 
 
 JOB_COLUMNS = _names("dispatch_jobs")
+_JOB_WIDTH = len(TABLES["dispatch_jobs"]) - 1  # the columns of JOB_COLUMNS
 LETTER_COLUMNS = _names("dispatch_dead_letters")
 CRON_COLUMNS = _names("dispatch_crons")
 WORKER_COLUMNS = _names("dispatch_workers")
@@ -147,7 +157,10 @@ def schema_v1(types: Types, *, ready_keys: str) -> tuple[str, ...]:
     ``ready_keys`` are the claim index's keys, which must give the claim order (priority
     descending, run_at, seq) to a backend's ready-jobs scan.
     """
-    table = {name: _create_table(name, columns, types) for name, columns in TABLES.items()}
+    table = {
+        name: _create_table(name, [c for c in columns if c[0] not in LATER_COLUMNS.get(name, ())], types)
+        for name, columns in TABLES.items()
+    }
     return (
         table["dispatch_jobs"],
         # The claim index: ready jobs of a queue in claim order.
@@ -161,6 +174,24 @@ def schema_v1(types: Types, *, ready_keys: str) -> tuple[str, ...]:
         table["dispatch_crons"],
         table["dispatch_leases"],
         table["dispatch_queues"],
+    )
+
+
+def add_columns(types: Types, table: str, names: Sequence[str]) -> tuple[str, ...]:
+    """``ALTER TABLE table ADD COLUMN`` statements for the columns ``names`` of :data:`TABLES` (see LATER_COLUMNS)."""
+    spelled = {"TEXT": "TEXT", "INTEGER": "INTEGER", **types}
+    columns = {name: (kind, constraints) for name, kind, constraints in TABLES[table]}
+    return tuple(
+        f"ALTER TABLE {table} ADD COLUMN {name} {spelled[columns[name][0]]} {columns[name][1]}".rstrip()
+        for name in names
+    )
+
+
+def schema_trace_context(types: Types) -> tuple[str, ...]:
+    """The trace context's migration: a ``trace_context`` column on jobs and on dead letters."""
+    return (
+        *add_columns(types, "dispatch_jobs", ("trace_context",)),
+        *add_columns(types, "dispatch_dead_letters", ("trace_context",)),
     )
 
 
@@ -215,7 +246,7 @@ def job_params(job: JobRecord) -> tuple[Any, ...]:
     return (
         job.id, job.name, job.payload, job.queue, job.state.value, job.priority, job.attempts, job.max_retries,
         job.timeout, job.run_at, job.created_at, job.updated_at, job.started_at, job.finished_at,
-        job.heartbeat_at, job.worker_id, job.unique_key, job.result, job.error,
+        job.heartbeat_at, job.worker_id, job.unique_key, job.result, job.error, job.trace_context,
     )  # fmt: skip
 
 
@@ -297,7 +328,7 @@ class Statements:
     def __init__(self, mark: Mark) -> None:
         m = mark
         # Insert one job; parameters :func:`job_params`.
-        self.insert_job = f"INSERT INTO dispatch_jobs ({JOB_COLUMNS}) VALUES ({', '.join([m] * 19)})"
+        self.insert_job = f"INSERT INTO dispatch_jobs ({JOB_COLUMNS}) VALUES ({', '.join([m] * _JOB_WIDTH)})"
         # The id of the active job holding a unique key.
         self.active_holder = f"SELECT id FROM dispatch_jobs WHERE unique_key = {m} AND state IN {ACTIVE}"
         # Complete one claim: (result, error, now, now, job_id, worker_id, attempts).

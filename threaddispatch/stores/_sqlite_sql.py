@@ -13,7 +13,7 @@ from threaddispatch.stores import _sql
 from threaddispatch.stores._sql import job_from_row
 from threaddispatch.stores.base import Completion, JobRecord
 
-__all__ = ["SCHEMA_V1", "SCHEMA_V2", "TYPES", "chunks", "claim_in", "complete_in", "marks"]
+__all__ = ["SCHEMA_V1", "SCHEMA_V2", "SCHEMA_V3", "TYPES", "chunks", "claim_in", "complete_in", "marks"]
 
 _CHUNK = 500  # ids per statement, far below SQLite's variable limit
 
@@ -21,6 +21,7 @@ TYPES: _sql.Types = {"SEQ": "INTEGER PRIMARY KEY", "INT": "INTEGER", "REAL": "RE
 # The claim index's keys: seq is the implicit last key of a SQLite index.
 SCHEMA_V1 = _sql.schema_v1(TYPES, ready_keys="queue, priority DESC, run_at")
 SCHEMA_V2 = _sql.schema_workers(TYPES)  # the worker registry
+SCHEMA_V3 = _sql.schema_trace_context(TYPES)  # the enqueuing span's traceparent, on jobs and dead letters
 
 
 def chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:

@@ -112,7 +112,9 @@ class JobRecord:
 
     ``attempts`` counts the claims that started an attempt (the first run is attempt 1);
     a job gets ``max_retries + 1`` attempts. ``timeout`` is the handler's time budget in
-    seconds (None: none). Not thread-safe to mutate; stores hand out fresh copies.
+    seconds (None: none). ``trace_context`` is the W3C ``traceparent`` of the span that
+    enqueued the job (None: none), which the worker's run span links to; a retried or
+    replayed job keeps it. Not thread-safe to mutate; stores hand out fresh copies.
     """
 
     id: str
@@ -134,6 +136,7 @@ class JobRecord:
     unique_key: str | None = None
     result: str | None = None
     error: str | None = None
+    trace_context: str | None = None
 
     def decoded_payload(self) -> Any:
         """The payload decoded from its JSON text."""
@@ -156,8 +159,8 @@ class JobRecord:
 class DeadLetter:
     """A job that failed for good, kept for inspection and replay.
 
-    It copies what replay needs (name, queue, payload, priority, max_retries), so it
-    outlives the purge of its job. Created by :meth:`Store.fail` (and by
+    It copies what replay needs (name, queue, payload, priority, max_retries, the trace
+    context), so it outlives the purge of its job. Created by :meth:`Store.fail` (and by
     :meth:`Store.reap_stale` for a job out of attempts) in the same transaction.
     """
 
@@ -171,6 +174,7 @@ class DeadLetter:
     attempts: int
     error: str | None
     failed_at: float
+    trace_context: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (payload decoded)."""

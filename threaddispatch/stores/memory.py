@@ -150,6 +150,7 @@ class MemoryStore(Store):
             attempts=job.attempts,
             error=error,
             failed_at=now,
+            trace_context=job.trace_context,
         )
         self._dead[letter.id] = letter
         return dataclasses.replace(letter)

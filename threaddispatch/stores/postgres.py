@@ -122,6 +122,7 @@ class PostgresStore(AdminMethods, Store):
         (1, "initial schema", q.SCHEMA_V1),
         (2, "vacuum the jobs table often, with its indexes", q.SCHEMA_V2),
         (3, "worker registry", q.SCHEMA_V3),
+        (4, "trace context", q.SCHEMA_V4),
     )
 
     def __init__(

@@ -43,7 +43,16 @@ from threaddispatch.stores import _sql
 from threaddispatch.stores._sql import Statements, cron_from_row, job_from_row, job_params, letter_from_row
 from threaddispatch.stores._sqlite_commit import GroupCommitter
 from threaddispatch.stores._sqlite_conn import Connections, Immediate, synchronous_for, translate
-from threaddispatch.stores._sqlite_sql import SCHEMA_V1, SCHEMA_V2, TYPES, chunks, claim_in, complete_in, marks
+from threaddispatch.stores._sqlite_sql import (
+    SCHEMA_V1,
+    SCHEMA_V2,
+    SCHEMA_V3,
+    TYPES,
+    chunks,
+    claim_in,
+    complete_in,
+    marks,
+)
 from threaddispatch.stores._sqlite_watch import WakeupCallback, Watcher
 from threaddispatch.stores.base import (
     WORKER_LOST_ERROR,
@@ -104,6 +113,7 @@ class SQLiteStore(Store):
     MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         (1, "initial schema", SCHEMA_V1),
         (2, "worker registry", SCHEMA_V2),
+        (3, "trace context", SCHEMA_V3),
     )
 
     def __init__(
@@ -336,7 +346,8 @@ class SQLiteStore(Store):
         letter_id = uuid.uuid4().hex
         conn.execute(
             f"INSERT INTO dispatch_dead_letters ({_sql.LETTER_COLUMNS}) "
-            "SELECT ?, id, name, queue, payload, priority, max_retries, attempts, ?, ? FROM dispatch_jobs WHERE id = ?",
+            "SELECT ?, id, name, queue, payload, priority, max_retries, attempts, ?, ?, trace_context "
+            "FROM dispatch_jobs WHERE id = ?",
             (letter_id, error, now, job_id),
         )
         return letter_from_row(conn.execute(_SQL.get_letter, (letter_id,)).fetchone())
