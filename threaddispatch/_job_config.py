@@ -16,9 +16,11 @@ from typing import Any
 
 from threaddispatch._invoke import call
 from threaddispatch._ratelimit import TokenBucket
+from threaddispatch._trace import check_tracer_provider
 from threaddispatch._validate import INT64_MAX, check_int, check_seconds, check_text, show
 from threaddispatch.backoff import Backoff, ExponentialJitter
 from threaddispatch.errors import ConfigurationError
+from threaddispatch.metrics import Metrics, check_metrics
 from threaddispatch.stores.base import JobState
 
 __all__ = [
@@ -152,6 +154,10 @@ class Config:
 
     Durations are float seconds. ``retention``: finished jobs older than that are
     purged (None keeps them). ``max_payload_size``: bytes of JSON a payload may take.
+    ``metrics``: a :class:`~threaddispatch.metrics.Metrics` the engine records its jobs
+    with (None, the default, or NO_METRICS: none, at the cost of one test per job).
+    ``tracer_provider``: an OpenTelemetry TracerProvider; each job run then gets a CONSUMER
+    span linked to the span that enqueued it (None: no spans).
     Immutable; :meth:`validate` raises ConfigurationError naming a bad value.
     """
 
@@ -167,6 +173,8 @@ class Config:
     retention: float | None = 7 * 86400.0
     max_payload_size: int = 1 << 20
     immediate: bool = False
+    metrics: Metrics | None = None
+    tracer_provider: Any = None
 
     @classmethod
     def default(cls) -> Config:
@@ -236,6 +244,9 @@ class Config:
         check_int("max_payload_size", self.max_payload_size, 2)
         if not isinstance(self.immediate, bool):
             raise ConfigurationError(f"immediate must be True or False, got {self.immediate!r}")
+        if self.metrics is not None:
+            check_metrics(self.metrics)
+        check_tracer_provider(self.tracer_provider)
         return self
 
 

@@ -28,6 +28,7 @@ from threaddispatch._log_json import log_job
 from threaddispatch._validate import check_seconds
 from threaddispatch.backoff import RetryPolicy
 from threaddispatch.errors import Cancel, ConfigurationError, Retry, StoreError
+from threaddispatch.metrics import JobRecorder
 from threaddispatch.stores.base import Completion, JobRecord, JobState
 
 __all__ = ["Effects", "Outcome", "Recorder", "encode_result"]
@@ -127,9 +128,10 @@ class Effects:
 class Recorder:
     """Writes batches of outcomes for the claims of ``worker_id`` (see the module docstring)."""
 
-    def __init__(self, shared: Shared, worker_id: str) -> None:
+    def __init__(self, shared: Shared, worker_id: str, meter: JobRecorder | None = None) -> None:
         self._shared = shared
         self._worker_id = worker_id
+        self._meter = meter  # None: no metrics (one test per outcome)
 
     def write(
         self, batch: Sequence[Outcome], claim: tuple[Sequence[str], int] | None = None
@@ -186,6 +188,7 @@ class Recorder:
         listening = self._shared.events.has_listeners("job_completed")
         logger = self._shared.logger
         logging_done = logger.isEnabledFor(logging.INFO)
+        meter = self._meter
         completed = 0
         for outcome in batch:
             job = outcome.slot.job
@@ -194,6 +197,8 @@ class Recorder:
                 continue
             job.state, job.result, job.finished_at, job.error = JobState.COMPLETED, outcome.text, now, outcome.note
             completed += 1
+            if meter is not None:
+                meter.completed(job, outcome.elapsed)
             if listening:
                 effects.events.append(("job_completed", (job, outcome.result)))
             if logging_done:
@@ -219,10 +224,11 @@ class Recorder:
                 "job %s %s: recording its failure (%s) raised; failing it for good", slot.job.name, slot.job.id,
                 type(error).__name__,
             )  # fmt: skip
-            self._fail_for_good(slot, error, broken, effects)
+            self._fail_for_good(outcome, error, broken, effects)
 
-    def _fail_for_good(self, slot: Slot, error: BaseException, broken: Exception, effects: Effects) -> None:
+    def _fail_for_good(self, outcome: Outcome, error: BaseException, broken: Exception, effects: Effects) -> None:
         """The fallback of :meth:`_failure`: fail the claim with a dead letter carrying both errors."""
+        slot = outcome.slot
         job = slot.job
         now = time.time()
         try:
@@ -238,6 +244,9 @@ class Recorder:
             return
         job.state, job.error, job.finished_at = JobState.FAILED, text, now
         effects.add("failed")
+        effects.add("dead_lettered")
+        if self._meter is not None:
+            self._meter.failed(job, outcome.elapsed, error, retried=False)
         self._log_dead_letter(job, error, None)
 
     def _retry_delay(self, slot: Slot, error: BaseException) -> tuple[float | None, BaseException]:
@@ -295,6 +304,8 @@ class Recorder:
                 ):
                     job.state, job.error, job.run_at = JobState.RETRYING, text, run_at
                     effects.add("retried")
+                    if self._meter is not None:
+                        self._meter.failed(job, outcome.elapsed, error, retried=True)
                     effects.events.append(("job_retrying", (job, error, delay)))
                     self._log_retrying(outcome, error, delay)
                 else:
@@ -306,6 +317,9 @@ class Recorder:
                 return
             job.state, job.error, job.finished_at = JobState.FAILED, text, now
             effects.add("failed")
+            effects.add("dead_lettered")
+            if self._meter is not None:
+                self._meter.failed(job, outcome.elapsed, error, retried=False)
             effects.events.append(("job_failed", (job, error)))
             effects.events.append(("job_dlq", (job, letter)))
             self._log_dead_letter(job, error, outcome.elapsed)

@@ -40,7 +40,16 @@ from threaddispatch._job_plan import ClaimPlanner
 from threaddispatch._job_shared import Shared, Slot
 from threaddispatch._job_workers import Registration
 from threaddispatch._pool import WorkerPool
-from threaddispatch.errors import ConfigurationError, DispatcherClosedError, DispatchTimeoutError, StoreError
+from threaddispatch._trace import Tracing, make_tracing
+from threaddispatch.errors import (
+    Cancel,
+    ConfigurationError,
+    DispatcherClosedError,
+    DispatchTimeoutError,
+    Retry,
+    StoreError,
+)
+from threaddispatch.metrics import job_recorder
 from threaddispatch.middleware import HandlerCall
 from threaddispatch.stores.base import JobRecord, JobState
 
@@ -59,6 +68,25 @@ def on_engine_thread(runtime: Runtime | None) -> bool:
 
 def _new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def describe_outcome(tracing: Tracing, span: Any, error: BaseException | None) -> None:
+    """Set ``threaddispatch.job.outcome`` on a run span; a failure also sets status ERROR, the exception recorded.
+
+    ``Retry`` and ``Cancel`` are the handler's choices, not failures: attributes only.
+    """
+    if error is None:
+        span.set_attribute("threaddispatch.job.outcome", "completed")
+    elif isinstance(error, Retry):
+        span.set_attribute("threaddispatch.job.outcome", "retry")
+        if isinstance(error.delay, (int, float)):
+            span.set_attribute("threaddispatch.job.retry_delay", float(error.delay))
+    elif isinstance(error, Cancel):
+        span.set_attribute("threaddispatch.job.outcome", "cancelled")
+    else:
+        timed_out = isinstance(error, DispatchTimeoutError)
+        span.set_attribute("threaddispatch.job.outcome", "timed_out" if timed_out else "failed")
+        tracing.record_error(span, error)
 
 
 class Runtime:
@@ -84,7 +112,11 @@ class Runtime:
         self.queues = queues
         self.concurrency = concurrency
         self._cron = cron
-        self._recorder = Recorder(shared, self.worker_id)
+        # Both None unless the engine has metrics / a tracer provider: one test per job each.
+        self._meter = None if config.metrics is None else job_recorder(shared.engine)
+        self._tracing = make_tracing(config.tracer_provider, "jobs")
+        shared.stats.setdefault("dead_lettered", 0)  # the engine's lock is held (start, the inline runtime)
+        self._recorder = Recorder(shared, self.worker_id, self._meter)
         self.registration = Registration(shared, self.worker_id, queues, concurrency)  # the worker-registry row
         self._previous = previous
         # "inline" (no threads: immediate mode, run_pending) or running -> stopping -> stopped.
@@ -376,12 +408,41 @@ class Runtime:
                 return  # released at stop before it started
             slot.started = True
             slot.thread = threading.current_thread()
+        tracing = self._tracing
+        outcome = self._begin(slot) if tracing is None else self._traced(tracing, slot)
+        self.record(outcome, handler_done=True)
+
+    def _begin(self, slot: Slot) -> Outcome:
+        """Start the attempt (clock, metrics, the ``job_started`` hooks) and run it (no lock held)."""
+        shared = self.shared
         job = slot.job
-        ctx = slot.ctx
-        ctx.started = time.monotonic()
+        slot.ctx.started = time.monotonic()
+        meter = self._meter
+        if meter is not None:
+            meter.started(job)
         if shared.events.has_listeners("job_started"):
             shared.events.emit("job_started", job)
-        self.record(self._attempt(slot), handler_done=True)
+        return self._attempt(slot)
+
+    def _traced(self, tracing: Tracing, slot: Slot) -> Outcome:
+        """:meth:`_begin` in the job's CONSUMER span, linked to the span that enqueued it."""
+        job = slot.job
+        attributes = {
+            "messaging.system": "threaddispatch",
+            "messaging.operation.name": "process",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": job.queue,
+            "messaging.message.id": job.id,
+            "threaddispatch.job.name": job.name,
+            "threaddispatch.job.attempt": job.attempts,
+        }
+        traceparent = getattr(job, "trace_context", None)  # the field lands with the schema's next change
+        with tracing.run_span(f"process {job.queue}", traceparent, attributes) as span:
+            outcome = self._begin(slot)
+            describe_outcome(tracing, span, outcome.error)
+            if slot.abandoned:  # read without the lock: set once, before the ctx was cancelled
+                span.set_attribute("threaddispatch.job.abandoned", True)
+        return outcome
 
     def _attempt(self, slot: Slot) -> Outcome:
         """Run the job's handler through the middleware; its outcome (no lock held)."""
@@ -466,8 +527,9 @@ class Runtime:
             return
         shared = self.shared
         with shared.lock:
+            stats = shared.stats
             for name, amount in effects.counts.items():
-                shared.stats[name] += amount
+                stats[name] = stats.get(name, 0) + amount
             for outcome in batch:
                 job = outcome.slot.job
                 if job.state is JobState.RETRYING and job.queue in self.queues and self.state == "running":

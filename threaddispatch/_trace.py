@@ -20,9 +20,17 @@ import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from threaddispatch._validate import show
 from threaddispatch.errors import ConfigurationError
 
-__all__ = ["Tracing", "current_traceparent", "link_from_traceparent", "make_tracing", "parse_traceparent"]
+__all__ = [
+    "Tracing",
+    "check_tracer_provider",
+    "current_traceparent",
+    "link_from_traceparent",
+    "make_tracing",
+    "parse_traceparent",
+]
 
 _SCOPE = "threaddispatch"
 _HEX = frozenset("0123456789abcdef")
@@ -83,16 +91,23 @@ def link_from_traceparent(value: str | None) -> Any:
     return trace.Link(context)
 
 
-def make_tracing(tracer_provider: object, component: str) -> Tracing | None:
-    """A :class:`Tracing` for ``tracer_provider=`` (None: none); ConfigurationError if it is not a provider."""
+def check_tracer_provider(tracer_provider: object) -> None:
+    """ConfigurationError unless ``tracer_provider`` is None or an OpenTelemetry TracerProvider (with the API)."""
     if tracer_provider is None:
-        return None
+        return
     if not callable(getattr(tracer_provider, "get_tracer", None)):
         raise ConfigurationError(
-            f"tracer_provider must be an OpenTelemetry TracerProvider (with get_tracer), got {tracer_provider!r}"
+            f"tracer_provider must be an OpenTelemetry TracerProvider (with get_tracer), got {show(tracer_provider)}"
         )
     if _otel() is None:  # pragma: no cover - the extra is missing
         raise ConfigurationError("tracer_provider needs opentelemetry-api: pip install 'threaddispatch[otel]'")
+
+
+def make_tracing(tracer_provider: object, component: str) -> Tracing | None:
+    """A :class:`Tracing` for ``tracer_provider=`` (None: none); ConfigurationError if it is not a provider."""
+    check_tracer_provider(tracer_provider)
+    if tracer_provider is None:
+        return None
     return Tracing(tracer_provider, component)
 
 
@@ -147,3 +162,9 @@ class Tracing:
             attributes=dict(attributes or {}),
         ) as span:
             yield span
+
+    def record_error(self, span: Any, error: BaseException) -> None:
+        """Mark ``span`` failed by ``error``: the exception recorded, ``error.type`` set, status ERROR."""
+        span.record_exception(error)
+        span.set_attribute("error.type", type(error).__qualname__)
+        span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, f"{type(error).__name__}: {error}"[:200]))

@@ -40,6 +40,7 @@ __all__ = [
     "Counter",
     "FaceRecorder",
     "Histogram",
+    "JobRecorder",
     "Metric",
     "Metrics",
     "NoMetrics",
@@ -47,6 +48,7 @@ __all__ = [
     "UpDownCounter",
     "Watched",
     "check_metrics",
+    "job_recorder",
     "readings",
 ]
 
@@ -74,12 +76,17 @@ class Histogram(Protocol):
 
 @dataclass(frozen=True)
 class Metric:
-    """One name of the vocabulary: ``kind`` is ``counter`` (monotonic) or ``gauge`` (goes up and down)."""
+    """One name of the vocabulary: ``kind`` is ``counter`` (monotonic) or ``gauge`` (goes up and down).
+
+    ``recorded``: a counter recorded as it happens (through :meth:`Metrics.counter`), never read
+    from ``stats()``; histograms are always recorded.
+    """
 
     name: str
     kind: Literal["counter", "gauge", "histogram"]
     unit: str
     description: str
+    recorded: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,10 +117,38 @@ JOB_RUNNING = Metric("threaddispatch.jobs.running", "gauge", "{job}", "Jobs this
 JOB_STATES = Metric(
     "threaddispatch.jobs.state", "gauge", "{job}", "Jobs in the store by state (threaddispatch.job.state)"
 )
+JOB_PENDING = Metric(
+    "threaddispatch.jobs.pending", "gauge", "{job}", "Jobs waiting in the store (state pending), per queue"
+)
 #: Recorded once per batch sent (never read from stats()).
 BATCH_SIZE = Metric("threaddispatch.batch.size", "histogram", "{message}", "Entries per send_batch call")
 OPERATION_DURATION = Metric(
     "messaging.client.operation.duration", "histogram", "s", "Duration of one send (send_batch or dispatch)"
+)
+
+#: A JobEngine's, recorded per job with ``messaging.destination.name`` (the queue) and
+#: ``threaddispatch.job.name``; see :class:`JobRecorder`.
+JOB_ENQUEUED = Metric("threaddispatch.job.enqueued", "counter", "{job}", "Jobs stored by enqueue", recorded=True)
+JOB_STARTED = Metric(
+    "messaging.client.consumed.messages", "counter", "{job}", "Job attempts a worker started", recorded=True
+)
+JOB_COMPLETED = Metric("threaddispatch.job.completed", "counter", "{job}", "Attempts that succeeded", recorded=True)
+JOB_FAILED = Metric(
+    "threaddispatch.job.failed",
+    "counter",
+    "{job}",
+    "Attempts that raised (then retried or dead-lettered), by error.type",
+    recorded=True,
+)
+JOB_RETRIED = Metric("threaddispatch.job.retried", "counter", "{retry}", "Retries scheduled", recorded=True)
+JOB_DEAD_LETTERED = Metric(
+    "threaddispatch.job.dead_lettered", "counter", "{job}", "Jobs failed for good (a dead letter)", recorded=True
+)
+JOB_DURATION = Metric(
+    "messaging.process.duration", "histogram", "s", "Run time of one job attempt (handler and middleware)"
+)
+JOB_QUEUE_WAIT = Metric(
+    "threaddispatch.job.queue_wait", "histogram", "s", "From a job's due time (max(run_at, created_at)) to its start"
 )
 
 #: Every name, for the instruments an implementation creates up front.
@@ -130,8 +165,17 @@ VOCABULARY: tuple[Metric, ...] = (
     JOBS,
     JOB_RUNNING,
     JOB_STATES,
+    JOB_PENDING,
     BATCH_SIZE,
     OPERATION_DURATION,
+    JOB_ENQUEUED,
+    JOB_STARTED,
+    JOB_COMPLETED,
+    JOB_FAILED,
+    JOB_RETRIED,
+    JOB_DEAD_LETTERED,
+    JOB_DURATION,
+    JOB_QUEUE_WAIT,
 )
 
 _FAILED = {"error.type": "_OTHER"}  # semantic conventions: the fallback error.type (the class is not in stats())
@@ -176,7 +220,16 @@ _STATS: dict[str, dict[str, tuple[Metric, dict[str, str]]]] = {
     "JobEngine": {
         **{
             outcome: (JOBS, {"threaddispatch.job.outcome": outcome})
-            for outcome in ("claimed", "completed", "failed", "retried", "cancelled", "timed_out", "lost")
+            for outcome in (
+                "claimed",
+                "completed",
+                "failed",
+                "retried",
+                "dead_lettered",
+                "cancelled",
+                "timed_out",
+                "lost",
+            )
         },
         "in_flight": (JOB_RUNNING, {}),
     },
@@ -222,9 +275,15 @@ def readings(face: object) -> list[Reading]:
 def _job_states(engine: Any, base: dict[str, str]) -> list[Reading]:
     try:
         counts: Mapping[str, int] = engine.counts()
+        queues = sorted({*engine.config.queues, *(d.queue for d in engine.definitions().values())})
+        by_queue: Mapping[str, Mapping[Any, int]] = engine.store.counts_by_queue(queues)
     except Exception:  # noqa: BLE001 - a store that cannot answer now: no state gauges in this reading
         return []
-    return [Reading(JOB_STATES, count, {**base, "threaddispatch.job.state": state}) for state, count in counts.items()]
+    found = [Reading(JOB_STATES, count, {**base, "threaddispatch.job.state": state}) for state, count in counts.items()]
+    for queue, states in by_queue.items():
+        pending = sum(count for state, count in states.items() if getattr(state, "value", state) == "pending")
+        found.append(Reading(JOB_PENDING, pending, {**base, "messaging.destination.name": queue}))
+    return found
 
 
 class Watched:
@@ -298,6 +357,112 @@ class FaceRecorder:
         return sizes, durations
 
 
+class JobRecorder:
+    """A JobEngine's per-job instruments (the ``JOB_*`` names), with each job's queue and name.
+
+    An engine holds one only when metrics are on (:func:`job_recorder`); the runtime calls
+    it once per event of a job, after the store write that made the event true. The
+    attribute dicts are made once per (queue, job name), never per call, but for a
+    failure's ``error.type``.
+    """
+
+    __slots__ = (
+        "_by_job",
+        "_completed",
+        "_dead_lettered",
+        "_durations",
+        "_enqueued",
+        "_failed",
+        "_retried",
+        "_started",
+        "_waits",
+    )
+
+    def __init__(self, metrics: Metrics) -> None:
+        def counter(metric: Metric) -> Counter:
+            return metrics.counter(metric.name, unit=metric.unit, description=metric.description)
+
+        def histogram(metric: Metric) -> Histogram:
+            return metrics.histogram(metric.name, unit=metric.unit, description=metric.description)
+
+        self._enqueued = counter(JOB_ENQUEUED)
+        self._started = counter(JOB_STARTED)
+        self._completed = counter(JOB_COMPLETED)
+        self._failed = counter(JOB_FAILED)
+        self._retried = counter(JOB_RETRIED)
+        self._dead_lettered = counter(JOB_DEAD_LETTERED)
+        self._durations = histogram(JOB_DURATION)
+        self._waits = histogram(JOB_QUEUE_WAIT)
+        # (queue, job name) -> (counter attributes, duration attributes). Written without a lock:
+        # a lost or repeated insert only builds an equal pair again.
+        self._by_job: dict[tuple[str, str], tuple[dict[str, str], dict[str, str]]] = {}
+
+    def _attributes(self, job: Any) -> tuple[dict[str, str], dict[str, str]]:
+        key = (job.queue, job.name)
+        found = self._by_job.get(key)
+        if found is None:
+            counted = {"messaging.destination.name": job.queue, "threaddispatch.job.name": job.name}
+            timed = {
+                "messaging.system": "threaddispatch",
+                "messaging.operation.name": "process",
+                "messaging.operation.type": "process",
+                **counted,
+            }
+            found = (counted, timed)
+            if len(self._by_job) < 1000:  # a bound: queues and job names are few; past it, made per call
+                self._by_job[key] = found
+        return found
+
+    def enqueued(self, job: Any) -> None:
+        """``job`` was stored by an enqueue (a ``job_enqueued`` listener)."""
+        self._enqueued.add(1, self._attributes(job)[0])
+
+    def started(self, job: Any) -> None:
+        """An attempt of the claimed ``job`` starts now: counted, and its queue wait recorded."""
+        counted = self._attributes(job)[0]
+        self._started.add(1, counted)
+        started_at = job.started_at
+        if started_at is not None:
+            self._waits.record(max(0.0, started_at - max(job.run_at, job.created_at)), counted)
+
+    def completed(self, job: Any, seconds: float) -> None:
+        """An attempt of ``job`` succeeded after ``seconds`` (its completion is stored)."""
+        counted, timed = self._attributes(job)
+        self._completed.add(1, counted)
+        self._durations.record(seconds, timed)
+
+    def failed(self, job: Any, seconds: float, error: BaseException, *, retried: bool) -> None:
+        """An attempt of ``job`` raised ``error`` after ``seconds``; then ``retried``, or dead-lettered."""
+        counted, timed = self._attributes(job)
+        kind = {"error.type": type(error).__qualname__}
+        self._failed.add(1, {**counted, **kind})
+        self._durations.record(seconds, {**timed, **kind})
+        (self._retried if retried else self._dead_lettered).add(1, counted)
+
+
+_JOB_RECORDERS: weakref.WeakKeyDictionary[Any, JobRecorder | None] = weakref.WeakKeyDictionary()
+_JOB_RECORDERS_LOCK = threading.Lock()  # guards _JOB_RECORDERS
+
+
+def job_recorder(engine: Any) -> JobRecorder | None:
+    """The :class:`JobRecorder` of ``engine`` (a JobEngine), made once; None when its ``metrics`` is off.
+
+    Binding watches the engine (its ``stats()`` and state counts are read at collection
+    time) and counts its enqueues through its ``job_enqueued`` event. Idempotent: the
+    engine's constructor and every runtime it starts may call it.
+    """
+    metrics: Metrics | None = engine.config.metrics
+    if metrics is None or isinstance(metrics, NoMetrics):
+        return None
+    with _JOB_RECORDERS_LOCK:
+        if engine in _JOB_RECORDERS:
+            return _JOB_RECORDERS[engine]
+        recorder = _JOB_RECORDERS[engine] = metrics.bind_jobs(engine)
+    if recorder is not None:
+        engine.events.on("job_enqueued", recorder.enqueued)
+    return recorder
+
+
 class Metrics:
     """The metrics interface a face takes as ``metrics=``.
 
@@ -329,6 +494,11 @@ class Metrics:
         )
         return FaceRecorder(sizes, durations, face_attributes(face))
 
+    def bind_jobs(self, engine: object) -> JobRecorder | None:
+        """Called once per JobEngine (:func:`job_recorder`): watch it, and return what it records its jobs with."""
+        self.watch(engine)
+        return JobRecorder(self)
+
 
 class _Nothing:
     __slots__ = ()
@@ -359,6 +529,9 @@ class NoMetrics(Metrics):
         return _NOTHING
 
     def bind(self, face: object) -> FaceRecorder | None:
+        return None
+
+    def bind_jobs(self, engine: object) -> JobRecorder | None:
         return None
 
     def __repr__(self) -> str:

@@ -41,13 +41,15 @@ class OTelMetrics(Metrics):
         provider = _otel.get_meter_provider() if meter_provider is None else meter_provider
         self._meter = provider.get_meter(_SCOPE)
         self._faces = Watched()
-        # _lock guards _histograms (faces made on several threads at once ask for them).
+        # _lock guards _instruments (faces made on several threads at once ask for them).
         self._lock = threading.Lock()
-        self._histograms: dict[str, Histogram] = {}
+        self._instruments: dict[tuple[str, str], Any] = {}
         for metric in VOCABULARY:
             self._observe(metric)
 
     def _observe(self, metric: Metric) -> None:
+        if metric.recorded:
+            return  # made by counter() when a face binds, and recorded as it happens
         callbacks = [self._callback(metric)]
         if metric.kind == "counter":
             self._meter.create_observable_counter(
@@ -75,21 +77,25 @@ class OTelMetrics(Metrics):
         self._faces.discard(face)
 
     def counter(self, name: str, *, unit: str = "", description: str = "") -> Counter:
-        instrument: Counter = self._meter.create_counter(name, unit=unit, description=description)
+        instrument: Counter = self._instrument("counter", name, unit, description)
         return instrument
 
     def up_down_counter(self, name: str, *, unit: str = "", description: str = "") -> UpDownCounter:
-        instrument: UpDownCounter = self._meter.create_up_down_counter(name, unit=unit, description=description)
+        instrument: UpDownCounter = self._instrument("up_down_counter", name, unit, description)
         return instrument
 
     def histogram(self, name: str, *, unit: str = "", description: str = "") -> Histogram:
+        instrument: Histogram = self._instrument("histogram", name, unit, description)
+        return instrument
+
+    def _instrument(self, kind: str, name: str, unit: str, description: str) -> Any:
         # One instrument per name: every face bound here shares it.
         with self._lock:
-            histogram = self._histograms.get(name)
-            if histogram is None:
-                histogram = self._meter.create_histogram(name, unit=unit, description=description)
-                self._histograms[name] = histogram
-            return histogram
+            instrument = self._instruments.get((kind, name))
+            if instrument is None:
+                make = getattr(self._meter, f"create_{kind}")
+                instrument = self._instruments[(kind, name)] = make(name, unit=unit, description=description)
+            return instrument
 
     def __repr__(self) -> str:
         return f"<OTelMetrics faces={len(self._faces)}>"
