@@ -1,6 +1,7 @@
-"""What metrics cost: BackgroundDispatcher and BatchedDispatcher with metrics off, NO_METRICS and OTelMetrics.
+"""What metrics and traces cost: the batching faces, and JobEngine with metrics off, OTel metrics, tracing.
 
-Usage: python benchmarks/bench_metrics.py [--entries 300000] [--batches 20000] [--repeats 5] [--before DIR]
+Usage: python benchmarks/bench_metrics.py [--entries 300000] [--batches 20000] [--jobs 20000] [--repeats 5]
+[--before DIR] [--only WORKLOAD]
 
 Two workloads, each cell in a fresh interpreter, the modes round-robin in one run:
 
@@ -12,7 +13,17 @@ Two workloads, each cell in a fresh interpreter, the modes round-robin in one ru
   BatchedDispatcher: process CPU and wall time per batch, which is where a face records
   its histograms when metrics are on.
 
-Modes: ``off`` (no ``metrics=``), ``none`` (``metrics=NO_METRICS``, the same thing said
+* ``job-enqueue``: ``--jobs`` ``JobEngine.enqueue`` calls on a MemoryStore (the engine's own
+  cost, no I/O): the producer's CPU and wall time per enqueue.
+* ``job-run``: ``--jobs`` jobs (enqueued in one ``enqueue_many``) run by a started engine
+  (MemoryStore, concurrency 4, a no-op handler) until all completed: process CPU and wall
+  time per job (fetch, run, group commit).
+
+JobEngine modes: ``off``, ``otel`` (``metrics=OTelMetrics``, as above), ``trace``
+(``tracer_provider=`` an SDK TracerProvider exporting to memory; every job enqueued inside
+a span, so each run span carries a link).
+
+Face modes: ``off`` (no ``metrics=``), ``none`` (``metrics=NO_METRICS``, the same thing said
 out loud), ``otel`` (``OTelMetrics`` on an SDK MeterProvider with an in-memory reader,
 collected once at the end so the observable callbacks run too). ``--before DIR`` adds an
 ``off`` row run against another copy of the package (``git archive <rev> threaddispatch
@@ -33,10 +44,70 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("off", "none", "otel")
+JOB_MODES = ("off", "otel", "trace")
+
+
+def _job_cell(workload: str, mode: str, count: int) -> dict[str, float]:
+    """One JobEngine measurement (see the module docstring), in this interpreter."""
+    import contextlib
+
+    from threaddispatch import JobEngine
+    from threaddispatch.stores import MemoryStore
+
+    options: dict[str, Any] = {}
+    reader: Any = None
+    span: Any = contextlib.nullcontext()
+    if mode == "otel":
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        from threaddispatch.otel import OTelMetrics
+
+        reader = InMemoryMetricReader()
+        options["metrics"] = OTelMetrics(MeterProvider(metric_readers=[reader]))
+    elif mode == "trace":
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+        options["tracer_provider"] = provider
+        span = provider.get_tracer("bench").start_as_current_span("request")
+    engine = JobEngine(MemoryStore(), concurrency=4, poll_interval=0.01, max_poll_interval=0.05, **options)
+    engine.register("noop", lambda ctx, payload: None)
+    if workload == "job-enqueue":
+        engine.start(concurrency=1)  # binds metrics= (the engine counts enqueues from its first run)
+        engine.stop(10)
+        with span:
+            engine.enqueue("noop", -1)
+            cpu, thread, wall = time.process_time(), time.thread_time(), time.perf_counter()
+            enqueue = engine.enqueue
+            for number in range(count):
+                enqueue("noop", number)
+            thread = time.thread_time() - thread
+            wall = time.perf_counter() - wall
+            cpu = time.process_time() - cpu
+    else:
+        with span:
+            engine.enqueue_many("noop", range(count))
+        cpu, thread, wall = time.process_time(), time.thread_time(), time.perf_counter()
+        engine.start()
+        while engine.stats()["completed"] < count:
+            time.sleep(0.02)  # a benchmark's cheap poll, off the measured threads
+        wall = time.perf_counter() - wall
+        cpu = time.process_time() - cpu
+        thread = time.thread_time() - thread
+        engine.stop(60)
+    if reader is not None:
+        reader.get_metrics_data()
+    return {"thread_us": thread / count * 1e6, "cpu_us": cpu / count * 1e6, "wall_us": wall / count * 1e6}
 
 
 def _cell(workload: str, mode: str, count: int) -> dict[str, float]:
     """One measurement, in this interpreter (the child of :func:`_run`)."""
+    if workload.startswith("job-"):
+        return _job_cell(workload, mode, count)
     from threaddispatch import BackgroundDispatcher, BatchedDispatcher
 
     options: dict[str, Any] = {}
@@ -113,20 +184,35 @@ def main() -> int:
     parser.add_argument("--entries", type=int, default=300_000)
     parser.add_argument("--batches", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--jobs", type=int, default=20_000)
     parser.add_argument("--before", default=None, help="another copy of the package, for an 'off (before)' row")
+    parser.add_argument("--only", default=None, help="one workload: enqueue, batch, batched, job-enqueue, job-run")
     args = parser.parse_args()
-    rows: list[tuple[str, str | None]] = [(mode, None) for mode in MODES]
-    if args.before:
-        rows.insert(1, ("off", args.before))
-    for workload, count in (("enqueue", args.entries), ("batch", args.batches), ("batched", args.batches)):
+    workloads = (
+        ("enqueue", args.entries),
+        ("batch", args.batches),
+        ("batched", args.batches),
+        ("job-enqueue", args.jobs),
+        ("job-run", args.jobs),
+    )
+    for workload, count in workloads:
+        if args.only not in (None, workload):
+            continue
+        rows: list[tuple[str, str | None]] = [
+            (mode, None) for mode in (JOB_MODES if workload.startswith("job-") else MODES)
+        ]
+        if args.before and not workload.startswith("job-"):
+            rows.insert(1, ("off", args.before))
         results: dict[int, list[dict[str, float]]] = {index: [] for index in range(len(rows))}
         for _ in range(args.repeats):
             for index, (mode, tree) in enumerate(rows):
                 if tree is not None and workload == "batched":
                     continue
                 results[index].append(_run(workload, mode, count, tree))
-        unit = "enqueue" if workload == "enqueue" else "batch"
-        face = "BatchedDispatcher" if workload == "batched" else "BackgroundDispatcher"
+        unit = {"enqueue": "enqueue", "job-enqueue": "enqueue", "job-run": "job"}.get(workload, "batch")
+        face = {"batched": "BatchedDispatcher", "job-enqueue": "JobEngine", "job-run": "JobEngine"}.get(
+            workload, "BackgroundDispatcher"
+        )
         print(f"\n{face}, {workload}: {count} per run, median of {args.repeats} (us per {unit}; ratio to off)")
         print(f"  {'mode':<14}{'producer CPU':>14}{'process CPU':>14}{'wall':>12}")
         base = {key: statistics.median(r[key] for r in results[0]) for key in ("thread_us", "cpu_us", "wall_us")}

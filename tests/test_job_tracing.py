@@ -7,7 +7,6 @@ SQLite file, which exports its spans to a file read back here.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -30,14 +29,12 @@ from threaddispatch import JobEngine
 from threaddispatch.backoff import Constant
 from threaddispatch.errors import Cancel, ConfigurationError, Retry
 from threaddispatch.stores import MemoryStore, SQLiteStore, Store
-from threaddispatch.stores.base import JobRecord, JobState
+from threaddispatch.stores.base import JobState
 from threaddispatch.testing import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parents[1]
-HAS_TRACE_CONTEXT = "trace_context" in {item.name for item in dataclasses.fields(JobRecord)}
-needs_trace_context = pytest.mark.skipif(not HAS_TRACE_CONTEXT, reason="JobRecord.trace_context not there yet")
 
 
 class Traced:
@@ -165,7 +162,6 @@ def test_the_handler_runs_inside_the_run_span(traced: Traced) -> None:
     assert inner.parent is not None and inner.parent.span_id == run.context.span_id
 
 
-@needs_trace_context
 @pytest.mark.timeout(30)
 def test_worker_threads_link_the_run_to_the_enqueuing_span(traced: Traced, make_store: Callable[[], Store]) -> None:
     engine = JobEngine(
@@ -244,7 +240,6 @@ WORKER = textwrap.dedent(
 )
 
 
-@needs_trace_context
 @pytest.mark.timeout(90)
 def test_a_job_run_in_another_process_links_to_the_enqueuing_span(traced: Traced, tmp_path: Path) -> None:
     database = str(tmp_path / "jobs.db")

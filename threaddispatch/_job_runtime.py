@@ -436,8 +436,7 @@ class Runtime:
             "threaddispatch.job.name": job.name,
             "threaddispatch.job.attempt": job.attempts,
         }
-        traceparent = getattr(job, "trace_context", None)  # the field lands with the schema's next change
-        with tracing.run_span(f"process {job.queue}", traceparent, attributes) as span:
+        with tracing.run_span(f"process {job.queue}", job.trace_context, attributes) as span:
             outcome = self._begin(slot)
             describe_outcome(tracing, span, outcome.error)
             if slot.abandoned:  # read without the lock: set once, before the ctx was cancelled

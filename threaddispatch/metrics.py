@@ -76,17 +76,12 @@ class Histogram(Protocol):
 
 @dataclass(frozen=True)
 class Metric:
-    """One name of the vocabulary: ``kind`` is ``counter`` (monotonic) or ``gauge`` (goes up and down).
-
-    ``recorded``: a counter recorded as it happens (through :meth:`Metrics.counter`), never read
-    from ``stats()``; histograms are always recorded.
-    """
+    """One name of the vocabulary: ``kind`` is ``counter`` (monotonic) or ``gauge`` (goes up and down)."""
 
     name: str
     kind: Literal["counter", "gauge", "histogram"]
     unit: str
     description: str
-    recorded: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,24 +121,22 @@ OPERATION_DURATION = Metric(
     "messaging.client.operation.duration", "histogram", "s", "Duration of one send (send_batch or dispatch)"
 )
 
-#: A JobEngine's, recorded per job with ``messaging.destination.name`` (the queue) and
-#: ``threaddispatch.job.name``; see :class:`JobRecorder`.
-JOB_ENQUEUED = Metric("threaddispatch.job.enqueued", "counter", "{job}", "Jobs stored by enqueue", recorded=True)
-JOB_STARTED = Metric(
-    "messaging.client.consumed.messages", "counter", "{job}", "Job attempts a worker started", recorded=True
-)
-JOB_COMPLETED = Metric("threaddispatch.job.completed", "counter", "{job}", "Attempts that succeeded", recorded=True)
+#: A JobEngine's, counted per job by its :class:`JobRecorder` (read at collection time, as
+#: ``stats()`` is), with ``messaging.destination.name`` (the queue) and ``threaddispatch.job.name``.
+JOB_ENQUEUED = Metric("threaddispatch.job.enqueued", "counter", "{job}", "Jobs stored by enqueue")
+JOB_STARTED = Metric("messaging.client.consumed.messages", "counter", "{job}", "Job attempts a worker started")
+JOB_COMPLETED = Metric("threaddispatch.job.completed", "counter", "{job}", "Attempts that succeeded")
 JOB_FAILED = Metric(
     "threaddispatch.job.failed",
     "counter",
     "{job}",
     "Attempts that raised (then retried or dead-lettered), by error.type",
-    recorded=True,
 )
-JOB_RETRIED = Metric("threaddispatch.job.retried", "counter", "{retry}", "Retries scheduled", recorded=True)
+JOB_RETRIED = Metric("threaddispatch.job.retried", "counter", "{retry}", "Retries scheduled")
 JOB_DEAD_LETTERED = Metric(
-    "threaddispatch.job.dead_lettered", "counter", "{job}", "Jobs failed for good (a dead letter)", recorded=True
+    "threaddispatch.job.dead_lettered", "counter", "{job}", "Jobs failed for good (a dead letter)"
 )
+#: Recorded per attempt, with the same attributes (the duration with the semantic conventions' ``messaging.*`` too).
 JOB_DURATION = Metric(
     "messaging.process.duration", "histogram", "s", "Run time of one job attempt (handler and middleware)"
 )
@@ -269,6 +262,10 @@ def readings(face: object) -> list[Reading]:
     ]
     if kind == "JobEngine":
         found += _job_states(face, base)
+        with _JOB_RECORDERS_LOCK:
+            recorder = _JOB_RECORDERS.get(face)
+        if recorder is not None:
+            found += recorder.readings(base)
     return found
 
 
@@ -358,56 +355,44 @@ class FaceRecorder:
 
 
 class JobRecorder:
-    """A JobEngine's per-job instruments (the ``JOB_*`` names), with each job's queue and name.
+    """A JobEngine's per-job numbers (the ``JOB_*`` names), by queue and job name. Thread-safe.
 
     An engine holds one only when metrics are on (:func:`job_recorder`); the runtime calls
-    it once per event of a job, after the store write that made the event true. The
-    attribute dicts are made once per (queue, job name), never per call, but for a
-    failure's ``error.type``.
+    it once per event of a job, after the store write that made the event true. Counts
+    are kept here (a dict under a lock: far cheaper than an SDK instrument) and read at
+    collection time through :func:`readings`; the run-time and queue-wait histograms are
+    recorded, with attribute dicts made once per (queue, job name), but for a failure's
+    ``error.type``.
     """
 
-    __slots__ = (
-        "_by_job",
-        "_completed",
-        "_dead_lettered",
-        "_durations",
-        "_enqueued",
-        "_failed",
-        "_retried",
-        "_started",
-        "_waits",
-    )
+    __slots__ = ("_by_job", "_counts", "_durations", "_lock", "_waits")
 
     def __init__(self, metrics: Metrics) -> None:
-        def counter(metric: Metric) -> Counter:
-            return metrics.counter(metric.name, unit=metric.unit, description=metric.description)
-
-        def histogram(metric: Metric) -> Histogram:
-            return metrics.histogram(metric.name, unit=metric.unit, description=metric.description)
-
-        self._enqueued = counter(JOB_ENQUEUED)
-        self._started = counter(JOB_STARTED)
-        self._completed = counter(JOB_COMPLETED)
-        self._failed = counter(JOB_FAILED)
-        self._retried = counter(JOB_RETRIED)
-        self._dead_lettered = counter(JOB_DEAD_LETTERED)
-        self._durations = histogram(JOB_DURATION)
-        self._waits = histogram(JOB_QUEUE_WAIT)
-        # (queue, job name) -> (counter attributes, duration attributes). Written without a lock:
+        self._durations = metrics.histogram(
+            JOB_DURATION.name, unit=JOB_DURATION.unit, description=JOB_DURATION.description
+        )
+        self._waits = metrics.histogram(
+            JOB_QUEUE_WAIT.name, unit=JOB_QUEUE_WAIT.unit, description=JOB_QUEUE_WAIT.description
+        )
+        self._lock = threading.Lock()  # guards _counts
+        # (metric name, queue, job name, error.type or "") -> count
+        self._counts: dict[tuple[str, str, str, str], int] = {}
+        # (queue, job name) -> (attributes, duration attributes). Written without the lock:
         # a lost or repeated insert only builds an equal pair again.
         self._by_job: dict[tuple[str, str], tuple[dict[str, str], dict[str, str]]] = {}
+
+    def _count(self, metric: Metric, job: Any, error_type: str = "") -> None:
+        key = (metric.name, job.queue, job.name, error_type)
+        with self._lock:
+            self._counts[key] = self._counts.get(key, 0) + 1
 
     def _attributes(self, job: Any) -> tuple[dict[str, str], dict[str, str]]:
         key = (job.queue, job.name)
         found = self._by_job.get(key)
         if found is None:
             counted = {"messaging.destination.name": job.queue, "threaddispatch.job.name": job.name}
-            timed = {
-                "messaging.system": "threaddispatch",
-                "messaging.operation.name": "process",
-                "messaging.operation.type": "process",
-                **counted,
-            }
+            # The semantic conventions' required attributes only: the SDK's cost per record grows with each.
+            timed = {"messaging.system": "threaddispatch", "messaging.operation.name": "process", **counted}
             found = (counted, timed)
             if len(self._by_job) < 1000:  # a bound: queues and job names are few; past it, made per call
                 self._by_job[key] = found
@@ -415,31 +400,44 @@ class JobRecorder:
 
     def enqueued(self, job: Any) -> None:
         """``job`` was stored by an enqueue (a ``job_enqueued`` listener)."""
-        self._enqueued.add(1, self._attributes(job)[0])
+        self._count(JOB_ENQUEUED, job)
 
     def started(self, job: Any) -> None:
         """An attempt of the claimed ``job`` starts now: counted, and its queue wait recorded."""
-        counted = self._attributes(job)[0]
-        self._started.add(1, counted)
+        self._count(JOB_STARTED, job)
         started_at = job.started_at
         if started_at is not None:
-            self._waits.record(max(0.0, started_at - max(job.run_at, job.created_at)), counted)
+            self._waits.record(max(0.0, started_at - max(job.run_at, job.created_at)), self._attributes(job)[0])
 
     def completed(self, job: Any, seconds: float) -> None:
         """An attempt of ``job`` succeeded after ``seconds`` (its completion is stored)."""
-        counted, timed = self._attributes(job)
-        self._completed.add(1, counted)
-        self._durations.record(seconds, timed)
+        self._count(JOB_COMPLETED, job)
+        self._durations.record(seconds, self._attributes(job)[1])
 
     def failed(self, job: Any, seconds: float, error: BaseException, *, retried: bool) -> None:
         """An attempt of ``job`` raised ``error`` after ``seconds``; then ``retried``, or dead-lettered."""
-        counted, timed = self._attributes(job)
-        kind = {"error.type": type(error).__qualname__}
-        self._failed.add(1, {**counted, **kind})
-        self._durations.record(seconds, {**timed, **kind})
-        (self._retried if retried else self._dead_lettered).add(1, counted)
+        kind = type(error).__qualname__
+        self._count(JOB_FAILED, job, kind)
+        self._count(JOB_RETRIED if retried else JOB_DEAD_LETTERED, job)
+        self._durations.record(seconds, {**self._attributes(job)[1], "error.type": kind})
+
+    def readings(self, base: Mapping[str, str]) -> list[Reading]:
+        """The counts so far, as readings with ``base`` (the engine's attributes) and each job's own."""
+        with self._lock:
+            counts = list(self._counts.items())
+        found = []
+        for (name, queue, job_name, error_type), value in counts:
+            attributes = {**base, "messaging.destination.name": queue, "threaddispatch.job.name": job_name}
+            if error_type:
+                attributes["error.type"] = error_type
+            found.append(Reading(_COUNTED[name], value, attributes))
+        return found
 
 
+_COUNTED = {
+    metric.name: metric
+    for metric in (JOB_ENQUEUED, JOB_STARTED, JOB_COMPLETED, JOB_FAILED, JOB_RETRIED, JOB_DEAD_LETTERED)
+}
 _JOB_RECORDERS: weakref.WeakKeyDictionary[Any, JobRecorder | None] = weakref.WeakKeyDictionary()
 _JOB_RECORDERS_LOCK = threading.Lock()  # guards _JOB_RECORDERS
 

@@ -48,8 +48,6 @@ class OTelMetrics(Metrics):
             self._observe(metric)
 
     def _observe(self, metric: Metric) -> None:
-        if metric.recorded:
-            return  # made by counter() when a face binds, and recorded as it happens
         callbacks = [self._callback(metric)]
         if metric.kind == "counter":
             self._meter.create_observable_counter(

@@ -62,7 +62,7 @@ class ThreadDispatchCollector(Collector):
     def describe(self) -> list[PromMetric]:
         # Names known without reading any face: the registry checks them for clashes, and
         # does not call collect() at register time.
-        return [_family(metric, []) for metric in VOCABULARY if metric.kind != "histogram" and not metric.recorded]
+        return [_family(metric, []) for metric in VOCABULARY if metric.kind != "histogram"]
 
     def collect(self) -> Iterator[PromMetric]:
         by_metric: dict[Metric, list[tuple[dict[str, str], float]]] = {}
@@ -179,7 +179,7 @@ class _Recorded(Collector):
 
     def describe(self) -> list[PromMetric]:
         # Every name these instruments may take, known up front (the registry checks them for clashes).
-        return [_family(metric, []) for metric in VOCABULARY if metric.recorded] + [
+        return [
             HistogramMetricFamily(prometheus_name(metric.name), metric.description)
             for metric in VOCABULARY
             if metric.kind == "histogram"
@@ -197,7 +197,7 @@ def _metric(name: str, kind: Literal["counter", "gauge", "histogram"], unit: str
     for metric in VOCABULARY:
         if metric.name == name:
             return metric
-    return Metric(name, kind, unit, description, recorded=True)
+    return Metric(name, kind, unit, description)
 
 
 class PrometheusMetrics(Metrics):
