@@ -19,10 +19,11 @@ baseline with the same number of workers (8):
   beside ``ThreadPoolExecutor.submit`` in the same run. Every worker is held busy, so
   what is measured is the intake alone (no worker competes with the caller) and every
   request stays pending until the memory is read (``tracemalloc``, a separate pass).
-* Depth curve: ``queued`` mode on one key, N requests added while the queue is paused,
-  then started; the time from ``start`` to the last response, per request, for N from
-  10 to 100,000 (``--long``: to 1,000,000). Flat means the per-request cost does not
-  grow with the queue's depth.
+* Depth curves: ``queued`` and ``concurrent`` mode on one key, N requests added while
+  the queue is paused, then started; the time from ``start`` to the last response, per
+  request (wall and process CPU), for N from 10 to 100,000 (``--long``: to 1,000,000),
+  and how long the ``start`` call itself blocked. Flat means the per-request cost does
+  not grow with the queue's depth.
 
 Every run checks the count of sends and of responses. Median of ``--repeat`` runs.
 Prints reStructuredText table fragments for the README. Usage::
@@ -204,22 +205,24 @@ def _intake(call: Callable[[], object], n: int, measure_memory: bool) -> Cost:
     return (ended - began) / n * 1e6, (ended_cpu - began_cpu) / n * 1e6
 
 
-def depth_run(n: int) -> Cost:
-    """(wall, process CPU) µs per request to drain ``n`` queued requests on one key, ``start`` to last response."""
+def depth_run(n: int, mode: str = "queued") -> tuple[float, float, float]:
+    """(wall, process CPU) µs per request to drain ``n`` requests of ``mode`` on one key, ``start`` to last
+    response, and the seconds the ``start`` call itself took (it hands the pool a window, not the queue)."""
     sink = _Counter(n)
     rd: RequestDispatcher[Any, int] = RequestDispatcher(sink, max_workers=WORKERS)
     try:
         rd.pause("k")
         for _ in range(n):
-            rd.add(REQUEST, queue_key="k", mode="queued")
+            rd.add(REQUEST, queue_key="k", mode=mode)  # type: ignore[arg-type]
         began, began_cpu = time.perf_counter(), time.process_time()
         rd.start("k")
+        started = time.perf_counter() - began
         if not sink.done.wait(max(120.0, n / 2000)):
-            raise SystemExit(f"queued depth {n}: {sink.count} of {n} sent in time")
+            raise SystemExit(f"{mode} depth {n}: {sink.count} of {n} sent in time")
         ended, ended_cpu = time.perf_counter(), time.process_time()
     finally:
         rd.close(60)
-    return (ended - began) / n * 1e6, (ended_cpu - began_cpu) / n * 1e6
+    return (ended - began) / n * 1e6, (ended_cpu - began_cpu) / n * 1e6, started
 
 
 def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
@@ -256,18 +259,21 @@ def add_table(n: int, repeat: int) -> None:
 
 def depth_table(long: bool, repeat: int) -> None:
     depths = [10, 100, 1_000, 10_000, 100_000] + ([1_000_000] if long else [])
-    rows: list[tuple[str, ...]] = []
-    base = (0.0, 0.0)
-    for n in depths:
-        runs = [depth_run(n) for _ in range(repeat if n <= 100_000 else 1)]
-        wall = statistics.median(r[0] for r in runs)
-        cpu = statistics.median(r[1] for r in runs)
-        if n == 1_000:
-            base = (wall, cpu)
-        vs = (f"{wall / base[0]:.2f}", f"{cpu / base[1]:.2f}") if base[0] else ("", "")
-        rows.append((f"{n:,}", f"{wall:.1f}", f"{cpu:.1f}", *vs))
-    print("RequestDispatcher queued mode, one key: drain cost per request by queue depth (vs 1,000).\n")
-    _table(("Depth", "µs per request", "CPU µs per request", "wall vs 1,000", "CPU vs 1,000"), rows)
+    for mode in ("queued", "concurrent"):
+        rows: list[tuple[str, ...]] = []
+        base = (0.0, 0.0)
+        for n in depths:
+            runs = [depth_run(n, mode) for _ in range(repeat if n <= 100_000 else 1)]
+            wall = statistics.median(r[0] for r in runs)
+            cpu = statistics.median(r[1] for r in runs)
+            start = max(r[2] for r in runs)
+            if n == 1_000:
+                base = (wall, cpu)
+            vs = (f"{wall / base[0]:.2f}", f"{cpu / base[1]:.2f}") if base[0] else ("", "")
+            rows.append((f"{n:,}", f"{wall:.1f}", f"{cpu:.1f}", *vs, f"{start * 1e3:.1f}"))
+        print(f"RequestDispatcher {mode} mode, one key: drain cost per request by queue depth (vs 1,000).\n")
+        headers = ("Depth", "µs per request", "CPU µs per request", "wall vs 1,000", "CPU vs 1,000", "start() ms")
+        _table(headers, rows)
 
 
 def _median(runs: list[tuple[float, float, int]]) -> tuple[float, float, int]:

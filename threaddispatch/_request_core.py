@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from types import CoroutineType
-from typing import Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 from threaddispatch import _invoke, _lifecycle
 from threaddispatch._pool import WorkerPool
@@ -51,6 +51,7 @@ from threaddispatch._request_token import CancellationToken, watched
 from threaddispatch._request_types import QueuedRequest, QueueSnapshot, QueueStatus, RequestEvent
 from threaddispatch.backoff import Constant, RetryPolicy
 from threaddispatch.errors import DispatcherClosedError
+from threaddispatch.metrics import FaceRecorder
 
 __all__ = ["Core"]
 
@@ -59,6 +60,7 @@ ResponseT = TypeVar("ResponseT")
 
 _log = logging.getLogger("threaddispatch.requests")
 _local = threading.local()  # .core: the core whose send runs on this thread; .launches: see _launch_guarded
+_WINDOW_PER_WORKER = 4  # attempts in flight per worker thread (see Core.window)
 _MAX_POLICIES = 64  # retry policies kept, one per distinct retry_time (more are built per failure)
 
 
@@ -96,10 +98,14 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
         # the lock from worker threads: a lost or repeated insert only builds a policy again.
         self.policies: dict[float, RetryPolicy] = {}
         self.pool = WorkerPool(max_workers, name=name)
+        # Attempts in flight at most: enough to keep every worker busy with the next one queued,
+        # so a scheduling pass (a start() of a deep paused queue) hands the pool a few, not all.
+        self.window = _WINDOW_PER_WORKER * max_workers
         # Request ids are f"{id_prefix}-{next(ids)}" (made by the dispatcher's add and by nothing else).
         self.id_prefix = secrets.token_hex(4)
         self.ids = itertools.count(1)
         self.clock: Callable[[], float] = time.monotonic  # ages for deduplicate_time; tests may replace it
+        self.recorder: FaceRecorder | None = None  # set by the dispatcher when metrics are on
         self._init_state()
         _lifecycle.register(self)
 
@@ -170,6 +176,8 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
         entry = self.cache.lookup(req.cache[0], self.wall_clock())
         if entry is None:
             return None
+        with self.lock:
+            self.cache_hits += 1
         if "cache" in self.watched:
             self.events.emit(_cache_event(req, entry, "hit"))
         req.future.set_result(entry.response)
@@ -242,11 +250,15 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
             self.events.emit(RequestEvent("loading", req.queue_key, req.request_id, req.request, attempt=req.attempts))
         previous = getattr(_local, "core", None)
         _local.core = self
+        recorder = self.recorder
+        started = 0.0 if recorder is None else time.perf_counter()
         try:
             outcome = _invoke.call(self._send, req.request, token)  # never raises
         finally:
             _local.core = previous
         error = outcome.error
+        if recorder is not None:  # metrics on: one duration per attempt (a batch of one)
+            recorder.send(1, started, error, req.queue_key)
         delay = None if error is None or token.cancelled else self._retry_delay(req, error)
         self._finish_attempt(req, token, outcome, delay)
 
@@ -466,6 +478,10 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
         self._dispatch(out)
 
     # -- snapshots -------------------------------------------------------------------------------
+
+    def stats(self, per_key: bool) -> dict[str, Any]:
+        with self.lock:
+            return self._stats(per_key)
 
     def get_queue(self, key: str) -> QueueSnapshot:
         with self.lock:

@@ -21,8 +21,9 @@ on it. ``closing`` is also written without it, once, by a finalizer (see the cor
 from __future__ import annotations
 
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
+from typing import Any
 
 from threaddispatch import _lifecycle
 from threaddispatch._request_online import Connectivity
@@ -54,12 +55,16 @@ class Scheduler:
     connectivity: Connectivity | None
     offline_on: tuple[type[BaseException], ...]
     persistent: bool  # whether the storage keeps what close cancels
+    window: int  # the most attempts in flight (handed to the pool, not ended), all queues together
 
     def _init_state(self) -> None:
         self.lock = threading.Lock()
         self.timer_wakeup = threading.Condition(self.lock)
         self.done_changed = threading.Condition(self.lock)
         self.queues: dict[str, KeyQueue] = {}
+        # Queues refused by a full window (``running == window``) that may have more to start, in
+        # the order they were refused; served as attempts end. A queue is here at most once.
+        self.held: OrderedDict[str, KeyQueue] = OrderedDict()
         # Ongoing requests that may be joined, by (queue key, dedupe key); with a storage, a
         # request is here from before it is stored (reserved), so a racing duplicate joins it.
         self.dedupe: dict[tuple[str, str], PendingRequest] = {}
@@ -74,6 +79,16 @@ class Scheduler:
         self.retrying = 0  # requests in state "retrying"
         self.completed = 0  # requests settled by their send (response or final error)
         self.lost = 0  # requests close cancelled that no storage keeps
+        # stats(): counters (since construction, or since the fork in a child) and totals over all queues.
+        self.added = 0  # requests queued (restored ones included)
+        self.delivered = 0  # settled with a response
+        self.failed = 0  # settled with a final error
+        self.retried = 0  # retries scheduled (one per failed attempt that is retried)
+        self.cancelled = 0  # requests removed by a delete, a clear, a cancelable add or the close
+        self.deduplicated = 0  # adds that joined an ongoing request
+        self.cache_hits = 0  # adds answered from the response cache
+        self.pending = 0  # requests in queues (any state)
+        self.waiting = 0  # requests in state "waiting"
 
     def delete(self, key: str, request_id: str) -> bool:
         raise NotImplementedError  # the core's: it carries out the outbox
@@ -100,6 +115,7 @@ class Scheduler:
             out.events.append(
                 RequestEvent("deduplicated", req.queue_key, ongoing.request_id, req.request, attempt=ongoing.attempts)
             )
+        self.deduplicated += 1
         return RequestHandle(self, ongoing.request_id, req.queue_key, ongoing.future, True)
 
     def _unreserve(self, req: PendingRequest) -> None:
@@ -119,6 +135,8 @@ class Scheduler:
         req.queue = queue
         queue.requests[req.request_id] = req
         queue.order.append(req)
+        self.added += 1
+        self.pending += 1
         if self.timer is None and self.connectivity is not None:
             self._start_timer()  # a forked child's first request brings the probe back
         self._set_state(req, WAITING)
@@ -138,6 +156,7 @@ class Scheduler:
         old = req.state
         if old == WAITING:
             req.queue.waiting -= 1
+            self.waiting -= 1
         elif old == RETRYING:
             self.retrying -= 1
             handle = req.retry_handle
@@ -146,6 +165,7 @@ class Scheduler:
                 self.retries.cancel(handle)
         if state == WAITING:
             req.queue.waiting += 1
+            self.waiting += 1
         elif state == RETRYING:
             self.retrying += 1
         req.state = state
@@ -155,10 +175,31 @@ class Scheduler:
 
         Called after every state change. It marks what starts as running (so the
         decision holds once the lock is released) and leaves the hand-off to the pool
-        to the outbox. It also drops an empty, started, idle queue, and finishes a
-        close once nothing runs and no retry is pending.
+        to the outbox. At most ``window`` attempts are in flight (all queues). A queue
+        the full window refused waits in ``held``; while any queue waits there, one that
+        was not refused joins the end of the line instead of starting, and the line is
+        served once in-flight attempts fell to half the window (a refill of half a window
+        at a time, not one hand-off per ended attempt), the free slots shared among the
+        queues in line in the order they were refused. It also drops an empty, started,
+        idle queue, and finishes a close once nothing runs and no retry is pending.
         """
-        for req in self._startable(queue, hint):
+        if self.held:
+            if queue.waiting:
+                self.held.setdefault(queue.key, queue)
+            if self.running <= self.window >> 1:
+                self._serve_held(out)
+        else:
+            self._start(queue, out, hint, self.window - self.running)
+        self._tidy(queue, out)
+
+    def _start(self, queue: KeyQueue, out: Outbox, hint: PendingRequest | None, room: int) -> None:
+        """Start what may start in ``queue``, at most ``room``; hold the queue back if that cut it short."""
+        if room <= 0:
+            if queue.waiting:
+                self.held.setdefault(queue.key, queue)
+            return
+        ready = self._startable(queue, hint, room)
+        for req in ready:
             token = CancellationToken()
             token._bind(self, req)  # unbound when the attempt ends (the pair is a reference cycle)
             req.token = token
@@ -168,13 +209,30 @@ class Scheduler:
             queue.inflight += 1
             self.running += 1
             out.launch.append((req, token))
+        if len(ready) == room and queue.waiting:
+            self.held.setdefault(queue.key, queue)  # maybe more could start: served when slots free
+
+    def _serve_held(self, out: Outbox) -> None:
+        """Share the free window among the held-back queues, longest held first (each may be held again)."""
+        held = self.held
+        while held and self.running < self.window:
+            key, queue = held.popitem(last=False)
+            if self.queues.get(key) is queue:
+                free = self.window - self.running
+                self._start(queue, out, None, max(1, free // (len(held) + 1)))
+                self._tidy(queue, out)
+
+    def _tidy(self, queue: KeyQueue, out: Outbox) -> None:
+        """Drop ``queue`` if it is empty, started and idle; finish a close once nothing runs or waits to retry."""
         if not (queue.requests or queue.inflight or queue.status != STARTED) and self.queues.get(queue.key) is queue:
             del self.queues[queue.key]
+            if self.held.get(queue.key) is queue:
+                del self.held[queue.key]
         if self.closing and not self.done and not self.running and not self.retrying:
             self._finish(out, forced=False)
 
-    def _startable(self, queue: KeyQueue, hint: PendingRequest | None) -> Sequence[PendingRequest]:
-        """Which waiting requests of ``queue`` may start now, in queue order.
+    def _startable(self, queue: KeyQueue, hint: PendingRequest | None, room: int) -> Sequence[PendingRequest]:
+        """Which waiting requests of ``queue`` may start now, in queue order; at most ``room`` of them.
 
         Nothing starts in a paused or stopped queue, while offline, or after close.
         ``concurrent`` and ``cancelable`` requests start at once. A ``queued`` request
@@ -202,6 +260,8 @@ class Scheduler:
                 break
             if state == WAITING and not req.inflight:
                 ready.append(req)
+                if len(ready) == room:
+                    break
             if not unseen:
                 break
         return ready
@@ -213,6 +273,7 @@ class Scheduler:
         """
         queue = req.queue
         del queue.requests[req.request_id]
+        self.pending -= 1
         self._set_state(req, DONE)
         order = queue.order
         if order[0] is req:
@@ -251,6 +312,7 @@ class Scheduler:
         """Abort ``req``, take it out of its queue and cancel its Future."""
         self._abort(req, out)
         self._remove(req, out, reason, refilled=refilled)
+        self.cancelled += 1
         out.settle.append((req.future, "cancel", None))
 
     def _finish(self, out: Outbox, *, forced: bool) -> None:
@@ -265,6 +327,7 @@ class Scheduler:
         if forced:
             self.clean = False
         self.retries.clear()
+        self.held.clear()
         self.timer_wakeup.notify_all()
         self.done_changed.notify_all()
         out.closed = True
@@ -320,6 +383,7 @@ class Scheduler:
                 self._set_state(req, WAITING)
         elif error is None:
             self.completed += 1
+            self.delivered += 1
             if "response" in self.watched:
                 out.events.append(
                     RequestEvent("response", queue.key, req.request_id, req.request, response, attempt=req.attempts)
@@ -333,6 +397,7 @@ class Scheduler:
             self._set_state(req, WAITING)  # offline: it waits to be online; not a counted failure
         elif delay is not None:
             req.failures += 1
+            self.retried += 1
             self._error_event(req, error, out, final=False)
             if delay > 0:
                 self._push_retry(req, delay)
@@ -340,6 +405,7 @@ class Scheduler:
                 self._set_state(req, WAITING)
         else:
             self.completed += 1
+            self.failed += 1
             self._error_event(req, error, out, final=True)
             self._remove(req, out, "failed")
             out.settle.append((req.future, "exception", error))
@@ -352,6 +418,28 @@ class Scheduler:
                     "error", req.queue_key, req.request_id, req.request, error=error, attempt=req.attempts, final=final
                 )
             )
+
+    # -- stats -----------------------------------------------------------------------------------
+
+    def _stats(self, per_key: bool) -> dict[str, Any]:
+        """The counters and totals, and with ``per_key`` each queue's depth (one step per queue)."""
+        stats: dict[str, Any] = {
+            "added": self.added,
+            "delivered": self.delivered,
+            "failed": self.failed,
+            "retried": self.retried,
+            "cancelled": self.cancelled,
+            "deduplicated": self.deduplicated,
+            "cache_hits": self.cache_hits,
+            "pending": self.pending,
+            "waiting": self.waiting,
+            "running": self.running,
+            "retrying": self.retrying,
+            "queues": len(self.queues),
+        }
+        if per_key:
+            stats["queue_depths"] = {key: len(queue.requests) for key, queue in self.queues.items() if queue.requests}
+        return stats
 
     # -- control -------------------------------------------------------------------------------
 

@@ -47,7 +47,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 from threaddispatch import _invoke, _lifecycle
 from threaddispatch._request_cache import CachedResponse, MemoryResponseCache, RequestCache, ResponseCache
@@ -70,6 +70,7 @@ from threaddispatch._request_types import (
 )
 from threaddispatch._validate import check_int, check_seconds, check_text, show
 from threaddispatch.errors import ConfigurationError
+from threaddispatch.metrics import Metrics, check_metrics
 from threaddispatch.request_storage import RequestStorage, SQLiteRequestStorage, StoredRequest
 
 __all__ = [
@@ -168,6 +169,7 @@ class RequestDispatcher(_lifecycle.Closing, Generic[RequestT, ResponseT]):
         cache_time: float = 0.0,
         stale_time: float = 0.0,
         name: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         for label, fn in (("send", send), ("queue_key", queue_key), ("dedupe_key", dedupe_key)):
             if not callable(fn):
@@ -179,6 +181,7 @@ class RequestDispatcher(_lifecycle.Closing, Generic[RequestT, ResponseT]):
         ):
             if maybe is not None and not callable(maybe):
                 raise ConfigurationError(f"{label} must be callable or None, got {show(maybe)}")
+        checked_metrics = check_metrics(metrics)
         if storage is not None and not isinstance(storage, RequestStorage):
             raise ConfigurationError(f"storage must implement RequestStorage (or be None), got {show(storage)}")
         name = "requests" if name is None else check_text("name", name)
@@ -211,6 +214,7 @@ class RequestDispatcher(_lifecycle.Closing, Generic[RequestT, ResponseT]):
         # An unreferenced dispatcher stops intake; what can run still runs, then its threads leave.
         # (The finalizer holds the core: a send or listener referring to this object keeps it
         # alive until close, which detaches the finalizer.)
+        self._core.recorder = checked_metrics.bind(self)
         self._init_closing(self._core.collect)
         _lifecycle.register(self)  # for the fork reset of the close lock; held weakly
         restored: list[RequestHandle[ResponseT]] = []
@@ -397,6 +401,23 @@ class RequestDispatcher(_lifecycle.Closing, Generic[RequestT, ResponseT]):
     def running_requests(self, queue_key: str | None = None) -> list[QueuedRequest]:
         """Snapshots of the running requests, of one queue or of all."""
         return self._core.running_requests(queue_key)
+
+    def stats(self, *, per_key: bool = False) -> dict[str, Any]:
+        """Counters and gauges, read at one instant (under the dispatcher's lock; kept as it works).
+
+        Counters: added (requests queued, those restored from a storage included),
+        delivered (settled with a response), failed (settled with a final error), retried
+        (retries scheduled), cancelled (deleted, cleared, replaced by a ``cancelable`` add,
+        or cancelled by close), deduplicated (adds that joined an ongoing request) and
+        cache_hits (adds answered from the response cache; not counted in added).
+        Gauges: pending (requests in queues, whatever their state), waiting, running
+        (attempts handed to a worker and not ended), retrying, and queues (queue keys
+        held). With ``per_key``, queue_depths maps each key that holds requests to how
+        many (one step per key; the rest costs the same whatever the depth).
+        """
+        if not isinstance(per_key, bool):
+            raise ConfigurationError(f"per_key must be a bool, got {show(per_key)}")
+        return self._core.stats(per_key)
 
     # -- events -------------------------------------------------------------------------------
 
