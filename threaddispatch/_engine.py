@@ -306,6 +306,47 @@ class BatchEngine(Generic[T]):
             self._report_dropped(dropped)
         return accepted
 
+    def put_many(self, items: list[T], key: Hashable = None, *, timeout: float | None = None) -> int:
+        """:meth:`put` for each of ``items`` in order, into the lane of ``key``, under one acquisition of the lock.
+
+        The same decisions per item as :meth:`put`, with the same locking: a full lane
+        drops (``drop_newest``/``drop_oldest``), waits (``block``, up to ``timeout`` for
+        each item that finds it full; the lock is released meanwhile) or raises
+        QueueFullError (``raise``; the items before it stay accepted). Returns how many
+        were accepted. Raises DispatcherClosedError once the engine is closing (before
+        taking any of them, or, under ``block``, when it closes while an item waits).
+        """
+        dropped: list[T] = []
+        accepted = 0
+        with self._lock:
+            if self._closing:
+                raise DispatcherClosedError(f"{self.name} is closed; {len(items)} entries were not accepted")
+            lane = self._lane_of(key)
+            limit = self.max_queue_size
+            try:
+                for item in items:
+                    if limit is not None and len(lane) >= limit:
+                        if self.overflow == "raise":
+                            raise QueueFullError(
+                                f"{self.name}: queue is full ({limit} entries); {item!r} was not accepted"
+                            )
+                        if self.overflow == "block":
+                            self._arm(lane)  # what is in the lane goes, so room can appear
+                            lane = self._wait_for_space(key, limit, timeout, item)
+                        elif self.overflow == "drop_oldest":
+                            dropped += self._drop(lane, 1)
+                        else:
+                            dropped.append(item)
+                            self.dropped += 1
+                            continue
+                    lane.append(item)
+                    accepted += 1
+            finally:
+                self._arm(lane)
+        if dropped:
+            self._report_dropped(dropped)
+        return accepted
+
     def _lane_of(self, key: Hashable) -> Lane[T]:
         """The live lane of ``key``, made if it has none; caller holds _lock."""
         lane = self._lanes.get(key)

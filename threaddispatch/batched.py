@@ -195,23 +195,46 @@ class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
         the batch holding a message was sent or failed, ``settle`` gets ``[(token, error or
         None), ...]`` for that batch's hand-offs that share it, on a send thread (or, past
         close()'s deadline, on the thread that fails them). A message runs in its
-        ``context`` (None: the caller's). Returns ``(token, error)`` for each message
-        refused as :meth:`submit` would refuse it (closed, a delay it cannot take); never raises.
+        ``context`` (None: the caller's). Messages without a delay go to the lane together,
+        in one acquisition of the engine's lock (``BatchEngine.put_many``). Returns
+        ``(token, error)`` for each message refused as :meth:`submit` would refuse it
+        (closed, a delay it cannot take); never raises.
         """
         refused: list[tuple[object, BaseException]] = []
-        put = self._engine.put
-        state = self._state
-        for (message, delay_seconds, context), token in handed:
-            captured = contextvars.copy_context() if context is None else context
+        run: list[_Pending[T]] = []  # delay-free messages not in the lane yet, in order
+        # The caller's context, captured once for all: only without envelopes, where each message
+        # gets its own (send_batch may run two envelopes' contexts at once, and one Context cannot be
+        # entered twice at a time). send_batch itself runs in a copy.
+        caller = None if self._state.envelopes else contextvars.copy_context()
+        for (message, delay_seconds, given), token in handed:
+            context = given if given is not None else caller if caller is not None else contextvars.copy_context()
+            pending = _Pending(message, None, None, context, settle=settle, token=token)
+            if delay_seconds is None:
+                run.append(pending)
+                continue
+            if run:
+                refused += self._put_run(run, target)
+                run = []
             try:
-                if delay_seconds is None and not state.closed:  # the common case: straight to the lane
-                    put(_Pending(message, None, None, captured, settle=settle, token=token), target)
-                    continue
-                delay = None if delay_seconds is None else self._check_delay(delay_seconds)
-                self._accept(_Pending(message, None, delay, captured, settle=settle, token=token), target)
+                pending.delay = self._check_delay(delay_seconds)
+                self._accept(pending, target)
             except Exception as error:  # noqa: BLE001 - refused: that message fails, the others go on
                 refused.append((token, error))
+        if run:
+            refused += self._put_run(run, target)
         return refused
+
+    def _put_run(self, run: list[_Pending[T]], target: str) -> list[tuple[object, BaseException]]:
+        """Queue delay-free hand-offs for ``target`` under one lock; all refused if closed."""
+        try:
+            if self._state.closed:
+                raise DispatcherClosedError(
+                    f"BatchedDispatcher {self.name!r} is closed; {len(run)} messages were not accepted"
+                )
+            self._engine.put_many(run, target)
+        except Exception as error:  # noqa: BLE001 - refused: these messages fail, the caller goes on
+            return [(pending.token, error) for pending in run]
+        return []
 
     def _accept(self, pending: _Pending[T], target: str) -> None:
         """Queue ``pending`` for ``target`` (held first when it carries a delay and ``hold_delays``)."""
