@@ -5,6 +5,7 @@
 (() => {
   const BASE = document.body.dataset.base || "";
   const TOKEN_KEY = "threaddispatch.admin.token";
+  const CSRF_COOKIE = "csrftoken";  // Django's CSRF_COOKIE_NAME default
   const REFRESH_MS = 4000;
   const PAGE_SIZE = 25;
   const STATES = ["pending", "running", "retrying", "completed", "failed", "cancelled"];
@@ -14,10 +15,24 @@
 
   // -- the API --------------------------------------------------------------------------------------
 
+  // Mounted in Django behind its session login (staff mode), a mutation must send the CSRF cookie back as
+  // X-CSRFToken; without that cookie (the bearer token, or another framework) there is nothing to send.
+  function csrfToken() {
+    for (const part of document.cookie.split(";")) {
+      const [name, ...rest] = part.trim().split("=");
+      if (name === CSRF_COOKIE) return decodeURIComponent(rest.join("="));
+    }
+    return "";
+  }
+
   async function api(method, path, params) {
     const headers = { Accept: "application/json" };
     const token = sessionStorage.getItem(TOKEN_KEY);
     if (token) headers.Authorization = "Bearer " + token;
+    if (method !== "GET" && method !== "HEAD") {
+      const csrf = csrfToken();
+      if (csrf) headers["X-CSRFToken"] = csrf;
+    }
     let url = BASE + path;
     const init = { method, headers, credentials: "same-origin", cache: "no-store", redirect: "error" };
     if (params && method === "GET") {
@@ -188,8 +203,9 @@
     $("detail-payload").textContent = json(job.payload);
     $("detail-result").textContent = json(job.result);
     $("detail-error").textContent = job.error || "";
-    $("detail-cancel").disabled = !["pending", "retrying"].includes(job.state);
-    $("detail-retry").disabled = job.state !== "failed";
+    // The engine's rule (JobEngine.cancel / retry), as the API's and the CLI's.
+    $("detail-cancel").disabled = !["pending", "retrying", "running"].includes(job.state);
+    $("detail-retry").disabled = !["failed", "cancelled"].includes(job.state);
     $("job-detail").hidden = false;
   }
 
