@@ -8,6 +8,8 @@ default) the engine holds no recorder and listens to nothing.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +26,7 @@ from test_metrics import Reader
 from threaddispatch import BackgroundDispatcher, JobEngine
 from threaddispatch.backoff import Constant
 from threaddispatch.metrics import NO_METRICS, VOCABULARY, job_recorder
-from threaddispatch.prometheus import PrometheusMetrics, prometheus_name
+from threaddispatch.prometheus import PrometheusMetrics, _Distribution, prometheus_name
 from threaddispatch.stores import MemoryStore, SQLiteStore, Store
 from threaddispatch.stores.base import JobState
 from threaddispatch.testing import wait_for
@@ -278,3 +280,60 @@ def test_every_job_name_has_a_prometheus_spelling() -> None:
         "messaging_process_duration",
         "threaddispatch_job_queue_wait",
     }
+
+
+# -- fork -------------------------------------------------------------------------------------------------
+
+
+def _child_exit_code(pid: int, timeout: float) -> int:
+    """The exit code of the forked child ``pid``; killed (and -9) if it has not ended by ``timeout``."""
+
+    def ended() -> tuple[int, int] | None:
+        found = os.waitpid(pid, os.WNOHANG)
+        return found if found[0] else None
+
+    try:
+        found = wait_for(ended, timeout, interval=0.01, message="the forked child")
+    except TimeoutError:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        return -9
+    assert found is not None
+    return os.waitstatus_to_exitcode(found[1])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.timeout(30)
+def test_a_forked_child_counts_from_zero_with_fresh_locks(otel: Reader) -> None:
+    engine = JobEngine(MemoryStore(), metrics=otel.metrics, immediate=True)
+    engine.register("ok", lambda ctx, payload: None)
+    recorder = job_recorder(engine)
+    assert recorder is not None
+    engine.enqueue("ok")
+    watched = otel.metrics._faces
+    latency = PrometheusMetrics(CollectorRegistry()).histogram("latency")
+    assert isinstance(latency, _Distribution)
+    latency.record(1.0)
+    # Locks another thread of the parent holds at fork time: the child must not wait for them.
+    held = [recorder._lock, watched._lock, latency._lock, otel.metrics._lock]
+    for lock in held:
+        lock.acquire()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: count, read, and report by exit code only
+            code = 1
+            try:
+                recorder.enqueued(engine.get_job(engine.enqueue("ok")))
+                values = {r.metric.name: r.value for r in recorder.readings({})}
+                watched.add(engine)
+                latency.record(2.0)
+                otel.metrics.histogram("another")
+                counted = values.get("threaddispatch.job.enqueued") == 2 and len(watched) == 1
+                code = 0 if counted and latency._values[()][1] == [2.0] else 2
+            finally:
+                os._exit(code)
+    finally:
+        for lock in held:
+            lock.release()
+    assert _child_exit_code(pid, 20) == 0
+    assert otel.value("threaddispatch.job.enqueued", **job("default", "ok")) == 1  # the parent's own count

@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from threaddispatch import _lifecycle
 from threaddispatch._validate import show
 from threaddispatch.errors import ConfigurationError
 
@@ -283,6 +284,29 @@ def _job_states(engine: Any, base: dict[str, str]) -> list[Reading]:
     return found
 
 
+class _Renewable(Protocol):
+    def _after_fork(self) -> None: ...
+
+
+#: What holds a lock a forked child must renew (a parent thread may hold it at fork time).
+_RENEW: weakref.WeakSet[_Renewable] = weakref.WeakSet()
+
+
+def renew_after_fork(holder: _Renewable) -> None:
+    """Call ``holder._after_fork()`` in every forked child while ``holder`` lives (held weakly)."""
+    _RENEW.add(holder)
+
+
+def _renew_all_after_fork() -> None:
+    global _JOB_RECORDERS_LOCK
+    _JOB_RECORDERS_LOCK = threading.Lock()
+    for holder in list(_RENEW):
+        holder._after_fork()
+
+
+_lifecycle.at_fork_child(_renew_all_after_fork)
+
+
 class Watched:
     """The faces a collector reads, held weakly (a collected face leaves the readings); thread-safe."""
 
@@ -290,6 +314,10 @@ class Watched:
         # _lock guards _faces: a collection thread reads it while the application adds faces.
         self._lock = threading.Lock()
         self._faces: weakref.WeakSet[Any] = weakref.WeakSet(faces)
+        renew_after_fork(self)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
 
     def add(self, face: object) -> None:
         with self._lock:
@@ -365,7 +393,7 @@ class JobRecorder:
     ``error.type``.
     """
 
-    __slots__ = ("_by_job", "_counts", "_durations", "_lock", "_waits")
+    __slots__ = ("__weakref__", "_by_job", "_counts", "_durations", "_lock", "_waits")
 
     def __init__(self, metrics: Metrics) -> None:
         self._durations = metrics.histogram(
@@ -377,9 +405,15 @@ class JobRecorder:
         self._lock = threading.Lock()  # guards _counts
         # (metric name, queue, job name, error.type or "") -> count
         self._counts: dict[tuple[str, str, str, str], int] = {}
+        renew_after_fork(self)
         # (queue, job name) -> (attributes, duration attributes). Written without the lock:
         # a lost or repeated insert only builds an equal pair again.
         self._by_job: dict[tuple[str, str], tuple[dict[str, str], dict[str, str]]] = {}
+
+    def _after_fork(self) -> None:
+        """In a forked child: a fresh lock, and counts from zero (as the engine's ``stats()`` restart)."""
+        self._lock = threading.Lock()
+        self._counts = {}
 
     def _count(self, metric: Metric, job: Any, error_type: str = "") -> None:
         key = (metric.name, job.queue, job.name, error_type)
@@ -439,7 +473,7 @@ _COUNTED = {
     for metric in (JOB_ENQUEUED, JOB_STARTED, JOB_COMPLETED, JOB_FAILED, JOB_RETRIED, JOB_DEAD_LETTERED)
 }
 _JOB_RECORDERS: weakref.WeakKeyDictionary[Any, JobRecorder | None] = weakref.WeakKeyDictionary()
-_JOB_RECORDERS_LOCK = threading.Lock()  # guards _JOB_RECORDERS
+_JOB_RECORDERS_LOCK = threading.Lock()  # guards _JOB_RECORDERS; renewed in a forked child
 
 
 def job_recorder(engine: Any) -> JobRecorder | None:

@@ -17,7 +17,16 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from threaddispatch.metrics import VOCABULARY, Counter, Histogram, Metric, Metrics, UpDownCounter, Watched
+from threaddispatch.metrics import (
+    VOCABULARY,
+    Counter,
+    Histogram,
+    Metric,
+    Metrics,
+    UpDownCounter,
+    Watched,
+    renew_after_fork,
+)
 
 try:
     from opentelemetry import metrics as _otel
@@ -44,8 +53,12 @@ class OTelMetrics(Metrics):
         # _lock guards _instruments (faces made on several threads at once ask for them).
         self._lock = threading.Lock()
         self._instruments: dict[tuple[str, str], Any] = {}
+        renew_after_fork(self)
         for metric in VOCABULARY:
             self._observe(metric)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
 
     def _observe(self, metric: Metric) -> None:
         callbacks = [self._callback(metric)]

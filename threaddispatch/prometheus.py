@@ -23,7 +23,17 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
-from threaddispatch.metrics import VOCABULARY, Attributes, Counter, Histogram, Metric, Metrics, UpDownCounter, Watched
+from threaddispatch.metrics import (
+    VOCABULARY,
+    Attributes,
+    Counter,
+    Histogram,
+    Metric,
+    Metrics,
+    UpDownCounter,
+    Watched,
+    renew_after_fork,
+)
 
 try:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -90,12 +100,18 @@ def _key(attributes: Attributes | None) -> _Key:
 class _Sum:
     """A counter or up-down counter recorded here: its value per label set. Thread-safe."""
 
-    __slots__ = ("_lock", "_values", "metric")
+    __slots__ = ("__weakref__", "_lock", "_values", "metric")
 
     def __init__(self, metric: Metric) -> None:
         self.metric = metric
         self._lock = threading.Lock()  # guards _values
         self._values: dict[_Key, float] = {}
+        renew_after_fork(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a fresh lock, and values from zero (as the faces' ``stats()`` restart)."""
+        self._lock = threading.Lock()
+        self._values = {}
 
     def add(self, amount: int | float, attributes: Attributes | None = None) -> None:
         key = _key(attributes)
@@ -116,7 +132,7 @@ class _Sum:
 class _Distribution:
     """A histogram recorded here: per label set, the count in each bucket, and the sum. Thread-safe."""
 
-    __slots__ = ("_bounds", "_lock", "_values", "metric")
+    __slots__ = ("__weakref__", "_bounds", "_lock", "_values", "metric")
 
     def __init__(self, metric: Metric, bounds: Sequence[float]) -> None:
         self.metric = metric
@@ -124,6 +140,12 @@ class _Distribution:
         self._lock = threading.Lock()  # guards _values
         # label set -> [count per bucket (the last one +Inf), sum]
         self._values: dict[_Key, tuple[list[int], list[float]]] = {}
+        renew_after_fork(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a fresh lock, and no values yet."""
+        self._lock = threading.Lock()
+        self._values = {}
 
     def record(self, amount: int | float, attributes: Attributes | None = None) -> None:
         key = _key(attributes)
@@ -161,6 +183,10 @@ class _Recorded(Collector):
         self._lock = threading.Lock()  # guards _sums and _distributions
         self._sums: dict[str, _Sum] = {}
         self._distributions: dict[str, _Distribution] = {}
+        renew_after_fork(self)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
 
     def sum(self, name: str, kind: Literal["counter", "gauge"], unit: str, description: str) -> _Sum:
         with self._lock:
