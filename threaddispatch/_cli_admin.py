@@ -1,10 +1,12 @@
-"""The management subcommands of the ``threaddispatch`` command line: jobs, dead letters, migrate, serve.
+"""The management subcommands of the ``threaddispatch`` command line.
 
-``threaddispatch.cli`` calls :func:`add_parsers`. Every subcommand takes ``--store URL``
-(default: the ``THREADDISPATCH_STORE`` environment variable) and ``--json`` (machine
-output). Bad input (a bad URL, an unknown id, a bad state name, a missing token) is a
-one-line error with exit code 2; a store that fails at run time exits 1, also with one
-line; never a traceback.
+jobs, dlq, crons, queues, workers, enqueue, stats, migrate and serve. ``threaddispatch.cli``
+calls :func:`add_parsers`. Every subcommand takes ``--store URL`` (default: the
+``THREADDISPATCH_STORE`` environment variable) and ``--json`` (machine output). Every
+error (a bad URL, an unknown id, a bad state name, a missing token, a store that is
+down) is one line with exit code 2; never a traceback. Cancel and retry are the
+engine's (:meth:`JobEngine.cancel` / :meth:`JobEngine.retry`), the rule the admin API
+follows too.
 """
 
 from __future__ import annotations
@@ -16,15 +18,16 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from threaddispatch._admin_stats import cluster_queues, cluster_stats
 from threaddispatch._cli_common import STORE_ENV, CommandError, command, count, open_engine, open_store, print_json
 from threaddispatch.stores.base import JobState
 
 if TYPE_CHECKING:
-    from threaddispatch.stores.base import DeadLetter, JobRecord
+    from threaddispatch.stores.base import CronEntry, DeadLetter, JobRecord
 
 __all__ = ["add_parsers"]
 
@@ -58,6 +61,20 @@ def _name(text: str) -> str:
     return text
 
 
+def _json_value(text: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"the payload is not JSON ({error}): {text[:60]!r}") from None
+
+
+def _priority(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
 def _base_path(text: str) -> str:
     if text and (not text.startswith("/") or text == "/"):
         raise argparse.ArgumentTypeError(f"expected '' or a path starting with '/', got {text!r}")
@@ -86,11 +103,12 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _show_job(job: JobRecord) -> None:
-    data = job.to_dict()
-    for key in ("created_at", "updated_at", "run_at", "started_at", "finished_at", "heartbeat_at"):
-        data[key] = _when(data[key])
-    error = data.pop("error")
+def _show_fields(data: dict[str, Any]) -> None:
+    """One ``key: value`` line per field: times as UTC, payload and result as JSON, the error last, in full."""
+    for key in ("created_at", "updated_at", "run_at", "started_at", "finished_at", "heartbeat_at", "failed_at"):
+        if key in data:
+            data[key] = _when(data[key])
+    error = data.pop("error", None)
     for key, value in data.items():
         shown = json.dumps(value, ensure_ascii=False) if key in ("payload", "result") else value
         print(f"{key + ':':<14}{'-' if value is None else shown}")
@@ -98,8 +116,63 @@ def _show_job(job: JobRecord) -> None:
         print(f"{'error:':<14}\n{error.rstrip()}")
 
 
+def _show_job(job: JobRecord) -> None:
+    _show_fields(job.to_dict())
+
+
+_JOB_COLUMNS = ["ID", "NAME", "QUEUE", "STATE", "ATTEMPTS", "CREATED"]
+_CRON_COLUMNS = ["NAME", "EXPRESSION", "JOB", "QUEUE", "LAST TICK", "STATE"]
+
+
 def _job_rows(jobs: Sequence[JobRecord]) -> list[list[object]]:
     return [[j.id, j.name, j.queue, j.state.value, j.attempts, _when(j.created_at)] for j in jobs]
+
+
+def _output(args: argparse.Namespace, data: object, human: str | Callable[[], None]) -> None:
+    """``data`` as JSON with ``--json``, else ``human``: a line, or a function printing the human form."""
+    if args.json:
+        print_json(data)
+    elif callable(human):
+        human()
+    else:
+        print(human)
+
+
+def _listing(
+    args: argparse.Namespace, data: object, headers: Sequence[str], rows: Sequence[Sequence[object]], empty: str
+) -> None:
+    """``data`` as JSON with ``--json``, else a table of ``rows`` (``empty`` when there is none)."""
+    if args.json:
+        print_json(data)
+    else:
+        print(_table(headers, rows) if rows else empty)
+
+
+def _state_columns() -> list[str]:
+    return [state.value.upper() for state in JobState]
+
+
+def _state_cells(counts: dict[str, int]) -> list[object]:
+    return [counts.get(state.value, 0) for state in JobState]
+
+
+def _cron_rows(entries: Sequence[CronEntry]) -> list[list[object]]:
+    return [[e.name, e.expression, e.job_name, e.queue, _when(e.last_tick) if e.enabled else "-",
+             "enabled" if e.enabled else "disabled"] for e in entries]  # fmt: skip
+
+
+def _queue_rows(queues: Sequence[dict[str, Any]]) -> list[list[object]]:
+    return [
+        [q["name"], "paused" if q["paused"] else "active", q["workers"], *_state_cells(q["counts"])] for q in queues
+    ]
+
+
+_WORKER_COLUMNS = ["ID", "HOST", "PID", "QUEUES", "RUNNING", "STARTED", "HEARTBEAT"]
+
+
+def _worker_rows(workers: Sequence[dict[str, Any]]) -> list[list[object]]:
+    return [[w["id"], w["host"], w["pid"], ",".join(w["queues"]), f"{w['running']}/{w['concurrency']}",
+             _when(w["started_at"]), _when(w["heartbeat_at"])] for w in workers]  # fmt: skip
 
 
 def _letter_rows(letters: Sequence[DeadLetter]) -> list[list[object]]:
@@ -113,12 +186,7 @@ def _letter_rows(letters: Sequence[DeadLetter]) -> list[list[object]]:
 def _jobs_list(args: argparse.Namespace) -> int:
     with open_engine(args) as engine:
         jobs = engine.list_jobs(state=args.state, queue=args.queue, limit=args.limit, offset=args.offset)
-        if args.json:
-            print_json([job.to_dict() for job in jobs])
-        elif jobs:
-            print(_table(["ID", "NAME", "QUEUE", "STATE", "ATTEMPTS", "CREATED"], _job_rows(jobs)))
-        else:
-            print("no jobs")
+        _listing(args, [job.to_dict() for job in jobs], _JOB_COLUMNS, _job_rows(jobs), "no jobs")
     return 0
 
 
@@ -126,10 +194,7 @@ def _jobs_list(args: argparse.Namespace) -> int:
 def _jobs_show(args: argparse.Namespace) -> int:
     with open_engine(args) as engine:
         job = engine.get_job(args.id)
-        if args.json:
-            print_json(job.to_dict())
-        else:
-            _show_job(job)
+        _output(args, job.to_dict(), lambda: _show_job(job))
     return 0
 
 
@@ -138,10 +203,7 @@ def _jobs_retry(args: argparse.Namespace) -> int:
     with open_engine(args) as engine:
         engine.retry(args.id)
         job = engine.get_job(args.id)
-        if args.json:
-            print_json(job.to_dict())
-        else:
-            print(f"job {job.id} ({job.name}) is {job.state.value} again")
+        _output(args, job.to_dict(), f"job {job.id} ({job.name}) is {job.state.value} again")
     return 0
 
 
@@ -150,10 +212,7 @@ def _jobs_cancel(args: argparse.Namespace) -> int:
     with open_engine(args) as engine:
         engine.cancel(args.id)
         job = engine.get_job(args.id)
-        if args.json:
-            print_json(job.to_dict())
-        else:
-            print(f"job {job.id} ({job.name}) cancelled")
+        _output(args, job.to_dict(), f"job {job.id} ({job.name}) cancelled")
     return 0
 
 
@@ -161,10 +220,7 @@ def _jobs_cancel(args: argparse.Namespace) -> int:
 def _jobs_counts(args: argparse.Namespace) -> int:
     with open_engine(args) as engine:
         counts = engine.counts(queue=args.queue)
-        if args.json:
-            print_json(counts)
-        else:
-            print(_table(["STATE", "JOBS"], [[state, count] for state, count in counts.items()]))
+        _output(args, counts, _table(["STATE", "JOBS"], [[state, count] for state, count in counts.items()]))
     return 0
 
 
@@ -175,13 +231,8 @@ def _jobs_counts(args: argparse.Namespace) -> int:
 def _dlq_list(args: argparse.Namespace) -> int:
     with open_engine(args) as engine:
         letters = engine.dlq(limit=args.limit, offset=args.offset, queue=args.queue)
-        if args.json:
-            print_json([letter.to_dict() for letter in letters])
-        elif letters:
-            headers = ["ID", "JOB", "NAME", "QUEUE", "ATTEMPTS", "FAILED", "ERROR"]
-            print(_table(headers, _letter_rows(letters)))
-        else:
-            print("no dead letters")
+        headers = ["ID", "JOB", "NAME", "QUEUE", "ATTEMPTS", "FAILED", "ERROR"]
+        _listing(args, [letter.to_dict() for letter in letters], headers, _letter_rows(letters), "no dead letters")
     return 0
 
 
@@ -214,14 +265,115 @@ def _dlq_purge(args: argparse.Namespace) -> int:
         raise CommandError("give --older-than SECONDS, or --all to delete every dead letter")
     with open_engine(args) as engine:
         purged = engine.purge_dlq(args.older_than)
-        if args.json:
-            print_json({"purged": purged})
-        else:
-            print(f"purged {purged} dead letter(s)")
+        _output(args, {"purged": purged}, f"purged {purged} dead letter(s)")
     return 0
 
 
-# -- migrate and serve --------------------------------------------------------------------------------
+@command
+def _dlq_show(args: argparse.Namespace) -> int:
+    with open_engine(args) as engine:
+        letter = engine.get_dead_letter(args.id)
+        _output(args, letter.to_dict(), lambda: _show_fields(letter.to_dict()))
+    return 0
+
+
+# -- crons and queues ---------------------------------------------------------------------------------
+
+
+@command
+def _crons_list(args: argparse.Namespace) -> int:
+    with open_engine(args) as engine:
+        entries = engine.crons()
+        _listing(args, [entry.to_dict() for entry in entries], _CRON_COLUMNS, _cron_rows(entries), "no cron entries")
+    return 0
+
+
+@command
+def _crons_switch(args: argparse.Namespace) -> int:
+    with open_engine(args) as engine:
+        entry = engine.enable_cron(args.name) if args.enable else engine.disable_cron(args.name)
+        _output(args, entry.to_dict(), f"cron entry {entry.name} {'enabled' if entry.enabled else 'disabled'}")
+    return 0
+
+
+@command
+def _crons_remove(args: argparse.Namespace) -> int:
+    with open_engine(args) as engine:
+        if not engine.remove_cron(args.name):
+            raise CommandError(f"no cron entry named {args.name!r}")
+        _output(
+            args,
+            {"removed": args.name},
+            f"cron entry {args.name} removed (a process declaring it in code stores it again at its next start)",
+        )
+    return 0
+
+
+@command
+def _queues_list(args: argparse.Namespace) -> int:
+    with open_engine(args) as engine:
+        queues = cluster_queues(engine, engine.workers())
+        _listing(args, queues, ["QUEUE", "STATE", "WORKERS", *_state_columns()], _queue_rows(queues), "no queues")
+    return 0
+
+
+@command
+def _queues_switch(args: argparse.Namespace) -> int:
+    with open_engine(args) as engine:
+        if args.pause:
+            engine.pause_queue(args.queue)
+        else:
+            engine.resume_queue(args.queue)
+        _output(
+            args,
+            {"queue": args.queue, "paused": args.pause},
+            f"queue {args.queue} {'paused' if args.pause else 'resumed'}",
+        )
+    return 0
+
+
+# -- enqueue and stats --------------------------------------------------------------------------------
+
+
+def _unused_handler(ctx: object, payload: object) -> None:
+    raise AssertionError("the CLI's engine never runs jobs")  # pragma: no cover - it is never started
+
+
+@command
+def _enqueue(args: argparse.Namespace) -> int:
+    with open_engine(args) as engine:
+        # The CLI has no handlers: the job is stored with these options for the workers that have one.
+        engine.register(args.name, _unused_handler, max_retries=args.max_retries, timeout=args.timeout)
+        job_id = engine.enqueue(args.name, args.payload, queue=args.queue, priority=args.priority, delay=args.delay)
+        _output(args, engine.get_job(job_id).to_dict(), job_id)
+    return 0
+
+
+def _print_stats(data: dict[str, Any]) -> None:
+    print(_table(["STATE", "JOBS"], [*([state, n] for state, n in data["counts"].items()), ["total", data["total"]]]))
+    rows = _queue_rows(data["queues"])
+    if any(data["other_queues"].values()):
+        rows.append(["(other queues)", "-", 0, *_state_cells(data["other_queues"])])
+    print()
+    print(_table(["QUEUE", "STATE", "WORKERS", *_state_columns()], rows) if rows else "no queues")
+    print()
+    print(f"dead letters: {data['dead_letters']}")
+    print(f"paused queues: {', '.join(data['paused_queues']) or '-'}")
+    workers = data["workers"]
+    print(f"live workers: {len(workers)}")
+    if workers:
+        print(_table(_WORKER_COLUMNS, _worker_rows(workers)))
+
+
+@command
+def _stats(args: argparse.Namespace) -> int:
+    with open_engine(args) as engine:
+        data = cluster_stats(engine)
+    _output(args, data, lambda: _print_stats(data))
+    return 0
+
+
+# -- workers, migrate and serve -----------------------------------------------------------------------
 
 
 @command
@@ -233,14 +385,8 @@ def _workers(args: argparse.Namespace) -> int:
             found = engine.workers()
         else:
             found = list_workers(engine.store, stale_after=args.stale_after)
-        if args.json:
-            print_json([worker.to_dict() for worker in found])
-        elif found:
-            rows = [[w.id, w.host, w.pid, ",".join(w.queues), f"{w.running}/{w.concurrency}", _when(w.started_at),
-                     _when(w.heartbeat_at)] for w in found]  # fmt: skip
-            print(_table(["ID", "HOST", "PID", "QUEUES", "RUNNING", "STARTED", "HEARTBEAT"], rows))
-        else:
-            print("no workers")
+        workers = [worker.to_dict() for worker in found]
+        _listing(args, workers, _WORKER_COLUMNS, _worker_rows(workers), "no workers")
     return 0
 
 
@@ -252,10 +398,9 @@ def _migrate(args: argparse.Namespace) -> int:
         described = dict(store.describe())
     finally:
         store.close()
-    if args.json:
-        print_json({"version": version, "store": described})
-    else:
-        print(f"{described.get('kind', 'store')}: schema at version {version}")
+    _output(
+        args, {"version": version, "store": described}, f"{described.get('kind', 'store')}: schema at version {version}"
+    )
     return 0
 
 
@@ -320,7 +465,8 @@ def add_parsers(subparsers: Any) -> None:
     jobs_sub = jobs.add_subparsers(dest="jobs_command", metavar="ACTION")
     jobs_sub.required = True
     p = jobs_sub.add_parser("list", parents=[common, paging], help="jobs, newest first")
-    p.add_argument("--state", type=_state, default=None, help="only jobs in this state")
+    p.add_argument("--state", type=_state, default=None,
+                   help=f"only jobs in this state: {', '.join(state.value for state in JobState)}")  # fmt: skip
     p.set_defaults(handler=_jobs_list)
     for action, handler, text in (
         ("show", _jobs_show, "one job in full"),
@@ -348,6 +494,12 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--older-than", type=_seconds, default=None, metavar="SECONDS", help="only those older than this")
     p.add_argument("--all", action="store_true", help="delete every dead letter")
     p.set_defaults(handler=_dlq_purge)
+    p = dlq_sub.add_parser("show", parents=[common], help="one dead letter in full")
+    p.add_argument("id", help="the dead letter id")
+    p.set_defaults(handler=_dlq_show)
+
+    _add_crons_and_queues(subparsers, common)
+    _add_enqueue_and_stats(subparsers, common)
 
     p = subparsers.add_parser("workers", parents=[common], help="the live workers of the store")
     p.add_argument("--stale-after", type=_seconds, default=None, metavar="SECONDS",
@@ -365,3 +517,47 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--allow-unauthenticated", action="store_true",
                    help="serve without a token (only on a loopback host)")  # fmt: skip
     p.set_defaults(handler=_serve)
+
+
+def _add_crons_and_queues(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    crons = subparsers.add_parser("crons", help="list, enable, disable and remove cron entries")
+    crons_sub = crons.add_subparsers(dest="crons_command", metavar="ACTION")
+    crons_sub.required = True
+    p = crons_sub.add_parser("list", parents=[common], help="every cron entry in the store")
+    p.set_defaults(handler=_crons_list)
+    for action, text in (("enable", "let a cron entry fire again"), ("disable", "stop a cron entry firing")):
+        p = crons_sub.add_parser(action, parents=[common], help=text)
+        p.add_argument("name", help="the cron entry's name")
+        p.set_defaults(handler=_crons_switch, enable=action == "enable")
+    p = crons_sub.add_parser("remove", parents=[common], help="delete a cron entry from the store")
+    p.add_argument("name", help="the cron entry's name")
+    p.set_defaults(handler=_crons_remove)
+
+    queues = subparsers.add_parser("queues", help="list, pause and resume queues")
+    queues_sub = queues.add_subparsers(dest="queues_command", metavar="ACTION")
+    queues_sub.required = True
+    p = queues_sub.add_parser("list", parents=[common], help="queues with job counts, pause state and live workers")
+    p.set_defaults(handler=_queues_list)
+    for action, text in (("pause", "stop every worker claiming from a queue"), ("resume", "claim from it again")):
+        p = queues_sub.add_parser(action, parents=[common], help=text)
+        p.add_argument("queue", type=_name, help="the queue's name")
+        p.set_defaults(handler=_queues_switch, pause=action == "pause")
+
+
+def _add_enqueue_and_stats(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    p = subparsers.add_parser("enqueue", parents=[common], help="store a new job; prints its id",
+                              description="Store a job NAME with a JSON payload for the workers that "
+                              "registered NAME; prints the new job's id.")  # fmt: skip
+    p.add_argument("name", type=_name, help="the job's name, as the workers registered it")
+    p.add_argument("payload", type=_json_value, metavar="JSON", help='the payload as JSON, e.g. \'{"to": "a@b.c"}\'')
+    p.add_argument("--queue", type=_name, default="default", help="the queue (default: default)")
+    p.add_argument("--delay", type=_seconds, default=None, metavar="SECONDS", help="run it this much later")
+    p.add_argument("--priority", type=_priority, default=0, help="higher runs first (default 0)")
+    p.add_argument("--max-retries", type=count(0, 1000), default=3, help="attempts after the first (default 3)")
+    p.add_argument("--timeout", type=_seconds, default=300.0, metavar="SECONDS",
+                   help="the handler's time budget (default 300)")  # fmt: skip
+    p.set_defaults(handler=_enqueue)
+
+    text = "the cluster from the store: jobs by state and queue, dead letters, workers"
+    p = subparsers.add_parser("stats", parents=[common], help=text)
+    p.set_defaults(handler=_stats)

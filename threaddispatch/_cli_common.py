@@ -2,10 +2,11 @@
 
 The CLI modules import this one and never each other except downward: ``cli`` (``main``,
 the parser, ``bench``) imports ``_cli_admin`` (jobs, dlq, migrate, serve) and
-``_cli_worker`` (worker); both of those import only this module. Bad input is a
-:class:`CommandError` (one line, exit code 2); a store failing at run time is a
-:class:`StoreFailedError` or a library :class:`~threaddispatch.errors.StoreError` (one line,
-exit code 1); never a traceback.
+``_cli_worker`` (worker); both of those import only this module. Every error is one line
+on stderr with exit code 2, never a traceback: bad input is a :class:`CommandError`; a store
+failing at run time (a PostgreSQL server that is down) is a :class:`StoreFailedError` or a
+library :class:`~threaddispatch.errors.StoreError`, its message naming the store without
+its password.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "command",
     "count",
     "fail",
+    "one_line",
     "open_engine",
     "open_store",
     "positive_int",
@@ -54,7 +56,7 @@ class CommandError(Exception):
 
 
 class StoreFailedError(Exception):
-    """The store failed at run time (not the user's input): one line, exit code 1."""
+    """The store failed at run time (not the user's input): one line, exit code 2."""
 
 
 # -- argument types ---------------------------------------------------------------------------------
@@ -95,9 +97,14 @@ def print_json(data: object) -> None:
     print(json.dumps(data, indent=2, default=str, ensure_ascii=False))
 
 
+def one_line(message: str) -> str:
+    """``message`` on one line: a driver's multi-line text (libpq's hint lines) joined with spaces."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 def fail(command: str, message: str, status: int) -> int:
-    """Print ``threaddispatch COMMAND: MESSAGE`` on stderr; returns ``status`` (the exit code)."""
-    print(f"threaddispatch {command}: {message}", file=sys.stderr)
+    """Print ``threaddispatch COMMAND: MESSAGE`` on stderr, on one line; returns ``status`` (the exit code)."""
+    print(f"threaddispatch {command}: {one_line(message)}", file=sys.stderr)
     return status
 
 
@@ -151,20 +158,21 @@ def open_engine(args: argparse.Namespace, *, create: bool = False) -> Iterator[J
 
 
 def command(handler: Handler) -> Handler:
-    """Turn library errors into one-line errors: bad input exits 2, a failing store exits 1."""
+    """Turn library errors into one-line errors with exit code 2 (bad input and a failing store alike).
+
+    A closed stdout (BrokenPipeError) goes through to ``main``, which ends quietly.
+    """
 
     @functools.wraps(handler)
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
-        except (CommandError, KeyboardInterrupt):
+        except (CommandError, KeyboardInterrupt, BrokenPipeError):
             raise
         # Errors from the store may quote its URL: every message is scrubbed of its password.
-        except (StoreFailedError, StoreError) as error:
-            return fail(args.command, scrub(str(error), store_url(args)), 1)
-        except (ThreadDispatchError, ValueError) as error:
+        except (StoreFailedError, StoreError, ThreadDispatchError, ValueError) as error:
             raise CommandError(scrub(str(error), store_url(args))) from None
         except (OSError, sqlite3.Error) as error:
-            return fail(args.command, f"{type(error).__name__}: {scrub(str(error), store_url(args))}", 1)
+            raise CommandError(f"{type(error).__name__}: {scrub(str(error), store_url(args))}") from None
 
     return run

@@ -9,9 +9,10 @@ GET      ``/jobs``                         jobs, newest first: ``state``, ``queu
                                            ``cursor``
 GET      ``/jobs/counts``                  ``{state: count}`` (``queue``)
 GET      ``/jobs/{id}``                    one job
-POST     ``/jobs/{id}/cancel``             cancel a pending or retrying job (else 409, also
-                                           when a worker claimed it meanwhile)
-POST     ``/jobs/{id}/retry``              run a failed job again (else 409)
+POST     ``/jobs/{id}/cancel``             cancel a pending, retrying or running job (else 409):
+                                           :meth:`JobEngine.cancel`, as the CLI's
+POST     ``/jobs/{id}/retry``              run a failed or cancelled job again (else 409):
+                                           :meth:`JobEngine.retry`, as the CLI's
 GET      ``/dlq``                          dead letters, newest first: ``queue``, ``limit``, ``cursor``
 GET      ``/dlq/count``                    ``{"count": n}`` dead letters (``queue``)
 GET      ``/dlq/{id}``                     one dead letter
@@ -27,7 +28,10 @@ DELETE   ``/crons/{name}``                 delete a cron entry from the store (e
 POST     ``/crons/{name}/enable|disable``  let a cron entry fire, or stop it
 GET      ``/queues``                       known queues with counts, limits and pause state
 POST     ``/queues/{name}/pause|resume``   stop or restart claiming from a queue
-GET      ``/stats``                        the engine's counters, job counts, the store
+GET      ``/stats``                        the cluster, from the store: job counts by state and
+                                           queue, dead letters, paused queues, live workers
+                                           (as ``threaddispatch stats``); the serving
+                                           engine's own counters under ``serving_engine``
 GET      ``/stats/throughput``             jobs completed and failed per minute, oldest first,
                                            the current minute last (``minutes``: 1-1440, 60)
 GET      ``/workers``                      the live workers of the store (every process's)
@@ -41,7 +45,9 @@ The dashboard. ``GET {base}/`` from a browser (``Accept`` ranking ``text/html`` 
 holding nothing secret, served without the token, under a Content-Security-Policy that
 allows only this origin's script. The page asks for the token, keeps it in the tab's
 ``sessionStorage`` and sends it with every API call; its mutations are same-origin
-``fetch`` calls, which pass the cross-site check below.
+``fetch`` calls, which pass the cross-site check below, and carry the ``csrftoken``
+cookie back as ``X-CSRFToken`` when there is one (mounted in Django behind its session
+login, ``ADMIN_AUTH = "staff"``, whose CSRF check asks for it).
 
 Every other request needs ``Authorization: Bearer <token>`` (its bytes compared with the
 token's UTF-8 bytes in constant time), unless the app was built with
