@@ -3,6 +3,7 @@
 Usage: python benchmarks/bench_enqueue.py [--entries 1000000] [--repeats 5] [--producers 1,4]
        python benchmarks/bench_enqueue.py --policies [--before DIR] [--entries 1000000] [--repeats 5]
        python benchmarks/bench_enqueue.py --send-overhead [--batches 20000] [--repeats 5]
+       python benchmarks/bench_enqueue.py --tracing [--entries 1000000] [--repeats 5] [--producers 4]
 
 Every cell is the median of ``--repeats`` runs, each in a fresh interpreter; see
 ``threaddispatch/_bench.py`` for the workload and what is measured. The README's
@@ -19,6 +20,11 @@ refused), beside OpenTelemetry's BatchSpanProcessor, queue.Queue + thread and lo
 QueueListener, in the same run, round-robin (one fresh interpreter per cell and round).
 ``--before DIR`` adds the same policy rows run against another copy of the package (e.g.
 ``git archive HEAD threaddispatch | tar -x -C DIR``): before/after ratios from one run.
+
+``--tracing`` measures BackgroundDispatcher's enqueue without a ``tracer_provider`` (the
+default), with one while the producers are in no span, and with one while each producer
+is inside a sampled span (the captured context is carried to the send span's links), in
+the same run, round-robin, one fresh interpreter per cell and round.
 """
 
 from __future__ import annotations
@@ -41,6 +47,11 @@ from threaddispatch import BackgroundDispatcher, _bench
 
 POLICIES = ("drop_newest", "drop_oldest", "block", "raise")
 PEERS = ("otel", "queue", "queuelistener")
+TRACING = {
+    "tracing:off": "no tracer_provider (default)",
+    "tracing:on": "tracer_provider, producers in no span",
+    "tracing:span": "tracer_provider, each producer in a span",
+}
 
 
 def _sync_send(entries: list[int]) -> None:
@@ -94,11 +105,86 @@ def _policy_contender(policy: str) -> Any:
     return make
 
 
+def _tracing_contender(traced: bool) -> Any:
+    def make(sink: Any, capacity: int) -> Any:
+        provider = None
+        if traced:
+            from opentelemetry.sdk.trace import TracerProvider
+
+            provider = TracerProvider()  # no processor: the send spans are made and dropped
+        d: BackgroundDispatcher[Any] = BackgroundDispatcher(
+            sink.batch,
+            ms_delay=_bench.WINDOW_MS,
+            max_batch_size=_bench.BATCH,
+            max_queue_size=capacity,
+            name="bench",
+            tracer_provider=provider,
+        )
+        return _bench._Contender(d.enqueue, lambda: d.close(5.0), lambda: d._engine._thread)
+
+    return make
+
+
+def _producers_in_spans() -> None:
+    """Make each benchmark producer thread run inside its own sampled span (entered before it is timed)."""
+    from opentelemetry import context, trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from threaddispatch import _bench_curves
+
+    tracer = TracerProvider().get_tracer("bench")
+    run_producers = _bench_curves.run_producers
+
+    def in_spans(producers: int, produce: Any) -> float:
+        def produce_in_span(index: int) -> None:
+            span = tracer.start_span(f"producer-{index}")
+            token = context.attach(trace.set_span_in_context(span))
+            try:
+                produce(index)
+            finally:
+                context.detach(token)
+                span.end()
+
+        return run_producers(producers, produce_in_span)
+
+    _bench_curves.run_producers = in_spans
+
+
 def run_cell(name: str, producers: int, per_producer: int) -> dict[str, Any]:
-    """One run in this process: ``policy:<overflow>`` or one of _bench's contenders."""
+    """One run in this process: ``policy:<overflow>``, ``tracing:<mode>`` or one of _bench's contenders."""
     for policy in POLICIES:
         _bench.CONTENDERS[f"policy:{policy}"] = (f"overflow={policy!r}", _policy_contender(policy), None)
+    for cell, label in TRACING.items():
+        _bench.CONTENDERS[cell] = (label, _tracing_contender(cell != "tracing:off"), None)
+    if name == "tracing:span":
+        _producers_in_spans()
     return _bench.run_once(name, producers, per_producer, 0.0)
+
+
+def tracing(entries: int, producers: int, repeats: int) -> int:
+    """Enqueue with tracing off and on, in one run (round-robin fresh interpreters); median of the repeats."""
+    runs: dict[str, list[dict[str, Any]]] = {cell: [] for cell in TRACING}
+    per_producer = entries // producers
+    for round_ in range(repeats):
+        for cell in TRACING:
+            command = [sys.executable, __file__, "--cell", cell, "--producers", str(producers)]
+            command += ["--entries", str(per_producer)]
+            out = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
+            runs[cell].append(json.loads(out.stdout))
+            print(f"round {round_ + 1}: {cell}: {out.stdout.strip()}", file=sys.stderr, flush=True)
+    base = statistics.median(r["cpu_ns_per_enqueue"] for r in runs["tracing:off"])
+    print(f"{producers} producers, {entries} entries, median of {repeats} (CPU ns per enqueue, all threads' share)")
+    print(f"{'BackgroundDispatcher':<44} {'CPU ns':>8} {'x off':>6} {'spread':>13} {'M/s':>6} {'complete':>8}")
+    for cell, label in TRACING.items():
+        cpu = [r["cpu_ns_per_enqueue"] for r in runs[cell]]
+        rate = statistics.median(r["entries_per_s"] for r in runs[cell])
+        done = all(r["complete"] for r in runs[cell])
+        spread = f"{min(cpu):.0f}-{max(cpu):.0f}"
+        print(
+            f"{label:<44} {statistics.median(cpu):>8.0f} {statistics.median(cpu) / base:>6.2f} {spread:>13} "
+            f"{rate / 1e6:>6.2f} {'yes' if done else 'NO':>8}"
+        )
+    return 0
 
 
 def policies(entries: int, producers: int, repeats: int, before: str | None) -> int:
@@ -145,6 +231,7 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=20_000)
     parser.add_argument("--policies", action="store_true", help="each overflow policy beside the peers")
     parser.add_argument("--before", help="with --policies: also run the policies against this package copy")
+    parser.add_argument("--tracing", action="store_true", help="enqueue with tracer_provider off and on")
     parser.add_argument("--cell", help=argparse.SUPPRESS)
     parser.add_argument("--tree", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -156,6 +243,8 @@ def main() -> int:
         return policies(args.entries, producers, args.repeats, args.before)
     if args.send_overhead:
         return send_overhead(args.batches, args.repeats)
+    if args.tracing:
+        return tracing(args.entries, int(args.producers.split(",")[-1]), args.repeats)
     results = _bench.run_matrix(
         list(_bench.CONTENDERS),
         producer_counts=[int(p) for p in args.producers.split(",")],

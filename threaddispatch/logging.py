@@ -37,7 +37,9 @@ class BatchingHandler(logging.Handler):
     ``send_records`` (and ``on_error``) may be ``async def``: the coroutine is awaited on
     the sending thread. ``send_timeout`` is the dispatcher's per-call timeout: a send past
     it fails with DispatchTimeoutError (to ``on_error``/``retry``) and later batches go.
-    ``metrics`` is the dispatcher's (see :class:`~threaddispatch.background.BackgroundDispatcher`).
+    ``metrics`` and ``tracer_provider`` are the dispatcher's (see
+    :class:`~threaddispatch.background.BackgroundDispatcher`): with a tracer provider each
+    send of records is a span linked to the spans the records were logged in.
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class BatchingHandler(logging.Handler):
         name: str | None = None,
         send_timeout: float | None = None,
         metrics: Metrics | None = None,
+        tracer_provider: object = None,
     ) -> None:
         super().__init__(level)
         # True on a thread while it runs send_records: the worker, or a send_timeout runner thread.
@@ -69,6 +72,7 @@ class BatchingHandler(logging.Handler):
             name=name or "logging",
             send_timeout=send_timeout,
             metrics=metrics,
+            tracer_provider=tracer_provider,
         )
         self.self_records_skipped = 0
 
