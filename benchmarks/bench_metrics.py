@@ -26,7 +26,7 @@ a span, so each run span carries a link).
 Face modes: ``off`` (no ``metrics=``), ``none`` (``metrics=NO_METRICS``, the same thing said
 out loud), ``otel`` (``OTelMetrics`` on an SDK MeterProvider with an in-memory reader,
 collected once at the end so the observable callbacks run too). ``--before DIR`` adds an
-``off`` row run against another copy of the package (``git archive <rev> threaddispatch
+``off`` row (every workload but ``batched``) run against another copy of the package (``git archive <rev> threaddispatch
 | tar -x -C DIR``), to see that metrics off costs what the code before metrics cost.
 Ratios are to ``off``; medians of ``--repeats``. The machine is shared: repeat a run to see the spread.
 """
@@ -201,7 +201,7 @@ def main() -> int:
         rows: list[tuple[str, str | None]] = [
             (mode, None) for mode in (JOB_MODES if workload.startswith("job-") else MODES)
         ]
-        if args.before and not workload.startswith("job-"):
+        if args.before:
             rows.insert(1, ("off", args.before))
         results: dict[int, list[dict[str, float]]] = {index: [] for index in range(len(rows))}
         for _ in range(args.repeats):

@@ -11,7 +11,9 @@ in-flight table and emits the events. Never called with the shared lock held.
 Each outcome, once stored, is logged here, one line a job with :func:`job_fields` as
 ``extra``: done (INFO), a retry asked for with ``Retry`` (INFO) or after an error (WARNING,
 the error's one-line summary; its traceback at DEBUG), dead-lettered (WARNING, with the
-traceback of the final failure), cancelled by ``Cancel`` (INFO, no traceback).
+traceback of the final failure), cancelled by ``Cancel`` (INFO, no traceback). With
+``metrics=`` it is counted there too, by the engine's
+:class:`~threaddispatch.metrics.JobRecorder` (None without: one test per outcome).
 """
 
 from __future__ import annotations

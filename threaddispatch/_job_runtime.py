@@ -11,6 +11,10 @@ threads, worker id, in-flight table and group commit:
 - the heartbeat thread (:mod:`threaddispatch._job_maintenance`) and the cron thread
   (:mod:`threaddispatch._job_cron`).
 
+With ``tracer_provider=`` each attempt runs in a CONSUMER span (:meth:`Runtime._traced`), linked
+to the span that enqueued the job (its stored ``trace_context``); with ``metrics=`` its start is
+counted and its queue wait recorded. Without either, a job pays one ``is None`` test for each.
+
 Every outcome goes through :meth:`Runtime.record`: while the run is running the fetcher
 writes it; otherwise (stopping, stopped, or an inline runtime) whoever records it writes it
 at once, with any still queued. Immediate mode and ``run_pending`` use an inline runtime,

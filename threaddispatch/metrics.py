@@ -13,11 +13,18 @@ Two kinds of numbers, and where each comes from:
   instruments; :class:`~threaddispatch.prometheus.ThreadDispatchCollector` at scrape time.
 * Histograms (batch size, send duration) exist nowhere else, so a face records them once
   per batch sent, through :class:`FaceRecorder`, never per entry.
+* A JobEngine (``JobEngine(store, metrics=...)``) has a :class:`JobRecorder`: per queue and
+  job name it counts enqueued, started, completed, failed, retried and dead-lettered jobs
+  (plain counts under a lock, read at collection time like ``stats()``) and records the
+  run-time and queue-wait histograms, once per attempt. Its ``counts()`` and the store's
+  per-queue counts give the state and pending gauges, read at collection time too.
 
 Names follow OpenTelemetry's messaging semantic conventions where one applies
-(``messaging.client.sent.messages``, ``messaging.client.operation.duration``) and are
+(``messaging.client.sent.messages``, ``messaging.client.operation.duration``,
+``messaging.client.consumed.messages``, ``messaging.process.duration``) and are
 ``threaddispatch.*`` otherwise. Every reading carries ``threaddispatch.face`` (the class)
-and ``threaddispatch.dispatcher`` (the face's name).
+and ``threaddispatch.dispatcher`` (the face's name); a job's also ``messaging.destination.name``
+(its queue) and ``threaddispatch.job.name``.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """OpenTelemetry metrics for every face: ``metrics=OTelMetrics(meter_provider)`` (extra ``otel``).
 
 What the faces count in ``stats()`` is exported through observable instruments whose
-callbacks read ``stats()`` when the SDK collects, so the hot path pays nothing for them;
-only the batch-size and send-duration histograms are recorded, once per batch sent. See
-:mod:`threaddispatch.metrics` for the names.
+callbacks read ``stats()`` when the SDK collects, so the hot path pays nothing for them
+(a JobEngine's per-queue job counts too, kept by its JobRecorder); only histograms are
+recorded: batch size and send duration once per batch sent, a job's run time and queue
+wait once per attempt. See :mod:`threaddispatch.metrics` for the names.
 
 A face made with ``metrics=`` is watched from its construction. Any other face with a
 ``stats()`` in the vocabulary (EndpointBatchDispatcher, JobEngine, whose ``counts()``
