@@ -92,11 +92,16 @@ _CLAIM_ORDER = "ORDER BY priority DESC, run_at, seq"
 
 
 def _claim_cte(pick: str) -> str:
-    """The claim of the rows ``pick`` selects (and locks), as an UPDATE usable alone or inside WITH."""
+    """The claim of the rows ``pick`` selects (and locks), as an UPDATE usable alone or inside WITH.
+
+    ``pick`` runs once, as an InitPlan (``= ANY(ARRAY(...))``): as ``seq IN (pick)`` the planner
+    may rescan it once per table row (a nested loop semi join, chosen on a table it believes
+    tiny), and with SKIP LOCKED every rescan finds other rows, so a claim took past its limit.
+    """
     return (
         "UPDATE dispatch_jobs SET state = 'running', worker_id = %(worker)s, attempts = attempts + 1, "
         "started_at = %(now)s, heartbeat_at = %(now)s, updated_at = %(now)s "
-        f"WHERE seq IN ({pick}) RETURNING seq, {_sql.JOB_COLUMNS}"
+        f"WHERE seq = ANY(ARRAY({pick})) RETURNING seq, {_sql.JOB_COLUMNS}"
     )
 
 
