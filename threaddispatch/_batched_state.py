@@ -22,18 +22,20 @@ what ``send_batch`` gets per message with ``envelopes=True``.
 from __future__ import annotations
 
 import contextvars
+import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from threaddispatch._batched_immediate import call_here
 from threaddispatch._buffered_types import in_context
 from threaddispatch._invoke import ERROR, Outcome, TimedCaller, call
 from threaddispatch._pool import WorkerPool
+from threaddispatch._trace import Tracing
 from threaddispatch._validate import show
 from threaddispatch.errors import DispatcherClosedError, DispatchTimeoutError, ThreadDispatchError
 from threaddispatch.metrics import FaceRecorder
@@ -71,7 +73,7 @@ class _Pending(Generic[T]):
     whole batch at once, each beside its ``token`` (no Future, no lock per message).
     """
 
-    __slots__ = ("context", "delay", "future", "message", "settle", "token")
+    __slots__ = ("context", "delay", "future", "message", "settle", "span", "token")
 
     def __init__(
         self,
@@ -82,6 +84,7 @@ class _Pending(Generic[T]):
         *,
         settle: Settle | None = None,
         token: object = None,
+        span: Any = None,
     ) -> None:
         self.message = message
         self.future = future
@@ -89,10 +92,14 @@ class _Pending(Generic[T]):
         self.context = context
         self.settle = settle
         self.token = token
+        self.span = span  # the producer's span context (with tracing on; else None)
 
     def __repr__(self) -> str:
         return f"message {show(self.message)}"
 
+
+#: ``send_batch`` as the send threads call it (the user's, or it inside its send span).
+_Send = Callable[[str, list[Any]], object]
 
 #: What a hand-off's ``settle`` gets once per batch: ``(token, error or None)`` for each of its messages.
 Settle = Callable[[list[tuple[Any, "BaseException | None"]]], object]
@@ -130,6 +137,9 @@ class _BatchState(Generic[T]):
         self.calls = 0
         self.local = threading.local()  # .sending: how many send_batch calls this thread is inside
         self.recorder: FaceRecorder | None = None  # set by the dispatcher when metrics are on
+        self.tracing: Tracing | None = None  # set by the dispatcher with a tracer_provider
+        # send_batch is a coroutine function: its send span is opened inside the coroutine.
+        self.send_is_async = inspect.iscoroutinefunction(send_batch)
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -210,7 +220,10 @@ class _BatchState(Generic[T]):
         self._settle(target, batch, outcome)
 
     def _send_batch(
-        self, target: str, batch: list[_Pending[T]], how: Callable[[contextvars.Context, str, list[Any]], Outcome]
+        self,
+        target: str,
+        batch: list[_Pending[T]],
+        how: Callable[[contextvars.Context, _Send, str, list[Any]], Outcome],
     ) -> Outcome:
         payload: list[Any]
         if self.envelopes:
@@ -219,12 +232,48 @@ class _BatchState(Generic[T]):
             payload = [pending.message for pending in batch]
         # A copy: send_batch may run an envelope's own context (the first one's included).
         context = batch[0].context.copy()
+        send_batch = self.send_batch if self.tracing is None else self._traced(target, batch)
         local = self.local
         local.sending = getattr(local, "sending", 0) + 1
         try:
-            return how(context, target, payload)
+            return how(context, send_batch, target, payload)
         finally:
             local.sending -= 1
+
+    def _traced(self, target: str, batch: list[_Pending[T]]) -> Callable[[str, list[Any]], object]:
+        """``send_batch`` inside a PRODUCER span ``send <target>`` linked to the batch's producers.
+
+        The span is current while ``send_batch`` runs, in the context it runs in, so the
+        spans it makes are its children. An ``async def`` send_batch gets it inside its
+        coroutine (around the await); a plain one that returns an awaitable only around
+        the call that made it.
+        """
+        tracing = self.tracing
+        assert tracing is not None
+        contexts = [pending.span for pending in batch]
+        attributes = {
+            "messaging.system": "threaddispatch",
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "send",
+            "messaging.destination.name": target,
+            "messaging.batch.message_count": len(batch),
+            "threaddispatch.dispatcher": self.name,
+        }
+        name = f"send {target}"
+        send_batch = self.send_batch
+        if self.send_is_async:
+
+            async def traced_async(target: str, payload: list[Any]) -> object:
+                with tracing.send_span(name, contexts, attributes):
+                    return await cast("Awaitable[object]", send_batch(target, payload))
+
+            return traced_async
+
+        def traced(target: str, payload: list[Any]) -> object:
+            with tracing.send_span(name, contexts, attributes):
+                return send_batch(target, payload)
+
+        return traced
 
     def _settle(self, target: str, batch: list[_Pending[T]], outcome: Outcome) -> None:
         if outcome.error is not None:  # the whole batch failed (a BaseException and a timeout too)
@@ -234,17 +283,17 @@ class _BatchState(Generic[T]):
         if outcomes is not None:
             self._resolve(batch, outcomes)
 
-    def _call_here(self, context: contextvars.Context, target: str, payload: list[Any]) -> Outcome:
+    def _call_here(self, context: contextvars.Context, send_batch: _Send, target: str, payload: list[Any]) -> Outcome:
         what = f"{self.name}: send_batch({target!r}, <{len(payload)} messages>)"
-        return context.run(call_here, self.caller.timeout, what, self.send_batch, target, payload)
+        return context.run(call_here, self.caller.timeout, what, send_batch, target, payload)
 
-    def _call(self, context: contextvars.Context, target: str, payload: list[Any]) -> Outcome:
+    def _call(self, context: contextvars.Context, send_batch: _Send, target: str, payload: list[Any]) -> Outcome:
         """``send_batch(target, payload)`` in ``context`` (this batch's own copy), within the timeout; never raises."""
         caller = self.caller
         if caller.timeout is None:
-            return context.run(call, self.send_batch, target, payload)
+            return context.run(call, send_batch, target, payload)
         try:
-            return caller.call(in_context, context, self.send_batch, target, payload)
+            return caller.call(in_context, context, send_batch, target, payload)
         except DispatcherClosedError:  # close() passed its deadline while this send was queued
             error = DispatchTimeoutError(
                 f"{self.name}: closed and its timeout passed before a batch of {len(payload)} message(s) "

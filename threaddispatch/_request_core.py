@@ -252,8 +252,12 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
         _local.core = self
         recorder = self.recorder
         started = 0.0 if recorder is None else time.perf_counter()
+        context = req.context
         try:
-            outcome = _invoke.call(self._send, req.request, token)  # never raises
+            if context is None:
+                outcome = _invoke.call(self._send, req.request, token)  # never raises
+            else:  # a copy: an attempt stopped but still running may be in the previous one
+                outcome = context.copy().run(_invoke.call, self._send, req.request, token)
         finally:
             _local.core = previous
         error = outcome.error

@@ -9,6 +9,7 @@ to the code that runs after it is released. :class:`RequestHandle` and
 
 from __future__ import annotations
 
+import contextvars
 from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import InvalidStateError as FutureStateError
@@ -122,6 +123,7 @@ class PendingRequest:
         "added_at",
         "attempts",
         "cache",
+        "context",
         "dedupe_key",
         "deduplicate_time",
         "failures",
@@ -173,6 +175,7 @@ class PendingRequest:
         self.added_at = 0.0  # the core's clock at add, for deduplicate_time
         self.stored = False
         self.cache: tuple[str, float, float] | None = None  # (cache key, cache_time, stale_time) when cached
+        self.context: contextvars.Context | None = None  # the adder's, with carry_context (each attempt runs in a copy)
 
     def snapshot(self) -> QueuedRequest:
         """The public, immutable view of this request; caller holds the core's lock."""

@@ -29,6 +29,7 @@ from threaddispatch import _immediate, _lifecycle
 from threaddispatch._batched_state import Envelope, Settle, _BatchState, _Pending
 from threaddispatch._engine import BatchEngine
 from threaddispatch._future import LazyFuture
+from threaddispatch._trace import make_tracing
 from threaddispatch._validate import check_positive_int, check_seconds, show
 from threaddispatch.errors import ConfigurationError, DispatcherClosedError, DispatchTimeoutError
 from threaddispatch.metrics import Metrics, check_metrics
@@ -95,6 +96,16 @@ class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
     ``metrics`` (a :class:`~threaddispatch.metrics.Metrics`; None: none) gets the batch
     size and duration of each send (``messaging.destination.name`` is its target) and
     reads ``stats()`` when it collects; without it a send pays one ``is None`` test.
+
+    ``tracer_provider`` (an OpenTelemetry TracerProvider, extra ``otel``; None: no
+    tracing, and nothing is captured) traces the sends: ``submit`` captures the caller's
+    current span, and each ``send_batch`` call runs inside a PRODUCER span ``send
+    <target>`` (``messaging.destination.name``, ``messaging.batch.message_count``) linked
+    to the spans of the messages it carries, as OpenTelemetry's messaging conventions do
+    for a batch publish; the spans ``send_batch`` makes are its children. Behind an
+    AsyncDispatcher a message's producer span is known only with ``carry_context=True``
+    (it is read from the context captured at ``put``); without it the hand-off runs on
+    the dispatch loop and the send span has no link for that message.
     """
 
     def __init__(
@@ -109,10 +120,12 @@ class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
         hold_delays: bool = False,
         send_timeout: float | None = None,
         metrics: Metrics | None = None,
+        tracer_provider: object = None,
     ) -> None:
         if not callable(send_batch):
             raise ConfigurationError(f"send_batch must be callable, got {send_batch!r}")
         checked_metrics = check_metrics(metrics)
+        tracing = make_tracing(tracer_provider, "batched")
         check_positive_int("max_batch_size", max_batch_size)
         flush_interval = check_seconds("flush_interval", flush_interval)
         check_positive_int("max_concurrent_sends", max_concurrent_sends)
@@ -135,6 +148,7 @@ class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
             max_batch_size=max_batch_size,
         )
         self._state.recorder = checked_metrics.bind(self)
+        self._state.tracing = self._tracing = tracing
         _lifecycle.register(self._state)
         # An unreferenced dispatcher drains in the background; its worker then leaves and its
         # send threads time out. At interpreter exit the lifecycle drain handles it instead.
@@ -180,7 +194,9 @@ class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
             raise ConfigurationError(f"target must be a non-empty str, got {target!r}")
         delay = None if delay_seconds is None else self._check_delay(delay_seconds)
         future: Future[str | None] = LazyFuture()
-        self._accept(_Pending(message, future, delay, contextvars.copy_context()), target)
+        tracing = self._tracing
+        span = None if tracing is None else tracing.capture()
+        self._accept(_Pending(message, future, delay, contextvars.copy_context(), span=span), target)
         return future
 
     def _hand_off(
@@ -206,9 +222,12 @@ class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
         # gets its own (send_batch may run two envelopes' contexts at once, and one Context cannot be
         # entered twice at a time). send_batch itself runs in a copy.
         caller = None if self._state.envelopes else contextvars.copy_context()
+        tracing = self._tracing
         for (message, delay_seconds, given), token in handed:
             context = given if given is not None else caller if caller is not None else contextvars.copy_context()
-            pending = _Pending(message, None, None, context, settle=settle, token=token)
+            # The producer's span is in its captured context; without one the caller is a loop thread: no span.
+            span = None if tracing is None or given is None else given.run(tracing.capture)
+            pending = _Pending(message, None, None, context, settle=settle, token=token, span=span)
             if delay_seconds is None:
                 run.append(pending)
                 continue
@@ -271,7 +290,8 @@ class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
         delay = None if delay_seconds is None else self._check_delay(delay_seconds)
         future: Future[str | None] = LazyFuture()
         delay = None if self._hold_delays else delay
-        self._send_now(_Pending(message, future, delay, contextvars.copy_context()), target)
+        span = None if self._tracing is None else self._tracing.capture()
+        self._send_now(_Pending(message, future, delay, contextvars.copy_context(), span=span), target)
         return future
 
     def _send_now(self, pending: _Pending[T], target: str) -> None:

@@ -43,6 +43,7 @@ kept in a storage stay in it, so a dispatcher on the same storage re-queues them
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import time
@@ -129,6 +130,19 @@ class RequestDispatcher(_lifecycle.Closing, Generic[RequestT, ResponseT]):
     seconds on the timer thread and sets :attr:`online`; a send failing with one of
     ``offline_on`` (exception classes) takes the dispatcher offline until then.
 
+    Context: with ``carry_context=True``, ``add`` captures the caller's :mod:`contextvars`
+    context (``copy_context()``, about 0.2 µs beside an ``add`` of ~10 µs) and every
+    attempt of that request runs ``send`` in a copy of it, so a trace id or a logging
+    context in a ContextVar (OpenTelemetry's current span included) reaches ``send``.
+    It is not carried to what does not run for one caller: listeners (on the thread
+    that caused the event), ``retry_on_error``, ``is_online``, the storage callbacks; nor
+    to requests restored from a storage (their context did not survive the process).
+    A deduplicated caller joins the request of the first one, in its context. Off by
+    default: without it ``send`` runs in the worker thread's own context.
+
+    ``metrics`` (a :class:`~threaddispatch.metrics.Metrics`; None: none) reads
+    :meth:`stats` when it collects and times each attempt's ``send``.
+
     Every method is thread-safe and returns without waiting for ``send``, except
     :meth:`close`. User code (``send``, listeners, key functions, callbacks, the
     storage) is never called with the dispatcher's lock held. Worker threads are
@@ -170,6 +184,7 @@ class RequestDispatcher(_lifecycle.Closing, Generic[RequestT, ResponseT]):
         stale_time: float = 0.0,
         name: str | None = None,
         metrics: Metrics | None = None,
+        carry_context: bool = False,
     ) -> None:
         for label, fn in (("send", send), ("queue_key", queue_key), ("dedupe_key", dedupe_key)):
             if not callable(fn):
@@ -182,6 +197,9 @@ class RequestDispatcher(_lifecycle.Closing, Generic[RequestT, ResponseT]):
             if maybe is not None and not callable(maybe):
                 raise ConfigurationError(f"{label} must be callable or None, got {show(maybe)}")
         checked_metrics = check_metrics(metrics)
+        if not isinstance(carry_context, bool):
+            raise ConfigurationError(f"carry_context must be a bool, got {show(carry_context)}")
+        self._carry_context = carry_context
         if storage is not None and not isinstance(storage, RequestStorage):
             raise ConfigurationError(f"storage must implement RequestStorage (or be None), got {show(storage)}")
         name = "requests" if name is None else check_text("name", name)
@@ -293,6 +311,8 @@ class RequestDispatcher(_lifecycle.Closing, Generic[RequestT, ResponseT]):
         )
         if core.cache_by_default or not (cache_time is None and stale_time is None and cache_key is None):
             req.cache = self._cache.plan(request, cache_key, cache_time, stale_time)
+        if self._carry_context:
+            req.context = contextvars.copy_context()
         return core.add(req)
 
     def _derived_key(self, request: RequestT) -> str:
