@@ -54,20 +54,31 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _ensure_user() -> None:
-    """Create the system user that owns the cluster when running as root (idempotent)."""
-    try:
-        import pwd
+def _user_exists() -> bool:
+    import pwd
 
+    try:
         pwd.getpwnam(PG_USER)
-        return
     except KeyError:
-        pass
-    subprocess.run(
+        return False
+    return True
+
+
+def _ensure_user() -> None:
+    """Create the system user that owns the cluster when running as root (idempotent).
+
+    Several test processes (pytest-xdist workers) may start servers at once: a ``useradd``
+    that lost the race to another process's finds the user there, which is success.
+    """
+    if _user_exists():
+        return
+    made = subprocess.run(
         ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_USER],
-        check=True,
+        check=False,
         capture_output=True,
     )
+    if made.returncode != 0 and not _user_exists():
+        raise RuntimeError(f"useradd {PG_USER} failed ({made.returncode}): {made.stderr.decode(errors='replace')}")
 
 
 class PostgresServer:
@@ -149,7 +160,16 @@ class PostgresServer:
         return self
 
     def _start(self) -> None:
-        self._run("pg_ctl", "-D", str(self.datadir), "-l", str(self.log_file), "-w", "-t", "60", "start")
+        try:
+            self._run("pg_ctl", "-D", str(self.datadir), "-l", str(self.log_file), "-w", "-t", "60", "start")
+        except RuntimeError:
+            if "could not bind" not in self.log_tail():
+                raise
+            # Another process took the free port between _free_port() and the bind: take another.
+            self.port = _free_port()
+            with open(self.datadir / "postgresql.conf", "a", encoding="utf-8") as conf:
+                conf.write(f"port = {self.port}\n")
+            self._run("pg_ctl", "-D", str(self.datadir), "-l", str(self.log_file), "-w", "-t", "60", "start")
         self.wait_ready()
 
     def wait_ready(self, timeout: float = _START_TIMEOUT) -> None:
