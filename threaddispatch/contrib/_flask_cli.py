@@ -1,21 +1,24 @@
 """The ``flask threaddispatch`` command group that :meth:`ThreadDispatch.init_app` adds to ``app.cli``.
 
 ``flask threaddispatch worker`` runs the app's engine as ``threaddispatch worker`` does
-(the same options, log lines and exit codes: it is that command's :func:`run_worker`,
-handed :func:`~threaddispatch.contrib.flask.current_engine`); ``flask threaddispatch jobs
-list`` lists the app's jobs. Both run inside the app context the ``flask`` command makes.
+(the same options, made here as click options from that command's ``OPTIONS``, and the same
+log lines and exit codes: it is that command's :func:`run_worker`, handed
+:func:`~threaddispatch.contrib.flask.current_engine`); ``flask threaddispatch jobs list``
+lists the app's jobs. Both run inside the app context the ``flask`` command makes.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import click
 from flask.cli import AppGroup
 
 from threaddispatch import _cli_admin, _cli_worker
 from threaddispatch._cli_common import print_json
+from threaddispatch.errors import ConfigurationError
 from threaddispatch.jobs import JobEngine
 from threaddispatch.stores.base import JobState
 
@@ -23,16 +26,40 @@ __all__ = ["cli_group"]
 
 #: What ``threaddispatch worker`` imports to get the engine: the current app's.
 ENGINE_TARGET = "threaddispatch.contrib.flask:current_engine"
-_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+
+_Command = Callable[..., None]
+
+if TYPE_CHECKING:
+    _ParamType = click.ParamType[Any]
+else:  # generic only in recent click releases
+    _ParamType = click.ParamType
 
 
-def _queues(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[str] | None:
-    if value is None:
-        return None
-    queues = [name.strip() for name in value.split(",") if name.strip()]
-    if not queues:
-        raise click.BadParameter(f"expected comma-separated queue names, got {value!r}")
-    return queues
+class _OptionType(_ParamType):
+    """A worker option's own parsing (``Option.parse``) as a click type: a bad value is click's usage error."""
+
+    def __init__(self, option: _cli_worker.Option) -> None:
+        self.option = option
+        self.name = option.metavar or "value"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str) or self.option.parse is None:
+            return value  # already parsed (a default given as a value)
+        try:
+            return self.option.parse(value)
+        except ConfigurationError as error:
+            self.fail(str(error), param, ctx)
+
+
+def worker_options(command: _Command) -> _Command:
+    """Decorate a click command with every option of ``threaddispatch worker`` (its ``OPTIONS``), by the same names."""
+    for option in reversed(_cli_worker.OPTIONS):
+        if option.parse is None:
+            command = click.option(option.flag, is_flag=True, default=False, help=option.help)(command)
+        else:
+            command = click.option(option.flag, type=_OptionType(option), default=option.default,
+                                   metavar=option.metavar, help=option.help)(command)  # fmt: skip
+    return command
 
 
 def cli_group(current_engine: Callable[[], JobEngine]) -> AppGroup:
@@ -43,14 +70,10 @@ def cli_group(current_engine: Callable[[], JobEngine]) -> AppGroup:
     group = AppGroup("threaddispatch", help="Run and inspect this app's threaddispatch jobs.")
 
     @group.command("worker")
-    @click.option("--queues", callback=_queues, default=None, help="comma-separated queues (default: the engine's)")
-    @click.option("--concurrency", type=click.IntRange(min=1), default=None, help="worker threads")
-    @click.option("--log-level", type=click.Choice(_LEVELS, case_sensitive=False), default="INFO", show_default=True)
-    def worker(queues: list[str] | None, concurrency: int | None, log_level: str) -> None:
+    @worker_options
+    def worker(**options: Any) -> None:
         """Run the app's job workers until SIGINT/SIGTERM (claimed jobs not started go back to pending)."""
-        args = argparse.Namespace(
-            command="worker", target=ENGINE_TARGET, queues=queues, concurrency=concurrency, log_level=log_level.upper()
-        )
+        args = argparse.Namespace(command="worker", target=ENGINE_TARGET, **options)
         status = _cli_worker.run_worker(args)
         if status:
             raise SystemExit(status)
