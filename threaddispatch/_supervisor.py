@@ -212,6 +212,10 @@ class Supervisor:
             os.close(self._wakeup_write)
             for sig in (*_STOP_SIGNALS, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)  # until the worker installs its own
+            if self._signals:
+                # Passed on between the fork and the line above: it reached this copy of the parent's
+                # handler, so the child stops now, having run no job.
+                os._exit(0)
             threading.current_thread().name = f"threaddispatch-worker-{index}"
             status = self._work(index)
         except BaseException:  # noqa: BLE001 - the child must exit here, whatever happened
