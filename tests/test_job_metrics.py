@@ -195,6 +195,25 @@ def test_binding_is_once_per_engine(otel: Reader) -> None:
     assert otel.value("threaddispatch.job.enqueued", **job("default", "ok")) == 1
 
 
+@pytest.mark.timeout(30)
+def test_threads_binding_at_once_get_one_recorder(otel: Reader) -> None:
+    engine = JobEngine(MemoryStore(), metrics=otel.metrics)
+    barrier = threading.Barrier(8)
+    found: list[object] = []
+
+    def bind() -> None:
+        barrier.wait(10)
+        found.append(job_recorder(engine))
+
+    threads = [threading.Thread(target=bind) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(found) == 8 and len({id(recorder) for recorder in found}) == 1 and found[0] is not None
+    assert engine.events.listener_count("job_enqueued") == 1
+
+
 # -- Prometheus -------------------------------------------------------------------------------------------
 
 

@@ -496,10 +496,14 @@ def job_recorder(engine: Any) -> JobRecorder | None:
     with _JOB_RECORDERS_LOCK:
         if engine in _JOB_RECORDERS:
             return _JOB_RECORDERS[engine]
-        recorder = _JOB_RECORDERS[engine] = metrics.bind_jobs(engine)
-    if recorder is not None:
-        engine.events.on("job_enqueued", recorder.enqueued)
-    return recorder
+    made = metrics.bind_jobs(engine)  # outside the lock: a Metrics may be the application's own code
+    with _JOB_RECORDERS_LOCK:
+        if engine in _JOB_RECORDERS:  # another thread bound it meanwhile (watching twice is watching once)
+            return _JOB_RECORDERS[engine]
+        _JOB_RECORDERS[engine] = made
+    if made is not None:
+        engine.events.on("job_enqueued", made.enqueued)
+    return made
 
 
 class Metrics:
