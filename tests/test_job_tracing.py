@@ -7,6 +7,7 @@ SQLite file, which exports its spans to a file read back here.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -158,6 +159,23 @@ def test_the_handler_runs_inside_the_run_span(traced: Traced) -> None:
     engine.register("nested", handler)
     engine.enqueue("nested")
     (run,) = traced.runs()
+    (inner,) = [span for span in traced.exporter.get_finished_spans() if span.name == "inner"]
+    assert inner.parent is not None and inner.parent.span_id == run.context.span_id
+
+
+def test_an_async_handler_runs_inside_the_run_span_too(traced: Traced) -> None:
+    engine = JobEngine(MemoryStore(), immediate=True, tracer_provider=traced.provider)
+    tracer = traced.provider.get_tracer("test")
+
+    async def handler(ctx: Any, payload: None) -> None:
+        await asyncio.sleep(0)
+        with tracer.start_as_current_span("inner"):
+            await asyncio.sleep(0)
+
+    engine.register("nested", handler)
+    engine.enqueue("nested")
+    (run,) = traced.runs()
+    assert attributes(run)["threaddispatch.job.outcome"] == "completed"
     (inner,) = [span for span in traced.exporter.get_finished_spans() if span.name == "inner"]
     assert inner.parent is not None and inner.parent.span_id == run.context.span_id
 
