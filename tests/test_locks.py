@@ -43,5 +43,5 @@ def test_a_postgres_claim_takes_no_more_than_its_limit(pg_server: Any, pg_schema
         claimed = store.claim(queues, 1, worker_id="w", now=10.0)
         assert [job.id for job in claimed] == ["j0"]
         assert store.counts()[JobState.RUNNING] == 1
-        done, more = store.complete_and_claim([], queues, 1, worker_id="w", now=10.0)
+        _done, more = store.complete_and_claim([], queues, 1, worker_id="w", now=10.0)
         assert [job.id for job in more] == ["j1"] and store.counts()[JobState.RUNNING] == 2

@@ -119,6 +119,26 @@ def test_handle_takes_the_engines_keywords(method: str, engine_method: str) -> N
     assert keywords(getattr(JobHandle, method)) == keywords(getattr(JobEngine, engine_method))
 
 
+def test_handle_forwards_dependencies_and_makes_chain_steps() -> None:
+    """depends_on and on_dependency_failure go through the handle; handle.spec makes a step of engine.chain."""
+    engine = _engine()
+
+    @engine.job("step")
+    def step(ctx: JobContext, payload: int) -> int:
+        results: list[int] = ctx.engine.dependency_results(ctx)
+        return payload + sum(results)
+
+    first = step.enqueue(1)
+    (second,) = step.enqueue_many([2], depends_on=[first], on_dependency_failure="run")
+    third = step.enqueue(3, depends_on=[second])
+    assert engine.get_job(third).depends_on == (second,)
+    assert engine.get_job(second).on_dependency_failure == "run"
+    chained = engine.chain(step.spec(10), step.spec(20, priority=4))
+    assert engine.get_job(chained[1]).priority == 4
+    assert engine.run_pending() == 5
+    assert (engine.result(third, timeout=5), engine.result(chained[1], timeout=5)) == (6, 30)
+
+
 @pytest.mark.timeout(60)
 def test_handle_enqueue_on_a_started_sqlite_engine(tmp_path: Path) -> None:
     """On a started engine over a SQLite file, a job enqueued by handle runs on a worker."""
@@ -162,7 +182,7 @@ SNIPPET = """
     send_email.enqueue(42)  # E: Argument 1 to "enqueue" of "JobHandle" has incompatible type "int"; expected "dict[str, str]"
     send_email.enqueue_many([{"to": "a"}, {"to": 1}])  # E: Dict entry 0 has incompatible type "str": "int"; expected "str": "str"
     send_email.enqueue({"to": "a"}, delay="soon")  # E: Argument "delay" to "enqueue" of "JobHandle" has incompatible type "str"; expected "float | None"
-    send_email.enqueue({"to": "a"}, depends="x")  # E: Unexpected keyword argument "depends" for "enqueue" of "JobHandle"
+    send_email.enqueue({"to": "a"}, colour="x")  # E: Unexpected keyword argument "colour" for "enqueue" of "JobHandle"
     flag: str = send_email(None, {})  # type: ignore[arg-type]  # E: Incompatible types in assignment (expression has type "bool", variable has type "str")
 """  # noqa: E501
 

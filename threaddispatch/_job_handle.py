@@ -10,17 +10,28 @@ to :meth:`JobEngine.enqueue` / :meth:`JobEngine.enqueue_many` with the same keyw
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from threaddispatch._job_config import JobDefinition
 from threaddispatch._job_context import JobContext
 
-__all__ = ["JobHandle"]
+__all__ = ["JobHandle", "JobSpec"]
 
 PayloadT = TypeVar("PayloadT")
 ResultT = TypeVar("ResultT")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One job to enqueue later, as a step of :meth:`JobEngine.chain`: its name, payload and
+    :meth:`JobEngine.enqueue` keywords (checked when chained)."""
+
+    name: str
+    payload: object = None
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 class JobHandle(Generic[PayloadT, ResultT]):
@@ -74,12 +85,15 @@ class JobHandle(Generic[PayloadT, ResultT]):
         delay: float | None = None,
         max_retries: int | None = None,
         unique_key: str | None = None,
+        depends_on: Sequence[str] | None = None,
+        on_dependency_failure: str = "cancel",
     ) -> str:
         """Store one job with ``payload``; returns its id. Same options, checks and blocking as
         :meth:`JobEngine.enqueue`."""
         return self._enqueue(
             self.name, payload, queue=queue, priority=priority, run_at=run_at, delay=delay,
-            max_retries=max_retries, unique_key=unique_key,
+            max_retries=max_retries, unique_key=unique_key, depends_on=depends_on,
+            on_dependency_failure=on_dependency_failure,
         )  # fmt: skip
 
     def enqueue_many(
@@ -91,12 +105,19 @@ class JobHandle(Generic[PayloadT, ResultT]):
         run_at: datetime | float | None = None,
         delay: float | None = None,
         max_retries: int | None = None,
+        depends_on: Sequence[str] | None = None,
+        on_dependency_failure: str = "cancel",
     ) -> list[str]:
         """Store one job per payload in one store transaction; returns their ids in order. Same as
         :meth:`JobEngine.enqueue_many`."""
         return self._enqueue_many(
-            self.name, payloads, queue=queue, priority=priority, run_at=run_at, delay=delay, max_retries=max_retries
-        )
+            self.name, payloads, queue=queue, priority=priority, run_at=run_at, delay=delay, max_retries=max_retries,
+            depends_on=depends_on, on_dependency_failure=on_dependency_failure,
+        )  # fmt: skip
+
+    def spec(self, payload: PayloadT, **options: Any) -> JobSpec:
+        """This job with ``payload`` as a step of :meth:`JobEngine.chain` (``options``: enqueue's keywords)."""
+        return JobSpec(self.name, payload, dict(options))
 
     def __repr__(self) -> str:
         return f"<JobHandle {self.name!r} queue={self.queue!r} fn={self._fn!r}>"

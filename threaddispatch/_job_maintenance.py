@@ -130,6 +130,13 @@ class Maintenance:
         else:
             if gone:
                 shared.logger.info("deleted %d stale worker row(s)", gone)
+        try:
+            settled = shared.store.release_waiting(now=now)
+        except StoreError:
+            shared.logger.warning("settling waiting jobs failed", exc_info=True)
+        else:
+            if settled:
+                shared.logger.info("settled %d waiting job(s) whose dependencies had finished", settled)
 
     def _purge(self, retention: float) -> None:
         shared = self._host.shared

@@ -42,6 +42,7 @@ time window but claimed from a store against free slots, limits and leases.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -76,7 +77,7 @@ from threaddispatch._job_config import (
 )
 from threaddispatch._job_context import JobContext
 from threaddispatch._job_cron import CronRunner
-from threaddispatch._job_handle import JobHandle, PayloadT, ResultT
+from threaddispatch._job_handle import JobHandle, JobSpec, PayloadT, ResultT
 from threaddispatch._job_runtime import Runtime
 from threaddispatch._job_shared import Shared
 from threaddispatch._job_workers import list_workers
@@ -102,6 +103,7 @@ from threaddispatch.middleware import (
 )
 from threaddispatch.stores.base import (
     ACTIVE_STATES,
+    DEPENDENCY_FAILURE_POLICIES,
     FINAL_STATES,
     READY_STATES,
     CronEntry,
@@ -119,6 +121,7 @@ __all__ = [
     "JobDefinition",
     "JobEngine",
     "JobHandle",
+    "JobSpec",
     "QueueConfig",
 ]
 
@@ -126,9 +129,34 @@ _log = logging.getLogger("threaddispatch.jobs")
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
+#: The keywords of a chain step (JobSpec options) and their defaults: :meth:`JobEngine.enqueue`'s.
+_SPEC_DEFAULTS: dict[str, Any] = {
+    "queue": None, "priority": None, "run_at": None, "delay": None, "max_retries": None, "unique_key": None,
+    "depends_on": None, "on_dependency_failure": "cancel",
+}  # fmt: skip
+
+
+def _step_payload(index: int, name: str, _position: int) -> str:
+    """How a chain step's payload is named in errors."""
+    return f"payload of chain step #{index} (job {name!r})"
+
+
 def new_job_id() -> str:
     """A new job id: 32 hex digits, the time in nanoseconds then 64 random bits, so ids sort by creation."""
     return f"{time.time_ns():016x}{os.urandom(8).hex()}"
+
+
+def _check_depends_on(value: object) -> tuple[str, ...]:
+    """``depends_on``: a list (or tuple) of job ids, repeats dropped; ConfigurationError naming the value otherwise."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) and item for item in value):
+        raise ConfigurationError(f"depends_on must be a list of job ids (non-empty strings), got {show(value)}")
+    return tuple(dict.fromkeys(value))
+
+
+def _check_policy(value: object) -> str:
+    if value not in DEPENDENCY_FAILURE_POLICIES:
+        raise ConfigurationError(f"on_dependency_failure must be 'cancel' or 'run', got {show(value)}")
+    return str(value)
 
 
 def _to_epoch(name: str, value: object) -> float:
@@ -353,6 +381,8 @@ class JobEngine:
         now: float,
         unique_key: str | None = None,
         trace_context: str | None = None,
+        depends_on: tuple[str, ...] = (),
+        on_dependency_failure: str = "cancel",
     ) -> JobRecord:
         """The record of a new pending job: what enqueue, enqueue_many, cron ticks and replay store.
 
@@ -374,6 +404,8 @@ class JobEngine:
             updated_at=now,
             unique_key=unique_key,
             trace_context=trace_context,
+            depends_on=depends_on,
+            on_dependency_failure=on_dependency_failure,
         )
 
     def enqueue(
@@ -387,6 +419,8 @@ class JobEngine:
         delay: float | None = None,
         max_retries: int | None = None,
         unique_key: str | None = None,
+        depends_on: Sequence[str] | None = None,
+        on_dependency_failure: str = "cancel",
     ) -> str:
         """Store a job for ``name`` with a JSON ``payload``; returns its id.
 
@@ -396,12 +430,19 @@ class JobEngine:
         is returned. Raises ConfigurationError for an unregistered name or a bad option,
         PayloadError for a payload that is not JSON or too large. Blocks for one store
         write. Works before start and after stop (the job waits in the store).
+
+        ``depends_on`` (a list of job ids) makes the job wait (state ``waiting``, never
+        claimed) until every one of those jobs completed; if one ends failed or cancelled
+        the job is cancelled, or runs anyway with ``on_dependency_failure="run"``. The
+        handler reads their results with :meth:`dependency_results`. An unknown id raises
+        JobNotFoundError (nothing is stored).
         """
         what = f"payload of job {name!r}"
-        return self._produce(
+        return self._store_new(self._jobs_of(
             name, (payload,), lambda _: what, queue=queue, priority=priority, run_at=run_at, delay=delay,
-            max_retries=max_retries, unique_key=unique_key,
-        )[0]  # fmt: skip
+            max_retries=max_retries, unique_key=unique_key, depends_on=depends_on,
+            on_dependency_failure=on_dependency_failure,
+        ))[0]  # fmt: skip
 
     def enqueue_many(
         self,
@@ -413,18 +454,22 @@ class JobEngine:
         run_at: datetime | float | None = None,
         delay: float | None = None,
         max_retries: int | None = None,
+        depends_on: Sequence[str] | None = None,
+        on_dependency_failure: str = "cancel",
     ) -> list[str]:
         """Store one ``name`` job per payload in ONE store transaction; returns their ids in order.
 
         All payloads are checked before anything is stored (one bad payload refuses the
-        batch with PayloadError naming its index). Blocks for one store write.
+        batch with PayloadError naming its index). ``depends_on``: every job waits for
+        those (see :meth:`enqueue`). Blocks for one store write.
         """
-        return self._produce(
+        return self._store_new(self._jobs_of(
             name, payloads, lambda index: f"payload #{index} of job {name!r}", queue=queue, priority=priority,
-            run_at=run_at, delay=delay, max_retries=max_retries, unique_key=None,
-        )  # fmt: skip
+            run_at=run_at, delay=delay, max_retries=max_retries, unique_key=None, depends_on=depends_on,
+            on_dependency_failure=on_dependency_failure,
+        ))  # fmt: skip
 
-    def _produce(
+    def _jobs_of(
         self,
         name: str,
         payloads: Iterable[object],
@@ -436,8 +481,10 @@ class JobEngine:
         delay: object,
         max_retries: int | None,
         unique_key: str | None,
-    ) -> list[str]:
-        """Check, build and store one job per payload in one store write; ``what(index)`` names a payload."""
+        depends_on: object,
+        on_dependency_failure: object,
+    ) -> list[JobRecord]:
+        """The checked records of one ``name`` job per payload (not stored); ``what(index)`` names a payload."""
         now = time.time()
         definition = self._definition(name)
         if queue is not None:
@@ -448,6 +495,8 @@ class JobEngine:
             check_max_retries(max_retries)
         if unique_key is not None:
             check_text("unique_key", unique_key)
+        dependencies = () if depends_on is None else _check_depends_on(depends_on)
+        policy = _check_policy(on_dependency_failure)
         if run_at is not None and delay is not None:
             raise ConfigurationError(f"give run_at or delay, not both (run_at={run_at!r}, delay={delay!r})")
         if run_at is not None:
@@ -457,10 +506,8 @@ class JobEngine:
         else:
             due = now
         texts = [self._encode(what(index), payload) for index, payload in enumerate(payloads)]
-        if not texts:
-            return []
-        trace_context = current_traceparent()
-        jobs = [
+        trace_context = current_traceparent() if texts else None
+        return [
             self._build(
                 name,
                 text,
@@ -472,9 +519,16 @@ class JobEngine:
                 now=now,
                 unique_key=unique_key,
                 trace_context=trace_context,
+                depends_on=dependencies,
+                on_dependency_failure=policy,
             )
             for text in texts
         ]
+
+    def _store_new(self, jobs: Sequence[JobRecord]) -> list[str]:
+        """Store ``jobs`` (new records) in one store write; tell this process's runtime; run them when immediate."""
+        if not jobs:
+            return []
         ids = self.store.enqueue(jobs)
         created = [job for job, job_id in zip(jobs, ids, strict=True) if job_id == job.id]  # else: its unique_key's
         self._enqueued(created)
@@ -483,6 +537,55 @@ class JobEngine:
                 if job.run_at <= time.time():
                     self._run_until_done(job)
         return ids
+
+    def job_spec(self, name: str, payload: object = None, **options: Any) -> JobSpec:
+        """A job to enqueue later with :meth:`chain`: ``name``, ``payload`` and :meth:`enqueue`'s keywords.
+
+        Checked when chained. Non-blocking.
+        """
+        return JobSpec(name, payload, dict(options))
+
+    def chain(self, *steps: JobSpec) -> list[str]:
+        """Enqueue ``steps`` (from :meth:`job_spec` or a handle's ``spec``) each depending on the one before.
+
+        One store write for all; returns their ids in order. Step n+1 runs when step n
+        completed (its handler reads that result as ``ctx.engine.dependency_results(ctx)[-1]``);
+        a step that fails cancels the rest (or they run anyway, for steps given
+        ``on_dependency_failure="run"``). The first step may have ``depends_on`` of its own.
+        ``unique_key`` is refused (a step deduplicated into another job would not be the
+        step the next waits for). Raises as :meth:`enqueue` does, ConfigurationError for no
+        steps or a step that is not a JobSpec.
+        """
+        if not steps:
+            raise ConfigurationError("chain() needs at least one step (a JobSpec)")
+        jobs: list[JobRecord] = []
+        for index, step in enumerate(steps):
+            if not isinstance(step, JobSpec):
+                raise ConfigurationError(f"chain() step #{index} must be a JobSpec (engine.job_spec), got {show(step)}")
+            options = {**_SPEC_DEFAULTS, **step.options}
+            unknown = sorted(set(options) - set(_SPEC_DEFAULTS))
+            if unknown or options["unique_key"] is not None:
+                refused = ", ".join(unknown) or "unique_key"
+                raise ConfigurationError(f"chain() step #{index} ({step.name!r}): not a chain step option: {refused}")
+            if jobs:
+                options["depends_on"] = [*_check_depends_on(options["depends_on"] or []), jobs[-1].id]
+            what = functools.partial(_step_payload, index, step.name)
+            jobs.extend(self._jobs_of(step.name, (step.payload,), what, **options))
+        return self._store_new(jobs)
+
+    def dependency_results(self, job: JobContext | JobRecord) -> list[Any]:
+        """The (JSON-decoded) results of the jobs ``job`` depends on, in its ``depends_on`` order.
+
+        ``job`` is a handler's ctx or a job record. A dependency that did not complete (it
+        failed or was cancelled, for a job of policy ``"run"``, or was purged) gives None.
+        Blocks for one store read per dependency.
+        """
+        record = job.job if isinstance(job, JobContext) else job
+        results = []
+        for dependency in record.depends_on:
+            found = self.store.get(dependency)
+            results.append(found.decoded_result() if found is not None and found.state is JobState.COMPLETED else None)
+        return results
 
     def _enqueued(self, jobs: Sequence[JobRecord]) -> None:
         if not jobs:
@@ -818,7 +921,7 @@ class JobEngine:
                 return
 
     def _cancel_in_store(self, job_id: str, running: bool) -> None:
-        cancellable = ACTIVE_STATES if running else READY_STATES
+        cancellable = ACTIVE_STATES if running else READY_STATES | {JobState.WAITING}
         for _ in range(3):
             now = time.time()
             if running:  # without the keyword: a store written before it existed still cancels

@@ -63,6 +63,9 @@ SCHEMA_V3 = _sql.schema_workers(TYPES)
 # Migration 4: the enqueuing span's traceparent, on jobs and dead letters (SQLite's migration 3).
 SCHEMA_V4 = _sql.schema_trace_context(TYPES)
 
+# Migration 5: depends_on, the waiting state and dispatch_job_deps (SQLite's migration 4).
+SCHEMA_V5 = _sql.schema_dependencies(TYPES)
+
 # -- lifecycle -------------------------------------------------------------------------------------
 
 VERSION_TABLE = _sql.version_table(TYPES)
@@ -134,13 +137,25 @@ COMPLETE_MANY = (
     "WHERE j.id = v.id AND j.state = 'running' AND j.worker_id = v.worker_id AND j.attempts = v.attempts "
     "RETURNING j.id"
 )
+# The release of the completed jobs' waiting dependents, as CTEs after ``done``: their
+# dependency rows deleted, each dependent's ``waiting_on`` counted down, pending at 0. A
+# dependent inserted by a transaction that committed after this statement's snapshot is not
+# seen here: ``Store.release_waiting`` (the upkeep's sweep) settles it.
+_RELEASE = (
+    "consumed AS (DELETE FROM dispatch_job_deps AS d USING done WHERE d.depends_on = done.id RETURNING d.job_id), "
+    "released AS (UPDATE dispatch_jobs AS w SET waiting_on = w.waiting_on - c.n, "
+    "state = CASE WHEN w.waiting_on - c.n <= 0 THEN 'pending' ELSE w.state END, updated_at = %(now)s "
+    "FROM (SELECT job_id, count(*) AS n FROM consumed GROUP BY job_id) AS c "
+    "WHERE w.id = c.job_id AND w.state = 'waiting')"
+)
+COMPLETE_AND_RELEASE = f"WITH done AS ({COMPLETE_MANY}), {_RELEASE} SELECT id FROM done"
 
 
 def _complete_and_claim_sql(claim: str) -> str:
-    # Both UPDATEs see one snapshot and touch disjoint rows (running vs ready); the LEFT JOIN
-    # keeps the completed ids when nothing was claimed.
+    # The UPDATEs see one snapshot and touch disjoint rows (running, waiting, ready); the LEFT
+    # JOIN keeps the completed ids when nothing was claimed.
     return (
-        f"WITH done AS ({COMPLETE_MANY}), claimed AS ({claim}) "
+        f"WITH done AS ({COMPLETE_MANY}), {_RELEASE}, claimed AS ({claim}) "
         "SELECT d.ids, c.* FROM (SELECT array_agg(id) AS ids FROM done) AS d LEFT JOIN claimed AS c ON true"
     )
 
@@ -215,10 +230,10 @@ PAUSED_QUEUES = "SELECT queue FROM dispatch_queues WHERE paused"
 
 def cancel_sql(*, fenced: bool, include_running: bool) -> str:
     """``Store.cancel``'s conditional update. Named parameters: id, error, now, worker, attempts."""
-    states = _sql.ACTIVE if include_running else _sql.READY
+    states = _sql.ACTIVE if include_running else _sql.UNCLAIMED
     condition = CLAIM_FENCE if fenced else f"AND state IN {states}"
     return (
-        "UPDATE dispatch_jobs SET state = 'cancelled', error = coalesce(%(error)s, error), "
+        "UPDATE dispatch_jobs SET state = 'cancelled', waiting_on = 0, error = coalesce(%(error)s, error), "
         f"finished_at = %(now)s, updated_at = %(now)s WHERE id = %(id)s {condition} RETURNING id"
     )
 

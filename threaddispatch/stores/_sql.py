@@ -12,6 +12,7 @@ NOTIFY) stays in its own store.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterable, Sequence
@@ -49,7 +50,16 @@ TABLES: dict[str, tuple[Column, ...]] = {
         ("unique_key", "TEXT", ""),
         ("result", "TEXT", ""),
         ("error", "TEXT", ""),
-        ("trace_context", "TEXT", ""),  # added by a later migration (LATER_COLUMNS)
+        ("trace_context", "TEXT", ""),  # added by a later migration (LATER_COLUMNS), as those below
+        ("depends_on", "TEXT", ""),  # a JSON list of job ids, NULL for none
+        ("on_dependency_failure", "TEXT", "NOT NULL DEFAULT 'cancel'"),
+        ("waiting_on", "INT", "NOT NULL DEFAULT 0"),
+    ),
+    # One row per (waiting job, job it still waits for): deleted when the dependency finishes
+    # (which releases the job). A later migration (see schema_dependencies).
+    "dispatch_job_deps": (
+        ("job_id", "TEXT", "NOT NULL"),
+        ("depends_on", "TEXT", "NOT NULL"),
     ),
     "dispatch_dead_letters": (
         ("seq", "SEQ", ""),
@@ -103,7 +113,7 @@ TABLES: dict[str, tuple[Column, ...]] = {
 #: :func:`add_columns`), by table; :func:`schema_v1` leaves them out. Each must be nullable or
 #: have a default, so the rows already stored stay valid.
 LATER_COLUMNS: dict[str, tuple[str, ...]] = {
-    "dispatch_jobs": ("trace_context",),
+    "dispatch_jobs": ("trace_context", "depends_on", "on_dependency_failure", "waiting_on"),
     "dispatch_dead_letters": ("trace_context",),
 }
 #: The migration ledger, created before any migration runs (so not part of one).
@@ -133,9 +143,13 @@ LETTER_COLUMNS = _names("dispatch_dead_letters")
 CRON_COLUMNS = _names("dispatch_crons")
 WORKER_COLUMNS = _names("dispatch_workers")
 #: SQL lists of the ACTIVE_STATES, READY_STATES and FINAL_STATES.
-ACTIVE = "('pending', 'retrying', 'running')"
+ACTIVE = "('pending', 'retrying', 'running', 'waiting')"
+_V1_ACTIVE = "('pending', 'retrying', 'running')"  # ACTIVE_STATES before the waiting state (migration 1's index)
 READY = "('pending', 'retrying')"
+#: The active states of a job no worker holds: ready, or waiting for its dependencies.
+UNCLAIMED = "('pending', 'retrying', 'waiting')"
 FINAL = "('completed', 'failed', 'cancelled')"
+_FINAL_VALUES = frozenset({"completed", "failed", "cancelled"})
 
 
 def _create_table(table: str, columns: Sequence[Column], types: Types) -> str:
@@ -167,8 +181,7 @@ def schema_v1(types: Types, *, ready_keys: str) -> tuple[str, ...]:
         f"CREATE INDEX IF NOT EXISTS dispatch_jobs_ready ON dispatch_jobs ({ready_keys}) WHERE state IN {READY}",
         "CREATE INDEX IF NOT EXISTS dispatch_jobs_running ON dispatch_jobs (heartbeat_at) WHERE state = 'running'",
         f"CREATE INDEX IF NOT EXISTS dispatch_jobs_finished ON dispatch_jobs (finished_at) WHERE state IN {FINAL}",
-        f"CREATE UNIQUE INDEX IF NOT EXISTS dispatch_jobs_unique ON dispatch_jobs (unique_key) "
-        f"WHERE unique_key IS NOT NULL AND state IN {ACTIVE}",
+        _unique_index(_V1_ACTIVE),
         table["dispatch_dead_letters"],
         "CREATE INDEX IF NOT EXISTS dispatch_dead_letters_job ON dispatch_dead_letters (job_id)",
         table["dispatch_crons"],
@@ -192,6 +205,26 @@ def schema_trace_context(types: Types) -> tuple[str, ...]:
     return (
         *add_columns(types, "dispatch_jobs", ("trace_context",)),
         *add_columns(types, "dispatch_dead_letters", ("trace_context",)),
+    )
+
+
+def _unique_index(active: str) -> str:
+    return (
+        "CREATE UNIQUE INDEX IF NOT EXISTS dispatch_jobs_unique ON dispatch_jobs (unique_key) "
+        f"WHERE unique_key IS NOT NULL AND state IN {active}"
+    )
+
+
+def schema_dependencies(types: Types) -> tuple[str, ...]:
+    """The dependencies' migration: the jobs' dependency columns, ``dispatch_job_deps``, and the
+    unique-key index rebuilt so that a waiting job holds its key."""
+    return (
+        *add_columns(types, "dispatch_jobs", ("depends_on", "on_dependency_failure", "waiting_on")),
+        _create_table("dispatch_job_deps", TABLES["dispatch_job_deps"], types),
+        "CREATE INDEX IF NOT EXISTS dispatch_job_deps_on ON dispatch_job_deps (depends_on)",
+        "CREATE INDEX IF NOT EXISTS dispatch_jobs_waiting ON dispatch_jobs (seq) WHERE state = 'waiting'",
+        "DROP INDEX IF EXISTS dispatch_jobs_unique",
+        _unique_index(ACTIVE),
     )
 
 
@@ -228,6 +261,8 @@ def job_from_row(row: Sequence[Any]) -> JobRecord:
     job = JobRecord(*row)
     state = _STATES.get(job.state)
     job.state = JobState(job.state) if state is None else state
+    depends_on: Any = job.depends_on
+    job.depends_on = tuple(json.loads(depends_on)) if depends_on else ()
     return job
 
 
@@ -247,6 +282,7 @@ def job_params(job: JobRecord) -> tuple[Any, ...]:
         job.id, job.name, job.payload, job.queue, job.state.value, job.priority, job.attempts, job.max_retries,
         job.timeout, job.run_at, job.created_at, job.updated_at, job.started_at, job.finished_at,
         job.heartbeat_at, job.worker_id, job.unique_key, job.result, job.error, job.trace_context,
+        json.dumps(list(job.depends_on)) if job.depends_on else None, job.on_dependency_failure, job.waiting_on,
     )  # fmt: skip
 
 
@@ -296,17 +332,22 @@ class Statements:
         "_list_letters",
         "acquire_lease",
         "active_holder",
+        "cancel_dependent",
         "complete",
+        "consume_deps",
         "count_letters_queue",
         "count_queue",
         "cron_exists",
+        "decrement_dependent",
         "delete_cron",
         "delete_job_letters",
         "delete_letter",
+        "dependency_state",
         "fire_cron",
         "get_job",
         "get_letter",
         "heartbeat_worker",
+        "insert_dep",
         "insert_job",
         "list_workers",
         "pause_queue",
@@ -318,6 +359,8 @@ class Statements:
         "remove_worker",
         "requeue",
         "retry_later",
+        "sweep_cancel",
+        "sweep_release",
         "upsert_cron",
     )
 
@@ -378,6 +421,35 @@ class Statements:
             f"AND (last_tick IS NULL OR last_tick < {m})"
         )
         self.cron_exists = f"SELECT 1 FROM dispatch_crons WHERE name = {m}"
+        # Dependencies: a dependency's state (id); record a dependent (job_id, depends_on); consume
+        # the rows of a finished dependency (its id), returning (dependent, dependency); count one
+        # or more finished dependencies off a waiting job (n, n, now, id), pending at 0; cancel a
+        # waiting job of policy "cancel" (error, now, now, id).
+        self.dependency_state = f"SELECT state FROM dispatch_jobs WHERE id = {m}"
+        self.insert_dep = f"INSERT INTO dispatch_job_deps (job_id, depends_on) VALUES ({m}, {m})"
+        self.consume_deps = f"DELETE FROM dispatch_job_deps WHERE depends_on = {m} RETURNING job_id, depends_on"
+        self.decrement_dependent = (
+            f"UPDATE dispatch_jobs SET waiting_on = waiting_on - {m}, state = CASE WHEN waiting_on - {m} <= 0 "
+            f"THEN 'pending' ELSE state END, updated_at = {m} WHERE id = {m} AND state = 'waiting'"
+        )
+        self.cancel_dependent = (
+            f"UPDATE dispatch_jobs SET state = 'cancelled', waiting_on = 0, error = {m}, finished_at = {m}, "
+            f"updated_at = {m} WHERE id = {m} AND state = 'waiting' AND on_dependency_failure = 'cancel' RETURNING id"
+        )
+        # The upkeep's backstop (Store.release_waiting): cancel (now, now) then release (now) the
+        # waiting jobs whose remaining dependency rows name only finished jobs.
+        self.sweep_cancel = (
+            f"UPDATE dispatch_jobs SET state = 'cancelled', waiting_on = 0, error = 'a dependency failed or was "
+            f"cancelled', finished_at = {m}, updated_at = {m} WHERE state = 'waiting' "
+            "AND on_dependency_failure = 'cancel' AND EXISTS (SELECT 1 FROM dispatch_job_deps d JOIN dispatch_jobs p "
+            "ON p.id = d.depends_on WHERE d.job_id = dispatch_jobs.id AND p.state IN ('failed', 'cancelled')) "
+            "RETURNING id"
+        )
+        self.sweep_release = (
+            f"UPDATE dispatch_jobs SET state = 'pending', waiting_on = 0, updated_at = {m} WHERE state = 'waiting' "
+            "AND NOT EXISTS (SELECT 1 FROM dispatch_job_deps d JOIN dispatch_jobs p ON p.id = d.depends_on "
+            f"WHERE d.job_id = dispatch_jobs.id AND p.state NOT IN {FINAL})"
+        )
         self.record_version = (
             f"INSERT INTO dispatch_schema_version (version, description, applied_at) VALUES ({m}, {m}, {m})"
         )
@@ -449,6 +521,70 @@ class Statements:
                 raise InvalidStateError(
                     f"job {job_id!r}: unique_key {unique_key!r} is held by active job {holder[0]!r}"
                 )
+
+    def settle_new(self, conn: _Connection, job: JobRecord) -> tuple[JobRecord, list[str]]:
+        """The state ``job`` (with ``depends_on``) is inserted in, and the dependencies it waits for.
+
+        Waiting on its unfinished dependencies; cancelled when one ended failed or cancelled
+        under policy ``"cancel"``; pending when none is left. JobNotFoundError for an
+        unknown id. Inside the caller's write transaction.
+        """
+        unfinished: list[str] = []
+        failed: tuple[str, str] | None = None
+        for dependency in dict.fromkeys(job.depends_on):
+            row = conn.execute(self.dependency_state, (dependency,)).fetchone()
+            if row is None:
+                raise JobNotFoundError(f"job {job.id!r} depends on {dependency!r}: no job with that id")
+            if row[0] not in _FINAL_VALUES:
+                unfinished.append(dependency)
+            elif row[0] != "completed" and failed is None:
+                failed = (dependency, row[0])
+        if failed is not None and job.on_dependency_failure == "cancel":
+            error = f"dependency {failed[0]} {failed[1]}"
+            cancelled = dataclasses.replace(job, state=JobState.CANCELLED, finished_at=job.created_at, error=error)
+            return cancelled, []
+        if unfinished:
+            return dataclasses.replace(job, state=JobState.WAITING, waiting_on=len(unfinished)), unfinished
+        return dataclasses.replace(job, state=JobState.PENDING, waiting_on=0), []
+
+    def release_dependents(self, conn: _Connection, consumed: Iterable[Sequence[Any]], state: str, now: float) -> None:
+        """Count finished dependencies off their waiting dependents, inside the caller's write transaction.
+
+        ``consumed``: the deleted ``dispatch_job_deps`` rows ``(dependent, dependency)`` of
+        jobs that ended in ``state``. A failed or cancelled dependency cancels a dependent of
+        policy ``"cancel"``, whose own dependents are then released in turn (a worklist, so a
+        long chain does not recurse).
+        """
+        work: list[tuple[Iterable[Sequence[Any]], str]] = [(consumed, state)]
+        while work:
+            rows, ended = work.pop()
+            by_dependent: dict[str, list[str]] = {}
+            for dependent, dependency in rows:
+                by_dependent.setdefault(dependent, []).append(dependency)
+            for dependent, dependencies in by_dependent.items():
+                if ended != "completed":
+                    error = f"dependency {dependencies[0]} {ended}"
+                    if conn.execute(self.cancel_dependent, (error, now, now, dependent)).fetchone() is not None:
+                        work.append((conn.execute(self.consume_deps, (dependent,)).fetchall(), "cancelled"))
+                        continue
+                count = len(dependencies)
+                conn.execute(self.decrement_dependent, (count, count, now, dependent))
+
+    def record_waits(self, conn: _Connection, job_id: str, dependencies: Sequence[str]) -> None:
+        """Record that job ``job_id`` (just inserted waiting) waits for each of ``dependencies``."""
+        for dependency in dependencies:
+            conn.execute(self.insert_dep, (job_id, dependency))
+
+    def release_one(self, conn: _Connection, job_id: str, state: str, now: float) -> None:
+        """:meth:`release_dependents` of the one job ``job_id`` that ended in ``state``."""
+        self.release_dependents(conn, conn.execute(self.consume_deps, (job_id,)).fetchall(), state, now)
+
+    def sweep_waiting(self, conn: _Connection, now: float) -> int:
+        """``Store.release_waiting`` inside the caller's write transaction: how many jobs it settled."""
+        cancelled = [row[0] for row in conn.execute(self.sweep_cancel, (now, now)).fetchall()]
+        for job_id in cancelled:
+            self.release_one(conn, job_id, "cancelled", now)
+        return len(cancelled) + int(conn.execute(self.sweep_release, (now,)).rowcount)
 
     def advance_cron(self, conn: _Connection, name: str, tick: float, now: float) -> bool:
         """``Store.fire_cron``'s compare-and-set: ``last_tick = tick`` if it is earlier (or None).

@@ -13,7 +13,18 @@ from threaddispatch.stores import _sql
 from threaddispatch.stores._sql import job_from_row
 from threaddispatch.stores.base import Completion, JobRecord
 
-__all__ = ["SCHEMA_V1", "SCHEMA_V2", "SCHEMA_V3", "TYPES", "chunks", "claim_in", "complete_in", "marks"]
+__all__ = [
+    "SCHEMA_V1",
+    "SCHEMA_V2",
+    "SCHEMA_V3",
+    "SCHEMA_V4",
+    "STATEMENTS",
+    "TYPES",
+    "chunks",
+    "claim_in",
+    "complete_in",
+    "marks",
+]
 
 _CHUNK = 500  # ids per statement, far below SQLite's variable limit
 
@@ -22,6 +33,9 @@ TYPES: _sql.Types = {"SEQ": "INTEGER PRIMARY KEY", "INT": "INTEGER", "REAL": "RE
 SCHEMA_V1 = _sql.schema_v1(TYPES, ready_keys="queue, priority DESC, run_at")
 SCHEMA_V2 = _sql.schema_workers(TYPES)  # the worker registry
 SCHEMA_V3 = _sql.schema_trace_context(TYPES)  # the enqueuing span's traceparent, on jobs and dead letters
+SCHEMA_V4 = _sql.schema_dependencies(TYPES)  # depends_on, the waiting state and dispatch_job_deps
+#: The shared statements in sqlite3's placeholder style.
+STATEMENTS = _sql.Statements("?")
 
 
 def chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -79,8 +93,24 @@ def complete_in(conn: sqlite3.Connection, outcomes: Sequence[Completion], now: f
         params: list[Any] = [now, now]
         for outcome in chunk:
             params.extend(outcome)
-        done.update(row[0] for row in conn.execute(sql, params).fetchall())
+        applied = [row[0] for row in conn.execute(sql, params).fetchall()]
+        done.update(applied)
+        release_in(conn, applied, "completed", now)
     return done
+
+
+def release_in(conn: sqlite3.Connection, finished: Sequence[str], state: str, now: float) -> None:
+    """Release the waiting dependents of the jobs ``finished`` (that ended in ``state``) in the open transaction.
+
+    One indexed DELETE per 500 ids finds them; jobs with no dependents cost only that probe.
+    """
+    for chunk in chunks(finished):
+        rows = conn.execute(
+            f"DELETE FROM dispatch_job_deps WHERE depends_on IN ({marks(len(chunk))}) RETURNING job_id, depends_on",
+            chunk,
+        ).fetchall()
+        if rows:
+            STATEMENTS.release_dependents(conn, rows, state, now)
 
 
 def _claim_order(job: JobRecord) -> tuple[int, float]:

@@ -53,6 +53,7 @@ _R = TypeVar("_R")
 
 __all__ = [
     "ACTIVE_STATES",
+    "DEPENDENCY_FAILURE_POLICIES",
     "FINAL_STATES",
     "READY_STATES",
     "Completion",
@@ -79,7 +80,9 @@ class JobState(str, Enum):
     RETRYING = "retrying"
     """An attempt failed; waits for ``run_at`` (now + backoff), then runs again."""
     CANCELLED = "cancelled"
-    """Cancelled by an operator or by the handler raising ``Cancel``; never runs again."""
+    """Cancelled by an operator, by the handler raising ``Cancel``, or by a failed dependency; never runs again."""
+    WAITING = "waiting"
+    """Waiting for its ``depends_on`` jobs to finish (``waiting_on`` of them still unfinished); then pending."""
 
     def __str__(self) -> str:
         return self.value
@@ -88,7 +91,9 @@ class JobState(str, Enum):
 #: States a worker may claim from (when ``run_at`` has come).
 READY_STATES = frozenset({JobState.PENDING, JobState.RETRYING})
 #: States that hold a ``unique_key``: a second job with the same key is not created meanwhile.
-ACTIVE_STATES = frozenset({JobState.PENDING, JobState.RETRYING, JobState.RUNNING})
+ACTIVE_STATES = frozenset({JobState.PENDING, JobState.RETRYING, JobState.RUNNING, JobState.WAITING})
+#: What a dependent does when a job it depends on ends failed or cancelled (``JobRecord.on_dependency_failure``).
+DEPENDENCY_FAILURE_POLICIES = ("cancel", "run")
 #: States a job never leaves on its own; purged after the engine's retention.
 FINAL_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
 #: The ``error`` :meth:`Store.reap_stale` records on a job that used all its attempts (and its dead letter).
@@ -114,7 +119,14 @@ class JobRecord:
     a job gets ``max_retries + 1`` attempts. ``timeout`` is the handler's time budget in
     seconds (None: none). ``trace_context`` is the W3C ``traceparent`` of the span that
     enqueued the job (None: none), which the worker's run span links to; a retried or
-    replayed job keeps it. Not thread-safe to mutate; stores hand out fresh copies.
+    replayed job keeps it.
+
+    ``depends_on`` lists the ids of the jobs this one runs after: it is stored ``waiting``
+    (never claimed) while ``waiting_on`` of them are unfinished, and becomes pending when
+    the last completes. When one ends failed or cancelled the job is cancelled too
+    (``on_dependency_failure="cancel"``) or counts it as finished (``"run"``). The store
+    decides the state at insert (the caller passes pending). Not thread-safe to mutate;
+    stores hand out fresh copies.
     """
 
     id: str
@@ -137,6 +149,9 @@ class JobRecord:
     result: str | None = None
     error: str | None = None
     trace_context: str | None = None
+    depends_on: tuple[str, ...] = ()
+    on_dependency_failure: str = "cancel"
+    waiting_on: int = 0
 
     def decoded_payload(self) -> Any:
         """The payload decoded from its JSON text."""
@@ -152,6 +167,7 @@ class JobRecord:
         data["state"] = self.state.value
         data["payload"] = self.decoded_payload()
         data["result"] = self.decoded_result()
+        data["depends_on"] = list(self.depends_on)
         return data
 
 
@@ -327,6 +343,12 @@ class Store(abc.ABC):
         is not inserted: its returned id is the holder's. Two jobs in the same call with
         the same key behave the same way (the second gets the first's id). Blocks for one
         short transaction. Raises StoreError if a job id already exists.
+
+        A job with ``depends_on`` is stored ``waiting`` with ``waiting_on`` = how many of
+        those jobs are unfinished (pending when none is; cancelled at once when one already
+        ended failed or cancelled and ``on_dependency_failure`` is ``"cancel"``). Its
+        dependencies may be jobs inserted earlier in the same call. An unknown dependency
+        id raises JobNotFoundError, inserting nothing.
         """
 
     # -- jobs: workers -----------------------------------------------------------------------
@@ -368,6 +390,11 @@ class Store(abc.ABC):
 
         ``finished_at = now``; ``error`` may carry a note (e.g. an unstorable result).
         Returns False, changing nothing, if the job is no longer that claim.
+
+        Every method that finishes a job (complete, complete_many, complete_and_claim, fail,
+        cancel, reap_stale) releases its waiting dependents in the same transaction:
+        ``waiting_on`` drops by one, and at 0 the dependent becomes pending; a failed or
+        cancelled job cancels its dependents of policy ``"cancel"`` (and theirs, in turn).
         """
 
     @abc.abstractmethod
@@ -654,6 +681,16 @@ class Store(abc.ABC):
             return entry
         self.delete_cron(name)
         return self.upsert_cron(dataclasses.replace(entry, last_tick=now if enabled else math.inf), now=now)
+
+    def release_waiting(self, *, now: float) -> int:
+        """Settle waiting jobs whose dependencies all finished (pending, or cancelled); how many changed.
+
+        The backstop of the release at completion, run by the engines' upkeep: on a backend
+        where an enqueue can race the completion of its dependency (PostgreSQL's snapshots),
+        a dependent may miss its release. The default does nothing (stores whose writers are
+        serialised cannot miss one). One short write.
+        """
+        return 0
 
     # -- the worker registry ---------------------------------------------------------------------
     # A store without a registry may keep these defaults: nothing is registered, none listed.

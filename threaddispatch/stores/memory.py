@@ -32,6 +32,8 @@ from threaddispatch.stores.base import (
 
 __all__ = ["MemoryStore"]
 
+_FAILED = frozenset({JobState.FAILED, JobState.CANCELLED})
+
 
 class MemoryStore(Store):
     """A :class:`~threaddispatch.stores.Store` held in memory. Thread-safe; one lock, short holds."""
@@ -59,6 +61,8 @@ class MemoryStore(Store):
         self._leases: dict[str, tuple[str, float]] = {}
         self._paused: set[str] = set()
         self._workers: dict[str, WorkerInfo] = {}  # the worker registry, by worker id
+        # job id -> the waiting jobs that still wait for it (an entry goes when the job finishes)
+        self._dependents: dict[str, list[str]] = {}
         self._serial = itertools.count(1)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -102,9 +106,61 @@ class MemoryStore(Store):
         job.updated_at = now
         if state in FINAL_STATES:
             job.finished_at = now
+            job.waiting_on = 0
         if state in READY_STATES:
             job.worker_id = None
             self._schedule(job)
+        if state in FINAL_STATES and job.id in self._dependents:
+            self._release(job.id, state, now)
+
+    def _release(self, job_id: str, state: JobState, now: float) -> None:
+        """Count the finished job ``job_id`` off its waiting dependents (a worklist: a chain does not recurse)."""
+        work = [(job_id, state)]
+        while work:
+            finished, ended = work.pop()
+            for dependent_id in self._dependents.pop(finished, ()):
+                dependent = self._jobs.get(dependent_id)
+                if dependent is None or dependent.state is not JobState.WAITING:
+                    continue
+                if ended is not JobState.COMPLETED and dependent.on_dependency_failure == "cancel":
+                    dependent.error = f"dependency {finished} {ended.value}"
+                    dependent.state = JobState.CANCELLED
+                    dependent.updated_at = dependent.finished_at = now
+                    dependent.waiting_on = 0
+                    self._drop_unique(dependent)
+                    work.append((dependent_id, JobState.CANCELLED))
+                    continue
+                dependent.waiting_on -= 1
+                if dependent.waiting_on <= 0:
+                    dependent.waiting_on = 0
+                    self._set_state(dependent, JobState.PENDING, now)
+
+    def _drop_unique(self, job: JobRecord) -> None:
+        if job.unique_key is not None and self._unique.get(job.unique_key) == job.id:
+            del self._unique[job.unique_key]
+
+    def _check_dependencies(self, jobs: Sequence[JobRecord]) -> None:
+        """JobNotFoundError unless every dependency of ``jobs`` is stored or comes earlier in ``jobs``."""
+        earlier: set[str] = set()
+        for job in jobs:
+            for dependency in job.depends_on:
+                if dependency not in self._jobs and dependency not in earlier:
+                    raise JobNotFoundError(f"job {job.id!r} depends on {dependency!r}: no job with that id")
+            earlier.add(job.id)
+
+    def _settle_new(self, job: JobRecord) -> None:
+        """Decide the state of a new ``job`` with dependencies (stored, not yet placed) and note what it waits for."""
+        unfinished = [d for d in dict.fromkeys(job.depends_on) if self._jobs[d].state not in FINAL_STATES]
+        failed = next((self._jobs[d] for d in job.depends_on if self._jobs[d].state in _FAILED), None)
+        if failed is not None and job.on_dependency_failure == "cancel":
+            job.state, job.finished_at, job.waiting_on = JobState.CANCELLED, job.created_at, 0
+            job.error = f"dependency {failed.id} {failed.state.value}"
+        elif unfinished:
+            job.state, job.waiting_on = JobState.WAITING, len(unfinished)
+            for dependency in unfinished:
+                self._dependents.setdefault(dependency, []).append(job.id)
+        else:
+            job.state, job.waiting_on = JobState.PENDING, 0
 
     def _insert(self, job: JobRecord) -> str:
         if job.unique_key is not None and job.unique_key in self._unique:
@@ -112,6 +168,8 @@ class MemoryStore(Store):
         if job.id in self._jobs:
             raise StoreError(f"job id {job.id!r} already exists")
         stored = dataclasses.replace(job)
+        if stored.depends_on:
+            self._settle_new(stored)
         self._jobs[job.id] = stored
         self._order[job.id] = next(self._serial)
         self._set_state(stored, stored.state, stored.updated_at or stored.created_at)
@@ -165,6 +223,7 @@ class MemoryStore(Store):
             clash = next((job.id for job in jobs if job.id in self._jobs), None)
             if clash is not None or len(ids) != len(jobs):
                 raise StoreError(f"job id {clash!r} already exists" if clash else "duplicate job ids in one batch")
+            self._check_dependencies(jobs)
             return [self._insert(job) for job in jobs]
 
     # -- workers -------------------------------------------------------------------------------------
@@ -455,6 +514,7 @@ class MemoryStore(Store):
             self._check_open()
             if dead_letter_id not in self._dead:
                 raise JobNotFoundError(f"no dead letter with id {dead_letter_id!r}")
+            self._check_dependencies([job])
             job_id = self._insert(job)
             del self._dead[dead_letter_id]
             return job_id

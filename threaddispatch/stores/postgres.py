@@ -123,6 +123,7 @@ class PostgresStore(AdminMethods, Store):
         (2, "vacuum the jobs table often, with its indexes", q.SCHEMA_V2),
         (3, "worker registry", q.SCHEMA_V3),
         (4, "trace context", q.SCHEMA_V4),
+        (5, "job dependencies", q.SCHEMA_V5),
     )
 
     def __init__(
@@ -304,11 +305,11 @@ class PostgresStore(AdminMethods, Store):
         jobs = list(jobs)
 
         def op(conn: Conn) -> list[str]:
-            if len(jobs) == 1 and jobs[0].unique_key is None:
+            if len(jobs) == 1 and jobs[0].unique_key is None and not jobs[0].depends_on:
                 conn.execute(q.INSERT, pg_job_params(jobs[0]))  # one statement: its own transaction
                 return [jobs[0].id]
             with conn.transaction():
-                plain = [job for job in jobs if job.unique_key is None]
+                plain = [job for job in jobs if job.unique_key is None and not job.depends_on]
                 with conn.cursor() as cursor:
                     if len(plain) >= _COPY_MIN:
                         with cursor.copy(q.COPY) as copy:
@@ -318,7 +319,9 @@ class PostgresStore(AdminMethods, Store):
                         cursor.executemany(q.INSERT, [pg_job_params(job) for job in plain])
                 if len(plain) == len(jobs):
                     return [job.id for job in jobs]
-                return [job.id if job.unique_key is None else self._insert_unique(conn, job) for job in jobs]
+                return [
+                    job.id if job.unique_key is None and not job.depends_on else self._insert(conn, job) for job in jobs
+                ]
 
         try:
             return self._run("enqueueing jobs", op, idempotent=False)
@@ -329,11 +332,19 @@ class PostgresStore(AdminMethods, Store):
 
     @classmethod
     def _insert(cls, conn: Conn, job: JobRecord) -> str:
-        """Insert one job; returns its id, or the id of the active job holding its unique_key."""
+        """Insert one job (in the caller's transaction); returns its id, or the id of the active job holding
+        its unique_key. A job with dependencies goes in waiting (or pending, or cancelled: ``settle_new``)."""
+        waits: list[str] = []
+        if job.depends_on:
+            job, waits = SQL.settle_new(conn, job)
         if job.unique_key is not None:
-            return cls._insert_unique(conn, job)
-        conn.execute(q.INSERT, pg_job_params(job))
-        return job.id
+            job_id = cls._insert_unique(conn, job)
+        else:
+            conn.execute(q.INSERT, pg_job_params(job))
+            job_id = job.id
+        if job_id == job.id:
+            SQL.record_waits(conn, job_id, waits)
+        return job_id
 
     @staticmethod
     def _insert_unique(conn: Conn, job: JobRecord) -> str:
@@ -407,8 +418,12 @@ class PostgresStore(AdminMethods, Store):
         """See :meth:`Store.reap_stale`: one statement; rows another reaper holds are skipped, not waited for."""
 
         def op(conn: Conn) -> list[str]:
-            rows = conn.execute(q.REAP, {"older": older_than, "now": now, "lost": WORKER_LOST_ERROR}).fetchall()
-            self._wake(conn, [row[1] for row in rows if row[2] == "pending"], now)
+            with conn.transaction():
+                rows = conn.execute(q.REAP, {"older": older_than, "now": now, "lost": WORKER_LOST_ERROR}).fetchall()
+                for row in rows:
+                    if row[2] == "failed":
+                        SQL.release_one(conn, row[0], "failed", now)
+                self._wake(conn, [row[1] for row in rows if row[2] == "pending"], now)
             return [str(row[0]) for row in rows]
 
         return self._run("recovering stale jobs", op, idempotent=True)
@@ -416,12 +431,8 @@ class PostgresStore(AdminMethods, Store):
     def complete(
         self, job_id: str, *, worker_id: str, attempts: int, result: str | None, now: float, error: str | None = None
     ) -> bool:
-        """See :meth:`Store.complete`: one statement."""
-
-        def op(conn: Conn) -> bool:
-            return conn.execute(q.COMPLETE, (result, error, now, now, job_id, worker_id, attempts)).rowcount == 1
-
-        return self._run("completing a job", op, idempotent=True)
+        """See :meth:`Store.complete`: one statement (the completion, and its dependents' release)."""
+        return bool(self.complete_many([Completion(job_id, worker_id, attempts, result, error)], now=now))
 
     def complete_many(self, outcomes: Sequence[Completion], *, now: float) -> set[str]:
         """See :meth:`Store.complete_many`: one statement over arrays of the outcomes."""
@@ -430,7 +441,7 @@ class PostgresStore(AdminMethods, Store):
         params = outcome_params(outcomes, now)
 
         def op(conn: Conn) -> set[str]:
-            return {str(row[0]) for row in conn.execute(q.COMPLETE_MANY, params, prepare=True).fetchall()}
+            return {str(row[0]) for row in conn.execute(q.COMPLETE_AND_RELEASE, params, prepare=True).fetchall()}
 
         return self._run("completing jobs", op, idempotent=True)
 
@@ -453,11 +464,13 @@ class PostgresStore(AdminMethods, Store):
                   "attempts": attempts}  # fmt: skip
 
         def op(conn: Conn) -> DeadLetter | None:
-            row = conn.execute(q.FAIL_CLAIM if fenced else q.FAIL_ANY, params).fetchone()
-            if row is None:
-                if fenced:
-                    return None
-                raise JobNotFoundError(f"no job with id {job_id!r}")
+            with conn.transaction():
+                row = conn.execute(q.FAIL_CLAIM if fenced else q.FAIL_ANY, params).fetchone()
+                if row is None:
+                    if fenced:
+                        return None
+                    raise JobNotFoundError(f"no job with id {job_id!r}")
+                SQL.release_one(conn, job_id, "failed", now)
             return letter_from_row(row)
 
         # A fenced fail is safe to repeat (the second finds no claim); an unfenced one would
@@ -552,13 +565,24 @@ class PostgresStore(AdminMethods, Store):
         params = {"id": job_id, "error": error, "now": now, "worker": worker_id, "attempts": attempts}
 
         def op(conn: Conn) -> bool:
-            if conn.execute(query, params).fetchone() is not None:
-                return True
+            with conn.transaction():
+                if conn.execute(query, params).fetchone() is not None:
+                    SQL.release_one(conn, job_id, "cancelled", now)
+                    return True
             if conn.execute(q.JOB_EXISTS, (job_id,)).fetchone() is None:
                 raise JobNotFoundError(f"no job with id {job_id!r}")
             return False
 
         return self._run("cancelling a job", op, idempotent=False)
+
+    def release_waiting(self, *, now: float) -> int:
+        """See :meth:`Store.release_waiting`: one transaction (two updates, and the cancellations' cascade)."""
+
+        def op(conn: Conn) -> int:
+            with conn.transaction():
+                return SQL.sweep_waiting(conn, now)
+
+        return self._run("settling waiting jobs", op, idempotent=True)
 
     def requeue(self, job_id: str, *, now: float) -> None:
         """See :meth:`Store.requeue`: one transaction holding the job's row lock."""

@@ -40,18 +40,21 @@ from threaddispatch._validate import show
 from threaddispatch.backoff import check_seconds
 from threaddispatch.errors import ConfigurationError, JobNotFoundError, StoreError
 from threaddispatch.stores import _sql
-from threaddispatch.stores._sql import Statements, cron_from_row, job_from_row, job_params, letter_from_row
+from threaddispatch.stores._sql import cron_from_row, job_from_row, job_params, letter_from_row
 from threaddispatch.stores._sqlite_commit import GroupCommitter
 from threaddispatch.stores._sqlite_conn import Connections, Immediate, synchronous_for, translate
 from threaddispatch.stores._sqlite_sql import (
     SCHEMA_V1,
     SCHEMA_V2,
     SCHEMA_V3,
+    SCHEMA_V4,
+    STATEMENTS,
     TYPES,
     chunks,
     claim_in,
     complete_in,
     marks,
+    release_in,
 )
 from threaddispatch.stores._sqlite_watch import WakeupCallback, Watcher
 from threaddispatch.stores.base import (
@@ -68,7 +71,7 @@ from threaddispatch.stores.base import (
 __all__ = ["SQLiteStore"]
 
 _MIN_VERSION = (3, 35, 0)  # UPDATE ... RETURNING
-_SQL = Statements("?")
+_SQL = STATEMENTS
 _INSERT = _SQL.insert_job
 _COMPLETE = _SQL.complete
 _GET_CRON = f"SELECT {_sql.CRON_COLUMNS} FROM dispatch_crons WHERE name = ?"
@@ -114,6 +117,7 @@ class SQLiteStore(Store):
         (1, "initial schema", SCHEMA_V1),
         (2, "worker registry", SCHEMA_V2),
         (3, "trace context", SCHEMA_V3),
+        (4, "job dependencies", SCHEMA_V4),
     )
 
     def __init__(
@@ -247,12 +251,20 @@ class SQLiteStore(Store):
 
     @staticmethod
     def _insert(conn: sqlite3.Connection, job: JobRecord) -> str:
-        """Insert a job in the caller's IMMEDIATE transaction; returns its id, or the id of its key's active holder."""
+        """Insert a job in the caller's IMMEDIATE transaction; returns its id, or the id of its key's active holder.
+
+        A job with dependencies goes in waiting (or pending, or cancelled: ``Statements.settle_new``).
+        """
         if job.unique_key is not None:
             row = conn.execute(_SQL.active_holder, (job.unique_key,)).fetchone()
             if row is not None:
                 return str(row[0])
-        conn.execute(_INSERT, job_params(job))
+        if not job.depends_on:
+            conn.execute(_INSERT, job_params(job))
+            return job.id
+        settled, waits = _SQL.settle_new(conn, job)
+        conn.execute(_INSERT, job_params(settled))
+        _SQL.record_waits(conn, job.id, waits)
         return job.id
 
     @translate
@@ -272,7 +284,7 @@ class SQLiteStore(Store):
         """Insert every request's jobs in one transaction on this thread's connection; each request's ids."""
         conn = self._conn()
         first = requests[0]
-        if len(requests) == 1 and len(first) == 1 and first[0].unique_key is None:
+        if len(requests) == 1 and len(first) == 1 and first[0].unique_key is None and not first[0].depends_on:
             # One statement is its own atomic transaction: skip BEGIN/COMMIT round trips.
             cursor = conn.execute(_INSERT, job_params(first[0]))
             if self._watcher.active and cursor.lastrowid is not None:
@@ -283,21 +295,22 @@ class SQLiteStore(Store):
             ids = [self._insert_many(conn, jobs) for jobs in requests]
             inserted = conn.total_changes - before
             last = int(conn.execute("SELECT last_insert_rowid()").fetchone()[0]) if inserted else 0
-        if inserted and self._watcher.active:
-            # One writer inserting: the transaction's rows took consecutive seqs.
+        if inserted and self._watcher.active and not any(job.depends_on for jobs in requests for job in jobs):
+            # One writer inserting: the transaction's rows took consecutive seqs. (With dependency
+            # rows among them they are not all jobs: the watcher may then announce ours, harmlessly.)
             self._watcher.note_own(last - inserted + 1, last)
         return ids
 
     def _insert_many(self, conn: sqlite3.Connection, jobs: Sequence[JobRecord]) -> list[str]:
         """Insert ``jobs`` in the open transaction; their ids (a unique key's active holder for a duplicate)."""
-        plain = [job for job in jobs if job.unique_key is None]
+        plain = [job for job in jobs if job.unique_key is None and not job.depends_on]
         if len(plain) == 1:
             conn.execute(_INSERT, job_params(plain[0]))
         elif plain:
             conn.executemany(_INSERT, [job_params(job) for job in plain])
         if len(plain) == len(jobs):
             return [job.id for job in jobs]
-        return [job.id if job.unique_key is None else self._insert(conn, job) for job in jobs]
+        return [job.id if job.unique_key is None and not job.depends_on else self._insert(conn, job) for job in jobs]
 
     # -- workers -------------------------------------------------------------------------------------
 
@@ -370,6 +383,7 @@ class SQLiteStore(Store):
                         (WORKER_LOST_ERROR, now, now, job_id),
                     )
                     self._push_dead_letter(conn, job_id, WORKER_LOST_ERROR, now)
+                    release_in(conn, [job_id], "failed", now)
                 else:
                     conn.execute(
                         "UPDATE dispatch_jobs SET state = 'pending', worker_id = NULL, run_at = ?, updated_at = ? "
@@ -382,9 +396,10 @@ class SQLiteStore(Store):
     def complete(
         self, job_id: str, *, worker_id: str, attempts: int, result: str | None, now: float, error: str | None = None
     ) -> bool:
-        """See :meth:`Store.complete`: one statement (its own transaction)."""
-        cursor = self._conn().execute(_COMPLETE, (result, error, now, now, job_id, worker_id, attempts))
-        return cursor.rowcount == 1
+        """See :meth:`Store.complete`: one IMMEDIATE transaction (the completion, and its dependents' release)."""
+        conn = self._conn()
+        with Immediate(conn):
+            return bool(complete_in(conn, [Completion(job_id, worker_id, attempts, result, error)], now))
 
     @translate
     def complete_many(self, outcomes: Sequence[Completion], *, now: float) -> set[str]:
@@ -426,7 +441,9 @@ class SQLiteStore(Store):
                 )
                 if cursor.rowcount != 1:
                     return None
-            return self._push_dead_letter(conn, job_id, error, now)
+            letter = self._push_dead_letter(conn, job_id, error, now)
+            release_in(conn, [job_id], "failed", now)
+            return letter
 
     @translate
     def release(self, job_ids: Sequence[str], *, worker_id: str, now: float, refund_attempt: bool = True) -> int:
@@ -510,18 +527,28 @@ class SQLiteStore(Store):
             condition = "state = 'running' AND (? IS NULL OR worker_id = ?) AND (? IS NULL OR attempts = ?)"
             params += (worker_id, worker_id, attempts, attempts)
         else:
-            condition = f"state IN {_sql.ACTIVE if include_running else _sql.READY}"
+            condition = f"state IN {_sql.ACTIVE if include_running else _sql.UNCLAIMED}"
         conn = self._conn()
-        cursor = conn.execute(
-            "UPDATE dispatch_jobs SET state = 'cancelled', error = coalesce(?, error), finished_at = ?, "
-            f"updated_at = ? WHERE id = ? AND {condition}",
-            params,
-        )
-        if cursor.rowcount == 1:
-            return True
+        with Immediate(conn):
+            cursor = conn.execute(
+                "UPDATE dispatch_jobs SET state = 'cancelled', waiting_on = 0, error = coalesce(?, error), "
+                f"finished_at = ?, updated_at = ? WHERE id = ? AND {condition}",
+                params,
+            )
+            if cursor.rowcount == 1:
+                release_in(conn, [job_id], "cancelled", now)
+                return True
         if conn.execute("SELECT 1 FROM dispatch_jobs WHERE id = ?", (job_id,)).fetchone() is None:
             raise JobNotFoundError(f"no job with id {job_id!r}")
         return False
+
+    @translate
+    def release_waiting(self, *, now: float) -> int:
+        """See :meth:`Store.release_waiting`: one IMMEDIATE transaction. (Writers are serialised here, so
+        it finds work only after a write that bypassed the store, e.g. by hand.)"""
+        conn = self._conn()
+        with Immediate(conn):
+            return _SQL.sweep_waiting(conn, now)
 
     @translate
     def requeue(self, job_id: str, *, now: float) -> None:
