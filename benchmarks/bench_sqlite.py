@@ -9,8 +9,9 @@
    threads run them; wall and CPU (thread_time) per call, p50/p99.
 4. equal durability against huey: ``SQLiteStore(durability="full")`` and ``SqliteHuey(fsync=True)``
    (both ``synchronous=FULL``, an fsync per commit) with 1 and 4 producer threads: enqueue
-   jobs/s, and run jobs/s with 4 worker threads; ratios. ``durability="normal"`` is shown
-   for reference.
+   jobs/s, and run jobs/s with 4 worker threads; the ratio in each round (the peers run
+   back to back in a round, as the disk's fsync time drifts over seconds on a shared machine).
+   ``durability="normal"`` is shown for reference.
 
 The machine may be shared: run it twice to see the spread. ``python benchmarks/bench_sqlite.py --help``.
 """
@@ -253,10 +254,9 @@ def _latency_sections(directory: str, args: argparse.Namespace) -> None:
 
 
 def _durability_section(directory: str, args: argparse.Namespace) -> None:
-    print(f"4. equal durability (fsync per commit), {args.jobs} no-op jobs, 4 worker threads, best of {args.repeat}")
-    print(f"   {'':40} {'enqueue jobs/s':>15} {'run jobs/s':>12}")
+    print(f"4. equal durability (fsync per commit), {args.jobs} no-op jobs, 4 worker threads, {args.repeat} rounds")
+    print("   each round runs the peers back to back (the disk's speed drifts: compare within a round)")
     for producers in (1, 4):
-        rows: dict[str, tuple[float, float]] = {}
         runs: dict[str, Callable[[], tuple[float, float]]] = {
             "threaddispatch durability='full'": lambda: bench_threaddispatch(directory, args.jobs, producers, "full"),
             "huey SqliteHuey(fsync=True)": lambda: bench_huey(directory, args.jobs, producers),
@@ -268,13 +268,20 @@ def _durability_section(directory: str, args: argparse.Namespace) -> None:
         for _ in range(args.repeat):  # interleaved, so noise hits every peer alike
             for name, run in runs.items():
                 results[name].append(run())
+        plural = "s" if producers > 1 else ""
+        print(f"   {producers} producer{plural}: {'enqueue jobs/s per round':>40}   {'run jobs/s per round':>30}")
         for name, found in results.items():
-            rows[name] = (max(r[0] for r in found), max(r[1] for r in found))
-            label = f"{name}, {producers} producer{'s' if producers > 1 else ''}"
-            print(f"   {label:40} {rows[name][0]:15,.0f} {rows[name][1]:12,.0f}")
-        full, huey = rows["threaddispatch durability='full'"], rows["huey SqliteHuey(fsync=True)"]
-        ratios = f"enqueue {full[0] / huey[0]:5.2f}x   run {full[1] / huey[1]:5.2f}x"
-        print(f"   ratio full / huey, {producers} producer(s):   {ratios}")
+            enqueues = " ".join(f"{r[0]:6,.0f}" for r in found)
+            runs_ = " ".join(f"{r[1]:6,.0f}" for r in found)
+            print(f"   {name:36} {enqueues}   {runs_}")
+        full, huey = results["threaddispatch durability='full'"], results["huey SqliteHuey(fsync=True)"]
+        enqueue_ratios = [f[0] / h[0] for f, h in zip(full, huey, strict=True)]
+        run_ratios = [f[1] / h[1] for f, h in zip(full, huey, strict=True)]
+        print(
+            f"   ratio full / huey per round: enqueue {' '.join(f'{r:.2f}' for r in enqueue_ratios)} "
+            f"(median {statistics.median(enqueue_ratios):.2f}, min {min(enqueue_ratios):.2f}); "
+            f"run {' '.join(f'{r:.2f}' for r in run_ratios)} (median {statistics.median(run_ratios):.2f})"
+        )
         sizes = _COMMITS.get(producers, [])
         if sizes:
             print(f"   durability='full': {sum(sizes) / len(sizes):.2f} enqueues per commit (huey: 1)")
@@ -287,7 +294,7 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.5, help="delay of the delayed jobs (default 0.5 s)")
     parser.add_argument("--enqueues", type=int, default=5_000, help="enqueues with a worker running")
     parser.add_argument("--jobs", type=int, default=2_000, help="jobs per durability run (default 2,000)")
-    parser.add_argument("--repeat", type=int, default=2, help="durability runs per peer, best kept (default 2)")
+    parser.add_argument("--repeat", type=int, default=5, help="durability rounds (default 5)")
     parser.add_argument("--only", choices=["latency", "durability"], default=None)
     args = parser.parse_args()
     import sqlite3

@@ -2,21 +2,27 @@
 
 With ``synchronous=FULL`` every commit waits for an fsync (milliseconds on most disks), so
 writers committing one by one are bounded by the disk. :class:`GroupCommitter` joins them:
-an enqueuing thread queues its jobs; if no commit is running it becomes the leader, takes
-everything queued so far and writes it in ONE transaction on its own connection; threads
-that queue meanwhile wait, and when the commit ends the next of them leads with all that
-queued while it ran. A leader whose group would be smaller than the last one waits up to
-:data:`LINGER` for the callers the last commit released to queue again (PostgreSQL's
-``commit_delay``/``commit_siblings``): without it, groups alternate between a few callers and
-the rest. Each caller returns only after the commit holding its own jobs (or
+an enqueuing thread that finds no commit running becomes the leader, takes everything
+queued so far and writes it with its own jobs in ONE transaction on its own connection;
+threads that arrive meanwhile queue and sleep. When the commit ends the leader wakes each
+caller of its group once, settled, and hands the leadership to the first one queued, which
+leads with all that queued while it ran. A leader whose group would be smaller than the
+last one waits up to :data:`LINGER` for the callers the last commit released to queue again
+(PostgreSQL's ``commit_delay``/``commit_siblings``): without it, groups alternate between a
+few callers and the rest. Each caller returns only after the commit holding its own jobs (or
 with its own error: a failed group is retried one request at a time, so one bad job fails
 only its caller). No extra thread.
+
+Wake-ups, measured on a loaded 2-core machine, are what the cycle between two fsyncs costs:
+each caller sleeps on its own lock, released exactly once (settled, or made the leader), and
+the lingering leader is woken once, when its group is complete, not at every arrival.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 
 from threaddispatch.errors import StoreUnavailableError
@@ -32,11 +38,17 @@ Commit = Callable[[Sequence[Sequence[JobRecord]]], list[list[str]]]
 
 
 class _Request:
-    __slots__ = ("done", "error", "ids", "jobs", "taken")
+    """One caller's jobs and outcome. ``wake`` is held from creation and released exactly once, by
+    another thread holding the committer's lock: when the request is settled or made the leader."""
+
+    __slots__ = ("done", "error", "ids", "jobs", "lead", "taken", "wake")
 
     def __init__(self, jobs: Sequence[JobRecord]) -> None:
         self.jobs = jobs
+        self.wake = threading.Lock()
+        self.wake.acquire()
         self.taken = False  # in a leader's batch: it will be settled, never dropped
+        self.lead = False  # handed the leadership: its thread commits the next group
         self.done = False
         self.ids: list[str] = []
         self.error: BaseException | None = None
@@ -51,13 +63,13 @@ class GroupCommitter:
         self._init_process_state()
 
     def _init_process_state(self) -> None:
-        # _lock guards _queue, _leading, _last_group and every _Request's taken/done/ids/error.
-        # On it, _settled is notified when a leader's batch is settled, _queued when a request queues.
+        # _lock guards _queue, _leading, _want, _last_group and every _Request's taken/lead/done/ids/error.
+        # On it, _queued is notified when the queue reaches _want (a lingering leader's group is complete).
         self._lock = threading.Lock()
-        self._settled = threading.Condition(self._lock)
         self._queued = threading.Condition(self._lock)
-        self._queue: list[_Request] = []
-        self._leading = False
+        self._queue: deque[_Request] = deque()  # waiting for a leader, oldest first
+        self._leading = False  # a thread is leading (lingering or committing)
+        self._want = 0  # queued requests a lingering leader waits for (0: none lingers)
         self._last_group = 1  # requests in the last commit
 
     def reset_after_fork(self) -> None:
@@ -69,49 +81,53 @@ class GroupCommitter:
         request = _Request(jobs)
         deadline = time.monotonic() + self.timeout
         with self._lock:
-            self._queue.append(request)
-            self._queued.notify()
-            while self._leading and not request.done:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return self._give_up(request)
-                self._settled.wait(remaining)
-            if not request.done:
+            if self._leading:
+                self._queue.append(request)
+                if self._want and len(self._queue) >= self._want:
+                    self._queued.notify()
+            else:
                 self._leading = True
-                batch = self._take(min(deadline, time.monotonic() + LINGER))
-        if not request.done:
-            self._lead(batch, commit)
+                request.lead = True
+        if not request.lead and not request.wake.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            self._give_up(request)
+        if not request.done:  # made the leader
+            self._lead(self._gather(request, deadline), commit)
         if request.error is not None:
             raise request.error
         return request.ids
 
-    def _take(self, linger_until: float) -> list[_Request]:
-        """As the new leader (``_lock`` held): what has queued, after lingering for the last group's size."""
-        while len(self._queue) < self._last_group:
-            remaining = linger_until - time.monotonic()
-            if remaining <= 0:
-                break
-            self._queued.wait(remaining)
-        batch, self._queue = self._queue, []
-        self._last_group = len(batch)
-        for queued in batch:
-            queued.taken = True
+    def _gather(self, leader: _Request, deadline: float) -> list[_Request]:
+        """The leader's group: itself and what has queued, after lingering for the last group's size."""
+        with self._lock:
+            want = self._last_group - 1  # queued requests besides the leader's own
+            linger_until = min(deadline, time.monotonic() + LINGER)
+            self._want = want
+            while len(self._queue) < want:
+                remaining = linger_until - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._queued.wait(remaining)
+            self._want = 0
+            batch = [leader, *self._queue]
+            self._queue.clear()
+            self._last_group = len(batch)
+            for queued in batch:
+                queued.taken = True
         return batch
 
-    def _give_up(self, request: _Request) -> list[str]:
-        """The caller's deadline passed while others committed; the caller holds ``_lock``."""
-        if not request.taken:
-            self._queue.remove(request)
-            raise StoreUnavailableError(
-                f"SQLite store unavailable: {self.where!r}: the group commit did not take this enqueue "
-                f"within {self.timeout:.3g}s"
-            )
-        # Taken by a leader that has not finished: it settles every request in finally, so wait for that.
-        while not request.done:
-            self._settled.wait(self.timeout)
-        if request.error is not None:
-            raise request.error
-        return request.ids
+    def _give_up(self, request: _Request) -> None:
+        """The caller's deadline passed while it waited: leave the queue, or wait for what took it."""
+        with self._lock:
+            if not request.taken and not request.lead:
+                self._queue.remove(request)
+                raise StoreUnavailableError(
+                    f"SQLite store unavailable: {self.where!r}: the group commit did not take this enqueue "
+                    f"within {self.timeout:.3g}s"
+                )
+        # Taken by a leader (which settles every request of its batch in a finally), or made the
+        # leader: either way ``wake`` is released, or is about to be.
+        while not request.wake.acquire(timeout=self.timeout):
+            pass
 
     def _lead(self, batch: list[_Request], commit: Commit) -> None:
         try:
@@ -132,8 +148,18 @@ class GroupCommitter:
                     request.error = error
             raise
         finally:
-            with self._lock:
-                for request in batch:
-                    request.done = True
+            self._settle(batch)
+
+    def _settle(self, batch: list[_Request]) -> None:
+        """Wake each caller of ``batch`` (the leader's own, ``batch[0]``, is awake), then hand the lead on."""
+        with self._lock:
+            for request in batch:
+                request.done = True
+            for request in batch[1:]:
+                request.wake.release()
+            if self._queue:
+                successor = self._queue.popleft()
+                successor.lead = True
+                successor.wake.release()
+            else:
                 self._leading = False
-                self._settled.notify_all()
