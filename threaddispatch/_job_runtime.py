@@ -409,7 +409,10 @@ class Runtime:
         shared = self.shared
         with shared.lock:
             if slot.settled:
-                return  # released at stop before it started
+                # Released at stop (already forgotten) or cancelled by an operator before it started:
+                # no handler will return to end the slot, so it ends here.
+                self._forget(slot)
+                return
             slot.started = True
             slot.thread = threading.current_thread()
         tracing = self._tracing
