@@ -2,8 +2,10 @@
 
 One producer thread puts N small dicts into a bounded buffer (1,000 messages); a
 consumer hands each to a "dispatcher". Measured: first put to the moment every
-message was handed over and the consumer stopped (end-to-end messages/s), median of
-``--repeat`` runs. Two workloads:
+message was handed over and the consumer stopped (end-to-end messages/s), and the
+process CPU time per message (every thread), median of ``--repeat`` runs taken
+interleaved (each repeat runs every contender once), with ratios to the
+queue.Queue baseline of the same run. Two workloads:
 
 * ``0 ms``: the dispatcher does nothing; this is the cost of the hand-off itself.
 * ``--latency`` ms per call (default 1 ms, a fast network round trip): one call per
@@ -171,19 +173,30 @@ def contenders(latency: float) -> list[tuple[str, Callable[[int], tuple[float, _
     ]
 
 
-def measure(latency: float, n: int, repeat: int) -> dict[str, tuple[float, int]]:
-    results: dict[str, tuple[float, int]] = {}
-    for name, run in contenders(latency):
-        rates = []
-        calls = 0
-        for _ in range(repeat):
+def measure(latency: float, n: int, repeat: int) -> dict[str, tuple[float, int, float]]:
+    """Per contender: (median msg/s, calls, median process CPU µs per message); runs interleaved.
+
+    Each repeat runs every contender once, so all of them see the same machine load; the
+    process CPU time counts every thread (the producer, the loops, the send threads).
+    """
+    runs: dict[str, list[tuple[float, float]]] = {}
+    calls: dict[str, int] = {}
+    chosen = contenders(latency)
+    for _ in range(repeat):
+        for name, run in chosen:
+            began = time.process_time()
             elapsed, sink = run(n)
+            cpu = time.process_time() - began
             if sink.count != n:
                 raise RuntimeError(f"{name}: {sink.count} of {n} messages arrived")
-            rates.append(n / elapsed)
-            calls = sink.calls
-        results[name] = (statistics.median(rates), calls)
-        print(f"  {name:<52} {results[name][0]:>12,.0f} msg/s  ({calls} calls)", file=sys.stderr)
+            runs.setdefault(name, []).append((n / elapsed, cpu / n * 1e6))
+            calls[name] = sink.calls
+    results: dict[str, tuple[float, int, float]] = {}
+    for name, _run in chosen:
+        rate = statistics.median(r[0] for r in runs[name])
+        cpu = statistics.median(r[1] for r in runs[name])
+        results[name] = (rate, calls[name], cpu)
+        print(f"  {name:<52} {rate:>12,.0f} msg/s  {cpu:6.2f} CPU µs/msg  ({calls[name]} calls)", file=sys.stderr)
     return results
 
 
@@ -212,8 +225,28 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.latency:g} ms per call, {args.latency_messages:,} messages:", file=sys.stderr)
     slow = measure(args.latency / 1000.0, args.latency_messages, args.repeat)
 
-    headers = ["Hand-off", "msg/s, 0 ms per call", f"msg/s, {args.latency:g} ms per call", "calls (latency run)"]
-    rows = [[name, f"{fast[name][0]:,.0f}", f"{slow[name][0]:,.0f}", f"{slow[name][1]:,}"] for name in fast]
+    base = fast["queue.Queue + thread (baseline)"]
+    headers = [
+        "Hand-off",
+        "msg/s, 0 ms per call",
+        "vs queue.Queue",
+        "CPU µs/msg, 0 ms",
+        "CPU vs queue.Queue",
+        f"msg/s, {args.latency:g} ms per call",
+        "calls (latency run)",
+    ]
+    rows = [
+        [
+            name,
+            f"{rate:,.0f}",
+            f"{rate / base[0]:.2f}",
+            f"{cpu:.2f}",
+            f"{cpu / base[2]:.2f}",
+            f"{slow[name][0]:,.0f}",
+            f"{slow[name][1]:,}",
+        ]
+        for name, (rate, _calls, cpu) in fast.items()
+    ]
     print_table(headers, rows)
     print(
         f"\nPython {sys.version.split()[0]}, one producer, buffer {BUFFER}, median of {args.repeat} runs; "

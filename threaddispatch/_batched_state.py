@@ -33,6 +33,7 @@ from typing import Any, Generic, TypeVar, cast
 
 from threaddispatch._batched_immediate import call_here
 from threaddispatch._buffered_types import in_context
+from threaddispatch._engine import BatchEngine
 from threaddispatch._invoke import ERROR, Outcome, TimedCaller, call
 from threaddispatch._pool import WorkerPool
 from threaddispatch._trace import Tracing
@@ -47,6 +48,9 @@ _log = logging.getLogger("threaddispatch")
 # Send threads leave after this long without work. Short, so the threads of a dispatcher
 # that was garbage-collected (not closed) do not linger; starting one again is cheap.
 _SEND_IDLE_TIMEOUT = 2.0
+
+# The most batches one send slot sends back to back (see _BatchState.send) before it is released.
+_CHAIN = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,13 +79,12 @@ class _Pending(Generic[T]):
 
     __slots__ = ("context", "delay", "future", "message", "settle", "span", "token")
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 - positional: made once per message
         self,
         message: T,
         future: Future[str | None] | None,
         delay: float | None,
         context: contextvars.Context,
-        *,
         settle: Settle | None = None,
         token: object = None,
         span: Any = None,
@@ -138,6 +141,7 @@ class _BatchState(Generic[T]):
         self.local = threading.local()  # .sending: how many send_batch calls this thread is inside
         self.recorder: FaceRecorder | None = None  # set by the dispatcher when metrics are on
         self.tracing: Tracing | None = None  # set by the dispatcher with a tracer_provider
+        self.engine: BatchEngine[_Pending[T]] | None = None  # set by the dispatcher once it made the engine
         # send_batch is a coroutine function: its send span is opened inside the coroutine.
         self.send_is_async = inspect.iscoroutinefunction(send_batch)
         self._init_runtime()
@@ -147,6 +151,7 @@ class _BatchState(Generic[T]):
         self.mutex = threading.Lock()
         self.slot_free = threading.Condition(self.mutex)
         self.sending = 0  # send slots taken: sends submitted to the pool and not returned yet
+        self.slot_waiters = 0  # threads waiting on slot_free (the engine worker, at most)
 
     def _past_give_up(self) -> bool:
         return self.give_up_at is not None and time.monotonic() >= self.give_up_at
@@ -157,12 +162,7 @@ class _BatchState(Generic[T]):
         Runs on the engine worker. Returns the pool's Future (the engine settles the batch
         when it is done), or None when nothing is left to send.
         """
-        batch = [
-            pending for pending in items if pending.future is None or pending.future.set_running_or_notify_cancel()
-        ]
-        if len(batch) != len(items):
-            with self.mutex:
-                self.cancelled += len(items) - len(batch)
+        batch = self._runnable(items)
         if not batch:
             return None
         with self.mutex:
@@ -170,7 +170,11 @@ class _BatchState(Generic[T]):
                 # Back-pressure: the engine keeps buffering while we wait. Only close() ends
                 # this wait early (it sets give_up_at and notifies).
                 remaining = None if self.give_up_at is None else self.give_up_at - time.monotonic()
-                self.slot_free.wait(remaining)
+                self.slot_waiters += 1
+                try:
+                    self.slot_free.wait(remaining)
+                finally:
+                    self.slot_waiters -= 1
             give_up = self._past_give_up()
             if not give_up:
                 self.sending += 1
@@ -190,20 +194,66 @@ class _BatchState(Generic[T]):
             self._fail(batch, error)
             return None
 
-    def _release(self, *, called: bool = False) -> None:
+    def _runnable(self, items: list[_Pending[T]]) -> list[_Pending[T]]:
+        """``items`` but those whose Future was cancelled (counted); the rest's Futures now run."""
+        batch = [
+            pending for pending in items if pending.future is None or pending.future.set_running_or_notify_cancel()
+        ]
+        if len(batch) != len(items):
+            with self.mutex:
+                self.cancelled += len(items) - len(batch)
+        return batch
+
+    def _release(self, *, called: int = 0) -> None:
         with self.mutex:
             self.sending -= 1
             self.calls += called
-            self.slot_free.notify()
+            if self.slot_waiters:
+                self.slot_free.notify()
 
     def send(self, target: str, batch: list[_Pending[T]]) -> None:
-        """Run ``send_batch`` for one batch (on a pool thread, holding a send slot) and settle its messages."""
+        """Run ``send_batch`` for one batch (on a pool thread, holding a send slot) and settle its messages.
+
+        Then, while ``target``'s lane holds a full batch, take it (``BatchEngine.take_now``)
+        and send it here too, in the same slot, up to ``_CHAIN`` batches: under load the
+        batches of a busy target go back to back on this thread instead of costing a
+        worker wake-up, a pool hand-off and a thread switch each. Only a full batch is
+        taken here (a partial one waits for its window on the worker), but the check and
+        the take are two locks apart: if the worker took from the lane in between, the
+        rest (a partial batch) goes at once. A batch the worker took meanwhile waits for a
+        slot while the chains go on (sends in several slots have no order anyway), for at
+        most ``_CHAIN`` batches of the first chain to end. Nothing is chained past close()'s
+        deadline. With one send slot nothing is chained: a target's batches then go
+        strictly in the order they were formed.
+        """
+        engine = None if self.max_concurrent_sends == 1 else self.engine  # one slot: strictly in order
+        calls = chained = 0
+        seq = 0  # the chained batch being sent (the first one is settled by the pool's Future)
+        try:
+            while True:
+                try:
+                    if batch:
+                        calls += 1
+                        self._send_one(target, batch)
+                finally:
+                    if seq:
+                        engine.settle(seq)  # type: ignore[union-attr]  # seq: taken from it
+                if engine is None or chained == _CHAIN or self._past_give_up():
+                    return
+                if engine.lane_length(target) < engine.max_batch_size:
+                    return
+                seq, items = engine.take_now(target, engine.max_batch_size)
+                if not seq:
+                    return
+                chained += 1
+                batch = self._runnable(items)
+        finally:
+            self._release(called=calls)
+
+    def _send_one(self, target: str, batch: list[_Pending[T]]) -> None:
         recorder = self.recorder
         started = 0.0 if recorder is None else time.perf_counter()
-        try:
-            outcome = self._send_batch(target, batch, self._call)
-        finally:
-            self._release(called=True)
+        outcome = self._send_batch(target, batch, self._call)
         if recorder is not None:  # metrics on: one recording per send, never per message
             recorder.send(len(batch), started, outcome.error, target)
         self._settle(target, batch, outcome)

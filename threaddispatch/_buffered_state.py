@@ -228,7 +228,7 @@ class _AsyncState(Generic[T]):
         self.buffer.append(entry)
         self.buffered += 1
         if self.loop_waiting:
-            self.work_ready.notify()
+            self._wake_loop()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -477,6 +477,16 @@ class _AsyncState(Generic[T]):
             return context.run(call, fn, *args)
         return self.caller.call(in_context, context.copy(), fn, *args)
 
+    def _wake_loop(self) -> None:
+        """Wake the waiting dispatch loop, once: it re-checks everything when it runs. Holds mutex.
+
+        Clearing ``loop_waiting`` here spares every later producer (and settle) its own
+        notify until the loop has run and waits again: one Condition.notify per wake-up,
+        not one per message put while the woken loop waits for the GIL.
+        """
+        self.loop_waiting = False
+        self.work_ready.notify()
+
     def _wait_for_work(self, timeout: float | None) -> None:
         """Wait until notified (a message, a settled send, a reported failure, stop) or ``timeout``; holds mutex."""
         self.loop_waiting = True
@@ -529,10 +539,7 @@ class _AsyncState(Generic[T]):
             with self.mutex:
                 self.in_flight -= sent
                 self.sent += sent
-                if self.loop_waiting:
-                    self.work_ready.notify()
-                if self.dispatch_done:
-                    self.failure_ready.notify()
+                self._notify_settled()
 
     def _on_done(self, entry: _Entry[T], attempt: int, future: Future[Any]) -> None:
         """Done-callback of a submitted message's Future (any thread, nothing held)."""
@@ -545,12 +552,21 @@ class _AsyncState(Generic[T]):
             with self.mutex:
                 self.in_flight -= 1
                 self.sent += 1
-                if self.loop_waiting:
-                    self.work_ready.notify()
-                if self.dispatch_done:
-                    self.failure_ready.notify()
+                self._notify_settled()
         else:
             self._settle(entry, attempt, error)
+
+    def _notify_settled(self) -> None:
+        """Messages settled as sent (in_flight fell): wake whoever that can unblock. Holds mutex.
+
+        The dispatch loop only if it can act on it: messages wait that ``max_in_flight``
+        held back, or a stop drains (it finishes once nothing is in flight). Waking an
+        idle loop for every settled batch would cost a thread switch each and change nothing.
+        """
+        if self.loop_waiting and (self.buffer or self.closing):
+            self._wake_loop()
+        if self.dispatch_done:
+            self.failure_ready.notify()
 
     def _settle(self, entry: _Entry[T], attempt: int, error: BaseException) -> None:
         """A send of ``message`` failed: schedule a retry or queue it for the failure loop. Nothing held."""
@@ -569,7 +585,7 @@ class _AsyncState(Generic[T]):
             self.failures.append(failed)
             self.failure_ready.notify()
             if self.loop_waiting:
-                self.work_ready.notify()
+                self._wake_loop()
 
     def _next_delay(self, retry: RetryPolicy, attempt: int, error: BaseException) -> float | None:
         """The policy's one decision (Cancel final, Retry(delay) honoured, a bad delay final); None: final."""
@@ -679,7 +695,7 @@ class _AsyncState(Generic[T]):
                         self.failure_ready.wait()
                     failed = self.failures.popleft()
                     if self.loop_waiting:
-                        self.work_ready.notify()  # it may be held back by a full backlog
+                        self._wake_loop()  # it may be held back by a full backlog
                 self._report(failed)
         finally:
             with self.mutex:

@@ -147,6 +147,7 @@ class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
             window=flush_interval,
             max_batch_size=max_batch_size,
         )
+        self._state.engine = self._engine
         self._state.recorder = checked_metrics.bind(self)
         self._state.tracing = self._tracing = tracing
         _lifecycle.register(self._state)
@@ -227,7 +228,7 @@ class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
             context = given if given is not None else caller if caller is not None else contextvars.copy_context()
             # The producer's span is in its captured context; without one the caller is a loop thread: no span.
             span = None if tracing is None or given is None else given.run(tracing.capture)
-            pending = _Pending(message, None, None, context, settle=settle, token=token, span=span)
+            pending = _Pending(message, None, None, context, settle, token, span)  # positional: once per message
             if delay_seconds is None:
                 run.append(pending)
                 continue
