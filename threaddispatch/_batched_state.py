@@ -104,8 +104,9 @@ class _Pending(Generic[T]):
 #: ``send_batch`` as the send threads call it (the user's, or it inside its send span).
 _Send = Callable[[str, list[Any]], object]
 
-#: What a hand-off's ``settle`` gets once per batch: ``(token, error or None)`` for each of its messages.
-Settle = Callable[[list[tuple[Any, "BaseException | None"]]], object]
+#: What a hand-off's ``settle`` gets once per batch: its messages' tokens, and their errors in the
+#: same order (None for one sent), or None for the errors when all of them were sent.
+Settle = Callable[[list[Any], "list[BaseException | None] | None"], object]
 
 
 class _BatchState(Generic[T]):
@@ -382,8 +383,18 @@ class _BatchState(Generic[T]):
     def _resolve(self, batch: list[_Pending[T]], outcomes: list[Any]) -> None:
         """Give each message its outcome (an id, None or an exception): its Future, or its hand-off's
         ``settle`` once per batch. Nothing held: Future callbacks and ``settle`` are user-side code."""
+        settle = batch[0].settle
+        if (  # the common hand-off batch: all sent, all of one hand-off (no outcome per message to pass)
+            settle is not None
+            and not any(issubclass(kind, BaseException) for kind in set(map(type, outcomes)))
+            and all(pending.settle is settle for pending in batch)
+        ):
+            with self.mutex:
+                self.sent += len(batch)
+            self._call_settle(settle, [pending.token for pending in batch], None)
+            return
         sent = failed = 0
-        handed: dict[Settle, list[tuple[Any, BaseException | None]]] | None = None
+        handed: dict[Settle, tuple[list[Any], list[BaseException | None]]] | None = None
         for pending, outcome in zip(batch, outcomes, strict=True):
             error = outcome if isinstance(outcome, BaseException) else None
             if error is None:
@@ -400,15 +411,20 @@ class _BatchState(Generic[T]):
             assert pending.settle is not None
             if handed is None:
                 handed = {}
-            handed.setdefault(pending.settle, []).append((pending.token, error))
+            tokens, errors = handed.setdefault(pending.settle, ([], []))
+            tokens.append(pending.token)
+            errors.append(error)
         with self.mutex:
             self.sent += sent
             self.failed += failed
         if handed is not None:
-            for settle, settled in handed.items():
-                outcome = call(settle, settled)
-                if outcome.error is not None:
-                    _log.error("%s: a hand-off's settle raised", self.name, exc_info=outcome.error)
+            for each, (tokens, errors) in handed.items():
+                self._call_settle(each, tokens, errors)
+
+    def _call_settle(self, settle: Settle, tokens: list[Any], errors: list[BaseException | None] | None) -> None:
+        outcome = call(settle, tokens, errors)
+        if outcome.error is not None:
+            _log.error("%s: a hand-off's settle raised", self.name, exc_info=outcome.error)
 
     def in_send(self) -> bool:
         """Whether the calling thread is inside ``send_batch`` (it cannot wait for its own batch)."""

@@ -521,20 +521,22 @@ class _AsyncState(Generic[T]):
             future.add_done_callback(functools.partial(self._on_done, entry, attempt))
 
     def _hand(self, taken: list[tuple[_Entry[T], int]]) -> None:
-        """Hand ``taken`` to the BatchedDispatcher in one call, without Futures; :meth:`_on_handed` settles them."""
-        assert self.hand_off is not None
-        handed = [(entry, (entry, attempts + 1)) for entry, attempts in taken]
-        for (entry, attempt), error in self.hand_off(handed, self.target, self.on_handed):
-            self._settle(entry, attempt, error)  # refused (closed, a bad delay): this message failed
+        """Hand ``taken`` to the BatchedDispatcher in one call, without Futures; :meth:`_on_handed` settles them.
 
-    def _on_handed(self, settled: list[tuple[tuple[_Entry[T], int], BaseException | None]]) -> None:
+        Each ``(entry, attempts made)`` pair is its own token: the hand-off gives it back.
+        """
+        assert self.hand_off is not None
+        for (entry, attempts), error in self.hand_off(taken, self.target, self.on_handed):
+            self._settle(entry, attempts + 1, error)  # refused (closed, a bad delay): this message failed
+
+    def _on_handed(self, tokens: list[tuple[_Entry[T], int]], errors: list[BaseException | None] | None) -> None:
         """A batch of handed messages was sent or failed (a send thread, nothing held): one lock for its successes."""
-        sent = 0
-        for (entry, attempt), error in settled:
-            if error is None:
-                sent += 1
-            else:
-                self._settle(entry, attempt, error)
+        sent = len(tokens)
+        if errors is not None:  # some failed (errors None: all were sent)
+            for (entry, attempts), error in zip(tokens, errors, strict=True):
+                if error is not None:
+                    sent -= 1
+                    self._settle(entry, attempts + 1, error)
         if sent:
             with self.mutex:
                 self.in_flight -= sent

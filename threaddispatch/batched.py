@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from threaddispatch import _immediate, _lifecycle
 from threaddispatch._batched_state import Envelope, Settle, _BatchState, _Pending
@@ -202,29 +202,31 @@ class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
 
     def _hand_off(
         self,
-        handed: list[tuple[tuple[T, int | None, contextvars.Context | None], object]],
+        handed: list[tuple[tuple[T, int | None, contextvars.Context | None], Any]],
         target: str,
         settle: Settle,
-    ) -> list[tuple[object, BaseException]]:
+    ) -> list[tuple[Any, BaseException]]:
         """:meth:`submit` without Futures, for :class:`~threaddispatch.buffered.AsyncDispatcher`, in order.
 
-        ``handed`` holds ``((message, delay_seconds or None, context or None), token)``. Once
-        the batch holding a message was sent or failed, ``settle`` gets ``[(token, error or
-        None), ...]`` for that batch's hand-offs that share it, on a send thread (or, past
-        close()'s deadline, on the thread that fails them). A message runs in its
+        ``handed`` holds ``((message, delay_seconds or None, context or None), extra)`` pairs,
+        each pair its message's token. Once the batch holding a message was sent or failed,
+        ``settle(tokens, errors)`` gets the tokens of that batch's hand-offs that share it and
+        their errors (None for one sent; ``errors`` None when all were sent), on a send
+        thread (or, past close()'s deadline, on the thread that fails them). A message runs in its
         ``context`` (None: the caller's). Messages without a delay go to the lane together,
         in one acquisition of the engine's lock (``BatchEngine.put_many``). Returns
         ``(token, error)`` for each message refused as :meth:`submit` would refuse it
         (closed, a delay it cannot take); never raises.
         """
-        refused: list[tuple[object, BaseException]] = []
+        refused: list[tuple[Any, BaseException]] = []
         run: list[_Pending[T]] = []  # delay-free messages not in the lane yet, in order
         # The caller's context, captured once for all: only without envelopes, where each message
         # gets its own (send_batch may run two envelopes' contexts at once, and one Context cannot be
         # entered twice at a time). send_batch itself runs in a copy.
         caller = None if self._state.envelopes else contextvars.copy_context()
         tracing = self._tracing
-        for (message, delay_seconds, given), token in handed:
+        for token in handed:
+            (message, delay_seconds, given), _ = token
             context = given if given is not None else caller if caller is not None else contextvars.copy_context()
             # The producer's span is in its captured context; without one the caller is a loop thread: no span.
             span = None if tracing is None or given is None else given.run(tracing.capture)
@@ -244,7 +246,7 @@ class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
             refused += self._put_run(run, target)
         return refused
 
-    def _put_run(self, run: list[_Pending[T]], target: str) -> list[tuple[object, BaseException]]:
+    def _put_run(self, run: list[_Pending[T]], target: str) -> list[tuple[Any, BaseException]]:
         """Queue delay-free hand-offs for ``target`` under one lock; all refused if closed."""
         try:
             if self._state.closed:
