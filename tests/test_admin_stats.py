@@ -1,23 +1,24 @@
 """``GET /stats`` and ``threaddispatch stats`` answer for the cluster, from the store (issue 16), with one dict.
 
-The serving engine is idle (as ``threaddispatch serve``'s is); the work is done by other
-engines on the same SQLite file, which is what the answer must show.
+The serving engine is idle (as ``threaddispatch serve``'s is); the work is done by another
+engine on the same store (a SQLite file, a PostgreSQL schema), which is what the answer must show.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import SHARED_STORE_PARAMS
 
 from threaddispatch._admin_stats import cluster_stats
 from threaddispatch.admin import make_wsgi_app
 from threaddispatch.cli import main
 from threaddispatch.jobs import JobEngine
-from threaddispatch.stores import SQLiteStore
+from threaddispatch.stores import SQLiteStore, Store
 from threaddispatch.stores.base import JobState
 from threaddispatch.testing import wait_for
 
@@ -30,16 +31,22 @@ def _boom(ctx: object, payload: object) -> None:
     raise RuntimeError("boom")
 
 
+@pytest.fixture(params=SHARED_STORE_PARAMS)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """The stores two engines can share: a SQLite file, a PostgreSQL schema."""
+    kind: str = request.param
+    return kind
+
+
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[JobEngine, JobEngine, str]]:
-    """An idle serving engine, and a worker engine serving ``mail`` and ``default``, on one SQLite file."""
-    path = tmp_path / "jobs.db"
-    serving_store, worker_store = SQLiteStore(path), SQLiteStore(path)
+def cluster(make_store: Callable[[], Store], store_url: str) -> Iterator[tuple[JobEngine, JobEngine, str]]:
+    """An idle serving engine, and a worker engine serving ``mail`` and ``default``, on one store."""
+    serving_store, worker_store = make_store(), make_store()
     serving = JobEngine(serving_store)
     worker = JobEngine(worker_store, queues=("default", "mail"), concurrency=2, poll_interval=0.05)
     worker.register("noop", lambda ctx, payload: payload)
     worker.register("boom", _boom, max_retries=0)
-    yield serving, worker, f"sqlite:///{path}"
+    yield serving, worker, store_url
     worker.stop(10)
     serving.stop(5)
     worker_store.close()
@@ -83,7 +90,7 @@ def test_stats_answers_for_the_cluster_not_the_idle_serving_engine(cluster: tupl
     assert data["paused_queues"] == ["default", "mail"]
     [live] = data["workers"]
     assert live["id"] == worker.worker_id and set(live["queues"]) == {"default", "mail"}
-    assert data["store"]["kind"] == "SQLiteStore"
+    assert data["store"]["kind"] == type(serving.store).__name__
     # The serving engine's own counters are there too, under a name that says whose they are.
     assert data["serving_engine"]["state"] == "new" and data["serving_engine"]["worker_id"] == ""
 
