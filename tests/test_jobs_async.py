@@ -79,11 +79,11 @@ class AsyncHooks(Middleware):
     def __init__(self, calls: list[str]) -> None:
         self.calls = calls
 
-    async def before_job(self, ctx: JobContext) -> None:  # type: ignore[override]  # async hooks are documented
+    async def before_job(self, ctx: JobContext) -> None:
         await asyncio.sleep(0)
         self.calls.append("before")
 
-    async def after_job(  # type: ignore[override]  # async hooks are documented; the base says -> None
+    async def after_job(
         self, ctx: JobContext, result: object, error: BaseException | None
     ) -> None:
         await asyncio.sleep(0)
