@@ -198,8 +198,8 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "--max-jobs",
-        "exit (0 when clean) after N jobs finished here (completed, failed, or retrying later); jobs already "
-        "started then finish too; with --processes, per process, which is then replaced",
+        "exit (0 when clean) once N jobs (attempts) ran here: the N-th start stops the claiming, and the jobs "
+        "started finish first; with --processes, per process, which is then replaced",
         _count("max_jobs"),
         "N",
     ),
@@ -354,31 +354,32 @@ class PidFile:
 # -- one worker process ------------------------------------------------------------------------------------
 
 
-class _Finished:
-    """Counts the attempts the engine finished (completed, failed, retrying later); sets ``done`` at ``limit``.
+class _JobLimit:
+    """``--max-jobs``: a ``job_started`` listener that sets ``reached`` at the ``limit``-th start here, and holds
+    that start until the engine's stop has begun (then nothing more is claimed), so the job runs as the last one.
 
-    Called on the engine's threads; ``_lock`` guards ``_count``.
+    Called on the engine's worker threads; ``_lock`` guards ``_started``. The hold is bounded by ``_HOLD``.
     """
 
-    EVENTS = ("job_completed", "job_failed", "job_retrying")
+    _HOLD = 10.0
 
-    def __init__(self, limit: int, done: threading.Event) -> None:
+    def __init__(self, engine: JobEngine, limit: int, reached: threading.Event) -> None:
+        self._engine = engine
         self._limit = limit
-        self._done = done
+        self.reached = reached
         self._lock = threading.Lock()
-        self._count = 0
+        self._started = 0
 
     def __call__(self, *_args: object) -> None:
         with self._lock:
-            self._count += 1
-            reached = self._count >= self._limit
-        if reached:
-            self._done.set()
-
-    @property
-    def reached(self) -> bool:
-        with self._lock:
-            return self._count >= self._limit
+            self._started += 1
+            if self._started < self._limit:
+                return
+        self.reached.set()
+        deadline = time.monotonic() + self._HOLD
+        # The stop has begun once the engine no longer runs; the thread that serves waits on ``reached``.
+        while self._engine.running and time.monotonic() < deadline:
+            time.sleep(0.001)
 
 
 @contextmanager
@@ -479,27 +480,27 @@ def serve(
 
     It stops at SIGTERM/SIGINT (handled while it runs, when called on the main thread), when
     the engine is stopped from elsewhere, with ``burst`` once no job of the served (unpaused)
-    queues is due now or running, after ``max_jobs`` attempts finished here, or once this
+    queues is due now or running, once ``max_jobs`` attempts ran here, or once this
     process's parent is no longer ``parent`` (its supervisor died). ``why``: "signal",
     "stopped", "burst", "max-jobs" or "orphaned"; ``clean``: what ``engine.stop()`` returned.
     Blocks until then and for the stop (at most the engine's shutdown_timeout plus a store call).
     """
     requested = threading.Event()
     received: list[int] = []
-    finished = None if max_jobs is None else _Finished(max_jobs, requested)
+    limit = None if max_jobs is None else _JobLimit(engine, max_jobs, requested)
     with _stop_signals(requested, received):
-        offs = [] if finished is None else [engine.events.on(name, finished) for name in _Finished.EVENTS]
+        off = None if limit is None else engine.events.on("job_started", limit)
         try:
             engine.start(queues=queues, concurrency=concurrency)
             why = _until_stop(engine, requested, burst=burst, parent=parent)
         finally:
-            for off in offs:
+            if off is not None:
                 off()
         clean = engine.stop()
     if why == "requested":
-        why = "signal" if received or finished is None or not finished.reached else "max-jobs"
+        why = "signal" if received or limit is None else "max-jobs"
     if why == "max-jobs":
-        logging.getLogger("threaddispatch.worker").info("finished %d jobs (--max-jobs): stopped", max_jobs)
+        logging.getLogger("threaddispatch.worker").info("ran %d jobs (--max-jobs): stopped", max_jobs)
     return clean, why
 
 
