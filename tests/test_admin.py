@@ -410,10 +410,7 @@ def test_cancels_racing_real_workers_answer_200_only_for_jobs_that_never_ran(
         finished = (JobState.COMPLETED, JobState.CANCELLED)
         wait_for(lambda: all(engine.get_job(i).state in finished for i in ids), timeout=20, message="all finished")
     finally:
-        # Not asserted clean: a job cancelled between its claim and its start keeps its slot in
-        # flight (_job_runtime's _run_slot returns without forgetting a settled slot), so stop()
-        # reports it; the stores' states below are what this test is about.
-        engine.stop(5)
+        assert engine.stop(5)
     for job_id in ids:
         state = engine.get_job(job_id).state
         if statuses[job_id] == 200:
