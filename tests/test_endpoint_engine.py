@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Hashable
 from concurrent.futures import Future
 from typing import Any
@@ -210,11 +211,8 @@ def test_priority_lane_matches_a_sorted_reference() -> None:
     assert len(lane) == 0 and lane.take(3) == []
 
 
-def test_opening_more_windows_does_not_wake_the_sleeping_worker() -> None:
-    """Windows are equally long: a lane opening one after another is open cannot close earlier, so no wake-up."""
-    engine: BatchEngine[int] = BatchEngine(lambda key, items: None, name="test-wakeups", window=60, max_batch_size=10)
-    engine.put(0, "first")
-    wait_for(lambda: engine._worker_waiting, message="the worker asleep until the first window closes")
+def count_wakeups(engine: BatchEngine[Any]) -> list[int]:
+    """From now on, every notify of the engine's worker is appended to the returned list."""
     wakeups: list[int] = []
     notify = engine._wakeup.notify
 
@@ -223,10 +221,69 @@ def test_opening_more_windows_does_not_wake_the_sleeping_worker() -> None:
         notify(n)
 
     engine._wakeup.notify = counting_notify  # type: ignore[method-assign]
+    return wakeups
+
+
+def test_opening_more_windows_does_not_wake_the_sleeping_worker() -> None:
+    """Windows are equally long: a lane opening one after another is open cannot close earlier, so no wake-up."""
+    engine: BatchEngine[int] = BatchEngine(lambda key, items: None, name="test-wakeups", window=60, max_batch_size=10)
+    engine.put(0, "first")
+    wait_for(lambda: engine._worker_waiting, message="the worker asleep until the first window closes")
+    wakeups = count_wakeups(engine)
     for i in range(100):
         engine.put(i, f"lane-{i}")
     assert wakeups == []
     for i in range(10):
         engine.put(i, "full")  # a full lane still wakes it at once
     assert len(wakeups) == 1
+    assert engine.close(5)
+
+
+# -- cost flat in the number of endpoints (issue 14) -------------------------------------------
+
+
+def test_an_endpoint_costs_the_collector_one_object() -> None:
+    """Per endpoint with jobs of one priority the dispatcher keeps one tracked object (its lane):
+    a full collection then costs little more with 100k endpoints than the jobs themselves."""
+    import gc
+
+    from threaddispatch.endpoint import DispatchJob, EndpointBatchDispatcher
+
+    dispatcher = EndpointBatchDispatcher(lambda _e, _j: None, max_batch_size=10, batch_timeout=3600.0)
+    jobs = [DispatchJob(f"endpoint-{index}", index, priority=3) for index in range(1000)]
+    try:
+        gc.collect()
+        before = len(gc.get_objects())
+        for job in jobs:
+            dispatcher.add_job(job)
+        gc.collect()
+        assert len(gc.get_objects()) - before <= 1000 + 50  # the lanes, and a few objects of the machinery
+        dispatcher.add_job(DispatchJob("endpoint-0", "urgent", priority=9))
+        assert [job.payload for job in dispatcher.process_batch_for_endpoint("endpoint-0").jobs] == ["urgent", 0]  # type: ignore[union-attr]
+    finally:
+        dispatcher.shutdown(10)
+
+
+def test_with_the_gate_shut_the_worker_waits_for_a_settle_not_for_each_window() -> None:
+    """The shut gate takes nothing, so the windows of the other lanes do not wake the worker: it
+    sleeps until a settle or the held lane's window, however many lanes open windows meanwhile."""
+    sends = AsyncSends()
+    engine: BatchEngine[int] = BatchEngine(
+        sends, name="test-shut-wait", window=60.0, max_batch_size=1, gate=lambda _key: engine.unsettled < 1
+    )
+    engine.put(0, "first")  # a full lane: taken, and unsettled
+    wait_for(lambda: sends.count() == 1)
+    engine.put(1, "second")  # due, refused: held, the gate shut
+    wait_for(lambda: engine._gate_shut and engine._worker_waiting, message="the worker asleep, the gate shut")
+    engine.window = 0.001  # the next windows close at once: still no reason to wake the worker
+    wakeups = count_wakeups(engine)
+    for index in range(100):
+        engine.put(index, f"lane-{index}")
+    assert wakeups == []
+    with engine._lock:
+        wait = engine._window_wait(time.monotonic())
+    assert wait is not None and wait > 1.0  # the held lane's 60 s window, not the 1 ms ones
+    sends.auto = True
+    sends.finish(0)
+    assert engine.flush(10)
     assert engine.close(5)

@@ -153,10 +153,10 @@ def test_a_processor_failure_fires_processor_error_and_the_batch_still_goes(monk
     events = Events(d)
     broken = RuntimeError("can't start new thread")
 
-    def submit(*_args: object) -> None:
+    def run(*_args: object) -> None:
         raise broken
 
-    monkeypatch.setattr(d._core.pool, "submit", submit)
+    monkeypatch.setattr(d._core.pool, "run", run)
     job = DispatchJob("ep", "x")
     d.add_job(job)
     wait_for(lambda: status(job) == "delivered", timeout=10, message="the batch sent despite the failure")

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import inspect
 import logging
+import queue
 import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from concurrent.futures import Future
 from operator import attrgetter
 
 from threaddispatch import _drop_log, _lifecycle
@@ -118,6 +118,7 @@ class Core:
             on_skip=self.on_skip,
             on_abandon=self.on_abandon,
             lane_factory=_priority_lane if enable_prioritization else FifoLane,
+            self_settling=True,  # deliver hands each batch to a sender, which settles it
             # No per-lane bound: max_pending_jobs is over all endpoints, applied by add_job.
             drop_log=self._new_drop_log(),
         )
@@ -136,7 +137,11 @@ class Core:
         # Sends running now, whoever runs them. The gate keeps it from blocking while open;
         # during the shutdown drain (no gate) it keeps a process_* call in progress and the
         # pool's threads together within the limit.
-        self.permits = threading.BoundedSemaphore(self.max_concurrent_batches)
+        # One token per send allowed at once: a SimpleQueue is a semaphore at C speed (a
+        # threading.Semaphore is a Condition in Python, several microseconds per batch).
+        self.permits: queue.SimpleQueue[None] = queue.SimpleQueue()
+        for _ in range(self.max_concurrent_batches):
+            self.permits.put(None)
         self.local = threading.local()  # .sending / .adding: what this thread is in the middle of
         self.closed = False
         self.adding = 0  # add_job calls between their job_added event and their put
@@ -189,28 +194,34 @@ class Core:
             ", ".join(job.id for job in jobs[:10]) + (", ..." if len(jobs) > 10 else ""),
         )
 
-    def deliver(self, endpoint_id: Hashable, jobs: list[DispatchJob]) -> Future[None] | None:
+    def deliver(self, endpoint_id: Hashable, jobs: list[DispatchJob], seq: int) -> None:
+        """The engine's (self-settling) deliver: hand batch ``seq`` to a sending thread, which settles it."""
         batch = WebhookBatch(new_id(), endpoint_id, tuple(jobs), time.time())
-        # Whoever acquires the claim sends the batch: a submit that raised may still have queued it.
+        # Whoever acquires the claim sends the batch: a run that raised may still have queued it.
         claim = threading.Lock()
         try:
-            return self.pool.submit(self.run_pooled, batch, claim)
+            self.pool.run(self.run_pooled, batch, seq, claim)
+            return
         except DispatcherClosedError:
             pass  # the pool was shut down while the engine still drains: send here rather than lose it
         except Exception as exc:  # noqa: BLE001 - e.g. no thread could start: report it, send here
             self.processor_failed(exc, batch, "could not hand a batch to a sending thread; sending it here")
         if claim.acquire(blocking=False):
-            self.run_batch(batch)
-        return None
+            try:
+                self.run_batch(batch)
+            finally:
+                self.engine.settle(seq)
 
-    def run_pooled(self, batch: WebhookBatch, claim: threading.Lock) -> None:
-        """``run_batch`` on a sending thread; what escapes it is reported, not left in a Future."""
+    def run_pooled(self, batch: WebhookBatch, seq: int, claim: threading.Lock) -> None:
+        """``run_batch`` on a sending thread, then settle batch ``seq``; what escapes it is reported."""
         if not claim.acquire(blocking=False):
             return
         try:
             self.run_batch(batch)
         except Exception as exc:  # noqa: BLE001 - send_batch's errors are handled inside: this is a bug
             self.processor_failed(exc, batch, "sending a batch failed outside send_batch")
+        finally:
+            self.engine.settle(seq)
 
     def processor_failed(self, error: Exception, batch: WebhookBatch, what: str) -> None:
         """The batching machinery itself failed around ``batch``: log it and emit ``processor_error``."""
@@ -241,13 +252,13 @@ class Core:
         for the caller to run (immediate mode).
         """
         local = self.local
-        self.permits.acquire()
+        self.permits.get()
         local.sending = getattr(local, "sending", 0) + 1
         try:
             return self._send(batch, retries)
         finally:
             local.sending -= 1
-            self.permits.release()
+            self.permits.put(None)
 
     def send_now(self, job: DispatchJob) -> BaseException | None:
         """Immediate mode: send ``job`` as a batch of one on this thread, its retries at once.

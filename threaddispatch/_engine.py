@@ -48,7 +48,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar, cast
 
 from threaddispatch import _drop_log, _lifecycle
 from threaddispatch._drop_log import DropLog
@@ -69,12 +69,15 @@ _UNBOUNDED = 1 << 62
 # The most windows one turn of the worker closes while it holds the lock: many lanes whose
 # windows close together (a keyed face with 100k keys) would otherwise keep producers out.
 _WINDOWS_PER_TURN = 256
+_MAX_SLACK = 0.001  # seconds: the most a window closes late (see BatchEngine._slack)
 _MAX_WAIT = 3600.0  # the longest single wait of the worker (seconds); a later due time is waited for in turns
 
 _log = logging.getLogger("threaddispatch")
 
 
 Deliver = Callable[[Hashable, list[Any]], "Future[Any] | None"]
+# deliver(key, items, seq) of a self-settling engine: the face settles the batch itself (settle).
+SettlingDeliver = Callable[[Hashable, list[Any], int], None]
 
 _ENQUEUE_SIGNATURE = inspect.Signature(
     [
@@ -105,12 +108,15 @@ class BatchEngine(Generic[T]):
     ``max_queue_size`` below ``max_batch_size`` is the batch size in effect (a lane never
     holds more), and :attr:`max_batch_size` says so.
     ``deliver(key, items)`` returns None once the batch is settled, or a Future that
-    settles it when done (faces that run sends on a pool). Thread-safe.
+    settles it when done (faces that run sends on a pool). With ``self_settling=True``
+    it is ``deliver(key, items, seq)`` instead, and the face settles the batch itself by
+    :meth:`settle` (no Future per batch); if ``deliver`` raises, the engine settles.
+    Thread-safe.
     """
 
     def __init__(
         self,
-        deliver: Deliver,
+        deliver: Deliver | SettlingDeliver,
         *,
         name: str,
         window: float,
@@ -123,6 +129,7 @@ class BatchEngine(Generic[T]):
         on_abandon: Callable[[Hashable, list[T]], None] | None = None,
         lane_factory: Callable[[Hashable], Lane[T]] = FifoLane,
         drop_log: DropLog | None = None,
+        self_settling: bool = False,
     ) -> None:
         if overflow not in OVERFLOW_POLICIES:
             raise ConfigurationError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}; got {overflow!r}")
@@ -134,6 +141,11 @@ class BatchEngine(Generic[T]):
         self.max_queue_size = max_queue_size
         self.overflow = overflow
         self._deliver = deliver
+        self._self_settling = self_settling
+        # A window closes up to this late, so that one wake-up of the worker closes every window
+        # due within it: with many keys whose windows close microseconds apart, one wake-up per
+        # window would cost a thread switch per key.
+        self._slack = min(window / 20, _MAX_SLACK)
         self._on_drop = on_drop
         self._gate = gate
         self._on_skip = on_skip
@@ -470,13 +482,15 @@ class BatchEngine(Generic[T]):
             # Windows are equally long: a new one closes after those already open, so only
             # the first open window changes how long the worker sleeps. Waking it for every
             # other one (each lane of a keyed face) would only contend for the lock and GIL.
-            wake = not self._open
+            # With the gate shut the worker waits for a settle, not for windows: no wake-up either.
+            wake = not self._open and not self._gate_shut
             self._open[lane] = None
             if wake or self._thread is None:
                 self._notify_worker()
         if count >= self.max_batch_size and not lane.due and lane not in self._held:
             self._make_due(lane)
-            self._notify_worker()
+            if not self._gate_shut or self._thread is None:
+                self._notify_worker()
 
     def _make_due(self, lane: Lane[T]) -> None:
         lane.due = True
@@ -529,7 +543,10 @@ class BatchEngine(Generic[T]):
 
     def _deliver_one(self, key: Hashable, seq: int, items: list[T], *, inline: bool = False) -> None:
         try:
-            pending = self._deliver(key, items)
+            if self._self_settling:
+                cast(SettlingDeliver, self._deliver)(key, items, seq)
+                return  # the face settles it
+            pending = cast(Deliver, self._deliver)(key, items)
         except Exception:  # noqa: BLE001 - faces report their own errors; this is the last guard
             _log.exception("%s: delivering a batch of %d entries raised", self.name, len(items))
             pending = None
@@ -551,20 +568,35 @@ class BatchEngine(Generic[T]):
         self._settle(seq)
 
     def _settle(self, seq: int) -> None:
-        # The batch was delivered: a dropping episode may end here (before the settle, so a
+        self._note_delivered()
+        with self._lock:
+            if self._settle_seq(seq):
+                self._capacity_freed()
+
+    def _note_delivered(self) -> None:
+        # A batch was delivered: a dropping episode may end here (before the settle, so a
         # flush that sees the batch settled also sees the recovery logged).
         drop_log = self._drop_log
         if drop_log is not None:
             drop_log.delivered()
-        with self._lock:
-            self.settled_entries += self._unsettled.pop(seq, 0)
-            self._release_held()
-            if self._gate_shut:
-                self._gate_shut = False  # capacity freed: the waiting due lanes may go
-                if self._due:
-                    self._notify_worker()
-            if self._settle_waiters:
-                self._settled.notify_all()
+
+    def _settle_seq(self, seq: int) -> bool:
+        """Count batch ``seq`` settled; False if it was not in flight (settled already). Holds _lock."""
+        entries = self._unsettled.pop(seq, None)
+        if entries is None:
+            return False
+        self.settled_entries += entries
+        if self._settle_waiters:
+            self._settled.notify_all()
+        return True
+
+    def _capacity_freed(self) -> None:
+        """A batch settled: retry a held lane, reopen the gate. Holds _lock."""
+        self._release_held()
+        if self._gate_shut:
+            self._gate_shut = False  # capacity freed: the waiting due lanes may go
+            if self._due or self._open:  # windows the shut gate left unclosed may be due by now
+                self._notify_worker()
 
     def _release_held(self) -> None:
         """A batch settled and freed the capacity the gate waits for: retry the oldest held lane. Holds _lock."""
@@ -577,6 +609,27 @@ class BatchEngine(Generic[T]):
                 self._notify_worker()
                 return
 
+    def _close_windows(self, now: float) -> int:
+        """Make due the lanes whose windows closed by ``now`` (the slack included), at most a turn's worth.
+
+        Returns how many. A held lane whose window closed goes first and reopens the gate
+        (its answer may have changed without a settle). Holds _lock.
+        """
+        closed = 0
+        open_lanes = self._open
+        until = now - self._slack
+        while open_lanes and closed < _WINDOWS_PER_TURN:
+            lane = next(iter(open_lanes))
+            if lane.deadline is not None and lane.deadline > until and not self._closing:
+                break
+            self._make_due(lane)
+            if lane in self._held:
+                # A held lane's window closed: ask the gate again, for it first.
+                self._due.move_to_end(lane, last=False)
+                self._gate_shut = False
+            closed += 1
+        return closed
+
     def _next_work(
         self,
     ) -> tuple[list[tuple[Hashable, int, list[T]]], list[tuple[Hashable, int]]] | None:
@@ -586,28 +639,14 @@ class BatchEngine(Generic[T]):
             self._release_scheduled(now)
             if self._flush_requested > self._flush_taken:
                 self._start_flush()
-            closed_windows = 0
-            while self._open and closed_windows < _WINDOWS_PER_TURN:
-                lane = next(iter(self._open))
-                if lane.deadline is not None and lane.deadline > now and not self._closing:
-                    break
-                self._make_due(lane)
-                if lane in self._held:
-                    # A held lane's window closed: ask the gate again, for it first.
-                    self._due.move_to_end(lane, last=False)
-                    self._gate_shut = False
-                closed_windows += 1
+            closed_windows = self._close_windows(now)
             if self._due and not self._gate_shut:
                 return self._take_due(now)
             if closed_windows == _WINDOWS_PER_TURN:
                 return [], []  # more windows closed: the next turn, after producers had the lock
             if self._closing and not self._scheduled:
                 return None
-            timeout = None
-            if self._open:
-                first = next(iter(self._open))
-                assert first.deadline is not None
-                timeout = first.deadline - now
+            timeout = self._window_wait(now)
             due = self._scheduled.next_due()
             if due is not None:
                 until = due - now
@@ -620,6 +659,26 @@ class BatchEngine(Generic[T]):
                 self._wakeup.wait(timeout)
             finally:
                 self._worker_waiting = False
+
+    def _window_wait(self, now: float) -> float | None:
+        """Seconds until the worker must close a window (None: none), the slack included. Holds _lock.
+
+        With the gate shut nothing can be taken, so only the held lanes' windows matter (one
+        retries the gate); the others are closed when a settle opens it and wakes the worker.
+        """
+        if self._gate_shut:
+            # A held lane made due meanwhile (by a flush) waits for the gate like the others.
+            deadlines = [lane.deadline for lane in self._held if lane.deadline is not None and not lane.due]
+            if not deadlines:
+                return None
+            first = min(deadlines)
+        elif self._open:
+            deadline = next(iter(self._open)).deadline
+            assert deadline is not None
+            first = deadline
+        else:
+            return None
+        return first + self._slack - now
 
     def _release_scheduled(self, now: float) -> None:
         scheduled = self._scheduled
