@@ -5,7 +5,10 @@ Curves (CPU ns per operation as the size grows; flat is the goal):
 * EndpointBatchDispatcher per job by number of endpoints (10 to 100k; ``--jobs`` jobs
   round-robin, at least one per endpoint), and by depth on one endpoint (10 to 1M);
 * EndpointBatchDispatcher ``add_job`` with one job per endpoint while the in-flight limit is
-  reached (the slowest call is the figure);
+  reached (the slowest call is the figure, beside the longest garbage collection of the run
+  and the objects the collector tracks per endpoint);
+* the peer of the endpoints curve where every batch is one job (100k endpoints, 2 jobs
+  each): ``queue.Queue`` and a thread making one sink call per job;
 * RequestDispatcher per request by depth on one key, ``queued`` mode (1k to 1M) and
   ``concurrent`` mode.
 
@@ -45,8 +48,9 @@ FULL: dict[str, list[int]] = {
     "depth": [10, 1_000, 10_000, 100_000, 1_000_000],
     "requests-queued": [1_000, 10_000, 100_000, 1_000_000],
     "requests-concurrent": [1_000, 10_000, 100_000, 1_000_000],
+    "peer-per-job": [10, 100_000],
 }
-SHORT_LIMIT = {"endpoints": 10_000, "endpoints-limit": 10_000}
+SHORT_LIMIT = {"endpoints": 10_000, "endpoints-limit": 10_000, "peer-per-job": 10_000}
 SHORT_DEPTH = 100_000
 
 

@@ -8,7 +8,11 @@ to the last delivery over ``ops``; ``wall_ns``, the same span's wall time over `
 ``caller_ns``, the calling thread's CPU time (``thread_time``) in its loop over ``ops``; and
 ``max_call_ms``, the slowest single call (each call is timed, which the caller figure includes);
 ``ops/batch``, operations per sink call (with many endpoints the batches are small, so the
-per-job cost then carries more per-batch work).
+per-job cost then carries more per-batch work); ``max GC ms``, the longest garbage
+collection during the span (what a slow call was waiting for, when the two match), and
+``tracked/n``, the objects the collector tracks per unit of ``n`` at the end of the calls,
+beyond those the workload built before the clock started (the cost of a full collection
+grows with it).
 
 * ``endpoints``: EndpointBatchDispatcher, ``ops`` jobs round-robin over ``n`` endpoints,
   batches of 100, a 10 ms window, 10 batches in flight.
@@ -18,6 +22,10 @@ per-job cost then carries more per-batch work).
   so the lane really is ``n`` deep, then drained.
 * ``requests-queued`` and ``requests-concurrent``: RequestDispatcher, ``n`` requests on one
   key added while the key is paused, then started and drained (8 workers).
+* ``peer-per-job``: the peer of ``endpoints`` at many endpoints, where every batch holds one
+  job: ``queue.Queue`` and one thread making one sink call per job (``sink(key, [job])``),
+  the jobs of the same ``n`` keys. No window, no limit, no records: the floor of a
+  dispatcher whose batches are single jobs.
 
 Hand-offs (``HANDOFFS``): ``producers`` threads each make ``ops / producers`` calls of one
 hand-off with a no-op consumer behind it and room to spare (nothing may be dropped; the count
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import math
 import os
@@ -104,6 +113,30 @@ class _Span:
     caller_cpu_per_call_s: float
     max_call_s: float
     sink_calls: int
+    max_gc_s: float = 0.0
+    tracked_per_n: float | None = None
+
+
+class _GcPauses:
+    """The longest garbage collection while installed (``gc.callbacks``), in seconds."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._started = 0.0
+
+    def __enter__(self) -> _GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, _info: dict[str, int]) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            self._started = now
+        else:
+            self.longest = max(self.longest, now - self._started)
 
 
 def _timed_calls(call: Callable[[Any], Any], items: Iterator[Any], deadline: float) -> tuple[float, float, int]:
@@ -146,13 +179,45 @@ def _endpoint_run(endpoints: int, ops: int, *, hold: bool, deadline: float) -> _
         max_pending_jobs=ops + 1,
         name="bench-curves",
     )
+    tracked0 = len(gc.get_objects())
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    caller_cpu, slowest, calls = _timed_calls(dispatcher.add_job, iter(jobs), deadline)
-    release.set()
-    complete = count.done.wait(max(0.0, deadline - time.monotonic()))
+    with _GcPauses() as pauses:
+        caller_cpu, slowest, calls = _timed_calls(dispatcher.add_job, iter(jobs), deadline)
+        counted = time.process_time()
+        tracked = (len(gc.get_objects()) - tracked0) / endpoints  # with hold, every lane is still there
+        cpu0 += time.process_time() - counted  # the count is the benchmark's, not the dispatcher's
+        release.set()
+        complete = count.done.wait(max(0.0, deadline - time.monotonic()))
     span = _span(count, ops, complete, start=(cpu0, wall0), per_call=caller_cpu / calls, slowest=slowest)
+    span.max_gc_s, span.tracked_per_n = pauses.longest, tracked
     if complete:
         dispatcher.shutdown(max(1.0, deadline - time.monotonic()))
+    return span
+
+
+def _peer_per_job_run(keys: int, ops: int, *, deadline: float) -> _Span:
+    """queue.Queue and one thread making one sink call per job: the floor of one-job batches."""
+    count = _Count(ops)
+    inbox: queue.Queue[tuple[str, int] | None] = queue.Queue()
+
+    def sink(_key: str, items: list[int]) -> None:
+        count.add(len(items))
+
+    def consume() -> None:
+        while (entry := inbox.get()) is not None:
+            sink(entry[0], [entry[1]])
+
+    consumer = threading.Thread(target=consume, name="bench-peer-per-job", daemon=True)
+    consumer.start()
+    jobs = [(f"endpoint-{i % keys}", i) for i in range(ops)]
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    with _GcPauses() as pauses:
+        caller_cpu, slowest, calls = _timed_calls(inbox.put, iter(jobs), deadline)
+        complete = count.done.wait(max(0.0, deadline - time.monotonic()))
+    span = _span(count, ops, complete, start=(cpu0, wall0), per_call=caller_cpu / calls, slowest=slowest)
+    span.max_gc_s = pauses.longest
+    inbox.put(None)
+    consumer.join(max(1.0, deadline - time.monotonic()))
     return span
 
 
@@ -225,6 +290,12 @@ CURVES: dict[str, tuple[str, str, CurveRunner, Callable[[int, int], int]]] = {
         lambda n, ops, deadline: _requests_run(ops, "concurrent", deadline=deadline),
         _just_n,
     ),
+    "peer-per-job": (
+        "peer: queue.Queue + a thread, one sink call per job",
+        "keys",
+        lambda n, ops, deadline: _peer_per_job_run(n, ops, deadline=deadline),
+        max,  # the jobs of the endpoints curve
+    ),
 }
 
 
@@ -242,6 +313,8 @@ def _curve_result(series: str, n: int, span: _Span) -> dict[str, Any]:
         "max_call_ms": span.max_call_s * 1e3,
         "sink_calls": span.sink_calls,
         "seconds": span.wall_s,
+        "max_gc_ms": span.max_gc_s * 1e3,
+        "tracked_per_n": span.tracked_per_n,
     }
 
 
@@ -418,6 +491,8 @@ class CurvePoint:
     ops_per_s: float | None = None
     timeout_s: float | None = None
     sink_calls: float | None = None  # deliveries (batches) the sink saw, median
+    max_gc_ms: float | None = None  # the longest garbage collection during the span, median
+    tracked_per_n: float | None = None  # objects the collector tracks per unit of n after the calls, median
     error: str | None = None  # the last line a failed child wrote to stderr
 
 
@@ -472,6 +547,8 @@ def _median_point(label: str, runs: list[dict[str, Any]], timeout: float) -> Cur
         max_call_ms=median("max_call_ms"),
         ops_per_s=median("ops_per_s"),
         sink_calls=median("sink_calls"),
+        max_gc_ms=median("max_gc_ms"),
+        tracked_per_n=median("tracked_per_n"),
         timeout_s=timeout,
         error=next((r["error"] for r in runs if r.get("error")), None),
     )
@@ -599,11 +676,13 @@ def format_curves(points: list[CurvePoint]) -> str:
                 _ns(p.caller_ns),
                 "-" if not p.sink_calls else f"{p.delivered / p.sink_calls:.1f}",
                 "-" if p.max_call_ms is None else f"{p.max_call_ms:.2f}",
+                "-" if p.max_gc_ms is None else f"{p.max_gc_ms:.2f}",
+                "-" if p.tracked_per_n is None else f"{p.tracked_per_n:.2f}",
                 _done(p),
             )
         )
     header: tuple[str, ...] = ("curve", "n", "ops", "CPU ns/op", "x base", "wall ns/op", "caller ns/op")
-    header += ("ops/batch", "max call ms", "finished")
+    header += ("ops/batch", "max call ms", "max GC ms", "tracked/n", "finished")
     return _table(header, rows)
 
 
