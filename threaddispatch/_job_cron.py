@@ -18,12 +18,12 @@ from datetime import timezone
 from typing import Any
 
 from threaddispatch._job_config import JobDefinition, check_optional_queue, check_priority
-from threaddispatch._validate import check_text
+from threaddispatch._validate import check_text, show
 from threaddispatch.cron import CronSchedule
 from threaddispatch.cron import parse as parse_cron
 from threaddispatch.errors import ConfigurationError, JobNotFoundError, StoreError
 from threaddispatch.events import EventEmitter
-from threaddispatch.stores.base import CronEntry, JobRecord, Store
+from threaddispatch.stores.base import CRON_OVERLAP_POLICIES, CronEntry, JobRecord, Store
 
 __all__ = ["CronRunner", "cron_lease"]
 
@@ -100,8 +100,11 @@ class CronRunner:
         priority: int | None,
         name: str | None,
         tz: Any,
+        overlap: str = "skip",
     ) -> CronEntry:
         """Check and store the entry of :meth:`JobEngine.cron <threaddispatch.JobEngine.cron>`; returns it as stored."""
+        if overlap not in CRON_OVERLAP_POLICIES:
+            raise ConfigurationError(f"cron overlap must be 'skip', 'queue' or 'allow', got {show(overlap)}")
         schedule = parse_cron(expression, tz=tz)
         stored_expression = zoned_expression(expression, schedule, tz)
         definition = self._lookup(job_name)
@@ -119,6 +122,7 @@ class CronRunner:
             queue=definition.queue if queue is None else queue,
             priority=definition.priority if priority is None else priority,
             last_tick=schedule.last_at(now),
+            overlap=overlap,
         )
         stored = self._store.upsert_cron(entry, now=now)
         with self._lock:
@@ -225,6 +229,13 @@ class CronRunner:
             "cron %r is stored but cannot fire in this engine (%s); engines that can fire it do", entry.name, reason
         )
 
+    def _skipped(self, job: JobRecord) -> bool:
+        """Whether the fired tick's ``job`` was not stored (its entry's previous job holds the key)."""
+        try:
+            return self._store.get(job.id) is None
+        except StoreError:
+            return False  # unknown: report it as fired
+
     def _fire(self, entry: CronEntry, tick: float, now: float) -> None:
         definition = self._definitions().get(entry.job_name)
         if definition is None:
@@ -234,6 +245,9 @@ class CronRunner:
             fired = self._store.fire_cron(entry.name, tick=tick, job=job)
         except (StoreError, JobNotFoundError):
             self._logger.warning("cron %r: firing tick %r failed", entry.name, tick, exc_info=True)
+            return
+        if fired and entry.overlap == "skip" and self._skipped(job):
+            self._logger.info("cron %r: tick %r skipped, its previous job has not finished", entry.name, tick)
             return
         if fired:
             self._enqueued((job,))

@@ -87,13 +87,14 @@ class JobHandle(Generic[PayloadT, ResultT]):
         unique_key: str | None = None,
         depends_on: Sequence[str] | None = None,
         on_dependency_failure: str = "cancel",
+        lock: str | None = None,
     ) -> str:
         """Store one job with ``payload``; returns its id. Same options, checks and blocking as
         :meth:`JobEngine.enqueue`."""
         return self._enqueue(
             self.name, payload, queue=queue, priority=priority, run_at=run_at, delay=delay,
             max_retries=max_retries, unique_key=unique_key, depends_on=depends_on,
-            on_dependency_failure=on_dependency_failure,
+            on_dependency_failure=on_dependency_failure, lock=lock,
         )  # fmt: skip
 
     def enqueue_many(
@@ -107,12 +108,13 @@ class JobHandle(Generic[PayloadT, ResultT]):
         max_retries: int | None = None,
         depends_on: Sequence[str] | None = None,
         on_dependency_failure: str = "cancel",
+        lock: str | None = None,
     ) -> list[str]:
         """Store one job per payload in one store transaction; returns their ids in order. Same as
         :meth:`JobEngine.enqueue_many`."""
         return self._enqueue_many(
             self.name, payloads, queue=queue, priority=priority, run_at=run_at, delay=delay, max_retries=max_retries,
-            depends_on=depends_on, on_dependency_failure=on_dependency_failure,
+            depends_on=depends_on, on_dependency_failure=on_dependency_failure, lock=lock,
         )  # fmt: skip
 
     def spec(self, payload: PayloadT, **options: Any) -> JobSpec:

@@ -132,7 +132,7 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 #: The keywords of a chain step (JobSpec options) and their defaults: :meth:`JobEngine.enqueue`'s.
 _SPEC_DEFAULTS: dict[str, Any] = {
     "queue": None, "priority": None, "run_at": None, "delay": None, "max_retries": None, "unique_key": None,
-    "depends_on": None, "on_dependency_failure": "cancel",
+    "depends_on": None, "on_dependency_failure": "cancel", "lock": None,
 }  # fmt: skip
 
 
@@ -240,6 +240,9 @@ class JobEngine:
         # The state this engine shares with its runtimes; _lock guards it (see _job_shared).
         self._shared = Shared(self, store, self.config, self.logger, self.events, tuple(self._steps))
         self._lock = self._shared.lock
+        # job name -> the serial lock its registration gives (a name, or a function of the payload);
+        # written under _lock, read without it (a lost race reads the previous registration's)
+        self._lock_rules: dict[str, str | Callable[[Any], str | None]] = {}
         self._cron = CronRunner(
             store,
             self.logger,
@@ -287,17 +290,26 @@ class JobEngine:
         queue: str = "default",
         priority: int = 0,
         backoff: Backoff | None = None,
+        lock: str | Callable[[Any], str | None] | None = None,
     ) -> JobDefinition:
         """Register handler ``fn(ctx, payload)`` as job ``name`` with default options; returns the definition.
 
-        ``timeout`` None means no timeout; ``backoff`` None uses the engine's. Registering
+        ``timeout`` None means no timeout; ``backoff`` None uses the engine's. ``lock``: the
+        serial lock of its jobs (see :meth:`enqueue`), a name or ``lock(payload)`` giving one
+        (or None: no lock) at each enqueue; an enqueue's own ``lock=`` wins. Registering
         a name again replaces it. Non-blocking.
         """
+        if lock is not None and not callable(lock):
+            check_text("lock", lock)
         definition = define(
             name, fn, max_retries=max_retries, timeout=timeout, queue=queue, priority=priority, backoff=backoff
         )
         with self._lock:
             self._shared.definitions[name] = definition
+            if lock is None:
+                self._lock_rules.pop(name, None)
+            else:
+                self._lock_rules[name] = lock
         return definition
 
     def job(
@@ -309,6 +321,7 @@ class JobEngine:
         queue: str = "default",
         priority: int = 0,
         backoff: Backoff | None = None,
+        lock: str | Callable[[Any], str | None] | None = None,
     ) -> Callable[[Callable[[JobContext, PayloadT], ResultT]], JobHandle[PayloadT, ResultT]]:
         """Decorator form of :meth:`register`; ``name`` defaults to the function's name.
 
@@ -320,7 +333,7 @@ class JobEngine:
         def decorate(fn: Callable[[JobContext, PayloadT], ResultT]) -> JobHandle[PayloadT, ResultT]:
             definition = self.register(
                 fn.__name__ if name is None else name, fn, max_retries=max_retries, timeout=timeout, queue=queue,
-                priority=priority, backoff=backoff,
+                priority=priority, backoff=backoff, lock=lock,
             )  # fmt: skip
             return JobHandle(definition, fn, self.enqueue, self.enqueue_many)
 
@@ -383,6 +396,7 @@ class JobEngine:
         trace_context: str | None = None,
         depends_on: tuple[str, ...] = (),
         on_dependency_failure: str = "cancel",
+        lock: str | None = None,
     ) -> JobRecord:
         """The record of a new pending job: what enqueue, enqueue_many, cron ticks and replay store.
 
@@ -406,6 +420,7 @@ class JobEngine:
             trace_context=trace_context,
             depends_on=depends_on,
             on_dependency_failure=on_dependency_failure,
+            lock=lock,
         )
 
     def enqueue(
@@ -421,6 +436,7 @@ class JobEngine:
         unique_key: str | None = None,
         depends_on: Sequence[str] | None = None,
         on_dependency_failure: str = "cancel",
+        lock: str | None = None,
     ) -> str:
         """Store a job for ``name`` with a JSON ``payload``; returns its id.
 
@@ -436,12 +452,16 @@ class JobEngine:
         the job is cancelled, or runs anyway with ``on_dependency_failure="run"``. The
         handler reads their results with :meth:`dependency_results`. An unknown id raises
         JobNotFoundError (nothing is stored).
+
+        ``lock`` (e.g. ``"customer:42"``) is a serial lock: at most one job holding it runs at
+        a time in every process on the store; the others wait, in enqueue order. Default:
+        the registration's ``lock``.
         """
         what = f"payload of job {name!r}"
         return self._store_new(self._jobs_of(
             name, (payload,), lambda _: what, queue=queue, priority=priority, run_at=run_at, delay=delay,
             max_retries=max_retries, unique_key=unique_key, depends_on=depends_on,
-            on_dependency_failure=on_dependency_failure,
+            on_dependency_failure=on_dependency_failure, lock=lock,
         ))[0]  # fmt: skip
 
     def enqueue_many(
@@ -456,17 +476,19 @@ class JobEngine:
         max_retries: int | None = None,
         depends_on: Sequence[str] | None = None,
         on_dependency_failure: str = "cancel",
+        lock: str | None = None,
     ) -> list[str]:
         """Store one ``name`` job per payload in ONE store transaction; returns their ids in order.
 
         All payloads are checked before anything is stored (one bad payload refuses the
         batch with PayloadError naming its index). ``depends_on``: every job waits for
-        those (see :meth:`enqueue`). Blocks for one store write.
+        those; ``lock``: every job holds it, so they run one at a time, in order (see
+        :meth:`enqueue`). Blocks for one store write.
         """
         return self._store_new(self._jobs_of(
             name, payloads, lambda index: f"payload #{index} of job {name!r}", queue=queue, priority=priority,
             run_at=run_at, delay=delay, max_retries=max_retries, unique_key=None, depends_on=depends_on,
-            on_dependency_failure=on_dependency_failure,
+            on_dependency_failure=on_dependency_failure, lock=lock,
         ))  # fmt: skip
 
     def _jobs_of(
@@ -483,6 +505,7 @@ class JobEngine:
         unique_key: str | None,
         depends_on: object,
         on_dependency_failure: object,
+        lock: object = None,
     ) -> list[JobRecord]:
         """The checked records of one ``name`` job per payload (not stored); ``what(index)`` names a payload."""
         now = time.time()
@@ -497,6 +520,10 @@ class JobEngine:
             check_text("unique_key", unique_key)
         dependencies = () if depends_on is None else _check_depends_on(depends_on)
         policy = _check_policy(on_dependency_failure)
+        if lock is not None:
+            check_text("lock", lock)
+        payloads = list(payloads)
+        locks = [lock if lock is not None else self._lock_for(name, payload) for payload in payloads]
         if run_at is not None and delay is not None:
             raise ConfigurationError(f"give run_at or delay, not both (run_at={run_at!r}, delay={delay!r})")
         if run_at is not None:
@@ -521,9 +548,20 @@ class JobEngine:
                 trace_context=trace_context,
                 depends_on=dependencies,
                 on_dependency_failure=policy,
+                lock=job_lock,  # type: ignore[arg-type]  # checked above
             )
-            for text in texts
+            for text, job_lock in zip(texts, locks, strict=True)
         ]
+
+    def _lock_for(self, name: str, payload: object) -> str | None:
+        """The serial lock the registration of ``name`` gives ``payload`` (None: none); ConfigurationError if bad."""
+        rule = self._lock_rules.get(name)
+        if rule is None or isinstance(rule, str):
+            return rule
+        derived = rule(payload)  # user code, called without the engine's lock
+        if derived is not None:
+            check_text(f"lock of job {name!r} (from its lock function)", derived)
+        return derived
 
     def _store_new(self, jobs: Sequence[JobRecord]) -> list[str]:
         """Store ``jobs`` (new records) in one store write; tell this process's runtime; run them when immediate."""
@@ -768,6 +806,7 @@ class JobEngine:
         priority: int | None = None,
         name: str | None = None,
         tz: Any = None,
+        overlap: str = "skip",
     ) -> CronEntry:
         """Enqueue ``job_name`` with ``payload`` at every tick of ``expression``; returns the stored entry.
 
@@ -779,10 +818,16 @@ class JobEngine:
         identifies the entry across processes: each tick fires once in total, by whichever
         engine holds the store's cron leader lease. A new entry first fires at the next
         tick; missed ticks (all engines down) are not caught up, only the latest fires.
+
+        ``overlap``: what a tick does while the entry's previous job has not finished (in any
+        process): ``"skip"`` (default: nothing, the tick passes), ``"queue"`` (its job waits
+        and runs after the previous one; the entry's jobs share the serial lock
+        ``"cron:<name>"``) or ``"allow"`` (it runs alongside). Stored with the entry.
         Blocks for one store write.
         """
-        stored = self._cron.declare(expression, job_name, payload, queue=queue, priority=priority, name=name, tz=tz)
-        return stored
+        return self._cron.declare(
+            expression, job_name, payload, queue=queue, priority=priority, name=name, tz=tz, overlap=overlap
+        )
 
     def crons(self) -> list[CronEntry]:
         """Every cron entry in the store (declared by any process)."""
@@ -820,7 +865,12 @@ class JobEngine:
         return self.store.set_cron_enabled(name, True, now=time.time())
 
     def _cron_job(self, entry: CronEntry, definition: JobDefinition, tick: float, now: float) -> JobRecord:
-        """The job of ``entry``'s ``tick``: unique per tick, so a tick fired twice stores one job."""
+        """The job of ``entry``'s ``tick``: unique per tick, so a tick fired twice stores one job.
+
+        Under ``overlap="skip"`` and ``"queue"`` the entry's jobs share the serial lock
+        ``cron:<name>``: the store stores no job for a skipping tick while one holds it, and a
+        queued one waits for it.
+        """
         return self._build(
             entry.job_name,
             entry.payload,
@@ -832,6 +882,7 @@ class JobEngine:
             now=now,
             unique_key=f"cron:{entry.name}:{tick!r}",
             trace_context=current_traceparent(),
+            lock=None if entry.overlap == "allow" else f"cron:{entry.name}",
         )
 
     # -- results and management ---------------------------------------------------------------------------

@@ -175,7 +175,8 @@ class AdminMethods:
             with conn.transaction():
                 if not SQL.advance_cron(conn, name, tick, job.created_at):
                     return False
-                self._insert(conn, job)
+                if not SQL.cron_skips(conn, name, job):
+                    self._insert(conn, job)
                 return True
 
         # Safe to repeat: the second run finds last_tick == tick and fires nothing.

@@ -66,6 +66,12 @@ SCHEMA_V4 = _sql.schema_trace_context(TYPES)
 # Migration 5: depends_on, the waiting state and dispatch_job_deps (SQLite's migration 4).
 SCHEMA_V5 = _sql.schema_dependencies(TYPES)
 
+# Migration 6: serial locks (SQLite's migration 5).
+SCHEMA_V6 = _sql.schema_locks(TYPES)
+
+# Migration 7: a cron entry's overlap policy (SQLite's migration 6).
+SCHEMA_V7 = _sql.schema_cron_overlap(TYPES)
+
 # -- lifecycle -------------------------------------------------------------------------------------
 
 VERSION_TABLE = _sql.version_table(TYPES)
@@ -90,8 +96,8 @@ COUNT_QUEUES = "SELECT queue, state, count(*) FROM dispatch_jobs WHERE queue = A
 # -- workers ---------------------------------------------------------------------------------------
 
 
-_READY = "state IN ('pending', 'retrying') AND run_at <= %(now)s"
-_CLAIM_ORDER = "ORDER BY priority DESC, run_at, seq"
+_READY = f"j.state IN ('pending', 'retrying') AND j.run_at <= %(now)s AND {_sql.lock_free('j')}"
+_CLAIM_ORDER = "ORDER BY j.priority DESC, j.run_at, j.seq"
 
 
 def _claim_cte(pick: str) -> str:
@@ -117,12 +123,13 @@ def _claim_cte(pick: str) -> str:
 # and sorting the whole ready set (an external sort at 75k ready jobs). The rows a queue's
 # scan locked but the top-N left out are unlocked when the statement ends.
 CLAIM_ONE = _claim_cte(
-    f"SELECT seq FROM dispatch_jobs WHERE queue = %(queues)s AND {_READY} {_CLAIM_ORDER} "
+    f"SELECT j.seq FROM dispatch_jobs AS j WHERE j.queue = %(queues)s AND {_READY} {_CLAIM_ORDER} "
     "LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
 )
 CLAIM_ANY = _claim_cte(
     "SELECT head.seq FROM unnest(%(queues)s::text[]) AS asked(queue) CROSS JOIN LATERAL ("
-    f"SELECT seq, priority, run_at FROM dispatch_jobs WHERE queue = asked.queue AND {_READY} {_CLAIM_ORDER} "
+    f"SELECT j.seq, j.priority, j.run_at FROM dispatch_jobs AS j WHERE j.queue = asked.queue AND {_READY} "
+    f"{_CLAIM_ORDER} "
     "LIMIT %(limit)s FOR UPDATE SKIP LOCKED) AS head ORDER BY head.priority DESC, head.run_at, head.seq "
     "LIMIT %(limit)s"
 )

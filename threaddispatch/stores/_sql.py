@@ -54,6 +54,7 @@ TABLES: dict[str, tuple[Column, ...]] = {
         ("depends_on", "TEXT", ""),  # a JSON list of job ids, NULL for none
         ("on_dependency_failure", "TEXT", "NOT NULL DEFAULT 'cancel'"),
         ("waiting_on", "INT", "NOT NULL DEFAULT 0"),
+        ("lock_key", "TEXT", ""),  # JobRecord.lock (LOCK is an SQL keyword)
     ),
     # One row per (waiting job, job it still waits for): deleted when the dependency finishes
     # (which releases the job). A later migration (see schema_dependencies).
@@ -85,6 +86,7 @@ TABLES: dict[str, tuple[Column, ...]] = {
         ("last_tick", "REAL", ""),
         ("created_at", "REAL", "NOT NULL"),
         ("updated_at", "REAL", "NOT NULL"),
+        ("overlap", "TEXT", "NOT NULL DEFAULT 'skip'"),  # a later migration (LATER_COLUMNS)
     ),
     "dispatch_leases": (
         ("name", "TEXT", "PRIMARY KEY"),
@@ -113,8 +115,9 @@ TABLES: dict[str, tuple[Column, ...]] = {
 #: :func:`add_columns`), by table; :func:`schema_v1` leaves them out. Each must be nullable or
 #: have a default, so the rows already stored stay valid.
 LATER_COLUMNS: dict[str, tuple[str, ...]] = {
-    "dispatch_jobs": ("trace_context", "depends_on", "on_dependency_failure", "waiting_on"),
+    "dispatch_jobs": ("trace_context", "depends_on", "on_dependency_failure", "waiting_on", "lock_key"),
     "dispatch_dead_letters": ("trace_context",),
+    "dispatch_crons": ("overlap",),
 }
 #: The migration ledger, created before any migration runs (so not part of one).
 VERSION_TABLE: tuple[Column, ...] = (
@@ -228,6 +231,35 @@ def schema_dependencies(types: Types) -> tuple[str, ...]:
     )
 
 
+def schema_locks(types: Types) -> tuple[str, ...]:
+    """The serial locks' migration: the jobs' ``lock_key``, and the index the claim's lock check reads."""
+    return (
+        *add_columns(types, "dispatch_jobs", ("lock_key",)),
+        "CREATE INDEX IF NOT EXISTS dispatch_jobs_lock ON dispatch_jobs (lock_key, seq) "
+        f"WHERE lock_key IS NOT NULL AND state IN {ACTIVE}",
+    )
+
+
+def schema_cron_overlap(types: Types) -> tuple[str, ...]:
+    """The cron overlap policy's migration: ``dispatch_crons.overlap`` (existing entries: ``'skip'``)."""
+    return add_columns(types, "dispatch_crons", ("overlap",))
+
+
+def lock_free(alias: str) -> str:
+    """The claim's serial-lock condition on the candidate row ``alias``: no lock, or it is the lock's turn.
+
+    Its turn: no job with the lock is running, and none inserted before it (lower seq) is
+    still active. Inside one claim statement every candidate is judged on the same snapshot,
+    so of a lock's ready jobs only the first passes; on PostgreSQL a concurrent claim that
+    locked that first one skips it and finds the others still behind it (it is active).
+    """
+    return (
+        f"({alias}.lock_key IS NULL OR NOT EXISTS (SELECT 1 FROM dispatch_jobs AS held "
+        f"WHERE held.lock_key = {alias}.lock_key AND held.state IN {ACTIVE} "
+        f"AND (held.state = 'running' OR held.seq < {alias}.seq)))"
+    )
+
+
 def schema_workers(types: Types) -> tuple[str, ...]:
     """The worker registry's migration: its table in ``types``, and the reaper's index."""
     return (
@@ -283,13 +315,14 @@ def job_params(job: JobRecord) -> tuple[Any, ...]:
         job.timeout, job.run_at, job.created_at, job.updated_at, job.started_at, job.finished_at,
         job.heartbeat_at, job.worker_id, job.unique_key, job.result, job.error, job.trace_context,
         json.dumps(list(job.depends_on)) if job.depends_on else None, job.on_dependency_failure, job.waiting_on,
+        job.lock,
     )  # fmt: skip
 
 
 def cron_params(entry: CronEntry, now: float) -> tuple[Any, ...]:
     """The values of :data:`CRON_COLUMNS` for :attr:`Statements.upsert_cron` (created and updated ``now``)."""
     return (entry.name, entry.expression, entry.job_name, entry.payload, entry.queue, entry.priority,
-            entry.last_tick, now, now)  # fmt: skip
+            entry.last_tick, now, now, entry.overlap)  # fmt: skip
 
 
 def worker_params(info: WorkerInfo) -> tuple[Any, ...]:
@@ -338,6 +371,7 @@ class Statements:
         "count_letters_queue",
         "count_queue",
         "cron_exists",
+        "cron_overlap",
         "decrement_dependent",
         "delete_cron",
         "delete_job_letters",
@@ -350,6 +384,7 @@ class Statements:
         "insert_dep",
         "insert_job",
         "list_workers",
+        "lock_active",
         "pause_queue",
         "purge_letters_before",
         "reap_workers",
@@ -410,9 +445,10 @@ class Statements:
         # Create or update a cron entry, keeping its ``last_tick``: :func:`cron_params`.
         # PostgresStore appends RETURNING.
         self.upsert_cron = (
-            f"INSERT INTO dispatch_crons ({CRON_COLUMNS}) VALUES ({', '.join([m] * 9)}) ON CONFLICT (name) DO UPDATE "
+            f"INSERT INTO dispatch_crons ({CRON_COLUMNS}) VALUES ({', '.join([m] * 10)}) ON CONFLICT (name) DO UPDATE "
             "SET expression = excluded.expression, job_name = excluded.job_name, payload = excluded.payload, "
-            "queue = excluded.queue, priority = excluded.priority, updated_at = excluded.updated_at"
+            "queue = excluded.queue, priority = excluded.priority, updated_at = excluded.updated_at, "
+            "overlap = excluded.overlap"
         )
         self.delete_cron = f"DELETE FROM dispatch_crons WHERE name = {m}"
         # Compare-and-set ``last_tick``: (tick, now, name, tick).
@@ -421,6 +457,9 @@ class Statements:
             f"AND (last_tick IS NULL OR last_tick < {m})"
         )
         self.cron_exists = f"SELECT 1 FROM dispatch_crons WHERE name = {m}"
+        # fire_cron's overlap check: the entry's policy (name); an unfinished job holding a lock (lock).
+        self.cron_overlap = f"SELECT overlap FROM dispatch_crons WHERE name = {m}"
+        self.lock_active = f"SELECT 1 FROM dispatch_jobs WHERE lock_key = {m} AND state IN {ACTIVE} LIMIT 1"
         # Dependencies: a dependency's state (id); record a dependent (job_id, depends_on); consume
         # the rows of a finished dependency (its id), returning (dependent, dependency); count one
         # or more finished dependencies off a waiting job (n, n, now, id), pending at 0; cancel a
@@ -585,6 +624,16 @@ class Statements:
         for job_id in cancelled:
             self.release_one(conn, job_id, "cancelled", now)
         return len(cancelled) + int(conn.execute(self.sweep_release, (now,)).rowcount)
+
+    def cron_skips(self, conn: _Connection, name: str, job: JobRecord) -> bool:
+        """Whether ``Store.fire_cron`` stores no ``job`` for entry ``name``: its overlap is ``"skip"`` and
+        an unfinished job holds ``job.lock`` (the entry's previous one). Inside the firing transaction."""
+        if job.lock is None:
+            return False
+        row = conn.execute(self.cron_overlap, (name,)).fetchone()
+        if row is None or row[0] != "skip":
+            return False
+        return conn.execute(self.lock_active, (job.lock,)).fetchone() is not None
 
     def advance_cron(self, conn: _Connection, name: str, tick: float, now: float) -> bool:
         """``Store.fire_cron``'s compare-and-set: ``last_tick = tick`` if it is earlier (or None).

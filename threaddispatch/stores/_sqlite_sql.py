@@ -18,6 +18,8 @@ __all__ = [
     "SCHEMA_V2",
     "SCHEMA_V3",
     "SCHEMA_V4",
+    "SCHEMA_V5",
+    "SCHEMA_V6",
     "STATEMENTS",
     "TYPES",
     "chunks",
@@ -34,6 +36,8 @@ SCHEMA_V1 = _sql.schema_v1(TYPES, ready_keys="queue, priority DESC, run_at")
 SCHEMA_V2 = _sql.schema_workers(TYPES)  # the worker registry
 SCHEMA_V3 = _sql.schema_trace_context(TYPES)  # the enqueuing span's traceparent, on jobs and dead letters
 SCHEMA_V4 = _sql.schema_dependencies(TYPES)  # depends_on, the waiting state and dispatch_job_deps
+SCHEMA_V5 = _sql.schema_locks(TYPES)  # serial locks
+SCHEMA_V6 = _sql.schema_cron_overlap(TYPES)  # a cron entry's overlap policy
 #: The shared statements in sqlite3's placeholder style.
 STATEMENTS = _sql.Statements("?")
 
@@ -54,9 +58,9 @@ def _claim_sql(queue_count: int) -> str:
     return (
         "UPDATE dispatch_jobs SET state = 'running', worker_id = ?, attempts = attempts + 1, "
         "started_at = ?, heartbeat_at = ?, updated_at = ? "
-        "WHERE seq IN (SELECT seq FROM dispatch_jobs WHERE state IN ('pending', 'retrying') "
-        f"AND queue IN ({marks(queue_count)}) AND run_at <= ? "
-        "ORDER BY priority DESC, run_at, seq LIMIT ?) "
+        "WHERE seq IN (SELECT j.seq FROM dispatch_jobs AS j WHERE j.state IN ('pending', 'retrying') "
+        f"AND j.queue IN ({marks(queue_count)}) AND j.run_at <= ? AND {_sql.lock_free('j')} "
+        "ORDER BY j.priority DESC, j.run_at, j.seq LIMIT ?) "
         f"RETURNING {_sql.JOB_COLUMNS}"
     )
 

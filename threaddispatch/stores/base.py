@@ -53,6 +53,7 @@ _R = TypeVar("_R")
 
 __all__ = [
     "ACTIVE_STATES",
+    "CRON_OVERLAP_POLICIES",
     "DEPENDENCY_FAILURE_POLICIES",
     "FINAL_STATES",
     "READY_STATES",
@@ -92,6 +93,8 @@ class JobState(str, Enum):
 READY_STATES = frozenset({JobState.PENDING, JobState.RETRYING})
 #: States that hold a ``unique_key``: a second job with the same key is not created meanwhile.
 ACTIVE_STATES = frozenset({JobState.PENDING, JobState.RETRYING, JobState.RUNNING, JobState.WAITING})
+#: What a cron tick does while the entry's previous job is unfinished (``CronEntry.overlap``).
+CRON_OVERLAP_POLICIES = ("skip", "queue", "allow")
 #: What a dependent does when a job it depends on ends failed or cancelled (``JobRecord.on_dependency_failure``).
 DEPENDENCY_FAILURE_POLICIES = ("cancel", "run")
 #: States a job never leaves on its own; purged after the engine's retention.
@@ -125,8 +128,12 @@ class JobRecord:
     (never claimed) while ``waiting_on`` of them are unfinished, and becomes pending when
     the last completes. When one ends failed or cancelled the job is cancelled too
     (``on_dependency_failure="cancel"``) or counts it as finished (``"run"``). The store
-    decides the state at insert (the caller passes pending). Not thread-safe to mutate;
-    stores hand out fresh copies.
+    decides the state at insert (the caller passes pending).
+
+    ``lock`` names a serial lock: of the jobs holding one, at most one runs at a time across
+    every process on the store, and they run in insertion order (a claim takes a locked job
+    only when no job with its lock is running and none inserted before it is unfinished).
+    Not thread-safe to mutate; stores hand out fresh copies.
     """
 
     id: str
@@ -152,6 +159,7 @@ class JobRecord:
     depends_on: tuple[str, ...] = ()
     on_dependency_failure: str = "cancel"
     waiting_on: int = 0
+    lock: str | None = None
 
     def decoded_payload(self) -> Any:
         """The payload decoded from its JSON text."""
@@ -206,7 +214,9 @@ class CronEntry:
     ``name`` identifies the entry across processes (every engine that declares the same
     name shares one entry); ``last_tick`` is the tick most recently fired (epoch seconds).
     A disabled entry (:meth:`Store.set_cron_enabled`) has ``last_tick = math.inf``, so no
-    tick is ever later and :meth:`Store.fire_cron` never fires it.
+    tick is ever later and :meth:`Store.fire_cron` never fires it. ``overlap`` says what a
+    tick does while the entry's previous job is unfinished: ``"skip"`` (nothing), ``"queue"``
+    (its job waits for the previous one: they share a serial lock) or ``"allow"`` (runs too).
     """
 
     name: str
@@ -218,6 +228,7 @@ class CronEntry:
     last_tick: float | None = None
     created_at: float = 0.0
     updated_at: float = 0.0
+    overlap: str = "skip"
 
     @property
     def enabled(self) -> bool:
@@ -357,7 +368,10 @@ class Store(abc.ABC):
     def claim(self, queues: Sequence[str], limit: int, *, worker_id: str, now: float) -> list[JobRecord]:
         """Atomically claim up to ``limit`` ready jobs from ``queues`` for ``worker_id``.
 
-        Ready: state pending or retrying and ``run_at <= now``. Order: ``priority``
+        Ready: state pending or retrying and ``run_at <= now``, and, for a job with a
+        ``lock``, no job with that lock running and none inserted before it still active
+        (pending, retrying, waiting): a claim of several never takes two jobs of one lock.
+        Order: ``priority``
         descending, then ``run_at``, then insertion order. Claimed jobs become running
         with ``worker_id``, ``started_at = heartbeat_at = now`` and ``attempts + 1``; the
         returned records show that. A job is never handed to two claims, whatever the
@@ -551,7 +565,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def upsert_cron(self, entry: CronEntry, *, now: float) -> CronEntry:
-        """Create the cron entry, or update its expression/job/payload/queue/priority keeping ``last_tick``.
+        """Create the cron entry, or update its expression/job/payload/queue/priority/overlap keeping ``last_tick``.
 
         A new entry is stored with the ``last_tick`` given (the engine passes the tick at
         or before now, so a new entry does not fire for a tick that passed before it
@@ -572,6 +586,8 @@ class Store(abc.ABC):
 
         If the entry's ``last_tick`` is None or ``< tick``: set it to ``tick`` and insert
         ``job`` (unique-key rules as :meth:`enqueue`) in one transaction, and return True.
+        The insert is skipped (still True) when the entry's ``overlap`` is ``"skip"`` and an
+        unfinished job holds ``job.lock`` (the entry's previous job).
         Otherwise (another process fired this tick) change nothing and return False.
         """
 

@@ -63,6 +63,8 @@ class MemoryStore(Store):
         self._workers: dict[str, WorkerInfo] = {}  # the worker registry, by worker id
         # job id -> the waiting jobs that still wait for it (an entry goes when the job finishes)
         self._dependents: dict[str, list[str]] = {}
+        # serial lock -> the ids of the ACTIVE jobs holding it
+        self._locked: dict[str, set[str]] = {}
         self._serial = itertools.count(1)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -102,6 +104,8 @@ class MemoryStore(Store):
             self._running.add(job.id)
         else:
             self._running.discard(job.id)
+        if job.lock is not None:
+            self._hold_lock(job, state in ACTIVE_STATES)
         job.state = state
         job.updated_at = now
         if state in FINAL_STATES:
@@ -138,6 +142,29 @@ class MemoryStore(Store):
     def _drop_unique(self, job: JobRecord) -> None:
         if job.unique_key is not None and self._unique.get(job.unique_key) == job.id:
             del self._unique[job.unique_key]
+        if job.lock is not None:
+            self._hold_lock(job, False)
+
+    def _hold_lock(self, job: JobRecord, active: bool) -> None:
+        assert job.lock is not None
+        holders = self._locked.setdefault(job.lock, set())
+        if active:
+            holders.add(job.id)
+        else:
+            holders.discard(job.id)
+            if not holders:
+                del self._locked[job.lock]
+
+    def _lock_busy(self, job: JobRecord) -> bool:
+        """Whether ``job``'s serial lock is not its turn: a holder runs, or one inserted before it is active."""
+        if job.lock is None:
+            return False
+        order = self._order[job.id]
+        for holder_id in self._locked.get(job.lock, ()):
+            holder = self._jobs[holder_id]
+            if holder_id != job.id and (holder.state is JobState.RUNNING or self._order[holder_id] < order):
+                return True
+        return False
 
     def _check_dependencies(self, jobs: Sequence[JobRecord]) -> None:
         """JobNotFoundError unless every dependency of ``jobs`` is stored or comes earlier in ``jobs``."""
@@ -243,6 +270,7 @@ class MemoryStore(Store):
                     continue
                 heapq.heappush(self._ready.setdefault(job.queue, []), (-job.priority, run_at, order, job_id, token))
             heaps = [heap for queue in dict.fromkeys(queues) if (heap := self._ready.get(queue))]
+            waiting_turn: list[tuple[list[tuple[int, float, int, str, int]], tuple[int, float, int, str, int]]] = []
             while len(claimed) < limit:
                 best: list[tuple[int, float, int, str, int]] | None = None
                 for heap in heaps:
@@ -256,13 +284,19 @@ class MemoryStore(Store):
                         best = heap
                 if best is None:
                     break
-                job = self._jobs[heapq.heappop(best)[3]]
+                entry = heapq.heappop(best)
+                job = self._jobs[entry[3]]
+                if self._lock_busy(job):
+                    waiting_turn.append((best, entry))  # still ready: back in its heap after this claim
+                    continue
                 self._tokens[job.id] += 1
                 self._set_state(job, JobState.RUNNING, now)
                 job.worker_id = worker_id
                 job.attempts += 1
                 job.started_at = job.heartbeat_at = now
                 claimed.append(dataclasses.replace(job))
+            for heap, entry in waiting_turn:
+                heapq.heappush(heap, entry)
         return claimed
 
     def heartbeat(self, job_ids: Sequence[str], *, worker_id: str, now: float) -> set[str]:
@@ -601,7 +635,8 @@ class MemoryStore(Store):
                 return False
             entry.last_tick = tick
             entry.updated_at = job.created_at
-            self._insert(job)
+            if not (entry.overlap == "skip" and job.lock is not None and self._locked.get(job.lock)):
+                self._insert(job)
             return True
 
     # -- the worker registry ------------------------------------------------------------------

@@ -124,6 +124,8 @@ class PostgresStore(AdminMethods, Store):
         (3, "worker registry", q.SCHEMA_V3),
         (4, "trace context", q.SCHEMA_V4),
         (5, "job dependencies", q.SCHEMA_V5),
+        (6, "serial locks", q.SCHEMA_V6),
+        (7, "cron overlap", q.SCHEMA_V7),
     )
 
     def __init__(

@@ -48,6 +48,8 @@ from threaddispatch.stores._sqlite_sql import (
     SCHEMA_V2,
     SCHEMA_V3,
     SCHEMA_V4,
+    SCHEMA_V5,
+    SCHEMA_V6,
     STATEMENTS,
     TYPES,
     chunks,
@@ -118,6 +120,8 @@ class SQLiteStore(Store):
         (2, "worker registry", SCHEMA_V2),
         (3, "trace context", SCHEMA_V3),
         (4, "job dependencies", SCHEMA_V4),
+        (5, "serial locks", SCHEMA_V5),
+        (6, "cron overlap", SCHEMA_V6),
     )
 
     def __init__(
@@ -698,5 +702,6 @@ class SQLiteStore(Store):
         with Immediate(conn):
             if not _SQL.advance_cron(conn, name, tick, job.created_at):
                 return False
-            self._insert(conn, job)
+            if not _SQL.cron_skips(conn, name, job):
+                self._insert(conn, job)
             return True
