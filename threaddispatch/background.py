@@ -7,10 +7,12 @@ only when a window opens, a batch fills, or the buffer overflows.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -24,10 +26,11 @@ from threaddispatch._engine import OVERFLOW_POLICIES, BatchEngine, Overflow
 from threaddispatch._future import LazyFuture
 from threaddispatch._invoke import Outcome, TimedCaller, call
 from threaddispatch._lanes import ClosedFifoLane, FifoLane
+from threaddispatch._spool import Spool, SpoolDeadLetter, SpoolSync
 from threaddispatch._trace import Tracing, make_tracing
 from threaddispatch._validate import check_positive_int, check_seconds
 from threaddispatch.backoff import RetryPolicy
-from threaddispatch.errors import ConfigurationError, DispatcherClosedError, QueueFullError
+from threaddispatch.errors import ConfigurationError, DispatcherClosedError, QueueFullError, StoreError
 from threaddispatch.metrics import FaceRecorder, Metrics, check_metrics
 
 __all__ = ["BackgroundDispatcher", "FailedBatch"]
@@ -35,6 +38,7 @@ __all__ = ["BackgroundDispatcher", "FailedBatch"]
 T = TypeVar("T")
 
 _log = logging.getLogger("threaddispatch")
+_forked_spools: list[Spool] = []  # a forked child's copies of its parent's spools: never closed in the child
 _names = iter(range(1, 1 << 62))
 
 
@@ -55,6 +59,24 @@ class _Submitted:
     def __init__(self, entry: object, future: Future[None]) -> None:
         self.entry = entry
         self.future = future
+
+
+class _Spooled:
+    """An entry of a spooled dispatcher: its spool sequence number, and its Future if it was submitted.
+
+    It takes the place of the bare entry or the ``_Submitted`` (with tracing on, inside the
+    same ``(item, context)`` tuple), so one item says everything the sender needs.
+    """
+
+    __slots__ = ("entry", "future", "seq")
+
+    def __init__(self, seq: int, entry: object, future: Future[None] | None) -> None:
+        self.seq = seq
+        self.entry = entry
+        self.future = future
+
+    def __repr__(self) -> str:
+        return repr(self.entry)
 
 
 def _span_contexts(captured: list[Any]) -> list[Any]:
@@ -92,16 +114,24 @@ class _Retrying:
     ``contexts`` are the producers' captured contexts (tracing on), which each attempt's span links to.
     """
 
-    __slots__ = ("attempts", "contexts", "done", "entries", "futures")
+    __slots__ = ("attempts", "contexts", "done", "entries", "futures", "seqs")
 
     def __init__(
-        self, entries: list[Any], futures: list[Future[None]], attempts: int, done: Future[None], contexts: list[Any]
+        self,
+        entries: list[Any],
+        futures: list[Future[None]],
+        attempts: int,
+        done: Future[None],
+        contexts: list[Any],
+        *,
+        seqs: list[int],
     ) -> None:
         self.entries = entries
         self.futures = futures
         self.attempts = attempts
         self.done = done
         self.contexts = contexts
+        self.seqs = seqs  # the entries' spool sequence numbers (spool on), else empty
 
 
 class _Sender(Generic[T]):
@@ -133,6 +163,9 @@ class _Sender(Generic[T]):
         # tuple (entry or _Submitted, the producer's captured OpenTelemetry context); _Retrying stays bare.
         self.tracing: Tracing | None = None
         self.has_submitted = False
+        # Set by the dispatcher given a spool: every item but _Retrying is then a _Spooled (tracing on:
+        # inside its tuple); a delivered batch is acknowledged, a failed one dead-lettered, a dropped one acked.
+        self.spool: Spool | None = None
         # Immediate mode (testing.immediate()): sends run on the callers' threads, one at a
         # time under this lock, which then guards the counters; retries go at once.
         self.immediate = False
@@ -156,9 +189,9 @@ class _Sender(Generic[T]):
         if self.immediate:  # a retry scheduled before the switch: one send at a time, as the callers'
             with self.immediate_lock:
                 return self._deliver_mixed(key, items)
-        if self.has_submitted or self.retry is not None or self.tracing is not None:
+        if self.has_submitted or self.retry is not None or self.tracing is not None or self.spool is not None:
             return self._deliver_mixed(key, items)
-        self._attempt(key, items, [], 1, None, contexts=[])
+        self._attempt(key, items, [], 1, None, contexts=[], seqs=[])
         return None
 
     def _deliver_mixed(self, key: Hashable, items: list[Any]) -> Future[None] | None:
@@ -167,6 +200,7 @@ class _Sender(Generic[T]):
         entries: list[Any] = []
         retried: list[_Retrying] = []
         contexts: list[Any] = []  # the producers' captured contexts (tracing on)
+        seqs: list[int] = []  # the entries' spool sequence numbers (spool on)
         traced = self.tracing is not None
         for carried in items:
             item = carried
@@ -175,7 +209,12 @@ class _Sender(Generic[T]):
                 item, context = item
                 contexts.append(context)
                 kind = type(item)
-            if kind is _Submitted:
+            if kind is _Spooled:
+                entries.append(item.entry)
+                seqs.append(item.seq)
+                if item.future is not None:
+                    futures.append(item.future)
+            elif kind is _Submitted:
                 entries.append(item.entry)
                 futures.append(item.future)
             elif kind is _Retrying:
@@ -183,10 +222,18 @@ class _Sender(Generic[T]):
             else:
                 entries.append(item)
         for batch in retried:
-            self._attempt(key, batch.entries, batch.futures, batch.attempts + 1, batch.done, contexts=batch.contexts)
+            self._attempt(
+                key,
+                batch.entries,
+                batch.futures,
+                batch.attempts + 1,
+                batch.done,
+                contexts=batch.contexts,
+                seqs=batch.seqs,
+            )
         if not entries:
             return None
-        return self._attempt(key, entries, futures, 1, None, contexts=contexts)
+        return self._attempt(key, entries, futures, 1, None, contexts=contexts, seqs=seqs)
 
     def _attempt(
         self,
@@ -197,6 +244,7 @@ class _Sender(Generic[T]):
         done: Future[None] | None,
         *,
         contexts: list[Any],
+        seqs: list[int],
     ) -> Future[None] | None:
         """Send once; on a failure that retries, schedule the next attempt and return what settles the batch."""
         while True:
@@ -209,6 +257,8 @@ class _Sender(Generic[T]):
                 outcome = self._call_send(entries) if self.tracing is None else self._traced_send(entries, contexts)
                 recorder.send(len(entries), started, outcome.error)
             if outcome.ok:
+                if seqs:
+                    self._settle_spool(seqs, None)
                 self.sent += len(entries)
                 for future in futures:
                     if future.set_running_or_notify_cancel():
@@ -218,10 +268,12 @@ class _Sender(Generic[T]):
             assert error is not None
             delay = None if self.retry is None else self.retry.next_delay(attempts, error)
             if delay is None:
+                if seqs:
+                    self._settle_spool(seqs, error)
                 self._report(entries, error, attempts, futures)
                 break
             self.retries += 1
-            batch = _Retrying(entries, futures, attempts, LazyFuture() if done is None else done, contexts)
+            batch = _Retrying(entries, futures, attempts, LazyFuture() if done is None else done, contexts, seqs=seqs)
             if self._schedule(key, batch, delay):
                 # The first delivery's batch settles when batch.done does; a retry's own batch now.
                 return batch.done if done is None else None
@@ -236,7 +288,24 @@ class _Sender(Generic[T]):
             self.immediate_entries += 1
             self.immediate_batches += 1
             contexts = [] if self.tracing is None else [_capture()()]
-            self._attempt(None, [entry], [] if future is None else [future], 1, None, contexts=contexts)
+            self._attempt(None, [entry], [] if future is None else [future], 1, None, contexts=contexts, seqs=[])
+
+    def _settle_spool(self, seqs: list[int], error: BaseException | None) -> None:
+        """Acknowledge delivered entries (error None) or dead-letter failed ones; a spool failure is logged.
+
+        Before the Futures and ``on_error``: once they say an entry was sent, it has left the
+        spool. An entry the spool could not settle stays pending, and is replayed at the next start.
+        """
+        spool = self.spool
+        if spool is None:
+            return
+        try:
+            if error is None:
+                spool.ack(seqs)
+            else:
+                spool.dead_letter(seqs, f"{type(error).__qualname__}: {error}")
+        except Exception:  # noqa: BLE001 - the worker lives; the entries stay in the spool
+            _log.exception("%s: the spool could not record %d settled entries", self.name, len(seqs))
 
     def _traced_send(self, entries: list[Any], contexts: list[Any]) -> Outcome:
         """``_call_send`` inside a PRODUCER span linked to the producers' spans (messaging batch publish)."""
@@ -299,10 +368,17 @@ class _Sender(Generic[T]):
             )
 
     def on_drop(self, items: list[Any]) -> None:
+        seqs: list[int] = []
         for carried in items:
             item = carried[0] if self.tracing is not None and type(carried) is not _Retrying else carried
-            if type(item) is _Submitted and item.future.set_running_or_notify_cancel():
-                item.future.set_exception(QueueFullError(f"{self.name}: entry dropped, the queue was full"))
+            kind = type(item)
+            if kind is _Spooled:
+                seqs.append(item.seq)
+            future = item.future if kind is _Submitted or kind is _Spooled else None
+            if future is not None and future.set_running_or_notify_cancel():
+                future.set_exception(QueueFullError(f"{self.name}: entry dropped, the queue was full"))
+        if seqs:  # never accepted: it leaves the spool
+            self._settle_spool(seqs, None)
 
 
 def _record_error(span: Any, error: BaseException) -> None:
@@ -393,6 +469,49 @@ def _traced_enqueue(enqueue: Callable[..., None], capture: Callable[[], Any], la
     return traced
 
 
+def _spooled_enqueue(enqueue: Callable[..., None], spool: Spool, lane: FifoLane) -> Callable[..., None]:
+    """``enqueue`` with each entry first made durable in ``spool`` and put as a :class:`_Spooled` (spool on only).
+
+    Wraps the (traced or untraced) enqueue, which then carries the ``_Spooled`` like any
+    entry. The append is on the caller's thread, before the entry is in the buffer: a
+    PayloadError (not JSON) leaves both untouched. An entry the inner enqueue refuses
+    (closed, QueueFullError) leaves the spool again. A stray positional argument lands in
+    ``_enqueue`` and raises the keyword-only TypeError, as in :func:`_traced_enqueue`.
+    """
+
+    def spooled(
+        entry: object,
+        _enqueue: Callable[..., None] = enqueue,
+        _append: Callable[[object], int] = spool.append,
+        _real: Callable[..., None] = enqueue,
+        timeout: float | None = None,
+    ) -> None:
+        if _enqueue is not _real:
+            raise _positional_timeout()
+        if timeout is not None:
+            check_seconds("timeout", timeout)  # refused before anything is written
+        plain = entry.entry if type(entry) is _Submitted else entry
+        try:
+            item = _Spooled(_append(plain), plain, entry.future if type(entry) is _Submitted else None)
+        except StoreError:
+            if type(lane) is ClosedFifoLane:  # closed (the spool with it): the closed error, naming the entry
+                lane.append(plain)
+            raise
+        try:
+            if timeout is None:
+                _enqueue(item)
+            else:
+                _enqueue(item, timeout=timeout)
+        except BaseException:
+            with contextlib.suppress(StoreError):  # closed meanwhile: the spool is gone with it
+                spool.ack((item.seq,))  # never accepted
+            raise
+
+    spooled.__doc__ = BackgroundDispatcher.enqueue.__doc__
+    spooled.__signature__ = _ENQUEUE_SIGNATURE  # type: ignore[attr-defined]
+    return spooled
+
+
 class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
     """Batches entries and calls ``send_batch(entries)`` at most once per ``ms_delay`` window.
 
@@ -424,6 +543,23 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
     name) and ``messaging.batch.message_count``, and an error status when the send failed.
     Without it (the default) ``enqueue`` is the untraced path, unchanged.
 
+    ``spool`` (a file path; None: none) makes the buffer crash-durable: every entry
+    ``enqueue``/``submit`` accepts is first appended to that SQLite WAL file (appends from
+    many threads share one commit; entries must be JSON-encodable, else PayloadError), and
+    leaves it once its batch was sent, or was dropped by the overflow policy. A batch that
+    fails for good moves to the spool's dead letters (``on_error`` is still called):
+    :meth:`spool_dead_letters` lists them, :meth:`replay_spool_dead_letters` sends them
+    again. A new dispatcher on the same spool first replays, in order and before any new
+    entry, what a previous owner left (delivery is at-least-once: the batch being sent at
+    a crash is sent again). Replayed entries count against ``max_queue_size``; when more
+    were left than it holds, the constructor sends the excess itself before it returns
+    (it blocks for those sends, as flush() does), so none is dropped. ``spool_sync`` is
+    ``"normal"`` (survives a process crash) or ``"full"`` (an fsync per commit: survives
+    power loss). One dispatcher owns a spool at a time (SpoolOwnedError for a second);
+    close() closes it after the drain. Immediate mode (``testing.immediate()``) sends on
+    the caller's thread before ``enqueue`` returns, so it does not touch the spool, and a
+    forked child's dispatcher does not use its parent's spool.
+
     After ``os.fork()`` the child's dispatcher starts empty, with its own counters from
     zero and a fresh worker: entries pending or being sent at fork are the parent's to
     send (and their ``submit()`` Futures the parent's to resolve; the child's copies of
@@ -445,6 +581,8 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
         send_timeout: float | None = None,
         metrics: Metrics | None = None,
         tracer_provider: object = None,
+        spool: str | os.PathLike[str] | None = None,
+        spool_sync: SpoolSync = "normal",
     ) -> None:
         if not callable(send_batch):
             raise ConfigurationError(f"send_batch must be callable, got {send_batch!r}")
@@ -471,6 +609,10 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
             raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
         if send_timeout is not None:
             send_timeout = check_seconds("send_timeout", send_timeout, allow_zero=False)
+        if spool_sync not in ("normal", "full"):
+            raise ConfigurationError(f"spool_sync must be 'normal' or 'full', got {spool_sync!r}")
+        # Last of the checks: it takes the ownership (SpoolOwnedError) and reads what was left.
+        opened = None if spool is None else Spool(spool, sync=spool_sync)
         self.name = name
         self.ms_delay = ms_delay
         self.send_timeout = send_timeout
@@ -502,6 +644,12 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
             self.enqueue = _lock_free_enqueue(lane, self._engine.kick)  # type: ignore[method-assign]
         if tracing is not None:
             self.enqueue = _traced_enqueue(self.enqueue, _capture(), lane)  # type: ignore[method-assign]
+        self._enqueue_unspooled = self.enqueue  # what a forked child uses
+        self._spool = opened
+        if opened is not None:
+            self._sender.spool = opened
+            self.enqueue = _spooled_enqueue(self.enqueue, opened, lane)  # type: ignore[method-assign]
+            self._replay(opened.pending())
         self._enqueue_queued = self.enqueue  # what _set_immediate(False) puts back
         # For the fork reset and the immediate switch; held weakly, so it never keeps self alive.
         _lifecycle.register(self)
@@ -540,6 +688,53 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
         else:
             self.enqueue(item, timeout=timeout)
         return future
+
+    def _replay(self, pending: list[tuple[int, Any]]) -> None:
+        """Put spooled entries in the buffer, in order; what exceeds ``max_queue_size`` is sent first, here."""
+        items = self._spooled_items(pending)
+        room = self._engine.max_queue_size or len(items)
+        for start in range(0, len(items), room):
+            if start:
+                self._engine.flush(None)  # the buffer is empty again before the next part
+            self._engine.put_many(items[start : start + room])
+
+    def spool_dead_letters(self, limit: int = 100) -> list[SpoolDeadLetter]:
+        """The spool's dead letters (entries whose batch failed for good), oldest first; at most ``limit``."""
+        return self._own_spool().dead_letters(limit)
+
+    def replay_spool_dead_letters(self, seqs: list[int] | None = None) -> int:
+        """Enqueue dead letters again (all, or those numbered), oldest first; returns how many.
+
+        At most as many as the buffer has room for now (call again for the rest); they keep
+        their sequence numbers and leave the spool once sent, or go back to the dead letters.
+        """
+        spool = self._own_spool()
+        room = max(0, (self._engine.max_queue_size or 0) - self._engine.pending())
+        if seqs is None:
+            wanted = [dead.seq for dead in spool.dead_letters(room)] if room else []
+        else:
+            wanted = list(seqs)[:room]
+        if not wanted:
+            return 0
+        items = self._spooled_items(spool.take_dead_letters(wanted))
+        self._engine.put_many(items)
+        return len(items)
+
+    def _spooled_items(self, rows: list[tuple[int, Any]]) -> list[Any]:
+        """The buffer's items for spooled ``(seq, entry)`` rows (tracing on: each with an empty context)."""
+        items: list[Any] = [_Spooled(seq, entry, None) for seq, entry in rows]
+        if self._sender.tracing is None:
+            return items
+        from opentelemetry.context import Context  # tracing on: the API is installed
+
+        empty = Context()  # links to no producer
+        return [(item, empty) for item in items]
+
+    def _own_spool(self) -> Spool:
+        spool = self._spool
+        if spool is None:
+            raise ConfigurationError(f"{self.name} has no spool (pass spool=PATH)")
+        return spool
 
     def _set_immediate(self, on: bool) -> None:
         """Swap ``enqueue``/``submit`` for the immediate ones (on) or back; idempotent, never blocks.
@@ -598,6 +793,8 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
         drained = self._engine.close(None if deadline is None else max(0.0, deadline - time.monotonic()))
         # Last: a send still running past close()'s timeout falls back to an untimed call.
         self._caller.close(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if self._spool is not None:
+            self._spool.close()  # after the drain: the last acks are written
         return drained and self._sender.failed == failed_before
 
     @property
@@ -643,6 +840,13 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
             # Forked in the middle of close(): finish the transition it had begun.
             self._lane.__class__ = ClosedFifoLane
         self._sender.reset(closing=self._closed)
+        if self._spool is not None:
+            # The parent's spool (connection and lock) stays the parent's: kept, never used nor closed here.
+            _forked_spools.append(self._spool)
+            self._spool = self._sender.spool = None
+            self._enqueue_queued = self._enqueue_unspooled
+            if "submit" not in self.__dict__:  # not in immediate mode
+                self.enqueue = self._enqueue_unspooled  # type: ignore[method-assign]
 
     def __repr__(self) -> str:
         # Never raises: an instance whose __init__ failed part-way lacks some attributes.
