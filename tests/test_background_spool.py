@@ -120,7 +120,8 @@ def test_an_entry_dropped_or_refused_by_the_overflow_policy_leaves_the_spool(tmp
             started.set()
             gate.wait(30)
 
-        dispatcher = BackgroundDispatcher(send, 1, max_queue_size=2, overflow=overflow, spool=path)
+        # A window longer than the test: only a full buffer (2 entries) is sent, at once.
+        dispatcher = BackgroundDispatcher(send, 600_000, max_queue_size=2, overflow=overflow, spool=path)
         dispatcher.enqueue(0)
         dispatcher.enqueue(1)  # a full batch: goes at once, held in send
         started.wait(30)
