@@ -469,6 +469,41 @@ def _traced_enqueue(enqueue: Callable[..., None], capture: Callable[[], Any], la
     return traced
 
 
+def _lock_free_traced_enqueue(
+    lane: FifoLane, kick: Callable[[FifoLane], None], capture: Callable[[], Any]
+) -> Callable[..., None]:
+    """:func:`_lock_free_enqueue` putting ``(entry, the caller's OpenTelemetry context)``, in one frame.
+
+    The drop policies with tracing on: the same append and length check as the untraced
+    path, plus the capture and the tuple, with no second call through :func:`_traced_enqueue`.
+    A stray positional argument lands in ``_lane`` and raises the keyword-only TypeError.
+    """
+
+    def enqueue(
+        entry: object,
+        _lane: FifoLane = lane,
+        _len: Callable[[FifoLane], int] = len,
+        _kick: Callable[[FifoLane], None] = kick,
+        _capture: Callable[[], Any] = capture,
+        timeout: float | None = None,
+    ) -> None:
+        if timeout is not None:
+            check_seconds("timeout", timeout)
+        try:
+            _lane.lock_free_append((entry, _capture()))
+        except AttributeError:
+            raise _positional_timeout() from None
+        except DispatcherClosedError:
+            _lane.append(entry)  # closed: raises naming the entry itself, not its tuple
+            raise
+        if _len(_lane) >= _lane.trigger:
+            _kick(_lane)
+
+    enqueue.__doc__ = BackgroundDispatcher.enqueue.__doc__
+    enqueue.__signature__ = _ENQUEUE_SIGNATURE  # type: ignore[attr-defined]
+    return enqueue
+
+
 def _spooled_enqueue(enqueue: Callable[..., None], spool: Spool, lane: FifoLane) -> Callable[..., None]:
     """``enqueue`` with each entry first made durable in ``spool`` and put as a :class:`_Spooled` (spool on only).
 
@@ -640,10 +675,12 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
         if overflow in ("block", "raise"):
             # Lossless and lock-free while there is room: the engine takes the lock only at the bound.
             self.enqueue = self._engine.lossless_enqueue(lane, _positional_timeout)  # type: ignore[method-assign]
+            if tracing is not None:
+                self.enqueue = _traced_enqueue(self.enqueue, _capture(), lane)  # type: ignore[method-assign]
+        elif tracing is not None:
+            self.enqueue = _lock_free_traced_enqueue(lane, self._engine.kick, _capture())  # type: ignore[method-assign]
         else:
             self.enqueue = _lock_free_enqueue(lane, self._engine.kick)  # type: ignore[method-assign]
-        if tracing is not None:
-            self.enqueue = _traced_enqueue(self.enqueue, _capture(), lane)  # type: ignore[method-assign]
         self._enqueue_unspooled = self.enqueue  # what a forked child uses
         self._spool = opened
         if opened is not None:
