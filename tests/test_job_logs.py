@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -269,6 +270,7 @@ def test_the_json_formatter_writes_one_object_a_line_with_the_fields(collect: tu
     assert final["message"].endswith("dead-lettered after 1 attempt")
     assert "Traceback" in final["exc_info"] and "RuntimeError: kaput" in final["exc_info"]
     assert final["time"].endswith("+00:00") and "T" in final["time"]
+    assert final["process"] == os.getpid()  # worker processes of one supervisor are told apart
     assert "exc_info" not in started
 
 

@@ -53,8 +53,9 @@ def log_job(
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line: ``time`` (ISO 8601, UTC), ``level``, ``logger``,
-    ``message``, every ``extra`` field of the record, and ``exc_info`` / ``stack_info`` as text
-    when the record has them. A value JSON cannot hold is written as its ``str()``.
+    ``process`` (the pid: worker processes of one supervisor are told apart), ``message``,
+    every ``extra`` field of the record, and ``exc_info`` / ``stack_info`` as text when the
+    record has them. A value JSON cannot hold is written as its ``str()``.
 
     For containers: ``threaddispatch worker --log-format json``; or
     ``handler.setFormatter(JsonFormatter())`` on any handler.
@@ -66,6 +67,7 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
+            "process": record.process,
             "message": record.getMessage(),
         }
         for key, value in record.__dict__.items():
