@@ -11,7 +11,9 @@ appender to find no commit under way becomes the *leader*, takes every entry que
 far, writes and commits them in one transaction, publishes the highest durable sequence
 number and hands leadership on; the others wait for their sequence number to become
 durable (or for leadership, if the leader left before their entry was taken). One leader
-writes one batch, so no appender waits behind an endless stream of others' entries.
+writes one batch, so no appender waits behind an endless stream of others' entries. A
+leader whose predecessor woke waiters first yields the GIL once, so that those appenders'
+next entries join its commit (4 producers: ~3.5 entries per commit instead of ~1.5).
 
 **Durability** is ``sync="normal"`` (``PRAGMA synchronous=NORMAL`` in WAL mode: survives a
 process crash, the default) or ``"full"`` (``synchronous=FULL``: an fsync per commit, also
@@ -105,6 +107,7 @@ class Spool:
         self._durable = self._next  # every seq below it is committed (or failed: see _failed)
         self._failed: dict[int, BaseException] = {}  # seq -> the error its commit raised
         self._waiters = 0  # threads waiting on _changed
+        self._woke = False  # the last commit notified waiters (read without the lock: a hint)
         self._closed = False
 
     # -- appending ------------------------------------------------------------------------------
@@ -146,6 +149,10 @@ class Spool:
 
     def _lead(self) -> None:
         """Write every queued entry in one transaction, publish the durable mark, hand leadership on."""
+        if self._woke:
+            # The last commit woke appenders that are about to append again: let them queue
+            # first (one GIL hand-off), so that this commit takes their entries too.
+            time.sleep(0)
         with self._lock:
             batch, self._queue = self._queue, []
         error: BaseException | None = None
@@ -166,7 +173,8 @@ class Spool:
                     self._failed.update((seq, error) for seq, _ in batch)
                 self._durable = batch[-1][0] + 1
             self._leading = False
-            if self._waiters:  # a lone appender (the common case with one producer) skips the notify
+            self._woke = self._waiters > 0
+            if self._woke:  # a lone appender (the common case with one producer) skips the notify
                 self._changed.notify_all()
 
     def _settled(self, first: int, last: int) -> list[int]:
