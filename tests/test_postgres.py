@@ -12,6 +12,7 @@ set they fail instead (conftest's ``missing_postgres``).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import logging
@@ -748,7 +749,7 @@ def test_claims_and_completions_are_prepared_statements_from_their_first_use(
 def test_migrating_a_version_1_database_with_jobs_keeps_them_and_tunes_autovacuum(
     pg_server: PostgresServer, make_store: Callable[..., PostgresStore], new_schema: str
 ) -> None:
-    """A schema made by version 1 (jobs pending, running, completed in it) upgrades to the latest in place."""
+    """A schema made by version 1 (rows pending, running and completed, as version 1 wrote them) upgrades in place."""
 
     class Version1Store(PostgresStore):
         MIGRATIONS = PostgresStore.MIGRATIONS[:1]
@@ -756,17 +757,19 @@ def test_migrating_a_version_1_database_with_jobs_keeps_them_and_tunes_autovacuu
     old = Version1Store(pg_server.dsn, schema=new_schema)
     try:
         assert old.migrate() == 1
-        jobs = [test_stores.job(queue=queue, priority=n) for n, queue in enumerate("ababa")]
-        old.enqueue(jobs)
-        running = old.claim(["a", "b"], 2, worker_id="w", now=T0)
-        old.complete(running[0].id, worker_id="w", attempts=1, result='"ok"', now=T0)
-        before = {job.id: old.get(job.id) for job in jobs}
     finally:
         old.close()
+    jobs = [test_stores.job(queue=queue, priority=n) for n, queue in enumerate("ababa")]
+    jobs[3] = dataclasses.replace(jobs[3], state=JobState.RUNNING, attempts=1, worker_id="w", started_at=T0,
+                                  heartbeat_at=T0)  # fmt: skip
+    jobs[4] = dataclasses.replace(jobs[4], state=JobState.COMPLETED, attempts=1, worker_id="w", started_at=T0,
+                                  finished_at=T0, result='"ok"')  # fmt: skip
+    with psycopg.connect(pg_server.dsn, autocommit=True, options=f"-c search_path={new_schema}") as conn:
+        test_stores.insert_version_1_jobs(conn, jobs, "%s")  # the rows as version 1 wrote them
     store = make_store(schema=new_schema)
     latest = PostgresStore.MIGRATIONS[-1][0]
     assert store.migrate() == latest >= 2
-    assert {job.id: store.get(job.id) for job in jobs} == before
+    assert {job.id: store.get(job.id) for job in jobs} == {job.id: job for job in jobs}
     assert [job.id for job in store.claim(["a", "b"], 5, worker_id="w2", now=T0)] == [j.id for j in jobs[2::-1]]
     options = _admin_execute(pg_server, "SELECT reloptions FROM pg_class WHERE oid = %s::regclass",
                              (f'"{new_schema}".dispatch_jobs',))[0][0]  # fmt: skip

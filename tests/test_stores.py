@@ -7,6 +7,7 @@ adding a factory there, nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +29,7 @@ from threaddispatch.stores import (
     MemoryStore,
     SQLiteStore,
     Store,
+    _sql,
     open_store,
 )
 from threaddispatch.stores.base import FINAL_STATES, Completion
@@ -49,6 +52,19 @@ def job(**fields: object) -> JobRecord:
     }
     values.update(fields)
     return JobRecord(**values)  # type: ignore[arg-type]
+
+
+def insert_version_1_jobs(conn: Any, jobs: list[JobRecord], placeholder: str) -> None:
+    """Insert ``jobs`` into ``conn``'s dispatch_jobs as a store at migration 1 wrote them: only the
+    columns that migration made (not those of ``_sql.LATER_COLUMNS``), by position as JobRecord's fields."""
+    later = _sql.LATER_COLUMNS["dispatch_jobs"]
+    names = [name for name, _kind, _constraints in _sql.TABLES["dispatch_jobs"] if name != "seq"]
+    for record in jobs:
+        values = [getattr(record, field.name) for field in dataclasses.fields(record)]
+        row = {name: value for name, value in zip(names, values, strict=True) if name not in later}
+        marks = ", ".join([placeholder] * len(row))
+        conn.execute(f"INSERT INTO dispatch_jobs ({', '.join(row)}) VALUES ({marks})",
+                     [value.value if isinstance(value, JobState) else value for value in row.values()])  # fmt: skip
 
 
 def _noop(ctx: JobContext, payload: object) -> None:

@@ -6,8 +6,10 @@ on one SQLite file and on PostgreSQL, one of them SIGKILLed; migrations of older
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import test_stores
 from conftest import SHARED_STORE_PARAMS
 
 from threaddispatch._job_workers import list_workers
@@ -219,12 +222,12 @@ def test_a_version_1_sqlite_file_gains_the_registry(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     with Version1Store(path) as old:
         assert old.migrate() == 1
-        engine = JobEngine(old)
-        engine.register("work", lambda ctx, payload: None)
-        job_id = engine.enqueue("work", 1)
+    job = test_stores.job(name="work")
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:  # the row as version 1 wrote it
+        test_stores.insert_version_1_jobs(conn, [job], "?")
     with SQLiteStore(path) as store:
-        assert store.migrate() == SQLiteStore.MIGRATIONS[-1][0] == 2
-        assert store.get(job_id) is not None
+        assert store.migrate() == SQLiteStore.MIGRATIONS[-1][0] >= 2
+        assert store.get(job.id) is not None
         store.register_worker(info())
         assert store.list_workers(now=T0, stale_after=30) == [info()]
 
@@ -243,12 +246,12 @@ def test_a_version_2_postgres_schema_gains_the_registry(pg_server: Any) -> None:
     try:
         with Version2Store(pg_server.dsn, schema=schema) as old:
             assert old.migrate() == 2
-            engine = JobEngine(old)
-            engine.register("work", lambda ctx, payload: None)
-            job_id = engine.enqueue("work", 1)
+        job = test_stores.job(name="work")
+        with psycopg.connect(pg_server.dsn, autocommit=True, options=f"-c search_path={schema}") as conn:
+            test_stores.insert_version_1_jobs(conn, [job], "%s")  # versions 1 and 2 have the same job columns
         with PostgresStore(pg_server.dsn, schema=schema) as store:
-            assert store.migrate() == PostgresStore.MIGRATIONS[-1][0] == 3
-            assert store.get(job_id) is not None
+            assert store.migrate() == PostgresStore.MIGRATIONS[-1][0] >= 3
+            assert store.get(job.id) is not None
             store.register_worker(info())
             assert store.list_workers(now=T0, stale_after=30) == [info()]
     finally:
