@@ -271,3 +271,27 @@ def test_a_sigkilled_dispatcher_loses_no_acknowledged_entry(tmp_path: Path) -> N
     assert len(duplicates) <= 100  # at most the batch in flight at the kill
     assert second == sorted(second)  # replayed in order
     assert _pending(spool) == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_leaves_its_parents_spool_alone(tmp_path: Path) -> None:
+    from test_background import _run_in_forked_child
+
+    path = tmp_path / "fork.spool"
+    sent: list[str] = []
+    with BackgroundDispatcher(sent.extend, 600_000, spool=path) as dispatcher:
+        dispatcher.enqueue("parent")
+
+        def child() -> dict[str, object]:
+            got: list[str] = []
+            dispatcher._sender.send_batch = got.extend
+            dispatcher.enqueue("child")
+            flushed = dispatcher.flush(10)
+            return {"flushed": flushed, "got": got, "spooled": dispatcher._spool is not None}
+
+        report = _run_in_forked_child(child)
+        assert report == {"flushed": True, "got": ["child"], "spooled": False}
+        assert [entry for _, entry in dispatcher._spool.pending()] == ["parent"]  # type: ignore[union-attr]
+    assert sent == ["parent"]
+    assert _pending(path) == []
