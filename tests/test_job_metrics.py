@@ -164,7 +164,6 @@ def test_immediate_mode_records_too(otel: Reader) -> None:
     assert engine.stats()["dead_lettered"] == 2
 
 
-@pytest.mark.xfail(reason="needs JobEngine.__init__ to call metrics.job_recorder(self) (jobs.py)", strict=False)
 def test_enqueues_before_any_run_are_counted(otel: Reader) -> None:
     """A producer-only engine (a web process) counts its enqueues: the binding happens at construction."""
     engine = JobEngine(MemoryStore(), metrics=otel.metrics)

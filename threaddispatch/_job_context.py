@@ -86,6 +86,11 @@ class JobContext(CancelToken):
         return self.job.queue
 
     @property
+    def dependency_results(self) -> list[Any]:
+        """The results of the jobs this one depends on, in ``depends_on`` order (``engine.dependency_results``)."""
+        return self.engine.dependency_results(self)  # type: ignore[no-any-return]
+
+    @property
     def cancelled(self) -> bool:
         """Whether the job should stop now (timed out, cancelled, lost, or handed back)."""
         return self._cancelled

@@ -119,7 +119,6 @@ class Runtime:
         # Both None unless the engine has metrics / a tracer provider: one test per job each.
         self._meter = None if config.metrics is None else job_recorder(shared.engine)
         self._tracing = make_tracing(config.tracer_provider, "jobs")
-        shared.stats.setdefault("dead_lettered", 0)  # the engine's lock is held (start, the inline runtime)
         self._recorder = Recorder(shared, self.worker_id, self._meter)
         self.registration = Registration(shared, self.worker_id, queues, concurrency)  # the worker-registry row
         self._previous = previous

@@ -28,6 +28,7 @@ STAT_NAMES = (
     "claimed",
     "completed",
     "failed",
+    "dead_lettered",
     "retried",
     "cancelled",
     "timed_out",

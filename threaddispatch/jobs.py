@@ -94,6 +94,7 @@ from threaddispatch.errors import (
     PayloadError,
 )
 from threaddispatch.events import EventEmitter
+from threaddispatch.metrics import job_recorder
 from threaddispatch.middleware import (
     LoggingMiddleware,
     Middleware,
@@ -239,6 +240,7 @@ class JobEngine:
             self.add_extension(extension)
         # The state this engine shares with its runtimes; _lock guards it (see _job_shared).
         self._shared = Shared(self, store, self.config, self.logger, self.events, tuple(self._steps))
+        job_recorder(self)  # bound at construction: a producer-only engine counts its enqueues too
         self._lock = self._shared.lock
         # job name -> the serial lock its registration gives (a name, or a function of the payload);
         # written under _lock, read without it (a lost race reads the previous registration's)
