@@ -113,3 +113,14 @@ def test_bad_input_is_refused_at_the_call(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="is closed"):
         spool.append("late")
     spool.close()  # idempotent
+
+
+def test_taking_dead_letters_back_can_be_limited_to_a_buffers_room(tmp_path: Path) -> None:
+    with Spool(tmp_path / "h.spool") as spool:
+        seqs = spool.append_many(["a", "b", "c"])
+        spool.dead_letter(seqs, "HTTP 500")
+        assert spool.take_dead_letters(limit=0) == []
+        assert spool.take_dead_letters(limit=2) == [(seqs[0], "a"), (seqs[1], "b")]
+        assert spool.take_dead_letters([seqs[2]], limit=1) == [(seqs[2], "c")]
+        with pytest.raises(ConfigurationError, match="limit must be an int from 0"):
+            spool.take_dead_letters(limit=-1)

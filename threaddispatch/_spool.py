@@ -43,7 +43,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Literal, NamedTuple
 
 from threaddispatch._show import show
-from threaddispatch._validate import check_positive_int, check_seconds
+from threaddispatch._validate import check_int, check_positive_int, check_seconds
 from threaddispatch.errors import ConfigurationError, PayloadError, SpoolOwnedError, StoreError
 
 __all__ = ["Spool", "SpoolDeadLetter"]
@@ -228,13 +228,24 @@ class Spool:
             ).fetchall()
         return [SpoolDeadLetter(seq, json.loads(body), error, failed_at) for seq, body, error, failed_at in rows]
 
-    def take_dead_letters(self, seqs: Iterable[int] | None = None) -> list[tuple[int, Any]]:
+    def take_dead_letters(
+        self, seqs: Iterable[int] | None = None, *, limit: int | None = None
+    ) -> list[tuple[int, Any]]:
         """Move dead letters (all, or those numbered) back among the pending entries; returns them, oldest first.
 
         They keep their sequence numbers, so the caller re-delivers them and acknowledges them
-        like any entry. One transaction.
+        like any entry. With ``limit`` (a buffer's room: an int >= 0), at most that many: the
+        oldest, or the first ``limit`` of ``seqs``. One transaction.
         """
         wanted = None if seqs is None else list(seqs)
+        if limit is not None:
+            check_int("limit", limit, minimum=0)
+            if wanted is None:
+                wanted = [dead.seq for dead in self.dead_letters(limit)] if limit else []
+            else:
+                wanted = wanted[:limit]
+            if not wanted:
+                return []
         moved: list[tuple[int, str]] = []
 
         def move() -> None:

@@ -745,16 +745,10 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
         At most as many as the buffer has room for now (call again for the rest); they keep
         their sequence numbers and leave the spool once sent, or go back to the dead letters.
         """
-        spool = self._own_spool()
         room = max(0, (self._engine.max_queue_size or 0) - self._engine.pending())
-        if seqs is None:
-            wanted = [dead.seq for dead in spool.dead_letters(room)] if room else []
-        else:
-            wanted = list(seqs)[:room]
-        if not wanted:
-            return 0
-        items = self._spooled_items(spool.take_dead_letters(wanted))
-        self._engine.put_many(items)
+        items = self._spooled_items(self._own_spool().take_dead_letters(seqs, limit=room))
+        if items:
+            self._engine.put_many(items)
         return len(items)
 
     def _spooled_items(self, rows: list[tuple[int, Any]]) -> list[Any]:
