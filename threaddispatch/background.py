@@ -588,7 +588,8 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
     entry, what a previous owner left (delivery is at-least-once: the batch being sent at
     a crash is sent again). Replayed entries count against ``max_queue_size``; when more
     were left than it holds, the constructor sends the excess itself before it returns
-    (it blocks for those sends, as flush() does), so none is dropped. ``spool_sync`` is
+    (it blocks for those sends, as flush() does), so none is dropped then; afterwards they
+    are accepted entries like any other (``drop_oldest`` may drop them). ``spool_sync`` is
     ``"normal"`` (survives a process crash) or ``"full"`` (an fsync per commit: survives
     power loss). One dispatcher owns a spool at a time (SpoolOwnedError for a second);
     close() closes it after the drain. Immediate mode (``testing.immediate()``) sends on
