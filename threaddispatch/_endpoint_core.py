@@ -30,15 +30,18 @@ from threaddispatch._engine import BatchEngine, Overflow
 from threaddispatch._invoke import BASE, ERROR, Outcome, TimedCaller
 from threaddispatch._lanes import FifoLane, Lane, PriorityLane
 from threaddispatch._pool import WorkerPool
+from threaddispatch._spool import Spool
 from threaddispatch._trace import Tracing
 from threaddispatch._validate import show
 from threaddispatch.backoff import RetryPolicy
-from threaddispatch.errors import DispatcherClosedError, QueueFullError, ThreadDispatchError
+from threaddispatch.errors import DispatcherClosedError, QueueFullError, StoreError, ThreadDispatchError
 from threaddispatch.events import EventEmitter
 
 __all__ = ["Core"]
 
 _log = logging.getLogger("threaddispatch")
+
+_forked_spools: list[Spool] = []  # a forked child's copies of its parent's spools: never used nor closed there
 
 
 def _priority_lane(key: Hashable) -> Lane[DispatchJob]:
@@ -94,6 +97,8 @@ class Core:
     ) -> None:
         self.send_batch = send_batch
         self.tracing = tracing  # None: no tracer_provider, nothing captured or opened
+        # Set by the face given a spool: every job it holds then has a _spool_seq. None: no spool.
+        self.spool: Spool | None = None
         self.name = name
         self.label = f"EndpointBatchDispatcher {name!r}"
         self.max_batch_size = max_batch_size
@@ -187,6 +192,8 @@ class Core:
         with self.lock:
             self.cancelled.extend(jobs)
             self._release_held(len(jobs))
+        if self.spool is not None:
+            self.settle_spool(jobs, ())  # given up at shutdown: they leave the spool
         _log.warning(
             "%s: shut down with %d job(s) waiting for a retry or their scheduled_at; they were not delivered: %s",
             self.label,
@@ -367,6 +374,8 @@ class Core:
             with self.lock:
                 self.exhausted += len(exhausted)
                 self._release_held(len(delivered) + len(exhausted))
+            if self.spool is not None:
+                self.settle_spool(delivered, exhausted)
 
         try:
             self._report(batch, failed, retries, exhausted)
@@ -462,6 +471,8 @@ class Core:
         with self.lock:
             self.exhausted += len(failed)
             self._release_held(len(failed))
+        if self.spool is not None:
+            self.settle_spool((), [job for job, _error in failed])
         events = self.events
         for job, error in failed:
             _log.error("%s: the retry of %r could not be scheduled; it is given up", self.label, job, exc_info=error)
@@ -546,6 +557,43 @@ class Core:
         for job in exhausted:
             self._emit_exhausted(job, endpoint_id)
 
+    # -- the spool ---------------------------------------------------------------------------
+
+    def settle_spool(self, done: Sequence[DispatchJob], exhausted: Sequence[DispatchJob]) -> None:
+        """Acknowledge finished jobs (``done``) and dead-letter ``exhausted`` ones, each with its error. Nothing held.
+
+        A job without a sequence number (dropped before it was spooled) is skipped. A spool
+        closed meanwhile (a shutdown whose drain timed out) leaves them pending: replayed at
+        the next start. Any other spool failure is logged; those jobs stay pending too.
+        """
+        spool = self.spool
+        if spool is None:
+            return
+        acked = [seq for seq in map(_spool_seq, done) if seq is not None]
+        dead: dict[str, list[int]] = {}
+        for job in exhausted:
+            seq = _spool_seq(job)
+            if seq is not None:
+                error = job.last_error
+                text = "exhausted" if error is None else f"{type(error).__qualname__}: {error}"
+                dead.setdefault(text, []).append(seq)
+        try:
+            if acked:
+                spool.ack(acked)
+            for text, seqs in dead.items():
+                spool.dead_letter(seqs, text)
+        except StoreError:
+            if not spool.closed:
+                _log.exception("%s: the spool could not record %d settled jobs", self.label, len(done) + len(exhausted))
+        except Exception:  # noqa: BLE001 - the sender lives; the jobs stay in the spool
+            _log.exception("%s: the spool could not record %d settled jobs", self.label, len(done) + len(exhausted))
+
+    def close_spool(self) -> None:
+        """After the drain: close the spool (what is still unsettled stays in it, for the next start)."""
+        spool = self.spool
+        if spool is not None:
+            spool.close()
+
     # -- the bound ---------------------------------------------------------------------------
 
     def _release_held(self, count: int) -> None:
@@ -579,10 +627,22 @@ class Core:
         self._finish_dropped(job)
         return False
 
-    def unadmit(self) -> None:
-        """An admitted job's put failed: it is not held after all."""
+    def hold(self, count: int) -> None:
+        """Count ``count`` replayed spool jobs as held, past the bound if need be (never dropped)."""
         with self.lock:
-            self._release_held(1)
+            if self.closed:
+                raise DispatcherClosedError(f"{self.label} is shut down")
+            self.held += count
+
+    def room_left(self) -> int:
+        """How many more jobs the bound admits now."""
+        with self.lock:
+            return max(0, self.max_pending_jobs - self.held)
+
+    def unadmit(self, count: int = 1) -> None:
+        """Admitted jobs' puts failed: they are not held after all."""
+        with self.lock:
+            self._release_held(count)
 
     def _full_message(self, job: DispatchJob) -> str:
         return (
@@ -630,6 +690,8 @@ class Core:
         job.finished_at = time.time()
         with self.lock:
             self.dropped += 1
+        if self.spool is not None:
+            self.settle_spool((job,), ())  # a drop_oldest victim was spooled; a new job dropped was not
         self.drop_log.dropped()
         if self.events.has_listeners("job_dropped"):
             self.events.emit(
@@ -718,6 +780,7 @@ class Core:
             drained = self.engine.close(_remaining(deadline))
             self.pool.shutdown(_remaining(deadline))
             self.caller.close(_remaining(deadline))  # abandoned sends are left to end on their own
+            self.close_spool()  # after the drain: its acks are written; what is unsettled stays for the next start
         lengths, in_flight, _scheduled = self.engine.snapshot()
         pending = sum(lengths.values())
         with self.lock:
@@ -744,6 +807,7 @@ class Core:
         """After the drain of an unreferenced dispatcher: let the sending and send_timeout threads leave."""
         self.pool.shutdown()
         self.caller.close(0.0)  # a runner busy with a hung send leaves after it
+        self.close_spool()
 
     def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
         return 0, 0  # the engine is registered too and drains the jobs
@@ -754,10 +818,19 @@ class Core:
         self._init_locks()
         self.closed = closed
         self.engine.use_drop_log(self._new_drop_log())
+        if self.spool is not None:
+            # The parent's spool (connection and lock) stays the parent's: kept, never used nor closed here.
+            _forked_spools.append(self.spool)
+            self.spool = None
 
 
 def _not_delivered(job: DispatchJob) -> ThreadDispatchError:
     return ThreadDispatchError(f"send_batch reported job {job.id!r} as not delivered (False)")
+
+
+def _spool_seq(job: DispatchJob) -> int | None:
+    """The job's spool sequence number; None for a job never spooled (its slot unset)."""
+    return getattr(job, "_spool_seq", None)
 
 
 def _remaining(deadline: float | None) -> float | None:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from threaddispatch import _lifecycle
 from threaddispatch._validate import check_positive_int, show
-from threaddispatch.errors import ConfigurationError
+from threaddispatch.errors import ConfigurationError, PayloadError
 
 __all__ = [
     "EVENTS",
@@ -132,6 +132,7 @@ class DispatchJob:
     """
 
     __slots__ = (
+        "_spool_seq",
         "_trace_context",
         "attempts",
         "created_at",
@@ -147,6 +148,10 @@ class DispatchJob:
         "scheduled_at",
         "status",
     )
+
+    # Its sequence number in the dispatcher's spool: set by a spooled add_job only (unset otherwise,
+    # so a dispatcher without a spool pays nothing for it).
+    _spool_seq: int
 
     def __init__(
         self,
@@ -190,6 +195,42 @@ class DispatchJob:
             f"attempts={self.attempts}/{'policy' if self.max_attempts is None else self.max_attempts}, "
             f"status={self.status!r})"
         )
+
+
+def spool_entry(job: DispatchJob, scheduled_at: float | None) -> dict[str, Any]:
+    """What a spool keeps of ``job`` to re-create it (JSON: the spool refuses the rest with PayloadError).
+
+    The endpoint id must survive JSON as itself (a str, int or float: a tuple would come back a list).
+    """
+    endpoint_id = job.endpoint_id
+    if type(endpoint_id) is not str and type(endpoint_id) is not int and type(endpoint_id) is not float:
+        raise PayloadError(
+            f"a spooled job's endpoint_id must be a str, int or float (it is stored as JSON), got {show(endpoint_id)}; "
+            f"{job!r} was not accepted"
+        )
+    return {
+        "e": endpoint_id,
+        "p": job.payload,
+        "r": job.priority,
+        "m": job.max_attempts,
+        "i": job.id,
+        "s": scheduled_at,
+        "c": job.created_at,
+    }
+
+
+def job_from_spool(seq: int, entry: Any) -> DispatchJob:
+    """The job a spool entry of :func:`spool_entry` describes, numbered ``seq``; ConfigurationError for a bad entry."""
+    if not isinstance(entry, dict):
+        raise ConfigurationError(f"spool entry {seq} is not a spooled DispatchJob: {show(entry)}")
+    try:
+        job = DispatchJob(entry["e"], entry["p"], entry["r"], entry["m"], entry["i"], scheduled_at=entry["s"])
+        created_at = float(entry["c"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigurationError(f"spool entry {seq} is not a spooled DispatchJob ({error!r}): {show(entry)}") from None
+    job.created_at = created_at
+    job._spool_seq = seq
+    return job
 
 
 @dataclass(eq=False)

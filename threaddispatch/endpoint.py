@@ -33,6 +33,8 @@ counts again: the job is held already.
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -50,14 +52,17 @@ from threaddispatch._endpoint_records import (
     WebhookBatch,
     check_endpoint_id,
     check_scheduled_at,
+    job_from_spool,
     new_id,
+    spool_entry,
 )
 from threaddispatch._engine import OVERFLOW_POLICIES, Overflow
 from threaddispatch._lifecycle import Closing
-from threaddispatch._trace import make_tracing
+from threaddispatch._spool import Spool, SpoolDeadLetter, SpoolSync
+from threaddispatch._trace import Tracing, make_tracing
 from threaddispatch._validate import check_positive_int, check_seconds, show
 from threaddispatch.backoff import Exponential, RetryPolicy
-from threaddispatch.errors import ConfigurationError, DispatcherClosedError, InvalidStateError
+from threaddispatch.errors import ConfigurationError, DispatcherClosedError, InvalidStateError, StoreError
 from threaddispatch.events import Listener
 from threaddispatch.metrics import Metrics, check_metrics
 
@@ -79,6 +84,7 @@ __all__ = [
 _DEFAULT_RETRY = RetryPolicy(max_attempts=3, backoff=Exponential(initial=1.0))
 
 _names = iter(range(1, 1 << 62))
+_log = logging.getLogger("threaddispatch")
 
 # The default max_pending_jobs. A held job costs its DispatchJob (about 200 bytes) plus its
 # payload: 100_000 jobs of 1 KiB are about 120 MB, a bound a service notices before the
@@ -170,6 +176,27 @@ class EndpointBatchDispatcher(Closing):
     again), with the messaging attributes (``messaging.destination.name``: the endpoint id;
     ``messaging.batch.message_count``) and an error status when the whole batch failed.
     Without it ``add_job`` pays one ``is None`` test.
+
+    ``spool`` (a file path; None: none) makes the held jobs crash-durable: every job
+    ``add_job`` accepts is first appended to that SQLite WAL file (appends from many threads
+    share one commit), with what re-creates it: endpoint id (a str, int or float), payload
+    (JSON-encodable), priority, ``max_attempts``, id (the receiver's idempotency key: a
+    replayed job keeps it), ``scheduled_at`` and ``created_at``; anything else raises
+    PayloadError and the job is not accepted. A job leaves the spool when it finishes
+    delivered, dropped by the overflow policy, or cancelled at shutdown (a retry or
+    scheduled job not yet due: given up by the policy or the user's shutdown, so not kept);
+    a job whose retries are exhausted moves to the spool's dead letters (``job_exhausted``
+    fires as without a spool): :meth:`spool_dead_letters` lists them,
+    :meth:`replay_spool_dead_letters` adds them again. The constructor re-adds, in order
+    (by priority, then as they were added) and before any new job, the jobs a previous
+    owner left: delivery is at-least-once across a crash (a batch in flight at the crash is
+    sent again). A replayed job starts again with ``attempts == 0`` and is held even past
+    ``max_pending_jobs`` (never dropped). ``spool_sync`` is ``"normal"`` (survives a process
+    crash) or ``"full"`` (an fsync per commit: survives power loss). One dispatcher owns a
+    spool at a time (SpoolOwnedError for a second, in this process or another);
+    :meth:`shutdown` closes it after its drain, so jobs its timeout left unsettled stay in
+    it for the next start. Immediate mode sends before ``add_job`` returns and does not
+    touch the spool; a forked child's dispatcher does not use its parent's spool.
     """
 
     def __init__(
@@ -187,6 +214,8 @@ class EndpointBatchDispatcher(Closing):
         send_timeout: float | None = None,
         metrics: Metrics | None = None,
         tracer_provider: object = None,
+        spool: str | os.PathLike[str] | None = None,
+        spool_sync: SpoolSync = "normal",
     ) -> None:
         if not callable(send_batch):
             raise ConfigurationError(f"send_batch must be callable, got {send_batch!r}")
@@ -217,24 +246,38 @@ class EndpointBatchDispatcher(Closing):
         self.overflow: Overflow = overflow
         self.send_timeout = send_timeout
         self.retry = _DEFAULT_RETRY if retry is None else retry
-        self._core = Core(
-            send_batch,
-            name=name,
-            max_batch_size=max_batch_size,
-            batch_timeout=batch_timeout,
-            max_concurrent_batches=max_concurrent_batches,
-            enable_prioritization=enable_prioritization,
-            retry=self.retry,
-            max_pending_jobs=max_pending_jobs,
-            overflow=overflow,
-            send_timeout=send_timeout,
-            tracing=tracing,
-        )
+        if spool_sync not in ("normal", "full"):
+            raise ConfigurationError(f"spool_sync must be 'normal' or 'full', got {show(spool_sync)}")
+        opened = None if spool is None else Spool(spool, sync=spool_sync)  # last check: it takes the file
+        try:
+            self._core = self._new_core(send_batch, tracing)
+        except BaseException:
+            if opened is not None:
+                opened.close()
+            raise
         checked_metrics.watch(self)  # stats() read at collection time; no histograms here yet
         # An unreferenced dispatcher drains in the background, then its threads leave.
         self._init_closing(self._core.engine.close_unreferenced, self._core.release_threads)
         if _immediate.active():
             self._set_immediate(True)
+        if opened is not None:
+            self._core.spool = opened
+            self._put_spooled(opened.pending())  # a previous owner's jobs, before any new one
+
+    def _new_core(self, send_batch: SendBatch, tracing: Tracing | None) -> Core:
+        return Core(
+            send_batch,
+            name=self.name,
+            max_batch_size=self.max_batch_size,
+            batch_timeout=self.batch_timeout,
+            max_concurrent_batches=self.max_concurrent_batches,
+            enable_prioritization=self.enable_prioritization,
+            retry=self.retry,
+            max_pending_jobs=self.max_pending_jobs,
+            overflow=self.overflow,
+            send_timeout=self.send_timeout,
+            tracing=tracing,
+        )
 
     # -- jobs --------------------------------------------------------------------------------
 
@@ -278,9 +321,12 @@ class EndpointBatchDispatcher(Closing):
         core = self._core
         if not core.admit(job, timeout):
             return job.id  # dropped by the overflow policy
+        immediate = core.immediate
+        spool = core.spool
+        if spool is not None and not immediate:
+            self._spool_append(spool, job, scheduled_at)  # durable before the job can be in a batch
         if core.tracing is not None:
             job._trace_context = core.tracing.capture()  # before the put: the send reads it
-        immediate = core.immediate
         if immediate:
             delay = 0.0  # sent now: immediate mode waits for nothing
         job.scheduled_at = scheduled_at
@@ -296,12 +342,87 @@ class EndpointBatchDispatcher(Closing):
         except BaseException:
             job.status = "new"  # not queued: the caller may add it elsewhere
             core.unadmit()
+            if spool is not None and not immediate:
+                core.settle_spool((job,), ())  # never accepted: it leaves the spool
+                del job._spool_seq
             raise
         if immediate:
             interrupt = core.send_now(job)
             if interrupt is not None:
                 raise interrupt  # this is the caller's own thread: a KeyboardInterrupt is for it
         return job.id
+
+    def _spool_append(self, spool: Spool, job: DispatchJob, scheduled_at: float | None) -> None:
+        """Append admitted ``job`` to ``spool`` and number it; on failure it is not held (PayloadError if not JSON)."""
+        core = self._core
+        try:
+            job._spool_seq = spool.append(spool_entry(job, scheduled_at))
+        except BaseException as error:
+            core.unadmit()
+            if isinstance(error, StoreError) and core.closed:  # the spool closed with the dispatcher
+                raise DispatcherClosedError(f"{core.label} is shut down; {job!r} was not accepted") from error
+            raise
+
+    def _put_spooled(self, rows: list[tuple[int, Any]]) -> int:
+        """Hold and queue the jobs of spool rows, in order (past the bound if need be); returns how many.
+
+        An entry that is not a spooled job (another face's file) goes to the dead letters, logged.
+        """
+        core = self._core
+        spool = core.spool
+        assert spool is not None
+        jobs: list[DispatchJob] = []
+        for seq, entry in rows:
+            try:
+                jobs.append(job_from_spool(seq, entry))
+            except ConfigurationError as error:
+                _log.error("%s: %s; it is dead-lettered", core.label, error)
+                spool.dead_letter((seq,), str(error))
+        core.hold(len(jobs))
+        now = time.time()
+        for index, job in enumerate(jobs):
+            delay = 0.0 if job.scheduled_at is None else job.scheduled_at - now
+            job.status = "scheduled" if delay > 0 else "pending"
+            try:
+                core.queue(job, delay)
+            except DispatcherClosedError:
+                core.unadmit(len(jobs) - index)  # closed meanwhile: the rest stay in the spool
+                for left in jobs[index:]:
+                    left.status = "new"
+                raise
+        return len(jobs)
+
+    def spool_dead_letters(self, limit: int = 100) -> list[SpoolDeadLetter]:
+        """The spool's dead letters (jobs whose retries were exhausted), oldest first; at most ``limit``.
+
+        Each ``entry`` is the spooled job (``spool_entry``'s dict); ``error`` names the last failure.
+        """
+        return self._own_spool().dead_letters(limit)
+
+    def replay_spool_dead_letters(self, seqs: list[int] | None = None) -> int:
+        """Add dead letters again (all, or those numbered), oldest first, as new jobs; returns how many.
+
+        At most as many as ``max_pending_jobs`` has room for now (call again for the rest).
+        They keep their ids and spool sequence numbers, start from ``attempts == 0``, and
+        leave the spool once delivered, or go back to the dead letters when exhausted again.
+        Raises DispatcherClosedError after shutdown, ConfigurationError without a spool.
+        """
+        spool = self._own_spool()
+        self._check_open()
+        room = self._core.room_left()
+        if seqs is None:
+            wanted = [dead.seq for dead in spool.dead_letters(room)] if room else []
+        else:
+            wanted = list(seqs)[:room]
+        if not wanted:
+            return 0
+        return self._put_spooled(spool.take_dead_letters(wanted))
+
+    def _own_spool(self) -> Spool:
+        spool = self._core.spool
+        if spool is None:
+            raise ConfigurationError(f"{self._core.label} has no spool (pass spool=PATH)")
+        return spool
 
     def _set_immediate(self, on: bool) -> None:
         """While ``on``, :meth:`add_job` sends each job on its caller's thread (see there).
