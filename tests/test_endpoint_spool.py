@@ -319,3 +319,35 @@ def test_a_sigkilled_dispatcher_loses_no_added_job(tmp_path: Path) -> None:
     duplicates = [n for n, count in counts.items() if count > 1]
     assert len(duplicates) <= 100  # at most the one batch in flight at the kill
     assert second == sorted(second)  # replayed in order
+
+
+@pytest.mark.timeout(60)
+def test_dead_letters_replay_within_max_pending_jobs(tmp_path: Path) -> None:
+    path = tmp_path / "j.spool"
+    with Spool(path) as spool:
+        seqs = spool.append_many(
+            [{"e": "a", "p": n, "r": 0, "m": None, "i": f"j{n}", "s": None, "c": 0.0} for n in range(3)]
+        )
+        spool.dead_letter(seqs, "RuntimeError: down")
+    send = _Recorder(open_gate=False)
+    dispatcher = EndpointBatchDispatcher(send, batch_timeout=30.0, max_pending_jobs=2, spool=path)
+    assert dispatcher.replay_spool_dead_letters() == 2  # the room left: call again for the rest
+    assert dispatcher.replay_spool_dead_letters() == 0
+    assert [letter.entry["i"] for letter in dispatcher.spool_dead_letters()] == ["j2"]
+    send.gate.set()
+    assert dispatcher.shutdown(30)
+    assert send.ids() == ["j0", "j1"]
+
+
+@pytest.mark.timeout(60)
+def test_an_entry_that_is_not_a_spooled_job_is_dead_lettered_at_construction(tmp_path: Path) -> None:
+    path = tmp_path / "k.spool"
+    with Spool(path) as spool:
+        spool.append_many([42, {"e": "a", "p": 1, "r": 0, "m": None, "i": "ok", "s": None, "c": 0.0}])
+    send = _Recorder()
+    dispatcher = EndpointBatchDispatcher(send, batch_timeout=0.01, spool=path)
+    assert [
+        (letter.entry, "not a spooled DispatchJob" in letter.error) for letter in dispatcher.spool_dead_letters()
+    ] == [(42, True)]
+    assert dispatcher.shutdown(30)
+    assert send.ids() == ["ok"]
