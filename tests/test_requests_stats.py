@@ -21,8 +21,8 @@ from threaddispatch.testing import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
-#: stats() key -> vocabulary metric, as proposed for metrics._STATS["RequestDispatcher"].
-PROPOSED = {
+#: stats() key -> vocabulary metric: what metrics._STATS maps for a RequestDispatcher.
+EXPECTED = {
     "added": (metrics.ENQUEUED, {}),
     "delivered": (metrics.SENT, {}),
     "failed": (metrics.SENT, {"error.type": "_OTHER"}),
@@ -132,9 +132,8 @@ def test_bad_metrics_is_refused(send: Send) -> None:
 
 
 @pytest.fixture
-def mapped(monkeypatch: pytest.MonkeyPatch) -> None:
-    if "RequestDispatcher" not in metrics._STATS:
-        monkeypatch.setitem(metrics._STATS, "RequestDispatcher", PROPOSED)
+def mapped() -> None:
+    assert metrics._STATS["RequestDispatcher"] == EXPECTED
 
 
 def _settled(rd: RequestDispatcher[Any, Any]) -> None:

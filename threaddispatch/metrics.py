@@ -218,6 +218,15 @@ _STATS: dict[str, dict[str, tuple[Metric, dict[str, str]]]] = {
         "pending": (QUEUE_DEPTH, {}),
         "active_batches": (IN_FLIGHT, {}),
     },
+    "RequestDispatcher": {
+        "added": (ENQUEUED, {}),
+        "delivered": (SENT, {}),
+        "failed": (SENT, _FAILED),
+        "cancelled": (CANCELLED, {}),
+        "retried": (RETRIED, {}),
+        "pending": (QUEUE_DEPTH, {}),
+        "running": (IN_FLIGHT, {}),
+    },
     "JobEngine": {
         **{
             outcome: (JOBS, {"threaddispatch.job.outcome": outcome})
