@@ -295,3 +295,20 @@ def test_a_forked_child_leaves_its_parents_spool_alone(tmp_path: Path) -> None:
         assert [entry for _, entry in dispatcher._spool.pending()] == ["parent"]  # type: ignore[union-attr]
     assert sent == ["parent"]
     assert _pending(path) == []
+
+
+@pytest.mark.timeout(60)
+def test_a_batch_retried_until_it_fails_for_good_is_dead_lettered(tmp_path: Path) -> None:
+    from threaddispatch.backoff import Constant, RetryPolicy
+
+    def send(batch: list[str]) -> None:
+        raise RuntimeError("down")
+
+    retry = RetryPolicy(max_attempts=3, backoff=Constant(0.001))
+    with BackgroundDispatcher(send, 1, retry=retry, on_error=lambda failed: None, spool=tmp_path / "r.spool") as d:
+        future = d.submit("x")
+        with pytest.raises(RuntimeError, match="down"):
+            future.result(timeout=30)
+        assert [(dead.entry, dead.error) for dead in d.spool_dead_letters()] == [("x", "RuntimeError: down")]
+        assert d._spool.pending() == []  # type: ignore[union-attr]
+        assert d.stats()["retries"] == 2
