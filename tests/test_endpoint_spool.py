@@ -80,11 +80,12 @@ def test_jobs_left_by_a_close_without_drain_are_replayed_first_in_order(tmp_path
     ids.append(first.add_job(DispatchJob("b", 6, id="job-6", priority=5)))
     wait_for(lambda: first.stats()["active_batches"] == 1, 30, message="the first batch in flight")
     assert not first.shutdown(0.0)  # no drain: the spool closes with every job still in it
-    second_send = _Recorder()
+    second_send = _Recorder(open_gate=False)  # closed: nothing is delivered before the count below
     second = EndpointBatchDispatcher(
         second_send, max_batch_size=2, batch_timeout=0.01, max_concurrent_batches=1, spool=path, max_pending_jobs=3
     )
     assert second.stats()["held"] == 7  # replayed past max_pending_jobs, none dropped
+    second_send.gate.set()
     assert second.shutdown(30)
     by_endpoint: dict[str, list[str]] = {}
     for endpoint, batch in second_send.batches:
@@ -252,7 +253,7 @@ out = open(sys.argv[2], "a", encoding="ascii")
 def slow(endpoint_id, jobs):
     out.write("".join(f"{job.payload}\\n" for job in jobs))
     out.flush()
-    time.sleep(0.02)
+    time.sleep(0.1)  # slower than add_job: the kill finds jobs left
 
 d = EndpointBatchDispatcher(
     slow, max_batch_size=100, batch_timeout=0.01, max_concurrent_batches=1, max_pending_jobs=200_000, spool=sys.argv[1]
