@@ -125,12 +125,20 @@ def check_page(after: object, limit: object, position: object) -> tuple[str, flo
 
 @dataclass(frozen=True)
 class QueueConfig:
-    """Limits for one queue, per engine (per worker process).
+    """Limits for one queue, for the whole cluster sharing the engine's store.
 
     ``max_concurrency``: at most that many of its jobs run at once (None: only the
     engine's ``concurrency`` bounds it). ``rate_limit``: at most that many jobs start
     per second, as a token bucket holding ``rate_burst`` tokens. A job held back by a
     limit stays pending: it is not a failed attempt. Immutable.
+
+    An engine gives its queues' limits to the store when it starts; the memory, SQLite and
+    PostgreSQL stores then hold them in every claim, for all the engines and processes
+    claiming from the store (one process, one SQLite file, one database), and each engine
+    holds them for itself too. Give every worker of a queue the same limits (each claims
+    within its own numbers, against the shared bucket and running count; a worker without
+    them is not held back). A store without limits of its own (a custom Store) leaves them
+    per engine.
     """
 
     name: str

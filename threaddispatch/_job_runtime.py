@@ -55,7 +55,7 @@ from threaddispatch.errors import (
 )
 from threaddispatch.metrics import job_recorder
 from threaddispatch.middleware import HandlerCall
-from threaddispatch.stores.base import JobRecord, JobState
+from threaddispatch.stores.base import JobRecord, JobState, QueueLimits
 
 __all__ = ["Runtime", "on_engine_thread"]
 
@@ -299,8 +299,28 @@ class Runtime:
             shared.paused.clear()
             shared.paused.update(paused)
 
+    def _share_limits(self) -> None:
+        """Give the store this run's queue limits, which its claims then hold for the whole cluster (no lock held).
+
+        The planner's per-process buckets stay as this process's own bound. A store that
+        cannot take them leaves the per-process limits alone in force (logged).
+        """
+        shared = self.shared
+        limits = [
+            QueueLimits(config.name, config.rate_limit, config.rate_burst, config.max_concurrency)
+            for config in shared.config.queue_configs
+            if config.name in self.queues and (config.rate_limit is not None or config.max_concurrency is not None)
+        ]
+        if not limits:
+            return
+        try:
+            shared.store.set_queue_limits(limits, now=time.time())
+        except StoreError:
+            shared.logger.warning("could not store the queue limits; they hold per process only", exc_info=True)
+
     def _fetch_loop(self) -> None:
         _ENGINE_THREAD.runtime = self
+        self._share_limits()  # before the first claim
         shared = self.shared
         lock = shared.lock
         config = shared.config

@@ -23,7 +23,8 @@ API and its docstrings are the API's contract; the work is done elsewhere, one j
 Threads of a started engine, all daemons:
 
 - ``threaddispatch-jobs-fetcher`` claims at most as many jobs as there are free worker
-  slots, honouring paused queues and per-queue ``max_concurrency`` / ``rate_limit``, and
+  slots, honouring paused queues and per-queue ``max_concurrency`` / ``rate_limit`` (which
+  the store also holds across the cluster, in the claim), and
   writes the outcomes of finished jobs in its next claim's transaction. When idle it
   polls, backing off from ``poll_interval`` to ``max_poll_interval``; an enqueue in this
   process wakes it at once.

@@ -72,6 +72,9 @@ SCHEMA_V6 = _sql.schema_locks(TYPES)
 # Migration 7: a cron entry's overlap policy (SQLite's migration 6).
 SCHEMA_V7 = _sql.schema_cron_overlap(TYPES)
 
+# Migration 8: cluster limits, each queue's limits and token bucket (SQLite's migration 7).
+SCHEMA_V8 = _sql.schema_queue_limits(TYPES)
+
 # -- lifecycle -------------------------------------------------------------------------------------
 
 VERSION_TABLE = _sql.version_table(TYPES)
@@ -133,6 +136,9 @@ CLAIM_ANY = _claim_cte(
     "LIMIT %(limit)s FOR UPDATE SKIP LOCKED) AS head ORDER BY head.priority DESC, head.run_at, head.seq "
     "LIMIT %(limit)s"
 )
+
+# A limited queue's bucket, its row locked until the claim's transaction ends: (queue).
+QUEUE_BUCKET_LOCKED = f"{SQL.queue_bucket} FOR UPDATE"
 
 COMPLETE = SQL.complete
 # Parameters: :func:`outcome_params`.

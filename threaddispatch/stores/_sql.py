@@ -15,11 +15,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, Protocol, TypedDict
 
 from threaddispatch.errors import InvalidStateError, JobNotFoundError
-from threaddispatch.stores.base import CronEntry, DeadLetter, JobRecord, JobState, WorkerInfo
+from threaddispatch.stores.base import (
+    CronEntry,
+    DeadLetter,
+    JobRecord,
+    JobState,
+    QueueLimits,
+    WorkerInfo,
+    limited_room,
+)
 
 Column = tuple[str, str, str]  # (name, generic type, constraints)
 
@@ -96,6 +104,16 @@ TABLES: dict[str, tuple[Column, ...]] = {
     "dispatch_queues": (
         ("queue", "TEXT", "PRIMARY KEY"),
         ("paused", "BOOL", "NOT NULL"),
+        ("updated_at", "REAL", "NOT NULL"),
+    ),
+    # A queue's limits for the whole cluster and its token bucket (a later migration: see
+    # schema_queue_limits). ``rate`` / ``max_running`` NULL: no such limit.
+    "dispatch_queue_limits": (
+        ("queue", "TEXT", "PRIMARY KEY"),
+        ("rate", "REAL", ""),
+        ("burst", "INT", "NOT NULL"),
+        ("max_running", "INT", ""),
+        ("tokens", "REAL", "NOT NULL"),
         ("updated_at", "REAL", "NOT NULL"),
     ),
     # The worker registry (a later migration: see schema_workers); its columns follow WorkerInfo's
@@ -245,6 +263,14 @@ def schema_cron_overlap(types: Types) -> tuple[str, ...]:
     return add_columns(types, "dispatch_crons", ("overlap",))
 
 
+def schema_queue_limits(types: Types) -> tuple[str, ...]:
+    """The cluster limits' migration: ``dispatch_queue_limits``, and the index counting a queue's running jobs."""
+    return (
+        _create_table("dispatch_queue_limits", TABLES["dispatch_queue_limits"], types),
+        "CREATE INDEX IF NOT EXISTS dispatch_jobs_running_queue ON dispatch_jobs (queue) WHERE state = 'running'",
+    )
+
+
 def lock_free(alias: str) -> str:
     """The claim's serial-lock condition on the candidate row ``alias``: no lock, or it is the lock's turn.
 
@@ -387,6 +413,8 @@ class Statements:
         "lock_active",
         "pause_queue",
         "purge_letters_before",
+        "queue_bucket",
+        "queue_running",
         "reap_workers",
         "record_version",
         "register_worker",
@@ -394,6 +422,8 @@ class Statements:
         "remove_worker",
         "requeue",
         "retry_later",
+        "set_queue_limits",
+        "spend_tokens",
         "sweep_cancel",
         "sweep_release",
         "upsert_cron",
@@ -460,6 +490,18 @@ class Statements:
         # fire_cron's overlap check: the entry's policy (name); an unfinished job holding a lock (lock).
         self.cron_overlap = f"SELECT overlap FROM dispatch_crons WHERE name = {m}"
         self.lock_active = f"SELECT 1 FROM dispatch_jobs WHERE lock_key = {m} AND state IN {ACTIVE} LIMIT 1"
+        # Cluster limits: register a queue's (queue, rate, burst, max_running, tokens, now), its
+        # bucket keeping its tokens up to the new burst; read its bucket (queue; PostgresStore
+        # appends FOR UPDATE); count its running jobs (queue); store its bucket (tokens, now, queue).
+        self.set_queue_limits = (
+            "INSERT INTO dispatch_queue_limits (queue, rate, burst, max_running, tokens, updated_at) "
+            f"VALUES ({m}, {m}, {m}, {m}, {m}, {m}) ON CONFLICT (queue) DO UPDATE SET rate = excluded.rate, "
+            "burst = excluded.burst, max_running = excluded.max_running, tokens = CASE WHEN "
+            "dispatch_queue_limits.tokens < excluded.burst THEN dispatch_queue_limits.tokens ELSE excluded.burst END"
+        )
+        self.queue_bucket = f"SELECT tokens, updated_at FROM dispatch_queue_limits WHERE queue = {m}"
+        self.queue_running = f"SELECT count(*) FROM dispatch_jobs WHERE queue = {m} AND state = 'running'"
+        self.spend_tokens = f"UPDATE dispatch_queue_limits SET tokens = {m}, updated_at = {m} WHERE queue = {m}"
         # Dependencies: a dependency's state (id); record a dependent (job_id, depends_on); consume
         # the rows of a finished dependency (its id), returning (dependent, dependency); count one
         # or more finished dependencies off a waiting job (n, n, now, id), pending at 0; cancel a
@@ -624,6 +666,51 @@ class Statements:
         for job_id in cancelled:
             self.release_one(conn, job_id, "cancelled", now)
         return len(cancelled) + int(conn.execute(self.sweep_release, (now,)).rowcount)
+
+    def register_limits(self, conn: _Connection, limits: Sequence[QueueLimits], now: float) -> None:
+        """``Store.set_queue_limits``'s rows, inside the caller's transaction (a new bucket starts full)."""
+        for queue_limits in limits:
+            conn.execute(
+                self.set_queue_limits,
+                (
+                    queue_limits.queue,
+                    queue_limits.rate_limit,
+                    queue_limits.rate_burst,
+                    queue_limits.max_concurrency,
+                    float(queue_limits.rate_burst),
+                    now,
+                ),
+            )
+
+    def claim_limited(
+        self,
+        conn: _Connection,
+        limits: QueueLimits,
+        wanted: int,
+        now: float,
+        claim: Callable[[int], list[JobRecord]],
+        *,
+        bucket_sql: str | None = None,
+    ) -> list[JobRecord]:
+        """Claim up to ``wanted`` jobs of ``limits.queue`` with ``claim(n)``, within its cluster limits.
+
+        Inside the caller's transaction, which must keep other claimers of the queue out from
+        the bucket's read to the commit: SQLite's write transaction, or PostgreSQL's row lock
+        (``bucket_sql`` reading it FOR UPDATE; the running count, a later statement, then sees
+        every claim committed before the lock was granted). The bucket is refilled to ``now``
+        and spent by the jobs claimed.
+        """
+        queue = limits.queue
+        row = conn.execute(bucket_sql or self.queue_bucket, (queue,)).fetchone()
+        tokens, updated = (float(limits.rate_burst), now) if row is None else (float(row[0]), float(row[1]))
+        running = 0
+        if limits.max_concurrency is not None:
+            running = int(conn.execute(self.queue_running, (queue,)).fetchone()[0])
+        room, tokens = limited_room(limits, tokens, updated, running, wanted, now=now)
+        jobs = claim(room) if room > 0 else []
+        if limits.rate_limit is not None:
+            conn.execute(self.spend_tokens, (tokens - len(jobs), max(updated, now), queue))
+        return jobs
 
     def cron_skips(self, conn: _Connection, name: str, job: JobRecord) -> bool:
         """Whether ``Store.fire_cron`` stores no ``job`` for entry ``name``: its overlap is ``"skip"`` and

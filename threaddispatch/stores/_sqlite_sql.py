@@ -6,12 +6,12 @@ The statements both SQL stores share are in :mod:`threaddispatch.stores._sql`.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from threaddispatch.stores import _sql
 from threaddispatch.stores._sql import job_from_row
-from threaddispatch.stores.base import Completion, JobRecord
+from threaddispatch.stores.base import Completion, JobRecord, QueueLimits
 
 __all__ = [
     "SCHEMA_V1",
@@ -20,6 +20,7 @@ __all__ = [
     "SCHEMA_V4",
     "SCHEMA_V5",
     "SCHEMA_V6",
+    "SCHEMA_V7",
     "STATEMENTS",
     "TYPES",
     "chunks",
@@ -38,6 +39,7 @@ SCHEMA_V3 = _sql.schema_trace_context(TYPES)  # the enqueuing span's traceparent
 SCHEMA_V4 = _sql.schema_dependencies(TYPES)  # depends_on, the waiting state and dispatch_job_deps
 SCHEMA_V5 = _sql.schema_locks(TYPES)  # serial locks
 SCHEMA_V6 = _sql.schema_cron_overlap(TYPES)  # a cron entry's overlap policy
+SCHEMA_V7 = _sql.schema_queue_limits(TYPES)  # cluster limits: each queue's limits and token bucket
 #: The shared statements in sqlite3's placeholder style.
 STATEMENTS = _sql.Statements("?")
 
@@ -122,11 +124,23 @@ def _claim_order(job: JobRecord) -> tuple[int, float]:
 
 
 def claim_in(
-    conn: sqlite3.Connection, queues: Sequence[str], limit: int, worker_id: str, now: float
+    conn: sqlite3.Connection,
+    queues: Sequence[str],
+    limit: int,
+    worker_id: str,
+    now: float,
+    *,
+    limits: Mapping[str, QueueLimits] | None = None,
 ) -> list[JobRecord]:
-    """Claim up to ``limit`` due jobs of ``queues`` for ``worker_id`` in the open transaction, in claim order."""
+    """Claim up to ``limit`` due jobs of ``queues`` for ``worker_id`` in the open transaction, in claim order.
+
+    A queue of ``limits`` is claimed alone, within its cluster limits (the write transaction
+    keeps every other claimer of the file out of its bucket until the commit).
+    """
     if limit <= 0 or not queues:
         return []
+    if limits and any(queue in limits for queue in queues):
+        return _claim_limited(conn, queues, limit, worker_id, now=now, limits=limits)
     sql = _CLAIM_SQL.get(len(queues))
     if sql is None:
         sql = _CLAIM_SQL.setdefault(len(queues), _claim_sql(len(queues)))
@@ -135,4 +149,30 @@ def claim_in(
     if len(jobs) > 1:
         # RETURNING gives rows in no particular order; hand them out in claim order.
         jobs.sort(key=_claim_order)
+    return jobs
+
+
+def _claim_limited(
+    conn: sqlite3.Connection,
+    queues: Sequence[str],
+    limit: int,
+    worker_id: str,
+    *,
+    now: float,
+    limits: Mapping[str, QueueLimits],
+) -> list[JobRecord]:
+    """claim_in over queues some of which are limited: each limited one alone, then the others together."""
+    jobs: list[JobRecord] = []
+    names = list(dict.fromkeys(queues))
+    for queue in names:
+        if queue in limits and len(jobs) < limit:
+
+            def claim(count: int, queue: str = queue) -> list[JobRecord]:
+                return claim_in(conn, [queue], count, worker_id, now)
+
+            jobs.extend(STATEMENTS.claim_limited(conn, limits[queue], limit - len(jobs), now, claim))
+    free = [queue for queue in names if queue not in limits]
+    if free and len(jobs) < limit:
+        jobs.extend(claim_in(conn, free, limit - len(jobs), worker_id, now))
+    jobs.sort(key=_claim_order)
     return jobs

@@ -62,6 +62,7 @@ __all__ = [
     "DeadLetter",
     "JobRecord",
     "JobState",
+    "QueueLimits",
     "Store",
     "WorkerInfo",
 ]
@@ -269,6 +270,38 @@ class WorkerInfo:
         return data
 
 
+@dataclass(frozen=True)
+class QueueLimits:
+    """A queue's limits for the whole cluster (:meth:`Store.set_queue_limits`).
+
+    ``rate_limit``: jobs started per second, a token bucket of ``rate_burst`` tokens (None:
+    none); ``max_concurrency``: jobs running at once (None: no bound). The engine validates
+    them (QueueConfig).
+    """
+
+    queue: str
+    rate_limit: float | None = None
+    rate_burst: int = 1
+    max_concurrency: int | None = None
+
+
+def limited_room(
+    limits: QueueLimits, tokens: float, updated_at: float, running: int, wanted: int, *, now: float
+) -> tuple[int, float]:
+    """How many of ``wanted`` jobs a claim of ``limits.queue`` may take now, and the bucket's refilled tokens.
+
+    ``tokens`` / ``updated_at``: the bucket as last stored; ``running``: the queue's running
+    jobs. A clock behind ``updated_at`` (another host's) refills nothing.
+    """
+    room = wanted
+    if limits.max_concurrency is not None:
+        room = min(room, limits.max_concurrency - running)
+    if limits.rate_limit is not None:
+        tokens = min(float(limits.rate_burst), tokens + max(0.0, now - updated_at) * limits.rate_limit)
+        room = min(room, int(tokens))
+    return max(0, room), tokens
+
+
 def _page_after(
     fetch: Callable[[int, int], Sequence[_R]],
     key: Callable[[_R], tuple[str, float]],
@@ -418,6 +451,18 @@ class Store(abc.ABC):
         Returns the ids that applied (claims no longer current are skipped). The engine's
         workers group-commit their completions through this call.
         """
+
+    def set_queue_limits(self, limits: Sequence[QueueLimits], *, now: float) -> None:
+        """Keep ``limits`` for their queues, for every claimer of the store (the engine calls it at start).
+
+        From then on :meth:`claim` (and :meth:`complete_and_claim`) takes a limited queue's
+        jobs only within its limits, across every process claiming through a store that
+        registered them: at most ``max_concurrency`` running at once, at most ``rate_limit``
+        started per second (the bucket, kept in the store, is refilled and spent in the claim's
+        transaction). A later call replaces a queue's limits (its bucket keeps its tokens, up to
+        the new burst). This default keeps none: the engines' per-process limits alone apply.
+        """
+        return None
 
     def complete_and_claim(
         self,

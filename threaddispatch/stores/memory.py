@@ -26,8 +26,10 @@ from threaddispatch.stores.base import (
     DeadLetter,
     JobRecord,
     JobState,
+    QueueLimits,
     Store,
     WorkerInfo,
+    limited_room,
 )
 
 __all__ = ["MemoryStore"]
@@ -65,6 +67,9 @@ class MemoryStore(Store):
         self._dependents: dict[str, list[str]] = {}
         # serial lock -> the ids of the ACTIVE jobs holding it
         self._locked: dict[str, set[str]] = {}
+        # queue -> its limits (set_queue_limits), and its bucket as [tokens, updated_at]
+        self._limits: dict[str, QueueLimits] = {}
+        self._buckets: dict[str, list[float]] = {}
         self._serial = itertools.count(1)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -255,6 +260,28 @@ class MemoryStore(Store):
 
     # -- workers -------------------------------------------------------------------------------------
 
+    def set_queue_limits(self, limits: Sequence[QueueLimits], *, now: float) -> None:
+        """See :meth:`Store.set_queue_limits` (this process is the whole cluster)."""
+        with self._lock:
+            for queue_limits in limits:
+                queue = queue_limits.queue
+                self._limits[queue] = queue_limits
+                tokens, updated = self._buckets.get(queue, (float(queue_limits.rate_burst), now))
+                self._buckets[queue] = [min(tokens, float(queue_limits.rate_burst)), updated]
+
+    def _limited_room(self, queues: Sequence[str], limit: int, now: float) -> dict[str, int]:
+        """The room of each limited queue of ``queues``, its bucket refilled to ``now`` (_lock held)."""
+        room: dict[str, int] = {}
+        for queue in queues:
+            limits = self._limits.get(queue)
+            if limits is None:
+                continue
+            bucket = self._buckets[queue]
+            running = sum(1 for job_id in self._running if self._jobs[job_id].queue == queue)
+            room[queue], bucket[0] = limited_room(limits, bucket[0], bucket[1], running, limit, now=now)
+            bucket[1] = max(bucket[1], now)
+        return room
+
     def claim(self, queues: Sequence[str], limit: int, *, worker_id: str, now: float) -> list[JobRecord]:
         """See :meth:`Store.claim`."""
         claimed: list[JobRecord] = []
@@ -269,7 +296,10 @@ class MemoryStore(Store):
                 if job is None or self._tokens.get(job_id) != token or job.state not in READY_STATES:
                     continue
                 heapq.heappush(self._ready.setdefault(job.queue, []), (-job.priority, run_at, order, job_id, token))
-            heaps = [heap for queue in dict.fromkeys(queues) if (heap := self._ready.get(queue))]
+            room = self._limited_room(queues, limit, now) if self._limits else {}
+            heaps = [
+                heap for queue in dict.fromkeys(queues) if room.get(queue, 1) > 0 and (heap := self._ready.get(queue))
+            ]
             waiting_turn: list[tuple[list[tuple[int, float, int, str, int]], tuple[int, float, int, str, int]]] = []
             while len(claimed) < limit:
                 best: list[tuple[int, float, int, str, int]] | None = None
@@ -295,6 +325,11 @@ class MemoryStore(Store):
                 job.attempts += 1
                 job.started_at = job.heartbeat_at = now
                 claimed.append(dataclasses.replace(job))
+                if job.queue in room:
+                    room[job.queue] -= 1
+                    self._buckets[job.queue][0] -= 1
+                    if room[job.queue] <= 0:
+                        heaps = [heap for heap in heaps if heap is not best]
             for heap, entry in waiting_turn:
                 heapq.heappush(heap, entry)
         return claimed

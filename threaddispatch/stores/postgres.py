@@ -44,6 +44,7 @@ Needs PostgreSQL >= 13 (``gen_random_uuid()``, transition tables).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -73,6 +74,7 @@ from threaddispatch.stores.base import (
     DeadLetter,
     JobRecord,
     JobState,
+    QueueLimits,
     Store,
 )
 
@@ -126,6 +128,7 @@ class PostgresStore(AdminMethods, Store):
         (5, "job dependencies", q.SCHEMA_V5),
         (6, "serial locks", q.SCHEMA_V6),
         (7, "cron overlap", q.SCHEMA_V7),
+        (8, "cluster limits", q.SCHEMA_V8),
     )
 
     def __init__(
@@ -170,6 +173,8 @@ class PostgresStore(AdminMethods, Store):
         self._migrated = not migrate
         self._migrate_lock = threading.Lock()
         self._schema_name: str | None = None  # _table_schema, once known (for _wake)
+        # set_queue_limits's, by queue: replaced whole, never mutated (claims read it without a lock)
+        self._limits: dict[str, QueueLimits] = {}
         _lifecycle.register(self)
 
     # -- connections -------------------------------------------------------------------------------
@@ -368,6 +373,8 @@ class PostgresStore(AdminMethods, Store):
         if limit <= 0 or not queues:
             return []
         names = list(dict.fromkeys(queues))  # the claim over several takes distinct names
+        if self._limits and any(queue in self._limits for queue in names):
+            return self._claim_limited(names, limit, worker_id, now)
         one = len(names) == 1
         params = {"worker": worker_id, "now": now, "limit": limit, "queues": names[0] if one else names}
 
@@ -377,6 +384,49 @@ class PostgresStore(AdminMethods, Store):
         # Idempotent enough: a claim that committed but whose answer was lost leaves its jobs
         # running for nobody; their heartbeat goes stale and they are reaped (at-least-once).
         return self._run("claiming jobs", op, idempotent=True)
+
+    def _claim_limited(self, names: list[str], limit: int, worker_id: str, now: float) -> list[JobRecord]:
+        """:meth:`claim` over queues some of which are limited: ONE transaction, each limited queue
+        claimed alone under its bucket's row lock (taken in name order: no deadlock), then the others."""
+        limits = self._limits
+
+        def claim(conn: Conn, queues: list[str], count: int) -> list[JobRecord]:
+            one = len(queues) == 1
+            params = {"worker": worker_id, "now": now, "limit": count, "queues": queues[0] if one else queues}
+            return claimed(conn.execute(q.CLAIM_ONE if one else q.CLAIM_ANY, params, prepare=True).fetchall())
+
+        def op(conn: Conn) -> list[JobRecord]:
+            jobs: list[JobRecord] = []
+            with conn.transaction():
+                for queue in sorted(name for name in names if name in limits):
+                    if len(jobs) < limit:
+                        jobs.extend(
+                            SQL.claim_limited(
+                                conn,
+                                limits[queue],
+                                limit - len(jobs),
+                                now,
+                                functools.partial(claim, conn, [queue]),
+                                bucket_sql=q.QUEUE_BUCKET_LOCKED,
+                            )
+                        )
+                free = [name for name in names if name not in limits]
+                if free and len(jobs) < limit:
+                    jobs.extend(claim(conn, free, limit - len(jobs)))
+            jobs.sort(key=lambda job: (-job.priority, job.run_at))
+            return jobs
+
+        return self._run("claiming jobs", op, idempotent=True)
+
+    def set_queue_limits(self, limits: Sequence[QueueLimits], *, now: float) -> None:
+        """See :meth:`Store.set_queue_limits`: the buckets are rows of the database, shared by every worker."""
+
+        def op(conn: Conn) -> None:
+            with conn.transaction():
+                SQL.register_limits(conn, limits, now)
+
+        self._run("setting queue limits", op, idempotent=True)
+        self._limits = {**self._limits, **{queue_limits.queue: queue_limits for queue_limits in limits}}
 
     def complete_and_claim(
         self,
@@ -392,6 +442,9 @@ class PostgresStore(AdminMethods, Store):
             return set(), self.claim(queues, limit, worker_id=worker_id, now=now)
         if limit <= 0 or not queues:
             return self.complete_many(outcomes, now=now), []
+        if self._limits and any(queue in self._limits for queue in queues):
+            # The completions first, committed: the limited claim then counts them finished.
+            return self.complete_many(outcomes, now=now), self.claim(queues, limit, worker_id=worker_id, now=now)
         names = list(dict.fromkeys(queues))
         one = len(names) == 1
         params = outcome_params(outcomes, now)

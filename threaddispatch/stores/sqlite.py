@@ -50,6 +50,7 @@ from threaddispatch.stores._sqlite_sql import (
     SCHEMA_V4,
     SCHEMA_V5,
     SCHEMA_V6,
+    SCHEMA_V7,
     STATEMENTS,
     TYPES,
     chunks,
@@ -66,6 +67,7 @@ from threaddispatch.stores.base import (
     DeadLetter,
     JobRecord,
     JobState,
+    QueueLimits,
     Store,
     WorkerInfo,
 )
@@ -122,6 +124,7 @@ class SQLiteStore(Store):
         (4, "job dependencies", SCHEMA_V4),
         (5, "serial locks", SCHEMA_V5),
         (6, "cron overlap", SCHEMA_V6),
+        (7, "cluster limits", SCHEMA_V7),
     )
 
     def __init__(
@@ -148,6 +151,7 @@ class SQLiteStore(Store):
             self.path, busy_timeout=self.busy_timeout, synchronous=self.synchronous, on_fork=self._reset_after_fork
         )
         self._watcher = Watcher(self, where=self.path)
+        self._limits: dict[str, QueueLimits] = {}  # set_queue_limits's, by queue
         self._committer: GroupCommitter | None = None
         if durability == "full":
             self._committer = GroupCommitter(timeout=2 * self.busy_timeout, where=self.path)
@@ -323,7 +327,7 @@ class SQLiteStore(Store):
         """See :meth:`Store.claim`: one ``UPDATE ... RETURNING`` under BEGIN IMMEDIATE."""
         conn = self._conn()
         with Immediate(conn):
-            return claim_in(conn, queues, limit, worker_id, now)
+            return claim_in(conn, queues, limit, worker_id, now, limits=self._limits)
 
     @translate
     def complete_and_claim(
@@ -339,8 +343,17 @@ class SQLiteStore(Store):
         conn = self._conn()
         with Immediate(conn):
             done = complete_in(conn, outcomes, now)
-            jobs = claim_in(conn, queues, limit, worker_id, now)
+            jobs = claim_in(conn, queues, limit, worker_id, now, limits=self._limits)
         return done, jobs
+
+    @translate
+    def set_queue_limits(self, limits: Sequence[QueueLimits], *, now: float) -> None:
+        """See :meth:`Store.set_queue_limits`: the buckets are rows of the file, shared by its every process."""
+        conn = self._conn()
+        with Immediate(conn):
+            _SQL.register_limits(conn, limits, now)
+        # Replaced whole, never mutated: claims on other threads read it without a lock.
+        self._limits = {**self._limits, **{queue_limits.queue: queue_limits for queue_limits in limits}}
 
     @translate
     def heartbeat(self, job_ids: Sequence[str], *, worker_id: str, now: float) -> set[str]:
