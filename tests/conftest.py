@@ -201,3 +201,20 @@ def make_store(store_kind: str, store_url: str) -> Iterator[Callable[[], Store]]
 def store(make_store: Callable[[], Store]) -> Store:
     """A fresh, empty store of every kind in turn."""
     return make_store()
+
+
+@pytest.fixture
+def traced() -> Iterator[tuple[Any, Any]]:
+    """An OpenTelemetry SDK ``(TracerProvider, InMemorySpanExporter)`` pair that records every finished span.
+
+    Skips the test when the SDK (the ``otel`` extra) is missing; shut down after the test.
+    """
+    sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = sdk_trace.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield provider, exporter
+    provider.shutdown()

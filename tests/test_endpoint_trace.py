@@ -10,7 +10,6 @@ import pytest
 pytest.importorskip("opentelemetry.sdk")
 
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -19,14 +18,6 @@ from threaddispatch.endpoint import DispatchJob, EndpointBatchDispatcher
 from threaddispatch.testing import immediate, wait_for
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def traced() -> tuple[TracerProvider, InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return provider, exporter
 
 
 def sends(exporter: InMemorySpanExporter) -> list[Any]:

@@ -7,19 +7,10 @@ import pytest
 pytest.importorskip("opentelemetry.sdk")
 
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from threaddispatch._trace import current_traceparent, make_tracing, parse_traceparent
 from threaddispatch.errors import ConfigurationError
-
-
-@pytest.fixture
-def traced() -> tuple[TracerProvider, InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return provider, exporter
 
 
 def test_traceparent_round_trips_into_a_link(traced: tuple[TracerProvider, InMemorySpanExporter]) -> None:
