@@ -352,3 +352,45 @@ def test_an_entry_that_is_not_a_spooled_job_is_dead_lettered_at_construction(tmp
     ] == [(42, True)]
     assert dispatcher.shutdown(30)
     assert send.ids() == ["ok"]
+
+
+_FORK = """
+import os, sys
+from threaddispatch import EndpointBatchDispatcher
+from threaddispatch._spool import Spool
+from threaddispatch.endpoint import DispatchJob
+
+sent = []
+d = EndpointBatchDispatcher(lambda ep, jobs: sent.extend(j.id for j in jobs), batch_timeout=60, spool=sys.argv[1])
+d.add_job(DispatchJob("ep", 0, id="parent"))
+pid = os.fork()
+if pid == 0:
+    d.add_job(DispatchJob("ep", 1, id="child"))
+    ok = d._core.spool is None and d.shutdown(10) and sent == ["child"]
+    os._exit(0 if ok else 3)
+_pid, status = os.waitpid(pid, 0)
+print("child exit", os.waitstatus_to_exitcode(status))
+print("parent spool", [entry["i"] for _, entry in d._core.spool.pending()])
+print("parent", d.shutdown(10), sent)
+with Spool(sys.argv[1]) as spool:
+    print("left", spool.pending())
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_leaves_its_parents_spool_alone(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _FORK, str(tmp_path / "fork.spool")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "child exit 0",
+        "parent spool ['parent']",
+        "parent True ['parent']",
+        "left []",
+    ]
