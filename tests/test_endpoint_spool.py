@@ -18,7 +18,7 @@ from threaddispatch import EndpointBatchDispatcher
 from threaddispatch._spool import Spool
 from threaddispatch.backoff import RetryPolicy
 from threaddispatch.endpoint import DispatchJob
-from threaddispatch.errors import ConfigurationError, PayloadError, SpoolOwnedError
+from threaddispatch.errors import ConfigurationError, DispatcherClosedError, PayloadError, SpoolOwnedError
 from threaddispatch.testing import immediate, wait_for
 
 
@@ -394,3 +394,13 @@ def test_a_forked_child_leaves_its_parents_spool_alone(tmp_path: Path) -> None:
         "parent True ['parent']",
         "left []",
     ]
+
+
+@pytest.mark.timeout(60)
+def test_the_dead_letter_calls_after_shutdown_say_so(tmp_path: Path) -> None:
+    dispatcher = EndpointBatchDispatcher(_Recorder(), spool=tmp_path / "l.spool")
+    assert dispatcher.shutdown(30)
+    with pytest.raises(DispatcherClosedError, match="is shut down"):
+        dispatcher.spool_dead_letters()
+    with pytest.raises(DispatcherClosedError, match="is shut down"):
+        dispatcher.replay_spool_dead_letters()

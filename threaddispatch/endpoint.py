@@ -395,6 +395,7 @@ class EndpointBatchDispatcher(Closing):
     def spool_dead_letters(self, limit: int = 100) -> list[SpoolDeadLetter]:
         """The spool's dead letters (jobs whose retries were exhausted), oldest first; at most ``limit``.
 
+        Raises DispatcherClosedError after shutdown (the spool is closed), ConfigurationError without a spool.
         Each ``entry`` is the spooled job (``spool_entry``'s dict); ``error`` names the last failure.
         """
         return self._own_spool().dead_letters(limit)
@@ -408,7 +409,6 @@ class EndpointBatchDispatcher(Closing):
         Raises DispatcherClosedError after shutdown, ConfigurationError without a spool.
         """
         spool = self._own_spool()
-        self._check_open()
         room = self._core.room_left()
         if seqs is None:
             wanted = [dead.seq for dead in spool.dead_letters(room)] if room else []
@@ -419,9 +419,11 @@ class EndpointBatchDispatcher(Closing):
         return self._put_spooled(spool.take_dead_letters(wanted))
 
     def _own_spool(self) -> Spool:
+        """The open spool; ConfigurationError without one, DispatcherClosedError after shutdown (it is closed)."""
         spool = self._core.spool
         if spool is None:
             raise ConfigurationError(f"{self._core.label} has no spool (pass spool=PATH)")
+        self._check_open()
         return spool
 
     def _set_immediate(self, on: bool) -> None:
