@@ -34,14 +34,23 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
 
 from threaddispatch import _lifecycle
 from threaddispatch._batched_immediate import call_here
-from threaddispatch._buffered_types import Dispatcher, FailedMessage, _check_delay, _Entry, _failed, in_context
+from threaddispatch._buffered_types import (
+    Dispatcher,
+    FailedMessage,
+    _check_delay,
+    _Entry,
+    _failed,
+    _SpooledEntry,
+    in_context,
+)
 from threaddispatch._invoke import Outcome, TimedCaller, call, close_thread_loop, invoke
+from threaddispatch._spool import Spool
 from threaddispatch._timers import DelayQueue
 from threaddispatch._validate import show
 from threaddispatch.backoff import RetryPolicy
@@ -127,6 +136,9 @@ class _AsyncState(Generic[T]):
         # Set by the AsyncDispatcher when metrics are on (before any loop starts): each direct
         # dispatch is then timed; a submit or hand-off is timed by the dispatcher it goes to.
         self.recorder: FaceRecorder | None = None
+        # Set by the AsyncDispatcher given a spool (before any loop starts; None in a forked child):
+        # its entries are then _SpooledEntry, acknowledged or dead-lettered where they settle.
+        self.spool: Spool | None = None
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -193,6 +205,27 @@ class _AsyncState(Generic[T]):
                 return False
             self._append(entry)
             return True
+
+    def put_spooled(self, entries: list[_Entry[T]]) -> None:
+        """Buffer spooled entries (a previous owner's, dead letters replayed), in order, before any later put.
+
+        All of them, even past ``buffer_len`` (producers then wait until the buffer is below
+        it again). Raises DispatcherClosedError after stop.
+        """
+        with self.mutex:
+            if self.closing:
+                raise DispatcherClosedError(f"{self.describe()} is stopped; spooled messages were not accepted")
+            if entries and self.restart_on_put:
+                self.start_threads()
+            self.buffer.extend(entries)
+            self.buffered += len(entries)
+            if entries and self.loop_waiting:
+                self._wake_loop()
+
+    def room(self) -> int:
+        """Free places in the buffer now."""
+        with self.mutex:
+            return max(0, self.capacity - len(self.buffer))
 
     def _wait_for_room(self, message: T, timeout: float | None) -> None:
         """Wait until the buffer has room; holds mutex. Raises QueueFullError or DispatcherClosedError."""
@@ -327,6 +360,7 @@ class _AsyncState(Generic[T]):
         self._init_runtime()
         self.started = False
         self.restart_on_put = was_running
+        self.spool = None  # the parent's file: the child neither writes nor closes it
 
     # -- the dispatch loop ---------------------------------------------------------------------
 
@@ -339,6 +373,7 @@ class _AsyncState(Generic[T]):
         # inside a hand-off may report some of it failed that were handed over: better than losing them).
         holding: tuple[_Entry[T], int] | None = None
         chunk: list[tuple[_Entry[T], int]] = []
+        spooled = self.spool is not None
         try:
             while True:
                 with self.mutex:
@@ -373,11 +408,15 @@ class _AsyncState(Generic[T]):
                             self._settle(entry, attempts + 1, error)
                         else:
                             delivered += 1
+                            if spooled:
+                                self.spool_settle((entry,), None)
                         holding = None
                         continue
                     outcome = self._dispatch(message, delay, context)
                     if outcome.error is None:
                         delivered += 1
+                        if spooled:
+                            self.spool_settle((entry,), None)
                     else:  # user code failed this message (an error, a timeout); the loop lives
                         self._settle(entry, attempts + 1, outcome.error)
                 holding = None
@@ -532,6 +571,9 @@ class _AsyncState(Generic[T]):
     def _on_handed(self, tokens: list[tuple[_Entry[T], int]], errors: list[BaseException | None] | None) -> None:
         """A batch of handed messages was sent or failed (a send thread, nothing held): one lock for its successes."""
         sent = len(tokens)
+        if self.spool is not None:
+            outcomes = errors or [None] * sent
+            self.spool_settle([entry for (entry, _), error in zip(tokens, outcomes, strict=True) if error is None])
         if errors is not None:  # some failed (errors None: all were sent)
             for (entry, attempts), error in zip(tokens, errors, strict=True):
                 if error is not None:
@@ -548,9 +590,13 @@ class _AsyncState(Generic[T]):
         error: BaseException | None
         if future.cancelled():
             error = CancelledError(f"the Future of {show(entry[0])} was cancelled before it was sent")
+            if self.spool is not None:
+                self.spool_settle((entry,), None)  # given up by the user: it leaves the spool
         else:
             error = future.exception()
         if error is None:
+            if self.spool is not None:
+                self.spool_settle((entry,), None)
             with self.mutex:
                 self.in_flight -= 1
                 self.sent += 1
@@ -580,6 +626,8 @@ class _AsyncState(Generic[T]):
                 self.retries.push((entry, attempt), delay)  # notifies work_ready when it is the earliest
                 self.retrying += 1
             return
+        if self.spool is not None:
+            self.spool_settle((entry,), error)
         failed = _failed(entry, error, self.target, attempt)
         with self.mutex:
             self.in_flight -= 1
@@ -614,6 +662,26 @@ class _AsyncState(Generic[T]):
             self.failed += len(left)
             self.failures.extend(_failed(entry, error, self.target, attempts) for entry, attempts in left)
             self.failure_ready.notify_all()
+        if self.spool is not None:
+            self.spool_settle([entry for entry, _ in left], error)
+
+    def spool_settle(self, entries: Iterable[_Entry[T]], error: BaseException | None = None) -> None:
+        """Acknowledge delivered spooled entries (error None) or dead-letter failed ones. Nothing held; never raises.
+
+        A spool failure (closed by a stop past its timeout, a disk error) is logged: the
+        entries then stay pending in the file and are replayed by its next owner.
+        """
+        spool = self.spool
+        seqs = [entry.seq for entry in entries if type(entry) is _SpooledEntry]
+        if spool is None or not seqs:
+            return
+        try:
+            if error is None:
+                spool.ack(seqs)
+            else:
+                spool.dead_letter(seqs, f"{type(error).__qualname__}: {error}")
+        except Exception:  # noqa: BLE001 - the loop lives; the entries stay in the spool
+            _log.exception("%s: the spool could not record %d settled message(s)", self.describe(), len(seqs))
 
     # -- immediate mode (testing.immediate()) -------------------------------------------------
 
@@ -661,6 +729,8 @@ class _AsyncState(Generic[T]):
             attempt += 1
             error = self._call_now(entry).error
             if error is None:
+                if self.spool is not None:
+                    self.spool_settle((entry,), None)
                 with self.mutex:
                     self.in_flight -= 1
                     self.sent += 1
@@ -670,6 +740,8 @@ class _AsyncState(Generic[T]):
                 break
             with self.mutex:
                 self.retried += 1
+        if self.spool is not None:
+            self.spool_settle((entry,), error)
         with self.mutex:
             self.in_flight -= 1
             self.failed += 1

@@ -28,6 +28,37 @@ T_contra = TypeVar("T_contra", contravariant=True)
 _Entry = tuple[T, "int | None", "contextvars.Context | None"]
 
 
+class _SpooledEntry(tuple[Any, ...]):
+    """A buffered message of a spooled AsyncDispatcher: the ``_Entry`` triple, with its spool sequence number.
+
+    A tuple subclass, so every part of the loops that unpacks an entry takes it unchanged;
+    only the settle points look for ``seq`` (``type(entry) is _SpooledEntry``).
+    """
+
+    seq: int
+
+
+def _spooled_entry(seq: int, message: T, delay: int | None, context: contextvars.Context | None) -> _Entry[T]:
+    entry = _SpooledEntry((message, delay, context))
+    entry.seq = seq
+    return entry
+
+
+def _spool_body(message: object, delay: int | None) -> list[object]:
+    """What the spool keeps of a message: all that re-creating it needs (the context is not kept)."""
+    return [message, delay]
+
+
+def _from_body(body: object) -> tuple[Any, int | None] | None:
+    """``(message, delay)`` from a spooled body; None for a body this face did not write."""
+    if not isinstance(body, list) or len(body) != 2:
+        return None
+    message, delay = body
+    if delay is not None and (type(delay) is not int or delay < 0):
+        return None
+    return message, delay
+
+
 class Dispatcher(Protocol[T_contra]):
     """Sends one message to a target and returns its id (or None); raises on failure.
 

@@ -8,14 +8,18 @@ and :class:`FailedMessage` are in ``_buffered_types`` and exported here. When th
 dispatcher offers ``submit`` (as :class:`~threaddispatch.batched.BatchedDispatcher`
 does), the loop hands messages over without waiting for each send and batching happens
 behind it, on the engine; failures come back and reach the same failure loop.
+With ``spool=PATH`` the Sender is a ``_SpooledSender``, which makes each message durable
+before it is buffered; the loops settle it in the spool where they count it sent or failed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import os
 import time
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from threaddispatch import _immediate, _lifecycle
 from threaddispatch._buffered_state import _AsyncState
@@ -23,11 +27,15 @@ from threaddispatch._buffered_types import (
     Dispatcher,
     FailedMessage,
     SubmittingDispatcher,
+    _from_body,
+    _spool_body,
+    _spooled_entry,
     in_context,  # noqa: F401 - importable from here, as before
 )
+from threaddispatch._spool import Spool, SpoolDeadLetter, SpoolSync
 from threaddispatch._validate import check_positive_int, check_seconds
 from threaddispatch.backoff import RetryPolicy
-from threaddispatch.errors import ConfigurationError, DispatcherClosedError, InvalidStateError
+from threaddispatch.errors import ConfigurationError, DispatcherClosedError, InvalidStateError, StoreError
 from threaddispatch.metrics import Metrics, check_metrics
 
 __all__ = ["AsyncDispatcher", "Dispatcher", "FailedMessage", "Sender", "SubmittingDispatcher"]
@@ -95,6 +103,66 @@ class Sender(Generic[T]):
         return f"<Sender to {self._state.target!r} buffer={len(self)}/{self._state.capacity}>"
 
 
+class _SpooledSender(Sender[T]):
+    """The Sender of an AsyncDispatcher given a spool: each message is made durable before it is buffered.
+
+    The append is on the caller's thread, after the arguments are checked and before the
+    message is in the buffer (PayloadError for a message JSON cannot encode leaves both
+    untouched); a message the buffer then refuses (stopped, QueueFullError) leaves the
+    spool again. A forked child's state has no spool: it puts as a plain Sender.
+    """
+
+    __slots__ = ()
+
+    def put(self, message: T, timeout: float | None = None, *, delay_seconds: int | None = None) -> None:
+        spool = self._state.spool
+        if spool is None:
+            return super().put(message, timeout, delay_seconds=delay_seconds)
+        if timeout is not None:
+            timeout = check_seconds("timeout", timeout)
+        if delay_seconds is not None:
+            delay_seconds = self._state.check_delay(delay_seconds)
+        entry = self._spooled(spool, message, delay_seconds)
+        try:
+            self._state.put(entry, timeout)
+        except BaseException:
+            self._unspool(spool, entry)
+            raise
+        return None
+
+    def try_put(self, message: T, *, delay_seconds: int | None = None) -> bool:
+        spool = self._state.spool
+        if spool is None:
+            return super().try_put(message, delay_seconds=delay_seconds)
+        if delay_seconds is not None:
+            delay_seconds = self._state.check_delay(delay_seconds)
+        entry = self._spooled(spool, message, delay_seconds)
+        try:
+            accepted = self._state.try_put(entry)
+        except BaseException:
+            self._unspool(spool, entry)
+            raise
+        if not accepted:
+            self._unspool(spool, entry)
+        return accepted
+
+    def _spooled(self, spool: Spool, message: T, delay: int | None) -> Any:
+        """``message`` appended to the spool (durable on return), as the buffer's entry."""
+        state = self._state
+        try:
+            seq = spool.append(_spool_body(message, delay))
+        except StoreError:
+            if state.closing:  # stopped, its spool closed with it: the closed error, as without a spool
+                raise DispatcherClosedError(f"{state.describe()} is stopped; the message was not accepted") from None
+            raise
+        return _spooled_entry(seq, message, delay, contextvars.copy_context() if self._carry_context else None)
+
+    def _unspool(self, spool: Spool, entry: Any) -> None:
+        """A spooled message was never accepted: it leaves the spool."""
+        with contextlib.suppress(StoreError):  # stopped meanwhile: the spool is gone with it
+            spool.ack((entry.seq,))
+
+
 class AsyncDispatcher(_lifecycle.Closing, Generic[T]):
     """Buffers messages and hands them one at a time to ``dispatcher`` on a daemon thread.
 
@@ -156,6 +224,23 @@ class AsyncDispatcher(_lifecycle.Closing, Generic[T]):
     reported with that error as its ``FailedMessage.error``, and the loops go on. A loop
     thread cannot get a KeyboardInterrupt from the user pressing Ctrl-C (Python delivers
     it to the main thread only), so one raised on a loop came from user code.
+
+    ``spool`` (a file path; None: none) makes the buffer crash-durable: every message a
+    ``put``/``try_put`` accepts (with its ``delay_seconds``; its context is not kept) is
+    appended to that SQLite file before the call returns, so it must be JSON-encodable
+    (PayloadError at the put otherwise); it leaves the file once dispatched, or when the
+    user gave it up (its ``submit`` Future cancelled; a put refused never stays). A
+    message that fails for good moves to the spool's dead letters (the error handler is
+    still called): :meth:`spool_dead_letters` lists them, :meth:`replay_spool_dead_letters`
+    puts them back. A new dispatcher on the same spool reads what a previous owner left at
+    construction and ``setup()`` buffers it, in order, before any new message (past
+    ``buffer_len`` if need be). Delivery is at-least-once across a crash: what was being
+    dispatched at the crash is dispatched again. ``spool_sync`` is ``"normal"`` (survives a
+    process crash) or ``"full"`` (also power loss). One dispatcher owns a spool at a time
+    (SpoolOwnedError for a second); ``stop()`` closes it after the drain (a stop past its
+    timeout closes it too: what the loops still dispatch then stays in the file and is
+    dispatched again by its next owner). A forked child's dispatcher does not use its
+    parent's spool.
     """
 
     def __init__(
@@ -170,6 +255,8 @@ class AsyncDispatcher(_lifecycle.Closing, Generic[T]):
         carry_context: bool = False,
         dispatch_timeout: float | None = None,
         metrics: Metrics | None = None,
+        spool: str | os.PathLike[str] | None = None,
+        spool_sync: SpoolSync = "normal",
     ) -> None:
         if not callable(getattr(dispatcher, "dispatch", None)):
             raise ConfigurationError(f"dispatcher must have a dispatch(message, target) method, got {dispatcher!r}")
@@ -187,6 +274,17 @@ class AsyncDispatcher(_lifecycle.Closing, Generic[T]):
         if dispatch_timeout is not None:
             dispatch_timeout = check_seconds("dispatch_timeout", dispatch_timeout, allow_zero=False)
         checked_metrics = check_metrics(metrics)
+        if spool_sync not in ("normal", "full"):
+            raise ConfigurationError(f"spool_sync must be 'normal' or 'full', got {spool_sync!r}")
+        # Last of the checks: it takes the ownership (SpoolOwnedError) and reads what was left.
+        opened = None if spool is None else Spool(spool, sync=spool_sync)
+        self._left: list[tuple[int, Any]] = []  # a previous owner's messages, buffered by setup()
+        if opened is not None:
+            try:
+                self._left = self._read_left(opened)
+            except BaseException:
+                opened.close()  # a failed constructor gives the ownership up
+                raise
         self._carry_context = carry_context
         self._state: _AsyncState[T] = _AsyncState(
             dispatcher,
@@ -199,6 +297,7 @@ class AsyncDispatcher(_lifecycle.Closing, Generic[T]):
         )
         self._sender: Sender[T] | None = None
         self._state.recorder = checked_metrics.bind(self)
+        self._state.spool = opened
         _lifecycle.register(self._state)
         # An unreferenced dispatcher stops: its loops drain what they hold and leave. At
         # interpreter exit the lifecycle drain handles it instead (in its order).
@@ -224,8 +323,64 @@ class AsyncDispatcher(_lifecycle.Closing, Generic[T]):
             if state.failure_capacity is None:
                 state.failure_capacity = buffer_len
             state.is_setup = True
-            self._sender = Sender(self, state, self._carry_context)
-            return self._sender
+            sender_class = Sender if state.spool is None else _SpooledSender
+            self._sender = sender_class(self, state, self._carry_context)
+        if self._left:  # a previous owner's messages, before any new one (no put can run yet: no sender returned)
+            left, self._left = self._left, []
+            state.put_spooled([_spooled_entry(seq, message, delay, None) for seq, (message, delay) in left])
+        return self._sender
+
+    @staticmethod
+    def _read_left(spool: Spool) -> list[tuple[int, Any]]:
+        """What a previous owner left in ``spool``, as (seq, (message, delay)); a foreign entry is dead-lettered."""
+        left: list[tuple[int, Any]] = []
+        foreign: list[int] = []
+        for seq, body in spool.pending():
+            parsed = _from_body(body)
+            if parsed is None:
+                foreign.append(seq)
+            else:
+                left.append((seq, parsed))
+        if foreign:
+            spool.dead_letter(foreign, "not an AsyncDispatcher message ([message, delay_seconds])")
+        return left
+
+    def spool_dead_letters(self, limit: int = 100) -> list[SpoolDeadLetter]:
+        """The spool's dead letters (messages that failed for good), oldest first; at most ``limit``.
+
+        Each ``entry`` is ``[message, delay_seconds]``.
+        """
+        return self._own_spool().dead_letters(limit)
+
+    def replay_spool_dead_letters(self, seqs: list[int] | None = None) -> int:
+        """Put dead letters back in the buffer (all, or those numbered), oldest first; returns how many.
+
+        At most as many as the buffer has room for now (call again for the rest); they keep
+        their sequence numbers and leave the spool once dispatched, or go back to the dead
+        letters. Raises InvalidStateError before ``setup()``, DispatcherClosedError after ``stop()``.
+        """
+        spool = self._own_spool()
+        state = self._state
+        if not state.is_setup:
+            raise InvalidStateError(f"{state.describe()}: call setup(buffer_len) before replaying dead letters")
+        if state.closing:
+            raise DispatcherClosedError(f"{state.describe()} is stopped")
+        rows = spool.take_dead_letters(seqs, limit=state.room())
+        entries = []
+        for seq, body in rows:
+            parsed = _from_body(body)
+            if parsed is None:  # not ours (read at construction already): back to the dead letters
+                spool.dead_letter((seq,), "not an AsyncDispatcher message ([message, delay_seconds])")
+            else:
+                entries.append(_spooled_entry(seq, parsed[0], parsed[1], None))
+        state.put_spooled(entries)
+        return len(entries)
+
+    def _own_spool(self) -> Spool:
+        spool = self._state.spool
+        if spool is None:
+            raise ConfigurationError(f"{self._state.describe()} has no spool (pass spool=PATH)")
+        return spool
 
     def start(self) -> None:
         """Start the dispatch loop and the failure loop (two daemon threads). Idempotent; never blocks.
@@ -269,6 +424,8 @@ class AsyncDispatcher(_lifecycle.Closing, Generic[T]):
         finished = state.finished()
         if finished:
             _lifecycle.unregister(state)
+        if state.spool is not None:
+            state.spool.close()  # after the drain; the settles of loops still running are then logged
         with state.mutex:
             return finished and state.failed == state.failed_at_stop
 
