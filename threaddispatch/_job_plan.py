@@ -28,6 +28,10 @@ class ClaimPlanner:
         self._buckets = {c.name: TokenBucket(c.rate_limit, c.rate_burst) for c in self._limits.values() if c.rate_limit}
         self._rotation = 0
 
+    def limited(self, queues: Sequence[str]) -> bool:
+        """Whether a claim over ``queues`` is one limited queue's (the store holds it to the cluster's limits)."""
+        return len(queues) == 1 and queues[0] in self._limits
+
     def plan(self, free: int, paused: set[str], running: Mapping[str, int]) -> tuple[list[Claim], float]:
         """Claims for ``free`` slots (``running``: jobs running per queue); and how soon a rate limit frees a token.
 

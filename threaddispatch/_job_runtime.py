@@ -344,6 +344,10 @@ class Runtime:
                 )
             claimed: list[JobRecord] = []
             failed_store = False
+            # A limited queue's claim that came back short may be held back by other processes'
+            # share of the cluster's limit, which this process cannot see: look again within
+            # poll_interval instead of backing off (at worst one claim per poll while it idles).
+            held_back = False
             for queues, planned, bucket in plans:
                 limit = min(planned, free - len(claimed))
                 if limit <= 0:
@@ -359,6 +363,8 @@ class Runtime:
                     failed_store = True
                 if bucket is not None:
                     bucket.give_back(planned - len(jobs))
+                if len(jobs) < limit and self._planner.limited(queues):
+                    held_back = True
                 claimed.extend(jobs)
             if batch:
                 self._write(batch)
@@ -375,7 +381,7 @@ class Runtime:
                 shared.stats["idle_polls"] += 1
                 shared.wake.wait(wait)
                 woken = self._wake_pending
-            idle = poll if woken else min(idle * 2, config.max_poll_interval)
+            idle = poll if woken or held_back else min(idle * 2, config.max_poll_interval)
 
     def _admit(self, job: JobRecord) -> Slot:
         """A slot for the claimed ``job`` in the in-flight table (lock held)."""
