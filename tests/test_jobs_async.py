@@ -83,9 +83,7 @@ class AsyncHooks(Middleware):
         await asyncio.sleep(0)
         self.calls.append("before")
 
-    async def after_job(
-        self, ctx: JobContext, result: object, error: BaseException | None
-    ) -> None:
+    async def after_job(self, ctx: JobContext, result: object, error: BaseException | None) -> None:
         await asyncio.sleep(0)
         self.calls.append(f"after {result}")
 
