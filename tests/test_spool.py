@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -124,3 +125,30 @@ def test_taking_dead_letters_back_can_be_limited_to_a_buffers_room(tmp_path: Pat
         assert spool.take_dead_letters([seqs[2]], limit=1) == [(seqs[2], "c")]
         with pytest.raises(ConfigurationError, match="limit must be an int from 0"):
             spool.take_dead_letters(limit=-1)
+
+
+def test_settle_acknowledges_or_dead_letters_and_never_raises(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    spool = Spool(tmp_path / "h.spool")
+    delivered, failed, exhausted = spool.append_many(["a", "b", "c"])
+    spool.settle([delivered], None, "Face 'x'")
+    spool.settle([failed], RuntimeError("HTTP 500"), "Face 'x'")
+    spool.settle([exhausted], "exhausted", "Face 'x'")
+    spool.settle([], RuntimeError("nothing to settle"), "Face 'x'")
+    assert spool.pending() == []
+    assert [(d.entry, d.error) for d in spool.dead_letters()] == [("b", "RuntimeError: HTTP 500"), ("c", "exhausted")]
+    late = spool.append("d")
+    spool.close()
+    spool.settle([late], None, "Face 'x'")  # closed by a stop past its timeout: left for the next owner
+    (warning,) = [r for r in caplog.records if "could not record" in r.getMessage()]
+    assert warning.levelno == logging.WARNING and warning.exc_info is None
+    assert "Face 'x': the spool could not record 1 settled entries: it was closed" in warning.getMessage()
+    with Spool(tmp_path / "h.spool") as again:
+        assert again.pending() == [(late, "d")]
+
+
+def test_reads_of_a_closed_spool_raise_store_error(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "i.spool")
+    spool.close()
+    for read in (spool.pending, spool.dead_letters, spool.__len__):
+        with pytest.raises(StoreError, match="is closed"):
+            read()

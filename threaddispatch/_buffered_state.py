@@ -672,16 +672,8 @@ class _AsyncState(Generic[T]):
         entries then stay pending in the file and are replayed by its next owner.
         """
         spool = self.spool
-        seqs = [entry.seq for entry in entries if type(entry) is _SpooledEntry]
-        if spool is None or not seqs:
-            return
-        try:
-            if error is None:
-                spool.ack(seqs)
-            else:
-                spool.dead_letter(seqs, f"{type(error).__qualname__}: {error}")
-        except Exception:  # noqa: BLE001 - the loop lives; the entries stay in the spool
-            _log.exception("%s: the spool could not record %d settled message(s)", self.describe(), len(seqs))
+        if spool is not None:
+            spool.settle([entry.seq for entry in entries if type(entry) is _SpooledEntry], error, self.describe())
 
     # -- immediate mode (testing.immediate()) -------------------------------------------------
 

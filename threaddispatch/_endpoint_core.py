@@ -34,7 +34,7 @@ from threaddispatch._spool import Spool
 from threaddispatch._trace import Tracing
 from threaddispatch._validate import show
 from threaddispatch.backoff import RetryPolicy
-from threaddispatch.errors import DispatcherClosedError, QueueFullError, StoreError, ThreadDispatchError
+from threaddispatch.errors import DispatcherClosedError, QueueFullError, ThreadDispatchError
 from threaddispatch.events import EventEmitter
 
 __all__ = ["Core"]
@@ -577,16 +577,9 @@ class Core:
                 error = job.last_error
                 text = "exhausted" if error is None else f"{type(error).__qualname__}: {error}"
                 dead.setdefault(text, []).append(seq)
-        try:
-            if acked:
-                spool.ack(acked)
-            for text, seqs in dead.items():
-                spool.dead_letter(seqs, text)
-        except StoreError:
-            if not spool.closed:
-                _log.exception("%s: the spool could not record %d settled jobs", self.label, len(done) + len(exhausted))
-        except Exception:  # noqa: BLE001 - the sender lives; the jobs stay in the spool
-            _log.exception("%s: the spool could not record %d settled jobs", self.label, len(done) + len(exhausted))
+        spool.settle(acked, None, self.label)
+        for text, seqs in dead.items():
+            spool.settle(seqs, text, self.label)
 
     def close_spool(self) -> None:
         """After the drain: close the spool (what is still unsettled stays in it, for the next start)."""

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -47,6 +48,8 @@ from threaddispatch._validate import check_int, check_positive_int, check_second
 from threaddispatch.errors import ConfigurationError, PayloadError, SpoolOwnedError, StoreError
 
 __all__ = ["Spool", "SpoolDeadLetter"]
+
+_log = logging.getLogger("threaddispatch")
 
 SpoolSync = Literal["normal", "full"]
 
@@ -213,19 +216,41 @@ class Spool:
             with self._db:
                 self._transaction(move)
 
+    def settle(self, seqs: Sequence[int], error: BaseException | str | None, owner: str) -> None:
+        """Acknowledge delivered entries (``error`` None) or dead-letter failed ones with ``error``; never raises.
+
+        What every face does once its deliveries are settled. A failure is logged naming
+        ``owner``; those entries then stay pending and the next owner replays them. A spool
+        closed meanwhile (a stop whose drain ran past its timeout) gets one WARNING line
+        without a traceback: the documented outcome, the next owner delivers them again.
+        """
+        if not seqs:
+            return
+        try:
+            if error is None:
+                self.ack(seqs)
+            else:
+                self.dead_letter(seqs, error if isinstance(error, str) else f"{type(error).__qualname__}: {error}")
+        except Exception:  # noqa: BLE001 - the face's worker lives; the entries stay in the spool
+            if self._closed:
+                _log.warning(
+                    "%s: the spool could not record %d settled entries: it was closed (a stop past its"
+                    " timeout); its next owner delivers them again",
+                    owner,
+                    len(seqs),
+                )
+            else:
+                _log.exception("%s: the spool could not record %d settled entries", owner, len(seqs))
+
     def pending(self) -> list[tuple[int, Any]]:
         """Every entry still in the spool (not acknowledged, not dead), oldest first, as (seq, entry). One read."""
-        with self._db:
-            rows = self._conn.execute("SELECT seq, body FROM spool_entries ORDER BY seq").fetchall()
+        rows = self._read("SELECT seq, body FROM spool_entries ORDER BY seq", ())
         return [(seq, json.loads(body)) for seq, body in rows]
 
     def dead_letters(self, limit: int = 100) -> list[SpoolDeadLetter]:
         """Dead-lettered entries, oldest first (at most ``limit``). One read."""
         check_positive_int("limit", limit)
-        with self._db:
-            rows = self._conn.execute(
-                "SELECT seq, body, error, failed_at FROM spool_dead_letters ORDER BY seq LIMIT ?", (limit,)
-            ).fetchall()
+        rows = self._read("SELECT seq, body, error, failed_at FROM spool_dead_letters ORDER BY seq LIMIT ?", (limit,))
         return [SpoolDeadLetter(seq, json.loads(body), error, failed_at) for seq, body, error, failed_at in rows]
 
     def take_dead_letters(
@@ -270,8 +295,16 @@ class Spool:
 
     def __len__(self) -> int:
         """The number of pending entries (one read)."""
+        return int(self._read("SELECT count(*) FROM spool_entries", ())[0][0])
+
+    def _read(self, sql: str, params: tuple[object, ...]) -> list[Any]:
+        """The rows of one read; StoreError (not sqlite3's) on a closed spool or a SQLite failure."""
         with self._db:
-            return int(self._conn.execute("SELECT count(*) FROM spool_entries").fetchone()[0])
+            try:
+                return self._conn.execute(sql, params).fetchall()
+            except sqlite3.Error as error:
+                state = "is closed" if self._closed else f"cannot be read: {error}"
+                raise StoreError(f"spool {self.path!r} {state}") from error
 
     def _transaction(self, work: Any) -> None:
         """Run ``work`` in one write transaction; caller holds _db. StoreError on a SQLite failure."""

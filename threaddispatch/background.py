@@ -297,15 +297,8 @@ class _Sender(Generic[T]):
         spool. An entry the spool could not settle stays pending, and is replayed at the next start.
         """
         spool = self.spool
-        if spool is None:
-            return
-        try:
-            if error is None:
-                spool.ack(seqs)
-            else:
-                spool.dead_letter(seqs, f"{type(error).__qualname__}: {error}")
-        except Exception:  # noqa: BLE001 - the worker lives; the entries stay in the spool
-            _log.exception("%s: the spool could not record %d settled entries", self.name, len(seqs))
+        if spool is not None:
+            spool.settle(seqs, error, self.name)
 
     def _traced_send(self, entries: list[Any], contexts: list[Any]) -> Outcome:
         """``_call_send`` inside a PRODUCER span linked to the producers' spans (messaging batch publish)."""
