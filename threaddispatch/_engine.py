@@ -259,7 +259,7 @@ class BatchEngine(Generic[T]):
             put(entry, key, timeout=timeout)  # type: ignore[arg-type]
 
         # Everything comes in as a positional default, none as a closure cell (a frame copies
-        # its cells on every call): see background._lock_free_enqueue. A stray positional
+        # its cells on every call): see _background_enqueue._lock_free_enqueue. A stray positional
         # argument lands in ``_lane`` (more than one also in ``_len``...): misuse().
         def enqueue(
             entry: object,

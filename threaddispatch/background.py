@@ -2,542 +2,46 @@
 
 The face of Zuplo's BackgroundDispatcher on the shared :class:`~threaddispatch._engine.BatchEngine`.
 ``enqueue`` is lock-free: an append and a length check, with the engine's lock taken
-only when a window opens, a batch fills, or the buffer overflows.
+only when a window opens, a batch fills, or the buffer overflows. This module is the
+public object (options, the spool's replay, flush, close, fork); what its worker does with
+a batch is in ``_background_sender``, and the enqueue closures it binds in ``_background_enqueue``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import inspect
-import logging
 import math
 import os
-import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from threaddispatch import _immediate, _lifecycle
-from threaddispatch._batched_immediate import call_here
+from threaddispatch._background_enqueue import (
+    _lock_free_enqueue,
+    _lock_free_traced_enqueue,
+    _positional_timeout,
+    _spooled_enqueue,
+    _traced_enqueue,
+)
+from threaddispatch._background_sender import FailedBatch, _capture, _Sender, _Spooled, _Submitted
 from threaddispatch._engine import OVERFLOW_POLICIES, BatchEngine, Overflow
 from threaddispatch._future import LazyFuture
-from threaddispatch._invoke import Outcome, TimedCaller, call
+from threaddispatch._invoke import TimedCaller
 from threaddispatch._lanes import ClosedFifoLane, FifoLane
 from threaddispatch._spool import Spool, SpoolDeadLetter, SpoolSync
-from threaddispatch._trace import Tracing, make_tracing
+from threaddispatch._trace import make_tracing
 from threaddispatch._validate import check_positive_int, check_seconds
 from threaddispatch.backoff import RetryPolicy
-from threaddispatch.errors import ConfigurationError, DispatcherClosedError, QueueFullError, StoreError
-from threaddispatch.metrics import FaceRecorder, Metrics, check_metrics
+from threaddispatch.errors import ConfigurationError
+from threaddispatch.metrics import Metrics, check_metrics
 
 __all__ = ["BackgroundDispatcher", "FailedBatch"]
 
 T = TypeVar("T")
 
-_log = logging.getLogger("threaddispatch")
 _forked_spools: list[Spool] = []  # a forked child's copies of its parent's spools: never closed in the child
 _names = iter(range(1, 1 << 62))
-
-
-@dataclass(frozen=True)
-class FailedBatch(Generic[T]):
-    """A batch whose send failed for good: its entries, the last error, and how many attempts were made."""
-
-    entries: list[T]
-    error: BaseException
-    attempts: int = 1
-
-
-class _Submitted:
-    """An entry offered with :meth:`BackgroundDispatcher.submit`, carried with its Future."""
-
-    __slots__ = ("entry", "future")
-
-    def __init__(self, entry: object, future: Future[None]) -> None:
-        self.entry = entry
-        self.future = future
-
-
-class _Spooled:
-    """An entry of a spooled dispatcher: its spool sequence number, and its Future if it was submitted.
-
-    It takes the place of the bare entry or the ``_Submitted`` (with tracing on, inside the
-    same ``(item, context)`` tuple), so one item says everything the sender needs.
-    """
-
-    __slots__ = ("entry", "future", "seq")
-
-    def __init__(self, seq: int, entry: object, future: Future[None] | None) -> None:
-        self.seq = seq
-        self.entry = entry
-        self.future = future
-
-    def __repr__(self) -> str:
-        return repr(self.entry)
-
-
-def _span_contexts(captured: list[Any]) -> list[Any]:
-    """The valid span contexts of the captured OpenTelemetry contexts; each distinct context object read once."""
-    from opentelemetry import trace  # tracing on: the API is installed
-
-    found: dict[int, Any] = {}
-    for context in captured:  # every object stays referenced by ``captured``, so ids are unique
-        if id(context) not in found:
-            found[id(context)] = trace.get_current_span(context).get_span_context()
-    return [span for span in found.values() if span.is_valid]
-
-
-def _capture() -> Callable[[], Any]:
-    """What ``enqueue`` calls to capture the producer's context: ``opentelemetry.context.get_current``.
-
-    The span is looked up in it at send time instead of at enqueue (:meth:`Tracing.capture`
-    costs about five times as much). With OpenTelemetry's default runtime context (a
-    ContextVar holding the current Context), that ContextVar's own C ``get`` is used: the
-    same object ``get_current()`` returns, without its two Python frames (~90 ns vs ~540).
-    """
-    from opentelemetry import context
-
-    current = getattr(getattr(context, "_RUNTIME_CONTEXT", None), "_current_context", None)
-    if isinstance(current, contextvars.ContextVar):
-        return current.get
-    return context.get_current
-
-
-class _Retrying:
-    """A batch waiting for its next attempt: scheduled with the engine's ``put_later``.
-
-    ``done`` is the Future the engine holds for the batch's first delivery: it settles
-    that batch (so flush() and close() wait for it) once the batch is sent or fails for good.
-    ``contexts`` are the producers' captured contexts (tracing on), which each attempt's span links to.
-    """
-
-    __slots__ = ("attempts", "contexts", "done", "entries", "futures", "seqs")
-
-    def __init__(
-        self,
-        entries: list[Any],
-        futures: list[Future[None]],
-        attempts: int,
-        done: Future[None],
-        contexts: list[Any],
-        *,
-        seqs: list[int],
-    ) -> None:
-        self.entries = entries
-        self.futures = futures
-        self.attempts = attempts
-        self.done = done
-        self.contexts = contexts
-        self.seqs = seqs  # the entries' spool sequence numbers (spool on), else empty
-
-
-class _Sender(Generic[T]):
-    """Calls ``send_batch`` for the engine: retries, error reporting, futures, counters.
-
-    Every user callable (``send_batch``, ``on_error``) goes through ``_invoke``: it may be
-    ``async def``, and whatever it raises (BaseException included) is the call's failure.
-    A retry waits on the engine's timer (``put_later``), never on the worker thread.
-    Holds no reference to the dispatcher, so an unreferenced dispatcher can be collected
-    while its worker still drains. Counters are written by the worker thread only.
-    """
-
-    def __init__(
-        self,
-        send_batch: Callable[[list[T]], object],
-        on_error: Callable[[FailedBatch[T]], object] | None,
-        retry: RetryPolicy | None,
-        name: str,
-        caller: TimedCaller,
-    ) -> None:
-        self.send_batch = send_batch
-        self.on_error = on_error
-        self.retry = retry
-        self.name = name
-        self.caller = caller
-        self.engine: BatchEngine[Any] | None = None  # set by the dispatcher once the engine exists
-        self.recorder: FaceRecorder | None = None  # set by the dispatcher when metrics are on
-        # Set by the dispatcher with a tracer_provider. Then every item enqueue puts in the lane is a
-        # tuple (entry or _Submitted, the producer's captured OpenTelemetry context); _Retrying stays bare.
-        self.tracing: Tracing | None = None
-        self.has_submitted = False
-        # Set by the dispatcher given a spool: every item but _Retrying is then a _Spooled (tracing on:
-        # inside its tuple); a delivered batch is acknowledged, a failed one dead-lettered, a dropped one acked.
-        self.spool: Spool | None = None
-        # Immediate mode (testing.immediate()): sends run on the callers' threads, one at a
-        # time under this lock, which then guards the counters; retries go at once.
-        self.immediate = False
-        self.reset(closing=False)
-
-    def reset(self, *, closing: bool) -> None:
-        """Fresh counters, lock and ``closing`` Event (at construction, and in a forked child)."""
-        self.immediate_lock = threading.RLock()  # reentrant: a send may enqueue to its own dispatcher
-        self.closing = threading.Event()  # set by close(): retries go at once instead of waiting
-        if closing:
-            self.closing.set()
-        self.sent = 0
-        self.failed = 0
-        self.failed_batches = 0
-        self.retries = 0
-        self.calls = 0
-        self.immediate_entries = 0  # entries sent in immediate mode, never in the engine
-        self.immediate_batches = 0
-
-    def deliver(self, key: Hashable, items: list[Any]) -> Future[None] | None:
-        if self.immediate:  # a retry scheduled before the switch: one send at a time, as the callers'
-            with self.immediate_lock:
-                return self._deliver_mixed(key, items)
-        if self.has_submitted or self.retry is not None or self.tracing is not None or self.spool is not None:
-            return self._deliver_mixed(key, items)
-        self._attempt(key, items, [], 1, None, contexts=[], seqs=[])
-        return None
-
-    def _deliver_mixed(self, key: Hashable, items: list[Any]) -> Future[None] | None:
-        """Split a batch into its plain entries (one send) and the retried batches it carries (one send each)."""
-        futures: list[Future[None]] = []
-        entries: list[Any] = []
-        retried: list[_Retrying] = []
-        contexts: list[Any] = []  # the producers' captured contexts (tracing on)
-        seqs: list[int] = []  # the entries' spool sequence numbers (spool on)
-        traced = self.tracing is not None
-        for carried in items:
-            item = carried
-            kind = type(item)
-            if traced and kind is not _Retrying:
-                item, context = item
-                contexts.append(context)
-                kind = type(item)
-            if kind is _Spooled:
-                entries.append(item.entry)
-                seqs.append(item.seq)
-                if item.future is not None:
-                    futures.append(item.future)
-            elif kind is _Submitted:
-                entries.append(item.entry)
-                futures.append(item.future)
-            elif kind is _Retrying:
-                retried.append(item)
-            else:
-                entries.append(item)
-        for batch in retried:
-            self._attempt(
-                key,
-                batch.entries,
-                batch.futures,
-                batch.attempts + 1,
-                batch.done,
-                contexts=batch.contexts,
-                seqs=batch.seqs,
-            )
-        if not entries:
-            return None
-        return self._attempt(key, entries, futures, 1, None, contexts=contexts, seqs=seqs)
-
-    def _attempt(
-        self,
-        key: Hashable,
-        entries: list[Any],
-        futures: list[Future[None]],
-        attempts: int,
-        done: Future[None] | None,
-        *,
-        contexts: list[Any],
-        seqs: list[int],
-    ) -> Future[None] | None:
-        """Send once; on a failure that retries, schedule the next attempt and return what settles the batch."""
-        while True:
-            self.calls += 1
-            recorder = self.recorder
-            if recorder is None:
-                outcome = self._call_send(entries) if self.tracing is None else self._traced_send(entries, contexts)
-            else:  # metrics on: one recording per send, never per entry
-                started = time.perf_counter()
-                outcome = self._call_send(entries) if self.tracing is None else self._traced_send(entries, contexts)
-                recorder.send(len(entries), started, outcome.error)
-            if outcome.ok:
-                if seqs:
-                    self._settle_spool(seqs, None)
-                self.sent += len(entries)
-                for future in futures:
-                    if future.set_running_or_notify_cancel():
-                        future.set_result(None)
-                break
-            error = outcome.error
-            assert error is not None
-            delay = None if self.retry is None else self.retry.next_delay(attempts, error)
-            if delay is None:
-                if seqs:
-                    self._settle_spool(seqs, error)
-                self._report(entries, error, attempts, futures)
-                break
-            self.retries += 1
-            batch = _Retrying(entries, futures, attempts, LazyFuture() if done is None else done, contexts, seqs=seqs)
-            if self._schedule(key, batch, delay):
-                # The first delivery's batch settles when batch.done does; a retry's own batch now.
-                return batch.done if done is None else None
-            attempts += 1  # closing: the next attempt goes at once
-        if done is not None:
-            done.set_result(None)
-        return None
-
-    def send_now(self, entry: Any, future: Future[None] | None) -> None:
-        """Immediate mode: send ``entry`` (its retries at once) and report it, on this thread."""
-        with self.immediate_lock:
-            self.immediate_entries += 1
-            self.immediate_batches += 1
-            contexts = [] if self.tracing is None else [_capture()()]
-            self._attempt(None, [entry], [] if future is None else [future], 1, None, contexts=contexts, seqs=[])
-
-    def _settle_spool(self, seqs: list[int], error: BaseException | None) -> None:
-        """Acknowledge delivered entries (error None) or dead-letter failed ones; a spool failure is logged.
-
-        Before the Futures and ``on_error``: once they say an entry was sent, it has left the
-        spool. An entry the spool could not settle stays pending, and is replayed at the next start.
-        """
-        spool = self.spool
-        if spool is not None:
-            spool.settle(seqs, error, self.name)
-
-    def _traced_send(self, entries: list[Any], contexts: list[Any]) -> Outcome:
-        """``_call_send`` inside a PRODUCER span linked to the producers' spans (messaging batch publish)."""
-        tracing = self.tracing
-        assert tracing is not None
-        attributes = {
-            "messaging.system": "threaddispatch",
-            "messaging.operation.type": "send",
-            "messaging.operation.name": "send",
-            "messaging.destination.name": self.name,
-            "messaging.batch.message_count": len(entries),
-        }
-        with tracing.send_span(f"send {self.name}", _span_contexts(contexts), attributes) as span:
-            outcome = self._call_send(entries)
-            if outcome.error is not None:
-                _record_error(span, outcome.error)
-        return outcome
-
-    def _call_send(self, entries: list[Any]) -> Outcome:
-        if self.immediate:
-            return call_here(self.caller.timeout, f"{self.name}: send_batch", self.send_batch, entries)
-        try:
-            return self.caller.call(self.send_batch, entries)
-        except DispatcherClosedError:  # close() timed out and closed the caller: send without a timeout
-            return call(self.send_batch, entries)
-
-    def _schedule(self, key: Hashable, batch: _Retrying, delay: float) -> bool:
-        """Put ``batch`` on the engine's timer; False when closing or immediate (the caller retries at once)."""
-        engine = self.engine
-        if engine is None or self.closing.is_set() or self.immediate:
-            return False
-        try:
-            engine.put_later(batch, key, delay)
-        except DispatcherClosedError:
-            return False
-        return True
-
-    def _report(self, entries: list[T], error: BaseException, attempts: int, futures: list[Future[None]]) -> None:
-        self.failed += len(entries)
-        self.failed_batches += 1
-        for future in futures:
-            if future.set_running_or_notify_cancel():
-                future.set_exception(error)
-        if self.on_error is None:
-            _log.error(
-                "%s: send_batch failed for %d entries after %d attempt(s); they are lost",
-                self.name,
-                len(entries),
-                attempts,
-                exc_info=error,
-            )
-            return
-        outcome = call(self.on_error, FailedBatch(entries, error, attempts))
-        if not outcome.ok:  # the worker lives whatever on_error does
-            _log.error(
-                "%s: on_error raised while reporting %d failed entries",
-                self.name,
-                len(entries),
-                exc_info=outcome.error,
-            )
-
-    def on_drop(self, items: list[Any]) -> None:
-        seqs: list[int] = []
-        for carried in items:
-            item = carried[0] if self.tracing is not None and type(carried) is not _Retrying else carried
-            kind = type(item)
-            if kind is _Spooled:
-                seqs.append(item.seq)
-            future = item.future if kind is _Submitted or kind is _Spooled else None
-            if future is not None and future.set_running_or_notify_cancel():
-                future.set_exception(QueueFullError(f"{self.name}: entry dropped, the queue was full"))
-        if seqs:  # never accepted: it leaves the spool
-            self._settle_spool(seqs, None)
-
-
-def _record_error(span: Any, error: BaseException) -> None:
-    """Mark a send span failed by ``error``: the exception recorded, ``error.type`` set, status ERROR."""
-    from opentelemetry.trace import Status, StatusCode  # tracing on: the API is installed
-
-    span.record_exception(error)
-    span.set_attribute("error.type", type(error).__qualname__)
-    span.set_status(Status(StatusCode.ERROR, f"send_batch raised {type(error).__name__}"))
-
-
-def _positional_timeout() -> TypeError:
-    return TypeError(
-        "enqueue() takes 1 positional argument (the entry); timeout is keyword-only: enqueue(entry, timeout=...)"
-    )
-
-
-def _lock_free_enqueue(lane: FifoLane, kick: Callable[[FifoLane], None]) -> Callable[..., None]:
-    """The hot path of ``enqueue``: an append and a length check, no lock.
-
-    Locals come in as positional defaults, the cheapest variable access CPython has;
-    this measured about 15% cheaper per call than the equivalent method. A keyword-only
-    ``timeout`` would cost about as much again (CPython 3.11 does not specialize calls
-    to functions with keyword-only parameters), so ``timeout`` comes last instead and a
-    stray positional argument lands in ``_lane``: an object without the lane's
-    ``lock_free_append`` (the same C method as ``append``, under a name nothing else
-    has), which raises the AttributeError turned into TypeError here. The ``try`` costs
-    nothing on 3.11 until it catches. ``__signature__`` shows ``(entry, *, timeout=None)``.
-
-    ``lock_free_append`` is looked up on each call so that closing (a class swap of the
-    lane) takes effect here too. The engine re-arms ``lane.trigger`` before reading the
-    length, so an entry is either seen by the worker or followed by a kick. ``timeout``
-    is never waited on under the drop policies, but a bad one is refused all the same:
-    the usual call passes none and pays one ``is not None`` test for it.
-    """
-
-    def enqueue(
-        entry: object,
-        _lane: FifoLane = lane,
-        _len: Callable[[FifoLane], int] = len,
-        _kick: Callable[[FifoLane], None] = kick,
-        timeout: float | None = None,
-    ) -> None:
-        if timeout is not None:
-            check_seconds("timeout", timeout)
-        try:
-            _lane.lock_free_append(entry)
-        except AttributeError:
-            raise _positional_timeout() from None
-        if _len(_lane) >= _lane.trigger:
-            _kick(_lane)
-
-    enqueue.__doc__ = BackgroundDispatcher.enqueue.__doc__
-    enqueue.__signature__ = _ENQUEUE_SIGNATURE  # type: ignore[attr-defined]
-    return enqueue
-
-
-def _traced_enqueue(enqueue: Callable[..., None], capture: Callable[[], Any], lane: FifoLane) -> Callable[..., None]:
-    """``enqueue`` with each entry put as ``(entry, the caller's OpenTelemetry context)`` (tracing on only).
-
-    A dispatcher without a ``tracer_provider`` never binds this: its ``enqueue`` stays the
-    untraced closure, paying nothing for tracing. A tuple, not an object: about 30 ns to
-    make instead of several hundred. As in :func:`_lock_free_enqueue`, the locals are
-    positional defaults; a stray positional argument lands in ``_enqueue`` (then not
-    ``_real``) and raises the keyword-only TypeError.
-    """
-
-    def traced(
-        entry: object,
-        _enqueue: Callable[..., None] = enqueue,
-        _capture: Callable[[], Any] = capture,
-        _real: Callable[..., None] = enqueue,
-        timeout: float | None = None,
-    ) -> None:
-        if _enqueue is not _real:
-            raise _positional_timeout()
-        try:
-            if timeout is None:
-                _enqueue((entry, _capture()))
-            else:
-                _enqueue((entry, _capture()), timeout=timeout)
-        except DispatcherClosedError:
-            lane.append(entry)  # closed: raises naming the entry itself, not its tuple
-            raise
-
-    traced.__doc__ = BackgroundDispatcher.enqueue.__doc__
-    traced.__signature__ = _ENQUEUE_SIGNATURE  # type: ignore[attr-defined]
-    return traced
-
-
-def _lock_free_traced_enqueue(
-    lane: FifoLane, kick: Callable[[FifoLane], None], capture: Callable[[], Any]
-) -> Callable[..., None]:
-    """:func:`_lock_free_enqueue` putting ``(entry, the caller's OpenTelemetry context)``, in one frame.
-
-    The drop policies with tracing on: the same append and length check as the untraced
-    path, plus the capture and the tuple, with no second call through :func:`_traced_enqueue`.
-    A stray positional argument lands in ``_lane`` and raises the keyword-only TypeError.
-    """
-
-    def enqueue(
-        entry: object,
-        _lane: FifoLane = lane,
-        _len: Callable[[FifoLane], int] = len,
-        _kick: Callable[[FifoLane], None] = kick,
-        _capture: Callable[[], Any] = capture,
-        timeout: float | None = None,
-    ) -> None:
-        if timeout is not None:
-            check_seconds("timeout", timeout)
-        try:
-            _lane.lock_free_append((entry, _capture()))
-        except AttributeError:
-            raise _positional_timeout() from None
-        except DispatcherClosedError:
-            _lane.append(entry)  # closed: raises naming the entry itself, not its tuple
-            raise
-        if _len(_lane) >= _lane.trigger:
-            _kick(_lane)
-
-    enqueue.__doc__ = BackgroundDispatcher.enqueue.__doc__
-    enqueue.__signature__ = _ENQUEUE_SIGNATURE  # type: ignore[attr-defined]
-    return enqueue
-
-
-def _spooled_enqueue(enqueue: Callable[..., None], spool: Spool, lane: FifoLane) -> Callable[..., None]:
-    """``enqueue`` with each entry first made durable in ``spool`` and put as a :class:`_Spooled` (spool on only).
-
-    Wraps the (traced or untraced) enqueue, which then carries the ``_Spooled`` like any
-    entry. The append is on the caller's thread, before the entry is in the buffer: a
-    PayloadError (not JSON) leaves both untouched. An entry the inner enqueue refuses
-    (closed, QueueFullError) leaves the spool again. A stray positional argument lands in
-    ``_enqueue`` and raises the keyword-only TypeError, as in :func:`_traced_enqueue`.
-    """
-
-    def spooled(
-        entry: object,
-        _enqueue: Callable[..., None] = enqueue,
-        _append: Callable[[object], int] = spool.append,
-        _real: Callable[..., None] = enqueue,
-        timeout: float | None = None,
-    ) -> None:
-        if _enqueue is not _real:
-            raise _positional_timeout()
-        if timeout is not None:
-            check_seconds("timeout", timeout)  # refused before anything is written
-        plain = entry.entry if type(entry) is _Submitted else entry
-        try:
-            item = _Spooled(_append(plain), plain, entry.future if type(entry) is _Submitted else None)
-        except StoreError:
-            if type(lane) is ClosedFifoLane:  # closed (the spool with it): the closed error, naming the entry
-                lane.append(plain)
-            raise
-        try:
-            if timeout is None:
-                _enqueue(item)
-            else:
-                _enqueue(item, timeout=timeout)
-        except BaseException:
-            with contextlib.suppress(StoreError):  # closed meanwhile: the spool is gone with it
-                spool.ack((item.seq,))  # never accepted
-            raise
-
-    spooled.__doc__ = BackgroundDispatcher.enqueue.__doc__
-    spooled.__signature__ = _ENQUEUE_SIGNATURE  # type: ignore[attr-defined]
-    return spooled
 
 
 class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
@@ -670,16 +174,16 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
             # Lossless and lock-free while there is room: the engine takes the lock only at the bound.
             self.enqueue = self._engine.lossless_enqueue(lane, _positional_timeout)  # type: ignore[method-assign]
             if tracing is not None:
-                self.enqueue = _traced_enqueue(self.enqueue, _capture(), lane)  # type: ignore[method-assign]
+                self.enqueue = _documented(_traced_enqueue(self.enqueue, _capture(), lane))  # type: ignore[method-assign]
         elif tracing is not None:
-            self.enqueue = _lock_free_traced_enqueue(lane, self._engine.kick, _capture())  # type: ignore[method-assign]
+            self.enqueue = _documented(_lock_free_traced_enqueue(lane, self._engine.kick, _capture()))  # type: ignore[method-assign]
         else:
-            self.enqueue = _lock_free_enqueue(lane, self._engine.kick)  # type: ignore[method-assign]
+            self.enqueue = _documented(_lock_free_enqueue(lane, self._engine.kick))  # type: ignore[method-assign]
         self._enqueue_unspooled = self.enqueue  # what a forked child uses
         self._spool = opened
         if opened is not None:
             self._sender.spool = opened
-            self.enqueue = _spooled_enqueue(self.enqueue, opened, lane)  # type: ignore[method-assign]
+            self.enqueue = _documented(_spooled_enqueue(self.enqueue, opened, lane))  # type: ignore[method-assign]
             self._replay(opened.pending())
         self._enqueue_queued = self.enqueue  # what _set_immediate(False) puts back
         # For the fork reset and the immediate switch; held weakly, so it never keeps self alive.
@@ -884,10 +388,7 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
         return f"<BackgroundDispatcher {name!r} ms_delay={ms_delay} {state}>"
 
 
-_ENQUEUE_SIGNATURE = inspect.Signature(
-    [
-        inspect.Parameter("entry", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-        inspect.Parameter("timeout", inspect.Parameter.KEYWORD_ONLY, default=None),
-    ],
-    return_annotation=None,
-)
+def _documented(enqueue: Callable[..., None]) -> Callable[..., None]:
+    """A bound enqueue closure with :meth:`BackgroundDispatcher.enqueue`'s docstring (``help()`` shows it)."""
+    enqueue.__doc__ = BackgroundDispatcher.enqueue.__doc__
+    return enqueue
