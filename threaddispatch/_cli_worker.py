@@ -9,6 +9,8 @@ argparse parser (this command, Django's ``threaddispatch_worker``), ``contrib._f
 click command (``flask threaddispatch worker``); all three run :func:`run_worker`, so they print
 the same lines. One process (:func:`serve`), or with ``--processes N`` a supervisor
 (:mod:`threaddispatch._supervisor`) forking N worker processes that each run :func:`serve`.
+It runs a little past 600 lines because the worker's options, their checks and their help
+text are listed here once for the three commands that share them.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ as a FIFO rescans the dead slots its pops leave), and a shut gate stops the take
 A bounded lossless engine (``max_queue_size`` with ``overflow="block"`` or ``"raise"``)
 takes the lock only near the bound: see :meth:`BatchEngine.lossless_enqueue` for the bound it keeps.
 
-Why one module of ~800 lines: it is one object whose every method reads or writes state
+Why one module of ~1,000 lines: it is one object whose every method reads or writes state
 under the one ``_lock``, with invariants (the flush quotas, the trigger/length order, the
 gate) that span producers, the worker, flush and close; split across modules, each part
 would have to restate them.

@@ -8,6 +8,9 @@ for psycopg) once, at import of the store. The schema DDL is one column list
 :func:`schema_workers`) spells in each backend's types. What differs
 between the backends (claims, transactions and locking, RETURNING and CTE forms, COPY,
 NOTIFY) stays in its own store.
+
+It runs past 600 lines because it is the one copy of the shared SQL: every statement both
+stores run, each written once (the alternative, one copy per store, is what it replaced).
 """
 
 from __future__ import annotations
