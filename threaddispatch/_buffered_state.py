@@ -20,7 +20,7 @@ whenever the buffer, the retry queue (a DelayQueue on work_ready), the failure q
 flags or the counters change; three Conditions share it. User code (the dispatcher, the
 error handler, the retry policy's predicate and backoff) is always called with it released.
 
-Why one module of ~700 lines: it is one object under one mutex. The producers, the two
+Why one module of ~800 lines: it is one object under one mutex. The producers, the two
 loops, the retries and immediate mode all change the same buffer and counters under that
 lock; split across modules, its invariant would be too.
 """

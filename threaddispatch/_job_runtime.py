@@ -18,7 +18,7 @@ counted and its queue wait recorded. Without either, a job pays one ``is None`` 
 Every outcome goes through :meth:`Runtime.record`: while the run is running the fetcher
 writes it; otherwise (stopping, stopped, or an inline runtime) whoever records it writes it
 at once, with any still queued. Immediate mode and ``run_pending`` use an inline runtime,
-which starts no thread and runs jobs on the caller's. (A little over 600 lines: the fetch
+which starts no thread and runs jobs on the caller's. (About 750 lines: the fetch
 loop, the completion path and the stop protocol all work one in-flight table, under one lock.)
 """
 
