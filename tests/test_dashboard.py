@@ -12,6 +12,7 @@ import threaddispatch
 from threaddispatch.admin import AdminApp, make_wsgi_app
 from threaddispatch.jobs import JobEngine
 from threaddispatch.stores import MemoryStore, Store
+from threaddispatch.stores.base import JobState
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -62,6 +63,19 @@ def test_the_script_never_renders_html() -> None:
     source = (DASHBOARD / "dashboard.js").read_text()
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
         assert sink not in source
+
+
+def test_the_page_knows_every_job_state(app: AdminApp) -> None:
+    states = [state.value for state in JobState]
+    script = re.search(r"const STATES = \[(.*?)\];", (DASHBOARD / "dashboard.js").read_text())
+    assert script is not None
+    assert sorted(re.findall(r'"(\w+)"', script.group(1))) == sorted(states)  # the count cards and queue columns
+    page = app.handle("GET", "/", accept=BROWSER).body.decode()
+    select = re.search(r'<select id="filter-state".*?</select>', page, re.S)
+    assert select is not None
+    assert sorted(re.findall(r"<option>(\w+)</option>", select.group(0))) == sorted(states)
+    head = re.search(r'<table id="queues"><thead>(.*?)</thead>', page, re.S)
+    assert head is not None and len(re.findall(r"<th>", head.group(1))) == len(states) + 3  # queue, state, action
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@
   const CSRF_COOKIE = "csrftoken";  // Django's CSRF_COOKIE_NAME default
   const REFRESH_MS = 4000;
   const PAGE_SIZE = 25;
-  const STATES = ["pending", "running", "retrying", "completed", "failed", "cancelled"];
+  const STATES = ["pending", "waiting", "running", "retrying", "completed", "failed", "cancelled"];
   const $ = (id) => document.getElementById(id);
 
   class AuthError extends Error {}
@@ -160,7 +160,7 @@
         el("td", { className: queue.paused ? "paused queue-state" : "queue-state" }, queue.paused ? "paused" : "active"),
         el("td", {}, toggle));
     });
-    fill($("queues").tBodies[0], rows, 9, "no queues");
+    fill($("queues").tBodies[0], rows, 10, "no queues");
   }
 
   async function loadJobs() {
@@ -204,7 +204,7 @@
     $("detail-result").textContent = json(job.result);
     $("detail-error").textContent = job.error || "";
     // The engine's rule (JobEngine.cancel / retry), as the API's and the CLI's.
-    $("detail-cancel").disabled = !["pending", "retrying", "running"].includes(job.state);
+    $("detail-cancel").disabled = !["pending", "waiting", "retrying", "running"].includes(job.state);
     $("detail-retry").disabled = !["failed", "cancelled"].includes(job.state);
     $("job-detail").hidden = false;
   }
