@@ -80,6 +80,8 @@ class Site:
         self.xss_job = self.engine.enqueue("send_email", {"subject": XSS})
         self.engine.cron("*/5 * * * *", "report", name="nightly-report")
         self.failed = self.engine.enqueue("boom", {"n": 1})
+        self.report = self.engine.enqueue("report", {"day": 1})  # its queue is not run: it stays pending
+        self.waiting = self.engine.enqueue("report", {"day": 2}, depends_on=[self.report], lock="reports")
         self.engine.run_pending(queues=["default"])  # the failing job dies; the others complete
         assert self.engine.get_job(self.failed).state is JobState.FAILED
         app = make_wsgi_app(self.engine, token=TOKEN)
@@ -202,6 +204,14 @@ def test_an_operator_session(page: Any, site: Site, tmp_path: Path) -> None:
     assert '"sent": true' in page.find_element("id", "detail-result").text
     state = '#detail-fields [data-field="state"]'
     _until(page, lambda d: d.find_element("css selector", state).text == "completed", "the job's state")
+
+    # A job waiting on another shows what it waits for, and counts as waiting.
+    _until(page, lambda d: d.find_element("css selector", '#counts [data-state="waiting"] b').text == "1", "waiting")
+    _click(page, f'#jobs a[data-id="{site.waiting}"]')
+    depends = '#detail-fields [data-field="depends on"]'
+    _until(page, lambda d: d.find_element("css selector", depends).text == site.report, "the dependency shown")
+    assert page.find_element("css selector", '#detail-fields [data-field="state"]').text == "waiting"
+    assert page.find_element("css selector", '#detail-fields [data-field="lock"]').text == "reports"
 
     # Replay the dead letter by clicking: a new job appears in the store and on the page.
     letter = site.engine.dlq()[0]

@@ -197,6 +197,9 @@
       ["timeout", job.timeout === null ? "none" : job.timeout + " s"], ["unique key", job.unique_key || ""],
       ["created", when(job.created_at)], ["run at", when(job.run_at)], ["started", when(job.started_at)],
       ["finished", when(job.finished_at)], ["heartbeat", when(job.heartbeat_at)], ["updated", when(job.updated_at)],
+      ["depends on", (job.depends_on || []).join(", ")],
+      ["waiting on", job.waiting_on ? job.waiting_on + " unfinished" : ""],
+      ["lock", job.lock || ""],
     ];
     $("detail-fields").replaceChildren(...fields.flatMap(([name, value]) => [
       el("dt", {}, name), el("dd", { dataset: { field: name } }, value)]));
