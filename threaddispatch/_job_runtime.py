@@ -290,12 +290,18 @@ class Runtime:
         if now - self._paused_checked < max(shared.config.poll_interval, 1.0):
             return
         self._paused_checked = now
+        with shared.lock:
+            version = shared.paused_version
         try:
             paused = shared.store.paused_queues()
         except StoreError:
             shared.logger.warning("could not read paused queues", exc_info=True)
             return
         with shared.lock:
+            if shared.paused_version != version:
+                # pause_queue/resume_queue ran here during the read: the local set is newer than
+                # what was read, so keep it; the next refresh reads the store again.
+                return
             shared.paused.clear()
             shared.paused.update(paused)
 
@@ -401,10 +407,20 @@ class Runtime:
         shared = self.shared
         with shared.lock:
             stopping = self.state != "running"
+            held: list[JobRecord] = []
+            if not stopping and shared.paused:
+                # A claim planned before pause_queue returned: its paused jobs go back, unstarted.
+                held = [job for job in jobs if job.queue in shared.paused]
+                jobs = [job for job in jobs if job.queue not in shared.paused]
             slots = [] if stopping else [self._admit(job) for job in jobs]
             if not stopping:
                 shared.stats["claimed"] += len(jobs)
             pool = self._pool
+        if held:
+            try:
+                shared.store.release([job.id for job in held], worker_id=self.worker_id, now=time.time())
+            except StoreError:
+                shared.logger.exception("could not hand back %d jobs of paused queues; reaped as stale", len(held))
         if stopping or pool is None:
             # Claimed while stop() began: give them straight back.
             try:

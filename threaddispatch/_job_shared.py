@@ -63,6 +63,7 @@ class Shared:
     definitions: dict[str, JobDefinition] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=_new_stats)
     paused: set[str] = field(default_factory=set)
+    paused_version: int = 0  # bumped by every local pause/resume: a store read older than it is stale
     waiters: dict[str, set[threading.Event]] = field(default_factory=dict)
     policies: dict[Backoff, RetryPolicy] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)

@@ -1084,6 +1084,7 @@ class JobEngine:
         self.store.set_queue_paused(queue, True, now=time.time())
         with self._lock:
             self._shared.paused.add(queue)
+            self._shared.paused_version += 1
 
     def resume_queue(self, queue: str) -> None:
         """Claim jobs of ``queue`` again (see :meth:`pause_queue`)."""
@@ -1091,6 +1092,7 @@ class JobEngine:
         self.store.set_queue_paused(queue, False, now=time.time())
         with self._lock:
             self._shared.paused.discard(queue)
+            self._shared.paused_version += 1
         runtime = self._runtime
         if runtime is not None:
             runtime.wake()
