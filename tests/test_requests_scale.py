@@ -73,8 +73,11 @@ def test_adds_past_the_window_wait_and_start_in_order(rd: RequestDispatcher[Any,
     assert _states(rd, "k") == ["running"] * WINDOW + ["waiting"] * (50 - WINDOW)
     send.gate.set()
     assert [handle.future.result(20) for handle in handles] == list(range(50))
-    # The pool takes them in order; only its workers racing to enter send can swap neighbours.
-    assert all(abs(position - i) < WORKERS for position, i in enumerate(send.started))
+    # At most a window in flight: request i is launched only once i - WINDOW earlier ones ended, so at
+    # least that many sends began before its own. (How close to i it lands beyond that is the OS
+    # scheduler's: a worker preempted on its way into send lets the other run ahead.)
+    assert sorted(send.started) == list(range(50))
+    assert all(send.started.index(i) >= i - WINDOW for i in range(50))
 
 
 def test_a_queue_held_back_by_the_window_is_not_starved_by_a_deep_one(
