@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import re
 import runpy
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -228,7 +229,8 @@ def test_mypy_reports_a_wrong_payload_type(tmp_path: Path) -> None:
 def test_the_typing_cases_run_and_are_in_the_mypy_config() -> None:
     """tests/typing/jobs_typed.py runs as written, and the repository's mypy config checks tests/typing."""
     runpy.run_path(str(TYPING_CASES))
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    # tomllib from Python 3.11; on 3.10 mypy's own dependency tomli is the same parser.
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
     config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     mypy = config["tool"]["mypy"]
     case = TYPING_CASES.relative_to(ROOT).as_posix()
