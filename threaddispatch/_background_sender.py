@@ -356,17 +356,35 @@ class _Sender(Generic[T]):
             )
 
     def on_drop(self, items: list[Any]) -> None:
+        """Settle what the overflow policy dropped: Futures fail with QueueFullError, spooled entries leave the spool.
+
+        A dropped ``_Retrying`` is a whole batch waiting for its next attempt: its entries' Futures
+        fail, and its ``done`` is settled, so a flush or close waiting for that batch returns.
+        """
         seqs: list[int] = []
+        futures: list[Future[None]] = []
+        settled: list[Future[None]] = []
         for carried in items:
-            item = carried[0] if self.tracing is not None and type(carried) is not _Retrying else carried
+            if type(carried) is _Retrying:
+                seqs.extend(carried.seqs)
+                futures.extend(carried.futures)
+                settled.append(carried.done)
+                continue
+            item = carried[0] if self.tracing is not None else carried
             kind = type(item)
             if kind is _Spooled:
                 seqs.append(item.seq)
             future = item.future if kind is _Submitted or kind is _Spooled else None
-            if future is not None and future.set_running_or_notify_cancel():
-                future.set_exception(QueueFullError(f"{self.name}: entry dropped, the queue was full"))
-        if seqs:  # never accepted: it leaves the spool
+            if future is not None:
+                futures.append(future)
+        if seqs:  # never delivered, and no longer to be: it leaves the spool
             self._settle_spool(seqs, None)
+        for future in futures:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(QueueFullError(f"{self.name}: entry dropped, the queue was full"))
+        for done in settled:
+            if not done.done():
+                done.set_result(None)
 
 
 def _record_error(span: Any, error: BaseException) -> None:
