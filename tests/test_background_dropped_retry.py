@@ -48,9 +48,14 @@ def test_a_dropped_retry_batch_settles_its_futures_and_the_flush_waiting_for_it(
     flushed: list[bool] = []
     flusher = threading.Thread(target=lambda: flushed.append(dispatcher.flush(30)), name="test-flush")
     flusher.start()
-    wait_for(lambda: len(calls) == 1 and _retry_in_lane(dispatcher), timeout=30)
+    wait_for(lambda: len(calls) == 1, timeout=30)
+    # The engine's capacity gate, shut: the worker holds full batches back, so the third entry
+    # below overflows the lane instead of racing the worker for it (the race this reproduces).
+    dispatcher._engine._gate = lambda _key: False
+    wait_for(lambda: _retry_in_lane(dispatcher), timeout=30)
     dispatcher.enqueue("b")
     dispatcher.enqueue("c")  # three in a lane of two: the oldest, the retry batch, is dropped
+    dispatcher._engine._gate = None
     with pytest.raises(QueueFullError):
         future.result(timeout=30)
     flusher.join(30)
