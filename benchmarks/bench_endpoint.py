@@ -37,9 +37,11 @@ what counts is how many batches are in flight at once, not the per-job overhead.
 
 ``--curves`` instead runs the scaling curves of :mod:`threaddispatch._bench_curves` (one
 fresh interpreter per point and round, round-robin): the per-job cost by number of endpoints
-(10 -> 100k, ``--jobs`` jobs round-robin, at least one per endpoint), by depth on one endpoint
-(10 -> 1M jobs queued behind a sender holding every in-flight slot), and the slowest
-``add_job`` with one job per endpoint while the in-flight limit is reached. ``--before DIR``
+(10 -> 100k, ``--jobs`` jobs round-robin, at least one per endpoint), the same with equal
+batches at every size (``endpoints-equal``), by depth on one endpoint (10 -> 1M jobs queued
+behind a sender holding every in-flight slot), and the slowest ``add_job`` with one job per
+endpoint while the in-flight limit is reached, without and with ``gc.freeze()`` after the
+jobs are built. ``--before DIR``
 runs every point against another copy of the package too (``git archive HEAD threaddispatch
 | tar -x -C DIR``), so the before/after ratios come from one run::
 
@@ -64,6 +66,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from threaddispatch import _bench_curves  # noqa: E402
 from threaddispatch.endpoint import DispatchJob, EndpointBatchDispatcher  # noqa: E402
 
 ENDPOINTS = 1000
@@ -279,9 +282,21 @@ def construction_ns(count: int = 100_000) -> float:
 
 CURVE_POINTS: dict[str, list[int]] = {
     "endpoints": [10, 1_000, 10_000, 100_000],
+    "endpoints-equal": [10, 1_000, 10_000, 100_000],
     "depth": [10, 1_000, 100_000, 1_000_000],
     "endpoints-limit": [1_000, 10_000, 100_000],
+    "endpoints-limit-frozen": [1_000, 10_000, 100_000],
 }
+# The jobs of each curve's point of size n, given --jobs (at least one per endpoint, or EQUAL_BATCH).
+CURVE_OPS: dict[str, Callable[[int, int], int]] = {
+    "endpoints": max,
+    "endpoints-equal": lambda n, jobs: max(jobs, _bench_curves.EQUAL_BATCH * n),
+}
+
+
+def _n_ops(n: int, _jobs: int) -> int:
+    return n
+
 
 # A point run in a fresh interpreter against the package in argv[1]; the curve module comes
 # from this checkout when that copy predates it (it uses only the faces' public API).
@@ -310,9 +325,7 @@ def _point(tree: str, series: str, n: int, ops: int, timeout: float) -> dict[str
 
 def curves(jobs: int, repeats: int, timeout: float, before: str | None) -> int:
     trees = [("after", str(ROOT))] + ([("before", before)] if before else [])
-    plan = [
-        (series, n, max(n, jobs) if series == "endpoints" else n) for series, ns in CURVE_POINTS.items() for n in ns
-    ]
+    plan = [(series, n, CURVE_OPS.get(series, _n_ops)(n, jobs)) for series, ns in CURVE_POINTS.items() for n in ns]
     runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for round_ in range(repeats):
         for series, n, ops in plan:
@@ -329,7 +342,7 @@ def curves(jobs: int, repeats: int, timeout: float, before: str | None) -> int:
         results = runs[(name, series, n)]
         return "yes" if all(r["complete"] for r in results) else f"NO ({min(r['delivered'] for r in results)})"
 
-    header = f"{'curve':<16} {'n':>9} {'CPU ns/job':>11} {'x first':>8} {'slowest add ms':>15}  done"
+    header = f"{'curve':<22} {'n':>9} {'CPU ns/job':>11} {'x first':>8} {'slowest add ms':>15}  done"
     for name, _tree in trees:
         print(f"\n{name} (median of {repeats}; a point not done within {timeout:.0f}s has no figure)")
         print(header)
@@ -338,14 +351,14 @@ def curves(jobs: int, repeats: int, timeout: float, before: str | None) -> int:
             for n in ns:
                 cpu, slowest = median(name, series, n, "cpu_ns"), median(name, series, n, "max_call_ms")
                 print(
-                    f"{series:<16} {n:>9,} {cpu:>11.0f} {cpu / first:>8.2f} {slowest:>15.2f}  {done(name, series, n)}"
+                    f"{series:<22} {n:>9,} {cpu:>11.0f} {cpu / first:>8.2f} {slowest:>15.2f}  {done(name, series, n)}"
                 )
     if before:
         print("\nafter / before, per point (CPU ns per job; slowest add_job)")
         for series, n, _ops in plan:
             cpu = median("after", series, n, "cpu_ns") / median("before", series, n, "cpu_ns")
             slow = median("after", series, n, "max_call_ms") / median("before", series, n, "max_call_ms")
-            print(f"{series:<16} {n:>9,} {cpu:>8.2f} {slow:>8.3f}")
+            print(f"{series:<22} {n:>9,} {cpu:>8.2f} {slow:>8.3f}")
     return 0
 
 

@@ -4,9 +4,13 @@ Curves (CPU ns per operation as the size grows; flat is the goal):
 
 * EndpointBatchDispatcher per job by number of endpoints (10 to 100k; ``--jobs`` jobs
   round-robin, at least one per endpoint), and by depth on one endpoint (10 to 1M);
+* the same with equal batches at every size (10 jobs per endpoint added together, batches of
+  10), so that what grows with the number of endpoints alone shows, apart from the per-batch
+  cost that dominates when round-robin batches hold 1-2 jobs;
 * EndpointBatchDispatcher ``add_job`` with one job per endpoint while the in-flight limit is
   reached (the slowest call is the figure, beside the longest garbage collection of the run
-  and the objects the collector tracks per endpoint);
+  and the objects the collector tracks per endpoint), and the same after ``gc.freeze()``
+  once the jobs are built (the slowest call without the full collections over them);
 * the peer of the endpoints curve where every batch is one job (100k endpoints, 2 jobs
   each): ``queue.Queue`` and a thread making one sink call per job;
 * RequestDispatcher per request by depth on one key, ``queued`` mode (1k to 1M) and
@@ -44,13 +48,21 @@ from threaddispatch import _bench_curves
 
 FULL: dict[str, list[int]] = {
     "endpoints": [10, 100, 1_000, 10_000, 100_000],
+    "endpoints-equal": [10, 1_000, 10_000, 100_000],
     "endpoints-limit": [1_000, 10_000, 30_000, 100_000],
+    "endpoints-limit-frozen": [1_000, 10_000, 30_000, 100_000],
     "depth": [10, 1_000, 10_000, 100_000, 1_000_000],
     "requests-queued": [1_000, 10_000, 100_000, 1_000_000],
     "requests-concurrent": [1_000, 10_000, 100_000, 1_000_000],
     "peer-per-job": [10, 100_000],
 }
-SHORT_LIMIT = {"endpoints": 10_000, "endpoints-limit": 10_000, "peer-per-job": 10_000}
+SHORT_LIMIT = {
+    "endpoints": 10_000,
+    "endpoints-equal": 10_000,
+    "endpoints-limit": 10_000,
+    "endpoints-limit-frozen": 10_000,
+    "peer-per-job": 10_000,
+}
 SHORT_DEPTH = 100_000
 
 

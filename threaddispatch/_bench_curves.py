@@ -6,7 +6,8 @@ passed (then it is reported as not finished, with what arrived). Measured per op
 ``cpu_ns``, the process CPU time (every thread: callers, engine, senders) from the first call
 to the last delivery over ``ops``; ``wall_ns``, the same span's wall time over ``ops``;
 ``caller_ns``, the calling thread's CPU time (``thread_time``) in its loop over ``ops``; and
-``max_call_ms``, the slowest single call (each call is timed, which the caller figure includes);
+``max_call_ms``, the slowest single call (each call is timed, which the caller figure includes),
+and ``no-GC call ms``, the slowest during which no garbage collection ran (on any thread);
 ``ops/batch``, operations per sink call (with many endpoints the batches are small, so the
 per-job cost then carries more per-batch work); ``max GC ms``, the longest garbage
 collection during the span (what a slow call was waiting for, when the two match), and
@@ -16,8 +17,19 @@ grows with it).
 
 * ``endpoints``: EndpointBatchDispatcher, ``ops`` jobs round-robin over ``n`` endpoints,
   batches of 100, a 10 ms window, 10 batches in flight.
+* ``endpoints-equal``: the same with batches of one size at every ``n``: ``EQUAL_BATCH``
+  jobs per endpoint added one after the other, ``max_batch_size=EQUAL_BATCH`` (so each
+  endpoint's batch goes by the size trigger), at least ``EQUAL_BATCH * n`` jobs. Round-robin,
+  ``endpoints`` has ~100 jobs per batch at 10 endpoints and 1-2 at 100k, so its per-job
+  figure there is mostly one batch's cost (a hand-off, a send, a settle); this curve shows
+  what grows with the number of endpoints alone.
 * ``endpoints-limit``: one job on each of ``n`` endpoints while the sender holds every
   in-flight slot (it waits until the last job is added): ``max_call_ms`` is the figure.
+* ``endpoints-limit-frozen``: the same after ``gc.freeze()`` once the jobs are built (the
+  user-side answer to full collections over a large heap: the collector then skips every
+  object made before it), so ``max_call_ms`` is the slowest call without the collections
+  that visit the caller's own jobs; ``max GC ms`` is then what the dispatcher's own objects
+  (its lanes, ``tracked/n``) cost a full collection.
 * ``depth``: ``n`` jobs on one endpoint, added while the sender holds every in-flight slot,
   so the lane really is ``n`` deep, then drained.
 * ``requests-queued`` and ``requests-concurrent``: RequestDispatcher, ``n`` requests on one
@@ -72,6 +84,7 @@ __all__ = [
 
 WINDOW = 0.01  # seconds: the batching faces' window, as in the race
 ENDPOINT_BATCH = 100
+EQUAL_BATCH = 10  # jobs per endpoint, added together, and the batch size, of the endpoints-equal curve
 IN_FLIGHT = 10
 WORKERS = 8
 KILL_GRACE = 15.0  # seconds past its deadline before a child that does not report is killed
@@ -115,6 +128,7 @@ class _Span:
     sink_calls: int
     max_gc_s: float = 0.0
     tracked_per_n: float | None = None
+    max_clear_call_s: float | None = None  # the slowest call no garbage collection overlapped
 
 
 class _GcPauses:
@@ -122,6 +136,7 @@ class _GcPauses:
 
     def __init__(self) -> None:
         self.longest = 0.0
+        self.started = 0  # collections begun: a call during which it changed waited for one
         self._started = 0.0
 
     def __enter__(self) -> _GcPauses:
@@ -134,32 +149,49 @@ class _GcPauses:
     def _callback(self, phase: str, _info: dict[str, int]) -> None:
         now = time.perf_counter()
         if phase == "start":
+            self.started += 1
             self._started = now
         else:
             self.longest = max(self.longest, now - self._started)
 
 
-def _timed_calls(call: Callable[[Any], Any], items: Iterator[Any], deadline: float) -> tuple[float, float, int]:
+def _timed_calls(
+    call: Callable[[Any], Any], items: Iterator[Any], deadline: float, pauses: _GcPauses | None = None
+) -> tuple[float, float, int, float | None]:
     """Call ``call`` on each item until ``deadline`` (monotonic) passes.
 
-    Returns (the calling thread's CPU seconds, the slowest call in seconds, calls made).
+    Returns (the calling thread's CPU seconds, the slowest call in seconds, calls made, the
+    slowest call during which ``pauses`` saw no collection begin: None without ``pauses``).
     """
     clock = time.perf_counter
     stop = clock() + (deadline - time.monotonic())
-    slowest, calls = 0.0, 0
+    slowest, clear, calls = 0.0, 0.0, 0
     cpu0 = time.thread_time()
     for item in items:
+        started = 0 if pauses is None else pauses.started
         t0 = clock()
         call(item)
         t1 = clock()
         calls += 1
         slowest = max(slowest, t1 - t0)
+        if pauses is not None and pauses.started == started:
+            clear = max(clear, t1 - t0)
         if t1 > stop:
             break
-    return time.thread_time() - cpu0, slowest, calls
+    return time.thread_time() - cpu0, slowest, calls, None if pauses is None else clear
 
 
-def _endpoint_run(endpoints: int, ops: int, *, hold: bool, deadline: float) -> _Span:
+def _endpoint_run(
+    endpoints: int,
+    ops: int,
+    *,
+    hold: bool,
+    deadline: float,
+    together: int = 1,
+    batch: int = ENDPOINT_BATCH,
+    freeze: bool = False,
+) -> _Span:
+    """``ops`` jobs over ``endpoints``, ``together`` consecutive jobs per endpoint in turn; see the module docstring."""
     from threaddispatch.endpoint import DispatchJob, EndpointBatchDispatcher
 
     count = _Count(ops)
@@ -170,26 +202,32 @@ def _endpoint_run(endpoints: int, ops: int, *, hold: bool, deadline: float) -> _
             release.wait(max(0.0, deadline - time.monotonic()))
         count.add(len(jobs))
 
-    jobs = [DispatchJob(f"endpoint-{i % endpoints}", i) for i in range(ops)]
+    jobs = [DispatchJob(f"endpoint-{i // together % endpoints}", i) for i in range(ops)]
     dispatcher = EndpointBatchDispatcher(
         send_batch,
-        max_batch_size=ENDPOINT_BATCH,
+        max_batch_size=batch,
         batch_timeout=WINDOW,
         max_concurrent_batches=IN_FLIGHT,
         max_pending_jobs=ops + 1,
         name="bench-curves",
     )
-    tracked0 = len(gc.get_objects())
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    with _GcPauses() as pauses:
-        caller_cpu, slowest, calls = _timed_calls(dispatcher.add_job, iter(jobs), deadline)
-        counted = time.process_time()
-        tracked = (len(gc.get_objects()) - tracked0) / endpoints  # with hold, every lane is still there
-        cpu0 += time.process_time() - counted  # the count is the benchmark's, not the dispatcher's
-        release.set()
-        complete = count.done.wait(max(0.0, deadline - time.monotonic()))
+    if freeze:
+        gc.freeze()  # the jobs and the dispatcher: what the user built before the adds
+    try:
+        tracked0 = len(gc.get_objects())
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        with _GcPauses() as pauses:
+            caller_cpu, slowest, calls, clear = _timed_calls(dispatcher.add_job, iter(jobs), deadline, pauses)
+            counted = time.process_time()
+            tracked = (len(gc.get_objects()) - tracked0) / endpoints  # with hold, every lane is still there
+            cpu0 += time.process_time() - counted  # the count is the benchmark's, not the dispatcher's
+            release.set()
+            complete = count.done.wait(max(0.0, deadline - time.monotonic()))
+    finally:
+        if freeze:
+            gc.unfreeze()  # run in a test process, leave its collector as it was
     span = _span(count, ops, complete, start=(cpu0, wall0), per_call=caller_cpu / calls, slowest=slowest)
-    span.max_gc_s, span.tracked_per_n = pauses.longest, tracked
+    span.max_gc_s, span.tracked_per_n, span.max_clear_call_s = pauses.longest, tracked, clear
     if complete:
         dispatcher.shutdown(max(1.0, deadline - time.monotonic()))
     return span
@@ -212,10 +250,10 @@ def _peer_per_job_run(keys: int, ops: int, *, deadline: float) -> _Span:
     jobs = [(f"endpoint-{i % keys}", i) for i in range(ops)]
     cpu0, wall0 = time.process_time(), time.perf_counter()
     with _GcPauses() as pauses:
-        caller_cpu, slowest, calls = _timed_calls(inbox.put, iter(jobs), deadline)
+        caller_cpu, slowest, calls, clear = _timed_calls(inbox.put, iter(jobs), deadline, pauses)
         complete = count.done.wait(max(0.0, deadline - time.monotonic()))
     span = _span(count, ops, complete, start=(cpu0, wall0), per_call=caller_cpu / calls, slowest=slowest)
-    span.max_gc_s = pauses.longest
+    span.max_gc_s, span.max_clear_call_s = pauses.longest, clear
     inbox.put(None)
     consumer.join(max(1.0, deadline - time.monotonic()))
     return span
@@ -243,7 +281,7 @@ def _requests_run(ops: int, mode: Literal["queued", "concurrent"], *, deadline: 
     add = functools.partial(rd.add, queue_key="k", mode=mode)
     rd.pause("k")
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    caller_cpu, slowest, calls = _timed_calls(add, (REQUEST for _ in range(ops)), deadline)
+    caller_cpu, slowest, calls, _clear = _timed_calls(add, (REQUEST for _ in range(ops)), deadline)
     rd.start("k")
     complete = count.done.wait(max(0.0, deadline - time.monotonic()))
     span = _span(count, ops, complete, start=(cpu0, wall0), per_call=caller_cpu / calls, slowest=slowest)
@@ -266,10 +304,24 @@ CURVES: dict[str, tuple[str, str, CurveRunner, Callable[[int, int], int]]] = {
         lambda n, ops, deadline: _endpoint_run(n, ops, hold=False, deadline=deadline),
         max,  # at least one job per endpoint
     ),
+    "endpoints-equal": (
+        f"EndpointBatchDispatcher per job, by endpoints, {EQUAL_BATCH} jobs per batch at every n",
+        "endpoints",
+        lambda n, ops, deadline: _endpoint_run(
+            n, ops, hold=False, deadline=deadline, together=EQUAL_BATCH, batch=EQUAL_BATCH
+        ),
+        lambda n, jobs: max(jobs, EQUAL_BATCH * n),  # EQUAL_BATCH jobs per endpoint at least
+    ),
     "endpoints-limit": (
         "EndpointBatchDispatcher add_job, one job per endpoint, in-flight limit reached",
         "endpoints",
         lambda n, ops, deadline: _endpoint_run(n, ops, hold=True, deadline=deadline),
+        _just_n,
+    ),
+    "endpoints-limit-frozen": (
+        "EndpointBatchDispatcher add_job, one job per endpoint, in-flight limit reached, gc.freeze() after the jobs",
+        "endpoints",
+        lambda n, ops, deadline: _endpoint_run(n, ops, hold=True, deadline=deadline, freeze=True),
         _just_n,
     ),
     "depth": (
@@ -315,6 +367,7 @@ def _curve_result(series: str, n: int, span: _Span) -> dict[str, Any]:
         "seconds": span.wall_s,
         "max_gc_ms": span.max_gc_s * 1e3,
         "tracked_per_n": span.tracked_per_n,
+        "max_clear_call_ms": None if span.max_clear_call_s is None else span.max_clear_call_s * 1e3,
     }
 
 
@@ -493,6 +546,7 @@ class CurvePoint:
     sink_calls: float | None = None  # deliveries (batches) the sink saw, median
     max_gc_ms: float | None = None  # the longest garbage collection during the span, median
     tracked_per_n: float | None = None  # objects the collector tracks per unit of n after the calls, median
+    max_clear_call_ms: float | None = None  # the slowest call no garbage collection overlapped, median
     error: str | None = None  # the last line a failed child wrote to stderr
 
 
@@ -549,6 +603,7 @@ def _median_point(label: str, runs: list[dict[str, Any]], timeout: float) -> Cur
         sink_calls=median("sink_calls"),
         max_gc_ms=median("max_gc_ms"),
         tracked_per_n=median("tracked_per_n"),
+        max_clear_call_ms=median("max_clear_call_ms"),
         timeout_s=timeout,
         error=next((r["error"] for r in runs if r.get("error")), None),
     )
@@ -640,6 +695,7 @@ def _done(p: CurvePoint) -> str:
 
 
 BASE_OPS = 1_000  # a point with fewer operations mostly measures start-up (threads, the first window)
+PEERED = ("endpoints", "endpoints-equal")  # the curves compared with peer-per-job at the same n
 
 
 def _by_series(points: list[CurvePoint]) -> dict[str, list[CurvePoint]]:
@@ -658,13 +714,16 @@ def format_curves(points: list[CurvePoint]) -> str:
     """The curve points as a simple reStructuredText table.
 
     ``x base`` is CPU per op over the series' base point's (see :func:`_base`); ``+`` marks
-    a lower bound (the point did not finish).
+    a lower bound (the point did not finish). ``x peer``, on the endpoints curves, is CPU per
+    op over the ``peer-per-job`` point's at the same ``n`` (when it ran).
     """
     bases = {series: _base(group) for series, group in _by_series(points).items()}
+    peers = {p.n: p.cpu_ns for p in points if p.series == "peer-per-job" and p.cpu_ns > 0}
     rows = []
     for p in points:
         base = bases[p.series]
         ratio = p.cpu_ns / base.cpu_ns if base.cpu_ns > 0 else float("nan")
+        peer = peers.get(p.n) if p.series in PEERED else None
         rows.append(
             (
                 p.label,
@@ -672,17 +731,19 @@ def format_curves(points: list[CurvePoint]) -> str:
                 f"{p.ops:,}",
                 _ns(p.cpu_ns),
                 "-" if math.isnan(ratio) else f"{ratio:.2f}" + ("+" if not p.complete else ""),
+                "-" if peer is None or math.isnan(p.cpu_ns) else f"{p.cpu_ns / peer:.2f}",
                 _ns(p.wall_ns),
                 _ns(p.caller_ns),
                 "-" if not p.sink_calls else f"{p.delivered / p.sink_calls:.1f}",
                 "-" if p.max_call_ms is None else f"{p.max_call_ms:.2f}",
+                "-" if p.max_clear_call_ms is None else f"{p.max_clear_call_ms:.2f}",
                 "-" if p.max_gc_ms is None else f"{p.max_gc_ms:.2f}",
                 "-" if p.tracked_per_n is None else f"{p.tracked_per_n:.2f}",
                 _done(p),
             )
         )
-    header: tuple[str, ...] = ("curve", "n", "ops", "CPU ns/op", "x base", "wall ns/op", "caller ns/op")
-    header += ("ops/batch", "max call ms", "max GC ms", "tracked/n", "finished")
+    header: tuple[str, ...] = ("curve", "n", "ops", "CPU ns/op", "x base", "x peer", "wall ns/op", "caller ns/op")
+    header += ("ops/batch", "max call ms", "no-GC call ms", "max GC ms", "tracked/n", "finished")
     return _table(header, rows)
 
 
