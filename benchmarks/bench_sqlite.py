@@ -6,7 +6,8 @@
 2. delayed: the other process enqueues jobs with ``delay``; how late each starts after its
    ``run_at``; p50/p99. Then the same for delayed jobs this process enqueued.
 3. enqueue with a worker running: ``JobEngine.enqueue`` one job at a time while 4 worker
-   threads run them; wall and CPU (thread_time) per call, p50/p99.
+   threads run them, in this process and then in another on the same file; wall and CPU
+   (thread_time) per call, p50/p99.
 4. equal durability against huey: ``SQLiteStore(durability="full")`` and ``SqliteHuey(fsync=True)``
    (both ``synchronous=FULL``, an fsync per commit) with 1 and 4 producer threads: enqueue
    jobs/s, and run jobs/s with 4 worker threads; the ratio in each round (the peers run
@@ -122,10 +123,34 @@ def bench_own_delayed(directory: str, count: int, gap: float, delay: float) -> l
     return starts.delays
 
 
-def bench_enqueue_with_worker(directory: str, count: int) -> dict[str, list[float]]:
-    """``JobEngine.enqueue`` one job at a time while 4 worker threads run them: wall and CPU per call,
-    the part inside the store's insert (SQLite: its busy waits included), and the machine's own floor."""
-    store = SQLiteStore(os.path.join(directory, f"enqueue-{next(_serial)}.db"))
+def _worker_process(path: str) -> subprocess.Popen[bytes]:
+    """Another process running a JobEngine (4 worker threads) on ``path`` until its stdin closes;
+    it prints one line once its engine runs."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {_ROOT!r})
+        from threaddispatch.jobs import JobEngine
+        from threaddispatch.stores import SQLiteStore
+        store = SQLiteStore({path!r})
+        engine = JobEngine(store, concurrency=4, poll_interval=0.01, max_poll_interval=0.1)
+        engine.register("noop", lambda ctx, payload: None, max_retries=0)
+        engine.start()
+        print("running", flush=True)
+        sys.stdin.read()
+        engine.stop(10)
+        store.close()
+        """
+    )
+    return subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+
+def bench_enqueue_with_worker(directory: str, count: int, *, in_process: bool = True) -> dict[str, list[float]]:
+    """``JobEngine.enqueue`` one job at a time while 4 worker threads run them (in this process, or in
+    another on the same file): wall and CPU per call, the part inside the store's insert (SQLite: its
+    busy waits included), and the machine's own floor."""
+    path = os.path.join(directory, f"enqueue-{next(_serial)}.db")
+    store = SQLiteStore(path)
     inside: list[float] = []
     write_jobs = store._write_jobs
 
@@ -139,7 +164,13 @@ def bench_enqueue_with_worker(directory: str, count: int) -> dict[str, list[floa
     store._write_jobs = timed  # type: ignore[method-assign]
     engine = JobEngine(store, concurrency=4, poll_interval=0.01, max_poll_interval=0.1)
     engine.register("noop", lambda ctx, payload: None, max_retries=0)
-    engine.start()
+    worker = None
+    if in_process:
+        engine.start()
+    else:
+        worker = _worker_process(path)
+        assert worker.stdout is not None
+        worker.stdout.readline()
     walls: list[float] = []
     cpus: list[float] = []
     floor: list[float] = []  # the machine's own noise: a GIL hand-off timed in the same loop
@@ -155,6 +186,8 @@ def bench_enqueue_with_worker(directory: str, count: int) -> dict[str, list[floa
             if index % 10 == 9:
                 time.sleep(0.001)  # a producer that also does other work
     finally:
+        if worker is not None:
+            worker.communicate(timeout=60)  # closes its stdin: it stops
         engine.stop(10)
         store.close()
     return {"wall": walls, "cpu": cpus, "inside": inside, "floor": floor}
@@ -263,9 +296,14 @@ def _latency_sections(directory: str, args: argparse.Namespace) -> None:
 
 
 def _enqueue_section(directory: str, args: argparse.Namespace) -> None:
-    found = bench_enqueue_with_worker(directory, args.enqueues)
+    for in_process in (True, False):
+        _enqueue_run(directory, args, in_process=in_process)
+
+
+def _enqueue_run(directory: str, args: argparse.Namespace, *, in_process: bool) -> None:
+    found = bench_enqueue_with_worker(directory, args.enqueues, in_process=in_process)
     walls, inside = found["wall"], found["inside"]
-    print("3. JobEngine.enqueue with 4 workers running")
+    print(f"3. JobEngine.enqueue with 4 workers running in {'this' if in_process else 'another'} process")
     print(f"   wall                             {_quantiles(walls)}")
     print(f"   CPU (thread_time)                {_quantiles(found['cpu'])}")
     print(f"   inside SQLite (the insert)       {_quantiles(inside)}")

@@ -42,7 +42,7 @@ def test_an_unknown_synchronous_is_refused_naming_it(tmp_path: Path) -> None:
         SQLiteStore(tmp_path / "jobs.db", synchronous="sometimes")
 
 
-_LEVELS = [("normal", None, 1), ("full", None, 2), ("normal", "full", 2), ("full", "EXTRA", 3)]
+_LEVELS = [("normal", None, 1), ("full", None, 1), ("normal", "full", 2), ("full", "EXTRA", 3)]
 
 
 @pytest.mark.parametrize(("durability", "synchronous", "level"), _LEVELS)

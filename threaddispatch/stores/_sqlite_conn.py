@@ -30,14 +30,15 @@ from typing import Any, Protocol, TypeVar
 
 from threaddispatch._validate import show
 from threaddispatch.errors import ConfigurationError, StoreError, StoreUnavailableError
+from threaddispatch.stores._sqlite_sync import Syncer
 
 __all__ = [
     "AUTOCHECKPOINT_PAGES",
     "DURABILITY",
     "FSYNC_AUTOCHECKPOINT_PAGES",
     "Connections",
-    "Immediate",
     "Slot",
+    "Write",
     "synchronous_for",
     "translate",
 ]
@@ -111,31 +112,72 @@ class Slot:
         return thread is None or not thread.is_alive()
 
 
-class Immediate:
-    """``with Immediate(conn):`` runs the block in a BEGIN IMMEDIATE transaction (write lock first)."""
+class Write:
+    """``with Write(connections) as conn:`` runs the block as one write of this process to the file.
 
-    __slots__ = ("conn",)
+    Holds the store's writer lock (:attr:`Connections.writer`) for the block, so this
+    process's threads queue on it and never meet SQLite's busy handler (which sleeps 1, 2,
+    5, 10 ... ms) for each other: only other processes' writers make SQLite wait. With
+    ``immediate`` (the default) the block is a BEGIN IMMEDIATE transaction; without it, the
+    block's statements commit each on its own (a single-statement write). With a
+    :class:`~threaddispatch.stores._sqlite_sync.Syncer` (``durability="full"``), a block
+    that changed rows returns only once its commit is on disk (the wait outside the lock).
+    Waits are bounded by one deadline: ``busy_timeout`` for the lock and the BEGIN, as long
+    again for the sync.
+    """
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
+    __slots__ = ("before", "conn", "connections", "deadline", "immediate")
+
+    def __init__(self, connections: Connections, *, immediate: bool = True) -> None:
+        self.connections = connections
+        self.immediate = immediate
 
     def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self.conn
+        connections = self.connections
+        self.deadline = time.monotonic() + connections.busy_timeout
+        if not connections.writer.acquire(timeout=connections.busy_timeout):
+            raise StoreUnavailableError(
+                f"SQLite store unavailable: {connections.path!r}: another thread of this process held the "
+                f"write lock for over {connections.busy_timeout:.3g}s"
+            )
+        try:
+            conn = self.conn = connections.conn()
+            self.before = conn.total_changes
+            if self.immediate:
+                conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            connections.writer.release()
+            raise
+        return conn
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if exc_type is None:
-            try:
-                self.conn.execute("COMMIT")
-                return
-            except BaseException:
-                if self.conn.in_transaction:
-                    self.conn.execute("ROLLBACK")
-                raise
-        if self.conn.in_transaction:
-            self.conn.execute("ROLLBACK")
+        connections, conn = self.connections, self.conn
+        commit = 0
+        try:
+            if exc_type is None:
+                if conn.in_transaction:
+                    self._commit(conn)
+                syncer = connections.syncer
+                if syncer is not None and conn.total_changes != self.before:
+                    commit = syncer.committed()
+            elif conn.in_transaction:
+                conn.execute("ROLLBACK")
+        finally:
+            connections.writer.release()
+        if commit:
+            assert connections.syncer is not None
+            connections.syncer.wait_durable(commit, self.deadline + connections.busy_timeout)
+
+    @staticmethod
+    def _commit(conn: sqlite3.Connection) -> None:
+        try:
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
 
 def _set_wal(conn: sqlite3.Connection, busy_timeout: float) -> None:
@@ -156,12 +198,16 @@ def _set_wal(conn: sqlite3.Connection, busy_timeout: float) -> None:
 class Connections:
     """Every thread's connection to the SQLite file ``path`` in this process (see the module docstring)."""
 
-    def __init__(self, path: str, *, busy_timeout: float, synchronous: str, on_fork: Callable[[], None]) -> None:
+    def __init__(
+        self, path: str, *, busy_timeout: float, synchronous: str, sync_commits: bool, on_fork: Callable[[], None]
+    ) -> None:
         self.path = path
         self.on_fork = on_fork  # resets the owner (this object included) in a forked child
         self.busy_timeout = busy_timeout
         self.synchronous = synchronous
-        fsyncs = synchronous in ("FULL", "EXTRA")  # an fsync per commit
+        #: Makes each write durable after its commit (``durability="full"`` with synchronous NORMAL), or None.
+        self.syncer = Syncer(path) if sync_commits else None
+        fsyncs = sync_commits or synchronous in ("FULL", "EXTRA")  # a sync per commit
         self.autocheckpoint = FSYNC_AUTOCHECKPOINT_PAGES if fsyncs else AUTOCHECKPOINT_PAGES
         self.closed = False
         self._init_process_state()
@@ -170,6 +216,9 @@ class Connections:
         # _slots_lock guards _slots (every thread's slot in this process, for close() and the
         # fork hook). Lock order: _slots_lock, then slot locks; never the other way round.
         self._slots_lock = threading.Lock()
+        # Held around every write of this process (see Write); renewed in a forked child. Lock
+        # order: a slot lock, then this one.
+        self.writer = threading.Lock()
         self._slots: list[Slot] = []
         self._local = threading.local()
         self._pid = os.getpid()
@@ -250,6 +299,8 @@ class Connections:
                 slot.lock.release()
             with self._slots_lock:
                 self._slots.remove(slot)
+        if self.syncer is not None:
+            self.syncer.close()
 
     def prepare_for_fork(self) -> None:
         """Just before fork(): wait until no thread is inside SQLite on this file, then close every connection.
@@ -286,6 +337,8 @@ class Connections:
         stuck = [slot.conn for slot in self._slots if slot.conn is not None]
         _ABANDONED.extend(stuck)
         self._init_process_state()
+        if self.syncer is not None:
+            self.syncer.reset_after_fork()
         if stuck:
             self._log_stuck(len(stuck))
 

@@ -42,7 +42,7 @@ from threaddispatch.errors import ConfigurationError, JobNotFoundError, StoreErr
 from threaddispatch.stores import _sql
 from threaddispatch.stores._sql import cron_from_row, job_from_row, job_params, letter_from_row
 from threaddispatch.stores._sqlite_commit import GroupCommitter
-from threaddispatch.stores._sqlite_conn import Connections, Immediate, synchronous_for, translate
+from threaddispatch.stores._sqlite_conn import Connections, Write, synchronous_for, translate
 from threaddispatch.stores._sqlite_sql import (
     SCHEMA_V1,
     SCHEMA_V2,
@@ -59,6 +59,7 @@ from threaddispatch.stores._sqlite_sql import (
     marks,
     release_in,
 )
+from threaddispatch.stores._sqlite_sync import AVAILABLE as SYNC_AVAILABLE
 from threaddispatch.stores._sqlite_watch import WakeupCallback, Watcher
 from threaddispatch.stores.base import (
     WORKER_LOST_ERROR,
@@ -143,12 +144,21 @@ class SQLiteStore(Store):
         if not isinstance(path, (str, os.PathLike)) or str(path) in ("", ":memory:"):
             raise ConfigurationError(f"SQLiteStore path must be a file path, got {path!r}")
         self.synchronous = synchronous_for(durability, synchronous)
+        # durability="full" at the default synchronous: commits at NORMAL, each write then waits
+        # for a shared WAL fdatasync outside the write lock (_sqlite_sync).
+        sync_commits = durability == "full" and synchronous is None and SYNC_AVAILABLE
+        if sync_commits:
+            self.synchronous = "NORMAL"
         self.durability = durability
         self.path = os.fspath(path)
         self.busy_timeout = check_seconds("busy_timeout", busy_timeout)
         self._pid = os.getpid()
         self._connections = Connections(
-            self.path, busy_timeout=self.busy_timeout, synchronous=self.synchronous, on_fork=self._reset_after_fork
+            self.path,
+            busy_timeout=self.busy_timeout,
+            synchronous=self.synchronous,
+            sync_commits=sync_commits,
+            on_fork=self._reset_after_fork,
         )
         self._watcher = Watcher(self, where=self.path)
         self._limits: dict[str, QueueLimits] = {}  # set_queue_limits's, by queue
@@ -163,13 +173,17 @@ class SQLiteStore(Store):
         """This thread's connection, opened on first use; only inside a ``@translate`` method."""
         return self._connections.conn()
 
+    def _write(self, *, immediate: bool = True) -> Write:
+        """``with self._write() as conn:`` one write (see :class:`Write`); only inside a ``@translate`` method."""
+        return Write(self._connections, immediate=immediate)
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     @translate
     def migrate(self) -> int:
         """Apply the migrations newer than the file's version; returns the version. Idempotent, multi-process safe."""
         conn = self._conn()
-        with Immediate(conn):
+        with self._write():
             conn.execute(_sql.version_table(TYPES))
             return _SQL.apply_migrations(conn, self.MIGRATIONS)
 
@@ -294,12 +308,13 @@ class SQLiteStore(Store):
         first = requests[0]
         if len(requests) == 1 and len(first) == 1 and first[0].unique_key is None and not first[0].depends_on:
             # One statement is its own atomic transaction: skip BEGIN/COMMIT round trips.
-            cursor = conn.execute(_INSERT, job_params(first[0]))
+            with self._write(immediate=False):
+                cursor = conn.execute(_INSERT, job_params(first[0]))
             if self._watcher.active and cursor.lastrowid is not None:
                 self._watcher.note_own(cursor.lastrowid, cursor.lastrowid)
             return [[first[0].id]]
         before = conn.total_changes
-        with Immediate(conn):
+        with self._write():
             ids = [self._insert_many(conn, jobs) for jobs in requests]
             inserted = conn.total_changes - before
             last = int(conn.execute("SELECT last_insert_rowid()").fetchone()[0]) if inserted else 0
@@ -326,7 +341,7 @@ class SQLiteStore(Store):
     def claim(self, queues: Sequence[str], limit: int, *, worker_id: str, now: float) -> list[JobRecord]:
         """See :meth:`Store.claim`: one ``UPDATE ... RETURNING`` under BEGIN IMMEDIATE."""
         conn = self._conn()
-        with Immediate(conn):
+        with self._write():
             return claim_in(conn, queues, limit, worker_id, now, limits=self._limits)
 
     @translate
@@ -341,7 +356,7 @@ class SQLiteStore(Store):
     ) -> tuple[set[str], list[JobRecord]]:
         """See :meth:`Store.complete_and_claim`: ONE IMMEDIATE transaction for both."""
         conn = self._conn()
-        with Immediate(conn):
+        with self._write():
             done = complete_in(conn, outcomes, now)
             jobs = claim_in(conn, queues, limit, worker_id, now, limits=self._limits)
         return done, jobs
@@ -350,7 +365,7 @@ class SQLiteStore(Store):
     def set_queue_limits(self, limits: Sequence[QueueLimits], *, now: float) -> None:
         """See :meth:`Store.set_queue_limits`: the buckets are rows of the file, shared by its every process."""
         conn = self._conn()
-        with Immediate(conn):
+        with self._write():
             _SQL.register_limits(conn, limits, now)
         # Replaced whole, never mutated: claims on other threads read it without a lock.
         self._limits = {**self._limits, **{queue_limits.queue: queue_limits for queue_limits in limits}}
@@ -362,7 +377,7 @@ class SQLiteStore(Store):
         if not job_ids:
             return alive
         conn = self._conn()
-        with Immediate(conn):
+        with self._write():
             for chunk in chunks(list(job_ids)):
                 rows = conn.execute(
                     f"UPDATE dispatch_jobs SET heartbeat_at = ? WHERE id IN ({marks(len(chunk))}) "
@@ -386,7 +401,7 @@ class SQLiteStore(Store):
     def reap_stale(self, *, older_than: float, now: float) -> list[str]:
         """See :meth:`Store.reap_stale`."""
         conn = self._conn()
-        with Immediate(conn):
+        with self._write():
             rows = conn.execute(
                 "SELECT id, attempts, max_retries FROM dispatch_jobs WHERE state = 'running' "
                 "AND (heartbeat_at IS NULL OR heartbeat_at < ?)",
@@ -415,7 +430,7 @@ class SQLiteStore(Store):
     ) -> bool:
         """See :meth:`Store.complete`: one IMMEDIATE transaction (the completion, and its dependents' release)."""
         conn = self._conn()
-        with Immediate(conn):
+        with self._write():
             return bool(complete_in(conn, [Completion(job_id, worker_id, attempts, result, error)], now))
 
     @translate
@@ -424,7 +439,7 @@ class SQLiteStore(Store):
         if not outcomes:
             return set()
         conn = self._conn()
-        with Immediate(conn):
+        with self._write():
             return complete_in(conn, outcomes, now)
 
     @translate
@@ -432,7 +447,8 @@ class SQLiteStore(Store):
         self, job_id: str, *, worker_id: str, attempts: int, run_at: float, error: str | None, now: float
     ) -> bool:
         """See :meth:`Store.retry_later`."""
-        cursor = self._conn().execute(_SQL.retry_later, (run_at, error, now, job_id, worker_id, attempts))
+        with self._write(immediate=False) as conn:
+            cursor = conn.execute(_SQL.retry_later, (run_at, error, now, job_id, worker_id, attempts))
         return cursor.rowcount == 1
 
     @translate
@@ -441,7 +457,7 @@ class SQLiteStore(Store):
     ) -> DeadLetter | None:
         """See :meth:`Store.fail`."""
         conn = self._conn()
-        with Immediate(conn):
+        with self._write():
             if worker_id is None and attempts is None:
                 cursor = conn.execute(
                     "UPDATE dispatch_jobs SET state = 'failed', error = ?, finished_at = ?, updated_at = ? "
@@ -469,7 +485,7 @@ class SQLiteStore(Store):
             return 0
         released = 0
         conn = self._conn()
-        with Immediate(conn):
+        with self._write():
             for chunk in chunks(list(job_ids)):
                 cursor = conn.execute(
                     "UPDATE dispatch_jobs SET state = 'pending', worker_id = NULL, run_at = ?, updated_at = ?, "
@@ -546,7 +562,7 @@ class SQLiteStore(Store):
         else:
             condition = f"state IN {_sql.ACTIVE if include_running else _sql.UNCLAIMED}"
         conn = self._conn()
-        with Immediate(conn):
+        with self._write():
             cursor = conn.execute(
                 "UPDATE dispatch_jobs SET state = 'cancelled', waiting_on = 0, error = coalesce(?, error), "
                 f"finished_at = ?, updated_at = ? WHERE id = ? AND {condition}",
@@ -564,14 +580,14 @@ class SQLiteStore(Store):
         """See :meth:`Store.release_waiting`: one IMMEDIATE transaction. (Writers are serialised here, so
         it finds work only after a write that bypassed the store, e.g. by hand.)"""
         conn = self._conn()
-        with Immediate(conn):
+        with self._write():
             return _SQL.sweep_waiting(conn, now)
 
     @translate
     def requeue(self, job_id: str, *, now: float) -> None:
         """See :meth:`Store.requeue`."""
         conn = self._conn()
-        with Immediate(conn):
+        with self._write():
             row = conn.execute("SELECT state, unique_key FROM dispatch_jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise JobNotFoundError(f"no job with id {job_id!r}")
@@ -585,7 +601,7 @@ class SQLiteStore(Store):
         conn = self._conn()
         total = 0
         while True:
-            with Immediate(conn):
+            with self._write():
                 cursor = conn.execute(
                     "DELETE FROM dispatch_jobs WHERE seq IN (SELECT seq FROM dispatch_jobs "
                     f"WHERE state IN {_sql.FINAL} AND finished_at < ? LIMIT 1000)",
@@ -619,7 +635,7 @@ class SQLiteStore(Store):
     def replay_dead_letter(self, dead_letter_id: str, *, job: JobRecord) -> str:
         """See :meth:`Store.replay_dead_letter`."""
         conn = self._conn()
-        with Immediate(conn):
+        with self._write():
             cursor = conn.execute(_SQL.delete_letter, (dead_letter_id,))
             if cursor.rowcount != 1:
                 raise JobNotFoundError(f"no dead letter with id {dead_letter_id!r}")
@@ -628,10 +644,11 @@ class SQLiteStore(Store):
     @translate
     def purge_dead_letters(self, *, older_than: float | None = None) -> int:
         """See :meth:`Store.purge_dead_letters`."""
-        if older_than is None:
-            cursor = self._conn().execute(_SQL.purge_all_letters)
-        else:
-            cursor = self._conn().execute(_SQL.purge_letters_before, (older_than,))
+        with self._write(immediate=False) as conn:
+            if older_than is None:
+                cursor = conn.execute(_SQL.purge_all_letters)
+            else:
+                cursor = conn.execute(_SQL.purge_letters_before, (older_than,))
         return cursor.rowcount
 
     # -- queues ------------------------------------------------------------------------------------
@@ -639,7 +656,8 @@ class SQLiteStore(Store):
     @translate
     def set_queue_paused(self, queue: str, paused: bool, *, now: float) -> None:
         """See :meth:`Store.set_queue_paused`."""
-        self._conn().execute(_SQL.pause_queue, (queue, 1 if paused else 0, now))
+        with self._write(immediate=False) as conn:
+            conn.execute(_SQL.pause_queue, (queue, 1 if paused else 0, now))
 
     @translate
     def paused_queues(self) -> set[str]:
@@ -652,7 +670,7 @@ class SQLiteStore(Store):
     def acquire_lease(self, name: str, *, holder: str, ttl: float, now: float) -> bool:
         """See :meth:`Store.acquire_lease`."""
         conn = self._conn()
-        with Immediate(conn):
+        with self._write():
             conn.execute(_SQL.acquire_lease, (name, holder, now + ttl, now))
             row = conn.execute("SELECT holder FROM dispatch_leases WHERE name = ?", (name,)).fetchone()
         return row is not None and row[0] == holder
@@ -660,22 +678,26 @@ class SQLiteStore(Store):
     @translate
     def release_lease(self, name: str, *, holder: str) -> None:
         """See :meth:`Store.release_lease`."""
-        self._conn().execute(_SQL.release_lease, (name, holder))
+        with self._write(immediate=False) as conn:
+            conn.execute(_SQL.release_lease, (name, holder))
 
     @translate
     def register_worker(self, info: WorkerInfo) -> None:
         """See :meth:`Store.register_worker`."""
-        self._conn().execute(_SQL.register_worker, _sql.worker_params(info))
+        with self._write(immediate=False) as conn:
+            conn.execute(_SQL.register_worker, _sql.worker_params(info))
 
     @translate
     def heartbeat_worker(self, worker_id: str, *, running: int, now: float) -> bool:
         """See :meth:`Store.heartbeat_worker`."""
-        return bool(self._conn().execute(_SQL.heartbeat_worker, (running, now, worker_id)).rowcount == 1)
+        with self._write(immediate=False) as conn:
+            return bool(conn.execute(_SQL.heartbeat_worker, (running, now, worker_id)).rowcount == 1)
 
     @translate
     def remove_worker(self, worker_id: str) -> bool:
         """See :meth:`Store.remove_worker`."""
-        return bool(self._conn().execute(_SQL.remove_worker, (worker_id,)).rowcount == 1)
+        with self._write(immediate=False) as conn:
+            return bool(conn.execute(_SQL.remove_worker, (worker_id,)).rowcount == 1)
 
     @translate
     def list_workers(self, *, now: float, stale_after: float) -> list[WorkerInfo]:
@@ -686,13 +708,14 @@ class SQLiteStore(Store):
     @translate
     def reap_workers(self, *, older_than: float) -> int:
         """See :meth:`Store.reap_workers`."""
-        return int(self._conn().execute(_SQL.reap_workers, (older_than,)).rowcount)
+        with self._write(immediate=False) as conn:
+            return int(conn.execute(_SQL.reap_workers, (older_than,)).rowcount)
 
     @translate
     def upsert_cron(self, entry: CronEntry, *, now: float) -> CronEntry:
         """See :meth:`Store.upsert_cron`."""
         conn = self._conn()
-        with Immediate(conn):
+        with self._write():
             conn.execute(_SQL.upsert_cron, _sql.cron_params(entry, now))
             row = conn.execute(_GET_CRON, (entry.name,)).fetchone()
         return cron_from_row(row)
@@ -706,13 +729,14 @@ class SQLiteStore(Store):
     @translate
     def delete_cron(self, name: str) -> bool:
         """See :meth:`Store.delete_cron`."""
-        return self._conn().execute(_SQL.delete_cron, (name,)).rowcount == 1
+        with self._write(immediate=False) as conn:
+            return conn.execute(_SQL.delete_cron, (name,)).rowcount == 1
 
     @translate
     def fire_cron(self, name: str, *, tick: float, job: JobRecord) -> bool:
         """See :meth:`Store.fire_cron`: compare-and-set of ``last_tick`` and the insert in one transaction."""
         conn = self._conn()
-        with Immediate(conn):
+        with self._write():
             if not _SQL.advance_cron(conn, name, tick, job.created_at):
                 return False
             if not _SQL.cron_skips(conn, name, job):
