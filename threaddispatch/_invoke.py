@@ -31,21 +31,22 @@ and replaced at its next use: its wake-up socket pair is shared with the parent)
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import inspect
 import logging
-import selectors
 import threading
 import time
 import types
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Literal, TypeGuard
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeGuard
 
 from threaddispatch import _lifecycle
 from threaddispatch._validate import check_int, check_seconds, check_text, show
 from threaddispatch.errors import Cancel, DispatcherClosedError, DispatchTimeoutError, Retry
+
+if TYPE_CHECKING:
+    import asyncio  # at run time imported where an awaitable is run: plain calls never load asyncio
 
 __all__ = [
     "BASE",
@@ -159,6 +160,9 @@ _lifecycle.at_fork_child(_new_generation_after_fork)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
+    import asyncio
+    import selectors
+
     if hasattr(selectors, "PollSelector"):
         return asyncio.SelectorEventLoop(selectors.PollSelector())
     return asyncio.new_event_loop()
@@ -209,6 +213,8 @@ def close_thread_loop(timeout: float = 1.0) -> None:
     if holder.generation != _generation:
         loop.close()  # inherited across fork: it must not run here (its wake-up sockets are the parent's)
         return
+    import asyncio  # loaded already: this thread made a loop
+
     try:
         tasks = asyncio.all_tasks(loop)
         for task in tasks:
@@ -240,6 +246,8 @@ def _awaitable(result: object) -> TypeGuard[Awaitable[Any]]:
 
 
 def _check_no_running_loop(awaitable: Awaitable[Any]) -> None:
+    import asyncio  # an awaitable is about to run: asyncio is needed from here on
+
     if asyncio._get_running_loop() is not None:
         if inspect.iscoroutine(awaitable):
             awaitable.close()  # never awaited, on purpose: no "never awaited" warning
@@ -383,6 +391,8 @@ class _CallerState:
             if _plain_types.get(type(result), True) and _awaitable(result):
                 _check_no_running_loop(result)
                 loop = _thread_loop()
+                import asyncio  # loaded by _check_no_running_loop
+
                 task = asyncio.ensure_future(result, loop=loop)
                 with self.mutex:
                     work.task, work.loop = task, loop

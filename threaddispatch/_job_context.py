@@ -6,17 +6,19 @@ on it and not on the engine. The engine builds one per attempt.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from threaddispatch._cancel import CancelToken
 from threaddispatch.errors import DispatchTimeoutError
 from threaddispatch.stores.base import JobRecord
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["JobContext"]
 
@@ -115,6 +117,8 @@ class JobContext(CancelToken):
         it. In immediate mode nothing else watches the deadline: it cancels the task itself,
         and the attempt fails with DispatchTimeoutError.
         """
+        import asyncio  # loaded: an awaitable runs (sync jobs never load asyncio)
+
         task = asyncio.current_task()
         if task is None:  # not run as a Task (invoke always makes one): nothing to cancel
             return await awaitable

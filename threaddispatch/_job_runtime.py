@@ -28,10 +28,8 @@ import heapq
 import json
 import math
 import os
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -71,6 +69,9 @@ def on_engine_thread(runtime: Runtime | None) -> bool:
 
 
 def _new_worker_id() -> str:
+    import socket  # here: an engine that never starts its workers never loads socket nor uuid
+    import uuid
+
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 

@@ -12,7 +12,6 @@ its claims are honoured. Stale rows are not listed, and every engine's reaper de
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 
@@ -61,6 +60,8 @@ class Registration:
         with self._lock:
             if self._removed:
                 return
+        import socket  # here: an engine whose workers never run never loads socket
+
         now = time.time()
         info = WorkerInfo(self._id, socket.gethostname(), os.getpid(), self._queues, self._concurrency,
                           self._started, now, running)  # fmt: skip

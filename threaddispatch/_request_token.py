@@ -19,13 +19,15 @@ meanwhile is a no-op, and one whose loop was closed meanwhile is dropped.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Awaitable
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from threaddispatch._cancel import CancelToken
 from threaddispatch.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["CancellationToken", "watched"]
 
@@ -98,6 +100,8 @@ class CancellationToken(CancelToken):
 
 async def watched(awaitable: Awaitable[T], token: CancellationToken) -> T:
     """Await ``awaitable`` with its task attached to ``token``, so cancelling the token cancels it."""
+    import asyncio  # loaded: an awaitable runs (sync sends never load asyncio)
+
     token._attach(asyncio.current_task())
     try:
         return await awaitable

@@ -37,7 +37,6 @@ import fcntl
 import json
 import logging
 import os
-import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -88,6 +87,8 @@ class Spool:
         self.sync: SpoolSync = sync
         self._timeout = check_seconds("spool timeout", timeout, allow_zero=False)
         self._lock_file = _own(self.path)
+        import sqlite3  # here, not at module top: a face without a spool never loads sqlite3
+
         try:
             self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._conn.execute("PRAGMA journal_mode=WAL")
@@ -299,6 +300,8 @@ class Spool:
 
     def _read(self, sql: str, params: tuple[object, ...]) -> list[Any]:
         """The rows of one read; StoreError (not sqlite3's) on a closed spool or a SQLite failure."""
+        import sqlite3  # loaded by __init__
+
         with self._db:
             try:
                 return self._conn.execute(sql, params).fetchall()
@@ -308,6 +311,8 @@ class Spool:
 
     def _transaction(self, work: Any) -> None:
         """Run ``work`` in one write transaction; caller holds _db. StoreError on a SQLite failure."""
+        import sqlite3  # loaded by __init__
+
         try:
             self._conn.execute("BEGIN IMMEDIATE")
             try:

@@ -1,24 +1,26 @@
 """Job stores: where the :class:`~threaddispatch.JobEngine` keeps its jobs.
 
 :class:`Store` is the contract (its docstrings); :class:`MemoryStore` and
-:class:`SQLiteStore` are the embedded implementations; :class:`PostgresStore` is a lazy
-attribute (importing this package does not import psycopg: the first use of the name
-imports ``threaddispatch.stores.postgres``). :func:`open_store` builds one from a URL.
+:class:`SQLiteStore` are the embedded implementations; :class:`PostgresStore` needs the
+``postgres`` extra. :func:`open_store` builds one from a URL. Every class is imported on
+first use (PEP 562): importing this package (which every ``threaddispatch.stores.*``
+import does) imports neither sqlite3's store machinery nor psycopg.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
+from threaddispatch._lazy import lazy_attributes
 from threaddispatch._redact import redact
 from threaddispatch.errors import ConfigurationError
-from threaddispatch.stores.base import CronEntry, DeadLetter, JobRecord, JobState, Store, WorkerInfo
-from threaddispatch.stores.memory import MemoryStore
-from threaddispatch.stores.sqlite import SQLiteStore
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the real names, for type checkers and IDEs; at run time see __getattr__
+    from threaddispatch.stores.base import CronEntry, DeadLetter, JobRecord, JobState, Store, WorkerInfo
+    from threaddispatch.stores.memory import MemoryStore
     from threaddispatch.stores.postgres import PostgresStore
+    from threaddispatch.stores.sqlite import SQLiteStore
 
 __all__ = [
     "CronEntry",
@@ -33,15 +35,26 @@ __all__ = [
     "open_store",
 ]
 
+#: Public name -> the submodule (of this package) defining it; ``__getattr__`` imports it on first use.
+_EXPORTS: dict[str, str] = {
+    "CronEntry": "base",
+    "DeadLetter": "base",
+    "JobRecord": "base",
+    "JobState": "base",
+    "Store": "base",
+    "WorkerInfo": "base",
+    "MemoryStore": "memory",
+    "SQLiteStore": "sqlite",
+    "PostgresStore": "postgres",
+}
 
-def __getattr__(name: str) -> Any:
-    """``PostgresStore``, imported on first use (so psycopg stays an optional dependency)."""
-    if name == "PostgresStore":
-        from threaddispatch.stores.postgres import PostgresStore
+#: The submodules importing this package used to load: ``threaddispatch.stores.sqlite`` after
+#: ``import threaddispatch.stores`` still works (``__getattr__`` imports it).
+_SUBMODULES = frozenset({"base", "memory", "sqlite"})
 
-        globals()["PostgresStore"] = PostgresStore
-        return PostgresStore
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+# Seen by type checkers too, as the PostgresStore-only __getattr__ before it was: any name types as Any.
+__getattr__, __dir__ = lazy_attributes(globals(), _EXPORTS, _SUBMODULES)
 
 
 def open_store(url: str) -> Store:
@@ -57,6 +70,8 @@ def open_store(url: str) -> Store:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme == "memory":
+        from threaddispatch.stores.memory import MemoryStore
+
         return MemoryStore()
     if scheme == "sqlite":
         # sqlite:///jobs.db -> "jobs.db"; sqlite:////var/lib/jobs.db -> "/var/lib/jobs.db"
@@ -66,6 +81,8 @@ def open_store(url: str) -> Store:
                 f"invalid SQLite store URL {redact(url)!r}: use sqlite:///relative/path.db or "
                 "sqlite:////absolute/path.db (no host, query or fragment)"
             )
+        from threaddispatch.stores.sqlite import SQLiteStore
+
         return SQLiteStore(path)
     if scheme in ("postgres", "postgresql"):
         try:
