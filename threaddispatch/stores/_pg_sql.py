@@ -2,7 +2,7 @@
 
 Statements the SQL stores share come from :mod:`threaddispatch.stores._sql` (built here for
 psycopg's ``%s``); this module adds what is PostgreSQL's own: the schema's types and NOTIFY
-trigger, the one-statement claim (``FOR UPDATE SKIP LOCKED``) and group commit, the reaper
+triggers, the one-statement claim (``FOR UPDATE SKIP LOCKED``) and group commit, the reaper
 and fail CTEs, COPY, and the wake-up NOTIFY. Pure text: it imports no driver.
 """
 
@@ -74,6 +74,52 @@ SCHEMA_V7 = _sql.schema_cron_overlap(TYPES)
 
 # Migration 8: cluster limits, each queue's limits and token bucket (SQLite's migration 7).
 SCHEMA_V8 = _sql.schema_queue_limits(TYPES)
+
+# Migration 9: wake-ups for the jobs an UPDATE makes claimable, which the insert trigger never
+# sees: a waiting job released (its dependencies completed, or ended otherwise under policy
+# "run"; by the completion's statement, a failure, a cancellation, the reaper or the upkeep's
+# sweep), and the next job of a serial lock once its holder finished (that job's state does
+# not change: its turn comes). Row triggers whose WHEN is checked in the executor: the claims
+# and completions of other jobs call no function. Each NOTIFY's run_at is the later of the
+# job's and the statement's time (``updated_at``), so the jobs of one queue released together
+# send equal payloads, which PostgreSQL folds into one notification per transaction. The
+# lock trigger reads the table, so its function keeps the migrating session's search_path.
+# The insert trigger now leaves out jobs inserted not ready (waiting, cancelled).
+_NOTE = (
+    "json_build_object('schema', TG_TABLE_SCHEMA, 'queue', {job}.queue, "
+    "'run_at', greatest({job}.run_at, NEW.updated_at))"
+)
+SCHEMA_V9 = (
+    f"""CREATE OR REPLACE FUNCTION dispatch_jobs_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('{CHANNEL}', json_build_object(
+                'schema', TG_TABLE_SCHEMA, 'queue', queue, 'run_at', min_run_at)::text)
+            FROM (SELECT queue, min(run_at) AS min_run_at FROM dispatch_new_jobs
+                  WHERE state IN {_sql.READY} GROUP BY queue) AS queues;
+            RETURN NULL;
+        END $$""",
+    f"""CREATE OR REPLACE FUNCTION dispatch_jobs_released_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('{CHANNEL}', {_NOTE.format(job="NEW")}::text);
+            RETURN NULL;
+        END $$""",
+    "DROP TRIGGER IF EXISTS dispatch_jobs_released ON dispatch_jobs",
+    """CREATE TRIGGER dispatch_jobs_released AFTER UPDATE OF state ON dispatch_jobs FOR EACH ROW
+        WHEN (OLD.state = 'waiting' AND NEW.state = 'pending') EXECUTE FUNCTION dispatch_jobs_released_notify()""",
+    f"""CREATE OR REPLACE FUNCTION dispatch_jobs_unlocked_notify() RETURNS trigger LANGUAGE plpgsql
+        SET search_path FROM CURRENT AS $$
+        BEGIN
+            PERFORM pg_notify('{CHANNEL}', {_NOTE.format(job="turn")}::text)
+            FROM (SELECT queue, run_at, state FROM dispatch_jobs
+                  WHERE lock_key = OLD.lock_key AND state IN {_sql.ACTIVE} ORDER BY seq LIMIT 1) AS turn
+            WHERE turn.state IN {_sql.READY};
+            RETURN NULL;
+        END $$""",
+    "DROP TRIGGER IF EXISTS dispatch_jobs_unlocked ON dispatch_jobs",
+    f"""CREATE TRIGGER dispatch_jobs_unlocked AFTER UPDATE OF state ON dispatch_jobs FOR EACH ROW
+        WHEN (OLD.lock_key IS NOT NULL AND OLD.state IN {_sql.ACTIVE} AND NEW.state IN {_sql.FINAL})
+        EXECUTE FUNCTION dispatch_jobs_unlocked_notify()""",
+)
 
 # -- lifecycle -------------------------------------------------------------------------------------
 

@@ -21,8 +21,11 @@ spread one object over several files.
   (:meth:`PostgresStore.complete_and_claim`) writes the finished jobs and claims the next
   ones in that same single statement.
 - Wake-ups: an ``AFTER INSERT`` statement trigger sends ``NOTIFY threaddispatch`` with the
-  schema, queue and earliest ``run_at`` of the new jobs (one notification per queue per
-  statement); jobs released, reaped or requeued are notified by the store. A listener
+  schema, queue and earliest ``run_at`` of the new ready jobs (one notification per queue per
+  statement); row triggers (migration 9) announce the jobs an update makes claimable, a
+  waiting job released and the next job of a serial lock whose holder finished, in the
+  transaction that does it, whichever method; jobs released, reaped or requeued are
+  notified by the store. A listener
   thread per process (``threaddispatch-pg-listener``, running while an engine is
   subscribed through :meth:`PostgresStore.subscribe_wakeups`) passes them on. Engines keep
   polling as the fallback.
@@ -132,6 +135,7 @@ class PostgresStore(AdminMethods, Store):
         (6, "serial locks", q.SCHEMA_V6),
         (7, "cron overlap", q.SCHEMA_V7),
         (8, "cluster limits", q.SCHEMA_V8),
+        (9, "wake-ups for jobs released or unlocked", q.SCHEMA_V9),
     )
 
     def __init__(

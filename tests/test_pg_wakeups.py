@@ -1,0 +1,317 @@
+"""PostgresStore: every job that becomes ready without an INSERT wakes the listeners of other processes.
+
+The insert trigger announces new jobs; these tests cover the jobs made ready by an
+UPDATE: a waiting dependent released by its dependency's completion (``complete_many``,
+the group commit), by its failure or cancellation under ``on_dependency_failure="run"``,
+or by the upkeep's sweep; and the next job of a serial lock when the holder finishes.
+Each store-level test watches a subscriber on a second store (its own LISTEN session);
+the engine-level ones run the dependent on an idle engine polling every 30 s, so only
+the NOTIFY can start it within the test's 10 s.
+
+On conftest's session server and shared schema (emptied after each test); the migration
+test on a schema of its own. Skipped without PostgreSQL binaries or psycopg (failed on CI).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import test_stores
+from conftest import PG_SCHEMA
+from pg_server import PostgresServer
+
+from threaddispatch.jobs import JobContext, JobEngine
+from threaddispatch.stores import JobRecord, JobState
+from threaddispatch.stores.base import Completion
+from threaddispatch.testing import wait_for
+
+try:
+    import psycopg
+
+    from threaddispatch.stores.postgres import PostgresStore
+except ImportError:  # the 'postgres' extra is not installed
+    psycopg = None  # type: ignore[assignment]
+
+pytestmark = [pytest.mark.postgres]
+
+T0 = test_stores.T0
+Heard = list[tuple[str | None, float | None]]
+
+
+@pytest.fixture
+def make_store(pg_server: PostgresServer, pg_url: str) -> Iterator[Callable[..., PostgresStore]]:
+    """Build PostgresStores on the shared schema (``pg_url`` empties it after the test); all closed at the end."""
+    made: list[PostgresStore] = []
+
+    def make(**options: Any) -> PostgresStore:
+        store = PostgresStore(pg_server.dsn, schema=options.pop("schema", PG_SCHEMA), **options)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        store.close()
+
+
+@pytest.fixture
+def new_schema(pg_server: PostgresServer) -> Iterator[str]:
+    """A schema no store has migrated yet, dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield name
+    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+@pytest.fixture
+def heard(make_store: Callable[..., PostgresStore]) -> Iterator[Heard]:
+    """The wake-ups a subscriber on a store of its own receives, from the moment its LISTEN is in place."""
+    listener = make_store()
+    listener.migrate()
+    got: Heard = []
+    unsubscribe = listener.subscribe_wakeups(lambda queue, run_at: got.append((queue, run_at)))
+    wait_for(lambda: (None, None) in got, 10, message="listener connected")  # "look now", on connecting
+    got.clear()
+    yield got
+    unsubscribe()
+
+
+def _wait_heard(heard: Heard, queue: str) -> None:
+    wait_for(lambda: any(name == queue for name, _ in heard), 10, message=f"a wake-up for queue {queue!r}")
+
+
+def _dependency_and_dependent(
+    store: PostgresStore, *, policy: str = "cancel", max_retries: int = 3
+) -> tuple[JobRecord, JobRecord]:
+    """Job A (queue a, pending) and job B (queue b) depending on A, waiting: both stored."""
+    first = test_stores.job(queue="a", max_retries=max_retries)
+    second = test_stores.job(queue="b", depends_on=(first.id,), on_dependency_failure=policy)
+    store.enqueue([first])
+    store.enqueue([second])
+    stored = store.get(second.id)
+    assert stored is not None and stored.state is JobState.WAITING
+    return first, second
+
+
+def _quiet(store: PostgresStore, heard: Heard) -> None:
+    """Wait until the wake-ups of what was stored so far arrived (a marker job's comes after them), then forget them."""
+    marker = test_stores.job(queue="marker")
+    store.enqueue([marker])
+    _wait_heard(heard, "marker")
+    heard.clear()
+    assert store.cancel(marker.id, now=T0)
+
+
+def _claim_a(store: PostgresStore, first: JobRecord) -> JobRecord:
+    [claimed] = store.claim(["a"], 1, worker_id="w", now=T0 + 1)
+    assert claimed.id == first.id
+    return claimed
+
+
+def _assert_ready(store: PostgresStore, job: JobRecord) -> None:
+    stored = store.get(job.id)
+    assert stored is not None and stored.state is JobState.PENDING
+
+
+# -- the store: one NOTIFY per queue made ready ---------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["complete_many", "complete_and_claim"])
+def test_completion_that_releases_a_dependent_notifies_its_queue(
+    make_store: Callable[..., PostgresStore], heard: Heard, how: str
+) -> None:
+    """The dependent's queue hears a wake-up, due now, from the completion's own statement."""
+    store = make_store()
+    first, second = _dependency_and_dependent(store)
+    claimed = _claim_a(store, first)
+    _quiet(store, heard)
+    outcome = Completion(claimed.id, "w", claimed.attempts, '"ok"', None)
+    if how == "complete_many":
+        assert store.complete_many([outcome], now=T0 + 2) == {first.id}
+    else:
+        assert store.complete_and_claim([outcome], ["a"], 4, worker_id="w", now=T0 + 2) == ({first.id}, [])
+    _assert_ready(store, second)
+    _wait_heard(heard, "b")
+    assert ("b", T0 + 2) in heard
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["fail", "cancel", "reap"])
+def test_dependency_that_ends_badly_notifies_the_queue_of_a_dependent_that_runs_anyway(
+    make_store: Callable[..., PostgresStore], heard: Heard, how: str
+) -> None:
+    """``on_dependency_failure="run"``: the dependency failed, cancelled or reaped out of attempts; B is ready."""
+    store = make_store()
+    first, second = _dependency_and_dependent(store, policy="run", max_retries=0)
+    _quiet(store, heard)
+    if how == "cancel":
+        assert store.cancel(first.id, now=T0 + 2)
+    else:
+        claimed = _claim_a(store, first)
+        if how == "fail":
+            assert store.fail(first.id, worker_id="w", attempts=claimed.attempts, error="boom", now=T0 + 2)
+        else:  # max_retries 0: the reaper fails the lost job
+            assert store.reap_stale(older_than=T0 + 2, now=T0 + 2) == [first.id]
+    _assert_ready(store, second)
+    _wait_heard(heard, "b")
+
+
+@pytest.mark.timeout(30)
+def test_upkeep_sweep_that_releases_a_dependent_notifies_its_queue(
+    make_store: Callable[..., PostgresStore], heard: Heard, pg_server: PostgresServer
+) -> None:
+    """A dependent the completion missed (its dependency finished with no release) is announced by the sweep."""
+    store = make_store()
+    first, second = _dependency_and_dependent(store)
+    _quiet(store, heard)
+    with psycopg.connect(pg_server.dsn, autocommit=True, options=f"-c search_path={PG_SCHEMA}") as conn:
+        conn.execute("UPDATE dispatch_jobs SET state = 'completed', finished_at = %s WHERE id = %s", (T0, first.id))
+    assert store.release_waiting(now=T0 + 2) == 1
+    _assert_ready(store, second)
+    _wait_heard(heard, "b")
+
+
+@pytest.mark.timeout(30)
+def test_finished_lock_holder_notifies_the_queue_of_the_next_job_of_its_lock(
+    make_store: Callable[..., PostgresStore], heard: Heard
+) -> None:
+    """The next job holding the serial lock (here on another queue) is claimable once the holder completed."""
+    store = make_store()
+    first, second = test_stores.job(queue="a", lock="L"), test_stores.job(queue="b", lock="L")
+    store.enqueue([first])
+    store.enqueue([second])
+    assert store.claim(["b"], 1, worker_id="w", now=T0 + 1) == []  # its turn comes after the first's
+    claimed = _claim_a(store, first)
+    _quiet(store, heard)
+    store.complete_many([Completion(claimed.id, "w", claimed.attempts, None, None)], now=T0 + 2)
+    _wait_heard(heard, "b")
+    assert [job.id for job in store.claim(["b"], 1, worker_id="w", now=T0 + 3)] == [second.id]
+
+
+@pytest.mark.timeout(30)
+def test_a_release_of_many_dependents_sends_one_wake_up_per_queue(
+    make_store: Callable[..., PostgresStore], heard: Heard
+) -> None:
+    """Fifty dependents on two queues: the listener hears each queue once (PostgreSQL folds equal payloads)."""
+    store = make_store()
+    first = test_stores.job(queue="a")
+    store.enqueue([first])
+    store.enqueue([test_stores.job(queue=f"q{n % 2}", depends_on=(first.id,)) for n in range(50)])
+    claimed = _claim_a(store, first)
+    _quiet(store, heard)
+    store.complete_many([Completion(claimed.id, "w", claimed.attempts, None, None)], now=T0 + 2)
+    wait_for(lambda: {"q0", "q1"} <= {queue for queue, _ in heard}, 10, message="both queues' wake-ups")
+    store.enqueue([test_stores.job(queue="marker")])  # delivered after the release's notifications
+    _wait_heard(heard, "marker")
+    assert sorted(str(queue) for queue, _ in heard if queue != "marker") == ["q0", "q1"]
+
+
+# -- engines: the idle one starts the job at LISTEN latency, not at its 30 s poll -------------------------
+
+
+def _idle_engine(store: PostgresStore, ran: dict[str, threading.Event]) -> JobEngine:
+    engine = JobEngine(store, concurrency=2, poll_interval=30.0, max_poll_interval=30.0, heartbeat_interval=0.2,
+                       stale_job_threshold=5.0, shutdown_timeout=5.0)  # fmt: skip
+
+    @engine.job("second", max_retries=0)
+    def second(ctx: JobContext, payload: object) -> str:
+        ran.setdefault(ctx.job.id, threading.Event()).set()
+        return "second"
+
+    return engine
+
+
+def _busy_engine(store: PostgresStore, *, fails: bool) -> JobEngine:
+    engine = JobEngine(store, concurrency=2, poll_interval=0.05, max_poll_interval=0.2, heartbeat_interval=0.2,
+                       stale_job_threshold=5.0, shutdown_timeout=5.0)  # fmt: skip
+
+    @engine.job("first", max_retries=0)
+    def first(ctx: JobContext, payload: object) -> str:
+        if fails:
+            raise RuntimeError("the dependency fails")
+        return "first"
+
+    engine.register("second", lambda ctx, payload: None, max_retries=0)
+    return engine
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["completes", "fails", "cancelled", "lock"])
+def test_idle_engine_of_another_process_starts_the_job_a_dependency_or_lock_released(
+    make_store: Callable[..., PostgresStore], how: str
+) -> None:
+    """Engine 1 (queue a) ends job A; engine 2 (queue b, polling every 30 s, idle) starts B within 10 s.
+
+    B depends on A (policy "run" when A fails or is cancelled), or follows it under a serial lock.
+    """
+    idle_store, busy_store, producer_store = make_store(), make_store(), make_store()
+    ran: dict[str, threading.Event] = {}
+    idle = _idle_engine(idle_store, ran)
+    busy = _busy_engine(busy_store, fails=how == "fails")
+    producer = _busy_engine(producer_store, fails=False)  # never started: only enqueues and cancels
+    first_id = producer.enqueue("first", queue="a", lock="L" if how == "lock" else None)
+    if how == "lock":
+        second_id = producer.enqueue("second", queue="b", lock="L")
+    else:
+        second_id = producer.enqueue("second", queue="b", depends_on=[first_id], on_dependency_failure="run")
+    ran[second_id] = threading.Event()
+    # The idle engine's LISTEN session is the one its store already holds for this probe.
+    probe: Heard = []
+    unsubscribe = idle_store.subscribe_wakeups(lambda queue, run_at: probe.append((queue, run_at)))
+    try:
+        wait_for(lambda: (None, None) in probe, 10, message="listener connected")
+        idle.start(queues=["b"])
+        try:
+            wait_for(lambda: idle.stats()["idle_polls"] >= 1, 10, message="the idle engine's first claim")
+            assert not ran[second_id].is_set()
+            if how == "cancelled":
+                producer.cancel(first_id)
+            else:
+                busy.start(queues=["a"])
+            try:
+                assert ran[second_id].wait(10), f"job B did not start within 10 s of A ({how})"
+                assert idle.result(second_id, timeout=10) == "second"
+            finally:
+                busy.stop(10)
+        finally:
+            idle.stop(10)
+    finally:
+        unsubscribe()
+
+
+# -- migration 9 on a database of schema 8 ---------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_migrating_a_version_8_database_with_a_waiting_job_announces_its_release(
+    pg_server: PostgresServer, make_store: Callable[..., PostgresStore], new_schema: str
+) -> None:
+    """A schema made by version 8 holding a waiting dependent upgrades in place; its release then NOTIFYs."""
+
+    class Version8Store(PostgresStore):
+        MIGRATIONS = tuple(migration for migration in PostgresStore.MIGRATIONS if migration[0] <= 8)
+
+    old = Version8Store(pg_server.dsn, schema=new_schema)
+    try:
+        assert old.migrate() == 8
+        first, second = _dependency_and_dependent(old)
+        claimed = _claim_a(old, first)
+    finally:
+        old.close()
+    store, listener = make_store(schema=new_schema), make_store(schema=new_schema)
+    assert store.migrate() == PostgresStore.MIGRATIONS[-1][0] >= 9
+    stored = store.get(second.id)
+    assert stored is not None and stored.state is JobState.WAITING and stored.waiting_on == 1
+    got: Heard = []
+    unsubscribe = listener.subscribe_wakeups(lambda queue, run_at: got.append((queue, run_at)))
+    try:
+        wait_for(lambda: (None, None) in got, 10, message="listener connected")
+        store.complete_many([Completion(claimed.id, "w", claimed.attempts, None, None)], now=T0 + 2)
+        _wait_heard(got, "b")
+    finally:
+        unsubscribe()
+    _assert_ready(store, second)
