@@ -82,6 +82,21 @@ def test_the_stores_package_loads_no_store() -> None:
     assert not added & {*HEAVY, "threaddispatch.stores.base", "threaddispatch.stores.postgres", "psycopg"}
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("argv", [["--help"], ["jobs", "--help"], ["worker", "--help"]])
+def test_cli_help_loads_neither_the_engine_nor_the_bench_tools(argv: list[str]) -> None:
+    """``threaddispatch --help`` builds the parser alone: no engine, store, asyncio, sqlite3, bench harness."""
+    added = _loaded_by(
+        "import contextlib, io\n"
+        "from threaddispatch.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        f"    main({argv!r})"
+    )
+    assert "threaddispatch.cli" in added
+    assert not added & {*HEAVY, "threaddispatch._bench_curves", "threaddispatch.admin", "subprocess"}
+    assert not added & {"logging.handlers", "statistics", "threaddispatch.background"}
+
+
 # -- the lazily loaded parts still work ----------------------------------------------------------------
 
 

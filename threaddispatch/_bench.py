@@ -28,22 +28,17 @@ from __future__ import annotations
 import argparse
 import collections
 import itertools
-import json
-import logging
-import logging.handlers
-import queue
-import resource
-import statistics
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from threaddispatch import _bench_curves
-from threaddispatch._bench_curves import CurvePoint
+if TYPE_CHECKING:  # the harness loads its tools when it runs: ``threaddispatch --help`` builds its parser alone
+    import queue
+
+    from threaddispatch._bench_curves import CurvePoint
 
 __all__ = [
     "CONTENDERS",
@@ -131,6 +126,8 @@ def _otel(sink: _Sink, capacity: int) -> _Contender:
 
 
 def _queue_thread(sink: _Sink, capacity: int, simple: bool = False) -> _Contender:
+    import queue
+
     q: queue.Queue[Any] | queue.SimpleQueue[Any] = queue.SimpleQueue() if simple else queue.Queue(capacity)
     stop = object()
 
@@ -163,14 +160,18 @@ def _queue_thread(sink: _Sink, capacity: int, simple: bool = False) -> _Contende
 
 
 def _queue_listener(sink: _Sink, capacity: int) -> _Contender:
+    import logging
+    import queue
+    from logging.handlers import QueueHandler, QueueListener
+
     q: queue.Queue[Any] = queue.Queue(capacity)
 
     class CountingHandler(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             sink.one(record)
 
-    handler = logging.handlers.QueueHandler(q)
-    listener = logging.handlers.QueueListener(q, CountingHandler())
+    handler = QueueHandler(q)
+    listener = QueueListener(q, CountingHandler())
     listener.start()
     record = logging.LogRecord("bench", logging.INFO, __file__, 1, "event %s", ("click",), None)
     return _Contender(handler.handle, listener.stop, lambda: listener._thread, item=record)
@@ -287,11 +288,15 @@ def bare_call_ns(calls: int = 1_000_000) -> float:
 
 
 def _rss_kib() -> int:
+    import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def run_once(name: str, producers: int, per_producer: int, idle_seconds: float) -> dict[str, Any]:
     """Run one contender once in this process; returns the measurements."""
+    from threaddispatch import _bench_curves
+
     total = producers * per_producer
     calibration = bare_call_ns()
     sink = _Sink(total)
@@ -368,6 +373,10 @@ def run_matrix(
     progress: Callable[[str], None] | None = None,
 ) -> list[BenchResult]:
     """Run every contender at every producer count ``repeats`` times in fresh processes; medians."""
+    import json
+    import statistics
+    import subprocess
+
     results: list[BenchResult] = []
     plan = [(c, p) for p in producer_counts for c in contenders]
     for step, (name, producers) in enumerate(plan, 1):
@@ -471,6 +480,8 @@ def write_chart(results: list[BenchResult], path: str, curves: list[CurvePoint] 
 
     Returns False when matplotlib is missing.
     """
+    from threaddispatch import _bench_curves
+
     try:
         import matplotlib
 
@@ -537,6 +548,8 @@ def producer_list(text: str) -> list[int]:
 
 def parse_curves(text: str) -> dict[str, list[int]]:
     """argparse type: ``series=n,n,...;series=...`` (``none`` for no curves); names from ``_bench_curves.CURVES``."""
+    from threaddispatch import _bench_curves
+
     if text.strip().lower() == "none":
         return {}
     curves: dict[str, list[int]] = {}
@@ -629,6 +642,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
 
 def run_plan(plan: Plan, progress: Callable[[str], None] | None = None) -> tuple[list[BenchResult], list[CurvePoint]]:
     """The race, then the curves."""
+    from threaddispatch import _bench_curves
+
     results = run_matrix(
         plan.contenders,
         producer_counts=plan.producer_counts,
@@ -649,6 +664,8 @@ def _minutes(seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m threaddispatch._bench``: ``threaddispatch bench`` (see :func:`run_command`), or a child's run."""
+    import json
+
     args = build_parser().parse_args(argv)
     if args.run:
         print(json.dumps(run_once(args.run, args.producers[0], args.per_producer, args.idle)))
@@ -661,6 +678,10 @@ def run_command(args: argparse.Namespace) -> int:
 
     Exit code 1 when a race contender lost entries or a curve point failed.
     """
+    import json
+
+    from threaddispatch import _bench_curves
+
     plan = plan_from_args(args)
 
     def progress(line: str) -> None:

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import sqlite3
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -94,6 +92,8 @@ def count(low: int, high: int) -> Callable[[str], int]:
 
 def print_json(data: object) -> None:
     """``data`` as indented JSON on stdout (anything JSON does not know is shown as ``str``)."""
+    import json  # here: ``--help`` and the text output never load json
+
     print(json.dumps(data, indent=2, default=str, ensure_ascii=False))
 
 
@@ -141,7 +141,7 @@ def open_store(args: argparse.Namespace, *, create: bool = False) -> Store:
         return stores.open_store(url)
     except StoreUnavailableError as error:
         raise StoreFailedError(f"cannot open store {redact(url)}: {scrub(str(error), url)}") from None
-    except (ThreadDispatchError, OSError, sqlite3.Error) as error:
+    except (ThreadDispatchError, OSError, _sqlite_error()) as error:
         raise CommandError(f"cannot open store {redact(url)}: {scrub(str(error), url)}") from None
 
 
@@ -155,6 +155,13 @@ def open_engine(args: argparse.Namespace, *, create: bool = False) -> Iterator[J
         yield JobEngine(store)
     finally:
         store.close()
+
+
+def _sqlite_error() -> type[Exception]:
+    """``sqlite3.Error``, for an ``except`` clause: evaluated only as an exception is matched (no sqlite3 at start)."""
+    import sqlite3
+
+    return sqlite3.Error
 
 
 def command(handler: Handler) -> Handler:
@@ -172,7 +179,7 @@ def command(handler: Handler) -> Handler:
         # Errors from the store may quote its URL: every message is scrubbed of its password.
         except (StoreFailedError, StoreError, ThreadDispatchError, ValueError) as error:
             raise CommandError(scrub(str(error), store_url(args))) from None
-        except (OSError, sqlite3.Error) as error:
+        except (OSError, _sqlite_error()) as error:
             raise CommandError(f"{type(error).__name__}: {scrub(str(error), store_url(args))}") from None
 
     return run

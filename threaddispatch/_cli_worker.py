@@ -20,7 +20,6 @@ import dataclasses
 import importlib
 import inspect
 import logging
-import logging.handlers
 import os
 import signal
 import sys
@@ -30,13 +29,15 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from threaddispatch._cli_common import fail
 from threaddispatch._validate import check_int, check_positive_int, check_seconds, check_text
 from threaddispatch.errors import ConfigurationError, ThreadDispatchError
-from threaddispatch.jobs import JobEngine
-from threaddispatch.stores.base import JobState
+
+if TYPE_CHECKING:  # at run time imported where used: ``threaddispatch --help`` does not load the engine
+    from threaddispatch.jobs import JobEngine
+    from threaddispatch.stores.base import JobState
 
 __all__ = [
     "OPTIONS",
@@ -59,6 +60,8 @@ def load_engine(target: str) -> JobEngine:
     current directory is put on ``sys.path`` first, as gunicorn does. Raises
     ConfigurationError naming ``target`` when it cannot be resolved.
     """
+    from threaddispatch.jobs import JobEngine
+
     module_name, sep, attribute = target.partition(":")
     if not sep or not module_name or not attribute:
         raise ConfigurationError(f"worker target must look like 'module:engine', got {target!r}")
@@ -424,6 +427,8 @@ def _any_due(engine: JobEngine, waiting: Sequence[tuple[str, JobState]]) -> bool
 def _drained(engine: JobEngine, queues: Sequence[str]) -> bool:
     """Whether, at one look, ``engine`` has nothing in flight and the unpaused ``queues`` have no job due now
     nor running (in any process). Store reads: the paused queues, the counts, the waiting jobs if some wait."""
+    from threaddispatch.stores.base import JobState
+
     before = engine.stats()
     if before["in_flight"]:
         return False
@@ -546,7 +551,9 @@ def _log_handler(run: _Run) -> logging.Handler | None:
     (the application's logging configuration stands, as with ``logging.basicConfig``). OSError for the file."""
     handler: logging.Handler
     if run.log_file is not None:
-        handler = logging.handlers.WatchedFileHandler(run.log_file, encoding="utf-8")
+        from logging.handlers import WatchedFileHandler  # not ``import logging.handlers``: a local ``logging``
+
+        handler = WatchedFileHandler(run.log_file, encoding="utf-8")
     elif not logging.getLogger().handlers:
         handler = logging.StreamHandler()
     else:
