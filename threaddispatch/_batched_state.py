@@ -17,6 +17,12 @@ still queued fails with DispatchTimeoutError instead of waiting for a hung send.
 A message (:class:`_Pending`) gets its outcome through its Future, or, handed over by an
 AsyncDispatcher, through its hand-off's ``settle`` once per batch. :class:`Envelope` is
 what ``send_batch`` gets per message with ``envelopes=True``.
+
+Inline sends: while sends are quick (``send_seconds``, an average over every send, below
+``_QUICK_SEND``), a hand-off's whole batches are sent by the handing thread itself, in a
+send slot, without a lane, a ``_Pending`` or a thread switch (:meth:`_BatchState.send_inline`):
+for a send that returns at once, a hand-off to a send thread costs more than the send.
+They are counted apart (``inline_*``) so ``flush()``, ``close()`` and ``stats()`` see them.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Generic, TypeVar, cast
 
 from threaddispatch._batched_immediate import call_here
@@ -51,6 +58,22 @@ _SEND_IDLE_TIMEOUT = 2.0
 
 # The most batches one send slot sends back to back (see _BatchState.send) before it is released.
 _CHAIN = 16
+
+# Sends that take less than this on average (seconds) run on the handing-off thread itself
+# (_BatchState.send_inline): below it a thread switch to a send thread costs more than the send;
+# above it the sends are waits (a network round trip) that the send threads overlap.
+_QUICK_SEND = 0.0002
+
+# The weight of the latest send in the running average of send durations.
+_SEND_WEIGHT = 0.125
+
+_settle_of = attrgetter("settle")
+_token_of = attrgetter("token")
+
+
+def _all_sent(outcomes: list[Any]) -> bool:
+    """Whether no outcome is an exception: one test per distinct type, not one per message."""
+    return not any(issubclass(kind, BaseException) for kind in set(map(type, outcomes)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +162,11 @@ class _BatchState(Generic[T]):
         self.failed = 0
         self.cancelled = 0
         self.calls = 0
+        self.inline_batches = 0  # batches sent by send_inline (the engine counts the others)
+        self.inline_taken = 0  # messages they carried
+        # The running average of send_batch's duration (seconds). Read and written without the lock by
+        # every sending thread: a lost update only ages the average more slowly; it is a hint.
+        self.send_seconds = 0.0
         self.local = threading.local()  # .sending: how many send_batch calls this thread is inside
         self.recorder: FaceRecorder | None = None  # set by the dispatcher when metrics are on
         self.tracing: Tracing | None = None  # set by the dispatcher with a tracer_provider
@@ -151,8 +179,14 @@ class _BatchState(Generic[T]):
         # mutex must be held whenever a field of this object changes; slot_free is a condition on it.
         self.mutex = threading.Lock()
         self.slot_free = threading.Condition(self.mutex)
-        self.sending = 0  # send slots taken: sends submitted to the pool and not returned yet
+        self.sending = 0  # send slots taken: sends submitted to the pool or run inline, not returned yet
         self.slot_waiters = 0  # threads waiting on slot_free (the engine worker, at most)
+        # Inline runs (send_inline calls) under way, by ticket; flush() and close() wait for those
+        # begun before them on inline_done.
+        self.inline_started = 0
+        self.inline_running: set[int] = set()
+        self.inline_waiters = 0
+        self.inline_done = threading.Condition(self.mutex)
 
     def _past_give_up(self) -> bool:
         return self.give_up_at is not None and time.monotonic() >= self.give_up_at
@@ -252,20 +286,109 @@ class _BatchState(Generic[T]):
             self._release(called=calls)
 
     def _send_one(self, target: str, batch: list[_Pending[T]]) -> None:
-        recorder = self.recorder
-        started = 0.0 if recorder is None else time.perf_counter()
+        started = time.perf_counter()
         outcome = self._send_batch(target, batch, self._call)
-        if recorder is not None:  # metrics on: one recording per send, never per message
-            recorder.send(len(batch), started, outcome.error, target)
+        self._timed(started, len(batch), outcome.error, target)
         self._settle(target, batch, outcome)
+
+    def _timed(self, started: float, count: int, error: BaseException | None, target: str) -> None:
+        """A send that began at ``started`` (perf_counter) returned: into the average, and the metrics when on."""
+        self.send_seconds += (time.perf_counter() - started - self.send_seconds) * _SEND_WEIGHT
+        recorder = self.recorder
+        if recorder is not None:  # metrics on: one recording per send, never per message
+            recorder.send(count, started, error, target)
+
+    def quick(self) -> bool:
+        """Whether sends have been quick enough to run on a hand-off's own thread (a hint: no lock)."""
+        return self.send_seconds < _QUICK_SEND
+
+    def send_inline(
+        self, target: str, handed: list[Any], settle: Settle, caller: contextvars.Context | None, size: int
+    ) -> int:
+        """Send the delay-free hand-offs ``handed`` (whole batches of ``size``) on this thread; returns how many went.
+
+        Takes one send slot for all of them, and only a free one nobody waits for (the engine
+        worker's batches go first): none is sent when every slot is busy, after close() or
+        past its deadline. Stops after a batch that was slow (:meth:`quick`) or when close()'s
+        deadline passed; the rest is the caller's. Once done, ``settle`` gets the tokens of
+        all sent (their errors, or None when every message was sent), in one call. A message
+        runs in its own context, else in ``caller`` (None: a copy per message, for envelopes).
+        """
+        with self.mutex:
+            if self.closed or self.slot_waiters or self.sending >= self.max_concurrent_sends or self._past_give_up():
+                return 0
+            self.sending += 1
+            self.inline_started += 1
+            ticket = self.inline_started
+            self.inline_running.add(ticket)
+        done = calls = failed = 0
+        errors: list[BaseException | None] | None = None  # None while every message was sent
+        try:
+            while done < len(handed):
+                batch = handed[done : done + size]
+                calls += 1
+                found = self._send_handed(target, batch, caller)
+                if found is not None:
+                    if errors is None:
+                        errors = [None] * done
+                    errors += found
+                    failed += sum(error is not None for error in found)
+                elif errors is not None:
+                    errors += [None] * len(batch)
+                done += len(batch)
+                if not self.quick() or self._past_give_up():
+                    break
+        finally:
+            with self.mutex:
+                self.sending -= 1
+                self.calls += calls
+                self.sent += done - failed
+                self.failed += failed
+                self.inline_batches += calls
+                self.inline_taken += done
+                self.inline_running.discard(ticket)
+                if self.slot_waiters:
+                    self.slot_free.notify()
+                if self.inline_waiters:
+                    self.inline_done.notify_all()
+        self._call_settle(settle, handed[:done], errors)
+        return done
+
+    def _send_handed(
+        self, target: str, batch: list[Any], caller: contextvars.Context | None
+    ) -> list[BaseException | None] | None:
+        """``send_batch`` for one batch of hand-offs ``((message, None, context or None), extra)``, on this thread.
+
+        Returns each message's error (None for one sent), or None when all were sent.
+        """
+        if self.envelopes:
+            payload: list[Any] = [
+                Envelope(message, None, contextvars.copy_context() if given is None else given)
+                for (message, _, given), _ in batch
+            ]
+            context = payload[0].context
+        else:
+            payload = [token[0][0] for token in batch]
+            given = batch[0][0][2]
+            context = caller if given is None else given
+        assert context is not None  # without envelopes the hand-off passes its caller's context
+        started = time.perf_counter()
+        outcome = self._call_send(target, payload, context.copy(), self.send_batch, self._call)
+        self._timed(started, len(batch), outcome.error, target)
+        if outcome.error is not None:
+            return [outcome.error] * len(batch)
+        results = self._check_results(target, len(batch), outcome.value)
+        if isinstance(results, BaseException):
+            return [results] * len(batch)
+        if _all_sent(results):
+            return None
+        return [result if isinstance(result, BaseException) else None for result in results]
 
     def send_now(self, target: str, batch: list[_Pending[T]]) -> None:
         """Immediate mode: run ``send_batch`` on this thread (no slot, the timeout checked on return) and settle."""
-        recorder = self.recorder
-        started = 0.0 if recorder is None else time.perf_counter()
+        started = time.perf_counter()
         outcome = self._send_batch(target, batch, self._call_here)
-        if recorder is not None:
-            recorder.send(len(batch), started, outcome.error, target)
+        self._timed(started, len(batch), outcome.error, target)
         with self.mutex:
             self.calls += 1
         self._settle(target, batch, outcome)
@@ -284,6 +407,17 @@ class _BatchState(Generic[T]):
         # A copy: send_batch may run an envelope's own context (the first one's included).
         context = batch[0].context.copy()
         send_batch = self.send_batch if self.tracing is None else self._traced(target, batch)
+        return self._call_send(target, payload, context, send_batch, how)
+
+    def _call_send(
+        self,
+        target: str,
+        payload: list[Any],
+        context: contextvars.Context,
+        send_batch: _Send,
+        how: Callable[[contextvars.Context, _Send, str, list[Any]], Outcome],
+    ) -> Outcome:
+        """``how(context, send_batch, target, payload)``, with this thread counted as inside ``send_batch``."""
         local = self.local
         local.sending = getattr(local, "sending", 0) + 1
         try:
@@ -354,28 +488,33 @@ class _BatchState(Generic[T]):
 
     def _outcomes(self, target: str, batch: list[_Pending[T]], results: object) -> list[Any] | None:
         """Check ``send_batch``'s return value: one result per message, or fail the whole batch."""
+        checked = self._check_results(target, len(batch), results)
+        if isinstance(checked, BaseException):
+            self._fail(batch, checked)
+            return None
+        return checked
+
+    def _check_results(self, target: str, count: int, results: object) -> list[Any] | BaseException:
+        """``send_batch``'s return value as a list of ``count`` results, or the error that fails the whole batch."""
         problem = None
-        outcomes: list[Any] = []
-        if results is None or isinstance(results, (str, bytes, bytearray)) or not isinstance(results, Iterable):
-            problem = f"returned {type(results).__name__}"
+        if type(results) is list:  # the usual return value: no copy
+            outcomes: list[Any] = results
+        elif results is None or isinstance(results, (str, bytes, bytearray)) or not isinstance(results, Iterable):
+            return self._bad_results(target, count, f"returned {type(results).__name__}")
         else:
             try:
                 outcomes = list(results)
             except Exception as error:  # noqa: BLE001 - a broken iterable fails the batch like a raise would
-                self._fail(batch, error)
-                return None
-            if len(outcomes) != len(batch):
-                problem = f"returned {len(outcomes)} result(s)"
-        if problem is None:
-            return outcomes
-        self._fail(
-            batch,
-            ThreadDispatchError(
-                f"{self.name}: send_batch({target!r}, <{len(batch)} messages>) {problem}; it must return a list "
-                f"with one result (an id, None or an exception) per message, so none of them counts as sent"
-            ),
+                return error
+        if len(outcomes) != count:
+            problem = f"returned {len(outcomes)} result(s)"
+        return outcomes if problem is None else self._bad_results(target, count, problem)
+
+    def _bad_results(self, target: str, count: int, problem: str) -> ThreadDispatchError:
+        return ThreadDispatchError(
+            f"{self.name}: send_batch({target!r}, <{count} messages>) {problem}; it must return a list "
+            f"with one result (an id, None or an exception) per message, so none of them counts as sent"
         )
-        return None
 
     def _fail(self, batch: list[_Pending[T]], error: BaseException) -> None:
         self._resolve(batch, [error] * len(batch))
@@ -385,13 +524,11 @@ class _BatchState(Generic[T]):
         ``settle`` once per batch. Nothing held: Future callbacks and ``settle`` are user-side code."""
         settle = batch[0].settle
         if (  # the common hand-off batch: all sent, all of one hand-off (no outcome per message to pass)
-            settle is not None
-            and not any(issubclass(kind, BaseException) for kind in set(map(type, outcomes)))
-            and all(pending.settle is settle for pending in batch)
+            settle is not None and _all_sent(outcomes) and len(set(map(_settle_of, batch))) == 1
         ):
             with self.mutex:
                 self.sent += len(batch)
-            self._call_settle(settle, [pending.token for pending in batch], None)
+            self._call_settle(settle, list(map(_token_of, batch)), None)
             return
         sent = failed = 0
         handed: dict[Settle, tuple[list[Any], list[BaseException | None]]] | None = None
@@ -429,6 +566,21 @@ class _BatchState(Generic[T]):
     def in_send(self) -> bool:
         """Whether the calling thread is inside ``send_batch`` (it cannot wait for its own batch)."""
         return bool(getattr(self.local, "sending", 0))
+
+    def wait_inline(self, deadline: float | None) -> bool:
+        """Wait until the inline runs begun before this call are done, until ``deadline``; whether they are."""
+        with self.mutex:
+            begun = self.inline_started
+            self.inline_waiters += 1
+            try:
+                while any(ticket <= begun for ticket in self.inline_running):
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self.inline_done.wait(remaining)
+            finally:
+                self.inline_waiters -= 1
+        return True
 
     def stop_intake(self) -> None:
         """The first close(): refuse new messages; failures from here on count against the close."""

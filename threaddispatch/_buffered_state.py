@@ -67,9 +67,22 @@ _FLUSH: Any = object()
 # The longest single wait of the dispatch loop (a retry due far ahead is waited for in steps).
 _MAX_WAIT = 3600.0
 
-# The most buffered messages the dispatch loop takes under one lock for a hand-off (which never
-# blocks): fewer lock round trips with the producers, and the buffer still frees room steadily.
+# About the most buffered messages the dispatch loop takes under one lock for a hand-off (which
+# never blocks): fewer lock round trips with the producers, and the buffer still frees room steadily.
+# Rounded up to whole batches of the BatchedDispatcher (see _hand_chunk), up to _MAX_HAND_CHUNK.
 _HAND_CHUNK = 64
+_MAX_HAND_CHUNK = 1024
+
+
+def _hand_chunk(batch_size: object) -> int:
+    """How many messages one hand-off takes: whole batches of ``batch_size`` when they fit, else _HAND_CHUNK.
+
+    Whole batches, so that a busy loop leaves no partial batch behind it (a partial batch waits
+    in the lane for its window, or for the next hand-off to complete it, at the cost of a hop).
+    """
+    if not isinstance(batch_size, int) or batch_size <= 0 or batch_size > _MAX_HAND_CHUNK:
+        return _HAND_CHUNK
+    return -(-_HAND_CHUNK // batch_size) * batch_size
 
 
 def _same(value: T) -> T:
@@ -105,6 +118,7 @@ class _AsyncState(Generic[T]):
         # dispatch_timeout, which it would not need (it never blocks) but which submit honours.
         hand_off = getattr(dispatcher, "_hand_off", None) if dispatch_timeout is None else None
         self.hand_off: Callable[..., list[tuple[Any, BaseException]]] | None = hand_off if callable(hand_off) else None
+        self.hand_chunk = _hand_chunk(getattr(dispatcher, "max_batch_size", None)) if self.hand_off else _HAND_CHUNK
         self.on_handed = self._on_handed  # made once: the hand-off groups a batch's messages by it
         self.flush: Callable[[float | None], object] | None = flush if callable(flush) else None
         self.target = target
@@ -470,7 +484,7 @@ class _AsyncState(Generic[T]):
             self._wait_for_work(None if until is None else min(until, _MAX_WAIT))
 
     def _take_more(self, job: tuple[_Entry[T], int]) -> list[tuple[_Entry[T], int]]:
-        """``job`` and up to ``_HAND_CHUNK - 1`` more buffered messages, in order, for the hand-off. Holds mutex.
+        """``job`` and up to ``hand_chunk - 1`` more buffered messages, in order, for the hand-off. Holds mutex.
 
         Takes only what ``_next_job`` would take next: not while the failure backlog is full
         nor past ``max_in_flight``; a retry due now is taken by the next ``_next_job``.
@@ -480,7 +494,7 @@ class _AsyncState(Generic[T]):
         assert self.failure_capacity is not None
         if not buffer or len(self.failures) >= self.failure_capacity:
             return taken
-        count = min(len(buffer), _HAND_CHUNK - 1, self.max_in_flight - self.in_flight)
+        count = min(len(buffer), self.hand_chunk - 1, self.max_in_flight - self.in_flight)
         if count <= 0:
             return taken
         popleft = buffer.popleft
