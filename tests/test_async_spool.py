@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from threaddispatch._buffered_state import _ACK_GROUP
 from threaddispatch._spool import Spool
 from threaddispatch.batched import BatchedDispatcher
 from threaddispatch.buffered import AsyncDispatcher, FailedMessage
@@ -268,6 +269,32 @@ def test_a_batched_dispatchers_hand_off_acknowledges_each_batch(tmp_path: Path) 
 
 
 @pytest.mark.timeout(60)
+def test_dispatched_messages_are_acknowledged_in_groups(tmp_path: Path) -> None:
+    """200 buffered messages dispatched one by one leave the spool in a few commits, not one each."""
+    path = tmp_path / "g.spool"
+    sink = _Recording()
+    dispatcher: AsyncDispatcher[object] = AsyncDispatcher(sink, "q", spool=path)
+    sender = dispatcher.setup(200)
+    for n in range(200):
+        sender.put(n)
+    spool = dispatcher._state.spool
+    assert spool is not None
+    settles: list[int] = []
+    real_settle = spool.settle
+
+    def counting_settle(seqs: Any, error: Any, owner: str) -> None:
+        settles.append(len(seqs))
+        real_settle(seqs, error, owner)
+
+    spool.settle = counting_settle  # type: ignore[method-assign]
+    dispatcher.start()
+    assert dispatcher.stop(30)
+    assert [message for message, _ in sink.sent] == list(range(200))
+    assert sum(settles) == 200 and len(settles) <= 200 // _ACK_GROUP + 1
+    assert _pending(path) == []
+
+
+@pytest.mark.timeout(60)
 def test_immediate_mode_acknowledges_on_the_caller_thread(tmp_path: Path) -> None:
     path = tmp_path / "j.spool"
     sink = _Recording(bad="bad")
@@ -360,8 +387,10 @@ def test_a_sigkilled_dispatcher_loses_no_message_whose_put_returned(tmp_path: Pa
     assert set(range(returned)) <= counts.keys()  # every message whose put returned was delivered
     assert max(Counter(first).values()) == 1 and max(Counter(second).values()) == 1
     assert first == list(range(1001))  # up to the one in flight at the kill
-    assert [n for n, count in counts.items() if count > 1] == [1000]  # in flight: the one duplicate
-    assert second == list(range(1000, second[-1] + 1))  # in order, from the one in flight on
+    # Sent again: the one in flight, and those dispatched since the last acknowledgement (one commit per group).
+    again = sorted(n for n, count in counts.items() if count > 1)
+    assert again == list(range(again[0], 1001)) and len(again) <= _ACK_GROUP + 1
+    assert second == list(range(again[0], second[-1] + 1))  # in order, from the first not acknowledged on
     assert _pending(spool) == []
 
 

@@ -74,6 +74,12 @@ _HAND_CHUNK = 64
 _MAX_HAND_CHUNK = 1024
 
 
+# The most messages the dispatch loop dispatches before it acknowledges them in the spool, in one
+# commit. It acknowledges sooner whenever its buffer is empty (it may wait next) or failures wait,
+# so a crash sends again at most this many besides the one in flight.
+_ACK_GROUP = 64
+
+
 def _hand_chunk(batch_size: object) -> int:
     """How many messages one hand-off takes: whole batches of ``batch_size`` when they fit, else _HAND_CHUNK.
 
@@ -388,8 +394,14 @@ class _AsyncState(Generic[T]):
         holding: tuple[_Entry[T], int] | None = None
         chunk: list[tuple[_Entry[T], int]] = []
         spooled = self.spool is not None
+        acks: list[_Entry[T]] = []  # dispatched, not acknowledged in the spool yet (one commit per group)
         try:
             while True:
+                # Unlocked reads, a hint: only this loop takes from the buffer, so a buffer seen
+                # non-empty here gives the next job without a wait for new messages.
+                if acks and (len(acks) >= _ACK_GROUP or not self.buffer or self.failures):
+                    self.spool_settle(acks, None)
+                    acks = []
                 with self.mutex:
                     if delivered:
                         self.in_flight -= delivered
@@ -423,14 +435,14 @@ class _AsyncState(Generic[T]):
                         else:
                             delivered += 1
                             if spooled:
-                                self.spool_settle((entry,), None)
+                                acks.append(entry)
                         holding = None
                         continue
                     outcome = self._dispatch(message, delay, context)
                     if outcome.error is None:
                         delivered += 1
                         if spooled:
-                            self.spool_settle((entry,), None)
+                            acks.append(entry)
                     else:  # user code failed this message (an error, a timeout); the loop lives
                         self._settle(entry, attempts + 1, outcome.error)
                 holding = None
@@ -440,6 +452,8 @@ class _AsyncState(Generic[T]):
             self._abandon(error, chunk if holding is None else [holding], delivered)
             raise
         finally:
+            if acks:  # before stop() (which joins this loop) closes the spool
+                self.spool_settle(acks, None)
             with self.mutex:
                 self.dispatch_done = True
                 self.failure_ready.notify_all()
