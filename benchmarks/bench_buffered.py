@@ -41,6 +41,7 @@ from threaddispatch.batched import BatchedDispatcher
 from threaddispatch.buffered import AsyncDispatcher
 
 BUFFER = 1000
+BASELINE = "queue.Queue + thread (baseline)"
 MESSAGE = {"event": "order.created", "id": 1}
 
 
@@ -163,7 +164,7 @@ def contenders(latency: float) -> list[tuple[str, Callable[[int], tuple[float, _
         return run
 
     return [
-        ("queue.Queue + thread (baseline)", queue_run(False)),
+        (BASELINE, queue_run(False)),
         ("SimpleQueue + thread (unbounded)", queue_run(True)),
         ("AsyncDispatcher, direct", direct_run(False)),
         ("AsyncDispatcher, direct, async dispatch", direct_run(True)),
@@ -173,11 +174,12 @@ def contenders(latency: float) -> list[tuple[str, Callable[[int], tuple[float, _
     ]
 
 
-def measure(latency: float, n: int, repeat: int) -> dict[str, tuple[float, int, float]]:
-    """Per contender: (median msg/s, calls, median process CPU µs per message); runs interleaved.
+def measure(latency: float, n: int, repeat: int) -> dict[str, tuple[float, int, float, str]]:
+    """Per contender: (median msg/s, calls, median process CPU µs per message, ratios per run); runs interleaved.
 
     Each repeat runs every contender once, so all of them see the same machine load; the
-    process CPU time counts every thread (the producer, the loops, the send threads).
+    process CPU time counts every thread (the producer, the loops, the send threads). The
+    ratios are each repeat's msg/s over the queue.Queue baseline's in that same repeat.
     """
     runs: dict[str, list[tuple[float, float]]] = {}
     calls: dict[str, int] = {}
@@ -191,12 +193,17 @@ def measure(latency: float, n: int, repeat: int) -> dict[str, tuple[float, int, 
                 raise RuntimeError(f"{name}: {sink.count} of {n} messages arrived")
             runs.setdefault(name, []).append((n / elapsed, cpu / n * 1e6))
             calls[name] = sink.calls
-    results: dict[str, tuple[float, int, float]] = {}
+    results: dict[str, tuple[float, int, float, str]] = {}
+    base = runs[BASELINE]
     for name, _run in chosen:
         rate = statistics.median(r[0] for r in runs[name])
         cpu = statistics.median(r[1] for r in runs[name])
-        results[name] = (rate, calls[name], cpu)
-        print(f"  {name:<52} {rate:>12,.0f} msg/s  {cpu:6.2f} CPU µs/msg  ({calls[name]} calls)", file=sys.stderr)
+        ratios = " ".join(f"{mine[0] / theirs[0]:.2f}" for mine, theirs in zip(runs[name], base, strict=True))
+        results[name] = (rate, calls[name], cpu, ratios)
+        print(
+            f"  {name:<52} {rate:>12,.0f} msg/s  {cpu:6.2f} CPU µs/msg  ({calls[name]} calls)  per run: {ratios}",
+            file=sys.stderr,
+        )
     return results
 
 
@@ -225,11 +232,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.latency:g} ms per call, {args.latency_messages:,} messages:", file=sys.stderr)
     slow = measure(args.latency / 1000.0, args.latency_messages, args.repeat)
 
-    base = fast["queue.Queue + thread (baseline)"]
+    base = fast[BASELINE]
     headers = [
         "Hand-off",
         "msg/s, 0 ms per call",
         "vs queue.Queue",
+        "each run",
         "CPU µs/msg, 0 ms",
         "CPU vs queue.Queue",
         f"msg/s, {args.latency:g} ms per call",
@@ -240,16 +248,18 @@ def main(argv: list[str] | None = None) -> None:
             name,
             f"{rate:,.0f}",
             f"{rate / base[0]:.2f}",
+            ratios,
             f"{cpu:.2f}",
             f"{cpu / base[2]:.2f}",
             f"{slow[name][0]:,.0f}",
             f"{slow[name][1]:,}",
         ]
-        for name, (rate, _calls, cpu) in fast.items()
+        for name, (rate, _calls, cpu, ratios) in fast.items()
     ]
     print_table(headers, rows)
     print(
-        f"\nPython {sys.version.split()[0]}, one producer, buffer {BUFFER}, median of {args.repeat} runs; "
+        f"\nPython {sys.version.split()[0]}, one producer, buffer {BUFFER}, median of {args.repeat} runs "
+        f"(each run: its msg/s over queue.Queue's in the same run); "
         f"BatchedDispatcher flush_interval=0.05, max_concurrent_sends=4."
     )
 

@@ -196,11 +196,16 @@ class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
         """
         if not isinstance(target, str) or not target:
             raise ConfigurationError(f"target must be a non-empty str, got {target!r}")
-        delay = None if delay_seconds is None else self._check_delay(delay_seconds)
         future: Future[str | None] = LazyFuture()
         tracing = self._tracing
         span = None if tracing is None else tracing.capture()
-        self._accept(_Pending(message, future, delay, contextvars.copy_context(), span=span), target)
+        if delay_seconds is not None:
+            delay = self._check_delay(delay_seconds)
+            self._accept(_Pending(message, future, delay, contextvars.copy_context(), None, None, span), target)
+            return future
+        if self._state.closed:  # _accept's check, inline: the common call pays one call less
+            raise DispatcherClosedError(f"BatchedDispatcher {self.name!r} is closed; {show(message)} was not accepted")
+        self._engine.put(_Pending(message, future, None, contextvars.copy_context(), None, None, span), target)
         return future
 
     def _hand_off(
