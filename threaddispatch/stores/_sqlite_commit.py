@@ -1,17 +1,18 @@
-"""SQLiteStore's group commit for ``durability="full"``: concurrent enqueues share one fsync: its one job.
+"""SQLiteStore's group commit for ``durability="full"``: concurrent enqueues share one transaction: its one job.
 
-With ``synchronous=FULL`` every commit waits for an fsync (milliseconds on most disks), so
-writers committing one by one are bounded by the disk. :class:`GroupCommitter` joins them:
-an enqueuing thread that finds no commit running becomes the leader, takes everything
-queued so far and writes it with its own jobs in ONE transaction on its own connection;
-threads that arrive meanwhile queue and sleep. When the commit ends the leader wakes each
-caller of its group once, settled, and hands the leadership to the first one queued, which
-leads with all that queued while it ran. A leader whose group would be smaller than the
-last one waits up to :data:`LINGER` for the callers the last commit released to queue again
-(PostgreSQL's ``commit_delay``/``commit_siblings``): without it, groups alternate between a
-few callers and the rest. Each caller returns only after the commit holding its own jobs (or
-with its own error: a failed group is retried one request at a time, so one bad job fails
-only its caller). No extra thread.
+An enqueuing thread that finds no commit running becomes the leader, takes everything
+queued so far and writes it with its own jobs in ONE transaction on its own connection
+(one BEGIN/COMMIT, the index pages the jobs share written once: less CPU and WAL per job);
+threads that arrive meanwhile queue and sleep. Once the transaction has committed the
+leader hands the leadership to the first one queued, which writes the next group at once,
+while the leader waits for the :class:`~threaddispatch.stores._sqlite_sync.Syncer`'s fsync
+covering its commit; then it wakes each caller of its group once, settled. A leader whose
+group would be smaller than the last one waits up to :data:`LINGER` for the callers the
+last commit released to queue again (PostgreSQL's ``commit_delay``/``commit_siblings``):
+without it, groups alternate between a few callers and the rest. Each caller returns only
+after the commit holding its own jobs is durable (or with its own error: a failed group is
+retried one request at a time, so one bad job fails only its caller; a failed sync fails the
+whole group). No extra thread.
 
 Wake-ups, measured on a loaded 2-core machine, are what the cycle between two fsyncs costs:
 each caller sleeps on its own lock, released exactly once (settled, or made the leader), and
@@ -26,6 +27,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from threaddispatch.errors import StoreUnavailableError
+from threaddispatch.stores._sqlite_sync import Syncer
 from threaddispatch.stores.base import JobRecord
 
 __all__ = ["LINGER", "Commit", "GroupCommitter"]
@@ -57,9 +59,10 @@ class _Request:
 class GroupCommitter:
     """Joins concurrent enqueues into shared transactions; ``timeout`` bounds a caller's wait. Thread-safe."""
 
-    def __init__(self, *, timeout: float, where: str) -> None:
+    def __init__(self, *, timeout: float, where: str, syncer: Syncer | None = None) -> None:
         self.timeout = timeout
         self.where = where
+        self.syncer = syncer  # makes a group's commit durable after the lead is handed on (None: the commit did)
         self._init_process_state()
 
     def _init_process_state(self) -> None:
@@ -91,7 +94,7 @@ class GroupCommitter:
         if not request.lead and not request.wake.acquire(timeout=max(0.0, deadline - time.monotonic())):
             self._give_up(request)
         if not request.done:  # made the leader
-            self._lead(self._gather(request, deadline), commit)
+            self._lead(self._gather(request, deadline), commit, deadline)
         if request.error is not None:
             raise request.error
         return request.ids
@@ -129,37 +132,52 @@ class GroupCommitter:
         while not request.wake.acquire(timeout=self.timeout):
             pass
 
-    def _lead(self, batch: list[_Request], commit: Commit) -> None:
+    def _lead(self, batch: list[_Request], commit: Commit, deadline: float) -> None:
+        handed_on = False
         try:
-            try:
-                for request, ids in zip(batch, commit([request.jobs for request in batch]), strict=True):
-                    request.ids = ids
-            except Exception:
-                if len(batch) == 1:
-                    raise
-                for request in batch:  # one at a time: each caller gets its own outcome
-                    try:
-                        request.ids = commit([request.jobs])[0]
-                    except Exception as error:  # noqa: BLE001 - handed to its caller
-                        request.error = error
+            self._commit(batch, commit)
+            self._hand_on()  # the next group is written while this one's sync runs
+            handed_on = True
+            if self.syncer is not None and any(request.ids for request in batch):
+                self.syncer.wait_written(deadline)
         except BaseException as error:
             for request in batch:
-                if not request.ids and request.error is None:
-                    request.error = error
+                request.ids, request.error = [], request.error or error
             raise
         finally:
-            self._settle(batch)
+            self._settle(batch, hand_on=not handed_on)
 
-    def _settle(self, batch: list[_Request]) -> None:
-        """Wake each caller of ``batch`` (the leader's own, ``batch[0]``, is awake), then hand the lead on."""
-        with self._lock:
+    @staticmethod
+    def _commit(batch: list[_Request], commit: Commit) -> None:
+        """Write the batch in one transaction; if that fails, each request alone (it gets its own outcome)."""
+        try:
+            for request, ids in zip(batch, commit([request.jobs for request in batch]), strict=True):
+                request.ids = ids
+        except Exception:
+            if len(batch) == 1:
+                raise
             for request in batch:
-                request.done = True
-            for request in batch[1:]:
-                request.wake.release()
+                try:
+                    request.ids = commit([request.jobs])[0]
+                except Exception as error:  # noqa: BLE001 - handed to its caller
+                    request.error = error
+
+    def _hand_on(self) -> None:
+        """Make the first queued request the leader (it commits the next group), or let the lead go."""
+        with self._lock:
             if self._queue:
                 successor = self._queue.popleft()
                 successor.lead = True
                 successor.wake.release()
             else:
                 self._leading = False
+
+    def _settle(self, batch: list[_Request], *, hand_on: bool) -> None:
+        """Wake each caller of ``batch`` (the leader's own, ``batch[0]``, is awake); hand the lead on if not yet."""
+        with self._lock:
+            for request in batch:
+                request.done = True
+            for request in batch[1:]:
+                request.wake.release()
+        if hand_on:
+            self._hand_on()

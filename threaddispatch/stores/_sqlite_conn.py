@@ -10,8 +10,9 @@
   next use; the child never touches a parent's connection, not even to close it.
 - Checkpoints stay off the commit path: connections checkpoint on their own only past
   :data:`AUTOCHECKPOINT_PAGES` (a backstop); the store's checkpoint thread runs PASSIVE
-  checkpoints while an engine is subscribed. With an fsync per commit (``synchronous``
-  FULL or EXTRA) a commit checkpoints past :data:`FSYNC_AUTOCHECKPOINT_PAGES` instead: see there.
+  checkpoints while an engine is subscribed. With a sync per commit (``durability="full"``,
+  ``synchronous`` FULL or EXTRA) a commit checkpoints past :data:`FSYNC_AUTOCHECKPOINT_PAGES`
+  instead: see there.
 """
 
 from __future__ import annotations
@@ -61,17 +62,10 @@ AUTOCHECKPOINT_PAGES = 10_000
 FSYNC_AUTOCHECKPOINT_PAGES = 1_000
 
 
-#: ``durability`` -> its PRAGMA synchronous. What a crash can take, in WAL mode (SQLite's own terms):
-#:
-#: - ``normal`` (NORMAL): a returned commit is in the WAL file, in the OS's cache. A crash of
-#:   any process loses nothing. A power cut or OS crash may lose the commits made since the
-#:   last checkpoint (the WAL is fsynced before each one: at most every 0.1 s while an engine
-#:   is subscribed, else every 10,000 pages), never corrupting the file.
-#: - ``full`` (FULL): every commit (enqueues, claims, completions) is fsynced before the call
-#:   returns: a power cut loses nothing that returned, on a disk that honours fsync.
-#: - ``synchronous="EXTRA"``: as FULL in WAL mode. ``"OFF"``: no fsync at all, not even at
-#:   checkpoints; a process crash still loses nothing, but a power cut or OS crash may
-#:   corrupt the database file.
+#: ``durability`` -> its PRAGMA synchronous when ``synchronous`` is not given. What a crash can
+#: take is in SQLiteStore's docstring; ``full`` commits at NORMAL where the store's Syncer makes
+#: each write durable after its commit (see :mod:`~threaddispatch.stores._sqlite_sync`), at FULL
+#: where os.fdatasync is missing.
 DURABILITY = {"normal": "NORMAL", "full": "FULL"}
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -123,14 +117,17 @@ class Write:
     :class:`~threaddispatch.stores._sqlite_sync.Syncer` (``durability="full"``), a block
     that changed rows returns only once its commit is on disk (the wait outside the lock).
     Waits are bounded by one deadline: ``busy_timeout`` for the lock and the BEGIN, as long
-    again for the sync.
+    again for the sync. ``defer_sync``: return without that wait; the caller then waits with
+    :meth:`Syncer.wait_written <threaddispatch.stores._sqlite_sync.Syncer.wait_written>`
+    before reporting the write done (the group commit, which hands its lead on first).
     """
 
-    __slots__ = ("before", "conn", "connections", "deadline", "immediate")
+    __slots__ = ("before", "conn", "connections", "deadline", "defer_sync", "immediate")
 
-    def __init__(self, connections: Connections, *, immediate: bool = True) -> None:
+    def __init__(self, connections: Connections, *, immediate: bool = True, defer_sync: bool = False) -> None:
         self.connections = connections
         self.immediate = immediate
+        self.defer_sync = defer_sync
 
     def __enter__(self) -> sqlite3.Connection:
         connections = self.connections
@@ -166,7 +163,7 @@ class Write:
                 conn.execute("ROLLBACK")
         finally:
             connections.writer.release()
-        if commit:
+        if commit and not self.defer_sync:
             assert connections.syncer is not None
             connections.syncer.wait_durable(commit, self.deadline + connections.busy_timeout)
 

@@ -114,6 +114,10 @@ class Syncer:
         self._written += 1
         return self._written
 
+    def wait_written(self, deadline: float) -> None:
+        """:meth:`wait_durable` for every commit that has returned so far (the caller's among them)."""
+        self.wait_durable(self._written, deadline)
+
     def wait_durable(self, commit: int, deadline: float) -> None:
         """Return once commit number ``commit`` is on disk: a sync started after it, by this thread or another.
 

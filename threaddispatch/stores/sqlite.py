@@ -4,12 +4,15 @@ This module is the :class:`~threaddispatch.stores.Store` methods and the SQL onl
 needs; the per-thread connections, pragmas and fork safety are in
 :mod:`~threaddispatch.stores._sqlite_conn`, the cross-process wake-ups and checkpoints in
 :mod:`~threaddispatch.stores._sqlite_watch`, the group commit of ``durability="full"`` in
-:mod:`~threaddispatch.stores._sqlite_commit`.
+:mod:`~threaddispatch.stores._sqlite_commit` and its shared WAL fdatasync in
+:mod:`~threaddispatch.stores._sqlite_sync`.
 
 - WAL journal, ``busy_timeout``, one connection per thread per process (a forked child
   opens its own); ``fork()`` is safe while threads use the store.
 - Short transactions; every write that reads first runs under ``BEGIN IMMEDIATE`` so
-  two processes never both decide from the same snapshot. A claim is ONE
+  two processes never both decide from the same snapshot. Every write holds the store's
+  writer lock (:class:`~threaddispatch.stores._sqlite_conn.Write`): this process's writers
+  queue on it, only other processes' writers meet SQLite's busy handler. A claim is ONE
   ``UPDATE ... RETURNING`` statement (SQLite >= 3.35). A commit checkpoints only past
   10,000 WAL pages (a backstop); while an engine is subscribed, a checkpoint thread does.
 - Wake-ups (:meth:`SQLiteStore.subscribe_wakeups`): a watcher thread per store, running
@@ -101,20 +104,32 @@ class SQLiteStore(Store):
     construction. Thread-safe and multi-process-safe; every method blocks for one short
     transaction (plus up to ``busy_timeout`` waiting for the write lock).
 
-    ``durability`` says what a returned call has made safe:
+    ``durability`` says what a returned call has made safe (WAL mode; "lost" means the
+    write is gone after the restart, never a corrupted file):
 
-    - ``"normal"`` (default; ``PRAGMA synchronous = NORMAL`` in WAL mode): a job whose
-      enqueue returned survives a crash of any process (the commit is in the WAL file, in
-      the OS's cache). A power cut or OS crash may lose the commits since the last
-      checkpoint's fsync, never corrupting the file. No fsync on the commit path.
-    - ``"full"`` (``synchronous = FULL``): every commit is fsynced before the call returns,
-      so it survives power loss too (on a disk that honours fsync). Enqueues from
-      concurrent threads of a process are joined into one transaction, one fsync (group
-      commit); each still returns only after the commit holding its own jobs.
+    - ``"normal"`` (default; ``PRAGMA synchronous = NORMAL``): a write that returned is in
+      the WAL file, in the OS's page cache. A crash of any process (SIGKILL included) loses
+      nothing that returned. A power cut or OS crash may lose the writes made since the
+      WAL's last fsync, which SQLite runs before each checkpoint (every 0.1 s or so while
+      an engine is subscribed, else every 10,000 WAL pages). No fsync on the commit path.
+    - ``"full"``: every write (enqueues, claims, completions, everything that commits a
+      change) returns only once its commit is on disk: a power cut loses nothing that
+      returned, on a disk that honours fsync. The commit is made with ``synchronous =
+      NORMAL`` and then covered by an ``fdatasync`` of the WAL that started after it,
+      outside the write lock and shared by every commit before it
+      (:mod:`~threaddispatch.stores._sqlite_sync` explains why that is as durable as
+      ``synchronous = FULL``); concurrent enqueues of a process are also joined into one
+      transaction (group commit). Where ``os.fdatasync`` is missing, ``synchronous = FULL``.
+      If an fsync fails, that write and every later one of the process raise StoreError.
 
-    ``synchronous`` (OFF, NORMAL, FULL or EXTRA) overrides the durability's PRAGMA
-    (``"OFF"``: not even a process crash is survived safely); with ``durability="full"``
-    it must be FULL or EXTRA.
+    ``synchronous`` (OFF, NORMAL, FULL or EXTRA) sets the PRAGMA itself: with
+    ``durability="full"`` it must be FULL or EXTRA (SQLite then fsyncs inside each
+    commit); ``"OFF"`` never fsyncs (a process crash loses nothing, a power cut may
+    corrupt the file).
+
+    Writes of this process's threads queue on one lock per store (never in SQLite's busy
+    handler, which sleeps 1, 2, 5 ... ms); only other processes' writers make a write wait
+    in SQLite, up to ``busy_timeout``.
     """
 
     #: Numbered schema migrations: ``(version, description, statements)``, applied in order.
@@ -164,7 +179,9 @@ class SQLiteStore(Store):
         self._limits: dict[str, QueueLimits] = {}  # set_queue_limits's, by queue
         self._committer: GroupCommitter | None = None
         if durability == "full":
-            self._committer = GroupCommitter(timeout=2 * self.busy_timeout, where=self.path)
+            self._committer = GroupCommitter(
+                timeout=2 * self.busy_timeout, where=self.path, syncer=self._connections.syncer
+            )
         _lifecycle.register(self)
         if migrate:
             self.migrate()
@@ -173,9 +190,9 @@ class SQLiteStore(Store):
         """This thread's connection, opened on first use; only inside a ``@translate`` method."""
         return self._connections.conn()
 
-    def _write(self, *, immediate: bool = True) -> Write:
+    def _write(self, *, immediate: bool = True, defer_sync: bool = False) -> Write:
         """``with self._write() as conn:`` one write (see :class:`Write`); only inside a ``@translate`` method."""
-        return Write(self._connections, immediate=immediate)
+        return Write(self._connections, immediate=immediate, defer_sync=defer_sync)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -298,7 +315,7 @@ class SQLiteStore(Store):
         try:
             if self._committer is not None:
                 return self._committer.enqueue(jobs, self._write_jobs)
-            return self._write_jobs((jobs,))[0]
+            return self._write_jobs((jobs,))[0]  # no syncer without a committer: nothing deferred
         except sqlite3.IntegrityError as error:
             raise StoreError(f"could not insert jobs: {error} (a job id already exists?)") from error
 
@@ -308,13 +325,13 @@ class SQLiteStore(Store):
         first = requests[0]
         if len(requests) == 1 and len(first) == 1 and first[0].unique_key is None and not first[0].depends_on:
             # One statement is its own atomic transaction: skip BEGIN/COMMIT round trips.
-            with self._write(immediate=False):
+            with self._write(immediate=False, defer_sync=True):
                 cursor = conn.execute(_INSERT, job_params(first[0]))
             if self._watcher.active and cursor.lastrowid is not None:
                 self._watcher.note_own(cursor.lastrowid, cursor.lastrowid)
             return [[first[0].id]]
         before = conn.total_changes
-        with self._write():
+        with self._write(defer_sync=True):
             ids = [self._insert_many(conn, jobs) for jobs in requests]
             inserted = conn.total_changes - before
             last = int(conn.execute("SELECT last_insert_rowid()").fetchone()[0]) if inserted else 0
