@@ -68,11 +68,12 @@ def test_background_dispatcher_loads_neither_the_engine_nor_asyncio() -> None:
 
 @pytest.mark.timeout(180)
 def test_job_engine_loads_no_store_implementation_nor_asyncio() -> None:
-    """``from threaddispatch import JobEngine`` loads the engine, not SQLite's store, asyncio, uuid or socket."""
+    """``from threaddispatch import JobEngine`` loads the engine: no SQLite store, asyncio, uuid, socket, zoneinfo."""
     added = _loaded_by("from threaddispatch import JobEngine")
     assert "threaddispatch.jobs" in added
     assert not added & {"asyncio", "sqlite3", "uuid", "socket", "threaddispatch.stores.sqlite"}
     assert not added & {"threaddispatch.background", "threaddispatch.stores.postgres"}
+    assert "zoneinfo" not in added  # the tz database: for a cron schedule given a zone name
 
 
 @pytest.mark.timeout(180)
@@ -95,6 +96,24 @@ def test_cli_help_loads_neither_the_engine_nor_the_bench_tools(argv: list[str]) 
     assert "threaddispatch.cli" in added
     assert not added & {*HEAVY, "threaddispatch._bench_curves", "threaddispatch.admin", "subprocess"}
     assert not added & {"logging.handlers", "statistics", "threaddispatch.background"}
+
+
+@pytest.mark.timeout(180)
+def test_the_flask_glue_loads_neither_the_admin_api_nor_background() -> None:
+    """``threaddispatch.contrib.flask`` loads the admin API when it is mounted, BackgroundDispatcher when used."""
+    pytest.importorskip("flask")
+    added = _loaded_by("import threaddispatch.contrib.flask")
+    assert "threaddispatch.contrib.flask" in added
+    assert not added & {"threaddispatch.admin", "threaddispatch.background", "sqlite3", "asyncio"}
+
+
+@pytest.mark.timeout(180)
+def test_the_django_settings_module_loads_no_admin_api() -> None:
+    """``threaddispatch.contrib.django`` (the app Django imports at start) loads the admin API when mounted."""
+    pytest.importorskip("django")
+    added = _loaded_by("import threaddispatch.contrib.django")
+    assert "threaddispatch.contrib.django.conf" in added
+    assert not added & {"threaddispatch.admin", "threaddispatch.background"}
 
 
 # -- the lazily loaded parts still work ----------------------------------------------------------------

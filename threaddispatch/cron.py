@@ -48,7 +48,6 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone, tzinfo
 from functools import cached_property
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from threaddispatch.errors import ConfigurationError
 
@@ -309,6 +308,8 @@ def _zone(tz: tzinfo | str | None) -> tzinfo:
     if isinstance(tz, tzinfo):
         return tz
     if isinstance(tz, str):
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError  # here: a schedule in UTC never loads the tz database
+
         try:
             return ZoneInfo(tz)
         except (ZoneInfoNotFoundError, ValueError):

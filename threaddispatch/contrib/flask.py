@@ -44,19 +44,21 @@ import json
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from flask import Blueprint, Flask, Response, current_app, has_app_context, request
 
 from threaddispatch import _lifecycle
-from threaddispatch.admin import AdminApp, make_wsgi_app
-from threaddispatch.background import BackgroundDispatcher
 from threaddispatch.backoff import check_seconds
 from threaddispatch.contrib._flask_cli import cli_group
 from threaddispatch.contrib._mount import check_prefix
 from threaddispatch.errors import ConfigurationError
 from threaddispatch.jobs import JobEngine
 from threaddispatch.stores import Store, open_store
+
+if TYPE_CHECKING:  # at run time imported where used: an app without the admin API nor dispatchers loads neither
+    from threaddispatch.admin import AdminApp
+    from threaddispatch.background import BackgroundDispatcher
 
 __all__ = ["BLUEPRINT_NAME", "EXTENSION_KEY", "ThreadDispatch", "current_engine"]
 
@@ -208,6 +210,8 @@ class ThreadDispatch:
                 "THREADDISPATCH_TOKEN is not used with THREADDISPATCH_ADMIN_AUTH='app' (the app's before_request "
                 "decides): remove one of the two"
             )
+        from threaddispatch.admin import make_wsgi_app
+
         try:
             state.admin = make_wsgi_app(
                 state.engine, "", token,
@@ -247,6 +251,8 @@ class ThreadDispatch:
         Takes the dispatcher's arguments; ``name`` defaults to ``flask-<app>-<n>``.
         Non-blocking (starts the dispatcher's thread on first use).
         """
+        from threaddispatch.background import BackgroundDispatcher
+
         state = self._state()
         options.setdefault("name", f"flask-{state.app_name}-{next(_serial)}")
         dispatcher: BackgroundDispatcher[T] = BackgroundDispatcher(send_batch, ms_delay, **options)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -38,11 +38,13 @@ from django.core.signals import setting_changed
 from django.utils.module_loading import import_string
 
 from threaddispatch import _lifecycle
-from threaddispatch.admin import AdminApp, make_wsgi_app
 from threaddispatch.backoff import check_seconds
 from threaddispatch.errors import ConfigurationError
 from threaddispatch.jobs import JobEngine
 from threaddispatch.stores import Store, open_store
+
+if TYPE_CHECKING:  # imported by get_admin_app: a project that mounts no admin API never loads it
+    from threaddispatch.admin import AdminApp
 
 __all__ = [
     "DispatchSettings",
@@ -207,6 +209,8 @@ def get_engine() -> JobEngine:
 def get_admin_app() -> AdminApp:
     """The admin app over :func:`get_engine` (cached), for the urls. Raises ImproperlyConfigured."""
     global _admin
+    from threaddispatch.admin import make_wsgi_app
+
     engine = get_engine()
     with _lock:
         if _admin is None or _admin.engine is not engine:
