@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from sqlite_threads import run_threads
 
 from threaddispatch.errors import ConfigurationError, StoreError
 from threaddispatch.stores import JobRecord, JobState, SQLiteStore
@@ -65,7 +66,6 @@ def test_group_commit_keeps_every_job_of_four_threads_each_committed_before_its_
     path = tmp_path / "jobs.db"
     store = SQLiteStore(path, durability="full")
     missing: list[str] = []
-    errors: list[BaseException] = []
     start = threading.Barrier(4)
 
     def produce() -> None:
@@ -78,19 +78,11 @@ def test_group_commit_keeps_every_job_of_four_threads_each_committed_before_its_
                 # Another connection sees it at once: the enqueue returned after its own commit.
                 if check.execute("SELECT 1 FROM dispatch_jobs WHERE id = ?", (job.id,)).fetchone() is None:
                     missing.append(job.id)
-        except BaseException as error:
-            errors.append(error)
         finally:
             check.close()
 
-    threads = [threading.Thread(target=produce, name=f"producer-{n}") for n in range(4)]
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(100)
-            assert not thread.is_alive()
-        assert errors == []
+        assert run_threads([produce] * 4) == []
         assert missing == []
         assert store.counts()[JobState.PENDING] == 160
     finally:

@@ -9,13 +9,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from sqlite_threads import run_threads
 
 from threaddispatch.errors import StoreError
 from threaddispatch.stores import JobRecord, JobState, SQLiteStore, _sqlite_sync
@@ -72,26 +72,16 @@ def test_every_enqueue_returns_after_a_sync_that_started_after_its_commit(
     store = SQLiteStore(tmp_path / "jobs.db", durability="full")
     log = _Log(store, monkeypatch)
     returned: list[str] = []
-    errors: list[BaseException] = []
 
     def produce() -> None:
-        try:
-            for _ in range(30):
-                job = _job()
-                store.enqueue([job])
-                log.events.append(("returned", frozenset([job.id])))
-                returned.append(job.id)
-        except BaseException as error:
-            errors.append(error)
+        for _ in range(30):
+            job = _job()
+            store.enqueue([job])
+            log.events.append(("returned", frozenset([job.id])))
+            returned.append(job.id)
 
-    threads = [threading.Thread(target=produce, name=f"producer-{n}") for n in range(4)]
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(100)
-            assert not thread.is_alive()
-        assert errors == []
+        assert run_threads([produce] * 4) == []
         assert len(returned) == 120
         assert [job_id for job_id in returned if not log.synced_between(job_id)] == []
         assert log.syncs() <= 120  # shared: never more syncs than enqueues

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlite_threads import run_threads
 
 import threaddispatch.stores.sqlite as sqlite_module
 from threaddispatch.stores import JobRecord, JobState, SQLiteStore
@@ -78,42 +79,34 @@ def test_an_enqueue_meeting_another_threads_write_waits_on_the_writer_lock_not_i
 def test_concurrent_writers_of_every_kind_keep_every_write(tmp_path: Path) -> None:
     """Enqueues, claims and completions from six threads, each through the writer lock: nothing lost."""
     store = SQLiteStore(tmp_path / "jobs.db")
-    errors: list[BaseException] = []
-    done: list[str] = []
+    done: set[str] = set()
     done_lock = threading.Lock()
+    produced = threading.Event()
 
     def produce() -> None:
-        try:
-            for _ in range(100):
-                store.enqueue([_job()])
-        except BaseException as error:
-            errors.append(error)
+        for _ in range(100):
+            store.enqueue([_job()])
 
     def work(name: str) -> None:
-        try:
-            while True:
+        while True:
+            jobs = store.claim(["default"], 5, worker_id=name, now=time.time())
+            if not jobs and produced.wait(0.001):
+                return
+            for job in jobs:
+                store.complete(job.id, worker_id=name, attempts=job.attempts, result=None, now=time.time())
                 with done_lock:
-                    if len(done) >= 300:
-                        return
-                for job in store.claim(["default"], 5, worker_id=name, now=time.time()):
-                    store.complete(job.id, worker_id=name, attempts=job.attempts, result=None, now=time.time())
-                    with done_lock:
-                        done.append(job.id)
-        except BaseException as error:
-            errors.append(error)
-            with done_lock:
-                done.extend(["failed"] * 300)
+                    done.add(job.id)
 
-    threads = [threading.Thread(target=produce, name=f"producer-{n}") for n in range(3)]
-    threads += [threading.Thread(target=work, args=(f"worker-{n}",), name=f"worker-{n}") for n in range(3)]
+    def produce_all() -> None:
+        try:
+            assert run_threads([produce] * 3) == []
+        finally:
+            produced.set()
+
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(100)
-            assert not thread.is_alive()
-        assert errors == []
-        assert len(set(done)) == 300
+        workers = [lambda name=f"claimer-{n}": work(name) for n in range(3)]
+        assert run_threads([produce_all, *workers]) == []
+        assert len(done) == 300
         assert store.counts()[JobState.COMPLETED] == 300
     finally:
         store.close()
