@@ -22,7 +22,11 @@ Printed per P: enqueue jobs/s (step 2 alone) and end-to-end jobs/s (steps 2-3), 
   wall time, this process's CPU and the server backend's CPU (from ``/proc``, when the
   server is local), and the ratios to the smallest case.
 - ``pickup``: a job enqueued in this process, run by an idle JobEngine worker in another
-  (polling every 30 s, so only LISTEN/NOTIFY wakes it): enqueue-to-start latency, p50/p99.
+  (polling every 30 s, so only LISTEN/NOTIFY wakes it): enqueue-to-start latency, p50/p99;
+  then pairs A, B (B ``depends_on`` A) enqueued here and both run there: from A's handler
+  returning to B's start (B is released by A's completion, and announced by its trigger),
+  enqueued as one ``chain`` and as two enqueues (B after A: a completion whose snapshot
+  predates B's commit misses B, which then waits for the upkeep's sweep).
 
 No peer queue (pgqueuer, procrastinate) is installed here, so none runs side by side.
 The server runs with its defaults except ``fsync`` (``--fsync off`` by
@@ -65,6 +69,7 @@ def worker(dsn: str, schema: str, ready: Path, concurrency: int, idle: bool = Fa
                        heartbeat_interval=5.0, stale_job_threshold=60.0)  # fmt: skip
     engine.register("noop", lambda ctx, payload: None, max_retries=0, timeout=None)
     engine.register("stamp", stamp, max_retries=0, timeout=None)
+    engine.register("clock", clock, max_retries=0, timeout=None)
     engine.start()
     ready.write_text("ready")
     stop.wait()
@@ -76,6 +81,11 @@ def worker(dsn: str, schema: str, ready: Path, concurrency: int, idle: bool = Fa
 def stamp(ctx: object, payload: float) -> float:
     """The pickup job: how long after its enqueue (``payload``, a time.time()) it started."""
     return time.time() - payload
+
+
+def clock(ctx: object, payload: object) -> float:
+    """The released-dependent pickup's jobs: the time.time() at which the handler ran."""
+    return time.time()
 
 
 def run_once(dsn: str, jobs: int, processes: int, concurrency: int, workdir: Path) -> tuple[float, float]:
@@ -278,11 +288,18 @@ def drop(dsn: str, schema: str) -> None:
         conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
+def percentiles(latencies: list[float]) -> str:
+    ordered = sorted(latencies)
+    p50, p99 = ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return f"p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms"
+
+
 def pickup(dsn: str, workdir: Path, samples: int = 100) -> None:
     """Enqueue here, run in an idle worker process: latency from enqueue to the job's start."""
     store, schema, _ = fresh_store(dsn)
     producer = JobEngine(store)
     producer.register("stamp", stamp, max_retries=0, timeout=None)
+    producer.register("clock", clock, max_retries=0, timeout=None)
     ready = workdir / f"ready-{schema}"
     proc = subprocess.Popen([sys.executable, __file__, "--worker", dsn, schema, str(ready), "4", "--idle"])
     try:
@@ -297,10 +314,27 @@ def pickup(dsn: str, workdir: Path, samples: int = 100) -> None:
             job_id = producer.enqueue("stamp", time.time())
             latencies.append(producer.result(job_id, timeout=60))
             time.sleep(0.02)  # the worker is idle again
-        latencies.sort()
-        p50, p99 = latencies[len(latencies) // 2], latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
-        print(f"\ncross-process pickup, idle worker polling every 30 s ({samples} jobs): "
-              f"p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms", flush=True)  # fmt: skip
+        print(f"\ncross-process pickup, idle worker polling every 30 s ({samples} jobs): {percentiles(latencies)}")
+
+        # B waits for A; both run in the worker: from A's handler returning to B's start (A's
+        # completion, its release of B and that release's NOTIFY, B's claim). Enqueued as a
+        # chain (one transaction), then B apart, right after A: when A's completion does not
+        # see B yet (its snapshot predates B's commit), the upkeep's sweep releases B.
+        def chained() -> list[str]:
+            return producer.chain(producer.job_spec("clock"), producer.job_spec("clock"))
+
+        def apart() -> list[str]:
+            first = producer.enqueue("clock")
+            return [first, producer.enqueue("clock", depends_on=[first])]
+
+        for label, enqueue in (("chain(A, B)", chained), ("A, then B depends_on A", apart)):
+            released = []
+            for _ in range(samples):
+                first_id, second_id = enqueue()
+                released.append(producer.result(second_id, timeout=60) - producer.result(first_id, timeout=60))
+                time.sleep(0.02)
+            print(f"released dependent, {label}, same idle worker ({samples} pairs): {percentiles(released)}",
+                  flush=True)  # fmt: skip
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
