@@ -15,6 +15,7 @@ settling and the bound apart would spread that lock's invariants over several mo
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import queue
@@ -27,7 +28,7 @@ from threaddispatch import _drop_log, _lifecycle
 from threaddispatch._drop_log import DropLog
 from threaddispatch._endpoint_records import EVENTS, DispatchJob, SendBatch, WebhookBatch, new_id
 from threaddispatch._engine import BatchEngine, Overflow
-from threaddispatch._invoke import BASE, ERROR, Outcome, TimedCaller
+from threaddispatch._invoke import BASE, ERROR, Outcome, TimedCaller, call
 from threaddispatch._lanes import FifoLane, Lane, PriorityLane
 from threaddispatch._pool import WorkerPool
 from threaddispatch._spool import Spool
@@ -44,11 +45,9 @@ _log = logging.getLogger("threaddispatch")
 _forked_spools: list[Spool] = []  # a forked child's copies of its parent's spools: never used nor closed there
 
 
-def _priority_lane(key: Hashable) -> Lane[DispatchJob]:
-    return PriorityLane(key, _priority_of)
-
-
 _priority_of: Callable[[DispatchJob], int] = attrgetter("priority")
+# A new endpoint's lane: a partial, so making one is a C call, not a Python frame more per endpoint.
+_priority_lane: Callable[[Hashable], Lane[DispatchJob]] = functools.partial(PriorityLane, priority_of=_priority_of)
 
 
 def _outcomes(result: object, count: int, endpoint_id: Hashable) -> list[object]:
@@ -113,7 +112,9 @@ class Core:
         # runner thread, marked as sending like the sending thread: _send_on_runner).
         self.caller = TimedCaller(f"{name}-send", timeout=send_timeout)
         self.send_target: Callable[..., object] = send_batch if send_timeout is None else self._send_on_runner
+        self.plain_send = send_timeout is None  # send_batch runs on the sending thread: _invoke.call, no caller
         self.pool = WorkerPool(max_concurrent_batches, name=f"{name}-send")
+        self.pooled_run = self.run_pooled  # bound once: a batch's hand-off allocates no bound method
         self.engine: BatchEngine[DispatchJob] = BatchEngine(
             self.deliver,
             name=name,
@@ -207,7 +208,7 @@ class Core:
         # Whoever acquires the claim sends the batch: a run that raised may still have queued it.
         claim = threading.Lock()
         try:
-            self.pool.run(self.run_pooled, batch, seq, claim)
+            self.pool.run(self.pooled_run, batch, seq, claim)
             return
         except DispatcherClosedError:
             pass  # the pool was shut down while the engine still drains: send here rather than lose it
@@ -317,10 +318,12 @@ class Core:
                     "batch": batch,
                 },
             )
-        if self.tracing is None:
-            sent = self._call_send(endpoint_id, list(jobs))
-        else:
+        if self.tracing is not None:
             sent = self._traced_send(self.tracing, endpoint_id, jobs)
+        elif self.plain_send:
+            sent = call(self.send_batch, endpoint_id, list(jobs))  # what caller.call does without a timeout
+        else:
+            sent = self._call_send(endpoint_id, list(jobs))
         if not sent.ok:
             error = sent.error
             if sent.kind == BASE:
@@ -382,10 +385,10 @@ class Core:
         finally:
             # After the events, so a retry never overtakes the report of the attempt before it;
             # in a finally, so no listener can lose a job.
-            if inline_retries is None:
-                self._requeue(endpoint_id, retries)
-            else:
+            if inline_retries is not None:
                 inline_retries.extend(retries)
+            elif retries:
+                self._requeue(endpoint_id, retries)
         return error if sent.kind == BASE else None
 
     def _traced_send(self, tracing: Tracing, endpoint_id: Hashable, jobs: Sequence[DispatchJob]) -> Outcome:

@@ -233,7 +233,7 @@ def job_from_spool(seq: int, entry: Any) -> DispatchJob:
     return job
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: one object per batch, not two (no __dict__)
 class WebhookBatch:
     """The record of one batch: its jobs (in send order), status and timestamps (``time.time()``).
 

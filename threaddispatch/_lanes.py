@@ -71,8 +71,9 @@ class FifoLane(deque[Any]):
     drop_newest = deque.pop
     drop_oldest = deque.popleft
 
-    def __hash__(self) -> int:  # type: ignore[override]  # lanes are identities, used as dict keys by the engine
-        return id(self)
+    # Lanes are identities, used as dict keys by the engine (a deque has no hash): object's own
+    # hash, at C speed (the engine hashes a lane several times per batch), and identity equality.
+    __hash__ = object.__hash__  # type: ignore[assignment]
 
     def __eq__(self, other: object) -> bool:
         return self is other
@@ -94,61 +95,101 @@ class ClosedFifoLane(FifoLane):
     lock_free_append = append
 
 
+# What a one-priority PriorityLane holds in its split-form slots: shared, never written (a
+# split lane makes its own), so a lane costs the collector no dict or list of its own.
+_NO_BUCKETS: dict[int, Any] = {}
+_NO_ORDER: list[int] = []
+
+
 class PriorityLane(deque[T], Generic[T]):
     """Highest priority first, first in first out within a priority. Needs the engine lock throughout.
 
     One object per lane while every entry has the same priority (the usual case, and what a
-    keyed face with 100k lanes pays for): the lane is itself the deque of its entries. Entries
-    of a second priority split it into one deque per priority present, with those priorities
-    highest first, until it empties again. Either way ``append`` and ``take`` are deque
-    operations at C speed with no per-item tuple, so the engine's lock is held briefly (a
-    Python loop under it can lose the GIL midway and convoy producers), and a full garbage
+    keyed face with 100k lanes pays for): the lane is itself the deque of its entries, and
+    ``len``, ``bool`` and the drops are the deque's own, at C speed. Entries of a second
+    priority turn it into a :class:`_SplitPriorityLane` (its ``__class__`` is swapped, as
+    ClosedFifoLane's is: the engine keeps the same object) holding one deque per priority
+    present, highest first, until it empties again. Either way ``append`` and ``take`` are
+    deque operations with no per-item tuple, so the engine's lock is held briefly (a Python
+    loop under it can lose the GIL midway and convoy producers), and a full garbage
     collection visits one object per single-priority lane, not four.
     """
 
     __slots__ = ("_buckets", "_order", "_priority_of", "_size", "_top", "deadline", "due", "key", "trigger")
 
     def __init__(self, key: Hashable, priority_of: Callable[[T], int]) -> None:
-        super().__init__()
+        # No deque.__init__: deque.__new__ made the lane an empty deque already (one call less per endpoint).
         self.key = key
         self.trigger = INACTIVE
         self.deadline: float | None = None
         self.due = False
         self._priority_of = priority_of
+        self._top = 0  # the one priority of the entries the lane itself holds
+        # Split form only (_SplitPriorityLane; None otherwise, so that a lane is one object to the
+        # collector): how many entries, priority -> its items, oldest first, and the negated
+        # priorities ascending. The lane itself is then empty.
         self._size = 0
-        self._top = 0  # the one priority of the entries held in the lane itself (no buckets)
-        # Split form: priority -> its items, oldest first, and the negated priorities ascending.
-        # None while the lane holds one priority; the lane itself is then empty.
-        self._buckets: dict[int, deque[T]] | None = None
-        self._order: list[int] | None = None
+        self._buckets: dict[int, deque[T]] = _NO_BUCKETS
+        self._order: list[int] = _NO_ORDER
+
+    def append(self, item: T, /) -> None:
+        priority = self._priority_of(item)
+        if priority == self._top or not deque.__len__(self):
+            self._top = priority
+            deque.append(self, item)
+        else:
+            self._split()
+            self.append(item)
+
+    requeue = append
+
+    def _split(self) -> None:
+        """Move the lane's one-priority entries into a bucket: the form for several priorities."""
+        self._size = deque.__len__(self)
+        self._buckets = {self._top: deque(self)}
+        self._order = [-self._top]
+        deque.clear(self)
+        self.__class__ = _SplitPriorityLane
+
+    def take(self, count: int) -> list[T]:
+        # starmap calls popleft at C speed; only the engine (under its lock) removes entries.
+        return list(itertools.starmap(self.popleft, itertools.repeat((), min(count, deque.__len__(self)))))
+
+    # The newest of the lowest priority (what would be sent last), the oldest of the highest (first).
+    drop_newest = deque.pop
+    drop_oldest = deque.popleft
+
+    def items(self) -> list[T]:
+        """The waiting items in send order (a copy)."""
+        return list(self)
+
+    def __repr__(self) -> str:  # never raises, even for a half-made instance
+        return f"<{type(self).__name__} {getattr(self, 'key', None)!r}: {len(self)} entries>"
+
+    # Lanes are identities, used as dict keys by the engine (a deque has no hash).
+    __hash__ = object.__hash__  # type: ignore[assignment]
+    __eq__ = FifoLane.__eq__
+
+
+class _SplitPriorityLane(PriorityLane[T]):
+    """A PriorityLane holding entries of several priorities: one deque per priority in ``_buckets``.
+
+    Back to a PriorityLane (``__class__`` swapped) once it is empty.
+    """
+
+    __slots__ = ()
 
     def append(self, item: T, /) -> None:
         priority = self._priority_of(item)
         buckets = self._buckets
-        if buckets is None:
-            if not self._size or priority == self._top:
-                self._top = priority
-                deque.append(self, item)
-                self._size += 1
-                return
-            buckets = self._split()
         bucket = buckets.get(priority)
         if bucket is None:
             bucket = buckets[priority] = deque()
-            assert self._order is not None
             bisect.insort(self._order, -priority)
         bucket.append(item)
         self._size += 1
 
     requeue = append
-
-    def _split(self) -> dict[int, deque[T]]:
-        """Move the lane's one-priority entries into a bucket: the form for several priorities."""
-        buckets = {self._top: deque(self)}
-        deque.clear(self)
-        self._order = [-self._top]
-        self._buckets = buckets
-        return buckets
 
     def __len__(self) -> int:
         return self._size
@@ -160,8 +201,6 @@ class PriorityLane(deque[T], Generic[T]):
         count = min(count, self._size)
         self._size -= count
         buckets, order = self._buckets, self._order
-        if buckets is None or order is None:
-            return list(itertools.starmap(self.popleft, itertools.repeat((), count)))
         taken: list[T] = []
         while count:
             priority = -order[0]
@@ -179,12 +218,12 @@ class PriorityLane(deque[T], Generic[T]):
 
     def _unsplit_if_empty(self) -> None:
         if not self._size:
-            self._buckets = None
-            self._order = None
+            self._buckets = _NO_BUCKETS
+            self._order = _NO_ORDER
+            self.__class__ = PriorityLane  # type: ignore[assignment]  # the same object, one priority again
 
     def _pop_bucket(self, index: int) -> deque[T]:
         buckets, order = self._buckets, self._order
-        assert buckets is not None and order is not None
         priority = -order[index]
         bucket = buckets[priority]
         if len(bucket) == 1:
@@ -194,36 +233,20 @@ class PriorityLane(deque[T], Generic[T]):
         return bucket
 
     def drop_newest(self) -> T:
-        # The newest of the lowest priority: what would be sent last.
-        if self._buckets is None:
-            self._size -= 1
-            return deque.pop(self)
         item = self._pop_bucket(-1).pop()
         self._unsplit_if_empty()
         return item
 
     def drop_oldest(self) -> T:
-        # The oldest of the highest priority: what would be sent first.
-        if self._buckets is None:
-            self._size -= 1
-            return deque.popleft(self)
         item = self._pop_bucket(0).popleft()
         self._unsplit_if_empty()
         return item
 
     def items(self) -> list[T]:
-        """The waiting items in send order (a copy)."""
-        buckets, order = self._buckets, self._order
-        if buckets is None or order is None:
-            return list(self)
-        return [item for negated in order for item in buckets[-negated]]
+        return [item for negated in self._order for item in self._buckets[-negated]]
 
-    def __repr__(self) -> str:  # never raises, even for a half-made instance (no _size yet)
-        return f"<PriorityLane {getattr(self, 'key', None)!r}: {getattr(self, '_size', 0)} entries>"
-
-    # Lanes are identities, used as dict keys by the engine (a deque has no hash).
-    __hash__ = FifoLane.__hash__  # type: ignore[assignment]
-    __eq__ = FifoLane.__eq__
+    def __repr__(self) -> str:
+        return f"<PriorityLane {getattr(self, 'key', None)!r}: {getattr(self, '_size', 0)} entries, split>"
 
 
 def _short(item: object) -> str:

@@ -1,0 +1,48 @@
+"""What one endpoint and one batch cost EndpointBatchDispatcher: objects, frames, C-speed lane operations (issue 14).
+
+No timings: each test checks the structure that keeps a cost flat (what the collector tracks,
+which operations run as C calls), so a change that brings a Python frame or an object back
+per batch or per endpoint fails here rather than only in the benchmark.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import cast
+
+from threaddispatch import _endpoint_core, _lanes
+from threaddispatch._endpoint_records import DispatchJob, WebhookBatch
+from threaddispatch._lanes import FifoLane, PriorityLane
+
+
+def test_a_batch_record_is_one_object_to_the_collector() -> None:
+    batch = WebhookBatch("b1", "e", (DispatchJob("e", 1),), 0.0)
+    assert not hasattr(batch, "__dict__")  # slots: no dict per batch beside the record
+    batch.status = "processing"  # the fields stay writable
+    assert batch.status == "processing"
+
+
+def test_a_one_priority_lane_is_a_plain_deque_to_the_engine() -> None:
+    """len, bool and hash of a one-priority lane are C calls: the engine makes several per batch."""
+    lane = cast("PriorityLane[DispatchJob]", _endpoint_core._priority_lane("e"))
+    assert type(lane) is PriorityLane
+    assert type(lane).__len__ is deque.__len__
+    assert type(lane).__hash__ is object.__hash__ and FifoLane.__hash__ is object.__hash__
+    assert "__bool__" not in vars(PriorityLane)
+    lane.append(DispatchJob("e", 1))
+    assert len(lane) == 1 and lane and hash(lane) == object.__hash__(lane)
+    assert lane._buckets is _lanes._NO_BUCKETS and lane._order is _lanes._NO_ORDER  # shared, not its own
+
+
+def test_a_lane_splits_for_a_second_priority_and_is_one_deque_again_once_empty() -> None:
+    lane = cast("PriorityLane[DispatchJob]", _endpoint_core._priority_lane("e"))
+    low, high = DispatchJob("e", "low"), DispatchJob("e", "high", priority=5)
+    lane.append(low)
+    lane.append(high)
+    assert type(lane) is not PriorityLane and isinstance(lane, PriorityLane)  # the same object, split
+    assert len(lane) == 2 and lane.items() == [high, low]
+    assert lane.take(5) == [high, low]
+    assert type(lane) is PriorityLane and len(lane) == 0 and not lane
+    assert lane._buckets is _lanes._NO_BUCKETS  # the split form's dict is gone with it
+    lane.append(low)
+    assert lane.drop_oldest() is low and len(lane) == 0
