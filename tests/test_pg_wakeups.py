@@ -315,3 +315,48 @@ def test_migrating_a_version_8_database_with_a_waiting_job_announces_its_release
     finally:
         unsubscribe()
     _assert_ready(store, second)
+
+
+# -- a dependent stored while its dependency's completion is under way ---------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_dependent_stored_while_the_completion_of_its_dependency_is_under_way_is_released_at_once(
+    make_store: Callable[..., PostgresStore], heard: Heard, pg_server: PostgresServer
+) -> None:
+    """A completion whose snapshot predates the dependent's commit misses it: the enqueue looks again.
+
+    An operator's row lock on A holds the completion (snapshot taken, waiting for A's row)
+    while B is stored waiting on A; once the lock goes the completion commits without
+    seeing B. The enqueue waits for A's row and then releases B itself, not leaving it to the
+    upkeep's sweep (a heartbeat interval later).
+    """
+    completer, producer = make_store(), make_store()
+    first = test_stores.job(queue="a")
+    completer.enqueue([first])
+    claimed = _claim_a(completer, first)
+    second = test_stores.job(queue="b", depends_on=(first.id,))
+    done: list[object] = []
+    with psycopg.connect(pg_server.dsn, options=f"-c search_path={PG_SCHEMA}") as holder:
+        holder.execute("SELECT 1 FROM dispatch_jobs WHERE id = %s FOR UPDATE", (first.id,))
+        outcome = Completion(claimed.id, "w", claimed.attempts, None, None)
+        completing = threading.Thread(target=lambda: done.append(completer.complete_many([outcome], now=T0 + 2)))
+        storing = threading.Thread(target=lambda: done.append(producer.enqueue([second])))
+        completing.start()
+        wait_for(lambda: _lock_waits(pg_server) == 1, 10, message="the completion waits for A's row")
+        storing.start()
+        # Either stored already (it read A running), or waiting for A's row in its second look.
+        wait_for(lambda: not storing.is_alive() or _lock_waits(pg_server) == 2, 10, message="B stored")
+        holder.rollback()
+    completing.join(10)
+    storing.join(10)
+    assert {first.id} in done and [second.id] in done
+    _assert_ready(producer, second)
+    _wait_heard(heard, "b")
+
+
+def _lock_waits(pg_server: PostgresServer) -> int:
+    """How many sessions wait for a row of dispatch_jobs (a tuple or transaction lock not granted)."""
+    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()
+    return int(row[0]) if row else 0

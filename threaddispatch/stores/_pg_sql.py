@@ -140,6 +140,14 @@ INSERT_UNIQUE = (
     f"{INSERT} ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN {_sql.ACTIVE} DO NOTHING RETURNING id"
 )
 COPY = f"COPY dispatch_jobs ({_sql.JOB_COLUMNS}) FROM STDIN"
+# The enqueue's second look at its new dependents (PostgresStore._settle_missed): wait for a
+# dependency's row lock (id); is one of the new jobs (ids) waiting with only finished dependencies?
+AWAIT_ROW = "SELECT 1 FROM dispatch_jobs WHERE id = %s FOR SHARE"
+MISSED_RELEASE = (
+    "SELECT 1 FROM dispatch_jobs AS w WHERE w.id = ANY(%s) AND w.state = 'waiting' AND NOT EXISTS ("
+    "SELECT 1 FROM dispatch_job_deps AS d JOIN dispatch_jobs AS p ON p.id = d.depends_on "
+    f"WHERE d.job_id = w.id AND p.state NOT IN {_sql.FINAL}) LIMIT 1"
+)
 COUNT_QUEUES = "SELECT queue, state, count(*) FROM dispatch_jobs WHERE queue = ANY(%s) GROUP BY queue, state"
 
 # -- workers ---------------------------------------------------------------------------------------

@@ -338,11 +338,45 @@ class PostgresStore(AdminMethods, Store):
                 ]
 
         try:
-            return self._run("enqueueing jobs", op, idempotent=False)
+            ids = self._run("enqueueing jobs", op, idempotent=False)
         except StoreError as error:
             if isinstance(error.__cause__, psycopg.errors.UniqueViolation):
                 raise StoreError(f"could not insert jobs: a job id already exists ({error})") from error.__cause__
             raise
+        self._settle_missed(jobs)
+        return ids
+
+    def _settle_missed(self, jobs: Sequence[JobRecord]) -> None:
+        """Release the just stored dependents whose dependency's completion missed them (committed meanwhile).
+
+        A completion is one statement: its snapshot may predate the dependents' commit while
+        the dependency it completes was still running when they read it. Waiting for each
+        outside dependency's row lock (one at a time: no lock is held while waiting for
+        another, so no deadlock with a completion of several) outlasts every completion
+        that had it locked; a read after that sees them, and a dependent they missed left
+        waiting with only finished dependencies is settled at once (the upkeep's sweep). A
+        completion still before its row lock with a snapshot older than the commit is left to
+        the upkeep. Best effort: a failure is logged, the upkeep settles the rest.
+        """
+        stored = {job.id for job in jobs}
+        outside = sorted({dependency for job in jobs for dependency in job.depends_on} - stored)
+        if not outside:
+            return
+        waiting = [job.id for job in jobs if job.depends_on]
+        now = max(job.created_at for job in jobs)
+
+        def op(conn: Conn) -> None:
+            for dependency in outside:
+                conn.execute(q.AWAIT_ROW, (dependency,))  # autocommit: the share lock ends with the statement
+            if conn.execute(q.MISSED_RELEASE, (waiting,)).fetchone() is not None:
+                with conn.transaction():
+                    SQL.sweep_waiting(conn, now)
+
+        try:
+            self._run("settling new dependents", op, idempotent=True)
+        except StoreError:
+            _log.warning("PostgresStore: could not look again at new dependents; the upkeep settles them",
+                         exc_info=True)  # fmt: skip
 
     @classmethod
     def _insert(cls, conn: Conn, job: JobRecord) -> str:
