@@ -64,6 +64,10 @@ _log = logging.getLogger("threaddispatch")
 # Returned by _next_job instead of a message: call the dispatcher's flush() now.
 _FLUSH: Any = object()
 
+# Returned by _next_job instead of a message: acknowledge the dispatched messages in the spool now
+# (nothing came for _ACK_DELAY, or the loop is about to stall on the failure backlog).
+_ACK: Any = object()
+
 # The longest single wait of the dispatch loop (a retry due far ahead is waited for in steps).
 _MAX_WAIT = 3600.0
 
@@ -75,9 +79,11 @@ _MAX_HAND_CHUNK = 1024
 
 
 # The most messages the dispatch loop dispatches before it acknowledges them in the spool, in one
-# commit. It acknowledges sooner whenever its buffer is empty (it may wait next) or failures wait,
-# so a crash sends again at most this many besides the one in flight.
+# commit, so a crash sends again at most this many besides the one in flight. It acknowledges
+# sooner when no message came for _ACK_DELAY seconds, before a stall and as it leaves: a commit
+# per message would compete with the producers' appends for the file.
 _ACK_GROUP = 64
+_ACK_DELAY = 0.01
 
 
 def _hand_chunk(batch_size: object) -> int:
@@ -397,9 +403,7 @@ class _AsyncState(Generic[T]):
         acks: list[_Entry[T]] = []  # dispatched, not acknowledged in the spool yet (one commit per group)
         try:
             while True:
-                # Unlocked reads, a hint: only this loop takes from the buffer, so a buffer seen
-                # non-empty here gives the next job without a wait for new messages.
-                if acks and (len(acks) >= _ACK_GROUP or not self.buffer or self.failures):
+                if len(acks) >= _ACK_GROUP:
                     self.spool_settle(acks, None)
                     acks = []
                 with self.mutex:
@@ -407,11 +411,15 @@ class _AsyncState(Generic[T]):
                         self.in_flight -= delivered
                         self.sent += delivered
                         delivered = 0
-                    job = self._next_job()
-                    if self.hand_off is not None and job is not None and job is not _FLUSH:
+                    job = self._next_job(bool(acks))
+                    if self.hand_off is not None and job is not None and job is not _FLUSH and job is not _ACK:
                         chunk = self._take_more(job)
                 if job is None:
                     return
+                if job is _ACK:
+                    self.spool_settle(acks, None)
+                    acks = []
+                    continue
                 if job is _FLUSH:
                     self._flush()
                     continue
@@ -460,14 +468,21 @@ class _AsyncState(Generic[T]):
             self.caller.close(0)  # no dispatch or submit follows; stop() joins its runners
             close_thread_loop()
 
-    def _next_job(self) -> tuple[_Entry[T], int] | Any | None:
-        """Wait for the next message (or flush) to send; None once stopped and drained. Holds mutex."""
+    def _next_job(self, acks: bool = False) -> tuple[_Entry[T], int] | Any | None:
+        """Wait for the next message (or flush) to send; None once stopped and drained. Holds mutex.
+
+        With ``acks`` (dispatched messages wait to be acknowledged in the spool) it returns
+        _ACK instead of waiting longer than _ACK_DELAY for a message, or of stalling.
+        """
+        ack_by = None  # when to return _ACK rather than wait on
         while True:
             now = time.monotonic()
             retries = self.retries
             retrying = self.retrying
             assert self.failure_capacity is not None  # set by setup(), before any loop starts
             if len(self.failures) >= self.failure_capacity and (retrying or self.buffer):
+                if acks:
+                    return _ACK  # before a wait that may be long
                 # The handler fell behind: hold everything back (stop() included) until it catches up.
                 self.failure_stalls += 1
                 self._wait_for_work(None)
@@ -495,6 +510,12 @@ class _AsyncState(Generic[T]):
                     self.flushed_at = self.submitted
                     return _FLUSH
             until = retries.timeout(now) if retrying else None
+            if acks:
+                if ack_by is None:
+                    ack_by = now + _ACK_DELAY
+                elif now >= ack_by:
+                    return _ACK
+                until = ack_by - now if until is None else min(until, ack_by - now)
             self._wait_for_work(None if until is None else min(until, _MAX_WAIT))
 
     def _take_more(self, job: tuple[_Entry[T], int]) -> list[tuple[_Entry[T], int]]:

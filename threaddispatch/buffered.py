@@ -236,9 +236,9 @@ class AsyncDispatcher(_lifecycle.Closing, Generic[T]):
     construction and ``setup()`` buffers it, in order, before any new message (past
     ``buffer_len`` if need be). Delivery is at-least-once across a crash: what was being
     dispatched at the crash is dispatched again, and so may be up to 64 messages dispatched
-    just before it: dispatched messages leave the file in groups, one commit per group (at
-    once whenever the buffer runs empty; a BatchedDispatcher's once per batch, or per run
-    of batches its loop sent itself). ``spool_sync`` is ``"normal"`` (survives a
+    just before it: dispatched messages leave the file in groups, one commit per group (or
+    10 ms after the last one when no message follows; behind a BatchedDispatcher once per
+    batch, or per run of batches the loop sent itself). ``spool_sync`` is ``"normal"`` (survives a
     process crash) or ``"full"`` (also power loss). One dispatcher owns a spool at a time
     (SpoolOwnedError for a second); ``stop()`` closes it after the drain (a stop past its
     timeout closes it too: what the loops still dispatch then stays in the file and is
