@@ -28,7 +28,7 @@ from threaddispatch import _drop_log, _lifecycle
 from threaddispatch._drop_log import DropLog
 from threaddispatch._endpoint_records import EVENTS, DispatchJob, SendBatch, WebhookBatch, new_id
 from threaddispatch._engine import BatchEngine, Overflow
-from threaddispatch._invoke import BASE, ERROR, Outcome, TimedCaller, call
+from threaddispatch._invoke import BASE, ERROR, OK, Outcome, TimedCaller, call
 from threaddispatch._lanes import FifoLane, Lane, PriorityLane
 from threaddispatch._pool import WorkerPool
 from threaddispatch._spool import Spool
@@ -324,7 +324,7 @@ class Core:
             sent = call(self.send_batch, endpoint_id, list(jobs))  # what caller.call does without a timeout
         else:
             sent = self._call_send(endpoint_id, list(jobs))
-        if not sent.ok:
+        if sent.kind != OK:  # not the property: one Python call less per batch
             error = sent.error
             if sent.kind == BASE:
                 _log.error("%s: send_batch raised %s; the batch failed", self.label, show(error), exc_info=error)

@@ -311,7 +311,8 @@ class EndpointBatchDispatcher(Closing):
             raise InvalidStateError(
                 f"{job!r} was already added; to send it again add DispatchJob(job.endpoint_id, job.payload, id=job.id)"
             )
-        scheduled_at = check_scheduled_at(job.scheduled_at)  # it may have been set after construction
+        # It may have been set after construction: checked again (the call skipped for None, the usual case).
+        scheduled_at = None if job.scheduled_at is None else check_scheduled_at(job.scheduled_at)
         delay = 0.0 if scheduled_at is None else scheduled_at - time.time()
         if delay > MAX_SCHEDULE_AHEAD:
             raise ConfigurationError(
@@ -337,7 +338,9 @@ class EndpointBatchDispatcher(Closing):
             else:
                 if core.closed:
                     raise DispatcherClosedError(f"{core.label} is shut down; {job!r} was not accepted")
-                if not immediate:
+                if not immediate and delay <= 0:
+                    core.engine.put(job, job.endpoint_id)  # core.queue's put without its frame: the hot path
+                elif not immediate:
                     core.queue(job, delay)
         except BaseException:
             job.status = "new"  # not queued: the caller may add it elsewhere
