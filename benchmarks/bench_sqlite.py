@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from threaddispatch.jobs import JobContext, JobEngine
-from threaddispatch.stores import JobRecord, SQLiteStore
+from threaddispatch.stores import JobRecord, SQLiteStore, _sqlite_sync
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _serial = itertools.count()
@@ -56,7 +56,7 @@ def _producer(path: str, count: int, gap: float, delay: float | None) -> subproc
         import sys, time
         sys.path.insert(0, {_ROOT!r})
         from threaddispatch.jobs import JobEngine
-        from threaddispatch.stores import JobRecord, SQLiteStore
+        from threaddispatch.stores import JobRecord, SQLiteStore, _sqlite_sync
         store = SQLiteStore({path!r})
         engine = JobEngine(store)
         engine.register("record", lambda ctx, payload: None)
@@ -228,6 +228,17 @@ def _produce(producers: int, jobs: int, enqueue: Callable[[], object]) -> float:
 
 
 _COMMITS: dict[int, list[int]] = {}  # producers -> jobs per enqueue commit of durability='full' runs
+_SYNCS: dict[int, list[tuple[int, int]]] = {}  # producers -> (enqueues, WAL fdatasyncs) of those runs
+_sync_calls = [0]
+_sync_file = _sqlite_sync.sync_file
+
+
+def _counted_sync(fd: int) -> None:
+    _sync_calls[0] += 1
+    _sync_file(fd)
+
+
+_sqlite_sync.sync_file = _counted_sync
 
 
 def _count_commits(store: SQLiteStore, producers: int) -> None:
@@ -249,7 +260,10 @@ def bench_threaddispatch(directory: str, jobs: int, producers: int, durability: 
     engine = JobEngine(store, concurrency=4, poll_interval=0.01, max_poll_interval=0.1, heartbeat_interval=5.0)
     counter = _Counter(jobs // producers * producers)
     engine.register("noop", lambda ctx, payload: counter.hit(), max_retries=0, timeout=None)
+    synced = _sync_calls[0]
     enqueue_rate = _produce(producers, jobs, lambda: engine.enqueue("noop"))
+    if durability == "full":
+        _SYNCS.setdefault(producers, []).append((counter.target, _sync_calls[0] - synced))
     start = time.perf_counter()
     engine.start()
     if not counter.done.wait(600):
@@ -344,7 +358,12 @@ def _durability_section(directory: str, args: argparse.Namespace) -> None:
         )
         sizes = _COMMITS.get(producers, [])
         if sizes:
-            print(f"   durability='full': {sum(sizes) / len(sizes):.2f} enqueues per commit (huey: 1)")
+            print(f"   durability='full': {sum(sizes) / len(sizes):.2f} enqueues per commit (huey: 1)", end="")
+            syncs = _SYNCS.get(producers, [])
+            if syncs and sum(count for _, count in syncs):
+                per_sync = sum(jobs for jobs, _ in syncs) / sum(count for _, count in syncs)
+                print(f", {per_sync:.2f} per WAL fdatasync", end="")
+            print()
 
 
 def main() -> None:
