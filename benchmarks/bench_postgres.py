@@ -342,6 +342,11 @@ def pickup(dsn: str, workdir: Path, samples: int = 100) -> None:
         drop(dsn, schema)
 
 
+def load_average() -> str:
+    """The machine's 1, 5 and 15 minute load averages (a shared machine skews every number)."""
+    return " ".join(f"{value:.2f}" for value in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=10_000)
@@ -378,7 +383,7 @@ def main() -> None:
             version = conn.execute("SHOW server_version").fetchone()
         print(f"PostgreSQL {version[0] if version else '?'}, fsync={args.fsync}, {os.cpu_count()} CPUs, "
               f"Python {sys.version.split()[0]}, {args.jobs} no-op jobs, {args.concurrency} threads per process, "
-              f"best of {args.repeat}")  # fmt: skip
+              f"best of {args.repeat}, load average {load_average()}")  # fmt: skip
         with tempfile.TemporaryDirectory() as workdir:
             if "throughput" in args.parts:
                 print(f"{'processes':>9}  {'enqueue jobs/s':>14}  {'end-to-end jobs/s':>17}")
@@ -393,6 +398,7 @@ def main() -> None:
                 retained(dsn, args.retained)
             if "pickup" in args.parts:
                 pickup(dsn, Path(workdir))
+        print(f"load average at the end {load_average()}")
     finally:
         if server is not None:
             server.stop()
