@@ -116,10 +116,11 @@ class Write:
     block's statements commit each on its own (a single-statement write). With a
     :class:`~threaddispatch.stores._sqlite_sync.Syncer` (``durability="full"``), a block
     that changed rows returns only once its commit is on disk (the wait outside the lock).
-    Waits are bounded by one deadline: ``busy_timeout`` for the lock and the BEGIN, as long
-    again for the sync. ``defer_sync``: return without that wait; the caller then waits with
+    The writer lock is waited for up to ``busy_timeout`` (SQLite waits as long for other
+    processes' writers), the sync until that deadline plus ``busy_timeout`` again.
+    ``defer_sync``: return without the sync; the caller then waits with
     :meth:`Syncer.wait_written <threaddispatch.stores._sqlite_sync.Syncer.wait_written>`
-    before reporting the write done (the group commit, which hands its lead on first).
+    before reporting the write done (the group commit's leader, once for its whole group).
     """
 
     __slots__ = ("before", "conn", "connections", "deadline", "defer_sync", "immediate")

@@ -124,37 +124,44 @@ class Syncer:
         Raises StoreUnavailableError if that takes past ``deadline`` (time.monotonic), StoreError
         if a sync failed (then no later commit of this process is counted durable).
         """
+        target = self._take_sync(commit, deadline)
+        if target is None:
+            return
+        try:
+            self._sync()
+        except OSError as error:
+            self._end_sync(None, error)
+            raise StoreError(f"SQLite store error: fsync of {self.wal!r} failed: {error}") from error
+        except BaseException:
+            self._end_sync(None, None)
+            raise
+        self._end_sync(target, None)
+
+    def _take_sync(self, commit: int, deadline: float) -> int | None:
+        """Wait until ``commit`` is durable (None) or no sync runs; then this thread syncs: the commits it covers."""
         with self._lock:
             while True:
                 if self._failed is not None:
                     raise StoreError(f"SQLite store error: fsync of {self.wal!r} failed: {self._failed}")
                 if self._durable >= commit:
-                    return
+                    return None
                 if not self._syncing:
-                    break
+                    self._syncing = True
+                    return self._written  # every commit up to here returned before the sync starts
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise StoreUnavailableError(
                         f"SQLite store unavailable: {self.wal!r}: no fsync covered this commit in time"
                     )
                 self._synced.wait(remaining)
-            self._syncing = True
-            target = self._written  # every commit up to here returned before the sync below starts
-        try:
-            self._sync()
-        except OSError as error:
-            with self._lock:
-                self._failed = error
-                self._syncing = False
-                self._synced.notify_all()
-            raise StoreError(f"SQLite store error: fsync of {self.wal!r} failed: {error}") from error
-        except BaseException:
-            with self._lock:
-                self._syncing = False
-                self._synced.notify_all()
-            raise
+
+    def _end_sync(self, covered: int | None, error: OSError | None) -> None:
+        """The sync ended: commits up to ``covered`` are durable (None: none more); ``error`` is final."""
         with self._lock:
-            self._durable = max(self._durable, target)
+            if covered is not None:
+                self._durable = max(self._durable, covered)
+            if error is not None:
+                self._failed = error
             self._syncing = False
             self._synced.notify_all()
 
