@@ -11,7 +11,8 @@
 4. equal durability against huey: ``SQLiteStore(durability="full")`` and ``SqliteHuey(fsync=True)``
    (both ``synchronous=FULL``, an fsync per commit) with 1 and 4 producer threads: enqueue
    jobs/s, and run jobs/s with 4 worker threads; the ratio in each round (the peers run
-   back to back in a round, as the disk's fsync time drifts over seconds on a shared machine).
+   back to back in a round, as the disk's fsync time drifts over seconds on a shared machine),
+   and how many enqueues each commit and each WAL fdatasync of ``durability="full"`` covered.
    ``durability="normal"`` is shown for reference.
 
 The machine may be shared: run it twice to see the spread. ``python benchmarks/bench_sqlite.py --help``.
