@@ -128,21 +128,27 @@ def test_sends_known_to_be_slow_overlap_on_the_send_threads() -> None:
 
 
 def test_a_partial_batch_in_the_lane_is_completed_first() -> None:
-    """A hand-off after a partial batch waits in the lane completes that batch through the lane, then
-    sends its own whole batches: batches keep their order of arrival and their size."""
+    """A hand-off after a partial batch waits in the lane takes that batch out, completes it and sends
+    it with its own whole batches, on its thread: batches keep their order of arrival and their size."""
     recorder = _Recorder()
     settled: list[Any] = []
 
     def settle(tokens: list[Any], errors: list[BaseException | None] | None) -> None:
-        settled.extend(token[1] for token in tokens)
+        settled.extend(tokens)
         assert errors is None
 
+    tokens: list[Any] = [((i, None, None), i) for i in range(30)]
     with BatchedDispatcher(recorder, max_batch_size=10, flush_interval=60.0) as bd:
-        assert bd._hand_off([((i, None, None), i) for i in range(3)], "t", settle) == []
-        assert bd._hand_off([((i, None, None), i) for i in range(3, 30)], "t", settle) == []
+        assert bd._hand_off(tokens[:3], "t", settle) == []
+        assert bd.stats()["pending"] == 3
+        assert bd._hand_off(tokens[3:], "t", settle) == []
         assert bd.flush(10)
-        assert sorted(recorder.contents()) == [list(range(0, 10)), list(range(10, 20)), list(range(20, 30))]
-        assert sorted(settled) == list(range(30))
+        assert recorder.contents() == [list(range(0, 10)), list(range(10, 20)), list(range(20, 30))]
+        assert set(recorder.threads()) == {threading.current_thread().name}  # the lane's three too
+        # Each hand-off's own token comes back (an AsyncDispatcher's spooled entry is acknowledged by it).
+        assert sorted(map(id, settled)) == sorted(map(id, tokens))
+        stats = bd.stats()
+        assert (stats["submitted"], stats["sent"], stats["batches"], stats["calls"]) == (30, 30, 3, 3)
 
 
 def test_flush_and_close_wait_for_an_inline_send() -> None:

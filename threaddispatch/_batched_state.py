@@ -302,17 +302,27 @@ class _BatchState(Generic[T]):
         """Whether sends have been quick enough to run on a hand-off's own thread (a hint: no lock)."""
         return self.send_seconds < _QUICK_SEND
 
-    def send_inline(
-        self, target: str, handed: list[Any], settle: Settle, caller: contextvars.Context | None, size: int
+    def send_inline(  # noqa: PLR0917 - one caller, _hand_inline
+        self,
+        target: str,
+        handed: list[Any],
+        settle: Settle,
+        caller: contextvars.Context | None,
+        size: int,
+        waiting: int = 0,
     ) -> int:
-        """Send the delay-free hand-offs ``handed`` (whole batches of ``size``) on this thread; returns how many went.
+        """Send delay-free hand-offs ``handed`` in whole batches of ``size`` on this thread; returns how many went.
 
-        Takes one send slot for all of them, and only a free one nobody waits for (the engine
-        worker's batches go first): none is sent when every slot is busy, after close() or
-        past its deadline. Stops after a batch that was slow (:meth:`quick`) or when close()'s
-        deadline passed; the rest is the caller's. Once done, ``settle`` gets the tokens of
-        all sent (their errors, or None when every message was sent), in one call. A message
-        runs in its own context, else in ``caller`` (None: a copy per message, for envelopes).
+        ``waiting`` (below ``size``) is how many messages wait in ``target``'s lane: those go
+        first, taken from it (``BatchEngine.take_now``) into one batch with the first
+        hand-offs, so a partial batch left by an earlier hand-off costs no hop. Takes one send
+        slot for all of it, and only a free one nobody waits for (the engine worker's batches
+        go first): none is sent when every slot is busy, after close() or past its deadline.
+        Stops after a batch that was slow (:meth:`quick`) or when close()'s deadline passed;
+        the rest is the caller's. Once done, ``settle`` gets the tokens of the rest sent
+        (their errors, or None when every message was sent), in one call; the first batch
+        settles as the lane's batches do. A message runs in its own context, else in
+        ``caller`` (None: a copy per message, for envelopes).
         """
         with self.mutex:
             if self.closed or self.slot_waiters or self.sending >= self.max_concurrent_sends or self._past_give_up():
@@ -321,38 +331,69 @@ class _BatchState(Generic[T]):
             self.inline_started += 1
             ticket = self.inline_started
             self.inline_running.add(ticket)
-        done = calls = failed = 0
-        errors: list[BaseException | None] | None = None  # None while every message was sent
+        first = calls = failed = 0
+        done = 0
+        errors: list[BaseException | None] | None = None  # of handed[first:done]; None while all were sent
         try:
-            while done < len(handed):
+            if waiting:
+                first = done = self._send_with_lane(target, handed, settle, caller, size, waiting)
+                calls += first > 0
+            end = done + (len(handed) - done) // size * size
+            while done < end and self.quick() and not self._past_give_up():
                 batch = handed[done : done + size]
                 calls += 1
                 found = self._send_handed(target, batch, caller)
                 if found is not None:
                     if errors is None:
-                        errors = [None] * done
+                        errors = [None] * (done - first)
                     errors += found
                     failed += sum(error is not None for error in found)
                 elif errors is not None:
                     errors += [None] * len(batch)
                 done += len(batch)
-                if not self.quick() or self._past_give_up():
-                    break
         finally:
             with self.mutex:
                 self.sending -= 1
                 self.calls += calls
-                self.sent += done - failed
+                self.sent += done - first - failed  # the first batch's are counted as it settles
                 self.failed += failed
-                self.inline_batches += calls
+                self.inline_batches += calls - (first > 0)  # the engine counted the one from its lane
                 self.inline_taken += done
                 self.inline_running.discard(ticket)
                 if self.slot_waiters:
                     self.slot_free.notify()
                 if self.inline_waiters:
                     self.inline_done.notify_all()
-        self._call_settle(settle, handed[:done], errors)
+        if done > first:
+            self._call_settle(settle, handed[first:done], errors)
         return done
+
+    def _send_with_lane(  # noqa: PLR0917 - one caller, send_inline
+        self,
+        target: str,
+        handed: list[Any],
+        settle: Settle,
+        caller: contextvars.Context | None,
+        size: int,
+        waiting: int,
+    ) -> int:
+        """Send the lane's partial batch, completed by the first hand-offs, here (a slot held); how many of those."""
+        engine = self.engine
+        assert engine is not None
+        seq, items = engine.take_now(target, waiting)
+        if not seq:  # the worker took it meanwhile (its window closed)
+            return 0
+        fill = size - len(items)
+        try:
+            batch = self._runnable(items)
+            for token in handed[:fill]:
+                (message, _, given), _ = token
+                context = given if given is not None else caller if caller is not None else contextvars.copy_context()
+                batch.append(_Pending(message, None, None, context, settle, token, None))
+            self._send_one(target, batch)
+        finally:
+            engine.settle(seq)
+        return fill
 
     def _send_handed(
         self, target: str, batch: list[Any], caller: contextvars.Context | None

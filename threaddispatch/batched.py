@@ -244,18 +244,23 @@ class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
 
         Sends are quick (a thread switch would cost more than the send): while a send slot
         is free, ``_BatchState.send_inline`` sends them here, in order. Messages already in
-        ``target``'s lane go first: the first hand-offs complete its batch through the lane.
+        ``target``'s lane go first: a partial batch there is taken out and completed by the
+        first hand-offs (sent here too); whole batches there are completed through the lane.
         With tracing (a span per message) or a single send slot (strict order through the
         lane) nothing is sent inline.
         """
         size = self._engine.max_batch_size
         if len(handed) < size or any(token[0][1] is not None for token in handed):
             return [], handed
-        head = -self._engine.lane_length(target) % size  # to complete the lane's partial batch
-        refused = self._hand_queued(handed[:head], target, settle, caller) if head else []
-        whole = (len(handed) - head) // size * size
-        sent = self._state.send_inline(target, handed[head : head + whole], settle, caller, size) if whole else 0
-        return refused, handed[head + sent :]
+        refused: list[tuple[Any, BaseException]] = []
+        waiting = self._engine.lane_length(target)
+        if waiting >= size:  # whole batches wait there: they go first, through the lane; complete its last one
+            head = -waiting % size
+            refused = self._hand_queued(handed[:head], target, settle, caller) if head else []
+            handed = handed[head:]
+            waiting = 0
+        sent = self._state.send_inline(target, handed, settle, caller, size, waiting)
+        return refused, handed[sent:]
 
     def _hand_queued(
         self, handed: list[Any], target: str, settle: Settle, caller: contextvars.Context | None
