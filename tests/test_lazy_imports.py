@@ -77,6 +77,14 @@ def test_job_engine_loads_no_store_implementation_nor_asyncio() -> None:
 
 
 @pytest.mark.timeout(180)
+def test_request_dispatcher_loads_no_request_storage_until_given_one() -> None:
+    """``RequestDispatcher`` without ``storage=`` loads no request storage (sqlite3, datetime) nor secrets."""
+    added = _loaded_by("from threaddispatch import RequestDispatcher\nRequestDispatcher(lambda r: r).close()")
+    assert "threaddispatch.requests" in added
+    assert not added & {*HEAVY, "threaddispatch.request_storage", "threaddispatch._request_persist", "secrets"}
+
+
+@pytest.mark.timeout(180)
 def test_the_stores_package_loads_no_store() -> None:
     """``import threaddispatch.stores`` (every ``threaddispatch.stores.*`` import does it) loads no store."""
     added = _loaded_by("import threaddispatch.stores")

@@ -21,20 +21,19 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import secrets
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from types import CoroutineType
-from typing import Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from threaddispatch import _invoke, _lifecycle
 from threaddispatch._pool import WorkerPool
 from threaddispatch._request_cache import CachedResponse, RequestCache
 from threaddispatch._request_events import RequestEvents
 from threaddispatch._request_online import Connectivity
-from threaddispatch._request_persist import StorageLink
 from threaddispatch._request_records import (
     QUEUE_STOPPED,
     RUNNING,
@@ -52,6 +51,9 @@ from threaddispatch._request_types import QueuedRequest, QueueSnapshot, QueueSta
 from threaddispatch.backoff import Constant, RetryPolicy
 from threaddispatch.errors import DispatcherClosedError
 from threaddispatch.metrics import FaceRecorder
+
+if TYPE_CHECKING:  # a dispatcher given storage= makes one (sqlite3 and datetime load with it)
+    from threaddispatch._request_persist import StorageLink
 
 __all__ = ["Core"]
 
@@ -102,7 +104,7 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
         # so a scheduling pass (a start() of a deep paused queue) hands the pool a few, not all.
         self.window = _WINDOW_PER_WORKER * max_workers
         # Request ids are f"{id_prefix}-{next(ids)}" (made by the dispatcher's add and by nothing else).
-        self.id_prefix = secrets.token_hex(4)
+        self.id_prefix = os.urandom(4).hex()
         self.ids = itertools.count(1)
         self.clock: Callable[[], float] = time.monotonic  # ages for deduplicate_time; tests may replace it
         self.recorder: FaceRecorder | None = None  # set by the dispatcher when metrics are on
@@ -593,7 +595,7 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
         # The parent delivers its requests; the child starts with none (its pool resets itself)
         # but keeps the configuration: online flag and paused or stopped queues. Its ids get a
         # prefix of their own: the parent goes on counting from the same one.
-        self.id_prefix = secrets.token_hex(4)
+        self.id_prefix = os.urandom(4).hex()
         closing, done, online = self.closing, self.done, self.online
         statuses = {key: queue.status for key, queue in self.queues.items() if queue.status != STARTED}
         self._init_state()

@@ -48,7 +48,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from threaddispatch import _invoke, _lifecycle
 from threaddispatch._request_cache import CachedResponse, MemoryResponseCache, RequestCache, ResponseCache
@@ -56,7 +56,6 @@ from threaddispatch._request_core import Core
 from threaddispatch._request_events import RequestEvents
 from threaddispatch._request_keys import default_dedupe_key, default_queue_key
 from threaddispatch._request_online import Connectivity, check_offline_on
-from threaddispatch._request_persist import StorageLink
 from threaddispatch._request_records import PAUSED, QUEUE_STOPPED, STARTED, PendingRequest, RequestHandle
 from threaddispatch._request_token import CancellationToken
 from threaddispatch._request_types import (
@@ -72,7 +71,10 @@ from threaddispatch._request_types import (
 from threaddispatch._validate import check_int, check_seconds, check_text, show
 from threaddispatch.errors import ConfigurationError
 from threaddispatch.metrics import Metrics, check_metrics
-from threaddispatch.request_storage import RequestStorage, SQLiteRequestStorage, StoredRequest
+
+if TYPE_CHECKING:  # loaded only by a dispatcher given storage= (they import sqlite3 and datetime)
+    from threaddispatch._request_persist import StorageLink
+    from threaddispatch.request_storage import RequestStorage, StoredRequest
 
 __all__ = [
     "EVENTS",
@@ -200,15 +202,14 @@ class RequestDispatcher(_lifecycle.Closing, Generic[RequestT, ResponseT]):
         if not isinstance(carry_context, bool):
             raise ConfigurationError(f"carry_context must be a bool, got {show(carry_context)}")
         self._carry_context = carry_context
-        if storage is not None and not isinstance(storage, RequestStorage):
-            raise ConfigurationError(f"storage must implement RequestStorage (or be None), got {show(storage)}")
+        _check_storage(storage)
         name = "requests" if name is None else check_text("name", name)
         self.name = name
         self._queue_key = queue_key
         self._dedupe_key = dedupe_key
         connectivity = None if is_online is None else Connectivity(is_online, online_check_interval, name)
         if cache is None:
-            cache = storage.response_cache() if isinstance(storage, SQLiteRequestStorage) else MemoryResponseCache()
+            cache = _default_cache(storage)
         self._cache = RequestCache(
             cache,
             cast("Callable[[object], str]", dedupe_key if cache_key is None else cache_key),
@@ -225,7 +226,7 @@ class RequestDispatcher(_lifecycle.Closing, Generic[RequestT, ResponseT]):
             retry_on_error=retry_on_error,
             events=self._events,
             cache=self._cache,
-            storage=None if storage is None else StorageLink(storage, on_update_storage, name),
+            storage=None if storage is None else _storage_link(storage, on_update_storage, name),
             connectivity=connectivity,
             offline_on=check_offline_on(offline_on),
         )
@@ -482,3 +483,31 @@ class RequestDispatcher(_lifecycle.Closing, Generic[RequestT, ResponseT]):
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("online" if self.online else "offline")
         return f"<RequestDispatcher {self.name!r} {state}>"
+
+
+def _check_storage(storage: object) -> None:
+    """ConfigurationError unless ``storage`` is None or a RequestStorage."""
+    if storage is None:
+        return
+    from threaddispatch.request_storage import RequestStorage
+
+    if not isinstance(storage, RequestStorage):
+        raise ConfigurationError(f"storage must implement RequestStorage (or be None), got {show(storage)}")
+
+
+def _default_cache(storage: RequestStorage | None) -> ResponseCache:
+    """The response cache when none is given: a SQLiteRequestStorage's own (it persists), else one in memory."""
+    if storage is not None:
+        from threaddispatch.request_storage import SQLiteRequestStorage
+
+        if isinstance(storage, SQLiteRequestStorage):
+            return storage.response_cache()
+    return MemoryResponseCache()
+
+
+def _storage_link(
+    storage: RequestStorage, on_update: Callable[[str, list[StoredRequest]], object] | None, name: str
+) -> StorageLink:
+    from threaddispatch._request_persist import StorageLink
+
+    return StorageLink(storage, on_update, name)
