@@ -35,7 +35,7 @@ import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Any, Generic, TypeVar, cast
 
 from threaddispatch._batched_immediate import call_here
@@ -69,6 +69,7 @@ _SEND_WEIGHT = 0.125
 
 _settle_of = attrgetter("settle")
 _token_of = attrgetter("token")
+_first = itemgetter(0)  # a hand-off token is ((message, delay, context), extra)
 
 
 def _all_sent(outcomes: list[Any]) -> bool:
@@ -409,7 +410,7 @@ class _BatchState(Generic[T]):
             ]
             context = payload[0].context
         else:
-            payload = [token[0][0] for token in batch]
+            payload = list(map(_first, map(_first, batch)))  # the messages
             given = batch[0][0][2]
             context = caller if given is None else given
         assert context is not None  # without envelopes the hand-off passes its caller's context

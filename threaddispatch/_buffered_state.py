@@ -36,6 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
+from itertools import repeat
 from typing import Any, Generic, TypeVar
 
 from threaddispatch import _lifecycle
@@ -532,8 +533,12 @@ class _AsyncState(Generic[T]):
         count = min(len(buffer), self.hand_chunk - 1, self.max_in_flight - self.in_flight)
         if count <= 0:
             return taken
-        popleft = buffer.popleft
-        taken += [(popleft(), 0) for _ in range(count)]
+        if count == len(buffer):  # all of it, the usual case once the loop keeps up: no frame per message
+            taken += zip(buffer, repeat(0))
+            buffer.clear()
+        else:
+            popleft = buffer.popleft
+            taken += zip([popleft() for _ in range(count)], repeat(0))
         self.in_flight += count
         self.submitted += count
         if self.put_waiters:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
+from operator import itemgetter
 from typing import Any, Generic, TypeVar
 
 from threaddispatch import _immediate, _lifecycle
@@ -46,6 +47,10 @@ SendBatch = Callable[[str, list[T]], "_Results | Awaitable[_Results]"]
 SendEnvelopes = Callable[[str, list[Envelope[T]]], "_Results | Awaitable[_Results]"]
 
 _names = iter(range(1, 1 << 62))
+
+# A hand-off token is ((message, delay_seconds, context), extra): its entry, and the entry's delay.
+_first = itemgetter(0)
+_second = itemgetter(1)
 
 
 class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
@@ -250,7 +255,7 @@ class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
         lane) nothing is sent inline.
         """
         size = self._engine.max_batch_size
-        if len(handed) < size or any(token[0][1] is not None for token in handed):
+        if len(handed) < size or set(map(_second, map(_first, handed))) != {None}:  # C loops: no frame per message
             return [], handed
         refused: list[tuple[Any, BaseException]] = []
         waiting = self._engine.lane_length(target)
