@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from threaddispatch import AsyncDispatcher, BatchedDispatcher
+from threaddispatch.errors import QueueFullError
 from threaddispatch.testing import wait_for
 
 pytestmark = pytest.mark.timeout(30)
@@ -204,3 +205,51 @@ def test_inline_sends_with_envelopes_carry_each_messages_context() -> None:
         ad.start()
         assert ad.stop(10) is True
     assert seen == [(i, None, f"r{i}") for i in range(4)]
+
+
+@pytest.mark.parametrize("behind", ["dispatch", "send_batch"])
+def test_a_put_from_the_dispatch_loop_on_a_full_buffer_raises_at_once(behind: str) -> None:
+    """dispatch (or a send_batch the loop runs itself) putting into its own full buffer gets QueueFullError
+    at once: only the loop it runs on could make room, so waiting would never end."""
+    release = threading.Event()
+    raised: list[BaseException] = []
+    holder: list[Any] = []
+
+    def reenter(message: Any) -> None:
+        if message == "a":
+            assert release.wait(10)
+            try:
+                holder[0].put("c")
+            except Exception as error:  # what the put raised is the test's subject
+                raised.append(error)
+
+    class Reentrant:
+        def dispatch(self, message: Any, _target: str) -> None:
+            reenter(message)
+
+    def send_batch(_target: str, messages: list[Any]) -> list[None]:
+        for message in messages:
+            reenter(message)
+        return [None] * len(messages)
+
+    bd: BatchedDispatcher[Any] | None = None
+    dispatcher: Any = Reentrant()
+    if behind == "send_batch":
+        bd = dispatcher = BatchedDispatcher(send_batch, max_batch_size=1, flush_interval=60.0)
+    ad: AsyncDispatcher[Any] = AsyncDispatcher(dispatcher, "q")
+    sender = ad.setup(1)
+    holder.append(sender)
+    try:
+        ad.start()
+        sender.put("a")
+        wait_for(lambda: len(sender) == 0)  # "a" is being dispatched
+        sender.put("b")  # the buffer is full
+        release.set()
+        wait_for(lambda: raised)
+        assert isinstance(raised[0], QueueFullError)
+        assert "dispatch loop" in str(raised[0])
+    finally:
+        release.set()
+        assert ad.stop(10)
+        if bd is not None:
+            bd.close(10)

@@ -213,15 +213,21 @@ class _AsyncState(Generic[T]):
             if self.closing:
                 raise DispatcherClosedError(f"{self.describe()} is stopped; {show(entry[0])} was not accepted")
             if len(self.buffer) >= self.capacity:
-                if threading.current_thread() is self.failure_thread:
+                caller = threading.current_thread()
+                if caller is self.failure_thread or caller is self.dispatch_thread:
                     self.rejected += 1
                     raise QueueFullError(
                         f"{self.describe()}: buffer is full ({self.capacity} messages) and put() was called "
-                        f"from the error handler, which cannot wait for room (the dispatch loop may be waiting "
-                        f"for the handler); {show(entry[0])} was not accepted"
+                        f"{self._cannot_wait(caller)}; {show(entry[0])} was not accepted"
                     )
                 self._wait_for_room(entry[0], timeout)
             self._append(entry)
+
+    def _cannot_wait(self, caller: threading.Thread) -> str:
+        """Why ``caller``, a loop thread, cannot wait for room: only the dispatch loop makes it."""
+        if caller is self.dispatch_thread:
+            return "on the dispatch loop (from dispatch, or a send_batch it runs), which alone makes room"
+        return "from the error handler, which cannot wait for room (the dispatch loop may be waiting for the handler)"
 
     def try_put(self, entry: _Entry[T]) -> bool:
         with self.mutex:

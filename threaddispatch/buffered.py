@@ -70,7 +70,9 @@ class Sender(Generic[T]):
         dispatcher stops while this call waits: a message is either accepted (and then
         dispatched or reported to the error handler) or refused with an exception.
         Called from the error handler it never waits: on a full buffer it raises
-        QueueFullError at once (the dispatch loop may be waiting for the handler).
+        QueueFullError at once (the dispatch loop may be waiting for the handler); so
+        does a put on the dispatch loop itself (from ``dispatch``, or a BatchedDispatcher's
+        ``send_batch`` the loop runs), which alone could make room.
         """
         if timeout is not None:
             timeout = check_seconds("timeout", timeout)
