@@ -243,6 +243,9 @@ class _FakeSource:
     def _watch_rows(self, after_seq: int, limit: int) -> tuple[int, list[tuple[int, str, float]]]:
         return 0, []
 
+    def _watch_released(self, after_seq: int, limit: int) -> tuple[int, int, list[tuple[int, str, float]]]:
+        return 0, 0, []
+
     def _watch_later(self, after: float, limit: int) -> list[tuple[float, str]]:
         return [job for job in self.later if job[0] > after][:limit]
 

@@ -21,6 +21,7 @@ __all__ = [
     "SCHEMA_V5",
     "SCHEMA_V6",
     "SCHEMA_V7",
+    "SCHEMA_V8",
     "STATEMENTS",
     "TYPES",
     "chunks",
@@ -40,6 +41,38 @@ SCHEMA_V4 = _sql.schema_dependencies(TYPES)  # depends_on, the waiting state and
 SCHEMA_V5 = _sql.schema_locks(TYPES)  # serial locks
 SCHEMA_V6 = _sql.schema_cron_overlap(TYPES)  # a cron entry's overlap policy
 SCHEMA_V7 = _sql.schema_queue_limits(TYPES)  # cluster limits: each queue's limits and token bucket
+# Migration 8: the ready log, the wake-ups for jobs an UPDATE makes claimable (the watcher sees
+# inserted rows by seq, not updated ones): a job becoming pending or retrying from any other
+# state (a released dependent, a job handed back, reaped, requeued, a failed attempt's retry),
+# and the next job of a serial lock once its holder finished (that job's state does not change:
+# its turn comes). Row triggers in the updating transaction; their WHEN is all a claim
+# (pending -> running) or a completion without a lock costs. ``at`` is the wall clock (not the
+# caller's ``now``); each insert deletes the two oldest rows if they are over a minute old, so
+# the log stays about a minute long whether a watcher runs or not.
+_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+_PRUNE = (
+    "DELETE FROM dispatch_ready_log WHERE seq IN (SELECT seq FROM dispatch_ready_log ORDER BY seq LIMIT 2) "
+    f"AND at < {_NOW} - 60.0;"
+)
+SCHEMA_V8 = (
+    "CREATE TABLE IF NOT EXISTS dispatch_ready_log (seq INTEGER PRIMARY KEY, queue TEXT NOT NULL, "
+    "run_at REAL NOT NULL, at REAL NOT NULL)",
+    f"""CREATE TRIGGER IF NOT EXISTS dispatch_jobs_ready AFTER UPDATE OF state ON dispatch_jobs
+        WHEN NEW.state IN {_sql.READY} AND OLD.state NOT IN {_sql.READY}
+        BEGIN
+            INSERT INTO dispatch_ready_log (queue, run_at, at) VALUES (NEW.queue, NEW.run_at, {_NOW});
+            {_PRUNE}
+        END""",
+    f"""CREATE TRIGGER IF NOT EXISTS dispatch_jobs_unlocked AFTER UPDATE OF state ON dispatch_jobs
+        WHEN OLD.lock_key IS NOT NULL AND OLD.state IN {_sql.ACTIVE} AND NEW.state IN {_sql.FINAL}
+        BEGIN
+            INSERT INTO dispatch_ready_log (queue, run_at, at)
+            SELECT queue, run_at, {_NOW} FROM (SELECT queue, run_at, state FROM dispatch_jobs
+                WHERE lock_key = OLD.lock_key AND state IN {_sql.ACTIVE} ORDER BY seq LIMIT 1)
+            WHERE state IN {_sql.READY};
+            {_PRUNE}
+        END""",
+)
 #: The shared statements in sqlite3's placeholder style.
 STATEMENTS = _sql.Statements("?")
 

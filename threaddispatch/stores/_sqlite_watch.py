@@ -15,12 +15,21 @@ seen, by the rowid: only the new rows) and
   keeps ``(run_at, queue)`` and calls the subscribers when it falls due (the thread sleeps
   until then, so a delayed job is announced within a millisecond or so of its ``run_at``).
 
+It reads the ready log the same way (``dispatch_ready_log``, migration 8: its rows above the
+last ``seq`` seen): the jobs an UPDATE made claimable, which no insert shows (a released
+dependent, a job handed back at stop, reaped, requeued, a failed attempt's retry, and the
+next job of a serial lock whose holder finished), written by row triggers in the updating
+transaction by any process. Those rows are announced like inserted ones, now or when their
+``run_at`` falls due, this process's own too (a spurious wake-up costs an engine one claim;
+telling them apart would cost every release a read). The log keeps about a minute (each
+write prunes it): a watcher that fell further behind wakes its subscribers with "look now".
+
 It also has the PASSIVE WAL checkpoints run (at most every :data:`CHECKPOINT_EVERY` seconds,
 after changes) on a second thread, ``threaddispatch-sqlite-checkpoint``, so no commit of this
-process stalls on one, nor an announcement behind a slow fsync. Jobs another process made ready
-again by an update (release, reap, requeue, a retry) are not seen: engines keep polling as
-the fallback. Started by the first subscriber, stopped by the last unsubscribe and by close;
-a forked child starts with none.
+process stalls on one, nor an announcement behind a slow fsync. The engines' polling remains
+the fallback (for a file not migrated to 8, or a store whose watcher was not running). Started
+by the first subscriber, stopped by the last unsubscribe and by close; a forked child starts
+with none.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import bisect
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from threaddispatch.errors import StoreError
@@ -55,6 +65,8 @@ class WatchSource(Protocol):
     def _watch_version(self) -> int: ...
 
     def _watch_rows(self, after_seq: int, limit: int) -> tuple[int, list[tuple[int, str, float]]]: ...
+
+    def _watch_released(self, after_seq: int, limit: int) -> tuple[int, int, list[tuple[int, str, float]]]: ...
 
     def _watch_later(self, after: float, limit: int) -> list[tuple[float, str]]: ...
 
@@ -114,6 +126,7 @@ class _Run:
         self._checkpoint = threading.Event()  # set: the checkpoint thread should run one
         self._version: int | None = None
         self._seq = -1  # the highest seq seen (-1: not read yet)
+        self._log_seq = 0  # the highest ready log seq seen
         self._later: list[tuple[float, str]] = []  # delayed jobs, sorted by run_at, at most _DUE_CAP
         self._reread: float | None = None  # later jobs were dropped past this run_at: read them again
         self._checkpointed = 0.0
@@ -189,32 +202,54 @@ class _Run:
         """First step: the rows present are not news, but the jobs already waiting for a later run_at are."""
         self._version = source._watch_version()
         self._seq, _rows = source._watch_rows(2**63 - 1, 0)
+        self._log_seq = source._watch_released(2**63 - 1, 0)[1]
         self._keep_later(source._watch_later(time.time(), _DUE_CAP + 1))
         # Jobs committed between the engine's first claim and this read: have it look once.
         self.watcher.wake([(None, None)])
 
     def _read_new(self, source: WatchSource) -> None:
+        """Announce the ready jobs inserted, and those the ready log names, since the last read."""
+        ready: dict[str, float] = {}
+        if self._read_inserted(source, ready) | self._read_released(source, ready):
+            self.watcher.wake([(None, None)])
+        elif ready:
+            self.watcher.wake(list(ready.items()))
+
+    def _read_inserted(self, source: WatchSource, ready: dict[str, float]) -> bool:
+        """Sort the new rows into ``ready`` (another process's) and ``_later``; whether to look everywhere."""
         highest, rows = source._watch_rows(self._seq, _ROWS)
         if highest < self._seq:
             # The newest rows were deleted and their seqs may be in use again: look everywhere.
             self._seq = highest
-            self.watcher.wake([(None, None)])
-            return
+            return True
         self._seq = rows[-1][0] if len(rows) >= _ROWS else highest
         if len(rows) >= _ROWS:
             self._version = None  # more to read next tick
         own = self.watcher._own_ranges(self._seq)
+        self._sort(rows, ready, lambda seq: _owned(seq, own))
+        return False
+
+    def _read_released(self, source: WatchSource, ready: dict[str, float]) -> bool:
+        """Sort the new ready log rows (this process's too) into ``ready`` and ``_later``; whether to look
+        everywhere (rows were pruned unread, or the log was emptied by hand)."""
+        lowest, highest, rows = source._watch_released(self._log_seq, _ROWS)
+        lost = highest < self._log_seq or (highest > self._log_seq and lowest > self._log_seq + 1)
+        self._log_seq = rows[-1][0] if len(rows) >= _ROWS else highest
+        if len(rows) >= _ROWS:
+            self._version = None  # more to read next tick
+        self._sort(rows, ready, lambda seq: False)
+        return lost
+
+    def _sort(self, rows: list[tuple[int, str, float]], ready: dict[str, float], skip: Callable[[int], bool]) -> None:
+        """Jobs due by now into ``ready`` (queue -> earliest run_at) unless ``skip(seq)``; later ones kept."""
         now = time.time()
-        ready: dict[str, float] = {}
         later: list[tuple[float, str]] = []
         for seq, queue, run_at in rows:
             if run_at > now:
                 later.append((run_at, queue))
-            elif not _owned(seq, own):
+            elif not skip(seq):
                 ready[queue] = min(run_at, ready.get(queue, run_at))
         self._keep_later(later)
-        if ready:
-            self.watcher.wake(list(ready.items()))
 
     def _keep_later(self, jobs: list[tuple[float, str]]) -> None:
         if not jobs:

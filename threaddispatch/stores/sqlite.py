@@ -17,8 +17,10 @@ needs; the per-thread connections, pragmas and fork safety are in
   10,000 WAL pages (a backstop); while an engine is subscribed, a checkpoint thread does.
 - Wake-ups (:meth:`SQLiteStore.subscribe_wakeups`): a watcher thread per store, running
   while an engine is subscribed, announces jobs other processes enqueue within 10 to 30 ms
-  and delayed jobs when they fall due. Jobs another process makes ready again by an update
-  (release, reap, requeue, retry) are found by the engines' polling, the fallback.
+  and delayed jobs when they fall due; and, from the ready log that row triggers fill
+  (migration 8), the jobs any process makes ready by an update (a released dependent, a job
+  handed back, reaped, requeued or retried, a serial lock's next job). A claim, and a
+  completion of a job without a lock, write no log row. Polling remains the fallback.
 - Versioned migrations (:attr:`SQLiteStore.MIGRATIONS`, recorded in
   ``dispatch_schema_version``); each SQL backend numbers its own migrations.
 
@@ -54,6 +56,7 @@ from threaddispatch.stores._sqlite_sql import (
     SCHEMA_V5,
     SCHEMA_V6,
     SCHEMA_V7,
+    SCHEMA_V8,
     STATEMENTS,
     TYPES,
     chunks,
@@ -92,6 +95,9 @@ _NEW_READY = (
 _LATER_READY = (
     f"SELECT run_at, queue FROM dispatch_jobs WHERE state IN {_sql.READY} AND run_at > ? ORDER BY run_at LIMIT ?"
 )
+# The ready log's bounds, and its rows above a seq (migration 8: jobs an update made ready).
+_LOG_BOUNDS = "SELECT coalesce(min(seq), 0), coalesce(max(seq), 0) FROM dispatch_ready_log"
+_LOG_ROWS = "SELECT seq, queue, run_at FROM dispatch_ready_log WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?"
 _WATCH_JOIN = 2.0  # seconds close() waits for the watcher thread
 
 
@@ -141,6 +147,7 @@ class SQLiteStore(Store):
         (5, "serial locks", SCHEMA_V5),
         (6, "cron overlap", SCHEMA_V6),
         (7, "cluster limits", SCHEMA_V7),
+        (8, "ready log", SCHEMA_V8),
     )
 
     def __init__(
@@ -248,7 +255,8 @@ class SQLiteStore(Store):
     # -- wake-ups ----------------------------------------------------------------------------------
 
     def subscribe_wakeups(self, callback: WakeupCallback) -> Callable[[], None]:
-        """Have ``callback(queue, run_at)`` called when other processes' jobs arrive, and when delayed jobs fall due.
+        """Have ``callback(queue, run_at)`` called when other processes' jobs arrive, when any process's update
+        makes a job ready (the ready log), and when delayed jobs fall due.
 
         Runs on this store's watcher thread (``threaddispatch-sqlite-watch``, with
         ``threaddispatch-sqlite-checkpoint`` beside it; see
@@ -275,6 +283,21 @@ class SQLiteStore(Store):
         if limit <= 0 or highest <= after_seq:
             return highest, []
         return highest, conn.execute(_NEW_READY, (after_seq, highest, limit)).fetchall()
+
+    @translate
+    def _watch_released(self, after_seq: int, limit: int) -> tuple[int, int, list[tuple[int, str, float]]]:
+        """The ready log's lowest and highest seq, and up to ``limit`` of its rows above ``after_seq``:
+        (seq, queue, run_at) of the jobs updates made ready. A file without the log (not migrated) has none."""
+        conn = self._conn()
+        try:
+            lowest, highest = conn.execute(_LOG_BOUNDS).fetchone()
+        except sqlite3.OperationalError as error:
+            if "no such table" not in str(error):
+                raise
+            return 0, 0, []
+        if limit <= 0 or highest <= after_seq:
+            return int(lowest), int(highest), []
+        return int(lowest), int(highest), conn.execute(_LOG_ROWS, (after_seq, highest, limit)).fetchall()
 
     @translate
     def _watch_later(self, after: float, limit: int) -> list[tuple[float, str]]:
