@@ -5,6 +5,9 @@
    job's ``created_at``, set in the other process) to its handler starting; p50/p99.
 2. delayed: the other process enqueues jobs with ``delay``; how late each starts after its
    ``run_at``; p50/p99. Then the same for delayed jobs this process enqueued.
+   released: this process enqueues dependents (on a queue its idle engine serves) of jobs another
+   process's engine runs one every ``--gap`` seconds: the time from a dependency's completion
+   (its ``finished_at``, in the other process) to the dependent's start; p50/p99 (the ready log).
 3. enqueue with a worker running: ``JobEngine.enqueue`` one job at a time while 4 worker
    threads run them, in this process and then in another on the same file; wall and CPU
    (thread_time) per call, p50/p99.
@@ -105,6 +108,60 @@ def bench_cross_process(directory: str, count: int, gap: float, delay: float | N
         engine.stop(10)
         store.close()
     return starts.delays
+
+
+def _completer(path: str, count: int, gap: float) -> subprocess.Popen[bytes]:
+    """Another process whose engine runs the ``count`` jobs ``first`` (queue a), one every ``gap`` seconds."""
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        sys.path.insert(0, {_ROOT!r})
+        from threaddispatch.jobs import JobEngine
+        from threaddispatch.stores import JobState, SQLiteStore
+        store = SQLiteStore({path!r})
+        engine = JobEngine(store, queues=["a"], concurrency=1)
+        engine.register("first", lambda ctx, payload: time.sleep({gap!r}), queue="a")
+        engine.start()
+        while store.counts(queue="a").get(JobState.COMPLETED, 0) < {count}:
+            time.sleep(0.05)
+        engine.stop(10)
+        store.close()
+        """
+    )
+    return subprocess.Popen([sys.executable, "-c", script])
+
+
+def bench_released(directory: str, count: int, gap: float) -> list[float]:
+    """Dependents here of jobs another process completes: from each completion to the dependent's start."""
+    store = SQLiteStore(os.path.join(directory, f"released-{next(_serial)}.db"))
+    engine = JobEngine(store, queues=["b"], concurrency=4)
+    engine.register("first", lambda ctx, payload: None, queue="a")
+    delays: list[float] = []
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def second(ctx: JobContext, payload: object) -> None:
+        started = time.time()
+        dependency = store.get(ctx.job.depends_on[0]) if ctx.job.depends_on else None
+        finished = dependency.finished_at if dependency is not None else None
+        with lock:
+            delays.append(started - (finished or started))
+            if len(delays) >= count:
+                done.set()
+
+    engine.register("second", second, queue="b", max_retries=0)
+    for _ in range(count):
+        engine.enqueue("second", depends_on=[engine.enqueue("first")])
+    engine.start()
+    completer = _completer(store.path, count, gap)
+    try:
+        if not done.wait(60 + count * gap * 2):
+            print(f"  only {len(delays)} of {count} dependents started", file=sys.stderr)
+    finally:
+        completer.wait(60)
+        engine.stop(10)
+        store.close()
+    return delays
 
 
 def bench_own_delayed(directory: str, count: int, gap: float, delay: float) -> list[float]:
@@ -307,6 +364,7 @@ def _latency_sections(directory: str, args: argparse.Namespace) -> None:
     print(f"   enqueued by another process      {_quantiles(lateness)}")
     own = bench_own_delayed(directory, args.count, args.gap, args.delay)
     print(f"   enqueued by this process         {_quantiles(own)}")
+    print(f"   released by another's completion {_quantiles(bench_released(directory, args.count, args.gap))}")
     _enqueue_section(directory, args)
 
 
