@@ -50,6 +50,7 @@ from threaddispatch._validate import check_int
 from threaddispatch.errors import JobNotFoundError
 
 _R = TypeVar("_R")
+_StoreT = TypeVar("_StoreT", bound="Store")
 
 __all__ = [
     "ACTIVE_STATES",
@@ -792,7 +793,7 @@ class Store(abc.ABC):
         """The exit drain of ``threaddispatch._lifecycle``: a store holds no pending work, so (0, 0)."""
         return (0, 0)
 
-    def __enter__(self) -> Store:
+    def __enter__(self: _StoreT) -> _StoreT:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
