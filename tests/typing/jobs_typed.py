@@ -68,5 +68,6 @@ def call_directly(ctx: JobContext) -> None:
     assert_type(send_email(ctx, {"to": "a@b.c", "subject": "hi"}), bool)
     assert_type(untyped_ctx(ctx, "abc"), dict[str, int])
 
+
 with MemoryStore() as store:  # a store used as a context manager keeps its own type
     assert_type(store, MemoryStore)
