@@ -24,9 +24,10 @@ def test_equal_batches_curve_sends_batches_of_one_size_at_every_n() -> None:
 
 @pytest.mark.timeout(60)
 def test_frozen_limit_curve_leaves_the_collector_unfrozen() -> None:
-    assert gc.get_freeze_count() == 0
+    # Python 3.12.1 starts with objects already frozen (375): the run must leave no more than that.
+    frozen_before = gc.get_freeze_count()
     span = _bench_curves.CURVES["endpoints-limit-frozen"][2](30, 30, time.monotonic() + 30)
-    assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() <= frozen_before
     result = _bench_curves._curve_result("endpoints-limit-frozen", 30, span)
     assert result["complete"] is True and result["delivered"] == 30
     assert 0 <= result["max_clear_call_ms"] <= result["max_call_ms"]

@@ -225,7 +225,7 @@ def _endpoint_run(
             complete = count.done.wait(max(0.0, deadline - time.monotonic()))
     finally:
         if freeze:
-            gc.unfreeze()  # run in a test process, leave its collector as it was
+            gc.unfreeze()  # run in a test process: nothing stays frozen (3.12 also thaws what it froze at start)
     span = _span(count, ops, complete, start=(cpu0, wall0), per_call=caller_cpu / calls, slowest=slowest)
     span.max_gc_s, span.tracked_per_n, span.max_clear_call_s = pauses.longest, tracked, clear
     if complete:
