@@ -39,7 +39,7 @@ from concurrent.futures import Future
 from itertools import repeat
 from typing import Any, Generic, TypeVar
 
-from threaddispatch import _lifecycle
+from threaddispatch import _drop_log, _lifecycle
 from threaddispatch._batched_immediate import call_here
 from threaddispatch._buffered_types import (
     Dispatcher,
@@ -85,6 +85,10 @@ _MAX_HAND_CHUNK = 1024
 # per message would compete with the producers' appends for the file.
 _ACK_GROUP = 64
 _ACK_DELAY = 0.01
+
+
+# Why the lost log's lines name no overflow policy: what loses a message here is the missing handler.
+_LOST_POLICY = "no error_handler: a message that fails for good is lost"
 
 
 def _hand_chunk(batch_size: object) -> int:
@@ -195,6 +199,10 @@ class _AsyncState(Generic[T]):
         # Immediate mode: messages are dispatched by the putting threads, one at a time under this
         # lock (reentrant: a dispatch may put to its own sender). Never held with mutex.
         self.immediate_lock = threading.RLock()
+        # Without an error handler, messages failed for good are lost: said on the drop-log cadence
+        # (a WARNING with the first one's traceback, at most one a minute after, INFO at recovery).
+        # Its calls are made with mutex released (it takes its own lock, and logging the handlers').
+        self.lost_log = _drop_log.DropLog(_log, self.describe(), _LOST_POLICY, interval=_drop_log.INTERVAL)
 
     # -- producers (called with nothing held) --------------------------------------------------
 
@@ -413,6 +421,8 @@ class _AsyncState(Generic[T]):
                 if len(acks) >= _ACK_GROUP:
                     self.spool_settle(acks, None)
                     acks = []
+                if delivered:  # sent already: the lost log may end its episode (nothing held)
+                    self.lost_log.delivered()
                 with self.mutex:
                     if delivered:
                         self.in_flight -= delivered
@@ -644,6 +654,7 @@ class _AsyncState(Generic[T]):
                 self.in_flight -= sent
                 self.sent += sent
                 self._notify_settled()
+            self.lost_log.delivered()
 
     def _on_done(self, entry: _Entry[T], attempt: int, future: Future[Any]) -> None:
         """Done-callback of a submitted message's Future (any thread, nothing held)."""
@@ -661,6 +672,7 @@ class _AsyncState(Generic[T]):
                 self.in_flight -= 1
                 self.sent += 1
                 self._notify_settled()
+            self.lost_log.delivered()
         else:
             self._settle(entry, attempt, error)
 
@@ -786,6 +798,7 @@ class _AsyncState(Generic[T]):
                 with self.mutex:
                     self.in_flight -= 1
                     self.sent += 1
+                self.lost_log.delivered()
                 return
             delay = None if self.retry is None else self._next_delay(self.retry, attempt, error)
             if delay is None:
@@ -830,14 +843,9 @@ class _AsyncState(Generic[T]):
 
     def _report(self, failed: FailedMessage[T]) -> None:
         handler = self.error_handler
-        if handler is None:
-            _log.error(
-                "%s: %s failed after %d attempt(s); it is lost",
-                self.describe(),
-                show(failed.message),
-                failed.attempts,
-                exc_info=failed.error,
-            )
+        if handler is None:  # counted in stats() already (failed); the log says so without a line per message
+            detail = f"{show(failed.message)} failed after {failed.attempts} attempt(s); it is lost"
+            self.lost_log.dropped(1, detail=detail, exc_info=failed.error)
             return
         # In a copy of the producer's context (its log lines keep the trace id). A copy: the
         # dispatch loop may still be inside that context (a submit that failed synchronously).

@@ -61,8 +61,12 @@ class DropLog:
         """Whether the face is in a dropping episode (dropped, and not yet recovered)."""
         return self._dropping
 
-    def dropped(self, count: int = 1) -> None:
-        """Record ``count`` entries dropped; logs a WARNING now if one is due. Call outside the face's lock."""
+    def dropped(self, count: int = 1, *, detail: str = "", exc_info: BaseException | None = None) -> None:
+        """Record ``count`` entries dropped; logs a WARNING now if one is due. Call outside the face's lock.
+
+        ``detail`` (e.g. which entry and why) ends the line and ``exc_info`` (the error that
+        lost it) is its traceback, when a line is due; otherwise both are only counted past.
+        """
         if count <= 0:
             return
         now = self._clock()
@@ -82,7 +86,10 @@ class DropLog:
         else:
             message = "%s is still dropping entries%s: %d dropped since the last report"
             args = (self._what, self._policy, reported)
-        self._logger.warning(message, *args, extra=self._extra(reported))
+        if detail:
+            message += "; last: %s"
+            args += (detail,)
+        self._logger.warning(message, *args, exc_info=exc_info, extra=self._extra(reported))
 
     def delivered(self) -> None:
         """Note a delivery; logs one INFO line if the face dropped nothing since the previous one."""
