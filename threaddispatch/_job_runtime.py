@@ -140,6 +140,10 @@ class Runtime:
         self._threads_stop = False  # set by stop() once the heartbeat/cron threads may leave
         self._unsubscribe: Callable[[], None] | None = None  # the store's wake-ups (LISTEN/NOTIFY)
         self._planner = ClaimPlanner(queues, config.queue_configs)
+        # When the fetcher last read the paused queues (monotonic; -inf: read before the next
+        # claim). The fetcher reads and writes it without the lock; a store wake-up resets it
+        # under the lock: a float store is atomic, and the fetcher's read that follows its own
+        # write is after the resume it was woken for committed.
         self._paused_checked = -math.inf
         self._pool: WorkerPool | None = None
         self._fetcher: threading.Thread | None = None
@@ -211,12 +215,18 @@ class Runtime:
     def _store_wakeup(self, queue: str | None, run_at: float | None) -> None:
         """The store saw jobs arrive on ``queue`` (None: anywhere), due from ``run_at``: wake the fetcher.
 
-        Called on a store thread (e.g. PostgresStore's LISTEN thread); takes the lock briefly.
+        A wake-up for a queue this run believes paused (or for anything: notifications may have
+        been missed) may be its resume by another process: the fetcher reads the paused queues
+        again before its claim. Called on a store thread (e.g. PostgresStore's LISTEN thread);
+        takes the lock briefly.
         """
         if queue is not None and queue not in self.queues:
             return
-        with self.shared.lock:
+        shared = self.shared
+        with shared.lock:
             if self.state == "running":
+                if queue is None or queue in shared.paused:
+                    self._paused_checked = -math.inf
                 self._wake_fetcher(run_at if run_at is not None and run_at > time.time() else None)
 
     def _wake_fetcher(self, due: float | None = None) -> None:

@@ -93,11 +93,17 @@ class AdminMethods:
     # -- queues --------------------------------------------------------------------------------------------
 
     def set_queue_paused(self, queue: str, paused: bool, *, now: float) -> None:
-        """See :meth:`Store.set_queue_paused`: one upsert."""
+        """See :meth:`Store.set_queue_paused`: one upsert; a resume NOTIFYs the queue in its transaction.
+
+        An engine woken for a queue it believes paused reads the paused queues again at once.
+        """
 
         def op(conn: Conn) -> None:
-            conn.execute(SQL.pause_queue, (queue, bool(paused), now))
-            if not paused:
+            if paused:
+                conn.execute(SQL.pause_queue, (queue, True, now))
+                return
+            with conn.transaction():
+                conn.execute(SQL.pause_queue, (queue, False, now))
                 self._wake(conn, [queue], now)
 
         self._run("pausing a queue", op, idempotent=True)
