@@ -9,6 +9,9 @@ Modes:
 - ``hang``: job ``record`` writes ``start <n>`` and then blocks (the test SIGKILLs it).
 - ``cron``: registers job ``tick`` and the cron entry ``shared`` (``@every 300ms``); each
   run writes ``tick <unique_key>``.
+
+``--wait-listener`` writes the ready file only once the process's LISTEN session is up (its
+"look now" wake-up arrived), so a NOTIFY sent after it reaches this process.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--stale", type=float, default=10.0)
     parser.add_argument("--work", type=float, default=0.0, help="seconds each job takes")
+    parser.add_argument("--poll", type=float, default=0.05, help="poll_interval")
+    parser.add_argument("--max-poll", type=float, default=0.5, help="max_poll_interval")
+    parser.add_argument("--queue", action="append", help="a queue to serve (repeatable; default: 'default')")
+    parser.add_argument("--wait-listener", action="store_true", help="write ready once the LISTEN session is up")
     args = parser.parse_args()
 
     stop = threading.Event()
@@ -48,8 +55,8 @@ def main() -> int:
     engine = JobEngine(
         store,
         concurrency=args.concurrency,
-        poll_interval=0.05,
-        max_poll_interval=0.5,
+        poll_interval=args.poll,
+        max_poll_interval=args.max_poll,
         heartbeat_interval=0.2,
         stale_job_threshold=args.stale,
         shutdown_timeout=5.0,
@@ -72,7 +79,12 @@ def main() -> int:
 
     if args.mode == "cron":
         engine.cron("@every 300ms", "tick", {"k": 1}, name="shared")
-    engine.start()
+    listening = threading.Event()
+    unsubscribe = store.subscribe_wakeups(lambda queue, run_at: listening.set() if queue is None else None)
+    engine.start(queues=args.queue)
+    if args.wait_listener and not listening.wait(30):
+        return 4
+    unsubscribe()  # the engine's own subscription keeps the LISTEN session
     (args.outdir / f"ready-{os.getpid()}").write_text("ready")
     stop.wait()
     clean = engine.stop(10.0)

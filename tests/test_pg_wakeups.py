@@ -8,22 +8,31 @@ Each store-level test watches a subscriber on a second store (its own LISTEN ses
 the engine-level ones run the dependent on an idle engine polling every 30 s, so only
 the NOTIFY can start it within the test's 10 s.
 
+The cross-process tests run an idle worker process (tests/pg_worker.py) polling every 30 s
+that writes its ready file only once its LISTEN session is up: a job retried with a delay by
+this process's engine, which then stops, runs there at its run_at; a queue resumed here is
+claimed there at once.
+
 On conftest's session server and shared schema (emptied after each test); the migration
-test on a schema of its own. Skipped without PostgreSQL binaries or psycopg (failed on CI).
+tests on a schema of their own. Skipped without PostgreSQL binaries or psycopg (failed on CI).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import test_stores
 from conftest import PG_SCHEMA
 from pg_server import PostgresServer
+from test_postgres import Workers
 
+from threaddispatch.errors import Retry
 from threaddispatch.jobs import JobContext, JobEngine
 from threaddispatch.stores import JobRecord, JobState
 from threaddispatch.stores.base import Completion
@@ -360,3 +369,142 @@ def _lock_waits(pg_server: PostgresServer) -> int:
     with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
         row = conn.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()
     return int(row[0]) if row else 0
+
+
+# -- migration 10: jobs an update hands back to the queue, now or later -------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["retry_later", "release", "reap", "requeue"])
+def test_job_handed_back_to_its_queue_notifies_it_with_its_run_at(
+    make_store: Callable[..., PostgresStore], heard: Heard, how: str
+) -> None:
+    """A retry announces its later run_at (every process wakes then); a release, reap or requeue announces now."""
+    store = make_store()
+    first = test_stores.job(queue="a")
+    store.enqueue([first])
+    claimed = _claim_a(store, first)
+    _quiet(store, heard)
+    if how == "retry_later":
+        assert store.retry_later(first.id, worker_id="w", attempts=claimed.attempts, run_at=T0 + 60, error="e",
+                                 now=T0 + 2)  # fmt: skip
+        _wait_heard(heard, "a")
+        assert heard == [("a", T0 + 60)]
+        return
+    if how == "release":
+        assert store.release([first.id], worker_id="w", now=T0 + 2) == 1
+    elif how == "reap":
+        assert store.reap_stale(older_than=T0 + 10, now=T0 + 2) == [first.id]
+    else:
+        assert store.fail(first.id, worker_id="w", attempts=claimed.attempts, error="e", now=T0 + 2) is not None
+        _quiet(store, heard)
+        store.requeue(first.id, now=T0 + 3)
+    _wait_heard(heard, "a")
+    assert heard == [("a", T0 + (3 if how == "requeue" else 2))]
+
+
+@pytest.mark.timeout(60)
+def test_migrating_a_version_9_database_with_a_running_job_announces_its_retry(
+    pg_server: PostgresServer, make_store: Callable[..., PostgresStore], new_schema: str
+) -> None:
+    """A schema made by version 9 holding a running job upgrades in place; the job's retry then NOTIFYs its run_at."""
+
+    class Version9Store(PostgresStore):
+        MIGRATIONS = tuple(migration for migration in PostgresStore.MIGRATIONS if migration[0] <= 9)
+
+    old = Version9Store(pg_server.dsn, schema=new_schema)
+    try:
+        assert old.migrate() == 9
+        first = test_stores.job(queue="a")
+        old.enqueue([first])
+        claimed = _claim_a(old, first)
+    finally:
+        old.close()
+    store, listener = make_store(schema=new_schema), make_store(schema=new_schema)
+    assert store.migrate() == PostgresStore.MIGRATIONS[-1][0] >= 10
+    got: Heard = []
+    unsubscribe = listener.subscribe_wakeups(lambda queue, run_at: got.append((queue, run_at)))
+    try:
+        wait_for(lambda: (None, None) in got, 10, message="listener connected")
+        got.clear()
+        assert store.retry_later(first.id, worker_id="w", attempts=claimed.attempts, run_at=T0 + 60, error="e",
+                                 now=T0 + 2)  # fmt: skip
+        _wait_heard(got, "a")
+        assert got == [("a", T0 + 60)]
+    finally:
+        unsubscribe()
+
+
+# -- across processes: a retry and a resume start an idle worker process -----------------------------
+
+# The idle worker's polls: far beyond the test's waits, so the poll cannot pass a test.
+IDLE = ("--wait-listener", "--poll", "30", "--max-poll", "60")
+
+
+@pytest.fixture
+def workers(pg_server: PostgresServer, pg_url: str, tmp_path: Path) -> Iterator[Workers]:
+    group = Workers(pg_server, PG_SCHEMA, tmp_path)
+    yield group
+    group.kill_all()
+
+
+def _retrying_engine(store: PostgresStore, delay: float, started: threading.Event, go: threading.Event) -> JobEngine:
+    """An engine whose ``record`` sets ``started``, waits for ``go``, then asks for a retry after ``delay`` seconds."""
+    engine = JobEngine(store, poll_interval=0.05, shutdown_timeout=5.0)
+
+    @engine.job("record", max_retries=3)
+    def record(ctx: JobContext, payload: object) -> None:
+        started.set()
+        assert go.wait(30)
+        raise Retry(delay=delay)
+
+    return engine
+
+
+@pytest.mark.timeout(90)
+def test_retry_made_by_a_process_that_then_stops_runs_on_an_idle_process_at_its_run_at(
+    make_store: Callable[..., PostgresStore], workers: Workers
+) -> None:
+    """Process A's attempt asks for a retry in 1 s and A stops; idle process B runs the retry (not at its 30 s poll).
+
+    A holds its attempt until B is up (B's first claim finds the job running), then retries.
+    """
+    store = make_store()
+    started, go = threading.Event(), threading.Event()
+    engine = _retrying_engine(store, 1.0, started, go)
+    job_id = engine.enqueue("record", {"n": 7})
+    engine.start()
+    try:
+        assert started.wait(20), "A's attempt did not start"
+        idle = workers.spawn("run", *IDLE)
+        workers.wait_ready(idle)
+        go.set()
+        wait_for(lambda: _state(store, job_id) is JobState.RETRYING, 20, message="the retry recorded by A")
+    finally:
+        assert engine.stop(10)
+    wait_for(lambda: "run 7" in workers.lines(idle), 20, message="B ran the retry")
+    wait_for(lambda: _state(store, job_id) is JobState.COMPLETED, 20, message="B's completion written")
+    workers.stop(idle)
+
+
+@pytest.mark.timeout(90)
+def test_queue_resumed_by_another_process_is_claimed_at_once_by_an_idle_process(
+    make_store: Callable[..., PostgresStore], workers: Workers
+) -> None:
+    """The queue is paused before B starts; a resume made here starts B's claim of its job (not B's 30 s refresh)."""
+    store = make_store()
+    store.set_queue_paused("default", True, now=time.time())
+    idle = workers.spawn("run", *IDLE)
+    workers.wait_ready(idle)
+    producer = JobEngine(store)  # never started: it only enqueues and resumes
+    producer.register("record", lambda ctx, payload: payload, max_retries=3)
+    job_id = producer.enqueue("record", {"n": 3})
+    producer.resume_queue("default")
+    wait_for(lambda: "run 3" in workers.lines(idle), 20, message="B ran the job of the resumed queue")
+    wait_for(lambda: _state(store, job_id) is JobState.COMPLETED, 20, message="B's completion written")
+    workers.stop(idle)
+
+
+def _state(store: PostgresStore, job_id: str) -> JobState | None:
+    job = store.get(job_id)
+    return None if job is None else job.state

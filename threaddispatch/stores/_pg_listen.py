@@ -1,8 +1,9 @@
 """PostgresStore's wake-ups: a process's subscribers and the LISTEN thread serving them: its one job.
 
 Jobs inserted anywhere NOTIFY ``threaddispatch`` (the insert trigger of
-:mod:`threaddispatch.stores._pg_sql`; released dependents and the next job of a finished
-lock by its update triggers; jobs handed back, reaped or requeued by the store).
+:mod:`threaddispatch.stores._pg_sql`; released dependents, the next job of a finished lock,
+jobs retried, handed back, reaped or requeued by its update triggers; a resumed queue by the
+store). A notification's ``run_at`` may be later (a retry): the engines keep it as a due time.
 :class:`Wakeups` keeps the process's subscribers; while it has any, a listener thread
 (``threaddispatch-pg-listener``) holds one LISTEN connection from the pool's DSN and
 passes each notification on, so an enqueue on one machine starts work on another

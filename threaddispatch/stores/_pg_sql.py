@@ -121,6 +121,18 @@ SCHEMA_V9 = (
         EXECUTE FUNCTION dispatch_jobs_unlocked_notify()""",
 )
 
+# Migration 10: wake-ups for the jobs an UPDATE hands back to the queue, now or later: a retry
+# (its run_at the retry's time, so every listening process wakes then, not only the one that
+# retried), a job released at stop, reaped or requeued (run_at now), by whichever process or
+# method. The row is ready (pending or retrying) and was claimed or finished before (a waiting
+# job released has its own trigger; a claim or completion of a ready row calls nothing).
+SCHEMA_V10 = (
+    "DROP TRIGGER IF EXISTS dispatch_jobs_ready ON dispatch_jobs",
+    f"""CREATE TRIGGER dispatch_jobs_ready AFTER UPDATE OF state ON dispatch_jobs FOR EACH ROW
+        WHEN (NEW.state IN {_sql.READY} AND OLD.state NOT IN {_sql.UNCLAIMED})
+        EXECUTE FUNCTION dispatch_jobs_released_notify()""",
+)
+
 # -- lifecycle -------------------------------------------------------------------------------------
 
 VERSION_TABLE = _sql.version_table(TYPES)
@@ -256,7 +268,7 @@ WITH stale AS (
            %(lost)s, %(now)s, trace_context
     FROM moved WHERE state = 'failed'
 )
-SELECT id, queue, state FROM moved
+SELECT id, state FROM moved
 """
 
 _FAIL = f"""
@@ -280,14 +292,13 @@ FAIL_CLAIM = _FAIL.format(fence=CLAIM_FENCE)
 
 RELEASE = (
     "UPDATE dispatch_jobs SET state = 'pending', worker_id = NULL, run_at = %s, updated_at = %s, "
-    "attempts = greatest(0, attempts - %s) WHERE id = ANY(%s) AND state = 'running' AND worker_id = %s "
-    "RETURNING queue"
+    "attempts = greatest(0, attempts - %s) WHERE id = ANY(%s) AND state = 'running' AND worker_id = %s"
 )
 
 # -- management ------------------------------------------------------------------------------------
 
 JOB_EXISTS = "SELECT 1 FROM dispatch_jobs WHERE id = %s"
-LOCK_FOR_REQUEUE = "SELECT state, unique_key, queue FROM dispatch_jobs WHERE id = %s FOR UPDATE"
+LOCK_FOR_REQUEUE = "SELECT state, unique_key FROM dispatch_jobs WHERE id = %s FOR UPDATE"
 PURGE_FINISHED = (
     "DELETE FROM dispatch_jobs WHERE seq IN (SELECT seq FROM dispatch_jobs "
     f"WHERE state IN {_sql.FINAL} AND finished_at < %s LIMIT {PURGE_CHUNK} FOR UPDATE SKIP LOCKED)"

@@ -22,10 +22,10 @@ spread one object over several files.
   ones in that same single statement.
 - Wake-ups: an ``AFTER INSERT`` statement trigger sends ``NOTIFY threaddispatch`` with the
   schema, queue and earliest ``run_at`` of the new ready jobs (one notification per queue per
-  statement); row triggers (migration 9) announce the jobs an update makes claimable, a
-  waiting job released and the next job of a serial lock whose holder finished, in the
-  transaction that does it, whichever method; jobs released, reaped or requeued are
-  notified by the store. A listener
+  statement); row triggers announce the jobs an update makes claimable, in the transaction
+  that does it, whichever method: a waiting job released and the next job of a serial lock
+  whose holder finished (migration 9), a job retried (at its retry's ``run_at``), handed
+  back, reaped or requeued (migration 10); a resumed queue is notified by the store. A listener
   thread per process (``threaddispatch-pg-listener``, running while an engine is
   subscribed through :meth:`PostgresStore.subscribe_wakeups`) passes them on. Engines keep
   polling as the fallback.
@@ -136,6 +136,7 @@ class PostgresStore(AdminMethods, Store):
         (7, "cron overlap", q.SCHEMA_V7),
         (8, "cluster limits", q.SCHEMA_V8),
         (9, "wake-ups for jobs released or unlocked", q.SCHEMA_V9),
+        (10, "wake-ups for jobs retried, handed back, reaped or requeued", q.SCHEMA_V10),
     )
 
     def __init__(
@@ -303,7 +304,7 @@ class PostgresStore(AdminMethods, Store):
         return self._wakeups.subscribe(callback)
 
     def _wake(self, conn: Conn, queues: Sequence[str], run_at: float) -> None:
-        """NOTIFY listeners that jobs of ``queues`` are ready from ``run_at`` (after a release, reap, requeue)."""
+        """NOTIFY listeners that jobs of ``queues`` are ready from ``run_at`` (a queue resumed)."""
         if not queues:
             return
         if self._schema_name is None:
@@ -517,9 +518,8 @@ class PostgresStore(AdminMethods, Store):
             with conn.transaction():
                 rows = conn.execute(q.REAP, {"older": older_than, "now": now, "lost": WORKER_LOST_ERROR}).fetchall()
                 for row in rows:
-                    if row[2] == "failed":
+                    if row[1] == "failed":
                         SQL.release_one(conn, row[0], "failed", now)
-                self._wake(conn, [row[1] for row in rows if row[2] == "pending"], now)
             return [str(row[0]) for row in rows]
 
         return self._run("recovering stale jobs", op, idempotent=True)
@@ -574,15 +574,13 @@ class PostgresStore(AdminMethods, Store):
         return self._run("failing a job", op, idempotent=fenced)
 
     def release(self, job_ids: Sequence[str], *, worker_id: str, now: float, refund_attempt: bool = True) -> int:
-        """See :meth:`Store.release`: one statement, then a wake-up for the queues concerned."""
+        """See :meth:`Store.release`: one statement (its trigger wakes the queues concerned)."""
         if not job_ids:
             return 0
 
         def op(conn: Conn) -> int:
             params = (now, now, 1 if refund_attempt else 0, list(job_ids), worker_id)
-            rows = conn.execute(q.RELEASE, params).fetchall()
-            self._wake(conn, [row[0] for row in rows], now)
-            return len(rows)
+            return conn.execute(q.RELEASE, params).rowcount
 
         return self._run("releasing jobs", op, idempotent=True)
 
@@ -688,7 +686,7 @@ class PostgresStore(AdminMethods, Store):
                 row = conn.execute(q.LOCK_FOR_REQUEUE, (job_id,)).fetchone()
                 if row is None:
                     raise JobNotFoundError(f"no job with id {job_id!r}")
-                state, unique_key, queue = row
+                state, unique_key = row
                 SQL.check_requeue(conn, job_id, state, unique_key)
                 try:
                     with conn.transaction():  # a savepoint: a racing holder fails only this statement
@@ -698,7 +696,6 @@ class PostgresStore(AdminMethods, Store):
                         f"job {job_id!r}: unique_key {unique_key!r} is held by another active job"
                     ) from None
                 conn.execute(SQL.delete_job_letters, (job_id,))
-                self._wake(conn, [queue], now)
 
         self._run("requeueing a job", op, idempotent=False)
 
