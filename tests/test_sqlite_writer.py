@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 import uuid
@@ -11,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlite_threads import run_threads
+from sqlite_threads import run_threads, wait_exit_code, waits_on_writer_lock
 
 import threaddispatch.stores.sqlite as sqlite_module
 from threaddispatch.stores import JobRecord, JobState, SQLiteStore
@@ -25,19 +24,17 @@ def _job() -> JobRecord:
     return JobRecord(id=uuid.uuid4().hex, name="noop", payload="null", run_at=now, created_at=now, updated_at=now)
 
 
-def _top_function(thread: threading.Thread) -> str:
-    frame = sys._current_frames().get(thread.ident or 0)
-    return "" if frame is None else frame.f_code.co_name
-
-
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("producer_store", ["same store", "another store on the file"])
 def test_an_enqueue_meeting_another_threads_write_waits_on_the_writer_lock_not_inside_sqlite(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, producer_store: str
 ) -> None:
     """While a worker thread's claim holds the write transaction, an enqueue on another thread waits
     before entering SQLite (woken when the claim commits), instead of in SQLite's busy handler, which
-    sleeps 1, 2, 5, 10 ... ms between looks (the enqueue p99 with a worker running)."""
-    store = SQLiteStore(tmp_path / "jobs.db")
+    sleeps 1, 2, 5, 10 ... ms between looks (the enqueue p99 with a worker running). The same for an
+    enqueue through another store of this process on the same file: the writer lock is per path."""
+    store = SQLiteStore(tmp_path / "jobs.db", busy_timeout=60)
+    other = store if producer_store == "same store" else SQLiteStore(str(tmp_path / "." / "jobs.db"), busy_timeout=60)
     inside = threading.Event()
     release = threading.Event()
     claim_in = sqlite_module.claim_in  # type: ignore[attr-defined]
@@ -52,7 +49,7 @@ def test_an_enqueue_meeting_another_threads_write_waits_on_the_writer_lock_not_i
 
     def enqueue() -> None:
         try:
-            outcome.append(store.enqueue([_job()]))
+            outcome.append(other.enqueue([_job()]))
         except BaseException as error:
             outcome.append(error)
 
@@ -63,15 +60,17 @@ def test_an_enqueue_meeting_another_threads_write_waits_on_the_writer_lock_not_i
         assert inside.wait(30)
         producer.start()
         # Either the producer waits in the store's write path (fixed), or it entered SQLite and
-        # ends when SQLite's busy handler gives up after busy_timeout (5 s).
-        wait_for(lambda: outcome or _top_function(producer) == "__enter__", 30, message="the producer to block")
+        # waits in SQLite's busy handler, up to busy_timeout.
+        wait_for(lambda: outcome or waits_on_writer_lock(producer), 30, message="the producer to block")
         assert outcome == [], f"the enqueue ended inside SQLite's busy wait: {outcome}"
     finally:
         release.set()
         claimer.join(30)
-        producer.join(30)
+        producer.join(60)
+        other.close()
         store.close()
     assert len(outcome) == 1 and isinstance(outcome[0], list)
+    assert store._connections.writer is other._connections.writer
     assert not claimer.is_alive() and not producer.is_alive()
 
 
@@ -131,16 +130,7 @@ def test_a_child_forked_while_the_writer_lock_is_held_writes_with_its_own(tmp_pa
                     os._exit(code)
         finally:
             writer.release()
-        status: list[int] = []
-
-        def child_exited() -> bool:
-            done, code = os.waitpid(pid, os.WNOHANG)
-            if done:
-                status.append(code)
-            return bool(status)
-
-        wait_for(child_exited, 30, message="the forked child to exit")
-        assert os.waitstatus_to_exitcode(status[0]) == 0
+        assert wait_exit_code(pid, 30) == 0
         assert store.counts()[JobState.PENDING] == 1
     finally:
         store.close()

@@ -31,6 +31,7 @@ from typing import Any, Protocol, TypeVar
 
 from threaddispatch._validate import show
 from threaddispatch.errors import ConfigurationError, StoreError, StoreUnavailableError
+from threaddispatch.stores._sqlite_lock import WriterLock, release_writer_lock, writer_lock
 from threaddispatch.stores._sqlite_sync import Syncer
 
 __all__ = [
@@ -109,16 +110,18 @@ class Slot:
 class Write:
     """``with Write(connections) as conn:`` runs the block as one write of this process to the file.
 
-    Holds the store's writer lock (:attr:`Connections.writer`) for the block, so this
-    process's threads queue on it and never meet SQLite's busy handler (which sleeps 1, 2,
-    5, 10 ... ms) for each other: only other processes' writers make SQLite wait. With
-    ``immediate`` (the default) the block is a BEGIN IMMEDIATE transaction; without it, the
-    block's statements commit each on its own (a single-statement write). With a
-    :class:`~threaddispatch.stores._sqlite_sync.Syncer` (``durability="full"``), a block
-    that changed rows returns only once its commit is on disk (the wait outside the lock).
-    The writer lock is waited for up to ``busy_timeout`` (SQLite waits as long for other
-    processes' writers), the sync until that deadline plus ``busy_timeout`` again.
-    ``defer_sync``: return without the sync; the caller then waits with
+    Holds the file's writer lock (:class:`~threaddispatch.stores._sqlite_lock.WriterLock`:
+    a threading lock shared by every store of this process on the file, then a record lock
+    on a sidecar file shared with the other processes) for the block, so writers queue on
+    it and never meet SQLite's busy handler (which sleeps 1, 2, 5, 10 ... ms) for each
+    other: only a writer that bypasses the lock (the sqlite3 shell, an older version) makes
+    SQLite wait. With ``immediate`` (the default) the block is a BEGIN IMMEDIATE
+    transaction; without it, the block's statements commit each on its own (a
+    single-statement write). With a :class:`~threaddispatch.stores._sqlite_sync.Syncer`
+    (``durability="full"``), a block that changed rows returns only once its commit is on
+    disk (the wait outside the lock). The writer lock is waited for up to ``busy_timeout``
+    in all, the sync until that deadline plus ``busy_timeout`` again. ``defer_sync``:
+    return without the sync; the caller then waits with
     :meth:`Syncer.wait_written <threaddispatch.stores._sqlite_sync.Syncer.wait_written>`
     before reporting the write done (the group commit's leader, once for its whole group).
     """
@@ -133,10 +136,12 @@ class Write:
     def __enter__(self) -> sqlite3.Connection:
         connections = self.connections
         self.deadline = time.monotonic() + connections.busy_timeout
-        if not connections.writer.acquire(timeout=connections.busy_timeout):
+        lock = connections.writer_lock
+        holder = lock.acquire(self.deadline)
+        if holder is not None:
             raise StoreUnavailableError(
-                f"SQLite store unavailable: {connections.path!r}: another thread of this process held the "
-                f"write lock for over {connections.busy_timeout:.3g}s"
+                f"SQLite store unavailable: {connections.path!r}: {holder} held the write lock for over "
+                f"{connections.busy_timeout:.3g}s"
             )
         try:
             conn = self.conn = connections.conn()
@@ -144,7 +149,7 @@ class Write:
             if self.immediate:
                 conn.execute("BEGIN IMMEDIATE")
         except BaseException:
-            connections.writer.release()
+            lock.release()
             raise
         return conn
 
@@ -163,7 +168,7 @@ class Write:
             elif conn.in_transaction:
                 conn.execute("ROLLBACK")
         finally:
-            connections.writer.release()
+            connections.writer_lock.release()
         if commit and not self.defer_sync:
             assert connections.syncer is not None
             connections.syncer.wait_durable(commit, self.deadline + connections.busy_timeout)
@@ -208,21 +213,26 @@ class Connections:
         fsyncs = sync_commits or synchronous in ("FULL", "EXTRA")  # a sync per commit
         self.autocheckpoint = FSYNC_AUTOCHECKPOINT_PAGES if fsyncs else AUTOCHECKPOINT_PAGES
         self.closed = False
+        #: This file's writer lock in this process, shared with its other stores (renewed in a fork child).
+        self.writer_lock: WriterLock = writer_lock(path)
+        self._released_lock = False  # close() has handed writer_lock back (idempotent close)
         self._init_process_state()
 
     def _init_process_state(self) -> None:
         # _slots_lock guards _slots (every thread's slot in this process, for close() and the
         # fork hook). Lock order: _slots_lock, then slot locks; never the other way round.
         self._slots_lock = threading.Lock()
-        # Held around every write of this process (see Write); renewed in a forked child. Lock
-        # order: a slot lock, then this one.
-        self.writer = threading.Lock()
         self._slots: list[Slot] = []
         self._local = threading.local()
         self._pid = os.getpid()
         # Set by prepare_for_fork under _slots_lock, read by resume_after_fork before releasing it.
         self._fork_held: list[Slot] = []
         self._fork_stuck = 0
+
+    @property
+    def writer(self) -> threading.Lock:
+        """The threading part of :attr:`writer_lock`. Lock order: a slot lock, then this one."""
+        return self.writer_lock.thread
 
     def slot(self) -> Slot:
         """This thread's slot in this process, made on first use."""
@@ -299,6 +309,9 @@ class Connections:
                 self._slots.remove(slot)
         if self.syncer is not None:
             self.syncer.close()
+        if not self._released_lock:
+            self._released_lock = True
+            release_writer_lock(self.writer_lock, max(0.0, deadline - time.monotonic()))
 
     def prepare_for_fork(self) -> None:
         """Just before fork(): wait until no thread is inside SQLite on this file, then close every connection.

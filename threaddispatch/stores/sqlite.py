@@ -10,9 +10,11 @@ needs; the per-thread connections, pragmas and fork safety are in
 - WAL journal, ``busy_timeout``, one connection per thread per process (a forked child
   opens its own); ``fork()`` is safe while threads use the store.
 - Short transactions; every write that reads first runs under ``BEGIN IMMEDIATE`` so
-  two processes never both decide from the same snapshot. Every write holds the store's
-  writer lock (:class:`~threaddispatch.stores._sqlite_conn.Write`): this process's writers
-  queue on it, only other processes' writers meet SQLite's busy handler. A claim is ONE
+  two processes never both decide from the same snapshot. Every write holds the file's
+  writer lock (:mod:`~threaddispatch.stores._sqlite_lock`: a threading lock per file per
+  process, then a record lock on ``<db>-writer.lock`` shared with other processes):
+  writers of every store and process queue on it, never in SQLite's busy handler (only a
+  writer that bypasses the lock, like the sqlite3 shell, meets it). A claim is ONE
   ``UPDATE ... RETURNING`` statement (SQLite >= 3.35). A commit checkpoints only past
   10,000 WAL pages (a backstop); while an engine is subscribed, a checkpoint thread does.
 - Wake-ups (:meth:`SQLiteStore.subscribe_wakeups`): a watcher thread per store, running
@@ -133,9 +135,10 @@ class SQLiteStore(Store):
     commit); ``"OFF"`` never fsyncs (a process crash loses nothing, a power cut may
     corrupt the file).
 
-    Writes of this process's threads queue on one lock per store (never in SQLite's busy
-    handler, which sleeps 1, 2, 5 ... ms); only other processes' writers make a write wait
-    in SQLite, up to ``busy_timeout``.
+    Writes of every thread, store and process on the file queue on its writer lock (never
+    in SQLite's busy handler, which sleeps 1, 2, 5 ... ms), up to ``busy_timeout``; the
+    lock's sidecar file ``<path>-writer.lock`` stays beside the database (like ``-wal`` and
+    ``-shm``). A writer that bypasses it (the sqlite3 shell) meets SQLite's own locking.
     """
 
     #: Numbered schema migrations: ``(version, description, statements)``, applied in order.
