@@ -12,24 +12,37 @@ Measures, for N no-op jobs (default 10,000) on a SQLite file in a temp dir:
 Both stores are files in WAL mode. By default each library keeps its own setting:
 threaddispatch ``synchronous=NORMAL`` (no fsync per commit, one at each checkpoint), huey
 SQLite's ``FULL`` (an fsync per commit). ``--fsync off`` runs both without fsync, to compare
-the code on equal terms. Run ``python benchmarks/bench_jobs.py --help``.
+the code on equal terms.
+
+``--only overhead``: the engine's own cost per call, CPU time (``time.thread_time``) of
+``JobEngine.enqueue`` on a store whose ``enqueue`` does nothing (what the engine spends
+before and after the store), on MemoryStore and on SQLiteStore, and of ``enqueue_many``
+per job; ``--compare DIR`` runs the same rounds, interleaved, on another tree (e.g. ``git
+archive HEAD threaddispatch | tar -x -C DIR``) and prints the ratio. Run ``python
+benchmarks/bench_jobs.py --help``.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# THREADDISPATCH_TREE: the tree to measure (``--compare`` runs another tree's code in a child process).
+sys.path.insert(0, os.environ.get("THREADDISPATCH_TREE") or os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from threaddispatch.jobs import JobEngine
-from threaddispatch.stores import SQLiteStore
+from threaddispatch.stores import MemoryStore, SQLiteStore
+from threaddispatch.stores.base import JobRecord
 
 _serial = itertools.count()
 
@@ -121,6 +134,70 @@ def best_of(repeat: int, fn: Callable[[], tuple[float, float, float]]) -> tuple[
     return max(r[0] for r in results), max(r[1] for r in results), min(r[2] for r in results)
 
 
+class _NullStore(MemoryStore):
+    """A MemoryStore whose ``enqueue`` stores nothing: what remains is the engine's own cost."""
+
+    def enqueue(self, jobs: Sequence[JobRecord]) -> list[str]:
+        return [job.id for job in jobs]
+
+
+def _per_call(calls: int, fn: Callable[[], object]) -> float:
+    """CPU microseconds per call of ``fn`` (this thread's), over ``calls`` calls."""
+    started = time.thread_time()
+    for _ in range(calls):
+        fn()
+    return (time.thread_time() - started) / calls * 1e6
+
+
+def bench_overhead(directory: str, calls: int) -> dict[str, float]:
+    """CPU µs per job of enqueue on a null store, MemoryStore, SQLiteStore, and of enqueue_many (100 a call)."""
+    found: dict[str, float] = {}
+    payload = {"user": 42, "action": "welcome"}
+    stores: list[tuple[str, Callable[[], Any]]] = [
+        ("null store", _NullStore),
+        ("MemoryStore", MemoryStore),
+        ("SQLiteStore", lambda: SQLiteStore(os.path.join(directory, f"overhead-{next(_serial)}.db"))),
+    ]
+    for label, make in stores:
+        store = make()
+        engine = JobEngine(store)
+        engine.register("noop", lambda ctx, payload: None)
+        count = calls if label != "SQLiteStore" else max(1, calls // 5)
+        _per_call(count // 10 + 1, lambda: engine.enqueue("noop", payload))  # warm up
+        found[f"enqueue, {label}"] = _per_call(count, lambda: engine.enqueue("noop", payload))
+        batch = [payload] * 100
+        found[f"enqueue_many per job, {label}"] = (
+            _per_call(count // 100 + 1, lambda: engine.enqueue_many("noop", batch)) / 100
+        )
+        store.close()
+    return found
+
+
+def _overhead_section(args: argparse.Namespace, directory: str) -> None:
+    """Rounds of :func:`bench_overhead` on this tree and (``--compare``) another, interleaved."""
+    trees = {"this tree": None} if args.compare is None else {"this tree": None, args.compare: args.compare}
+    results: dict[str, list[dict[str, float]]] = {tree: [] for tree in trees}
+    for _ in range(args.repeat):
+        for tree, path in trees.items():
+            env = dict(os.environ, THREADDISPATCH_TREE=path or "")
+            command = [sys.executable, os.path.abspath(__file__), "--only", "overhead-child", "--jobs", str(args.jobs)]
+            out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+            results[tree].append(json.loads(out.splitlines()[-1]))
+    names = list(results["this tree"][0])
+    print(f"CPU µs per job (thread_time), {args.jobs} calls, median (min) of {args.repeat} rounds")
+    header = "".join(f"{tree[-24:]:>26}" for tree in trees)
+    print(f"{'':40}{header}{'ratio' if len(trees) > 1 else '':>8}")
+    for name in names:
+        cells = []
+        medians = []
+        for tree in trees:
+            values = [round_[name] for round_ in results[tree]]
+            medians.append(statistics.median(values))
+            cells.append(f"{medians[-1]:14.2f} ({min(values):6.2f})    ")
+        ratio = f"{medians[1] / medians[0]:7.2f}x" if len(medians) > 1 else ""
+        print(f"{name:40}{''.join(f'{cell:>26}' for cell in cells)}{ratio:>8}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=10_000)
@@ -132,8 +209,16 @@ def main() -> None:
         default="default",
         help="default: each library's own setting (threaddispatch NORMAL, huey FULL); off: neither syncs",
     )
-    parser.add_argument("--only", choices=["threaddispatch", "huey"], default=None)
+    parser.add_argument("--only", choices=["threaddispatch", "huey", "overhead", "overhead-child"], default=None)
+    parser.add_argument("--compare", default=None, help="--only overhead: also measure this tree (a directory)")
     args = parser.parse_args()
+    if args.only in ("overhead", "overhead-child"):
+        with tempfile.TemporaryDirectory() as directory:
+            if args.only == "overhead-child":
+                print(json.dumps(bench_overhead(directory, args.jobs)))
+            else:
+                _overhead_section(args, directory)
+        return
 
     fsync = None if args.fsync == "default" else False
     synchronous = "NORMAL" if args.fsync == "default" else "OFF"

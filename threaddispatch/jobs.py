@@ -13,6 +13,7 @@ API and its docstrings are the API's contract; the work is done elsewhere, one j
 
 - :mod:`~threaddispatch._job_config`: Config, QueueConfig, job definitions, value checks;
 - :mod:`~threaddispatch._job_context`: JobContext, what a handler gets;
+- :mod:`~threaddispatch._job_enqueue`: what an enqueue builds: job ids, payload JSON, per-name plans;
 - :mod:`~threaddispatch._job_shared`: the state the engine shares with its runs (one lock);
 - :mod:`~threaddispatch._job_runtime`: one run (a new one per ``start()``): fetch -> execute
   -> the one completion path, and stopping;
@@ -45,10 +46,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -78,6 +77,7 @@ from threaddispatch._job_config import (
 )
 from threaddispatch._job_context import JobContext
 from threaddispatch._job_cron import CronRunner
+from threaddispatch._job_enqueue import JobPlan, LockRule, encode_json, new_job_id, new_record
 from threaddispatch._job_handle import JobHandle, JobSpec, PayloadT, ResultT
 from threaddispatch._job_runtime import Runtime
 from threaddispatch._job_shared import Shared
@@ -92,7 +92,6 @@ from threaddispatch.errors import (
     InvalidStateError,
     JobNotFoundError,
     NoStoreError,
-    PayloadError,
 )
 from threaddispatch.events import EventEmitter
 from threaddispatch.metrics import job_recorder
@@ -125,10 +124,10 @@ __all__ = [
     "JobHandle",
     "JobSpec",
     "QueueConfig",
+    "new_job_id",
 ]
 
 _log = logging.getLogger("threaddispatch.jobs")
-_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 #: The keywords of a chain step (JobSpec options) and their defaults: :meth:`JobEngine.enqueue`'s.
@@ -141,11 +140,6 @@ _SPEC_DEFAULTS: dict[str, Any] = {
 def _step_payload(index: int, name: str, _position: int) -> str:
     """How a chain step's payload is named in errors."""
     return f"payload of chain step #{index} (job {name!r})"
-
-
-def new_job_id() -> str:
-    """A new job id: 32 hex digits, the time in nanoseconds then 64 random bits, so ids sort by creation."""
-    return f"{time.time_ns():016x}{os.urandom(8).hex()}"
 
 
 def _check_depends_on(value: object) -> tuple[str, ...]:
@@ -244,8 +238,11 @@ class JobEngine:
         job_recorder(self)  # bound at construction: a producer-only engine counts its enqueues too
         self._lock = self._shared.lock
         # job name -> the serial lock its registration gives (a name, or a function of the payload);
-        # written under _lock, read without it (a lost race reads the previous registration's)
-        self._lock_rules: dict[str, str | Callable[[Any], str | None]] = {}
+        # job name -> its JobPlan (its definition and lock rule, as _shared.definitions and _lock_rules
+        # hold them). Both written under _lock, read without it (a lost race reads the previous registration's)
+        self._lock_rules: dict[str, LockRule] = {}
+        self._plans: dict[str, JobPlan] = {}
+        self._immediate = self.config.immediate
         self._cron = CronRunner(
             store,
             self.logger,
@@ -313,6 +310,7 @@ class JobEngine:
                 self._lock_rules.pop(name, None)
             else:
                 self._lock_rules[name] = lock
+            self._plans[name] = JobPlan(definition, lock, self.config.max_payload_size)
         return definition
 
     def job(
@@ -364,67 +362,25 @@ class JobEngine:
     # -- producing -----------------------------------------------------------------------------------
 
     def _definition(self, name: str) -> JobDefinition:
+        return self._plan(name).definition
+
+    def _plan(self, name: str) -> JobPlan:
+        """The plan of registered job ``name``; ConfigurationError for a bad or unknown name."""
+        plan = self._plans.get(name) if type(name) is str else None
+        if plan is not None:
+            return plan
         check_text("job name", name)
-        definition = self._shared.definitions.get(name)
-        if definition is None:
-            known = ", ".join(sorted(self._shared.definitions)) or "none"
-            raise ConfigurationError(f"unknown job name {name!r}: register it first (registered: {known})")
-        return definition
+        with self._lock:
+            definition = self._shared.definitions.get(name)
+            if definition is None:
+                known = ", ".join(sorted(self._shared.definitions)) or "none"
+                raise ConfigurationError(f"unknown job name {name!r}: register it first (registered: {known})")
+            # A definition without a plan (put in _shared.definitions directly): plan it as register() would.
+            plan = self._plans[name] = JobPlan(definition, self._lock_rules.get(name), self.config.max_payload_size)
+        return plan
 
     def _encode(self, what: str, value: object) -> str:
-        try:
-            text = _ENCODER.encode(value)
-        except (TypeError, ValueError) as error:
-            raise PayloadError(f"{what} is not JSON-serialisable: {error}") from error
-        except RecursionError:
-            raise PayloadError(f"{what} is nested too deeply to encode as JSON") from None
-        if len(text) > self.config.max_payload_size:
-            raise PayloadError(
-                f"{what} is {len(text)} bytes of JSON, more than max_payload_size={self.config.max_payload_size}"
-            )
-        return text
-
-    def _build(
-        self,
-        name: str,
-        payload_text: str,
-        *,
-        queue: str,
-        priority: int,
-        max_retries: int,
-        timeout: float | None,
-        run_at: float,
-        now: float,
-        unique_key: str | None = None,
-        trace_context: str | None = None,
-        depends_on: tuple[str, ...] = (),
-        on_dependency_failure: str = "cancel",
-        lock: str | None = None,
-    ) -> JobRecord:
-        """The record of a new pending job: what enqueue, enqueue_many, cron ticks and replay store.
-
-        ``trace_context``: the traceparent to store (the caller reads :func:`current_traceparent`
-        once per call, or replay keeps the dead letter's).
-        """
-        return JobRecord(
-            id=new_job_id(),
-            name=name,
-            payload=payload_text,
-            queue=queue,
-            state=JobState.PENDING,
-            priority=priority,
-            attempts=0,
-            max_retries=max_retries,
-            timeout=timeout,
-            run_at=run_at,
-            created_at=now,
-            updated_at=now,
-            unique_key=unique_key,
-            trace_context=trace_context,
-            depends_on=depends_on,
-            on_dependency_failure=on_dependency_failure,
-            lock=lock,
-        )
+        return encode_json(what, value, self.config.max_payload_size)
 
     def enqueue(
         self,
@@ -460,9 +416,22 @@ class JobEngine:
         a time in every process on the store; the others wait, in enqueue order. Default:
         the registration's ``lock``.
         """
-        what = f"payload of job {name!r}"
+        now = time.time()
+        plan = self._plan(name)
+        if (
+            queue is None and priority is None and run_at is None and delay is None and max_retries is None
+            and unique_key is None and depends_on is None and lock is None and on_dependency_failure == "cancel"
+        ):  # fmt: skip
+            # No option given: the registration's, nothing to check (the common call).
+            definition = plan.definition
+            job_lock = plan.lock_for(payload)
+            job = new_record(
+                name, plan.encode(plan.what, payload), definition.queue, definition.priority, definition.max_retries,
+                definition.timeout, now, now, None, current_traceparent(), (), "cancel", job_lock,
+            )  # fmt: skip
+            return self._store_new((job,))[0]
         return self._store_new(self._jobs_of(
-            name, (payload,), lambda _: what, queue=queue, priority=priority, run_at=run_at, delay=delay,
+            plan, (payload,), lambda _: plan.what, now, queue=queue, priority=priority, run_at=run_at, delay=delay,
             max_retries=max_retries, unique_key=unique_key, depends_on=depends_on,
             on_dependency_failure=on_dependency_failure, lock=lock,
         ))[0]  # fmt: skip
@@ -488,17 +457,20 @@ class JobEngine:
         those; ``lock``: every job holds it, so they run one at a time, in order (see
         :meth:`enqueue`). Blocks for one store write.
         """
+        now = time.time()
+        plan = self._plan(name)
         return self._store_new(self._jobs_of(
-            name, payloads, lambda index: f"payload #{index} of job {name!r}", queue=queue, priority=priority,
+            plan, payloads, lambda index: f"payload #{index} of job {name!r}", now, queue=queue, priority=priority,
             run_at=run_at, delay=delay, max_retries=max_retries, unique_key=None, depends_on=depends_on,
             on_dependency_failure=on_dependency_failure, lock=lock,
         ))  # fmt: skip
 
     def _jobs_of(
         self,
-        name: str,
+        plan: JobPlan,
         payloads: Iterable[object],
         what: Callable[[int], str],
+        now: float,
         *,
         queue: str | None,
         priority: int | None,
@@ -510,9 +482,11 @@ class JobEngine:
         on_dependency_failure: object,
         lock: object = None,
     ) -> list[JobRecord]:
-        """The checked records of one ``name`` job per payload (not stored); ``what(index)`` names a payload."""
-        now = time.time()
-        definition = self._definition(name)
+        """The checked records of one ``plan`` job per payload (not stored); ``what(index)`` names a payload.
+
+        The name was checked (``plan``); the options are checked in enqueue's order, the first bad one raising.
+        """
+        definition = plan.definition
         if queue is not None:
             check_queue(queue)
         if priority is not None:
@@ -526,7 +500,7 @@ class JobEngine:
         if lock is not None:
             check_text("lock", lock)
         payloads = list(payloads)
-        locks = [lock if lock is not None else self._lock_for(name, payload) for payload in payloads]
+        locks = [lock if lock is not None else plan.lock_for(payload) for payload in payloads]
         if run_at is not None and delay is not None:
             raise ConfigurationError(f"give run_at or delay, not both (run_at={run_at!r}, delay={delay!r})")
         if run_at is not None:
@@ -535,36 +509,18 @@ class JobEngine:
             due = now + check_seconds("delay", delay)
         else:
             due = now
-        texts = [self._encode(what(index), payload) for index, payload in enumerate(payloads)]
+        texts = [plan.encode(what(index), payload) for index, payload in enumerate(payloads)]
         trace_context = current_traceparent() if texts else None
+        name = plan.name
+        queue = definition.queue if queue is None else queue
+        priority = definition.priority if priority is None else priority
+        max_retries = definition.max_retries if max_retries is None else max_retries
+        timeout = definition.timeout
         return [
-            self._build(
-                name,
-                text,
-                queue=definition.queue if queue is None else queue,
-                priority=definition.priority if priority is None else priority,
-                max_retries=definition.max_retries if max_retries is None else max_retries,
-                timeout=definition.timeout,
-                run_at=due,
-                now=now,
-                unique_key=unique_key,
-                trace_context=trace_context,
-                depends_on=dependencies,
-                on_dependency_failure=policy,
-                lock=job_lock,  # type: ignore[arg-type]  # checked above
-            )
+            new_record(name, text, queue, priority, max_retries, timeout, due, now, unique_key, trace_context,
+                       dependencies, policy, job_lock)  # type: ignore[arg-type]  # checked above
             for text, job_lock in zip(texts, locks, strict=True)
-        ]
-
-    def _lock_for(self, name: str, payload: object) -> str | None:
-        """The serial lock the registration of ``name`` gives ``payload`` (None: none); ConfigurationError if bad."""
-        rule = self._lock_rules.get(name)
-        if rule is None or isinstance(rule, str):
-            return rule
-        derived = rule(payload)  # user code, called without the engine's lock
-        if derived is not None:
-            check_text(f"lock of job {name!r} (from its lock function)", derived)
-        return derived
+        ]  # fmt: skip
 
     def _store_new(self, jobs: Sequence[JobRecord]) -> list[str]:
         """Store ``jobs`` (new records) in one store write; tell this process's runtime; run them when immediate."""
@@ -573,7 +529,7 @@ class JobEngine:
         ids = self.store.enqueue(jobs)
         created = [job for job, job_id in zip(jobs, ids, strict=True) if job_id == job.id]  # else: its unique_key's
         self._enqueued(created)
-        if self.config.immediate:
+        if self._immediate:
             for job in created:
                 if job.run_at <= time.time():
                     self._run_until_done(job)
@@ -611,7 +567,7 @@ class JobEngine:
             if jobs:
                 options["depends_on"] = [*_check_depends_on(options["depends_on"] or []), jobs[-1].id]
             what = functools.partial(_step_payload, index, step.name)
-            jobs.extend(self._jobs_of(step.name, (step.payload,), what, **options))
+            jobs.extend(self._jobs_of(self._plan(step.name), (step.payload,), what, time.time(), **options))
         return self._store_new(jobs)
 
     def dependency_results(self, job: JobContext | JobRecord) -> list[Any]:
@@ -874,7 +830,7 @@ class JobEngine:
         ``cron:<name>``: the store stores no job for a skipping tick while one holds it, and a
         queued one waits for it.
         """
-        return self._build(
+        return new_record(
             entry.job_name,
             entry.payload,
             queue=entry.queue,
@@ -1030,7 +986,7 @@ class JobEngine:
             original = self.store.get(letter.job_id)
             timeout = original.timeout if original is not None else None
         now = time.time()
-        job = self._build(
+        job = new_record(
             letter.name,
             letter.payload,
             queue=letter.queue,

@@ -16,8 +16,9 @@ Conventions every method follows:
 - Payloads and results are JSON **text**; a store stores and returns the text and never
   decodes it. ``JobRecord.decoded_payload()`` / ``decoded_result()`` decode.
 - Records returned are snapshots (fresh objects); changing one changes nothing stored.
-- Job ids are strings chosen by the caller (the engine uses ``uuid4().hex``); dead
-  letter ids are strings chosen by the store.
+- Job ids are strings chosen by the caller (the engine's are UUIDv7s as 32 hex digits,
+  increasing within a process: see ``threaddispatch.jobs.new_job_id``); dead letter ids
+  are strings chosen by the store.
 - Every method is thread-safe, and safe from several processes where the backend is
   shared (SQLite file, PostgreSQL). Each method is one short transaction: a store never
   holds a lock or a transaction open between calls.
@@ -162,6 +163,12 @@ class JobRecord:
     on_dependency_failure: str = "cancel"
     waiting_on: int = 0
     lock: str | None = None
+
+    def copy(self) -> JobRecord:
+        """A snapshot: a new record with the same field values (``dataclasses.replace(self)``, without its cost)."""
+        clone = object.__new__(self.__class__)
+        clone.__dict__.update(self.__dict__)
+        return clone
 
     def decoded_payload(self) -> Any:
         """The payload decoded from its JSON text."""

@@ -202,7 +202,7 @@ class MemoryStore(Store):
             return self._unique[job.unique_key]
         if job.id in self._jobs:
             raise StoreError(f"job id {job.id!r} already exists")
-        stored = dataclasses.replace(job)
+        stored = job.copy()  # the caller keeps its record: the store's is its own
         if stored.depends_on:
             self._settle_new(stored)
         self._jobs[job.id] = stored
@@ -327,7 +327,7 @@ class MemoryStore(Store):
                 job.worker_id = worker_id
                 job.attempts += 1
                 job.started_at = job.heartbeat_at = now
-                claimed.append(dataclasses.replace(job))
+                claimed.append(job.copy())
                 if job.queue in room:
                     room[job.queue] -= 1
                     self._buckets[job.queue][0] -= 1
@@ -441,7 +441,7 @@ class MemoryStore(Store):
         with self._lock:
             self._check_open()
             job = self._jobs.get(job_id)
-            return None if job is None else dataclasses.replace(job)
+            return None if job is None else job.copy()
 
     def list_jobs(
         self, *, state: JobState | None = None, queue: str | None = None, limit: int = 50, offset: int = 0
@@ -456,7 +456,7 @@ class MemoryStore(Store):
                 if (state is None or job.state is JobState(state)) and (queue is None or job.queue == queue)
             ]
             jobs.sort(key=lambda job: (job.created_at, self._order[job.id]), reverse=True)
-            return [dataclasses.replace(job) for job in jobs[offset : offset + limit]]
+            return [job.copy() for job in jobs[offset : offset + limit]]
 
     def counts(self, *, queue: str | None = None) -> dict[JobState, int]:
         """See :meth:`Store.counts`. O(n)."""
