@@ -292,27 +292,37 @@ def test_idle_engine_of_another_process_starts_the_job_a_dependency_or_lock_rele
         unsubscribe()
 
 
-# -- migration 9 on a database of schema 8 ---------------------------------------------------------------
+# -- migrations 9 and 11 on databases of schema 8 and 10 ------------------------------------------
 
 
 @pytest.mark.timeout(60)
-def test_migrating_a_version_8_database_with_a_waiting_job_announces_its_release(
-    pg_server: PostgresServer, make_store: Callable[..., PostgresStore], new_schema: str
+@pytest.mark.parametrize("version", [8, 10])
+def test_migrating_an_old_database_with_a_waiting_job_announces_its_release(
+    pg_server: PostgresServer,
+    make_store: Callable[..., PostgresStore],
+    new_schema: str,
+    version: int,
 ) -> None:
-    """A schema made by version 8 holding a waiting dependent upgrades in place; its release then NOTIFYs."""
+    """A schema made by version 8 (before the release NOTIFY) or 10 (before the release trigger) holding a
+    waiting dependent, stored as that version did (no mark on its dependency), upgrades in place; the
+    dependency's completion then releases it and NOTIFYs."""
 
-    class Version8Store(PostgresStore):
-        MIGRATIONS = tuple(migration for migration in PostgresStore.MIGRATIONS if migration[0] <= 8)
+    class OldStore(PostgresStore):
+        MIGRATIONS = tuple(migration for migration in PostgresStore.MIGRATIONS if migration[0] <= version)
 
-    old = Version8Store(pg_server.dsn, schema=new_schema)
+        @staticmethod
+        def _mark_depended_on(conn: object, ids: object) -> None:
+            """The old versions stored dependents without marking their dependencies."""
+
+    old = OldStore(pg_server.dsn, schema=new_schema)
     try:
-        assert old.migrate() == 8
+        assert old.migrate() == version
         first, second = _dependency_and_dependent(old)
         claimed = _claim_a(old, first)
     finally:
         old.close()
     store, listener = make_store(schema=new_schema), make_store(schema=new_schema)
-    assert store.migrate() == PostgresStore.MIGRATIONS[-1][0] >= 9
+    assert store.migrate() == PostgresStore.MIGRATIONS[-1][0] >= 11
     stored = store.get(second.id)
     assert stored is not None and stored.state is JobState.WAITING and stored.waiting_on == 1
     got: Heard = []
@@ -360,6 +370,38 @@ def test_dependent_stored_while_the_completion_of_its_dependency_is_under_way_is
     completing.join(10)
     storing.join(10)
     assert {first.id} in done and [second.id] in done
+    _assert_ready(producer, second)
+    _wait_heard(heard, "b")
+
+
+@pytest.mark.timeout(60)
+def test_dependent_stored_after_the_completion_took_its_snapshot_but_before_it_reached_the_dependency(
+    make_store: Callable[..., PostgresStore], heard: Heard, pg_server: PostgresServer
+) -> None:
+    """The completion of X and A (one statement) took its snapshot and waits for X's row while B is stored
+    waiting on A and the enqueue's second look finds A unlocked and running; the completion then reaches A,
+    commits second, and releases B (not the upkeep's sweep, a heartbeat interval later).
+    """
+    completer, producer = make_store(), make_store()
+    other, first = test_stores.job(queue="a"), test_stores.job(queue="a")
+    completer.enqueue([other])
+    completer.enqueue([first])
+    claimed = completer.claim(["a"], 2, worker_id="w", now=T0 + 1)
+    assert [job.id for job in claimed] == [other.id, first.id]
+    second = test_stores.job(queue="b", depends_on=(first.id,))
+    done: list[object] = []
+    with psycopg.connect(pg_server.dsn, options=f"-c search_path={PG_SCHEMA}") as holder:
+        holder.execute("SELECT 1 FROM dispatch_jobs WHERE id = %s FOR UPDATE", (other.id,))
+        outcomes = [Completion(job.id, "w", job.attempts, None, None) for job in claimed]
+        completing = threading.Thread(target=lambda: done.append(completer.complete_many(outcomes, now=T0 + 2)))
+        completing.start()
+        wait_for(lambda: _lock_waits(pg_server) == 1, 10, message="the completion waits for X's row")
+        assert producer.enqueue([second]) == [second.id]  # A is neither locked nor finished: B waits
+        stored = producer.get(second.id)
+        assert stored is not None and stored.state is JobState.WAITING
+        holder.rollback()
+    completing.join(10)
+    assert done == [{other.id, first.id}]
     _assert_ready(producer, second)
     _wait_heard(heard, "b")
 

@@ -133,6 +133,33 @@ SCHEMA_V10 = (
         EXECUTE FUNCTION dispatch_jobs_released_notify()""",
 )
 
+# Migration 11: a completion (running -> completed) releases the dependents of its jobs in an
+# AFTER row trigger, each of its statements with a snapshot of its own, taken after the
+# completion's UPDATE got the row: a dependent stored by a transaction that committed meanwhile
+# is seen (the completion's own snapshot, older, may miss it: a release in the completion's
+# statement left such a dependent to the upkeep's sweep). ``has_dependents`` marks the jobs it
+# runs for (set before a dependent of them is stored, in a statement of its own), so completing
+# any other job calls nothing. Existing dependencies are marked here.
+SCHEMA_V11 = (
+    "ALTER TABLE dispatch_jobs ADD COLUMN IF NOT EXISTS has_dependents BOOLEAN NOT NULL DEFAULT false",
+    "UPDATE dispatch_jobs SET has_dependents = true WHERE id IN (SELECT depends_on FROM dispatch_job_deps)",
+    """CREATE OR REPLACE FUNCTION dispatch_jobs_release_dependents() RETURNS trigger LANGUAGE plpgsql
+        SET search_path FROM CURRENT AS $$
+        BEGIN
+            WITH consumed AS (DELETE FROM dispatch_job_deps WHERE depends_on = NEW.id RETURNING job_id)
+            UPDATE dispatch_jobs AS w SET waiting_on = w.waiting_on - c.n,
+                state = CASE WHEN w.waiting_on - c.n <= 0 THEN 'pending' ELSE w.state END,
+                updated_at = NEW.updated_at
+            FROM (SELECT job_id, count(*) AS n FROM consumed GROUP BY job_id) AS c
+            WHERE w.id = c.job_id AND w.state = 'waiting';
+            RETURN NULL;
+        END $$""",
+    "DROP TRIGGER IF EXISTS dispatch_jobs_completed ON dispatch_jobs",
+    """CREATE TRIGGER dispatch_jobs_completed AFTER UPDATE OF state ON dispatch_jobs FOR EACH ROW
+        WHEN (NEW.has_dependents AND OLD.state = 'running' AND NEW.state = 'completed')
+        EXECUTE FUNCTION dispatch_jobs_release_dependents()""",
+)
+
 # -- lifecycle -------------------------------------------------------------------------------------
 
 VERSION_TABLE = _sql.version_table(TYPES)
@@ -152,6 +179,13 @@ INSERT_UNIQUE = (
     f"{INSERT} ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN {_sql.ACTIVE} DO NOTHING RETURNING id"
 )
 COPY = f"COPY dispatch_jobs ({_sql.JOB_COLUMNS}) FROM STDIN"
+# Mark a job as depended on before a dependent of it is stored (id): its completion's trigger
+# then runs. A finished job needs no mark; a marked one no second.
+MARK_DEPENDED_ON = (
+    f"UPDATE dispatch_jobs SET has_dependents = true WHERE id = %s AND NOT has_dependents AND state NOT IN {_sql.FINAL}"
+)
+# The same for jobs stored in the enqueue's own transaction (ids): rows no one else sees yet.
+MARK_NEW_DEPENDED_ON = "UPDATE dispatch_jobs SET has_dependents = true WHERE id = ANY(%s)"
 # The enqueue's second look at its new dependents (PostgresStore._settle_missed): wait for a
 # dependency's row lock (id); is one of the new jobs (ids) waiting with only finished dependencies?
 AWAIT_ROW = "SELECT 1 FROM dispatch_jobs WHERE id = %s FOR SHARE"
@@ -208,6 +242,7 @@ QUEUE_BUCKET_LOCKED = f"{SQL.queue_bucket} FOR UPDATE"
 
 COMPLETE = SQL.complete
 # Parameters: :func:`outcome_params`.
+# A completed job's waiting dependents are released by its row trigger (migration 11).
 COMPLETE_MANY = (
     "UPDATE dispatch_jobs AS j SET state = 'completed', result = v.result, error = v.error, "
     "finished_at = %(now)s, updated_at = %(now)s "
@@ -216,25 +251,13 @@ COMPLETE_MANY = (
     "WHERE j.id = v.id AND j.state = 'running' AND j.worker_id = v.worker_id AND j.attempts = v.attempts "
     "RETURNING j.id"
 )
-# The release of the completed jobs' waiting dependents, as CTEs after ``done``: their
-# dependency rows deleted, each dependent's ``waiting_on`` counted down, pending at 0. A
-# dependent inserted by a transaction that committed after this statement's snapshot is not
-# seen here: ``Store.release_waiting`` (the upkeep's sweep) settles it.
-_RELEASE = (
-    "consumed AS (DELETE FROM dispatch_job_deps AS d USING done WHERE d.depends_on = done.id RETURNING d.job_id), "
-    "released AS (UPDATE dispatch_jobs AS w SET waiting_on = w.waiting_on - c.n, "
-    "state = CASE WHEN w.waiting_on - c.n <= 0 THEN 'pending' ELSE w.state END, updated_at = %(now)s "
-    "FROM (SELECT job_id, count(*) AS n FROM consumed GROUP BY job_id) AS c "
-    "WHERE w.id = c.job_id AND w.state = 'waiting')"
-)
-COMPLETE_AND_RELEASE = f"WITH done AS ({COMPLETE_MANY}), {_RELEASE} SELECT id FROM done"
 
 
 def _complete_and_claim_sql(claim: str) -> str:
-    # The UPDATEs see one snapshot and touch disjoint rows (running, waiting, ready); the LEFT
-    # JOIN keeps the completed ids when nothing was claimed.
+    # The UPDATEs see one snapshot and touch disjoint rows (running, ready); the LEFT JOIN keeps
+    # the completed ids when nothing was claimed.
     return (
-        f"WITH done AS ({COMPLETE_MANY}), {_RELEASE}, claimed AS ({claim}) "
+        f"WITH done AS ({COMPLETE_MANY}), claimed AS ({claim}) "
         "SELECT d.ids, c.* FROM (SELECT array_agg(id) AS ids FROM done) AS d LEFT JOIN claimed AS c ON true"
     )
 

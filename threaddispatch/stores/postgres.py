@@ -137,6 +137,7 @@ class PostgresStore(AdminMethods, Store):
         (8, "cluster limits", q.SCHEMA_V8),
         (9, "wake-ups for jobs released or unlocked", q.SCHEMA_V9),
         (10, "wake-ups for jobs retried, handed back, reaped or requeued", q.SCHEMA_V10),
+        (11, "dependents released by their dependency's completion trigger", q.SCHEMA_V11),
     )
 
     def __init__(
@@ -318,11 +319,13 @@ class PostgresStore(AdminMethods, Store):
         if not jobs:
             return []
         jobs = list(jobs)
+        outside, inside = _dependencies(jobs)
 
         def op(conn: Conn) -> list[str]:
             if len(jobs) == 1 and jobs[0].unique_key is None and not jobs[0].depends_on:
                 conn.execute(q.INSERT, pg_job_params(jobs[0]))  # one statement: its own transaction
                 return [jobs[0].id]
+            self._mark_depended_on(conn, outside)
             with conn.transaction():
                 plain = [job for job in jobs if job.unique_key is None and not job.depends_on]
                 with conn.cursor() as cursor:
@@ -334,9 +337,12 @@ class PostgresStore(AdminMethods, Store):
                         cursor.executemany(q.INSERT, [pg_job_params(job) for job in plain])
                 if len(plain) == len(jobs):
                     return [job.id for job in jobs]
-                return [
+                ids = [
                     job.id if job.unique_key is None and not job.depends_on else self._insert(conn, job) for job in jobs
                 ]
+                if inside:
+                    conn.execute(q.MARK_NEW_DEPENDED_ON, (inside,))
+                return ids
 
         try:
             ids = self._run("enqueueing jobs", op, idempotent=False)
@@ -350,17 +356,18 @@ class PostgresStore(AdminMethods, Store):
     def _settle_missed(self, jobs: Sequence[JobRecord]) -> None:
         """Release the just stored dependents whose dependency's completion missed them (committed meanwhile).
 
-        A completion is one statement: its snapshot may predate the dependents' commit while
-        the dependency it completes was still running when they read it. Waiting for each
-        outside dependency's row lock (one at a time: no lock is held while waiting for
-        another, so no deadlock with a completion of several) outlasts every completion
-        that had it locked; a read after that sees them, and a dependent they missed left
-        waiting with only finished dependencies is settled at once (the upkeep's sweep). A
-        completion still before its row lock with a snapshot older than the commit is left to
-        the upkeep. Best effort: a failure is logged, the upkeep settles the rest.
+        Every dependency was marked (``has_dependents``, committed) before the dependents were
+        stored, so a completion that gets its row after the mark runs the release trigger,
+        whose statements see every commit before they start. The trigger of a completion
+        that ran before the dependents' commit misses them, but that completion got the row
+        before it: waiting for each outside dependency's row lock (one at a time: no lock is
+        held while waiting for another, so no deadlock with a completion of several) outlasts
+        it, and a read after that finds a dependent left waiting with only finished
+        dependencies, settled at once (the upkeep's sweep). So whichever of the two commits
+        second releases the dependent. Best effort: a failure is logged, the upkeep settles
+        the rest.
         """
-        stored = {job.id for job in jobs}
-        outside = sorted({dependency for job in jobs for dependency in job.depends_on} - stored)
+        outside, _ = _dependencies(jobs)
         if not outside:
             return
         waiting = [job.id for job in jobs if job.depends_on]
@@ -378,6 +385,13 @@ class PostgresStore(AdminMethods, Store):
         except StoreError:
             _log.warning("PostgresStore: could not look again at new dependents; the upkeep settles them",
                          exc_info=True)  # fmt: skip
+
+    @staticmethod
+    def _mark_depended_on(conn: Conn, ids: Sequence[str]) -> None:
+        """Mark the stored jobs ``ids`` as depended on, each in its own autocommitted statement (before the
+        dependents' transaction: it holds no row lock while the next waits, so no deadlock with a completion)."""
+        for job_id in ids:
+            conn.execute(q.MARK_DEPENDED_ON, (job_id,))
 
     @classmethod
     def _insert(cls, conn: Conn, job: JobRecord) -> str:
@@ -537,7 +551,7 @@ class PostgresStore(AdminMethods, Store):
         params = outcome_params(outcomes, now)
 
         def op(conn: Conn) -> set[str]:
-            return {str(row[0]) for row in conn.execute(q.COMPLETE_AND_RELEASE, params, prepare=True).fetchall()}
+            return {str(row[0]) for row in conn.execute(q.COMPLETE_MANY, params, prepare=True).fetchall()}
 
         return self._run("completing jobs", op, idempotent=True)
 
@@ -711,6 +725,13 @@ class PostgresStore(AdminMethods, Store):
             total += deleted
             if deleted < q.PURGE_CHUNK:
                 return total
+
+
+def _dependencies(jobs: Sequence[JobRecord]) -> tuple[list[str], list[str]]:
+    """The ids ``jobs`` depend on: those stored before (sorted), and those among ``jobs``."""
+    stored = {job.id for job in jobs}
+    named = {dependency for job in jobs for dependency in job.depends_on}
+    return sorted(named - stored), sorted(named & stored)
 
 
 def migrate(dsn: str, *, schema: str | None = None) -> int:
