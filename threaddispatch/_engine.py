@@ -6,10 +6,13 @@ buffers (lanes), decides when a batch is due, takes it, and hands it to the face
 runs a batching loop.
 
 Locking: ``_lock`` guards every field of the engine and of its lanes, with three
-exceptions: producers on the lock-free path call ``lane.append`` and ``len(lane)``
-without it (single C calls, atomic under the GIL) and then call :meth:`kick` when the
-length reaches ``lane.trigger``. The worker re-arms ``trigger`` *before* it looks at a
-lane's length, so an append is either seen by the worker or followed by a kick.
+exceptions: producers on the lock-free path (a face's enqueue, and :meth:`BatchEngine.put`
+on FIFO lanes) look the lane up in its shard of ``_lanes`` and call ``lane.append`` and
+``len(lane)`` without it (single C calls, atomic under the GIL), and then call :meth:`kick`
+when the length reaches ``lane.trigger``. The worker re-arms ``trigger`` *before* it looks
+at a lane's length, so an append is either seen by the worker or followed by a kick. A
+keyed lane the worker found empty is deleted with its trigger at INACTIVE: an append that
+looked it up before lands there and kicks, and :meth:`kick` moves it to the key's live lane.
 ``deliver``, ``on_drop``, ``on_skip`` and ``on_abandon`` are face (and so user) code:
 they are always called with ``_lock`` released. ``gate`` is the exception: it runs with
 ``_lock`` held, so it must be cheap, run no user code, and read engine state only through
@@ -24,8 +27,14 @@ reaching ``max_batch_size`` meanwhile does not retry it again. So a shut gate co
 refusal per settle or held window, not one per due lane.
 
 Cost does not grow with the number of lanes: the open windows and the due lanes are
-OrderedDicts (a linked order: O(1) to find, pop or move the head, where a plain dict used
-as a FIFO rescans the dead slots its pops leave), and a shut gate stops the take loop.
+deques with lazy removal (O(1) at both ends, where a plain dict used as a FIFO rescans
+the dead slots its pops leave; and a deque grows block by block, where a dict or an
+OrderedDict of 100k lanes stops for an O(n) resize, ~7 ms, under the lock), and a shut
+gate stops the take loop. An entry of ``_open`` is a lane and, at the same place in
+``_open_at``, its deadline (two deques, not one of tuples: a tuple holding a lane is one
+more object per lane for the collector to visit); it is live while ``lane.deadline is
+deadline`` and the lane is not due. One of ``_due`` is a lane, live while ``lane.due``.
+A stale entry is skipped when it reaches the head.
 
 A bounded lossless engine (``max_queue_size`` with ``overflow="block"`` or ``"raise"``)
 takes the lock only near the bound: see :meth:`BatchEngine.lossless_enqueue` for the bound it keeps.
@@ -45,7 +54,7 @@ import inspect
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from typing import Any, Generic, Literal, TypeVar, cast
@@ -53,7 +62,7 @@ from typing import Any, Generic, Literal, TypeVar, cast
 from threaddispatch import _drop_log, _lifecycle
 from threaddispatch._drop_log import DropLog
 from threaddispatch._invoke import close_thread_loop
-from threaddispatch._lanes import INACTIVE, FifoLane, Lane
+from threaddispatch._lanes import INACTIVE, SHARD_MASK, FifoLane, Lane, LaneTable
 from threaddispatch._timers import DelayQueue
 from threaddispatch._validate import check_seconds
 from threaddispatch.errors import ConfigurationError, DispatcherClosedError, QueueFullError
@@ -159,6 +168,9 @@ class BatchEngine(Generic[T]):
         self._cap_trigger = _UNBOUNDED if max_queue_size is None else max_queue_size + 1
         # A bounded lossless engine refuses or waits at the bound instead of dropping.
         self._lossless = max_queue_size is not None and overflow in ("block", "raise")
+        # put appends without the lock to a FIFO lane that exists and holds fewer than this (see put).
+        self._free_below = _UNBOUNDED if max_queue_size is None else max_queue_size - lossless_margin(max_queue_size)
+        self._fifo = lane_factory is FifoLane
         self._init_state()
         _lifecycle.register(self)
 
@@ -168,7 +180,11 @@ class BatchEngine(Generic[T]):
         self._wakeup = threading.Condition(self._lock)  # the worker waits here
         self._space = threading.Condition(self._lock)  # producers blocked by overflow="block"
         self._settled = threading.Condition(self._lock)  # flush() and close() wait here
-        self._lanes: dict[Hashable, Lane[T]] = {}
+        self._lanes: LaneTable[Lane[T]] = LaneTable()
+        # The same dicts, for put's lock-free path, when every lane is a FifoLane (else None).
+        self._fifo_lanes: tuple[dict[Hashable, FifoLane], ...] | None = (
+            cast("tuple[dict[Hashable, FifoLane], ...]", self._lanes.shards) if self._fifo else None
+        )
         if default_lane is None:
             self.default_lane: Lane[T] = self._new_lane(None)
         else:
@@ -180,9 +196,10 @@ class BatchEngine(Generic[T]):
             default_lane.deadline = None
             default_lane.due = False
             self._lanes[None] = default_lane
-        # Lanes with an open window, in the order their windows close (all windows are equally long).
-        self._open: OrderedDict[Lane[T], None] = OrderedDict()
-        self._due: OrderedDict[Lane[T], None] = OrderedDict()  # lanes to send now, in the order they became due
+        # Lanes with an open window, in the order their windows close (all are equally long; see the module docstring).
+        self._open: deque[Lane[T]] = deque()
+        self._open_at: deque[float] = deque()  # the deadline of each entry of _open
+        self._due: deque[Lane[T]] = deque()  # lanes to send now, in the order they became due
         self._held: OrderedDict[Lane[T], None] = OrderedDict()  # lanes the gate held back, oldest first
         # The gate refused and nothing that could change its answer happened since: take nothing.
         self._gate_shut = False
@@ -218,9 +235,18 @@ class BatchEngine(Generic[T]):
         return lane
 
     def kick(self, lane: Lane[T]) -> None:
-        """Called by a lock-free producer whose append took ``lane`` to its trigger."""
+        """Called by a lock-free producer whose append took ``lane`` to its trigger.
+
+        The lane may be gone: the worker deletes a keyed lane it empties, and an append
+        that found it just before lands in the lane after it was emptied (its trigger is
+        then INACTIVE, so that append always kicks). Its entries move to the key's live lane.
+        """
         dropped: list[T] | None = None
         with self._lock:
+            if lane is not self.default_lane and self._lanes.get(lane.key) is not lane:
+                if not len(lane):
+                    return  # another producer's kick moved them already
+                lane = self._adopt(lane)
             # A lossless lane is never trimmed (see lossless_enqueue for how far past its bound it may go).
             if self.max_queue_size is not None and len(lane) > self.max_queue_size and not self._lossless:
                 dropped = self._trim(lane)
@@ -286,13 +312,38 @@ class BatchEngine(Generic[T]):
         enqueue.__signature__ = _ENQUEUE_SIGNATURE  # type: ignore[attr-defined]
         return enqueue
 
-    def put(self, item: T, key: Hashable = None, *, timeout: float | None = None) -> bool:
-        """Add ``item`` to the lane of ``key`` under the lock; returns False if it was dropped.
+    def _adopt(self, orphan: Lane[T]) -> Lane[T]:
+        """Move the entries of a deleted lane into its key's live lane (made if none); holds _lock."""
+        lane = self._lane_of(orphan.key)
+        for item in orphan.take(len(orphan)):
+            lane.requeue(item)
+        return lane
 
-        Blocks only with ``overflow="block"`` while the lane is full, up to ``timeout``
-        seconds (None: until there is room), then raises QueueFullError. Raises
-        DispatcherClosedError once the engine is closing.
+    def put(self, item: T, key: Hashable = None, *, timeout: float | None = None) -> bool:
+        """Add ``item`` to the lane of ``key``; returns False if it was dropped.
+
+        Without the lock when the lanes are FIFO lanes, the lane of ``key`` exists and it
+        is below the bound's margin (always, unbounded; see :func:`lossless_margin`): the
+        append, then :meth:`kick` at the lane's trigger, as BackgroundDispatcher's enqueue
+        does. Otherwise under the lock, where a full lane drops, waits or raises by
+        ``overflow``. So a bounded lane holds at most ``max_queue_size + producers - 1``
+        entries, as :meth:`lossless_enqueue` says, and a drop policy trims it back at the
+        kick. Blocks only with ``overflow="block"`` while the lane is full, up to
+        ``timeout`` seconds (None: until there is room), then raises QueueFullError.
+        Raises DispatcherClosedError once the engine is closing (a put that races the
+        close may still be accepted: its entry is delivered by the drain).
         """
+        shards = self._fifo_lanes
+        if shards is not None and not self._closing:
+            lane = shards[hash(key) & SHARD_MASK].get(key)  # LaneTable.get inline; atomic under the GIL
+            if lane is not None and len(lane) < self._free_below:
+                lane.lock_free_append(item)
+                if len(lane) >= lane.trigger:
+                    self.kick(lane)
+                return True
+        return self._put_locked(item, key, timeout)
+
+    def _put_locked(self, item: T, key: Hashable, timeout: float | None) -> bool:
         dropped: list[T] | None = None
         accepted = True
         with self._lock:
@@ -484,7 +535,7 @@ class BatchEngine(Generic[T]):
             # other one (each lane of a keyed face) would only contend for the lock and GIL.
             # With the gate shut the worker waits for a settle, not for windows: no wake-up either.
             wake = not self._open and not self._gate_shut
-            self._open[lane] = None
+            self._open_window(lane, lane.deadline)
             if wake or self._thread is None:
                 self._notify_worker()
         if count >= self.max_batch_size and not lane.due and lane not in self._held:
@@ -492,11 +543,23 @@ class BatchEngine(Generic[T]):
             if not self._gate_shut or self._thread is None:
                 self._notify_worker()
 
-    def _make_due(self, lane: Lane[T]) -> None:
+    def _open_window(self, lane: Lane[T], deadline: float) -> None:
+        """Queue the window of ``lane``, just set to close at ``deadline`` (``lane.deadline``); holds _lock."""
+        self._open.append(lane)
+        self._open_at.append(deadline)
+
+    def _pop_window(self) -> None:
+        self._open.popleft()
+        self._open_at.popleft()
+
+    def _make_due(self, lane: Lane[T], *, first: bool = False) -> None:
+        """Make a lane that is not due due: last in line, or ``first``. Its ``_open`` entry goes stale."""
         lane.due = True
         lane.trigger = self._cap_trigger
-        self._open.pop(lane, None)
-        self._due[lane] = None
+        if first:
+            self._due.appendleft(lane)
+        else:
+            self._due.append(lane)
 
     def _notify_worker(self) -> None:
         if self._thread is None:
@@ -604,28 +667,32 @@ class BatchEngine(Generic[T]):
         while held:
             lane, _ = held.popitem(last=False)
             if len(lane) and not lane.due:
-                self._make_due(lane)
-                self._due.move_to_end(lane, last=False)  # it waited longest: ahead of the untried
+                self._make_due(lane, first=True)  # it waited longest: ahead of the untried
                 self._notify_worker()
                 return
 
     def _close_windows(self, now: float) -> int:
         """Make due the lanes whose windows closed by ``now`` (the slack included), at most a turn's worth.
 
-        Returns how many. A held lane whose window closed goes first and reopens the gate
-        (its answer may have changed without a settle). Holds _lock.
+        Returns how many, the stale entries passed included. A held lane whose window closed
+        goes first and reopens the gate (its answer may have changed without a settle). Holds _lock.
         """
         closed = 0
-        open_lanes = self._open
+        open_lanes, open_at = self._open, self._open_at
         until = now - self._slack
         while open_lanes and closed < _WINDOWS_PER_TURN:
-            lane = next(iter(open_lanes))
-            if lane.deadline is not None and lane.deadline > until and not self._closing:
+            lane, deadline = open_lanes[0], open_at[0]
+            if lane.deadline is not deadline or lane.due:
+                self._pop_window()  # stale: the lane went due or its window moved
+                closed += 1  # counted: a turn's work under the lock stays bounded
+                continue
+            if deadline > until and not self._closing:
                 break
-            self._make_due(lane)
-            if lane in self._held:
-                # A held lane's window closed: ask the gate again, for it first.
-                self._due.move_to_end(lane, last=False)
+            self._pop_window()
+            held = lane in self._held
+            # A held lane's window closed: ask the gate again, for it first.
+            self._make_due(lane, first=held)
+            if held:
                 self._gate_shut = False
             closed += 1
         return closed
@@ -672,12 +739,16 @@ class BatchEngine(Generic[T]):
             if not deadlines:
                 return None
             first = min(deadlines)
-        elif self._open:
-            deadline = next(iter(self._open)).deadline
-            assert deadline is not None
-            first = deadline
         else:
-            return None
+            open_lanes, open_at = self._open, self._open_at
+            while open_lanes:
+                lane, deadline = open_lanes[0], open_at[0]
+                if lane.deadline is deadline and not lane.due:
+                    break
+                self._pop_window()  # stale
+            else:
+                return None
+            first = deadline
         return first + self._slack - now
 
     def _release_scheduled(self, now: float) -> None:
@@ -691,7 +762,7 @@ class BatchEngine(Generic[T]):
 
     def _start_flush(self) -> None:
         # Everything in a lane now was enqueued before the flush; send that many from each lane.
-        for lane in list(self._lanes.values()):
+        for lane in self._lanes.values():
             count = len(lane)
             if count:
                 self._flush_quota[lane] = count
@@ -711,7 +782,9 @@ class BatchEngine(Generic[T]):
         gate = None if self._closing else self._gate
         # One batch per lane due now: a lane made due again by its take (_rearm) goes next time.
         for _ in range(len(due)):
-            lane, _ = due.popitem(last=False)
+            lane = due.popleft()
+            if not lane.due:
+                continue  # stale: take_now took it
             lane.due = False
             if not len(lane):
                 self._rearm(lane, now)
@@ -722,8 +795,8 @@ class BatchEngine(Generic[T]):
                 # Held back: try again when a batch settles or its next window closes. The
                 # gate is one capacity for every lane: the lanes still due wait, untried.
                 self._held[lane] = None
-                lane.deadline = now + self.window
-                self._open[lane] = None
+                lane.deadline = deadline = now + self.window
+                self._open_window(lane, deadline)
                 self._gate_shut = True
                 break
             items = lane.take(self.max_batch_size)
@@ -762,19 +835,17 @@ class BatchEngine(Generic[T]):
         lane.trigger = INACTIVE
         count = len(lane)
         if not count:
-            lane.deadline = None
-            self._open.pop(lane, None)
-            if lane is not self.default_lane and lane.key in self._lanes:
-                del self._lanes[lane.key]
+            lane.deadline = None  # its _open entry, if any, is stale now
+            if lane is not self.default_lane and self._lanes.get(lane.key) is lane:
+                del self._lanes[lane.key]  # a lock-free append may still land in it: kick adopts it
             return
         lane.trigger = self.max_batch_size
         if count >= self.max_batch_size or self._closing or lane in self._flush_quota:
             self._make_due(lane)
         else:
             # The next window starts now: at most one partial batch per window.
-            lane.deadline = now + self.window
-            self._open.pop(lane, None)
-            self._open[lane] = None
+            lane.deadline = deadline = now + self.window
+            self._open_window(lane, deadline)  # the old entry, if any, is stale now
 
     # -- flush, close, exit, fork ------------------------------------------------------------
 
@@ -825,9 +896,7 @@ class BatchEngine(Generic[T]):
                 held_back = len(lane)
             else:
                 items = lane.take(count)
-                if lane.due:
-                    self._due.pop(lane, None)
-                    lane.due = False
+                lane.due = False  # its _due entry, if any, is stale now
                 seq = self._start_batch(lane, items)
                 self._rearm(lane, time.monotonic())
                 self._flush_progress()

@@ -66,7 +66,7 @@ class LazyFuture(Future[Any]):
     _cond: threading.Condition | None = None
     _waiters: list[Any]  # made with the Condition
 
-    def __init__(self) -> None:  # the base __init__ would build the Condition
+    def __init__(self) -> None:  # the base __init__ would build the Condition; replaced below
         pass
 
     @property  # the base's attribute, made on first read
@@ -208,3 +208,7 @@ class LazyFuture(Future[Any]):
             return f"<{self.__class__.__name__} at {id(self):#x} state=finished {what}>"
         names = {PENDING: "pending", RUNNING: "running"}
         return f"<{self.__class__.__name__} at {id(self):#x} state={names.get(state, 'cancelled')}>"
+
+
+# object's own __init__ runs at C speed: the ``pass`` above would cost a Python frame per Future.
+LazyFuture.__init__ = object.__init__  # type: ignore[method-assign]
