@@ -171,7 +171,7 @@ def test_no_tracer_provider_captures_nothing() -> None:
         seen.extend(pending.span for pending in items)
         return original(target, items)
 
-    bd._engine._deliver = deliver
+    bd._engine._plain_deliver = deliver
     try:
         assert bd.submit(1, "orders").result(10) is None
     finally:

@@ -120,7 +120,7 @@ class Core:
             name=name,
             window=batch_timeout,
             max_batch_size=max_batch_size,
-            gate=self.gate,
+            max_unsettled=max_concurrent_batches,  # the gate: at most this many batches in flight
             on_skip=self.on_skip,
             on_abandon=self.on_abandon,
             lane_factory=_priority_lane if enable_prioritization else FifoLane,
@@ -162,10 +162,6 @@ class Core:
         self.room_waiters = 0
 
     # -- engine hooks ------------------------------------------------------------------------
-
-    def gate(self, _endpoint_id: Hashable) -> bool:
-        # Runs with the engine's lock held: a read, no user code.
-        return self.engine.unsettled < self.max_concurrent_batches
 
     def on_skip(self, endpoint_id: Hashable, pending: int) -> None:
         if self.events.has_listeners("batch_skipped"):

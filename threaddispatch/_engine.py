@@ -120,6 +120,8 @@ class BatchEngine(Generic[T]):
     settles it when done (faces that run sends on a pool). With ``self_settling=True``
     it is ``deliver(key, items, seq)`` instead, and the face settles the batch itself by
     :meth:`settle` (no Future per batch); if ``deliver`` raises, the engine settles.
+    ``max_unsettled`` is the commonest gate, checked inline (no call per lane): it refuses
+    while that many batches are unsettled; with ``gate`` too, both must let a lane go.
     Thread-safe.
     """
 
@@ -134,6 +136,7 @@ class BatchEngine(Generic[T]):
         overflow: Overflow = "drop_newest",
         on_drop: Callable[[list[T]], None] | None = None,
         gate: Callable[[Hashable], bool] | None = None,
+        max_unsettled: int | None = None,
         on_skip: Callable[[Hashable, int], None] | None = None,
         on_abandon: Callable[[Hashable, list[T]], None] | None = None,
         lane_factory: Callable[[Hashable], Lane[T]] = FifoLane,
@@ -149,14 +152,17 @@ class BatchEngine(Generic[T]):
         self.max_batch_size = max_batch_size if max_queue_size is None else min(max_batch_size, max_queue_size)
         self.max_queue_size = max_queue_size
         self.overflow = overflow
-        self._deliver = deliver
-        self._self_settling = self_settling
+        # The one of the two shapes of deliver this engine calls; the other is None.
+        self._settling_deliver: SettlingDeliver | None = cast("SettlingDeliver", deliver) if self_settling else None
+        self._plain_deliver: Deliver | None = None if self_settling else cast("Deliver", deliver)
         # A window closes up to this late, so that one wake-up of the worker closes every window
         # due within it: with many keys whose windows close microseconds apart, one wake-up per
         # window would cost a thread switch per key.
         self._slack = min(window / 20, _MAX_SLACK)
         self._on_drop = on_drop
         self._gate = gate
+        # A gate checked inline: refuses while this many batches are unsettled (None: no such limit).
+        self._max_unsettled = max_unsettled
         self._on_skip = on_skip
         self._on_abandon = on_abandon
         self._lane_factory = lane_factory
@@ -606,10 +612,12 @@ class BatchEngine(Generic[T]):
 
     def _deliver_one(self, key: Hashable, seq: int, items: list[T], *, inline: bool = False) -> None:
         try:
-            if self._self_settling:
-                cast(SettlingDeliver, self._deliver)(key, items, seq)
+            settling = self._settling_deliver
+            if settling is not None:
+                settling(key, items, seq)
                 return  # the face settles it
-            pending = cast(Deliver, self._deliver)(key, items)
+            assert self._plain_deliver is not None
+            pending = self._plain_deliver(key, items)
         except Exception:  # noqa: BLE001 - faces report their own errors; this is the last guard
             _log.exception("%s: delivering a batch of %d entries raised", self.name, len(items))
             pending = None
@@ -628,38 +636,41 @@ class BatchEngine(Generic[T]):
             pending.add_done_callback(functools.partial(self._settle_future, seq))
 
     def _settle_future(self, seq: int, _future: Future[Any]) -> None:
-        self._settle(seq)
+        self.settle(seq)
 
-    def _settle(self, seq: int) -> None:
-        self._note_delivered()
-        with self._lock:
-            if self._settle_seq(seq):
-                self._capacity_freed()
+    def _refuses(self, key: Hashable) -> bool:
+        """Whether the gate (``max_unsettled``, then ``gate``) holds ``key`` back now; holds _lock."""
+        limit = self._max_unsettled
+        if limit is not None and len(self._unsettled) >= limit:
+            return True
+        return self._gate is not None and not self._gate(key)
 
-    def _note_delivered(self) -> None:
+    def settle(self, seq: int) -> None:
+        """Mark batch ``seq`` done (one taken by :meth:`take_now`, or a self-settling deliver's).
+
+        Counts it settled (nothing if it was already), wakes flush/close, retries the oldest
+        held lane and reopens the gate. One call per batch, written out: it runs once per batch.
+        """
         # A batch was delivered: a dropping episode may end here (before the settle, so a
         # flush that sees the batch settled also sees the recovery logged).
         drop_log = self._drop_log
         if drop_log is not None:
             drop_log.delivered()
+        with self._lock:
+            entries = self._unsettled.pop(seq, None)
+            if entries is None:
+                return  # settled already
+            self.settled_entries += entries
+            if self._settle_waiters:
+                self._settled.notify_all()
+            if self._held:
+                self._release_held()
+            if self._gate_shut:
+                self._gate_shut = False  # capacity freed: the waiting due lanes may go
+                if self._due or self._open:  # windows the shut gate left unclosed may be due by now
+                    self._notify_worker()
 
-    def _settle_seq(self, seq: int) -> bool:
-        """Count batch ``seq`` settled; False if it was not in flight (settled already). Holds _lock."""
-        entries = self._unsettled.pop(seq, None)
-        if entries is None:
-            return False
-        self.settled_entries += entries
-        if self._settle_waiters:
-            self._settled.notify_all()
-        return True
-
-    def _capacity_freed(self) -> None:
-        """A batch settled: retry a held lane, reopen the gate. Holds _lock."""
-        self._release_held()
-        if self._gate_shut:
-            self._gate_shut = False  # capacity freed: the waiting due lanes may go
-            if self._due or self._open:  # windows the shut gate left unclosed may be due by now
-                self._notify_worker()
+    _settle = settle
 
     def _release_held(self) -> None:
         """A batch settled and freed the capacity the gate waits for: retry the oldest held lane. Holds _lock."""
@@ -780,6 +791,8 @@ class BatchEngine(Generic[T]):
         skipped: list[tuple[Hashable, int]] = []
         due = self._due
         gate = None if self._closing else self._gate
+        limit = _UNBOUNDED if self._closing or self._max_unsettled is None else self._max_unsettled
+        unsettled = self._unsettled
         # One batch per lane due now: a lane made due again by its take (_rearm) goes next time.
         for _ in range(len(due)):
             lane = due.popleft()
@@ -789,7 +802,7 @@ class BatchEngine(Generic[T]):
             if not len(lane):
                 self._rearm(lane, now)
                 continue
-            if gate is not None and not gate(lane.key):
+            if len(unsettled) >= limit or (gate is not None and not gate(lane.key)):
                 skipped.append((lane.key, len(lane)))
                 self.skipped += 1
                 # Held back: try again when a batch settles or its next window closes. The
@@ -891,7 +904,7 @@ class BatchEngine(Generic[T]):
             lane = self._lanes.get(key)
             if lane is None or not len(lane):
                 return 0, []
-            if self._gate is not None and not self._closing and not self._gate(key):
+            if not self._closing and self._refuses(key):
                 self.skipped += 1
                 held_back = len(lane)
             else:
@@ -903,10 +916,6 @@ class BatchEngine(Generic[T]):
                 return seq, items
         self._report_skipped(key, held_back)
         return 0, []
-
-    def settle(self, seq: int) -> None:
-        """Mark a batch taken by :meth:`take_now` as done."""
-        self._settle(seq)
 
     def on_worker_thread(self) -> bool:
         """Whether the caller is the engine's worker thread."""
