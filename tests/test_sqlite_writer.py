@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -14,6 +15,7 @@ from sqlite_threads import run_threads, wait_exit_code, waits_on_writer_lock
 
 import threaddispatch.stores.sqlite as sqlite_module
 from threaddispatch.stores import JobRecord, JobState, SQLiteStore
+from threaddispatch.stores.base import Completion
 from threaddispatch.testing import wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -37,14 +39,14 @@ def test_an_enqueue_meeting_another_threads_write_waits_on_the_writer_lock_not_i
     other = store if producer_store == "same store" else SQLiteStore(str(tmp_path / "." / "jobs.db"), busy_timeout=60)
     inside = threading.Event()
     release = threading.Event()
-    claim_in = sqlite_module.claim_in  # type: ignore[attr-defined]
+    claim_rows_in = sqlite_module.claim_rows_in  # type: ignore[attr-defined]
 
-    def held_claim(*args: Any, **kwargs: Any) -> list[JobRecord]:
+    def held_claim(*args: Any, **kwargs: Any) -> Any:
         inside.set()
         assert release.wait(60)
-        return claim_in(*args, **kwargs)
+        return claim_rows_in(*args, **kwargs)
 
-    monkeypatch.setattr(sqlite_module, "claim_in", held_claim)
+    monkeypatch.setattr(sqlite_module, "claim_rows_in", held_claim)
     outcome: list[object] = []
 
     def enqueue() -> None:
@@ -132,5 +134,86 @@ def test_a_child_forked_while_the_writer_lock_is_held_writes_with_its_own(tmp_pa
             writer.release()
         assert wait_exit_code(pid, 30) == 0
         assert store.counts()[JobState.PENDING] == 1
+    finally:
+        store.close()
+
+
+def _holds(store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The statements this thread runs while holding the store's writer lock, one list per hold."""
+    holds: list[list[str]] = []
+    held = [False]
+    last: list[str] = []
+    lock_type = type(store._connections.writer_lock)
+    acquire, release = lock_type.acquire, lock_type.release
+
+    def traced_acquire(self: Any, deadline: float) -> str | None:
+        holder = acquire(self, deadline)
+        if holder is None:
+            held[0] = True
+            holds.append([])
+        return holder
+
+    def traced_release(self: Any) -> None:
+        held[0] = False
+        release(self)
+
+    def trace(sql: str) -> None:
+        # A statement is traced again at the start of each trigger it fires: count it once.
+        if held[0] and (not last or last[0] != sql):
+            last[:] = [sql]
+            holds[-1].append(sql.split(maxsplit=1)[0].upper())
+
+    monkeypatch.setattr(lock_type, "acquire", traced_acquire)
+    monkeypatch.setattr(lock_type, "release", traced_release)
+    with store._connections.slot().lock:
+        store._connections.conn().set_trace_callback(trace)
+    return holds
+
+
+@pytest.mark.parametrize("durability", ["normal", "full"])
+def test_the_fetchers_write_holds_the_writer_lock_for_one_statement_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str
+) -> None:
+    """The enqueue p99 with a worker running: an enqueue waits for whatever write holds the lock, and
+    a write holding it across several statements (BEGIN, completion, dependents' release, claim, COMMIT)
+    gives the GIL away at each one, to threads running Python while the enqueue waits. Completing jobs
+    without dependents and claiming their successors now holds the lock for one statement at a time
+    (with a sync per commit, ``durability="full"``, one transaction still saves a sync)."""
+    store = SQLiteStore(tmp_path / "jobs.db", durability=durability)
+    try:
+        store.enqueue([_job() for _ in range(4)])
+        claimed = store.claim(["default"], 2, worker_id="w", now=time.time())
+        holds = _holds(store, monkeypatch)
+        outcomes = [Completion(job.id, "w", job.attempts, None, None) for job in claimed]
+        done, jobs = store.complete_and_claim(outcomes, ["default"], 2, worker_id="w", now=time.time())
+        assert done == {job.id for job in claimed} and len(jobs) == 2
+        if durability == "normal":
+            assert holds == [["UPDATE"], ["UPDATE"]]
+        else:
+            assert len(holds) == 1 and holds[0][0] == "BEGIN" and holds[0][-1] == "COMMIT"
+        assert store.counts()[JobState.COMPLETED] == 2
+    finally:
+        store.close()
+
+
+def test_a_completion_releases_its_dependents_in_its_own_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job with dependents is completed with their release in ONE transaction (never a completion
+    committed without it), beside jobs without dependents completed alone."""
+    store = SQLiteStore(tmp_path / "jobs.db")
+    try:
+        first, plain = _job(), _job()
+        store.enqueue([first, plain])
+        dependent = dataclasses.replace(_job(), depends_on=(first.id,))
+        store.enqueue([dependent])
+        claimed = store.claim(["default"], 2, worker_id="w", now=time.time())
+        assert {job.id for job in claimed} == {first.id, plain.id}
+        holds = _holds(store, monkeypatch)
+        outcomes = [Completion(job.id, "w", job.attempts, None, None) for job in claimed]
+        assert store.complete_many(outcomes, now=time.time()) == {first.id, plain.id}
+        assert holds[0] == ["UPDATE"]
+        assert holds[1][0] == "BEGIN" and "DELETE" in holds[1] and holds[1][-1] == "COMMIT"
+        assert store.get(dependent.id).state is JobState.PENDING  # type: ignore[union-attr]
     finally:
         store.close()

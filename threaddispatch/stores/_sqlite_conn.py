@@ -210,8 +210,9 @@ class Connections:
         self.synchronous = synchronous
         #: Makes each write durable after its commit (``durability="full"`` with synchronous NORMAL), or None.
         self.syncer = Syncer(path) if sync_commits else None
-        fsyncs = sync_commits or synchronous in ("FULL", "EXTRA")  # a sync per commit
-        self.autocheckpoint = FSYNC_AUTOCHECKPOINT_PAGES if fsyncs else AUTOCHECKPOINT_PAGES
+        #: Every commit is synced (``durability="full"``, or synchronous FULL/EXTRA): fewer, bigger transactions pay.
+        self.fsyncs = sync_commits or synchronous in ("FULL", "EXTRA")
+        self.autocheckpoint = FSYNC_AUTOCHECKPOINT_PAGES if self.fsyncs else AUTOCHECKPOINT_PAGES
         self.closed = False
         #: This file's writer lock in this process, shared with its other stores (renewed in a fork child).
         self.writer_lock: WriterLock = writer_lock(path)

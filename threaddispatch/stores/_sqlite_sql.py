@@ -26,7 +26,10 @@ __all__ = [
     "TYPES",
     "chunks",
     "claim_in",
+    "claim_rows_in",
+    "complete_alone_in",
     "complete_in",
+    "jobs_from_claim",
     "marks",
 ]
 
@@ -107,8 +110,13 @@ _COMPLETE_ROWS = 100  # outcomes per completion statement (5 variables each)
 _COMPLETE_SQL: dict[int, str] = {}  # _complete_sql by number of outcomes, built on first use
 
 
-def _complete_sql(count: int) -> str:
-    """Complete ``count`` claims in one statement: (now, now, *(job_id, worker_id, attempts, result, error)...).
+_ALONE_SQL: dict[int, str] = {}  # _complete_sql(count, alone=True) by number of outcomes
+_HAS_DEPENDENTS = "EXISTS (SELECT 1 FROM dispatch_job_deps AS d WHERE d.depends_on = dispatch_jobs.id)"
+
+
+def _complete_sql(count: int, *, alone: bool = False) -> str:
+    """Complete ``count`` claims in one statement: (now, now, *(job_id, worker_id, attempts, result, error)...);
+    RETURNING each applied id and whether the job has dependents to release. ``alone``: only jobs with none.
 
     A claim is completed only while it is still that worker's running attempt, as ``Statements.complete``.
     """
@@ -117,24 +125,50 @@ def _complete_sql(count: int) -> str:
         "UPDATE dispatch_jobs SET state = 'completed', result = v.column4, error = v.column5, finished_at = ?, "
         f"updated_at = ? FROM (VALUES {rows}) AS v WHERE dispatch_jobs.id = v.column1 "
         "AND dispatch_jobs.state = 'running' AND dispatch_jobs.worker_id = v.column2 "
-        "AND dispatch_jobs.attempts = v.column3 RETURNING dispatch_jobs.id"
+        f"AND dispatch_jobs.attempts = v.column3 {f'AND NOT {_HAS_DEPENDENTS} ' if alone else ''}"
+        f"RETURNING dispatch_jobs.id, {'0' if alone else _HAS_DEPENDENTS}"
     )
+
+
+def _complete_chunks(
+    outcomes: Sequence[Completion], now: float, *, alone: bool
+) -> Iterator[tuple[str, list[Any], Sequence[Completion]]]:
+    """The completion statements for ``outcomes``, :data:`_COMPLETE_ROWS` at a time: (sql, params, chunk)."""
+    cache = _ALONE_SQL if alone else _COMPLETE_SQL
+    for start in range(0, len(outcomes), _COMPLETE_ROWS):
+        chunk = outcomes[start : start + _COMPLETE_ROWS]
+        sql = cache.get(len(chunk))
+        if sql is None:
+            sql = cache.setdefault(len(chunk), _complete_sql(len(chunk), alone=alone))
+        params: list[Any] = [now, now]
+        for outcome in chunk:
+            params.extend(outcome)
+        yield sql, params, chunk
+
+
+def complete_alone_in(
+    conn: sqlite3.Connection, outcomes: Sequence[Completion], now: float
+) -> tuple[set[str], list[Completion]]:
+    """Complete the ``outcomes`` whose jobs have no dependents, one statement per 100: each is a whole
+    transaction on its own (nothing to release with it), so no BEGIN/COMMIT is needed. The ids applied,
+    and the outcomes not applied (a job with dependents, or a claim no longer running) for :func:`complete_in`."""
+    done: set[str] = set()
+    rest: list[Completion] = []
+    for sql, params, chunk in _complete_chunks(outcomes, now, alone=True):
+        applied = {row[0] for row in conn.execute(sql, params).fetchall()}
+        done |= applied
+        rest.extend(outcome for outcome in chunk if outcome.job_id not in applied)
+    return done, rest
 
 
 def complete_in(conn: sqlite3.Connection, outcomes: Sequence[Completion], now: float) -> set[str]:
     """Complete ``outcomes`` (job_id, worker_id, attempts, result, error) in the open transaction; the ids applied."""
     done: set[str] = set()
-    for start in range(0, len(outcomes), _COMPLETE_ROWS):
-        chunk = outcomes[start : start + _COMPLETE_ROWS]
-        sql = _COMPLETE_SQL.get(len(chunk))
-        if sql is None:
-            sql = _COMPLETE_SQL.setdefault(len(chunk), _complete_sql(len(chunk)))
-        params: list[Any] = [now, now]
-        for outcome in chunk:
-            params.extend(outcome)
-        applied = [row[0] for row in conn.execute(sql, params).fetchall()]
-        done.update(applied)
-        release_in(conn, applied, "completed", now)
+    for sql, params, _chunk in _complete_chunks(outcomes, now, alone=False):
+        rows = conn.execute(sql, params).fetchall()
+        done.update(row[0] for row in rows)
+        # Only jobs with dependents need the release (one statement fewer inside the write lock).
+        release_in(conn, [row[0] for row in rows if row[1]], "completed", now)
     return done
 
 
@@ -174,13 +208,27 @@ def claim_in(
         return []
     if limits and any(queue in limits for queue in queues):
         return _claim_limited(conn, queues, limit, worker_id, now=now, limits=limits)
+    return jobs_from_claim(claim_rows_in(conn, queues, limit, worker_id, now))
+
+
+def claim_rows_in(
+    conn: sqlite3.Connection, queues: Sequence[str], limit: int, worker_id: str, now: float
+) -> list[tuple[Any, ...]]:
+    """claim_in over queues none of which is limited, as ONE statement; the claimed rows, for
+    :func:`jobs_from_claim` (after the commit: no Python work inside the write lock)."""
+    if limit <= 0 or not queues:
+        return []
     sql = _CLAIM_SQL.get(len(queues))
     if sql is None:
         sql = _CLAIM_SQL.setdefault(len(queues), _claim_sql(len(queues)))
-    rows = conn.execute(sql, (worker_id, now, now, now, *queues, now, limit)).fetchall()
+    rows: list[tuple[Any, ...]] = conn.execute(sql, (worker_id, now, now, now, *queues, now, limit)).fetchall()
+    return rows
+
+
+def jobs_from_claim(rows: Sequence[Sequence[Any]]) -> list[JobRecord]:
+    """The jobs of :func:`claim_rows_in`'s rows, in claim order (RETURNING gives rows in no particular order)."""
     jobs = [job_from_row(row) for row in rows]
     if len(jobs) > 1:
-        # RETURNING gives rows in no particular order; hand them out in claim order.
         jobs.sort(key=_claim_order)
     return jobs
 

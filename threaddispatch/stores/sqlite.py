@@ -63,7 +63,10 @@ from threaddispatch.stores._sqlite_sql import (
     TYPES,
     chunks,
     claim_in,
+    claim_rows_in,
+    complete_alone_in,
     complete_in,
+    jobs_from_claim,
     marks,
     release_in,
 )
@@ -382,10 +385,22 @@ class SQLiteStore(Store):
 
     @translate
     def claim(self, queues: Sequence[str], limit: int, *, worker_id: str, now: float) -> list[JobRecord]:
-        """See :meth:`Store.claim`: one ``UPDATE ... RETURNING`` under BEGIN IMMEDIATE."""
-        conn = self._conn()
-        with self._write():
-            return claim_in(conn, queues, limit, worker_id, now, limits=self._limits)
+        """See :meth:`Store.claim`: one ``UPDATE ... RETURNING`` (its own transaction; under BEGIN IMMEDIATE
+        with cluster limits)."""
+        if limit <= 0 or not queues:
+            return []
+        if self._limited(queues):
+            conn = self._conn()
+            with self._write():
+                return claim_in(conn, queues, limit, worker_id, now, limits=self._limits)
+        with self._write(immediate=False) as conn:
+            rows = claim_rows_in(conn, queues, limit, worker_id, now)
+        return jobs_from_claim(rows)
+
+    def _limited(self, queues: Sequence[str]) -> bool:
+        """Whether a claim of ``queues`` meets cluster limits (several statements in one transaction)."""
+        limits = self._limits
+        return bool(limits) and any(queue in limits for queue in queues)
 
     @translate
     def complete_and_claim(
@@ -397,12 +412,19 @@ class SQLiteStore(Store):
         worker_id: str,
         now: float,
     ) -> tuple[set[str], list[JobRecord]]:
-        """See :meth:`Store.complete_and_claim`: ONE IMMEDIATE transaction for both."""
+        """See :meth:`Store.complete_and_claim`: with a sync per commit, ONE IMMEDIATE transaction for both
+        (one sync); else the completion (:meth:`complete_many`) and the claim (:meth:`claim`), each usually
+        one statement: the write lock is never held across several statements, so a writer waiting for it
+        (an enqueue) waits for one statement, not for a transaction this thread may lose the GIL in between."""
+        if not self._connections.fsyncs:
+            return self._complete(outcomes, now), self.claim(queues, limit, worker_id=worker_id, now=now)
         conn = self._conn()
         with self._write():
             done = complete_in(conn, outcomes, now)
-            jobs = claim_in(conn, queues, limit, worker_id, now, limits=self._limits)
-        return done, jobs
+            if self._limited(queues):
+                return done, claim_in(conn, queues, limit, worker_id, now, limits=self._limits)
+            rows = claim_rows_in(conn, queues, limit, worker_id, now)
+        return done, jobs_from_claim(rows)
 
     @translate
     def set_queue_limits(self, limits: Sequence[QueueLimits], *, now: float) -> None:
@@ -471,19 +493,31 @@ class SQLiteStore(Store):
     def complete(
         self, job_id: str, *, worker_id: str, attempts: int, result: str | None, now: float, error: str | None = None
     ) -> bool:
-        """See :meth:`Store.complete`: one IMMEDIATE transaction (the completion, and its dependents' release)."""
-        conn = self._conn()
-        with self._write():
-            return bool(complete_in(conn, [Completion(job_id, worker_id, attempts, result, error)], now))
+        """See :meth:`Store.complete`: one statement, or with dependents to release one IMMEDIATE transaction."""
+        return bool(self._complete([Completion(job_id, worker_id, attempts, result, error)], now))
 
     @translate
     def complete_many(self, outcomes: Sequence[Completion], *, now: float) -> set[str]:
-        """See :meth:`Store.complete_many`: one IMMEDIATE transaction, one statement per 100 jobs."""
+        """See :meth:`Store.complete_many`: one statement per 100 jobs, or with dependents to release (or a sync
+        per commit) one IMMEDIATE transaction."""
+        return self._complete(outcomes, now)
+
+    def _complete(self, outcomes: Sequence[Completion], now: float) -> set[str]:
+        """Complete ``outcomes``; the ids applied. Jobs without dependents first, each statement its own
+        transaction (unless every commit is synced: then all in one); the rest (dependents to release with
+        them, or claims no longer running) in one IMMEDIATE transaction. Only inside a ``@translate`` method."""
+        done: set[str] = set()
+        rest: Sequence[Completion] = outcomes
         if not outcomes:
-            return set()
+            return done
         conn = self._conn()
+        if not self._connections.fsyncs:
+            with self._write(immediate=False):
+                done, rest = complete_alone_in(conn, outcomes, now)
+            if not rest:
+                return done
         with self._write():
-            return complete_in(conn, outcomes, now)
+            return done | complete_in(conn, rest, now)
 
     @translate
     def retry_later(
