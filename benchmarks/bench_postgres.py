@@ -25,8 +25,10 @@ Printed per P: enqueue jobs/s (step 2 alone) and end-to-end jobs/s (steps 2-3), 
   (polling every 30 s, so only LISTEN/NOTIFY wakes it): enqueue-to-start latency, p50/p99;
   then pairs A, B (B ``depends_on`` A) enqueued here and both run there: from A's handler
   returning to B's start (B is released by A's completion, and announced by its trigger),
-  enqueued as one ``chain`` and as two enqueues (B after A: a completion whose snapshot
-  predates B's commit misses B, which then waits for the upkeep's sweep).
+  enqueued as one ``chain`` and as two enqueues (B right after A, racing A's completion:
+  released by whichever commits second); then the lateness after ``run_at`` of a job
+  enqueued with ``run_at`` 200 ms on and of one retried by this process for 300 ms on
+  (:func:`due_later`).
 
 No peer queue (pgqueuer, procrastinate) is installed here, so none runs side by side.
 The server runs with its defaults except ``fsync`` (``--fsync off`` by
@@ -318,8 +320,8 @@ def pickup(dsn: str, workdir: Path, samples: int = 100) -> None:
 
         # B waits for A; both run in the worker: from A's handler returning to B's start (A's
         # completion, its release of B and that release's NOTIFY, B's claim). Enqueued as a
-        # chain (one transaction), then B apart, right after A: when A's completion does not
-        # see B yet (its snapshot predates B's commit), the upkeep's sweep releases B.
+        # chain (one transaction), then B apart, right after A: A's completion racing B's
+        # enqueue, B is released by whichever of the two commits second.
         def chained() -> list[str]:
             return producer.chain(producer.job_spec("clock"), producer.job_spec("clock"))
 
@@ -335,11 +337,35 @@ def pickup(dsn: str, workdir: Path, samples: int = 100) -> None:
                 time.sleep(0.02)
             print(f"released dependent, {label}, same idle worker ({samples} pairs): {percentiles(released)}",
                   flush=True)  # fmt: skip
+        due_later(producer, store, samples)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
         store.close()
         drop(dsn, schema)
+
+
+def due_later(producer: JobEngine, store: PostgresStore, samples: int) -> None:
+    """How long after its ``run_at`` the idle worker starts a job due later: one enqueued here with
+    ``run_at`` 200 ms on, and one this process claimed and retried for 300 ms on (``retry_later``,
+    as an engine that then stopped leaves it): only its NOTIFY, which carries the run_at, tells the
+    worker when."""
+    delayed = []
+    for _ in range(samples):
+        run_at = time.time() + 0.2
+        delayed.append(producer.result(producer.enqueue("stamp", run_at, run_at=run_at), timeout=60))
+    print(f"delayed job (run_at +200 ms), lateness after run_at ({samples} jobs): {percentiles(delayed)}")
+    retried = []
+    for _ in range(samples):
+        run_at = time.time() + 0.3
+        job_id = producer.enqueue("stamp", run_at, delay=3600.0)  # not the worker's until retried
+        [claimed] = store.claim(["default"], 1, worker_id="bench", now=time.time() + 7200.0)
+        assert claimed.id == job_id
+        store.retry_later(job_id, worker_id="bench", attempts=claimed.attempts, run_at=run_at, error="bench",
+                          now=time.time())  # fmt: skip
+        retried.append(producer.result(job_id, timeout=60))
+    print(f"retry by another process (run_at +300 ms), lateness after run_at ({samples} jobs): "
+          f"{percentiles(retried)}", flush=True)  # fmt: skip
 
 
 def load_average() -> str:
