@@ -295,6 +295,17 @@ def _release_one(store: SQLiteStore) -> None:
     assert store.release([job.id], worker_id="w", now=time.time()) == 1
 
 
+def _store_of_version(path: Path, version: int) -> SQLiteStore:
+    """A store on ``path`` that knows (and has applied) the migrations up to ``version`` only."""
+
+    class OldStore(SQLiteStore):
+        MIGRATIONS = tuple(migration for migration in SQLiteStore.MIGRATIONS if migration[0] <= version)
+
+    old = OldStore(path)
+    assert old.schema_version() == version
+    return old
+
+
 # -- migration 8 on a file of schema 7 -------------------------------------------------------------------------------
 
 
@@ -302,12 +313,8 @@ def _release_one(store: SQLiteStore) -> None:
 def test_a_version_7_file_with_a_waiting_job_upgrades_and_its_release_is_announced(tmp_path: Path) -> None:
     """A file made by migration 7 holding a waiting dependent gains the ready log; the release is then heard."""
 
-    class Version7Store(SQLiteStore):
-        MIGRATIONS = tuple(migration for migration in SQLiteStore.MIGRATIONS if migration[0] <= 7)
-
     path = tmp_path / "old.db"
-    with contextlib.closing(Version7Store(path)) as old:
-        assert old.migrate() == 7
+    with contextlib.closing(_store_of_version(path, 7)) as old:
         producer = _producer(old)
         first = producer.enqueue("first")
         second = producer.enqueue("second", depends_on=[first])
@@ -325,3 +332,56 @@ def test_a_version_7_file_with_a_waiting_job_upgrades_and_its_release_is_announc
             unsubscribe()
         released = store.get(second)
         assert released is not None and released.state is JobState.PENDING
+
+
+# -- a resumed queue (migration 9) -----------------------------------------------------------------------------------
+
+
+def _resume(store: SQLiteStore, queue: str) -> None:
+    store.set_queue_paused(queue, False, now=time.time())
+
+
+def _delete_pause(store: SQLiteStore, queue: str) -> None:
+    with contextlib.closing(sqlite3.connect(store.path)) as conn, conn:
+        conn.execute("DELETE FROM dispatch_queues WHERE queue = ?", (queue,))
+
+
+def _wakes_for(watched: SQLiteStore, queue: str, action: Callable[[], None]) -> list[float | None]:
+    """Run ``action`` with ``watched``'s watcher running; the ``run_at`` of its first wake-ups for ``queue``."""
+    got, unsubscribe = _heard(watched)
+    try:
+        action()
+        return wait_for(lambda: [run_at for name, run_at in got if name == queue], 20, message=f"a wake for {queue}")
+    finally:
+        unsubscribe()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("resume", [_resume, _delete_pause], ids=["resumed", "pause row deleted"])
+def test_a_queue_another_store_resumes_is_announced(tmp_path: Path, resume: Callable[[SQLiteStore, str], None]) -> None:
+    """Resuming a paused queue (its row set unpaused, or deleted by hand) in any process or store is a
+    ready log row: every watcher announces ``(queue, when it was resumed)``, so idle engines look at once."""
+    path = tmp_path / "jobs.db"
+    with contextlib.closing(SQLiteStore(path)) as writer, contextlib.closing(SQLiteStore(path)) as watched:
+        writer.set_queue_paused("q", True, now=time.time())
+        writer.set_queue_paused("other", False, now=time.time())  # never paused: nothing to announce
+        before = time.time()
+        found = _wakes_for(watched, "q", lambda: resume(writer, "q"))
+        assert found[0] is not None and before - 1 <= found[0] <= time.time() + 1
+        assert _log_rows(writer, "queue = 'other'") == 0
+        writer.set_queue_paused("q", False, now=time.time())  # resuming a running queue: no row
+        assert _log_rows(writer, "queue = 'q'") == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_version_8_file_with_a_paused_queue_upgrades_and_its_resume_is_announced(tmp_path: Path) -> None:
+    """A file made by migration 8 with a paused queue gains the resume trigger; the resume is then heard."""
+    path = tmp_path / "old.db"
+    with contextlib.closing(_store_of_version(path, 8)) as old:
+        old.set_queue_paused("q", True, now=time.time())
+    with contextlib.closing(SQLiteStore(path)) as store, contextlib.closing(SQLiteStore(path)) as watched:
+        assert store.schema_version() == SQLiteStore.MIGRATIONS[-1][0] >= 9
+        assert SQLiteStore.MIGRATIONS[8][:2] == (9, "queue resumes")
+        assert store.paused_queues() == {"q"}
+        assert _wakes_for(watched, "q", lambda: _resume(store, "q"))
+        assert store.paused_queues() == set()

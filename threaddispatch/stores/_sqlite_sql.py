@@ -22,6 +22,7 @@ __all__ = [
     "SCHEMA_V6",
     "SCHEMA_V7",
     "SCHEMA_V8",
+    "SCHEMA_V9",
     "STATEMENTS",
     "TYPES",
     "chunks",
@@ -73,6 +74,24 @@ SCHEMA_V8 = (
             SELECT queue, run_at, {_NOW} FROM (SELECT queue, run_at, state FROM dispatch_jobs
                 WHERE lock_key = OLD.lock_key AND state IN {_sql.ACTIVE} ORDER BY seq LIMIT 1)
             WHERE state IN {_sql.READY};
+            {_PRUNE}
+        END""",
+)
+# Migration 9: a queue resumed by any process (its dispatch_queues row set unpaused, or deleted
+# while paused) is a ready log row ``(queue, run_at = when it was resumed)``: the watchers of every
+# process announce it like a job made ready, so engines idle on that queue look at it now. Pausing,
+# and "resuming" a queue that was not paused, write none.
+SCHEMA_V9 = (
+    f"""CREATE TRIGGER IF NOT EXISTS dispatch_queues_resumed AFTER UPDATE OF paused ON dispatch_queues
+        WHEN OLD.paused AND NOT NEW.paused
+        BEGIN
+            INSERT INTO dispatch_ready_log (queue, run_at, at) VALUES (NEW.queue, {_NOW}, {_NOW});
+            {_PRUNE}
+        END""",
+    f"""CREATE TRIGGER IF NOT EXISTS dispatch_queues_unpaused AFTER DELETE ON dispatch_queues
+        WHEN OLD.paused
+        BEGIN
+            INSERT INTO dispatch_ready_log (queue, run_at, at) VALUES (OLD.queue, {_NOW}, {_NOW});
             {_PRUNE}
         END""",
 )

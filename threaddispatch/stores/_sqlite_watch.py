@@ -18,11 +18,12 @@ seen, by the rowid: only the new rows) and
 It reads the ready log the same way (``dispatch_ready_log``, migration 8: its rows above the
 last ``seq`` seen): the jobs an UPDATE made claimable, which no insert shows (a released
 dependent, a job handed back at stop, reaped, requeued, a failed attempt's retry, and the
-next job of a serial lock whose holder finished), written by row triggers in the updating
-transaction by any process. Those rows are announced like inserted ones, now or when their
-``run_at`` falls due, this process's own too (a spurious wake-up costs an engine one claim;
-telling them apart would cost every release a read). The log keeps about a minute (each
-write prunes it): a watcher that fell further behind wakes its subscribers with "look now".
+next job of a serial lock whose holder finished), and the queues resumed (migration 9: a row
+``(queue, when resumed)``), written by row triggers in the updating transaction by any
+process. Those rows are announced like inserted ones, now or when their ``run_at`` falls due,
+this process's own too (a spurious wake-up costs an engine one claim; telling them apart would
+cost every release a read). The log keeps about a minute (each write prunes it): a watcher
+that fell further behind wakes its subscribers with "look now".
 
 It also has the PASSIVE WAL checkpoints run (at most every :data:`CHECKPOINT_EVERY` seconds,
 after changes) on a second thread, ``threaddispatch-sqlite-checkpoint``, so no commit of this

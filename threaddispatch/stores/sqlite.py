@@ -21,7 +21,8 @@ needs; the per-thread connections, pragmas and fork safety are in
   while an engine is subscribed, announces jobs other processes enqueue within 10 to 30 ms
   and delayed jobs when they fall due; and, from the ready log that row triggers fill
   (migration 8), the jobs any process makes ready by an update (a released dependent, a job
-  handed back, reaped, requeued or retried, a serial lock's next job). A claim, and a
+  handed back, reaped, requeued or retried, a serial lock's next job), and the queues any
+  process resumes (migration 9: announced as ``(queue, when resumed)``). A claim, and a
   completion of a job without a lock, write no log row. Polling remains the fallback.
 - Versioned migrations (:attr:`SQLiteStore.MIGRATIONS`, recorded in
   ``dispatch_schema_version``); each SQL backend numbers its own migrations.
@@ -59,6 +60,7 @@ from threaddispatch.stores._sqlite_sql import (
     SCHEMA_V6,
     SCHEMA_V7,
     SCHEMA_V8,
+    SCHEMA_V9,
     STATEMENTS,
     TYPES,
     chunks,
@@ -154,6 +156,7 @@ class SQLiteStore(Store):
         (6, "cron overlap", SCHEMA_V6),
         (7, "cluster limits", SCHEMA_V7),
         (8, "ready log", SCHEMA_V8),
+        (9, "queue resumes", SCHEMA_V9),
     )
 
     def __init__(
