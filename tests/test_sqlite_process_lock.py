@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from sqlite_threads import frame_files, wait_exit_code, waits_on_writer_lock
+from sqlite_threads import frame_files, run_threads, wait_exit_code, waits_on_writer_lock
 
 import threaddispatch.stores.sqlite as sqlite_module
 from threaddispatch.errors import StoreUnavailableError
@@ -182,5 +182,21 @@ def test_a_fork_child_holds_none_of_the_parents_writer_lock(tmp_path: Path) -> N
         assert code == 0
         store.enqueue([_job()])
         assert store.counts()[JobState.PENDING] == 1
+    finally:
+        store.close()
+
+
+def test_without_record_locks_the_threading_lock_alone_orders_writers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where fcntl is missing (or the sidecar cannot be opened) a store still writes, its threads queued on
+    the threading lock, and makes no sidecar file."""
+    monkeypatch.setattr(_sqlite_lock, "fcntl", None)
+    store = SQLiteStore(tmp_path / "jobs.db")
+    try:
+        assert store._connections.writer_lock.fd == -1
+        assert run_threads([lambda: store.enqueue([_job()])] * 4) == []
+        assert len(store.claim(["default"], 10, worker_id="w", now=time.time())) == 4
+        assert not (tmp_path / "jobs.db-writer.lock").exists()
     finally:
         store.close()

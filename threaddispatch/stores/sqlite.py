@@ -357,8 +357,9 @@ class SQLiteStore(Store):
         first = requests[0]
         if len(requests) == 1 and len(first) == 1 and first[0].unique_key is None and not first[0].depends_on:
             # One statement is its own atomic transaction: skip BEGIN/COMMIT round trips.
+            params = job_params(first[0])  # before the write lock: only the insert runs under it
             with self._write(immediate=False, defer_sync=True):
-                cursor = conn.execute(_INSERT, job_params(first[0]))
+                cursor = conn.execute(_INSERT, params)
             if self._watcher.active and cursor.lastrowid is not None:
                 self._watcher.note_own(cursor.lastrowid, cursor.lastrowid)
             return [[first[0].id]]
