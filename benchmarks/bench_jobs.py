@@ -20,6 +20,11 @@ before and after the store), on MemoryStore and on SQLiteStore, and of ``enqueue
 per job; ``--compare DIR`` runs the same rounds, interleaved, on another tree (e.g. ``git
 archive HEAD threaddispatch | tar -x -C DIR``) and prints the ratio. Run ``python
 benchmarks/bench_jobs.py --help``.
+
+``--only ids``: ``--jobs`` one-at-a-time enqueues on a fresh SQLiteStore file per job id scheme
+(uuid4's random hex; the time in nanoseconds then 64 random bits, this engine's ids before
+UUIDv7; UUIDv7, its ids now): jobs/s, CPU per job, bytes the process wrote per job (WAL frames
+and checkpoints, from ``/proc/self/io``) and the file sizes at the end.
 """
 
 from __future__ import annotations
@@ -198,6 +203,50 @@ def _overhead_section(args: argparse.Namespace, directory: str) -> None:
         print(f"{name:40}{''.join(f'{cell:>26}' for cell in cells)}{ratio:>8}")
 
 
+def _written_bytes() -> int | None:
+    """Bytes this process has caused to be written to storage (Linux ``/proc/self/io``), or None."""
+    try:
+        with open("/proc/self/io") as io:
+            fields = dict(line.split(": ") for line in io.read().splitlines())
+    except OSError:
+        return None
+    return int(fields["write_bytes"])
+
+
+def bench_ids(directory: str, jobs: int) -> None:
+    """SQLite enqueue rate and write volume by job id scheme (see the module docstring)."""
+    import uuid
+
+    from threaddispatch import _job_enqueue
+
+    schemes: dict[str, Callable[[], str]] = {
+        "uuid4 hex (random)": lambda: uuid.uuid4().hex,
+        "ns time + 64 random bits": lambda: f"{time.time_ns():016x}{os.urandom(8).hex()}",
+        "UUIDv7 (now)": _job_enqueue.new_job_id,
+    }
+    print(f"{jobs:,} enqueues, one per call, SQLiteStore (durability='normal'), one file per scheme")
+    print(f"{'job id scheme':28} {'jobs/s':>8} {'CPU us/job':>11} {'written B/job':>14} {'db MB':>7} {'wal MB':>7}")
+    real = _job_enqueue.new_job_id
+    for label, make_id in schemes.items():
+        path = os.path.join(directory, f"ids-{next(_serial)}.db")
+        store = SQLiteStore(path)
+        engine = JobEngine(store)
+        engine.register("noop", lambda ctx, payload: None)
+        _job_enqueue.new_job_id = make_id
+        try:
+            written, cpu, wall = _written_bytes(), time.process_time(), time.perf_counter()
+            for _ in range(jobs):
+                engine.enqueue("noop", {"user": 42})
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            after = _written_bytes()
+        finally:
+            _job_enqueue.new_job_id = real
+        sizes = [os.path.getsize(p) / 1e6 if os.path.exists(p) else 0.0 for p in (path, path + "-wal")]
+        per_job = "n/a" if written is None or after is None else f"{(after - written) / jobs:,.0f}"
+        print(f"{label:28} {jobs / wall:8,.0f} {cpu / jobs * 1e6:11.1f} {per_job:>14} {sizes[0]:7.1f} {sizes[1]:7.1f}")
+        store.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=10_000)
@@ -209,9 +258,13 @@ def main() -> None:
         default="default",
         help="default: each library's own setting (threaddispatch NORMAL, huey FULL); off: neither syncs",
     )
-    parser.add_argument("--only", choices=["threaddispatch", "huey", "overhead", "overhead-child"], default=None)
+    parser.add_argument("--only", choices=["threaddispatch", "huey", "overhead", "overhead-child", "ids"], default=None)
     parser.add_argument("--compare", default=None, help="--only overhead: also measure this tree (a directory)")
     args = parser.parse_args()
+    if args.only == "ids":
+        with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as directory:
+            bench_ids(directory, args.jobs)
+        return
     if args.only in ("overhead", "overhead-child"):
         with tempfile.TemporaryDirectory() as directory:
             if args.only == "overhead-child":
