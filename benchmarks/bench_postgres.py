@@ -30,7 +30,10 @@ Printed per P: enqueue jobs/s (step 2 alone) and end-to-end jobs/s (steps 2-3), 
   enqueued with ``run_at`` 200 ms on and of one retried by this process for 300 ms on
   (:func:`due_later`).
 
-No peer queue (pgqueuer, procrastinate) is installed here, so none runs side by side.
+The throughput part runs the peers installed (``--peers``: pgqueuer, on asyncpg when
+installed, else psycopg; procrastinate on psycopg), each with its own defaults, on the same
+server, job count and process counts, side by side in the same run (best of
+``--peer-repeat``), with their ratio to this engine's end-to-end jobs/s.
 The server runs with its defaults except ``fsync`` (``--fsync off`` by
 default: this measures the engine and the SQL, not the disk; pass ``--fsync on`` for a
 durable server) and ``max_connections``. Run ``python benchmarks/bench_postgres.py --help``.
@@ -39,6 +42,7 @@ durable server) and ``max_connections``. Run ``python benchmarks/bench_postgres.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -47,7 +51,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,29 +106,38 @@ def run_once(dsn: str, jobs: int, processes: int, concurrency: int, workdir: Pat
     # The clock's own poll must not load the server: EXISTS stops at the first unfinished job.
     watch = psycopg.connect(dsn, autocommit=True, options=f"-c search_path={schema}")
     unfinished = "SELECT EXISTS (SELECT 1 FROM dispatch_jobs WHERE state IN ('pending', 'retrying', 'running'))"
-    procs = []
-    for index in range(processes):
-        ready = workdir / f"ready-{schema}-{index}"
-        procs.append((subprocess.Popen([sys.executable, __file__, "--worker", dsn, schema, str(ready),
-                                        str(concurrency)]), ready))  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while not all(ready.exists() for _, ready in procs):
-            if time.monotonic() > deadline or any(proc.poll() is not None for proc, _ in procs):
-                raise RuntimeError("workers did not start")
-            time.sleep(0.02)
-        time.sleep(0.3)  # let every listener connect
-        start = time.perf_counter()
-        producer.enqueue_many("noop", [None] * jobs)
-        enqueued = time.perf_counter()
-        while (row := watch.execute(unfinished).fetchone()) and row[0]:
-            if time.perf_counter() - start > 300:
-                raise RuntimeError("jobs did not complete within 300 s")
-            time.sleep(0.005)
-        done = time.perf_counter()
+        with worker_processes(["--worker", dsn, schema], str(concurrency), processes, workdir / schema):
+            start = time.perf_counter()
+            producer.enqueue_many("noop", [None] * jobs)
+            enqueued = time.perf_counter()
+            done = wait_done(watch, unfinished, start)
         completed = store.counts()[JobState.COMPLETED]
         if completed != jobs:
             raise RuntimeError(f"{completed} of {jobs} jobs completed")
+    finally:
+        store.close()
+        watch.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        watch.close()
+    return jobs / (enqueued - start), jobs / (done - start)
+
+
+@contextlib.contextmanager
+def worker_processes(argv: list[str], concurrency: str, processes: int, ready: Path) -> Iterator[None]:
+    """``processes`` worker processes of this script (``argv``, a ready file, ``concurrency``), started
+    and their listeners connected; SIGTERMed (killed after 20 s) at the end."""
+    procs = []
+    for index in range(processes):
+        path = ready.with_name(f"ready-{ready.name}-{index}")
+        procs.append((subprocess.Popen([sys.executable, __file__, *argv, str(path), concurrency]), path))
+    try:
+        deadline = time.monotonic() + 60
+        while not all(path.exists() for _, path in procs):
+            if time.monotonic() > deadline or any(proc.poll() is not None for proc, _ in procs):
+                raise RuntimeError(f"workers {argv[0]} did not start")
+            time.sleep(0.02)
+        time.sleep(0.5)  # let every listener connect
+        yield
     finally:
         for proc, _ in procs:
             proc.send_signal(signal.SIGTERM)
@@ -133,10 +146,177 @@ def run_once(dsn: str, jobs: int, processes: int, concurrency: int, workdir: Pat
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        store.close()
+
+
+def wait_done(watch: Any, unfinished: str, start: float) -> float:
+    """Poll ``unfinished`` (an EXISTS, cheap for the server) every 5 ms until false: the perf_counter then."""
+    while (row := watch.execute(unfinished).fetchone()) and row[0]:
+        if time.perf_counter() - start > 300:
+            raise RuntimeError("jobs did not complete within 300 s")
+        time.sleep(0.005)
+    return time.perf_counter()
+
+
+# -- peers: pgqueuer and procrastinate, the same no-op jobs on the same server --------------------------
+
+PEERS = ("pgqueuer", "procrastinate")
+
+
+def peer_available(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def peer_worker(name: str, dsn: str, schema: str, ready: Path, concurrency: int) -> int:
+    """A peer's worker process: run no-op jobs until SIGTERM (each peer's defaults, ``concurrency`` tasks)."""
+    import asyncio
+
+    return asyncio.run(_pgqueuer_worker(dsn, schema, ready, concurrency) if name == "pgqueuer"
+                       else _procrastinate_worker(dsn, schema, ready, concurrency))  # fmt: skip
+
+
+async def _pgqueuer_worker(dsn: str, schema: str, ready: Path, concurrency: int) -> int:
+    import asyncio
+
+    from pgqueuer import Queries, QueueManager
+
+    conn, driver = await _pgqueuer_connect(dsn, schema)
+    manager = QueueManager(Queries(driver))
+
+    @manager.entrypoint("noop")
+    async def noop(job: object) -> None:
+        return None
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, manager.shutdown.set)
+    ready.write_text("ready")
+    await manager.run()  # its defaults: batches of 10, no cap
+    await conn.close()
+    return 0
+
+
+async def _pgqueuer_connect(dsn: str, schema: str) -> tuple[Any, Any]:
+    """A connection on ``schema`` and pgqueuer's driver for it: asyncpg (its first driver) when installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("asyncpg") is not None:
+        import asyncpg
+        from pgqueuer import AsyncpgDriver
+
+        conn = await asyncpg.connect(_url(dsn), server_settings={"search_path": schema})
+        return conn, AsyncpgDriver(conn)
+    import psycopg
+    from pgqueuer import PsycopgDriver
+
+    conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, options=f"-c search_path={schema}")
+    return conn, PsycopgDriver(conn)
+
+
+def _url(dsn: str) -> str:
+    """``dsn`` as a URL (asyncpg takes no libpq key=value string)."""
+    if "://" in dsn:
+        return dsn
+    from psycopg.conninfo import conninfo_to_dict
+
+    parts = conninfo_to_dict(dsn)
+    host = str(parts.get("host", "localhost"))
+    hostpart = "" if host.startswith("/") else host
+    query = f"?host={host}" if host.startswith("/") else ""
+    auth = f"{parts['user']}@" if "user" in parts else ""
+    return f"postgresql://{auth}{hostpart}:{parts.get('port', 5432)}/{parts.get('dbname', 'postgres')}{query}"
+
+
+async def _procrastinate_worker(dsn: str, schema: str, ready: Path, concurrency: int) -> int:
+    import procrastinate
+
+    app = procrastinate.App(connector=_procrastinate_connector(dsn, schema))
+
+    @app.task(name="noop")
+    def noop() -> None:
+        return None
+
+    async with app.open_async():
+        ready.write_text("ready")
+        await app.run_worker_async(concurrency=concurrency, install_signal_handlers=True)
+    return 0
+
+
+def _procrastinate_connector(dsn: str, schema: str) -> Any:
+    import logging
+
+    from procrastinate import PsycopgConnector
+
+    logging.getLogger("procrastinate").setLevel(logging.ERROR)  # its warning about an App in __main__
+
+    return PsycopgConnector(conninfo=dsn, kwargs={"options": f"-c search_path={schema}"})
+
+
+def peer_run_once(name: str, dsn: str, jobs: int, processes: int, concurrency: int, workdir: Path) -> float:
+    """One measurement of a peer: end-to-end jobs/s (enqueue of ``jobs`` in one batch to the last done)."""
+    import asyncio
+
+    import psycopg
+
+    schema = f"peer_{uuid.uuid4().hex[:10]}"
+    watch = psycopg.connect(dsn, autocommit=True, options=f"-c search_path={schema}")
+    watch.execute(f'CREATE SCHEMA "{schema}"')
+    if name == "pgqueuer":
+        unfinished = "SELECT EXISTS (SELECT 1 FROM pgqueuer)"  # done jobs leave the table
+        asyncio.run(_pgqueuer_install(dsn, schema))
+    else:
+        unfinished = "SELECT EXISTS (SELECT 1 FROM procrastinate_jobs WHERE status IN ('todo', 'doing'))"
+        asyncio.run(_procrastinate_install(dsn, schema))
+    try:
+        with worker_processes(["--peer-worker", name, dsn, schema], str(concurrency), processes, workdir / schema):
+            start = time.perf_counter()
+            asyncio.run(_pgqueuer_enqueue(dsn, schema, jobs) if name == "pgqueuer"
+                        else _procrastinate_enqueue(dsn, schema, jobs))  # fmt: skip
+            done = wait_done(watch, unfinished, start)
+    finally:
         watch.execute(f'DROP SCHEMA "{schema}" CASCADE')
         watch.close()
-    return jobs / (enqueued - start), jobs / (done - start)
+    return jobs / (done - start)
+
+
+async def _pgqueuer_install(dsn: str, schema: str) -> None:
+    from pgqueuer import Queries
+
+    conn, driver = await _pgqueuer_connect(dsn, schema)
+    try:
+        await Queries(driver).install()
+    finally:
+        await conn.close()
+
+
+async def _pgqueuer_enqueue(dsn: str, schema: str, jobs: int) -> None:
+    from pgqueuer import Queries
+
+    conn, driver = await _pgqueuer_connect(dsn, schema)
+    try:
+        await Queries(driver).enqueue(["noop"] * jobs, [None] * jobs, [0] * jobs)
+    finally:
+        await conn.close()
+
+
+async def _procrastinate_install(dsn: str, schema: str) -> None:
+    import procrastinate
+
+    app = procrastinate.App(connector=_procrastinate_connector(dsn, schema))
+    async with app.open_async():
+        await app.schema_manager.apply_schema_async()
+
+
+async def _procrastinate_enqueue(dsn: str, schema: str, jobs: int) -> None:
+    import procrastinate
+
+    app = procrastinate.App(connector=_procrastinate_connector(dsn, schema))
+
+    @app.task(name="noop")
+    def noop() -> None:
+        return None
+
+    async with app.open_async():
+        await noop.batch_defer_async(*([{}] * jobs))
 
 
 # -- claims -----------------------------------------------------------------------------------------------
@@ -387,7 +567,20 @@ def main() -> None:
                         help="finished rows kept in the table for the claim curve")  # fmt: skip
     parser.add_argument("--worker", nargs=4, metavar=("DSN", "SCHEMA", "READY", "CONCURRENCY"), help=argparse.SUPPRESS)
     parser.add_argument("--idle", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--peer-worker", nargs=5, metavar=("PEER", "DSN", "SCHEMA", "READY", "CONCURRENCY"),
+                        help=argparse.SUPPRESS)  # fmt: skip
+    parser.add_argument(
+        "--peers",
+        nargs="*",
+        choices=PEERS,
+        default=list(PEERS),
+        help="peer queues run side by side in the throughput part, when installed (default both)",
+    )
+    parser.add_argument("--peer-repeat", type=int, default=1, help="best of this many runs of each peer (default 1)")
     args = parser.parse_args()
+    if args.peer_worker:
+        name, dsn, schema, ready, concurrency = args.peer_worker
+        sys.exit(peer_worker(name, dsn, schema, Path(ready), int(concurrency)))
     if args.worker:
         dsn, schema, ready, concurrency = args.worker
         sys.exit(worker(dsn, schema, Path(ready), int(concurrency), args.idle))
@@ -412,13 +605,20 @@ def main() -> None:
               f"best of {args.repeat}, load average {load_average()}")  # fmt: skip
         with tempfile.TemporaryDirectory() as workdir:
             if "throughput" in args.parts:
-                print(f"{'processes':>9}  {'enqueue jobs/s':>14}  {'end-to-end jobs/s':>17}")
+                peers = [name for name in args.peers if peer_available(name)]
+                print(f"{'processes':>9}  {'enqueue jobs/s':>14}  {'end-to-end jobs/s':>17}"
+                      + "".join(f"  {name + ' e2e':>18}" for name in peers))  # fmt: skip
                 for processes in args.processes:
                     results = [run_once(dsn, args.jobs, processes, args.concurrency, Path(workdir))
                                for _ in range(args.repeat)]  # fmt: skip
                     enqueue = max(r[0] for r in results)
                     end_to_end = max(r[1] for r in results)
-                    print(f"{processes:>9}  {enqueue:>14,.0f}  {end_to_end:>17,.0f}", flush=True)
+                    line = f"{processes:>9}  {enqueue:>14,.0f}  {end_to_end:>17,.0f}"
+                    for name in peers:
+                        best = max(peer_run_once(name, dsn, args.jobs, processes, args.concurrency, Path(workdir))
+                                   for _ in range(args.peer_repeat))  # fmt: skip
+                        line += f"  {best:>12,.0f} ({best / end_to_end:.2f}x)"
+                    print(line, flush=True)
             if "claims" in args.parts:
                 multi_queue(dsn)
                 retained(dsn, args.retained)
