@@ -507,13 +507,13 @@ def _retrying_engine(store: PostgresStore, delay: float, started: threading.Even
 def test_retry_made_by_a_process_that_then_stops_runs_on_an_idle_process_at_its_run_at(
     make_store: Callable[..., PostgresStore], workers: Workers
 ) -> None:
-    """Process A's attempt asks for a retry in 1 s and A stops; idle process B runs the retry (not at its 30 s poll).
+    """Process A's attempt asks for a retry in 2 s and A stops; idle process B runs the retry (not at its 30 s poll).
 
     A holds its attempt until B is up (B's first claim finds the job running), then retries.
     """
     store = make_store()
     started, go = threading.Event(), threading.Event()
-    engine = _retrying_engine(store, 1.0, started, go)
+    engine = _retrying_engine(store, 2.0, started, go)
     job_id = engine.enqueue("record", {"n": 7})
     engine.start()
     try:
