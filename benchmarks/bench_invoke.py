@@ -10,7 +10,9 @@ microseconds (and the process CPU time per call beside it). The callables do not
 - ``call`` / ``invoke``: the same function through the shared contract (awaitable check, Outcome).
 - ``TimedCaller(timeout=None)``: the no-timeout path (it must equal ``call``).
 - ``run_until_complete``: an ``async def`` run on a reused loop by hand, the async floor.
-- ``call(async def)``: the same through the contract (the per-thread loop).
+- ``call(async def)``: the same through the contract (the per-thread loop); a coroutine that
+  finishes without waiting runs as its Task's first step, with no turn of the loop.
+- ``call(async def awaiting sleep(0))``: one that waits once, finished under ``run_until_complete``.
 - ``TimedCaller(timeout=5)``: a hand-off to the runner thread and back, sync and async.
 """
 
@@ -30,6 +32,11 @@ def plain(x: int) -> int:
 
 
 async def coro(x: int) -> int:
+    return x
+
+
+async def waits(x: int) -> int:
+    await asyncio.sleep(0)  # one turn of the loop: the path a coroutine that waits for I/O takes
     return x
 
 
@@ -80,6 +87,10 @@ def main() -> int:
         for i in range(n):
             call(coro, i)
 
+    def async_waits(n: int) -> None:
+        for i in range(n):
+            call(waits, i)
+
     def timed_sync(n: int) -> None:
         for i in range(n):
             timed.call(plain, i)
@@ -95,6 +106,7 @@ def main() -> int:
         ("TimedCaller(timeout=None).call", via_untimed, args.calls),
         ("loop.run_until_complete(coro)", async_floor, args.timed_calls),
         ("call(async def, x)", async_call, args.timed_calls),
+        ("call(async def awaiting sleep(0), x)", async_waits, args.timed_calls),
         ("TimedCaller(timeout=5).call(fn)", timed_sync, args.timed_calls),
         ("TimedCaller(timeout=5).call(async def)", timed_async, args.timed_calls),
     ]

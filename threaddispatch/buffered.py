@@ -172,7 +172,10 @@ class AsyncDispatcher(_lifecycle.Closing, Generic[T]):
     ``start()`` starts the dispatch loop and the failure loop; ``stop()`` drains and
     stops them. Every message that fails for good (after ``retry``, if given) reaches
     ``error_handler(FailedMessage(message, error, target_queue))`` on the failure loop;
-    without a handler it is logged. All methods are thread-safe.
+    without a handler it is lost and logged on the shared drop-log cadence: one WARNING with
+    the first loss's traceback, then at most one a minute with the count since, and one INFO
+    once messages are delivered again (``stats()["failed"]`` counts every one). All methods
+    are thread-safe.
 
     When ``dispatcher`` has ``submit(message, target) -> Future`` (a
     :class:`~threaddispatch.batched.BatchedDispatcher` does), the loop uses it and does
