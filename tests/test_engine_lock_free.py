@@ -11,7 +11,7 @@ import pytest
 
 from threaddispatch import BatchedDispatcher, QueueFullError
 from threaddispatch._engine import BatchEngine, Overflow
-from threaddispatch._lanes import SHARD_MASK, FifoLane, LaneTable
+from threaddispatch._lanes import SHARD_MASK, SPLIT_AT, FifoLane, LaneTable
 from threaddispatch.testing import wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -264,17 +264,45 @@ def test_overflow_block_holds_its_bound_with_racing_producers() -> None:
     assert engine.close(10)
 
 
-def test_the_lane_table_is_a_mapping_over_its_shards() -> None:
-    """get, set, delete, len, values and items agree, whatever shard a key falls in."""
+@pytest.mark.parametrize("spread", [False, True])
+def test_the_lane_table_is_a_mapping_before_and_after_its_split(spread: bool) -> None:
+    """get, set, delete, len, values and items agree, in one dict and spread over several."""
     table: LaneTable[str] = LaneTable()
     keys: list[Hashable] = [None, 0, 1, "a", ("t", 1), *range(100, 140)]
+    if spread:
+        keys += [f"key-{i}" for i in range(SPLIT_AT)]
     for key in keys:
         table[key] = f"lane-{key}"
+    assert (table.one is None) is spread
     assert len(table) == len(keys)
     assert all(table.get(key) == f"lane-{key}" for key in keys)
     assert {key for key, _lane in table.items()} == set(keys)
     assert sorted(table.values()) == sorted(f"lane-{key}" for key in keys)
-    assert len({hash(key) & SHARD_MASK for key in keys}) > 1  # spread over several shards
+    if spread:
+        assert len({hash(key) & SHARD_MASK for key in keys}) > 1
+        assert all(table.dict_of(key) is table.shards[hash(key) & SHARD_MASK] for key in keys)
     del table["a"]
     assert table.get("a") is None
     assert len(table) == len(keys) - 1
+
+
+@pytest.mark.timeout(120)
+def test_lanes_put_across_the_split_of_the_lane_table_all_arrive() -> None:
+    """4 producers put into more keys than SPLIT_AT while the table splits: every entry arrives once."""
+    rec = Recorder()
+    # Windows long enough for the lanes to pile up past SPLIT_AT; full batches of 3 go meanwhile.
+    engine: BatchEngine[tuple[int, int]] = BatchEngine(rec, name="test-lock-free", window=0.5, max_batch_size=3)
+    keys = SPLIT_AT + 500
+    engine.put((-1, 0), "warm")  # the worker runs: lanes come and go while the table grows
+
+    def produce(index: int) -> None:
+        for i in range(keys):
+            engine.put((index, i), (i * 7 + index) % keys)
+
+    _race(produce)
+    assert engine._lanes.one is None  # split while they put
+    assert engine.flush(30)
+    items = rec.items()
+    assert len(items) == PRODUCERS * keys + 1
+    assert len(set(items)) == len(items)
+    assert engine.close(10)

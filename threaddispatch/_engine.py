@@ -62,7 +62,7 @@ from typing import Any, Generic, Literal, TypeVar, cast
 from threaddispatch import _drop_log, _lifecycle
 from threaddispatch._drop_log import DropLog
 from threaddispatch._invoke import close_thread_loop
-from threaddispatch._lanes import INACTIVE, SHARD_MASK, FifoLane, Lane, LaneTable
+from threaddispatch._lanes import INACTIVE, SHARD_MASK, SPLIT_AT, FifoLane, Lane, LaneTable
 from threaddispatch._timers import DelayQueue
 from threaddispatch._validate import check_seconds
 from threaddispatch.errors import ConfigurationError, DispatcherClosedError, QueueFullError
@@ -187,10 +187,8 @@ class BatchEngine(Generic[T]):
         self._space = threading.Condition(self._lock)  # producers blocked by overflow="block"
         self._settled = threading.Condition(self._lock)  # flush() and close() wait here
         self._lanes: LaneTable[Lane[T]] = LaneTable()
-        # The same dicts, for put's lock-free path, when every lane is a FifoLane (else None).
-        self._fifo_lanes: tuple[dict[Hashable, FifoLane], ...] | None = (
-            cast("tuple[dict[Hashable, FifoLane], ...]", self._lanes.shards) if self._fifo else None
-        )
+        # The same table, for put's lock-free path, when every lane is a FifoLane (else None).
+        self._fifo_lanes: LaneTable[FifoLane] | None = cast("LaneTable[FifoLane]", self._lanes) if self._fifo else None
         if default_lane is None:
             self.default_lane: Lane[T] = self._new_lane(None)
         else:
@@ -237,7 +235,12 @@ class BatchEngine(Generic[T]):
 
     def _new_lane(self, key: Hashable) -> Lane[T]:
         lane = self._lane_factory(key)
-        self._lanes[key] = lane
+        lanes = self._lanes
+        one = lanes.one
+        if one is not None and len(one) < SPLIT_AT - 1:
+            one[key] = lane  # LaneTable.__setitem__ inline while it needs no split: once per new key
+        else:
+            lanes[key] = lane
         return lane
 
     def kick(self, lane: Lane[T]) -> None:
@@ -339,17 +342,16 @@ class BatchEngine(Generic[T]):
         Raises DispatcherClosedError once the engine is closing (a put that races the
         close may still be accepted: its entry is delivered by the drain).
         """
-        shards = self._fifo_lanes
-        if shards is not None and not self._closing:
-            lane = shards[hash(key) & SHARD_MASK].get(key)  # LaneTable.get inline; atomic under the GIL
-            if lane is not None and len(lane) < self._free_below:
-                lane.lock_free_append(item)
-                if len(lane) >= lane.trigger:
-                    self.kick(lane)
+        table = self._fifo_lanes
+        if table is not None and not self._closing:
+            one = table.one  # LaneTable.get inline (see it for the lock-free read)
+            free = (one if one is not None else table.shards[hash(key) & SHARD_MASK]).get(key)
+            if free is not None and len(free) < self._free_below:
+                free.lock_free_append(item)
+                if len(free) >= free.trigger:
+                    self.kick(free)
                 return True
-        return self._put_locked(item, key, timeout)
-
-    def _put_locked(self, item: T, key: Hashable, timeout: float | None) -> bool:
+        # The locked path, in this frame (a PriorityLane's every put comes here).
         dropped: list[T] | None = None
         accepted = True
         with self._lock:
@@ -418,7 +420,9 @@ class BatchEngine(Generic[T]):
 
     def _lane_of(self, key: Hashable) -> Lane[T]:
         """The live lane of ``key``, made if it has none; caller holds _lock."""
-        lane = self._lanes.get(key)
+        lanes = self._lanes
+        one = lanes.one  # LaneTable.get inline: once per put
+        lane = (one if one is not None else lanes.shards[hash(key) & SHARD_MASK]).get(key)
         return self._new_lane(key) if lane is None else lane
 
     def _wait_for_space(self, key: Hashable, limit: int, timeout: float | None, item: T) -> Lane[T]:
@@ -541,7 +545,8 @@ class BatchEngine(Generic[T]):
             # other one (each lane of a keyed face) would only contend for the lock and GIL.
             # With the gate shut the worker waits for a settle, not for windows: no wake-up either.
             wake = not self._open and not self._gate_shut
-            self._open_window(lane, lane.deadline)
+            self._open.append(lane)  # _open_window inline: once per window of every key
+            self._open_at.append(lane.deadline)
             if wake or self._thread is None:
                 self._notify_worker()
         if count >= self.max_batch_size and not lane.due and lane not in self._held:

@@ -17,13 +17,14 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from threaddispatch.errors import DispatcherClosedError
 
-__all__ = ["SHARD_MASK", "ClosedFifoLane", "FifoLane", "Lane", "LaneTable", "PriorityLane"]
+__all__ = ["SHARD_MASK", "SPLIT_AT", "ClosedFifoLane", "FifoLane", "Lane", "LaneTable", "PriorityLane"]
 
 T = TypeVar("T")
 L = TypeVar("L")
 
 INACTIVE = 1  # trigger of a lane with no open window: the first append opens one
-SHARD_MASK = 15  # a LaneTable has SHARD_MASK + 1 dicts; the one of a key is at hash(key) & SHARD_MASK
+SHARD_MASK = 15  # a split LaneTable has SHARD_MASK + 1 dicts; the one of a key is at hash(key) & SHARD_MASK
+SPLIT_AT = 4096  # lanes from which a LaneTable spreads them over several dicts
 
 
 class Lane(Protocol[T]):
@@ -98,39 +99,68 @@ class ClosedFifoLane(FifoLane):
 
 
 class LaneTable(Generic[L]):
-    """Lanes by key, spread over 16 dicts by the key's hash. Guarded by the engine's lock (reads: see ``shards``).
+    """Lanes by key: one dict, then, past ``SPLIT_AT`` lanes, 16 dicts by the key's hash. Guarded by the engine's lock.
 
     A dict grows by copying every entry into a table twice as large, at once: one dict of
     100k lanes stops the insert that passes ~87k for ~7 ms, with the engine's lock held
     (every producer waits). Spread over 16 dicts, each copies a 16th of the lanes, each at
-    its own time. ``shards[hash(key) & SHARD_MASK]`` is the dict holding ``key``: the
-    engine's lock-free ``put`` reads it directly (a dict lookup is atomic under the GIL).
-    Iteration is shard by shard (not in the order the lanes were made) and returns lists,
-    so the caller may change the table meanwhile.
+    its own time; below ``SPLIT_AT`` lanes one dict's growth is cheap, and a lookup then
+    needs no hash of its own. The split itself copies ``SPLIT_AT`` lanes, once.
+
+    Readers without the lock (the engine's lock-free ``put``) take the dict holding a key
+    as :meth:`dict_of` does, and look it up there (a dict lookup is atomic under the GIL).
+    One that took ``one`` just before the split may find a lane there that was deleted
+    since (the engine's kick adopts what lands in it) or none (it takes the locked path).
+    Iteration is dict by dict (after the split, not in the order the lanes were made) and
+    returns lists, so the caller may change the table meanwhile.
     """
 
-    __slots__ = ("shards",)
+    __slots__ = ("one", "shards")
 
     def __init__(self) -> None:
-        self.shards: tuple[dict[Hashable, L], ...] = tuple({} for _ in range(SHARD_MASK + 1))
+        self.one: dict[Hashable, L] | None = {}  # every lane, until the split; None after it
+        self.shards: tuple[dict[Hashable, L], ...] = ()  # after the split: the lane of key at hash(key) & SHARD_MASK
+
+    def dict_of(self, key: Hashable) -> dict[Hashable, L]:
+        """The dict that holds (or would hold) the lane of ``key``."""
+        one = self.one
+        return one if one is not None else self.shards[hash(key) & SHARD_MASK]
 
     def get(self, key: Hashable) -> L | None:
-        return self.shards[hash(key) & SHARD_MASK].get(key)
+        return self.dict_of(key).get(key)
 
     def __setitem__(self, key: Hashable, lane: L) -> None:
-        self.shards[hash(key) & SHARD_MASK][key] = lane
+        one = self.one
+        if one is None:
+            self.shards[hash(key) & SHARD_MASK][key] = lane
+            return
+        one[key] = lane
+        if len(one) >= SPLIT_AT:
+            self._split(one)
+
+    def _split(self, one: dict[Hashable, L]) -> None:
+        shards: tuple[dict[Hashable, L], ...] = tuple({} for _ in range(SHARD_MASK + 1))
+        for key, lane in one.items():
+            shards[hash(key) & SHARD_MASK][key] = lane
+        self.shards = shards  # before one goes: a reader that sees one None finds the shards
+        self.one = None
+        one.clear()  # a reader still holding it finds no lane there: the locked path
 
     def __delitem__(self, key: Hashable) -> None:
-        del self.shards[hash(key) & SHARD_MASK][key]
+        del self.dict_of(key)[key]
+
+    def _dicts(self) -> tuple[dict[Hashable, L], ...]:
+        one = self.one
+        return self.shards if one is None else (one,)
 
     def __len__(self) -> int:
-        return sum(map(len, self.shards))
+        return sum(map(len, self._dicts()))
 
     def values(self) -> list[L]:
-        return [lane for shard in self.shards for lane in shard.values()]
+        return [lane for lanes in self._dicts() for lane in lanes.values()]
 
     def items(self) -> list[tuple[Hashable, L]]:
-        return [item for shard in self.shards for item in shard.items()]
+        return [item for lanes in self._dicts() for item in lanes.items()]
 
 
 # What a one-priority PriorityLane holds in its split-form slots: shared, never written (a
