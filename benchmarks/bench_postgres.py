@@ -162,6 +162,13 @@ def wait_done(watch: Any, unfinished: str, start: float) -> float:
 PEERS = ("pgqueuer", "procrastinate")
 
 
+def peer(name: str) -> Any:
+    """A peer's module, imported by name (installed or not, the type check does not follow it)."""
+    import importlib
+
+    return importlib.import_module(name)
+
+
 def peer_available(name: str) -> bool:
     import importlib.util
 
@@ -179,15 +186,10 @@ def peer_worker(name: str, dsn: str, schema: str, ready: Path, concurrency: int)
 async def _pgqueuer_worker(dsn: str, schema: str, ready: Path, concurrency: int) -> int:
     import asyncio
 
-    from pgqueuer import Queries, QueueManager
-
+    pgqueuer = peer("pgqueuer")
     conn, driver = await _pgqueuer_connect(dsn, schema)
-    manager = QueueManager(Queries(driver))
-
-    @manager.entrypoint("noop")
-    async def noop(job: object) -> None:
-        return None
-
+    manager = pgqueuer.QueueManager(pgqueuer.Queries(driver))
+    manager.entrypoint("noop")(_pgqueuer_noop)
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, manager.shutdown.set)
     ready.write_text("ready")
     await manager.run()  # its defaults: batches of 10, no cap
@@ -200,16 +202,12 @@ async def _pgqueuer_connect(dsn: str, schema: str) -> tuple[Any, Any]:
     import importlib.util
 
     if importlib.util.find_spec("asyncpg") is not None:
-        import asyncpg
-        from pgqueuer import AsyncpgDriver
-
-        conn = await asyncpg.connect(_url(dsn), server_settings={"search_path": schema})
-        return conn, AsyncpgDriver(conn)
+        conn = await peer("asyncpg").connect(_url(dsn), server_settings={"search_path": schema})
+        return conn, peer("pgqueuer").AsyncpgDriver(conn)
     import psycopg
-    from pgqueuer import PsycopgDriver
 
     conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, options=f"-c search_path={schema}")
-    return conn, PsycopgDriver(conn)
+    return conn, peer("pgqueuer").PsycopgDriver(conn)
 
 
 def _url(dsn: str) -> str:
@@ -226,15 +224,17 @@ def _url(dsn: str) -> str:
     return f"postgresql://{auth}{hostpart}:{parts.get('port', 5432)}/{parts.get('dbname', 'postgres')}{query}"
 
 
+async def _pgqueuer_noop(job: object) -> None:
+    return None
+
+
+def _procrastinate_noop() -> None:
+    return None
+
+
 async def _procrastinate_worker(dsn: str, schema: str, ready: Path, concurrency: int) -> int:
-    import procrastinate
-
-    app = procrastinate.App(connector=_procrastinate_connector(dsn, schema))
-
-    @app.task(name="noop")
-    def noop() -> None:
-        return None
-
+    app = peer("procrastinate").App(connector=_procrastinate_connector(dsn, schema))
+    app.task(name="noop")(_procrastinate_noop)
     async with app.open_async():
         ready.write_text("ready")
         await app.run_worker_async(concurrency=concurrency, install_signal_handlers=True)
@@ -244,11 +244,9 @@ async def _procrastinate_worker(dsn: str, schema: str, ready: Path, concurrency:
 def _procrastinate_connector(dsn: str, schema: str) -> Any:
     import logging
 
-    from procrastinate import PsycopgConnector
-
     logging.getLogger("procrastinate").setLevel(logging.ERROR)  # its warning about an App in __main__
 
-    return PsycopgConnector(conninfo=dsn, kwargs={"options": f"-c search_path={schema}"})
+    return peer("procrastinate").PsycopgConnector(conninfo=dsn, kwargs={"options": f"-c search_path={schema}"})
 
 
 def peer_run_once(name: str, dsn: str, jobs: int, processes: int, concurrency: int, workdir: Path) -> float:
@@ -279,42 +277,30 @@ def peer_run_once(name: str, dsn: str, jobs: int, processes: int, concurrency: i
 
 
 async def _pgqueuer_install(dsn: str, schema: str) -> None:
-    from pgqueuer import Queries
-
     conn, driver = await _pgqueuer_connect(dsn, schema)
     try:
-        await Queries(driver).install()
+        await peer("pgqueuer").Queries(driver).install()
     finally:
         await conn.close()
 
 
 async def _pgqueuer_enqueue(dsn: str, schema: str, jobs: int) -> None:
-    from pgqueuer import Queries
-
     conn, driver = await _pgqueuer_connect(dsn, schema)
     try:
-        await Queries(driver).enqueue(["noop"] * jobs, [None] * jobs, [0] * jobs)
+        await peer("pgqueuer").Queries(driver).enqueue(["noop"] * jobs, [None] * jobs, [0] * jobs)
     finally:
         await conn.close()
 
 
 async def _procrastinate_install(dsn: str, schema: str) -> None:
-    import procrastinate
-
-    app = procrastinate.App(connector=_procrastinate_connector(dsn, schema))
+    app = peer("procrastinate").App(connector=_procrastinate_connector(dsn, schema))
     async with app.open_async():
         await app.schema_manager.apply_schema_async()
 
 
 async def _procrastinate_enqueue(dsn: str, schema: str, jobs: int) -> None:
-    import procrastinate
-
-    app = procrastinate.App(connector=_procrastinate_connector(dsn, schema))
-
-    @app.task(name="noop")
-    def noop() -> None:
-        return None
-
+    app = peer("procrastinate").App(connector=_procrastinate_connector(dsn, schema))
+    noop = app.task(name="noop")(_procrastinate_noop)
     async with app.open_async():
         await noop.batch_defer_async(*([{}] * jobs))
 
