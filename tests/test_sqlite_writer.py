@@ -171,26 +171,22 @@ def _holds(store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> list[list[str
 
 
 @pytest.mark.parametrize("durability", ["normal", "full"])
-def test_the_fetchers_write_holds_the_writer_lock_for_one_statement_at_a_time(
+def test_the_fetchers_writes_hold_the_writer_lock_for_the_fewest_statements(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str
 ) -> None:
-    """The enqueue p99 with a worker running: an enqueue waits for whatever write holds the lock, and
-    a write holding it across several statements (BEGIN, completion, dependents' release, claim, COMMIT)
-    gives the GIL away at each one, to threads running Python while the enqueue waits. Completing jobs
-    without dependents and claiming their successors now holds the lock for one statement at a time
-    (with a sync per commit, ``durability="full"``, one transaction still saves a sync)."""
+    """The enqueue p99 with a worker running: an enqueue waits for whatever write holds the lock, and the
+    holder gives the GIL away at every statement (to threads running Python while the enqueue waits). A
+    claim is one statement (no BEGIN/COMMIT); completing jobs without dependents and claiming their
+    successors is one transaction of two statements (no dependents' probe); the rows become jobs after it."""
     store = SQLiteStore(tmp_path / "jobs.db", durability=durability)
     try:
         store.enqueue([_job() for _ in range(4)])
-        claimed = store.claim(["default"], 2, worker_id="w", now=time.time())
         holds = _holds(store, monkeypatch)
+        claimed = store.claim(["default"], 2, worker_id="w", now=time.time())
         outcomes = [Completion(job.id, "w", job.attempts, None, None) for job in claimed]
         done, jobs = store.complete_and_claim(outcomes, ["default"], 2, worker_id="w", now=time.time())
         assert done == {job.id for job in claimed} and len(jobs) == 2
-        if durability == "normal":
-            assert holds == [["UPDATE"], ["UPDATE"]]
-        else:
-            assert len(holds) == 1 and holds[0][0] == "BEGIN" and holds[0][-1] == "COMMIT"
+        assert holds == [["UPDATE"], ["BEGIN", "UPDATE", "UPDATE", "COMMIT"]]
         assert store.counts()[JobState.COMPLETED] == 2
     finally:
         store.close()

@@ -130,12 +130,13 @@ _COMPLETE_SQL: dict[int, str] = {}  # _complete_sql by number of outcomes, built
 
 
 _ALONE_SQL: dict[int, str] = {}  # _complete_sql(count, alone=True) by number of outcomes
-_HAS_DEPENDENTS = "EXISTS (SELECT 1 FROM dispatch_job_deps AS d WHERE d.depends_on = dispatch_jobs.id)"
+_NO_DEPENDENTS = "NOT EXISTS (SELECT 1 FROM dispatch_job_deps AS d WHERE d.depends_on = dispatch_jobs.id)"
 
 
 def _complete_sql(count: int, *, alone: bool = False) -> str:
     """Complete ``count`` claims in one statement: (now, now, *(job_id, worker_id, attempts, result, error)...);
-    RETURNING each applied id and whether the job has dependents to release. ``alone``: only jobs with none.
+    RETURNING each applied id. ``alone``: only jobs without dependents (an indexed probe per job; the same
+    test in RETURNING would scan the dependencies' index).
 
     A claim is completed only while it is still that worker's running attempt, as ``Statements.complete``.
     """
@@ -144,8 +145,8 @@ def _complete_sql(count: int, *, alone: bool = False) -> str:
         "UPDATE dispatch_jobs SET state = 'completed', result = v.column4, error = v.column5, finished_at = ?, "
         f"updated_at = ? FROM (VALUES {rows}) AS v WHERE dispatch_jobs.id = v.column1 "
         "AND dispatch_jobs.state = 'running' AND dispatch_jobs.worker_id = v.column2 "
-        f"AND dispatch_jobs.attempts = v.column3 {f'AND NOT {_HAS_DEPENDENTS} ' if alone else ''}"
-        f"RETURNING dispatch_jobs.id, {'0' if alone else _HAS_DEPENDENTS}"
+        f"AND dispatch_jobs.attempts = v.column3 {f'AND {_NO_DEPENDENTS} ' if alone else ''}"
+        "RETURNING dispatch_jobs.id"
     )
 
 
@@ -184,10 +185,9 @@ def complete_in(conn: sqlite3.Connection, outcomes: Sequence[Completion], now: f
     """Complete ``outcomes`` (job_id, worker_id, attempts, result, error) in the open transaction; the ids applied."""
     done: set[str] = set()
     for sql, params, _chunk in _complete_chunks(outcomes, now, alone=False):
-        rows = conn.execute(sql, params).fetchall()
-        done.update(row[0] for row in rows)
-        # Only jobs with dependents need the release (one statement fewer inside the write lock).
-        release_in(conn, [row[0] for row in rows if row[1]], "completed", now)
+        applied = [row[0] for row in conn.execute(sql, params).fetchall()]
+        done.update(applied)
+        release_in(conn, applied, "completed", now)
     return done
 
 

@@ -416,15 +416,14 @@ class SQLiteStore(Store):
         worker_id: str,
         now: float,
     ) -> tuple[set[str], list[JobRecord]]:
-        """See :meth:`Store.complete_and_claim`: with a sync per commit, ONE IMMEDIATE transaction for both
-        (one sync); else the completion (:meth:`complete_many`) and the claim (:meth:`claim`), each usually
-        one statement: the write lock is never held across several statements, so a writer waiting for it
-        (an enqueue) waits for one statement, not for a transaction this thread may lose the GIL in between."""
-        if not self._connections.fsyncs:
-            return self._complete(outcomes, now), self.claim(queues, limit, worker_id=worker_id, now=now)
+        """See :meth:`Store.complete_and_claim`: ONE IMMEDIATE transaction for both (one commit: two cost
+        ~30% more CPU per cycle), of two statements when the jobs have no dependents; the claimed rows
+        become jobs after the commit. Without outcomes, :meth:`claim` (one statement)."""
+        if not outcomes:
+            return set(), self.claim(queues, limit, worker_id=worker_id, now=now)
         conn = self._conn()
         with self._write():
-            done = complete_in(conn, outcomes, now)
+            done = self._complete_in(conn, outcomes, now)
             if self._limited(queues):
                 return done, claim_in(conn, queues, limit, worker_id, now, limits=self._limits)
             rows = claim_rows_in(conn, queues, limit, worker_id, now)
@@ -507,21 +506,29 @@ class SQLiteStore(Store):
         return self._complete(outcomes, now)
 
     def _complete(self, outcomes: Sequence[Completion], now: float) -> set[str]:
-        """Complete ``outcomes``; the ids applied. Jobs without dependents first, each statement its own
-        transaction (unless every commit is synced: then all in one); the rest (dependents to release with
-        them, or claims no longer running) in one IMMEDIATE transaction. Only inside a ``@translate`` method."""
-        done: set[str] = set()
-        rest: Sequence[Completion] = outcomes
+        """Complete ``outcomes``; the ids applied. Without a sync per commit, the jobs without dependents
+        first, each statement its own transaction, then the rest (dependents to release with them, or
+        claims no longer running) in one IMMEDIATE transaction; with one, all in one. Only inside a
+        ``@translate`` method."""
         if not outcomes:
-            return done
+            return set()
         conn = self._conn()
-        if not self._connections.fsyncs:
-            with self._write(immediate=False):
-                done, rest = complete_alone_in(conn, outcomes, now)
-            if not rest:
-                return done
+        if self._connections.fsyncs:
+            with self._write():
+                return self._complete_in(conn, outcomes, now)
+        with self._write(immediate=False):
+            done, rest = complete_alone_in(conn, outcomes, now)
+        if not rest:
+            return done
         with self._write():
             return done | complete_in(conn, rest, now)
+
+    @staticmethod
+    def _complete_in(conn: sqlite3.Connection, outcomes: Sequence[Completion], now: float) -> set[str]:
+        """Complete ``outcomes`` in the open transaction: one statement for the jobs without dependents,
+        then the rest with their dependents' release (:func:`complete_in`)."""
+        done, rest = complete_alone_in(conn, outcomes, now)
+        return done | complete_in(conn, rest, now) if rest else done
 
     @translate
     def retry_later(
