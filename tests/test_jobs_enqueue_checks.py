@@ -8,6 +8,8 @@ when not given) must refuse exactly what the general path refuses, in the same o
 from __future__ import annotations
 
 import datetime
+import enum
+import json
 import math
 from collections.abc import Callable
 from typing import Any
@@ -96,8 +98,8 @@ CASES: list[tuple[str, Any, Any, dict[str, Any], type[Exception], str]] = [
     ("payload nan", "work", math.nan, {}, PayloadError, _JSON + "Out of range float values are not JSON compliant"),
     ("payload circular", "work", _circular(), {}, PayloadError, _JSON + "Circular reference detected"),
     ("payload deep", "work", _deep(), {}, PayloadError, "{what} is nested too deeply to encode as JSON"),
-    ("payload too large", "work", "x" * 100, {}, PayloadError,
-     "{what} is 102 bytes of JSON, more than max_payload_size=64"),
+    ("payload too large", "work", "x" * 300, {}, PayloadError,
+     "{what} is 302 bytes of JSON, more than max_payload_size=256"),
     ("payload key tuple", "work", {(1, 2): 3}, {}, PayloadError,
      _JSON + "keys must be str, int, float, bool or None, not tuple"),
     # Several bad values: the first check in enqueue's order names its own.
@@ -113,7 +115,7 @@ CASES: list[tuple[str, Any, Any, dict[str, Any], type[Exception], str]] = [
 
 
 def _engine() -> JobEngine:
-    engine = JobEngine(MemoryStore(), max_payload_size=64)
+    engine = JobEngine(MemoryStore(), max_payload_size=256)
     engine.register("work", lambda ctx, payload: None)
     engine.register("locked", lambda ctx, payload: None, lock=lambda p: p.get("lock") if isinstance(p, dict) else p)
     engine.register("boom", lambda ctx, payload: None, lock=_no_lock)
@@ -203,3 +205,22 @@ def test_the_record_of_a_plain_enqueue_is_the_one_the_general_path_builds() -> N
     }
     assert plain.run_at == plain.created_at == plain.updated_at
     assert vars(plain).keys() == vars(JobRecord(id="x", name="work", payload="null")).keys()
+
+
+class _Level(enum.IntEnum):
+    HIGH = 3
+
+
+class _Text(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [None, True, 0, -1, 2**70, 1.5, 1e300, -0.0, "", "é\u2028\n\"\\", _Text("sub"), _Level.HIGH, [], (), [1, (2, 3)],
+     {}, {"b": 1, "a": [None]}, {1: "int key", 2.5: "float key", False: "bool key", None: "none key"}],
+)  # fmt: skip
+def test_a_payload_is_stored_as_the_json_module_writes_it(payload: object) -> None:
+    engine = _engine()
+    stored = engine.get_job(engine.enqueue("work", payload)).payload
+    assert stored == json.dumps(payload, separators=(",", ":"), allow_nan=False)
