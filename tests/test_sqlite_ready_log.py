@@ -385,3 +385,18 @@ def test_a_version_8_file_with_a_paused_queue_upgrades_and_its_resume_is_announc
         assert store.paused_queues() == {"q"}
         assert _wakes_for(watched, "q", lambda: _resume(store, "q"))
         assert store.paused_queues() == set()
+
+
+@pytest.mark.timeout(60)
+def test_a_job_of_a_queue_another_store_resumes_starts_on_an_idle_engine(tmp_path: Path) -> None:
+    """End to end: an engine idle on a paused queue (its poll 30 s away) runs that queue's job once
+    another store (as another process would) resumes it: the resume's wake-up makes it look again."""
+    path = tmp_path / "jobs.db"
+    with contextlib.closing(SQLiteStore(path)) as other, contextlib.closing(SQLiteStore(path)) as store:
+        other.set_queue_paused("q", True, now=time.time())
+        _producer(other).enqueue("work")
+        started = threading.Event()
+        with _idle_engine(store, ["q"], {"work": lambda ctx, payload: started.set()}):
+            assert not started.is_set()
+            _resume(other, "q")
+            assert started.wait(_PICKUP), f"the resumed queue's job did not start within {_PICKUP}s"
