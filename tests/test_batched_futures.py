@@ -121,3 +121,25 @@ def test_a_message_handed_to_a_closed_batched_dispatcher_fails_and_the_rest_stil
     wait_for(lambda: len(failed) == 2, 10, message="both reported")
     assert failed == [("a", DispatcherClosedError), ("b", DispatcherClosedError)]
     assert ad.stop(10)
+
+
+def test_a_batched_submit_future_is_its_own_entry_and_holds_no_cycle() -> None:
+    """The Future submit returns is also the message's entry (its ``future`` is itself, through a
+    property, not a reference a collection would have to break); sending and cancelling are as before."""
+    import gc
+
+    sent: list[int] = []
+
+    def send_batch(_target: str, messages: list[int]) -> list[str]:
+        sent.extend(messages)
+        return [f"id-{m}" for m in messages]
+
+    with BatchedDispatcher(send_batch, max_batch_size=10, flush_interval=60.0) as dispatcher:
+        kept: Any = dispatcher.submit(1, "t")
+        cancelled = dispatcher.submit(2, "t")
+        assert cancelled.cancel()
+        assert kept.future is kept
+        assert kept not in gc.get_referents(kept)
+        assert dispatcher.flush(10)
+        assert kept.result(0) == "id-1"
+        assert sent == [1]

@@ -27,7 +27,7 @@ from operator import itemgetter
 from typing import Any, Generic, TypeVar
 
 from threaddispatch import _immediate, _lifecycle
-from threaddispatch._batched_state import Envelope, Settle, _BatchState, _Pending
+from threaddispatch._batched_state import Envelope, Settle, _BatchState, _Pending, _SubmitFuture
 from threaddispatch._engine import BatchEngine
 from threaddispatch._future import LazyFuture
 from threaddispatch._trace import make_tracing
@@ -203,16 +203,20 @@ class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
         """
         if not isinstance(target, str) or not target:
             raise ConfigurationError(f"target must be a non-empty str, got {target!r}")
-        future: Future[str | None] = LazyFuture()
         tracing = self._tracing
         span = None if tracing is None else tracing.capture()
         if delay_seconds is not None:
             delay = self._check_delay(delay_seconds)
-            self._accept(_Pending(message, future, delay, contextvars.copy_context(), None, None, span), target)
-            return future
+            delayed: Future[str | None] = LazyFuture()
+            self._accept(_Pending(message, delayed, delay, contextvars.copy_context(), None, None, span), target)
+            return delayed
         if self._state.closed:  # _accept's check, inline: the common call pays one call less
             raise DispatcherClosedError(f"BatchedDispatcher {self.name!r} is closed; {show(message)} was not accepted")
-        self._put(_Pending(message, future, None, _copy_context(), None, None, span), target)  # lock-free, mostly
+        future = _SubmitFuture()  # the Future and the lane's entry in one
+        future.message = message
+        future.context = _copy_context()
+        future.span = span
+        self._put(future, target)  # lock-free, mostly
         return future
 
     def _hand_off(
