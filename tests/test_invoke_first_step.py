@@ -182,3 +182,21 @@ def test_a_timed_call_that_finishes_at_once_returns_its_value_on_the_runner() ->
         assert outcome.kind == OK and outcome.value == "threaddispatch-test-first-step-call"
     finally:
         assert caller.close(10)
+
+
+def test_a_function_whose_coroutines_wait_keeps_working_past_the_remembered_window() -> None:
+    """Coroutines of a function that waits (run under run_until_complete for a while, then tried at once
+    again) and of one that never waits, interleaved: every result and every task's context is right."""
+
+    async def waits(i: int) -> tuple[int, str]:
+        VAR.set(f"w{i}")
+        await asyncio.sleep(0)
+        return i, VAR.get()
+
+    async def at_once(i: int) -> int:
+        return -i
+
+    def body() -> list[Any]:
+        return [(invoke(waits, i), invoke(at_once, i)) for i in range(40)]
+
+    assert on_thread(body) == [((i, f"w{i}"), -i) for i in range(40)]

@@ -266,18 +266,34 @@ def _await(awaitable: Awaitable[Any]) -> Any:
     loop = _thread_loop()
     import asyncio  # loaded by _check_no_running_loop
 
-    return _run_task(loop, asyncio.ensure_future(awaitable, loop=loop))
+    code = getattr(awaitable, "cr_code", None)  # before the task takes it (a coroutine's function)
+    return _run_task(loop, asyncio.ensure_future(awaitable, loop=loop), code)
 
 
-def _run_task(loop: asyncio.AbstractEventLoop, task: asyncio.Future[Any]) -> Any:
+# Coroutine functions (by code object) whose last coroutine waited after its first step run at once:
+# how many of their next coroutines go straight to run_until_complete (a first step run apart costs a
+# coroutine that waits more than it saves). Bounded; written without a lock (a lost write costs a retry).
+_waiting: dict[types.CodeType, int] = {}
+_MAX_WAITING = 512
+_SKIP_AFTER_WAIT = 16
+
+
+def _run_task(loop: asyncio.AbstractEventLoop, task: asyncio.Future[Any], code: types.CodeType | None = None) -> Any:
     """Run ``task`` (just made on ``loop``, not started) to completion on this thread; its result, or raise its error.
 
     When the loop has nothing else to do (no other callback ready, no timer), the task's
     first step runs here at once (:func:`_first_step`), as the loop would run it: a
     coroutine that finishes without waiting for anything needs no turn of the loop (about
-    a quarter of ``run_until_complete``'s cost). Whatever is left (the coroutine waits,
-    or its step scheduled callbacks) goes on under ``run_until_complete``, as before.
+    half of ``run_until_complete``'s cost). Whatever is left (the coroutine waits, or its
+    step scheduled callbacks) goes on under ``run_until_complete``, as before. ``code``
+    (the coroutine function's) remembers a function whose coroutines wait: the next
+    ``_SKIP_AFTER_WAIT`` of them run under ``run_until_complete`` from the start.
     """
+    if code is not None and code in _waiting:
+        left = _waiting.pop(code, 0) - 1
+        if left > 0:
+            _waiting[code] = left
+        return loop.run_until_complete(task)
     if _can_step(loop):
         try:
             _first_step(loop)
@@ -286,6 +302,8 @@ def _run_task(loop: asyncio.AbstractEventLoop, task: asyncio.Future[Any]) -> Any
                 task.exception()  # retrieved, as run_until_complete does: no "never retrieved" warning
             raise
         if not task.done():
+            if code is not None and len(_waiting) < _MAX_WAITING:
+                _waiting[code] = _SKIP_AFTER_WAIT
             return loop.run_until_complete(task)
         if loop._ready:  # type: ignore[attr-defined]  # the step scheduled callbacks: their turn, as before
             loop.call_soon(loop.stop)
@@ -471,12 +489,13 @@ class _CallerState:
                 loop = _thread_loop()
                 import asyncio  # loaded by _check_no_running_loop
 
+                code = getattr(result, "cr_code", None)
                 task = asyncio.ensure_future(result, loop=loop)
                 with self.mutex:
                     work.task, work.loop = task, loop
                     if work.abandoned:
                         task.cancel()  # timed out before the task existed
-                result = _run_task(loop, task)
+                result = _run_task(loop, task, code)
         except BaseException as error:  # noqa: BLE001 - classified and handed to the caller
             return _classify(error)
         return Outcome(OK, result)
