@@ -10,7 +10,8 @@
    (its ``finished_at``, in the other process) to the dependent's start; p50/p99 (the ready log).
 3. enqueue with a worker running: ``JobEngine.enqueue`` one job at a time while 4 worker
    threads run them, in this process and then in another on the same file; wall and CPU
-   (thread_time) per call, p50/p99.
+   (thread_time) per call, p50/p99. ``--against DIR --rounds N``: each round first runs the
+   same with the tree in DIR (e.g. ``git archive HEAD~3 threaddispatch benchmarks | tar -x -C DIR``).
 4. equal durability against huey: ``SQLiteStore(durability="full")`` and ``SqliteHuey(fsync=True)``
    (both ``synchronous=FULL``, an fsync per commit) with 1 and 4 producer threads: enqueue
    jobs/s, and run jobs/s with 4 worker threads; the ratio in each round (the peers run
@@ -369,8 +370,23 @@ def _latency_sections(directory: str, args: argparse.Namespace) -> None:
 
 
 def _enqueue_section(directory: str, args: argparse.Namespace) -> None:
-    for in_process in (True, False):
-        _enqueue_run(directory, args, in_process=in_process)
+    for round_ in range(args.rounds):
+        if args.against:
+            print(f"-- round {round_ + 1}: the tree in {args.against}", flush=True)
+            _run_against(args)
+            print(f"-- round {round_ + 1}: this tree", flush=True)
+        for in_process in (True, False):
+            _enqueue_run(directory, args, in_process=in_process)
+
+
+def _run_against(args: argparse.Namespace) -> None:
+    """The same section with another checkout's code (``git archive REV threaddispatch benchmarks``), in a
+    child process, so an A/B is made in one run and each round's peers meet the same noise."""
+    script = os.path.join(args.against, "benchmarks", "bench_sqlite.py")
+    env = {**os.environ, "PYTHONPATH": args.against}
+    command = [sys.executable, script, "--only", "enqueue", "--enqueues", str(args.enqueues)]
+    found = subprocess.run(command, env=env, capture_output=True, text=True, check=True, timeout=600)
+    print("".join(line + "\n" for line in found.stdout.splitlines() if line.startswith(("3.", "   "))), end="")
 
 
 def _enqueue_run(directory: str, args: argparse.Namespace, *, in_process: bool) -> None:
@@ -434,6 +450,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2_000, help="jobs per durability run (default 2,000)")
     parser.add_argument("--repeat", type=int, default=5, help="durability rounds (default 5)")
     parser.add_argument("--only", choices=["latency", "enqueue", "durability"], default=None)
+    parser.add_argument("--rounds", type=int, default=1, help="enqueue-with-a-worker rounds (default 1)")
+    parser.add_argument(
+        "--against", default=None, help="with --only enqueue: a directory holding another tree, run before each round"
+    )
     args = parser.parse_args()
     import sqlite3
 
