@@ -193,9 +193,13 @@ def test_without_record_locks_the_threading_lock_alone_orders_writers(
     the threading lock, and makes no sidecar file."""
     monkeypatch.setattr(_sqlite_lock, "fcntl", None)
     store = SQLiteStore(tmp_path / "jobs.db")
+
+    def enqueue() -> None:
+        store.enqueue([_job()])
+
     try:
         assert store._connections.writer_lock.fd == -1
-        assert run_threads([lambda: store.enqueue([_job()])] * 4) == []
+        assert run_threads([enqueue] * 4) == []
         assert len(store.claim(["default"], 10, worker_id="w", now=time.time())) == 4
         assert not (tmp_path / "jobs.db-writer.lock").exists()
     finally:
