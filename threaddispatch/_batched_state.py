@@ -68,6 +68,16 @@ _QUICK_SEND = 0.0002
 # The weight of the latest send in the running average of send durations.
 _SEND_WEIGHT = 0.125
 
+# The most one send adds to that average, as a multiple of _QUICK_SEND: a quick send that waited for
+# the GIL or the CPU (a loaded machine) must not turn the hand-offs after it slow for many sends;
+# sends that are really slow still take the average past _QUICK_SEND within a few sends.
+_SEND_CAP = 4 * _QUICK_SEND
+
+# A batch sent inline that took this long (seconds) is slow itself, whatever the average says: the rest
+# of its hand-off goes to the send threads. Far above a GIL switch interval (5 ms), so that a quick
+# send that only waited for the GIL or the CPU on a loaded machine does not count.
+_SLOW_BATCH = 0.02
+
 _settle_of = attrgetter("settle")
 _token_of = attrgetter("token")
 _first = itemgetter(0)  # a hand-off token is ((message, delay, context), extra)
@@ -315,7 +325,8 @@ class _BatchState(Generic[T]):
 
     def _timed(self, started: float, count: int, error: BaseException | None, target: str) -> None:
         """A send that began at ``started`` (perf_counter) returned: into the average, and the metrics when on."""
-        self.send_seconds += (time.perf_counter() - started - self.send_seconds) * _SEND_WEIGHT
+        took = time.perf_counter() - started
+        self.send_seconds += (min(took, _SEND_CAP) - self.send_seconds) * _SEND_WEIGHT
         recorder = self.recorder
         if recorder is not None:  # metrics on: one recording per send, never per message
             recorder.send(count, started, error, target)
@@ -347,7 +358,10 @@ class _BatchState(Generic[T]):
         ``caller`` (None: a copy per message, for envelopes).
         """
         with self.mutex:
-            if self.closed or self.slot_waiters or self.sending >= self.max_concurrent_sends or self._past_give_up():
+            # A free slot is taken even while the engine worker waits for one: it waits because all were
+            # busy and has not woken yet; refusing meanwhile would queue this hand-off behind it, for
+            # the worker and the send threads (under load, every hand-off until they catch up).
+            if self.closed or self.sending >= self.max_concurrent_sends or self._past_give_up():
                 return 0
             self.sending += 1
             self.inline_started += 1
@@ -361,10 +375,13 @@ class _BatchState(Generic[T]):
                 first = done = self._send_with_lane(target, handed, settle, caller, size, waiting)
                 calls += first > 0
             end = done + (len(handed) - done) // size * size
-            while done < end and self.quick() and not self._past_give_up():
+            slow = False  # the last batch sent here was slow itself: the rest goes to the send threads
+            while done < end and not slow and self.quick() and not self._past_give_up():
                 batch = handed[done : done + size]
                 calls += 1
+                began = time.perf_counter()
                 found = self._send_handed(target, batch, caller)
+                slow = time.perf_counter() - began >= _SLOW_BATCH
                 if found is not None:
                     if errors is None:
                         errors = [None] * (done - first)
