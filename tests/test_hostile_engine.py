@@ -349,3 +349,39 @@ def test_endpoint_jobs_of_racing_producers_over_many_endpoints_with_one_batch_in
         assert dispatcher.shutdown(30)
     with sent_lock:
         assert set(sent) == {job.payload for job in every} and max(sent.values()) == 1
+
+
+@pytest.mark.timeout(120)
+def test_batched_flush_racing_chained_sends_on_many_targets_settles_every_future_submitted_before_it() -> None:
+    """BatchedDispatcher, batches of 2 over 500 targets, 2 send slots (a send chains the full batches
+    it finds: take_now), 6 producers: each True flush found every Future submitted before it done."""
+
+    def send_batch(_target: str, messages: list[int]) -> list[str]:
+        return [f"id-{m}" for m in messages]
+
+    dispatcher: BatchedDispatcher[int] = BatchedDispatcher(
+        send_batch, max_batch_size=2, flush_interval=0.001, max_concurrent_sends=2
+    )
+    producers, per_producer = 6, 2500
+    returned: list[list[tuple[int, Future[str | None]]]] = [[] for _ in range(producers)]
+
+    def produce(index: int) -> None:
+        mine = returned[index]
+        for i in range(per_producer):
+            message = index * per_producer + i
+            mine.append((message, dispatcher.submit(message, f"t{message % 500}")))
+
+    threads = _run_producers(produce, producers)
+    flushes = 0
+    try:
+        while any(thread.is_alive() for thread in threads) or not flushes:
+            before = [list(mine) for mine in returned]
+            assert dispatcher.flush(60)
+            flushes += 1
+            late = [m for mine in before for m, future in mine if not future.done()]
+            assert not late, f"flush {flushes} returned with {len(late)} Futures unsettled: {late[:5]}"
+    finally:
+        _join(threads)
+    assert dispatcher.close(30)
+    for message, future in (pair for mine in returned for pair in mine):
+        assert future.result(0) == f"id-{message}"
