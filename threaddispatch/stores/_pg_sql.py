@@ -187,12 +187,15 @@ MARK_DEPENDED_ON = (
 # The same for jobs stored in the enqueue's own transaction (ids): rows no one else sees yet.
 MARK_NEW_DEPENDED_ON = "UPDATE dispatch_jobs SET has_dependents = true WHERE id = ANY(%s)"
 # The enqueue's second look at its new dependents (PostgresStore._settle_missed): wait for a
-# dependency's row lock (id); is one of the new jobs (ids) waiting with only finished dependencies?
+# dependency's row lock (id).
 AWAIT_ROW = "SELECT 1 FROM dispatch_jobs WHERE id = %s FOR SHARE"
-MISSED_RELEASE = (
-    "SELECT 1 FROM dispatch_jobs AS w WHERE w.id = ANY(%s) AND w.state = 'waiting' AND NOT EXISTS ("
-    "SELECT 1 FROM dispatch_job_deps AS d JOIN dispatch_jobs AS p ON p.id = d.depends_on "
-    f"WHERE d.job_id = w.id AND p.state NOT IN {_sql.FINAL}) LIMIT 1"
+# Then take the waits of the new jobs (ids) on dependencies that finished meanwhile: the rows a
+# release missed, (dependent, dependency, the dependency's state). A release that runs at the same
+# time deletes the same rows: each row goes to one of the two (the row lock), never to both.
+MISSED_WAITS = (
+    "DELETE FROM dispatch_job_deps AS d USING dispatch_jobs AS p "
+    f"WHERE d.job_id = ANY(%s) AND p.id = d.depends_on AND p.state IN {_sql.FINAL} "
+    "RETURNING d.job_id, d.depends_on, p.state"
 )
 COUNT_QUEUES = "SELECT queue, state, count(*) FROM dispatch_jobs WHERE queue = ANY(%s) GROUP BY queue, state"
 

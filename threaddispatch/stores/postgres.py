@@ -362,10 +362,12 @@ class PostgresStore(AdminMethods, Store):
         that ran before the dependents' commit misses them, but that completion got the row
         before it: waiting for each outside dependency's row lock (one at a time: no lock is
         held while waiting for another, so no deadlock with a completion of several) outlasts
-        it, and a read after that finds a dependent left waiting with only finished
-        dependencies, settled at once (the upkeep's sweep). So whichever of the two commits
-        second releases the dependent. Best effort: a failure is logged, the upkeep settles
-        the rest.
+        it, and after that every wait of a new dependent on a dependency already finished is
+        one a release missed: taken and counted off here, as that release would have (each
+        dependency by its own end state, so a dependent of several jobs, some missed and some
+        still running, is left waiting only on the running ones). So whichever of the two
+        commits second releases the dependent. Best effort: a failure is logged, the upkeep
+        settles the rest.
         """
         outside, _ = _dependencies(jobs)
         if not outside:
@@ -376,9 +378,12 @@ class PostgresStore(AdminMethods, Store):
         def op(conn: Conn) -> None:
             for dependency in outside:
                 conn.execute(q.AWAIT_ROW, (dependency,))  # autocommit: the share lock ends with the statement
-            if conn.execute(q.MISSED_RELEASE, (waiting,)).fetchone() is not None:
-                with conn.transaction():
-                    SQL.sweep_waiting(conn, now)
+            with conn.transaction():
+                missed: dict[str, list[tuple[str, str]]] = {}
+                for dependent, dependency, state in conn.execute(q.MISSED_WAITS, (waiting,)).fetchall():
+                    missed.setdefault(state, []).append((dependent, dependency))
+                for state, rows in missed.items():
+                    SQL.release_dependents(conn, rows, state, now)
 
         try:
             self._run("settling new dependents", op, idempotent=True)
