@@ -67,3 +67,41 @@ def test_queue_resumed_in_the_store_by_someone_else_is_claimed_at_once_when_the_
         assert engine.result(job_id, timeout=10) is None
     finally:
         assert engine.stop(10)
+
+
+class ResumingDuringReadStore(AnnouncingStore):
+    """Resumes ``mail`` and announces it from inside the engine's first read of the paused queues, which then
+    returns what it read before the resume (the read raced the resume). The engine subscribes just after its
+    fetcher starts: the read waits for that subscription first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.subscribed = threading.Event()
+
+    def subscribe_wakeups(self, callback: WakeupCallback) -> Callable[[], None]:
+        unsubscribe = super().subscribe_wakeups(callback)
+        self.subscribed.set()
+        return unsubscribe
+
+    def paused_queues(self) -> set[str]:
+        read = super().paused_queues()
+        if "mail" in read:
+            assert self.subscribed.wait(10), "the engine did not subscribe"
+            self.set_queue_paused("mail", False, now=time.time())
+        return read
+
+
+def test_resume_announced_while_the_engine_reads_the_paused_queues_is_not_lost() -> None:
+    """The wake-up arrives while the engine's read (still seeing ``mail`` paused) is under way: it reads again."""
+    store = ResumingDuringReadStore()
+    store.set_queue_paused("mail", True, now=time.time())
+    engine = JobEngine(store, poll_interval=30.0, max_poll_interval=60.0)
+    ran = threading.Event()
+    engine.register("send", lambda ctx, payload: ran.set())
+    job_id = engine.enqueue("send", queue="mail")
+    engine.start(queues=["mail"])
+    try:
+        assert ran.wait(10), "the job of the queue resumed during the read did not start"
+        assert engine.result(job_id, timeout=10) is None
+    finally:
+        assert engine.stop(10)

@@ -145,6 +145,9 @@ class Runtime:
         # under the lock: a float store is atomic, and the fetcher's read that follows its own
         # write is after the resume it was woken for committed.
         self._paused_checked = -math.inf
+        # Whether the fetcher's read of the paused queues is under way (lock held): a wake-up then
+        # may be a resume the read missed, and makes it read again.
+        self._paused_reading = False
         self._pool: WorkerPool | None = None
         self._fetcher: threading.Thread | None = None
         self._helpers: list[threading.Thread] = []  # the heartbeat and cron threads
@@ -229,7 +232,7 @@ class Runtime:
             if self.state != "running":
                 return
             later = run_at if run_at is not None and run_at > time.time() else None
-            if queue is None or queue in shared.paused:
+            if queue is None or queue in shared.paused or self._paused_reading:
                 self._paused_checked = -math.inf
             elif later is not None:
                 earliest = self._due[0] if self._due else math.inf
@@ -306,25 +309,38 @@ class Runtime:
     # -- fetching --------------------------------------------------------------------------------------
 
     def _refresh_paused(self) -> None:
+        """Read the paused queues from the store, at most once per poll interval (a second since the last
+        read) unless a store wake-up asked for it; again (up to 3 reads) when one arrived during a read."""
         shared = self.shared
-        now = time.monotonic()
-        if now - self._paused_checked < max(shared.config.poll_interval, 1.0):
+        if time.monotonic() - self._paused_checked < max(shared.config.poll_interval, 1.0):
             return
-        self._paused_checked = now
+        for _ in range(3):
+            self._paused_checked = time.monotonic()
+            if not self._read_paused() or self._paused_checked != -math.inf:
+                return
+
+    def _read_paused(self) -> bool:
+        """One read of the paused queues into ``shared.paused``; False if it failed (logged)."""
+        shared = self.shared
         with shared.lock:
             version = shared.paused_version
+            self._paused_reading = True
         try:
             paused = shared.store.paused_queues()
         except StoreError:
             shared.logger.warning("could not read paused queues", exc_info=True)
-            return
+            return False
+        finally:
+            with shared.lock:
+                self._paused_reading = False
         with shared.lock:
             if shared.paused_version != version:
                 # pause_queue/resume_queue ran here during the read: the local set is newer than
                 # what was read, so keep it; the next refresh reads the store again.
-                return
+                return True
             shared.paused.clear()
             shared.paused.update(paused)
+        return True
 
     def _share_limits(self) -> None:
         """Give the store this run's queue limits, which its claims then hold for the whole cluster (no lock held).
