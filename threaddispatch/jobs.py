@@ -1034,7 +1034,8 @@ class JobEngine:
     def pause_queue(self, queue: str) -> None:
         """Stop claiming jobs of ``queue`` in every engine sharing the store (running jobs finish).
 
-        Takes effect here at once, elsewhere within their ``poll_interval``.
+        Takes effect here at once; other engines see it at their next read of the paused
+        queues (within ``max(poll_interval, 1 s)`` while they claim). One store write.
         """
         check_queue(queue)
         self.store.set_queue_paused(queue, True, now=time.time())
@@ -1043,7 +1044,11 @@ class JobEngine:
             self._shared.paused_version += 1
 
     def resume_queue(self, queue: str) -> None:
-        """Claim jobs of ``queue`` again (see :meth:`pause_queue`)."""
+        """Claim jobs of ``queue`` again (see :meth:`pause_queue`). One store write.
+
+        Takes effect here at once. On SQLite and PostgreSQL the store announces it, so idle
+        engines of every process claim at once; on other stores they see it as a pause.
+        """
         check_queue(queue)
         self.store.set_queue_paused(queue, False, now=time.time())
         with self._lock:
