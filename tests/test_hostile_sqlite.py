@@ -3,7 +3,8 @@ fetcher's statement-by-statement claims and completions.
 
 Three worker processes (one of them running two engines on two SQLiteStore objects of the same
 file) and producers in two more processes share one file; one worker is SIGKILLed mid-run.
-No job may be claimed twice (a job only survivors ran has one attempt and one start), every
+No job may be claimed twice (a job only survivors ran has one start, and one attempt unless the
+killed worker had claimed it and died before starting it), every
 job completes (the killed worker's leased jobs come back after their lease), and the writer
 lock the killed process may have held does not block anyone.
 """
@@ -133,9 +134,14 @@ def test_three_workers_two_producers_and_a_sigkill_run_every_job_once_but_the_ki
     assert len(payloads) == len(ids)
     twice = [p for p, n in survivors.items() if n > 1]
     assert not twice, f"run twice by the surviving workers: {twice[:10]}"
-    for payload, job in payloads.items():
+    for payload in payloads:
         assert by_payload[payload] >= 1, f"{payload} completed but never started"
-        if payload not in victim_ran:
-            assert job.attempts == 1, (payload, job.attempts)
+    # A job only survivors started has one attempt, unless the victim had claimed it and died before
+    # starting it (its attempt is counted at the claim): at most its 4 slots' worth, one extra attempt each.
+    claimed_by_the_victim = {
+        p: job.attempts for p, job in payloads.items() if p not in victim_ran and job.attempts != 1
+    }
+    assert len(claimed_by_the_victim) <= 4, claimed_by_the_victim
+    assert all(attempts == 2 for attempts in claimed_by_the_victim.values()), claimed_by_the_victim
     # Every job the victim had started and not completed came back after its lease and ran elsewhere.
     assert victim_ran
