@@ -90,9 +90,14 @@ def test_concurrent_writers_of_every_kind_keep_every_write(tmp_path: Path) -> No
 
     def work(name: str) -> None:
         while True:
+            # Read before the claim: an empty claim that began after every enqueue returned means none
+            # is left (one that began before may have missed the last ones).
+            finished = produced.is_set()
             jobs = store.claim(["default"], 5, worker_id=name, now=time.time())
-            if not jobs and produced.wait(0.001):
-                return
+            if not jobs:
+                if finished:
+                    return
+                produced.wait(0.001)
             for job in jobs:
                 store.complete(job.id, worker_id=name, attempts=job.attempts, result=None, now=time.time())
                 with done_lock:
