@@ -127,7 +127,7 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
         key = req.dedupe_key
         if key is not None:
             req.added_at = self.clock()
-        req.future._owner = (self, req.queue_key, req.request_id)
+        req.future.own(self, req.queue_key, req.request_id)
         link = self.storage
         out = Outbox()
         with self.lock:
@@ -194,7 +194,7 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
         with self.lock:
             for req in requests:
                 req.added_at = now
-                req.future._owner = (self, req.queue_key, req.request_id)
+                req.future.own(self, req.queue_key, req.request_id)
                 self._insert(req, out, schedule=False)
         self._dispatch(out)
         return [RequestHandle(self, r.request_id, r.queue_key, r.future, False) for r in requests]

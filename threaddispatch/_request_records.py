@@ -105,14 +105,24 @@ class RequestFuture(LazyFuture):
     do not come back here. Its Condition is made only if something waits on it.
     """
 
-    _owner: tuple[_Deleter, str, str] | None = None  # (core, queue key, request id), set when it is queued
+    # Set when it is queued (``own``): its core, queue key and request id. Three attributes, not
+    # one tuple: a tuple would be one more object per pending request for the collector to track.
+    _owner: _Deleter | None = None
+    _queue_key: str = ""
+    _request_id: str = ""
+
+    def own(self, core: _Deleter, queue_key: str, request_id: str) -> None:
+        """From now on, cancelling this Future deletes request ``request_id`` from ``core``'s queue ``queue_key``."""
+        self._queue_key = queue_key
+        self._request_id = request_id
+        self._owner = core
 
     def cancel(self) -> bool:
         """Cancel the Future and delete its request (setting its token if it runs); see ``Future.cancel``."""
         cancelled = LazyFuture.cancel(self)
         owner = self._owner
         if cancelled and owner is not None:
-            owner[0].delete(owner[1], owner[2])
+            owner.delete(self._queue_key, self._request_id)
         return cancelled
 
 
