@@ -67,6 +67,20 @@ def test_handoff_delivers_every_call(name: str) -> None:
     assert result["cpu_ns"] > 0 and result["ops_per_s"] > 0
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("series", ["requests-queued", "requests-concurrent"])
+def test_request_curves_measure_collections_and_tracked_objects(series: str) -> None:
+    # They reported "max GC ms 0.00" and no "no-GC call ms" because they never watched the
+    # collector: a full collection over the pending requests looked like a stall of add.
+    ops = 3_000  # enough adds for young collections to run during them
+    span = _bench_curves.CURVES[series][2](ops, ops, time.monotonic() + 30)
+    result = _bench_curves._curve_result(series, ops, span)
+    assert result["complete"] is True
+    assert result["max_gc_ms"] > 0
+    assert 0 <= result["max_clear_call_ms"] <= result["max_call_ms"]
+    assert 1.5 <= result["tracked_per_n"] <= 4  # a pending request's record and Future (3.10: its dict too)
+
+
 def test_endpoints_curve_makes_at_least_one_job_per_endpoint() -> None:
     ops_for = _bench_curves.CURVES["endpoints"][3]
     assert (ops_for(10, 1000), ops_for(5000, 1000)) == (1000, 5000)
