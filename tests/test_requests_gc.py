@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from threaddispatch.requests import CancellationToken, RequestDispatcher
+from threaddispatch.requests import CancellationToken, Mode, RequestDispatcher
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,7 +29,7 @@ def _send(request: Any, token: CancellationToken) -> None:
 
 
 @pytest.mark.parametrize("mode", ["queued", "concurrent"])
-def test_a_pending_request_holds_only_its_record_and_its_future(mode: str) -> None:
+def test_a_pending_request_holds_only_its_record_and_its_future(mode: Mode) -> None:
     rd: RequestDispatcher[Any, None] = RequestDispatcher(_send, max_workers=1, name="gc-count")
     try:
         rd.pause("k")
