@@ -83,9 +83,14 @@ _token_of = attrgetter("token")
 _first = itemgetter(0)  # a hand-off token is ((message, delay, context), extra)
 
 
+# The types of the usual outcomes of a sent message (an id, or None): a set of only these needs no further test.
+_SENT_TYPES = frozenset((str, type(None)))
+
+
 def _all_sent(outcomes: list[Any]) -> bool:
     """Whether no outcome is an exception: one test per distinct type, not one per message."""
-    return not any(issubclass(kind, BaseException) for kind in set(map(type, outcomes)))
+    kinds = set(map(type, outcomes))
+    return kinds <= _SENT_TYPES or not any(issubclass(kind, BaseException) for kind in kinds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,13 +328,17 @@ class _BatchState(Generic[T]):
         self._timed(started, len(batch), outcome.error, target)
         self._settle(target, batch, outcome)
 
-    def _timed(self, started: float, count: int, error: BaseException | None, target: str) -> None:
-        """A send that began at ``started`` (perf_counter) returned: into the average, and the metrics when on."""
+    def _timed(self, started: float, count: int, error: BaseException | None, target: str) -> float:
+        """A send that began at ``started`` (perf_counter) returned: into the average, and the metrics when on.
+
+        Returns how long it took (seconds).
+        """
         took = time.perf_counter() - started
         self.send_seconds += (min(took, _SEND_CAP) - self.send_seconds) * _SEND_WEIGHT
         recorder = self.recorder
         if recorder is not None:  # metrics on: one recording per send, never per message
             recorder.send(count, started, error, target)
+        return took
 
     def quick(self) -> bool:
         """Whether sends have been quick enough to run on a hand-off's own thread (a hint: no lock)."""
@@ -370,18 +379,26 @@ class _BatchState(Generic[T]):
         first = calls = failed = 0
         done = 0
         errors: list[BaseException | None] | None = None  # of handed[first:done]; None while all were sent
+        local = self.local
+        # This thread is inside send_batch for the whole run (in_send() says so to a flush or
+        # close it makes): counted once here, not once per batch.
+        local.sending = getattr(local, "sending", 0) + 1
         try:
             if waiting:
                 first = done = self._send_with_lane(target, handed, settle, caller, size, waiting)
                 calls += first > 0
             end = done + (len(handed) - done) // size * size
-            slow = False  # the last batch sent here was slow itself: the rest goes to the send threads
-            while done < end and not slow and self.quick() and not self._past_give_up():
+            took = 0.0  # how long the last batch sent here took: a slow one sends the rest to the send threads
+            # quick() and _past_give_up() inline: once per batch.
+            while (
+                done < end
+                and took < _SLOW_BATCH
+                and self.send_seconds < _QUICK_SEND
+                and (self.give_up_at is None or time.monotonic() < self.give_up_at)
+            ):
                 batch = handed[done : done + size]
                 calls += 1
-                began = time.perf_counter()
-                found = self._send_handed(target, batch, caller)
-                slow = time.perf_counter() - began >= _SLOW_BATCH
+                found, took = self._send_handed(target, batch, caller)
                 if found is not None:
                     if errors is None:
                         errors = [None] * (done - first)
@@ -391,6 +408,7 @@ class _BatchState(Generic[T]):
                     errors += [None] * len(batch)
                 done += len(batch)
         finally:
+            local.sending -= 1
             with self.mutex:
                 self.sending -= 1
                 self.calls += calls
@@ -436,10 +454,12 @@ class _BatchState(Generic[T]):
 
     def _send_handed(
         self, target: str, batch: list[Any], caller: contextvars.Context | None
-    ) -> list[BaseException | None] | None:
+    ) -> tuple[list[BaseException | None] | None, float]:
         """``send_batch`` for one batch of hand-offs ``((message, None, context or None), extra)``, on this thread.
 
-        Returns each message's error (None for one sent), or None when all were sent.
+        The caller (:meth:`send_inline`) counts this thread as inside ``send_batch``. Returns
+        each message's error (None for one sent), or None when all were sent; and how long
+        the send took (seconds).
         """
         if self.envelopes:
             payload: list[Any] = [
@@ -453,16 +473,16 @@ class _BatchState(Generic[T]):
             context = caller if given is None else given
         assert context is not None  # without envelopes the hand-off passes its caller's context
         started = time.perf_counter()
-        outcome = self._call_send(target, payload, context.copy(), self.send_batch, self._call)
-        self._timed(started, len(batch), outcome.error, target)
+        outcome = self._call(context.copy(), self.send_batch, target, payload)
+        took = self._timed(started, len(batch), outcome.error, target)
         if outcome.error is not None:
-            return [outcome.error] * len(batch)
+            return [outcome.error] * len(batch), took
         results = self._check_results(target, len(batch), outcome.value)
         if isinstance(results, BaseException):
-            return [results] * len(batch)
+            return [results] * len(batch), took
         if _all_sent(results):
-            return None
-        return [result if isinstance(result, BaseException) else None for result in results]
+            return None, took
+        return [result if isinstance(result, BaseException) else None for result in results], took
 
     def send_now(self, target: str, batch: list[_Pending[T]]) -> None:
         """Immediate mode: run ``send_batch`` on this thread (no slot, the timeout checked on return) and settle."""

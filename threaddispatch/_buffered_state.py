@@ -75,7 +75,7 @@ _MAX_WAIT = 3600.0
 # About the most buffered messages the dispatch loop takes under one lock for a hand-off (which
 # never blocks): fewer lock round trips with the producers, and the buffer still frees room steadily.
 # Rounded up to whole batches of the BatchedDispatcher (see _hand_chunk), up to _MAX_HAND_CHUNK.
-_HAND_CHUNK = 64
+_HAND_CHUNK = 256
 _MAX_HAND_CHUNK = 1024
 
 
