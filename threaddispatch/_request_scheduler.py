@@ -133,7 +133,7 @@ class Scheduler:
             for other in list(queue.requests.values()):
                 self._cancel(other, out, "cancelled", refilled=True)
         req.queue = queue
-        queue.requests[req.request_id] = req
+        queue.requests.add(req)
         queue.order.append(req)
         self.added += 1
         self.pending += 1
@@ -272,7 +272,7 @@ class Scheduler:
         ``refilled``: a request is about to take its place, so the queue does not drain.
         """
         queue = req.queue
-        del queue.requests[req.request_id]
+        queue.requests.remove(req)
         self.pending -= 1
         self._set_state(req, DONE)
         order = queue.order
