@@ -269,6 +269,36 @@ def test_a_batched_dispatchers_hand_off_acknowledges_each_batch(tmp_path: Path) 
 
 
 @pytest.mark.timeout(60)
+def test_a_spooled_hand_off_acknowledges_at_most_an_ack_group_of_whole_batches_at_a_time(tmp_path: Path) -> None:
+    """A crash sends again at most about _ACK_GROUP messages behind a BatchedDispatcher too: a spooled
+    hand-off takes that many (in whole batches) at a time, not the unspooled hand-off's larger chunk."""
+    path = tmp_path / "h.spool"
+    batched: BatchedDispatcher[object] = BatchedDispatcher(lambda target, messages: [None] * len(messages))
+    try:
+        dispatcher: AsyncDispatcher[object] = AsyncDispatcher(batched, "q", lambda failed: None, spool=path)
+        sender = dispatcher.setup(1000)
+        for n in range(1000):  # all buffered before the loop starts: it takes full chunks
+            sender.put(n)
+        spool = dispatcher._state.spool
+        assert spool is not None
+        settles: list[int] = []
+        real_settle = spool.settle
+
+        def counting_settle(seqs: Any, error: Any, owner: str) -> None:
+            settles.append(len(seqs))
+            real_settle(seqs, error, owner)
+
+        spool.settle = counting_settle  # type: ignore[method-assign]
+        dispatcher.start()
+        assert dispatcher.stop(30)
+        group = -(-_ACK_GROUP // batched.max_batch_size) * batched.max_batch_size
+        assert sum(settles) == 1000 and max(settles) <= group
+        assert _pending(path) == []
+    finally:
+        batched.close(10)
+
+
+@pytest.mark.timeout(60)
 def test_dispatched_messages_are_acknowledged_in_groups(tmp_path: Path) -> None:
     """200 buffered messages dispatched one by one leave the spool in a few commits, not one each."""
     path = tmp_path / "g.spool"

@@ -73,8 +73,10 @@ _ACK: Any = object()
 _MAX_WAIT = 3600.0
 
 # About the most buffered messages the dispatch loop takes under one lock for a hand-off (which
-# never blocks): fewer lock round trips with the producers, and the buffer still frees room steadily.
-# Rounded up to whole batches of the BatchedDispatcher (see _hand_chunk), up to _MAX_HAND_CHUNK.
+# never blocks): fewer lock round trips with the producers and fewer runs of inline sends (each run
+# takes a send slot and settles once), and the buffer still frees room steadily. Rounded up to whole
+# batches of the BatchedDispatcher (see _hand_chunk), up to _MAX_HAND_CHUNK. A spooled hand-off takes
+# _ACK_GROUP instead (see _AsyncState.use_spool).
 _HAND_CHUNK = 256
 _MAX_HAND_CHUNK = 1024
 
@@ -91,15 +93,16 @@ _ACK_DELAY = 0.01
 _LOST_POLICY = "no error_handler: a message that fails for good is lost"
 
 
-def _hand_chunk(batch_size: object) -> int:
-    """How many messages one hand-off takes: whole batches of ``batch_size`` when they fit, else _HAND_CHUNK.
+def _hand_chunk(batch_size: object, chunk: int = _HAND_CHUNK) -> int:
+    """How many messages one hand-off takes: ``chunk`` rounded up to whole batches of ``batch_size``
+    when they fit (up to _MAX_HAND_CHUNK), else ``chunk``.
 
     Whole batches, so that a busy loop leaves no partial batch behind it (a partial batch waits
     in the lane for its window, or for the next hand-off to complete it, at the cost of a hop).
     """
     if not isinstance(batch_size, int) or batch_size <= 0 or batch_size > _MAX_HAND_CHUNK:
-        return _HAND_CHUNK
-    return -(-_HAND_CHUNK // batch_size) * batch_size
+        return chunk
+    return -(-chunk // batch_size) * batch_size
 
 
 def _same(value: T) -> T:
@@ -172,6 +175,14 @@ class _AsyncState(Generic[T]):
         self.spool: Spool | None = None
         self._init_runtime()
 
+    def use_spool(self, spool: Spool | None) -> None:
+        """Set the spool (before any loop starts). A spooled hand-off takes _ACK_GROUP messages at a time
+        (in whole batches), not _HAND_CHUNK: its run of inline sends is acknowledged at once, and a crash
+        sends again at most about that many."""
+        self.spool = spool
+        if spool is not None and self.hand_off is not None:
+            self.hand_chunk = _hand_chunk(getattr(self.dispatcher, "max_batch_size", None), _ACK_GROUP)
+
     def _init_runtime(self) -> None:
         # mutex must be held whenever any field below, a flag above or a counter changes.
         self.mutex = threading.Lock()
@@ -229,7 +240,13 @@ class _AsyncState(Generic[T]):
                         f"{self._cannot_wait(caller)}; {show(entry[0])} was not accepted"
                     )
                 self._wait_for_room(entry[0], timeout)
-            self._append(entry)
+            # _append inline: once per message.
+            if self.restart_on_put:
+                self.start_threads()  # may raise (interpreter exiting): before the message is accepted
+            self.buffer.append(entry)
+            self.buffered += 1
+            if self.loop_waiting:
+                self._wake_loop()
 
     def _cannot_wait(self, caller: threading.Thread) -> str:
         """Why ``caller``, a loop thread, cannot wait for room: only the dispatch loop makes it."""

@@ -305,7 +305,7 @@ class AsyncDispatcher(_lifecycle.Closing, Generic[T]):
         )
         self._sender: Sender[T] | None = None
         self._state.recorder = checked_metrics.bind(self)
-        self._state.spool = opened
+        self._state.use_spool(opened)
         _lifecycle.register(self._state)
         # An unreferenced dispatcher stops: its loops drain what they hold and leave. At
         # interpreter exit the lifecycle drain handles it instead (in its order).
