@@ -253,3 +253,66 @@ def test_a_put_from_the_dispatch_loop_on_a_full_buffer_raises_at_once(behind: st
         assert ad.stop(10)
         if bd is not None:
             bd.close(10)
+
+
+@pytest.mark.parametrize(
+    ("shape", "sent"),
+    [
+        ("list", True),  # the usual return value
+        ("tuple", True),  # any iterable of one result per message
+        ("short list", False),  # a result missing: the whole batch fails
+        ("str", False),  # not a sequence of results
+    ],
+)
+def test_inline_batches_check_send_batchs_results_as_the_send_threads_do(shape: str, sent: bool) -> None:
+    """An inline send's return value is checked as a send thread's is: one result per message, or the batch fails."""
+    threads: list[str] = []
+
+    def send(_target: str, messages: list[Any]) -> object:
+        threads.append(threading.current_thread().name)
+        ids = [f"id-{m}" for m in messages]
+        return {"list": ids, "tuple": tuple(ids), "short list": ids[:-1], "str": "id"}[shape]
+
+    failed: list[Any] = []
+    with BatchedDispatcher(send, max_batch_size=10, flush_interval=60.0) as bd:
+        ad, sender = _async(bd, error_handler=failed.append)
+        for i in range(20):
+            sender.put(i)
+        ad.start()
+        wait_for(lambda: ad.sent + ad.failed == 20 and len(failed) == ad.failed)
+        assert ad.stop(10) is True
+    assert set(threads) == {"threaddispatch-async-q"}  # both batches went inline
+    if sent:
+        assert (ad.sent, ad.failed, failed) == (20, 0, [])
+    else:
+        assert (ad.sent, ad.failed) == (0, 20)
+        assert sorted(f.message for f in failed) == list(range(20))
+        assert all("one result" in str(f.error) and "10 messages" in str(f.error) for f in failed)
+
+
+def test_a_flush_or_close_from_an_inline_send_batch_does_not_wait_for_itself() -> None:
+    """Inside send_batch run inline on the dispatch loop, flush() and close() return False at once
+    (the batch they would wait for is the one running); the messages are still sent."""
+    seen: list[tuple[bool, bool]] = []
+    threads: list[str] = []
+    bd: BatchedDispatcher[Any]
+
+    def send(_target: str, messages: list[Any]) -> list[Any]:
+        threads.append(threading.current_thread().name)
+        if not seen:
+            seen.append((bd.flush(5), bd.close(5)))
+        return [None] * len(messages)
+
+    bd = BatchedDispatcher(send, max_batch_size=10, flush_interval=60.0)
+    try:
+        ad, sender = _async(bd)
+        for i in range(20):
+            sender.put(i)
+        ad.start()
+        wait_for(lambda: bool(seen))
+        assert seen == [(False, False)]
+        ad.stop(10)
+        assert threads and threads[0] == "threaddispatch-async-q"
+        assert bd.stats()["sent"] >= 10  # the batch it ran in was sent
+    finally:
+        bd.close(10)

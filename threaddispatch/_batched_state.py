@@ -472,14 +472,20 @@ class _BatchState(Generic[T]):
             given = batch[0][0][2]
             context = caller if given is None else given
         assert context is not None  # without envelopes the hand-off passes its caller's context
+        count = len(batch)
         started = time.perf_counter()
-        outcome = self._call(context.copy(), self.send_batch, target, payload)
-        took = self._timed(started, len(batch), outcome.error, target)
+        if self.caller.timeout is None:  # _call inline: once per batch
+            outcome = context.copy().run(call, self.send_batch, target, payload)
+        else:
+            outcome = self._call(context.copy(), self.send_batch, target, payload)
+        took = self._timed(started, count, outcome.error, target)
         if outcome.error is not None:
-            return [outcome.error] * len(batch), took
-        results = self._check_results(target, len(batch), outcome.value)
+            return [outcome.error] * count, took
+        results = outcome.value
+        if type(results) is not list or len(results) != count:  # the usual list needs no _check_results
+            results = self._check_results(target, count, results)
         if isinstance(results, BaseException):
-            return [results] * len(batch), took
+            return [results] * count, took
         if _all_sent(results):
             return None, took
         return [result if isinstance(result, BaseException) else None for result in results], took

@@ -36,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from itertools import repeat
+from itertools import repeat, starmap
 from typing import Any, Generic, TypeVar
 
 from threaddispatch import _drop_log, _lifecycle
@@ -569,9 +569,8 @@ class _AsyncState(Generic[T]):
         if count == len(buffer):  # all of it, the usual case once the loop keeps up: no frame per message
             taken += zip(buffer, repeat(0))
             buffer.clear()
-        else:
-            popleft = buffer.popleft
-            taken += zip([popleft() for _ in range(count)], repeat(0))
+        else:  # the first count of it, popped in a C loop (no frame per message)
+            taken += zip(starmap(buffer.popleft, repeat((), count)), repeat(0))
         self.in_flight += count
         self.submitted += count
         if self.put_waiters:
