@@ -173,6 +173,8 @@ class _AsyncState(Generic[T]):
         # Set by the AsyncDispatcher given a spool (before any loop starts; None in a forked child):
         # its entries are then _SpooledEntry, acknowledged or dead-lettered where they settle.
         self.spool: Spool | None = None
+        # Whether put/try_put are the immediate ones (_set_immediate): Sender.put's inline path is then off.
+        self.immediate = False
         self._init_runtime()
 
     def use_spool(self, spool: Spool | None) -> None:
@@ -228,6 +230,8 @@ class _AsyncState(Generic[T]):
         return delay
 
     def put(self, entry: _Entry[T], timeout: float | None) -> None:
+        """Buffer ``entry``, waiting up to ``timeout`` for room. Sender.put runs the case of an open
+        buffer with room (no restart due) inline, as here: the two must accept alike."""
         with self.mutex:
             if self.closing:
                 raise DispatcherClosedError(f"{self.describe()} is stopped; {show(entry[0])} was not accepted")
@@ -777,6 +781,7 @@ class _AsyncState(Generic[T]):
         else:
             self.__dict__.pop("put", None)
             self.__dict__.pop("try_put", None)
+        self.immediate = on
 
     def _put_now(self, entry: _Entry[T], timeout: float | None) -> None:
         """Immediate ``put``: never waits for room (nothing stays buffered), so ``timeout`` is not used."""

@@ -78,8 +78,19 @@ class Sender(Generic[T]):
             timeout = check_seconds("timeout", timeout)
         if delay_seconds is not None:
             delay_seconds = self._state.check_delay(delay_seconds)
-        context = contextvars.copy_context() if self._carry_context else None
-        self._state.put((message, delay_seconds, context), timeout)
+        state = self._state
+        entry = (message, delay_seconds, contextvars.copy_context() if self._carry_context else None)
+        if not state.immediate:
+            # _AsyncState.put's common case inline (a call less per message): open, no restart due, room.
+            # Anything else (full, stopped, a forked child's first put) goes the whole way below.
+            with state.mutex:
+                if not state.closing and not state.restart_on_put and len(state.buffer) < state.capacity:
+                    state.buffer.append(entry)
+                    state.buffered += 1
+                    if state.loop_waiting:
+                        state._wake_loop()
+                    return
+        state.put(entry, timeout)
 
     def try_put(self, message: T, *, delay_seconds: int | None = None) -> bool:
         """Add ``message`` if the buffer has room; return False if it is full. Never blocks.
