@@ -178,3 +178,34 @@ def test_a_worker_closes_its_event_loop_as_it_ends() -> None:
     pool.submit(invoke, leave_a_task_behind).result(5)
     assert cancelled.wait(10), "the thread's loop was not closed with close_thread_loop"
     assert pool.shutdown(5)
+
+
+@pytest.mark.timeout(30)
+def test_run_raises_only_for_work_it_did_not_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thread that cannot start while another lives: run returns and that thread runs the task later.
+
+    The endpoint core relies on it: when run raises, it sends the batch itself, and no thread must send it too.
+    """
+    pool = WorkerPool(2, name="test-pool")
+    release = threading.Event()
+    started = threading.Event()
+    ran: list[str] = []
+
+    def block() -> None:
+        started.set()
+        assert release.wait(10)
+
+    pool.run(block)
+    assert started.wait(5)
+    real_start = threading.Thread.start
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    pool.run(ran.append, "queued")  # no second thread, but the first one will reach it: no error
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    release.set()
+    assert pool.wait_idle(time.monotonic() + 5)
+    assert ran == ["queued"]
+    assert pool.shutdown(5)

@@ -200,32 +200,50 @@ class Core:
 
     def deliver(self, endpoint_id: Hashable, jobs: list[DispatchJob], seq: int) -> None:
         """The engine's (self-settling) deliver: hand batch ``seq`` to a sending thread, which settles it."""
-        batch = WebhookBatch(new_id(), endpoint_id, tuple(jobs), time.time())
-        # Whoever acquires the claim sends the batch: a run that raised may still have queued it.
-        claim = threading.Lock()
         try:
-            self.pool.run(self.pooled_run, batch, seq, claim)
+            self.pool.run(self.pooled_run, endpoint_id, jobs, seq)
             return
         except DispatcherClosedError:
-            pass  # the pool was shut down while the engine still drains: send here rather than lose it
+            # The pool was shut down while the engine still drains: send here rather than lose it.
+            batch = WebhookBatch(new_id(), endpoint_id, tuple(jobs), time.time())
         except Exception as exc:  # noqa: BLE001 - e.g. no thread could start: report it, send here
+            # The pool raises only for work it did not queue: no sending thread runs this batch.
+            batch = WebhookBatch(new_id(), endpoint_id, tuple(jobs), time.time())
             self.processor_failed(exc, batch, "could not hand a batch to a sending thread; sending it here")
-        if claim.acquire(blocking=False):
-            try:
-                self.run_batch(batch)
-            finally:
-                self.engine.settle(seq)
-
-    def run_pooled(self, batch: WebhookBatch, seq: int, claim: threading.Lock) -> None:
-        """``run_batch`` on a sending thread, then settle batch ``seq``; what escapes it is reported."""
-        if not claim.acquire(blocking=False):
-            return
         try:
             self.run_batch(batch)
-        except Exception as exc:  # noqa: BLE001 - send_batch's errors are handled inside: this is a bug
-            self.processor_failed(exc, batch, "sending a batch failed outside send_batch")
         finally:
             self.engine.settle(seq)
+
+    def run_pooled(self, endpoint_id: Hashable, jobs: list[DispatchJob], seq: int) -> None:
+        """Send batch ``seq`` on this sending thread and settle it, then each batch its settle takes (a loop).
+
+        While sends keep every in-flight slot taken, the capacity one frees goes to the next
+        due batch on the same thread (:meth:`BatchEngine.settle_and_take`): no hand-off and no
+        wake-up per batch. The thread counts as sending, with one permit, for the whole loop.
+        What escapes a send (a bug of the machinery) is reported and the loop goes on.
+        """
+        local = self.local
+        settle_and_take = self.engine.settle_and_take
+        self.permits.get()
+        local.sending = getattr(local, "sending", 0) + 1
+        try:
+            while True:
+                batch = WebhookBatch(new_id(), endpoint_id, tuple(jobs), time.time())
+                try:
+                    self._send(batch)
+                except Exception as exc:  # noqa: BLE001 - send_batch's errors are handled inside: this is a bug
+                    self.processor_failed(exc, batch, "sending a batch failed outside send_batch")
+                except BaseException:
+                    self.engine.settle(seq)
+                    raise
+                taken = settle_and_take(seq)
+                if taken is None:
+                    return
+                endpoint_id, seq, jobs = taken
+        finally:
+            local.sending -= 1
+            self.permits.put(None)
 
     def processor_failed(self, error: Exception, batch: WebhookBatch, what: str) -> None:
         """The batching machinery itself failed around ``batch``: log it and emit ``processor_error``."""
@@ -331,6 +349,26 @@ class Core:
                 error = exc
                 _log.error("%s: %s; the batch is treated as failed", self.label, exc)
 
+        if error is None and outcomes is None:
+            # Every job delivered (the common case): no per-job decision, no retry, one lock.
+            finished = time.time()
+            for job in jobs:
+                job.status = "delivered"
+                job.finished_at = finished
+                job.last_error = None
+            count = len(jobs)
+            batch.successful = count
+            batch.completed_at = finished
+            batch.status = "completed"
+            with self.lock:
+                self.held -= count  # _release_held inline
+                if self.room_waiters:
+                    self.room.notify(count)
+            if self.spool is not None:
+                self.settle_spool(jobs, ())
+            if events.has_listeners("batch_executed") or events.has_listeners("batch_completed"):
+                self._report(batch, [], [], [])
+            return None
         delivered: Sequence[DispatchJob] = ()
         failed: list[tuple[DispatchJob, BaseException]] = []
         if error is not None:

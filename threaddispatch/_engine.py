@@ -677,6 +677,70 @@ class BatchEngine(Generic[T]):
 
     _settle = settle
 
+    def settle_and_take(self, seq: int) -> tuple[Hashable, int, list[T]] | None:
+        """:meth:`settle` batch ``seq``, then take the next due batch for the caller to send: its ``(key, seq, items)``.
+
+        What a self-settling face's sending thread calls when a send ends: the capacity
+        the batch frees goes to the batch the worker would take next (a held lane first),
+        on this thread, so while sends keep the gate full no batch costs a wake-up of the
+        worker, a refusal or a hand-off. The caller must settle the batch it gets, as one
+        ``deliver`` gave it. None (after the plain settle's work) when nothing is due, the
+        gate refuses, the engine is closing (the worker drains) or ``seq`` was settled already.
+        """
+        drop_log = self._drop_log
+        if drop_log is not None:
+            drop_log.delivered()
+        with self._lock:
+            unsettled = self._unsettled
+            entries = unsettled.pop(seq, None)
+            if entries is None:
+                return None
+            self.settled_entries += entries
+            if self._settle_waiters:
+                self._settled.notify_all()
+            due = self._due
+            made_due = False
+            held = self._held
+            while held:
+                # The oldest held lane goes first (as _release_held does), with no wake-up for it yet.
+                lane, _ = held.popitem(last=False)
+                if len(lane) and not lane.due:
+                    self._make_due(lane, first=True)
+                    made_due = True
+                    break
+            limit = self._max_unsettled
+            if not self._closing and self._gate is None and (limit is None or len(unsettled) < limit):
+                now = time.monotonic()
+                if not due and self._gate_shut:
+                    self._close_windows(now)  # a shut gate left them to whoever reopens it: this thread
+                while due:
+                    lane = due.popleft()
+                    if not lane.due:
+                        continue  # stale: take_now took it
+                    lane.due = False
+                    if not len(lane):
+                        self._rearm(lane, now)
+                        continue
+                    items = lane.take(self.max_batch_size)
+                    taken = self._start_batch(lane, items)
+                    self._rearm(lane, now)
+                    if self._flush_taken:
+                        self._flush_progress()
+                    if self._space_waiters:
+                        self._space.notify_all()
+                    if self._gate_shut and (limit is None or len(unsettled) < limit):
+                        self._gate_shut = False  # capacity left over: the worker takes the rest
+                        self._notify_worker()
+                    # Otherwise a shut gate stays shut: the capacity this settle freed is taken again.
+                    return lane.key, taken, items
+            if self._gate_shut:
+                self._gate_shut = False  # capacity freed: the waiting due lanes may go
+                if due or self._open:  # windows the shut gate left unclosed may be due by now
+                    self._notify_worker()
+            elif made_due:
+                self._notify_worker()
+        return None
+
     def _release_held(self) -> None:
         """A batch settled and freed the capacity the gate waits for: retry the oldest held lane. Holds _lock."""
         held = self._held
@@ -713,6 +777,20 @@ class BatchEngine(Generic[T]):
             closed += 1
         return closed
 
+    def _close_held_windows(self, now: float) -> None:
+        """With the gate shut: make due, first, the held lanes whose windows closed by ``now``; holds _lock.
+
+        They ask the gate again (its answer may change without a settle), so the gate opens
+        for them. The other windows stay open until the gate opens: closing them now would
+        move lanes that cannot go anyway, under the lock every producer needs.
+        """
+        until = now - self._slack
+        ripe = [lane for lane in self._held if not lane.due and lane.deadline is not None and lane.deadline <= until]
+        for lane in reversed(ripe):  # the oldest held ends up first
+            self._make_due(lane, first=True)
+        if ripe:
+            self._gate_shut = False
+
     def _next_work(
         self,
     ) -> tuple[list[tuple[Hashable, int, list[T]]], list[tuple[Hashable, int]]] | None:
@@ -722,7 +800,11 @@ class BatchEngine(Generic[T]):
             self._release_scheduled(now)
             if self._flush_requested > self._flush_taken:
                 self._start_flush()
-            closed_windows = self._close_windows(now)
+            if self._gate_shut:
+                self._close_held_windows(now)
+                closed_windows = 0
+            else:
+                closed_windows = self._close_windows(now)
             if self._due and not self._gate_shut:
                 return self._take_due(now)
             if closed_windows == _WINDOWS_PER_TURN:
@@ -854,8 +936,13 @@ class BatchEngine(Generic[T]):
         count = len(lane)
         if not count:
             lane.deadline = None  # its _open entry, if any, is stale now
-            if lane is not self.default_lane and self._lanes.get(lane.key) is lane:
-                del self._lanes[lane.key]  # a lock-free append may still land in it: kick adopts it
+            if lane is not self.default_lane:
+                key = lane.key
+                lanes = self._lanes
+                one = lanes.one  # LaneTable.get and __delitem__ inline: once per batch that empties its lane
+                table = one if one is not None else lanes.shards[hash(key) & SHARD_MASK]
+                if table.get(key) is lane:
+                    del table[key]  # a lock-free append may still land in it: kick adopts it
             return
         lane.trigger = self.max_batch_size
         if count >= self.max_batch_size or self._closing or lane in self._flush_quota:

@@ -167,7 +167,9 @@ class WorkerPool:
         """Schedule ``fn(*args)`` fire-and-forget: no Future; an exception escaping ``fn`` is logged.
 
         Cheaper than :meth:`submit` for work that reports its own outcome. Raises
-        DispatcherClosedError after :meth:`shutdown`.
+        DispatcherClosedError after :meth:`shutdown`, or the error of a thread that could
+        not start when no thread is left to run ``fn``; whenever it raises, ``fn`` was not
+        queued and never runs (so the caller may run it itself).
         """
         if self._schedule(None, fn, args):
             run_detached(fn, args)
