@@ -30,6 +30,7 @@ __all__ = [
     "claim_rows_in",
     "complete_alone_in",
     "complete_in",
+    "insert_plain_in",
     "jobs_from_claim",
     "marks",
 ]
@@ -108,6 +109,34 @@ def chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
 def marks(count: int) -> str:
     """``count`` comma-separated ``?`` placeholders."""
     return ", ".join("?" * count)
+
+
+#: Jobs per INSERT statement: 24 columns each, so 768 variables (below even an old SQLite's 999).
+INSERT_ROWS = 32
+_INSERT_SQL: dict[int, str] = {}  # the INSERT of ``count`` job rows, by count, built on first use
+
+
+def _insert_sql(count: int) -> str:
+    """One INSERT of ``count`` job rows (VALUES in order: their seqs follow that order)."""
+    sql = _INSERT_SQL.get(count)
+    if sql is None:
+        row = STATEMENTS.insert_job[STATEMENTS.insert_job.index("VALUES") + len("VALUES ") :]
+        sql = _INSERT_SQL.setdefault(count, STATEMENTS.insert_job + f", {row}" * (count - 1))
+    return sql
+
+
+def insert_plain_in(conn: sqlite3.Connection, params: Sequence[Any], count: int) -> int | None:
+    """Insert ``count`` jobs without a unique key or dependencies, ``params`` their :func:`~._sql.job_params`
+    flattened in order, as one INSERT per :data:`INSERT_ROWS` (one statement is atomic on its own:
+    more than one needs the caller's transaction). The seq of the last row inserted."""
+    if count <= INSERT_ROWS:
+        return conn.execute(_insert_sql(count), params).lastrowid
+    width = len(params) // count
+    last: int | None = None
+    for start in range(0, count, INSERT_ROWS):
+        rows = min(INSERT_ROWS, count - start)
+        last = conn.execute(_insert_sql(rows), params[start * width : (start + rows) * width]).lastrowid
+    return last
 
 
 def _claim_sql(queue_count: int) -> str:

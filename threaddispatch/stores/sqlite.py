@@ -52,6 +52,7 @@ from threaddispatch.stores._sql import cron_from_row, job_from_row, job_params, 
 from threaddispatch.stores._sqlite_commit import GroupCommitter
 from threaddispatch.stores._sqlite_conn import Connections, Write, synchronous_for, translate
 from threaddispatch.stores._sqlite_sql import (
+    INSERT_ROWS,
     SCHEMA_V1,
     SCHEMA_V2,
     SCHEMA_V3,
@@ -68,6 +69,7 @@ from threaddispatch.stores._sqlite_sql import (
     claim_rows_in,
     complete_alone_in,
     complete_in,
+    insert_plain_in,
     jobs_from_claim,
     marks,
     release_in,
@@ -352,17 +354,27 @@ class SQLiteStore(Store):
             raise StoreError(f"could not insert jobs: {error} (a job id already exists?)") from error
 
     def _write_jobs(self, requests: Sequence[Sequence[JobRecord]]) -> list[list[str]]:
-        """Insert every request's jobs in one transaction on this thread's connection; each request's ids."""
+        """Insert every request's jobs in one transaction on this thread's connection; each request's ids.
+
+        Jobs without a unique key or dependencies (the usual case) go in as one multi-row INSERT per
+        :data:`INSERT_ROWS` (up to that many, the statement is the whole transaction: no BEGIN/COMMIT);
+        the others each look up or settle first, in one IMMEDIATE transaction."""
         conn = self._conn()
         first = requests[0]
-        if len(requests) == 1 and len(first) == 1 and first[0].unique_key is None and not first[0].depends_on:
-            # One statement is its own atomic transaction: skip BEGIN/COMMIT round trips.
-            params = job_params(first[0])  # before the write lock: only the insert runs under it
-            with self._write(immediate=False, defer_sync=True):
-                cursor = conn.execute(_INSERT, params)
-            if self._watcher.active and cursor.lastrowid is not None:
-                self._watcher.note_own(cursor.lastrowid, cursor.lastrowid)
-            return [[first[0].id]]
+        params: Sequence[Any] | None = None
+        if len(requests) == 1 and len(first) == 1:  # the usual enqueue: no list built
+            if first[0].unique_key is None and not first[0].depends_on:
+                params, count = job_params(first[0]), 1
+        elif all(job.unique_key is None and not job.depends_on for jobs in requests for job in jobs):
+            params = [value for jobs in requests for job in jobs for value in job_params(job)]
+            count = sum(len(jobs) for jobs in requests)
+        if params is not None:  # built before the write lock: only the insert runs under it
+            with self._write(immediate=count > INSERT_ROWS, defer_sync=True):
+                last = insert_plain_in(conn, params, count)
+            if self._watcher.active and last is not None:
+                # One writer inserting: the rows took consecutive seqs, in order.
+                self._watcher.note_own(last - count + 1, last)
+            return [[job.id for job in jobs] for jobs in requests]
         before = conn.total_changes
         with self._write(defer_sync=True):
             ids = [self._insert_many(conn, jobs) for jobs in requests]
@@ -377,10 +389,8 @@ class SQLiteStore(Store):
     def _insert_many(self, conn: sqlite3.Connection, jobs: Sequence[JobRecord]) -> list[str]:
         """Insert ``jobs`` in the open transaction; their ids (a unique key's active holder for a duplicate)."""
         plain = [job for job in jobs if job.unique_key is None and not job.depends_on]
-        if len(plain) == 1:
-            conn.execute(_INSERT, job_params(plain[0]))
-        elif plain:
-            conn.executemany(_INSERT, [job_params(job) for job in plain])
+        if plain:
+            insert_plain_in(conn, [value for job in plain for value in job_params(job)], len(plain))
         if len(plain) == len(jobs):
             return [job.id for job in jobs]
         return [job.id if job.unique_key is None and not job.depends_on else self._insert(conn, job) for job in jobs]
