@@ -46,3 +46,19 @@ def test_a_lane_splits_for_a_second_priority_and_is_one_deque_again_once_empty()
     assert lane._buckets is _lanes._NO_BUCKETS  # the split form's dict is gone with it
     lane.append(low)
     assert lane.drop_oldest() is low and len(lane) == 0
+
+
+def test_a_take_returns_the_oldest_entries_in_order_whole_or_in_part() -> None:
+    """Taking the whole one-priority lane (the batch of an endpoint with few jobs) and taking part of it agree."""
+    lane = cast("PriorityLane[DispatchJob]", _endpoint_core._priority_lane("e"))
+    jobs = [DispatchJob("e", i) for i in range(5)]
+    for job in jobs:
+        lane.append(job)
+    assert lane.take(2) == jobs[:2] and len(lane) == 3
+    assert lane.take(3) == jobs[2:] and len(lane) == 0 and type(lane) is PriorityLane
+    assert lane.take(3) == []
+    fifo = FifoLane("e")
+    fifo.append(1)
+    assert fifo.take(100) == [1] and len(fifo) == 0
+    fifo.extend([2, 3, 4])
+    assert fifo.take(2) == [2, 3] and fifo.take(5) == [4]

@@ -237,8 +237,11 @@ class BatchEngine(Generic[T]):
         lane = self._lane_factory(key)
         lanes = self._lanes
         one = lanes.one
-        if one is not None and len(one) < SPLIT_AT - 1:
-            one[key] = lane  # LaneTable.__setitem__ inline while it needs no split: once per new key
+        # LaneTable.__setitem__ inline while it needs no split: once per new key.
+        if one is None:
+            lanes.shards[hash(key) & SHARD_MASK][key] = lane
+        elif len(one) < SPLIT_AT - 1:
+            one[key] = lane
         else:
             lanes[key] = lane
         return lane
@@ -722,7 +725,15 @@ class BatchEngine(Generic[T]):
                         self._rearm(lane, now)
                         continue
                     items = lane.take(self.max_batch_size)
-                    taken = self._start_batch(lane, items)
+                    # _start_batch inline: once per batch on this path.
+                    self._batch_seq = taken = self._batch_seq + 1
+                    unsettled[taken] = count = len(items)
+                    self.batches += 1
+                    self.taken += count
+                    if held:
+                        held.pop(lane, None)
+                    if self._flush_quota:
+                        self._lower_quota(lane, count)
                     self._rearm(lane, now)
                     if self._flush_taken:
                         self._flush_progress()
@@ -914,13 +925,17 @@ class BatchEngine(Generic[T]):
         self.batches += 1
         self.taken += len(items)
         self._held.pop(lane, None)
+        self._lower_quota(lane, len(items))
+        return self._batch_seq
+
+    def _lower_quota(self, lane: Lane[T], taken: int) -> None:
+        """``taken`` entries left ``lane`` by a take: a flush waits for that many fewer of it. Holds _lock."""
         quota = self._flush_quota.get(lane)
         if quota is not None:
-            if quota <= len(items):
+            if quota <= taken:
                 del self._flush_quota[lane]
             else:
-                self._flush_quota[lane] = quota - len(items)
-        return self._batch_seq
+                self._flush_quota[lane] = quota - taken
 
     def _flush_progress(self) -> None:
         """Once a flush's quotas are all taken, fix the last batch it waits for. Holds _lock."""

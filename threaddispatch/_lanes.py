@@ -67,8 +67,11 @@ class FifoLane(deque[Any]):
 
     def take(self, count: int) -> list[Any]:
         # starmap calls popleft at C speed with no per-item comparison; only the engine
-        # worker removes entries, so the lane holds at least ``count`` here.
+        # worker removes entries, so the lane holds at least ``count`` here. Never list() and
+        # clear(): an append without the lock between the two would be lost.
         count = min(count, len(self))
+        if count == 1:
+            return [self.popleft()]  # a batch of one (a keyed face with many keys): no iterator objects
         return list(itertools.starmap(self.popleft, itertools.repeat((), count)))
 
     drop_newest = deque.pop
@@ -220,8 +223,14 @@ class PriorityLane(deque[T], Generic[T]):
         self.__class__ = _SplitPriorityLane
 
     def take(self, count: int) -> list[T]:
+        if count >= deque.__len__(self):
+            # The whole lane (the usual batch with many endpoints): two C calls, no iterator
+            # objects. Safe here, where every append holds the engine's lock, as this take does.
+            items = list(self)
+            deque.clear(self)
+            return items
         # starmap calls popleft at C speed; only the engine (under its lock) removes entries.
-        return list(itertools.starmap(self.popleft, itertools.repeat((), min(count, deque.__len__(self)))))
+        return list(itertools.starmap(self.popleft, itertools.repeat((), count)))
 
     # The newest of the lowest priority (what would be sent last), the oldest of the highest (first).
     drop_newest = deque.pop
