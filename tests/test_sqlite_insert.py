@@ -1,4 +1,5 @@
-"""SQLiteStore's insert of plain jobs: one multi-row INSERT per 32 jobs, atomic, in order, and in groups."""
+"""SQLiteStore's insert of new jobs: one multi-row INSERT per 32 jobs of the columns a new job sets, atomic,
+in order, in groups; any other job as given."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from threaddispatch.errors import StoreError
-from threaddispatch.stores import JobRecord, SQLiteStore
-from threaddispatch.stores._sqlite_sql import INSERT_ROWS
+from threaddispatch.stores import JobRecord, SQLiteStore, _sql
+from threaddispatch.stores._sql import job_params
+from threaddispatch.stores._sqlite_sql import FRESH_COLUMNS, INSERT_ROWS, UNSET_COLUMNS, fresh_params
 from threaddispatch.stores.base import JobState
 
 
@@ -123,4 +125,41 @@ def test_a_group_commit_of_many_callers_keeps_each_callers_jobs(tmp_path: Path) 
     finally:
         for thread in threads:
             thread.join(60)
+        store.close()
+
+
+def test_a_new_jobs_insert_names_every_column_but_those_null_in_a_new_job() -> None:
+    """FRESH_COLUMNS and UNSET_COLUMNS split the job columns exactly: a column added later must go in one."""
+    columns = _sql.JOB_COLUMNS.split(", ")
+    assert sorted(FRESH_COLUMNS + UNSET_COLUMNS) == sorted(columns)
+    assert not set(FRESH_COLUMNS) & set(UNSET_COLUMNS)
+    job = _job(1, lock="serial", trace_context="00-" + "1" * 32 + "-" + "2" * 16 + "-01", timeout=2.5)
+    fresh = fresh_params(job)
+    assert fresh is not None
+    assert dict(zip(FRESH_COLUMNS, fresh, strict=True)) == {
+        column: value for column, value in zip(columns, job_params(job), strict=True) if column in FRESH_COLUMNS
+    }
+    assert all(value is None for column, value in zip(columns, job_params(job), strict=True) if column in UNSET_COLUMNS)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"error": "boom", "attempts": 2},
+        {"result": "7", "state": JobState.COMPLETED, "finished_at": 3.0},
+        {"worker_id": "w", "state": JobState.RUNNING, "started_at": 2.0, "heartbeat_at": 2.5},
+        {"lock": "serial", "priority": 5, "queue": "other", "max_retries": 0, "timeout": 1.5},
+    ],
+)
+def test_a_job_is_stored_as_given_whether_new_or_not(tmp_path: Path, fields: dict[str, object]) -> None:
+    """A job with a value in a column a new job leaves NULL goes in by the full INSERT, alone or in a batch."""
+    store = SQLiteStore(tmp_path / "jobs.db")
+    try:
+        alone = _job(0, **fields)
+        batch = [_job(1), _job(2, **fields), _job(3)]
+        assert store.enqueue([alone]) == [alone.id]
+        assert store.enqueue(batch) == [job.id for job in batch]
+        for job in (alone, *batch):
+            assert store.get(job.id) == job
+    finally:
         store.close()

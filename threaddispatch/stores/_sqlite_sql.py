@@ -14,6 +14,8 @@ from threaddispatch.stores._sql import job_from_row
 from threaddispatch.stores.base import Completion, JobRecord, QueueLimits
 
 __all__ = [
+    "FRESH_COLUMNS",
+    "INSERT_ROWS",
     "SCHEMA_V1",
     "SCHEMA_V2",
     "SCHEMA_V3",
@@ -25,12 +27,14 @@ __all__ = [
     "SCHEMA_V9",
     "STATEMENTS",
     "TYPES",
+    "UNSET_COLUMNS",
     "chunks",
     "claim_in",
     "claim_rows_in",
     "complete_alone_in",
     "complete_in",
-    "insert_plain_in",
+    "fresh_params",
+    "insert_fresh_in",
     "jobs_from_claim",
     "marks",
 ]
@@ -111,24 +115,54 @@ def marks(count: int) -> str:
     return ", ".join("?" * count)
 
 
-#: Jobs per INSERT statement: 24 columns each, so 768 variables (below even an old SQLite's 999).
+#: The columns a new job's INSERT names (:func:`fresh_params`); the others of ``JOB_COLUMNS``
+#: (:data:`UNSET_COLUMNS`, all nullable without a default) are NULL in a new job and left out: each
+#: column bound costs, and a 4-job INSERT of these 16 measured 20% less CPU than one of all 24.
+FRESH_COLUMNS = (
+    "id", "name", "payload", "queue", "state", "priority", "attempts", "max_retries", "timeout", "run_at",
+    "created_at", "updated_at", "trace_context", "on_dependency_failure", "waiting_on", "lock_key",
+)  # fmt: skip
+UNSET_COLUMNS = (
+    "started_at", "finished_at", "heartbeat_at", "worker_id", "unique_key", "result", "error", "depends_on",
+)  # fmt: skip
+#: Jobs per INSERT statement: 16 variables each, 512 in all (below even an old SQLite's 999).
 INSERT_ROWS = 32
-_INSERT_SQL: dict[int, str] = {}  # the INSERT of ``count`` job rows, by count, built on first use
+_INSERT_HEAD = f"INSERT INTO dispatch_jobs ({', '.join(FRESH_COLUMNS)}) VALUES "
+_INSERT_ROW = f"({marks(len(FRESH_COLUMNS))})"
+_INSERT_SQL: dict[int, str] = {}  # the INSERT of ``count`` new jobs, by count, built on first use
+
+
+def fresh_params(job: JobRecord) -> tuple[Any, ...] | None:
+    """The values of :data:`FRESH_COLUMNS` for ``job``; None unless ``job`` is new and plain: no unique
+    key or dependencies (those look up or settle first) and NULL in every :data:`UNSET_COLUMNS`."""
+    if (
+        job.unique_key is not None
+        or job.depends_on
+        or job.started_at is not None
+        or job.finished_at is not None
+        or job.heartbeat_at is not None
+        or job.worker_id is not None
+        or job.result is not None
+        or job.error is not None
+    ):
+        return None
+    return (job.id, job.name, job.payload, job.queue, job.state.value, job.priority, job.attempts, job.max_retries,
+            job.timeout, job.run_at, job.created_at, job.updated_at, job.trace_context, job.on_dependency_failure,
+            job.waiting_on, job.lock)  # fmt: skip
 
 
 def _insert_sql(count: int) -> str:
-    """One INSERT of ``count`` job rows (VALUES in order: their seqs follow that order)."""
+    """One INSERT of ``count`` new jobs (VALUES in order: their seqs follow that order)."""
     sql = _INSERT_SQL.get(count)
     if sql is None:
-        row = STATEMENTS.insert_job[STATEMENTS.insert_job.index("VALUES") + len("VALUES ") :]
-        sql = _INSERT_SQL.setdefault(count, STATEMENTS.insert_job + f", {row}" * (count - 1))
+        sql = _INSERT_SQL.setdefault(count, _INSERT_HEAD + ", ".join([_INSERT_ROW] * count))
     return sql
 
 
-def insert_plain_in(conn: sqlite3.Connection, params: Sequence[Any], count: int) -> int | None:
-    """Insert ``count`` jobs without a unique key or dependencies, ``params`` their :func:`~._sql.job_params`
-    flattened in order, as one INSERT per :data:`INSERT_ROWS` (one statement is atomic on its own:
-    more than one needs the caller's transaction). The seq of the last row inserted."""
+def insert_fresh_in(conn: sqlite3.Connection, params: Sequence[Any], count: int) -> int | None:
+    """Insert ``count`` new jobs, ``params`` their :func:`fresh_params` flattened in order, as one INSERT
+    per :data:`INSERT_ROWS` (one statement is atomic on its own: more than one needs the caller's
+    transaction). The seq of the last row inserted."""
     if count <= INSERT_ROWS:
         return conn.execute(_insert_sql(count), params).lastrowid
     width = len(params) // count

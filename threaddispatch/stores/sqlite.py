@@ -69,7 +69,8 @@ from threaddispatch.stores._sqlite_sql import (
     claim_rows_in,
     complete_alone_in,
     complete_in,
-    insert_plain_in,
+    fresh_params,
+    insert_fresh_in,
     jobs_from_claim,
     marks,
     release_in,
@@ -356,21 +357,21 @@ class SQLiteStore(Store):
     def _write_jobs(self, requests: Sequence[Sequence[JobRecord]]) -> list[list[str]]:
         """Insert every request's jobs in one transaction on this thread's connection; each request's ids.
 
-        Jobs without a unique key or dependencies (the usual case) go in as one multi-row INSERT per
+        New plain jobs (:func:`fresh_params`: the usual case) go in as one multi-row INSERT per
         :data:`INSERT_ROWS` (up to that many, the statement is the whole transaction: no BEGIN/COMMIT);
-        the others each look up or settle first, in one IMMEDIATE transaction."""
+        with any other job among them, all in one IMMEDIATE transaction (:meth:`_insert_many`)."""
         conn = self._conn()
         first = requests[0]
-        params: Sequence[Any] | None = None
+        params: Sequence[Any] | None
         if len(requests) == 1 and len(first) == 1:  # the usual enqueue: no list built
-            if first[0].unique_key is None and not first[0].depends_on:
-                params, count = job_params(first[0]), 1
-        elif all(job.unique_key is None and not job.depends_on for jobs in requests for job in jobs):
-            params = [value for jobs in requests for job in jobs for value in job_params(job)]
-            count = sum(len(jobs) for jobs in requests)
+            params, count = fresh_params(first[0]), 1
+        else:
+            rows = [fresh_params(job) for jobs in requests for job in jobs]
+            params = None if None in rows else [value for row in rows if row is not None for value in row]
+            count = len(rows)
         if params is not None:  # built before the write lock: only the insert runs under it
             with self._write(immediate=count > INSERT_ROWS, defer_sync=True):
-                last = insert_plain_in(conn, params, count)
+                last = insert_fresh_in(conn, params, count)
             if self._watcher.active and last is not None:
                 # One writer inserting: the rows took consecutive seqs, in order.
                 self._watcher.note_own(last - count + 1, last)
@@ -387,13 +388,13 @@ class SQLiteStore(Store):
         return ids
 
     def _insert_many(self, conn: sqlite3.Connection, jobs: Sequence[JobRecord]) -> list[str]:
-        """Insert ``jobs`` in the open transaction; their ids (a unique key's active holder for a duplicate)."""
-        plain = [job for job in jobs if job.unique_key is None and not job.depends_on]
-        if plain:
-            insert_plain_in(conn, [value for job in plain for value in job_params(job)], len(plain))
-        if len(plain) == len(jobs):
-            return [job.id for job in jobs]
-        return [job.id if job.unique_key is None and not job.depends_on else self._insert(conn, job) for job in jobs]
+        """Insert ``jobs`` in the open transaction, the new plain ones first; their ids (a unique key's
+        active holder for a duplicate)."""
+        rows = [fresh_params(job) for job in jobs]
+        fresh = [value for row in rows if row is not None for value in row]
+        if fresh:
+            insert_fresh_in(conn, fresh, len(jobs) - rows.count(None))
+        return [job.id if row is not None else self._insert(conn, job) for job, row in zip(jobs, rows, strict=True)]
 
     # -- workers -------------------------------------------------------------------------------------
 
