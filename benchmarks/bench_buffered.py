@@ -199,9 +199,12 @@ def measure(latency: float, n: int, repeat: int) -> dict[str, tuple[float, int, 
         rate = statistics.median(r[0] for r in runs[name])
         cpu = statistics.median(r[1] for r in runs[name])
         ratios = " ".join(f"{mine[0] / theirs[0]:.2f}" for mine, theirs in zip(runs[name], base, strict=True))
+        cpu_ratios = " ".join(f"{mine[1] / theirs[1]:.2f}" for mine, theirs in zip(runs[name], base, strict=True))
         results[name] = (rate, calls[name], cpu, ratios)
+        low, high = min(r[0] for r in runs[name]), max(r[0] for r in runs[name])
         print(
-            f"  {name:<52} {rate:>12,.0f} msg/s  {cpu:6.2f} CPU µs/msg  ({calls[name]} calls)  per run: {ratios}",
+            f"  {name:<52} {rate:>12,.0f} msg/s ({low:,.0f}-{high:,.0f})  {cpu:6.2f} CPU µs/msg  "
+            f"({calls[name]} calls)  per run: {ratios}  CPU per run: {cpu_ratios}",
             file=sys.stderr,
         )
     return results
