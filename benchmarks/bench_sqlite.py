@@ -17,7 +17,8 @@
    jobs/s, and run jobs/s with 4 worker threads; the ratio in each round (the peers run
    back to back in a round, as the disk's fsync time drifts over seconds on a shared machine),
    and how many enqueues each commit and each WAL fdatasync of ``durability="full"`` covered.
-   ``durability="normal"`` is shown for reference.
+   ``durability="normal"`` is shown for reference. ``--against DIR``: the tree in DIR's
+   ``durability="full"`` runs as one more peer in each round (a child process), for a same-run A/B.
 
 The machine may be shared: run it twice to see the spread. ``python benchmarks/bench_sqlite.py --help``.
 """
@@ -402,17 +403,42 @@ def _enqueue_run(directory: str, args: argparse.Namespace, *, in_process: bool) 
     print(f"   calls over 2 ms: {len(slow)}, of which {stalled_in_sqlite} inside SQLite (busy waits, GIL hand-backs)")
 
 
+def _against_full(directory: str, against: str, jobs: int, producers: int) -> tuple[float, float]:
+    """bench_threaddispatch(..., "full") with the tree in ``against``, in a child process: (enqueue, run) jobs/s."""
+    directory = os.path.join(directory, f"against-{next(_serial)}")  # the child numbers its files from 0
+    os.mkdir(directory)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {os.path.join(against, "benchmarks")!r})
+        sys.path.insert(0, {against!r})
+        import bench_sqlite
+        print(*bench_sqlite.bench_threaddispatch({directory!r}, {jobs}, {producers}, "full"))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": against}
+    found = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True, timeout=600
+    )
+    enqueue_rate, run_rate = found.stdout.split()[-2:]
+    return float(enqueue_rate), float(run_rate)
+
+
 def _durability_section(directory: str, args: argparse.Namespace) -> None:
     print(f"4. equal durability (fsync per commit), {args.jobs} no-op jobs, 4 worker threads, {args.repeat} rounds")
     print("   each round runs the peers back to back (the disk's speed drifts: compare within a round)")
     for producers in (1, 4):
         runs: dict[str, Callable[[], tuple[float, float]]] = {
             "threaddispatch durability='full'": lambda: bench_threaddispatch(directory, args.jobs, producers, "full"),
-            "huey SqliteHuey(fsync=True)": lambda: bench_huey(directory, args.jobs, producers),
-            "threaddispatch durability='normal'": lambda: bench_threaddispatch(
-                directory, args.jobs, producers, "normal"
-            ),
         }
+        if args.against:  # the other tree's full durability, in the same rounds, next to this tree's
+            runs["durability='full', --against tree"] = lambda: _against_full(
+                directory, args.against, args.jobs, producers
+            )
+        runs["huey SqliteHuey(fsync=True)"] = lambda: bench_huey(directory, args.jobs, producers)
+        runs["threaddispatch durability='normal'"] = lambda: bench_threaddispatch(
+            directory, args.jobs, producers, "normal"
+        )
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
         for _ in range(args.repeat):  # interleaved, so noise hits every peer alike
             for name, run in runs.items():
@@ -431,6 +457,15 @@ def _durability_section(directory: str, args: argparse.Namespace) -> None:
             f"(median {statistics.median(enqueue_ratios):.2f}, min {min(enqueue_ratios):.2f}); "
             f"run {' '.join(f'{r:.2f}' for r in run_ratios)} (median {statistics.median(run_ratios):.2f})"
         )
+        if args.against:
+            other = results["durability='full', --against tree"]
+            other_ratios = [o[0] / h[0] for o, h in zip(other, huey, strict=True)]
+            print(
+                f"   ratio --against tree / huey per round: enqueue {' '.join(f'{r:.2f}' for r in other_ratios)} "
+                f"(median {statistics.median(other_ratios):.2f}, min {min(other_ratios):.2f}); "
+                f"this tree / --against tree: enqueue median "
+                f"{statistics.median(f[0] / o[0] for f, o in zip(full, other, strict=True)):.2f}"
+            )
         sizes = _COMMITS.get(producers, [])
         if sizes:
             print(f"   durability='full': {sum(sizes) / len(sizes):.2f} enqueues per commit (huey: 1)", end="")
@@ -452,7 +487,10 @@ def main() -> None:
     parser.add_argument("--only", choices=["latency", "enqueue", "durability"], default=None)
     parser.add_argument("--rounds", type=int, default=1, help="enqueue-with-a-worker rounds (default 1)")
     parser.add_argument(
-        "--against", default=None, help="with --only enqueue: a directory holding another tree, run before each round"
+        "--against",
+        default=None,
+        help="a directory holding another tree: with --only enqueue run before each round; in the durability "
+        "section its durability='full' runs as one more peer of each round",
     )
     args = parser.parse_args()
     import sqlite3
