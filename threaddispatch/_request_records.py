@@ -249,7 +249,11 @@ class RequestIndex:
         req.shard = None
         self._size -= 1
         if not shard and shard is not self._tail:
-            self._sealed.remove(shard)  # one step per shard, once per SHARD removals at most
+            sealed = self._sealed
+            for i, other in enumerate(sealed):  # by identity (list.remove compares dicts by content)
+                if other is shard:
+                    del sealed[i]  # one step per shard, once per SHARD removals at most
+                    break
 
     def get(self, request_id: str) -> PendingRequest | None:
         req = self._tail.get(request_id)
