@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from threaddispatch import AsyncDispatcher, BatchedDispatcher
+from threaddispatch.backoff import Constant, RetryPolicy
 from threaddispatch.errors import QueueFullError
 from threaddispatch.testing import wait_for
 
@@ -138,7 +139,7 @@ def test_a_partial_batch_in_the_lane_is_completed_first() -> None:
         settled.extend(tokens)
         assert errors is None
 
-    tokens: list[Any] = [((i, None, None), i) for i in range(30)]
+    tokens: list[Any] = [(i, None, None) for i in range(30)]
     with BatchedDispatcher(recorder, max_batch_size=10, flush_interval=60.0) as bd:
         assert bd._hand_off(tokens[:3], "t", settle) == []
         assert bd.stats()["pending"] == 3
@@ -160,7 +161,7 @@ def test_flush_and_close_wait_for_an_inline_send() -> None:
     recorder.hold = release
     bd: BatchedDispatcher[int] = BatchedDispatcher(recorder, max_batch_size=5, flush_interval=60.0)
     handed = threading.Thread(
-        target=bd._hand_off, args=([((i, None, None), i) for i in range(5)], "t", lambda _t, _e: None), daemon=True
+        target=bd._hand_off, args=([(i, None, None) for i in range(5)], "t", lambda _t, _e: None), daemon=True
     )
     try:
         handed.start()
@@ -183,8 +184,8 @@ def test_a_closed_batched_dispatcher_refuses_a_hand_off_it_would_send_inline() -
     recorder = _Recorder()
     bd: BatchedDispatcher[int] = BatchedDispatcher(recorder, max_batch_size=5, flush_interval=60.0)
     assert bd.close(10)
-    refused = bd._hand_off([((i, None, None), i) for i in range(10)], "t", lambda _t, _e: None)
-    assert [token[1] for token, _ in refused] == list(range(10))
+    refused = bd._hand_off([(i, None, None) for i in range(10)], "t", lambda _t, _e: None)
+    assert [token[0] for token, _ in refused] == list(range(10))
     assert recorder.contents() == []
 
 
@@ -274,7 +275,8 @@ def test_inline_batches_check_send_batchs_results_as_the_send_threads_do(shape: 
         return {"list": ids, "tuple": tuple(ids), "short list": ids[:-1], "str": "id"}[shape]
 
     failed: list[Any] = []
-    with BatchedDispatcher(send, max_batch_size=10, flush_interval=60.0) as bd:
+    bad_shapes: Any = send  # send_batch's type says a sequence; this one returns anything
+    with BatchedDispatcher[Any](bad_shapes, max_batch_size=10, flush_interval=60.0) as bd:
         ad, sender = _async(bd, error_handler=failed.append)
         for i in range(20):
             sender.put(i)
@@ -316,3 +318,31 @@ def test_a_flush_or_close_from_an_inline_send_batch_does_not_wait_for_itself() -
         assert bd.stats()["sent"] >= 10  # the batch it ran in was sent
     finally:
         bd.close(10)
+
+
+def test_retried_messages_keep_their_attempts_across_hand_offs() -> None:
+    """A message that fails in an inline batch is retried through later hand-offs with its attempts
+    counted on: one that keeps failing is reported after max_attempts, one that recovers is sent; once all
+    settled, no retried message's count is left behind."""
+    tries: dict[int, int] = {}
+
+    def send(_target: str, messages: list[int]) -> list[Any]:
+        results: list[Any] = []
+        for m in messages:
+            tries[m] = tries.get(m, 0) + 1
+            failing = m == 7 or (m == 13 and tries[m] < 3)  # 7 always fails; 13 twice, then is sent
+            results.append(KeyError(m) if failing else f"id-{m}")
+        return results
+
+    failed: list[Any] = []
+    with BatchedDispatcher(send, max_batch_size=10, flush_interval=0.01) as bd:
+        ad, sender = _async(bd, error_handler=failed.append, retry=RetryPolicy(max_attempts=4, backoff=Constant(0.001)))
+        for i in range(40):
+            sender.put(i)
+        ad.start()
+        wait_for(lambda: ad.sent == 39 and len(failed) == 1)
+        assert ad.stop(10) is True
+    assert [(f.message, f.attempts, type(f.error)) for f in failed] == [(7, 4, KeyError)]
+    assert tries[7] == 4 and tries[13] == 3 and all(tries[m] == 1 for m in range(40) if m not in (7, 13))
+    assert ad.stats()["retried"] == 3 + 2
+    assert ad._state.handed_attempts == {}

@@ -80,7 +80,7 @@ _SLOW_BATCH = 0.02
 
 _settle_of = attrgetter("settle")
 _token_of = attrgetter("token")
-_first = itemgetter(0)  # a hand-off token is ((message, delay, context), extra)
+_first = itemgetter(0)  # a hand-off token is its entry (message, delay, context)
 
 
 # The types of the usual outcomes of a sent message (an id, or None): a set of only these needs no further test.
@@ -444,7 +444,7 @@ class _BatchState(Generic[T]):
         try:
             batch = self._runnable(items)
             for token in handed[:fill]:
-                (message, _, given), _ = token
+                message, _, given = token
                 context = given if given is not None else caller if caller is not None else contextvars.copy_context()
                 batch.append(_Pending(message, None, None, context, settle, token, None))
             self._send_one(target, batch)
@@ -455,7 +455,7 @@ class _BatchState(Generic[T]):
     def _send_handed(
         self, target: str, batch: list[Any], caller: contextvars.Context | None
     ) -> tuple[list[BaseException | None] | None, float]:
-        """``send_batch`` for one batch of hand-offs ``((message, None, context or None), extra)``, on this thread.
+        """``send_batch`` for one batch of hand-offs ``(message, None, context or None)``, on this thread.
 
         The caller (:meth:`send_inline`) counts this thread as inside ``send_batch``. Returns
         each message's error (None for one sent), or None when all were sent; and how long
@@ -464,12 +464,12 @@ class _BatchState(Generic[T]):
         if self.envelopes:
             payload: list[Any] = [
                 Envelope(message, None, contextvars.copy_context() if given is None else given)
-                for (message, _, given), _ in batch
+                for message, _, given in batch
             ]
             context = payload[0].context
         else:
-            payload = list(map(_first, map(_first, batch)))  # the messages
-            given = batch[0][0][2]
+            payload = list(map(_first, batch))  # the messages
+            given = batch[0][2]
             context = caller if given is None else given
         assert context is not None  # without envelopes the hand-off passes its caller's context
         count = len(batch)

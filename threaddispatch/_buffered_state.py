@@ -201,6 +201,10 @@ class _AsyncState(Generic[T]):
         self.failures: deque[FailedMessage[T]] = deque()
         # Taken from the buffer and not settled yet: being sent, submitted, or waiting to retry.
         self.in_flight = 0
+        # id(entry) -> attempts made, for each retried entry handed to a BatchedDispatcher and not settled
+        # (a fresh one made none and is not here): the hand-off's token is the entry alone. An entry in
+        # flight is alive (the hand-off holds it), so its id names it until it is settled and leaves here.
+        self.handed_attempts: dict[int, int] = {}
         self.put_waiters = 0
         self.loop_waiting = False
         self.submitted = 0
@@ -434,7 +438,7 @@ class _AsyncState(Generic[T]):
         # What this loop is handling, for _abandon: one message, or a hand-off's chunk (a fault
         # inside a hand-off may report some of it failed that were handed over: better than losing them).
         holding: tuple[_Entry[T], int] | None = None
-        chunk: list[tuple[_Entry[T], int]] = []
+        chunk: list[_Entry[T]] = []
         spooled = self.spool is not None
         acks: list[_Entry[T]] = []  # dispatched, not acknowledged in the spool yet (one commit per group)
         try:
@@ -495,7 +499,7 @@ class _AsyncState(Generic[T]):
         except BaseException as error:
             # Only a fault of this loop's own code gets here: user code's errors fail their message.
             _log.critical("%s: the dispatch loop died; reporting what it held as failed", self.describe())
-            self._abandon(error, chunk if holding is None else [holding], delivered)
+            self._abandon(error, self._with_attempts(chunk) if holding is None else [holding], delivered)
             raise
         finally:
             if acks:  # before stop() (which joins this loop) closes the spool
@@ -556,13 +560,17 @@ class _AsyncState(Generic[T]):
                 until = ack_by - now if until is None else min(until, ack_by - now)
             self._wait_for_work(None if until is None else min(until, _MAX_WAIT))
 
-    def _take_more(self, job: tuple[_Entry[T], int]) -> list[tuple[_Entry[T], int]]:
-        """``job`` and up to ``hand_chunk - 1`` more buffered messages, in order, for the hand-off. Holds mutex.
+    def _take_more(self, job: tuple[_Entry[T], int]) -> list[_Entry[T]]:
+        """``job``'s entry and up to ``hand_chunk - 1`` more buffered ones, in order, for the hand-off. Holds mutex.
 
         Takes only what ``_next_job`` would take next: not while the failure backlog is full
-        nor past ``max_in_flight``; a retry due now is taken by the next ``_next_job``.
+        nor past ``max_in_flight``; a retry due now is taken by the next ``_next_job``. The
+        entries are the hand-off's tokens; a retried one's attempts wait in ``handed_attempts``.
         """
-        taken = [job]
+        entry, attempts = job
+        if attempts:
+            self.handed_attempts[id(entry)] = attempts
+        taken = [entry]
         buffer = self.buffer
         assert self.failure_capacity is not None
         if not buffer or len(self.failures) >= self.failure_capacity:
@@ -571,10 +579,10 @@ class _AsyncState(Generic[T]):
         if count <= 0:
             return taken
         if count == len(buffer):  # all of it, the usual case once the loop keeps up: no frame per message
-            taken += zip(buffer, repeat(0))
+            taken += buffer
             buffer.clear()
         else:  # the first count of it, popped in a C loop (no frame per message)
-            taken += zip(starmap(buffer.popleft, repeat((), count)), repeat(0))
+            taken += starmap(buffer.popleft, repeat((), count))
         self.in_flight += count
         self.submitted += count
         if self.put_waiters:
@@ -649,26 +657,42 @@ class _AsyncState(Generic[T]):
         else:
             future.add_done_callback(functools.partial(self._on_done, entry, attempt))
 
-    def _hand(self, taken: list[tuple[_Entry[T], int]]) -> None:
+    def _hand(self, taken: list[_Entry[T]]) -> None:
         """Hand ``taken`` to the BatchedDispatcher in one call, without Futures; :meth:`_on_handed` settles them.
 
-        Each ``(entry, attempts made)`` pair is its own token: the hand-off gives it back.
+        Each entry is its own token: the hand-off gives it back.
         """
         assert self.hand_off is not None
-        for (entry, attempts), error in self.hand_off(taken, self.target, self.on_handed):
-            self._settle(entry, attempts + 1, error)  # refused (closed, a bad delay): this message failed
+        refused = self.hand_off(taken, self.target, self.on_handed)
+        if refused:  # refused (closed, a bad delay): these messages failed
+            entries = self._with_attempts([entry for entry, _ in refused])
+            for (entry, attempts), (_, error) in zip(entries, refused, strict=True):
+                self._settle(entry, attempts + 1, error)
 
-    def _on_handed(self, tokens: list[tuple[_Entry[T], int]], errors: list[BaseException | None] | None) -> None:
+    def _with_attempts(self, entries: list[_Entry[T]]) -> list[tuple[_Entry[T], int]]:
+        """Handed ``entries`` settled now, each with the attempts made before this one (0 unless a retry).
+
+        Their ``handed_attempts`` go (under mutex): an entry's id names it only while it is in flight.
+        """
+        retried = self.handed_attempts
+        if not retried:  # no retry in flight: read without the lock (only the dispatch loop adds, before handing)
+            return list(zip(entries, repeat(0)))
+        with self.mutex:
+            return [(entry, retried.pop(id(entry), 0)) for entry in entries]
+
+    def _on_handed(self, tokens: list[_Entry[T]], errors: list[BaseException | None] | None) -> None:
         """A batch of handed messages was sent or failed (a send thread, nothing held): one lock for its successes."""
         sent = len(tokens)
         if self.spool is not None:
             outcomes = errors or [None] * sent
-            self.spool_settle([entry for (entry, _), error in zip(tokens, outcomes, strict=True) if error is None])
+            self.spool_settle([entry for entry, error in zip(tokens, outcomes, strict=True) if error is None])
         if errors is not None:  # some failed (errors None: all were sent)
-            for (entry, attempts), error in zip(tokens, errors, strict=True):
+            for (entry, attempts), error in zip(self._with_attempts(tokens), errors, strict=True):
                 if error is not None:
                     sent -= 1
                     self._settle(entry, attempts + 1, error)
+        elif self.handed_attempts:  # all sent: a retried one's attempts go with it
+            self._with_attempts(tokens)
         if sent:
             with self.mutex:
                 self.in_flight -= sent

@@ -49,8 +49,7 @@ SendEnvelopes = Callable[[str, list[Envelope[T]]], "_Results | Awaitable[_Result
 _names = iter(range(1, 1 << 62))
 _copy_context = contextvars.copy_context  # a global load less per submit
 
-# A hand-off token is ((message, delay_seconds, context), extra): its entry, and the entry's delay.
-_first = itemgetter(0)
+# A hand-off token is its entry (message, delay_seconds, context): its delay.
 _second = itemgetter(1)
 
 
@@ -221,14 +220,14 @@ class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
 
     def _hand_off(
         self,
-        handed: list[tuple[tuple[T, int | None, contextvars.Context | None], Any]],
+        handed: list[tuple[T, int | None, contextvars.Context | None]],
         target: str,
         settle: Settle,
     ) -> list[tuple[Any, BaseException]]:
         """:meth:`submit` without Futures, for :class:`~threaddispatch.buffered.AsyncDispatcher`, in order.
 
-        ``handed`` holds ``((message, delay_seconds or None, context or None), extra)`` pairs,
-        each pair its message's token. Once the batch holding a message was sent or failed,
+        ``handed`` holds ``(message, delay_seconds or None, context or None)`` entries, each
+        its message's token (told apart by identity). Once the batch holding a message was sent or failed,
         ``settle(tokens, errors)`` gets the tokens of that batch's hand-offs that share it and
         their errors (None for one sent; ``errors`` None when all were sent), on a send
         thread (or, past close()'s deadline, on the thread that fails them). While sends are
@@ -261,7 +260,7 @@ class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
         lane) nothing is sent inline.
         """
         size = self._engine.max_batch_size
-        if len(handed) < size or set(map(_second, map(_first, handed))) != {None}:  # C loops: no frame per message
+        if len(handed) < size or set(map(_second, handed)) != {None}:  # a C loop: no frame per message
             return [], handed
         refused: list[tuple[Any, BaseException]] = []
         waiting = self._engine.lane_length(target)
@@ -281,7 +280,7 @@ class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
         run: list[_Pending[T]] = []  # delay-free messages not in the lane yet, in order
         tracing = self._tracing
         for token in handed:
-            (message, delay_seconds, given), _ = token
+            message, delay_seconds, given = token
             context = given if given is not None else caller if caller is not None else contextvars.copy_context()
             # The producer's span is in its captured context; without one the caller is a loop thread: no span.
             span = None if tracing is None or given is None else given.run(tracing.capture)
