@@ -137,3 +137,51 @@ def test_a_closing_engine_leaves_the_drain_to_the_worker() -> None:
     assert engine.in_flight() == 0
     assert engine.close(5)
     assert engine.pending() == 0 and engine.settled_entries == 6
+
+
+def test_a_producer_waiting_for_the_lock_makes_the_settling_loop_yield(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A producer blocked on the engine's lock is counted while it waits; a settle that takes a batch
+    meanwhile then lets it in (yields the GIL) before its caller sends on, so add_job is not kept
+    waiting for a switch interval per sending thread that loops."""
+    from threaddispatch import _engine
+    from threaddispatch._lanes import PriorityLane
+
+    yields: list[float] = []
+    monkeypatch.setattr(_engine, "_yield_gil", yields.append)
+    engine: BatchEngine[Any] = BatchEngine(
+        lambda _key, _items, seq: engine.settle(seq),
+        name="test-settle-take",
+        window=60,
+        max_batch_size=1,
+        max_unsettled=1,
+        lane_factory=lambda key: PriorityLane(key, priority_of=lambda _item: 0),  # every put takes the lock
+        self_settling=True,
+    )
+    with engine._lock:
+        engine._thread = threading.current_thread()
+    engine.put("a", 0)
+    engine.put("b", 1)
+    with engine._lock:
+        batches, _skipped = engine._take_due(time.monotonic())
+    first = engine.settle_and_take(batches[0][1])
+    assert first is not None and yields == []  # nobody waited: no yield
+    done = threading.Event()
+
+    def produce() -> None:
+        engine.put("c", 2)
+        done.set()
+
+    with engine._lock:
+        producer = threading.Thread(target=produce)
+        producer.start()
+        wait_for(lambda: engine._producers_waiting, timeout=5, message="the producer waiting for the lock")
+    assert done.wait(5)
+    producer.join(5)
+    assert engine._producers_waiting == []  # counted only while it waited
+    with engine._lock:
+        engine._producers_waiting.append(None)  # as if another producer waited now
+    second = engine.settle_and_take(first[1])
+    assert second is not None and second[::2] == (2, ["c"]) and yields == [0]
+    with engine._lock:
+        engine._producers_waiting.clear()
+    _release(engine)

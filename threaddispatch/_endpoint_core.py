@@ -42,6 +42,10 @@ __all__ = ["Core"]
 
 _log = logging.getLogger("threaddispatch")
 
+# The longest a sending thread sends batch after batch before it lets other threads have the GIL
+# (seconds): each such loop holding it for a switch interval (5 ms) would keep add_job waiting as long.
+_TURN = 0.0002
+
 _forked_spools: list[Spool] = []  # a forked child's copies of its parent's spools: never used nor closed there
 
 
@@ -225,6 +229,8 @@ class Core:
         """
         local = self.local
         settle_and_take = self.engine.settle_and_take
+        clock = time.perf_counter
+        turn_ends = clock() + _TURN
         self.permits.get()
         local.sending = getattr(local, "sending", 0) + 1
         try:
@@ -241,6 +247,11 @@ class Core:
                 if taken is None:
                     return
                 endpoint_id, seq, jobs = taken
+                if clock() >= turn_ends:
+                    # Sends that return at once keep this loop on the GIL: let the threads waiting
+                    # for it (add_job's callers) have it now, not after a switch interval per such loop.
+                    time.sleep(0)
+                    turn_ends = clock() + _TURN
         finally:
             local.sending -= 1
             self.permits.put(None)

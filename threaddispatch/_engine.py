@@ -24,7 +24,14 @@ The gate is one capacity for all lanes: once it refuses a lane, the worker stops
 settles (one held lane per settled batch, oldest first, ahead of the lanes waiting) or when
 its next window closes (the gate may open without a settle), whichever comes first;
 reaching ``max_batch_size`` meanwhile does not retry it again. So a shut gate costs one
-refusal per settle or held window, not one per due lane.
+refusal per settle or held window, not one per due lane. While it is shut the worker closes
+only the held lanes' windows: the others stay open until the gate opens, as lanes that could
+not go anyway. A self-settling face's sending thread settles with :meth:`BatchEngine.settle_and_take`,
+which gives the freed capacity to the next due batch (the held lane first, then the due lanes in
+order, then the windows the shut gate left open) on that thread: while sends keep every slot
+taken, a batch costs no wake-up of the worker, no refusal and no hand-off. Such a loop lets a
+producer waiting for ``_lock`` in (it yields the GIL: see ``_producers_waiting``), so it does not
+keep add-style callers out for a switch interval per looping thread.
 
 Cost does not grow with the number of lanes: the open windows and the due lanes are
 deques with lazy removal (O(1) at both ends, where a plain dict used as a FIFO rescans
@@ -82,6 +89,7 @@ _MAX_SLACK = 0.001  # seconds: the most a window closes late (see BatchEngine._s
 _MAX_WAIT = 3600.0  # the longest single wait of the worker (seconds); a later due time is waited for in turns
 
 _log = logging.getLogger("threaddispatch")
+_yield_gil = time.sleep  # called with 0: lets the threads waiting for the GIL have it (a name tests can replace)
 
 
 Deliver = Callable[[Hashable, list[Any]], "Future[Any] | None"]
@@ -221,6 +229,9 @@ class BatchEngine(Generic[T]):
         # _drop); lock-free appends only lengthen a lane. So a lane that empties (and may then
         # be deleted) has no quota, and a flush never waits for entries that are gone.
         self._flush_quota: dict[Lane[T], int] = {}
+        # One None per producer waiting for _lock on put's locked path (appended and popped without
+        # the lock: atomic list operations), read by settle_and_take's loop to let them in.
+        self._producers_waiting: list[None] = []
         self._space_waiters = 0
         self._settle_waiters = 0
         self._closing = False
@@ -357,7 +368,15 @@ class BatchEngine(Generic[T]):
         # The locked path, in this frame (a PriorityLane's every put comes here).
         dropped: list[T] | None = None
         accepted = True
-        with self._lock:
+        lock = self._lock
+        if not lock.acquire(False):
+            # Counted while it waits, so a sending thread that takes batch after batch lets it in
+            # (settle_and_take); a list's append and pop are atomic without the lock.
+            waiting = self._producers_waiting
+            waiting.append(None)
+            lock.acquire()
+            waiting.pop()
+        try:
             if self._closing:
                 raise DispatcherClosedError(f"{self.name} is closed; {item!r} was not accepted")
             lane = self._lane_of(key)
@@ -376,6 +395,8 @@ class BatchEngine(Generic[T]):
             if accepted:
                 lane.append(item)
                 self._arm(lane)
+        finally:
+            lock.release()
         if dropped:
             self._report_dropped(dropped)
         return accepted
@@ -694,62 +715,71 @@ class BatchEngine(Generic[T]):
         if drop_log is not None:
             drop_log.delivered()
         with self._lock:
-            unsettled = self._unsettled
-            entries = unsettled.pop(seq, None)
-            if entries is None:
-                return None
-            self.settled_entries += entries
-            if self._settle_waiters:
-                self._settled.notify_all()
-            due = self._due
-            made_due = False
-            held = self._held
-            while held:
-                # The oldest held lane goes first (as _release_held does), with no wake-up for it yet.
-                lane, _ = held.popitem(last=False)
-                if len(lane) and not lane.due:
-                    self._make_due(lane, first=True)
-                    made_due = True
-                    break
-            limit = self._max_unsettled
-            if not self._closing and self._gate is None and (limit is None or len(unsettled) < limit):
-                now = time.monotonic()
-                if not due and self._gate_shut:
-                    self._close_windows(now)  # a shut gate left them to whoever reopens it: this thread
-                while due:
-                    lane = due.popleft()
-                    if not lane.due:
-                        continue  # stale: take_now took it
-                    lane.due = False
-                    if not len(lane):
-                        self._rearm(lane, now)
-                        continue
-                    items = lane.take(self.max_batch_size)
-                    # _start_batch inline: once per batch on this path.
-                    self._batch_seq = taken = self._batch_seq + 1
-                    unsettled[taken] = count = len(items)
-                    self.batches += 1
-                    self.taken += count
-                    if held:
-                        held.pop(lane, None)
-                    if self._flush_quota:
-                        self._lower_quota(lane, count)
+            taken = self._settle_take(seq)
+        if taken is not None and self._producers_waiting:
+            # A producer waits for the lock this loop keeps taking: let it have the lock and the
+            # GIL now, not after a switch interval per sending thread that loops like this one.
+            _yield_gil(0)
+        return taken
+
+    def _settle_take(self, seq: int) -> tuple[Hashable, int, list[T]] | None:
+        """settle_and_take under _lock."""
+        unsettled = self._unsettled
+        entries = unsettled.pop(seq, None)
+        if entries is None:
+            return None
+        self.settled_entries += entries
+        if self._settle_waiters:
+            self._settled.notify_all()
+        due = self._due
+        made_due = False
+        held = self._held
+        while held:
+            # The oldest held lane goes first (as _release_held does), with no wake-up for it yet.
+            lane, _ = held.popitem(last=False)
+            if len(lane) and not lane.due:
+                self._make_due(lane, first=True)
+                made_due = True
+                break
+        limit = self._max_unsettled
+        if not self._closing and self._gate is None and (limit is None or len(unsettled) < limit):
+            now = time.monotonic()
+            if not due and self._gate_shut:
+                self._close_windows(now)  # a shut gate left them to whoever reopens it: this thread
+            while due:
+                lane = due.popleft()
+                if not lane.due:
+                    continue  # stale: take_now took it
+                lane.due = False
+                if not len(lane):
                     self._rearm(lane, now)
-                    if self._flush_taken:
-                        self._flush_progress()
-                    if self._space_waiters:
-                        self._space.notify_all()
-                    if self._gate_shut and (limit is None or len(unsettled) < limit):
-                        self._gate_shut = False  # capacity left over: the worker takes the rest
-                        self._notify_worker()
-                    # Otherwise a shut gate stays shut: the capacity this settle freed is taken again.
-                    return lane.key, taken, items
-            if self._gate_shut:
-                self._gate_shut = False  # capacity freed: the waiting due lanes may go
-                if due or self._open:  # windows the shut gate left unclosed may be due by now
+                    continue
+                items = lane.take(self.max_batch_size)
+                # _start_batch inline: once per batch on this path.
+                self._batch_seq = taken = self._batch_seq + 1
+                unsettled[taken] = count = len(items)
+                self.batches += 1
+                self.taken += count
+                if held:
+                    held.pop(lane, None)
+                if self._flush_quota:
+                    self._lower_quota(lane, count)
+                self._rearm(lane, now)
+                if self._flush_taken:
+                    self._flush_progress()
+                if self._space_waiters:
+                    self._space.notify_all()
+                if self._gate_shut and (limit is None or len(unsettled) < limit):
+                    self._gate_shut = False  # capacity left over: the worker takes the rest
                     self._notify_worker()
-            elif made_due:
+                # Otherwise a shut gate stays shut: the capacity this settle freed is taken again.
+                return lane.key, taken, items
+        if self._gate_shut:
+            self._gate_shut = False  # capacity freed: the waiting due lanes may go
+            if due or self._open:  # windows the shut gate left unclosed may be due by now
                 self._notify_worker()
+        elif made_due:
+            self._notify_worker()
         return None
 
     def _release_held(self) -> None:
