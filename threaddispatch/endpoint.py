@@ -15,7 +15,9 @@ endpoint (a priority lane), the engine's window as ``batch_timeout``, its gate a
 ``max_concurrent_batches`` limit, ``put_later`` as the timer of retries and of jobs with a
 ``scheduled_at``, and ``take_now``/``settle`` for the synchronous ``process_*`` calls. The
 engine's worker takes the batches; they are sent on a
-:class:`~threaddispatch._pool.WorkerPool` of ``max_concurrent_batches`` threads. Closing
+:class:`~threaddispatch._pool.WorkerPool` of ``max_concurrent_batches`` threads, and a sending
+thread whose batch ends takes the next due one itself (``settle_and_take``), so at the limit a
+batch costs no hand-off between threads. Closing
 (``close``/``shutdown``, ``with``, the close of an unreferenced dispatcher) is the shared
 :class:`~threaddispatch._lifecycle.Closing`.
 
@@ -106,7 +108,7 @@ class EndpointBatchDispatcher(Closing):
     it waits queue up behind it, in order, untried and without an event of their own, so a
     full limit costs the same with 10 endpoints or 100,000. Batches are sent on up to
     ``max_concurrent_batches`` daemon threads ``threaddispatch-<name>-send-<n>``, taken by one
-    thread ``threaddispatch-<name>``.
+    thread ``threaddispatch-<name>`` or, when a send ends, by its sending thread for its next batch.
     The limit is over all endpoints, so two batches of one endpoint may be in flight together:
     jobs keep their order within a batch, not across batches.
 
