@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from threaddispatch import _engine as _engine_module
 from threaddispatch._engine import BatchEngine
 from threaddispatch.testing import wait_for
 
@@ -102,9 +103,10 @@ def test_a_settle_closes_the_windows_a_shut_gate_left_open_and_takes_from_them()
     _release(engine)
 
 
-def test_while_the_gate_is_shut_the_worker_leaves_the_other_windows_open() -> None:
+def test_while_the_gate_is_shut_windows_close_a_turn_at_a_time_with_the_held_lanes() -> None:
     """A shut gate cannot take the lanes whose windows close behind it: the worker leaves them in
-    their windows (no work under the lock per window) and retries the held lane only."""
+    their windows, and closes a turn's worth (not all) when the held lane's window closes, so the
+    lock every producer needs is held briefly, and the windows the held lane reopens stay bounded."""
     engine, _skips = _engine(window=0.05, max_batch_size=10)
     engine.put("a", 0)
     engine.put("b", 1)
@@ -112,14 +114,20 @@ def test_while_the_gate_is_shut_the_worker_leaves_the_other_windows_open() -> No
     with engine._lock:
         work = engine._next_work()  # takes lane 0, refuses lane 1: the gate shuts
     assert work is not None and work[1] == [(1, 1)]
-    for key in range(2, 50):
+    held_deadline = _deadline(engine, 1)
+    behind = range(2, 2 + 2 * _engine_module._WINDOWS_PER_TURN)
+    for key in behind:
         engine.put(key, key)
-    _past(_deadline(engine, 49), engine)
     with engine._lock:
-        work = engine._next_work()  # returns at the held lane's next window: refused again
+        engine._close_held_windows(time.monotonic())  # the held lane's window is still open: nothing
+        assert engine._gate_shut and len(engine._due) == 0
+    _past(max(_deadline(engine, behind[-1]), held_deadline), engine)
+    with engine._lock:
+        work = engine._next_work()  # the held lane's window closed: refused again, a turn of windows closed
         assert work is not None and work[1] == [(1, 1)]
-        assert [key for key in range(2, 50) if engine._lanes.get(key).due] == []  # type: ignore[union-attr]
-        assert len(engine._due) == 0
+        due = [key for key in behind if engine._lanes.get(key).due]  # type: ignore[union-attr]
+        assert 0 < len(due) <= _engine_module._WINDOWS_PER_TURN
+        assert due == list(behind)[: len(due)]  # in the order their windows opened
     _release(engine)
 
 

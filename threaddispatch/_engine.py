@@ -26,7 +26,8 @@ its next window closes (the gate may open without a settle), whichever comes fir
 reaching ``max_batch_size`` meanwhile does not retry it again. So a shut gate costs one
 refusal per settle or held window, not one per due lane. While it is shut the worker closes
 only the held lanes' windows: the others stay open until the gate opens, as lanes that could
-not go anyway. A self-settling face's sending thread settles with :meth:`BatchEngine.settle_and_take`,
+not go anyway (a turn's worth of them closes with each held lane's window, which keeps
+``_open`` bounded). A self-settling face's sending thread settles with :meth:`BatchEngine.settle_and_take`,
 which gives the freed capacity to the next due batch (the held lane first, then the due lanes in
 order, then the windows the shut gate left open) on that thread: while sends keep every slot
 taken, a batch costs no wake-up of the worker, no refusal and no hand-off. Such a loop lets a
@@ -822,7 +823,7 @@ class BatchEngine(Generic[T]):
         """With the gate shut: make due, first, the held lanes whose windows closed by ``now``; holds _lock.
 
         They ask the gate again (its answer may change without a settle), so the gate opens
-        for them. The other windows stay open until the gate opens: closing them now would
+        for them. The other windows stay open until the gate opens: closing them all now would
         move lanes that cannot go anyway, under the lock every producer needs.
         """
         until = now - self._slack
@@ -842,10 +843,10 @@ class BatchEngine(Generic[T]):
             if self._flush_requested > self._flush_taken:
                 self._start_flush()
             if self._gate_shut:
-                self._close_held_windows(now)
-                closed_windows = 0
-            else:
-                closed_windows = self._close_windows(now)
+                self._close_held_windows(now)  # may reopen the gate
+            # With the gate shut, windows close only when a held lane's does (the gate opens for it):
+            # a turn's worth at a time, so _open stays bounded (a held lane reopens its window).
+            closed_windows = 0 if self._gate_shut else self._close_windows(now)
             if self._due and not self._gate_shut:
                 return self._take_due(now)
             if closed_windows == _WINDOWS_PER_TURN:
