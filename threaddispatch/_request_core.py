@@ -127,7 +127,8 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
         key = req.dedupe_key
         if key is not None:
             req.added_at = self.clock()
-        req.future.own(self, req.queue_key, req.request_id)
+        future = req.future  # RequestFuture.own, inline: this is every add's path
+        future._queue_key, future._request_id, future._owner = req.queue_key, req.request_id, self
         link = self.storage
         out = Outbox()
         with self.lock:
