@@ -156,7 +156,10 @@ class _AsyncState(Generic[T]):
         self.stop_deadline: float | None = None
         self.failed_at_stop = 0
         self.abandon_reported = False  # the "never started" warning is logged once
-        self.buffered = 0
+        # Accepted messages that left the buffer (taken by the dispatch loop, run at once in immediate
+        # mode, failed by a dying loop, dropped by a fork): `buffered` is this plus what the buffer holds,
+        # so a put counts nothing itself.
+        self.unbuffered = 0
         self.sent = 0
         self.failed = 0
         self.retried = 0
@@ -173,9 +176,20 @@ class _AsyncState(Generic[T]):
         # Set by the AsyncDispatcher given a spool (before any loop starts; None in a forked child):
         # its entries are then _SpooledEntry, acknowledged or dead-lettered where they settle.
         self.spool: Spool | None = None
-        # Whether put/try_put are the immediate ones (_set_immediate): Sender.put's inline path is then off.
+        # Whether put/try_put are the immediate ones (_set_immediate).
         self.immediate = False
+        # Not closing, no restart due, not immediate: Sender.put may buffer inline (one test, under mutex,
+        # instead of three). Kept by _update_put_open wherever one of the three changes.
+        self.put_open = True
         self._init_runtime()
+
+    @property
+    def buffered(self) -> int:
+        """Messages accepted since setup (read ``unbuffered`` and the buffer under mutex for one instant)."""
+        return self.unbuffered + len(self.buffer)
+
+    def _update_put_open(self) -> None:
+        self.put_open = not (self.closing or self.restart_on_put or self.immediate)
 
     def use_spool(self, spool: Spool | None) -> None:
         """Set the spool (before any loop starts). A spooled hand-off takes _ACK_GROUP messages at a time
@@ -252,7 +266,6 @@ class _AsyncState(Generic[T]):
             if self.restart_on_put:
                 self.start_threads()  # may raise (interpreter exiting): before the message is accepted
             self.buffer.append(entry)
-            self.buffered += 1
             if self.loop_waiting:
                 self._wake_loop()
 
@@ -284,7 +297,6 @@ class _AsyncState(Generic[T]):
             if entries and self.restart_on_put:
                 self.start_threads()
             self.buffer.extend(entries)
-            self.buffered += len(entries)
             if entries and self.loop_waiting:
                 self._wake_loop()
 
@@ -325,7 +337,6 @@ class _AsyncState(Generic[T]):
         if self.restart_on_put:
             self.start_threads()  # may raise (interpreter exiting): before the message is accepted
         self.buffer.append(entry)
-        self.buffered += 1
         if self.loop_waiting:
             self._wake_loop()
 
@@ -340,6 +351,7 @@ class _AsyncState(Generic[T]):
             raise DispatcherClosedError(f"{self.describe()}: the interpreter is exiting; no loop may start")
         self.started = True
         self.restart_on_put = False
+        self._update_put_open()
         name = f"threaddispatch-async-{self.target}"
         self.dispatch_thread = threading.Thread(target=self.run_dispatch, name=name, daemon=True)
         self.failure_thread = threading.Thread(target=self.run_failures, name=f"{name}-failures", daemon=True)
@@ -352,6 +364,7 @@ class _AsyncState(Generic[T]):
         with self.mutex:
             if not self.closing:
                 self.closing = True
+                self._update_put_open()
                 self.stop_deadline = deadline
                 self.failed_at_stop = self.failed
                 self.work_ready.notify_all()
@@ -423,9 +436,11 @@ class _AsyncState(Generic[T]):
     def _reset_after_fork(self) -> None:
         # The parent's buffered messages are the parent's to deliver; the child starts empty.
         was_running = self.started and not self.closing
+        self.unbuffered += len(self.buffer)  # the parent's, gone with the old buffer
         self._init_runtime()
         self.started = False
         self.restart_on_put = was_running
+        self._update_put_open()
         self.spool = None  # the parent's file: the child neither writes nor closes it
 
     # -- the dispatch loop ---------------------------------------------------------------------
@@ -538,6 +553,7 @@ class _AsyncState(Generic[T]):
                 return entry, attempts
             if self.buffer and self.in_flight < self.max_in_flight:
                 entry = self.buffer.popleft()
+                self.unbuffered += 1
                 self.in_flight += 1
                 if self.submit is not None:
                     self.submitted += 1
@@ -585,6 +601,7 @@ class _AsyncState(Generic[T]):
             taken += starmap(buffer.popleft, repeat((), count))
         self.in_flight += count
         self.submitted += count
+        self.unbuffered += count
         if self.put_waiters:
             self.not_full.notify(count)
         return taken
@@ -774,6 +791,7 @@ class _AsyncState(Generic[T]):
             left += [(entry, 0) for entry in self.buffer]
             left[:0] = holding
             self.in_flight -= len(holding)
+            self.unbuffered += len(self.buffer)
             self.buffer.clear()
             self.failed += len(left)
             self.failures.extend(_failed(entry, error, self.target, attempts) for entry, attempts in left)
@@ -806,6 +824,7 @@ class _AsyncState(Generic[T]):
             self.__dict__.pop("put", None)
             self.__dict__.pop("try_put", None)
         self.immediate = on
+        self._update_put_open()
 
     def _put_now(self, entry: _Entry[T], timeout: float | None) -> None:
         """Immediate ``put``: never waits for room (nothing stays buffered), so ``timeout`` is not used."""
@@ -823,7 +842,7 @@ class _AsyncState(Generic[T]):
                 raise DispatcherClosedError(f"{self.describe()} is stopped; {show(entry[0])} was not accepted")
             entries = [*self.buffer, entry]
             self.buffer.clear()
-            self.buffered += 1
+            self.unbuffered += len(entries)  # this one too: accepted, never in the buffer
             self.in_flight += len(entries)
             if self.put_waiters:
                 self.not_full.notify_all()

@@ -80,16 +80,15 @@ class Sender(Generic[T]):
             delay_seconds = self._state.check_delay(delay_seconds)
         state = self._state
         entry = (message, delay_seconds, contextvars.copy_context() if self._carry_context else None)
-        if not state.immediate:
-            # _AsyncState.put's common case inline (a call less per message): open, no restart due, room.
-            # Anything else (full, stopped, a forked child's first put) goes the whole way below.
-            with state.mutex:
-                if not state.closing and not state.restart_on_put and len(state.buffer) < state.capacity:
-                    state.buffer.append(entry)
-                    state.buffered += 1
-                    if state.loop_waiting:
-                        state._wake_loop()
-                    return
+        # _AsyncState.put's common case inline (a call less per message): open (not stopped, no restart
+        # due, not immediate) and room. Anything else (full, stopped, a forked child's first put,
+        # immediate mode) goes the whole way below.
+        with state.mutex:
+            if state.put_open and len(state.buffer) < state.capacity:
+                state.buffer.append(entry)
+                if state.loop_waiting:
+                    state._wake_loop()
+                return
         state.put(entry, timeout)
 
     def try_put(self, message: T, *, delay_seconds: int | None = None) -> bool:
@@ -491,7 +490,9 @@ class AsyncDispatcher(_lifecycle.Closing, Generic[T]):
     @property
     def buffered(self) -> int:
         """Messages accepted into the buffer since setup."""
-        return self._state.buffered
+        state = self._state
+        with state.mutex:
+            return state.buffered
 
     def stats(self) -> dict[str, int]:
         """Counters and gauges, read at one instant.
