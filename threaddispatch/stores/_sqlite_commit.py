@@ -2,7 +2,8 @@
 
 An enqueuing thread that finds no commit running becomes the leader, takes everything
 queued so far and writes it with its own jobs in ONE transaction on its own connection
-(one BEGIN/COMMIT, the index pages the jobs share written once: less CPU and WAL per job);
+(for new plain jobs one multi-row INSERT statement, no BEGIN/COMMIT; the index pages the jobs
+share written once: less CPU and WAL per job);
 threads that arrive meanwhile queue and sleep. Once the transaction has committed, the
 leader waits, outside the writer lock, for the
 :class:`~threaddispatch.stores._sqlite_sync.Syncer`'s fsync covering its commit; then it

@@ -343,8 +343,8 @@ class SQLiteStore(Store):
 
     @translate
     def enqueue(self, jobs: Sequence[JobRecord]) -> list[str]:
-        """See :meth:`Store.enqueue`. One IMMEDIATE transaction (shared by concurrent callers with
-        ``durability="full"``); plain jobs go in one executemany."""
+        """See :meth:`Store.enqueue`. One transaction (shared by concurrent callers with
+        ``durability="full"``): up to 32 new plain jobs are ONE multi-row INSERT statement (see :meth:`_write_jobs`)."""
         if not jobs:
             return []
         try:
