@@ -162,6 +162,10 @@ class Core:
         # Jobs accepted and not finished (queued, in a batch, or waiting for a retry): never
         # above max_pending_jobs. A job finishes delivered, exhausted, cancelled or dropped.
         self.held = 0
+        # Counts of held jobs a sending thread delivered, not yet taken off ``held``: appended
+        # without the lock (a list append is atomic), so a batch's send takes no lock of the
+        # core; whoever reads ``held`` under the lock takes them off first (_held_now).
+        self.finished: list[int] = []
         self.dropped = 0
         self.room_waiters = 0
 
@@ -371,9 +375,12 @@ class Core:
             batch.successful = count
             batch.completed_at = finished
             batch.status = "completed"
-            with self.lock:
-                self.held -= count  # _release_held inline
-                if self.room_waiters:
+            self.finished.append(count)  # no lock: see _init_locks
+            if self.room_waiters:
+                # Read after the append: a waiter counts itself before it reads held, so either
+                # it sees this count or this thread sees it waiting and wakes it.
+                with self.lock:
+                    self._held_now()
                     self.room.notify(count)
             if self.spool is not None:
                 self.settle_spool(jobs, ())
@@ -637,6 +644,13 @@ class Core:
 
     # -- the bound ---------------------------------------------------------------------------
 
+    def _held_now(self) -> int:
+        """``held``, with the counts the sending threads left in ``finished`` taken off first. Holds lock."""
+        finished = self.finished
+        while finished:
+            self.held -= finished.pop()
+        return self.held
+
     def _release_held(self, count: int) -> None:
         """``count`` held jobs finished: make room for as many adds. Holds lock."""
         self.held -= count
@@ -653,6 +667,8 @@ class Core:
         with self.lock:
             if self.closed:
                 raise DispatcherClosedError(f"{self.label} is shut down; {job!r} was not accepted")
+            if self.finished:
+                self._held_now()
             if self.held < self.max_pending_jobs:
                 self.held += 1
                 return True
@@ -678,7 +694,7 @@ class Core:
     def room_left(self) -> int:
         """How many more jobs the bound admits now."""
         with self.lock:
-            return max(0, self.max_pending_jobs - self.held)
+            return max(0, self.max_pending_jobs - self._held_now())
 
     def unadmit(self, count: int = 1) -> None:
         """Admitted jobs' puts failed: they are not held after all."""
@@ -700,7 +716,7 @@ class Core:
         deadline = None if timeout is None else time.monotonic() + timeout
         self.room_waiters += 1
         try:
-            while self.held >= self.max_pending_jobs:
+            while self._held_now() >= self.max_pending_jobs:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise QueueFullError(

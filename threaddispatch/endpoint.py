@@ -517,7 +517,7 @@ class EndpointBatchDispatcher(Closing):
         calls = core.caller.stats()
         with core.lock:
             return {
-                "held": core.held,
+                "held": core._held_now(),
                 "pending": sum(lengths.values()),
                 "active_batches": in_flight,
                 "retrying": scheduled,
