@@ -1,0 +1,67 @@
+"""Hostile tests of immediate mode: handlers that enqueue follow-up jobs (a crawler's next page).
+
+In immediate mode ``enqueue()`` runs the job, with every attempt it needs, before it
+returns. A handler that enqueues the next job therefore runs it nested on its own stack,
+one level (about fifteen frames) per job: a chain of a few hundred jobs, ordinary for a
+paginated fetch, reaches the recursion limit. The promises attacked: every job enqueued is
+run and its outcome recorded ("middleware, hooks, unique_key, stored results and the
+dead-letter queue behave as in normal mode"), and no job is left ``running`` (an immediate
+engine has no reaper to recover one). What happens instead: near depth 70 one job fails
+with RecursionError, the job above it is left ``running`` for good because recording its
+failure overflowed the stack too, the rest of the chain is never enqueued, and the first
+``enqueue`` returns normally.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from threaddispatch import JobEngine
+from threaddispatch.jobs import JobContext
+from threaddispatch.stores import JobState, Store
+
+pytestmark = pytest.mark.timeout(60)
+
+PAGES = 300
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="an enqueue inside an immediate-mode handler runs the job nested on the same stack: a chain of a few "
+    "hundred jobs hits RecursionError and leaves a job running forever",
+)
+def test_a_chain_of_jobs_each_enqueueing_the_next_runs_to_the_end_in_immediate_mode(store: Store) -> None:
+    engine = JobEngine(store, immediate=True)
+    fetched: list[int] = []
+
+    def fetch_page(_ctx: JobContext, page: int) -> int:
+        fetched.append(page)
+        if page + 1 < PAGES:
+            engine.enqueue("fetch_page", page + 1)
+        return page
+
+    engine.register("fetch_page", fetch_page, max_retries=0)
+    first = engine.enqueue("fetch_page", 0)
+    assert engine.get_job(first).state is JobState.COMPLETED
+    counts = engine.counts()
+    assert counts["running"] == 0, counts
+    assert counts["failed"] == 0, counts
+    assert fetched == list(range(PAGES))
+    assert counts["completed"] == PAGES
+
+
+def test_a_short_chain_of_jobs_each_enqueueing_the_next_runs_in_order_in_immediate_mode(store: Store) -> None:
+    """The baseline: a chain well under the recursion limit runs to its end, each job completed."""
+    engine = JobEngine(store, immediate=True)
+    fetched: list[int] = []
+
+    def fetch_page(_ctx: JobContext, page: int) -> int:
+        fetched.append(page)
+        if page + 1 < 10:
+            engine.enqueue("fetch_page", page + 1)
+        return page
+
+    engine.register("fetch_page", fetch_page, max_retries=0)
+    engine.enqueue("fetch_page", 0)
+    assert fetched == list(range(10))
+    assert {state: n for state, n in engine.counts().items() if n} == {"completed": 10}
