@@ -204,7 +204,8 @@ def measure(latency: float, n: int, repeat: int) -> dict[str, tuple[float, int, 
         low, high = min(r[0] for r in runs[name]), max(r[0] for r in runs[name])
         print(
             f"  {name:<52} {rate:>12,.0f} msg/s ({low:,.0f}-{high:,.0f})  {cpu:6.2f} CPU µs/msg  "
-            f"({calls[name]} calls)  per run: {ratios}  CPU per run: {cpu_ratios}",
+            f"({calls[name]} calls)  per run: {ratios}  CPU per run: {cpu_ratios}  "
+            f"k msg/s per run: {' '.join(f'{r[0] / 1000:.0f}' for r in runs[name])}",
             file=sys.stderr,
         )
     return results
