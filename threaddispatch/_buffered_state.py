@@ -73,11 +73,12 @@ _ACK: Any = object()
 _MAX_WAIT = 3600.0
 
 # About the most buffered messages the dispatch loop takes under one lock for a hand-off (which
-# never blocks): fewer lock round trips with the producers and fewer runs of inline sends (each run
-# takes a send slot and settles once), and the buffer still frees room steadily. Rounded up to whole
-# batches of the BatchedDispatcher (see _hand_chunk), up to _MAX_HAND_CHUNK. A spooled hand-off takes
-# _ACK_GROUP instead (see _AsyncState.use_spool).
-_HAND_CHUNK = 256
+# never blocks): usually all of them (a buffer of up to about this many), so one lock round trip with
+# the producers and one run of inline sends (a send slot taken, one settle) per buffer's worth, not
+# per part of it. max_in_flight still bounds what is handed over and unsettled. Rounded up to whole
+# batches of the BatchedDispatcher (see _hand_chunk). A spooled hand-off takes _ACK_GROUP instead
+# (see _AsyncState.use_spool).
+_HAND_CHUNK = 1024
 _MAX_HAND_CHUNK = 1024
 
 
