@@ -3,7 +3,8 @@
 In immediate mode ``enqueue()`` runs the job, with every attempt it needs, before it
 returns. A handler that enqueues the next job therefore runs it nested on its own stack,
 one level (about fifteen frames) per job: a chain of a few hundred jobs, ordinary for a
-paginated fetch, reaches the recursion limit. The promises attacked: every job enqueued is
+paginated fetch, reaches Python's default recursion limit (the test sets it: the full suite
+runs with a higher one, raised by something another test loads). The promises attacked: every job enqueued is
 run and its outcome recorded ("middleware, hooks, unique_key, stored results and the
 dead-letter queue behave as in normal mode"), and no job is left ``running`` (an immediate
 engine has no reaper to recover one). What happens instead: near depth 70 one job fails
@@ -14,6 +15,9 @@ failure overflowed the stack too, the rest of the chain is never enqueued, and t
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+
 import pytest
 
 from threaddispatch import JobEngine
@@ -23,6 +27,15 @@ from threaddispatch.stores import JobState, Store
 pytestmark = pytest.mark.timeout(60)
 
 PAGES = 300
+
+
+@pytest.fixture(autouse=True)
+def default_recursion_limit() -> Iterator[None]:
+    """Python's default limit (1000) for the test: a library loaded by another test may have raised it."""
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)
+    yield
+    sys.setrecursionlimit(before)
 
 
 @pytest.mark.xfail(
