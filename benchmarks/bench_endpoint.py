@@ -124,7 +124,14 @@ def endpoint_dispatcher(counter: Counter, **options: Any) -> tuple[Callable[[Any
     listener = options.pop("listener", False)
     send: Any = AsyncCounter(counter) if options.pop("async_send", False) else counter
     d = EndpointBatchDispatcher(
-        send, max_batch_size=BATCH, batch_timeout=WINDOW, max_concurrent_batches=LIMIT, **options
+        send,
+        max_batch_size=BATCH,
+        batch_timeout=WINDOW,
+        max_concurrent_batches=LIMIT,
+        # Room for every job: the first batches go only at ~99k jobs (200 per endpoint, 100 a
+        # batch), so the default bound (100k, "raise") would refuse the adds of a busy machine.
+        max_pending_jobs=counter.expected + 1,
+        **options,
     )
     if listener:
         d.on("job_added", lambda payload: None)
