@@ -23,11 +23,6 @@ pytestmark = pytest.mark.timeout(30)
 SURROGATE = "caf\udce9"  # b"caf\xe9" decoded with surrogateescape
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="request_storage encodes with ensure_ascii=False: sqlite3 raises UnicodeEncodeError at the bind, "
-    "not PayloadError",
-)
 @pytest.mark.parametrize("mode", ["concurrent", "queued"])
 def test_a_request_with_a_lone_surrogate_is_refused_at_add_with_payload_error(tmp_path: Path, mode: str) -> None:
     sent: list[object] = []

@@ -172,14 +172,22 @@ _CHUNK = 500
 
 
 def encode_request(entry: StoredRequest) -> str:
-    """``entry.request`` as JSON, or PayloadError naming the request id and the request."""
+    """``entry.request`` as JSON, or PayloadError naming the request id and the request.
+
+    The JSON must also be UTF-8 (what SQLite stores): a lone surrogate, as ``surrogateescape``
+    makes of undecodable bytes, is refused here rather than by the bind, later, as a bare
+    UnicodeEncodeError.
+    """
     try:
-        return json.dumps(entry.request, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
-    except (TypeError, ValueError, RecursionError) as error:
+        payload = json.dumps(entry.request, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+        if not payload.isascii():
+            payload.encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as error:  # UnicodeEncodeError is a ValueError
         raise PayloadError(
             f"request {entry.request_id} ({_repr.repr(entry.request)}) cannot be stored: "
-            f"it is not JSON-serialisable ({error})"
+            f"it is not JSON-serialisable as UTF-8 ({error})"
         ) from error
+    return payload
 
 
 class SQLiteRequestStorage:
@@ -365,7 +373,9 @@ class SQLiteResponseCache:
         """Store ``entry``; PayloadError naming the key if its response is not JSON-serialisable."""
         try:
             payload = json.dumps(entry.response, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
-        except (TypeError, ValueError, RecursionError) as error:
+            if not payload.isascii():
+                payload.encode("utf-8")  # a lone surrogate: refused here, not by the bind
+        except (TypeError, ValueError, RecursionError) as error:  # UnicodeEncodeError is a ValueError
             raise PayloadError(
                 f"the response for {entry.key!r} ({_repr.repr(entry.response)}) is not JSON-serialisable: {error}"
             ) from error
