@@ -97,6 +97,29 @@ _NOT_EXECUTED = frozenset({"57P01", "57P02", "57P03"})
 _SYNCHRONOUS_COMMIT = ("on", "off", "local", "remote_write", "remote_apply")
 
 
+def _check_schema(schema: object) -> None:
+    """Refuse a ``schema`` PostgreSQL cannot use as written: ConfigurationError naming it.
+
+    The server ends a string at NUL (it would use the schema named by the text before it)
+    and the wire is UTF-8 (a lone surrogate cannot be sent); 63 bytes is its identifier limit.
+    """
+    problem = None
+    if not isinstance(schema, str) or not schema:
+        problem = "is not a non-empty str"
+    elif "\x00" in schema:
+        problem = "contains NUL"
+    else:
+        try:
+            size = len(schema.encode())
+        except UnicodeEncodeError:
+            problem = "is not valid UTF-8 text (a lone surrogate)"
+        else:
+            if size > 63:
+                problem = f"is {size} bytes in UTF-8"
+    if problem is not None:
+        raise ConfigurationError(f"schema must be a PostgreSQL identifier of 1-63 bytes, got {schema!r}: it {problem}")
+
+
 def _table_schema(conn: Conn) -> str | None:
     """The schema holding ``dispatch_jobs`` as this connection resolves it (None before migrating)."""
     row = conn.execute(q.TABLE_SCHEMA).fetchone()
@@ -157,8 +180,8 @@ class PostgresStore(AdminMethods, Store):
     ) -> None:
         self._dsn = Dsn(dsn)
         schema = schema if schema is not None else self._dsn.schema
-        if schema is not None and (not isinstance(schema, str) or not schema or len(schema.encode()) > 63):
-            raise ConfigurationError(f"schema must be a PostgreSQL identifier of 1-63 bytes, got {schema!r}")
+        if schema is not None:
+            _check_schema(schema)
         for name, value in (("min_size", min_size), ("max_size", max_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "min_size" else 1):
                 raise ConfigurationError(f"{name} must be an int >= {0 if name == 'min_size' else 1}, got {value!r}")
