@@ -179,7 +179,19 @@ def test_max_jobs_exits_0_after_n_jobs_and_hands_the_rest_back(workdir: Path, pr
     counts = producer.counts()
     assert (counts["completed"], counts["pending"]) == (2, len(job_ids) - 2), counts
     assert sum(runs(workdir, n) for n in range(6)) == 2
-    assert "ran 2 jobs (--max-jobs): stopped" in err
+    assert "ran 2 jobs (--max-jobs 2): stopped" in err
+
+
+@pytest.mark.timeout(90)
+def test_max_jobs_logs_the_jobs_that_ran_when_more_started_beside_the_last(workdir: Path, producer: JobEngine) -> None:
+    """With four threads, jobs claimed with the 3rd may start beside it: the log counts what ran, not N."""
+    for n in range(8):
+        producer.enqueue("work", {"n": n})
+    status, _out, err = finish(worker(workdir, "--max-jobs", "3", "--concurrency", "4"))
+    assert status == 0, err
+    ran = sum(runs(workdir, n) for n in range(8))
+    assert 3 <= ran <= 6 and producer.counts()["completed"] == ran
+    assert f"ran {ran} jobs (--max-jobs 3): stopped" in err
 
 
 # -- logging ----------------------------------------------------------------------------------------------------

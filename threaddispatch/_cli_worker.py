@@ -204,7 +204,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--max-jobs",
         "exit (0 when clean) once N jobs (attempts) ran here: the N-th start stops the claiming, and the jobs "
-        "started finish first; with --processes, per process, which is then replaced",
+        "started finish first (with --concurrency above 1, jobs claimed with the N-th may start beside it); "
+        "with --processes, per process, which is then replaced",
         _count("max_jobs"),
         "N",
     ),
@@ -375,10 +376,17 @@ class _JobLimit:
         self._lock = threading.Lock()
         self._started = 0
 
+    @property
+    def started(self) -> int:
+        """Attempts started here so far: at least ``limit`` once reached, more when jobs claimed together with
+        the ``limit``-th started beside it (up to the concurrency minus one)."""
+        with self._lock:
+            return self._started
+
     def __call__(self, *_args: object) -> None:
         with self._lock:
             self._started += 1
-            if self._started < self._limit:
+            if self._started != self._limit:
                 return
         self.reached.set()
         deadline = time.monotonic() + self._HOLD
@@ -496,18 +504,20 @@ def serve(
     received: list[int] = []
     limit = None if max_jobs is None else _JobLimit(engine, max_jobs, requested)
     with _stop_signals(requested, received):
+        # The listener stays on through the stop: jobs claimed with the limit-th may start beside it, and count.
         off = None if limit is None else engine.events.on("job_started", limit)
         try:
             engine.start(queues=queues, concurrency=concurrency)
             why = _until_stop(engine, requested, burst=burst, parent=parent)
+            clean = engine.stop()
         finally:
             if off is not None:
                 off()
-        clean = engine.stop()
     if why == "requested":
         why = "signal" if received or limit is None else "max-jobs"
     if why == "max-jobs":
-        logging.getLogger("threaddispatch.worker").info("ran %d jobs (--max-jobs): stopped", max_jobs)
+        assert limit is not None
+        logging.getLogger("threaddispatch.worker").info("ran %d jobs (--max-jobs %d): stopped", limit.started, max_jobs)
     return clean, why
 
 
