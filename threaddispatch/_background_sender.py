@@ -164,6 +164,10 @@ class _Sender(Generic[T]):
         # Immediate mode (testing.immediate()): sends run on the callers' threads, one at a
         # time under this lock, which then guards the counters; retries go at once.
         self.immediate = False
+        # Set by a BatchingHandler: a thread-local whose ``active`` is True on a thread for the
+        # whole of a delivery (sends, retries, the failure record, on_error), so records logged
+        # there are not queued to the handler again. None (every other dispatcher): untouched.
+        self.marker: threading.local | None = None
         self.reset(closing=False)
 
     def reset(self, *, closing: bool) -> None:
@@ -181,6 +185,17 @@ class _Sender(Generic[T]):
         self.immediate_batches = 0
 
     def deliver(self, key: Hashable, items: list[Any]) -> Future[None] | None:
+        marker = self.marker
+        if marker is not None:
+            previous = getattr(marker, "active", False)  # a send may deliver inline (immediate mode, exit)
+            marker.active = True
+            try:
+                return self._deliver(key, items)
+            finally:
+                marker.active = previous
+        return self._deliver(key, items)
+
+    def _deliver(self, key: Hashable, items: list[Any]) -> Future[None] | None:
         if self.immediate:  # a retry scheduled before the switch: one send at a time, as the callers'
             with self.immediate_lock:
                 return self._deliver_mixed(key, items)
@@ -279,11 +294,19 @@ class _Sender(Generic[T]):
 
     def send_now(self, entry: Any, future: Future[None] | None) -> None:
         """Immediate mode: send ``entry`` (its retries at once) and report it, on this thread."""
+        marker = self.marker
+        previous = False if marker is None else getattr(marker, "active", False)
         with self.immediate_lock:
             self.immediate_entries += 1
             self.immediate_batches += 1
             contexts = [] if self.tracing is None else [_capture()()]
-            self._attempt(None, [entry], [] if future is None else [future], 1, None, contexts=contexts, seqs=[])
+            if marker is not None:
+                marker.active = True
+            try:
+                self._attempt(None, [entry], [] if future is None else [future], 1, None, contexts=contexts, seqs=[])
+            finally:
+                if marker is not None:
+                    marker.active = previous
 
     def _settle_spool(self, seqs: list[int], error: BaseException | None) -> None:
         """Acknowledge delivered entries (error None) or dead-letter failed ones; a spool failure is logged.

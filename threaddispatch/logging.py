@@ -30,9 +30,11 @@ class BatchingHandler(logging.Handler):
     Records are prepared as ``logging.handlers.QueueHandler`` does: the message is
     formatted on the caller's thread into a copy of the record whose ``args``/``exc_info``
     are cleared, so it is safe to send later; the original goes on unchanged to the
-    logger's other handlers. Records logged *by* ``send_records`` itself (on the
-    dispatcher's thread) are not queued again, so a handler that logs to its own logger
-    cannot feed itself; they are counted in ``self_records_skipped``.
+    logger's other handlers. Records logged while a batch is being delivered (by
+    ``send_records`` itself, by ``on_error``, and the dispatcher's own "send_batch failed"
+    record, on the dispatcher's thread) are not queued again, so a handler that logs to its
+    own logger cannot feed itself, even while its server is down; they are counted in
+    ``self_records_skipped`` and still reach the logger's other handlers.
 
     ``send_records`` (and ``on_error``) may be ``async def``: the coroutine is awaited on
     the sending thread. ``send_timeout`` is the dispatcher's per-call timeout: a send past
@@ -59,7 +61,9 @@ class BatchingHandler(logging.Handler):
         tracer_provider: object = None,
     ) -> None:
         super().__init__(level)
-        # True on a thread while it runs send_records: the worker, or a send_timeout runner thread.
+        # ``active`` is True on a thread while it delivers a batch (the worker, or the caller in
+        # immediate mode: the sends, the dispatcher's failure record, on_error) or runs
+        # send_records (also a send_timeout runner thread): records logged there are skipped.
         self._sending = threading.local()
         self.dispatcher: BackgroundDispatcher[logging.LogRecord] = BackgroundDispatcher(
             self._sender_of(send_records),
@@ -74,6 +78,7 @@ class BatchingHandler(logging.Handler):
             metrics=metrics,
             tracer_provider=tracer_provider,
         )
+        self.dispatcher._sender.marker = self._sending
         self.self_records_skipped = 0
 
     def _sender_of(
@@ -85,11 +90,12 @@ class BatchingHandler(logging.Handler):
         sending = self._sending
 
         def send(records: list[logging.LogRecord]) -> object:
+            previous = getattr(sending, "active", False)
             sending.active = True
             try:
                 return invoke(send_records, records)
             finally:
-                sending.active = False
+                sending.active = previous
 
         return send
 
