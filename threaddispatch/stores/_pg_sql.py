@@ -18,6 +18,8 @@ from threaddispatch.stores.base import Completion, JobRecord, JobState
 
 #: The NOTIFY channel; payloads are JSON ``{"schema", "queue", "run_at"}``.
 CHANNEL = "threaddispatch"
+#: Payloads must be shorter than this many bytes (PostgreSQL's NOTIFY_PAYLOAD_MAX_LENGTH).
+NOTIFY_MAX = 8000
 
 PURGE_CHUNK = 1000  # finished jobs deleted per statement
 
@@ -158,6 +160,44 @@ SCHEMA_V11 = (
     """CREATE TRIGGER dispatch_jobs_completed AFTER UPDATE OF state ON dispatch_jobs FOR EACH ROW
         WHEN (NEW.has_dependents AND OLD.state = 'running' AND NEW.state = 'completed')
         EXECUTE FUNCTION dispatch_jobs_release_dependents()""",
+)
+
+# Migration 12: every NOTIFY payload fits PostgreSQL's limit (8,000 bytes: ``pg_notify``
+# refuses a longer one, failing the statement that fires the trigger, so a queue name near that
+# length failed every enqueue into it). A payload that would not fit names no queue (JSON null:
+# "look at every queue", which listeners already take) and keeps the schema and run_at. The
+# three functions are migration 9's, each building its payload once as ``note``.
+_FITS = (
+    f"CASE WHEN octet_length(note) < {NOTIFY_MAX} THEN note "
+    "ELSE json_build_object('schema', TG_TABLE_SCHEMA, 'queue', NULL, 'run_at', run_at)::text END"
+)
+SCHEMA_V12 = (
+    f"""CREATE OR REPLACE FUNCTION dispatch_jobs_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('{CHANNEL}', {_FITS})
+            FROM (SELECT json_build_object('schema', TG_TABLE_SCHEMA, 'queue', queue, 'run_at', min(run_at))::text
+                         AS note, min(run_at) AS run_at
+                  FROM dispatch_new_jobs WHERE state IN {_sql.READY} GROUP BY queue) AS notes;
+            RETURN NULL;
+        END $$""",
+    f"""CREATE OR REPLACE FUNCTION dispatch_jobs_released_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('{CHANNEL}', {_FITS})
+            FROM (SELECT {_NOTE.format(job="NEW")}::text AS note,
+                         greatest(NEW.run_at, NEW.updated_at) AS run_at) AS notes;
+            RETURN NULL;
+        END $$""",
+    f"""CREATE OR REPLACE FUNCTION dispatch_jobs_unlocked_notify() RETURNS trigger LANGUAGE plpgsql
+        SET search_path FROM CURRENT AS $$
+        BEGIN
+            PERFORM pg_notify('{CHANNEL}', {_FITS})
+            FROM (SELECT {_NOTE.format(job="turn")}::text AS note,
+                         greatest(turn.run_at, NEW.updated_at) AS run_at
+                  FROM (SELECT queue, run_at, state FROM dispatch_jobs
+                        WHERE lock_key = OLD.lock_key AND state IN {_sql.ACTIVE} ORDER BY seq LIMIT 1) AS turn
+                  WHERE turn.state IN {_sql.READY}) AS notes;
+            RETURN NULL;
+        END $$""",
 )
 
 # -- lifecycle -------------------------------------------------------------------------------------
@@ -365,9 +405,12 @@ def set_cron_enabled_sql(enabled: bool) -> str:
 # -- wake-ups --------------------------------------------------------------------------------------
 
 # NOTIFY (schema, run_at, queues): one notification per queue, as the insert trigger sends.
+# A resumed queue's wake-up; a payload that would not fit names no queue, as migration 12's triggers.
 WAKE = (
-    f"SELECT pg_notify('{CHANNEL}', json_build_object('schema', %s::text, 'queue', q, 'run_at', %s::float8)::text) "
-    "FROM unnest(%s::text[]) AS q"
+    f"SELECT pg_notify('{CHANNEL}', CASE WHEN octet_length(note) < {NOTIFY_MAX} THEN note "
+    "ELSE json_build_object('schema', s, 'queue', NULL, 'run_at', r)::text END) "
+    "FROM (SELECT s, r, json_build_object('schema', s, 'queue', q, 'run_at', r)::text AS note "
+    "FROM (SELECT %s::text AS s, %s::float8 AS r) AS p, unnest(%s::text[]) AS q) AS notes"
 )
 
 # -- parameters and rows ---------------------------------------------------------------------------

@@ -161,6 +161,7 @@ class PostgresStore(AdminMethods, Store):
         (9, "wake-ups for jobs released or unlocked", q.SCHEMA_V9),
         (10, "wake-ups for jobs retried, handed back, reaped or requeued", q.SCHEMA_V10),
         (11, "dependents released by their dependency's completion trigger", q.SCHEMA_V11),
+        (12, "wake-up payloads that fit NOTIFY's limit, whatever the queue name", q.SCHEMA_V12),
     )
 
     def __init__(
