@@ -5,7 +5,7 @@ An ``atexit`` hook registered before the first dispatcher runs after threaddispa
 library's own exit hook). The promise attacked: "nothing lost silently". After the drain a
 face must either deliver the entry or refuse it at the call; BatchedDispatcher,
 EndpointBatchDispatcher, RequestDispatcher and AsyncDispatcher refuse it with
-DispatcherClosedError; BackgroundDispatcher accepts it and never sends it.
+DispatcherClosedError; BackgroundDispatcher accepted it and never sent it (it now refuses it too).
 
 Each case runs in a real interpreter that exits (``subprocess``), importing this checkout.
 """
@@ -59,6 +59,10 @@ FACES = {
         "BackgroundDispatcher(got.extend, ms_delay=60_000)",
         "face.submit({entry!r})",
     ),
+    "background_enqueue": (
+        "BackgroundDispatcher(got.extend, ms_delay=60_000)",
+        "face.enqueue({entry!r})",
+    ),
 }
 
 _SCRIPT = """
@@ -92,14 +96,8 @@ def _run_face(face: str) -> subprocess.CompletedProcess[str]:
         "batched",
         "endpoint",
         "requests",
-        pytest.param(
-            "background",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="after the exit drain BackgroundDispatcher stays open: enqueue/submit are accepted, start no "
-                "thread (_engine._ensure_worker at exit) and the entry is never sent nor reported",
-            ),
-        ),
+        "background",
+        "background_enqueue",
     ],
 )
 def test_an_entry_handed_to_a_face_after_the_exit_drain_is_delivered_or_refused_at_the_call(face: str) -> None:
@@ -135,3 +133,49 @@ def test_a_record_logged_after_the_exit_drain_is_delivered_by_logging_shutdown()
     lines = result.stdout.splitlines()
     assert "delivered: ['first record']" in lines  # the drain sent the first; the late one waits in the buffer
     assert "at the end: ['first record', 'late record']" in lines, (result.stdout, result.stderr)
+
+
+def test_a_background_dispatcher_made_after_the_exit_drain_refuses_entries_at_once() -> None:
+    result = run_script(
+        """
+        import atexit, sys
+        def late():  # runs after threaddispatch's exit drain
+            from threaddispatch import BackgroundDispatcher
+            face = BackgroundDispatcher(print, ms_delay=60_000, name="late-made")
+            try:
+                face.enqueue("late")
+            except Exception as error:
+                sys.stdout.write(f"refused: {type(error).__name__}: {error}\\n")
+            sys.stdout.write(f"closed: {face.closed}\\n")
+        atexit.register(late)
+        from threaddispatch import BackgroundDispatcher
+        BackgroundDispatcher(print, name="first").enqueue("first")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "first" in lines[0]  # print(["first"]) by the drain
+    refused = next(line for line in lines if line.startswith("refused: "))
+    assert refused.startswith("refused: DispatcherClosedError: ")
+    assert "'late-made'" in refused and "'late'" in refused and "exit drain" in refused
+    assert "closed: True" in lines
+
+
+def test_an_entry_fed_by_a_send_during_the_exit_drain_is_still_delivered() -> None:
+    """The drain runs in passes: a send in one pass may enqueue to another dispatcher, which the next pass sends."""
+    result = run_script(
+        """
+        import atexit, sys
+        got = []
+        atexit.register(lambda: sys.stdout.write(f"at the end: {got}\\n"))
+        from threaddispatch import BackgroundDispatcher
+        fed = BackgroundDispatcher(got.extend, ms_delay=60_000, name="fed")
+        def forward(entries):
+            for entry in entries:
+                fed.enqueue(f"fed {entry}")
+        feeder = BackgroundDispatcher(forward, ms_delay=60_000, name="feeder")
+        feeder.enqueue("one")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "at the end: ['fed one']" in result.stdout.splitlines(), (result.stdout, result.stderr)

@@ -45,6 +45,7 @@ __all__ = [
     "Closing",
     "Lifecycle",
     "at_fork_child",
+    "drained",
     "exiting",
     "get_exit_timeout",
     "register",
@@ -68,6 +69,9 @@ class Lifecycle(Protocol):
 #   _prepare_for_fork(self) -> None: just before fork(), in the forking thread; quiesce and
 #       take the component's own locks, each wait bounded; never call user code.
 #   _resume_after_fork(self) -> None: in the parent after fork(); release what prepare took.
+#   _after_exit_drain(self) -> None: once, after the exit drain's last pass (so a delivery
+#       of one pass may still feed it in the next): refuse what would now never be
+#       delivered. Never blocks unbounded, never calls user code.
 
 
 # _registry_lock guards _components and _atexit_installed. It is replaced in the forked
@@ -81,6 +85,7 @@ _atexit_installed = False
 _child_hooks: list[Callable[[], None]] = []
 _exit_timeout = 5.0
 _exiting = threading.Event()
+_drained = threading.Event()  # set after the drain's last pass, before the after-drain hooks run
 _MAX_EXIT_PASSES = 5
 # The components prepared for a fork in progress, by forking thread (two threads may fork
 # at once: the second one's preparation waits on the locks the first one holds). Each
@@ -102,6 +107,11 @@ def get_exit_timeout() -> float:
 def exiting() -> bool:
     """True once the interpreter's exit drain has begun: no component may start a thread then."""
     return _exiting.is_set()
+
+
+def drained() -> bool:
+    """True once the interpreter's exit drain has ended: what a component accepts now nothing delivers."""
+    return _drained.is_set()
 
 
 def at_fork_child(renew: Callable[[], None]) -> None:
@@ -145,6 +155,22 @@ def _drain_order(component: Lifecycle) -> int:
 
 
 def _drain_all_at_exit() -> None:
+    try:
+        _drain_passes()
+    finally:
+        _drained.set()
+        # A fresh snapshot: a component made during the passes is included.
+        for component in _snapshot():
+            after = getattr(component, "_after_exit_drain", None)
+            if after is None:
+                continue
+            try:
+                after()
+            except Exception:  # noqa: BLE001 - one broken component must not stop the others
+                _log.exception("threaddispatch: closing %r after the exit drain failed", component)
+
+
+def _drain_passes() -> None:
     _exiting.set()
     components = sorted(_snapshot(), key=_drain_order)
     if not components:
@@ -205,6 +231,7 @@ def _reset_all_after_fork() -> None:
     _registry_lock = threading.Lock()
     _prepared.clear()  # the child resets every component, prepared or not
     _exiting.clear()
+    _drained.clear()
     for renew in _child_hooks:
         try:
             renew()

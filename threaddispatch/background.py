@@ -98,7 +98,19 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
     send (and their ``submit()`` Futures the parent's to resolve; the child's copies of
     those Futures never resolve). A dispatcher closed, or closing, at fork is closed in
     the child.
+
+    At interpreter exit the one exit drain sends what is pending (see
+    :func:`~threaddispatch.set_exit_timeout`). After it, nothing would send an entry (no
+    thread may start at exit), so the dispatcher is closed then: ``enqueue``/``submit``
+    in an ``atexit`` hook that runs after the drain raise DispatcherClosedError, as the
+    other dispatchers do, instead of accepting an entry that would be lost silently. A
+    dispatcher made after the drain is closed at once. (A
+    :class:`~threaddispatch.logging.BatchingHandler`'s stays open: ``logging.shutdown``,
+    which runs later, flushes it on the exiting thread.)
     """
+
+    #: Whether the exit drain's end closes the dispatcher (a BatchingHandler's: no, logging.shutdown flushes it).
+    _closes_after_exit_drain = True
 
     def __init__(
         self,
@@ -190,6 +202,8 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
         _lifecycle.register(self)
         if _immediate.active():
             self._set_immediate(True)
+        if _lifecycle.drained():  # made in an atexit hook after the drain: nothing would send its entries
+            self._after_exit_drain()
 
     def enqueue(self, entry: T, *, timeout: float | None = None) -> None:
         """Add ``entry`` to the next batch. O(1), never calls ``send_batch`` on this thread.
@@ -355,6 +369,27 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
 
     def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
         return 0, 0  # the engine is registered itself and drains the entries
+
+    def _after_exit_drain(self) -> None:
+        """After the exit drain's last pass: close intake, so a late entry is refused, not lost silently.
+
+        Not ``close()``: the engine was drained and closed by the drain, and nothing may
+        wait here. The close lock is held only for ``_begin_close`` (no user code), so its
+        wait is short; it is bounded all the same.
+        """
+        if not self._closes_after_exit_drain:
+            return
+        if not self._close_lock.acquire(timeout=_lifecycle.get_exit_timeout()):
+            return
+        try:
+            if not self._closed:
+                self._closed = True
+                self._lane.owner = f"BackgroundDispatcher {self.name!r} (after the interpreter's exit drain)"
+                self._begin_close()
+                if self._finalizer is not None:
+                    self._finalizer.detach()
+        finally:
+            self._close_lock.release()
 
     def _reset_after_fork(self) -> None:
         """In a forked child: a fresh close lock and the child's own counters, from zero.

@@ -22,6 +22,17 @@ from threaddispatch.metrics import Metrics
 __all__ = ["BatchingHandler", "JsonFormatter"]
 
 
+class _HandlerDispatcher(BackgroundDispatcher[logging.LogRecord]):
+    """A BatchingHandler's dispatcher: it stays open after the exit drain.
+
+    ``logging.shutdown`` (an ``atexit`` hook registered when ``logging`` was imported, so
+    it runs after threaddispatch's drain) flushes and closes every handler on the exiting
+    thread, where the engine delivers inline: a record logged between the two is sent then.
+    """
+
+    _closes_after_exit_drain = False
+
+
 class BatchingHandler(logging.Handler):
     """Batches log records to ``send_records(list[LogRecord])`` on a background thread.
 
@@ -42,6 +53,9 @@ class BatchingHandler(logging.Handler):
     ``metrics`` and ``tracer_provider`` are the dispatcher's (see
     :class:`~threaddispatch.background.BackgroundDispatcher`): with a tracer provider each
     send of records is a span linked to the spans the records were logged in.
+
+    At interpreter exit, threaddispatch's exit drain sends the queued records; one logged
+    after it (in a later ``atexit`` hook) is sent when ``logging.shutdown`` flushes the handler.
     """
 
     def __init__(
@@ -65,7 +79,7 @@ class BatchingHandler(logging.Handler):
         # immediate mode: the sends, the dispatcher's failure record, on_error) or runs
         # send_records (also a send_timeout runner thread): records logged there are skipped.
         self._sending = threading.local()
-        self.dispatcher: BackgroundDispatcher[logging.LogRecord] = BackgroundDispatcher(
+        self.dispatcher: BackgroundDispatcher[logging.LogRecord] = _HandlerDispatcher(
             self._sender_of(send_records),
             ms_delay,
             max_batch_size=max_batch_size,
