@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from threaddispatch._show import show
 
@@ -137,12 +137,23 @@ INTERNAL_ERROR = error_response(HttpError(500, "internal_error", "internal error
 # -- reading the environ --------------------------------------------------------------------------------
 
 
-def from_wsgi(text: str) -> str:
-    """WSGI hands paths as latin-1 decoded bytes (PEP 3333); recover the UTF-8 text."""
+def from_wsgi(text: str, parameter: str = "path") -> str:
+    """WSGI hands paths as latin-1 decoded bytes (PEP 3333); recover the UTF-8 text.
+
+    Bytes that are not UTF-8 (``%ff``, an encoded lone surrogate) are a 400 naming
+    ``parameter``, as a query string that is not UTF-8 is: never a route run on their
+    latin-1 text. A str holding characters past U+00FF was not decoded that way
+    (framework glue passed real text): it is returned as it is.
+    """
     try:
-        return text.encode("latin-1").decode("utf-8")
-    except (UnicodeEncodeError, UnicodeDecodeError):
+        raw = text.encode("latin-1")
+    except UnicodeEncodeError:
         return text
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        shown = shorten(quote(raw, safe="/"))
+        raise bad(parameter, f"the {parameter} is not valid UTF-8, got {shown}") from None
 
 
 def header_bytes(value: str) -> bytes:

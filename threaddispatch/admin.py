@@ -242,7 +242,7 @@ class AdminApp:
             return INTERNAL_ERROR
 
     def _handle_environ(self, environ: WSGIEnvironment) -> AdminResponse:
-        script_name = from_wsgi(str(environ.get("SCRIPT_NAME", "")))
+        script_name = from_wsgi(str(environ.get("SCRIPT_NAME", "")), "script name")
         path = from_wsgi(str(environ.get("PATH_INFO", ""))) or "/"
         if self.base_path:
             if path != self.base_path and not path.startswith(self.base_path + "/"):

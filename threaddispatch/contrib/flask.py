@@ -324,7 +324,12 @@ def _admin_view(path: str = "") -> Response:
     environ = dict(request.environ)
     full = str(environ.get("PATH_INFO", "") or "")
     environ["SCRIPT_NAME"] = str(environ.get("SCRIPT_NAME", "")) + state.admin_prefix
-    environ["PATH_INFO"] = full[len(state.admin_prefix) :] if full.startswith(state.admin_prefix) else "/" + path
+    # PATH_INFO is the request's bytes as latin-1 (PEP 3333); Flask's ``path`` is decoded text: re-encoded so.
+    environ["PATH_INFO"] = (
+        full[len(state.admin_prefix) :]
+        if full.startswith(state.admin_prefix)
+        else "/" + path.encode("utf-8", "surrogatepass").decode("latin-1")
+    )
     answer = admin.handle_environ(environ)
     return Response(answer.body, status=answer.status, headers=list(answer.headers))
 
