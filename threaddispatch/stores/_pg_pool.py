@@ -31,7 +31,7 @@ from psycopg.pq import TransactionStatus
 from threaddispatch._redact import MASK, passwords, scrub
 from threaddispatch.errors import ConfigurationError, StoreError, StoreUnavailableError
 
-__all__ = ["Conn", "Dsn", "Pool", "broken", "close_quietly"]
+__all__ = ["LOCK_TIMEOUT_MAX", "Conn", "Dsn", "Pool", "broken", "close_quietly", "milliseconds", "session_setup"]
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -143,9 +143,22 @@ class Dsn:
         raise new from error
 
 
-def session_setup(schema: str | None, synchronous_commit: str | None) -> sql.Composed | None:
-    """The statement a new session runs first (search_path, synchronous_commit), or None."""
+#: PostgreSQL's largest lock_timeout, in seconds (an int of milliseconds).
+LOCK_TIMEOUT_MAX = 2_147_483.0
+
+
+def milliseconds(seconds: float) -> int:
+    """``seconds`` as a positive whole number of milliseconds, as lock_timeout takes them (0 would mean none)."""
+    return max(1, min(round(seconds * 1000), 2_147_483_647))
+
+
+def session_setup(
+    schema: str | None, synchronous_commit: str | None, lock_timeout: float | None = None
+) -> sql.Composed | None:
+    """The statement a new session runs first (search_path, synchronous_commit, lock_timeout), or None."""
     statements: list[sql.Composable] = []
+    if lock_timeout is not None:
+        statements.append(sql.SQL("SET lock_timeout TO {}").format(sql.Literal(milliseconds(lock_timeout))))
     if schema is not None:
         statements.append(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
     if synchronous_commit is not None:

@@ -66,12 +66,18 @@ except ImportError as _error:  # pragma: no cover - exercised only without the e
 
 from threaddispatch import _lifecycle
 from threaddispatch.backoff import check_seconds
-from threaddispatch.errors import ConfigurationError, InvalidStateError, JobNotFoundError, StoreError
+from threaddispatch.errors import (
+    ConfigurationError,
+    InvalidStateError,
+    JobNotFoundError,
+    StoreError,
+    StoreUnavailableError,
+)
 from threaddispatch.stores import _pg_sql as q
 from threaddispatch.stores import _sql
 from threaddispatch.stores._pg_admin import AdminMethods
 from threaddispatch.stores._pg_listen import WakeupCallback, Wakeups
-from threaddispatch.stores._pg_pool import Conn, Dsn, Pool, broken, session_setup
+from threaddispatch.stores._pg_pool import LOCK_TIMEOUT_MAX, Conn, Dsn, Pool, broken, milliseconds, session_setup
 from threaddispatch.stores._pg_sql import SQL, claimed, outcome_params, pg_job_params
 from threaddispatch.stores._sql import job_from_row, letter_from_row
 from threaddispatch.stores.base import (
@@ -95,6 +101,8 @@ _COPY_MIN = 16  # from this many plain jobs, enqueue uses COPY rather than a pip
 # (admin_shutdown, crash_shutdown, cannot_connect_now): retrying cannot run it twice.
 _NOT_EXECUTED = frozenset({"57P01", "57P02", "57P03"})
 _SYNCHRONOUS_COMMIT = ("on", "off", "local", "remote_write", "remote_apply")
+_LOCK_NOT_AVAILABLE = "55P03"  # a statement waited longer than lock_timeout for a lock
+_MIGRATE_LOCK_TIMEOUT = 60.0  # the least a migration waits for its locks (another process migrating)
 
 
 def _check_schema(schema: object) -> None:
@@ -139,13 +147,18 @@ class PostgresStore(AdminMethods, Store):
     faster commits that a server crash may lose (never corrupt). ``listen_keepalive`` is
     how often the idle listener checks its connection; ``reconnect_max`` caps its
     reconnection backoff. ``migrate=False`` skips creating or upgrading the schema on
-    first use.
+    first use. ``lock_timeout`` bounds each wait of a statement for a lock another session
+    holds (a ``LOCK TABLE``, ``VACUUM FULL``, ``ALTER TABLE`` or a long transaction on the
+    same rows): past it the statement is cancelled and the call raises
+    StoreUnavailableError saying so (callers may retry; the statement's transaction is
+    rolled back). The store's own transactions hold their locks for milliseconds, so the
+    default of 5 s is only ever reached behind another session; migrations wait at least 60 s.
 
     Construction parses the DSN (ConfigurationError if invalid, never quoting it) and
     does no I/O. Thread-safe and multi-process-safe. Each method blocks for one short
     transaction, plus up to ``connect_timeout`` to connect or ``pool_timeout`` to get a
-    connection; a server that cannot be reached raises StoreUnavailableError naming its
-    host and port.
+    connection and ``lock_timeout`` per lock wait; a server that cannot be reached raises
+    StoreUnavailableError naming its host and port.
     """
 
     #: Numbered schema migrations ``(version, description, statements)``, as SQLiteStore's.
@@ -177,6 +190,7 @@ class PostgresStore(AdminMethods, Store):
         synchronous_commit: str | None = None,
         listen_keepalive: float = 30.0,
         reconnect_max: float = 5.0,
+        lock_timeout: float = 5.0,
         migrate: bool = True,
     ) -> None:
         self._dsn = Dsn(dsn)
@@ -198,9 +212,15 @@ class PostgresStore(AdminMethods, Store):
         connect_timeout = check_seconds("connect_timeout", connect_timeout, allow_zero=False)
         listen_keepalive = check_seconds("listen_keepalive", listen_keepalive, allow_zero=False)
         reconnect_max = check_seconds("reconnect_max", reconnect_max, allow_zero=False)
+        lock_timeout = check_seconds("lock_timeout", lock_timeout, allow_zero=False)
+        if lock_timeout > LOCK_TIMEOUT_MAX:
+            raise ConfigurationError(
+                f"lock_timeout must be at most {LOCK_TIMEOUT_MAX:.0f} seconds, got {lock_timeout!r}"
+            )
+        self.lock_timeout = lock_timeout
         self._pool = Pool(self._dsn, min_size=min_size, max_size=max_size, max_idle=max_idle,
                           pool_timeout=pool_timeout, connect_timeout=connect_timeout,
-                          session_sql=session_setup(schema, synchronous_commit))  # fmt: skip
+                          session_sql=session_setup(schema, synchronous_commit, lock_timeout))  # fmt: skip
         self._wakeups = Wakeups(self._pool, find_schema=lambda conn: self.schema or _table_schema(conn),
                                 keepalive=listen_keepalive, reconnect_max=reconnect_max)  # fmt: skip
         self._migrated = not migrate
@@ -234,6 +254,8 @@ class PostgresStore(AdminMethods, Store):
                 return op(conn)
             except psycopg.OperationalError as error:
                 discard = broken(conn)
+                if error.sqlstate == _LOCK_NOT_AVAILABLE and not discard:
+                    self._dsn.raise_from(self._lock_timed_out(what, error), error)
                 if discard and attempt == 1 and (idempotent or error.sqlstate in _NOT_EXECUTED):
                     _log.info("PostgresStore: connection lost during %s (%s); retrying on a new connection",
                               what, self._dsn.scrub(str(error).strip()))  # fmt: skip
@@ -249,6 +271,14 @@ class PostgresStore(AdminMethods, Store):
                 self._pool.release(conn, generation, discard=discard)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _lock_timed_out(self, what: str, error: BaseException) -> StoreUnavailableError:
+        """The StoreUnavailableError for a statement cancelled by ``lock_timeout`` (its text scrubbed)."""
+        text = self._dsn.scrub(str(error).strip()) or type(error).__name__
+        return StoreUnavailableError(
+            f"PostgreSQL store at {self._dsn.host}:{self._dsn.port} is unavailable ({what}): waited longer than "
+            f"lock_timeout={self.lock_timeout}s for a lock another session holds on its tables or rows: {text}"
+        )
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     def migrate(self) -> int:
@@ -260,6 +290,8 @@ class PostgresStore(AdminMethods, Store):
 
         def op(conn: Conn) -> int:
             with conn.transaction():
+                wait = milliseconds(max(self.lock_timeout, _MIGRATE_LOCK_TIMEOUT))
+                conn.execute(sql.SQL("SET LOCAL lock_timeout TO {}").format(sql.Literal(wait)))
                 conn.execute(q.MIGRATE_LOCK)
                 if self.schema is not None:
                     conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
