@@ -203,8 +203,6 @@ class _ClaimFailsOnce(MemoryStore):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason="_JobRuntime._fetch_loop catches no error but StoreError: one unexpected "
-                                       "exception kills the fetcher while engine.running stays True")  # fmt: skip
 def test_the_fetcher_keeps_claiming_after_one_claim_raised_an_unexpected_error() -> None:
     store = _ClaimFailsOnce()
     engine = JobEngine(store, poll_interval=0.02, max_poll_interval=0.05)

@@ -4,7 +4,8 @@ One :class:`CronRunner` per engine holds the entries this engine declared; while
 runs, its ``threaddispatch-jobs-cron`` thread calls :meth:`CronRunner.run`, which lists the
 store's entries at every turn and fires each entry whose job this engine registered while it
 holds that entry's lease, so each tick fires once across every process. Cron expressions
-themselves are :mod:`threaddispatch.cron`'s.
+themselves are :mod:`threaddispatch.cron`'s. The loop survives any ``Exception`` from a store
+call (logged with its traceback; that step waits for the next turn, at most ``ttl / 3`` away).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from threaddispatch._job_config import JobDefinition, check_optional_queue, chec
 from threaddispatch._validate import check_text, show
 from threaddispatch.cron import CronSchedule
 from threaddispatch.cron import parse as parse_cron
-from threaddispatch.errors import ConfigurationError, JobNotFoundError, StoreError
+from threaddispatch.errors import ConfigurationError
 from threaddispatch.events import EventEmitter
 from threaddispatch.stores.base import CRON_OVERLAP_POLICIES, CronEntry, JobRecord, Store
 
@@ -140,26 +141,45 @@ class CronRunner:
         schedules: dict[str, CronSchedule | None] = {}  # stored expression -> its schedule (None: invalid)
         while not stop.is_set():
             wait = ttl / 3
-            plan, schedules = self._plan(schedules)
-            now = time.time()
-            for name, schedule, entry in plan:
-                # One lease per entry: whichever engine holds it fires the entry, so an entry
-                # fires as long as some engine that registered its job runs.
-                try:
-                    leader = self._store.acquire_lease(cron_lease(name), holder=worker_id, ttl=ttl, now=now)
-                except StoreError:
-                    self._logger.warning("cron %r: could not take the leader lease", name, exc_info=True)
-                    leader = False
-                if leader:
-                    with self._lock:
-                        self._leased.add(name)
-                    tick = schedule.last_at(now)
-                    stored_tick = -math.inf if entry.last_tick is None else entry.last_tick
-                    if tick > max(fired_up_to.get(name, -math.inf), stored_tick):
-                        self._fire(entry, tick, now)
-                        fired_up_to[name] = tick
-                    wait = min(wait, schedule.next_after(now) - time.time())
+            try:
+                wait = self._turn(worker_id, ttl, fired_up_to, schedules)
+            except Exception:  # the thread must outlive any one turn; the next comes after ttl / 3
+                self._logger.exception("the cron thread's turn failed; it goes on in %.3gs", wait)
             stop.wait(max(wait, 0.001))
+
+    def _turn(
+        self, worker_id: str, ttl: float, fired_up_to: dict[str, float], schedules: dict[str, CronSchedule | None]
+    ) -> float:
+        """One turn of :meth:`run`: fire the due ticks whose leases this worker holds; seconds to wait.
+
+        ``fired_up_to`` (entry name -> last tick fired here) and ``schedules`` (the parse
+        cache of :meth:`_plan`) are the loop's, updated in place. A store call that raises
+        (anything, not only a StoreError) is logged and skips its entry for this turn.
+        """
+        wait = ttl / 3
+        plan, used = self._plan(schedules)
+        if used is not schedules:
+            schedules.clear()
+            schedules.update(used)
+        now = time.time()
+        for name, schedule, entry in plan:
+            # One lease per entry: whichever engine holds it fires the entry, so an entry
+            # fires as long as some engine that registered its job runs.
+            try:
+                leader = self._store.acquire_lease(cron_lease(name), holder=worker_id, ttl=ttl, now=now)
+            except Exception:
+                self._logger.warning("cron %r: could not take the leader lease", name, exc_info=True)
+                leader = False
+            if leader:
+                with self._lock:
+                    self._leased.add(name)
+                tick = schedule.last_at(now)
+                stored_tick = -math.inf if entry.last_tick is None else entry.last_tick
+                if tick > max(fired_up_to.get(name, -math.inf), stored_tick):
+                    self._fire(entry, tick, now)
+                    fired_up_to[name] = tick
+                wait = min(wait, schedule.next_after(now) - time.time())
+        return wait
 
     def release_leases(self, worker_id: str, deadline: float) -> None:
         """Give back every lease ``worker_id`` may hold, until ``deadline`` (the rest expire after their ttl)."""
@@ -171,7 +191,7 @@ class CronRunner:
                 if index and time.monotonic() >= deadline:
                     break
                 self._store.release_lease(cron_lease(name), holder=worker_id)
-        except StoreError:
+        except Exception:
             self._logger.warning("could not release the cron leases at stop", exc_info=True)
 
     def reset_after_fork(self) -> None:
@@ -192,7 +212,7 @@ class CronRunner:
         registered = self._definitions()
         try:
             stored = self._store.list_crons()
-        except StoreError:
+        except Exception:
             self._logger.warning("could not list the stored cron entries; firing this engine's own", exc_info=True)
             return [(name, schedule, entry) for name, (schedule, entry) in declared.items()], schedules
         plan = []
@@ -233,8 +253,8 @@ class CronRunner:
         """Whether the fired tick's ``job`` was not stored (its entry's previous job holds the key)."""
         try:
             return self._store.get(job.id) is None
-        except StoreError:
-            return False  # unknown: report it as fired
+        except Exception:  # noqa: BLE001 - unknown, whatever the error: report it as fired
+            return False
 
     def _fire(self, entry: CronEntry, tick: float, now: float) -> None:
         definition = self._definitions().get(entry.job_name)
@@ -243,7 +263,7 @@ class CronRunner:
         job = self._build(entry, definition, tick, now)
         try:
             fired = self._store.fire_cron(entry.name, tick=tick, job=job)
-        except (StoreError, JobNotFoundError):
+        except Exception:
             self._logger.warning("cron %r: firing tick %r failed", entry.name, tick, exc_info=True)
             return
         if fired and entry.overlap == "skip" and self._skipped(job):

@@ -7,6 +7,10 @@ claim) and refreshes the run's worker-registry row with their count
 jobs (and deletes the stale registry rows) of dead workers and purges finished jobs past
 ``retention``. It decides; the runtime records (a timeout goes through the one completion
 path like any outcome).
+
+The loop survives any ``Exception``: a store call that raises (a StoreError, or anything
+else: a store bug, a codec error) is logged with its traceback and that step is skipped
+until the next heartbeat, which bounds the log to one line per step and heartbeat.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from typing import Protocol
 
 from threaddispatch._job_shared import Shared, Slot
 from threaddispatch._job_workers import Registration
-from threaddispatch.errors import StoreError
 
 __all__ = ["Host", "Maintenance"]
 
@@ -77,17 +80,21 @@ class Maintenance:
                     slot.settled = slot.abandoned = True
                 beat = now >= next_beat
                 stopping = host.stopping()
-            for slot in expired:
-                host.time_out(slot)
-            if not beat:
-                continue
-            next_beat = time.monotonic() + interval
-            self._heartbeat()
-            if not stopping:
-                self._reap()
-                if retention is not None and time.monotonic() >= next_purge:
-                    next_purge = time.monotonic() + purge_every
-                    self._purge(retention)
+            if beat:
+                next_beat = time.monotonic() + interval
+            try:
+                for slot in expired:
+                    host.time_out(slot)
+                if not beat:
+                    continue
+                self._heartbeat()
+                if not stopping:
+                    self._reap()
+                    if retention is not None and time.monotonic() >= next_purge:
+                        next_purge = time.monotonic() + purge_every
+                        self._purge(retention)
+            except Exception:  # the thread must outlive any one turn; the next waits for next_beat
+                shared.logger.exception("the heartbeat thread's turn failed; it goes on at the next heartbeat")
 
     def _heartbeat(self) -> None:
         host = self._host
@@ -99,7 +106,7 @@ class Maintenance:
             return
         try:
             alive = shared.store.heartbeat(ids, worker_id=host.worker_id, now=time.time())
-        except StoreError:
+        except Exception:
             shared.logger.warning("heartbeat failed for %d jobs", len(ids), exc_info=True)
             return
         if len(alive) == len(ids):
@@ -117,7 +124,7 @@ class Maintenance:
         now = time.time()
         try:
             reaped = shared.store.reap_stale(older_than=now - shared.config.stale_job_threshold, now=now)
-        except StoreError:
+        except Exception:
             shared.logger.warning("recovering stale jobs failed", exc_info=True)
             return
         if reaped:
@@ -125,14 +132,14 @@ class Maintenance:
             shared.logger.warning("recovered %d stale job(s) of dead workers: %s", len(reaped), ", ".join(reaped))
         try:
             gone = shared.store.reap_workers(older_than=now - shared.config.stale_job_threshold)
-        except StoreError:
+        except Exception:
             shared.logger.warning("deleting stale worker rows failed", exc_info=True)
         else:
             if gone:
                 shared.logger.info("deleted %d stale worker row(s)", gone)
         try:
             settled = shared.store.release_waiting(now=now)
-        except StoreError:
+        except Exception:
             shared.logger.warning("settling waiting jobs failed", exc_info=True)
         else:
             if settled:
@@ -142,7 +149,7 @@ class Maintenance:
         shared = self._host.shared
         try:
             purged = shared.store.purge_finished(older_than=time.time() - retention)
-        except StoreError:
+        except Exception:
             shared.logger.warning("purging finished jobs failed", exc_info=True)
         else:
             if purged:

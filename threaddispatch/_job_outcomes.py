@@ -111,7 +111,9 @@ class Outcome:
 class Effects:
     """What a written batch leads to: counters to add, claims found lost, events to emit in order.
 
-    ``store_failed``: the success write (and the claim with it) raised ``store_error``.
+    ``store_failed``: the success write (and the claim with it) raised ``store_error`` (any
+    Exception, a StoreError or not: the claim took nothing we know of, and the batch's
+    successes are left to the reaper).
     """
 
     __slots__ = ("counts", "events", "lost", "store_error", "store_failed")
@@ -121,7 +123,7 @@ class Effects:
         self.lost: list[Slot] = []
         self.events: list[tuple[str, tuple[Any, ...]]] = []
         self.store_failed = False
-        self.store_error: StoreError | None = None
+        self.store_error: Exception | None = None
 
     def add(self, counter: str) -> None:
         self.counts[counter] = self.counts.get(counter, 0) + 1
@@ -177,7 +179,7 @@ class Recorder:
                 queues, limit = claim
                 applied = set()
                 claimed = store.claim(queues, limit, worker_id=self._worker_id, now=now)
-        except StoreError as error:
+        except Exception as error:  # any error (a store bug, a codec error): as a StoreError, reaped
             effects.store_failed = True
             effects.store_error = error
             if batch:

@@ -20,6 +20,11 @@ writes it; otherwise (stopping, stopped, or an inline runtime) whoever records i
 at once, with any still queued. Immediate mode and ``run_pending`` use an inline runtime,
 which starts no thread and runs jobs on the caller's. (About 750 lines: the fetch
 loop, the completion path and the stop protocol all work one in-flight table, under one lock.)
+
+A store call that raises anything (a StoreError, a store's bug, a codec error) is logged
+with its traceback and handled as a StoreError is: the jobs it concerned are left to the
+reaper. Each loop turn of each engine thread also survives any ``Exception``: logged, then
+the loop backs off (at most its poll interval, or the next heartbeat) and goes on.
 """
 
 from __future__ import annotations
@@ -49,7 +54,6 @@ from threaddispatch.errors import (
     DispatcherClosedError,
     DispatchTimeoutError,
     Retry,
-    StoreError,
 )
 from threaddispatch.metrics import job_recorder
 from threaddispatch.middleware import HandlerCall
@@ -182,7 +186,7 @@ class Runtime:
         shared = self.shared
         try:
             unsubscribe = shared.store.subscribe_wakeups(self._store_wakeup)
-        except StoreError:
+        except Exception:
             shared.logger.warning("store wake-ups unavailable; polling only", exc_info=True)
             return
         with shared.lock:
@@ -327,7 +331,7 @@ class Runtime:
             self._paused_reading = True
         try:
             paused = shared.store.paused_queues()
-        except StoreError:
+        except Exception:
             shared.logger.warning("could not read paused queues", exc_info=True)
             return False
         finally:
@@ -358,73 +362,96 @@ class Runtime:
             return
         try:
             shared.store.set_queue_limits(limits, now=time.time())
-        except StoreError:
+        except Exception:
             shared.logger.warning("could not store the queue limits; they hold per process only", exc_info=True)
 
     def _fetch_loop(self) -> None:
         _ENGINE_THREAD.runtime = self
         self._share_limits()  # before the first claim
         shared = self.shared
+        config = shared.config
+        idle = config.poll_interval
+        while True:
+            try:
+                following = self._fetch_turn(idle)
+            except Exception:  # the fetcher must outlive any one turn: a store bug, a codec error
+                shared.logger.exception("the fetcher's turn failed; it claims again in %.3gs", idle)
+                # Back off for the whole interval (a finishing job's wake-up does not end it); stop does.
+                until = time.monotonic() + idle
+                with shared.lock:
+                    while self.state == "running" and (remaining := until - time.monotonic()) > 0:
+                        shared.wake.wait(remaining)
+                    running = self.state == "running"
+                following = min(idle * 2, config.max_poll_interval) if running else None
+            if following is None:
+                return
+            idle = following
+
+    def _fetch_turn(self, idle: float) -> float | None:
+        """One turn of the fetcher: write the queued outcomes, claim, hand out, or wait (at most ``idle`` s).
+
+        Returns the next turn's idle wait, or None once the run is no longer running. A
+        store call that raises (any error) is logged, and the next claim waits as after a
+        StoreError; anything else that raises ends only this turn (see :meth:`_fetch_loop`).
+        """
+        self._refresh_paused()
+        shared = self.shared
         lock = shared.lock
         config = shared.config
         poll = config.poll_interval
-        idle = poll
-        while True:
-            self._refresh_paused()
-            with lock:
-                if self.state != "running":
-                    return
-                batch, self._done = self._done, []
-                # Slots of finished jobs in the batch are free once it is written (in the claim's transaction).
-                free = self.concurrency - self.busy() + sum(1 for outcome in batch if outcome.ends_slot)
-                if free <= 0 and not batch:
-                    # Woken by a finishing job (or stop); nothing to claim meanwhile.
-                    shared.wake.wait(poll)
-                    continue
-                self._wake_pending = False
-                plans, rate_wait = (
-                    self._planner.plan(free, shared.paused, self.queue_running) if free > 0 else ([], math.inf)
-                )
-            claimed: list[JobRecord] = []
-            failed_store = False
-            # A limited queue's claim that came back short may be held back by other processes'
-            # share of the cluster's limit, which this process cannot see: look again within
-            # poll_interval instead of backing off (at worst one claim per poll while it idles).
-            held_back = False
-            for queues, planned, bucket in plans:
-                limit = min(planned, free - len(claimed))
-                if limit <= 0:
-                    if bucket is not None:
-                        bucket.give_back(planned)
-                    continue
-                effects, jobs = self._recorder.write(batch, (queues, limit))
-                self._settle(batch, effects)
-                batch = []
-                if effects.store_failed:
-                    error = effects.store_error
-                    shared.logger.warning("claiming jobs failed; retrying after %.3gs", idle, exc_info=error)
-                    failed_store = True
+        with lock:
+            if self.state != "running":
+                return None
+            batch, self._done = self._done, []
+            # Slots of finished jobs in the batch are free once it is written (in the claim's transaction).
+            free = self.concurrency - self.busy() + sum(1 for outcome in batch if outcome.ends_slot)
+            if free <= 0 and not batch:
+                # Woken by a finishing job (or stop); nothing to claim meanwhile.
+                shared.wake.wait(poll)
+                return idle
+            self._wake_pending = False
+            plans, rate_wait = (
+                self._planner.plan(free, shared.paused, self.queue_running) if free > 0 else ([], math.inf)
+            )
+        claimed: list[JobRecord] = []
+        failed_store = False
+        # A limited queue's claim that came back short may be held back by other processes'
+        # share of the cluster's limit, which this process cannot see: look again within
+        # poll_interval instead of backing off (at worst one claim per poll while it idles).
+        held_back = False
+        for queues, planned, bucket in plans:
+            limit = min(planned, free - len(claimed))
+            if limit <= 0:
                 if bucket is not None:
-                    bucket.give_back(planned - len(jobs))
-                if len(jobs) < limit and self._planner.limited(queues):
-                    held_back = True
-                claimed.extend(jobs)
-            if batch:
-                self._write(batch)
-            if claimed:
-                self._dispatch(claimed)
-                idle = poll
+                    bucket.give_back(planned)
                 continue
-            with lock:
-                if self.state != "running":
-                    return
-                if (self._wake_pending or self._done) and not failed_store:
-                    continue
-                wait = min(idle, rate_wait, self._until_due())
-                shared.stats["idle_polls"] += 1
-                shared.wake.wait(wait)
-                woken = self._wake_pending
-            idle = poll if woken or held_back else min(idle * 2, config.max_poll_interval)
+            effects, jobs = self._recorder.write(batch, (queues, limit))
+            self._settle(batch, effects)
+            batch = []
+            if effects.store_failed:
+                error = effects.store_error
+                shared.logger.warning("claiming jobs failed; retrying after %.3gs", idle, exc_info=error)
+                failed_store = True
+            if bucket is not None:
+                bucket.give_back(planned - len(jobs))
+            if len(jobs) < limit and self._planner.limited(queues):
+                held_back = True
+            claimed.extend(jobs)
+        if batch:
+            self._write(batch)
+        if claimed:
+            self._dispatch(claimed)
+            return poll
+        with lock:
+            if self.state != "running":
+                return None
+            if (self._wake_pending or self._done) and not failed_store:
+                return idle
+            wait = min(idle, rate_wait, self._until_due())
+            shared.stats["idle_polls"] += 1
+            shared.wake.wait(wait)
+            woken = self._wake_pending
+        return poll if woken or held_back else min(idle * 2, config.max_poll_interval)
 
     def _admit(self, job: JobRecord) -> Slot:
         """A slot for the claimed ``job`` in the in-flight table (lock held)."""
@@ -456,13 +483,13 @@ class Runtime:
         if held:
             try:
                 shared.store.release([job.id for job in held], worker_id=self.worker_id, now=time.time())
-            except StoreError:
+            except Exception:
                 shared.logger.exception("could not hand back %d jobs of paused queues; reaped as stale", len(held))
         if stopping or pool is None:
             # Claimed while stop() began: give them straight back.
             try:
                 shared.store.release([job.id for job in jobs], worker_id=self.worker_id, now=time.time())
-            except StoreError:
+            except Exception:
                 shared.logger.exception("could not release %d jobs at stop; they will be reaped as stale", len(jobs))
             return
         for slot in slots:
@@ -763,7 +790,7 @@ class Runtime:
         if slots:
             try:
                 shared.store.release([slot.job.id for slot in slots], worker_id=self.worker_id, now=time.time())
-            except StoreError:
+            except Exception:
                 shared.logger.exception("could not release %d unstarted jobs; they will be reaped as stale", len(slots))
             shared.count("released", len(slots))
 
@@ -798,7 +825,7 @@ class Runtime:
             shared.store.release(
                 [slot.job.id for slot in slots], worker_id=self.worker_id, now=time.time(), refund_attempt=False
             )
-        except StoreError:
+        except Exception:
             shared.logger.exception("could not hand back %d running jobs; they will be reaped as stale", len(slots))
         shared.count("released", len(slots))
         return len(slots)

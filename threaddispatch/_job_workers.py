@@ -7,6 +7,8 @@ store call, with the count of jobs running) and the run removes it at stop. A wo
 default heartbeat intervals; config requires it above ``heartbeat_interval``): the very
 threshold past which its running jobs are reaped, so a worker is listed exactly as long as
 its claims are honoured. Stale rows are not listed, and every engine's reaper deletes them.
+A store call here that raises anything (not only a StoreError) is logged and skipped: the
+row is written again at the next heartbeat, or expires.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import time
 
 from threaddispatch._job_shared import Shared
 from threaddispatch._validate import check_seconds
-from threaddispatch.errors import StoreError
 from threaddispatch.stores.base import Store, WorkerInfo
 
 __all__ = ["DEFAULT_STALE_AFTER", "Registration", "list_workers"]
@@ -67,7 +68,7 @@ class Registration:
                           self._started, now, running)  # fmt: skip
         try:
             self._shared.store.register_worker(info)
-        except StoreError:
+        except Exception:
             self._shared.logger.warning("registering worker %s failed", self._id, exc_info=True)
             return
         with self._lock:
@@ -82,7 +83,7 @@ class Registration:
                 return
         try:
             alive = self._shared.store.heartbeat_worker(self._id, running=running, now=time.time())
-        except StoreError:
+        except Exception:
             self._shared.logger.warning("heartbeat of worker %s failed", self._id, exc_info=True)
             return
         if not alive:
@@ -99,7 +100,7 @@ class Registration:
     def _delete(self) -> None:
         try:
             self._shared.store.remove_worker(self._id)
-        except StoreError:
+        except Exception:
             self._shared.logger.warning(
                 "removing worker %s failed; its row expires after stale_job_threshold", self._id, exc_info=True
             )
