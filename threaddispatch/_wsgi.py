@@ -62,6 +62,33 @@ def check_text(name: str, value: str) -> None:
         raise bad(name, f"{name} must be valid Unicode text (no lone surrogates), got {shorten(value)}") from None
 
 
+_PATH_CHARACTERS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/]*")  # RFC 3986 pchar and "/", no %-escape
+
+
+def url_path_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a mount path a request reaches (None: it can).
+
+    A request's path arrives decoded, so a ``%``-escape in a mount path never matches
+    it; ``.`` and ``..`` segments are resolved away by clients, and an empty segment,
+    a control character, a space, ``?``, ``#`` or ``\\`` cannot be meant. Non-ASCII
+    text is allowed (a client sends it %-encoded as UTF-8) if it is valid Unicode.
+    """
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "it is not valid Unicode text (a lone surrogate)"
+    ascii_part = "".join(char for char in path if char.isascii())
+    if not _PATH_CHARACTERS.fullmatch(ascii_part):
+        bad_char = next(char for char in ascii_part if not _PATH_CHARACTERS.fullmatch(char))
+        return f"it contains {bad_char!r} (a request's path arrives decoded: no %-escapes, spaces or controls)"
+    if any(not char.isprintable() for char in path if not char.isascii()):
+        return "it contains a control or unprintable character"
+    segments = path.strip("/").split("/")
+    if any(segment in ("", ".", "..") for segment in segments):
+        return "it has an empty, '.' or '..' segment"
+    return None
+
+
 # -- responses ------------------------------------------------------------------------------------------
 
 

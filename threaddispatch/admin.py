@@ -123,6 +123,7 @@ from threaddispatch._wsgi import (
     read_body,
     refuse_cross_site,
     respond,
+    url_path_problem,
     wsgi_host,
 )
 from threaddispatch._wsgi_server import make_server
@@ -201,6 +202,11 @@ class AdminApp:
             raise ConfigurationError(f"engine must be a threaddispatch JobEngine, got {engine!r}")
         if not isinstance(base_path, str) or (base_path and (not base_path.startswith("/") or base_path == "/")):
             raise ConfigurationError(f"base_path must be '' or start with '/', like '/api/dispatch'; got {base_path!r}")
+        problem = url_path_problem(base_path) if base_path else None
+        if problem is not None:
+            raise ConfigurationError(
+                f"base_path must be a URL path like '/api/dispatch' ({problem}); got {base_path!r}"
+            )
         if token is not None and (not isinstance(token, str) or not token.strip() or token != token.strip()):
             raise ConfigurationError("token must be a non-empty str without surrounding spaces")
         if token is None and not allow_unauthenticated:

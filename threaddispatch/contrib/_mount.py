@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from threaddispatch._wsgi import url_path_problem
 from threaddispatch.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -17,9 +18,16 @@ __all__ = ["PrefixMount", "check_prefix"]
 
 
 def check_prefix(name: str, prefix: object) -> str:
-    """``prefix`` checked (a path starting with "/", not "/" itself) without its trailing "/"."""
+    """``prefix`` checked (a path starting with "/", not "/" itself, that a request can reach) without its trailing "/".
+
+    A request's path arrives decoded: a prefix with a %-escape (``"/ap%69"``), a NUL, or a
+    ``..`` segment would mount a route no request reaches, or not the one meant.
+    """
     if not isinstance(prefix, str) or not prefix.startswith("/") or not prefix.strip("/") or prefix != prefix.strip():
         raise ConfigurationError(f"{name} must be a URL path like '/api/dispatch', got {prefix!r}")
+    problem = url_path_problem(prefix)
+    if problem is not None:
+        raise ConfigurationError(f"{name} must be a URL path like '/api/dispatch' ({problem}), got {prefix!r}")
     return prefix.rstrip("/")
 
 
