@@ -84,8 +84,7 @@ def engine_logger() -> Iterator[tuple[logging.Logger, _Lines]]:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     "kind_store",
-    _kinds(("sqlite", "postgresql"), "error_text() spells out NUL but not lone surrogates: the failure write "
-                                     "fails and the job stays running until the reaper"),
+    _kinds((), ""),
     indirect=True,
 )  # fmt: skip
 def test_an_error_message_with_a_lone_surrogate_is_stored_as_the_jobs_failure(
@@ -102,9 +101,13 @@ def test_an_error_message_with_a_lone_surrogate_is_stored_as_the_jobs_failure(
     engine.start()
     try:
         job_id = engine.enqueue("decode")
+
         # Either outcome is a state change to wait on: the job ends, or the engine says it could not record it.
-        wait_for(lambda: (engine.get_job(job_id).state is not JobState.RUNNING and engine.get_job(job_id).attempts > 0)
-                 or lines.stranded.is_set(), timeout=20)  # fmt: skip
+        def ended() -> bool:  # one read: a pending record then a running one would pass two reads
+            seen = engine.get_job(job_id)
+            return (seen.state is not JobState.RUNNING and seen.attempts > 0) or lines.stranded.is_set()
+
+        wait_for(ended, timeout=20)
         job = engine.get_job(job_id)
         assert not lines.stranded.is_set(), lines.messages
         assert job.state is JobState.FAILED

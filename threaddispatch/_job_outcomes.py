@@ -33,16 +33,30 @@ from threaddispatch.errors import Cancel, ConfigurationError, Retry, StoreError
 from threaddispatch.metrics import JobRecorder
 from threaddispatch.stores.base import Completion, JobRecord, JobState
 
-__all__ = ["Effects", "Outcome", "Recorder", "encode_result"]
+__all__ = ["Effects", "Outcome", "Recorder", "encode_result", "error_text", "storable"]
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 _MAX_ERROR_TEXT = 8000
 
 
+def storable(text: str) -> str:
+    """``text`` as every store can hold it: NUL and lone surrogates spelled out (``\\x00``, ``\\ud800``).
+
+    PostgreSQL cannot store NUL in text, and neither SQLite nor PostgreSQL can store a lone
+    surrogate (UTF-8 cannot encode it; ``os.fsdecode`` of undecodable bytes makes them): an
+    unstorable error text would strand its job as running until the reaper.
+    """
+    text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def error_text(error: BaseException) -> str:
-    """``error`` with its traceback as stored: NUL spelled out, at most the last 8,000 characters."""
-    # NUL spelled out: PostgreSQL cannot store it in text, and an unstorable error would strand the job.
-    text = "".join(traceback.format_exception(type(error), error, error.__traceback__)).replace("\x00", "\\x00")
+    """``error`` with its traceback as stored (:func:`storable`), at most the last 8,000 characters."""
+    text = storable("".join(traceback.format_exception(type(error), error, error.__traceback__)))
     return text if len(text) <= _MAX_ERROR_TEXT else "...\n" + text[-_MAX_ERROR_TEXT:]
 
 
@@ -53,7 +67,7 @@ def encode_result(shared: Shared, job: JobRecord, result: object) -> tuple[str |
     try:
         return _ENCODER.encode(result), None
     except (TypeError, ValueError, RecursionError) as error:
-        note = f"result not stored: not JSON-serialisable ({error})"
+        note = storable(f"result not stored: not JSON-serialisable ({error})")
         shared.logger.error("job %s %s: %s", job.name, job.id, note)
         return None, note
 
