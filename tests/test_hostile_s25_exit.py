@@ -179,3 +179,28 @@ def test_an_entry_fed_by_a_send_during_the_exit_drain_is_still_delivered() -> No
     )
     assert result.returncode == 0, result.stderr
     assert "at the end: ['fed one']" in result.stdout.splitlines(), (result.stdout, result.stderr)
+
+
+def test_a_batching_handler_made_after_the_exit_drain_is_flushed_by_logging_shutdown() -> None:
+    """Unlike a plain BackgroundDispatcher, a BatchingHandler's stays open after the drain: logging.shutdown sends."""
+    result = run_script(
+        """
+        import atexit, sys
+        got = []
+        atexit.register(lambda: sys.stdout.write(f"at the end: {got}\\n"))  # before logging's hook: runs last
+        import logging
+        def late():  # runs after threaddispatch's exit drain, before logging.shutdown
+            from threaddispatch.logging import BatchingHandler
+            handler = BatchingHandler(lambda records: got.extend(r.getMessage() for r in records), ms_delay=60_000)
+            logging.getLogger().addHandler(handler)
+            logging.getLogger("app").warning("late record")
+            sys.stdout.write(f"open: {not handler.dispatcher.closed}\\n")
+        atexit.register(late)
+        from threaddispatch import BackgroundDispatcher
+        BackgroundDispatcher(print, name="first").enqueue("first")  # the drain is installed and runs
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "open: True" in lines, (result.stdout, result.stderr)
+    assert "at the end: ['late record']" in lines, (result.stdout, result.stderr)

@@ -109,7 +109,8 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
     which runs later, flushes it on the exiting thread.)
     """
 
-    #: Whether the exit drain's end closes the dispatcher (a BatchingHandler's: no, logging.shutdown flushes it).
+    #: Whether the exit drain's end closes the dispatcher. A BatchingHandler sets it False on its
+    #: dispatcher before ``__init__`` (logging.shutdown flushes it); the face's class stays this one.
     _closes_after_exit_drain = True
 
     def __init__(

@@ -22,17 +22,6 @@ from threaddispatch.metrics import Metrics
 __all__ = ["BatchingHandler", "JsonFormatter"]
 
 
-class _HandlerDispatcher(BackgroundDispatcher[logging.LogRecord]):
-    """A BatchingHandler's dispatcher: it stays open after the exit drain.
-
-    ``logging.shutdown`` (an ``atexit`` hook registered when ``logging`` was imported, so
-    it runs after threaddispatch's drain) flushes and closes every handler on the exiting
-    thread, where the engine delivers inline: a record logged between the two is sent then.
-    """
-
-    _closes_after_exit_drain = False
-
-
 class BatchingHandler(logging.Handler):
     """Batches log records to ``send_records(list[LogRecord])`` on a background thread.
 
@@ -79,7 +68,14 @@ class BatchingHandler(logging.Handler):
         # immediate mode: the sends, the dispatcher's failure record, on_error) or runs
         # send_records (also a send_timeout runner thread): records logged there are skipped.
         self._sending = threading.local()
-        self.dispatcher: BackgroundDispatcher[logging.LogRecord] = _HandlerDispatcher(
+        dispatcher: BackgroundDispatcher[logging.LogRecord] = BackgroundDispatcher.__new__(BackgroundDispatcher)
+        # Set before __init__, which reads it when made after the exit drain: this dispatcher stays
+        # open then, because logging.shutdown (an atexit hook registered when logging was imported,
+        # so it runs after threaddispatch's drain) flushes the handler on the exiting thread, where
+        # the engine delivers inline.
+        dispatcher._closes_after_exit_drain = False
+        BackgroundDispatcher.__init__(
+            dispatcher,
             self._sender_of(send_records),
             ms_delay,
             max_batch_size=max_batch_size,
@@ -92,7 +88,8 @@ class BatchingHandler(logging.Handler):
             metrics=metrics,
             tracer_provider=tracer_provider,
         )
-        self.dispatcher._sender.marker = self._sending
+        self.dispatcher = dispatcher
+        dispatcher._sender.marker = self._sending
         self.self_records_skipped = 0
 
     def _sender_of(
