@@ -217,7 +217,7 @@ class PostgresStore(AdminMethods, Store):
             raise ConfigurationError(
                 f"lock_timeout must be at most {LOCK_TIMEOUT_MAX:.0f} seconds, got {lock_timeout!r}"
             )
-        self.lock_timeout = lock_timeout
+        self._lock_timeout = lock_timeout  # seconds; each session sets it at connecting (session_setup)
         self._pool = Pool(self._dsn, min_size=min_size, max_size=max_size, max_idle=max_idle,
                           pool_timeout=pool_timeout, connect_timeout=connect_timeout,
                           session_sql=session_setup(schema, synchronous_commit, lock_timeout))  # fmt: skip
@@ -276,7 +276,7 @@ class PostgresStore(AdminMethods, Store):
         text = self._dsn.scrub(str(error).strip()) or type(error).__name__
         return StoreUnavailableError(
             f"PostgreSQL store at {self._dsn.host}:{self._dsn.port} is unavailable ({what}): waited longer than "
-            f"lock_timeout={self.lock_timeout}s for a lock another session holds on its tables or rows: {text}"
+            f"lock_timeout={self._lock_timeout}s for a lock another session holds on its tables or rows: {text}"
         )
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -290,7 +290,7 @@ class PostgresStore(AdminMethods, Store):
 
         def op(conn: Conn) -> int:
             with conn.transaction():
-                wait = milliseconds(max(self.lock_timeout, _MIGRATE_LOCK_TIMEOUT))
+                wait = milliseconds(max(self._lock_timeout, _MIGRATE_LOCK_TIMEOUT))
                 conn.execute(sql.SQL("SET LOCAL lock_timeout TO {}").format(sql.Literal(wait)))
                 conn.execute(q.MIGRATE_LOCK)
                 if self.schema is not None:
