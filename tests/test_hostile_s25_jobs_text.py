@@ -29,18 +29,11 @@ from threaddispatch.testing import wait_for
 SURROGATE = "bad \ud800 text"  # a str UTF-8 cannot encode
 STRANDED = "its failure was not stored"  # the engine's log line when a failure could not be written
 
-_UNSTORABLE = "a lone surrogate is not encodable as UTF-8: SQLite and PostgreSQL fail to store it"
-
-
-def _kinds(xfail_on: tuple[str, ...], reason: str) -> list[Any]:
-    """Params for every store kind; the ones in ``xfail_on`` are expected to fail (strictly) with ``reason``."""
-    params = []
-    for kind in sorted(STORE_FACTORIES):
-        marks: list[Any] = [pytest.mark.postgres] if kind == "postgresql" else []
-        if kind in xfail_on:
-            marks.append(pytest.mark.xfail(strict=True, reason=reason))
-        params.append(pytest.param(kind, marks=marks, id=kind))
-    return params
+# Every store kind (the PostgreSQL one marked for the session's server).
+KINDS = [
+    pytest.param(kind, marks=[pytest.mark.postgres] if kind == "postgresql" else [], id=kind)
+    for kind in sorted(STORE_FACTORIES)
+]
 
 
 @pytest.fixture
@@ -84,7 +77,7 @@ def engine_logger() -> Iterator[tuple[logging.Logger, _Lines]]:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     "kind_store",
-    _kinds((), ""),
+    KINDS,
     indirect=True,
 )  # fmt: skip
 def test_an_error_message_with_a_lone_surrogate_is_stored_as_the_jobs_failure(
@@ -161,8 +154,7 @@ CALLS: dict[str, Callable[[JobEngine], object]] = {
 @pytest.mark.parametrize("call", sorted(CALLS))
 @pytest.mark.parametrize(
     "kind_store",
-    _kinds(tuple(STORE_FACTORIES), "check_text() refuses NUL only: memory stores a lone surrogate, SQLite and "
-                                   "PostgreSQL raise a bare UnicodeEncodeError from the store"),
+    KINDS,
     indirect=True,
 )  # fmt: skip
 def test_a_lone_surrogate_in_a_name_is_refused_at_the_call_on_every_store(kind_store: Store, call: str) -> None:
@@ -174,8 +166,6 @@ def test_a_lone_surrogate_in_a_name_is_refused_at_the_call_on_every_store(kind_s
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason="start() accepts a queue name UTF-8 cannot encode; the fetcher thread "
-                                       "then dies on its first claim and no job ever runs")  # fmt: skip
 def test_start_with_a_queue_name_no_store_can_hold_is_refused_at_the_call(tmp_path: Path) -> None:
     engine = JobEngine(STORE_FACTORIES["sqlite"](f"sqlite:///{tmp_path / 'jobs.db'}"), poll_interval=0.02)
     died: list[str] = []

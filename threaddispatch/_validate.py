@@ -12,7 +12,7 @@ import math
 from threaddispatch._show import show
 from threaddispatch.errors import ConfigurationError
 
-__all__ = ["INT64_MAX", "INT64_MIN", "check_int", "check_seconds", "check_text", "show"]
+__all__ = ["INT64_MAX", "INT64_MIN", "check_int", "check_seconds", "check_text", "encodable", "show"]
 
 #: The range of the stores' integer columns (SQLite INTEGER, PostgreSQL BIGINT).
 INT64_MIN = -(1 << 63)
@@ -47,12 +47,31 @@ def check_seconds(name: str, value: object, *, allow_zero: bool = True) -> float
     return seconds
 
 
-def check_text(name: str, value: object, *, strip: bool = False) -> str:
-    """``value`` if it is a non-empty str without NUL characters (and, with ``strip``, without surrounding spaces).
+def encodable(value: str) -> bool:
+    """Whether ``value`` encodes as UTF-8: False when it holds a lone surrogate (``"\\ud800"``).
 
-    NUL is refused for every store: PostgreSQL cannot store it in text, so SQLite and memory refuse it too.
+    ``os.fsdecode``, ``sys.argv`` and the environment make lone surrogates of undecodable
+    bytes; neither SQLite nor PostgreSQL can store one. ASCII text is answered without encoding.
+    """
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_text(name: str, value: object, *, strip: bool = False) -> str:
+    """``value`` if it is a non-empty str without NUL characters (and, with ``strip``, without surrounding spaces)
+    that encodes as UTF-8 (no lone surrogate).
+
+    NUL and lone surrogates are refused for every store: PostgreSQL cannot store NUL in text,
+    neither SQLite nor PostgreSQL can store a lone surrogate, so every store (memory too) refuses both.
     """
     if not isinstance(value, str) or not value or "\x00" in value or (strip and value != value.strip()):
         extra = " or surrounding spaces" if strip else ""
         raise ConfigurationError(f"{name} must be a non-empty str without NUL characters{extra}, got {show(value)}")
+    if not encodable(value):
+        raise ConfigurationError(f"{name} must be valid Unicode text (no lone surrogates), got {show(value)}")
     return value
