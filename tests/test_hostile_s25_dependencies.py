@@ -7,7 +7,9 @@ cancelled job again. ``retry`` of such a dependent (``store.requeue``) makes it 
 whatever its dependencies are: it runs at once, beside a dependency that is still failed,
 with ``None`` for that dependency's result (the handler of the README's example,
 ``(rows,) = ctx.dependency_results``, then works on None). It should wait for the
-dependency (or be refused) instead. Everything runs on the test's thread (``run_pending``).
+dependency (or be refused) instead: ``requeue`` refuses it (InvalidStateError naming the
+dependency) while the dependency is failed, and makes it wait for a dependency retried
+first. Everything runs on the test's thread (``run_pending``).
 """
 
 from __future__ import annotations
@@ -48,11 +50,6 @@ def _run_all(engine: JobEngine) -> None:
             return
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store.requeue (engine.retry) makes a dependent pending without looking at its dependencies: it runs "
-    "while its dependency is still failed, with None as that dependency's result",
-)
 def test_retrying_a_dependent_whose_dependency_still_failed_does_not_run_it_without_that_result(
     store: Store,
 ) -> None:
@@ -107,3 +104,60 @@ def test_a_dependent_released_by_its_retried_dependency_reads_its_result(store: 
     assert attempts == [1, 2]
     assert engine.get_job(report_id).state is JobState.COMPLETED
     assert ran == [("report", [[1, 2, 3]])]
+
+
+def test_a_dependent_retried_after_its_dependency_waits_for_it_and_reads_its_result(store: Store) -> None:
+    """Retry the failed dependency first, then the dependent: it waits (not pending), and runs after the dependency."""
+    flaky_fails = [True]
+    ran: list[tuple[str, list[Any]]] = []
+    engine = _engine(store, flaky_fails, ran)
+    fetch_id = engine.enqueue("fetch_rows")
+    report_id = engine.enqueue("build_report", "report", depends_on=[fetch_id])
+    _run_all(engine)
+    assert engine.get_job(report_id).state is JobState.CANCELLED
+
+    with pytest.raises(InvalidStateError, match=f"{report_id}.*{fetch_id}.*failed"):
+        engine.retry(report_id)
+    assert engine.get_job(report_id).state is JobState.CANCELLED  # refused: left as it was
+
+    flaky_fails[0] = False
+    engine.retry(fetch_id)  # pending again, not run yet
+    engine.retry(report_id)
+    report = engine.get_job(report_id)
+    assert (report.state, report.waiting_on, report.attempts) == (JobState.WAITING, 1, 0)
+    _run_all(engine)
+    assert engine.get_job(fetch_id).state is JobState.COMPLETED
+    assert engine.get_job(report_id).state is JobState.COMPLETED
+    assert ran == [("report", [[1, 2, 3]])]
+
+
+def test_a_dependent_of_policy_run_retried_beside_its_failed_dependency_runs(store: Store) -> None:
+    """``on_dependency_failure="run"`` runs beside a failed dependency at enqueue; its retry does the same."""
+    ran: list[tuple[str, list[Any]]] = []
+    engine = _engine(store, [True], ran)
+    engine.register("flaky_report", lambda _ctx, _payload: (_ for _ in ()).throw(ValueError("no")), max_retries=0)
+    fetch_id = engine.enqueue("fetch_rows")
+    report_id = engine.enqueue("flaky_report", depends_on=[fetch_id], on_dependency_failure="run")
+    _run_all(engine)
+    assert engine.get_job(fetch_id).state is JobState.FAILED
+    assert engine.get_job(report_id).state is JobState.FAILED  # it ran, and failed on its own
+    engine.retry(report_id)
+    assert engine.get_job(report_id).state is JobState.PENDING
+
+
+def test_a_dependent_cancelled_while_it_waited_waits_again_for_each_unfinished_dependency_once(store: Store) -> None:
+    """Cancelled while waiting for two jobs, then retried: one completion counts once, the job still waits."""
+    ran: list[tuple[str, list[Any]]] = []
+    engine = _engine(store, [False], ran)
+    first = engine.enqueue("fetch_rows")
+    later = engine.enqueue("fetch_rows", delay=3600)  # stays pending for the whole test
+    report_id = engine.enqueue("build_report", "report", depends_on=[first, later])
+    engine.cancel(report_id)
+    assert engine.get_job(report_id).state is JobState.CANCELLED
+    engine.retry(report_id)
+    assert (engine.get_job(report_id).state, engine.get_job(report_id).waiting_on) == (JobState.WAITING, 2)
+    _run_all(engine)
+    assert engine.get_job(first).state is JobState.COMPLETED
+    report = engine.get_job(report_id)
+    assert (report.state, report.waiting_on) == (JobState.WAITING, 1)
+    assert ran == []

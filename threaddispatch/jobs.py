@@ -950,6 +950,12 @@ class JobEngine:
     def retry(self, job_id: str) -> None:
         """Run a failed or cancelled job again from scratch (attempts reset; its dead letters removed).
 
+        A job with ``depends_on`` is placed as at its enqueue: it waits for each dependency
+        not yet finished (released as they complete), and under
+        ``on_dependency_failure="cancel"`` a dependency that is failed or cancelled refuses
+        the retry (InvalidStateError naming it, the job left as it was): retry that
+        dependency first, then this job, which then waits for it.
+
         Raises JobNotFoundError, or InvalidStateError for a job in another state.
         """
         check_text("job id", job_id)

@@ -48,7 +48,7 @@ from enum import Enum
 from typing import Any, NamedTuple, TypeVar
 
 from threaddispatch._validate import check_int
-from threaddispatch.errors import JobNotFoundError
+from threaddispatch.errors import InvalidStateError, JobNotFoundError
 
 _R = TypeVar("_R")
 _StoreT = TypeVar("_StoreT", bound="Store")
@@ -310,6 +310,33 @@ def limited_room(
     return max(0, room), tokens
 
 
+def requeue_waits(
+    job_id: str, depends_on: Sequence[str], on_dependency_failure: str, states: Mapping[str, str | None]
+) -> list[str]:
+    """The dependencies a requeued job waits for again (none: it is pending), the rule every store applies.
+
+    ``states``: each dependency's state value (``"completed"``, ``"running"``...), None for one
+    no longer stored (purged: it finished long ago, and blocks nothing). Under policy
+    ``"cancel"`` a dependency that ended failed or cancelled refuses the requeue with
+    InvalidStateError naming the job and that dependency (retry the dependency first: its
+    dependent would otherwise run without its result); every unfinished one is waited for.
+    """
+    unfinished = []
+    for dependency in dict.fromkeys(depends_on):
+        state = states.get(dependency)
+        if state is None or state == JobState.COMPLETED.value:
+            continue
+        if state in (JobState.FAILED.value, JobState.CANCELLED.value):
+            if on_dependency_failure == "cancel":
+                raise InvalidStateError(
+                    f"job {job_id!r} cannot run again while its dependency {dependency!r} is {state}: "
+                    "retry the dependency first (the job then waits for it)"
+                )
+            continue
+        unfinished.append(dependency)
+    return unfinished
+
+
 def _page_after(
     fetch: Callable[[int, int], Sequence[_R]],
     key: Callable[[_R], tuple[str, float]],
@@ -565,6 +592,12 @@ class Store(abc.ABC):
         Its dead letters are deleted in the same transaction. Raises JobNotFoundError for an
         unknown id, InvalidStateError for a job in any other state, and leaves the job as
         it is if its ``unique_key`` is held by another active job (InvalidStateError).
+
+        A job with dependencies (``depends_on``) is placed as at its enqueue, by
+        :func:`requeue_waits`: waiting (``waiting_on``) for each dependency not yet finished,
+        released as they complete; pending once all completed (or are no longer stored);
+        and, under ``on_dependency_failure="cancel"``, refused with InvalidStateError (the
+        job left as it is) while one of them is failed or cancelled: retry that one first.
         """
 
     @abc.abstractmethod

@@ -33,6 +33,7 @@ from threaddispatch.stores.base import (
     Store,
     WorkerInfo,
     limited_room,
+    requeue_waits,
 )
 
 __all__ = ["MemoryStore"]
@@ -531,13 +532,23 @@ class MemoryStore(Store):
                 raise InvalidStateError(
                     f"job {job_id!r}: unique_key {job.unique_key!r} is held by active job {holder!r}"
                 )
+            waits: list[str] = []
+            if job.depends_on:
+                states = {d: (self._jobs[d].state.value if d in self._jobs else None) for d in job.depends_on}
+                waits = requeue_waits(job_id, job.depends_on, job.on_dependency_failure, states)
             for letter_id in [k for k, letter in self._dead.items() if letter.job_id == job_id]:
                 del self._dead[letter_id]
             job.attempts = 0
             job.run_at = now
             job.finished_at = None
             job.result = None
-            self._set_state(job, JobState.PENDING, now)
+            for dependency in waits:
+                # Not twice: a job cancelled while it waited may still be listed under a dependency.
+                dependents = self._dependents.setdefault(dependency, [])
+                if job_id not in dependents:
+                    dependents.append(job_id)
+            job.waiting_on = len(waits)
+            self._set_state(job, JobState.WAITING if waits else JobState.PENDING, now)
 
     def purge_finished(self, *, older_than: float) -> int:
         """See :meth:`Store.purge_finished`."""

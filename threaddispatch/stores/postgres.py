@@ -51,6 +51,7 @@ Needs PostgreSQL >= 13 (``gen_random_uuid()``, transition tables).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import threading
@@ -88,6 +89,7 @@ from threaddispatch.stores.base import (
     JobState,
     QueueLimits,
     Store,
+    requeue_waits,
 )
 
 __all__ = ["PostgresStore", "migrate"]
@@ -763,6 +765,18 @@ class PostgresStore(AdminMethods, Store):
                     raise JobNotFoundError(f"no job with id {job_id!r}")
                 state, unique_key = row
                 SQL.check_requeue(conn, job_id, state, unique_key)
+                found = conn.execute(
+                    "SELECT depends_on, on_dependency_failure FROM dispatch_jobs WHERE id = %s", (job_id,)
+                ).fetchone()
+                depends_on, policy = found if found is not None else (None, "cancel")  # the row is locked: found
+                waits: list[str] = []
+                if depends_on:
+                    dependencies = json.loads(depends_on)
+                    states: dict[str, str | None] = {}
+                    for dependency in dependencies:
+                        state_row = conn.execute(SQL.dependency_state, (dependency,)).fetchone()
+                        states[dependency] = None if state_row is None else state_row[0]
+                    waits = requeue_waits(job_id, dependencies, policy, states)
                 try:
                     with conn.transaction():  # a savepoint: a racing holder fails only this statement
                         conn.execute(SQL.requeue, (now, now, job_id))
@@ -771,6 +785,15 @@ class PostgresStore(AdminMethods, Store):
                         f"job {job_id!r}: unique_key {unique_key!r} is held by another active job"
                     ) from None
                 conn.execute(SQL.delete_job_letters, (job_id,))
+                if waits:
+                    # Its rows of dependencies still unfinished when it was cancelled go: each is written
+                    # once. A dependency finishing meanwhile is the upkeep's (release_waiting), as at enqueue.
+                    conn.execute("DELETE FROM dispatch_job_deps WHERE job_id = %s", (job_id,))
+                    conn.execute(
+                        "UPDATE dispatch_jobs SET state = 'waiting', waiting_on = %s WHERE id = %s",
+                        (len(waits), job_id),
+                    )
+                    SQL.record_waits(conn, job_id, waits)
 
         self._run("requeueing a job", op, idempotent=False)
 

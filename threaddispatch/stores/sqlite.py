@@ -37,6 +37,7 @@ that many methods, each one statement and its translation of errors.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import uuid
@@ -87,6 +88,7 @@ from threaddispatch.stores.base import (
     QueueLimits,
     Store,
     WorkerInfo,
+    requeue_waits,
 )
 
 __all__ = ["SQLiteStore"]
@@ -687,12 +689,30 @@ class SQLiteStore(Store):
         """See :meth:`Store.requeue`."""
         conn = self._conn()
         with self._write():
-            row = conn.execute("SELECT state, unique_key FROM dispatch_jobs WHERE id = ?", (job_id,)).fetchone()
+            row = conn.execute(
+                "SELECT state, unique_key, depends_on, on_dependency_failure FROM dispatch_jobs WHERE id = ?", (job_id,)
+            ).fetchone()
             if row is None:
                 raise JobNotFoundError(f"no job with id {job_id!r}")
-            _SQL.check_requeue(conn, job_id, *row)
+            state, unique_key, depends_on, policy = row
+            _SQL.check_requeue(conn, job_id, state, unique_key)
+            waits: list[str] = []
+            if depends_on:
+                dependencies = json.loads(depends_on)
+                states: dict[str, str | None] = {}
+                for dependency in dependencies:
+                    found = conn.execute(_SQL.dependency_state, (dependency,)).fetchone()
+                    states[dependency] = None if found is None else found[0]
+                waits = requeue_waits(job_id, dependencies, policy, states)
             conn.execute(_SQL.requeue, (now, now, job_id))
             conn.execute(_SQL.delete_job_letters, (job_id,))
+            if waits:
+                # Its rows of dependencies still unfinished when it was cancelled go: each is written once.
+                conn.execute("DELETE FROM dispatch_job_deps WHERE job_id = ?", (job_id,))
+                conn.execute(
+                    "UPDATE dispatch_jobs SET state = 'waiting', waiting_on = ? WHERE id = ?", (len(waits), job_id)
+                )
+                _SQL.record_waits(conn, job_id, waits)
 
     @translate
     def purge_finished(self, *, older_than: float) -> int:
