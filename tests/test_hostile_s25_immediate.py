@@ -10,7 +10,8 @@ dead-letter queue behave as in normal mode"), and no job is left ``running`` (an
 engine has no reaper to recover one). What happens instead: near depth 70 one job fails
 with RecursionError, the job above it is left ``running`` for good because recording its
 failure overflowed the stack too, the rest of the chain is never enqueued, and the first
-``enqueue`` returns normally.
+``enqueue`` returns normally. Now a job enqueued inside an immediate run is queued on the
+thread and run by the outermost ``enqueue`` after its own job (a trampoline).
 """
 
 from __future__ import annotations
@@ -38,11 +39,6 @@ def default_recursion_limit() -> Iterator[None]:
     sys.setrecursionlimit(before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an enqueue inside an immediate-mode handler runs the job nested on the same stack: a chain of a few "
-    "hundred jobs hits RecursionError and leaves a job running forever",
-)
 def test_a_chain_of_jobs_each_enqueueing_the_next_runs_to_the_end_in_immediate_mode(store: Store) -> None:
     engine = JobEngine(store, immediate=True)
     fetched: list[int] = []
@@ -78,3 +74,31 @@ def test_a_short_chain_of_jobs_each_enqueueing_the_next_runs_in_order_in_immedia
     engine.enqueue("fetch_page", 0)
     assert fetched == list(range(10))
     assert {state: n for state, n in engine.counts().items() if n} == {"completed": 10}
+
+
+def test_a_job_enqueued_by_a_handler_runs_after_it_and_the_handler_can_still_wait_for_one(store: Store) -> None:
+    """The nested enqueue returns before its job ran; result() on that thread runs it then; the rest run in order."""
+    engine = JobEngine(store, immediate=True)
+    order: list[str] = []
+
+    def child(_ctx: JobContext, name: str) -> str:
+        order.append(name)
+        return name.upper()
+
+    def parent(_ctx: JobContext, _payload: object) -> str:
+        order.append("parent")
+        later = engine.enqueue("child", "later")
+        assert engine.get_job(later).state is JobState.PENDING  # queued behind this handler
+        awaited = engine.enqueue("child", "awaited")
+        assert engine.result(awaited, timeout=10) == "AWAITED"  # run now, for the waiter
+        order.append("parent done")
+        return later
+
+    engine.register("child", child, max_retries=0)
+    engine.register("parent", parent, max_retries=0)
+    parent_id = engine.enqueue("parent")
+    later_id = engine.result(parent_id, timeout=10)
+    # result() runs the awaited job as enqueue would: after what the store hands out first ("later", older).
+    assert order == ["parent", "later", "awaited", "parent done"]
+    assert engine.result(later_id, timeout=10) == "LATER"
+    assert {state: n for state, n in engine.counts().items() if n} == {"completed": 3}

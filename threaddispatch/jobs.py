@@ -51,6 +51,7 @@ import math
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from types import FrameType, TracebackType
@@ -129,6 +130,11 @@ __all__ = [
 
 _log = logging.getLogger("threaddispatch.jobs")
 
+# .queued: while an immediate run is under way on this thread (its outermost enqueue), the
+# (engine, job) pairs enqueued by its handlers, run by that outermost enqueue once its own job
+# is done: a chain of jobs each enqueueing the next runs at one stack depth. Thread-local: no lock.
+_IMMEDIATE = threading.local()
+
 
 #: The keywords of a chain step (JobSpec options) and their defaults: :meth:`JobEngine.enqueue`'s.
 _SPEC_DEFAULTS: dict[str, Any] = {
@@ -190,7 +196,12 @@ class JobEngine:
     ``immediate=True`` (tests, serverless) runs work on the caller's thread: ``enqueue``
     stores the job as usual, then runs it, with every attempt it takes, before returning
     its id. Middleware, hooks, ``unique_key``, results and dead letters behave as in
-    normal mode, and ``get_job``/``result`` read the outcome from the store. Differences:
+    normal mode, and ``get_job``/``result`` read the outcome from the store. A job
+    enqueued by a handler (of this engine or another immediate one) while an immediate
+    run is under way on that thread is stored, then run by the outermost ``enqueue`` once
+    its own job is done, in the order enqueued: the nested ``enqueue`` returns the id
+    before the job ran (a :meth:`result` for it on that thread runs it then), and a chain
+    of jobs each enqueueing the next runs at one stack depth. Differences:
     a failed attempt with retries left is retried at once (the backoff and a
     ``Retry(delay=...)`` are not waited for; ``on_job_retrying`` gets delay 0.0); a
     job timeout cannot interrupt the caller, so it is checked when the handler returns
@@ -530,10 +541,41 @@ class JobEngine:
         created = [job for job, job_id in zip(jobs, ids, strict=True) if job_id == job.id]  # else: its unique_key's
         self._enqueued(created)
         if self._immediate:
-            for job in created:
-                if job.run_at <= time.time():
-                    self._run_until_done(job)
+            now = time.time()
+            self._run_immediately([job for job in created if job.run_at <= now])
         return ids
+
+    def _run_immediately(self, jobs: Sequence[JobRecord]) -> None:
+        """Run ``jobs`` (just enqueued, due) here, or, inside an immediate run on this thread, after it.
+
+        The outermost call runs its jobs, then every job their handlers enqueued, in the order
+        enqueued (a trampoline: the stack stays as deep as one job however long the chain).
+        An error of the store ends the run, and the jobs not yet run stay pending in the store.
+        """
+        queued: deque[tuple[JobEngine, JobRecord]] | None = getattr(_IMMEDIATE, "queued", None)
+        if queued is not None:
+            queued.extend((self, job) for job in jobs)
+            return
+        if not jobs:
+            return
+        _IMMEDIATE.queued = queued = deque((self, job) for job in jobs)
+        try:
+            while queued:
+                engine, job = queued.popleft()
+                engine._run_until_done(job)
+        finally:
+            _IMMEDIATE.queued = None
+
+    def _run_queued_now(self, job_id: str) -> None:
+        """Run ``job_id`` now if an immediate run on this thread queued it (a handler waits for its result)."""
+        queued: deque[tuple[JobEngine, JobRecord]] | None = getattr(_IMMEDIATE, "queued", None)
+        if not queued:
+            return
+        for index, (engine, job) in enumerate(queued):
+            if engine is self and job.id == job_id:
+                del queued[index]
+                self._run_until_done(job)  # one level deeper, for the waiter; what it enqueues is queued
+                return
 
     def job_spec(self, name: str, payload: object = None, **options: Any) -> JobSpec:
         """A job to enqueue later with :meth:`chain`: ``name``, ``payload`` and :meth:`enqueue`'s keywords.
@@ -857,6 +899,8 @@ class JobEngine:
         """
         check_text("job id", job_id)
         deadline = None if timeout is None else time.monotonic() + check_seconds("timeout", timeout)
+        if self._immediate:
+            self._run_queued_now(job_id)
         poll = min(self.config.poll_interval, 0.25)
         event = threading.Event()
         waiters = self._shared.waiters
