@@ -1000,6 +1000,7 @@ class JobEngine:
         the retry (InvalidStateError naming it, the job left as it was): retry that
         dependency first, then this job, which then waits for it.
 
+        In immediate mode the job runs before this returns, as :meth:`enqueue` runs a new one.
         Raises JobNotFoundError, or InvalidStateError for a job in another state.
         """
         check_text("job id", job_id)
@@ -1007,6 +1008,8 @@ class JobEngine:
         job = self.store.get(job_id)
         if job is not None:
             self._enqueued((job,))
+            if self._immediate and job.state is JobState.PENDING:
+                self._run_immediately([job])  # as enqueue does: run here before returning
 
     def dlq(self, limit: int = 50, offset: int = 0, queue: str | None = None) -> list[DeadLetter]:
         """Dead letters, newest first. One store read."""
@@ -1022,6 +1025,7 @@ class JobEngine:
     def replay(self, dead_letter_id: str) -> str:
         """Enqueue a dead letter's job again as a new job and delete the dead letter; returns the new id.
 
+        In immediate mode the new job runs before this returns, as :meth:`enqueue` runs one.
         Raises JobNotFoundError for an unknown dead letter.
         """
         check_text("dead letter id", dead_letter_id)
@@ -1049,6 +1053,8 @@ class JobEngine:
         )
         job_id = self.store.replay_dead_letter(dead_letter_id, job=job)
         self._enqueued((job,))
+        if self._immediate:
+            self._run_immediately([job])  # as enqueue does: run here before returning
         return job_id
 
     def replay_all(self, queue: str | None = None, *, limit: int | None = None) -> list[str]:
