@@ -72,6 +72,6 @@ def check_text(name: str, value: object, *, strip: bool = False) -> str:
     if not isinstance(value, str) or not value or "\x00" in value or (strip and value != value.strip()):
         extra = " or surrounding spaces" if strip else ""
         raise ConfigurationError(f"{name} must be a non-empty str without NUL characters{extra}, got {show(value)}")
-    if not encodable(value):
+    if not value.isascii() and not encodable(value):  # isascii inline: no call on the hot path
         raise ConfigurationError(f"{name} must be valid Unicode text (no lone surrogates), got {show(value)}")
     return value
