@@ -1,10 +1,11 @@
 """Hostile: SQLiteStore's multi-row INSERT of new jobs keeps the Store contract for mixed calls.
 
-Attacks 3171fc8/b44a127 (new plain jobs as one multi-row INSERT per 32, the other jobs
-after them): a call mixing plain jobs with unique_key/dependency jobs, more than 32 jobs,
-a bad job mid-call (none inserted), and group commits from 6 threads (durability full and
-normal) where one caller's request fails. MemoryStore is the reference for the contract
-(``Store.enqueue``: insertion order; dependencies on jobs inserted earlier in the call).
+Attacks 3171fc8/b44a127 (new plain jobs as one multi-row INSERT per 32; a call's jobs
+were stored plain ones first until that was fixed): a call mixing plain jobs with
+unique_key/dependency jobs, more than 32 jobs, a bad job mid-call (none inserted), and group
+commits from 6 threads (durability full and normal) where one caller's request fails.
+MemoryStore is the reference for the contract (``Store.enqueue``: insertion order;
+dependencies on jobs inserted earlier in the call).
 """
 
 from __future__ import annotations
@@ -21,20 +22,13 @@ from threaddispatch.stores.base import JobState, Store
 
 pytestmark = pytest.mark.timeout(60)
 
-ORDER_DEFECT = (
-    "SQLiteStore._insert_many (threaddispatch/stores/sqlite.py) inserts a call's new plain jobs first and its "
-    "unique_key/dependency jobs after them (since 7222bf1, kept by 3171fc8/b44a127), so their seqs (the claim's "
-    "and a lock's 'insertion order') do not follow the call's order, and a dependency on a later job of the call "
-    "is found"
-)
-
 
 def _job(index: int, **fields: object) -> JobRecord:
     return JobRecord(id=f"job-{index:05d}", name="noop", payload="null", run_at=1.0, created_at=1.0, updated_at=1.0,
                      **fields)  # type: ignore[arg-type]  # fmt: skip
 
 
-@pytest.fixture(params=["memory", pytest.param("sqlite", marks=pytest.mark.xfail(strict=True, reason=ORDER_DEFECT))])
+@pytest.fixture(params=["memory", "sqlite"])
 def ordered_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     store: Store = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "jobs.db")
     try:

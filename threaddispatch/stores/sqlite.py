@@ -390,13 +390,29 @@ class SQLiteStore(Store):
         return ids
 
     def _insert_many(self, conn: sqlite3.Connection, jobs: Sequence[JobRecord]) -> list[str]:
-        """Insert ``jobs`` in the open transaction, the new plain ones first; their ids (a unique key's
-        active holder for a duplicate)."""
-        rows = [fresh_params(job) for job in jobs]
-        fresh = [value for row in rows if row is not None for value in row]
-        if fresh:
-            insert_fresh_in(conn, fresh, len(jobs) - rows.count(None))
-        return [job.id if row is not None else self._insert(conn, job) for job, row in zip(jobs, rows, strict=True)]
+        """Insert ``jobs`` in the open transaction, in their order; their ids (a unique key's active
+        holder for a duplicate).
+
+        Order matters: seqs are the claim's and a serial lock's insertion order, and a job may depend
+        only on jobs inserted before it in the call. Each run of consecutive new plain jobs is one
+        multi-row INSERT; the others go one by one between the runs."""
+        ids: list[str] = []
+        run: list[Any] = []  # the flattened params of the current run of plain jobs
+        count = 0
+        for job in jobs:
+            row = fresh_params(job)
+            if row is not None:
+                run.extend(row)
+                count += 1
+                ids.append(job.id)
+                continue
+            if count:
+                insert_fresh_in(conn, run, count)
+                run, count = [], 0
+            ids.append(self._insert(conn, job))
+        if count:
+            insert_fresh_in(conn, run, count)
+        return ids
 
     # -- workers -------------------------------------------------------------------------------------
 
