@@ -384,3 +384,119 @@ def test_block_waiters_woken_by_lock_free_delivery(in_flight: int) -> None:
         release.set()
         assert d.shutdown(timeout=30)
     assert sorted(delivered) == sorted(j.payload for j in first + waiting)
+
+
+def test_events_of_each_batch_come_in_order_on_its_thread() -> None:
+    """Per batch: batch_started, batch_executed, (batch_execution_error), batch_completed or
+    batch_failed, then job_exhausted per exhausted job, all on one thread; each job's job_added
+    comes before its first batch_started; each try of a job is in exactly one batch_started."""
+    send = Recorder(fail_times=1, always_fail_mod=11, raise_mod=13)
+    lock = threading.Lock()
+    log: list[tuple[str, str, str]] = []  # (event, batch or job id, thread name)
+    added_at: dict[str, int] = {}
+    started_jobs: Counter[str] = Counter()
+    violations: list[str] = []  # jobs in a batch_started before their job_added
+
+    def listener(event: str) -> Any:
+        def record(info: dict[str, Any]) -> None:
+            with lock:
+                if event == "job_added":
+                    added_at[info["job_id"]] = len(log)
+                    log.append((event, info["job_id"], threading.current_thread().name))
+                    return
+                if event == "job_exhausted":
+                    log.append((event, info["job_id"], threading.current_thread().name))
+                    return
+                if event == "batch_started":
+                    started_jobs.update(info["job_ids"])
+                    # (a listener's exception is only logged: violations are collected instead)
+                    violations.extend(j for j in info["job_ids"] if j not in added_at)
+                log.append((event, info["batch_id"], threading.current_thread().name))
+
+        return record
+
+    d = EndpointBatchDispatcher(
+        send,
+        max_batch_size=3,
+        batch_timeout=0.002,
+        max_concurrent_batches=2,
+        retry=RetryPolicy(max_attempts=3, backoff=Constant(0.0)),
+        name="hostile-events",
+    )
+    for event in ("job_added", "batch_started", "batch_executed", "batch_execution_error", "batch_completed",
+                  "batch_failed", "job_exhausted"):  # fmt: skip
+        d.on(event, listener(event))
+    jobs = make_jobs(PRODUCERS * 150)
+    try:
+        assert run_producers(d, [jobs[i::PRODUCERS] for i in range(PRODUCERS)]) == []
+        wait_for(lambda: d.stats()["held"] == 0, timeout=60, message="every job settled")
+    finally:
+        assert d.shutdown(timeout=30)
+    by_batch: dict[str, list[tuple[str, str]]] = {}
+    exhausted_after: dict[str, str] = {}
+    last_batch_on: dict[str, str] = {}
+    with lock:
+        for event, ident, thread in log:
+            if event == "job_added":
+                continue
+            if event == "job_exhausted":
+                exhausted_after[ident] = last_batch_on[thread]
+                continue
+            by_batch.setdefault(ident, []).append((event, thread))
+            last_batch_on[thread] = ident
+    for batch_id, events in by_batch.items():
+        names = [e for e, _ in events]
+        assert len({t for _, t in events}) == 1, (batch_id, events)
+        assert names in (
+            ["batch_started", "batch_executed", "batch_completed"],
+            ["batch_started", "batch_executed", "batch_failed"],
+            ["batch_started", "batch_executed", "batch_execution_error", "batch_failed"],
+        ), (batch_id, names)
+    assert sorted(exhausted_after) == sorted(j.id for j in jobs if j.status == "exhausted")
+    assert all(by_batch[b][-1][0] == "batch_failed" for b in exhausted_after.values())
+    assert violations == []
+    assert started_jobs == send.tries  # every try announced once, no batch_started without its send
+
+
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_gate_shut_while_hundreds_of_windows_close_starves_no_endpoint(in_flight: int) -> None:
+    """With every send slot held, 300 endpoints' windows close behind the shut gate (skipped batches
+    queue up, cf9a564); once released, each endpoint's jobs are delivered exactly once."""
+    release = threading.Event()
+    inside = threading.Semaphore(0)
+    lock = threading.Lock()
+    delivered: Counter[str] = Counter()
+
+    def send(_endpoint_id: Hashable, batch: list[DispatchJob]) -> None:
+        inside.release()
+        assert release.wait(30)
+        with lock:
+            delivered.update(job.id for job in batch)
+
+    skipped = threading.Semaphore(0)
+    d = EndpointBatchDispatcher(
+        send,
+        max_batch_size=1000,
+        batch_timeout=0.001,
+        max_concurrent_batches=in_flight,
+        name=f"hostile-gate-{in_flight}",
+    )
+    d.on("batch_skipped", lambda _info: skipped.release())
+    blockers = [DispatchJob(f"blocker-{i}", i) for i in range(in_flight)]
+    jobs = [DispatchJob(f"ep-{i % 300}", i) for i in range(1500)]
+    try:
+        for job in blockers:
+            d.add_job(job)
+        for _ in blockers:
+            assert inside.acquire(timeout=30)  # every slot held: the gate is shut
+        for job in jobs:
+            d.add_job(job)
+        assert skipped.acquire(timeout=30)  # a window closed on the shut gate
+        assert d.stats()["held"] == len(jobs) + in_flight
+        release.set()
+        wait_for(lambda: d.stats()["held"] == 0, timeout=60, message="every job settled")
+    finally:
+        release.set()
+        assert d.shutdown(timeout=30)
+    assert all(j.status == "delivered" for j in jobs + blockers)
+    assert set(delivered) == {j.id for j in jobs + blockers} and max(delivered.values()) == 1
