@@ -57,7 +57,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 try:
     import psycopg
@@ -384,23 +384,23 @@ class PostgresStore(AdminMethods, Store):
                 conn.execute(q.INSERT, pg_job_params(jobs[0]))  # one statement: its own transaction
                 return [jobs[0].id]
             self._mark_depended_on(conn, outside)
-            with conn.transaction():
-                plain = [job for job in jobs if job.unique_key is None and not job.depends_on]
-                with conn.cursor() as cursor:
-                    if len(plain) >= _COPY_MIN:
-                        with cursor.copy(q.COPY) as copy:
-                            for job in plain:
-                                copy.write_row(pg_job_params(job))
-                    elif plain:
-                        cursor.executemany(q.INSERT, [pg_job_params(job) for job in plain])
-                if len(plain) == len(jobs):
-                    return [job.id for job in jobs]
-                ids = [
-                    job.id if job.unique_key is None and not job.depends_on else self._insert(conn, job) for job in jobs
-                ]
+            # In the call's order (seqs are the claim's and a serial lock's order; a job depends only on
+            # jobs before it): each run of plain jobs in one COPY or executemany, the others between them.
+            ids: list[str] = []
+            with conn.transaction(), conn.cursor() as cursor:
+                run: list[JobRecord] = []
+                for job in jobs:
+                    if job.unique_key is None and not job.depends_on:
+                        run.append(job)
+                        ids.append(job.id)
+                        continue
+                    self._insert_plain(cursor, run)
+                    run = []
+                    ids.append(self._insert(conn, job))
+                self._insert_plain(cursor, run)
                 if inside:
                     conn.execute(q.MARK_NEW_DEPENDED_ON, (inside,))
-                return ids
+            return ids
 
         try:
             ids = self._run("enqueueing jobs", op, idempotent=False)
@@ -410,6 +410,16 @@ class PostgresStore(AdminMethods, Store):
             raise
         self._settle_missed(jobs)
         return ids
+
+    @staticmethod
+    def _insert_plain(cursor: psycopg.Cursor[Any], jobs: Sequence[JobRecord]) -> None:
+        """Insert new jobs without a unique key or dependencies, in order: one COPY from ``_COPY_MIN`` on."""
+        if len(jobs) >= _COPY_MIN:
+            with cursor.copy(q.COPY) as copy:
+                for job in jobs:
+                    copy.write_row(pg_job_params(job))
+        elif jobs:
+            cursor.executemany(q.INSERT, [pg_job_params(job) for job in jobs])
 
     def _settle_missed(self, jobs: Sequence[JobRecord]) -> None:
         """Release the just stored dependents whose dependency's completion missed them (committed meanwhile).
