@@ -60,11 +60,6 @@ class _Call(threading.Thread):
             self.finished.set()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PostgresStore's lock_timeout (5 s) now ends the wait in store.get, but JobEngine.result lets its "
-    "StoreUnavailableError through instead of DispatchTimeoutError once its own deadline passed (jobs.py)",
-)
 def test_result_keeps_its_timeout_while_another_session_locks_the_jobs_table(engine: JobEngine, pg_server: Any) -> None:
     job_id = engine.enqueue("noop")  # pending: no worker runs it (and the tables exist)
     call = _Call(engine, job_id, timeout=1.0)

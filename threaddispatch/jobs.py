@@ -93,6 +93,7 @@ from threaddispatch.errors import (
     InvalidStateError,
     JobNotFoundError,
     NoStoreError,
+    StoreUnavailableError,
 )
 from threaddispatch.events import EventEmitter
 from threaddispatch.metrics import job_recorder
@@ -893,7 +894,8 @@ class JobEngine:
 
         Blocks up to ``timeout`` seconds (None: no limit): woken at once when this
         process finishes the job, otherwise polling the store. Raises
-        DispatchTimeoutError when time runs out, JobNotFoundError for an unknown (or
+        DispatchTimeoutError when time runs out (also when the store's read itself ran past
+        it and gave up with StoreUnavailableError), JobNotFoundError for an unknown (or
         purged) job, CancelledError for a cancelled job and InvalidStateError carrying
         the error text for a failed one.
         """
@@ -909,7 +911,20 @@ class JobEngine:
         try:
             while True:
                 event.clear()
-                job = self.store.get(job_id)
+                try:
+                    job = self.store.get(job_id)
+                except StoreUnavailableError as error:
+                    # The store's own bound (e.g. PostgreSQL's lock_timeout) ended the read: past our
+                    # deadline that is our timeout; before it, read again after the poll interval.
+                    # Without a deadline the error is the caller's: nothing else would end the wait.
+                    if deadline is None:
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise DispatchTimeoutError(
+                            f"job {job_id} not finished within {timeout}s (the store did not answer: {error})"
+                        ) from error
+                    event.wait(min(poll, max(0.0, deadline - time.monotonic())))
+                    continue
                 if job is None:
                     raise JobNotFoundError(f"no job with id {job_id!r}")
                 if job.state is JobState.COMPLETED:
