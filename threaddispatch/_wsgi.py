@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from threaddispatch._show import show
+from threaddispatch._validate import encodable
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
@@ -56,10 +57,8 @@ def check_text(name: str, value: str) -> None:
     """Refuse text no store can hold: a NUL character or a lone surrogate (not encodable as UTF-8)."""
     if "\x00" in value:
         raise bad(name, f"{name} must not contain a NUL character, got {shorten(value)}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise bad(name, f"{name} must be valid Unicode text (no lone surrogates), got {shorten(value)}") from None
+    if not encodable(value):
+        raise bad(name, f"{name} must be valid Unicode text (no lone surrogates), got {shorten(value)}")
 
 
 _PATH_CHARACTERS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/]*")  # RFC 3986 pchar and "/", no %-escape
@@ -73,9 +72,7 @@ def url_path_problem(path: str) -> str | None:
     a control character, a space, ``?``, ``#`` or ``\\`` cannot be meant. Non-ASCII
     text is allowed (a client sends it %-encoded as UTF-8) if it is valid Unicode.
     """
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
+    if not encodable(path):
         return "it is not valid Unicode text (a lone surrogate)"
     ascii_part = "".join(char for char in path if char.isascii())
     if not _PATH_CHARACTERS.fullmatch(ascii_part):
