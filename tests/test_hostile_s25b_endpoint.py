@@ -500,3 +500,44 @@ def test_gate_shut_while_hundreds_of_windows_close_starves_no_endpoint(in_flight
         assert d.shutdown(timeout=30)
     assert all(j.status == "delivered" for j in jobs + blockers)
     assert set(delivered) == {j.id for j in jobs + blockers} and max(delivered.values()) == 1
+
+
+@pytest.mark.parametrize("in_flight", [1, 3])
+def test_batches_taken_by_sending_threads_keep_priority_then_fifo(in_flight: int) -> None:
+    """Jobs queued while every slot is held go, once released, in batches taken by the sending threads
+    (settle_and_take): each batch highest priority first, first in first out within a priority, and
+    across one endpoint's batches (in_flight 1) the same order overall."""
+    release = threading.Event()
+    inside = threading.Semaphore(0)
+    lock = threading.Lock()
+    batches: list[list[tuple[int, int]]] = []
+
+    def send(endpoint_id: Hashable, jobs: list[DispatchJob]) -> None:
+        inside.release()
+        assert release.wait(30)
+        if endpoint_id == "ep":
+            with lock:
+                batches.append([(job.priority, job.payload) for job in jobs])
+
+    d = EndpointBatchDispatcher(
+        send, max_batch_size=7, batch_timeout=0.001, max_concurrent_batches=in_flight, name=f"hostile-prio-{in_flight}"
+    )
+    try:
+        for i in range(in_flight):
+            d.add_job(DispatchJob(f"blocker-{i}", i))
+        for _ in range(in_flight):
+            assert inside.acquire(timeout=30)
+        jobs = [DispatchJob("ep", n, priority=(n * 7) % 5) for n in range(100)]
+        for job in jobs:
+            d.add_job(job)
+        release.set()
+        wait_for(lambda: d.stats()["held"] == 0, timeout=60, message="every job settled")
+    finally:
+        release.set()
+        assert d.shutdown(timeout=30)
+    for batch in batches:
+        assert batch == sorted(batch, key=lambda pair: (-pair[0], pair[1])), batch
+    flat = [pair for batch in batches for pair in batch]
+    assert sorted(p for _, p in flat) == list(range(100))
+    if in_flight == 1:
+        assert flat == sorted(flat, key=lambda pair: (-pair[0], pair[1]))
