@@ -541,3 +541,41 @@ def test_batches_taken_by_sending_threads_keep_priority_then_fifo(in_flight: int
     assert sorted(p for _, p in flat) == list(range(100))
     if in_flight == 1:
         assert flat == sorted(flat, key=lambda pair: (-pair[0], pair[1]))
+
+
+def test_spooled_block_bound_with_retries_leaves_only_the_exhausted(tmp_path: Any) -> None:
+    """With a spool, overflow='block', partial failures and retries from 4 producers: once all settle,
+    the spool holds nothing pending, and its dead letters are exactly the exhausted jobs; a new owner
+    replays nothing."""
+    send = Recorder(fail_times=1, always_fail_mod=11)
+    path = tmp_path / "endpoint.spool"
+    d = EndpointBatchDispatcher(
+        send,
+        max_batch_size=4,
+        batch_timeout=0.002,
+        max_concurrent_batches=2,
+        retry=RetryPolicy(max_attempts=2, backoff=Constant(0.0)),
+        max_pending_jobs=9,
+        overflow="block",
+        spool=path,
+        name="hostile-spool",
+    )
+    jobs = [DispatchJob(f"ep-{i % 7}", i) for i in range(PRODUCERS * 60)]
+    try:
+        assert run_producers(d, [jobs[i::PRODUCERS] for i in range(PRODUCERS)], timeout=60) == []
+        wait_for(lambda: d.stats()["held"] == 0, timeout=60, message="every job settled")
+        exhausted = sorted(j.id for j in jobs if j.status == "exhausted")
+        assert exhausted == sorted(j.id for j in jobs if j.payload % 11 == 1)
+        letters = d.spool_dead_letters(limit=10_000)
+        assert sorted(letter.entry["i"] for letter in letters) == exhausted  # "i": the job id (spool_entry)
+    finally:
+        assert d.shutdown(timeout=30)
+    assert max(send.delivered.values()) == 1
+    assert set(send.delivered) == {j.id for j in jobs if j.status == "delivered"}
+    replayed: list[Any] = []
+    again = EndpointBatchDispatcher(lambda _e, js: replayed.extend(js), batch_timeout=0.001, spool=path)
+    try:
+        assert again.stats()["held"] == 0
+    finally:
+        assert again.shutdown(timeout=30)
+    assert replayed == []
