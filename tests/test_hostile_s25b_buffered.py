@@ -243,3 +243,56 @@ def test_stop_racing_puts_settles_every_accepted_message() -> None:
     s = ad.stats()
     assert s["buffered"] == sum(accepted.values()), s
     assert s["in_flight"] == 0 and s["waiting"] == 0, s
+
+
+def test_a_spooled_buffer_behind_batches_keeps_only_the_failed(tmp_path: Any) -> None:
+    """spool=PATH, hand-offs to a BatchedDispatcher with partial failures and retries, equal messages put
+    many times by 4 producers: after stop() the spool has nothing pending (a new owner replays nothing)
+    and one dead letter per message that failed for good."""
+    send = Send()
+    failed: list[FailedMessage[Any]] = []
+    flock = threading.Lock()
+
+    def on_failed(f: FailedMessage[Any]) -> None:
+        with flock:
+            failed.append(f)
+
+    path = tmp_path / "async.spool"
+    bd: BatchedDispatcher[Any] = BatchedDispatcher(send, max_batch_size=6, flush_interval=0.001, max_concurrent_sends=3)
+    ad: AsyncDispatcher[Any] = AsyncDispatcher(
+        bd, "q", on_failed, retry=RetryPolicy(max_attempts=2, backoff=Constant(0.0)), max_in_flight=40, spool=path
+    )
+    sender = ad.setup(64)
+    ad.start()
+    chunks = [[(p * 7 + i) % 30 for i in range(400)] for p in range(PRODUCERS)]
+    errors: list[BaseException] = []
+
+    def produce(chunk: list[int]) -> None:
+        try:
+            for m in chunk:
+                sender.put(m, timeout=60)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=produce, args=(c,)) for c in chunks]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+            assert not t.is_alive()
+        total = PRODUCERS * 400
+        wait_for(lambda: ad.sent + ad.failed == total, timeout=60, message="every message settled")
+        assert ad.stop(30) is True
+    finally:
+        ad.stop(30)
+        bd.close(30)
+    assert errors == []
+    assert sum(send.delivered.values()) + len(failed) == total
+    again: AsyncDispatcher[Any] = AsyncDispatcher(bd, "q", spool=path)
+    try:
+        assert again._left == []  # nothing pending: every message left the file once sent or failed
+        letters = again.spool_dead_letters(limit=10_000)
+        assert sorted(letter.entry[0] for letter in letters) == sorted(f.message for f in failed)
+    finally:
+        again.stop(30)
