@@ -579,3 +579,56 @@ def test_spooled_block_bound_with_retries_leaves_only_the_exhausted(tmp_path: An
     finally:
         assert again.shutdown(timeout=30)
     assert replayed == []
+
+
+def test_shutdown_refuses_adds_blocked_at_the_bound_and_counts_none() -> None:
+    """Adds blocked at a full bound while shutdown() waits for held sends: each is refused with
+    DispatcherClosedError (its job stays 'new', not held), the held batches are delivered, held ends 0."""
+    release = threading.Event()
+    inside = threading.Semaphore(0)
+
+    def send(_endpoint_id: Hashable, _jobs: list[DispatchJob]) -> None:
+        inside.release()
+        assert release.wait(30)
+
+    d = EndpointBatchDispatcher(
+        send, max_batch_size=2, batch_timeout=0.001, max_concurrent_batches=2, max_pending_jobs=4, overflow="block"
+    )
+    first = [DispatchJob(f"ep-{i % 2}", i) for i in range(4)]
+    blocked = [DispatchJob("ep-x", 100 + i) for i in range(4)]
+    outcomes: list[BaseException | None] = []
+    lock = threading.Lock()
+
+    def add(job: DispatchJob) -> None:
+        try:
+            d.add_job(job, timeout=60)
+        except BaseException as exc:
+            with lock:
+                outcomes.append(exc)
+            return
+        with lock:
+            outcomes.append(None)
+
+    for job in first:
+        d.add_job(job)
+    for _ in range(2):
+        assert inside.acquire(timeout=30)
+    adders = [threading.Thread(target=add, args=(job,)) for job in blocked]
+    for t in adders:
+        t.start()
+    wait_for(lambda: d._core.room_waiters == len(blocked), timeout=30, message="every add waits for room")
+    result: list[bool] = []
+    closer = threading.Thread(target=lambda: result.append(d.shutdown(timeout=30)))
+    closer.start()
+    try:
+        for t in adders:
+            t.join(30)
+            assert not t.is_alive(), "an add stayed blocked through shutdown"
+        assert len(outcomes) == len(blocked) and all(isinstance(o, DispatcherClosedError) for o in outcomes), outcomes
+        assert all(job.status == "new" for job in blocked)
+    finally:
+        release.set()
+        closer.join(30)
+    assert result == [True]
+    assert all(job.status == "delivered" for job in first)
+    assert d.stats()["held"] == 0
