@@ -296,3 +296,88 @@ def test_a_spooled_buffer_behind_batches_keeps_only_the_failed(tmp_path: Any) ->
         assert sorted(letter.entry[0] for letter in letters) == sorted(f.message for f in failed)
     finally:
         again.stop(30)
+
+
+@pytest.mark.parametrize("sends", [2, 4])
+def test_direct_submits_and_flushes_beside_hand_offs_to_the_same_target(sends: int) -> None:
+    """Threads submit() to the BatchedDispatcher's target and call flush() while an AsyncDispatcher hands
+    off to it (inline batches complete the lane's partial batch): each Future settles once, each message
+    is sent once or failed once, and the counts add up exactly."""
+    send = Send()
+    failed: list[FailedMessage[Any]] = []
+    flock = threading.Lock()
+
+    def on_failed(f: FailedMessage[Any]) -> None:
+        with flock:
+            failed.append(f)
+
+    bd: BatchedDispatcher[Any] = BatchedDispatcher(
+        send, max_batch_size=5, flush_interval=0.001, max_concurrent_sends=sends
+    )
+    ad: AsyncDispatcher[Any] = AsyncDispatcher(bd, "q", on_failed, max_in_flight=200)
+    sender = ad.setup(256)
+    ad.start()
+    futures: list[Any] = []
+    settled: Counter[int] = Counter()
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def note_settled(index: int) -> None:  # a done-callback, on any thread
+        with flock:
+            settled[index] += 1
+
+    def submit_direct(worker: int) -> None:
+        try:
+            for i in range(300):
+                future = bd.submit(Same(1000 + worker * 1000 + i), "q")
+                index = worker * 1000 + i
+                future.add_done_callback(lambda _f, index=index: note_settled(index))
+                with flock:
+                    futures.append(future)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def put_buffered() -> None:
+        try:
+            for i in range(1200):
+                sender.put(SHARED if i % 2 else i % 40, timeout=60)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def flusher() -> None:
+        try:
+            while not stop.is_set():
+                bd.flush(30)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=submit_direct, args=(w,)) for w in range(2)]
+    threads += [threading.Thread(target=put_buffered) for _ in range(2)]
+    flushers = [threading.Thread(target=flusher) for _ in range(2)]
+    try:
+        for t in threads + flushers:
+            t.start()
+        for t in threads:
+            t.join(60)
+            assert not t.is_alive()
+        wait_for(lambda: ad.sent + ad.failed == 2400, timeout=60, message="every buffered message settled")
+        for future in futures:
+            future.exception(timeout=30)  # done, one way or the other
+    finally:
+        stop.set()
+        for t in flushers:
+            t.join(30)
+        ad.stop(30)
+        bd.close(30)
+    assert errors == []
+    direct_ok = sum(1 for f in futures if f.exception() is None)
+    direct_failed = len(futures) - direct_ok
+    assert len(futures) == 600 and len(settled) == 600 and max(settled.values()) == 1
+    # Without a retry policy each buffered message is tried once: sent, or failed and reported once.
+    assert ad.sent + len(failed) == 2400 and ad.failed == len(failed)
+    assert sum(send.delivered.values()) == direct_ok + ad.sent
+    s = bd.stats()
+    assert s["submitted"] == 3000 and s["sent"] + s["failed"] == 3000, s
+    assert s["failed"] == direct_failed + len(failed), s
+    assert s["pending"] == 0 and s["in_flight"] == 0, s
+    assert send.failures == s["failed"]
