@@ -20,7 +20,7 @@ from __future__ import annotations
 import gc
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -45,6 +45,17 @@ STORE_FACTORIES: dict[str, Callable[[str], Store]] = {
     "sqlite": lambda url: SQLiteStore(url.removeprefix("sqlite:///")),
     "postgresql": _postgres_store,
 }
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    """Spell out lone surrogates in a report's captured output: pytest-xdist cannot send them between its
+    processes (an INTERNALERROR that ends the run), and the tests about undecodable text log such text."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    report.sections = [(title, text.encode("utf-8", "backslashreplace").decode("utf-8"))
+                       for title, text in report.sections]  # fmt: skip
+
 
 #: The pytest params for the store kinds (PostgreSQL ones carry the ``postgres`` mark).
 STORE_PARAMS = [
