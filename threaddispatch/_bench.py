@@ -3,7 +3,7 @@
 ``threaddispatch bench`` runs the enqueue race below, then a few scaling curves
 (``_bench_curves``: EndpointBatchDispatcher by endpoints and by depth, RequestDispatcher
 queued by depth), prints both as tables (the curves also as ASCII bars) and draws them in
-one PNG. ``--quick`` is a ~20 s smoke run of the same.
+one PNG. ``--quick`` is a ~10 s smoke run of the same.
 
 The race: one workload for every contender: ``producers`` threads each enqueue ``per_producer``
 copies of one small dict; a sink counts what arrives; 10 ms window; batches of 512;
@@ -592,7 +592,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--curves", type=parse_curves, default=None, help="e.g. 'endpoints=10,1000;depth=1000' or 'none'")
     add("--curve-repeats", type=positive_int, default=1, help="fresh-process runs per curve point (default 1)")
     add("--curve-timeout", type=float, default=10.0, help="seconds a curve point may take (default 10)")
-    add("--quick", action="store_true", help="a ~20 s smoke run: small race, one run each, short curves")
+    add("--quick", action="store_true", help="a ~10 s smoke run: small race, one run each, short curves")
     add("--chart", default="threaddispatch-bench.png", help="PNG chart path ('' for none)")
     add("--json", action="store_true", help="print JSON instead of the tables")
     add("--quiet", action="store_true", help="no progress lines")
