@@ -331,7 +331,11 @@ def test_direct_submits_and_flushes_beside_hand_offs_to_the_same_target(sends: i
             for i in range(300):
                 future = bd.submit(Same(1000 + worker * 1000 + i), "q")
                 index = worker * 1000 + i
-                future.add_done_callback(lambda _f, index=index: note_settled(index))
+
+                def on_done(_future: object, index: int = index) -> None:
+                    note_settled(index)
+
+                future.add_done_callback(on_done)
                 with flock:
                     futures.append(future)
         except BaseException as exc:

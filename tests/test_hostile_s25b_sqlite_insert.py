@@ -103,7 +103,7 @@ def test_six_threads_mixed_group_commits_one_bad_caller(tmp_path: Path, durabili
     """6 threads enqueue mixed calls (>32 plain jobs, unique keys shared across threads, dependencies on
     their own earlier jobs); one call in each thread repeats an id and fails alone. Every other job is
     stored exactly once with the state its kind gives; unique keys keep one holder each."""
-    store = SQLiteStore(tmp_path / "jobs.db", durability=durability)  # type: ignore[arg-type]
+    store = SQLiteStore(tmp_path / "jobs.db", durability=durability)
     results: dict[int, list[list[str]]] = {}
     failures: dict[int, list[int]] = {}
     errors: list[BaseException] = []
