@@ -16,7 +16,6 @@ text are listed here once for the three commands that share them.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import inspect
 import logging
@@ -33,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from threaddispatch._cli_common import fail
 from threaddispatch._validate import check_int, check_positive_int, check_seconds, check_text
-from threaddispatch.errors import ConfigurationError, ThreadDispatchError
+from threaddispatch.errors import ConfigurationError, InvalidStateError, ThreadDispatchError
 
 if TYPE_CHECKING:  # at run time imported where used: ``threaddispatch --help`` does not load the engine
     from threaddispatch.jobs import JobEngine
@@ -525,14 +524,9 @@ def _tune(engine: JobEngine, max_poll_interval: float | None) -> None:
     """Apply ``--max-poll-interval`` to the engine before it starts (its poll_interval lowered to it if larger)."""
     if max_poll_interval is None:
         return
-    config = dataclasses.replace(
-        engine.config,
-        max_poll_interval=max_poll_interval,
-        poll_interval=min(engine.config.poll_interval, max_poll_interval),
-    ).validate()
-    # JobEngine has no public way to change its tuning before start(): its runtimes read the shared config.
-    engine.config = config
-    engine._shared.config = config
+    engine.configure(
+        max_poll_interval=max_poll_interval, poll_interval=min(engine.config.poll_interval, max_poll_interval)
+    )
 
 
 def _supervise(engine: JobEngine, run: _Run) -> int:
@@ -624,7 +618,7 @@ def _run(target: str, run: _Run, label: str, echo: Callable[[str], object] | Non
     try:
         engine = load_engine(target)
         _tune(engine, run.max_poll_interval)
-    except ConfigurationError as error:
+    except (ConfigurationError, InvalidStateError) as error:  # InvalidStateError: the module started its engine
         return fail("worker", str(error), 2)
     log = logging.getLogger("threaddispatch.worker")
     queues = run.queues or list(engine.config.queues)

@@ -176,6 +176,10 @@ def _to_epoch(name: str, value: object) -> float:
     raise ConfigurationError(f"{name} must be an aware datetime or finite epoch seconds, got {show(value)}")
 
 
+# Config fields read once, by __init__ (the immediate flag, the payload limit in each JobPlan, the recorders).
+_FIXED_AT_CONSTRUCTION = frozenset({"immediate", "max_payload_size", "metrics", "tracer_provider"})
+
+
 class JobEngine:
     """Persistent jobs on a store, run by worker threads (see the module docstring).
 
@@ -687,6 +691,32 @@ class JobEngine:
     def running(self) -> bool:
         """Whether the workers run (between start() and stop())."""
         return self._state == "running"
+
+    def configure(self, **fields: Any) -> Config:
+        """Change tuning fields (:class:`Config` names) while the workers are not running; returns the new Config.
+
+        Checked together, as ``JobEngine(**fields)`` checks them: a bad value raises ConfigurationError
+        naming it and leaves the tuning as it was; an unknown name raises TypeError. ``immediate``,
+        ``max_payload_size``, ``metrics`` and ``tracer_provider`` are fixed at construction
+        (ConfigurationError). Raises InvalidStateError while the workers run or stop (their threads
+        read the tuning as they go); after stop() the next start() uses the new one. Non-blocking; thread-safe.
+        """
+        unknown = sorted(set(fields) - set(Config.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"configure() got an unexpected keyword argument {unknown[0]!r}")
+        fixed = sorted(set(fields) & _FIXED_AT_CONSTRUCTION)
+        if fixed:
+            raise ConfigurationError(
+                f"{fixed[0]} is fixed when the JobEngine is made (got {show(fields[fixed[0]])}); build a new engine"
+            )
+        with self._lock:  # start() reads self.config under it: a racing start() sees the old tuning or the new
+            if self._state in ("running", "stopping"):
+                raise InvalidStateError(
+                    f"configure() changes the tuning before start(); this JobEngine is {self._state}"
+                )
+            config = Config.from_options({**self.config.options(), **fields})
+            self.config = self._shared.config = config
+        return config
 
     def start(self, *, queues: Sequence[str] | None = None, concurrency: int | None = None) -> None:
         """Start the worker threads; ``queues``/``concurrency`` override the configured ones for this run.
