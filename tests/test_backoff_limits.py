@@ -183,6 +183,6 @@ def test_a_base_exception_from_the_backoff_or_predicate_makes_the_failure_final(
     def broken(_value: object) -> bool:
         raise kind("user code")
 
-    assert RetryPolicy(backoff=broken).next_delay(1, TimeoutError()) is None  # type: ignore[arg-type]
+    assert RetryPolicy(backoff=broken).next_delay(1, TimeoutError()) is None
     assert RetryPolicy(retry_on=broken).next_delay(1, TimeoutError()) is None
     assert not RetryPolicy(retry_on=broken).should_retry(1, TimeoutError())
