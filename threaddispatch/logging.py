@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 
 from threaddispatch._engine import Overflow
@@ -20,6 +21,13 @@ from threaddispatch.backoff import RetryPolicy
 from threaddispatch.metrics import Metrics
 
 __all__ = ["BatchingHandler", "JsonFormatter"]
+
+# Shared by every BatchingHandler: ``active`` is True on a thread while it delivers a batch for any
+# of them (the worker, or the caller in immediate mode: the sends, the dispatcher's failure record,
+# on_error) or runs a send_records (also a send_timeout runner thread). No BatchingHandler queues a
+# record logged there, so two handlers cannot feed each other their failure records, nor one itself.
+# ``reported`` (a weakref) is the last skipped record handed to logging.lastResort on this thread.
+_DELIVERING = threading.local()
 
 
 class BatchingHandler(logging.Handler):
@@ -32,9 +40,12 @@ class BatchingHandler(logging.Handler):
     are cleared, so it is safe to send later; the original goes on unchanged to the
     logger's other handlers. Records logged while a batch is being delivered (by
     ``send_records`` itself, by ``on_error``, and the dispatcher's own "send_batch failed"
-    record, on the dispatcher's thread) are not queued again, so a handler that logs to its
-    own logger cannot feed itself, even while its server is down; they are counted in
-    ``self_records_skipped`` and still reach the logger's other handlers.
+    record, on the dispatcher's thread) are not queued by this handler nor by any other
+    BatchingHandler, so a handler that logs to its own logger cannot feed itself, and two
+    on one logger cannot feed each other, even while their servers are down. They are
+    counted in ``self_records_skipped`` and still reach the logger's other handlers; when
+    it has none but BatchingHandlers, one at WARNING or above goes to ``logging.lastResort``
+    (stderr), once, as Python does for a logger without handlers.
 
     ``send_records`` (and ``on_error``) may be ``async def``: the coroutine is awaited on
     the sending thread. ``send_timeout`` is the dispatcher's per-call timeout: a send past
@@ -64,10 +75,7 @@ class BatchingHandler(logging.Handler):
         tracer_provider: object = None,
     ) -> None:
         super().__init__(level)
-        # ``active`` is True on a thread while it delivers a batch (the worker, or the caller in
-        # immediate mode: the sends, the dispatcher's failure record, on_error) or runs
-        # send_records (also a send_timeout runner thread): records logged there are skipped.
-        self._sending = threading.local()
+        self._sending = _DELIVERING  # see _DELIVERING: one marker for every BatchingHandler
         dispatcher: BackgroundDispatcher[logging.LogRecord] = BackgroundDispatcher.__new__(BackgroundDispatcher)
         # Set before __init__, which reads it when made after the exit drain: this dispatcher stays
         # open then, because logging.shutdown (an atexit hook registered when logging was imported,
@@ -131,6 +139,7 @@ class BatchingHandler(logging.Handler):
         try:
             if getattr(self._sending, "active", False):
                 self.self_records_skipped += 1
+                _last_resort(record)
                 return
             self.dispatcher.enqueue(self.prepare(record))
         except Exception:  # noqa: BLE001 - a logging call must never raise
@@ -163,3 +172,26 @@ class BatchingHandler(logging.Handler):
         if dispatcher is None:
             return f"<BatchingHandler ({level}) not constructed>"
         return f"<BatchingHandler {dispatcher.name!r} ({level})>"
+
+
+def _last_resort(record: logging.LogRecord) -> None:
+    """Hand ``record``, skipped by a BatchingHandler, to ``logging.lastResort`` when no other handler takes it.
+
+    Once per record (every BatchingHandler on the way skips it, on this one thread), and only
+    at lastResort's level (WARNING) or above; "other handler" as ``Logger.callHandlers`` finds
+    them: up the hierarchy until a logger that does not propagate, at a level the record passes.
+    """
+    last = logging.lastResort
+    if last is None or record.levelno < last.level:
+        return
+    reported = getattr(_DELIVERING, "reported", None)
+    if reported is not None and reported() is record:
+        return
+    logger: logging.Logger | None = logging.getLogger(record.name)
+    while logger is not None:
+        for handler in logger.handlers:
+            if not isinstance(handler, BatchingHandler) and record.levelno >= handler.level:
+                return
+        logger = logger.parent if logger.propagate else None
+    _DELIVERING.reported = weakref.ref(record)
+    last.handle(record)
