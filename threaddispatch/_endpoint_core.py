@@ -5,7 +5,16 @@
 ``max_concurrent_batches`` limit, ``put_later`` as the timer of retries and scheduled jobs),
 the :class:`~threaddispatch._pool.WorkerPool` the batches are sent on, the send of one batch
 and the settling of its jobs (events, the one retry decision, requeues), and the
-``max_pending_jobs`` bound with its overflow policies. It never refers to the face
+``max_pending_jobs`` bound with its overflow policies.
+
+The sending threads (:meth:`Core.run_pooled`): a batch the engine's worker takes goes to a
+sending thread, or, while one runs, to ``ready`` (taken batches, first in first out), which the
+running threads drain between their own ``settle_and_take`` batches. Sends that return at once
+keep one thread: a thread whose send was quick ends when another is not stuck in a send, so
+``add_job`` competes for the GIL with one sending thread, not ``max_concurrent_batches``. A slow
+send with batches waiting starts one more thread, and the watch (:meth:`Core._watch`, on the
+pool while batches wait) starts one per waiting batch when no send began for ``_STALL``: sends
+that wait on I/O or hang still run up to the limit at once. It never refers to the face
 (:mod:`threaddispatch.endpoint`), so an unreferenced dispatcher can be collected while its
 threads drain.
 
@@ -21,6 +30,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from operator import attrgetter
 
@@ -43,8 +53,14 @@ __all__ = ["Core"]
 _log = logging.getLogger("threaddispatch")
 
 # The longest a sending thread sends batch after batch before it lets other threads have the GIL
-# (seconds): each such loop holding it for a switch interval (5 ms) would keep add_job waiting as long.
+# (seconds): a loop holding it for a switch interval (5 ms) would keep add_job waiting as long.
 _TURN = 0.0002
+# A send that returns within this (seconds) is quick: more sending threads would not make such
+# sends go faster, only contend for the GIL. A slower one with batches waiting starts another.
+_QUICK = 0.001
+# How long batches may wait in ``ready`` with no send beginning before the watch starts sending
+# threads for them (seconds): the running ones are stuck in sends (a hung receiver, I/O).
+_STALL = 0.02
 
 _forked_spools: list[Spool] = []  # a forked child's copies of its parent's spools: never used nor closed there
 
@@ -117,7 +133,8 @@ class Core:
         self.caller = TimedCaller(f"{name}-send", timeout=send_timeout)
         self.send_target: Callable[..., object] = send_batch if send_timeout is None else self._send_on_runner
         self.plain_send = send_timeout is None  # send_batch runs on the sending thread: _invoke.call, no caller
-        self.pool = WorkerPool(max_concurrent_batches, name=f"{name}-send")
+        # One sending thread per batch in flight, and the watch (see run_pooled and _watch).
+        self.pool = WorkerPool(max_concurrent_batches + 1, name=f"{name}-send")
         self.pooled_run = self.run_pooled  # bound once: a batch's hand-off allocates no bound method
         self.engine: BatchEngine[DispatchJob] = BatchEngine(
             self.deliver,
@@ -153,6 +170,17 @@ class Core:
         for _ in range(self.max_concurrent_batches):
             self.permits.put(None)
         self.local = threading.local()  # .sending / .adding: what this thread is in the middle of
+        # The sending threads (run_pooled): send_lock guards ready, runners, watching and marks.
+        # Invariants: a batch is in ``ready`` only while ``runners`` >= 1 (a thread that ends
+        # with batches there leaves another running) and ``watching`` (the watch rescues them
+        # from threads stuck in sends); runners <= max_concurrent_batches.
+        self.send_lock = threading.Lock()
+        self.ready: deque[tuple[Hashable, int, list[DispatchJob]]] = deque()  # taken, waiting for a thread
+        self.runners = 0  # sending threads running or starting
+        self.watching = False  # the watch is running or starting
+        self.marks: list[list[float]] = []  # each sending thread's send start (0.0: between sends)
+        self.sends_begun = 0  # sends begun since start (by any sending thread): the watch's sign of progress
+        self.watch_ends = threading.Event()  # set by the close once drained (or given up): the watch leaves
         self.closed = False
         self.adding = 0  # add_job calls between their job_added event and their put
         self.shutdown_emitted = False
@@ -207,9 +235,25 @@ class Core:
         )
 
     def deliver(self, endpoint_id: Hashable, jobs: list[DispatchJob], seq: int) -> None:
-        """The engine's (self-settling) deliver: hand batch ``seq`` to a sending thread, which settles it."""
+        """The engine's (self-settling) deliver: hand batch ``seq`` to a sending thread, which settles it.
+
+        With a sending thread running it joins ``ready`` (no wake-up: the running threads take
+        it, and the watch starts more if they are stuck); with none it starts one.
+        """
+        with self.send_lock:
+            start = not self.runners
+            if start:
+                self.runners = 1
+            else:
+                self.ready.append((endpoint_id, seq, jobs))
+                watch = not self.watching
+                self.watching = True
+        if not start:
+            if watch:
+                self._start_watch()
+            return
         try:
-            self.pool.run(self.pooled_run, endpoint_id, jobs, seq)
+            self.pool.run(self.pooled_run, (endpoint_id, seq, jobs))
             return
         except DispatcherClosedError:
             # The pool was shut down while the engine still drains: send here rather than lose it.
@@ -218,47 +262,152 @@ class Core:
             # The pool raises only for work it did not queue: no sending thread runs this batch.
             batch = WebhookBatch(new_id(), endpoint_id, tuple(jobs), time.time())
             self.processor_failed(exc, batch, "could not hand a batch to a sending thread; sending it here")
+        with self.send_lock:
+            self.runners -= 1
         try:
             self.run_batch(batch)
         finally:
             self.engine.settle(seq)
 
-    def run_pooled(self, endpoint_id: Hashable, jobs: list[DispatchJob], seq: int) -> None:
-        """Send batch ``seq`` on this sending thread and settle it, then each batch its settle takes (a loop).
+    def run_pooled(self, first: tuple[Hashable, int, list[DispatchJob]] | None) -> None:
+        """A sending thread: send ``first`` (None: the head of ``ready``), settle it, and go on (a loop).
 
-        While sends keep every in-flight slot taken, the capacity one frees goes to the next
-        due batch on the same thread (:meth:`BatchEngine.settle_and_take`): no hand-off and no
-        wake-up per batch. The thread counts as sending, with one permit, for the whole loop.
-        What escapes a send (a bug of the machinery) is reported and the loop goes on.
+        The capacity a settle frees goes to the next due batch on this thread
+        (:meth:`BatchEngine.settle_and_take`): no hand-off and no wake-up per batch. The batches
+        taken wait in ``ready``, first in first out, for whichever sending thread is free. A send
+        that was slow (``_QUICK``) with batches waiting starts one more sending thread (sends that
+        wait on I/O run side by side, up to the limit); after a quick one the thread ends if
+        another is not stuck in a send (sends that return at once gain nothing from more threads,
+        and each one more on the GIL makes add_job wait longer). The thread counts as sending,
+        with one permit, for the whole loop. What escapes a send (a bug of the machinery) is
+        reported and the loop goes on.
         """
         local = self.local
         settle_and_take = self.engine.settle_and_take
+        ready = self.ready
+        send_lock = self.send_lock
+        limit = self.max_concurrent_batches
         clock = time.perf_counter
-        turn_ends = clock() + _TURN
+        mark = [0.0]  # when this thread's send began; 0.0 between sends (read by the others' quick check)
+        counted = True  # this thread is still counted in runners
         self.permits.get()
         local.sending = getattr(local, "sending", 0) + 1
         try:
+            with send_lock:
+                self.marks.append(mark)
+                if first is None:
+                    if not ready:
+                        self.runners -= 1
+                        counted = False
+                        return
+                    first = ready.popleft()
+            endpoint_id, seq, jobs = first
+            turn_ends = clock() + _TURN
             while True:
                 batch = WebhookBatch(new_id(), endpoint_id, tuple(jobs), time.time())
+                began = mark[0] = clock()
+                self.sends_begun += 1  # the watch's sign of progress
                 try:
                     self._send(batch)
                 except Exception as exc:  # noqa: BLE001 - send_batch's errors are handled inside: this is a bug
                     self.processor_failed(exc, batch, "sending a batch failed outside send_batch")
                 except BaseException:
+                    mark[0] = 0.0
                     self.engine.settle(seq)
                     raise
+                ended = clock()
+                mark[0] = 0.0
                 taken = settle_and_take(seq)
-                if taken is None:
+                more = watch = False
+                with send_lock:
+                    if taken is not None:
+                        ready.append(taken)
+                    if not ready:
+                        self.runners -= 1
+                        counted = False
+                        return
+                    if ended - began < _QUICK:
+                        if self.runners > 1 and self._another_moving(mark, ended):
+                            self.runners -= 1  # the moving one takes what waits in ready
+                            counted = False
+                    elif len(ready) > 1 and self.runners < limit:
+                        self.runners += 1  # a slow send, and a batch waits once this thread took the next
+                        more = True
+                    if counted:
+                        endpoint_id, seq, jobs = ready.popleft()
+                    if ready and not self.watching:
+                        self.watching = watch = True
+                if watch:
+                    self._start_watch()
+                if not counted:
                     return
-                endpoint_id, seq, jobs = taken
-                if clock() >= turn_ends:
+                if more:
+                    self._start_runner()
+                if ended >= turn_ends:
                     # Sends that return at once keep this loop on the GIL: let the threads waiting
-                    # for it (add_job's callers) have it now, not after a switch interval per such loop.
+                    # for it (add_job's callers) have it now, not after a switch interval.
                     time.sleep(0)
                     turn_ends = clock() + _TURN
         finally:
+            with send_lock:
+                self.marks.remove(mark)
+                if counted:  # left by a BaseException: the watch rescues what waits in ready
+                    self.runners -= 1
+                    watch = bool(ready) and not self.watching
+                    if watch:
+                        self.watching = True
+                else:
+                    watch = False
+            if watch:
+                self._start_watch()
             local.sending -= 1
             self.permits.put(None)
+
+    def _another_moving(self, mine: list[float], now: float) -> bool:
+        """Whether a sending thread other than ``mine`` is between sends or in a send begun under ``_QUICK`` ago.
+
+        Holds send_lock.
+        """
+        return any(mark is not mine and (not mark[0] or now - mark[0] < _QUICK) for mark in self.marks)
+
+    def _start_runner(self) -> None:
+        """Start a sending thread for the head of ``ready`` (counted in ``runners`` already); on
+        failure uncount it (the batches stay in ``ready`` for the running threads or the watch)."""
+        try:
+            self.pool.run(self.pooled_run, None)
+        except Exception:  # noqa: BLE001 - closed, or no thread could start: the others take them
+            with self.send_lock:
+                self.runners -= 1
+
+    def _start_watch(self) -> None:
+        """Start the watch (``watching`` set already); on failure clear it (the next batch that waits tries again)."""
+        try:
+            self.pool.run(self._watch)
+        except Exception:  # noqa: BLE001 - closed, or no thread could start: the sending threads go on
+            with self.send_lock:
+                self.watching = False
+
+    def _watch(self) -> None:
+        """While batches wait in ``ready``: every ``_STALL`` seconds, if no send began meanwhile, start
+        a sending thread for each (up to the limit): the running ones are stuck in their sends."""
+        seen = -1
+        while True:
+            with self.send_lock:
+                if not self.ready:
+                    self.watching = False
+                    return
+                begun = self.sends_begun
+                start = 0
+                if begun == seen:
+                    start = max(0, min(len(self.ready), self.max_concurrent_batches - self.runners))
+                    self.runners += start
+                seen = begun
+            for _ in range(start):
+                self._start_runner()
+            if self.watch_ends.wait(_STALL):
+                with self.send_lock:
+                    self.watching = False
+                return
 
     def processor_failed(self, error: Exception, batch: WebhookBatch, what: str) -> None:
         """The batching machinery itself failed around ``batch``: log it and emit ``processor_error``."""
@@ -835,6 +984,7 @@ class Core:
             drained = False
         else:
             drained = self.engine.close(_remaining(deadline))
+            self.watch_ends.set()
             self.pool.shutdown(_remaining(deadline))
             self.caller.close(_remaining(deadline))  # abandoned sends are left to end on their own
             self.close_spool()  # after the drain: its acks are written; what is unsettled stays for the next start
@@ -862,6 +1012,7 @@ class Core:
 
     def release_threads(self) -> None:
         """After the drain of an unreferenced dispatcher: let the sending and send_timeout threads leave."""
+        self.watch_ends.set()
         self.pool.shutdown()
         self.caller.close(0.0)  # a runner busy with a hung send leaves after it
         self.close_spool()

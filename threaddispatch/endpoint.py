@@ -15,9 +15,11 @@ endpoint (a priority lane), the engine's window as ``batch_timeout``, its gate a
 ``max_concurrent_batches`` limit, ``put_later`` as the timer of retries and of jobs with a
 ``scheduled_at``, and ``take_now``/``settle`` for the synchronous ``process_*`` calls. The
 engine's worker takes the batches; they are sent on a
-:class:`~threaddispatch._pool.WorkerPool` of ``max_concurrent_batches`` threads, and a sending
-thread whose batch ends takes the next due one itself (``settle_and_take``), so at the limit a
-batch costs no hand-off between threads. Closing
+:class:`~threaddispatch._pool.WorkerPool` of sending threads, and a sending thread whose batch
+ends takes the next due one itself (``settle_and_take``), so at the limit a batch costs no
+hand-off between threads. Sends that return at once go on one sending thread (more would only
+contend for the GIL with ``add_job``); sends that wait (I/O, a hung receiver) start more, up to
+``max_concurrent_batches`` at once. Closing
 (``close``/``shutdown``, ``with``, the close of an unreferenced dispatcher) is the shared
 :class:`~threaddispatch._lifecycle.Closing`.
 
@@ -132,7 +134,13 @@ class EndpointBatchDispatcher(Closing):
     (left to finish on its own, its late result logged and ignored) and later batches go on
     fresh threads ``threaddispatch-<name>-send-call``. At most 4 abandoned calls run at once
     (``stats()["abandoned_calls"]``); past that a send waits for one to end, within its own
-    timeout. A BaseException that is not an Exception (SystemExit, KeyboardInterrupt) from
+    timeout. So one hung receiver can fail unrelated jobs: once 4 of its sends hang at once
+    (each hung call keeps its thread), every later send, to any endpoint, waits for one of
+    them to end and fails with DispatchTimeoutError without running (retried, then exhausted)
+    until a hung call returns. Without ``send_timeout`` a hung send instead holds its in-flight
+    slot: once ``max_concurrent_batches`` sends hang, nothing else is sent (and nothing fails)
+    until one returns. Either way, give ``send_batch`` its own I/O timeout shorter than
+    ``send_timeout``. A BaseException that is not an Exception (SystemExit, KeyboardInterrupt) from
     ``send_batch`` fails the batch like an error and is logged; no sending thread dies of it,
     and ``process_*``, which send on the caller's thread, re-raise it to their caller after the
     batch's jobs are settled.

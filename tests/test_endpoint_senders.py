@@ -1,0 +1,189 @@
+"""EndpointBatchDispatcher's sending threads: one for sends that return at once, up to the limit for sends that wait.
+
+Sends that return at once gain nothing from more threads (the GIL runs one), and each thread
+more on the GIL makes ``add_job`` wait longer (issue 14), so one thread sends them; sends that
+wait on I/O still run ``max_concurrent_batches`` at once: the Barrier tests pass only if that
+many sends run side by side. No timings are asserted; the thresholds are patched where a test
+needs every send to count as quick.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Hashable
+from typing import Any
+
+import pytest
+
+from threaddispatch import _endpoint_core
+from threaddispatch.endpoint import DispatchJob, EndpointBatchDispatcher
+from threaddispatch.testing import wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class _Concurrency:
+    """Counts the sends running at once, and the threads that ran them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most = 0
+        self.threads: set[int] = set()
+        self.delivered: list[Any] = []
+
+    def enter(self) -> None:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self.threads.add(threading.get_ident())
+
+    def leave(self, jobs: list[DispatchJob]) -> None:
+        with self.lock:
+            self.running -= 1
+            self.delivered.extend(job.payload for job in jobs)
+
+
+@pytest.mark.parametrize("limit", [2, 4, 10])
+def test_sends_that_wait_run_up_to_the_limit_at_once(limit: int) -> None:
+    """``limit`` sends waiting on a Barrier of ``limit`` parties all pass it: that many ran side by side."""
+    barrier = threading.Barrier(limit, timeout=30)
+    seen = _Concurrency()
+
+    def send(_endpoint_id: Hashable, jobs: list[DispatchJob]) -> None:
+        seen.enter()
+        try:
+            barrier.wait()  # BrokenBarrierError (the batch fails) unless limit sends wait here at once
+        finally:
+            seen.leave(jobs)
+
+    d = EndpointBatchDispatcher(send, max_batch_size=1, batch_timeout=60, max_concurrent_batches=limit)
+    try:
+        jobs = [DispatchJob(f"e{i}", i, max_attempts=1) for i in range(3 * limit)]
+        for job in jobs:
+            d.add_job(job)  # each a full batch of one: due at once
+        wait_for(lambda: all(job.status in ("delivered", "exhausted") for job in jobs), timeout=40, message="settled")
+        assert [job.status for job in jobs] == ["delivered"] * len(jobs)
+        assert not barrier.broken
+        assert seen.most == limit  # never more than the limit
+    finally:
+        assert d.shutdown(10)
+
+
+def test_sends_that_start_to_wait_after_quick_ones_still_run_up_to_the_limit() -> None:
+    """Quick sends leave one sending thread; when sends then wait on I/O, the others start again."""
+    limit = 4
+    barrier = threading.Barrier(limit, timeout=30)
+    quick_done = threading.Event()
+    seen = _Concurrency()
+
+    def send(endpoint_id: Hashable, jobs: list[DispatchJob]) -> None:
+        seen.enter()
+        try:
+            if str(endpoint_id).startswith("slow"):
+                barrier.wait()
+        finally:
+            seen.leave(jobs)
+            if len(seen.delivered) == 200:
+                quick_done.set()
+
+    d = EndpointBatchDispatcher(send, max_batch_size=1, batch_timeout=60, max_concurrent_batches=limit)
+    try:
+        for i in range(200):
+            d.add_job(DispatchJob(f"quick{i}", i))
+        assert quick_done.wait(30)
+        slow = [DispatchJob(f"slow{i}", i, max_attempts=1) for i in range(2 * limit)]
+        for job in slow:
+            d.add_job(job)
+        wait_for(lambda: all(job.status in ("delivered", "exhausted") for job in slow), timeout=40, message="settled")
+        assert [job.status for job in slow] == ["delivered"] * len(slow)
+        assert not barrier.broken
+    finally:
+        assert d.shutdown(10)
+
+
+def test_a_hung_send_does_not_hold_up_the_batches_waiting_behind_it() -> None:
+    """The one sending thread hangs in a send: the watch starts another for the batches waiting in ready."""
+    release = threading.Event()
+    hung = threading.Event()
+
+    def send(endpoint_id: Hashable, _jobs: list[DispatchJob]) -> None:
+        if endpoint_id == "hung":
+            hung.set()
+            assert release.wait(30)
+
+    d = EndpointBatchDispatcher(send, max_batch_size=1, batch_timeout=60, max_concurrent_batches=3)
+    try:
+        first = DispatchJob("hung", 0)
+        d.add_job(first)
+        assert hung.wait(10)
+        others = [DispatchJob(f"e{i}", i) for i in range(50)]
+        for job in others:
+            d.add_job(job)
+        wait_for(lambda: all(job.status == "delivered" for job in others), timeout=30, message="the others delivered")
+        assert first.status == "processing"  # still hung
+    finally:
+        release.set()
+        assert d.shutdown(10)
+    assert d.get_batch_stats().pending_jobs_count == 0 and str(first.status) == "delivered"
+
+
+def test_quick_sends_go_on_one_sending_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every send quick and no stall, one thread sends every batch: more would only contend for the GIL."""
+    monkeypatch.setattr(_endpoint_core, "_QUICK", 3600.0)  # every send counts as quick
+    monkeypatch.setattr(_endpoint_core, "_STALL", 3600.0)  # the watch never starts a thread
+    seen = _Concurrency()
+
+    def send(_endpoint_id: Hashable, jobs: list[DispatchJob]) -> None:
+        seen.enter()
+        seen.leave(jobs)
+
+    d = EndpointBatchDispatcher(send, max_batch_size=1, batch_timeout=60, max_concurrent_batches=10)
+    try:
+        jobs = [DispatchJob(f"e{i}", i) for i in range(500)]
+        for job in jobs:
+            d.add_job(job)
+        wait_for(lambda: all(job.status == "delivered" for job in jobs), timeout=30, message="every job delivered")
+        assert sorted(seen.delivered) == list(range(500))
+        assert len(seen.threads) == 1
+        assert seen.most == 1
+    finally:
+        assert d.shutdown(10)
+
+
+def test_extra_sending_threads_end_once_sends_are_quick_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After sends that waited filled the limit, quick sends leave one thread sending (the others end)."""
+    limit = 4
+    barrier = threading.Barrier(limit, timeout=30)
+    through = _Concurrency()
+    go = threading.Event()
+    runners_seen: list[int] = []
+    d: EndpointBatchDispatcher | None = None
+
+    def send(endpoint_id: Hashable, jobs: list[DispatchJob]) -> None:
+        if str(endpoint_id).startswith("slow"):
+            barrier.wait()
+            through.enter()
+            assert go.wait(30)
+        else:
+            assert d is not None
+            runners_seen.append(d._core.runners)
+
+    d = EndpointBatchDispatcher(send, max_batch_size=1, batch_timeout=60, max_concurrent_batches=limit)
+    try:
+        slow = [DispatchJob(f"slow{i}", i, max_attempts=1) for i in range(limit)]
+        for job in slow:
+            d.add_job(job)
+        wait_for(lambda: through.running == limit, timeout=30, message="limit sends past the barrier, waiting")
+        quick = [DispatchJob(f"quick{i}", i) for i in range(2000)]
+        for job in quick:
+            d.add_job(job)  # queued behind the limit
+        monkeypatch.setattr(_endpoint_core, "_QUICK", 3600.0)  # from now on every send counts as quick
+        monkeypatch.setattr(_endpoint_core, "_STALL", 3600.0)  # and the watch starts no thread
+        go.set()
+        wait_for(lambda: all(job.status == "delivered" for job in quick + slow), timeout=30, message="all delivered")
+        assert len(runners_seen) == 2000
+        assert runners_seen[-1] == 1  # the extra threads ended while the backlog was still being sent
+    finally:
+        go.set()
+        assert d.shutdown(10)
