@@ -1,4 +1,4 @@
-"""Argument checks for the job engine and its stores: one function per check.
+"""Argument checks for the faces, the job engine and its stores: one function per check.
 
 Each returns the checked value or raises :class:`~threaddispatch.errors.ConfigurationError`
 naming the argument and the bad value (shortened when long). Integers are bounded by the
@@ -8,15 +8,34 @@ stores' signed 64-bit columns, so a value that passes here never overflows a sto
 from __future__ import annotations
 
 import math
+import os
+import threading
 
 from threaddispatch._show import show
 from threaddispatch.errors import ConfigurationError
 
-__all__ = ["INT64_MAX", "INT64_MIN", "check_int", "check_seconds", "check_text", "encodable", "show"]
+__all__ = [
+    "INT64_MAX",
+    "INT64_MIN",
+    "MAX_WAIT",
+    "check_int",
+    "check_path",
+    "check_positive_number",
+    "check_seconds",
+    "check_text",
+    "check_wait",
+    "encodable",
+    "show",
+]
 
 #: The range of the stores' integer columns (SQLite INTEGER, PostgreSQL BIGINT).
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
+
+#: The longest timeout or interval a thread waits for, in seconds: 1e9 (about 31 years), or
+#: ``threading.TIMEOUT_MAX`` where that is lower (Windows: about 49.7 days). A longer wait raises
+#: OverflowError in ``Lock.acquire``/``Condition.wait``, so :func:`check_wait` refuses it at the call.
+MAX_WAIT = min(1e9, threading.TIMEOUT_MAX)
 
 
 def check_int(name: str, value: object, minimum: int = INT64_MIN, maximum: int = INT64_MAX) -> int:
@@ -45,6 +64,43 @@ def check_seconds(name: str, value: object, *, allow_zero: bool = True) -> float
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigurationError(f"{name} must be a finite number {bound}, got {show(value)}")
     return seconds
+
+
+def check_wait(name: str, value: object, *, allow_zero: bool = True) -> float:
+    """``value`` as float seconds a thread will wait: as :func:`check_seconds`, and at most :data:`MAX_WAIT`."""
+    seconds = check_seconds(name, value, allow_zero=allow_zero)
+    if seconds > MAX_WAIT:
+        raise ConfigurationError(
+            f"{name} must be at most {MAX_WAIT:.0f} seconds (the longest a thread can wait), got {show(value)}"
+        )
+    return seconds
+
+
+def check_positive_number(name: str, value: object) -> float:
+    """``value`` as a float if it is a finite real number > 0 (not a bool; an int past float range is not finite)."""
+    if not isinstance(value, bool) and isinstance(value, (int, float)):
+        try:
+            number = float(value)
+        except OverflowError:  # an int too large for a float
+            number = math.inf
+        if 0 < number < math.inf:
+            return number
+    raise ConfigurationError(f"{name} must be a finite number > 0, got {show(value)}")
+
+
+def check_path(name: str, value: object) -> str:
+    """``value`` (a str or an ``os.PathLike`` giving one) as a non-empty file path without NUL that encodes as UTF-8.
+
+    A lone surrogate (``os.fsdecode`` of undecodable bytes) is refused: SQLite cannot open such a path.
+    """
+    path = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(path, str) or not path:
+        raise ConfigurationError(f"{name} must be a file path, got {show(value)}")
+    if "\x00" in path:
+        raise ConfigurationError(f"{name} must be a file path without NUL characters, got {show(value)}")
+    if not path.isascii() and not encodable(path):
+        raise ConfigurationError(f"{name} must be a file path SQLite can open (no lone surrogates), got {show(value)}")
+    return path
 
 
 def encodable(value: str) -> bool:

@@ -9,7 +9,6 @@ a batch is in ``_background_sender``, and the enqueue closures it binds in ``_ba
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable
@@ -31,7 +30,13 @@ from threaddispatch._invoke import TimedCaller
 from threaddispatch._lanes import ClosedFifoLane, FifoLane
 from threaddispatch._spool import Spool, SpoolDeadLetter, SpoolSync
 from threaddispatch._trace import make_tracing
-from threaddispatch._validate import check_positive_int, check_seconds
+from threaddispatch._validate import (
+    check_path,
+    check_positive_int,
+    check_positive_number,
+    check_text,
+    check_wait,
+)
 from threaddispatch.backoff import RetryPolicy
 from threaddispatch.errors import ConfigurationError
 from threaddispatch.metrics import Metrics, check_metrics
@@ -134,12 +139,7 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
             raise ConfigurationError(f"send_batch must be callable, got {send_batch!r}")
         checked_metrics = check_metrics(metrics)
         tracing = make_tracing(tracer_provider, "background")
-        if (
-            isinstance(ms_delay, bool)
-            or not isinstance(ms_delay, (int, float))
-            or not (math.isfinite(ms_delay) and ms_delay > 0)
-        ):
-            raise ConfigurationError(f"ms_delay must be a finite number > 0, got {ms_delay!r}")
+        check_positive_number("ms_delay", ms_delay)  # an int past float range too: not an OverflowError
         # A max_queue_size below max_batch_size caps the batch size (the engine applies it).
         check_positive_int("max_batch_size", max_batch_size)
         check_positive_int("max_queue_size", max_queue_size)
@@ -151,12 +151,16 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
             name = f"background-{next(_names)}"
         elif not isinstance(name, str) or not name:
             raise ConfigurationError(f"name must be a non-empty str, got {name!r}")
+        else:
+            check_text("name", name)  # no NUL nor lone surrogate: it names the worker thread and the log lines
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
         if send_timeout is not None:
-            send_timeout = check_seconds("send_timeout", send_timeout, allow_zero=False)
+            send_timeout = check_wait("send_timeout", send_timeout, allow_zero=False)
         if spool_sync not in ("normal", "full"):
             raise ConfigurationError(f"spool_sync must be 'normal' or 'full', got {spool_sync!r}")
+        if spool is not None:
+            check_path("spool", spool)
         # Last of the checks: it takes the ownership (SpoolOwnedError) and reads what was left.
         opened = None if spool is None else Spool(spool, sync=spool_sync)
         self.name = name
@@ -218,7 +222,7 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
         """
         # The instance replaces this with a faster closure of the same behaviour (see __init__).
         if timeout is not None:
-            check_seconds("timeout", timeout)
+            check_wait("timeout", timeout)
         lane = self._lane
         lane.append(entry)
         if len(lane) >= lane.trigger:
@@ -307,7 +311,7 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
 
     def _send_now(self, entry: T, future: Future[None] | None, timeout: float | None) -> None:
         if timeout is not None:
-            check_seconds("timeout", timeout)
+            check_wait("timeout", timeout)
         if self._closed:
             self._lane.append(entry)  # raises DispatcherClosedError naming the entry
         engine = self._engine
@@ -323,7 +327,7 @@ class BackgroundDispatcher(_lifecycle.Closing, Generic[T]):
         failures are reported through ``on_error``.
         """
         if timeout is not None:
-            timeout = check_seconds("timeout", timeout)
+            timeout = check_wait("timeout", timeout)
         return self._engine.flush(timeout)
 
     def _begin_close(self) -> None:

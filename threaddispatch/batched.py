@@ -31,7 +31,7 @@ from threaddispatch._batched_state import Envelope, Settle, _BatchState, _Pendin
 from threaddispatch._engine import BatchEngine
 from threaddispatch._future import LazyFuture
 from threaddispatch._trace import make_tracing
-from threaddispatch._validate import check_positive_int, check_seconds, show
+from threaddispatch._validate import check_positive_int, check_seconds, check_text, check_wait, show
 from threaddispatch.errors import ConfigurationError, DispatcherClosedError, DispatchTimeoutError
 from threaddispatch.metrics import Metrics, check_metrics
 
@@ -141,11 +141,13 @@ class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
             name = f"batched-{next(_names)}"
         elif not isinstance(name, str) or not name:
             raise ConfigurationError(f"name must be a non-empty str, got {name!r}")
+        else:
+            check_text("name", name)  # no NUL nor lone surrogate: it names the threads and the log lines
         for flag, value in (("envelopes", envelopes), ("hold_delays", hold_delays)):
             if not isinstance(value, bool):
                 raise ConfigurationError(f"{flag} must be a bool, got {value!r}")
         if send_timeout is not None:
-            send_timeout = check_seconds("send_timeout", send_timeout, allow_zero=False)
+            send_timeout = check_wait("send_timeout", send_timeout, allow_zero=False)
         self.name = name
         self._hold_delays = hold_delays
         self._state: _BatchState[T] = _BatchState(send_batch, name, max_concurrent_sends, envelopes, send_timeout)
@@ -384,7 +386,7 @@ class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
         Raises DispatcherClosedError after :meth:`close`.
         """
         if timeout is not None:
-            timeout = check_seconds("timeout", timeout)
+            timeout = check_wait("timeout", timeout)
         future = self.submit(message, target, delay_seconds=delay_seconds)
         try:
             return future.result(timeout)
@@ -405,7 +407,7 @@ class BatchedDispatcher(_lifecycle.Closing, Generic[T]):
         Called from inside ``send_batch`` it cannot wait for its own batch and returns False.
         """
         if timeout is not None:
-            timeout = check_seconds("timeout", timeout)
+            timeout = check_wait("timeout", timeout)
         if self._state.in_send():
             return False  # called by send_batch: the batch it runs in cannot settle while we wait
         deadline = None if timeout is None else time.monotonic() + timeout

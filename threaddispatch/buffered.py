@@ -33,7 +33,7 @@ from threaddispatch._buffered_types import (
     in_context,  # noqa: F401 - importable from here, as before
 )
 from threaddispatch._spool import Spool, SpoolDeadLetter, SpoolSync
-from threaddispatch._validate import check_positive_int, check_seconds
+from threaddispatch._validate import check_path, check_positive_int, check_wait
 from threaddispatch.backoff import RetryPolicy
 from threaddispatch.errors import ConfigurationError, DispatcherClosedError, InvalidStateError, StoreError
 from threaddispatch.metrics import Metrics, check_metrics
@@ -75,7 +75,7 @@ class Sender(Generic[T]):
         ``send_batch`` the loop runs), which alone could make room.
         """
         if timeout is not None:
-            timeout = check_seconds("timeout", timeout)
+            timeout = check_wait("timeout", timeout)
         if delay_seconds is not None:
             delay_seconds = self._state.check_delay(delay_seconds)
         state = self._state
@@ -131,7 +131,7 @@ class _SpooledSender(Sender[T]):
         if spool is None:
             return super().put(message, timeout, delay_seconds=delay_seconds)
         if timeout is not None:
-            timeout = check_seconds("timeout", timeout)
+            timeout = check_wait("timeout", timeout)
         if delay_seconds is not None:
             delay_seconds = self._state.check_delay(delay_seconds)
         entry = self._spooled(spool, message, delay_seconds)
@@ -290,10 +290,12 @@ class AsyncDispatcher(_lifecycle.Closing, Generic[T]):
         if not isinstance(carry_context, bool):
             raise ConfigurationError(f"carry_context must be a bool, got {carry_context!r}")
         if dispatch_timeout is not None:
-            dispatch_timeout = check_seconds("dispatch_timeout", dispatch_timeout, allow_zero=False)
+            dispatch_timeout = check_wait("dispatch_timeout", dispatch_timeout, allow_zero=False)
         checked_metrics = check_metrics(metrics)
         if spool_sync not in ("normal", "full"):
             raise ConfigurationError(f"spool_sync must be 'normal' or 'full', got {spool_sync!r}")
+        if spool is not None:
+            check_path("spool", spool)
         # Last of the checks: it takes the ownership (SpoolOwnedError) and reads what was left.
         opened = None if spool is None else Spool(spool, sync=spool_sync)
         self._left: list[tuple[int, Any]] = []  # a previous owner's messages, buffered by setup()

@@ -68,7 +68,7 @@ from threaddispatch._request_types import (
     RequestEvent,
     RequestState,
 )
-from threaddispatch._validate import check_int, check_seconds, check_text, show
+from threaddispatch._validate import check_int, check_seconds, check_text, check_wait, show
 from threaddispatch.errors import ConfigurationError
 from threaddispatch.metrics import Metrics, check_metrics
 
@@ -207,6 +207,8 @@ class RequestDispatcher(_lifecycle.Closing, Generic[RequestT, ResponseT]):
         self.name = name
         self._queue_key = queue_key
         self._dedupe_key = dedupe_key
+        # Checked with or without is_online (a bad value is a bug either way); a probe thread waits it out.
+        check_wait("online_check_interval", online_check_interval, allow_zero=False)
         connectivity = None if is_online is None else Connectivity(is_online, online_check_interval, name)
         if cache is None:
             cache = _default_cache(storage)
