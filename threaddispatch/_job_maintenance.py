@@ -2,7 +2,8 @@
 
 One :class:`Maintenance` per runtime; its loop is the ``threaddispatch-jobs-heartbeat``
 thread. It heartbeats the jobs running here (learning which are no longer this worker's
-claim) and refreshes the run's worker-registry row with their count
+claim) and the serial lock holds of handlers still running after their claim ended (a
+timeout, a cancel: see ``Store.hold_locks``), refreshes the run's worker-registry row with their count
 (:mod:`threaddispatch._job_workers`), times out jobs at their deadline, recovers the stale
 jobs (and deletes the stale registry rows) of dead workers and purges finished jobs past
 ``retention``. It decides; the runtime records (a timeout goes through the one completion
@@ -46,6 +47,9 @@ class Host(Protocol):
 
     def reaped(self, job_ids: list[str], now: float) -> None:
         """The store put back ``job_ids`` of dead workers at ``now``: claim them."""
+
+    def beat_holds(self) -> None:
+        """Heartbeat the serial lock holds of handlers still running after their claim ended (no lock held)."""
 
 
 class Maintenance:
@@ -102,6 +106,7 @@ class Maintenance:
         with shared.lock:
             ids = [job_id for job_id, slot in host.inflight.items() if not slot.settled]
         host.registration.beat(len(ids))
+        host.beat_holds()
         if not ids:
             return
         try:

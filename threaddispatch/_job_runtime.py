@@ -134,6 +134,13 @@ class Runtime:
         # Abandoned slots (timed out, cancelled, lost) whose job this process claimed again while
         # their thread still runs: out of inflight (the new claim's slot is there), still counted.
         self.orphans: set[Slot] = set()
+        # Slots of a serial lock whose claim ended while their handler still runs (timed out,
+        # cancelled, lost, handed back): the store keeps the lock held (a LockHold) until the
+        # handler returns, and the heartbeat keeps the hold alive. Value: "making" while this
+        # run writes the hold, "held" once it is stored (or the store's cancel made it),
+        # "returned" when the handler returned while it was being written (its writer then
+        # releases it). A slot leaves when its hold is released.
+        self._holds: dict[Slot, str] = {}
         self.queue_running: dict[str, int] = {}
         # Outcomes waiting for the fetcher's group commit (only while running).
         self._done: list[Outcome] = []
@@ -284,13 +291,19 @@ class Runtime:
         return len(self.inflight) + len(self.orphans)
 
     def cancel_running(self, job_id: str) -> bool:
-        """The operator cancelled ``job_id`` in the store: settle its slot here and cancel its ctx."""
+        """The operator cancelled ``job_id`` in the store: settle its slot here and cancel its ctx.
+
+        The store's cancel kept a running job's serial lock held (a LockHold): this run keeps
+        the hold alive until the handler returns, then releases it.
+        """
         shared = self.shared
         with shared.lock:
             slot = self.inflight.get(job_id)
             if slot is None or slot.settled:
                 return False
             slot.settled = slot.abandoned = True
+            if slot.started and slot.job.lock is not None:
+                self._holds.setdefault(slot, "held")
         slot.ctx._cancel()
         shared.count("cancelled")
         return True
@@ -513,13 +526,19 @@ class Runtime:
     def _run_slot(self, slot: Slot) -> None:
         shared = self.shared
         with shared.lock:
-            if slot.settled:
+            settled = slot.settled
+            if settled:
                 # Released at stop (already forgotten) or cancelled by an operator before it started:
-                # no handler will return to end the slot, so it ends here.
+                # no handler will return to end the slot, so it ends here (with any hold the store made).
                 self._forget(slot)
-                return
-            slot.started = True
-            slot.thread = threading.current_thread()
+                unhold = self._hold_ended(slot)
+            else:
+                slot.started = True
+                slot.thread = threading.current_thread()
+        if settled:
+            if unhold:
+                self._release_holds([slot])
+            return
         tracing = self._tracing
         outcome = self._begin(slot) if tracing is None else self._traced(tracing, slot)
         self.record(outcome, handler_done=True)
@@ -600,21 +619,36 @@ class Runtime:
         shared = self.shared
         slot = outcome.slot
         with shared.lock:  # one critical section per outcome: the hot path of every job
-            if handler_done:
-                if slot.settled:
-                    self._forget(slot)
+            if not (handler_done and slot.settled):
+                if handler_done:
+                    slot.settled = True
+                if self.state == "running":
+                    self._done.append(outcome)
+                    self._wake_pending = True
+                    shared.wake.notify()
                     return
-                slot.settled = True
-            if self.state == "running":
-                self._done.append(outcome)
-                self._wake_pending = True
-                shared.wake.notify()
-                return
-            batch, self._done = [*self._done, outcome], []
-        self._write(batch)
+                batch, self._done = [*self._done, outcome], []
+            else:
+                # Settled meanwhile (timed out, lost, cancelled, handed back): this outcome is discarded.
+                self._forget(slot)
+                if not self._hold_ended(slot):
+                    return
+                batch = []
+        if batch:
+            self._write(batch)
+        else:
+            self._release_holds([slot])
 
     def time_out(self, slot: Slot) -> None:
-        """``slot`` (settled, abandoned) ran past its deadline: cancel it and record the timeout."""
+        """``slot`` (settled, abandoned) ran past its deadline: cancel it and record the timeout.
+
+        A job with a serial lock keeps it held (a LockHold, stored before the timeout is) until
+        its handler returns: the job is failed or retrying at once, the lock's next job waits.
+        """
+        with self.shared.lock:
+            holding = self._begin_hold(slot)
+        if holding:
+            self._make_holds([slot])
         slot.ctx._cancel()
         self.shared.count("timed_out")
         error = DispatchTimeoutError(f"job {slot.job.name} {slot.job.id} timed out after {slot.ctx.timeout}s")
@@ -649,8 +683,14 @@ class Runtime:
                 if outcome.ends_slot:
                     self._forget(outcome.slot)
             pool = self._pool
+        unheld: list[Slot] = []
         for slot in effects.lost:
             self.lose(slot)
+            if slot.job.lock is not None and any(o.slot is slot and o.ends_slot for o in batch):
+                # Its handler returned but the claim had ended (an operator's cancel, whose store
+                # call held the lock): the hold goes now.
+                unheld.append(slot)
+        self._release_holds(unheld)
         if effects.events:
             self._emit(effects.events, pool)
 
@@ -696,11 +736,108 @@ class Runtime:
             shared.wake_waiters(slot.job.id)
 
     def lose(self, slot: Slot) -> None:
-        """The store says the job is no longer our claim (cancelled, reaped, re-claimed)."""
+        """The store says the job is no longer our claim (cancelled, reaped, re-claimed).
+
+        A handler still running keeps any lock hold the store made for it (an operator's cancel
+        in another process) alive until it returns (a reaped job has none: releasing it is a no-op).
+        """
         slot.ctx._cancel()
+        with self.shared.lock:
+            if slot.started and slot.job.lock is not None and self._in_flight(slot):
+                self._holds.setdefault(slot, "held")
         self.shared.count("lost")
         self.shared.logger.info("job %s %s is no longer this worker's claim; its outcome is discarded",
                                 slot.job.name, slot.job.id)  # fmt: skip
+
+    # -- lock holds: a serial lock kept past its job's running state while the handler still runs ----------
+
+    def _in_flight(self, slot: Slot) -> bool:
+        """Whether ``slot``'s handler has not returned yet (lock held): it is still in the in-flight table."""
+        return self.inflight.get(slot.job.id) is slot or slot in self.orphans
+
+    def _begin_hold(self, slot: Slot) -> bool:
+        """Lock held: whether ``slot``, whose claim this run is ending with its handler still running,
+        needs a hold written (it then is "making": the caller writes it with :meth:`_make_holds`)."""
+        if slot.job.lock is None or not slot.started or slot in self._holds or not self._in_flight(slot):
+            return False
+        self._holds[slot] = "making"
+        return True
+
+    def _make_holds(self, slots: list[Slot]) -> None:
+        """Store the holds of ``slots`` (each begun by :meth:`_begin_hold`) before their claims end (no lock held).
+
+        A hold that could not be stored is logged: the claim still ends, and the lock's next
+        job may then start beside the handler (as without holds). A handler that returned
+        while its hold was written has its hold released here.
+        """
+        if not slots:
+            return
+        shared = self.shared
+        claims = [(slot.job.id, slot.job.attempts) for slot in slots]
+        try:
+            shared.store.hold_locks(claims, worker_id=self.worker_id, now=time.time())
+        except Exception:
+            names = ", ".join(f"{slot.job.name} {slot.job.id}" for slot in slots)
+            shared.logger.warning("could not keep the serial locks of abandoned jobs held: %s", names, exc_info=True)
+        returned: list[Slot] = []
+        with shared.lock:
+            for slot in slots:
+                if self._holds.get(slot) == "returned":
+                    del self._holds[slot]
+                    returned.append(slot)
+                else:
+                    self._holds[slot] = "held"
+        self._release_holds(returned)
+
+    def _hold_ended(self, slot: Slot) -> bool:
+        """Lock held: ``slot``'s handler returned (or will never run); whether its hold must be released now.
+
+        A hold being written is released by its writer; an abandoned slot of a lock with no
+        hold known here may still have one the store made (an operator's cancel): released too.
+        """
+        if slot.job.lock is None:
+            return False
+        state = self._holds.pop(slot, None)
+        if state == "making":
+            self._holds[slot] = "returned"
+            return False
+        return state is not None or slot.abandoned
+
+    def _release_holds(self, slots: list[Slot]) -> None:
+        """Delete the holds of ``slots``, whose handlers returned, and wake the fetcher (no lock held).
+
+        A delete that fails is logged; the hold, no longer heartbeaten, is reaped as stale.
+        """
+        if not slots:
+            return
+        shared = self.shared
+        try:
+            shared.store.release_holds([(slot.job.id, slot.job.attempts) for slot in slots], worker_id=self.worker_id)
+        except Exception:
+            shared.logger.warning("could not release the serial lock holds of %d job(s); they are reaped as stale",
+                                  len(slots), exc_info=True)  # fmt: skip
+            return
+        with shared.lock:
+            if self.state == "running":
+                self._wake_fetcher()
+
+    def beat_holds(self) -> None:
+        """Keep the lock holds of this run's abandoned handlers, and of earlier runs', alive (no lock held).
+
+        One store write per run with holds; a failure is logged (the next heartbeat tries again).
+        """
+        shared = self.shared
+        runtime: Runtime | None = self
+        while runtime is not None:
+            with shared.lock:
+                ids = [slot.job.id for slot in runtime._holds]
+                worker_id, runtime = runtime.worker_id, runtime._previous
+            if not ids:
+                continue
+            try:
+                shared.store.heartbeat_holds(ids, worker_id=worker_id, now=time.time())
+            except Exception:
+                shared.logger.warning("heartbeat failed for %d serial lock hold(s)", len(ids), exc_info=True)
 
     # -- for the maintenance loop ------------------------------------------------------------------------
 
@@ -793,6 +930,8 @@ class Runtime:
             except Exception:
                 shared.logger.exception("could not release %d unstarted jobs; they will be reaped as stale", len(slots))
             shared.count("released", len(slots))
+            # A job cancelled by an operator in another process meanwhile has a hold from the store's cancel.
+            self._release_holds([slot for slot in slots if slot.job.lock is not None])
 
     def _wait_inflight(self, deadline: float) -> bool:
         shared = self.shared
@@ -815,8 +954,10 @@ class Runtime:
             for slot in slots:
                 slot.settled = slot.abandoned = True
                 slot.ctx._cancel()
+            holding = [slot for slot in slots if self._begin_hold(slot)]
         if not slots:
             return 0
+        self._make_holds(holding)  # before the hand-back: a handed-back job's lock stays held while it runs
         shared.logger.warning(
             "stop: %d job(s) still running at the shutdown timeout are handed back: %s",
             len(slots), ", ".join(f"{slot.job.name} {slot.job.id}" for slot in slots),

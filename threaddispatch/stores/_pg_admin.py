@@ -27,6 +27,7 @@ class AdminMethods:
     """The Store methods on dead letters, paused queues, leases and cron entries, for PostgresStore."""
 
     if TYPE_CHECKING:  # provided by PostgresStore
+        _with_holds: bool
 
         def _run(self, what: str, op: Callable[[Conn], R], *, idempotent: bool, setup: bool = True) -> R: ...
 
@@ -181,7 +182,7 @@ class AdminMethods:
             with conn.transaction():
                 if not SQL.advance_cron(conn, name, tick, job.created_at):
                     return False
-                if not SQL.cron_skips(conn, name, job):
+                if not SQL.cron_skips(conn, name, job, holds=self._with_holds):
                     self._insert(conn, job)
                 return True
 

@@ -200,6 +200,28 @@ SCHEMA_V12 = (
         END $$""",
 )
 
+# Migration 13: lock holds (LockHold; SQLite's migration 10), and their release's wake-up: a hold
+# deleted (its handler returned, or its worker was reaped) notifies the lock's next job when that
+# one is ready, as the unlocked trigger does for a job finishing (another claim's hold may still
+# keep the lock: the listeners' claim then takes nothing, harmlessly).
+SCHEMA_V13 = (
+    *_sql.schema_lock_holds(TYPES),
+    f"""CREATE OR REPLACE FUNCTION dispatch_lock_holds_released_notify() RETURNS trigger LANGUAGE plpgsql
+        SET search_path FROM CURRENT AS $$
+        BEGIN
+            PERFORM pg_notify('{CHANNEL}', {_FITS})
+            FROM (SELECT json_build_object('schema', TG_TABLE_SCHEMA, 'queue', turn.queue, 'run_at', turn.run_at)::text
+                         AS note, turn.run_at AS run_at
+                  FROM (SELECT queue, run_at, state FROM dispatch_jobs
+                        WHERE lock_key = OLD.lock_key AND state IN {_sql.ACTIVE} ORDER BY seq LIMIT 1) AS turn
+                  WHERE turn.state IN {_sql.READY}) AS notes;
+            RETURN NULL;
+        END $$""",
+    "DROP TRIGGER IF EXISTS dispatch_lock_holds_released ON dispatch_lock_holds",
+    """CREATE TRIGGER dispatch_lock_holds_released AFTER DELETE ON dispatch_lock_holds FOR EACH ROW
+        EXECUTE FUNCTION dispatch_lock_holds_released_notify()""",
+)
+
 # -- lifecycle -------------------------------------------------------------------------------------
 
 VERSION_TABLE = _sql.version_table(TYPES)
@@ -242,7 +264,11 @@ COUNT_QUEUES = "SELECT queue, state, count(*) FROM dispatch_jobs WHERE queue = A
 # -- workers ---------------------------------------------------------------------------------------
 
 
-_READY = f"j.state IN ('pending', 'retrying') AND j.run_at <= %(now)s AND {_sql.lock_free('j')}"
+def _ready(holds: bool) -> str:
+    """The claim's readiness test of row ``j``; ``holds``: the schema has the lock holds (migration 13)."""
+    return f"j.state IN ('pending', 'retrying') AND j.run_at <= %(now)s AND {_sql.lock_free('j', holds=holds)}"
+
+
 _CLAIM_ORDER = "ORDER BY j.priority DESC, j.run_at, j.seq"
 
 
@@ -268,17 +294,25 @@ def _claim_cte(pick: str) -> str:
 # so the order is the one ``queue = ANY(...) ORDER BY ... LIMIT`` gives, without reading
 # and sorting the whole ready set (an external sort at 75k ready jobs). The rows a queue's
 # scan locked but the top-N left out are unlocked when the statement ends.
-CLAIM_ONE = _claim_cte(
-    f"SELECT j.seq FROM dispatch_jobs AS j WHERE j.queue = %(queues)s AND {_READY} {_CLAIM_ORDER} "
-    "LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
-)
-CLAIM_ANY = _claim_cte(
-    "SELECT head.seq FROM unnest(%(queues)s::text[]) AS asked(queue) CROSS JOIN LATERAL ("
-    f"SELECT j.seq, j.priority, j.run_at FROM dispatch_jobs AS j WHERE j.queue = asked.queue AND {_READY} "
-    f"{_CLAIM_ORDER} "
-    "LIMIT %(limit)s FOR UPDATE SKIP LOCKED) AS head ORDER BY head.priority DESC, head.run_at, head.seq "
-    "LIMIT %(limit)s"
-)
+def _claim_one(holds: bool) -> str:
+    return _claim_cte(
+        f"SELECT j.seq FROM dispatch_jobs AS j WHERE j.queue = %(queues)s AND {_ready(holds)} {_CLAIM_ORDER} "
+        "LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
+    )
+
+
+def _claim_any(holds: bool) -> str:
+    return _claim_cte(
+        "SELECT head.seq FROM unnest(%(queues)s::text[]) AS asked(queue) CROSS JOIN LATERAL ("
+        f"SELECT j.seq, j.priority, j.run_at FROM dispatch_jobs AS j WHERE j.queue = asked.queue "
+        f"AND {_ready(holds)} {_CLAIM_ORDER} "
+        "LIMIT %(limit)s FOR UPDATE SKIP LOCKED) AS head ORDER BY head.priority DESC, head.run_at, head.seq "
+        "LIMIT %(limit)s"
+    )
+
+
+CLAIM_ONE = _claim_one(True)
+CLAIM_ANY = _claim_any(True)
 
 # A limited queue's bucket, its row locked until the claim's transaction ends: (queue).
 QUEUE_BUCKET_LOCKED = f"{SQL.queue_bucket} FOR UPDATE"
@@ -307,6 +341,23 @@ def _complete_and_claim_sql(claim: str) -> str:
 
 COMPLETE_AND_CLAIM_ONE = _complete_and_claim_sql(CLAIM_ONE)
 COMPLETE_AND_CLAIM_ANY = _complete_and_claim_sql(CLAIM_ANY)
+#: The four claims (one queue, several, and each with completions) by whether the schema has the
+#: lock holds: False only for a database kept below migration 13 (a store class whose MIGRATIONS stop before it).
+CLAIMS: dict[bool, tuple[str, str, str, str]] = {
+    True: (CLAIM_ONE, CLAIM_ANY, COMPLETE_AND_CLAIM_ONE, COMPLETE_AND_CLAIM_ANY),
+    False: (
+        _claim_one(False),
+        _claim_any(False),
+        _complete_and_claim_sql(_claim_one(False)),
+        _complete_and_claim_sql(_claim_any(False)),
+    ),
+}
+# An operator's cancel locks the job's row first, so its hold (Statements.hold_running) reads the
+# state the cancel then changes: (id).
+LOCK_JOB = "SELECT 1 FROM dispatch_jobs WHERE id = %s FOR UPDATE"
+HEARTBEAT_HOLDS = (
+    "UPDATE dispatch_lock_holds SET heartbeat_at = %s WHERE job_id = ANY(%s) AND worker_id = %s RETURNING job_id"
+)
 
 HEARTBEAT = (
     "UPDATE dispatch_jobs SET heartbeat_at = %s WHERE id = ANY(%s) AND state = 'running' "

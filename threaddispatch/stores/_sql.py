@@ -27,6 +27,7 @@ from threaddispatch.stores.base import (
     DeadLetter,
     JobRecord,
     JobState,
+    LockHold,
     QueueLimits,
     WorkerInfo,
     limited_room,
@@ -131,6 +132,15 @@ TABLES: dict[str, tuple[Column, ...]] = {
         ("heartbeat_at", "REAL", "NOT NULL"),
         ("running", "INT", "NOT NULL"),
     ),
+    # Serial locks held past their job's running state while its handler still runs (LockHold;
+    # a later migration: see schema_lock_holds). One row per claim (job_id, attempts, worker_id).
+    "dispatch_lock_holds": (
+        ("lock_key", "TEXT", "NOT NULL"),
+        ("job_id", "TEXT", "NOT NULL"),
+        ("attempts", "INT", "NOT NULL"),
+        ("worker_id", "TEXT", "NOT NULL"),
+        ("heartbeat_at", "REAL", "NOT NULL"),
+    ),
 }
 #: The columns of :data:`TABLES` that later migrations add to tables created before them (by
 #: :func:`add_columns`), by table; :func:`schema_v1` leaves them out. Each must be nullable or
@@ -166,6 +176,7 @@ _JOB_WIDTH = len(TABLES["dispatch_jobs"]) - 1  # the columns of JOB_COLUMNS
 LETTER_COLUMNS = _names("dispatch_dead_letters")
 CRON_COLUMNS = _names("dispatch_crons")
 WORKER_COLUMNS = _names("dispatch_workers")
+HOLD_COLUMNS = _names("dispatch_lock_holds")
 #: SQL lists of the ACTIVE_STATES, READY_STATES and FINAL_STATES.
 ACTIVE = "('pending', 'retrying', 'running', 'waiting')"
 _V1_ACTIVE = "('pending', 'retrying', 'running')"  # ACTIVE_STATES before the waiting state (migration 1's index)
@@ -274,18 +285,22 @@ def schema_queue_limits(types: Types) -> tuple[str, ...]:
     )
 
 
-def lock_free(alias: str) -> str:
+def lock_free(alias: str, *, holds: bool = True) -> str:
     """The claim's serial-lock condition on the candidate row ``alias``: no lock, or it is the lock's turn.
 
-    Its turn: no job with the lock is running, and none inserted before it (lower seq) is
-    still active. Inside one claim statement every candidate is judged on the same snapshot,
-    so of a lock's ready jobs only the first passes; on PostgreSQL a concurrent claim that
-    locked that first one skips it and finds the others still behind it (it is active).
+    Its turn: no job with the lock is running, none inserted before it (lower seq) is still
+    active, and (``holds``: the schema has ``dispatch_lock_holds``) no hold of the lock is
+    left by a handler still running past its job's running state. Inside one claim statement
+    every candidate is judged on the same snapshot, so of a lock's ready jobs only the first
+    passes; on PostgreSQL a concurrent claim that locked that first one skips it and finds the
+    others still behind it (it is active). A hold is stored before its job leaves the running
+    state (or in the same transaction), so every snapshot sees one or the other.
     """
+    held = f" AND NOT EXISTS (SELECT 1 FROM dispatch_lock_holds AS h WHERE h.lock_key = {alias}.lock_key)"
     return (
-        f"({alias}.lock_key IS NULL OR NOT EXISTS (SELECT 1 FROM dispatch_jobs AS held "
+        f"({alias}.lock_key IS NULL OR (NOT EXISTS (SELECT 1 FROM dispatch_jobs AS held "
         f"WHERE held.lock_key = {alias}.lock_key AND held.state IN {ACTIVE} "
-        f"AND (held.state = 'running' OR held.seq < {alias}.seq)))"
+        f"AND (held.state = 'running' OR held.seq < {alias}.seq)){held if holds else ''}))"
     )
 
 
@@ -295,6 +310,22 @@ def schema_workers(types: Types) -> tuple[str, ...]:
         _create_table("dispatch_workers", TABLES["dispatch_workers"], types),
         "CREATE INDEX IF NOT EXISTS dispatch_workers_heartbeat ON dispatch_workers (heartbeat_at)",
     )
+
+
+def schema_lock_holds(types: Types) -> tuple[str, ...]:
+    """The lock holds' migration: ``dispatch_lock_holds`` (one row per claim) and the claim's lock-check index."""
+    return (
+        _create_table("dispatch_lock_holds", TABLES["dispatch_lock_holds"], types),
+        "CREATE UNIQUE INDEX IF NOT EXISTS dispatch_lock_holds_claim "
+        "ON dispatch_lock_holds (job_id, attempts, worker_id)",
+        "CREATE INDEX IF NOT EXISTS dispatch_lock_holds_lock ON dispatch_lock_holds (lock_key)",
+    )
+
+
+def hold_from_row(row: Sequence[Any]) -> LockHold:
+    """A :class:`LockHold` from a row of :data:`HOLD_COLUMNS`."""
+    lock, job_id, attempts, worker_id, heartbeat_at = row
+    return LockHold(lock, job_id, int(attempts), worker_id, float(heartbeat_at))
 
 
 _LIST_JOBS = (
@@ -387,6 +418,7 @@ class Statements:
     count_all = "SELECT state, count(*) FROM dispatch_jobs GROUP BY state"
     count_letters = "SELECT count(*) FROM dispatch_dead_letters"
     list_crons = f"SELECT {CRON_COLUMNS} FROM dispatch_crons ORDER BY name"
+    list_holds = f"SELECT {HOLD_COLUMNS} FROM dispatch_lock_holds ORDER BY heartbeat_at, job_id"
     purge_all_letters = "DELETE FROM dispatch_dead_letters"
 
     __slots__ = (
@@ -410,17 +442,23 @@ class Statements:
         "get_job",
         "get_letter",
         "heartbeat_worker",
+        "hold_active",
+        "hold_claim",
+        "hold_running",
         "insert_dep",
         "insert_job",
+        "list_holds_of",
         "list_workers",
         "lock_active",
         "pause_queue",
         "purge_letters_before",
         "queue_bucket",
         "queue_running",
+        "reap_holds",
         "reap_workers",
         "record_version",
         "register_worker",
+        "release_hold",
         "release_lease",
         "remove_worker",
         "requeue",
@@ -493,6 +531,23 @@ class Statements:
         # fire_cron's overlap check: the entry's policy (name); an unfinished job holding a lock (lock).
         self.cron_overlap = f"SELECT overlap FROM dispatch_crons WHERE name = {m}"
         self.lock_active = f"SELECT 1 FROM dispatch_jobs WHERE lock_key = {m} AND state IN {ACTIVE} LIMIT 1"
+        # Lock holds (LockHold): whether a lock has one (lock); hold a running claim's lock (now,
+        # job_id, worker_id, attempts), RETURNING the job id; hold the lock of whoever runs a job
+        # (now, job_id: an operator's cancel); delete one (job_id, attempts, worker_id); delete the
+        # stale (older_than); list one lock's (lock).
+        self.hold_active = f"SELECT 1 FROM dispatch_lock_holds WHERE lock_key = {m} LIMIT 1"
+        hold_insert = (
+            f"INSERT INTO dispatch_lock_holds ({HOLD_COLUMNS}) SELECT lock_key, id, attempts, worker_id, {m} "
+            f"FROM dispatch_jobs WHERE id = {m} AND state = 'running' AND lock_key IS NOT NULL"
+        )
+        on_conflict = " ON CONFLICT (job_id, attempts, worker_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at"
+        self.hold_claim = f"{hold_insert} AND worker_id = {m} AND attempts = {m}{on_conflict} RETURNING job_id"
+        self.hold_running = f"{hold_insert} AND worker_id IS NOT NULL{on_conflict}"
+        self.release_hold = f"DELETE FROM dispatch_lock_holds WHERE job_id = {m} AND attempts = {m} AND worker_id = {m}"
+        self.reap_holds = f"DELETE FROM dispatch_lock_holds WHERE heartbeat_at < {m}"
+        self.list_holds_of = (
+            f"SELECT {HOLD_COLUMNS} FROM dispatch_lock_holds WHERE lock_key = {m} ORDER BY heartbeat_at, job_id"
+        )
         # Cluster limits: register a queue's (queue, rate, burst, max_running, tokens, now), its
         # bucket keeping its tokens up to the new burst; read its bucket (queue; PostgresStore
         # appends FOR UPDATE); count its running jobs (queue); store its bucket (tokens, now, queue).
@@ -715,15 +770,42 @@ class Statements:
             conn.execute(self.spend_tokens, (tokens - len(jobs), max(updated, now), queue))
         return jobs
 
-    def cron_skips(self, conn: _Connection, name: str, job: JobRecord) -> bool:
+    def cron_skips(self, conn: _Connection, name: str, job: JobRecord, *, holds: bool = True) -> bool:
         """Whether ``Store.fire_cron`` stores no ``job`` for entry ``name``: its overlap is ``"skip"`` and
-        an unfinished job holds ``job.lock`` (the entry's previous one). Inside the firing transaction."""
+        an unfinished job holds ``job.lock`` (the entry's previous one), or (``holds``) a lock hold
+        does (its handler still runs past a timeout or a cancel). Inside the firing transaction."""
         if job.lock is None:
             return False
         row = conn.execute(self.cron_overlap, (name,)).fetchone()
         if row is None or row[0] != "skip":
             return False
-        return conn.execute(self.lock_active, (job.lock,)).fetchone() is not None
+        if conn.execute(self.lock_active, (job.lock,)).fetchone() is not None:
+            return True
+        return holds and conn.execute(self.hold_active, (job.lock,)).fetchone() is not None
+
+    def hold_claims(self, conn: _Connection, claims: Sequence[tuple[str, int]], worker_id: str, now: float) -> set[str]:
+        """``Store.hold_locks`` inside the caller's write transaction: the job ids now held."""
+        held: set[str] = set()
+        for job_id, attempts in claims:
+            row = conn.execute(self.hold_claim, (now, job_id, worker_id, attempts)).fetchone()
+            if row is not None:
+                held.add(str(row[0]))
+        return held
+
+    def release_claims(self, conn: _Connection, claims: Sequence[tuple[str, int]], worker_id: str) -> int:
+        """``Store.release_holds`` inside the caller's write transaction: how many holds were deleted."""
+        return sum(
+            int(conn.execute(self.release_hold, (job_id, attempts, worker_id)).rowcount) for job_id, attempts in claims
+        )
+
+    def holds_listed(self, conn: _Connection, lock: str | None) -> list[LockHold]:
+        """``Store.list_holds``'s read."""
+        rows = (
+            conn.execute(self.list_holds).fetchall()
+            if lock is None
+            else conn.execute(self.list_holds_of, (lock,)).fetchall()
+        )
+        return [hold_from_row(row) for row in rows]
 
     def advance_cron(self, conn: _Connection, name: str, tick: float, now: float) -> bool:
         """``Store.fire_cron``'s compare-and-set: ``last_tick = tick`` if it is earlier (or None).

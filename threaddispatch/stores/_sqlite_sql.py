@@ -25,6 +25,7 @@ __all__ = [
     "SCHEMA_V7",
     "SCHEMA_V8",
     "SCHEMA_V9",
+    "SCHEMA_V10",
     "STATEMENTS",
     "TYPES",
     "UNSET_COLUMNS",
@@ -97,6 +98,21 @@ SCHEMA_V9 = (
         WHEN OLD.paused
         BEGIN
             INSERT INTO dispatch_ready_log (queue, run_at, at) VALUES (OLD.queue, {_NOW}, {_NOW});
+            {_PRUNE}
+        END""",
+)
+# Migration 10: lock holds (LockHold), and their release's wake-up: deleting a hold (its handler
+# returned, or its worker was reaped) logs the lock's next job when that one is ready, as the
+# unlocked trigger does for a job finishing (a hold of another claim may still keep the lock:
+# the watcher's wake-up then claims nothing, harmlessly).
+SCHEMA_V10 = (
+    *_sql.schema_lock_holds(TYPES),
+    f"""CREATE TRIGGER IF NOT EXISTS dispatch_lock_holds_released AFTER DELETE ON dispatch_lock_holds
+        BEGIN
+            INSERT INTO dispatch_ready_log (queue, run_at, at)
+            SELECT queue, run_at, {_NOW} FROM (SELECT queue, run_at, state FROM dispatch_jobs
+                WHERE lock_key = OLD.lock_key AND state IN {_sql.ACTIVE} ORDER BY seq LIMIT 1)
+            WHERE state IN {_sql.READY};
             {_PRUNE}
         END""",
 )
@@ -173,19 +189,21 @@ def insert_fresh_in(conn: sqlite3.Connection, params: Sequence[Any], count: int)
     return last
 
 
-def _claim_sql(queue_count: int) -> str:
-    """The claim statement for ``queue_count`` queues: (worker_id, now, now, now, *queues, now, limit)."""
+def _claim_sql(queue_count: int, holds: bool) -> str:
+    """The claim statement for ``queue_count`` queues: (worker_id, now, now, now, *queues, now, limit).
+
+    ``holds``: the file has ``dispatch_lock_holds`` (migration 10), which the lock check reads."""
     return (
         "UPDATE dispatch_jobs SET state = 'running', worker_id = ?, attempts = attempts + 1, "
         "started_at = ?, heartbeat_at = ?, updated_at = ? "
         "WHERE seq IN (SELECT j.seq FROM dispatch_jobs AS j WHERE j.state IN ('pending', 'retrying') "
-        f"AND j.queue IN ({marks(queue_count)}) AND j.run_at <= ? AND {_sql.lock_free('j')} "
+        f"AND j.queue IN ({marks(queue_count)}) AND j.run_at <= ? AND {_sql.lock_free('j', holds=holds)} "
         "ORDER BY j.priority DESC, j.run_at, j.seq LIMIT ?) "
         f"RETURNING {_sql.JOB_COLUMNS}"
     )
 
 
-_CLAIM_SQL: dict[int, str] = {}  # _claim_sql by number of queues, built on first use
+_CLAIM_SQL: dict[tuple[int, bool], str] = {}  # _claim_sql by (number of queues, holds), built on first use
 
 
 _COMPLETE_ROWS = 100  # outcomes per completion statement (5 variables each)
@@ -280,29 +298,33 @@ def claim_in(
     now: float,
     *,
     limits: Mapping[str, QueueLimits] | None = None,
+    holds: bool = True,
 ) -> list[JobRecord]:
     """Claim up to ``limit`` due jobs of ``queues`` for ``worker_id`` in the open transaction, in claim order.
 
     A queue of ``limits`` is claimed alone, within its cluster limits (the write transaction
-    keeps every other claimer of the file out of its bucket until the commit).
+    keeps every other claimer of the file out of its bucket until the commit). ``holds``: the
+    file has the lock holds' table (see :func:`claim_rows_in`).
     """
     if limit <= 0 or not queues:
         return []
     if limits and any(queue in limits for queue in queues):
-        return _claim_limited(conn, queues, limit, worker_id, now=now, limits=limits)
-    return jobs_from_claim(claim_rows_in(conn, queues, limit, worker_id, now))
+        return _claim_limited(conn, queues, limit, worker_id, now=now, limits=limits, holds=holds)
+    return jobs_from_claim(claim_rows_in(conn, queues, limit, worker_id, now, holds=holds))
 
 
 def claim_rows_in(
-    conn: sqlite3.Connection, queues: Sequence[str], limit: int, worker_id: str, now: float
+    conn: sqlite3.Connection, queues: Sequence[str], limit: int, worker_id: str, now: float, *, holds: bool = True
 ) -> list[tuple[Any, ...]]:
     """claim_in over queues none of which is limited, as ONE statement; the claimed rows, for
-    :func:`jobs_from_claim` (after the commit: no Python work inside the write lock)."""
+    :func:`jobs_from_claim` (after the commit: no Python work inside the write lock). ``holds``:
+    the file has ``dispatch_lock_holds`` (False only for a file kept below migration 10)."""
     if limit <= 0 or not queues:
         return []
-    sql = _CLAIM_SQL.get(len(queues))
+    key = (len(queues), holds)
+    sql = _CLAIM_SQL.get(key)
     if sql is None:
-        sql = _CLAIM_SQL.setdefault(len(queues), _claim_sql(len(queues)))
+        sql = _CLAIM_SQL.setdefault(key, _claim_sql(len(queues), holds))
     rows: list[tuple[Any, ...]] = conn.execute(sql, (worker_id, now, now, now, *queues, now, limit)).fetchall()
     return rows
 
@@ -323,6 +345,7 @@ def _claim_limited(
     *,
     now: float,
     limits: Mapping[str, QueueLimits],
+    holds: bool,
 ) -> list[JobRecord]:
     """claim_in over queues some of which are limited: each limited one alone, then the others together."""
     jobs: list[JobRecord] = []
@@ -331,11 +354,11 @@ def _claim_limited(
         if queue in limits and len(jobs) < limit:
 
             def claim(count: int, queue: str = queue) -> list[JobRecord]:
-                return claim_in(conn, [queue], count, worker_id, now)
+                return claim_in(conn, [queue], count, worker_id, now, holds=holds)
 
             jobs.extend(STATEMENTS.claim_limited(conn, limits[queue], limit - len(jobs), now, claim))
     free = [queue for queue in names if queue not in limits]
     if free and len(jobs) < limit:
-        jobs.extend(claim_in(conn, free, limit - len(jobs), worker_id, now))
+        jobs.extend(claim_in(conn, free, limit - len(jobs), worker_id, now, holds=holds))
     jobs.sort(key=_claim_order)
     return jobs

@@ -64,6 +64,7 @@ __all__ = [
     "DeadLetter",
     "JobRecord",
     "JobState",
+    "LockHold",
     "QueueLimits",
     "Store",
     "WorkerInfo",
@@ -136,6 +137,9 @@ class JobRecord:
     ``lock`` names a serial lock: of the jobs holding one, at most one runs at a time across
     every process on the store, and they run in insertion order (a claim takes a locked job
     only when no job with its lock is running and none inserted before it is unfinished).
+    A job whose handler outlives its claim (past its timeout, cancelled while running, handed
+    back at stop) shows its new state at once (failed, retrying, cancelled, pending) while its
+    lock stays held until the handler returns: a :class:`LockHold` (``Store.list_holds``).
     Not thread-safe to mutate; stores hand out fresh copies.
     """
 
@@ -276,6 +280,30 @@ class WorkerInfo:
         data = {name: getattr(self, name) for name in self.__dataclass_fields__}
         data["queues"] = list(self.queues)
         return data
+
+
+@dataclass(frozen=True)
+class LockHold:
+    """A serial lock kept held past its job's running state, while the job's handler still runs.
+
+    A Python thread cannot be killed: a handler past its timeout, or whose running job was
+    cancelled or handed back at stop, goes on until it returns. Its job's state is final (or
+    retrying, or pending) at once, but the lock stays held by this record, made by
+    :meth:`Store.hold_locks` (or by :meth:`Store.cancel` of a running job), until the worker
+    drops it when the handler returns (:meth:`Store.release_holds`). The worker's heartbeat
+    keeps ``heartbeat_at`` fresh; a hold whose heartbeat stopped (its worker died) is deleted
+    by :meth:`Store.reap_stale`, by the rule that recovers running jobs.
+    """
+
+    lock: str
+    job_id: str
+    attempts: int
+    worker_id: str
+    heartbeat_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
 @dataclass(frozen=True)
@@ -437,8 +465,10 @@ class Store(abc.ABC):
         """Atomically claim up to ``limit`` ready jobs from ``queues`` for ``worker_id``.
 
         Ready: state pending or retrying and ``run_at <= now``, and, for a job with a
-        ``lock``, no job with that lock running and none inserted before it still active
-        (pending, retrying, waiting): a claim of several never takes two jobs of one lock.
+        ``lock``, no job with that lock running, no :class:`LockHold` of that lock (a handler
+        still running after its job left the running state, this job's own earlier attempt
+        included) and none inserted before it still active (pending, retrying, waiting): a
+        claim of several never takes two jobs of one lock.
         Order: ``priority``
         descending, then ``run_at``, then insertion order. Claimed jobs become running
         with ``worker_id``, ``started_at = heartbeat_at = now`` and ``attempts + 1``; the
@@ -461,7 +491,10 @@ class Store(abc.ABC):
 
         A job with attempts left goes back to pending (``run_at = now``, worker cleared);
         one that used all ``max_retries + 1`` attempts becomes failed with a dead letter
-        (error "worker lost"). Returns the ids recovered either way. One transaction.
+        (error "worker lost"). Returns the ids recovered either way. The lock holds
+        (:class:`LockHold`) whose ``heartbeat_at < older_than`` are deleted in the same
+        transaction (their worker died: its handlers are gone), which frees their locks; they
+        are not among the ids returned. One transaction.
         """
 
     @abc.abstractmethod
@@ -581,8 +614,10 @@ class Store(abc.ABC):
         its claim or refused, never cancelled after its handler started. With
         ``worker_id``/``attempts`` (a handler raised ``Cancel``) it applies only to that
         claim (``include_running`` is then ignored). A running job cancelled by an operator
-        stops being its worker's claim: the worker's next heartbeat learns it. Raises
-        JobNotFoundError for an unknown id.
+        stops being its worker's claim: the worker's next heartbeat learns it. A running job
+        with a ``lock`` cancelled by an operator keeps its lock held, in the same transaction:
+        a :class:`LockHold` for its claim (its handler may still run), which the worker drops
+        when the handler returns. Raises JobNotFoundError for an unknown id.
         """
 
     @abc.abstractmethod
@@ -673,7 +708,8 @@ class Store(abc.ABC):
         If the entry's ``last_tick`` is None or ``< tick``: set it to ``tick`` and insert
         ``job`` (unique-key rules as :meth:`enqueue`) in one transaction, and return True.
         The insert is skipped (still True) when the entry's ``overlap`` is ``"skip"`` and an
-        unfinished job holds ``job.lock`` (the entry's previous job).
+        unfinished job holds ``job.lock`` (the entry's previous job), or a :class:`LockHold`
+        does (the previous job's handler still runs after a timeout or a cancel).
         Otherwise (another process fired this tick) change nothing and return False.
         """
 
@@ -793,6 +829,40 @@ class Store(abc.ABC):
         serialised cannot miss one). One short write.
         """
         return 0
+
+    # -- serial lock holds past the running state --------------------------------------------------
+    # A store without holds may keep these defaults: nothing is held, so a lock is free as soon as
+    # its job leaves the running state (a handler abandoned by a timeout may then overlap the next).
+
+    def hold_locks(self, claims: Sequence[tuple[str, int]], *, worker_id: str, now: float) -> set[str]:
+        """Keep the serial locks of the running claims ``(job_id, attempts)`` of ``worker_id`` held (:class:`LockHold`).
+
+        Called before the engine ends a claim whose handler still runs (a timeout, a hand-back
+        at stop): the job's state then changes, its lock does not free. Claims that are no
+        longer running for that worker, or whose job has no lock, get none. Idempotent.
+        Returns the job ids now held. One short write. The default holds nothing.
+        """
+        return set()
+
+    def heartbeat_holds(self, job_ids: Sequence[str], *, worker_id: str, now: float) -> set[str]:
+        """Set ``heartbeat_at = now`` on the holds of ``worker_id`` for ``job_ids``; the ids that have one.
+
+        One short write. The default returns an empty set.
+        """
+        return set()
+
+    def release_holds(self, claims: Sequence[tuple[str, int]], *, worker_id: str) -> int:
+        """Delete the holds of ``worker_id`` for the claims ``(job_id, attempts)`` (their handlers returned).
+
+        The locks' next jobs may then be claimed; the store wakes its subscribers as a lock
+        freed by a finished job does. Returns how many were deleted. Idempotent. One short
+        write. The default deletes nothing.
+        """
+        return 0
+
+    def list_holds(self, *, lock: str | None = None) -> list[LockHold]:
+        """The lock holds (of ``lock``, or all), oldest heartbeat first. One read. The default lists none."""
+        return []
 
     # -- the worker registry ---------------------------------------------------------------------
     # A store without a registry may keep these defaults: nothing is registered, none listed.

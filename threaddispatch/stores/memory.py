@@ -29,6 +29,7 @@ from threaddispatch.stores.base import (
     DeadLetter,
     JobRecord,
     JobState,
+    LockHold,
     QueueLimits,
     Store,
     WorkerInfo,
@@ -71,6 +72,10 @@ class MemoryStore(Store):
         self._dependents: dict[str, list[str]] = {}
         # serial lock -> the ids of the ACTIVE jobs holding it
         self._locked: dict[str, set[str]] = {}
+        # Lock holds past the running state, by claim (job id, attempts, worker id); and how many
+        # holds each lock has (a lock is in _held iff some hold names it).
+        self._holds: dict[tuple[str, int, str], LockHold] = {}
+        self._held: dict[str, int] = {}
         # queue -> its limits (set_queue_limits), and its bucket as [tokens, updated_at]
         self._limits: dict[str, QueueLimits] = {}
         self._buckets: dict[str, list[float]] = {}
@@ -168,12 +173,30 @@ class MemoryStore(Store):
         """Whether ``job``'s serial lock is not its turn: a holder runs, or one inserted before it is active."""
         if job.lock is None:
             return False
+        if job.lock in self._held:
+            return True
         order = self._order[job.id]
         for holder_id in self._locked.get(job.lock, ()):
             holder = self._jobs[holder_id]
             if holder_id != job.id and (holder.state is JobState.RUNNING or self._order[holder_id] < order):
                 return True
         return False
+
+    def _add_hold(self, job: JobRecord, now: float) -> None:
+        """Keep the running ``job``'s lock held past its running state (see :class:`LockHold`)."""
+        assert job.lock is not None and job.worker_id is not None
+        key = (job.id, job.attempts, job.worker_id)
+        if key not in self._holds:
+            self._held[job.lock] = self._held.get(job.lock, 0) + 1
+        self._holds[key] = LockHold(job.lock, job.id, job.attempts, job.worker_id, now)
+
+    def _drop_hold(self, key: tuple[str, int, str]) -> None:
+        hold = self._holds.pop(key)
+        left = self._held[hold.lock] - 1
+        if left:
+            self._held[hold.lock] = left
+        else:
+            del self._held[hold.lock]
 
     def _check_dependencies(self, jobs: Sequence[JobRecord]) -> None:
         """JobNotFoundError unless every dependency of ``jobs`` is stored or comes earlier in ``jobs``."""
@@ -355,6 +378,8 @@ class MemoryStore(Store):
         reaped: list[str] = []
         with self._lock:
             self._check_open()
+            for key in [key for key, hold in self._holds.items() if hold.heartbeat_at < older_than]:
+                self._drop_hold(key)
             for job_id in list(self._running):
                 job = self._jobs[job_id]
                 if job.heartbeat_at is not None and job.heartbeat_at >= older_than:
@@ -513,6 +538,8 @@ class MemoryStore(Store):
                     return False
             elif job.state in FINAL_STATES or (job.state is JobState.RUNNING and not include_running):
                 return False
+            elif job.state is JobState.RUNNING and job.lock is not None:
+                self._add_hold(job, now)  # its handler may still run: the lock stays held until it returns
             if error is not None:
                 job.error = error
             self._set_state(job, JobState.CANCELLED, now)
@@ -684,9 +711,55 @@ class MemoryStore(Store):
                 return False
             entry.last_tick = tick
             entry.updated_at = job.created_at
-            if not (entry.overlap == "skip" and job.lock is not None and self._locked.get(job.lock)):
+            busy = job.lock is not None and (self._locked.get(job.lock) or job.lock in self._held)
+            if not (entry.overlap == "skip" and busy):
                 self._insert(job)
             return True
+
+    # -- lock holds ------------------------------------------------------------------------------
+
+    def hold_locks(self, claims: Sequence[tuple[str, int]], *, worker_id: str, now: float) -> set[str]:
+        """See :meth:`Store.hold_locks`."""
+        held: set[str] = set()
+        with self._lock:
+            self._check_open()
+            for job_id, attempts in claims:
+                job = self._claim_of(job_id, worker_id, attempts)
+                if job is not None and job.lock is not None:
+                    self._add_hold(job, now)
+                    held.add(job_id)
+        return held
+
+    def heartbeat_holds(self, job_ids: Sequence[str], *, worker_id: str, now: float) -> set[str]:
+        """See :meth:`Store.heartbeat_holds`. O(holds)."""
+        wanted = set(job_ids)
+        beaten: set[str] = set()
+        with self._lock:
+            self._check_open()
+            for key, hold in self._holds.items():
+                if hold.worker_id == worker_id and hold.job_id in wanted:
+                    self._holds[key] = dataclasses.replace(hold, heartbeat_at=now)
+                    beaten.add(hold.job_id)
+        return beaten
+
+    def release_holds(self, claims: Sequence[tuple[str, int]], *, worker_id: str) -> int:
+        """See :meth:`Store.release_holds`."""
+        released = 0
+        with self._lock:
+            self._check_open()
+            for job_id, attempts in claims:
+                key = (job_id, attempts, worker_id)
+                if key in self._holds:
+                    self._drop_hold(key)
+                    released += 1
+        return released
+
+    def list_holds(self, *, lock: str | None = None) -> list[LockHold]:
+        """See :meth:`Store.list_holds`."""
+        with self._lock:
+            self._check_open()
+            holds = [hold for hold in self._holds.values() if lock is None or hold.lock == lock]
+        return sorted(holds, key=lambda hold: (hold.heartbeat_at, hold.job_id))
 
     # -- the worker registry ------------------------------------------------------------------
 

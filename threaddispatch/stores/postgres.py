@@ -87,6 +87,7 @@ from threaddispatch.stores.base import (
     DeadLetter,
     JobRecord,
     JobState,
+    LockHold,
     QueueLimits,
     Store,
     requeue_waits,
@@ -177,6 +178,7 @@ class PostgresStore(AdminMethods, Store):
         (10, "wake-ups for jobs retried, handed back, reaped or requeued", q.SCHEMA_V10),
         (11, "dependents released by their dependency's completion trigger", q.SCHEMA_V11),
         (12, "wake-up payloads that fit NOTIFY's limit, whatever the queue name", q.SCHEMA_V12),
+        (13, "lock holds", q.SCHEMA_V13),
     )
 
     def __init__(
@@ -226,6 +228,9 @@ class PostgresStore(AdminMethods, Store):
         self._wakeups = Wakeups(self._pool, find_schema=lambda conn: self.schema or _table_schema(conn),
                                 keepalive=listen_keepalive, reconnect_max=reconnect_max)  # fmt: skip
         self._migrated = not migrate
+        # Whether the schema has dispatch_lock_holds (migration 13): False only once migrate() found
+        # an older one (a store class whose MIGRATIONS stop before it); claims then skip holds.
+        self._with_holds = True
         self._migrate_lock = threading.Lock()
         self._schema_name: str | None = None  # _table_schema, once known (for _wake)
         # set_queue_limits's, by queue: replaced whole, never mutated (claims read it without a lock)
@@ -302,6 +307,7 @@ class PostgresStore(AdminMethods, Store):
 
         with self._migrate_lock:
             version = self._run("migrating the schema", op, idempotent=True, setup=False)
+            self._with_holds = version >= 13
             self._migrated = True
         return version
 
@@ -508,7 +514,8 @@ class PostgresStore(AdminMethods, Store):
         params = {"worker": worker_id, "now": now, "limit": limit, "queues": names[0] if one else names}
 
         def op(conn: Conn) -> list[JobRecord]:
-            return claimed(conn.execute(q.CLAIM_ONE if one else q.CLAIM_ANY, params, prepare=True).fetchall())
+            claims = q.CLAIMS[self._with_holds]
+            return claimed(conn.execute(claims[0] if one else claims[1], params, prepare=True).fetchall())
 
         # Idempotent enough: a claim that committed but whose answer was lost leaves its jobs
         # running for nobody; their heartbeat goes stale and they are reaped (at-least-once).
@@ -522,7 +529,8 @@ class PostgresStore(AdminMethods, Store):
         def claim(conn: Conn, queues: list[str], count: int) -> list[JobRecord]:
             one = len(queues) == 1
             params = {"worker": worker_id, "now": now, "limit": count, "queues": queues[0] if one else queues}
-            return claimed(conn.execute(q.CLAIM_ONE if one else q.CLAIM_ANY, params, prepare=True).fetchall())
+            claims = q.CLAIMS[self._with_holds]
+            return claimed(conn.execute(claims[0] if one else claims[1], params, prepare=True).fetchall())
 
         def op(conn: Conn) -> list[JobRecord]:
             jobs: list[JobRecord] = []
@@ -580,7 +588,8 @@ class PostgresStore(AdminMethods, Store):
         params.update(worker=worker_id, limit=limit, queues=names[0] if one else names)
 
         def op(conn: Conn) -> tuple[set[str], list[JobRecord]]:
-            query = q.COMPLETE_AND_CLAIM_ONE if one else q.COMPLETE_AND_CLAIM_ANY
+            claims = q.CLAIMS[self._with_holds]
+            query = claims[2] if one else claims[3]
             rows = conn.execute(query, params, prepare=True).fetchall()
             done = set(rows[0][0] or ()) if rows else set()
             return done, claimed([row[1:] for row in rows if row[1] is not None])
@@ -598,11 +607,53 @@ class PostgresStore(AdminMethods, Store):
 
         return self._run("heartbeating jobs", op, idempotent=True)
 
+    def hold_locks(self, claims: Sequence[tuple[str, int]], *, worker_id: str, now: float) -> set[str]:
+        """See :meth:`Store.hold_locks`: one transaction, a statement per claim."""
+        if not claims or not self._with_holds:
+            return set()
+
+        def op(conn: Conn) -> set[str]:
+            with conn.transaction():
+                return SQL.hold_claims(conn, claims, worker_id, now)
+
+        return self._run("holding serial locks", op, idempotent=True)
+
+    def heartbeat_holds(self, job_ids: Sequence[str], *, worker_id: str, now: float) -> set[str]:
+        """See :meth:`Store.heartbeat_holds`: one statement."""
+        if not job_ids or not self._with_holds:
+            return set()
+
+        def op(conn: Conn) -> set[str]:
+            return {str(row[0]) for row in conn.execute(q.HEARTBEAT_HOLDS, (now, list(job_ids), worker_id)).fetchall()}
+
+        return self._run("heartbeating serial lock holds", op, idempotent=True)
+
+    def release_holds(self, claims: Sequence[tuple[str, int]], *, worker_id: str) -> int:
+        """See :meth:`Store.release_holds`: one transaction; its trigger notifies each lock's next job."""
+        if not claims or not self._with_holds:
+            return 0
+
+        def op(conn: Conn) -> int:
+            with conn.transaction():
+                return SQL.release_claims(conn, claims, worker_id)
+
+        return self._run("releasing serial lock holds", op, idempotent=True)
+
+    def list_holds(self, *, lock: str | None = None) -> list[LockHold]:
+        """See :meth:`Store.list_holds`."""
+
+        def op(conn: Conn) -> list[LockHold]:
+            return SQL.holds_listed(conn, lock) if self._with_holds else []
+
+        return self._run("listing serial lock holds", op, idempotent=True)
+
     def reap_stale(self, *, older_than: float, now: float) -> list[str]:
         """See :meth:`Store.reap_stale`: one statement; rows another reaper holds are skipped, not waited for."""
 
         def op(conn: Conn) -> list[str]:
             with conn.transaction():
+                if self._with_holds:
+                    conn.execute(SQL.reap_holds, (older_than,))
                 rows = conn.execute(q.REAP, {"older": older_than, "now": now, "lost": WORKER_LOST_ERROR}).fetchall()
                 for row in rows:
                     if row[1] == "failed":
@@ -747,6 +798,11 @@ class PostgresStore(AdminMethods, Store):
 
         def op(conn: Conn) -> bool:
             with conn.transaction():
+                if include_running and not fenced and self._with_holds:
+                    # A running job's lock stays held while its handler may still run: its row locked
+                    # first, the hold reads the state the cancel then changes.
+                    conn.execute(q.LOCK_JOB, (job_id,))
+                    conn.execute(SQL.hold_running, (now, job_id))
                 if conn.execute(query, params).fetchone() is not None:
                     SQL.release_one(conn, job_id, "cancelled", now)
                     return True

@@ -63,6 +63,7 @@ from threaddispatch.stores._sqlite_sql import (
     SCHEMA_V7,
     SCHEMA_V8,
     SCHEMA_V9,
+    SCHEMA_V10,
     STATEMENTS,
     TYPES,
     chunks,
@@ -85,6 +86,7 @@ from threaddispatch.stores.base import (
     DeadLetter,
     JobRecord,
     JobState,
+    LockHold,
     QueueLimits,
     Store,
     WorkerInfo,
@@ -162,6 +164,7 @@ class SQLiteStore(Store):
         (7, "cluster limits", SCHEMA_V7),
         (8, "ready log", SCHEMA_V8),
         (9, "queue resumes", SCHEMA_V9),
+        (10, "lock holds", SCHEMA_V10),
     )
 
     def __init__(
@@ -198,6 +201,9 @@ class SQLiteStore(Store):
         )
         self._watcher = Watcher(self, where=self.path)
         self._limits: dict[str, QueueLimits] = {}  # set_queue_limits's, by queue
+        # Whether the file has dispatch_lock_holds (migration 10): False only once migrate() found
+        # an older schema (a store class whose MIGRATIONS stop before it); claims then skip holds.
+        self._with_holds = True
         self._committer: GroupCommitter | None = None
         if durability == "full":
             self._committer = GroupCommitter(
@@ -223,7 +229,9 @@ class SQLiteStore(Store):
         conn = self._conn()
         with self._write():
             conn.execute(_sql.version_table(TYPES))
-            return _SQL.apply_migrations(conn, self.MIGRATIONS)
+            version = _SQL.apply_migrations(conn, self.MIGRATIONS)
+        self._with_holds = version >= 10
+        return version
 
     def schema_version(self) -> int:
         """The schema version of the file (0 before :meth:`migrate`)."""
@@ -425,9 +433,9 @@ class SQLiteStore(Store):
         if self._limited(queues):
             conn = self._conn()
             with self._write():
-                return claim_in(conn, queues, limit, worker_id, now, limits=self._limits)
+                return claim_in(conn, queues, limit, worker_id, now, limits=self._limits, holds=self._with_holds)
         with self._write(immediate=False) as conn:
-            rows = claim_rows_in(conn, queues, limit, worker_id, now)
+            rows = claim_rows_in(conn, queues, limit, worker_id, now, holds=self._with_holds)
         return jobs_from_claim(rows)
 
     def _limited(self, queues: Sequence[str]) -> bool:
@@ -454,8 +462,8 @@ class SQLiteStore(Store):
         with self._write():
             done = self._complete_in(conn, outcomes, now)
             if self._limited(queues):
-                return done, claim_in(conn, queues, limit, worker_id, now, limits=self._limits)
-            rows = claim_rows_in(conn, queues, limit, worker_id, now)
+                return done, claim_in(conn, queues, limit, worker_id, now, limits=self._limits, holds=self._with_holds)
+            rows = claim_rows_in(conn, queues, limit, worker_id, now, holds=self._with_holds)
         return done, jobs_from_claim(rows)
 
     @translate
@@ -496,9 +504,11 @@ class SQLiteStore(Store):
 
     @translate
     def reap_stale(self, *, older_than: float, now: float) -> list[str]:
-        """See :meth:`Store.reap_stale`."""
+        """See :meth:`Store.reap_stale`: the stale lock holds go in the same transaction."""
         conn = self._conn()
         with self._write():
+            if self._with_holds:
+                conn.execute(_SQL.reap_holds, (older_than,))
             rows = conn.execute(
                 "SELECT id, attempts, max_retries FROM dispatch_jobs WHERE state = 'running' "
                 "AND (heartbeat_at IS NULL OR heartbeat_at < ?)",
@@ -680,6 +690,9 @@ class SQLiteStore(Store):
             condition = f"state IN {_sql.ACTIVE if include_running else _sql.UNCLAIMED}"
         conn = self._conn()
         with self._write():
+            if include_running and worker_id is None and attempts is None and self._with_holds:
+                # A running job's lock stays held while its handler may still run (before its state changes).
+                conn.execute(_SQL.hold_running, (now, job_id))
             cursor = conn.execute(
                 "UPDATE dispatch_jobs SET state = 'cancelled', waiting_on = 0, error = coalesce(?, error), "
                 f"finished_at = ?, updated_at = ? WHERE id = ? AND {condition}",
@@ -874,6 +887,50 @@ class SQLiteStore(Store):
         with self._write():
             if not _SQL.advance_cron(conn, name, tick, job.created_at):
                 return False
-            if not _SQL.cron_skips(conn, name, job):
+            if not _SQL.cron_skips(conn, name, job, holds=self._with_holds):
                 self._insert(conn, job)
             return True
+
+    # -- lock holds ------------------------------------------------------------------------------
+
+    @translate
+    def hold_locks(self, claims: Sequence[tuple[str, int]], *, worker_id: str, now: float) -> set[str]:
+        """See :meth:`Store.hold_locks`: one IMMEDIATE transaction."""
+        if not claims or not self._with_holds:
+            return set()
+        conn = self._conn()
+        with self._write():
+            return _SQL.hold_claims(conn, claims, worker_id, now)
+
+    @translate
+    def heartbeat_holds(self, job_ids: Sequence[str], *, worker_id: str, now: float) -> set[str]:
+        """See :meth:`Store.heartbeat_holds`: one statement per 500 ids, in one transaction."""
+        beaten: set[str] = set()
+        if not job_ids or not self._with_holds:
+            return beaten
+        conn = self._conn()
+        with self._write():
+            for chunk in chunks(list(job_ids)):
+                rows = conn.execute(
+                    f"UPDATE dispatch_lock_holds SET heartbeat_at = ? WHERE job_id IN ({marks(len(chunk))}) "
+                    "AND worker_id = ? RETURNING job_id",
+                    (now, *chunk, worker_id),
+                ).fetchall()
+                beaten.update(row[0] for row in rows)
+        return beaten
+
+    @translate
+    def release_holds(self, claims: Sequence[tuple[str, int]], *, worker_id: str) -> int:
+        """See :meth:`Store.release_holds`: one transaction; its trigger logs each lock's next job (the wake-up)."""
+        if not claims or not self._with_holds:
+            return 0
+        conn = self._conn()
+        with self._write():
+            return _SQL.release_claims(conn, claims, worker_id)
+
+    @translate
+    def list_holds(self, *, lock: str | None = None) -> list[LockHold]:
+        """See :meth:`Store.list_holds`."""
+        if not self._with_holds:
+            return []
+        return _SQL.holds_listed(self._conn(), lock)
