@@ -151,3 +151,45 @@ def test_a_skipped_record_below_last_resorts_level_is_only_counted(
     assert received == ["the one record", "the one record"]
     assert a.self_records_skipped == b.self_records_skipped == 2
     assert "shipped" not in capsys.readouterr().err
+
+
+class _HungSink:
+    """A ``send_records`` that holds its first batch until released: the handler's queue then fills."""
+
+    def __init__(self) -> None:
+        self.called = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, records: list[logging.LogRecord]) -> None:
+        self.called.set()
+        self.release.wait(30)
+
+
+def test_a_full_handlers_drop_report_is_queued_by_no_batching_handler(lib_logger: logging.Logger) -> None:
+    """A's "is dropping entries" line, logged inside A's emit, is not queued by A or B (where it would be dropped
+    in turn, its own report re-entering the other handler); it reaches the logger's other handler once."""
+    other = _Collect()
+    lib_logger.addHandler(other)
+    sinks = _HungSink(), _HungSink()
+    a, b = (
+        BatchingHandler(sink, ms_delay=1, max_batch_size=1, max_queue_size=1, name=name)
+        for sink, name in zip(sinks, ("s26-a", "s26-b"), strict=True)
+    )
+    lib_logger.addHandler(a)
+    lib_logger.addHandler(b)
+    app = lib_logger.getChild("s26_app")
+    try:
+        app.warning("in flight")
+        assert all(sink.called.wait(10) for sink in sinks)
+        app.warning("queued")
+        app.warning("dropped")  # both queues are full
+        assert a.dispatcher.stats()["dropped"] == 1
+        assert b.dispatcher.stats()["dropped"] == 1
+        reports = [m for m in other.messages if "is dropping entries" in m]
+        assert len(reports) == 2 and {m.split(" is dropping")[0] for m in reports} == {
+            "BackgroundDispatcher 's26-a'",
+            "BackgroundDispatcher 's26-b'",
+        }
+    finally:
+        for sink in sinks:
+            sink.release.set()

@@ -24,8 +24,10 @@ __all__ = ["BatchingHandler", "JsonFormatter"]
 
 # Shared by every BatchingHandler: ``active`` is True on a thread while it delivers a batch for any
 # of them (the worker, or the caller in immediate mode: the sends, the dispatcher's failure record,
-# on_error) or runs a send_records (also a send_timeout runner thread). No BatchingHandler queues a
-# record logged there, so two handlers cannot feed each other their failure records, nor one itself.
+# on_error), runs a send_records (also a send_timeout runner thread), or queues a record in emit (the
+# dispatcher's "is dropping entries" line). No BatchingHandler queues a record logged there, so two
+# handlers cannot feed each other their failure or drop reports, nor one itself; and such a record
+# takes no BatchingHandler's lock (handle), so two threads cannot each hold one and wait for the other.
 # ``reported`` (a weakref) is the last skipped record handed to logging.lastResort on this thread.
 _DELIVERING = threading.local()
 
@@ -134,16 +136,35 @@ class BatchingHandler(logging.Handler):
         record.stack_info = None
         return record
 
+    def handle(self, record: logging.LogRecord) -> bool:
+        """As ``logging.Handler.handle``; a record logged inside a BatchingHandler's delivery or emit is skipped
+        without taking this handler's lock (see :meth:`emit`). Never blocks then."""
+        if getattr(_DELIVERING, "active", False):
+            passed = self.filter(record)
+            if passed:
+                self._skip(passed if isinstance(passed, logging.LogRecord) else record)  # 3.12: filters may return one
+            return bool(passed)
+        return super().handle(record)
+
     def emit(self, record: logging.LogRecord) -> None:
         """Queue ``record``; O(1), never raises (errors go to ``handleError``), never blocks with drop policies."""
+        sending = self._sending
         try:
-            if getattr(self._sending, "active", False):
-                self.self_records_skipped += 1
-                _last_resort(record)
+            if getattr(sending, "active", False):
+                self._skip(record)
                 return
-            self.dispatcher.enqueue(self.prepare(record))
+            sending.active = True  # the dispatcher's drop report, logged in enqueue, is queued by no BatchingHandler
+            try:
+                self.dispatcher.enqueue(self.prepare(record))
+            finally:
+                sending.active = False
         except Exception:  # noqa: BLE001 - a logging call must never raise
             self.handleError(record)
+
+    def _skip(self, record: logging.LogRecord) -> None:
+        """Count a record logged while a BatchingHandler delivers or queues; to lastResort if no one else takes it."""
+        self.self_records_skipped += 1
+        _last_resort(record)
 
     def flush(self, timeout: float | None = 5.0) -> None:
         """Send the queued records and wait up to ``timeout`` seconds for them."""
