@@ -42,9 +42,10 @@ class BatchingHandler(logging.Handler):
     are cleared, so it is safe to send later; the original goes on unchanged to the
     logger's other handlers. Records logged while a batch is being delivered (by
     ``send_records`` itself, by ``on_error``, and the dispatcher's own "send_batch failed"
-    record, on the dispatcher's thread) are not queued by this handler nor by any other
-    BatchingHandler, so a handler that logs to its own logger cannot feed itself, and two
-    on one logger cannot feed each other, even while their servers are down. They are
+    record, on the dispatcher's thread), and the dispatcher's "is dropping entries" line
+    (logged in ``emit`` when the queue is full), are not queued by this handler nor by any
+    other BatchingHandler, so a handler that logs to its own logger cannot feed itself, and
+    two on one logger cannot feed each other, even while their servers are down. They are
     counted in ``self_records_skipped`` and still reach the logger's other handlers; when
     it has none but BatchingHandlers, one at WARNING or above goes to ``logging.lastResort``
     (stderr), once, as Python does for a logger without handlers.
