@@ -185,6 +185,7 @@ def test_a_sending_thread_failure_fires_processor_error(monkeypatch: pytest.Monk
         raise broken
 
     monkeypatch.setattr(d._core, "_send", send)
+    monkeypatch.setattr(d._core, "_send_jobs", send)  # the path of a batch nobody listens to
     d.add_job(DispatchJob("ep", "x"))
     assert reported.wait(10)
     assert payloads[0]["error"] is broken and payloads[0]["endpoint_id"] == "ep"

@@ -187,3 +187,41 @@ def test_extra_sending_threads_end_once_sends_are_quick_again(monkeypatch: pytes
     finally:
         go.set()
         assert d.shutdown(10)
+
+
+def test_a_batch_nobody_listens_to_from_the_start_still_gets_a_whole_record_for_its_outcome_events() -> None:
+    """No batch_started listener: the record is made after the send, complete, for batch_completed and batch_failed."""
+    completed: list[Any] = []
+    failed: list[Any] = []
+
+    def send(endpoint_id: Hashable, jobs: list[DispatchJob]) -> object:
+        jobs.clear()  # send_batch may change its list: the dispatcher keeps its own
+        if endpoint_id == "bad":
+            return [False]
+        return None
+
+    d = EndpointBatchDispatcher(send, max_batch_size=1, batch_timeout=60, max_concurrent_batches=2)
+    d.on("batch_completed", completed.append)
+    d.on("batch_failed", failed.append)
+    try:
+        good, bad = DispatchJob("good", 1), DispatchJob("bad", 2, max_attempts=1)
+        d.add_job(good)
+        d.add_job(bad)
+        wait_for(lambda: completed and failed, timeout=30, message="both batches settled")
+        (done,) = completed
+        batch = done["batch"]
+        assert (batch.id, batch.endpoint_id, batch.jobs, batch.status) == (
+            done["batch_id"],
+            "good",
+            (good,),
+            "completed",
+        )
+        assert batch.successful == 1 and batch.started_at is not None and batch.completed_at is not None
+        assert good.status == "delivered" and good.attempts == 1
+        (lost,) = failed
+        batch = lost["batch"]
+        assert (batch.id, batch.jobs, batch.status, batch.failed) == (lost["batch_id"], (bad,), "failed", 1)
+        assert lost["failed_job_ids"] == [bad.id] and lost["exhausted"] == 1
+        assert bad.status == "exhausted" and bad.attempts == 1
+    finally:
+        assert d.shutdown(10)

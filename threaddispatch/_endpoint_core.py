@@ -288,6 +288,8 @@ class Core:
         send_lock = self.send_lock
         limit = self.max_concurrent_batches
         clock = time.perf_counter
+        plain = self.plain_send
+        has_listeners = self.events.has_listeners
         mark = [0.0]  # when this thread's send began; 0.0 between sends (read by the others' quick check)
         counted = True  # this thread is still counted in runners
         self.permits.get()
@@ -304,12 +306,15 @@ class Core:
             endpoint_id, seq, jobs = first
             turn_ends = clock() + _TURN
             while True:
-                batch = WebhookBatch(new_id(), endpoint_id, tuple(jobs), time.time())
                 began = mark[0] = clock()
                 self.sends_begun += 1  # the watch's sign of progress
                 try:
-                    self._send(batch)
+                    if plain and self.tracing is None and not has_listeners("batch_started"):
+                        self._send_jobs(endpoint_id, jobs)  # makes a batch record only if one is read
+                    else:
+                        self._send(WebhookBatch(new_id(), endpoint_id, tuple(jobs), time.time()))
                 except Exception as exc:  # noqa: BLE001 - send_batch's errors are handled inside: this is a bug
+                    batch = WebhookBatch(new_id(), endpoint_id, tuple(jobs), time.time())
                     self.processor_failed(exc, batch, "sending a batch failed outside send_batch")
                 except BaseException:
                     mark[0] = 0.0
@@ -318,6 +323,19 @@ class Core:
                 ended = clock()
                 mark[0] = 0.0
                 taken = settle_and_take(seq)
+                if taken is not None and ended - began < _QUICK and self.runners == 1:
+                    # The one sending thread goes on (the usual loop): nothing send_lock guards changes.
+                    if not ready:
+                        endpoint_id, seq, jobs = taken
+                    else:
+                        ready.append(taken)  # behind the batches taken before it
+                        endpoint_id, seq, jobs = ready.popleft()
+                        if ready and not self.watching:
+                            self._watch_ready()
+                    if ended >= turn_ends:
+                        time.sleep(0)  # see below
+                        turn_ends = clock() + _TURN
+                    continue
                 more = watch = False
                 with send_lock:
                     if taken is not None:
@@ -369,6 +387,15 @@ class Core:
         Holds send_lock.
         """
         return any(mark is not mine and (not mark[0] or now - mark[0] < _QUICK) for mark in self.marks)
+
+    def _watch_ready(self) -> None:
+        """Start the watch if batches wait in ``ready`` and it is not running."""
+        with self.send_lock:
+            watch = bool(self.ready) and not self.watching
+            if watch:
+                self.watching = True
+        if watch:
+            self._start_watch()
 
     def _start_runner(self) -> None:
         """Start a sending thread for the head of ``ready`` (counted in ``runners`` already); on
@@ -483,8 +510,6 @@ class Core:
             job.status = "processing"
             job.last_attempt_at = started
             job.next_retry_at = None
-        error: BaseException | None = None
-        outcomes: list[object] | None = None  # None: every job delivered (unless error)
         if events.has_listeners("batch_started"):
             events.emit(
                 "batch_started",
@@ -502,6 +527,55 @@ class Core:
             sent = call(self.send_batch, endpoint_id, list(jobs))  # what caller.call does without a timeout
         else:
             sent = self._call_send(endpoint_id, list(jobs))
+        return self._settle_sent(batch, sent, inline_retries)
+
+    def _send_jobs(self, endpoint_id: Hashable, jobs: list[DispatchJob]) -> None:
+        """:meth:`_send` of a batch with no record yet: for a plain send, untraced, with no ``batch_started`` listener.
+
+        The batch record (:class:`WebhookBatch`) is made only when something reads it: a
+        listener of the batch's outcome, or a batch that did not go as a whole (its failures are
+        settled by :meth:`_settle_sent`). So a delivered batch costs no id, record or copy.
+        ``jobs`` is the caller's to give away: send_batch gets it as its list.
+        """
+        started = time.time()
+        for job in jobs:
+            job.attempts += 1
+            job.status = "processing"
+            job.last_attempt_at = started
+            job.next_retry_at = None
+        mine = tuple(jobs)  # send_batch may change its list
+        sent = call(self.send_batch, endpoint_id, jobs)
+        if sent.kind == OK and sent.value is None:
+            finished = time.time()
+            for job in mine:
+                job.status = "delivered"
+                job.finished_at = finished
+                job.last_error = None
+            count = len(mine)
+            self.finished.append(count)  # no lock: see _init_locks
+            if self.room_waiters:
+                with self.lock:  # read after the append: see _send
+                    self._held_now()
+                    self.room.notify(count)
+            if self.spool is not None:
+                self.settle_spool(mine, ())
+            events = self.events
+            if events.has_listeners("batch_executed") or events.has_listeners("batch_completed"):
+                batch = WebhookBatch(new_id(), endpoint_id, mine, started, "completed", started, finished, count)
+                self._report(batch, [], [], [])
+            return
+        batch = WebhookBatch(new_id(), endpoint_id, mine, started, "processing", started)
+        self._settle_sent(batch, sent, None)
+
+    def _settle_sent(
+        self, batch: WebhookBatch, sent: Outcome, inline_retries: list[tuple[DispatchJob, float]] | None
+    ) -> BaseException | None:
+        """After ``send_batch`` returned ``sent`` for ``batch``: settle its jobs, fire its events, schedule retries."""
+        events = self.events
+        jobs = batch.jobs
+        endpoint_id = batch.endpoint_id
+        error: BaseException | None = None
+        outcomes: list[object] | None = None  # None: every job delivered (unless error)
         if sent.kind != OK:  # not the property: one Python call less per batch
             error = sent.error
             if sent.kind == BASE:
