@@ -942,7 +942,10 @@ class JobEngine:
             while True:
                 event.clear()
                 try:
-                    job = self.store.get(job_id)
+                    if deadline is None:
+                        job = self.store.get(job_id)
+                    else:  # the read's own wait for a lock ends by the deadline too
+                        job = self.store.get_within(job_id, timeout=max(0.0, deadline - time.monotonic()))
                 except StoreUnavailableError as error:
                     # The store's own bound (e.g. PostgreSQL's lock_timeout) ended the read: past our
                     # deadline that is our timeout; before it, read again after the poll interval.

@@ -584,6 +584,15 @@ class Store(abc.ABC):
     def get(self, job_id: str) -> JobRecord | None:
         """The job with ``job_id``, or None."""
 
+    def get_within(self, job_id: str, *, timeout: float) -> JobRecord | None:
+        """:meth:`get`, waiting at most about ``timeout`` seconds for a lock another session holds.
+
+        Past it the read gives up with StoreUnavailableError (``JobEngine.result(timeout=)``
+        reads through it, so its own deadline holds). The default is :meth:`get`, whose
+        stores never wait for another session's lock longer than their own bound.
+        """
+        return self.get(job_id)
+
     @abc.abstractmethod
     def list_jobs(
         self, *, state: JobState | None = None, queue: str | None = None, limit: int = 50, offset: int = 0

@@ -733,6 +733,22 @@ class PostgresStore(AdminMethods, Store):
 
         return self._run("reading a job", op, idempotent=True)
 
+    def get_within(self, job_id: str, *, timeout: float) -> JobRecord | None:
+        """See :meth:`Store.get_within`: under ``lock_timeout``, :meth:`get`; below it, one read in a transaction
+        whose ``SET LOCAL lock_timeout`` is ``timeout`` (at least 1 ms), so a lock another session holds on
+        the table ends the wait then (StoreUnavailableError)."""
+        if timeout >= self._lock_timeout:
+            return self.get(job_id)
+        bound = sql.SQL("SET LOCAL lock_timeout TO {}").format(sql.Literal(milliseconds(timeout)))
+
+        def op(conn: Conn) -> JobRecord | None:
+            with conn.transaction():
+                conn.execute(bound)
+                row = conn.execute(SQL.get_job, (job_id,)).fetchone()
+            return None if row is None else job_from_row(row)
+
+        return self._run(f"reading a job within {timeout:.3g}s", op, idempotent=True)
+
     def list_jobs(
         self, *, state: JobState | None = None, queue: str | None = None, limit: int = 50, offset: int = 0
     ) -> list[JobRecord]:
