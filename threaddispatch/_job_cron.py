@@ -250,7 +250,8 @@ class CronRunner:
         )
 
     def _skipped(self, job: JobRecord) -> bool:
-        """Whether the fired tick's ``job`` was not stored (its entry's previous job holds the key)."""
+        """Whether the fired tick's ``job`` was not stored (its entry's previous job, or a lock hold of its
+        abandoned handler, holds the lock)."""
         try:
             return self._store.get(job.id) is None
         except Exception:  # noqa: BLE001 - unknown, whatever the error: report it as fired
@@ -267,7 +268,8 @@ class CronRunner:
             self._logger.warning("cron %r: firing tick %r failed", entry.name, tick, exc_info=True)
             return
         if fired and entry.overlap == "skip" and self._skipped(job):
-            self._logger.info("cron %r: tick %r skipped, its previous job has not finished", entry.name, tick)
+            self._logger.info("cron %r: tick %r skipped, its previous job has not finished (or its handler still "
+                              "runs past a timeout or a cancel)", entry.name, tick)  # fmt: skip
             return
         if fired:
             self._enqueued((job,))
