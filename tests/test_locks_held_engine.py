@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from test_stores import job
 
 from threaddispatch import JobEngine
 from threaddispatch.jobs import JobContext
-from threaddispatch.stores import JobState, Store
+from threaddispatch.stores import JobState, MemoryStore, Store
 from threaddispatch.testing import wait_for
 
 BOUND = 30.0  # how long a blocked handler waits for its release: a bound, never reached in a passing run
@@ -210,3 +211,48 @@ def test_cron_overlap_counts_a_timed_out_run_whose_handler_still_runs(store: Sto
     finally:
         runs.release_all()
         engine.stop(10)
+
+
+class _SlowHolds(MemoryStore):
+    """A MemoryStore whose hold_locks waits (bounded) for the test's go: the handler returns meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def hold_locks(self, claims: Sequence[tuple[str, int]], *, worker_id: str, now: float) -> set[str]:
+        self.entered.set()
+        self.go.wait(BOUND)
+        return super().hold_locks(claims, worker_id=worker_id, now=now)
+
+
+@pytest.mark.timeout(60)
+def test_a_handler_returning_while_its_hold_is_written_still_releases_it() -> None:
+    """The timeout's hold is being stored when the handler returns: its writer releases it once stored."""
+    store = _SlowHolds()
+    engine = JobEngine(store, concurrency=4, poll_interval=0.02, max_poll_interval=0.05)
+    names: list[str] = []
+
+    def handler(ctx: JobContext, payload: str) -> str:
+        if payload == "first":
+            store.entered.wait(BOUND)  # returns while the timeout's hold_locks is under way
+        names.append(payload)
+        return payload
+
+    engine.register("serial", handler, lock="customer:42", max_retries=0, timeout=0.2)
+    engine.start()
+    try:
+        first = engine.enqueue("serial", "first")
+        second = engine.enqueue("serial", "second")
+        runtime = engine._runtime
+        assert runtime is not None
+        wait_for(lambda: "returned" in runtime._holds.values(), timeout=20, message="the handler's return")
+        store.go.set()
+        assert engine.result(second, timeout=20) == "second"
+        assert engine.get_job(first).state is JobState.FAILED
+        assert names == ["first", "second"] and store.list_holds() == [] and runtime._holds == {}
+    finally:
+        store.go.set()
+        store.entered.set()
+        assert engine.stop(10)
