@@ -129,7 +129,7 @@ def test_a_hung_send_does_not_hold_up_the_batches_waiting_behind_it() -> None:
 
 
 def test_quick_sends_go_on_one_sending_thread(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With every send quick and no stall, one thread sends every batch: more would only contend for the GIL."""
+    """With every send quick and no stall, one send runs at a time: more senders would only contend for the GIL."""
     monkeypatch.setattr(_endpoint_core, "_QUICK", 3600.0)  # every send counts as quick
     monkeypatch.setattr(_endpoint_core, "_STALL", 3600.0)  # the watch never starts a thread
     seen = _Concurrency()
@@ -145,7 +145,8 @@ def test_quick_sends_go_on_one_sending_thread(monkeypatch: pytest.MonkeyPatch) -
             d.add_job(job)
         wait_for(lambda: all(job.status == "delivered" for job in jobs), timeout=30, message="every job delivered")
         assert sorted(seen.delivered) == list(range(500))
-        assert len(seen.threads) == 1
+        # One send at a time. (Not one thread ident: a sending thread that finds nothing waiting
+        # ends, and a pause between two add_job calls on a busy machine lets the next one start anew.)
         assert seen.most == 1
     finally:
         assert d.shutdown(10)

@@ -91,7 +91,9 @@ def _run_until_final(url: str, markers: Path, open_store: Callable[[], Store]) -
         assert letters[0].error == WORKER_LOST_ERROR
         wait_for(lambda: engine.get_job(calm).state.value == "completed", 60, message="the calm job completed")
         assert len(list(markers.glob("kill-*"))) == 2
-        assert len(list(markers.glob("calm-*"))) in (1, 2)  # at-least-once: a killed worker may have run it
+        # At least once: each killed worker may have run it before its completion was stored, and
+        # the survivor runs it again; at most once per worker process.
+        assert 1 <= len(list(markers.glob("calm-*"))) <= deaths + 1
         assert engine.counts()["running"] == 0
     finally:
         end_all(processes)
