@@ -7,10 +7,10 @@ that never return (``threading.Event().wait()``, released by nothing), and reads
 WARNING line: it must say ``delivered 0 entries and lost N``.
 
 BatchedDispatcher, RequestDispatcher and EndpointBatchDispatcher run their sends on the shared WorkerPool
-(``threaddispatch._pool``), which is registered with the exit registry too and reports each
+(``threaddispatch._pool``), which is registered with the exit registry too. It reported each
 of its busy threads as one entry lost (``WorkerPool._drain_at_exit``: ``(0, self.busy())``),
-on top of the face's own count of the same entries: the line says ``lost 2N``.
-(EndpointBatchDispatcher's sending threads are being changed this session by helper E.)
+on top of the face's own count of the same entries, so the line said ``lost 2N``; now the
+pool only waits and each owner counts its own.
 """
 
 from __future__ import annotations
@@ -82,8 +82,6 @@ FACES = {
     """,
 }
 
-POOLED = "the shared WorkerPool's exit drain counts each busy send thread as lost again (lost 2N)"
-
 
 def run_script(source: str) -> subprocess.CompletedProcess[str]:
     """Run ``source`` in a fresh interpreter importing this checkout; wait for it to exit."""
@@ -110,7 +108,6 @@ def test_entries_in_hung_sends_at_exit_are_each_counted_lost_once(face: str) -> 
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason=POOLED)
 @pytest.mark.parametrize("n", [1, 3])
 def test_batched_messages_in_hung_sends_at_exit_are_each_counted_lost_once(n: int) -> None:
     """BatchedDispatcher: N one-message batches whose sends never return are logged as lost N, not 2N."""
@@ -118,7 +115,6 @@ def test_batched_messages_in_hung_sends_at_exit_are_each_counted_lost_once(n: in
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason=POOLED)
 @pytest.mark.parametrize("n", [1, 3])
 def test_requests_in_hung_sends_at_exit_are_each_counted_lost_once(n: int) -> None:
     """RequestDispatcher: N requests whose sends never return are logged as lost N, not 2N."""
@@ -126,7 +122,6 @@ def test_requests_in_hung_sends_at_exit_are_each_counted_lost_once(n: int) -> No
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason=POOLED + " (helper E's sending threads)")
 @pytest.mark.parametrize("n", [1, 3])
 def test_endpoint_jobs_in_hung_sends_at_exit_are_each_counted_lost_once(n: int) -> None:
     """EndpointBatchDispatcher: N one-job batches whose sends never return are logged as lost N, not 2N."""

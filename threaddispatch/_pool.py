@@ -250,7 +250,10 @@ class WorkerPool:
         return not any(thread.is_alive() for thread in threads if thread is not threading.current_thread())
 
     def _drain_at_exit(self, deadline: float) -> tuple[int, int]:
-        return (0, 0) if self.wait_idle(deadline) else (0, self.busy())
+        # The pool only waits: every owner (the faces, JobEngine's runtime) counts the work on its
+        # busy threads in its own drain, so the pool reporting them too counted each entry twice.
+        self.wait_idle(deadline)
+        return (0, 0)
 
     def _reset_after_fork(self) -> None:
         old = self._state
