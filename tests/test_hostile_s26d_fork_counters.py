@@ -104,9 +104,6 @@ def test_background_child_counts_from_zero() -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True, reason="BatchedDispatcher keeps the parent's sent/calls in a forked child (_BatchedState not reset)"
-)
 def test_batched_child_counts_from_zero() -> None:
     """BatchedDispatcher: five sent in the parent, none counted in the child (not 5 sent of 0 submitted)."""
     bd: BatchedDispatcher[int] = BatchedDispatcher(
@@ -122,7 +119,6 @@ def test_batched_child_counts_from_zero() -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="AsyncDispatcher keeps the parent's buffered/sent in a forked child")
 def test_async_child_counts_from_zero() -> None:
     """AsyncDispatcher: five dispatched in the parent, none counted in the child."""
 

@@ -707,4 +707,7 @@ class _BatchState(Generic[T]):
         return 0, 0  # the engine and the pool are registered themselves and drain at exit
 
     def _reset_after_fork(self) -> None:
+        # Counters from zero, as on every face: the parent's batches are the parent's.
+        self.sent = self.failed = self.cancelled = self.calls = self.failed_at_close = 0
+        self.inline_batches = self.inline_taken = 0
         self._init_runtime()

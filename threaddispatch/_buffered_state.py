@@ -437,7 +437,9 @@ class _AsyncState(Generic[T]):
     def _reset_after_fork(self) -> None:
         # The parent's buffered messages are the parent's to deliver; the child starts empty.
         was_running = self.started and not self.closing
-        self.unbuffered += len(self.buffer)  # the parent's, gone with the old buffer
+        # Counters from zero, as on every face: the parent's messages and outcomes are the parent's.
+        self.unbuffered = self.sent = self.failed = self.retried = self.rejected = 0
+        self.handler_errors = self.failure_stalls = self.failed_at_stop = 0
         self._init_runtime()
         self.started = False
         self.restart_on_put = was_running
