@@ -2,7 +2,8 @@
 
 The promises attacked (DESIGN, "Bad arguments"; README, "PostgreSQL"): a bad argument raises
 ConfigurationError (a ``threaddispatch.errors`` class) naming it at the call, never a password;
-and a DSN libpq accepts is a DSN the store accepts. What fails: a URL whose password holds a
+and a DSN libpq accepts is a DSN the store accepts. What failed (fixed: every entry point now
+splits a URL with threaddispatch._dsn.split_url, which also checks ports): a URL whose password holds a
 raw ``[`` or ``]`` (libpq's ``conninfo_to_dict`` reads it: password ``s3cr[et``) is refused with
 a bare ``ValueError('Invalid IPv6 URL')`` from ``urllib.parse.urlsplit`` in
 ``Dsn._take_schema`` (stores/_pg_pool.py), which names nothing; and a port that is not a number
@@ -32,10 +33,6 @@ def test_libpq_reads_a_password_with_a_bracket() -> None:
     assert conninfo_to_dict(BRACKETED)["password"] == SECRET
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a DSN whose password holds '[' is refused with a bare ValueError('Invalid IPv6 URL') from urlsplit",
-)
 @pytest.mark.parametrize("url", [BRACKETED, f"{BRACKETED}?schema=jobs", "postgresql://app:s3cr]et@127.0.0.1:1/app"])
 def test_a_password_with_a_bracket_is_a_valid_dsn(url: str) -> None:
     """open_store takes the URL libpq takes; what it shows names host and port, not the password."""
@@ -51,9 +48,6 @@ def test_a_password_with_a_bracket_is_a_valid_dsn(url: str) -> None:
         store.close()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="an unclosed '[' in a DSN raises a bare ValueError('Invalid IPv6 URL'), not ConfigurationError"
-)
 def test_a_truly_bad_url_is_a_configuration_error_without_the_password() -> None:
     """An unclosed IPv6 host: refused at the call with ConfigurationError (a ValueError), the password not shown."""
     with pytest.raises(ConfigurationError) as caught:
@@ -61,10 +55,6 @@ def test_a_truly_bad_url_is_a_configuration_error_without_the_password() -> None
     assert "topsecret" not in str(caught.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a port that is not 1..65535 passes the constructor; every use then says the server is unavailable",
-)
 @pytest.mark.parametrize("port", ["abc", "99999", "0", "-1"])
 def test_a_bad_port_is_refused_at_the_constructor(port: str) -> None:
     """PostgresStore('...:<port>/app') raises ConfigurationError naming the port, before any connection."""

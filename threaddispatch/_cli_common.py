@@ -18,8 +18,8 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
-from urllib.parse import unquote, urlsplit
 
+from threaddispatch._dsn import sqlite_path
 from threaddispatch._redact import redact, scrub
 from threaddispatch.errors import StoreError, StoreUnavailableError, ThreadDispatchError
 
@@ -111,15 +111,6 @@ def fail(command: str, message: str, status: int) -> int:
 # -- the store --------------------------------------------------------------------------------------
 
 
-def _sqlite_path(url: str) -> str | None:
-    """The file of a ``sqlite:///`` URL (as :func:`~threaddispatch.stores.open_store` reads it), else None."""
-    parts = urlsplit(url)
-    if parts.scheme.lower() != "sqlite" or parts.netloc:
-        return None
-    path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
-    return path or None
-
-
 def store_url(args: argparse.Namespace) -> str:
     """The store URL the command was given (``--store``, else the environment), or ''."""
     return getattr(args, "store", None) or os.environ.get(STORE_ENV, "")
@@ -132,7 +123,7 @@ def open_store(args: argparse.Namespace, *, create: bool = False) -> Store:
     url = store_url(args)
     if not url:
         raise CommandError(f"no store: give --store URL or set {STORE_ENV} (e.g. sqlite:///jobs.db)")
-    path = _sqlite_path(url)
+    path = sqlite_path(url)  # None: not SQLite, or not a valid SQLite URL (open_store names it)
     if path is not None and not create and not os.path.exists(path):
         raise CommandError(f"no store file {path!r}; create it with: threaddispatch migrate --store {redact(url)}")
     if path is not None and not os.path.isdir(os.path.dirname(path) or "."):

@@ -10,8 +10,8 @@ import does) imports neither sqlite3's store machinery nor psycopg.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
-from urllib.parse import unquote, urlsplit
 
+from threaddispatch._dsn import sqlite_path, url_scheme
 from threaddispatch._lazy import lazy_attributes
 from threaddispatch._redact import redact
 from threaddispatch.errors import ConfigurationError
@@ -67,16 +67,14 @@ def open_store(url: str) -> Store:
     """
     if not isinstance(url, str):
         raise ConfigurationError(f"store URL must be a str, got {type(url).__name__}")
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
+    scheme = url_scheme(url)
     if scheme == "memory":
         from threaddispatch.stores.memory import MemoryStore
 
         return MemoryStore()
     if scheme == "sqlite":
-        # sqlite:///jobs.db -> "jobs.db"; sqlite:////var/lib/jobs.db -> "/var/lib/jobs.db"
-        path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
-        if parts.netloc or not path or parts.query or parts.fragment:
+        path = sqlite_path(url)
+        if path is None:
             raise ConfigurationError(
                 f"invalid SQLite store URL {redact(url)!r}: use sqlite:///relative/path.db or "
                 "sqlite:////absolute/path.db (no host, query or fragment)"

@@ -17,23 +17,28 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import select
 import threading
 import time
 from typing import Any, NoReturn
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
-from threaddispatch._redact import MASK, passwords, scrub
+from threaddispatch._dsn import check_port, split_url
+from threaddispatch._redact import MASK, passwords, redact, scrub
 from threaddispatch.errors import ConfigurationError, StoreError, StoreUnavailableError
 
 __all__ = ["LOCK_TIMEOUT_MAX", "Conn", "Dsn", "Pool", "broken", "close_quietly", "milliseconds", "session_setup"]
 
 Conn = psycopg.Connection[tuple[Any, ...]]
+
+#: A URL DSN (as libpq tells one from ``key=value`` pairs, but any scheme: a wrong one is named).
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def broken(conn: Conn) -> bool:
@@ -71,7 +76,9 @@ class Dsn:
     def __init__(self, dsn: str) -> None:
         if not isinstance(dsn, str) or not dsn.strip():
             raise ConfigurationError("PostgresStore needs a DSN, e.g. 'postgresql://user@host:5432/dbname'")
-        conninfo, schema = self._take_schema(dsn)
+        self._dsn = dsn
+        self.secrets = passwords(dsn)  # as _redact reads the text; completed once libpq has read it
+        conninfo, schema, password = self._take_schema(dsn)
         try:
             params = conninfo_to_dict(conninfo)
         except psycopg.Error:
@@ -85,26 +92,53 @@ class Dsn:
         self.params = params
         # The secrets as libpq read them and as _redact reads the text (a raw '@', '/' or ':'
         # in a URL password makes the two differ); everything shown passes through scrub().
-        secrets = {str(params.get("password") or ""), os.environ.get("PGPASSWORD", ""), *passwords(dsn)}
+        secrets = {str(params.get("password") or ""), os.environ.get("PGPASSWORD", ""), password, *self.secrets}
         self.secrets = sorted((s for s in secrets if s), key=len, reverse=True)
-        self._dsn = dsn
+        self._check_ports()
         host = str(params.get("host") or params.get("hostaddr") or os.environ.get("PGHOST") or "localhost")
         self.host = self.scrub(host)
         self.port = self.scrub(str(params.get("port") or os.environ.get("PGPORT") or "5432"))
         self.dbname = self.scrub(str(params.get("dbname") or os.environ.get("PGDATABASE") or params.get("user") or ""))
 
-    @staticmethod
-    def _take_schema(dsn: str) -> tuple[str, str | None]:
-        """Strip our own ``schema=`` query parameter from a URL DSN (libpq does not know it)."""
-        if "://" not in dsn:
-            return dsn, None
-        parts = urlsplit(dsn)
-        pairs = parse_qsl(parts.query, keep_blank_values=True)
-        schemas = [value for key, value in pairs if key == "schema"]
-        if not schemas:
-            return dsn, None
-        rest = [(key, value) for key, value in pairs if key != "schema"]
-        return urlunsplit(parts._replace(query=urlencode(rest))), schemas[-1]
+    def _take_schema(self, dsn: str) -> tuple[str, str | None, str]:
+        """(what libpq connects with, our own ``schema=`` query parameter, the URL's password or '') of ``dsn``.
+
+        A URL is split by the one store-URL parser (:func:`~threaddispatch._dsn.split_url`:
+        a raw ``@ : [ ]`` in its password, bracketed IPv6 hosts, ports 1..65535) and rebuilt
+        with its user and password percent-encoded, so libpq reads them as we did; libpq does
+        not know ``schema=``, so it is taken out. A ``host=... dbname=...`` DSN goes to libpq as given.
+        """
+        if not _URL.match(dsn.strip()):
+            return dsn, None, ""
+        parts = split_url(dsn)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ConfigurationError(
+                f"PostgresStore needs a postgresql:// or postgres:// URL or a 'host=... dbname=...' DSN, "
+                f"got {self.scrub(redact(dsn))!r}"
+            )
+        # libpq's query is everything after the first '?' ('#' is not special to it).
+        path, question, query = parts.tail.partition("?")
+        pairs = [pair for pair in query.split("&") if pair] if question else []
+        schemas = [unquote(pair.partition("=")[2]) for pair in pairs if unquote(pair.partition("=")[0]) == "schema"]
+        rest = [pair for pair in pairs if unquote(pair.partition("=")[0]) != "schema"]
+        tail = path + ("?" + "&".join(rest) if rest else "") if schemas else parts.tail
+        return parts.with_userinfo_encoded(tail), schemas[-1] if schemas else None, parts.password or ""
+
+    def _check_ports(self) -> None:
+        """Refuse a port libpq would refuse at every connection (``port=abc``, ``?port=99999``, PGPORT)."""
+        given = self.params.get("port")
+        text, where = (str(given), f"PostgreSQL DSN {redact(self._dsn)!r}") if given else (
+            os.environ.get("PGPORT", ""), "the PGPORT environment variable")  # fmt: skip
+        for port in text.split(","):
+            if port.strip():  # an empty one is libpq's default port
+                try:
+                    check_port(port, where)
+                except ConfigurationError as error:
+                    # ``where`` is redacted already; scrub()'s second pass would mask to the next space.
+                    message = str(error)
+                    for secret in self.secrets:
+                        message = message.replace(secret, MASK)
+                    raise ConfigurationError(message) from None
 
     def scrub(self, text: str) -> str:
         """``text`` with every password occurrence masked (the one redaction of ``_redact``)."""
