@@ -8,10 +8,11 @@ another"; ``replay(id)`` enqueues the dead letter's job again and deletes the de
 (``Store.replay_dead_letter``: atomically, so a dead letter is replayed once however many
 ask at once: threads, the admin API over a real socket, the engine).
 
-What fails: the replayed job is built from the dead letter alone (``JobEngine.replay``,
-``new_record`` without ``lock``/``unique_key``), so it holds neither the serial lock of its
-registration nor its unique key. A replayed job then runs beside the lock's holder, and an
-enqueue with its key adds a second job. The concurrent replay holds (one new job).
+What failed (fixed): the replayed job was built from the dead letter alone (``JobEngine.replay``,
+``new_record`` without ``lock``/``unique_key``/``depends_on``), so it held neither the serial
+lock of its registration nor its unique key nor its dependencies. A replayed job then ran
+beside the lock's holder, an enqueue with its key added a second job, and a replayed
+dependent read no dependency results. The concurrent replay held (one new job), and holds.
 Everything runs on the test's thread or on bounded threads of its own, with the store's
 claim called directly (no engine threads): state, not timing.
 """
@@ -56,9 +57,6 @@ def _dead_letter(engine: JobEngine, **options: Any) -> str:
     return letter.id
 
 
-@pytest.mark.xfail(
-    strict=True, reason="replay() drops the job's serial lock: the replayed job runs beside the lock's holder"
-)
 def test_a_replayed_job_keeps_its_registrations_serial_lock(store: Store) -> None:
     """While another job of customer 1's lock runs, the replayed job of that lock is not claimed."""
     engine = _engine(store)
@@ -75,9 +73,6 @@ def test_a_replayed_job_keeps_its_registrations_serial_lock(store: Store) -> Non
         engine.stop()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="replay() drops the job's unique_key: an enqueue with that key adds a second job"
-)
 def test_a_replayed_job_keeps_its_unique_key(store: Store) -> None:
     """After a replay, an enqueue with the failed job's unique_key returns the replayed job's id (retry() does)."""
     engine = _engine(store)
@@ -176,10 +171,6 @@ def test_one_dead_letter_replayed_at_once_by_threads_and_the_admin_api_makes_one
         engine.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="replay() drops depends_on: the replayed dependent's ctx.dependency_results is [] (retry() keeps them)",
-)
 def test_a_replayed_dependent_reads_its_dependencies_results(store: Store) -> None:
     """The README's chain: build_report failed for good once; its replay reads fetch_rows' result as before."""
     engine = JobEngine(store)

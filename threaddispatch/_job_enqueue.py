@@ -27,9 +27,9 @@ from threaddispatch import _lifecycle
 from threaddispatch._job_config import JobDefinition
 from threaddispatch._validate import check_text
 from threaddispatch.errors import PayloadError
-from threaddispatch.stores.base import JobRecord, JobState
+from threaddispatch.stores.base import DeadLetter, JobRecord, JobState
 
-__all__ = ["JobPlan", "LockRule", "encode_json", "new_job_id", "new_record"]
+__all__ = ["JobPlan", "LockRule", "encode_json", "new_job_id", "new_record", "replay_record"]
 
 #: A registration's serial lock: a lock name, or a function of the payload giving one (or None).
 LockRule = str | Callable[[Any], str | None]
@@ -151,3 +151,36 @@ def new_record(  # noqa: PLR0917 - positional: once per job, on enqueue's hot pa
         now, now, None, None, None, None, unique_key, None, None, trace_context, depends_on,
         on_dependency_failure, 0, lock,
     )  # fmt: skip
+
+
+def replay_record(letter: DeadLetter, original: JobRecord | None, plan: JobPlan | None, now: float) -> JobRecord:
+    """The new pending job of a dead letter's replay: the failed job again, as ``JobEngine.retry`` keeps it.
+
+    Name, payload, queue, priority, max_retries and trace context come from ``letter``; the
+    serial ``lock``, ``unique_key``, ``depends_on`` and ``on_dependency_failure`` from the
+    failed job's record ``original`` while it is stored. Once it was purged (past the
+    retention) the lock is the one ``plan`` (this engine's registration of the name, None
+    without one) gives the payload, and the job has no unique key and no dependencies (theirs
+    were purged before it). ``timeout``: the registration's, else the failed job's. Calls the
+    registration's lock function (user code): the caller holds no lock.
+    """
+    if original is not None:
+        lock, unique_key, timeout = original.lock, original.unique_key, original.timeout
+        depends_on, policy = original.depends_on, original.on_dependency_failure
+    else:
+        lock = None if plan is None else plan.lock_for(_letter_payload(letter))
+        unique_key, timeout, depends_on, policy = None, None, (), "cancel"
+    if plan is not None:
+        timeout = plan.definition.timeout  # the registration's as it is now, as a fresh enqueue's
+    return new_record(
+        letter.name, letter.payload, letter.queue, letter.priority, letter.max_retries, timeout, now, now,
+        unique_key, letter.trace_context, depends_on, policy, lock,
+    )  # fmt: skip
+
+
+def _letter_payload(letter: DeadLetter) -> object:
+    """``letter``'s payload decoded (for its registration's lock function); PayloadError if its text is not JSON."""
+    try:
+        return json.loads(letter.payload)
+    except ValueError as error:
+        raise PayloadError(f"payload of dead letter {letter.id!r} is not JSON: {error}") from None

@@ -78,7 +78,7 @@ from threaddispatch._job_config import (
 )
 from threaddispatch._job_context import JobContext
 from threaddispatch._job_cron import CronRunner
-from threaddispatch._job_enqueue import JobPlan, LockRule, encode_json, new_job_id, new_record
+from threaddispatch._job_enqueue import JobPlan, LockRule, encode_json, new_job_id, new_record, replay_record
 from threaddispatch._job_handle import JobHandle, JobSpec, PayloadT, ResultT
 from threaddispatch._job_runtime import Runtime
 from threaddispatch._job_shared import Shared
@@ -1073,44 +1073,43 @@ class JobEngine:
     def replay(self, dead_letter_id: str) -> str:
         """Enqueue a dead letter's job again as a new job and delete the dead letter; returns the new id.
 
-        In immediate mode the new job runs before this returns, as :meth:`enqueue` runs one.
-        Raises JobNotFoundError for an unknown dead letter.
+        The new job keeps what the failed job had, as :meth:`retry` keeps it: its serial
+        ``lock``, ``unique_key`` and ``depends_on`` (read from the failed job's record; once
+        that was purged, past the retention, the lock is the one its registration gives the
+        payload here, and there is no unique key and no dependencies to keep). The store
+        places it as :meth:`retry` places a job (``Store.replay_dead_letter``, one transaction
+        with the delete): behind its lock's earlier jobs; waiting for each dependency not yet
+        finished. A ``unique_key`` another unfinished job holds now, or (under
+        ``on_dependency_failure="cancel"``) a failed or cancelled dependency, refuses the replay
+        with InvalidStateError naming it, and the dead letter is kept: retry the dependency
+        first, or wait for the key's holder.
+
+        In immediate mode the new job runs before this returns (when pending), as :meth:`enqueue`
+        runs one. Raises JobNotFoundError for an unknown dead letter (or one replayed or purged
+        meanwhile: a dead letter is replayed once, however many ask at once). Blocks for two store
+        reads and one write (and a read back for a job with dependencies).
         """
         check_text("dead letter id", dead_letter_id)
         letter = self.store.get_dead_letter(dead_letter_id)
         if letter is None:
             raise JobNotFoundError(f"no dead letter with id {dead_letter_id!r}")
-        definition = self._shared.definitions.get(letter.name)
-        if definition is not None:
-            timeout = definition.timeout
-        else:
-            # A management engine (CLI, admin) has no handlers: keep the failed job's timeout.
-            original = self.store.get(letter.job_id)
-            timeout = original.timeout if original is not None else None
-        now = time.time()
-        job = new_record(
-            letter.name,
-            letter.payload,
-            queue=letter.queue,
-            priority=letter.priority,
-            max_retries=letter.max_retries,
-            timeout=timeout,
-            run_at=now,
-            now=now,
-            trace_context=letter.trace_context,
-        )
+        plan = self._plan(letter.name) if letter.name in self._shared.definitions else None
+        job = replay_record(letter, self.store.get(letter.job_id), plan, time.time())
         job_id = self.store.replay_dead_letter(dead_letter_id, job=job)
-        self._enqueued((job,))
-        if self._immediate:
-            self._run_immediately([job])  # as enqueue does: run here before returning
+        placed = self.store.get(job_id) if job.depends_on else job  # waiting or pending: the store decided
+        if placed is not None:
+            self._enqueued((placed,))
+            if self._immediate and placed.state is JobState.PENDING:
+                self._run_immediately([placed])  # as enqueue does: run here before returning
         return job_id
 
     def replay_all(self, queue: str | None = None, *, limit: int | None = None) -> list[str]:
         """:meth:`replay` every dead letter (of ``queue``) there is when called, oldest first; returns the new ids.
 
         ``limit`` caps how many are replayed, taking the newest (None: all). Dead letters replayed or purged
-        by someone else meanwhile are skipped. Blocks for one store read per 500 dead
-        letters and one write per replay.
+        by someone else meanwhile are skipped; so are those whose replay is refused (a held
+        unique key, a failed dependency: see :meth:`replay`), which stay dead letters, each logged
+        as a warning. Blocks for one store read per 500 dead letters and, per replay, :meth:`replay`'s.
         """
         if limit is not None:
             check_int("limit", limit, 0)
@@ -1128,6 +1127,8 @@ class JobEngine:
                 replayed.append(self.replay(letter.id))
             except JobNotFoundError:
                 continue
+            except InvalidStateError as error:
+                self.logger.warning("dead letter %s was not replayed (it is kept): %s", letter.id, error)
         return replayed
 
     def purge_dlq(self, older_than: float | None = None) -> int:

@@ -14,9 +14,9 @@ from threaddispatch.errors import JobNotFoundError
 from threaddispatch.stores import _pg_sql as q
 from threaddispatch.stores import _sql
 from threaddispatch.stores._pg_pool import Conn
-from threaddispatch.stores._pg_sql import SQL
+from threaddispatch.stores._pg_sql import SQL, pg_job_params
 from threaddispatch.stores._sql import cron_from_row, letter_from_row
-from threaddispatch.stores.base import CronEntry, DeadLetter, JobRecord, WorkerInfo
+from threaddispatch.stores.base import CronEntry, DeadLetter, JobRecord, WorkerInfo, key_held
 
 __all__ = ["AdminMethods"]
 
@@ -35,6 +35,14 @@ class AdminMethods:
 
         @classmethod
         def _insert(cls, conn: Conn, job: JobRecord) -> str: ...
+
+        @staticmethod
+        def _insert_unique(conn: Conn, job: JobRecord) -> str: ...
+
+        @staticmethod
+        def _mark_depended_on(conn: Conn, ids: Sequence[str]) -> None: ...
+
+        def _settle_missed(self, jobs: Sequence[JobRecord]) -> None: ...
 
         @staticmethod
         def _check_limit(limit: int, offset: int) -> None: ...
@@ -71,15 +79,31 @@ class AdminMethods:
         return self._run("reading a dead letter", op, idempotent=True)
 
     def replay_dead_letter(self, dead_letter_id: str, *, job: JobRecord) -> str:
-        """See :meth:`Store.replay_dead_letter`: delete and insert in one transaction."""
+        """See :meth:`Store.replay_dead_letter`: the delete (its row lock: one replay of a letter at a time),
+        the requeue's checks and the insert in one transaction; a refusal rolls the delete back.
+
+        A dependent's dependencies are marked first and its missed releases settled after, as
+        :meth:`enqueue` does for a new dependent (a dependency completing meanwhile still releases it).
+        """
 
         def op(conn: Conn) -> str:
+            self._mark_depended_on(conn, list(dict.fromkeys(job.depends_on)))
             with conn.transaction():
                 if conn.execute(SQL.delete_letter, (dead_letter_id,)).rowcount != 1:
                     raise JobNotFoundError(f"no dead letter with id {dead_letter_id!r}")
-                return self._insert(conn, job)
+                placed, waits = SQL.place_replay(conn, dead_letter_id, job)
+                if placed.unique_key is None:
+                    conn.execute(q.INSERT, pg_job_params(placed))
+                elif (holder := self._insert_unique(conn, placed)) != placed.id:
+                    # An active holder of the key committed after the check: refused as the check refuses.
+                    raise key_held(f"the job of dead letter {dead_letter_id!r}", placed.unique_key, holder)
+                SQL.record_waits(conn, placed.id, waits)
+                return placed.id
 
-        return self._run("replaying a dead letter", op, idempotent=False)
+        job_id = self._run("replaying a dead letter", op, idempotent=False)
+        if job.depends_on:
+            self._settle_missed([job])
+        return job_id
 
     def purge_dead_letters(self, *, older_than: float | None = None) -> int:
         """See :meth:`Store.purge_dead_letters`: one statement."""

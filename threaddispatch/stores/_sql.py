@@ -30,7 +30,9 @@ from threaddispatch.stores.base import (
     LockHold,
     QueueLimits,
     WorkerInfo,
+    key_held,
     limited_room,
+    requeue_waits,
 )
 
 Column = tuple[str, str, str]  # (name, generic type, constraints)
@@ -654,12 +656,36 @@ class Statements:
         """``Store.requeue``'s checks of a job's ``state`` and ``unique_key``: InvalidStateError unless it may rerun."""
         if state not in ("failed", "cancelled"):
             raise InvalidStateError(f"job {job_id!r} is {state}; only failed or cancelled jobs requeue")
+        self.check_key_free(conn, f"job {job_id!r}", unique_key)
+
+    def check_key_free(self, conn: _Connection, subject: str, unique_key: str | None) -> None:
+        """InvalidStateError naming ``subject`` while an active job holds ``unique_key``: a job run again
+        (requeued, or a replayed dead letter's) never joins or doubles the holder."""
         if unique_key is not None:
             holder = conn.execute(self.active_holder, (unique_key,)).fetchone()
             if holder is not None:
-                raise InvalidStateError(
-                    f"job {job_id!r}: unique_key {unique_key!r} is held by active job {holder[0]!r}"
-                )
+                raise key_held(subject, unique_key, str(holder[0]))
+
+    def rerun_waits(
+        self, conn: _Connection, job_id: str, depends_on: Sequence[str], policy: str, *, subject: str | None = None
+    ) -> list[str]:
+        """The dependencies a job run again waits for (:func:`requeue_waits` on their stored states); the
+        requeue's and the replay's one reading of them, inside the caller's write transaction."""
+        states: dict[str, str | None] = {}
+        for dependency in dict.fromkeys(depends_on):
+            row = conn.execute(self.dependency_state, (dependency,)).fetchone()
+            states[dependency] = None if row is None else row[0]
+        return requeue_waits(job_id, depends_on, policy, states, subject=subject)
+
+    def place_replay(self, conn: _Connection, dead_letter_id: str, job: JobRecord) -> tuple[JobRecord, list[str]]:
+        """``Store.replay_dead_letter``'s placement of ``job``, as a requeue places a job run again: the record
+        to insert (waiting or pending) and the dependencies it waits for; InvalidStateError for a held
+        unique key or a refusing dependency. Inside the caller's write transaction (the letter's delete)."""
+        subject = f"the job of dead letter {dead_letter_id!r}"
+        self.check_key_free(conn, subject, job.unique_key)
+        waits = self.rerun_waits(conn, job.id, job.depends_on, job.on_dependency_failure, subject=subject)
+        state = JobState.WAITING if waits else JobState.PENDING
+        return dataclasses.replace(job, state=state, waiting_on=len(waits)), waits
 
     def settle_new(self, conn: _Connection, job: JobRecord) -> tuple[JobRecord, list[str]]:
         """The state ``job`` (with ``depends_on``) is inserted in, and the dependencies it waits for.

@@ -339,16 +339,24 @@ def limited_room(
 
 
 def requeue_waits(
-    job_id: str, depends_on: Sequence[str], on_dependency_failure: str, states: Mapping[str, str | None]
+    job_id: str,
+    depends_on: Sequence[str],
+    on_dependency_failure: str,
+    states: Mapping[str, str | None],
+    *,
+    subject: str | None = None,
 ) -> list[str]:
-    """The dependencies a requeued job waits for again (none: it is pending), the rule every store applies.
+    """The dependencies a job run again waits for (none: it is pending), the rule every store applies.
 
-    ``states``: each dependency's state value (``"completed"``, ``"running"``...), None for one
-    no longer stored (purged: it finished long ago, and blocks nothing). Under policy
-    ``"cancel"`` a dependency that ended failed or cancelled refuses the requeue with
-    InvalidStateError naming the job and that dependency (retry the dependency first: its
-    dependent would otherwise run without its result); every unfinished one is waited for.
+    A job runs again when it is requeued (:meth:`Store.requeue`) or its dead letter replayed as a
+    new job (:meth:`Store.replay_dead_letter`). ``states``: each dependency's state value
+    (``"completed"``, ``"running"``...), None for one no longer stored (purged: it finished long
+    ago, and blocks nothing). Under policy ``"cancel"`` a dependency that ended failed or
+    cancelled refuses the run with InvalidStateError naming ``subject`` (default: the job) and
+    that dependency (retry the dependency first: its dependent would otherwise run without its
+    result); every unfinished one is waited for.
     """
+    subject = f"job {job_id!r}" if subject is None else subject
     unfinished = []
     for dependency in dict.fromkeys(depends_on):
         state = states.get(dependency)
@@ -357,12 +365,18 @@ def requeue_waits(
         if state in (JobState.FAILED.value, JobState.CANCELLED.value):
             if on_dependency_failure == "cancel":
                 raise InvalidStateError(
-                    f"job {job_id!r} cannot run again while its dependency {dependency!r} is {state}: "
+                    f"{subject} cannot run again while its dependency {dependency!r} is {state}: "
                     "retry the dependency first (the job then waits for it)"
                 )
             continue
         unfinished.append(dependency)
     return unfinished
+
+
+def key_held(subject: str, unique_key: str, holder: str) -> InvalidStateError:
+    """The refusal of a job run again (requeued, or a replayed dead letter's new job), named ``subject``,
+    whose ``unique_key`` the active job ``holder`` holds: the rule every store applies."""
+    return InvalidStateError(f"{subject}: unique_key {unique_key!r} is held by active job {holder!r}")
 
 
 def _page_after(
@@ -662,7 +676,18 @@ class Store(abc.ABC):
     def replay_dead_letter(self, dead_letter_id: str, *, job: JobRecord) -> str:
         """Insert ``job`` (built by the caller from the dead letter) and delete the dead letter, atomically.
 
-        Returns the new job's id. Raises JobNotFoundError for an unknown dead letter.
+        The caller passes a new pending record that keeps what the failed job had (its
+        ``lock``, ``unique_key``, ``depends_on``, ``on_dependency_failure``). The store places it
+        as :meth:`requeue` places a job run again, in the same transaction as the delete: a
+        ``unique_key`` held by an active job, or (under ``on_dependency_failure="cancel"``) a
+        dependency that is failed or cancelled, refuses the replay with InvalidStateError and
+        leaves the dead letter as it is; otherwise the job is waiting (``waiting_on``) for each
+        dependency not yet finished (:func:`requeue_waits`: one no longer stored counts as
+        finished), else pending. Its ``lock`` is a column like any other: the job takes its turn
+        behind the lock's earlier jobs. A dead letter replayed at once by several callers (threads,
+        processes) makes one job: the others get JobNotFoundError.
+
+        Returns ``job.id``. Raises JobNotFoundError for an unknown dead letter.
         """
 
     @abc.abstractmethod

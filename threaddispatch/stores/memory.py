@@ -33,6 +33,7 @@ from threaddispatch.stores.base import (
     QueueLimits,
     Store,
     WorkerInfo,
+    key_held,
     limited_room,
     requeue_waits,
 )
@@ -220,6 +221,27 @@ class MemoryStore(Store):
                 self._dependents.setdefault(dependency, []).append(job.id)
         else:
             job.state, job.waiting_on = JobState.PENDING, 0
+
+    def _rerun_waits(self, job: JobRecord, subject: str) -> list[str]:
+        """The checks of a job run again (requeued, or a replayed dead letter's new job), named ``subject``:
+        InvalidStateError while an active job holds its unique key or a dependency refuses
+        (:func:`requeue_waits`); else the dependencies it waits for."""
+        if job.unique_key is not None and job.unique_key in self._unique:
+            raise key_held(subject, job.unique_key, self._unique[job.unique_key])
+        if not job.depends_on:
+            return []
+        states = {d: (self._jobs[d].state.value if d in self._jobs else None) for d in job.depends_on}
+        return requeue_waits(job.id, job.depends_on, job.on_dependency_failure, states, subject=subject)
+
+    def _place_again(self, job: JobRecord, waits: Sequence[str], now: float) -> None:
+        """Put the stored ``job`` run again in its state: waiting for ``waits`` (:meth:`_rerun_waits`), else pending."""
+        for dependency in waits:
+            # Not twice: a job cancelled while it waited may still be listed under a dependency.
+            dependents = self._dependents.setdefault(dependency, [])
+            if job.id not in dependents:
+                dependents.append(job.id)
+        job.waiting_on = len(waits)
+        self._set_state(job, JobState.WAITING if waits else JobState.PENDING, now)
 
     def _insert(self, job: JobRecord) -> str:
         if job.unique_key is not None and job.unique_key in self._unique:
@@ -554,28 +576,14 @@ class MemoryStore(Store):
                 raise JobNotFoundError(f"no job with id {job_id!r}")
             if job.state not in (JobState.FAILED, JobState.CANCELLED):
                 raise InvalidStateError(f"job {job_id!r} is {job.state.value}; only failed or cancelled jobs requeue")
-            if job.unique_key is not None and job.unique_key in self._unique:
-                holder = self._unique[job.unique_key]
-                raise InvalidStateError(
-                    f"job {job_id!r}: unique_key {job.unique_key!r} is held by active job {holder!r}"
-                )
-            waits: list[str] = []
-            if job.depends_on:
-                states = {d: (self._jobs[d].state.value if d in self._jobs else None) for d in job.depends_on}
-                waits = requeue_waits(job_id, job.depends_on, job.on_dependency_failure, states)
+            waits = self._rerun_waits(job, f"job {job_id!r}")
             for letter_id in [k for k, letter in self._dead.items() if letter.job_id == job_id]:
                 del self._dead[letter_id]
             job.attempts = 0
             job.run_at = now
             job.finished_at = None
             job.result = None
-            for dependency in waits:
-                # Not twice: a job cancelled while it waited may still be listed under a dependency.
-                dependents = self._dependents.setdefault(dependency, [])
-                if job_id not in dependents:
-                    dependents.append(job_id)
-            job.waiting_on = len(waits)
-            self._set_state(job, JobState.WAITING if waits else JobState.PENDING, now)
+            self._place_again(job, waits, now)
 
     def purge_finished(self, *, older_than: float) -> int:
         """See :meth:`Store.purge_finished`."""
@@ -624,10 +632,15 @@ class MemoryStore(Store):
             self._check_open()
             if dead_letter_id not in self._dead:
                 raise JobNotFoundError(f"no dead letter with id {dead_letter_id!r}")
-            self._check_dependencies([job])
-            job_id = self._insert(job)
+            if job.id in self._jobs:
+                raise StoreError(f"job id {job.id!r} already exists")
+            waits = self._rerun_waits(job, f"the job of dead letter {dead_letter_id!r}")  # before any change
+            stored = job.copy()  # the caller keeps its record: the store's is its own
+            self._jobs[job.id] = stored
+            self._order[job.id] = next(self._serial)
+            self._place_again(stored, waits, stored.updated_at or stored.created_at)
             del self._dead[dead_letter_id]
-            return job_id
+            return job.id
 
     def purge_dead_letters(self, *, older_than: float | None = None) -> int:
         """See :meth:`Store.purge_dead_letters`."""

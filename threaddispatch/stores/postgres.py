@@ -90,7 +90,6 @@ from threaddispatch.stores.base import (
     LockHold,
     QueueLimits,
     Store,
-    requeue_waits,
 )
 
 __all__ = ["PostgresStore", "migrate"]
@@ -851,14 +850,7 @@ class PostgresStore(AdminMethods, Store):
                     "SELECT depends_on, on_dependency_failure FROM dispatch_jobs WHERE id = %s", (job_id,)
                 ).fetchone()
                 depends_on, policy = found if found is not None else (None, "cancel")  # the row is locked: found
-                waits: list[str] = []
-                if depends_on:
-                    dependencies = json.loads(depends_on)
-                    states: dict[str, str | None] = {}
-                    for dependency in dependencies:
-                        state_row = conn.execute(SQL.dependency_state, (dependency,)).fetchone()
-                        states[dependency] = None if state_row is None else state_row[0]
-                    waits = requeue_waits(job_id, dependencies, policy, states)
+                waits = SQL.rerun_waits(conn, job_id, json.loads(depends_on), policy) if depends_on else []
                 try:
                     with conn.transaction():  # a savepoint: a racing holder fails only this statement
                         conn.execute(SQL.requeue, (now, now, job_id))

@@ -90,7 +90,6 @@ from threaddispatch.stores.base import (
     QueueLimits,
     Store,
     WorkerInfo,
-    requeue_waits,
 )
 
 __all__ = ["SQLiteStore"]
@@ -725,14 +724,7 @@ class SQLiteStore(Store):
                 raise JobNotFoundError(f"no job with id {job_id!r}")
             state, unique_key, depends_on, policy = row
             _SQL.check_requeue(conn, job_id, state, unique_key)
-            waits: list[str] = []
-            if depends_on:
-                dependencies = json.loads(depends_on)
-                states: dict[str, str | None] = {}
-                for dependency in dependencies:
-                    found = conn.execute(_SQL.dependency_state, (dependency,)).fetchone()
-                    states[dependency] = None if found is None else found[0]
-                waits = requeue_waits(job_id, dependencies, policy, states)
+            waits = _SQL.rerun_waits(conn, job_id, json.loads(depends_on), policy) if depends_on else []
             conn.execute(_SQL.requeue, (now, now, job_id))
             conn.execute(_SQL.delete_job_letters, (job_id,))
             if waits:
@@ -781,13 +773,17 @@ class SQLiteStore(Store):
 
     @translate
     def replay_dead_letter(self, dead_letter_id: str, *, job: JobRecord) -> str:
-        """See :meth:`Store.replay_dead_letter`."""
+        """See :meth:`Store.replay_dead_letter`: the delete, the requeue's checks and the insert in one
+        IMMEDIATE transaction (a refusal rolls the delete back)."""
         conn = self._conn()
         with self._write():
             cursor = conn.execute(_SQL.delete_letter, (dead_letter_id,))
             if cursor.rowcount != 1:
                 raise JobNotFoundError(f"no dead letter with id {dead_letter_id!r}")
-            return self._insert(conn, job)
+            placed, waits = _SQL.place_replay(conn, dead_letter_id, job)
+            conn.execute(_INSERT, job_params(placed))
+            _SQL.record_waits(conn, job.id, waits)
+            return job.id
 
     @translate
     def purge_dead_letters(self, *, older_than: float | None = None) -> int:
