@@ -28,26 +28,18 @@ import pytest
 
 from threaddispatch import BackgroundDispatcher, FailedBatch, RequestDispatcher
 
-REASON = (
-    "_invoke awaits a returned awaitable once: a coroutine returned by an async def is never run, "
-    "and the call counts as delivered"
-)
+#: What the inner coroutine's collection must not say: the contract closes one it refuses.
+NEVER_AWAITED = "was never awaited"
 
 
-#: The defect's own warning, raised on the worker thread as the inner coroutine is dropped.
-NEVER_AWAITED = pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
-
-
-def _collect_quietly() -> None:
-    """Collect the never-awaited coroutine here, so its RuntimeWarning does not land on a later test."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        gc.collect()
+def _collect_and_check_no_warning(caught: list[warnings.WarningMessage]) -> None:
+    """Collect the dropped inner coroutine now and check that it raised no "never awaited" RuntimeWarning."""
+    gc.collect()
+    leaked = [str(w.message) for w in caught if NEVER_AWAITED in str(w.message)]
+    assert not leaked, leaked
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason=REASON)
-@NEVER_AWAITED
 @pytest.mark.parametrize("send_timeout", [None, 5.0], ids=["inline", "timed"])
 def test_background_async_send_returning_an_unawaited_coroutine_is_run_or_reported(
     send_timeout: float | None,
@@ -62,14 +54,16 @@ def test_background_async_send_returning_an_unawaited_coroutine_is_run_or_report
     async def send(entries: list[int]) -> Coroutine[Any, Any, None]:
         return post(entries)  # the forgotten await
 
-    d = BackgroundDispatcher(send, ms_delay=5, send_timeout=send_timeout, on_error=errors.append)
-    try:
-        future = d.submit(1)
-        error = future.exception(timeout=10)
-        assert d.flush(10)
-    finally:
-        d.close(10)
-        _collect_quietly()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        d = BackgroundDispatcher(send, ms_delay=5, send_timeout=send_timeout, on_error=errors.append)
+        try:
+            future = d.submit(1)
+            error = future.exception(timeout=10)
+            assert d.flush(10)
+        finally:
+            d.close(10)
+        _collect_and_check_no_warning(caught)
     if error is None:
         assert posted == [[1]], "the batch counted as sent, but its coroutine never ran"
     else:
@@ -77,8 +71,6 @@ def test_background_async_send_returning_an_unawaited_coroutine_is_run_or_report
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason=REASON)
-@NEVER_AWAITED
 def test_background_plain_send_returning_a_coroutine_that_returns_a_coroutine_is_run_or_reported() -> None:
     """A plain send returning ``wrapper()`` whose body returns ``post()``: post runs, or the batch fails."""
     posted: list[list[int]] = []
@@ -93,12 +85,14 @@ def test_background_plain_send_returning_a_coroutine_that_returns_a_coroutine_is
     def send(entries: list[int]) -> Coroutine[Any, Any, Coroutine[Any, Any, None]]:
         return wrapper(entries)
 
-    d = BackgroundDispatcher(send, ms_delay=5, on_error=errors.append)
-    try:
-        error = d.submit(1).exception(timeout=10)
-    finally:
-        d.close(10)
-        _collect_quietly()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        d = BackgroundDispatcher(send, ms_delay=5, on_error=errors.append)
+        try:
+            error = d.submit(1).exception(timeout=10)
+        finally:
+            d.close(10)
+        _collect_and_check_no_warning(caught)
     if error is None:
         assert posted == [[1]], "the batch counted as sent, but its coroutine never ran"
     else:
@@ -106,8 +100,6 @@ def test_background_plain_send_returning_a_coroutine_that_returns_a_coroutine_is
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason=REASON)
-@NEVER_AWAITED
 def test_request_async_send_returning_an_unawaited_coroutine_gives_its_result_or_fails() -> None:
     """RequestDispatcher: the Future holds the inner coroutine's result, or fails; never a coroutine object."""
     ran = threading.Event()
@@ -119,16 +111,18 @@ def test_request_async_send_returning_an_unawaited_coroutine_gives_its_result_or
     async def send(request: dict[str, str], token: object) -> Coroutine[Any, Any, str]:
         return fetch(request)  # the forgotten await
 
-    rd: RequestDispatcher[dict[str, str], Any] = RequestDispatcher(send)
-    try:
-        future = rd.add({"endpoint": "/report"}).future
-        error = future.exception(timeout=10)
-        result = None if error is not None else future.result(timeout=0)
-        if inspect.iscoroutine(result):
-            result.close()  # the defect: the Future holds the coroutine the send never awaited
-    finally:
-        rd.close(10)
-        _collect_quietly()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        rd: RequestDispatcher[dict[str, str], Any] = RequestDispatcher(send)
+        try:
+            future = rd.add({"endpoint": "/report"}).future
+            error = future.exception(timeout=10)
+            result = None if error is not None else future.result(timeout=0)
+            if inspect.iscoroutine(result):
+                result.close()  # the defect: the Future holds the coroutine the send never awaited
+        finally:
+            rd.close(10)
+        _collect_and_check_no_warning(caught)
     if error is None:
         assert result == "response", f"the Future holds {result!r}"
         assert ran.is_set()

@@ -11,6 +11,19 @@ per-call timeout: the call runs on a private runner thread, the caller waits wit
 deadline, and a call that runs past it is abandoned (bounded) while a fresh runner
 takes the next call.
 
+Awaited once, never twice: what an awaited awaitable returns is the call's value, and
+that value must not itself be awaitable. An ``async def`` whose last line is ``return
+post(x)`` (a forgotten ``await``), or a plain function returning ``wrapper()`` whose
+coroutine returns ``post()``, fails with a TypeError naming what came back, counted and
+reported like any other failure of the call, never as delivered. The value is closed
+when it is a coroutine (no "never awaited" RuntimeWarning, and its body never runs
+later) and cancelled when it is a pending Future of this thread's loop (it would run at
+the loop's next turn, after the call was reported failed); any other awaitable is left
+as it is. Refused, not chained: ``asyncio`` returns such a coroutine as a plain value
+(``await send()`` hands it back unrun), trio raises TypeError for a function that does
+not give it what it expects, and huey refuses async functions outright; awaiting it here
+would make a slip that breaks under ``asyncio.run`` look correct under threaddispatch.
+
 A coroutine's first step runs at once, as a Task step with the loop counted running
 (``_run_task``): one that finishes without waiting for anything costs no turn of the
 loop; one that waits goes on under ``run_until_complete``.
@@ -67,6 +80,7 @@ __all__ = [
     "close_thread_loop",
     "describe",
     "invoke",
+    "settled",
 ]
 
 _log = logging.getLogger("threaddispatch")
@@ -250,6 +264,47 @@ def _awaitable(result: object) -> TypeGuard[Awaitable[Any]]:
     return False
 
 
+def settled(fn: object, awaitable: object, value: object) -> object:
+    """``value``, what awaiting ``awaitable`` (returned by ``fn``; None: unknown) gave; TypeError if awaitable.
+
+    The one check of the "awaited once" rule (module docstring), for this module's
+    calls and for a face that awaits a user's awaitable inside its own coroutine. An
+    awaitable value (a forgotten ``await``) is discarded first: a coroutine (or a
+    generator-based one) is closed, a pending Future of this thread's loop cancelled.
+    Cheap when ``value`` is not awaitable (a dict look-up for a known type).
+    """
+    if not (_plain_types.get(type(value), True) and _awaitable(value)):
+        return value
+    if isinstance(value, (types.CoroutineType, types.GeneratorType)):
+        value.close()  # never run, on purpose: no "never awaited" warning
+        fate = "it was closed"
+    else:
+        import asyncio  # loaded: an awaitable was just run
+
+        holder: _LoopHolder | None = getattr(_local, "holder", None)
+        if (
+            isinstance(value, asyncio.Future)
+            and not value.done()
+            and holder is not None
+            and value.get_loop() is holder.loop
+        ):
+            value.cancel()  # else it would go on at this loop's next turn, after the call failed
+            fate = "it was cancelled"
+        else:
+            fate = "it was left as it is"
+    name = getattr(awaitable, "__qualname__", None)
+    if fn is None:
+        source = name if isinstance(name, str) else show(awaitable)
+    else:
+        source = describe(fn)
+        if isinstance(name, str) and name != source:
+            source = f"{name} (returned by {source})"
+    raise TypeError(
+        f"{source} returned {show(value)}, an awaitable nobody awaited (a missing 'await'?): threaddispatch "
+        f"awaits what a function returns once, not what that awaitable returns; {fate}"
+    )
+
+
 def _check_no_running_loop(awaitable: Awaitable[Any]) -> None:
     import asyncio  # an awaitable is about to run: asyncio is needed from here on
 
@@ -262,13 +317,14 @@ def _check_no_running_loop(awaitable: Awaitable[Any]) -> None:
         )
 
 
-def _await(awaitable: Awaitable[Any]) -> Any:
+def _await(fn: object, awaitable: Awaitable[Any]) -> Any:
+    """Run ``awaitable`` (what ``fn`` returned) on this thread's loop; its value (:func:`settled`)."""
     _check_no_running_loop(awaitable)
     loop = _thread_loop()
     import asyncio  # loaded by _check_no_running_loop
 
     code = getattr(awaitable, "cr_code", None)  # before the task takes it (a coroutine's function)
-    return _run_task(loop, asyncio.ensure_future(awaitable, loop=loop), code)
+    return settled(fn, awaitable, _run_task(loop, asyncio.ensure_future(awaitable, loop=loop), code))
 
 
 # Coroutine functions (by code object) whose last coroutine waited after its first step run at once:
@@ -367,11 +423,12 @@ def invoke(fn: Callable[..., Any], *args: Any) -> Any:
 
     Blocks for as long as ``fn`` (and its awaitable) runs. Exceptions propagate as
     raised. A coroutine runs on this thread's private loop; when this thread's own event
-    loop is running, an awaitable raises RuntimeError instead (no loop is nested).
+    loop is running, an awaitable raises RuntimeError instead (no loop is nested). An
+    awaitable whose value is itself awaitable raises TypeError (:func:`settled`).
     """
     result = fn(*args)
     if _plain_types.get(type(result), True) and _awaitable(result):
-        return _await(result)
+        return _await(fn, result)
     return result
 
 
@@ -385,7 +442,7 @@ def call(fn: Callable[..., Any], *args: Any) -> Outcome:
     try:
         result = fn(*args)
         if _plain_types.get(type(result), True) and _awaitable(result):
-            result = _await(result)
+            result = _await(fn, result)
     except BaseException as error:  # noqa: BLE001 - classified and handed to the face
         return _classify(error)
     return Outcome(OK, result)
@@ -493,13 +550,14 @@ class _CallerState:
                 loop = _thread_loop()
                 import asyncio  # loaded by _check_no_running_loop
 
-                code = getattr(result, "cr_code", None)
-                task = asyncio.ensure_future(result, loop=loop)
+                awaitable = result
+                code = getattr(awaitable, "cr_code", None)
+                task = asyncio.ensure_future(awaitable, loop=loop)
                 with self.mutex:
                     work.task, work.loop = task, loop
                     if work.abandoned:
                         task.cancel()  # timed out before the task existed
-                result = _run_task(loop, task, code)
+                result = settled(work.fn, awaitable, _run_task(loop, task, code))
         except BaseException as error:  # noqa: BLE001 - classified and handed to the caller
             return _classify(error)
         return Outcome(OK, result)

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from threaddispatch._cancel import CancelToken
+from threaddispatch._invoke import settled
 from threaddispatch.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -104,6 +105,7 @@ async def watched(awaitable: Awaitable[T], token: CancellationToken) -> T:
 
     token._attach(asyncio.current_task())
     try:
-        return await awaitable
+        # Checked here, where the send's own coroutine is known, so the TypeError names it.
+        return cast(T, settled(None, awaitable, await awaitable))
     finally:
         token._attach(None)

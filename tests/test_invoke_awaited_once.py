@@ -1,0 +1,336 @@
+"""User code is awaited once: an awaitable that an awaited awaitable returns fails the call (TypeError).
+
+The contract (threaddispatch/_invoke.py's docstring): what ``fn`` returns is awaited when
+it is awaitable, and the value that gives is the call's value; when that value is itself
+awaitable (``async def send(...): return post(...)``, a forgotten ``await``), the call
+fails with a TypeError naming it, reported and counted like any other failure, never as
+delivered. A refused coroutine is closed (its body never runs, and no "never awaited"
+RuntimeWarning is left for the garbage collector); a refused pending Future of the
+worker's loop is cancelled. Checked here on ``_invoke`` itself and on every face.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import threading
+import warnings
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+
+from threaddispatch import (
+    AsyncDispatcher,
+    BackgroundDispatcher,
+    BatchedDispatcher,
+    EndpointBatchDispatcher,
+    FailedBatch,
+    RequestDispatcher,
+)
+from threaddispatch._invoke import ERROR, OK, TimedCaller, call, close_thread_loop, invoke
+from threaddispatch.backoff import RetryPolicy
+from threaddispatch.endpoint import DispatchJob
+from threaddispatch.jobs import JobEngine
+from threaddispatch.stores import MemoryStore
+from threaddispatch.testing import wait_for
+
+MISSING_AWAIT = "missing 'await'"
+
+
+@pytest.fixture
+def no_never_awaited_warning() -> Iterator[None]:
+    """Fail the test if a "coroutine ... was never awaited" RuntimeWarning is raised (collected at the end)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        yield
+        gc.collect()
+    leaked = [str(w.message) for w in caught if "never awaited" in str(w.message)]
+    assert not leaked, leaked
+
+
+class Inner:
+    """The coroutine function a slip returns unawaited: records whether its body ever ran."""
+
+    def __init__(self) -> None:
+        self.ran = threading.Event()
+
+    async def post(self, *_args: object) -> str:
+        self.ran.set()
+        return "posted"
+
+
+# -- _invoke --------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("no_never_awaited_warning")
+def test_an_async_def_returning_a_coroutine_fails_with_a_type_error_naming_both() -> None:
+    """invoke(): TypeError naming the function and the coroutine it returned; the coroutine never runs."""
+    inner = Inner()
+
+    async def send() -> Coroutine[Any, Any, str]:
+        return inner.post()
+
+    with pytest.raises(TypeError, match=MISSING_AWAIT) as caught:
+        invoke(send)
+    message = str(caught.value)
+    assert "send" in message and "Inner.post" in message and "it was closed" in message, message
+    assert "returned by" not in message  # the awaitable is send's own coroutine
+    assert not inner.ran.is_set()
+    close_thread_loop()
+
+
+@pytest.mark.usefixtures("no_never_awaited_warning")
+def test_a_plain_function_returning_a_coroutine_that_returns_a_coroutine_fails() -> None:
+    """call(): a plain fn returning ``wrapper()`` whose body returns ``post()``: ERROR, naming wrapper and fn."""
+    inner = Inner()
+
+    async def wrapper() -> Coroutine[Any, Any, str]:
+        return inner.post()
+
+    def send() -> Coroutine[Any, Any, Coroutine[Any, Any, str]]:
+        return wrapper()
+
+    outcome = call(send)
+    assert outcome.kind == ERROR and isinstance(outcome.error, TypeError), outcome
+    assert "wrapper (returned by" in str(outcome.error) and "send" in str(outcome.error)
+    assert not inner.ran.is_set()
+    close_thread_loop()
+
+
+def test_a_plain_function_returning_a_coroutine_is_still_awaited() -> None:
+    """The first level stays: a plain function's coroutine is awaited and its value is the call's."""
+    inner = Inner()
+
+    def send() -> Coroutine[Any, Any, str]:
+        return inner.post()
+
+    outcome = call(send)
+    assert outcome.kind == OK and outcome.value == "posted"
+    assert inner.ran.is_set()
+    close_thread_loop()
+
+
+@pytest.mark.usefixtures("no_never_awaited_warning")
+def test_a_returned_task_of_the_private_loop_is_cancelled_not_run_later() -> None:
+    """``return asyncio.ensure_future(post())``: refused, and the task is cancelled, so no later turn runs it."""
+    inner = Inner()
+    tasks: list[asyncio.Future[str]] = []
+
+    async def post_later() -> str:
+        await asyncio.Event().wait()  # pending until cancelled
+        return await inner.post()
+
+    async def send() -> asyncio.Future[str]:
+        task = asyncio.ensure_future(post_later())
+        tasks.append(task)
+        return task
+
+    async def later() -> None:
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    outcome = call(send)
+    assert outcome.kind == ERROR and isinstance(outcome.error, TypeError), outcome
+    assert "it was cancelled" in str(outcome.error)
+    assert call(later).ok  # turns of the same thread's loop: the task's cancellation is delivered
+    assert tasks[0].cancelled()
+    assert not inner.ran.is_set()
+    close_thread_loop()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.usefixtures("no_never_awaited_warning")
+def test_timed_caller_refuses_it_as_a_failure_not_a_timeout() -> None:
+    """TimedCaller (a runner thread): the same TypeError, an ERROR outcome within the timeout."""
+    inner = Inner()
+
+    async def send() -> Coroutine[Any, Any, str]:
+        return inner.post()
+
+    caller = TimedCaller("awaited-once", timeout=5.0)
+    try:
+        outcome = caller.call(send)
+        assert outcome.kind == ERROR and isinstance(outcome.error, TypeError), outcome
+        assert MISSING_AWAIT in str(outcome.error)
+        assert caller.stats()["call_timeouts"] == 0
+        assert caller.call(lambda: 3).value == 3  # the runner goes on
+    finally:
+        assert caller.close(10)
+    assert not inner.ran.is_set()
+
+
+# -- every face -----------------------------------------------------------------------------------
+
+Reported = Callable[[BaseException], None]
+
+
+def _background(inner: Inner, report: Reported, timeout: float | None) -> Callable[[str], None]:
+    async def send(entries: list[str]) -> Coroutine[Any, Any, str]:
+        return inner.post(entries)
+
+    def on_error(failed: FailedBatch[str]) -> None:
+        report(failed.error)
+
+    d = BackgroundDispatcher(
+        send, ms_delay=1, send_timeout=timeout, on_error=on_error, retry=RetryPolicy(max_attempts=1)
+    )
+    _stops.append(lambda: d.close(10))
+    _stats.append(lambda: (d.stats()["sent"], d.stats()["failed"]))
+    return d.enqueue
+
+
+def _endpoint(inner: Inner, report: Reported, timeout: float | None) -> Callable[[str], None]:
+    async def send_batch(_endpoint_id: object, jobs: list[DispatchJob]) -> Coroutine[Any, Any, str]:
+        return inner.post(jobs)
+
+    options: dict[str, Any] = {} if timeout is None else {"send_timeout": timeout}
+    d = EndpointBatchDispatcher(
+        send_batch, max_batch_size=1, batch_timeout=0.001, retry=RetryPolicy(max_attempts=1), **options
+    )
+    d.on("job_exhausted", lambda event: report(event["error"]))
+    _stops.append(lambda: d.shutdown(10))
+
+    def give(item: str) -> None:
+        d.add_job(DispatchJob("endpoint", item))
+
+    return give
+
+
+def _batched(inner: Inner, report: Reported, timeout: float | None) -> Callable[[str], None]:
+    async def send_batch(_target: str, messages: list[str]) -> Any:  # a list of results, if it were right
+        return inner.post(messages)
+
+    options: dict[str, Any] = {} if timeout is None else {"send_timeout": timeout}
+    d: BatchedDispatcher[str] = BatchedDispatcher(send_batch, max_batch_size=1, flush_interval=0.001, **options)
+
+    def settled(future: Future[Any]) -> None:
+        error = future.exception()
+        if error is not None:
+            report(error)
+
+    _stops.append(lambda: d.close(10))
+
+    def give(item: str) -> None:
+        d.submit(item, "target").add_done_callback(settled)
+
+    return give
+
+
+class _Target:
+    def __init__(self, inner: Inner) -> None:
+        self.inner = inner
+
+    async def dispatch(self, message: str, _target: str, **_options: object) -> Coroutine[Any, Any, str]:
+        return self.inner.post(message)
+
+
+def _async(inner: Inner, report: Reported, timeout: float | None) -> Callable[[str], None]:
+    options: dict[str, Any] = {} if timeout is None else {"dispatch_timeout": timeout}
+    target: Any = _Target(inner)  # its dispatch returns what no Dispatcher should
+    d: AsyncDispatcher[str] = AsyncDispatcher(
+        target,
+        "awaited-once",
+        lambda failed: report(failed.error),
+        retry=RetryPolicy(max_attempts=1),
+        **options,
+    )
+    sender = d.setup(10)
+    d.start()
+    _stops.append(lambda: d.stop(10))
+
+    def give(item: str) -> None:
+        sender.put(item, timeout=5)
+
+    return give
+
+
+def _requests(inner: Inner, report: Reported, timeout: float | None) -> Callable[[str], None]:
+    assert timeout is None
+
+    async def send(request: str, _token: object) -> Coroutine[Any, Any, str]:
+        return inner.post(request)
+
+    rd: RequestDispatcher[str, Any] = RequestDispatcher(send)
+
+    def settled(future: Future[Any]) -> None:
+        error = future.exception()
+        if error is not None:
+            report(error)
+
+    _stops.append(lambda: rd.close(10))
+    _stats.append(lambda: (rd.stats()["delivered"], rd.stats()["failed"]))
+    return lambda item: rd.add(item).future.add_done_callback(settled)
+
+
+class _Hooks:
+    def __init__(self, report: Reported) -> None:
+        self.report = report
+
+    def on_job_failed(self, _job: Any, error: BaseException | str | None) -> None:
+        self.report(error if isinstance(error, BaseException) else TypeError(str(error)))
+
+
+def _jobs(inner: Inner, report: Reported, timeout: float | None) -> Callable[[str], None]:
+    engine = JobEngine(
+        MemoryStore(), concurrency=1, poll_interval=0.01, max_poll_interval=0.05, extensions=[_Hooks(report)]
+    )
+
+    async def handler(_ctx: object, payload: str) -> Coroutine[Any, Any, str]:
+        return inner.post(payload)
+
+    engine.register("work", handler, max_retries=0, timeout=timeout)
+    engine.start()
+    _stops.append(lambda: engine.stop(10))
+
+    def give(item: str) -> None:
+        engine.enqueue("work", json.dumps(item))
+
+    return give
+
+
+_stops: list[Callable[[], object]] = []
+_stats: list[Callable[[], tuple[int, int]]] = []
+
+FACES = [
+    pytest.param(_background, None, id="background-inline"),
+    pytest.param(_background, 5.0, id="background-timed"),
+    pytest.param(_endpoint, None, id="endpoint-inline"),
+    pytest.param(_endpoint, 5.0, id="endpoint-timed"),
+    pytest.param(_batched, None, id="batched-inline"),
+    pytest.param(_batched, 5.0, id="batched-timed"),
+    pytest.param(_async, None, id="async-inline"),
+    pytest.param(_async, 5.0, id="async-timed"),
+    pytest.param(_requests, None, id="requests"),
+    pytest.param(_jobs, None, id="jobs"),
+    pytest.param(_jobs, 5.0, id="jobs-timed"),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("no_never_awaited_warning")
+@pytest.mark.parametrize(("build", "timeout"), FACES)
+def test_every_face_reports_a_forgotten_await_as_a_failure(
+    build: Callable[[Inner, Reported, float | None], Callable[[str], None]], timeout: float | None
+) -> None:
+    """Each face's failure path gets the TypeError; the inner coroutine never runs; no count says delivered."""
+    inner = Inner()
+    errors: list[BaseException] = []
+    _stops.clear()
+    _stats.clear()
+    try:
+        give = build(inner, errors.append, timeout)
+        give("item")
+        wait_for(lambda: bool(errors), 10, message="the failure reported")
+    finally:
+        for stop in _stops:
+            stop()
+    error = errors[0]
+    assert MISSING_AWAIT in str(error), error
+    assert not isinstance(error, TimeoutError)
+    assert not inner.ran.is_set()
+    for stats in _stats:
+        delivered, failed = stats()
+        assert (delivered, failed) == (0, 1)
