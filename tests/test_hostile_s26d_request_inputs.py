@@ -52,11 +52,6 @@ BAD_CALLS: dict[str, Call] = {
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason="RequestDispatcher.delete/start_request/stop_request/get_request/get_queue do not check "
-    "queue_key/request_id: a handle or an int answers False/None instead of ConfigurationError",
-)
 @pytest.mark.parametrize("name", sorted(BAD_CALLS))
 def test_a_bad_key_or_request_id_is_refused_at_the_call(
     paused: tuple[RequestDispatcher[dict[str, str], str], RequestHandle[str]], name: str

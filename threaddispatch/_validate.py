@@ -18,6 +18,7 @@ __all__ = [
     "INT64_MAX",
     "INT64_MIN",
     "MAX_WAIT",
+    "check_bool",
     "check_int",
     "check_path",
     "check_positive_number",
@@ -131,3 +132,13 @@ def check_text(name: str, value: object, *, strip: bool = False) -> str:
     if not value.isascii() and not encodable(value):  # isascii inline: no call on the hot path
         raise ConfigurationError(f"{name} must be valid Unicode text (no lone surrogates), got {show(value)}")
     return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` if it is ``True`` or ``False``; anything else (``"no"``, ``0``, ``None``) raises, never read as truthy.
+
+    Two identity tests: cheap enough for a hot path.
+    """
+    if value is True or value is False:
+        return value is True
+    raise ConfigurationError(f"{name} must be a bool (True or False), got {show(value)}")

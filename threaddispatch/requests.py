@@ -68,7 +68,7 @@ from threaddispatch._request_types import (
     RequestEvent,
     RequestState,
 )
-from threaddispatch._validate import check_int, check_seconds, check_text, check_wait, show
+from threaddispatch._validate import check_bool, check_int, check_seconds, check_text, check_wait, show
 from threaddispatch.errors import ConfigurationError
 from threaddispatch.metrics import Metrics, check_metrics
 
@@ -199,9 +199,7 @@ class RequestDispatcher(_lifecycle.Closing, Generic[RequestT, ResponseT]):
             if maybe is not None and not callable(maybe):
                 raise ConfigurationError(f"{label} must be callable or None, got {show(maybe)}")
         checked_metrics = check_metrics(metrics)
-        if not isinstance(carry_context, bool):
-            raise ConfigurationError(f"carry_context must be a bool, got {show(carry_context)}")
-        self._carry_context = carry_context
+        self._carry_context = check_bool("carry_context", carry_context)
         _check_storage(storage)
         name = "requests" if name is None else check_text("name", name)
         self.name = name
@@ -297,6 +295,10 @@ class RequestDispatcher(_lifecycle.Closing, Generic[RequestT, ResponseT]):
             retry_time = check_seconds("retry_time", retry_time)  # the exact checks (and int seconds)
         if deduplicate_time is not None:
             deduplicate_time = check_seconds("deduplicate_time", deduplicate_time)
+        if deduplicate is not False and deduplicate is not True:  # identity tests: no call on the hot path
+            check_bool("deduplicate", deduplicate)
+        if offline is not True and offline is not False:
+            check_bool("offline", offline)
         if queue_key is None:
             queue_key = self._derived_key(request)
         else:
@@ -310,7 +312,7 @@ class RequestDispatcher(_lifecycle.Closing, Generic[RequestT, ResponseT]):
         core = self._core
         request_id = f"{core.id_prefix}-{next(core.ids)}"
         req = PendingRequest(
-            request_id, queue_key, request, mode, dedupe_key, deduplicate_time, retry, retry_time, bool(offline)
+            request_id, queue_key, request, mode, dedupe_key, deduplicate_time, retry, retry_time, offline
         )
         if core.cache_by_default or not (cache_time is None and stale_time is None and cache_key is None):
             req.cache = self._cache.plan(request, cache_key, cache_time, stale_time)
@@ -344,19 +346,27 @@ class RequestDispatcher(_lifecycle.Closing, Generic[RequestT, ResponseT]):
         self._core.set_status(check_text("queue_key", queue_key), QUEUE_STOPPED)
 
     def start_request(self, queue_key: str, request_id: str) -> bool:
-        """Let a stopped request run again (when its queue allows); returns whether it is queued."""
-        return self._core.stop_request(queue_key, request_id, stop=False)
+        """Let a stopped request run again (when its queue allows); returns whether it is queued.
+
+        Raises ConfigurationError unless ``queue_key`` and ``request_id`` are non-empty str
+        (a :class:`RequestHandle` is not its ``request_id``).
+        """
+        return self._core.stop_request(*_checked_ids(queue_key, request_id), stop=False)
 
     def stop_request(self, queue_key: str, request_id: str) -> bool:
         """Stop one request: cancelled if running, kept queued, not started until :meth:`start_request`.
 
-        Its Future stays pending. Returns whether it is queued.
+        Its Future stays pending. Returns whether it is queued. Raises ConfigurationError
+        for a bad ``queue_key`` or ``request_id``, as :meth:`start_request`.
         """
-        return self._core.stop_request(queue_key, request_id, stop=True)
+        return self._core.stop_request(*_checked_ids(queue_key, request_id), stop=True)
 
     def delete(self, queue_key: str, request_id: str) -> bool:
-        """Remove a request: its token is set if it runs and its Future is cancelled; returns whether it was queued."""
-        return self._core.delete(queue_key, request_id)
+        """Remove a request: its token is set if it runs and its Future is cancelled; returns whether it was queued.
+
+        Raises ConfigurationError for a bad ``queue_key`` or ``request_id``, as :meth:`start_request`.
+        """
+        return self._core.delete(*_checked_ids(queue_key, request_id))
 
     def clear_queue(self, queue_key: str) -> int:
         """Delete every request of a queue (as :meth:`delete`); returns how many. The queue's status stays."""
@@ -379,8 +389,8 @@ class RequestDispatcher(_lifecycle.Closing, Generic[RequestT, ResponseT]):
         return self._core.flush(None)
 
     def set_online(self, online: bool) -> None:
-        """Go offline (nothing new starts) or online (every queue is flushed)."""
-        self._core.set_online(online)
+        """Go offline (nothing new starts) or online (every queue is flushed). ``online`` must be a bool."""
+        self._core.set_online(check_bool("online", online))
 
     @property
     def online(self) -> bool:
@@ -410,20 +420,26 @@ class RequestDispatcher(_lifecycle.Closing, Generic[RequestT, ResponseT]):
     # -- inspection -------------------------------------------------------------------------
 
     def get_queue(self, queue_key: str) -> QueueSnapshot:
-        """A snapshot of a queue: status and requests in order (an unknown key: started and empty)."""
-        return self._core.get_queue(queue_key)
+        """A snapshot of a queue: status and requests in order (an unknown key: started and empty).
+
+        Raises ConfigurationError unless ``queue_key`` is a non-empty str.
+        """
+        return self._core.get_queue(check_text("queue_key", queue_key))
 
     def get_queue_keys(self) -> list[str]:
         """Keys of the queues that hold requests or are paused or stopped."""
         return self._core.get_queue_keys()
 
     def get_request(self, queue_key: str, request_id: str) -> QueuedRequest | None:
-        """A snapshot of one queued request, or None if it is not (or no longer) queued."""
-        return self._core.get_request(queue_key, request_id)
+        """A snapshot of one queued request, or None if it is not (or no longer) queued.
+
+        Raises ConfigurationError for a bad ``queue_key`` or ``request_id``, as :meth:`start_request`.
+        """
+        return self._core.get_request(*_checked_ids(queue_key, request_id))
 
     def running_requests(self, queue_key: str | None = None) -> list[QueuedRequest]:
-        """Snapshots of the running requests, of one queue or of all."""
-        return self._core.running_requests(queue_key)
+        """Snapshots of the running requests, of one queue (a non-empty str) or of all (None)."""
+        return self._core.running_requests(None if queue_key is None else check_text("queue_key", queue_key))
 
     def stats(self, *, per_key: bool = False) -> dict[str, Any]:
         """Counters and gauges, read at one instant (under the dispatcher's lock; kept as it works).
@@ -438,9 +454,7 @@ class RequestDispatcher(_lifecycle.Closing, Generic[RequestT, ResponseT]):
         held). With ``per_key``, queue_depths maps each key that holds requests to how
         many (one step per key; the rest costs the same whatever the depth).
         """
-        if not isinstance(per_key, bool):
-            raise ConfigurationError(f"per_key must be a bool, got {show(per_key)}")
-        return self._core.stats(per_key)
+        return self._core.stats(check_bool("per_key", per_key))
 
     # -- events -------------------------------------------------------------------------------
 
@@ -485,6 +499,16 @@ class RequestDispatcher(_lifecycle.Closing, Generic[RequestT, ResponseT]):
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("online" if self.online else "offline")
         return f"<RequestDispatcher {self.name!r} {state}>"
+
+
+def _checked_ids(queue_key: object, request_id: object) -> tuple[str, str]:
+    """``(queue_key, request_id)`` if both are non-empty str (``check_text``); else ConfigurationError naming it."""
+    if isinstance(request_id, RequestHandle):  # the commonest slip: the handle add returned, not its id
+        raise ConfigurationError(
+            f"request_id must be a str, got the handle {show(request_id)}; "
+            f"pass its request_id ({request_id.request_id!r})"
+        )
+    return check_text("queue_key", queue_key), check_text("request_id", request_id)
 
 
 def _check_storage(storage: object) -> None:
