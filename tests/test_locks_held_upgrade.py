@@ -57,8 +57,8 @@ def test_a_sqlite_file_of_schema_9_gains_the_lock_holds(tmp_path: Path) -> None:
     assert SQLiteStore.MIGRATIONS[9][:2] == (10, "lock holds")
     with contextlib.closing(OldStore(path)) as old, contextlib.closing(SQLiteStore(path, migrate=False)) as store:
         assert old.schema_version() == 9
-        _old_and_new(store, old, new_version=10)
-        assert store.schema_version() == 10
+        _old_and_new(store, old, new_version=SQLiteStore.MIGRATIONS[-1][0])
+        assert store.schema_version() == SQLiteStore.MIGRATIONS[-1][0] >= 10
 
 
 @pytest.fixture
@@ -84,8 +84,8 @@ def test_a_postgresql_schema_of_version_12_gains_the_lock_holds(pg_server: Any, 
     store = PostgresStore(pg_server.dsn, schema=new_schema, migrate=False)
     try:
         assert old.migrate() == 12
-        _old_and_new(store, old, new_version=13)
-        assert store.schema_version() == 13
+        _old_and_new(store, old, new_version=PostgresStore.MIGRATIONS[-1][0])
+        assert store.schema_version() == PostgresStore.MIGRATIONS[-1][0] >= 13
     finally:
         old.close()
         store.close()

@@ -73,18 +73,28 @@ def test_an_enqueue_time_lock_is_kept_over_the_registrations(store: Store) -> No
         engine.stop()
 
 
-def test_a_purged_jobs_replay_takes_its_registrations_lock_and_no_key(store: Store) -> None:
-    """Once the failed job's record is purged, the replay still runs: the registration's lock for the payload."""
+def test_a_purged_jobs_replay_keeps_what_its_dead_letter_kept(store: Store) -> None:
+    """Once the failed job's record is purged the dead letter still has its lock=, unique_key and depends_on."""
     engine = _engine(store)
+    manager = JobEngine(store)  # no registration: nothing to recompute a lock from
     try:
-        job_id, letter = _failed(engine, {"c": 7}, unique_key="report:7")
-        assert store.purge_finished(older_than=time.time() + 60) >= 1
-        assert engine.store.get(job_id) is None
-        replayed = engine.replay(letter)
+        dependency = engine.enqueue("fetch", {"n": 1})
+        options: dict[str, Any] = {"unique_key": "report:7", "lock": "report:nightly", "depends_on": [dependency]}
+        job_id, letter = _failed(engine, {"c": 7}, **options)
+        (kept,) = [kept for kept in engine.dlq() if kept.id == letter]
+        assert (kept.lock, kept.unique_key, kept.depends_on, kept.on_dependency_failure) == (
+            "report:nightly", "report:7", (dependency,), "cancel",
+        )  # fmt: skip
+        assert kept.to_dict()["depends_on"] == [dependency]
+        assert store.purge_finished(older_than=time.time() + 60) >= 2
+        assert engine.store.get(job_id) is None and engine.store.get(dependency) is None
+        replayed = manager.replay(letter)
         record = engine.get_job(replayed)
-        assert (record.lock, record.unique_key, record.depends_on) == ("customer:7", None, ())
-        assert record.state is JobState.PENDING and engine.dlq_count() == 0
+        assert (record.lock, record.unique_key, record.depends_on) == ("report:nightly", "report:7", (dependency,))
+        assert record.state is JobState.PENDING and engine.dlq_count() == 0  # a purged dependency blocks nothing
+        assert engine.enqueue("build", {"c": 7}, unique_key="report:7") == replayed
     finally:
+        manager.stop()
         engine.stop()
 
 

@@ -21,12 +21,12 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from threaddispatch import _lifecycle
 from threaddispatch._job_config import JobDefinition
-from threaddispatch._validate import check_text
-from threaddispatch.errors import PayloadError
+from threaddispatch._validate import check_text, show
+from threaddispatch.errors import ConfigurationError, PayloadError
 from threaddispatch.stores.base import DeadLetter, JobRecord, JobState
 
 __all__ = ["JobPlan", "LockRule", "encode_json", "new_job_id", "new_record", "replay_record"]
@@ -126,6 +126,21 @@ class JobPlan:
         return encode_json(what, payload, self.max_payload_size)
 
 
+#: The furthest ahead, in seconds, a new job may be due (``enqueue(delay=)``/``run_at=``): 1e9 s,
+#: about 31 years, the number ``MAX_WAIT`` is where a thread can wait that long. Not ``MAX_WAIT``
+#: itself: no thread waits for a due time (the fetcher polls by ``max_poll_interval``), so a job due
+#: in 90 days stays valid on Windows, where ``MAX_WAIT`` is ``threading.TIMEOUT_MAX`` (49.7 days).
+#: A later due time (``delay=1e15``) could be stored, but no ``datetime`` holds it: refused at the call.
+MAX_DUE_AHEAD = 1e9
+
+
+def _too_far_ahead(name: str, run_at: float, now: float) -> NoReturn:
+    raise ConfigurationError(
+        f"a job may be due at most {MAX_DUE_AHEAD:.0f} seconds (about 31 years) from now; "
+        f"delay/run_at made job {name!r} due {run_at - now:.6g} seconds from now (run_at={show(run_at)})"
+    )
+
+
 def new_record(  # noqa: PLR0917 - positional: once per job, on enqueue's hot path
     name: str,
     payload_text: str,
@@ -145,7 +160,11 @@ def new_record(  # noqa: PLR0917 - positional: once per job, on enqueue's hot pa
 
     ``trace_context``: the traceparent to store (the caller reads ``current_traceparent()`` once
     per call, or replay keeps the dead letter's). Built positionally, in JobRecord's field order.
+    Raises ConfigurationError for a ``run_at`` more than :data:`MAX_DUE_AHEAD` seconds after ``now``.
     """
+    # An addition and a compare, no call; ``now + delay`` is how enqueue makes run_at: delay=MAX_DUE_AHEAD passes.
+    if run_at > now + MAX_DUE_AHEAD:
+        _too_far_ahead(name, run_at, now)
     return JobRecord(
         new_job_id(), name, payload_text, queue, JobState.PENDING, priority, 0, max_retries, timeout, run_at,
         now, now, None, None, None, None, unique_key, None, None, trace_context, depends_on,
@@ -156,17 +175,19 @@ def new_record(  # noqa: PLR0917 - positional: once per job, on enqueue's hot pa
 def replay_record(letter: DeadLetter, original: JobRecord | None, plan: JobPlan | None, now: float) -> JobRecord:
     """The new pending job of a dead letter's replay: the failed job again, as ``JobEngine.retry`` keeps it.
 
-    Name, payload, queue, priority, max_retries and trace context come from ``letter``; the
-    serial ``lock``, ``unique_key``, ``depends_on`` and ``on_dependency_failure`` from the
-    failed job's record ``original`` while it is stored. Once it was purged (past the
-    retention) the lock is the one ``plan`` (this engine's registration of the name, None
-    without one) gives the payload, and the job has no unique key and no dependencies (theirs
-    were purged before it). ``timeout``: the registration's, else the failed job's. Calls the
-    registration's lock function (user code): the caller holds no lock.
+    Name, payload, queue, priority, max_retries and trace context come from ``letter``, and so
+    do the serial ``lock``, ``unique_key``, ``depends_on``, ``on_dependency_failure`` and
+    ``timeout`` the letter keeps (:class:`DeadLetter`). A letter stored before stores kept
+    those (its ``on_dependency_failure`` None) takes them from the failed job's record
+    ``original`` while it is stored; once that was purged, the lock is the one ``plan`` (this
+    engine's registration of the name, None without one) gives the payload, and there is no
+    unique key and no dependency. ``timeout``: the registration's when there is one (as a fresh
+    enqueue's). Calls the registration's lock function (user code): the caller holds no lock.
     """
-    if original is not None:
-        lock, unique_key, timeout = original.lock, original.unique_key, original.timeout
-        depends_on, policy = original.depends_on, original.on_dependency_failure
+    kept: DeadLetter | JobRecord | None = letter if letter.on_dependency_failure is not None else original
+    if kept is not None:
+        lock, unique_key, timeout = kept.lock, kept.unique_key, kept.timeout
+        depends_on, policy = kept.depends_on, kept.on_dependency_failure or "cancel"
     else:
         lock = None if plan is None else plan.lock_for(_letter_payload(letter))
         unique_key, timeout, depends_on, policy = None, None, (), "cancel"

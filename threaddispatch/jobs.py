@@ -1074,9 +1074,11 @@ class JobEngine:
         """Enqueue a dead letter's job again as a new job and delete the dead letter; returns the new id.
 
         The new job keeps what the failed job had, as :meth:`retry` keeps it: its serial
-        ``lock``, ``unique_key`` and ``depends_on`` (read from the failed job's record; once
-        that was purged, past the retention, the lock is the one its registration gives the
-        payload here, and there is no unique key and no dependencies to keep). The store
+        ``lock``, ``unique_key`` and ``depends_on``, which the dead letter keeps (a dead letter
+        stored before stores kept them, by SQLite's migration 11 or PostgreSQL's 14, takes them
+        from the failed job's record; once that was purged, past the retention, the lock is the
+        one its registration gives the payload here, and there is no unique key and no
+        dependency to keep). The store
         places it as :meth:`retry` places a job (``Store.replay_dead_letter``, one transaction
         with the delete): behind its lock's earlier jobs; waiting for each dependency not yet
         finished. A ``unique_key`` another unfinished job holds now, or (under
@@ -1086,15 +1088,17 @@ class JobEngine:
 
         In immediate mode the new job runs before this returns (when pending), as :meth:`enqueue`
         runs one. Raises JobNotFoundError for an unknown dead letter (or one replayed or purged
-        meanwhile: a dead letter is replayed once, however many ask at once). Blocks for two store
-        reads and one write (and a read back for a job with dependencies).
+        meanwhile: a dead letter is replayed once, however many ask at once). Blocks for a store
+        read and a write (and a read of the job's record for a dead letter stored before the
+        migration; a read back for a job with dependencies).
         """
         check_text("dead letter id", dead_letter_id)
         letter = self.store.get_dead_letter(dead_letter_id)
         if letter is None:
             raise JobNotFoundError(f"no dead letter with id {dead_letter_id!r}")
         plan = self._plan(letter.name) if letter.name in self._shared.definitions else None
-        job = replay_record(letter, self.store.get(letter.job_id), plan, time.time())
+        original = None if letter.on_dependency_failure is not None else self.store.get(letter.job_id)
+        job = replay_record(letter, original, plan, time.time())
         job_id = self.store.replay_dead_letter(dead_letter_id, job=job)
         placed = self.store.get(job_id) if job.depends_on else job  # waiting or pending: the store decided
         if placed is not None:

@@ -28,6 +28,7 @@ class AdminMethods:
 
     if TYPE_CHECKING:  # provided by PostgresStore
         _with_holds: bool
+        _letter_job: bool
 
         def _run(self, what: str, op: Callable[[Conn], R], *, idempotent: bool, setup: bool = True) -> R: ...
 
@@ -52,7 +53,7 @@ class AdminMethods:
     def list_dead_letters(self, *, queue: str | None = None, limit: int = 50, offset: int = 0) -> list[DeadLetter]:
         """See :meth:`Store.list_dead_letters`."""
         self._check_limit(limit, offset)
-        query, params = SQL.list_dead_letters(queue, limit, offset)
+        query, params = SQL.list_dead_letters(queue, limit, offset, job_fields=self._letter_job)
 
         def op(conn: Conn) -> list[DeadLetter]:
             return [letter_from_row(row) for row in conn.execute(query, params).fetchall()]
@@ -73,7 +74,7 @@ class AdminMethods:
         """See :meth:`Store.get_dead_letter`."""
 
         def op(conn: Conn) -> DeadLetter | None:
-            row = conn.execute(SQL.get_letter, (dead_letter_id,)).fetchone()
+            row = conn.execute(SQL.get_letter[self._letter_job], (dead_letter_id,)).fetchone()
             return None if row is None else letter_from_row(row)
 
         return self._run("reading a dead letter", op, idempotent=True)

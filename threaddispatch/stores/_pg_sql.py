@@ -222,6 +222,10 @@ SCHEMA_V13 = (
         EXECUTE FUNCTION dispatch_lock_holds_released_notify()""",
 )
 
+# Migration 14: a dead letter keeps its job's lock, unique key, dependencies and timeout, for its
+# replay (SQLite's migration 11).
+SCHEMA_V14 = _sql.schema_letter_job(TYPES)
+
 # -- lifecycle -------------------------------------------------------------------------------------
 
 VERSION_TABLE = _sql.version_table(TYPES)
@@ -364,7 +368,7 @@ HEARTBEAT = (
     "AND worker_id = %s RETURNING id"
 )
 
-REAP = f"""
+_REAP = """
 WITH stale AS (
     SELECT seq FROM dispatch_jobs
     WHERE state = 'running' AND (heartbeat_at IS NULL OR heartbeat_at < %(older)s)
@@ -378,34 +382,44 @@ WITH stale AS (
         run_at = CASE WHEN j.attempts >= j.max_retries + 1 THEN j.run_at ELSE %(now)s END,
         updated_at = %(now)s
     FROM stale WHERE j.seq = stale.seq
-    RETURNING j.id, j.name, j.queue, j.payload, j.priority, j.max_retries, j.attempts, j.state, j.trace_context
+    RETURNING j.id, j.name, j.queue, j.payload, j.priority, j.max_retries, j.attempts, j.state, {copy}
 ), letters AS (
-    INSERT INTO dispatch_dead_letters ({_sql.LETTER_COLUMNS})
+    INSERT INTO dispatch_dead_letters ({columns})
     SELECT replace(gen_random_uuid()::text, '-', ''), id, name, queue, payload, priority, max_retries, attempts,
-           %(lost)s, %(now)s, trace_context
+           %(lost)s, %(now)s, {copy}
     FROM moved WHERE state = 'failed'
 )
 SELECT id, state FROM moved
 """
+#: The reap, by whether the schema has the dead letters' job fields (migration 14).
+REAP = tuple(
+    _REAP.format(columns=_sql.letter_columns(fields), copy=_sql.letter_copy(fields)) for fields in (False, True)
+)
 
-_FAIL = f"""
+_FAIL = """
 WITH failed AS (
     UPDATE dispatch_jobs SET state = 'failed', error = %(error)s, finished_at = %(now)s, updated_at = %(now)s
-    WHERE id = %(id)s {{fence}}
-    RETURNING id, name, queue, payload, priority, max_retries, attempts, trace_context
+    WHERE id = %(id)s {fence}
+    RETURNING id, name, queue, payload, priority, max_retries, attempts, {copy}
 )
-INSERT INTO dispatch_dead_letters ({_sql.LETTER_COLUMNS})
-SELECT %(letter)s, id, name, queue, payload, priority, max_retries, attempts, %(error)s, %(now)s, trace_context
+INSERT INTO dispatch_dead_letters ({columns})
+SELECT %(letter)s, id, name, queue, payload, priority, max_retries, attempts, %(error)s, %(now)s, {copy}
 FROM failed
-RETURNING {_sql.LETTER_COLUMNS}
+RETURNING {columns}
 """
 # Only while the job is still the claim (worker, attempts), either of which may be NULL: any.
 CLAIM_FENCE = (
     "AND state = 'running' AND (%(worker)s::text IS NULL OR worker_id = %(worker)s) "
     "AND (%(attempts)s::bigint IS NULL OR attempts = %(attempts)s)"
 )
-FAIL_ANY = _FAIL.format(fence="")
-FAIL_CLAIM = _FAIL.format(fence=CLAIM_FENCE)
+#: The fail of any job and of a claim, by whether the schema has the dead letters' job fields (migration 14).
+FAIL_ANY, FAIL_CLAIM = (
+    tuple(
+        _FAIL.format(fence=fence, columns=_sql.letter_columns(fields), copy=_sql.letter_copy(fields))
+        for fields in (False, True)
+    )
+    for fence in ("", CLAIM_FENCE)
+)
 
 RELEASE = (
     "UPDATE dispatch_jobs SET state = 'pending', worker_id = NULL, run_at = %s, updated_at = %s, "

@@ -88,7 +88,15 @@ TABLES: dict[str, tuple[Column, ...]] = {
         ("attempts", "INT", "NOT NULL"),
         ("error", "TEXT", ""),
         ("failed_at", "REAL", "NOT NULL"),
-        ("trace_context", "TEXT", ""),  # added by a later migration (LATER_COLUMNS)
+        ("trace_context", "TEXT", ""),  # added by a later migration (LATER_COLUMNS), as those below
+        # The failed job's fields a replay keeps (LETTER_JOB_COLUMNS: the jobs' columns of the same
+        # names), so its replay keeps them once the job is purged. NULL on_dependency_failure: a
+        # letter stored before that migration (or by a release before it), which kept none of them.
+        ("unique_key", "TEXT", ""),
+        ("lock_key", "TEXT", ""),
+        ("depends_on", "TEXT", ""),
+        ("on_dependency_failure", "TEXT", ""),
+        ("timeout", "REAL", ""),
     ),
     "dispatch_crons": (
         ("name", "TEXT", "PRIMARY KEY"),
@@ -144,12 +152,15 @@ TABLES: dict[str, tuple[Column, ...]] = {
         ("heartbeat_at", "REAL", "NOT NULL"),
     ),
 }
+#: The columns of ``dispatch_dead_letters`` copied from the failed job's columns of the same names
+#: (a later migration: :func:`schema_letter_job`); the rest of :data:`LETTER_COLUMNS` came before.
+LETTER_JOB_COLUMNS = ("unique_key", "lock_key", "depends_on", "on_dependency_failure", "timeout")
 #: The columns of :data:`TABLES` that later migrations add to tables created before them (by
 #: :func:`add_columns`), by table; :func:`schema_v1` leaves them out. Each must be nullable or
 #: have a default, so the rows already stored stay valid.
 LATER_COLUMNS: dict[str, tuple[str, ...]] = {
     "dispatch_jobs": ("trace_context", "depends_on", "on_dependency_failure", "waiting_on", "lock_key"),
-    "dispatch_dead_letters": ("trace_context",),
+    "dispatch_dead_letters": ("trace_context", *LETTER_JOB_COLUMNS),
     "dispatch_crons": ("overlap",),
 }
 #: The migration ledger, created before any migration runs (so not part of one).
@@ -176,6 +187,9 @@ def _names(table: str) -> str:
 JOB_COLUMNS = _names("dispatch_jobs")
 _JOB_WIDTH = len(TABLES["dispatch_jobs"]) - 1  # the columns of JOB_COLUMNS
 LETTER_COLUMNS = _names("dispatch_dead_letters")
+#: LETTER_COLUMNS of a schema before :func:`schema_letter_job` (a store kept below that migration).
+_LETTER_BEFORE_JOB = ", ".join(name for name in LETTER_COLUMNS.split(", ") if name not in LETTER_JOB_COLUMNS)
+_LETTER_WIDTH = len(_LETTER_BEFORE_JOB.split(", "))
 CRON_COLUMNS = _names("dispatch_crons")
 WORKER_COLUMNS = _names("dispatch_workers")
 HOLD_COLUMNS = _names("dispatch_lock_holds")
@@ -187,6 +201,16 @@ READY = "('pending', 'retrying')"
 UNCLAIMED = "('pending', 'retrying', 'waiting')"
 FINAL = "('completed', 'failed', 'cancelled')"
 _FINAL_VALUES = frozenset({"completed", "failed", "cancelled"})
+
+
+def letter_columns(job_fields: bool) -> str:
+    """:data:`LETTER_COLUMNS`, or (``job_fields`` False: a schema before :func:`schema_letter_job`) those before it."""
+    return LETTER_COLUMNS if job_fields else _LETTER_BEFORE_JOB
+
+
+def letter_copy(job_fields: bool) -> str:
+    """The jobs' columns a dead letter copies after its error and failed_at, in :func:`letter_columns` order."""
+    return ", ".join(("trace_context", *LETTER_JOB_COLUMNS)) if job_fields else "trace_context"
 
 
 def _create_table(table: str, columns: Sequence[Column], types: Types) -> str:
@@ -243,6 +267,11 @@ def schema_trace_context(types: Types) -> tuple[str, ...]:
         *add_columns(types, "dispatch_jobs", ("trace_context",)),
         *add_columns(types, "dispatch_dead_letters", ("trace_context",)),
     )
+
+
+def schema_letter_job(types: Types) -> tuple[str, ...]:
+    """The dead letters' migration: the failed job's lock, unique key, dependencies and timeout on its letter."""
+    return add_columns(types, "dispatch_dead_letters", LETTER_JOB_COLUMNS)
 
 
 def _unique_index(active: str) -> str:
@@ -334,8 +363,7 @@ _LIST_JOBS = (
     f"SELECT {JOB_COLUMNS} FROM dispatch_jobs {{where}}ORDER BY created_at DESC, seq DESC LIMIT {{m}} OFFSET {{m}}"
 )
 _LIST_LETTERS = (
-    f"SELECT {LETTER_COLUMNS} FROM dispatch_dead_letters {{where}}ORDER BY failed_at DESC, seq DESC "
-    "LIMIT {m} OFFSET {m}"
+    "SELECT {columns} FROM dispatch_dead_letters {where}ORDER BY failed_at DESC, seq DESC LIMIT {m} OFFSET {m}"
 )
 
 Mark = Literal["?", "%s"]
@@ -361,8 +389,13 @@ def job_from_row(row: Sequence[Any]) -> JobRecord:
 
 
 def letter_from_row(row: Sequence[Any]) -> DeadLetter:
-    """A :class:`DeadLetter` from a row of :data:`LETTER_COLUMNS`."""
-    return DeadLetter(*row)
+    """A :class:`DeadLetter` from a row of :func:`letter_columns` (either width)."""
+    letter = DeadLetter(*row[:_LETTER_WIDTH])
+    if len(row) > _LETTER_WIDTH:
+        unique_key, lock, depends_on, policy, timeout = row[_LETTER_WIDTH:]
+        letter.unique_key, letter.lock, letter.on_dependency_failure, letter.timeout = unique_key, lock, policy, timeout
+        letter.depends_on = tuple(json.loads(depends_on)) if depends_on else ()
+    return letter
 
 
 def cron_from_row(row: Sequence[Any]) -> CronEntry:
@@ -500,7 +533,10 @@ class Statements:
             f"result = NULL, worker_id = NULL, updated_at = {m} WHERE id = {m}"
         )
         self.delete_job_letters = f"DELETE FROM dispatch_dead_letters WHERE job_id = {m}"
-        self.get_letter = f"SELECT {LETTER_COLUMNS} FROM dispatch_dead_letters WHERE id = {m}"
+        # By whether the schema has the letters' job fields (see letter_columns).
+        self.get_letter = tuple(
+            f"SELECT {letter_columns(fields)} FROM dispatch_dead_letters WHERE id = {m}" for fields in (False, True)
+        )
         self.count_letters_queue = f"SELECT count(*) FROM dispatch_dead_letters WHERE queue = {m}"
         self.delete_letter = f"DELETE FROM dispatch_dead_letters WHERE id = {m}"
         self.purge_letters_before = f"DELETE FROM dispatch_dead_letters WHERE failed_at < {m}"
@@ -615,10 +651,13 @@ class Statements:
             (False, True): _LIST_JOBS.format(where=f"WHERE {where_queue} ", m=m),
             (True, True): _LIST_JOBS.format(where=f"WHERE {where_state} AND {where_queue} ", m=m),
         }
-        self._list_letters = (
-            _LIST_LETTERS.format(where="", m=m),
-            _LIST_LETTERS.format(where=f"WHERE {where_queue} ", m=m),
-        )
+        self._list_letters = {
+            (fields, by_queue): _LIST_LETTERS.format(
+                columns=letter_columns(fields), where=f"WHERE {where_queue} " if by_queue else "", m=m
+            )
+            for fields in (False, True)
+            for by_queue in (False, True)
+        }
 
     def list_jobs(
         self, state: JobState | None, queue: str | None, limit: int, offset: int
@@ -629,11 +668,13 @@ class Statements:
             params += (queue,)
         return self._list_jobs[state is not None, queue is not None], (*params, limit, offset)
 
-    def list_dead_letters(self, queue: str | None, limit: int, offset: int) -> tuple[str, tuple[Any, ...]]:
-        """``(query, params)`` for ``Store.list_dead_letters`` (rows of :data:`LETTER_COLUMNS`, newest first)."""
+    def list_dead_letters(
+        self, queue: str | None, limit: int, offset: int, *, job_fields: bool = True
+    ) -> tuple[str, tuple[Any, ...]]:
+        """``(query, params)`` for ``Store.list_dead_letters`` (rows of :func:`letter_columns`, newest first)."""
         if queue is None:
-            return self._list_letters[0], (limit, offset)
-        return self._list_letters[1], (queue, limit, offset)
+            return self._list_letters[job_fields, False], (limit, offset)
+        return self._list_letters[job_fields, True], (queue, limit, offset)
 
     def apply_migrations(self, conn: _Connection, migrations: Sequence[tuple[int, str, Sequence[str]]]) -> int:
         """Run the ``migrations`` newer than the recorded version, recording each; returns the version reached.

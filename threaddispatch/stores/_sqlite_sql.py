@@ -26,6 +26,7 @@ __all__ = [
     "SCHEMA_V8",
     "SCHEMA_V9",
     "SCHEMA_V10",
+    "SCHEMA_V11",
     "STATEMENTS",
     "TYPES",
     "UNSET_COLUMNS",
@@ -116,6 +117,8 @@ SCHEMA_V10 = (
             {_PRUNE}
         END""",
 )
+# Migration 11: a dead letter keeps its job's lock, unique key, dependencies and timeout (for its replay).
+SCHEMA_V11 = _sql.schema_letter_job(TYPES)
 #: The shared statements in sqlite3's placeholder style.
 STATEMENTS = _sql.Statements("?")
 

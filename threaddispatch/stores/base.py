@@ -197,8 +197,12 @@ class DeadLetter:
     """A job that failed for good, kept for inspection and replay.
 
     It copies what replay needs (name, queue, payload, priority, max_retries, the trace
-    context), so it outlives the purge of its job. Created by :meth:`Store.fail` (and by
-    :meth:`Store.reap_stale` for a job out of attempts) in the same transaction.
+    context, and what the replayed job keeps: the serial ``lock``, ``unique_key``,
+    ``depends_on``, ``on_dependency_failure`` and ``timeout``), so it outlives the purge of its
+    job. Created by :meth:`Store.fail` (and by :meth:`Store.reap_stale` for a job out of
+    attempts) in the same transaction. ``on_dependency_failure`` None marks a dead letter stored
+    before a store kept those fields (SQLite migration 11, PostgreSQL 14): a replay then reads
+    them from its job's record while it is stored.
     """
 
     id: str
@@ -212,11 +216,17 @@ class DeadLetter:
     error: str | None
     failed_at: float
     trace_context: str | None = None
+    unique_key: str | None = None
+    lock: str | None = None
+    depends_on: tuple[str, ...] = ()
+    on_dependency_failure: str | None = None
+    timeout: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (payload decoded)."""
+        """A JSON-ready dict (payload decoded, ``depends_on`` a list)."""
         data = {name: getattr(self, name) for name in self.__dataclass_fields__}
         data["payload"] = json.loads(self.payload)
+        data["depends_on"] = list(self.depends_on)
         return data
 
 

@@ -290,6 +290,11 @@ class MemoryStore(Store):
             error=error,
             failed_at=now,
             trace_context=job.trace_context,
+            unique_key=job.unique_key,
+            lock=job.lock,
+            depends_on=job.depends_on,
+            on_dependency_failure=job.on_dependency_failure,
+            timeout=job.timeout,
         )
         self._dead[letter.id] = letter
         return dataclasses.replace(letter)

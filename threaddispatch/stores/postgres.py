@@ -178,6 +178,7 @@ class PostgresStore(AdminMethods, Store):
         (11, "dependents released by their dependency's completion trigger", q.SCHEMA_V11),
         (12, "wake-up payloads that fit NOTIFY's limit, whatever the queue name", q.SCHEMA_V12),
         (13, "lock holds", q.SCHEMA_V13),
+        (14, "dead letters keep their job's lock, unique key, dependencies and timeout", q.SCHEMA_V14),
     )
 
     def __init__(
@@ -230,6 +231,8 @@ class PostgresStore(AdminMethods, Store):
         # Whether the schema has dispatch_lock_holds (migration 13): False only once migrate() found
         # an older one (a store class whose MIGRATIONS stop before it); claims then skip holds.
         self._with_holds = True
+        # Whether dispatch_dead_letters has the job's fields (migration 14): False as _with_holds is.
+        self._letter_job = True
         self._migrate_lock = threading.Lock()
         self._schema_name: str | None = None  # _table_schema, once known (for _wake)
         # set_queue_limits's, by queue: replaced whole, never mutated (claims read it without a lock)
@@ -307,6 +310,7 @@ class PostgresStore(AdminMethods, Store):
         with self._migrate_lock:
             version = self._run("migrating the schema", op, idempotent=True, setup=False)
             self._with_holds = version >= 13
+            self._letter_job = version >= 14
             self._migrated = True
         return version
 
@@ -653,7 +657,8 @@ class PostgresStore(AdminMethods, Store):
             with conn.transaction():
                 if self._with_holds:
                     conn.execute(SQL.reap_holds, (older_than,))
-                rows = conn.execute(q.REAP, {"older": older_than, "now": now, "lost": WORKER_LOST_ERROR}).fetchall()
+                params = {"older": older_than, "now": now, "lost": WORKER_LOST_ERROR}
+                rows = conn.execute(q.REAP[self._letter_job], params).fetchall()
                 for row in rows:
                     if row[1] == "failed":
                         SQL.release_one(conn, row[0], "failed", now)
@@ -698,7 +703,7 @@ class PostgresStore(AdminMethods, Store):
 
         def op(conn: Conn) -> DeadLetter | None:
             with conn.transaction():
-                row = conn.execute(q.FAIL_CLAIM if fenced else q.FAIL_ANY, params).fetchone()
+                row = conn.execute((q.FAIL_CLAIM if fenced else q.FAIL_ANY)[self._letter_job], params).fetchone()
                 if row is None:
                     if fenced:
                         return None

@@ -64,6 +64,7 @@ from threaddispatch.stores._sqlite_sql import (
     SCHEMA_V8,
     SCHEMA_V9,
     SCHEMA_V10,
+    SCHEMA_V11,
     STATEMENTS,
     TYPES,
     chunks,
@@ -97,6 +98,13 @@ __all__ = ["SQLiteStore"]
 _MIN_VERSION = (3, 35, 0)  # UPDATE ... RETURNING
 _SQL = STATEMENTS
 _INSERT = _SQL.insert_job
+#: A failed job's dead letter, copied from its row: (letter id, error, now, job id); by whether the
+#: file has the letters' job fields (migration 11).
+_PUSH_LETTER = tuple(
+    f"INSERT INTO dispatch_dead_letters ({_sql.letter_columns(fields)}) SELECT ?, id, name, queue, payload, "
+    f"priority, max_retries, attempts, ?, ?, {_sql.letter_copy(fields)} FROM dispatch_jobs WHERE id = ?"
+    for fields in (False, True)
+)
 _COMPLETE = _SQL.complete
 _GET_CRON = f"SELECT {_sql.CRON_COLUMNS} FROM dispatch_crons WHERE name = ?"
 # The watcher's reads: the newest seq; ready jobs above a seq; ready jobs due after a time.
@@ -164,6 +172,7 @@ class SQLiteStore(Store):
         (8, "ready log", SCHEMA_V8),
         (9, "queue resumes", SCHEMA_V9),
         (10, "lock holds", SCHEMA_V10),
+        (11, "dead letters keep their job's lock, unique key, dependencies and timeout", SCHEMA_V11),
     )
 
     def __init__(
@@ -203,6 +212,8 @@ class SQLiteStore(Store):
         # Whether the file has dispatch_lock_holds (migration 10): False only once migrate() found
         # an older schema (a store class whose MIGRATIONS stop before it); claims then skip holds.
         self._with_holds = True
+        # Whether dispatch_dead_letters has the job's fields (migration 11): False as _with_holds is.
+        self._letter_job = True
         self._committer: GroupCommitter | None = None
         if durability == "full":
             self._committer = GroupCommitter(
@@ -230,6 +241,7 @@ class SQLiteStore(Store):
             conn.execute(_sql.version_table(TYPES))
             version = _SQL.apply_migrations(conn, self.MIGRATIONS)
         self._with_holds = version >= 10
+        self._letter_job = version >= 11
         return version
 
     def schema_version(self) -> int:
@@ -493,13 +505,8 @@ class SQLiteStore(Store):
 
     def _push_dead_letter(self, conn: sqlite3.Connection, job_id: str, error: str | None, now: float) -> DeadLetter:
         letter_id = uuid.uuid4().hex
-        conn.execute(
-            f"INSERT INTO dispatch_dead_letters ({_sql.LETTER_COLUMNS}) "
-            "SELECT ?, id, name, queue, payload, priority, max_retries, attempts, ?, ?, trace_context "
-            "FROM dispatch_jobs WHERE id = ?",
-            (letter_id, error, now, job_id),
-        )
-        return letter_from_row(conn.execute(_SQL.get_letter, (letter_id,)).fetchone())
+        conn.execute(_PUSH_LETTER[self._letter_job], (letter_id, error, now, job_id))
+        return letter_from_row(conn.execute(_SQL.get_letter[self._letter_job], (letter_id,)).fetchone())
 
     @translate
     def reap_stale(self, *, older_than: float, now: float) -> list[str]:
@@ -757,7 +764,8 @@ class SQLiteStore(Store):
     def list_dead_letters(self, *, queue: str | None = None, limit: int = 50, offset: int = 0) -> list[DeadLetter]:
         """See :meth:`Store.list_dead_letters`."""
         self._check_limit(limit, offset)
-        rows = self._conn().execute(*_SQL.list_dead_letters(queue, limit, offset)).fetchall()
+        query, params = _SQL.list_dead_letters(queue, limit, offset, job_fields=self._letter_job)
+        rows = self._conn().execute(query, params).fetchall()
         return [letter_from_row(row) for row in rows]
 
     @translate
@@ -768,7 +776,7 @@ class SQLiteStore(Store):
     @translate
     def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
         """See :meth:`Store.get_dead_letter`."""
-        row = self._conn().execute(_SQL.get_letter, (dead_letter_id,)).fetchone()
+        row = self._conn().execute(_SQL.get_letter[self._letter_job], (dead_letter_id,)).fetchone()
         return None if row is None else letter_from_row(row)
 
     @translate
