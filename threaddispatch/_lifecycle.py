@@ -39,7 +39,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
-from threaddispatch._validate import check_seconds
+from threaddispatch._validate import check_wait
 
 __all__ = [
     "Closing",
@@ -94,9 +94,12 @@ _prepared: dict[int, list[Lifecycle]] = {}
 
 
 def set_exit_timeout(seconds: float) -> None:
-    """Set the one deadline, in seconds, that the exit drain of all dispatchers shares (default 5)."""
+    """Set the one deadline, in seconds, that the exit drain of all dispatchers shares (default 5).
+
+    From 0 to ``MAX_WAIT`` (``check_wait``): the drain waits that long, so a longer one is refused here.
+    """
     global _exit_timeout
-    _exit_timeout = check_seconds("exit timeout", seconds)
+    _exit_timeout = check_wait("exit timeout", seconds)
 
 
 def get_exit_timeout() -> float:
@@ -298,10 +301,12 @@ class Closing:
 
         Blocks up to ``timeout`` seconds (None: no limit), whatever user code does.
         Returns whether everything was delivered in time without a failure. Raises
-        ConfigurationError for a ``timeout`` that is not None nor a finite number >= 0.
+        ConfigurationError for a ``timeout`` that is not None nor a number from 0 to
+        ``MAX_WAIT`` (:func:`~threaddispatch._validate.check_wait`, as every wait), before
+        anything changes: a refused close leaves the face open.
         """
         if timeout is not None:
-            timeout = check_seconds("timeout", timeout)
+            timeout = check_wait("timeout", timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._close_lock:
             if not self._closed:

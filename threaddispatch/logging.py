@@ -16,6 +16,7 @@ from collections.abc import Callable
 from threaddispatch._engine import Overflow
 from threaddispatch._invoke import invoke
 from threaddispatch._log_json import JsonFormatter
+from threaddispatch._validate import check_wait
 from threaddispatch.background import BackgroundDispatcher, FailedBatch
 from threaddispatch.backoff import RetryPolicy
 from threaddispatch.metrics import Metrics
@@ -174,7 +175,13 @@ class BatchingHandler(logging.Handler):
             dispatcher.flush(timeout)
 
     def close(self, timeout: float | None = 5.0) -> None:
-        """Send the queued records, stop the thread (up to ``timeout`` seconds), and close the handler."""
+        """Send the queued records, stop the thread (up to ``timeout`` seconds), and close the handler.
+
+        A ``timeout`` past ``MAX_WAIT`` (or not a number >= 0) raises ConfigurationError before
+        anything closes: the handler stays registered with logging and keeps delivering.
+        """
+        if timeout is not None:
+            check_wait("timeout", timeout)
         try:
             dispatcher = self._dispatcher()
             if dispatcher is not None:
