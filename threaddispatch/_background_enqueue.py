@@ -7,6 +7,10 @@ append and a length check, no lock), the engine's ``lossless_enqueue`` (``block`
 each entry put with the producer's context) and :func:`_spooled_enqueue` (with a spool,
 wrapping whichever of those, the entry made durable first). Each has the signature
 ``(entry, *, timeout=None)`` (:data:`ENQUEUE_SIGNATURE`); the dispatcher gives it its docstring.
+
+Every one checks a given ``timeout`` with :func:`~threaddispatch._validate.check_wait` (a
+number from 0 to ``MAX_WAIT``, as ``flush`` and ``close`` do), under every policy, and only
+when one is given: the usual call (no timeout) pays one ``is not None`` test for it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 from threaddispatch._background_sender import _Spooled, _Submitted
 from threaddispatch._lanes import ClosedFifoLane, FifoLane
 from threaddispatch._spool import Spool
-from threaddispatch._validate import check_seconds
+from threaddispatch._validate import check_wait
 from threaddispatch.errors import DispatcherClosedError, StoreError
 
 #: What every bound enqueue shows: ``(entry, *, timeout=None)``.
@@ -65,7 +69,7 @@ def _lock_free_enqueue(lane: FifoLane, kick: Callable[[FifoLane], None]) -> Call
         timeout: float | None = None,
     ) -> None:
         if timeout is not None:
-            check_seconds("timeout", timeout)
+            check_wait("timeout", timeout)
         try:
             _lane.lock_free_append(entry)
         except AttributeError:
@@ -128,7 +132,7 @@ def _lock_free_traced_enqueue(
         timeout: float | None = None,
     ) -> None:
         if timeout is not None:
-            check_seconds("timeout", timeout)
+            check_wait("timeout", timeout)
         try:
             _lane.lock_free_append((entry, _capture()))
         except AttributeError:
@@ -163,7 +167,7 @@ def _spooled_enqueue(enqueue: Callable[..., None], spool: Spool, lane: FifoLane)
         if _enqueue is not _real:
             raise _positional_timeout()
         if timeout is not None:
-            check_seconds("timeout", timeout)  # refused before anything is written
+            check_wait("timeout", timeout)  # refused before anything is written
         plain = entry.entry if type(entry) is _Submitted else entry
         try:
             item = _Spooled(_append(plain), plain, entry.future if type(entry) is _Submitted else None)

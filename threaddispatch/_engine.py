@@ -72,7 +72,7 @@ from threaddispatch._drop_log import DropLog
 from threaddispatch._invoke import close_thread_loop
 from threaddispatch._lanes import INACTIVE, SHARD_MASK, SPLIT_AT, FifoLane, Lane, LaneTable
 from threaddispatch._timers import DelayQueue
-from threaddispatch._validate import check_seconds
+from threaddispatch._validate import check_wait
 from threaddispatch.errors import ConfigurationError, DispatcherClosedError, QueueFullError
 
 __all__ = ["OVERFLOW_POLICIES", "BatchEngine", "Overflow"]
@@ -321,7 +321,7 @@ class BatchEngine(Generic[T]):
             timeout: float | None = None,
         ) -> None:
             if timeout is not None:
-                timeout = check_seconds("timeout", timeout)
+                timeout = check_wait("timeout", timeout)  # at most MAX_WAIT: it may be waited for, at the bound
             try:
                 if _len(_lane) < _below:
                     _lane.lock_free_append(entry)

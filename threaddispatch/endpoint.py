@@ -64,7 +64,7 @@ from threaddispatch._engine import OVERFLOW_POLICIES, Overflow
 from threaddispatch._lifecycle import Closing
 from threaddispatch._spool import Spool, SpoolDeadLetter, SpoolSync
 from threaddispatch._trace import Tracing, make_tracing
-from threaddispatch._validate import check_positive_int, check_seconds, show
+from threaddispatch._validate import check_positive_int, check_seconds, check_wait, show
 from threaddispatch.backoff import Exponential, RetryPolicy
 from threaddispatch.errors import ConfigurationError, DispatcherClosedError, InvalidStateError, StoreError
 from threaddispatch.events import Listener
@@ -237,7 +237,7 @@ class EndpointBatchDispatcher(Closing):
             raise ConfigurationError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}; got {overflow!r}")
         batch_timeout = check_seconds("batch_timeout", batch_timeout, allow_zero=False)
         if send_timeout is not None:
-            send_timeout = check_seconds("send_timeout", send_timeout, allow_zero=False)
+            send_timeout = check_wait("send_timeout", send_timeout, allow_zero=False)
         check_positive_int("max_concurrent_batches", max_concurrent_batches)
         if not isinstance(enable_prioritization, bool):
             raise ConfigurationError(f"enable_prioritization must be a bool, got {enable_prioritization!r}")
@@ -314,7 +314,7 @@ class EndpointBatchDispatcher(Closing):
         ``send_batch`` is re-raised here once the job is settled.
         """
         if timeout is not None:
-            timeout = check_seconds("timeout", timeout)
+            timeout = check_wait("timeout", timeout)  # at most MAX_WAIT: it may be waited for, at the bound
         if not isinstance(job, DispatchJob):
             raise TypeError(f"add_job takes a DispatchJob, got {show(job)}")
         if job.status != "new":
