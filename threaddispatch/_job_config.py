@@ -17,7 +17,7 @@ from typing import Any
 from threaddispatch._invoke import call
 from threaddispatch._ratelimit import TokenBucket
 from threaddispatch._trace import check_tracer_provider
-from threaddispatch._validate import INT64_MAX, check_int, check_seconds, check_text, show
+from threaddispatch._validate import INT64_MAX, check_int, check_seconds, check_text, check_wait, show
 from threaddispatch.backoff import Backoff, ExponentialJitter
 from threaddispatch.errors import ConfigurationError
 from threaddispatch.metrics import Metrics, check_metrics
@@ -160,8 +160,11 @@ class QueueConfig:
 class Config:
     """The engine's tuning, with the defaults of the design; ``JobEngine(**vars)`` mirrors it.
 
-    Durations are float seconds. ``retention``: finished jobs older than that are
-    purged (None keeps them). ``max_payload_size``: bytes of JSON a payload may take.
+    Durations are float seconds. The intervals, ``stale_job_threshold`` and ``shutdown_timeout``
+    are each at most ``MAX_WAIT`` (1e9 s, about 31 years: the longest a thread can wait; worker
+    threads wait for each of them, so a longer one is refused here, not an OverflowError there).
+    ``retention``: finished jobs older than that are purged (None keeps them); any finite number
+    of seconds, since it is never waited for. ``max_payload_size``: bytes of JSON a payload may take.
     ``metrics``: a :class:`~threaddispatch.metrics.Metrics` the engine records its jobs
     with (None, the default, or NO_METRICS: none, at the cost of one test per job).
     ``tracer_provider``: an OpenTelemetry TracerProvider; each job run then gets a CONSUMER
@@ -224,15 +227,15 @@ class Config:
             raise ConfigurationError(f"queues must be a non-empty list of queue names, got {self.queues!r}")
         for queue in self.queues:
             check_queue(queue)
-        check_seconds("poll_interval", self.poll_interval, allow_zero=False)
-        check_seconds("max_poll_interval", self.max_poll_interval, allow_zero=False)
+        check_wait("poll_interval", self.poll_interval, allow_zero=False)
+        check_wait("max_poll_interval", self.max_poll_interval, allow_zero=False)
         if self.max_poll_interval < self.poll_interval:
             raise ConfigurationError(
                 f"max_poll_interval ({self.max_poll_interval!r}) must be >= poll_interval ({self.poll_interval!r})"
             )
-        check_seconds("shutdown_timeout", self.shutdown_timeout)
-        check_seconds("heartbeat_interval", self.heartbeat_interval, allow_zero=False)
-        check_seconds("stale_job_threshold", self.stale_job_threshold, allow_zero=False)
+        check_wait("shutdown_timeout", self.shutdown_timeout)
+        check_wait("heartbeat_interval", self.heartbeat_interval, allow_zero=False)
+        check_wait("stale_job_threshold", self.stale_job_threshold, allow_zero=False)
         if self.stale_job_threshold <= self.heartbeat_interval:
             raise ConfigurationError(
                 f"stale_job_threshold ({self.stale_job_threshold!r}) must be > heartbeat_interval "
@@ -248,6 +251,7 @@ class Config:
                 raise ConfigurationError(f"queue_configs names queue {config.name!r} twice")
             names.add(config.name)
         if self.retention is not None:
+            # Never waited for: only subtracted from time.time(), a finite cutoff any store compares.
             check_seconds("retention", self.retention)
         check_int("max_payload_size", self.max_payload_size, 2)
         if not isinstance(self.immediate, bool):
