@@ -85,9 +85,13 @@ def _base_path(text: str) -> str:
 
 
 def _when(epoch: float | None) -> str:
+    """``epoch`` as UTC time; one no ``datetime`` holds (a job stored due at 1e15) as its number. Never raises."""
     if epoch is None or not math.isfinite(epoch):
         return "-"
-    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, ValueError, OSError):  # past year 9999 or before year 1, or the platform's time_t
+        return f"{'far future' if epoch > 0 else 'far past'} (epoch {epoch:.6g})"
 
 
 def _last_line(text: str | None, width: int = 60) -> str:

@@ -29,7 +29,7 @@ from threaddispatch._validate import check_text, show
 from threaddispatch.errors import ConfigurationError, PayloadError
 from threaddispatch.stores.base import DeadLetter, JobRecord, JobState
 
-__all__ = ["JobPlan", "LockRule", "encode_json", "new_job_id", "new_record", "replay_record"]
+__all__ = ["MAX_DUE_AHEAD", "JobPlan", "LockRule", "encode_json", "new_job_id", "new_record", "replay_record"]
 
 #: A registration's serial lock: a lock name, or a function of the payload giving one (or None).
 LockRule = str | Callable[[Any], str | None]
