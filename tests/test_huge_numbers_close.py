@@ -184,12 +184,6 @@ print("threads left:", sorted(t.name for t in threading.enumerate() if t.name.st
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="JobEngine.stop checks its timeout with check_seconds (jobs.py, owned elsewhere): stop(1e308) raises "
-    "OverflowError from the fetcher join and leaves the engine 'stopping' for good (a later stop returns False, "
-    "its threads run on)",
-)
 def test_job_engine_stop_with_a_huge_timeout_is_refused_and_a_later_stop_works() -> None:
     """In a child process (a wedged engine's threads die with it): refused at the call, then a normal stop."""
     result = subprocess.run(

@@ -84,7 +84,7 @@ from threaddispatch._job_runtime import Runtime
 from threaddispatch._job_shared import Shared
 from threaddispatch._job_workers import list_workers
 from threaddispatch._trace import current_traceparent
-from threaddispatch._validate import check_int, check_seconds, check_text, show
+from threaddispatch._validate import check_int, check_seconds, check_text, check_wait, show
 from threaddispatch.backoff import Backoff
 from threaddispatch.errors import (
     CancelledError,
@@ -763,7 +763,7 @@ class JobEngine:
         ``threaddispatch-jobs-stop`` thread and returns False at once. The calling job is not
         handed back; it is recorded when its handler returns.
         """
-        budget = self.config.shutdown_timeout if timeout is None else check_seconds("timeout", timeout)
+        budget = self.config.shutdown_timeout if timeout is None else check_wait("timeout", timeout)
         with self._lock:  # a start() racing this one has made its runtime and started its threads, or not begun
             runtime = self._runtime
         return True if runtime is None else runtime.stop(time.monotonic() + budget)
