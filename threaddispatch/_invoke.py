@@ -23,6 +23,10 @@ as it is. Refused, not chained: ``asyncio`` returns such a coroutine as a plain 
 (``await send()`` hands it back unrun), trio raises TypeError for a function that does
 not give it what it expects, and huey refuses async functions outright; awaiting it here
 would make a slip that breaks under ``asyncio.run`` look correct under threaddispatch.
+The message names the user's function: a face that wraps it (a span, a carried context,
+a job's cancellable task, a middleware chain) checks inside its wrapper with the user's
+callable as the subject (:func:`settled`, :func:`awaited`, :func:`resolve`), so what its
+own wrapper returns is never awaitable and the wrapper is never named.
 
 A coroutine's first step runs at once, as a Task step with the loop counted running
 (``_run_task``): one that finishes without waiting for anything costs no turn of the
@@ -76,10 +80,12 @@ __all__ = [
     "Outcome",
     "OutcomeKind",
     "TimedCaller",
+    "awaited",
     "call",
     "close_thread_loop",
     "describe",
     "invoke",
+    "resolve",
     "settled",
 ]
 
@@ -268,7 +274,9 @@ def settled(fn: object, awaitable: object, value: object) -> object:
     """``value``, what awaiting ``awaitable`` (returned by ``fn``; None: unknown) gave; TypeError if awaitable.
 
     The one check of the "awaited once" rule (module docstring), for this module's
-    calls and for a face that awaits a user's awaitable inside its own coroutine. An
+    calls and for a face that awaits a user's awaitable inside its own coroutine
+    (``return settled(user_fn, awaitable, await awaitable)``): pass the user's callable
+    as ``fn`` there, so the message names it and not the face's wrapper. An
     awaitable value (a forgotten ``await``) is discarded first: a coroutine (or a
     generator-based one) is closed, a pending Future of this thread's loop cancelled.
     Cheap when ``value`` is not awaitable (a dict look-up for a known type).
@@ -303,6 +311,17 @@ def settled(fn: object, awaitable: object, value: object) -> object:
         f"{source} returned {show(value)}, an awaitable nobody awaited (a missing 'await'?): threaddispatch "
         f"awaits what a function returns once, not what that awaitable returns; {fate}"
     )
+
+
+async def awaited(fn: object, awaitable: Awaitable[Any]) -> Any:
+    """Await ``awaitable`` (what ``fn`` returned) in a face's coroutine; its value, checked by :func:`settled`.
+
+    For a plain wrapper that hands a user's awaitable on to be awaited (a span around
+    the call that made it): returning ``awaited(fn, result)`` keeps ``fn`` the name in
+    a forgotten-await TypeError. A wrapper that is a coroutine itself calls
+    :func:`settled` around its own ``await``.
+    """
+    return settled(fn, awaitable, await awaitable)
 
 
 def _check_no_running_loop(awaitable: Awaitable[Any]) -> None:
@@ -430,6 +449,19 @@ def invoke(fn: Callable[..., Any], *args: Any) -> Any:
     if _plain_types.get(type(result), True) and _awaitable(result):
         return _await(fn, result)
     return result
+
+
+def resolve(fn: object, value: object) -> object:
+    """``value`` (what ``fn`` returned, called by the face itself), awaited as :func:`invoke` awaits a result.
+
+    For a face that calls user code directly (to spare a frame on its hot path) and only
+    hands an awaitable result here: it runs on this thread's loop and the forgotten-await
+    TypeError names ``fn``. A value that is not awaitable is returned as it is. Blocks for
+    as long as the awaitable runs; its exceptions propagate.
+    """
+    if _plain_types.get(type(value), True) and _awaitable(value):
+        return _await(fn, value)
+    return value
 
 
 def call(fn: Callable[..., Any], *args: Any) -> Outcome:

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from threaddispatch._cancel import CancelToken
+from threaddispatch._invoke import settled
 from threaddispatch.errors import DispatchTimeoutError
 from threaddispatch.stores.base import JobRecord
 
@@ -110,18 +111,19 @@ class JobContext(CancelToken):
                 loop.call_soon_threadsafe(task.cancel)
         return first
 
-    async def _guard(self, awaitable: Awaitable[Any]) -> Any:
-        """Await the job's ``awaitable`` (its handler or async middleware) as a cancellable task.
+    async def _guard(self, awaitable: Awaitable[Any], fn: object = None) -> Any:
+        """Await the job's ``awaitable`` (its handler's, ``fn``'s, or async middleware's) as a cancellable task.
 
         A cancel (timeout on the heartbeat thread, operator cancel, lost claim, stop) cancels
         it. In immediate mode nothing else watches the deadline: it cancels the task itself,
-        and the attempt fails with DispatchTimeoutError.
+        and the attempt fails with DispatchTimeoutError. Its value is checked here, named
+        after ``fn`` (``_invoke.settled``): a forgotten ``await`` names the handler, not this.
         """
         import asyncio  # loaded: an awaitable runs (sync jobs never load asyncio)
 
         task = asyncio.current_task()
         if task is None:  # not run as a Task (invoke always makes one): nothing to cancel
-            return await awaitable
+            return settled(fn, awaitable, await awaitable)
         loop = asyncio.get_running_loop()
         self._task = (loop, task)
         timer = None
@@ -132,7 +134,7 @@ class JobContext(CancelToken):
                 self.raise_if_cancelled()
             if self._immediate and self.deadline is not None:
                 timer = loop.call_at(loop.time() + max(0.0, self.deadline - time.monotonic()), self._time_out_task)
-            return await awaitable
+            return settled(fn, awaitable, await awaitable)
         except asyncio.CancelledError:
             if self._timed_out:
                 raise self._timeout_error() from None

@@ -12,7 +12,11 @@ them, in the order given. Middleware runs on the worker thread with no engine lo
 held. Instances are shared by every worker thread, so they must be thread-safe.
 
 Any hook, and ``wrap``, may be an ``async def`` method (or return an awaitable): it is
-awaited on the worker thread's private event loop (:mod:`threaddispatch._invoke`). In an
+awaited on the worker thread's private event loop (:mod:`threaddispatch._invoke`), once:
+an awaitable whose value is itself awaitable (``return audit(ctx)`` in an ``async def``
+hook, a forgotten ``await``) is a TypeError naming the hook (or ``wrap``, or handler), on
+the plain chain and inside an async ``wrap`` alike; a hook's is logged and contained as
+any failing hook's, a ``wrap``'s or handler's fails the attempt. In an
 ``async def wrap``, ``call_next()`` returns an awaitable: ``result = await call_next()``.
 Everything inside an async ``wrap`` runs in that coroutine, so a middleware after it may
 override hooks (sync or async) or an async ``wrap``, but not a plain ``wrap``
@@ -28,7 +32,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 
-from threaddispatch._invoke import invoke
+from threaddispatch._invoke import invoke, resolve, settled
 from threaddispatch._job_context import JobContext
 from threaddispatch._log_json import log_job
 from threaddispatch._validate import show
@@ -86,7 +90,8 @@ class HandlerCall:
 
     Calling it returns the handler's value; an awaitable result is awaited on this
     thread's private loop through ``ctx._guard`` (which lets a timeout or a cancel
-    cancel its task). :meth:`begin` only starts it, for an async ``wrap`` to await.
+    cancel its task, and checks the value, named after the handler). :meth:`begin`
+    only starts it, for an async ``wrap`` to await.
     """
 
     __slots__ = ("ctx", "fn", "payload")
@@ -99,7 +104,7 @@ class HandlerCall:
     def __call__(self) -> object:
         result = self.fn(self.ctx, self.payload)
         if result is not None and inspect.isawaitable(result):
-            return invoke(self.ctx._guard, result)
+            return invoke(self.ctx._guard, result, self.fn)
         return result
 
     def begin(self) -> object:
@@ -149,9 +154,9 @@ def _hook_step(befores: tuple[Before, ...], afters: tuple[After, ...]) -> Step:
         # _contained inlined for the common (no failure) path: one frame less per hook.
         for before in befores:
             try:
-                # Hooks return None: only an awaitable result costs a call of invoke.
+                # Hooks return None: only an awaitable result costs a call of resolve.
                 if (late := before(ctx)) is not None and inspect.isawaitable(late):
-                    invoke(_same, late)
+                    resolve(before, late)
             except Exception:  # noqa: BLE001 - a failing hook is logged and never affects the job
                 _log.exception("middleware hook %r raised; the job continues", before)
         try:
@@ -163,16 +168,12 @@ def _hook_step(befores: tuple[Before, ...], afters: tuple[After, ...]) -> Step:
         for after in afters:
             try:
                 if (late := after(ctx, result, None)) is not None and inspect.isawaitable(late):
-                    invoke(_same, late)
+                    resolve(after, late)
             except Exception:  # noqa: BLE001 - a failing hook is logged and never affects the job
                 _log.exception("middleware hook %r raised; the job continues", after)
         return result
 
     return step
-
-
-def _same(value: object) -> object:
-    return value
 
 
 def _contained(hook: Callable[..., object], *args: object) -> None:
@@ -224,10 +225,10 @@ def _async_tail(layers: tuple[Callable[[JobContext, Callable[[], Any]], Any] | _
     return step
 
 
-async def _settle(value: object) -> object:
-    """``value``, awaited when it is awaitable."""
+async def _settle(fn: object, value: object) -> object:
+    """``value`` (what ``fn`` returned), awaited when it is awaitable: once (``_invoke.settled``, naming ``fn``)."""
     if inspect.isawaitable(value):
-        return await value
+        return settled(fn, value, await value)
     return value
 
 
@@ -238,10 +239,10 @@ async def _run_layers(
     handler: HandlerCall,
 ) -> object:
     if index == len(layers):
-        return await _settle(handler.begin())
+        return await _settle(handler.fn, handler.begin())
     layer = layers[index]
     if not isinstance(layer, _Hooks):
-        return await _settle(layer(ctx, partial(_run_layers, layers, index + 1, ctx, handler)))
+        return await _settle(layer, layer(ctx, partial(_run_layers, layers, index + 1, ctx, handler)))
     for before in layer.befores:
         await _contained_async(before, ctx)
     try:
@@ -257,7 +258,7 @@ async def _run_layers(
 
 async def _contained_async(hook: Callable[..., object], *args: object) -> None:
     try:
-        await _settle(hook(*args))
+        await _settle(hook, hook(*args))
     except Exception:  # noqa: BLE001 - a failing hook is logged and never affects the job
         _log.exception("middleware hook %r raised; the job continues", hook)
 
