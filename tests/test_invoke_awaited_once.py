@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import threading
 import warnings
 from collections.abc import Callable, Coroutine, Iterator
@@ -31,9 +32,12 @@ from threaddispatch import (
     RequestDispatcher,
 )
 from threaddispatch._invoke import ERROR, OK, TimedCaller, call, close_thread_loop, invoke
+from threaddispatch._job_context import JobContext
 from threaddispatch.backoff import RetryPolicy
 from threaddispatch.endpoint import DispatchJob
 from threaddispatch.jobs import JobEngine
+from threaddispatch.logging import BatchingHandler
+from threaddispatch.middleware import Middleware
 from threaddispatch.stores import MemoryStore
 from threaddispatch.testing import wait_for
 
@@ -165,30 +169,58 @@ def test_timed_caller_refuses_it_as_a_failure_not_a_timeout() -> None:
 # -- every face -----------------------------------------------------------------------------------
 
 Reported = Callable[[BaseException], None]
+Build = Callable[..., Callable[[str], None]]  # (inner, report, timeout, **face options) -> give(item)
 
 
-def _background(inner: Inner, report: Reported, timeout: float | None) -> Callable[[str], None]:
+def _tracer_provider() -> object:
+    """An OpenTelemetry SDK TracerProvider that keeps nothing (the faces' traced paths wrap the send)."""
+    sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")
+    provider = sdk_trace.TracerProvider()
+    _stops.append(provider.shutdown)  # after the face's own stop (appended before it)
+    return provider
+
+
+def _face_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options as a face takes them: ``tracer_provider=True`` stands for a provider made here."""
+    if options.get("tracer_provider") is True:
+        return {**options, "tracer_provider": _tracer_provider()}
+    return options
+
+
+def _background(inner: Inner, report: Reported, timeout: float | None, **options: Any) -> Callable[[str], None]:
     async def send(entries: list[str]) -> Coroutine[Any, Any, str]:
         return inner.post(entries)
 
     def on_error(failed: FailedBatch[str]) -> None:
         report(failed.error)
 
+    _names.append(send.__qualname__)
     d = BackgroundDispatcher(
-        send, ms_delay=1, send_timeout=timeout, on_error=on_error, retry=RetryPolicy(max_attempts=1)
+        send,
+        ms_delay=1,
+        send_timeout=timeout,
+        on_error=on_error,
+        retry=RetryPolicy(max_attempts=1),
+        **_face_options(options),
     )
     _stops.append(lambda: d.close(10))
     _stats.append(lambda: (d.stats()["sent"], d.stats()["failed"]))
     return d.enqueue
 
 
-def _endpoint(inner: Inner, report: Reported, timeout: float | None) -> Callable[[str], None]:
+def _endpoint(inner: Inner, report: Reported, timeout: float | None, **options: Any) -> Callable[[str], None]:
     async def send_batch(_endpoint_id: object, jobs: list[DispatchJob]) -> Coroutine[Any, Any, str]:
         return inner.post(jobs)
 
-    options: dict[str, Any] = {} if timeout is None else {"send_timeout": timeout}
+    _names.append(send_batch.__qualname__)
+    if timeout is not None:
+        options["send_timeout"] = timeout
     d = EndpointBatchDispatcher(
-        send_batch, max_batch_size=1, batch_timeout=0.001, retry=RetryPolicy(max_attempts=1), **options
+        send_batch,
+        max_batch_size=1,
+        batch_timeout=0.001,
+        retry=RetryPolicy(max_attempts=1),
+        **_face_options(options),
     )
     d.on("job_exhausted", lambda event: report(event["error"]))
     _stops.append(lambda: d.shutdown(10))
@@ -199,12 +231,16 @@ def _endpoint(inner: Inner, report: Reported, timeout: float | None) -> Callable
     return give
 
 
-def _batched(inner: Inner, report: Reported, timeout: float | None) -> Callable[[str], None]:
+def _batched(inner: Inner, report: Reported, timeout: float | None, **options: Any) -> Callable[[str], None]:
     async def send_batch(_target: str, messages: list[str]) -> Any:  # a list of results, if it were right
         return inner.post(messages)
 
-    options: dict[str, Any] = {} if timeout is None else {"send_timeout": timeout}
-    d: BatchedDispatcher[str] = BatchedDispatcher(send_batch, max_batch_size=1, flush_interval=0.001, **options)
+    _names.append(send_batch.__qualname__)
+    if timeout is not None:
+        options["send_timeout"] = timeout
+    d: BatchedDispatcher[str] = BatchedDispatcher(
+        send_batch, max_batch_size=1, flush_interval=0.001, **_face_options(options)
+    )
 
     def settled(future: Future[Any]) -> None:
         error = future.exception()
@@ -227,9 +263,11 @@ class _Target:
         return self.inner.post(message)
 
 
-def _async(inner: Inner, report: Reported, timeout: float | None) -> Callable[[str], None]:
-    options: dict[str, Any] = {} if timeout is None else {"dispatch_timeout": timeout}
+def _async(inner: Inner, report: Reported, timeout: float | None, **options: Any) -> Callable[[str], None]:
+    if timeout is not None:
+        options["dispatch_timeout"] = timeout
     target: Any = _Target(inner)  # its dispatch returns what no Dispatcher should
+    _names.append(_Target.dispatch.__qualname__)
     d: AsyncDispatcher[str] = AsyncDispatcher(
         target,
         "awaited-once",
@@ -253,6 +291,7 @@ def _requests(inner: Inner, report: Reported, timeout: float | None) -> Callable
     async def send(request: str, _token: object) -> Coroutine[Any, Any, str]:
         return inner.post(request)
 
+    _names.append(send.__qualname__)
     rd: RequestDispatcher[str, Any] = RequestDispatcher(send)
 
     def settled(future: Future[Any]) -> None:
@@ -273,14 +312,20 @@ class _Hooks:
         self.report(error if isinstance(error, BaseException) else TypeError(str(error)))
 
 
-def _jobs(inner: Inner, report: Reported, timeout: float | None) -> Callable[[str], None]:
+def _jobs(inner: Inner, report: Reported, timeout: float | None, **options: Any) -> Callable[[str], None]:
     engine = JobEngine(
-        MemoryStore(), concurrency=1, poll_interval=0.01, max_poll_interval=0.05, extensions=[_Hooks(report)]
+        MemoryStore(),
+        concurrency=1,
+        poll_interval=0.01,
+        max_poll_interval=0.05,
+        extensions=[_Hooks(report)],
+        **options,
     )
 
     async def handler(_ctx: object, payload: str) -> Coroutine[Any, Any, str]:
         return inner.post(payload)
 
+    _names.append(handler.__qualname__)
     engine.register("work", handler, max_retries=0, timeout=timeout)
     engine.start()
     _stops.append(lambda: engine.stop(10))
@@ -291,8 +336,40 @@ def _jobs(inner: Inner, report: Reported, timeout: float | None) -> Callable[[st
     return give
 
 
+def _logging(inner: Inner, report: Reported, timeout: float | None, **options: Any) -> Callable[[str], None]:
+    async def send_records(records: list[logging.LogRecord]) -> Coroutine[Any, Any, str]:
+        return inner.post(records)
+
+    def on_error(failed: FailedBatch[logging.LogRecord]) -> None:
+        report(failed.error)
+
+    _names.append(send_records.__qualname__)
+    handler = BatchingHandler(
+        send_records,
+        ms_delay=1,
+        send_timeout=timeout,
+        on_error=on_error,
+        retry=RetryPolicy(max_attempts=1),
+        **_face_options(options),
+    )
+    _stops.append(lambda: handler.close(10))
+
+    def give(item: str) -> None:
+        handler.handle(logging.LogRecord("awaited-once", logging.INFO, __file__, 1, item, None, None))
+
+    return give
+
+
+class _AsyncWrap(Middleware):
+    """An async wrap: the job's handler then runs inside the async tail (one coroutine)."""
+
+    async def wrap(self, ctx: JobContext, call_next: Callable[[], Any]) -> object:
+        return await call_next()
+
+
 _stops: list[Callable[[], object]] = []
 _stats: list[Callable[[], tuple[int, int]]] = []
+_names: list[str] = []  # the __qualname__ of the user's function the face calls
 
 FACES = [
     pytest.param(_background, None, id="background-inline"),
@@ -306,26 +383,40 @@ FACES = [
     pytest.param(_requests, None, id="requests"),
     pytest.param(_jobs, None, id="jobs"),
     pytest.param(_jobs, 5.0, id="jobs-timed"),
+    pytest.param(_logging, None, id="logging-inline"),
+    pytest.param(_logging, 5.0, id="logging-timed"),
+]
+
+# Each face's wrappers around the user's function: tracing (a span around the send), a carried
+# context (AsyncDispatcher carry_context), async middleware (the job runs in the async tail).
+WRAPPED_FACES = [
+    pytest.param(_background, None, {"tracer_provider": True}, id="background-traced"),
+    pytest.param(_background, 5.0, {"tracer_provider": True}, id="background-traced-timed"),
+    pytest.param(_endpoint, None, {"tracer_provider": True}, id="endpoint-traced"),
+    pytest.param(_endpoint, 5.0, {"tracer_provider": True}, id="endpoint-traced-timed"),
+    pytest.param(_batched, None, {"tracer_provider": True}, id="batched-traced"),
+    pytest.param(_batched, 5.0, {"tracer_provider": True}, id="batched-traced-timed"),
+    pytest.param(_async, None, {"carry_context": True}, id="async-context"),
+    pytest.param(_async, 5.0, {"carry_context": True}, id="async-context-timed"),
+    pytest.param(_jobs, None, {"middleware": [_AsyncWrap()]}, id="jobs-async-middleware"),
+    pytest.param(_jobs, 5.0, {"middleware": [_AsyncWrap()]}, id="jobs-async-middleware-timed"),
+    pytest.param(_logging, 5.0, {"tracer_provider": True}, id="logging-traced-timed"),
 ]
 
 
-@pytest.mark.timeout(60)
-@pytest.mark.usefixtures("no_never_awaited_warning")
-@pytest.mark.parametrize(("build", "timeout"), FACES)
-def test_every_face_reports_a_forgotten_await_as_a_failure(
-    build: Callable[[Inner, Reported, float | None], Callable[[str], None]], timeout: float | None
-) -> None:
-    """Each face's failure path gets the TypeError; the inner coroutine never runs; no count says delivered."""
+def _reported(build: Build, timeout: float | None, options: dict[str, Any]) -> tuple[BaseException, str]:
+    """Build the face, give it one item, and return the failure it reported and the user's function's name."""
     inner = Inner()
     errors: list[BaseException] = []
     _stops.clear()
     _stats.clear()
+    _names.clear()
     try:
-        give = build(inner, errors.append, timeout)
+        give = build(inner, errors.append, timeout, **options)
         give("item")
         wait_for(lambda: bool(errors), 10, message="the failure reported")
     finally:
-        for stop in _stops:
+        for stop in reversed(_stops):
             stop()
     error = errors[0]
     assert MISSING_AWAIT in str(error), error
@@ -334,3 +425,30 @@ def test_every_face_reports_a_forgotten_await_as_a_failure(
     for stats in _stats:
         delivered, failed = stats()
         assert (delivered, failed) == (0, 1)
+    (name,) = _names
+    return error, name
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("no_never_awaited_warning")
+@pytest.mark.parametrize(("build", "timeout"), FACES)
+def test_every_face_reports_a_forgotten_await_as_a_failure(build: Build, timeout: float | None) -> None:
+    """Each face's failure path gets the TypeError; the inner coroutine never runs; no count says delivered."""
+    _reported(build, timeout, {})
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("no_never_awaited_warning")
+@pytest.mark.parametrize(
+    ("build", "timeout", "options"), [pytest.param(*p.values, {}, id=p.id) for p in FACES] + WRAPPED_FACES
+)
+def test_every_face_names_the_users_function_not_its_own_wrapper(
+    build: Build, timeout: float | None, options: dict[str, Any]
+) -> None:
+    """The TypeError's source is the user's function (its __qualname__), on every face and through every wrapper.
+
+    Not a face's own wrapper (``_with_values (returned by in_context)``, ``JobContext._guard``,
+    ``Core._await_sending``, ``... (returned by _same)``): the message starts with the user's function.
+    """
+    error, name = _reported(build, timeout, dict(options))
+    assert str(error).startswith(f"{name} returned <coroutine object Inner.post"), error

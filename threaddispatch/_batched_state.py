@@ -42,7 +42,7 @@ from threaddispatch._batched_immediate import call_here
 from threaddispatch._buffered_types import in_context
 from threaddispatch._engine import BatchEngine
 from threaddispatch._future import LazyFuture
-from threaddispatch._invoke import ERROR, Outcome, TimedCaller, call
+from threaddispatch._invoke import ERROR, Outcome, TimedCaller, awaited, call, settled
 from threaddispatch._pool import WorkerPool
 from threaddispatch._trace import Tracing
 from threaddispatch._validate import show
@@ -556,13 +556,16 @@ class _BatchState(Generic[T]):
 
             async def traced_async(target: str, payload: list[Any]) -> object:
                 with tracing.send_span(name, contexts, attributes):
-                    return await cast("Awaitable[object]", send_batch(target, payload))
+                    awaitable = cast("Awaitable[object]", send_batch(target, payload))
+                    return settled(send_batch, awaitable, await awaitable)
 
             return traced_async
 
         def traced(target: str, payload: list[Any]) -> object:
             with tracing.send_span(name, contexts, attributes):
-                return send_batch(target, payload)
+                result = send_batch(target, payload)
+            # An awaitable is awaited in a wrapper that checks it named after send_batch, not traced.
+            return awaited(send_batch, result) if inspect.isawaitable(result) else result
 
         return traced
 

@@ -50,7 +50,7 @@ from threaddispatch._buffered_types import (
     _SpooledEntry,
     in_context,
 )
-from threaddispatch._invoke import Outcome, TimedCaller, call, close_thread_loop, invoke
+from threaddispatch._invoke import Outcome, TimedCaller, call, close_thread_loop, resolve
 from threaddispatch._spool import Spool
 from threaddispatch._timers import DelayQueue
 from threaddispatch._validate import show
@@ -104,10 +104,6 @@ def _hand_chunk(batch_size: object, chunk: int = _HAND_CHUNK) -> int:
     if not isinstance(batch_size, int) or batch_size <= 0 or batch_size > _MAX_HAND_CHUNK:
         return chunk
     return -(-chunk // batch_size) * batch_size
-
-
-def _same(value: T) -> T:
-    return value
 
 
 class _AsyncState(Generic[T]):
@@ -497,7 +493,8 @@ class _AsyncState(Generic[T]):
                         try:
                             result = self.dispatcher.dispatch(message, self.target)
                             if result is not None and type(result) is not str:
-                                invoke(_same, result)  # an awaitable (an async dispatch) is awaited here
+                                # an awaitable (an async dispatch) is awaited here, named after dispatch
+                                resolve(self.dispatcher.dispatch, result)
                         except BaseException as error:  # noqa: BLE001 - user code: this message failed
                             self._settle(entry, attempts + 1, error)
                         else:

@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
+from threaddispatch._invoke import settled
 from threaddispatch._validate import check_int
 
 __all__ = ["Dispatcher", "FailedMessage", "SubmittingDispatcher", "in_context"]
@@ -124,18 +125,19 @@ def in_context(context: contextvars.Context, fn: Callable[..., Any], *args: Any)
 
     The runner awaits what this returns on its own loop, in its own Task (which it cancels
     at the timeout); the Task starts with the runner's context, so the wrapper sets the
-    captured values in it first.
+    captured values in it first. The awaitable's value is checked in the wrapper, named
+    after ``fn`` (``_invoke.settled``), so a forgotten ``await`` names the user's function.
     """
     result = context.run(fn, *args)
     if inspect.isawaitable(result):
-        return _with_values(context, result)
+        return _with_values(context, fn, result)
     return result
 
 
-async def _with_values(context: contextvars.Context, awaitable: Awaitable[Any]) -> Any:
+async def _with_values(context: contextvars.Context, fn: object, awaitable: Awaitable[Any]) -> Any:
     for var, value in context.items():
         var.set(value)
-    return await awaitable
+    return settled(fn, awaitable, await awaitable)
 
 
 def _failed(entry: _Entry[T], error: BaseException, target: str, attempts: int) -> FailedMessage[T]:

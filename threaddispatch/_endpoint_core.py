@@ -38,7 +38,7 @@ from threaddispatch import _drop_log, _lifecycle
 from threaddispatch._drop_log import DropLog
 from threaddispatch._endpoint_records import EVENTS, DispatchJob, SendBatch, WebhookBatch, new_id
 from threaddispatch._engine import BatchEngine, Overflow
-from threaddispatch._invoke import BASE, ERROR, OK, Outcome, TimedCaller, call
+from threaddispatch._invoke import BASE, ERROR, OK, Outcome, TimedCaller, call, settled
 from threaddispatch._lanes import FifoLane, Lane, PriorityLane
 from threaddispatch._pool import WorkerPool
 from threaddispatch._spool import Spool
@@ -695,7 +695,8 @@ class Core:
     def _send_on_runner(self, endpoint_id: Hashable, jobs: list[DispatchJob]) -> object:
         """``send_batch`` on a send_timeout runner thread, which counts as sending meanwhile (so
         shutdown or a blocking add_job inside it does not wait for its own batch); an awaitable
-        it returns is wrapped to keep the mark while the runner awaits it."""
+        it returns is wrapped to keep the mark while the runner awaits it (and its value checked
+        there, named after send_batch: ``_invoke.settled``)."""
         local = self.local
         local.sending = getattr(local, "sending", 0) + 1
         try:
@@ -710,7 +711,7 @@ class Core:
         local = self.local
         local.sending = getattr(local, "sending", 0) + 1
         try:
-            return await awaitable
+            return settled(self.send_batch, awaitable, await awaitable)
         finally:
             local.sending -= 1
 
