@@ -229,7 +229,7 @@ def cli(*argv: str) -> tuple[int, str]:
         (f"postgresql://app:{SECRET}@127.0.0.1:65536/app", "invalid port '65536'"),
         (f"postgresql://app:{SECRET}@[::1/app", "unclosed '['"),
         (f"postgresql://app:{SECRET}[x@127.0.0.1:1/app", "127.0.0.1:1 is unavailable"),
-        (f"postgresql://app:{SECRET}@x@[::1]:1/app", "::1:1 is unavailable"),
+        (f"postgresql://app:{SECRET}@x@[::1]:1/app", "[::1]:1 is unavailable"),
         (f"sqlite://app:{SECRET}@h/x.db", "invalid SQLite store URL"),
     ],
 )

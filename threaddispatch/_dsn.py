@@ -12,8 +12,8 @@ the host, and checks no port until ``.port`` is read. Here, for ``scheme://useri
 - every port given is a whole number from 1 to 65535 (:func:`check_port`).
 
 Anything else raises :class:`~threaddispatch.errors.ConfigurationError` naming the URL with
-its password masked (:mod:`threaddispatch._redact`), never the password. Pure functions;
-thread-safe.
+its password masked (:mod:`threaddispatch._redact`), never the password. :func:`host_port`
+writes hosts back as a URL does (``[::1]:5432``), for messages. Pure functions; thread-safe.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from urllib.parse import quote, unquote
 from threaddispatch._redact import MASK, redact, scrub
 from threaddispatch.errors import ConfigurationError
 
-__all__ = ["Host", "UrlParts", "check_port", "split_url", "sqlite_path", "url_scheme"]
+__all__ = ["Host", "UrlParts", "check_port", "host_port", "split_url", "sqlite_path", "url_scheme"]
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 _PORT = re.compile(r"[0-9]+")
@@ -114,6 +114,32 @@ def split_url(url: str) -> UrlParts:
                 message = message.replace(secret, MASK)
         raise ConfigurationError(scrub(message, url)) from None
     return UrlParts(scheme, user, password, rest[: len(rest) - len(tail)], hostspec, hosts, tail, *_tail(tail))
+
+
+def host_port(host: str, port: str) -> str:
+    """``host:port`` for a message, as a URL writes it: an IPv6 address in brackets, ``[::1]:5432``.
+
+    ``host`` and ``port`` are libpq's (comma-separated lists for several hosts): each host
+    is shown with its port, one port with every host when only one is given, none for an
+    empty one (libpq's default). Lists of counts libpq refuses are shown as given. A host
+    holding ':' is an IPv6 address unless it is a Unix socket directory (starts with '/').
+    Shows only what it is given: pass names already scrubbed of any password.
+    """
+    hosts = host.split(",")
+    ports = port.split(",")
+    if len(ports) == 1:
+        ports *= len(hosts)
+    if len(ports) != len(hosts):
+        return f"{','.join(map(_bracketed, hosts))}:{port}"
+    shown = (
+        f"{_bracketed(name)}:{number}" if number else _bracketed(name)
+        for name, number in zip(hosts, ports, strict=True)
+    )
+    return ",".join(shown)
+
+
+def _bracketed(name: str) -> str:
+    return f"[{name}]" if ":" in name and not name.startswith("/") else name
 
 
 def sqlite_path(url: str) -> str | None:

@@ -29,7 +29,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
-from threaddispatch._dsn import check_port, split_url
+from threaddispatch._dsn import check_port, host_port, split_url
 from threaddispatch._redact import MASK, passwords, redact, scrub
 from threaddispatch.errors import ConfigurationError, StoreError, StoreUnavailableError
 
@@ -99,6 +99,8 @@ class Dsn:
         self.host = self.scrub(host)
         self.port = self.scrub(str(params.get("port") or os.environ.get("PGPORT") or "5432"))
         self.dbname = self.scrub(str(params.get("dbname") or os.environ.get("PGDATABASE") or params.get("user") or ""))
+        # host:port for messages, an IPv6 host in brackets ([::1]:5432); host and port are scrubbed.
+        self.address = host_port(self.host, self.port)
 
     def _take_schema(self, dsn: str) -> tuple[str, str | None, str]:
         """(what libpq connects with, our own ``schema=`` query parameter, the URL's password or '') of ``dsn``.
@@ -148,18 +150,18 @@ class Dsn:
 
     @property
     def where(self) -> str:
-        """``host:port/dbname`` for messages (no user, no password)."""
-        return f"{self.host}:{self.port}/{self.dbname}" if self.dbname else f"{self.host}:{self.port}"
+        """``host:port/dbname`` for messages (no user, no password; ``[::1]:5432/app`` for an IPv6 host)."""
+        return f"{self.address}/{self.dbname}" if self.dbname else self.address
 
     def unavailable(self, what: str, error: BaseException) -> StoreUnavailableError:
         """The StoreUnavailableError for ``error`` while doing ``what`` (its text scrubbed)."""
         text = self.scrub(str(error).strip()) or type(error).__name__
-        return StoreUnavailableError(f"PostgreSQL store at {self.host}:{self.port} is unavailable ({what}): {text}")
+        return StoreUnavailableError(f"PostgreSQL store at {self.address} is unavailable ({what}): {text}")
 
     def failed(self, what: str, error: BaseException) -> StoreError:
         """The StoreError for ``error`` while doing ``what`` (its text scrubbed)."""
         text = self.scrub(str(error).strip()) or type(error).__name__
-        return StoreError(f"PostgreSQL store at {self.host}:{self.port}: {what} failed: {text}")
+        return StoreError(f"PostgreSQL store at {self.address}: {what} failed: {text}")
 
     def raise_from(self, new: StoreError, error: BaseException) -> NoReturn:
         """Raise ``new`` from ``error``, with ``error``'s own text scrubbed first.
@@ -291,7 +293,7 @@ class Pool:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise StoreUnavailableError(
-                            f"PostgreSQL store at {self.dsn.host}:{self.dsn.port}: all {self.max_size} pooled "
+                            f"PostgreSQL store at {self.dsn.address}: all {self.max_size} pooled "
                             f"connections stayed busy for {self.pool_timeout}s (raise max_size?)"
                         )
                     self._available.wait(remaining)

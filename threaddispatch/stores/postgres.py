@@ -284,7 +284,7 @@ class PostgresStore(AdminMethods, Store):
         """The StoreUnavailableError for a statement cancelled by ``lock_timeout`` (its text scrubbed)."""
         text = self._dsn.scrub(str(error).strip()) or type(error).__name__
         return StoreUnavailableError(
-            f"PostgreSQL store at {self._dsn.host}:{self._dsn.port} is unavailable ({what}): waited longer than "
+            f"PostgreSQL store at {self._dsn.address} is unavailable ({what}): waited longer than "
             f"lock_timeout={self._lock_timeout}s for a lock another session holds on its tables or rows: {text}"
         )
 
