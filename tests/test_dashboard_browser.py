@@ -8,9 +8,11 @@ docs/dashboard.png (the README's picture; not rewritten by every run).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -19,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from threaddispatch._cli_admin import _when as cli_when
+from threaddispatch._job_enqueue import new_record
 from threaddispatch.admin import make_server, make_wsgi_app
 from threaddispatch.jobs import JobEngine
 from threaddispatch.stores import MemoryStore
@@ -262,3 +266,33 @@ def test_purge_asks_first(page: Any, site: Site) -> None:
     _until(page, ec.alert_is_present(), "the confirmation").accept()
     wait_for(lambda: site.engine.dlq_count() == 0, WAIT, message="purged")
     _until(page, lambda d: not d.find_elements("css selector", "#dlq tr[data-dead-letter]"), "the list emptied")
+
+
+def _stored_due_at(site: Site, run_at: float) -> str:
+    """A pending job due at ``run_at`` written straight to the store, as an older client could have."""
+    now = time.time()
+    record = dataclasses.replace(new_record("send_email", "1", "default", 0, 3, 300.0, now, now), run_at=run_at)
+    [job_id] = site.engine.store.enqueue([record])
+    return job_id
+
+
+def _text_is(by: str, selector: str, text: str) -> Callable[[Any], bool]:
+    """A wait condition: the element at ``selector`` shows ``text``."""
+    return lambda driver: bool(driver.find_element(by, selector).text == text)
+
+
+def test_a_stored_time_no_date_holds_shows_as_the_cli_shows_it(page: Any, site: Site) -> None:
+    """Past year 9999 (or before year 1) the page shows the CLI's 'far future (epoch 1e+15)', never 'Invalid Date'."""
+    times = [1e15, 1e300, -1e15, 1e12, 253402300800.0, 123456789012345.6]
+    jobs = {_stored_due_at(site, run_at): run_at for run_at in times}
+    _login(page)
+    field = '#detail-fields [data-field="run at"]'
+    for job_id, run_at in jobs.items():
+        _click(page, f'#jobs a[data-id="{job_id}"]')
+        _until(page, _text_is("id", "detail-id", job_id), "the job's detail")
+        _until(page, _text_is("css selector", field, cli_when(run_at)), cli_when(run_at))
+    assert "Invalid Date" not in page.find_element("id", "app").text
+    # A time a date holds is shown as a date, not as an epoch number.
+    _click(page, f'#jobs a[data-id="{site.jobs[0]}"]')
+    _until(page, lambda d: d.find_element("id", "detail-id").text == site.jobs[0], "a plain job's detail")
+    assert "epoch" not in page.find_element("css selector", field).text

@@ -82,8 +82,28 @@
     return el("button", { type: "button", className: className || "", onclick }, label);
   }
 
+  // The range Python's datetime holds (0001-01-01 to 9999-12-31 UTC): outside it the CLI shows
+  // "far future (epoch 1e+15)", and so does the page (a Date there is "Invalid Date" or year 10000+).
+  const FIRST_EPOCH = -62135596800;
+  const LAST_EPOCH = 253402300800;
+
+  // Python's format(x, ".6g"): six significant digits, trailing zeros dropped, exponent of two digits at least.
+  function sixDigits(x) {
+    if (x === 0) return "0";
+    const [mantissa, exponentText] = x.toExponential(5).split("e");
+    const exponent = Number(exponentText);
+    const trim = (text) => (text.includes(".") ? text.replace(/0+$/, "").replace(/\.$/, "") : text);
+    if (exponent >= -4 && exponent < 6) return trim(x.toFixed(5 - exponent));
+    const digits = String(Math.abs(exponent)).padStart(2, "0");
+    return trim(mantissa) + "e" + (exponent < 0 ? "-" : "+") + digits;
+  }
+
   function when(seconds) {
     if (seconds === null || seconds === undefined) return "";
+    if (typeof seconds !== "number" || !Number.isFinite(seconds)) return "-";
+    if (seconds < FIRST_EPOCH || seconds >= LAST_EPOCH) {
+      return (seconds > 0 ? "far future" : "far past") + " (epoch " + sixDigits(seconds) + ")";
+    }
     return new Date(seconds * 1000).toLocaleString();
   }
 
