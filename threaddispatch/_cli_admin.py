@@ -6,7 +6,11 @@ calls :func:`add_parsers`. Every subcommand takes ``--store URL`` (default: the
 error (a bad URL, an unknown id, a bad state name, a missing token, a store that is
 down) is one line with exit code 2; never a traceback. Cancel and retry are the
 engine's (:meth:`JobEngine.cancel` / :meth:`JobEngine.retry`), the rule the admin API
-follows too.
+follows too. ``dlq replay ID...`` replays every id it can: each one refused (a held
+unique key, a failed dependency, a letter replayed meanwhile) is a line on stderr naming
+it and why (``--json`` lists them under ``refused``), and the exit code is 1 when any
+was; an unknown id replays nothing (exit 2). ``dlq replay --all`` skips a refused letter
+with a logged warning, as :meth:`JobEngine.replay_all` does.
 """
 
 from __future__ import annotations
@@ -23,7 +27,17 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from threaddispatch._admin_stats import cluster_queues, cluster_stats
-from threaddispatch._cli_common import STORE_ENV, CommandError, command, count, open_engine, open_store, print_json
+from threaddispatch._cli_common import (
+    STORE_ENV,
+    CommandError,
+    command,
+    count,
+    fail,
+    open_engine,
+    open_store,
+    print_json,
+)
+from threaddispatch.errors import InvalidStateError, JobNotFoundError
 from threaddispatch.stores.base import JobState
 
 if TYPE_CHECKING:
@@ -246,21 +260,33 @@ def _dlq_replay(args: argparse.Namespace) -> int:
         raise CommandError("give dead letter ids, or --all (not both)")
     if args.queue is not None and not args.all:
         raise CommandError("--queue goes with --all")
+    refused: list[dict[str, str]] = []
     with open_engine(args) as engine:
         if args.all:
-            job_ids = engine.replay_all(args.queue)
+            job_ids = engine.replay_all(args.queue)  # a refused letter is skipped and logged there
         else:
+            # An unknown id is a typo: nothing is replayed. A refusal is the letter's state: the others go on.
             missing = [i for i in args.ids if engine.store.get_dead_letter(i) is None]
             if missing:
                 raise CommandError(f"no dead letter with id {missing[0]!r}")
-            job_ids = [engine.replay(i) for i in args.ids]
+            job_ids = []
+            for letter_id in args.ids:
+                try:
+                    job_ids.append(engine.replay(letter_id))
+                except (InvalidStateError, JobNotFoundError) as error:  # not found: replayed or purged meanwhile
+                    refused.append({"dead_letter_id": letter_id, "error": str(error)})
         if args.json:
-            print_json({"replayed": len(job_ids), "job_ids": job_ids})
+            data: dict[str, object] = {"replayed": len(job_ids), "job_ids": job_ids}
+            if not args.all:  # replay_all logs the letters it refused and names none
+                data["refused"] = refused
+            print_json(data)
         else:
             print(f"replayed {len(job_ids)} dead letter(s)")
             for job_id in job_ids:
                 print(f"  new job {job_id}")
-    return 0
+    for entry in refused:
+        fail(args.command, f"dead letter {entry['dead_letter_id']} not replayed: {entry['error']}", 1)
+    return 1 if refused else 0
 
 
 @command
