@@ -296,3 +296,23 @@ def test_a_stored_time_no_date_holds_shows_as_the_cli_shows_it(page: Any, site: 
     _click(page, f'#jobs a[data-id="{site.jobs[0]}"]')
     _until(page, lambda d: d.find_element("id", "detail-id").text == site.jobs[0], "a plain job's detail")
     assert "epoch" not in page.find_element("css selector", field).text
+
+
+def test_the_locks_panel_lists_the_holds(page: Any, site: Site) -> None:
+    """A handler that outlived its claim: its hold is a row (lock, job, name, state, worker); its release empties it."""
+    store = site.engine.store
+    job_id = site.engine.enqueue("send_email", {"to": "held@example.com"}, lock="customer:42", priority=1 << 40)
+    [claimed] = store.claim(["default"], 1, worker_id="w-held", now=time.time() + 1)
+    assert claimed.id == job_id
+    assert store.hold_locks([(job_id, 1)], worker_id="w-held", now=time.time()) == {job_id}
+    assert store.fail(job_id, worker_id="w-held", attempts=1, error="timed out", now=time.time())
+    _login(page)
+    _visible(page, "locks-panel")
+    row = f'#locks tr[data-job="{job_id}"]'
+    _css(page, row)
+    cells = [cell.text for cell in page.find_elements("css selector", f"{row} td")]
+    assert cells[:6] == ["customer:42", job_id, "send_email", "failed", "1", "w-held"]
+    assert cells[6] and "Invalid" not in cells[6]
+    assert store.release_holds([(job_id, 1)], worker_id="w-held") == 1
+    _until(page, lambda d: not d.find_elements("css selector", "#locks tr[data-job]"), "the hold gone")
+    assert "no lock holds" in page.find_element("id", "locks").text

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Protocol
 
-from threaddispatch._admin_cursor import Anchor, keyset_page
+from threaddispatch._admin_cursor import DEFAULT_LIMIT, MAX_LIMIT, Anchor, keyset_page
+from threaddispatch._admin_locks import lock_holds
 from threaddispatch._admin_params import Request
 from threaddispatch._admin_stats import cluster_stats
 from threaddispatch._wsgi import bad
@@ -215,6 +216,21 @@ def stats(app: AdminContext, request: Request) -> Answer:
 
 def list_workers(app: AdminContext, request: Request) -> Answer:
     return 200, {"workers": [worker.to_dict() for worker in app.engine.workers()]}
+
+
+def list_locks(app: AdminContext, request: Request) -> Answer:
+    # Holds are few (one per handler that outlived its claim): one read, capped by limit, with the total.
+    limit = request.integer("limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    holds, total = lock_holds(app.engine, limit=limit)
+    return 200, {"holds": holds, "total": total}
+
+
+def get_lock(app: AdminContext, request: Request) -> Answer:
+    # A lock is no stored entity: a key nothing holds answers an empty list, not a 404.
+    key = request.groups[0]
+    limit = request.integer("limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    holds, total = lock_holds(app.engine, lock=key, limit=limit)
+    return 200, {"lock": key, "holds": holds, "total": total}
 
 
 def throughput(app: AdminContext, request: Request) -> Answer:

@@ -1,6 +1,6 @@
 """The management subcommands of the ``threaddispatch`` command line.
 
-jobs, dlq, crons, queues, workers, enqueue, stats, migrate and serve. ``threaddispatch.cli``
+jobs, dlq, crons, queues, workers, locks, enqueue, stats, migrate and serve. ``threaddispatch.cli``
 calls :func:`add_parsers`. Every subcommand takes ``--store URL`` (default: the
 ``THREADDISPATCH_STORE`` environment variable) and ``--json`` (machine output). Every
 error (a bad URL, an unknown id, a bad state name, a missing token, a store that is
@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from threaddispatch._admin_locks import lock_holds
 from threaddispatch._admin_stats import cluster_queues, cluster_stats
 from threaddispatch._cli_common import (
     STORE_ENV,
@@ -191,6 +192,14 @@ _WORKER_COLUMNS = ["ID", "HOST", "PID", "QUEUES", "RUNNING", "STARTED", "HEARTBE
 def _worker_rows(workers: Sequence[dict[str, Any]]) -> list[list[object]]:
     return [[w["id"], w["host"], w["pid"], ",".join(w["queues"]), f"{w['running']}/{w['concurrency']}",
              _when(w["started_at"]), _when(w["heartbeat_at"])] for w in workers]  # fmt: skip
+
+
+_HOLD_COLUMNS = ["LOCK", "JOB", "NAME", "STATE", "ATTEMPT", "WORKER", "HEARTBEAT"]
+
+
+def _hold_rows(holds: Sequence[dict[str, Any]]) -> list[list[object]]:
+    return [[h["lock"], h["job_id"], h["job_name"] or "-", h["job_state"] or "purged", h["attempts"], h["worker_id"],
+             _when(h["heartbeat_at"])] for h in holds]  # fmt: skip
 
 
 def _letter_rows(letters: Sequence[DeadLetter]) -> list[list[object]]:
@@ -421,6 +430,21 @@ def _workers(args: argparse.Namespace) -> int:
 
 
 @command
+def _locks_list(args: argparse.Namespace) -> int:
+    with open_engine(args) as engine:
+        holds, total = lock_holds(engine, lock=args.lock, limit=args.limit)
+    if args.json:
+        print_json({"holds": holds, "total": total})
+    elif not holds:
+        print("no lock holds")
+    else:
+        print(_table(_HOLD_COLUMNS, _hold_rows(holds)))
+        if total > len(holds):
+            print(f"({len(holds)} of {total} shown; raise --limit for more)")
+    return 0
+
+
+@command
 def _migrate(args: argparse.Namespace) -> int:
     store = open_store(args, create=True)
     try:
@@ -535,6 +559,18 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--stale-after", type=_seconds, default=None, metavar="SECONDS",
                    help="listed while the last heartbeat is this recent (default 30)")  # fmt: skip
     p.set_defaults(handler=_workers)
+
+    locks = subparsers.add_parser("locks", help="serial-lock holds of handlers that outlived their claim")
+    locks_sub = locks.add_subparsers(dest="locks_command", metavar="ACTION")
+    locks_sub.required = True
+    p = locks_sub.add_parser("list", parents=[common], help="the lock holds, oldest heartbeat first",
+                             description="Serial locks kept held past their job's running state while its "
+                             "handler still runs (a timeout, a cancel, a hand-back at stop): no job of the "
+                             "lock is claimed until the handler returns. A running job's own lock is not "
+                             "listed here (see jobs list --state running).")  # fmt: skip
+    p.add_argument("--lock", default=None, metavar="KEY", help="only the holds of this lock key")
+    p.add_argument("--limit", type=count(1, 100_000), default=50, help="at most this many (default 50)")
+    p.set_defaults(handler=_locks_list)
 
     p = subparsers.add_parser("migrate", parents=[common], help="create or upgrade the store's schema")
     p.set_defaults(handler=_migrate)

@@ -35,6 +35,9 @@ GET      ``/stats``                        the cluster, from the store: job coun
 GET      ``/stats/throughput``             jobs completed and failed per minute, oldest first,
                                            the current minute last (``minutes``: 1-1440, 60)
 GET      ``/workers``                      the live workers of the store (every process's)
+GET      ``/locks``                        serial-lock holds of handlers that outlived their claim,
+                                           oldest heartbeat first (``limit``), with ``total``
+GET      ``/locks/{key}``                  the holds of one lock key (an empty list when none)
 GET      ``/health``                       200 when the store answers, else 503
 GET      ``/ready``                        the same check, for readiness probes
 =======  ================================  ===============================================
@@ -183,6 +186,8 @@ class AdminApp:
         route("GET", "/stats", r"/stats", handlers.stats),
         route("GET", "/stats/throughput", r"/stats/throughput", handlers.throughput, ("minutes",)),
         route("GET", "/workers", r"/workers", handlers.list_workers),
+        route("GET", "/locks", r"/locks", handlers.list_locks, ("limit",)),
+        route("GET", "/locks/{key}", r"/locks/(.+)", handlers.get_lock, ("limit",)),
         route("GET", "/health", r"/health", handlers.health),
         route("GET", "/ready", r"/ready", handlers.health),
     ])  # fmt: skip

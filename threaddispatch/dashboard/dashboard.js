@@ -297,6 +297,22 @@
     fill($("workers").tBodies[0], rows, 2, "no live workers");
   }
 
+  async function loadLocks() {
+    const data = await api("GET", "/locks", { limit: PAGE_SIZE });
+    const rows = data.holds.map((hold) => el("tr", { dataset: { lock: hold.lock, job: hold.job_id } },
+      el("td", { className: "lock-key" }, hold.lock),
+      el("td", {}, el("a", { className: "job-link", href: "#job-" + hold.job_id,
+        onclick: (event) => { event.preventDefault(); openDetail(hold.job_id); } }, hold.job_id)),
+      el("td", {}, hold.job_name || ""),
+      el("td", { className: "job-state " + (hold.job_state || "") }, hold.job_state || "purged"),
+      el("td", {}, hold.attempts),
+      el("td", {}, hold.worker_id),
+      el("td", {}, when(hold.heartbeat_at))));
+    fill($("locks").tBodies[0], rows, 7, "no lock holds");
+    $("locks-more").hidden = data.total <= data.holds.length;
+    $("locks-more").textContent = data.holds.length + " of " + data.total + " shown (oldest heartbeat first)";
+  }
+
   async function loadThroughput() {
     const data = await api("GET", "/stats/throughput", { minutes: 60 });
     drawChart(data.buckets || []);
@@ -365,7 +381,8 @@
     await loadCounts();   // first: a 401 here stops the rest
     await Promise.all([
       loadQueues(), loadJobs(), loadDetail(), loadDeadLetters(), loadCrons(),
-      optional("workers-panel", loadWorkers), optional("throughput-panel", loadThroughput),
+      optional("workers-panel", loadWorkers), optional("locks-panel", loadLocks),
+      optional("throughput-panel", loadThroughput),
     ]);
   }
 
