@@ -345,7 +345,7 @@ def test_a_timed_out_call_is_abandoned_and_a_later_call_still_runs(
     assert isinstance(outcome.error, DispatchTimeoutError) and isinstance(outcome.error, TimeoutError)
     assert "hang" in str(outcome.error) and "0.05" in str(outcome.error)
     assert caller.abandoned == 1
-    after = caller.call(threading.current_thread).value
+    after = caller.call_until(time.monotonic() + 30, threading.current_thread).value  # a far deadline: load-proof
     assert after is not hung_on[0]  # a fresh runner took over
     stats = caller.stats()
     assert stats["abandoned_calls"] == 1 and stats["calls_abandoned"] == 1 and stats["call_timeouts"] == 1
@@ -410,7 +410,7 @@ def test_abandoned_threads_are_bounded_and_a_waiting_caller_keeps_its_deadline(c
     assert len([t for t in live_dispatch_threads() if t.name == "threaddispatch-test-call"]) == 2
     release.set()
     wait_for(lambda: caller.abandoned == 0, timeout=10, message="abandoned calls ended")
-    assert caller.call(lambda: "d").value == "d"
+    assert caller.call_until(time.monotonic() + 30, lambda: "d").value == "d"
 
 
 def test_a_waiting_caller_runs_when_an_abandoned_call_ends_in_time(closing: list[TimedCaller]) -> None:
