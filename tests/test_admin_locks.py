@@ -1,8 +1,9 @@
-"""``GET /locks`` and ``GET /locks/{key}`` over a real socket: the lock holds of handlers that outlived their claim.
+"""``GET /locks`` and ``GET /locks/{key}`` over a real socket: who holds each serial lock.
 
-A hold (``Store.list_holds``) keeps a job's lock past its running state until its handler
-returns. The admin API lists them, oldest heartbeat first, with the job's name and state,
-capped by ``limit`` with the ``total``; a key shows only its own holds. Holds are made
+Two kinds of holder: a running job with a lock (its claim), and a hold (``Store.list_holds``)
+that keeps a job's lock past its running state until its handler returns. The admin API
+lists them, oldest heartbeat first, with the job's name and state and ``held_by``, capped by
+``limit`` with the ``total``; a key shows only its own holds. Holds are made
 through the store (claim, ``hold_locks``, fail: deterministic, no worker thread), and once
 by a real engine whose handler runs past its timeout. Every store, via the ``store`` fixture.
 """
@@ -79,12 +80,33 @@ def test_holds_are_listed_oldest_heartbeat_first_with_their_jobs(engine: JobEngi
     assert reply.body == {
         "holds": [
             {"lock": "customer:42", "job_id": older, "attempts": 1, "worker_id": "w", "heartbeat_at": now - 10,
-             "job_name": "noop", "job_state": "failed"},
+             "job_name": "noop", "job_state": "failed", "held_by": "outlived"},
             {"lock": "customer:7", "job_id": newer, "attempts": 1, "worker_id": "w-2", "heartbeat_at": now,
-             "job_name": "noop", "job_state": "failed"},
+             "job_name": "noop", "job_state": "failed", "held_by": "outlived"},
         ],
         "total": 2,
     }  # fmt: skip
+
+
+def test_a_running_job_with_a_lock_is_listed_as_its_holder(engine: JobEngine, api: Server) -> None:
+    """A claimed job of a lock holds it by its claim: listed with held_by "running", beside an outlived hold."""
+    now = time.time()
+    outlived = held(engine, "customer:42", heartbeat=now - 10)
+    running = engine.enqueue("noop", {}, lock="customer:7")
+    free = engine.enqueue("noop", {})  # no lock: running, but holds nothing
+    claimed = engine.store.claim(["default"], 5, worker_id="w-run", now=time.time() + 1)
+    assert {job.id for job in claimed} == {running, free}
+    engine.store.heartbeat([running], worker_id="w-run", now=now)
+    holds = api.request("GET", f"{BASE}/locks").body
+    assert holds["total"] == 2
+    assert [(h["job_id"], h["lock"], h["held_by"], h["job_state"], h["worker_id"]) for h in holds["holds"]] == [
+        (outlived, "customer:42", "outlived", "failed", "w"),
+        (running, "customer:7", "running", "running", "w-run"),
+    ]
+    one = api.request("GET", _path("customer:7")).body
+    assert [h["job_id"] for h in one["holds"]] == [running] and one["total"] == 1
+    assert engine.store.complete(running, worker_id="w-run", attempts=1, result=None, now=time.time())
+    assert [h["job_id"] for h in api.request("GET", f"{BASE}/locks").body["holds"]] == [outlived]
 
 
 def test_one_keys_holds_whatever_the_key_holds(engine: JobEngine, api: Server) -> None:

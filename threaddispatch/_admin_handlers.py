@@ -219,7 +219,7 @@ def list_workers(app: AdminContext, request: Request) -> Answer:
 
 
 def list_locks(app: AdminContext, request: Request) -> Answer:
-    # Holds are few (one per handler that outlived its claim): one read, capped by limit, with the total.
+    # Holders are few (running jobs with a lock, handlers that outlived their claim): capped by limit, with the total.
     limit = request.integer("limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
     holds, total = lock_holds(app.engine, limit=limit)
     return 200, {"holds": holds, "total": total}

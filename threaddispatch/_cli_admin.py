@@ -194,12 +194,12 @@ def _worker_rows(workers: Sequence[dict[str, Any]]) -> list[list[object]]:
              _when(w["started_at"]), _when(w["heartbeat_at"])] for w in workers]  # fmt: skip
 
 
-_HOLD_COLUMNS = ["LOCK", "JOB", "NAME", "STATE", "ATTEMPT", "WORKER", "HEARTBEAT"]
+_HOLD_COLUMNS = ["LOCK", "HOLDER", "JOB", "NAME", "STATE", "ATTEMPT", "WORKER", "HEARTBEAT"]
 
 
 def _hold_rows(holds: Sequence[dict[str, Any]]) -> list[list[object]]:
-    return [[h["lock"], h["job_id"], h["job_name"] or "-", h["job_state"] or "purged", h["attempts"], h["worker_id"],
-             _when(h["heartbeat_at"])] for h in holds]  # fmt: skip
+    return [[h["lock"], h["held_by"], h["job_id"], h["job_name"] or "-", h["job_state"] or "purged", h["attempts"],
+             h["worker_id"], _when(h["heartbeat_at"])] for h in holds]  # fmt: skip
 
 
 def _letter_rows(letters: Sequence[DeadLetter]) -> list[list[object]]:
@@ -560,14 +560,14 @@ def add_parsers(subparsers: Any) -> None:
                    help="listed while the last heartbeat is this recent (default 30)")  # fmt: skip
     p.set_defaults(handler=_workers)
 
-    locks = subparsers.add_parser("locks", help="serial-lock holds of handlers that outlived their claim")
+    locks = subparsers.add_parser("locks", help="who holds each serial lock: running jobs, outlived handlers")
     locks_sub = locks.add_subparsers(dest="locks_command", metavar="ACTION")
     locks_sub.required = True
-    p = locks_sub.add_parser("list", parents=[common], help="the lock holds, oldest heartbeat first",
-                             description="Serial locks kept held past their job's running state while its "
-                             "handler still runs (a timeout, a cancel, a hand-back at stop): no job of the "
-                             "lock is claimed until the handler returns. A running job's own lock is not "
-                             "listed here (see jobs list --state running).")  # fmt: skip
+    p = locks_sub.add_parser("list", parents=[common], help="the lock holders, oldest heartbeat first",
+                             description="Who holds each serial lock: a running job with a lock (held by "
+                             "'running', its claim), or a handler that outlived its claim (held by 'outlived': "
+                             "a timeout, a cancel, a hand-back at stop), whose lock no job is claimed for until "
+                             "the handler returns.")  # fmt: skip
     p.add_argument("--lock", default=None, metavar="KEY", help="only the holds of this lock key")
     p.add_argument("--limit", type=count(1, 100_000), default=50, help="at most this many (default 50)")
     p.set_defaults(handler=_locks_list)

@@ -1,6 +1,6 @@
 """The ``threaddispatch`` command line (also ``python -m threaddispatch``): ``main`` and the parser.
 
-The subcommands live in ``_cli_admin`` (jobs, dlq, crons, queues, workers, enqueue, stats,
+The subcommands live in ``_cli_admin`` (jobs, dlq, crons, queues, workers, locks, enqueue, stats,
 migrate, serve), ``_cli_worker`` (worker) and ``_bench`` (bench: its options and its run);
 what they share is in ``_cli_common``, which imports none of them.
 

@@ -113,6 +113,7 @@ from threaddispatch.stores.base import (
     DeadLetter,
     JobRecord,
     JobState,
+    LockHold,
     Store,
     WorkerInfo,
 )
@@ -128,6 +129,9 @@ __all__ = [
     "QueueConfig",
     "new_job_id",
 ]
+
+#: The most running jobs :meth:`JobEngine.lock_holders` reads (a cluster's concurrency is far below).
+_MAX_RUNNING_SHOWN = 10_000
 
 _log = logging.getLogger("threaddispatch.jobs")
 
@@ -1277,6 +1281,35 @@ class JobEngine:
         at which a dead worker's jobs are reaped.
         """
         return list_workers(self.store, stale_after=self.config.stale_job_threshold)
+
+    def lock_holders(self, lock: str | None = None) -> list[LockHold]:
+        """Who holds each serial lock now (of ``lock``, or every lock), oldest heartbeat first.
+
+        Two kinds, one record type: a running job with a lock (its claim holds it; attempts,
+        worker and heartbeat are the claim's, or its start before the first heartbeat), and
+        a :class:`~threaddispatch.stores.base.LockHold` a handler keeps past its job's
+        running state (a timeout, a cancel, a hand-back at stop) until it returns; tell them
+        apart by the job's state. Blocks for one store read of the holds and one of the
+        running jobs per 500 (at most :data:`_MAX_RUNNING_SHOWN` are read). Raises
+        ConfigurationError for a bad ``lock``.
+        """
+        if lock is not None:
+            check_text("lock", lock)
+        holders = list(self.store.list_holds(lock=lock))
+        seen = {hold.job_id for hold in holders}  # pages read while jobs move may repeat one
+        for offset in range(0, _MAX_RUNNING_SHOWN, 500):
+            page = self.store.list_jobs(state=JobState.RUNNING, limit=500, offset=offset)
+            for job in page:
+                if job.id in seen:
+                    continue
+                seen.add(job.id)
+                if job.lock is not None and job.worker_id is not None and (lock is None or job.lock == lock):
+                    beat = job.heartbeat_at or job.started_at or job.updated_at
+                    holders.append(LockHold(job.lock, job.id, job.attempts, job.worker_id, beat))
+            if len(page) < 500:
+                break
+        holders.sort(key=lambda hold: (hold.heartbeat_at, hold.job_id))
+        return holders
 
     def throughput(self, minutes: int = 60) -> list[dict[str, float]]:
         """Jobs completed and failed per minute over the last ``minutes`` (1 to 1440), by finish time.
