@@ -5,7 +5,7 @@ Two kinds of holder (:meth:`JobEngine.lock_holders`): a running job with a lock
 job's lock past its running state while its handler still runs (a timeout, a cancel of a
 running job, a hand-back at stop; ``held_by: "outlived"``): until it goes, no job of that lock
 is claimed. Every face builds its answer with :func:`lock_holds`, so they agree. Blocks for
-the engine's reads and one :meth:`Store.get` per outlived hold shown (for its job's name and
+the engine's reads and one :meth:`Store.get` per holder shown (for its job's name and
 state); thread-safe as the store is.
 """
 
