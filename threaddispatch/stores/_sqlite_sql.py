@@ -27,6 +27,7 @@ __all__ = [
     "SCHEMA_V9",
     "SCHEMA_V10",
     "SCHEMA_V11",
+    "SCHEMA_V12",
     "STATEMENTS",
     "TYPES",
     "UNSET_COLUMNS",
@@ -119,8 +120,11 @@ SCHEMA_V10 = (
 )
 # Migration 11: a dead letter keeps its job's lock, unique key, dependencies and timeout (for its replay).
 SCHEMA_V11 = _sql.schema_letter_job(TYPES)
-#: The shared statements in sqlite3's placeholder style.
-STATEMENTS = _sql.Statements("?")
+# Migration 12: the waits' index by waiting job, which a dependent's release and its waiting_on
+# read (STATEMENTS counts the waits left instead of decrementing a count on the dependent's row).
+SCHEMA_V12 = _sql.schema_dependents_index(TYPES)
+#: The shared statements in sqlite3's placeholder style; a dependent's waits are counted (see Statements).
+STATEMENTS = _sql.Statements("?", counted_waits=True)
 
 
 def chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:

@@ -179,6 +179,7 @@ class PostgresStore(AdminMethods, Store):
         (12, "wake-up payloads that fit NOTIFY's limit, whatever the queue name", q.SCHEMA_V12),
         (13, "lock holds", q.SCHEMA_V13),
         (14, "dead letters keep their job's lock, unique key, dependencies and timeout", q.SCHEMA_V14),
+        (15, "dependency rows indexed by waiting job", q.SCHEMA_V15),
     )
 
     def __init__(

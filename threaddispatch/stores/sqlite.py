@@ -65,6 +65,7 @@ from threaddispatch.stores._sqlite_sql import (
     SCHEMA_V9,
     SCHEMA_V10,
     SCHEMA_V11,
+    SCHEMA_V12,
     STATEMENTS,
     TYPES,
     chunks,
@@ -173,6 +174,7 @@ class SQLiteStore(Store):
         (9, "queue resumes", SCHEMA_V9),
         (10, "lock holds", SCHEMA_V10),
         (11, "dead letters keep their job's lock, unique key, dependencies and timeout", SCHEMA_V11),
+        (12, "dependency rows indexed by waiting job", SCHEMA_V12),
     )
 
     def __init__(
