@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_stores import job
@@ -187,39 +189,63 @@ def test_sqlite_reads_a_waiting_jobs_rows_by_index(store: SQLiteStore) -> None:
             assert not [step for step in plan if step.split()[:2] in _SCANS], plan
 
 
-class _Version11(SQLiteStore):
-    """SQLiteStore as a release before migration 12 left the file."""
+def _upgraded_mid_fan_in(old: Store, new: Store, *, new_version: int) -> None:
+    """A dependent of 4 stored and counted by ``old`` (a schema before the index), one of them finished;
+    ``new`` upgrades the schema and the count goes on from there, whichever store finishes the rest."""
+    deps = _deps(old, 4)
+    sink = _dependent(old, deps)
+    _finish_next(old)
+    assert _seen(old, sink) == (JobState.WAITING, 3)  # counted without the index too
+    assert new.migrate() == new_version
+    assert _seen(new, sink) == (JobState.WAITING, 3)
+    _finish_next(new)
+    _finish_next(old)
+    assert _seen(new, sink) == _seen(old, sink) == (JobState.WAITING, 1)
+    _finish_next(new)
+    assert _seen(old, sink) == (JobState.PENDING, 0)
 
-    MIGRATIONS = SQLiteStore.MIGRATIONS[:11]
 
+def test_a_sqlite_file_of_schema_11_upgraded_mid_fan_in_counts_on(tmp_path: Path) -> None:
+    class OldStore(SQLiteStore):
+        MIGRATIONS = SQLiteStore.MIGRATIONS[:11]
 
-def test_sqlite_upgrade_to_migration_12_keeps_a_fan_in_waiting_and_counting(tmp_path: Path) -> None:
-    """A file at migration 11 with a dependent half released: upgraded, its count goes on from there."""
-    assert SQLiteStore.MIGRATIONS[11][0] == 12 and "waiting job" in SQLiteStore.MIGRATIONS[11][1]
+    assert SQLiteStore.MIGRATIONS[11][:2] == (12, "dependency rows indexed by waiting job")
     path = tmp_path / "jobs.db"
-    old = _Version11(path)
-    new: SQLiteStore | None = None
-    try:
+    with contextlib.closing(OldStore(path)) as old, contextlib.closing(SQLiteStore(path, migrate=False)) as new:
         assert old.schema_version() == 11
-        deps = _deps(old, 4)
-        sink = _dependent(old, deps)
-        _finish_next(old)
-        assert _seen(old, sink) == (JobState.WAITING, 3)  # counted without the index too
-        new = SQLiteStore(path)
-        assert new.schema_version() == SQLiteStore.MIGRATIONS[-1][0] >= 12
+        _upgraded_mid_fan_in(old, new, new_version=SQLiteStore.MIGRATIONS[-1][0])
         with _raw(new) as raw:
             names = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "dispatch_job_deps_job" in names
-        assert _seen(new, sink) == (JobState.WAITING, 3)
-        _finish_next(new)
-        _finish_next(old)
-        assert _seen(new, sink) == _seen(old, sink) == (JobState.WAITING, 1)
-        _finish_next(new)
-        assert _seen(old, sink) == (JobState.PENDING, 0)
+
+
+@pytest.fixture
+def new_schema(pg_server: Any) -> Iterator[str]:
+    """A schema no store has migrated yet, dropped afterwards."""
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield name
+    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+@pytest.mark.postgres
+def test_a_postgresql_schema_of_version_14_upgraded_mid_fan_in_counts_on(pg_server: Any, new_schema: str) -> None:
+    from threaddispatch.stores.postgres import PostgresStore
+
+    class OldStore(PostgresStore):
+        MIGRATIONS = PostgresStore.MIGRATIONS[:14]
+
+    assert PostgresStore.MIGRATIONS[14][:2] == (15, "dependency rows indexed by waiting job")
+    old = OldStore(pg_server.dsn, schema=new_schema)
+    new = PostgresStore(pg_server.dsn, schema=new_schema, migrate=False)
+    try:
+        assert old.migrate() == 14
+        _upgraded_mid_fan_in(old, new, new_version=PostgresStore.MIGRATIONS[-1][0])
     finally:
         old.close()
-        if new is not None:
-            new.close()
+        new.close()
 
 
 @pytest.mark.parametrize("store_kind", [pytest.param("postgresql", marks=pytest.mark.postgres)])
