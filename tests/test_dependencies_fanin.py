@@ -117,6 +117,22 @@ def test_a_fan_out_is_released_whole_by_the_one_completion(store: Store) -> None
     assert {_seen(store, record.id) for record in dependents[:3]} == {(JobState.PENDING, 0)}
 
 
+def test_a_fan_out_cancelled_and_requeued_waits_again_once_each(store: Store) -> None:
+    """Each dependent requeued is listed once under the dependency (MemoryStore: an ordered set, not a list
+    searched per requeue; the SQL stores: their rows deleted by the index by waiting job)."""
+    (root,) = _deps(store, 1)
+    dependents = [job(queue="sink", run_at=time.time() - 1, depends_on=(root,)) for _ in range(200)]
+    store.enqueue(dependents)
+    for record in dependents:
+        assert store.cancel(record.id, now=time.time())
+    for record in dependents:
+        store.requeue(record.id, now=time.time())
+    assert store.counts()[JobState.WAITING] == 200
+    assert {_seen(store, record.id) for record in dependents[:3]} == {(JobState.WAITING, 1)}
+    _finish_next(store)
+    assert store.counts()[JobState.PENDING] == 200 and store.counts()[JobState.WAITING] == 0
+
+
 def test_a_cancelled_fan_in_retried_waits_for_what_is_left(store: Store) -> None:
     deps = _deps(store, 3)
     sink = _dependent(store, deps)

@@ -69,8 +69,9 @@ class MemoryStore(Store):
         self._leases: dict[str, tuple[str, float]] = {}
         self._paused: set[str] = set()
         self._workers: dict[str, WorkerInfo] = {}  # the worker registry, by worker id
-        # job id -> the waiting jobs that still wait for it (an entry goes when the job finishes)
-        self._dependents: dict[str, list[str]] = {}
+        # job id -> the waiting jobs that still wait for it, in the order they began waiting (an
+        # ordered set: a job run again is listed once, found in O(1)); the entry goes when the job finishes
+        self._dependents: dict[str, dict[str, None]] = {}
         # serial lock -> the ids of the ACTIVE jobs holding it
         self._locked: dict[str, set[str]] = {}
         # Lock holds past the running state, by claim (job id, attempts, worker id); and how many
@@ -218,7 +219,7 @@ class MemoryStore(Store):
         elif unfinished:
             job.state, job.waiting_on = JobState.WAITING, len(unfinished)
             for dependency in unfinished:
-                self._dependents.setdefault(dependency, []).append(job.id)
+                self._dependents.setdefault(dependency, {})[job.id] = None
         else:
             job.state, job.waiting_on = JobState.PENDING, 0
 
@@ -237,9 +238,7 @@ class MemoryStore(Store):
         """Put the stored ``job`` run again in its state: waiting for ``waits`` (:meth:`_rerun_waits`), else pending."""
         for dependency in waits:
             # Not twice: a job cancelled while it waited may still be listed under a dependency.
-            dependents = self._dependents.setdefault(dependency, [])
-            if job.id not in dependents:
-                dependents.append(job.id)
+            self._dependents.setdefault(dependency, {})[job.id] = None
         job.waiting_on = len(waits)
         self._set_state(job, JobState.WAITING if waits else JobState.PENDING, now)
 
