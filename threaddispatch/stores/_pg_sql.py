@@ -255,11 +255,22 @@ COPY = f"COPY dispatch_jobs ({_sql.JOB_COLUMNS}) FROM STDIN"
 MARK_DEPENDED_ON = (
     f"UPDATE dispatch_jobs SET has_dependents = true WHERE id = %s AND NOT has_dependents AND state NOT IN {_sql.FINAL}"
 )
+# Many at once (ids): every one whose row no one holds, in one statement that waits for no lock;
+# then those left unmarked and unfinished (ids), each marked by MARK_DEPENDED_ON.
+TRY_MARK_DEPENDED_ON = (
+    "UPDATE dispatch_jobs SET has_dependents = true WHERE id = ANY(ARRAY(SELECT id FROM dispatch_jobs "
+    f"WHERE id = ANY(%s) AND NOT has_dependents AND state NOT IN {_sql.FINAL} FOR NO KEY UPDATE SKIP LOCKED))"
+)
+UNMARKED = f"SELECT id FROM dispatch_jobs WHERE id = ANY(%s) AND NOT has_dependents AND state NOT IN {_sql.FINAL}"
 # The same for jobs stored in the enqueue's own transaction (ids): rows no one else sees yet.
 MARK_NEW_DEPENDED_ON = "UPDATE dispatch_jobs SET has_dependents = true WHERE id = ANY(%s)"
 # The enqueue's second look at its new dependents (PostgresStore._settle_missed): wait for a
 # dependency's row lock (id).
 AWAIT_ROW = "SELECT 1 FROM dispatch_jobs WHERE id = %s FOR SHARE"
+# First, in one statement, the rows no one holds (ids): the ids it returns need no wait (a
+# completion not yet holding the row takes it after the dependents' commit, so its release sees
+# them); the others (held, or gone) are each waited for with AWAIT_ROW.
+TRY_ROWS = "SELECT id FROM dispatch_jobs WHERE id = ANY(%s) FOR SHARE SKIP LOCKED"
 # Then take the waits of the new jobs (ids) on dependencies that finished meanwhile: the rows a
 # release missed, (dependent, dependency, the dependency's state). A release that runs at the same
 # time deletes the same rows: each row goes to one of the two (the row lock), never to both.

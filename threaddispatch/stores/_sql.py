@@ -211,6 +211,9 @@ READY = "('pending', 'retrying')"
 UNCLAIMED = "('pending', 'retrying', 'waiting')"
 FINAL = "('completed', 'failed', 'cancelled')"
 _FINAL_VALUES = frozenset({"completed", "failed", "cancelled"})
+#: Variables per sqlite3 statement of the dependencies' batches (IN lists, VALUES pairs): far below
+#: SQLite's limit (999 before 3.32).
+_DEP_CHUNK = 500
 
 
 def letter_columns(job_fields: bool) -> str:
@@ -458,6 +461,27 @@ def counts_from_rows(rows: Iterable[Sequence[Any]]) -> dict[JobState, int]:
     return result
 
 
+def _settle(job: JobRecord, states: dict[str, str]) -> tuple[JobRecord, list[str]]:
+    """:meth:`Statements.settle_new` of ``job`` given the ``states`` of its dependencies that exist."""
+    unfinished: list[str] = []
+    failed: tuple[str, str] | None = None
+    for dependency in dict.fromkeys(job.depends_on):
+        state = states.get(dependency)
+        if state is None:
+            raise JobNotFoundError(f"job {job.id!r} depends on {dependency!r}: no job with that id")
+        if state not in _FINAL_VALUES:
+            unfinished.append(dependency)
+        elif state != "completed" and failed is None:
+            failed = (dependency, state)
+    if failed is not None and job.on_dependency_failure == "cancel":
+        error = f"dependency {failed[0]} {failed[1]}"
+        cancelled = dataclasses.replace(job, state=JobState.CANCELLED, finished_at=job.created_at, error=error)
+        return cancelled, []
+    if unfinished:
+        return dataclasses.replace(job, state=JobState.WAITING, waiting_on=len(unfinished)), unfinished
+    return dataclasses.replace(job, state=JobState.PENDING, waiting_on=0), []
+
+
 class Statements:
     """The shared statements, built once for one placeholder style ``mark`` (``"?"`` or ``"%s"``).
 
@@ -483,10 +507,13 @@ class Statements:
     purge_all_letters = "DELETE FROM dispatch_dead_letters"
 
     __slots__ = (
+        "_in_sql",
         "_list_jobs",
         "_list_letters",
+        "_pairs_sql",
         "acquire_lease",
         "active_holder",
+        "arrays",
         "cancel_dependent",
         "complete",
         "consume_deps",
@@ -499,7 +526,7 @@ class Statements:
         "delete_cron",
         "delete_job_letters",
         "delete_letter",
-        "dependency_state",
+        "dependency_states",
         "fire_cron",
         "get_job",
         "get_letter",
@@ -507,7 +534,7 @@ class Statements:
         "hold_active",
         "hold_claim",
         "hold_running",
-        "insert_dep",
+        "insert_deps",
         "insert_job",
         "list_holds_of",
         "list_workers",
@@ -628,13 +655,22 @@ class Statements:
         self.queue_bucket = f"SELECT tokens, updated_at FROM dispatch_queue_limits WHERE queue = {m}"
         self.queue_running = f"SELECT count(*) FROM dispatch_jobs WHERE queue = {m} AND state = 'running'"
         self.spend_tokens = f"UPDATE dispatch_queue_limits SET tokens = {m}, updated_at = {m} WHERE queue = {m}"
-        # Dependencies: a dependency's state (id); record a dependent (job_id, depends_on); consume
-        # the rows of a finished dependency (its id), returning (dependent, dependency); count one
-        # or more finished dependencies off a waiting job (n, n, now, id), pending at 0; or
+        # Dependencies, recorded in batches (a statement per chunk, not a round trip per dependency: a
+        # PostgreSQL fan-in of 70k paid three each). ``arrays`` (psycopg binds a list as one array):
+        # the states of any number of ids (ids) in one ``= ANY``, any number of waits (job_ids,
+        # dependencies) in one unnest INSERT. sqlite3 (no arrays): IN lists and multi-row VALUES of
+        # at most _DEP_CHUNK variables, built by size on first use (:meth:`_in_list`, :meth:`_pairs_insert`).
+        self.arrays = m == "%s"
+        self._in_sql: dict[int, str] = {}
+        self._pairs_sql: dict[int, str] = {}
+        self.dependency_states = f"SELECT id, state FROM dispatch_jobs WHERE id = ANY({m})"
+        self.insert_deps = (
+            f"INSERT INTO dispatch_job_deps (job_id, depends_on) SELECT * FROM unnest({m}::text[], {m}::text[])"
+        )
+        # Consume the rows of a finished dependency (its id), returning (dependent, dependency); count
+        # one or more finished dependencies off a waiting job (n, n, now, id), pending at 0; or
         # (counted_waits) release a waiting job none of whose rows is left (now, id, id); cancel a
         # waiting job of policy "cancel" (error, now, now, id).
-        self.dependency_state = f"SELECT state FROM dispatch_jobs WHERE id = {m}"
-        self.insert_dep = f"INSERT INTO dispatch_job_deps (job_id, depends_on) VALUES ({m}, {m})"
         self.consume_deps = f"DELETE FROM dispatch_job_deps WHERE depends_on = {m} RETURNING job_id, depends_on"
         self.decrement_dependent = (
             f"UPDATE dispatch_jobs SET waiting_on = waiting_on - {m}, state = CASE WHEN waiting_on - {m} <= 0 "
@@ -747,10 +783,8 @@ class Statements:
     ) -> list[str]:
         """The dependencies a job run again waits for (:func:`requeue_waits` on their stored states); the
         requeue's and the replay's one reading of them, inside the caller's write transaction."""
-        states: dict[str, str | None] = {}
-        for dependency in dict.fromkeys(depends_on):
-            row = conn.execute(self.dependency_state, (dependency,)).fetchone()
-            states[dependency] = None if row is None else row[0]
+        found = self.states_of(conn, dict.fromkeys(depends_on))
+        states: dict[str, str | None] = {dependency: found.get(dependency) for dependency in depends_on}
         return requeue_waits(job_id, depends_on, policy, states, subject=subject)
 
     def place_replay(self, conn: _Connection, dead_letter_id: str, job: JobRecord) -> tuple[JobRecord, list[str]]:
@@ -763,30 +797,99 @@ class Statements:
         state = JobState.WAITING if waits else JobState.PENDING
         return dataclasses.replace(job, state=state, waiting_on=len(waits)), waits
 
+    def states_of(self, conn: _Connection, ids: Iterable[str]) -> dict[str, str]:
+        """The stored state of each of the distinct ``ids`` that names a job (the others are left out).
+
+        One statement for all (``arrays``) or per :attr:`_dep_chunk` ids, inside the caller's
+        transaction: a round trip per chunk, not per id.
+        """
+        wanted = list(ids)
+        if self.arrays:
+            return dict(conn.execute(self.dependency_states, (wanted,)).fetchall()) if wanted else {}
+        states: dict[str, str] = {}
+        for start in range(0, len(wanted), _DEP_CHUNK):
+            chunk = wanted[start : start + _DEP_CHUNK]
+            states.update(conn.execute(self._in_list(len(chunk)), chunk).fetchall())
+        return states
+
+    def _in_list(self, count: int) -> str:
+        """sqlite3's state lookup of ``count`` ids."""
+        sql = self._in_sql.get(count)
+        if sql is None:
+            sql = f"SELECT id, state FROM dispatch_jobs WHERE id IN ({', '.join('?' * count)})"
+            self._in_sql[count] = sql
+        return sql
+
     def settle_new(self, conn: _Connection, job: JobRecord) -> tuple[JobRecord, list[str]]:
         """The state ``job`` (with ``depends_on``) is inserted in, and the dependencies it waits for.
 
         Waiting on its unfinished dependencies; cancelled when one ended failed or cancelled
         under policy ``"cancel"``; pending when none is left. JobNotFoundError for an
-        unknown id. Inside the caller's write transaction.
+        unknown id (the first in ``depends_on`` order). Inside the caller's write transaction.
         """
-        unfinished: list[str] = []
-        failed: tuple[str, str] | None = None
-        for dependency in dict.fromkeys(job.depends_on):
-            row = conn.execute(self.dependency_state, (dependency,)).fetchone()
-            if row is None:
-                raise JobNotFoundError(f"job {job.id!r} depends on {dependency!r}: no job with that id")
-            if row[0] not in _FINAL_VALUES:
-                unfinished.append(dependency)
-            elif row[0] != "completed" and failed is None:
-                failed = (dependency, row[0])
-        if failed is not None and job.on_dependency_failure == "cancel":
-            error = f"dependency {failed[0]} {failed[1]}"
-            cancelled = dataclasses.replace(job, state=JobState.CANCELLED, finished_at=job.created_at, error=error)
-            return cancelled, []
-        if unfinished:
-            return dataclasses.replace(job, state=JobState.WAITING, waiting_on=len(unfinished)), unfinished
-        return dataclasses.replace(job, state=JobState.PENDING, waiting_on=0), []
+        return _settle(job, self.states_of(conn, dict.fromkeys(job.depends_on)))
+
+    def settle_run(
+        self, conn: _Connection, jobs: Sequence[JobRecord]
+    ) -> tuple[list[tuple[JobRecord, list[str]]], JobNotFoundError | None]:
+        """:meth:`settle_new` of each of ``jobs`` in order (one without dependencies as it is), with one
+        lookup of their distinct dependencies for all.
+
+        A job may depend on one before it in ``jobs`` (not stored yet): that one's settled state
+        counts, as the stored row would once inserted before it. Returns the settled jobs and their
+        waits, up to the first job whose dependency is unknown, and that job's JobNotFoundError (or
+        None): the caller inserts the ones before it, then raises it, as one by one would have.
+        """
+        earlier: set[str] = set()
+        stored: dict[str, None] = {}
+        for job in jobs:
+            for dependency in job.depends_on:
+                if dependency not in earlier:
+                    stored[dependency] = None
+            earlier.add(job.id)
+        states = self.states_of(conn, stored) if stored else {}
+        settled: list[tuple[JobRecord, list[str]]] = []
+        own: dict[str, str] = {}  # the settled state of each of ``jobs`` settled so far
+        for job in jobs:
+            if job.depends_on:
+                seen = {dependency: own.get(dependency) or states.get(dependency) for dependency in job.depends_on}
+                try:
+                    placed = _settle(job, {key: value for key, value in seen.items() if value is not None})
+                except JobNotFoundError as error:
+                    return settled, error
+            else:
+                placed = (job, [])
+            own[job.id] = placed[0].state.value
+            settled.append(placed)
+        return settled, None
+
+    def record_waits(self, conn: _Connection, job_id: str, dependencies: Sequence[str]) -> None:
+        """Record that job ``job_id`` (just inserted waiting) waits for each of ``dependencies``."""
+        self.record_all_waits(conn, [(job_id, dependencies)])
+
+    def record_all_waits(self, conn: _Connection, waits: Sequence[tuple[str, Sequence[str]]]) -> None:
+        """:meth:`record_waits` of each ``(job_id, dependencies)``: one INSERT for all (``arrays``) or per
+        250 rows."""
+        job_ids = [job_id for job_id, dependencies in waits for _ in dependencies]
+        if not job_ids:
+            return
+        dependencies = [dependency for _job_id, named in waits for dependency in named]
+        if self.arrays:
+            conn.execute(self.insert_deps, (job_ids, dependencies))
+            return
+        rows = _DEP_CHUNK // 2
+        for start in range(0, len(job_ids), rows):
+            pairs = zip(job_ids[start : start + rows], dependencies[start : start + rows], strict=True)
+            params = [value for pair in pairs for value in pair]
+            conn.execute(self._pairs_insert(len(params) // 2), params)
+
+    def _pairs_insert(self, count: int) -> str:
+        """sqlite3's insert of ``count`` waits."""
+        sql = self._pairs_sql.get(count)
+        if sql is None:
+            sql = f"INSERT INTO dispatch_job_deps (job_id, depends_on) VALUES {', '.join(['(?, ?)'] * count)}"
+            self._pairs_sql[count] = sql
+        return sql
 
     def release_dependents(self, conn: _Connection, consumed: Iterable[Sequence[Any]], state: str, now: float) -> None:
         """Count finished dependencies off their waiting dependents, inside the caller's write transaction.
@@ -816,11 +919,6 @@ class Statements:
                 else:
                     count = len(dependencies)
                     conn.execute(self.decrement_dependent, (count, count, now, dependent))
-
-    def record_waits(self, conn: _Connection, job_id: str, dependencies: Sequence[str]) -> None:
-        """Record that job ``job_id`` (just inserted waiting) waits for each of ``dependencies``."""
-        for dependency in dependencies:
-            conn.execute(self.insert_dep, (job_id, dependency))
 
     def release_one(self, conn: _Connection, job_id: str, state: str, now: float) -> None:
         """:meth:`release_dependents` of the one job ``job_id`` that ended in ``state``."""

@@ -395,19 +395,21 @@ class PostgresStore(AdminMethods, Store):
                 return [jobs[0].id]
             self._mark_depended_on(conn, outside)
             # In the call's order (seqs are the claim's and a serial lock's order; a job depends only on
-            # jobs before it): each run of plain jobs in one COPY or executemany, the others between them.
+            # jobs before it): each run of jobs without a unique key settled together (one lookup of
+            # their dependencies' states), then one COPY or executemany and one insert of their waits;
+            # a job with a unique key alone between the runs.
             ids: list[str] = []
             with conn.transaction(), conn.cursor() as cursor:
                 run: list[JobRecord] = []
                 for job in jobs:
-                    if job.unique_key is None and not job.depends_on:
+                    if job.unique_key is None:
                         run.append(job)
                         ids.append(job.id)
                         continue
-                    self._insert_plain(cursor, run)
+                    self._insert_run(conn, cursor, run)
                     run = []
                     ids.append(self._insert(conn, job))
-                self._insert_plain(cursor, run)
+                self._insert_run(conn, cursor, run)
                 if inside:
                     conn.execute(q.MARK_NEW_DEPENDED_ON, (inside,))
             return ids
@@ -421,9 +423,24 @@ class PostgresStore(AdminMethods, Store):
         self._settle_missed(jobs)
         return ids
 
+    @classmethod
+    def _insert_run(cls, conn: Conn, cursor: psycopg.Cursor[Any], jobs: Sequence[JobRecord]) -> None:
+        """Insert new jobs without a unique key, in order, in the caller's transaction: those with dependencies
+        settled (``settle_run``: one lookup for all), all in one COPY or executemany, their waits in one
+        INSERT. A JobNotFoundError is raised once the jobs before the one it names are inserted."""
+        if not any(job.depends_on for job in jobs):
+            cls._insert_plain(cursor, jobs)
+            return
+        settled, unknown = SQL.settle_run(conn, jobs)
+        cls._insert_plain(cursor, [job for job, _waits in settled])
+        SQL.record_all_waits(conn, [(job.id, waits) for job, waits in settled if waits])
+        if unknown is not None:
+            raise unknown
+
     @staticmethod
     def _insert_plain(cursor: psycopg.Cursor[Any], jobs: Sequence[JobRecord]) -> None:
-        """Insert new jobs without a unique key or dependencies, in order: one COPY from ``_COPY_MIN`` on."""
+        """Insert new jobs without a unique key (settled, if they have dependencies), in order: one COPY from
+        ``_COPY_MIN`` on."""
         if len(jobs) >= _COPY_MIN:
             with cursor.copy(q.COPY) as copy:
                 for job in jobs:
@@ -454,8 +471,12 @@ class PostgresStore(AdminMethods, Store):
         now = max(job.created_at for job in jobs)
 
         def op(conn: Conn) -> None:
+            # Autocommit: a share lock ends with its statement. The rows no one holds are locked (and let
+            # go) in one statement that waits for none; each row held is then waited for alone.
+            free = {row[0] for row in conn.execute(q.TRY_ROWS, (outside,)).fetchall()}
             for dependency in outside:
-                conn.execute(q.AWAIT_ROW, (dependency,))  # autocommit: the share lock ends with the statement
+                if dependency not in free:
+                    conn.execute(q.AWAIT_ROW, (dependency,))
             with conn.transaction():
                 missed: dict[str, list[tuple[str, str]]] = {}
                 for dependent, dependency, state in conn.execute(q.MISSED_WAITS, (waiting,)).fetchall():
@@ -471,9 +492,13 @@ class PostgresStore(AdminMethods, Store):
 
     @staticmethod
     def _mark_depended_on(conn: Conn, ids: Sequence[str]) -> None:
-        """Mark the stored jobs ``ids`` as depended on, each in its own autocommitted statement (before the
-        dependents' transaction: it holds no row lock while the next waits, so no deadlock with a completion)."""
-        for job_id in ids:
+        """Mark the stored jobs ``ids`` as depended on (before the dependents' transaction), in autocommitted
+        statements that never hold a row lock while waiting for another (so no deadlock with a completion
+        of several): one for every row no one holds (SKIP LOCKED), then each row still unmarked alone."""
+        if not ids:
+            return
+        conn.execute(q.TRY_MARK_DEPENDED_ON, (list(ids),))
+        for (job_id,) in conn.execute(q.UNMARKED, (list(ids),)).fetchall():
             conn.execute(q.MARK_DEPENDED_ON, (job_id,))
 
     @classmethod
