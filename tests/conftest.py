@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import os
 import time
+import uuid
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -113,6 +114,17 @@ def pg_server() -> Iterator[Any]:
         pytest.fail(f"could not start PostgreSQL from {bindir}: {error}")
     yield server
     server.stop()
+
+
+@pytest.fixture
+def new_schema(pg_server: Any) -> Iterator[str]:
+    """A PostgreSQL schema no store has migrated yet (for migration and upgrade tests), dropped afterwards."""
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield name
+    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
 class _SchemaEmptier:

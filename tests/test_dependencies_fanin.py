@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -233,17 +232,6 @@ def test_a_sqlite_file_of_schema_11_upgraded_mid_fan_in_counts_on(tmp_path: Path
         with _raw(new) as raw:
             names = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "dispatch_job_deps_job" in names
-
-
-@pytest.fixture
-def new_schema(pg_server: Any) -> Iterator[str]:
-    """A schema no store has migrated yet, dropped afterwards."""
-    import psycopg
-
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    yield name
-    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
 @pytest.mark.postgres

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,17 +57,6 @@ def test_a_sqlite_file_of_schema_9_gains_the_lock_holds(tmp_path: Path) -> None:
         assert old.schema_version() == 9
         _old_and_new(store, old, new_version=SQLiteStore.MIGRATIONS[-1][0])
         assert store.schema_version() == SQLiteStore.MIGRATIONS[-1][0] >= 10
-
-
-@pytest.fixture
-def new_schema(pg_server: Any) -> Iterator[str]:
-    """A schema no store has migrated yet, dropped afterwards."""
-    import psycopg
-
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    yield name
-    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
 @pytest.mark.postgres

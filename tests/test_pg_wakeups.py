@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -64,15 +63,6 @@ def make_store(pg_server: PostgresServer, pg_url: str) -> Iterator[Callable[...,
     yield make
     for store in made:
         store.close()
-
-
-@pytest.fixture
-def new_schema(pg_server: PostgresServer) -> Iterator[str]:
-    """A schema no store has migrated yet, dropped afterwards."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    yield name
-    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -65,14 +64,6 @@ def _admin_execute(pg_server: PostgresServer, query: str, params: tuple[Any, ...
 def schema(pg_url: str) -> str:
     """The schema of the test's stores: conftest's shared one (``pg_url`` empties it after the test)."""
     return PG_SCHEMA
-
-
-@pytest.fixture
-def new_schema(pg_server: PostgresServer) -> Iterator[str]:
-    """A schema no store has migrated yet (for the migration tests), dropped afterwards."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    yield name
-    _admin_execute(pg_server, f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,17 +93,6 @@ def test_a_sqlite_file_of_schema_10_gains_the_dead_letters_job_fields(tmp_path: 
         assert old.schema_version() == 10
         _old_and_new(store, old, new_version=SQLiteStore.MIGRATIONS[-1][0])
         assert store.schema_version() == SQLiteStore.MIGRATIONS[-1][0] >= 11
-
-
-@pytest.fixture
-def new_schema(pg_server: Any) -> Iterator[str]:
-    """A schema no store has migrated yet, dropped afterwards."""
-    import psycopg
-
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    yield name
-    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
 @pytest.mark.postgres
