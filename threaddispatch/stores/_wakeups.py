@@ -6,6 +6,8 @@ idempotent unsubscribe, a worker started by the first subscriber and stopped by 
 unsubscribe or by close, a fresh book in a forked child (the worker's thread does not
 exist there), and callbacks run with no lock held, each failure logged. That book is
 :class:`Subscribers`; a store's subclass says how its worker is made (:meth:`_new_worker`).
+MemoryStore keeps the same book with no thread (:class:`InlineSubscribers`): the call that
+made jobs ready calls :meth:`Subscribers.wake` itself, once its store lock is released.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Generic, Protocol, TypeVar
 
 from threaddispatch.errors import StoreError
 
-__all__ = ["Subscribers", "WakeupCallback", "Worker"]
+__all__ = ["Inline", "InlineSubscribers", "Subscribers", "WakeupCallback", "Worker"]
 
 WakeupCallback = Callable[[str | None, float | None], None]
 
@@ -136,3 +138,23 @@ class Subscribers(Generic[W]):
                     callback(queue, run_at)
                 except Exception:  # noqa: BLE001 - one broken subscriber must not stop the others
                     self._log.exception("%s: wake-up callback %r failed", self.kind, callback)
+
+
+class Inline:
+    """The worker of a store whose writers wake the subscribers themselves: no thread, nothing to stop."""
+
+    def start(self) -> None:
+        return None
+
+    def stop(self, timeout: float) -> None:
+        return None
+
+
+class InlineSubscribers(Subscribers[Inline]):
+    """The book of a store in this process only: ``active`` while someone is subscribed, no thread.
+
+    The store's writer calls :meth:`wake` on its own thread after releasing its lock.
+    """
+
+    def _new_worker(self) -> Inline:
+        return Inline()

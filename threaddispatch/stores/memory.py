@@ -6,6 +6,13 @@ a heap of delayed jobs, so a claim costs O(k log n) for k jobs.
 It runs past 600 lines because it implements the whole Store interface (jobs,
 dependencies, locks, limits, dead letters, crons, leases, workers) under one lock and one
 set of heaps; a split would put the same lock's invariants in several files.
+
+Wake-ups (:meth:`MemoryStore.subscribe_wakeups`): the engines sharing one store learn of each
+other's jobs at once. The calls that make a job claimable note ``(queue, run_at)`` under the
+lock (the events PostgreSQL's triggers NOTIFY: a job stored ready, a retry at its time, a
+dependent released, a serial lock's next turn once its job finished or its hold went, a
+hand-back, a reap, a requeue or replay, a queue resumed) and, once the lock is released, call
+the subscribers on that call's thread. With no subscriber nothing is noted.
 """
 
 from __future__ import annotations
@@ -13,12 +20,15 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+import logging
+import math
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from threaddispatch import _lifecycle
-from threaddispatch.errors import InvalidStateError, JobNotFoundError, StoreError
+from threaddispatch.errors import ConfigurationError, InvalidStateError, JobNotFoundError, StoreError
+from threaddispatch.stores._wakeups import InlineSubscribers, WakeupCallback
 from threaddispatch.stores.base import (
     ACTIVE_STATES,
     FINAL_STATES,
@@ -41,6 +51,11 @@ from threaddispatch.stores.base import (
 __all__ = ["MemoryStore"]
 
 _FAILED = frozenset({JobState.FAILED, JobState.CANCELLED})
+_log = logging.getLogger("threaddispatch.stores.memory")
+
+
+class _Wakeups(InlineSubscribers):
+    kind = "MemoryStore"
 
 
 class MemoryStore(Store):
@@ -82,6 +97,12 @@ class MemoryStore(Store):
         self._limits: dict[str, QueueLimits] = {}
         self._buckets: dict[str, list[float]] = {}
         self._serial = itertools.count(1)
+        # The wake-ups: the subscribers of this process (a forked child has none), and what the
+        # writes since the last delivery made claimable, queue -> earliest run_at (as
+        # PostgreSQL's insert trigger: one per queue). Noted only while someone is subscribed;
+        # taken under the lock and delivered with none held (:meth:`_deliver`).
+        self._wakeups = _Wakeups(where="(in memory)", log=_log)
+        self._due: dict[str, float] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -94,6 +115,8 @@ class MemoryStore(Store):
         with self._lock:
             self._closed = True
             self._jobs.clear()
+            self._due.clear()
+        self._wakeups.close()
         _lifecycle.unregister(self)
 
     def _check_open(self) -> None:
@@ -102,6 +125,42 @@ class MemoryStore(Store):
 
     def _reset_after_fork(self) -> None:
         self._init_state()
+
+    # -- wake-ups ----------------------------------------------------------------------------------
+
+    def subscribe_wakeups(self, callback: WakeupCallback) -> Callable[[], None]:
+        """Have ``callback(queue, run_at)`` called when jobs become claimable in this store.
+
+        Called on the thread whose store call made them so (another engine's enqueue,
+        completion, retry...), after the store's lock is released, before that call returns;
+        a callback that raises is logged, never raised to that caller. It must be quick and
+        must not wait for another thread that may be calling this store. Returns an
+        idempotent unsubscribe function. Non-blocking; StoreError once closed.
+        """
+        if not callable(callback):
+            raise ConfigurationError(f"wake-up callback must be callable, got {callback!r}")
+        return self._wakeups.subscribe(callback)
+
+    def _note_ready(self, queue: str, run_at: float) -> None:
+        """Lock held, someone subscribed: jobs of ``queue`` are claimable from ``run_at``."""
+        if run_at < self._due.get(queue, math.inf):
+            self._due[queue] = run_at
+
+    def _note_turn(self, lock: str) -> None:
+        """Lock held, someone subscribed: ``lock`` may be free; note its next job if that one is ready."""
+        holders = self._locked.get(lock)
+        if not holders or lock in self._held:
+            return
+        turn = self._jobs[min(holders, key=self._order.__getitem__)]
+        if turn.state in READY_STATES:
+            self._note_ready(turn.queue, turn.run_at)
+
+    def _deliver(self) -> None:
+        """No lock held: call the subscribers with what was noted (whoever takes the notes delivers them)."""
+        with self._lock:
+            due, self._due = self._due, {}
+        if due:
+            self._wakeups.wake(list(due.items()))
 
     # -- internal helpers (call with _lock held) ---------------------------------------------------
 
@@ -130,6 +189,8 @@ class MemoryStore(Store):
         if state in READY_STATES:
             job.worker_id = None
             self._schedule(job)
+            if self._wakeups.active:
+                self._note_ready(job.queue, job.run_at)
         if state in FINAL_STATES and job.id in self._dependents:
             self._release(job.id, state, now)
 
@@ -170,6 +231,8 @@ class MemoryStore(Store):
             holders.discard(job.id)
             if not holders:
                 del self._locked[job.lock]
+            elif self._wakeups.active:
+                self._note_turn(job.lock)
 
     def _lock_busy(self, job: JobRecord) -> bool:
         """Whether ``job``'s serial lock is not its turn: a holder runs, or one inserted before it is active."""
@@ -199,6 +262,8 @@ class MemoryStore(Store):
             self._held[hold.lock] = left
         else:
             del self._held[hold.lock]
+            if self._wakeups.active:
+                self._note_turn(hold.lock)
 
     def _check_dependencies(self, jobs: Sequence[JobRecord]) -> None:
         """JobNotFoundError unless every dependency of ``jobs`` is stored or comes earlier in ``jobs``."""
@@ -309,7 +374,10 @@ class MemoryStore(Store):
             if clash is not None or len(ids) != len(jobs):
                 raise StoreError(f"job id {clash!r} already exists" if clash else "duplicate job ids in one batch")
             self._check_dependencies(jobs)
-            return [self._insert(job) for job in jobs]
+            stored = [self._insert(job) for job in jobs]
+        if self._due:
+            self._deliver()
+        return stored
 
     # -- workers -------------------------------------------------------------------------------------
 
@@ -418,6 +486,8 @@ class MemoryStore(Store):
                 else:
                     job.run_at = now
                     self._set_state(job, JobState.PENDING, now)
+        if self._due:
+            self._deliver()
         return reaped
 
     def complete(
@@ -426,7 +496,10 @@ class MemoryStore(Store):
         """See :meth:`Store.complete`."""
         with self._lock:
             self._check_open()
-            return self._complete_claim(job_id, worker_id, attempts, result=result, error=error, now=now)
+            done = self._complete_claim(job_id, worker_id, attempts, result=result, error=error, now=now)
+        if self._due:
+            self._deliver()
+        return done
 
     def complete_many(self, outcomes: Sequence[Completion], *, now: float) -> set[str]:
         """See :meth:`Store.complete_many`."""
@@ -436,6 +509,8 @@ class MemoryStore(Store):
             for job_id, worker_id, attempts, result, error in outcomes:
                 if self._complete_claim(job_id, worker_id, attempts, result=result, error=error, now=now):
                     done.add(job_id)
+        if self._due:
+            self._deliver()
         return done
 
     def retry_later(
@@ -450,7 +525,9 @@ class MemoryStore(Store):
             job.error = error
             job.run_at = run_at
             self._set_state(job, JobState.RETRYING, now)
-            return True
+        if self._due:
+            self._deliver()
+        return True
 
     def fail(
         self, job_id: str, *, worker_id: str | None, attempts: int | None, error: str | None, now: float
@@ -468,7 +545,10 @@ class MemoryStore(Store):
                     return None
             job.error = error
             self._set_state(job, JobState.FAILED, now)
-            return self._dead_letter(job, error, now)
+            letter = self._dead_letter(job, error, now)
+        if self._due:
+            self._deliver()
+        return letter
 
     def release(self, job_ids: Sequence[str], *, worker_id: str, now: float, refund_attempt: bool = True) -> int:
         """See :meth:`Store.release`."""
@@ -484,6 +564,8 @@ class MemoryStore(Store):
                 job.run_at = now
                 self._set_state(job, JobState.PENDING, now)
                 released += 1
+        if self._due:
+            self._deliver()
         return released
 
     # -- management --------------------------------------------------------------------------------
@@ -569,7 +651,9 @@ class MemoryStore(Store):
             if error is not None:
                 job.error = error
             self._set_state(job, JobState.CANCELLED, now)
-            return True
+        if self._due:
+            self._deliver()
+        return True
 
     def requeue(self, job_id: str, *, now: float) -> None:
         """See :meth:`Store.requeue`."""
@@ -588,6 +672,8 @@ class MemoryStore(Store):
             job.finished_at = None
             job.result = None
             self._place_again(job, waits, now)
+        if self._due:
+            self._deliver()
 
     def purge_finished(self, *, older_than: float) -> int:
         """See :meth:`Store.purge_finished`."""
@@ -644,7 +730,9 @@ class MemoryStore(Store):
             self._order[job.id] = next(self._serial)
             self._place_again(stored, waits, stored.updated_at or stored.created_at)
             del self._dead[dead_letter_id]
-            return job.id
+        if self._due:
+            self._deliver()
+        return job.id
 
     def purge_dead_letters(self, *, older_than: float | None = None) -> int:
         """See :meth:`Store.purge_dead_letters`."""
@@ -665,6 +753,10 @@ class MemoryStore(Store):
                 self._paused.add(queue)
             else:
                 self._paused.discard(queue)
+                if self._wakeups.active:
+                    self._note_ready(queue, now)  # as PostgreSQL's resume: every resume, paused or not
+        if self._due:
+            self._deliver()
 
     def paused_queues(self) -> set[str]:
         """See :meth:`Store.paused_queues`."""
@@ -731,7 +823,9 @@ class MemoryStore(Store):
             busy = job.lock is not None and (self._locked.get(job.lock) or job.lock in self._held)
             if not (entry.overlap == "skip" and busy):
                 self._insert(job)
-            return True
+        if self._due:
+            self._deliver()
+        return True
 
     # -- lock holds ------------------------------------------------------------------------------
 
@@ -769,6 +863,8 @@ class MemoryStore(Store):
                 if key in self._holds:
                     self._drop_hold(key)
                     released += 1
+        if self._due:
+            self._deliver()
         return released
 
     def list_holds(self, *, lock: str | None = None) -> list[LockHold]:
