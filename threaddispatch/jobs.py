@@ -1159,8 +1159,9 @@ class JobEngine:
     def resume_queue(self, queue: str) -> None:
         """Claim jobs of ``queue`` again (see :meth:`pause_queue`). One store write.
 
-        Takes effect here at once. On SQLite and PostgreSQL the store announces it, so idle
-        engines of every process claim at once; on other stores they see it as a pause.
+        Takes effect here at once. Every built-in store announces it (PostgreSQL and SQLite
+        to every process, MemoryStore to the engines sharing it), so idle engines claim at
+        once; on a store without wake-ups they see it at their next poll.
         """
         check_queue(queue)
         self.store.set_queue_paused(queue, False, now=time.time())

@@ -962,10 +962,12 @@ class Store(abc.ABC):
 
         ``queue`` is the queue of the new jobs and ``run_at`` the earliest time they are
         due; ``(None, None)`` means "something may have changed: look now". The callback
-        runs on a store thread and must be quick (engines just wake their fetcher).
+        runs on a store thread (MemoryStore: the thread of the store call that made the
+        job ready, with no lock held) and must be quick (engines just wake their fetcher).
         Returns an idempotent unsubscribe function. Non-blocking. This default has no
         signal to offer: it calls nothing and returns a no-op, and engines poll
-        (PostgresStore overrides it with LISTEN/NOTIFY).
+        (PostgresStore overrides it with LISTEN/NOTIFY, SQLiteStore with a ``PRAGMA
+        data_version`` watcher, MemoryStore with calls made after the mutating store call).
         """
         return _no_op
 
