@@ -261,3 +261,34 @@ def _conn(pg_server: Any) -> Any:
     from conftest import PG_SCHEMA
 
     return psycopg.connect(pg_server.dsn, autocommit=True, options=f"-c search_path={PG_SCHEMA}")
+
+
+# -- SQLite: statements per call ---------------------------------------------------------------------
+
+
+def test_sqlite_a_fan_out_in_one_call_costs_the_same_statements_whatever_its_size(tmp_path: Any) -> None:
+    """The dependents of one ``enqueue`` are settled together on SQLite too: one lookup of their
+    dependencies, one executemany of their rows, their waits in one INSERT per 250 (each dependent cost a
+    lookup and an insert of its waits of its own)."""
+    from threaddispatch.stores.sqlite import SQLiteStore
+
+    store = SQLiteStore(str(tmp_path / "fan-out.db"))
+    try:
+        counts = []
+        for size in (2, 200):  # both within one INSERT of waits
+            (root,) = _stored(store, 1)
+            sent: list[str] = []
+            conn = store._conn()
+            conn.set_trace_callback(sent.append)
+            dependents = [job(depends_on=(root,)) for _ in range(size)]
+            try:
+                store.enqueue(dependents)
+            finally:
+                conn.set_trace_callback(None)
+            # sqlite3 traces each row of an executemany: those are the rows' inserts, not round trips.
+            counts.append(len([sql for sql in sent if not sql.startswith("INSERT INTO dispatch_jobs ")]))
+            placed = [_get(store, dependent.id) for dependent in dependents]
+            assert {(record.state, record.waiting_on) for record in placed} == {(JobState.WAITING, 1)}
+        assert counts[0] == counts[1], counts
+    finally:
+        store.close()

@@ -416,24 +416,39 @@ class SQLiteStore(Store):
 
         Order matters: seqs are the claim's and a serial lock's insertion order, and a job may depend
         only on jobs inserted before it in the call. Each run of consecutive new plain jobs is one
-        multi-row INSERT; the others go one by one between the runs."""
+        multi-row INSERT; each run of jobs without a unique key among which some have dependencies is
+        settled together (``settle_run``: one lookup of their dependencies' states), then one
+        ``executemany`` and one insert of their waits, as PostgreSQLStore does; a job with a unique
+        key goes alone between the runs (its holder is looked up first)."""
         ids: list[str] = []
-        run: list[Any] = []  # the flattened params of the current run of plain jobs
-        count = 0
+        run: list[JobRecord] = []  # the current run of jobs without a unique key
         for job in jobs:
-            row = fresh_params(job)
-            if row is not None:
-                run.extend(row)
-                count += 1
+            if job.unique_key is None:
+                run.append(job)
                 ids.append(job.id)
                 continue
-            if count:
-                insert_fresh_in(conn, run, count)
-                run, count = [], 0
+            self._insert_run(conn, run)
+            run = []
             ids.append(self._insert(conn, job))
-        if count:
-            insert_fresh_in(conn, run, count)
+        self._insert_run(conn, run)
         return ids
+
+    @staticmethod
+    def _insert_run(conn: sqlite3.Connection, jobs: Sequence[JobRecord]) -> None:
+        """Insert ``jobs`` (none with a unique key) in order in the open transaction: the new plain ones as
+        multi-row INSERTs; with dependencies among them, all settled with one lookup and inserted by one
+        ``executemany``, their waits by one INSERT per 250. A JobNotFoundError (an unknown dependency) is
+        raised once the jobs before the one it names are inserted, as one by one would have."""
+        rows = [fresh_params(job) for job in jobs]
+        if None not in rows:
+            if rows:
+                insert_fresh_in(conn, [value for row in rows if row is not None for value in row], len(rows))
+            return
+        settled, unknown = _SQL.settle_run(conn, jobs)
+        conn.executemany(_INSERT, [job_params(job) for job, _waits in settled])
+        _SQL.record_all_waits(conn, [(job.id, waits) for job, waits in settled if waits])
+        if unknown is not None:
+            raise unknown
 
     # -- workers -------------------------------------------------------------------------------------
 
