@@ -483,6 +483,21 @@ def test_replay_one_and_replay_all(engine: JobEngine, api: Server) -> None:
     assert_error(api.request("POST", f"{BASE}/dlq/replay-all", params={"limit": 0}), 400, "bad_parameter", "limit")
 
 
+def test_replay_all_names_the_letters_whose_replay_was_refused(engine: JobEngine, api: Server) -> None:
+    """A letter whose unique key another unfinished job holds is kept; replay-all names it under ``refused``."""
+    job_id = engine.enqueue("boom", {"i": 1}, unique_key="report:1", priority=_top())
+    claimed = claim(engine, job_id)
+    letter = engine.store.fail(job_id, worker_id="w", attempts=claimed.attempts, error="boom", now=time.time())
+    assert letter is not None
+    _, free = failed_job(engine, {"i": 2})
+    engine.enqueue("boom", {"holder": 1}, unique_key="report:1")
+    reply = api.request("POST", f"{BASE}/dlq/replay-all")
+    assert reply.status == 200 and reply.body["replayed"] == 1
+    assert [entry["dead_letter_id"] for entry in reply.body["refused"]] == [letter.id]
+    assert "report:1" in reply.body["refused"][0]["error"]
+    assert [d.id for d in engine.dlq()] == [letter.id] and engine.store.get_dead_letter(free) is None
+
+
 def test_purge_all_or_older_than(engine: JobEngine, api: Server) -> None:
     """POST /dlq/purge deletes every dead letter, or those older than ``older_than`` seconds (query or JSON body)."""
     for i in range(3):

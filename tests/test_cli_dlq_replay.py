@@ -140,14 +140,17 @@ def test_the_entry_point_exits_1_for_a_refused_id(db: tuple[str, JobEngine]) -> 
     assert [_replayed(engine, first), _replayed(engine, second)] == [False, True]
 
 
-def test_replay_all_skips_a_refused_letter_as_the_engine_does(db: tuple[str, JobEngine]) -> None:
-    """``--all`` is JobEngine.replay_all: the refused letter is skipped (logged) and kept, the rest replayed; exit 0."""
+def test_replay_all_replays_past_a_refused_letter_and_reports_it(db: tuple[str, JobEngine]) -> None:
+    """``--all`` is JobEngine.replay_all: the refused letter is kept and the rest replayed; it is named (stderr,
+    ``refused`` in --json) and the exit code is 1, as with ids (it exited 0 naming none)."""
     url, engine = db
     held, free = _letters(engine, 2)
     _hold_key(engine, "report:0")
-    result = run("dlq", "replay", "--all", "--json", store=url)
-    assert result.returncode == 0, (result.stdout, result.stderr)
+    result = run_process("dlq", "replay", "--all", "--json", store=url)
+    assert result.returncode == 1, (result.stdout, result.stderr)
     data = json.loads(result.stdout)
-    assert sorted(data) == ["job_ids", "replayed"] and data["replayed"] == 1  # replay_all names no refused letter
+    assert data["replayed"] == 1 and [entry["dead_letter_id"] for entry in data["refused"]] == [held]
+    assert "report:0" in data["refused"][0]["error"]
+    assert held in result.stderr and "Traceback" not in result.stderr
     assert engine.get_job(data["job_ids"][0]).decoded_payload() == {"key": "report:1"}
     assert [_replayed(engine, held), _replayed(engine, free)] == [False, True]

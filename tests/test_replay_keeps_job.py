@@ -142,6 +142,7 @@ def test_replay_all_skips_a_refused_letter_and_logs_it(store: Store, caplog: pyt
         with caplog.at_level(logging.WARNING, logger="threaddispatch.jobs"):
             replayed = engine.replay_all()
         assert len(replayed) == 1 and engine.get_job(replayed[0]).lock == "customer:5"
+        assert list(replayed.refused) == [held] and "report:4" in replayed.refused[held]
         assert [letter.id for letter in engine.dlq()] == [held]
         assert any(held in record.getMessage() and "not replayed" in record.getMessage() for record in caplog.records)
         with pytest.raises(JobNotFoundError):

@@ -129,8 +129,9 @@ def count_dead_letters(app: AdminContext, request: Request) -> Answer:
 def replay_all(app: AdminContext, request: Request) -> Answer:
     queue = request.text("queue")
     limit = request.integer("limit", None, 1, _MAX_REPLAY_ALL)
-    job_ids = app.engine.replay_all(queue, limit=limit)
-    return 200, {"replayed": len(job_ids), "job_ids": job_ids}
+    replayed = app.engine.replay_all(queue, limit=limit)
+    refused = [{"dead_letter_id": letter_id, "error": error} for letter_id, error in replayed.refused.items()]
+    return 200, {"replayed": len(replayed), "job_ids": list(replayed), "refused": refused}
 
 
 def purge_dead_letters(app: AdminContext, request: Request) -> Answer:

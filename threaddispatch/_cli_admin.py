@@ -9,8 +9,9 @@ engine's (:meth:`JobEngine.cancel` / :meth:`JobEngine.retry`), the rule the admi
 follows too. ``dlq replay ID...`` replays every id it can: each one refused (a held
 unique key, a failed dependency, a letter replayed meanwhile) is a line on stderr naming
 it and why (``--json`` lists them under ``refused``), and the exit code is 1 when any
-was; an unknown id replays nothing (exit 2). ``dlq replay --all`` skips a refused letter
-with a logged warning, as :meth:`JobEngine.replay_all` does.
+was; an unknown id replays nothing (exit 2). ``dlq replay --all`` replays the others past
+a refused letter, as :meth:`JobEngine.replay_all` does, and reports the refused ones the
+same way (a line each on stderr, ``refused`` in ``--json``, exit 1).
 """
 
 from __future__ import annotations
@@ -272,7 +273,9 @@ def _dlq_replay(args: argparse.Namespace) -> int:
     refused: list[dict[str, str]] = []
     with open_engine(args) as engine:
         if args.all:
-            job_ids = engine.replay_all(args.queue)  # a refused letter is skipped and logged there
+            replayed = engine.replay_all(args.queue)  # a refused letter is skipped, kept and named
+            job_ids = list(replayed)
+            refused = [{"dead_letter_id": i, "error": error} for i, error in replayed.refused.items()]
         else:
             # An unknown id is a typo: nothing is replayed. A refusal is the letter's state: the others go on.
             missing = [i for i in args.ids if engine.store.get_dead_letter(i) is None]
@@ -285,10 +288,7 @@ def _dlq_replay(args: argparse.Namespace) -> int:
                 except (InvalidStateError, JobNotFoundError) as error:  # not found: replayed or purged meanwhile
                     refused.append({"dead_letter_id": letter_id, "error": str(error)})
         if args.json:
-            data: dict[str, object] = {"replayed": len(job_ids), "job_ids": job_ids}
-            if not args.all:  # replay_all logs the letters it refused and names none
-                data["refused"] = refused
-            print_json(data)
+            print_json({"replayed": len(job_ids), "job_ids": job_ids, "refused": refused})
         else:
             print(f"replayed {len(job_ids)} dead letter(s)")
             for job_id in job_ids:

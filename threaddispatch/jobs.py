@@ -127,6 +127,7 @@ __all__ = [
     "JobHandle",
     "JobSpec",
     "QueueConfig",
+    "ReplayedJobs",
     "new_job_id",
 ]
 
@@ -182,6 +183,17 @@ def _to_epoch(name: str, value: object) -> float:
 
 # Config fields read once, by __init__ (the immediate flag, the payload limit in each JobPlan, the recorders).
 _FIXED_AT_CONSTRUCTION = frozenset({"immediate", "max_payload_size", "metrics", "tracer_provider"})
+
+
+class ReplayedJobs(list[str]):
+    """What :meth:`JobEngine.replay_all` did: the list of new job ids (oldest letter first), and in
+    ``refused`` each dead letter it kept because its replay was refused, by id, with the reason."""
+
+    __slots__ = ("refused",)
+
+    def __init__(self, job_ids: Iterable[str] = (), refused: dict[str, str] | None = None) -> None:
+        super().__init__(job_ids)
+        self.refused: dict[str, str] = {} if refused is None else refused
 
 
 class JobEngine:
@@ -1111,13 +1123,15 @@ class JobEngine:
                 self._run_immediately([placed])  # as enqueue does: run here before returning
         return job_id
 
-    def replay_all(self, queue: str | None = None, *, limit: int | None = None) -> list[str]:
+    def replay_all(self, queue: str | None = None, *, limit: int | None = None) -> ReplayedJobs:
         """:meth:`replay` every dead letter (of ``queue``) there is when called, oldest first; returns the new ids.
 
         ``limit`` caps how many are replayed, taking the newest (None: all). Dead letters replayed or purged
         by someone else meanwhile are skipped; so are those whose replay is refused (a held
         unique key, a failed dependency: see :meth:`replay`), which stay dead letters, each logged
-        as a warning. Blocks for one store read per 500 dead letters and, per replay, :meth:`replay`'s.
+        as a warning and named in the result's ``refused`` with the reason (:class:`ReplayedJobs`:
+        the list of new ids). Blocks for one store read per 500 dead letters and, per replay,
+        :meth:`replay`'s.
         """
         if limit is not None:
             check_int("limit", limit, 0)
@@ -1129,7 +1143,7 @@ class JobEngine:
             if len(page) < 500:
                 break
         chosen = (letters if limit is None else letters[:limit])[::-1]  # the newest `limit`, oldest first
-        replayed = []
+        replayed = ReplayedJobs()
         for letter in chosen:
             try:
                 replayed.append(self.replay(letter.id))
@@ -1137,6 +1151,7 @@ class JobEngine:
                 continue
             except InvalidStateError as error:
                 self.logger.warning("dead letter %s was not replayed (it is kept): %s", letter.id, error)
+                replayed.refused[letter.id] = str(error)
         return replayed
 
     def purge_dlq(self, older_than: float | None = None) -> int:
