@@ -75,14 +75,16 @@ def test_holds_are_listed_oldest_heartbeat_first_with_their_jobs(engine: JobEngi
     now = time.time()
     newer = held(engine, "customer:7", heartbeat=now, worker="w-2")
     older = held(engine, "customer:42", heartbeat=now - 10)
+    started = {job_id: engine.get_job(job_id).started_at for job_id in (newer, older)}
+    assert None not in started.values()
     reply = api.request("GET", f"{BASE}/locks")
     assert reply.status == 200, reply
     assert reply.body == {
         "holds": [
             {"lock": "customer:42", "job_id": older, "attempts": 1, "worker_id": "w", "heartbeat_at": now - 10,
-             "job_name": "noop", "job_state": "failed", "held_by": "outlived"},
+             "job_name": "noop", "job_state": "failed", "held_by": "outlived", "held_since": started[older]},
             {"lock": "customer:7", "job_id": newer, "attempts": 1, "worker_id": "w-2", "heartbeat_at": now,
-             "job_name": "noop", "job_state": "failed", "held_by": "outlived"},
+             "job_name": "noop", "job_state": "failed", "held_by": "outlived", "held_since": started[newer]},
         ],
         "total": 2,
     }  # fmt: skip
@@ -103,6 +105,7 @@ def test_a_running_job_with_a_lock_is_listed_as_its_holder(engine: JobEngine, ap
         (outlived, "customer:42", "outlived", "failed", "w"),
         (running, "customer:7", "running", "running", "w-run"),
     ]
+    assert holds["holds"][1]["held_since"] == next(job.started_at for job in claimed if job.id == running)
     one = api.request("GET", _path("customer:7")).body
     assert [h["job_id"] for h in one["holds"]] == [running] and one["total"] == 1
     assert engine.store.complete(running, worker_id="w-run", attempts=1, result=None, now=time.time())
@@ -145,12 +148,13 @@ def test_limit_caps_the_page_and_total_counts_them_all(engine: JobEngine, api: S
 
 
 def test_a_hold_whose_job_was_purged_shows_no_name(engine: JobEngine, api: Server) -> None:
-    """The job's record purged (retention) while its handler still runs: the hold stays, its name and state None."""
+    """The job's record purged (retention) while its handler still runs: the hold stays, its name, state and
+    start (``held_since``) None."""
     job_id = held(engine, "customer:42", heartbeat=time.time())
     assert engine.store.purge_finished(older_than=time.time() + 60) == 1
     assert engine.store.get(job_id) is None
     [hold] = api.request("GET", f"{BASE}/locks").body["holds"]
-    assert (hold["job_id"], hold["job_name"], hold["job_state"]) == (job_id, None, None)
+    assert (hold["job_id"], hold["job_name"], hold["job_state"], hold["held_since"]) == (job_id, None, None, None)
 
 
 def test_the_locks_routes_need_the_token_and_refuse_other_methods(engine: JobEngine, api: Server) -> None:

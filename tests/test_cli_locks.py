@@ -50,19 +50,22 @@ def test_no_holds(db: tuple[str, JobEngine]) -> None:
 
 
 def test_holds_as_a_table_and_as_json(db: tuple[str, JobEngine]) -> None:
-    """A row per holder, oldest heartbeat first: lock, holder, job, name, state, attempt, worker, heartbeat (UTC)."""
+    """A row per holder, oldest heartbeat first: lock, holder, job, name, state, attempt, worker, since when the
+    holding attempt runs, heartbeat (UTC)."""
     url, engine = db
     now = time.time()
     newer = held(engine, "customer:7", heartbeat=now, worker="w-2")
     older = held(engine, "customer:42", heartbeat=now - 10)
+    since = {job_id: _when(engine.get_job(job_id).started_at) for job_id in (newer, older)}
     table = run("locks", "list", store=url)
     assert table.returncode == 0, table.stderr
     lines = table.stdout.strip().splitlines()
-    assert lines[0].split() == ["LOCK", "HOLDER", "JOB", "NAME", "STATE", "ATTEMPT", "WORKER", "HEARTBEAT"]
+    assert lines[0].split() == ["LOCK", "HOLDER", "JOB", "NAME", "STATE", "ATTEMPT", "WORKER", "SINCE", "HEARTBEAT"]
     assert [line.split() for line in lines[1:]] == [
-        ["customer:42", "outlived", older, "noop", "failed", "1", "w", _when(now - 10)],
-        ["customer:7", "outlived", newer, "noop", "failed", "1", "w-2", _when(now)],
+        ["customer:42", "outlived", older, "noop", "failed", "1", "w", since[older], _when(now - 10)],
+        ["customer:7", "outlived", newer, "noop", "failed", "1", "w-2", since[newer], _when(now)],
     ]
+    assert "-" not in since.values()
     as_json = json.loads(run("locks", "list", "--json", store=url).stdout)
     assert as_json == {"holds": lock_holds(engine)[0], "total": 2}
     assert [hold["job_id"] for hold in as_json["holds"]] == [older, newer]

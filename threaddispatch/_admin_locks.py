@@ -30,9 +30,11 @@ def lock_holds(
     At most ``limit`` are returned (None: all); the count is of all of them. Each is the
     hold's fields (``lock``, ``job_id``, ``attempts``, ``worker_id``, ``heartbeat_at``) with
     the job's ``job_name`` and ``job_state`` (None for a job purged meanwhile) and
-    ``held_by`` (``"running"``: the job's claim; ``"outlived"``: its handler past its claim). A hold's
-    heartbeat is its worker's: one older than the engine's ``stale_job_threshold`` is a dead
-    worker's, which the next reap deletes. Raises ConfigurationError for a bad ``lock`` or ``limit``.
+    ``held_by`` (``"running"``: the job's claim; ``"outlived"``: its handler past its claim) and
+    ``held_since``: when the attempt holding it started (the job's ``started_at`` while its record
+    still shows that attempt; None once it does not, e.g. purged). A hold's heartbeat is its
+    worker's: one older than the engine's ``stale_job_threshold`` is a dead worker's, which the
+    next reap deletes. Raises ConfigurationError for a bad ``lock`` or ``limit``.
     """
     if lock is not None:
         check_text("lock", lock)
@@ -61,6 +63,9 @@ def lock_holds(
                 "job_name": None if job is None else job.name,
                 "job_state": None if job is None else job.state.value,
                 "held_by": "running" if running else "outlived",
+                # The hold blocks its own job's next attempt, so the record shows the holding attempt
+                # (and its start) until the hold goes, unless an operator's retry or a purge reset it.
+                "held_since": job.started_at if job is not None and job.attempts == hold.attempts else None,
             }
         )
     return answer, len(holds)

@@ -195,12 +195,12 @@ def _worker_rows(workers: Sequence[dict[str, Any]]) -> list[list[object]]:
              _when(w["started_at"]), _when(w["heartbeat_at"])] for w in workers]  # fmt: skip
 
 
-_HOLD_COLUMNS = ["LOCK", "HOLDER", "JOB", "NAME", "STATE", "ATTEMPT", "WORKER", "HEARTBEAT"]
+_HOLD_COLUMNS = ["LOCK", "HOLDER", "JOB", "NAME", "STATE", "ATTEMPT", "WORKER", "SINCE", "HEARTBEAT"]
 
 
 def _hold_rows(holds: Sequence[dict[str, Any]]) -> list[list[object]]:
     return [[h["lock"], h["held_by"], h["job_id"], h["job_name"] or "-", h["job_state"] or "purged", h["attempts"],
-             h["worker_id"], _when(h["heartbeat_at"])] for h in holds]  # fmt: skip
+             h["worker_id"], _when(h["held_since"]), _when(h["heartbeat_at"])] for h in holds]  # fmt: skip
 
 
 def _letter_rows(letters: Sequence[DeadLetter]) -> list[list[object]]:

@@ -307,8 +307,9 @@
       el("td", { className: "job-state " + (hold.job_state || "") }, hold.job_state || "purged"),
       el("td", {}, hold.attempts),
       el("td", {}, hold.worker_id),
+      el("td", {}, when(hold.held_since)),
       el("td", {}, when(hold.heartbeat_at))));
-    fill($("locks").tBodies[0], rows, 7, "no lock holds");
+    fill($("locks").tBodies[0], rows, 8, "no lock holds");
     $("locks-more").hidden = data.total <= data.holds.length;
     $("locks-more").textContent = data.holds.length + " of " + data.total + " shown (oldest heartbeat first)";
   }
