@@ -16,6 +16,7 @@ stores run, each written once (the alternative, one copy per store, is what it r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -491,6 +492,18 @@ def _copy_record(job: JobRecord) -> JobRecord:
     return copied
 
 
+@functools.lru_cache(maxsize=_DEP_CHUNK)
+def _in_list(count: int) -> str:
+    """sqlite3's state lookup of ``count`` ids (at most :data:`_DEP_CHUNK`), built once per count."""
+    return f"SELECT id, state FROM dispatch_jobs WHERE id IN ({', '.join('?' * count)})"
+
+
+@functools.lru_cache(maxsize=_DEP_CHUNK)
+def _pairs_insert(count: int) -> str:
+    """sqlite3's insert of ``count`` waits (at most ``_DEP_CHUNK // 2``), built once per count."""
+    return f"INSERT INTO dispatch_job_deps (job_id, depends_on) VALUES {', '.join(['(?, ?)'] * count)}"
+
+
 class Statements:
     """The shared statements, built once for one placeholder style ``mark`` (``"?"`` or ``"%s"``).
 
@@ -516,10 +529,8 @@ class Statements:
     purge_all_letters = "DELETE FROM dispatch_dead_letters"
 
     __slots__ = (
-        "_in_sql",
         "_list_jobs",
         "_list_letters",
-        "_pairs_sql",
         "acquire_lease",
         "active_holder",
         "arrays",
@@ -668,10 +679,8 @@ class Statements:
         # PostgreSQL fan-in of 70k paid three each). ``arrays`` (psycopg binds a list as one array):
         # the states of any number of ids (ids) in one ``= ANY``, any number of waits (job_ids,
         # dependencies) in one unnest INSERT. sqlite3 (no arrays): IN lists and multi-row VALUES of
-        # at most _DEP_CHUNK variables, built by size on first use (:meth:`_in_list`, :meth:`_pairs_insert`).
+        # at most _DEP_CHUNK variables, built by size on first use (:func:`_in_list`, :func:`_pairs_insert`).
         self.arrays = m == "%s"
-        self._in_sql: dict[int, str] = {}
-        self._pairs_sql: dict[int, str] = {}
         self.dependency_states = f"SELECT id, state FROM dispatch_jobs WHERE id = ANY({m})"
         self.insert_deps = (
             f"INSERT INTO dispatch_job_deps (job_id, depends_on) SELECT * FROM unnest({m}::text[], {m}::text[])"
@@ -818,16 +827,8 @@ class Statements:
         states: dict[str, str] = {}
         for start in range(0, len(wanted), _DEP_CHUNK):
             chunk = wanted[start : start + _DEP_CHUNK]
-            states.update(conn.execute(self._in_list(len(chunk)), chunk).fetchall())
+            states.update(conn.execute(_in_list(len(chunk)), chunk).fetchall())
         return states
-
-    def _in_list(self, count: int) -> str:
-        """sqlite3's state lookup of ``count`` ids."""
-        sql = self._in_sql.get(count)
-        if sql is None:
-            sql = f"SELECT id, state FROM dispatch_jobs WHERE id IN ({', '.join('?' * count)})"
-            self._in_sql[count] = sql
-        return sql
 
     def settle_new(self, conn: _Connection, job: JobRecord) -> tuple[JobRecord, list[str]]:
         """The state ``job`` (with ``depends_on``) is inserted in, and the dependencies it waits for.
@@ -890,15 +891,7 @@ class Statements:
         for start in range(0, len(job_ids), rows):
             pairs = zip(job_ids[start : start + rows], dependencies[start : start + rows], strict=True)
             params = [value for pair in pairs for value in pair]
-            conn.execute(self._pairs_insert(len(params) // 2), params)
-
-    def _pairs_insert(self, count: int) -> str:
-        """sqlite3's insert of ``count`` waits."""
-        sql = self._pairs_sql.get(count)
-        if sql is None:
-            sql = f"INSERT INTO dispatch_job_deps (job_id, depends_on) VALUES {', '.join(['(?, ?)'] * count)}"
-            self._pairs_sql[count] = sql
-        return sql
+            conn.execute(_pairs_insert(len(params) // 2), params)
 
     def release_dependents(self, conn: _Connection, consumed: Iterable[Sequence[Any]], state: str, now: float) -> None:
         """Count finished dependencies off their waiting dependents, inside the caller's write transaction.
