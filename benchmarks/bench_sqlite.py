@@ -13,7 +13,7 @@
    (thread_time) per call, p50/p99. ``--against DIR --rounds N``: each round first runs the
    same with the tree in DIR (e.g. ``git archive HEAD~3 threaddispatch benchmarks | tar -x -C DIR``).
 4. equal durability against huey: ``SQLiteStore(durability="full")`` and ``SqliteHuey(fsync=True)``
-   (both ``synchronous=FULL``, an fsync per commit) with 1 and 4 producer threads: enqueue
+   (both ``synchronous=FULL``, an fsync per commit) with 1 and 4 producer threads (``--producers``): enqueue
    jobs/s, and run jobs/s with 4 worker threads; the ratio in each round (the peers run
    back to back in a round, as the disk's fsync time drifts over seconds on a shared machine),
    and how many enqueues each commit and each WAL fdatasync of ``durability="full"`` covered.
@@ -427,7 +427,7 @@ def _against_full(directory: str, against: str, jobs: int, producers: int) -> tu
 def _durability_section(directory: str, args: argparse.Namespace) -> None:
     print(f"4. equal durability (fsync per commit), {args.jobs} no-op jobs, 4 worker threads, {args.repeat} rounds")
     print("   each round runs the peers back to back (the disk's speed drifts: compare within a round)")
-    for producers in (1, 4):
+    for producers in args.producers:
         runs: dict[str, Callable[[], tuple[float, float]]] = {
             "threaddispatch durability='full'": lambda: bench_threaddispatch(directory, args.jobs, producers, "full"),
         }
@@ -476,6 +476,17 @@ def _durability_section(directory: str, args: argparse.Namespace) -> None:
             print()
 
 
+def _producer_counts(text: str) -> tuple[int, ...]:
+    """``--producers``: "1,4,8" as (1, 4, 8); each a positive integer."""
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--producers must be comma-separated integers, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"--producers must be positive, got {text!r}")
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=100, help="jobs per pickup/delayed run (default 100)")
@@ -484,6 +495,13 @@ def main() -> None:
     parser.add_argument("--enqueues", type=int, default=5_000, help="enqueues with a worker running")
     parser.add_argument("--jobs", type=int, default=2_000, help="jobs per durability run (default 2,000)")
     parser.add_argument("--repeat", type=int, default=5, help="durability rounds (default 5)")
+    parser.add_argument(
+        "--producers",
+        type=_producer_counts,
+        default=(1, 4),
+        help="comma-separated producer thread counts of the durability section (default 1,4): a group commit "
+        "shares one fsync among at most as many enqueues as there are producers waiting",
+    )
     parser.add_argument("--only", choices=["latency", "enqueue", "durability"], default=None)
     parser.add_argument("--rounds", type=int, default=1, help="enqueue-with-a-worker rounds (default 1)")
     parser.add_argument(

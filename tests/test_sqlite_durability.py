@@ -1,4 +1,4 @@
-"""SQLiteStore(durability=...): its validation, and the group commit of ``durability="full"``."""
+"""SQLiteStore(durability=...): its validation, and the group commit of concurrent enqueues (every durability)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ from threaddispatch.stores import JobRecord, JobState, SQLiteStore
 from threaddispatch.testing import wait_for
 
 pytestmark = pytest.mark.timeout(60)
+
+#: Every durability joins concurrent enqueues; "full" also shares the fsync (and lingers for a group).
+DURABILITIES = pytest.mark.parametrize("durability", ["normal", "full"])
 
 
 def _job(job_id: str | None = None) -> JobRecord:
@@ -59,12 +62,13 @@ def test_the_durability_sets_each_connections_synchronous(
         store.close()
 
 
+@DURABILITIES
 @pytest.mark.timeout(120)
 def test_group_commit_keeps_every_job_of_four_threads_each_committed_before_its_enqueue_returns(
-    tmp_path: Path,
+    tmp_path: Path, durability: str
 ) -> None:
     path = tmp_path / "jobs.db"
-    store = SQLiteStore(path, durability="full")
+    store = SQLiteStore(path, durability=durability)
     missing: list[str] = []
     start = threading.Barrier(4)
 
@@ -135,9 +139,10 @@ def _enqueue_in_threads(store: SQLiteStore, batches: list[list[JobRecord]]) -> l
     return outcomes
 
 
+@DURABILITIES
 @pytest.mark.timeout(120)
-def test_enqueues_queued_during_a_commit_share_the_next_one(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "jobs.db", durability="full")
+def test_enqueues_queued_during_a_commit_share_the_next_one(tmp_path: Path, durability: str) -> None:
+    store = SQLiteStore(tmp_path / "jobs.db", durability=durability)
     try:
         batches = [[_job()] for _ in range(4)]
         outcomes = _enqueue_in_threads(store, batches)
@@ -147,9 +152,10 @@ def test_enqueues_queued_during_a_commit_share_the_next_one(tmp_path: Path) -> N
         store.close()
 
 
+@DURABILITIES
 @pytest.mark.timeout(120)
-def test_a_bad_enqueue_in_a_group_fails_only_its_caller(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "jobs.db", durability="full")
+def test_a_bad_enqueue_in_a_group_fails_only_its_caller(tmp_path: Path, durability: str) -> None:
+    store = SQLiteStore(tmp_path / "jobs.db", durability=durability)
     try:
         taken = _job()
         store.enqueue([taken])
@@ -198,11 +204,14 @@ class _CountingCondition:
         return getattr(self.inner, name)
 
 
+@DURABILITIES
 @pytest.mark.timeout(120)
-def test_callers_queueing_behind_a_commit_wake_nobody_until_a_leader_lingers_for_them(tmp_path: Path) -> None:
+def test_callers_queueing_behind_a_commit_wake_nobody_until_a_leader_lingers_for_them(
+    tmp_path: Path, durability: str
+) -> None:
     """Each wake-up costs a context switch on the cycle between two fsyncs: a caller that queues while a
     commit runs (no leader lingering) notifies no one; it is woken once, settled or made the next leader."""
-    store = SQLiteStore(tmp_path / "jobs.db", durability="full")
+    store = SQLiteStore(tmp_path / "jobs.db", durability=durability)
     try:
         assert store._committer is not None
         counting = _CountingCondition(store._committer._queued)
@@ -213,3 +222,50 @@ def test_callers_queueing_behind_a_commit_wake_nobody_until_a_leader_lingers_for
         assert counting.notified == 0
     finally:
         store.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("durability", ["normal", "full"])
+def test_a_lone_enqueue_that_fails_hands_the_lead_on_to_the_callers_queued_behind_it(
+    tmp_path: Path, durability: str
+) -> None:
+    """A caller leading alone (no group built: the one-producer path) whose commit fails gets its own
+    StoreError; the callers that queued meanwhile are then led by one of them, not left waiting."""
+    store = SQLiteStore(tmp_path / "jobs.db", durability=durability)
+    try:
+        taken = _job()
+        store.enqueue([taken])
+        batches = [[_job(taken.id)], [_job()], [_job()]]  # the leader's own job is the bad one
+        outcomes = _enqueue_in_threads(store, batches)
+        assert isinstance(outcomes[0], StoreError)
+        assert outcomes[1:] == [[batch[0].id] for batch in batches[1:]]
+        assert store.counts()[JobState.PENDING] == 3
+        assert store._committer is not None and not store._committer._leading
+    finally:
+        store.close()
+
+
+@pytest.mark.timeout(120)
+def test_only_full_durability_lingers_for_a_group(tmp_path: Path) -> None:
+    """Without an fsync to share a leader never waits for callers to queue: after a group of four, a lone
+    enqueue on a "normal" store commits at once; on a "full" store it waits (up to LINGER) for the three."""
+    for durability, lingers in (("normal", False), ("full", True)):
+        store = SQLiteStore(tmp_path / f"{durability}.db", durability=durability)
+        try:
+            _enqueue_in_threads(store, [[_job()] for _ in range(4)])  # leaves _last_group == 3
+            committer = store._committer
+            assert committer is not None
+            waited: list[float] = []
+            real_wait = committer._queued.wait
+
+            def counting_wait(timeout: float | None = None, real_wait: object = real_wait) -> bool:
+                waited.append(0.0 if timeout is None else timeout)
+                assert callable(real_wait)
+                return bool(real_wait(timeout))
+
+            committer._queued.wait = counting_wait  # type: ignore[method-assign]
+            job = _job()
+            assert store.enqueue([job]) == [job.id]
+            assert bool(waited) is lingers, (durability, waited)
+        finally:
+            store.close()

@@ -3,8 +3,8 @@
 This module is the :class:`~threaddispatch.stores.Store` methods and the SQL only SQLite
 needs; the per-thread connections, pragmas and fork safety are in
 :mod:`~threaddispatch.stores._sqlite_conn`, the cross-process wake-ups and checkpoints in
-:mod:`~threaddispatch.stores._sqlite_watch`, the group commit of ``durability="full"`` in
-:mod:`~threaddispatch.stores._sqlite_commit` and its shared WAL fdatasync in
+:mod:`~threaddispatch.stores._sqlite_watch`, the group commit of concurrent enqueues in
+:mod:`~threaddispatch.stores._sqlite_commit` and the shared WAL fdatasync of ``durability="full"`` in
 :mod:`~threaddispatch.stores._sqlite_sync`.
 
 - WAL journal, ``busy_timeout``, one connection per thread per process (a forked child
@@ -50,7 +50,7 @@ from threaddispatch.backoff import check_seconds
 from threaddispatch.errors import ConfigurationError, JobNotFoundError, StoreError
 from threaddispatch.stores import _sql
 from threaddispatch.stores._sql import cron_from_row, job_from_row, job_params, letter_from_row
-from threaddispatch.stores._sqlite_commit import GroupCommitter
+from threaddispatch.stores._sqlite_commit import LINGER, GroupCommitter
 from threaddispatch.stores._sqlite_conn import Connections, Write, synchronous_for, translate
 from threaddispatch.stores._sqlite_sql import (
     INSERT_ROWS,
@@ -146,9 +146,12 @@ class SQLiteStore(Store):
       NORMAL`` and then covered by an ``fdatasync`` of the WAL that started after it,
       outside the write lock and shared by every commit before it
       (:mod:`~threaddispatch.stores._sqlite_sync` explains why that is as durable as
-      ``synchronous = FULL``); concurrent enqueues of a process are also joined into one
-      transaction (group commit). Where ``os.fdatasync`` is missing, ``synchronous = FULL``.
+      ``synchronous = FULL``); concurrent enqueues of a process share that fsync. Where
+      ``os.fdatasync`` is missing, ``synchronous = FULL``.
       If an fsync fails, that write and every later one of the process raise StoreError.
+
+    At every durability, concurrent enqueues of a process are joined into one transaction
+    (group commit): an enqueue returns once the transaction holding its jobs has committed.
 
     ``synchronous`` (OFF, NORMAL, FULL or EXTRA) sets the PRAGMA itself: with
     ``durability="full"`` it must be FULL or EXTRA (SQLite then fsyncs inside each
@@ -216,11 +219,13 @@ class SQLiteStore(Store):
         self._with_holds = True
         # Whether dispatch_dead_letters has the job's fields (migration 11): False as _with_holds is.
         self._letter_job = True
-        self._committer: GroupCommitter | None = None
-        if durability == "full":
-            self._committer = GroupCommitter(
-                timeout=2 * self.busy_timeout, where=self.path, syncer=self._connections.syncer
-            )
+        # Every durability groups concurrent enqueues; only a shared fsync is worth lingering for.
+        self._committer = GroupCommitter(
+            timeout=2 * self.busy_timeout,
+            where=self.path,
+            syncer=self._connections.syncer,
+            linger=LINGER if durability == "full" else 0.0,
+        )
         _lifecycle.register(self)
         if migrate:
             self.migrate()
@@ -280,8 +285,7 @@ class SQLiteStore(Store):
         self._pid = os.getpid()
         self._connections.reset_after_fork()
         self._watcher.reset_after_fork()
-        if self._committer is not None:
-            self._committer.reset_after_fork()
+        self._committer.reset_after_fork()
 
     def describe(self) -> Mapping[str, object]:
         """``{"kind": "SQLiteStore", "path": ..., "durability": ...}``."""
@@ -366,14 +370,12 @@ class SQLiteStore(Store):
 
     @translate
     def enqueue(self, jobs: Sequence[JobRecord]) -> list[str]:
-        """See :meth:`Store.enqueue`. One transaction (shared by concurrent callers with
-        ``durability="full"``): up to 32 new plain jobs are ONE multi-row INSERT statement (see :meth:`_write_jobs`)."""
+        """See :meth:`Store.enqueue`. One transaction (shared by concurrent callers: the group
+        commit): up to 32 new plain jobs are ONE multi-row INSERT statement (see :meth:`_write_jobs`)."""
         if not jobs:
             return []
         try:
-            if self._committer is not None:
-                return self._committer.enqueue(jobs, self._write_jobs)
-            return self._write_jobs((jobs,))[0]  # no syncer without a committer: nothing deferred
+            return self._committer.enqueue(jobs, self._write_jobs)
         except sqlite3.IntegrityError as error:
             raise StoreError(f"could not insert jobs: {error} (a job id already exists?)") from error
 
