@@ -8,7 +8,9 @@ shared :class:`~threaddispatch._pool.WorkerPool`, emits events, settles Futures,
 the storage and the cache. It runs the attempts on the worker threads, the retry timer
 (and connectivity probe) thread, and the close, the exit drain and the fork reset.
 Worker and timer threads hold the core, never the public dispatcher, so an unreferenced
-dispatcher can be collected.
+dispatcher can be collected. An ended attempt goes through ``finished``
+(:meth:`Core._finish_attempt`): applied by its worker when the lock is free, else by the
+thread holding it as it releases it (the scheduler's docstring, "Locking").
 
 The one thing due by time, a retry after ``retry_time``, is handled by one lazily
 started daemon timer thread (``threaddispatch-<name>-timer``) that waits on the retry
@@ -323,13 +325,31 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
     ) -> None:
         """Apply an ended (or never started: ``outcome`` None) attempt's outcome, then carry out what follows."""
         token._bind(None, None)
-        out = Outbox()
-        with self.lock:
-            if outcome is None:
-                self._settle_attempt(req, token, None, None, None, out)
-            else:
-                self._settle_attempt(req, token, outcome.value, outcome.error, delay, out)
-        self._dispatch(out)
+        self.finished.append((req, token, outcome, delay))
+        self._apply_finished()
+
+    def _apply_finished(self) -> None:
+        """Apply the ended attempts in ``finished`` and carry out what follows, unless the lock is held.
+
+        Held, the holder's release comes back here (:class:`CarryingLock`): an attempt
+        appended before a failed try is seen by that release, so none is stranded.
+        """
+        finished, lock = self.finished, self.lock
+        out: Outbox | None = None
+        while finished and lock.acquire(False):
+            if out is None:
+                out = Outbox()
+            try:
+                while finished:
+                    req, token, outcome, delay = finished.popleft()
+                    if outcome is None:
+                        self._settle_attempt(req, token, None, None, None, out)
+                    else:
+                        self._settle_attempt(req, token, outcome.value, outcome.error, delay, out)
+            finally:
+                lock.release_only()  # this loop looks at finished again itself
+        if out is not None:
+            self._dispatch(out)
 
     # -- after the lock --------------------------------------------------------------------------
 
@@ -530,7 +550,9 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
             threading.Thread(target=self._end_if_idle, name=f"threaddispatch-{self.name}-close", daemon=True).start()
 
     def _end_if_idle(self, blocking: bool = True) -> bool:
-        """Finish the close if nothing runs nor waits for a retry; False if the lock was not free (not ``blocking``)."""
+        """Finish the close if nothing runs nor waits for a retry; False (not ``blocking``) if the lock was not
+        free, or if workers left ended attempts meanwhile: the collector's thread carries out no attempt
+        (that runs user code), a close thread does."""
         if not self.lock.acquire(blocking):
             return False
         out = Outbox()
@@ -538,9 +560,12 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
             if not self.done and not self.running and not self.retrying:
                 self._finish(out, forced=False)
         finally:
-            self.lock.release()
+            if blocking:
+                self.lock.release()  # carries out what workers left meanwhile
+            else:
+                self.lock.release_only()
         self._dispatch(out)
-        return True
+        return blocking or not self.finished
 
     def close(self, deadline: float | None) -> bool:
         """Stop intake, drain what can run by ``deadline`` (monotonic), cancel the rest, stop the threads."""

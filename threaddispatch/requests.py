@@ -475,7 +475,10 @@ class RequestDispatcher(_lifecycle.Closing, Generic[RequestT, ResponseT]):
         ``queue_change``, ``queue_status`` and ``drained`` (a queue became empty, once
         each time), ``upload_progress``/``download_progress`` (``token.progress`` in
         ``send``), ``cache`` (stored, hit, invalidated). Listeners run on the thread that caused the event, with no lock
-        held, before the request's Future is settled; their errors are logged. Returns
+        held, before the request's Future is settled; their errors are logged. What follows an
+        attempt (its ``response`` or ``error``, the Future settled, the next start) runs on its
+        worker, or, when the worker found the dispatcher's lock held, on the thread that held
+        it (an ``add``, a control call), as that thread releases it. Returns
         a function that unsubscribes (idempotent). Raises ConfigurationError for an
         unknown event.
         """
