@@ -285,6 +285,12 @@ out.close()
 """
 
 
+def _first_disorder(delivered: list[int]) -> str:
+    """Where ``delivered`` first goes backwards, with its neighbours (the message of a failed order check)."""
+    at = next(i for i in range(1, len(delivered)) if delivered[i] < delivered[i - 1])
+    return f"{len(delivered)} delivered; out of order at index {at}: {delivered[max(0, at - 5) : at + 5]}"
+
+
 def _delivered(path: Path) -> list[int]:
     text = path.read_text(encoding="ascii") if path.exists() else ""
     return [int(line) for line in text.split("\n")[:-1]]  # complete lines only
@@ -319,7 +325,7 @@ def test_a_sigkilled_dispatcher_loses_no_added_job(tmp_path: Path) -> None:
     assert max(Counter(first).values()) == 1 and max(Counter(second).values()) == 1
     duplicates = [n for n, count in counts.items() if count > 1]
     assert len(duplicates) <= 100  # at most the one batch in flight at the kill
-    assert second == sorted(second)  # replayed in order
+    assert second == sorted(second), _first_disorder(second)  # replayed in order
 
 
 @pytest.mark.timeout(60)
