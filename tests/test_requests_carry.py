@@ -12,6 +12,7 @@ from concurrent.futures import Future
 
 import pytest
 
+from threaddispatch._request_types import Mode
 from threaddispatch.requests import CancellationToken, RequestDispatcher, RequestEvent
 from threaddispatch.testing import wait_for
 
@@ -94,7 +95,12 @@ def test_close_waiting_for_an_attempt_left_in_finished_ends_without_its_timeout(
     with core.lock:
         gated.go.set()
         wait_for(lambda: len(core.finished) == 1, timeout=10, message="the worker to leave its attempt")
-        closer = threading.Thread(target=lambda: (rd.close(600), closed.set()), name="closer")
+
+        def close() -> None:
+            rd.close(600)
+            closed.set()
+
+        closer = threading.Thread(target=close, name="closer")
         closer.start()
     assert closed.wait(30), "close waited for an attempt nobody carried out"
     closer.join(10)
@@ -103,7 +109,7 @@ def test_close_waiting_for_an_attempt_left_in_finished_ends_without_its_timeout(
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", ["concurrent", "queued"])
-def test_many_producers_and_workers_settle_every_request_once(mode: str) -> None:
+def test_many_producers_and_workers_settle_every_request_once(mode: Mode) -> None:
     """4 producers, 8 workers, a send that fails every seventh request's first attempt (retried):
     every Future gets its own response, one response event each, nothing is left in ``finished``."""
     lock = threading.Lock()
@@ -119,7 +125,7 @@ def test_many_producers_and_workers_settle_every_request_once(mode: str) -> None
 
     rd: RequestDispatcher[str, str] = RequestDispatcher(send, max_workers=8, name="carry-stress")
     responses: list[str] = []
-    rd.on("response", lambda event: responses.append(event.request_id))
+    rd.on("response", lambda event: responses.append(str(event.request_id)))
     per = 1_500
     handles: list[list[tuple[str, Future[str]]]] = [[] for _ in range(4)]
 
