@@ -226,3 +226,47 @@ def test_a_batch_nobody_listens_to_from_the_start_still_gets_a_whole_record_for_
         assert bad.status == "exhausted" and bad.attempts == 1
     finally:
         assert d.shutdown(10)
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_a_shutdown_that_begins_while_a_sending_thread_takes_its_next_batch_keeps_the_order(
+    monkeypatch: pytest.MonkeyPatch, quick: bool
+) -> None:
+    """The race behind the spool crash test's reordered replay (it failed 2 of 4 loaded suite runs).
+
+    A sending thread takes its next batch as its send ends; a shutdown then lets the engine's
+    worker take the following ones (the drain ignores the limit) and queue them in ``ready``
+    before the sending thread looks there. The batch the sending thread took is the oldest:
+    it goes first. Forced here by pausing that thread until the worker has queued one.
+    """
+    if quick:
+        monkeypatch.setattr(_endpoint_core, "_QUICK", 3600.0)  # the one-thread loop's path
+    else:
+        monkeypatch.setattr(_endpoint_core, "_QUICK", 0.0)  # the path under send_lock
+    monkeypatch.setattr(_endpoint_core, "_STALL", 3600.0)  # no watch thread: one sending thread
+    sent: list[int] = []
+
+    def send(_endpoint_id: Hashable, jobs: list[DispatchJob]) -> None:
+        sent.extend(job.payload for job in jobs)
+
+    d = EndpointBatchDispatcher(send, max_batch_size=10, batch_timeout=60, max_concurrent_batches=1)
+    core, engine = d._core, d._core.engine
+    plain_settle_and_take = engine.settle_and_take
+    closing: list[threading.Thread] = []
+    closed: list[bool] = []
+
+    def settle_and_take(seq: int) -> Any:
+        taken = plain_settle_and_take(seq)
+        if taken is not None and not closing:
+            closing.append(threading.Thread(target=lambda: closed.append(d.shutdown(30)), name="test-close"))
+            closing[0].start()
+            wait_for(lambda: len(core.ready) > 0, timeout=20, message="the worker queued a later batch")
+        return taken
+
+    monkeypatch.setattr(engine, "settle_and_take", settle_and_take)
+    for n in range(100):
+        d.add_job(DispatchJob("ep", n))  # ten full batches, due at once
+    wait_for(lambda: bool(closing), timeout=20, message="a sending thread took its next batch")
+    closing[0].join(30)
+    assert closed == [True]
+    assert sent == list(range(100))

@@ -245,7 +245,7 @@ class Core:
             if start:
                 self.runners = 1
             else:
-                self.ready.append((endpoint_id, seq, jobs))
+                _queue_in_order(self.ready, (endpoint_id, seq, jobs))
                 watch = not self.watching
                 self.watching = True
         if not start:
@@ -324,14 +324,19 @@ class Core:
                 mark[0] = 0.0
                 taken = settle_and_take(seq)
                 if taken is not None and ended - began < _QUICK and self.runners == 1:
-                    # The one sending thread goes on (the usual loop): nothing send_lock guards changes.
+                    # The one sending thread goes on (the usual loop): with ready empty nothing send_lock guards
+                    # changes (with a limit of 1, a batch the worker queues meanwhile was taken after this one).
                     if not ready:
                         endpoint_id, seq, jobs = taken
                     else:
-                        ready.append(taken)  # behind the batches taken before it
-                        endpoint_id, seq, jobs = ready.popleft()
-                        if ready and not self.watching:
-                            self._watch_ready()
+                        with send_lock:
+                            _queue_in_order(ready, taken)
+                            endpoint_id, seq, jobs = ready.popleft()
+                            watch = bool(ready) and not self.watching
+                            if watch:
+                                self.watching = True
+                        if watch:
+                            self._start_watch()
                     if ended >= turn_ends:
                         time.sleep(0)  # see below
                         turn_ends = clock() + _TURN
@@ -339,7 +344,7 @@ class Core:
                 more = watch = False
                 with send_lock:
                     if taken is not None:
-                        ready.append(taken)
+                        _queue_in_order(ready, taken)
                     if not ready:
                         self.runners -= 1
                         counted = False
@@ -387,15 +392,6 @@ class Core:
         Holds send_lock.
         """
         return any(mark is not mine and (not mark[0] or now - mark[0] < _QUICK) for mark in self.marks)
-
-    def _watch_ready(self) -> None:
-        """Start the watch if batches wait in ``ready`` and it is not running."""
-        with self.send_lock:
-            watch = bool(self.ready) and not self.watching
-            if watch:
-                self.watching = True
-        if watch:
-            self._start_watch()
 
     def _start_runner(self) -> None:
         """Start a sending thread for the head of ``ready`` (counted in ``runners`` already); on
@@ -1109,6 +1105,23 @@ class Core:
 
 def _not_delivered(job: DispatchJob) -> ThreadDispatchError:
     return ThreadDispatchError(f"send_batch reported job {job.id!r} as not delivered (False)")
+
+
+def _queue_in_order(
+    ready: deque[tuple[Hashable, int, list[DispatchJob]]], batch: tuple[Hashable, int, list[DispatchJob]]
+) -> None:
+    """Put ``batch`` into ``ready`` in take order (by its seq); caller holds send_lock.
+
+    ``ready`` is oldest first. A sending thread's own next batch usually goes last, but the
+    engine's worker may have queued batches taken after it meanwhile (a shutdown's drain
+    takes past the limit) before the thread got here: the batch goes ahead of those, so with
+    ``max_concurrent_batches=1`` batches are sent in the order they were taken.
+    """
+    seq = batch[1]
+    at = len(ready)
+    while at and ready[at - 1][1] > seq:
+        at -= 1
+    ready.insert(at, batch)
 
 
 def _spool_seq(job: DispatchJob) -> int | None:

@@ -112,7 +112,10 @@ class EndpointBatchDispatcher(Closing):
     ``max_concurrent_batches`` daemon threads ``threaddispatch-<name>-send-<n>``, taken by one
     thread ``threaddispatch-<name>`` or, when a send ends, by its sending thread for its next batch.
     The limit is over all endpoints, so two batches of one endpoint may be in flight together:
-    jobs keep their order within a batch, not across batches.
+    jobs keep their order within a batch, not across batches. With ``max_concurrent_batches=1``
+    batches go one at a time in the order they were taken, so an endpoint's jobs (of one
+    priority) also keep their order across batches, through a shutdown's drain and a spool
+    replay too; a job that is retried goes again after the jobs queued meanwhile.
 
     ``send_batch`` raises (every job failed), returns None (every job delivered), or returns
     one outcome per job: None or True (delivered), False or an exception (failed). A result
