@@ -257,9 +257,10 @@ def test_a_shutdown_that_begins_while_a_sending_thread_takes_its_next_batch_keep
 
     def settle_and_take(seq: int) -> Any:
         taken = plain_settle_and_take(seq)
-        if taken is not None and not closing:
-            closing.append(threading.Thread(target=lambda: closed.append(d.shutdown(30)), name="test-close"))
-            closing[0].start()
+        if taken is not None and not closing:  # only the one sending thread comes here
+            closer = threading.Thread(target=lambda: closed.append(d.shutdown(30)), name="test-close")
+            closer.start()
+            closing.append(closer)  # after start: the test thread joins it once it sees it
             wait_for(lambda: len(core.ready) > 0, timeout=20, message="the worker queued a later batch")
         return taken
 
