@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from threaddispatch import _future
 from threaddispatch._future import LazyFuture
 from threaddispatch.requests import CancellationToken, RequestDispatcher
 
@@ -212,9 +211,10 @@ def test_wait_returns_when_the_dispatcher_cancels_a_request(gate: threading.Even
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_a_forked_child_gets_a_fresh_lazy_lock() -> None:
-    """The module lock, held by a parent thread at fork time, is replaced in the child: Futures settle there."""
-    held = _future._lazy_lock
+def test_a_future_held_by_a_parent_thread_at_fork_time_does_not_block_the_childs_futures() -> None:
+    """Each Future has its own lock: one held by a parent thread at fork time blocks nothing in the child."""
+    busy = LazyFuture()
+    held = busy._lock_of()
     entered = threading.Event()
     release = threading.Event()
 
@@ -234,7 +234,7 @@ def test_a_forked_child_gets_a_fresh_lazy_lock() -> None:
             try:
                 future = LazyFuture()
                 future.set_result(7)
-                code = 0 if future.result(0) == 7 and _future._lazy_lock is not held else 2
+                code = 0 if future.result(0) == 7 and future._lock_of() is not held else 2
             finally:
                 os.write(write_end, bytes([code]))
                 os._exit(code)
