@@ -209,3 +209,73 @@ def test_run_raises_only_for_work_it_did_not_queue(monkeypatch: pytest.MonkeyPat
     assert pool.wait_idle(time.monotonic() + 5)
     assert ran == ["queued"]
     assert pool.shutdown(5)
+
+
+def test_run_next_runs_on_the_calling_worker_once_its_task_returns() -> None:
+    """A task handing on work with run_next: that worker runs it next; no other thread starts or wakes for it."""
+    pool = WorkerPool(4, name="test-pool")
+    ran: list[tuple[int, int]] = []
+    done = threading.Event()
+
+    def step(n: int) -> None:
+        ran.append((n, threading.get_ident()))
+        if n < 20:
+            pool.run_next(step, n + 1)
+            assert len(ran) == n + 1  # not run yet: it waits for this task to return
+        else:
+            done.set()
+
+    pool.run(step, 0)
+    assert done.wait(10)
+    assert [n for n, _ in ran] == list(range(21))
+    assert len({thread for _, thread in ran}) == 1
+    assert len(pool._state.threads) == 1  # none started for the hand-ons
+    assert pool.shutdown(5)
+
+
+def test_run_next_from_another_thread_is_run() -> None:
+    """Outside the pool's threads (here the test's own) run_next queues the task for a worker as run does."""
+    pool = WorkerPool(2, name="test-pool")
+    threads: list[threading.Thread] = []
+    pool.run_next(lambda: threads.append(threading.current_thread()))
+    wait_for(lambda: bool(threads), timeout=10, message="the task ran")
+    assert threads[0] is not threading.current_thread() and threads[0].name.startswith("threaddispatch-test-pool")
+    assert pool.shutdown(5)
+    with pytest.raises(DispatcherClosedError):
+        pool.run_next(print)
+
+
+@pytest.mark.timeout(120)
+def test_tasks_queued_while_threads_come_and_go_all_run() -> None:
+    """Every task runs while producers queue without the mutex and idle threads leave and start again.
+
+    A task queued without the mutex (every thread busy) is taken by a thread still counted as
+    running; with threads leaving after 1 ms idle that hand-over is exercised over and over.
+    """
+    pool = WorkerPool(3, name="test-pool", idle_timeout=0.001)
+    total = 4 * 5_000
+    lock = threading.Lock()
+    seen: set[int] = set()
+
+    def task(n: int) -> None:
+        with lock:
+            seen.add(n)
+        if n % 7 == 0:
+            pool.run_next(task, total + n)  # hand-ons too
+
+    def produce(offset: int) -> None:
+        for n in range(offset, offset + 5_000):
+            pool.run(task, n)
+            if n % 500 == 0:
+                time.sleep(0.002)  # let threads go idle and leave
+
+    producers = [threading.Thread(target=produce, args=(i * 5_000,), name=f"test-producer-{i}") for i in range(4)]
+    for thread in producers:
+        thread.start()
+    for thread in producers:
+        thread.join(60)
+    expected = set(range(total)) | {total + n for n in range(0, total, 7)}
+    wait_for(lambda: len(seen) == len(expected), timeout=60, message="every task ran")
+    assert seen == expected
+    assert pool.wait_idle(time.monotonic() + 10)
+    assert pool.shutdown(10)

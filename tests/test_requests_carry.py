@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future
+from typing import Any
 
 import pytest
 
@@ -178,3 +179,33 @@ def test_attempts_carried_out_together_each_keep_their_response_in_the_cache() -
     finally:
         go.set()
         assert rd.close(10) is True
+
+
+def test_a_worker_whose_attempt_ended_runs_the_next_one_itself() -> None:
+    """The attempt an ended one makes startable goes to that attempt's worker (``WorkerPool.run_next``):
+    it runs there next, with no other thread woken or started for it (a ``queued`` chain of 30)."""
+    threads: list[str] = []
+
+    def send(request: int, token: CancellationToken) -> int:
+        threads.append(threading.current_thread().name)
+        return request
+
+    rd: RequestDispatcher[int, int] = RequestDispatcher(send, max_workers=4, name="test-hand-on")
+    pool = rd._core.pool
+    handed_on: list[str] = []
+    real_run_next = pool.run_next
+
+    def run_next(fn: Any, /, *args: Any) -> None:
+        handed_on.append(threading.current_thread().name)
+        real_run_next(fn, *args)
+
+    pool.run_next = run_next  # type: ignore[method-assign]
+    try:
+        rd.pause("k")
+        handles = [rd.add(n, queue_key="k", mode="queued") for n in range(30)]
+        rd.start("k")
+        assert [handle.future.result(10) for handle in handles] == list(range(30))
+        assert len(threads) == 30 and len(set(threads)) == 1, set(threads)
+        assert handed_on == threads[:29]  # attempts 2..30, each handed on by the worker of the one before
+    finally:
+        assert rd.close(10)

@@ -249,7 +249,7 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
     def run_attempt(self, req: PendingRequest, token: CancellationToken) -> None:
         """One send of ``req`` on a worker thread, and what follows from its outcome."""
         if token.cancelled:  # stopped or cancelled while it waited for a worker
-            self._finish_attempt(req, token, None, None)
+            self._finish_attempt(req, token, None, None, ending=True)
             return
         if "loading" in self.watched:
             self.events.emit(RequestEvent("loading", req.queue_key, req.request_id, req.request, attempt=req.attempts))
@@ -269,7 +269,7 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
         if recorder is not None:  # metrics on: one duration per attempt (a batch of one)
             recorder.send(1, started, error, req.queue_key)
         delay = None if error is None or token.cancelled else self._retry_delay(req, error)
-        self._finish_attempt(req, token, outcome, delay)
+        self._finish_attempt(req, token, outcome, delay, ending=True)
 
     def _send(self, request: object, token: CancellationToken) -> object:
         """Call ``send``; a coroutine it returns is awaited with its task attached to ``token``."""
@@ -321,14 +321,24 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
         return bool(outcome.value)
 
     def _finish_attempt(
-        self, req: PendingRequest, token: CancellationToken, outcome: _invoke.Outcome | None, delay: float | None
+        self,
+        req: PendingRequest,
+        token: CancellationToken,
+        outcome: _invoke.Outcome | None,
+        delay: float | None,
+        *,
+        ending: bool = False,
     ) -> None:
-        """Apply an ended (or never started: ``outcome`` None) attempt's outcome, then carry out what follows."""
+        """Apply an ended (or never started: ``outcome`` None) attempt's outcome, then carry out what follows.
+
+        ``ending``: called by the attempt's worker as its task ends (``run_attempt``): the first
+        attempt this launches runs next on that worker (``WorkerPool.run_next``), no wake-up.
+        """
         token._bind(None, None)
         self.finished.append((req, token, outcome, delay))
-        self._apply_finished()
+        self._apply_finished(ending)
 
-    def _apply_finished(self) -> None:
+    def _apply_finished(self, ending: bool = False) -> None:
         """Apply the ended attempts in ``finished`` and carry out what follows, unless the lock is held.
 
         Held, the holder's release comes back here (:class:`CarryingLock`): an attempt
@@ -349,12 +359,15 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
             finally:
                 lock.release_only()  # this loop looks at finished again itself
         if out is not None:
-            self._dispatch(out)
+            self._dispatch(out, ending)
 
     # -- after the lock --------------------------------------------------------------------------
 
-    def _dispatch(self, out: Outbox) -> None:
-        """Carry out what was decided under the lock. Never called with the lock held."""
+    def _dispatch(self, out: Outbox, ending: bool = False) -> None:
+        """Carry out what was decided under the lock. Never called with the lock held.
+
+        ``ending``: on a worker whose attempt ended, returning once this is done (see ``_launch``).
+        """
         if out.cached:
             self._save_responses(out.cached)  # before the Future settles: a caller that saw it sees the cache
         if out.unstore:
@@ -365,7 +378,7 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
         for future, how, value in out.settle:
             settle(future, how, value)
         if out.launch:
-            self._launch(out.launch)
+            self._launch(out.launch, ending)
         if out.closed:
             self.pool.shutdown(0)  # its idle threads leave now; close() joins them if it waits
             _lifecycle.unregister(self)
@@ -377,8 +390,13 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
             if entry is not None and "cache" in self.watched:
                 self.events.emit(_cache_event(req, entry, "stored"))
 
-    def _launch(self, launches: list[tuple[PendingRequest, CancellationToken]]) -> None:
+    def _launch(self, launches: list[tuple[PendingRequest, CancellationToken]], ending: bool = False) -> None:
         """Hand attempts to the pool. Re-entered on one thread, it queues instead of recursing.
+
+        ``ending`` (the caller is a worker about to return from its attempt): the first attempt
+        goes to that worker (``run_next``: it runs it next, no thread woken for it and none put
+        to sleep), the others to idle threads. Last in ``_dispatch``, after every event and
+        done-callback, so nothing runs on that worker between the end of its attempt and this one.
 
         During the exit drain the pool runs work on the caller when it has no thread
         left; each finished attempt then launches the next from inside the previous
@@ -389,7 +407,10 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
             run = self.pool.run
             for index, (req, token) in enumerate(launches):
                 try:
-                    run(self.run_attempt, req, token)  # run_attempt reports its own outcome
+                    if ending and not index:
+                        self.pool.run_next(self.run_attempt, req, token)
+                    else:
+                        run(self.run_attempt, req, token)  # run_attempt reports its own outcome
                 except DispatcherClosedError:
                     self._launch_guarded(launches[index:])  # each failure may launch the next: guarded
                     return
