@@ -321,6 +321,16 @@ class Outbox:
     def __bool__(self) -> bool:
         return bool(self.launch or self.events or self.settle or self.unstore or self.cached or self.closed)
 
+    def extend(self, other: Outbox) -> None:
+        """Append what ``other`` decided after what this one did."""
+        self.launch += other.launch
+        self.events += other.events
+        self.settle += other.settle
+        self.unstore += other.unstore
+        if other.cached:
+            self.cached = [*(self.cached or ()), *other.cached]
+        self.closed = self.closed or other.closed
+
 
 def settle(future: LazyFuture, how: str, value: Any) -> None:
     """Set ``future``'s result or exception, or cancel it (``how``); a Future its holder cancelled stays so."""

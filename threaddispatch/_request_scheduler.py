@@ -16,13 +16,18 @@ going online), so no thread has to loop over the queues to find startable work.
 Locking: ``lock`` guards every field set in :meth:`Scheduler._init_state` and every
 field of every queue and request; ``timer_wakeup`` and ``done_changed`` are conditions
 on it. ``closing`` is also written without it, once, by a finalizer (see the core).
-``finished`` is the one exception: worker threads append ended attempts to it without the
-lock (:meth:`~threaddispatch._request_core.Core._finish_attempt`), and it is emptied only
-under the lock. A worker that finds the lock held leaves its attempt there and goes back
-to work: every release of ``lock`` (a :class:`CarryingLock`) then checks ``finished``, so
-the thread that held it carries the attempt out. With the lock busy (workers ending
-attempts while producers add), the workers no longer queue on it one by one: measured, a
-producer's ``add`` with 8 workers running cost 23 µs CPU and 68 µs wall, against 6.6 and 10.
+``finished`` and ``intake`` are the two exceptions, both appended to without the lock and
+emptied only under it. Worker threads append ended attempts to ``finished``
+(:meth:`~threaddispatch._request_core.Core._finish_attempt`); a worker that finds the lock
+held leaves its attempt there and goes back to work: every release of ``lock`` (a
+:class:`CarryingLock`) then checks ``finished``, so the thread that held it carries the
+attempt out. With the lock busy (workers ending attempts while producers add), the workers
+no longer queue on it one by one: measured, a producer's ``add`` with 8 workers running
+cost 23 µs CPU and 68 µs wall, against 6.6 and 10. Producers append plain requests to
+``intake`` (:meth:`~threaddispatch._request_core.Core._add_to_intake`) and never wait for
+the lock either: every acquisition of ``lock`` first queues what ``intake`` holds
+(:meth:`Scheduler._absorb`), so whoever holds the lock sees every request added before it
+took it, in the order they were added.
 """
 
 from __future__ import annotations
@@ -59,40 +64,71 @@ Finished = tuple[PendingRequest, CancellationToken, Any, "float | None"]
 
 
 class CarryingLock:
-    """The scheduler's lock: a ``threading.Lock`` whose ``release`` then carries out ``finished``.
+    """The scheduler's lock: a ``threading.Lock`` that takes in ``intake`` as it is acquired and carries
+    out ``finished`` and what that intake decided as it is released.
 
-    Each release checks ``finished`` (the attempts workers left while it was held) and,
-    when any wait, calls ``carry`` (the core's ``_apply_finished``) with the lock free.
-    A Condition made on it works as on a Lock: its ``wait`` releases through
-    :meth:`release`, so no attempt left before a wait is stranded by the wait.
+    Every acquisition (``with``, :meth:`acquire`, a Condition's wait returning) first calls
+    ``absorb`` (the scheduler's ``_absorb``: queues the requests producers left in
+    ``intake``, deciding into ``outbox``), so whoever holds the lock sees every request
+    added before it took it. Each release checks ``finished`` (the attempts workers left
+    while it was held), ``intake`` and ``outbox`` and, when any is pending, calls ``carry``
+    (the core's ``_apply_finished``) with the lock free. A Condition made on it works as
+    on a Lock: its ``wait`` releases through :meth:`release` and re-acquires through
+    :meth:`acquire`, so nothing left before a wait is stranded by it.
     """
 
-    __slots__ = ("_release", "acquire", "carry", "finished", "locked")
+    __slots__ = ("_acquire", "_release", "absorb", "carry", "finished", "intake", "locked", "outbox")
 
-    def __init__(self, finished: deque[Finished]) -> None:
+    def __init__(self, finished: deque[Finished], intake: deque[PendingRequest]) -> None:
         lock = threading.Lock()
-        self.acquire = lock.acquire
+        self._acquire = lock.acquire
         self.locked = lock.locked
         self._release = lock.release
         self.finished = finished
+        self.intake = intake
+        #: What absorbing ``intake`` decided, carried out after a release; guarded by the lock.
+        self.outbox: Outbox | None = None
+        self.absorb: Callable[[], None] | None = None  # set by the scheduler
         self.carry: Callable[[], None] | None = None  # set by the core
 
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """Take the lock (as ``threading.Lock.acquire``), then absorb ``intake``."""
+        if not self._acquire(blocking, timeout):
+            return False
+        if self.intake and self.absorb is not None:
+            self.absorb()
+        return True
+
     def release(self) -> None:
-        """Release the lock, then carry out the attempts left in ``finished`` (no lock held)."""
+        """Release the lock, then carry out what is pending (no lock held)."""
         self._release()
-        if self.finished and self.carry is not None:
+        if (self.finished or self.intake or self.outbox is not None) and self.carry is not None:
             self.carry()
 
     def release_only(self) -> None:
-        """Release the lock without looking at ``finished`` (the caller looks itself)."""
+        """Release the lock without looking at what is pending (the caller looks itself)."""
         self._release()
+
+    def pending(self) -> bool:
+        """Whether anything waits to be carried out (read without the lock: a hint, re-checked under it)."""
+        return bool(self.finished or self.intake) or self.outbox is not None
+
+    # A Condition's wait releases and re-acquires through these (threading.Condition looks them up).
+    def _release_save(self) -> None:
+        self.release()
+
+    def _acquire_restore(self, _state: None) -> None:
+        self.acquire()
+
+    def _is_owned(self) -> bool:
+        return bool(self.locked())
 
     def __enter__(self) -> bool:
         return self.acquire()
 
     def __exit__(self, *_exc: object) -> None:
         self._release()
-        if self.finished and self.carry is not None:
+        if (self.finished or self.intake or self.outbox is not None) and self.carry is not None:
             self.carry()
 
 
@@ -109,8 +145,13 @@ class Scheduler:
     def _init_state(self) -> None:
         # Ended attempts left by workers that found the lock held (see the module docstring).
         self.finished: deque[Finished] = deque()
-        self.lock = CarryingLock(self.finished)
+        # Requests added without taking the lock (``Core.add`` when it is held), oldest first:
+        # appended by producers, emptied only under the lock, as it is acquired (``_absorb``).
+        self.intake: deque[PendingRequest] = deque()
+        self.lock = CarryingLock(self.finished, self.intake)
+        self.lock.absorb = self._absorb
         self.lock.carry = self._apply_finished
+        self.carrying = False  # a pool task carrying out what waits is queued (Core._carry_on)
         # A Condition uses only acquire/release of its lock (typeshed names the stdlib types only).
         lock = cast("threading.Lock", self.lock)
         self.timer_wakeup = threading.Condition(lock)
@@ -174,6 +215,23 @@ class Scheduler:
             )
         self.deduplicated += 1
         return RequestHandle(self, ongoing.request_id, req.queue_key, ongoing.future, True)
+
+    def _absorb(self) -> None:
+        """Queue the requests in ``intake`` (as many as it holds now), in order, deciding into the lock's outbox.
+
+        After the close ended (``done``) nothing is queued: a request found then is refused, its Future
+        cancelled and ``queue`` left unset, and its ``add`` raises (it looks, see ``Core.add``).
+        """
+        intake, lock = self.intake, self.lock
+        out = lock.outbox
+        if out is None:
+            out = lock.outbox = Outbox()
+        for _ in range(len(intake)):
+            req = intake.popleft()
+            if self.done:
+                out.settle.append((req.future, "cancel", None))
+            else:
+                self._insert(req, out)
 
     def _unreserve(self, req: PendingRequest) -> None:
         """Drop ``req`` from the dedupe index (it was reserved and is not queued after all)."""
