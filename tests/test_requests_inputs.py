@@ -162,3 +162,18 @@ def test_constructor_and_stats_flags_use_the_same_check() -> None:
         assert "queue_depths" in rd.stats(per_key=True)
     finally:
         rd.close(5)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("value", ["", "a\x00b", "\ud800", ["k"], b"k", 1], ids=repr)
+def test_add_refuses_a_bad_queue_key_while_other_queues_hold_requests(
+    paused: tuple[Rd, RequestHandle[str]], value: object
+) -> None:
+    """The check skipped for a key already queued (it was checked then) still runs for any other value,
+    unhashable ones included: ConfigurationError naming ``queue_key``, nothing added."""
+    rd, _handle = paused
+    added = rd.stats()["added"]
+    with pytest.raises(ConfigurationError, match="queue_key must be"):
+        rd.add({"endpoint": "/other"}, queue_key=value)  # type: ignore[arg-type]
+    assert rd.stats()["added"] == added
+    assert rd.add({"endpoint": "/again"}, queue_key=KEY).queue_key == KEY

@@ -178,7 +178,7 @@ def test_a_producer_hands_what_keeps_coming_to_a_pool_thread_after_a_few_rounds(
             rounds += 1
             core.intake.append(_plain(rd, f"extra{rounds}"))
 
-    core.lock.absorb = absorb
+    core.lock.absorb = core._absorb = absorb  # type: ignore[method-assign]
     handles: list[Future[str]] = []
     try:
         producer = threading.Thread(target=lambda: handles.append(rd.add("p", queue_key="k").future), name="producer")
@@ -189,7 +189,7 @@ def test_a_producer_hands_what_keeps_coming_to_a_pool_thread_after_a_few_rounds(
         wait_for(lambda: core.added == 1 + rounds and not core.lock.pending(), timeout=10, message="the rest carried")
         assert carried and all(name.startswith("threaddispatch-intake-hand") for name in carried)
     finally:
-        core.lock.absorb = real_absorb
+        core.lock.absorb = core._absorb = real_absorb  # type: ignore[method-assign]
         assert rd.close(10) is True
 
 

@@ -374,17 +374,21 @@ class Core(Scheduler, Generic[RequestT, ResponseT]):
         :data:`_CARRY_ROUNDS` rounds (an ``add`` must return while other producers keep adding);
         what still waits then goes to a pool thread (:meth:`_carry_on`).
         """
-        lock = self.lock
+        lock, finished, intake = self.lock, self.finished, self.intake
         out: Outbox | None = None
         rounds = 0
-        while lock.pending() and lock.acquire(False):
-            taken, lock.outbox = lock.outbox, None
-            if out is None:
-                out = taken if taken is not None else Outbox()
-            elif taken is not None:
-                out.extend(taken)
+        # lock.pending() and lock.acquire(False), inline: this loop is every plain add's path.
+        while (finished or intake or lock.outbox is not None) and lock._acquire(False):
             try:
-                self._settle_finished(out)
+                if intake:
+                    self._absorb()
+                taken, lock.outbox = lock.outbox, None
+                if out is None:
+                    out = taken if taken is not None else Outbox()
+                elif taken is not None:
+                    out.extend(taken)
+                if finished:
+                    self._settle_finished(out)
             finally:
                 lock.release_only()  # this loop looks at what is pending again itself
             rounds += 1

@@ -301,7 +301,7 @@ class RequestDispatcher(_lifecycle.Closing, Generic[RequestT, ResponseT]):
             check_bool("offline", offline)
         if queue_key is None:
             queue_key = self._derived_key(request)
-        else:
+        elif queue_key.__class__ is not str or queue_key not in self._core.queues:  # a queued key was checked
             check_text("queue_key", queue_key)
         dedupe_key = None
         if deduplicate:
