@@ -255,3 +255,52 @@ def test_every_delayed_job_of_this_process_wakes_the_idle_fetcher_not_only_the_e
         assert sorted(ran) == [0, 1, 2]
     finally:
         assert engine.stop(10)
+
+
+class _BeatOrderStore(MemoryStore):
+    """Records the order of one heartbeat turn's writes (jobs, serial lock holds, worker row)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def heartbeat(self, job_ids: Sequence[str], *, worker_id: str, now: float) -> set[str]:
+        self.calls.append("jobs")
+        return super().heartbeat(job_ids, worker_id=worker_id, now=now)
+
+    def heartbeat_holds(self, job_ids: Sequence[str], *, worker_id: str, now: float) -> set[str]:
+        self.calls.append("holds")
+        return super().heartbeat_holds(job_ids, worker_id=worker_id, now=now)
+
+    def heartbeat_worker(self, worker_id: str, *, running: int, now: float) -> bool:
+        self.calls.append("worker" if running == 0 else "worker-busy")
+        return super().heartbeat_worker(worker_id, running=running, now=now)
+
+
+@pytest.mark.timeout(30)
+def test_a_heartbeat_turn_writes_the_running_jobs_heartbeat_before_anything_else() -> None:
+    """A late job heartbeat gets a running job reaped and run twice; a late worker row does not. So each
+    turn writes the jobs' first: measured on PostgreSQL under load, the two writes that came before it
+    delayed it by up to 135 ms."""
+    store = _BeatOrderStore()
+    release = threading.Event()
+    engine = JobEngine(store, concurrency=1, poll_interval=0.01, heartbeat_interval=0.02, stale_job_threshold=30)
+
+    @engine.job("hold")
+    def hold(ctx: JobContext, payload: Any) -> None:
+        assert release.wait(20)
+
+    engine.enqueue("hold", {})
+    engine.start()
+    try:
+        wait_for(lambda: store.calls.count("jobs") >= 3, timeout=20, message="three heartbeats of the running job")
+    finally:
+        release.set()
+        engine.stop(10)
+    calls = list(store.calls)
+    # In every turn with the job running the jobs' write came first: each worker-row write that
+    # counted a running job follows one more jobs' write than the worker-row writes before it.
+    busy = [index for index, call in enumerate(calls) if call == "worker-busy"]
+    assert busy, calls
+    for turn, index in enumerate(busy, 1):
+        assert calls[:index].count("jobs") >= turn, calls
