@@ -304,3 +304,41 @@ def test_the_bound_holds_under_many_producers_and_nothing_accepted_is_lost() -> 
     assert most <= 50
     assert sorted(delivered) == sorted((seed, i) for seed in range(4) for i in range(300))
     assert d.stats()["held"] == 0
+
+
+def test_room_the_sending_threads_made_is_seen_at_the_bound_without_a_stats_read() -> None:
+    """A sending thread leaves a delivered batch's count for add_job to take off ``held``, which it does
+    only at the bound: so a bound full of delivered jobs admits again, with no stats() call between."""
+    d = EndpointBatchDispatcher(
+        lambda _endpoint_id, _jobs: None,
+        max_batch_size=1,
+        batch_timeout=0.01,
+        max_concurrent_batches=1,
+        max_pending_jobs=4,
+        overflow="raise",
+    )
+    core, engine = d._core, d._core.engine
+    for i in range(4):
+        d.add_job(DispatchJob(f"ep{i}", i))
+    # Settled after its count was left in core.finished: every job is delivered and counted there.
+    wait_for(lambda: engine.settled_entries == 4, timeout=10, message="the four jobs delivered")
+    assert core.held == 4 and sum(core.finished) == 4  # still counted: nothing took them off yet
+    for i in range(4, 8):
+        d.add_job(DispatchJob(f"ep{i}", i))  # at the bound: the delivered counts are taken off first
+    assert core.finished == []
+    assert d.shutdown(10)
+    assert d.stats()["held"] == 0
+
+
+def test_the_delivered_counts_left_for_add_job_stay_few_below_the_bound() -> None:
+    """Below the bound add_job takes the delivered counts off only once they pile up: the list stays short."""
+    d = EndpointBatchDispatcher(lambda _endpoint_id, _jobs: None, max_batch_size=1, batch_timeout=0.01)
+    core, engine = d._core, d._core.engine
+    for i in range(200):
+        d.add_job(DispatchJob(f"ep{i}", i))
+    wait_for(lambda: engine.settled_entries == 200, timeout=10, message="the jobs delivered")
+    assert len(core.finished) == 200  # one count per batch of one, none taken off yet
+    d.add_job(DispatchJob("ep", "one more"))
+    assert core.finished == [] and core.held <= 1
+    assert d.shutdown(10)
+    assert d.stats()["held"] == 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 from typing import cast
 
-from threaddispatch import _endpoint_core, _lanes
+from threaddispatch import _endpoint_core
 from threaddispatch._endpoint_records import DispatchJob, WebhookBatch
 from threaddispatch._lanes import FifoLane, PriorityLane
 
@@ -31,7 +31,8 @@ def test_a_one_priority_lane_is_a_plain_deque_to_the_engine() -> None:
     assert "__bool__" not in vars(PriorityLane)
     lane.append(DispatchJob("e", 1))
     assert len(lane) == 1 and lane and hash(lane) == object.__hash__(lane)
-    assert lane._buckets is _lanes._NO_BUCKETS and lane._order is _lanes._NO_ORDER  # shared, not its own
+    # The split form's slots stay unset: no dict or list of its own, three slots fewer for a collection to visit.
+    assert not hasattr(lane, "_buckets") and not hasattr(lane, "_order") and not hasattr(lane, "_size")
 
 
 def test_a_lane_splits_for_a_second_priority_and_is_one_deque_again_once_empty() -> None:
@@ -43,7 +44,7 @@ def test_a_lane_splits_for_a_second_priority_and_is_one_deque_again_once_empty()
     assert len(lane) == 2 and lane.items() == [high, low]
     assert lane.take(5) == [high, low]
     assert type(lane) is PriorityLane and len(lane) == 0 and not lane
-    assert lane._buckets is _lanes._NO_BUCKETS  # the split form's dict is gone with it
+    assert not hasattr(lane, "_buckets") and not hasattr(lane, "_order")  # the split form's dict and list are gone
     lane.append(low)
     assert lane.drop_oldest() is low and len(lane) == 0
 

@@ -184,8 +184,11 @@ def test_a_sending_thread_failure_fires_processor_error(monkeypatch: pytest.Monk
     def send(_batch: object, _inline_retries: object = None) -> None:
         raise broken
 
+    def end(*_args: object) -> None:
+        raise broken
+
     monkeypatch.setattr(d._core, "_send", send)
-    monkeypatch.setattr(d._core, "_send_jobs", send)  # the path of a batch nobody listens to
+    monkeypatch.setattr(d._core, "_sent", end)  # the end of a batch with no record (a listener is registered)
     d.add_job(DispatchJob("ep", "x"))
     assert reported.wait(10)
     assert payloads[0]["error"] is broken and payloads[0]["endpoint_id"] == "ep"

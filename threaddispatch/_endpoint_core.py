@@ -38,7 +38,7 @@ from threaddispatch import _drop_log, _lifecycle
 from threaddispatch._drop_log import DropLog
 from threaddispatch._endpoint_records import EVENTS, DispatchJob, SendBatch, WebhookBatch, new_id
 from threaddispatch._engine import BatchEngine, Overflow
-from threaddispatch._invoke import BASE, ERROR, OK, Outcome, TimedCaller, call, settled
+from threaddispatch._invoke import BASE, ERROR, OK, Outcome, TimedCaller, call, classify, resolve, settled
 from threaddispatch._lanes import FifoLane, Lane, PriorityLane
 from threaddispatch._pool import WorkerPool
 from threaddispatch._spool import Spool
@@ -61,6 +61,9 @@ _QUICK = 0.001
 # How long batches may wait in ``ready`` with no send beginning before the watch starts sending
 # threads for them (seconds): the running ones are stuck in sends (a hung receiver, I/O).
 _STALL = 0.02
+
+# How many delivered counts the sending threads may leave in ``Core.finished`` before an add takes them off.
+_FINISHED_SLACK = 64
 
 _forked_spools: list[Spool] = []  # a forked child's copies of its parent's spools: never used nor closed there
 
@@ -192,7 +195,8 @@ class Core:
         self.held = 0
         # Counts of held jobs a sending thread delivered, not yet taken off ``held``: appended
         # without the lock (a list append is atomic), so a batch's send takes no lock of the
-        # core; whoever reads ``held`` under the lock takes them off first (_held_now).
+        # core; whoever reads ``held`` under the lock takes them off first (_held_now), except
+        # admit, which needs them only at the bound (``held`` is then high, never low).
         self.finished: list[int] = []
         self.dropped = 0
         self.room_waiters = 0
@@ -288,8 +292,11 @@ class Core:
         send_lock = self.send_lock
         limit = self.max_concurrent_batches
         clock = time.perf_counter
-        plain = self.plain_send
-        has_listeners = self.events.has_listeners
+        # A batch goes without a record (see _sent) when send_batch runs here,
+        # untraced, and nobody listens to batch_started (read once per batch: listeners may come and go).
+        bare = self.plain_send and self.tracing is None
+        listeners = self.events.registered
+        send_batch = self.send_batch
         mark = [0.0]  # when this thread's send began; 0.0 between sends (read by the others' quick check)
         counted = True  # this thread is still counted in runners
         self.permits.get()
@@ -309,8 +316,29 @@ class Core:
                 began = mark[0] = clock()
                 self.sends_begun += 1  # the watch's sign of progress
                 try:
-                    if plain and self.tracing is None and not has_listeners("batch_started"):
-                        self._send_jobs(endpoint_id, jobs)  # makes a batch record only if one is read
+                    if bare and "batch_started" not in listeners:
+                        # A batch with no record yet (see _sent), sent here: once per batch, no frame more.
+                        started = time.time()
+                        for job in jobs:
+                            job.attempts += 1
+                            job.status = "processing"
+                            job.last_attempt_at = started
+                            job.next_retry_at = None
+                        mine = tuple(jobs)  # send_batch may change its list
+                        try:
+                            result = send_batch(endpoint_id, jobs)
+                        except BaseException as error:  # noqa: BLE001 - the batch's failure, as in call()
+                            self._sent(endpoint_id, mine, started, classify(error))
+                        else:
+                            if result is None and self.spool is None and not listeners:
+                                self._delivered(mine)  # with no spool and no listener, that is all _sent does
+                            else:
+                                self._sent(
+                                    endpoint_id,
+                                    mine,
+                                    started,
+                                    None if result is None else call(resolve, send_batch, result),
+                                )
                     else:
                         self._send(WebhookBatch(new_id(), endpoint_id, tuple(jobs), time.time()))
                 except Exception as exc:  # noqa: BLE001 - send_batch's errors are handled inside: this is a bug
@@ -330,7 +358,10 @@ class Core:
                         endpoint_id, seq, jobs = taken
                     else:
                         with send_lock:
-                            _queue_in_order(ready, taken)
+                            if not ready or ready[-1][1] < taken[1]:
+                                ready.append(taken)  # _queue_in_order's usual case, inline: taken last
+                            else:
+                                _queue_in_order(ready, taken)
                             endpoint_id, seq, jobs = ready.popleft()
                             watch = bool(ready) and not self.watching
                             if watch:
@@ -525,38 +556,41 @@ class Core:
             sent = self._call_send(endpoint_id, list(jobs))
         return self._settle_sent(batch, sent, inline_retries)
 
-    def _send_jobs(self, endpoint_id: Hashable, jobs: list[DispatchJob]) -> None:
-        """:meth:`_send` of a batch with no record yet: for a plain send, untraced, with no ``batch_started`` listener.
+    def _delivered(self, mine: Sequence[DispatchJob]) -> float:
+        """Mark ``mine`` delivered and count them finished (waking an add waiting for room); the time it was."""
+        finished = time.time()
+        for job in mine:
+            job.status = "delivered"
+            job.finished_at = finished
+            job.last_error = None
+        count = len(mine)
+        self.finished.append(count)  # no lock: see _init_locks
+        if self.room_waiters:
+            # Read after the append: a waiter counts itself before it reads held, so either
+            # it sees this count or this thread sees it waiting and wakes it.
+            with self.lock:
+                self._held_now()
+                self.room.notify(count)
+        return finished
+
+    def _sent(self, endpoint_id: Hashable, mine: tuple[DispatchJob, ...], started: float, sent: Outcome | None) -> None:
+        """The end of a batch :meth:`run_pooled` sent with no record yet (a plain send, untraced, with no
+        ``batch_started`` listener): ``mine``, its jobs, went to send_batch at ``started`` and it ended
+        as ``sent`` (None: it returned None).
 
         The batch record (:class:`WebhookBatch`) is made only when something reads it: a
         listener of the batch's outcome, or a batch that did not go as a whole (its failures are
-        settled by :meth:`_settle_sent`). So a delivered batch costs no id, record or copy.
-        ``jobs`` is the caller's to give away: send_batch gets it as its list.
+        settled by :meth:`_settle_sent`). So a delivered batch costs no id, record or copy; and
+        when there is no spool and no listener at all, run_pooled settles it itself (this method's
+        first case, inline).
         """
-        started = time.time()
-        for job in jobs:
-            job.attempts += 1
-            job.status = "processing"
-            job.last_attempt_at = started
-            job.next_retry_at = None
-        mine = tuple(jobs)  # send_batch may change its list
-        sent = call(self.send_batch, endpoint_id, jobs)
-        if sent.kind == OK and sent.value is None:
-            finished = time.time()
-            for job in mine:
-                job.status = "delivered"
-                job.finished_at = finished
-                job.last_error = None
+        if sent is None or (sent.kind == OK and sent.value is None):
+            finished = self._delivered(mine)
             count = len(mine)
-            self.finished.append(count)  # no lock: see _init_locks
-            if self.room_waiters:
-                with self.lock:  # read after the append: see _send
-                    self._held_now()
-                    self.room.notify(count)
             if self.spool is not None:
                 self.settle_spool(mine, ())
-            events = self.events
-            if events.has_listeners("batch_executed") or events.has_listeners("batch_completed"):
+            listeners = self.events.registered
+            if listeners and ("batch_executed" in listeners or "batch_completed" in listeners):
                 batch = WebhookBatch(new_id(), endpoint_id, mine, started, "completed", started, finished, count)
                 self._report(batch, [], [], [])
             return
@@ -585,22 +619,10 @@ class Core:
 
         if error is None and outcomes is None:
             # Every job delivered (the common case): no per-job decision, no retry, one lock.
-            finished = time.time()
-            for job in jobs:
-                job.status = "delivered"
-                job.finished_at = finished
-                job.last_error = None
-            count = len(jobs)
-            batch.successful = count
+            finished = self._delivered(jobs)
+            batch.successful = len(jobs)
             batch.completed_at = finished
             batch.status = "completed"
-            self.finished.append(count)  # no lock: see _init_locks
-            if self.room_waiters:
-                # Read after the append: a waiter counts itself before it reads held, so either
-                # it sees this count or this thread sees it waiting and wakes it.
-                with self.lock:
-                    self._held_now()
-                    self.room.notify(count)
             if self.spool is not None:
                 self.settle_spool(jobs, ())
             if events.has_listeners("batch_executed") or events.has_listeners("batch_completed"):
@@ -887,7 +909,10 @@ class Core:
         with self.lock:
             if self.closed:
                 raise DispatcherClosedError(f"{self.label} is shut down; {job!r} was not accepted")
-            if self.finished:
+            # ``held`` without the counts in ``finished`` is high, never low: below the bound it
+            # admits as well, so they are taken off only at the bound, or once there are
+            # _FINISHED_SLACK of them (which keeps the list short): not a call per add.
+            if self.held >= self.max_pending_jobs or len(self.finished) > _FINISHED_SLACK:
                 self._held_now()
             if self.held < self.max_pending_jobs:
                 self.held += 1

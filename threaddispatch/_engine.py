@@ -380,7 +380,11 @@ class BatchEngine(Generic[T]):
         try:
             if self._closing:
                 raise DispatcherClosedError(f"{self.name} is closed; {item!r} was not accepted")
-            lane = self._lane_of(key)
+            lanes = self._lanes
+            whole = lanes.one  # _lane_of inline: once per put
+            lane = (whole if whole is not None else lanes.shards[hash(key) & SHARD_MASK]).get(key)
+            if lane is None:
+                lane = self._new_lane(key)
             limit = self.max_queue_size
             if limit is not None and len(lane) >= limit:
                 if self.overflow == "raise":
@@ -715,73 +719,73 @@ class BatchEngine(Generic[T]):
         drop_log = self._drop_log
         if drop_log is not None:
             drop_log.delivered()
+        # Under the lock, in this frame: it runs once per batch.
+        result: tuple[Hashable, int, list[T]] | None = None
         with self._lock:
-            taken = self._settle_take(seq)
-        if taken is not None and self._producers_waiting:
+            unsettled = self._unsettled
+            entries = unsettled.pop(seq, None)
+            if entries is None:
+                return None
+            self.settled_entries += entries
+            if self._settle_waiters:
+                self._settled.notify_all()
+            due = self._due
+            made_due = False
+            held = self._held
+            while held:
+                # The oldest held lane goes first (as _release_held does), with no wake-up for it yet.
+                lane, _ = held.popitem(last=False)
+                if len(lane) and not lane.due:
+                    self._make_due(lane, first=True)
+                    made_due = True
+                    break
+            limit = self._max_unsettled
+            if not self._closing and self._gate is None and (limit is None or len(unsettled) < limit):
+                # The clock is read only when a window may open or close (not for a lane the take empties).
+                if not due and self._gate_shut:
+                    self._close_windows(time.monotonic())  # a shut gate left them to whoever reopens it: this thread
+                while due:
+                    lane = due.popleft()
+                    if not lane.due:
+                        continue  # stale: take_now took it
+                    lane.due = False
+                    if not len(lane):
+                        self._rearm(lane, None)
+                        continue
+                    items = lane.take(self.max_batch_size)
+                    # _start_batch inline: once per batch on this path.
+                    self._batch_seq = taken = self._batch_seq + 1
+                    unsettled[taken] = count = len(items)
+                    self.batches += 1
+                    self.taken += count
+                    if held:
+                        held.pop(lane, None)
+                    if self._flush_quota:
+                        self._lower_quota(lane, count)
+                    self._rearm(lane, None)  # the clock is read only if a window opens
+                    if self._flush_taken:
+                        self._flush_progress()
+                    if self._space_waiters:
+                        self._space.notify_all()
+                    if self._gate_shut and (limit is None or len(unsettled) < limit):
+                        self._gate_shut = False  # capacity left over: the worker takes the rest
+                        self._notify_worker()
+                    # Otherwise a shut gate stays shut: the capacity this settle freed is taken again.
+                    result = lane.key, taken, items
+                    break
+            if result is None:
+                if self._gate_shut:
+                    self._gate_shut = False  # capacity freed: the waiting due lanes may go
+                    if due or self._open:  # windows the shut gate left unclosed may be due by now
+                        self._notify_worker()
+                elif made_due:
+                    self._notify_worker()
+                return None
+        if self._producers_waiting:
             # A producer waits for the lock this loop keeps taking: let it have the lock and the
             # GIL now, not after a switch interval per sending thread that loops like this one.
             _yield_gil(0)
-        return taken
-
-    def _settle_take(self, seq: int) -> tuple[Hashable, int, list[T]] | None:
-        """settle_and_take under _lock."""
-        unsettled = self._unsettled
-        entries = unsettled.pop(seq, None)
-        if entries is None:
-            return None
-        self.settled_entries += entries
-        if self._settle_waiters:
-            self._settled.notify_all()
-        due = self._due
-        made_due = False
-        held = self._held
-        while held:
-            # The oldest held lane goes first (as _release_held does), with no wake-up for it yet.
-            lane, _ = held.popitem(last=False)
-            if len(lane) and not lane.due:
-                self._make_due(lane, first=True)
-                made_due = True
-                break
-        limit = self._max_unsettled
-        if not self._closing and self._gate is None and (limit is None or len(unsettled) < limit):
-            now = time.monotonic()
-            if not due and self._gate_shut:
-                self._close_windows(now)  # a shut gate left them to whoever reopens it: this thread
-            while due:
-                lane = due.popleft()
-                if not lane.due:
-                    continue  # stale: take_now took it
-                lane.due = False
-                if not len(lane):
-                    self._rearm(lane, now)
-                    continue
-                items = lane.take(self.max_batch_size)
-                # _start_batch inline: once per batch on this path.
-                self._batch_seq = taken = self._batch_seq + 1
-                unsettled[taken] = count = len(items)
-                self.batches += 1
-                self.taken += count
-                if held:
-                    held.pop(lane, None)
-                if self._flush_quota:
-                    self._lower_quota(lane, count)
-                self._rearm(lane, now)
-                if self._flush_taken:
-                    self._flush_progress()
-                if self._space_waiters:
-                    self._space.notify_all()
-                if self._gate_shut and (limit is None or len(unsettled) < limit):
-                    self._gate_shut = False  # capacity left over: the worker takes the rest
-                    self._notify_worker()
-                # Otherwise a shut gate stays shut: the capacity this settle freed is taken again.
-                return lane.key, taken, items
-        if self._gate_shut:
-            self._gate_shut = False  # capacity freed: the waiting due lanes may go
-            if due or self._open:  # windows the shut gate left unclosed may be due by now
-                self._notify_worker()
-        elif made_due:
-            self._notify_worker()
-        return None
+        return result
 
     def _release_held(self) -> None:
         """A batch settled and freed the capacity the gate waits for: retry the oldest held lane. Holds _lock."""
@@ -802,21 +806,28 @@ class BatchEngine(Generic[T]):
         closed = 0
         open_lanes, open_at = self._open, self._open_at
         until = now - self._slack
+        held_lanes, due, cap_trigger = self._held, self._due, self._cap_trigger
+        # _pop_window and _make_due inline: once per window closed (per batch, with many keys).
         while open_lanes and closed < _WINDOWS_PER_TURN:
             lane, deadline = open_lanes[0], open_at[0]
             if lane.deadline is not deadline or lane.due:
-                self._pop_window()  # stale: the lane went due or its window moved
+                open_lanes.popleft()  # stale: the lane went due or its window moved
+                open_at.popleft()
                 closed += 1  # counted: a turn's work under the lock stays bounded
                 continue
             if deadline > until and not self._closing:
                 break
-            self._pop_window()
-            held = lane in self._held
-            # A held lane's window closed: ask the gate again, for it first.
-            self._make_due(lane, first=held)
-            if held:
-                self._gate_shut = False
+            open_lanes.popleft()
+            open_at.popleft()
+            lane.due = True
+            lane.trigger = cap_trigger
             closed += 1
+            if held_lanes and lane in held_lanes:
+                # A held lane's window closed: ask the gate again, for it first.
+                due.appendleft(lane)
+                self._gate_shut = False
+            else:
+                due.append(lane)
         return closed
 
     def _close_held_windows(self, now: float) -> None:
@@ -975,8 +986,9 @@ class BatchEngine(Generic[T]):
             if self._settle_waiters:
                 self._settled.notify_all()
 
-    def _rearm(self, lane: Lane[T], now: float) -> None:
-        """After a take: close the lane's window if it is empty, or open the next one. Holds _lock."""
+    def _rearm(self, lane: Lane[T], now: float | None) -> None:
+        """After a take: close the lane's window if it is empty, or open the next one (at ``now``; None:
+        the clock is read then, as an empty lane needs no time). Holds _lock."""
         # Order matters: trigger first, then the length, so a concurrent append is never missed.
         lane.trigger = INACTIVE
         count = len(lane)
@@ -995,7 +1007,7 @@ class BatchEngine(Generic[T]):
             self._make_due(lane)
         else:
             # The next window starts now: at most one partial batch per window.
-            lane.deadline = deadline = now + self.window
+            lane.deadline = deadline = (time.monotonic() if now is None else now) + self.window
             self._open_window(lane, deadline)  # the old entry, if any, is stale now
 
     # -- flush, close, exit, fork ------------------------------------------------------------

@@ -82,6 +82,7 @@ __all__ = [
     "TimedCaller",
     "awaited",
     "call",
+    "classify",
     "close_thread_loop",
     "describe",
     "invoke",
@@ -154,7 +155,12 @@ class Outcome:
         return f"<Outcome {self.kind} {detail}>"
 
 
-def _classify(error: BaseException) -> Outcome:
+def classify(error: BaseException) -> Outcome:
+    """The Outcome of a call of user code that raised ``error`` (what :func:`call` returns for it).
+
+    For a face that calls user code directly on its hot path (see :func:`resolve`) and
+    classifies what it raised as :func:`call` would.
+    """
     if isinstance(error, Exception):
         if isinstance(error, Retry):
             return Outcome(RETRY, None, error)
@@ -476,7 +482,7 @@ def call(fn: Callable[..., Any], *args: Any) -> Outcome:
         if _plain_types.get(type(result), True) and _awaitable(result):
             result = _await(fn, result)
     except BaseException as error:  # noqa: BLE001 - classified and handed to the face
-        return _classify(error)
+        return classify(error)
     return Outcome(OK, result)
 
 
@@ -591,7 +597,7 @@ class _CallerState:
                         task.cancel()  # timed out before the task existed
                 result = settled(work.fn, awaitable, _run_task(loop, task, code))
         except BaseException as error:  # noqa: BLE001 - classified and handed to the caller
-            return _classify(error)
+            return classify(error)
         return Outcome(OK, result)
 
     def _log_late(self, work: _Call, outcome: Outcome) -> None:

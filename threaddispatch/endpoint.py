@@ -346,7 +346,7 @@ class EndpointBatchDispatcher(Closing):
         job.scheduled_at = scheduled_at
         job.status = "scheduled" if delay > 0 else "pending"
         try:
-            if core.events.has_listeners("job_added"):
+            if "job_added" in core.events.registered:  # has_listeners without its call
                 core.add_announced(job, delay, queue=not immediate)
             else:
                 if core.closed:

@@ -51,6 +51,10 @@ class EventEmitter:
         # _listeners_lock guards _listeners; emit copies the list under it and calls outside it.
         self._listeners_lock = threading.Lock()
         self._listeners: dict[str, list[Listener | _Once]] = {}
+        # The same dict, for emitters on a hot path: ``event in registered`` is has_listeners
+        # without its call (one C-level test, atomic under the GIL), and an empty dict means no
+        # listener of any event. Never replaced, only changed under the lock; read it, never write it.
+        self.registered: dict[str, list[Listener | _Once]] = self._listeners
         self._known_events = known_events
         self.listener_errors = 0
         _lifecycle.register(self)  # by weak reference: the fork reset, below
