@@ -211,6 +211,7 @@ def _endpoint_run(
         max_pending_jobs=ops + 1,
         name="bench-curves",
     )
+    gc.collect()  # garbage left from before would be freed during the adds and lower tracked/n
     if freeze:
         gc.freeze()  # the jobs and the dispatcher: what the user built before the adds
     try:
@@ -280,6 +281,7 @@ def _requests_run(ops: int, mode: Literal["queued", "concurrent"], *, deadline: 
     rd: RequestDispatcher[Any, None] = RequestDispatcher(send, max_workers=WORKERS, name="bench-curves")
     add = functools.partial(rd.add, queue_key="k", mode=mode)
     rd.pause("k")
+    gc.collect()  # garbage left from before would be freed during the adds and lower tracked/n
     tracked0 = len(gc.get_objects())
     cpu0, wall0 = time.process_time(), time.perf_counter()
     with _GcPauses() as pauses:
