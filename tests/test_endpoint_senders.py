@@ -245,8 +245,12 @@ def test_a_shutdown_that_begins_while_a_sending_thread_takes_its_next_batch_keep
         monkeypatch.setattr(_endpoint_core, "_QUICK", 0.0)  # the path under send_lock
     monkeypatch.setattr(_endpoint_core, "_STALL", 3600.0)  # no watch thread: one sending thread
     sent: list[int] = []
+    all_added = threading.Event()
 
     def send(_endpoint_id: Hashable, jobs: list[DispatchJob]) -> None:
+        # The first send waits for every add, so the other nine batches are due when it ends
+        # (on a loaded machine it could end before the adds did, and the shutdown refuse them).
+        assert all_added.wait(20)
         sent.extend(job.payload for job in jobs)
 
     d = EndpointBatchDispatcher(send, max_batch_size=10, batch_timeout=60, max_concurrent_batches=1)
@@ -267,6 +271,7 @@ def test_a_shutdown_that_begins_while_a_sending_thread_takes_its_next_batch_keep
     monkeypatch.setattr(engine, "settle_and_take", settle_and_take)
     for n in range(100):
         d.add_job(DispatchJob("ep", n))  # ten full batches, due at once
+    all_added.set()
     wait_for(lambda: bool(closing), timeout=20, message="a sending thread took its next batch")
     closing[0].join(30)
     assert closed == [True]
