@@ -1,12 +1,13 @@
 """Hostile tests of JobEngine's own threads facing one store call that raises an unexpected error.
 
-Each engine thread (the fetcher, ``threaddispatch-jobs-heartbeat``, ``threaddispatch-jobs-cron``)
+Each engine thread (the fetcher, ``threaddispatch-jobs-heartbeat``, ``-upkeep``, ``-cron``)
 catches StoreError around its store calls and goes on; anything else (a bug in a store,
 a codec error such as a lone surrogate, a TypeError from a custom Store) ends the thread
 with an uncaught exception, while ``engine.running`` stays True and ``stop()`` returns
 True. A dead fetcher runs no more jobs; a dead heartbeat thread stops the jobs'
-heartbeats (another worker then reaps and runs them again while they still run), job
-timeouts (they are enforced on that thread), reaping and purging; a dead cron thread
+heartbeats (another worker then reaps and runs them again while they still run) and job
+timeouts (they are enforced on that thread); a dead upkeep thread stops reaping and
+purging; a dead cron thread
 fires no more crons. The promise attacked: "Nothing lost silently", and a thread that
 meets a failure logs it and goes on (as the cron thread does for a stored cron it cannot
 parse). The fetcher's claim is in test_hostile_s25_jobs_text.
@@ -82,12 +83,12 @@ CASES = [
     ("paused_queues", "threaddispatch-jobs-fetcher"),
     ("heartbeat", "threaddispatch-jobs-heartbeat"),
     ("heartbeat_worker", "threaddispatch-jobs-heartbeat"),
-    ("reap_stale", "threaddispatch-jobs-heartbeat"),
-    ("release_waiting", "threaddispatch-jobs-heartbeat"),
+    ("reap_stale", "threaddispatch-jobs-upkeep"),
+    ("release_waiting", "threaddispatch-jobs-upkeep"),
     ("list_crons", "threaddispatch-jobs-cron"),
     ("acquire_lease", "threaddispatch-jobs-cron"),
     ("complete_and_claim", "threaddispatch-jobs-fetcher"),  # the group commit of the cron's "tick" jobs
-    ("reap_workers", "threaddispatch-jobs-heartbeat"),
+    ("reap_workers", "threaddispatch-jobs-upkeep"),
 ]
 
 

@@ -304,3 +304,59 @@ def test_a_heartbeat_turn_writes_the_running_jobs_heartbeat_before_anything_else
     assert busy, calls
     for turn, index in enumerate(busy, 1):
         assert calls[:index].count("jobs") >= turn, calls
+
+
+class _SlowUpkeepStore(MemoryStore):
+    """Counts job heartbeats; its ``reap_stale`` blocks (a slow store, a long recovery) until ``unblock``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.beats = 0
+        self.reaping = threading.Event()
+        self.unblock = threading.Event()
+
+    def heartbeat(self, job_ids: Sequence[str], *, worker_id: str, now: float) -> set[str]:
+        if job_ids:
+            self.beats += 1
+        return super().heartbeat(job_ids, worker_id=worker_id, now=now)
+
+    def reap_stale(self, *, older_than: float, now: float) -> list[str]:
+        self.reaping.set()
+        assert self.unblock.wait(20)
+        return super().reap_stale(older_than=older_than, now=now)
+
+
+@pytest.mark.timeout(30)
+def test_a_slow_reap_delays_neither_the_heartbeats_nor_a_job_timeout() -> None:
+    """Recovering stale jobs, deleting stale worker rows and purging run beside the heartbeats, not
+    between two of them: a reap (or a purge of a million rows) longer than ``stale_job_threshold``
+    minus one interval got this worker's running jobs taken for a dead worker's and run twice."""
+    store = _SlowUpkeepStore()
+    release = threading.Event()
+    engine = JobEngine(store, concurrency=2, poll_interval=0.01, heartbeat_interval=0.02, stale_job_threshold=30)
+
+    @engine.job("hold")
+    def hold(ctx: JobContext, payload: Any) -> None:
+        assert release.wait(20)
+
+    @engine.job("hang", max_retries=0, timeout=0.05)
+    def hang(ctx: JobContext, payload: Any) -> None:
+        ctx.wait(20)
+
+    engine.enqueue("hold", {})
+    engine.start()
+    try:
+        assert store.reaping.wait(20)
+        beats = store.beats
+        wait_for(lambda: store.beats >= beats + 3, timeout=20, message="heartbeats while a reap is under way")
+        timed_out = engine.enqueue("hang", {})
+        wait_for(
+            lambda: engine.get_job(timed_out).state is JobState.FAILED,
+            timeout=20,
+            message="the job's timeout while a reap is under way",
+        )
+        assert not store.unblock.is_set()
+    finally:
+        store.unblock.set()
+        release.set()
+        engine.stop(10)

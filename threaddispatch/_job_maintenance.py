@@ -1,21 +1,32 @@
 """The upkeep of a running JobEngine's claims: heartbeats, job timeouts, reaping stale jobs, purging.
 
-One :class:`Maintenance` per runtime; its loop is the ``threaddispatch-jobs-heartbeat``
-thread. It heartbeats the jobs running here (learning which are no longer this worker's
-claim) and the serial lock holds of handlers still running after their claim ended (a
-timeout, a cancel: see ``Store.hold_locks``), refreshes the run's worker-registry row with their count
-(:mod:`threaddispatch._job_workers`), times out jobs at their deadline, recovers the stale
-jobs (and deletes the stale registry rows) of dead workers and purges finished jobs past
-``retention``. It decides; the runtime records (a timeout goes through the one completion
+One :class:`Maintenance` per runtime, and two loops, each on its own thread:
+
+- :meth:`Maintenance.run_heartbeats`, the ``threaddispatch-jobs-heartbeat`` thread,
+  heartbeats the jobs running here (learning which are no longer this worker's claim) and
+  the serial lock holds of handlers still running after their claim ended (a timeout, a
+  cancel: see ``Store.hold_locks``), refreshes the run's worker-registry row with their
+  count (:mod:`threaddispatch._job_workers`) and times out jobs at their deadline.
+- :meth:`Maintenance.run_upkeep`, the ``threaddispatch-jobs-upkeep`` thread, recovers
+  the stale jobs (and deletes the stale registry rows) of dead workers, settles waiting
+  jobs whose dependencies finished and purges finished jobs past ``retention``, once per
+  heartbeat interval, until stop begins.
+
+Two threads, not one, because a heartbeat must never wait behind housekeeping: a reap on
+a slow store, or a purge of a million finished rows (a thousand short transactions), could
+outlast ``stale_job_threshold`` minus one interval, and another worker would then take this
+worker's running jobs for a dead one's and run them twice; a job's timeout would be late
+by as much. It decides; the runtime records (a timeout goes through the one completion
 path like any outcome).
 
-The loop survives any ``Exception``: a store call that raises (a StoreError, or anything
+Each loop survives any ``Exception``: a store call that raises (a StoreError, or anything
 else: a store bug, a codec error) is logged with its traceback and that step is skipped
-until the next heartbeat, which bounds the log to one line per step and heartbeat.
+until the next turn, which bounds the log to one line per step and interval.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Protocol
 
@@ -32,12 +43,10 @@ class Host(Protocol):
     worker_id: str
     inflight: dict[str, Slot]
     registration: Registration  # its own lock; beaten without the shared lock
+    stop_event: threading.Event  # set as stop begins: the upkeep loop leaves (no reaping or purging then)
 
     def leaving(self) -> bool:
         """Whether the loop should end now (lock held)."""
-
-    def stopping(self) -> bool:
-        """Whether the runtime is stopping (lock held): no reaping or purging then."""
 
     def time_out(self, slot: Slot) -> None:
         """Record that ``slot`` (already settled and abandoned) ran past its deadline."""
@@ -58,16 +67,12 @@ class Maintenance:
     def __init__(self, host: Host) -> None:
         self._host = host
 
-    def run(self) -> None:
-        """The loop: wake at the next heartbeat or job deadline, whichever comes first, until stop lets go."""
+    def run_heartbeats(self) -> None:
+        """The heartbeat loop: wake at the next heartbeat or job deadline, whichever comes first, until stop lets go."""
         host = self._host
         shared = host.shared
-        config = shared.config
-        interval = config.heartbeat_interval
-        retention = config.retention
-        purge_every = max(interval, min(3600.0, (retention or 0.0) / 2))
+        interval = shared.config.heartbeat_interval
         next_beat = time.monotonic()
-        next_purge = time.monotonic()
         while True:
             with shared.lock:
                 if host.leaving():
@@ -83,22 +88,37 @@ class Maintenance:
                 for slot in expired:
                     slot.settled = slot.abandoned = True
                 beat = now >= next_beat
-                stopping = host.stopping()
             if beat:
                 next_beat = time.monotonic() + interval
             try:
                 for slot in expired:
                     host.time_out(slot)
-                if not beat:
-                    continue
-                self._heartbeat()
-                if not stopping:
-                    self._reap()
-                    if retention is not None and time.monotonic() >= next_purge:
-                        next_purge = time.monotonic() + purge_every
-                        self._purge(retention)
+                if beat:
+                    self._heartbeat()
             except Exception:  # the thread must outlive any one turn; the next waits for next_beat
                 shared.logger.exception("the heartbeat thread's turn failed; it goes on at the next heartbeat")
+
+    def run_upkeep(self) -> None:
+        """The upkeep loop: reap, settle waiting jobs (and purge, every ``retention / 2``) once per
+        heartbeat interval, the first turn at once, until stop begins."""
+        host = self._host
+        shared = host.shared
+        config = shared.config
+        interval = config.heartbeat_interval
+        retention = config.retention
+        purge_every = max(interval, min(3600.0, (retention or 0.0) / 2))
+        next_purge = time.monotonic()
+        while not host.stop_event.is_set():
+            turn_began = time.monotonic()
+            try:
+                self._reap()
+                if retention is not None and time.monotonic() >= next_purge and not host.stop_event.is_set():
+                    next_purge = time.monotonic() + purge_every
+                    self._purge(retention)
+            except Exception:  # the thread must outlive any one turn; the next comes an interval later
+                shared.logger.exception("the upkeep thread's turn failed; it goes on at the next interval")
+            # One interval from the turn's start (a long turn is followed by the next at once), or stop.
+            host.stop_event.wait(max(0.0, turn_began + interval - time.monotonic()))
 
     def _heartbeat(self) -> None:
         host = self._host

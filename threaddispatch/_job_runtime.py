@@ -8,8 +8,8 @@ threads, worker id, in-flight table and group commit:
   worker pool; before each claim it writes the outcomes queued since the last one, in the
   claim's own transaction (:meth:`Recorder.write <threaddispatch._job_outcomes.Recorder.write>`);
 - the worker pool runs each job's handler through the middleware and queues its outcome;
-- the heartbeat thread (:mod:`threaddispatch._job_maintenance`) and the cron thread
-  (:mod:`threaddispatch._job_cron`).
+- the heartbeat and upkeep threads (:mod:`threaddispatch._job_maintenance`) and the cron
+  thread (:mod:`threaddispatch._job_cron`).
 
 With ``tracer_provider=`` each attempt runs in a CONSUMER span (:meth:`Runtime._traced`), linked
 to the span that enqueued the job (its stored ``trace_context``); with ``metrics=`` its start is
@@ -161,15 +161,16 @@ class Runtime:
         self._paused_reading = False
         self._pool: WorkerPool | None = None
         self._fetcher: threading.Thread | None = None
-        self._helpers: list[threading.Thread] = []  # the heartbeat and cron threads
+        self._helpers: list[threading.Thread] = []  # the heartbeat, upkeep and cron threads
         if not inline:
             self._pool = WorkerPool(concurrency, name="jobs-worker")
             self._fetcher = threading.Thread(target=self._fetch_loop, name="threaddispatch-jobs-fetcher", daemon=True)
+            maintenance = Maintenance(self)
             self._helpers = [
-                threading.Thread(
-                    target=self._marked, args=(Maintenance(self).run,), name="threaddispatch-jobs-heartbeat",
-                    daemon=True,
-                ),
+                threading.Thread(target=self._marked, args=(maintenance.run_heartbeats,),
+                                 name="threaddispatch-jobs-heartbeat", daemon=True),
+                threading.Thread(target=self._marked, args=(maintenance.run_upkeep,),
+                                 name="threaddispatch-jobs-upkeep", daemon=True),
                 threading.Thread(target=self._marked, args=(self._run_crons,), name="threaddispatch-jobs-cron",
                                  daemon=True),
             ]  # fmt: skip
@@ -843,9 +844,6 @@ class Runtime:
 
     def leaving(self) -> bool:
         return self._threads_stop
-
-    def stopping(self) -> bool:
-        return self.state == "stopping"
 
     def reaped(self, job_ids: list[str], now: float) -> None:
         with self.shared.lock:

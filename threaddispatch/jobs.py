@@ -31,8 +31,10 @@ Threads of a started engine, all daemons:
   process wakes it at once.
 - ``threaddispatch-jobs-worker-<n>``: ``concurrency`` threads of the shared
   :class:`~threaddispatch._pool.WorkerPool` that run handlers through the middleware.
-- ``threaddispatch-jobs-heartbeat`` heartbeats running jobs, enforces timeouts,
-  recovers stale jobs of dead workers and purges finished jobs past ``retention``.
+- ``threaddispatch-jobs-heartbeat`` heartbeats running jobs and enforces timeouts.
+- ``threaddispatch-jobs-upkeep`` recovers stale jobs of dead workers and purges finished
+  jobs past ``retention``, beside the heartbeats: however long a reap or purge takes, no
+  heartbeat waits for it.
 - ``threaddispatch-jobs-cron`` fires the cron entries of the store whose job this
   engine registered, whichever process declared them, each while it holds that entry's
   leader lease; each tick fires once across every process. It lists the store's entries
