@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from threaddispatch import JobEngine
-from threaddispatch.errors import Cancel, Retry
+from threaddispatch.errors import Cancel, Retry, StoreUnavailableError
 from threaddispatch.jobs import JobContext
 from threaddispatch.stores import MemoryStore
 from threaddispatch.stores.base import Completion, DeadLetter, JobState
@@ -31,6 +31,7 @@ class SpyStore(MemoryStore):
         super().__init__()
         self.writes: list[tuple[str, str]] = []
         self._spy_lock = threading.Lock()
+        self._combined = threading.local()  # inside: this thread is in complete_and_claim
 
     def _note(self, method: str) -> None:
         with self._spy_lock:
@@ -45,7 +46,7 @@ class SpyStore(MemoryStore):
         return super().complete(job_id, **kwargs)
 
     def complete_many(self, outcomes: Sequence[Completion], *, now: float) -> set[str]:
-        if outcomes:
+        if outcomes and not getattr(self._combined, "inside", False):  # not the one complete_and_claim makes
             self._note("complete_many")
         return super().complete_many(outcomes, now=now)
 
@@ -53,7 +54,11 @@ class SpyStore(MemoryStore):
         self, outcomes: Sequence[Completion], queues: Sequence[str], limit: int, *, worker_id: str, now: float
     ) -> tuple[set[str], list[Any]]:
         self._note("complete_and_claim")
-        return super().complete_and_claim(outcomes, queues, limit, worker_id=worker_id, now=now)
+        self._combined.inside = True
+        try:
+            return super().complete_and_claim(outcomes, queues, limit, worker_id=worker_id, now=now)
+        finally:
+            self._combined.inside = False
 
     def retry_later(self, job_id: str, **kwargs: Any) -> bool:
         self._note("retry_later")
@@ -360,3 +365,59 @@ def test_a_slow_reap_delays_neither_the_heartbeats_nor_a_job_timeout() -> None:
         store.unblock.set()
         release.set()
         engine.stop(10)
+
+
+@pytest.mark.timeout(30)
+def test_run_pending_writes_each_outcome_with_the_next_claim() -> None:
+    """One store call per job, not two: a success goes in the next claim's ``complete_and_claim`` (the
+    group commit the fetcher uses), a failure in its own write before that claim; every outcome is
+    written, and its hook has run, when run_pending returns."""
+    store = SpyStore()
+    engine = _engine(store)
+    completed: list[str] = []
+
+    class Hooks:
+        def on_job_completed(self, job: Any, result: object) -> None:
+            completed.append(job.id)
+
+    engine.add_extension(Hooks())
+    engine.register("ok", lambda ctx, payload: payload)
+    engine.register("boom", _raise, max_retries=0)
+    ids = [engine.enqueue("ok", n) for n in range(3)]
+    failing = engine.enqueue("boom")
+    assert engine.run_pending() == 4
+    assert [engine.get_job(job_id).state for job_id in ids] == [JobState.COMPLETED] * 3
+    assert [engine.result(job_id, timeout=0) for job_id in ids] == [0, 1, 2]
+    assert engine.get_job(failing).state is JobState.FAILED
+    assert completed == ids
+    assert [method for method, _ in store.written()] == ["complete_and_claim"] * 3 + ["fail"]
+    assert engine.run_pending() == 0
+
+
+def _raise(ctx: JobContext, payload: object) -> None:
+    raise RuntimeError("boom")
+
+
+@pytest.mark.timeout(30)
+def test_run_pending_raises_a_store_error_of_its_claim_and_writes_later_outcomes_at_once() -> None:
+    """The claim that carries a success fails: run_pending raises it (that job, its completion not
+    stored, is left to the reaper and logged, as the fetcher leaves it); the caller's thread defers
+    no outcome after that: an immediate enqueue on it is settled when enqueue returns."""
+    store = SpyStore()
+    engine = _engine(store)
+    engine.register("ok", lambda ctx, payload: payload)
+    first = engine.enqueue("ok", 1)
+    engine.enqueue("ok", 2)
+    original = store.complete_and_claim
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        store.complete_and_claim = original  # type: ignore[method-assign]  # once
+        raise StoreUnavailableError("the store went away")
+
+    store.complete_and_claim = broken  # type: ignore[method-assign]
+    with pytest.raises(StoreUnavailableError, match="went away"):
+        engine.run_pending()
+    assert engine.get_job(first).state is JobState.RUNNING  # claimed by this run, completion not stored
+    immediate = JobEngine(store, immediate=True)
+    immediate.register("ok", lambda ctx, payload: payload)
+    assert immediate.get_job(immediate.enqueue("ok", 3)).state is JobState.COMPLETED

@@ -142,8 +142,11 @@ class Runtime:
         # releases it). A slot leaves when its hold is released.
         self._holds: dict[Slot, str] = {}
         self.queue_running: dict[str, int] = {}
-        # Outcomes waiting for the fetcher's group commit (only while running).
+        # Outcomes waiting for the fetcher's group commit (while running), or for the next claim of a
+        # run_due on the thread that recorded them (inline).
         self._done: list[Outcome] = []
+        # Threads (idents) in run_due: the outcomes they record wait in _done for their next claim.
+        self._deferring: set[int] = set()
         self._wake_pending = True
         # The run_at (epoch) of every delayed or retrying job this process knows of, as a heap
         # (lock held): the idle fetcher wakes at the earliest; each due time is popped once passed.
@@ -315,6 +318,40 @@ class Runtime:
         """Claim one due job of ``queues`` for this runtime, or None."""
         claimed = self.shared.store.claim(queues, 1, worker_id=self.worker_id, now=time.time())
         return claimed[0] if claimed else None
+
+    def run_due(self, queues: Sequence[str]) -> int:
+        """Claim the due jobs of ``queues`` one at a time and run each on this thread; how many ran (inline).
+
+        Each outcome is written with the next claim, in one store call (``complete_and_claim``, as
+        the fetcher's group commit), not in a call of its own: one store round trip per job, not two.
+        A store error on a claim is raised once the outcomes it carried are settled (they are left
+        to the reaper, as the fetcher leaves them); what is still unwritten as this returns or
+        raises is written first.
+        """
+        shared, me = self.shared, threading.get_ident()
+        with shared.lock:
+            self._deferring.add(me)
+        ran = 0
+        try:
+            while True:
+                with shared.lock:
+                    batch, self._done = self._done, []
+                effects, jobs = self._recorder.write(batch, (queues, 1))
+                self._settle(batch, effects)
+                if effects.store_error is not None:  # set with store_failed
+                    raise effects.store_error
+                if not jobs:
+                    if not batch:
+                        return ran
+                    # Claim once more, alone: a claim sharing its statement with completions does not
+                    # see the dependents they released (PostgreSQL's one snapshot per statement).
+                    continue
+                self.run_claimed(jobs[0])
+                ran += 1
+        finally:
+            with shared.lock:
+                self._deferring.discard(me)
+            self._flush()
 
     def run_claimed(self, job: JobRecord) -> JobRecord:
         """Run one claimed job on this thread and record its outcome; returns its record as left."""
@@ -627,6 +664,9 @@ class Runtime:
                     self._done.append(outcome)
                     self._wake_pending = True
                     shared.wake.notify()
+                    return
+                if self._deferring and threading.get_ident() in self._deferring:
+                    self._done.append(outcome)  # run_due writes it with its next claim
                     return
                 batch, self._done = [*self._done, outcome], []
             else:

@@ -665,19 +665,17 @@ class JobEngine:
         """Run every job of ``queues`` (default: the configured ones) that is due now, on this thread.
 
         Retries come at once when the engine is immediate, else when their backoff has
-        passed (a later call runs them). Returns how many attempts ran. Raises
-        InvalidStateError while the engine's workers run (they claim the same jobs).
-        Blocks for the jobs' handlers and a few store calls per attempt.
+        passed (a later call runs them). Returns how many attempts ran; each outcome is
+        written by the time it returns. Raises InvalidStateError while the engine's workers
+        run (they claim the same jobs), and the store's error when a claim fails: a success
+        is written with the next claim, in one store call (as the workers' fetcher writes),
+        so the job whose completion that claim carried is left to the reaper, logged, and
+        runs again. Blocks for the jobs' handlers and about one store call per attempt.
         """
         names = check_queues(queues) or self.config.queues
         if self._state in ("running", "stopping"):
             raise InvalidStateError("run_pending() runs jobs without workers; this JobEngine's workers are running")
-        runtime = self._inline_runtime()
-        ran = 0
-        while (claimed := runtime.claim_one(names)) is not None:
-            runtime.run_claimed(claimed)
-            ran += 1
-        return ran
+        return self._inline_runtime().run_due(names)
 
     def _run_until_done(self, job: JobRecord) -> None:
         """Run ``job`` (just enqueued, due) and its retries here, and what the store hands out before it."""
