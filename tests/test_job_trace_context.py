@@ -8,6 +8,8 @@ to SQLite files and PostgreSQL schemas made before it.
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,3 +187,35 @@ def test_an_old_postgres_schema_gains_the_column(pg_server: Any, tracer: Any) ->
     finally:
         with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+_UNUSED_OTEL = """
+import sys
+from threaddispatch.jobs import JobEngine
+from threaddispatch.stores import MemoryStore
+engine = JobEngine(MemoryStore())
+engine.register("work", lambda ctx, payload: payload)
+first = engine.enqueue("work", 1)
+imported = sorted(name for name in sys.modules if name.startswith("opentelemetry"))
+assert imported == [], imported
+assert engine.get_job(first).trace_context is None
+from opentelemetry.sdk.trace import TracerProvider  # the application sets up tracing later
+with TracerProvider().get_tracer("late").start_as_current_span("request") as span:
+    later = engine.enqueue("work", 2)
+context = span.get_span_context()
+assert engine.get_job(later).trace_context == (
+    f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
+)
+print("ok")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_an_enqueue_imports_no_opentelemetry_until_the_application_does() -> None:
+    """With the package installed but unused, no span can be current: the first enqueue imported the
+    API anyway (44 ms, in the request that made it). Once the application imports it, enqueues read
+    the current span again."""
+    command = [sys.executable, "-c", _UNUSED_OTEL]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=50)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
