@@ -421,3 +421,32 @@ def test_run_pending_raises_a_store_error_of_its_claim_and_writes_later_outcomes
     immediate = JobEngine(store, immediate=True)
     immediate.register("ok", lambda ctx, payload: payload)
     assert immediate.get_job(immediate.enqueue("ok", 3)).state is JobState.COMPLETED
+
+
+@pytest.mark.timeout(30)
+def test_a_job_an_immediate_enqueue_runs_inside_run_pending_retries_at_once() -> None:
+    """Only run_pending's own jobs wait for its next claim: a job enqueued by one of them on an
+    immediate engine is run (with its retries, at once) by that enqueue, as anywhere else."""
+    store = SpyStore()
+    engine = JobEngine(store, immediate=True)
+    tries: list[int] = []
+    children: list[str] = []
+
+    @engine.job("flaky", max_retries=5)
+    def flaky(ctx: JobContext, payload: object) -> str:
+        tries.append(ctx.attempt)
+        if len(tries) < 3:
+            raise Retry(delay=0)
+        return "ok"
+
+    @engine.job("parent")
+    def parent(ctx: JobContext, payload: object) -> None:
+        children.append(engine.enqueue("flaky", 1))
+
+    producer = JobEngine(store)
+    producer.register("parent", lambda ctx, payload: None)
+    parent_id = producer.enqueue("parent", 0)
+    assert engine.run_pending() == 1  # the parent; the child's three attempts were its enqueue's
+    assert tries == [1, 2, 3]
+    assert engine.get_job(parent_id).state is JobState.COMPLETED
+    assert engine.get_job(children[0]).state is JobState.COMPLETED

@@ -145,8 +145,9 @@ class Runtime:
         # Outcomes waiting for the fetcher's group commit (while running), or for the next claim of a
         # run_due on the thread that recorded them (inline).
         self._done: list[Outcome] = []
-        # Threads (idents) in run_due: the outcomes they record wait in _done for their next claim.
-        self._deferring: set[int] = set()
+        # Slots run_due admitted whose outcome is not recorded yet: it waits in _done for run_due's next
+        # claim. Only those: a job an immediate enqueue runs inside one of them is written at once.
+        self._deferred: set[Slot] = set()
         self._wake_pending = True
         # The run_at (epoch) of every delayed or retrying job this process knows of, as a heap
         # (lock held): the idle fetcher wakes at the earliest; each due time is popped once passed.
@@ -328,9 +329,7 @@ class Runtime:
         to the reaper, as the fetcher leaves them); what is still unwritten as this returns or
         raises is written first.
         """
-        shared, me = self.shared, threading.get_ident()
-        with shared.lock:
-            self._deferring.add(me)
+        shared = self.shared
         ran = 0
         try:
             while True:
@@ -346,18 +345,21 @@ class Runtime:
                     # Claim once more, alone: a claim sharing its statement with completions does not
                     # see the dependents they released (PostgreSQL's one snapshot per statement).
                     continue
-                self.run_claimed(jobs[0])
+                self.run_claimed(jobs[0], defer=True)
                 ran += 1
         finally:
-            with shared.lock:
-                self._deferring.discard(me)
             self._flush()
 
-    def run_claimed(self, job: JobRecord) -> JobRecord:
-        """Run one claimed job on this thread and record its outcome; returns its record as left."""
+    def run_claimed(self, job: JobRecord, *, defer: bool = False) -> JobRecord:
+        """Run one claimed job on this thread and record its outcome; returns its record as left.
+
+        ``defer``: the outcome is left in ``_done`` for the caller's next write (:meth:`run_due`).
+        """
         with self.shared.lock:
             slot = self._admit(job)
             self.shared.stats["claimed"] += 1
+            if defer:
+                self._deferred.add(slot)
         self._execute(slot)
         return slot.job
 
@@ -665,7 +667,8 @@ class Runtime:
                     self._wake_pending = True
                     shared.wake.notify()
                     return
-                if self._deferring and threading.get_ident() in self._deferring:
+                if self._deferred and slot in self._deferred:
+                    self._deferred.discard(slot)
                     self._done.append(outcome)  # run_due writes it with its next claim
                     return
                 batch, self._done = [*self._done, outcome], []
@@ -757,6 +760,8 @@ class Runtime:
 
     def _forget(self, slot: Slot) -> None:
         """Drop a slot from the in-flight table (lock held); wake the fetcher, stop() and result() waiters."""
+        if self._deferred:
+            self._deferred.discard(slot)  # a run_due slot that ended with no outcome of its own (lost)
         if self.inflight.get(slot.job.id) is slot:
             del self.inflight[slot.job.id]
         elif slot in self.orphans:
