@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import deque
 
 import pytest
 
@@ -279,3 +280,46 @@ def test_tasks_queued_while_threads_come_and_go_all_run() -> None:
     assert seen == expected
     assert pool.wait_idle(time.monotonic() + 10)
     assert pool.shutdown(10)
+
+
+class _TakenBetweenCheckAndPop(deque):  # type: ignore[type-arg]
+    """The pool's task deque, where the first emptiness check under the mutex (``not tasks``) is followed
+    at once by another worker's lock-free pop of the only task (it runs it): the race a worker that
+    checked, then popped, under the mutex lost to a worker taking its next task without it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = threading.Event()  # set: the next check loses the task to the thief
+        self.thief: threading.Thread | None = None
+
+    def __len__(self) -> int:
+        length = super().__len__()
+        if length and self.armed.is_set() and threading.current_thread().name.startswith("threaddispatch-raced"):
+            self.armed.clear()
+            future, fn, args = super().popleft()
+            self.thief = threading.Thread(target=lambda: future.set_result(fn(*args)), name="thief")
+            self.thief.start()
+        return length
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_whose_task_another_took_between_its_check_and_its_pop_survives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It died (IndexError: pop from an empty deque, seen on the 3.10 CI run) and stayed counted among
+    the pool's threads, so with every other thread gone work queued behind it never ran."""
+    died: list[str] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(repr(args.exc_value)))
+    pool = WorkerPool(1, name="raced", idle_timeout=30)
+    tasks = _TakenBetweenCheckAndPop()
+    pool._state.tasks = tasks
+    try:
+        tasks.armed.set()
+        first = pool.submit(lambda: "taken by the other worker")
+        assert first.result(timeout=10) == "taken by the other worker"
+        assert tasks.thief is not None
+        tasks.thief.join(10)
+        assert pool.submit(lambda: "after").result(timeout=10) == "after"
+        assert died == []
+    finally:
+        assert pool.shutdown(10)

@@ -130,7 +130,12 @@ class _PoolState:
                         self.threads.discard(threading.current_thread())
                         self.all_idle.notify_all()
                         return
-                future, fn, args = tasks.popleft()
+                # _pop, not popleft: a worker taking its next task without the mutex may have taken
+                # this one since the check (the thread then died of IndexError, still counted in threads).
+                task = _pop(popleft)
+                if task is None:
+                    continue  # idle again
+                future, fn, args = task
                 self.running += 1
                 if tasks and self.sleepers and not self.waking:
                     self.wake_one()  # the chain: the next idle thread comes for the rest
@@ -156,12 +161,21 @@ def _pop(popleft: Callable[[], _Task]) -> _Task | None:
 
 
 def _take_back(tasks: deque[Any], task: object) -> bool:
-    """Remove ``task`` (this very tuple: tasks may compare equal) from ``tasks``; False if a thread took it."""
-    for index, queued in enumerate(tasks):
-        if queued is task:
-            del tasks[index]
-            return True
-    return False
+    """Remove ``task`` (this very tuple: tasks may compare equal) from ``tasks``; False if a thread took it.
+
+    Only while the pool has no thread (mutex held): workers pop without the mutex, and a pop
+    between the scan and the ``del`` would shift the index onto another task. Producers may
+    still append meanwhile; that leaves the index right, but ends the scan (RuntimeError): scan again.
+    """
+    while True:
+        try:
+            for index, queued in enumerate(tasks):
+                if queued is task:
+                    del tasks[index]
+                    return True
+            return False
+        except RuntimeError:  # deque mutated during iteration: an append
+            continue
 
 
 def run_task(future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
@@ -269,7 +283,9 @@ class WorkerPool:
         state = self._state
         tasks = state.tasks
         if state.shutdown:
-            if queued and not _take_back(tasks, task):
+            # Queued without the mutex before this saw the shutdown: the threads left drain the queue
+            # before they leave (they look at it under the mutex), so it runs; with none left, take it back.
+            if queued and (state.threads or not _take_back(tasks, task)):
                 return False
             raise DispatcherClosedError(f"worker pool {state.name!r} is shut down")
         if not queued:
@@ -324,8 +340,8 @@ class WorkerPool:
         with state.mutex:
             state.shutdown = True
             if cancel_pending:
-                while state.tasks:
-                    future = state.tasks.popleft()[0]
+                while (task := _pop(state.tasks.popleft)) is not None:  # workers pop without the mutex
+                    future = task[0]
                     if future is not None:
                         future.cancel()
             while state.sleepers:
