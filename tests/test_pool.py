@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from collections import deque
+from typing import Any
 
 import pytest
 
@@ -323,3 +324,31 @@ def test_a_worker_whose_task_another_took_between_its_check_and_its_pop_survives
         assert died == []
     finally:
         assert pool.shutdown(10)
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_ended_by_an_error_is_not_counted_and_later_work_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever ends a worker thread, the pool forgets it: believing itself full it would start no thread."""
+    from threaddispatch import _pool
+
+    died: list[str] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(repr(args.exc_value)))
+    original = _pool._PoolState._work
+    calls: list[int] = []
+
+    def breaks_once(state: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a worker bug")
+        original(state)
+
+    monkeypatch.setattr(_pool._PoolState, "_work", breaks_once)
+    pool = WorkerPool(1, name="broken", idle_timeout=30)
+    try:
+        pool.run(lambda: None)  # taken by nobody: its thread dies first
+        wait_for(lambda: died != [], timeout=10, message="the first worker to die")
+        wait_for(lambda: not pool._state.threads, timeout=10, message="the dead worker forgotten")
+        assert pool.submit(lambda: "ran").result(timeout=10) == "ran"
+    finally:
+        assert pool.shutdown(10)
+    assert died == ["RuntimeError('a worker bug')"]

@@ -84,6 +84,10 @@ class _PoolState:
         finally:
             _worker_of.state = None
             close_thread_loop()  # the private event loop of the coroutines this thread ran
+            with self.mutex:
+                # Already gone when _work returned; a thread ended by an error must not stay counted
+                # either, or the pool, believing it full, would start no thread for the work queued next.
+                self.threads.discard(threading.current_thread())
 
     def _work(self) -> None:
         tasks = self.tasks
