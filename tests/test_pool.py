@@ -293,7 +293,7 @@ class _TakenBetweenCheckAndPop(deque):  # type: ignore[type-arg]
         self.armed = threading.Event()  # set: the next check loses the task to the thief
         self.thief: threading.Thread | None = None
 
-    def __len__(self) -> int:
+    def _check(self) -> int:
         length = super().__len__()
         if length and self.armed.is_set() and threading.current_thread().name.startswith("threaddispatch-raced"):
             self.armed.clear()
@@ -301,6 +301,13 @@ class _TakenBetweenCheckAndPop(deque):  # type: ignore[type-arg]
             self.thief = threading.Thread(target=lambda: future.set_result(fn(*args)), name="thief")
             self.thief.start()
         return length
+
+    # ``not tasks`` calls __bool__: on 3.10 a deque's truth test never calls a subclass's __len__.
+    def __len__(self) -> int:
+        return self._check()
+
+    def __bool__(self) -> bool:
+        return self._check() > 0
 
 
 @pytest.mark.timeout(30)
